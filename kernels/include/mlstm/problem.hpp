@@ -1,0 +1,90 @@
+// The mLSTM problem: options, the arguments of forward/backward/step, their results, and validation.
+//
+// Shapes (DEVELOPERS.md): q,k (B,NH,S,DHQK), v (B,NH,S,DHHV), i,f (B,NH,S) raw gate pre-activations;
+// initial state c0 (B,NH,DHQK,DHHV), n0 (B,NH,DHQK), m0 (B,NH). Missing initial state means C=0, n=0, m=0.
+//
+// Per step t (GateVariant::exp):
+//   lf = logsigmoid(f_t); m_t = max(lf + m_{t-1}, i_t); a = exp(lf + m_{t-1} - m_t); b = exp(i_t - m_t)
+//   C_t = a C_{t-1} + b k_t v_t^T; n_t = a n_{t-1} + b k_t; q' = q_t / sqrt(DHQK)
+//   h_t = (q'^T C_t) / (max(|q'^T n_t|, exp(-m_t)) + eps)
+// GateVariant::sigmoid: b = sigmoid(i_t), a = sigmoid(f_t), m_t = 0 always (no stabiliser);
+//   h_t = (q'^T C_t) / (max(|q'^T n_t|, 1) + eps) when normalize, else h_t = q'^T C_t.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "mlstm/tensor.hpp"
+
+namespace mlstm {
+
+enum class GateVariant { exp, sigmoid };
+
+std::string_view gate_name(GateVariant g) noexcept;                        // "exp" / "sig"
+GateVariant parse_gate(std::string_view name, const std::string& argument = "gate");  // exp|sig|sigmoid
+
+struct MlstmOptions {
+  GateVariant gate = GateVariant::exp;
+  bool normalize = true;          // sigmoid variant only: false skips the normaliser
+  double eps = 1e-6;              // > 0
+  std::int64_t chunk_size = 64;   // chunkwise kernels: > 0 (any size; S need not be a multiple)
+  bool return_last_states = true;
+};
+
+// Dimensions of a problem, checked and derived from the arguments.
+struct ProblemShape {
+  std::int64_t B = 0, NH = 0, S = 0, DHQK = 0, DHHV = 0;
+  DType dtype = DType::f32;       // dtype of q, k, v (h is returned in it)
+  DType gate_dtype = DType::f32;  // dtype of i, f (di, df are returned in it)
+  std::int64_t rows() const noexcept { return B * NH; }
+};
+
+struct ForwardArgs {
+  ConstTensorView q, k, v, i, f;
+  ConstTensorView c0, n0, m0;  // all three empty, or all three given
+  bool has_initial_state() const noexcept { return !c0.empty(); }
+};
+
+struct ForwardResult {
+  Tensor h;        // (B,NH,S,DHHV) in q's dtype
+  Tensor c, n, m;  // last states, float32; empty unless options.return_last_states
+};
+
+struct BackwardArgs {
+  ForwardArgs inputs;
+  ConstTensorView dh;                // (B,NH,S,DHHV)
+  ConstTensorView dc_last, dn_last;  // optional gradients of the last states (empty = 0)
+};
+
+// Gradients. The fast kernels treat the stabiliser m_t as a constant (as TFLA does); the float64
+// reference can compute either that or the full derivative (see reference.hpp). They differ by
+// terms of relative size eps / (max(|q'n|, exp(-m)) + eps).
+struct BackwardResult {
+  Tensor dq, dk, dv;     // in q's dtype
+  Tensor di, df;         // in i's dtype
+  Tensor dc0, dn0, dm0;  // float32 (float64 from the reference); only when initial states were given
+};
+
+struct StepArgs {
+  ConstTensorView q, k;   // (B,NH,DHQK)
+  ConstTensorView v;      // (B,NH,DHHV)
+  ConstTensorView i, f;   // (B,NH)
+  ConstTensorView c, n, m;  // state (B,NH,DHQK,DHHV), (B,NH,DHQK), (B,NH); all empty = zero state
+};
+
+struct StepResult {
+  Tensor h;        // (B,NH,DHHV) in q's dtype
+  Tensor c, n, m;  // new state, float32
+};
+
+// Validation: every check throws InvalidArgument naming the argument and the expected shape or range.
+// Also checks options (eps > 0 and finite, chunk_size > 0) and, for the sigmoid gate, that m0 is zero.
+ProblemShape validate_forward(const ForwardArgs& args, const MlstmOptions& options);
+ProblemShape validate_backward(const BackwardArgs& args, const MlstmOptions& options);
+ProblemShape validate_step(const StepArgs& args, const MlstmOptions& options);  // S = 1
+void validate_options(const MlstmOptions& options);
+// Optional finite checks of every given tensor (NaN/Inf -> InvalidArgument naming it).
+void check_finite(const ForwardArgs& args);
+
+}  // namespace mlstm

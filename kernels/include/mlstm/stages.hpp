@@ -1,0 +1,157 @@
+// Chunk-level stages of the chunkwise mLSTM, on the CPU. These are the units that the chunkwise CPU
+// kernels compose and that the flow-graph nodes (nodes/) schedule; the OpenCL kernels implement the
+// same stages under the same names (fw_gates, fw_states, fw_outputs, bw_state_grads, bw_grads,
+// bw_gate_grads). All stage buffers are float32 and contiguous, for ONE row (one (batch, head) pair)
+// and one SEGMENT: a run of T consecutive tokens cut into chunks of L tokens (the last may be
+// shorter). Segments can start anywhere in the sequence: the chunkwise form is exact for any cut.
+//
+// Notation for chunk c of a segment (tokens t = c*L .. c*L+len-1, local index j = t - c*L):
+//   lf_t  = logsigmoid(f_t)                       (float32, also for 16-bit inputs)
+//   ig_t  = i_t (exp gate)  |  logsigmoid(i_t) (sigmoid gate)
+//   b_t   = sum_{r <= t, r in chunk} lf_r         inclusive cumsum inside the chunk
+//   G_c   = b_{last token of chunk}               log decay over the chunk
+//   a_t   = G_c - b_t + ig_t                      log weight of token t in the state leaving the chunk
+//   D_ts  = b_t - b_s + ig_s  (s <= t, same chunk)
+// State (C, n, m) is stabilised: the true state is exp(m) * (C, n). An EMPTY state has C = n = 0 and
+// m = -inf (see kEmptyM); it is the identity of the combine below. The zero initial state of the
+// problem is C = n = 0, m = 0 (exp gate). The sigmoid gate uses m = 0 everywhere and no stabiliser.
+//
+// fw_states (one chunk, state (C,n,m) entering it):
+//   m' = max(G_c + m, max_t a_t)               [sigmoid: m' = 0]
+//   C' = exp(G_c + m - m') C + sum_t exp(a_t - m') k_t v_t^T ;  n' likewise with k_t
+// fw_outputs (token t of chunk c, entering state (C,n,m) of chunk c, q'_t = q_t / sqrt(DHQK)):
+//   m_t   = max(b_t + m, max_{s<=t} D_ts)      [sigmoid: m_t = 0]
+//   num_t = exp(b_t + m - m_t) q'_t^T C + sum_{s<=t} exp(D_ts - m_t) (q'_t . k_s) v_s
+//   den_t = exp(b_t + m - m_t) q'_t . n + sum_{s<=t} exp(D_ts - m_t) (q'_t . k_s)
+//   N_t   = max(|den_t|, exp(-m_t)) + eps ;  h_t = num_t / N_t
+//   [sigmoid and normalize=false: N_t = 1, h_t = num_t]
+// These equal the recurrent form exactly (in exact arithmetic), whatever the chunk size or cut.
+//
+// Combine (sequence parallelism): a segment run from the EMPTY state gives its local summary
+// (G_seg = sum of lf over the segment, C_loc, n_loc, m_loc). The state leaving the segment, given the
+// true state (C, n, m) entering it, is
+//   m' = max(G_seg + m, m_loc);  C' = exp(G_seg + m - m') C + exp(m_loc - m') C_loc  (n likewise).
+// The same rule fixes up the boundary states computed from the EMPTY state (fixup_states).
+//
+// Backward (gradients of the forward above with the stabiliser m_t held constant, like TFLA, but
+// WITH the gradient through the normaliser N_t, unlike TFLA): per token
+//   dnum_t = dh_t / N_t ;  dden_t = -(dh_t . h_t) / N_t * sign(den_t) if |den_t| > exp(-m_t) else 0
+// and, with v augmented by a constant 1 (so C_aug = [C | n], dnum_aug = [dnum | dden]):
+//   reverse state gradient: dC_c = sum_{t in c} exp(b_t + m_c - m_t) q'_t dnum_aug_t^T
+//                                  + exp(G_c + m_c - m_{c+1}) dC_{c+1}
+//   (dC_c is the gradient of the state ENTERING chunk c; dC_{nc} is the gradient of the state
+//    leaving the segment, i.e. dc_last / dn_last for the last segment, else the next segment's dC_0).
+//   dq_t = (1/sqrt(DHQK)) [ sum_{s<=t} exp(D_ts - m_t)(dnum_aug_t . v_aug_s) k_s + exp(b_t+m_c-m_t) C_aug_c dnum_aug_t ]
+//   dk_s = sum_{t>=s} exp(D_ts - m_t)(dnum_aug_t . v_aug_s) q'_t + exp(a_s - m_{c+1}) dC_aug_{c+1} v_aug_s
+//   dv_s = sum_{t>=s} exp(D_ts - m_t)(q'_t . k_s) dnum_t + exp(a_s - m_{c+1}) dC_{c+1}^T k_s
+//   di_s = k_s . dk_s   (sigmoid gate: times sigmoid(-i_s))
+//   dlf_r = sum_{t >= r, whole sequence} (q_t . dq_t - k_t . dk_t) + <dC_last, C_last> + <dn_last, n_last>
+//   df_r = dlf_r * sigmoid(-f_r)
+//   d(initial state): dC0 = dC_0 of the first segment (and dn0); dm0 = <dC0, C0> + <dn0, n0> (exp gate).
+// m_c / m_{c+1} are the stabilisers of the states entering / leaving chunk c (from the forward).
+#pragma once
+
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "mlstm/problem.hpp"
+
+namespace mlstm::stages {
+
+inline constexpr float kEmptyM = -std::numeric_limits<float>::infinity();
+
+// Geometry of one row-segment.
+struct SegmentShape {
+  std::int64_t T = 0;      // tokens in the segment
+  std::int64_t L = 64;     // chunk size
+  std::int64_t DHQK = 0;
+  std::int64_t DHHV = 0;
+  std::int64_t num_chunks() const noexcept { return (T + L - 1) / L; }
+  std::int64_t chunk_begin(std::int64_t c) const noexcept { return c * L; }
+  std::int64_t chunk_len(std::int64_t c) const noexcept { return (c + 1) * L <= T ? L : T - c * L; }
+  std::int64_t state_size() const noexcept { return DHQK * DHHV; }
+};
+
+// A stabilised state of one row: C (DHQK x DHHV, row-major), n (DHQK), m (scalar).
+struct StateRef {
+  float* C;
+  float* n;
+  float* m;
+};
+struct ConstStateRef {
+  const float* C;
+  const float* n;
+  const float* m;
+  ConstStateRef(const float* c, const float* nn, const float* mm) : C(c), n(nn), m(mm) {}
+  ConstStateRef(StateRef s) : C(s.C), n(s.n), m(s.m) {}  // NOLINT(google-explicit-constructor)
+};
+
+// An owned state (or an array of `count` states stored back to back: C's, then n's, then m's).
+struct StateBuffer {
+  std::int64_t DHQK = 0, DHHV = 0, count = 0;
+  std::vector<float> C, n, m;
+  StateBuffer() = default;
+  StateBuffer(std::int64_t dhqk, std::int64_t dhhv, std::int64_t count_ = 1);
+  StateRef at(std::int64_t idx) noexcept;
+  ConstStateRef at(std::int64_t idx) const noexcept;
+  void set_empty();  // every state: C = n = 0, m = kEmptyM
+  void set_zero();   // every state: C = n = 0, m = 0
+};
+
+// ---- forward -------------------------------------------------------------------------------------
+
+// fw_gates: lf, b (inclusive cumsum of lf per chunk), ig, and per chunk G_c. Inputs are the raw
+// gate pre-activations of the segment (float32, T each). Outputs: b (T), ig (T), G (num_chunks).
+void fw_gates(const float* i, const float* f, GateVariant gate, const SegmentShape& s, float* b, float* ig,
+              float* G);
+
+// fw_states: runs the chunk recurrence over the whole segment from state `in` (may be EMPTY).
+// Writes the state entering each chunk to boundary.at(c) (boundary.count >= num_chunks; may be null)
+// and the state leaving the segment to `out` (`out` may alias nothing else). k: T x DHQK, v: T x DHHV.
+void fw_states(const float* k, const float* v, const float* b, const float* ig, const float* G, GateVariant gate,
+               const SegmentShape& s, ConstStateRef in, StateBuffer* boundary, StateRef out);
+
+// fixup_states: boundary states computed from the EMPTY state -> true boundary states, given the true
+// state entering the segment and G per chunk. Also turns the local exit state into the true one.
+void fixup_states(const float* G, GateVariant gate, const SegmentShape& s, ConstStateRef in, StateBuffer* boundary,
+                  StateRef out);
+
+// combine: state leaving a segment = combine(state entering it, its local summary, G_seg).
+void combine(ConstStateRef in, float G_seg, ConstStateRef local, GateVariant gate, std::int64_t DHQK,
+             std::int64_t DHHV, StateRef out);
+
+// fw_outputs: h (T x DHHV) from the boundary states. Also writes, per token, m_t, N_t and den_t
+// (each T floats; any may be null) for the backward. `tile` > 0 tiles the intra-chunk part in blocks
+// of `tile` query/key rows (TFLA style, so L is not bounded by cache); 0 = whole chunk at once.
+void fw_outputs(const float* q, const float* k, const float* v, const float* b, const float* ig, GateVariant gate,
+                bool normalize, float eps, const SegmentShape& s, const StateBuffer& boundary, float* h,
+                float* m_tok, float* N_tok, float* den_tok, std::int64_t tile = 0);
+
+// ---- backward ------------------------------------------------------------------------------------
+
+// bw_state_grads: reverse recurrence of the state gradient over the segment. dstate_out: gradient of
+// the state leaving the segment (C part DHQK x DHHV, n part DHQK; zero if none). Writes the gradient
+// of the state entering each chunk to dboundary.at(c) (its m field is unused) and the gradient of the
+// state entering the segment to dstate_in. boundary: forward boundary states; m_exit: m of the
+// state leaving the segment.
+void bw_state_grads(const float* q, const float* dh, const float* h, const float* b, const float* m_tok,
+                    const float* N_tok, const float* den_tok, const float* G, GateVariant gate, bool normalize,
+                    const SegmentShape& s, const StateBuffer& boundary, float m_exit, ConstStateRef dstate_out,
+                    StateBuffer* dboundary, StateRef dstate_in);
+
+// bw_grads: dq, dk, dv (T x DHQK/DHHV) and, per token, di_raw = k.dk (before the sigmoid factor) and
+// r_t = q_t.dq_t - k_t.dk_t. dstate_out as above (the state leaving the segment), m_exit its m.
+void bw_grads(const float* q, const float* k, const float* v, const float* dh, const float* h, const float* b,
+              const float* ig, const float* m_tok, const float* N_tok, const float* den_tok, const float* G,
+              GateVariant gate, bool normalize, const SegmentShape& s, const StateBuffer& boundary, float m_exit,
+              const StateBuffer& dboundary, ConstStateRef dstate_out, float* dq, float* dk, float* dv,
+              float* di_raw, float* r, std::int64_t tile = 0);
+
+// bw_gate_grads: di = di_raw (exp) or di_raw * sigmoid(-i) (sigmoid); df_t = sigmoid(-f_t) *
+// (sum_{u >= t in segment} r_u + tail), where tail = sum of r over all later segments plus
+// <dC_last, C_last> + <dn_last, n_last>. Returns sum of r over the segment (for the previous segment's tail).
+float bw_gate_grads(const float* i, const float* f, const float* di_raw, const float* r, float tail, GateVariant gate,
+                    const SegmentShape& s, float* di, float* df);
+
+}  // namespace mlstm::stages

@@ -1,0 +1,140 @@
+// A small owning tensor (host memory) and non-owning views with shape, strides (in elements) and dtype.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <initializer_list>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "mlstm/dtype.hpp"
+
+namespace mlstm {
+
+using Shape = std::vector<std::int64_t>;
+
+std::string shape_to_string(const Shape& shape);  // "(2,3,4)"
+std::int64_t shape_numel(const Shape& shape);
+Shape contiguous_strides(const Shape& shape);
+
+// Non-owning view. `Byte` is std::byte (mutable) or const std::byte (read-only).
+template <class Byte>
+class BasicTensorView {
+ public:
+  BasicTensorView() = default;
+  BasicTensorView(Byte* data, DType dtype, Shape shape)
+      : data_(data), dtype_(dtype), shape_(std::move(shape)), strides_(contiguous_strides(shape_)) {}
+  BasicTensorView(Byte* data, DType dtype, Shape shape, Shape strides)
+      : data_(data), dtype_(dtype), shape_(std::move(shape)), strides_(std::move(strides)) {}
+  // A mutable view converts to a read-only one.
+  template <class Other>
+    requires(std::is_const_v<Byte> && !std::is_const_v<Other>)
+  BasicTensorView(const BasicTensorView<Other>& other)  // NOLINT(google-explicit-constructor)
+      : data_(other.bytes()), dtype_(other.dtype()), shape_(other.shape()), strides_(other.strides()) {}
+
+  bool empty() const noexcept { return data_ == nullptr; }
+  Byte* bytes() const noexcept { return data_; }
+  template <class T>
+  auto* data() const noexcept {
+    using Ptr = std::conditional_t<std::is_const_v<Byte>, const T*, T*>;
+    return reinterpret_cast<Ptr>(data_);
+  }
+  DType dtype() const noexcept { return dtype_; }
+  const Shape& shape() const noexcept { return shape_; }
+  const Shape& strides() const noexcept { return strides_; }
+  int dims() const noexcept { return static_cast<int>(shape_.size()); }
+  std::int64_t dim(int i) const { return shape_.at(static_cast<std::size_t>(i < 0 ? dims() + i : i)); }
+  std::int64_t numel() const noexcept { return shape_numel(shape_); }
+  std::size_t nbytes() const noexcept { return static_cast<std::size_t>(numel()) * dtype_size(dtype_); }
+  bool is_contiguous() const noexcept { return strides_ == contiguous_strides(shape_); }
+
+  // Element offset of a multi-index (no bounds check beyond the index count).
+  std::int64_t offset(std::initializer_list<std::int64_t> index) const noexcept {
+    std::int64_t off = 0;
+    std::size_t d = 0;
+    for (auto i : index) off += i * strides_[d++];
+    return off;
+  }
+  // Slow element access as double, for tests and checks.
+  double get(std::initializer_list<std::int64_t> index) const noexcept {
+    return load_element(data_, dtype_, static_cast<std::size_t>(offset(index)));
+  }
+  // Sub-view: index `i` along dimension 0.
+  BasicTensorView select0(std::int64_t i) const {
+    Shape s(shape_.begin() + 1, shape_.end()), st(strides_.begin() + 1, strides_.end());
+    return BasicTensorView(data_ + i * strides_[0] * static_cast<std::int64_t>(dtype_size(dtype_)), dtype_, s, st);
+  }
+
+ private:
+  Byte* data_ = nullptr;
+  DType dtype_ = DType::f32;
+  Shape shape_;
+  Shape strides_;
+};
+
+using TensorView = BasicTensorView<std::byte>;
+using ConstTensorView = BasicTensorView<const std::byte>;
+
+// Owning, contiguous, host memory (64-byte aligned). Copying a Tensor copies its data.
+class Tensor {
+ public:
+  Tensor() = default;
+  Tensor(Shape shape, DType dtype);  // uninitialised contents
+  static Tensor zeros(Shape shape, DType dtype);
+  static Tensor full(Shape shape, DType dtype, double value);
+  static Tensor from(const std::vector<float>& values, Shape shape, DType dtype = DType::f32);
+  static Tensor from(const std::vector<double>& values, Shape shape, DType dtype = DType::f64);
+  // Copy of any (possibly strided) view, converted to `dtype`.
+  static Tensor copy_of(ConstTensorView view, DType dtype);
+  static Tensor copy_of(ConstTensorView view) { return copy_of(view, view.dtype()); }
+
+  Tensor(const Tensor& other);
+  Tensor& operator=(const Tensor& other);
+  Tensor(Tensor&&) noexcept = default;
+  Tensor& operator=(Tensor&&) noexcept = default;
+
+  bool empty() const noexcept { return !storage_; }
+  DType dtype() const noexcept { return dtype_; }
+  const Shape& shape() const noexcept { return shape_; }
+  int dims() const noexcept { return static_cast<int>(shape_.size()); }
+  std::int64_t dim(int i) const { return shape_.at(static_cast<std::size_t>(i < 0 ? dims() + i : i)); }
+  std::int64_t numel() const noexcept { return shape_numel(shape_); }
+  std::size_t nbytes() const noexcept { return static_cast<std::size_t>(numel()) * dtype_size(dtype_); }
+
+  template <class T>
+  T* data() noexcept { return reinterpret_cast<T*>(storage_.get()); }
+  template <class T>
+  const T* data() const noexcept { return reinterpret_cast<const T*>(storage_.get()); }
+  std::byte* bytes() noexcept { return storage_.get(); }
+  const std::byte* bytes() const noexcept { return storage_.get(); }
+
+  TensorView view() noexcept { return TensorView(storage_.get(), dtype_, shape_); }
+  ConstTensorView view() const noexcept { return ConstTensorView(storage_.get(), dtype_, shape_); }
+  operator ConstTensorView() const noexcept { return view(); }  // NOLINT(google-explicit-constructor)
+  operator TensorView() noexcept { return view(); }             // NOLINT(google-explicit-constructor)
+
+  Tensor to(DType dtype) const { return copy_of(view(), dtype); }
+  // Same data, new shape with the same element count (InvalidArgument otherwise).
+  Tensor reshaped(Shape shape) const;
+  std::vector<double> to_vector() const;  // all elements as double
+
+  double get(std::initializer_list<std::int64_t> index) const noexcept { return view().get(index); }
+  void set(std::initializer_list<std::int64_t> index, double value) noexcept;
+
+ private:
+  struct FreeAligned {
+    void operator()(std::byte* p) const noexcept;
+  };
+  std::unique_ptr<std::byte[], FreeAligned> storage_;
+  DType dtype_ = DType::f32;
+  Shape shape_;
+};
+
+// Argument checks shared by every entry point. Each throws InvalidArgument naming `argument`.
+void check_shape(ConstTensorView t, const Shape& expected, const std::string& argument, const std::string& layout);
+void check_dims(ConstTensorView t, int dims, const std::string& argument, const std::string& layout);
+// Throws InvalidArgument if any element is NaN or infinite (names the first bad flat index).
+void check_finite(ConstTensorView t, const std::string& argument);
+
+}  // namespace mlstm

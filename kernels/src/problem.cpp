@@ -1,0 +1,139 @@
+#include "mlstm/problem.hpp"
+
+#include <cmath>
+#include <string>
+
+#include "mlstm/error.hpp"
+
+namespace mlstm {
+
+std::string_view gate_name(GateVariant g) noexcept { return g == GateVariant::exp ? "exp" : "sig"; }
+
+GateVariant parse_gate(std::string_view name, const std::string& argument) {
+  if (name == "exp") return GateVariant::exp;
+  if (name == "sig" || name == "sigmoid") return GateVariant::sigmoid;
+  throw InvalidArgument(argument, "unknown input gate '" + std::string(name) + "'; expected exp or sig");
+}
+
+void validate_options(const MlstmOptions& options) {
+  if (!(options.eps > 0.0) || !std::isfinite(options.eps)) {
+    throw InvalidArgument("eps", "must be finite and > 0, got " + std::to_string(options.eps));
+  }
+  if (options.chunk_size <= 0) {
+    throw InvalidArgument("chunk_size", "must be > 0, got " + std::to_string(options.chunk_size));
+  }
+}
+
+namespace {
+
+void check_same_dtype(ConstTensorView t, DType expected, const std::string& argument, const std::string& other) {
+  if (t.dtype() != expected) {
+    throw InvalidArgument(argument, "dtype " + std::string(dtype_name(t.dtype())) + " differs from " + other + "'s " +
+                                        std::string(dtype_name(expected)));
+  }
+}
+
+void check_sigmoid_m_zero(ConstTensorView m, const MlstmOptions& options, const std::string& argument) {
+  if (options.gate != GateVariant::sigmoid || m.empty()) return;
+  Tensor c = Tensor::copy_of(m, DType::f64);
+  for (std::int64_t e = 0; e < c.numel(); ++e) {
+    if (c.data<double>()[e] != 0.0) {
+      throw InvalidArgument(argument, "the sigmoid input gate has no stabiliser state; m must be all zeros (element " +
+                                          std::to_string(e) + " is " + std::to_string(c.data<double>()[e]) + ")");
+    }
+  }
+}
+
+void check_state(ConstTensorView c, ConstTensorView n, ConstTensorView m, std::int64_t B, std::int64_t NH,
+                 std::int64_t DHQK, std::int64_t DHHV, const MlstmOptions& options, const std::string& cn,
+                 const std::string& nn, const std::string& mn) {
+  const bool any = !c.empty() || !n.empty() || !m.empty();
+  if (!any) return;
+  if (c.empty() || n.empty() || m.empty()) {
+    throw InvalidArgument(c.empty() ? cn : (n.empty() ? nn : mn),
+                          "missing; the initial state is given as all three of " + cn + ", " + nn + ", " + mn +
+                              " or none");
+  }
+  check_shape(c, {B, NH, DHQK, DHHV}, cn, "(B,NH,DHQK,DHHV)");
+  check_shape(n, {B, NH, DHQK}, nn, "(B,NH,DHQK)");
+  check_shape(m, {B, NH}, mn, "(B,NH)");
+  check_sigmoid_m_zero(m, options, mn);
+}
+
+}  // namespace
+
+ProblemShape validate_forward(const ForwardArgs& a, const MlstmOptions& options) {
+  validate_options(options);
+  check_dims(a.q, 4, "q", "(B,NH,S,DHQK)");
+  ProblemShape p;
+  p.B = a.q.dim(0);
+  p.NH = a.q.dim(1);
+  p.S = a.q.dim(2);
+  p.DHQK = a.q.dim(3);
+  if (p.B <= 0 || p.NH <= 0 || p.S <= 0 || p.DHQK <= 0) {
+    throw InvalidArgument("q", "every dimension of (B,NH,S,DHQK) must be > 0, got " + shape_to_string(a.q.shape()));
+  }
+  check_dims(a.v, 4, "v", "(B,NH,S,DHHV)");
+  p.DHHV = a.v.dim(3);
+  if (p.DHHV <= 0) throw InvalidArgument("v", "DHHV must be > 0, got " + shape_to_string(a.v.shape()));
+  check_shape(a.k, {p.B, p.NH, p.S, p.DHQK}, "k", "(B,NH,S,DHQK)");
+  check_shape(a.v, {p.B, p.NH, p.S, p.DHHV}, "v", "(B,NH,S,DHHV)");
+  check_shape(a.i, {p.B, p.NH, p.S}, "i", "(B,NH,S)");
+  check_shape(a.f, {p.B, p.NH, p.S}, "f", "(B,NH,S)");
+  p.dtype = a.q.dtype();
+  check_same_dtype(a.k, p.dtype, "k", "q");
+  check_same_dtype(a.v, p.dtype, "v", "q");
+  p.gate_dtype = a.i.dtype();
+  check_same_dtype(a.f, p.gate_dtype, "f", "i");
+  check_state(a.c0, a.n0, a.m0, p.B, p.NH, p.DHQK, p.DHHV, options, "c0", "n0", "m0");
+  return p;
+}
+
+ProblemShape validate_backward(const BackwardArgs& a, const MlstmOptions& options) {
+  ProblemShape p = validate_forward(a.inputs, options);
+  check_shape(a.dh, {p.B, p.NH, p.S, p.DHHV}, "dh", "(B,NH,S,DHHV)");
+  if (!a.dc_last.empty()) check_shape(a.dc_last, {p.B, p.NH, p.DHQK, p.DHHV}, "dc_last", "(B,NH,DHQK,DHHV)");
+  if (!a.dn_last.empty()) check_shape(a.dn_last, {p.B, p.NH, p.DHQK}, "dn_last", "(B,NH,DHQK)");
+  return p;
+}
+
+ProblemShape validate_step(const StepArgs& a, const MlstmOptions& options) {
+  if (!(options.eps > 0.0) || !std::isfinite(options.eps)) {
+    throw InvalidArgument("eps", "must be finite and > 0, got " + std::to_string(options.eps));
+  }
+  check_dims(a.q, 3, "q", "(B,NH,DHQK)");
+  ProblemShape p;
+  p.B = a.q.dim(0);
+  p.NH = a.q.dim(1);
+  p.S = 1;
+  p.DHQK = a.q.dim(2);
+  if (p.B <= 0 || p.NH <= 0 || p.DHQK <= 0) {
+    throw InvalidArgument("q", "every dimension of (B,NH,DHQK) must be > 0, got " + shape_to_string(a.q.shape()));
+  }
+  check_dims(a.v, 3, "v", "(B,NH,DHHV)");
+  p.DHHV = a.v.dim(2);
+  check_shape(a.k, {p.B, p.NH, p.DHQK}, "k", "(B,NH,DHQK)");
+  check_shape(a.v, {p.B, p.NH, p.DHHV}, "v", "(B,NH,DHHV)");
+  check_shape(a.i, {p.B, p.NH}, "i", "(B,NH)");
+  check_shape(a.f, {p.B, p.NH}, "f", "(B,NH)");
+  p.dtype = a.q.dtype();
+  check_same_dtype(a.k, p.dtype, "k", "q");
+  check_same_dtype(a.v, p.dtype, "v", "q");
+  p.gate_dtype = a.i.dtype();
+  check_same_dtype(a.f, p.gate_dtype, "f", "i");
+  check_state(a.c, a.n, a.m, p.B, p.NH, p.DHQK, p.DHHV, options, "c", "n", "m");
+  return p;
+}
+
+void check_finite(const ForwardArgs& a) {
+  check_finite(a.q, "q");
+  check_finite(a.k, "k");
+  check_finite(a.v, "v");
+  check_finite(a.i, "i");
+  check_finite(a.f, "f");
+  check_finite(a.c0, "c0");
+  check_finite(a.n0, "n0");
+  check_finite(a.m0, "m0");
+}
+
+}  // namespace mlstm

@@ -1,0 +1,173 @@
+#include "mlstm/tensor.hpp"
+
+#include <cmath>
+#include <cstdlib>
+#include <new>
+#include <sstream>
+
+#include "mlstm/error.hpp"
+
+namespace mlstm {
+
+std::string shape_to_string(const Shape& shape) {
+  std::ostringstream os;
+  os << '(';
+  for (std::size_t d = 0; d < shape.size(); ++d) os << (d ? "," : "") << shape[d];
+  os << ')';
+  return os.str();
+}
+
+std::int64_t shape_numel(const Shape& shape) {
+  std::int64_t n = 1;
+  for (auto d : shape) n *= d;
+  return n;
+}
+
+Shape contiguous_strides(const Shape& shape) {
+  Shape strides(shape.size());
+  std::int64_t s = 1;
+  for (std::size_t d = shape.size(); d-- > 0;) {
+    strides[d] = s;
+    s *= shape[d];
+  }
+  return strides;
+}
+
+void Tensor::FreeAligned::operator()(std::byte* p) const noexcept { std::free(p); }
+
+Tensor::Tensor(Shape shape, DType dtype) : dtype_(dtype), shape_(std::move(shape)) {
+  for (auto d : shape_) {
+    if (d < 0) throw InvalidArgument("shape", "negative dimension in " + shape_to_string(shape_));
+  }
+  std::size_t bytes = nbytes();
+  bytes = ((bytes + 63) / 64) * 64;
+  if (bytes == 0) bytes = 64;
+  void* p = std::aligned_alloc(64, bytes);
+  if (!p) throw std::bad_alloc();
+  storage_.reset(static_cast<std::byte*>(p));
+}
+
+Tensor Tensor::zeros(Shape shape, DType dtype) {
+  Tensor t(std::move(shape), dtype);
+  std::memset(t.bytes(), 0, t.nbytes());
+  return t;
+}
+
+Tensor Tensor::full(Shape shape, DType dtype, double value) {
+  Tensor t(std::move(shape), dtype);
+  const auto n = static_cast<std::size_t>(t.numel());
+  for (std::size_t e = 0; e < n; ++e) store_element(t.bytes(), dtype, e, value);
+  return t;
+}
+
+Tensor Tensor::from(const std::vector<float>& values, Shape shape, DType dtype) {
+  if (static_cast<std::int64_t>(values.size()) != shape_numel(shape)) {
+    throw InvalidArgument("values", std::to_string(values.size()) + " values do not fill shape " +
+                                        shape_to_string(shape));
+  }
+  Tensor t(std::move(shape), dtype);
+  convert_elements(values.data(), DType::f32, t.bytes(), dtype, values.size());
+  return t;
+}
+
+Tensor Tensor::from(const std::vector<double>& values, Shape shape, DType dtype) {
+  if (static_cast<std::int64_t>(values.size()) != shape_numel(shape)) {
+    throw InvalidArgument("values", std::to_string(values.size()) + " values do not fill shape " +
+                                        shape_to_string(shape));
+  }
+  Tensor t(std::move(shape), dtype);
+  convert_elements(values.data(), DType::f64, t.bytes(), dtype, values.size());
+  return t;
+}
+
+Tensor Tensor::copy_of(ConstTensorView view, DType dtype) {
+  Tensor t(view.shape(), dtype);
+  if (view.numel() == 0) return t;
+  if (view.is_contiguous()) {
+    convert_elements(view.bytes(), view.dtype(), t.bytes(), dtype, static_cast<std::size_t>(view.numel()));
+    return t;
+  }
+  // Strided: walk the multi-index (innermost dimension contiguous in the output).
+  const int nd = view.dims();
+  std::vector<std::int64_t> idx(static_cast<std::size_t>(nd), 0);
+  const auto n = static_cast<std::size_t>(view.numel());
+  for (std::size_t e = 0; e < n; ++e) {
+    std::int64_t off = 0;
+    for (int d = 0; d < nd; ++d) off += idx[static_cast<std::size_t>(d)] * view.strides()[static_cast<std::size_t>(d)];
+    store_element(t.bytes(), dtype, e, load_element(view.bytes(), view.dtype(), static_cast<std::size_t>(off)));
+    for (int d = nd - 1; d >= 0; --d) {
+      auto& i = idx[static_cast<std::size_t>(d)];
+      if (++i < view.shape()[static_cast<std::size_t>(d)]) break;
+      i = 0;
+    }
+  }
+  return t;
+}
+
+Tensor::Tensor(const Tensor& other) : dtype_(other.dtype_), shape_(other.shape_) {
+  if (other.storage_) {
+    Tensor t(shape_, dtype_);
+    std::memcpy(t.bytes(), other.bytes(), nbytes());
+    storage_ = std::move(t.storage_);
+  }
+}
+
+Tensor& Tensor::operator=(const Tensor& other) {
+  if (this != &other) {
+    Tensor t(other);
+    *this = std::move(t);
+  }
+  return *this;
+}
+
+Tensor Tensor::reshaped(Shape shape) const {
+  if (shape_numel(shape) != numel()) {
+    throw InvalidArgument("shape", "cannot reshape " + shape_to_string(shape_) + " to " + shape_to_string(shape));
+  }
+  Tensor t(*this);
+  t.shape_ = std::move(shape);
+  return t;
+}
+
+std::vector<double> Tensor::to_vector() const {
+  std::vector<double> out(static_cast<std::size_t>(numel()));
+  if (!out.empty()) convert_elements(bytes(), dtype_, out.data(), DType::f64, out.size());
+  return out;
+}
+
+void Tensor::set(std::initializer_list<std::int64_t> index, double value) noexcept {
+  store_element(bytes(), dtype_, static_cast<std::size_t>(view().offset(index)), value);
+}
+
+void check_dims(ConstTensorView t, int dims, const std::string& argument, const std::string& layout) {
+  if (t.empty()) throw InvalidArgument(argument, "missing; expected a tensor of shape " + layout);
+  if (t.dims() != dims) {
+    throw InvalidArgument(argument, "expected shape " + layout + " with " + std::to_string(dims) +
+                                        " dimensions, got " + shape_to_string(t.shape()));
+  }
+  for (auto s : t.strides()) {
+    if (s < 0) throw InvalidArgument(argument, "negative strides are not supported");
+  }
+}
+
+void check_shape(ConstTensorView t, const Shape& expected, const std::string& argument, const std::string& layout) {
+  check_dims(t, static_cast<int>(expected.size()), argument, layout);
+  if (t.shape() != expected) {
+    throw InvalidArgument(argument, "expected shape " + layout + " = " + shape_to_string(expected) + ", got " +
+                                        shape_to_string(t.shape()));
+  }
+}
+
+void check_finite(ConstTensorView t, const std::string& argument) {
+  if (t.empty()) return;
+  Tensor c = Tensor::copy_of(t, DType::f64);
+  const auto* p = c.data<double>();
+  for (std::int64_t e = 0; e < c.numel(); ++e) {
+    if (!std::isfinite(p[e])) {
+      throw InvalidArgument(argument, "element " + std::to_string(e) + " is " + (std::isnan(p[e]) ? "NaN" : "infinite") +
+                                          "; inputs must be finite");
+    }
+  }
+}
+
+}  // namespace mlstm

@@ -1,0 +1,228 @@
+#include "test_util.hpp"
+
+#include <cmath>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <mutex>
+#include <sstream>
+
+namespace mlstm::testing {
+
+std::string InputSpec::describe() const {
+  std::ostringstream os;
+  os << "B=" << B << " NH=" << NH << " S=" << S << " DHQK=" << DHQK << " DHHV=" << DHHV << " "
+     << dtype_name(dtype) << " gates=" << dtype_name(gate_dtype) << " " << gate_name(gate)
+     << (initial_state ? " init" : "")
+     << (regime == GateRegime::extreme ? " extreme" : regime == GateRegime::mixed ? " mixed" : "");
+  return os.str();
+}
+
+ForwardArgs Inputs::args() const {
+  ForwardArgs a;
+  a.q = q.view();
+  a.k = k.view();
+  a.v = v.view();
+  a.i = i.view();
+  a.f = f.view();
+  if (!c0.empty()) {
+    a.c0 = c0.view();
+    a.n0 = n0.view();
+    a.m0 = m0.view();
+  }
+  return a;
+}
+
+BackwardArgs Inputs::backward_args(bool with_last_state_grads) const {
+  BackwardArgs b;
+  b.inputs = args();
+  b.dh = dh.view();
+  if (with_last_state_grads) {
+    b.dc_last = dc_last.view();
+    b.dn_last = dn_last.view();
+  }
+  return b;
+}
+
+std::uint64_t fresh_seed() {
+  std::uint64_t seed;
+  if (const char* env = std::getenv("MLSTM_TEST_SEED")) {
+    seed = std::strtoull(env, nullptr, 10);
+  } else {
+    std::random_device rd;
+    seed = (static_cast<std::uint64_t>(rd()) << 32) ^ rd();
+  }
+  ::testing::Test::RecordProperty("seed", std::to_string(seed));
+  std::printf("[ seed     ] MLSTM_TEST_SEED=%llu\n", static_cast<unsigned long long>(seed));
+  return seed;
+}
+
+Tensor random_normal(const Shape& shape, DType dtype, std::mt19937_64& rng, double mean, double stddev) {
+  std::normal_distribution<double> dist(mean, stddev);
+  std::vector<double> v(static_cast<std::size_t>(shape_numel(shape)));
+  for (auto& x : v) x = dist(rng);
+  return Tensor::from(v, shape, dtype);
+}
+
+namespace {
+Tensor random_uniform(const Shape& shape, DType dtype, std::mt19937_64& rng, double lo, double hi) {
+  std::uniform_real_distribution<double> dist(lo, hi);
+  std::vector<double> v(static_cast<std::size_t>(shape_numel(shape)));
+  for (auto& x : v) x = dist(rng);
+  return Tensor::from(v, shape, dtype);
+}
+}  // namespace
+
+Inputs make_inputs(const InputSpec& s, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  Inputs in;
+  in.q = random_normal({s.B, s.NH, s.S, s.DHQK}, s.dtype, rng);
+  in.k = random_normal({s.B, s.NH, s.S, s.DHQK}, s.dtype, rng);
+  in.v = random_normal({s.B, s.NH, s.S, s.DHHV}, s.dtype, rng);
+  switch (s.regime) {
+    case GateRegime::typical:
+      in.i = random_normal({s.B, s.NH, s.S}, s.gate_dtype, rng, 0.0, 1.0);
+      in.f = random_normal({s.B, s.NH, s.S}, s.gate_dtype, rng, 3.0, 1.0);
+      break;
+    case GateRegime::extreme:
+      in.i = random_uniform({s.B, s.NH, s.S}, s.gate_dtype, rng, -20.0, 20.0);
+      in.f = random_uniform({s.B, s.NH, s.S}, s.gate_dtype, rng, -20.0, 20.0);
+      break;
+    case GateRegime::mixed:
+      in.i = random_normal({s.B, s.NH, s.S}, s.gate_dtype, rng, 0.0, 3.0);
+      in.f = random_normal({s.B, s.NH, s.S}, s.gate_dtype, rng, 0.0, 3.0);
+      break;
+  }
+  if (s.initial_state) {
+    in.c0 = random_normal({s.B, s.NH, s.DHQK, s.DHHV}, DType::f32, rng, 0.0, 0.5);
+    in.n0 = random_normal({s.B, s.NH, s.DHQK}, DType::f32, rng, 0.0, 0.5);
+    in.m0 = s.gate == GateVariant::exp ? random_normal({s.B, s.NH}, DType::f32, rng, 0.0, 1.0)
+                                       : Tensor::zeros({s.B, s.NH}, DType::f32);
+  }
+  in.dh = random_normal({s.B, s.NH, s.S, s.DHHV}, DType::f32, rng);
+  in.dc_last = random_normal({s.B, s.NH, s.DHQK, s.DHHV}, DType::f32, rng, 0.0, 0.1);
+  in.dn_last = random_normal({s.B, s.NH, s.DHQK}, DType::f32, rng, 0.0, 0.1);
+  return in;
+}
+
+Comparison compare(const Tensor& got, const Tensor& ref) {
+  Comparison c;
+  if (got.shape() != ref.shape()) {
+    c.finite = false;
+    c.rel = INFINITY;
+    return c;
+  }
+  const auto g = got.to_vector();
+  const auto r = ref.to_vector();
+  for (std::size_t e = 0; e < g.size(); ++e) {
+    if (!std::isfinite(g[e])) {
+      c.finite = false;
+      c.worst_index = static_cast<std::int64_t>(e);
+      continue;
+    }
+    const double d = std::fabs(g[e] - r[e]);
+    if (d > c.max_abs) {
+      c.max_abs = d;
+      if (c.finite) c.worst_index = static_cast<std::int64_t>(e);
+    }
+    c.max_ref = std::max(c.max_ref, std::fabs(r[e]));
+  }
+  c.rel = c.max_abs / std::max(c.max_ref, 1e-30);
+  if (!c.finite) c.rel = INFINITY;
+  return c;
+}
+
+namespace {
+std::mutex report_mutex;
+
+void record(const std::string& kernel, const std::string& what, const InputSpec& spec, const Comparison& c,
+            double tol) {
+  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+  const std::string suite = info ? info->test_suite_name() : "misc";
+  std::string safe = suite;
+  for (auto& ch : safe) {
+    if (ch == '/') ch = '_';
+  }
+  std::lock_guard lock(report_mutex);
+  std::filesystem::create_directories(MLSTM_TEST_OUTPUT_DIR);
+  const auto path = std::filesystem::path(MLSTM_TEST_OUTPUT_DIR) / (safe + ".csv");
+  const bool fresh = !std::filesystem::exists(path);
+  std::ofstream os(path, std::ios::app);
+  if (fresh) os << "test,kernel,what,shape,max_abs_err,max_abs_ref,rel_err,tolerance,finite\n";
+  os << (info ? info->name() : "?") << ',' << kernel << ',' << what << ",\"" << spec.describe() << "\","
+     << c.max_abs << ',' << c.max_ref << ',' << c.rel << ',' << tol << ',' << (c.finite ? 1 : 0) << '\n';
+}
+}  // namespace
+
+::testing::AssertionResult matches(const Tensor& got, const Tensor& ref, double tol, const std::string& kernel,
+                                   const std::string& what, const InputSpec& spec) {
+  if (got.shape() != ref.shape()) {
+    return ::testing::AssertionFailure() << kernel << " " << what << ": shape " << shape_to_string(got.shape())
+                                         << " != reference " << shape_to_string(ref.shape());
+  }
+  const Comparison c = compare(got, ref);
+  record(kernel, what, spec, c, tol);
+  if (!c.finite) {
+    return ::testing::AssertionFailure() << kernel << " " << what << " [" << spec.describe()
+                                         << "]: non-finite value at flat index " << c.worst_index;
+  }
+  if (!(c.rel <= tol)) {
+    return ::testing::AssertionFailure() << kernel << " " << what << " [" << spec.describe()
+                                         << "]: rel error " << c.rel << " > " << tol << " (max abs " << c.max_abs
+                                         << " at flat index " << c.worst_index << ", max |ref| " << c.max_ref << ")";
+  }
+  return ::testing::AssertionSuccess();
+}
+
+::testing::AssertionResult all_finite(const Tensor& got, const std::string& kernel, const std::string& what,
+                                      const InputSpec& spec) {
+  Comparison c;
+  const auto g = got.to_vector();
+  for (std::size_t e = 0; e < g.size(); ++e) {
+    if (!std::isfinite(g[e])) {
+      c.finite = false;
+      c.worst_index = static_cast<std::int64_t>(e);
+      break;
+    }
+  }
+  record(kernel, what + " (finite)", spec, c, 0.0);
+  if (!c.finite) {
+    return ::testing::AssertionFailure() << kernel << " " << what << " [" << spec.describe()
+                                         << "]: non-finite value at flat index " << c.worst_index;
+  }
+  return ::testing::AssertionSuccess();
+}
+
+Tensor slice_seq(const Tensor& t, std::int64_t s0, std::int64_t s1) {
+  Shape shape = t.shape();
+  const std::int64_t S = shape.at(2);
+  const std::int64_t inner = t.numel() / (shape[0] * shape[1] * S);
+  shape[2] = s1 - s0;
+  Tensor out(shape, t.dtype());
+  const std::size_t es = dtype_size(t.dtype());
+  for (std::int64_t r = 0; r < shape[0] * shape[1]; ++r) {
+    std::memcpy(out.bytes() + static_cast<std::size_t>(r * (s1 - s0) * inner) * es,
+                t.bytes() + static_cast<std::size_t>((r * S + s0) * inner) * es,
+                static_cast<std::size_t>((s1 - s0) * inner) * es);
+  }
+  return out;
+}
+
+Tensor concat_seq(const Tensor& a, const Tensor& b) {
+  Shape shape = a.shape();
+  const std::int64_t Sa = a.dim(2), Sb = b.dim(2);
+  const std::int64_t rows = shape[0] * shape[1];
+  const std::int64_t inner = a.numel() / (rows * Sa);
+  shape[2] = Sa + Sb;
+  Tensor out(shape, a.dtype());
+  const std::size_t es = dtype_size(a.dtype());
+  for (std::int64_t r = 0; r < rows; ++r) {
+    std::memcpy(out.bytes() + static_cast<std::size_t>(r * (Sa + Sb) * inner) * es,
+                a.bytes() + static_cast<std::size_t>(r * Sa * inner) * es, static_cast<std::size_t>(Sa * inner) * es);
+    std::memcpy(out.bytes() + static_cast<std::size_t>((r * (Sa + Sb) + Sa) * inner) * es,
+                b.bytes() + static_cast<std::size_t>(r * Sb * inner) * es, static_cast<std::size_t>(Sb * inner) * es);
+  }
+  return out;
+}
+
+}  // namespace mlstm::testing

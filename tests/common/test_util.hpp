@@ -1,0 +1,67 @@
+// Test helpers: fresh random inputs, comparisons against the float64 reference, and error reports.
+// Every comparison appends one line (kernel, what, shape, dtype, max abs/rel error) to
+// test_outputs/<suite>.csv in the build tree. Seeds are fresh per run (std::random_device) and printed;
+// MLSTM_TEST_SEED=<n> reproduces a run.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <random>
+#include <string>
+
+#include "mlstm/problem.hpp"
+#include "mlstm/tensor.hpp"
+
+namespace mlstm::testing {
+
+enum class GateRegime {
+  typical,  // i ~ N(0,1), f ~ 3 + N(0,1)   (the TFLA benchmark's gates)
+  extreme,  // i, f ~ U[-20, 20]
+  mixed,    // i ~ N(0,3), f ~ N(0,3)
+};
+
+struct InputSpec {
+  std::int64_t B = 1, NH = 1, S = 64, DHQK = 16, DHHV = 16;
+  DType dtype = DType::f32;       // q, k, v
+  DType gate_dtype = DType::f32;  // i, f
+  bool initial_state = false;     // random c0, n0 (and m0 for the exp gate)
+  GateVariant gate = GateVariant::exp;
+  GateRegime regime = GateRegime::typical;
+  std::string describe() const;   // "B=3 NH=5 S=1000 DHQK=48 DHHV=96 bfloat16 exp init"
+};
+
+struct Inputs {
+  Tensor q, k, v, i, f, c0, n0, m0;
+  ForwardArgs args() const;
+  Tensor dh;                       // random (B,NH,S,DHHV) float32, for backward tests
+  Tensor dc_last, dn_last;         // random last-state gradients
+  BackwardArgs backward_args(bool with_last_state_grads) const;
+};
+
+// Seed for this test: MLSTM_TEST_SEED if set, else std::random_device; printed via RecordProperty.
+std::uint64_t fresh_seed();
+Inputs make_inputs(const InputSpec& spec, std::uint64_t seed);
+Tensor random_normal(const Shape& shape, DType dtype, std::mt19937_64& rng, double mean = 0.0, double stddev = 1.0);
+
+struct Comparison {
+  double max_abs = 0;   // max |got - ref|
+  double max_ref = 0;   // max |ref|
+  double rel = 0;       // max_abs / max(max_ref, 1e-30)
+  bool finite = true;   // no NaN/Inf in got
+  std::int64_t worst_index = -1;
+};
+Comparison compare(const Tensor& got, const Tensor& ref);
+
+// Compare and record; returns failure if rel > tol or any non-finite value.
+::testing::AssertionResult matches(const Tensor& got, const Tensor& ref, double tol, const std::string& kernel,
+                                   const std::string& what, const InputSpec& spec);
+// Only checks that every element is finite (records the line too).
+::testing::AssertionResult all_finite(const Tensor& got, const std::string& kernel, const std::string& what,
+                                      const InputSpec& spec);
+
+// Concatenate along the sequence axis (axis 2) / slice [s0, s1) along it. For state-carry tests.
+Tensor slice_seq(const Tensor& t, std::int64_t s0, std::int64_t s1);
+Tensor concat_seq(const Tensor& a, const Tensor& b);
+
+}  // namespace mlstm::testing
