@@ -9,8 +9,10 @@ namespace mlstm::reference {
 // How the backward treats the stabiliser m_t.
 //   full: the exact derivative of the forward as computed (m_t = max(...) differentiated through its
 //         winning branch); checked against central finite differences in the tests.
-//   stop: m_t held constant (what the fast kernels compute; see stages.hpp). The two differ by terms of
-//         relative size eps / (max(|q'n|, exp(-m)) + eps).
+//   stop: m_t held constant (what the fast kernels compute; see stages.hpp), the initial m0 excepted.
+//         Without last-state gradients the two differ by terms of relative size
+//         eps / (max(|q'n|, exp(-m)) + eps). With dc_last/dn_last they differ for real: the returned last
+//         state is stabilised by m_S, and stop holds m_S constant (as TFLA does).
 enum class StabilizerGradient { full, stop };
 
 // Step by step over S (initial state, last state). The definition.
