@@ -1,0 +1,293 @@
+#include "mlstm/cpu_kernels.hpp"
+
+#include <tbb/parallel_for.h>
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "mlstm/stages.hpp"
+
+namespace mlstm::cpu {
+
+namespace {
+
+using stages::SegmentShape;
+using stages::StateBuffer;
+
+// One (batch, head) row of a 3- or 4-dimensional tensor as contiguous float32.
+std::vector<float> pack_row(ConstTensorView t, std::int64_t b, std::int64_t h) {
+  const ConstTensorView row = t.select0(b).select0(h);
+  std::vector<float> out(static_cast<std::size_t>(row.numel()));
+  if (row.is_contiguous()) {
+    convert_elements(row.bytes(), row.dtype(), out.data(), DType::f32, out.size());
+  } else {
+    const Tensor c = Tensor::copy_of(row, DType::f32);
+    std::memcpy(out.data(), c.data<float>(), out.size() * sizeof(float));
+  }
+  return out;
+}
+
+// Writes float32 values into row r of a contiguous tensor of any dtype.
+void store_row(Tensor& t, std::int64_t r, const float* values, std::int64_t count) {
+  convert_elements(values, DType::f32, t.bytes() + static_cast<std::size_t>(r * count) * dtype_size(t.dtype()),
+                   t.dtype(), static_cast<std::size_t>(count));
+}
+
+struct RowInputs {
+  std::vector<float> q, k, v, i, f;
+};
+
+RowInputs load_row(const ForwardArgs& a, std::int64_t b, std::int64_t h) {
+  return {pack_row(a.q, b, h), pack_row(a.k, b, h), pack_row(a.v, b, h), pack_row(a.i, b, h), pack_row(a.f, b, h)};
+}
+
+// The initial state of a row (zero state when none is given).
+StateBuffer initial_state(const ForwardArgs& a, const ProblemShape& p, std::int64_t b, std::int64_t h) {
+  StateBuffer s(p.DHQK, p.DHHV, 1);
+  s.set_zero();
+  if (a.has_initial_state()) {
+    s.C = pack_row(a.c0, b, h);
+    s.n = pack_row(a.n0, b, h);
+    s.m[0] = static_cast<float>(a.m0.get({b, h}));
+  }
+  return s;
+}
+
+struct RowForward {
+  std::vector<float> b, ig, G, h, m_tok, N_tok, den_tok;
+  StateBuffer boundary, last;
+};
+
+RowForward forward_row(const RowInputs& in, const StateBuffer& init, const ProblemShape& p, const MlstmOptions& o,
+                       std::int64_t L, std::int64_t tile, bool keep_for_backward) {
+  SegmentShape s{p.S, L, p.DHQK, p.DHHV};
+  RowForward r;
+  r.b.resize(static_cast<std::size_t>(p.S));
+  r.ig.resize(static_cast<std::size_t>(p.S));
+  r.G.resize(static_cast<std::size_t>(s.num_chunks()));
+  stages::fw_gates(in.i.data(), in.f.data(), o.gate, s, r.b.data(), r.ig.data(), r.G.data());
+  r.boundary = StateBuffer(p.DHQK, p.DHHV, s.num_chunks());
+  r.last = StateBuffer(p.DHQK, p.DHHV, 1);
+  stages::fw_states(in.k.data(), in.v.data(), r.b.data(), r.ig.data(), r.G.data(), o.gate, s, init.at(0), &r.boundary,
+                    r.last.at(0));
+  r.h.resize(static_cast<std::size_t>(p.S * p.DHHV));
+  if (keep_for_backward) {
+    r.m_tok.resize(static_cast<std::size_t>(p.S));
+    r.N_tok.resize(static_cast<std::size_t>(p.S));
+    r.den_tok.resize(static_cast<std::size_t>(p.S));
+  }
+  stages::fw_outputs(in.q.data(), in.k.data(), in.v.data(), r.b.data(), r.ig.data(), o.gate, o.normalize,
+                     static_cast<float>(o.eps), s, r.boundary, r.h.data(), keep_for_backward ? r.m_tok.data() : nullptr,
+                     keep_for_backward ? r.N_tok.data() : nullptr, keep_for_backward ? r.den_tok.data() : nullptr, tile);
+  return r;
+}
+
+ForwardResult forward_impl(const ForwardArgs& a, const MlstmOptions& o, std::int64_t L, std::int64_t tile) {
+  const ProblemShape p = validate_forward(a, o);
+  ForwardResult out;
+  out.h = Tensor({p.B, p.NH, p.S, p.DHHV}, p.dtype);
+  if (o.return_last_states) {
+    out.c = Tensor({p.B, p.NH, p.DHQK, p.DHHV}, DType::f32);
+    out.n = Tensor({p.B, p.NH, p.DHQK}, DType::f32);
+    out.m = Tensor({p.B, p.NH}, DType::f32);
+  }
+  tbb::parallel_for(std::int64_t{0}, p.rows(), [&](std::int64_t r) {
+    const std::int64_t b = r / p.NH, h = r % p.NH;
+    const RowInputs in = load_row(a, b, h);
+    const StateBuffer init = initial_state(a, p, b, h);
+    const RowForward f = forward_row(in, init, p, o, L, tile, false);
+    store_row(out.h, r, f.h.data(), p.S * p.DHHV);
+    if (o.return_last_states) {
+      store_row(out.c, r, f.last.C.data(), p.DHQK * p.DHHV);
+      store_row(out.n, r, f.last.n.data(), p.DHQK);
+      out.m.data<float>()[r] = o.gate == GateVariant::exp ? f.last.m[0] : 0.f;
+    }
+  });
+  return out;
+}
+
+BackwardResult backward_impl(const BackwardArgs& a, const MlstmOptions& o, std::int64_t L, std::int64_t tile) {
+  const ProblemShape p = validate_backward(a, o);
+  const ForwardArgs& fa = a.inputs;
+  BackwardResult out;
+  out.dq = Tensor({p.B, p.NH, p.S, p.DHQK}, p.dtype);
+  out.dk = Tensor({p.B, p.NH, p.S, p.DHQK}, p.dtype);
+  out.dv = Tensor({p.B, p.NH, p.S, p.DHHV}, p.dtype);
+  out.di = Tensor({p.B, p.NH, p.S}, p.gate_dtype);
+  out.df = Tensor({p.B, p.NH, p.S}, p.gate_dtype);
+  const bool init = fa.has_initial_state();
+  if (init) {
+    out.dc0 = Tensor({p.B, p.NH, p.DHQK, p.DHHV}, DType::f32);
+    out.dn0 = Tensor({p.B, p.NH, p.DHQK}, DType::f32);
+    out.dm0 = Tensor({p.B, p.NH}, DType::f32);
+  }
+  SegmentShape s{p.S, L, p.DHQK, p.DHHV};
+  tbb::parallel_for(std::int64_t{0}, p.rows(), [&](std::int64_t r) {
+    const std::int64_t b = r / p.NH, h = r % p.NH;
+    const RowInputs in = load_row(fa, b, h);
+    const StateBuffer init_state = initial_state(fa, p, b, h);
+    const RowForward f = forward_row(in, init_state, p, o, L, tile, true);
+    const std::vector<float> dh = pack_row(a.dh, b, h);
+    StateBuffer dout(p.DHQK, p.DHHV, 1);
+    dout.set_zero();
+    if (!a.dc_last.empty()) dout.C = pack_row(a.dc_last, b, h);
+    if (!a.dn_last.empty()) dout.n = pack_row(a.dn_last, b, h);
+    StateBuffer dboundary(p.DHQK, p.DHHV, s.num_chunks()), din(p.DHQK, p.DHHV, 1);
+    const float m_exit = f.last.m[0];
+    stages::bw_state_grads(in.q.data(), dh.data(), f.h.data(), f.b.data(), f.m_tok.data(), f.N_tok.data(),
+                           f.den_tok.data(), f.G.data(), o.gate, o.normalize, s, f.boundary, m_exit, dout.at(0),
+                           &dboundary, din.at(0));
+    std::vector<float> dq(in.q.size()), dk(in.k.size()), dv(in.v.size()), di_raw(static_cast<std::size_t>(p.S)),
+        rr(static_cast<std::size_t>(p.S)), di(static_cast<std::size_t>(p.S)), df(static_cast<std::size_t>(p.S));
+    stages::bw_grads(in.q.data(), in.k.data(), in.v.data(), dh.data(), f.h.data(), f.b.data(), f.ig.data(),
+                     f.m_tok.data(), f.N_tok.data(), f.den_tok.data(), f.G.data(), o.gate, o.normalize, s, f.boundary,
+                     m_exit, dboundary, dout.at(0), dq.data(), dk.data(), dv.data(), di_raw.data(), rr.data(), tile);
+    double tail = 0.0;  // <dC_last, C_last> + <dn_last, n_last>
+    for (std::size_t e = 0; e < dout.C.size(); ++e) tail += static_cast<double>(dout.C[e]) * f.last.C[e];
+    for (std::size_t e = 0; e < dout.n.size(); ++e) tail += static_cast<double>(dout.n[e]) * f.last.n[e];
+    stages::bw_gate_grads(in.i.data(), in.f.data(), di_raw.data(), rr.data(), static_cast<float>(tail), o.gate, s,
+                          di.data(), df.data());
+    store_row(out.dq, r, dq.data(), p.S * p.DHQK);
+    store_row(out.dk, r, dk.data(), p.S * p.DHQK);
+    store_row(out.dv, r, dv.data(), p.S * p.DHHV);
+    store_row(out.di, r, di.data(), p.S);
+    store_row(out.df, r, df.data(), p.S);
+    if (init) {
+      store_row(out.dc0, r, din.C.data(), p.DHQK * p.DHHV);
+      store_row(out.dn0, r, din.n.data(), p.DHQK);
+      double dm0 = 0.0;  // <dC0, C0> + <dn0, n0>
+      if (o.gate == GateVariant::exp) {
+        for (std::size_t e = 0; e < din.C.size(); ++e) dm0 += static_cast<double>(din.C[e]) * init_state.C[e];
+        for (std::size_t e = 0; e < din.n.size(); ++e) dm0 += static_cast<double>(din.n[e]) * init_state.n[e];
+      }
+      out.dm0.data<float>()[r] = static_cast<float>(dm0);
+    }
+  });
+  return out;
+}
+
+inline float logsigmoidf(float x) { return x >= 0.f ? -std::log1p(std::exp(-x)) : x - std::log1p(std::exp(x)); }
+inline float sigmoidf(float x) { return x >= 0.f ? 1.f / (1.f + std::exp(-x)) : std::exp(x) / (1.f + std::exp(x)); }
+
+// One recurrent step of a row in float32; updates (C, n, m), writes h.
+void step_row(const float* q, const float* k, const float* v, float i, float f, float* C, float* n, float& m, float* h,
+              std::int64_t DK, std::int64_t DV, const MlstmOptions& o) {
+  const float lf = logsigmoidf(f);
+  float a, bw, m_new;
+  if (o.gate == GateVariant::exp) {
+    m_new = std::max(lf + m, i);
+    a = std::exp(lf + m - m_new);
+    bw = std::exp(i - m_new);
+  } else {
+    m_new = 0.f;
+    a = std::exp(lf);
+    bw = sigmoidf(i);
+  }
+  for (std::int64_t d = 0; d < DK; ++d) {
+    const float bk = bw * k[d];
+    float* row = C + d * DV;
+    for (std::int64_t e = 0; e < DV; ++e) row[e] = a * row[e] + bk * v[e];
+    n[d] = a * n[d] + bk;
+  }
+  m = m_new;
+  const float scale = 1.f / std::sqrt(static_cast<float>(DK));
+  float den = 0.f;
+  std::fill(h, h + DV, 0.f);
+  for (std::int64_t d = 0; d < DK; ++d) {
+    const float qd = q[d] * scale;
+    den += qd * n[d];
+    const float* row = C + d * DV;
+    for (std::int64_t e = 0; e < DV; ++e) h[e] += qd * row[e];
+  }
+  float N = 1.f;
+  if (!(o.gate == GateVariant::sigmoid && !o.normalize)) {
+    const float floor = o.gate == GateVariant::exp ? std::exp(-m_new) : 1.f;
+    N = std::max(std::fabs(den), floor) + static_cast<float>(o.eps);
+  }
+  for (std::int64_t e = 0; e < DV; ++e) h[e] /= N;
+}
+
+}  // namespace
+
+ForwardResult chunkwise_forward(const ForwardArgs& args, const MlstmOptions& options, std::int64_t tile) {
+  return forward_impl(args, options, options.chunk_size, tile);
+}
+
+BackwardResult chunkwise_backward(const BackwardArgs& args, const MlstmOptions& options, std::int64_t tile) {
+  return backward_impl(args, options, options.chunk_size, tile);
+}
+
+ForwardResult parallel_forward(const ForwardArgs& args, const MlstmOptions& options) {
+  MlstmOptions o = options;
+  o.chunk_size = 1;  // validated below; the real chunk is the whole sequence
+  const ProblemShape p = validate_forward(args, o);
+  return forward_impl(args, options, p.S, kParallelTile);
+}
+
+BackwardResult parallel_backward(const BackwardArgs& args, const MlstmOptions& options) {
+  MlstmOptions o = options;
+  o.chunk_size = 1;
+  const ProblemShape p = validate_backward(args, o);
+  return backward_impl(args, options, p.S, kParallelTile);
+}
+
+StepResult step(const StepArgs& a, const MlstmOptions& o) {
+  const ProblemShape p = validate_step(a, o);
+  StepResult out;
+  out.h = Tensor({p.B, p.NH, p.DHHV}, p.dtype);
+  out.c = Tensor({p.B, p.NH, p.DHQK, p.DHHV}, DType::f32);
+  out.n = Tensor({p.B, p.NH, p.DHQK}, DType::f32);
+  out.m = Tensor({p.B, p.NH}, DType::f32);
+  tbb::parallel_for(std::int64_t{0}, p.rows(), [&](std::int64_t r) {
+    const std::int64_t b = r / p.NH, h = r % p.NH;
+    auto row = [&](ConstTensorView t) { return pack_row(t, b, h); };
+    auto q = row(a.q), k = row(a.k), v = row(a.v);
+    std::vector<float> C(static_cast<std::size_t>(p.DHQK * p.DHHV), 0.f), n(static_cast<std::size_t>(p.DHQK), 0.f);
+    float m = 0.f;
+    if (!a.c.empty()) {
+      C = row(a.c);
+      n = row(a.n);
+      m = static_cast<float>(a.m.get({b, h}));
+    }
+    std::vector<float> hv(static_cast<std::size_t>(p.DHHV));
+    step_row(q.data(), k.data(), v.data(), static_cast<float>(a.i.get({b, h})), static_cast<float>(a.f.get({b, h})),
+             C.data(), n.data(), m, hv.data(), p.DHQK, p.DHHV, o);
+    store_row(out.h, r, hv.data(), p.DHHV);
+    store_row(out.c, r, C.data(), p.DHQK * p.DHHV);
+    store_row(out.n, r, n.data(), p.DHQK);
+    out.m.data<float>()[r] = m;
+  });
+  return out;
+}
+
+ForwardResult sequence_forward(const ForwardArgs& a, const MlstmOptions& o) {
+  const ProblemShape p = validate_forward(a, o);
+  ForwardResult out;
+  out.h = Tensor({p.B, p.NH, p.S, p.DHHV}, p.dtype);
+  if (o.return_last_states) {
+    out.c = Tensor({p.B, p.NH, p.DHQK, p.DHHV}, DType::f32);
+    out.n = Tensor({p.B, p.NH, p.DHQK}, DType::f32);
+    out.m = Tensor({p.B, p.NH}, DType::f32);
+  }
+  tbb::parallel_for(std::int64_t{0}, p.rows(), [&](std::int64_t r) {
+    const std::int64_t b = r / p.NH, h = r % p.NH;
+    const RowInputs in = load_row(a, b, h);
+    StateBuffer st = initial_state(a, p, b, h);
+    std::vector<float> hv(static_cast<std::size_t>(p.S * p.DHHV));
+    float m = st.m[0];
+    for (std::int64_t t = 0; t < p.S; ++t) {
+      step_row(in.q.data() + t * p.DHQK, in.k.data() + t * p.DHQK, in.v.data() + t * p.DHHV, in.i[t], in.f[t],
+               st.C.data(), st.n.data(), m, hv.data() + t * p.DHHV, p.DHQK, p.DHHV, o);
+    }
+    store_row(out.h, r, hv.data(), p.S * p.DHHV);
+    if (o.return_last_states) {
+      store_row(out.c, r, st.C.data(), p.DHQK * p.DHHV);
+      store_row(out.n, r, st.n.data(), p.DHQK);
+      out.m.data<float>()[r] = m;
+    }
+  });
+  return out;
+}
+
+}  // namespace mlstm::cpu

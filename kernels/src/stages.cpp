@@ -1,0 +1,488 @@
+// CPU implementation of the chunk stages (see stages.hpp for the math). float32, CBLAS for the dense
+// products, TBB across the chunks / blocks of one row-segment.
+#include "mlstm/stages.hpp"
+
+#include <cblas.h>
+#include <tbb/enumerable_thread_specific.h>
+#include <tbb/parallel_for.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+namespace mlstm::stages {
+
+namespace {
+
+inline float logsigmoidf(float x) { return x >= 0.f ? -std::log1p(std::exp(-x)) : x - std::log1p(std::exp(x)); }
+inline float sigmoidf(float x) { return x >= 0.f ? 1.f / (1.f + std::exp(-x)) : std::exp(x) / (1.f + std::exp(x)); }
+inline bool is_exp(GateVariant g) { return g == GateVariant::exp; }
+inline float state_m(GateVariant g, float m) { return is_exp(g) ? m : 0.f; }
+
+// exp(x) with exp(-inf) = 0 and no NaN from (-inf) - (-inf): callers pass differences of log weights.
+inline float safe_exp(float x) { return std::isnan(x) ? 0.f : std::exp(x); }
+
+// Scratch for one block computation; one per thread.
+struct Scratch {
+  std::vector<float> a, b, c, d, e;
+  void reserve(std::size_t n) {
+    for (auto* v : {&a, &b, &c, &d, &e}) {
+      if (v->size() < n) v->resize(n);
+    }
+  }
+};
+tbb::enumerable_thread_specific<Scratch>& scratch() {
+  static tbb::enumerable_thread_specific<Scratch> s;
+  return s;
+}
+
+// Per-token floor of the normaliser and the normaliser-gradient factor.
+struct TokenGrad {
+  float inv_N;  // 1 / N_t
+  float dden;   // gradient reaching den_t
+};
+inline TokenGrad token_grad(const float* dh, const float* h, float m, float N, float den, GateVariant gate,
+                            bool normalize, std::int64_t DHHV) {
+  TokenGrad g{1.f / N, 0.f};
+  if (gate == GateVariant::sigmoid && !normalize) return g;
+  const float floor = is_exp(gate) ? std::exp(-m) : 1.f;
+  if (std::fabs(den) >= floor) {
+    float dot = 0.f;
+    for (std::int64_t e = 0; e < DHHV; ++e) dot += dh[e] * h[e];
+    g.dden = -dot / N * (den >= 0.f ? 1.f : -1.f);
+  }
+  return g;
+}
+
+}  // namespace
+
+// ---- state buffers -------------------------------------------------------------------------------
+
+StateBuffer::StateBuffer(std::int64_t dhqk, std::int64_t dhhv, std::int64_t count_)
+    : DHQK(dhqk), DHHV(dhhv), count(count_),
+      C(static_cast<std::size_t>(dhqk * dhhv * count_), 0.f),
+      n(static_cast<std::size_t>(dhqk * count_), 0.f),
+      m(static_cast<std::size_t>(count_), 0.f) {}
+
+StateRef StateBuffer::at(std::int64_t idx) noexcept {
+  return {C.data() + idx * DHQK * DHHV, n.data() + idx * DHQK, m.data() + idx};
+}
+ConstStateRef StateBuffer::at(std::int64_t idx) const noexcept {
+  return {C.data() + idx * DHQK * DHHV, n.data() + idx * DHQK, m.data() + idx};
+}
+void StateBuffer::set_empty() {
+  std::fill(C.begin(), C.end(), 0.f);
+  std::fill(n.begin(), n.end(), 0.f);
+  std::fill(m.begin(), m.end(), kEmptyM);
+}
+void StateBuffer::set_zero() {
+  std::fill(C.begin(), C.end(), 0.f);
+  std::fill(n.begin(), n.end(), 0.f);
+  std::fill(m.begin(), m.end(), 0.f);
+}
+
+// ---- forward -------------------------------------------------------------------------------------
+
+void fw_gates(const float* i, const float* f, GateVariant gate, const SegmentShape& s, float* b, float* ig, float* G) {
+  for (std::int64_t c = 0; c < s.num_chunks(); ++c) {
+    float acc = 0.f;
+    const std::int64_t t0 = s.chunk_begin(c), len = s.chunk_len(c);
+    for (std::int64_t j = 0; j < len; ++j) {
+      const std::int64_t t = t0 + j;
+      acc += logsigmoidf(f[t]);
+      b[t] = acc;
+      ig[t] = is_exp(gate) ? i[t] : logsigmoidf(i[t]);
+    }
+    G[c] = acc;
+  }
+}
+
+void fw_states(const float* k, const float* v, const float* b, const float* ig, const float* G, GateVariant gate,
+               const SegmentShape& s, ConstStateRef in, StateBuffer* boundary, StateRef out) {
+  const std::int64_t DK = s.DHQK, DV = s.DHHV;
+  std::vector<float> C(in.C, in.C + DK * DV), n(in.n, in.n + DK), kw(static_cast<std::size_t>(s.L * DK));
+  float m = state_m(gate, *in.m);
+  for (std::int64_t c = 0; c < s.num_chunks(); ++c) {
+    if (boundary) {
+      auto st = boundary->at(c);
+      std::memcpy(st.C, C.data(), C.size() * sizeof(float));
+      std::memcpy(st.n, n.data(), n.size() * sizeof(float));
+      *st.m = m;
+    }
+    const std::int64_t t0 = s.chunk_begin(c), len = s.chunk_len(c);
+    // m' = max(G + m, max_t a_t), a_t = G - b_t + ig_t
+    float m_new = 0.f;
+    if (is_exp(gate)) {
+      m_new = G[c] + m;
+      for (std::int64_t j = 0; j < len; ++j) m_new = std::max(m_new, G[c] - b[t0 + j] + ig[t0 + j]);
+    }
+    const float carry = safe_exp(G[c] + m - m_new);
+    // kw_t = exp(a_t - m') k_t ; C = carry C + kw^T V ; n = carry n + sum_t kw_t
+    for (std::int64_t j = 0; j < len; ++j) {
+      const float w = std::exp(G[c] - b[t0 + j] + ig[t0 + j] - m_new);
+      const float* kt = k + (t0 + j) * DK;
+      float* out_row = kw.data() + j * DK;
+      for (std::int64_t d = 0; d < DK; ++d) out_row[d] = w * kt[d];
+    }
+    for (std::int64_t d = 0; d < DK; ++d) {
+      float acc = carry * n[d];
+      for (std::int64_t j = 0; j < len; ++j) acc += kw[j * DK + d];
+      n[d] = acc;
+    }
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(DK), static_cast<int>(DV),
+                static_cast<int>(len), 1.f, kw.data(), static_cast<int>(DK), v + t0 * DV, static_cast<int>(DV),
+                carry, C.data(), static_cast<int>(DV));
+    m = m_new;
+  }
+  std::memcpy(out.C, C.data(), C.size() * sizeof(float));
+  std::memcpy(out.n, n.data(), n.size() * sizeof(float));
+  *out.m = m;
+}
+
+void combine(ConstStateRef in, float G_seg, ConstStateRef local, GateVariant gate, std::int64_t DHQK,
+             std::int64_t DHHV, StateRef out) {
+  float a, b, m_new;
+  if (is_exp(gate)) {
+    const float m_in = *in.m, m_loc = *local.m;
+    m_new = std::max(G_seg + m_in, m_loc);
+    if (m_new == kEmptyM) {  // both empty
+      a = 0.f;
+      b = 0.f;
+    } else {
+      a = safe_exp(G_seg + m_in - m_new);
+      b = safe_exp(m_loc - m_new);
+    }
+  } else {
+    m_new = 0.f;
+    a = std::exp(G_seg);
+    b = 1.f;
+  }
+  for (std::int64_t e = 0; e < DHQK * DHHV; ++e) out.C[e] = a * in.C[e] + b * local.C[e];
+  for (std::int64_t d = 0; d < DHQK; ++d) out.n[d] = a * in.n[d] + b * local.n[d];
+  *out.m = m_new;
+}
+
+void fixup_states(const float* G, GateVariant gate, const SegmentShape& s, ConstStateRef in, StateBuffer* boundary,
+                  StateRef out) {
+  const std::int64_t DK = s.DHQK, DV = s.DHHV;
+  float prefix = 0.f;  // sum of G over the chunks before c
+  std::vector<float> tmpC(static_cast<std::size_t>(DK * DV)), tmpn(static_cast<std::size_t>(DK));
+  float tmpm = 0.f;
+  StateRef tmp{tmpC.data(), tmpn.data(), &tmpm};
+  for (std::int64_t c = 0; c < s.num_chunks(); ++c) {
+    if (boundary) {
+      auto st = boundary->at(c);
+      combine(in, prefix, st, gate, DK, DV, tmp);
+      std::memcpy(st.C, tmpC.data(), tmpC.size() * sizeof(float));
+      std::memcpy(st.n, tmpn.data(), tmpn.size() * sizeof(float));
+      *st.m = tmpm;
+    }
+    prefix += G[c];
+  }
+  combine(in, prefix, out, gate, DK, DV, tmp);
+  std::memcpy(out.C, tmpC.data(), tmpC.size() * sizeof(float));
+  std::memcpy(out.n, tmpn.data(), tmpn.size() * sizeof(float));
+  *out.m = tmpm;
+}
+
+namespace {
+
+// Stabiliser of every token of a chunk: m_t = max(b_t + m, b_t + max_{s<=t}(ig_s - b_s)) (exp gate).
+void token_stabilisers(const float* b, const float* ig, float m, std::int64_t len, GateVariant gate, float* m_tok) {
+  if (!is_exp(gate)) {
+    std::fill(m_tok, m_tok + len, 0.f);
+    return;
+  }
+  float prefix_max = -std::numeric_limits<float>::infinity();
+  for (std::int64_t j = 0; j < len; ++j) {
+    prefix_max = std::max(prefix_max, ig[j] - b[j]);
+    m_tok[j] = std::max(b[j] + m, b[j] + prefix_max);
+  }
+}
+
+}  // namespace
+
+void fw_outputs(const float* q, const float* k, const float* v, const float* b, const float* ig, GateVariant gate,
+                bool normalize, float eps, const SegmentShape& s, const StateBuffer& boundary, float* h, float* m_tok,
+                float* N_tok, float* den_tok, std::int64_t tile) {
+  const std::int64_t DK = s.DHQK, DV = s.DHHV, L = s.L;
+  const std::int64_t blk = tile > 0 ? std::min(tile, L) : L;
+  const std::int64_t nblk = (L + blk - 1) / blk;
+  const float scale = 1.f / std::sqrt(static_cast<float>(DK));
+  // Work items: (chunk, query block).
+  const std::int64_t items = s.num_chunks() * nblk;
+  tbb::parallel_for(std::int64_t{0}, items, [&](std::int64_t item) {
+    const std::int64_t c = item / nblk, qb = item % nblk;
+    const std::int64_t t0 = s.chunk_begin(c), len = s.chunk_len(c);
+    const std::int64_t q0 = qb * blk;
+    if (q0 >= len) return;
+    const std::int64_t qn = std::min(blk, len - q0);
+    const auto st = boundary.at(c);
+    const float m_in = state_m(gate, *st.m);
+    auto& sc = scratch().local();
+    sc.reserve(static_cast<std::size_t>(std::max({blk * blk, blk * DV, blk * DK, L})));
+    // Each block computes the stabiliser prefix it needs (gates only, cheap).
+    std::vector<float> mloc(static_cast<std::size_t>(q0 + qn));
+    token_stabilisers(b + t0, ig + t0, m_in, q0 + qn, gate, mloc.data());
+    float* num = sc.b.data();   // qn x DV
+    float* Sblk = sc.a.data();  // qn x blk
+    // Inter-chunk part: num = diag(exp(b_t + m - m_t)) (q_t . scale) C
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(qn), static_cast<int>(DV),
+                static_cast<int>(DK), scale, q + (t0 + q0) * DK, static_cast<int>(DK), st.C, static_cast<int>(DV), 0.f,
+                num, static_cast<int>(DV));
+    float* denp = sc.e.data();  // qn
+    for (std::int64_t j = 0; j < qn; ++j) {
+      const std::int64_t t = q0 + j;
+      const float w = safe_exp(b[t0 + t] + m_in - mloc[t]);
+      float qn_dot = 0.f;
+      for (std::int64_t d = 0; d < DK; ++d) qn_dot += q[(t0 + t) * DK + d] * st.n[d];
+      denp[j] = w * qn_dot * scale;
+      float* row = num + j * DV;
+      for (std::int64_t e = 0; e < DV; ++e) row[e] *= w;
+    }
+    // Intra-chunk part over key blocks up to the diagonal.
+    for (std::int64_t kb = 0; kb <= qb; ++kb) {
+      const std::int64_t k0 = kb * blk;
+      const std::int64_t kn = std::min(blk, len - k0);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(qn), static_cast<int>(kn),
+                  static_cast<int>(DK), scale, q + (t0 + q0) * DK, static_cast<int>(DK), k + (t0 + k0) * DK,
+                  static_cast<int>(DK), 0.f, Sblk, static_cast<int>(kn));
+      for (std::int64_t j = 0; j < qn; ++j) {
+        const std::int64_t t = q0 + j;
+        const float bt = b[t0 + t], mtv = mloc[t];
+        float* row = Sblk + j * kn;
+        float dsum = 0.f;
+        for (std::int64_t l = 0; l < kn; ++l) {
+          const std::int64_t sidx = k0 + l;
+          const float w = sidx <= t ? std::exp(bt - b[t0 + sidx] + ig[t0 + sidx] - mtv) * row[l] : 0.f;
+          row[l] = w;
+          dsum += w;
+        }
+        denp[j] += dsum;
+      }
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(qn), static_cast<int>(DV),
+                  static_cast<int>(kn), 1.f, Sblk, static_cast<int>(kn), v + (t0 + k0) * DV, static_cast<int>(DV), 1.f,
+                  num, static_cast<int>(DV));
+    }
+    for (std::int64_t j = 0; j < qn; ++j) {
+      const std::int64_t t = t0 + q0 + j;
+      const float mtv = mloc[q0 + j];
+      float N = 1.f;
+      if (!(gate == GateVariant::sigmoid && !normalize)) {
+        const float floor = is_exp(gate) ? std::exp(-mtv) : 1.f;
+        N = std::max(std::fabs(denp[j]), floor) + eps;
+      }
+      const float inv = 1.f / N;
+      for (std::int64_t e = 0; e < DV; ++e) h[t * DV + e] = num[j * DV + e] * inv;
+      if (m_tok) m_tok[t] = mtv;
+      if (N_tok) N_tok[t] = N;
+      if (den_tok) den_tok[t] = denp[j];
+    }
+  });
+}
+
+// ---- backward ------------------------------------------------------------------------------------
+
+void bw_state_grads(const float* q, const float* dh, const float* h, const float* b, const float* m_tok,
+                    const float* N_tok, const float* den_tok, const float* G, GateVariant gate, bool normalize,
+                    const SegmentShape& s, const StateBuffer& boundary, float m_exit, ConstStateRef dstate_out,
+                    StateBuffer* dboundary, StateRef dstate_in) {
+  const std::int64_t DK = s.DHQK, DV = s.DHHV;
+  const float scale = 1.f / std::sqrt(static_cast<float>(DK));
+  std::vector<float> dC(dstate_out.C, dstate_out.C + DK * DV), dn(dstate_out.n, dstate_out.n + DK);
+  std::vector<float> qw(static_cast<std::size_t>(s.L * DK)), dnum(static_cast<std::size_t>(s.L * DV));
+  for (std::int64_t c = s.num_chunks() - 1; c >= 0; --c) {
+    const std::int64_t t0 = s.chunk_begin(c), len = s.chunk_len(c);
+    const float m_c = state_m(gate, *boundary.at(c).m);
+    const float m_next = c + 1 < s.num_chunks() ? state_m(gate, *boundary.at(c + 1).m) : state_m(gate, m_exit);
+    const float carry = safe_exp(G[c] + m_c - m_next);
+    for (auto& x : dn) x *= carry;
+    for (std::int64_t j = 0; j < len; ++j) {
+      const std::int64_t t = t0 + j;
+      const auto g = token_grad(dh + t * DV, h + t * DV, m_tok[t], N_tok[t], den_tok[t], gate, normalize, DV);
+      const float w = safe_exp(b[t] + m_c - m_tok[t]) * scale;
+      for (std::int64_t d = 0; d < DK; ++d) {
+        qw[j * DK + d] = w * q[t * DK + d];
+        dn[d] += g.dden * qw[j * DK + d];
+      }
+      for (std::int64_t e = 0; e < DV; ++e) dnum[j * DV + e] = dh[t * DV + e] * g.inv_N;
+    }
+    // dC = carry dC + qw^T dnum
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(DK), static_cast<int>(DV),
+                static_cast<int>(len), 1.f, qw.data(), static_cast<int>(DK), dnum.data(), static_cast<int>(DV), carry,
+                dC.data(), static_cast<int>(DV));
+    if (dboundary) {
+      auto st = dboundary->at(c);
+      std::memcpy(st.C, dC.data(), dC.size() * sizeof(float));
+      std::memcpy(st.n, dn.data(), dn.size() * sizeof(float));
+      *st.m = 0.f;
+    }
+  }
+  std::memcpy(dstate_in.C, dC.data(), dC.size() * sizeof(float));
+  std::memcpy(dstate_in.n, dn.data(), dn.size() * sizeof(float));
+  if (dstate_in.m) *dstate_in.m = 0.f;
+}
+
+void bw_grads(const float* q, const float* k, const float* v, const float* dh, const float* h, const float* b,
+              const float* ig, const float* m_tok, const float* N_tok, const float* den_tok, const float* G,
+              GateVariant gate, bool normalize, const SegmentShape& s, const StateBuffer& boundary, float m_exit,
+              const StateBuffer& dboundary, ConstStateRef dstate_out, float* dq, float* dk, float* dv, float* di_raw,
+              float* r, std::int64_t tile) {
+  const std::int64_t DK = s.DHQK, DV = s.DHHV, L = s.L;
+  const std::int64_t blk = tile > 0 ? std::min(tile, L) : L;
+  const std::int64_t nblk = (L + blk - 1) / blk;
+  const float scale = 1.f / std::sqrt(static_cast<float>(DK));
+  // Per token: dnum scale (1/N) and dden.
+  std::vector<float> invN(static_cast<std::size_t>(s.T)), dden(static_cast<std::size_t>(s.T));
+  tbb::parallel_for(std::int64_t{0}, s.T, [&](std::int64_t t) {
+    const auto g = token_grad(dh + t * DV, h + t * DV, m_tok[t], N_tok[t], den_tok[t], gate, normalize, DV);
+    invN[t] = g.inv_N;
+    dden[t] = g.dden;
+  });
+  auto next_state_grad = [&](std::int64_t c) -> ConstStateRef {
+    return c + 1 < s.num_chunks() ? dboundary.at(c + 1) : dstate_out;
+  };
+  auto next_m = [&](std::int64_t c) {
+    return c + 1 < s.num_chunks() ? state_m(gate, *boundary.at(c + 1).m) : state_m(gate, m_exit);
+  };
+  const std::int64_t items = s.num_chunks() * nblk;
+  // Pass 1: dq, over (chunk, query block).
+  tbb::parallel_for(std::int64_t{0}, items, [&](std::int64_t item) {
+    const std::int64_t c = item / nblk, qb = item % nblk;
+    const std::int64_t t0 = s.chunk_begin(c), len = s.chunk_len(c);
+    const std::int64_t q0 = qb * blk;
+    if (q0 >= len) return;
+    const std::int64_t qn = std::min(blk, len - q0);
+    const auto st = boundary.at(c);
+    const float m_c = state_m(gate, *st.m);
+    auto& sc = scratch().local();
+    sc.reserve(static_cast<std::size_t>(std::max({blk * blk, blk * DV, blk * DK})));
+    float* dnum = sc.a.data();  // qn x DV
+    float* W = sc.b.data();     // qn x kn : exp(D - m_t) * (dnum_t . v_s + dden_t)
+    float* dqb = dq + (t0 + q0) * DK;
+    for (std::int64_t j = 0; j < qn; ++j) {
+      const std::int64_t t = t0 + q0 + j;
+      for (std::int64_t e = 0; e < DV; ++e) dnum[j * DV + e] = dh[t * DV + e] * invN[t];
+    }
+    // Inter: dqs_t = exp(b_t + m_c - m_t) (C dnum_t + dden_t n)
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(qn), static_cast<int>(DK),
+                static_cast<int>(DV), 1.f, dnum, static_cast<int>(DV), st.C, static_cast<int>(DV), 0.f, dqb,
+                static_cast<int>(DK));
+    for (std::int64_t j = 0; j < qn; ++j) {
+      const std::int64_t t = t0 + q0 + j;
+      const float w = safe_exp(b[t] + m_c - m_tok[t]);
+      for (std::int64_t d = 0; d < DK; ++d) dqb[j * DK + d] = w * (dqb[j * DK + d] + dden[t] * st.n[d]);
+    }
+    for (std::int64_t kb = 0; kb <= qb; ++kb) {
+      const std::int64_t k0 = kb * blk;
+      const std::int64_t kn = std::min(blk, len - k0);
+      // W = dnum V^T
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(qn), static_cast<int>(kn),
+                  static_cast<int>(DV), 1.f, dnum, static_cast<int>(DV), v + (t0 + k0) * DV, static_cast<int>(DV), 0.f,
+                  W, static_cast<int>(kn));
+      for (std::int64_t j = 0; j < qn; ++j) {
+        const std::int64_t t = t0 + q0 + j;
+        for (std::int64_t l = 0; l < kn; ++l) {
+          const std::int64_t si = t0 + k0 + l;
+          W[j * kn + l] = (k0 + l <= q0 + j) ? std::exp(b[t] - b[si] + ig[si] - m_tok[t]) * (W[j * kn + l] + dden[t])
+                                             : 0.f;
+        }
+      }
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(qn), static_cast<int>(DK),
+                  static_cast<int>(kn), 1.f, W, static_cast<int>(kn), k + (t0 + k0) * DK, static_cast<int>(DK), 1.f,
+                  dqb, static_cast<int>(DK));
+    }
+    for (std::int64_t e = 0; e < qn * DK; ++e) dqb[e] *= scale;
+  });
+  // Pass 2: dk, dv, over (chunk, key block).
+  tbb::parallel_for(std::int64_t{0}, items, [&](std::int64_t item) {
+    const std::int64_t c = item / nblk, kb = item % nblk;
+    const std::int64_t t0 = s.chunk_begin(c), len = s.chunk_len(c);
+    const std::int64_t k0 = kb * blk;
+    if (k0 >= len) return;
+    const std::int64_t kn = std::min(blk, len - k0);
+    const auto dnext = next_state_grad(c);
+    const float m_next = next_m(c);
+    auto& sc = scratch().local();
+    sc.reserve(static_cast<std::size_t>(std::max({blk * blk, blk * DV, blk * DK})));
+    float* dnum = sc.a.data();  // qn x DV
+    float* P = sc.b.data();     // qn x kn: exp(D - m_t) * (dnum_t . v_s + dden_t)
+    float* Wq = sc.c.data();    // qn x kn: exp(D - m_t) * (q'_t . k_s)
+    float* qs = sc.d.data();    // qn x DK (scaled q)
+    float* dkb = dk + (t0 + k0) * DK;
+    float* dvb = dv + (t0 + k0) * DV;
+    // Inter: the state leaving the chunk. w_s = exp(a_s - m_{c+1}), a_s = G - b_s + ig_s
+    //   dk_s = w_s (dC v_s + dn) ; dv_s = w_s dC^T k_s
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(kn), static_cast<int>(DK),
+                static_cast<int>(DV), 1.f, v + (t0 + k0) * DV, static_cast<int>(DV), dnext.C, static_cast<int>(DV), 0.f,
+                dkb, static_cast<int>(DK));
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(kn), static_cast<int>(DV),
+                static_cast<int>(DK), 1.f, k + (t0 + k0) * DK, static_cast<int>(DK), dnext.C, static_cast<int>(DV), 0.f,
+                dvb, static_cast<int>(DV));
+    for (std::int64_t l = 0; l < kn; ++l) {
+      const std::int64_t si = t0 + k0 + l;
+      const float w = safe_exp(G[c] - b[si] + ig[si] - m_next);
+      for (std::int64_t d = 0; d < DK; ++d) dkb[l * DK + d] = w * (dkb[l * DK + d] + dnext.n[d]);
+      for (std::int64_t e = 0; e < DV; ++e) dvb[l * DV + e] *= w;
+    }
+    // Intra: query blocks at or after this key block.
+    for (std::int64_t qb = kb; qb < nblk; ++qb) {
+      const std::int64_t q0 = qb * blk;
+      if (q0 >= len) break;
+      const std::int64_t qn = std::min(blk, len - q0);
+      for (std::int64_t j = 0; j < qn; ++j) {
+        const std::int64_t t = t0 + q0 + j;
+        for (std::int64_t e = 0; e < DV; ++e) dnum[j * DV + e] = dh[t * DV + e] * invN[t];
+        for (std::int64_t d = 0; d < DK; ++d) qs[j * DK + d] = q[t * DK + d] * scale;
+      }
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(qn), static_cast<int>(kn),
+                  static_cast<int>(DV), 1.f, dnum, static_cast<int>(DV), v + (t0 + k0) * DV, static_cast<int>(DV), 0.f, P,
+                  static_cast<int>(kn));
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(qn), static_cast<int>(kn),
+                  static_cast<int>(DK), 1.f, qs, static_cast<int>(DK), k + (t0 + k0) * DK, static_cast<int>(DK), 0.f, Wq,
+                  static_cast<int>(kn));
+      for (std::int64_t j = 0; j < qn; ++j) {
+        const std::int64_t t = t0 + q0 + j;
+        for (std::int64_t l = 0; l < kn; ++l) {
+          const std::int64_t si = t0 + k0 + l;
+          const float w = (k0 + l <= q0 + j) ? std::exp(b[t] - b[si] + ig[si] - m_tok[t]) : 0.f;
+          P[j * kn + l] = w * (P[j * kn + l] + dden[t]);
+          Wq[j * kn + l] *= w;
+        }
+      }
+      // dk_s += sum_t P_ts q'_t ; dv_s += sum_t Wq_ts dnum_t
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(kn), static_cast<int>(DK),
+                  static_cast<int>(qn), 1.f, P, static_cast<int>(kn), qs, static_cast<int>(DK), 1.f, dkb,
+                  static_cast<int>(DK));
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(kn), static_cast<int>(DV),
+                  static_cast<int>(qn), 1.f, Wq, static_cast<int>(kn), dnum, static_cast<int>(DV), 1.f, dvb,
+                  static_cast<int>(DV));
+    }
+  });
+  // Per token: di_raw = k . dk, r = q . dq - k . dk
+  tbb::parallel_for(std::int64_t{0}, s.T, [&](std::int64_t t) {
+    float qdq = 0.f, kdk = 0.f;
+    for (std::int64_t d = 0; d < DK; ++d) {
+      qdq += q[t * DK + d] * dq[t * DK + d];
+      kdk += k[t * DK + d] * dk[t * DK + d];
+    }
+    di_raw[t] = kdk;
+    r[t] = qdq - kdk;
+  });
+}
+
+float bw_gate_grads(const float* i, const float* f, const float* di_raw, const float* r, float tail, GateVariant gate,
+                    const SegmentShape& s, float* di, float* df) {
+  // Suffix sums in double: a long segment would otherwise lose the small late terms.
+  double suffix = tail;
+  double total = 0.0;
+  for (std::int64_t t = s.T - 1; t >= 0; --t) {
+    suffix += r[t];
+    total += r[t];
+    df[t] = static_cast<float>(suffix) * sigmoidf(-f[t]);
+    di[t] = is_exp(gate) ? di_raw[t] : di_raw[t] * sigmoidf(-i[t]);
+  }
+  return static_cast<float>(total);
+}
+
+}  // namespace mlstm::stages
