@@ -8,7 +8,7 @@ PKGS=(
   ocl-icd-opencl-dev opencl-headers opencl-clhpp-headers clinfo pocl-opencl-icd
   libspdlog-dev libfmt-dev
   libgtest-dev libgmock-dev googletest libbenchmark-dev
-  libopenblas-serial-dev libopenblas-dev
+  libopenblas-pthread-dev libopenblas-dev
   libcli11-dev nlohmann-json3-dev
   python3 python3-dev python3-numpy pybind11-dev python3-matplotlib
 )

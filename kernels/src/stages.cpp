@@ -14,6 +14,12 @@ namespace mlstm::stages {
 
 namespace {
 
+// OpenBLAS runs in the calling TBB worker only (see the top-level CMakeLists.txt).
+const bool kBlasSingleThreaded = [] {
+  openblas_set_num_threads(1);
+  return true;
+}();
+
 inline float logsigmoidf(float x) { return x >= 0.f ? -std::log1p(std::exp(-x)) : x - std::log1p(std::exp(x)); }
 inline float sigmoidf(float x) { return x >= 0.f ? 1.f / (1.f + std::exp(-x)) : std::exp(x) / (1.f + std::exp(x)); }
 inline bool is_exp(GateVariant g) { return g == GateVariant::exp; }

@@ -1,0 +1,262 @@
+// Every CPU kernel against the float64 reference: shapes, dtypes, gates, states, state carry, backward.
+#include <gtest/gtest.h>
+
+#include <sstream>
+
+#include "mlstm/cpu_kernels.hpp"
+#include "mlstm/error.hpp"
+#include "mlstm/kernel.hpp"
+#include "mlstm/reference.hpp"
+#include "mlstm/stages.hpp"
+#include "test_util.hpp"
+
+namespace mlstm {
+namespace {
+
+using testing::GateRegime;
+using testing::InputSpec;
+using testing::make_inputs;
+using testing::matches;
+
+const KernelRegistry& registry() {
+  static const KernelRegistry reg = KernelRegistry::with_builtin_kernels();
+  return reg;
+}
+
+struct KernelCase {
+  std::string kernel;
+  InputSpec spec;
+  std::int64_t chunk = 64;
+  bool normalize = true;
+};
+
+std::string name_of(const ::testing::TestParamInfo<KernelCase>& info) {
+  const auto& c = info.param;
+  std::ostringstream n;
+  n << c.kernel.substr(c.kernel.find("--") == std::string::npos ? 0 : c.kernel.find("--") + 2) << "_B" << c.spec.B
+    << "NH" << c.spec.NH << "S" << c.spec.S << "K" << c.spec.DHQK << "V" << c.spec.DHHV << "_L" << c.chunk << "_"
+    << dtype_name(c.spec.dtype) << "_" << gate_name(c.spec.gate) << (c.spec.initial_state ? "_init" : "")
+    << (c.normalize ? "" : "_nonorm")
+    << (c.spec.regime == GateRegime::extreme ? "_extreme" : c.spec.regime == GateRegime::mixed ? "_mixed" : "");
+  std::string s = n.str();
+  for (auto& ch : s) {
+    if (!std::isalnum(static_cast<unsigned char>(ch)) && ch != '_') ch = '_';
+  }
+  return s;
+}
+
+// Tolerances: float32 compute against float64 on the same (rounded) inputs. With extreme gates
+// (|i|,|f| up to 20) the float32 gate cumsums inside a chunk reach ~1e3, whose rounding (~1e-4) moves the
+// decay weights by that relative amount: there the requirement is finite results and a looser match.
+bool wide(DType d) { return d == DType::f32 || d == DType::f64; }
+double h_tol(const InputSpec& s) {
+  if (s.regime == GateRegime::extreme) return wide(s.dtype) ? 1e-3 : 5e-2;
+  return wide(s.dtype) ? 1e-4 : 2e-2;
+}
+double grad_tol(const InputSpec& s) {
+  if (s.regime == GateRegime::extreme) return wide(s.dtype) ? 1e-2 : 5e-2;
+  return wide(s.dtype) ? 1e-3 : 3e-2;
+}
+
+MlstmOptions options_for(const KernelCase& c) {
+  MlstmOptions o;
+  o.gate = c.spec.gate;
+  o.normalize = c.normalize;
+  o.chunk_size = c.chunk;
+  return o;
+}
+
+class CpuKernel : public ::testing::TestWithParam<KernelCase> {};
+
+TEST_P(CpuKernel, ForwardMatchesReference) {
+  const auto c = GetParam();
+  const auto in = make_inputs(c.spec, testing::fresh_seed());
+  const auto o = options_for(c);
+  const auto kernel = registry().make_sequence(c.kernel);
+  const auto got = kernel->forward(in.args(), o);
+  const auto ref = reference::recurrent_forward(in.args(), o);
+  ASSERT_EQ(got.h.dtype(), c.spec.dtype);
+  EXPECT_TRUE(matches(got.h, ref.h, h_tol(c.spec), c.kernel, "h", c.spec));
+  EXPECT_TRUE(matches(got.c, ref.c, h_tol(c.spec), c.kernel, "c_last", c.spec));
+  EXPECT_TRUE(matches(got.n, ref.n, h_tol(c.spec), c.kernel, "n_last", c.spec));
+  EXPECT_TRUE(matches(got.m, ref.m, 1e-5, c.kernel, "m_last", c.spec));
+}
+
+TEST_P(CpuKernel, BackwardMatchesReference) {
+  const auto c = GetParam();
+  const auto kernel = registry().make_sequence(c.kernel);
+  if (!kernel->info().has_backward) GTEST_SKIP() << c.kernel << " has no backward";
+  const auto in = make_inputs(c.spec, testing::fresh_seed());
+  const auto o = options_for(c);
+  const auto got = kernel->backward(in.backward_args(true), o);
+  const auto ref = reference::recurrent_backward(in.backward_args(true), o, reference::StabilizerGradient::stop);
+  const double tol = grad_tol(c.spec);
+  EXPECT_TRUE(matches(got.dq, ref.dq, tol, c.kernel, "dq", c.spec));
+  EXPECT_TRUE(matches(got.dk, ref.dk, tol, c.kernel, "dk", c.spec));
+  EXPECT_TRUE(matches(got.dv, ref.dv, tol, c.kernel, "dv", c.spec));
+  EXPECT_TRUE(matches(got.di, ref.di, tol, c.kernel, "di", c.spec));
+  EXPECT_TRUE(matches(got.df, ref.df, tol, c.kernel, "df", c.spec));
+  if (c.spec.initial_state) {
+    EXPECT_TRUE(matches(got.dc0, ref.dc0, tol, c.kernel, "dc0", c.spec));
+    EXPECT_TRUE(matches(got.dn0, ref.dn0, tol, c.kernel, "dn0", c.spec));
+    EXPECT_TRUE(matches(got.dm0, ref.dm0, tol, c.kernel, "dm0", c.spec));
+  }
+}
+
+// Two calls with the state carried equal one call over the concatenation.
+TEST_P(CpuKernel, StateCarryEqualsOneCall) {
+  const auto c = GetParam();
+  if (c.spec.S < 8) GTEST_SKIP();
+  const auto in = make_inputs(c.spec, testing::fresh_seed());
+  const auto o = options_for(c);
+  const auto kernel = registry().make_sequence(c.kernel);
+  const auto whole = kernel->forward(in.args(), o);
+  const std::int64_t S1 = c.spec.S / 2 + 3;  // not a chunk multiple
+  testing::Inputs a = in, b = in;
+  auto cut = [&](testing::Inputs& part, std::int64_t s0, std::int64_t s1) {
+    part.q = testing::slice_seq(in.q, s0, s1);
+    part.k = testing::slice_seq(in.k, s0, s1);
+    part.v = testing::slice_seq(in.v, s0, s1);
+    part.i = testing::slice_seq(in.i.reshaped({c.spec.B, c.spec.NH, c.spec.S, 1}), s0, s1)
+                 .reshaped({c.spec.B, c.spec.NH, s1 - s0});
+    part.f = testing::slice_seq(in.f.reshaped({c.spec.B, c.spec.NH, c.spec.S, 1}), s0, s1)
+                 .reshaped({c.spec.B, c.spec.NH, s1 - s0});
+  };
+  cut(a, 0, S1);
+  cut(b, S1, c.spec.S);
+  const auto first = kernel->forward(a.args(), o);
+  b.c0 = first.c;
+  b.n0 = first.n;
+  b.m0 = first.m;
+  const auto second = kernel->forward(b.args(), o);
+  const Tensor h = testing::concat_seq(first.h, second.h);
+  const double tol = c.spec.regime == GateRegime::extreme ? 1e-3 : c.spec.dtype == DType::f32 ? 1e-5 : 1e-2;
+  EXPECT_TRUE(matches(h, whole.h, tol, c.kernel, "h two calls vs one", c.spec));
+  EXPECT_TRUE(matches(second.c, whole.c, tol, c.kernel, "c_last two calls vs one", c.spec));
+}
+
+InputSpec spec(std::int64_t B, std::int64_t NH, std::int64_t S, std::int64_t K, std::int64_t V, DType d = DType::f32,
+               GateVariant g = GateVariant::exp, bool init = false, GateRegime regime = GateRegime::typical) {
+  InputSpec s;
+  s.B = B; s.NH = NH; s.S = S; s.DHQK = K; s.DHHV = V; s.dtype = d; s.gate = g; s.initial_state = init;
+  s.regime = regime;
+  return s;
+}
+
+const std::string kXl = "chunkwise--cpu_xl_chunk";
+const std::string kXlSig = "chunkwise--cpu_xl_chunk_siging";
+const std::string kLimit = "chunkwise--cpu_limit_chunk";
+const std::string kPar = "parallel--cpu";
+const std::string kSeq = "sequence--cpu";
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, CpuKernel,
+    ::testing::Values(
+        KernelCase{kXl, spec(3, 5, 1000, 48, 96), 64},
+        KernelCase{kXl, spec(1, 2, 300, 128, 64, DType::f32, GateVariant::exp, true), 256},
+        KernelCase{kXl, spec(2, 2, 257, 96, 48, DType::bf16, GateVariant::exp, true), 100},
+        KernelCase{kXl, spec(2, 3, 200, 32, 40, DType::f16), 16},
+        KernelCase{kXl, spec(2, 2, 300, 16, 24, DType::f32, GateVariant::exp, true, GateRegime::extreme), 64},
+        KernelCase{kXl, spec(1, 3, 150, 24, 16, DType::f32, GateVariant::exp, true, GateRegime::mixed), 32},
+        KernelCase{kXlSig, spec(2, 3, 190, 32, 48, DType::f32, GateVariant::sigmoid, true), 64},
+        KernelCase{kXlSig, spec(2, 2, 130, 16, 16, DType::f32, GateVariant::sigmoid, false), 64, false},
+        KernelCase{kXlSig, spec(1, 2, 200, 16, 32, DType::bf16, GateVariant::sigmoid, false, GateRegime::extreme), 64},
+        KernelCase{kLimit, spec(3, 5, 333, 48, 96, DType::f32, GateVariant::exp, true), 64},
+        KernelCase{kLimit, spec(2, 2, 250, 16, 24, DType::f16, GateVariant::exp, false, GateRegime::extreme), 256},
+        KernelCase{kLimit, spec(1, 2, 100, 16, 16, DType::f32, GateVariant::sigmoid, true), 48},
+        KernelCase{kPar, spec(2, 3, 180, 48, 32, DType::f32, GateVariant::exp, true), 64},
+        KernelCase{kPar, spec(1, 2, 150, 16, 24, DType::bf16, GateVariant::sigmoid, false, GateRegime::extreme), 64},
+        KernelCase{kSeq, spec(3, 5, 120, 48, 96, DType::f32, GateVariant::exp, true), 64},
+        KernelCase{kSeq, spec(1, 2, 100, 16, 16, DType::f16, GateVariant::sigmoid, false, GateRegime::extreme), 64}),
+    name_of);
+
+// The stage-level building blocks used by the flow graph: from-EMPTY states + fixup == direct states.
+TEST(CpuStages, FixupOfLocalStatesEqualsDirectStates) {
+  for (auto gate : {GateVariant::exp, GateVariant::sigmoid}) {
+    InputSpec s = spec(1, 1, 230, 16, 24, DType::f32, gate, true);
+    const auto in = make_inputs(s, testing::fresh_seed());
+    stages::SegmentShape seg{s.S, 32, s.DHQK, s.DHHV};
+    const auto* k = in.k.data<float>();
+    const auto* v = in.v.data<float>();
+    std::vector<float> b(static_cast<std::size_t>(s.S)), ig(static_cast<std::size_t>(s.S)),
+        G(static_cast<std::size_t>(seg.num_chunks()));
+    stages::fw_gates(in.i.data<float>(), in.f.data<float>(), gate, seg, b.data(), ig.data(), G.data());
+    stages::StateBuffer init(s.DHQK, s.DHHV), empty(s.DHQK, s.DHHV);
+    init.C.assign(in.c0.data<float>(), in.c0.data<float>() + s.DHQK * s.DHHV);
+    init.n.assign(in.n0.data<float>(), in.n0.data<float>() + s.DHQK);
+    init.m[0] = gate == GateVariant::exp ? in.m0.data<float>()[0] : 0.f;
+    empty.set_empty();
+    stages::StateBuffer direct(s.DHQK, s.DHHV, seg.num_chunks()), local(s.DHQK, s.DHHV, seg.num_chunks());
+    stages::StateBuffer out_direct(s.DHQK, s.DHHV), out_local(s.DHQK, s.DHHV);
+    stages::fw_states(k, v, b.data(), ig.data(), G.data(), gate, seg, init.at(0), &direct, out_direct.at(0));
+    stages::fw_states(k, v, b.data(), ig.data(), G.data(), gate, seg, empty.at(0), &local, out_local.at(0));
+    stages::fixup_states(G.data(), gate, seg, init.at(0), &local, out_local.at(0));
+    auto as_tensor = [](const std::vector<float>& x) {
+      return Tensor::from(x, {static_cast<std::int64_t>(x.size())});
+    };
+    EXPECT_TRUE(matches(as_tensor(local.C), as_tensor(direct.C), 1e-5, "stages", "boundary C (fixup)", s));
+    EXPECT_TRUE(matches(as_tensor(local.n), as_tensor(direct.n), 1e-5, "stages", "boundary n (fixup)", s));
+    EXPECT_TRUE(matches(as_tensor(out_local.C), as_tensor(out_direct.C), 1e-5, "stages", "exit C (fixup)", s));
+    EXPECT_TRUE(matches(as_tensor(local.m), as_tensor(direct.m), 1e-6, "stages", "boundary m (fixup)", s));
+  }
+}
+
+TEST(CpuRegistry, ListsKernelsAndRejectsUnknownNames) {
+  const auto& reg = registry();
+  for (const char* name : {"chunkwise--cpu_xl_chunk", "chunkwise--cpu_xl_chunk_siging", "chunkwise--cpu_limit_chunk",
+                           "parallel--cpu", "sequence--cpu", "parallel--reference_f64", "sequence--reference_f64",
+                           "cpu", "reference_f64"}) {
+    EXPECT_TRUE(reg.contains(name)) << name;
+  }
+  try {
+    reg.make_sequence("chunkwise--nope");
+    FAIL() << "expected InvalidArgument";
+  } catch (const InvalidArgument& e) {
+    EXPECT_EQ(e.argument(), "kernel");
+    EXPECT_NE(std::string(e.what()).find("chunkwise--cpu_xl_chunk"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(reg.make_step("chunkwise--cpu_xl_chunk"), InvalidArgument);
+}
+
+TEST(CpuRegistry, LimitChunkRejectsLargeChunks) {
+  const auto in = make_inputs(spec(1, 1, 600, 8, 8), testing::fresh_seed());
+  MlstmOptions o;
+  o.chunk_size = 512;
+  try {
+    registry().make_sequence("chunkwise--cpu_limit_chunk")->forward(in.args(), o);
+    FAIL() << "expected InvalidArgument";
+  } catch (const InvalidArgument& e) {
+    EXPECT_EQ(e.argument(), "chunk_size");
+  }
+  EXPECT_NO_THROW(registry().make_sequence("chunkwise--cpu_xl_chunk")->forward(in.args(), o));
+}
+
+TEST(CpuRegistry, SigingKernelForcesTheSigmoidGate) {
+  InputSpec s = spec(1, 2, 90, 16, 16, DType::f32, GateVariant::sigmoid);
+  const auto in = make_inputs(s, testing::fresh_seed());
+  MlstmOptions o;  // asks for exp; the kernel overrides
+  const auto got = registry().make_sequence("chunkwise--cpu_xl_chunk_siging")->forward(in.args(), o);
+  MlstmOptions sig;
+  sig.gate = GateVariant::sigmoid;
+  const auto ref = reference::recurrent_forward(in.args(), sig);
+  EXPECT_TRUE(matches(got.h, ref.h, 1e-4, "chunkwise--cpu_xl_chunk_siging", "h", s));
+}
+
+TEST(CpuStep, StepKernelsMatchReference) {
+  InputSpec s = spec(3, 5, 1, 48, 96, DType::f32, GateVariant::exp, true);
+  const auto in = make_inputs(s, testing::fresh_seed());
+  StepArgs a;
+  const Tensor q = in.q.reshaped({3, 5, 48}), k = in.k.reshaped({3, 5, 48}), v = in.v.reshaped({3, 5, 96});
+  const Tensor i = in.i.reshaped({3, 5}), f = in.f.reshaped({3, 5});
+  a.q = q.view(); a.k = k.view(); a.v = v.view(); a.i = i.view(); a.f = f.view();
+  a.c = in.c0.view(); a.n = in.n0.view(); a.m = in.m0.view();
+  MlstmOptions o;
+  const auto ref = reference::step(a, o);
+  const auto got = registry().make_step("cpu")->step(a, o);
+  EXPECT_TRUE(matches(got.h, ref.h, 1e-5, "cpu (step)", "h", s));
+  EXPECT_TRUE(matches(got.c, ref.c, 1e-5, "cpu (step)", "c", s));
+  EXPECT_TRUE(matches(got.m, ref.m, 1e-6, "cpu (step)", "m", s));
+}
+
+}  // namespace
+}  // namespace mlstm
