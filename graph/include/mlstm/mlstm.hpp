@@ -1,0 +1,70 @@
+// mlstm-flow's public facade: the kernel registry (CPU, reference and, when the OpenCL module is built,
+// OpenCL kernels) and a Backend that picks kernels like mlstm_kernels' backend module.
+//
+//   #include "mlstm/mlstm.hpp"
+//   auto kernel = mlstm::get_kernel("chunkwise--cpu_xl_chunk");
+//   mlstm::ForwardResult out = kernel->forward(args, options);   // h, last states
+//
+//   mlstm::BackendConfig config;                 // chunkwise--cpu_xl_chunk, train mode, chunk 64
+//   config.chunk_size = 128;
+//   mlstm::Backend backend(config);
+//   auto out = backend.forward(args);  auto grads = backend.backward(bwargs);
+#pragma once
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "mlstm/error.hpp"
+#include "mlstm/kernel.hpp"
+#include "mlstm/problem.hpp"
+#include "mlstm/tensor.hpp"
+
+namespace mlstm {
+
+// The process-wide registry: built-in kernels plus every provider linked in (OpenCL).
+KernelRegistry& kernel_registry();
+std::vector<KernelInfo> available_kernels();
+std::unique_ptr<SequenceKernel> get_kernel(const std::string& name, const KernelTarget& target = {});
+std::unique_ptr<StepKernel> get_step_kernel(const std::string& name, const KernelTarget& target = {});
+
+enum class BackendMode { train, inference };
+
+struct BackendConfig {
+  std::string chunkwise_kernel = "chunkwise--cpu_xl_chunk";
+  std::string sequence_kernel = "sequence--cpu";
+  std::string step_kernel = "cpu";
+  std::int64_t chunk_size = 64;
+  bool return_last_states = true;
+  BackendMode mode = BackendMode::train;
+  double eps = 1e-6;
+  GateVariant gate = GateVariant::exp;
+  bool normalize = true;
+  std::optional<DType> autocast;  // inputs q, k, v converted to this dtype before the kernel
+  std::string device_spec;        // for device kernels (OpenCL); empty = default device
+};
+
+// train: the chunkwise kernel, forward and backward. inference: the chunkwise kernel for prefill
+// (S > 1) and the step kernel for S == 1 (inputs (B,NH,1,D) are reshaped for it and back).
+class Backend {
+ public:
+  explicit Backend(BackendConfig config);  // InvalidArgument naming the bad field
+  const BackendConfig& config() const noexcept { return config_; }
+  MlstmOptions options() const;
+  ForwardResult forward(const ForwardArgs& args) const;
+  BackwardResult backward(const BackwardArgs& args) const;  // train mode only
+  // Which kernel a call with sequence length S would use.
+  std::string kernel_for(std::int64_t S) const;
+
+ private:
+  BackendConfig config_;
+  std::unique_ptr<SequenceKernel> chunkwise_;
+  std::unique_ptr<StepKernel> step_;
+};
+
+}  // namespace mlstm
+
+#if __has_include("mlstm/graph/graph.hpp")
+#include "mlstm/graph/graph.hpp"
+#endif
