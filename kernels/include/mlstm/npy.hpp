@@ -1,0 +1,25 @@
+// NumPy .npy files: read (format 1.0, 2.0, 3.0) and write (1.0, or 2.0 when the header needs it).
+// C order, little-endian. dtypes <f8 <f4 <f2, and bfloat16 stored as a uint16 array (<u2) when asked for.
+#pragma once
+
+#include <optional>
+#include <string>
+
+#include "mlstm/tensor.hpp"
+
+namespace mlstm::npy {
+
+// Reads `path`. `argument` names the file in errors (e.g. "--q"). `as_dtype` = DType::bf16 reads a <u2
+// array as bfloat16 bits; otherwise a <u2 array is refused. Errors (mlstm::InvalidArgument naming
+// `argument`): missing/unreadable file, bad magic or header, Fortran order, big-endian or unsupported
+// dtype (named), truncated data.
+Tensor read(const std::string& path, const std::string& argument, std::optional<DType> as_dtype = std::nullopt);
+
+// Parses a whole .npy image held in memory (what read() does after loading the file); the fuzz target.
+Tensor parse(const std::string& bytes, const std::string& argument, std::optional<DType> as_dtype = std::nullopt);
+
+// Writes a contiguous copy of `t`; bfloat16 is written as <u2. Throws mlstm::Error if the file can't be written.
+void write(const std::string& path, ConstTensorView t);
+std::string serialize(ConstTensorView t);
+
+}  // namespace mlstm::npy

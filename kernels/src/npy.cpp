@@ -1,0 +1,175 @@
+#include "mlstm/npy.hpp"
+
+#include <cctype>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+
+#include "mlstm/error.hpp"
+
+namespace mlstm::npy {
+
+namespace {
+
+constexpr char kMagic[] = "\x93NUMPY";
+
+// Value of `key` in a Python dict literal header, as raw text ("'<f4'", "False", "(2, 3)").
+std::string header_value(const std::string& header, const std::string& key, const std::string& argument) {
+  const std::string quoted = "'" + key + "'";
+  const auto at = header.find(quoted);
+  if (at == std::string::npos) throw InvalidArgument(argument, "bad .npy header: no " + quoted + " key");
+  auto pos = header.find(':', at + quoted.size());
+  if (pos == std::string::npos) throw InvalidArgument(argument, "bad .npy header near " + quoted);
+  ++pos;
+  while (pos < header.size() && std::isspace(static_cast<unsigned char>(header[pos]))) ++pos;
+  if (pos >= header.size()) throw InvalidArgument(argument, "bad .npy header near " + quoted);
+  std::size_t end;
+  if (header[pos] == '\'') {
+    end = header.find('\'', pos + 1);
+    if (end == std::string::npos) throw InvalidArgument(argument, "bad .npy header: unterminated string");
+    return header.substr(pos + 1, end - pos - 1);
+  }
+  if (header[pos] == '(') {
+    end = header.find(')', pos);
+    if (end == std::string::npos) throw InvalidArgument(argument, "bad .npy header: unterminated shape");
+    return header.substr(pos, end - pos + 1);
+  }
+  end = header.find_first_of(",}", pos);
+  if (end == std::string::npos) throw InvalidArgument(argument, "bad .npy header near " + quoted);
+  auto v = header.substr(pos, end - pos);
+  while (!v.empty() && std::isspace(static_cast<unsigned char>(v.back()))) v.pop_back();
+  return v;
+}
+
+Shape parse_shape(const std::string& text, const std::string& argument) {
+  Shape shape;
+  std::size_t pos = 1;  // after '('
+  while (pos < text.size()) {
+    while (pos < text.size() && (std::isspace(static_cast<unsigned char>(text[pos])) || text[pos] == ',')) ++pos;
+    if (pos >= text.size() || text[pos] == ')') break;
+    if (!std::isdigit(static_cast<unsigned char>(text[pos]))) {
+      throw InvalidArgument(argument, "bad .npy header: shape " + text);
+    }
+    std::int64_t d = 0;
+    while (pos < text.size() && std::isdigit(static_cast<unsigned char>(text[pos]))) {
+      d = d * 10 + (text[pos] - '0');
+      if (d > (std::int64_t{1} << 40)) throw InvalidArgument(argument, "bad .npy header: dimension too large in " + text);
+      ++pos;
+    }
+    shape.push_back(d);
+  }
+  return shape;
+}
+
+}  // namespace
+
+Tensor parse(const std::string& bytes, const std::string& argument, std::optional<DType> as_dtype) {
+  if (bytes.size() < 10 || std::memcmp(bytes.data(), kMagic, 6) != 0) {
+    throw InvalidArgument(argument, "not a .npy file (bad magic)");
+  }
+  const auto major = static_cast<unsigned char>(bytes[6]);
+  std::size_t header_len, offset;
+  if (major == 1) {
+    header_len = static_cast<unsigned char>(bytes[8]) | (static_cast<std::size_t>(static_cast<unsigned char>(bytes[9])) << 8);
+    offset = 10;
+  } else if (major == 2 || major == 3) {
+    if (bytes.size() < 12) throw InvalidArgument(argument, "truncated .npy header");
+    header_len = 0;
+    for (int b = 0; b < 4; ++b) header_len |= static_cast<std::size_t>(static_cast<unsigned char>(bytes[8 + b])) << (8 * b);
+    offset = 12;
+  } else {
+    throw InvalidArgument(argument, "unsupported .npy format version " + std::to_string(major));
+  }
+  if (bytes.size() < offset + header_len) throw InvalidArgument(argument, "truncated .npy header");
+  const std::string header = bytes.substr(offset, header_len);
+  const std::string descr = header_value(header, "descr", argument);
+  const std::string fortran = header_value(header, "fortran_order", argument);
+  const Shape shape = parse_shape(header_value(header, "shape", argument), argument);
+  if (fortran != "False") {
+    throw InvalidArgument(argument, "Fortran-ordered .npy arrays are not supported; save with np.ascontiguousarray");
+  }
+  if (descr.size() < 3) throw InvalidArgument(argument, "unsupported .npy dtype '" + descr + "'");
+  const char order = descr[0];
+  const std::string kind = descr.substr(1);
+  if (order == '>' && kind != "u1" && kind != "i1") {
+    throw InvalidArgument(argument, "big-endian .npy arrays ('" + descr + "') are not supported");
+  }
+  DType dtype;
+  if (kind == "f8") dtype = DType::f64;
+  else if (kind == "f4") dtype = DType::f32;
+  else if (kind == "f2") dtype = DType::f16;
+  else if (kind == "u2" && as_dtype == DType::bf16) dtype = DType::bf16;
+  else if (kind == "u2") {
+    throw InvalidArgument(argument, "uint16 .npy array: pass the dtype bfloat16 to read it as bfloat16 bits");
+  } else {
+    throw InvalidArgument(argument, "unsupported .npy dtype '" + descr + "'; expected float64, float32, float16 or "
+                                    "bfloat16 as uint16");
+  }
+  if (as_dtype && *as_dtype != dtype && !(as_dtype == DType::bf16 && kind == "u2")) {
+    throw InvalidArgument(argument, "expected dtype " + std::string(dtype_name(*as_dtype)) + ", file holds " +
+                                        std::string(dtype_name(dtype)));
+  }
+  const std::size_t data_at = offset + header_len;
+  const auto numel = static_cast<std::size_t>(shape_numel(shape));
+  const std::size_t need = numel * dtype_size(dtype);
+  if (bytes.size() - data_at < need) {
+    throw InvalidArgument(argument, "truncated .npy data: shape " + shape_to_string(shape) + " needs " +
+                                        std::to_string(need) + " bytes, file has " + std::to_string(bytes.size() - data_at));
+  }
+  Tensor t(shape, dtype);
+  if (need) std::memcpy(t.bytes(), bytes.data() + data_at, need);
+  return t;
+}
+
+Tensor read(const std::string& path, const std::string& argument, std::optional<DType> as_dtype) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw InvalidArgument(argument, "cannot open '" + path + "'");
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return parse(ss.str(), argument + " ('" + path + "')", as_dtype);
+}
+
+std::string serialize(ConstTensorView view) {
+  const Tensor t = Tensor::copy_of(view);
+  std::string descr;
+  switch (t.dtype()) {
+    case DType::f64: descr = "<f8"; break;
+    case DType::f32: descr = "<f4"; break;
+    case DType::f16: descr = "<f2"; break;
+    case DType::bf16: descr = "<u2"; break;
+  }
+  std::ostringstream shape;
+  shape << '(';
+  for (std::size_t d = 0; d < t.shape().size(); ++d) shape << t.shape()[d] << (t.shape().size() == 1 || d + 1 < t.shape().size() ? "," : "");
+  shape << ')';
+  std::string header = "{'descr': '" + descr + "', 'fortran_order': False, 'shape': " + shape.str() + ", }";
+  // Pad so that the data starts on a 64-byte boundary, header ends with '\n'.
+  const bool v2 = header.size() + 11 > 65535;
+  const std::size_t prefix = v2 ? 12 : 10;
+  const std::size_t total = ((prefix + header.size() + 1 + 63) / 64) * 64;
+  header.append(total - prefix - header.size() - 1, ' ');
+  header.push_back('\n');
+  std::string out(kMagic, 6);
+  out.push_back(static_cast<char>(v2 ? 2 : 1));
+  out.push_back(0);
+  const std::size_t len = header.size();
+  out.push_back(static_cast<char>(len & 0xff));
+  out.push_back(static_cast<char>((len >> 8) & 0xff));
+  if (v2) {
+    out.push_back(static_cast<char>((len >> 16) & 0xff));
+    out.push_back(static_cast<char>((len >> 24) & 0xff));
+  }
+  out += header;
+  out.append(reinterpret_cast<const char*>(t.bytes()), t.nbytes());
+  return out;
+}
+
+void write(const std::string& path, ConstTensorView t) {
+  const std::string bytes = serialize(t);
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  if (!out) throw Error("cannot write '" + path + "'");
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  if (!out) throw Error("write to '" + path + "' failed");
+}
+
+}  // namespace mlstm::npy

@@ -1,0 +1,695 @@
+// mlstm: the command line of mlstm-flow.
+//   mlstm run | forward | backward | step | kernels | devices | bench   (--help on each)
+// Bad input: one line on stderr naming the argument, exit code 2. Other failures: exit code 1.
+#include <CL/cl.h>
+#include <hwloc.h>
+#include <spdlog/spdlog.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <nlohmann/json.hpp>
+#include <random>
+
+#include <tbb/blocked_range.h>
+#include <tbb/parallel_for.h>
+
+#include "mlstm/mlstm.hpp"
+#include "mlstm/npy.hpp"
+#include "mlstm/reference.hpp"
+
+namespace {
+
+using namespace mlstm;
+using json = nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+double peak_rss_mib() {
+  rusage ru{};
+  getrusage(RUSAGE_SELF, &ru);
+  return static_cast<double>(ru.ru_maxrss) / 1024.0;  // ru_maxrss is in KiB on Linux
+}
+
+// Progress on stderr: tokens/s and ETA. Shown when stderr is a terminal or --progress is given.
+class Progress {
+ public:
+  Progress(std::int64_t total, bool enabled) : total_(total), enabled_(enabled), start_(Clock::now()) {}
+  void update(std::int64_t done) {
+    if (!enabled_) return;
+    const double secs = std::chrono::duration<double>(Clock::now() - start_).count();
+    const double rate = secs > 0 ? static_cast<double>(done) / secs : 0.0;
+    const double eta = rate > 0 ? static_cast<double>(total_ - done) / rate : 0.0;
+    const int width = 30;
+    const int filled = static_cast<int>(width * static_cast<double>(done) / static_cast<double>(std::max<std::int64_t>(total_, 1)));
+    std::fprintf(stderr, "\r[%s%s] %5.1f%%  %.0f tokens/s  ETA %.1fs   ", std::string(static_cast<std::size_t>(filled), '#').c_str(),
+                 std::string(static_cast<std::size_t>(width - filled), '.').c_str(),
+                 100.0 * static_cast<double>(done) / static_cast<double>(std::max<std::int64_t>(total_, 1)), rate, eta);
+    if (done >= total_) std::fprintf(stderr, "\n");
+    std::fflush(stderr);
+  }
+
+ private:
+  std::int64_t total_;
+  bool enabled_;
+  Clock::time_point start_;
+};
+
+// ---- options shared by forward / backward ----------------------------------------------------------
+
+struct InputFiles {
+  std::string q, k, v, i, f, c0, n0, m0;
+  std::string dtype;  // "" or bfloat16 (uint16 arrays read as bfloat16)
+  std::string kernel = "chunkwise--cpu_xl_chunk";
+  std::int64_t chunk_size = 64;
+  std::string devices;
+  std::string gate = "exp";
+  bool no_normalize = false;
+  double eps = 1e-6;
+  bool check_finite = false;
+};
+
+void add_input_options(CLI::App* app, InputFiles& in, bool sequence) {
+  const std::string qk = sequence ? "(B,NH,S,DHQK)" : "(B,NH,DHQK)";
+  const std::string v = sequence ? "(B,NH,S,DHHV)" : "(B,NH,DHHV)";
+  const std::string g = sequence ? "(B,NH,S)" : "(B,NH)";
+  app->add_option("--q", in.q, "queries .npy " + qk)->required();
+  app->add_option("--k", in.k, "keys .npy " + qk)->required();
+  app->add_option("--v", in.v, "values .npy " + v)->required();
+  app->add_option("--i", in.i, "input gate pre-activations .npy " + g)->required();
+  app->add_option("--f", in.f, "forget gate pre-activations .npy " + g)->required();
+  app->add_option("--c0", in.c0, "initial C .npy (B,NH,DHQK,DHHV)");
+  app->add_option("--n0", in.n0, "initial n .npy (B,NH,DHQK)");
+  app->add_option("--m0", in.m0, "initial m .npy (B,NH)");
+  app->add_option("--dtype", in.dtype, "read uint16 arrays as this dtype (bfloat16)")->check(CLI::IsMember({"bfloat16", "bf16"}));
+  app->add_option("--gate", in.gate, "input gate: exp or sig")->check(CLI::IsMember({"exp", "sig", "sigmoid"}));
+  app->add_flag("--no-normalize", in.no_normalize, "sigmoid gate: skip the normaliser");
+  app->add_option("--eps", in.eps, "normaliser epsilon (> 0)");
+  app->add_flag("--check-finite", in.check_finite, "refuse inputs with NaN or Inf");
+  if (sequence) {
+    app->add_option("--kernel", in.kernel, "kernel name (see `mlstm kernels`)");
+    app->add_option("--chunk-size", in.chunk_size, "chunk size of chunkwise kernels (> 0)");
+  } else {
+    in.kernel = "cpu";
+    app->add_option("--kernel", in.kernel, "step kernel name (see `mlstm kernels`)");
+  }
+  app->add_option("--devices", in.devices, "device spec for device kernels: all, gpu:all, gpu:0,1, cpu");
+}
+
+struct LoadedInputs {
+  Tensor q, k, v, i, f, c0, n0, m0;
+  ForwardArgs args() const {
+    ForwardArgs a;
+    a.q = q.view(); a.k = k.view(); a.v = v.view(); a.i = i.view(); a.f = f.view();
+    if (!c0.empty()) a.c0 = c0.view();
+    if (!n0.empty()) a.n0 = n0.view();
+    if (!m0.empty()) a.m0 = m0.view();
+    return a;
+  }
+};
+
+std::optional<DType> as_dtype(const InputFiles& in) {
+  if (in.dtype.empty()) return std::nullopt;
+  return parse_dtype(in.dtype, "--dtype");
+}
+
+Tensor read_optional(const std::string& path, const std::string& name, std::optional<DType> dt) {
+  if (path.empty()) return Tensor();
+  return npy::read(path, name, dt);
+}
+
+LoadedInputs load_inputs(const InputFiles& in) {
+  const auto dt = as_dtype(in);
+  LoadedInputs l;
+  l.q = npy::read(in.q, "--q", dt);
+  l.k = npy::read(in.k, "--k", dt);
+  l.v = npy::read(in.v, "--v", dt);
+  l.i = npy::read(in.i, "--i");
+  l.f = npy::read(in.f, "--f");
+  l.c0 = read_optional(in.c0, "--c0", std::nullopt);
+  l.n0 = read_optional(in.n0, "--n0", std::nullopt);
+  l.m0 = read_optional(in.m0, "--m0", std::nullopt);
+  return l;
+}
+
+MlstmOptions options_of(const InputFiles& in) {
+  MlstmOptions o;
+  o.gate = parse_gate(in.gate, "--gate");
+  o.normalize = !in.no_normalize;
+  o.eps = in.eps;
+  o.chunk_size = in.chunk_size;
+  return o;
+}
+
+// Renames library argument names to the CLI's option names in error messages.
+[[noreturn]] void rethrow_as_cli(const InvalidArgument& e) {
+  static const std::map<std::string, std::string> names{
+      {"q", "--q"}, {"k", "--k"}, {"v", "--v"}, {"i", "--i"}, {"f", "--f"}, {"c0", "--c0"}, {"n0", "--n0"},
+      {"m0", "--m0"}, {"dh", "--dh"}, {"dc_last", "--dc"}, {"dn_last", "--dn"}, {"eps", "--eps"},
+      {"chunk_size", "--chunk-size"}, {"kernel", "--kernel"}, {"step_kernel", "--kernel"}, {"c", "--c"},
+      {"n", "--n"}, {"m", "--m"}};
+  auto it = names.find(e.argument());
+  if (it == names.end()) throw e;
+  std::string what = e.what();
+  what = what.substr(std::min(what.size(), e.argument().size() + 2));
+  throw InvalidArgument(it->second, what);
+}
+
+void write_out(const std::string& path, const Tensor& t) {
+  if (!path.empty() && !t.empty()) npy::write(path, t.view());
+}
+
+// ---- subcommands -------------------------------------------------------------------------------------
+
+struct ForwardOutputs {
+  std::string h, c, n, m;
+};
+
+int cmd_forward(const InputFiles& in, const ForwardOutputs& out, bool as_json) {
+  const LoadedInputs l = load_inputs(in);
+  const MlstmOptions o = options_of(in);
+  ForwardResult r;
+  try {
+    if (in.check_finite) check_finite(l.args());
+    auto kernel = get_kernel(in.kernel, KernelTarget{in.devices});
+    const auto t0 = Clock::now();
+    r = kernel->forward(l.args(), o);
+    const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+    write_out(out.h, r.h);
+    write_out(out.c, r.c);
+    write_out(out.n, r.n);
+    write_out(out.m, r.m);
+    if (as_json) {
+      std::cout << json{{"command", "forward"}, {"kernel", in.kernel}, {"shape_h", r.h.shape()},
+                        {"dtype", dtype_name(r.h.dtype())}, {"seconds", secs}}.dump() << "\n";
+    } else {
+      std::cout << "forward: " << in.kernel << ", h " << shape_to_string(r.h.shape()) << " " << dtype_name(r.h.dtype())
+                << " -> " << out.h << " (" << secs * 1e3 << " ms)\n";
+    }
+  } catch (const InvalidArgument& e) {
+    rethrow_as_cli(e);
+  }
+  return 0;
+}
+
+struct BackwardFiles {
+  std::string dh, dc, dn;
+  std::string out_dq, out_dk, out_dv, out_di, out_df, out_dc0, out_dn0, out_dm0;
+};
+
+int cmd_backward(const InputFiles& in, const BackwardFiles& bf, bool as_json) {
+  const LoadedInputs l = load_inputs(in);
+  const Tensor dh = npy::read(bf.dh, "--dh");
+  const Tensor dc = read_optional(bf.dc, "--dc", std::nullopt);
+  const Tensor dn = read_optional(bf.dn, "--dn", std::nullopt);
+  try {
+    if (in.check_finite) {
+      check_finite(l.args());
+      check_finite(dh.view(), "dh");
+    }
+    BackwardArgs b;
+    b.inputs = l.args();
+    b.dh = dh.view();
+    if (!dc.empty()) b.dc_last = dc.view();
+    if (!dn.empty()) b.dn_last = dn.view();
+    auto kernel = get_kernel(in.kernel, KernelTarget{in.devices});
+    const auto t0 = Clock::now();
+    const BackwardResult g = kernel->backward(b, options_of(in));
+    const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+    write_out(bf.out_dq, g.dq);
+    write_out(bf.out_dk, g.dk);
+    write_out(bf.out_dv, g.dv);
+    write_out(bf.out_di, g.di);
+    write_out(bf.out_df, g.df);
+    write_out(bf.out_dc0, g.dc0);
+    write_out(bf.out_dn0, g.dn0);
+    write_out(bf.out_dm0, g.dm0);
+    if (as_json) {
+      std::cout << json{{"command", "backward"}, {"kernel", in.kernel}, {"seconds", secs},
+                        {"initial_state_gradients", !g.dc0.empty()}}.dump() << "\n";
+    } else {
+      std::cout << "backward: " << in.kernel << " (" << secs * 1e3 << " ms)\n";
+    }
+  } catch (const InvalidArgument& e) {
+    rethrow_as_cli(e);
+  }
+  return 0;
+}
+
+struct StepFiles {
+  std::string c, n, m, out_h, out_c, out_n, out_m;
+};
+
+int cmd_step(const InputFiles& in, const StepFiles& sf, bool as_json) {
+  const auto dt = as_dtype(in);
+  const Tensor q = npy::read(in.q, "--q", dt), k = npy::read(in.k, "--k", dt), v = npy::read(in.v, "--v", dt);
+  const Tensor i = npy::read(in.i, "--i"), f = npy::read(in.f, "--f");
+  const Tensor c = read_optional(sf.c, "--c", std::nullopt), n = read_optional(sf.n, "--n", std::nullopt),
+               m = read_optional(sf.m, "--m", std::nullopt);
+  try {
+    StepArgs a;
+    a.q = q.view(); a.k = k.view(); a.v = v.view(); a.i = i.view(); a.f = f.view();
+    if (!c.empty()) a.c = c.view();
+    if (!n.empty()) a.n = n.view();
+    if (!m.empty()) a.m = m.view();
+    if (in.check_finite) {
+      for (auto [t, name] : {std::pair{a.q, "q"}, {a.k, "k"}, {a.v, "v"}, {a.i, "i"}, {a.f, "f"}}) check_finite(t, name);
+    }
+    const StepResult r = get_step_kernel(in.kernel, KernelTarget{in.devices})->step(a, options_of(in));
+    write_out(sf.out_h, r.h);
+    write_out(sf.out_c, r.c);
+    write_out(sf.out_n, r.n);
+    write_out(sf.out_m, r.m);
+    if (as_json) {
+      std::cout << json{{"command", "step"}, {"kernel", in.kernel}, {"shape_h", r.h.shape()}}.dump() << "\n";
+    } else {
+      std::cout << "step: " << in.kernel << ", h " << shape_to_string(r.h.shape()) << "\n";
+    }
+  } catch (const InvalidArgument& e) {
+    rethrow_as_cli(e);
+  }
+  return 0;
+}
+
+int cmd_kernels(bool as_json) {
+  const auto list = available_kernels();
+  if (as_json) {
+    json arr = json::array();
+    for (const auto& k : list) {
+      json dts = json::array();
+      for (auto d : k.dtypes) dts.push_back(dtype_name(d));
+      arr.push_back({{"name", k.name}, {"form", form_name(k.form)}, {"device", k.device_kind},
+                     {"backward", k.has_backward}, {"dtypes", dts}, {"description", k.description}});
+    }
+    std::cout << arr.dump(2) << "\n";
+    return 0;
+  }
+  std::printf("%-34s %-10s %-7s %-5s %s\n", "name", "form", "device", "bw", "description");
+  for (const auto& k : list) {
+    std::printf("%-34s %-10s %-7s %-5s %s\n", k.name.c_str(), std::string(form_name(k.form)).c_str(),
+                k.device_kind.c_str(), k.has_backward ? "yes" : "no", k.description.c_str());
+  }
+  return 0;
+}
+
+json opencl_devices() {
+  json out = json::array();
+  cl_uint np = 0;
+  if (clGetPlatformIDs(0, nullptr, &np) != CL_SUCCESS || np == 0) return out;
+  std::vector<cl_platform_id> ps(np);
+  clGetPlatformIDs(np, ps.data(), nullptr);
+  int index = 0;
+  for (auto p : ps) {
+    char pname[256] = {0};
+    clGetPlatformInfo(p, CL_PLATFORM_NAME, sizeof pname, pname, nullptr);
+    cl_uint nd = 0;
+    if (clGetDeviceIDs(p, CL_DEVICE_TYPE_ALL, 0, nullptr, &nd) != CL_SUCCESS) continue;
+    std::vector<cl_device_id> ds(nd);
+    clGetDeviceIDs(p, CL_DEVICE_TYPE_ALL, nd, ds.data(), nullptr);
+    for (auto d : ds) {
+      char name[256] = {0}, version[256] = {0};
+      cl_device_type type = 0;
+      cl_ulong mem = 0;
+      cl_uint cus = 0;
+      clGetDeviceInfo(d, CL_DEVICE_NAME, sizeof name, name, nullptr);
+      clGetDeviceInfo(d, CL_DEVICE_VERSION, sizeof version, version, nullptr);
+      clGetDeviceInfo(d, CL_DEVICE_TYPE, sizeof type, &type, nullptr);
+      clGetDeviceInfo(d, CL_DEVICE_GLOBAL_MEM_SIZE, sizeof mem, &mem, nullptr);
+      clGetDeviceInfo(d, CL_DEVICE_MAX_COMPUTE_UNITS, sizeof cus, &cus, nullptr);
+      out.push_back({{"index", index++}, {"platform", pname}, {"name", name}, {"version", version},
+                     {"type", (type & CL_DEVICE_TYPE_GPU) ? "gpu" : (type & CL_DEVICE_TYPE_CPU) ? "cpu" : "other"},
+                     {"memory_mib", mem >> 20}, {"compute_units", cus}});
+    }
+  }
+  return out;
+}
+
+json numa_nodes() {
+  json out = json::array();
+  hwloc_topology_t topo;
+  if (hwloc_topology_init(&topo) != 0) return out;
+  hwloc_topology_load(topo);
+  const int n = hwloc_get_nbobjs_by_type(topo, HWLOC_OBJ_NUMANODE);
+  for (int i = 0; i < n; ++i) {
+    hwloc_obj_t node = hwloc_get_obj_by_type(topo, HWLOC_OBJ_NUMANODE, static_cast<unsigned>(i));
+    const int cores = hwloc_get_nbobjs_inside_cpuset_by_type(topo, node->cpuset, HWLOC_OBJ_CORE);
+    const int pus = hwloc_get_nbobjs_inside_cpuset_by_type(topo, node->cpuset, HWLOC_OBJ_PU);
+    out.push_back({{"node", node->os_index}, {"cores", cores}, {"pus", pus},
+                   {"memory_mib", node->attr ? node->attr->numanode.local_memory >> 20 : 0}});
+  }
+  hwloc_topology_destroy(topo);
+  return out;
+}
+
+int cmd_devices(bool as_json) {
+  const json cl = opencl_devices();
+  const json numa = numa_nodes();
+  if (as_json) {
+    std::cout << json{{"opencl", cl}, {"numa", numa}}.dump(2) << "\n";
+    return 0;
+  }
+  std::cout << "OpenCL devices:\n";
+  if (cl.empty()) std::cout << "  (none found)\n";
+  for (const auto& d : cl) {
+    std::cout << "  [" << d["index"] << "] " << d["type"].get<std::string>() << "  " << d["name"].get<std::string>()
+              << "  (" << d["platform"].get<std::string>() << ", " << d["version"].get<std::string>() << ", "
+              << d["compute_units"] << " CUs, " << d["memory_mib"] << " MiB)\n";
+  }
+  std::cout << "NUMA nodes (CPU workers, one TBB arena each):\n";
+  for (const auto& n : numa) {
+    std::cout << "  node " << n["node"] << ": " << n["cores"] << " cores, " << n["pus"] << " hardware threads, "
+              << n["memory_mib"] << " MiB\n";
+  }
+  return 0;
+}
+
+// Synthetic inputs of one piece of a long sequence, deterministic in (seed, element): a counter-based
+// generator (splitmix64 + Box-Muller), filled in parallel.
+Tensor synthetic_normal(Shape shape, float mean, DType dtype, std::uint64_t seed) {
+  const std::int64_t count = shape_numel(shape);
+  std::vector<float> x(static_cast<std::size_t>(count));
+  auto mix = [](std::uint64_t z) {
+    z += 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+  };
+  tbb::parallel_for(tbb::blocked_range<std::int64_t>(0, (count + 1) / 2), [&](const tbb::blocked_range<std::int64_t>& r) {
+    for (std::int64_t p = r.begin(); p < r.end(); ++p) {
+      const std::uint64_t z = mix(seed * 0x100000001b3ull + static_cast<std::uint64_t>(p));
+      const float u1 = (static_cast<float>(z >> 40) + 1.0f) * (1.0f / 16777217.0f);
+      const float u2 = static_cast<float>((z >> 16) & 0xffffff) * (1.0f / 16777216.0f);
+      const float rad = std::sqrt(-2.0f * std::log(u1));
+      x[static_cast<std::size_t>(2 * p)] = mean + rad * std::cos(6.2831853f * u2);
+      if (2 * p + 1 < count) x[static_cast<std::size_t>(2 * p + 1)] = mean + rad * std::sin(6.2831853f * u2);
+    }
+  });
+  return Tensor::from(x, std::move(shape), dtype);
+}
+
+LoadedInputs synthetic_piece(std::int64_t B, std::int64_t NH, std::int64_t len, std::int64_t DK, std::int64_t DV,
+                             DType dtype, std::uint64_t seed) {
+  LoadedInputs l;
+  l.q = synthetic_normal({B, NH, len, DK}, 0, dtype, seed * 5 + 0);
+  l.k = synthetic_normal({B, NH, len, DK}, 0, dtype, seed * 5 + 1);
+  l.v = synthetic_normal({B, NH, len, DV}, 0, dtype, seed * 5 + 2);
+  l.i = synthetic_normal({B, NH, len}, 0, DType::f32, seed * 5 + 3);
+  l.f = synthetic_normal({B, NH, len}, 3, DType::f32, seed * 5 + 4);
+  return l;
+}
+
+struct RunOptions {
+  std::int64_t batch = 1, heads = 4, seq_len = 1 << 20, dqk = 128, dhv = 128, chunk_size = 128, piece = 16384;
+  std::string dtype = "bfloat16", devices = "all", mode = "stream", kernel = "chunkwise--cpu_xl_chunk";
+  bool backward = false, progress = false;
+  std::int64_t check_tokens = 2048;
+};
+
+int cmd_run(const RunOptions& ro, bool as_json) {
+  if (ro.seq_len <= 0) throw InvalidArgument("--seq-len", "must be > 0");
+  if (ro.piece <= 0) throw InvalidArgument("--piece", "must be > 0");
+  const DType dtype = parse_dtype(ro.dtype, "--dtype");
+  MlstmOptions o;
+  o.chunk_size = ro.chunk_size;
+  validate_options(o);
+  auto kernel = get_kernel(ro.kernel, KernelTarget{ro.devices == "all" ? "" : ro.devices});
+  if (!as_json) {
+    std::cout << "plan: B=" << ro.batch << " NH=" << ro.heads << " S=" << ro.seq_len << " DHQK=" << ro.dqk
+              << " DHHV=" << ro.dhv << " " << dtype_name(dtype) << ", chunk " << ro.chunk_size << ", kernel "
+              << ro.kernel << ", mode " << ro.mode << ", pieces of " << ro.piece << " tokens carrying (C,n,m)"
+              << (ro.backward ? ", forward+backward per piece" : "") << "\n";
+  }
+  Progress progress(ro.seq_len, ro.progress || isatty(2));
+  Tensor C, n, m;
+  double max_rel = 0.0;
+  double compute_secs = 0.0;
+  const auto start = Clock::now();
+  // A few random pieces generated up front and cycled (generating 1M tokens of fresh normals would cost
+  // more than the mLSTM itself); the carried state makes every piece's output different.
+  constexpr int kDistinctPieces = 4;
+  std::vector<LoadedInputs> pieces;
+  for (int p = 0; p < kDistinctPieces; ++p) {
+    pieces.push_back(synthetic_piece(ro.batch, ro.heads, std::min(ro.piece, ro.seq_len), ro.dqk, ro.dhv, dtype,
+                                     1234567 + static_cast<std::uint64_t>(p)));
+  }
+  std::int64_t piece_index = 0;
+  for (std::int64_t t0 = 0; t0 < ro.seq_len; t0 += ro.piece, ++piece_index) {
+    const std::int64_t len = std::min(ro.piece, ro.seq_len - t0);
+    LoadedInputs l = pieces[static_cast<std::size_t>(piece_index % kDistinctPieces)];
+    if (len < l.q.dim(2)) l = synthetic_piece(ro.batch, ro.heads, len, ro.dqk, ro.dhv, dtype, 7654321);
+    ForwardArgs a = l.args();
+    if (!C.empty()) {
+      a.c0 = C.view();
+      a.n0 = n.view();
+      a.m0 = m.view();
+    }
+    const auto c0 = Clock::now();
+    ForwardResult r = kernel->forward(a, o);
+    if (ro.backward) {
+      BackwardArgs b;
+      b.inputs = a;
+      b.dh = r.h.view();
+      const BackwardResult g = kernel->backward(b, o);
+      (void)g;
+    }
+    compute_secs += std::chrono::duration<double>(Clock::now() - c0).count();
+    if (t0 == 0 && ro.check_tokens > 0) {
+      // Spot check of the first tokens against the float64 reference (recurrent form).
+      const std::int64_t ct = std::min(ro.check_tokens, len);
+      const LoadedInputs& s = l;
+      ForwardArgs sa = s.args();
+      Tensor q = Tensor::copy_of(ConstTensorView(s.q.bytes(), s.q.dtype(), {ro.batch, ro.heads, ct, ro.dqk},
+                                                 {ro.heads * len * ro.dqk, len * ro.dqk, ro.dqk, 1}));
+      Tensor k = Tensor::copy_of(ConstTensorView(s.k.bytes(), s.k.dtype(), {ro.batch, ro.heads, ct, ro.dqk},
+                                                 {ro.heads * len * ro.dqk, len * ro.dqk, ro.dqk, 1}));
+      Tensor v = Tensor::copy_of(ConstTensorView(s.v.bytes(), s.v.dtype(), {ro.batch, ro.heads, ct, ro.dhv},
+                                                 {ro.heads * len * ro.dhv, len * ro.dhv, ro.dhv, 1}));
+      Tensor i = Tensor::copy_of(ConstTensorView(s.i.bytes(), DType::f32, {ro.batch, ro.heads, ct}, {ro.heads * len, len, 1}));
+      Tensor f = Tensor::copy_of(ConstTensorView(s.f.bytes(), DType::f32, {ro.batch, ro.heads, ct}, {ro.heads * len, len, 1}));
+      sa.q = q.view(); sa.k = k.view(); sa.v = v.view(); sa.i = i.view(); sa.f = f.view();
+      const ForwardResult ref = reference::recurrent_forward(sa, o);
+      const Tensor got = Tensor::copy_of(ConstTensorView(r.h.bytes(), r.h.dtype(), {ro.batch, ro.heads, ct, ro.dhv},
+                                                         {ro.heads * len * ro.dhv, len * ro.dhv, ro.dhv, 1}),
+                                         DType::f64);
+      double max_abs = 0, max_ref = 0;
+      const auto gv = got.to_vector(), rv = ref.h.to_vector();
+      for (std::size_t e = 0; e < gv.size(); ++e) {
+        max_abs = std::max(max_abs, std::fabs(gv[e] - rv[e]));
+        max_ref = std::max(max_ref, std::fabs(rv[e]));
+      }
+      max_rel = max_abs / std::max(max_ref, 1e-30);
+    }
+    C = std::move(r.c);
+    n = std::move(r.n);
+    m = std::move(r.m);
+    progress.update(t0 + len);
+  }
+  const double secs = std::chrono::duration<double>(Clock::now() - start).count();
+  const double tokens = static_cast<double>(ro.batch * ro.seq_len);
+  const bool check_ok = max_rel < (dtype == DType::f32 ? 1e-4 : 2e-2);
+  if (as_json) {
+    std::cout << json{{"command", "run"}, {"tokens", tokens}, {"seconds", secs}, {"compute_seconds", compute_secs},
+                      {"tokens_per_second", tokens / secs}, {"peak_rss_mib", peak_rss_mib()},
+                      {"spot_check_rel_error", max_rel}, {"spot_check_ok", check_ok}, {"kernel", ro.kernel},
+                      {"revision", MLSTM_GIT_REVISION}}.dump() << "\n";
+  } else {
+    std::printf("throughput: %.0f tokens/s (%.0f tokens in %.2f s; kernels %.2f s)\n", tokens / secs, tokens, secs,
+                compute_secs);
+    std::printf("peak memory: %.1f MiB\n", peak_rss_mib());
+    std::printf("spot check vs float64 reference (first %lld tokens): max rel error %.3g  %s\n",
+                static_cast<long long>(std::min(ro.check_tokens, ro.seq_len)), max_rel, check_ok ? "OK" : "FAILED");
+  }
+  return check_ok ? 0 : 1;
+}
+
+struct BenchOptions {
+  std::int64_t tokens = 16384, heads = 4, dqk = 128, dhv = 128, repeats = 3;
+  std::vector<std::int64_t> seq_lens{512, 1024, 2048, 4096, 8192, 16384};
+  std::vector<std::int64_t> chunk_sizes{64, 128};
+  std::vector<std::string> kernels{"chunkwise--cpu_xl_chunk", "chunkwise--cpu_limit_chunk"};
+  std::string dtype = "float32", csv = "bench.csv", json_out = "bench.json";
+  bool backward = false;
+};
+
+std::string cpu_model() {
+  std::ifstream in("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
+  }
+  return "unknown";
+}
+
+int cmd_bench(const BenchOptions& bo, bool as_json) {
+  const DType dtype = parse_dtype(bo.dtype, "--dtype");
+  json results = json::array();
+  std::ofstream csv(bo.csv);
+  if (!csv) throw InvalidArgument("--csv", "cannot write '" + bo.csv + "'");
+  csv << "kernel,B,NH,S,DHQK,DHHV,dtype,chunk,pass,median_ms,tokens_per_s\n";
+  char host[256] = {0};
+  gethostname(host, sizeof host - 1);
+  for (const auto& kname : bo.kernels) {
+    auto kernel = get_kernel(kname);
+    for (auto S : bo.seq_lens) {
+      if (S > bo.tokens || bo.tokens % S != 0) continue;
+      const std::int64_t B = bo.tokens / S;
+      const LoadedInputs l = synthetic_piece(B, bo.heads, S, bo.dqk, bo.dhv, dtype, 99);
+      for (auto L : bo.chunk_sizes) {
+        MlstmOptions o;
+        o.chunk_size = L;
+        for (int pass = 0; pass < (bo.backward ? 2 : 1); ++pass) {
+          std::vector<double> times;
+          for (std::int64_t rep = 0; rep <= bo.repeats; ++rep) {
+            const auto t0 = Clock::now();
+            ForwardResult r = kernel->forward(l.args(), o);
+            if (pass == 1) {
+              BackwardArgs b;
+              b.inputs = l.args();
+              b.dh = r.h.view();
+              (void)kernel->backward(b, o);
+            }
+            if (rep > 0) times.push_back(std::chrono::duration<double>(Clock::now() - t0).count());  // rep 0: warm-up
+          }
+          std::sort(times.begin(), times.end());
+          const double med = times[times.size() / 2];
+          const char* pass_name = pass == 0 ? "fw" : "fwbw";
+          csv << kname << ',' << B << ',' << bo.heads << ',' << S << ',' << bo.dqk << ',' << bo.dhv << ','
+              << dtype_name(dtype) << ',' << L << ',' << pass_name << ',' << med * 1e3 << ','
+              << static_cast<double>(bo.tokens) / med << '\n';
+          results.push_back({{"kernel", kname}, {"B", B}, {"NH", bo.heads}, {"S", S}, {"DHQK", bo.dqk}, {"DHHV", bo.dhv},
+                             {"dtype", dtype_name(dtype)}, {"chunk", L}, {"pass", pass_name}, {"median_ms", med * 1e3},
+                             {"tokens_per_s", static_cast<double>(bo.tokens) / med}});
+          if (!as_json) {
+            std::printf("%-30s S=%6lld B=%4lld chunk=%4lld %-4s %9.2f ms %10.0f tokens/s\n", kname.c_str(),
+                        static_cast<long long>(S), static_cast<long long>(B), static_cast<long long>(L), pass_name,
+                        med * 1e3, static_cast<double>(bo.tokens) / med);
+          }
+        }
+      }
+    }
+  }
+  const json doc{{"machine", {{"hostname", host}, {"cpu", cpu_model()}, {"cores", sysconf(_SC_NPROCESSORS_ONLN)}}},
+                 {"revision", MLSTM_GIT_REVISION},
+                 {"timestamp", std::chrono::duration_cast<std::chrono::seconds>(
+                                   std::chrono::system_clock::now().time_since_epoch()).count()},
+                 {"results", results}};
+  std::ofstream(bo.json_out) << doc.dump(2) << "\n";
+  if (as_json) std::cout << doc.dump() << "\n";
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"mlstm: the mLSTM cell over very long sequences (mlstm-flow " MLSTM_VERSION ", " MLSTM_GIT_REVISION ")"};
+  app.require_subcommand(1);
+  std::string log_level = "warn";
+  bool as_json = false;
+  app.add_option("--log-level", log_level, "trace, debug, info, warn, error, off")
+      ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error", "off"}));
+  app.add_flag("--json", as_json, "machine-readable output (JSON)");
+
+  RunOptions ro;
+  auto* run = app.add_subcommand("run", "the main job: a long synthetic sequence streamed through the kernels with state carry");
+  run->add_option("--batch", ro.batch, "B");
+  run->add_option("--heads", ro.heads, "NH");
+  run->add_option("--seq-len", ro.seq_len, "S (tokens per batch row)");
+  run->add_option("--dqk", ro.dqk, "DHQK");
+  run->add_option("--dhv", ro.dhv, "DHHV");
+  run->add_option("--dtype", ro.dtype, "float32, float16, bfloat16");
+  run->add_option("--chunk-size", ro.chunk_size, "chunk size");
+  run->add_option("--piece", ro.piece, "tokens per streamed piece");
+  run->add_option("--kernel", ro.kernel, "chunkwise kernel");
+  run->add_option("--devices", ro.devices, "device spec (all, gpu:all, gpu:0,1, cpu)");
+  run->add_option("--mode", ro.mode, "stream or resident")->check(CLI::IsMember({"stream", "resident"}));
+  run->add_flag("--backward", ro.backward, "forward + backward");
+  run->add_flag("--progress", ro.progress, "progress bar even when stderr is not a terminal");
+  run->add_option("--check-tokens", ro.check_tokens, "tokens spot-checked against the float64 reference (0: none)");
+
+  InputFiles fin;
+  ForwardOutputs fout;
+  auto* forward = app.add_subcommand("forward", "forward pass on .npy inputs");
+  add_input_options(forward, fin, true);
+  forward->add_option("--out", fout.h, "h output .npy (input dtype)")->required();
+  forward->add_option("--out-c", fout.c, "last C output .npy");
+  forward->add_option("--out-n", fout.n, "last n output .npy");
+  forward->add_option("--out-m", fout.m, "last m output .npy");
+
+  InputFiles bin;
+  BackwardFiles bfiles;
+  auto* backward = app.add_subcommand("backward", "backward pass on .npy inputs");
+  add_input_options(backward, bin, true);
+  backward->add_option("--dh", bfiles.dh, "gradient of h .npy (B,NH,S,DHHV)")->required();
+  backward->add_option("--dc", bfiles.dc, "gradient of the last C .npy");
+  backward->add_option("--dn", bfiles.dn, "gradient of the last n .npy");
+  backward->add_option("--out-dq", bfiles.out_dq, "dq output .npy");
+  backward->add_option("--out-dk", bfiles.out_dk, "dk output .npy");
+  backward->add_option("--out-dv", bfiles.out_dv, "dv output .npy");
+  backward->add_option("--out-di", bfiles.out_di, "di output .npy");
+  backward->add_option("--out-df", bfiles.out_df, "df output .npy");
+  backward->add_option("--out-dc0", bfiles.out_dc0, "initial C gradient .npy");
+  backward->add_option("--out-dn0", bfiles.out_dn0, "initial n gradient .npy");
+  backward->add_option("--out-dm0", bfiles.out_dm0, "initial m gradient .npy");
+
+  InputFiles sin;
+  StepFiles sfiles;
+  auto* step = app.add_subcommand("step", "one recurrent step on .npy inputs");
+  add_input_options(step, sin, false);
+  step->add_option("--c", sfiles.c, "state C .npy (B,NH,DHQK,DHHV)");
+  step->add_option("--n", sfiles.n, "state n .npy (B,NH,DHQK)");
+  step->add_option("--m", sfiles.m, "state m .npy (B,NH)");
+  step->add_option("--out", sfiles.out_h, "h output .npy (B,NH,DHHV)")->required();
+  step->add_option("--out-c", sfiles.out_c, "new C .npy");
+  step->add_option("--out-n", sfiles.out_n, "new n .npy");
+  step->add_option("--out-m", sfiles.out_m, "new m .npy");
+
+  auto* kernels = app.add_subcommand("kernels", "list the kernel registry");
+  auto* devices = app.add_subcommand("devices", "list OpenCL devices and NUMA nodes");
+
+  BenchOptions bo;
+  auto* bench = app.add_subcommand("bench", "constant-token sweep (TFLA paper style) to CSV and JSON");
+  bench->add_option("--tokens", bo.tokens, "B*S, fixed across the sweep");
+  bench->add_option("--heads", bo.heads, "NH");
+  bench->add_option("--dqk", bo.dqk, "DHQK");
+  bench->add_option("--dhv", bo.dhv, "DHHV");
+  bench->add_option("--seq-lens", bo.seq_lens, "sequence lengths");
+  bench->add_option("--chunk-sizes", bo.chunk_sizes, "chunk sizes");
+  bench->add_option("--kernels", bo.kernels, "kernels");
+  bench->add_option("--dtype", bo.dtype, "input dtype");
+  bench->add_option("--repeats", bo.repeats, "timed repeats (median)");
+  bench->add_flag("--backward", bo.backward, "also time forward+backward");
+  bench->add_option("--csv", bo.csv, "CSV output path");
+  bench->add_option("--json-out", bo.json_out, "JSON output path");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    app.exit(e);
+    return 2;
+  }
+  spdlog::set_level(spdlog::level::from_str(log_level));
+  try {
+    if (*run) return cmd_run(ro, as_json);
+    if (*forward) return cmd_forward(fin, fout, as_json);
+    if (*backward) return cmd_backward(bin, bfiles, as_json);
+    if (*step) return cmd_step(sin, sfiles, as_json);
+    if (*kernels) return cmd_kernels(as_json);
+    if (*devices) return cmd_devices(as_json);
+    if (*bench) return cmd_bench(bo, as_json);
+  } catch (const InvalidArgument& e) {
+    std::fprintf(stderr, "mlstm: error: %s\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "mlstm: failed: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}
