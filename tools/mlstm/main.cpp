@@ -672,7 +672,7 @@ int main(int argc, char** argv) {
   } catch (const CLI::CallForAllHelp& e) {
     return app.exit(e);
   } catch (const CLI::ParseError& e) {
-    app.exit(e);
+    std::fprintf(stderr, "mlstm: error: %s (see --help)\n", e.what());
     return 2;
   }
   spdlog::set_level(spdlog::level::from_str(log_level));

@@ -1,0 +1,160 @@
+// The mlstm command line: every subcommand, .npy round trips against the library, and bad input
+// (exit code 2 with one line naming the argument).
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+
+#include "mlstm/mlstm.hpp"
+#include "mlstm/npy.hpp"
+#include "test_util.hpp"
+
+namespace mlstm {
+namespace {
+
+namespace fs = std::filesystem;
+
+struct Run {
+  int code = -1;
+  std::string out, err;
+};
+
+Run run_cli(const std::string& args) {
+  static int counter = 0;
+  const fs::path err_file = fs::temp_directory_path() / ("mlstm_cli_err_" + std::to_string(getpid()) + "_" + std::to_string(counter++));
+  const std::string cmd = std::string(MLSTM_CLI_PATH) + " " + args + " 2>" + err_file.string();
+  Run r;
+  FILE* p = popen(cmd.c_str(), "r");
+  std::array<char, 4096> buf{};
+  while (p && fgets(buf.data(), buf.size(), p)) r.out += buf.data();
+  const int status = p ? pclose(p) : -1;
+  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  std::FILE* e = std::fopen(err_file.c_str(), "r");
+  while (e && fgets(buf.data(), buf.size(), e)) r.err += buf.data();
+  if (e) std::fclose(e);
+  fs::remove(err_file);
+  return r;
+}
+
+class Cli : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() / ("mlstm_cli_" + std::to_string(getpid()));
+    fs::create_directories(dir_);
+    spec_.B = 2; spec_.NH = 3; spec_.S = 50; spec_.DHQK = 8; spec_.DHHV = 12; spec_.initial_state = true;
+    in_ = testing::make_inputs(spec_, testing::fresh_seed());
+    save("q", in_.q); save("k", in_.k); save("v", in_.v); save("i", in_.i); save("f", in_.f);
+    save("c0", in_.c0); save("n0", in_.n0); save("m0", in_.m0); save("dh", in_.dh);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+  std::string path(const std::string& name) const { return (dir_ / (name + ".npy")).string(); }
+  void save(const std::string& name, const Tensor& t) { npy::write(path(name), t.view()); }
+  std::string inputs() const {
+    return "--q " + path("q") + " --k " + path("k") + " --v " + path("v") + " --i " + path("i") + " --f " + path("f");
+  }
+  fs::path dir_;
+  testing::InputSpec spec_;
+  testing::Inputs in_;
+};
+
+TEST_F(Cli, ForwardWritesWhatTheLibraryComputes) {
+  const auto r = run_cli("forward " + inputs() + " --c0 " + path("c0") + " --n0 " + path("n0") + " --m0 " + path("m0") +
+                         " --chunk-size 16 --out " + path("h") + " --out-c " + path("c"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  MlstmOptions o;
+  o.chunk_size = 16;
+  const auto want = get_kernel("chunkwise--cpu_xl_chunk")->forward(in_.args(), o);
+  EXPECT_TRUE(testing::matches(npy::read(path("h"), "h"), want.h, 0.0, "mlstm forward", "h", spec_));
+  EXPECT_TRUE(testing::matches(npy::read(path("c"), "c"), want.c, 0.0, "mlstm forward", "c", spec_));
+}
+
+TEST_F(Cli, BackwardWritesGradientsIncludingInitialState) {
+  const auto r = run_cli("backward " + inputs() + " --c0 " + path("c0") + " --n0 " + path("n0") + " --m0 " +
+                         path("m0") + " --dh " + path("dh") + " --out-dq " + path("dq") + " --out-df " + path("df") +
+                         " --out-dc0 " + path("dc0") + " --out-dm0 " + path("dm0"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  const auto want = get_kernel("chunkwise--cpu_xl_chunk")->backward(in_.backward_args(false), MlstmOptions{});
+  EXPECT_TRUE(testing::matches(npy::read(path("dq"), "dq"), want.dq, 0.0, "mlstm backward", "dq", spec_));
+  EXPECT_TRUE(testing::matches(npy::read(path("df"), "df"), want.df, 0.0, "mlstm backward", "df", spec_));
+  EXPECT_TRUE(testing::matches(npy::read(path("dc0"), "dc0"), want.dc0, 0.0, "mlstm backward", "dc0", spec_));
+  EXPECT_TRUE(fs::exists(path("dm0")));
+}
+
+TEST_F(Cli, StepAndBfloat16Inputs) {
+  save("q1", in_.q.to(DType::bf16).reshaped({2, 3, 50 * 8}));  // wrong rank for step on purpose below
+  Tensor q = testing::slice_seq(in_.q, 0, 1).reshaped({2, 3, 8}).to(DType::bf16);
+  Tensor k = testing::slice_seq(in_.k, 0, 1).reshaped({2, 3, 8}).to(DType::bf16);
+  Tensor v = testing::slice_seq(in_.v, 0, 1).reshaped({2, 3, 12}).to(DType::bf16);
+  Tensor i = Tensor::full({2, 3}, DType::f32, 0.5), f = Tensor::full({2, 3}, DType::f32, 2.0);
+  save("sq", q); save("sk", k); save("sv", v); save("si", i); save("sf", f);
+  const std::string step_in = "--q " + path("sq") + " --k " + path("sk") + " --v " + path("sv") + " --i " + path("si") +
+                              " --f " + path("sf") + " --dtype bfloat16";
+  const auto r = run_cli("step " + step_in + " --out " + path("sh") + " --out-c " + path("sc"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  const Tensor h = npy::read(path("sh"), "h", DType::bf16);
+  EXPECT_EQ(h.dtype(), DType::bf16);
+  EXPECT_EQ(h.shape(), (Shape{2, 3, 12}));
+}
+
+TEST_F(Cli, KernelsDevicesRunAndBenchWork) {
+  auto k = run_cli("--json kernels");
+  ASSERT_EQ(k.code, 0) << k.err;
+  EXPECT_NE(k.out.find("chunkwise--cpu_xl_chunk"), std::string::npos);
+  auto d = run_cli("devices");
+  ASSERT_EQ(d.code, 0) << d.err;
+  EXPECT_NE(d.out.find("NUMA"), std::string::npos);
+  auto r = run_cli("--json run --seq-len 3000 --piece 700 --heads 2 --dqk 16 --dhv 16 --dtype float32 --check-tokens 500");
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_NE(r.out.find("\"spot_check_ok\":true"), std::string::npos) << r.out;
+  const std::string csv = (dir_ / "b.csv").string(), js = (dir_ / "b.json").string();
+  auto b = run_cli("bench --tokens 1024 --seq-lens 256 512 --chunk-sizes 64 --dqk 16 --dhv 16 --repeats 1 --backward --csv " +
+                   csv + " --json-out " + js);
+  ASSERT_EQ(b.code, 0) << b.err;
+  EXPECT_TRUE(fs::exists(csv));
+  EXPECT_TRUE(fs::exists(js));
+}
+
+TEST_F(Cli, EverySubcommandHasHelp) {
+  for (const char* sub : {"run", "forward", "backward", "step", "kernels", "devices", "bench"}) {
+    const auto r = run_cli(std::string(sub) + " --help");
+    EXPECT_EQ(r.code, 0) << sub;
+    EXPECT_NE(r.out.find("--help"), std::string::npos) << sub;
+  }
+}
+
+// Bad input: exit code 2, exactly one line on stderr, naming the argument.
+void expect_bad_input(const Run& r, const std::string& argument) {
+  EXPECT_EQ(r.code, 2) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  EXPECT_NE(r.err.find(argument), std::string::npos) << "stderr should name " << argument << ": " << r.err;
+}
+
+TEST_F(Cli, BadInputNamesTheArgument) {
+  const std::string out = " --out " + path("h");
+  expect_bad_input(run_cli("forward --q " + path("missing") + " --k " + path("k") + " --v " + path("v") + " --i " +
+                           path("i") + " --f " + path("f") + out),
+                   "--q");
+  save("k_bad", Tensor::zeros({2, 3, 50, 9}, DType::f32));  // mismatched DHQK
+  expect_bad_input(run_cli("forward --q " + path("q") + " --k " + path("k_bad") + " --v " + path("v") + " --i " +
+                           path("i") + " --f " + path("f") + out),
+                   "--k");
+  save("i_bad", Tensor::zeros({2, 3, 49}, DType::f32));  // wrong shape
+  expect_bad_input(run_cli("forward --q " + path("q") + " --k " + path("k") + " --v " + path("v") + " --i " +
+                           path("i_bad") + " --f " + path("f") + out),
+                   "--i");
+  Tensor v_nan = in_.v;
+  v_nan.data<float>()[17] = NAN;
+  save("v_nan", v_nan);
+  expect_bad_input(run_cli("forward --check-finite --q " + path("q") + " --k " + path("k") + " --v " + path("v_nan") +
+                           " --i " + path("i") + " --f " + path("f") + out),
+                   "--v");
+  expect_bad_input(run_cli("forward " + inputs() + " --kernel chunkwise--nope" + out), "--kernel");
+  expect_bad_input(run_cli("forward " + inputs() + " --chunk-size 0" + out), "--chunk-size");
+  expect_bad_input(run_cli("backward " + inputs() + " --dh " + path("q") + " --out-dq " + path("x")), "--dh");
+  expect_bad_input(run_cli("forward " + inputs()), "--out");  // missing required option
+}
+
+}  // namespace
+}  // namespace mlstm
