@@ -30,6 +30,8 @@ struct KernelCase {
   bool normalize = true;
 };
 
+void PrintTo(const KernelCase& c, std::ostream* os) { *os << c.kernel << " L=" << c.chunk << " " << c.spec.describe(); }
+
 std::string name_of(const ::testing::TestParamInfo<KernelCase>& info) {
   const auto& c = info.param;
   std::ostringstream n;
@@ -130,7 +132,8 @@ TEST_P(CpuKernel, StateCarryEqualsOneCall) {
   b.m0 = first.m;
   const auto second = kernel->forward(b.args(), o);
   const Tensor h = testing::concat_seq(first.h, second.h);
-  const double tol = c.spec.regime == GateRegime::extreme ? 1e-3 : c.spec.dtype == DType::f32 ? 1e-5 : 1e-2;
+  // Both sides are float32 computations cut differently; 16-bit outputs differ by up to one rounding step.
+  const double tol = !wide(c.spec.dtype) ? 1e-2 : c.spec.regime == GateRegime::extreme ? 1e-3 : 5e-5;
   EXPECT_TRUE(matches(h, whole.h, tol, c.kernel, "h two calls vs one", c.spec));
   EXPECT_TRUE(matches(second.c, whole.c, tol, c.kernel, "c_last two calls vs one", c.spec));
 }

@@ -23,6 +23,8 @@ struct Case {
   bool normalize = true;
 };
 
+void PrintTo(const Case& c, std::ostream* os) { *os << c.spec.describe() << (c.normalize ? "" : " nonorm"); }
+
 std::string case_name(const ::testing::TestParamInfo<Case>& info) {
   const auto& s = info.param.spec;
   std::ostringstream n;  // (not string operator+: GCC 12 -Wrestrict false positive)
@@ -165,6 +167,10 @@ struct FdCase {
   GateRegime regime;
   bool normalize;
 };
+
+void PrintTo(const FdCase& c, std::ostream* os) {
+  *os << gate_name(c.gate) << (c.regime == GateRegime::mixed ? " mixed" : " typical") << (c.normalize ? "" : " nonorm");
+}
 
 class ReferenceFiniteDifferences : public ::testing::TestWithParam<FdCase> {};
 
