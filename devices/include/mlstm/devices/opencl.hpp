@@ -1,0 +1,107 @@
+// OpenCL devices: discovery, device specs, and per-device context, queues, program cache and buffers.
+// Thin RAII over the C API: every failing call throws DeviceError naming the call, the error code and the
+// device; destructors never throw.
+#pragma once
+
+#include <CL/cl.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "mlstm/error.hpp"
+
+namespace mlstm::opencl {
+
+enum class DeviceType { gpu, cpu, accelerator, other };
+
+struct DeviceInfo {
+  int index = 0;  // position in list_devices()
+  cl_platform_id platform = nullptr;
+  cl_device_id id = nullptr;
+  std::string platform_name, name, vendor, version, driver;
+  DeviceType type = DeviceType::other;
+  std::uint64_t global_memory = 0, local_memory = 0;
+  std::uint32_t compute_units = 0;
+  std::size_t max_work_group = 0;
+  std::string describe() const;  // "[0] gpu NVIDIA H100 (NVIDIA CUDA, OpenCL 3.0)"
+};
+
+// Every device of every platform, in platform order. Empty when no OpenCL platform is installed.
+std::vector<DeviceInfo> list_devices();
+
+// Device spec: "all", "gpu", "gpu:all", "gpu:0,1" (indices among GPUs), "cpu", "cpu:0", "accelerator",
+// or "N[,M...]" (indices into list_devices()). Empty means "default": all GPUs, else every device.
+// Throws InvalidArgument("devices", ...) naming the accepted forms and the devices that exist.
+std::vector<DeviceInfo> select_devices(const std::string& spec);
+
+// Checks a cl_int; throws DeviceError(kind from the code, device, "<call> failed: <code name> (<code>)").
+void check(cl_int code, const char* call, const std::string& device);
+const char* error_name(cl_int code) noexcept;
+
+class Buffer {
+ public:
+  Buffer() = default;
+  Buffer(cl_mem mem, std::size_t bytes) : mem_(mem), bytes_(bytes) {}
+  Buffer(Buffer&& o) noexcept : mem_(o.mem_), bytes_(o.bytes_) { o.mem_ = nullptr; o.bytes_ = 0; }
+  Buffer& operator=(Buffer&& o) noexcept;
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+  ~Buffer();
+  cl_mem get() const noexcept { return mem_; }
+  std::size_t bytes() const noexcept { return bytes_; }
+
+ private:
+  cl_mem mem_ = nullptr;
+  std::size_t bytes_ = 0;
+};
+
+// One OpenCL device with its context, an in-order queue and a profiling queue, and its program cache
+// (keyed by the source's hash, the full option string and the device/driver identity).
+class Device {
+ public:
+  explicit Device(const DeviceInfo& info);
+  ~Device();
+  Device(const Device&) = delete;
+  Device& operator=(const Device&) = delete;
+
+  const DeviceInfo& info() const noexcept { return info_; }
+  const std::string& name() const noexcept { return info_.name; }
+  cl_context context() const noexcept { return context_; }
+  cl_command_queue queue() const noexcept { return queue_; }
+  cl_command_queue profiling_queue() const noexcept { return profiling_queue_; }
+
+  // Builds (once) the program of embedded source `source_name` (a kernels/opencl/<name>.cl file) with
+  // `options`. A failed build throws DeviceError(build) naming the device, the source and the build log.
+  cl_program program(const std::string& source_name, const std::string& options);
+  // Same, from source text (for tests and the tensor-core path).
+  cl_program program_from_text(const std::string& label, const std::string& text, const std::string& options);
+  cl_kernel kernel(cl_program program, const char* name);  // a new kernel object; caller releases
+
+  Buffer alloc(std::size_t bytes);
+  Buffer upload(const void* data, std::size_t bytes);  // blocking
+  void download(const Buffer& buf, void* data, std::size_t bytes);  // blocking
+  void finish();
+  std::size_t builds() const noexcept { return builds_; }  // programs built so far (cache misses)
+
+ private:
+  DeviceInfo info_;
+  cl_context context_ = nullptr;
+  cl_command_queue queue_ = nullptr;
+  cl_command_queue profiling_queue_ = nullptr;
+  std::mutex mutex_;
+  std::map<std::string, cl_program> programs_;
+  std::size_t builds_ = 0;
+};
+
+// Process-wide shared Device objects, one per device index (opened on first use).
+std::shared_ptr<Device> open_device(const DeviceInfo& info);
+
+// The text of an embedded kernel source (kernels/opencl/<name>.cl). With MLSTM_OPENCL_FROM_DISK the file is
+// read from the source tree instead. Unknown name: Error.
+std::string kernel_source(const std::string& name);
+
+}  // namespace mlstm::opencl

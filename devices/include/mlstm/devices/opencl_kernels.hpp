@@ -1,0 +1,32 @@
+// The portable OpenCL chunkwise kernels (kernels/opencl/mlstm_chunkwise.cl) on one device, and their
+// registry entries: chunkwise--opencl_xl_chunk and chunkwise--opencl_xl_chunk_siging (forward).
+#pragma once
+
+#include <memory>
+
+#include "mlstm/devices/opencl.hpp"
+#include "mlstm/kernel.hpp"
+
+namespace mlstm::opencl {
+
+// Runs the chunkwise forward on one device: uploads the inputs (q, k, v in their dtype, gates and
+// states as float32), runs fw_gates, fw_states and fw_outputs, and downloads h and the last states.
+class ChunkwiseRunner {
+ public:
+  explicit ChunkwiseRunner(std::shared_ptr<Device> device);
+  Device& device() const noexcept { return *device_; }
+  ForwardResult forward(const ForwardArgs& args, const MlstmOptions& options) const;
+
+  // Key-tile of the intra-chunk part (TFLA-style), so the chunk size is not limited by local memory.
+  static constexpr int kKeyTile = 64;
+  static constexpr int kWorkGroup = 64;
+
+ private:
+  std::shared_ptr<Device> device_;
+};
+
+// Adds the OpenCL kernels to `registry`. Each takes its device from KernelTarget::device_spec
+// (select_devices; empty = first GPU, else first device).
+void register_kernels(KernelRegistry& registry);
+
+}  // namespace mlstm::opencl

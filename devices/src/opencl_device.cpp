@@ -1,0 +1,310 @@
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <chrono>
+#include <fstream>
+#include <functional>
+#include <sstream>
+
+#include "mlstm/devices/opencl.hpp"
+#include "mlstm_opencl_sources.hpp"
+
+namespace mlstm::opencl {
+
+const char* error_name(cl_int code) noexcept {
+  switch (code) {
+    case CL_SUCCESS: return "CL_SUCCESS";
+    case CL_DEVICE_NOT_FOUND: return "CL_DEVICE_NOT_FOUND";
+    case CL_DEVICE_NOT_AVAILABLE: return "CL_DEVICE_NOT_AVAILABLE";
+    case CL_COMPILER_NOT_AVAILABLE: return "CL_COMPILER_NOT_AVAILABLE";
+    case CL_MEM_OBJECT_ALLOCATION_FAILURE: return "CL_MEM_OBJECT_ALLOCATION_FAILURE";
+    case CL_OUT_OF_RESOURCES: return "CL_OUT_OF_RESOURCES";
+    case CL_OUT_OF_HOST_MEMORY: return "CL_OUT_OF_HOST_MEMORY";
+    case CL_BUILD_PROGRAM_FAILURE: return "CL_BUILD_PROGRAM_FAILURE";
+    case CL_INVALID_VALUE: return "CL_INVALID_VALUE";
+    case CL_INVALID_DEVICE: return "CL_INVALID_DEVICE";
+    case CL_INVALID_CONTEXT: return "CL_INVALID_CONTEXT";
+    case CL_INVALID_COMMAND_QUEUE: return "CL_INVALID_COMMAND_QUEUE";
+    case CL_INVALID_MEM_OBJECT: return "CL_INVALID_MEM_OBJECT";
+    case CL_INVALID_BUILD_OPTIONS: return "CL_INVALID_BUILD_OPTIONS";
+    case CL_INVALID_PROGRAM: return "CL_INVALID_PROGRAM";
+    case CL_INVALID_PROGRAM_EXECUTABLE: return "CL_INVALID_PROGRAM_EXECUTABLE";
+    case CL_INVALID_KERNEL_NAME: return "CL_INVALID_KERNEL_NAME";
+    case CL_INVALID_KERNEL: return "CL_INVALID_KERNEL";
+    case CL_INVALID_ARG_INDEX: return "CL_INVALID_ARG_INDEX";
+    case CL_INVALID_ARG_VALUE: return "CL_INVALID_ARG_VALUE";
+    case CL_INVALID_ARG_SIZE: return "CL_INVALID_ARG_SIZE";
+    case CL_INVALID_KERNEL_ARGS: return "CL_INVALID_KERNEL_ARGS";
+    case CL_INVALID_WORK_GROUP_SIZE: return "CL_INVALID_WORK_GROUP_SIZE";
+    case CL_INVALID_WORK_ITEM_SIZE: return "CL_INVALID_WORK_ITEM_SIZE";
+    case CL_INVALID_GLOBAL_WORK_SIZE: return "CL_INVALID_GLOBAL_WORK_SIZE";
+    case CL_INVALID_BUFFER_SIZE: return "CL_INVALID_BUFFER_SIZE";
+    case CL_INVALID_OPERATION: return "CL_INVALID_OPERATION";
+    default: return "CL_ERROR";
+  }
+}
+
+void check(cl_int code, const char* call, const std::string& device) {
+  if (code == CL_SUCCESS) return;
+  DeviceError::Kind kind = DeviceError::Kind::other;
+  if (code == CL_MEM_OBJECT_ALLOCATION_FAILURE || code == CL_OUT_OF_HOST_MEMORY) kind = DeviceError::Kind::out_of_memory;
+  else if (code == CL_OUT_OF_RESOURCES || code == CL_DEVICE_NOT_AVAILABLE) kind = DeviceError::Kind::lost;
+  else if (code == CL_BUILD_PROGRAM_FAILURE) kind = DeviceError::Kind::build;
+  else if (code == CL_INVALID_KERNEL_ARGS || code == CL_INVALID_WORK_GROUP_SIZE) kind = DeviceError::Kind::launch;
+  std::ostringstream os;
+  os << call << " failed: " << error_name(code) << " (" << code << ")";
+  throw DeviceError(kind, device, os.str());
+}
+
+namespace {
+
+std::string platform_string(cl_platform_id p, cl_platform_info what) {
+  std::size_t n = 0;
+  clGetPlatformInfo(p, what, 0, nullptr, &n);
+  std::string s(n, '\0');
+  clGetPlatformInfo(p, what, n, s.data(), nullptr);
+  while (!s.empty() && s.back() == '\0') s.pop_back();
+  return s;
+}
+
+std::string device_string(cl_device_id d, cl_device_info what) {
+  std::size_t n = 0;
+  clGetDeviceInfo(d, what, 0, nullptr, &n);
+  std::string s(n, '\0');
+  clGetDeviceInfo(d, what, n, s.data(), nullptr);
+  while (!s.empty() && s.back() == '\0') s.pop_back();
+  return s;
+}
+
+template <class T>
+T device_value(cl_device_id d, cl_device_info what) {
+  T v{};
+  clGetDeviceInfo(d, what, sizeof v, &v, nullptr);
+  return v;
+}
+
+const char* type_name(DeviceType t) {
+  switch (t) {
+    case DeviceType::gpu: return "gpu";
+    case DeviceType::cpu: return "cpu";
+    case DeviceType::accelerator: return "accelerator";
+    case DeviceType::other: return "other";
+  }
+  return "other";
+}
+
+}  // namespace
+
+std::string DeviceInfo::describe() const {
+  std::ostringstream os;
+  os << '[' << index << "] " << type_name(type) << ' ' << name << " (" << platform_name << ", " << version << ')';
+  return os.str();
+}
+
+std::vector<DeviceInfo> list_devices() {
+  std::vector<DeviceInfo> out;
+  cl_uint np = 0;
+  if (clGetPlatformIDs(0, nullptr, &np) != CL_SUCCESS || np == 0) return out;
+  std::vector<cl_platform_id> platforms(np);
+  clGetPlatformIDs(np, platforms.data(), nullptr);
+  for (auto p : platforms) {
+    cl_uint nd = 0;
+    if (clGetDeviceIDs(p, CL_DEVICE_TYPE_ALL, 0, nullptr, &nd) != CL_SUCCESS || nd == 0) continue;
+    std::vector<cl_device_id> ids(nd);
+    clGetDeviceIDs(p, CL_DEVICE_TYPE_ALL, nd, ids.data(), nullptr);
+    for (auto d : ids) {
+      DeviceInfo info;
+      info.index = static_cast<int>(out.size());
+      info.platform = p;
+      info.id = d;
+      info.platform_name = platform_string(p, CL_PLATFORM_NAME);
+      info.name = device_string(d, CL_DEVICE_NAME);
+      info.vendor = device_string(d, CL_DEVICE_VENDOR);
+      info.version = device_string(d, CL_DEVICE_VERSION);
+      info.driver = device_string(d, CL_DRIVER_VERSION);
+      const auto type = device_value<cl_device_type>(d, CL_DEVICE_TYPE);
+      info.type = (type & CL_DEVICE_TYPE_GPU) ? DeviceType::gpu
+                  : (type & CL_DEVICE_TYPE_CPU) ? DeviceType::cpu
+                  : (type & CL_DEVICE_TYPE_ACCELERATOR) ? DeviceType::accelerator
+                                                        : DeviceType::other;
+      info.global_memory = device_value<cl_ulong>(d, CL_DEVICE_GLOBAL_MEM_SIZE);
+      info.local_memory = device_value<cl_ulong>(d, CL_DEVICE_LOCAL_MEM_SIZE);
+      info.compute_units = device_value<cl_uint>(d, CL_DEVICE_MAX_COMPUTE_UNITS);
+      info.max_work_group = device_value<std::size_t>(d, CL_DEVICE_MAX_WORK_GROUP_SIZE);
+      out.push_back(std::move(info));
+    }
+  }
+  return out;
+}
+
+std::vector<DeviceInfo> select_devices(const std::string& spec) {
+  const auto all = list_devices();
+  auto fail = [&](const std::string& why) -> std::vector<DeviceInfo> {
+    std::string found;
+    for (const auto& d : all) found += "\n  " + d.describe();
+    if (found.empty()) found = " none";
+    throw InvalidArgument("devices", why + "; accepted: all, gpu, gpu:all, gpu:0,1, cpu, cpu:0, accelerator, or "
+                                           "indices 0,1,...; OpenCL devices found:" + found);
+  };
+  if (all.empty()) return fail("no OpenCL device is available for spec '" + spec + "'");
+  auto of_type = [&](DeviceType t) {
+    std::vector<DeviceInfo> v;
+    for (const auto& d : all) {
+      if (d.type == t) v.push_back(d);
+    }
+    return v;
+  };
+  auto parse_indices = [&](const std::string& list, const std::vector<DeviceInfo>& pool, const std::string& what) {
+    std::vector<DeviceInfo> v;
+    std::stringstream ss(list);
+    std::string item;
+    while (std::getline(ss, item, ',')) {
+      if (item.empty() || item.find_first_not_of("0123456789") != std::string::npos) {
+        fail("bad index '" + item + "' in '" + spec + "'");
+      }
+      const auto i = std::stoul(item);
+      if (i >= pool.size()) fail(what + " index " + item + " out of range (" + std::to_string(pool.size()) + " found)");
+      v.push_back(pool[i]);
+    }
+    if (v.empty()) fail("empty device list in '" + spec + "'");
+    return v;
+  };
+  if (spec.empty()) {
+    auto gpus = of_type(DeviceType::gpu);
+    return gpus.empty() ? all : gpus;
+  }
+  if (spec == "all") return all;
+  const auto colon = spec.find(':');
+  const std::string kind = spec.substr(0, colon);
+  const std::string rest = colon == std::string::npos ? "all" : spec.substr(colon + 1);
+  DeviceType t;
+  if (kind == "gpu") t = DeviceType::gpu;
+  else if (kind == "cpu") t = DeviceType::cpu;
+  else if (kind == "accelerator") t = DeviceType::accelerator;
+  else if (spec.find_first_not_of("0123456789,") == std::string::npos) return parse_indices(spec, all, "device");
+  else return fail("unknown device spec '" + spec + "'");
+  const auto pool = of_type(t);
+  if (pool.empty()) return fail("no " + kind + " device found for '" + spec + "'");
+  if (rest == "all") return pool;
+  return parse_indices(rest, pool, kind);
+}
+
+Buffer& Buffer::operator=(Buffer&& o) noexcept {
+  if (this != &o) {
+    if (mem_) clReleaseMemObject(mem_);
+    mem_ = o.mem_;
+    bytes_ = o.bytes_;
+    o.mem_ = nullptr;
+    o.bytes_ = 0;
+  }
+  return *this;
+}
+
+Buffer::~Buffer() {
+  if (mem_ && clReleaseMemObject(mem_) != CL_SUCCESS) spdlog::warn("clReleaseMemObject failed");
+}
+
+Device::Device(const DeviceInfo& info) : info_(info) {
+  cl_int err = CL_SUCCESS;
+  const cl_context_properties props[] = {CL_CONTEXT_PLATFORM, reinterpret_cast<cl_context_properties>(info.platform), 0};
+  context_ = clCreateContext(props, 1, &info_.id, nullptr, nullptr, &err);
+  check(err, "clCreateContext", info_.name);
+  queue_ = clCreateCommandQueue(context_, info_.id, 0, &err);
+  check(err, "clCreateCommandQueue", info_.name);
+  profiling_queue_ = clCreateCommandQueue(context_, info_.id, CL_QUEUE_PROFILING_ENABLE, &err);
+  check(err, "clCreateCommandQueue(profiling)", info_.name);
+  spdlog::info("mlstm-flow: opened OpenCL device {}", info_.describe());
+}
+
+Device::~Device() {
+  for (auto& [key, p] : programs_) clReleaseProgram(p);
+  if (profiling_queue_) clReleaseCommandQueue(profiling_queue_);
+  if (queue_) clReleaseCommandQueue(queue_);
+  if (context_) clReleaseContext(context_);
+}
+
+cl_program Device::program(const std::string& source_name, const std::string& options) {
+  return program_from_text(source_name, kernel_source(source_name), options);
+}
+
+cl_program Device::program_from_text(const std::string& label, const std::string& text, const std::string& options) {
+  const std::string key = std::to_string(std::hash<std::string>{}(text)) + "|" + options + "|" + info_.name + "|" +
+                          info_.driver + "|" + info_.platform_name;
+  std::lock_guard lock(mutex_);
+  if (auto it = programs_.find(key); it != programs_.end()) return it->second;
+  const auto t0 = std::chrono::steady_clock::now();
+  const char* src = text.c_str();
+  cl_int err = CL_SUCCESS;
+  cl_program p = clCreateProgramWithSource(context_, 1, &src, nullptr, &err);
+  check(err, "clCreateProgramWithSource", info_.name);
+  err = clBuildProgram(p, 1, &info_.id, options.c_str(), nullptr, nullptr);
+  if (err != CL_SUCCESS) {
+    std::size_t n = 0;
+    clGetProgramBuildInfo(p, info_.id, CL_PROGRAM_BUILD_LOG, 0, nullptr, &n);
+    std::string log(n, '\0');
+    clGetProgramBuildInfo(p, info_.id, CL_PROGRAM_BUILD_LOG, n, log.data(), nullptr);
+    clReleaseProgram(p);
+    throw DeviceError(DeviceError::Kind::build, info_.name,
+                      "cannot build kernel source '" + label + "' (" + error_name(err) + ") with options '" + options +
+                          "': " + log);
+  }
+  const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  spdlog::info("mlstm-flow: built '{}' for {} in {:.0f} ms", label, info_.name, ms);
+  ++builds_;
+  programs_.emplace(key, p);
+  return p;
+}
+
+cl_kernel Device::kernel(cl_program program, const char* name) {
+  cl_int err = CL_SUCCESS;
+  cl_kernel k = clCreateKernel(program, name, &err);
+  check(err, (std::string("clCreateKernel(") + name + ")").c_str(), info_.name);
+  return k;
+}
+
+Buffer Device::alloc(std::size_t bytes) {
+  cl_int err = CL_SUCCESS;
+  cl_mem m = clCreateBuffer(context_, CL_MEM_READ_WRITE, std::max<std::size_t>(bytes, 4), nullptr, &err);
+  check(err, "clCreateBuffer", info_.name);
+  return Buffer(m, bytes);
+}
+
+Buffer Device::upload(const void* data, std::size_t bytes) {
+  Buffer b = alloc(bytes);
+  if (bytes) check(clEnqueueWriteBuffer(queue_, b.get(), CL_TRUE, 0, bytes, data, 0, nullptr, nullptr),
+                   "clEnqueueWriteBuffer", info_.name);
+  return b;
+}
+
+void Device::download(const Buffer& buf, void* data, std::size_t bytes) {
+  if (bytes) check(clEnqueueReadBuffer(queue_, buf.get(), CL_TRUE, 0, bytes, data, 0, nullptr, nullptr),
+                   "clEnqueueReadBuffer", info_.name);
+}
+
+void Device::finish() { check(clFinish(queue_), "clFinish", info_.name); }
+
+std::shared_ptr<Device> open_device(const DeviceInfo& info) {
+  static std::mutex mutex;
+  static std::map<int, std::shared_ptr<Device>> devices;
+  std::lock_guard lock(mutex);
+  auto& d = devices[info.index];
+  if (!d) d = std::make_shared<Device>(info);
+  return d;
+}
+
+std::string kernel_source(const std::string& name) {
+#ifdef MLSTM_OPENCL_FROM_DISK
+  std::ifstream in(std::string(MLSTM_OPENCL_SOURCE_DIR) + "/" + name + ".cl");
+  if (in) {
+    std::ostringstream ss;
+    ss << in.rdbuf();
+    return ss.str();
+  }
+#endif
+  for (const auto& s : embedded::kSources) {
+    if (s.name == name) return std::string(s.text);
+  }
+  throw Error("no OpenCL kernel source named '" + name + "'");
+}
+
+}  // namespace mlstm::opencl

@@ -1,0 +1,156 @@
+// OpenCL devices (spec parsing, program cache, build errors) and the portable chunkwise forward against
+// the float64 reference, on every dtype and gate, and on two devices at once (PoCL in CI).
+#include <gtest/gtest.h>
+
+#include <thread>
+
+#include "mlstm/devices/opencl.hpp"
+#include "mlstm/devices/opencl_kernels.hpp"
+#include "mlstm/mlstm.hpp"
+#include "mlstm/reference.hpp"
+#include "test_util.hpp"
+
+namespace mlstm {
+namespace {
+
+using testing::GateRegime;
+using testing::InputSpec;
+
+bool have_devices() { return !opencl::list_devices().empty(); }
+
+#define REQUIRE_OPENCL()                                                            \
+  if (!have_devices()) GTEST_SKIP() << "no OpenCL device (install pocl-opencl-icd)"
+
+TEST(OpenCLDevices, SpecsSelectDevicesAndBadSpecsNameTheArgument) {
+  REQUIRE_OPENCL();
+  const auto all = opencl::list_devices();
+  EXPECT_EQ(opencl::select_devices("all").size(), all.size());
+  EXPECT_EQ(opencl::select_devices("0").front().index, 0);
+  EXPECT_FALSE(opencl::select_devices("").empty());
+  for (const char* bad : {"gpu:banana", "7,8,9", "fpga", "cpu:99", "0,,1"}) {
+    try {
+      opencl::select_devices(bad);
+      // "gpu:banana" etc. must throw; a spec naming a kind that is absent also throws.
+      ADD_FAILURE() << "no error for spec '" << bad << "'";
+    } catch (const InvalidArgument& e) {
+      EXPECT_EQ(e.argument(), "devices");
+      EXPECT_NE(std::string(e.what()).find("accepted"), std::string::npos) << e.what();
+    }
+  }
+}
+
+TEST(OpenCLDevices, ProgramCacheBuildsOncePerOptionSetAndBuildErrorsNameDeviceAndSource) {
+  REQUIRE_OPENCL();
+  auto dev = opencl::open_device(opencl::select_devices("0").front());
+  const std::string src = "__kernel void twice(__global float* x) { x[get_global_id(0)] *= FACTOR; }";
+  const auto before = dev->builds();
+  cl_program a = dev->program_from_text("twice", src, "-DFACTOR=2.0f");
+  cl_program b = dev->program_from_text("twice", src, "-DFACTOR=2.0f");
+  EXPECT_EQ(a, b);
+  EXPECT_EQ(dev->builds(), before + 1);
+  dev->program_from_text("twice", src, "-DFACTOR=3.0f");
+  EXPECT_EQ(dev->builds(), before + 2);
+  try {
+    dev->program_from_text("broken_kernel", "__kernel void f(__global float* x) { x[0] = undefined_name; }", "");
+    FAIL() << "expected a build error";
+  } catch (const DeviceError& e) {
+    EXPECT_EQ(e.kind(), DeviceError::Kind::build);
+    EXPECT_EQ(e.device(), dev->name());
+    EXPECT_NE(std::string(e.what()).find("broken_kernel"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find(dev->name()), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(opencl::kernel_source("no_such_source"), Error);
+}
+
+struct Case {
+  std::string kernel;
+  InputSpec spec;
+  std::int64_t chunk;
+  bool normalize = true;
+};
+
+void PrintTo(const Case& c, std::ostream* os) { *os << c.kernel << " L=" << c.chunk << " " << c.spec.describe(); }
+
+InputSpec spec(std::int64_t B, std::int64_t NH, std::int64_t S, std::int64_t K, std::int64_t V, DType d, GateVariant g,
+               bool init, GateRegime r = GateRegime::typical) {
+  InputSpec s;
+  s.B = B; s.NH = NH; s.S = S; s.DHQK = K; s.DHHV = V; s.dtype = d; s.gate = g; s.initial_state = init; s.regime = r;
+  return s;
+}
+
+class OpenCLForward : public ::testing::TestWithParam<Case> {};
+
+TEST_P(OpenCLForward, MatchesReference) {
+  REQUIRE_OPENCL();
+  const auto c = GetParam();
+  const auto in = testing::make_inputs(c.spec, testing::fresh_seed());
+  MlstmOptions o;
+  o.gate = c.spec.gate;
+  o.chunk_size = c.chunk;
+  o.normalize = c.normalize;
+  const auto got = get_kernel(c.kernel, KernelTarget{"0"})->forward(in.args(), o);
+  const auto ref = reference::recurrent_forward(in.args(), o);
+  const bool wide = c.spec.dtype == DType::f32;
+  const double tol = c.spec.regime == GateRegime::extreme ? (wide ? 1e-3 : 5e-2) : (wide ? 1e-4 : 2e-2);
+  ASSERT_EQ(got.h.dtype(), c.spec.dtype);
+  EXPECT_TRUE(testing::matches(got.h, ref.h, tol, c.kernel, "h", c.spec));
+  EXPECT_TRUE(testing::matches(got.c, ref.c, tol, c.kernel, "c_last", c.spec));
+  EXPECT_TRUE(testing::matches(got.n, ref.n, tol, c.kernel, "n_last", c.spec));
+  EXPECT_TRUE(testing::matches(got.m, ref.m, 1e-5, c.kernel, "m_last", c.spec));
+}
+
+const std::string kXl = "chunkwise--opencl_xl_chunk";
+const std::string kSig = "chunkwise--opencl_xl_chunk_siging";
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, OpenCLForward,
+    ::testing::Values(Case{kXl, spec(3, 5, 1000, 48, 96, DType::f32, GateVariant::exp, false), 64},
+                      Case{kXl, spec(2, 2, 300, 128, 64, DType::bf16, GateVariant::exp, true), 128},
+                      Case{kXl, spec(1, 3, 257, 96, 48, DType::f16, GateVariant::exp, true), 100},
+                      Case{kXl, spec(2, 2, 200, 16, 24, DType::f32, GateVariant::exp, true, GateRegime::extreme), 64},
+                      Case{kSig, spec(2, 3, 190, 32, 48, DType::f32, GateVariant::sigmoid, true), 64},
+                      Case{kSig, spec(1, 2, 130, 16, 16, DType::bf16, GateVariant::sigmoid, false), 32, false}));
+
+TEST(OpenCLForwardState, TwoCallsEqualOneCall) {
+  REQUIRE_OPENCL();
+  InputSpec s = spec(2, 2, 300, 32, 32, DType::f32, GateVariant::exp, false);
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  MlstmOptions o;
+  auto kernel = get_kernel(kXl, KernelTarget{"0"});
+  const auto whole = kernel->forward(in.args(), o);
+  const std::int64_t S1 = 137;
+  auto cut = [&](const Tensor& t, std::int64_t a, std::int64_t b) {
+    if (t.dims() == 3) return testing::slice_seq(t.reshaped({t.dim(0), t.dim(1), t.dim(2), 1}), a, b).reshaped({t.dim(0), t.dim(1), b - a});
+    return testing::slice_seq(t, a, b);
+  };
+  testing::Inputs p1 = in, p2 = in;
+  for (auto* part : {&p1, &p2}) {
+    const bool first = part == &p1;
+    const std::int64_t a = first ? 0 : S1, b = first ? S1 : s.S;
+    part->q = cut(in.q, a, b); part->k = cut(in.k, a, b); part->v = cut(in.v, a, b);
+    part->i = cut(in.i, a, b); part->f = cut(in.f, a, b);
+  }
+  const auto r1 = kernel->forward(p1.args(), o);
+  p2.c0 = r1.c; p2.n0 = r1.n; p2.m0 = r1.m;
+  const auto r2 = kernel->forward(p2.args(), o);
+  EXPECT_TRUE(testing::matches(testing::concat_seq(r1.h, r2.h), whole.h, 5e-5, kXl, "h two calls vs one", s));
+}
+
+TEST(OpenCLTwoDevices, BothDevicesAtOnceGiveTheSameResults) {
+  REQUIRE_OPENCL();
+  if (opencl::list_devices().size() < 2) GTEST_SKIP() << "needs two OpenCL devices (POCL_DEVICES=\"pthread pthread\")";
+  InputSpec s = spec(2, 3, 160, 32, 48, DType::bf16, GateVariant::exp, true);
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  MlstmOptions o;
+  ForwardResult r0, r1;
+  std::thread t0([&] { r0 = get_kernel(kXl, KernelTarget{"0"})->forward(in.args(), o); });
+  std::thread t1([&] { r1 = get_kernel(kXl, KernelTarget{"1"})->forward(in.args(), o); });
+  t0.join();
+  t1.join();
+  EXPECT_TRUE(testing::matches(r1.h, r0.h, 0.0, "device 1 vs device 0", "h", s));
+  const auto ref = reference::recurrent_forward(in.args(), o);
+  EXPECT_TRUE(testing::matches(r0.h, ref.h, 2e-2, kXl, "h", s));
+}
+
+}  // namespace
+}  // namespace mlstm
