@@ -81,7 +81,8 @@ TEST_P(CpuKernel, ForwardMatchesReference) {
   EXPECT_TRUE(matches(got.h, ref.h, h_tol(c.spec), c.kernel, "h", c.spec));
   EXPECT_TRUE(matches(got.c, ref.c, h_tol(c.spec), c.kernel, "c_last", c.spec));
   EXPECT_TRUE(matches(got.n, ref.n, h_tol(c.spec), c.kernel, "n_last", c.spec));
-  EXPECT_TRUE(matches(got.m, ref.m, 1e-5, c.kernel, "m_last", c.spec));
+  // m sums up to S gate terms of size up to 20 in float32 (extreme gates: ~1e-4 relative).
+  EXPECT_TRUE(matches(got.m, ref.m, c.spec.regime == GateRegime::extreme ? 2e-4 : 1e-5, c.kernel, "m_last", c.spec));
 }
 
 TEST_P(CpuKernel, BackwardMatchesReference) {

@@ -96,7 +96,8 @@ TEST_P(OpenCLForward, MatchesReference) {
   EXPECT_TRUE(testing::matches(got.h, ref.h, tol, c.kernel, "h", c.spec));
   EXPECT_TRUE(testing::matches(got.c, ref.c, tol, c.kernel, "c_last", c.spec));
   EXPECT_TRUE(testing::matches(got.n, ref.n, tol, c.kernel, "n_last", c.spec));
-  EXPECT_TRUE(testing::matches(got.m, ref.m, 1e-5, c.kernel, "m_last", c.spec));
+  // m sums up to S gate terms of size up to 20 in float32 (extreme gates: ~1e-4 relative).
+  EXPECT_TRUE(testing::matches(got.m, ref.m, c.spec.regime == GateRegime::extreme ? 2e-4 : 1e-5, c.kernel, "m_last", c.spec));
 }
 
 const std::string kXl = "chunkwise--opencl_xl_chunk";
