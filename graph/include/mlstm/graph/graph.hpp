@@ -1,0 +1,4 @@
+// The graph module's public headers.
+#pragma once
+
+#include "mlstm/graph/stream.hpp"

@@ -1,0 +1,62 @@
+// Streaming sessions: feed a sequence in pieces of any length as they arrive; each push returns h for
+// that piece and carries the recurrent state (C, n, m). Memory stays flat whatever the total length.
+// snapshot()/restore() save and load the state (versioned, checksummed), so a stream resumes bit-exactly
+// after a restart.
+//
+//   mlstm::StreamConfig cfg;  cfg.B = 1; cfg.NH = 4; cfg.DHQK = 128; cfg.DHHV = 128;
+//   mlstm::StreamSession stream(cfg);
+//   while (more) { mlstm::Tensor h = stream.push(piece_args); ... }   // piece_args: q,k,v,i,f of S_piece tokens
+//   stream.snapshot("state.mlstm");   ...   auto resumed = mlstm::StreamSession::restore("state.mlstm", cfg);
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "mlstm/kernel.hpp"
+#include "mlstm/problem.hpp"
+#include "mlstm/tensor.hpp"
+
+namespace mlstm {
+
+// The recurrent state carried from chunk to chunk: C (B,NH,DHQK,DHHV), n (B,NH,DHQK), m (B,NH), float32.
+struct ChunkState {
+  Tensor C, n, m;
+  static ChunkState zeros(std::int64_t B, std::int64_t NH, std::int64_t DHQK, std::int64_t DHHV);
+};
+
+struct StreamConfig {
+  std::int64_t B = 1, NH = 1, DHQK = 0, DHHV = 0;
+  MlstmOptions options;                               // gate, normalize, eps, chunk size
+  std::string kernel = "chunkwise--cpu_xl_chunk";     // any chunkwise kernel of the registry
+  KernelTarget target;                                // device for device kernels
+};
+
+class StreamSession {
+ public:
+  explicit StreamSession(StreamConfig config);                   // InvalidArgument naming a bad field
+  StreamSession(StreamConfig config, ChunkState initial_state);  // start from a given state
+
+  // h (B,NH,S_piece,DHHV) in q's dtype for one piece. The piece's q,k,v,i,f must match the config's B, NH,
+  // DHQK, DHHV (InvalidArgument naming the argument otherwise); its c0/n0/m0 must be empty.
+  Tensor push(const ForwardArgs& piece);
+
+  const ChunkState& state() const noexcept { return state_; }
+  std::int64_t tokens() const noexcept { return tokens_; }  // tokens per row consumed so far
+  const StreamConfig& config() const noexcept { return config_; }
+
+  // Writes the state to `path` atomically (temporary file + rename). Format: magic, version, dims, gate,
+  // token count, C, n, m, FNV-1a 64 checksum.
+  void snapshot(const std::string& path) const;
+  // Reads a snapshot; a truncated, corrupted or mismatching file (dims or gate differ from `config`) is
+  // refused with mlstm::Error naming the file and the problem.
+  static StreamSession restore(const std::string& path, StreamConfig config);
+
+ private:
+  StreamConfig config_;
+  std::unique_ptr<SequenceKernel> kernel_;
+  ChunkState state_;
+  std::int64_t tokens_ = 0;
+};
+
+}  // namespace mlstm

@@ -1,0 +1,148 @@
+// Streaming sessions: random-sized pieces equal one call; snapshot/restore resumes bit-exactly; bad or
+// damaged snapshots are refused.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <random>
+
+#include "mlstm/mlstm.hpp"
+#include "test_util.hpp"
+
+namespace mlstm {
+namespace {
+
+namespace fs = std::filesystem;
+using testing::InputSpec;
+
+Tensor cut(const Tensor& t, std::int64_t a, std::int64_t b) {
+  if (t.dims() == 3) {
+    return testing::slice_seq(t.reshaped({t.dim(0), t.dim(1), t.dim(2), 1}), a, b).reshaped({t.dim(0), t.dim(1), b - a});
+  }
+  return testing::slice_seq(t, a, b);
+}
+
+struct Piece {
+  Tensor q, k, v, i, f;
+  ForwardArgs args() const {
+    ForwardArgs a;
+    a.q = q.view(); a.k = k.view(); a.v = v.view(); a.i = i.view(); a.f = f.view();
+    return a;
+  }
+};
+
+Piece piece(const testing::Inputs& in, std::int64_t a, std::int64_t b) {
+  return {cut(in.q, a, b), cut(in.k, a, b), cut(in.v, a, b), cut(in.i, a, b), cut(in.f, a, b)};
+}
+
+StreamConfig config_for(const InputSpec& s, const std::string& kernel = "chunkwise--cpu_xl_chunk") {
+  StreamConfig c;
+  c.B = s.B; c.NH = s.NH; c.DHQK = s.DHQK; c.DHHV = s.DHHV;
+  c.options.gate = s.gate;
+  c.options.chunk_size = 32;
+  c.kernel = kernel;
+  return c;
+}
+
+bool bit_equal(const Tensor& a, const Tensor& b) {
+  return a.shape() == b.shape() && a.dtype() == b.dtype() && std::memcmp(a.bytes(), b.bytes(), a.nbytes()) == 0;
+}
+
+class Stream : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(Stream, RandomSizedPiecesEqualOneCall) {
+  InputSpec s;
+  s.B = 2; s.NH = 3; s.S = 700; s.DHQK = 16; s.DHHV = 24;
+  const auto seed = testing::fresh_seed();
+  const auto in = testing::make_inputs(s, seed);
+  const auto cfg = config_for(s, GetParam());
+  MlstmOptions o = cfg.options;
+  const auto whole = get_kernel(GetParam(), cfg.target)->forward(in.args(), o);
+  StreamSession stream(cfg);
+  std::mt19937_64 rng(seed);
+  std::vector<Tensor> hs;
+  for (std::int64_t t = 0; t < s.S;) {
+    const std::int64_t len = std::min<std::int64_t>(s.S - t, 1 + static_cast<std::int64_t>(rng() % 97));
+    hs.push_back(stream.push(piece(in, t, t + len).args()));
+    t += len;
+  }
+  Tensor h = hs[0];
+  for (std::size_t p = 1; p < hs.size(); ++p) h = testing::concat_seq(h, hs[p]);
+  EXPECT_EQ(stream.tokens(), s.S);
+  EXPECT_TRUE(testing::matches(h, whole.h, 5e-5, "stream " + GetParam(), "h (pieces vs one call)", s));
+  EXPECT_TRUE(testing::matches(stream.state().C, whole.c, 5e-5, "stream " + GetParam(), "C", s));
+  EXPECT_TRUE(testing::matches(stream.state().m, whole.m, 1e-6, "stream " + GetParam(), "m", s));
+}
+
+INSTANTIATE_TEST_SUITE_P(Kernels, Stream, ::testing::Values("chunkwise--cpu_xl_chunk", "chunkwise--opencl_xl_chunk"),
+                         [](const auto& info) { return info.param.substr(info.param.find("--") + 2); });
+
+TEST(StreamSnapshot, RestoreResumesBitExactly) {
+  InputSpec s;
+  s.B = 1; s.NH = 2; s.S = 300; s.DHQK = 16; s.DHHV = 16;
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  const auto cfg = config_for(s);
+  const fs::path path = fs::temp_directory_path() / ("mlstm_snapshot_" + std::to_string(getpid()));
+  StreamSession a(cfg);
+  a.push(piece(in, 0, 123).args());
+  a.snapshot(path.string());
+  const Tensor h_a = a.push(piece(in, 123, 300).args());
+  StreamSession b = StreamSession::restore(path.string(), cfg);
+  EXPECT_EQ(b.tokens(), 123);
+  const Tensor h_b = b.push(piece(in, 123, 300).args());
+  EXPECT_TRUE(bit_equal(h_a, h_b));
+  EXPECT_TRUE(bit_equal(a.state().C, b.state().C));
+  EXPECT_TRUE(bit_equal(a.state().m, b.state().m));
+
+  // Damaged files are refused, never loaded.
+  std::string bytes;
+  {
+    std::ifstream f(path, std::ios::binary);
+    bytes.assign(std::istreambuf_iterator<char>(f), {});
+  }
+  auto refused = [&](const std::string& content, const StreamConfig& c, const std::string& why) {
+    std::ofstream(path, std::ios::binary | std::ios::trunc).write(content.data(), static_cast<std::streamsize>(content.size()));
+    try {
+      StreamSession::restore(path.string(), c);
+      ADD_FAILURE() << "loaded a snapshot that should be refused: " << why;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("refused"), std::string::npos) << e.what();
+    }
+  };
+  refused(bytes.substr(0, bytes.size() / 2), cfg, "truncated");
+  std::string flipped = bytes;
+  flipped[flipped.size() / 2] ^= 0x10;
+  refused(flipped, cfg, "one bit flipped");
+  refused("not a snapshot at all, just some text that is long enough to pass the size check......", cfg, "bad magic");
+  StreamConfig other = cfg;
+  other.DHHV = 8;
+  refused(bytes, other, "dimension mismatch");
+  fs::remove(path);
+  EXPECT_THROW(StreamSession::restore(path.string(), cfg), Error);  // missing file
+}
+
+TEST(StreamSession, BadConfigAndPiecesNameTheArgument) {
+  StreamConfig c;
+  c.B = 1; c.NH = 1; c.DHQK = 8; c.DHHV = 0;
+  try {
+    StreamSession s(c);
+    FAIL();
+  } catch (const InvalidArgument& e) {
+    EXPECT_EQ(e.argument(), "DHHV");
+  }
+  c.DHHV = 8;
+  StreamSession s(c);
+  InputSpec spec;
+  spec.B = 1; spec.NH = 1; spec.S = 10; spec.DHQK = 4; spec.DHHV = 8;
+  const auto in = testing::make_inputs(spec, testing::fresh_seed());
+  try {
+    s.push(in.args());
+    FAIL();
+  } catch (const InvalidArgument& e) {
+    EXPECT_EQ(e.argument(), "q");
+  }
+}
+
+}  // namespace
+}  // namespace mlstm
