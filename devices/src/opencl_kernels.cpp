@@ -49,7 +49,15 @@ void set_args(cl_kernel k, const std::string& device, const Args&... args) {
 
 ChunkwiseRunner::ChunkwiseRunner(std::shared_ptr<Device> device) : device_(std::move(device)) {}
 
-ForwardResult ChunkwiseRunner::forward(const ForwardArgs& a, const MlstmOptions& o) const {
+ForwardResult ChunkwiseRunner::forward(const ForwardArgs& a, const MlstmOptions& o) const { return run(a, o, true); }
+
+ForwardResult ChunkwiseRunner::last_state(const ForwardArgs& a, const MlstmOptions& o) const {
+  MlstmOptions with_states = o;
+  with_states.return_last_states = true;
+  return run(a, with_states, false);
+}
+
+ForwardResult ChunkwiseRunner::run(const ForwardArgs& a, const MlstmOptions& o, bool outputs) const {
   const ProblemShape p = validate_forward(a, o);
   Device& dev = *device_;
   const std::string& dn = dev.name();
@@ -103,7 +111,7 @@ ForwardResult ChunkwiseRunner::forward(const ForwardArgs& a, const MlstmOptions&
                               static_cast<std::size_t>(rows)};
     check(clEnqueueNDRangeKernel(queue, kh.k, 3, nullptr, g, nullptr, 0, nullptr, nullptr), "fw_states", dn);
   }
-  {
+  if (outputs) {
     KernelHandle kh{dev.kernel(prog, "fw_outputs")};
     set_args(kh.k, dn, dq, dk, dv, db, dig, dCb, dnb, dmb, dh, dmt, dNt, ddt, S, nchunks);
     const std::size_t g[2] = {static_cast<std::size_t>(S) * kWorkGroup, static_cast<std::size_t>(rows)};
@@ -111,9 +119,11 @@ ForwardResult ChunkwiseRunner::forward(const ForwardArgs& a, const MlstmOptions&
     check(clEnqueueNDRangeKernel(queue, kh.k, 2, nullptr, g, l, 0, nullptr, nullptr), "fw_outputs", dn);
   }
   ForwardResult out;
-  Tensor h({p.B, p.NH, p.S, p.DHHV}, dev_dtype);
-  dev.download(dh, h.bytes(), h.nbytes());
-  out.h = dev_dtype == p.dtype ? std::move(h) : h.to(p.dtype);
+  if (outputs) {
+    Tensor h({p.B, p.NH, p.S, p.DHHV}, dev_dtype);
+    dev.download(dh, h.bytes(), h.nbytes());
+    out.h = dev_dtype == p.dtype ? std::move(h) : h.to(p.dtype);
+  }
   if (o.return_last_states) {
     out.c = Tensor({p.B, p.NH, p.DHQK, p.DHHV}, DType::f32);
     out.n = Tensor({p.B, p.NH, p.DHQK}, DType::f32);

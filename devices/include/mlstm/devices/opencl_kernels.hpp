@@ -16,12 +16,16 @@ class ChunkwiseRunner {
   explicit ChunkwiseRunner(std::shared_ptr<Device> device);
   Device& device() const noexcept { return *device_; }
   ForwardResult forward(const ForwardArgs& args, const MlstmOptions& options) const;
+  // Only the state leaving the sequence (fw_gates + fw_states; h is left empty). With an EMPTY entering
+  // state (c0 = n0 = 0, m0 = -inf) this is a segment's local summary for sequence parallelism.
+  ForwardResult last_state(const ForwardArgs& args, const MlstmOptions& options) const;
 
   // Key-tile of the intra-chunk part (TFLA-style), so the chunk size is not limited by local memory.
   static constexpr int kKeyTile = 64;
   static constexpr int kWorkGroup = 64;
 
  private:
+  ForwardResult run(const ForwardArgs& args, const MlstmOptions& options, bool outputs) const;
   std::shared_ptr<Device> device_;
 };
 

@@ -1,0 +1,48 @@
+// The planner and runner of the flow graph: a problem is cut into segments of the sequence (sequence
+// parallelism); every device computes segments' local states from the EMPTY state in parallel; a serial,
+// in-order combine gives every segment its true entering state; then the devices compute the segments'
+// outputs in parallel. Devices pull segments from shared queues, so faster devices take more of them.
+//
+//   mlstm::graph::FlowGraphRunner runner("workers+gpu:all");
+//   auto plan = runner.plan(shape, options);       // printable, testable without running
+//   mlstm::ForwardResult out = runner.forward(args, options);
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "mlstm/nodes/compute_device.hpp"
+#include "mlstm/nodes/nodes.hpp"
+
+namespace mlstm::graph {
+
+struct Plan {
+  std::vector<std::string> devices;
+  std::int64_t S = 0, chunk_size = 0, segment_tokens = 0;
+  std::vector<nodes::Segment> segments;
+  std::string describe() const;  // one line per item; MLSTM_PLAN_DEBUG=1 prints it at run time
+};
+
+// Plans segments of `segment_tokens` (0: about 4 segments per device, whole chunks, at least one chunk).
+Plan make_plan(const ProblemShape& shape, const MlstmOptions& options, const std::vector<std::string>& devices,
+               std::int64_t segment_tokens = 0);
+
+class FlowGraphRunner {
+ public:
+  explicit FlowGraphRunner(std::vector<std::shared_ptr<nodes::ComputeDevice>> devices);
+  explicit FlowGraphRunner(const std::string& device_spec);  // nodes::devices_from_spec
+
+  const std::vector<std::shared_ptr<nodes::ComputeDevice>>& devices() const noexcept { return devices_; }
+  Plan plan(const ProblemShape& shape, const MlstmOptions& options, std::int64_t segment_tokens = 0) const;
+  // h and (when options.return_last_states) the last state; equal to one call of a chunkwise kernel.
+  ForwardResult forward(const ForwardArgs& args, const MlstmOptions& options, std::int64_t segment_tokens = 0);
+  // What ran where in the last forward ("segment 3: outputs on opencl:1 ...").
+  const std::vector<std::string>& last_log() const noexcept { return log_; }
+
+ private:
+  std::vector<std::shared_ptr<nodes::ComputeDevice>> devices_;
+  std::vector<std::string> log_;
+};
+
+}  // namespace mlstm::graph

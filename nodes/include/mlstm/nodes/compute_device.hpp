@@ -1,0 +1,33 @@
+// A device a node runs its work on: a CPU worker (one TBB arena pinned to a NUMA node) or an OpenCL
+// device. Both do the same two things on a segment (a run of tokens for all rows):
+//   forward()     h and the state leaving the segment, from the state entering it (c0/n0/m0 in args);
+//   last_state()  only the state leaving the segment; from an EMPTY entering state (C = n = 0,
+//                 m = -inf) this is the segment's local summary used by sequence parallelism.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "mlstm/problem.hpp"
+
+namespace mlstm::nodes {
+
+class ComputeDevice {
+ public:
+  virtual ~ComputeDevice() = default;
+  virtual std::string name() const = 0;
+  virtual std::string kind() const = 0;  // "cpu" or "opencl"
+  virtual ForwardResult forward(const ForwardArgs& segment, const MlstmOptions& options) = 0;
+  virtual ForwardResult last_state(const ForwardArgs& segment, const MlstmOptions& options) = 0;
+};
+
+// One CPU worker per NUMA node found (hwloc via tbbbind; one worker when the topology is not known).
+std::vector<std::shared_ptr<ComputeDevice>> cpu_workers();
+// The OpenCL devices of a device spec (opencl::select_devices).
+std::vector<std::shared_ptr<ComputeDevice>> opencl_devices(const std::string& spec);
+// "workers" (the CPU workers), an OpenCL spec ("gpu:all", "0,1", "cpu" = OpenCL CPU devices, ...), or
+// several joined with '+' ("workers+gpu:all").
+std::vector<std::shared_ptr<ComputeDevice>> devices_from_spec(const std::string& spec);
+
+}  // namespace mlstm::nodes

@@ -1,0 +1,98 @@
+// oneTBB flow-graph node bodies over segments (a run of tokens for all rows of a problem), public so that
+// users can wire them into their own tbb::flow::graph. The messages are small value types.
+//
+// The sequence-parallel forward that graph::FlowGraphRunner builds from them:
+//
+//   queue_node<Segment> --> function_node<Segment, SegmentSummary, rejecting>  (LocalStateBody, one per device)
+//        --> sequencer_node<SegmentSummary> (by index) --> function_node<SegmentSummary, SegmentEntry, serial>
+//            (StateRecurrenceBody: the state entering every segment, in order)
+//        --> queue_node<SegmentEntry> --> function_node<SegmentEntry, int, rejecting>  (SegmentOutputBody, one per device)
+//
+// Each device node is `serial` + `rejecting`, so a busy device declines and the queue offers the segment
+// to the next free one: faster devices pull more segments (oneTBB's binpack pattern).
+//
+//   tbb::flow::graph g;
+//   auto problem = std::make_shared<mlstm::nodes::SegmentProblem>(args, options, result_h);
+//   tbb::flow::function_node<Segment, SegmentSummary, tbb::flow::rejecting> local(g, 1, LocalStateBody{problem, dev});
+//   ...make_edge(...); g.wait_for_all();
+#pragma once
+
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "mlstm/nodes/compute_device.hpp"
+#include "mlstm/tensor.hpp"
+
+namespace mlstm::nodes {
+
+// A run of tokens [t0, t1) of every row.
+struct Segment {
+  int index = 0;
+  std::int64_t t0 = 0, t1 = 0;
+};
+
+// A segment's local state (from the EMPTY state) and its total log forget decay per row.
+struct SegmentSummary {
+  int index = 0;
+  Tensor C, n, m;  // (B,NH,DHQK,DHHV), (B,NH,DHQK), (B,NH) float32
+  Tensor G;        // (B,NH) float32: sum of logsigmoid(f) over the segment
+  std::string device;
+};
+
+// The true state entering a segment.
+struct SegmentEntry {
+  int index = 0;
+  Segment segment;
+  Tensor C, n, m;
+};
+
+// The problem the nodes work on: inputs (the caller keeps them alive), options, the output h (written by
+// segment, disjoint slices) and the state entering the first segment.
+class SegmentProblem {
+ public:
+  SegmentProblem(const ForwardArgs& args, const MlstmOptions& options);
+  const ProblemShape& shape() const noexcept { return shape_; }
+  const MlstmOptions& options() const noexcept { return options_; }
+  // Views of the inputs restricted to a segment (no copies).
+  ForwardArgs segment_args(const Segment& s) const;
+  // The EMPTY state (C = n = 0, m = -inf; m = 0 for the sigmoid gate) and the problem's initial state.
+  SegmentEntry empty_entry() const;
+  SegmentEntry initial_entry() const;
+  void write_h(const Segment& s, const Tensor& h);  // thread-safe for disjoint segments
+  Tensor& h() noexcept { return h_; }
+  std::vector<std::string> log;  // "segment i: local on <device>" etc., for plans and tests
+  std::mutex log_mutex;
+
+ private:
+  ForwardArgs args_;
+  MlstmOptions options_;
+  ProblemShape shape_;
+  Tensor h_;
+};
+
+// function_node body: the local summary of a segment on one device.
+struct LocalStateBody {
+  std::shared_ptr<SegmentProblem> problem;
+  std::shared_ptr<ComputeDevice> device;
+  SegmentSummary operator()(const Segment& s) const;
+};
+
+// Serial function_node body fed IN ORDER (through a sequencer_node): combines the running state with each
+// summary (stages::combine) and emits the state entering the segment; after the last one, `last_state`
+// holds the state leaving the sequence.
+struct StateRecurrenceBody {
+  std::shared_ptr<SegmentProblem> problem;
+  std::shared_ptr<std::vector<Segment>> segments;
+  std::shared_ptr<SegmentEntry> running;  // starts as problem->initial_entry()
+  SegmentEntry operator()(const SegmentSummary& summary) const;
+};
+
+// function_node body: h of a segment from its entering state, on one device.
+struct SegmentOutputBody {
+  std::shared_ptr<SegmentProblem> problem;
+  std::shared_ptr<ComputeDevice> device;
+  int operator()(const SegmentEntry& entry) const;
+};
+
+}  // namespace mlstm::nodes

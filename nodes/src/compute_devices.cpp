@@ -1,0 +1,124 @@
+#include <spdlog/spdlog.h>
+#include <tbb/info.h>
+#include <tbb/parallel_for.h>
+#include <tbb/task_arena.h>
+
+#include <limits>
+
+#include "mlstm/cpu_kernels.hpp"
+#include "mlstm/devices/opencl_kernels.hpp"
+#include "mlstm/error.hpp"
+#include "mlstm/nodes/compute_device.hpp"
+#include "mlstm/stages.hpp"
+
+namespace mlstm::nodes {
+
+namespace {
+
+constexpr std::int64_t kCpuTile = 64;
+
+class CpuWorker final : public ComputeDevice {
+ public:
+  CpuWorker(int numa_node, int concurrency)
+      : numa_node_(numa_node),
+        arena_(numa_node >= 0 ? tbb::task_arena(tbb::task_arena::constraints(numa_node, concurrency))
+                              : tbb::task_arena(concurrency)) {}
+  std::string name() const override { return "cpu:numa" + std::to_string(numa_node_ < 0 ? 0 : numa_node_); }
+  std::string kind() const override { return "cpu"; }
+  ForwardResult forward(const ForwardArgs& a, const MlstmOptions& o) override {
+    ForwardResult r;
+    arena_.execute([&] { r = cpu::chunkwise_forward(a, o, kCpuTile); });
+    return r;
+  }
+  ForwardResult last_state(const ForwardArgs& a, const MlstmOptions& o) override {
+    ForwardResult r;
+    arena_.execute([&] { r = states_only(a, o); });
+    return r;
+  }
+
+ private:
+  // fw_gates + fw_states per row (no outputs).
+  static ForwardResult states_only(const ForwardArgs& a, const MlstmOptions& o) {
+    const ProblemShape p = validate_forward(a, o);
+    ForwardResult out;
+    out.c = Tensor({p.B, p.NH, p.DHQK, p.DHHV}, DType::f32);
+    out.n = Tensor({p.B, p.NH, p.DHQK}, DType::f32);
+    out.m = Tensor({p.B, p.NH}, DType::f32);
+    const Tensor q32k = Tensor::copy_of(a.k, DType::f32), v32 = Tensor::copy_of(a.v, DType::f32);
+    const Tensor i32 = Tensor::copy_of(a.i, DType::f32), f32 = Tensor::copy_of(a.f, DType::f32);
+    const Tensor C0 = Tensor::copy_of(a.c0, DType::f32), n0 = Tensor::copy_of(a.n0, DType::f32),
+                 m0 = Tensor::copy_of(a.m0, DType::f32);
+    stages::SegmentShape s{p.S, o.chunk_size, p.DHQK, p.DHHV};
+    tbb::parallel_for(std::int64_t{0}, p.rows(), [&](std::int64_t r) {
+      std::vector<float> b(static_cast<std::size_t>(p.S)), ig(static_cast<std::size_t>(p.S)),
+          G(static_cast<std::size_t>(s.num_chunks()));
+      stages::fw_gates(i32.data<float>() + r * p.S, f32.data<float>() + r * p.S, o.gate, s, b.data(), ig.data(), G.data());
+      stages::ConstStateRef in(C0.data<float>() + r * p.DHQK * p.DHHV, n0.data<float>() + r * p.DHQK, m0.data<float>() + r);
+      stages::StateRef st{out.c.data<float>() + r * p.DHQK * p.DHHV, out.n.data<float>() + r * p.DHQK,
+                          out.m.data<float>() + r};
+      stages::fw_states(q32k.data<float>() + r * p.S * p.DHQK, v32.data<float>() + r * p.S * p.DHHV, b.data(), ig.data(),
+                        G.data(), o.gate, s, in, nullptr, st);
+    });
+    return out;
+  }
+  int numa_node_;
+  tbb::task_arena arena_;
+};
+
+class OpenCLComputeDevice final : public ComputeDevice {
+ public:
+  explicit OpenCLComputeDevice(std::shared_ptr<opencl::Device> d) : runner_(std::move(d)) {}
+  std::string name() const override { return "opencl:" + std::to_string(runner_.device().info().index) + " " + runner_.device().name(); }
+  std::string kind() const override { return "opencl"; }
+  ForwardResult forward(const ForwardArgs& a, const MlstmOptions& o) override { return runner_.forward(a, o); }
+  ForwardResult last_state(const ForwardArgs& a, const MlstmOptions& o) override { return runner_.last_state(a, o); }
+
+ private:
+  opencl::ChunkwiseRunner runner_;
+};
+
+}  // namespace
+
+std::vector<std::shared_ptr<ComputeDevice>> cpu_workers() {
+  std::vector<std::shared_ptr<ComputeDevice>> out;
+  const auto nodes = tbb::info::numa_nodes();
+  const bool known = nodes.size() > 1 || (nodes.size() == 1 && nodes[0] >= 0);
+  if (!known || nodes.size() == 1) {
+    out.push_back(std::make_shared<CpuWorker>(known ? nodes[0] : -1, tbb::info::default_concurrency()));
+  } else {
+    for (int node : nodes) {
+      out.push_back(std::make_shared<CpuWorker>(node, tbb::info::default_concurrency(node)));
+    }
+  }
+  spdlog::info("mlstm-flow: {} CPU worker(s) over NUMA nodes ({} reported by TBB)", out.size(), nodes.size());
+  return out;
+}
+
+std::vector<std::shared_ptr<ComputeDevice>> opencl_devices(const std::string& spec) {
+  std::vector<std::shared_ptr<ComputeDevice>> out;
+  for (const auto& info : opencl::select_devices(spec)) {
+    out.push_back(std::make_shared<OpenCLComputeDevice>(opencl::open_device(info)));
+  }
+  return out;
+}
+
+std::vector<std::shared_ptr<ComputeDevice>> devices_from_spec(const std::string& spec) {
+  std::vector<std::shared_ptr<ComputeDevice>> out;
+  std::size_t start = 0;
+  while (start <= spec.size()) {
+    const auto plus = spec.find('+', start);
+    const std::string part = spec.substr(start, plus == std::string::npos ? std::string::npos : plus - start);
+    if (part == "cpu-workers" || part == "workers") {
+      for (auto& d : cpu_workers()) out.push_back(d);
+    } else if (part.empty()) {
+      throw InvalidArgument("devices", "empty part in device spec '" + spec + "'");
+    } else {
+      for (auto& d : opencl_devices(part)) out.push_back(d);
+    }
+    if (plus == std::string::npos) break;
+    start = plus + 1;
+  }
+  return out;
+}
+
+}  // namespace mlstm::nodes

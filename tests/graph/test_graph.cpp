@@ -1,0 +1,87 @@
+// The flow graph: sequence-parallel forward on every device mix equals one call of the chunkwise kernel.
+#include <gtest/gtest.h>
+
+#include "mlstm/devices/opencl.hpp"
+#include "mlstm/mlstm.hpp"
+#include "test_util.hpp"
+
+namespace mlstm {
+namespace {
+
+using testing::GateRegime;
+using testing::InputSpec;
+
+struct Mix {
+  std::string spec;
+  std::size_t opencl_devices_needed;
+};
+
+void PrintTo(const Mix& m, std::ostream* os) { *os << m.spec; }
+
+class GraphForward : public ::testing::TestWithParam<Mix> {};
+
+TEST_P(GraphForward, EqualsOneCallOnEveryShape) {
+  const Mix mix = GetParam();
+  if (opencl::list_devices().size() < mix.opencl_devices_needed) {
+    GTEST_SKIP() << "needs " << mix.opencl_devices_needed << " OpenCL devices (POCL_DEVICES=\"pthread pthread\")";
+  }
+  graph::FlowGraphRunner runner(mix.spec);
+  for (auto [gate, init, S, L] : {std::tuple{GateVariant::exp, false, 1000, 64}, std::tuple{GateVariant::exp, true, 333, 32},
+                                  std::tuple{GateVariant::sigmoid, true, 257, 64}}) {
+    InputSpec s;
+    s.B = 3; s.NH = 5; s.S = S; s.DHQK = 48; s.DHHV = 24; s.gate = gate; s.initial_state = init;
+    if (S == 333) { s.B = 1; s.NH = 2; s.dtype = DType::bf16; s.regime = GateRegime::mixed; }
+    const auto in = testing::make_inputs(s, testing::fresh_seed());
+    MlstmOptions o;
+    o.gate = gate;
+    o.chunk_size = L;
+    const auto one_call = get_kernel("chunkwise--cpu_xl_chunk")->forward(in.args(), o);
+    const auto got = runner.forward(in.args(), o, /*segment_tokens=*/L * 2);
+    const double tol = s.dtype == DType::bf16 ? 1e-2 : 2e-5;
+    EXPECT_TRUE(testing::matches(got.h, one_call.h, tol, "graph " + mix.spec, "h", s));
+    EXPECT_TRUE(testing::matches(got.c, one_call.c, tol, "graph " + mix.spec, "c_last", s));
+    EXPECT_TRUE(testing::matches(got.n, one_call.n, tol, "graph " + mix.spec, "n_last", s));
+    EXPECT_TRUE(testing::matches(got.m, one_call.m, 1e-6, "graph " + mix.spec, "m_last", s));
+    EXPECT_FALSE(runner.last_log().empty());
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Devices, GraphForward,
+                         ::testing::Values(Mix{"workers", 0}, Mix{"0", 1}, Mix{"0,1", 2}, Mix{"workers+0,1", 2}),
+                         [](const auto& info) {
+                           std::string n = info.param.spec;
+                           for (auto& c : n) {
+                             if (!std::isalnum(static_cast<unsigned char>(c))) c = '_';
+                           }
+                           return n;
+                         });
+
+TEST(GraphForward, SequenceParallelEqualsSequential) {
+  InputSpec s;
+  s.B = 2; s.NH = 2; s.S = 900; s.DHQK = 16; s.DHHV = 16; s.initial_state = true;
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  MlstmOptions o;
+  graph::FlowGraphRunner runner("workers");
+  const auto sequential = runner.forward(in.args(), o, /*one segment*/ s.S);
+  const auto parallel = runner.forward(in.args(), o, 64);
+  EXPECT_TRUE(testing::matches(parallel.h, sequential.h, 2e-5, "graph 14 segments", "h vs 1 segment", s));
+  EXPECT_TRUE(testing::matches(parallel.c, sequential.c, 2e-5, "graph 14 segments", "c vs 1 segment", s));
+}
+
+TEST(GraphPlan, SegmentsCoverTheSequenceInWholeChunks) {
+  ProblemShape shape;
+  shape.B = 1; shape.NH = 4; shape.S = 1000;
+  MlstmOptions o;
+  o.chunk_size = 64;
+  const auto p = graph::make_plan(shape, o, {"a", "b"});
+  ASSERT_FALSE(p.segments.empty());
+  EXPECT_EQ(p.segments.front().t0, 0);
+  EXPECT_EQ(p.segments.back().t1, 1000);
+  for (std::size_t i = 1; i < p.segments.size(); ++i) EXPECT_EQ(p.segments[i].t0, p.segments[i - 1].t1);
+  EXPECT_EQ(p.segment_tokens % 64, 0);
+  EXPECT_NE(p.describe().find("[b]"), std::string::npos);
+  EXPECT_THROW(graph::make_plan(shape, o, {}), InvalidArgument);
+}
+
+}  // namespace
+}  // namespace mlstm
