@@ -21,6 +21,7 @@
 
 #include "mlstm/mlstm.hpp"
 #include "mlstm/npy.hpp"
+#include "mlstm/devices/opencl.hpp"
 #include "mlstm/reference.hpp"
 
 namespace {
@@ -404,7 +405,7 @@ LoadedInputs synthetic_piece(std::int64_t B, std::int64_t NH, std::int64_t len, 
 
 struct RunOptions {
   std::int64_t batch = 1, heads = 4, seq_len = 1 << 20, dqk = 128, dhv = 128, chunk_size = 128, piece = 16384;
-  std::string dtype = "bfloat16", devices = "all", mode = "stream", kernel = "chunkwise--cpu_xl_chunk";
+  std::string dtype = "bfloat16", devices = "auto", mode = "stream";
   bool backward = false, progress = false;
   std::int64_t check_tokens = 2048;
 };
@@ -416,12 +417,24 @@ int cmd_run(const RunOptions& ro, bool as_json) {
   MlstmOptions o;
   o.chunk_size = ro.chunk_size;
   validate_options(o);
-  auto kernel = get_kernel(ro.kernel, KernelTarget{ro.devices == "all" ? "" : ro.devices});
+  // Every usable device: the CPU workers, plus the OpenCL GPUs when there are any.
+  std::string spec = ro.devices;
+  if (spec == "auto") {
+    bool gpu = false;
+    for (const auto& d : opencl::list_devices()) gpu = gpu || d.type == opencl::DeviceType::gpu;
+    spec = gpu ? "workers+gpu:all" : "workers";
+  }
+  graph::FlowGraphRunner runner(spec);
+  std::unique_ptr<SequenceKernel> backward_kernel;
+  if (ro.backward) backward_kernel = get_kernel("chunkwise--cpu_xl_chunk");
   if (!as_json) {
-    std::cout << "plan: B=" << ro.batch << " NH=" << ro.heads << " S=" << ro.seq_len << " DHQK=" << ro.dqk
-              << " DHHV=" << ro.dhv << " " << dtype_name(dtype) << ", chunk " << ro.chunk_size << ", kernel "
-              << ro.kernel << ", mode " << ro.mode << ", pieces of " << ro.piece << " tokens carrying (C,n,m)"
-              << (ro.backward ? ", forward+backward per piece" : "") << "\n";
+    ProblemShape shape;
+    shape.B = ro.batch; shape.NH = ro.heads; shape.S = std::min(ro.piece, ro.seq_len); shape.DHQK = ro.dqk; shape.DHHV = ro.dhv;
+    std::cout << "problem: B=" << ro.batch << " NH=" << ro.heads << " S=" << ro.seq_len << " DHQK=" << ro.dqk
+              << " DHHV=" << ro.dhv << " " << dtype_name(dtype) << ", chunk " << ro.chunk_size << ", mode " << ro.mode
+              << ", streamed in pieces of " << ro.piece << " tokens carrying (C,n,m)"
+              << (ro.backward ? ", forward+backward per piece (backward on chunkwise--cpu_xl_chunk)" : "") << "\n"
+              << "per piece, " << runner.plan(shape, o).describe() << "\n";
   }
   Progress progress(ro.seq_len, ro.progress || isatty(2));
   Tensor C, n, m;
@@ -448,12 +461,12 @@ int cmd_run(const RunOptions& ro, bool as_json) {
       a.m0 = m.view();
     }
     const auto c0 = Clock::now();
-    ForwardResult r = kernel->forward(a, o);
+    ForwardResult r = runner.forward(a, o);
     if (ro.backward) {
       BackwardArgs b;
       b.inputs = a;
       b.dh = r.h.view();
-      const BackwardResult g = kernel->backward(b, o);
+      const BackwardResult g = backward_kernel->backward(b, o);
       (void)g;
     }
     compute_secs += std::chrono::duration<double>(Clock::now() - c0).count();
@@ -494,7 +507,7 @@ int cmd_run(const RunOptions& ro, bool as_json) {
   if (as_json) {
     std::cout << json{{"command", "run"}, {"tokens", tokens}, {"seconds", secs}, {"compute_seconds", compute_secs},
                       {"tokens_per_second", tokens / secs}, {"peak_rss_mib", peak_rss_mib()},
-                      {"spot_check_rel_error", max_rel}, {"spot_check_ok", check_ok}, {"kernel", ro.kernel},
+                      {"spot_check_rel_error", max_rel}, {"spot_check_ok", check_ok}, {"devices", spec},
                       {"revision", MLSTM_GIT_REVISION}}.dump() << "\n";
   } else {
     std::printf("throughput: %.0f tokens/s (%.0f tokens in %.2f s; kernels %.2f s)\n", tokens / secs, tokens, secs,
@@ -594,7 +607,7 @@ int main(int argc, char** argv) {
   app.add_flag("--json", as_json, "machine-readable output (JSON)");
 
   RunOptions ro;
-  auto* run = app.add_subcommand("run", "the main job: a long synthetic sequence streamed through the kernels with state carry");
+  auto* run = app.add_subcommand("run", "the main job: a long synthetic sequence streamed through the flow graph on every usable device");
   run->add_option("--batch", ro.batch, "B");
   run->add_option("--heads", ro.heads, "NH");
   run->add_option("--seq-len", ro.seq_len, "S (tokens per batch row)");
@@ -603,8 +616,8 @@ int main(int argc, char** argv) {
   run->add_option("--dtype", ro.dtype, "float32, float16, bfloat16");
   run->add_option("--chunk-size", ro.chunk_size, "chunk size");
   run->add_option("--piece", ro.piece, "tokens per streamed piece");
-  run->add_option("--kernel", ro.kernel, "chunkwise kernel");
-  run->add_option("--devices", ro.devices, "device spec (all, gpu:all, gpu:0,1, cpu)");
+  run->add_option("--devices", ro.devices,
+                  "devices: auto (CPU workers + OpenCL GPUs), workers, an OpenCL spec (gpu:all, 0,1, cpu), or a+b");
   run->add_option("--mode", ro.mode, "stream or resident")->check(CLI::IsMember({"stream", "resident"}));
   run->add_flag("--backward", ro.backward, "forward + backward");
   run->add_flag("--progress", ro.progress, "progress bar even when stderr is not a terminal");
