@@ -1,0 +1,194 @@
+// Python bindings: mlstm_flow.forward / backward / step / kernels / devices on numpy arrays.
+// bfloat16 arrays are passed as uint16 with dtype='bfloat16'. Bad input raises ValueError naming the argument.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+
+#include "mlstm/devices/opencl.hpp"
+#include "mlstm/mlstm.hpp"
+
+namespace py = pybind11;
+using namespace mlstm;
+
+namespace {
+
+// Converts a numpy array (any float dtype, or uint16 as bfloat16 when `bf16`) to a contiguous Tensor.
+Tensor to_tensor(const py::object& obj, const std::string& name, bool bf16) {
+  py::array arr = py::array::ensure(obj, py::array::c_style);
+  if (!arr) throw InvalidArgument(name, "expected a numpy array");
+  DType dt;
+  const auto kind = arr.dtype().kind();
+  const auto size = arr.dtype().itemsize();
+  if (kind == 'f' && size == 8) dt = DType::f64;
+  else if (kind == 'f' && size == 4) dt = DType::f32;
+  else if (kind == 'f' && size == 2) dt = DType::f16;
+  else if (kind == 'u' && size == 2 && bf16) dt = DType::bf16;
+  else {
+    throw InvalidArgument(name, "unsupported dtype " + std::string(py::str(arr.dtype())) +
+                                    "; expected float64, float32, float16, or uint16 with dtype='bfloat16'");
+  }
+  Shape shape(arr.shape(), arr.shape() + arr.ndim());
+  Tensor t(shape, dt);
+  std::memcpy(t.bytes(), arr.data(), t.nbytes());
+  return t;
+}
+
+py::array to_numpy(const Tensor& t) {
+  if (t.empty()) return py::array();
+  std::vector<py::ssize_t> shape(t.shape().begin(), t.shape().end());
+  py::dtype dt = t.dtype() == DType::f64 ? py::dtype::of<double>()
+                 : t.dtype() == DType::f32 ? py::dtype::of<float>()
+                 : t.dtype() == DType::f16 ? py::dtype("float16")
+                                           : py::dtype::of<std::uint16_t>();
+  py::array out(dt, shape);
+  std::memcpy(out.mutable_data(), t.bytes(), t.nbytes());
+  return out;
+}
+
+struct Loaded {
+  Tensor q, k, v, i, f, c0, n0, m0;
+  ForwardArgs args() const {
+    ForwardArgs a;
+    a.q = q.view(); a.k = k.view(); a.v = v.view(); a.i = i.view(); a.f = f.view();
+    if (!c0.empty()) a.c0 = c0.view();
+    if (!n0.empty()) a.n0 = n0.view();
+    if (!m0.empty()) a.m0 = m0.view();
+    return a;
+  }
+};
+
+Loaded load(const py::object& q, const py::object& k, const py::object& v, const py::object& i, const py::object& f,
+            const py::object& c0, const py::object& n0, const py::object& m0, const std::string& dtype) {
+  const bool bf16 = dtype == "bfloat16" || dtype == "bf16";
+  if (!dtype.empty() && !bf16) parse_dtype(dtype, "dtype");
+  Loaded l;
+  l.q = to_tensor(q, "q", bf16);
+  l.k = to_tensor(k, "k", bf16);
+  l.v = to_tensor(v, "v", bf16);
+  l.i = to_tensor(i, "i", false);
+  l.f = to_tensor(f, "f", false);
+  if (!c0.is_none()) l.c0 = to_tensor(c0, "c0", false);
+  if (!n0.is_none()) l.n0 = to_tensor(n0, "n0", false);
+  if (!m0.is_none()) l.m0 = to_tensor(m0, "m0", false);
+  return l;
+}
+
+MlstmOptions options(std::int64_t chunk_size, const std::string& gate, bool normalize, double eps, bool last) {
+  MlstmOptions o;
+  o.chunk_size = chunk_size;
+  o.gate = parse_gate(gate, "gate");
+  o.normalize = normalize;
+  o.eps = eps;
+  o.return_last_states = last;
+  return o;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(mlstm_flow, m) {
+  m.doc() = "mlstm-flow: the mLSTM cell over very long sequences (CPU, OpenCL, flow graph)";
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const InvalidArgument& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const Error& e) {
+      PyErr_SetString(PyExc_RuntimeError, e.what());
+    }
+  });
+  m.def(
+      "forward",
+      [](py::object q, py::object k, py::object v, py::object i, py::object f, py::object c0, py::object n0,
+         py::object m0, const std::string& kernel, std::int64_t chunk_size, const std::string& gate, bool normalize,
+         double eps, bool return_last_states, const std::string& dtype, const std::string& devices) {
+        const Loaded l = load(q, k, v, i, f, c0, n0, m0, dtype);
+        const MlstmOptions o = options(chunk_size, gate, normalize, eps, return_last_states);
+        ForwardResult r;
+        {
+          py::gil_scoped_release release;
+          r = get_kernel(kernel, KernelTarget{devices})->forward(l.args(), o);
+        }
+        if (!return_last_states) return py::object(to_numpy(r.h));
+        return py::object(py::make_tuple(to_numpy(r.h), py::make_tuple(to_numpy(r.c), to_numpy(r.n), to_numpy(r.m))));
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("i"), py::arg("f"), py::arg("c0") = py::none(),
+      py::arg("n0") = py::none(), py::arg("m0") = py::none(), py::arg("kernel") = "chunkwise--cpu_xl_chunk",
+      py::arg("chunk_size") = 64, py::arg("gate") = "exp", py::arg("normalize") = true, py::arg("eps") = 1e-6,
+      py::arg("return_last_states") = true, py::arg("dtype") = "", py::arg("devices") = "",
+      "h, (c, n, m) = forward(q, k, v, i, f, ...): q,k (B,NH,S,DHQK), v (B,NH,S,DHHV), i,f (B,NH,S)");
+  m.def(
+      "backward",
+      [](py::object q, py::object k, py::object v, py::object i, py::object f, py::object dh, py::object c0,
+         py::object n0, py::object m0, py::object dc_last, py::object dn_last, const std::string& kernel,
+         std::int64_t chunk_size, const std::string& gate, bool normalize, double eps, const std::string& dtype) {
+        const Loaded l = load(q, k, v, i, f, c0, n0, m0, dtype);
+        const Tensor dht = to_tensor(dh, "dh", false);
+        Tensor dct, dnt;
+        if (!dc_last.is_none()) dct = to_tensor(dc_last, "dc_last", false);
+        if (!dn_last.is_none()) dnt = to_tensor(dn_last, "dn_last", false);
+        BackwardArgs b;
+        b.inputs = l.args();
+        b.dh = dht.view();
+        if (!dct.empty()) b.dc_last = dct.view();
+        if (!dnt.empty()) b.dn_last = dnt.view();
+        BackwardResult g;
+        {
+          py::gil_scoped_release release;
+          g = get_kernel(kernel)->backward(b, options(chunk_size, gate, normalize, eps, true));
+        }
+        py::dict out;
+        out["dq"] = to_numpy(g.dq);
+        out["dk"] = to_numpy(g.dk);
+        out["dv"] = to_numpy(g.dv);
+        out["di"] = to_numpy(g.di);
+        out["df"] = to_numpy(g.df);
+        if (!g.dc0.empty()) {
+          out["dc0"] = to_numpy(g.dc0);
+          out["dn0"] = to_numpy(g.dn0);
+          out["dm0"] = to_numpy(g.dm0);
+        }
+        return out;
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("i"), py::arg("f"), py::arg("dh"), py::arg("c0") = py::none(),
+      py::arg("n0") = py::none(), py::arg("m0") = py::none(), py::arg("dc_last") = py::none(),
+      py::arg("dn_last") = py::none(), py::arg("kernel") = "chunkwise--cpu_xl_chunk", py::arg("chunk_size") = 64,
+      py::arg("gate") = "exp", py::arg("normalize") = true, py::arg("eps") = 1e-6, py::arg("dtype") = "",
+      "dict of gradients dq, dk, dv, di, df (and dc0, dn0, dm0 when an initial state is given)");
+  m.def(
+      "step",
+      [](py::object q, py::object k, py::object v, py::object i, py::object f, py::object c, py::object n, py::object mm,
+         const std::string& kernel, const std::string& gate, bool normalize, double eps, const std::string& dtype) {
+        const Loaded l = load(q, k, v, i, f, c, n, mm, dtype);
+        StepArgs a;
+        a.q = l.q.view(); a.k = l.k.view(); a.v = l.v.view(); a.i = l.i.view(); a.f = l.f.view();
+        if (!l.c0.empty()) a.c = l.c0.view();
+        if (!l.n0.empty()) a.n = l.n0.view();
+        if (!l.m0.empty()) a.m = l.m0.view();
+        const StepResult r = get_step_kernel(kernel)->step(a, options(1, gate, normalize, eps, true));
+        return py::make_tuple(to_numpy(r.h), py::make_tuple(to_numpy(r.c), to_numpy(r.n), to_numpy(r.m)));
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("i"), py::arg("f"), py::arg("c") = py::none(),
+      py::arg("n") = py::none(), py::arg("m") = py::none(), py::arg("kernel") = "cpu", py::arg("gate") = "exp",
+      py::arg("normalize") = true, py::arg("eps") = 1e-6, py::arg("dtype") = "",
+      "h, (c, n, m) = step(q, k, v, i, f, c, n, m): one recurrent step; q,k (B,NH,DHQK), i,f (B,NH)");
+  m.def("kernels", [] {
+    py::list out;
+    for (const auto& k : available_kernels()) {
+      py::dict d;
+      d["name"] = k.name;
+      d["form"] = std::string(form_name(k.form));
+      d["device"] = k.device_kind;
+      d["backward"] = k.has_backward;
+      d["description"] = k.description;
+      out.append(d);
+    }
+    return out;
+  });
+  m.def("devices", [] {
+    py::list out;
+    for (const auto& d : opencl::list_devices()) out.append(d.describe());
+    return out;
+  });
+}

@@ -1,0 +1,109 @@
+"""The mlstm_flow Python module against a numpy float64 recurrent reference (written here)."""
+import sys
+
+import numpy as np
+
+import mlstm_flow
+
+
+def logsigmoid(x):
+    return np.where(x >= 0, -np.log1p(np.exp(-x)), x - np.log1p(np.exp(x)))
+
+
+def reference(q, k, v, i, f, c0=None, n0=None, m0=None, eps=1e-6):
+    q, k, v, i, f = (x.astype(np.float64) for x in (q, k, v, i, f))
+    B, NH, S, DK = q.shape
+    DV = v.shape[-1]
+    C = np.zeros((B, NH, DK, DV)) if c0 is None else c0.astype(np.float64).copy()
+    n = np.zeros((B, NH, DK)) if n0 is None else n0.astype(np.float64).copy()
+    m = np.zeros((B, NH)) if m0 is None else m0.astype(np.float64).copy()
+    h = np.zeros((B, NH, S, DV))
+    for t in range(S):
+        lf = logsigmoid(f[:, :, t])
+        m_new = np.maximum(lf + m, i[:, :, t])
+        a = np.exp(lf + m - m_new)
+        b = np.exp(i[:, :, t] - m_new)
+        C = a[..., None, None] * C + b[..., None, None] * k[:, :, t, :, None] * v[:, :, t, None, :]
+        n = a[..., None] * n + b[..., None] * k[:, :, t]
+        m = m_new
+        qs = q[:, :, t] / np.sqrt(DK)
+        num = np.einsum("bhd,bhde->bhe", qs, C)
+        den = np.einsum("bhd,bhd->bh", qs, n)
+        h[:, :, t] = num / (np.maximum(np.abs(den), np.exp(-m)) + eps)[..., None]
+    return h, (C, n, m)
+
+
+def rel(a, b):
+    return np.max(np.abs(a.astype(np.float64) - b)) / np.max(np.abs(b))
+
+
+def main():
+    rng = np.random.default_rng()
+    B, NH, S, DK, DV = 2, 3, 77, 16, 24
+    q = rng.standard_normal((B, NH, S, DK), dtype=np.float32)
+    k = rng.standard_normal((B, NH, S, DK), dtype=np.float32)
+    v = rng.standard_normal((B, NH, S, DV), dtype=np.float32)
+    i = rng.standard_normal((B, NH, S), dtype=np.float32)
+    f = (3 + rng.standard_normal((B, NH, S))).astype(np.float32)
+    c0 = 0.5 * rng.standard_normal((B, NH, DK, DV)).astype(np.float32)
+    n0 = 0.5 * rng.standard_normal((B, NH, DK)).astype(np.float32)
+    m0 = rng.standard_normal((B, NH)).astype(np.float32)
+
+    h, (c, n, m) = mlstm_flow.forward(q, k, v, i, f, c0, n0, m0, chunk_size=32)
+    h_ref, (c_ref, n_ref, m_ref) = reference(q, k, v, i, f, c0, n0, m0)
+    assert h.dtype == np.float32 and h.shape == (B, NH, S, DV)
+    assert rel(h, h_ref) < 1e-4, rel(h, h_ref)
+    assert rel(c, c_ref) < 1e-4 and rel(m, m_ref) < 1e-5
+
+    # float16 inputs, and bfloat16 passed as uint16
+    h16, _ = mlstm_flow.forward(q.astype(np.float16), k.astype(np.float16), v.astype(np.float16), i, f)
+    assert h16.dtype == np.float16
+    assert rel(h16, reference(q.astype(np.float16), k.astype(np.float16), v.astype(np.float16), i, f)[0]) < 2e-2
+    to_bf16 = lambda x: ((x.astype(np.float32).view(np.uint32) + 0x7FFF + ((x.astype(np.float32).view(np.uint32) >> 16) & 1)) >> 16).astype(np.uint16)
+    from_bf16 = lambda x: (x.astype(np.uint32) << 16).view(np.float32)
+    hb, _ = mlstm_flow.forward(to_bf16(q), to_bf16(k), to_bf16(v), i, f, dtype="bfloat16")
+    assert hb.dtype == np.uint16
+    hb_ref, _ = reference(from_bf16(to_bf16(q)), from_bf16(to_bf16(k)), from_bf16(to_bf16(v)), i, f)
+    assert rel(from_bf16(hb), hb_ref) < 2e-2
+
+    # backward: finite-difference check of one q element through the library itself
+    dh = rng.standard_normal((B, NH, S, DV)).astype(np.float32)
+    q64, k64, v64 = (x.astype(np.float64) for x in (q, k, v))
+    g = mlstm_flow.backward(q64, k64, v64, i, f, dh, c0=c0, n0=n0, m0=m0, kernel="parallel--reference_f64")
+    assert set(["dq", "dk", "dv", "di", "df", "dc0", "dn0", "dm0"]) <= set(g)
+    g_cpu = mlstm_flow.backward(q, k, v, i, f, dh, c0=c0, n0=n0, m0=m0)
+    assert rel(g_cpu["dk"], g["dk"].astype(np.float64)) < 1e-3
+    qp = q.astype(np.float64).copy()
+    e = (1, 2, 10, 3)
+    step = 1e-4
+    qp[e] += step
+    lp = np.sum(reference(qp, k, v, i, f, c0, n0, m0)[0] * dh)
+    qp[e] -= 2 * step
+    lm = np.sum(reference(qp, k, v, i, f, c0, n0, m0)[0] * dh)
+    fd = (lp - lm) / (2 * step)
+    assert abs(fd - g["dq"][e]) < 1e-4 * max(1.0, abs(fd)), (fd, g["dq"][e])
+
+    # step == one token of the recurrence
+    hs, (cs, ns, ms) = mlstm_flow.step(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0], c0, n0, m0)
+    assert rel(hs, h_ref[:, :, 0]) < 1e-4
+
+    names = [x["name"] for x in mlstm_flow.kernels()]
+    assert "chunkwise--cpu_xl_chunk" in names
+    assert isinstance(mlstm_flow.devices(), list)
+
+    # errors name the argument
+    for bad, arg in [(dict(k=k[..., :5]), "k"), (dict(chunk_size=0), "chunk_size"), (dict(kernel="nope"), "kernel")]:
+        kw = dict(q=q, k=k, v=v, i=i, f=f)
+        kw.update(bad)
+        try:
+            mlstm_flow.forward(**kw)
+        except ValueError as err:
+            assert str(err).startswith(arg + ":"), str(err)
+        else:
+            raise AssertionError("no ValueError for " + arg)
+    print("python bindings: all checks passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
