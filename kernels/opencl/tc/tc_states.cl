@@ -1,0 +1,252 @@
+// Sequential state kernels of the tensor-core chunkwise mLSTM (prepend tc_common.cl).
+//   MODE 0: tc_fw_states  (forward over chunks: the state (C, n, m) entering every chunk)
+//   MODE 1: tc_bw_states  (reverse over chunks: the gradient of the state leaving every chunk)
+// One work-group per (row, DHQK tile of KT, DHHV tile of VT); KT/16 warps, warp w owns rows
+// 16w..16w+15 of the KT tile and all VT columns. The tile lives in mma accumulators (float32) for
+// the whole sequence; per chunk:  acc <- scale * acc + X^T diag(w) Y  with X (L x KT), Y (L x VT):
+//   forward : X = k, Y = v,  w_t = exp(G_c + bi_t - m_{c+1}),  scale = exp(G_c + m_c - m_{c+1})
+//   backward: X = q, Y = dh, w_t = exp(m_c - mm_t) / (sqrt(DHQK) N_t), scale = exp(G_c + m_c - m_{c+1})
+// and the n part (vector over the KT tile) with weights w_t (forward) / w_t * dden_t * N_t (backward),
+// kept by the work-groups of DHHV tile 0 only.
+// Build options: -DMODE -DL -DKT -DVT -DDHQK -DDHHV -DGATE_EXP (+ tc_common.cl's).
+
+#ifndef GATE_EXP
+#define GATE_EXP 1
+#endif
+
+#define NWS (KT / 16)
+#define NT (32 * NWS)
+#define XSTR (KT + 8)
+#define YSTR (VT + 8)
+#define NXV (L * KT / 8 / NT)  // 16-byte vectors of X per thread per chunk
+#define NYV (L * VT / 8 / NT)
+#define NVB (VT / 8)           // n-blocks of the accumulator
+
+#if (L * KT / 8) % NT != 0 || (L * VT / 8) % NT != 0 || KT % 16 != 0 || VT % 16 != 0 || L % 16 != 0
+#error "tc_states: unsupported tile configuration"
+#endif
+
+// Loads the raw 16-byte vectors (and gate scalars) of chunk c into registers.
+#define X_ROW(i) ((tid + (i) * NT) / (KT / 8))
+#define X_COL(i) (((tid + (i) * NT) % (KT / 8)) * 8)
+#define Y_ROW(i) ((tid + (i) * NT) / (VT / 8))
+#define Y_COL(i) (((tid + (i) * NT) % (VT / 8)) * 8)
+
+#if MODE == 0
+__kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_fw_states(
+    __global const ushort* X, __global const ushort* Y, __global const float* gbi, __global const float* gG,
+    __global const float* gA, __global const float* c0, __global const float* n0, __global const float* m0,
+    int has_init, __global ushort* Cst, __global float* nst, __global float* mst, __global float* c_last,
+    __global float* n_last, __global float* m_last, int S, int NC)
+#else
+__kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_states(
+    __global const ushort* X, __global const ushort* Y, __global const float* gb, __global const float* gpm,
+    __global const float* gG, __global const float* mst, __global const float* Nt, __global const float* dden,
+    __global const float* dc_last, __global const float* dn_last, int has_dlast, __global ushort* Cst,
+    __global float* nst, __global float* dc0, __global float* dn0, int S, int NC)
+#endif
+{
+  __local ushort xs[L * XSTR] __attribute__((aligned(16)));
+  __local ushort ys[L * YSTR] __attribute__((aligned(16)));
+  __local float nf[L];
+  __local float npart[KT];
+  EMU_DECL(NWS)
+  const int tid = get_local_id(0), lane = tid & 31, warp = tid >> 5, g = lane >> 2, tq = lane & 3;
+  const int row = get_global_id(1);
+  const int nkt = DHQK / KT;
+  const int kt = get_group_id(0) % nkt, vt = get_group_id(0) / nkt;
+  const int k0 = kt * KT, v0 = vt * VT;
+  const bool with_n = (vt == 0);
+  const float isq = 1.0f / sqrt((float)DHQK);
+
+  float acc[NVB][4];
+  float nacc = 0.0f;  // thread tid: n[k0 + tid % KT], half tid / KT of the tokens
+  const int nk = tid % KT, nh = tid / KT;
+
+  // ---- initial value ----
+  float m_cur;
+#if MODE == 0
+  m_cur = has_init ? m0[row] : 0.0f;
+#if !GATE_EXP
+  m_cur = 0.0f;
+#endif
+  const int have0 = has_init;
+  __global const float* init_C = c0;
+  __global const float* init_n = n0;
+#else
+  const int have0 = has_dlast;
+  __global const float* init_C = dc_last;
+  __global const float* init_n = dn_last;
+#endif
+  #pragma unroll
+  for (int j = 0; j < NVB; ++j)
+    #pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      int r = k0 + warp * 16 + g + (i >> 1) * 8, col = v0 + j * 8 + 2 * tq + (i & 1);
+      acc[j][i] = have0 ? init_C[((size_t)row * DHQK + r) * DHHV + col] : 0.0f;
+    }
+  if (have0 && nh == 0) nacc = init_n[(size_t)row * DHQK + k0 + nk];
+
+  // ---- register prefetch of one chunk ----
+  uint4 xr[NXV], yr[NYV];
+  float gsx[NXV][3];  // per-row gate scalars of the rows this thread stages
+#define PREFETCH(cc)                                                                                  \
+  {                                                                                                   \
+    const int cb_ = (cc) * L, len_ = min(L, S - cb_);                                                \
+    _Pragma("unroll")                                                                                 \
+    for (int i = 0; i < NXV; ++i) {                                                                   \
+      int r = X_ROW(i);                                                                               \
+      size_t tok = (size_t)row * S + cb_ + r;                                                         \
+      if (r < len_) {                                                                                 \
+        xr[i] = *(__global const uint4*)(X + tok * DHQK + k0 + X_COL(i));                             \
+        PREFETCH_GATES(i, tok)                                                                        \
+      } else {                                                                                        \
+        xr[i] = (uint4)(0u);                                                                          \
+        gsx[i][0] = 0.0f; gsx[i][1] = 0.0f; gsx[i][2] = 0.0f;                                         \
+      }                                                                                               \
+    }                                                                                                 \
+    _Pragma("unroll")                                                                                 \
+    for (int i = 0; i < NYV; ++i) {                                                                   \
+      int r = Y_ROW(i);                                                                               \
+      size_t tok = (size_t)row * S + cb_ + r;                                                         \
+      yr[i] = r < len_ ? *(__global const uint4*)(Y + tok * DHHV + v0 + Y_COL(i)) : (uint4)(0u);      \
+    }                                                                                                 \
+  }
+#if MODE == 0
+#define PREFETCH_GATES(i, tok) gsx[i][0] = gbi[tok];
+#else
+#if GATE_EXP
+#define PREFETCH_GATES(i, tok) gsx[i][0] = gpm[tok]; gsx[i][1] = Nt[tok]; gsx[i][2] = dden[tok];
+#else
+#define PREFETCH_GATES(i, tok) gsx[i][0] = -gb[tok]; gsx[i][1] = Nt[tok]; gsx[i][2] = dden[tok];
+#endif
+#endif
+
+#if MODE == 0
+  int c = 0;
+  const int c_end = NC, c_step = 1;
+#else
+  int c = NC - 1;
+  const int c_end = -1, c_step = -1;
+#endif
+  PREFETCH(c)
+  for (; c != c_end; c += c_step) {
+    const int len = min(L, S - c * L);
+    const float G = gG[(size_t)row * NC + c];
+    float m_c, m_next;
+#if MODE == 0
+    m_c = m_cur;
+#if GATE_EXP
+    m_next = fmax(G + m_c, gA[(size_t)row * NC + c]);
+#else
+    m_next = 0.0f;
+#endif
+#else
+    m_c = mst[(size_t)row * (NC + 1) + c];
+    m_next = mst[(size_t)row * (NC + 1) + c + 1];
+#endif
+    const float scale = exp(G + m_c - m_next);
+
+    // store the value entering this step: forward = state entering chunk c,
+    // backward = gradient of the state leaving chunk c
+    {
+      __global ushort* dst = Cst + (((size_t)row * NC + c) * DHQK + k0 + warp * 16) * DHHV + v0;
+      #pragma unroll
+      for (int j = 0; j < NVB; ++j) {
+        *(__global uint*)(dst + (size_t)g * DHHV + j * 8 + 2 * tq) = pack2(acc[j][0], acc[j][1]);
+        *(__global uint*)(dst + (size_t)(g + 8) * DHHV + j * 8 + 2 * tq) = pack2(acc[j][2], acc[j][3]);
+      }
+    }
+    if (with_n) {
+      if (nh == 1) npart[nk] = nacc;
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);  // npart visible; previous chunk's mma done with xs/ys
+    if (with_n && nh == 0) nst[((size_t)row * NC + c) * DHQK + k0 + nk] = nacc + npart[nk];
+#if MODE == 0
+    if (kt == 0 && vt == 0 && tid == 0) mst[(size_t)row * (NC + 1) + c] = m_c;
+#endif
+
+    #pragma unroll
+    for (int j = 0; j < NVB; ++j)
+      #pragma unroll
+      for (int i = 0; i < 4; ++i) acc[j][i] *= scale;
+    nacc *= scale;
+
+    // stage chunk c: X rows scaled by w_t, Y rows as they are
+    #pragma unroll
+    for (int i = 0; i < NXV; ++i) {
+      int r = X_ROW(i);
+      float w = 0.0f, nfac = 0.0f;
+      if (r < len) {
+#if MODE == 0
+        w = exp(G + gsx[i][0] - m_next);
+        nfac = 1.0f;
+#else
+        float mm = GATE_EXP ? fmax(m_c, gsx[i][0]) : gsx[i][0];
+        float e = exp(m_c - mm);
+        w = e * isq / gsx[i][1];
+        nfac = w != 0.0f ? gsx[i][2] * gsx[i][1] : 0.0f;
+#endif
+      }
+      uint4 v = xr[i];
+      v.x = scale2(v.x, w);
+      v.y = scale2(v.y, w);
+      v.z = scale2(v.z, w);
+      v.w = scale2(v.w, w);
+      sts128(xs + r * XSTR + X_COL(i), v);
+      if (X_COL(i) == 0) nf[r] = nfac;
+    }
+    #pragma unroll
+    for (int i = 0; i < NYV; ++i) sts128(ys + Y_ROW(i) * YSTR + Y_COL(i), yr[i]);
+    barrier(CLK_LOCAL_MEM_FENCE);
+
+    // prefetch the next chunk while the tensor cores work on this one
+    if (c + c_step != c_end) PREFETCH(c + c_step)
+
+    // acc (16 x VT per warp) += Xs^T (16 x L) * Ys (L x VT)
+    #pragma unroll
+    for (int ks = 0; ks < L / 16; ++ks) {
+      uint a[4];
+      ldA_T(xs, XSTR, warp * 16, ks * 16, a);
+      #pragma unroll
+      for (int jj = 0; jj < NVB / 2; ++jj) {
+        uint b[4];
+        ldB2_T(ys, YSTR, jj * 16, ks * 16, b);
+        mma16816(acc[2 * jj], a, b EMU_ARG);
+        mma16816(acc[2 * jj + 1], a, b + 2 EMU_ARG);
+      }
+    }
+    if (with_n) {
+      float s = 0.0f;
+      for (int r = nh * (L / 2); r < (nh + 1) * (L / 2); ++r) s += E2F(xs[r * XSTR + nk]) * nf[r];
+      nacc += s;
+    }
+#if MODE == 0
+    m_cur = m_next;
+#endif
+    // (the barrier at the top of the next iteration protects xs/ys)
+  }
+
+  // ---- final value ----
+  if (with_n && nh == 1) npart[nk] = nacc;
+  barrier(CLK_LOCAL_MEM_FENCE);
+#if MODE == 0
+  __global float* outC = c_last;
+  __global float* outn = n_last;
+  if (kt == 0 && vt == 0 && tid == 0) {
+    mst[(size_t)row * (NC + 1) + NC] = m_cur;
+    m_last[row] = m_cur;
+  }
+#else
+  __global float* outC = dc0;
+  __global float* outn = dn0;
+#endif
+  #pragma unroll
+  for (int j = 0; j < NVB; ++j)
+    #pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      int r = k0 + warp * 16 + g + (i >> 1) * 8, col = v0 + j * 8 + 2 * tq + (i & 1);
+      outC[((size_t)row * DHQK + r) * DHHV + col] = acc[j][i];
+    }
+  if (with_n && nh == 0) outn[(size_t)row * DHQK + k0 + nk] = nacc + npart[nk];
+}
