@@ -14,6 +14,7 @@
 #include <fstream>
 #include <iostream>
 #include <nlohmann/json.hpp>
+#include <functional>
 #include <random>
 
 #include <tbb/blocked_range.h>
@@ -524,6 +525,8 @@ struct BenchOptions {
   std::vector<std::int64_t> seq_lens{512, 1024, 2048, 4096, 8192, 16384};
   std::vector<std::int64_t> chunk_sizes{64, 128};
   std::vector<std::string> kernels{"chunkwise--cpu_xl_chunk", "chunkwise--cpu_limit_chunk"};
+  std::vector<std::int64_t> head_dims;          // optional sweep: DHQK = DHHV = each value
+  std::vector<std::string> graph_devices;        // optional sweep: the flow graph on each device spec
   std::string dtype = "float32", csv = "bench.csv", json_out = "bench.json";
   bool backward = false;
 };
@@ -583,6 +586,57 @@ int cmd_bench(const BenchOptions& bo, bool as_json) {
           }
         }
       }
+    }
+  }
+  // Head-dimension sweep (first kernel, first chunk size, S = the largest sequence length).
+  auto record = [&](const std::string& kernel, std::int64_t B, std::int64_t S, std::int64_t dqk, std::int64_t dhv,
+                    std::int64_t L, const std::string& pass, double med, double tokens, const std::string& extra) {
+    csv << kernel << ',' << B << ',' << bo.heads << ',' << S << ',' << dqk << ',' << dhv << ',' << dtype_name(dtype) << ','
+        << L << ',' << pass << ',' << med * 1e3 << ',' << tokens / med << '\n';
+    results.push_back({{"kernel", kernel}, {"B", B}, {"NH", bo.heads}, {"S", S}, {"DHQK", dqk}, {"DHHV", dhv},
+                       {"dtype", dtype_name(dtype)}, {"chunk", L}, {"pass", pass}, {"median_ms", med * 1e3},
+                       {"tokens_per_s", tokens / med}, {"sweep", extra}});
+    if (!as_json) {
+      std::printf("%-30s S=%6lld B=%4lld D=%4lld/%-4lld chunk=%4lld %-6s %9.2f ms %10.0f tokens/s  %s\n", kernel.c_str(),
+                  static_cast<long long>(S), static_cast<long long>(B), static_cast<long long>(dqk),
+                  static_cast<long long>(dhv), static_cast<long long>(L), pass.c_str(), med * 1e3, tokens / med,
+                  extra.c_str());
+    }
+  };
+  auto median_of = [&](const std::function<void()>& fn) {
+    std::vector<double> times;
+    for (std::int64_t rep = 0; rep <= bo.repeats; ++rep) {
+      const auto t0 = Clock::now();
+      fn();
+      if (rep > 0) times.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+    }
+    std::sort(times.begin(), times.end());
+    return times[times.size() / 2];
+  };
+  const std::int64_t S_max = *std::max_element(bo.seq_lens.begin(), bo.seq_lens.end());
+  const std::int64_t L0 = bo.chunk_sizes.front();
+  for (auto d : bo.head_dims) {
+    const std::int64_t B = std::max<std::int64_t>(1, bo.tokens / S_max);
+    const LoadedInputs l = synthetic_piece(B, bo.heads, S_max, d, d, dtype, 98);
+    MlstmOptions o;
+    o.chunk_size = L0;
+    auto kernel = get_kernel(bo.kernels.front());
+    const double med = median_of([&] { (void)kernel->forward(l.args(), o); });
+    record(bo.kernels.front(), B, S_max, d, d, L0, "fw", med, static_cast<double>(B * S_max), "head_dim");
+  }
+  // Device sweep through the flow graph: strong scaling (the same tokens on every device set) and weak
+  // scaling (tokens proportional to the number of devices).
+  for (const auto& spec : bo.graph_devices) {
+    graph::FlowGraphRunner runner(spec);
+    const auto ndev = static_cast<std::int64_t>(runner.devices().size());
+    MlstmOptions o;
+    o.chunk_size = L0;
+    for (const char* scaling : {"strong", "weak"}) {
+      const std::int64_t S = std::string(scaling) == "strong" ? S_max : S_max * ndev;
+      const LoadedInputs l = synthetic_piece(1, bo.heads, S, bo.dqk, bo.dhv, dtype, 97);
+      const double med = median_of([&] { (void)runner.forward(l.args(), o); });
+      record("graph[" + spec + "]", 1, S, bo.dqk, bo.dhv, L0, "fw", med, static_cast<double>(S),
+             std::string(scaling) + "_scaling devices=" + std::to_string(ndev));
     }
   }
   const json doc{{"machine", {{"hostname", host}, {"cpu", cpu_model()}, {"cores", sysconf(_SC_NPROCESSORS_ONLN)}}},
@@ -675,6 +729,9 @@ int main(int argc, char** argv) {
   bench->add_option("--dtype", bo.dtype, "input dtype");
   bench->add_option("--repeats", bo.repeats, "timed repeats (median)");
   bench->add_flag("--backward", bo.backward, "also time forward+backward");
+  bench->add_option("--head-dims", bo.head_dims, "also sweep DHQK = DHHV over these values");
+  bench->add_option("--graph-devices", bo.graph_devices,
+                    "also run the flow graph on each device spec (strong and weak scaling), e.g. workers 0 0,1");
   bench->add_option("--csv", bo.csv, "CSV output path");
   bench->add_option("--json-out", bo.json_out, "JSON output path");
 
