@@ -80,11 +80,11 @@ def device_scaling(rows, machines, out):
     if not sel:
         return []
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for scaling in ("strong", "weak"):
+    for scaling in ("strong", "weak", "streaming"):
         pts = [(r["kernel"], r["tokens_per_s"]) for r in sel if r["sweep"].startswith(scaling)]
         ax.bar([f"{k}\n{scaling}" for k, _ in pts], [v for _, v in pts], label=scaling)
     ax.set_ylabel("tokens/s")
-    ax.set_title(title(machines, "flow graph: device sets (strong / weak scaling)"))
+    ax.set_title(title(machines, "flow graph: device sets (strong / weak scaling, streaming)"))
     ax.tick_params(axis="x", labelsize=6)
     ax.legend()
     path = os.path.join(out, "device_scaling.png")

@@ -108,6 +108,9 @@ TEST_F(Cli, KernelsDevicesRunAndBenchWork) {
   auto r = run_cli("--json run --seq-len 3000 --piece 700 --heads 2 --dqk 16 --dhv 16 --dtype float32 --check-tokens 500");
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_NE(r.out.find("\"spot_check_ok\":true"), std::string::npos) << r.out;
+  auto res = run_cli("--json run --mode resident --seq-len 3000 --heads 2 --dqk 16 --dhv 16 --dtype float32 --check-tokens 500");
+  ASSERT_EQ(res.code, 0) << res.err;
+  EXPECT_NE(res.out.find("\"spot_check_ok\":true"), std::string::npos) << res.out;
   const std::string csv = (dir_ / "b.csv").string(), js = (dir_ / "b.json").string();
   auto b = run_cli("bench --tokens 1024 --seq-lens 256 512 --chunk-sizes 64 --dqk 16 --dhv 16 --repeats 1 --backward --csv " +
                    csv + " --json-out " + js);

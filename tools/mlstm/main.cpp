@@ -430,12 +430,13 @@ int cmd_run(const RunOptions& ro, bool as_json) {
   if (ro.backward) backward_kernel = get_kernel("chunkwise--cpu_xl_chunk");
   if (!as_json) {
     ProblemShape shape;
-    shape.B = ro.batch; shape.NH = ro.heads; shape.S = std::min(ro.piece, ro.seq_len); shape.DHQK = ro.dqk; shape.DHHV = ro.dhv;
+    shape.B = ro.batch; shape.NH = ro.heads; shape.S = ro.mode == "resident" ? ro.seq_len : std::min(ro.piece, ro.seq_len); shape.DHQK = ro.dqk; shape.DHHV = ro.dhv;
     std::cout << "problem: B=" << ro.batch << " NH=" << ro.heads << " S=" << ro.seq_len << " DHQK=" << ro.dqk
               << " DHHV=" << ro.dhv << " " << dtype_name(dtype) << ", chunk " << ro.chunk_size << ", mode " << ro.mode
-              << ", streamed in pieces of " << ro.piece << " tokens carrying (C,n,m)"
+              << (ro.mode == "resident" ? std::string(", resident: the whole sequence in one graph run")
+                                        : ", streamed in pieces of " + std::to_string(ro.piece) + " tokens carrying (C,n,m)")
               << (ro.backward ? ", forward+backward per piece (backward on chunkwise--cpu_xl_chunk)" : "") << "\n"
-              << "per piece, " << runner.plan(shape, o).describe() << "\n";
+              << (ro.mode == "resident" ? "" : "per piece, ") << runner.plan(shape, o).describe() << "\n";
   }
   Progress progress(ro.seq_len, ro.progress || isatty(2));
   Tensor C, n, m;
@@ -450,10 +451,38 @@ int cmd_run(const RunOptions& ro, bool as_json) {
     pieces.push_back(synthetic_piece(ro.batch, ro.heads, std::min(ro.piece, ro.seq_len), ro.dqk, ro.dhv, dtype,
                                      1234567 + static_cast<std::uint64_t>(p)));
   }
+  // resident: the whole sequence in memory (the same pieces, tiled), one pass through the graph.
+  const bool resident = ro.mode == "resident";
+  LoadedInputs full;
+  if (resident) {
+    auto tile = [&](Tensor LoadedInputs::*member, std::int64_t inner) {
+      const Tensor& first = pieces[0].*member;
+      Shape shape = first.shape();
+      shape[2] = ro.seq_len;
+      Tensor out(shape, first.dtype());
+      const std::int64_t P = first.dim(2);
+      const std::size_t es = dtype_size(first.dtype());
+      for (std::int64_t r = 0; r < ro.batch * ro.heads; ++r) {
+        for (std::int64_t t0 = 0; t0 < ro.seq_len; t0 += P) {
+          const Tensor& src = pieces[static_cast<std::size_t>((t0 / P) % kDistinctPieces)].*member;
+          const std::int64_t len = std::min(P, ro.seq_len - t0);
+          std::memcpy(out.bytes() + static_cast<std::size_t>((r * ro.seq_len + t0) * inner) * es,
+                      src.bytes() + static_cast<std::size_t>(r * P * inner) * es, static_cast<std::size_t>(len * inner) * es);
+        }
+      }
+      return out;
+    };
+    full.q = tile(&LoadedInputs::q, ro.dqk);
+    full.k = tile(&LoadedInputs::k, ro.dqk);
+    full.v = tile(&LoadedInputs::v, ro.dhv);
+    full.i = tile(&LoadedInputs::i, 1);
+    full.f = tile(&LoadedInputs::f, 1);
+  }
+  const std::int64_t step = resident ? ro.seq_len : ro.piece;
   std::int64_t piece_index = 0;
-  for (std::int64_t t0 = 0; t0 < ro.seq_len; t0 += ro.piece, ++piece_index) {
-    const std::int64_t len = std::min(ro.piece, ro.seq_len - t0);
-    LoadedInputs l = pieces[static_cast<std::size_t>(piece_index % kDistinctPieces)];
+  for (std::int64_t t0 = 0; t0 < ro.seq_len; t0 += step, ++piece_index) {
+    const std::int64_t len = std::min(step, ro.seq_len - t0);
+    LoadedInputs l = resident ? full : pieces[static_cast<std::size_t>(piece_index % kDistinctPieces)];
     if (len < l.q.dim(2)) l = synthetic_piece(ro.batch, ro.heads, len, ro.dqk, ro.dhv, dtype, 7654321);
     ForwardArgs a = l.args();
     if (!C.empty()) {
@@ -637,6 +666,35 @@ int cmd_bench(const BenchOptions& bo, bool as_json) {
       const double med = median_of([&] { (void)runner.forward(l.args(), o); });
       record("graph[" + spec + "]", 1, S, bo.dqk, bo.dhv, L0, "fw", med, static_cast<double>(S),
              std::string(scaling) + "_scaling devices=" + std::to_string(ndev));
+    }
+    // Streaming vs resident: the same S_max tokens in 8 pieces with the state carried, against one pass
+    // (the strong-scaling row above).
+    {
+      const LoadedInputs l = synthetic_piece(1, bo.heads, S_max, bo.dqk, bo.dhv, dtype, 97);
+      const std::int64_t piece = std::max<std::int64_t>(L0, S_max / 8);
+      const double med = median_of([&] {
+        StreamConfig cfg;
+        cfg.B = 1; cfg.NH = bo.heads; cfg.DHQK = bo.dqk; cfg.DHHV = bo.dhv;
+        cfg.options = o;
+        Tensor C = Tensor::zeros({1, bo.heads, bo.dqk, bo.dhv}, DType::f32), n = Tensor::zeros({1, bo.heads, bo.dqk}, DType::f32),
+               m = Tensor::zeros({1, bo.heads}, DType::f32);
+        for (std::int64_t t0 = 0; t0 < S_max; t0 += piece) {
+          const std::int64_t t1 = std::min(S_max, t0 + piece);
+          auto slice = [&](const Tensor& t, std::int64_t inner) {
+            Shape shape = t.shape();
+            shape[2] = t1 - t0;
+            Shape strides = contiguous_strides(t.shape());
+            return ConstTensorView(t.bytes() + static_cast<std::size_t>(t0 * inner) * dtype_size(t.dtype()), t.dtype(), shape, strides);
+          };
+          ForwardArgs a;
+          a.q = slice(l.q, bo.dqk); a.k = slice(l.k, bo.dqk); a.v = slice(l.v, bo.dhv); a.i = slice(l.i, 1); a.f = slice(l.f, 1);
+          a.c0 = C.view(); a.n0 = n.view(); a.m0 = m.view();
+          ForwardResult r = runner.forward(a, o);
+          C = std::move(r.c); n = std::move(r.n); m = std::move(r.m);
+        }
+      });
+      record("graph[" + spec + "]", 1, S_max, bo.dqk, bo.dhv, L0, "fw", med, static_cast<double>(S_max),
+             "streaming pieces=" + std::to_string((S_max + piece - 1) / piece) + " devices=" + std::to_string(ndev));
     }
   }
   const json doc{{"machine", {{"hostname", host}, {"cpu", cpu_model()}, {"cores", sysconf(_SC_NPROCESSORS_ONLN)}}},
