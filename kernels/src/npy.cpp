@@ -63,7 +63,16 @@ Shape parse_shape(const std::string& text, const std::string& argument) {
 
 }  // namespace
 
-Tensor parse(const std::string& bytes, const std::string& argument, std::optional<DType> as_dtype) {
+namespace {
+
+struct HeaderInfo {
+  Shape shape;
+  DType dtype;
+  std::size_t data_offset;
+};
+
+// Decodes and checks the header at the start of `bytes` (a prefix of the file is enough).
+HeaderInfo decode_header(const std::string& bytes, const std::string& argument, std::optional<DType> as_dtype) {
   if (bytes.size() < 10 || std::memcmp(bytes.data(), kMagic, 6) != 0) {
     throw InvalidArgument(argument, "not a .npy file (bad magic)");
   }
@@ -105,20 +114,73 @@ Tensor parse(const std::string& bytes, const std::string& argument, std::optiona
     throw InvalidArgument(argument, "unsupported .npy dtype '" + descr + "'; expected float64, float32, float16 or "
                                     "bfloat16 as uint16");
   }
-  if (as_dtype && *as_dtype != dtype && !(as_dtype == DType::bf16 && kind == "u2")) {
+  if (as_dtype && *as_dtype != dtype) {
     throw InvalidArgument(argument, "expected dtype " + std::string(dtype_name(*as_dtype)) + ", file holds " +
                                         std::string(dtype_name(dtype)));
   }
-  const std::size_t data_at = offset + header_len;
-  const auto numel = static_cast<std::size_t>(shape_numel(shape));
-  const std::size_t need = numel * dtype_size(dtype);
-  if (bytes.size() - data_at < need) {
-    throw InvalidArgument(argument, "truncated .npy data: shape " + shape_to_string(shape) + " needs " +
-                                        std::to_string(need) + " bytes, file has " + std::to_string(bytes.size() - data_at));
+  return {shape, dtype, offset + header_len};
+}
+
+}  // namespace
+
+Tensor parse(const std::string& bytes, const std::string& argument, std::optional<DType> as_dtype) {
+  const HeaderInfo h = decode_header(bytes, argument, as_dtype);
+  const auto numel = static_cast<std::size_t>(shape_numel(h.shape));
+  const std::size_t need = numel * dtype_size(h.dtype);
+  if (bytes.size() - h.data_offset < need) {
+    throw InvalidArgument(argument, "truncated .npy data: shape " + shape_to_string(h.shape) + " needs " +
+                                        std::to_string(need) + " bytes, file has " +
+                                        std::to_string(bytes.size() - h.data_offset));
   }
-  Tensor t(shape, dtype);
-  if (need) std::memcpy(t.bytes(), bytes.data() + data_at, need);
+  Tensor t(h.shape, h.dtype);
+  if (need) std::memcpy(t.bytes(), bytes.data() + h.data_offset, need);
   return t;
+}
+
+namespace {
+
+std::string read_prefix(std::ifstream& in, std::size_t n) {
+  std::string s(n, '\0');
+  in.read(s.data(), static_cast<std::streamsize>(n));
+  s.resize(static_cast<std::size_t>(in.gcount()));
+  in.clear();
+  return s;
+}
+
+}  // namespace
+
+std::pair<Shape, DType> read_header(const std::string& path, const std::string& argument, std::optional<DType> as_dtype) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw InvalidArgument(argument, "cannot open '" + path + "'");
+  const auto h = decode_header(read_prefix(in, 1 << 16), argument + " ('" + path + "')", as_dtype);
+  return {h.shape, h.dtype};
+}
+
+Tensor read_seq_slice(const std::string& path, const std::string& argument, std::int64_t s0, std::int64_t s1,
+                      std::optional<DType> as_dtype) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw InvalidArgument(argument, "cannot open '" + path + "'");
+  const std::string where = argument + " ('" + path + "')";
+  const auto h = decode_header(read_prefix(in, 1 << 16), where, as_dtype);
+  if (h.shape.size() < 3) throw InvalidArgument(argument, "expected (B,NH,S,...), got " + shape_to_string(h.shape));
+  const std::int64_t S = h.shape[2];
+  if (s0 < 0 || s1 < s0 || s1 > S) {
+    throw InvalidArgument(argument, "token range [" + std::to_string(s0) + ", " + std::to_string(s1) +
+                                        ") outside [0, " + std::to_string(S) + "]");
+  }
+  std::int64_t inner = 1;
+  for (std::size_t d = 3; d < h.shape.size(); ++d) inner *= h.shape[d];
+  Shape out_shape = h.shape;
+  out_shape[2] = s1 - s0;
+  Tensor out(out_shape, h.dtype);
+  const std::size_t es = dtype_size(h.dtype);
+  const std::size_t row_bytes = static_cast<std::size_t>((s1 - s0) * inner) * es;
+  for (std::int64_t r = 0; r < h.shape[0] * h.shape[1]; ++r) {
+    in.seekg(static_cast<std::streamoff>(h.data_offset + static_cast<std::size_t>((r * S + s0) * inner) * es));
+    in.read(reinterpret_cast<char*>(out.bytes()) + static_cast<std::size_t>(r) * row_bytes, static_cast<std::streamsize>(row_bytes));
+    if (static_cast<std::size_t>(in.gcount()) != row_bytes) throw InvalidArgument(argument, "truncated .npy data in '" + path + "'");
+  }
+  return out;
 }
 
 Tensor read(const std::string& path, const std::string& argument, std::optional<DType> as_dtype) {

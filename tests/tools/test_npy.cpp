@@ -53,6 +53,23 @@ TEST(Npy, RoundTripsEveryDtype) {
   std::filesystem::remove(path);
 }
 
+TEST(Npy, ReadsSequenceSlicesWithoutTheRest) {
+  std::vector<float> v(2 * 3 * 10 * 4);
+  for (std::size_t e = 0; e < v.size(); ++e) v[e] = static_cast<float>(e);
+  Tensor t = Tensor::from(v, {2, 3, 10, 4});
+  const auto path = (std::filesystem::temp_directory_path() / "mlstm_npy_slice.npy").string();
+  npy::write(path, t.view());
+  const Tensor s = npy::read_seq_slice(path, "--q", 3, 7);
+  ASSERT_EQ(s.shape(), (Shape{2, 3, 4, 4}));
+  for (std::int64_t b = 0; b < 2; ++b)
+    for (std::int64_t h = 0; h < 3; ++h)
+      for (std::int64_t t0 = 0; t0 < 4; ++t0)
+        for (std::int64_t d = 0; d < 4; ++d) ASSERT_EQ(s.get({b, h, t0, d}), t.get({b, h, t0 + 3, d}));
+  EXPECT_EQ(npy::read_header(path, "--q").first, (Shape{2, 3, 10, 4}));
+  EXPECT_THROW(npy::read_seq_slice(path, "--q", 8, 12), InvalidArgument);
+  std::filesystem::remove(path);
+}
+
 TEST(Npy, ReadsVersionTwoHeaders) {
   std::string img = header_image("{'descr': '<f4', 'fortran_order': False, 'shape': (2,), }", 2);
   const float data[2] = {4.f, 5.f};

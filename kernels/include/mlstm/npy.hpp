@@ -4,6 +4,7 @@
 
 #include <optional>
 #include <string>
+#include <utility>
 
 #include "mlstm/tensor.hpp"
 
@@ -14,6 +15,15 @@ namespace mlstm::npy {
 // `argument`): missing/unreadable file, bad magic or header, Fortran order, big-endian or unsupported
 // dtype (named), truncated data.
 Tensor read(const std::string& path, const std::string& argument, std::optional<DType> as_dtype = std::nullopt);
+
+// Reads only tokens [s0, s1) along axis 2 of a (B,NH,S,...) or (B,NH,S) array, without loading the rest
+// of the file (B*NH reads): streaming long sequences from disk with flat memory. Same errors as read(),
+// plus InvalidArgument when the range is outside [0, S] or the array has fewer than 3 dimensions.
+Tensor read_seq_slice(const std::string& path, const std::string& argument, std::int64_t s0, std::int64_t s1,
+                      std::optional<DType> as_dtype = std::nullopt);
+// The shape and dtype stored in a .npy file's header (reads the header only).
+std::pair<Shape, DType> read_header(const std::string& path, const std::string& argument,
+                                    std::optional<DType> as_dtype = std::nullopt);
 
 // Parses a whole .npy image held in memory (what read() does after loading the file); the fuzz target.
 Tensor parse(const std::string& bytes, const std::string& argument, std::optional<DType> as_dtype = std::nullopt);
