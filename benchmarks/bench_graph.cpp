@@ -1,0 +1,91 @@
+// The flow graph and streaming sessions: tokens/s and peak memory of a streaming run as the total length
+// grows (flat memory: the peak RSS must not grow with the number of tokens), and graph forward
+// throughput per device set.
+//   build/benchmarks/bench_graph --benchmark_filter=Stream
+#include <benchmark/benchmark.h>
+#include <sys/resource.h>
+
+#include <random>
+
+#include "mlstm/devices/opencl.hpp"
+#include "mlstm/mlstm.hpp"
+
+namespace {
+
+using namespace mlstm;
+
+double peak_rss_mib() {
+  rusage ru{};
+  getrusage(RUSAGE_SELF, &ru);
+  return static_cast<double>(ru.ru_maxrss) / 1024.0;
+}
+
+struct Piece {
+  Tensor q, k, v, i, f;
+  ForwardArgs args() const {
+    ForwardArgs a;
+    a.q = q.view(); a.k = k.view(); a.v = v.view(); a.i = i.view(); a.f = f.view();
+    return a;
+  }
+};
+
+Piece make_piece(std::int64_t NH, std::int64_t S, std::int64_t D, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal;
+  auto random = [&](Shape shape, float mean, DType dt) {
+    std::vector<float> x(static_cast<std::size_t>(shape_numel(shape)));
+    for (auto& e : x) e = mean + normal(rng);
+    return Tensor::from(x, shape, dt);
+  };
+  return {random({1, NH, S, D}, 0, DType::bf16), random({1, NH, S, D}, 0, DType::bf16), random({1, NH, S, D}, 0, DType::bf16),
+          random({1, NH, S}, 0, DType::f32), random({1, NH, S}, 3, DType::f32)};
+}
+
+// arg: total tokens (millions). NH=4, DHQK=DHHV=64, bf16, pieces of 16384 tokens, chunkwise CPU kernel.
+void BM_StreamPeakMemory(benchmark::State& state) {
+  const std::int64_t total = state.range(0) * (1 << 20), piece = 16384, NH = 4, D = 64;
+  static const Piece pieces[2] = {make_piece(NH, piece, D, 1), make_piece(NH, piece, D, 2)};
+  double rss_before = peak_rss_mib();
+  for (auto _ : state) {
+    StreamConfig cfg;
+    cfg.B = 1; cfg.NH = NH; cfg.DHQK = D; cfg.DHHV = D;
+    cfg.options.chunk_size = 128;
+    StreamSession stream(cfg);
+    for (std::int64_t t = 0; t < total; t += piece) {
+      Tensor h = stream.push(pieces[(t / piece) % 2].args());
+      benchmark::DoNotOptimize(h.bytes());
+    }
+  }
+  state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(total) * static_cast<double>(state.iterations()),
+                                                  benchmark::Counter::kIsRate);
+  state.counters["peak_rss_MiB"] = peak_rss_mib();
+  state.counters["rss_growth_MiB"] = peak_rss_mib() - rss_before;
+}
+BENCHMARK(BM_StreamPeakMemory)->Arg(1)->Arg(2)->Arg(4)->Arg(8)->Iterations(1)->Unit(benchmark::kSecond)->UseRealTime();
+
+// The sequence-parallel forward through the graph, per device set. arg 0: workers, 1: OpenCL 0,
+// 2: OpenCL 0,1, 3: workers+0,1.
+void BM_GraphForward(benchmark::State& state) {
+  static const char* specs[] = {"workers", "0", "0,1", "workers+0,1"};
+  const std::string spec = specs[state.range(0)];
+  const std::size_t need = state.range(0) == 0 ? 0 : state.range(0) == 1 ? 1 : 2;
+  if (opencl::list_devices().size() < need) {
+    state.SkipWithError("not enough OpenCL devices");
+    return;
+  }
+  graph::FlowGraphRunner runner(spec);
+  static const Piece p = make_piece(4, 8192, 64, 3);
+  MlstmOptions o;
+  o.chunk_size = 64;
+  for (auto _ : state) {
+    auto r = runner.forward(p.args(), o);
+    benchmark::DoNotOptimize(r.h.bytes());
+  }
+  state.SetLabel(spec);
+  state.counters["tokens/s"] = benchmark::Counter(8192.0 * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+}
+BENCHMARK(BM_GraphForward)->DenseRange(0, 3)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+}  // namespace
+
+BENCHMARK_MAIN();
