@@ -4,6 +4,7 @@
 #include <tbb/flow_graph.h>
 
 #include <cstdlib>
+#include <cstring>
 #include <sstream>
 
 #include "mlstm/error.hpp"
@@ -95,6 +96,130 @@ ForwardResult FlowGraphRunner::forward(const ForwardArgs& args, const MlstmOptio
     out.c = std::move(running->C);
     out.n = std::move(running->n);
     out.m = std::move(running->m);
+  }
+  return out;
+}
+
+namespace {
+
+// (B,NH,...) contiguous view as rows [r0, r1) of (1, B*NH, ...).
+ConstTensorView rows_of(ConstTensorView t, std::int64_t r0, std::int64_t r1, const std::string& name) {
+  if (t.empty()) return t;
+  if (!t.is_contiguous()) throw InvalidArgument(name, "the head split needs contiguous inputs");
+  Shape shape = t.shape();
+  const std::int64_t rows = shape[0] * shape[1];
+  std::int64_t inner = t.numel() / rows;
+  shape[0] = 1;
+  shape[1] = r1 - r0;
+  return ConstTensorView(t.bytes() + static_cast<std::size_t>(r0 * inner) * dtype_size(t.dtype()), t.dtype(), shape);
+}
+
+ForwardArgs rows_of(const ForwardArgs& a, std::int64_t r0, std::int64_t r1) {
+  ForwardArgs s;
+  s.q = rows_of(a.q, r0, r1, "q");
+  s.k = rows_of(a.k, r0, r1, "k");
+  s.v = rows_of(a.v, r0, r1, "v");
+  s.i = rows_of(a.i, r0, r1, "i");
+  s.f = rows_of(a.f, r0, r1, "f");
+  s.c0 = rows_of(a.c0, r0, r1, "c0");
+  s.n0 = rows_of(a.n0, r0, r1, "n0");
+  s.m0 = rows_of(a.m0, r0, r1, "m0");
+  return s;
+}
+
+// Copies a (1, r1-r0, ...) result into rows [r0, r1) of `out` (allocated on first use like `part`).
+void put_rows(Tensor& out, const Tensor& part, const Shape& full_shape, std::int64_t r0) {
+  if (part.empty()) return;
+  if (out.empty()) out = Tensor(full_shape, part.dtype());
+  const std::size_t bytes = part.nbytes();
+  std::memcpy(out.bytes() + static_cast<std::size_t>(r0) * (bytes / static_cast<std::size_t>(part.dim(1))),
+              part.bytes(), bytes);
+}
+
+Shape with_rows(const Shape& part, const ProblemShape& p) {
+  Shape s = part;
+  s[0] = p.B;
+  s[1] = p.NH;
+  return s;
+}
+
+// Contiguous row groups, one per device, sizes as equal as possible.
+std::vector<std::pair<std::int64_t, std::int64_t>> row_groups(std::int64_t rows, std::size_t devices) {
+  std::vector<std::pair<std::int64_t, std::int64_t>> g;
+  const auto n = static_cast<std::int64_t>(std::min<std::size_t>(devices, static_cast<std::size_t>(rows)));
+  for (std::int64_t d = 0; d < n; ++d) g.push_back({rows * d / n, rows * (d + 1) / n});
+  return g;
+}
+
+}  // namespace
+
+ForwardResult FlowGraphRunner::forward_head_split(const ForwardArgs& args, const MlstmOptions& options) {
+  const ProblemShape p = validate_forward(args, options);
+  const auto groups = row_groups(p.rows(), devices_.size());
+  std::vector<ForwardResult> parts(groups.size());
+  tbb::flow::graph g;
+  std::vector<std::unique_ptr<tbb::flow::continue_node<tbb::flow::continue_msg>>> nodes;
+  tbb::flow::broadcast_node<tbb::flow::continue_msg> start(g);
+  log_.clear();
+  for (std::size_t d = 0; d < groups.size(); ++d) {
+    nodes.push_back(std::make_unique<tbb::flow::continue_node<tbb::flow::continue_msg>>(g, [&, d](tbb::flow::continue_msg) {
+      parts[d] = devices_[d]->forward(rows_of(args, groups[d].first, groups[d].second), options);
+    }));
+    tbb::flow::make_edge(start, *nodes.back());
+    log_.push_back("rows [" + std::to_string(groups[d].first) + ", " + std::to_string(groups[d].second) +
+                   "): forward on " + devices_[d]->name());
+  }
+  start.try_put(tbb::flow::continue_msg());
+  g.wait_for_all();
+  ForwardResult out;
+  for (std::size_t d = 0; d < groups.size(); ++d) {
+    const auto r0 = groups[d].first;
+    put_rows(out.h, parts[d].h, with_rows(parts[d].h.shape(), p), r0);
+    if (options.return_last_states) {
+      put_rows(out.c, parts[d].c, with_rows(parts[d].c.shape(), p), r0);
+      put_rows(out.n, parts[d].n, with_rows(parts[d].n.shape(), p), r0);
+      put_rows(out.m, parts[d].m, with_rows(parts[d].m.shape(), p), r0);
+    }
+  }
+  return out;
+}
+
+BackwardResult FlowGraphRunner::backward(const BackwardArgs& args, const MlstmOptions& options) {
+  const ProblemShape p = validate_backward(args, options);
+  std::vector<std::shared_ptr<nodes::ComputeDevice>> capable;
+  for (const auto& d : devices_) {
+    if (d->supports_backward()) capable.push_back(d);
+  }
+  if (capable.empty()) throw InvalidArgument("devices", "none of the graph's devices has a backward; add CPU workers");
+  const auto groups = row_groups(p.rows(), capable.size());
+  std::vector<BackwardResult> parts(groups.size());
+  tbb::flow::graph g;
+  std::vector<std::unique_ptr<tbb::flow::continue_node<tbb::flow::continue_msg>>> nodes;
+  tbb::flow::broadcast_node<tbb::flow::continue_msg> start(g);
+  log_.clear();
+  for (std::size_t d = 0; d < groups.size(); ++d) {
+    nodes.push_back(std::make_unique<tbb::flow::continue_node<tbb::flow::continue_msg>>(g, [&, d](tbb::flow::continue_msg) {
+      BackwardArgs b;
+      b.inputs = rows_of(args.inputs, groups[d].first, groups[d].second);
+      b.dh = rows_of(args.dh, groups[d].first, groups[d].second, "dh");
+      b.dc_last = rows_of(args.dc_last, groups[d].first, groups[d].second, "dc_last");
+      b.dn_last = rows_of(args.dn_last, groups[d].first, groups[d].second, "dn_last");
+      parts[d] = capable[d]->backward(b, options);
+    }));
+    tbb::flow::make_edge(start, *nodes.back());
+    log_.push_back("rows [" + std::to_string(groups[d].first) + ", " + std::to_string(groups[d].second) +
+                   "): backward on " + capable[d]->name());
+  }
+  start.try_put(tbb::flow::continue_msg());
+  g.wait_for_all();
+  BackwardResult out;
+  for (std::size_t d = 0; d < groups.size(); ++d) {
+    const auto r0 = groups[d].first;
+    const auto& part = parts[d];
+    for (auto [dst, src] : {std::pair{&out.dq, &part.dq}, {&out.dk, &part.dk}, {&out.dv, &part.dv}, {&out.di, &part.di},
+                            {&out.df, &part.df}, {&out.dc0, &part.dc0}, {&out.dn0, &part.dn0}, {&out.dm0, &part.dm0}}) {
+      if (!src->empty()) put_rows(*dst, *src, with_rows(src->shape(), p), r0);
+    }
   }
   return out;
 }

@@ -35,6 +35,12 @@ class CpuWorker final : public ComputeDevice {
     arena_.execute([&] { r = states_only(a, o); });
     return r;
   }
+  bool supports_backward() const override { return true; }
+  BackwardResult backward(const BackwardArgs& a, const MlstmOptions& o) override {
+    BackwardResult r;
+    arena_.execute([&] { r = cpu::chunkwise_backward(a, o, kCpuTile); });
+    return r;
+  }
 
  private:
   // fw_gates + fw_states per row (no outputs).
@@ -72,6 +78,10 @@ class OpenCLComputeDevice final : public ComputeDevice {
   std::string kind() const override { return "opencl"; }
   ForwardResult forward(const ForwardArgs& a, const MlstmOptions& o) override { return runner_.forward(a, o); }
   ForwardResult last_state(const ForwardArgs& a, const MlstmOptions& o) override { return runner_.last_state(a, o); }
+  bool supports_backward() const override { return false; }
+  BackwardResult backward(const BackwardArgs&, const MlstmOptions&) override {
+    throw Error(name() + ": no OpenCL backward on this device in the flow graph yet");
+  }
 
  private:
   opencl::ChunkwiseRunner runner_;

@@ -56,6 +56,44 @@ INSTANTIATE_TEST_SUITE_P(Devices, GraphForward,
                            return n;
                          });
 
+TEST_P(GraphForward, HeadSplitEqualsOneCall) {
+  const Mix mix = GetParam();
+  if (opencl::list_devices().size() < mix.opencl_devices_needed) GTEST_SKIP() << "not enough OpenCL devices";
+  graph::FlowGraphRunner runner(mix.spec);
+  InputSpec s;
+  s.B = 3; s.NH = 5; s.S = 150; s.DHQK = 48; s.DHHV = 24; s.initial_state = true;
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  MlstmOptions o;
+  o.chunk_size = 32;
+  const auto one_call = get_kernel("chunkwise--cpu_xl_chunk")->forward(in.args(), o);
+  const auto got = runner.forward_head_split(in.args(), o);
+  EXPECT_TRUE(testing::matches(got.h, one_call.h, 2e-5, "graph head split " + mix.spec, "h", s));
+  EXPECT_TRUE(testing::matches(got.c, one_call.c, 2e-5, "graph head split " + mix.spec, "c_last", s));
+  EXPECT_TRUE(testing::matches(got.m, one_call.m, 1e-6, "graph head split " + mix.spec, "m_last", s));
+}
+
+TEST_P(GraphForward, BackwardEqualsOneCall) {
+  const Mix mix = GetParam();
+  if (opencl::list_devices().size() < mix.opencl_devices_needed) GTEST_SKIP() << "not enough OpenCL devices";
+  graph::FlowGraphRunner runner(mix.spec);
+  InputSpec s;
+  s.B = 2; s.NH = 3; s.S = 200; s.DHQK = 16; s.DHHV = 24; s.initial_state = true;
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  MlstmOptions o;
+  o.chunk_size = 32;
+  if (mix.spec.find("workers") == std::string::npos) {
+    EXPECT_THROW(runner.backward(in.backward_args(true), o), InvalidArgument);  // no device with a backward
+    return;
+  }
+  const auto one_call = get_kernel("chunkwise--cpu_xl_chunk")->backward(in.backward_args(true), o);
+  const auto got = runner.backward(in.backward_args(true), o);
+  for (auto [name, a, b] : {std::tuple{"dq", &got.dq, &one_call.dq}, {"dk", &got.dk, &one_call.dk}, {"dv", &got.dv, &one_call.dv},
+                            {"di", &got.di, &one_call.di}, {"df", &got.df, &one_call.df}, {"dc0", &got.dc0, &one_call.dc0},
+                            {"dm0", &got.dm0, &one_call.dm0}}) {
+    EXPECT_TRUE(testing::matches(*a, *b, 1e-5, "graph backward " + mix.spec, name, s));
+  }
+}
+
 TEST(GraphForward, SequenceParallelEqualsSequential) {
   InputSpec s;
   s.B = 2; s.NH = 2; s.S = 900; s.DHQK = 16; s.DHHV = 16; s.initial_state = true;

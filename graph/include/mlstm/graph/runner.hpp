@@ -36,7 +36,14 @@ class FlowGraphRunner {
   const std::vector<std::shared_ptr<nodes::ComputeDevice>>& devices() const noexcept { return devices_; }
   Plan plan(const ProblemShape& shape, const MlstmOptions& options, std::int64_t segment_tokens = 0) const;
   // h and (when options.return_last_states) the last state; equal to one call of a chunkwise kernel.
+  // Sequence parallel: segments of the sequence across the devices (see the file comment).
   ForwardResult forward(const ForwardArgs& args, const MlstmOptions& options, std::int64_t segment_tokens = 0);
+  // Head split: the B*NH rows cut into contiguous groups, one group per device, each over the whole
+  // sequence; the same results. Inputs must be contiguous.
+  ForwardResult forward_head_split(const ForwardArgs& args, const MlstmOptions& options);
+  // Gradients through the graph, head split over the devices that have a backward (InvalidArgument
+  // naming "devices" when none has). Equal to one call of the chunkwise kernel's backward.
+  BackwardResult backward(const BackwardArgs& args, const MlstmOptions& options);
   // What ran where in the last forward ("segment 3: outputs on opencl:1 ...").
   const std::vector<std::string>& last_log() const noexcept { return log_; }
 

@@ -20,6 +20,10 @@ class ComputeDevice {
   virtual std::string kind() const = 0;  // "cpu" or "opencl"
   virtual ForwardResult forward(const ForwardArgs& segment, const MlstmOptions& options) = 0;
   virtual ForwardResult last_state(const ForwardArgs& segment, const MlstmOptions& options) = 0;
+  // Gradients of a run of rows over the whole sequence (head split). Devices without a backward return
+  // false from supports_backward() and throw mlstm::Error here.
+  virtual bool supports_backward() const = 0;
+  virtual BackwardResult backward(const BackwardArgs& args, const MlstmOptions& options) = 0;
 };
 
 // One CPU worker per NUMA node found (hwloc via tbbbind; one worker when the topology is not known).
