@@ -86,6 +86,30 @@ void BM_GraphForward(benchmark::State& state) {
 }
 BENCHMARK(BM_GraphForward)->DenseRange(0, 3)->Unit(benchmark::kMillisecond)->UseRealTime();
 
+// The same with calibrated balancing: shares by measured speed, too-slow devices left out.
+void BM_GraphForwardCalibrated(benchmark::State& state) {
+  static const char* specs[] = {"workers", "0", "0,1", "workers+0,1"};
+  const std::string spec = specs[state.range(0)];
+  const std::size_t need = state.range(0) == 0 ? 0 : state.range(0) == 1 ? 1 : 2;
+  if (opencl::list_devices().size() < need) {
+    state.SkipWithError("not enough OpenCL devices");
+    return;
+  }
+  graph::FlowGraphRunner runner(spec);
+  runner.set_balancing(graph::Balancing::calibrated);
+  static const Piece p = make_piece(4, 8192, 64, 3);
+  MlstmOptions o;
+  o.chunk_size = 64;
+  runner.forward(p.args(), o);  // calibration (cached) outside the timing
+  for (auto _ : state) {
+    auto r = runner.forward(p.args(), o);
+    benchmark::DoNotOptimize(r.h.bytes());
+  }
+  state.SetLabel(spec + " calibrated");
+  state.counters["tokens/s"] = benchmark::Counter(8192.0 * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+}
+BENCHMARK(BM_GraphForwardCalibrated)->DenseRange(0, 3)->Unit(benchmark::kMillisecond)->UseRealTime();
+
 }  // namespace
 
 BENCHMARK_MAIN();

@@ -3,7 +3,12 @@
 #include <spdlog/spdlog.h>
 #include <tbb/flow_graph.h>
 
+#include <chrono>
 #include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <mutex>
+#include <nlohmann/json.hpp>
 #include <cstring>
 #include <sstream>
 
@@ -15,7 +20,14 @@ std::string Plan::describe() const {
   std::ostringstream os;
   os << "plan: S=" << S << " chunk=" << chunk_size << " segment=" << segment_tokens << " tokens, "
      << segments.size() << " segments, devices:";
-  for (const auto& d : devices) os << " [" << d << "]";
+  for (std::size_t d = 0; d < devices.size(); ++d) {
+    os << " [" << devices[d];
+    if (d < speeds.size()) os << " " << static_cast<long long>(speeds[d]) << " tokens/s";
+    os << "]";
+  }
+  for (const auto& s : segments) {
+    if (s.device >= 0) os << "\n  segment " << s.index << " [" << s.t0 << ", " << s.t1 << ") -> " << devices[static_cast<std::size_t>(s.device)];
+  }
   os << "\n  phase 1: local states of every segment from the EMPTY state, pulled by free devices"
      << "\n  phase 2: in-order combine -> the state entering every segment"
      << "\n  phase 3: outputs of every segment from its entering state, pulled by free devices";
@@ -44,6 +56,54 @@ Plan make_plan(const ProblemShape& shape, const MlstmOptions& options, const std
   return p;
 }
 
+Plan make_calibrated_plan(const ProblemShape& shape, const MlstmOptions& options, const std::vector<std::string>& devices,
+                          const std::vector<double>& speeds, std::int64_t segment_tokens) {
+  if (devices.empty() || speeds.size() != devices.size()) {
+    throw InvalidArgument("speeds", "one speed per device expected");
+  }
+  const std::int64_t L = options.chunk_size;
+  const std::int64_t chunks = (shape.S + L - 1) / L;
+  // Chunks per device proportional to speed; a device whose share is under one chunk gets none.
+  std::vector<double> w = speeds;
+  double total = 0;
+  for (auto x : w) total += std::max(x, 0.0);
+  if (!(total > 0)) throw InvalidArgument("speeds", "no device has a positive speed");
+  std::vector<std::int64_t> share(w.size(), 0);
+  for (bool changed = true; changed;) {
+    changed = false;
+    total = 0;
+    for (auto x : w) total += x;
+    for (std::size_t d = 0; d < w.size(); ++d) {
+      share[d] = w[d] > 0 ? static_cast<std::int64_t>(static_cast<double>(chunks) * w[d] / total) : 0;
+      if (w[d] > 0 && share[d] < 1 && w[d] / total * static_cast<double>(chunks) < 0.5) {
+        w[d] = 0;  // too slow to get a chunk: left out
+        changed = true;
+      }
+    }
+  }
+  std::int64_t given = 0;
+  for (auto c : share) given += c;
+  const auto fastest = static_cast<std::size_t>(std::max_element(w.begin(), w.end()) - w.begin());
+  share[fastest] += chunks - given;  // rounding leftovers to the fastest
+  Plan p;
+  p.devices = devices;
+  p.speeds = speeds;
+  p.S = shape.S;
+  p.chunk_size = L;
+  int index = 0;
+  std::int64_t t = 0;
+  for (std::size_t d = 0; d < share.size(); ++d) {
+    if (share[d] <= 0) continue;
+    const std::int64_t end = std::min(shape.S, t + share[d] * L);
+    const std::int64_t seg = segment_tokens > 0 ? (segment_tokens + L - 1) / L * L
+                                                : std::max<std::int64_t>(L, ((end - t) / 2 + L - 1) / L * L);
+    p.segment_tokens = std::max(p.segment_tokens, seg);
+    for (std::int64_t t0 = t; t0 < end; t0 += seg) p.segments.push_back({index++, t0, std::min(end, t0 + seg), static_cast<int>(d)});
+    t = end;
+  }
+  return p;
+}
+
 FlowGraphRunner::FlowGraphRunner(std::vector<std::shared_ptr<nodes::ComputeDevice>> devices)
     : devices_(std::move(devices)) {
   if (devices_.empty()) throw InvalidArgument("devices", "the flow graph needs at least one device");
@@ -57,36 +117,121 @@ Plan FlowGraphRunner::plan(const ProblemShape& shape, const MlstmOptions& option
   return make_plan(shape, options, names, segment_tokens);
 }
 
+namespace {
+
+std::filesystem::path calibration_file() {
+  const char* xdg = std::getenv("XDG_CACHE_HOME");
+  const char* home = std::getenv("HOME");
+  std::filesystem::path dir = xdg && *xdg ? std::filesystem::path(xdg) : std::filesystem::path(home ? home : "/tmp") / ".cache";
+  return dir / "mlstm-flow" / "calibration.json";
+}
+
+}  // namespace
+
+std::vector<double> FlowGraphRunner::calibrate(const ProblemShape& shape, const MlstmOptions& options) {
+  static std::mutex mutex;
+  std::lock_guard lock(mutex);
+  const auto path = calibration_file();
+  nlohmann::json cache = nlohmann::json::object();
+  if (std::ifstream in(path); in) {
+    try {
+      in >> cache;
+    } catch (const std::exception&) {
+      cache = nlohmann::json::object();  // a damaged cache is remeasured
+    }
+  }
+  const std::int64_t rows = std::min<std::int64_t>(shape.rows(), 4);
+  const std::int64_t S = 4 * options.chunk_size;
+  std::vector<double> speeds;
+  bool dirty = false;
+  for (const auto& d : devices_) {
+    const std::string key = d->name() + "|" + std::to_string(shape.DHQK) + "x" + std::to_string(shape.DHHV) + "|" +
+                            std::string(dtype_name(shape.dtype)) + "|L" + std::to_string(options.chunk_size) + "|" +
+                            std::string(gate_name(options.gate));
+    if (cache.contains(key)) {
+      speeds.push_back(cache[key].get<double>());
+      continue;
+    }
+    Tensor q = Tensor::full({1, rows, S, shape.DHQK}, shape.dtype, 0.1), k = q,
+           v = Tensor::full({1, rows, S, shape.DHHV}, shape.dtype, 0.2);
+    Tensor i = Tensor::full({1, rows, S}, DType::f32, 0.0), f = Tensor::full({1, rows, S}, DType::f32, 3.0);
+    ForwardArgs a;
+    a.q = q.view(); a.k = k.view(); a.v = v.view(); a.i = i.view(); a.f = f.view();
+    d->forward(a, options);  // warm-up: program builds, first touch
+    double best = 1e30;
+    for (int rep = 0; rep < 2; ++rep) {
+      const auto t0 = std::chrono::steady_clock::now();
+      d->forward(a, options);
+      best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    const double speed = static_cast<double>(S) / std::max(best, 1e-9);
+    spdlog::info("mlstm-flow: calibration {} -> {:.0f} tokens/s", key, speed);
+    cache[key] = speed;
+    speeds.push_back(speed);
+    dirty = true;
+  }
+  if (dirty) {
+    std::error_code ec;
+    std::filesystem::create_directories(path.parent_path(), ec);
+    const auto tmp = path.string() + ".tmp";
+    if (std::ofstream out(tmp); out) {
+      out << cache.dump(2);
+      out.close();
+      std::filesystem::rename(tmp, path, ec);
+    }
+  }
+  return speeds;
+}
+
 ForwardResult FlowGraphRunner::forward(const ForwardArgs& args, const MlstmOptions& options, std::int64_t segment_tokens) {
   using namespace tbb::flow;
   auto problem = std::make_shared<nodes::SegmentProblem>(args, options);
-  const Plan p = plan(problem->shape(), options, segment_tokens);
+  Plan p;
+  if (balancing_ == Balancing::calibrated) {
+    std::vector<std::string> names;
+    for (const auto& d : devices_) names.push_back(d->name());
+    p = make_calibrated_plan(problem->shape(), options, names, calibrate(problem->shape(), options), segment_tokens);
+  } else {
+    p = plan(problem->shape(), options, segment_tokens);
+  }
   if (std::getenv("MLSTM_PLAN_DEBUG")) spdlog::warn("{}", p.describe());
   auto segments = std::make_shared<std::vector<nodes::Segment>>(p.segments);
   auto running = std::make_shared<nodes::SegmentEntry>(problem->initial_entry());
 
   tbb::flow::graph g;
-  queue_node<nodes::Segment> segment_queue(g);
+  // pull: one shared queue per phase; calibrated: one queue per device per phase.
+  const std::size_t queues = balancing_ == Balancing::calibrated ? devices_.size() : 1;
+  auto route = [&](const nodes::Segment& s) { return s.device < 0 ? std::size_t{0} : static_cast<std::size_t>(s.device); };
+  std::vector<std::unique_ptr<queue_node<nodes::Segment>>> segment_queues;
+  std::vector<std::unique_ptr<queue_node<nodes::SegmentEntry>>> entry_queues;
+  for (std::size_t qi = 0; qi < queues; ++qi) {
+    segment_queues.push_back(std::make_unique<queue_node<nodes::Segment>>(g));
+    entry_queues.push_back(std::make_unique<queue_node<nodes::SegmentEntry>>(g));
+  }
   sequencer_node<nodes::SegmentSummary> in_order(g, [](const nodes::SegmentSummary& s) {
     return static_cast<std::size_t>(s.index);
   });
   function_node<nodes::SegmentSummary, nodes::SegmentEntry> recurrence(
       g, serial, nodes::StateRecurrenceBody{problem, segments, running});
-  queue_node<nodes::SegmentEntry> entry_queue(g);
+  function_node<nodes::SegmentEntry, continue_msg> router(g, serial, [&](const nodes::SegmentEntry& e) {
+    entry_queues[route(e.segment)]->try_put(e);
+    return continue_msg();
+  });
   std::vector<std::unique_ptr<function_node<nodes::Segment, nodes::SegmentSummary, rejecting>>> local_nodes;
   std::vector<std::unique_ptr<function_node<nodes::SegmentEntry, int, rejecting>>> output_nodes;
-  for (const auto& device : devices_) {
+  for (std::size_t d = 0; d < devices_.size(); ++d) {
+    const std::size_t qi = queues == 1 ? 0 : d;
     local_nodes.push_back(std::make_unique<function_node<nodes::Segment, nodes::SegmentSummary, rejecting>>(
-        g, serial, nodes::LocalStateBody{problem, device}));
-    make_edge(segment_queue, *local_nodes.back());
+        g, serial, nodes::LocalStateBody{problem, devices_[d]}));
+    make_edge(*segment_queues[qi], *local_nodes.back());
     make_edge(*local_nodes.back(), in_order);
     output_nodes.push_back(std::make_unique<function_node<nodes::SegmentEntry, int, rejecting>>(
-        g, serial, nodes::SegmentOutputBody{problem, device}));
-    make_edge(entry_queue, *output_nodes.back());
+        g, serial, nodes::SegmentOutputBody{problem, devices_[d]}));
+    make_edge(*entry_queues[qi], *output_nodes.back());
   }
   make_edge(in_order, recurrence);
-  make_edge(recurrence, entry_queue);
-  for (const auto& s : p.segments) segment_queue.try_put(s);
+  make_edge(recurrence, router);
+  for (const auto& s : p.segments) segment_queues[route(s)]->try_put(s);
   g.wait_for_all();
 
   log_ = problem->log;

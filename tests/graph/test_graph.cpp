@@ -106,6 +106,37 @@ TEST(GraphForward, SequenceParallelEqualsSequential) {
   EXPECT_TRUE(testing::matches(parallel.c, sequential.c, 2e-5, "graph 14 segments", "c vs 1 segment", s));
 }
 
+TEST(GraphPlan, CalibratedSharesFollowSpeedAndDropTooSlowDevices) {
+  ProblemShape shape;
+  shape.B = 1; shape.NH = 4; shape.S = 1000;
+  MlstmOptions o;
+  o.chunk_size = 64;
+  const auto even = graph::make_calibrated_plan(shape, o, {"a", "b"}, {1.0, 1.0});
+  std::int64_t tokens[2] = {0, 0};
+  for (const auto& s : even.segments) tokens[s.device] += s.t1 - s.t0;
+  EXPECT_EQ(tokens[0] + tokens[1], 1000);
+  EXPECT_NEAR(static_cast<double>(tokens[0]), 500.0, 64.0);
+  const auto skewed = graph::make_calibrated_plan(shape, o, {"fast", "slow"}, {100.0, 1.0});
+  for (const auto& s : skewed.segments) EXPECT_EQ(s.device, 0) << "the slow device must get nothing";
+  EXPECT_EQ(skewed.segments.back().t1, 1000);
+  EXPECT_NE(skewed.describe().find("tokens/s"), std::string::npos);
+  EXPECT_THROW(graph::make_calibrated_plan(shape, o, {"a"}, {0.0}), InvalidArgument);
+}
+
+TEST(GraphForward, CalibratedBalancingEqualsOneCall) {
+  const std::string spec = opencl::list_devices().size() >= 2 ? "workers+0,1" : "workers";
+  graph::FlowGraphRunner runner(spec);
+  runner.set_balancing(graph::Balancing::calibrated);
+  InputSpec s;
+  s.B = 1; s.NH = 3; s.S = 700; s.DHQK = 32; s.DHHV = 16;
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  MlstmOptions o;
+  const auto got = runner.forward(in.args(), o);
+  const auto one_call = get_kernel("chunkwise--cpu_xl_chunk")->forward(in.args(), o);
+  EXPECT_TRUE(testing::matches(got.h, one_call.h, 2e-5, "graph calibrated " + spec, "h", s));
+  EXPECT_TRUE(testing::matches(got.c, one_call.c, 2e-5, "graph calibrated " + spec, "c_last", s));
+}
+
 TEST(GraphPlan, SegmentsCoverTheSequenceInWholeChunks) {
   ProblemShape shape;
   shape.B = 1; shape.NH = 4; shape.S = 1000;

@@ -426,6 +426,7 @@ int cmd_run(const RunOptions& ro, bool as_json) {
     spec = gpu ? "workers+gpu:all" : "workers";
   }
   graph::FlowGraphRunner runner(spec);
+  runner.set_balancing(graph::Balancing::calibrated);  // shares by measured device speed
   std::unique_ptr<SequenceKernel> backward_kernel;
   if (ro.backward) backward_kernel = get_kernel("chunkwise--cpu_xl_chunk");
   if (!as_json) {

@@ -17,8 +17,15 @@
 
 namespace mlstm::graph {
 
+// pull: every free device pulls the next segment from a shared queue.
+// calibrated: each device gets a share of the sequence proportional to its measured speed (a short
+// calibration run, cached in $XDG_CACHE_HOME/mlstm-flow/calibration.json or ~/.cache/...); a device whose
+// share would be under one chunk gets none, so a slow device never holds back a fast one.
+enum class Balancing { pull, calibrated };
+
 struct Plan {
   std::vector<std::string> devices;
+  std::vector<double> speeds;  // tokens/s per device (calibrated plans), empty for pull
   std::int64_t S = 0, chunk_size = 0, segment_tokens = 0;
   std::vector<nodes::Segment> segments;
   std::string describe() const;  // one line per item; MLSTM_PLAN_DEBUG=1 prints it at run time
@@ -27,6 +34,9 @@ struct Plan {
 // Plans segments of `segment_tokens` (0: about 4 segments per device, whole chunks, at least one chunk).
 Plan make_plan(const ProblemShape& shape, const MlstmOptions& options, const std::vector<std::string>& devices,
                std::int64_t segment_tokens = 0);
+// A calibrated plan: shares of the sequence proportional to `speeds`, each cut into segments.
+Plan make_calibrated_plan(const ProblemShape& shape, const MlstmOptions& options, const std::vector<std::string>& devices,
+                          const std::vector<double>& speeds, std::int64_t segment_tokens = 0);
 
 class FlowGraphRunner {
  public:
@@ -34,6 +44,10 @@ class FlowGraphRunner {
   explicit FlowGraphRunner(const std::string& device_spec);  // nodes::devices_from_spec
 
   const std::vector<std::shared_ptr<nodes::ComputeDevice>>& devices() const noexcept { return devices_; }
+  void set_balancing(Balancing b) noexcept { balancing_ = b; }
+  Balancing balancing() const noexcept { return balancing_; }
+  // Measured forward speed (tokens/s) of every device on this problem's dimensions (cached).
+  std::vector<double> calibrate(const ProblemShape& shape, const MlstmOptions& options);
   Plan plan(const ProblemShape& shape, const MlstmOptions& options, std::int64_t segment_tokens = 0) const;
   // h and (when options.return_last_states) the last state; equal to one call of a chunkwise kernel.
   // Sequence parallel: segments of the sequence across the devices (see the file comment).
@@ -50,6 +64,7 @@ class FlowGraphRunner {
  private:
   std::vector<std::shared_ptr<nodes::ComputeDevice>> devices_;
   std::vector<std::string> log_;
+  Balancing balancing_ = Balancing::pull;
 };
 
 }  // namespace mlstm::graph

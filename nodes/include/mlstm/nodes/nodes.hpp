@@ -30,6 +30,7 @@ namespace mlstm::nodes {
 struct Segment {
   int index = 0;
   std::int64_t t0 = 0, t1 = 0;
+  int device = -1;  // the device the plan gives it to; -1: whichever device is free pulls it
 };
 
 // A segment's local state (from the EMPTY state) and its total log forget decay per row.
