@@ -219,14 +219,15 @@ ForwardResult FlowGraphRunner::forward(const ForwardArgs& args, const MlstmOptio
   });
   std::vector<std::unique_ptr<function_node<nodes::Segment, nodes::SegmentSummary, rejecting>>> local_nodes;
   std::vector<std::unique_ptr<function_node<nodes::SegmentEntry, int, rejecting>>> output_nodes;
+  auto pool = std::make_shared<nodes::DevicePool>(devices_);
   for (std::size_t d = 0; d < devices_.size(); ++d) {
     const std::size_t qi = queues == 1 ? 0 : d;
     local_nodes.push_back(std::make_unique<function_node<nodes::Segment, nodes::SegmentSummary, rejecting>>(
-        g, serial, nodes::LocalStateBody{problem, devices_[d]}));
+        g, serial, nodes::LocalStateBody{problem, devices_[d], pool, d}));
     make_edge(*segment_queues[qi], *local_nodes.back());
     make_edge(*local_nodes.back(), in_order);
     output_nodes.push_back(std::make_unique<function_node<nodes::SegmentEntry, int, rejecting>>(
-        g, serial, nodes::SegmentOutputBody{problem, devices_[d]}));
+        g, serial, nodes::SegmentOutputBody{problem, devices_[d], pool, d}));
     make_edge(*entry_queues[qi], *output_nodes.back());
   }
   make_edge(in_order, recurrence);
@@ -235,6 +236,7 @@ ForwardResult FlowGraphRunner::forward(const ForwardArgs& args, const MlstmOptio
   g.wait_for_all();
 
   log_ = problem->log;
+  for (const auto& f : pool->failures()) log_.push_back("device failure: " + f);
   ForwardResult out;
   out.h = std::move(problem->h());
   if (options.return_last_states) {

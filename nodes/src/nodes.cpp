@@ -1,6 +1,12 @@
 #include "mlstm/nodes/nodes.hpp"
 
-#include <tbb/parallel_for.h>
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <cstdlib>
+
+#include "mlstm/error.hpp"
+
 
 #include <cmath>
 #include <cstring>
@@ -70,19 +76,81 @@ void SegmentProblem::write_h(const Segment& s, const Tensor& h) {
   }
 }
 
+void check_injected_fault(const ComputeDevice& device, int segment) {
+  const char* spec = std::getenv("MLSTM_FAULT_INJECT");
+  if (!spec || !*spec) return;
+  const std::string s(spec);
+  const auto colon = s.rfind(':');
+  if (colon == std::string::npos) return;
+  const std::string name = s.substr(0, colon);
+  const std::string which = s.substr(colon + 1);
+  if (device.name().find(name) != std::string::npos && (which == "*" || std::to_string(segment) == which)) {
+    throw DeviceError(DeviceError::Kind::lost, device.name(),
+                      "injected fault at segment " + std::to_string(segment) + " (MLSTM_FAULT_INJECT)");
+  }
+}
+
+DevicePool::DevicePool(std::vector<std::shared_ptr<ComputeDevice>> devices)
+    : devices_(std::move(devices)), dead_(devices_.size(), false) {}
+
+std::shared_ptr<ComputeDevice> DevicePool::run(std::size_t preferred, int segment,
+                                               const std::function<void(ComputeDevice&)>& fn) {
+  for (std::size_t attempt = 0; attempt < devices_.size(); ++attempt) {
+    const std::size_t d = (preferred + attempt) % devices_.size();
+    {
+      std::lock_guard lock(mutex_);
+      if (dead_[d]) continue;
+    }
+    try {
+      check_injected_fault(*devices_[d], segment);
+      fn(*devices_[d]);
+      return devices_[d];
+    } catch (const DeviceError& e) {
+      std::lock_guard lock(mutex_);
+      if (!dead_[d]) {
+        dead_[d] = true;
+        failures_.push_back(e.what());
+        spdlog::warn("mlstm-flow: device {} failed ({}); taken out of the plan, segment {} reruns on the others",
+                     devices_[d]->name(), e.what(), segment);
+      }
+    }
+  }
+  std::lock_guard lock(mutex_);
+  std::string all;
+  for (const auto& f : failures_) all += "\n  " + f;
+  throw Error("no device left to run segment " + std::to_string(segment) + "; failures:" + all);
+}
+
+std::size_t DevicePool::alive() const {
+  std::lock_guard lock(mutex_);
+  return static_cast<std::size_t>(std::count(dead_.begin(), dead_.end(), false));
+}
+
+std::vector<std::string> DevicePool::failures() const {
+  std::lock_guard lock(mutex_);
+  return failures_;
+}
+
 SegmentSummary LocalStateBody::operator()(const Segment& s) const {
   ForwardArgs a = problem->segment_args(s);
   const SegmentEntry empty = problem->empty_entry();
   a.c0 = empty.C.view();
   a.n0 = empty.n.view();
   a.m0 = empty.m.view();
-  ForwardResult r = device->last_state(a, problem->options());
+  ForwardResult r;
+  std::shared_ptr<ComputeDevice> used = device;
+  if (pool) {
+    used = pool->run(device_index, s.index, [&](ComputeDevice& d) { r = d.last_state(a, problem->options()); });
+  } else {
+    check_injected_fault(*device, s.index);
+    r = device->last_state(a, problem->options());
+  }
   SegmentSummary out;
   out.index = s.index;
   out.C = std::move(r.c);
   out.n = std::move(r.n);
   out.m = std::move(r.m);
-  out.device = device->name();
+  out.device = used->name();
   // G per row: the sum of logsigmoid(f) over the segment, in float32 like the kernels' cumsums.
   const auto& p = problem->shape();
   out.G = Tensor({p.B, p.NH}, DType::f32);
@@ -93,7 +161,7 @@ SegmentSummary LocalStateBody::operator()(const Segment& s) const {
     out.G.data<float>()[r] = acc;
   }
   std::lock_guard lock(problem->log_mutex);
-  problem->log.push_back("segment " + std::to_string(s.index) + ": local state on " + device->name());
+  problem->log.push_back("segment " + std::to_string(s.index) + ": local state on " + used->name());
   return out;
 }
 
@@ -127,10 +195,17 @@ int SegmentOutputBody::operator()(const SegmentEntry& entry) const {
   a.m0 = entry.m.view();
   MlstmOptions o = problem->options();
   o.return_last_states = false;
-  const ForwardResult r = device->forward(a, o);
+  ForwardResult r;
+  std::shared_ptr<ComputeDevice> used = device;
+  if (pool) {
+    used = pool->run(device_index, entry.index, [&](ComputeDevice& d) { r = d.forward(a, o); });
+  } else {
+    check_injected_fault(*device, entry.index);
+    r = device->forward(a, o);
+  }
   problem->write_h(entry.segment, r.h);
   std::lock_guard lock(problem->log_mutex);
-  problem->log.push_back("segment " + std::to_string(entry.index) + ": outputs on " + device->name());
+  problem->log.push_back("segment " + std::to_string(entry.index) + ": outputs on " + used->name());
   return entry.index;
 }
 

@@ -137,6 +137,44 @@ TEST(GraphForward, CalibratedBalancingEqualsOneCall) {
   EXPECT_TRUE(testing::matches(got.c, one_call.c, 2e-5, "graph calibrated " + spec, "c_last", s));
 }
 
+// A device that fails mid-run is taken out; its segments rerun on the others from the same entering state.
+TEST(GraphFaults, FailedDeviceIsTakenOutAndResultsStayCorrect) {
+  if (opencl::list_devices().size() < 2) GTEST_SKIP() << "needs two OpenCL devices (POCL_DEVICES=\"pthread pthread\")";
+  const std::string spec = "workers+0,1";
+  const std::string victim = "opencl:1";
+  graph::FlowGraphRunner runner(spec);
+  InputSpec s;
+  s.B = 1; s.NH = 2; s.S = 640; s.DHQK = 16; s.DHHV = 16;
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  MlstmOptions o;
+  const auto one_call = get_kernel("chunkwise--cpu_xl_chunk")->forward(in.args(), o);
+  for (const char* seg : {"*"}) {
+    ::setenv("MLSTM_FAULT_INJECT", (victim + ":" + seg).c_str(), 1);
+    const auto got = runner.forward(in.args(), o, 64);
+    ::unsetenv("MLSTM_FAULT_INJECT");
+    EXPECT_TRUE(testing::matches(got.h, one_call.h, 2e-5, "graph with fault at segment " + std::string(seg), "h", s));
+    EXPECT_TRUE(testing::matches(got.c, one_call.c, 2e-5, "graph with fault at segment " + std::string(seg), "c", s));
+    bool logged = false;
+    for (const auto& line : runner.last_log()) logged = logged || line.find("device failure") != std::string::npos;
+    EXPECT_TRUE(logged) << "segment " << seg;
+  }
+}
+
+TEST(GraphFaults, NoDeviceLeftIsAClearError) {
+  graph::FlowGraphRunner runner("workers");
+  InputSpec s;
+  s.S = 256;
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  ::setenv("MLSTM_FAULT_INJECT", "cpu:numa0:1", 1);
+  try {
+    runner.forward(in.args(), MlstmOptions{}, 64);
+    ADD_FAILURE() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("no device left"), std::string::npos) << e.what();
+  }
+  ::unsetenv("MLSTM_FAULT_INJECT");
+}
+
 TEST(GraphPlan, SegmentsCoverTheSequenceInWholeChunks) {
   ProblemShape shape;
   shape.B = 1; shape.NH = 4; shape.S = 1000;

@@ -17,6 +17,7 @@
 //   ...make_edge(...); g.wait_for_all();
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -72,10 +73,36 @@ class SegmentProblem {
   Tensor h_;
 };
 
-// function_node body: the local summary of a segment on one device.
+// The devices of a graph with failover: work given to a device that fails (DeviceError: kernel error,
+// lost device, out of memory) is rerun on the next live device from the same inputs and entering state,
+// the failed device is taken out for the rest of the run, and a warning is logged. When no device is left
+// the run fails with an mlstm::Error naming every failure.
+// Test hook: MLSTM_FAULT_INJECT="<device name substring>:<segment index or *>" makes a matching device fail
+// when it starts that segment (any segment for *), checked for every device, with or without a pool.
+class DevicePool {
+ public:
+  explicit DevicePool(std::vector<std::shared_ptr<ComputeDevice>> devices);
+  // Runs fn on device `preferred` (or, after failures, the next live one); returns the device used.
+  std::shared_ptr<ComputeDevice> run(std::size_t preferred, int segment, const std::function<void(ComputeDevice&)>& fn);
+  std::size_t alive() const;
+  std::vector<std::string> failures() const;
+
+ private:
+  std::vector<std::shared_ptr<ComputeDevice>> devices_;
+  std::vector<bool> dead_;
+  std::vector<std::string> failures_;
+  mutable std::mutex mutex_;
+};
+
+// Throws DeviceError(lost) when MLSTM_FAULT_INJECT names this device and segment.
+void check_injected_fault(const ComputeDevice& device, int segment);
+
+// function_node body: the local summary of a segment on one device (through `pool` when given).
 struct LocalStateBody {
   std::shared_ptr<SegmentProblem> problem;
   std::shared_ptr<ComputeDevice> device;
+  std::shared_ptr<DevicePool> pool = nullptr;
+  std::size_t device_index = 0;
   SegmentSummary operator()(const Segment& s) const;
 };
 
@@ -89,10 +116,12 @@ struct StateRecurrenceBody {
   SegmentEntry operator()(const SegmentSummary& summary) const;
 };
 
-// function_node body: h of a segment from its entering state, on one device.
+// function_node body: h of a segment from its entering state, on one device (through `pool` when given).
 struct SegmentOutputBody {
   std::shared_ptr<SegmentProblem> problem;
   std::shared_ptr<ComputeDevice> device;
+  std::shared_ptr<DevicePool> pool = nullptr;
+  std::size_t device_index = 0;
   int operator()(const SegmentEntry& entry) const;
 };
 
