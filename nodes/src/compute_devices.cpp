@@ -3,6 +3,7 @@
 #include <tbb/parallel_for.h>
 #include <tbb/task_arena.h>
 
+#include <cstdlib>
 #include <limits>
 
 #include "mlstm/cpu_kernels.hpp"
@@ -91,6 +92,13 @@ class OpenCLComputeDevice final : public ComputeDevice {
 
 std::vector<std::shared_ptr<ComputeDevice>> cpu_workers() {
   std::vector<std::shared_ptr<ComputeDevice>> out;
+  // MLSTM_NUMA=off: one worker, no NUMA query. TBB's topology query loads libtbbbind with RTLD_DEEPBIND,
+  // which AddressSanitizer refuses (google/sanitizers#611); the sanitizer runs set it.
+  if (const char* numa = std::getenv("MLSTM_NUMA"); numa && std::string(numa) == "off") {
+    out.push_back(std::make_shared<CpuWorker>(-1, tbb::info::default_concurrency()));
+    spdlog::info("mlstm-flow: 1 CPU worker (MLSTM_NUMA=off)");
+    return out;
+  }
   const auto nodes = tbb::info::numa_nodes();
   const bool known = nodes.size() > 1 || (nodes.size() == 1 && nodes[0] >= 0);
   if (!known || nodes.size() == 1) {
