@@ -8,17 +8,40 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
+#include <mutex>
 
 namespace mlstm::stages {
 
 namespace {
 
-// OpenBLAS runs in the calling TBB worker only (see the top-level CMakeLists.txt).
-const bool kBlasSingleThreaded = [] {
+// OpenBLAS runs in the calling TBB worker only (see the top-level CMakeLists.txt). If the library loaded
+// at run time is a sequential build (openblas_get_parallel() == 0, e.g. Debian's serial OpenBLAS picked up
+// through LD_LIBRARY_PATH), concurrent calls corrupt its buffers: then every call is serialised, with a
+// warning, rather than computing garbage.
+const bool kBlasNeedsLock = [] {
   openblas_set_num_threads(1);
-  return true;
+  const bool sequential = openblas_get_parallel() == 0;
+  if (sequential) {
+    std::fprintf(stderr,
+                 "mlstm-flow: warning: the OpenBLAS loaded (%s) is a sequential build that is not safe for "
+                 "concurrent callers; BLAS calls are serialised (slow). Load the pthread build instead.\n",
+                 openblas_get_config());
+  }
+  return sequential;
 }();
+std::mutex blas_mutex;
+
+template <class... Args>
+void sgemm(Args... args) {
+  if (kBlasNeedsLock) {
+    std::lock_guard lock(blas_mutex);
+    cblas_sgemm(args...);
+  } else {
+    cblas_sgemm(args...);
+  }
+}
 
 inline float logsigmoidf(float x) { return x >= 0.f ? -std::log1p(std::exp(-x)) : x - std::log1p(std::exp(x)); }
 inline float sigmoidf(float x) { return x >= 0.f ? 1.f / (1.f + std::exp(-x)) : std::exp(x) / (1.f + std::exp(x)); }
@@ -135,7 +158,7 @@ void fw_states(const float* k, const float* v, const float* b, const float* ig, 
       for (std::int64_t j = 0; j < len; ++j) acc += kw[j * DK + d];
       n[d] = acc;
     }
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(DK), static_cast<int>(DV),
+    sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(DK), static_cast<int>(DV),
                 static_cast<int>(len), 1.f, kw.data(), static_cast<int>(DK), v + t0 * DV, static_cast<int>(DV),
                 carry, C.data(), static_cast<int>(DV));
     m = m_new;
@@ -233,7 +256,7 @@ void fw_outputs(const float* q, const float* k, const float* v, const float* b, 
     float* num = sc.b.data();   // qn x DV
     float* Sblk = sc.a.data();  // qn x blk
     // Inter-chunk part: num = diag(exp(b_t + m - m_t)) (q_t . scale) C
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(qn), static_cast<int>(DV),
+    sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(qn), static_cast<int>(DV),
                 static_cast<int>(DK), scale, q + (t0 + q0) * DK, static_cast<int>(DK), st.C, static_cast<int>(DV), 0.f,
                 num, static_cast<int>(DV));
     float* denp = sc.e.data();  // qn
@@ -250,7 +273,7 @@ void fw_outputs(const float* q, const float* k, const float* v, const float* b, 
     for (std::int64_t kb = 0; kb <= qb; ++kb) {
       const std::int64_t k0 = kb * blk;
       const std::int64_t kn = std::min(blk, len - k0);
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(qn), static_cast<int>(kn),
+      sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(qn), static_cast<int>(kn),
                   static_cast<int>(DK), scale, q + (t0 + q0) * DK, static_cast<int>(DK), k + (t0 + k0) * DK,
                   static_cast<int>(DK), 0.f, Sblk, static_cast<int>(kn));
       for (std::int64_t j = 0; j < qn; ++j) {
@@ -266,7 +289,7 @@ void fw_outputs(const float* q, const float* k, const float* v, const float* b, 
         }
         denp[j] += dsum;
       }
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(qn), static_cast<int>(DV),
+      sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(qn), static_cast<int>(DV),
                   static_cast<int>(kn), 1.f, Sblk, static_cast<int>(kn), v + (t0 + k0) * DV, static_cast<int>(DV), 1.f,
                   num, static_cast<int>(DV));
     }
@@ -314,7 +337,7 @@ void bw_state_grads(const float* q, const float* dh, const float* h, const float
       for (std::int64_t e = 0; e < DV; ++e) dnum[j * DV + e] = dh[t * DV + e] * g.inv_N;
     }
     // dC = carry dC + qw^T dnum
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(DK), static_cast<int>(DV),
+    sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(DK), static_cast<int>(DV),
                 static_cast<int>(len), 1.f, qw.data(), static_cast<int>(DK), dnum.data(), static_cast<int>(DV), carry,
                 dC.data(), static_cast<int>(DV));
     if (dboundary) {
@@ -371,7 +394,7 @@ void bw_grads(const float* q, const float* k, const float* v, const float* dh, c
       for (std::int64_t e = 0; e < DV; ++e) dnum[j * DV + e] = dh[t * DV + e] * invN[t];
     }
     // Inter: dqs_t = exp(b_t + m_c - m_t) (C dnum_t + dden_t n)
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(qn), static_cast<int>(DK),
+    sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(qn), static_cast<int>(DK),
                 static_cast<int>(DV), 1.f, dnum, static_cast<int>(DV), st.C, static_cast<int>(DV), 0.f, dqb,
                 static_cast<int>(DK));
     for (std::int64_t j = 0; j < qn; ++j) {
@@ -383,7 +406,7 @@ void bw_grads(const float* q, const float* k, const float* v, const float* dh, c
       const std::int64_t k0 = kb * blk;
       const std::int64_t kn = std::min(blk, len - k0);
       // W = dnum V^T
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(qn), static_cast<int>(kn),
+      sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(qn), static_cast<int>(kn),
                   static_cast<int>(DV), 1.f, dnum, static_cast<int>(DV), v + (t0 + k0) * DV, static_cast<int>(DV), 0.f,
                   W, static_cast<int>(kn));
       for (std::int64_t j = 0; j < qn; ++j) {
@@ -394,7 +417,7 @@ void bw_grads(const float* q, const float* k, const float* v, const float* dh, c
                                              : 0.f;
         }
       }
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(qn), static_cast<int>(DK),
+      sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(qn), static_cast<int>(DK),
                   static_cast<int>(kn), 1.f, W, static_cast<int>(kn), k + (t0 + k0) * DK, static_cast<int>(DK), 1.f,
                   dqb, static_cast<int>(DK));
     }
@@ -419,10 +442,10 @@ void bw_grads(const float* q, const float* k, const float* v, const float* dh, c
     float* dvb = dv + (t0 + k0) * DV;
     // Inter: the state leaving the chunk. w_s = exp(a_s - m_{c+1}), a_s = G - b_s + ig_s
     //   dk_s = w_s (dC v_s + dn) ; dv_s = w_s dC^T k_s
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(kn), static_cast<int>(DK),
+    sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(kn), static_cast<int>(DK),
                 static_cast<int>(DV), 1.f, v + (t0 + k0) * DV, static_cast<int>(DV), dnext.C, static_cast<int>(DV), 0.f,
                 dkb, static_cast<int>(DK));
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(kn), static_cast<int>(DV),
+    sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(kn), static_cast<int>(DV),
                 static_cast<int>(DK), 1.f, k + (t0 + k0) * DK, static_cast<int>(DK), dnext.C, static_cast<int>(DV), 0.f,
                 dvb, static_cast<int>(DV));
     for (std::int64_t l = 0; l < kn; ++l) {
@@ -441,10 +464,10 @@ void bw_grads(const float* q, const float* k, const float* v, const float* dh, c
         for (std::int64_t e = 0; e < DV; ++e) dnum[j * DV + e] = dh[t * DV + e] * invN[t];
         for (std::int64_t d = 0; d < DK; ++d) qs[j * DK + d] = q[t * DK + d] * scale;
       }
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(qn), static_cast<int>(kn),
+      sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(qn), static_cast<int>(kn),
                   static_cast<int>(DV), 1.f, dnum, static_cast<int>(DV), v + (t0 + k0) * DV, static_cast<int>(DV), 0.f, P,
                   static_cast<int>(kn));
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(qn), static_cast<int>(kn),
+      sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(qn), static_cast<int>(kn),
                   static_cast<int>(DK), 1.f, qs, static_cast<int>(DK), k + (t0 + k0) * DK, static_cast<int>(DK), 0.f, Wq,
                   static_cast<int>(kn));
       for (std::int64_t j = 0; j < qn; ++j) {
@@ -457,10 +480,10 @@ void bw_grads(const float* q, const float* k, const float* v, const float* dh, c
         }
       }
       // dk_s += sum_t P_ts q'_t ; dv_s += sum_t Wq_ts dnum_t
-      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(kn), static_cast<int>(DK),
+      sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(kn), static_cast<int>(DK),
                   static_cast<int>(qn), 1.f, P, static_cast<int>(kn), qs, static_cast<int>(DK), 1.f, dkb,
                   static_cast<int>(DK));
-      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(kn), static_cast<int>(DV),
+      sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(kn), static_cast<int>(DV),
                   static_cast<int>(qn), 1.f, Wq, static_cast<int>(kn), dnum, static_cast<int>(DV), 1.f, dvb,
                   static_cast<int>(DV));
     }

@@ -148,7 +148,10 @@ TEST(OpenCLTwoDevices, BothDevicesAtOnceGiveTheSameResults) {
   std::thread t1([&] { r1 = get_kernel(kXl, KernelTarget{"1"})->forward(in.args(), o); });
   t0.join();
   t1.join();
-  EXPECT_TRUE(testing::matches(r1.h, r0.h, 0.0, "device 1 vs device 0", "h", s));
+  // Identical devices (PoCL x2 in CI) give identical bits; different ones agree to bf16 rounding.
+  const auto devs = opencl::list_devices();
+  const double same = devs[0].name == devs[1].name ? 0.0 : 1e-2;
+  EXPECT_TRUE(testing::matches(r1.h, r0.h, same, "device 1 vs device 0", "h", s));
   const auto ref = reference::recurrent_forward(in.args(), o);
   EXPECT_TRUE(testing::matches(r0.h, ref.h, 2e-2, kXl, "h", s));
 }
