@@ -80,6 +80,16 @@ ForwardResult ChunkwiseRunner::run(const ForwardArgs& a, const MlstmOptions& o, 
   opts << "-DDHQK=" << p.DHQK << " -DDHHV=" << p.DHHV << " -DCHUNK=" << L << " -DKEY_TILE=" << kKeyTile
        << " -DGATE_EXP=" << (o.gate == GateVariant::exp ? 1 : 0) << " -DNORMALIZE=" << (o.normalize ? 1 : 0)
        << " -DIN_DTYPE=" << dtype_code(dev_dtype) << " -DEPS=" << std::hexfloat << static_cast<float>(o.eps) << "f";
+  // The tiled output kernel when its tiles fit in local memory (QB queries x KT keys), else the per-token one.
+  int qb = 0, kt = 0;
+  for (int cand : {16, 8}) {
+    const std::uint64_t bytes = 4ull * (static_cast<std::uint64_t>(cand) * (2 * p.DHQK + p.DHHV + cand + 4));
+    if (bytes + 1024 <= dev.info().local_memory && static_cast<std::size_t>(kWorkGroup) <= dev.info().max_work_group) {
+      qb = kt = cand;
+      break;
+    }
+  }
+  if (qb > 0) opts << " -DQB=" << qb << " -DKT=" << kt << " -DWG=" << kWorkGroup;
   cl_program prog = dev.program("mlstm_chunkwise", opts.str());
 
   const std::size_t fs = sizeof(float);
@@ -112,9 +122,11 @@ ForwardResult ChunkwiseRunner::run(const ForwardArgs& a, const MlstmOptions& o, 
     check(clEnqueueNDRangeKernel(queue, kh.k, 3, nullptr, g, nullptr, 0, nullptr, nullptr), "fw_states", dn);
   }
   if (outputs) {
-    KernelHandle kh{dev.kernel(prog, "fw_outputs")};
+    KernelHandle kh{dev.kernel(prog, qb > 0 ? "fw_outputs_tiled" : "fw_outputs")};
     set_args(kh.k, dn, dq, dk, dv, db, dig, dCb, dnb, dmb, dh, dmt, dNt, ddt, S, nchunks);
-    const std::size_t g[2] = {static_cast<std::size_t>(S) * kWorkGroup, static_cast<std::size_t>(rows)};
+    const std::size_t groups = qb > 0 ? static_cast<std::size_t>(nchunks) * static_cast<std::size_t>((L + qb - 1) / qb)
+                                      : static_cast<std::size_t>(S);
+    const std::size_t g[2] = {groups * kWorkGroup, static_cast<std::size_t>(rows)};
     const std::size_t l[2] = {kWorkGroup, 1};
     check(clEnqueueNDRangeKernel(queue, kh.k, 2, nullptr, g, l, 0, nullptr, nullptr), "fw_outputs", dn);
   }

@@ -180,3 +180,134 @@ __kernel void fw_outputs(__global const in_t* q, __global const in_t* k, __globa
     den_tok[gbase + t] = den;
   }
 }
+
+// Tiled output kernel: one work group per (row, chunk, block of QB queries). The block's queries, a tile of
+// KT keys and values, and the block's weights live in local memory, so every key, value and state element
+// read from global memory serves QB queries. Work item `lid` owns the output columns e = lid + WG*j.
+// Extra build options: -DQB=<queries per group> -DKT=<keys per tile> -DWG=<work-group size>.
+#ifdef QB
+__kernel __attribute__((reqd_work_group_size(WG, 1, 1)))
+void fw_outputs_tiled(__global const in_t* q, __global const in_t* k, __global const in_t* v,
+                      __global const float* b, __global const float* ig, __global const float* Cb,
+                      __global const float* nb, __global const float* mb, __global in_t* h, __global float* m_tok,
+                      __global float* N_tok, __global float* den_tok, int S, int nchunks) {
+  __local float qs[QB][DHQK];
+  __local float ks[KT][DHQK];
+  __local float vs[KT][DHHV];
+  __local float w[QB][KT];
+  __local float mt_l[QB], bt_l[QB], den_l[QB], inter_l[QB];
+  const int blocks_per_chunk = (CHUNK + QB - 1) / QB;
+  const int c = get_group_id(0) / blocks_per_chunk, qb = get_group_id(0) % blocks_per_chunk;
+  const int row = get_group_id(1), lid = get_local_id(0);
+  const int t0c = c * CHUNK, clen = min(CHUNK, S - t0c);
+  const int q0 = t0c + qb * QB;
+  const int qn = min(QB, t0c + clen - q0);
+  if (qn <= 0) return;
+  const size_t gbase = (size_t)row * S;
+  const size_t bidx = (size_t)row * nchunks + c;
+  const float scale = rsqrt((float)DHQK);
+  for (int x = lid; x < QB * DHQK; x += WG) {
+    const int j = x / DHQK, d = x % DHQK;
+    qs[j][d] = j < qn ? ld(q, (gbase + q0 + j) * DHQK + d) * scale : 0.0f;
+  }
+  if (lid < QB) {
+    const int t = q0 + lid;
+#if GATE_EXP
+    const float m_in = mb[bidx];
+    float mt = -INFINITY, bt = 0.0f;
+    if (lid < qn) {
+      bt = b[gbase + t];
+      mt = bt + m_in;
+      for (int s = t0c; s <= t; ++s) mt = fmax(mt, bt - b[gbase + s] + ig[gbase + s]);
+    }
+    mt_l[lid] = mt;
+    bt_l[lid] = bt;
+    inter_l[lid] = lid < qn ? safe_exp(bt + m_in - mt) : 0.0f;
+#else
+    mt_l[lid] = 0.0f;
+    bt_l[lid] = lid < qn ? b[gbase + t] : 0.0f;
+    inter_l[lid] = lid < qn ? exp(bt_l[lid]) : 0.0f;
+#endif
+  }
+  barrier(CLK_LOCAL_MEM_FENCE);
+  // Inter-chunk part: num[j][e] = inter_j * sum_d qs[j][d] C[d][e]; den_j = inter_j * qs_j . n
+#define EPI ((DHHV + WG - 1) / WG)
+  float acc[QB][EPI];
+  for (int j = 0; j < QB; ++j)
+    for (int i = 0; i < EPI; ++i) acc[j][i] = 0.0f;
+  for (int d = 0; d < DHQK; ++d) {
+    for (int i = 0; i < EPI; ++i) {
+      const int e = lid + i * WG;
+      const float cde = e < DHHV ? Cb[(bidx * DHQK + d) * DHHV + e] : 0.0f;
+      for (int j = 0; j < QB; ++j) acc[j][i] += qs[j][d] * cde;
+    }
+  }
+  for (int j = 0; j < QB; ++j)
+    for (int i = 0; i < EPI; ++i) acc[j][i] *= inter_l[j];
+  if (lid < QB) {
+    float dn = 0.0f;
+    for (int d = 0; d < DHQK; ++d) dn += qs[lid][d] * nb[bidx * DHQK + d];
+    den_l[lid] = inter_l[lid] * dn;
+  }
+  // Intra-chunk part over key tiles up to the block's last query.
+  const int s_end = q0 + qn;  // exclusive
+  for (int s0 = t0c; s0 < s_end; s0 += KT) {
+    const int sn = min(KT, s_end - s0);
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int x = lid; x < KT * DHQK; x += WG) {
+      const int l = x / DHQK, d = x % DHQK;
+      ks[l][d] = l < sn ? ld(k, (gbase + s0 + l) * DHQK + d) : 0.0f;
+    }
+    for (int x = lid; x < KT * DHHV; x += WG) {
+      const int l = x / DHHV, e = x % DHHV;
+      vs[l][e] = l < sn ? ld(v, (gbase + s0 + l) * DHHV + e) : 0.0f;
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int x = lid; x < QB * KT; x += WG) {
+      const int j = x / KT, l = x % KT;
+      const int t = q0 + j, s = s0 + l;
+      float wt = 0.0f;
+      if (j < qn && l < sn && s <= t) {
+        float dot = 0.0f;
+        for (int d = 0; d < DHQK; ++d) dot += qs[j][d] * ks[l][d];
+        wt = exp(bt_l[j] - b[gbase + s] + ig[gbase + s] - mt_l[j]) * dot;
+      }
+      w[j][l] = wt;
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    if (lid < QB) {
+      float sum = 0.0f;
+      for (int l = 0; l < sn; ++l) sum += w[lid][l];
+      den_l[lid] += sum;
+    }
+    for (int l = 0; l < sn; ++l) {
+      for (int i = 0; i < EPI; ++i) {
+        const int e = lid + i * WG;
+        const float ve = e < DHHV ? vs[l][e] : 0.0f;
+        for (int j = 0; j < QB; ++j) acc[j][i] += w[j][l] * ve;
+      }
+    }
+  }
+  barrier(CLK_LOCAL_MEM_FENCE);
+  for (int j = 0; j < qn; ++j) {
+    const float den = den_l[j], mt = mt_l[j];
+#if GATE_EXP
+    const float N = fmax(fabs(den), exp(-mt)) + EPS;
+#elif NORMALIZE
+    const float N = fmax(fabs(den), 1.0f) + EPS;
+#else
+    const float N = 1.0f;
+#endif
+    const size_t t = gbase + q0 + j;
+    for (int i = 0; i < EPI; ++i) {
+      const int e = lid + i * WG;
+      if (e < DHHV) st(h, t * DHHV + e, acc[j][i] / N);
+    }
+    if (lid == 0) {
+      m_tok[t] = mt;
+      N_tok[t] = N;
+      den_tok[t] = den;
+    }
+  }
+}
+#endif
