@@ -114,9 +114,16 @@ ForwardResult ChunkwiseRunner::run(const ForwardArgs& a, const MlstmOptions& o, 
     const std::size_t g[2] = {static_cast<std::size_t>(nchunks), static_cast<std::size_t>(rows)};
     check(clEnqueueNDRangeKernel(queue, kh.k, 2, nullptr, g, nullptr, 0, nullptr, nullptr), "fw_gates", dn);
   }
+  Buffer dcarry = dev.alloc(nb * fs), dw = dev.alloc(static_cast<std::size_t>(rows) * S * fs);
+  {
+    KernelHandle kh{dev.kernel(prog, "fw_state_weights")};
+    set_args(kh.k, dn, db, dig, dG, dm0, dmb, dcarry, dw, dmo, S, nchunks);
+    const std::size_t g[1] = {static_cast<std::size_t>(rows)};
+    check(clEnqueueNDRangeKernel(queue, kh.k, 1, nullptr, g, nullptr, 0, nullptr, nullptr), "fw_state_weights", dn);
+  }
   {
     KernelHandle kh{dev.kernel(prog, "fw_states")};
-    set_args(kh.k, dn, dk, dv, db, dig, dG, dC0, dn0, dm0, dCb, dnb, dmb, dCo, dno, dmo, S, nchunks);
+    set_args(kh.k, dn, dk, dv, dcarry, dw, dC0, dn0, dCb, dnb, dCo, dno, S, nchunks);
     const std::size_t g[3] = {static_cast<std::size_t>(p.DHHV + 1), static_cast<std::size_t>(p.DHQK),
                               static_cast<std::size_t>(rows)};
     check(clEnqueueNDRangeKernel(queue, kh.k, 3, nullptr, g, nullptr, 0, nullptr, nullptr), "fw_states", dn);

@@ -49,28 +49,22 @@ __kernel void fw_gates(__global const float* i, __global const float* f, __globa
   G[(size_t)row * nchunks + c] = acc;
 }
 
-// One work item per (row, d, e) element of C (e == DHHV: the n vector). Sequential over the chunks: writes
-// the state entering every chunk, then the state leaving the sequence.
-__kernel void fw_states(__global const in_t* k, __global const in_t* v, __global const float* b,
-                        __global const float* ig, __global const float* G, __global const float* C0,
-                        __global const float* n0, __global const float* m0, __global float* Cb, __global float* nb,
-                        __global float* mb, __global float* Cout, __global float* nout, __global float* mout, int S,
-                        int nchunks) {
-  const int e = get_global_id(0), d = get_global_id(1), row = get_global_id(2);
-  if (e > DHHV) return;
-  const bool is_n = e == DHHV;
-  float x = is_n ? n0[(size_t)row * DHQK + d] : C0[((size_t)row * DHQK + d) * DHHV + e];
+// One work item per row, sequential over the chunks (scalars only): the stabiliser of the state entering
+// every chunk (mb), the carry factor exp(G_c + m_c - m_{c+1}) of every chunk and the weight
+// exp(a_t - m_{c+1}) of every token, so that fw_states does no exp and no max per state element.
+__kernel void fw_state_weights(__global const float* b, __global const float* ig, __global const float* G,
+                               __global const float* m0, __global float* mb, __global float* carry,
+                               __global float* wtok, __global float* mout, int S, int nchunks) {
+  const int row = get_global_id(0);
+  const size_t gbase = (size_t)row * S;
 #if GATE_EXP
   float m = m0[row];
 #else
   float m = 0.0f;
 #endif
-  const size_t gbase = (size_t)row * S;
   for (int c = 0; c < nchunks; ++c) {
     const size_t bidx = (size_t)row * nchunks + c;
-    if (is_n) nb[bidx * DHQK + d] = x;
-    else Cb[(bidx * DHQK + d) * DHHV + e] = x;
-    if (d == 0 && e == 0) mb[bidx] = m;
+    mb[bidx] = m;
     const int t0 = c * CHUNK, t1 = min(S, t0 + CHUNK);
     const float Gc = G[bidx];
 #if GATE_EXP
@@ -79,18 +73,38 @@ __kernel void fw_states(__global const in_t* k, __global const in_t* v, __global
 #else
     const float m_new = 0.0f;
 #endif
-    float acc = safe_exp(Gc + m - m_new) * x;
+    carry[bidx] = safe_exp(Gc + m - m_new);
+    for (int t = t0; t < t1; ++t) wtok[gbase + t] = exp(Gc - b[gbase + t] + ig[gbase + t] - m_new);
+    m = m_new;
+  }
+  mout[row] = m;
+}
+
+// One work item per (row, d, e) element of C (e == DHHV: the n vector). Sequential over the chunks: writes
+// the state entering every chunk, then the state leaving the sequence.
+__kernel void fw_states(__global const in_t* k, __global const in_t* v, __global const float* carry,
+                        __global const float* wtok, __global const float* C0, __global const float* n0,
+                        __global float* Cb, __global float* nb, __global float* Cout, __global float* nout, int S,
+                        int nchunks) {
+  const int e = get_global_id(0), d = get_global_id(1), row = get_global_id(2);
+  if (e > DHHV) return;
+  const bool is_n = e == DHHV;
+  float x = is_n ? n0[(size_t)row * DHQK + d] : C0[((size_t)row * DHQK + d) * DHHV + e];
+  const size_t gbase = (size_t)row * S;
+  for (int c = 0; c < nchunks; ++c) {
+    const size_t bidx = (size_t)row * nchunks + c;
+    if (is_n) nb[bidx * DHQK + d] = x;
+    else Cb[(bidx * DHQK + d) * DHHV + e] = x;
+    const int t0 = c * CHUNK, t1 = min(S, t0 + CHUNK);
+    float acc = carry[bidx] * x;
     for (int t = t0; t < t1; ++t) {
-      const float w = exp(Gc - b[gbase + t] + ig[gbase + t] - m_new);
       const float kv = ld(k, (gbase + t) * DHQK + d) * (is_n ? 1.0f : ld(v, (gbase + t) * DHHV + e));
-      acc += w * kv;
+      acc += wtok[gbase + t] * kv;
     }
     x = acc;
-    m = m_new;
   }
   if (is_n) nout[(size_t)row * DHQK + d] = x;
   else Cout[((size_t)row * DHQK + d) * DHHV + e] = x;
-  if (d == 0 && e == 0) mout[row] = m;
 }
 
 // One work group per (row, token): scores q'_t . k_s over key tiles of KEY_TILE in local memory, then each
