@@ -63,9 +63,9 @@ void BM_StreamPeakMemory(benchmark::State& state) {
 }
 BENCHMARK(BM_StreamPeakMemory)->Arg(1)->Arg(2)->Arg(4)->Arg(8)->Iterations(1)->Unit(benchmark::kSecond)->UseRealTime();
 
-// The sequence-parallel forward through the graph, per device set. arg 0: workers, 1: OpenCL 0,
-// 2: OpenCL 0,1, 3: workers+0,1.
-void BM_GraphForward(benchmark::State& state) {
+// The sequence-parallel forward through the graph, per device set (arg 0: workers, 1: OpenCL 0, 2: OpenCL 0,1,
+// 3: workers+0,1), with pull-based or calibrated balancing.
+void graph_forward(benchmark::State& state, graph::Balancing balancing) {
   static const char* specs[] = {"workers", "0", "0,1", "workers+0,1"};
   const std::string spec = specs[state.range(0)];
   const std::size_t need = state.range(0) == 0 ? 0 : state.range(0) == 1 ? 1 : 2;
@@ -74,40 +74,21 @@ void BM_GraphForward(benchmark::State& state) {
     return;
   }
   graph::FlowGraphRunner runner(spec);
+  runner.set_balancing(balancing);
   static const Piece p = make_piece(4, 8192, 64, 3);
   MlstmOptions o;
   o.chunk_size = 64;
+  runner.forward(p.args(), o);  // warm-up: program builds, calibration (cached)
   for (auto _ : state) {
     auto r = runner.forward(p.args(), o);
     benchmark::DoNotOptimize(r.h.bytes());
   }
-  state.SetLabel(spec);
+  state.SetLabel(spec + (balancing == graph::Balancing::calibrated ? " calibrated" : " pull"));
   state.counters["tokens/s"] = benchmark::Counter(8192.0 * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
 }
+void BM_GraphForward(benchmark::State& state) { graph_forward(state, graph::Balancing::pull); }
+void BM_GraphForwardCalibrated(benchmark::State& state) { graph_forward(state, graph::Balancing::calibrated); }
 BENCHMARK(BM_GraphForward)->DenseRange(0, 3)->Unit(benchmark::kMillisecond)->UseRealTime();
-
-// The same with calibrated balancing: shares by measured speed, too-slow devices left out.
-void BM_GraphForwardCalibrated(benchmark::State& state) {
-  static const char* specs[] = {"workers", "0", "0,1", "workers+0,1"};
-  const std::string spec = specs[state.range(0)];
-  const std::size_t need = state.range(0) == 0 ? 0 : state.range(0) == 1 ? 1 : 2;
-  if (opencl::list_devices().size() < need) {
-    state.SkipWithError("not enough OpenCL devices");
-    return;
-  }
-  graph::FlowGraphRunner runner(spec);
-  runner.set_balancing(graph::Balancing::calibrated);
-  static const Piece p = make_piece(4, 8192, 64, 3);
-  MlstmOptions o;
-  o.chunk_size = 64;
-  runner.forward(p.args(), o);  // calibration (cached) outside the timing
-  for (auto _ : state) {
-    auto r = runner.forward(p.args(), o);
-    benchmark::DoNotOptimize(r.h.bytes());
-  }
-  state.SetLabel(spec + " calibrated");
-  state.counters["tokens/s"] = benchmark::Counter(8192.0 * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
-}
 BENCHMARK(BM_GraphForwardCalibrated)->DenseRange(0, 3)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <cstring>
@@ -298,26 +299,35 @@ std::vector<std::pair<std::int64_t, std::int64_t>> row_groups(std::int64_t rows,
   return g;
 }
 
+// Runs work(d) for every row group d at once, one continue_node per group fanned out from one start
+// message, and logs "rows [a, b): <what> on <device>".
+void run_row_groups(const std::vector<std::pair<std::int64_t, std::int64_t>>& groups,
+                    const std::vector<std::shared_ptr<nodes::ComputeDevice>>& devices, const std::string& what,
+                    std::vector<std::string>& log, const std::function<void(std::size_t)>& work) {
+  tbb::flow::graph g;
+  std::vector<std::unique_ptr<tbb::flow::continue_node<tbb::flow::continue_msg>>> nodes;
+  tbb::flow::broadcast_node<tbb::flow::continue_msg> start(g);
+  log.clear();
+  for (std::size_t d = 0; d < groups.size(); ++d) {
+    nodes.push_back(std::make_unique<tbb::flow::continue_node<tbb::flow::continue_msg>>(
+        g, [&work, d](tbb::flow::continue_msg) { work(d); }));
+    tbb::flow::make_edge(start, *nodes.back());
+    log.push_back("rows [" + std::to_string(groups[d].first) + ", " + std::to_string(groups[d].second) + "): " + what +
+                  " on " + devices[d]->name());
+  }
+  start.try_put(tbb::flow::continue_msg());
+  g.wait_for_all();
+}
+
 }  // namespace
 
 ForwardResult FlowGraphRunner::forward_head_split(const ForwardArgs& args, const MlstmOptions& options) {
   const ProblemShape p = validate_forward(args, options);
   const auto groups = row_groups(p.rows(), devices_.size());
   std::vector<ForwardResult> parts(groups.size());
-  tbb::flow::graph g;
-  std::vector<std::unique_ptr<tbb::flow::continue_node<tbb::flow::continue_msg>>> nodes;
-  tbb::flow::broadcast_node<tbb::flow::continue_msg> start(g);
-  log_.clear();
-  for (std::size_t d = 0; d < groups.size(); ++d) {
-    nodes.push_back(std::make_unique<tbb::flow::continue_node<tbb::flow::continue_msg>>(g, [&, d](tbb::flow::continue_msg) {
-      parts[d] = devices_[d]->forward(rows_of(args, groups[d].first, groups[d].second), options);
-    }));
-    tbb::flow::make_edge(start, *nodes.back());
-    log_.push_back("rows [" + std::to_string(groups[d].first) + ", " + std::to_string(groups[d].second) +
-                   "): forward on " + devices_[d]->name());
-  }
-  start.try_put(tbb::flow::continue_msg());
-  g.wait_for_all();
+  run_row_groups(groups, devices_, "forward", log_, [&](std::size_t d) {
+    parts[d] = devices_[d]->forward(rows_of(args, groups[d].first, groups[d].second), options);
+  });
   ForwardResult out;
   for (std::size_t d = 0; d < groups.size(); ++d) {
     const auto r0 = groups[d].first;
@@ -340,25 +350,14 @@ BackwardResult FlowGraphRunner::backward(const BackwardArgs& args, const MlstmOp
   if (capable.empty()) throw InvalidArgument("devices", "none of the graph's devices has a backward; add CPU workers");
   const auto groups = row_groups(p.rows(), capable.size());
   std::vector<BackwardResult> parts(groups.size());
-  tbb::flow::graph g;
-  std::vector<std::unique_ptr<tbb::flow::continue_node<tbb::flow::continue_msg>>> nodes;
-  tbb::flow::broadcast_node<tbb::flow::continue_msg> start(g);
-  log_.clear();
-  for (std::size_t d = 0; d < groups.size(); ++d) {
-    nodes.push_back(std::make_unique<tbb::flow::continue_node<tbb::flow::continue_msg>>(g, [&, d](tbb::flow::continue_msg) {
-      BackwardArgs b;
-      b.inputs = rows_of(args.inputs, groups[d].first, groups[d].second);
-      b.dh = rows_of(args.dh, groups[d].first, groups[d].second, "dh");
-      b.dc_last = rows_of(args.dc_last, groups[d].first, groups[d].second, "dc_last");
-      b.dn_last = rows_of(args.dn_last, groups[d].first, groups[d].second, "dn_last");
-      parts[d] = capable[d]->backward(b, options);
-    }));
-    tbb::flow::make_edge(start, *nodes.back());
-    log_.push_back("rows [" + std::to_string(groups[d].first) + ", " + std::to_string(groups[d].second) +
-                   "): backward on " + capable[d]->name());
-  }
-  start.try_put(tbb::flow::continue_msg());
-  g.wait_for_all();
+  run_row_groups(groups, capable, "backward", log_, [&](std::size_t d) {
+    BackwardArgs b;
+    b.inputs = rows_of(args.inputs, groups[d].first, groups[d].second);
+    b.dh = rows_of(args.dh, groups[d].first, groups[d].second, "dh");
+    b.dc_last = rows_of(args.dc_last, groups[d].first, groups[d].second, "dc_last");
+    b.dn_last = rows_of(args.dn_last, groups[d].first, groups[d].second, "dn_last");
+    parts[d] = capable[d]->backward(b, options);
+  });
   BackwardResult out;
   for (std::size_t d = 0; d < groups.size(); ++d) {
     const auto r0 = groups[d].first;

@@ -83,8 +83,8 @@ RowForward forward_row(const RowInputs& in, const StateBuffer& init, const Probl
   return r;
 }
 
-ForwardResult forward_impl(const ForwardArgs& a, const MlstmOptions& o, std::int64_t L, std::int64_t tile) {
-  const ProblemShape p = validate_forward(a, o);
+// h in q's dtype and, when asked for, float32 last states.
+ForwardResult allocate_forward_result(const ProblemShape& p, const MlstmOptions& o) {
   ForwardResult out;
   out.h = Tensor({p.B, p.NH, p.S, p.DHHV}, p.dtype);
   if (o.return_last_states) {
@@ -92,6 +92,12 @@ ForwardResult forward_impl(const ForwardArgs& a, const MlstmOptions& o, std::int
     out.n = Tensor({p.B, p.NH, p.DHQK}, DType::f32);
     out.m = Tensor({p.B, p.NH}, DType::f32);
   }
+  return out;
+}
+
+ForwardResult forward_impl(const ForwardArgs& a, const MlstmOptions& o, std::int64_t L, std::int64_t tile) {
+  const ProblemShape p = validate_forward(a, o);
+  ForwardResult out = allocate_forward_result(p, o);
   tbb::parallel_for(std::int64_t{0}, p.rows(), [&](std::int64_t r) {
     const std::int64_t b = r / p.NH, h = r % p.NH;
     const RowInputs in = load_row(a, b, h);
@@ -263,13 +269,7 @@ StepResult step(const StepArgs& a, const MlstmOptions& o) {
 
 ForwardResult sequence_forward(const ForwardArgs& a, const MlstmOptions& o) {
   const ProblemShape p = validate_forward(a, o);
-  ForwardResult out;
-  out.h = Tensor({p.B, p.NH, p.S, p.DHHV}, p.dtype);
-  if (o.return_last_states) {
-    out.c = Tensor({p.B, p.NH, p.DHQK, p.DHHV}, DType::f32);
-    out.n = Tensor({p.B, p.NH, p.DHQK}, DType::f32);
-    out.m = Tensor({p.B, p.NH}, DType::f32);
-  }
+  ForwardResult out = allocate_forward_result(p, o);
   tbb::parallel_for(std::int64_t{0}, p.rows(), [&](std::int64_t r) {
     const std::int64_t b = r / p.NH, h = r % p.NH;
     const RowInputs in = load_row(a, b, h);
