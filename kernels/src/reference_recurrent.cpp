@@ -1,6 +1,10 @@
 // float64 reference: the recurrent form (the definition), its reverse-mode backward, and one step.
+// The backward runs the recurrence in reverse, recomputing the states of each run of ~sqrt(S) steps from a
+// stored checkpoint (memory O(sqrt(S)) states per row, two forward passes).
+#include <algorithm>
 #include <cmath>
-#include <cstring>
+#include <cstddef>
+#include <vector>
 
 #include "mlstm/reference.hpp"
 #include "reference_common.hpp"
@@ -93,6 +97,122 @@ ForwardResult recurrent_forward(const ForwardArgs& args, const MlstmOptions& o) 
   return out;
 }
 
+namespace {
+
+// Adjoints carried backwards through the recurrence: of the state (C, n) after step t and of its
+// stabiliser m_t (only used in StabilizerGradient::full, and for m0).
+struct StateAdjoint {
+  std::vector<double> dC, dn;
+  double dm = 0.0;
+};
+
+// The inputs of one row and the gradient arrays that receive its results.
+struct RowBackward {
+  const double *q, *k, *v, *i, *f, *dh;
+  double *dq, *dk, *dv, *di, *df;
+};
+
+// Reverse of step t: turns `adj` from the adjoint of the state after step t (C_t, n_t, m_t) into the
+// adjoint of the state before it, and writes dq_t, dk_t, dv_t, di_t, df_t. Cp/np: state before the
+// step, Ct/nt: after it; rec: what the forward step used.
+void backward_step(std::int64_t t, const RowBackward& row, const double* Cp, const double* np, const double* Ct,
+                   const double* nt, const StepRecord& rec, std::int64_t DK, std::int64_t DV, const MlstmOptions& o,
+                   bool full, StateAdjoint& adj) {
+  const double scale = 1.0 / std::sqrt(static_cast<double>(DK));
+  const double* q = row.q + t * DK;
+  const double* k = row.k + t * DK;
+  const double* v = row.v + t * DV;
+  const double* dht = row.dh + t * DV;
+  double* dC = adj.dC.data();
+  double* dn = adj.dn.data();
+
+  // h_t = num / N with num = q'^T C_t, den = q' . n_t, N = max(|den|, floor) + eps (or 1).
+  double dh_dot_num = 0.0;
+  for (std::int64_t e = 0; e < DV; ++e) {
+    double num = 0.0;
+    for (std::int64_t d = 0; d < DK; ++d) num += q[d] * scale * Ct[d * DV + e];
+    dh_dot_num += dht[e] * num;
+  }
+  const double dN = -dh_dot_num / (rec.N * rec.N);
+  double dden = 0.0;
+  if (rec.norm_active) {
+    if (rec.den_wins) {
+      dden = dN * (rec.den >= 0 ? 1.0 : -1.0);
+    } else if (full) {
+      adj.dm += dN * (-std::exp(-rec.m));  // the floor exp(-m_t) won the max (exp gate)
+    }
+  }
+  double* dq_t = row.dq + t * DK;
+  for (std::int64_t d = 0; d < DK; ++d) {
+    const double* Crow = Ct + d * DV;
+    double dqs = dden * nt[d];
+    for (std::int64_t e = 0; e < DV; ++e) dqs += Crow[e] * dht[e] / rec.N;
+    dq_t[d] = dqs * scale;
+    const double qsd = q[d] * scale;
+    double* dCrow = dC + d * DV;
+    for (std::int64_t e = 0; e < DV; ++e) dCrow[e] += qsd * dht[e] / rec.N;
+    dn[d] += dden * qsd;
+  }
+
+  // C_t = a C_{t-1} + b k v^T ; n_t = a n_{t-1} + b k
+  double* dk_t = row.dk + t * DK;
+  double* dv_t = row.dv + t * DV;
+  for (std::int64_t e = 0; e < DV; ++e) dv_t[e] = 0.0;
+  double da = 0.0, db = 0.0;
+  for (std::int64_t d = 0; d < DK; ++d) {
+    const double* dCrow = dC + d * DV;
+    const double* Cprow = Cp + d * DV;
+    double dCv = 0.0;
+    for (std::int64_t e = 0; e < DV; ++e) {
+      dCv += dCrow[e] * v[e];
+      da += dCrow[e] * Cprow[e];
+      dv_t[e] += rec.b * dCrow[e] * k[d];
+    }
+    dk_t[d] = rec.b * (dCv + dn[d]);
+    da += dn[d] * np[d];
+    db += k[d] * (dCv + dn[d]);
+  }
+  for (auto& x : adj.dC) x *= rec.a;
+  for (auto& x : adj.dn) x *= rec.a;
+
+  double dlf = 0.0;
+  double dm_prev = 0.0;  // adjoint of m_{t-1}
+  if (o.gate == GateVariant::exp) {
+    // a = exp(lf + m_{t-1} - m_t), b = exp(i - m_t)
+    double dig = db * rec.b;
+    dlf += da * rec.a;
+    dm_prev += da * rec.a;
+    if (full) {
+      double dm_t = adj.dm - da * rec.a - db * rec.b;
+      // m_t = max(lf + m_{t-1}, i) passes its adjoint to the winning branch.
+      if (rec.lf_branch) {
+        dlf += dm_t;
+        dm_prev += dm_t;
+      } else {
+        dig += dm_t;
+      }
+    } else if (t > 0) {
+      dm_prev = 0.0;  // stop: m_{t-1} is a constant, unless it is the initial m0
+    }
+    row.di[t] = dig;
+  } else {
+    dlf += da * rec.a;  // a = exp(lf) = sigmoid(f)
+    const double sb = rec.b;  // b = sigmoid(i)
+    row.di[t] = db * sb * (1.0 - sb);
+  }
+  row.df[t] = dlf * sigmoid(-row.f[t]);
+  adj.dm = dm_prev;
+}
+
+// Steps between stored states in the backward: about sqrt(S), so memory is O(sqrt(S)) states and the
+// forward runs twice.
+std::int64_t checkpoint_interval(std::int64_t S) {
+  auto K = static_cast<std::int64_t>(std::ceil(std::sqrt(static_cast<double>(S))));
+  return K < 1 ? 1 : K;
+}
+
+}  // namespace
+
 BackwardResult recurrent_backward(const BackwardArgs& args, const MlstmOptions& o, StabilizerGradient mode) {
   const ProblemShape p = validate_backward(args, o);
   const auto in = detail::load(args.inputs, p);
@@ -101,122 +221,73 @@ BackwardResult recurrent_backward(const BackwardArgs& args, const MlstmOptions& 
   const auto dc_last = detail::to_f64(args.dc_last);
   const auto dn_last = detail::to_f64(args.dn_last);
   const bool full = mode == StabilizerGradient::full && o.gate == GateVariant::exp;
-  const double scale = 1.0 / std::sqrt(static_cast<double>(DK));
 
   std::vector<double> dq(in.q.size()), dk(in.k.size()), dv(in.v.size()), di(in.i.size()), df(in.f.size());
   std::vector<double> dc0(in.c0.size()), dn0(in.n0.size()), dm0(in.m0.size());
 
-  const std::size_t state = static_cast<std::size_t>(DK * DV);
-  std::vector<double> Cs(static_cast<std::size_t>(S + 1) * state), ns(static_cast<std::size_t>((S + 1) * DK));
-  std::vector<StepRecord> recs(static_cast<std::size_t>(S));
-  std::vector<double> h(static_cast<std::size_t>(DV)), dC(state), dn(static_cast<std::size_t>(DK)),
-      dqs(static_cast<std::size_t>(DK));
+  const auto state = static_cast<std::size_t>(DK * DV);
+  const auto nsz = static_cast<std::size_t>(DK);
+  const std::int64_t K = checkpoint_interval(S);
+  const std::int64_t num_segments = (S + K - 1) / K;
+  // States entering each segment of K steps (checkpoints), and the states inside one segment.
+  std::vector<double> ck_C(static_cast<std::size_t>(num_segments) * state), ck_n(static_cast<std::size_t>(num_segments) * nsz),
+      ck_m(static_cast<std::size_t>(num_segments));
+  std::vector<double> Cs(static_cast<std::size_t>(K + 1) * state), ns(static_cast<std::size_t>(K + 1) * nsz);
+  std::vector<StepRecord> recs(static_cast<std::size_t>(K));
+  std::vector<double> C(state), n(nsz), h(static_cast<std::size_t>(DV));
+  StateAdjoint adj;
+  adj.dC.resize(state);
+  adj.dn.resize(nsz);
 
   for (std::int64_t r = 0; r < p.rows(); ++r) {
-    // Forward, keeping every state: Cs[t] is the state after t steps.
-    std::memcpy(Cs.data(), in.c0.data() + r * DK * DV, state * sizeof(double));
-    std::memcpy(ns.data(), in.n0.data() + r * DK, static_cast<std::size_t>(DK) * sizeof(double));
+    const RowBackward row{in.q_row(r), in.k_row(r),          in.v_row(r),          in.i_row(r),
+                          in.f_row(r), dh.data() + r * S * DV, dq.data() + r * S * DK, dk.data() + r * S * DK,
+                          dv.data() + r * S * DV, di.data() + r * S, df.data() + r * S};
+    // Forward, storing the state entering every segment.
+    std::copy_n(in.c0.data() + r * DK * DV, state, C.data());
+    std::copy_n(in.n0.data() + r * DK, nsz, n.data());
     double m = in.m0[static_cast<std::size_t>(r)];
     for (std::int64_t t = 0; t < S; ++t) {
-      std::memcpy(Cs.data() + (t + 1) * state, Cs.data() + t * state, state * sizeof(double));
-      std::memcpy(ns.data() + (t + 1) * DK, ns.data() + t * DK, static_cast<std::size_t>(DK) * sizeof(double));
-      recs[static_cast<std::size_t>(t)] =
-          step_row(in.q_row(r) + t * DK, in.k_row(r) + t * DK, in.v_row(r) + t * DV, in.i_row(r)[t], in.f_row(r)[t],
-                   Cs.data() + (t + 1) * state, ns.data() + (t + 1) * DK, m, h.data(), DK, DV, o);
+      if (t % K == 0) {
+        const auto j = static_cast<std::size_t>(t / K);
+        std::copy(C.begin(), C.end(), ck_C.begin() + static_cast<std::ptrdiff_t>(j * state));
+        std::copy(n.begin(), n.end(), ck_n.begin() + static_cast<std::ptrdiff_t>(j * nsz));
+        ck_m[j] = m;
+      }
+      step_row(row.q + t * DK, row.k + t * DK, row.v + t * DV, row.i[t], row.f[t], C.data(), n.data(), m, h.data(), DK,
+               DV, o);
     }
-    // Reverse mode. dC, dn: adjoints of the state after step t; dm_next: adjoint of m_t.
-    if (dc_last.empty()) std::fill(dC.begin(), dC.end(), 0.0);
-    else std::memcpy(dC.data(), dc_last.data() + r * DK * DV, state * sizeof(double));
-    if (dn_last.empty()) std::fill(dn.begin(), dn.end(), 0.0);
-    else std::memcpy(dn.data(), dn_last.data() + r * DK, static_cast<std::size_t>(DK) * sizeof(double));
-    double dm_t = 0.0;
-    for (std::int64_t t = S - 1; t >= 0; --t) {
-      const auto& rec = recs[static_cast<std::size_t>(t)];
-      const double* q = in.q_row(r) + t * DK;
-      const double* k = in.k_row(r) + t * DK;
-      const double* v = in.v_row(r) + t * DV;
-      const double* dht = dh.data() + (r * S + t) * DV;
-      const double* Ct = Cs.data() + (t + 1) * state;
-      const double* nt = ns.data() + (t + 1) * DK;
-      const double* Cp = Cs.data() + t * state;
-      const double* np = ns.data() + t * DK;
-      // h = num / N: recompute num to get dh . h.
-      double dh_dot_num = 0.0;
-      for (std::int64_t e = 0; e < DV; ++e) {
-        double num = 0.0;
-        for (std::int64_t d = 0; d < DK; ++d) num += q[d] * scale * Ct[d * DV + e];
-        dh_dot_num += dht[e] * num;
+    // Reverse mode, one segment at a time (its states recomputed from its checkpoint).
+    if (dc_last.empty()) std::fill(adj.dC.begin(), adj.dC.end(), 0.0);
+    else std::copy_n(dc_last.data() + r * DK * DV, state, adj.dC.data());
+    if (dn_last.empty()) std::fill(adj.dn.begin(), adj.dn.end(), 0.0);
+    else std::copy_n(dn_last.data() + r * DK, nsz, adj.dn.data());
+    adj.dm = 0.0;  // the last m is not part of the loss
+    for (std::int64_t j = num_segments - 1; j >= 0; --j) {
+      const std::int64_t t0 = j * K, len = std::min(K, S - t0);
+      const auto ju = static_cast<std::size_t>(j);
+      std::copy_n(ck_C.data() + ju * state, state, Cs.data());
+      std::copy_n(ck_n.data() + ju * nsz, nsz, ns.data());
+      double ms = ck_m[ju];
+      for (std::int64_t u = 0; u < len; ++u) {
+        const std::int64_t t = t0 + u;
+        double* Cnext = Cs.data() + static_cast<std::size_t>(u + 1) * state;
+        double* nnext = ns.data() + static_cast<std::size_t>(u + 1) * nsz;
+        std::copy_n(Cs.data() + static_cast<std::size_t>(u) * state, state, Cnext);
+        std::copy_n(ns.data() + static_cast<std::size_t>(u) * nsz, nsz, nnext);
+        recs[static_cast<std::size_t>(u)] = step_row(row.q + t * DK, row.k + t * DK, row.v + t * DV, row.i[t], row.f[t],
+                                                     Cnext, nnext, ms, h.data(), DK, DV, o);
       }
-      const double dN = -dh_dot_num / (rec.N * rec.N);
-      double dden = 0.0;
-      if (rec.norm_active) {
-        if (rec.den_wins) dden = dN * (rec.den >= 0 ? 1.0 : -1.0);
-        else if (full) dm_t += dN * (-std::exp(-rec.m));  // floor exp(-m_t) won
+      for (std::int64_t u = len - 1; u >= 0; --u) {
+        const auto uu = static_cast<std::size_t>(u);
+        backward_step(t0 + u, row, Cs.data() + uu * state, ns.data() + uu * nsz, Cs.data() + (uu + 1) * state,
+                      ns.data() + (uu + 1) * nsz, recs[uu], DK, DV, o, full, adj);
       }
-      // num = qs^T C_t, den = qs . n_t
-      for (std::int64_t d = 0; d < DK; ++d) {
-        double acc = dden * nt[d];
-        const double* Crow = Ct + d * DV;
-        for (std::int64_t e = 0; e < DV; ++e) acc += Crow[e] * dht[e] / rec.N;
-        dqs[static_cast<std::size_t>(d)] = acc;
-        const double qsd = q[d] * scale;
-        double* dCrow = dC.data() + d * DV;
-        for (std::int64_t e = 0; e < DV; ++e) dCrow[e] += qsd * dht[e] / rec.N;
-        dn[static_cast<std::size_t>(d)] += dden * qsd;
-      }
-      double* dq_t = dq.data() + (r * S + t) * DK;
-      for (std::int64_t d = 0; d < DK; ++d) dq_t[d] = dqs[static_cast<std::size_t>(d)] * scale;
-      // C_t = a C_{t-1} + b k v^T ; n_t = a n_{t-1} + b k
-      double* dk_t = dk.data() + (r * S + t) * DK;
-      double* dv_t = dv.data() + (r * S + t) * DV;
-      for (std::int64_t e = 0; e < DV; ++e) dv_t[e] = 0.0;
-      double da = 0.0, db = 0.0;
-      for (std::int64_t d = 0; d < DK; ++d) {
-        const double* dCrow = dC.data() + d * DV;
-        const double* Cprow = Cp + d * DV;
-        double dCv = 0.0;
-        for (std::int64_t e = 0; e < DV; ++e) {
-          dCv += dCrow[e] * v[e];
-          da += dCrow[e] * Cprow[e];
-          dv_t[e] += rec.b * dCrow[e] * k[d];
-        }
-        dk_t[d] = rec.b * (dCv + dn[static_cast<std::size_t>(d)]);
-        da += dn[static_cast<std::size_t>(d)] * np[d];
-        db += k[d] * (dCv + dn[static_cast<std::size_t>(d)]);
-      }
-      for (auto& x : dC) x *= rec.a;
-      for (auto& x : dn) x *= rec.a;
-      double dlf = 0.0, dig = 0.0, dm_prev = 0.0;
-      if (o.gate == GateVariant::exp) {
-        // a = exp(lf + m_{t-1} - m_t), b = exp(i - m_t)
-        dlf += da * rec.a;
-        dig += db * rec.b;
-        dm_prev += da * rec.a;  // explicit m_{t-1} in a: always kept for t == 0 (m0), else only in full mode
-        if (full) {
-          dm_t -= da * rec.a + db * rec.b;
-          // m_t = max(lf + m_{t-1}, i)
-          if (rec.lf_branch) {
-            dlf += dm_t;
-            dm_prev += dm_t;
-          } else {
-            dig += dm_t;
-          }
-        } else if (t > 0) {
-          dm_prev = 0.0;  // stop: m_{t-1} is a constant unless it is the initial m0
-        }
-        di[static_cast<std::size_t>(r * S + t)] = dig;
-      } else {
-        dlf += da * rec.a;  // a = exp(lf)
-        const double sb = rec.b;  // b = sigmoid(i)
-        di[static_cast<std::size_t>(r * S + t)] = db * sb * (1.0 - sb);
-      }
-      df[static_cast<std::size_t>(r * S + t)] = dlf * sigmoid(-in.f_row(r)[t]);
-      dm_t = dm_prev;
     }
     if (in.has_initial) {
-      std::memcpy(dc0.data() + r * DK * DV, dC.data(), state * sizeof(double));
-      std::memcpy(dn0.data() + r * DK, dn.data(), static_cast<std::size_t>(DK) * sizeof(double));
-      dm0[static_cast<std::size_t>(r)] = o.gate == GateVariant::exp ? dm_t : 0.0;
+      std::copy(adj.dC.begin(), adj.dC.end(), dc0.begin() + r * DK * DV);
+      std::copy(adj.dn.begin(), adj.dn.end(), dn0.begin() + r * DK);
+      dm0[static_cast<std::size_t>(r)] = o.gate == GateVariant::exp ? adj.dm : 0.0;
     }
   }
   BackwardResult out;
