@@ -45,7 +45,8 @@ Plan make_plan(const ProblemShape& shape, const MlstmOptions& options, const std
   p.chunk_size = options.chunk_size;
   const std::int64_t L = options.chunk_size;
   if (segment_tokens == 0) {
-    const std::int64_t want = static_cast<std::int64_t>(devices.size()) * 4;
+    // One device: one segment (splitting would only add the local-state pass). Several: ~4 per device.
+    const std::int64_t want = devices.size() == 1 ? 1 : static_cast<std::int64_t>(devices.size()) * 4;
     segment_tokens = (shape.S + want - 1) / want;
   }
   segment_tokens = std::max<std::int64_t>(L, (segment_tokens + L - 1) / L * L);  // whole chunks
@@ -96,7 +97,9 @@ Plan make_calibrated_plan(const ProblemShape& shape, const MlstmOptions& options
   for (std::size_t d = 0; d < share.size(); ++d) {
     if (share[d] <= 0) continue;
     const std::int64_t end = std::min(shape.S, t + share[d] * L);
+    const auto sharing = std::count_if(share.begin(), share.end(), [](std::int64_t c) { return c > 0; });
     const std::int64_t seg = segment_tokens > 0 ? (segment_tokens + L - 1) / L * L
+                             : sharing == 1     ? std::max<std::int64_t>(L, end - t)  // one device: one segment
                                                 : std::max<std::int64_t>(L, ((end - t) / 2 + L - 1) / L * L);
     p.segment_tokens = std::max(p.segment_tokens, seg);
     for (std::int64_t t0 = t; t0 < end; t0 += seg) p.segments.push_back({index++, t0, std::min(end, t0 + seg), static_cast<int>(d)});
