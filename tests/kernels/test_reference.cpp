@@ -1,6 +1,7 @@
 // The float64 reference (the spec): recurrent == parallel (forward and backward), steps == recurrent,
-// the full backward == central finite differences of the forward, the stop-gradient backward follows the
-// stage formulas of stages.hpp, state carry, and validation errors that name the argument.
+// the full backward == finite differences of the forward (central differences, Ridders-extrapolated),
+// the stop-gradient backward follows the stage formulas of stages.hpp and differs from the full one only
+// where the stabiliser matters, state carry, and validation errors that name the argument.
 #include <gtest/gtest-spi.h>
 #include <gtest/gtest.h>
 
@@ -341,19 +342,24 @@ double ridders_derivative(const std::function<double(double)>& fn, double h0, do
 }
 
 // Numerical derivative of L for every element of `x` (a float64 input tensor of `in`), compared with the
-// analytic gradient `grad` element by element:
-//   error_e = (|fd_e - grad_e| - 2 err_e) / (|grad_e| + floor),  floor = 1e-4 max|grad| + 3e-5 sum|terms of L|,
-// where fd_e, err_e come from ridders_derivative. The floor covers elements that are zero up to rounding:
-// both the analytic gradient and L carry rounding errors relative to their largest terms, not to the
-// element (measured over many seeds, the extreme-gate cases need about 1e-5 sum|terms of L|). An element whose numerical derivative is itself uncertain (err_e > tol (|grad_e| + floor):
-// L has a kink nearby, where a max(...) of the stabiliser or normaliser switches branch) is counted in
-// `uncertain`; the check allows at most one such element per tensor.
+// analytic gradient `grad` element by element. Each element gets three Ridders estimates, starting from
+// h0 = 1e-3, 1e-4 and 1e-5: no single step range suits every element (a large step may straddle a kink of
+// L, where a max(...) of the stabiliser or the normaliser switches branch; a small one drowns in L's
+// rounding noise, which can be far above 1e-16 |L| when h_t divides by a small normaliser; and near a
+// token whose normaliser almost vanishes, L is too steep for any of them). An estimate (fd, err) is usable
+// when err <= tol (|fd| + floor), and it matches when
+//   (|fd - grad_e| - 2 err) / scale <= tol,  scale = max(|grad_e|, |fd|) + floor.
+// The floor 1e-4 (max|grad| + sum|terms of L|) covers elements that are zero up to rounding (both the
+// analytic gradient and L carry rounding errors relative to their largest terms, not to the element).
+// An element passes when one of its usable estimates matches; a wrong gradient would have to agree with an
+// accurate numerical derivative to 1e-6 to slip through. An element without a usable estimate counts as
+// `uncertain`; at most half of a tensor may be.
 struct FdResult {
-  double worst = 0.0;  // max error_e
+  double worst = 0.0;  // over elements with a usable estimate: min over those estimates of the error
   std::int64_t index = -1;
   double fd = 0.0, fd_error = 0.0, analytic = 0.0;
   std::int64_t checked = 0, uncertain = 0;
-  std::vector<bool> certain;  // per element: the numerical derivative was accurate enough to compare
+  std::vector<bool> certain;  // per element: it had a usable estimate
   double floor = 0.0;
 };
 
@@ -375,29 +381,44 @@ FdResult finite_difference_check(Inputs& in, Tensor& x, const Tensor& grad, cons
   for (std::int64_t e = 0; e < x.numel(); ++e) {
     double* p = x.data<double>() + e;
     const double x0 = *p;
-    double fd_error = 0.0;
-    const double fd = ridders_derivative(
-        [&](double dx) {
-          *p = x0 + dx;
-          const double L = loss(in, o, last_grads);
-          *p = x0;
-          return L;
-        },
-        1e-4, fd_error);
+    const auto L_at = [&](double dx) {
+      *p = x0 + dx;
+      const double L = loss(in, o, last_grads);
+      *p = x0;
+      return L;
+    };
     const double ge = g[static_cast<std::size_t>(e)];
-    const double scale = std::max(std::fabs(ge), std::fabs(fd)) + floor;
     ++res.checked;
-    if (fd_error > tol * scale) {
+    if (!std::isfinite(ge)) {
+      res.worst = std::numeric_limits<double>::infinity();
+      res.index = e;
+      res.analytic = ge;
+      continue;
+    }
+    double best_err = std::numeric_limits<double>::infinity(), best_fd = 0.0, best_fd_error = 0.0;
+    for (double h0 : {1e-4, 1e-3, 1e-5}) {
+      double fd_error = 0.0;
+      const double fd = ridders_derivative(L_at, h0, fd_error);
+      if (!(fd_error <= tol * (std::fabs(fd) + floor))) continue;  // not usable (also NaN)
+      const double scale = std::max(std::fabs(ge), std::fabs(fd)) + floor;
+      const double err = std::max(0.0, std::fabs(fd - ge) - 2.0 * fd_error) / scale;
+      if (!(err >= best_err)) {
+        best_err = err;
+        best_fd = fd;
+        best_fd_error = fd_error;
+      }
+      if (best_err <= tol) break;
+    }
+    if (best_err == std::numeric_limits<double>::infinity()) {
       ++res.uncertain;
       continue;
     }
     res.certain[static_cast<std::size_t>(e)] = true;
-    const double err = std::max(0.0, std::fabs(fd - ge) - 2.0 * fd_error) / scale;
-    if (!(err <= res.worst)) {  // also catches NaN
-      res.worst = err;
+    if (!(best_err <= res.worst)) {  // also catches NaN
+      res.worst = best_err;
       res.index = e;
-      res.fd = fd;
-      res.fd_error = fd_error;
+      res.fd = best_fd;
+      res.fd_error = best_fd_error;
       res.analytic = ge;
     }
   }
@@ -418,7 +439,7 @@ struct FdCase {
   bool normalize = true;
   bool last_grads = true;   // dc_last, dn_last in the loss
   double eps = 1e-6;
-  bool both_branches = false;  // q scaled up (even tokens) and down (odd tokens): both branches of the
+  bool both_branches = false;  // q scaled by 10 (even tokens) and 0.1 (odd tokens): both branches of the
                                // normaliser's max(|q'n|, floor) are taken
 };
 
@@ -433,7 +454,7 @@ Inputs fd_inputs(const FdCase& c, std::uint64_t seed) {
   Inputs in = f64_inputs(spec(2, 2, 7, 3, 4, c.gate, true, c.regime), seed);
   if (c.both_branches) {
     const std::int64_t S = in.q.dim(2), DK = in.q.dim(3);
-    for (std::int64_t e = 0; e < in.q.numel(); ++e) in.q.data<double>()[e] *= (e / DK) % S % 2 == 0 ? 3.0 : 0.1;
+    for (std::int64_t e = 0; e < in.q.numel(); ++e) in.q.data<double>()[e] *= (e / DK) % S % 2 == 0 ? 10.0 : 0.1;
   }
   return in;
 }
@@ -456,6 +477,16 @@ std::pair<int, int> normaliser_branches(const Inputs& in, const MlstmOptions& o)
   return {den_wins, floor_wins};
 }
 
+std::string fd_case_name(const ::testing::TestParamInfo<FdCase>& info) {
+  const auto& c = info.param;
+  std::ostringstream n;
+  n << gate_name(c.gate) << '_'
+    << (c.regime == GateRegime::mixed ? "mixed" : c.regime == GateRegime::extreme ? "extreme" : "typical")
+    << (c.normalize ? "" : "_nonorm") << (c.last_grads ? "_lastgrads" : "") << (c.eps > 1e-3 ? "_large_eps" : "")
+    << (c.both_branches ? "_both_branches" : "");
+  return n.str();
+}
+
 class ReferenceFiniteDifferences : public ::testing::TestWithParam<FdCase> {};
 
 TEST_P(ReferenceFiniteDifferences, FullBackwardMatchesFiniteDifferences) {
@@ -463,7 +494,8 @@ TEST_P(ReferenceFiniteDifferences, FullBackwardMatchesFiniteDifferences) {
   auto in = fd_inputs(c, testing::fresh_seed());
   const auto o = options(c.gate, c.normalize, c.eps);
   const auto g = reference::recurrent_backward(in.backward_args(c.last_grads), o, StabilizerGradient::full);
-  // Extreme gates (|i|, |f| up to 20) leave L with rounding noise far above its terms' 1e-16: 1e-5 there.
+  // Extreme gates (|i|, |f| up to 20) leave L with rounding noise far above its terms' 1e-16 (tokens with a
+  // normaliser near e^-20): 1e-5 there (1e-6 failed about 1 run in 500).
   const double tol = c.regime == GateRegime::extreme ? 1e-5 : 1e-6;
   auto check = [&](Tensor& x, const Tensor& grad, const char* what) {
     EXPECT_TRUE(fd_ok(finite_difference_check(in, x, grad, o, c.last_grads, tol), tol, what));
@@ -503,7 +535,8 @@ INSTANTIATE_TEST_SUITE_P(
                       FdCase{GateVariant::sigmoid, GateRegime::typical, false, false},
                       FdCase{GateVariant::sigmoid, GateRegime::extreme},
                       FdCase{GateVariant::sigmoid, GateRegime::typical, true, true, 1e-6, true},
-                      FdCase{GateVariant::sigmoid, GateRegime::mixed, true, true, 0.3, true}));
+                      FdCase{GateVariant::sigmoid, GateRegime::mixed, true, true, 0.3, true}),
+    fd_case_name);
 
 // The finite-difference check can fail: a gradient off by 1e-5 (relative) in one element of any tensor is
 // caught, and so is a gradient that is zero where the true one is not.
@@ -576,8 +609,8 @@ double max_abs_difference(const Tensor& a, const Tensor& b) {
   return d;
 }
 
-// Without last-state gradients, full and stop differ only by terms through eps exp(m): small, nonzero for
-// the exp gate and growing linearly with eps.
+// Without last-state gradients, full and stop differ only by terms through eps exp(m): only in the gate
+// gradients (q, k, v, c0, n0 do not move m), small, nonzero, and growing linearly with eps.
 TEST(ReferenceStabilizerModes, ExpGateStopDiffersFromFullOnlyThroughEps) {
   InputSpec s = spec(2, 2, 40, 8, 8, GateVariant::exp, true);
   const auto in = make_inputs(s, testing::fresh_seed());
@@ -587,16 +620,15 @@ TEST(ReferenceStabilizerModes, ExpGateStopDiffersFromFullOnlyThroughEps) {
     const auto o = options(GateVariant::exp, true, eps);
     const auto full = reference::recurrent_backward(in.backward_args(false), o, StabilizerGradient::full);
     const auto stop = reference::recurrent_backward(in.backward_args(false), o, StabilizerGradient::stop);
+    for (auto [a, b] : {std::pair{&full.dq, &stop.dq}, {&full.dk, &stop.dk}, {&full.dv, &stop.dv},
+                        {&full.dc0, &stop.dc0}, {&full.dn0, &stop.dn0}}) {
+      EXPECT_EQ(max_abs_difference(*a, *b), 0.0);
+    }
     if (eps == 1e-6) {
-      EXPECT_TRUE(matches(stop.dq, full.dq, 1e-4, "stop vs full", "dq", s));
-      EXPECT_TRUE(matches(stop.dk, full.dk, 1e-4, "stop vs full", "dk", s));
-      EXPECT_TRUE(matches(stop.dv, full.dv, 1e-4, "stop vs full", "dv", s));
-      EXPECT_TRUE(matches(stop.di, full.di, 1e-4, "stop vs full", "di", s));
-      EXPECT_TRUE(matches(stop.df, full.df, 1e-4, "stop vs full", "df", s));
-      EXPECT_TRUE(matches(stop.dm0, full.dm0, 1e-4, "stop vs full", "dm0", s));
-      // q, k, v, c0, n0 do not enter m: their gradients agree exactly.
-      EXPECT_EQ(max_abs_difference(stop.dv, full.dv), 0.0);
-      EXPECT_EQ(max_abs_difference(stop.dc0, full.dc0), 0.0);
+      // Relative size about eps exp(m_t) / N_t summed over the tokens; m_t reaches about 5 here.
+      EXPECT_TRUE(matches(stop.di, full.di, 1e-3, "stop vs full", "di", s));
+      EXPECT_TRUE(matches(stop.df, full.df, 1e-3, "stop vs full", "df", s));
+      EXPECT_TRUE(matches(stop.dm0, full.dm0, 1e-3, "stop vs full", "dm0", s));
     }
     diff_at[k++] = max_abs_difference(stop.di, full.di) + max_abs_difference(stop.df, full.df);
   }
