@@ -1,8 +1,9 @@
-# Script mode: writes OUTPUT, a header holding every .cl file in SOURCES as a raw string literal.
+# Script mode: writes OUTPUT, a header holding every .cl file in SOURCES ("|"-separated) as a raw string literal.
 # Each entry is {"<file name without .cl>", R"MLSTMCL(...)MLSTMCL"}.
 set(body "// Generated from kernels/opencl/*.cl by cmake/embed_opencl.cmake; do not edit.\n#pragma once\n#include <array>\n#include <string_view>\nnamespace mlstm::opencl::embedded {\nstruct Source { std::string_view name; std::string_view text; };\n")
 set(entries "")
 set(count 0)
+string(REPLACE "|" ";" SOURCES "${SOURCES}")
 foreach(src ${SOURCES})
   get_filename_component(name ${src} NAME_WE)
   file(READ ${src} text)

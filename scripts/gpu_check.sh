@@ -1,26 +1,39 @@
 #!/usr/bin/env bash
 # On the GPU machine (device tool), from the repository root, after `source .gpu/setup.sh`:
-# builds the project, runs the OpenCL, graph and stream tests on the NVIDIA device, the tensor-core
-# harness (checks + timings at the TFLA anchor setup), the portable forward at the same setup through
-# `mlstm bench` (host timing, transfers included), and `mlstm run` on CPU workers + the GPU.
+# builds the project, runs the OpenCL (portable + tensor-core), graph and stream tests on the NVIDIA device,
+# then bench_opencl (Google Benchmark: tensor-core and portable chunkwise kernels at the TFLA anchor setup,
+# device-resident, OpenCL event timing, medians) and `mlstm run` on CPU workers + the GPU.
+#   SKIP_TIMINGS=1   tests only;  TESTS=0  timings only;  RUN_HARNESS=1  also the standalone tc harness
+#   BENCH_ARGS=...   extra bench_opencl arguments (e.g. --benchmark_filter=tc)
 set -o pipefail
 out=${OUT:-/tmp}
 # .gpu/setup.sh puts the serial OpenBLAS first on LD_LIBRARY_PATH; the library wants the pthread build.
 export LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu/openblas-pthread:$LD_LIBRARY_PATH
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
 build=/tmp/build-gpu
+t0=$(date +%s)
 cmake -S . -B $build -DCMAKE_BUILD_TYPE=Release -DMLSTM_BUILD_PYTHON=OFF >$out/cmake.log 2>&1 || { tail -30 $out/cmake.log; exit 1; }
-cmake --build $build -j16 --target test_opencl test_graph test_stream test_cpu_kernels mlstm >$out/build.log 2>&1 || { grep -E "error" $out/build.log | head -30; exit 1; }
-$build/tools/mlstm devices
-for t in kernels/test_cpu_kernels opencl/test_opencl graph/test_stream graph/test_graph; do
-  echo "== $t"; timeout 300 $build/tests/$t 2>&1 | tee -a $out/tests.log | grep -E "^\[  (PASSED|FAILED|SKIPPED) |rel error|Failure" | head -20
+targets="test_opencl test_opencl_tensor_cores test_graph test_stream mlstm bench_opencl"
+for extra in test_opencl_backward test_opencl_parallel; do
+  [ -f tests/opencl/$extra.cpp ] && targets="$targets $extra"
 done
+cmake --build $build -j16 --target $targets >$out/build.log 2>&1 || { grep -E "error" -A3 $out/build.log | head -40; exit 1; }
+echo "build: $(( $(date +%s) - t0 )) s"
+$build/tools/mlstm devices
+if [ "${TESTS:-1}" != 0 ]; then
+for t in opencl/test_opencl_tensor_cores opencl/test_opencl opencl/test_opencl_backward opencl/test_opencl_parallel graph/test_stream graph/test_graph; do
+  [ -x $build/tests/$t ] || continue
+  echo "== $t"; timeout 300 $build/tests/$t 2>&1 | tee -a $out/tests.log | grep -E "^\[  (PASSED|FAILED|SKIPPED) |rel error|Failure|tensor-core|LDSM" | head -20
+done
+fi
 if [ "${SKIP_TIMINGS:-0}" != 1 ]; then
-echo "== tensor-core harness"
-timeout 240 bash benchmarks/gpu_tc/run_gpu.sh 2>&1 | tail -40
-echo "== portable OpenCL forward, anchor setup (host timing incl. transfers)"
-timeout 120 $build/tools/mlstm bench --kernels chunkwise--opencl_xl_chunk --tokens 65536 --seq-lens 8192 65536 \
-  --chunk-sizes 64 --heads 16 --dqk 128 --dhv 256 --dtype bfloat16 --repeats 3 --csv $out/portable.csv --json-out $out/portable.json 2>&1 | tail -4
+  echo "== bench_opencl (anchor setup: B*S=65536, NH=16, DHQK=128, DHHV=256, bf16)"
+  timeout ${BENCH_TIMEOUT:-420} $build/benchmarks/bench_opencl --benchmark_out=$out/bench_opencl.json \
+    --benchmark_out_format=json ${BENCH_ARGS:-} 2>&1 | grep -E "median|ERROR|error" | sed -E 's/iterations:1\/repeats:[0-9]+\/manual_time_//' | cut -c1-220
+  if [ "${RUN_HARNESS:-0}" = 1 ]; then
+    echo "== tensor-core harness"
+    timeout 240 bash benchmarks/gpu_tc/run_gpu.sh 2>&1 | tail -40
+  fi
 fi
 echo "== mlstm run: CPU workers + GPU, 1M tokens"
 timeout 120 $build/tools/mlstm run --devices workers+gpu:all 2>&1 | tail -4

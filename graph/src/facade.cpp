@@ -4,6 +4,7 @@
 
 #if __has_include("mlstm/devices/opencl_kernels.hpp")
 #include "mlstm/devices/opencl_kernels.hpp"
+#include "mlstm/devices/opencl_tensor_cores.hpp"
 #define MLSTM_HAVE_OPENCL_KERNELS 1
 #endif
 
@@ -14,6 +15,7 @@ KernelRegistry& kernel_registry() {
     KernelRegistry r = KernelRegistry::with_builtin_kernels();
 #ifdef MLSTM_HAVE_OPENCL_KERNELS
     opencl::register_kernels(r);
+    opencl::register_tensor_core_kernels(r);  // tensor cores where possible, else portable
 #endif
     return r;
   }();

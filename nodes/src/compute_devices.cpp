@@ -8,6 +8,7 @@
 
 #include "mlstm/cpu_kernels.hpp"
 #include "mlstm/devices/opencl_kernels.hpp"
+#include "mlstm/devices/opencl_tensor_cores.hpp"
 #include "mlstm/error.hpp"
 #include "mlstm/nodes/compute_device.hpp"
 #include "mlstm/stages.hpp"
@@ -79,13 +80,11 @@ class OpenCLComputeDevice final : public ComputeDevice {
   std::string kind() const override { return "opencl"; }
   ForwardResult forward(const ForwardArgs& a, const MlstmOptions& o) override { return runner_.forward(a, o); }
   ForwardResult last_state(const ForwardArgs& a, const MlstmOptions& o) override { return runner_.last_state(a, o); }
-  bool supports_backward() const override { return false; }
-  BackwardResult backward(const BackwardArgs&, const MlstmOptions&) override {
-    throw Error(name() + ": no OpenCL backward on this device in the flow graph yet");
-  }
+  bool supports_backward() const override { return runner_.has_backward(); }
+  BackwardResult backward(const BackwardArgs& a, const MlstmOptions& o) override { return runner_.backward(a, o); }
 
  private:
-  opencl::ChunkwiseRunner runner_;
+  opencl::AutoChunkwiseRunner runner_;  // tensor cores where the device and problem allow, else portable
 };
 
 }  // namespace

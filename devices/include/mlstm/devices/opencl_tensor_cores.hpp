@@ -1,0 +1,99 @@
+// The NVIDIA tensor-core path of the chunkwise kernels (kernels/opencl/tc/*.cl: OpenCL C with inline PTX
+// mma.sync / ldmatrix, sm_80 and newer), forward and backward, both input gates, bf16 and fp16 inputs.
+//
+// Selection: the registry kernels chunkwise--opencl_xl_chunk(_siging) use it automatically when
+// tensor_core_support() says the device can and the problem fits (tensor_core_fit()); everything else, and
+// any failure to build the tensor-core programs, goes to the portable kernels (logged once per device).
+// chunkwise--opencl_tc_xl_chunk(_siging) insist on it and fail with a clear error instead.
+// It is compiled in unless CMake's MLSTM_OPENCL_NVIDIA_TC is OFF, and can be switched off at run time
+// with the environment variable MLSTM_TENSOR_CORES=off.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "mlstm/devices/opencl.hpp"
+#include "mlstm/devices/opencl_kernels.hpp"
+#include "mlstm/devices/resident.hpp"
+#include "mlstm/kernel.hpp"
+
+namespace mlstm::opencl {
+
+struct TensorCoreSupport {
+  bool available = false;
+  int compute_major = 0, compute_minor = 0;  // NVIDIA compute capability; 0 when not an NVIDIA device
+  std::string reason;                        // why not, when !available
+};
+
+// NVIDIA device of compute capability >= 8.0 (cl_nv_device_attribute_query), path compiled in and not
+// switched off by MLSTM_TENSOR_CORES=off.
+TensorCoreSupport tensor_core_support(const DeviceInfo& device);
+
+// Empty when the tensor-core kernels take this problem: q/k/v bf16 or fp16, DHQK and DHHV multiples of 16,
+// chunk size 64 or 128. Otherwise the reason (for logs and the error of the _tc_ kernels).
+std::string tensor_core_fit(const ProblemShape& shape, const MlstmOptions& options);
+
+class TensorCoreRunner {
+ public:
+  struct Config {
+    // TC_EMU=1: the kernels without PTX (mma emulated in local memory) so that the host logic and the
+    // kernels' indexing can be tested on any OpenCL device (PoCL in CI). Slow; tests only.
+    bool emulate = false;
+  };
+  explicit TensorCoreRunner(std::shared_ptr<Device> device) : TensorCoreRunner(std::move(device), Config{}) {}
+  TensorCoreRunner(std::shared_ptr<Device> device, Config config);
+  Device& device() const noexcept { return *device_; }
+
+  ForwardResult forward(const ForwardArgs& args, const MlstmOptions& options) const;
+  // The state leaving the sequence only (h left empty).
+  ForwardResult last_state(const ForwardArgs& args, const MlstmOptions& options) const;
+  BackwardResult backward(const BackwardArgs& args, const MlstmOptions& options) const;
+
+  // Uploads once; the forward and backward can then be enqueued repeatedly (see resident.hpp). With
+  // `grads`, its dh / dc_last / dn_last are uploaded too (its inputs must be `args`).
+  std::unique_ptr<ResidentChunkwise> resident(const ForwardArgs& args, const MlstmOptions& options,
+                                              const BackwardArgs* grads = nullptr) const;
+
+  // Builds (or finds in the cache) the programs for this problem; throws DeviceError(build) naming the
+  // device and the program if the driver rejects them. The registry's automatic path calls this to decide
+  // on the fallback before running anything.
+  void prepare(const ProblemShape& shape, const MlstmOptions& options) const;
+
+ private:
+  std::shared_ptr<Device> device_;
+  Config config_;
+};
+
+// Runs each problem on the tensor cores where the device and the problem allow it (tensor_core_support,
+// tensor_core_fit, programs that build), else on the portable kernels (ChunkwiseRunner). The first build
+// failure of the tensor-core programs on a device is logged and sends that device to the portable kernels
+// from then on. With `require_tensor_cores`, problems or devices that cannot use them throw instead
+// (InvalidArgument naming "q" / DeviceError naming the device, with the reason).
+class AutoChunkwiseRunner {
+ public:
+  explicit AutoChunkwiseRunner(std::shared_ptr<Device> device, bool require_tensor_cores = false);
+  Device& device() const noexcept { return *device_; }
+  const TensorCoreSupport& support() const noexcept { return support_; }
+
+  ForwardResult forward(const ForwardArgs& args, const MlstmOptions& options) const;
+  ForwardResult last_state(const ForwardArgs& args, const MlstmOptions& options) const;
+  BackwardResult backward(const BackwardArgs& args, const MlstmOptions& options) const;
+  // Whether this problem would run on the tensor cores (builds their programs on first use).
+  bool uses_tensor_cores(const ProblemShape& shape, const MlstmOptions& options) const;
+  // Whether backward() can run on this device at all.
+  bool has_backward() const noexcept;
+
+ private:
+  std::shared_ptr<Device> device_;
+  ChunkwiseRunner portable_;
+  TensorCoreRunner tensor_cores_;
+  bool require_;
+  TensorCoreSupport support_;
+};
+
+// Adds chunkwise--opencl_tc_xl_chunk(_siging) and replaces chunkwise--opencl_xl_chunk(_siging) by the
+// automatically selecting versions (tensor cores where possible, portable kernels otherwise). Call after
+// register_kernels().
+void register_tensor_core_kernels(KernelRegistry& registry);
+
+}  // namespace mlstm::opencl

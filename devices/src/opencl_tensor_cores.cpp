@@ -1,0 +1,634 @@
+#include "mlstm/devices/opencl_tensor_cores.hpp"
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <sstream>
+
+#include "mlstm/devices/opencl_kernels.hpp"
+
+#ifndef MLSTM_OPENCL_TENSOR_CORES
+#define MLSTM_OPENCL_TENSOR_CORES 1
+#endif
+
+namespace mlstm::opencl {
+
+namespace {
+
+constexpr cl_device_info kComputeCapabilityMajorNV = 0x4000;  // cl_nv_device_attribute_query
+constexpr cl_device_info kComputeCapabilityMinorNV = 0x4001;
+
+bool switched_off_by_environment() {
+  const char* v = std::getenv("MLSTM_TENSOR_CORES");
+  if (!v) return false;
+  const std::string s(v);
+  return s == "off" || s == "0" || s == "false" || s == "no";
+}
+
+// Largest of max, max/2, ..., 16 dividing n (0 if none).
+int pick_tile(std::int64_t n, int max) {
+  for (int t = max; t >= 16; t /= 2)
+    if (n % t == 0) return t;
+  return 0;
+}
+
+template <class... Args>
+void set_args(cl_kernel k, const std::string& device, const Args&... args) {
+  cl_uint index = 0;
+  auto one = [&](const auto& a) {
+    using T = std::decay_t<decltype(a)>;
+    if constexpr (std::is_same_v<T, Buffer>) {
+      cl_mem m = a.get();
+      check(clSetKernelArg(k, index++, sizeof(cl_mem), &m), "clSetKernelArg", device);
+    } else {
+      check(clSetKernelArg(k, index++, sizeof(T), &a), "clSetKernelArg", device);
+    }
+  };
+  (one(args), ...);
+}
+
+struct KernelObject {
+  cl_kernel k = nullptr;
+  KernelObject() = default;
+  explicit KernelObject(cl_kernel kernel) : k(kernel) {}
+  KernelObject(KernelObject&& o) noexcept : k(o.k) { o.k = nullptr; }
+  KernelObject& operator=(KernelObject&& o) noexcept {
+    std::swap(k, o.k);
+    return *this;
+  }
+  ~KernelObject() {
+    if (k) clReleaseKernel(k);
+  }
+};
+
+// Tiles and program options of one problem configuration (see kernels/opencl/tc/README.md).
+struct TcConfig {
+  int L = 64, KT = 0, VT = 0, OTf = 0, DSf = 0, OTq = 0, DSq = 0, gate_group = 512;
+  std::string base;  // options shared by every program
+
+  std::string states(int mode) const {
+    return base + " -DKT=" + std::to_string(KT) + " -DVT=" + std::to_string(VT) + " -DMODE=" + std::to_string(mode);
+  }
+  std::string chunk(int mode, std::int64_t DA, std::int64_t DOUT, int OT, int DS) const {
+    std::ostringstream o;
+    o << base << " -DMODE=" << mode << " -DDA=" << DA << " -DDOUT=" << DOUT << " -DOT=" << OT << " -DDS=" << DS;
+    return o.str();
+  }
+  std::string gates() const { return base + " -DGG_WG=" + std::to_string(gate_group); }
+};
+
+std::string source_text(const std::string& body) { return kernel_source("tc_common") + "\n" + kernel_source(body); }
+
+// ldmatrix address mode per device (the probe result), keyed by cl_device_id.
+std::mutex g_probe_mutex;
+std::map<cl_device_id, int> g_ldsm;
+
+std::string base_options(const Device& dev, bool emulate, int ldsm) {
+  const bool nvidia = dev.info().vendor.find("NVIDIA") != std::string::npos;
+  // PoCL miscompiles the barrier-heavy emulation when optimising; at -O0 it is exact.
+  std::string o = nvidia && !emulate ? "-cl-std=CL3.0 -cl-mad-enable" : "-cl-std=CL1.2";
+  if (emulate) o += " -cl-opt-disable";
+  o += " -DTC_EMU=" + std::to_string(emulate ? 1 : 0) + " -DLDSM=" + std::to_string(ldsm);
+  return o;
+}
+
+// Runs tc_probe_frag with the given LDSM mode and compares the fragments with those that the
+// mma.m16n8k16 layout prescribes. True when all four loaders agree.
+bool probe_fragments(Device& dev, int ldsm) {
+  std::vector<std::uint16_t> src(32 * 32);
+  for (int e = 0; e < 32 * 32; ++e) src[static_cast<std::size_t>(e)] = static_cast<std::uint16_t>(e * 7 + 3);
+  auto S = [&](int r, int c) { return static_cast<std::uint32_t>(src[static_cast<std::size_t>(r * 32 + c)]); };
+  auto pk = [](std::uint32_t lo, std::uint32_t hi) { return lo | (hi << 16); };
+  std::vector<std::uint32_t> want(4 * 32 * 4);
+  for (int lane = 0; lane < 32; ++lane) {
+    const int g = lane >> 2, t = lane & 3;
+    std::uint32_t* w = &want[static_cast<std::size_t>((0 * 32 + lane) * 4)];  // A[m][k] = S[m][k] at (16, 8)
+    w[0] = pk(S(16 + g, 8 + 2 * t), S(16 + g, 9 + 2 * t));
+    w[1] = pk(S(24 + g, 8 + 2 * t), S(24 + g, 9 + 2 * t));
+    w[2] = pk(S(16 + g, 16 + 2 * t), S(16 + g, 17 + 2 * t));
+    w[3] = pk(S(24 + g, 16 + 2 * t), S(24 + g, 17 + 2 * t));
+    w = &want[static_cast<std::size_t>((1 * 32 + lane) * 4)];  // A[m][k] = S[k][m] at (8, 16)
+    w[0] = pk(S(16 + 2 * t, 8 + g), S(17 + 2 * t, 8 + g));
+    w[1] = pk(S(16 + 2 * t, 16 + g), S(17 + 2 * t, 16 + g));
+    w[2] = pk(S(24 + 2 * t, 8 + g), S(25 + 2 * t, 8 + g));
+    w[3] = pk(S(24 + 2 * t, 16 + g), S(25 + 2 * t, 16 + g));
+    w = &want[static_cast<std::size_t>((2 * 32 + lane) * 4)];  // B[k][n] = S[n][k] at (8, 16)
+    w[0] = pk(S(8 + g, 16 + 2 * t), S(8 + g, 17 + 2 * t));
+    w[1] = pk(S(8 + g, 24 + 2 * t), S(8 + g, 25 + 2 * t));
+    w[2] = pk(S(16 + g, 16 + 2 * t), S(16 + g, 17 + 2 * t));
+    w[3] = pk(S(16 + g, 24 + 2 * t), S(16 + g, 25 + 2 * t));
+    w = &want[static_cast<std::size_t>((3 * 32 + lane) * 4)];  // B[k][n] = S[k][n] at (16, 8)
+    w[0] = pk(S(8 + 2 * t, 16 + g), S(9 + 2 * t, 16 + g));
+    w[1] = pk(S(16 + 2 * t, 16 + g), S(17 + 2 * t, 16 + g));
+    w[2] = pk(S(8 + 2 * t, 24 + g), S(9 + 2 * t, 24 + g));
+    w[3] = pk(S(16 + 2 * t, 24 + g), S(17 + 2 * t, 24 + g));
+  }
+  cl_program prog = dev.program_from_text("tc_gates (fragment probe)", source_text("tc_gates"),
+                                          base_options(dev, false, ldsm) + " -DL=64 -DDHQK=64 -DDHHV=64");
+  KernelObject k{dev.kernel(prog, "tc_probe_frag")};
+  Buffer in = dev.upload(src.data(), src.size() * 2);
+  Buffer out = dev.alloc(want.size() * 4);
+  set_args(k.k, dev.name(), in, out);
+  const std::size_t g = 32, l = 32;
+  check(clEnqueueNDRangeKernel(dev.queue(), k.k, 1, nullptr, &g, &l, 0, nullptr, nullptr), "tc_probe_frag",
+        dev.name());
+  std::vector<std::uint32_t> got(want.size());
+  dev.download(out, got.data(), got.size() * 4);
+  return got == want;
+}
+
+// The ldmatrix mode that the probe accepts on this device (1, 2, then plain loads 0), found once.
+int fragment_mode(Device& dev, bool emulate) {
+  if (emulate) return 0;
+  std::lock_guard lock(g_probe_mutex);
+  auto it = g_ldsm.find(dev.info().id);
+  if (it != g_ldsm.end()) return it->second;
+  int chosen = -1;
+  for (int mode : {1, 2, 0}) {
+    if (probe_fragments(dev, mode)) {
+      chosen = mode;
+      break;
+    }
+    spdlog::warn("mlstm-flow: {}: tensor-core fragment loads with LDSM={} disagree with the mma layout", dev.name(),
+                 mode);
+  }
+  if (chosen < 0)
+    throw DeviceError(DeviceError::Kind::build, dev.name(),
+                      "tensor-core kernels: no fragment-load mode matches the mma.m16n8k16 layout");
+  spdlog::info("mlstm-flow: {}: tensor-core fragment loads use LDSM={}", dev.name(), chosen);
+  g_ldsm.emplace(dev.info().id, chosen);
+  return chosen;
+}
+
+TcConfig make_config(Device& dev, bool emulate, const ProblemShape& p, const MlstmOptions& o) {
+  const std::string why = tensor_core_fit(p, o);
+  if (!why.empty()) throw InvalidArgument("q", "the tensor-core kernels cannot run this problem: " + why);
+  TcConfig c;
+  c.L = static_cast<int>(o.chunk_size);
+  c.KT = pick_tile(p.DHQK, 64);
+  c.VT = pick_tile(p.DHHV, 64);
+  c.OTf = pick_tile(p.DHHV, c.L >= 128 ? 64 : 128);
+  c.DSf = pick_tile(p.DHQK, c.L >= 128 ? 32 : 64);
+  c.OTq = pick_tile(p.DHQK, c.L >= 128 ? 64 : 128);
+  c.DSq = pick_tile(p.DHHV, c.L >= 128 ? 32 : 64);
+  int group = 512;
+  while (group > 32 && static_cast<std::size_t>(group) > dev.info().max_work_group) group /= 2;
+  c.gate_group = group;
+  const int ldsm = fragment_mode(dev, emulate);
+  std::ostringstream b;
+  b << base_options(dev, emulate, ldsm) << " -DDT_F16=" << (p.dtype == DType::f16 ? 1 : 0) << " -DL=" << c.L
+    << " -DDHQK=" << p.DHQK << " -DDHHV=" << p.DHHV << " -DGATE_EXP=" << (o.gate == GateVariant::exp ? 1 : 0)
+    << " -DNORMALIZE=" << (o.normalize || o.gate == GateVariant::exp ? 1 : 0) << " -DEPS=" << std::hexfloat
+    << static_cast<float>(o.eps) << "f";
+  c.base = b.str();
+  return c;
+}
+
+std::vector<float> as_f32(ConstTensorView t) {
+  const Tensor c = Tensor::copy_of(t, DType::f32);
+  return std::vector<float>(c.data<float>(), c.data<float>() + c.numel());
+}
+
+// One problem on one device with every buffer of the forward and the backward.
+class ResidentTensorCore final : public ResidentChunkwise {
+ public:
+  ResidentTensorCore(std::shared_ptr<Device> device, bool emulate, const ForwardArgs& a, const MlstmOptions& o,
+                     const BackwardArgs* grads)
+      : device_(std::move(device)), options_(o) {
+    shape_ = grads ? validate_backward(*grads, o) : validate_forward(a, o);
+    Device& dev = *device_;
+    const std::string& dn = dev.name();
+    cfg_ = make_config(dev, emulate, shape_, o);
+    rows_ = static_cast<int>(shape_.rows());
+    S_ = static_cast<int>(shape_.S);
+    NC_ = (S_ + cfg_.L - 1) / cfg_.L;
+    has_init_ = a.has_initial_state() ? 1 : 0;
+    has_grads_ = grads != nullptr;
+    has_dlast_ = grads && !grads->dc_last.empty() ? 1 : 0;
+
+    cl_program gates = dev.program_from_text("tc_gates", source_text("tc_gates"), cfg_.gates());
+    cl_program fw_states = dev.program_from_text("tc_states", source_text("tc_states"), cfg_.states(0));
+    const std::int64_t K = shape_.DHQK, V = shape_.DHHV;
+    cl_program fw_out =
+        dev.program_from_text("tc_chunk", source_text("tc_chunk"), cfg_.chunk(0, K, V, cfg_.OTf, cfg_.DSf));
+    k_gates_ = KernelObject{dev.kernel(gates, "tc_fw_gates")};
+    k_fw_states_ = KernelObject{dev.kernel(fw_states, "tc_fw_states")};
+    k_fw_outputs_ = KernelObject{dev.kernel(fw_out, "tc_fw_outputs")};
+    if (has_grads_) {
+      cl_program bw_states = dev.program_from_text("tc_states", source_text("tc_states"), cfg_.states(1));
+      k_bw_prep_ = KernelObject{dev.kernel(gates, "tc_bw_prep")};
+      k_bw_gate_grads_ = KernelObject{dev.kernel(gates, "tc_bw_gate_grads")};
+      k_bw_states_ = KernelObject{dev.kernel(bw_states, "tc_bw_states")};
+      k_bw_dq_ = KernelObject{dev.kernel(
+          dev.program_from_text("tc_chunk", source_text("tc_chunk"), cfg_.chunk(1, V, K, cfg_.OTq, cfg_.DSq)),
+          "tc_bw_dq")};
+      k_bw_dk_ = KernelObject{dev.kernel(
+          dev.program_from_text("tc_chunk", source_text("tc_chunk"), cfg_.chunk(2, V, K, cfg_.OTq, cfg_.DSq)),
+          "tc_bw_dk")};
+      k_bw_dv_ = KernelObject{dev.kernel(
+          dev.program_from_text("tc_chunk", source_text("tc_chunk"), cfg_.chunk(3, K, V, cfg_.OTf, cfg_.DSf)),
+          "tc_bw_dv")};
+    }
+
+    // Inputs: q, k, v in their 16-bit type, gates and states as float32.
+    const std::size_t tok = static_cast<std::size_t>(rows_) * static_cast<std::size_t>(S_);
+    const std::size_t kv = static_cast<std::size_t>(K) * static_cast<std::size_t>(V);
+    auto up16 = [&](ConstTensorView t) {
+      const Tensor c = Tensor::copy_of(t, shape_.dtype);
+      return dev.upload(c.bytes(), c.nbytes());
+    };
+    auto up32 = [&](ConstTensorView t) {
+      const auto x = as_f32(t);
+      return dev.upload(x.data(), x.size() * sizeof(float));
+    };
+    auto f32buf = [&](std::size_t n) { return dev.alloc(std::max<std::size_t>(n, 4) * sizeof(float)); };
+    q_ = up16(a.q);
+    k_ = up16(a.k);
+    v_ = up16(a.v);
+    i_ = up32(a.i);
+    f_ = up32(a.f);
+    if (has_init_) {
+      c0_ = up32(a.c0);
+      n0_ = up32(a.n0);
+      m0_ = up32(a.m0);
+    } else {
+      c0_ = f32buf(1);
+      n0_ = f32buf(1);
+      m0_ = f32buf(1);
+    }
+    gb_ = f32buf(tok);
+    gbi_ = f32buf(tok);
+    gpm_ = f32buf(tok);
+    gG_ = f32buf(static_cast<std::size_t>(rows_) * NC_);
+    gA_ = f32buf(static_cast<std::size_t>(rows_) * NC_);
+    mst_ = f32buf(static_cast<std::size_t>(rows_) * (NC_ + 1));
+    Cst_ = dev.alloc(static_cast<std::size_t>(rows_) * NC_ * kv * 2);
+    nst_ = f32buf(static_cast<std::size_t>(rows_) * NC_ * K);
+    c_last_ = f32buf(rows_ * kv);
+    n_last_ = f32buf(static_cast<std::size_t>(rows_) * K);
+    m_last_ = f32buf(static_cast<std::size_t>(rows_));
+    h_ = dev.alloc(tok * V * 2);
+    Nt_ = f32buf(tok);
+    sgt_ = f32buf(tok);
+    set_args(k_gates_.k, dn, i_, f_, gb_, gbi_, gpm_, gG_, gA_, S_, NC_);
+    set_args(k_fw_states_.k, dn, k_, v_, gbi_, gG_, gA_, c0_, n0_, m0_, has_init_, Cst_, nst_, mst_, c_last_, n_last_,
+             m_last_, S_, NC_);
+    set_args(k_fw_outputs_.k, dn, q_, k_, v_, Cst_, nst_, mst_, gb_, gbi_, gpm_, h_, Nt_, sgt_, S_, NC_);
+    if (has_grads_) {
+      dh_ = up16(grads->dh);
+      if (has_dlast_) {
+        dc_last_ = up32(grads->dc_last);
+        dn_last_ = up32(grads->dn_last);
+      } else {
+        dc_last_ = f32buf(1);
+        dn_last_ = f32buf(1);
+      }
+      dden_ = f32buf(tok);
+      dCst_ = dev.alloc(static_cast<std::size_t>(rows_) * NC_ * kv * 2);
+      dnst_ = f32buf(static_cast<std::size_t>(rows_) * NC_ * K);
+      dc0_ = f32buf(rows_ * kv);
+      dn0_ = f32buf(static_cast<std::size_t>(rows_) * K);
+      dm0_ = f32buf(static_cast<std::size_t>(rows_));
+      dq_ = dev.alloc(tok * K * 2);
+      dk_ = dev.alloc(tok * K * 2);
+      dv_ = dev.alloc(tok * V * 2);
+      const int nparts = static_cast<int>(K / cfg_.OTq);
+      qdq_ = f32buf(static_cast<std::size_t>(nparts) * tok);
+      kdk_ = f32buf(static_cast<std::size_t>(nparts) * tok);
+      di_ = f32buf(tok);
+      df_ = f32buf(tok);
+      set_args(k_bw_prep_.k, dn, dh_, h_, Nt_, sgt_, dden_, S_);
+      set_args(k_bw_states_.k, dn, q_, dh_, gb_, gpm_, gG_, mst_, Nt_, dden_, dc_last_, dn_last_, has_dlast_, dCst_,
+               dnst_, dc0_, dn0_, S_, NC_);
+      set_args(k_bw_dq_.k, dn, dh_, v_, k_, Cst_, nst_, mst_, gb_, gbi_, gpm_, Nt_, dden_, q_, dq_, qdq_, S_, NC_);
+      set_args(k_bw_dk_.k, dn, v_, dh_, q_, dCst_, dnst_, mst_, gb_, gbi_, gpm_, gG_, Nt_, dden_, k_, dk_, kdk_, S_,
+               NC_);
+      set_args(k_bw_dv_.k, dn, k_, q_, dh_, dCst_, mst_, gb_, gbi_, gpm_, gG_, Nt_, dv_, S_, NC_);
+      set_args(k_bw_gate_grads_.k, dn, i_, f_, qdq_, kdk_, nparts, dc_last_, dn_last_, c_last_, n_last_, has_dlast_,
+               dc0_, dn0_, c0_, n0_, has_init_, di_, df_, dm0_, S_);
+    }
+  }
+
+  Device& device() const noexcept override { return *device_; }
+
+  void enqueue_forward(std::vector<KernelEvent>* events) override {
+    const std::int64_t K = shape_.DHQK, V = shape_.DHHV;
+    const std::size_t states_group = static_cast<std::size_t>(2 * cfg_.KT);
+    const std::size_t states_global = states_group * static_cast<std::size_t>((K / cfg_.KT) * (V / cfg_.VT));
+    launch(k_gates_, "tc_fw_gates", static_cast<std::size_t>(NC_) * cfg_.L, static_cast<std::size_t>(cfg_.L), events);
+    launch(k_fw_states_, "tc_fw_states", states_global, states_group, events);
+    if (!skip_outputs_)
+      launch(k_fw_outputs_, "tc_fw_outputs", static_cast<std::size_t>(2 * cfg_.L) * NC_ * (V / cfg_.OTf),
+             static_cast<std::size_t>(2 * cfg_.L), events);
+    forward_done_ = true;
+  }
+
+  void enqueue_backward(std::vector<KernelEvent>* events) override {
+    if (!has_grads_) throw Error("tensor-core resident problem was made without dh: no backward");
+    if (!forward_done_ || skip_outputs_) throw Error("tensor-core backward: enqueue the forward (with outputs) first");
+    const std::int64_t K = shape_.DHQK, V = shape_.DHHV;
+    const std::size_t states_group = static_cast<std::size_t>(2 * cfg_.KT);
+    const std::size_t states_global = states_group * static_cast<std::size_t>((K / cfg_.KT) * (V / cfg_.VT));
+    const std::size_t L2 = static_cast<std::size_t>(2 * cfg_.L);
+    launch(k_bw_prep_, "tc_bw_prep", static_cast<std::size_t>((S_ + 7) / 8) * 256, 256, events);
+    launch(k_bw_states_, "tc_bw_states", states_global, states_group, events);
+    launch(k_bw_dq_, "tc_bw_dq", L2 * NC_ * static_cast<std::size_t>(K / cfg_.OTq), L2, events);
+    launch(k_bw_dk_, "tc_bw_dk", L2 * NC_ * static_cast<std::size_t>(K / cfg_.OTq), L2, events);
+    launch(k_bw_dv_, "tc_bw_dv", L2 * NC_ * static_cast<std::size_t>(V / cfg_.OTf), L2, events);
+    launch(k_bw_gate_grads_, "tc_bw_gate_grads", static_cast<std::size_t>(cfg_.gate_group),
+           static_cast<std::size_t>(cfg_.gate_group), events);
+  }
+
+  ForwardResult read_forward() override {
+    finish();
+    const ProblemShape& p = shape_;
+    ForwardResult out;
+    if (!skip_outputs_) {
+      out.h = Tensor({p.B, p.NH, p.S, p.DHHV}, p.dtype);
+      device_->download(h_, out.h.bytes(), out.h.nbytes());
+    }
+    if (options_.return_last_states) {
+      out.c = Tensor({p.B, p.NH, p.DHQK, p.DHHV}, DType::f32);
+      out.n = Tensor({p.B, p.NH, p.DHQK}, DType::f32);
+      out.m = Tensor({p.B, p.NH}, DType::f32);
+      device_->download(c_last_, out.c.bytes(), out.c.nbytes());
+      device_->download(n_last_, out.n.bytes(), out.n.nbytes());
+      device_->download(m_last_, out.m.bytes(), out.m.nbytes());
+      if (options_.gate == GateVariant::sigmoid) std::fill(out.m.data<float>(), out.m.data<float>() + out.m.numel(), 0.f);
+    }
+    return out;
+  }
+
+  BackwardResult read_backward() override {
+    if (!has_grads_) throw Error("tensor-core resident problem was made without dh: no gradients");
+    finish();
+    const ProblemShape& p = shape_;
+    BackwardResult out;
+    auto read16 = [&](const Buffer& b, Shape shape) {
+      Tensor t(std::move(shape), p.dtype);
+      device_->download(b, t.bytes(), t.nbytes());
+      return t;
+    };
+    auto read32 = [&](const Buffer& b, Shape shape) {
+      Tensor t(std::move(shape), DType::f32);
+      device_->download(b, t.bytes(), t.nbytes());
+      return t;
+    };
+    out.dq = read16(dq_, {p.B, p.NH, p.S, p.DHQK});
+    out.dk = read16(dk_, {p.B, p.NH, p.S, p.DHQK});
+    out.dv = read16(dv_, {p.B, p.NH, p.S, p.DHHV});
+    out.di = read32(di_, {p.B, p.NH, p.S});
+    out.df = read32(df_, {p.B, p.NH, p.S});
+    if (p.gate_dtype != DType::f32) {
+      out.di = out.di.to(p.gate_dtype);
+      out.df = out.df.to(p.gate_dtype);
+    }
+    if (has_init_) {
+      out.dc0 = read32(dc0_, {p.B, p.NH, p.DHQK, p.DHHV});
+      out.dn0 = read32(dn0_, {p.B, p.NH, p.DHQK});
+      if (options_.gate == GateVariant::exp)
+        out.dm0 = read32(dm0_, {p.B, p.NH});
+      else
+        out.dm0 = Tensor::zeros({p.B, p.NH}, DType::f32);
+    }
+    return out;
+  }
+
+  // last_state(): the forward without the output kernel.
+  void skip_outputs() noexcept { skip_outputs_ = true; }
+
+ private:
+  void launch(const KernelObject& k, const char* name, std::size_t global0, std::size_t local0,
+              std::vector<KernelEvent>* events) {
+    const std::size_t global[2] = {global0, static_cast<std::size_t>(rows_)};
+    const std::size_t local[2] = {local0, 1};
+    cl_event e = nullptr;
+    check(clEnqueueNDRangeKernel(device_->profiling_queue(), k.k, 2, nullptr, global, local, 0, nullptr,
+                                 events ? &e : nullptr),
+          name, device_->name());
+    if (events) events->emplace_back(name, e);
+  }
+  void finish() { check(clFinish(device_->profiling_queue()), "clFinish", device_->name()); }
+
+  std::shared_ptr<Device> device_;
+  MlstmOptions options_;
+  ProblemShape shape_;
+  TcConfig cfg_;
+  int rows_ = 0, S_ = 0, NC_ = 0, has_init_ = 0, has_dlast_ = 0;
+  bool has_grads_ = false, forward_done_ = false, skip_outputs_ = false;
+  KernelObject k_gates_, k_fw_states_, k_fw_outputs_, k_bw_prep_, k_bw_states_, k_bw_dq_, k_bw_dk_, k_bw_dv_,
+      k_bw_gate_grads_;
+  Buffer q_, k_, v_, i_, f_, c0_, n0_, m0_, gb_, gbi_, gpm_, gG_, gA_, mst_, Cst_, nst_, c_last_, n_last_, m_last_, h_,
+      Nt_, sgt_, dh_, dc_last_, dn_last_, dden_, dCst_, dnst_, dc0_, dn0_, dm0_, dq_, dk_, dv_, qdq_, kdk_, di_, df_;
+};
+
+}  // namespace
+
+TensorCoreSupport tensor_core_support(const DeviceInfo& device) {
+  TensorCoreSupport s;
+  if (device.vendor.find("NVIDIA") != std::string::npos) {
+    cl_uint major = 0, minor = 0;
+    if (clGetDeviceInfo(device.id, kComputeCapabilityMajorNV, sizeof major, &major, nullptr) == CL_SUCCESS &&
+        clGetDeviceInfo(device.id, kComputeCapabilityMinorNV, sizeof minor, &minor, nullptr) == CL_SUCCESS) {
+      s.compute_major = static_cast<int>(major);
+      s.compute_minor = static_cast<int>(minor);
+    }
+  }
+  if (!MLSTM_OPENCL_TENSOR_CORES) {
+    s.reason = "built without the tensor-core path (MLSTM_OPENCL_NVIDIA_TC=OFF)";
+  } else if (switched_off_by_environment()) {
+    s.reason = "switched off by MLSTM_TENSOR_CORES";
+  } else if (device.vendor.find("NVIDIA") == std::string::npos) {
+    s.reason = "not an NVIDIA device (" + device.vendor + ")";
+  } else if (s.compute_major < 8) {
+    s.reason = "compute capability " + std::to_string(s.compute_major) + "." + std::to_string(s.compute_minor) +
+               " < 8.0";
+  } else {
+    s.available = true;
+  }
+  return s;
+}
+
+std::string tensor_core_fit(const ProblemShape& p, const MlstmOptions& o) {
+  if (p.dtype != DType::bf16 && p.dtype != DType::f16)
+    return std::string("q/k/v are ") + std::string(dtype_name(p.dtype)) + ", the tensor-core kernels take bfloat16 or float16";
+  if (p.DHQK % 16 != 0 || p.DHHV % 16 != 0)
+    return "head dims " + std::to_string(p.DHQK) + "x" + std::to_string(p.DHHV) + " are not multiples of 16";
+  if (o.chunk_size != 64 && o.chunk_size != 128)
+    return "chunk size " + std::to_string(o.chunk_size) + " (the tensor-core kernels take 64 or 128)";
+  return {};
+}
+
+TensorCoreRunner::TensorCoreRunner(std::shared_ptr<Device> device, Config config)
+    : device_(std::move(device)), config_(config) {}
+
+void TensorCoreRunner::prepare(const ProblemShape& p, const MlstmOptions& o) const {
+  Device& dev = *device_;
+  const TcConfig c = make_config(dev, config_.emulate, p, o);
+  dev.program_from_text("tc_gates", source_text("tc_gates"), c.gates());
+  dev.program_from_text("tc_states", source_text("tc_states"), c.states(0));
+  dev.program_from_text("tc_states", source_text("tc_states"), c.states(1));
+  dev.program_from_text("tc_chunk", source_text("tc_chunk"), c.chunk(0, p.DHQK, p.DHHV, c.OTf, c.DSf));
+  dev.program_from_text("tc_chunk", source_text("tc_chunk"), c.chunk(1, p.DHHV, p.DHQK, c.OTq, c.DSq));
+  dev.program_from_text("tc_chunk", source_text("tc_chunk"), c.chunk(2, p.DHHV, p.DHQK, c.OTq, c.DSq));
+  dev.program_from_text("tc_chunk", source_text("tc_chunk"), c.chunk(3, p.DHQK, p.DHHV, c.OTf, c.DSf));
+}
+
+std::unique_ptr<ResidentChunkwise> TensorCoreRunner::resident(const ForwardArgs& args, const MlstmOptions& options,
+                                                              const BackwardArgs* grads) const {
+  return std::make_unique<ResidentTensorCore>(device_, config_.emulate, args, options, grads);
+}
+
+ForwardResult TensorCoreRunner::forward(const ForwardArgs& args, const MlstmOptions& options) const {
+  ResidentTensorCore r(device_, config_.emulate, args, options, nullptr);
+  r.enqueue_forward(nullptr);
+  return r.read_forward();
+}
+
+ForwardResult TensorCoreRunner::last_state(const ForwardArgs& args, const MlstmOptions& options) const {
+  MlstmOptions with_states = options;
+  with_states.return_last_states = true;
+  ResidentTensorCore r(device_, config_.emulate, args, with_states, nullptr);
+  r.skip_outputs();
+  r.enqueue_forward(nullptr);
+  return r.read_forward();
+}
+
+BackwardResult TensorCoreRunner::backward(const BackwardArgs& args, const MlstmOptions& options) const {
+  ResidentTensorCore r(device_, config_.emulate, args.inputs, options, &args);
+  r.enqueue_forward(nullptr);
+  r.enqueue_backward(nullptr);
+  return r.read_backward();
+}
+
+namespace {
+
+template <class Runner>
+constexpr bool kHasBackward = requires(const Runner& r, const BackwardArgs& a, const MlstmOptions& o) { r.backward(a, o); };
+
+// The portable runner's backward (Error naming the kernel if this build's portable path has none).
+template <class Runner>
+BackwardResult portable_backward(const Runner& runner, const std::string& kernel, const BackwardArgs& args,
+                                 const MlstmOptions& options) {
+  if constexpr (requires { runner.backward(args, options); }) {
+    return runner.backward(args, options);
+  } else {
+    throw Error(kernel + ": this problem needs the portable OpenCL backward, which is not available yet");
+  }
+}
+
+// Per device: whether the tensor-core programs failed to build (then the portable kernels run there).
+std::mutex g_state_mutex;
+std::map<cl_device_id, bool> g_build_failed;
+
+}  // namespace
+
+AutoChunkwiseRunner::AutoChunkwiseRunner(std::shared_ptr<Device> device, bool require_tensor_cores)
+    : device_(device), portable_(device), tensor_cores_(device), require_(require_tensor_cores),
+      support_(tensor_core_support(device->info())) {
+  if (require_ && !support_.available)
+    throw DeviceError(DeviceError::Kind::other, device->name(), "no tensor cores here: " + support_.reason);
+}
+
+ForwardResult AutoChunkwiseRunner::forward(const ForwardArgs& args, const MlstmOptions& o) const {
+  if (uses_tensor_cores(validate_forward(args, o), o)) return tensor_cores_.forward(args, o);
+  return portable_.forward(args, o);
+}
+
+ForwardResult AutoChunkwiseRunner::last_state(const ForwardArgs& args, const MlstmOptions& o) const {
+  if (uses_tensor_cores(validate_forward(args, o), o)) return tensor_cores_.last_state(args, o);
+  return portable_.last_state(args, o);
+}
+
+BackwardResult AutoChunkwiseRunner::backward(const BackwardArgs& args, const MlstmOptions& o) const {
+  if (uses_tensor_cores(validate_backward(args, o), o)) return tensor_cores_.backward(args, o);
+  return portable_backward(portable_, device_->name(), args, o);
+}
+
+bool AutoChunkwiseRunner::has_backward() const noexcept {
+  if constexpr (kHasBackward<ChunkwiseRunner>) {
+    return true;
+  } else {
+    return support_.available;
+  }
+}
+
+bool AutoChunkwiseRunner::uses_tensor_cores(const ProblemShape& p, const MlstmOptions& o) const {
+  if (!support_.available) return false;
+  const std::string misfit = tensor_core_fit(p, o);
+  if (!misfit.empty()) {
+    if (require_) throw InvalidArgument("q", "the tensor-core kernels cannot run this problem: " + misfit);
+    spdlog::debug("mlstm-flow: {}: portable kernels: {}", device_->name(), misfit);
+    return false;
+  }
+  const cl_device_id id = device_->info().id;
+  {
+    std::lock_guard lock(g_state_mutex);
+    auto it = g_build_failed.find(id);
+    if (it != g_build_failed.end() && it->second && !require_) return false;
+  }
+  try {
+    tensor_cores_.prepare(p, o);
+  } catch (const DeviceError& e) {
+    if (e.kind() != DeviceError::Kind::build || require_) throw;
+    std::lock_guard lock(g_state_mutex);
+    g_build_failed[id] = true;
+    spdlog::warn("mlstm-flow: {}: the tensor-core kernels did not build; using the portable kernels. {}",
+                 device_->name(), e.what());
+    return false;
+  }
+  return true;
+}
+
+namespace {
+
+class SelectingChunkwiseKernel final : public SequenceKernel {
+ public:
+  SelectingChunkwiseKernel(KernelInfo info, std::shared_ptr<Device> device, bool require)
+      : info_(std::move(info)), runner_(std::move(device), require) {}
+  const KernelInfo& info() const noexcept override { return info_; }
+  ForwardResult forward(const ForwardArgs& args, const MlstmOptions& options) const override {
+    return runner_.forward(args, with_gate(options));
+  }
+  BackwardResult backward(const BackwardArgs& args, const MlstmOptions& options) const override {
+    return runner_.backward(args, with_gate(options));
+  }
+
+ private:
+  MlstmOptions with_gate(const MlstmOptions& options) const {
+    MlstmOptions o = options;
+    if (info_.forced_gate) o.gate = *info_.forced_gate;
+    return o;
+  }
+  KernelInfo info_;
+  AutoChunkwiseRunner runner_;
+};
+
+}  // namespace
+
+void register_tensor_core_kernels(KernelRegistry& registry) {
+  const std::vector<DType> all{DType::f64, DType::f32, DType::f16, DType::bf16};
+  const std::vector<DType> half{DType::f16, DType::bf16};
+  auto add = [&](std::string name, std::optional<GateVariant> gate, bool require, std::string description) {
+    KernelInfo info{std::move(name), KernelForm::chunkwise, "opencl", true, gate, require ? half : all,
+                    std::move(description)};
+    registry.add_sequence(info, [info, require](const KernelTarget& target) {
+      const auto devices = select_devices(target.device_spec);
+      return std::make_unique<SelectingChunkwiseKernel>(info, open_device(devices.front()), require);
+    });
+  };
+  add("chunkwise--opencl_xl_chunk", std::nullopt, false,
+      "chunkwise fw+bw, OpenCL: tensor cores (mma.sync PTX) on NVIDIA sm_80+, portable OpenCL C 1.2 elsewhere");
+  add("chunkwise--opencl_xl_chunk_siging", GateVariant::sigmoid, false,
+      "chunkwise fw+bw, OpenCL, sigmoid input gate: tensor cores on NVIDIA sm_80+, portable elsewhere");
+  add("chunkwise--opencl_tc_xl_chunk", std::nullopt, true,
+      "chunkwise fw+bw, NVIDIA tensor cores only (bf16/fp16, head dims multiples of 16, chunk 64|128)");
+  add("chunkwise--opencl_tc_xl_chunk_siging", GateVariant::sigmoid, true,
+      "chunkwise fw+bw, NVIDIA tensor cores only, sigmoid input gate");
+}
+
+}  // namespace mlstm::opencl

@@ -1,0 +1,311 @@
+// The tensor-core path (kernels/opencl/tc/*.cl through TensorCoreRunner). On NVIDIA sm_80+ devices the real
+// mma.sync kernels run; everywhere else (PoCL in CI) the same kernels are built with TC_EMU=1 (mma emulated
+// in local memory), which checks the host code, the launch geometry, the buffer layouts and the kernels'
+// indexing against the float64 reference. Also: device support and problem fit, the automatic selection
+// of the registry kernels and the fallback to the portable kernels.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <vector>
+
+#include "mlstm/devices/opencl.hpp"
+#include "mlstm/devices/opencl_kernels.hpp"
+#include "mlstm/devices/opencl_tensor_cores.hpp"
+#include "mlstm/mlstm.hpp"
+#include "mlstm/reference.hpp"
+#include "mlstm/stages.hpp"
+#include "test_util.hpp"
+
+namespace mlstm {
+namespace {
+
+using testing::GateRegime;
+using testing::InputSpec;
+
+#define REQUIRE_OPENCL() \
+  if (opencl::list_devices().empty()) GTEST_SKIP() << "no OpenCL device (install pocl-opencl-icd)"
+
+std::shared_ptr<opencl::Device> first_device() { return opencl::open_device(opencl::select_devices("0").front()); }
+
+// Real tensor cores where the device has them, the emulation elsewhere.
+opencl::TensorCoreRunner runner_for(const std::shared_ptr<opencl::Device>& dev) {
+  opencl::TensorCoreRunner::Config config;
+  config.emulate = !opencl::tensor_core_support(dev->info()).available;
+  return opencl::TensorCoreRunner(dev, config);
+}
+
+InputSpec spec(std::int64_t B, std::int64_t NH, std::int64_t S, std::int64_t K, std::int64_t V, DType d, GateVariant g,
+               bool init, GateRegime r = GateRegime::typical) {
+  InputSpec s;
+  s.B = B; s.NH = NH; s.S = S; s.DHQK = K; s.DHHV = V; s.dtype = d; s.gate = g; s.initial_state = init; s.regime = r;
+  return s;
+}
+
+double gate_scale(const InputSpec& s) { return s.regime == GateRegime::extreme ? 20.0 : 5.0; }
+
+// max |got - ref| <= tol (per element).
+::testing::AssertionResult close_absolute(const Tensor& got, const Tensor& ref, double tol, const char* what) {
+  const Tensor g = got.to(DType::f64), r = ref.to(DType::f64);
+  if (g.numel() != r.numel()) return ::testing::AssertionFailure() << what << ": sizes differ";
+  for (std::int64_t e = 0; e < g.numel(); ++e) {
+    const double d = std::abs(g.data<double>()[e] - r.data<double>()[e]);
+    if (!(d <= tol)) return ::testing::AssertionFailure() << what << "[" << e << "]: |error| " << d << " > " << tol;
+  }
+  return ::testing::AssertionSuccess();
+}
+
+// Largest per-row sum |dC0 * C0| + |dn0 * n0|.
+double inner_abs(const Tensor& dc0, const Tensor& c0, const Tensor& dn0, const Tensor& n0) {
+  const Tensor a = dc0.to(DType::f64), b = c0.to(DType::f64), x = dn0.to(DType::f64), y = n0.to(DType::f64);
+  const std::int64_t rows = a.dim(0) * a.dim(1), kv = a.numel() / rows, k = x.numel() / rows;
+  double worst = 0.0;
+  for (std::int64_t r = 0; r < rows; ++r) {
+    double s = 0.0;
+    for (std::int64_t e = 0; e < kv; ++e) s += std::abs(a.data<double>()[r * kv + e] * b.data<double>()[r * kv + e]);
+    for (std::int64_t e = 0; e < k; ++e) s += std::abs(x.data<double>()[r * k + e] * y.data<double>()[r * k + e]);
+    worst = std::max(worst, s);
+  }
+  return worst;
+}
+
+// True when some token's |q'.n_t| is within 3% of exp(-m_t): there the normaliser max(|den|, exp(-m)) switches
+// branch and h's gradient jumps, so 16-bit rounding inside the kernels may legitimately take the other
+// branch than the float64 reference. Such inputs are redrawn (the forward is continuous there; the gradient
+// comparison is not meaningful).
+bool near_normaliser_kink(const testing::Inputs& in, const MlstmOptions& o) {
+  const Tensor q = in.q.to(DType::f64), k = in.k.to(DType::f64), ig = in.i.to(DType::f64), fg = in.f.to(DType::f64);
+  const std::int64_t B = q.dim(0), NH = q.dim(1), S = q.dim(2), K = q.dim(3);
+  const bool init = !in.c0.empty();
+  const Tensor n0 = init ? in.n0.to(DType::f64) : Tensor(), m0 = init ? in.m0.to(DType::f64) : Tensor();
+  const double scale = 1.0 / std::sqrt(static_cast<double>(K));
+  auto logsig = [](double x) { return x < 0 ? x - std::log1p(std::exp(x)) : -std::log1p(std::exp(-x)); };
+  for (std::int64_t r = 0; r < B * NH; ++r) {
+    std::vector<double> n(static_cast<std::size_t>(K), 0.0);
+    double m = 0.0;
+    if (init) {
+      for (std::int64_t e = 0; e < K; ++e) n[static_cast<std::size_t>(e)] = n0.data<double>()[r * K + e];
+      m = o.gate == GateVariant::exp ? m0.data<double>()[r] : 0.0;
+    }
+    for (std::int64_t t = 0; t < S; ++t) {
+      const double lf = logsig(fg.data<double>()[r * S + t]), iv = ig.data<double>()[r * S + t];
+      double a = 0.0, b = 0.0, mt = 0.0;
+      if (o.gate == GateVariant::exp) {
+        mt = std::max(lf + m, iv);
+        a = std::exp(lf + m - mt);
+        b = std::exp(iv - mt);
+      } else {
+        a = std::exp(lf);
+        b = 1.0 / (1.0 + std::exp(-iv));
+      }
+      double den = 0.0;
+      for (std::int64_t e = 0; e < K; ++e) {
+        double& ne = n[static_cast<std::size_t>(e)];
+        ne = a * ne + b * k.data<double>()[(r * S + t) * K + e];
+        den += scale * q.data<double>()[(r * S + t) * K + e] * ne;
+      }
+      m = mt;
+      const double ratio = std::abs(den) / std::exp(-mt);
+      if (std::abs(ratio - 1.0) < 0.03) return true;
+    }
+  }
+  return false;
+}
+
+struct TcCase {
+  InputSpec spec;
+  std::int64_t chunk = 64;
+  bool normalize = true;
+  bool last_state_grads = false;
+};
+
+void PrintTo(const TcCase& c, std::ostream* os) {
+  *os << "L=" << c.chunk << " " << c.spec.describe() << (c.normalize ? "" : " nonorm") << (c.last_state_grads ? " dlast" : "");
+}
+
+class TensorCores : public ::testing::TestWithParam<TcCase> {};
+
+// Forward and backward against the float64 reference (backward with the stabiliser held constant).
+TEST_P(TensorCores, ForwardAndBackwardMatchReference) {
+  REQUIRE_OPENCL();
+  const TcCase c = GetParam();
+  const auto dev = first_device();
+  const auto runner = runner_for(dev);
+  MlstmOptions o;
+  o.gate = c.spec.gate;
+  o.chunk_size = c.chunk;
+  o.normalize = c.normalize;
+  std::uint64_t seed = testing::fresh_seed();
+  auto in = testing::make_inputs(c.spec, seed);
+  for (int redraw = 0; redraw < 20 && (o.normalize || o.gate == GateVariant::exp) && near_normaliser_kink(in, o); ++redraw)
+    in = testing::make_inputs(c.spec, ++seed);
+  const std::string name = "tensor cores";
+  const auto fw = runner.forward(in.args(), o);
+  const auto ref = reference::recurrent_forward(in.args(), o);
+  const double tol = c.spec.regime == GateRegime::extreme ? 5e-2 : 2e-2;
+  ASSERT_EQ(fw.h.dtype(), c.spec.dtype);
+  EXPECT_TRUE(testing::matches(fw.h, ref.h, tol, name, "h", c.spec));
+  EXPECT_TRUE(testing::matches(fw.c, ref.c, tol, name, "c_last", c.spec));
+  EXPECT_TRUE(testing::matches(fw.n, ref.n, tol, name, "n_last", c.spec));
+  // m is a float32 sum of up to S gate terms (|terms| up to 20 for extreme gates) that may cancel: its error
+  // is measured against the size of those terms, not against m.
+  EXPECT_TRUE(close_absolute(fw.m, ref.m, 2e-6 * static_cast<double>(c.spec.S) * gate_scale(c.spec), "m_last"));
+
+  const auto bargs = in.backward_args(c.last_state_grads);
+  const auto bw = runner.backward(bargs, o);
+  const auto rb = reference::recurrent_backward(bargs, o, reference::StabilizerGradient::stop);
+  const double gtol = c.spec.regime == GateRegime::extreme ? 5e-2 : 3e-2;
+  ASSERT_EQ(bw.dq.dtype(), c.spec.dtype);
+  ASSERT_EQ(bw.di.dtype(), c.spec.gate_dtype);
+  EXPECT_TRUE(testing::matches(bw.dq, rb.dq, gtol, name, "dq", c.spec));
+  EXPECT_TRUE(testing::matches(bw.dk, rb.dk, gtol, name, "dk", c.spec));
+  EXPECT_TRUE(testing::matches(bw.dv, rb.dv, gtol, name, "dv", c.spec));
+  EXPECT_TRUE(testing::matches(bw.di, rb.di, gtol, name, "di", c.spec));
+  EXPECT_TRUE(testing::matches(bw.df, rb.df, gtol, name, "df", c.spec));
+  if (c.spec.initial_state) {
+    EXPECT_TRUE(testing::matches(bw.dc0, rb.dc0, gtol, name, "dc0", c.spec));
+    EXPECT_TRUE(testing::matches(bw.dn0, rb.dn0, gtol, name, "dn0", c.spec));
+    // dm0 = <dC0, C0> + <dn0, n0> cancels: its error is measured against the sum of |terms|.
+    EXPECT_TRUE(close_absolute(bw.dm0, rb.dm0, gtol * inner_abs(rb.dc0, in.c0, rb.dn0, in.n0), "dm0"));
+  } else {
+    EXPECT_TRUE(bw.dc0.empty());
+  }
+}
+
+// Few, small cases: the emulated kernels are built at -O0 on PoCL and run slowly.
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, TensorCores,
+    ::testing::Values(TcCase{spec(1, 2, 150, 64, 64, DType::bf16, GateVariant::exp, false), 64},
+                      TcCase{spec(2, 1, 70, 32, 48, DType::bf16, GateVariant::exp, true), 64, true, true},
+                      TcCase{spec(1, 2, 100, 16, 32, DType::f16, GateVariant::sigmoid, true), 64, true, true},
+                      TcCase{spec(1, 1, 90, 16, 16, DType::bf16, GateVariant::sigmoid, false), 64, false},
+                      TcCase{spec(1, 1, 200, 32, 16, DType::bf16, GateVariant::exp, true, GateRegime::extreme), 128}));
+
+// The resident problem: repeated passes give identical results, and every launch reports an event.
+TEST(TensorCoreResident, RepeatedPassesAreIdenticalAndTimed) {
+  REQUIRE_OPENCL();
+  const auto dev = first_device();
+  const auto runner = runner_for(dev);
+  const InputSpec s = spec(1, 2, 80, 32, 32, DType::bf16, GateVariant::exp, true);
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  MlstmOptions o;
+  const auto bargs = in.backward_args(true);
+  auto r = runner.resident(in.args(), o, &bargs);
+  std::vector<opencl::KernelEvent> events;
+  r->enqueue_forward(&events);
+  r->enqueue_backward(&events);
+  ASSERT_EQ(events.size(), 9u);  // 3 forward + 6 backward launches
+  const auto timing = opencl::time_events(events, dev->name());
+  EXPECT_EQ(timing.kernels_ms.size(), 9u);
+  EXPECT_EQ(timing.kernels_ms.front().first, "tc_fw_gates");
+  EXPECT_GE(timing.total_ms, 0.0);
+  const auto h1 = r->read_forward();
+  const auto g1 = r->read_backward();
+  r->enqueue_forward();
+  r->enqueue_backward();
+  const auto h2 = r->read_forward();
+  const auto g2 = r->read_backward();
+  EXPECT_TRUE(testing::matches(h2.h, h1.h, 0.0, "tensor cores", "h repeated", s));
+  EXPECT_TRUE(testing::matches(g2.dk, g1.dk, 0.0, "tensor cores", "dk repeated", s));
+  EXPECT_TRUE(testing::matches(g2.df, g1.df, 0.0, "tensor cores", "df repeated", s));
+  auto no_grads = runner.resident(in.args(), o);
+  no_grads->enqueue_forward();
+  EXPECT_THROW(no_grads->enqueue_backward(), Error);
+}
+
+// The state leaving a segment started from the EMPTY state (sequence parallelism) equals the portable one.
+TEST(TensorCoreLastState, EmptyEnteringStateMatchesThePortableKernels) {
+  REQUIRE_OPENCL();
+  const auto dev = first_device();
+  const auto runner = runner_for(dev);
+  InputSpec s = spec(1, 2, 130, 32, 32, DType::bf16, GateVariant::exp, true);
+  auto in = testing::make_inputs(s, testing::fresh_seed());
+  in.c0 = Tensor::zeros({1, 2, 32, 32}, DType::f32);
+  in.n0 = Tensor::zeros({1, 2, 32}, DType::f32);
+  in.m0 = Tensor::full({1, 2}, DType::f32, stages::kEmptyM);
+  MlstmOptions o;
+  const auto tc = runner.last_state(in.args(), o);
+  const auto portable = opencl::ChunkwiseRunner(dev).last_state(in.args(), o);
+  EXPECT_TRUE(tc.h.empty());
+  EXPECT_TRUE(testing::matches(tc.c, portable.c, 1e-2, "tensor cores", "c from EMPTY", s));
+  EXPECT_TRUE(testing::matches(tc.n, portable.n, 1e-2, "tensor cores", "n from EMPTY", s));
+  EXPECT_TRUE(testing::matches(tc.m, portable.m, 1e-5, "tensor cores", "m from EMPTY", s));
+}
+
+TEST(TensorCoreSelection, ProblemFitNamesTheReason) {
+  ProblemShape p;
+  p.B = 1; p.NH = 1; p.S = 64; p.DHQK = 128; p.DHHV = 256; p.dtype = DType::bf16;
+  MlstmOptions o;
+  EXPECT_EQ(opencl::tensor_core_fit(p, o), "");
+  o.chunk_size = 128;
+  EXPECT_EQ(opencl::tensor_core_fit(p, o), "");
+  o.chunk_size = 100;
+  EXPECT_NE(opencl::tensor_core_fit(p, o).find("chunk size 100"), std::string::npos);
+  o.chunk_size = 64;
+  p.DHQK = 48 + 8;
+  EXPECT_NE(opencl::tensor_core_fit(p, o).find("multiples of 16"), std::string::npos);
+  p.DHQK = 128;
+  p.dtype = DType::f32;
+  EXPECT_NE(opencl::tensor_core_fit(p, o).find("float32"), std::string::npos);
+}
+
+TEST(TensorCoreSelection, DeviceSupportAndTheSwitch) {
+  REQUIRE_OPENCL();
+  for (const auto& info : opencl::list_devices()) {
+    const auto s = opencl::tensor_core_support(info);
+    const bool nvidia = info.vendor.find("NVIDIA") != std::string::npos;
+    if (!nvidia) {
+      EXPECT_FALSE(s.available) << info.describe();
+      EXPECT_NE(s.reason.find("not an NVIDIA device"), std::string::npos) << s.reason;
+    } else {
+      EXPECT_EQ(s.available, s.compute_major >= 8) << info.describe() << " " << s.reason;
+    }
+    ::setenv("MLSTM_TENSOR_CORES", "off", 1);
+    const auto off = opencl::tensor_core_support(info);
+    ::unsetenv("MLSTM_TENSOR_CORES");
+    EXPECT_FALSE(off.available);
+    if (nvidia) {
+      EXPECT_NE(off.reason.find("MLSTM_TENSOR_CORES"), std::string::npos) << off.reason;
+    }
+  }
+}
+
+// The registry: the plain names run anywhere (tensor cores or the portable kernels, same results); the _tc_
+// names refuse devices and problems that the tensor-core kernels cannot take, with the reason.
+TEST(TensorCoreSelection, RegistryKernelsSelectOrRefuseClearly) {
+  REQUIRE_OPENCL();
+  const auto dev = first_device();
+  const auto support = opencl::tensor_core_support(dev->info());
+  const InputSpec s = spec(1, 2, 100, 32, 48, DType::bf16, GateVariant::exp, false);
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  MlstmOptions o;
+  const auto automatic = get_kernel("chunkwise--opencl_xl_chunk", KernelTarget{"0"});
+  EXPECT_TRUE(automatic->info().has_backward);
+  const auto got = automatic->forward(in.args(), o);
+  const auto ref = reference::recurrent_forward(in.args(), o);
+  EXPECT_TRUE(testing::matches(got.h, ref.h, 2e-2, "chunkwise--opencl_xl_chunk", "h", s));
+  if (!support.available) {
+    try {
+      get_kernel("chunkwise--opencl_tc_xl_chunk", KernelTarget{"0"});
+      ADD_FAILURE() << "the _tc_ kernel accepted a device without tensor cores";
+    } catch (const DeviceError& e) {
+      EXPECT_NE(std::string(e.what()).find("no tensor cores"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find(support.reason), std::string::npos) << e.what();
+    }
+  } else {
+    const auto tc = get_kernel("chunkwise--opencl_tc_xl_chunk", KernelTarget{"0"});
+    EXPECT_TRUE(testing::matches(tc->forward(in.args(), o).h, ref.h, 2e-2, "chunkwise--opencl_tc_xl_chunk", "h", s));
+    const InputSpec odd = spec(1, 1, 50, 24, 48, DType::bf16, GateVariant::exp, false);
+    const auto odd_in = testing::make_inputs(odd, testing::fresh_seed());
+    try {
+      tc->forward(odd_in.args(), o);
+      ADD_FAILURE() << "the _tc_ kernel accepted DHQK=24";
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find("multiples of 16"), std::string::npos) << e.what();
+    }
+  }
+}
+
+}  // namespace
+}  // namespace mlstm
