@@ -1,5 +1,8 @@
 #include "mlstm/tensor.hpp"
 
+#include <tbb/blocked_range.h>
+#include <tbb/parallel_for.h>
+
 #include <cmath>
 #include <cstdlib>
 #include <new>
@@ -83,23 +86,43 @@ Tensor Tensor::from(const std::vector<double>& values, Shape shape, DType dtype)
 Tensor Tensor::copy_of(ConstTensorView view, DType dtype) {
   Tensor t(view.shape(), dtype);
   if (view.numel() == 0) return t;
-  if (view.is_contiguous()) {
-    convert_elements(view.bytes(), view.dtype(), t.bytes(), dtype, static_cast<std::size_t>(view.numel()));
-    return t;
-  }
-  // Strided: walk the multi-index (innermost dimension contiguous in the output).
-  const int nd = view.dims();
-  std::vector<std::int64_t> idx(static_cast<std::size_t>(nd), 0);
+  const std::size_t in_size = dtype_size(view.dtype()), out_size = dtype_size(dtype);
   const auto n = static_cast<std::size_t>(view.numel());
-  for (std::size_t e = 0; e < n; ++e) {
-    std::int64_t off = 0;
-    for (int d = 0; d < nd; ++d) off += idx[static_cast<std::size_t>(d)] * view.strides()[static_cast<std::size_t>(d)];
-    store_element(t.bytes(), dtype, e, load_element(view.bytes(), view.dtype(), static_cast<std::size_t>(off)));
-    for (int d = nd - 1; d >= 0; --d) {
-      auto& i = idx[static_cast<std::size_t>(d)];
-      if (++i < view.shape()[static_cast<std::size_t>(d)]) break;
-      i = 0;
+  // Split the index space into an outer part and the longest trailing run of dimensions that is
+  // contiguous in the view: that run is converted with one convert_elements call (memcpy when the
+  // dtypes agree). Graph segments (a range of the sequence axis of a (B,NH,S,D) tensor) are runs of
+  // len*D elements, so this is a few large copies rather than an element-by-element walk.
+  const int nd = view.dims();
+  std::int64_t run = 1;
+  int inner = nd;  // dimensions [inner, nd) form the contiguous run
+  while (inner > 0) {
+    const auto d = static_cast<std::size_t>(inner - 1);
+    if (view.shape()[d] != 1 && view.strides()[d] != run) break;
+    run *= view.shape()[d];
+    --inner;
+  }
+  const std::size_t runs = n / static_cast<std::size_t>(run);
+  auto copy_runs = [&](std::size_t first, std::size_t last) {
+    for (std::size_t r = first; r < last; ++r) {
+      // Offset of run r: its outer multi-index from r (row-major over dimensions [0, inner)).
+      std::int64_t off = 0;
+      std::size_t rem = r;
+      for (int d = inner - 1; d >= 0; --d) {
+        const auto ud = static_cast<std::size_t>(d);
+        const auto extent = static_cast<std::size_t>(view.shape()[ud]);
+        off += static_cast<std::int64_t>(rem % extent) * view.strides()[ud];
+        rem /= extent;
+      }
+      convert_elements(view.bytes() + static_cast<std::size_t>(off) * in_size, view.dtype(),
+                       t.bytes() + r * static_cast<std::size_t>(run) * out_size, dtype, static_cast<std::size_t>(run));
     }
+  };
+  constexpr std::size_t kParallelElements = std::size_t{1} << 20;
+  if (n >= kParallelElements && runs > 1) {
+    tbb::parallel_for(tbb::blocked_range<std::size_t>(0, runs),
+                      [&](const tbb::blocked_range<std::size_t>& range) { copy_runs(range.begin(), range.end()); });
+  } else {
+    copy_runs(0, runs);
   }
   return t;
 }

@@ -308,6 +308,30 @@ TEST(TensorView, StridedCopyAndSelect) {
   EXPECT_EQ(t.to(DType::bf16).get({1, 2, 3}), 23.0);
 }
 
+// A range of the sequence axis of a (B,NH,S,D) tensor (what graph segments are), large enough for the
+// parallel copy, with and without a dtype conversion; and a view with an extent-1 dimension of odd stride.
+TEST(TensorView, SequenceRangeCopiesRunByRun) {
+  const std::int64_t B = 3, NH = 5, S = 1000, D = 96, s0 = 123, len = 700;
+  std::vector<float> v(static_cast<std::size_t>(B * NH * S * D));
+  for (std::size_t e = 0; e < v.size(); ++e) v[e] = static_cast<float>(e % 65536) * 0.25f;
+  const Tensor t = Tensor::from(v, {B, NH, S, D});
+  const ConstTensorView seg(t.bytes() + static_cast<std::size_t>(s0 * D) * 4, DType::f32, {B, NH, len, D},
+                            {NH * S * D, S * D, D, 1});
+  ASSERT_FALSE(seg.is_contiguous());
+  for (DType dt : {DType::f32, DType::bf16, DType::f64}) {
+    const Tensor c = Tensor::copy_of(seg, dt), whole = Tensor::copy_of(t.view(), dt);
+    for (std::int64_t b = 0; b < B; ++b)
+      for (std::int64_t h = 0; h < NH; ++h)
+        for (std::int64_t s = 0; s < len; s += 37)
+          for (std::int64_t d = 0; d < D; d += 5)
+            ASSERT_EQ(c.get({b, h, s, d}), whole.get({b, h, s0 + s, d}))
+                << dtype_name(dt) << " at " << b << "," << h << "," << s << "," << d;
+  }
+  // Extent-1 dimension with an arbitrary stride inside an otherwise contiguous layout.
+  const ConstTensorView odd(t.bytes(), DType::f32, {2, 1, 4}, {4, 999, 1});
+  EXPECT_EQ(Tensor::copy_of(odd).to_vector(), (std::vector<double>{0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 1.75}));
+}
+
 TEST(TensorView, StridedConversionRoundsCorrectly) {
   // Ties of bf16 (1 + odd * 2^-8) and of f16 (1 + odd * 2^-11), some nudged by 2^-40, read through a
   // transposed float64 view.
