@@ -12,11 +12,14 @@
 //   MLSTM_BENCH_EMULATE  1: run the tensor-core kernels emulated (TC_EMU) where there are no tensor cores
 //                        (a smoke test of this benchmark on PoCL; the times mean nothing)
 //   MLSTM_BENCH_REPS     repetitions (default 20 for tc, 5 for portable); MLSTM_BENCH_CHUNK (default 64)
+//   MLSTM_BENCH_STREAM   0: skip the host-streaming benchmarks (Stream/..., see run_stream)
 // Counters: anchor_ms (mlstm_kernels triton on H100), ratio = ours / anchor, floor_frac = 0.53 ms memory
 // floor / ours (forward floor, also shown for fwbw), mma_frac = matrix FLOPs / time / 651 TFLOP/s.
 #include <benchmark/benchmark.h>
 
+#include <chrono>
 #include <cstdlib>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <random>
@@ -26,6 +29,7 @@
 #include "mlstm/devices/opencl.hpp"
 #include "mlstm/devices/opencl_kernels.hpp"
 #include "mlstm/devices/opencl_tensor_cores.hpp"
+#include "mlstm/devices/opencl_stream.hpp"
 #include "mlstm/devices/resident.hpp"
 
 namespace {
@@ -201,6 +205,65 @@ void run_config(benchmark::State& state, std::shared_ptr<opencl::Device> dev, Co
   state.SetLabel(dev->name());
 }
 
+// Host streaming (DeviceStream): MLSTM_BENCH_STREAM_TOKENS (default 1M) tokens of one sequence (B=1,
+// NH=16, DHQK=128, DHHV=256, bf16) in pieces of MLSTM_BENCH_PIECE tokens (default 16384), inputs up and h
+// down over PCIe. mode 0: transfers only (the transfer bound of this stream, same buffers and queues);
+// mode 1: with the kernels, pieces filled in the pinned staging by the producer; mode 2: with the kernels,
+// pieces copied from ordinary (pageable) host tensors by push(). Wall-clock time of the whole stream.
+void run_stream(benchmark::State& state, std::shared_ptr<opencl::Device> dev, int mode) {
+  const std::int64_t total = std::stoll(env("MLSTM_BENCH_STREAM_TOKENS", "1048576"));
+  const std::int64_t piece = std::stoll(env("MLSTM_BENCH_PIECE", "16384"));
+  opencl::DeviceStream::Config cfg;
+  cfg.B = 1; cfg.NH = NH; cfg.DHQK = DHQK; cfg.DHHV = DHHV; cfg.max_piece = piece; cfg.dtype = DType::bf16;
+  cfg.options.chunk_size = 64;
+  cfg.compute = mode != 0;
+  cfg.emulate = env("MLSTM_BENCH_EMULATE", "0") == "1";
+  std::unique_ptr<opencl::DeviceStream> stream;
+  try {
+    stream = std::make_unique<opencl::DeviceStream>(dev, cfg);
+  } catch (const std::exception& e) {
+    state.SkipWithError(e.what());
+    for (auto _ : state) {
+    }
+    return;
+  }
+  const HostProblem& host = host_problem(piece, piece);  // one piece of random data (B=1)
+  ForwardArgs args = host.args();
+  std::vector<bool> filled(3, false);
+  for (auto _ : state) {
+    const std::uint64_t bytes0 = stream->bytes_up() + stream->bytes_down();
+    const auto t0 = std::chrono::steady_clock::now();
+    std::vector<std::uint64_t> tickets;
+    for (std::int64_t t = 0; t < total; t += piece) {
+      const std::int64_t len = std::min(piece, total - t);
+      if (mode == 2 && len == piece) {
+        tickets.push_back(stream->push(args));
+      } else {
+        auto slot = stream->next_piece(len);
+        const std::size_t j = tickets.size() % 3;
+        if (!filled[j]) {  // the producer writes each staging slot once (its data stays valid)
+          std::memcpy(slot.q.bytes(), host.q.bytes(), slot.q.nbytes());
+          std::memcpy(slot.k.bytes(), host.k.bytes(), slot.k.nbytes());
+          std::memcpy(slot.v.bytes(), host.v.bytes(), slot.v.nbytes());
+          std::memcpy(slot.i.bytes(), host.i.bytes(), slot.i.nbytes());
+          std::memcpy(slot.f.bytes(), host.f.bytes(), slot.f.nbytes());
+          filled[j] = len == piece;
+        }
+        tickets.push_back(stream->submit());
+      }
+      if (tickets.size() > 2) benchmark::DoNotOptimize(stream->take(tickets[tickets.size() - 3]).bytes());
+    }
+    for (std::size_t j = tickets.size() > 2 ? tickets.size() - 2 : 0; j < tickets.size(); ++j)
+      benchmark::DoNotOptimize(stream->take(tickets[j]).bytes());
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    state.SetIterationTime(secs);
+    state.counters["tokens_per_s"] = static_cast<double>(total) / secs;
+    state.counters["GB_per_s"] =
+        static_cast<double>(stream->bytes_up() + stream->bytes_down() - bytes0) / secs * 1e-9;
+  }
+  state.SetLabel(dev->name());
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -240,6 +303,16 @@ int main(int argc, char** argv) {
               ->ReportAggregatesOnly(true);
         }
     }
+  }
+  if (env("MLSTM_BENCH_STREAM", "1") == "1" && (tc_here || env("MLSTM_BENCH_EMULATE", "0") == "1")) {
+    const char* names[3] = {"Stream/transfers_only", "Stream/pinned_pieces", "Stream/pageable_pieces"};
+    for (int mode = 0; mode < 3; ++mode)
+      benchmark::RegisterBenchmark(names[mode], run_stream, dev, mode)
+          ->UseManualTime()
+          ->Unit(benchmark::kMillisecond)
+          ->Iterations(1)
+          ->Repetitions(3)
+          ->ReportAggregatesOnly(true);
   }
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();

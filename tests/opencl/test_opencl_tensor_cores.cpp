@@ -8,10 +8,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "mlstm/devices/opencl.hpp"
 #include "mlstm/devices/opencl_kernels.hpp"
+#include "mlstm/devices/opencl_stream.hpp"
 #include "mlstm/devices/opencl_tensor_cores.hpp"
 #include "mlstm/mlstm.hpp"
 #include "mlstm/reference.hpp"
@@ -305,6 +307,78 @@ TEST(TensorCoreSelection, RegistryKernelsSelectOrRefuseClearly) {
       EXPECT_NE(std::string(e.what()).find("multiples of 16"), std::string::npos) << e.what();
     }
   }
+}
+
+}  // namespace
+}  // namespace mlstm
+
+namespace mlstm {
+namespace {
+
+// Host streaming with the state on the device: pieces of random lengths through DeviceStream equal one
+// call over the whole sequence (within 16-bit rounding: pieces cut the chunks differently), in any take()
+// order, with the slots reused several times; the transfers-only mode moves the same bytes.
+TEST(DeviceStream, PiecesOfAnyLengthEqualOneCall) {
+  REQUIRE_OPENCL();
+  const auto dev = first_device();
+  const bool emulate = !opencl::tensor_core_support(dev->info()).available;
+  const InputSpec s = spec(1, 2, 300, 32, 32, DType::bf16, GateVariant::exp, true);
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  MlstmOptions o;
+  const auto ref = reference::recurrent_forward(in.args(), o);
+  opencl::DeviceStream::Config cfg;
+  cfg.B = 1; cfg.NH = 2; cfg.DHQK = 32; cfg.DHHV = 32; cfg.max_piece = 100; cfg.dtype = DType::bf16;
+  cfg.emulate = emulate;
+  opencl::DeviceStream stream(dev, cfg, in.c0.view(), in.n0.view(), in.m0.view());
+  const std::vector<std::int64_t> cuts{0, 37, 100, 164, 165, 230, 300};  // 6 pieces over 3 slots
+  std::vector<std::uint64_t> tickets;
+  auto cut = [&](const Tensor& t, std::int64_t a, std::int64_t b) {
+    if (t.dims() == 3)
+      return testing::slice_seq(t.reshaped({t.dim(0), t.dim(1), t.dim(2), 1}), a, b).reshaped({t.dim(0), t.dim(1), b - a});
+    return testing::slice_seq(t, a, b);
+  };
+  for (std::size_t j = 0; j + 1 < cuts.size(); ++j) {
+    const std::int64_t a = cuts[j], b = cuts[j + 1];
+    const Tensor q = cut(in.q, a, b), k = cut(in.k, a, b), v = cut(in.v, a, b), i = cut(in.i, a, b), f = cut(in.f, a, b);
+    if (j % 2 == 0) {
+      ForwardArgs piece;
+      piece.q = q.view(); piece.k = k.view(); piece.v = v.view(); piece.i = i.view(); piece.f = f.view();
+      tickets.push_back(stream.push(piece));
+    } else {  // fill the pinned staging in place
+      auto slot = stream.next_piece(b - a);
+      std::memcpy(slot.q.bytes(), q.bytes(), q.nbytes());
+      std::memcpy(slot.k.bytes(), k.bytes(), k.nbytes());
+      std::memcpy(slot.v.bytes(), v.bytes(), v.nbytes());
+      std::memcpy(slot.i.bytes(), i.bytes(), i.nbytes());
+      std::memcpy(slot.f.bytes(), f.bytes(), f.nbytes());
+      tickets.push_back(stream.submit());
+    }
+  }
+  EXPECT_EQ(stream.tokens(), 300);
+  std::vector<Tensor> hs(tickets.size());
+  for (std::size_t j = tickets.size(); j-- > 0;) hs[j] = stream.take(tickets[j]);  // reverse order
+  Tensor h = hs[0];
+  for (std::size_t j = 1; j < hs.size(); ++j) h = testing::concat_seq(h, hs[j]);
+  EXPECT_TRUE(testing::matches(h, ref.h, 2e-2, "DeviceStream", "h", s));
+  Tensor C, n, m;
+  stream.read_state(C, n, m);
+  EXPECT_TRUE(testing::matches(C, ref.c, 2e-2, "DeviceStream", "c", s));
+  EXPECT_TRUE(testing::matches(n, ref.n, 2e-2, "DeviceStream", "n", s));
+  EXPECT_TRUE(testing::matches(m, ref.m, 1e-5, "DeviceStream", "m", s));
+  EXPECT_THROW(stream.take(tickets[0]), InvalidArgument);
+  EXPECT_THROW(stream.next_piece(101), InvalidArgument);
+  ForwardArgs wrong = in.args();
+  EXPECT_THROW(stream.push(wrong), InvalidArgument);  // carries c0: refused
+
+  cfg.compute = false;
+  opencl::DeviceStream transfers(dev, cfg);
+  for (int j = 0; j < 4; ++j) {
+    transfers.next_piece(100);
+    transfers.submit();
+  }
+  transfers.finish();
+  EXPECT_EQ(transfers.bytes_up(), stream.bytes_up() / 300 * 400);
+  EXPECT_EQ(transfers.bytes_down(), 4u * 100u * 2u * 32u * 2u);
 }
 
 }  // namespace

@@ -1,0 +1,90 @@
+// Host streaming through one OpenCL device: a long sequence arrives in pieces on the host, each piece goes
+// up, is computed with the state (C, n, m) staying on the device, and its h comes back, with transfers and
+// compute overlapped. Three in-order queues (uploads, kernels, downloads) linked by events, and two slots of
+// pinned (page-locked) host staging and device buffers: while piece p computes, piece p+1 goes up and
+// piece p-1's h comes back (double buffering; PCIe is full duplex).
+//
+//   opencl::DeviceStream stream(device, config);
+//   for (each piece) {
+//     auto slot = stream.next_piece(len);        // pinned host tensors: fill them in place (fastest), or
+//     ... fill slot.q, slot.k, slot.v, slot.i, slot.f ...
+//     tickets.push_back(stream.submit());        // ... call stream.push(piece_args) to copy from your tensors
+//   }
+//   Tensor h = stream.take(ticket);              // h of a piece (waits for it); any order
+//
+// Kernels: the tensor-core path (NVIDIA sm_80+, bf16/fp16, head dims multiples of 16, chunk 64|128), or
+// its emulation (Config::emulate, tests on PoCL). tensor_core_fit() says which problems qualify; other
+// problems stream through StreamSession with one synchronous kernel call per piece.
+#pragma once
+
+#include <CL/cl.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <vector>
+
+#include "mlstm/devices/opencl.hpp"
+#include "mlstm/problem.hpp"
+#include "mlstm/tensor.hpp"
+
+namespace mlstm::opencl {
+
+class DeviceStream {
+ public:
+  struct Config {
+    std::int64_t B = 1, NH = 1, DHQK = 0, DHHV = 0;
+    std::int64_t max_piece = 16384;  // tokens per piece at most (buffers are sized for it)
+    DType dtype = DType::bf16;       // q, k, v and h
+    MlstmOptions options;            // gate, normalize, eps, chunk size
+    bool emulate = false;            // tensor-core kernels without PTX (PoCL tests)
+    bool compute = true;             // false: transfers only (measures the transfer bound of a stream)
+  };
+  // Pinned host tensors of one piece: q, k (B,NH,len,DHQK), v (B,NH,len,DHHV) in the stream's dtype,
+  // i, f (B,NH,len) float32, contiguous.
+  struct HostPiece {
+    TensorView q, k, v, i, f;
+    std::int64_t len = 0;
+  };
+
+  // Starts from the zero state, or from c0/n0/m0 (float32, shapes as in ForwardArgs) when given.
+  DeviceStream(std::shared_ptr<Device> device, Config config, ConstTensorView c0 = {}, ConstTensorView n0 = {},
+               ConstTensorView m0 = {});
+  ~DeviceStream();  // waits for everything enqueued
+  DeviceStream(const DeviceStream&) = delete;
+  DeviceStream& operator=(const DeviceStream&) = delete;
+
+  // The staging tensors of the next piece (waits until its slot is free; an h not yet taken from that slot
+  // is copied aside first). 1 <= len <= max_piece, else InvalidArgument("len").
+  HostPiece next_piece(std::int64_t len);
+  // Enqueues the piece filled through next_piece(); returns its ticket (0, 1, 2, ...).
+  std::uint64_t submit();
+  // next_piece + a copy of `piece` (validated against the config; c0/n0/m0 must be empty) + submit.
+  std::uint64_t push(const ForwardArgs& piece);
+  // h of a submitted piece, (B,NH,len,DHHV) in the stream's dtype; waits for it. Each ticket once.
+  Tensor take(std::uint64_t ticket);
+  // The current state (after every submitted piece), float32; waits for the kernels.
+  void read_state(Tensor& C, Tensor& n, Tensor& m);
+  void finish();  // waits for every enqueued transfer and kernel
+
+  std::int64_t tokens() const noexcept { return tokens_; }
+  const Config& config() const noexcept { return config_; }
+  std::uint64_t bytes_up() const noexcept { return bytes_up_; }      // host -> device so far
+  std::uint64_t bytes_down() const noexcept { return bytes_down_; }  // device -> host so far
+
+ private:
+  struct Slot;
+  struct Impl;
+  Slot& slot_of(std::uint64_t ticket);
+  void retire(Slot& slot);  // waits for the slot's piece and keeps its h aside if not taken
+
+  std::shared_ptr<Device> device_;
+  Config config_;
+  std::unique_ptr<Impl> impl_;
+  std::map<std::uint64_t, Tensor> finished_;  // h of pieces whose slot was reused before take()
+  std::uint64_t next_ticket_ = 0;
+  std::int64_t tokens_ = 0, pending_len_ = 0;
+  std::uint64_t bytes_up_ = 0, bytes_down_ = 0;
+};
+
+}  // namespace mlstm::opencl
