@@ -680,7 +680,7 @@ struct DeviceStream::Slot {
   cl_event up = nullptr, computed = nullptr, down = nullptr;
   std::uint64_t ticket = 0;
   std::int64_t len = 0;
-  bool busy = false, taken = true;
+  bool busy = false, taken = true, taking = false;  // guarded by DeviceStream::mutex_
 };
 
 struct DeviceStream::Impl {
@@ -791,8 +791,17 @@ DeviceStream::~DeviceStream() {
 DeviceStream::Slot& DeviceStream::slot_of(std::uint64_t ticket) { return impl_->slots[ticket % kStreamSlots]; }
 
 void DeviceStream::retire(Slot& s) {
+  std::unique_lock lock(mutex_);
+  slot_free_.wait(lock, [&] { return !s.taking; });
   if (!s.busy) return;
-  check(clWaitForEvents(1, &s.down), "clWaitForEvents(stream download)", device_->name());
+  cl_event down = s.down;
+  clRetainEvent(down);
+  lock.unlock();
+  const cl_int waited = clWaitForEvents(1, &down);
+  clReleaseEvent(down);
+  check(waited, "clWaitForEvents(stream download)", device_->name());
+  lock.lock();
+  slot_free_.wait(lock, [&] { return !s.taking; });  // a take() that started meanwhile finishes first
   if (!s.taken) {
     Tensor h({config_.B, config_.NH, s.len, config_.DHHV}, config_.dtype);
     std::memcpy(h.bytes(), s.host_out, h.nbytes());
@@ -840,19 +849,20 @@ std::uint64_t DeviceStream::submit() {
   const std::size_t es = dtype_size(c.dtype);
   const std::size_t qb = rows * L * static_cast<std::size_t>(c.DHQK) * es;
   const std::size_t vb = rows * L * static_cast<std::size_t>(c.DHHV) * es, gbytes = rows * L * sizeof(float);
+  cl_event up = nullptr, computed = nullptr, down = nullptr;
   // Uploads (non-blocking, from pinned memory: DMA at full PCIe speed).
   const std::pair<const Buffer*, std::pair<std::size_t, std::size_t>> parts[] = {
       {&s.q, {0, qb}}, {&s.k, {im.q_bytes, qb}}, {&s.v, {2 * im.q_bytes, vb}},
       {&s.i, {2 * im.q_bytes + im.v_bytes, gbytes}}, {&s.f, {2 * im.q_bytes + im.v_bytes + im.g_bytes, gbytes}}};
   for (std::size_t j = 0; j < 5; ++j) {
     const auto& [buf, range] = parts[j];
-    cl_event* ev = j == 4 ? &s.up : nullptr;
+    cl_event* ev = j == 4 ? &up : nullptr;
     check(clEnqueueWriteBuffer(im.up, buf->get(), CL_FALSE, 0, range.second, s.host_in + range.first, 0, nullptr, ev),
           "clEnqueueWriteBuffer(stream upload)", dn);
     bytes_up_ += range.second;
   }
   clFlush(im.up);
-  cl_event after_compute = s.up;
+  cl_event after_compute = up;
   if (c.compute) {
     const int S = static_cast<int>(len), NC = (S + im.cfg.L - 1) / im.cfg.L, has_init = im.has_state ? 1 : 0;
     const int from = im.state, to = 1 - im.state;
@@ -869,26 +879,32 @@ std::uint64_t DeviceStream::submit() {
     const cl_kernel ks[3] = {s.gates.k, s.states.k, s.outputs.k};
     for (int j = 0; j < 3; ++j) {
       const std::size_t global[2] = {g0[j], rws}, local[2] = {l0[j], 1};
-      check(clEnqueueNDRangeKernel(im.kernels, ks[j], 2, nullptr, global, local, j == 0 ? 1 : 0, j == 0 ? &s.up : nullptr,
-                                   j == 2 ? &s.computed : nullptr),
+      check(clEnqueueNDRangeKernel(im.kernels, ks[j], 2, nullptr, global, local, j == 0 ? 1 : 0, j == 0 ? &up : nullptr,
+                                   j == 2 ? &computed : nullptr),
             "stream kernels", dn);
     }
     clFlush(im.kernels);
-    after_compute = s.computed;
+    after_compute = computed;
     im.state = to;
     im.has_state = true;
   } else {
-    clRetainEvent(s.up);
-    s.computed = s.up;
+    clRetainEvent(up);
+    computed = up;
   }
-  check(clEnqueueReadBuffer(im.down, s.h.get(), CL_FALSE, 0, vb, s.host_out, 1, &after_compute, &s.down),
+  check(clEnqueueReadBuffer(im.down, s.h.get(), CL_FALSE, 0, vb, s.host_out, 1, &after_compute, &down),
         "clEnqueueReadBuffer(stream download)", dn);
   clFlush(im.down);
   bytes_down_ += vb;
-  s.ticket = ticket;
-  s.len = len;
-  s.busy = true;
-  s.taken = false;
+  {
+    std::lock_guard lock(mutex_);
+    s.up = up;
+    s.computed = computed;
+    s.down = down;
+    s.ticket = ticket;
+    s.len = len;
+    s.busy = true;
+    s.taken = false;
+  }
   tokens_ += len;
   return ticket;
 }
@@ -921,18 +937,32 @@ std::uint64_t DeviceStream::push(const ForwardArgs& piece) {
 }
 
 Tensor DeviceStream::take(std::uint64_t ticket) {
+  std::unique_lock lock(mutex_);
   if (auto it = finished_.find(ticket); it != finished_.end()) {
     Tensor h = std::move(it->second);
     finished_.erase(it);
     return h;
   }
   Slot& s = slot_of(ticket);
-  if (!s.busy || s.ticket != ticket || s.taken)
+  if (!s.busy || s.ticket != ticket || s.taken || s.taking)
     throw InvalidArgument("ticket", "no piece " + std::to_string(ticket) + " waiting (already taken or never submitted)");
-  check(clWaitForEvents(1, &s.down), "clWaitForEvents(stream download)", device_->name());
-  Tensor h({config_.B, config_.NH, s.len, config_.DHHV}, config_.dtype);
-  std::memcpy(h.bytes(), s.host_out, h.nbytes());
-  s.taken = true;
+  s.taking = true;
+  cl_event down = s.down;
+  clRetainEvent(down);
+  lock.unlock();
+  const cl_int waited = clWaitForEvents(1, &down);
+  clReleaseEvent(down);
+  Tensor h;
+  if (waited == CL_SUCCESS) {
+    h = Tensor({config_.B, config_.NH, s.len, config_.DHHV}, config_.dtype);
+    std::memcpy(h.bytes(), s.host_out, h.nbytes());
+  }
+  lock.lock();
+  s.taking = false;
+  if (waited == CL_SUCCESS) s.taken = true;
+  lock.unlock();
+  slot_free_.notify_all();
+  check(waited, "clWaitForEvents(stream download)", device_->name());
   return h;
 }
 

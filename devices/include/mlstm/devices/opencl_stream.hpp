@@ -12,6 +12,8 @@
 //   }
 //   Tensor h = stream.take(ticket);              // h of a piece (waits for it); any order
 //
+// Threads: one producer calls next_piece/submit/push (in sequence order); take() may be called from another
+// thread (DeviceStreamNode's completion thread does).
 // Kernels: the tensor-core path (NVIDIA sm_80+, bf16/fp16, head dims multiples of 16, chunk 64|128), or
 // its emulation (Config::emulate, tests on PoCL). tensor_core_fit() says which problems qualify; other
 // problems stream through StreamSession with one synchronous kernel call per piece.
@@ -20,7 +22,9 @@
 #include <CL/cl.h>
 
 #include <cstdint>
+#include <condition_variable>
 #include <map>
+#include <mutex>
 #include <memory>
 #include <vector>
 
@@ -81,6 +85,8 @@ class DeviceStream {
   std::shared_ptr<Device> device_;
   Config config_;
   std::unique_ptr<Impl> impl_;
+  std::mutex mutex_;                          // slot states and finished_ (take() may run on another thread)
+  std::condition_variable slot_free_;
   std::map<std::uint64_t, Tensor> finished_;  // h of pieces whose slot was reused before take()
   std::uint64_t next_ticket_ = 0;
   std::int64_t tokens_ = 0, pending_len_ = 0;
