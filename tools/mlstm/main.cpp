@@ -23,6 +23,9 @@
 #include "mlstm/mlstm.hpp"
 #include "mlstm/npy.hpp"
 #include "mlstm/devices/opencl.hpp"
+#include "mlstm/devices/opencl_stream.hpp"
+#include "mlstm/devices/opencl_tensor_cores.hpp"
+#include "mlstm/nodes/device_stream_node.hpp"
 #include "mlstm/reference.hpp"
 
 namespace {
@@ -406,10 +409,121 @@ LoadedInputs synthetic_piece(std::int64_t B, std::int64_t NH, std::int64_t len, 
 
 struct RunOptions {
   std::int64_t batch = 1, heads = 4, seq_len = 1 << 20, dqk = 128, dhv = 128, chunk_size = 128, piece = 16384;
-  std::string dtype = "bfloat16", devices = "auto", mode = "stream";
+  std::string dtype = "bfloat16", devices = "auto", mode = "auto";
   bool backward = false, progress = false;
   std::int64_t check_tokens = 2048;
 };
+
+// Max relative error of h over the first `check_tokens` tokens of a piece of `len` tokens, against the
+// float64 reference (recurrent form) from the zero state.
+double spot_check(const LoadedInputs& l, const RunOptions& ro, std::int64_t len, const Tensor& h, const MlstmOptions& o) {
+  double max_rel = 0.0;
+  const ForwardResult r{h, {}, {}, {}};
+  const std::int64_t ct = std::min(ro.check_tokens, len);
+  const LoadedInputs& s = l;
+  ForwardArgs sa = s.args();
+  Tensor q = Tensor::copy_of(ConstTensorView(s.q.bytes(), s.q.dtype(), {ro.batch, ro.heads, ct, ro.dqk},
+                                             {ro.heads * len * ro.dqk, len * ro.dqk, ro.dqk, 1}));
+  Tensor k = Tensor::copy_of(ConstTensorView(s.k.bytes(), s.k.dtype(), {ro.batch, ro.heads, ct, ro.dqk},
+                                             {ro.heads * len * ro.dqk, len * ro.dqk, ro.dqk, 1}));
+  Tensor v = Tensor::copy_of(ConstTensorView(s.v.bytes(), s.v.dtype(), {ro.batch, ro.heads, ct, ro.dhv},
+                                             {ro.heads * len * ro.dhv, len * ro.dhv, ro.dhv, 1}));
+  Tensor i = Tensor::copy_of(ConstTensorView(s.i.bytes(), DType::f32, {ro.batch, ro.heads, ct}, {ro.heads * len, len, 1}));
+  Tensor f = Tensor::copy_of(ConstTensorView(s.f.bytes(), DType::f32, {ro.batch, ro.heads, ct}, {ro.heads * len, len, 1}));
+  sa.q = q.view(); sa.k = k.view(); sa.v = v.view(); sa.i = i.view(); sa.f = f.view();
+  const ForwardResult ref = reference::recurrent_forward(sa, o);
+  const Tensor got = Tensor::copy_of(ConstTensorView(r.h.bytes(), r.h.dtype(), {ro.batch, ro.heads, ct, ro.dhv},
+                                                     {ro.heads * len * ro.dhv, len * ro.dhv, ro.dhv, 1}),
+                                     DType::f64);
+  double max_abs = 0, max_ref = 0;
+  const auto gv = got.to_vector(), rv = ref.h.to_vector();
+  for (std::size_t e = 0; e < gv.size(); ++e) {
+    max_abs = std::max(max_abs, std::fabs(gv[e] - rv[e]));
+    max_ref = std::max(max_ref, std::fabs(rv[e]));
+  }
+  max_rel = max_abs / std::max(max_ref, 1e-30);
+  return max_rel;
+}
+
+// The first GPU whose tensor-core path takes this problem (pipeline mode), or null.
+std::shared_ptr<opencl::Device> pipeline_device(const RunOptions& ro, DType dtype, const MlstmOptions& o) {
+  ProblemShape p;
+  p.B = ro.batch; p.NH = ro.heads; p.S = ro.piece; p.DHQK = ro.dqk; p.DHHV = ro.dhv; p.dtype = dtype;
+  const std::string spec = ro.devices == "auto" ? "gpu" : ro.devices;
+  std::vector<opencl::DeviceInfo> candidates;
+  try {
+    candidates = opencl::select_devices(spec);
+  } catch (const InvalidArgument&) {
+    return nullptr;  // no GPU
+  }
+  for (const auto& d : candidates) {
+    if (d.type == opencl::DeviceType::gpu && opencl::tensor_core_support(d).available && opencl::tensor_core_fit(p, o).empty())
+      return opencl::open_device(d);
+  }
+  return nullptr;
+}
+
+// Pipeline mode: the sequence streamed piece by piece through one GPU in a flow graph (DeviceStreamNode,
+// an async_node): uploads, kernels and downloads of consecutive pieces overlap; the state stays on the GPU.
+int run_pipeline(const RunOptions& ro, DType dtype, const MlstmOptions& o, std::shared_ptr<opencl::Device> gpu,
+                 bool as_json) {
+  const std::int64_t piece = std::min(ro.piece, ro.seq_len);
+  opencl::DeviceStream::Config cfg;
+  cfg.B = ro.batch; cfg.NH = ro.heads; cfg.DHQK = ro.dqk; cfg.DHHV = ro.dhv; cfg.max_piece = piece; cfg.dtype = dtype;
+  cfg.options = o;
+  if (!as_json) {
+    std::cout << "problem: B=" << ro.batch << " NH=" << ro.heads << " S=" << ro.seq_len << " DHQK=" << ro.dqk
+              << " DHHV=" << ro.dhv << " " << dtype_name(dtype) << ", chunk " << ro.chunk_size
+              << ", mode pipeline: pieces of " << piece << " tokens through " << gpu->name()
+              << " (tensor cores; uploads, kernels and downloads overlapped; state on the device)\n";
+  }
+  constexpr int kDistinctPieces = 4;
+  std::vector<LoadedInputs> pieces;
+  for (int p = 0; p < kDistinctPieces; ++p)
+    pieces.push_back(synthetic_piece(ro.batch, ro.heads, piece, ro.dqk, ro.dhv, dtype, 1234567 + static_cast<std::uint64_t>(p)));
+  const std::int64_t tail = ro.seq_len % piece;
+  LoadedInputs last = tail ? synthetic_piece(ro.batch, ro.heads, tail, ro.dqk, ro.dhv, dtype, 7654321) : LoadedInputs{};
+  Progress progress(ro.seq_len, ro.progress || isatty(2));
+  double max_rel = 0.0;
+  std::int64_t done = 0;
+  const auto start = Clock::now();
+  tbb::flow::graph g;
+  std::exception_ptr failed;
+  {
+    nodes::DeviceStreamNode stream(g, gpu, cfg);
+    tbb::flow::function_node<nodes::StreamOutput> sink(g, tbb::flow::serial, [&](const nodes::StreamOutput& out) {
+      if (out.index == 0 && ro.check_tokens > 0) max_rel = spot_check(pieces[0], ro, out.h.dim(2), out.h, o);
+      done += out.h.dim(2);
+      progress.update(done);
+      return tbb::flow::continue_msg{};
+    });
+    tbb::flow::make_edge(stream.node(), sink);
+    std::uint64_t index = 0;
+    for (std::int64_t t0 = 0; t0 < ro.seq_len; t0 += piece, ++index) {
+      const bool partial = ro.seq_len - t0 < piece;
+      const LoadedInputs& l = partial ? last : pieces[index % kDistinctPieces];
+      stream.node().try_put(nodes::StreamPiece{index, l.args(), nullptr});
+    }
+    g.wait_for_all();
+    failed = stream.error();
+  }
+  if (failed) std::rethrow_exception(failed);
+  const double secs = std::chrono::duration<double>(Clock::now() - start).count();
+  const double tokens = static_cast<double>(ro.batch * ro.seq_len);
+  const bool check_ok = max_rel < 2e-2;
+  if (as_json) {
+    std::cout << json{{"command", "run"}, {"mode", "pipeline"}, {"tokens", tokens}, {"seconds", secs},
+                      {"tokens_per_second", tokens / secs}, {"peak_rss_mib", peak_rss_mib()},
+                      {"spot_check_rel_error", max_rel}, {"spot_check_ok", check_ok}, {"devices", gpu->name()},
+                      {"revision", MLSTM_GIT_REVISION}}.dump() << "\n";
+  } else {
+    std::printf("throughput: %.0f tokens/s (%.0f tokens in %.2f s)\n", tokens / secs, tokens, secs);
+    std::printf("peak memory: %.1f MiB\n", peak_rss_mib());
+    std::printf("spot check vs float64 reference (first %lld tokens): max rel error %.3g  %s\n",
+                static_cast<long long>(std::min(ro.check_tokens, ro.seq_len)), max_rel, check_ok ? "OK" : "FAILED");
+  }
+  return check_ok ? 0 : 1;
+}
 
 int cmd_run(const RunOptions& ro, bool as_json) {
   if (ro.seq_len <= 0) throw InvalidArgument("--seq-len", "must be > 0");
@@ -425,6 +539,12 @@ int cmd_run(const RunOptions& ro, bool as_json) {
     for (const auto& d : opencl::list_devices()) gpu = gpu || d.type == opencl::DeviceType::gpu;
     spec = gpu ? "workers+gpu:all" : "workers";
   }
+  if (ro.mode == "pipeline" || (ro.mode == "auto" && !ro.backward && ro.devices == "auto")) {
+    if (auto gpu = pipeline_device(ro, dtype, o); gpu) return run_pipeline(ro, dtype, o, gpu, as_json);
+    if (ro.mode == "pipeline")
+      throw InvalidArgument("--mode", "pipeline needs an OpenCL GPU with tensor cores and a problem they take "
+                                      "(bfloat16/float16, head dims multiples of 16, chunk 64 or 128)");
+  }
   graph::FlowGraphRunner runner(spec);
   runner.set_balancing(graph::Balancing::calibrated);  // shares by measured device speed
   std::unique_ptr<SequenceKernel> backward_kernel;
@@ -433,7 +553,7 @@ int cmd_run(const RunOptions& ro, bool as_json) {
     ProblemShape shape;
     shape.B = ro.batch; shape.NH = ro.heads; shape.S = ro.mode == "resident" ? ro.seq_len : std::min(ro.piece, ro.seq_len); shape.DHQK = ro.dqk; shape.DHHV = ro.dhv;
     std::cout << "problem: B=" << ro.batch << " NH=" << ro.heads << " S=" << ro.seq_len << " DHQK=" << ro.dqk
-              << " DHHV=" << ro.dhv << " " << dtype_name(dtype) << ", chunk " << ro.chunk_size << ", mode " << ro.mode
+              << " DHHV=" << ro.dhv << " " << dtype_name(dtype) << ", chunk " << ro.chunk_size << ", mode " << (ro.mode == "auto" ? "stream" : ro.mode)
               << (ro.mode == "resident" ? std::string(", resident: the whole sequence in one graph run")
                                         : ", streamed in pieces of " + std::to_string(ro.piece) + " tokens carrying (C,n,m)")
               << (ro.backward ? ", forward+backward per piece (backward on chunkwise--cpu_xl_chunk)" : "") << "\n"
@@ -501,32 +621,7 @@ int cmd_run(const RunOptions& ro, bool as_json) {
       (void)g;
     }
     compute_secs += std::chrono::duration<double>(Clock::now() - c0).count();
-    if (t0 == 0 && ro.check_tokens > 0) {
-      // Spot check of the first tokens against the float64 reference (recurrent form).
-      const std::int64_t ct = std::min(ro.check_tokens, len);
-      const LoadedInputs& s = l;
-      ForwardArgs sa = s.args();
-      Tensor q = Tensor::copy_of(ConstTensorView(s.q.bytes(), s.q.dtype(), {ro.batch, ro.heads, ct, ro.dqk},
-                                                 {ro.heads * len * ro.dqk, len * ro.dqk, ro.dqk, 1}));
-      Tensor k = Tensor::copy_of(ConstTensorView(s.k.bytes(), s.k.dtype(), {ro.batch, ro.heads, ct, ro.dqk},
-                                                 {ro.heads * len * ro.dqk, len * ro.dqk, ro.dqk, 1}));
-      Tensor v = Tensor::copy_of(ConstTensorView(s.v.bytes(), s.v.dtype(), {ro.batch, ro.heads, ct, ro.dhv},
-                                                 {ro.heads * len * ro.dhv, len * ro.dhv, ro.dhv, 1}));
-      Tensor i = Tensor::copy_of(ConstTensorView(s.i.bytes(), DType::f32, {ro.batch, ro.heads, ct}, {ro.heads * len, len, 1}));
-      Tensor f = Tensor::copy_of(ConstTensorView(s.f.bytes(), DType::f32, {ro.batch, ro.heads, ct}, {ro.heads * len, len, 1}));
-      sa.q = q.view(); sa.k = k.view(); sa.v = v.view(); sa.i = i.view(); sa.f = f.view();
-      const ForwardResult ref = reference::recurrent_forward(sa, o);
-      const Tensor got = Tensor::copy_of(ConstTensorView(r.h.bytes(), r.h.dtype(), {ro.batch, ro.heads, ct, ro.dhv},
-                                                         {ro.heads * len * ro.dhv, len * ro.dhv, ro.dhv, 1}),
-                                         DType::f64);
-      double max_abs = 0, max_ref = 0;
-      const auto gv = got.to_vector(), rv = ref.h.to_vector();
-      for (std::size_t e = 0; e < gv.size(); ++e) {
-        max_abs = std::max(max_abs, std::fabs(gv[e] - rv[e]));
-        max_ref = std::max(max_ref, std::fabs(rv[e]));
-      }
-      max_rel = max_abs / std::max(max_ref, 1e-30);
-    }
+    if (t0 == 0 && ro.check_tokens > 0) max_rel = spot_check(l, ro, len, r.h, o);
     C = std::move(r.c);
     n = std::move(r.n);
     m = std::move(r.m);
@@ -731,7 +826,9 @@ int main(int argc, char** argv) {
   run->add_option("--piece", ro.piece, "tokens per streamed piece");
   run->add_option("--devices", ro.devices,
                   "devices: auto (CPU workers + OpenCL GPUs), workers, an OpenCL spec (gpu:all, 0,1, cpu), or a+b");
-  run->add_option("--mode", ro.mode, "stream or resident")->check(CLI::IsMember({"stream", "resident"}));
+  run->add_option("--mode", ro.mode,
+                  "auto (pipeline on a tensor-core GPU, else stream), pipeline, stream or resident")
+      ->check(CLI::IsMember({"auto", "pipeline", "stream", "resident"}));
   run->add_flag("--backward", ro.backward, "forward + backward");
   run->add_flag("--progress", ro.progress, "progress bar even when stderr is not a terminal");
   run->add_option("--check-tokens", ro.check_tokens, "tokens spot-checked against the float64 reference (0: none)");
