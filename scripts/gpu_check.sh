@@ -5,6 +5,7 @@
 # device-resident, OpenCL event timing, medians) and `mlstm run` on CPU workers + the GPU.
 #   SKIP_TIMINGS=1   tests only;  TESTS=0  timings only;  RUN_HARNESS=1  also the standalone tc harness
 #   BENCH_ARGS=...   extra bench_opencl arguments (e.g. --benchmark_filter=tc)
+#   TEST_LIST=...    test binaries to run (default: the OpenCL and graph ones);  RUN_GRAPH=1  graph stream runs
 set -o pipefail
 out=${OUT:-/tmp}
 # .gpu/setup.sh puts the serial OpenBLAS first on LD_LIBRARY_PATH; the library wants the pthread build.
@@ -13,7 +14,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,
 build=/tmp/build-gpu
 t0=$(date +%s)
 cmake -S . -B $build -DCMAKE_BUILD_TYPE=Release -DMLSTM_BUILD_PYTHON=OFF >$out/cmake.log 2>&1 || { tail -30 $out/cmake.log; exit 1; }
-targets="test_opencl test_opencl_tensor_cores test_graph test_stream mlstm bench_opencl"
+targets="test_opencl test_opencl_tensor_cores test_graph test_stream test_device_stream mlstm bench_opencl"
 for extra in test_opencl_backward test_opencl_parallel; do
   [ -f tests/opencl/$extra.cpp ] && targets="$targets $extra"
 done
@@ -21,7 +22,7 @@ cmake --build $build -j16 --target $targets >$out/build.log 2>&1 || { grep -E "e
 echo "build: $(( $(date +%s) - t0 )) s"
 $build/tools/mlstm devices
 if [ "${TESTS:-1}" != 0 ]; then
-for t in opencl/test_opencl_tensor_cores opencl/test_opencl opencl/test_opencl_backward opencl/test_opencl_parallel graph/test_stream graph/test_graph; do
+for t in ${TEST_LIST:-opencl/test_opencl_tensor_cores opencl/test_opencl opencl/test_opencl_backward opencl/test_opencl_parallel graph/test_device_stream graph/test_stream graph/test_graph}; do
   [ -x $build/tests/$t ] || continue
   echo "== $t"; timeout 300 $build/tests/$t 2>&1 | tee -a $out/tests.log | grep -E "^\[  (PASSED|FAILED|SKIPPED) |rel error|Failure|tensor-core|LDSM" | head -20
 done
@@ -35,5 +36,11 @@ if [ "${SKIP_TIMINGS:-0}" != 1 ]; then
     timeout 240 bash benchmarks/gpu_tc/run_gpu.sh 2>&1 | tail -40
   fi
 fi
-echo "== mlstm run: CPU workers + GPU, 1M tokens"
-timeout 120 $build/tools/mlstm run --devices workers+gpu:all 2>&1 | tail -4
+echo "== mlstm run (default: pipeline on the GPU), 1M tokens"
+timeout 120 $build/tools/mlstm run 2>&1 | tail -4
+if [ "${RUN_GRAPH:-0}" = 1 ]; then
+  for d in gpu:all workers workers+gpu:all; do
+    echo "== mlstm run --mode stream --devices $d, 1M tokens"
+    timeout 120 $build/tools/mlstm run --mode stream --devices $d 2>&1 | tail -3
+  done
+fi
