@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstdio>
 #include <cstring>
 #include <map>
 #include <mutex>
@@ -173,6 +174,25 @@ TcConfig make_config(Device& dev, bool emulate, const ProblemShape& p, const Mls
   c.L = static_cast<int>(o.chunk_size);
   c.KT = pick_tile(p.DHQK, 64);
   c.VT = pick_tile(p.DHHV, 64);
+  // The state kernels loop over the chunks of a row sequentially, one work-group per (row, state tile):
+  // with few rows (long sequences, small batch) there are too few work-groups to fill the device, so the
+  // tiles shrink (VT first, then KT, down to 32) until there are about two per compute unit.
+  // MLSTM_TC_STATE_TILE=KTxVT overrides the choice (tuning).
+  const auto work_groups = [&] { return p.rows() * (p.DHQK / c.KT) * (p.DHHV / c.VT); };
+  const std::int64_t want = 2 * static_cast<std::int64_t>(std::max<std::uint32_t>(dev.info().compute_units, 1));
+  while (work_groups() < want) {
+    if (c.VT > 32 && p.DHHV % (c.VT / 2) == 0) c.VT /= 2;
+    else if (c.KT > 32 && p.DHQK % (c.KT / 2) == 0) c.KT /= 2;
+    else break;
+  }
+  if (const char* tile = std::getenv("MLSTM_TC_STATE_TILE")) {
+    int kt = 0, vt = 0;
+    if (std::sscanf(tile, "%dx%d", &kt, &vt) == 2 && kt >= 16 && vt >= 16 && kt % 16 == 0 && vt % 16 == 0 &&
+        p.DHQK % kt == 0 && p.DHHV % vt == 0) {
+      c.KT = kt;
+      c.VT = vt;
+    }
+  }
   c.OTf = pick_tile(p.DHHV, c.L >= 128 ? 64 : 128);
   c.DSf = pick_tile(p.DHQK, c.L >= 128 ? 32 : 64);
   c.OTq = pick_tile(p.DHQK, c.L >= 128 ? 64 : 128);
