@@ -356,7 +356,10 @@ TEST(DeviceStream, PiecesOfAnyLengthEqualOneCall) {
   }
   EXPECT_EQ(stream.tokens(), 300);
   std::vector<Tensor> hs(tickets.size());
-  for (std::size_t j = tickets.size(); j-- > 0;) hs[j] = stream.take(tickets[j]);  // reverse order
+  hs.back() = Tensor::copy_of(stream.view(tickets.back()));  // zero-copy view of the last piece
+  EXPECT_THROW(stream.view(tickets.back()), InvalidArgument);  // once per ticket
+  EXPECT_THROW(stream.view(tickets[0]), InvalidArgument);      // its slot was reused: copied aside, take() it
+  for (std::size_t j = tickets.size() - 1; j-- > 0;) hs[j] = stream.take(tickets[j]);  // reverse order
   Tensor h = hs[0];
   for (std::size_t j = 1; j < hs.size(); ++j) h = testing::concat_seq(h, hs[j]);
   EXPECT_TRUE(testing::matches(h, ref.h, 2e-2, "DeviceStream", "h", s));

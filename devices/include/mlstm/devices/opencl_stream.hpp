@@ -67,6 +67,10 @@ class DeviceStream {
   std::uint64_t push(const ForwardArgs& piece);
   // h of a submitted piece, (B,NH,len,DHHV) in the stream's dtype; waits for it. Each ticket once.
   Tensor take(std::uint64_t ticket);
+  // Zero-copy: h of a submitted piece as a view of the pinned staging (waits for it). Valid until the slot
+  // is reused, i.e. until next_piece() is called for the piece submitted 3 pieces later. Each ticket once
+  // (view or take).
+  ConstTensorView view(std::uint64_t ticket);
   // The current state (after every submitted piece), float32; waits for the kernels.
   void read_state(Tensor& C, Tensor& n, Tensor& m);
   void finish();  // waits for every enqueued transfer and kernel
