@@ -564,11 +564,8 @@ BackwardResult AutoChunkwiseRunner::backward(const BackwardArgs& args, const Mls
 }
 
 bool AutoChunkwiseRunner::has_backward() const noexcept {
-  if constexpr (kHasBackward<ChunkwiseRunner>) {
-    return true;
-  } else {
-    return support_.available;
-  }
+  // Every problem: only with the portable backward (the tensor cores take only some problems).
+  return kHasBackward<ChunkwiseRunner>;
 }
 
 bool AutoChunkwiseRunner::uses_tensor_cores(const ProblemShape& p, const MlstmOptions& o) const {
