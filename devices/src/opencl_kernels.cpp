@@ -47,112 +47,274 @@ void set_args(cl_kernel k, const std::string& device, const Args&... args) {
 
 }  // namespace
 
+namespace {
+
+struct KernelObject {
+  cl_kernel k = nullptr;
+  KernelObject() = default;
+  explicit KernelObject(cl_kernel kernel) : k(kernel) {}
+  KernelObject(KernelObject&& o) noexcept : k(o.k) { o.k = nullptr; }
+  KernelObject& operator=(KernelObject&& o) noexcept {
+    std::swap(k, o.k);
+    return *this;
+  }
+  ~KernelObject() {
+    if (k) clReleaseKernel(k);
+  }
+};
+
+// One problem on one device, every buffer of the forward (and of the backward when made with gradients).
+class ResidentPortable final : public ResidentChunkwise {
+ public:
+  ResidentPortable(std::shared_ptr<Device> device, const ForwardArgs& a, const MlstmOptions& o,
+                   const BackwardArgs* grads, bool outputs)
+      : device_(std::move(device)), options_(o), outputs_(outputs) {
+    p_ = grads ? validate_backward(*grads, o) : validate_forward(a, o);
+    Device& dev = *device_;
+    const std::string& dn = dev.name();
+    S_ = static_cast<int>(p_.S);
+    rows_ = static_cast<int>(p_.rows());
+    L_ = static_cast<int>(o.chunk_size);
+    nchunks_ = (S_ + L_ - 1) / L_;
+    // q, k, v keep their 16-bit dtype on the device; float64 inputs go up as float32.
+    dev_dtype_ = p_.dtype == DType::f64 ? DType::f32 : p_.dtype;
+    std::ostringstream opts;
+    opts << "-DDHQK=" << p_.DHQK << " -DDHHV=" << p_.DHHV << " -DCHUNK=" << L_ << " -DKEY_TILE=" << ChunkwiseRunner::kKeyTile
+         << " -DGATE_EXP=" << (o.gate == GateVariant::exp ? 1 : 0) << " -DNORMALIZE=" << (o.normalize ? 1 : 0)
+         << " -DIN_DTYPE=" << dtype_code(dev_dtype_) << " -DEPS=" << std::hexfloat << static_cast<float>(o.eps) << "f";
+    // The tiled output kernel when its tiles fit in local memory (QB queries x KT keys), else the per-token one.
+    for (int cand : {16, 8}) {
+      const std::uint64_t bytes = 4ull * (static_cast<std::uint64_t>(cand) * (2 * p_.DHQK + p_.DHHV + cand + 4));
+      if (bytes + 1024 <= dev.info().local_memory &&
+          static_cast<std::size_t>(ChunkwiseRunner::kWorkGroup) <= dev.info().max_work_group) {
+        qb_ = cand;
+        break;
+      }
+    }
+    if (qb_ > 0) opts << " -DQB=" << qb_ << " -DKT=" << qb_ << " -DWG=" << ChunkwiseRunner::kWorkGroup;
+    cl_program prog = dev.program("mlstm_chunkwise", opts.str());
+    k_gates_ = KernelObject{dev.kernel(prog, "fw_gates")};
+    k_weights_ = KernelObject{dev.kernel(prog, "fw_state_weights")};
+    k_states_ = KernelObject{dev.kernel(prog, "fw_states")};
+    k_outputs_ = KernelObject{dev.kernel(prog, qb_ > 0 ? "fw_outputs_tiled" : "fw_outputs")};
+
+    const std::size_t fs = sizeof(float), tok = static_cast<std::size_t>(rows_) * static_cast<std::size_t>(S_);
+    const std::size_t K = static_cast<std::size_t>(p_.DHQK), V = static_cast<std::size_t>(p_.DHHV);
+    const std::size_t nb = static_cast<std::size_t>(rows_) * static_cast<std::size_t>(nchunks_);
+    auto up_dtype = [&](ConstTensorView t) {
+      const Tensor c = Tensor::copy_of(t, dev_dtype_);
+      return dev.upload(c.bytes(), c.nbytes());
+    };
+    auto up_f32 = [&](ConstTensorView t) {
+      const auto x = as_f32(t);
+      return dev.upload(x.data(), x.size() * fs);
+    };
+    auto zeros = [&](std::size_t n) {
+      const std::vector<float> z(std::max<std::size_t>(n, 1), 0.f);
+      return dev.upload(z.data(), z.size() * fs);
+    };
+    q_ = up_dtype(a.q);
+    k_ = up_dtype(a.k);
+    v_ = up_dtype(a.v);
+    i_ = up_f32(a.i);
+    f_ = up_f32(a.f);
+    has_init_ = a.has_initial_state() ? 1 : 0;
+    if (has_init_) {
+      C0_ = up_f32(a.c0);
+      n0_ = up_f32(a.n0);
+      m0_ = up_f32(a.m0);
+    } else {
+      C0_ = zeros(static_cast<std::size_t>(rows_) * K * V);
+      n0_ = zeros(static_cast<std::size_t>(rows_) * K);
+      m0_ = zeros(static_cast<std::size_t>(rows_));
+    }
+    b_ = dev.alloc(tok * fs);
+    ig_ = dev.alloc(tok * fs);
+    G_ = dev.alloc(nb * fs);
+    Cb_ = dev.alloc(nb * K * V * fs);
+    nb_ = dev.alloc(nb * K * fs);
+    mb_ = dev.alloc(nb * fs);
+    Co_ = dev.alloc(static_cast<std::size_t>(rows_) * K * V * fs);
+    no_ = dev.alloc(static_cast<std::size_t>(rows_) * K * fs);
+    mo_ = dev.alloc(static_cast<std::size_t>(rows_) * fs);
+    carry_ = dev.alloc(nb * fs);
+    wtok_ = dev.alloc(tok * fs);
+    if (outputs_) {
+      h_ = dev.alloc(tok * V * dtype_size(dev_dtype_));
+      mt_ = dev.alloc(tok * fs);
+      Nt_ = dev.alloc(tok * fs);
+      dent_ = dev.alloc(tok * fs);
+    }
+    const int S = S_, nc = nchunks_;
+    set_args(k_gates_.k, dn, i_, f_, b_, ig_, G_, S, nc);
+    set_args(k_weights_.k, dn, b_, ig_, G_, m0_, mb_, carry_, wtok_, mo_, S, nc);
+    set_args(k_states_.k, dn, k_, v_, carry_, wtok_, C0_, n0_, Cb_, nb_, Co_, no_, S, nc);
+    if (outputs_) set_args(k_outputs_.k, dn, q_, k_, v_, b_, ig_, Cb_, nb_, mb_, h_, mt_, Nt_, dent_, S, nc);
+
+    if (grads) {
+      if (!outputs_) throw Error("portable backward needs the forward outputs");
+      has_grads_ = true;
+      k_prep_ = KernelObject{dev.kernel(prog, "bw_prep")};
+      k_bw_states_ = KernelObject{dev.kernel(prog, "bw_states")};
+      k_bw_grads_ = KernelObject{dev.kernel(prog, "bw_grads")};
+      k_gate_grads_ = KernelObject{dev.kernel(prog, "bw_gate_grads")};
+      dh_ = up_dtype(grads->dh);
+      has_dlast_ = grads->dc_last.empty() ? 0 : 1;
+      if (has_dlast_) {
+        dCl_ = up_f32(grads->dc_last);
+        dnl_ = up_f32(grads->dn_last);
+      } else {
+        dCl_ = zeros(1);
+        dnl_ = zeros(1);
+      }
+      dden_ = dev.alloc(tok * fs);
+      dCn_ = dev.alloc(nb * K * V * fs);
+      dnn_ = dev.alloc(nb * K * fs);
+      dC0_ = dev.alloc(static_cast<std::size_t>(rows_) * K * V * fs);
+      dn0_ = dev.alloc(static_cast<std::size_t>(rows_) * K * fs);
+      dm0_ = dev.alloc(static_cast<std::size_t>(rows_) * fs);
+      dq_ = dev.alloc(tok * K * dtype_size(dev_dtype_));
+      dk_ = dev.alloc(tok * K * dtype_size(dev_dtype_));
+      dv_ = dev.alloc(tok * V * dtype_size(dev_dtype_));
+      qdq_ = dev.alloc(tok * fs);
+      kdk_ = dev.alloc(tok * fs);
+      di_ = dev.alloc(tok * fs);
+      df_ = dev.alloc(tok * fs);
+      set_args(k_prep_.k, dn, dh_, h_, mt_, Nt_, dent_, dden_, S);
+      set_args(k_bw_states_.k, dn, q_, dh_, dden_, b_, mb_, carry_, mt_, Nt_, dCl_, dnl_, has_dlast_, dCn_, dnn_, dC0_,
+               dn0_, S, nc);
+      set_args(k_bw_grads_.k, dn, q_, k_, v_, dh_, dden_, b_, ig_, mb_, wtok_, Cb_, nb_, dCn_, dnn_, mt_, Nt_, dq_, dk_,
+               dv_, qdq_, kdk_, S, nc);
+      set_args(k_gate_grads_.k, dn, i_, f_, qdq_, kdk_, dCl_, dnl_, Co_, no_, has_dlast_, dC0_, dn0_, C0_, n0_, has_init_,
+               di_, df_, dm0_, S);
+    }
+  }
+
+  Device& device() const noexcept override { return *device_; }
+
+  void enqueue_forward(std::vector<KernelEvent>* events) override {
+    const std::size_t rows = static_cast<std::size_t>(rows_), wg = ChunkwiseRunner::kWorkGroup;
+    launch(k_gates_, "fw_gates", 2, {static_cast<std::size_t>(nchunks_), rows}, {}, events);
+    launch(k_weights_, "fw_state_weights", 1, {rows}, {}, events);
+    // (DHHV + 1) elements padded to whole work-groups of 64 (the kernel skips e > DHHV).
+    launch(k_states_, "fw_states", 3, {round_up(static_cast<std::size_t>(p_.DHHV) + 1, 64), static_cast<std::size_t>(p_.DHQK), rows},
+           {64, 1, 1}, events);
+    if (outputs_) {
+      const std::size_t groups = qb_ > 0 ? static_cast<std::size_t>(nchunks_) * static_cast<std::size_t>((L_ + qb_ - 1) / qb_)
+                                         : static_cast<std::size_t>(S_);
+      launch(k_outputs_, qb_ > 0 ? "fw_outputs_tiled" : "fw_outputs", 2, {groups * wg, rows}, {wg, 1}, events);
+    }
+    forward_done_ = true;
+  }
+
+  void enqueue_backward(std::vector<KernelEvent>* events) override {
+    if (!has_grads_) throw Error("portable resident problem was made without dh: no backward");
+    if (!forward_done_) throw Error("portable backward: enqueue the forward first");
+    const std::size_t rows = static_cast<std::size_t>(rows_), S = static_cast<std::size_t>(S_);
+    launch(k_prep_, "bw_prep", 2, {round_up(S, 64), rows}, {64, 1}, events);
+    launch(k_bw_states_, "bw_states", 3,
+           {round_up(static_cast<std::size_t>(p_.DHHV) + 1, 64), static_cast<std::size_t>(p_.DHQK), rows}, {64, 1, 1},
+           events);
+    launch(k_bw_grads_, "bw_grads", 2, {S * 64, rows}, {64, 1}, events);
+    launch(k_gate_grads_, "bw_gate_grads", 1, {rows}, {}, events);
+  }
+
+  ForwardResult read_forward() override {
+    finish();
+    ForwardResult out;
+    if (outputs_) {
+      Tensor h({p_.B, p_.NH, p_.S, p_.DHHV}, dev_dtype_);
+      device_->download(h_, h.bytes(), h.nbytes());
+      out.h = dev_dtype_ == p_.dtype ? std::move(h) : h.to(p_.dtype);
+    }
+    if (options_.return_last_states) {
+      out.c = Tensor({p_.B, p_.NH, p_.DHQK, p_.DHHV}, DType::f32);
+      out.n = Tensor({p_.B, p_.NH, p_.DHQK}, DType::f32);
+      out.m = Tensor({p_.B, p_.NH}, DType::f32);
+      device_->download(Co_, out.c.bytes(), out.c.nbytes());
+      device_->download(no_, out.n.bytes(), out.n.nbytes());
+      device_->download(mo_, out.m.bytes(), out.m.nbytes());
+      if (options_.gate == GateVariant::sigmoid) std::fill(out.m.data<float>(), out.m.data<float>() + out.m.numel(), 0.f);
+    }
+    return out;
+  }
+
+  BackwardResult read_backward() override {
+    if (!has_grads_) throw Error("portable resident problem was made without dh: no gradients");
+    finish();
+    BackwardResult out;
+    auto read = [&](const Buffer& b, Shape shape, DType stored, DType wanted) {
+      Tensor t(std::move(shape), stored);
+      device_->download(b, t.bytes(), t.nbytes());
+      return stored == wanted ? t : t.to(wanted);
+    };
+    out.dq = read(dq_, {p_.B, p_.NH, p_.S, p_.DHQK}, dev_dtype_, p_.dtype);
+    out.dk = read(dk_, {p_.B, p_.NH, p_.S, p_.DHQK}, dev_dtype_, p_.dtype);
+    out.dv = read(dv_, {p_.B, p_.NH, p_.S, p_.DHHV}, dev_dtype_, p_.dtype);
+    out.di = read(di_, {p_.B, p_.NH, p_.S}, DType::f32, p_.gate_dtype);
+    out.df = read(df_, {p_.B, p_.NH, p_.S}, DType::f32, p_.gate_dtype);
+    if (has_init_) {
+      out.dc0 = read(dC0_, {p_.B, p_.NH, p_.DHQK, p_.DHHV}, DType::f32, DType::f32);
+      out.dn0 = read(dn0_, {p_.B, p_.NH, p_.DHQK}, DType::f32, DType::f32);
+      out.dm0 = read(dm0_, {p_.B, p_.NH}, DType::f32, DType::f32);
+    }
+    return out;
+  }
+
+ private:
+  static std::size_t round_up(std::size_t x, std::size_t m) { return (x + m - 1) / m * m; }
+  void launch(const KernelObject& k, const char* name, cl_uint dims, std::initializer_list<std::size_t> global,
+              std::initializer_list<std::size_t> local, std::vector<KernelEvent>* events) {
+    std::size_t g[3] = {1, 1, 1}, l[3] = {1, 1, 1};
+    std::copy(global.begin(), global.end(), g);
+    std::copy(local.begin(), local.end(), l);
+    cl_event e = nullptr;
+    check(clEnqueueNDRangeKernel(device_->profiling_queue(), k.k, dims, nullptr, g, local.size() ? l : nullptr, 0,
+                                 nullptr, events ? &e : nullptr),
+          name, device_->name());
+    if (events) events->emplace_back(name, e);
+  }
+  void finish() { check(clFinish(device_->profiling_queue()), "clFinish", device_->name()); }
+
+  std::shared_ptr<Device> device_;
+  MlstmOptions options_;
+  ProblemShape p_;
+  DType dev_dtype_ = DType::f32;
+  bool outputs_ = true, has_grads_ = false, forward_done_ = false;
+  int S_ = 0, rows_ = 0, L_ = 0, nchunks_ = 0, qb_ = 0, has_init_ = 0, has_dlast_ = 0;
+  KernelObject k_gates_, k_weights_, k_states_, k_outputs_, k_prep_, k_bw_states_, k_bw_grads_, k_gate_grads_;
+  Buffer q_, k_, v_, i_, f_, C0_, n0_, m0_, b_, ig_, G_, Cb_, nb_, mb_, Co_, no_, mo_, carry_, wtok_, h_, mt_, Nt_,
+      dent_, dh_, dCl_, dnl_, dden_, dCn_, dnn_, dC0_, dn0_, dm0_, dq_, dk_, dv_, qdq_, kdk_, di_, df_;
+};
+
+}  // namespace
+
 ChunkwiseRunner::ChunkwiseRunner(std::shared_ptr<Device> device) : device_(std::move(device)) {}
 
-ForwardResult ChunkwiseRunner::forward(const ForwardArgs& a, const MlstmOptions& o) const { return run(a, o, true); }
+ForwardResult ChunkwiseRunner::forward(const ForwardArgs& a, const MlstmOptions& o) const {
+  ResidentPortable r(device_, a, o, nullptr, true);
+  r.enqueue_forward(nullptr);
+  return r.read_forward();
+}
 
 ForwardResult ChunkwiseRunner::last_state(const ForwardArgs& a, const MlstmOptions& o) const {
   MlstmOptions with_states = o;
   with_states.return_last_states = true;
-  return run(a, with_states, false);
+  ResidentPortable r(device_, a, with_states, nullptr, false);
+  r.enqueue_forward(nullptr);
+  return r.read_forward();
 }
 
-ForwardResult ChunkwiseRunner::run(const ForwardArgs& a, const MlstmOptions& o, bool outputs) const {
-  const ProblemShape p = validate_forward(a, o);
-  Device& dev = *device_;
-  const std::string& dn = dev.name();
-  const int S = static_cast<int>(p.S), rows = static_cast<int>(p.rows());
-  const int L = static_cast<int>(o.chunk_size);
-  const int nchunks = (S + L - 1) / L;
-  // q, k, v keep their 16-bit dtype on the device; float64 inputs go up as float32.
-  const DType dev_dtype = p.dtype == DType::f64 ? DType::f32 : p.dtype;
-  const Tensor q = Tensor::copy_of(a.q, dev_dtype), k = Tensor::copy_of(a.k, dev_dtype),
-               v = Tensor::copy_of(a.v, dev_dtype);
-  const auto i = as_f32(a.i), f = as_f32(a.f);
-  std::vector<float> C0(static_cast<std::size_t>(p.rows() * p.DHQK * p.DHHV), 0.f),
-      n0(static_cast<std::size_t>(p.rows() * p.DHQK), 0.f), m0(static_cast<std::size_t>(p.rows()), 0.f);
-  if (a.has_initial_state()) {
-    C0 = as_f32(a.c0);
-    n0 = as_f32(a.n0);
-    m0 = as_f32(a.m0);
-  }
-  std::ostringstream opts;
-  opts << "-DDHQK=" << p.DHQK << " -DDHHV=" << p.DHHV << " -DCHUNK=" << L << " -DKEY_TILE=" << kKeyTile
-       << " -DGATE_EXP=" << (o.gate == GateVariant::exp ? 1 : 0) << " -DNORMALIZE=" << (o.normalize ? 1 : 0)
-       << " -DIN_DTYPE=" << dtype_code(dev_dtype) << " -DEPS=" << std::hexfloat << static_cast<float>(o.eps) << "f";
-  // The tiled output kernel when its tiles fit in local memory (QB queries x KT keys), else the per-token one.
-  int qb = 0, kt = 0;
-  for (int cand : {16, 8}) {
-    const std::uint64_t bytes = 4ull * (static_cast<std::uint64_t>(cand) * (2 * p.DHQK + p.DHHV + cand + 4));
-    if (bytes + 1024 <= dev.info().local_memory && static_cast<std::size_t>(kWorkGroup) <= dev.info().max_work_group) {
-      qb = kt = cand;
-      break;
-    }
-  }
-  if (qb > 0) opts << " -DQB=" << qb << " -DKT=" << kt << " -DWG=" << kWorkGroup;
-  cl_program prog = dev.program("mlstm_chunkwise", opts.str());
+BackwardResult ChunkwiseRunner::backward(const BackwardArgs& a, const MlstmOptions& o) const {
+  ResidentPortable r(device_, a.inputs, o, &a, true);
+  r.enqueue_forward(nullptr);
+  r.enqueue_backward(nullptr);
+  return r.read_backward();
+}
 
-  const std::size_t fs = sizeof(float);
-  Buffer dq = dev.upload(q.bytes(), q.nbytes()), dk = dev.upload(k.bytes(), k.nbytes()),
-         dv = dev.upload(v.bytes(), v.nbytes());
-  Buffer di = dev.upload(i.data(), i.size() * fs), df = dev.upload(f.data(), f.size() * fs);
-  Buffer db = dev.alloc(static_cast<std::size_t>(rows) * S * fs), dig = dev.alloc(static_cast<std::size_t>(rows) * S * fs),
-         dG = dev.alloc(static_cast<std::size_t>(rows) * nchunks * fs);
-  Buffer dC0 = dev.upload(C0.data(), C0.size() * fs), dn0 = dev.upload(n0.data(), n0.size() * fs),
-         dm0 = dev.upload(m0.data(), m0.size() * fs);
-  const std::size_t nb = static_cast<std::size_t>(rows) * nchunks;
-  Buffer dCb = dev.alloc(nb * p.DHQK * p.DHHV * fs), dnb = dev.alloc(nb * p.DHQK * fs), dmb = dev.alloc(nb * fs);
-  Buffer dCo = dev.alloc(C0.size() * fs), dno = dev.alloc(n0.size() * fs), dmo = dev.alloc(m0.size() * fs);
-  Buffer dh = dev.alloc(static_cast<std::size_t>(rows) * S * p.DHHV * dtype_size(dev_dtype));
-  Buffer dmt = dev.alloc(static_cast<std::size_t>(rows) * S * fs), dNt = dev.alloc(static_cast<std::size_t>(rows) * S * fs),
-         ddt = dev.alloc(static_cast<std::size_t>(rows) * S * fs);
-
-  cl_command_queue queue = dev.queue();
-  {
-    KernelHandle kh{dev.kernel(prog, "fw_gates")};
-    set_args(kh.k, dn, di, df, db, dig, dG, S, nchunks);
-    const std::size_t g[2] = {static_cast<std::size_t>(nchunks), static_cast<std::size_t>(rows)};
-    check(clEnqueueNDRangeKernel(queue, kh.k, 2, nullptr, g, nullptr, 0, nullptr, nullptr), "fw_gates", dn);
-  }
-  Buffer dcarry = dev.alloc(nb * fs), dw = dev.alloc(static_cast<std::size_t>(rows) * S * fs);
-  {
-    KernelHandle kh{dev.kernel(prog, "fw_state_weights")};
-    set_args(kh.k, dn, db, dig, dG, dm0, dmb, dcarry, dw, dmo, S, nchunks);
-    const std::size_t g[1] = {static_cast<std::size_t>(rows)};
-    check(clEnqueueNDRangeKernel(queue, kh.k, 1, nullptr, g, nullptr, 0, nullptr, nullptr), "fw_state_weights", dn);
-  }
-  {
-    KernelHandle kh{dev.kernel(prog, "fw_states")};
-    set_args(kh.k, dn, dk, dv, dcarry, dw, dC0, dn0, dCb, dnb, dCo, dno, S, nchunks);
-    const std::size_t g[3] = {static_cast<std::size_t>(p.DHHV + 1), static_cast<std::size_t>(p.DHQK),
-                              static_cast<std::size_t>(rows)};
-    check(clEnqueueNDRangeKernel(queue, kh.k, 3, nullptr, g, nullptr, 0, nullptr, nullptr), "fw_states", dn);
-  }
-  if (outputs) {
-    KernelHandle kh{dev.kernel(prog, qb > 0 ? "fw_outputs_tiled" : "fw_outputs")};
-    set_args(kh.k, dn, dq, dk, dv, db, dig, dCb, dnb, dmb, dh, dmt, dNt, ddt, S, nchunks);
-    const std::size_t groups = qb > 0 ? static_cast<std::size_t>(nchunks) * static_cast<std::size_t>((L + qb - 1) / qb)
-                                      : static_cast<std::size_t>(S);
-    const std::size_t g[2] = {groups * kWorkGroup, static_cast<std::size_t>(rows)};
-    const std::size_t l[2] = {kWorkGroup, 1};
-    check(clEnqueueNDRangeKernel(queue, kh.k, 2, nullptr, g, l, 0, nullptr, nullptr), "fw_outputs", dn);
-  }
-  ForwardResult out;
-  if (outputs) {
-    Tensor h({p.B, p.NH, p.S, p.DHHV}, dev_dtype);
-    dev.download(dh, h.bytes(), h.nbytes());
-    out.h = dev_dtype == p.dtype ? std::move(h) : h.to(p.dtype);
-  }
-  if (o.return_last_states) {
-    out.c = Tensor({p.B, p.NH, p.DHQK, p.DHHV}, DType::f32);
-    out.n = Tensor({p.B, p.NH, p.DHQK}, DType::f32);
-    out.m = Tensor({p.B, p.NH}, DType::f32);
-    dev.download(dCo, out.c.bytes(), out.c.nbytes());
-    dev.download(dno, out.n.bytes(), out.n.nbytes());
-    dev.download(dmo, out.m.bytes(), out.m.nbytes());
-    if (o.gate == GateVariant::sigmoid) std::fill(out.m.data<float>(), out.m.data<float>() + out.m.numel(), 0.f);
-  }
-  return out;
+std::unique_ptr<ResidentChunkwise> ChunkwiseRunner::resident(const ForwardArgs& a, const MlstmOptions& o,
+                                                             const BackwardArgs* grads) const {
+  return std::make_unique<ResidentPortable>(device_, a, o, grads, true);
 }
 
 namespace {
@@ -167,8 +329,10 @@ class OpenCLChunkwiseKernel final : public SequenceKernel {
     if (info_.forced_gate) o.gate = *info_.forced_gate;
     return runner_.forward(args, o);
   }
-  BackwardResult backward(const BackwardArgs&, const MlstmOptions&) const override {
-    throw Error(info_.name + ": the OpenCL backward is not available yet; use chunkwise--cpu_xl_chunk for gradients");
+  BackwardResult backward(const BackwardArgs& args, const MlstmOptions& options) const override {
+    MlstmOptions o = options;
+    if (info_.forced_gate) o.gate = *info_.forced_gate;
+    return runner_.backward(args, o);
   }
 
  private:
@@ -181,14 +345,14 @@ class OpenCLChunkwiseKernel final : public SequenceKernel {
 void register_kernels(KernelRegistry& registry) {
   const std::vector<DType> dtypes{DType::f64, DType::f32, DType::f16, DType::bf16};
   auto add = [&](std::string name, std::optional<GateVariant> gate, std::string description) {
-    KernelInfo info{std::move(name), KernelForm::chunkwise, "opencl", false, gate, dtypes, std::move(description)};
+    KernelInfo info{std::move(name), KernelForm::chunkwise, "opencl", true, gate, dtypes, std::move(description)};
     registry.add_sequence(info, [info](const KernelTarget& target) {
       const auto devices = select_devices(target.device_spec);
       return std::make_unique<OpenCLChunkwiseKernel>(info, open_device(devices.front()));
     });
   };
-  add("chunkwise--opencl_xl_chunk", std::nullopt, "chunkwise forward, portable OpenCL C 1.2, key-tiled chunks");
-  add("chunkwise--opencl_xl_chunk_siging", GateVariant::sigmoid, "chunkwise forward, portable OpenCL, sigmoid input gate");
+  add("chunkwise--opencl_xl_chunk", std::nullopt, "chunkwise fw+bw, portable OpenCL C 1.2, key-tiled chunks");
+  add("chunkwise--opencl_xl_chunk_siging", GateVariant::sigmoid, "chunkwise fw+bw, portable OpenCL, sigmoid input gate");
 }
 
 }  // namespace mlstm::opencl

@@ -325,3 +325,237 @@ void fw_outputs_tiled(__global const in_t* q, __global const in_t* k, __global c
   }
 }
 #endif
+
+// ---- Backward (stages.hpp "Backward"; m_t held constant, the normaliser differentiated) -------------
+// Inputs from the forward: b, ig (gates), mb (m entering each chunk), carry (exp(G_c + m_c - m_{c+1})),
+// wtok (exp(a_s - m_{c+1})), Cb, nb (state entering each chunk), m_tok, N_tok, den_tok (per token), h.
+
+// One work item per (row, token): dden_t = -(dh_t . h_t) / N_t * sign(den_t) where |den_t| won the max.
+__kernel void bw_prep(__global const in_t* dh, __global const in_t* h, __global const float* m_tok,
+                      __global const float* N_tok, __global const float* den_tok, __global float* dden, int S) {
+  const int t = get_global_id(0), row = get_global_id(1);
+  if (t >= S) return;
+  const size_t g = (size_t)row * S + t;
+#if GATE_EXP || NORMALIZE
+  const float den = den_tok[g];
+#if GATE_EXP
+  const float lim = exp(-m_tok[g]);
+#else
+  const float lim = 1.0f;
+#endif
+  float r = 0.0f;
+  if (fabs(den) > lim) {
+    float dot = 0.0f;
+    for (int e = 0; e < DHHV; ++e) dot += ld(dh, g * DHHV + e) * ld(h, g * DHHV + e);
+    r = -dot / N_tok[g] * (den > 0.0f ? 1.0f : -1.0f);
+  }
+  dden[g] = r;
+#else
+  dden[g] = 0.0f;
+#endif
+}
+
+// One work item per (row, d, e) element of dC (e == DHHV: dn), reverse over the chunks:
+//   x <- carry_c x + sum_t exp(b_t + m_c - m_t) q'_t[d] dnum_aug_t[e]
+// writes the gradient of the state LEAVING each chunk (dCn, dnn) and finally that of the initial state.
+__kernel void bw_states(__global const in_t* q, __global const in_t* dh, __global const float* dden,
+                        __global const float* b, __global const float* mb, __global const float* carry,
+                        __global const float* m_tok, __global const float* N_tok, __global const float* dC_last,
+                        __global const float* dn_last, int has_dlast, __global float* dCn, __global float* dnn,
+                        __global float* dC0, __global float* dn0, int S, int nchunks) {
+  const int e = get_global_id(0), d = get_global_id(1), row = get_global_id(2);
+  if (e > DHHV) return;
+  const bool is_n = e == DHHV;
+  const float scale = rsqrt((float)DHQK);
+  float x = 0.0f;
+  if (has_dlast) x = is_n ? dn_last[(size_t)row * DHQK + d] : dC_last[((size_t)row * DHQK + d) * DHHV + e];
+  const size_t gbase = (size_t)row * S;
+  for (int c = nchunks - 1; c >= 0; --c) {
+    const size_t bidx = (size_t)row * nchunks + c;
+    if (is_n) dnn[bidx * DHQK + d] = x;
+    else dCn[(bidx * DHQK + d) * DHHV + e] = x;
+    const int t0 = c * CHUNK, t1 = min(S, t0 + CHUNK);
+    const float mc = mb[bidx];
+    float acc = carry[bidx] * x;
+    for (int t = t0; t < t1; ++t) {
+      const size_t g = gbase + t;
+      const float u = safe_exp(b[g] + mc - m_tok[g]);
+      const float dn_aug = is_n ? dden[g] : ld(dh, g * DHHV + e) / N_tok[g];
+      acc += u * ld(q, g * DHQK + d) * scale * dn_aug;
+    }
+    x = acc;
+  }
+  if (is_n) dn0[(size_t)row * DHQK + d] = x;
+  else dC0[((size_t)row * DHQK + d) * DHHV + e] = x;
+}
+
+// One work group per (row, token tau): dq_tau (tau as a query), dk_tau and dv_tau (tau as a key), and the
+// per-token dot products q.dq and k.dk for the gate gradients. Key/query tiles of KEY_TILE coefficients in
+// local memory; work item lid owns the columns d = lid + lsz*j (DHQK) and e = lid + lsz*j (DHHV).
+#define DPI ((DHQK + 63) / 64)
+#define VPI ((DHHV + 63) / 64)
+__kernel void bw_grads(__global const in_t* q, __global const in_t* k, __global const in_t* v,
+                       __global const in_t* dh, __global const float* dden, __global const float* b,
+                       __global const float* ig, __global const float* mb, __global const float* wtok,
+                       __global const float* Cb, __global const float* nb, __global const float* dCn,
+                       __global const float* dnn, __global const float* m_tok, __global const float* N_tok,
+                       __global in_t* dq, __global in_t* dk, __global in_t* dv, __global float* qdq,
+                       __global float* kdk, int S, int nchunks) {
+  __local float qs[DHQK], ks[DHQK], vs[DHHV], dns[DHHV];
+  __local float ca[KEY_TILE], cb[KEY_TILE];
+  __local float red[256];
+  const int tau = get_group_id(0), row = get_group_id(1);
+  const int lid = get_local_id(0), lsz = get_local_size(0);
+  const int c = tau / CHUNK, t0 = c * CHUNK, t1 = min(S, t0 + CHUNK);
+  const size_t gbase = (size_t)row * S, g = gbase + tau;
+  const size_t bidx = (size_t)row * nchunks + c;
+  const float scale = rsqrt((float)DHQK);
+  const float Ntau = N_tok[g], ddtau = dden[g], mtau = m_tok[g], btau = b[g];
+  for (int d = lid; d < DHQK; d += lsz) {
+    qs[d] = ld(q, g * DHQK + d) * scale;
+    ks[d] = ld(k, g * DHQK + d);
+  }
+  for (int e = lid; e < DHHV; e += lsz) {
+    vs[e] = ld(v, g * DHHV + e);
+    dns[e] = ld(dh, g * DHHV + e) / Ntau;
+  }
+  barrier(CLK_LOCAL_MEM_FENCE);
+  float aq[DPI], ak[DPI], av[VPI];
+  // Inter-chunk parts: dq += u_tau (C dnum + n dden); dk += w_tau (dCn v + dnn); dv += w_tau dCn^T k.
+  const float u = safe_exp(btau + mb[bidx] - mtau), w = wtok[g];
+  for (int j = 0; j < DPI; ++j) {
+    const int d = lid + j * lsz;
+    float x = 0.0f, y = 0.0f;
+    if (d < DHQK) {
+      for (int e = 0; e < DHHV; ++e) {
+        x += Cb[(bidx * DHQK + d) * DHHV + e] * dns[e];
+        y += dCn[(bidx * DHQK + d) * DHHV + e] * vs[e];
+      }
+      x += nb[bidx * DHQK + d] * ddtau;
+      y += dnn[bidx * DHQK + d];
+    }
+    aq[j] = u * x;
+    ak[j] = w * y;
+  }
+  for (int j = 0; j < VPI; ++j) {
+    const int e = lid + j * lsz;
+    float x = 0.0f;
+    if (e < DHHV)
+      for (int d = 0; d < DHQK; ++d) x += dCn[(bidx * DHQK + d) * DHHV + e] * ks[d];
+    av[j] = w * x;
+  }
+  // Intra-chunk, tau as the query: s in [t0, tau], coefficient P_ts (dnum_tau . v_s + dden_tau).
+  for (int s0 = t0; s0 <= tau; s0 += KEY_TILE) {
+    const int sn = min(KEY_TILE, tau - s0 + 1);
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int l = lid; l < sn; l += lsz) {
+      const size_t gs = gbase + s0 + l;
+      float dot = 0.0f;
+      for (int e = 0; e < DHHV; ++e) dot += dns[e] * ld(v, gs * DHHV + e);
+      ca[l] = exp(btau - b[gs] + ig[gs] - mtau) * (dot + ddtau);
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int j = 0; j < DPI; ++j) {
+      const int d = lid + j * lsz;
+      if (d >= DHQK) continue;
+      float x = 0.0f;
+      for (int l = 0; l < sn; ++l) x += ca[l] * ld(k, (gbase + s0 + l) * DHQK + d);
+      aq[j] += x;
+    }
+  }
+  // Intra-chunk, tau as the key: t in [tau, t1), P_t,tau (dnum_t . v_tau + dden_t) for dk and
+  // P_t,tau (q'_t . k_tau) for dv.
+  for (int r0 = tau; r0 < t1; r0 += KEY_TILE) {
+    const int rn = min(KEY_TILE, t1 - r0);
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int l = lid; l < rn; l += lsz) {
+      const size_t gt = gbase + r0 + l;
+      const float Nt = N_tok[gt];
+      float dva = 0.0f, qk = 0.0f;
+      for (int e = 0; e < DHHV; ++e) dva += ld(dh, gt * DHHV + e) * vs[e];
+      for (int d = 0; d < DHQK; ++d) qk += ld(q, gt * DHQK + d) * ks[d];
+      const float P = exp(b[gt] - btau + ig[g] - m_tok[gt]);
+      ca[l] = P * (dva / Nt + dden[gt]);
+      cb[l] = P * qk * scale / Nt;
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int j = 0; j < DPI; ++j) {
+      const int d = lid + j * lsz;
+      if (d >= DHQK) continue;
+      float x = 0.0f;
+      for (int l = 0; l < rn; ++l) x += ca[l] * ld(q, (gbase + r0 + l) * DHQK + d);
+      ak[j] += x * scale;
+    }
+    for (int j = 0; j < VPI; ++j) {
+      const int e = lid + j * lsz;
+      if (e >= DHHV) continue;
+      float x = 0.0f;
+      for (int l = 0; l < rn; ++l) x += cb[l] * ld(dh, (gbase + r0 + l) * DHHV + e);
+      av[j] += x;
+    }
+  }
+  // Store (dq gets the 1/sqrt(DHQK) of q'), and reduce q.dq and k.dk over the work group.
+  float pq = 0.0f, pk = 0.0f;
+  for (int j = 0; j < DPI; ++j) {
+    const int d = lid + j * lsz;
+    if (d >= DHQK) continue;
+    const float dqd = aq[j] * scale;
+    st(dq, g * DHQK + d, dqd);
+    st(dk, g * DHQK + d, ak[j]);
+    pq += qs[d] / scale * dqd;
+    pk += ks[d] * ak[j];
+  }
+  for (int j = 0; j < VPI; ++j) {
+    const int e = lid + j * lsz;
+    if (e < DHHV) st(dv, g * DHHV + e, av[j]);
+  }
+  red[lid] = pq;
+  red[lid + lsz] = pk;
+  barrier(CLK_LOCAL_MEM_FENCE);
+  for (int off = lsz / 2; off > 0; off >>= 1) {
+    if (lid < off) {
+      red[lid] += red[lid + off];
+      red[lsz + lid] += red[lsz + lid + off];
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+  }
+  if (lid == 0) {
+    qdq[g] = red[0];
+    kdk[g] = red[lsz];
+  }
+}
+
+// One work item per row: di, df (reverse cumsum over the whole sequence plus the last-state term) and dm0.
+__kernel void bw_gate_grads(__global const float* i, __global const float* f, __global const float* qdq,
+                            __global const float* kdk, __global const float* dC_last, __global const float* dn_last,
+                            __global const float* C_last, __global const float* n_last, int has_dlast,
+                            __global const float* dC0, __global const float* dn0, __global const float* C0,
+                            __global const float* n0, int has_init, __global float* di, __global float* df,
+                            __global float* dm0, int S) {
+  const int row = get_global_id(0);
+  const size_t gbase = (size_t)row * S, cbase = (size_t)row * DHQK * DHHV, nbase = (size_t)row * DHQK;
+  float tail = 0.0f;
+  if (has_dlast) {
+    for (int x = 0; x < DHQK * DHHV; ++x) tail += dC_last[cbase + x] * C_last[cbase + x];
+    for (int x = 0; x < DHQK; ++x) tail += dn_last[nbase + x] * n_last[nbase + x];
+  }
+  float acc = tail;
+  for (int t = S - 1; t >= 0; --t) {
+    const size_t g = gbase + t;
+    acc += qdq[g] - kdk[g];
+    df[g] = acc / (1.0f + exp(f[g]));  // sigmoid(-f)
+#if GATE_EXP
+    di[g] = kdk[g];
+#else
+    di[g] = kdk[g] / (1.0f + exp(i[g]));
+#endif
+  }
+  float dm = 0.0f;
+#if GATE_EXP
+  if (has_init) {
+    for (int x = 0; x < DHQK * DHHV; ++x) dm += dC0[cbase + x] * C0[cbase + x];
+    for (int x = 0; x < DHQK; ++x) dm += dn0[nbase + x] * n0[nbase + x];
+  }
+#endif
+  dm0[row] = dm;
+}

@@ -81,16 +81,15 @@ TEST_P(GraphForward, BackwardEqualsOneCall) {
   const auto in = testing::make_inputs(s, testing::fresh_seed());
   MlstmOptions o;
   o.chunk_size = 32;
-  if (mix.spec.find("workers") == std::string::npos) {
-    EXPECT_THROW(runner.backward(in.backward_args(true), o), InvalidArgument);  // no device with a backward
-    return;
-  }
+  // Every device mix has a backward now (CPU workers and the portable OpenCL backward): OpenCL rows agree
+  // with the CPU kernel to float32 rounding of a different summation order.
+  const double tol = mix.spec == "workers" ? 1e-5 : 1e-4;
   const auto one_call = get_kernel("chunkwise--cpu_xl_chunk")->backward(in.backward_args(true), o);
   const auto got = runner.backward(in.backward_args(true), o);
   for (auto [name, a, b] : {std::tuple{"dq", &got.dq, &one_call.dq}, {"dk", &got.dk, &one_call.dk}, {"dv", &got.dv, &one_call.dv},
                             {"di", &got.di, &one_call.di}, {"df", &got.df, &one_call.df}, {"dc0", &got.dc0, &one_call.dc0},
                             {"dm0", &got.dm0, &one_call.dm0}}) {
-    EXPECT_TRUE(testing::matches(*a, *b, 1e-5, "graph backward " + mix.spec, name, s));
+    EXPECT_TRUE(testing::matches(*a, *b, tol, "graph backward " + mix.spec, name, s));
   }
 }
 

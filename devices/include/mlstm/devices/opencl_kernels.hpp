@@ -1,16 +1,19 @@
 // The portable OpenCL chunkwise kernels (kernels/opencl/mlstm_chunkwise.cl) on one device, and their
-// registry entries: chunkwise--opencl_xl_chunk and chunkwise--opencl_xl_chunk_siging (forward).
+// registry entries: chunkwise--opencl_xl_chunk and chunkwise--opencl_xl_chunk_siging (forward and backward;
+// register_tensor_core_kernels() later replaces them by versions that use tensor cores where they can).
 #pragma once
 
 #include <memory>
 
 #include "mlstm/devices/opencl.hpp"
+#include "mlstm/devices/resident.hpp"
 #include "mlstm/kernel.hpp"
 
 namespace mlstm::opencl {
 
-// Runs the chunkwise forward on one device: uploads the inputs (q, k, v in their dtype, gates and
-// states as float32), runs fw_gates, fw_states and fw_outputs, and downloads h and the last states.
+// Runs the portable chunkwise kernels on one device: uploads the inputs (q, k, v in their dtype, gates and
+// states as float32), runs fw_gates, fw_state_weights, fw_states and fw_outputs (and the backward kernels),
+// and downloads the results.
 class ChunkwiseRunner {
  public:
   explicit ChunkwiseRunner(std::shared_ptr<Device> device);
@@ -19,13 +22,18 @@ class ChunkwiseRunner {
   // Only the state leaving the sequence (fw_gates + fw_states; h is left empty). With an EMPTY entering
   // state (c0 = n0 = 0, m0 = -inf) this is a segment's local summary for sequence parallelism.
   ForwardResult last_state(const ForwardArgs& args, const MlstmOptions& options) const;
+  // Gradients (stages.hpp "Backward"): the forward is recomputed on the device, then bw_prep, bw_states
+  // (reverse state-gradient recurrence), bw_grads (dq, dk, dv per token) and bw_gate_grads.
+  BackwardResult backward(const BackwardArgs& args, const MlstmOptions& options) const;
+  // Uploads once; forward/backward can then be enqueued repeatedly with event timing (resident.hpp).
+  std::unique_ptr<ResidentChunkwise> resident(const ForwardArgs& args, const MlstmOptions& options,
+                                              const BackwardArgs* grads = nullptr) const;
 
   // Key-tile of the intra-chunk part (TFLA-style), so the chunk size is not limited by local memory.
   static constexpr int kKeyTile = 64;
   static constexpr int kWorkGroup = 64;
 
  private:
-  ForwardResult run(const ForwardArgs& args, const MlstmOptions& options, bool outputs) const;
   std::shared_ptr<Device> device_;
 };
 

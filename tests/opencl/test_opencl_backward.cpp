@@ -1,0 +1,116 @@
+// The portable OpenCL chunkwise backward (ChunkwiseRunner::backward) against the float64 reference (stop
+// mode: the stabiliser held constant, as every fast kernel), on odd shapes, every dtype, both gates, with
+// and without initial state and last-state gradients, extreme gates and several chunk sizes; and the
+// device-resident problem (repeated passes identical, one event per launch).
+#include <gtest/gtest.h>
+
+#include "mlstm/devices/opencl.hpp"
+#include "mlstm/devices/opencl_kernels.hpp"
+#include "mlstm/reference.hpp"
+#include "test_util.hpp"
+
+namespace mlstm {
+namespace {
+
+using testing::GateRegime;
+using testing::InputSpec;
+
+#define REQUIRE_OPENCL() \
+  if (opencl::list_devices().empty()) GTEST_SKIP() << "no OpenCL device (install pocl-opencl-icd)"
+
+InputSpec spec(std::int64_t B, std::int64_t NH, std::int64_t S, std::int64_t K, std::int64_t V, DType d, GateVariant g,
+               bool init, GateRegime r = GateRegime::typical) {
+  InputSpec s;
+  s.B = B; s.NH = NH; s.S = S; s.DHQK = K; s.DHHV = V; s.dtype = d; s.gate = g; s.initial_state = init; s.regime = r;
+  return s;
+}
+
+struct BwCase {
+  InputSpec spec;
+  std::int64_t chunk = 64;
+  bool normalize = true;
+  bool last_state_grads = true;
+};
+
+void PrintTo(const BwCase& c, std::ostream* os) {
+  *os << "L=" << c.chunk << " " << c.spec.describe() << (c.normalize ? "" : " nonorm") << (c.last_state_grads ? " dlast" : "");
+}
+
+class PortableBackward : public ::testing::TestWithParam<BwCase> {};
+
+TEST_P(PortableBackward, MatchesReference) {
+  REQUIRE_OPENCL();
+  const BwCase c = GetParam();
+  const auto dev = opencl::open_device(opencl::select_devices("0").front());
+  const opencl::ChunkwiseRunner runner(dev);
+  const auto in = testing::make_inputs(c.spec, testing::fresh_seed());
+  MlstmOptions o;
+  o.gate = c.spec.gate;
+  o.chunk_size = c.chunk;
+  o.normalize = c.normalize;
+  const auto args = in.backward_args(c.last_state_grads);
+  const auto got = runner.backward(args, o);
+  const auto ref = reference::recurrent_backward(args, o, reference::StabilizerGradient::stop);
+  const bool wide = c.spec.dtype == DType::f32;
+  const double tol = c.spec.regime == GateRegime::extreme ? (wide ? 1e-2 : 5e-2) : (wide ? 1e-3 : 3e-2);
+  const std::string name = "opencl portable backward";
+  ASSERT_EQ(got.dq.dtype(), c.spec.dtype);
+  EXPECT_TRUE(testing::matches(got.dq, ref.dq, tol, name, "dq", c.spec));
+  EXPECT_TRUE(testing::matches(got.dk, ref.dk, tol, name, "dk", c.spec));
+  EXPECT_TRUE(testing::matches(got.dv, ref.dv, tol, name, "dv", c.spec));
+  EXPECT_TRUE(testing::matches(got.di, ref.di, tol, name, "di", c.spec));
+  EXPECT_TRUE(testing::matches(got.df, ref.df, tol, name, "df", c.spec));
+  if (c.spec.initial_state) {
+    EXPECT_TRUE(testing::matches(got.dc0, ref.dc0, tol, name, "dc0", c.spec));
+    EXPECT_TRUE(testing::matches(got.dn0, ref.dn0, tol, name, "dn0", c.spec));
+    EXPECT_TRUE(testing::matches(got.dm0, ref.dm0, tol, name, "dm0", c.spec));
+  } else {
+    EXPECT_TRUE(got.dc0.empty());
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, PortableBackward,
+    ::testing::Values(BwCase{spec(3, 5, 130, 48, 96, DType::f32, GateVariant::exp, true), 64},
+                      BwCase{spec(2, 2, 150, 24, 16, DType::f32, GateVariant::exp, false), 16, true, false},
+                      BwCase{spec(1, 2, 257, 16, 24, DType::f32, GateVariant::exp, true), 100},
+                      BwCase{spec(1, 3, 300, 16, 24, DType::f32, GateVariant::exp, true), 128},
+                      BwCase{spec(2, 2, 120, 32, 48, DType::bf16, GateVariant::sigmoid, true), 32},
+                      BwCase{spec(1, 2, 90, 16, 32, DType::f16, GateVariant::exp, true), 64},
+                      BwCase{spec(1, 2, 100, 16, 16, DType::f32, GateVariant::sigmoid, false), 64, false},
+                      BwCase{spec(2, 1, 110, 16, 16, DType::f32, GateVariant::exp, true, GateRegime::extreme), 64},
+                      BwCase{spec(1, 2, 80, 16, 16, DType::bf16, GateVariant::sigmoid, false, GateRegime::extreme), 64}));
+
+TEST(PortableResident, RepeatedPassesAreIdenticalAndTimed) {
+  REQUIRE_OPENCL();
+  const auto dev = opencl::open_device(opencl::select_devices("0").front());
+  const opencl::ChunkwiseRunner runner(dev);
+  const InputSpec s = spec(1, 2, 100, 16, 32, DType::f32, GateVariant::exp, true);
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  MlstmOptions o;
+  const auto args = in.backward_args(true);
+  auto r = runner.resident(in.args(), o, &args);
+  std::vector<opencl::KernelEvent> events;
+  r->enqueue_forward(&events);
+  r->enqueue_backward(&events);
+  ASSERT_EQ(events.size(), 8u);  // 4 forward + 4 backward launches
+  const auto timing = opencl::time_events(events, dev->name());
+  EXPECT_EQ(timing.kernels_ms.front().first, "fw_gates");
+  EXPECT_EQ(timing.kernels_ms.back().first, "bw_gate_grads");
+  const auto f1 = r->read_forward();
+  const auto g1 = r->read_backward();
+  r->enqueue_forward();
+  r->enqueue_backward();
+  EXPECT_TRUE(testing::matches(r->read_forward().h, f1.h, 0.0, "portable", "h repeated", s));
+  const auto g2 = r->read_backward();
+  EXPECT_TRUE(testing::matches(g2.dq, g1.dq, 0.0, "portable", "dq repeated", s));
+  EXPECT_TRUE(testing::matches(g2.df, g1.df, 0.0, "portable", "df repeated", s));
+  const auto ref = reference::recurrent_forward(in.args(), o);
+  EXPECT_TRUE(testing::matches(f1.h, ref.h, 1e-4, "portable", "h resident", s));
+  auto forward_only = runner.resident(in.args(), o);
+  forward_only->enqueue_forward();
+  EXPECT_THROW(forward_only->enqueue_backward(), Error);
+}
+
+}  // namespace
+}  // namespace mlstm
