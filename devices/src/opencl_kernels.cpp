@@ -95,7 +95,7 @@ class ResidentPortable final : public ResidentChunkwise {
     cl_program prog = dev.program("mlstm_chunkwise", opts.str());
     k_gates_ = KernelObject{dev.kernel(prog, "fw_gates")};
     k_weights_ = KernelObject{dev.kernel(prog, "fw_state_weights")};
-    k_states_ = KernelObject{dev.kernel(prog, "fw_states")};
+    k_states_ = KernelObject{dev.kernel(prog, "fw_states_tiled")};
     k_outputs_ = KernelObject{dev.kernel(prog, qb_ > 0 ? "fw_outputs_tiled" : "fw_outputs")};
 
     const std::size_t fs = sizeof(float), tok = static_cast<std::size_t>(rows_) * static_cast<std::size_t>(S_);
@@ -155,7 +155,7 @@ class ResidentPortable final : public ResidentChunkwise {
       if (!outputs_) throw Error("portable backward needs the forward outputs");
       has_grads_ = true;
       k_prep_ = KernelObject{dev.kernel(prog, "bw_prep")};
-      k_bw_states_ = KernelObject{dev.kernel(prog, "bw_states")};
+      k_bw_states_ = KernelObject{dev.kernel(prog, "bw_states_tiled")};
       k_bw_grads_ = KernelObject{dev.kernel(prog, "bw_grads")};
       k_gate_grads_ = KernelObject{dev.kernel(prog, "bw_gate_grads")};
       dh_ = up_dtype(grads->dh);
@@ -195,10 +195,8 @@ class ResidentPortable final : public ResidentChunkwise {
   void enqueue_forward(std::vector<KernelEvent>* events) override {
     const std::size_t rows = static_cast<std::size_t>(rows_), wg = ChunkwiseRunner::kWorkGroup;
     launch(k_gates_, "fw_gates", 2, {static_cast<std::size_t>(nchunks_), rows}, {}, events);
-    launch(k_weights_, "fw_state_weights", 1, {rows}, {}, events);
-    // (DHHV + 1) elements padded to whole work-groups of 64 (the kernel skips e > DHHV).
-    launch(k_states_, "fw_states", 3, {round_up(static_cast<std::size_t>(p_.DHHV) + 1, 64), static_cast<std::size_t>(p_.DHQK), rows},
-           {64, 1, 1}, events);
+    launch(k_weights_, "fw_state_weights", 1, {64 * rows}, {64}, events);
+    launch(k_states_, "fw_states_tiled", 2, {256 * state_tiles(), rows}, {256, 1}, events);
     if (outputs_) {
       const std::size_t groups = qb_ > 0 ? static_cast<std::size_t>(nchunks_) * static_cast<std::size_t>((L_ + qb_ - 1) / qb_)
                                          : static_cast<std::size_t>(S_);
@@ -212,11 +210,9 @@ class ResidentPortable final : public ResidentChunkwise {
     if (!forward_done_) throw Error("portable backward: enqueue the forward first");
     const std::size_t rows = static_cast<std::size_t>(rows_), S = static_cast<std::size_t>(S_);
     launch(k_prep_, "bw_prep", 2, {round_up(S, 64), rows}, {64, 1}, events);
-    launch(k_bw_states_, "bw_states", 3,
-           {round_up(static_cast<std::size_t>(p_.DHHV) + 1, 64), static_cast<std::size_t>(p_.DHQK), rows}, {64, 1, 1},
-           events);
+    launch(k_bw_states_, "bw_states_tiled", 2, {256 * state_tiles(), rows}, {256, 1}, events);
     launch(k_bw_grads_, "bw_grads", 2, {S * 64, rows}, {64, 1}, events);
-    launch(k_gate_grads_, "bw_gate_grads", 1, {rows}, {}, events);
+    launch(k_gate_grads_, "bw_gate_grads", 1, {256 * rows}, {256}, events);
   }
 
   ForwardResult read_forward() override {
@@ -263,6 +259,10 @@ class ResidentPortable final : public ResidentChunkwise {
 
  private:
   static std::size_t round_up(std::size_t x, std::size_t m) { return (x + m - 1) / m * m; }
+  // Work groups per row of the tiled state kernels: 64 x 64 tiles of DHQK x (DHHV + 1).
+  std::size_t state_tiles() const {
+    return round_up(static_cast<std::size_t>(p_.DHQK), 64) / 64 * (round_up(static_cast<std::size_t>(p_.DHHV) + 1, 64) / 64);
+  }
   void launch(const KernelObject& k, const char* name, cl_uint dims, std::initializer_list<std::size_t> global,
               std::initializer_list<std::size_t> local, std::vector<KernelEvent>* events) {
     std::size_t g[3] = {1, 1, 1}, l[3] = {1, 1, 1};

@@ -49,13 +49,15 @@ __kernel void fw_gates(__global const float* i, __global const float* f, __globa
   G[(size_t)row * nchunks + c] = acc;
 }
 
-// One work item per row, sequential over the chunks (scalars only): the stabiliser of the state entering
-// every chunk (mb), the carry factor exp(G_c + m_c - m_{c+1}) of every chunk and the weight
-// exp(a_t - m_{c+1}) of every token, so that fw_states does no exp and no max per state element.
-__kernel void fw_state_weights(__global const float* b, __global const float* ig, __global const float* G,
-                               __global const float* m0, __global float* mb, __global float* carry,
-                               __global float* wtok, __global float* mout, int S, int nchunks) {
-  const int row = get_global_id(0);
+// One work group of 64 per row, sequential over the chunks, parallel over a chunk's tokens: the stabiliser
+// of the state entering every chunk (mb), the carry factor exp(G_c + m_c - m_{c+1}) of every chunk and the
+// weight exp(a_t - m_{c+1}) of every token, so that the state kernels do no exp and no max per element.
+__kernel __attribute__((reqd_work_group_size(64, 1, 1)))
+void fw_state_weights(__global const float* b, __global const float* ig, __global const float* G,
+                      __global const float* m0, __global float* mb, __global float* carry,
+                      __global float* wtok, __global float* mout, int S, int nchunks) {
+  __local float red[64];
+  const int row = get_group_id(0), lid = get_local_id(0);
   const size_t gbase = (size_t)row * S;
 #if GATE_EXP
   float m = m0[row];
@@ -64,47 +66,95 @@ __kernel void fw_state_weights(__global const float* b, __global const float* ig
 #endif
   for (int c = 0; c < nchunks; ++c) {
     const size_t bidx = (size_t)row * nchunks + c;
-    mb[bidx] = m;
     const int t0 = c * CHUNK, t1 = min(S, t0 + CHUNK);
     const float Gc = G[bidx];
 #if GATE_EXP
-    float m_new = Gc + m;
-    for (int t = t0; t < t1; ++t) m_new = fmax(m_new, Gc - b[gbase + t] + ig[gbase + t]);
+    float mx = -INFINITY;
+    for (int t = t0 + lid; t < t1; t += 64) mx = fmax(mx, Gc - b[gbase + t] + ig[gbase + t]);
+    red[lid] = mx;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int off = 32; off > 0; off >>= 1) {
+      if (lid < off) red[lid] = fmax(red[lid], red[lid + off]);
+      barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    const float m_new = fmax(Gc + m, red[0]);
+    barrier(CLK_LOCAL_MEM_FENCE);
 #else
     const float m_new = 0.0f;
 #endif
-    carry[bidx] = safe_exp(Gc + m - m_new);
-    for (int t = t0; t < t1; ++t) wtok[gbase + t] = exp(Gc - b[gbase + t] + ig[gbase + t] - m_new);
+    if (lid == 0) {
+      mb[bidx] = m;
+      carry[bidx] = safe_exp(Gc + m - m_new);
+    }
+    for (int t = t0 + lid; t < t1; t += 64) wtok[gbase + t] = exp(Gc - b[gbase + t] + ig[gbase + t] - m_new);
     m = m_new;
   }
-  mout[row] = m;
+  if (lid == 0) mout[row] = m;
 }
 
-// One work item per (row, d, e) element of C (e == DHHV: the n vector). Sequential over the chunks: writes
-// the state entering every chunk, then the state leaving the sequence.
-__kernel void fw_states(__global const in_t* k, __global const in_t* v, __global const float* carry,
-                        __global const float* wtok, __global const float* C0, __global const float* n0,
-                        __global float* Cb, __global float* nb, __global float* Cout, __global float* nout, int S,
-                        int nchunks) {
-  const int e = get_global_id(0), d = get_global_id(1), row = get_global_id(2);
-  if (e > DHHV) return;
-  const bool is_n = e == DHHV;
-  float x = is_n ? n0[(size_t)row * DHQK + d] : C0[((size_t)row * DHQK + d) * DHHV + e];
+// The state recurrences as register-tiled products (fw_states_tiled, bw_states_tiled): one work group of
+// 256 per (row, STD x STE tile of the augmented state [C | n], i.e. DHQK x (DHHV + 1)); each work item owns
+// a 4 x 4 block of the tile in registers for the whole sequence; per chunk, STT tokens at a time are staged
+// in local memory (the token weight folded into the left factor), then 16 FMAs per pair of loaded values.
+#define STD 64
+#define STE 64
+#define STT 16
+#define NTE ((DHHV + 1 + STE - 1) / STE)
+__kernel __attribute__((reqd_work_group_size(256, 1, 1)))
+void fw_states_tiled(__global const in_t* k, __global const in_t* v, __global const float* carry,
+                     __global const float* wtok, __global const float* C0, __global const float* n0,
+                     __global float* Cb, __global float* nb, __global float* Cout, __global float* nout, int S,
+                     int nchunks) {
+  __local float xs[STT][STD];
+  __local float ys[STT][STE];
+  const int tile = get_group_id(0), row = get_group_id(1), lid = get_local_id(0);
+  const int td = tile / NTE, te = tile % NTE;
+  const int d0 = td * STD + (lid / 16) * 4, e0 = te * STE + (lid % 16) * 4;
   const size_t gbase = (size_t)row * S;
+  float x[4][4];
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j) {
+      const int d = d0 + i, e = e0 + j;
+      x[i][j] = d < DHQK && e < DHHV ? C0[((size_t)row * DHQK + d) * DHHV + e]
+                : d < DHQK && e == DHHV ? n0[(size_t)row * DHQK + d] : 0.0f;
+    }
   for (int c = 0; c < nchunks; ++c) {
     const size_t bidx = (size_t)row * nchunks + c;
-    if (is_n) nb[bidx * DHQK + d] = x;
-    else Cb[(bidx * DHQK + d) * DHHV + e] = x;
+    const float cr = carry[bidx];
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) {
+        const int d = d0 + i, e = e0 + j;
+        if (d < DHQK && e < DHHV) Cb[(bidx * DHQK + d) * DHHV + e] = x[i][j];
+        else if (d < DHQK && e == DHHV) nb[bidx * DHQK + d] = x[i][j];
+        x[i][j] *= cr;
+      }
     const int t0 = c * CHUNK, t1 = min(S, t0 + CHUNK);
-    float acc = carry[bidx] * x;
-    for (int t = t0; t < t1; ++t) {
-      const float kv = ld(k, (gbase + t) * DHQK + d) * (is_n ? 1.0f : ld(v, (gbase + t) * DHHV + e));
-      acc += wtok[gbase + t] * kv;
+    for (int s0 = t0; s0 < t1; s0 += STT) {
+      barrier(CLK_LOCAL_MEM_FENCE);
+      for (int idx = lid; idx < STT * STD; idx += 256) {
+        const int l = idx / STD, dd = idx % STD, t = s0 + l, d = td * STD + dd;
+        xs[l][dd] = t < t1 && d < DHQK ? wtok[gbase + t] * ld(k, (gbase + t) * DHQK + d) : 0.0f;
+      }
+      for (int idx = lid; idx < STT * STE; idx += 256) {
+        const int l = idx / STE, ee = idx % STE, t = s0 + l, e = te * STE + ee;
+        ys[l][ee] = t >= t1 ? 0.0f : e < DHHV ? ld(v, (gbase + t) * DHHV + e) : e == DHHV ? 1.0f : 0.0f;
+      }
+      barrier(CLK_LOCAL_MEM_FENCE);
+      for (int l = 0; l < STT; ++l) {
+        const float4 a = vload4(0, &xs[l][(lid / 16) * 4]);
+        const float4 y = vload4(0, &ys[l][(lid % 16) * 4]);
+        const float av[4] = {a.x, a.y, a.z, a.w}, yv[4] = {y.x, y.y, y.z, y.w};
+        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < 4; ++j) x[i][j] += av[i] * yv[j];
+      }
     }
-    x = acc;
   }
-  if (is_n) nout[(size_t)row * DHQK + d] = x;
-  else Cout[((size_t)row * DHQK + d) * DHHV + e] = x;
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j) {
+      const int d = d0 + i, e = e0 + j;
+      if (d < DHQK && e < DHHV) Cout[((size_t)row * DHQK + d) * DHHV + e] = x[i][j];
+      else if (d < DHQK && e == DHHV) nout[(size_t)row * DHQK + d] = x[i][j];
+    }
 }
 
 // One work group per (row, token): scores q'_t . k_s over key tiles of KEY_TILE in local memory, then each
@@ -355,38 +405,69 @@ __kernel void bw_prep(__global const in_t* dh, __global const in_t* h, __global 
 #endif
 }
 
-// One work item per (row, d, e) element of dC (e == DHHV: dn), reverse over the chunks:
-//   x <- carry_c x + sum_t exp(b_t + m_c - m_t) q'_t[d] dnum_aug_t[e]
-// writes the gradient of the state LEAVING each chunk (dCn, dnn) and finally that of the initial state.
-__kernel void bw_states(__global const in_t* q, __global const in_t* dh, __global const float* dden,
-                        __global const float* b, __global const float* mb, __global const float* carry,
-                        __global const float* m_tok, __global const float* N_tok, __global const float* dC_last,
-                        __global const float* dn_last, int has_dlast, __global float* dCn, __global float* dnn,
-                        __global float* dC0, __global float* dn0, int S, int nchunks) {
-  const int e = get_global_id(0), d = get_global_id(1), row = get_global_id(2);
-  if (e > DHHV) return;
-  const bool is_n = e == DHHV;
-  const float scale = rsqrt((float)DHQK);
-  float x = 0.0f;
-  if (has_dlast) x = is_n ? dn_last[(size_t)row * DHQK + d] : dC_last[((size_t)row * DHQK + d) * DHHV + e];
+// The reverse state-gradient recurrence, register-tiled like fw_states_tiled; reverse over the chunks,
+// writing the gradient of the state LEAVING each chunk (dCn, dnn) and finally that of the initial state:
+//   x <- carry_c x + sum_t [exp(b_t + m_c - m_t) q'_t] [dnum_aug_t]^T
+__kernel __attribute__((reqd_work_group_size(256, 1, 1)))
+void bw_states_tiled(__global const in_t* q, __global const in_t* dh, __global const float* dden,
+                     __global const float* b, __global const float* mb, __global const float* carry,
+                     __global const float* m_tok, __global const float* N_tok, __global const float* dC_last,
+                     __global const float* dn_last, int has_dlast, __global float* dCn, __global float* dnn,
+                     __global float* dC0, __global float* dn0, int S, int nchunks) {
+  __local float xs[STT][STD];
+  __local float ys[STT][STE];
+  const int tile = get_group_id(0), row = get_group_id(1), lid = get_local_id(0);
+  const int td = tile / NTE, te = tile % NTE;
+  const int d0 = td * STD + (lid / 16) * 4, e0 = te * STE + (lid % 16) * 4;
   const size_t gbase = (size_t)row * S;
+  const float scale = rsqrt((float)DHQK);
+  float x[4][4];
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j) {
+      const int d = d0 + i, e = e0 + j;
+      x[i][j] = !has_dlast ? 0.0f
+                : d < DHQK && e < DHHV ? dC_last[((size_t)row * DHQK + d) * DHHV + e]
+                : d < DHQK && e == DHHV ? dn_last[(size_t)row * DHQK + d] : 0.0f;
+    }
   for (int c = nchunks - 1; c >= 0; --c) {
     const size_t bidx = (size_t)row * nchunks + c;
-    if (is_n) dnn[bidx * DHQK + d] = x;
-    else dCn[(bidx * DHQK + d) * DHHV + e] = x;
+    const float cr = carry[bidx], mc = mb[bidx];
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) {
+        const int d = d0 + i, e = e0 + j;
+        if (d < DHQK && e < DHHV) dCn[(bidx * DHQK + d) * DHHV + e] = x[i][j];
+        else if (d < DHQK && e == DHHV) dnn[bidx * DHQK + d] = x[i][j];
+        x[i][j] *= cr;
+      }
     const int t0 = c * CHUNK, t1 = min(S, t0 + CHUNK);
-    const float mc = mb[bidx];
-    float acc = carry[bidx] * x;
-    for (int t = t0; t < t1; ++t) {
-      const size_t g = gbase + t;
-      const float u = safe_exp(b[g] + mc - m_tok[g]);
-      const float dn_aug = is_n ? dden[g] : ld(dh, g * DHHV + e) / N_tok[g];
-      acc += u * ld(q, g * DHQK + d) * scale * dn_aug;
+    for (int s0 = t0; s0 < t1; s0 += STT) {
+      barrier(CLK_LOCAL_MEM_FENCE);
+      for (int idx = lid; idx < STT * STD; idx += 256) {
+        const int l = idx / STD, dd = idx % STD, t = s0 + l, d = td * STD + dd;
+        const size_t g = gbase + t;
+        xs[l][dd] = t < t1 && d < DHQK ? safe_exp(b[g] + mc - m_tok[g]) * scale * ld(q, g * DHQK + d) : 0.0f;
+      }
+      for (int idx = lid; idx < STT * STE; idx += 256) {
+        const int l = idx / STE, ee = idx % STE, t = s0 + l, e = te * STE + ee;
+        const size_t g = gbase + t;
+        ys[l][ee] = t >= t1 ? 0.0f : e < DHHV ? ld(dh, g * DHHV + e) / N_tok[g] : e == DHHV ? dden[g] : 0.0f;
+      }
+      barrier(CLK_LOCAL_MEM_FENCE);
+      for (int l = 0; l < STT; ++l) {
+        const float4 a = vload4(0, &xs[l][(lid / 16) * 4]);
+        const float4 y = vload4(0, &ys[l][(lid % 16) * 4]);
+        const float av[4] = {a.x, a.y, a.z, a.w}, yv[4] = {y.x, y.y, y.z, y.w};
+        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < 4; ++j) x[i][j] += av[i] * yv[j];
+      }
     }
-    x = acc;
   }
-  if (is_n) dn0[(size_t)row * DHQK + d] = x;
-  else dC0[((size_t)row * DHQK + d) * DHHV + e] = x;
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j) {
+      const int d = d0 + i, e = e0 + j;
+      if (d < DHQK && e < DHHV) dC0[((size_t)row * DHQK + d) * DHHV + e] = x[i][j];
+      else if (d < DHQK && e == DHHV) dn0[(size_t)row * DHQK + d] = x[i][j];
+    }
 }
 
 // One work group per (row, token tau): dq_tau (tau as a query), dk_tau and dv_tau (tau as a key), and the
@@ -525,22 +606,45 @@ __kernel void bw_grads(__global const in_t* q, __global const in_t* k, __global 
   }
 }
 
-// One work item per row: di, df (reverse cumsum over the whole sequence plus the last-state term) and dm0.
-__kernel void bw_gate_grads(__global const float* i, __global const float* f, __global const float* qdq,
-                            __global const float* kdk, __global const float* dC_last, __global const float* dn_last,
-                            __global const float* C_last, __global const float* n_last, int has_dlast,
-                            __global const float* dC0, __global const float* dn0, __global const float* C0,
-                            __global const float* n0, int has_init, __global float* di, __global float* df,
-                            __global float* dm0, int S) {
-  const int row = get_global_id(0);
+// One work group of 256 per row: di, df (reverse cumsum over the whole sequence plus the last-state term,
+// as a blocked suffix scan) and dm0.
+__kernel __attribute__((reqd_work_group_size(256, 1, 1)))
+void bw_gate_grads(__global const float* i, __global const float* f, __global const float* qdq,
+                   __global const float* kdk, __global const float* dC_last, __global const float* dn_last,
+                   __global const float* C_last, __global const float* n_last, int has_dlast,
+                   __global const float* dC0, __global const float* dn0, __global const float* C0,
+                   __global const float* n0, int has_init, __global float* di, __global float* df,
+                   __global float* dm0, int S) {
+  __local float red[256];
+  const int row = get_group_id(0), lid = get_local_id(0);
   const size_t gbase = (size_t)row * S, cbase = (size_t)row * DHQK * DHHV, nbase = (size_t)row * DHQK;
-  float tail = 0.0f;
+  float p = 0.0f;
   if (has_dlast) {
-    for (int x = 0; x < DHQK * DHHV; ++x) tail += dC_last[cbase + x] * C_last[cbase + x];
-    for (int x = 0; x < DHQK; ++x) tail += dn_last[nbase + x] * n_last[nbase + x];
+    for (int x = lid; x < DHQK * DHHV; x += 256) p += dC_last[cbase + x] * C_last[cbase + x];
+    for (int x = lid; x < DHQK; x += 256) p += dn_last[nbase + x] * n_last[nbase + x];
   }
-  float acc = tail;
-  for (int t = S - 1; t >= 0; --t) {
+  red[lid] = p;
+  barrier(CLK_LOCAL_MEM_FENCE);
+  for (int off = 128; off > 0; off >>= 1) {
+    if (lid < off) red[lid] += red[lid + off];
+    barrier(CLK_LOCAL_MEM_FENCE);
+  }
+  const float tail = red[0];
+  barrier(CLK_LOCAL_MEM_FENCE);
+  // Work item lid owns tokens [t0, t1); suffix sums of the blocks, then each block backwards.
+  const int seg = (S + 255) / 256, t0 = min(S, lid * seg), t1 = min(S, t0 + seg);
+  float own = 0.0f;
+  for (int t = t0; t < t1; ++t) own += qdq[gbase + t] - kdk[gbase + t];
+  red[lid] = own;
+  barrier(CLK_LOCAL_MEM_FENCE);
+  for (int off = 1; off < 256; off <<= 1) {  // inclusive suffix scan
+    const float add = lid + off < 256 ? red[lid + off] : 0.0f;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    red[lid] += add;
+    barrier(CLK_LOCAL_MEM_FENCE);
+  }
+  float acc = tail + (lid + 1 < 256 ? red[lid + 1] : 0.0f);
+  for (int t = t1 - 1; t >= t0; --t) {
     const size_t g = gbase + t;
     acc += qdq[g] - kdk[g];
     df[g] = acc / (1.0f + exp(f[g]));  // sigmoid(-f)
@@ -550,12 +654,19 @@ __kernel void bw_gate_grads(__global const float* i, __global const float* f, __
     di[g] = kdk[g] / (1.0f + exp(i[g]));
 #endif
   }
-  float dm = 0.0f;
+  barrier(CLK_LOCAL_MEM_FENCE);
+  p = 0.0f;
 #if GATE_EXP
   if (has_init) {
-    for (int x = 0; x < DHQK * DHHV; ++x) dm += dC0[cbase + x] * C0[cbase + x];
-    for (int x = 0; x < DHQK; ++x) dm += dn0[nbase + x] * n0[nbase + x];
+    for (int x = lid; x < DHQK * DHHV; x += 256) p += dC0[cbase + x] * C0[cbase + x];
+    for (int x = lid; x < DHQK; x += 256) p += dn0[nbase + x] * n0[nbase + x];
   }
 #endif
-  dm0[row] = dm;
+  red[lid] = p;
+  barrier(CLK_LOCAL_MEM_FENCE);
+  for (int off = 128; off > 0; off >>= 1) {
+    if (lid < off) red[lid] += red[lid + off];
+    barrier(CLK_LOCAL_MEM_FENCE);
+  }
+  if (lid == 0) dm0[row] = red[0];
 }
