@@ -1,5 +1,6 @@
 #include "mlstm/devices/opencl_kernels.hpp"
 
+#include <cstdlib>
 #include <sstream>
 
 namespace mlstm::opencl {
@@ -83,7 +84,11 @@ class ResidentPortable final : public ResidentChunkwise {
          << " -DGATE_EXP=" << (o.gate == GateVariant::exp ? 1 : 0) << " -DNORMALIZE=" << (o.normalize ? 1 : 0)
          << " -DIN_DTYPE=" << dtype_code(dev_dtype_) << " -DEPS=" << std::hexfloat << static_cast<float>(o.eps) << "f";
     // The tiled output kernel when its tiles fit in local memory (QB queries x KT keys), else the per-token one.
+    // MLSTM_OPENCL_UNTILED=1 forces the per-token output and backward kernels (tests of the fallback).
+    const char* untiled_env = std::getenv("MLSTM_OPENCL_UNTILED");
+    const bool untiled = untiled_env && std::string(untiled_env) == "1";
     for (int cand : {16, 8}) {
+      if (untiled) break;
       const std::uint64_t bytes = 4ull * (static_cast<std::uint64_t>(cand) * (2 * p_.DHQK + p_.DHHV + cand + 4));
       if (bytes + 1024 <= dev.info().local_memory &&
           static_cast<std::size_t>(ChunkwiseRunner::kWorkGroup) <= dev.info().max_work_group) {
@@ -92,6 +97,18 @@ class ResidentPortable final : public ResidentChunkwise {
       }
     }
     if (qb_ > 0) opts << " -DQB=" << qb_ << " -DKT=" << qb_ << " -DWG=" << ChunkwiseRunner::kWorkGroup;
+    // The tiled backward kernel when its blocks fit in local memory, else the per-token one.
+    {
+      const std::uint64_t K = static_cast<std::uint64_t>(p_.DHQK), V = static_cast<std::uint64_t>(p_.DHHV);
+      const std::uint64_t bytes = 4ull * (kBackwardBlock * (V + K) + kBackwardTile * (K + V) +
+                                          2 * kBackwardBlock * kBackwardTile + 6 * kBackwardBlock + 4 * kBackwardTile +
+                                          2 * ChunkwiseRunner::kWorkGroup);
+      if (!untiled && bytes + 1024 <= dev.info().local_memory &&
+          static_cast<std::size_t>(ChunkwiseRunner::kWorkGroup) <= dev.info().max_work_group) {
+        tiled_backward_ = true;
+        opts << " -DBQB=" << kBackwardBlock << " -DBKT=" << kBackwardTile << " -DBWG=" << ChunkwiseRunner::kWorkGroup;
+      }
+    }
     cl_program prog = dev.program("mlstm_chunkwise", opts.str());
     k_gates_ = KernelObject{dev.kernel(prog, "fw_gates")};
     k_weights_ = KernelObject{dev.kernel(prog, "fw_state_weights")};
@@ -156,7 +173,7 @@ class ResidentPortable final : public ResidentChunkwise {
       has_grads_ = true;
       k_prep_ = KernelObject{dev.kernel(prog, "bw_prep")};
       k_bw_states_ = KernelObject{dev.kernel(prog, "bw_states_tiled")};
-      k_bw_grads_ = KernelObject{dev.kernel(prog, "bw_grads")};
+      k_bw_grads_ = KernelObject{dev.kernel(prog, tiled_backward_ ? "bw_grads_tiled" : "bw_grads")};
       k_gate_grads_ = KernelObject{dev.kernel(prog, "bw_gate_grads")};
       dh_ = up_dtype(grads->dh);
       has_dlast_ = grads->dc_last.empty() ? 0 : 1;
@@ -211,7 +228,13 @@ class ResidentPortable final : public ResidentChunkwise {
     const std::size_t rows = static_cast<std::size_t>(rows_), S = static_cast<std::size_t>(S_);
     launch(k_prep_, "bw_prep", 2, {round_up(S, 64), rows}, {64, 1}, events);
     launch(k_bw_states_, "bw_states_tiled", 2, {256 * state_tiles(), rows}, {256, 1}, events);
-    launch(k_bw_grads_, "bw_grads", 2, {S * 64, rows}, {64, 1}, events);
+    if (tiled_backward_) {
+      const std::size_t blocks = static_cast<std::size_t>(nchunks_) * ((static_cast<std::size_t>(L_) + kBackwardBlock - 1) / kBackwardBlock);
+      launch(k_bw_grads_, "bw_grads_tiled", 2, {blocks * ChunkwiseRunner::kWorkGroup, rows},
+             {static_cast<std::size_t>(ChunkwiseRunner::kWorkGroup), 1}, events);
+    } else {
+      launch(k_bw_grads_, "bw_grads", 2, {S * 64, rows}, {64, 1}, events);
+    }
     launch(k_gate_grads_, "bw_gate_grads", 1, {256 * rows}, {256}, events);
   }
 
@@ -280,7 +303,8 @@ class ResidentPortable final : public ResidentChunkwise {
   MlstmOptions options_;
   ProblemShape p_;
   DType dev_dtype_ = DType::f32;
-  bool outputs_ = true, has_grads_ = false, forward_done_ = false;
+  static constexpr std::size_t kBackwardBlock = 8, kBackwardTile = 16;  // bw_grads_tiled: tokens per block / tile
+  bool outputs_ = true, has_grads_ = false, forward_done_ = false, tiled_backward_ = false;
   int S_ = 0, rows_ = 0, L_ = 0, nchunks_ = 0, qb_ = 0, has_init_ = 0, has_dlast_ = 0;
   KernelObject k_gates_, k_weights_, k_states_, k_outputs_, k_prep_, k_bw_states_, k_bw_grads_, k_gate_grads_;
   Buffer q_, k_, v_, i_, f_, C0_, n0_, m0_, b_, ig_, G_, Cb_, nb_, mb_, Co_, no_, mo_, carry_, wtok_, h_, mt_, Nt_,

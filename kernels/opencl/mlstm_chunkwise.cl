@@ -606,6 +606,233 @@ __kernel void bw_grads(__global const in_t* q, __global const in_t* k, __global 
   }
 }
 
+// Tiled bw_grads: one work group of BWG per (row, chunk, block of BQB tokens). Part A: the block's tokens
+// as queries (dq), key tiles of BKT tokens staged in local memory. Part B: the block's tokens as keys (dk,
+// dv), query tiles of BKT tokens staged. Coefficient blocks (BQB x BKT) are computed once per tile in local
+// memory and shared by all columns, so every staged value serves BQB tokens. Work item lid owns the columns
+// d = lid + BWG*i (DHQK) and e = lid + BWG*i (DHHV). Extra build options: -DBQB -DBKT -DBWG.
+#ifdef BQB
+#define BDPI ((DHQK + BWG - 1) / BWG)
+#define BVPI ((DHHV + BWG - 1) / BWG)
+__kernel __attribute__((reqd_work_group_size(BWG, 1, 1)))
+void bw_grads_tiled(__global const in_t* q, __global const in_t* k, __global const in_t* v,
+                    __global const in_t* dh, __global const float* dden, __global const float* b,
+                    __global const float* ig, __global const float* mb, __global const float* wtok,
+                    __global const float* Cb, __global const float* nb, __global const float* dCn,
+                    __global const float* dnn, __global const float* m_tok, __global const float* N_tok,
+                    __global in_t* dq, __global in_t* dk, __global in_t* dv, __global float* qdq,
+                    __global float* kdk, int S, int nchunks) {
+  __local float blk_a[BQB][DHHV];   // part A: dnum of the block; part B: v of the block
+  __local float blk_b[BQB][DHQK];   // part B: k of the block
+  __local float tile_x[BKT][DHQK];  // part A: k tile; part B: q' tile
+  __local float tile_y[BKT][DHHV];  // part A: v tile; part B: dnum tile
+  __local float coef1[BQB][BKT], coef2[BQB][BKT];
+  __local float sc_b[BQB], sc_m[BQB], sc_dd[BQB], sc_w[BQB], sc_u[BQB], sc_ig[BQB];
+  __local float tl_b[BKT], tl_m[BKT], tl_dd[BKT], tl_ig[BKT];
+  __local float red[2 * BWG];
+  const int blocks = (CHUNK + BQB - 1) / BQB;
+  const int c = get_group_id(0) / blocks, qb = get_group_id(0) % blocks;
+  const int row = get_group_id(1), lid = get_local_id(0);
+  const int tc0 = c * CHUNK, tc1 = min(S, tc0 + CHUNK);
+  const int j0 = tc0 + qb * BQB, jn = min(BQB, tc1 - j0);
+  if (jn <= 0) return;
+  const size_t gbase = (size_t)row * S, bidx = (size_t)row * nchunks + c;
+  const float scale = rsqrt((float)DHQK);
+  const float mc = mb[bidx];
+  if (lid < BQB) {
+    const int j = lid;
+    if (j < jn) {
+      const size_t g = gbase + j0 + j;
+      sc_b[j] = b[g]; sc_m[j] = m_tok[g]; sc_dd[j] = dden[g]; sc_w[j] = wtok[g]; sc_ig[j] = ig[g];
+      sc_u[j] = safe_exp(b[g] + mc - m_tok[g]);
+    } else {
+      sc_b[j] = 0.0f; sc_m[j] = 0.0f; sc_dd[j] = 0.0f; sc_w[j] = 0.0f; sc_ig[j] = 0.0f; sc_u[j] = 0.0f;
+    }
+  }
+  // ---- Part A: dq of the block's tokens ----
+  for (int x = lid; x < BQB * DHHV; x += BWG) {
+    const int j = x / DHHV, e = x % DHHV;
+    blk_a[j][e] = j < jn ? ld(dh, (gbase + j0 + j) * DHHV + e) / N_tok[gbase + j0 + j] : 0.0f;
+  }
+  barrier(CLK_LOCAL_MEM_FENCE);
+  float aq[BQB][BDPI];
+  for (int i = 0; i < BDPI; ++i) {  // inter part: u_j (C dnum_j + n dden_j)
+    const int d = lid + i * BWG;
+    float acc[BQB];
+    for (int j = 0; j < BQB; ++j) acc[j] = 0.0f;
+    if (d < DHQK) {
+      for (int e = 0; e < DHHV; ++e) {
+        const float cde = Cb[(bidx * DHQK + d) * DHHV + e];
+        for (int j = 0; j < BQB; ++j) acc[j] += cde * blk_a[j][e];
+      }
+      const float nd = nb[bidx * DHQK + d];
+      for (int j = 0; j < BQB; ++j) acc[j] += nd * sc_dd[j];
+    }
+    for (int j = 0; j < BQB; ++j) aq[j][i] = sc_u[j] * acc[j];
+  }
+  const int send = j0 + jn;  // keys s < send
+  for (int s0 = tc0; s0 < send; s0 += BKT) {
+    const int sn = min(BKT, send - s0);
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int x = lid; x < BKT * DHQK; x += BWG) {
+      const int l = x / DHQK, d = x % DHQK;
+      tile_x[l][d] = l < sn ? ld(k, (gbase + s0 + l) * DHQK + d) : 0.0f;
+    }
+    for (int x = lid; x < BKT * DHHV; x += BWG) {
+      const int l = x / DHHV, e = x % DHHV;
+      tile_y[l][e] = l < sn ? ld(v, (gbase + s0 + l) * DHHV + e) : 0.0f;
+    }
+    if (lid < BKT) {
+      const int l = lid;
+      tl_b[l] = l < sn ? b[gbase + s0 + l] : 0.0f;
+      tl_ig[l] = l < sn ? ig[gbase + s0 + l] : 0.0f;
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int x = lid; x < BQB * BKT; x += BWG) {
+      const int j = x / BKT, l = x % BKT, t = j0 + j, sidx = s0 + l;
+      float cf = 0.0f;
+      if (j < jn && l < sn && sidx <= t) {
+        float dot = 0.0f;
+        for (int e = 0; e < DHHV; ++e) dot += blk_a[j][e] * tile_y[l][e];
+        cf = exp(sc_b[j] - tl_b[l] + tl_ig[l] - sc_m[j]) * (dot + sc_dd[j]);
+      }
+      coef1[j][l] = cf;
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int i = 0; i < BDPI; ++i) {
+      const int d = lid + i * BWG;
+      if (d >= DHQK) continue;
+      for (int l = 0; l < sn; ++l) {
+        const float kd = tile_x[l][d];
+        for (int j = 0; j < BQB; ++j) aq[j][i] += coef1[j][l] * kd;
+      }
+    }
+  }
+  // ---- Part B: dk, dv of the block's tokens (as keys) ----
+  barrier(CLK_LOCAL_MEM_FENCE);
+  for (int x = lid; x < BQB * DHHV; x += BWG) {
+    const int j = x / DHHV, e = x % DHHV;
+    blk_a[j][e] = j < jn ? ld(v, (gbase + j0 + j) * DHHV + e) : 0.0f;
+  }
+  for (int x = lid; x < BQB * DHQK; x += BWG) {
+    const int j = x / DHQK, d = x % DHQK;
+    blk_b[j][d] = j < jn ? ld(k, (gbase + j0 + j) * DHQK + d) : 0.0f;
+  }
+  barrier(CLK_LOCAL_MEM_FENCE);
+  float ak[BQB][BDPI], av[BQB][BVPI];
+  for (int i = 0; i < BDPI; ++i) {  // inter: w_j (dCn v_j + dnn)
+    const int d = lid + i * BWG;
+    float acc[BQB];
+    for (int j = 0; j < BQB; ++j) acc[j] = 0.0f;
+    if (d < DHQK) {
+      for (int e = 0; e < DHHV; ++e) {
+        const float g = dCn[(bidx * DHQK + d) * DHHV + e];
+        for (int j = 0; j < BQB; ++j) acc[j] += g * blk_a[j][e];
+      }
+      const float dn = dnn[bidx * DHQK + d];
+      for (int j = 0; j < BQB; ++j) acc[j] += dn;
+    }
+    for (int j = 0; j < BQB; ++j) ak[j][i] = sc_w[j] * acc[j];
+  }
+  for (int i = 0; i < BVPI; ++i) {  // inter: w_j dCn^T k_j
+    const int e = lid + i * BWG;
+    float acc[BQB];
+    for (int j = 0; j < BQB; ++j) acc[j] = 0.0f;
+    if (e < DHHV) {
+      for (int d = 0; d < DHQK; ++d) {
+        const float g = dCn[(bidx * DHQK + d) * DHHV + e];
+        for (int j = 0; j < BQB; ++j) acc[j] += g * blk_b[j][d];
+      }
+    }
+    for (int j = 0; j < BQB; ++j) av[j][i] = sc_w[j] * acc[j];
+  }
+  for (int r0 = j0; r0 < tc1; r0 += BKT) {  // queries t >= j0
+    const int rn = min(BKT, tc1 - r0);
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int x = lid; x < BKT * DHQK; x += BWG) {
+      const int l = x / DHQK, d = x % DHQK;
+      tile_x[l][d] = l < rn ? ld(q, (gbase + r0 + l) * DHQK + d) * scale : 0.0f;
+    }
+    for (int x = lid; x < BKT * DHHV; x += BWG) {
+      const int l = x / DHHV, e = x % DHHV;
+      tile_y[l][e] = l < rn ? ld(dh, (gbase + r0 + l) * DHHV + e) / N_tok[gbase + r0 + l] : 0.0f;
+    }
+    if (lid < BKT) {
+      const int l = lid;
+      const size_t g = gbase + r0 + l;
+      tl_b[l] = l < rn ? b[g] : 0.0f;
+      tl_m[l] = l < rn ? m_tok[g] : 0.0f;
+      tl_dd[l] = l < rn ? dden[g] : 0.0f;
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int x = lid; x < BQB * BKT; x += BWG) {
+      const int j = x / BKT, l = x % BKT, sidx = j0 + j, t = r0 + l;
+      float c1 = 0.0f, c2 = 0.0f;
+      if (j < jn && l < rn && t >= sidx) {
+        float dva = 0.0f, qk = 0.0f;
+        for (int e = 0; e < DHHV; ++e) dva += tile_y[l][e] * blk_a[j][e];
+        for (int d = 0; d < DHQK; ++d) qk += tile_x[l][d] * blk_b[j][d];
+        const float P = exp(tl_b[l] - sc_b[j] + sc_ig[j] - tl_m[l]);
+        c1 = P * (dva + tl_dd[l]);
+        c2 = P * qk;
+      }
+      coef1[j][l] = c1;
+      coef2[j][l] = c2;
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int i = 0; i < BDPI; ++i) {
+      const int d = lid + i * BWG;
+      if (d >= DHQK) continue;
+      for (int l = 0; l < rn; ++l) {
+        const float qd = tile_x[l][d];
+        for (int j = 0; j < BQB; ++j) ak[j][i] += coef1[j][l] * qd;
+      }
+    }
+    for (int i = 0; i < BVPI; ++i) {
+      const int e = lid + i * BWG;
+      if (e >= DHHV) continue;
+      for (int l = 0; l < rn; ++l) {
+        const float de = tile_y[l][e];
+        for (int j = 0; j < BQB; ++j) av[j][i] += coef2[j][l] * de;
+      }
+    }
+  }
+  // ---- Store, and q.dq, k.dk per token (q = q'/scale, dq = scale * aq) ----
+  for (int j = 0; j < jn; ++j) {
+    const size_t g = gbase + j0 + j;
+    float pq = 0.0f, pk = 0.0f;
+    for (int i = 0; i < BDPI; ++i) {
+      const int d = lid + i * BWG;
+      if (d >= DHQK) continue;
+      const float dqd = aq[j][i] * scale;
+      st(dq, g * DHQK + d, dqd);
+      st(dk, g * DHQK + d, ak[j][i]);
+      pq += ld(q, g * DHQK + d) * dqd;
+      pk += blk_b[j][d] * ak[j][i];
+    }
+    for (int i = 0; i < BVPI; ++i) {
+      const int e = lid + i * BWG;
+      if (e < DHHV) st(dv, g * DHHV + e, av[j][i]);
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    red[lid] = pq;
+    red[BWG + lid] = pk;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int off = BWG / 2; off > 0; off >>= 1) {
+      if (lid < off) {
+        red[lid] += red[lid + off];
+        red[BWG + lid] += red[BWG + lid + off];
+      }
+      barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    if (lid == 0) {
+      qdq[g] = red[0];
+      kdk[g] = red[BWG];
+    }
+  }
+}
+#endif
+
 // One work group of 256 per row: di, df (reverse cumsum over the whole sequence plus the last-state term,
 // as a blocked suffix scan) and dm0.
 __kernel __attribute__((reqd_work_group_size(256, 1, 1)))

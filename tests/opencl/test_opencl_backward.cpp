@@ -4,6 +4,8 @@
 // device-resident problem (repeated passes identical, one event per launch).
 #include <gtest/gtest.h>
 
+#include <cstdlib>
+
 #include "mlstm/devices/opencl.hpp"
 #include "mlstm/devices/opencl_kernels.hpp"
 #include "mlstm/reference.hpp"
@@ -80,6 +82,29 @@ INSTANTIATE_TEST_SUITE_P(
                       BwCase{spec(1, 2, 100, 16, 16, DType::f32, GateVariant::sigmoid, false), 64, false},
                       BwCase{spec(2, 1, 110, 16, 16, DType::f32, GateVariant::exp, true, GateRegime::extreme), 64},
                       BwCase{spec(1, 2, 80, 16, 16, DType::bf16, GateVariant::sigmoid, false, GateRegime::extreme), 64}));
+
+// The per-token output and backward kernels (used where the tiled ones do not fit in local memory).
+TEST(PortableBackwardFallback, PerTokenKernelsMatchReference) {
+  REQUIRE_OPENCL();
+  ::setenv("MLSTM_OPENCL_UNTILED", "1", 1);
+  const auto dev = opencl::open_device(opencl::select_devices("0").front());
+  const InputSpec s = spec(2, 2, 150, 48, 24, DType::f32, GateVariant::exp, true);
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  MlstmOptions o;
+  o.chunk_size = 48;
+  const auto args = in.backward_args(true);
+  const auto got = opencl::ChunkwiseRunner(dev).backward(args, o);
+  const auto fw = opencl::ChunkwiseRunner(dev).forward(in.args(), o);
+  ::unsetenv("MLSTM_OPENCL_UNTILED");
+  const auto ref = reference::recurrent_backward(args, o, reference::StabilizerGradient::stop);
+  const auto rf = reference::recurrent_forward(in.args(), o);
+  EXPECT_TRUE(testing::matches(fw.h, rf.h, 1e-4, "portable per-token", "h", s));
+  EXPECT_TRUE(testing::matches(got.dq, ref.dq, 1e-3, "portable per-token", "dq", s));
+  EXPECT_TRUE(testing::matches(got.dk, ref.dk, 1e-3, "portable per-token", "dk", s));
+  EXPECT_TRUE(testing::matches(got.dv, ref.dv, 1e-3, "portable per-token", "dv", s));
+  EXPECT_TRUE(testing::matches(got.df, ref.df, 1e-3, "portable per-token", "df", s));
+  EXPECT_TRUE(testing::matches(got.dc0, ref.dc0, 1e-3, "portable per-token", "dc0", s));
+}
 
 TEST(PortableResident, RepeatedPassesAreIdenticalAndTimed) {
   REQUIRE_OPENCL();
