@@ -217,6 +217,7 @@ Device::Device(const DeviceInfo& info) : info_(info) {
 }
 
 Device::~Device() {
+  pool_.clear();
   for (auto& [key, p] : programs_) clReleaseProgram(p);
   if (profiling_queue_) clReleaseCommandQueue(profiling_queue_);
   if (queue_) clReleaseCommandQueue(queue_);
@@ -260,6 +261,108 @@ cl_kernel Device::kernel(cl_program program, const char* name) {
   cl_kernel k = clCreateKernel(program, name, &err);
   check(err, (std::string("clCreateKernel(") + name + ")").c_str(), info_.name);
   return k;
+}
+
+PooledBuffer& PooledBuffer::operator=(PooledBuffer&& o) noexcept {
+  if (this != &o) {
+    if (device_) device_->release(std::move(buffer_));
+    device_ = o.device_;
+    buffer_ = std::move(o.buffer_);
+    o.device_ = nullptr;
+  }
+  return *this;
+}
+
+PooledBuffer::~PooledBuffer() {
+  if (device_) device_->release(std::move(buffer_));
+}
+
+namespace {
+// Powers of two from 64 KiB to 64 MiB, then multiples of 16 MiB (at most 25% over the request).
+std::size_t size_class(std::size_t bytes) {
+  constexpr std::size_t kLarge = std::size_t{64} << 20, kStep = std::size_t{16} << 20;
+  if (bytes > kLarge) return (bytes + kStep - 1) / kStep * kStep;
+  std::size_t c = std::size_t{64} << 10;
+  while (c < bytes) c <<= 1;
+  return c;
+}
+}  // namespace
+
+PooledBuffer Device::acquire(std::size_t bytes) {
+  const std::size_t cls = size_class(bytes);
+  {
+    std::lock_guard lock(pool_mutex_);
+    auto it = pool_.find(cls);
+    if (it != pool_.end() && !it->second.empty()) {
+      Buffer b = std::move(it->second.back());
+      it->second.pop_back();
+      ++pool_stats_.hits;
+      pool_stats_.bytes_held -= cls;
+      --pool_stats_.buffers_held;
+      return PooledBuffer(this, std::move(b));
+    }
+    ++pool_stats_.misses;
+  }
+  cl_int err = CL_SUCCESS;
+  cl_mem m = clCreateBuffer(context_, CL_MEM_READ_WRITE, cls, nullptr, &err);
+  if (err == CL_MEM_OBJECT_ALLOCATION_FAILURE || err == CL_OUT_OF_RESOURCES) {
+    trim();  // give the pool's free buffers back and try once more
+    err = CL_SUCCESS;
+    m = clCreateBuffer(context_, CL_MEM_READ_WRITE, cls, nullptr, &err);
+  }
+  check(err, "clCreateBuffer(pool)", info_.name);
+  return PooledBuffer(this, Buffer(m, cls));
+}
+
+PooledBuffer Device::acquire_upload(const void* data, std::size_t bytes) {
+  PooledBuffer b = acquire(bytes);
+  if (bytes) check(clEnqueueWriteBuffer(queue_, b.get(), CL_TRUE, 0, bytes, data, 0, nullptr, nullptr),
+                   "clEnqueueWriteBuffer", info_.name);
+  return b;
+}
+
+void Device::release(Buffer&& buffer) noexcept {
+  if (!buffer.get()) return;
+  const std::size_t cls = buffer.bytes();
+  std::lock_guard lock(pool_mutex_);
+  if (pool_stats_.bytes_held + cls > info_.global_memory / 4) return;  // not kept: freed by Buffer's destructor
+  pool_[cls].push_back(std::move(buffer));
+  pool_stats_.bytes_held += cls;
+  ++pool_stats_.buffers_held;
+}
+
+PoolStats Device::pool_stats() const {
+  std::lock_guard lock(pool_mutex_);
+  return pool_stats_;
+}
+
+void Device::trim() {
+  std::map<std::size_t, std::vector<Buffer>> freed;
+  {
+    std::lock_guard lock(pool_mutex_);
+    freed.swap(pool_);
+    if (pool_stats_.buffers_held)
+      spdlog::debug("mlstm-flow: {}: buffer pool trimmed ({} buffers, {} MiB)", info_.name, pool_stats_.buffers_held,
+                    pool_stats_.bytes_held >> 20);
+    pool_stats_.bytes_held = 0;
+    pool_stats_.buffers_held = 0;
+  }
+}
+
+cl_event Device::upload_async(const Buffer& dst, const void* host, std::size_t bytes, std::size_t offset,
+                              cl_command_queue queue) {
+  cl_event e = nullptr;
+  check(clEnqueueWriteBuffer(queue ? queue : queue_, dst.get(), CL_FALSE, offset, bytes, host, 0, nullptr, &e),
+        "clEnqueueWriteBuffer(async)", info_.name);
+  return e;
+}
+
+cl_event Device::download_async(const Buffer& src, void* host, std::size_t bytes, std::size_t offset,
+                                cl_command_queue queue) {
+  cl_event e = nullptr;
+  check(clEnqueueReadBuffer(queue ? queue : queue_, src.get(), CL_FALSE, offset, bytes, host, 0, nullptr, &e),
+        "clEnqueueReadBuffer(async)", info_.name);
+  return e;
 }
 
 Buffer Device::alloc(std::size_t bytes) {

@@ -36,7 +36,7 @@ void set_args(cl_kernel k, const std::string& device, const Args&... args) {
   cl_uint index = 0;
   auto one = [&](const auto& a) {
     using T = std::decay_t<decltype(a)>;
-    if constexpr (std::is_same_v<T, Buffer>) {
+    if constexpr (std::is_same_v<T, Buffer> || std::is_same_v<T, PooledBuffer>) {
       cl_mem m = a.get();
       check(clSetKernelArg(k, index++, sizeof(cl_mem), &m), "clSetKernelArg", device);
     } else {
@@ -87,8 +87,11 @@ class ResidentPortable final : public ResidentChunkwise {
     // MLSTM_OPENCL_UNTILED=1 forces the per-token output and backward kernels (tests of the fallback).
     const char* untiled_env = std::getenv("MLSTM_OPENCL_UNTILED");
     const bool untiled = untiled_env && std::string(untiled_env) == "1";
+    // Chunks shorter than a query block (chunk 1: the recurrent form and the step kernel) use the per-token
+    // kernels: a block would be mostly empty, and PoCL 3.1 computed wrong h with the tiled kernel at CHUNK=1
+    // and DHHV > 64 (measured; the per-token kernel is exact there).
     for (int cand : {16, 8}) {
-      if (untiled) break;
+      if (untiled || L_ < cand) break;
       const std::uint64_t bytes = 4ull * (static_cast<std::uint64_t>(cand) * (2 * p_.DHQK + p_.DHHV + cand + 4));
       if (bytes + 1024 <= dev.info().local_memory &&
           static_cast<std::size_t>(ChunkwiseRunner::kWorkGroup) <= dev.info().max_work_group) {
@@ -103,7 +106,7 @@ class ResidentPortable final : public ResidentChunkwise {
       const std::uint64_t bytes = 4ull * (kBackwardBlock * (V + K) + kBackwardTile * (K + V) +
                                           2 * kBackwardBlock * kBackwardTile + 6 * kBackwardBlock + 4 * kBackwardTile +
                                           2 * ChunkwiseRunner::kWorkGroup);
-      if (!untiled && bytes + 1024 <= dev.info().local_memory &&
+      if (!untiled && static_cast<std::size_t>(L_) >= kBackwardBlock && bytes + 1024 <= dev.info().local_memory &&
           static_cast<std::size_t>(ChunkwiseRunner::kWorkGroup) <= dev.info().max_work_group) {
         tiled_backward_ = true;
         opts << " -DBQB=" << kBackwardBlock << " -DBKT=" << kBackwardTile << " -DBWG=" << ChunkwiseRunner::kWorkGroup;
@@ -120,15 +123,15 @@ class ResidentPortable final : public ResidentChunkwise {
     const std::size_t nb = static_cast<std::size_t>(rows_) * static_cast<std::size_t>(nchunks_);
     auto up_dtype = [&](ConstTensorView t) {
       const Tensor c = Tensor::copy_of(t, dev_dtype_);
-      return dev.upload(c.bytes(), c.nbytes());
+      return dev.acquire_upload(c.bytes(), c.nbytes());
     };
     auto up_f32 = [&](ConstTensorView t) {
       const auto x = as_f32(t);
-      return dev.upload(x.data(), x.size() * fs);
+      return dev.acquire_upload(x.data(), x.size() * fs);
     };
     auto zeros = [&](std::size_t n) {
       const std::vector<float> z(std::max<std::size_t>(n, 1), 0.f);
-      return dev.upload(z.data(), z.size() * fs);
+      return dev.acquire_upload(z.data(), z.size() * fs);
     };
     q_ = up_dtype(a.q);
     k_ = up_dtype(a.k);
@@ -145,22 +148,22 @@ class ResidentPortable final : public ResidentChunkwise {
       n0_ = zeros(static_cast<std::size_t>(rows_) * K);
       m0_ = zeros(static_cast<std::size_t>(rows_));
     }
-    b_ = dev.alloc(tok * fs);
-    ig_ = dev.alloc(tok * fs);
-    G_ = dev.alloc(nb * fs);
-    Cb_ = dev.alloc(nb * K * V * fs);
-    nb_ = dev.alloc(nb * K * fs);
-    mb_ = dev.alloc(nb * fs);
-    Co_ = dev.alloc(static_cast<std::size_t>(rows_) * K * V * fs);
-    no_ = dev.alloc(static_cast<std::size_t>(rows_) * K * fs);
-    mo_ = dev.alloc(static_cast<std::size_t>(rows_) * fs);
-    carry_ = dev.alloc(nb * fs);
-    wtok_ = dev.alloc(tok * fs);
+    b_ = dev.acquire(tok * fs);
+    ig_ = dev.acquire(tok * fs);
+    G_ = dev.acquire(nb * fs);
+    Cb_ = dev.acquire(nb * K * V * fs);
+    nb_ = dev.acquire(nb * K * fs);
+    mb_ = dev.acquire(nb * fs);
+    Co_ = dev.acquire(static_cast<std::size_t>(rows_) * K * V * fs);
+    no_ = dev.acquire(static_cast<std::size_t>(rows_) * K * fs);
+    mo_ = dev.acquire(static_cast<std::size_t>(rows_) * fs);
+    carry_ = dev.acquire(nb * fs);
+    wtok_ = dev.acquire(tok * fs);
     if (outputs_) {
-      h_ = dev.alloc(tok * V * dtype_size(dev_dtype_));
-      mt_ = dev.alloc(tok * fs);
-      Nt_ = dev.alloc(tok * fs);
-      dent_ = dev.alloc(tok * fs);
+      h_ = dev.acquire(tok * V * dtype_size(dev_dtype_));
+      mt_ = dev.acquire(tok * fs);
+      Nt_ = dev.acquire(tok * fs);
+      dent_ = dev.acquire(tok * fs);
     }
     const int S = S_, nc = nchunks_;
     set_args(k_gates_.k, dn, i_, f_, b_, ig_, G_, S, nc);
@@ -184,19 +187,19 @@ class ResidentPortable final : public ResidentChunkwise {
         dCl_ = zeros(1);
         dnl_ = zeros(1);
       }
-      dden_ = dev.alloc(tok * fs);
-      dCn_ = dev.alloc(nb * K * V * fs);
-      dnn_ = dev.alloc(nb * K * fs);
-      dC0_ = dev.alloc(static_cast<std::size_t>(rows_) * K * V * fs);
-      dn0_ = dev.alloc(static_cast<std::size_t>(rows_) * K * fs);
-      dm0_ = dev.alloc(static_cast<std::size_t>(rows_) * fs);
-      dq_ = dev.alloc(tok * K * dtype_size(dev_dtype_));
-      dk_ = dev.alloc(tok * K * dtype_size(dev_dtype_));
-      dv_ = dev.alloc(tok * V * dtype_size(dev_dtype_));
-      qdq_ = dev.alloc(tok * fs);
-      kdk_ = dev.alloc(tok * fs);
-      di_ = dev.alloc(tok * fs);
-      df_ = dev.alloc(tok * fs);
+      dden_ = dev.acquire(tok * fs);
+      dCn_ = dev.acquire(nb * K * V * fs);
+      dnn_ = dev.acquire(nb * K * fs);
+      dC0_ = dev.acquire(static_cast<std::size_t>(rows_) * K * V * fs);
+      dn0_ = dev.acquire(static_cast<std::size_t>(rows_) * K * fs);
+      dm0_ = dev.acquire(static_cast<std::size_t>(rows_) * fs);
+      dq_ = dev.acquire(tok * K * dtype_size(dev_dtype_));
+      dk_ = dev.acquire(tok * K * dtype_size(dev_dtype_));
+      dv_ = dev.acquire(tok * V * dtype_size(dev_dtype_));
+      qdq_ = dev.acquire(tok * fs);
+      kdk_ = dev.acquire(tok * fs);
+      di_ = dev.acquire(tok * fs);
+      df_ = dev.acquire(tok * fs);
       set_args(k_prep_.k, dn, dh_, h_, mt_, Nt_, dent_, dden_, S);
       set_args(k_bw_states_.k, dn, q_, dh_, dden_, b_, mb_, carry_, mt_, Nt_, dCl_, dnl_, has_dlast_, dCn_, dnn_, dC0_,
                dn0_, S, nc);
@@ -262,7 +265,7 @@ class ResidentPortable final : public ResidentChunkwise {
     if (!has_grads_) throw Error("portable resident problem was made without dh: no gradients");
     finish();
     BackwardResult out;
-    auto read = [&](const Buffer& b, Shape shape, DType stored, DType wanted) {
+    auto read = [&](const PooledBuffer& b, Shape shape, DType stored, DType wanted) {
       Tensor t(std::move(shape), stored);
       device_->download(b, t.bytes(), t.nbytes());
       return stored == wanted ? t : t.to(wanted);
@@ -307,7 +310,7 @@ class ResidentPortable final : public ResidentChunkwise {
   bool outputs_ = true, has_grads_ = false, forward_done_ = false, tiled_backward_ = false;
   int S_ = 0, rows_ = 0, L_ = 0, nchunks_ = 0, qb_ = 0, has_init_ = 0, has_dlast_ = 0;
   KernelObject k_gates_, k_weights_, k_states_, k_outputs_, k_prep_, k_bw_states_, k_bw_grads_, k_gate_grads_;
-  Buffer q_, k_, v_, i_, f_, C0_, n0_, m0_, b_, ig_, G_, Cb_, nb_, mb_, Co_, no_, mo_, carry_, wtok_, h_, mt_, Nt_,
+  PooledBuffer q_, k_, v_, i_, f_, C0_, n0_, m0_, b_, ig_, G_, Cb_, nb_, mb_, Co_, no_, mo_, carry_, wtok_, h_, mt_, Nt_,
       dent_, dh_, dCl_, dnl_, dden_, dCn_, dnn_, dC0_, dn0_, dm0_, dq_, dk_, dv_, qdq_, kdk_, di_, df_;
 };
 
@@ -366,17 +369,111 @@ class OpenCLChunkwiseKernel final : public SequenceKernel {
 
 }  // namespace
 
+namespace {
+
+// parallel--opencl and sequence--opencl: the same device kernels with one chunk covering the whole sequence
+// (the parallel form: every token against every earlier one, with key tiling so S is not bounded by local
+// memory) or chunks of one token (the recurrent form, one step per chunk of the state kernel).
+class OpenCLFormKernel final : public SequenceKernel {
+ public:
+  OpenCLFormKernel(KernelInfo info, std::shared_ptr<Device> device) : info_(std::move(info)), runner_(std::move(device)) {}
+  const KernelInfo& info() const noexcept override { return info_; }
+  ForwardResult forward(const ForwardArgs& args, const MlstmOptions& options) const override {
+    return runner_.forward(args, chunked(args, options));
+  }
+  BackwardResult backward(const BackwardArgs& args, const MlstmOptions& options) const override {
+    return runner_.backward(args, chunked(args.inputs, options));
+  }
+
+ private:
+  MlstmOptions chunked(const ForwardArgs& args, const MlstmOptions& options) const {
+    MlstmOptions o = options;
+    if (info_.form == KernelForm::parallel) {
+      if (args.q.dims() != 4) throw InvalidArgument("q", "expected (B,NH,S,DHQK)");
+      if (args.q.dim(2) > kMaxParallelS)
+        throw InvalidArgument("q", "parallel--opencl takes S <= " + std::to_string(kMaxParallelS) + " (got S=" +
+                                       std::to_string(args.q.dim(2)) + "; its work grows as S^2: use a chunkwise kernel)");
+      o.chunk_size = std::max<std::int64_t>(1, args.q.dim(2));
+    } else {
+      o.chunk_size = 1;
+    }
+    return o;
+  }
+  static constexpr std::int64_t kMaxParallelS = 16384;
+  KernelInfo info_;
+  ChunkwiseRunner runner_;
+};
+
+// Step kernel `opencl`: one token from a state, as a sequence of length one.
+class OpenCLStepKernel final : public StepKernel {
+ public:
+  OpenCLStepKernel(KernelInfo info, std::shared_ptr<Device> device) : info_(std::move(info)), runner_(std::move(device)) {}
+  const KernelInfo& info() const noexcept override { return info_; }
+  StepResult step(const StepArgs& a, const MlstmOptions& options) const override {
+    const ProblemShape p = validate_step(a, options);
+    auto token = [](ConstTensorView t) {  // (B,NH,D) -> (B,NH,1,D); (B,NH) -> (B,NH,1)
+      Shape shape = t.shape(), strides = t.strides();
+      constexpr std::size_t at = 2;  // the sequence axis
+      shape.insert(shape.begin() + static_cast<std::ptrdiff_t>(at), 1);
+      strides.insert(strides.begin() + static_cast<std::ptrdiff_t>(at), 1);
+      return ConstTensorView(t.bytes(), t.dtype(), shape, strides);
+    };
+    ForwardArgs f;
+    f.q = token(a.q);
+    f.k = token(a.k);
+    f.v = token(a.v);
+    f.i = token(a.i);
+    f.f = token(a.f);
+    if (!a.c.empty()) {
+      f.c0 = a.c;
+      f.n0 = a.n;
+      f.m0 = a.m;
+    }
+    MlstmOptions o = options;
+    o.chunk_size = 1;
+    o.return_last_states = true;
+    ForwardResult r = runner_.forward(f, o);
+    StepResult out;
+    out.h = r.h.reshaped({p.B, p.NH, p.DHHV});
+    out.c = std::move(r.c);
+    out.n = std::move(r.n);
+    out.m = std::move(r.m);
+    return out;
+  }
+
+ private:
+  KernelInfo info_;
+  ChunkwiseRunner runner_;
+};
+
+}  // namespace
+
 void register_kernels(KernelRegistry& registry) {
   const std::vector<DType> dtypes{DType::f64, DType::f32, DType::f16, DType::bf16};
+  auto device_for = [](const KernelTarget& target) { return open_device(select_devices(target.device_spec).front()); };
   auto add = [&](std::string name, std::optional<GateVariant> gate, std::string description) {
     KernelInfo info{std::move(name), KernelForm::chunkwise, "opencl", true, gate, dtypes, std::move(description)};
-    registry.add_sequence(info, [info](const KernelTarget& target) {
-      const auto devices = select_devices(target.device_spec);
-      return std::make_unique<OpenCLChunkwiseKernel>(info, open_device(devices.front()));
+    registry.add_sequence(info, [info, device_for](const KernelTarget& target) {
+      return std::make_unique<OpenCLChunkwiseKernel>(info, device_for(target));
     });
   };
   add("chunkwise--opencl_xl_chunk", std::nullopt, "chunkwise fw+bw, portable OpenCL C 1.2, key-tiled chunks");
   add("chunkwise--opencl_xl_chunk_siging", GateVariant::sigmoid, "chunkwise fw+bw, portable OpenCL, sigmoid input gate");
+  auto add_form = [&](std::string name, KernelForm form, std::string description) {
+    KernelInfo info{std::move(name), form, "opencl", true, std::nullopt, dtypes, std::move(description)};
+    registry.add_sequence(info, [info, device_for](const KernelTarget& target) {
+      return std::make_unique<OpenCLFormKernel>(info, device_for(target));
+    });
+  };
+  add_form("parallel--opencl", KernelForm::parallel,
+           "parallel form fw+bw on an OpenCL device (one key-tiled chunk over the whole sequence, S <= 16384)");
+  add_form("sequence--opencl", KernelForm::sequence,
+           "recurrent form fw+bw on an OpenCL device, step by step (chunks of one token)");
+  KernelInfo step{"opencl", KernelForm::step, "opencl", false, std::nullopt, dtypes,
+                  "recurrent step on an OpenCL device (one token from a state)"};
+  registry.add_step(step, [step, device_for](const KernelTarget& target) {
+    return std::make_unique<OpenCLStepKernel>(step, device_for(target));
+  });
 }
 
 }  // namespace mlstm::opencl

@@ -44,7 +44,7 @@ void set_args(cl_kernel k, const std::string& device, const Args&... args) {
   cl_uint index = 0;
   auto one = [&](const auto& a) {
     using T = std::decay_t<decltype(a)>;
-    if constexpr (std::is_same_v<T, Buffer>) {
+    if constexpr (std::is_same_v<T, Buffer> || std::is_same_v<T, PooledBuffer>) {
       cl_mem m = a.get();
       check(clSetKernelArg(k, index++, sizeof(cl_mem), &m), "clSetKernelArg", device);
     } else {
@@ -253,13 +253,13 @@ class ResidentTensorCore final : public ResidentChunkwise {
     const std::size_t kv = static_cast<std::size_t>(K) * static_cast<std::size_t>(V);
     auto up16 = [&](ConstTensorView t) {
       const Tensor c = Tensor::copy_of(t, shape_.dtype);
-      return dev.upload(c.bytes(), c.nbytes());
+      return dev.acquire_upload(c.bytes(), c.nbytes());
     };
     auto up32 = [&](ConstTensorView t) {
       const auto x = as_f32(t);
-      return dev.upload(x.data(), x.size() * sizeof(float));
+      return dev.acquire_upload(x.data(), x.size() * sizeof(float));
     };
-    auto f32buf = [&](std::size_t n) { return dev.alloc(std::max<std::size_t>(n, 4) * sizeof(float)); };
+    auto f32buf = [&](std::size_t n) { return dev.acquire(std::max<std::size_t>(n, 4) * sizeof(float)); };
     q_ = up16(a.q);
     k_ = up16(a.k);
     v_ = up16(a.v);
@@ -280,12 +280,12 @@ class ResidentTensorCore final : public ResidentChunkwise {
     gG_ = f32buf(static_cast<std::size_t>(rows_) * NC_);
     gA_ = f32buf(static_cast<std::size_t>(rows_) * NC_);
     mst_ = f32buf(static_cast<std::size_t>(rows_) * (NC_ + 1));
-    Cst_ = dev.alloc(static_cast<std::size_t>(rows_) * NC_ * kv * 2);
+    Cst_ = dev.acquire(static_cast<std::size_t>(rows_) * NC_ * kv * 2);
     nst_ = f32buf(static_cast<std::size_t>(rows_) * NC_ * K);
     c_last_ = f32buf(rows_ * kv);
     n_last_ = f32buf(static_cast<std::size_t>(rows_) * K);
     m_last_ = f32buf(static_cast<std::size_t>(rows_));
-    h_ = dev.alloc(tok * V * 2);
+    h_ = dev.acquire(tok * V * 2);
     Nt_ = f32buf(tok);
     sgt_ = f32buf(tok);
     set_args(k_gates_.k, dn, i_, f_, gb_, gbi_, gpm_, gG_, gA_, S_, NC_);
@@ -302,14 +302,14 @@ class ResidentTensorCore final : public ResidentChunkwise {
         dn_last_ = f32buf(1);
       }
       dden_ = f32buf(tok);
-      dCst_ = dev.alloc(static_cast<std::size_t>(rows_) * NC_ * kv * 2);
+      dCst_ = dev.acquire(static_cast<std::size_t>(rows_) * NC_ * kv * 2);
       dnst_ = f32buf(static_cast<std::size_t>(rows_) * NC_ * K);
       dc0_ = f32buf(rows_ * kv);
       dn0_ = f32buf(static_cast<std::size_t>(rows_) * K);
       dm0_ = f32buf(static_cast<std::size_t>(rows_));
-      dq_ = dev.alloc(tok * K * 2);
-      dk_ = dev.alloc(tok * K * 2);
-      dv_ = dev.alloc(tok * V * 2);
+      dq_ = dev.acquire(tok * K * 2);
+      dk_ = dev.acquire(tok * K * 2);
+      dv_ = dev.acquire(tok * V * 2);
       const int nparts = static_cast<int>(K / cfg_.OTq);
       qdq_ = f32buf(static_cast<std::size_t>(nparts) * tok);
       kdk_ = f32buf(static_cast<std::size_t>(nparts) * tok);
@@ -382,12 +382,12 @@ class ResidentTensorCore final : public ResidentChunkwise {
     finish();
     const ProblemShape& p = shape_;
     BackwardResult out;
-    auto read16 = [&](const Buffer& b, Shape shape) {
+    auto read16 = [&](const PooledBuffer& b, Shape shape) {
       Tensor t(std::move(shape), p.dtype);
       device_->download(b, t.bytes(), t.nbytes());
       return t;
     };
-    auto read32 = [&](const Buffer& b, Shape shape) {
+    auto read32 = [&](const PooledBuffer& b, Shape shape) {
       Tensor t(std::move(shape), DType::f32);
       device_->download(b, t.bytes(), t.nbytes());
       return t;
@@ -436,7 +436,7 @@ class ResidentTensorCore final : public ResidentChunkwise {
   bool has_grads_ = false, forward_done_ = false, skip_outputs_ = false;
   KernelObject k_gates_, k_fw_states_, k_fw_outputs_, k_bw_prep_, k_bw_states_, k_bw_dq_, k_bw_dk_, k_bw_dv_,
       k_bw_gate_grads_;
-  Buffer q_, k_, v_, i_, f_, c0_, n0_, m0_, gb_, gbi_, gpm_, gG_, gA_, mst_, Cst_, nst_, c_last_, n_last_, m_last_, h_,
+  PooledBuffer q_, k_, v_, i_, f_, c0_, n0_, m0_, gb_, gbi_, gpm_, gG_, gA_, mst_, Cst_, nst_, c_last_, n_last_, m_last_, h_,
       Nt_, sgt_, dh_, dc_last_, dn_last_, dden_, dCst_, dnst_, dc0_, dn0_, dm0_, dq_, dk_, dv_, qdq_, kdk_, di_, df_;
 };
 

@@ -59,8 +59,37 @@ class Buffer {
   std::size_t bytes_ = 0;
 };
 
-// One OpenCL device with its context, an in-order queue and a profiling queue, and its program cache
-// (keyed by the source's hash, the full option string and the device/driver identity).
+class Device;
+
+// A buffer from a device's pool (Device::acquire): goes back to the pool when destroyed. Its size is the
+// pool's size class (>= the bytes asked for).
+class PooledBuffer {
+ public:
+  PooledBuffer() = default;
+  PooledBuffer(Device* device, Buffer buffer) : device_(device), buffer_(std::move(buffer)) {}
+  PooledBuffer(PooledBuffer&& o) noexcept : device_(o.device_), buffer_(std::move(o.buffer_)) { o.device_ = nullptr; }
+  PooledBuffer& operator=(PooledBuffer&& o) noexcept;
+  PooledBuffer(const PooledBuffer&) = delete;
+  PooledBuffer& operator=(const PooledBuffer&) = delete;
+  ~PooledBuffer();
+  cl_mem get() const noexcept { return buffer_.get(); }
+  std::size_t bytes() const noexcept { return buffer_.bytes(); }
+  operator const Buffer&() const noexcept { return buffer_; }  // NOLINT(google-explicit-constructor)
+
+ private:
+  Device* device_ = nullptr;
+  Buffer buffer_;
+};
+
+struct PoolStats {
+  std::uint64_t hits = 0, misses = 0;    // acquire() served from the pool / by a new allocation
+  std::uint64_t bytes_held = 0, buffers_held = 0;  // released buffers kept for reuse
+};
+
+// One OpenCL device with its context, an in-order queue and a profiling queue, its program cache
+// (keyed by the source's hash, the full option string and the device/driver identity) and a pool of
+// buffers (size classes: powers of two from 64 KiB to 64 MiB, then multiples of 16 MiB; at most a quarter
+// of the device memory is kept).
 class Device {
  public:
   explicit Device(const DeviceInfo& info);
@@ -87,6 +116,19 @@ class Device {
   void finish();
   std::size_t builds() const noexcept { return builds_; }  // programs built so far (cache misses)
 
+  // Buffer pool (thread-safe): a buffer of at least `bytes`, reused from earlier releases when one of the
+  // size class is free; acquire_upload also writes `data` (blocking).
+  PooledBuffer acquire(std::size_t bytes);
+  PooledBuffer acquire_upload(const void* data, std::size_t bytes);
+  PoolStats pool_stats() const;
+  void trim();  // frees every buffer the pool keeps
+  // Non-blocking copies on `queue` (nullptr: the in-order queue); the returned event is the caller's to
+  // release. `host` must stay valid until the event completes.
+  cl_event upload_async(const Buffer& dst, const void* host, std::size_t bytes, std::size_t offset = 0,
+                        cl_command_queue queue = nullptr);
+  cl_event download_async(const Buffer& src, void* host, std::size_t bytes, std::size_t offset = 0,
+                          cl_command_queue queue = nullptr);
+
  private:
   DeviceInfo info_;
   cl_context context_ = nullptr;
@@ -95,6 +137,12 @@ class Device {
   std::mutex mutex_;
   std::map<std::string, cl_program> programs_;
   std::size_t builds_ = 0;
+
+  friend class PooledBuffer;
+  void release(Buffer&& buffer) noexcept;
+  mutable std::mutex pool_mutex_;
+  std::map<std::size_t, std::vector<Buffer>> pool_;  // size class -> free buffers
+  PoolStats pool_stats_;
 };
 
 // Process-wide shared Device objects, one per device index (opened on first use).

@@ -1,0 +1,193 @@
+// parallel--opencl, sequence--opencl and the step kernel `opencl` against the float64 reference (odd shapes,
+// dtypes, both gates, initial states, extreme gates, steps == sequence), and the device buffer pool
+// (reuse, statistics, threads, asynchronous copies with events). On PoCL in CI, on the GPU machine too.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <thread>
+
+#include "mlstm/devices/opencl.hpp"
+#include "mlstm/mlstm.hpp"
+#include "mlstm/reference.hpp"
+#include "test_util.hpp"
+
+namespace mlstm {
+namespace {
+
+using testing::GateRegime;
+using testing::InputSpec;
+
+#define REQUIRE_OPENCL() \
+  if (opencl::list_devices().empty()) GTEST_SKIP() << "no OpenCL device (install pocl-opencl-icd)"
+
+InputSpec spec(std::int64_t B, std::int64_t NH, std::int64_t S, std::int64_t K, std::int64_t V, DType d, GateVariant g,
+               bool init, GateRegime r = GateRegime::typical) {
+  InputSpec s;
+  s.B = B; s.NH = NH; s.S = S; s.DHQK = K; s.DHHV = V; s.dtype = d; s.gate = g; s.initial_state = init; s.regime = r;
+  return s;
+}
+
+struct FormCase {
+  std::string kernel;
+  InputSpec spec;
+};
+void PrintTo(const FormCase& c, std::ostream* os) { *os << c.kernel << " " << c.spec.describe(); }
+
+class OpenCLForms : public ::testing::TestWithParam<FormCase> {};
+
+TEST_P(OpenCLForms, ForwardAndBackwardMatchReference) {
+  REQUIRE_OPENCL();
+  const FormCase c = GetParam();
+  const auto kernel = get_kernel(c.kernel, KernelTarget{"0"});
+  const auto in = testing::make_inputs(c.spec, testing::fresh_seed());
+  MlstmOptions o;
+  o.gate = c.spec.gate;
+  const bool wide = c.spec.dtype == DType::f32;
+  const bool extreme = c.spec.regime == GateRegime::extreme;
+  const double tol = extreme ? (wide ? 1e-2 : 5e-2) : (wide ? 1e-4 : 2e-2);
+  const auto fw = kernel->forward(in.args(), o);
+  const auto ref = reference::recurrent_forward(in.args(), o);
+  EXPECT_TRUE(testing::matches(fw.h, ref.h, tol, c.kernel, "h", c.spec));
+  EXPECT_TRUE(testing::matches(fw.c, ref.c, tol, c.kernel, "c_last", c.spec));
+  EXPECT_TRUE(testing::matches(fw.n, ref.n, tol, c.kernel, "n_last", c.spec));
+  const auto args = in.backward_args(true);
+  const auto bw = kernel->backward(args, o);
+  const auto rb = reference::recurrent_backward(args, o, reference::StabilizerGradient::stop);
+  const double gtol = extreme ? (wide ? 1e-2 : 5e-2) : (wide ? 1e-3 : 3e-2);
+  EXPECT_TRUE(testing::matches(bw.dq, rb.dq, gtol, c.kernel, "dq", c.spec));
+  EXPECT_TRUE(testing::matches(bw.dk, rb.dk, gtol, c.kernel, "dk", c.spec));
+  EXPECT_TRUE(testing::matches(bw.dv, rb.dv, gtol, c.kernel, "dv", c.spec));
+  EXPECT_TRUE(testing::matches(bw.df, rb.df, gtol, c.kernel, "df", c.spec));
+  if (c.spec.initial_state) {
+    EXPECT_TRUE(testing::matches(bw.dc0, rb.dc0, gtol, c.kernel, "dc0", c.spec));
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, OpenCLForms,
+    ::testing::Values(FormCase{"parallel--opencl", spec(3, 5, 77, 48, 96, DType::f32, GateVariant::exp, true)},
+                      FormCase{"parallel--opencl", spec(1, 2, 150, 16, 24, DType::bf16, GateVariant::sigmoid, false)},
+                      FormCase{"parallel--opencl", spec(2, 1, 60, 16, 16, DType::f32, GateVariant::exp, true, GateRegime::extreme)},
+                      FormCase{"sequence--opencl", spec(3, 5, 40, 48, 96, DType::f32, GateVariant::exp, true)},
+                      FormCase{"sequence--opencl", spec(1, 2, 50, 16, 32, DType::f16, GateVariant::sigmoid, true)}));
+
+TEST(OpenCLForms, ParallelRefusesLongSequences) {
+  REQUIRE_OPENCL();
+  const auto in = testing::make_inputs(spec(1, 1, 16385, 16, 16, DType::bf16, GateVariant::exp, false), 1);
+  try {
+    get_kernel("parallel--opencl", KernelTarget{"0"})->forward(in.args(), MlstmOptions{});
+    FAIL() << "no error";
+  } catch (const InvalidArgument& e) {
+    EXPECT_EQ(e.argument(), "q");
+    EXPECT_NE(std::string(e.what()).find("S <= 16384"), std::string::npos) << e.what();
+  }
+}
+
+// S steps of the step kernel (state carried) == the sequence kernel == the reference.
+TEST(OpenCLStep, StepsEqualTheSequence) {
+  REQUIRE_OPENCL();
+  const InputSpec s = spec(3, 5, 12, 48, 96, DType::f32, GateVariant::exp, true);
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  MlstmOptions o;
+  const auto step = get_step_kernel("opencl", KernelTarget{"0"});
+  EXPECT_EQ(step->info().form, KernelForm::step);
+  Tensor C = in.c0, n = in.n0, m = in.m0;
+  const auto ref = reference::recurrent_forward(in.args(), o);
+  const Tensor q64 = in.q.to(DType::f64), ref_h = ref.h.to(DType::f64);
+  double worst = 0.0, scale = 0.0;
+  for (std::int64_t t = 0; t < s.S; ++t) {
+    auto tok = [&](const Tensor& x) {
+      const std::int64_t D = x.dims() == 4 ? x.dim(3) : 1;
+      Tensor out({s.B, s.NH, D}, x.dtype());
+      for (std::int64_t r = 0; r < s.B * s.NH; ++r)
+        std::memcpy(out.bytes() + static_cast<std::size_t>(r * D) * dtype_size(x.dtype()),
+                    x.bytes() + static_cast<std::size_t>((r * s.S + t) * D) * dtype_size(x.dtype()),
+                    static_cast<std::size_t>(D) * dtype_size(x.dtype()));
+      return x.dims() == 4 ? out : out.reshaped({s.B, s.NH});
+    };
+    const Tensor q = tok(in.q), k = tok(in.k), v = tok(in.v), i = tok(in.i), f = tok(in.f);
+    StepArgs a;
+    a.q = q.view(); a.k = k.view(); a.v = v.view(); a.i = i.view(); a.f = f.view();
+    a.c = C.view(); a.n = n.view(); a.m = m.view();
+    const StepResult r = step->step(a, o);
+    const StepResult rr = reference::step(a, o);
+    EXPECT_TRUE(testing::matches(r.h, rr.h, 1e-5, "opencl (step)", "h", s));
+    const Tensor h = r.h.to(DType::f64);
+    for (std::int64_t row = 0; row < s.B * s.NH; ++row)
+      for (std::int64_t e = 0; e < s.DHHV; ++e) {
+        const double want = ref_h.data<double>()[(row * s.S + t) * s.DHHV + e];
+        worst = std::max(worst, std::abs(h.data<double>()[row * s.DHHV + e] - want));
+        scale = std::max(scale, std::abs(want));
+      }
+    C = r.c; n = r.n; m = r.m;
+  }
+  EXPECT_LT(worst / scale, 1e-4) << "steps vs the recurrent reference";
+  EXPECT_TRUE(testing::matches(C, ref.c, 1e-4, "opencl (step)", "c after S steps", s));
+  const auto seq = get_kernel("sequence--opencl", KernelTarget{"0"})->forward(in.args(), o);
+  EXPECT_TRUE(testing::matches(seq.c, C, 1e-5, "sequence--opencl", "c vs steps", s));
+}
+
+TEST(OpenCLBufferPool, ReusesBuffersAndCountsHits) {
+  REQUIRE_OPENCL();
+  auto dev = opencl::open_device(opencl::select_devices("0").front());
+  dev->trim();
+  const auto before = dev->pool_stats();
+  cl_mem first = nullptr;
+  {
+    opencl::PooledBuffer a = dev->acquire(100000);
+    EXPECT_GE(a.bytes(), 100000u);
+    first = a.get();
+  }
+  EXPECT_EQ(dev->pool_stats().buffers_held, 1u);
+  {
+    opencl::PooledBuffer b = dev->acquire(120000);  // same size class (128 KiB)
+    EXPECT_EQ(b.get(), first);
+  }
+  const auto after = dev->pool_stats();
+  EXPECT_EQ(after.hits - before.hits, 1u);
+  EXPECT_EQ(after.misses - before.misses, 1u);
+  dev->trim();
+  EXPECT_EQ(dev->pool_stats().buffers_held, 0u);
+  EXPECT_EQ(dev->pool_stats().bytes_held, 0u);
+}
+
+TEST(OpenCLBufferPool, ThreadsAndAsyncCopiesWithEvents) {
+  REQUIRE_OPENCL();
+  auto dev = opencl::open_device(opencl::select_devices("0").front());
+  std::vector<std::thread> threads;
+  std::atomic<int> bad{0};
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      for (int rep = 0; rep < 20; ++rep) {
+        const std::size_t n = 1000 + static_cast<std::size_t>(t * 977 + rep * 131);
+        std::vector<float> x(n), y(n, -1.0f);
+        for (std::size_t e = 0; e < n; ++e) x[e] = static_cast<float>(t * 100000 + rep * 1000) + static_cast<float>(e);
+        opencl::PooledBuffer b = dev->acquire(n * sizeof(float));
+        cl_event up = dev->upload_async(b, x.data(), n * sizeof(float));
+        cl_event down = nullptr;
+        clWaitForEvents(1, &up);
+        down = dev->download_async(b, y.data(), n * sizeof(float));
+        clWaitForEvents(1, &down);
+        clReleaseEvent(up);
+        clReleaseEvent(down);
+        if (x != y) ++bad;
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(bad.load(), 0);
+  EXPECT_GT(dev->pool_stats().hits, 0u);
+}
+
+TEST(OpenCLForms, RegistryListsEveryOpenCLForm) {
+  const auto names = available_kernels();
+  for (const char* want : {"parallel--opencl", "sequence--opencl", "opencl", "chunkwise--opencl_xl_chunk",
+                           "chunkwise--opencl_xl_chunk_siging", "chunkwise--opencl_tc_xl_chunk"}) {
+    EXPECT_TRUE(std::any_of(names.begin(), names.end(), [&](const KernelInfo& k) { return k.name == want; })) << want;
+  }
+}
+
+}  // namespace
+}  // namespace mlstm
