@@ -105,7 +105,10 @@ StreamSession StreamSession::restore(const std::string& path, StreamConfig confi
   if (!in) throw Error("restore: cannot open snapshot '" + path + "'");
   std::ostringstream ss;
   ss << in.rdbuf();
-  const std::string bytes = ss.str();
+  return restore_bytes(ss.str(), std::move(config), path);
+}
+
+StreamSession StreamSession::restore_bytes(const std::string& bytes, StreamConfig config, const std::string& path) {
   auto refuse = [&](const std::string& why) { return Error("restore: snapshot '" + path + "' refused: " + why); };
   const std::size_t header = sizeof kMagic + 4 + 5 * 8 + 4;
   if (bytes.size() < header + 8) throw refuse("truncated (" + std::to_string(bytes.size()) + " bytes)");

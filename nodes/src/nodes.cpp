@@ -76,17 +76,55 @@ void SegmentProblem::write_h(const Segment& s, const Tensor& h) {
   }
 }
 
-void check_injected_fault(const ComputeDevice& device, int segment) {
+namespace {
+
+struct FaultSpec {
+  std::string name, which;
+  bool oom = false;
+  std::int64_t oom_above = 0;  // OOM when a run has more tokens than this
+};
+
+// MLSTM_FAULT_INJECT="<device name substring>:<segment|*>[:oom[>N]]" (the name may itself contain ':').
+FaultSpec parse_fault_spec() {
+  FaultSpec f;
   const char* spec = std::getenv("MLSTM_FAULT_INJECT");
-  if (!spec || !*spec) return;
-  const std::string s(spec);
-  const auto colon = s.rfind(':');
-  if (colon == std::string::npos) return;
-  const std::string name = s.substr(0, colon);
-  const std::string which = s.substr(colon + 1);
-  if (device.name().find(name) != std::string::npos && (which == "*" || std::to_string(segment) == which)) {
+  if (!spec || !*spec) return f;
+  std::string s(spec);
+  auto colon = s.rfind(':');
+  if (colon == std::string::npos) return f;
+  std::string last = s.substr(colon + 1);
+  if (last.rfind("oom", 0) == 0) {
+    f.oom = true;
+    if (last.size() > 4 && last[3] == '>') f.oom_above = std::stoll(last.substr(4));
+    s = s.substr(0, colon);
+    colon = s.rfind(':');
+    if (colon == std::string::npos) return FaultSpec{};
+    last = s.substr(colon + 1);
+  }
+  f.name = s.substr(0, colon);
+  f.which = last;
+  return f;
+}
+
+}  // namespace
+
+void check_injected_fault(const ComputeDevice& device, int segment) {
+  const auto f = parse_fault_spec();
+  if (f.oom || f.name.empty()) return;
+  if (device.name().find(f.name) != std::string::npos && (f.which == "*" || std::to_string(segment) == f.which)) {
     throw DeviceError(DeviceError::Kind::lost, device.name(),
                       "injected fault at segment " + std::to_string(segment) + " (MLSTM_FAULT_INJECT)");
+  }
+}
+
+void check_injected_oom(const ComputeDevice& device, int segment, std::int64_t tokens) {
+  const auto f = parse_fault_spec();
+  if (!f.oom || f.name.empty()) return;
+  if (device.name().find(f.name) != std::string::npos && (f.which == "*" || std::to_string(segment) == f.which) &&
+      tokens > f.oom_above) {
+    throw DeviceError(DeviceError::Kind::out_of_memory, device.name(),
+                      "injected out of memory at segment " + std::to_string(segment) + " for " +
+                          std::to_string(tokens) + " tokens (MLSTM_FAULT_INJECT)");
   }
 }
 
@@ -131,6 +169,44 @@ std::vector<std::string> DevicePool::failures() const {
   return failures_;
 }
 
+namespace {
+
+// The state at t1 from the state (C, n, m) at t0, and h of [t0, t1) when `outputs` (written into the
+// problem), on one device. Out of memory: the range is halved at a chunk boundary and the halves run one
+// after the other with the state carried, down to a single chunk; beyond that the error goes to the caller
+// (the pool then takes the device out).
+ForwardResult run_range(ComputeDevice& d, SegmentProblem& problem, int index, std::int64_t t0, std::int64_t t1,
+                        ConstTensorView C, ConstTensorView n, ConstTensorView m, bool outputs) {
+  const Segment sub{index, t0, t1, -1};
+  ForwardArgs a = problem.segment_args(sub);
+  a.c0 = C;
+  a.n0 = n;
+  a.m0 = m;
+  MlstmOptions o = problem.options();
+  o.return_last_states = true;
+  try {
+    check_injected_oom(d, index, t1 - t0);
+    ForwardResult r = outputs ? d.forward(a, o) : d.last_state(a, o);
+    if (outputs) problem.write_h(sub, r.h);
+    return r;
+  } catch (const DeviceError& e) {
+    const std::int64_t L = o.chunk_size, chunks = (t1 - t0 + L - 1) / L;
+    if (e.kind() != DeviceError::Kind::out_of_memory || chunks <= 1) throw;
+    const std::int64_t mid = t0 + (chunks / 2) * L;
+    spdlog::warn("mlstm-flow: {} out of memory on segment {} tokens [{}, {}); retrying as [{}, {}) + [{}, {})", d.name(),
+                 index, t0, t1, t0, mid, mid, t1);
+    {
+      std::lock_guard lock(problem.log_mutex);
+      problem.log.push_back("segment " + std::to_string(index) + ": out of memory on " + d.name() + " for [" +
+                            std::to_string(t0) + ", " + std::to_string(t1) + "), split at " + std::to_string(mid));
+    }
+    const ForwardResult first = run_range(d, problem, index, t0, mid, C, n, m, outputs);
+    return run_range(d, problem, index, mid, t1, first.c.view(), first.n.view(), first.m.view(), outputs);
+  }
+}
+
+}  // namespace
+
 SegmentSummary LocalStateBody::operator()(const Segment& s) const {
   ForwardArgs a = problem->segment_args(s);
   const SegmentEntry empty = problem->empty_entry();
@@ -140,10 +216,12 @@ SegmentSummary LocalStateBody::operator()(const Segment& s) const {
   ForwardResult r;
   std::shared_ptr<ComputeDevice> used = device;
   if (pool) {
-    used = pool->run(device_index, s.index, [&](ComputeDevice& d) { r = d.last_state(a, problem->options()); });
+    used = pool->run(device_index, s.index, [&](ComputeDevice& d) {
+      r = run_range(d, *problem, s.index, s.t0, s.t1, a.c0, a.n0, a.m0, false);
+    });
   } else {
     check_injected_fault(*device, s.index);
-    r = device->last_state(a, problem->options());
+    r = run_range(*device, *problem, s.index, s.t0, s.t1, a.c0, a.n0, a.m0, false);
   }
   SegmentSummary out;
   out.index = s.index;
@@ -193,17 +271,16 @@ int SegmentOutputBody::operator()(const SegmentEntry& entry) const {
   a.c0 = entry.C.view();
   a.n0 = entry.n.view();
   a.m0 = entry.m.view();
-  MlstmOptions o = problem->options();
-  o.return_last_states = false;
-  ForwardResult r;
   std::shared_ptr<ComputeDevice> used = device;
+  const Segment& sg = entry.segment;
   if (pool) {
-    used = pool->run(device_index, entry.index, [&](ComputeDevice& d) { r = d.forward(a, o); });
+    used = pool->run(device_index, entry.index, [&](ComputeDevice& d) {
+      run_range(d, *problem, entry.index, sg.t0, sg.t1, a.c0, a.n0, a.m0, true);
+    });
   } else {
     check_injected_fault(*device, entry.index);
-    r = device->forward(a, o);
+    run_range(*device, *problem, entry.index, sg.t0, sg.t1, a.c0, a.n0, a.m0, true);
   }
-  problem->write_h(entry.segment, r.h);
   std::lock_guard lock(problem->log_mutex);
   problem->log.push_back("segment " + std::to_string(entry.index) + ": outputs on " + used->name());
   return entry.index;

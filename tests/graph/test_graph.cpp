@@ -174,6 +174,37 @@ TEST(GraphFaults, NoDeviceLeftIsAClearError) {
   ::unsetenv("MLSTM_FAULT_INJECT");
 }
 
+// Out of memory on a device: its segments are split (whole chunks) and rerun on the same device with the
+// state carried; the results equal the fault-free run, the split is logged. When even one chunk does not
+// fit, the device is given up and, with no device left, the error names the out-of-memory failure.
+TEST(GraphFaults, OutOfMemoryShrinksSegmentsAndResultsStayCorrect) {
+  graph::FlowGraphRunner runner("workers");
+  InputSpec s;
+  s.B = 2; s.NH = 2; s.S = 700; s.DHQK = 16; s.DHHV = 24; s.initial_state = true;
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  MlstmOptions o;
+  o.chunk_size = 32;
+  const auto one_call = get_kernel("chunkwise--cpu_xl_chunk")->forward(in.args(), o);
+  ::setenv("MLSTM_FAULT_INJECT", "cpu:*:oom>64", 1);  // runs of more than 64 tokens "do not fit"
+  const auto got = runner.forward(in.args(), o, 256);
+  ::unsetenv("MLSTM_FAULT_INJECT");
+  EXPECT_TRUE(testing::matches(got.h, one_call.h, 2e-5, "graph with OOM shrinking", "h", s));
+  EXPECT_TRUE(testing::matches(got.c, one_call.c, 2e-5, "graph with OOM shrinking", "c", s));
+  EXPECT_TRUE(testing::matches(got.m, one_call.m, 1e-6, "graph with OOM shrinking", "m", s));
+  int splits = 0;
+  for (const auto& line : runner.last_log()) splits += line.find("out of memory") != std::string::npos;
+  EXPECT_GE(splits, 3) << "segments of 256 tokens split down to 64";
+  ::setenv("MLSTM_FAULT_INJECT", "cpu:*:oom", 1);  // not even one chunk fits
+  try {
+    runner.forward(in.args(), o, 256);
+    ADD_FAILURE() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("no device left"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("out of memory"), std::string::npos) << e.what();
+  }
+  ::unsetenv("MLSTM_FAULT_INJECT");
+}
+
 TEST(GraphPlan, SegmentsCoverTheSequenceInWholeChunks) {
   ProblemShape shape;
   shape.B = 1; shape.NH = 4; shape.S = 1000;

@@ -79,6 +79,10 @@ class SegmentProblem {
 // the run fails with an mlstm::Error naming every failure.
 // Test hook: MLSTM_FAULT_INJECT="<device name substring>:<segment index or *>" makes a matching device fail
 // when it starts that segment (any segment for *), checked for every device, with or without a pool.
+// Out of memory: a segment whose device reports DeviceError(out_of_memory) is split in halves (whole chunks)
+// that run one after the other on the same device with the state carried, down to one chunk, before the
+// device is given up. Test hook: "<device>:<segment|*>:oom" (every run fails) or ":oom>N" (runs of more than
+// N tokens fail).
 class DevicePool {
  public:
   explicit DevicePool(std::vector<std::shared_ptr<ComputeDevice>> devices);
@@ -96,6 +100,9 @@ class DevicePool {
 
 // Throws DeviceError(lost) when MLSTM_FAULT_INJECT names this device and segment.
 void check_injected_fault(const ComputeDevice& device, int segment);
+// Throws DeviceError(out_of_memory) when MLSTM_FAULT_INJECT has an :oom form for this device and segment
+// and the run has more tokens than it allows.
+void check_injected_oom(const ComputeDevice& device, int segment, std::int64_t tokens);
 
 // function_node body: the local summary of a segment on one device (through `pool` when given).
 struct LocalStateBody {
