@@ -23,7 +23,7 @@ class CpuWorker final : public ComputeDevice {
  public:
   CpuWorker(int numa_node, int concurrency)
       : numa_node_(numa_node),
-        arena_(numa_node >= 0 ? tbb::task_arena(tbb::task_arena::constraints(numa_node, concurrency))
+        arena_(numa_node >= 0 ? tbb::task_arena(tbb::task_arena::constraints{numa_node, concurrency})
                               : tbb::task_arena(concurrency)) {}
   std::string name() const override { return "cpu:numa" + std::to_string(numa_node_ < 0 ? 0 : numa_node_); }
   std::string kind() const override { return "cpu"; }
