@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs every Debian package that mlstm-flow's build, tests, benchmarks and Python bindings need.
+# Installs every Debian package that mlstm-flow's build, tests (incl. the fuzzers: clang + libFuzzer; the
+# ThreadSanitizer stage downloads oneTBB's source with curl), benchmarks and Python bindings need.
 # Does nothing (and needs no network) when all of them are already present.
 set -euo pipefail
 PKGS=(
@@ -11,6 +12,7 @@ PKGS=(
   libopenblas-pthread-dev libopenblas-dev
   libcli11-dev nlohmann-json3-dev
   python3 python3-dev python3-numpy pybind11-dev python3-matplotlib
+  clang libclang-rt-14-dev curl ca-certificates
 )
 missing=()
 for p in "${PKGS[@]}"; do

@@ -1,10 +1,23 @@
 #!/usr/bin/env bash
-# Quick start, command 2: install what is missing, build, and run the whole test suite (ctest).
-# Two PoCL OpenCL devices stand in for GPUs on CPU-only machines.
+# Quick start, command 2 (and CI's only command, via .ci/run): install what is missing, build, run the whole
+# test suite (ctest; two PoCL OpenCL devices stand in for GPUs on CPU-only machines), then the reliability
+# stages: the suite under AddressSanitizer + UndefinedBehaviorSanitizer (scripts/sanitize.sh), the flow-graph
+# tests under ThreadSanitizer against a TSan-built oneTBB (scripts/tsan.sh), and a bounded libFuzzer run of
+# the .npy and snapshot readers (scripts/fuzz.sh, FUZZ_SECONDS per target, default 30).
+# MLSTM_TEST_QUICK=1 stops after the plain suite (for local edit-test loops). Arguments go to the first ctest.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 bash "$root/scripts/install-deps.sh"
 bash "$root/scripts/build.sh"
 export POCL_DEVICES=${POCL_DEVICES:-"pthread pthread"}
-cd "${MLSTM_BUILD_DIR:-$root/build}"
-ctest --output-on-failure -j "${MLSTM_JOBS:-$(nproc)}" "$@"
+(cd "${MLSTM_BUILD_DIR:-$root/build}" && ctest --output-on-failure -j "${MLSTM_JOBS:-$(nproc)}" "$@")
+if [ "${MLSTM_TEST_QUICK:-0}" = 1 ]; then
+  echo "MLSTM_TEST_QUICK=1: sanitizer, ThreadSanitizer and fuzz stages skipped"
+  exit 0
+fi
+echo "== AddressSanitizer + UndefinedBehaviorSanitizer: whole suite"
+bash "$root/scripts/sanitize.sh"
+echo "== ThreadSanitizer: flow-graph tests"
+bash "$root/scripts/tsan.sh"
+echo "== libFuzzer: .npy and snapshot readers, ${FUZZ_SECONDS:-30} s each"
+FUZZ_SECONDS=${FUZZ_SECONDS:-30} bash "$root/scripts/fuzz.sh"

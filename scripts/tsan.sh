@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# ThreadSanitizer run of the flow-graph tests (tests labelled "graph": the graph, streams, device streams).
+# TSan needs every library that hands data between threads instrumented: Debian's libtbb is not, and gives
+# hundreds of false reports (docs/RELIABILITY.md). So this builds oneTBB 2021.8.0 (the Debian version) with
+# -fsanitize=thread once into ${MLSTM_TSAN_DIR:-build-tsan}/tbb-prefix, from $MLSTM_TBB_SOURCE (a source tree)
+# or the release tarball from GitHub, then the graph tests against it, and runs them (halt on the first race).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+build=${MLSTM_TSAN_DIR:-$root/build-tsan}
+prefix=$build/tbb-prefix
+jobs=${MLSTM_JOBS:-$(nproc)}
+mkdir -p "$build"
+if [ ! -e "$prefix/.done" ]; then
+  src=${MLSTM_TBB_SOURCE:-}
+  if [ -z "$src" ]; then
+    tarball=$build/oneTBB-2021.8.0.tar.gz
+    [ -s "$tarball" ] || curl -fsSL -o "$tarball" https://github.com/oneapi-src/oneTBB/archive/refs/tags/v2021.8.0.tar.gz
+    rm -rf "$build/oneTBB-src" && mkdir -p "$build/oneTBB-src"
+    tar -xzf "$tarball" -C "$build/oneTBB-src" --strip-components=1
+    src=$build/oneTBB-src
+  fi
+  echo "== building oneTBB with ThreadSanitizer from $src"
+  cmake -S "$src" -B "$build/tbb-build" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DTBB_TEST=OFF -DTBB_EXAMPLES=OFF \
+    -DTBB_STRICT=OFF -DTBB_DISABLE_HWLOC_AUTOMATIC_SEARCH=ON -DCMAKE_INSTALL_PREFIX="$prefix" \
+    -DCMAKE_CXX_FLAGS="-fsanitize=thread -g" -DCMAKE_C_FLAGS="-fsanitize=thread -g" \
+    -DCMAKE_SHARED_LINKER_FLAGS="-fsanitize=thread" >/dev/null
+  cmake --build "$build/tbb-build" -j "$jobs" >/dev/null
+  cmake --install "$build/tbb-build" >/dev/null
+  touch "$prefix/.done"
+fi
+cmake -S "$root" -B "$build/mlstm" -DCMAKE_BUILD_TYPE=Debug -DMLSTM_SANITIZE=thread -DCMAKE_PREFIX_PATH="$prefix" \
+  -DMLSTM_BUILD_PYTHON=OFF -DMLSTM_BUILD_BENCHMARKS=OFF -DMLSTM_BUILD_EXAMPLES=OFF -DMLSTM_BUILD_TOOLS=OFF >/dev/null
+cmake --build "$build/mlstm" -j "$jobs" --target test_graph test_stream test_device_stream
+cd "$build/mlstm"
+LD_LIBRARY_PATH="$prefix/lib:${LD_LIBRARY_PATH:-}" MLSTM_NUMA=off POCL_DEVICES="pthread pthread" \
+  TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 suppressions=$root/scripts/tsan.supp" \
+  ctest --output-on-failure -j "$jobs" -L graph "$@"
