@@ -15,14 +15,14 @@ build=/tmp/build-gpu
 t0=$(date +%s)
 cmake -S . -B $build -DCMAKE_BUILD_TYPE=Release -DMLSTM_BUILD_PYTHON=OFF >$out/cmake.log 2>&1 || { tail -30 $out/cmake.log; exit 1; }
 targets="test_opencl test_opencl_tensor_cores test_graph test_stream test_device_stream mlstm bench_opencl"
-for extra in test_opencl_backward test_opencl_parallel; do
+for extra in test_opencl_backward test_opencl_forms; do
   [ -f tests/opencl/$extra.cpp ] && targets="$targets $extra"
 done
 cmake --build $build -j16 --target $targets >$out/build.log 2>&1 || { grep -E "error" -A3 $out/build.log | head -40; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"
 $build/tools/mlstm devices
 if [ "${TESTS:-1}" != 0 ]; then
-for t in ${TEST_LIST:-opencl/test_opencl_tensor_cores opencl/test_opencl opencl/test_opencl_backward opencl/test_opencl_parallel graph/test_device_stream graph/test_stream graph/test_graph}; do
+for t in ${TEST_LIST:-opencl/test_opencl_tensor_cores opencl/test_opencl opencl/test_opencl_backward opencl/test_opencl_forms graph/test_device_stream graph/test_stream graph/test_graph}; do
   [ -x $build/tests/$t ] || continue
   echo "== $t"; timeout 300 $build/tests/$t 2>&1 | tee -a $out/tests.log | grep -E "^\[  (PASSED|FAILED|SKIPPED) |rel error|Failure|tensor-core|LDSM" | head -20
 done
