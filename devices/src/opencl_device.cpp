@@ -238,7 +238,13 @@ cl_program Device::program_from_text(const std::string& label, const std::string
   cl_int err = CL_SUCCESS;
   cl_program p = clCreateProgramWithSource(context_, 1, &src, nullptr, &err);
   check(err, "clCreateProgramWithSource", info_.name);
-  err = clBuildProgram(p, 1, &info_.id, options.c_str(), nullptr, nullptr);
+  {
+    // Builds are serialised across devices: PoCL's LLVM option parsing raced between two devices' builds
+    // (ThreadSanitizer, scripts/tsan.sh). Builds are cached, so this costs nothing after the first use.
+    static std::mutex build_mutex;
+    std::lock_guard build_lock(build_mutex);
+    err = clBuildProgram(p, 1, &info_.id, options.c_str(), nullptr, nullptr);
+  }
   if (err != CL_SUCCESS) {
     std::size_t n = 0;
     clGetProgramBuildInfo(p, info_.id, CL_PROGRAM_BUILD_LOG, 0, nullptr, &n);
