@@ -288,6 +288,16 @@ class ResidentTensorCore final : public ResidentChunkwise {
     h_ = dev.acquire(tok * V * 2);
     Nt_ = f32buf(tok);
     sgt_ = f32buf(tok);
+    if (const char* poison = std::getenv("MLSTM_TC_POISON"); poison && std::string(poison) == "1") {
+      // Debugging aid: every intermediate and output buffer starts as NaN (0xFF bytes), so a read of a value
+      // no kernel wrote shows up as NaN in the results.
+      const std::uint8_t pattern = 0xff;
+      for (const PooledBuffer* b : {&gb_, &gbi_, &gpm_, &gG_, &gA_, &mst_, &Cst_, &nst_, &c_last_, &n_last_, &m_last_, &h_,
+                                    &Nt_, &sgt_})
+        check(clEnqueueFillBuffer(dev.queue(), b->get(), &pattern, 1, 0, b->bytes(), 0, nullptr, nullptr),
+              "clEnqueueFillBuffer", dn);
+      check(clFinish(dev.queue()), "clFinish", dn);
+    }
     set_args(k_gates_.k, dn, i_, f_, gb_, gbi_, gpm_, gG_, gA_, S_, NC_);
     set_args(k_fw_states_.k, dn, k_, v_, gbi_, gG_, gA_, c0_, n0_, m0_, has_init_, Cst_, nst_, mst_, c_last_, n_last_,
              m_last_, S_, NC_);

@@ -21,8 +21,14 @@ std::string shape_to_string(const Shape& shape) {
 }
 
 std::int64_t shape_numel(const Shape& shape) {
+  // A zero extent makes the product 0 whatever the others are (and must not overflow on the way there).
+  for (auto d : shape)
+    if (d == 0) return 0;
   std::int64_t n = 1;
-  for (auto d : shape) n *= d;
+  for (auto d : shape) {
+    if (__builtin_mul_overflow(n, d, &n))
+      throw InvalidArgument("shape", "shape " + shape_to_string(shape) + " has too many elements");
+  }
   return n;
 }
 
