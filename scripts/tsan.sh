@@ -4,6 +4,8 @@
 # hundreds of false reports (docs/RELIABILITY.md). So this builds oneTBB 2021.8.0 (the Debian version) with
 # -fsanitize=thread once into ${MLSTM_TSAN_DIR:-build-tsan}/tbb-prefix, from $MLSTM_TBB_SOURCE (a source tree)
 # or the release tarball from GitHub, then the graph tests against it, and runs them (halt on the first race).
+# Nothing of oneTBB is vendored; the instrumented build is cached (delete build-tsan/tbb-prefix to redo it).
+# scripts/tsan.supp silences uninstrumented third-party code only (PoCL, its LLVM/clang, the ICD loader).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${MLSTM_TSAN_DIR:-$root/build-tsan}
@@ -14,7 +16,14 @@ if [ ! -e "$prefix/.done" ]; then
   src=${MLSTM_TBB_SOURCE:-}
   if [ -z "$src" ]; then
     tarball=$build/oneTBB-2021.8.0.tar.gz
-    [ -s "$tarball" ] || curl -fsSL -o "$tarball" https://github.com/oneapi-src/oneTBB/archive/refs/tags/v2021.8.0.tar.gz
+    if [ ! -s "$tarball" ]; then
+      curl -fsSL --retry 3 -o "$tarball.part" https://github.com/oneapi-src/oneTBB/archive/refs/tags/v2021.8.0.tar.gz || {
+        echo "tsan.sh: cannot download oneTBB 2021.8.0; offline, point MLSTM_TBB_SOURCE at a oneTBB source tree" \
+             "(e.g. git archive v2021.8.0 of github.com/oneapi-src/oneTBB)" >&2
+        exit 1
+      }
+      mv "$tarball.part" "$tarball"
+    fi
     rm -rf "$build/oneTBB-src" && mkdir -p "$build/oneTBB-src"
     tar -xzf "$tarball" -C "$build/oneTBB-src" --strip-components=1
     src=$build/oneTBB-src
