@@ -1,7 +1,11 @@
-// Soak: one long sequence streamed through the flow graph on the CPU workers, piece by piece with the state
-// carried (graph::FlowGraphRunner, the path of `mlstm run --mode stream --devices workers`), reporting
-// throughput and memory per window so that drift over time shows. Not a unit test.
+// Soak: one long sequence streamed piece by piece with the state carried, reporting throughput and memory
+// per window so that drift over time shows. Not a unit test.
 //   build/benchmarks/bench_soak [--csv soak.csv]
+// Modes (MLSTM_SOAK_MODE):
+//   graph   (default) the flow graph on the CPU workers (graph::FlowGraphRunner("workers"), the path of
+//           `mlstm run --mode stream --devices workers`), each piece one graph run from the carried state;
+//   session mlstm::StreamSession (the chunkwise CPU kernel), with a snapshot() to a temporary file and a
+//           restore_bytes() check of it after every window, so the durability path soaks too.
 // Environment: MLSTM_SOAK_TOKENS (default 100000000), MLSTM_SOAK_PIECE (65536), MLSTM_SOAK_WINDOW (1048576),
 // MLSTM_SOAK_HEADS (1), MLSTM_SOAK_DIM (16: DHQK = DHHV).
 #include <sys/resource.h>
@@ -12,12 +16,15 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <random>
 #include <string>
 #include <vector>
 
 #include "mlstm/graph/runner.hpp"
+#include "mlstm/graph/stream.hpp"
 #include "mlstm/mlstm.hpp"
 
 namespace {
@@ -67,14 +74,26 @@ int main(int argc, char** argv) {
                       random_tensor({1, NH, piece, D}, 0, rng, mlstm::DType::bf16),
                       random_tensor({1, NH, piece}, 0, rng, mlstm::DType::f32),
                       random_tensor({1, NH, piece}, 3, rng, mlstm::DType::f32)});
+  const char* mode_env = std::getenv("MLSTM_SOAK_MODE");
+  const std::string mode = mode_env && *mode_env ? mode_env : "graph";
+  if (mode != "graph" && mode != "session") {
+    std::fprintf(stderr, "MLSTM_SOAK_MODE: expected graph or session, got '%s'\n", mode.c_str());
+    return 2;
+  }
   mlstm::graph::FlowGraphRunner runner("workers");
   mlstm::MlstmOptions o;
   o.chunk_size = 64;
+  mlstm::StreamConfig cfg;
+  cfg.B = 1; cfg.NH = NH; cfg.DHQK = D; cfg.DHHV = D;
+  cfg.options = o;
+  mlstm::StreamSession session(cfg);
+  const std::string snapshot_path =
+      (std::filesystem::temp_directory_path() / ("mlstm_soak_" + std::to_string(getpid()) + ".snap")).string();
   std::ofstream csv(csv_path);
   csv << "window,tokens,seconds,tokens_per_s,rss_mib,peak_rss_mib\n";
-  std::printf("soak: %lld tokens, NH=%lld, DHQK=DHHV=%lld, bf16, pieces of %lld, CPU workers through the flow graph\n",
-              static_cast<long long>(total), static_cast<long long>(NH), static_cast<long long>(D),
-              static_cast<long long>(piece));
+  std::printf("soak: %lld tokens, NH=%lld, DHQK=DHHV=%lld, bf16, pieces of %lld, %s\n", static_cast<long long>(total),
+              static_cast<long long>(NH), static_cast<long long>(D), static_cast<long long>(piece),
+              mode == "graph" ? "CPU workers through the flow graph" : "StreamSession (chunkwise CPU kernel) + snapshots");
   mlstm::Tensor C, n, m;
   auto window_start = std::chrono::steady_clock::now();
   const auto start = window_start;
@@ -84,16 +103,30 @@ int main(int argc, char** argv) {
     const Piece& p = pieces[static_cast<std::size_t>((t / piece) % 4)];
     mlstm::ForwardArgs a;
     a.q = p.q.view(); a.k = p.k.view(); a.v = p.v.view(); a.i = p.i.view(); a.f = p.f.view();
-    if (!C.empty()) {
-      a.c0 = C.view(); a.n0 = n.view(); a.m0 = m.view();
+    if (mode == "session") {
+      session.push(a);
+    } else {
+      if (!C.empty()) {
+        a.c0 = C.view(); a.n0 = n.view(); a.m0 = m.view();
+      }
+      mlstm::ForwardResult r = runner.forward(a, o);
+      C = std::move(r.c);
+      n = std::move(r.n);
+      m = std::move(r.m);
     }
-    mlstm::ForwardResult r = runner.forward(a, o);
-    C = std::move(r.c);
-    n = std::move(r.n);
-    m = std::move(r.m);
     in_window += piece;
     done += piece;
     if (in_window >= window || done >= total) {
+      if (mode == "session") {  // snapshot, read back, compare: the durability path soaks with the compute
+        session.snapshot(snapshot_path);
+        std::ifstream f(snapshot_path, std::ios::binary);
+        const std::string image((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+        const mlstm::StreamSession back = mlstm::StreamSession::restore_bytes(image, cfg, snapshot_path);
+        if (back.tokens() != session.tokens()) {
+          std::fprintf(stderr, "snapshot round trip lost tokens\n");
+          return 1;
+        }
+      }
       const auto now = std::chrono::steady_clock::now();
       const double secs = std::chrono::duration<double>(now - window_start).count();
       const double rate = static_cast<double>(in_window) / secs, rss = rss_mib();
@@ -114,6 +147,8 @@ int main(int argc, char** argv) {
               static_cast<long long>(done), secs, static_cast<double>(done) / secs, static_cast<long long>(w - 1),
               first_rate, last_rate, 100.0 * last_rate / std::max(first_rate, 1.0), first_rss, max_rss, peak_rss_mib(),
               csv_path.c_str());
-  const bool finite = std::isfinite(C.to(mlstm::DType::f64).data<double>()[0]);
+  std::filesystem::remove(snapshot_path);
+  const mlstm::Tensor& last = mode == "session" ? session.state().C : C;
+  const bool finite = std::isfinite(last.to(mlstm::DType::f64).data<double>()[0]);
   return finite ? 0 : 1;
 }

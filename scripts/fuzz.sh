@@ -1,29 +1,39 @@
 #!/usr/bin/env bash
-# Builds the libFuzzer targets (clang, AddressSanitizer + UndefinedBehaviorSanitizer) in
-# ${MLSTM_FUZZ_DIR:-build-fuzz} and runs each for FUZZ_SECONDS (default 60) from the seed corpora.
-# Corpora grow in build-fuzz/corpus/<target>; a crash leaves its input in build-fuzz/crashes/ and makes the
-# script fail (turn it into a regression test in tests/tools/test_npy.cpp or tests/graph/test_stream.cpp).
+# Builds the libFuzzer targets (clang, AddressSanitizer + UndefinedBehaviorSanitizer, coverage in every
+# module) in ${MLSTM_FUZZ_DIR:-build-fuzz} and runs each for FUZZ_SECONDS (default 60) from the seed corpora
+# (written by fuzz/make_seeds: valid .npy files of every dtype, valid snapshots of both gates).
+# Corpora grow in build-fuzz/corpus/<target> and are reused by later runs. A crash, a sanitizer report or an
+# unexpected exception leaves its input in build-fuzz/crashes/<run>/ and makes the script fail: turn it into
+# a regression test in tests/tools/test_npy.cpp or tests/graph/test_stream.cpp, then fix the reader.
+#   FUZZ_SECONDS=600 bash scripts/fuzz.sh          # longer runs
+#   build-fuzz/fuzz/fuzz_npy build-fuzz/crashes/<run>/npy_crash-...   # replay one input
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${MLSTM_FUZZ_DIR:-$root/build-fuzz}
 seconds=${FUZZ_SECONDS:-60}
-command -v clang++ >/dev/null || { echo "fuzz.sh: clang++ is needed (apt-get install clang)"; exit 1; }
+command -v clang++ >/dev/null || { echo "fuzz.sh: clang++ is needed (apt-get install clang libclang-rt-14-dev)"; exit 1; }
 CC=clang CXX=clang++ cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DMLSTM_BUILD_FUZZERS=ON \
   -DMLSTM_SANITIZE=address,undefined -DMLSTM_BUILD_TESTS=OFF -DMLSTM_BUILD_BENCHMARKS=OFF \
   -DMLSTM_BUILD_EXAMPLES=OFF -DMLSTM_BUILD_TOOLS=OFF -DMLSTM_BUILD_PYTHON=OFF >/dev/null
 cmake --build "$build" -j "${MLSTM_JOBS:-$(nproc)}" --target fuzz_npy fuzz_snapshot make_seeds
-mkdir -p "$build/corpus" "$build/crashes"
 "$build/fuzz/make_seeds" "$build/seeds" >/dev/null
+run=$build/crashes/$(date +%Y%m%d-%H%M%S)
+mkdir -p "$run"
 status=0
 for target in npy snapshot; do
   mkdir -p "$build/corpus/$target"
   echo "== fuzz_$target for ${seconds}s"
+  rc=0
   MLSTM_NUMA=off ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
-    "$build/fuzz/fuzz_$target" -max_total_time="$seconds" -artifact_prefix="$build/crashes/${target}_" \
-      -print_final_stats=1 "$build/corpus/$target" "$build/seeds/$target" 2>&1 | \
-    grep -E "^#[0-9]+ +DONE|stat::number_of_executed_units|stat::peak_rss|ERROR|SUMMARY|crash|deadly" || true
-  if ls "$build/crashes/${target}_"* >/dev/null 2>&1; then
-    echo "fuzz_$target: crash inputs in $build/crashes"; status=1
+    "$build/fuzz/fuzz_$target" -max_total_time="$seconds" -artifact_prefix="$run/${target}_" \
+      -print_final_stats=1 "$build/corpus/$target" "$build/seeds/$target" >"$run/fuzz_$target.log" 2>&1 || rc=$?
+  grep -E "^#[0-9]+ +DONE|stat::number_of_executed_units|stat::peak_rss|ERROR|SUMMARY|runtime error|deadly" \
+    "$run/fuzz_$target.log" || true
+  if [ "$rc" -ne 0 ] || ls "$run/${target}_"* >/dev/null 2>&1; then
+    echo "fuzz_$target FAILED (exit $rc): log and crash input in $run"
+    tail -n 40 "$run/fuzz_$target.log"
+    status=1
   fi
 done
+[ "$status" -ne 0 ] || rm -rf "$run"
 exit $status

@@ -130,7 +130,9 @@ StreamSession StreamSession::restore_bytes(const std::string& bytes, StreamConfi
     throw refuse("dimensions (B,NH,DHQK,DHHV) = (" + std::to_string(B) + "," + std::to_string(NH) + "," +
                  std::to_string(DK) + "," + std::to_string(DV) + ") differ from the stream's");
   }
+  if (gate > 1) throw refuse("unknown input gate code " + std::to_string(gate));
   if ((gate == 0) != (config.options.gate == GateVariant::exp)) throw refuse("input gate differs from the stream's");
+  if (tokens < 0) throw refuse("negative token count " + std::to_string(tokens));
   ChunkState s = ChunkState::zeros(B, NH, DK, DV);
   const std::size_t need = header + s.C.nbytes() + s.n.nbytes() + s.m.nbytes() + 8;
   if (bytes.size() != need) throw refuse("size " + std::to_string(bytes.size()) + " != expected " + std::to_string(need));

@@ -94,6 +94,15 @@ HeaderInfo decode_header(const std::string& bytes, const std::string& argument, 
   const std::string descr = header_value(header, "descr", argument);
   const std::string fortran = header_value(header, "fortran_order", argument);
   const Shape shape = parse_shape(header_value(header, "shape", argument), argument);
+  // The element count must fit (fuzzing found dims whose product overflowed int64 in shape_numel): the
+  // product of the nonzero dims (shape_numel multiplies in order, so a zero dim after huge ones does not
+  // help) stays within 2^57 elements, 2^60 bytes, far beyond any file, so every size from the shape is exact.
+  std::int64_t numel = 1;
+  for (const std::int64_t d : shape) {
+    if (d != 0 && (__builtin_mul_overflow(numel, d, &numel) || numel > (std::int64_t{1} << 57))) {
+      throw InvalidArgument(argument, "bad .npy header: shape " + shape_to_string(shape) + " has too many elements");
+    }
+  }
   if (fortran != "False") {
     throw InvalidArgument(argument, "Fortran-ordered .npy arrays are not supported; save with np.ascontiguousarray");
   }
@@ -170,6 +179,14 @@ Tensor read_seq_slice(const std::string& path, const std::string& argument, std:
   }
   std::int64_t inner = 1;
   for (std::size_t d = 3; d < h.shape.size(); ++d) inner *= h.shape[d];
+  // A truncated file is refused before the slice is allocated (its header may promise any size).
+  in.seekg(0, std::ios::end);
+  const auto file_size = static_cast<std::size_t>(in.tellg());
+  const std::size_t need = static_cast<std::size_t>(shape_numel(h.shape)) * dtype_size(h.dtype);
+  if (file_size < h.data_offset || file_size - h.data_offset < need) {
+    throw InvalidArgument(argument, "truncated .npy data in '" + path + "': shape " + shape_to_string(h.shape) +
+                                        " needs " + std::to_string(need) + " bytes");
+  }
   Shape out_shape = h.shape;
   out_shape[2] = s1 - s0;
   Tensor out(out_shape, h.dtype);

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <new>
 
 #include "mlstm/stages.hpp"
 
@@ -186,9 +187,13 @@ ForwardResult run_range(ComputeDevice& d, SegmentProblem& problem, int index, st
   o.return_last_states = true;
   try {
     check_injected_oom(d, index, t1 - t0);
-    ForwardResult r = outputs ? d.forward(a, o) : d.last_state(a, o);
-    if (outputs) problem.write_h(sub, r.h);
-    return r;
+    try {
+      ForwardResult r = outputs ? d.forward(a, o) : d.last_state(a, o);
+      if (outputs) problem.write_h(sub, r.h);
+      return r;
+    } catch (const std::bad_alloc&) {  // a CPU worker's out of memory: the same shrink, then the same failover
+      throw DeviceError(DeviceError::Kind::out_of_memory, d.name(), "host allocation failed (std::bad_alloc)");
+    }
   } catch (const DeviceError& e) {
     const std::int64_t L = o.chunk_size, chunks = (t1 - t0 + L - 1) / L;
     if (e.kind() != DeviceError::Kind::out_of_memory || chunks <= 1) throw;

@@ -205,6 +205,41 @@ TEST(GraphFaults, OutOfMemoryShrinksSegmentsAndResultsStayCorrect) {
   ::unsetenv("MLSTM_FAULT_INJECT");
 }
 
+// Out of memory on one OpenCL device next to others: it shrinks its segments and keeps running them (it is
+// not taken out); when even one chunk does not fit there, it is taken out and the others finish the run.
+TEST(GraphFaults, OutOfMemoryOnOneDeviceShrinksThereThenFailsOver) {
+  if (opencl::list_devices().size() < 2) GTEST_SKIP() << "needs two OpenCL devices (POCL_DEVICES=\"pthread pthread\")";
+  graph::FlowGraphRunner runner("workers+0,1");
+  InputSpec s;
+  s.B = 1; s.NH = 2; s.S = 1000; s.DHQK = 16; s.DHHV = 16;
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  MlstmOptions o;
+  o.chunk_size = 32;
+  const auto one_call = get_kernel("chunkwise--cpu_xl_chunk")->forward(in.args(), o);
+  auto count = [&](const std::string& what) {
+    int n = 0;
+    for (const auto& line : runner.last_log()) n += line.find(what) != std::string::npos;
+    return n;
+  };
+  ::setenv("MLSTM_FAULT_INJECT", "opencl:1:*:oom>32", 1);  // only single chunks fit on opencl:1
+  const auto shrunk = runner.forward(in.args(), o, 128);
+  ::unsetenv("MLSTM_FAULT_INJECT");
+  EXPECT_TRUE(testing::matches(shrunk.h, one_call.h, 2e-5, "graph with OOM on opencl:1", "h", s));
+  EXPECT_TRUE(testing::matches(shrunk.c, one_call.c, 2e-5, "graph with OOM on opencl:1", "c", s));
+  EXPECT_EQ(count("device failure"), 0) << "a device that fits one chunk is not taken out";
+  const int splits = count("out of memory on opencl:1");
+  if (count("on opencl:1") > splits) {
+    EXPECT_GE(splits, 1);  // opencl:1 got work: it split rather than failed
+  }
+  EXPECT_EQ(count("out of memory on cpu"), 0);
+  ::setenv("MLSTM_FAULT_INJECT", "opencl:1:*:oom", 1);  // nothing fits on opencl:1
+  const auto failed_over = runner.forward(in.args(), o, 128);
+  ::unsetenv("MLSTM_FAULT_INJECT");
+  EXPECT_TRUE(testing::matches(failed_over.h, one_call.h, 2e-5, "graph with opencl:1 out of memory", "h", s));
+  EXPECT_TRUE(testing::matches(failed_over.c, one_call.c, 2e-5, "graph with opencl:1 out of memory", "c", s));
+  EXPECT_EQ(count("device failure"), count("device failure: opencl:1")) << "only opencl:1 may be taken out";
+}
+
 TEST(GraphPlan, SegmentsCoverTheSequenceInWholeChunks) {
   ProblemShape shape;
   shape.B = 1; shape.NH = 4; shape.S = 1000;

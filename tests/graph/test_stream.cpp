@@ -122,6 +122,55 @@ TEST(StreamSnapshot, RestoreResumesBitExactly) {
   EXPECT_THROW(StreamSession::restore(path.string(), cfg), Error);  // missing file
 }
 
+// Images that pass the checksum but carry fields no snapshot() writes (the fuzz target's checksum-fixing
+// mode reaches these): refused by StreamSession::restore_bytes, and a valid image restores from memory.
+TEST(StreamSnapshot, RestoreFromBytesChecksFieldsBehindTheChecksum) {
+  StreamConfig cfg;
+  cfg.B = 1; cfg.NH = 2; cfg.DHQK = 4; cfg.DHHV = 3;
+  const fs::path path = fs::temp_directory_path() / ("mlstm_snapshot_fields_" + std::to_string(getpid()));
+  StreamSession a(cfg);
+  a.snapshot(path.string());
+  std::string bytes;
+  {
+    std::ifstream f(path, std::ios::binary);
+    bytes.assign(std::istreambuf_iterator<char>(f), {});
+  }
+  fs::remove(path);
+  EXPECT_EQ(StreamSession::restore_bytes(bytes, cfg).tokens(), 0);
+  auto fnv1a = [](const std::string& b) {
+    std::uint64_t h = 1469598103934665603ull;
+    for (unsigned char c : b) {
+      h ^= c;
+      h *= 1099511628211ull;
+    }
+    return h;
+  };
+  // Overwrites `size` bytes at `at` with `value` and re-seals the image with a valid checksum.
+  auto patched = [&](std::size_t at, std::int64_t value, std::size_t size) {
+    std::string b = bytes.substr(0, bytes.size() - 8);
+    std::memcpy(b.data() + at, &value, size);
+    const std::uint64_t sum = fnv1a(b);
+    b.append(reinterpret_cast<const char*>(&sum), 8);
+    return b;
+  };
+  auto refusal = [&](const std::string& image) {
+    try {
+      StreamSession::restore_bytes(image, cfg, "snap");
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("<loaded>");
+  };
+  const std::size_t tokens_at = 8 + 4 + 4 * 8, gate_at = tokens_at + 8;
+  EXPECT_NE(refusal(patched(tokens_at, -5, 8)).find("negative token count"), std::string::npos);
+  EXPECT_NE(refusal(patched(gate_at, 7, 4)).find("unknown input gate"), std::string::npos);
+  EXPECT_NE(refusal(patched(8, 2, 4)).find("unsupported version"), std::string::npos);
+  EXPECT_NE(refusal(patched(12, 1 << 30, 8)).find("dimensions"), std::string::npos);
+  EXPECT_EQ(StreamSession::restore_bytes(patched(tokens_at, 77, 8), cfg).tokens(), 77);
+  EXPECT_NE(refusal(bytes.substr(0, 30)).find("truncated"), std::string::npos);
+  EXPECT_NE(refusal(std::string()).find("snap"), std::string::npos);
+}
+
 TEST(StreamSession, BadConfigAndPiecesNameTheArgument) {
   StreamConfig c;
   c.B = 1; c.NH = 1; c.DHQK = 8; c.DHHV = 0;

@@ -81,7 +81,7 @@ class SegmentProblem {
 // when it starts that segment (any segment for *), checked for every device, with or without a pool.
 // Out of memory: a segment whose device reports DeviceError(out_of_memory) is split in halves (whole chunks)
 // that run one after the other on the same device with the state carried, down to one chunk, before the
-// device is given up. Test hook: "<device>:<segment|*>:oom" (every run fails) or ":oom>N" (runs of more than
+// device is given up (a CPU worker's std::bad_alloc counts as out of memory). Test hook: "<device>:<segment|*>:oom" (every run fails) or ":oom>N" (runs of more than
 // N tokens fail).
 class DevicePool {
  public:
