@@ -5,7 +5,7 @@
 # -fsanitize=thread once into ${MLSTM_TSAN_DIR:-build-tsan}/tbb-prefix, from $MLSTM_TBB_SOURCE (a source tree)
 # or the release tarball from GitHub, then the graph tests against it, and runs them (halt on the first race).
 # Nothing of oneTBB is vendored; the instrumented build is cached (delete build-tsan/tbb-prefix to redo it).
-# scripts/tsan.supp silences uninstrumented third-party code only (PoCL, its LLVM/clang, the ICD loader).
+# scripts/tsan.supp silences third-party code only (PoCL's own threads, tbbmalloc's free lists), never our frames.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${MLSTM_TSAN_DIR:-$root/build-tsan}
