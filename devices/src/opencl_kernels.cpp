@@ -1,17 +1,19 @@
 #include "mlstm/devices/opencl_kernels.hpp"
 
+#include <algorithm>
+
 #include <cstdlib>
 #include <sstream>
 
+#include "opencl_internal.hpp"
+
 namespace mlstm::opencl {
 
-namespace {
+using detail::as_f32;
+using detail::KernelObject;
+using detail::set_args;
 
-// Host float32 copy of a view (gates, states).
-std::vector<float> as_f32(ConstTensorView t) {
-  const Tensor c = Tensor::copy_of(t, DType::f32);
-  return std::vector<float>(c.data<float>(), c.data<float>() + c.numel());
-}
+namespace {
 
 int dtype_code(DType d) {
   switch (d) {
@@ -23,46 +25,10 @@ int dtype_code(DType d) {
   return 0;
 }
 
-// RAII for a cl_kernel.
-struct KernelHandle {
-  cl_kernel k = nullptr;
-  ~KernelHandle() {
-    if (k) clReleaseKernel(k);
-  }
-};
-
-template <class... Args>
-void set_args(cl_kernel k, const std::string& device, const Args&... args) {
-  cl_uint index = 0;
-  auto one = [&](const auto& a) {
-    using T = std::decay_t<decltype(a)>;
-    if constexpr (std::is_same_v<T, Buffer> || std::is_same_v<T, PooledBuffer>) {
-      cl_mem m = a.get();
-      check(clSetKernelArg(k, index++, sizeof(cl_mem), &m), "clSetKernelArg", device);
-    } else {
-      check(clSetKernelArg(k, index++, sizeof(T), &a), "clSetKernelArg", device);
-    }
-  };
-  (one(args), ...);
-}
-
 }  // namespace
 
 namespace {
 
-struct KernelObject {
-  cl_kernel k = nullptr;
-  KernelObject() = default;
-  explicit KernelObject(cl_kernel kernel) : k(kernel) {}
-  KernelObject(KernelObject&& o) noexcept : k(o.k) { o.k = nullptr; }
-  KernelObject& operator=(KernelObject&& o) noexcept {
-    std::swap(k, o.k);
-    return *this;
-  }
-  ~KernelObject() {
-    if (k) clReleaseKernel(k);
-  }
-};
 
 // One problem on one device, every buffer of the forward (and of the backward when made with gradients).
 class ResidentPortable final : public ResidentChunkwise {
@@ -249,15 +215,7 @@ class ResidentPortable final : public ResidentChunkwise {
       device_->download(h_, h.bytes(), h.nbytes());
       out.h = dev_dtype_ == p_.dtype ? std::move(h) : h.to(p_.dtype);
     }
-    if (options_.return_last_states) {
-      out.c = Tensor({p_.B, p_.NH, p_.DHQK, p_.DHHV}, DType::f32);
-      out.n = Tensor({p_.B, p_.NH, p_.DHQK}, DType::f32);
-      out.m = Tensor({p_.B, p_.NH}, DType::f32);
-      device_->download(Co_, out.c.bytes(), out.c.nbytes());
-      device_->download(no_, out.n.bytes(), out.n.nbytes());
-      device_->download(mo_, out.m.bytes(), out.m.nbytes());
-      if (options_.gate == GateVariant::sigmoid) std::fill(out.m.data<float>(), out.m.data<float>() + out.m.numel(), 0.f);
-    }
+    if (options_.return_last_states) detail::read_last_state(*device_, Co_, no_, mo_, p_, options_.gate, out);
     return out;
   }
 
