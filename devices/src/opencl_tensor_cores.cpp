@@ -13,12 +13,17 @@
 
 #include "mlstm/devices/opencl_kernels.hpp"
 #include "mlstm/devices/opencl_stream.hpp"
+#include "opencl_internal.hpp"
 
 #ifndef MLSTM_OPENCL_TENSOR_CORES
 #define MLSTM_OPENCL_TENSOR_CORES 1
 #endif
 
 namespace mlstm::opencl {
+
+using detail::as_f32;
+using detail::KernelObject;
+using detail::set_args;
 
 namespace {
 
@@ -39,35 +44,6 @@ int pick_tile(std::int64_t n, int max) {
   return 0;
 }
 
-template <class... Args>
-void set_args(cl_kernel k, const std::string& device, const Args&... args) {
-  cl_uint index = 0;
-  auto one = [&](const auto& a) {
-    using T = std::decay_t<decltype(a)>;
-    if constexpr (std::is_same_v<T, Buffer> || std::is_same_v<T, PooledBuffer>) {
-      cl_mem m = a.get();
-      check(clSetKernelArg(k, index++, sizeof(cl_mem), &m), "clSetKernelArg", device);
-    } else {
-      check(clSetKernelArg(k, index++, sizeof(T), &a), "clSetKernelArg", device);
-    }
-  };
-  (one(args), ...);
-}
-
-struct KernelObject {
-  cl_kernel k = nullptr;
-  KernelObject() = default;
-  explicit KernelObject(cl_kernel kernel) : k(kernel) {}
-  KernelObject(KernelObject&& o) noexcept : k(o.k) { o.k = nullptr; }
-  KernelObject& operator=(KernelObject&& o) noexcept {
-    std::swap(k, o.k);
-    return *this;
-  }
-  ~KernelObject() {
-    if (k) clReleaseKernel(k);
-  }
-};
-
 // Tiles and program options of one problem configuration (see kernels/opencl/tc/README.md).
 struct TcConfig {
   int L = 64, KT = 0, VT = 0, OTf = 0, DSf = 0, OTq = 0, DSq = 0, gate_group = 512;
@@ -84,7 +60,16 @@ struct TcConfig {
   std::string gates() const { return base + " -DGG_WG=" + std::to_string(gate_group); }
 };
 
-std::string source_text(const std::string& body) { return kernel_source("tc_common") + "\n" + kernel_source(body); }
+// tc_common.cl followed by one kernel file: the text every tensor-core program is built from. Assembled once
+// per file (the program cache hashes it on every lookup, so it must not be rebuilt per call either).
+const std::string& source_text(const std::string& body) {
+  static std::mutex mutex;
+  static std::map<std::string, std::string> texts;  // node-based: references stay valid
+  std::lock_guard lock(mutex);
+  auto it = texts.find(body);
+  if (it == texts.end()) it = texts.emplace(body, kernel_source("tc_common") + "\n" + kernel_source(body)).first;
+  return it->second;
+}
 
 // ldmatrix address mode per device (the probe result), keyed by cl_device_id.
 std::mutex g_probe_mutex;
@@ -202,10 +187,6 @@ TcConfig make_config(Device& dev, bool emulate, const ProblemShape& p, const Mls
   return c;
 }
 
-std::vector<float> as_f32(ConstTensorView t) {
-  const Tensor c = Tensor::copy_of(t, DType::f32);
-  return std::vector<float>(c.data<float>(), c.data<float>() + c.numel());
-}
 
 // One problem on one device with every buffer of the forward and the backward.
 class ResidentTensorCore final : public ResidentChunkwise {
@@ -375,15 +356,7 @@ class ResidentTensorCore final : public ResidentChunkwise {
       out.h = Tensor({p.B, p.NH, p.S, p.DHHV}, p.dtype);
       device_->download(h_, out.h.bytes(), out.h.nbytes());
     }
-    if (options_.return_last_states) {
-      out.c = Tensor({p.B, p.NH, p.DHQK, p.DHHV}, DType::f32);
-      out.n = Tensor({p.B, p.NH, p.DHQK}, DType::f32);
-      out.m = Tensor({p.B, p.NH}, DType::f32);
-      device_->download(c_last_, out.c.bytes(), out.c.nbytes());
-      device_->download(n_last_, out.n.bytes(), out.n.nbytes());
-      device_->download(m_last_, out.m.bytes(), out.m.nbytes());
-      if (options_.gate == GateVariant::sigmoid) std::fill(out.m.data<float>(), out.m.data<float>() + out.m.numel(), 0.f);
-    }
+    if (options_.return_last_states) detail::read_last_state(*device_, c_last_, n_last_, m_last_, p, options_.gate, out);
     return out;
   }
 
@@ -592,8 +565,19 @@ bool AutoChunkwiseRunner::uses_tensor_cores(const ProblemShape& p, const MlstmOp
     auto it = g_build_failed.find(id);
     if (it != g_build_failed.end() && it->second && !require_) return false;
   }
+  // Building (or finding) the seven programs is only needed once per configuration; the resident problem
+  // fetches the ones it uses itself.
+  std::ostringstream key;
+  key << dtype_name(p.dtype) << '/' << p.DHQK << '/' << p.DHHV << '/' << o.chunk_size << '/' << gate_name(o.gate) << '/'
+      << o.normalize << '/' << o.eps;
+  {
+    std::lock_guard lock(prepared_mutex_);
+    if (prepared_.count(key.str())) return true;
+  }
   try {
     tensor_cores_.prepare(p, o);
+    std::lock_guard lock(prepared_mutex_);
+    prepared_.insert(key.str());
   } catch (const DeviceError& e) {
     if (e.kind() != DeviceError::Kind::build || require_) throw;
     std::lock_guard lock(g_state_mutex);

@@ -10,6 +10,8 @@
 #pragma once
 
 #include <memory>
+#include <mutex>
+#include <set>
 #include <string>
 
 #include "mlstm/devices/opencl.hpp"
@@ -89,6 +91,8 @@ class AutoChunkwiseRunner {
   TensorCoreRunner tensor_cores_;
   bool require_;
   TensorCoreSupport support_;
+  mutable std::mutex prepared_mutex_;
+  mutable std::set<std::string> prepared_;  // configurations whose programs are built
 };
 
 // Adds chunkwise--opencl_tc_xl_chunk(_siging) and replaces chunkwise--opencl_xl_chunk(_siging) by the
