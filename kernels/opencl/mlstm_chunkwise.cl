@@ -100,6 +100,34 @@ void fw_state_weights(__global const float* b, __global const float* ig, __globa
 #define STE 64
 #define STT 16
 #define NTE ((DHHV + 1 + STE - 1) / STE)
+
+// A work item's 4 x 4 block (rows d0.., columns e0..) of the augmented state [C | n] of one row: C is that
+// row's DHQK x DHHV block, n its DHQK vector; column DHHV is n; outside the state: 0 / not stored.
+inline void tile_load(float x[4][4], __global const float* C, __global const float* n, int d0, int e0) {
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j) {
+      const int d = d0 + i, e = e0 + j;
+      x[i][j] = d < DHQK && e < DHHV ? C[(size_t)d * DHHV + e] : d < DHQK && e == DHHV ? n[d] : 0.0f;
+    }
+}
+inline void tile_store(float x[4][4], __global float* C, __global float* n, int d0, int e0) {
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4; ++j) {
+      const int d = d0 + i, e = e0 + j;
+      if (d < DHQK && e < DHHV) C[(size_t)d * DHHV + e] = x[i][j];
+      else if (d < DHQK && e == DHHV) n[d] = x[i][j];
+    }
+}
+// x += xs^T ys over the STT staged tokens (xs: STT x STD left factors, ys: STT x STE right factors).
+inline void tile_fma(float x[4][4], __local float (*xs)[STD], __local float (*ys)[STE], int lid) {
+  for (int l = 0; l < STT; ++l) {
+    const float4 a = vload4(0, &xs[l][(lid / 16) * 4]);
+    const float4 y = vload4(0, &ys[l][(lid % 16) * 4]);
+    const float av[4] = {a.x, a.y, a.z, a.w}, yv[4] = {y.x, y.y, y.z, y.w};
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) x[i][j] += av[i] * yv[j];
+  }
+}
 __kernel __attribute__((reqd_work_group_size(256, 1, 1)))
 void fw_states_tiled(__global const in_t* k, __global const in_t* v, __global const float* carry,
                      __global const float* wtok, __global const float* C0, __global const float* n0,
@@ -112,22 +140,13 @@ void fw_states_tiled(__global const in_t* k, __global const in_t* v, __global co
   const int d0 = td * STD + (lid / 16) * 4, e0 = te * STE + (lid % 16) * 4;
   const size_t gbase = (size_t)row * S;
   float x[4][4];
-  for (int i = 0; i < 4; ++i)
-    for (int j = 0; j < 4; ++j) {
-      const int d = d0 + i, e = e0 + j;
-      x[i][j] = d < DHQK && e < DHHV ? C0[((size_t)row * DHQK + d) * DHHV + e]
-                : d < DHQK && e == DHHV ? n0[(size_t)row * DHQK + d] : 0.0f;
-    }
+  tile_load(x, C0 + (size_t)row * DHQK * DHHV, n0 + (size_t)row * DHQK, d0, e0);
   for (int c = 0; c < nchunks; ++c) {
     const size_t bidx = (size_t)row * nchunks + c;
+    tile_store(x, Cb + bidx * DHQK * DHHV, nb + bidx * DHQK, d0, e0);
     const float cr = carry[bidx];
     for (int i = 0; i < 4; ++i)
-      for (int j = 0; j < 4; ++j) {
-        const int d = d0 + i, e = e0 + j;
-        if (d < DHQK && e < DHHV) Cb[(bidx * DHQK + d) * DHHV + e] = x[i][j];
-        else if (d < DHQK && e == DHHV) nb[bidx * DHQK + d] = x[i][j];
-        x[i][j] *= cr;
-      }
+      for (int j = 0; j < 4; ++j) x[i][j] *= cr;
     const int t0 = c * CHUNK, t1 = min(S, t0 + CHUNK);
     for (int s0 = t0; s0 < t1; s0 += STT) {
       barrier(CLK_LOCAL_MEM_FENCE);
@@ -140,21 +159,10 @@ void fw_states_tiled(__global const in_t* k, __global const in_t* v, __global co
         ys[l][ee] = t >= t1 ? 0.0f : e < DHHV ? ld(v, (gbase + t) * DHHV + e) : e == DHHV ? 1.0f : 0.0f;
       }
       barrier(CLK_LOCAL_MEM_FENCE);
-      for (int l = 0; l < STT; ++l) {
-        const float4 a = vload4(0, &xs[l][(lid / 16) * 4]);
-        const float4 y = vload4(0, &ys[l][(lid % 16) * 4]);
-        const float av[4] = {a.x, a.y, a.z, a.w}, yv[4] = {y.x, y.y, y.z, y.w};
-        for (int i = 0; i < 4; ++i)
-          for (int j = 0; j < 4; ++j) x[i][j] += av[i] * yv[j];
-      }
+      tile_fma(x, xs, ys, lid);
     }
   }
-  for (int i = 0; i < 4; ++i)
-    for (int j = 0; j < 4; ++j) {
-      const int d = d0 + i, e = e0 + j;
-      if (d < DHQK && e < DHHV) Cout[((size_t)row * DHQK + d) * DHHV + e] = x[i][j];
-      else if (d < DHQK && e == DHHV) nout[(size_t)row * DHQK + d] = x[i][j];
-    }
+  tile_store(x, Cout + (size_t)row * DHQK * DHHV, nout + (size_t)row * DHQK, d0, e0);
 }
 
 // One work group per (row, token): scores q'_t . k_s over key tiles of KEY_TILE in local memory, then each
@@ -422,23 +430,18 @@ void bw_states_tiled(__global const in_t* q, __global const in_t* dh, __global c
   const size_t gbase = (size_t)row * S;
   const float scale = rsqrt((float)DHQK);
   float x[4][4];
-  for (int i = 0; i < 4; ++i)
-    for (int j = 0; j < 4; ++j) {
-      const int d = d0 + i, e = e0 + j;
-      x[i][j] = !has_dlast ? 0.0f
-                : d < DHQK && e < DHHV ? dC_last[((size_t)row * DHQK + d) * DHHV + e]
-                : d < DHQK && e == DHHV ? dn_last[(size_t)row * DHQK + d] : 0.0f;
-    }
+  if (has_dlast) {
+    tile_load(x, dC_last + (size_t)row * DHQK * DHHV, dn_last + (size_t)row * DHQK, d0, e0);
+  } else {
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) x[i][j] = 0.0f;
+  }
   for (int c = nchunks - 1; c >= 0; --c) {
     const size_t bidx = (size_t)row * nchunks + c;
+    tile_store(x, dCn + bidx * DHQK * DHHV, dnn + bidx * DHQK, d0, e0);
     const float cr = carry[bidx], mc = mb[bidx];
     for (int i = 0; i < 4; ++i)
-      for (int j = 0; j < 4; ++j) {
-        const int d = d0 + i, e = e0 + j;
-        if (d < DHQK && e < DHHV) dCn[(bidx * DHQK + d) * DHHV + e] = x[i][j];
-        else if (d < DHQK && e == DHHV) dnn[bidx * DHQK + d] = x[i][j];
-        x[i][j] *= cr;
-      }
+      for (int j = 0; j < 4; ++j) x[i][j] *= cr;
     const int t0 = c * CHUNK, t1 = min(S, t0 + CHUNK);
     for (int s0 = t0; s0 < t1; s0 += STT) {
       barrier(CLK_LOCAL_MEM_FENCE);
@@ -453,21 +456,10 @@ void bw_states_tiled(__global const in_t* q, __global const in_t* dh, __global c
         ys[l][ee] = t >= t1 ? 0.0f : e < DHHV ? ld(dh, g * DHHV + e) / N_tok[g] : e == DHHV ? dden[g] : 0.0f;
       }
       barrier(CLK_LOCAL_MEM_FENCE);
-      for (int l = 0; l < STT; ++l) {
-        const float4 a = vload4(0, &xs[l][(lid / 16) * 4]);
-        const float4 y = vload4(0, &ys[l][(lid % 16) * 4]);
-        const float av[4] = {a.x, a.y, a.z, a.w}, yv[4] = {y.x, y.y, y.z, y.w};
-        for (int i = 0; i < 4; ++i)
-          for (int j = 0; j < 4; ++j) x[i][j] += av[i] * yv[j];
-      }
+      tile_fma(x, xs, ys, lid);
     }
   }
-  for (int i = 0; i < 4; ++i)
-    for (int j = 0; j < 4; ++j) {
-      const int d = d0 + i, e = e0 + j;
-      if (d < DHQK && e < DHHV) dC0[((size_t)row * DHQK + d) * DHHV + e] = x[i][j];
-      else if (d < DHQK && e == DHHV) dn0[(size_t)row * DHQK + d] = x[i][j];
-    }
+  tile_store(x, dC0 + (size_t)row * DHQK * DHHV, dn0 + (size_t)row * DHQK, d0, e0);
 }
 
 // One work group per (row, token tau): dq_tau (tau as a query), dk_tau and dv_tau (tau as a key), and the
