@@ -225,4 +225,19 @@ Tensor concat_seq(const Tensor& a, const Tensor& b) {
   return out;
 }
 
+InputSpec spec(std::int64_t B, std::int64_t NH, std::int64_t S, std::int64_t DHQK, std::int64_t DHHV, DType dtype,
+               GateVariant gate, bool initial_state, GateRegime regime) {
+  InputSpec s;
+  s.B = B;
+  s.NH = NH;
+  s.S = S;
+  s.DHQK = DHQK;
+  s.DHHV = DHHV;
+  s.dtype = dtype;
+  s.gate = gate;
+  s.initial_state = initial_state;
+  s.regime = regime;
+  return s;
+}
+
 }  // namespace mlstm::testing

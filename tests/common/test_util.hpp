@@ -42,6 +42,10 @@ struct Inputs {
 // Seed for this test: MLSTM_TEST_SEED if set, else std::random_device; printed via RecordProperty.
 std::uint64_t fresh_seed();
 Inputs make_inputs(const InputSpec& spec, std::uint64_t seed);
+// An InputSpec in one line.
+InputSpec spec(std::int64_t B, std::int64_t NH, std::int64_t S, std::int64_t DHQK, std::int64_t DHHV,
+               DType dtype = DType::f32, GateVariant gate = GateVariant::exp, bool initial_state = false,
+               GateRegime regime = GateRegime::typical);
 Tensor random_normal(const Shape& shape, DType dtype, std::mt19937_64& rng, double mean = 0.0, double stddev = 1.0);
 
 struct Comparison {

@@ -15,6 +15,7 @@ namespace {
 
 using testing::GateRegime;
 using testing::InputSpec;
+using testing::spec;
 using testing::make_inputs;
 using testing::matches;
 
@@ -137,14 +138,6 @@ TEST_P(CpuKernel, StateCarryEqualsOneCall) {
   const double tol = !wide(c.spec.dtype) ? 1e-2 : c.spec.regime == GateRegime::extreme ? 1e-3 : 5e-5;
   EXPECT_TRUE(matches(h, whole.h, tol, c.kernel, "h two calls vs one", c.spec));
   EXPECT_TRUE(matches(second.c, whole.c, tol, c.kernel, "c_last two calls vs one", c.spec));
-}
-
-InputSpec spec(std::int64_t B, std::int64_t NH, std::int64_t S, std::int64_t K, std::int64_t V, DType d = DType::f32,
-               GateVariant g = GateVariant::exp, bool init = false, GateRegime regime = GateRegime::typical) {
-  InputSpec s;
-  s.B = B; s.NH = NH; s.S = S; s.DHQK = K; s.DHHV = V; s.dtype = d; s.gate = g; s.initial_state = init;
-  s.regime = regime;
-  return s;
 }
 
 const std::string kXl = "chunkwise--cpu_xl_chunk";

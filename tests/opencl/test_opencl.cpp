@@ -8,6 +8,7 @@
 #include "mlstm/devices/opencl_kernels.hpp"
 #include "mlstm/mlstm.hpp"
 #include "mlstm/reference.hpp"
+#include "opencl_test_util.hpp"
 #include "test_util.hpp"
 
 namespace mlstm {
@@ -15,11 +16,7 @@ namespace {
 
 using testing::GateRegime;
 using testing::InputSpec;
-
-bool have_devices() { return !opencl::list_devices().empty(); }
-
-#define REQUIRE_OPENCL()                                                            \
-  if (!have_devices()) GTEST_SKIP() << "no OpenCL device (install pocl-opencl-icd)"
+using testing::spec;
 
 TEST(OpenCLDevices, SpecsSelectDevicesAndBadSpecsNameTheArgument) {
   REQUIRE_OPENCL();
@@ -70,13 +67,6 @@ struct Case {
 };
 
 void PrintTo(const Case& c, std::ostream* os) { *os << c.kernel << " L=" << c.chunk << " " << c.spec.describe(); }
-
-InputSpec spec(std::int64_t B, std::int64_t NH, std::int64_t S, std::int64_t K, std::int64_t V, DType d, GateVariant g,
-               bool init, GateRegime r = GateRegime::typical) {
-  InputSpec s;
-  s.B = B; s.NH = NH; s.S = S; s.DHQK = K; s.DHHV = V; s.dtype = d; s.gate = g; s.initial_state = init; s.regime = r;
-  return s;
-}
 
 class OpenCLForward : public ::testing::TestWithParam<Case> {};
 

@@ -11,6 +11,7 @@
 #include "mlstm/devices/opencl.hpp"
 #include "mlstm/mlstm.hpp"
 #include "mlstm/reference.hpp"
+#include "opencl_test_util.hpp"
 #include "test_util.hpp"
 
 namespace mlstm {
@@ -18,16 +19,7 @@ namespace {
 
 using testing::GateRegime;
 using testing::InputSpec;
-
-#define REQUIRE_OPENCL() \
-  if (opencl::list_devices().empty()) GTEST_SKIP() << "no OpenCL device (install pocl-opencl-icd)"
-
-InputSpec spec(std::int64_t B, std::int64_t NH, std::int64_t S, std::int64_t K, std::int64_t V, DType d, GateVariant g,
-               bool init, GateRegime r = GateRegime::typical) {
-  InputSpec s;
-  s.B = B; s.NH = NH; s.S = S; s.DHQK = K; s.DHHV = V; s.dtype = d; s.gate = g; s.initial_state = init; s.regime = r;
-  return s;
-}
+using testing::spec;
 
 struct FormCase {
   std::string kernel;

@@ -18,6 +18,7 @@
 #include "mlstm/mlstm.hpp"
 #include "mlstm/reference.hpp"
 #include "mlstm/stages.hpp"
+#include "opencl_test_util.hpp"
 #include "test_util.hpp"
 
 namespace mlstm {
@@ -25,24 +26,14 @@ namespace {
 
 using testing::GateRegime;
 using testing::InputSpec;
-
-#define REQUIRE_OPENCL() \
-  if (opencl::list_devices().empty()) GTEST_SKIP() << "no OpenCL device (install pocl-opencl-icd)"
-
-std::shared_ptr<opencl::Device> first_device() { return opencl::open_device(opencl::select_devices("0").front()); }
+using testing::spec;
+using testing::first_device;
 
 // Real tensor cores where the device has them, the emulation elsewhere.
 opencl::TensorCoreRunner runner_for(const std::shared_ptr<opencl::Device>& dev) {
   opencl::TensorCoreRunner::Config config;
   config.emulate = !opencl::tensor_core_support(dev->info()).available;
   return opencl::TensorCoreRunner(dev, config);
-}
-
-InputSpec spec(std::int64_t B, std::int64_t NH, std::int64_t S, std::int64_t K, std::int64_t V, DType d, GateVariant g,
-               bool init, GateRegime r = GateRegime::typical) {
-  InputSpec s;
-  s.B = B; s.NH = NH; s.S = S; s.DHQK = K; s.DHHV = V; s.dtype = d; s.gate = g; s.initial_state = init; s.regime = r;
-  return s;
 }
 
 // The tensor-core kernels round the boundary states and the L x L matrix to 16 bits for the mma; where a
