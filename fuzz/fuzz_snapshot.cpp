@@ -9,22 +9,12 @@
 #include "mlstm/error.hpp"
 #include "mlstm/graph/stream.hpp"
 
-namespace {
-std::uint64_t fnv1a(const std::string& bytes) {
-  std::uint64_t h = 1469598103934665603ull;
-  for (unsigned char c : bytes) {
-    h ^= c;
-    h *= 1099511628211ull;
-  }
-  return h;
-}
-}  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   if (size == 0) return 0;
   std::string bytes(reinterpret_cast<const char*>(data) + 1, size - 1);
   if (data[0] & 1) {
-    const std::uint64_t sum = fnv1a(bytes);
+    const std::uint64_t sum = mlstm::StreamSession::checksum(bytes);
     bytes.append(reinterpret_cast<const char*>(&sum), sizeof sum);
   }
   mlstm::StreamConfig config;

@@ -18,14 +18,6 @@ namespace {
 constexpr char kMagic[8] = {'M', 'L', 'S', 'T', 'M', 'S', 'N', 'P'};
 constexpr std::uint32_t kVersion = 1;
 
-std::uint64_t fnv1a(const std::string& bytes) {
-  std::uint64_t h = 1469598103934665603ull;
-  for (unsigned char c : bytes) {
-    h ^= c;
-    h *= 1099511628211ull;
-  }
-  return h;
-}
 
 template <class T>
 void put(std::string& out, T v) {
@@ -44,6 +36,15 @@ void check_config(const StreamConfig& c) {
 }
 
 }  // namespace
+
+std::uint64_t StreamSession::checksum(const std::string& bytes) noexcept {
+  std::uint64_t h = 1469598103934665603ull;  // FNV-1a 64
+  for (unsigned char c : bytes) {
+    h ^= c;
+    h *= 1099511628211ull;
+  }
+  return h;
+}
 
 StreamSession::StreamSession(StreamConfig config)
     : StreamSession(config, ChunkState::zeros(config.B > 0 ? config.B : 1, config.NH > 0 ? config.NH : 1,
@@ -88,7 +89,7 @@ void StreamSession::snapshot(const std::string& path) const {
   for (const Tensor* t : {&state_.C, &state_.n, &state_.m}) {
     body.append(reinterpret_cast<const char*>(t->bytes()), t->nbytes());
   }
-  put<std::uint64_t>(body, fnv1a(body));
+  put<std::uint64_t>(body, StreamSession::checksum(body));
   const std::string tmp = path + ".tmp";
   {
     std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
@@ -115,7 +116,7 @@ StreamSession StreamSession::restore_bytes(const std::string& bytes, StreamConfi
   if (std::memcmp(bytes.data(), kMagic, sizeof kMagic) != 0) throw refuse("not an mlstm-flow snapshot (bad magic)");
   std::uint64_t stored;
   std::memcpy(&stored, bytes.data() + bytes.size() - 8, 8);
-  if (stored != fnv1a(bytes.substr(0, bytes.size() - 8))) throw refuse("checksum mismatch (corrupted or truncated)");
+  if (stored != StreamSession::checksum(bytes.substr(0, bytes.size() - 8))) throw refuse("checksum mismatch (corrupted or truncated)");
   std::size_t at = sizeof kMagic;
   auto get = [&](auto& v) {
     std::memcpy(&v, bytes.data() + at, sizeof v);

@@ -51,6 +51,8 @@ class StreamSession {
   // Reads a snapshot; a truncated, corrupted or mismatching file (dims or gate differ from `config`) is
   // refused with mlstm::Error naming the file and the problem.
   static StreamSession restore(const std::string& path, StreamConfig config);
+  // The checksum a snapshot ends with (FNV-1a 64 of every byte before it).
+  static std::uint64_t checksum(const std::string& bytes) noexcept;
   // The same from a snapshot image in memory (`name` stands for the file in errors); the fuzz target.
   static StreamSession restore_bytes(const std::string& bytes, StreamConfig config,
                                      const std::string& name = "<memory>");
