@@ -176,15 +176,17 @@ namespace {
 // problem), on one device. Out of memory: the range is halved at a chunk boundary and the halves run one
 // after the other with the state carried, down to a single chunk; beyond that the error goes to the caller
 // (the pool then takes the device out).
+// `need_state`: the caller uses the state at t1 (local states always; outputs only for the first half of a
+// split), so an output run that does not need it skips its download.
 ForwardResult run_range(ComputeDevice& d, SegmentProblem& problem, int index, std::int64_t t0, std::int64_t t1,
-                        ConstTensorView C, ConstTensorView n, ConstTensorView m, bool outputs) {
+                        ConstTensorView C, ConstTensorView n, ConstTensorView m, bool outputs, bool need_state) {
   const Segment sub{index, t0, t1, -1};
   ForwardArgs a = problem.segment_args(sub);
   a.c0 = C;
   a.n0 = n;
   a.m0 = m;
   MlstmOptions o = problem.options();
-  o.return_last_states = true;
+  o.return_last_states = need_state || !outputs;
   try {
     check_injected_oom(d, index, t1 - t0);
     try {
@@ -205,8 +207,8 @@ ForwardResult run_range(ComputeDevice& d, SegmentProblem& problem, int index, st
       problem.log.push_back("segment " + std::to_string(index) + ": out of memory on " + d.name() + " for [" +
                             std::to_string(t0) + ", " + std::to_string(t1) + "), split at " + std::to_string(mid));
     }
-    const ForwardResult first = run_range(d, problem, index, t0, mid, C, n, m, outputs);
-    return run_range(d, problem, index, mid, t1, first.c.view(), first.n.view(), first.m.view(), outputs);
+    const ForwardResult first = run_range(d, problem, index, t0, mid, C, n, m, outputs, true);
+    return run_range(d, problem, index, mid, t1, first.c.view(), first.n.view(), first.m.view(), outputs, need_state);
   }
 }
 
@@ -222,11 +224,11 @@ SegmentSummary LocalStateBody::operator()(const Segment& s) const {
   std::shared_ptr<ComputeDevice> used = device;
   if (pool) {
     used = pool->run(device_index, s.index, [&](ComputeDevice& d) {
-      r = run_range(d, *problem, s.index, s.t0, s.t1, a.c0, a.n0, a.m0, false);
+      r = run_range(d, *problem, s.index, s.t0, s.t1, a.c0, a.n0, a.m0, false, true);
     });
   } else {
     check_injected_fault(*device, s.index);
-    r = run_range(*device, *problem, s.index, s.t0, s.t1, a.c0, a.n0, a.m0, false);
+    r = run_range(*device, *problem, s.index, s.t0, s.t1, a.c0, a.n0, a.m0, false, true);
   }
   SegmentSummary out;
   out.index = s.index;
@@ -280,11 +282,11 @@ int SegmentOutputBody::operator()(const SegmentEntry& entry) const {
   const Segment& sg = entry.segment;
   if (pool) {
     used = pool->run(device_index, entry.index, [&](ComputeDevice& d) {
-      run_range(d, *problem, entry.index, sg.t0, sg.t1, a.c0, a.n0, a.m0, true);
+      run_range(d, *problem, entry.index, sg.t0, sg.t1, a.c0, a.n0, a.m0, true, false);
     });
   } else {
     check_injected_fault(*device, entry.index);
-    run_range(*device, *problem, entry.index, sg.t0, sg.t1, a.c0, a.n0, a.m0, true);
+    run_range(*device, *problem, entry.index, sg.t0, sg.t1, a.c0, a.n0, a.m0, true, false);
   }
   std::lock_guard lock(problem->log_mutex);
   problem->log.push_back("segment " + std::to_string(entry.index) + ": outputs on " + used->name());
