@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs every Debian package that mlstm-flow's build, tests (incl. the fuzzers: clang + libFuzzer; the
-# ThreadSanitizer stage downloads oneTBB's source with curl), benchmarks and Python bindings need.
+# ThreadSanitizer stage downloads oneTBB's source with curl and xz from Debian's archive), benchmarks and
+# Python bindings need.
 # Does nothing (and needs no network) when all of them are already present.
 set -euo pipefail
 PKGS=(
@@ -12,7 +13,7 @@ PKGS=(
   libopenblas-pthread-dev libopenblas-dev
   libcli11-dev nlohmann-json3-dev
   python3 python3-dev python3-numpy pybind11-dev python3-matplotlib
-  clang libclang-rt-14-dev curl ca-certificates
+  clang libclang-rt-14-dev curl ca-certificates xz-utils
 )
 missing=()
 for p in "${PKGS[@]}"; do

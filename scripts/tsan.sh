@@ -3,7 +3,8 @@
 # TSan needs every library that hands data between threads instrumented: Debian's libtbb is not, and gives
 # hundreds of false reports (docs/RELIABILITY.md). So this builds oneTBB 2021.8.0 (the Debian version) with
 # -fsanitize=thread once into ${MLSTM_TSAN_DIR:-build-tsan}/tbb-prefix, from $MLSTM_TBB_SOURCE (a source tree)
-# or the release tarball from GitHub, then the graph tests against it, and runs them (halt on the first race).
+# or the release tarball (Debian's archive first: CI reaches it where it cannot reach GitHub), then the
+# graph tests against it, and runs them (halt on the first race).
 # Nothing of oneTBB is vendored; the instrumented build is cached (delete build-tsan/tbb-prefix to redo it).
 # scripts/tsan.supp silences third-party code only (PoCL's own threads, tbbmalloc's free lists), never our frames.
 set -euo pipefail
@@ -15,17 +16,32 @@ mkdir -p "$build"
 if [ ! -e "$prefix/.done" ]; then
   src=${MLSTM_TBB_SOURCE:-}
   if [ -z "$src" ]; then
-    tarball=$build/oneTBB-2021.8.0.tar.gz
+    # The release source, sha256-checked: Debian's archive (the same upstream tarball Debian builds libtbb-dev
+    # from; reachable wherever apt is), else GitHub's release tarball, else a copy cached by an earlier run.
+    tarball=$build/oneTBB-2021.8.0.tar.xz
+    debian_url=http://deb.debian.org/debian/pool/main/o/onetbb/onetbb_2021.8.0.orig.tar.xz
+    debian_sha=7e9111b8bb59c8800bf6d0b06afe7b0891937443d2dae1ee1101c8e2ede6a7ef
+    cache=${XDG_CACHE_HOME:-$HOME/.cache}/mlstm-flow
+    if [ ! -s "$tarball" ] && [ -s "$cache/onetbb_2021.8.0.orig.tar.xz" ]; then
+      cp "$cache/onetbb_2021.8.0.orig.tar.xz" "$tarball"
+    fi
     if [ ! -s "$tarball" ]; then
-      curl -fsSL --retry 3 -o "$tarball.part" https://github.com/oneapi-src/oneTBB/archive/refs/tags/v2021.8.0.tar.gz || {
-        echo "tsan.sh: cannot download oneTBB 2021.8.0; offline, point MLSTM_TBB_SOURCE at a oneTBB source tree" \
-             "(e.g. git archive v2021.8.0 of github.com/oneapi-src/oneTBB)" >&2
+      if curl -fsSL --retry 3 -o "$tarball.part" "$debian_url" &&
+         echo "$debian_sha  $tarball.part" | sha256sum -c --quiet -; then
+        mv "$tarball.part" "$tarball"
+        mkdir -p "$cache" && cp "$tarball" "$cache/onetbb_2021.8.0.orig.tar.xz" || true
+      elif curl -fsSL --retry 3 -o "$tarball.part" \
+             https://github.com/oneapi-src/oneTBB/archive/refs/tags/v2021.8.0.tar.gz; then
+        gzip -dc "$tarball.part" | xz -c >"$tarball" && rm -f "$tarball.part"
+      else
+        rm -f "$tarball.part"
+        echo "tsan.sh: cannot download oneTBB 2021.8.0 (tried $debian_url and GitHub); offline, point" \
+             "MLSTM_TBB_SOURCE at a oneTBB 2021.8.0 source tree" >&2
         exit 1
-      }
-      mv "$tarball.part" "$tarball"
+      fi
     fi
     rm -rf "$build/oneTBB-src" && mkdir -p "$build/oneTBB-src"
-    tar -xzf "$tarball" -C "$build/oneTBB-src" --strip-components=1
+    tar -xJf "$tarball" -C "$build/oneTBB-src" --strip-components=1
     src=$build/oneTBB-src
   fi
   echo "== building oneTBB with ThreadSanitizer from $src"
