@@ -1,9 +1,9 @@
 #include "mlstm/devices/opencl_kernels.hpp"
 
 #include <algorithm>
-
 #include <cstdlib>
 #include <sstream>
+#include <string>
 
 #include "opencl_internal.hpp"
 
@@ -29,7 +29,6 @@ int dtype_code(DType d) {
 
 namespace {
 
-
 // One problem on one device, every buffer of the forward (and of the backward when made with gradients).
 class ResidentPortable final : public ResidentChunkwise {
  public:
@@ -53,11 +52,30 @@ class ResidentPortable final : public ResidentChunkwise {
     // MLSTM_OPENCL_UNTILED=1 forces the per-token output and backward kernels (tests of the fallback).
     const char* untiled_env = std::getenv("MLSTM_OPENCL_UNTILED");
     const bool untiled = untiled_env && std::string(untiled_env) == "1";
-    // Chunks shorter than a query block (chunk 1: the recurrent form and the step kernel) use the per-token
-    // kernels: a block would be mostly empty, and PoCL 3.1 computed wrong h with the tiled kernel at CHUNK=1
-    // and DHHV > 64 (measured; the per-token kernel is exact there).
+    // The register-tiled output kernel (blocks of 64 queries x 64*OVW columns) for chunks of 32 tokens or more;
+    // shorter chunks use the smaller tiled kernel, and chunks shorter than its query block (chunk 1: the
+    // recurrent form and the step kernel) the per-token one: a block would be mostly empty, and PoCL 3.1
+    // computed wrong h with the tiled kernel at CHUNK=1 and DHHV > 64 (measured; the per-token kernel is exact).
+    ovw_ = column_blocks("MLSTM_OPENCL_OUTPUT_COL_BLOCKS", std::min<std::int64_t>(4, (p_.DHHV + 63) / 64));
+    {
+      const std::uint64_t stage = 16ull * std::max<std::uint64_t>(64ull * static_cast<std::uint64_t>(ovw_), 68);
+      const std::uint64_t bytes = 4ull * (16 * 68 + stage + 64 * 68 + 16 + 6 * 64 + 256);
+      regtiled_outputs_ = !untiled && L_ >= 32 && bytes + 1024 <= dev.info().local_memory &&
+                          dev.info().max_work_group >= 256;
+    }
+    if (regtiled_outputs_) opts << " -DOVW=" << ovw_;
+    // The state kernels: tiles of 64 x 64*SVW of C per work group (the n column rides with the first). Each
+    // work group walks the whole sequence, so with few rows (B*NH) wider tiles leave compute units idle: two
+    // column blocks only where that still gives two work groups per compute unit (H100, S=65536, B=1, NH=16:
+    // 64 groups of 64 x 128 took 20.7 ms, the 128 groups of 64 x 64 are the better choice there).
+    {
+      const std::int64_t wide_groups = p_.rows() * ((p_.DHQK + 63) / 64) * ((p_.DHHV + 127) / 128);
+      const bool wide = p_.DHHV > 64 && wide_groups >= 2 * static_cast<std::int64_t>(dev.info().compute_units);
+      svw_ = column_blocks("MLSTM_OPENCL_STATE_COL_BLOCKS", wide ? 2 : 1);
+    }
+    opts << " -DSVW=" << svw_;
     for (int cand : {16, 8}) {
-      if (untiled || L_ < cand) break;
+      if (untiled || regtiled_outputs_ || L_ < cand) break;
       const std::uint64_t bytes = 4ull * (static_cast<std::uint64_t>(cand) * (2 * p_.DHQK + p_.DHHV + cand + 4));
       if (bytes + 1024 <= dev.info().local_memory &&
           static_cast<std::size_t>(ChunkwiseRunner::kWorkGroup) <= dev.info().max_work_group) {
@@ -66,8 +84,18 @@ class ResidentPortable final : public ResidentChunkwise {
       }
     }
     if (qb_ > 0) opts << " -DQB=" << qb_ << " -DKT=" << qb_ << " -DWG=" << ChunkwiseRunner::kWorkGroup;
-    // The tiled backward kernel when its blocks fit in local memory, else the per-token one.
+    // The register-tiled gradient kernels (dq, dk, dv; blocks of 64 tokens x 64*GVW columns) for chunks of 32
+    // tokens or more when one column tile covers DHQK (they reduce q.dq and k.dk inside the work group).
+    gvw_ = static_cast<int>((p_.DHQK + 63) / 64);
     {
+      const std::uint64_t stage = 16ull * std::max<std::uint64_t>(64ull * static_cast<std::uint64_t>(gvw_) + 4, 68);
+      const std::uint64_t bytes = 4ull * (16 * 68 + stage + 64 * 68 + 9 * 64 + 64 * 16);
+      regtiled_backward_ = !untiled && L_ >= 32 && gvw_ <= 4 && bytes + 1024 <= dev.info().local_memory &&
+                           dev.info().max_work_group >= 256;
+    }
+    if (regtiled_backward_) opts << " -DGVW=" << gvw_;
+    // Else the blocked backward kernel when its blocks fit in local memory, else the per-token one.
+    if (!regtiled_backward_) {
       const std::uint64_t K = static_cast<std::uint64_t>(p_.DHQK), V = static_cast<std::uint64_t>(p_.DHHV);
       const std::uint64_t bytes = 4ull * (kBackwardBlock * (V + K) + kBackwardTile * (K + V) +
                                           2 * kBackwardBlock * kBackwardTile + 6 * kBackwardBlock + 4 * kBackwardTile +
@@ -82,7 +110,7 @@ class ResidentPortable final : public ResidentChunkwise {
     k_gates_ = KernelObject{dev.kernel(prog, "fw_gates")};
     k_weights_ = KernelObject{dev.kernel(prog, "fw_state_weights")};
     k_states_ = KernelObject{dev.kernel(prog, "fw_states_tiled")};
-    k_outputs_ = KernelObject{dev.kernel(prog, qb_ > 0 ? "fw_outputs_tiled" : "fw_outputs")};
+    k_outputs_ = KernelObject{dev.kernel(prog, outputs_kernel_name())};
 
     const std::size_t fs = sizeof(float), tok = static_cast<std::size_t>(rows_) * static_cast<std::size_t>(S_);
     const std::size_t K = static_cast<std::size_t>(p_.DHQK), V = static_cast<std::size_t>(p_.DHHV);
@@ -142,7 +170,13 @@ class ResidentPortable final : public ResidentChunkwise {
       has_grads_ = true;
       k_prep_ = KernelObject{dev.kernel(prog, "bw_prep")};
       k_bw_states_ = KernelObject{dev.kernel(prog, "bw_states_tiled")};
-      k_bw_grads_ = KernelObject{dev.kernel(prog, tiled_backward_ ? "bw_grads_tiled" : "bw_grads")};
+      if (regtiled_backward_) {
+        k_bw_grads_ = KernelObject{dev.kernel(prog, "bw_dq_regtiled")};
+        k_bw_dk_ = KernelObject{dev.kernel(prog, "bw_dk_regtiled")};
+        k_bw_dv_ = KernelObject{dev.kernel(prog, "bw_dv_regtiled")};
+      } else {
+        k_bw_grads_ = KernelObject{dev.kernel(prog, tiled_backward_ ? "bw_grads_tiled" : "bw_grads")};
+      }
       k_gate_grads_ = KernelObject{dev.kernel(prog, "bw_gate_grads")};
       dh_ = up_dtype(grads->dh);
       has_dlast_ = grads->dc_last.empty() ? 0 : 1;
@@ -169,8 +203,17 @@ class ResidentPortable final : public ResidentChunkwise {
       set_args(k_prep_.k, dn, dh_, h_, mt_, Nt_, dent_, dden_, S);
       set_args(k_bw_states_.k, dn, q_, dh_, dden_, b_, mb_, carry_, mt_, Nt_, dCl_, dnl_, has_dlast_, dCn_, dnn_, dC0_,
                dn0_, S, nc);
-      set_args(k_bw_grads_.k, dn, q_, k_, v_, dh_, dden_, b_, ig_, mb_, wtok_, Cb_, nb_, dCn_, dnn_, mt_, Nt_, dq_, dk_,
-               dv_, qdq_, kdk_, S, nc);
+      if (regtiled_backward_) {
+        set_args(k_bw_grads_.k, dn, q_, k_, v_, dh_, dden_, b_, ig_, mb_, wtok_, Cb_, nb_, dCn_, dnn_, mt_, Nt_, dq_, qdq_, S,
+                 nc);
+        set_args(k_bw_dk_.k, dn, q_, k_, v_, dh_, dden_, b_, ig_, mb_, wtok_, Cb_, nb_, dCn_, dnn_, mt_, Nt_, dk_, kdk_, S,
+                 nc);
+        set_args(k_bw_dv_.k, dn, q_, k_, v_, dh_, dden_, b_, ig_, mb_, wtok_, Cb_, nb_, dCn_, dnn_, mt_, Nt_, dv_, kdk_, S,
+                 nc);
+      } else {
+        set_args(k_bw_grads_.k, dn, q_, k_, v_, dh_, dden_, b_, ig_, mb_, wtok_, Cb_, nb_, dCn_, dnn_, mt_, Nt_, dq_, dk_,
+                 dv_, qdq_, kdk_, S, nc);
+      }
       set_args(k_gate_grads_.k, dn, i_, f_, qdq_, kdk_, dCl_, dnl_, Co_, no_, has_dlast_, dC0_, dn0_, C0_, n0_, has_init_,
                di_, df_, dm0_, S);
     }
@@ -184,9 +227,15 @@ class ResidentPortable final : public ResidentChunkwise {
     launch(k_weights_, "fw_state_weights", 1, {64 * rows}, {64}, events);
     launch(k_states_, "fw_states_tiled", 2, {256 * state_tiles(), rows}, {256, 1}, events);
     if (outputs_) {
-      const std::size_t groups = qb_ > 0 ? static_cast<std::size_t>(nchunks_) * static_cast<std::size_t>((L_ + qb_ - 1) / qb_)
-                                         : static_cast<std::size_t>(S_);
-      launch(k_outputs_, qb_ > 0 ? "fw_outputs_tiled" : "fw_outputs", 2, {groups * wg, rows}, {wg, 1}, events);
+      if (regtiled_outputs_) {
+        const std::size_t col_tiles = (static_cast<std::size_t>(p_.DHHV) + 64 * ovw_ - 1) / (64 * ovw_);
+        const std::size_t groups = static_cast<std::size_t>(nchunks_) * ((static_cast<std::size_t>(L_) + 63) / 64) * col_tiles;
+        launch(k_outputs_, outputs_kernel_name(), 2, {groups * 256, rows}, {256, 1}, events);
+      } else {
+        const std::size_t groups = qb_ > 0 ? static_cast<std::size_t>(nchunks_) * static_cast<std::size_t>((L_ + qb_ - 1) / qb_)
+                                           : static_cast<std::size_t>(S_);
+        launch(k_outputs_, outputs_kernel_name(), 2, {groups * wg, rows}, {wg, 1}, events);
+      }
     }
     forward_done_ = true;
   }
@@ -197,7 +246,15 @@ class ResidentPortable final : public ResidentChunkwise {
     const std::size_t rows = static_cast<std::size_t>(rows_), S = static_cast<std::size_t>(S_);
     launch(k_prep_, "bw_prep", 2, {round_up(S, 64), rows}, {64, 1}, events);
     launch(k_bw_states_, "bw_states_tiled", 2, {256 * state_tiles(), rows}, {256, 1}, events);
-    if (tiled_backward_) {
+    if (regtiled_backward_) {
+      const std::size_t blocks = static_cast<std::size_t>(nchunks_) * ((static_cast<std::size_t>(L_) + 63) / 64);
+      const std::size_t cols = 64 * static_cast<std::size_t>(gvw_);
+      const std::size_t qk_tiles = (static_cast<std::size_t>(p_.DHQK) + cols - 1) / cols;
+      const std::size_t v_tiles = (static_cast<std::size_t>(p_.DHHV) + cols - 1) / cols;
+      launch(k_bw_grads_, "bw_dq_regtiled", 2, {blocks * qk_tiles * 256, rows}, {256, 1}, events);
+      launch(k_bw_dk_, "bw_dk_regtiled", 2, {blocks * qk_tiles * 256, rows}, {256, 1}, events);
+      launch(k_bw_dv_, "bw_dv_regtiled", 2, {blocks * v_tiles * 256, rows}, {256, 1}, events);
+    } else if (tiled_backward_) {
       const std::size_t blocks = static_cast<std::size_t>(nchunks_) * ((static_cast<std::size_t>(L_) + kBackwardBlock - 1) / kBackwardBlock);
       launch(k_bw_grads_, "bw_grads_tiled", 2, {blocks * ChunkwiseRunner::kWorkGroup, rows},
              {static_cast<std::size_t>(ChunkwiseRunner::kWorkGroup), 1}, events);
@@ -243,9 +300,22 @@ class ResidentPortable final : public ResidentChunkwise {
 
  private:
   static std::size_t round_up(std::size_t x, std::size_t m) { return (x + m - 1) / m * m; }
-  // Work groups per row of the tiled state kernels: 64 x 64 tiles of DHQK x (DHHV + 1).
+  // Work groups per row of the state kernels: 64 x (64 * SVW) tiles of C (DHQK x DHHV).
   std::size_t state_tiles() const {
-    return round_up(static_cast<std::size_t>(p_.DHQK), 64) / 64 * (round_up(static_cast<std::size_t>(p_.DHHV) + 1, 64) / 64);
+    const std::size_t cols = 64 * static_cast<std::size_t>(svw_);
+    return round_up(static_cast<std::size_t>(p_.DHQK), 64) / 64 * (round_up(static_cast<std::size_t>(p_.DHHV), cols) / cols);
+  }
+  const char* outputs_kernel_name() const {
+    return regtiled_outputs_ ? "fw_outputs_regtiled" : qb_ > 0 ? "fw_outputs_tiled" : "fw_outputs";
+  }
+  // Column blocks of 64 per work group: `fallback`, or the value of environment variable `name` (1..4; for tuning).
+  static int column_blocks(const char* name, std::int64_t fallback) {
+    const char* env = std::getenv(name);
+    if (!env || !*env) return static_cast<int>(fallback);
+    const std::string text(env);
+    if (text.size() != 1 || text[0] < '1' || text[0] > '4')
+      throw InvalidArgument(name, "expected 1, 2, 3 or 4 column blocks of 64 per work group (got '" + text + "')");
+    return text[0] - '0';
   }
   void launch(const KernelObject& k, const char* name, cl_uint dims, std::initializer_list<std::size_t> global,
               std::initializer_list<std::size_t> local, std::vector<KernelEvent>* events) {
@@ -265,9 +335,12 @@ class ResidentPortable final : public ResidentChunkwise {
   ProblemShape p_;
   DType dev_dtype_ = DType::f32;
   static constexpr std::size_t kBackwardBlock = 8, kBackwardTile = 16;  // bw_grads_tiled: tokens per block / tile
-  bool outputs_ = true, has_grads_ = false, forward_done_ = false, tiled_backward_ = false;
+  bool outputs_ = true, has_grads_ = false, forward_done_ = false, tiled_backward_ = false, regtiled_outputs_ = false,
+       regtiled_backward_ = false;
+  int ovw_ = 1, svw_ = 1, gvw_ = 1;
   int S_ = 0, rows_ = 0, L_ = 0, nchunks_ = 0, qb_ = 0, has_init_ = 0, has_dlast_ = 0;
-  KernelObject k_gates_, k_weights_, k_states_, k_outputs_, k_prep_, k_bw_states_, k_bw_grads_, k_gate_grads_;
+  KernelObject k_gates_, k_weights_, k_states_, k_outputs_, k_prep_, k_bw_states_, k_bw_grads_, k_bw_dk_, k_bw_dv_,
+      k_gate_grads_;
   PooledBuffer q_, k_, v_, i_, f_, C0_, n0_, m0_, b_, ig_, G_, Cb_, nb_, mb_, Co_, no_, mo_, carry_, wtok_, h_, mt_, Nt_,
       dent_, dh_, dCl_, dnl_, dden_, dCn_, dnn_, dC0_, dn0_, dm0_, dq_, dk_, dv_, qdq_, kdk_, di_, df_;
 };

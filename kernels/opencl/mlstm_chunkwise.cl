@@ -1,11 +1,34 @@
-// Portable OpenCL C 1.2 kernels of the chunkwise mLSTM forward (stages.hpp: fw_gates, fw_states,
-// fw_outputs). No extension needed: f16 is read/written with vload_half/vstore_half_rte (core), bf16
-// is stored as ushort and converted here with round-to-nearest-even. float32 accumulation, float32 gate
-// cumsums and states. Build options (all required):
+// Portable OpenCL C 1.2 kernels of the chunkwise mLSTM, forward and backward (stages.hpp: fw_gates, fw_states,
+// fw_outputs, bw_state_grads, bw_grads, bw_gate_grads). No extension needed: f16 is read/written with
+// vload_half/vstore_half_rte (core), bf16 is stored as ushort and converted here with round-to-nearest-even.
+// float32 accumulation, float32 gate cumsums and states. Build options (required):
 //   -DDHQK=<int> -DDHHV=<int> -DCHUNK=<int> -DKEY_TILE=<int> -DGATE_EXP=<0|1> -DNORMALIZE=<0|1>
 //   -DIN_DTYPE=<0 float32 | 1 float16 | 2 bfloat16> -DEPS=<float>
+// optional: -DSVW (state tiles), -DOVW (selects fw_outputs_regtiled), -DQB -DKT -DWG (fw_outputs_tiled),
+//   -DBQB -DBKT -DBWG (bw_grads_tiled).
 // Layouts: q,k (rows, S, DHQK), v (rows, S, DHHV), i,f (rows, S) float32, states float32
 // C (rows, DHQK, DHHV), n (rows, DHQK), m (rows). Boundary states: (rows, nchunks, ...).
+//
+// Design (launch geometry; what each kernel reads -> writes). rows = B*NH, nc = chunks, 256-wide groups
+// unless said otherwise:
+//   fw_gates            (nc, rows) items, one per (row, chunk):         i, f -> b, ig, G
+//   fw_state_weights    one group of 64 per row, serial over chunks:     b, ig, G, m0 -> mb, carry, wtok, m_last
+//   fw_states_tiled     one group per (row, 64 x 64*SVW tile of C), serial over the chunks in sub-tiles of 16
+//                       tokens staged in local memory (next sub-tile prefetched into registers), 4 x 4*SVW
+//                       state values per work item in registers:     k, v, carry, wtok, C0, n0 -> Cb, nb, C/n_last
+//   fw_outputs_regtiled one group per (row, chunk, 64 queries, 64*OVW columns of h); 4 x 4*OVW outputs per
+//                       work item; Q'C and the 64 x 64 score blocks (key tiles of 64, so any chunk size)
+//                       register-tiled over local-memory stages:     q, k, v, b, ig, Cb, nb, mb -> h, m_t, N_t, den_t
+//   fw_outputs_tiled / fw_outputs: chunks shorter than 32 / no local memory (blocks of 16 or 8 queries; one
+//                       group per token).
+//   bw_prep             one item per token:                              dh, h, m_t, N_t, den_t -> dden
+//   bw_states_tiled     as fw_states_tiled, reverse over the chunks:     q, dh, dden, b, mb, carry, m_t, N_t,
+//                                                                        dC/dn_last -> dCn, dnn (per chunk), dC0, dn0
+//   bw_grads_tiled      one group of 64 per (row, chunk, 8 tokens); key/query tiles of 16 in local memory:
+//                       q, k, v, dh, dden, b, ig, mb, wtok, Cb, nb, dCn, dnn, m_t, N_t -> dq, dk, dv, q.dq, k.dk
+//   bw_grads            (fallback) one group per token.
+//   bw_gate_grads       one group per row (blocked suffix scan over the whole sequence):
+//                       i, f, q.dq, k.dk, dC/dn_last, C/n_last, dC0, dn0, C0, n0 -> di, df, dm0
 
 #if IN_DTYPE == 0
 typedef float in_t;
@@ -92,79 +115,175 @@ void fw_state_weights(__global const float* b, __global const float* ig, __globa
   if (lid == 0) mout[row] = m;
 }
 
-// The state recurrences as register-tiled products (fw_states_tiled, bw_states_tiled): one work group of
-// 256 per (row, STD x STE tile of the augmented state [C | n], i.e. DHQK x (DHHV + 1)); each work item owns
-// a 4 x 4 block of the tile in registers for the whole sequence; per chunk, STT tokens at a time are staged
-// in local memory (the token weight folded into the left factor), then 16 FMAs per pair of loaded values.
-#define STD 64
-#define STE 64
+// ---- The state recurrences (fw_states_tiled, bw_states_tiled) -----------------------------------------
+// Launch: global (256 * NTD * NTE, rows), local (256, 1); one work group per (row, SD x SE tile of C).
+// Work item (ty = lid / 16, tx = lid % 16) keeps rows d = d0 + 4 ty + i (i < 4) and columns
+// e = e0 + 64 w + 4 tx + j (w < SVW, j < 4) of C in registers for the whole sequence; the work groups of the
+// first column tile also carry the n (augmented) column for their rows. The chunks are walked in sub-tiles of
+// STT tokens (flat over the sequence: forward for fw_states, reverse for bw_states); each sub-tile is staged in
+// local memory (xs: STT x SD left factor with the token weight folded in, ys: STT x SE right factor, ya: the
+// augmented column) with coalesced loads, and the NEXT sub-tile is loaded into registers while the current one
+// is multiplied (4 + 4 SVW values per work item), so global latency overlaps the FMAs.
+//   fw: x_t = exp(a_t - m_{c+1}) k_t (wtok), y_t = v_t, ya_t = 1; writes the state ENTERING each chunk.
+//   bw: x_t = exp(b_t + m_c - m_t) q'_t, y_t = dh_t / N_t, ya_t = dden_t; writes the gradient of the state
+//       LEAVING each chunk; the final value is the gradient of the initial state.
+// Build option -DSVW=<1..4> (column sub-tiles of 64 per work group; default 1).
+#ifndef SVW
+#define SVW 1
+#endif
+#define SD 64
+#define SE (64 * SVW)
 #define STT 16
-#define NTE ((DHHV + 1 + STE - 1) / STE)
+#define NTD ((DHQK + SD - 1) / SD)
+#define NTE ((DHHV + SE - 1) / SE)
+#define TPC ((CHUNK + STT - 1) / STT)
+#define SLD (STT * SD / 256)
+#define SLE (STT * SE / 256)
 
-// A work item's 4 x 4 block (rows d0.., columns e0..) of the augmented state [C | n] of one row: C is that
-// row's DHQK x DHHV block, n its DHQK vector; column DHHV is n; outside the state: 0 / not stored.
-inline void tile_load(float x[4][4], __global const float* C, __global const float* n, int d0, int e0) {
-  for (int i = 0; i < 4; ++i)
-    for (int j = 0; j < 4; ++j) {
-      const int d = d0 + i, e = e0 + j;
-      x[i][j] = d < DHQK && e < DHHV ? C[(size_t)d * DHHV + e] : d < DHQK && e == DHHV ? n[d] : 0.0f;
+// Loads sub-tile u (chunk u / TPC, tokens from (u % TPC) * STT) into registers.
+inline void state_subtile_load(const int backward, const int u, const int lid, const int dbase, const int ebase,
+                               const size_t gbase, const int row, const int S, const int nchunks,
+                               __global const in_t* xsrc, __global const in_t* ysrc, __global const float* wtok,
+                               __global const float* b, __global const float* mb, __global const float* m_tok,
+                               __global const float* N_tok, __global const float* dden, float* px, float* py,
+                               float* pa) {
+  const int c = u / TPC;
+  const int t0 = c * CHUNK + (u % TPC) * STT, t1 = min(S, c * CHUNK + CHUNK);
+#if GATE_EXP
+  const float mc = backward ? mb[(size_t)row * nchunks + c] : 0.0f;
+#else
+  const float mc = 0.0f;
+#endif
+  const float scale = rsqrt((float)DHQK);
+  for (int r = 0; r < SLD; ++r) {
+    const int idx = lid + 256 * r, l = idx / SD, d = dbase + idx % SD, t = t0 + l;
+    float x = 0.0f;
+    if (t < t1 && d < DHQK) {
+      const size_t g = gbase + t;
+      const float w = backward ? safe_exp(b[g] + mc - m_tok[g]) * scale : wtok[g];
+      x = w * ld(xsrc, g * DHQK + d);
     }
-}
-inline void tile_store(float x[4][4], __global float* C, __global float* n, int d0, int e0) {
-  for (int i = 0; i < 4; ++i)
-    for (int j = 0; j < 4; ++j) {
-      const int d = d0 + i, e = e0 + j;
-      if (d < DHQK && e < DHHV) C[(size_t)d * DHHV + e] = x[i][j];
-      else if (d < DHQK && e == DHHV) n[d] = x[i][j];
+    px[r] = x;
+  }
+  for (int r = 0; r < SLE; ++r) {
+    const int idx = lid + 256 * r, l = idx / SE, e = ebase + idx % SE, t = t0 + l;
+    float y = 0.0f;
+    if (t < t1 && e < DHHV) {
+      const size_t g = gbase + t;
+      y = backward ? ld(ysrc, g * DHHV + e) / N_tok[g] : ld(ysrc, g * DHHV + e);
     }
-}
-// x += xs^T ys over the STT staged tokens (xs: STT x STD left factors, ys: STT x STE right factors).
-inline void tile_fma(float x[4][4], __local float (*xs)[STD], __local float (*ys)[STE], int lid) {
-  for (int l = 0; l < STT; ++l) {
-    const float4 a = vload4(0, &xs[l][(lid / 16) * 4]);
-    const float4 y = vload4(0, &ys[l][(lid % 16) * 4]);
-    const float av[4] = {a.x, a.y, a.z, a.w}, yv[4] = {y.x, y.y, y.z, y.w};
-    for (int i = 0; i < 4; ++i)
-      for (int j = 0; j < 4; ++j) x[i][j] += av[i] * yv[j];
+    py[r] = y;
+  }
+  if (lid < STT) {
+    const int t = t0 + lid;
+    *pa = t < t1 ? (backward ? dden[gbase + t] : 1.0f) : 0.0f;
   }
 }
+
+// x[i][c] += xs[l][4 ty + i] * ys[l][c]; with the n column when WITH_N.
+#define STATE_SUBTILE_FMA(WITH_N)                                                \
+  for (int l = 0; l < STT; ++l) {                                                \
+    const float4 a4 = vload4(0, xs + l * SD + ty * 4);                           \
+    const float av[4] = {a4.x, a4.y, a4.z, a4.w};                                \
+    if (WITH_N) {                                                                \
+      const float yal = ya[l];                                                   \
+      for (int i = 0; i < 4; ++i) xn[i] += av[i] * yal;                          \
+    }                                                                            \
+    for (int w = 0; w < SVW; ++w) {                                              \
+      const float4 y4 = vload4(0, ys + l * SE + w * 64 + tx * 4);                \
+      const float yv[4] = {y4.x, y4.y, y4.z, y4.w};                              \
+      for (int i = 0; i < 4; ++i)                                                \
+        for (int j = 0; j < 4; ++j) x[i][w * 4 + j] += av[i] * yv[j];            \
+    }                                                                            \
+  }
+
+// The shared body of both state kernels (backward: reverse direction and the gradient loads).
+inline void state_scan(const int backward, __global const in_t* xsrc, __global const in_t* ysrc,
+                       __global const float* carry, __global const float* wtok, __global const float* b,
+                       __global const float* mb, __global const float* m_tok, __global const float* N_tok,
+                       __global const float* dden, __global const float* C_in, __global const float* n_in,
+                       const int has_in, __global float* C_chunk, __global float* n_chunk, __global float* C_out,
+                       __global float* n_out, const int S, const int nchunks, __local float* xs, __local float* ys,
+                       __local float* ya) {
+  const int tile = get_group_id(0), row = get_group_id(1), lid = get_local_id(0);
+  const int ty = lid / 16, tx = lid % 16;
+  const int td = tile / NTE, te = tile % NTE;
+  const int dbase = td * SD, ebase = te * SE;
+  const int d0 = dbase + ty * 4;
+  const size_t gbase = (size_t)row * S;
+  const bool with_n = te == 0;
+  float x[4][4 * SVW], xn[4];
+  for (int i = 0; i < 4; ++i) {
+    const int d = d0 + i;
+    xn[i] = has_in && with_n && d < DHQK ? n_in[(size_t)row * DHQK + d] : 0.0f;
+    for (int w = 0; w < SVW; ++w)
+      for (int j = 0; j < 4; ++j) {
+        const int e = ebase + w * 64 + tx * 4 + j;
+        x[i][w * 4 + j] = has_in && d < DHQK && e < DHHV ? C_in[((size_t)row * DHQK + d) * DHHV + e] : 0.0f;
+      }
+  }
+  const int nsub = nchunks * TPC;
+  float px[SLD], py[SLE], pa = 0.0f;
+  state_subtile_load(backward, backward ? nsub - 1 : 0, lid, dbase, ebase, gbase, row, S, nchunks, xsrc, ysrc, wtok,
+                     b, mb, m_tok, N_tok, dden, px, py, &pa);
+  for (int step = 0; step < nsub; ++step) {
+    const int u = backward ? nsub - 1 - step : step;
+    if (u % TPC == (backward ? TPC - 1 : 0)) {  // first sub-tile visited in chunk u / TPC
+      const size_t bidx = (size_t)row * nchunks + u / TPC;
+      const float cr = carry[bidx];
+      for (int i = 0; i < 4; ++i) {
+        const int d = d0 + i;
+        if (d < DHQK) {
+          if (with_n && tx == 0) n_chunk[bidx * DHQK + d] = xn[i];
+          for (int w = 0; w < SVW; ++w)
+            for (int j = 0; j < 4; ++j) {
+              const int e = ebase + w * 64 + tx * 4 + j;
+              if (e < DHHV) C_chunk[(bidx * DHQK + d) * DHHV + e] = x[i][w * 4 + j];
+            }
+        }
+        xn[i] *= cr;
+        for (int j = 0; j < 4 * SVW; ++j) x[i][j] *= cr;
+      }
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int r = 0; r < SLD; ++r) xs[lid + 256 * r] = px[r];
+    for (int r = 0; r < SLE; ++r) ys[lid + 256 * r] = py[r];
+    if (lid < STT) ya[lid] = pa;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    if (step + 1 < nsub)
+      state_subtile_load(backward, backward ? u - 1 : u + 1, lid, dbase, ebase, gbase, row, S, nchunks, xsrc, ysrc,
+                         wtok, b, mb, m_tok, N_tok, dden, px, py, &pa);
+    if (with_n) {
+      STATE_SUBTILE_FMA(1)
+    } else {
+      STATE_SUBTILE_FMA(0)
+    }
+  }
+  for (int i = 0; i < 4; ++i) {
+    const int d = d0 + i;
+    if (d >= DHQK) continue;
+    if (with_n && tx == 0) n_out[(size_t)row * DHQK + d] = xn[i];
+    for (int w = 0; w < SVW; ++w)
+      for (int j = 0; j < 4; ++j) {
+        const int e = ebase + w * 64 + tx * 4 + j;
+        if (e < DHHV) C_out[((size_t)row * DHQK + d) * DHHV + e] = x[i][w * 4 + j];
+      }
+  }
+}
+
 __kernel __attribute__((reqd_work_group_size(256, 1, 1)))
 void fw_states_tiled(__global const in_t* k, __global const in_t* v, __global const float* carry,
                      __global const float* wtok, __global const float* C0, __global const float* n0,
                      __global float* Cb, __global float* nb, __global float* Cout, __global float* nout, int S,
                      int nchunks) {
-  __local float xs[STT][STD];
-  __local float ys[STT][STE];
-  const int tile = get_group_id(0), row = get_group_id(1), lid = get_local_id(0);
-  const int td = tile / NTE, te = tile % NTE;
-  const int d0 = td * STD + (lid / 16) * 4, e0 = te * STE + (lid % 16) * 4;
-  const size_t gbase = (size_t)row * S;
-  float x[4][4];
-  tile_load(x, C0 + (size_t)row * DHQK * DHHV, n0 + (size_t)row * DHQK, d0, e0);
-  for (int c = 0; c < nchunks; ++c) {
-    const size_t bidx = (size_t)row * nchunks + c;
-    tile_store(x, Cb + bidx * DHQK * DHHV, nb + bidx * DHQK, d0, e0);
-    const float cr = carry[bidx];
-    for (int i = 0; i < 4; ++i)
-      for (int j = 0; j < 4; ++j) x[i][j] *= cr;
-    const int t0 = c * CHUNK, t1 = min(S, t0 + CHUNK);
-    for (int s0 = t0; s0 < t1; s0 += STT) {
-      barrier(CLK_LOCAL_MEM_FENCE);
-      for (int idx = lid; idx < STT * STD; idx += 256) {
-        const int l = idx / STD, dd = idx % STD, t = s0 + l, d = td * STD + dd;
-        xs[l][dd] = t < t1 && d < DHQK ? wtok[gbase + t] * ld(k, (gbase + t) * DHQK + d) : 0.0f;
-      }
-      for (int idx = lid; idx < STT * STE; idx += 256) {
-        const int l = idx / STE, ee = idx % STE, t = s0 + l, e = te * STE + ee;
-        ys[l][ee] = t >= t1 ? 0.0f : e < DHHV ? ld(v, (gbase + t) * DHHV + e) : e == DHHV ? 1.0f : 0.0f;
-      }
-      barrier(CLK_LOCAL_MEM_FENCE);
-      tile_fma(x, xs, ys, lid);
-    }
-  }
-  tile_store(x, Cout + (size_t)row * DHQK * DHHV, nout + (size_t)row * DHQK, d0, e0);
+  __local float xs[STT * SD];
+  __local float ys[STT * SE];
+  __local float ya[STT];
+  state_scan(0, k, v, carry, wtok, carry, carry, carry, carry, carry, C0, n0, 1, Cb, nb, Cout, nout, S, nchunks, xs,
+             ys, ya);
 }
 
+#if !defined(OVW) && !defined(QB)  // only compiled where the host uses it
 // One work group per (row, token): scores q'_t . k_s over key tiles of KEY_TILE in local memory, then each
 // work item accumulates num_t[e] for its e. The stabiliser m_t comes from the gates alone (prefix max), so
 // no rescaling is needed across tiles. Writes h in the input dtype and, per token, m_t, N_t and den_t.
@@ -252,6 +371,7 @@ __kernel void fw_outputs(__global const in_t* q, __global const in_t* k, __globa
     den_tok[gbase + t] = den;
   }
 }
+#endif
 
 // Tiled output kernel: one work group per (row, chunk, block of QB queries). The block's queries, a tile of
 // KT keys and values, and the block's weights live in local memory, so every key, value and state element
@@ -384,6 +504,210 @@ void fw_outputs_tiled(__global const in_t* q, __global const in_t* k, __global c
 }
 #endif
 
+// ---- Register-tiled output kernel (fw_outputs_regtiled) ----------------------------------------------
+// Launch: global (256 * nchunks * OQB_PER_CHUNK * NVT, rows), local (256, 1); one work group per (row, chunk,
+// block of 64 queries, tile of OE = 64 * OVW output columns), the column tile fastest (groups that share a
+// chunk's q, k, v run together). Work item (ty = lid / 16, tx = lid % 16) owns queries j = 4 ty + i (i < 4)
+// and columns e = 64 w + 4 tx + jj (w < OVW) of the tile: 16 OVW accumulators in registers.
+//   1. gates: m_t of the block's queries (prefix max of ig_s - b_s over the chunk, a work-group reduction for
+//      the part before the block), the inter-chunk factor exp(b_t + m_c - m_t).
+//   2. inter-chunk: num = Q' C over DHQK in stages of OKD (Q'^T and C staged in local memory, coalesced
+//      loads), den = Q' . n.
+//   3. intra-chunk, key tiles of 64 up to the block's last query (TFLA-style: the chunk size is not limited
+//      by local memory): the 64 x 64 score block Q' K^T register-tiled (4 x 4 per work item, over DHQK in
+//      stages of OKD), weighted by exp(b_t - b_s + ig_s - m_t) (s <= t), stored transposed in local memory
+//      (row sums give den), then num += W V over the tile's keys in stages of OKD.
+//   4. h = num / N_t in the input dtype; the first column tile writes m_t, N_t, den_t.
+// Reads q, k, v, b, ig, Cb, nb, mb; writes h, m_tok, N_tok, den_tok. Build option -DOVW=<1..4>.
+#ifdef OVW
+#define OQB 64
+#define OKT 64
+#define OKD 16
+#define OE (64 * OVW)
+#define OPAD 68
+#define NVT ((DHHV + OE - 1) / OE)
+#define OSTAGE (OKD * (OE > OPAD ? OE : OPAD))
+__kernel __attribute__((reqd_work_group_size(256, 1, 1)))
+void fw_outputs_regtiled(__global const in_t* q, __global const in_t* k, __global const in_t* v,
+                         __global const float* b, __global const float* ig, __global const float* Cb,
+                         __global const float* nb, __global const float* mb, __global in_t* h,
+                         __global float* m_tok, __global float* N_tok, __global float* den_tok, int S, int nchunks) {
+  __local float qT[OKD * OPAD];   // Q'^T stage: [dd][j]
+  __local float stg[OSTAGE];      // C stage [dd][e] | K^T stage [dd][l] | V stage [ll][e]
+  __local float sT[OKT * OPAD];   // weighted scores, transposed: [l][j]
+  __local float ns[OKD];
+  __local float qb_l[OQB], qm_l[OQB], qu_l[OQB], den_l[OQB];
+  __local float kb_l[OKT], kig_l[OKT];
+  __local float red[256];
+  const int blocks = (CHUNK + OQB - 1) / OQB;
+  const int grp = get_group_id(0), row = get_group_id(1), lid = get_local_id(0);
+  const int vt = grp % NVT, qblk = (grp / NVT) % blocks, c = grp / NVT / blocks;
+  const int ty = lid / 16, tx = lid % 16;
+  const int t0c = c * CHUNK, t1c = min(S, t0c + CHUNK);
+  const int q0 = t0c + qblk * OQB, qn = min(OQB, t1c - q0);
+  if (qn <= 0) return;
+  const int ebase = vt * OE;
+  const size_t gbase = (size_t)row * S, bidx = (size_t)row * nchunks + c;
+  const float scale = rsqrt((float)DHQK);
+
+  // 1. Gates of the block's queries.
+#if GATE_EXP
+  const float m_in = mb[bidx];
+  float pm = -INFINITY;  // max of ig_s - b_s over the chunk's tokens before the block
+  for (int s = t0c + lid; s < q0; s += 256) pm = fmax(pm, ig[gbase + s] - b[gbase + s]);
+  red[lid] = pm;
+  barrier(CLK_LOCAL_MEM_FENCE);
+  for (int off = 128; off > 0; off >>= 1) {
+    if (lid < off) red[lid] = fmax(red[lid], red[lid + off]);
+    barrier(CLK_LOCAL_MEM_FENCE);
+  }
+  if (lid < OQB) {
+    float mx = red[0];
+    for (int j = 0; j < OQB; ++j) {  // fixed trip count
+      const int s = q0 + min(j, qn - 1);
+      mx = j <= lid ? fmax(mx, ig[gbase + s] - b[gbase + s]) : mx;
+    }
+    const float bt = lid < qn ? b[gbase + q0 + lid] : 0.0f;
+    const float mt = lid < qn ? fmax(bt + m_in, bt + mx) : 0.0f;
+    qb_l[lid] = bt;
+    qm_l[lid] = mt;
+    qu_l[lid] = lid < qn ? safe_exp(bt + m_in - mt) : 0.0f;
+  }
+#else
+  if (lid < OQB) {
+    const float bt = lid < qn ? b[gbase + q0 + lid] : 0.0f;
+    qb_l[lid] = bt;
+    qm_l[lid] = 0.0f;
+    qu_l[lid] = lid < qn ? exp(bt) : 0.0f;
+  }
+#endif
+
+  // 2. Inter-chunk part.
+  float acc[4][4 * OVW];
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4 * OVW; ++j) acc[i][j] = 0.0f;
+  float qn_dot = 0.0f;  // work item lid < 64: q'_lid . n
+  for (int dbase = 0; dbase < DHQK; dbase += OKD) {
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int idx = lid; idx < OQB * OKD; idx += 256) {
+      const int j = idx / OKD, dd = idx % OKD, d = dbase + dd;
+      qT[dd * OPAD + j] = j < qn && d < DHQK ? ld(q, (gbase + q0 + j) * DHQK + d) * scale : 0.0f;
+    }
+    for (int idx = lid; idx < OKD * OE; idx += 256) {
+      const int dd = idx / OE, e = ebase + idx % OE, d = dbase + dd;
+      stg[dd * OE + idx % OE] = d < DHQK && e < DHHV ? Cb[(bidx * DHQK + d) * DHHV + e] : 0.0f;
+    }
+    if (lid < OKD) ns[lid] = dbase + lid < DHQK ? nb[bidx * DHQK + dbase + lid] : 0.0f;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int dd = 0; dd < OKD; ++dd) {
+      const float4 a4 = vload4(0, qT + dd * OPAD + ty * 4);
+      const float av[4] = {a4.x, a4.y, a4.z, a4.w};
+      for (int w = 0; w < OVW; ++w) {
+        const float4 c4 = vload4(0, stg + dd * OE + w * 64 + tx * 4);
+        const float cv[4] = {c4.x, c4.y, c4.z, c4.w};
+        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < 4; ++j) acc[i][w * 4 + j] += av[i] * cv[j];
+      }
+    }
+    if (lid < OQB)
+      for (int dd = 0; dd < OKD; ++dd) qn_dot += qT[dd * OPAD + lid] * ns[dd];
+  }
+  for (int i = 0; i < 4; ++i) {
+    const float u = qu_l[ty * 4 + i];
+    for (int j = 0; j < 4 * OVW; ++j) acc[i][j] *= u;
+  }
+  if (lid < OQB) den_l[lid] = qu_l[lid] * qn_dot;
+
+  // 3. Intra-chunk part over key tiles up to the block's last query.
+  const int s_end = q0 + qn;
+  for (int s0 = t0c; s0 < s_end; s0 += OKT) {
+    const int sn = min(OKT, s_end - s0);
+    float sc[4][4];
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) sc[i][j] = 0.0f;
+    for (int dbase = 0; dbase < DHQK; dbase += OKD) {
+      barrier(CLK_LOCAL_MEM_FENCE);
+      for (int idx = lid; idx < OQB * OKD; idx += 256) {
+        const int j = idx / OKD, dd = idx % OKD, d = dbase + dd;
+        qT[dd * OPAD + j] = j < qn && d < DHQK ? ld(q, (gbase + q0 + j) * DHQK + d) * scale : 0.0f;
+        stg[dd * OPAD + j] = j < sn && d < DHQK ? ld(k, (gbase + s0 + j) * DHQK + d) : 0.0f;
+      }
+      if (dbase == 0 && lid < OKT) {
+        kb_l[lid] = lid < sn ? b[gbase + s0 + lid] : 0.0f;
+        kig_l[lid] = lid < sn ? ig[gbase + s0 + lid] : 0.0f;
+      }
+      barrier(CLK_LOCAL_MEM_FENCE);
+      for (int dd = 0; dd < OKD; ++dd) {
+        const float4 a4 = vload4(0, qT + dd * OPAD + ty * 4);
+        const float4 k4 = vload4(0, stg + dd * OPAD + tx * 4);
+        const float av[4] = {a4.x, a4.y, a4.z, a4.w}, kv[4] = {k4.x, k4.y, k4.z, k4.w};
+        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < 4; ++j) sc[i][j] += av[i] * kv[j];
+      }
+    }
+    for (int i = 0; i < 4; ++i) {
+      const int j = ty * 4 + i, t = q0 + j;
+      const float bt = qb_l[j], mt = qm_l[j];
+      for (int jj = 0; jj < 4; ++jj) {
+        const int l = tx * 4 + jj, s = s0 + l;
+        sT[l * OPAD + j] = j < qn && l < sn && s <= t ? exp(bt - kb_l[l] + kig_l[l] - mt) * sc[i][jj] : 0.0f;
+      }
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    if (lid < OQB) {
+      float sum = 0.0f;
+      for (int l = 0; l < sn; ++l) sum += sT[l * OPAD + lid];
+      den_l[lid] += sum;
+    }
+    for (int l0 = 0; l0 < sn; l0 += OKD) {
+      barrier(CLK_LOCAL_MEM_FENCE);
+      for (int idx = lid; idx < OKD * OE; idx += 256) {
+        const int ll = idx / OE, e = ebase + idx % OE, l = l0 + ll;
+        stg[ll * OE + idx % OE] = l < sn && e < DHHV ? ld(v, (gbase + s0 + l) * DHHV + e) : 0.0f;
+      }
+      barrier(CLK_LOCAL_MEM_FENCE);
+      for (int ll = 0; ll < OKD; ++ll) {
+        const float4 a4 = vload4(0, sT + (l0 + ll) * OPAD + ty * 4);
+        const float av[4] = {a4.x, a4.y, a4.z, a4.w};
+        for (int w = 0; w < OVW; ++w) {
+          const float4 v4 = vload4(0, stg + ll * OE + w * 64 + tx * 4);
+          const float vv[4] = {v4.x, v4.y, v4.z, v4.w};
+          for (int i = 0; i < 4; ++i)
+            for (int j = 0; j < 4; ++j) acc[i][w * 4 + j] += av[i] * vv[j];
+        }
+      }
+    }
+  }
+
+  // 4. Normalise and store.
+  barrier(CLK_LOCAL_MEM_FENCE);
+  for (int i = 0; i < 4; ++i) {
+    const int j = ty * 4 + i;
+    if (j >= qn) break;
+    const float den = den_l[j], mt = qm_l[j];
+#if GATE_EXP
+    const float N = fmax(fabs(den), exp(-mt)) + EPS;
+#elif NORMALIZE
+    const float N = fmax(fabs(den), 1.0f) + EPS;
+#else
+    const float N = 1.0f;
+#endif
+    const float inv = 1.0f / N;
+    const size_t t = gbase + q0 + j;
+    for (int w = 0; w < OVW; ++w)
+      for (int jj = 0; jj < 4; ++jj) {
+        const int e = ebase + w * 64 + tx * 4 + jj;
+        if (e < DHHV) st(h, t * DHHV + e, acc[i][w * 4 + jj] * inv);
+      }
+    if (vt == 0 && tx == 0) {
+      m_tok[t] = mt;
+      N_tok[t] = N;
+      den_tok[t] = den;
+    }
+  }
+}
+#endif
+
 // ---- Backward (stages.hpp "Backward"; m_t held constant, the normaliser differentiated) -------------
 // Inputs from the forward: b, ig (gates), mb (m entering each chunk), carry (exp(G_c + m_c - m_{c+1})),
 // wtok (exp(a_s - m_{c+1})), Cb, nb (state entering each chunk), m_tok, N_tok, den_tok (per token), h.
@@ -413,55 +737,23 @@ __kernel void bw_prep(__global const in_t* dh, __global const in_t* h, __global 
 #endif
 }
 
-// The reverse state-gradient recurrence, register-tiled like fw_states_tiled; reverse over the chunks,
-// writing the gradient of the state LEAVING each chunk (dCn, dnn) and finally that of the initial state:
-//   x <- carry_c x + sum_t [exp(b_t + m_c - m_t) q'_t] [dnum_aug_t]^T
+// The reverse state-gradient recurrence (state_scan above, backward): x <- carry_c x + sum_t
+// [exp(b_t + m_c - m_t) q'_t] [dnum_aug_t]^T, writing the gradient of the state LEAVING each chunk (dCn, dnn)
+// and finally that of the initial state (dC0, dn0). Same launch geometry as fw_states_tiled.
 __kernel __attribute__((reqd_work_group_size(256, 1, 1)))
 void bw_states_tiled(__global const in_t* q, __global const in_t* dh, __global const float* dden,
                      __global const float* b, __global const float* mb, __global const float* carry,
                      __global const float* m_tok, __global const float* N_tok, __global const float* dC_last,
                      __global const float* dn_last, int has_dlast, __global float* dCn, __global float* dnn,
                      __global float* dC0, __global float* dn0, int S, int nchunks) {
-  __local float xs[STT][STD];
-  __local float ys[STT][STE];
-  const int tile = get_group_id(0), row = get_group_id(1), lid = get_local_id(0);
-  const int td = tile / NTE, te = tile % NTE;
-  const int d0 = td * STD + (lid / 16) * 4, e0 = te * STE + (lid % 16) * 4;
-  const size_t gbase = (size_t)row * S;
-  const float scale = rsqrt((float)DHQK);
-  float x[4][4];
-  if (has_dlast) {
-    tile_load(x, dC_last + (size_t)row * DHQK * DHHV, dn_last + (size_t)row * DHQK, d0, e0);
-  } else {
-    for (int i = 0; i < 4; ++i)
-      for (int j = 0; j < 4; ++j) x[i][j] = 0.0f;
-  }
-  for (int c = nchunks - 1; c >= 0; --c) {
-    const size_t bidx = (size_t)row * nchunks + c;
-    tile_store(x, dCn + bidx * DHQK * DHHV, dnn + bidx * DHQK, d0, e0);
-    const float cr = carry[bidx], mc = mb[bidx];
-    for (int i = 0; i < 4; ++i)
-      for (int j = 0; j < 4; ++j) x[i][j] *= cr;
-    const int t0 = c * CHUNK, t1 = min(S, t0 + CHUNK);
-    for (int s0 = t0; s0 < t1; s0 += STT) {
-      barrier(CLK_LOCAL_MEM_FENCE);
-      for (int idx = lid; idx < STT * STD; idx += 256) {
-        const int l = idx / STD, dd = idx % STD, t = s0 + l, d = td * STD + dd;
-        const size_t g = gbase + t;
-        xs[l][dd] = t < t1 && d < DHQK ? safe_exp(b[g] + mc - m_tok[g]) * scale * ld(q, g * DHQK + d) : 0.0f;
-      }
-      for (int idx = lid; idx < STT * STE; idx += 256) {
-        const int l = idx / STE, ee = idx % STE, t = s0 + l, e = te * STE + ee;
-        const size_t g = gbase + t;
-        ys[l][ee] = t >= t1 ? 0.0f : e < DHHV ? ld(dh, g * DHHV + e) / N_tok[g] : e == DHHV ? dden[g] : 0.0f;
-      }
-      barrier(CLK_LOCAL_MEM_FENCE);
-      tile_fma(x, xs, ys, lid);
-    }
-  }
-  tile_store(x, dC0 + (size_t)row * DHQK * DHHV, dn0 + (size_t)row * DHQK, d0, e0);
+  __local float xs[STT * SD];
+  __local float ys[STT * SE];
+  __local float ya[STT];
+  state_scan(1, q, dh, carry, carry, b, mb, m_tok, N_tok, dden, dC_last, dn_last, has_dlast, dCn, dnn, dC0, dn0, S,
+             nchunks, xs, ys, ya);
 }
 
+#if !defined(GVW) && !defined(BQB)  // only compiled where the host uses it
 // One work group per (row, token tau): dq_tau (tau as a query), dk_tau and dv_tau (tau as a key), and the
 // per-token dot products q.dq and k.dk for the gate gradients. Key/query tiles of KEY_TILE coefficients in
 // local memory; work item lid owns the columns d = lid + lsz*j (DHQK) and e = lid + lsz*j (DHHV).
@@ -597,6 +889,7 @@ __kernel void bw_grads(__global const in_t* q, __global const in_t* k, __global 
     kdk[g] = red[lsz];
   }
 }
+#endif
 
 // Tiled bw_grads: one work group of BWG per (row, chunk, block of BQB tokens). Part A: the block's tokens
 // as queries (dq), key tiles of BKT tokens staged in local memory. Part B: the block's tokens as keys (dk,
@@ -822,6 +1115,259 @@ void bw_grads_tiled(__global const in_t* q, __global const in_t* k, __global con
       kdk[g] = red[BWG];
     }
   }
+}
+#endif
+
+// ---- Register-tiled gradient kernels (bw_dq_regtiled, bw_dk_regtiled, bw_dv_regtiled) --------------------
+// Launch (each): global (256 * nchunks * ceil(CHUNK / 64) * GCT, rows), local (256, 1): one work group per
+// (row, chunk, block of 64 OWN tokens, tile of 64*GVW output columns), the column tile fastest. Work item
+// (ty, tx) owns tokens r = 4 ty + i and columns 64 w + 4 tx + j: 16 GVW accumulators in registers. The same
+// chain as fw_outputs_regtiled, with the operands of stages.hpp "Backward" (dnum = dh / N, q' = q / sqrt(DHQK),
+// u_r = exp(b_r + m_c - m_r), w_r = wtok_r = exp(a_r - m_{c+1}), D_ts = b_t - b_s + ig_s):
+//   dq_r = scale [ u_r (C dnum_r + dden_r n) + sum_{s<=r} exp(D_rs - m_r)(dnum_r . v_s + dden_r) k_s ]
+//   dk_r = w_r (dC_{c+1} v_r + dn_{c+1}) + sum_{t>=r} exp(D_tr - m_t)(dnum_t . v_r + dden_t) q'_t
+//   dv_r = w_r dC_{c+1}^T k_r + sum_{t>=r} exp(D_tr - m_t)(q'_t . k_r) dnum_t
+// inter part over the inner dimension in stages of 16 (staged transposed in local memory), the 64 x 64
+// coefficient block register-tiled (4 x 4 per work item), then acc += coef Z over the tile's tokens. dq and dk
+// also write q.dq and k.dk per token (the host uses these kernels only when one column tile covers DHQK).
+// Reads q, k, v, dh, dden, b, ig, mb, wtok, Cb, nb, dCn, dnn, m_t, N_t; writes dq | dk | dv, qdq | kdk.
+#ifdef GVW
+#define GKD 16
+#define GOUT(mode) ((mode) == 2 ? DHHV : DHQK)
+#define GIN(mode) ((mode) == 2 ? DHQK : DHHV)   // inner dimension of the inter part and of the scores
+#define GE (64 * GVW)
+#define GEP (GE + 4)  // padded row of the [x][column] stages
+#define GSTAGE (GKD * (GEP > OPAD_G ? GEP : OPAD_G))
+#define OPAD_G 68
+inline void bw_grads_chain(const int mode, __global const in_t* q, __global const in_t* k, __global const in_t* v,
+                           __global const in_t* dh, __global const float* dden, __global const float* b,
+                           __global const float* ig, __global const float* mb, __global const float* wtok,
+                           __global const float* Cb, __global const float* nb, __global const float* dCn,
+                           __global const float* dnn, __global const float* m_tok, __global const float* N_tok,
+                           __global in_t* out, __global float* dots, const int S, const int nchunks,
+                           __local float* aT, __local float* stg, __local float* cT, __local float* r_sc,
+                           __local float* o_b, __local float* o_ig, __local float* o_m, __local float* o_dd,
+                           __local float* r_b, __local float* r_ig, __local float* r_m, __local float* r_dd,
+                           __local float* red) {
+  const int OUTD = GOUT(mode), IND = GIN(mode);
+  const int nct = (OUTD + GE - 1) / GE;
+  const int blocks = (CHUNK + 63) / 64;
+  const int grp = get_group_id(0), row = get_group_id(1), lid = get_local_id(0);
+  const int ct = grp % nct, rblk = (grp / nct) % blocks, c = grp / nct / blocks;
+  const int ty = lid / 16, tx = lid % 16;
+  const int t0c = c * CHUNK, t1c = min(S, t0c + CHUNK);
+  const int r0 = t0c + rblk * 64, rn = min(64, t1c - r0);
+  if (rn <= 0) return;
+  const int cbase = ct * GE;
+  const size_t gbase = (size_t)row * S, bidx = (size_t)row * nchunks + c;
+  const float scale = rsqrt((float)DHQK);
+#if GATE_EXP
+  const float mc = mb[bidx];
+#else
+  const float mc = 0.0f;
+#endif
+  if (lid < 64) {
+    const int j = lid;
+    const size_t g = gbase + r0 + min(j, rn - 1);
+    const bool ok = j < rn;
+    r_b[j] = ok ? b[g] : 0.0f;
+    r_ig[j] = ok ? ig[g] : 0.0f;
+    r_m[j] = ok ? m_tok[g] : 0.0f;
+    r_dd[j] = ok ? (mode == 0 ? dden[g] : mode == 1 ? 1.0f : 0.0f) : 0.0f;
+    r_sc[j] = ok ? (mode == 0 ? safe_exp(b[g] + mc - m_tok[g]) : wtok[g]) : 0.0f;
+  }
+  // Inter part: acc[r][col] = sum_x A[r][x] M[x][col] + extra_r vec[col].
+  float acc[4][4 * GVW];
+  for (int i = 0; i < 4; ++i)
+    for (int j = 0; j < 4 * GVW; ++j) acc[i][j] = 0.0f;
+  __global const float* Mst = mode == 0 ? Cb : dCn;
+  for (int xb = 0; xb < IND; xb += GKD) {
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int idx = lid; idx < 64 * GKD; idx += 256) {
+      const int j = idx / GKD, xx = idx % GKD, x = xb + xx;
+      float a = 0.0f;
+      if (j < rn && x < IND) {
+        const size_t g = gbase + r0 + j;
+        a = mode == 0 ? ld(dh, g * DHHV + x) / N_tok[g] : mode == 1 ? ld(v, g * DHHV + x) : ld(k, g * DHQK + x);
+      }
+      aT[xx * OPAD_G + j] = a;
+    }
+    if (mode == 2) {  // M[x][col] = dC[x][col]: rows of dC
+      for (int idx = lid; idx < GKD * GE; idx += 256) {
+        const int xx = idx / GE, cc = idx % GE, x = xb + xx, col = cbase + cc;
+        stg[xx * GEP + cc] = x < IND && col < OUTD ? Mst[(bidx * DHQK + x) * DHHV + col] : 0.0f;
+      }
+    } else {  // M[x][col] = C[col][x]: 16 consecutive x of each state row
+      for (int idx = lid; idx < GKD * GE; idx += 256) {
+        const int cc = idx / GKD, xx = idx % GKD, x = xb + xx, col = cbase + cc;
+        stg[xx * GEP + cc] = x < IND && col < OUTD ? Mst[(bidx * DHQK + col) * DHHV + x] : 0.0f;
+      }
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int xx = 0; xx < GKD; ++xx) {
+      const float4 a4 = vload4(0, aT + xx * OPAD_G + ty * 4);
+      const float av[4] = {a4.x, a4.y, a4.z, a4.w};
+      for (int w = 0; w < GVW; ++w) {
+        const float4 m4 = vload4(0, stg + xx * GEP + w * 64 + tx * 4);
+        const float mv[4] = {m4.x, m4.y, m4.z, m4.w};
+        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < 4; ++j) acc[i][w * 4 + j] += av[i] * mv[j];
+      }
+    }
+  }
+  if (mode != 2) {
+    __global const float* vec = mode == 0 ? nb : dnn;
+    for (int w = 0; w < GVW; ++w)
+      for (int j = 0; j < 4; ++j) {
+        const int col = cbase + w * 64 + tx * 4 + j;
+        const float vc = col < OUTD ? vec[bidx * DHQK + col] : 0.0f;
+        for (int i = 0; i < 4; ++i) acc[i][w * 4 + j] += r_dd[ty * 4 + i] * vc;
+      }
+  }
+  for (int i = 0; i < 4; ++i) {
+    const float sc = r_sc[ty * 4 + i];
+    for (int j = 0; j < 4 * GVW; ++j) acc[i][j] *= sc;
+  }
+  // Intra part over tiles of 64 other tokens: keys [t0c, r0 + rn) for dq, queries [r0, t1c) for dk, dv.
+  const int o_begin = mode == 0 ? t0c : r0, o_end = mode == 0 ? r0 + rn : t1c;
+  for (int o0 = o_begin; o0 < o_end; o0 += 64) {
+    const int on = min(64, o_end - o0);
+    float sc[4][4];
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 4; ++j) sc[i][j] = 0.0f;
+    for (int yb = 0; yb < IND; yb += GKD) {
+      barrier(CLK_LOCAL_MEM_FENCE);
+      for (int idx = lid; idx < 64 * GKD; idx += 256) {
+        const int j = idx / GKD, yy = idx % GKD, y = yb + yy;
+        float xr = 0.0f, yo = 0.0f;
+        if (y < IND) {
+          if (j < rn) {
+            const size_t g = gbase + r0 + j;
+            xr = mode == 0 ? ld(dh, g * DHHV + y) / N_tok[g] : mode == 1 ? ld(v, g * DHHV + y) : ld(k, g * DHQK + y);
+          }
+          if (j < on) {
+            const size_t g = gbase + o0 + j;
+            yo = mode == 0 ? ld(v, g * DHHV + y) : mode == 1 ? ld(dh, g * DHHV + y) / N_tok[g] : ld(q, g * DHQK + y) * scale;
+          }
+        }
+        aT[yy * OPAD_G + j] = xr;
+        stg[yy * OPAD_G + j] = yo;
+      }
+      if (yb == 0 && lid < 64) {
+        const size_t g = gbase + o0 + min(lid, on - 1);
+        const bool ok = lid < on;
+        o_b[lid] = ok ? b[g] : 0.0f;
+        o_ig[lid] = ok ? ig[g] : 0.0f;
+        o_m[lid] = ok ? m_tok[g] : 0.0f;
+        o_dd[lid] = ok && mode == 1 ? dden[g] : 0.0f;
+      }
+      barrier(CLK_LOCAL_MEM_FENCE);
+      for (int yy = 0; yy < GKD; ++yy) {
+        const float4 a4 = vload4(0, aT + yy * OPAD_G + ty * 4);
+        const float4 y4 = vload4(0, stg + yy * OPAD_G + tx * 4);
+        const float av[4] = {a4.x, a4.y, a4.z, a4.w}, yv[4] = {y4.x, y4.y, y4.z, y4.w};
+        for (int i = 0; i < 4; ++i)
+          for (int j = 0; j < 4; ++j) sc[i][j] += av[i] * yv[j];
+      }
+    }
+    // Coefficients, stored transposed: cT[o][r].
+    for (int i = 0; i < 4; ++i) {
+      const int j = ty * 4 + i, r = r0 + j;
+      for (int jj = 0; jj < 4; ++jj) {
+        const int l = tx * 4 + jj, o = o0 + l;
+        float cf = 0.0f;
+        if (j < rn && l < on) {
+          if (mode == 0) {
+            if (o <= r) cf = exp(r_b[j] - o_b[l] + o_ig[l] - r_m[j]) * (sc[i][jj] + r_dd[j]);
+          } else if (o >= r) {
+            cf = exp(o_b[l] - r_b[j] + r_ig[j] - o_m[l]) * (sc[i][jj] + o_dd[l]);
+          }
+        }
+        cT[l * OPAD_G + j] = cf;
+      }
+    }
+    for (int l0 = 0; l0 < on; l0 += GKD) {
+      barrier(CLK_LOCAL_MEM_FENCE);
+      for (int idx = lid; idx < GKD * GE; idx += 256) {
+        const int ll = idx / GE, cc = idx % GE, l = l0 + ll, col = cbase + cc;
+        float z = 0.0f;
+        if (l < on && col < OUTD) {
+          const size_t g = gbase + o0 + l;
+          z = mode == 0 ? ld(k, g * DHQK + col) : mode == 1 ? ld(q, g * DHQK + col) * scale : ld(dh, g * DHHV + col) / N_tok[g];
+        }
+        stg[ll * GEP + cc] = z;
+      }
+      barrier(CLK_LOCAL_MEM_FENCE);
+      for (int ll = 0; ll < GKD; ++ll) {
+        const float4 a4 = vload4(0, cT + (l0 + ll) * OPAD_G + ty * 4);
+        const float av[4] = {a4.x, a4.y, a4.z, a4.w};
+        for (int w = 0; w < GVW; ++w) {
+          const float4 z4 = vload4(0, stg + ll * GEP + w * 64 + tx * 4);
+          const float zv[4] = {z4.x, z4.y, z4.z, z4.w};
+          for (int i = 0; i < 4; ++i)
+            for (int j = 0; j < 4; ++j) acc[i][w * 4 + j] += av[i] * zv[j];
+        }
+      }
+    }
+  }
+  // Store; dq and dk also reduce q.dq / k.dk over the (single) column tile.
+  const float oscale = mode == 0 ? scale : 1.0f;
+  for (int i = 0; i < 4; ++i) {
+    const int j = ty * 4 + i;
+    float dot = 0.0f;
+    if (j < rn) {
+      const size_t g = gbase + r0 + j;
+      for (int w = 0; w < GVW; ++w)
+        for (int jj = 0; jj < 4; ++jj) {
+          const int col = cbase + w * 64 + tx * 4 + jj;
+          if (col < OUTD) {
+            const float x = acc[i][w * 4 + jj] * oscale;
+            st(out, g * OUTD + col, x);
+            if (mode != 2) dot += (mode == 0 ? ld(q, g * DHQK + col) : ld(k, g * DHQK + col)) * x;
+          }
+        }
+    }
+    red[j * 16 + tx] = dot;
+  }
+  if (mode != 2) {
+    barrier(CLK_LOCAL_MEM_FENCE);
+    if (lid < rn) {
+      float sum = 0.0f;
+      for (int x = 0; x < 16; ++x) sum += red[lid * 16 + x];
+      dots[gbase + r0 + lid] = sum;
+    }
+  }
+}
+
+#define BW_CHAIN_LOCALS                                                                               \
+  __local float aT[GKD * OPAD_G];                                                                     \
+  __local float stg[GSTAGE];                                                                          \
+  __local float cT[64 * OPAD_G];                                                                      \
+  __local float r_sc[64], o_b[64], o_ig[64], o_m[64], o_dd[64], r_b[64], r_ig[64], r_m[64], r_dd[64]; \
+  __local float red[64 * 16];
+#define BW_CHAIN_PARAMS                                                                                        \
+  __global const in_t *q, __global const in_t *k, __global const in_t *v, __global const in_t *dh,             \
+      __global const float *dden, __global const float *b, __global const float *ig, __global const float *mb, \
+      __global const float *wtok, __global const float *Cb, __global const float *nb, __global const float *dCn, \
+      __global const float *dnn, __global const float *m_tok, __global const float *N_tok
+#define BW_CHAIN_CALL(mode, out, dots)                                                                       \
+  bw_grads_chain(mode, q, k, v, dh, dden, b, ig, mb, wtok, Cb, nb, dCn, dnn, m_tok, N_tok, out, dots, S,    \
+                 nchunks, aT, stg, cT, r_sc, o_b, o_ig, o_m, o_dd, r_b, r_ig, r_m, r_dd, red)
+
+__kernel __attribute__((reqd_work_group_size(256, 1, 1)))
+void bw_dq_regtiled(BW_CHAIN_PARAMS, __global in_t* dq, __global float* qdq, int S, int nchunks) {
+  BW_CHAIN_LOCALS
+  BW_CHAIN_CALL(0, dq, qdq);
+}
+__kernel __attribute__((reqd_work_group_size(256, 1, 1)))
+void bw_dk_regtiled(BW_CHAIN_PARAMS, __global in_t* dk, __global float* kdk, int S, int nchunks) {
+  BW_CHAIN_LOCALS
+  BW_CHAIN_CALL(1, dk, kdk);
+}
+__kernel __attribute__((reqd_work_group_size(256, 1, 1)))
+void bw_dv_regtiled(BW_CHAIN_PARAMS, __global in_t* dv, __global float* unused, int S, int nchunks) {
+  BW_CHAIN_LOCALS
+  BW_CHAIN_CALL(2, dv, unused);
 }
 #endif
 

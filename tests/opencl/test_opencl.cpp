@@ -101,6 +101,9 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{kXl, spec(2, 2, 300, 128, 64, DType::bf16, GateVariant::exp, true), 128},
                       Case{kXl, spec(1, 3, 257, 96, 48, DType::f16, GateVariant::exp, true), 100},
                       Case{kXl, spec(2, 2, 200, 16, 24, DType::f32, GateVariant::exp, true, GateRegime::extreme), 64},
+                      // 4 column blocks of 64 per output work group, the last one partly outside DHHV; DHQK not a
+                      // multiple of the 16-wide stages.
+                      Case{kXl, spec(1, 2, 150, 40, 200, DType::f32, GateVariant::exp, true), 64},
                       Case{kSig, spec(2, 3, 190, 32, 48, DType::f32, GateVariant::sigmoid, true), 64},
                       Case{kSig, spec(1, 2, 130, 16, 16, DType::bf16, GateVariant::sigmoid, false), 32, false}));
 
