@@ -65,4 +65,19 @@ inline void read_last_state(Device& dev, const Buffer& c, const Buffer& n, const
   if (gate == GateVariant::sigmoid) std::fill(out.m.data<float>(), out.m.data<float>() + out.m.numel(), 0.f);
 }
 
+// dm0 of a state gradient: <dc0, C0> + <dn0, n0> per row (exp gate; 0 for the sigmoid gate and for the zero
+// initial state), from out.dc0 / out.dn0 and the initial state of `inputs`.
+inline void set_initial_state_dm(const ForwardArgs& inputs, const MlstmOptions& o, BackwardResult& out) {
+  const std::int64_t rows = out.dn0.dim(0) * out.dn0.dim(1), K = out.dn0.dim(2), KV = out.dc0.numel() / rows;
+  out.dm0 = Tensor::zeros({out.dn0.dim(0), out.dn0.dim(1)}, DType::f32);
+  if (o.gate != GateVariant::exp || !inputs.has_initial_state()) return;
+  const std::vector<float> C0 = as_f32(inputs.c0), n0 = as_f32(inputs.n0);
+  for (std::int64_t r = 0; r < rows; ++r) {
+    double acc = 0.0;
+    for (std::int64_t e = 0; e < KV; ++e) acc += static_cast<double>(out.dc0.data<float>()[r * KV + e]) * C0[static_cast<std::size_t>(r * KV + e)];
+    for (std::int64_t e = 0; e < K; ++e) acc += static_cast<double>(out.dn0.data<float>()[r * K + e]) * n0[static_cast<std::size_t>(r * K + e)];
+    out.dm0.data<float>()[r] = static_cast<float>(acc);
+  }
+}
+
 }  // namespace mlstm::opencl::detail

@@ -32,9 +32,11 @@ namespace {
 // One problem on one device, every buffer of the forward (and of the backward when made with gradients).
 class ResidentPortable final : public ResidentChunkwise {
  public:
+  // state_only (with grads): only the gradient of the state entering the sequence is wanted
+  // (enqueue_state_gradient / read_state_gradient); the token-gradient buffers and kernels are not made.
   ResidentPortable(std::shared_ptr<Device> device, const ForwardArgs& a, const MlstmOptions& o,
-                   const BackwardArgs* grads, bool outputs)
-      : device_(std::move(device)), options_(o), outputs_(outputs) {
+                   const BackwardArgs* grads, bool outputs, bool state_only = false)
+      : device_(std::move(device)), options_(o), outputs_(outputs), state_only_(state_only) {
     p_ = grads ? validate_backward(*grads, o) : validate_forward(a, o);
     Device& dev = *device_;
     const std::string& dn = dev.name();
@@ -170,14 +172,16 @@ class ResidentPortable final : public ResidentChunkwise {
       has_grads_ = true;
       k_prep_ = KernelObject{dev.kernel(prog, "bw_prep")};
       k_bw_states_ = KernelObject{dev.kernel(prog, "bw_states_tiled")};
-      if (regtiled_backward_) {
+      if (state_only_) {
+        // no token gradients
+      } else if (regtiled_backward_) {
         k_bw_grads_ = KernelObject{dev.kernel(prog, "bw_dq_regtiled")};
         k_bw_dk_ = KernelObject{dev.kernel(prog, "bw_dk_regtiled")};
         k_bw_dv_ = KernelObject{dev.kernel(prog, "bw_dv_regtiled")};
       } else {
         k_bw_grads_ = KernelObject{dev.kernel(prog, tiled_backward_ ? "bw_grads_tiled" : "bw_grads")};
       }
-      k_gate_grads_ = KernelObject{dev.kernel(prog, "bw_gate_grads")};
+      if (!state_only_) k_gate_grads_ = KernelObject{dev.kernel(prog, "bw_gate_grads")};
       dh_ = up_dtype(grads->dh);
       has_dlast_ = grads->dc_last.empty() ? 0 : 1;
       if (has_dlast_) {
@@ -192,6 +196,10 @@ class ResidentPortable final : public ResidentChunkwise {
       dnn_ = dev.acquire(nb * K * fs);
       dC0_ = dev.acquire(static_cast<std::size_t>(rows_) * K * V * fs);
       dn0_ = dev.acquire(static_cast<std::size_t>(rows_) * K * fs);
+      set_args(k_prep_.k, dn, dh_, h_, mt_, Nt_, dent_, dden_, S);
+      set_args(k_bw_states_.k, dn, q_, dh_, dden_, b_, mb_, carry_, mt_, Nt_, dCl_, dnl_, has_dlast_, dCn_, dnn_, dC0_,
+               dn0_, S, nc);
+      if (state_only_) return;
       dm0_ = dev.acquire(static_cast<std::size_t>(rows_) * fs);
       dq_ = dev.acquire(tok * K * dtype_size(dev_dtype_));
       dk_ = dev.acquire(tok * K * dtype_size(dev_dtype_));
@@ -200,9 +208,6 @@ class ResidentPortable final : public ResidentChunkwise {
       kdk_ = dev.acquire(tok * fs);
       di_ = dev.acquire(tok * fs);
       df_ = dev.acquire(tok * fs);
-      set_args(k_prep_.k, dn, dh_, h_, mt_, Nt_, dent_, dden_, S);
-      set_args(k_bw_states_.k, dn, q_, dh_, dden_, b_, mb_, carry_, mt_, Nt_, dCl_, dnl_, has_dlast_, dCn_, dnn_, dC0_,
-               dn0_, S, nc);
       if (regtiled_backward_) {
         set_args(k_bw_grads_.k, dn, q_, k_, v_, dh_, dden_, b_, ig_, mb_, wtok_, Cb_, nb_, dCn_, dnn_, mt_, Nt_, dq_, qdq_, S,
                  nc);
@@ -240,12 +245,30 @@ class ResidentPortable final : public ResidentChunkwise {
     forward_done_ = true;
   }
 
-  void enqueue_backward(std::vector<KernelEvent>* events) override {
+  // bw_prep and the reverse state-gradient recurrence (the first two backward kernels).
+  void enqueue_state_gradient(std::vector<KernelEvent>* events) {
     if (!has_grads_) throw Error("portable resident problem was made without dh: no backward");
     if (!forward_done_) throw Error("portable backward: enqueue the forward first");
     const std::size_t rows = static_cast<std::size_t>(rows_), S = static_cast<std::size_t>(S_);
     launch(k_prep_, "bw_prep", 2, {round_up(S, 64), rows}, {64, 1}, events);
     launch(k_bw_states_, "bw_states_tiled", 2, {256 * state_tiles(), rows}, {256, 1}, events);
+  }
+
+  // The gradient of the state entering the sequence (dc0, dn0; dm0 is left to the caller).
+  BackwardResult read_state_gradient() {
+    finish();
+    BackwardResult out;
+    out.dc0 = Tensor({p_.B, p_.NH, p_.DHQK, p_.DHHV}, DType::f32);
+    out.dn0 = Tensor({p_.B, p_.NH, p_.DHQK}, DType::f32);
+    device_->download(dC0_, out.dc0.bytes(), out.dc0.nbytes());
+    device_->download(dn0_, out.dn0.bytes(), out.dn0.nbytes());
+    return out;
+  }
+
+  void enqueue_backward(std::vector<KernelEvent>* events) override {
+    if (state_only_) throw Error("portable resident problem was made for the state gradient only");
+    enqueue_state_gradient(events);
+    const std::size_t rows = static_cast<std::size_t>(rows_), S = static_cast<std::size_t>(S_);
     if (regtiled_backward_) {
       const std::size_t blocks = static_cast<std::size_t>(nchunks_) * ((static_cast<std::size_t>(L_) + 63) / 64);
       const std::size_t cols = 64 * static_cast<std::size_t>(gvw_);
@@ -335,7 +358,7 @@ class ResidentPortable final : public ResidentChunkwise {
   ProblemShape p_;
   DType dev_dtype_ = DType::f32;
   static constexpr std::size_t kBackwardBlock = 8, kBackwardTile = 16;  // bw_grads_tiled: tokens per block / tile
-  bool outputs_ = true, has_grads_ = false, forward_done_ = false, tiled_backward_ = false, regtiled_outputs_ = false,
+  bool outputs_ = true, state_only_ = false, has_grads_ = false, forward_done_ = false, tiled_backward_ = false, regtiled_outputs_ = false,
        regtiled_backward_ = false;
   int ovw_ = 1, svw_ = 1, gvw_ = 1;
   int S_ = 0, rows_ = 0, L_ = 0, nchunks_ = 0, qb_ = 0, has_init_ = 0, has_dlast_ = 0;
@@ -368,6 +391,15 @@ BackwardResult ChunkwiseRunner::backward(const BackwardArgs& a, const MlstmOptio
   r.enqueue_forward(nullptr);
   r.enqueue_backward(nullptr);
   return r.read_backward();
+}
+
+BackwardResult ChunkwiseRunner::state_gradient(const BackwardArgs& a, const MlstmOptions& o) const {
+  ResidentPortable r(device_, a.inputs, o, &a, true, /*state_only=*/true);
+  r.enqueue_forward(nullptr);
+  r.enqueue_state_gradient(nullptr);
+  BackwardResult out = r.read_state_gradient();
+  detail::set_initial_state_dm(a.inputs, o, out);
+  return out;
 }
 
 std::unique_ptr<ResidentChunkwise> ChunkwiseRunner::resident(const ForwardArgs& a, const MlstmOptions& o,

@@ -546,6 +546,28 @@ BackwardResult AutoChunkwiseRunner::backward(const BackwardArgs& args, const Mls
   return portable_backward(portable_, device_->name(), args, o);
 }
 
+BackwardResult AutoChunkwiseRunner::state_gradient(const BackwardArgs& args, const MlstmOptions& o) const {
+  if (!uses_tensor_cores(validate_backward(args, o), o)) return portable_.state_gradient(args, o);
+  // The tensor-core backward computes everything; keep the state gradient. Without an initial state the zero
+  // state is passed, so that it returns dc0 / dn0 / dm0.
+  const ProblemShape p = validate_backward(args, o);
+  BackwardArgs with_init = args;
+  Tensor C0, n0, m0;
+  if (!args.inputs.has_initial_state()) {
+    C0 = Tensor::zeros({p.B, p.NH, p.DHQK, p.DHHV}, DType::f32);
+    n0 = Tensor::zeros({p.B, p.NH, p.DHQK}, DType::f32);
+    m0 = Tensor::zeros({p.B, p.NH}, DType::f32);
+    with_init.inputs.c0 = C0.view();
+    with_init.inputs.n0 = n0.view();
+    with_init.inputs.m0 = m0.view();
+  }
+  BackwardResult full = tensor_cores_.backward(with_init, o), out;
+  out.dc0 = std::move(full.dc0);
+  out.dn0 = std::move(full.dn0);
+  out.dm0 = std::move(full.dm0);
+  return out;
+}
+
 bool AutoChunkwiseRunner::has_backward() const noexcept {
   // Every problem: only with the portable backward (the tensor cores take only some problems).
   return kHasBackward<ChunkwiseRunner>;

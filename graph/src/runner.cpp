@@ -344,13 +344,116 @@ ForwardResult FlowGraphRunner::forward_head_split(const ForwardArgs& args, const
   return out;
 }
 
-BackwardResult FlowGraphRunner::backward(const BackwardArgs& args, const MlstmOptions& options) {
-  const ProblemShape p = validate_backward(args, options);
+std::vector<std::shared_ptr<nodes::ComputeDevice>> FlowGraphRunner::backward_devices() const {
   std::vector<std::shared_ptr<nodes::ComputeDevice>> capable;
   for (const auto& d : devices_) {
     if (d->supports_backward()) capable.push_back(d);
   }
   if (capable.empty()) throw InvalidArgument("devices", "none of the graph's devices has a backward; add CPU workers");
+  return capable;
+}
+
+BackwardResult FlowGraphRunner::backward(const BackwardArgs& args, const MlstmOptions& options,
+                                         std::int64_t segment_tokens) {
+  using namespace tbb::flow;
+  const ProblemShape shape = validate_backward(args, options);
+  const auto capable = backward_devices();
+  std::vector<std::string> names;
+  for (const auto& d : capable) names.push_back(d->name());
+  Plan p;
+  if (balancing_ == Balancing::calibrated) {
+    FlowGraphRunner only(capable);
+    p = make_calibrated_plan(shape, options, names, only.calibrate(shape, options), segment_tokens);
+  } else {
+    p = make_plan(shape, options, names, segment_tokens);
+  }
+  if (std::getenv("MLSTM_PLAN_DEBUG")) spdlog::warn("backward {}", p.describe());
+  auto problem = std::make_shared<nodes::SegmentGradientProblem>(args, options, p.segments);
+  const auto fw = problem->forward();
+  const int nseg = static_cast<int>(p.segments.size());
+  auto segments = std::make_shared<std::vector<nodes::Segment>>(p.segments);
+  auto running = std::make_shared<nodes::SegmentEntry>(fw->initial_entry());
+  auto grad_running = std::make_shared<nodes::SegmentGradientEntry>();  // the gradient leaving the current segment
+
+  tbb::flow::graph g;
+  const std::size_t queues = balancing_ == Balancing::calibrated ? capable.size() : 1;
+  auto route = [&](const nodes::Segment& s) { return s.device < 0 ? std::size_t{0} : static_cast<std::size_t>(s.device); };
+  std::vector<std::unique_ptr<queue_node<nodes::Segment>>> segment_queues;
+  std::vector<std::unique_ptr<queue_node<nodes::SegmentEntry>>> local_grad_queues;
+  std::vector<std::unique_ptr<queue_node<nodes::SegmentGradientEntry>>> backward_queues;
+  for (std::size_t qi = 0; qi < queues; ++qi) {
+    segment_queues.push_back(std::make_unique<queue_node<nodes::Segment>>(g));
+    local_grad_queues.push_back(std::make_unique<queue_node<nodes::SegmentEntry>>(g));
+    backward_queues.push_back(std::make_unique<queue_node<nodes::SegmentGradientEntry>>(g));
+  }
+  // Forward: local states, in-order combine -> the state entering every segment, recorded in the problem.
+  sequencer_node<nodes::SegmentSummary> in_order(g, [](const nodes::SegmentSummary& s) {
+    return static_cast<std::size_t>(s.index);
+  });
+  function_node<nodes::SegmentSummary, nodes::SegmentEntry> recurrence(
+      g, serial, nodes::StateRecurrenceBody{fw, segments, running});
+  function_node<nodes::SegmentEntry, continue_msg> record(g, serial, [&](const nodes::SegmentEntry& e) {
+    problem->record_entry(e);
+    if (e.index == nseg - 1) {
+      // Every entry and the final state are known now; the reverse recurrence starts from dc_last / dn_last
+      // (set before the last local state gradient is queued: that one reaches the recurrence first).
+      problem->record_final_state(*running);
+      *grad_running = problem->last_entry();
+      backward_queues[route(e.segment)]->try_put(*grad_running);
+    }
+    if (e.index >= 1) local_grad_queues[route(e.segment)]->try_put(e);
+    return continue_msg();
+  });
+  // Backward: local state gradients (segments 1..), reverse combine, then every segment's gradients.
+  sequencer_node<nodes::SegmentStateGradient> reverse_order(g, [nseg](const nodes::SegmentStateGradient& s) {
+    return static_cast<std::size_t>(nseg - 1 - s.index);
+  });
+  function_node<nodes::SegmentStateGradient, nodes::SegmentGradientEntry> grad_recurrence(
+      g, serial, nodes::StateGradientRecurrenceBody{problem, grad_running});
+  function_node<nodes::SegmentGradientEntry, continue_msg> grad_router(g, serial, [&](const nodes::SegmentGradientEntry& e) {
+    backward_queues[route(e.segment)]->try_put(e);
+    return continue_msg();
+  });
+  auto pool = std::make_shared<nodes::DevicePool>(capable);
+  std::vector<std::unique_ptr<function_node<nodes::Segment, nodes::SegmentSummary, rejecting>>> local_nodes;
+  std::vector<std::unique_ptr<function_node<nodes::SegmentEntry, nodes::SegmentStateGradient, rejecting>>> grad_nodes;
+  std::vector<std::unique_ptr<function_node<nodes::SegmentGradientEntry, int, rejecting>>> backward_nodes;
+  for (std::size_t d = 0; d < capable.size(); ++d) {
+    const std::size_t qi = queues == 1 ? 0 : d;
+    local_nodes.push_back(std::make_unique<function_node<nodes::Segment, nodes::SegmentSummary, rejecting>>(
+        g, serial, nodes::LocalStateBody{fw, capable[d], pool, d}));
+    make_edge(*segment_queues[qi], *local_nodes.back());
+    make_edge(*local_nodes.back(), in_order);
+    grad_nodes.push_back(std::make_unique<function_node<nodes::SegmentEntry, nodes::SegmentStateGradient, rejecting>>(
+        g, serial, nodes::LocalStateGradientBody{problem, capable[d], pool, d}));
+    make_edge(*local_grad_queues[qi], *grad_nodes.back());
+    make_edge(*grad_nodes.back(), reverse_order);
+    backward_nodes.push_back(std::make_unique<function_node<nodes::SegmentGradientEntry, int, rejecting>>(
+        g, serial, nodes::SegmentBackwardBody{problem, capable[d], pool, d}));
+    make_edge(*backward_queues[qi], *backward_nodes.back());
+  }
+  make_edge(in_order, recurrence);
+  make_edge(recurrence, record);
+  make_edge(reverse_order, grad_recurrence);
+  make_edge(grad_recurrence, grad_router);
+  if (nseg == 1) {
+    // One segment: its entering state is the initial state, and nothing depends on its leaving state.
+    nodes::SegmentEntry first = fw->initial_entry();
+    first.segment = p.segments.front();
+    problem->record_entry(first);
+    backward_queues[route(p.segments.front())]->try_put(problem->last_entry());
+  } else {
+    for (const auto& s : p.segments) segment_queues[route(s)]->try_put(s);
+  }
+  g.wait_for_all();
+  log_ = problem->log;
+  for (const auto& f : pool->failures()) log_.push_back("device failure: " + f);
+  return problem->take_result();
+}
+
+BackwardResult FlowGraphRunner::backward_head_split(const BackwardArgs& args, const MlstmOptions& options) {
+  const ProblemShape p = validate_backward(args, options);
+  const auto capable = backward_devices();
   const auto groups = row_groups(p.rows(), capable.size());
   std::vector<BackwardResult> parts(groups.size());
   run_row_groups(groups, capable, "backward", log_, [&](std::size_t d) {

@@ -113,16 +113,21 @@ ForwardResult forward_impl(const ForwardArgs& a, const MlstmOptions& o, std::int
   return out;
 }
 
-BackwardResult backward_impl(const BackwardArgs& a, const MlstmOptions& o, std::int64_t L, std::int64_t tile) {
+// state_only: only the gradient of the state entering the sequence (dc0, dn0, dm0, also without an initial
+// state, which then is the zero state), skipping bw_grads and the gate gradients.
+BackwardResult backward_impl(const BackwardArgs& a, const MlstmOptions& o, std::int64_t L, std::int64_t tile,
+                             bool state_only = false) {
   const ProblemShape p = validate_backward(a, o);
   const ForwardArgs& fa = a.inputs;
   BackwardResult out;
-  out.dq = Tensor({p.B, p.NH, p.S, p.DHQK}, p.dtype);
-  out.dk = Tensor({p.B, p.NH, p.S, p.DHQK}, p.dtype);
-  out.dv = Tensor({p.B, p.NH, p.S, p.DHHV}, p.dtype);
-  out.di = Tensor({p.B, p.NH, p.S}, p.gate_dtype);
-  out.df = Tensor({p.B, p.NH, p.S}, p.gate_dtype);
-  const bool init = fa.has_initial_state();
+  if (!state_only) {
+    out.dq = Tensor({p.B, p.NH, p.S, p.DHQK}, p.dtype);
+    out.dk = Tensor({p.B, p.NH, p.S, p.DHQK}, p.dtype);
+    out.dv = Tensor({p.B, p.NH, p.S, p.DHHV}, p.dtype);
+    out.di = Tensor({p.B, p.NH, p.S}, p.gate_dtype);
+    out.df = Tensor({p.B, p.NH, p.S}, p.gate_dtype);
+  }
+  const bool init = fa.has_initial_state() || state_only;
   if (init) {
     out.dc0 = Tensor({p.B, p.NH, p.DHQK, p.DHHV}, DType::f32);
     out.dn0 = Tensor({p.B, p.NH, p.DHQK}, DType::f32);
@@ -144,21 +149,23 @@ BackwardResult backward_impl(const BackwardArgs& a, const MlstmOptions& o, std::
     stages::bw_state_grads(in.q.data(), dh.data(), f.h.data(), f.b.data(), f.m_tok.data(), f.N_tok.data(),
                            f.den_tok.data(), f.G.data(), o.gate, o.normalize, s, f.boundary, m_exit, dout.at(0),
                            &dboundary, din.at(0));
-    std::vector<float> dq(in.q.size()), dk(in.k.size()), dv(in.v.size()), di_raw(static_cast<std::size_t>(p.S)),
-        rr(static_cast<std::size_t>(p.S)), di(static_cast<std::size_t>(p.S)), df(static_cast<std::size_t>(p.S));
-    stages::bw_grads(in.q.data(), in.k.data(), in.v.data(), dh.data(), f.h.data(), f.b.data(), f.ig.data(),
-                     f.m_tok.data(), f.N_tok.data(), f.den_tok.data(), f.G.data(), o.gate, o.normalize, s, f.boundary,
-                     m_exit, dboundary, dout.at(0), dq.data(), dk.data(), dv.data(), di_raw.data(), rr.data(), tile);
-    double tail = 0.0;  // <dC_last, C_last> + <dn_last, n_last>
-    for (std::size_t e = 0; e < dout.C.size(); ++e) tail += static_cast<double>(dout.C[e]) * f.last.C[e];
-    for (std::size_t e = 0; e < dout.n.size(); ++e) tail += static_cast<double>(dout.n[e]) * f.last.n[e];
-    stages::bw_gate_grads(in.i.data(), in.f.data(), di_raw.data(), rr.data(), static_cast<float>(tail), o.gate, s,
-                          di.data(), df.data());
-    store_row(out.dq, r, dq.data(), p.S * p.DHQK);
-    store_row(out.dk, r, dk.data(), p.S * p.DHQK);
-    store_row(out.dv, r, dv.data(), p.S * p.DHHV);
-    store_row(out.di, r, di.data(), p.S);
-    store_row(out.df, r, df.data(), p.S);
+    if (!state_only) {
+      std::vector<float> dq(in.q.size()), dk(in.k.size()), dv(in.v.size()), di_raw(static_cast<std::size_t>(p.S)),
+          rr(static_cast<std::size_t>(p.S)), di(static_cast<std::size_t>(p.S)), df(static_cast<std::size_t>(p.S));
+      stages::bw_grads(in.q.data(), in.k.data(), in.v.data(), dh.data(), f.h.data(), f.b.data(), f.ig.data(),
+                       f.m_tok.data(), f.N_tok.data(), f.den_tok.data(), f.G.data(), o.gate, o.normalize, s, f.boundary,
+                       m_exit, dboundary, dout.at(0), dq.data(), dk.data(), dv.data(), di_raw.data(), rr.data(), tile);
+      double tail = 0.0;  // <dC_last, C_last> + <dn_last, n_last>
+      for (std::size_t e = 0; e < dout.C.size(); ++e) tail += static_cast<double>(dout.C[e]) * f.last.C[e];
+      for (std::size_t e = 0; e < dout.n.size(); ++e) tail += static_cast<double>(dout.n[e]) * f.last.n[e];
+      stages::bw_gate_grads(in.i.data(), in.f.data(), di_raw.data(), rr.data(), static_cast<float>(tail), o.gate, s,
+                            di.data(), df.data());
+      store_row(out.dq, r, dq.data(), p.S * p.DHQK);
+      store_row(out.dk, r, dk.data(), p.S * p.DHQK);
+      store_row(out.dv, r, dv.data(), p.S * p.DHHV);
+      store_row(out.di, r, di.data(), p.S);
+      store_row(out.df, r, df.data(), p.S);
+    }
     if (init) {
       store_row(out.dc0, r, din.C.data(), p.DHQK * p.DHHV);
       store_row(out.dn0, r, din.n.data(), p.DHQK);
@@ -222,6 +229,10 @@ ForwardResult chunkwise_forward(const ForwardArgs& args, const MlstmOptions& opt
 
 BackwardResult chunkwise_backward(const BackwardArgs& args, const MlstmOptions& options, std::int64_t tile) {
   return backward_impl(args, options, options.chunk_size, tile);
+}
+
+BackwardResult chunkwise_state_gradient(const BackwardArgs& args, const MlstmOptions& options, std::int64_t tile) {
+  return backward_impl(args, options, options.chunk_size, tile, /*state_only=*/true);
 }
 
 ForwardResult parallel_forward(const ForwardArgs& args, const MlstmOptions& options) {

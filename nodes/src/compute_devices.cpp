@@ -43,6 +43,11 @@ class CpuWorker final : public ComputeDevice {
     arena_.execute([&] { r = cpu::chunkwise_backward(a, o, kCpuTile); });
     return r;
   }
+  BackwardResult state_gradient(const BackwardArgs& a, const MlstmOptions& o) override {
+    BackwardResult r;
+    arena_.execute([&] { r = cpu::chunkwise_state_gradient(a, o, kCpuTile); });
+    return r;
+  }
 
  private:
   // fw_gates + fw_states per row (no outputs).
@@ -82,6 +87,9 @@ class OpenCLComputeDevice final : public ComputeDevice {
   ForwardResult last_state(const ForwardArgs& a, const MlstmOptions& o) override { return runner_.last_state(a, o); }
   bool supports_backward() const override { return runner_.has_backward(); }
   BackwardResult backward(const BackwardArgs& a, const MlstmOptions& o) override { return runner_.backward(a, o); }
+  BackwardResult state_gradient(const BackwardArgs& a, const MlstmOptions& o) override {
+    return runner_.state_gradient(a, o);
+  }
 
  private:
   opencl::AutoChunkwiseRunner runner_;  // tensor cores where the device and problem allow, else portable

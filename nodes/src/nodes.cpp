@@ -3,16 +3,13 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
-#include <cstdlib>
-
-#include "mlstm/error.hpp"
-
-
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <new>
 
+#include "mlstm/error.hpp"
 #include "mlstm/stages.hpp"
 
 namespace mlstm::nodes {
@@ -31,9 +28,10 @@ float logsigmoidf(float x) { return x >= 0.f ? -std::log1p(std::exp(-x)) : x - s
 
 }  // namespace
 
-SegmentProblem::SegmentProblem(const ForwardArgs& args, const MlstmOptions& options)
-    : args_(args), options_(options), shape_(validate_forward(args, options)),
-      h_({shape_.B, shape_.NH, shape_.S, shape_.DHHV}, shape_.dtype) {}
+SegmentProblem::SegmentProblem(const ForwardArgs& args, const MlstmOptions& options, bool with_outputs)
+    : args_(args), options_(options), shape_(validate_forward(args, options)) {
+  if (with_outputs) h_ = Tensor({shape_.B, shape_.NH, shape_.S, shape_.DHHV}, shape_.dtype);
+}
 
 ForwardArgs SegmentProblem::segment_args(const Segment& s) const {
   ForwardArgs a;
@@ -68,7 +66,20 @@ SegmentEntry SegmentProblem::initial_entry() const {
   return e;
 }
 
+Tensor SegmentProblem::log_decay(const Segment& s) const {
+  Tensor G({shape_.B, shape_.NH}, DType::f32);
+  const Tensor f = Tensor::copy_of(slice_seq(args_.f, s.t0, s.t1), DType::f32);
+  const std::int64_t len = s.t1 - s.t0;
+  for (std::int64_t r = 0; r < shape_.rows(); ++r) {
+    float acc = 0.f;
+    for (std::int64_t t = 0; t < len; ++t) acc += logsigmoidf(f.data<float>()[r * len + t]);
+    G.data<float>()[r] = acc;
+  }
+  return G;
+}
+
 void SegmentProblem::write_h(const Segment& s, const Tensor& h) {
+  if (h_.empty()) throw Error("SegmentProblem: made without outputs (with_outputs = false)");
   const std::size_t es = dtype_size(h_.dtype());
   const std::int64_t len = s.t1 - s.t0, DV = shape_.DHHV;
   for (std::int64_t r = 0; r < shape_.rows(); ++r) {
@@ -236,15 +247,7 @@ SegmentSummary LocalStateBody::operator()(const Segment& s) const {
   out.n = std::move(r.n);
   out.m = std::move(r.m);
   out.device = used->name();
-  // G per row: the sum of logsigmoid(f) over the segment, in float32 like the kernels' cumsums.
-  const auto& p = problem->shape();
-  out.G = Tensor({p.B, p.NH}, DType::f32);
-  const Tensor f = Tensor::copy_of(a.f, DType::f32);
-  for (std::int64_t r = 0; r < p.rows(); ++r) {
-    float acc = 0.f;
-    for (std::int64_t t = 0; t < s.t1 - s.t0; ++t) acc += logsigmoidf(f.data<float>()[r * (s.t1 - s.t0) + t]);
-    out.G.data<float>()[r] = acc;
-  }
+  out.G = problem->log_decay(s);
   std::lock_guard lock(problem->log_mutex);
   problem->log.push_back("segment " + std::to_string(s.index) + ": local state on " + used->name());
   return out;
@@ -290,6 +293,218 @@ int SegmentOutputBody::operator()(const SegmentEntry& entry) const {
   }
   std::lock_guard lock(problem->log_mutex);
   problem->log.push_back("segment " + std::to_string(entry.index) + ": outputs on " + used->name());
+  return entry.index;
+}
+
+// ---- Sequence-parallel backward --------------------------------------------------------------------
+
+SegmentGradientProblem::SegmentGradientProblem(const BackwardArgs& args, const MlstmOptions& options,
+                                               std::vector<Segment> segments)
+    : args_(args), segments_(std::move(segments)) {
+  const ProblemShape p = validate_backward(args, options);
+  forward_ = std::make_shared<SegmentProblem>(args.inputs, options, /*with_outputs=*/false);
+  if (segments_.empty()) throw InvalidArgument("segments", "the backward needs at least one segment");
+  for (std::size_t i = 0; i < segments_.size(); ++i) {
+    const Segment& s = segments_[i];
+    const std::int64_t expected_t0 = i == 0 ? 0 : segments_[i - 1].t1;
+    if (s.index != static_cast<int>(i) || s.t0 != expected_t0 || s.t1 <= s.t0 || s.t1 > p.S)
+      throw InvalidArgument("segments", "segments must be numbered 0.. and cover [0, S) in order without gaps");
+  }
+  if (segments_.back().t1 != p.S) throw InvalidArgument("segments", "segments must end at S=" + std::to_string(p.S));
+  entries_.resize(segments_.size());
+  result_.dq = Tensor({p.B, p.NH, p.S, p.DHQK}, p.dtype);
+  result_.dk = Tensor({p.B, p.NH, p.S, p.DHQK}, p.dtype);
+  result_.dv = Tensor({p.B, p.NH, p.S, p.DHHV}, p.dtype);
+  result_.di = Tensor({p.B, p.NH, p.S}, p.gate_dtype);
+  result_.df = Tensor({p.B, p.NH, p.S}, p.gate_dtype);
+}
+
+void SegmentGradientProblem::record_entry(const SegmentEntry& e) {
+  if (e.index < 0 || static_cast<std::size_t>(e.index) >= entries_.size())
+    throw Error("SegmentGradientProblem: entry for unknown segment " + std::to_string(e.index));
+  entries_[static_cast<std::size_t>(e.index)] = e;
+}
+
+void SegmentGradientProblem::record_final_state(const SegmentEntry& leaving) { final_ = leaving; }
+
+const SegmentEntry& SegmentGradientProblem::entry(int index) const { return entries_.at(static_cast<std::size_t>(index)); }
+
+const SegmentEntry& SegmentGradientProblem::leaving(int index) const {
+  return static_cast<std::size_t>(index) + 1 < entries_.size() ? entries_[static_cast<std::size_t>(index) + 1] : final_;
+}
+
+SegmentGradientEntry SegmentGradientProblem::last_entry() const {
+  const auto& p = shape();
+  const int last = static_cast<int>(segments_.size()) - 1;
+  SegmentGradientEntry g;
+  g.index = last;
+  g.segment = segments_.back();
+  const SegmentEntry& e = entry(last);
+  g.C = e.C;
+  g.n = e.n;
+  g.m = e.m;
+  g.dC = args_.dc_last.empty() ? Tensor::zeros({p.B, p.NH, p.DHQK, p.DHHV}, DType::f32)
+                               : Tensor::copy_of(args_.dc_last, DType::f32);
+  g.dn = args_.dn_last.empty() ? Tensor::zeros({p.B, p.NH, p.DHQK}, DType::f32)
+                               : Tensor::copy_of(args_.dn_last, DType::f32);
+  return g;
+}
+
+BackwardArgs SegmentGradientProblem::segment_args(std::int64_t t0, std::int64_t t1, ConstTensorView C, ConstTensorView n,
+                                                  ConstTensorView m, ConstTensorView dC, ConstTensorView dn) const {
+  BackwardArgs b;
+  b.inputs = forward_->segment_args(Segment{0, t0, t1, -1});
+  b.inputs.c0 = C;
+  b.inputs.n0 = n;
+  b.inputs.m0 = m;
+  b.dh = slice_seq(args_.dh, t0, t1);
+  b.dc_last = dC;
+  b.dn_last = dn;
+  return b;
+}
+
+void SegmentGradientProblem::write_grads(std::int64_t t0, std::int64_t t1, const BackwardResult& r) {
+  const auto& p = shape();
+  const std::int64_t len = t1 - t0;
+  for (auto [dst, src] : {std::pair{&result_.dq, &r.dq}, {&result_.dk, &r.dk}, {&result_.dv, &r.dv},
+                          {&result_.di, &r.di}, {&result_.df, &r.df}}) {
+    const Tensor converted = src->dtype() == dst->dtype() ? Tensor() : src->to(dst->dtype());
+    const Tensor& part = converted.empty() ? *src : converted;
+    const std::int64_t inner = dst->numel() / (p.rows() * p.S);  // D, or 1 for the gates
+    const std::size_t es = dtype_size(dst->dtype());
+    if (part.numel() != p.rows() * len * inner) throw Error("segment backward returned a gradient of the wrong size");
+    for (std::int64_t row = 0; row < p.rows(); ++row) {
+      std::memcpy(dst->bytes() + static_cast<std::size_t>((row * p.S + t0) * inner) * es,
+                  part.bytes() + static_cast<std::size_t>(row * len * inner) * es,
+                  static_cast<std::size_t>(len * inner) * es);
+    }
+  }
+}
+
+void SegmentGradientProblem::write_initial_grads(const BackwardResult& r) {
+  result_.dc0 = r.dc0;
+  result_.dn0 = r.dn0;
+  result_.dm0 = r.dm0;
+}
+
+BackwardResult SegmentGradientProblem::take_result() { return std::move(result_); }
+
+namespace {
+
+// The gradients of [t0, t1) on one device from the state entering it (C, n, m) and the gradient of the state
+// leaving it (dC, dn; empty = 0). state_only: only the gradient of the entering state (dc0, dn0). Otherwise
+// the token gradients are written into the problem; either way the result carries dc0 / dn0 / dm0.
+// Out of memory: the range is halved at a chunk boundary: the state at the cut (a state-only forward), the
+// second half (which gives the gradient at the cut), then the first half; down to a single chunk.
+BackwardResult run_backward_range(ComputeDevice& d, SegmentGradientProblem& problem, int index, std::int64_t t0,
+                                  std::int64_t t1, ConstTensorView C, ConstTensorView n, ConstTensorView m,
+                                  ConstTensorView dC, ConstTensorView dn, bool state_only) {
+  const BackwardArgs a = problem.segment_args(t0, t1, C, n, m, dC, dn);
+  const MlstmOptions& o = problem.options();
+  try {
+    check_injected_oom(d, index, t1 - t0);
+    try {
+      if (state_only) return d.state_gradient(a, o);
+      BackwardResult r = d.backward(a, o);
+      problem.write_grads(t0, t1, r);
+      return r;
+    } catch (const std::bad_alloc&) {
+      throw DeviceError(DeviceError::Kind::out_of_memory, d.name(), "host allocation failed (std::bad_alloc)");
+    }
+  } catch (const DeviceError& e) {
+    const std::int64_t L = o.chunk_size, chunks = (t1 - t0 + L - 1) / L;
+    if (e.kind() != DeviceError::Kind::out_of_memory || chunks <= 1) throw;
+    const std::int64_t mid = t0 + (chunks / 2) * L;
+    spdlog::warn("mlstm-flow: {} out of memory on the backward of segment {} tokens [{}, {}); retrying as [{}, {}) + "
+                 "[{}, {})",
+                 d.name(), index, t0, t1, mid, t1, t0, mid);
+    {
+      std::lock_guard lock(problem.log_mutex);
+      problem.log.push_back("segment " + std::to_string(index) + ": out of memory on " + d.name() + " for the " +
+                            (state_only ? "state gradient" : "backward") + " of [" + std::to_string(t0) + ", " +
+                            std::to_string(t1) + "), split at " + std::to_string(mid));
+    }
+    const ForwardResult at_mid = run_range(d, *problem.forward(), index, t0, mid, C, n, m, false, true);
+    const BackwardResult second = run_backward_range(d, problem, index, mid, t1, at_mid.c.view(), at_mid.n.view(),
+                                                     at_mid.m.view(), dC, dn, state_only);
+    return run_backward_range(d, problem, index, t0, mid, C, n, m, second.dc0.view(), second.dn0.view(), state_only);
+  }
+}
+
+}  // namespace
+
+SegmentStateGradient LocalStateGradientBody::operator()(const SegmentEntry& entry) const {
+  const Segment& sg = entry.segment;
+  BackwardResult r;
+  auto work = [&](ComputeDevice& d) {
+    r = run_backward_range(d, *problem, entry.index, sg.t0, sg.t1, entry.C.view(), entry.n.view(), entry.m.view(),
+                           ConstTensorView(), ConstTensorView(), /*state_only=*/true);
+  };
+  std::shared_ptr<ComputeDevice> used = device;
+  if (pool) {
+    used = pool->run(device_index, entry.index, work);
+  } else {
+    check_injected_fault(*device, entry.index);
+    work(*device);
+  }
+  SegmentStateGradient out;
+  out.index = entry.index;
+  out.dC = std::move(r.dc0);
+  out.dn = std::move(r.dn0);
+  out.device = used->name();
+  std::lock_guard lock(problem->log_mutex);
+  problem->log.push_back("segment " + std::to_string(entry.index) + ": local state gradient on " + used->name());
+  return out;
+}
+
+SegmentGradientEntry StateGradientRecurrenceBody::operator()(const SegmentStateGradient& local) const {
+  const auto& p = problem->shape();
+  const int s = local.index;
+  if (s < 1) throw Error("StateGradientRecurrenceBody: segment 0 has no earlier segment");
+  const Segment& seg = problem->segments()[static_cast<std::size_t>(s)];
+  const SegmentEntry& enter = problem->entry(s);
+  const SegmentEntry& leave = problem->leaving(s);
+  const Tensor G = problem->forward()->log_decay(seg);
+  const std::int64_t KV = p.DHQK * p.DHHV;
+  // running (the gradient leaving s) -> the gradient entering s = decay * running + local
+  for (std::int64_t r = 0; r < p.rows(); ++r) {
+    const float decay = std::exp(G.data<float>()[r] + enter.m.data<float>()[r] - leave.m.data<float>()[r]);
+    float* dC = running->dC.data<float>() + r * KV;
+    const float* lC = local.dC.data<float>() + r * KV;
+    for (std::int64_t e = 0; e < KV; ++e) dC[e] = decay * dC[e] + lC[e];
+    float* dn = running->dn.data<float>() + r * p.DHQK;
+    const float* ln = local.dn.data<float>() + r * p.DHQK;
+    for (std::int64_t e = 0; e < p.DHQK; ++e) dn[e] = decay * dn[e] + ln[e];
+  }
+  SegmentGradientEntry prev;
+  prev.index = s - 1;
+  prev.segment = problem->segments()[static_cast<std::size_t>(s - 1)];
+  const SegmentEntry& e = problem->entry(s - 1);
+  prev.C = e.C;
+  prev.n = e.n;
+  prev.m = e.m;
+  prev.dC = running->dC;
+  prev.dn = running->dn;
+  running->index = s - 1;
+  return prev;
+}
+
+int SegmentBackwardBody::operator()(const SegmentGradientEntry& entry) const {
+  const Segment& sg = entry.segment;
+  auto work = [&](ComputeDevice& d) {
+    const BackwardResult r = run_backward_range(d, *problem, entry.index, sg.t0, sg.t1, entry.C.view(), entry.n.view(),
+                                                entry.m.view(), entry.dC.view(), entry.dn.view(), false);
+    if (entry.index == 0 && problem->has_initial_state()) problem->write_initial_grads(r);
+  };
+  std::shared_ptr<ComputeDevice> used = device;
+  if (pool) {
+    used = pool->run(device_index, entry.index, work);
+  } else {
+    check_injected_fault(*device, entry.index);
+    work(*device);
+  }
+  std::lock_guard lock(problem->log_mutex);
+  problem->log.push_back("segment " + std::to_string(entry.index) + ": backward on " + used->name());
   return entry.index;
 }
 

@@ -72,7 +72,62 @@ TEST_P(GraphForward, HeadSplitEqualsOneCall) {
   EXPECT_TRUE(testing::matches(got.m, one_call.m, 1e-6, "graph head split " + mix.spec, "m_last", s));
 }
 
-TEST_P(GraphForward, BackwardEqualsOneCall) {
+// The gradients of a problem against one call of the CPU chunkwise backward, every field.
+void expect_same_gradients(const BackwardResult& got, const BackwardResult& one_call, double tol, const std::string& what,
+                           const InputSpec& s) {
+  for (auto [name, a, b] : {std::tuple{"dq", &got.dq, &one_call.dq}, {"dk", &got.dk, &one_call.dk},
+                            {"dv", &got.dv, &one_call.dv}, {"di", &got.di, &one_call.di}, {"df", &got.df, &one_call.df},
+                            {"dc0", &got.dc0, &one_call.dc0}, {"dn0", &got.dn0, &one_call.dn0},
+                            {"dm0", &got.dm0, &one_call.dm0}}) {
+    EXPECT_EQ(a->empty(), b->empty()) << what << " " << name;
+    if (!b->empty()) {
+      EXPECT_TRUE(testing::matches(*a, *b, tol, what, name, s));
+    }
+  }
+}
+
+// Sequence-parallel backward: segments over the devices, entering states from the forward combine, gradients
+// leaving each segment from the reverse combine of the local state gradients. Odd shapes, S not a multiple
+// of the chunk or the segment, with and without initial state and last-state gradients, both gates,
+// bf16 with mixed gates, extreme gates.
+TEST_P(GraphForward, SequenceParallelBackwardEqualsOneCall) {
+  const Mix mix = GetParam();
+  if (opencl::list_devices().size() < mix.opencl_devices_needed) GTEST_SKIP() << "not enough OpenCL devices";
+  graph::FlowGraphRunner runner(mix.spec);
+  struct Case {
+    InputSpec s;
+    std::int64_t chunk, segment;
+    bool last_grads;
+  };
+  InputSpec odd = testing::spec(3, 5, 333, 48, 24, DType::f32, GateVariant::exp, true);
+  InputSpec sig = testing::spec(1, 2, 257, 16, 32, DType::f32, GateVariant::sigmoid, false);
+  InputSpec half = testing::spec(1, 2, 300, 32, 16, DType::bf16, GateVariant::exp, true, GateRegime::mixed);
+  InputSpec extreme = testing::spec(2, 1, 200, 16, 16, DType::f32, GateVariant::exp, true, GateRegime::extreme);
+  for (const Case& c : {Case{odd, 32, 64, true}, Case{sig, 64, 64, false}, Case{half, 32, 96, true},
+                        Case{extreme, 32, 64, true}}) {
+    const auto in = testing::make_inputs(c.s, testing::fresh_seed());
+    MlstmOptions o;
+    o.gate = c.s.gate;
+    o.chunk_size = c.chunk;
+    const auto one_call = get_kernel("chunkwise--cpu_xl_chunk")->backward(in.backward_args(c.last_grads), o);
+    const auto got = runner.backward(in.backward_args(c.last_grads), o, c.segment);
+    // Float32: rounding of a different summation order (segments, devices). bf16: each kernel is within 3e-2 of
+    // the float64 reference (test_opencl_backward; the OpenCL kernels keep h in bf16 for dden, the CPU kernel in
+    // float32, and df's suffix sums cancel), so two kernels can differ by twice that.
+    const double tol = c.s.dtype == DType::bf16 ? 6e-2 : 1e-4;
+    expect_same_gradients(got, one_call, tol, "graph sequence-parallel backward " + mix.spec, c.s);
+    int backward_segments = 0, local_gradients = 0;
+    for (const auto& line : runner.last_log()) {
+      backward_segments += line.find(": backward on") != std::string::npos;
+      local_gradients += line.find(": local state gradient on") != std::string::npos;
+    }
+    const int segments = static_cast<int>((c.s.S + c.segment - 1) / c.segment);
+    EXPECT_EQ(backward_segments, segments) << c.s.describe();
+    EXPECT_EQ(local_gradients, segments - 1) << c.s.describe();
+  }
+}
+
+TEST_P(GraphForward, BackwardHeadSplitEqualsOneCall) {
   const Mix mix = GetParam();
   if (opencl::list_devices().size() < mix.opencl_devices_needed) GTEST_SKIP() << "not enough OpenCL devices";
   graph::FlowGraphRunner runner(mix.spec);
@@ -85,12 +140,8 @@ TEST_P(GraphForward, BackwardEqualsOneCall) {
   // with the CPU kernel to float32 rounding of a different summation order.
   const double tol = mix.spec == "workers" ? 1e-5 : 1e-4;
   const auto one_call = get_kernel("chunkwise--cpu_xl_chunk")->backward(in.backward_args(true), o);
-  const auto got = runner.backward(in.backward_args(true), o);
-  for (auto [name, a, b] : {std::tuple{"dq", &got.dq, &one_call.dq}, {"dk", &got.dk, &one_call.dk}, {"dv", &got.dv, &one_call.dv},
-                            {"di", &got.di, &one_call.di}, {"df", &got.df, &one_call.df}, {"dc0", &got.dc0, &one_call.dc0},
-                            {"dm0", &got.dm0, &one_call.dm0}}) {
-    EXPECT_TRUE(testing::matches(*a, *b, tol, "graph backward " + mix.spec, name, s));
-  }
+  const auto got = runner.backward_head_split(in.backward_args(true), o);
+  expect_same_gradients(got, one_call, tol, "graph backward head split " + mix.spec, s);
 }
 
 TEST(GraphForward, SequenceParallelEqualsSequential) {
@@ -103,6 +154,18 @@ TEST(GraphForward, SequenceParallelEqualsSequential) {
   const auto parallel = runner.forward(in.args(), o, 64);
   EXPECT_TRUE(testing::matches(parallel.h, sequential.h, 2e-5, "graph 14 segments", "h vs 1 segment", s));
   EXPECT_TRUE(testing::matches(parallel.c, sequential.c, 2e-5, "graph 14 segments", "c vs 1 segment", s));
+}
+
+// Many segments against one segment (which is one backward call on one device).
+TEST(GraphForward, SequenceParallelBackwardEqualsOneSegment) {
+  InputSpec s = testing::spec(2, 2, 900, 16, 16, DType::f32, GateVariant::exp, true);
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  MlstmOptions o;
+  graph::FlowGraphRunner runner("workers");
+  const auto one_segment = runner.backward(in.backward_args(true), o, s.S);
+  ASSERT_EQ(runner.last_log().size(), 1u) << "one segment: one backward, no forward pass through the graph";
+  const auto segments = runner.backward(in.backward_args(true), o, 64);
+  expect_same_gradients(segments, one_segment, 1e-4, "graph backward, 15 segments vs 1", s);
 }
 
 TEST(GraphPlan, CalibratedSharesFollowSpeedAndDropTooSlowDevices) {
@@ -203,6 +266,40 @@ TEST(GraphFaults, OutOfMemoryShrinksSegmentsAndResultsStayCorrect) {
     EXPECT_NE(std::string(e.what()).find("out of memory"), std::string::npos) << e.what();
   }
   ::unsetenv("MLSTM_FAULT_INJECT");
+}
+
+// Faults in the backward: a device that fails is taken out and its segments rerun elsewhere; out of memory
+// splits a segment's backward (state at the cut, second half, first half) on the same device.
+TEST(GraphFaults, BackwardSurvivesAFailedDeviceAndOutOfMemory) {
+  InputSpec s = testing::spec(1, 3, 700, 16, 24, DType::f32, GateVariant::exp, true);
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  MlstmOptions o;
+  o.chunk_size = 32;
+  const auto one_call = get_kernel("chunkwise--cpu_xl_chunk")->backward(in.backward_args(true), o);
+  {
+    graph::FlowGraphRunner runner("workers");
+    ::setenv("MLSTM_FAULT_INJECT", "cpu:*:oom>64", 1);
+    const auto got = runner.backward(in.backward_args(true), o, 256);
+    ::unsetenv("MLSTM_FAULT_INJECT");
+    expect_same_gradients(got, one_call, 1e-4, "graph backward with OOM shrinking", s);
+    int state_splits = 0, backward_splits = 0;
+    for (const auto& line : runner.last_log()) {
+      state_splits += line.find("out of memory") != std::string::npos && line.find("state gradient") != std::string::npos;
+      backward_splits += line.find("out of memory") != std::string::npos && line.find("for the backward") != std::string::npos;
+    }
+    EXPECT_GE(state_splits, 2) << "local state gradients of 256 tokens split down to 64";
+    EXPECT_GE(backward_splits, 3) << "segment backwards of 256 tokens split down to 64";
+  }
+  if (opencl::list_devices().size() >= 2) {
+    graph::FlowGraphRunner runner("workers+0,1");
+    ::setenv("MLSTM_FAULT_INJECT", "opencl:1:*", 1);
+    const auto got = runner.backward(in.backward_args(true), o, 64);
+    ::unsetenv("MLSTM_FAULT_INJECT");
+    expect_same_gradients(got, one_call, 1e-4, "graph backward with a failed device", s);
+    bool logged = false;
+    for (const auto& line : runner.last_log()) logged = logged || line.find("device failure") != std::string::npos;
+    EXPECT_TRUE(logged);
+  }
 }
 
 // Out of memory on one OpenCL device next to others: it shrinks its segments and keeps running them (it is

@@ -14,6 +14,11 @@ namespace mlstm::cpu {
 // (TFLA), so the chunk size is not limited by cache.
 ForwardResult chunkwise_forward(const ForwardArgs& args, const MlstmOptions& options, std::int64_t tile = 0);
 BackwardResult chunkwise_backward(const BackwardArgs& args, const MlstmOptions& options, std::int64_t tile = 0);
+// Only the gradient of the state entering the sequence: dc0, dn0 and dm0 of chunkwise_backward (set also when
+// no initial state is given: the zero state); dq ... df are left empty. The forward and the reverse state-gradient
+// recurrence run, the token gradients do not (about half the work). The flow graph's sequence-parallel backward
+// uses it for a segment's local state gradient.
+BackwardResult chunkwise_state_gradient(const BackwardArgs& args, const MlstmOptions& options, std::int64_t tile = 0);
 
 // Parallel form: the whole sequence as one chunk, tiled (kParallelTile), so memory stays O(S * tile).
 inline constexpr std::int64_t kParallelTile = 64;

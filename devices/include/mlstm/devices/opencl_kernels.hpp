@@ -25,6 +25,9 @@ class ChunkwiseRunner {
   // Gradients (stages.hpp "Backward"): the forward is recomputed on the device, then bw_prep, bw_states
   // (reverse state-gradient recurrence), bw_grads (dq, dk, dv per token) and bw_gate_grads.
   BackwardResult backward(const BackwardArgs& args, const MlstmOptions& options) const;
+  // Only the gradient of the state entering the sequence (dc0, dn0, dm0; set also without an initial state,
+  // which is then the zero state): the forward, bw_prep and bw_states run, the token gradients do not.
+  BackwardResult state_gradient(const BackwardArgs& args, const MlstmOptions& options) const;
   // Uploads once; forward/backward can then be enqueued repeatedly with event timing (resident.hpp).
   std::unique_ptr<ResidentChunkwise> resident(const ForwardArgs& args, const MlstmOptions& options,
                                               const BackwardArgs* grads = nullptr) const;

@@ -80,6 +80,9 @@ class AutoChunkwiseRunner {
   ForwardResult forward(const ForwardArgs& args, const MlstmOptions& options) const;
   ForwardResult last_state(const ForwardArgs& args, const MlstmOptions& options) const;
   BackwardResult backward(const BackwardArgs& args, const MlstmOptions& options) const;
+  // Only the gradient of the state entering the sequence (ChunkwiseRunner::state_gradient); on the tensor
+  // cores through their full backward.
+  BackwardResult state_gradient(const BackwardArgs& args, const MlstmOptions& options) const;
   // Whether this problem would run on the tensor cores (builds their programs on first use).
   bool uses_tensor_cores(const ProblemShape& shape, const MlstmOptions& options) const;
   // Whether backward() runs every problem on this device (the tensor cores alone take only some).

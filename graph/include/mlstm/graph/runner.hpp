@@ -55,13 +55,20 @@ class FlowGraphRunner {
   // Head split: the B*NH rows cut into contiguous groups, one group per device, each over the whole
   // sequence; the same results. Inputs must be contiguous.
   ForwardResult forward_head_split(const ForwardArgs& args, const MlstmOptions& options);
-  // Gradients through the graph, head split over the devices that have a backward (InvalidArgument
-  // naming "devices" when none has). Equal to one call of the chunkwise kernel's backward.
-  BackwardResult backward(const BackwardArgs& args, const MlstmOptions& options);
-  // What ran where in the last forward ("segment 3: outputs on opencl:1 ...").
+  // Gradients through the graph, sequence parallel over the devices that have a backward (InvalidArgument
+  // naming "devices" when none has): the forward's local states and combine give every segment's entering
+  // state, the local state gradients (in parallel) and a reverse combine give the gradient leaving every
+  // segment, then every segment's gradients are computed in parallel (nodes.hpp). Equal to one call of the
+  // chunkwise kernel's backward. One segment (one device, or segment_tokens >= S): one backward call.
+  BackwardResult backward(const BackwardArgs& args, const MlstmOptions& options, std::int64_t segment_tokens = 0);
+  // Gradients, head split: the rows cut into one contiguous group per device with a backward, each over the
+  // whole sequence. Inputs must be contiguous.
+  BackwardResult backward_head_split(const BackwardArgs& args, const MlstmOptions& options);
+  // What ran where in the last run ("segment 3: outputs on opencl:1 ...", "segment 2: backward on cpu:numa0").
   const std::vector<std::string>& last_log() const noexcept { return log_; }
 
  private:
+  std::vector<std::shared_ptr<nodes::ComputeDevice>> backward_devices() const;  // those with a backward
   std::vector<std::shared_ptr<nodes::ComputeDevice>> devices_;
   std::vector<std::string> log_;
   Balancing balancing_ = Balancing::pull;

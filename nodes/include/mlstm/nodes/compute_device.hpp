@@ -24,6 +24,10 @@ class ComputeDevice {
   // false from supports_backward() and throw mlstm::Error here.
   virtual bool supports_backward() const = 0;
   virtual BackwardResult backward(const BackwardArgs& args, const MlstmOptions& options) = 0;
+  // Only the gradient of the state entering the run (dc0, dn0, dm0; the zero state when args has no initial
+  // state), given dh and the gradient of the state leaving it (dc_last / dn_last): the forward and the reverse
+  // state-gradient recurrence, not the token gradients. Sequence-parallel backward: a segment's local part.
+  virtual BackwardResult state_gradient(const BackwardArgs& args, const MlstmOptions& options) = 0;
 };
 
 // One CPU worker per NUMA node found (hwloc via tbbbind; one worker when the topology is not known).

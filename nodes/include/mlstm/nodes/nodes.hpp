@@ -11,6 +11,25 @@
 // Each device node is `serial` + `rejecting`, so a busy device declines and the queue offers the segment
 // to the next free one: faster devices pull more segments (oneTBB's binpack pattern).
 //
+// The sequence-parallel backward (graph::FlowGraphRunner::backward) reuses the first two stages to get the
+// true state entering every segment, then runs the reverse state-gradient recurrence the same way (stages.hpp
+// "Backward": the gradient of the state entering a segment is decay * (gradient of the state leaving it) +
+// the segment's local part, decay = exp(G_seg + m_enter - m_leave)):
+//
+//   ... StateRecurrenceBody --> function_node<SegmentEntry, continue_msg, serial> (records the entries in the
+//        SegmentGradientProblem; segments 1.. go to the local-gradient queue, and after the last one the
+//        last segment's SegmentGradientEntry, with dc_last, goes to the backward queue)
+//   queue_node<SegmentEntry> --> function_node<SegmentEntry, SegmentStateGradient, rejecting>
+//        (LocalStateGradientBody, one per device: a zero gradient leaving the segment)
+//        --> sequencer_node (LAST segment first) --> function_node<..., serial> (StateGradientRecurrenceBody:
+//            the gradient of the state leaving every earlier segment, in reverse order)
+//   queue_node<SegmentGradientEntry> --> function_node<SegmentGradientEntry, int, rejecting>
+//        (SegmentBackwardBody, one per device: dq, dk, dv, di, df of the segment; the initial state's
+//        gradients from the first segment)
+//
+// A segment's gate gradient df needs the sum over all LATER tokens; its backward gets it exactly through
+// <dC_leave, C_leave> + <dn_leave, n_leave> (the identity stages.hpp uses for dc_last), so no further pass.
+//
 //   tbb::flow::graph g;
 //   auto problem = std::make_shared<mlstm::nodes::SegmentProblem>(args, options, result_h);
 //   tbb::flow::function_node<Segment, SegmentSummary, tbb::flow::rejecting> local(g, 1, LocalStateBody{problem, dev});
@@ -53,7 +72,8 @@ struct SegmentEntry {
 // segment, disjoint slices) and the state entering the first segment.
 class SegmentProblem {
  public:
-  SegmentProblem(const ForwardArgs& args, const MlstmOptions& options);
+  // with_outputs = false: no h is allocated (the backward only needs the entering states).
+  SegmentProblem(const ForwardArgs& args, const MlstmOptions& options, bool with_outputs = true);
   const ProblemShape& shape() const noexcept { return shape_; }
   const MlstmOptions& options() const noexcept { return options_; }
   // Views of the inputs restricted to a segment (no copies).
@@ -61,6 +81,8 @@ class SegmentProblem {
   // The EMPTY state (C = n = 0, m = -inf; m = 0 for the sigmoid gate) and the problem's initial state.
   SegmentEntry empty_entry() const;
   SegmentEntry initial_entry() const;
+  // Per row (B,NH) float32: G of the segment, the sum of logsigmoid(f) over its tokens (float32 like the kernels).
+  Tensor log_decay(const Segment& s) const;
   void write_h(const Segment& s, const Tensor& h);  // thread-safe for disjoint segments
   Tensor& h() noexcept { return h_; }
   std::vector<std::string> log;  // "segment i: local on <device>" etc., for plans and tests
@@ -130,6 +152,94 @@ struct SegmentOutputBody {
   std::shared_ptr<DevicePool> pool = nullptr;
   std::size_t device_index = 0;
   int operator()(const SegmentEntry& entry) const;
+};
+
+// ---- Sequence-parallel backward --------------------------------------------------------------------
+
+// The local part of the gradient of the state entering a segment: computed with a ZERO gradient leaving it.
+struct SegmentStateGradient {
+  int index = 0;
+  Tensor dC, dn;  // (B,NH,DHQK,DHHV), (B,NH,DHQK) float32
+  std::string device;
+};
+
+// What the backward of one segment needs: the true state entering it and the gradient of the state leaving it.
+struct SegmentGradientEntry {
+  int index = 0;
+  Segment segment;
+  Tensor C, n, m;  // entering state
+  Tensor dC, dn;   // gradient of the state leaving the segment
+};
+
+// The problem of the backward nodes: the forward's SegmentProblem (for the entering states; no h), dh and the
+// gradient of the last state, the table of entering states (recorded in order by the graph), and the gradients,
+// written by segment (disjoint slices; thread-safe).
+class SegmentGradientProblem {
+ public:
+  SegmentGradientProblem(const BackwardArgs& args, const MlstmOptions& options, std::vector<Segment> segments);
+  const ProblemShape& shape() const noexcept { return forward_->shape(); }
+  const MlstmOptions& options() const noexcept { return forward_->options(); }
+  const std::shared_ptr<SegmentProblem>& forward() const noexcept { return forward_; }
+  const std::vector<Segment>& segments() const noexcept { return segments_; }
+  // Records the state entering segment e.index (called in order); `leaving` is the state leaving the
+  // sequence, given with the last segment.
+  void record_entry(const SegmentEntry& e);
+  void record_final_state(const SegmentEntry& leaving);
+  const SegmentEntry& entry(int index) const;
+  // The state leaving segment `index` (the next one's entering state, or the final state).
+  const SegmentEntry& leaving(int index) const;
+  // The last segment's backward entry: its entering state and dc_last / dn_last (zeros when not given).
+  SegmentGradientEntry last_entry() const;
+  // The arguments of a segment's backward: inputs [t0, t1) with entering state (C, n, m), dh [t0, t1), and
+  // the gradient of the state leaving it.
+  BackwardArgs segment_args(std::int64_t t0, std::int64_t t1, ConstTensorView C, ConstTensorView n, ConstTensorView m,
+                            ConstTensorView dC, ConstTensorView dn) const;
+  // Writes the token gradients of [t0, t1) (shaped (B,NH,t1-t0,...)); thread-safe for disjoint ranges.
+  void write_grads(std::int64_t t0, std::int64_t t1, const BackwardResult& r);
+  // The initial state's gradients (from the first segment's backward; only when the problem has an initial state).
+  void write_initial_grads(const BackwardResult& r);
+  bool has_initial_state() const noexcept { return args_.inputs.has_initial_state(); }
+  BackwardResult take_result();
+  std::vector<std::string> log;
+  std::mutex log_mutex;
+
+ private:
+  BackwardArgs args_;
+  std::shared_ptr<SegmentProblem> forward_;
+  std::vector<Segment> segments_;
+  std::vector<SegmentEntry> entries_;
+  SegmentEntry final_;
+  BackwardResult result_;
+};
+
+// function_node body: the local state gradient of a segment (from its true entering state, a zero gradient
+// leaving it) on one device (through `pool` when given).
+struct LocalStateGradientBody {
+  std::shared_ptr<SegmentGradientProblem> problem;
+  std::shared_ptr<ComputeDevice> device;
+  std::shared_ptr<DevicePool> pool = nullptr;
+  std::size_t device_index = 0;
+  SegmentStateGradient operator()(const SegmentEntry& entry) const;
+};
+
+// Serial body fed in REVERSE order (last segment first, through a sequencer_node keyed by
+// segments - 1 - index), for segments 1 .. last: keeps the gradient of the state leaving the current segment
+// (`running`, starting at dc_last / dn_last), turns it into the gradient entering it
+// (decay * running + local) and returns the entry of the PREVIOUS segment.
+struct StateGradientRecurrenceBody {
+  std::shared_ptr<SegmentGradientProblem> problem;
+  std::shared_ptr<SegmentGradientEntry> running;  // starts as problem->last_entry()
+  SegmentGradientEntry operator()(const SegmentStateGradient& local) const;
+};
+
+// function_node body: the gradients of a segment (dq, dk, dv, di, df; for segment 0 also those of the
+// initial state) from its entering state and the gradient leaving it, on one device (through `pool`).
+struct SegmentBackwardBody {
+  std::shared_ptr<SegmentGradientProblem> problem;
+  std::shared_ptr<ComputeDevice> device;
+  std::shared_ptr<DevicePool> pool = nullptr;
+  std::size_t device_index = 0;
+  int operator()(const SegmentGradientEntry& entry) const;
 };
 
 }  // namespace mlstm::nodes
