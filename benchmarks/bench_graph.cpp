@@ -1,6 +1,6 @@
 // The flow graph and streaming sessions: tokens/s and peak memory of a streaming run as the total length
-// grows (flat memory: the peak RSS must not grow with the number of tokens), and graph forward
-// throughput per device set.
+// grows (flat memory: the peak RSS must not grow with the number of tokens), and graph forward and
+// backward throughput per device set.
 //   build/benchmarks/bench_graph --benchmark_filter=Stream
 #include <benchmark/benchmark.h>
 #include <sys/resource.h>
@@ -90,6 +90,38 @@ void BM_GraphForward(benchmark::State& state) { graph_forward(state, graph::Bala
 void BM_GraphForwardCalibrated(benchmark::State& state) { graph_forward(state, graph::Balancing::calibrated); }
 BENCHMARK(BM_GraphForward)->DenseRange(0, 3)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_GraphForwardCalibrated)->DenseRange(0, 3)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+// Forward + backward through the graph, per device set as above: sequence parallel (segments over the
+// devices; BM_GraphBackward) or head split (rows over the devices; BM_GraphBackwardHeadSplit).
+void graph_backward(benchmark::State& state, bool head_split) {
+  static const char* specs[] = {"workers", "0", "0,1", "workers+0,1"};
+  const std::string spec = specs[state.range(0)];
+  const std::size_t need = state.range(0) == 0 ? 0 : state.range(0) == 1 ? 1 : 2;
+  if (opencl::list_devices().size() < need) {
+    state.SkipWithError("not enough OpenCL devices");
+    return;
+  }
+  graph::FlowGraphRunner runner(spec);
+  static const Piece p = make_piece(4, 8192, 64, 3);
+  static const Tensor dh = make_piece(4, 8192, 64, 4).v;
+  MlstmOptions o;
+  o.chunk_size = 64;
+  BackwardArgs b;
+  b.inputs = p.args();
+  b.dh = dh.view();
+  auto run = [&] { return head_split ? runner.backward_head_split(b, o) : runner.backward(b, o); };
+  run();  // warm-up: program builds
+  for (auto _ : state) {
+    auto g = run();
+    benchmark::DoNotOptimize(g.dq.bytes());
+  }
+  state.SetLabel(spec + (head_split ? " head split" : " sequence parallel"));
+  state.counters["tokens/s"] = benchmark::Counter(8192.0 * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+}
+void BM_GraphBackward(benchmark::State& state) { graph_backward(state, false); }
+void BM_GraphBackwardHeadSplit(benchmark::State& state) { graph_backward(state, true); }
+BENCHMARK(BM_GraphBackward)->DenseRange(0, 3)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_GraphBackwardHeadSplit)->DenseRange(0, 3)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 }  // namespace
 

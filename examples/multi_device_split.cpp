@@ -1,4 +1,5 @@
-// Splitting one long sequence across every device (CPU workers + OpenCL devices), sequence parallel.
+// Splitting one long sequence across every device (CPU workers + OpenCL devices), sequence parallel,
+// forward and backward.
 //   example_multi_device_split [--small] [device spec, default "workers+all"]
 #include <cmath>
 #include <cstdio>
@@ -27,5 +28,22 @@ int main(int argc, char** argv) {
     scale = std::max(scale, std::fabs(b[e]));
   }
   std::printf("graph vs one call: max rel error %.3g\n", err / scale);
-  return err / scale < 1e-4 ? 0 : 1;
+  // Gradients the same way: entering states from the forward combine, the gradient leaving every segment from
+  // a reverse combine of the segments' local state gradients, then every segment's gradients in parallel.
+  mlstm::BackwardArgs bw;
+  bw.inputs = in.args();
+  bw.dh = out.h.view();  // the gradient of sum(h^2) / 2
+  const auto grads = runner.backward(bw, o);
+  const auto ref_grads = mlstm::get_kernel("chunkwise--cpu_xl_chunk")->backward(bw, o);
+  double gerr = 0, gscale = 0;
+  for (auto [x, y] : {std::pair{&grads.dq, &ref_grads.dq}, {&grads.dk, &ref_grads.dk}, {&grads.dv, &ref_grads.dv},
+                      {&grads.df, &ref_grads.df}}) {
+    const auto u = x->to_vector(), w = y->to_vector();
+    for (std::size_t e = 0; e < u.size(); ++e) {
+      gerr = std::max(gerr, std::fabs(u[e] - w[e]));
+      gscale = std::max(gscale, std::fabs(w[e]));
+    }
+  }
+  std::printf("graph backward vs one call: max rel error %.3g\n", gerr / gscale);
+  return err / scale < 1e-4 && gerr / gscale < 1e-3 ? 0 : 1;
 }

@@ -549,8 +549,6 @@ int cmd_run(const RunOptions& ro, bool as_json) {
   }
   graph::FlowGraphRunner runner(spec);
   runner.set_balancing(graph::Balancing::calibrated);  // shares by measured device speed
-  std::unique_ptr<SequenceKernel> backward_kernel;
-  if (ro.backward) backward_kernel = get_kernel("chunkwise--cpu_xl_chunk");
   if (!as_json) {
     ProblemShape shape;
     shape.B = ro.batch; shape.NH = ro.heads; shape.S = ro.mode == "resident" ? ro.seq_len : std::min(ro.piece, ro.seq_len); shape.DHQK = ro.dqk; shape.DHHV = ro.dhv;
@@ -558,7 +556,7 @@ int cmd_run(const RunOptions& ro, bool as_json) {
               << " DHHV=" << ro.dhv << " " << dtype_name(dtype) << ", chunk " << ro.chunk_size << ", mode " << (ro.mode == "auto" ? "stream" : ro.mode)
               << (ro.mode == "resident" ? std::string(", resident: the whole sequence in one graph run")
                                         : ", streamed in pieces of " + std::to_string(ro.piece) + " tokens carrying (C,n,m)")
-              << (ro.backward ? ", forward+backward per piece (backward on chunkwise--cpu_xl_chunk)" : "") << "\n"
+              << (ro.backward ? ", forward+backward per piece (the backward sequence parallel through the graph too)" : "") << "\n"
               << (ro.mode == "resident" ? "" : "per piece, ") << runner.plan(shape, o).describe() << "\n";
   }
   Progress progress(ro.seq_len, ro.progress || isatty(2));
@@ -619,7 +617,7 @@ int cmd_run(const RunOptions& ro, bool as_json) {
       BackwardArgs b;
       b.inputs = a;
       b.dh = r.h.view();
-      const BackwardResult g = backward_kernel->backward(b, o);
+      const BackwardResult g = runner.backward(b, o);
       (void)g;
     }
     compute_secs += std::chrono::duration<double>(Clock::now() - c0).count();
