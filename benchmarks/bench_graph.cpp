@@ -5,6 +5,7 @@
 #include <benchmark/benchmark.h>
 #include <sys/resource.h>
 
+#include <cstdlib>
 #include <random>
 
 #include "mlstm/devices/opencl.hpp"
@@ -27,6 +28,18 @@ struct Piece {
     a.q = q.view(); a.k = k.view(); a.v = v.view(); a.i = i.view(); a.f = f.view();
     return a;
   }
+};
+
+std::int64_t env_int(const char* name, std::int64_t fallback) {
+  const char* v = std::getenv(name);
+  return v && *v ? std::stoll(v) : fallback;
+}
+
+// The graph benchmarks' problem: MLSTM_BENCH_GRAPH_S tokens (default 8192), MLSTM_BENCH_GRAPH_HEADS heads (4),
+// DHQK = DHHV = MLSTM_BENCH_GRAPH_DIM (64), chunk MLSTM_BENCH_GRAPH_CHUNK (64); bf16.
+struct GraphSize {
+  std::int64_t S = env_int("MLSTM_BENCH_GRAPH_S", 8192), NH = env_int("MLSTM_BENCH_GRAPH_HEADS", 4),
+               D = env_int("MLSTM_BENCH_GRAPH_DIM", 64), chunk = env_int("MLSTM_BENCH_GRAPH_CHUNK", 64);
 };
 
 Piece make_piece(std::int64_t NH, std::int64_t S, std::int64_t D, unsigned seed) {
@@ -75,16 +88,18 @@ void graph_forward(benchmark::State& state, graph::Balancing balancing) {
   }
   graph::FlowGraphRunner runner(spec);
   runner.set_balancing(balancing);
-  static const Piece p = make_piece(4, 8192, 64, 3);
+  static const GraphSize z;
+  static const Piece p = make_piece(z.NH, z.S, z.D, 3);
   MlstmOptions o;
-  o.chunk_size = 64;
+  o.chunk_size = z.chunk;
   runner.forward(p.args(), o);  // warm-up: program builds, calibration (cached)
   for (auto _ : state) {
     auto r = runner.forward(p.args(), o);
     benchmark::DoNotOptimize(r.h.bytes());
   }
   state.SetLabel(spec + (balancing == graph::Balancing::calibrated ? " calibrated" : " pull"));
-  state.counters["tokens/s"] = benchmark::Counter(8192.0 * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+  state.counters["tokens/s"] =
+      benchmark::Counter(static_cast<double>(z.S) * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
 }
 void BM_GraphForward(benchmark::State& state) { graph_forward(state, graph::Balancing::pull); }
 void BM_GraphForwardCalibrated(benchmark::State& state) { graph_forward(state, graph::Balancing::calibrated); }
@@ -102,10 +117,11 @@ void graph_backward(benchmark::State& state, bool head_split) {
     return;
   }
   graph::FlowGraphRunner runner(spec);
-  static const Piece p = make_piece(4, 8192, 64, 3);
-  static const Tensor dh = make_piece(4, 8192, 64, 4).v;
+  static const GraphSize z;
+  static const Piece p = make_piece(z.NH, z.S, z.D, 3);
+  static const Tensor dh = make_piece(z.NH, z.S, z.D, 4).v;
   MlstmOptions o;
-  o.chunk_size = 64;
+  o.chunk_size = z.chunk;
   BackwardArgs b;
   b.inputs = p.args();
   b.dh = dh.view();
@@ -116,7 +132,8 @@ void graph_backward(benchmark::State& state, bool head_split) {
     benchmark::DoNotOptimize(g.dq.bytes());
   }
   state.SetLabel(spec + (head_split ? " head split" : " sequence parallel"));
-  state.counters["tokens/s"] = benchmark::Counter(8192.0 * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+  state.counters["tokens/s"] =
+      benchmark::Counter(static_cast<double>(z.S) * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
 }
 void BM_GraphBackward(benchmark::State& state) { graph_backward(state, false); }
 void BM_GraphBackwardHeadSplit(benchmark::State& state) { graph_backward(state, true); }
