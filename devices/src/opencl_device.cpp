@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "mlstm/devices/opencl.hpp"
+#include "mlstm/devices/trace.hpp"
 #include "mlstm_opencl_sources.hpp"
 
 namespace mlstm::opencl {
@@ -229,6 +230,7 @@ cl_program Device::program(const std::string& source_name, const std::string& op
 }
 
 cl_program Device::program_from_text(const std::string& label, const std::string& text, const std::string& options) {
+  const ScopedTrace trace([&] { return "program lookup '" + label + "' on " + info_.name; });
   const std::string key = std::to_string(std::hash<std::string>{}(text)) + "|" + options + "|" + info_.name + "|" +
                           info_.driver + "|" + info_.platform_name;
   std::lock_guard lock(mutex_);
@@ -321,6 +323,7 @@ PooledBuffer Device::acquire(std::size_t bytes) {
 }
 
 PooledBuffer Device::acquire_upload(const void* data, std::size_t bytes) {
+  const ScopedTrace trace([&] { return "upload " + std::to_string(bytes >> 10) + " KiB to " + info_.name; });
   PooledBuffer b = acquire(bytes);
   if (bytes) check(clEnqueueWriteBuffer(queue_, b.get(), CL_TRUE, 0, bytes, data, 0, nullptr, nullptr),
                    "clEnqueueWriteBuffer", info_.name);
@@ -386,11 +389,13 @@ Buffer Device::upload(const void* data, std::size_t bytes) {
 }
 
 void Device::download(const Buffer& buf, void* data, std::size_t bytes) {
+  const ScopedTrace trace([&] { return "download " + std::to_string(bytes >> 10) + " KiB from " + info_.name; });
   if (bytes) check(clEnqueueReadBuffer(queue_, buf.get(), CL_TRUE, 0, bytes, data, 0, nullptr, nullptr),
                    "clEnqueueReadBuffer", info_.name);
 }
 
-void Device::finish() { check(clFinish(queue_), "clFinish", info_.name); }
+void Device::finish() {
+  const ScopedTrace trace([&] { return "finish on " + info_.name; }); check(clFinish(queue_), "clFinish", info_.name); }
 
 std::shared_ptr<Device> open_device(const DeviceInfo& info) {
   static std::mutex mutex;

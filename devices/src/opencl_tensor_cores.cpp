@@ -1,4 +1,5 @@
 #include "mlstm/devices/opencl_tensor_cores.hpp"
+#include "mlstm/devices/trace.hpp"
 
 #include <spdlog/spdlog.h>
 #include <tbb/parallel_for.h>
@@ -518,6 +519,9 @@ BackwardResult portable_backward(const Runner& runner, const std::string& kernel
   }
 }
 
+// "B*NH*S" of a (B,NH,S,D) view, for traces.
+std::string token_rows(ConstTensorView t) { return std::to_string(t.numel() / std::max<std::int64_t>(1, t.dim(-1))); }
+
 // Per device: whether the tensor-core programs failed to build (then the portable kernels run there).
 std::mutex g_state_mutex;
 std::map<cl_device_id, bool> g_build_failed;
@@ -532,21 +536,25 @@ AutoChunkwiseRunner::AutoChunkwiseRunner(std::shared_ptr<Device> device, bool re
 }
 
 ForwardResult AutoChunkwiseRunner::forward(const ForwardArgs& args, const MlstmOptions& o) const {
+  const ScopedTrace trace([&] { return "forward of " + token_rows(args.q) + " token-rows on " + device_->name(); });
   if (uses_tensor_cores(validate_forward(args, o), o)) return tensor_cores_.forward(args, o);
   return portable_.forward(args, o);
 }
 
 ForwardResult AutoChunkwiseRunner::last_state(const ForwardArgs& args, const MlstmOptions& o) const {
+  const ScopedTrace trace([&] { return "last_state of " + token_rows(args.q) + " token-rows on " + device_->name(); });
   if (uses_tensor_cores(validate_forward(args, o), o)) return tensor_cores_.last_state(args, o);
   return portable_.last_state(args, o);
 }
 
 BackwardResult AutoChunkwiseRunner::backward(const BackwardArgs& args, const MlstmOptions& o) const {
+  const ScopedTrace trace([&] { return "backward of " + token_rows(args.dh) + " token-rows on " + device_->name(); });
   if (uses_tensor_cores(validate_backward(args, o), o)) return tensor_cores_.backward(args, o);
   return portable_backward(portable_, device_->name(), args, o);
 }
 
 BackwardResult AutoChunkwiseRunner::state_gradient(const BackwardArgs& args, const MlstmOptions& o) const {
+  const ScopedTrace trace([&] { return "state_gradient of " + token_rows(args.dh) + " token-rows on " + device_->name(); });
   if (!uses_tensor_cores(validate_backward(args, o), o)) return portable_.state_gradient(args, o);
   // The tensor-core backward computes everything; keep the state gradient. Without an initial state the zero
   // state is passed, so that it returns dc0 / dn0 / dm0.

@@ -9,6 +9,7 @@
 #include <limits>
 #include <new>
 
+#include "mlstm/devices/trace.hpp"
 #include "mlstm/error.hpp"
 #include "mlstm/stages.hpp"
 
@@ -226,6 +227,7 @@ ForwardResult run_range(ComputeDevice& d, SegmentProblem& problem, int index, st
 }  // namespace
 
 SegmentSummary LocalStateBody::operator()(const Segment& s) const {
+  const ScopedTrace trace([&] { return "node local state, segment " + std::to_string(s.index); });
   ForwardArgs a = problem->segment_args(s);
   const SegmentEntry empty = problem->empty_entry();
   a.c0 = empty.C.view();
@@ -254,6 +256,7 @@ SegmentSummary LocalStateBody::operator()(const Segment& s) const {
 }
 
 SegmentEntry StateRecurrenceBody::operator()(const SegmentSummary& summary) const {
+  const ScopedTrace trace([&] { return "node state recurrence, segment " + std::to_string(summary.index); });
   const auto& p = problem->shape();
   SegmentEntry entering;
   entering.index = summary.index;
@@ -277,6 +280,7 @@ SegmentEntry StateRecurrenceBody::operator()(const SegmentSummary& summary) cons
 }
 
 int SegmentOutputBody::operator()(const SegmentEntry& entry) const {
+  const ScopedTrace trace([&] { return "node outputs, segment " + std::to_string(entry.index); });
   ForwardArgs a = problem->segment_args(entry.segment);
   a.c0 = entry.C.view();
   a.n0 = entry.n.view();
@@ -434,6 +438,7 @@ BackwardResult run_backward_range(ComputeDevice& d, SegmentGradientProblem& prob
 }  // namespace
 
 SegmentStateGradient LocalStateGradientBody::operator()(const SegmentEntry& entry) const {
+  const ScopedTrace trace([&] { return "node local state gradient, segment " + std::to_string(entry.index); });
   const Segment& sg = entry.segment;
   BackwardResult r;
   auto work = [&](ComputeDevice& d) {
@@ -458,6 +463,7 @@ SegmentStateGradient LocalStateGradientBody::operator()(const SegmentEntry& entr
 }
 
 SegmentGradientEntry StateGradientRecurrenceBody::operator()(const SegmentStateGradient& local) const {
+  const ScopedTrace trace([&] { return "node state-gradient recurrence, segment " + std::to_string(local.index); });
   const auto& p = problem->shape();
   const int s = local.index;
   if (s < 1) throw Error("StateGradientRecurrenceBody: segment 0 has no earlier segment");
@@ -490,6 +496,7 @@ SegmentGradientEntry StateGradientRecurrenceBody::operator()(const SegmentStateG
 }
 
 int SegmentBackwardBody::operator()(const SegmentGradientEntry& entry) const {
+  const ScopedTrace trace([&] { return "node backward, segment " + std::to_string(entry.index); });
   const Segment& sg = entry.segment;
   auto work = [&](ComputeDevice& d) {
     const BackwardResult r = run_backward_range(d, *problem, entry.index, sg.t0, sg.t1, entry.C.view(), entry.n.view(),
