@@ -9,7 +9,6 @@
 
 namespace mlstm::opencl {
 
-using detail::as_f32;
 using detail::KernelObject;
 using detail::set_args;
 
@@ -117,14 +116,8 @@ class ResidentPortable final : public ResidentChunkwise {
     const std::size_t fs = sizeof(float), tok = static_cast<std::size_t>(rows_) * static_cast<std::size_t>(S_);
     const std::size_t K = static_cast<std::size_t>(p_.DHQK), V = static_cast<std::size_t>(p_.DHHV);
     const std::size_t nb = static_cast<std::size_t>(rows_) * static_cast<std::size_t>(nchunks_);
-    auto up_dtype = [&](ConstTensorView t) {
-      const Tensor c = Tensor::copy_of(t, dev_dtype_);
-      return dev.acquire_upload(c.bytes(), c.nbytes());
-    };
-    auto up_f32 = [&](ConstTensorView t) {
-      const auto x = as_f32(t);
-      return dev.acquire_upload(x.data(), x.size() * fs);
-    };
+    auto up_dtype = [&](ConstTensorView t) { return detail::upload_as(dev, t, dev_dtype_); };
+    auto up_f32 = [&](ConstTensorView t) { return detail::upload_as(dev, t, DType::f32); };
     auto zeros = [&](std::size_t n) {
       const std::vector<float> z(std::max<std::size_t>(n, 1), 0.f);
       return dev.acquire_upload(z.data(), z.size() * fs);

@@ -22,7 +22,6 @@
 
 namespace mlstm::opencl {
 
-using detail::as_f32;
 using detail::KernelObject;
 using detail::set_args;
 
@@ -233,14 +232,8 @@ class ResidentTensorCore final : public ResidentChunkwise {
     // Inputs: q, k, v in their 16-bit type, gates and states as float32.
     const std::size_t tok = static_cast<std::size_t>(rows_) * static_cast<std::size_t>(S_);
     const std::size_t kv = static_cast<std::size_t>(K) * static_cast<std::size_t>(V);
-    auto up16 = [&](ConstTensorView t) {
-      const Tensor c = Tensor::copy_of(t, shape_.dtype);
-      return dev.acquire_upload(c.bytes(), c.nbytes());
-    };
-    auto up32 = [&](ConstTensorView t) {
-      const auto x = as_f32(t);
-      return dev.acquire_upload(x.data(), x.size() * sizeof(float));
-    };
+    auto up16 = [&](ConstTensorView t) { return detail::upload_as(dev, t, shape_.dtype); };
+    auto up32 = [&](ConstTensorView t) { return detail::upload_as(dev, t, DType::f32); };
     auto f32buf = [&](std::size_t n) { return dev.acquire(std::max<std::size_t>(n, 4) * sizeof(float)); };
     q_ = up16(a.q);
     k_ = up16(a.k);

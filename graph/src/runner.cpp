@@ -236,7 +236,17 @@ ForwardResult FlowGraphRunner::forward(const ForwardArgs& args, const MlstmOptio
   }
   make_edge(in_order, recurrence);
   make_edge(recurrence, router);
-  for (const auto& s : p.segments) segment_queues[route(s)]->try_put(s);
+  const bool one_segment = p.segments.size() == 1;
+  if (one_segment) {
+    // One segment: its entering state is the initial state, so no local-state pass; the output run also
+    // returns the state leaving the sequence.
+    problem->keep_final_state(options.return_last_states);
+    nodes::SegmentEntry first = problem->initial_entry();
+    first.segment = p.segments.front();
+    entry_queues[route(first.segment)]->try_put(first);
+  } else {
+    for (const auto& s : p.segments) segment_queues[route(s)]->try_put(s);
+  }
   g.wait_for_all();
 
   log_ = problem->log;
@@ -244,9 +254,10 @@ ForwardResult FlowGraphRunner::forward(const ForwardArgs& args, const MlstmOptio
   ForwardResult out;
   out.h = std::move(problem->h());
   if (options.return_last_states) {
-    out.c = std::move(running->C);
-    out.n = std::move(running->n);
-    out.m = std::move(running->m);
+    nodes::SegmentEntry& last = one_segment ? problem->final_state() : *running;
+    out.c = std::move(last.C);
+    out.n = std::move(last.n);
+    out.m = std::move(last.m);
   }
   return out;
 }

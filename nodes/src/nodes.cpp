@@ -79,8 +79,18 @@ Tensor SegmentProblem::log_decay(const Segment& s) const {
   return G;
 }
 
-void SegmentProblem::write_h(const Segment& s, const Tensor& h) {
+void SegmentProblem::set_final_state(ForwardResult&& r) {
+  final_state_.C = std::move(r.c);
+  final_state_.n = std::move(r.n);
+  final_state_.m = std::move(r.m);
+}
+
+void SegmentProblem::write_h(const Segment& s, Tensor&& h) {
   if (h_.empty()) throw Error("SegmentProblem: made without outputs (with_outputs = false)");
+  if (s.t0 == 0 && s.t1 == shape_.S && h.dtype() == h_.dtype() && h.shape() == h_.shape()) {
+    h_ = std::move(h);
+    return;
+  }
   const std::size_t es = dtype_size(h_.dtype());
   const std::int64_t len = s.t1 - s.t0, DV = shape_.DHHV;
   for (std::int64_t r = 0; r < shape_.rows(); ++r) {
@@ -203,7 +213,7 @@ ForwardResult run_range(ComputeDevice& d, SegmentProblem& problem, int index, st
     check_injected_oom(d, index, t1 - t0);
     try {
       ForwardResult r = outputs ? d.forward(a, o) : d.last_state(a, o);
-      if (outputs) problem.write_h(sub, r.h);
+      if (outputs) problem.write_h(sub, std::move(r.h));
       return r;
     } catch (const std::bad_alloc&) {  // a CPU worker's out of memory: the same shrink, then the same failover
       throw DeviceError(DeviceError::Kind::out_of_memory, d.name(), "host allocation failed (std::bad_alloc)");
@@ -287,13 +297,16 @@ int SegmentOutputBody::operator()(const SegmentEntry& entry) const {
   a.m0 = entry.m.view();
   std::shared_ptr<ComputeDevice> used = device;
   const Segment& sg = entry.segment;
+  const bool keep = problem->keeps_final_state() && sg.t1 == problem->shape().S;
+  auto work = [&](ComputeDevice& d) {
+    ForwardResult r = run_range(d, *problem, entry.index, sg.t0, sg.t1, a.c0, a.n0, a.m0, true, keep);
+    if (keep) problem->set_final_state(std::move(r));
+  };
   if (pool) {
-    used = pool->run(device_index, entry.index, [&](ComputeDevice& d) {
-      run_range(d, *problem, entry.index, sg.t0, sg.t1, a.c0, a.n0, a.m0, true, false);
-    });
+    used = pool->run(device_index, entry.index, work);
   } else {
     check_injected_fault(*device, entry.index);
-    run_range(*device, *problem, entry.index, sg.t0, sg.t1, a.c0, a.n0, a.m0, true, false);
+    work(*device);
   }
   std::lock_guard lock(problem->log_mutex);
   problem->log.push_back("segment " + std::to_string(entry.index) + ": outputs on " + used->name());
@@ -367,11 +380,15 @@ BackwardArgs SegmentGradientProblem::segment_args(std::int64_t t0, std::int64_t 
   return b;
 }
 
-void SegmentGradientProblem::write_grads(std::int64_t t0, std::int64_t t1, const BackwardResult& r) {
+void SegmentGradientProblem::write_grads(std::int64_t t0, std::int64_t t1, BackwardResult& r) {
   const auto& p = shape();
   const std::int64_t len = t1 - t0;
   for (auto [dst, src] : {std::pair{&result_.dq, &r.dq}, {&result_.dk, &r.dk}, {&result_.dv, &r.dv},
                           {&result_.di, &r.di}, {&result_.df, &r.df}}) {
+    if (t0 == 0 && t1 == p.S && src->dtype() == dst->dtype() && src->shape() == dst->shape()) {
+      *dst = std::move(*src);
+      continue;
+    }
     const Tensor converted = src->dtype() == dst->dtype() ? Tensor() : src->to(dst->dtype());
     const Tensor& part = converted.empty() ? *src : converted;
     const std::int64_t inner = dst->numel() / (p.rows() * p.S);  // D, or 1 for the gates

@@ -83,8 +83,16 @@ class SegmentProblem {
   SegmentEntry initial_entry() const;
   // Per row (B,NH) float32: G of the segment, the sum of logsigmoid(f) over its tokens (float32 like the kernels).
   Tensor log_decay(const Segment& s) const;
-  void write_h(const Segment& s, const Tensor& h);  // thread-safe for disjoint segments
+  // Writes h of segment s (shaped (B,NH,t1-t0,DHHV)); thread-safe for disjoint segments. A segment covering
+  // the whole sequence hands its tensor over instead of copying it.
+  void write_h(const Segment& s, Tensor&& h);
   Tensor& h() noexcept { return h_; }
+  // With keep_final_state(true), the output run of the segment that ends the sequence also returns the state
+  // leaving it, stored here (a one-segment plan needs no local-state pass: its entering state is known).
+  void keep_final_state(bool keep) noexcept { keep_final_state_ = keep; }
+  bool keeps_final_state() const noexcept { return keep_final_state_; }
+  void set_final_state(ForwardResult&& r);
+  SegmentEntry& final_state() noexcept { return final_state_; }
   std::vector<std::string> log;  // "segment i: local on <device>" etc., for plans and tests
   std::mutex log_mutex;
 
@@ -93,6 +101,8 @@ class SegmentProblem {
   MlstmOptions options_;
   ProblemShape shape_;
   Tensor h_;
+  bool keep_final_state_ = false;
+  SegmentEntry final_state_;
 };
 
 // The devices of a graph with failover: work given to a device that fails (DeviceError: kernel error,
@@ -145,7 +155,8 @@ struct StateRecurrenceBody {
   SegmentEntry operator()(const SegmentSummary& summary) const;
 };
 
-// function_node body: h of a segment from its entering state, on one device (through `pool` when given).
+// function_node body: h of a segment from its entering state, on one device (through `pool` when given);
+// also the state leaving the sequence when the problem keeps it (SegmentProblem::keep_final_state).
 struct SegmentOutputBody {
   std::shared_ptr<SegmentProblem> problem;
   std::shared_ptr<ComputeDevice> device;
@@ -194,8 +205,9 @@ class SegmentGradientProblem {
   // the gradient of the state leaving it.
   BackwardArgs segment_args(std::int64_t t0, std::int64_t t1, ConstTensorView C, ConstTensorView n, ConstTensorView m,
                             ConstTensorView dC, ConstTensorView dn) const;
-  // Writes the token gradients of [t0, t1) (shaped (B,NH,t1-t0,...)); thread-safe for disjoint ranges.
-  void write_grads(std::int64_t t0, std::int64_t t1, const BackwardResult& r);
+  // Writes the token gradients of [t0, t1) (shaped (B,NH,t1-t0,...)); thread-safe for disjoint ranges. For the
+  // whole sequence they are moved out of r instead of copied (r keeps dc0 / dn0 / dm0).
+  void write_grads(std::int64_t t0, std::int64_t t1, BackwardResult& r);
   // The initial state's gradients (from the first segment's backward; only when the problem has an initial state).
   void write_initial_grads(const BackwardResult& r);
   bool has_initial_state() const noexcept { return args_.inputs.has_initial_state(); }
