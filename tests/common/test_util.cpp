@@ -174,6 +174,78 @@ void record(const std::string& kernel, const std::string& what, const InputSpec&
   return ::testing::AssertionSuccess();
 }
 
+std::vector<double> normaliser_condition(const Inputs& in, const MlstmOptions& o) {
+  const Tensor q = in.q.to(DType::f64), k = in.k.to(DType::f64), ig = in.i.to(DType::f64), fg = in.f.to(DType::f64);
+  const std::int64_t B = q.dim(0), NH = q.dim(1), S = q.dim(2), K = q.dim(3);
+  const bool init = !in.c0.empty();
+  const Tensor n0 = init ? in.n0.to(DType::f64) : Tensor(), m0 = init ? in.m0.to(DType::f64) : Tensor();
+  const double scale = 1.0 / std::sqrt(static_cast<double>(K));
+  auto logsig = [](double x) { return x < 0 ? x - std::log1p(std::exp(x)) : -std::log1p(std::exp(-x)); };
+  std::vector<double> kappa(static_cast<std::size_t>(B * NH * S), 1.0);
+  if (o.gate == GateVariant::sigmoid && !o.normalize) return kappa;
+  for (std::int64_t r = 0; r < B * NH; ++r) {
+    std::vector<double> n(static_cast<std::size_t>(K), 0.0);
+    double m = 0.0;
+    if (init) {
+      for (std::int64_t e = 0; e < K; ++e) n[static_cast<std::size_t>(e)] = n0.data<double>()[r * K + e];
+      m = o.gate == GateVariant::exp ? m0.data<double>()[r] : 0.0;
+    }
+    for (std::int64_t t = 0; t < S; ++t) {
+      const double lf = logsig(fg.data<double>()[r * S + t]), iv = ig.data<double>()[r * S + t];
+      double a = 0.0, b = 0.0, mt = 0.0;
+      if (o.gate == GateVariant::exp) {
+        mt = std::max(lf + m, iv);
+        a = std::exp(lf + m - mt);
+        b = std::exp(iv - mt);
+      } else {
+        a = std::exp(lf);
+        b = 1.0 / (1.0 + std::exp(-iv));
+      }
+      double den = 0.0, terms = 0.0;
+      for (std::int64_t e = 0; e < K; ++e) {
+        double& ne = n[static_cast<std::size_t>(e)];
+        ne = a * ne + b * k.data<double>()[(r * S + t) * K + e];
+        const double term = scale * q.data<double>()[(r * S + t) * K + e] * ne;
+        den += term;
+        terms += std::abs(term);
+      }
+      m = mt;
+      kappa[static_cast<std::size_t>(r * S + t)] = terms / std::max(std::abs(den), std::exp(-mt));
+    }
+  }
+  return kappa;
+}
+
+::testing::AssertionResult matches_well_conditioned(const Tensor& got, const Tensor& ref, const std::vector<double>& kappa,
+                                                    double kappa_max, double min_fraction, double tol,
+                                                    const std::string& kernel, const std::string& what,
+                                                    const InputSpec& spec) {
+  if (got.shape() != ref.shape() || got.dims() != 4 || static_cast<std::int64_t>(kappa.size()) * got.dim(3) != got.numel()) {
+    return ::testing::AssertionFailure() << kernel << " " << what << ": shapes do not fit the token mask";
+  }
+  if (auto finite = all_finite(got, kernel, what, spec); !finite) return finite;
+  Tensor masked = got.to(DType::f64);
+  const Tensor r = ref.to(DType::f64);
+  const std::int64_t D = got.dim(3);
+  std::size_t kept = 0;
+  for (std::size_t t = 0; t < kappa.size(); ++t) {
+    if (kappa[t] <= kappa_max) {
+      ++kept;
+      continue;
+    }
+    for (std::int64_t e = 0; e < D; ++e) {
+      const auto idx = static_cast<std::int64_t>(t) * D + e;
+      masked.data<double>()[idx] = r.data<double>()[idx];
+    }
+  }
+  if (static_cast<double>(kept) < min_fraction * static_cast<double>(kappa.size())) {
+    return ::testing::AssertionFailure() << kernel << " " << what << " [" << spec.describe() << "]: only " << kept
+                                         << " of " << kappa.size() << " tokens have a normaliser condition <= "
+                                         << kappa_max;
+  }
+  return matches(masked, r, tol, kernel, what + " (tokens with kappa <= " + std::to_string(kappa_max) + ")", spec);
+}
+
 ::testing::AssertionResult all_finite(const Tensor& got, const std::string& kernel, const std::string& what,
                                       const InputSpec& spec) {
   Comparison c;

@@ -60,6 +60,17 @@ Comparison compare(const Tensor& got, const Tensor& ref);
 // Compare and record; returns failure if rel > tol or any non-finite value.
 ::testing::AssertionResult matches(const Tensor& got, const Tensor& ref, double tol, const std::string& kernel,
                                    const std::string& what, const InputSpec& spec);
+// Per token (B*NH*S, row-major): the condition number of the normaliser's dot product, from a float64
+// recurrence on the given inputs: sum_e |q'_e n_t,e| / max(|q'.n_t|, exp(-m_t)) (1 without a normaliser).
+// Relative rounding of size u in the terms (float32 gate cumsums under extreme gates: ~1e-4) moves h_t by
+// up to about kappa_t * u: where q'.n_t cancels, any float32 kernel is that far from the float64 reference.
+std::vector<double> normaliser_condition(const Inputs& in, const MlstmOptions& o);
+// matches() over the tokens with kappa_t <= kappa_max only (got/ref: (B,NH,S,D)); fails when fewer than
+// `min_fraction` of the tokens qualify (so the check cannot become vacuous) or any element is non-finite.
+::testing::AssertionResult matches_well_conditioned(const Tensor& got, const Tensor& ref, const std::vector<double>& kappa,
+                                                    double kappa_max, double min_fraction, double tol,
+                                                    const std::string& kernel, const std::string& what,
+                                                    const InputSpec& spec);
 // Only checks that every element is finite (records the line too).
 ::testing::AssertionResult all_finite(const Tensor& got, const std::string& kernel, const std::string& what,
                                       const InputSpec& spec);

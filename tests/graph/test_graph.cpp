@@ -1,6 +1,8 @@
 // The flow graph: sequence-parallel forward on every device mix equals one call of the chunkwise kernel.
 #include <gtest/gtest.h>
 
+#include <cmath>
+
 #include "mlstm/devices/opencl.hpp"
 #include "mlstm/mlstm.hpp"
 #include "test_util.hpp"
@@ -72,17 +74,31 @@ TEST_P(GraphForward, HeadSplitEqualsOneCall) {
   EXPECT_TRUE(testing::matches(got.m, one_call.m, 1e-6, "graph head split " + mix.spec, "m_last", s));
 }
 
-// The gradients of a problem against one call of the CPU chunkwise backward, every field.
+// The gradients of a problem against one call of the CPU chunkwise backward, every field. dm0 = <dC0, C0> +
+// <dn0, n0> per row is a sum that can cancel to far below its terms, so it is held to tol times the size of
+// its terms, sum |dC0 * C0| + sum |dn0 * n0| (from the initial state in `in`), not to tol times itself.
 void expect_same_gradients(const BackwardResult& got, const BackwardResult& one_call, double tol, const std::string& what,
-                           const InputSpec& s) {
+                           const InputSpec& s, const testing::Inputs& in) {
   for (auto [name, a, b] : {std::tuple{"dq", &got.dq, &one_call.dq}, {"dk", &got.dk, &one_call.dk},
                             {"dv", &got.dv, &one_call.dv}, {"di", &got.di, &one_call.di}, {"df", &got.df, &one_call.df},
-                            {"dc0", &got.dc0, &one_call.dc0}, {"dn0", &got.dn0, &one_call.dn0},
-                            {"dm0", &got.dm0, &one_call.dm0}}) {
+                            {"dc0", &got.dc0, &one_call.dc0}, {"dn0", &got.dn0, &one_call.dn0}}) {
     EXPECT_EQ(a->empty(), b->empty()) << what << " " << name;
     if (!b->empty()) {
       EXPECT_TRUE(testing::matches(*a, *b, tol, what, name, s));
     }
+  }
+  EXPECT_EQ(got.dm0.empty(), one_call.dm0.empty()) << what << " dm0";
+  if (one_call.dm0.empty() || got.dm0.empty()) return;
+  const Tensor dC = one_call.dc0.to(DType::f64), dn = one_call.dn0.to(DType::f64), C = in.c0.to(DType::f64),
+               n = in.n0.to(DType::f64), g = got.dm0.to(DType::f64), r = one_call.dm0.to(DType::f64);
+  const std::int64_t rows = r.numel(), kv = C.numel() / rows, k = n.numel() / rows;
+  for (std::int64_t row = 0; row < rows; ++row) {
+    double terms = 0.0;
+    for (std::int64_t e = 0; e < kv; ++e) terms += std::abs(dC.data<double>()[row * kv + e] * C.data<double>()[row * kv + e]);
+    for (std::int64_t e = 0; e < k; ++e) terms += std::abs(dn.data<double>()[row * k + e] * n.data<double>()[row * k + e]);
+    EXPECT_LE(std::abs(g.data<double>()[row] - r.data<double>()[row]), tol * terms + 1e-30)
+        << what << " dm0 row " << row << " [" << s.describe() << "]: got " << g.data<double>()[row] << ", one call "
+        << r.data<double>()[row] << ", terms " << terms;
   }
 }
 
@@ -111,11 +127,17 @@ TEST_P(GraphForward, SequenceParallelBackwardEqualsOneCall) {
     o.chunk_size = c.chunk;
     const auto one_call = get_kernel("chunkwise--cpu_xl_chunk")->backward(in.backward_args(c.last_grads), o);
     const auto got = runner.backward(in.backward_args(c.last_grads), o, c.segment);
-    // Float32: rounding of a different summation order (segments, devices). bf16: each kernel is within 3e-2 of
-    // the float64 reference (test_opencl_backward; the OpenCL kernels keep h in bf16 for dden, the CPU kernel in
-    // float32, and df's suffix sums cancel), so two kernels can differ by twice that.
-    const double tol = c.s.dtype == DType::bf16 ? 6e-2 : 1e-4;
-    expect_same_gradients(got, one_call, tol, "graph sequence-parallel backward " + mix.spec, c.s);
+    // CPU workers only: the same kernel, cut into segments: float32 rounding of another summation order (1e-4),
+    // bf16 outputs to their rounding. With OpenCL devices the segments run on another kernel, and two kernels
+    // can differ by the sum of their distances to the float64 reference (test_opencl_backward and the CPU
+    // kernel tests: 1e-3 float32, 1e-2 float32 with extreme gates, 3e-2..5e-2 bf16; the OpenCL kernels keep h
+    // in bf16 for dden where the CPU kernel keeps float32, and df's suffix sums cancel). A wrong state-gradient
+    // combine is off by O(1) (checked by breaking the decay: every case fails).
+    const bool opencl = mix.opencl_devices_needed > 0;
+    const double tol = c.s.dtype == DType::bf16                ? (opencl ? 1e-1 : 6e-2)
+                       : c.s.regime == GateRegime::extreme ? (opencl ? 2e-2 : 1e-4)
+                                                           : (opencl ? 2e-3 : 1e-4);
+    expect_same_gradients(got, one_call, tol, "graph sequence-parallel backward " + mix.spec, c.s, in);
     int backward_segments = 0, local_gradients = 0;
     for (const auto& line : runner.last_log()) {
       backward_segments += line.find(": backward on") != std::string::npos;
@@ -141,7 +163,7 @@ TEST_P(GraphForward, BackwardHeadSplitEqualsOneCall) {
   const double tol = mix.spec == "workers" ? 1e-5 : 1e-4;
   const auto one_call = get_kernel("chunkwise--cpu_xl_chunk")->backward(in.backward_args(true), o);
   const auto got = runner.backward_head_split(in.backward_args(true), o);
-  expect_same_gradients(got, one_call, tol, "graph backward head split " + mix.spec, s);
+  expect_same_gradients(got, one_call, tol, "graph backward head split " + mix.spec, s, in);
 }
 
 TEST(GraphForward, SequenceParallelEqualsSequential) {
@@ -165,7 +187,7 @@ TEST(GraphForward, SequenceParallelBackwardEqualsOneSegment) {
   const auto one_segment = runner.backward(in.backward_args(true), o, s.S);
   ASSERT_EQ(runner.last_log().size(), 1u) << "one segment: one backward, no forward pass through the graph";
   const auto segments = runner.backward(in.backward_args(true), o, 64);
-  expect_same_gradients(segments, one_segment, 1e-4, "graph backward, 15 segments vs 1", s);
+  expect_same_gradients(segments, one_segment, 1e-4, "graph backward, 15 segments vs 1", s, in);
 }
 
 TEST(GraphPlan, CalibratedSharesFollowSpeedAndDropTooSlowDevices) {
@@ -281,7 +303,7 @@ TEST(GraphFaults, BackwardSurvivesAFailedDeviceAndOutOfMemory) {
     ::setenv("MLSTM_FAULT_INJECT", "cpu:*:oom>64", 1);
     const auto got = runner.backward(in.backward_args(true), o, 256);
     ::unsetenv("MLSTM_FAULT_INJECT");
-    expect_same_gradients(got, one_call, 1e-4, "graph backward with OOM shrinking", s);
+    expect_same_gradients(got, one_call, 1e-4, "graph backward with OOM shrinking", s, in);
     int state_splits = 0, backward_splits = 0;
     for (const auto& line : runner.last_log()) {
       state_splits += line.find("out of memory") != std::string::npos && line.find("state gradient") != std::string::npos;
@@ -295,7 +317,7 @@ TEST(GraphFaults, BackwardSurvivesAFailedDeviceAndOutOfMemory) {
     ::setenv("MLSTM_FAULT_INJECT", "opencl:1:*", 1);
     const auto got = runner.backward(in.backward_args(true), o, 64);
     ::unsetenv("MLSTM_FAULT_INJECT");
-    expect_same_gradients(got, one_call, 1e-4, "graph backward with a failed device", s);
+    expect_same_gradients(got, one_call, 1e-4, "graph backward with a failed device", s, in);
     bool logged = false;
     for (const auto& line : runner.last_log()) logged = logged || line.find("device failure") != std::string::npos;
     EXPECT_TRUE(logged);
