@@ -6,7 +6,8 @@
 Writes:
   sequence_sweep_<pass>.png   median time vs sequence length (B*S fixed), one line per kernel and chunk size
   head_dim_sweep.png          tokens/s vs head dimension
-  device_scaling.png          tokens/s vs device set (strong and weak scaling through the flow graph)
+  device_scaling_<pass>.png   tokens/s per device set (strong and weak scaling, streaming, through the flow graph)
+  scaling_efficiency.png      efficiency per OpenCL device count (strong and weak; sequence parallel, head split)
 """
 import argparse
 import json
@@ -79,15 +80,60 @@ def device_scaling(rows, machines, out):
     sel = [r for r in rows if str(r.get("sweep", "")).endswith(tuple(f"devices={n}" for n in range(1, 65)))]
     if not sel:
         return []
+    written = []
+    for pass_name in sorted({r["pass"] for r in sel}):
+        part = [r for r in sel if r["pass"] == pass_name]
+        labels = [f'{r["kernel"]}  {r["sweep"].split()[0].replace("_scaling", "")}  S={r["S"]}' for r in part]
+        fig, ax = plt.subplots(figsize=(8, 0.35 * len(part) + 1.5))
+        colours = {"strong": "tab:blue", "weak": "tab:orange", "streaming": "tab:green"}
+        ax.barh(range(len(part)), [r["tokens_per_s"] for r in part],
+                color=[colours.get(r["sweep"].split("_")[0].split()[0], "tab:gray") for r in part])
+        ax.set_yticks(range(len(part)), labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("tokens/s")
+        ax.set_title(title(machines, f"flow graph per device set, {pass_name} (blue strong, orange weak, green streaming)"))
+        path = os.path.join(out, f"device_scaling_{pass_name}.png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    written += scaling_efficiency(sel, machines, out)
+    return written
+
+
+def scaling_efficiency(sel, machines, out):
+    """Efficiency per device count: strong = T(1) / (n T(n)) on the same sequence, weak = T(1) / T(n) with
+    n times the tokens, per pass and mode (sequence parallel, head split), over the OpenCL device sets (the
+    CPU-worker sets are left out: their device count is NUMA nodes, not GPUs)."""
+    def devices(r):
+        return int(r["sweep"].split("devices=")[1])
+    def mode(r):
+        return "head split" if "head split" in r["kernel"] else "sequence parallel"
+    gpu = [r for r in sel if "workers" not in r["kernel"] and not r["sweep"].startswith("streaming")]
+    lines = {}
+    for r in gpu:
+        key = (r["pass"], r["sweep"].split("_")[0], mode(r))
+        lines.setdefault(key, []).append((devices(r), r["median_ms"]))
+    series = {}
+    for key, pts in lines.items():
+        pts.sort()
+        if len(pts) < 2 or pts[0][0] != 1:
+            continue
+        t1 = pts[0][1]
+        series[key] = [(n, t1 / (n * t) if key[1] == "strong" else t1 / t) for n, t in pts]
+    if not series:
+        return []
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for scaling in ("strong", "weak", "streaming"):
-        pts = [(r["kernel"], r["tokens_per_s"]) for r in sel if r["sweep"].startswith(scaling)]
-        ax.bar([f"{k}\n{scaling}" for k, _ in pts], [v for _, v in pts], label=scaling)
-    ax.set_ylabel("tokens/s")
-    ax.set_title(title(machines, "flow graph: device sets (strong / weak scaling, streaming)"))
-    ax.tick_params(axis="x", labelsize=6)
-    ax.legend()
-    path = os.path.join(out, "device_scaling.png")
+    for (pass_name, scaling, m), pts in sorted(series.items()):
+        ax.plot([n for n, _ in pts], [e for _, e in pts], marker="o", label=f"{scaling}, {m}, {pass_name}")
+        for n, e in pts:
+            print(f"scaling efficiency: {pass_name} {scaling} {m}: {n} devices {e:.1%}")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xlabel("devices")
+    ax.set_ylabel("efficiency")
+    ax.set_title(title(machines, "flow graph scaling efficiency"))
+    ax.legend(fontsize=7)
+    path = os.path.join(out, "scaling_efficiency.png")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -759,9 +759,26 @@ int cmd_bench(const BenchOptions& bo, bool as_json) {
     for (const char* scaling : {"strong", "weak"}) {
       const std::int64_t S = std::string(scaling) == "strong" ? S_max : S_max * ndev;
       const LoadedInputs l = synthetic_piece(1, bo.heads, S, bo.dqk, bo.dhv, dtype, 97);
-      const double med = median_of([&] { (void)runner.forward(l.args(), o); });
-      record("graph[" + spec + "]", 1, S, bo.dqk, bo.dhv, L0, "fw", med, static_cast<double>(S),
-             std::string(scaling) + "_scaling devices=" + std::to_string(ndev));
+      const std::string what = std::string(scaling) + "_scaling devices=" + std::to_string(ndev);
+      // Sequence parallel (segments over the devices) and head split (rows over the devices), forward and,
+      // with --backward, forward + backward (dh = h).
+      for (const bool head_split : {false, true}) {
+        const std::string kernel = "graph[" + spec + "]" + (head_split ? " head split" : "");
+        ForwardResult fw;
+        const double med = median_of([&] {
+          fw = head_split ? runner.forward_head_split(l.args(), o) : runner.forward(l.args(), o);
+        });
+        record(kernel, 1, S, bo.dqk, bo.dhv, L0, "fw", med, static_cast<double>(S), what);
+        if (!bo.backward) continue;
+        BackwardArgs b;
+        b.inputs = l.args();
+        b.dh = fw.h.view();
+        const double med_bw = median_of([&] {
+          (void)(head_split ? runner.forward_head_split(l.args(), o) : runner.forward(l.args(), o));
+          (void)(head_split ? runner.backward_head_split(b, o) : runner.backward(b, o));
+        });
+        record(kernel, 1, S, bo.dqk, bo.dhv, L0, "fwbw", med_bw, static_cast<double>(S), what);
+      }
     }
     // Streaming vs resident: the same S_max tokens in 8 pieces with the state carried, against one pass
     // (the strong-scaling row above).
