@@ -84,11 +84,16 @@ double inner_abs(const Tensor& dc0, const Tensor& c0, const Tensor& dn0, const T
   return worst;
 }
 
-// True when some token's |q'.n_t| is within 3% of exp(-m_t): there the normaliser max(|den|, exp(-m)) switches
-// branch and h's gradient jumps, so 16-bit rounding inside the kernels may legitimately take the other
-// branch than the float64 reference. Such inputs are redrawn (the forward is continuous there; the gradient
-// comparison is not meaningful).
-bool near_normaliser_kink(const testing::Inputs& in, const MlstmOptions& o) {
+// The tokens (index row * S + t) whose normaliser max(|q'.n_t|, exp(-m_t)) is near its kink: |q'.n_t| within
+// 10% of exp(-m_t), or within the 16-bit rounding of a cancelling q'.n_t (4 kappa u, kappa = sum |terms| /
+// |q'.n_t|). There h's gradient jumps, and the kernels' 16-bit states and inputs may legitimately take the
+// other branch than the float64 reference (measured: one token at kappa = 29 did, dq off by 7x its size there
+// and 0.25 relative Frobenius overall, in 1 draw of 7). The test gives those tokens dh = 0, which makes the
+// branch irrelevant to every gradient; the forward is continuous there and is compared everywhere.
+std::vector<std::int64_t> near_normaliser_kink(const testing::Inputs& in, const MlstmOptions& o) {
+  std::vector<std::int64_t> near;
+  if (!o.normalize && o.gate == GateVariant::sigmoid) return near;
+  const double u16 = in.q.dtype() == DType::f16 ? std::ldexp(1.0, -11) : std::ldexp(1.0, -8);
   const Tensor q = in.q.to(DType::f64), k = in.k.to(DType::f64), ig = in.i.to(DType::f64), fg = in.f.to(DType::f64);
   const std::int64_t B = q.dim(0), NH = q.dim(1), S = q.dim(2), K = q.dim(3);
   const bool init = !in.c0.empty();
@@ -113,18 +118,21 @@ bool near_normaliser_kink(const testing::Inputs& in, const MlstmOptions& o) {
         a = std::exp(lf);
         b = 1.0 / (1.0 + std::exp(-iv));
       }
-      double den = 0.0;
+      double den = 0.0, terms = 0.0;
       for (std::int64_t e = 0; e < K; ++e) {
         double& ne = n[static_cast<std::size_t>(e)];
         ne = a * ne + b * k.data<double>()[(r * S + t) * K + e];
-        den += scale * q.data<double>()[(r * S + t) * K + e] * ne;
+        const double term = scale * q.data<double>()[(r * S + t) * K + e] * ne;
+        den += term;
+        terms += std::abs(term);
       }
       m = mt;
+      const double kappa = terms / std::max(std::abs(den), 1e-300);
       const double ratio = std::abs(den) / std::exp(-mt);
-      if (std::abs(ratio - 1.0) < 0.1) return true;
+      if (std::abs(ratio - 1.0) < std::max(0.1, 4.0 * kappa * u16)) near.push_back(r * S + t);
     }
   }
-  return false;
+  return near;
 }
 
 struct TcCase {
@@ -150,10 +158,12 @@ TEST_P(TensorCores, ForwardAndBackwardMatchReference) {
   o.gate = c.spec.gate;
   o.chunk_size = c.chunk;
   o.normalize = c.normalize;
-  std::uint64_t seed = testing::fresh_seed();
-  auto in = testing::make_inputs(c.spec, seed);
-  for (int redraw = 0; redraw < 20 && (o.normalize || o.gate == GateVariant::exp) && near_normaliser_kink(in, o); ++redraw)
-    in = testing::make_inputs(c.spec, ++seed);
+  auto in = testing::make_inputs(c.spec, testing::fresh_seed());
+  // No upstream gradient at the tokens next to the normaliser's kink (see near_normaliser_kink).
+  const auto near = near_normaliser_kink(in, o);
+  ASSERT_LE(near.size(), static_cast<std::size_t>(c.spec.B * c.spec.NH * c.spec.S / 2)) << "most tokens near the kink";
+  const std::int64_t V = c.spec.DHHV;
+  for (const std::int64_t token : near) std::fill_n(in.dh.data<float>() + token * V, V, 0.0f);
   const std::string name = "tensor cores";
   const auto fw = runner.forward(in.args(), o);
   const auto ref = reference::recurrent_forward(in.args(), o);
