@@ -652,6 +652,7 @@ struct BenchOptions {
   std::vector<std::string> kernels{"chunkwise--cpu_xl_chunk", "chunkwise--cpu_limit_chunk"};
   std::vector<std::int64_t> head_dims;          // optional sweep: DHQK = DHHV = each value
   std::vector<std::string> graph_devices;        // optional sweep: the flow graph on each device spec
+  std::int64_t weak_seq_len = 0;                 // tokens per device for weak scaling (0: the largest --seq-lens)
   std::string dtype = "float32", csv = "bench.csv", json_out = "bench.json";
   bool backward = false;
 };
@@ -757,7 +758,7 @@ int cmd_bench(const BenchOptions& bo, bool as_json) {
     MlstmOptions o;
     o.chunk_size = L0;
     for (const char* scaling : {"strong", "weak"}) {
-      const std::int64_t S = std::string(scaling) == "strong" ? S_max : S_max * ndev;
+      const std::int64_t S = std::string(scaling) == "strong" ? S_max : (bo.weak_seq_len > 0 ? bo.weak_seq_len : S_max) * ndev;
       const LoadedInputs l = synthetic_piece(1, bo.heads, S, bo.dqk, bo.dhv, dtype, 97);
       const std::string what = std::string(scaling) + "_scaling devices=" + std::to_string(ndev);
       // Sequence parallel (segments over the devices) and head split (rows over the devices), forward and,
@@ -905,6 +906,8 @@ int main(int argc, char** argv) {
   bench->add_option("--head-dims", bo.head_dims, "also sweep DHQK = DHHV over these values");
   bench->add_option("--graph-devices", bo.graph_devices,
                     "also run the flow graph on each device spec (strong and weak scaling), e.g. workers 0 0,1");
+  bench->add_option("--weak-seq-len", bo.weak_seq_len,
+                    "tokens per device for the weak-scaling rows of --graph-devices (default: the largest --seq-lens)");
   bench->add_option("--csv", bo.csv, "CSV output path");
   bench->add_option("--json-out", bo.json_out, "JSON output path");
 
