@@ -1,5 +1,6 @@
 #include "test_util.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
@@ -244,6 +245,88 @@ std::vector<double> normaliser_condition(const Inputs& in, const MlstmOptions& o
                                          << kappa_max;
   }
   return matches(masked, r, tol, kernel, what + " (tokens with kappa <= " + std::to_string(kappa_max) + ")", spec);
+}
+
+std::vector<std::int64_t> near_normaliser_kink(const Inputs& in, const MlstmOptions& o, double u) {
+  std::vector<std::int64_t> near;
+  if (!o.normalize && o.gate == GateVariant::sigmoid) return near;
+  const Tensor q = in.q.to(DType::f64), k = in.k.to(DType::f64), ig = in.i.to(DType::f64), fg = in.f.to(DType::f64);
+  const std::int64_t B = q.dim(0), NH = q.dim(1), S = q.dim(2), K = q.dim(3);
+  const bool init = !in.c0.empty();
+  const Tensor n0 = init ? in.n0.to(DType::f64) : Tensor(), m0 = init ? in.m0.to(DType::f64) : Tensor();
+  const double scale = 1.0 / std::sqrt(static_cast<double>(K));
+  auto logsig = [](double x) { return x < 0 ? x - std::log1p(std::exp(x)) : -std::log1p(std::exp(-x)); };
+  for (std::int64_t r = 0; r < B * NH; ++r) {
+    std::vector<double> n(static_cast<std::size_t>(K), 0.0);
+    double m = 0.0;
+    if (init) {
+      for (std::int64_t e = 0; e < K; ++e) n[static_cast<std::size_t>(e)] = n0.data<double>()[r * K + e];
+      m = o.gate == GateVariant::exp ? m0.data<double>()[r] : 0.0;
+    }
+    for (std::int64_t t = 0; t < S; ++t) {
+      const double lf = logsig(fg.data<double>()[r * S + t]), iv = ig.data<double>()[r * S + t];
+      double a = 0.0, b = 0.0, mt = 0.0;
+      if (o.gate == GateVariant::exp) {
+        mt = std::max(lf + m, iv);
+        a = std::exp(lf + m - mt);
+        b = std::exp(iv - mt);
+      } else {
+        a = std::exp(lf);
+        b = 1.0 / (1.0 + std::exp(-iv));
+      }
+      double den = 0.0, terms = 0.0;
+      for (std::int64_t e = 0; e < K; ++e) {
+        double& ne = n[static_cast<std::size_t>(e)];
+        ne = a * ne + b * k.data<double>()[(r * S + t) * K + e];
+        const double term = scale * q.data<double>()[(r * S + t) * K + e] * ne;
+        den += term;
+        terms += std::abs(term);
+      }
+      m = mt;
+      const double kappa = terms / std::max(std::abs(den), 1e-300);
+      const double ratio = std::abs(den) / std::exp(-mt);
+      // Near the kink, or (float32, u <= 1e-4) so ill conditioned that rounding of u moves the token's
+      // gradient (which grows as 1 / N^2 where N = |q'.n_t| wins) by more than 2%.
+      const bool amplified = u <= 1e-4 && 2.0 * kappa * u > 0.02 && std::abs(den) > std::exp(-mt);
+      if (std::abs(ratio - 1.0) < std::max(0.1, 4.0 * kappa * u) || amplified) near.push_back(r * S + t);
+    }
+  }
+  return near;
+}
+
+double kernel_roundoff(const InputSpec& spec) {
+  if (spec.dtype == DType::bf16) return std::ldexp(1.0, -8);
+  if (spec.dtype == DType::f16) return std::ldexp(1.0, -11);
+  return spec.regime == GateRegime::extreme ? 1e-4 : 1e-6;
+}
+
+std::int64_t quiet_normaliser_kinks(Inputs& in, const MlstmOptions& o, const InputSpec& spec) {
+  const auto near = near_normaliser_kink(in, o, kernel_roundoff(spec));
+  if (static_cast<std::int64_t>(near.size()) * 2 > spec.B * spec.NH * spec.S) return -1;
+  const std::int64_t V = in.dh.dim(3);
+  for (const std::int64_t token : near) std::fill_n(in.dh.data<float>() + token * V, V, 0.0f);
+  return static_cast<std::int64_t>(near.size());
+}
+
+::testing::AssertionResult dm0_matches(const Tensor& got, const Tensor& ref, const Tensor& ref_dc0, const Tensor& ref_dn0,
+                                       const Inputs& in, double tol, const std::string& kernel, const InputSpec& spec) {
+  if (got.numel() != ref.numel() || in.c0.empty())
+    return ::testing::AssertionFailure() << kernel << " dm0: sizes differ or no initial state";
+  const Tensor g = got.to(DType::f64), r = ref.to(DType::f64), dC = ref_dc0.to(DType::f64), dn = ref_dn0.to(DType::f64),
+               C = in.c0.to(DType::f64), n = in.n0.to(DType::f64);
+  const std::int64_t rows = r.numel(), kv = C.numel() / rows, k = n.numel() / rows;
+  for (std::int64_t row = 0; row < rows; ++row) {
+    double terms = 0.0;
+    for (std::int64_t e = 0; e < kv; ++e) terms += std::abs(dC.data<double>()[row * kv + e] * C.data<double>()[row * kv + e]);
+    for (std::int64_t e = 0; e < k; ++e) terms += std::abs(dn.data<double>()[row * k + e] * n.data<double>()[row * k + e]);
+    const double err = std::abs(g.data<double>()[row] - r.data<double>()[row]);
+    if (!std::isfinite(g.data<double>()[row]) || err > tol * terms + 1e-30) {
+      return ::testing::AssertionFailure() << kernel << " dm0 [" << spec.describe() << "] row " << row << ": got "
+                                           << g.data<double>()[row] << ", reference " << r.data<double>()[row]
+                                           << ", error " << err << " > " << tol << " * " << terms << " (sum of |terms|)";
+    }
+  }
+  return ::testing::AssertionSuccess();
 }
 
 ::testing::AssertionResult all_finite(const Tensor& got, const std::string& kernel, const std::string& what,

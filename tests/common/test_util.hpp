@@ -71,6 +71,22 @@ std::vector<double> normaliser_condition(const Inputs& in, const MlstmOptions& o
                                                     double kappa_max, double min_fraction, double tol,
                                                     const std::string& kernel, const std::string& what,
                                                     const InputSpec& spec);
+// The tokens (row * S + t) whose normaliser max(|q'.n_t|, exp(-m_t)) is near its kink or ill conditioned:
+// |q'.n_t| within 10% of exp(-m_t), or within 4 kappa u of it (kappa = sum |q'_e n_e| / |q'.n_t|, u the
+// relative rounding of the kernel's den: the 16-bit unit roundoff for 16-bit inputs, 1e-4 for float32 under
+// extreme gates (gate cumsums of ~1e3), 1e-6 otherwise), or, in float32, where 2 kappa u > 2% and |q'.n_t|
+// wins the max (the gradient grows as 1 / N^2 there: measured dq of 2e7 off by 3%). There h's gradient jumps
+// or is amplified by kappa, so a kernel may legitimately differ from the float64 reference.
+std::vector<std::int64_t> near_normaliser_kink(const Inputs& in, const MlstmOptions& o, double u);
+double kernel_roundoff(const InputSpec& spec);  // the u above for this spec
+// Gives those tokens dh = 0 (so the branch does not matter to any gradient) and returns how many there were;
+// fails (returns -1) when more than half of the tokens would be silenced.
+std::int64_t quiet_normaliser_kinks(Inputs& in, const MlstmOptions& o, const InputSpec& spec);
+// dm0 = <dC0, C0> + <dn0, n0> per row is a sum whose terms can cancel to far below their size (extreme gates:
+// 1e-5 from terms of 1e-1): |got - ref| <= tol * (sum |dC0 * C0| + sum |dn0 * n0|) per row, with the reference's
+// dc0 / dn0 and the initial state c0 / n0 of the inputs.
+::testing::AssertionResult dm0_matches(const Tensor& got, const Tensor& ref, const Tensor& ref_dc0, const Tensor& ref_dn0,
+                                       const Inputs& in, double tol, const std::string& kernel, const InputSpec& spec);
 // Only checks that every element is finite (records the line too).
 ::testing::AssertionResult all_finite(const Tensor& got, const std::string& kernel, const std::string& what,
                                       const InputSpec& spec);
