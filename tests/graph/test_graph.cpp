@@ -281,6 +281,20 @@ TEST(GraphFaults, OutOfMemoryShrinksSegmentsAndResultsStayCorrect) {
   ::unsetenv("MLSTM_FAULT_INJECT");
 }
 
+// Calibrated shares (per-device queues) in the backward: the same gradients.
+TEST(GraphForward, CalibratedBackwardEqualsOneCall) {
+  const bool two = opencl::list_devices().size() >= 2;
+  const std::string spec = two ? "workers+0,1" : "workers";
+  graph::FlowGraphRunner runner(spec);
+  runner.set_balancing(graph::Balancing::calibrated);
+  InputSpec s = testing::spec(1, 3, 700, 32, 16, DType::f32, GateVariant::exp, true);
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  MlstmOptions o;
+  const auto one_call = get_kernel("chunkwise--cpu_xl_chunk")->backward(in.backward_args(true), o);
+  const auto got = runner.backward(in.backward_args(true), o, 128);
+  expect_same_gradients(got, one_call, two ? 2e-3 : 1e-4, "graph calibrated backward " + spec, s, in);
+}
+
 // Faults in the backward: a device that fails is taken out and its segments rerun elsewhere; out of memory
 // splits a segment's backward (state at the cut, second half, first half) on the same device.
 TEST(GraphFaults, BackwardSurvivesAFailedDeviceAndOutOfMemory) {
