@@ -74,8 +74,8 @@ std::vector<double> normaliser_condition(const Inputs& in, const MlstmOptions& o
 // The tokens (row * S + t) whose normaliser max(|q'.n_t|, exp(-m_t)) is near its kink or ill conditioned:
 // |q'.n_t| within 10% of exp(-m_t), or within 4 kappa u of it (kappa = sum |q'_e n_e| / |q'.n_t|, u the
 // relative rounding of the kernel's den: the 16-bit unit roundoff for 16-bit inputs, 1e-4 for float32 under
-// extreme gates (gate cumsums of ~1e3), 1e-6 otherwise), or, in float32, where 2 kappa u > 2% and |q'.n_t|
-// wins the max (the gradient grows as 1 / N^2 there: measured dq of 2e7 off by 3%). There h's gradient jumps
+// extreme gates (gate cumsums of ~1e3), 1e-6 otherwise), or where 2 kappa u > 2% (float32; 50% for 16-bit)
+// and |q'.n_t| wins the max (the gradient grows as 1 / N^2 there: measured dq of 2e7 off by 3%). There h's gradient jumps
 // or is amplified by kappa, so a kernel may legitimately differ from the float64 reference.
 std::vector<std::int64_t> near_normaliser_kink(const Inputs& in, const MlstmOptions& o, double u);
 double kernel_roundoff(const InputSpec& spec);  // the u above for this spec
