@@ -175,15 +175,18 @@ void record(const std::string& kernel, const std::string& what, const InputSpec&
   return ::testing::AssertionSuccess();
 }
 
-std::vector<double> normaliser_condition(const Inputs& in, const MlstmOptions& o) {
+namespace {
+
+// The float64 recurrence of n_t (with the stabiliser m_t) on the given inputs; for every token calls
+// visit(token index row * S + t, den = q'.n_t, terms = sum_e |q'_e n_t,e|, m_t).
+template <class Visit>
+void for_each_normaliser(const Inputs& in, const MlstmOptions& o, Visit&& visit) {
   const Tensor q = in.q.to(DType::f64), k = in.k.to(DType::f64), ig = in.i.to(DType::f64), fg = in.f.to(DType::f64);
   const std::int64_t B = q.dim(0), NH = q.dim(1), S = q.dim(2), K = q.dim(3);
   const bool init = !in.c0.empty();
   const Tensor n0 = init ? in.n0.to(DType::f64) : Tensor(), m0 = init ? in.m0.to(DType::f64) : Tensor();
   const double scale = 1.0 / std::sqrt(static_cast<double>(K));
   auto logsig = [](double x) { return x < 0 ? x - std::log1p(std::exp(x)) : -std::log1p(std::exp(-x)); };
-  std::vector<double> kappa(static_cast<std::size_t>(B * NH * S), 1.0);
-  if (o.gate == GateVariant::sigmoid && !o.normalize) return kappa;
   for (std::int64_t r = 0; r < B * NH; ++r) {
     std::vector<double> n(static_cast<std::size_t>(K), 0.0);
     double m = 0.0;
@@ -211,9 +214,19 @@ std::vector<double> normaliser_condition(const Inputs& in, const MlstmOptions& o
         terms += std::abs(term);
       }
       m = mt;
-      kappa[static_cast<std::size_t>(r * S + t)] = terms / std::max(std::abs(den), std::exp(-mt));
+      visit(r * S + t, den, terms, mt);
     }
   }
+}
+
+}  // namespace
+
+std::vector<double> normaliser_condition(const Inputs& in, const MlstmOptions& o) {
+  std::vector<double> kappa(static_cast<std::size_t>(in.q.numel() / in.q.dim(3)), 1.0);
+  if (o.gate == GateVariant::sigmoid && !o.normalize) return kappa;
+  for_each_normaliser(in, o, [&](std::int64_t token, double den, double terms, double m) {
+    kappa[static_cast<std::size_t>(token)] = terms / std::max(std::abs(den), std::exp(-m));
+  });
   return kappa;
 }
 
@@ -250,48 +263,15 @@ std::vector<double> normaliser_condition(const Inputs& in, const MlstmOptions& o
 std::vector<std::int64_t> near_normaliser_kink(const Inputs& in, const MlstmOptions& o, double u) {
   std::vector<std::int64_t> near;
   if (!o.normalize && o.gate == GateVariant::sigmoid) return near;
-  const Tensor q = in.q.to(DType::f64), k = in.k.to(DType::f64), ig = in.i.to(DType::f64), fg = in.f.to(DType::f64);
-  const std::int64_t B = q.dim(0), NH = q.dim(1), S = q.dim(2), K = q.dim(3);
-  const bool init = !in.c0.empty();
-  const Tensor n0 = init ? in.n0.to(DType::f64) : Tensor(), m0 = init ? in.m0.to(DType::f64) : Tensor();
-  const double scale = 1.0 / std::sqrt(static_cast<double>(K));
-  auto logsig = [](double x) { return x < 0 ? x - std::log1p(std::exp(x)) : -std::log1p(std::exp(-x)); };
-  for (std::int64_t r = 0; r < B * NH; ++r) {
-    std::vector<double> n(static_cast<std::size_t>(K), 0.0);
-    double m = 0.0;
-    if (init) {
-      for (std::int64_t e = 0; e < K; ++e) n[static_cast<std::size_t>(e)] = n0.data<double>()[r * K + e];
-      m = o.gate == GateVariant::exp ? m0.data<double>()[r] : 0.0;
-    }
-    for (std::int64_t t = 0; t < S; ++t) {
-      const double lf = logsig(fg.data<double>()[r * S + t]), iv = ig.data<double>()[r * S + t];
-      double a = 0.0, b = 0.0, mt = 0.0;
-      if (o.gate == GateVariant::exp) {
-        mt = std::max(lf + m, iv);
-        a = std::exp(lf + m - mt);
-        b = std::exp(iv - mt);
-      } else {
-        a = std::exp(lf);
-        b = 1.0 / (1.0 + std::exp(-iv));
-      }
-      double den = 0.0, terms = 0.0;
-      for (std::int64_t e = 0; e < K; ++e) {
-        double& ne = n[static_cast<std::size_t>(e)];
-        ne = a * ne + b * k.data<double>()[(r * S + t) * K + e];
-        const double term = scale * q.data<double>()[(r * S + t) * K + e] * ne;
-        den += term;
-        terms += std::abs(term);
-      }
-      m = mt;
-      const double kappa = terms / std::max(std::abs(den), 1e-300);
-      const double ratio = std::abs(den) / std::exp(-mt);
-      // Near the kink, or so ill conditioned that rounding of u moves the token's gradient (which grows as
-      // 1 / N^2 where N = |q'.n_t| wins) by more than 2% (float32) or 50% (16-bit inputs and states: a
-      // token at kappa = 1e4 put the tensor-core dq 30% off its size there under extreme gates).
-      const bool amplified = 2.0 * kappa * u > (u <= 1e-4 ? 0.02 : 0.5) && std::abs(den) > std::exp(-mt);
-      if (std::abs(ratio - 1.0) < std::max(0.1, 4.0 * kappa * u) || amplified) near.push_back(r * S + t);
-    }
-  }
+  for_each_normaliser(in, o, [&](std::int64_t token, double den, double terms, double m) {
+    const double kappa = terms / std::max(std::abs(den), 1e-300);
+    const double ratio = std::abs(den) / std::exp(-m);
+    // Near the kink, or so ill conditioned that rounding of u moves the token's gradient (which grows as
+    // 1 / N^2 where N = |q'.n_t| wins) by more than 2% (float32) or 50% (16-bit inputs and states: a
+    // token at kappa = 1e4 put the tensor-core dq 30% off its size there under extreme gates).
+    const bool amplified = 2.0 * kappa * u > (u <= 1e-4 ? 0.02 : 0.5) && std::abs(den) > std::exp(-m);
+    if (std::abs(ratio - 1.0) < std::max(0.1, 4.0 * kappa * u) || amplified) near.push_back(token);
+  });
   return near;
 }
 
