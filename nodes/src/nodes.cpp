@@ -194,6 +194,17 @@ std::vector<std::string> DevicePool::failures() const {
 
 namespace {
 
+// Runs `work` for segment `segment` through `pool` (failover to the other devices) when there is one, else on
+// `device` (with the fault-injection hook); returns the device that ran it.
+std::shared_ptr<ComputeDevice> run_on(const std::shared_ptr<DevicePool>& pool, const std::shared_ptr<ComputeDevice>& device,
+                                      std::size_t device_index, int segment,
+                                      const std::function<void(ComputeDevice&)>& work) {
+  if (pool) return pool->run(device_index, segment, work);
+  check_injected_fault(*device, segment);
+  work(*device);
+  return device;
+}
+
 // The state at t1 from the state (C, n, m) at t0, and h of [t0, t1) when `outputs` (written into the
 // problem), on one device. Out of memory: the range is halved at a chunk boundary and the halves run one
 // after the other with the state carried, down to a single chunk; beyond that the error goes to the caller
@@ -244,15 +255,9 @@ SegmentSummary LocalStateBody::operator()(const Segment& s) const {
   a.n0 = empty.n.view();
   a.m0 = empty.m.view();
   ForwardResult r;
-  std::shared_ptr<ComputeDevice> used = device;
-  if (pool) {
-    used = pool->run(device_index, s.index, [&](ComputeDevice& d) {
-      r = run_range(d, *problem, s.index, s.t0, s.t1, a.c0, a.n0, a.m0, false, true);
-    });
-  } else {
-    check_injected_fault(*device, s.index);
-    r = run_range(*device, *problem, s.index, s.t0, s.t1, a.c0, a.n0, a.m0, false, true);
-  }
+  const auto used = run_on(pool, device, device_index, s.index, [&](ComputeDevice& d) {
+    r = run_range(d, *problem, s.index, s.t0, s.t1, a.c0, a.n0, a.m0, false, true);
+  });
   SegmentSummary out;
   out.index = s.index;
   out.C = std::move(r.c);
@@ -295,19 +300,13 @@ int SegmentOutputBody::operator()(const SegmentEntry& entry) const {
   a.c0 = entry.C.view();
   a.n0 = entry.n.view();
   a.m0 = entry.m.view();
-  std::shared_ptr<ComputeDevice> used = device;
   const Segment& sg = entry.segment;
   const bool keep = problem->keeps_final_state() && sg.t1 == problem->shape().S;
   auto work = [&](ComputeDevice& d) {
     ForwardResult r = run_range(d, *problem, entry.index, sg.t0, sg.t1, a.c0, a.n0, a.m0, true, keep);
     if (keep) problem->set_final_state(std::move(r));
   };
-  if (pool) {
-    used = pool->run(device_index, entry.index, work);
-  } else {
-    check_injected_fault(*device, entry.index);
-    work(*device);
-  }
+  const auto used = run_on(pool, device, device_index, entry.index, work);
   std::lock_guard lock(problem->log_mutex);
   problem->log.push_back("segment " + std::to_string(entry.index) + ": outputs on " + used->name());
   return entry.index;
@@ -462,13 +461,7 @@ SegmentStateGradient LocalStateGradientBody::operator()(const SegmentEntry& entr
     r = run_backward_range(d, *problem, entry.index, sg.t0, sg.t1, entry.C.view(), entry.n.view(), entry.m.view(),
                            ConstTensorView(), ConstTensorView(), /*state_only=*/true);
   };
-  std::shared_ptr<ComputeDevice> used = device;
-  if (pool) {
-    used = pool->run(device_index, entry.index, work);
-  } else {
-    check_injected_fault(*device, entry.index);
-    work(*device);
-  }
+  const auto used = run_on(pool, device, device_index, entry.index, work);
   SegmentStateGradient out;
   out.index = entry.index;
   out.dC = std::move(r.dc0);
@@ -520,13 +513,7 @@ int SegmentBackwardBody::operator()(const SegmentGradientEntry& entry) const {
                                                 entry.m.view(), entry.dC.view(), entry.dn.view(), false);
     if (entry.index == 0 && problem->has_initial_state()) problem->write_initial_grads(r);
   };
-  std::shared_ptr<ComputeDevice> used = device;
-  if (pool) {
-    used = pool->run(device_index, entry.index, work);
-  } else {
-    check_injected_fault(*device, entry.index);
-    work(*device);
-  }
+  const auto used = run_on(pool, device, device_index, entry.index, work);
   std::lock_guard lock(problem->log_mutex);
   problem->log.push_back("segment " + std::to_string(entry.index) + ": backward on " + used->name());
   return entry.index;
