@@ -133,6 +133,11 @@ std::filesystem::path calibration_file() {
 }  // namespace
 
 std::vector<double> FlowGraphRunner::calibrate(const ProblemShape& shape, const MlstmOptions& options) {
+  return calibrate(devices_, shape, options);
+}
+
+std::vector<double> FlowGraphRunner::calibrate(const std::vector<std::shared_ptr<nodes::ComputeDevice>>& devices,
+                                               const ProblemShape& shape, const MlstmOptions& options) {
   static std::mutex mutex;
   std::lock_guard lock(mutex);
   const auto path = calibration_file();
@@ -148,7 +153,7 @@ std::vector<double> FlowGraphRunner::calibrate(const ProblemShape& shape, const 
   const std::int64_t S = 4 * options.chunk_size;
   std::vector<double> speeds;
   bool dirty = false;
-  for (const auto& d : devices_) {
+  for (const auto& d : devices) {
     const std::string key = d->name() + "|" + std::to_string(shape.DHQK) + "x" + std::to_string(shape.DHHV) + "|" +
                             std::string(dtype_name(shape.dtype)) + "|L" + std::to_string(options.chunk_size) + "|" +
                             std::string(gate_name(options.gate));
@@ -190,14 +195,7 @@ std::vector<double> FlowGraphRunner::calibrate(const ProblemShape& shape, const 
 ForwardResult FlowGraphRunner::forward(const ForwardArgs& args, const MlstmOptions& options, std::int64_t segment_tokens) {
   using namespace tbb::flow;
   auto problem = std::make_shared<nodes::SegmentProblem>(args, options);
-  Plan p;
-  if (balancing_ == Balancing::calibrated) {
-    std::vector<std::string> names;
-    for (const auto& d : devices_) names.push_back(d->name());
-    p = make_calibrated_plan(problem->shape(), options, names, calibrate(problem->shape(), options), segment_tokens);
-  } else {
-    p = plan(problem->shape(), options, segment_tokens);
-  }
+  const Plan p = plan_over(devices_, problem->shape(), options, segment_tokens);
   if (std::getenv("MLSTM_PLAN_DEBUG")) spdlog::warn("{}", p.describe());
   auto segments = std::make_shared<std::vector<nodes::Segment>>(p.segments);
   auto running = std::make_shared<nodes::SegmentEntry>(problem->initial_entry());
@@ -355,6 +353,15 @@ ForwardResult FlowGraphRunner::forward_head_split(const ForwardArgs& args, const
   return out;
 }
 
+Plan FlowGraphRunner::plan_over(const std::vector<std::shared_ptr<nodes::ComputeDevice>>& devices,
+                                const ProblemShape& shape, const MlstmOptions& options, std::int64_t segment_tokens) {
+  std::vector<std::string> names;
+  for (const auto& d : devices) names.push_back(d->name());
+  if (balancing_ == Balancing::calibrated)
+    return make_calibrated_plan(shape, options, names, calibrate(devices, shape, options), segment_tokens);
+  return make_plan(shape, options, names, segment_tokens);
+}
+
 std::vector<std::shared_ptr<nodes::ComputeDevice>> FlowGraphRunner::backward_devices() const {
   std::vector<std::shared_ptr<nodes::ComputeDevice>> capable;
   for (const auto& d : devices_) {
@@ -369,15 +376,7 @@ BackwardResult FlowGraphRunner::backward(const BackwardArgs& args, const MlstmOp
   using namespace tbb::flow;
   const ProblemShape shape = validate_backward(args, options);
   const auto capable = backward_devices();
-  std::vector<std::string> names;
-  for (const auto& d : capable) names.push_back(d->name());
-  Plan p;
-  if (balancing_ == Balancing::calibrated) {
-    FlowGraphRunner only(capable);
-    p = make_calibrated_plan(shape, options, names, only.calibrate(shape, options), segment_tokens);
-  } else {
-    p = make_plan(shape, options, names, segment_tokens);
-  }
+  const Plan p = plan_over(capable, shape, options, segment_tokens);
   if (std::getenv("MLSTM_PLAN_DEBUG")) spdlog::warn("backward {}", p.describe());
   auto problem = std::make_shared<nodes::SegmentGradientProblem>(args, options, p.segments);
   const auto fw = problem->forward();

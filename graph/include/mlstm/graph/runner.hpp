@@ -69,6 +69,11 @@ class FlowGraphRunner {
 
  private:
   std::vector<std::shared_ptr<nodes::ComputeDevice>> backward_devices() const;  // those with a backward
+  // The plan over `devices`: calibrated shares or pull (balancing_).
+  Plan plan_over(const std::vector<std::shared_ptr<nodes::ComputeDevice>>& devices, const ProblemShape& shape,
+                 const MlstmOptions& options, std::int64_t segment_tokens);
+  static std::vector<double> calibrate(const std::vector<std::shared_ptr<nodes::ComputeDevice>>& devices,
+                                       const ProblemShape& shape, const MlstmOptions& options);
   std::vector<std::shared_ptr<nodes::ComputeDevice>> devices_;
   std::vector<std::string> log_;
   Balancing balancing_ = Balancing::pull;
