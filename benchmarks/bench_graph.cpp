@@ -76,20 +76,34 @@ void BM_StreamPeakMemory(benchmark::State& state) {
 }
 BENCHMARK(BM_StreamPeakMemory)->Arg(1)->Arg(2)->Arg(4)->Arg(8)->Iterations(1)->Unit(benchmark::kSecond)->UseRealTime();
 
-// The sequence-parallel forward through the graph, per device set (arg 0: workers, 1: OpenCL 0, 2: OpenCL 0,1,
-// 3: workers+0,1), with pull-based or calibrated balancing.
-void graph_forward(benchmark::State& state, graph::Balancing balancing) {
+// The device set of a graph benchmark (arg 0: workers, 1: OpenCL 0, 2: OpenCL 0,1, 3: workers+0,1); empty, and
+// the benchmark marked skipped, when this machine has too few OpenCL devices.
+std::string graph_spec(benchmark::State& state) {
   static const char* specs[] = {"workers", "0", "0,1", "workers+0,1"};
-  const std::string spec = specs[state.range(0)];
   const std::size_t need = state.range(0) == 0 ? 0 : state.range(0) == 1 ? 1 : 2;
   if (opencl::list_devices().size() < need) {
     state.SkipWithError("not enough OpenCL devices");
-    return;
+    return {};
   }
+  return specs[state.range(0)];
+}
+
+// The graph benchmarks' inputs (GraphSize), made once.
+const Piece& graph_piece() {
+  static const GraphSize z;
+  static const Piece p = make_piece(z.NH, z.S, z.D, 3);
+  return p;
+}
+
+// The sequence-parallel forward through the graph, per device set (graph_spec), with pull-based or calibrated
+// balancing.
+void graph_forward(benchmark::State& state, graph::Balancing balancing) {
+  const std::string spec = graph_spec(state);
+  if (spec.empty()) return;
   graph::FlowGraphRunner runner(spec);
   runner.set_balancing(balancing);
   static const GraphSize z;
-  static const Piece p = make_piece(z.NH, z.S, z.D, 3);
+  const Piece& p = graph_piece();
   MlstmOptions o;
   o.chunk_size = z.chunk;
   runner.forward(p.args(), o);  // warm-up: program builds, calibration (cached)
@@ -109,16 +123,11 @@ BENCHMARK(BM_GraphForwardCalibrated)->DenseRange(0, 3)->Unit(benchmark::kMillise
 // Forward + backward through the graph, per device set as above: sequence parallel (segments over the
 // devices; BM_GraphBackward) or head split (rows over the devices; BM_GraphBackwardHeadSplit).
 void graph_backward(benchmark::State& state, bool head_split) {
-  static const char* specs[] = {"workers", "0", "0,1", "workers+0,1"};
-  const std::string spec = specs[state.range(0)];
-  const std::size_t need = state.range(0) == 0 ? 0 : state.range(0) == 1 ? 1 : 2;
-  if (opencl::list_devices().size() < need) {
-    state.SkipWithError("not enough OpenCL devices");
-    return;
-  }
+  const std::string spec = graph_spec(state);
+  if (spec.empty()) return;
   graph::FlowGraphRunner runner(spec);
   static const GraphSize z;
-  static const Piece p = make_piece(z.NH, z.S, z.D, 3);
+  const Piece& p = graph_piece();
   static const Tensor dh = make_piece(z.NH, z.S, z.D, 4).v;
   MlstmOptions o;
   o.chunk_size = z.chunk;
