@@ -192,6 +192,42 @@ std::vector<double> FlowGraphRunner::calibrate(const std::vector<std::shared_ptr
   return speeds;
 }
 
+namespace {
+
+// Phases 1 and 2 of the sequence-parallel forward, shared by forward() and backward(): per device a
+// local-state node fed from a segment queue (one queue per device when calibrated, else one shared queue),
+// then the in-order sequencer and the serial state recurrence, whose successors receive every segment's
+// entering state in segment order.
+class EnteringStateStage {
+ public:
+  using Devices = std::vector<std::shared_ptr<nodes::ComputeDevice>>;
+  EnteringStateStage(tbb::flow::graph& g, std::size_t queues, const std::shared_ptr<nodes::SegmentProblem>& problem,
+                     const std::shared_ptr<std::vector<nodes::Segment>>& segments,
+                     const std::shared_ptr<nodes::SegmentEntry>& running, const Devices& devices,
+                     const std::shared_ptr<nodes::DevicePool>& pool)
+      : in_order_(g, [](const nodes::SegmentSummary& s) { return static_cast<std::size_t>(s.index); }),
+        recurrence_(g, tbb::flow::serial, nodes::StateRecurrenceBody{problem, segments, running}) {
+    for (std::size_t qi = 0; qi < queues; ++qi) queues_.push_back(std::make_unique<tbb::flow::queue_node<nodes::Segment>>(g));
+    for (std::size_t d = 0; d < devices.size(); ++d) {
+      locals_.push_back(std::make_unique<LocalNode>(g, tbb::flow::serial, nodes::LocalStateBody{problem, devices[d], pool, d}));
+      tbb::flow::make_edge(*queues_[queues == 1 ? 0 : d], *locals_.back());
+      tbb::flow::make_edge(*locals_.back(), in_order_);
+    }
+    tbb::flow::make_edge(in_order_, recurrence_);
+  }
+  tbb::flow::sender<nodes::SegmentEntry>& entries() { return recurrence_; }
+  void put(const nodes::Segment& s, std::size_t queue) { queues_[queue]->try_put(s); }
+
+ private:
+  using LocalNode = tbb::flow::function_node<nodes::Segment, nodes::SegmentSummary, tbb::flow::rejecting>;
+  std::vector<std::unique_ptr<tbb::flow::queue_node<nodes::Segment>>> queues_;
+  tbb::flow::sequencer_node<nodes::SegmentSummary> in_order_;
+  tbb::flow::function_node<nodes::SegmentSummary, nodes::SegmentEntry> recurrence_;
+  std::vector<std::unique_ptr<LocalNode>> locals_;
+};
+
+}  // namespace
+
 ForwardResult FlowGraphRunner::forward(const ForwardArgs& args, const MlstmOptions& options, std::int64_t segment_tokens) {
   using namespace tbb::flow;
   auto problem = std::make_shared<nodes::SegmentProblem>(args, options);
@@ -204,36 +240,21 @@ ForwardResult FlowGraphRunner::forward(const ForwardArgs& args, const MlstmOptio
   // pull: one shared queue per phase; calibrated: one queue per device per phase.
   const std::size_t queues = balancing_ == Balancing::calibrated ? devices_.size() : 1;
   auto route = [&](const nodes::Segment& s) { return s.device < 0 ? std::size_t{0} : static_cast<std::size_t>(s.device); };
-  std::vector<std::unique_ptr<queue_node<nodes::Segment>>> segment_queues;
   std::vector<std::unique_ptr<queue_node<nodes::SegmentEntry>>> entry_queues;
-  for (std::size_t qi = 0; qi < queues; ++qi) {
-    segment_queues.push_back(std::make_unique<queue_node<nodes::Segment>>(g));
-    entry_queues.push_back(std::make_unique<queue_node<nodes::SegmentEntry>>(g));
-  }
-  sequencer_node<nodes::SegmentSummary> in_order(g, [](const nodes::SegmentSummary& s) {
-    return static_cast<std::size_t>(s.index);
-  });
-  function_node<nodes::SegmentSummary, nodes::SegmentEntry> recurrence(
-      g, serial, nodes::StateRecurrenceBody{problem, segments, running});
+  for (std::size_t qi = 0; qi < queues; ++qi) entry_queues.push_back(std::make_unique<queue_node<nodes::SegmentEntry>>(g));
+  auto pool = std::make_shared<nodes::DevicePool>(devices_);
+  EnteringStateStage entering(g, queues, problem, segments, running, devices_, pool);
   function_node<nodes::SegmentEntry, continue_msg> router(g, serial, [&](const nodes::SegmentEntry& e) {
     entry_queues[route(e.segment)]->try_put(e);
     return continue_msg();
   });
-  std::vector<std::unique_ptr<function_node<nodes::Segment, nodes::SegmentSummary, rejecting>>> local_nodes;
+  make_edge(entering.entries(), router);
   std::vector<std::unique_ptr<function_node<nodes::SegmentEntry, int, rejecting>>> output_nodes;
-  auto pool = std::make_shared<nodes::DevicePool>(devices_);
   for (std::size_t d = 0; d < devices_.size(); ++d) {
-    const std::size_t qi = queues == 1 ? 0 : d;
-    local_nodes.push_back(std::make_unique<function_node<nodes::Segment, nodes::SegmentSummary, rejecting>>(
-        g, serial, nodes::LocalStateBody{problem, devices_[d], pool, d}));
-    make_edge(*segment_queues[qi], *local_nodes.back());
-    make_edge(*local_nodes.back(), in_order);
     output_nodes.push_back(std::make_unique<function_node<nodes::SegmentEntry, int, rejecting>>(
         g, serial, nodes::SegmentOutputBody{problem, devices_[d], pool, d}));
-    make_edge(*entry_queues[qi], *output_nodes.back());
+    make_edge(*entry_queues[queues == 1 ? 0 : d], *output_nodes.back());
   }
-  make_edge(in_order, recurrence);
-  make_edge(recurrence, router);
   const bool one_segment = p.segments.size() == 1;
   if (one_segment) {
     // One segment: its entering state is the initial state, so no local-state pass; the output run also
@@ -243,7 +264,7 @@ ForwardResult FlowGraphRunner::forward(const ForwardArgs& args, const MlstmOptio
     first.segment = p.segments.front();
     entry_queues[route(first.segment)]->try_put(first);
   } else {
-    for (const auto& s : p.segments) segment_queues[route(s)]->try_put(s);
+    for (const auto& s : p.segments) entering.put(s, route(s));
   }
   g.wait_for_all();
 
@@ -388,20 +409,15 @@ BackwardResult FlowGraphRunner::backward(const BackwardArgs& args, const MlstmOp
   tbb::flow::graph g;
   const std::size_t queues = balancing_ == Balancing::calibrated ? capable.size() : 1;
   auto route = [&](const nodes::Segment& s) { return s.device < 0 ? std::size_t{0} : static_cast<std::size_t>(s.device); };
-  std::vector<std::unique_ptr<queue_node<nodes::Segment>>> segment_queues;
   std::vector<std::unique_ptr<queue_node<nodes::SegmentEntry>>> local_grad_queues;
   std::vector<std::unique_ptr<queue_node<nodes::SegmentGradientEntry>>> backward_queues;
   for (std::size_t qi = 0; qi < queues; ++qi) {
-    segment_queues.push_back(std::make_unique<queue_node<nodes::Segment>>(g));
     local_grad_queues.push_back(std::make_unique<queue_node<nodes::SegmentEntry>>(g));
     backward_queues.push_back(std::make_unique<queue_node<nodes::SegmentGradientEntry>>(g));
   }
   // Forward: local states, in-order combine -> the state entering every segment, recorded in the problem.
-  sequencer_node<nodes::SegmentSummary> in_order(g, [](const nodes::SegmentSummary& s) {
-    return static_cast<std::size_t>(s.index);
-  });
-  function_node<nodes::SegmentSummary, nodes::SegmentEntry> recurrence(
-      g, serial, nodes::StateRecurrenceBody{fw, segments, running});
+  auto pool = std::make_shared<nodes::DevicePool>(capable);
+  EnteringStateStage entering(g, queues, fw, segments, running, capable, pool);
   function_node<nodes::SegmentEntry, continue_msg> record(g, serial, [&](const nodes::SegmentEntry& e) {
     problem->record_entry(e);
     if (e.index == nseg - 1) {
@@ -414,6 +430,7 @@ BackwardResult FlowGraphRunner::backward(const BackwardArgs& args, const MlstmOp
     if (e.index >= 1) local_grad_queues[route(e.segment)]->try_put(e);
     return continue_msg();
   });
+  make_edge(entering.entries(), record);
   // Backward: local state gradients (segments 1..), reverse combine, then every segment's gradients.
   sequencer_node<nodes::SegmentStateGradient> reverse_order(g, [nseg](const nodes::SegmentStateGradient& s) {
     return static_cast<std::size_t>(nseg - 1 - s.index);
@@ -424,16 +441,10 @@ BackwardResult FlowGraphRunner::backward(const BackwardArgs& args, const MlstmOp
     backward_queues[route(e.segment)]->try_put(e);
     return continue_msg();
   });
-  auto pool = std::make_shared<nodes::DevicePool>(capable);
-  std::vector<std::unique_ptr<function_node<nodes::Segment, nodes::SegmentSummary, rejecting>>> local_nodes;
   std::vector<std::unique_ptr<function_node<nodes::SegmentEntry, nodes::SegmentStateGradient, rejecting>>> grad_nodes;
   std::vector<std::unique_ptr<function_node<nodes::SegmentGradientEntry, int, rejecting>>> backward_nodes;
   for (std::size_t d = 0; d < capable.size(); ++d) {
     const std::size_t qi = queues == 1 ? 0 : d;
-    local_nodes.push_back(std::make_unique<function_node<nodes::Segment, nodes::SegmentSummary, rejecting>>(
-        g, serial, nodes::LocalStateBody{fw, capable[d], pool, d}));
-    make_edge(*segment_queues[qi], *local_nodes.back());
-    make_edge(*local_nodes.back(), in_order);
     grad_nodes.push_back(std::make_unique<function_node<nodes::SegmentEntry, nodes::SegmentStateGradient, rejecting>>(
         g, serial, nodes::LocalStateGradientBody{problem, capable[d], pool, d}));
     make_edge(*local_grad_queues[qi], *grad_nodes.back());
@@ -442,8 +453,6 @@ BackwardResult FlowGraphRunner::backward(const BackwardArgs& args, const MlstmOp
         g, serial, nodes::SegmentBackwardBody{problem, capable[d], pool, d}));
     make_edge(*backward_queues[qi], *backward_nodes.back());
   }
-  make_edge(in_order, recurrence);
-  make_edge(recurrence, record);
   make_edge(reverse_order, grad_recurrence);
   make_edge(grad_recurrence, grad_router);
   if (nseg == 1) {
@@ -453,7 +462,7 @@ BackwardResult FlowGraphRunner::backward(const BackwardArgs& args, const MlstmOp
     problem->record_entry(first);
     backward_queues[route(p.segments.front())]->try_put(problem->last_entry());
   } else {
-    for (const auto& s : p.segments) segment_queues[route(s)]->try_put(s);
+    for (const auto& s : p.segments) entering.put(s, route(s));
   }
   g.wait_for_all();
   log_ = problem->log;
