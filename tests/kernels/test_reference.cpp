@@ -27,18 +27,10 @@ using testing::Inputs;
 using testing::make_inputs;
 using testing::matches;
 
+// testing::spec with the gates in the input dtype as well (the reference takes 16-bit gates too).
 InputSpec spec(std::int64_t B, std::int64_t NH, std::int64_t S, std::int64_t K, std::int64_t V, GateVariant g,
                bool init, GateRegime regime = GateRegime::typical, DType dtype = DType::f32) {
-  InputSpec s;
-  s.B = B;
-  s.NH = NH;
-  s.S = S;
-  s.DHQK = K;
-  s.DHHV = V;
-  s.gate = g;
-  s.initial_state = init;
-  s.regime = regime;
-  s.dtype = dtype;
+  InputSpec s = testing::spec(B, NH, S, K, V, dtype, g, init, regime);
   s.gate_dtype = dtype;
   return s;
 }
