@@ -7,6 +7,7 @@
 #include <fstream>
 #include <mutex>
 #include <sstream>
+#include <stdexcept>
 
 namespace mlstm::testing {
 
@@ -230,6 +231,15 @@ std::vector<double> normaliser_condition(const Inputs& in, const MlstmOptions& o
   return kappa;
 }
 
+Tensor replace_tokens(const Tensor& got, const Tensor& ref, const std::vector<std::int64_t>& tokens) {
+  if (got.shape() != ref.shape() || got.dims() != 4) throw std::invalid_argument("replace_tokens: shapes differ or not 4-d");
+  Tensor out = got.to(DType::f64);
+  const Tensor r = ref.to(DType::f64);
+  const std::int64_t D = got.dim(3);
+  for (const std::int64_t t : tokens) std::copy_n(r.data<double>() + t * D, D, out.data<double>() + t * D);
+  return out;
+}
+
 ::testing::AssertionResult matches_well_conditioned(const Tensor& got, const Tensor& ref, const std::vector<double>& kappa,
                                                     double kappa_max, double min_fraction, double tol,
                                                     const std::string& kernel, const std::string& what,
@@ -238,25 +248,18 @@ std::vector<double> normaliser_condition(const Inputs& in, const MlstmOptions& o
     return ::testing::AssertionFailure() << kernel << " " << what << ": shapes do not fit the token mask";
   }
   if (auto finite = all_finite(got, kernel, what, spec); !finite) return finite;
-  Tensor masked = got.to(DType::f64);
-  const Tensor r = ref.to(DType::f64);
-  const std::int64_t D = got.dim(3);
-  std::size_t kept = 0;
+  std::vector<std::int64_t> excluded;
   for (std::size_t t = 0; t < kappa.size(); ++t) {
-    if (kappa[t] <= kappa_max) {
-      ++kept;
-      continue;
-    }
-    for (std::int64_t e = 0; e < D; ++e) {
-      const auto idx = static_cast<std::int64_t>(t) * D + e;
-      masked.data<double>()[idx] = r.data<double>()[idx];
-    }
+    if (!(kappa[t] <= kappa_max)) excluded.push_back(static_cast<std::int64_t>(t));
   }
+  const std::size_t kept = kappa.size() - excluded.size();
   if (static_cast<double>(kept) < min_fraction * static_cast<double>(kappa.size())) {
     return ::testing::AssertionFailure() << kernel << " " << what << " [" << spec.describe() << "]: only " << kept
                                          << " of " << kappa.size() << " tokens have a normaliser condition <= "
                                          << kappa_max;
   }
+  const Tensor masked = replace_tokens(got, ref, excluded);
+  const Tensor r = ref.to(DType::f64);
   return matches(masked, r, tol, kernel, what + " (tokens with kappa <= " + std::to_string(kappa_max) + ")", spec);
 }
 
@@ -267,9 +270,10 @@ std::vector<std::int64_t> near_normaliser_kink(const Inputs& in, const MlstmOpti
     const double kappa = terms / std::max(std::abs(den), 1e-300);
     const double ratio = std::abs(den) / std::exp(-m);
     // Near the kink, or so ill conditioned that rounding of u moves the token's gradient (which grows as
-    // 1 / N^2 where N = |q'.n_t| wins) by more than 2% (float32) or 50% (16-bit inputs and states: a
-    // token at kappa = 1e4 put the tensor-core dq 30% off its size there under extreme gates).
-    const bool amplified = 2.0 * kappa * u > (u <= 1e-4 ? 0.02 : 0.5) && std::abs(den) > std::exp(-m);
+    // 1 / N^2 where N = |q'.n_t| wins) by more than 2% (float32) or 20% (16-bit inputs and states: a
+    // token at kappa = 1e4 put the tensor-core dq 30% off its size there under extreme gates, and at 50% a
+    // token at kappa = 32 left the tensor-core di of the tokens before it 6.4e-2 off in 1 of 150 draws).
+    const bool amplified = 2.0 * kappa * u > (u <= 1e-4 ? 0.02 : 0.2) && std::abs(den) > std::exp(-m);
     if (std::abs(ratio - 1.0) < std::max(0.1, 4.0 * kappa * u) || amplified) near.push_back(token);
   });
   return near;
