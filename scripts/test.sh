@@ -10,6 +10,9 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 bash "$root/scripts/install-deps.sh"
 bash "$root/scripts/build.sh"
 export POCL_DEVICES=${POCL_DEVICES:-"pthread pthread"}
+# Every OpenCL buffer handed out is first filled with NaN bytes, so a kernel reading what nobody wrote fails
+# a test instead of reusing a stale value (devices/src/opencl_device.cpp).
+export MLSTM_OPENCL_POISON=${MLSTM_OPENCL_POISON:-1}
 (cd "${MLSTM_BUILD_DIR:-$root/build}" && ctest --output-on-failure -j "${MLSTM_JOBS:-$(nproc)}" "$@")
 if [ "${MLSTM_TEST_QUICK:-0}" = 1 ]; then
   echo "MLSTM_TEST_QUICK=1: sanitizer, ThreadSanitizer and fuzz stages skipped"

@@ -2,9 +2,11 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <fstream>
 #include <functional>
 #include <sstream>
+#include <string>
 
 #include "mlstm/devices/opencl.hpp"
 #include "mlstm/devices/trace.hpp"
@@ -294,9 +296,26 @@ std::size_t size_class(std::size_t bytes) {
   while (c < bytes) c <<= 1;
   return c;
 }
+
+// MLSTM_OPENCL_POISON=1: every acquired buffer is filled with 0xFF bytes (NaN in float32, bf16 and fp16) before
+// it is handed out, so a kernel that reads what nobody wrote gives NaN instead of a stale value from an earlier
+// run (a debugging aid; tests run with it).
+bool poison_buffers() {
+  static const bool on = [] {
+    const char* env = std::getenv("MLSTM_OPENCL_POISON");
+    return env && std::string(env) == "1";
+  }();
+  return on;
+}
 }  // namespace
 
 PooledBuffer Device::acquire(std::size_t bytes) {
+  PooledBuffer b = acquire_unfilled(bytes);
+  poison(b.get(), 0, b.bytes());
+  return b;
+}
+
+PooledBuffer Device::acquire_unfilled(std::size_t bytes) {
   const std::size_t cls = size_class(bytes);
   {
     std::lock_guard lock(pool_mutex_);
@@ -324,9 +343,10 @@ PooledBuffer Device::acquire(std::size_t bytes) {
 
 PooledBuffer Device::acquire_upload(const void* data, std::size_t bytes) {
   const ScopedTrace trace([&] { return "upload " + std::to_string(bytes >> 10) + " KiB to " + info_.name; });
-  PooledBuffer b = acquire(bytes);
+  PooledBuffer b = acquire_unfilled(bytes);
   if (bytes) check(clEnqueueWriteBuffer(queue_, b.get(), CL_TRUE, 0, bytes, data, 0, nullptr, nullptr),
                    "clEnqueueWriteBuffer", info_.name);
+  if (b.bytes() > bytes) poison(b.get(), bytes, b.bytes() - bytes);  // the size class's tail
   return b;
 }
 
@@ -376,9 +396,20 @@ cl_event Device::download_async(const Buffer& src, void* host, std::size_t bytes
 
 Buffer Device::alloc(std::size_t bytes) {
   cl_int err = CL_SUCCESS;
-  cl_mem m = clCreateBuffer(context_, CL_MEM_READ_WRITE, std::max<std::size_t>(bytes, 4), nullptr, &err);
+  const std::size_t size = std::max<std::size_t>(bytes, 4);
+  cl_mem m = clCreateBuffer(context_, CL_MEM_READ_WRITE, size, nullptr, &err);
   check(err, "clCreateBuffer", info_.name);
-  return Buffer(m, bytes);
+  Buffer b(m, bytes);
+  poison(m, 0, size);
+  return b;
+}
+
+void Device::poison(cl_mem mem, std::size_t offset, std::size_t bytes) {
+  if (!poison_buffers() || !mem || bytes == 0) return;
+  const cl_uchar pattern = 0xFF;
+  check(clEnqueueFillBuffer(queue_, mem, &pattern, 1, offset, bytes, 0, nullptr, nullptr), "clEnqueueFillBuffer",
+        info_.name);
+  check(clFinish(queue_), "clFinish", info_.name);
 }
 
 Buffer Device::upload(const void* data, std::size_t bytes) {

@@ -5,6 +5,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <string>
 #include <cstring>
 #include <thread>
 
@@ -143,6 +146,33 @@ TEST(OpenCLBufferPool, ReusesBuffersAndCountsHits) {
   dev->trim();
   EXPECT_EQ(dev->pool_stats().buffers_held, 0u);
   EXPECT_EQ(dev->pool_stats().bytes_held, 0u);
+}
+
+// MLSTM_OPENCL_POISON=1 (scripts/test.sh sets it for the whole suite): what acquire() hands out reads as 0xFF
+// bytes (NaN as floats), a fresh buffer and one reused after something was written to it.
+TEST(OpenCLBufferPool, PoisonFillsAcquiredBuffers) {
+  REQUIRE_OPENCL();
+  const char* env = std::getenv("MLSTM_OPENCL_POISON");
+  if (!env || std::string(env) != "1") GTEST_SKIP() << "MLSTM_OPENCL_POISON=1 is not set";
+  auto dev = opencl::open_device(opencl::select_devices("0").front());
+  dev->trim();
+  for (int rep = 0; rep < 2; ++rep) {
+    opencl::PooledBuffer b = dev->acquire(3000);
+    std::vector<unsigned char> bytes(b.bytes(), 0);
+    dev->download(b, bytes.data(), bytes.size());
+    EXPECT_TRUE(std::all_of(bytes.begin(), bytes.end(), [](unsigned char c) { return c == 0xFF; })) << "acquire " << rep;
+    const std::vector<unsigned char> zeros(b.bytes(), 0);
+    cl_event up = dev->upload_async(b, zeros.data(), zeros.size());
+    clWaitForEvents(1, &up);
+    clReleaseEvent(up);
+  }
+  EXPECT_GE(dev->pool_stats().hits, 1u);
+  const std::vector<float> x(10, 1.5f);
+  opencl::PooledBuffer u = dev->acquire_upload(x.data(), x.size() * sizeof(float));
+  std::vector<float> y(u.bytes() / sizeof(float), 0.f);
+  dev->download(u, y.data(), u.bytes());
+  EXPECT_EQ(y[9], 1.5f);                   // the data written
+  EXPECT_TRUE(std::isnan(y[10]));          // the size class's tail: poisoned
 }
 
 TEST(OpenCLBufferPool, ThreadsAndAsyncCopiesWithEvents) {

@@ -117,7 +117,8 @@ class Device {
   std::size_t builds() const noexcept { return builds_; }  // programs built so far (cache misses)
 
   // Buffer pool (thread-safe): a buffer of at least `bytes`, reused from earlier releases when one of the
-  // size class is free; acquire_upload also writes `data` (blocking).
+  // size class is free; acquire_upload also writes `data` (blocking). With MLSTM_OPENCL_POISON=1 the bytes
+  // acquire() hands out are all 0xFF (NaN as floats), to catch kernels that read what nobody wrote.
   PooledBuffer acquire(std::size_t bytes);
   PooledBuffer acquire_upload(const void* data, std::size_t bytes);
   PoolStats pool_stats() const;
@@ -130,6 +131,9 @@ class Device {
                           cl_command_queue queue = nullptr);
 
  private:
+  PooledBuffer acquire_unfilled(std::size_t bytes);  // acquire() without MLSTM_OPENCL_POISON's fill
+  void poison(cl_mem mem, std::size_t offset, std::size_t bytes);  // that fill (a no-op unless it is on)
+
   DeviceInfo info_;
   cl_context context_ = nullptr;
   cl_command_queue queue_ = nullptr;
