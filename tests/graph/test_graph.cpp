@@ -1,6 +1,7 @@
 // The flow graph: sequence-parallel forward on every device mix equals one call of the chunkwise kernel.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 
 #include "mlstm/devices/opencl.hpp"
@@ -77,14 +78,20 @@ TEST_P(GraphForward, HeadSplitEqualsOneCall) {
 // The gradients of a problem against one call of the CPU chunkwise backward, every field. dm0 = <dC0, C0> +
 // <dn0, n0> per row is a sum that can cancel to far below its terms, so it is held to tol times the size of
 // its terms, sum |dC0 * C0| + sum |dn0 * n0| (from the initial state in `in`), not to tol times itself.
+// `other_kernel` (optional): the same problem in one call of the other kernel the graph ran segments on; each
+// gradient may then also be as far from `one_call` as that call is (times 1.5).
 void expect_same_gradients(const BackwardResult& got, const BackwardResult& one_call, double tol, const std::string& what,
-                           const InputSpec& s, const testing::Inputs& in) {
-  for (auto [name, a, b] : {std::tuple{"dq", &got.dq, &one_call.dq}, {"dk", &got.dk, &one_call.dk},
-                            {"dv", &got.dv, &one_call.dv}, {"di", &got.di, &one_call.di}, {"df", &got.df, &one_call.df},
-                            {"dc0", &got.dc0, &one_call.dc0}, {"dn0", &got.dn0, &one_call.dn0}}) {
+                           const InputSpec& s, const testing::Inputs& in, const BackwardResult* other_kernel = nullptr) {
+  const BackwardResult none;
+  const BackwardResult& other = other_kernel ? *other_kernel : none;
+  for (auto [name, a, b, c] : {std::tuple{"dq", &got.dq, &one_call.dq, &other.dq}, {"dk", &got.dk, &one_call.dk, &other.dk},
+                               {"dv", &got.dv, &one_call.dv, &other.dv}, {"di", &got.di, &one_call.di, &other.di},
+                               {"df", &got.df, &one_call.df, &other.df}, {"dc0", &got.dc0, &one_call.dc0, &other.dc0},
+                               {"dn0", &got.dn0, &one_call.dn0, &other.dn0}}) {
     EXPECT_EQ(a->empty(), b->empty()) << what << " " << name;
     if (!b->empty()) {
-      EXPECT_TRUE(testing::matches(*a, *b, tol, what, name, s));
+      const double bound = c->empty() ? tol : std::max(tol, 1.5 * testing::compare(*c, *b).rel);
+      EXPECT_TRUE(testing::matches(*a, *b, bound, what, name, s));
     }
   }
   EXPECT_EQ(got.dm0.empty(), one_call.dm0.empty()) << what << " dm0";
@@ -112,12 +119,19 @@ TEST_P(GraphForward, SequenceParallelBackwardEqualsOneCall) {
   InputSpec extreme = testing::spec(2, 1, 200, 16, 16, DType::f32, GateVariant::exp, true, GateRegime::extreme);
   for (const Case& c : {Case{odd, 32, 64, true}, Case{sig, 64, 64, false}, Case{half, 32, 96, true},
                         Case{extreme, 32, 64, true}}) {
-    const auto in = testing::make_inputs(c.s, testing::fresh_seed());
+    auto in = testing::make_inputs(c.s, testing::fresh_seed());
     MlstmOptions o;
     o.gate = c.s.gate;
     o.chunk_size = c.chunk;
+    // As in the kernel tests: no upstream gradient at tokens next to the normaliser's kink or so ill conditioned
+    // that either side's rounding moves their gradient (1 / N^2) by whole percents (measured without this:
+    // bf16 with mixed gates 0.21 relative in dq, dk, di, df in 5 of 40 runs).
+    ASSERT_GE(testing::quiet_normaliser_kinks(in, o, c.s), 0) << "most tokens near the normaliser's kink";
     const auto one_call = get_kernel("chunkwise--cpu_xl_chunk")->backward(in.backward_args(c.last_grads), o);
     const auto got = runner.backward(in.backward_args(c.last_grads), o, c.segment);
+    std::string where;  // which device ran what, printed with any failure below
+    for (const auto& line : runner.last_log()) where += "\n  " + line;
+    SCOPED_TRACE("graph log:" + where);
     // CPU workers only: the same kernel, cut into segments: float32 rounding of another summation order (1e-4),
     // bf16 outputs to their rounding. With OpenCL devices the segments run on another kernel, and two kernels
     // can differ by the sum of their distances to the float64 reference (test_opencl_backward and the CPU
@@ -125,10 +139,16 @@ TEST_P(GraphForward, SequenceParallelBackwardEqualsOneCall) {
     // in bf16 for dden where the CPU kernel keeps float32, and df's suffix sums cancel). A wrong state-gradient
     // combine is off by O(1) (checked by breaking the decay: every case fails).
     const bool opencl = mix.opencl_devices_needed > 0;
+    // The OpenCL kernel's own distance from the CPU one call: a bf16 dn0 that the forget gates decayed to 1e-3 of
+    // its terms came out 12% off in both the OpenCL one call and the graph (1 draw in ~100).
+    const BackwardResult opencl_call =
+        opencl ? get_kernel("chunkwise--opencl_xl_chunk", KernelTarget{"0"})->backward(in.backward_args(c.last_grads), o)
+               : BackwardResult();
     const double tol = c.s.dtype == DType::bf16                ? (opencl ? 1e-1 : 6e-2)
                        : c.s.regime == GateRegime::extreme ? (opencl ? 2e-2 : 1e-4)
                                                            : (opencl ? 2e-3 : 1e-4);
-    expect_same_gradients(got, one_call, tol, "graph sequence-parallel backward " + mix.spec, c.s, in);
+    expect_same_gradients(got, one_call, tol, "graph sequence-parallel backward " + mix.spec, c.s, in,
+                          opencl ? &opencl_call : nullptr);
     int backward_segments = 0, local_gradients = 0;
     for (const auto& line : runner.last_log()) {
       backward_segments += line.find(": backward on") != std::string::npos;
