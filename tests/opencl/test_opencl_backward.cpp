@@ -4,7 +4,10 @@
 // device-resident problem (repeated passes identical, one event per launch).
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <cstdlib>
+#include <thread>
+#include <vector>
 
 #include "mlstm/devices/opencl.hpp"
 #include "mlstm/devices/opencl_kernels.hpp"
@@ -132,6 +135,37 @@ TEST(PortableResident, RepeatedPassesAreIdenticalAndTimed) {
   auto forward_only = runner.resident(in.args(), o);
   forward_only->enqueue_forward();
   EXPECT_THROW(forward_only->enqueue_backward(), Error);
+}
+
+// The flow graph runs a device's local-state-gradient node and its backward node at the same time: calls from
+// several threads on one device (one in-order queue, one buffer pool) must equal lone calls bit for bit.
+TEST(PortableConcurrency, ThreadsOnOneDeviceEqualLoneCalls) {
+  REQUIRE_OPENCL();
+  const auto dev = opencl::open_device(opencl::select_devices("0").front());
+  const opencl::ChunkwiseRunner runner(dev);
+  // Same build options as the resident test above (PoCL compiles each option set once).
+  const InputSpec s1 = spec(1, 2, 100, 16, 16, DType::f32, GateVariant::exp, true);
+  const InputSpec s2 = spec(2, 1, 130, 16, 16, DType::f32, GateVariant::exp, true);
+  const auto in1 = testing::make_inputs(s1, testing::fresh_seed());
+  const auto in2 = testing::make_inputs(s2, testing::fresh_seed());
+  MlstmOptions o;
+  const auto a1 = in1.backward_args(true), a2 = in2.backward_args(true);
+  const auto lone1 = runner.backward(a1, o), lone2 = runner.backward(a2, o);
+  const auto lone_state = runner.state_gradient(a1, o);
+  std::atomic<int> differ{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      for (int rep = 0; rep < 3; ++rep) {
+        const bool same = t % 3 == 0   ? testing::compare(runner.backward(a1, o).dq, lone1.dq).max_abs == 0.0
+                          : t % 3 == 1 ? testing::compare(runner.backward(a2, o).dk, lone2.dk).max_abs == 0.0
+                                       : testing::compare(runner.state_gradient(a1, o).dc0, lone_state.dc0).max_abs == 0.0;
+        if (!same) ++differ;
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(differ.load(), 0) << "of 12 concurrent calls";
 }
 
 }  // namespace
