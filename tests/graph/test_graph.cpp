@@ -342,6 +342,9 @@ TEST(GraphFaults, BackwardSurvivesAFailedDeviceAndOutOfMemory) {
     ::setenv("MLSTM_FAULT_INJECT", "opencl:1:*", 1);
     const auto got = runner.backward(in.backward_args(true), o, 64);
     ::unsetenv("MLSTM_FAULT_INJECT");
+    std::string where;  // which device ran what, printed with any failure below
+    for (const auto& line : runner.last_log()) where += "\n  " + line;
+    SCOPED_TRACE("graph log:" + where);
     expect_same_gradients(got, one_call, 1e-4, "graph backward with a failed device", s, in);
     bool logged = false;
     for (const auto& line : runner.last_log()) logged = logged || line.find("device failure") != std::string::npos;
