@@ -395,13 +395,16 @@ cl_event Device::download_async(const Buffer& src, void* host, std::size_t bytes
 }
 
 Buffer Device::alloc(std::size_t bytes) {
-  cl_int err = CL_SUCCESS;
-  const std::size_t size = std::max<std::size_t>(bytes, 4);
-  cl_mem m = clCreateBuffer(context_, CL_MEM_READ_WRITE, size, nullptr, &err);
-  check(err, "clCreateBuffer", info_.name);
-  Buffer b(m, bytes);
-  poison(m, 0, size);
+  Buffer b = alloc_unfilled(bytes);
+  poison(b.get(), 0, std::max<std::size_t>(bytes, 4));
   return b;
+}
+
+Buffer Device::alloc_unfilled(std::size_t bytes) {
+  cl_int err = CL_SUCCESS;
+  cl_mem m = clCreateBuffer(context_, CL_MEM_READ_WRITE, std::max<std::size_t>(bytes, 4), nullptr, &err);
+  check(err, "clCreateBuffer", info_.name);
+  return Buffer(m, bytes);
 }
 
 void Device::poison(cl_mem mem, std::size_t offset, std::size_t bytes) {
@@ -413,9 +416,10 @@ void Device::poison(cl_mem mem, std::size_t offset, std::size_t bytes) {
 }
 
 Buffer Device::upload(const void* data, std::size_t bytes) {
-  Buffer b = alloc(bytes);
+  Buffer b = alloc_unfilled(bytes);
   if (bytes) check(clEnqueueWriteBuffer(queue_, b.get(), CL_TRUE, 0, bytes, data, 0, nullptr, nullptr),
                    "clEnqueueWriteBuffer", info_.name);
+  if (bytes < 4) poison(b.get(), bytes, 4 - bytes);  // the allocation's tail
   return b;
 }
 

@@ -110,7 +110,7 @@ class Device {
   cl_program program_from_text(const std::string& label, const std::string& text, const std::string& options);
   cl_kernel kernel(cl_program program, const char* name);  // a new kernel object; caller releases
 
-  Buffer alloc(std::size_t bytes);
+  Buffer alloc(std::size_t bytes);  // filled like acquire() under MLSTM_OPENCL_POISON=1
   Buffer upload(const void* data, std::size_t bytes);  // blocking
   void download(const Buffer& buf, void* data, std::size_t bytes);  // blocking
   void finish();
@@ -132,6 +132,7 @@ class Device {
 
  private:
   PooledBuffer acquire_unfilled(std::size_t bytes);  // acquire() without MLSTM_OPENCL_POISON's fill
+  Buffer alloc_unfilled(std::size_t bytes);          // alloc() without it
   void poison(cl_mem mem, std::size_t offset, std::size_t bytes);  // that fill (a no-op unless it is on)
 
   DeviceInfo info_;
