@@ -240,10 +240,11 @@ Tensor replace_tokens(const Tensor& got, const Tensor& ref, const std::vector<st
   return out;
 }
 
-::testing::AssertionResult matches_well_conditioned(const Tensor& got, const Tensor& ref, const std::vector<double>& kappa,
-                                                    double kappa_max, double min_fraction, double tol,
-                                                    const std::string& kernel, const std::string& what,
-                                                    const InputSpec& spec) {
+::testing::AssertionResult matches_well_conditioned(const Tensor& got, const Tensor& ref, const Inputs& in,
+                                                    const MlstmOptions& o, double tol, const std::string& kernel,
+                                                    const std::string& what, const InputSpec& spec) {
+  constexpr double kappa_max = 20.0, min_fraction = 0.5;
+  const std::vector<double> kappa = normaliser_condition(in, o);
   if (got.shape() != ref.shape() || got.dims() != 4 || static_cast<std::int64_t>(kappa.size()) * got.dim(3) != got.numel()) {
     return ::testing::AssertionFailure() << kernel << " " << what << ": shapes do not fit the token mask";
   }
@@ -263,7 +264,17 @@ Tensor replace_tokens(const Tensor& got, const Tensor& ref, const std::vector<st
   return matches(masked, r, tol, kernel, what + " (tokens with kappa <= " + std::to_string(kappa_max) + ")", spec);
 }
 
-std::vector<std::int64_t> near_normaliser_kink(const Inputs& in, const MlstmOptions& o, double u) {
+namespace {
+// The relative rounding u of a kernel's den for this spec (near_normaliser_kink in test_util.hpp).
+double kernel_roundoff(const InputSpec& spec) {
+  if (spec.dtype == DType::bf16) return std::ldexp(1.0, -8);
+  if (spec.dtype == DType::f16) return std::ldexp(1.0, -11);
+  return spec.regime == GateRegime::extreme ? 1e-4 : 1e-6;
+}
+}  // namespace
+
+std::vector<std::int64_t> near_normaliser_kink(const Inputs& in, const MlstmOptions& o, const InputSpec& spec) {
+  const double u = kernel_roundoff(spec);
   std::vector<std::int64_t> near;
   if (!o.normalize && o.gate == GateVariant::sigmoid) return near;
   for_each_normaliser(in, o, [&](std::int64_t token, double den, double terms, double m) {
@@ -279,14 +290,8 @@ std::vector<std::int64_t> near_normaliser_kink(const Inputs& in, const MlstmOpti
   return near;
 }
 
-double kernel_roundoff(const InputSpec& spec) {
-  if (spec.dtype == DType::bf16) return std::ldexp(1.0, -8);
-  if (spec.dtype == DType::f16) return std::ldexp(1.0, -11);
-  return spec.regime == GateRegime::extreme ? 1e-4 : 1e-6;
-}
-
 std::int64_t quiet_normaliser_kinks(Inputs& in, const MlstmOptions& o, const InputSpec& spec) {
-  const auto near = near_normaliser_kink(in, o, kernel_roundoff(spec));
+  const auto near = near_normaliser_kink(in, o, spec);
   if (static_cast<std::int64_t>(near.size()) * 2 > spec.B * spec.NH * spec.S) return -1;
   const std::int64_t V = in.dh.dim(3);
   for (const std::int64_t token : near) std::fill_n(in.dh.data<float>() + token * V, V, 0.0f);

@@ -75,6 +75,13 @@ TEST_P(GraphForward, HeadSplitEqualsOneCall) {
   EXPECT_TRUE(testing::matches(got.m, one_call.m, 1e-6, "graph head split " + mix.spec, "m_last", s));
 }
 
+// The runner's log of its last run, one line per entry (for SCOPED_TRACE).
+std::string graph_log(const graph::FlowGraphRunner& runner) {
+  std::string text = "graph log:";
+  for (const auto& line : runner.last_log()) text += "\n  " + line;
+  return text;
+}
+
 // The gradients of a problem against one call of the CPU chunkwise backward, every field. dm0 = <dC0, C0> +
 // <dn0, n0> per row is a sum that can cancel to far below its terms, so it is held to tol times the size of
 // its terms, sum |dC0 * C0| + sum |dn0 * n0| (from the initial state in `in`), not to tol times itself.
@@ -129,9 +136,7 @@ TEST_P(GraphForward, SequenceParallelBackwardEqualsOneCall) {
     ASSERT_GE(testing::quiet_normaliser_kinks(in, o, c.s), 0) << "most tokens near the normaliser's kink";
     const auto one_call = get_kernel("chunkwise--cpu_xl_chunk")->backward(in.backward_args(c.last_grads), o);
     const auto got = runner.backward(in.backward_args(c.last_grads), o, c.segment);
-    std::string where;  // which device ran what, printed with any failure below
-    for (const auto& line : runner.last_log()) where += "\n  " + line;
-    SCOPED_TRACE("graph log:" + where);
+    SCOPED_TRACE(graph_log(runner));  // which device ran what, printed with any failure below
     // CPU workers only: the same kernel, cut into segments: float32 rounding of another summation order (1e-4),
     // bf16 outputs to their rounding. With OpenCL devices the segments run on another kernel, and two kernels
     // can differ by the sum of their distances to the float64 reference (test_opencl_backward and the CPU
@@ -342,9 +347,7 @@ TEST(GraphFaults, BackwardSurvivesAFailedDeviceAndOutOfMemory) {
     ::setenv("MLSTM_FAULT_INJECT", "opencl:1:*", 1);
     const auto got = runner.backward(in.backward_args(true), o, 64);
     ::unsetenv("MLSTM_FAULT_INJECT");
-    std::string where;  // which device ran what, printed with any failure below
-    for (const auto& line : runner.last_log()) where += "\n  " + line;
-    SCOPED_TRACE("graph log:" + where);
+    SCOPED_TRACE(graph_log(runner));  // which device ran what, printed with any failure below
     expect_same_gradients(got, one_call, 1e-4, "graph backward with a failed device", s, in);
     bool logged = false;
     for (const auto& line : runner.last_log()) logged = logged || line.find("device failure") != std::string::npos;
