@@ -1,10 +1,15 @@
 #include <spdlog/spdlog.h>
+#include <tbb/blocked_range.h>
+#include <tbb/parallel_for.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <functional>
+#include <limits>
+#include <optional>
 #include <sstream>
 #include <string>
 
@@ -207,6 +212,113 @@ Buffer::~Buffer() {
   if (mem_ && clReleaseMemObject(mem_) != CL_SUCCESS) spdlog::warn("clReleaseMemObject failed");
 }
 
+namespace {
+constexpr std::size_t kDefaultStagingSlot = std::size_t{32} << 20;
+constexpr std::size_t kStagingThreshold = std::size_t{4} << 20;
+constexpr std::size_t kCopySlice = std::size_t{1} << 20;  // host copies in parallel slices of this size
+
+// MLSTM_OPENCL_STAGING: "off" (or 0) or the slot size in bytes (rounded up to 4 KiB).
+std::size_t default_staging_slot() {
+  const char* env = std::getenv("MLSTM_OPENCL_STAGING");
+  if (!env || !*env) return kDefaultStagingSlot;
+  const std::string v(env);
+  if (v == "off") return 0;
+  char* end = nullptr;
+  const unsigned long long bytes = std::strtoull(env, &end, 10);
+  if (end == env || *end != '\0') {
+    spdlog::warn("mlstm-flow: MLSTM_OPENCL_STAGING='{}' is neither 'off' nor a byte count; using {} MiB slots", v,
+                 kDefaultStagingSlot >> 20);
+    return kDefaultStagingSlot;
+  }
+  return (static_cast<std::size_t>(bytes) + 4095) / 4096 * 4096;
+}
+
+void parallel_memcpy(std::byte* dst, const std::byte* src, std::size_t bytes) {
+  if (bytes <= kCopySlice) {
+    std::memcpy(dst, src, bytes);
+    return;
+  }
+  tbb::parallel_for(std::size_t{0}, (bytes + kCopySlice - 1) / kCopySlice, [&](std::size_t j) {
+    const std::size_t off = j * kCopySlice;
+    std::memcpy(dst + off, src + off, std::min(kCopySlice, bytes - off));
+  });
+}
+
+// The elements of a view in row-major order as runs of contiguous source elements: the innermost dimensions
+// whose strides are contiguous form one run ("row"); rows are enumerated over the outer dimensions.
+class RowRuns {
+ public:
+  explicit RowRuns(ConstTensorView t) : t_(t) {
+    const int nd = t.dims();
+    inner_dims_ = 0;
+    row_ = 1;
+    std::int64_t expect = 1;
+    for (int d = nd - 1; d >= 0; --d) {
+      const auto du = static_cast<std::size_t>(d);
+      if (t.shape()[du] != 1 && t.strides()[du] != expect) break;
+      expect *= t.shape()[du];
+      row_ *= t.shape()[du];
+      ++inner_dims_;
+    }
+  }
+  std::int64_t row_elements() const noexcept { return row_; }
+  // Source element offset of row r.
+  std::int64_t row_offset(std::int64_t r) const noexcept {
+    std::int64_t off = 0;
+    for (int d = t_.dims() - 1 - inner_dims_; d >= 0; --d) {
+      const auto du = static_cast<std::size_t>(d);
+      off += (r % t_.shape()[du]) * t_.strides()[du];
+      r /= t_.shape()[du];
+    }
+    return off;
+  }
+  // Writes elements [e0, e0 + count) of the view, converted to `dtype`, to `out`.
+  void gather(std::int64_t e0, std::int64_t count, DType dtype, std::byte* out) const {
+    const std::size_t in_size = dtype_size(t_.dtype()), out_size = dtype_size(dtype);
+    std::int64_t e = e0;
+    const std::int64_t end = e0 + count;
+    while (e < end) {
+      const std::int64_t r = row_ > 0 ? e / row_ : 0, within = row_ > 0 ? e % row_ : 0;
+      const std::int64_t n = std::min(end - e, row_ - within);
+      convert_elements(t_.bytes() + static_cast<std::size_t>(row_offset(r) + within) * in_size, t_.dtype(),
+                       out + static_cast<std::size_t>(e - e0) * out_size, dtype, static_cast<std::size_t>(n));
+      e += n;
+    }
+  }
+
+ private:
+  ConstTensorView t_;
+  int inner_dims_ = 0;
+  std::int64_t row_ = 1;
+};
+}  // namespace
+
+struct Device::Staging {
+  cl_command_queue queue = nullptr;
+  Buffer slot_mem[2];
+  std::byte* slot[2] = {nullptr, nullptr};
+  std::size_t bytes = 0;
+  Staging(cl_context context, cl_command_queue q, std::size_t slot_bytes, const std::string& device) : queue(q), bytes(slot_bytes) {
+    for (int s = 0; s < 2; ++s) {
+      cl_int err = CL_SUCCESS;
+      cl_mem m = clCreateBuffer(context, CL_MEM_READ_WRITE | CL_MEM_ALLOC_HOST_PTR, slot_bytes, nullptr, &err);
+      check(err, "clCreateBuffer(pinned staging)", device);
+      slot_mem[s] = Buffer(m, slot_bytes);
+      void* p = clEnqueueMapBuffer(queue, m, CL_TRUE, CL_MAP_READ | CL_MAP_WRITE, 0, slot_bytes, 0, nullptr, nullptr, &err);
+      check(err, "clEnqueueMapBuffer(pinned staging)", device);
+      slot[s] = static_cast<std::byte*>(p);
+    }
+  }
+  Staging(const Staging&) = delete;
+  Staging& operator=(const Staging&) = delete;
+  ~Staging() {
+    for (int s = 0; s < 2; ++s) {
+      if (slot[s]) clEnqueueUnmapMemObject(queue, slot_mem[s].get(), slot[s], 0, nullptr, nullptr);
+    }
+    clFinish(queue);
+  }
+};
+
 Device::Device(const DeviceInfo& info) : info_(info) {
   cl_int err = CL_SUCCESS;
   const cl_context_properties props[] = {CL_CONTEXT_PLATFORM, reinterpret_cast<cl_context_properties>(info.platform), 0};
@@ -216,10 +328,13 @@ Device::Device(const DeviceInfo& info) : info_(info) {
   check(err, "clCreateCommandQueue", info_.name);
   profiling_queue_ = clCreateCommandQueue(context_, info_.id, CL_QUEUE_PROFILING_ENABLE, &err);
   check(err, "clCreateCommandQueue(profiling)", info_.name);
+  staging_slot_ = default_staging_slot();
   spdlog::info("mlstm-flow: opened OpenCL device {}", info_.describe());
 }
 
 Device::~Device() {
+  staging_.clear();
+  kept_uploads_.clear();
   pool_.clear();
   for (auto& [key, p] : programs_) clReleaseProgram(p);
   if (profiling_queue_) clReleaseCommandQueue(profiling_queue_);
@@ -344,16 +459,192 @@ PooledBuffer Device::acquire_unfilled(std::size_t bytes) {
 PooledBuffer Device::acquire_upload(const void* data, std::size_t bytes) {
   const ScopedTrace trace([&] { return "upload " + std::to_string(bytes >> 10) + " KiB to " + info_.name; });
   PooledBuffer b = acquire_unfilled(bytes);
-  if (bytes) check(clEnqueueWriteBuffer(queue_, b.get(), CL_TRUE, 0, bytes, data, 0, nullptr, nullptr),
-                   "clEnqueueWriteBuffer", info_.name);
+  if (bytes >= staging_threshold()) {
+    const auto* src = static_cast<const std::byte*>(data);
+    staged_write(b.get(), bytes, [&](std::size_t off, std::size_t len, std::byte* out) { parallel_memcpy(out, src + off, len); });
+  } else if (bytes) {
+    check(clEnqueueWriteBuffer(queue_, b.get(), CL_TRUE, 0, bytes, data, 0, nullptr, nullptr), "clEnqueueWriteBuffer",
+          info_.name);
+  }
   if (b.bytes() > bytes) poison(b.get(), bytes, b.bytes() - bytes);  // the size class's tail
   return b;
+}
+
+PooledBuffer Device::acquire_upload(ConstTensorView t, DType dtype) {
+  const std::size_t bytes = static_cast<std::size_t>(t.numel()) * dtype_size(dtype);
+  std::optional<UploadKey> key;
+  {
+    std::lock_guard lock(pool_mutex_);
+    if (bytes > 0 && !retained_ranges_.empty() && retained(t.bytes())) {
+      key = UploadKey{t.bytes(), t.dtype(), dtype, t.shape(), t.strides()};
+      if (auto it = kept_uploads_.find(*key); it != kept_uploads_.end()) {
+        const ScopedTrace trace([&] { return "upload reused " + std::to_string(bytes >> 10) + " KiB on " + info_.name; });
+        Buffer b = std::move(it->second);
+        kept_uploads_.erase(it);
+        kept_bytes_ -= b.bytes();
+        ++reused_uploads_;
+        handed_out_uploads_.emplace(b.get(), *key);
+        return PooledBuffer(this, std::move(b));
+      }
+    }
+  }
+  PooledBuffer b = upload_view(t, dtype);
+  if (key) {
+    std::lock_guard lock(pool_mutex_);
+    handed_out_uploads_.emplace(b.get(), *key);
+  }
+  return b;
+}
+
+bool Device::retained(const void* data) const {
+  const auto* p = static_cast<const std::byte*>(data);
+  return std::any_of(retained_ranges_.begin(), retained_ranges_.end(), [&](const HostRange& r) {
+    const auto* b = static_cast<const std::byte*>(r.begin);
+    return p >= b && p < b + r.bytes;
+  });
+}
+
+void Device::drop_unretained_uploads() {
+  for (auto it = kept_uploads_.begin(); it != kept_uploads_.end();) {
+    if (retained(it->first.data)) {
+      ++it;
+      continue;
+    }
+    const std::size_t cls = it->second.bytes();
+    kept_bytes_ -= cls;
+    if (pool_stats_.bytes_held + cls <= info_.global_memory / 4) {
+      pool_[cls].push_back(std::move(it->second));
+      pool_stats_.bytes_held += cls;
+      ++pool_stats_.buffers_held;
+    }
+    it = kept_uploads_.erase(it);  // a buffer not pooled is freed here
+  }
+}
+
+Device::RetainedUploads::RetainedUploads(Device& device, std::vector<HostRange> ranges)
+    : device_(device), ranges_(std::move(ranges)) {
+  std::lock_guard lock(device_.pool_mutex_);
+  device_.retained_ranges_.insert(device_.retained_ranges_.end(), ranges_.begin(), ranges_.end());
+}
+
+Device::RetainedUploads::~RetainedUploads() {
+  std::lock_guard lock(device_.pool_mutex_);
+  for (const auto& r : ranges_) {
+    auto& all = device_.retained_ranges_;
+    auto it = std::find_if(all.begin(), all.end(),
+                           [&](const HostRange& x) { return x.begin == r.begin && x.bytes == r.bytes; });
+    if (it != all.end()) all.erase(it);
+  }
+  device_.drop_unretained_uploads();
+}
+
+std::uint64_t Device::reused_uploads() const {
+  std::lock_guard lock(pool_mutex_);
+  return reused_uploads_;
+}
+
+PooledBuffer Device::upload_view(ConstTensorView t, DType dtype) {
+  const std::size_t out_size = dtype_size(dtype);
+  const std::size_t bytes = static_cast<std::size_t>(t.numel()) * out_size;
+  if (t.dtype() == dtype && t.is_contiguous()) return acquire_upload(t.bytes(), bytes);
+  if (bytes < staging_threshold()) {
+    const Tensor c = Tensor::copy_of(t, dtype);
+    return acquire_upload(c.bytes(), c.nbytes());
+  }
+  const ScopedTrace trace([&] { return "upload (gathered) " + std::to_string(bytes >> 10) + " KiB to " + info_.name; });
+  PooledBuffer b = acquire_unfilled(bytes);
+  const RowRuns runs(t);
+  staged_write(b.get(), bytes, [&](std::size_t off, std::size_t len, std::byte* out) {
+    // Pieces are whole elements (slot sizes are multiples of 4 KiB); gather in parallel slices.
+    const auto e0 = static_cast<std::int64_t>(off / out_size), n = static_cast<std::int64_t>(len / out_size);
+    const auto slice = static_cast<std::int64_t>(kCopySlice / out_size);
+    tbb::parallel_for(std::int64_t{0}, (n + slice - 1) / slice, [&](std::int64_t j) {
+      const std::int64_t a = j * slice;
+      runs.gather(e0 + a, std::min(slice, n - a), dtype, out + static_cast<std::size_t>(a) * out_size);
+    });
+  });
+  if (b.bytes() > bytes) poison(b.get(), bytes, b.bytes() - bytes);
+  return b;
+}
+
+void Device::set_staging(std::size_t slot_bytes) {
+  std::lock_guard lock(staging_mutex_);
+  staging_slot_ = (slot_bytes + 4095) / 4096 * 4096;
+  staging_.clear();
+}
+
+std::size_t Device::staging_threshold() const noexcept {
+  return staging_slot_ == 0 ? std::numeric_limits<std::size_t>::max() : std::min(kStagingThreshold, staging_slot_);
+}
+
+std::unique_ptr<Device::Staging> Device::take_staging() {
+  std::lock_guard lock(staging_mutex_);
+  for (auto it = staging_.begin(); it != staging_.end(); ++it) {
+    if ((*it)->bytes == staging_slot_) {
+      auto s = std::move(*it);
+      staging_.erase(it);
+      return s;
+    }
+  }
+  return std::make_unique<Staging>(context_, queue_, staging_slot_, info_.name);
+}
+
+void Device::give_staging(std::unique_ptr<Staging> s) noexcept {
+  std::lock_guard lock(staging_mutex_);
+  if (s->bytes == staging_slot_ && staging_.size() < 2) staging_.push_back(std::move(s));
+}
+
+void Device::staged_write(cl_mem dst, std::size_t bytes,
+                          const std::function<void(std::size_t, std::size_t, std::byte*)>& fill) {
+  auto st = take_staging();
+  cl_event pending[2] = {nullptr, nullptr};
+  auto wait = [&](int s) {
+    if (!pending[s]) return;
+    const cl_int err = clWaitForEvents(1, &pending[s]);
+    clReleaseEvent(pending[s]);
+    pending[s] = nullptr;
+    check(err, "clWaitForEvents(staged upload)", info_.name);
+  };
+  try {
+    int s = 0;
+    for (std::size_t off = 0; off < bytes; off += st->bytes, s ^= 1) {
+      const std::size_t len = std::min(st->bytes, bytes - off);
+      wait(s);  // the slot's last piece is on the device
+      fill(off, len, st->slot[s]);
+      check(clEnqueueWriteBuffer(queue_, dst, CL_FALSE, off, len, st->slot[s], 0, nullptr, &pending[s]),
+            "clEnqueueWriteBuffer(staged)", info_.name);
+    }
+    wait(0);
+    wait(1);
+  } catch (...) {
+    for (auto& e : pending) {
+      if (e) {
+        clWaitForEvents(1, &e);
+        clReleaseEvent(e);
+      }
+    }
+    throw;  // the staging set is dropped with its slots (unmapped after the queue drains)
+  }
+  give_staging(std::move(st));
 }
 
 void Device::release(Buffer&& buffer) noexcept {
   if (!buffer.get()) return;
   const std::size_t cls = buffer.bytes();
   std::lock_guard lock(pool_mutex_);
+  if (auto it = handed_out_uploads_.find(buffer.get()); it != handed_out_uploads_.end()) {
+    try {
+      UploadKey key = std::move(it->second);
+      handed_out_uploads_.erase(it);
+      if (retained(key.data) && !kept_uploads_.count(key) && kept_bytes_ + cls <= info_.global_memory / 2) {
+        kept_uploads_.emplace(std::move(key), std::move(buffer));
+        kept_bytes_ += cls;
+        return;
+      }
+    } catch (const std::bad_alloc&) {
+      // not kept: pooled or freed below
+    }
+  }
   if (pool_stats_.bytes_held + cls > info_.global_memory / 4) return;  // not kept: freed by Buffer's destructor
   pool_[cls].push_back(std::move(buffer));
   pool_stats_.bytes_held += cls;
@@ -370,6 +661,9 @@ void Device::trim() {
   {
     std::lock_guard lock(pool_mutex_);
     freed.swap(pool_);
+    for (auto& [key, b] : kept_uploads_) freed[b.bytes()].push_back(std::move(b));
+    kept_uploads_.clear();
+    kept_bytes_ = 0;
     if (pool_stats_.buffers_held)
       spdlog::debug("mlstm-flow: {}: buffer pool trimmed ({} buffers, {} MiB)", info_.name, pool_stats_.buffers_held,
                     pool_stats_.bytes_held >> 20);
@@ -425,8 +719,44 @@ Buffer Device::upload(const void* data, std::size_t bytes) {
 
 void Device::download(const Buffer& buf, void* data, std::size_t bytes) {
   const ScopedTrace trace([&] { return "download " + std::to_string(bytes >> 10) + " KiB from " + info_.name; });
-  if (bytes) check(clEnqueueReadBuffer(queue_, buf.get(), CL_TRUE, 0, bytes, data, 0, nullptr, nullptr),
-                   "clEnqueueReadBuffer", info_.name);
+  if (bytes < staging_threshold()) {
+    if (bytes) check(clEnqueueReadBuffer(queue_, buf.get(), CL_TRUE, 0, bytes, data, 0, nullptr, nullptr),
+                     "clEnqueueReadBuffer", info_.name);
+    return;
+  }
+  // Piece p+1 comes down into one slot while piece p is copied out of the other.
+  auto st = take_staging();
+  auto* out = static_cast<std::byte*>(data);
+  cl_event pending[2] = {nullptr, nullptr};
+  auto read = [&](std::size_t piece) {
+    const std::size_t off = piece * st->bytes, len = std::min(st->bytes, bytes - off);
+    const int s = static_cast<int>(piece % 2);
+    check(clEnqueueReadBuffer(queue_, buf.get(), CL_FALSE, off, len, st->slot[s], 0, nullptr, &pending[s]),
+          "clEnqueueReadBuffer(staged)", info_.name);
+  };
+  const std::size_t pieces = (bytes + st->bytes - 1) / st->bytes;
+  try {
+    read(0);
+    for (std::size_t p = 0; p < pieces; ++p) {
+      if (p + 1 < pieces) read(p + 1);  // its slot's last piece (p - 1) was copied out already
+      const int s = static_cast<int>(p % 2);
+      const cl_int err = clWaitForEvents(1, &pending[s]);
+      clReleaseEvent(pending[s]);
+      pending[s] = nullptr;
+      check(err, "clWaitForEvents(staged download)", info_.name);
+      const std::size_t off = p * st->bytes;
+      parallel_memcpy(out + off, st->slot[s], std::min(st->bytes, bytes - off));
+    }
+  } catch (...) {
+    for (auto& e : pending) {
+      if (e) {
+        clWaitForEvents(1, &e);
+        clReleaseEvent(e);
+      }
+    }
+    throw;
+  }
+  give_staging(std::move(st));
 }
 
 void Device::finish() {

@@ -19,14 +19,9 @@ inline std::vector<float> as_f32(ConstTensorView t) {
   return std::vector<float>(c.data<float>(), c.data<float>() + c.numel());
 }
 
-// A device buffer holding `t` as `dtype`, uploaded straight from the caller's memory when `t` is contiguous and
-// already in that dtype (a host copy of a large input costs as much as its transfer), else through a copy.
-inline PooledBuffer upload_as(Device& dev, ConstTensorView t, DType dtype) {
-  if (t.dtype() == dtype && t.is_contiguous())
-    return dev.acquire_upload(t.bytes(), static_cast<std::size_t>(t.numel()) * dtype_size(dtype));
-  const Tensor c = Tensor::copy_of(t, dtype);
-  return dev.acquire_upload(c.bytes(), c.nbytes());
-}
+// A device buffer holding `t` as `dtype`, uploaded straight from the caller's memory (strided views and other
+// dtypes are gathered and converted on the way, no host copy of the whole tensor).
+inline PooledBuffer upload_as(Device& dev, ConstTensorView t, DType dtype) { return dev.acquire_upload(t, dtype); }
 
 // Sets the kernel's arguments in order: buffers (Buffer, PooledBuffer) as cl_mem, scalars by value.
 template <class... Args>

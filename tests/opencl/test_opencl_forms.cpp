@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <random>
 #include <string>
 #include <thread>
 
@@ -210,6 +211,109 @@ TEST(OpenCLForms, RegistryListsEveryOpenCLForm) {
                            "chunkwise--opencl_xl_chunk_siging", "chunkwise--opencl_tc_xl_chunk"}) {
     EXPECT_TRUE(std::any_of(names.begin(), names.end(), [&](const KernelInfo& k) { return k.name == want; })) << want;
   }
+}
+
+// Large transfers go through pinned staging slots piece by piece (Device::set_staging); strided views and
+// dtype changes are gathered on the way. With 8 KiB slots every copy below takes several pieces, ends in a
+// partial one, and crosses rows of the views mid-piece; results must equal the driver's direct copies and
+// Tensor::copy_of, also from several threads at once (each gets its own staging set).
+TEST(OpenCLStaging, PiecewiseTransfersEqualDirectOnes) {
+  REQUIRE_OPENCL();
+  auto dev = opencl::open_device(opencl::select_devices("0").front());
+  const std::size_t saved = dev->staging_slot_bytes();
+  dev->set_staging(8192);
+  ASSERT_EQ(dev->staging_threshold(), 8192u);
+  std::mt19937 rng(12345);
+  std::uniform_int_distribution<int> byte(0, 255);
+  std::vector<unsigned char> bytes(100003);
+  for (auto& b : bytes) b = static_cast<unsigned char>(byte(rng));
+
+  // Contiguous bytes up, staged; down staged and direct.
+  opencl::PooledBuffer up = dev->acquire_upload(bytes.data(), bytes.size());
+  std::vector<unsigned char> staged(bytes.size(), 0), direct(bytes.size(), 0);
+  dev->download(up, staged.data(), staged.size());
+  EXPECT_EQ(staged, bytes);
+  dev->set_staging(0);
+  dev->download(up, direct.data(), direct.size());
+  EXPECT_EQ(direct, bytes);
+  dev->set_staging(8192);
+
+  // Views: a sequence slice (rows of 60 x 48 elements at strides of 77 x 48), and one whose innermost stride is 2.
+  Tensor base({3, 5, 77, 48}, DType::bf16);
+  for (std::int64_t e = 0; e < base.numel(); ++e) base.data<std::uint16_t>()[e] = static_cast<std::uint16_t>(0x3f80 + (e % 977));
+  const Shape strides = contiguous_strides(base.shape());
+  const ConstTensorView slice(base.bytes() + 10 * 48 * 2, DType::bf16, {3, 5, 60, 48}, strides);
+  const ConstTensorView every_other(base.bytes(), DType::bf16, {3, 5, 77, 24}, {strides[0], strides[1], strides[2], 2});
+  for (const ConstTensorView& view : {slice, every_other, ConstTensorView(base.view())}) {
+    for (DType as : {DType::bf16, DType::f32}) {
+      const Tensor want = Tensor::copy_of(view, as);
+      opencl::PooledBuffer b = dev->acquire_upload(view, as);
+      std::vector<std::byte> got(want.nbytes());
+      dev->set_staging(0);
+      dev->download(b, got.data(), got.size());
+      dev->set_staging(8192);
+      EXPECT_EQ(std::memcmp(got.data(), want.bytes(), want.nbytes()), 0)
+          << "view " << view.shape()[2] << "x" << view.shape()[3] << " as " << dtype_name(as);
+    }
+  }
+
+  // Several threads at once, each its own data.
+  std::atomic<int> bad{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      std::vector<unsigned char> mine(50000 + 4096 * static_cast<std::size_t>(t));
+      for (std::size_t e = 0; e < mine.size(); ++e) mine[e] = static_cast<unsigned char>((e * 7 + static_cast<std::size_t>(t)) & 0xFF);
+      for (int rep = 0; rep < 20; ++rep) {
+        opencl::PooledBuffer b = dev->acquire_upload(mine.data(), mine.size());
+        std::vector<unsigned char> back(mine.size(), 0);
+        dev->download(b, back.data(), back.size());
+        if (back != mine) ++bad;
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(bad.load(), 0);
+  dev->set_staging(saved);
+}
+
+// RetainedUploads: within the scope a view inside a listed range is uploaded once and handed out again
+// (same bytes on the device); a view outside the ranges, another dtype, or anything after the scope ends
+// is uploaded afresh.
+TEST(OpenCLResidency, RetainedUploadsAreReusedOnlyInsideTheirScope) {
+  REQUIRE_OPENCL();
+  auto dev = opencl::open_device(opencl::select_devices("0").front());
+  Tensor a({2, 3, 40, 16}, DType::f32), other({2, 3, 40, 16}, DType::f32);
+  for (std::int64_t e = 0; e < a.numel(); ++e) {
+    a.data<float>()[e] = static_cast<float>(e) * 0.5f;
+    other.data<float>()[e] = -1.f;
+  }
+  const Shape st = contiguous_strides(a.shape());
+  const ConstTensorView seg(a.bytes() + 8 * 16 * 4, DType::f32, {2, 3, 24, 16}, st);  // tokens 8..31
+  auto read_back = [&](const opencl::PooledBuffer& b, std::size_t n) {
+    std::vector<float> x(n);
+    dev->download(b, x.data(), n * sizeof(float));
+    return x;
+  };
+  const Tensor want = Tensor::copy_of(seg);
+  const std::vector<float> expect(want.data<float>(), want.data<float>() + want.numel());
+  const std::uint64_t before = dev->reused_uploads();
+  {
+    opencl::Device::RetainedUploads scope(*dev, {{a.bytes(), a.nbytes()}});
+    { opencl::PooledBuffer b = dev->acquire_upload(seg, DType::f32); EXPECT_EQ(read_back(b, expect.size()), expect); }
+    EXPECT_EQ(dev->reused_uploads(), before);
+    { opencl::PooledBuffer b = dev->acquire_upload(seg, DType::f32); EXPECT_EQ(read_back(b, expect.size()), expect); }
+    EXPECT_EQ(dev->reused_uploads(), before + 1);
+    { opencl::PooledBuffer b = dev->acquire_upload(seg, DType::bf16); }  // another dtype: its own upload
+    { opencl::PooledBuffer b = dev->acquire_upload(other.view(), DType::f32); }  // outside the ranges
+    { opencl::PooledBuffer b = dev->acquire_upload(other.view(), DType::f32); }
+    EXPECT_EQ(dev->reused_uploads(), before + 1);
+  }
+  // The scope is over: the memory may change and must be uploaded again.
+  a.data<float>()[8 * 16] = 1234.f;
+  opencl::PooledBuffer b = dev->acquire_upload(seg, DType::f32);
+  EXPECT_EQ(read_back(b, 1).front(), 1234.f);
+  EXPECT_EQ(dev->reused_uploads(), before + 1);
 }
 
 }  // namespace

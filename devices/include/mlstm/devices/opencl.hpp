@@ -5,7 +5,10 @@
 
 #include <CL/cl.h>
 
+#include <cstddef>
+#include <compare>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -13,6 +16,7 @@
 #include <vector>
 
 #include "mlstm/error.hpp"
+#include "mlstm/tensor.hpp"
 
 namespace mlstm::opencl {
 
@@ -113,6 +117,37 @@ class Device {
   Buffer alloc(std::size_t bytes);  // filled like acquire() under MLSTM_OPENCL_POISON=1
   Buffer upload(const void* data, std::size_t bytes);  // blocking
   void download(const Buffer& buf, void* data, std::size_t bytes);  // blocking
+  // Transfers of at least staging_threshold() bytes (blocking upload, acquire_upload, download) go through
+  // page-locked host slots of staging_slot_bytes() in pieces: the host copy of one piece (in parallel) overlaps
+  // the DMA of the last, instead of the driver's pageable path (on an H100: 7 GB/s up, 1.3 GB/s down into fresh
+  // pages). MLSTM_OPENCL_STAGING=off turns it off, =<bytes> sets the slot size (default 32 MiB; the threshold
+  // is min(4 MiB, slot)). set_staging(0) turns it off for this device.
+  void set_staging(std::size_t slot_bytes);
+
+  // Input residency for one run over segments (the flow graph uploads a segment's inputs for its local state,
+  // then again for its outputs or gradients): while a RetainedUploads lists a host range, a buffer that
+  // acquire_upload(view, dtype) filled from a view inside it is kept when released and handed out again for
+  // the same view (address, shape, strides, dtypes) without a transfer. The caller must not change that memory
+  // while the scope lives. Kept buffers count against the pool's limit and are freed by trim() and when the
+  // last scope naming their range ends. Thread-safe; scopes may overlap.
+  struct HostRange {
+    const void* begin = nullptr;
+    std::size_t bytes = 0;
+  };
+  class RetainedUploads {
+   public:
+    RetainedUploads(Device& device, std::vector<HostRange> ranges);
+    ~RetainedUploads();
+    RetainedUploads(const RetainedUploads&) = delete;
+    RetainedUploads& operator=(const RetainedUploads&) = delete;
+
+   private:
+    Device& device_;
+    std::vector<HostRange> ranges_;
+  };
+  std::uint64_t reused_uploads() const;  // acquire_upload calls served by a kept buffer so far
+  std::size_t staging_slot_bytes() const noexcept { return staging_slot_; }
+  std::size_t staging_threshold() const noexcept;
   void finish();
   std::size_t builds() const noexcept { return builds_; }  // programs built so far (cache misses)
 
@@ -121,6 +156,9 @@ class Device {
   // acquire() hands out are all 0xFF (NaN as floats), to catch kernels that read what nobody wrote.
   PooledBuffer acquire(std::size_t bytes);
   PooledBuffer acquire_upload(const void* data, std::size_t bytes);
+  // A buffer holding `t` (any strides, any dtype) as a contiguous tensor of `dtype`, gathered and converted
+  // straight from the caller's memory (no host copy of the whole tensor first).
+  PooledBuffer acquire_upload(ConstTensorView t, DType dtype);
   PoolStats pool_stats() const;
   void trim();  // frees every buffer the pool keeps
   // Non-blocking copies on `queue` (nullptr: the in-order queue); the returned event is the caller's to
@@ -134,6 +172,32 @@ class Device {
   PooledBuffer acquire_unfilled(std::size_t bytes);  // acquire() without MLSTM_OPENCL_POISON's fill
   Buffer alloc_unfilled(std::size_t bytes);          // alloc() without it
   void poison(cl_mem mem, std::size_t offset, std::size_t bytes);  // that fill (a no-op unless it is on)
+
+  // Pinned staging: two mapped page-locked slots; sets are pooled so that transfers from several threads
+  // (an upload and a download, say) each get their own.
+  struct Staging;
+  std::unique_ptr<Staging> take_staging();
+  void give_staging(std::unique_ptr<Staging> s) noexcept;
+  // Writes `bytes` into `dst` piece by piece: fill(offset, length, out) writes bytes [offset, offset+length) of
+  // the destination into the pinned `out`.
+  void staged_write(cl_mem dst, std::size_t bytes,
+                    const std::function<void(std::size_t, std::size_t, std::byte*)>& fill);
+  struct UploadKey {
+    const void* data;
+    DType from, to;
+    Shape shape, strides;
+    auto operator<=>(const UploadKey&) const = default;
+  };
+  PooledBuffer upload_view(ConstTensorView t, DType dtype);  // acquire_upload(view) without the reuse
+  bool retained(const void* data) const;  // inside a listed range (pool_mutex_ held)
+  void drop_unretained_uploads();         // kept buffers outside every listed range back to the pool
+  std::vector<HostRange> retained_ranges_;          // every live scope's ranges (guarded by pool_mutex_)
+  std::map<UploadKey, Buffer> kept_uploads_;        // released, waiting to be handed out again
+  std::map<cl_mem, UploadKey> handed_out_uploads_;  // in use; kept again when released
+  std::uint64_t kept_bytes_ = 0, reused_uploads_ = 0;
+  std::size_t staging_slot_ = 0;
+  std::mutex staging_mutex_;
+  std::vector<std::unique_ptr<Staging>> staging_;
 
   DeviceInfo info_;
   cl_context context_ = nullptr;
