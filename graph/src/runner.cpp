@@ -194,6 +194,14 @@ std::vector<double> FlowGraphRunner::calibrate(const std::vector<std::shared_ptr
 
 namespace {
 
+// One residency scope per device for the run's inputs (ComputeDevice::keep_inputs_resident).
+std::vector<std::unique_ptr<nodes::ComputeDevice::InputResidency>> keep_inputs_resident(
+    const std::vector<std::shared_ptr<nodes::ComputeDevice>>& devices, const std::vector<ConstTensorView>& inputs) {
+  std::vector<std::unique_ptr<nodes::ComputeDevice::InputResidency>> out;
+  for (const auto& d : devices) out.push_back(d->keep_inputs_resident(inputs));
+  return out;
+}
+
 // Phases 1 and 2 of the sequence-parallel forward, shared by forward() and backward(): per device a
 // local-state node fed from a segment queue (one queue per device when calibrated, else one shared queue),
 // then the in-order sequencer and the serial state recurrence, whose successors receive every segment's
@@ -236,12 +244,16 @@ ForwardResult FlowGraphRunner::forward(const ForwardArgs& args, const MlstmOptio
   auto segments = std::make_shared<std::vector<nodes::Segment>>(p.segments);
   auto running = std::make_shared<nodes::SegmentEntry>(problem->initial_entry());
 
+  // Every device keeps the inputs it uploads for a segment's local state for that segment's outputs.
+  const auto residency = keep_inputs_resident(devices_, {args.q, args.k, args.v, args.i, args.f});
+
   tbb::flow::graph g;
-  // pull: one shared queue per phase; calibrated: one queue per device per phase.
+  // Local states: pull (one shared queue) or calibrated (one queue per device). Outputs: one queue per device;
+  // a pulled segment goes to the device that computed its local state (StateRecurrenceBody).
   const std::size_t queues = balancing_ == Balancing::calibrated ? devices_.size() : 1;
   auto route = [&](const nodes::Segment& s) { return s.device < 0 ? std::size_t{0} : static_cast<std::size_t>(s.device); };
   std::vector<std::unique_ptr<queue_node<nodes::SegmentEntry>>> entry_queues;
-  for (std::size_t qi = 0; qi < queues; ++qi) entry_queues.push_back(std::make_unique<queue_node<nodes::SegmentEntry>>(g));
+  for (std::size_t qi = 0; qi < devices_.size(); ++qi) entry_queues.push_back(std::make_unique<queue_node<nodes::SegmentEntry>>(g));
   auto pool = std::make_shared<nodes::DevicePool>(devices_);
   EnteringStateStage entering(g, queues, problem, segments, running, devices_, pool);
   function_node<nodes::SegmentEntry, continue_msg> router(g, serial, [&](const nodes::SegmentEntry& e) {
@@ -253,7 +265,7 @@ ForwardResult FlowGraphRunner::forward(const ForwardArgs& args, const MlstmOptio
   for (std::size_t d = 0; d < devices_.size(); ++d) {
     output_nodes.push_back(std::make_unique<function_node<nodes::SegmentEntry, int, rejecting>>(
         g, serial, nodes::SegmentOutputBody{problem, devices_[d], pool, d}));
-    make_edge(*entry_queues[queues == 1 ? 0 : d], *output_nodes.back());
+    make_edge(*entry_queues[d], *output_nodes.back());
   }
   const bool one_segment = p.segments.size() == 1;
   if (one_segment) {
@@ -406,12 +418,17 @@ BackwardResult FlowGraphRunner::backward(const BackwardArgs& args, const MlstmOp
   auto running = std::make_shared<nodes::SegmentEntry>(fw->initial_entry());
   auto grad_running = std::make_shared<nodes::SegmentGradientEntry>();  // the gradient leaving the current segment
 
+  // Inputs and dh stay on the device that uploads them for a segment's local state, its local state gradient
+  // and its backward: a pulled segment keeps the device that computed its local state.
+  const auto residency = keep_inputs_resident(capable, {args.inputs.q, args.inputs.k, args.inputs.v, args.inputs.i,
+                                                        args.inputs.f, args.dh});
+
   tbb::flow::graph g;
-  const std::size_t queues = balancing_ == Balancing::calibrated ? capable.size() : 1;
+  const std::size_t queues = balancing_ == Balancing::calibrated ? capable.size() : 1;  // local states
   auto route = [&](const nodes::Segment& s) { return s.device < 0 ? std::size_t{0} : static_cast<std::size_t>(s.device); };
   std::vector<std::unique_ptr<queue_node<nodes::SegmentEntry>>> local_grad_queues;
   std::vector<std::unique_ptr<queue_node<nodes::SegmentGradientEntry>>> backward_queues;
-  for (std::size_t qi = 0; qi < queues; ++qi) {
+  for (std::size_t qi = 0; qi < capable.size(); ++qi) {
     local_grad_queues.push_back(std::make_unique<queue_node<nodes::SegmentEntry>>(g));
     backward_queues.push_back(std::make_unique<queue_node<nodes::SegmentGradientEntry>>(g));
   }
@@ -444,7 +461,7 @@ BackwardResult FlowGraphRunner::backward(const BackwardArgs& args, const MlstmOp
   std::vector<std::unique_ptr<function_node<nodes::SegmentEntry, nodes::SegmentStateGradient, rejecting>>> grad_nodes;
   std::vector<std::unique_ptr<function_node<nodes::SegmentGradientEntry, int, rejecting>>> backward_nodes;
   for (std::size_t d = 0; d < capable.size(); ++d) {
-    const std::size_t qi = queues == 1 ? 0 : d;
+    const std::size_t qi = d;
     grad_nodes.push_back(std::make_unique<function_node<nodes::SegmentEntry, nodes::SegmentStateGradient, rejecting>>(
         g, serial, nodes::LocalStateGradientBody{problem, capable[d], pool, d}));
     make_edge(*local_grad_queues[qi], *grad_nodes.back());

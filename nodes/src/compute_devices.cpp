@@ -90,8 +90,31 @@ class OpenCLComputeDevice final : public ComputeDevice {
   BackwardResult state_gradient(const BackwardArgs& a, const MlstmOptions& o) override {
     return runner_.state_gradient(a, o);
   }
+  std::unique_ptr<InputResidency> keep_inputs_resident(const std::vector<ConstTensorView>& inputs) override {
+    if (resident_inputs_off()) return nullptr;
+    std::vector<opencl::Device::HostRange> ranges;
+    for (const auto& t : inputs) {
+      if (t.empty()) continue;
+      std::int64_t last = 0;  // element offset of the view's last element (strides are non-negative)
+      for (int d = 0; d < t.dims(); ++d) last += (t.shape()[static_cast<std::size_t>(d)] - 1) * t.strides()[static_cast<std::size_t>(d)];
+      ranges.push_back({t.bytes(), static_cast<std::size_t>(last + 1) * dtype_size(t.dtype())});
+    }
+    return std::make_unique<Residency>(runner_.device(), std::move(ranges));
+  }
 
  private:
+  struct Residency final : InputResidency {
+    Residency(opencl::Device& d, std::vector<opencl::Device::HostRange> ranges) : scope(d, std::move(ranges)) {}
+    opencl::Device::RetainedUploads scope;
+  };
+  // MLSTM_RESIDENT_INPUTS=off: every call uploads its inputs (for measuring what residency saves).
+  static bool resident_inputs_off() {
+    static const bool off = [] {
+      const char* v = std::getenv("MLSTM_RESIDENT_INPUTS");
+      return v && std::string(v) == "off";
+    }();
+    return off;
+  }
   opencl::AutoChunkwiseRunner runner_;  // tensor cores where the device and problem allow, else portable
 };
 

@@ -264,6 +264,7 @@ SegmentSummary LocalStateBody::operator()(const Segment& s) const {
   out.n = std::move(r.n);
   out.m = std::move(r.m);
   out.device = used->name();
+  out.device_index = used == device ? static_cast<int>(device_index) : -1;
   out.G = problem->log_decay(s);
   std::lock_guard lock(problem->log_mutex);
   problem->log.push_back("segment " + std::to_string(s.index) + ": local state on " + used->name());
@@ -276,6 +277,7 @@ SegmentEntry StateRecurrenceBody::operator()(const SegmentSummary& summary) cons
   SegmentEntry entering;
   entering.index = summary.index;
   entering.segment = (*segments)[static_cast<std::size_t>(summary.index)];
+  if (entering.segment.device < 0) entering.segment.device = summary.device_index;
   entering.C = running->C;
   entering.n = running->n;
   entering.m = running->m;
@@ -354,8 +356,8 @@ SegmentGradientEntry SegmentGradientProblem::last_entry() const {
   const int last = static_cast<int>(segments_.size()) - 1;
   SegmentGradientEntry g;
   g.index = last;
-  g.segment = segments_.back();
   const SegmentEntry& e = entry(last);
+  g.segment = e.segment;  // with the device its local state was computed on
   g.C = e.C;
   g.n = e.n;
   g.m = e.m;
@@ -494,8 +496,8 @@ SegmentGradientEntry StateGradientRecurrenceBody::operator()(const SegmentStateG
   }
   SegmentGradientEntry prev;
   prev.index = s - 1;
-  prev.segment = problem->segments()[static_cast<std::size_t>(s - 1)];
   const SegmentEntry& e = problem->entry(s - 1);
+  prev.segment = e.segment;
   prev.C = e.C;
   prev.n = e.n;
   prev.m = e.m;

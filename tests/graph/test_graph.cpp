@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
 
 #include "mlstm/devices/opencl.hpp"
 #include "mlstm/mlstm.hpp"
@@ -111,6 +112,54 @@ void expect_same_gradients(const BackwardResult& got, const BackwardResult& one_
 // leaving each segment from the reverse combine of the local state gradients. Odd shapes, S not a multiple
 // of the chunk or the segment, with and without initial state and last-state gradients, both gates,
 // bf16 with mixed gates, extreme gates.
+// Input residency: a pulled segment's outputs (forward) and its local state gradient and backward run on
+// the device that computed its local state, which reuses the inputs it uploaded then instead of uploading
+// them again (two PoCL devices, so every reuse is an OpenCL buffer handed out a second time).
+TEST(GraphResidency, SegmentsStayWhereTheirInputsWereUploaded) {
+  if (opencl::list_devices().size() < 2) GTEST_SKIP() << "needs two OpenCL devices (POCL_DEVICES=\"pthread pthread\")";
+  graph::FlowGraphRunner runner("0,1");
+  InputSpec s;
+  s.B = 2; s.NH = 3; s.S = 640; s.DHQK = 32; s.DHHV = 16;
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  MlstmOptions o;
+  o.chunk_size = 32;
+  auto reused = [] {
+    std::uint64_t n = 0;
+    for (const auto& info : opencl::select_devices("0,1")) n += opencl::open_device(info)->reused_uploads();
+    return n;
+  };
+  auto device_of = [&](const std::string& what) {  // segment index -> device named in the log for `what`
+    std::map<int, std::string> out;
+    for (const auto& line : runner.last_log()) {
+      const auto at = line.find(": " + what + " on ");
+      if (line.rfind("segment ", 0) != 0 || at == std::string::npos) continue;
+      out[std::stoi(line.substr(8))] = line.substr(at + what.size() + 6);
+    }
+    return out;
+  };
+  const std::uint64_t before = reused();
+  const auto fw = runner.forward(in.args(), o, /*segment_tokens=*/128);
+  SCOPED_TRACE(graph_log(runner));
+  const auto local = device_of("local state"), outputs = device_of("outputs");
+  ASSERT_EQ(local.size(), 5u);
+  EXPECT_EQ(outputs, local);
+  // Every output run finds k, v, i, f of its local-state run (q is new).
+  EXPECT_GE(reused() - before, 4u * 5u);
+  const auto one_call = get_kernel("chunkwise--cpu_xl_chunk")->forward(in.args(), o);
+  EXPECT_TRUE(testing::matches(fw.h, one_call.h, 2e-5, "graph 0,1 resident", "h", s));
+
+  BackwardArgs b;
+  b.inputs = in.args();
+  b.dh = fw.h.view();
+  const std::uint64_t before_bw = reused();
+  (void)runner.backward(b, o, /*segment_tokens=*/128);
+  SCOPED_TRACE(graph_log(runner));
+  const auto grads = device_of("local state gradient"), bw = device_of("backward");
+  ASSERT_EQ(bw.size(), 5u);
+  for (const auto& [index, device] : grads) EXPECT_EQ(device, bw.at(index)) << "segment " << index;
+  EXPECT_GT(reused() - before_bw, 0u);
+}
+
 TEST_P(GraphForward, SequenceParallelBackwardEqualsOneCall) {
   const Mix mix = GetParam();
   if (opencl::list_devices().size() < mix.opencl_devices_needed) GTEST_SKIP() << "not enough OpenCL devices";

@@ -28,6 +28,19 @@ class ComputeDevice {
   // state), given dh and the gradient of the state leaving it (dc_last / dn_last): the forward and the reverse
   // state-gradient recurrence, not the token gradients. Sequence-parallel backward: a segment's local part.
   virtual BackwardResult state_gradient(const BackwardArgs& args, const MlstmOptions& options) = 0;
+  // Input residency for one run: until the returned handle is destroyed, what the device uploads from the
+  // memory of `inputs` (the run's input tensors) stays on it and is reused when a later call passes the same
+  // view again (a segment's local-state pass, then its outputs or gradients), instead of a second transfer.
+  // The inputs must not change while the handle lives. Devices that read host memory directly (CPU workers)
+  // return nullptr.
+  class InputResidency {
+   public:
+    virtual ~InputResidency() = default;
+  };
+  virtual std::unique_ptr<InputResidency> keep_inputs_resident(const std::vector<ConstTensorView>& inputs) {
+    (void)inputs;
+    return nullptr;
+  }
 };
 
 // One CPU worker per NUMA node found (hwloc via tbbbind; one worker when the topology is not known).

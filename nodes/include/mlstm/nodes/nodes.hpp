@@ -59,6 +59,7 @@ struct SegmentSummary {
   Tensor C, n, m;  // (B,NH,DHQK,DHHV), (B,NH,DHQK), (B,NH) float32
   Tensor G;        // (B,NH) float32: sum of logsigmoid(f) over the segment
   std::string device;
+  int device_index = -1;  // the graph's device that computed it (its inputs are resident there), -1 after a failover
 };
 
 // The true state entering a segment.
@@ -147,7 +148,8 @@ struct LocalStateBody {
 
 // Serial function_node body fed IN ORDER (through a sequencer_node): combines the running state with each
 // summary (stages::combine) and emits the state entering the segment; after the last one, `last_state`
-// holds the state leaving the sequence.
+// holds the state leaving the sequence. A segment the plan gave to no device (pulled) is given to the device
+// that computed its summary, where its inputs are resident (ComputeDevice::keep_inputs_resident).
 struct StateRecurrenceBody {
   std::shared_ptr<SegmentProblem> problem;
   std::shared_ptr<std::vector<Segment>> segments;
