@@ -709,7 +709,9 @@ int cmd_bench(const BenchOptions& bo, bool as_json) {
             std::printf("%-30s S=%6lld B=%4lld chunk=%4lld %-4s %9.2f ms %10.0f tokens/s\n", kname.c_str(),
                         static_cast<long long>(S), static_cast<long long>(B), static_cast<long long>(L), pass_name,
                         med * 1e3, static_cast<double>(bo.tokens) / med);
+            std::fflush(stdout);
           }
+          csv.flush();
         }
       }
     }
@@ -727,7 +729,9 @@ int cmd_bench(const BenchOptions& bo, bool as_json) {
                   static_cast<long long>(S), static_cast<long long>(B), static_cast<long long>(dqk),
                   static_cast<long long>(dhv), static_cast<long long>(L), pass.c_str(), med * 1e3, tokens / med,
                   extra.c_str());
+      std::fflush(stdout);  // rows show up as they are measured (a long sweep cut short keeps them)
     }
+    csv.flush();
   };
   auto median_of = [&](const std::function<void()>& fn) {
     std::vector<double> times;
