@@ -233,17 +233,6 @@ std::size_t default_staging_slot() {
   return (static_cast<std::size_t>(bytes) + 4095) / 4096 * 4096;
 }
 
-void parallel_memcpy(std::byte* dst, const std::byte* src, std::size_t bytes) {
-  if (bytes <= kCopySlice) {
-    std::memcpy(dst, src, bytes);
-    return;
-  }
-  tbb::parallel_for(std::size_t{0}, (bytes + kCopySlice - 1) / kCopySlice, [&](std::size_t j) {
-    const std::size_t off = j * kCopySlice;
-    std::memcpy(dst + off, src + off, std::min(kCopySlice, bytes - off));
-  });
-}
-
 // The elements of a view in row-major order as runs of contiguous source elements: the innermost dimensions
 // whose strides are contiguous form one run ("row"); rows are enumerated over the outer dimensions.
 class RowRuns {
@@ -461,7 +450,7 @@ PooledBuffer Device::acquire_upload(const void* data, std::size_t bytes) {
   PooledBuffer b = acquire_unfilled(bytes);
   if (bytes >= staging_threshold()) {
     const auto* src = static_cast<const std::byte*>(data);
-    staged_write(b.get(), bytes, [&](std::size_t off, std::size_t len, std::byte* out) { parallel_memcpy(out, src + off, len); });
+    staged_write(b.get(), bytes, [&](std::size_t off, std::size_t len, std::byte* out) { copy_rows(out, 0, src + off, 0, 1, len); });
   } else if (bytes) {
     check(clEnqueueWriteBuffer(queue_, b.get(), CL_TRUE, 0, bytes, data, 0, nullptr, nullptr), "clEnqueueWriteBuffer",
           info_.name);
@@ -745,7 +734,7 @@ void Device::download(const Buffer& buf, void* data, std::size_t bytes) {
       pending[s] = nullptr;
       check(err, "clWaitForEvents(staged download)", info_.name);
       const std::size_t off = p * st->bytes;
-      parallel_memcpy(out + off, st->slot[s], std::min(st->bytes, bytes - off));
+      copy_rows(out + off, 0, st->slot[s], 0, 1, std::min(st->bytes, bytes - off));
     }
   } catch (...) {
     for (auto& e : pending) {

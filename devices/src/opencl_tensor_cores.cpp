@@ -695,20 +695,6 @@ void copy_into(ConstTensorView src, TensorView dst) {
   });
 }
 
-// memcpy in parallel slices (staging -> result tensors of hundreds of MB).
-void parallel_copy(void* dst, const void* src, std::size_t bytes) {
-  constexpr std::size_t kSlice = std::size_t{4} << 20;
-  if (bytes <= kSlice) {
-    std::memcpy(dst, src, bytes);
-    return;
-  }
-  tbb::parallel_for(std::size_t{0}, (bytes + kSlice - 1) / kSlice, [&](std::size_t j) {
-    const std::size_t off = j * kSlice;
-    std::memcpy(static_cast<std::byte*>(dst) + off, static_cast<const std::byte*>(src) + off,
-                std::min(kSlice, bytes - off));
-  });
-}
-
 }  // namespace
 
 struct DeviceStream::Slot {
@@ -844,7 +830,7 @@ void DeviceStream::retire(Slot& s) {
   slot_free_.wait(lock, [&] { return !s.taking; });  // a take() that started meanwhile finishes first
   if (!s.taken) {
     Tensor h({config_.B, config_.NH, s.len, config_.DHHV}, config_.dtype);
-    parallel_copy(h.bytes(), s.host_out, h.nbytes());
+    copy_rows(h.bytes(), 0, s.host_out, 0, 1, h.nbytes());
     finished_.emplace(s.ticket, std::move(h));
   }
   release_event(s.up);
@@ -995,7 +981,7 @@ Tensor DeviceStream::take(std::uint64_t ticket) {
   Tensor h;
   if (waited == CL_SUCCESS) {
     h = Tensor({config_.B, config_.NH, s.len, config_.DHHV}, config_.dtype);
-    parallel_copy(h.bytes(), s.host_out, h.nbytes());
+    copy_rows(h.bytes(), 0, s.host_out, 0, 1, h.nbytes());
   }
   lock.lock();
   s.taking = false;

@@ -321,12 +321,16 @@ ForwardArgs rows_of(const ForwardArgs& a, std::int64_t r0, std::int64_t r1) {
 }
 
 // Copies a (1, r1-r0, ...) result into rows [r0, r1) of `out` (allocated on first use like `part`).
-void put_rows(Tensor& out, const Tensor& part, const Shape& full_shape, std::int64_t r0) {
+void put_rows(Tensor& out, Tensor& part, const Shape& full_shape, std::int64_t r0) {
   if (part.empty()) return;
+  if (out.empty() && r0 == 0 && shape_numel(part.shape()) == shape_numel(full_shape)) {
+    out = std::move(part).reshaped(full_shape);  // one part holds every row (one device): no copy
+    return;
+  }
   if (out.empty()) out = Tensor(full_shape, part.dtype());
   const std::size_t bytes = part.nbytes();
-  std::memcpy(out.bytes() + static_cast<std::size_t>(r0) * (bytes / static_cast<std::size_t>(part.dim(1))),
-              part.bytes(), bytes);
+  copy_rows(out.bytes() + static_cast<std::size_t>(r0) * (bytes / static_cast<std::size_t>(part.dim(1))), 0, part.bytes(), 0, 1,
+            bytes);
 }
 
 Shape with_rows(const Shape& part, const ProblemShape& p) {
@@ -503,7 +507,7 @@ BackwardResult FlowGraphRunner::backward_head_split(const BackwardArgs& args, co
   BackwardResult out;
   for (std::size_t d = 0; d < groups.size(); ++d) {
     const auto r0 = groups[d].first;
-    const auto& part = parts[d];
+    auto& part = parts[d];
     for (auto [dst, src] : {std::pair{&out.dq, &part.dq}, {&out.dk, &part.dk}, {&out.dv, &part.dv}, {&out.di, &part.di},
                             {&out.df, &part.df}, {&out.dc0, &part.dc0}, {&out.dn0, &part.dn0}, {&out.dm0, &part.dm0}}) {
       if (!src->empty()) put_rows(*dst, *src, with_rows(src->shape(), p), r0);

@@ -4,6 +4,7 @@
 #include <tbb/parallel_for.h>
 
 #include <cmath>
+#include <cstring>
 #include <cstdlib>
 #include <new>
 #include <sstream>
@@ -149,11 +150,13 @@ Tensor& Tensor::operator=(const Tensor& other) {
   return *this;
 }
 
-Tensor Tensor::reshaped(Shape shape) const {
+Tensor Tensor::reshaped(Shape shape) const& { return Tensor(*this).reshaped(std::move(shape)); }
+
+Tensor Tensor::reshaped(Shape shape) && {
   if (shape_numel(shape) != numel()) {
     throw InvalidArgument("shape", "cannot reshape " + shape_to_string(shape_) + " to " + shape_to_string(shape));
   }
-  Tensor t(*this);
+  Tensor t(std::move(*this));
   t.shape_ = std::move(shape);
   return t;
 }
@@ -197,6 +200,22 @@ void check_finite(ConstTensorView t, const std::string& argument) {
                                           "; inputs must be finite");
     }
   }
+}
+
+void copy_rows(std::byte* dst, std::size_t dst_stride, const std::byte* src, std::size_t src_stride, std::size_t rows,
+               std::size_t row_bytes) {
+  constexpr std::size_t kSlice = std::size_t{1} << 20;
+  const std::size_t slices = (row_bytes + kSlice - 1) / kSlice;
+  if (rows * row_bytes <= kSlice) {
+    for (std::size_t r = 0; r < rows; ++r) std::memcpy(dst + r * dst_stride, src + r * src_stride, row_bytes);
+    return;
+  }
+  tbb::parallel_for(tbb::blocked_range<std::size_t>(0, rows * slices), [&](const tbb::blocked_range<std::size_t>& range) {
+    for (std::size_t j = range.begin(); j != range.end(); ++j) {
+      const std::size_t r = j / slices, off = (j % slices) * kSlice;
+      std::memcpy(dst + r * dst_stride + off, src + r * src_stride + off, std::min(kSlice, row_bytes - off));
+    }
+  });
 }
 
 }  // namespace mlstm

@@ -93,10 +93,8 @@ void SegmentProblem::write_h(const Segment& s, Tensor&& h) {
   }
   const std::size_t es = dtype_size(h_.dtype());
   const std::int64_t len = s.t1 - s.t0, DV = shape_.DHHV;
-  for (std::int64_t r = 0; r < shape_.rows(); ++r) {
-    std::memcpy(h_.bytes() + static_cast<std::size_t>((r * shape_.S + s.t0) * DV) * es,
-                h.bytes() + static_cast<std::size_t>(r * len * DV) * es, static_cast<std::size_t>(len * DV) * es);
-  }
+  copy_rows(h_.bytes() + static_cast<std::size_t>(s.t0 * DV) * es, static_cast<std::size_t>(shape_.S * DV) * es, h.bytes(),
+            static_cast<std::size_t>(len * DV) * es, static_cast<std::size_t>(shape_.rows()), static_cast<std::size_t>(len * DV) * es);
 }
 
 namespace {
@@ -395,11 +393,9 @@ void SegmentGradientProblem::write_grads(std::int64_t t0, std::int64_t t1, Backw
     const std::int64_t inner = dst->numel() / (p.rows() * p.S);  // D, or 1 for the gates
     const std::size_t es = dtype_size(dst->dtype());
     if (part.numel() != p.rows() * len * inner) throw Error("segment backward returned a gradient of the wrong size");
-    for (std::int64_t row = 0; row < p.rows(); ++row) {
-      std::memcpy(dst->bytes() + static_cast<std::size_t>((row * p.S + t0) * inner) * es,
-                  part.bytes() + static_cast<std::size_t>(row * len * inner) * es,
-                  static_cast<std::size_t>(len * inner) * es);
-    }
+    copy_rows(dst->bytes() + static_cast<std::size_t>(t0 * inner) * es, static_cast<std::size_t>(p.S * inner) * es,
+              part.bytes(), static_cast<std::size_t>(len * inner) * es, static_cast<std::size_t>(p.rows()),
+              static_cast<std::size_t>(len * inner) * es);
   }
 }
 

@@ -284,6 +284,34 @@ TEST(Conversions, DoubleToSixteenBitsMatchesTheOracle) {
 
 // ---- views, copies, reshape ------------------------------------------------------------------------
 
+// copy_rows: blocks of 3 MiB + 5 bytes (several parallel slices and a short last one) between different
+// strides, and small copies (one call); bytes outside the blocks stay untouched. reshaped() of an rvalue
+// takes the storage over.
+TEST(TensorCopies, CopyRowsAndMovingReshape) {
+  const std::size_t row = (std::size_t{3} << 20) + 5, rows = 3, src_stride = row + 17, dst_stride = row + 4096;
+  std::vector<std::byte> src(rows * src_stride), dst(rows * dst_stride, std::byte{0xAB});
+  for (std::size_t e = 0; e < src.size(); ++e) src[e] = static_cast<std::byte>((e * 131 + 7) & 0xFF);
+  copy_rows(dst.data(), dst_stride, src.data(), src_stride, rows, row);
+  for (std::size_t r = 0; r < rows; ++r) {
+    EXPECT_EQ(std::memcmp(dst.data() + r * dst_stride, src.data() + r * src_stride, row), 0) << "row " << r;
+    EXPECT_EQ(dst[r * dst_stride + row], std::byte{0xAB}) << "row " << r;
+  }
+  std::vector<std::byte> small(10, std::byte{0});
+  copy_rows(small.data(), 5, src.data(), 100, 2, 3);
+  EXPECT_EQ(small[0], src[0]);
+  EXPECT_EQ(small[5], src[100]);
+  EXPECT_EQ(small[3], std::byte{0});
+
+  Tensor t = Tensor::from(std::vector<float>{1, 2, 3, 4, 5, 6}, {1, 6});
+  const std::byte* storage = t.bytes();
+  const Tensor copy = t.reshaped({2, 3});
+  EXPECT_NE(copy.bytes(), storage);
+  const Tensor moved = std::move(t).reshaped({3, 2});
+  EXPECT_EQ(moved.bytes(), storage);
+  EXPECT_EQ(moved.shape(), (Shape{3, 2}));
+  EXPECT_EQ(moved.data<float>()[5], 6.f);
+}
+
 TEST(TensorView, StridedCopyAndSelect) {
   std::vector<float> v(24);
   for (int e = 0; e < 24; ++e) v[static_cast<std::size_t>(e)] = static_cast<float>(e);

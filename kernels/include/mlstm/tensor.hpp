@@ -116,7 +116,8 @@ class Tensor {
 
   Tensor to(DType dtype) const { return copy_of(view(), dtype); }
   // Same data, new shape with the same element count (InvalidArgument otherwise).
-  Tensor reshaped(Shape shape) const;
+  Tensor reshaped(Shape shape) const&;
+  Tensor reshaped(Shape shape) &&;  // takes the storage over: no copy
   std::vector<double> to_vector() const;  // all elements as double
 
   double get(std::initializer_list<std::int64_t> index) const noexcept { return view().get(index); }
@@ -136,5 +137,11 @@ void check_shape(ConstTensorView t, const Shape& expected, const std::string& ar
 void check_dims(ConstTensorView t, int dims, const std::string& argument, const std::string& layout);
 // Throws InvalidArgument if any element is NaN or infinite (names the first bad flat index).
 void check_finite(ConstTensorView t, const std::string& argument);
+
+// `rows` blocks of `row_bytes`, from src (one every src_stride bytes) to dst (one every dst_stride bytes),
+// in parallel slices of about 1 MiB (TBB): result copies of hundreds of MB, first touch of fresh pages
+// included, run at memory speed instead of one core's. One block: copy_rows(dst, 0, src, 0, 1, bytes).
+void copy_rows(std::byte* dst, std::size_t dst_stride, const std::byte* src, std::size_t src_stride, std::size_t rows,
+               std::size_t row_bytes);
 
 }  // namespace mlstm
