@@ -1,11 +1,8 @@
 #include <spdlog/spdlog.h>
-#include <tbb/blocked_range.h>
-#include <tbb/parallel_for.h>
 
 #include <algorithm>
 #include <chrono>
 #include <cstdlib>
-#include <cstring>
 #include <fstream>
 #include <functional>
 #include <limits>
@@ -215,7 +212,6 @@ Buffer::~Buffer() {
 namespace {
 constexpr std::size_t kDefaultStagingSlot = std::size_t{32} << 20;
 constexpr std::size_t kStagingThreshold = std::size_t{4} << 20;
-constexpr std::size_t kCopySlice = std::size_t{1} << 20;  // host copies in parallel slices of this size
 
 // MLSTM_OPENCL_STAGING: "off" (or 0) or the slot size in bytes (rounded up to 4 KiB).
 std::size_t default_staging_slot() {
@@ -233,53 +229,29 @@ std::size_t default_staging_slot() {
   return (static_cast<std::size_t>(bytes) + 4095) / 4096 * 4096;
 }
 
-// The elements of a view in row-major order as runs of contiguous source elements: the innermost dimensions
-// whose strides are contiguous form one run ("row"); rows are enumerated over the outer dimensions.
-class RowRuns {
- public:
-  explicit RowRuns(ConstTensorView t) : t_(t) {
-    const int nd = t.dims();
-    inner_dims_ = 0;
-    row_ = 1;
-    std::int64_t expect = 1;
-    for (int d = nd - 1; d >= 0; --d) {
-      const auto du = static_cast<std::size_t>(d);
-      if (t.shape()[du] != 1 && t.strides()[du] != expect) break;
-      expect *= t.shape()[du];
-      row_ *= t.shape()[du];
-      ++inner_dims_;
-    }
-  }
-  std::int64_t row_elements() const noexcept { return row_; }
-  // Source element offset of row r.
-  std::int64_t row_offset(std::int64_t r) const noexcept {
-    std::int64_t off = 0;
-    for (int d = t_.dims() - 1 - inner_dims_; d >= 0; --d) {
-      const auto du = static_cast<std::size_t>(d);
-      off += (r % t_.shape()[du]) * t_.strides()[du];
-      r /= t_.shape()[du];
-    }
-    return off;
-  }
-  // Writes elements [e0, e0 + count) of the view, converted to `dtype`, to `out`.
-  void gather(std::int64_t e0, std::int64_t count, DType dtype, std::byte* out) const {
-    const std::size_t in_size = dtype_size(t_.dtype()), out_size = dtype_size(dtype);
-    std::int64_t e = e0;
-    const std::int64_t end = e0 + count;
-    while (e < end) {
-      const std::int64_t r = row_ > 0 ? e / row_ : 0, within = row_ > 0 ? e % row_ : 0;
-      const std::int64_t n = std::min(end - e, row_ - within);
-      convert_elements(t_.bytes() + static_cast<std::size_t>(row_offset(r) + within) * in_size, t_.dtype(),
-                       out + static_cast<std::size_t>(e - e0) * out_size, dtype, static_cast<std::size_t>(n));
-      e += n;
-    }
-  }
+}  // namespace
 
- private:
-  ConstTensorView t_;
-  int inner_dims_ = 0;
-  std::int64_t row_ = 1;
-};
+namespace {
+// Waits for `e` (if any) and releases it; throws DeviceError naming `what` if the wait failed.
+void wait_and_release(cl_event& e, const char* what, const std::string& device) {
+  if (!e) return;
+  const cl_int err = clWaitForEvents(1, &e);
+  clReleaseEvent(e);
+  e = nullptr;
+  check(err, what, device);
+}
+
+// On an error: lets the transfers still in flight finish (they read or write the staging slots) and
+// releases their events, without throwing.
+void drain(cl_event (&pending)[2]) noexcept {
+  for (auto& e : pending) {
+    if (e) {
+      clWaitForEvents(1, &e);
+      clReleaseEvent(e);
+      e = nullptr;
+    }
+  }
+}
 }  // namespace
 
 struct Device::Staging {
@@ -499,14 +471,9 @@ void Device::drop_unretained_uploads() {
       ++it;
       continue;
     }
-    const std::size_t cls = it->second.bytes();
-    kept_bytes_ -= cls;
-    if (pool_stats_.bytes_held + cls <= info_.global_memory / 4) {
-      pool_[cls].push_back(std::move(it->second));
-      pool_stats_.bytes_held += cls;
-      ++pool_stats_.buffers_held;
-    }
-    it = kept_uploads_.erase(it);  // a buffer not pooled is freed here
+    kept_bytes_ -= it->second.bytes();
+    pool_locked(std::move(it->second));
+    it = kept_uploads_.erase(it);
   }
 }
 
@@ -542,15 +509,9 @@ PooledBuffer Device::upload_view(ConstTensorView t, DType dtype) {
   }
   const ScopedTrace trace([&] { return "upload (gathered) " + std::to_string(bytes >> 10) + " KiB to " + info_.name; });
   PooledBuffer b = acquire_unfilled(bytes);
-  const RowRuns runs(t);
   staged_write(b.get(), bytes, [&](std::size_t off, std::size_t len, std::byte* out) {
-    // Pieces are whole elements (slot sizes are multiples of 4 KiB); gather in parallel slices.
-    const auto e0 = static_cast<std::int64_t>(off / out_size), n = static_cast<std::int64_t>(len / out_size);
-    const auto slice = static_cast<std::int64_t>(kCopySlice / out_size);
-    tbb::parallel_for(std::int64_t{0}, (n + slice - 1) / slice, [&](std::int64_t j) {
-      const std::int64_t a = j * slice;
-      runs.gather(e0 + a, std::min(slice, n - a), dtype, out + static_cast<std::size_t>(a) * out_size);
-    });
+    // Pieces are whole elements (slot sizes are multiples of 4 KiB).
+    copy_elements(t, static_cast<std::int64_t>(off / out_size), static_cast<std::int64_t>(len / out_size), dtype, out);
   });
   if (b.bytes() > bytes) poison(b.get(), bytes, b.bytes() - bytes);
   return b;
@@ -587,31 +548,20 @@ void Device::staged_write(cl_mem dst, std::size_t bytes,
                           const std::function<void(std::size_t, std::size_t, std::byte*)>& fill) {
   auto st = take_staging();
   cl_event pending[2] = {nullptr, nullptr};
-  auto wait = [&](int s) {
-    if (!pending[s]) return;
-    const cl_int err = clWaitForEvents(1, &pending[s]);
-    clReleaseEvent(pending[s]);
-    pending[s] = nullptr;
-    check(err, "clWaitForEvents(staged upload)", info_.name);
-  };
+  constexpr const char* kWait = "clWaitForEvents(staged upload)";
   try {
     int s = 0;
     for (std::size_t off = 0; off < bytes; off += st->bytes, s ^= 1) {
       const std::size_t len = std::min(st->bytes, bytes - off);
-      wait(s);  // the slot's last piece is on the device
+      wait_and_release(pending[s], kWait, info_.name);  // the slot's last piece is on the device
       fill(off, len, st->slot[s]);
       check(clEnqueueWriteBuffer(queue_, dst, CL_FALSE, off, len, st->slot[s], 0, nullptr, &pending[s]),
             "clEnqueueWriteBuffer(staged)", info_.name);
     }
-    wait(0);
-    wait(1);
+    wait_and_release(pending[0], kWait, info_.name);
+    wait_and_release(pending[1], kWait, info_.name);
   } catch (...) {
-    for (auto& e : pending) {
-      if (e) {
-        clWaitForEvents(1, &e);
-        clReleaseEvent(e);
-      }
-    }
+    drain(pending);
     throw;  // the staging set is dropped with its slots (unmapped after the queue drains)
   }
   give_staging(std::move(st));
@@ -634,6 +584,11 @@ void Device::release(Buffer&& buffer) noexcept {
       // not kept: pooled or freed below
     }
   }
+  pool_locked(std::move(buffer));
+}
+
+void Device::pool_locked(Buffer&& buffer) {
+  const std::size_t cls = buffer.bytes();
   if (pool_stats_.bytes_held + cls > info_.global_memory / 4) return;  // not kept: freed by Buffer's destructor
   pool_[cls].push_back(std::move(buffer));
   pool_stats_.bytes_held += cls;
@@ -729,20 +684,12 @@ void Device::download(const Buffer& buf, void* data, std::size_t bytes) {
     for (std::size_t p = 0; p < pieces; ++p) {
       if (p + 1 < pieces) read(p + 1);  // its slot's last piece (p - 1) was copied out already
       const int s = static_cast<int>(p % 2);
-      const cl_int err = clWaitForEvents(1, &pending[s]);
-      clReleaseEvent(pending[s]);
-      pending[s] = nullptr;
-      check(err, "clWaitForEvents(staged download)", info_.name);
+      wait_and_release(pending[s], "clWaitForEvents(staged download)", info_.name);
       const std::size_t off = p * st->bytes;
       copy_rows(out + off, 0, st->slot[s], 0, 1, std::min(st->bytes, bytes - off));
     }
   } catch (...) {
-    for (auto& e : pending) {
-      if (e) {
-        clWaitForEvents(1, &e);
-        clReleaseEvent(e);
-      }
-    }
+    drain(pending);
     throw;
   }
   give_staging(std::move(st));

@@ -2,7 +2,6 @@
 #include "mlstm/devices/trace.hpp"
 
 #include <spdlog/spdlog.h>
-#include <tbb/parallel_for.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -671,29 +670,8 @@ void release_event(cl_event& e) {
   e = nullptr;
 }
 
-// Copies `src` (any strides, any dtype) into the contiguous `dst` (its dtype), rows in parallel when the
-// two innermost dimensions of `src` are contiguous.
-void copy_into(ConstTensorView src, TensorView dst) {
-  const int nd = src.dims();
-  const std::int64_t inner = nd >= 2 ? src.dim(-1) * src.dim(-2) : src.numel();
-  const bool rows_contiguous =
-      nd >= 2 && src.strides()[static_cast<std::size_t>(nd - 1)] == 1 &&
-      src.strides()[static_cast<std::size_t>(nd - 2)] == src.dim(-1);
-  if (!rows_contiguous || nd != 4) {
-    const Tensor c = Tensor::copy_of(src, dst.dtype());
-    std::memcpy(dst.bytes(), c.bytes(), c.nbytes());
-    return;
-  }
-  const std::int64_t B = src.dim(0), NH = src.dim(1);
-  const std::size_t in_size = dtype_size(src.dtype()), out_size = dtype_size(dst.dtype());
-  tbb::parallel_for(std::int64_t{0}, B * NH, [&](std::int64_t r) {
-    const std::int64_t b = r / NH, h = r % NH;
-    const std::int64_t off = b * src.strides()[0] + h * src.strides()[1];
-    convert_elements(src.bytes() + static_cast<std::size_t>(off) * in_size, src.dtype(),
-                     dst.bytes() + static_cast<std::size_t>(r * inner) * out_size, dst.dtype(),
-                     static_cast<std::size_t>(inner));
-  });
-}
+// Copies `src` (any strides, any dtype) into the contiguous `dst` (its dtype).
+void copy_into(ConstTensorView src, TensorView dst) { copy_elements(src, 0, src.numel(), dst.dtype(), dst.bytes()); }
 
 }  // namespace
 
@@ -947,18 +925,11 @@ std::uint64_t DeviceStream::push(const ForwardArgs& piece) {
                                    " NH=" + std::to_string(c.NH) + " DHQK=" + std::to_string(c.DHQK) +
                                    " DHHV=" + std::to_string(c.DHHV));
   HostPiece h = next_piece(p.S);
-  auto gates = [](ConstTensorView g) {  // (B,NH,S) -> (B,NH,S,1) so copy_into takes the row path
-    return ConstTensorView(g.bytes(), g.dtype(), {g.dim(0), g.dim(1), g.dim(2), 1},
-                           {g.strides()[0], g.strides()[1], g.strides()[2], 1});
-  };
-  auto gates_out = [](TensorView g) {
-    return TensorView(g.bytes(), g.dtype(), {g.dim(0), g.dim(1), g.dim(2), 1});
-  };
   copy_into(piece.q, h.q);
   copy_into(piece.k, h.k);
   copy_into(piece.v, h.v);
-  copy_into(gates(piece.i), gates_out(h.i));
-  copy_into(gates(piece.f), gates_out(h.f));
+  copy_into(piece.i, h.i);
+  copy_into(piece.f, h.f);
   return submit();
 }
 

@@ -465,14 +465,13 @@ BackwardResult FlowGraphRunner::backward(const BackwardArgs& args, const MlstmOp
   std::vector<std::unique_ptr<function_node<nodes::SegmentEntry, nodes::SegmentStateGradient, rejecting>>> grad_nodes;
   std::vector<std::unique_ptr<function_node<nodes::SegmentGradientEntry, int, rejecting>>> backward_nodes;
   for (std::size_t d = 0; d < capable.size(); ++d) {
-    const std::size_t qi = d;
     grad_nodes.push_back(std::make_unique<function_node<nodes::SegmentEntry, nodes::SegmentStateGradient, rejecting>>(
         g, serial, nodes::LocalStateGradientBody{problem, capable[d], pool, d}));
-    make_edge(*local_grad_queues[qi], *grad_nodes.back());
+    make_edge(*local_grad_queues[d], *grad_nodes.back());
     make_edge(*grad_nodes.back(), reverse_order);
     backward_nodes.push_back(std::make_unique<function_node<nodes::SegmentGradientEntry, int, rejecting>>(
         g, serial, nodes::SegmentBackwardBody{problem, capable[d], pool, d}));
-    make_edge(*backward_queues[qi], *backward_nodes.back());
+    make_edge(*backward_queues[d], *backward_nodes.back());
   }
   make_edge(reverse_order, grad_recurrence);
   make_edge(grad_recurrence, grad_router);

@@ -92,13 +92,17 @@ Tensor Tensor::from(const std::vector<double>& values, Shape shape, DType dtype)
 
 Tensor Tensor::copy_of(ConstTensorView view, DType dtype) {
   Tensor t(view.shape(), dtype);
-  if (view.numel() == 0) return t;
+  copy_elements(view, 0, view.numel(), dtype, t.bytes());
+  return t;
+}
+
+void copy_elements(ConstTensorView view, std::int64_t first, std::int64_t count, DType dtype, std::byte* out) {
+  if (count <= 0) return;
   const std::size_t in_size = dtype_size(view.dtype()), out_size = dtype_size(dtype);
-  const auto n = static_cast<std::size_t>(view.numel());
   // Split the index space into an outer part and the longest trailing run of dimensions that is
-  // contiguous in the view: that run is converted with one convert_elements call (memcpy when the
-  // dtypes agree). Graph segments (a range of the sequence axis of a (B,NH,S,D) tensor) are runs of
-  // len*D elements, so this is a few large copies rather than an element-by-element walk.
+  // contiguous in the view: each run (or the part of it in range) is converted with one convert_elements
+  // call (memcpy when the dtypes agree). Graph segments (a range of the sequence axis of a (B,NH,S,D)
+  // tensor) are runs of len*D elements, so this is a few large copies rather than an element-by-element walk.
   const int nd = view.dims();
   std::int64_t run = 1;
   int inner = nd;  // dimensions [inner, nd) form the contiguous run
@@ -108,30 +112,30 @@ Tensor Tensor::copy_of(ConstTensorView view, DType dtype) {
     run *= view.shape()[d];
     --inner;
   }
-  const std::size_t runs = n / static_cast<std::size_t>(run);
-  auto copy_runs = [&](std::size_t first, std::size_t last) {
-    for (std::size_t r = first; r < last; ++r) {
+  // Elements [e, end) of the view, written from out + (e - first).
+  auto copy_range = [&](std::int64_t e, std::int64_t end) {
+    while (e < end) {
+      const std::int64_t r = e / run, within = e % run, n = std::min(end - e, run - within);
       // Offset of run r: its outer multi-index from r (row-major over dimensions [0, inner)).
-      std::int64_t off = 0;
-      std::size_t rem = r;
+      std::int64_t off = 0, rem = r;
       for (int d = inner - 1; d >= 0; --d) {
         const auto ud = static_cast<std::size_t>(d);
-        const auto extent = static_cast<std::size_t>(view.shape()[ud]);
-        off += static_cast<std::int64_t>(rem % extent) * view.strides()[ud];
-        rem /= extent;
+        off += (rem % view.shape()[ud]) * view.strides()[ud];
+        rem /= view.shape()[ud];
       }
-      convert_elements(view.bytes() + static_cast<std::size_t>(off) * in_size, view.dtype(),
-                       t.bytes() + r * static_cast<std::size_t>(run) * out_size, dtype, static_cast<std::size_t>(run));
+      convert_elements(view.bytes() + static_cast<std::size_t>(off + within) * in_size, view.dtype(),
+                       out + static_cast<std::size_t>(e - first) * out_size, dtype, static_cast<std::size_t>(n));
+      e += n;
     }
   };
-  constexpr std::size_t kParallelElements = std::size_t{1} << 20;
-  if (n >= kParallelElements && runs > 1) {
-    tbb::parallel_for(tbb::blocked_range<std::size_t>(0, runs),
-                      [&](const tbb::blocked_range<std::size_t>& range) { copy_runs(range.begin(), range.end()); });
-  } else {
-    copy_runs(0, runs);
+  constexpr std::int64_t kSlice = std::int64_t{1} << 18;  // elements per parallel slice
+  if (count <= kSlice) {
+    copy_range(first, first + count);
+    return;
   }
-  return t;
+  tbb::parallel_for(std::int64_t{0}, (count + kSlice - 1) / kSlice, [&](std::int64_t j) {
+    copy_range(first + j * kSlice, first + std::min(count, (j + 1) * kSlice));
+  });
 }
 
 Tensor::Tensor(const Tensor& other) : dtype_(other.dtype_), shape_(other.shape_) {

@@ -108,10 +108,6 @@ void expect_same_gradients(const BackwardResult& got, const BackwardResult& one_
   }
 }
 
-// Sequence-parallel backward: segments over the devices, entering states from the forward combine, gradients
-// leaving each segment from the reverse combine of the local state gradients. Odd shapes, S not a multiple
-// of the chunk or the segment, with and without initial state and last-state gradients, both gates,
-// bf16 with mixed gates, extreme gates.
 // Input residency: a pulled segment's outputs (forward) and its local state gradient and backward run on
 // the device that computed its local state, which reuses the inputs it uploaded then instead of uploading
 // them again (two PoCL devices, so every reuse is an OpenCL buffer handed out a second time).
@@ -160,6 +156,10 @@ TEST(GraphResidency, SegmentsStayWhereTheirInputsWereUploaded) {
   EXPECT_GT(reused() - before_bw, 0u);
 }
 
+// Sequence-parallel backward: segments over the devices, entering states from the forward combine, gradients
+// leaving each segment from the reverse combine of the local state gradients. Odd shapes, S not a multiple
+// of the chunk or the segment, with and without initial state and last-state gradients, both gates,
+// bf16 with mixed gates, extreme gates.
 TEST_P(GraphForward, SequenceParallelBackwardEqualsOneCall) {
   const Mix mix = GetParam();
   if (opencl::list_devices().size() < mix.opencl_devices_needed) GTEST_SKIP() << "not enough OpenCL devices";

@@ -138,6 +138,10 @@ void check_dims(ConstTensorView t, int dims, const std::string& argument, const 
 // Throws InvalidArgument if any element is NaN or infinite (names the first bad flat index).
 void check_finite(ConstTensorView t, const std::string& argument);
 
+// Elements [first, first + count) of `view` (any strides) in row-major order, converted to `dtype` and written
+// contiguously to `out`; large counts in parallel slices (TBB). Tensor::copy_of is the whole view.
+void copy_elements(ConstTensorView view, std::int64_t first, std::int64_t count, DType dtype, std::byte* out);
+
 // `rows` blocks of `row_bytes`, from src (one every src_stride bytes) to dst (one every dst_stride bytes),
 // in parallel slices of about 1 MiB (TBB): result copies of hundreds of MB, first touch of fresh pages
 // included, run at memory speed instead of one core's. One block: copy_rows(dst, 0, src, 0, 1, bytes).

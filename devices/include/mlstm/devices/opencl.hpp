@@ -191,6 +191,7 @@ class Device {
   PooledBuffer upload_view(ConstTensorView t, DType dtype);  // acquire_upload(view) without the reuse
   bool retained(const void* data) const;  // inside a listed range (pool_mutex_ held)
   void drop_unretained_uploads();         // kept buffers outside every listed range back to the pool
+  void pool_locked(Buffer&& buffer);      // into the free pool if under its limit, else freed (pool_mutex_ held)
   std::vector<HostRange> retained_ranges_;          // every live scope's ranges (guarded by pool_mutex_)
   std::map<UploadKey, Buffer> kept_uploads_;        // released, waiting to be handed out again
   std::map<cl_mem, UploadKey> handed_out_uploads_;  // in use; kept again when released
