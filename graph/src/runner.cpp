@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <cstring>
@@ -202,10 +203,21 @@ std::vector<std::unique_ptr<nodes::ComputeDevice::InputResidency>> keep_inputs_r
   return out;
 }
 
+// Test hook: MLSTM_FAULT_INJECT_ORDER=entries makes the state recurrence's entries leave in swapped pairs
+// (1, 0, 3, 2, ...), the order oneTBB is free to give them (see EnteringStateStage).
+bool entries_reordered() {
+  const char* v = std::getenv("MLSTM_FAULT_INJECT_ORDER");
+  return v && std::string(v) == "entries";
+}
+
 // Phases 1 and 2 of the sequence-parallel forward, shared by forward() and backward(): per device a
 // local-state node fed from a segment queue (one queue per device when calibrated, else one shared queue),
-// then the in-order sequencer and the serial state recurrence, whose successors receive every segment's
-// entering state in segment order.
+// then the in-order sequencer and the serial state recurrence, whose entries (every segment's entering state)
+// leave through a second sequencer in segment order. That second sequencer is needed: a serial
+// function_node runs its bodies in input order, but oneTBB spawns the next body before it passes the current
+// output on (function_input::apply_body_impl_bypass), so entry s+1 can reach a successor before entry s.
+// The backward records the entries and reads segment s-1's entry once segment s's gradient is done; with
+// entries out of order it read one not yet recorded (a wrong segment, 1 in some hundred runs under load).
 class EnteringStateStage {
  public:
   using Devices = std::vector<std::shared_ptr<nodes::ComputeDevice>>;
@@ -214,7 +226,8 @@ class EnteringStateStage {
                      const std::shared_ptr<nodes::SegmentEntry>& running, const Devices& devices,
                      const std::shared_ptr<nodes::DevicePool>& pool)
       : in_order_(g, [](const nodes::SegmentSummary& s) { return static_cast<std::size_t>(s.index); }),
-        recurrence_(g, tbb::flow::serial, nodes::StateRecurrenceBody{problem, segments, running}) {
+        recurrence_(g, tbb::flow::serial, nodes::StateRecurrenceBody{problem, segments, running}),
+        entries_in_order_(g, [](const nodes::SegmentEntry& e) { return static_cast<std::size_t>(e.index); }) {
     for (std::size_t qi = 0; qi < queues; ++qi) queues_.push_back(std::make_unique<tbb::flow::queue_node<nodes::Segment>>(g));
     for (std::size_t d = 0; d < devices.size(); ++d) {
       locals_.push_back(std::make_unique<LocalNode>(g, tbb::flow::serial, nodes::LocalStateBody{problem, devices[d], pool, d}));
@@ -222,15 +235,45 @@ class EnteringStateStage {
       tbb::flow::make_edge(*locals_.back(), in_order_);
     }
     tbb::flow::make_edge(in_order_, recurrence_);
+    if (entries_reordered()) {
+      swap_pairs_ = std::make_unique<SwapPairs>(g, tbb::flow::serial, SwapPairsBody{segments->size()});
+      tbb::flow::make_edge(recurrence_, *swap_pairs_);
+      tbb::flow::make_edge(tbb::flow::output_port<0>(*swap_pairs_), entries_in_order_);
+    } else {
+      tbb::flow::make_edge(recurrence_, entries_in_order_);
+    }
   }
-  tbb::flow::sender<nodes::SegmentEntry>& entries() { return recurrence_; }
+  // Every segment's entering state, in segment order.
+  tbb::flow::sender<nodes::SegmentEntry>& entries() { return entries_in_order_; }
   void put(const nodes::Segment& s, std::size_t queue) { queues_[queue]->try_put(s); }
 
  private:
   using LocalNode = tbb::flow::function_node<nodes::Segment, nodes::SegmentSummary, tbb::flow::rejecting>;
+  using SwapPairs = tbb::flow::multifunction_node<nodes::SegmentEntry, std::tuple<nodes::SegmentEntry>>;
+  // MLSTM_FAULT_INJECT_ORDER=entries: holds entries until both of a pair (2j, 2j+1) are in, then passes on
+  // 2j+1 before 2j (an odd count's last entry alone).
+  struct SwapPairsBody {
+    std::size_t count;
+    std::shared_ptr<std::map<int, nodes::SegmentEntry>> held = std::make_shared<std::map<int, nodes::SegmentEntry>>();
+    void operator()(const nodes::SegmentEntry& e, SwapPairs::output_ports_type& out) const {
+      (*held)[e.index] = e;
+      const int first = e.index / 2 * 2;
+      if (held->count(first) && held->count(first + 1)) {
+        std::get<0>(out).try_put((*held)[first + 1]);
+        std::get<0>(out).try_put((*held)[first]);
+        held->erase(first);
+        held->erase(first + 1);
+      } else if (static_cast<std::size_t>(first) + 1 == count && held->count(first)) {
+        std::get<0>(out).try_put((*held)[first]);
+        held->erase(first);
+      }
+    }
+  };
   std::vector<std::unique_ptr<tbb::flow::queue_node<nodes::Segment>>> queues_;
   tbb::flow::sequencer_node<nodes::SegmentSummary> in_order_;
   tbb::flow::function_node<nodes::SegmentSummary, nodes::SegmentEntry> recurrence_;
+  std::unique_ptr<SwapPairs> swap_pairs_;
+  tbb::flow::sequencer_node<nodes::SegmentEntry> entries_in_order_;
   std::vector<std::unique_ptr<LocalNode>> locals_;
 };
 
@@ -436,7 +479,8 @@ BackwardResult FlowGraphRunner::backward(const BackwardArgs& args, const MlstmOp
     local_grad_queues.push_back(std::make_unique<queue_node<nodes::SegmentEntry>>(g));
     backward_queues.push_back(std::make_unique<queue_node<nodes::SegmentGradientEntry>>(g));
   }
-  // Forward: local states, in-order combine -> the state entering every segment, recorded in the problem.
+  // Forward: local states, in-order combine -> the state entering every segment, recorded in the problem in
+  // segment order (EnteringStateStage::entries).
   auto pool = std::make_shared<nodes::DevicePool>(capable);
   EnteringStateStage entering(g, queues, fw, segments, running, capable, pool);
   function_node<nodes::SegmentEntry, continue_msg> record(g, serial, [&](const nodes::SegmentEntry& e) {

@@ -338,15 +338,39 @@ SegmentGradientProblem::SegmentGradientProblem(const BackwardArgs& args, const M
 void SegmentGradientProblem::record_entry(const SegmentEntry& e) {
   if (e.index < 0 || static_cast<std::size_t>(e.index) >= entries_.size())
     throw Error("SegmentGradientProblem: entry for unknown segment " + std::to_string(e.index));
+  const int expected = recorded_.load(std::memory_order_relaxed);
+  if (e.index != expected) {
+    throw Error("SegmentGradientProblem: the state entering segment " + std::to_string(e.index) +
+                " arrived while segment " + std::to_string(expected) +
+                " was the next to record; entries must be recorded in segment order (put a sequencer_node keyed by "
+                "the index in front: oneTBB passes a function_node's outputs on in any order, serial or not)");
+  }
   entries_[static_cast<std::size_t>(e.index)] = e;
+  recorded_.store(expected + 1, std::memory_order_release);
 }
 
-void SegmentGradientProblem::record_final_state(const SegmentEntry& leaving) { final_ = leaving; }
+void SegmentGradientProblem::record_final_state(const SegmentEntry& leaving) {
+  if (recorded_.load(std::memory_order_acquire) != static_cast<int>(entries_.size()))
+    throw Error("SegmentGradientProblem: the final state was given before every segment's entering state");
+  final_ = leaving;
+  final_recorded_.store(true, std::memory_order_release);
+}
 
-const SegmentEntry& SegmentGradientProblem::entry(int index) const { return entries_.at(static_cast<std::size_t>(index)); }
+const SegmentEntry& SegmentGradientProblem::entry(int index) const {
+  if (index < 0 || static_cast<std::size_t>(index) >= entries_.size())
+    throw Error("SegmentGradientProblem: no segment " + std::to_string(index));
+  if (index >= recorded_.load(std::memory_order_acquire)) {
+    throw Error("SegmentGradientProblem: the state entering segment " + std::to_string(index) +
+                " was read before it was recorded");
+  }
+  return entries_[static_cast<std::size_t>(index)];
+}
 
 const SegmentEntry& SegmentGradientProblem::leaving(int index) const {
-  return static_cast<std::size_t>(index) + 1 < entries_.size() ? entries_[static_cast<std::size_t>(index) + 1] : final_;
+  if (static_cast<std::size_t>(index) + 1 < entries_.size()) return entry(index + 1);
+  if (!final_recorded_.load(std::memory_order_acquire))
+    throw Error("SegmentGradientProblem: the state leaving the sequence was read before it was recorded");
+  return final_;
 }
 
 SegmentGradientEntry SegmentGradientProblem::last_entry() const {

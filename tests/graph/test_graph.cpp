@@ -404,6 +404,81 @@ TEST(GraphFaults, BackwardSurvivesAFailedDeviceAndOutOfMemory) {
   }
 }
 
+// oneTBB may pass a serial function_node's outputs on out of order (it spawns the next body before it hands
+// on the current output); the backward once recorded the entering states in the order they arrived and read
+// a segment's entry before it was recorded (a wrong segment in 1 of some hundred runs under load). The hook
+// swaps every pair of the state recurrence's entries (1, 0, 3, 2, ...) before the runner puts them back in
+// order; without that, the first swapped pair stops the backward with the SegmentGradientProblem's error.
+TEST(GraphFaults, EnteringStatesOutOfOrderGiveTheSameResults) {
+  const bool two = opencl::list_devices().size() >= 2;
+  InputSpec s = testing::spec(1, 3, 700, 16, 24, DType::f32, GateVariant::exp, true);
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  MlstmOptions o;
+  o.chunk_size = 32;
+  const auto fw_one_call = get_kernel("chunkwise--cpu_xl_chunk")->forward(in.args(), o);
+  const auto bw_one_call = get_kernel("chunkwise--cpu_xl_chunk")->backward(in.backward_args(true), o);
+  std::vector<std::string> specs{"workers"};
+  if (two) specs.push_back("workers+0,1");
+  for (const auto& spec : specs) {
+    graph::FlowGraphRunner runner(spec);
+    // 11 segments (an odd count: the last one passes alone) and 6 (even: the last pair swapped).
+    for (const std::int64_t segment : {64, 128}) {
+      const std::string what = "graph " + spec + " with entries swapped, segments of " + std::to_string(segment);
+      ::setenv("MLSTM_FAULT_INJECT_ORDER", "entries", 1);
+      ForwardResult fw;
+      BackwardResult bw;
+      try {
+        fw = runner.forward(in.args(), o, segment);
+        bw = runner.backward(in.backward_args(true), o, segment);
+      } catch (const Error& e) {
+        ADD_FAILURE() << what << ": " << e.what();
+      }
+      ::unsetenv("MLSTM_FAULT_INJECT_ORDER");
+      SCOPED_TRACE(graph_log(runner));
+      EXPECT_TRUE(testing::matches(fw.h, fw_one_call.h, 2e-5, what, "h", s));
+      EXPECT_TRUE(testing::matches(fw.c, fw_one_call.c, 2e-5, what, "c_last", s));
+      expect_same_gradients(bw, bw_one_call, spec == "workers" ? 1e-4 : 2e-3, what, s, in);
+    }
+  }
+}
+
+// The problem the backward nodes share takes entering states only in segment order and refuses to hand
+// out one that is not recorded yet (an unrecorded entry would have been read as the zero state).
+TEST(GraphFaults, GradientProblemRefusesEntriesOutOfOrder) {
+  InputSpec s = testing::spec(1, 2, 96, 16, 16, DType::f32, GateVariant::exp, false);
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  MlstmOptions o;
+  o.chunk_size = 32;
+  const std::vector<nodes::Segment> segments{{0, 0, 32}, {1, 32, 64}, {2, 64, 96}};
+  nodes::SegmentGradientProblem problem(in.backward_args(false), o, segments);
+  nodes::SegmentEntry e = problem.forward()->initial_entry();
+  auto message = [](const auto& f) {
+    try {
+      f();
+    } catch (const Error& err) {
+      return std::string(err.what());
+    }
+    return std::string("no error");
+  };
+  e.index = 1;
+  EXPECT_NE(message([&] { problem.record_entry(e); }).find("segment order"), std::string::npos);
+  EXPECT_NE(message([&] { (void)problem.entry(0); }).find("before it was recorded"), std::string::npos);
+  e.index = 0;
+  problem.record_entry(e);
+  EXPECT_EQ(message([&] { (void)problem.entry(0); }), "no error");
+  EXPECT_NE(message([&] { (void)problem.leaving(0); }).find("before it was recorded"), std::string::npos);
+  EXPECT_NE(message([&] { problem.record_final_state(e); }).find("before every segment"), std::string::npos);
+  for (int index : {1, 2}) {
+    e.index = index;
+    problem.record_entry(e);
+  }
+  EXPECT_NE(message([&] { (void)problem.leaving(2); }).find("leaving the sequence"), std::string::npos);
+  problem.record_final_state(e);
+  EXPECT_EQ(message([&] { (void)problem.leaving(2); }), "no error");
+  e.index = 0;
+  EXPECT_NE(message([&] { problem.record_entry(e); }).find("segment order"), std::string::npos);
+}
+
 // Out of memory on one OpenCL device next to others: it shrinks its segments and keeps running them (it is
 // not taken out); when even one chunk does not fit there, it is taken out and the others finish the run.
 TEST(GraphFaults, OutOfMemoryOnOneDeviceShrinksThereThenFailsOver) {

@@ -16,9 +16,13 @@
 // "Backward": the gradient of the state entering a segment is decay * (gradient of the state leaving it) +
 // the segment's local part, decay = exp(G_seg + m_enter - m_leave)):
 //
-//   ... StateRecurrenceBody --> function_node<SegmentEntry, continue_msg, serial> (records the entries in the
-//        SegmentGradientProblem; segments 1.. go to the local-gradient queue, and after the last one the
-//        last segment's SegmentGradientEntry, with dc_last, goes to the backward queue)
+//   ... StateRecurrenceBody --> sequencer_node<SegmentEntry> (by index) --> function_node<SegmentEntry,
+//        continue_msg, serial> (records the entries in the SegmentGradientProblem, which takes them only in
+//        segment order; segments 1.. go to the local-gradient queue, and after the last one the last
+//        segment's SegmentGradientEntry, with dc_last, goes to the backward queue)
+//   The sequencer is needed even behind a serial node: oneTBB runs a serial function_node's bodies in input
+//   order but may pass its outputs on in another order (it spawns the next body before handing on the
+//   current output), so anything that relies on order after a function_node needs a sequencer_node.
 //   queue_node<SegmentEntry> --> function_node<SegmentEntry, SegmentStateGradient, rejecting>
 //        (LocalStateGradientBody, one per device: a zero gradient leaving the segment)
 //        --> sequencer_node (LAST segment first) --> function_node<..., serial> (StateGradientRecurrenceBody:
@@ -36,6 +40,7 @@
 //   ...make_edge(...); g.wait_for_all();
 #pragma once
 
+#include <atomic>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -194,10 +199,13 @@ class SegmentGradientProblem {
   const MlstmOptions& options() const noexcept { return forward_->options(); }
   const std::shared_ptr<SegmentProblem>& forward() const noexcept { return forward_; }
   const std::vector<Segment>& segments() const noexcept { return segments_; }
-  // Records the state entering segment e.index (called in order); `leaving` is the state leaving the
-  // sequence, given with the last segment.
+  // Records the state entering segment e.index. Entries must come in segment order (0, 1, ...; an
+  // mlstm::Error otherwise): the reverse recurrence reads segment s-1's entry once segment s's local
+  // gradient is done, which the graph queues when it records entry s. `leaving` is the state leaving the
+  // sequence, given after the last entry.
   void record_entry(const SegmentEntry& e);
   void record_final_state(const SegmentEntry& leaving);
+  // The recorded state entering segment `index` (an mlstm::Error if it is not recorded yet).
   const SegmentEntry& entry(int index) const;
   // The state leaving segment `index` (the next one's entering state, or the final state).
   const SegmentEntry& leaving(int index) const;
@@ -222,7 +230,9 @@ class SegmentGradientProblem {
   std::shared_ptr<SegmentProblem> forward_;
   std::vector<Segment> segments_;
   std::vector<SegmentEntry> entries_;
+  std::atomic<int> recorded_{0};  // entries_[0, recorded_) are recorded
   SegmentEntry final_;
+  std::atomic<bool> final_recorded_{false};
   BackwardResult result_;
 };
 
