@@ -87,9 +87,10 @@ std::string graph_log(const graph::FlowGraphRunner& runner) {
 // <dn0, n0> per row is a sum that can cancel to far below its terms, so it is held to tol times the size of
 // its terms, sum |dC0 * C0| + sum |dn0 * n0| (from the initial state in `in`), not to tol times itself.
 // `other_kernel` (optional): the same problem in one call of the other kernel the graph ran segments on; each
-// gradient may then also be as far from `one_call` as that call is (times 1.5).
+// gradient may then also be as far from `one_call` as that call is (times 1.5). `df_tol` (> 0): df's own bound.
 void expect_same_gradients(const BackwardResult& got, const BackwardResult& one_call, double tol, const std::string& what,
-                           const InputSpec& s, const testing::Inputs& in, const BackwardResult* other_kernel = nullptr) {
+                           const InputSpec& s, const testing::Inputs& in, const BackwardResult* other_kernel = nullptr,
+                           double df_tol = 0) {
   const BackwardResult none;
   const BackwardResult& other = other_kernel ? *other_kernel : none;
   for (auto [name, a, b, c] : {std::tuple{"dq", &got.dq, &one_call.dq, &other.dq}, {"dk", &got.dk, &one_call.dk, &other.dk},
@@ -98,7 +99,8 @@ void expect_same_gradients(const BackwardResult& got, const BackwardResult& one_
                                {"dn0", &got.dn0, &one_call.dn0, &other.dn0}}) {
     EXPECT_EQ(a->empty(), b->empty()) << what << " " << name;
     if (!b->empty()) {
-      const double bound = c->empty() ? tol : std::max(tol, 1.5 * testing::compare(*c, *b).rel);
+      const double own = std::string(name) == "df" && df_tol > 0 ? df_tol : tol;
+      const double bound = c->empty() ? own : std::max(own, 1.5 * testing::compare(*c, *b).rel);
       EXPECT_TRUE(testing::matches(*a, *b, bound, what, name, s));
     }
   }
@@ -201,8 +203,14 @@ TEST_P(GraphForward, SequenceParallelBackwardEqualsOneCall) {
     const double tol = c.s.dtype == DType::bf16                ? (opencl ? 1e-1 : 6e-2)
                        : c.s.regime == GateRegime::extreme ? (opencl ? 2e-2 : 1e-4)
                                                            : (opencl ? 2e-3 : 1e-4);
+    // df under extreme gates, CPU workers only: df sums the gradients of every later token's gates, which cancel
+    // under extreme gates, and a segment's total decay G (a float32 sum of log-gates of size ~10-100 each)
+    // enters it through the combine, so the cut changes its rounding: 5500 draws gave a median of 3.9e-7, 99.9th
+    // percentile 6.6e-5, max 1.6e-4, 4 above the 1e-4 it was held to (dk, dv, di stay under 2e-6, dq, dc0, dn0
+    // come out bitwise equal). Held to 1e-3 there (a wrong combine is O(1) off).
+    const double df_tol = !opencl && c.s.regime == GateRegime::extreme ? 1e-3 : 0;
     expect_same_gradients(got, one_call, tol, "graph sequence-parallel backward " + mix.spec, c.s, in,
-                          opencl ? &opencl_call : nullptr);
+                          opencl ? &opencl_call : nullptr, df_tol);
     int backward_segments = 0, local_gradients = 0;
     for (const auto& line : runner.last_log()) {
       backward_segments += line.find(": backward on") != std::string::npos;

@@ -6,6 +6,10 @@
 //   mlstm::graph::FlowGraphRunner runner("workers+gpu:all");
 //   auto plan = runner.plan(shape, options);       // printable, testable without running
 //   mlstm::ForwardResult out = runner.forward(args, options);
+//
+// Test hooks (environment): MLSTM_FAULT_INJECT (nodes.hpp: device failures, out of memory) and
+// MLSTM_FAULT_INJECT_ORDER=entries (the state recurrence's entries handed on in swapped pairs, as oneTBB may
+// deliver them; the runner puts them back in segment order).
 #pragma once
 
 #include <memory>
