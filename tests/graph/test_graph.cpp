@@ -24,6 +24,12 @@ void PrintTo(const Mix& m, std::ostream* os) { *os << m.spec; }
 
 class GraphForward : public ::testing::TestWithParam<Mix> {};
 
+// m_last is a running max of float32 sums of log-gates (tens to hundreds in size under mixed gates). The CPU
+// workers run the one call's kernel (1e-6); an OpenCL device sums in another order: up to 4.9e-7 relative in
+// 600 draws of these tests and 1.5e-6 in one suite run (bf16, mixed gates). 1e-5 there; a wrong entering
+// state or a missing gate term moves m by far more.
+double m_tolerance(const Mix& mix) { return mix.opencl_devices_needed > 0 ? 1e-5 : 1e-6; }
+
 TEST_P(GraphForward, EqualsOneCallOnEveryShape) {
   const Mix mix = GetParam();
   if (opencl::list_devices().size() < mix.opencl_devices_needed) {
@@ -45,7 +51,7 @@ TEST_P(GraphForward, EqualsOneCallOnEveryShape) {
     EXPECT_TRUE(testing::matches(got.h, one_call.h, tol, "graph " + mix.spec, "h", s));
     EXPECT_TRUE(testing::matches(got.c, one_call.c, tol, "graph " + mix.spec, "c_last", s));
     EXPECT_TRUE(testing::matches(got.n, one_call.n, tol, "graph " + mix.spec, "n_last", s));
-    EXPECT_TRUE(testing::matches(got.m, one_call.m, 1e-6, "graph " + mix.spec, "m_last", s));
+    EXPECT_TRUE(testing::matches(got.m, one_call.m, m_tolerance(mix), "graph " + mix.spec, "m_last", s));
     EXPECT_FALSE(runner.last_log().empty());
   }
 }
@@ -73,7 +79,7 @@ TEST_P(GraphForward, HeadSplitEqualsOneCall) {
   const auto got = runner.forward_head_split(in.args(), o);
   EXPECT_TRUE(testing::matches(got.h, one_call.h, 2e-5, "graph head split " + mix.spec, "h", s));
   EXPECT_TRUE(testing::matches(got.c, one_call.c, 2e-5, "graph head split " + mix.spec, "c_last", s));
-  EXPECT_TRUE(testing::matches(got.m, one_call.m, 1e-6, "graph head split " + mix.spec, "m_last", s));
+  EXPECT_TRUE(testing::matches(got.m, one_call.m, m_tolerance(mix), "graph head split " + mix.spec, "m_last", s));
 }
 
 // The runner's log of its last run, one line per entry (for SCOPED_TRACE).
