@@ -37,7 +37,7 @@ TEST_P(OpenCLForms, ForwardAndBackwardMatchReference) {
   REQUIRE_OPENCL();
   const FormCase c = GetParam();
   const auto kernel = get_kernel(c.kernel, KernelTarget{"0"});
-  const auto in = testing::make_inputs(c.spec, testing::fresh_seed());
+  auto in = testing::make_inputs(c.spec, testing::fresh_seed());
   MlstmOptions o;
   o.gate = c.spec.gate;
   const bool wide = c.spec.dtype == DType::f32;
@@ -49,6 +49,10 @@ TEST_P(OpenCLForms, ForwardAndBackwardMatchReference) {
   EXPECT_TRUE(testing::matches_well_conditioned(fw.h, ref.h, in, o, tol, c.kernel, "h", c.spec));
   EXPECT_TRUE(testing::matches(fw.c, ref.c, tol, c.kernel, "c_last", c.spec));
   EXPECT_TRUE(testing::matches(fw.n, ref.n, tol, c.kernel, "n_last", c.spec));
+  // As in the kernel tests: no upstream gradient at tokens near the normaliser's kink or so ill conditioned that
+  // rounding moves their gradient by percents (extreme gates, float32: df 1.5e-2 against 1e-2 in 1 of ~100 suite
+  // runs without this).
+  ASSERT_GE(testing::quiet_normaliser_kinks(in, o, c.spec), 0) << "most tokens near the normaliser's kink";
   const auto args = in.backward_args(true);
   const auto bw = kernel->backward(args, o);
   const auto rb = reference::recurrent_backward(args, o, reference::StabilizerGradient::stop);
