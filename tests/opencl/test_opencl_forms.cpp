@@ -50,7 +50,7 @@ TEST_P(OpenCLForms, ForwardAndBackwardMatchReference) {
   EXPECT_TRUE(testing::matches(fw.c, ref.c, tol, c.kernel, "c_last", c.spec));
   EXPECT_TRUE(testing::matches(fw.n, ref.n, tol, c.kernel, "n_last", c.spec));
   // As in the kernel tests: no upstream gradient at tokens near the normaliser's kink or so ill conditioned that
-  // rounding moves their gradient by percents (extreme gates, float32: df 1.5e-2 against 1e-2 in 1 of ~100 suite
+  // rounding moves their gradient by percents (extreme gates, float32: df 1.5e-2 against 1e-2 in 1 of 200 suite
   // runs without this).
   ASSERT_GE(testing::quiet_normaliser_kinks(in, o, c.spec), 0) << "most tokens near the normaliser's kink";
   const auto args = in.backward_args(true);
