@@ -155,8 +155,9 @@ struct LocalStateBody {
 // summary (stages::combine) and emits the state entering the segment; after the last one, `running`
 // holds the state leaving the sequence. The bodies run in order, but the entries can reach the successors in
 // another order (oneTBB hands a function_node's outputs on after it has started the next body): a consumer
-// that needs segment order puts a sequencer_node<SegmentEntry> (by index) behind it. A segment the plan gave to no device (pulled) is given to the device
-// that computed its summary, where its inputs are resident (ComputeDevice::keep_inputs_resident).
+// that needs segment order puts a sequencer_node<SegmentEntry> (by index) behind it. A segment the plan gave
+// to no device (pulled) is given to the device that computed its summary, where its inputs are resident
+// (ComputeDevice::keep_inputs_resident).
 struct StateRecurrenceBody {
   std::shared_ptr<SegmentProblem> problem;
   std::shared_ptr<std::vector<Segment>> segments;
