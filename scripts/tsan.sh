@@ -2,15 +2,19 @@
 # ThreadSanitizer run of the flow-graph tests (tests labelled "graph": the graph, streams, device streams).
 # TSan needs every library that hands data between threads instrumented: Debian's libtbb is not, and gives
 # hundreds of false reports (docs/RELIABILITY.md). So this builds oneTBB 2021.8.0 (the Debian version) with
-# -fsanitize=thread once into ${MLSTM_TSAN_DIR:-build-tsan}/tbb-prefix, from $MLSTM_TBB_SOURCE (a source tree)
+# -fsanitize=thread once (cached, below), from $MLSTM_TBB_SOURCE (a source tree)
 # or the release tarball (Debian's archive first: CI reaches it where it cannot reach GitHub), then the
 # graph tests against it, and runs them (halt on the first race).
-# Nothing of oneTBB is vendored; the instrumented build is cached (delete build-tsan/tbb-prefix to redo it).
+# Nothing of oneTBB is vendored; the instrumented build is cached per compiler outside the tree
+# (${XDG_CACHE_HOME:-~/.cache}/mlstm-flow/tbb-tsan-*; MLSTM_TSAN_TBB_PREFIX names another place; delete it to redo
+# it), so fresh clones on one machine build it once.
 # scripts/tsan.supp silences third-party code only (PoCL's own threads, tbbmalloc's free lists), never our frames.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${MLSTM_TSAN_DIR:-$root/build-tsan}
-prefix=$build/tbb-prefix
+cache=${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/mlstm-flow
+compiler_id=$( (c++ --version | head -n 1) | cksum | cut -d' ' -f1)
+prefix=${MLSTM_TSAN_TBB_PREFIX:-$cache/tbb-tsan-2021.8.0-$compiler_id}
 jobs=${MLSTM_JOBS:-$(nproc)}
 mkdir -p "$build"
 if [ ! -e "$prefix/.done" ]; then
@@ -21,7 +25,6 @@ if [ ! -e "$prefix/.done" ]; then
     tarball=$build/oneTBB-2021.8.0.tar.xz
     debian_url=http://deb.debian.org/debian/pool/main/o/onetbb/onetbb_2021.8.0.orig.tar.xz
     debian_sha=7e9111b8bb59c8800bf6d0b06afe7b0891937443d2dae1ee1101c8e2ede6a7ef
-    cache=${XDG_CACHE_HOME:-$HOME/.cache}/mlstm-flow
     if [ ! -s "$tarball" ] && [ -s "$cache/onetbb_2021.8.0.orig.tar.xz" ]; then
       cp "$cache/onetbb_2021.8.0.orig.tar.xz" "$tarball"
     fi
@@ -51,8 +54,10 @@ if [ ! -e "$prefix/.done" ]; then
     -DCMAKE_SHARED_LINKER_FLAGS="-fsanitize=thread" >/dev/null
   # oneTBB's own warnings go to a log (shown if its build fails), not into the test output.
   cmake --build "$build/tbb-build" -j "$jobs" >"$build/tbb-build.log" 2>&1 || { tail -40 "$build/tbb-build.log"; exit 1; }
-  cmake --install "$build/tbb-build" >/dev/null
-  touch "$prefix/.done"
+  rm -rf "$prefix.part"
+  cmake --install "$build/tbb-build" --prefix "$prefix.part" >/dev/null
+  touch "$prefix.part/.done"
+  rm -rf "$prefix" && mkdir -p "$(dirname "$prefix")" && mv "$prefix.part" "$prefix"
 fi
 cmake -S "$root" -B "$build/mlstm" -DCMAKE_BUILD_TYPE=Debug -DMLSTM_SANITIZE=thread -DCMAKE_PREFIX_PATH="$prefix" \
   -DMLSTM_BUILD_PYTHON=OFF -DMLSTM_BUILD_BENCHMARKS=OFF -DMLSTM_BUILD_EXAMPLES=OFF -DMLSTM_BUILD_TOOLS=OFF >/dev/null

@@ -1,4 +1,5 @@
 """The mlstm_flow Python module against a numpy float64 recurrent reference (written here)."""
+import os
 import sys
 
 import numpy as np
@@ -37,8 +38,18 @@ def rel(a, b):
     return np.max(np.abs(a.astype(np.float64) - b)) / np.max(np.abs(b))
 
 
+def seed_from_env():
+    """The same inputs every run (CI), like the C++ suite: MLSTM_TEST_SEED=<n> picks another seed, =random a fresh one."""
+    value = os.environ.get("MLSTM_TEST_SEED", "")
+    if value == "random":
+        return int(np.random.SeedSequence().entropy) % 2**63
+    return int(value) if value else 20261202
+
+
 def main():
-    rng = np.random.default_rng()
+    seed = seed_from_env()
+    print(f"seed: MLSTM_TEST_SEED={seed}")
+    rng = np.random.default_rng(seed)
     B, NH, S, DK, DV = 2, 3, 77, 16, 24
     q = rng.standard_normal((B, NH, S, DK), dtype=np.float32)
     k = rng.standard_normal((B, NH, S, DK), dtype=np.float32)

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -46,16 +47,72 @@ BackwardArgs Inputs::backward_args(bool with_last_state_grads) const {
   return b;
 }
 
-std::uint64_t fresh_seed() {
-  std::uint64_t seed;
-  if (const char* env = std::getenv("MLSTM_TEST_SEED")) {
-    seed = std::strtoull(env, nullptr, 10);
-  } else {
+namespace {
+// The base every test's draws derive from; CI runs with this one, so every run draws the same inputs.
+constexpr std::uint64_t kDefaultBaseSeed = 20261202;
+
+std::uint64_t splitmix64(std::uint64_t x) {
+  x += 0x9e3779b97f4a7c15ull;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+std::uint64_t hash_name(const std::string& name) {  // FNV-1a: stable across compilers and runs
+  std::uint64_t h = 0xcbf29ce484222325ull;
+  for (unsigned char c : name) h = (h ^ c) * 0x100000001b3ull;
+  return h;
+}
+
+// Per test: the base seed (fixed, MLSTM_TEST_SEED=<n>, or fresh per test with MLSTM_TEST_SEED=random) and the
+// number of draws so far. Reset at every test start, so a test's draws do not depend on which tests ran before
+// it in the same process (ctest runs one test per process; --gtest_repeat and plain runs run many).
+struct SeedState {
+  std::uint64_t base = kDefaultBaseSeed;
+  std::uint64_t draws = 0;
+};
+SeedState& seed_state() {
+  static SeedState state;
+  return state;
+}
+
+std::uint64_t base_seed_for_next_test() {
+  const char* env = std::getenv("MLSTM_TEST_SEED");
+  if (env == nullptr || *env == '\0') return kDefaultBaseSeed;
+  if (std::string(env) == "random") {
     std::random_device rd;
-    seed = (static_cast<std::uint64_t>(rd()) << 32) ^ rd();
+    return (static_cast<std::uint64_t>(rd()) << 32) ^ rd();
   }
-  ::testing::Test::RecordProperty("seed", std::to_string(seed));
-  std::printf("[ seed     ] MLSTM_TEST_SEED=%llu\n", static_cast<unsigned long long>(seed));
+  char* end = nullptr;
+  const auto value = std::strtoull(env, &end, 10);
+  if (end == env || *end != '\0') {
+    std::fprintf(stderr, "MLSTM_TEST_SEED=%s: expected a decimal number or 'random'\n", env);
+    std::abort();
+  }
+  return value;
+}
+
+class SeedListener : public ::testing::EmptyTestEventListener {
+  void OnTestStart(const ::testing::TestInfo&) override { seed_state() = SeedState{base_seed_for_next_test(), 0}; }
+};
+
+// Registered before main: every test binary links this file through the helpers it uses.
+[[maybe_unused]] const bool seed_listener_registered = [] {
+  ::testing::UnitTest::GetInstance()->listeners().Append(new SeedListener);
+  return true;
+}();
+}  // namespace
+
+std::uint64_t fresh_seed() {
+  auto& state = seed_state();
+  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+  const std::string name = info ? std::string(info->test_suite_name()) + "." + info->name() : "";
+  const std::uint64_t draw = state.draws++;
+  const std::uint64_t seed = splitmix64(state.base ^ splitmix64(hash_name(name) + draw));
+  ::testing::Test::RecordProperty("seed_base", std::to_string(state.base));
+  std::printf("[ seed     ] draw %llu from MLSTM_TEST_SEED=%llu (replay: MLSTM_TEST_SEED=%llu --gtest_filter=%s)\n",
+              static_cast<unsigned long long>(draw), static_cast<unsigned long long>(state.base),
+              static_cast<unsigned long long>(state.base), name.c_str());
   return seed;
 }
 

@@ -1,7 +1,8 @@
 // Test helpers: fresh random inputs, comparisons against the float64 reference, and error reports.
 // Every comparison appends one line (kernel, what, shape, dtype, max abs/rel error) to
-// test_outputs/<suite>.csv in the build tree. Seeds are fresh per run (std::random_device) and printed;
-// MLSTM_TEST_SEED=<n> reproduces a run.
+// test_outputs/<suite>.csv in the build tree. Inputs are drawn from seeds derived from a base seed, the test's
+// name and the draw's number, so every run (CI's included) draws the same inputs; MLSTM_TEST_SEED=<n> picks
+// another base, MLSTM_TEST_SEED=random a fresh one per test (scripts/stress.sh hunts flakes that way).
 #pragma once
 
 #include <gtest/gtest.h>
@@ -39,7 +40,8 @@ struct Inputs {
   BackwardArgs backward_args(bool with_last_state_grads) const;
 };
 
-// Seed for this test: MLSTM_TEST_SEED if set, else std::random_device; printed via RecordProperty.
+// The seed of this test's next draw: derived from the base seed (default fixed; MLSTM_TEST_SEED=<n> or
+// =random), the test's full name and the number of draws it made before. Printed with the replay command.
 std::uint64_t fresh_seed();
 Inputs make_inputs(const InputSpec& spec, std::uint64_t seed);
 // An InputSpec in one line.
