@@ -5,7 +5,7 @@
 #include <filesystem>
 
 #include "example_common.hpp"
-#include "mlstm/npy.hpp"
+#include "mlstm/core/npy.hpp"
 
 int main(int argc, char** argv) {
   namespace fs = std::filesystem;

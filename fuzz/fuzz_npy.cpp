@@ -5,8 +5,8 @@
 #include <cstdint>
 #include <string>
 
-#include "mlstm/error.hpp"
-#include "mlstm/npy.hpp"
+#include "mlstm/core/error.hpp"
+#include "mlstm/core/npy.hpp"
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   const std::string bytes(reinterpret_cast<const char*>(data), size);

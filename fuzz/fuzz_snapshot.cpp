@@ -6,7 +6,7 @@
 #include <cstdint>
 #include <string>
 
-#include "mlstm/error.hpp"
+#include "mlstm/core/error.hpp"
 #include "mlstm/graph/stream.hpp"
 
 

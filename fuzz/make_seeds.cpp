@@ -7,7 +7,7 @@
 #include <sstream>
 
 #include "mlstm/graph/stream.hpp"
-#include "mlstm/npy.hpp"
+#include "mlstm/core/npy.hpp"
 
 int main(int argc, char** argv) {
   if (argc != 2) {

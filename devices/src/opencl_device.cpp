@@ -11,7 +11,8 @@
 #include <string>
 
 #include "mlstm/devices/opencl.hpp"
-#include "mlstm/devices/trace.hpp"
+#include "mlstm/core/trace.hpp"
+#include "mlstm/core/env.hpp"
 #include "mlstm_opencl_sources.hpp"
 
 namespace mlstm::opencl {
@@ -215,13 +216,13 @@ constexpr std::size_t kStagingThreshold = std::size_t{4} << 20;
 
 // MLSTM_OPENCL_STAGING: "off" (or 0) or the slot size in bytes (rounded up to 4 KiB).
 std::size_t default_staging_slot() {
-  const char* env = std::getenv("MLSTM_OPENCL_STAGING");
-  if (!env || !*env) return kDefaultStagingSlot;
-  const std::string v(env);
+  const auto env = env::get("MLSTM_OPENCL_STAGING");
+  if (!env) return kDefaultStagingSlot;
+  const std::string& v = *env;
   if (v == "off") return 0;
   char* end = nullptr;
-  const unsigned long long bytes = std::strtoull(env, &end, 10);
-  if (end == env || *end != '\0') {
+  const unsigned long long bytes = std::strtoull(v.c_str(), &end, 10);
+  if (end == v.c_str() || *end != '\0') {
     spdlog::warn("mlstm-flow: MLSTM_OPENCL_STAGING='{}' is neither 'off' nor a byte count; using {} MiB slots", v,
                  kDefaultStagingSlot >> 20);
     return kDefaultStagingSlot;
@@ -377,10 +378,7 @@ std::size_t size_class(std::size_t bytes) {
 // it is handed out, so a kernel that reads what nobody wrote gives NaN instead of a stale value from an earlier
 // run (a debugging aid; tests run with it).
 bool poison_buffers() {
-  static const bool on = [] {
-    const char* env = std::getenv("MLSTM_OPENCL_POISON");
-    return env && std::string(env) == "1";
-  }();
+  static const bool on = env::is("MLSTM_OPENCL_POISON", "1");
   return on;
 }
 }  // namespace

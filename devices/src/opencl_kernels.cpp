@@ -1,4 +1,5 @@
 #include "mlstm/devices/opencl_kernels.hpp"
+#include "mlstm/core/env.hpp"
 
 #include <algorithm>
 #include <cstdlib>
@@ -51,8 +52,7 @@ class ResidentPortable final : public ResidentChunkwise {
          << " -DIN_DTYPE=" << dtype_code(dev_dtype_) << " -DEPS=" << std::hexfloat << static_cast<float>(o.eps) << "f";
     // The tiled output kernel when its tiles fit in local memory (QB queries x KT keys), else the per-token one.
     // MLSTM_OPENCL_UNTILED=1 forces the per-token output and backward kernels (tests of the fallback).
-    const char* untiled_env = std::getenv("MLSTM_OPENCL_UNTILED");
-    const bool untiled = untiled_env && std::string(untiled_env) == "1";
+    const bool untiled = env::is("MLSTM_OPENCL_UNTILED", "1");
     // The register-tiled output kernel (blocks of 64 queries x 64*OVW columns) for chunks of 32 tokens or more;
     // shorter chunks use the smaller tiled kernel, and chunks shorter than its query block (chunk 1: the
     // recurrent form and the step kernel) the per-token one: a block would be mostly empty, and PoCL 3.1
@@ -326,9 +326,9 @@ class ResidentPortable final : public ResidentChunkwise {
   }
   // Column blocks of 64 per work group: `fallback`, or the value of environment variable `name` (1..4; for tuning).
   static int column_blocks(const char* name, std::int64_t fallback) {
-    const char* env = std::getenv(name);
-    if (!env || !*env) return static_cast<int>(fallback);
-    const std::string text(env);
+    const auto value = env::get(name);
+    if (!value) return static_cast<int>(fallback);
+    const std::string& text = *value;
     if (text.size() != 1 || text[0] < '1' || text[0] > '4')
       throw InvalidArgument(name, "expected 1, 2, 3 or 4 column blocks of 64 per work group (got '" + text + "')");
     return text[0] - '0';

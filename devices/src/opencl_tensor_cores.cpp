@@ -1,5 +1,5 @@
 #include "mlstm/devices/opencl_tensor_cores.hpp"
-#include "mlstm/devices/trace.hpp"
+#include "mlstm/core/trace.hpp"
 
 #include <spdlog/spdlog.h>
 
@@ -13,6 +13,7 @@
 
 #include "mlstm/devices/opencl_kernels.hpp"
 #include "mlstm/devices/opencl_stream.hpp"
+#include "mlstm/core/env.hpp"
 #include "opencl_internal.hpp"
 
 #ifndef MLSTM_OPENCL_TENSOR_CORES
@@ -30,9 +31,9 @@ constexpr cl_device_info kComputeCapabilityMajorNV = 0x4000;  // cl_nv_device_at
 constexpr cl_device_info kComputeCapabilityMinorNV = 0x4001;
 
 bool switched_off_by_environment() {
-  const char* v = std::getenv("MLSTM_TENSOR_CORES");
+  const auto v = env::get("MLSTM_TENSOR_CORES");
   if (!v) return false;
-  const std::string s(v);
+  const std::string& s = *v;
   return s == "off" || s == "0" || s == "false" || s == "no";
 }
 
@@ -161,9 +162,9 @@ TcConfig make_config(Device& dev, bool emulate, const ProblemShape& p, const Mls
   // 64 x 64 state tiles. Measured on the H100 at B=1, S=65536 (16 rows, 128 work-groups for 132 SMs):
   // smaller tiles (more work-groups) were not faster (fw 3.08-3.29 ms vs 3.09 ms at 64x64), the per-chunk
   // step is latency-bound. MLSTM_TC_STATE_TILE=KTxVT overrides the choice (tuning).
-  if (const char* tile = std::getenv("MLSTM_TC_STATE_TILE")) {
+  if (const auto tile = env::get("MLSTM_TC_STATE_TILE")) {
     int kt = 0, vt = 0;
-    if (std::sscanf(tile, "%dx%d", &kt, &vt) == 2 && kt >= 16 && vt >= 16 && kt % 16 == 0 && vt % 16 == 0 &&
+    if (std::sscanf(tile->c_str(), "%dx%d", &kt, &vt) == 2 && kt >= 16 && vt >= 16 && kt % 16 == 0 && vt % 16 == 0 &&
         p.DHQK % kt == 0 && p.DHHV % vt == 0) {
       c.KT = kt;
       c.VT = vt;
@@ -262,7 +263,7 @@ class ResidentTensorCore final : public ResidentChunkwise {
     h_ = dev.acquire(tok * V * 2);
     Nt_ = f32buf(tok);
     sgt_ = f32buf(tok);
-    if (const char* poison = std::getenv("MLSTM_TC_POISON"); poison && std::string(poison) == "1") {
+    if (env::is("MLSTM_TC_POISON", "1")) {
       // Debugging aid: every intermediate and output buffer starts as NaN (0xFF bytes), so a read of a value
       // no kernel wrote shows up as NaN in the results.
       const std::uint8_t pattern = 0xff;

@@ -14,7 +14,8 @@
 #include <cstring>
 #include <sstream>
 
-#include "mlstm/error.hpp"
+#include "mlstm/core/error.hpp"
+#include "mlstm/core/env.hpp"
 
 namespace mlstm::graph {
 
@@ -125,9 +126,8 @@ Plan FlowGraphRunner::plan(const ProblemShape& shape, const MlstmOptions& option
 namespace {
 
 std::filesystem::path calibration_file() {
-  const char* xdg = std::getenv("XDG_CACHE_HOME");
-  const char* home = std::getenv("HOME");
-  std::filesystem::path dir = xdg && *xdg ? std::filesystem::path(xdg) : std::filesystem::path(home ? home : "/tmp") / ".cache";
+  const auto xdg = env::get("XDG_CACHE_HOME");
+  std::filesystem::path dir = xdg ? std::filesystem::path(*xdg) : std::filesystem::path(env::get("HOME").value_or("/tmp")) / ".cache";
   return dir / "mlstm-flow" / "calibration.json";
 }
 
@@ -206,8 +206,7 @@ std::vector<std::unique_ptr<nodes::ComputeDevice::InputResidency>> keep_inputs_r
 // Test hook: MLSTM_FAULT_INJECT_ORDER=entries makes the state recurrence's entries leave in swapped pairs
 // (1, 0, 3, 2, ...), the order oneTBB is free to give them (see EnteringStateStage).
 bool entries_reordered() {
-  const char* v = std::getenv("MLSTM_FAULT_INJECT_ORDER");
-  return v && std::string(v) == "entries";
+  return env::is("MLSTM_FAULT_INJECT_ORDER", "entries");
 }
 
 // Phases 1 and 2 of the sequence-parallel forward, shared by forward() and backward(): per device a
@@ -283,7 +282,7 @@ ForwardResult FlowGraphRunner::forward(const ForwardArgs& args, const MlstmOptio
   using namespace tbb::flow;
   auto problem = std::make_shared<nodes::SegmentProblem>(args, options);
   const Plan p = plan_over(devices_, problem->shape(), options, segment_tokens);
-  if (std::getenv("MLSTM_PLAN_DEBUG")) spdlog::warn("{}", p.describe());
+  if (env::get("MLSTM_PLAN_DEBUG")) spdlog::warn("{}", p.describe());
   auto segments = std::make_shared<std::vector<nodes::Segment>>(p.segments);
   auto running = std::make_shared<nodes::SegmentEntry>(problem->initial_entry());
 
@@ -457,7 +456,7 @@ BackwardResult FlowGraphRunner::backward(const BackwardArgs& args, const MlstmOp
   const ProblemShape shape = validate_backward(args, options);
   const auto capable = backward_devices();
   const Plan p = plan_over(capable, shape, options, segment_tokens);
-  if (std::getenv("MLSTM_PLAN_DEBUG")) spdlog::warn("backward {}", p.describe());
+  if (env::get("MLSTM_PLAN_DEBUG")) spdlog::warn("backward {}", p.describe());
   auto problem = std::make_shared<nodes::SegmentGradientProblem>(args, options, p.segments);
   const auto fw = problem->forward();
   const int nseg = static_cast<int>(p.segments.size());

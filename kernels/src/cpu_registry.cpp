@@ -2,7 +2,7 @@
 #include <functional>
 
 #include "mlstm/cpu_kernels.hpp"
-#include "mlstm/error.hpp"
+#include "mlstm/core/error.hpp"
 #include "mlstm/kernel.hpp"
 #include "mlstm/reference.hpp"
 

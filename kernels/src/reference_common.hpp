@@ -6,8 +6,8 @@
 #include <cstdint>
 #include <vector>
 
-#include "mlstm/problem.hpp"
-#include "mlstm/tensor.hpp"
+#include "mlstm/core/problem.hpp"
+#include "mlstm/core/tensor.hpp"
 
 namespace mlstm::reference::detail {
 

@@ -1,6 +1,6 @@
 #include <algorithm>
 
-#include "mlstm/error.hpp"
+#include "mlstm/core/error.hpp"
 #include "mlstm/kernel.hpp"
 
 namespace mlstm {

@@ -9,9 +9,10 @@
 #include "mlstm/cpu_kernels.hpp"
 #include "mlstm/devices/opencl_kernels.hpp"
 #include "mlstm/devices/opencl_tensor_cores.hpp"
-#include "mlstm/error.hpp"
+#include "mlstm/core/error.hpp"
 #include "mlstm/nodes/compute_device.hpp"
 #include "mlstm/stages.hpp"
+#include "mlstm/core/env.hpp"
 
 namespace mlstm::nodes {
 
@@ -109,10 +110,7 @@ class OpenCLComputeDevice final : public ComputeDevice {
   };
   // MLSTM_RESIDENT_INPUTS=off: every call uploads its inputs (for measuring what residency saves).
   static bool resident_inputs_off() {
-    static const bool off = [] {
-      const char* v = std::getenv("MLSTM_RESIDENT_INPUTS");
-      return v && std::string(v) == "off";
-    }();
+    static const bool off = env::is("MLSTM_RESIDENT_INPUTS", "off");
     return off;
   }
   opencl::AutoChunkwiseRunner runner_;  // tensor cores where the device and problem allow, else portable
@@ -124,7 +122,7 @@ std::vector<std::shared_ptr<ComputeDevice>> cpu_workers() {
   std::vector<std::shared_ptr<ComputeDevice>> out;
   // MLSTM_NUMA=off: one worker, no NUMA query. TBB's topology query loads libtbbbind with RTLD_DEEPBIND,
   // which AddressSanitizer refuses (google/sanitizers#611); the sanitizer runs set it.
-  if (const char* numa = std::getenv("MLSTM_NUMA"); numa && std::string(numa) == "off") {
+  if (env::is("MLSTM_NUMA", "off")) {
     out.push_back(std::make_shared<CpuWorker>(-1, tbb::info::default_concurrency()));
     spdlog::info("mlstm-flow: 1 CPU worker (MLSTM_NUMA=off)");
     return out;

@@ -9,9 +9,10 @@
 #include <limits>
 #include <new>
 
-#include "mlstm/devices/trace.hpp"
-#include "mlstm/error.hpp"
+#include "mlstm/core/trace.hpp"
+#include "mlstm/core/error.hpp"
 #include "mlstm/stages.hpp"
+#include "mlstm/core/env.hpp"
 
 namespace mlstm::nodes {
 
@@ -108,9 +109,9 @@ struct FaultSpec {
 // MLSTM_FAULT_INJECT="<device name substring>:<segment|*>[:oom[>N]]" (the name may itself contain ':').
 FaultSpec parse_fault_spec() {
   FaultSpec f;
-  const char* spec = std::getenv("MLSTM_FAULT_INJECT");
-  if (!spec || !*spec) return f;
-  std::string s(spec);
+  const auto spec = env::get("MLSTM_FAULT_INJECT");
+  if (!spec) return f;
+  std::string s = *spec;
   auto colon = s.rfind(':');
   if (colon == std::string::npos) return f;
   std::string last = s.substr(colon + 1);

@@ -11,8 +11,8 @@
 #include <random>
 #include <string>
 
-#include "mlstm/problem.hpp"
-#include "mlstm/tensor.hpp"
+#include "mlstm/core/problem.hpp"
+#include "mlstm/core/tensor.hpp"
 
 namespace mlstm::testing {
 

@@ -5,7 +5,7 @@ execute_process(COMMAND ${CMAKE_COMMAND} --install ${BUILD_DIR} --prefix ${prefi
 if(NOT rc EQUAL 0)
   message(FATAL_ERROR "cmake --install failed (${rc})")
 endif()
-foreach(f include/mlstm/mlstm.hpp include/mlstm/tensor.hpp)
+foreach(f include/mlstm/mlstm.hpp include/mlstm/core/tensor.hpp)
   if(NOT EXISTS ${prefix}/${f})
     message(FATAL_ERROR "installed tree lacks ${f}")
   endif()

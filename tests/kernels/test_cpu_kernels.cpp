@@ -4,7 +4,7 @@
 #include <sstream>
 
 #include "mlstm/cpu_kernels.hpp"
-#include "mlstm/error.hpp"
+#include "mlstm/core/error.hpp"
 #include "mlstm/kernel.hpp"
 #include "mlstm/reference.hpp"
 #include "mlstm/stages.hpp"

@@ -13,7 +13,7 @@
 #include <string>
 #include <vector>
 
-#include "mlstm/error.hpp"
+#include "mlstm/core/error.hpp"
 #include "mlstm/reference.hpp"
 #include "test_util.hpp"
 

@@ -8,7 +8,7 @@
 #include <filesystem>
 
 #include "mlstm/mlstm.hpp"
-#include "mlstm/npy.hpp"
+#include "mlstm/core/npy.hpp"
 #include "test_util.hpp"
 
 namespace mlstm {

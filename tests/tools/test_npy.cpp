@@ -5,8 +5,8 @@
 #include <filesystem>
 #include <fstream>
 
-#include "mlstm/error.hpp"
-#include "mlstm/npy.hpp"
+#include "mlstm/core/error.hpp"
+#include "mlstm/core/npy.hpp"
 
 namespace mlstm {
 namespace {

@@ -21,7 +21,7 @@
 #include <tbb/parallel_for.h>
 
 #include "mlstm/mlstm.hpp"
-#include "mlstm/npy.hpp"
+#include "mlstm/core/npy.hpp"
 #include "mlstm/devices/opencl.hpp"
 #include "mlstm/devices/opencl_stream.hpp"
 #include "mlstm/devices/opencl_tensor_cores.hpp"

@@ -16,10 +16,10 @@
 #include <string>
 #include <vector>
 
-#include "mlstm/error.hpp"
+#include "mlstm/core/error.hpp"
 #include "mlstm/kernel.hpp"
-#include "mlstm/problem.hpp"
-#include "mlstm/tensor.hpp"
+#include "mlstm/core/problem.hpp"
+#include "mlstm/core/tensor.hpp"
 
 namespace mlstm {
 

@@ -5,7 +5,7 @@
 
 #include <cstdint>
 
-#include "mlstm/problem.hpp"
+#include "mlstm/core/problem.hpp"
 
 namespace mlstm::cpu {
 

@@ -13,7 +13,7 @@
 #include <string>
 #include <vector>
 
-#include "mlstm/problem.hpp"
+#include "mlstm/core/problem.hpp"
 
 namespace mlstm {
 

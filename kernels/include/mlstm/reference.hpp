@@ -2,7 +2,7 @@
 // All results are float64 tensors (h, states and gradients). Inputs may be of any dtype.
 #pragma once
 
-#include "mlstm/problem.hpp"
+#include "mlstm/core/problem.hpp"
 
 namespace mlstm::reference {
 

@@ -55,7 +55,7 @@
 #include <limits>
 #include <vector>
 
-#include "mlstm/problem.hpp"
+#include "mlstm/core/problem.hpp"
 
 namespace mlstm::stages {
 

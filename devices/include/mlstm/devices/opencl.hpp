@@ -15,8 +15,8 @@
 #include <string>
 #include <vector>
 
-#include "mlstm/error.hpp"
-#include "mlstm/tensor.hpp"
+#include "mlstm/core/error.hpp"
+#include "mlstm/core/tensor.hpp"
 
 namespace mlstm::opencl {
 

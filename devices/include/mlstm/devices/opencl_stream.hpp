@@ -29,8 +29,8 @@
 #include <vector>
 
 #include "mlstm/devices/opencl.hpp"
-#include "mlstm/problem.hpp"
-#include "mlstm/tensor.hpp"
+#include "mlstm/core/problem.hpp"
+#include "mlstm/core/tensor.hpp"
 
 namespace mlstm::opencl {
 

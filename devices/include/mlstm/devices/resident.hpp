@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "mlstm/devices/opencl.hpp"
-#include "mlstm/problem.hpp"
+#include "mlstm/core/problem.hpp"
 
 namespace mlstm::opencl {
 

@@ -14,8 +14,8 @@
 #include <string>
 
 #include "mlstm/kernel.hpp"
-#include "mlstm/problem.hpp"
-#include "mlstm/tensor.hpp"
+#include "mlstm/core/problem.hpp"
+#include "mlstm/core/tensor.hpp"
 
 namespace mlstm {
 

@@ -9,7 +9,7 @@
 #include <string>
 #include <vector>
 
-#include "mlstm/problem.hpp"
+#include "mlstm/core/problem.hpp"
 
 namespace mlstm::nodes {
 

@@ -47,7 +47,7 @@
 #include <vector>
 
 #include "mlstm/nodes/compute_device.hpp"
-#include "mlstm/tensor.hpp"
+#include "mlstm/core/tensor.hpp"
 
 namespace mlstm::nodes {
 

@@ -1,9 +1,9 @@
-#include "mlstm/problem.hpp"
+#include "mlstm/core/problem.hpp"
 
 #include <cmath>
 #include <string>
 
-#include "mlstm/error.hpp"
+#include "mlstm/core/error.hpp"
 
 namespace mlstm {
 

@@ -1,9 +1,9 @@
-#include "mlstm/dtype.hpp"
+#include "mlstm/core/dtype.hpp"
 
 #include <cmath>
 #include <string>
 
-#include "mlstm/error.hpp"
+#include "mlstm/core/error.hpp"
 
 namespace mlstm {
 

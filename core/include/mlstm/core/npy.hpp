@@ -6,7 +6,7 @@
 #include <string>
 #include <utility>
 
-#include "mlstm/tensor.hpp"
+#include "mlstm/core/tensor.hpp"
 
 namespace mlstm::npy {
 

@@ -1,11 +1,11 @@
-#include "mlstm/npy.hpp"
+#include "mlstm/core/npy.hpp"
 
 #include <cctype>
 #include <cstring>
 #include <fstream>
 #include <sstream>
 
-#include "mlstm/error.hpp"
+#include "mlstm/core/error.hpp"
 
 namespace mlstm::npy {
 

@@ -1,4 +1,4 @@
-#include "mlstm/tensor.hpp"
+#include "mlstm/core/tensor.hpp"
 
 #include <tbb/blocked_range.h>
 #include <tbb/parallel_for.h>
@@ -9,7 +9,7 @@
 #include <new>
 #include <sstream>
 
-#include "mlstm/error.hpp"
+#include "mlstm/core/error.hpp"
 
 namespace mlstm {
 

@@ -15,7 +15,7 @@
 #include <optional>
 #include <string>
 
-#include "mlstm/tensor.hpp"
+#include "mlstm/core/tensor.hpp"
 
 namespace mlstm {
 

@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "mlstm/dtype.hpp"
+#include "mlstm/core/dtype.hpp"
 
 namespace mlstm {
 

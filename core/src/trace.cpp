@@ -1,16 +1,15 @@
-#include "mlstm/devices/trace.hpp"
+#include "mlstm/core/trace.hpp"
+
+#include "mlstm/core/env.hpp"
 
 #include <spdlog/spdlog.h>
 
-#include <cstdlib>
-#include <string_view>
 
 namespace mlstm {
 
 bool trace_enabled() noexcept {
   static const bool on = [] {
-    const char* v = std::getenv("MLSTM_TRACE");
-    return v && std::string_view(v) == "1";
+    return env::is("MLSTM_TRACE", "1");
   }();
   return on;
 }

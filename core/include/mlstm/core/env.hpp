@@ -1,0 +1,31 @@
+// Environment knobs: the one place the library reads the environment. Every knob is listed here with the
+// module that uses it; code asks `env::get` (or `env::is`) instead of calling getenv itself.
+//
+//   MLSTM_TRACE=1                      core: time every device call, transfer, program lookup and node body
+//   MLSTM_NUMA=off                     devices (CPU workers): one worker, no NUMA query (sanitizer runs)
+//   MLSTM_OPENCL_POISON=1              devices (OpenCL): fill every handed-out buffer with NaN bytes
+//   MLSTM_OPENCL_STAGING=off|<bytes>   devices (OpenCL): pinned staging slot size (default 32 MiB)
+//   MLSTM_OPENCL_UNTILED=1             devices (OpenCL): per-token output and backward kernels
+//   MLSTM_OPENCL_OUTPUT_COL_BLOCKS, MLSTM_OPENCL_STATE_COL_BLOCKS=1..4
+//                                      devices (OpenCL): column blocks of the register-tiled kernels (tuning)
+//   MLSTM_TENSOR_CORES=off             devices (OpenCL): never use the tensor-core kernels
+//   MLSTM_TC_STATE_TILE=KTxVT          devices (OpenCL): tensor-core state tile (tuning)
+//   MLSTM_TC_POISON=1                  devices (OpenCL): tensor-core intermediates start as NaN
+//   MLSTM_RESIDENT_INPUTS=off          devices: upload inputs on every call (to measure residency)
+//   MLSTM_FAULT_INJECT, MLSTM_FAULT_INJECT_ORDER   nodes / graph: fault-injection test hooks
+//   MLSTM_PLAN_DEBUG                   graph: log every plan
+//   XDG_CACHE_HOME, HOME               graph: where the calibration cache lives
+#pragma once
+
+#include <optional>
+#include <string>
+
+namespace mlstm::env {
+
+// The variable's value; nullopt when it is unset or empty.
+std::optional<std::string> get(const char* name);
+
+// True when the variable is set to exactly `value`.
+bool is(const char* name, const char* value);
+
+}  // namespace mlstm::env
