@@ -15,7 +15,7 @@ int main(int argc, char** argv) {
   const auto in = example::make(1, 2, S, D, D, rng);
   mlstm::MlstmOptions o;
   auto problem = std::make_shared<nodes::SegmentProblem>(in.args(), o);
-  auto device = nodes::cpu_workers().front();
+  auto device = mlstm::cpu_workers().front();
   auto segments = std::make_shared<std::vector<nodes::Segment>>();
   for (std::int64_t t0 = 0, i = 0; t0 < S; t0 += seg, ++i) segments->push_back({static_cast<int>(i), t0, std::min(S, t0 + seg)});
   auto running = std::make_shared<nodes::SegmentEntry>(problem->initial_entry());

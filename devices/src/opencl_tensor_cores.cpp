@@ -498,20 +498,6 @@ BackwardResult TensorCoreRunner::backward(const BackwardArgs& args, const MlstmO
 
 namespace {
 
-template <class Runner>
-constexpr bool kHasBackward = requires(const Runner& r, const BackwardArgs& a, const MlstmOptions& o) { r.backward(a, o); };
-
-// The portable runner's backward (Error naming the kernel if this build's portable path has none).
-template <class Runner>
-BackwardResult portable_backward(const Runner& runner, const std::string& kernel, const BackwardArgs& args,
-                                 const MlstmOptions& options) {
-  if constexpr (requires { runner.backward(args, options); }) {
-    return runner.backward(args, options);
-  } else {
-    throw Error(kernel + ": this problem needs the portable OpenCL backward, which is not available yet");
-  }
-}
-
 // "B*NH*S" of a (B,NH,S,D) view, for traces.
 std::string token_rows(ConstTensorView t) { return std::to_string(t.numel() / std::max<std::int64_t>(1, t.dim(-1))); }
 
@@ -543,7 +529,7 @@ ForwardResult AutoChunkwiseRunner::last_state(const ForwardArgs& args, const Mls
 BackwardResult AutoChunkwiseRunner::backward(const BackwardArgs& args, const MlstmOptions& o) const {
   const ScopedTrace trace([&] { return "backward of " + token_rows(args.dh) + " token-rows on " + device_->name(); });
   if (uses_tensor_cores(validate_backward(args, o), o)) return tensor_cores_.backward(args, o);
-  return portable_backward(portable_, device_->name(), args, o);
+  return portable_.backward(args, o);
 }
 
 BackwardResult AutoChunkwiseRunner::state_gradient(const BackwardArgs& args, const MlstmOptions& o) const {
@@ -567,11 +553,6 @@ BackwardResult AutoChunkwiseRunner::state_gradient(const BackwardArgs& args, con
   out.dn0 = std::move(full.dn0);
   out.dm0 = std::move(full.dm0);
   return out;
-}
-
-bool AutoChunkwiseRunner::has_backward() const noexcept {
-  // Every problem: only with the portable backward (the tensor cores take only some problems).
-  return kHasBackward<ChunkwiseRunner>;
 }
 
 bool AutoChunkwiseRunner::uses_tensor_cores(const ProblemShape& p, const MlstmOptions& o) const {

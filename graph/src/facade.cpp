@@ -2,35 +2,7 @@
 
 #include "mlstm/mlstm.hpp"
 
-#if __has_include("mlstm/devices/opencl_kernels.hpp")
-#include "mlstm/devices/opencl_kernels.hpp"
-#include "mlstm/devices/opencl_tensor_cores.hpp"
-#define MLSTM_HAVE_OPENCL_KERNELS 1
-#endif
-
 namespace mlstm {
-
-KernelRegistry& kernel_registry() {
-  static KernelRegistry registry = [] {
-    KernelRegistry r = KernelRegistry::with_builtin_kernels();
-#ifdef MLSTM_HAVE_OPENCL_KERNELS
-    opencl::register_kernels(r);
-    opencl::register_tensor_core_kernels(r);  // tensor cores where possible, else portable
-#endif
-    return r;
-  }();
-  return registry;
-}
-
-std::vector<KernelInfo> available_kernels() { return kernel_registry().list(); }
-
-std::unique_ptr<SequenceKernel> get_kernel(const std::string& name, const KernelTarget& target) {
-  return kernel_registry().make_sequence(name, target);
-}
-
-std::unique_ptr<StepKernel> get_step_kernel(const std::string& name, const KernelTarget& target) {
-  return kernel_registry().make_step(name, target);
-}
 
 Backend::Backend(BackendConfig config) : config_(std::move(config)) {
   MlstmOptions o = options();

@@ -110,12 +110,12 @@ Plan make_calibrated_plan(const ProblemShape& shape, const MlstmOptions& options
   return p;
 }
 
-FlowGraphRunner::FlowGraphRunner(std::vector<std::shared_ptr<nodes::ComputeDevice>> devices)
+FlowGraphRunner::FlowGraphRunner(std::vector<std::shared_ptr<ComputeDevice>> devices)
     : devices_(std::move(devices)) {
   if (devices_.empty()) throw InvalidArgument("devices", "the flow graph needs at least one device");
 }
 
-FlowGraphRunner::FlowGraphRunner(const std::string& device_spec) : FlowGraphRunner(nodes::devices_from_spec(device_spec)) {}
+FlowGraphRunner::FlowGraphRunner(const std::string& device_spec) : FlowGraphRunner(devices_from_spec(device_spec)) {}
 
 Plan FlowGraphRunner::plan(const ProblemShape& shape, const MlstmOptions& options, std::int64_t segment_tokens) const {
   std::vector<std::string> names;
@@ -137,7 +137,7 @@ std::vector<double> FlowGraphRunner::calibrate(const ProblemShape& shape, const 
   return calibrate(devices_, shape, options);
 }
 
-std::vector<double> FlowGraphRunner::calibrate(const std::vector<std::shared_ptr<nodes::ComputeDevice>>& devices,
+std::vector<double> FlowGraphRunner::calibrate(const std::vector<std::shared_ptr<ComputeDevice>>& devices,
                                                const ProblemShape& shape, const MlstmOptions& options) {
   static std::mutex mutex;
   std::lock_guard lock(mutex);
@@ -196,9 +196,9 @@ std::vector<double> FlowGraphRunner::calibrate(const std::vector<std::shared_ptr
 namespace {
 
 // One residency scope per device for the run's inputs (ComputeDevice::keep_inputs_resident).
-std::vector<std::unique_ptr<nodes::ComputeDevice::InputResidency>> keep_inputs_resident(
-    const std::vector<std::shared_ptr<nodes::ComputeDevice>>& devices, const std::vector<ConstTensorView>& inputs) {
-  std::vector<std::unique_ptr<nodes::ComputeDevice::InputResidency>> out;
+std::vector<std::unique_ptr<ComputeDevice::InputResidency>> keep_inputs_resident(
+    const std::vector<std::shared_ptr<ComputeDevice>>& devices, const std::vector<ConstTensorView>& inputs) {
+  std::vector<std::unique_ptr<ComputeDevice::InputResidency>> out;
   for (const auto& d : devices) out.push_back(d->keep_inputs_resident(inputs));
   return out;
 }
@@ -219,7 +219,7 @@ bool entries_reordered() {
 // entries out of order it read one not yet recorded (a wrong segment, 1 in some hundred runs under load).
 class EnteringStateStage {
  public:
-  using Devices = std::vector<std::shared_ptr<nodes::ComputeDevice>>;
+  using Devices = std::vector<std::shared_ptr<ComputeDevice>>;
   EnteringStateStage(tbb::flow::graph& g, std::size_t queues, const std::shared_ptr<nodes::SegmentProblem>& problem,
                      const std::shared_ptr<std::vector<nodes::Segment>>& segments,
                      const std::shared_ptr<nodes::SegmentEntry>& running, const Devices& devices,
@@ -281,32 +281,33 @@ class EnteringStateStage {
 ForwardResult FlowGraphRunner::forward(const ForwardArgs& args, const MlstmOptions& options, std::int64_t segment_tokens) {
   using namespace tbb::flow;
   auto problem = std::make_shared<nodes::SegmentProblem>(args, options);
-  const Plan p = plan_over(devices_, problem->shape(), options, segment_tokens);
+  const auto devices = capable_devices({DeviceStage::last_state, DeviceStage::forward}, problem->shape(), options);
+  const Plan p = plan_over(devices, problem->shape(), options, segment_tokens);
   if (env::get("MLSTM_PLAN_DEBUG")) spdlog::warn("{}", p.describe());
   auto segments = std::make_shared<std::vector<nodes::Segment>>(p.segments);
   auto running = std::make_shared<nodes::SegmentEntry>(problem->initial_entry());
 
   // Every device keeps the inputs it uploads for a segment's local state for that segment's outputs.
-  const auto residency = keep_inputs_resident(devices_, {args.q, args.k, args.v, args.i, args.f});
+  const auto residency = keep_inputs_resident(devices, {args.q, args.k, args.v, args.i, args.f});
 
   tbb::flow::graph g;
   // Local states: pull (one shared queue) or calibrated (one queue per device). Outputs: one queue per device;
   // a pulled segment goes to the device that computed its local state (StateRecurrenceBody).
-  const std::size_t queues = balancing_ == Balancing::calibrated ? devices_.size() : 1;
+  const std::size_t queues = balancing_ == Balancing::calibrated ? devices.size() : 1;
   auto route = [&](const nodes::Segment& s) { return s.device < 0 ? std::size_t{0} : static_cast<std::size_t>(s.device); };
   std::vector<std::unique_ptr<queue_node<nodes::SegmentEntry>>> entry_queues;
-  for (std::size_t qi = 0; qi < devices_.size(); ++qi) entry_queues.push_back(std::make_unique<queue_node<nodes::SegmentEntry>>(g));
-  auto pool = std::make_shared<nodes::DevicePool>(devices_);
-  EnteringStateStage entering(g, queues, problem, segments, running, devices_, pool);
+  for (std::size_t qi = 0; qi < devices.size(); ++qi) entry_queues.push_back(std::make_unique<queue_node<nodes::SegmentEntry>>(g));
+  auto pool = std::make_shared<nodes::DevicePool>(devices);
+  EnteringStateStage entering(g, queues, problem, segments, running, devices, pool);
   function_node<nodes::SegmentEntry, continue_msg> router(g, serial, [&](const nodes::SegmentEntry& e) {
     entry_queues[route(e.segment)]->try_put(e);
     return continue_msg();
   });
   make_edge(entering.entries(), router);
   std::vector<std::unique_ptr<function_node<nodes::SegmentEntry, int, rejecting>>> output_nodes;
-  for (std::size_t d = 0; d < devices_.size(); ++d) {
+  for (std::size_t d = 0; d < devices.size(); ++d) {
     output_nodes.push_back(std::make_unique<function_node<nodes::SegmentEntry, int, rejecting>>(
-        g, serial, nodes::SegmentOutputBody{problem, devices_[d], pool, d}));
+        g, serial, nodes::SegmentOutputBody{problem, devices[d], pool, d}));
     make_edge(*entry_queues[d], *output_nodes.back());
   }
   const bool one_segment = p.segments.size() == 1;
@@ -393,7 +394,7 @@ std::vector<std::pair<std::int64_t, std::int64_t>> row_groups(std::int64_t rows,
 // Runs work(d) for every row group d at once, one continue_node per group fanned out from one start
 // message, and logs "rows [a, b): <what> on <device>".
 void run_row_groups(const std::vector<std::pair<std::int64_t, std::int64_t>>& groups,
-                    const std::vector<std::shared_ptr<nodes::ComputeDevice>>& devices, const std::string& what,
+                    const std::vector<std::shared_ptr<ComputeDevice>>& devices, const std::string& what,
                     std::vector<std::string>& log, const std::function<void(std::size_t)>& work) {
   tbb::flow::graph g;
   std::vector<std::unique_ptr<tbb::flow::continue_node<tbb::flow::continue_msg>>> nodes;
@@ -414,10 +415,11 @@ void run_row_groups(const std::vector<std::pair<std::int64_t, std::int64_t>>& gr
 
 ForwardResult FlowGraphRunner::forward_head_split(const ForwardArgs& args, const MlstmOptions& options) {
   const ProblemShape p = validate_forward(args, options);
-  const auto groups = row_groups(p.rows(), devices_.size());
+  const auto devices = capable_devices({DeviceStage::forward}, p, options);
+  const auto groups = row_groups(p.rows(), devices.size());
   std::vector<ForwardResult> parts(groups.size());
-  run_row_groups(groups, devices_, "forward", log_, [&](std::size_t d) {
-    parts[d] = devices_[d]->forward(rows_of(args, groups[d].first, groups[d].second), options);
+  run_row_groups(groups, devices, "forward", log_, [&](std::size_t d) {
+    parts[d] = devices[d]->forward(rows_of(args, groups[d].first, groups[d].second), options);
   });
   ForwardResult out;
   for (std::size_t d = 0; d < groups.size(); ++d) {
@@ -432,7 +434,7 @@ ForwardResult FlowGraphRunner::forward_head_split(const ForwardArgs& args, const
   return out;
 }
 
-Plan FlowGraphRunner::plan_over(const std::vector<std::shared_ptr<nodes::ComputeDevice>>& devices,
+Plan FlowGraphRunner::plan_over(const std::vector<std::shared_ptr<ComputeDevice>>& devices,
                                 const ProblemShape& shape, const MlstmOptions& options, std::int64_t segment_tokens) {
   std::vector<std::string> names;
   for (const auto& d : devices) names.push_back(d->name());
@@ -441,12 +443,27 @@ Plan FlowGraphRunner::plan_over(const std::vector<std::shared_ptr<nodes::Compute
   return make_plan(shape, options, names, segment_tokens);
 }
 
-std::vector<std::shared_ptr<nodes::ComputeDevice>> FlowGraphRunner::backward_devices() const {
-  std::vector<std::shared_ptr<nodes::ComputeDevice>> capable;
+std::vector<std::shared_ptr<ComputeDevice>> FlowGraphRunner::capable_devices(std::initializer_list<DeviceStage> stages,
+                                                                           const ProblemShape& shape,
+                                                                           const MlstmOptions& options) const {
+  std::vector<std::shared_ptr<ComputeDevice>> capable;
+  std::string refusals;
   for (const auto& d : devices_) {
-    if (d->supports_backward()) capable.push_back(d);
+    std::string why;
+    for (const DeviceStage stage : stages) {
+      if (const auto support = d->supports(stage, shape, options); !support) {
+        why = std::string(stage_name(stage)) + ": " + support.why_not;
+        break;
+      }
+    }
+    if (why.empty()) {
+      capable.push_back(d);
+    } else {
+      spdlog::info("mlstm-flow: {} left out of this run ({})", d->name(), why);
+      refusals += (refusals.empty() ? "" : "; ") + d->name() + " (" + why + ")";
+    }
   }
-  if (capable.empty()) throw InvalidArgument("devices", "none of the graph's devices has a backward; add CPU workers");
+  if (capable.empty()) throw InvalidArgument("devices", "no device of the graph can run this problem: " + refusals);
   return capable;
 }
 
@@ -454,7 +471,7 @@ BackwardResult FlowGraphRunner::backward(const BackwardArgs& args, const MlstmOp
                                          std::int64_t segment_tokens) {
   using namespace tbb::flow;
   const ProblemShape shape = validate_backward(args, options);
-  const auto capable = backward_devices();
+  const auto capable = capable_devices({DeviceStage::forward, DeviceStage::backward, DeviceStage::state_gradient}, shape, options);
   const Plan p = plan_over(capable, shape, options, segment_tokens);
   if (env::get("MLSTM_PLAN_DEBUG")) spdlog::warn("backward {}", p.describe());
   auto problem = std::make_shared<nodes::SegmentGradientProblem>(args, options, p.segments);
@@ -535,7 +552,7 @@ BackwardResult FlowGraphRunner::backward(const BackwardArgs& args, const MlstmOp
 
 BackwardResult FlowGraphRunner::backward_head_split(const BackwardArgs& args, const MlstmOptions& options) {
   const ProblemShape p = validate_backward(args, options);
-  const auto capable = backward_devices();
+  const auto capable = capable_devices({DeviceStage::backward}, p, options);
   const auto groups = row_groups(p.rows(), capable.size());
   std::vector<BackwardResult> parts(groups.size());
   run_row_groups(groups, capable, "backward", log_, [&](std::size_t d) {

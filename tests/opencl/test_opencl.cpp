@@ -6,7 +6,7 @@
 
 #include "mlstm/devices/opencl.hpp"
 #include "mlstm/devices/opencl_kernels.hpp"
-#include "mlstm/mlstm.hpp"
+#include "mlstm/devices/registry.hpp"
 #include "mlstm/reference.hpp"
 #include "opencl_test_util.hpp"
 #include "test_util.hpp"

@@ -13,7 +13,7 @@
 #include <thread>
 
 #include "mlstm/devices/opencl.hpp"
-#include "mlstm/mlstm.hpp"
+#include "mlstm/devices/registry.hpp"
 #include "mlstm/reference.hpp"
 #include "opencl_test_util.hpp"
 #include "test_util.hpp"

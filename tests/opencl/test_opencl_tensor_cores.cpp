@@ -15,7 +15,7 @@
 #include "mlstm/devices/opencl_kernels.hpp"
 #include "mlstm/devices/opencl_stream.hpp"
 #include "mlstm/devices/opencl_tensor_cores.hpp"
-#include "mlstm/mlstm.hpp"
+#include "mlstm/devices/registry.hpp"
 #include "mlstm/reference.hpp"
 #include "mlstm/stages.hpp"
 #include "opencl_test_util.hpp"

@@ -1,5 +1,5 @@
-// mlstm-flow's public facade: the kernel registry (CPU, reference and, when the OpenCL module is built,
-// OpenCL kernels) and a Backend that picks kernels like mlstm_kernels' backend module.
+// mlstm-flow's public facade: the kernel registry (devices/registry.hpp: CPU, reference and OpenCL kernels), a
+// Backend that picks kernels like mlstm_kernels' backend module, and the graph module (runner, streaming).
 //
 //   #include "mlstm/mlstm.hpp"
 //   auto kernel = mlstm::get_kernel("chunkwise--cpu_xl_chunk");
@@ -17,17 +17,13 @@
 #include <vector>
 
 #include "mlstm/core/error.hpp"
-#include "mlstm/kernel.hpp"
 #include "mlstm/core/problem.hpp"
 #include "mlstm/core/tensor.hpp"
+#include "mlstm/devices/registry.hpp"
+#include "mlstm/graph/graph.hpp"
+#include "mlstm/kernel.hpp"
 
 namespace mlstm {
-
-// The process-wide registry: built-in kernels plus every provider linked in (OpenCL).
-KernelRegistry& kernel_registry();
-std::vector<KernelInfo> available_kernels();
-std::unique_ptr<SequenceKernel> get_kernel(const std::string& name, const KernelTarget& target = {});
-std::unique_ptr<StepKernel> get_step_kernel(const std::string& name, const KernelTarget& target = {});
 
 enum class BackendMode { train, inference };
 
@@ -64,7 +60,3 @@ class Backend {
 };
 
 }  // namespace mlstm
-
-#if __has_include("mlstm/graph/graph.hpp")
-#include "mlstm/graph/graph.hpp"
-#endif

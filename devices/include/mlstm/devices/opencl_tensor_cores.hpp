@@ -85,8 +85,6 @@ class AutoChunkwiseRunner {
   BackwardResult state_gradient(const BackwardArgs& args, const MlstmOptions& options) const;
   // Whether this problem would run on the tensor cores (builds their programs on first use).
   bool uses_tensor_cores(const ProblemShape& shape, const MlstmOptions& options) const;
-  // Whether backward() runs every problem on this device (the tensor cores alone take only some).
-  bool has_backward() const noexcept;
 
  private:
   std::shared_ptr<Device> device_;

@@ -12,11 +12,12 @@
 // deliver them; the runner puts them back in segment order).
 #pragma once
 
+#include <initializer_list>
 #include <memory>
 #include <string>
 #include <vector>
 
-#include "mlstm/nodes/compute_device.hpp"
+#include "mlstm/devices/compute_device.hpp"
 #include "mlstm/nodes/nodes.hpp"
 
 namespace mlstm::graph {
@@ -44,10 +45,10 @@ Plan make_calibrated_plan(const ProblemShape& shape, const MlstmOptions& options
 
 class FlowGraphRunner {
  public:
-  explicit FlowGraphRunner(std::vector<std::shared_ptr<nodes::ComputeDevice>> devices);
-  explicit FlowGraphRunner(const std::string& device_spec);  // nodes::devices_from_spec
+  explicit FlowGraphRunner(std::vector<std::shared_ptr<ComputeDevice>> devices);
+  explicit FlowGraphRunner(const std::string& device_spec);  // devices_from_spec
 
-  const std::vector<std::shared_ptr<nodes::ComputeDevice>>& devices() const noexcept { return devices_; }
+  const std::vector<std::shared_ptr<ComputeDevice>>& devices() const noexcept { return devices_; }
   void set_balancing(Balancing b) noexcept { balancing_ = b; }
   Balancing balancing() const noexcept { return balancing_; }
   // Measured forward speed (tokens/s) of every device on this problem's dimensions (cached).
@@ -72,13 +73,16 @@ class FlowGraphRunner {
   const std::vector<std::string>& last_log() const noexcept { return log_; }
 
  private:
-  std::vector<std::shared_ptr<nodes::ComputeDevice>> backward_devices() const;  // those with a backward
+  // The devices that support every one of `stages` for this problem (ComputeDevice::supports); those left out
+  // are logged with the reason, and InvalidArgument("devices") names every reason when none is left.
+  std::vector<std::shared_ptr<ComputeDevice>> capable_devices(std::initializer_list<DeviceStage> stages,
+                                                            const ProblemShape& shape, const MlstmOptions& options) const;
   // The plan over `devices`: calibrated shares or pull (balancing_).
-  Plan plan_over(const std::vector<std::shared_ptr<nodes::ComputeDevice>>& devices, const ProblemShape& shape,
+  Plan plan_over(const std::vector<std::shared_ptr<ComputeDevice>>& devices, const ProblemShape& shape,
                  const MlstmOptions& options, std::int64_t segment_tokens);
-  static std::vector<double> calibrate(const std::vector<std::shared_ptr<nodes::ComputeDevice>>& devices,
+  static std::vector<double> calibrate(const std::vector<std::shared_ptr<ComputeDevice>>& devices,
                                        const ProblemShape& shape, const MlstmOptions& options);
-  std::vector<std::shared_ptr<nodes::ComputeDevice>> devices_;
+  std::vector<std::shared_ptr<ComputeDevice>> devices_;
   std::vector<std::string> log_;
   Balancing balancing_ = Balancing::pull;
 };

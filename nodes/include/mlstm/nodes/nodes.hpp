@@ -46,7 +46,7 @@
 #include <mutex>
 #include <vector>
 
-#include "mlstm/nodes/compute_device.hpp"
+#include "mlstm/devices/compute_device.hpp"
 #include "mlstm/core/tensor.hpp"
 
 namespace mlstm::nodes {

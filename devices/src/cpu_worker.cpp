@@ -1,20 +1,15 @@
+// CPU workers: one TBB arena per NUMA node, running the CPU chunkwise kernels (kernels/cpu_kernels.hpp).
 #include <spdlog/spdlog.h>
 #include <tbb/info.h>
 #include <tbb/parallel_for.h>
 #include <tbb/task_arena.h>
 
-#include <cstdlib>
-#include <limits>
-
-#include "mlstm/cpu_kernels.hpp"
-#include "mlstm/devices/opencl_kernels.hpp"
-#include "mlstm/devices/opencl_tensor_cores.hpp"
-#include "mlstm/core/error.hpp"
-#include "mlstm/nodes/compute_device.hpp"
-#include "mlstm/stages.hpp"
 #include "mlstm/core/env.hpp"
+#include "mlstm/cpu_kernels.hpp"
+#include "mlstm/devices/compute_device.hpp"
+#include "mlstm/stages.hpp"
 
-namespace mlstm::nodes {
+namespace mlstm {
 
 namespace {
 
@@ -27,7 +22,8 @@ class CpuWorker final : public ComputeDevice {
         arena_(numa_node >= 0 ? tbb::task_arena(tbb::task_arena::constraints{numa_node, concurrency})
                               : tbb::task_arena(concurrency)) {}
   std::string name() const override { return "cpu:numa" + std::to_string(numa_node_ < 0 ? 0 : numa_node_); }
-  std::string kind() const override { return "cpu"; }
+  // Every stage of every valid problem: the CPU kernels take any shape, dtype and chunk size.
+  DeviceSupport supports(DeviceStage, const ProblemShape&, const MlstmOptions&) const override { return {}; }
   ForwardResult forward(const ForwardArgs& a, const MlstmOptions& o) override {
     ForwardResult r;
     arena_.execute([&] { r = cpu::chunkwise_forward(a, o, kCpuTile); });
@@ -38,7 +34,6 @@ class CpuWorker final : public ComputeDevice {
     arena_.execute([&] { r = states_only(a, o); });
     return r;
   }
-  bool supports_backward() const override { return true; }
   BackwardResult backward(const BackwardArgs& a, const MlstmOptions& o) override {
     BackwardResult r;
     arena_.execute([&] { r = cpu::chunkwise_backward(a, o, kCpuTile); });
@@ -79,43 +74,6 @@ class CpuWorker final : public ComputeDevice {
   tbb::task_arena arena_;
 };
 
-class OpenCLComputeDevice final : public ComputeDevice {
- public:
-  explicit OpenCLComputeDevice(std::shared_ptr<opencl::Device> d) : runner_(std::move(d)) {}
-  std::string name() const override { return "opencl:" + std::to_string(runner_.device().info().index) + " " + runner_.device().name(); }
-  std::string kind() const override { return "opencl"; }
-  ForwardResult forward(const ForwardArgs& a, const MlstmOptions& o) override { return runner_.forward(a, o); }
-  ForwardResult last_state(const ForwardArgs& a, const MlstmOptions& o) override { return runner_.last_state(a, o); }
-  bool supports_backward() const override { return runner_.has_backward(); }
-  BackwardResult backward(const BackwardArgs& a, const MlstmOptions& o) override { return runner_.backward(a, o); }
-  BackwardResult state_gradient(const BackwardArgs& a, const MlstmOptions& o) override {
-    return runner_.state_gradient(a, o);
-  }
-  std::unique_ptr<InputResidency> keep_inputs_resident(const std::vector<ConstTensorView>& inputs) override {
-    if (resident_inputs_off()) return nullptr;
-    std::vector<opencl::Device::HostRange> ranges;
-    for (const auto& t : inputs) {
-      if (t.empty()) continue;
-      std::int64_t last = 0;  // element offset of the view's last element (strides are non-negative)
-      for (int d = 0; d < t.dims(); ++d) last += (t.shape()[static_cast<std::size_t>(d)] - 1) * t.strides()[static_cast<std::size_t>(d)];
-      ranges.push_back({t.bytes(), static_cast<std::size_t>(last + 1) * dtype_size(t.dtype())});
-    }
-    return std::make_unique<Residency>(runner_.device(), std::move(ranges));
-  }
-
- private:
-  struct Residency final : InputResidency {
-    Residency(opencl::Device& d, std::vector<opencl::Device::HostRange> ranges) : scope(d, std::move(ranges)) {}
-    opencl::Device::RetainedUploads scope;
-  };
-  // MLSTM_RESIDENT_INPUTS=off: every call uploads its inputs (for measuring what residency saves).
-  static bool resident_inputs_off() {
-    static const bool off = env::is("MLSTM_RESIDENT_INPUTS", "off");
-    return off;
-  }
-  opencl::AutoChunkwiseRunner runner_;  // tensor cores where the device and problem allow, else portable
-};
-
 }  // namespace
 
 std::vector<std::shared_ptr<ComputeDevice>> cpu_workers() {
@@ -140,31 +98,4 @@ std::vector<std::shared_ptr<ComputeDevice>> cpu_workers() {
   return out;
 }
 
-std::vector<std::shared_ptr<ComputeDevice>> opencl_devices(const std::string& spec) {
-  std::vector<std::shared_ptr<ComputeDevice>> out;
-  for (const auto& info : opencl::select_devices(spec)) {
-    out.push_back(std::make_shared<OpenCLComputeDevice>(opencl::open_device(info)));
-  }
-  return out;
-}
-
-std::vector<std::shared_ptr<ComputeDevice>> devices_from_spec(const std::string& spec) {
-  std::vector<std::shared_ptr<ComputeDevice>> out;
-  std::size_t start = 0;
-  while (start <= spec.size()) {
-    const auto plus = spec.find('+', start);
-    const std::string part = spec.substr(start, plus == std::string::npos ? std::string::npos : plus - start);
-    if (part == "cpu-workers" || part == "workers") {
-      for (auto& d : cpu_workers()) out.push_back(d);
-    } else if (part.empty()) {
-      throw InvalidArgument("devices", "empty part in device spec '" + spec + "'");
-    } else {
-      for (auto& d : opencl_devices(part)) out.push_back(d);
-    }
-    if (plus == std::string::npos) break;
-    start = plus + 1;
-  }
-  return out;
-}
-
-}  // namespace mlstm::nodes
+}  // namespace mlstm

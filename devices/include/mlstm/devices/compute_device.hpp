@@ -1,0 +1,69 @@
+// The devices module: the one interface every compute device implements (ComputeDevice), its two kinds (CPU
+// workers: one TBB arena per NUMA node; OpenCL devices: tensor cores where possible, else the portable
+// kernels), the device-spec grammar that names them, and the kernel registry (registry.hpp). The OpenCL layer
+// underneath lives in opencl*.hpp. The flow-graph nodes (nodes/) run their work on ComputeDevices.
+//
+// A ComputeDevice does four things on a segment (a run of tokens for all rows):
+//   forward()         h and the state leaving the segment, from the state entering it (c0/n0/m0 in args);
+//   last_state()      only the state leaving the segment; from an EMPTY entering state (C = n = 0,
+//                     m = -inf) this is the segment's local summary used by sequence parallelism;
+//   backward()        the gradients of a run of rows over the whole sequence, or of one segment;
+//   state_gradient()  only the gradient of the state entering the run.
+// supports() says, before anything runs, whether a stage of a problem can run on the device, and why not.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "mlstm/core/problem.hpp"
+
+namespace mlstm {
+
+enum class DeviceStage { forward, last_state, backward, state_gradient };
+std::string_view stage_name(DeviceStage stage) noexcept;  // "forward", "last_state", ...
+
+// The answer of ComputeDevice::supports(): yes, or no with the reason (for logs and errors).
+struct DeviceSupport {
+  std::string why_not;  // empty: supported
+  explicit operator bool() const noexcept { return why_not.empty(); }
+};
+
+class ComputeDevice {
+ public:
+  virtual ~ComputeDevice() = default;
+  virtual std::string name() const = 0;
+  virtual DeviceSupport supports(DeviceStage stage, const ProblemShape& shape, const MlstmOptions& options) const = 0;
+  virtual ForwardResult forward(const ForwardArgs& segment, const MlstmOptions& options) = 0;
+  virtual ForwardResult last_state(const ForwardArgs& segment, const MlstmOptions& options) = 0;
+  virtual BackwardResult backward(const BackwardArgs& args, const MlstmOptions& options) = 0;
+  // Given dh and the gradient of the state leaving the run (dc_last / dn_last): the gradient of the state
+  // entering it (dc0, dn0, dm0; the zero state when args has no initial state), through the forward and the
+  // reverse state-gradient recurrence, not the token gradients. Sequence-parallel backward: a segment's
+  // local part.
+  virtual BackwardResult state_gradient(const BackwardArgs& args, const MlstmOptions& options) = 0;
+  // Input residency for one run: until the returned handle is destroyed, what the device uploads from the
+  // memory of `inputs` (the run's input tensors) stays on it and is reused when a later call passes the same
+  // view again (a segment's local-state pass, then its outputs or gradients), instead of a second transfer.
+  // The inputs must not change while the handle lives. Devices that read host memory directly (CPU workers)
+  // return nullptr.
+  class InputResidency {
+   public:
+    virtual ~InputResidency() = default;
+  };
+  virtual std::unique_ptr<InputResidency> keep_inputs_resident(const std::vector<ConstTensorView>& inputs) {
+    (void)inputs;
+    return nullptr;
+  }
+};
+
+// One CPU worker per NUMA node found (hwloc via tbbbind; one worker when the topology is not known).
+std::vector<std::shared_ptr<ComputeDevice>> cpu_workers();
+// The OpenCL devices of an OpenCL device spec (opencl::select_devices).
+std::vector<std::shared_ptr<ComputeDevice>> opencl_devices(const std::string& spec);
+// The device-spec grammar: "workers" (the CPU workers), an OpenCL spec ("gpu:all", "0,1", "cpu" = OpenCL CPU
+// devices, ...; opencl.hpp), or several joined with '+' ("workers+gpu:all").
+std::vector<std::shared_ptr<ComputeDevice>> devices_from_spec(const std::string& spec);
+
+}  // namespace mlstm
