@@ -8,7 +8,7 @@
 #include <cstdlib>
 #include <random>
 
-#include "mlstm/devices/opencl.hpp"
+#include "mlstm/devices/opencl/device.hpp"
 #include "mlstm/mlstm.hpp"
 
 namespace {

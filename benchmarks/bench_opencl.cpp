@@ -27,11 +27,11 @@
 #include <sstream>
 #include <spdlog/spdlog.h>
 
-#include "mlstm/devices/opencl.hpp"
-#include "mlstm/devices/opencl_kernels.hpp"
-#include "mlstm/devices/opencl_tensor_cores.hpp"
-#include "mlstm/devices/opencl_stream.hpp"
-#include "mlstm/devices/resident.hpp"
+#include "mlstm/devices/opencl/device.hpp"
+#include "mlstm/devices/opencl/chunkwise_routine.hpp"
+#include "mlstm/devices/opencl/tc_routine.hpp"
+#include "mlstm/devices/opencl/stream.hpp"
+#include "mlstm/devices/opencl/resident.hpp"
 
 namespace {
 

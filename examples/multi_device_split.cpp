@@ -5,7 +5,7 @@
 #include <cstdio>
 
 #include "example_common.hpp"
-#include "mlstm/devices/opencl.hpp"
+#include "mlstm/devices/opencl/device.hpp"
 
 int main(int argc, char** argv) {
   const bool small = example::small(argc, argv);

@@ -6,7 +6,7 @@
 
 #include <cstring>
 
-#include "mlstm/devices/opencl.hpp"
+#include "mlstm/devices/opencl/device.hpp"
 #include "mlstm/mlstm.hpp"
 
 namespace py = pybind11;

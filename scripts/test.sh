@@ -14,7 +14,7 @@ bash "$root/scripts/install-deps.sh"
 bash "$root/scripts/build.sh"
 export POCL_DEVICES=${POCL_DEVICES:-"pthread pthread"}
 # Every OpenCL buffer handed out is first filled with NaN bytes, so a kernel reading what nobody wrote fails
-# a test instead of reusing a stale value (devices/src/opencl_device.cpp).
+# a test instead of reusing a stale value (devices/src/opencl/device.cpp).
 export MLSTM_OPENCL_POISON=${MLSTM_OPENCL_POISON:-1}
 # Transfers of 64 KiB and more go through the pinned staging slots in 64 KiB pieces (default: 32 MiB slots from
 # 4 MiB), so the suite's tensors exercise the piecewise copies and the strided gathers.

@@ -5,8 +5,8 @@
 
 #include "mlstm/core/env.hpp"
 #include "mlstm/devices/compute_device.hpp"
-#include "mlstm/devices/opencl_kernels.hpp"
-#include "mlstm/devices/opencl_tensor_cores.hpp"
+#include "mlstm/devices/opencl/chunkwise_routine.hpp"
+#include "mlstm/devices/opencl/tc_routine.hpp"
 
 namespace mlstm {
 

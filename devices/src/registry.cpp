@@ -1,7 +1,7 @@
 #include "mlstm/devices/registry.hpp"
 
-#include "mlstm/devices/opencl_kernels.hpp"
-#include "mlstm/devices/opencl_tensor_cores.hpp"
+#include "mlstm/devices/opencl/chunkwise_routine.hpp"
+#include "mlstm/devices/opencl/tc_routine.hpp"
 
 namespace mlstm {
 

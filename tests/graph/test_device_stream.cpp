@@ -6,8 +6,8 @@
 #include <map>
 #include <mutex>
 
-#include "mlstm/devices/opencl.hpp"
-#include "mlstm/devices/opencl_tensor_cores.hpp"
+#include "mlstm/devices/opencl/device.hpp"
+#include "mlstm/devices/opencl/tc_routine.hpp"
 #include "mlstm/nodes/device_stream_node.hpp"
 #include "mlstm/reference.hpp"
 #include "test_util.hpp"

@@ -5,7 +5,7 @@
 #include <cmath>
 #include <map>
 
-#include "mlstm/devices/opencl.hpp"
+#include "mlstm/devices/opencl/device.hpp"
 #include "mlstm/mlstm.hpp"
 #include "test_util.hpp"
 

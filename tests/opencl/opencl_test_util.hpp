@@ -5,7 +5,7 @@
 
 #include <memory>
 
-#include "mlstm/devices/opencl.hpp"
+#include "mlstm/devices/opencl/device.hpp"
 
 #define REQUIRE_OPENCL() \
   if (mlstm::opencl::list_devices().empty()) GTEST_SKIP() << "no OpenCL device (install pocl-opencl-icd)"

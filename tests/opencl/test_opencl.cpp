@@ -4,8 +4,8 @@
 
 #include <thread>
 
-#include "mlstm/devices/opencl.hpp"
-#include "mlstm/devices/opencl_kernels.hpp"
+#include "mlstm/devices/opencl/device.hpp"
+#include "mlstm/devices/opencl/chunkwise_routine.hpp"
 #include "mlstm/devices/registry.hpp"
 #include "mlstm/reference.hpp"
 #include "opencl_test_util.hpp"

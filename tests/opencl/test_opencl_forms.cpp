@@ -12,7 +12,7 @@
 #include <string>
 #include <thread>
 
-#include "mlstm/devices/opencl.hpp"
+#include "mlstm/devices/opencl/device.hpp"
 #include "mlstm/devices/registry.hpp"
 #include "mlstm/reference.hpp"
 #include "opencl_test_util.hpp"

@@ -11,10 +11,10 @@
 #include <cstring>
 #include <vector>
 
-#include "mlstm/devices/opencl.hpp"
-#include "mlstm/devices/opencl_kernels.hpp"
-#include "mlstm/devices/opencl_stream.hpp"
-#include "mlstm/devices/opencl_tensor_cores.hpp"
+#include "mlstm/devices/opencl/device.hpp"
+#include "mlstm/devices/opencl/chunkwise_routine.hpp"
+#include "mlstm/devices/opencl/stream.hpp"
+#include "mlstm/devices/opencl/tc_routine.hpp"
 #include "mlstm/devices/registry.hpp"
 #include "mlstm/reference.hpp"
 #include "mlstm/stages.hpp"

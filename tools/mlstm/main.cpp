@@ -22,9 +22,9 @@
 
 #include "mlstm/mlstm.hpp"
 #include "mlstm/core/npy.hpp"
-#include "mlstm/devices/opencl.hpp"
-#include "mlstm/devices/opencl_stream.hpp"
-#include "mlstm/devices/opencl_tensor_cores.hpp"
+#include "mlstm/devices/opencl/device.hpp"
+#include "mlstm/devices/opencl/stream.hpp"
+#include "mlstm/devices/opencl/tc_routine.hpp"
 #include "mlstm/nodes/device_stream_node.hpp"
 #include "mlstm/reference.hpp"
 

@@ -23,7 +23,7 @@
 #include <mutex>
 #include <thread>
 
-#include "mlstm/devices/opencl_stream.hpp"
+#include "mlstm/devices/opencl/stream.hpp"
 
 namespace mlstm::nodes {
 

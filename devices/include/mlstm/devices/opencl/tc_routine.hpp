@@ -14,9 +14,9 @@
 #include <set>
 #include <string>
 
-#include "mlstm/devices/opencl.hpp"
-#include "mlstm/devices/opencl_kernels.hpp"
-#include "mlstm/devices/resident.hpp"
+#include "mlstm/devices/opencl/device.hpp"
+#include "mlstm/devices/opencl/chunkwise_routine.hpp"
+#include "mlstm/devices/opencl/resident.hpp"
 #include "mlstm/kernel.hpp"
 
 namespace mlstm::opencl {

@@ -1,4 +1,4 @@
-#include "mlstm/devices/opencl_kernels.hpp"
+#include "mlstm/devices/opencl/chunkwise_routine.hpp"
 #include "mlstm/core/env.hpp"
 
 #include <algorithm>
@@ -6,7 +6,7 @@
 #include <sstream>
 #include <string>
 
-#include "opencl_internal.hpp"
+#include "internal.hpp"
 
 namespace mlstm::opencl {
 

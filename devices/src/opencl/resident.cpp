@@ -1,4 +1,4 @@
-#include "mlstm/devices/resident.hpp"
+#include "mlstm/devices/opencl/resident.hpp"
 
 namespace mlstm::opencl {
 

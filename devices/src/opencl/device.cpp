@@ -10,7 +10,7 @@
 #include <sstream>
 #include <string>
 
-#include "mlstm/devices/opencl.hpp"
+#include "mlstm/devices/opencl/device.hpp"
 #include "mlstm/core/trace.hpp"
 #include "mlstm/core/env.hpp"
 #include "mlstm_opencl_sources.hpp"

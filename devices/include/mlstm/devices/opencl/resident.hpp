@@ -10,7 +10,7 @@
 #include <string>
 #include <vector>
 
-#include "mlstm/devices/opencl.hpp"
+#include "mlstm/devices/opencl/device.hpp"
 #include "mlstm/core/problem.hpp"
 
 namespace mlstm::opencl {

@@ -5,8 +5,8 @@
 
 #include <memory>
 
-#include "mlstm/devices/opencl.hpp"
-#include "mlstm/devices/resident.hpp"
+#include "mlstm/devices/opencl/device.hpp"
+#include "mlstm/devices/opencl/resident.hpp"
 #include "mlstm/kernel.hpp"
 
 namespace mlstm::opencl {

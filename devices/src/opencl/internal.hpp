@@ -7,7 +7,7 @@
 #include <utility>
 #include <vector>
 
-#include "mlstm/devices/opencl.hpp"
+#include "mlstm/devices/opencl/device.hpp"
 #include "mlstm/core/problem.hpp"
 #include "mlstm/core/tensor.hpp"
 

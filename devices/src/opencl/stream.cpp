@@ -1,0 +1,368 @@
+// DeviceStream: host streaming through one device with the state kept there (stream.hpp).
+#include "mlstm/devices/opencl/stream.hpp"
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "internal.hpp"
+#include "mlstm/core/trace.hpp"
+#include "tc_program.hpp"
+
+namespace mlstm::opencl {
+
+using detail::KernelObject;
+using detail::make_config;
+using detail::set_args;
+using detail::tc_source_text;
+using detail::TcConfig;
+
+namespace {
+
+constexpr int kStreamSlots = 3;  // up(p+1), kernels(p) and down(p-1) in flight at once
+
+void release_event(cl_event& e) {
+  if (e) clReleaseEvent(e);
+  e = nullptr;
+}
+
+// Copies `src` (any strides, any dtype) into the contiguous `dst` (its dtype).
+void copy_into(ConstTensorView src, TensorView dst) { copy_elements(src, 0, src.numel(), dst.dtype(), dst.bytes()); }
+
+}  // namespace
+
+struct DeviceStream::Slot {
+  Buffer pinned_in, pinned_out;                // page-locked host staging (mapped for the stream's life)
+  std::byte* host_in = nullptr;
+  std::byte* host_out = nullptr;
+  Buffer q, k, v, i, f, h;                     // device copies of one piece
+  KernelObject gates, states, outputs;         // bound to this slot's buffers
+  cl_event up = nullptr, computed = nullptr, down = nullptr;
+  std::uint64_t ticket = 0;
+  std::int64_t len = 0;
+  bool busy = false, taken = true, taking = false;  // guarded by DeviceStream::mutex_
+};
+
+struct DeviceStream::Impl {
+  cl_command_queue up = nullptr, kernels = nullptr, down = nullptr;
+  TcConfig cfg;
+  Slot slots[kStreamSlots];
+  Buffer gb, gbi, gpm, gG, gA, mst, Cst, nst, Nt, sgt;  // intermediates: one piece computes at a time
+  Buffer C[2], n[2], m[2];                               // the state, ping-pong between pieces
+  int state = 0;                                         // index of the current state
+  bool has_state = false;
+  std::size_t q_bytes = 0, v_bytes = 0, g_bytes = 0;     // per-tensor staging sizes at max_piece
+};
+
+DeviceStream::DeviceStream(std::shared_ptr<Device> device, Config config, ConstTensorView c0, ConstTensorView n0,
+                           ConstTensorView m0)
+    : device_(std::move(device)), config_(config), impl_(std::make_unique<Impl>()) {
+  Device& dev = *device_;
+  const std::string& dn = dev.name();
+  const Config& c = config_;
+  if (c.B <= 0 || c.NH <= 0) throw InvalidArgument("config", "B and NH must be > 0");
+  if (c.max_piece <= 0) throw InvalidArgument("config.max_piece", "must be > 0");
+  validate_options(c.options);
+  ProblemShape p;
+  p.B = c.B; p.NH = c.NH; p.S = c.max_piece; p.DHQK = c.DHQK; p.DHHV = c.DHHV; p.dtype = c.dtype;
+  Impl& im = *impl_;
+  im.cfg = make_config(dev, c.emulate, p, c.options);
+  const std::size_t rows = static_cast<std::size_t>(c.B * c.NH), maxS = static_cast<std::size_t>(c.max_piece);
+  const std::size_t es = dtype_size(c.dtype), tok = rows * maxS;
+  const std::size_t NC = (maxS + static_cast<std::size_t>(im.cfg.L) - 1) / static_cast<std::size_t>(im.cfg.L);
+  const std::size_t K = static_cast<std::size_t>(c.DHQK), V = static_cast<std::size_t>(c.DHHV);
+  im.q_bytes = tok * K * es;
+  im.v_bytes = tok * V * es;
+  im.g_bytes = tok * sizeof(float);
+  cl_int err = CL_SUCCESS;
+  for (cl_command_queue* q : {&im.up, &im.kernels, &im.down}) {
+    *q = clCreateCommandQueue(dev.context(), dev.info().id, CL_QUEUE_PROFILING_ENABLE, &err);
+    check(err, "clCreateCommandQueue(stream)", dn);
+  }
+  cl_program gates = dev.program_from_text("tc_gates", tc_source_text("tc_gates"), im.cfg.gates());
+  cl_program states = dev.program_from_text("tc_states", tc_source_text("tc_states"), im.cfg.states(0));
+  cl_program outputs = dev.program_from_text(
+      "tc_chunk", tc_source_text("tc_chunk"), im.cfg.chunk(0, c.DHQK, c.DHHV, im.cfg.OTf, im.cfg.DSf));
+  auto pinned = [&](std::size_t bytes, Buffer& buf, std::byte*& host) {
+    cl_mem mem = clCreateBuffer(dev.context(), CL_MEM_READ_WRITE | CL_MEM_ALLOC_HOST_PTR, bytes, nullptr, &err);
+    check(err, "clCreateBuffer(pinned staging)", dn);
+    buf = Buffer(mem, bytes);
+    void* ptr = clEnqueueMapBuffer(im.up, mem, CL_TRUE, CL_MAP_READ | CL_MAP_WRITE, 0, bytes, 0, nullptr, nullptr, &err);
+    check(err, "clEnqueueMapBuffer(pinned staging)", dn);
+    host = static_cast<std::byte*>(ptr);
+  };
+  auto f32 = [&](std::size_t n) { return dev.alloc(std::max<std::size_t>(n, 1) * sizeof(float)); };
+  for (Slot& s : im.slots) {
+    pinned(2 * im.q_bytes + im.v_bytes + 2 * im.g_bytes, s.pinned_in, s.host_in);
+    pinned(im.v_bytes, s.pinned_out, s.host_out);
+    s.q = dev.alloc(im.q_bytes);
+    s.k = dev.alloc(im.q_bytes);
+    s.v = dev.alloc(im.v_bytes);
+    s.i = dev.alloc(im.g_bytes);
+    s.f = dev.alloc(im.g_bytes);
+    s.h = dev.alloc(im.v_bytes);
+    s.gates = KernelObject{dev.kernel(gates, "tc_fw_gates")};
+    s.states = KernelObject{dev.kernel(states, "tc_fw_states")};
+    s.outputs = KernelObject{dev.kernel(outputs, "tc_fw_outputs")};
+  }
+  im.gb = f32(tok); im.gbi = f32(tok); im.gpm = f32(tok); im.Nt = f32(tok); im.sgt = f32(tok);
+  im.gG = f32(rows * NC); im.gA = f32(rows * NC); im.mst = f32(rows * (NC + 1));
+  im.Cst = dev.alloc(rows * NC * K * V * es);
+  im.nst = f32(rows * NC * K);
+  for (int j = 0; j < 2; ++j) {
+    im.C[j] = f32(rows * K * V);
+    im.n[j] = f32(rows * K);
+    im.m[j] = f32(rows);
+  }
+  if (!c0.empty()) {
+    auto put = [&](ConstTensorView t, const Buffer& b, const char* name, const Shape& want) {
+      if (t.shape() != want) throw InvalidArgument(name, "expected shape " + shape_to_string(want) + ", got " + shape_to_string(t.shape()));
+      const Tensor x = Tensor::copy_of(t, DType::f32);
+      check(clEnqueueWriteBuffer(im.kernels, b.get(), CL_TRUE, 0, x.nbytes(), x.bytes(), 0, nullptr, nullptr),
+            "clEnqueueWriteBuffer(initial state)", dn);
+    };
+    if (n0.empty() || m0.empty()) throw InvalidArgument("c0", "c0, n0 and m0 must be given together");
+    put(c0, im.C[0], "c0", {c.B, c.NH, c.DHQK, c.DHHV});
+    put(n0, im.n[0], "n0", {c.B, c.NH, c.DHQK});
+    put(m0, im.m[0], "m0", {c.B, c.NH});
+    im.has_state = true;
+  }
+}
+
+DeviceStream::~DeviceStream() {
+  if (!impl_) return;
+  Impl& im = *impl_;
+  for (cl_command_queue q : {im.up, im.kernels, im.down})
+    if (q) clFinish(q);
+  for (Slot& s : im.slots) {
+    release_event(s.up);
+    release_event(s.computed);
+    release_event(s.down);
+    if (s.host_in) clEnqueueUnmapMemObject(im.up, s.pinned_in.get(), s.host_in, 0, nullptr, nullptr);
+    if (s.host_out) clEnqueueUnmapMemObject(im.up, s.pinned_out.get(), s.host_out, 0, nullptr, nullptr);
+  }
+  for (cl_command_queue q : {im.up, im.kernels, im.down}) {
+    if (!q) continue;
+    clFinish(q);
+    clReleaseCommandQueue(q);
+  }
+}
+
+DeviceStream::Slot& DeviceStream::slot_of(std::uint64_t ticket) { return impl_->slots[ticket % kStreamSlots]; }
+
+void DeviceStream::retire(Slot& s) {
+  std::unique_lock lock(mutex_);
+  slot_free_.wait(lock, [&] { return !s.taking; });
+  if (!s.busy) return;
+  cl_event down = s.down;
+  clRetainEvent(down);
+  lock.unlock();
+  const cl_int waited = clWaitForEvents(1, &down);
+  clReleaseEvent(down);
+  check(waited, "clWaitForEvents(stream download)", device_->name());
+  lock.lock();
+  slot_free_.wait(lock, [&] { return !s.taking; });  // a take() that started meanwhile finishes first
+  if (!s.taken) {
+    Tensor h({config_.B, config_.NH, s.len, config_.DHHV}, config_.dtype);
+    copy_rows(h.bytes(), 0, s.host_out, 0, 1, h.nbytes());
+    finished_.emplace(s.ticket, std::move(h));
+  }
+  release_event(s.up);
+  release_event(s.computed);
+  release_event(s.down);
+  s.busy = false;
+  s.taken = true;
+}
+
+DeviceStream::HostPiece DeviceStream::next_piece(std::int64_t len) {
+  if (len < 1 || len > config_.max_piece)
+    throw InvalidArgument("len", "a piece must have 1.." + std::to_string(config_.max_piece) + " tokens, got " +
+                                     std::to_string(len));
+  Slot& s = slot_of(next_ticket_);
+  retire(s);
+  const Impl& im = *impl_;
+  const Config& c = config_;
+  const std::size_t es = dtype_size(c.dtype);
+  std::byte* base = s.host_in;
+  HostPiece p;
+  p.len = len;
+  p.q = TensorView(base, c.dtype, {c.B, c.NH, len, c.DHQK});
+  p.k = TensorView(base + im.q_bytes, c.dtype, {c.B, c.NH, len, c.DHQK});
+  p.v = TensorView(base + 2 * im.q_bytes, c.dtype, {c.B, c.NH, len, c.DHHV});
+  p.i = TensorView(base + 2 * im.q_bytes + im.v_bytes, DType::f32, {c.B, c.NH, len});
+  p.f = TensorView(base + 2 * im.q_bytes + im.v_bytes + im.g_bytes, DType::f32, {c.B, c.NH, len});
+  (void)es;
+  pending_len_ = len;
+  return p;
+}
+
+std::uint64_t DeviceStream::submit() {
+  if (pending_len_ == 0) throw Error("DeviceStream::submit: call next_piece() first");
+  Impl& im = *impl_;
+  const Config& c = config_;
+  const std::string& dn = device_->name();
+  const std::uint64_t ticket = next_ticket_++;
+  Slot& s = slot_of(ticket);
+  const std::int64_t len = pending_len_;
+  pending_len_ = 0;
+  const std::size_t rows = static_cast<std::size_t>(c.B * c.NH), L = static_cast<std::size_t>(len);
+  const std::size_t es = dtype_size(c.dtype);
+  const std::size_t qb = rows * L * static_cast<std::size_t>(c.DHQK) * es;
+  const std::size_t vb = rows * L * static_cast<std::size_t>(c.DHHV) * es, gbytes = rows * L * sizeof(float);
+  cl_event up = nullptr, computed = nullptr, down = nullptr;
+  // Uploads (non-blocking, from pinned memory: DMA at full PCIe speed).
+  const std::pair<const Buffer*, std::pair<std::size_t, std::size_t>> parts[] = {
+      {&s.q, {0, qb}}, {&s.k, {im.q_bytes, qb}}, {&s.v, {2 * im.q_bytes, vb}},
+      {&s.i, {2 * im.q_bytes + im.v_bytes, gbytes}}, {&s.f, {2 * im.q_bytes + im.v_bytes + im.g_bytes, gbytes}}};
+  for (std::size_t j = 0; j < 5; ++j) {
+    const auto& [buf, range] = parts[j];
+    cl_event* ev = j == 4 ? &up : nullptr;
+    check(clEnqueueWriteBuffer(im.up, buf->get(), CL_FALSE, 0, range.second, s.host_in + range.first, 0, nullptr, ev),
+          "clEnqueueWriteBuffer(stream upload)", dn);
+    bytes_up_ += range.second;
+  }
+  clFlush(im.up);
+  cl_event after_compute = up;
+  if (c.compute) {
+    const int S = static_cast<int>(len), NC = (S + im.cfg.L - 1) / im.cfg.L, has_init = im.has_state ? 1 : 0;
+    const int from = im.state, to = 1 - im.state;
+    set_args(s.gates.k, dn, s.i, s.f, im.gb, im.gbi, im.gpm, im.gG, im.gA, S, NC);
+    set_args(s.states.k, dn, s.k, s.v, im.gbi, im.gG, im.gA, im.C[from], im.n[from], im.m[from], has_init, im.Cst, im.nst,
+             im.mst, im.C[to], im.n[to], im.m[to], S, NC);
+    set_args(s.outputs.k, dn, s.q, s.k, s.v, im.Cst, im.nst, im.mst, im.gb, im.gbi, im.gpm, s.h, im.Nt, im.sgt, S, NC);
+    const std::size_t rws = rows, KT = static_cast<std::size_t>(im.cfg.KT);
+    const std::size_t sg = 2 * KT * static_cast<std::size_t>((c.DHQK / im.cfg.KT) * (c.DHHV / im.cfg.VT));
+    const std::size_t L2 = static_cast<std::size_t>(2 * im.cfg.L);
+    const std::size_t g0[3] = {static_cast<std::size_t>(NC) * static_cast<std::size_t>(im.cfg.L), sg,
+                               L2 * static_cast<std::size_t>(NC) * static_cast<std::size_t>(c.DHHV / im.cfg.OTf)};
+    const std::size_t l0[3] = {static_cast<std::size_t>(im.cfg.L), 2 * KT, L2};
+    const cl_kernel ks[3] = {s.gates.k, s.states.k, s.outputs.k};
+    for (int j = 0; j < 3; ++j) {
+      const std::size_t global[2] = {g0[j], rws}, local[2] = {l0[j], 1};
+      check(clEnqueueNDRangeKernel(im.kernels, ks[j], 2, nullptr, global, local, j == 0 ? 1 : 0, j == 0 ? &up : nullptr,
+                                   j == 2 ? &computed : nullptr),
+            "stream kernels", dn);
+    }
+    clFlush(im.kernels);
+    after_compute = computed;
+    im.state = to;
+    im.has_state = true;
+  } else {
+    clRetainEvent(up);
+    computed = up;
+  }
+  check(clEnqueueReadBuffer(im.down, s.h.get(), CL_FALSE, 0, vb, s.host_out, 1, &after_compute, &down),
+        "clEnqueueReadBuffer(stream download)", dn);
+  clFlush(im.down);
+  bytes_down_ += vb;
+  {
+    std::lock_guard lock(mutex_);
+    s.up = up;
+    s.computed = computed;
+    s.down = down;
+    s.ticket = ticket;
+    s.len = len;
+    s.busy = true;
+    s.taken = false;
+  }
+  tokens_ += len;
+  return ticket;
+}
+
+std::uint64_t DeviceStream::push(const ForwardArgs& piece) {
+  if (piece.has_initial_state()) throw InvalidArgument("c0", "a streamed piece carries no state (the stream does)");
+  MlstmOptions o = config_.options;
+  const ProblemShape p = validate_forward(piece, o);
+  const Config& c = config_;
+  if (p.B != c.B || p.NH != c.NH || p.DHQK != c.DHQK || p.DHHV != c.DHHV)
+    throw InvalidArgument("q", "piece is (B,NH,S,DHQK,DHHV) = (" + std::to_string(p.B) + "," + std::to_string(p.NH) +
+                                   "," + std::to_string(p.S) + "," + std::to_string(p.DHQK) + "," +
+                                   std::to_string(p.DHHV) + "), the stream expects B=" + std::to_string(c.B) +
+                                   " NH=" + std::to_string(c.NH) + " DHQK=" + std::to_string(c.DHQK) +
+                                   " DHHV=" + std::to_string(c.DHHV));
+  HostPiece h = next_piece(p.S);
+  copy_into(piece.q, h.q);
+  copy_into(piece.k, h.k);
+  copy_into(piece.v, h.v);
+  copy_into(piece.i, h.i);
+  copy_into(piece.f, h.f);
+  return submit();
+}
+
+Tensor DeviceStream::take(std::uint64_t ticket) {
+  std::unique_lock lock(mutex_);
+  if (auto it = finished_.find(ticket); it != finished_.end()) {
+    Tensor h = std::move(it->second);
+    finished_.erase(it);
+    return h;
+  }
+  Slot& s = slot_of(ticket);
+  if (!s.busy || s.ticket != ticket || s.taken || s.taking)
+    throw InvalidArgument("ticket", "no piece " + std::to_string(ticket) + " waiting (already taken or never submitted)");
+  s.taking = true;
+  cl_event down = s.down;
+  clRetainEvent(down);
+  lock.unlock();
+  const cl_int waited = clWaitForEvents(1, &down);
+  clReleaseEvent(down);
+  Tensor h;
+  if (waited == CL_SUCCESS) {
+    h = Tensor({config_.B, config_.NH, s.len, config_.DHHV}, config_.dtype);
+    copy_rows(h.bytes(), 0, s.host_out, 0, 1, h.nbytes());
+  }
+  lock.lock();
+  s.taking = false;
+  if (waited == CL_SUCCESS) s.taken = true;
+  lock.unlock();
+  slot_free_.notify_all();
+  check(waited, "clWaitForEvents(stream download)", device_->name());
+  return h;
+}
+
+ConstTensorView DeviceStream::view(std::uint64_t ticket) {
+  std::unique_lock lock(mutex_);
+  Slot& s = slot_of(ticket);
+  if (!s.busy || s.ticket != ticket || s.taken || s.taking)
+    throw InvalidArgument("ticket", "no piece " + std::to_string(ticket) + " waiting in its slot (taken, copied aside "
+                                    "by a later next_piece(), or never submitted)");
+  s.taking = true;
+  cl_event down = s.down;
+  clRetainEvent(down);
+  lock.unlock();
+  const cl_int waited = clWaitForEvents(1, &down);
+  clReleaseEvent(down);
+  lock.lock();
+  s.taking = false;
+  if (waited == CL_SUCCESS) s.taken = true;
+  lock.unlock();
+  slot_free_.notify_all();
+  check(waited, "clWaitForEvents(stream download)", device_->name());
+  return ConstTensorView(s.host_out, config_.dtype, {config_.B, config_.NH, s.len, config_.DHHV});
+}
+
+void DeviceStream::finish() {
+  for (cl_command_queue q : {impl_->up, impl_->kernels, impl_->down})
+    check(clFinish(q), "clFinish(stream)", device_->name());
+}
+
+void DeviceStream::read_state(Tensor& C, Tensor& n, Tensor& m) {
+  Impl& im = *impl_;
+  const Config& c = config_;
+  check(clFinish(im.kernels), "clFinish(stream kernels)", device_->name());
+  C = Tensor({c.B, c.NH, c.DHQK, c.DHHV}, DType::f32);
+  n = Tensor({c.B, c.NH, c.DHQK}, DType::f32);
+  m = Tensor({c.B, c.NH}, DType::f32);
+  if (!im.has_state) {
+    std::memset(C.bytes(), 0, C.nbytes());
+    std::memset(n.bytes(), 0, n.nbytes());
+    std::memset(m.bytes(), 0, m.nbytes());
+    return;
+  }
+  for (auto [t, b] : {std::pair<Tensor*, const Buffer*>{&C, &im.C[im.state]}, {&n, &im.n[im.state]}, {&m, &im.m[im.state]}})
+    check(clEnqueueReadBuffer(im.kernels, b->get(), CL_TRUE, 0, t->nbytes(), t->bytes(), 0, nullptr, nullptr),
+          "clEnqueueReadBuffer(stream state)", device_->name());
+  if (c.options.gate == GateVariant::sigmoid) std::memset(m.bytes(), 0, m.nbytes());
+}
+
+}  // namespace mlstm::opencl

@@ -1,0 +1,152 @@
+#include "tc_program.hpp"
+
+#include <spdlog/spdlog.h>
+
+#include <cstdio>
+#include <map>
+#include <mutex>
+#include <vector>
+
+#include "internal.hpp"
+#include "mlstm/core/env.hpp"
+#include "mlstm/devices/opencl/tc_routine.hpp"
+
+namespace mlstm::opencl::detail {
+
+namespace {
+
+// Largest of max, max/2, ..., 16 dividing n (0 if none).
+int pick_tile(std::int64_t n, int max) {
+  for (int t = max; t >= 16; t /= 2)
+    if (n % t == 0) return t;
+  return 0;
+}
+
+// ldmatrix address mode per device (the probe result), keyed by cl_device_id.
+std::mutex g_probe_mutex;
+std::map<cl_device_id, int> g_ldsm;
+
+std::string base_options(const Device& dev, bool emulate, int ldsm) {
+  const bool nvidia = dev.info().vendor.find("NVIDIA") != std::string::npos;
+  // PoCL miscompiles the barrier-heavy emulation when optimising; at -O0 it is exact.
+  std::string o = nvidia && !emulate ? "-cl-std=CL3.0 -cl-mad-enable" : "-cl-std=CL1.2";
+  if (emulate) o += " -cl-opt-disable";
+  o += " -DTC_EMU=" + std::to_string(emulate ? 1 : 0) + " -DLDSM=" + std::to_string(ldsm);
+  return o;
+}
+
+// Runs tc_probe_frag with the given LDSM mode and compares the fragments with those that the
+// mma.m16n8k16 layout prescribes. True when all four loaders agree.
+bool probe_fragments(Device& dev, int ldsm) {
+  std::vector<std::uint16_t> src(32 * 32);
+  for (int e = 0; e < 32 * 32; ++e) src[static_cast<std::size_t>(e)] = static_cast<std::uint16_t>(e * 7 + 3);
+  auto S = [&](int r, int c) { return static_cast<std::uint32_t>(src[static_cast<std::size_t>(r * 32 + c)]); };
+  auto pk = [](std::uint32_t lo, std::uint32_t hi) { return lo | (hi << 16); };
+  std::vector<std::uint32_t> want(4 * 32 * 4);
+  for (int lane = 0; lane < 32; ++lane) {
+    const int g = lane >> 2, t = lane & 3;
+    std::uint32_t* w = &want[static_cast<std::size_t>((0 * 32 + lane) * 4)];  // A[m][k] = S[m][k] at (16, 8)
+    w[0] = pk(S(16 + g, 8 + 2 * t), S(16 + g, 9 + 2 * t));
+    w[1] = pk(S(24 + g, 8 + 2 * t), S(24 + g, 9 + 2 * t));
+    w[2] = pk(S(16 + g, 16 + 2 * t), S(16 + g, 17 + 2 * t));
+    w[3] = pk(S(24 + g, 16 + 2 * t), S(24 + g, 17 + 2 * t));
+    w = &want[static_cast<std::size_t>((1 * 32 + lane) * 4)];  // A[m][k] = S[k][m] at (8, 16)
+    w[0] = pk(S(16 + 2 * t, 8 + g), S(17 + 2 * t, 8 + g));
+    w[1] = pk(S(16 + 2 * t, 16 + g), S(17 + 2 * t, 16 + g));
+    w[2] = pk(S(24 + 2 * t, 8 + g), S(25 + 2 * t, 8 + g));
+    w[3] = pk(S(24 + 2 * t, 16 + g), S(25 + 2 * t, 16 + g));
+    w = &want[static_cast<std::size_t>((2 * 32 + lane) * 4)];  // B[k][n] = S[n][k] at (8, 16)
+    w[0] = pk(S(8 + g, 16 + 2 * t), S(8 + g, 17 + 2 * t));
+    w[1] = pk(S(8 + g, 24 + 2 * t), S(8 + g, 25 + 2 * t));
+    w[2] = pk(S(16 + g, 16 + 2 * t), S(16 + g, 17 + 2 * t));
+    w[3] = pk(S(16 + g, 24 + 2 * t), S(16 + g, 25 + 2 * t));
+    w = &want[static_cast<std::size_t>((3 * 32 + lane) * 4)];  // B[k][n] = S[k][n] at (16, 8)
+    w[0] = pk(S(8 + 2 * t, 16 + g), S(9 + 2 * t, 16 + g));
+    w[1] = pk(S(16 + 2 * t, 16 + g), S(17 + 2 * t, 16 + g));
+    w[2] = pk(S(8 + 2 * t, 24 + g), S(9 + 2 * t, 24 + g));
+    w[3] = pk(S(16 + 2 * t, 24 + g), S(17 + 2 * t, 24 + g));
+  }
+  cl_program prog = dev.program_from_text("tc_gates (fragment probe)", tc_source_text("tc_gates"),
+                                          base_options(dev, false, ldsm) + " -DL=64 -DDHQK=64 -DDHHV=64");
+  KernelObject k{dev.kernel(prog, "tc_probe_frag")};
+  Buffer in = dev.upload(src.data(), src.size() * 2);
+  Buffer out = dev.alloc(want.size() * 4);
+  set_args(k.k, dev.name(), in, out);
+  const std::size_t g = 32, l = 32;
+  check(clEnqueueNDRangeKernel(dev.queue(), k.k, 1, nullptr, &g, &l, 0, nullptr, nullptr), "tc_probe_frag",
+        dev.name());
+  std::vector<std::uint32_t> got(want.size());
+  dev.download(out, got.data(), got.size() * 4);
+  return got == want;
+}
+
+// The ldmatrix mode that the probe accepts on this device (1, 2, then plain loads 0), found once.
+int fragment_mode(Device& dev, bool emulate) {
+  if (emulate) return 0;
+  std::lock_guard lock(g_probe_mutex);
+  auto it = g_ldsm.find(dev.info().id);
+  if (it != g_ldsm.end()) return it->second;
+  int chosen = -1;
+  for (int mode : {1, 2, 0}) {
+    if (probe_fragments(dev, mode)) {
+      chosen = mode;
+      break;
+    }
+    spdlog::warn("mlstm-flow: {}: tensor-core fragment loads with LDSM={} disagree with the mma layout", dev.name(),
+                 mode);
+  }
+  if (chosen < 0)
+    throw DeviceError(DeviceError::Kind::build, dev.name(),
+                      "tensor-core kernels: no fragment-load mode matches the mma.m16n8k16 layout");
+  spdlog::info("mlstm-flow: {}: tensor-core fragment loads use LDSM={}", dev.name(), chosen);
+  g_ldsm.emplace(dev.info().id, chosen);
+  return chosen;
+}
+
+}  // namespace
+
+const std::string& tc_source_text(const std::string& body) {
+  static std::mutex mutex;
+  static std::map<std::string, std::string> texts;  // node-based: references stay valid
+  std::lock_guard lock(mutex);
+  auto it = texts.find(body);
+  if (it == texts.end()) it = texts.emplace(body, kernel_source("tc_common") + "\n" + kernel_source(body)).first;
+  return it->second;
+}
+
+TcConfig make_config(Device& dev, bool emulate, const ProblemShape& p, const MlstmOptions& o) {
+  const std::string why = tensor_core_fit(p, o);
+  if (!why.empty()) throw InvalidArgument("q", "the tensor-core kernels cannot run this problem: " + why);
+  TcConfig c;
+  c.L = static_cast<int>(o.chunk_size);
+  c.KT = pick_tile(p.DHQK, 64);
+  c.VT = pick_tile(p.DHHV, 64);
+  // 64 x 64 state tiles. Measured on the H100 at B=1, S=65536 (16 rows, 128 work-groups for 132 SMs):
+  // smaller tiles (more work-groups) were not faster (fw 3.08-3.29 ms vs 3.09 ms at 64x64), the per-chunk
+  // step is latency-bound. MLSTM_TC_STATE_TILE=KTxVT overrides the choice (tuning).
+  if (const auto tile = env::get("MLSTM_TC_STATE_TILE")) {
+    int kt = 0, vt = 0;
+    if (std::sscanf(tile->c_str(), "%dx%d", &kt, &vt) == 2 && kt >= 16 && vt >= 16 && kt % 16 == 0 && vt % 16 == 0 &&
+        p.DHQK % kt == 0 && p.DHHV % vt == 0) {
+      c.KT = kt;
+      c.VT = vt;
+    }
+  }
+  c.OTf = pick_tile(p.DHHV, c.L >= 128 ? 64 : 128);
+  c.DSf = pick_tile(p.DHQK, c.L >= 128 ? 32 : 64);
+  c.OTq = pick_tile(p.DHQK, c.L >= 128 ? 64 : 128);
+  c.DSq = pick_tile(p.DHHV, c.L >= 128 ? 32 : 64);
+  int group = 512;
+  while (group > 32 && static_cast<std::size_t>(group) > dev.info().max_work_group) group /= 2;
+  c.gate_group = group;
+  const int ldsm = fragment_mode(dev, emulate);
+  std::ostringstream b;
+  b << base_options(dev, emulate, ldsm) << " -DDT_F16=" << (p.dtype == DType::f16 ? 1 : 0) << " -DL=" << c.L
+    << " -DDHQK=" << p.DHQK << " -DDHHV=" << p.DHHV << " -DGATE_EXP=" << (o.gate == GateVariant::exp ? 1 : 0)
+    << " -DNORMALIZE=" << (o.normalize || o.gate == GateVariant::exp ? 1 : 0) << " -DEPS=" << std::hexfloat
+    << static_cast<float>(o.eps) << "f";
+  c.base = b.str();
+  return c;
+}
+
+}  // namespace mlstm::opencl::detail

@@ -1,0 +1,39 @@
+// The tensor-core programs' configuration (private to the OpenCL layer): tiles and build options of one
+// problem, the kernel source texts, and the fragment-load probe. Shared by the tensor-core routine and
+// DeviceStream.
+#pragma once
+
+#include <cstdint>
+#include <sstream>
+#include <string>
+
+#include "mlstm/core/problem.hpp"
+#include "mlstm/devices/opencl/device.hpp"
+
+namespace mlstm::opencl::detail {
+
+// Tiles and program options of one problem configuration (see kernels/opencl/tc/README.md).
+struct TcConfig {
+  int L = 64, KT = 0, VT = 0, OTf = 0, DSf = 0, OTq = 0, DSq = 0, gate_group = 512;
+  std::string base;  // options shared by every program
+
+  std::string states(int mode) const {
+    return base + " -DKT=" + std::to_string(KT) + " -DVT=" + std::to_string(VT) + " -DMODE=" + std::to_string(mode);
+  }
+  std::string chunk(int mode, std::int64_t DA, std::int64_t DOUT, int OT, int DS) const {
+    std::ostringstream o;
+    o << base << " -DMODE=" << mode << " -DDA=" << DA << " -DDOUT=" << DOUT << " -DOT=" << OT << " -DDS=" << DS;
+    return o.str();
+  }
+  std::string gates() const { return base + " -DGG_WG=" + std::to_string(gate_group); }
+};
+
+// tc_common.cl followed by one kernel file: the text every tensor-core program is built from. Assembled once
+// per file (the program cache hashes it on every lookup, so it must not be rebuilt per call either).
+const std::string& tc_source_text(const std::string& body);
+
+// Tiles (launch_params.hpp) and options of one problem on one device; InvalidArgument("q") when the tensor
+// cores cannot take the problem (tensor_core_fit).
+TcConfig make_config(Device& dev, bool emulate, const ProblemShape& p, const MlstmOptions& o);
+
+}  // namespace mlstm::opencl::detail

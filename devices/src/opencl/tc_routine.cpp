@@ -1,0 +1,497 @@
+#include "mlstm/devices/opencl/tc_routine.hpp"
+#include "mlstm/core/trace.hpp"
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <sstream>
+
+#include "mlstm/devices/opencl/chunkwise_routine.hpp"
+#include "mlstm/core/env.hpp"
+#include "internal.hpp"
+#include "tc_program.hpp"
+
+#ifndef MLSTM_OPENCL_TENSOR_CORES
+#define MLSTM_OPENCL_TENSOR_CORES 1
+#endif
+
+namespace mlstm::opencl {
+
+using detail::KernelObject;
+using detail::set_args;
+
+using detail::TcConfig;
+using detail::make_config;
+using detail::tc_source_text;
+
+namespace {
+
+constexpr cl_device_info kComputeCapabilityMajorNV = 0x4000;  // cl_nv_device_attribute_query
+constexpr cl_device_info kComputeCapabilityMinorNV = 0x4001;
+
+bool switched_off_by_environment() {
+  const auto v = env::get("MLSTM_TENSOR_CORES");
+  if (!v) return false;
+  const std::string& s = *v;
+  return s == "off" || s == "0" || s == "false" || s == "no";
+}
+
+// One problem on one device with every buffer of the forward and the backward.
+class ResidentTensorCore final : public ResidentChunkwise {
+ public:
+  ResidentTensorCore(std::shared_ptr<Device> device, bool emulate, const ForwardArgs& a, const MlstmOptions& o,
+                     const BackwardArgs* grads)
+      : device_(std::move(device)), options_(o) {
+    shape_ = grads ? validate_backward(*grads, o) : validate_forward(a, o);
+    Device& dev = *device_;
+    const std::string& dn = dev.name();
+    cfg_ = make_config(dev, emulate, shape_, o);
+    rows_ = static_cast<int>(shape_.rows());
+    S_ = static_cast<int>(shape_.S);
+    NC_ = (S_ + cfg_.L - 1) / cfg_.L;
+    has_init_ = a.has_initial_state() ? 1 : 0;
+    has_grads_ = grads != nullptr;
+    has_dlast_ = grads && !grads->dc_last.empty() ? 1 : 0;
+
+    cl_program gates = dev.program_from_text("tc_gates", tc_source_text("tc_gates"), cfg_.gates());
+    cl_program fw_states = dev.program_from_text("tc_states", tc_source_text("tc_states"), cfg_.states(0));
+    const std::int64_t K = shape_.DHQK, V = shape_.DHHV;
+    cl_program fw_out =
+        dev.program_from_text("tc_chunk", tc_source_text("tc_chunk"), cfg_.chunk(0, K, V, cfg_.OTf, cfg_.DSf));
+    k_gates_ = KernelObject{dev.kernel(gates, "tc_fw_gates")};
+    k_fw_states_ = KernelObject{dev.kernel(fw_states, "tc_fw_states")};
+    k_fw_outputs_ = KernelObject{dev.kernel(fw_out, "tc_fw_outputs")};
+    if (has_grads_) {
+      cl_program bw_states = dev.program_from_text("tc_states", tc_source_text("tc_states"), cfg_.states(1));
+      k_bw_prep_ = KernelObject{dev.kernel(gates, "tc_bw_prep")};
+      k_bw_gate_grads_ = KernelObject{dev.kernel(gates, "tc_bw_gate_grads")};
+      k_bw_states_ = KernelObject{dev.kernel(bw_states, "tc_bw_states")};
+      k_bw_dq_ = KernelObject{dev.kernel(
+          dev.program_from_text("tc_chunk", tc_source_text("tc_chunk"), cfg_.chunk(1, V, K, cfg_.OTq, cfg_.DSq)),
+          "tc_bw_dq")};
+      k_bw_dk_ = KernelObject{dev.kernel(
+          dev.program_from_text("tc_chunk", tc_source_text("tc_chunk"), cfg_.chunk(2, V, K, cfg_.OTq, cfg_.DSq)),
+          "tc_bw_dk")};
+      k_bw_dv_ = KernelObject{dev.kernel(
+          dev.program_from_text("tc_chunk", tc_source_text("tc_chunk"), cfg_.chunk(3, K, V, cfg_.OTf, cfg_.DSf)),
+          "tc_bw_dv")};
+    }
+
+    // Inputs: q, k, v in their 16-bit type, gates and states as float32.
+    const std::size_t tok = static_cast<std::size_t>(rows_) * static_cast<std::size_t>(S_);
+    const std::size_t kv = static_cast<std::size_t>(K) * static_cast<std::size_t>(V);
+    auto up16 = [&](ConstTensorView t) { return detail::upload_as(dev, t, shape_.dtype); };
+    auto up32 = [&](ConstTensorView t) { return detail::upload_as(dev, t, DType::f32); };
+    auto f32buf = [&](std::size_t n) { return dev.acquire(std::max<std::size_t>(n, 4) * sizeof(float)); };
+    q_ = up16(a.q);
+    k_ = up16(a.k);
+    v_ = up16(a.v);
+    i_ = up32(a.i);
+    f_ = up32(a.f);
+    if (has_init_) {
+      c0_ = up32(a.c0);
+      n0_ = up32(a.n0);
+      m0_ = up32(a.m0);
+    } else {
+      c0_ = f32buf(1);
+      n0_ = f32buf(1);
+      m0_ = f32buf(1);
+    }
+    gb_ = f32buf(tok);
+    gbi_ = f32buf(tok);
+    gpm_ = f32buf(tok);
+    gG_ = f32buf(static_cast<std::size_t>(rows_) * NC_);
+    gA_ = f32buf(static_cast<std::size_t>(rows_) * NC_);
+    mst_ = f32buf(static_cast<std::size_t>(rows_) * (NC_ + 1));
+    Cst_ = dev.acquire(static_cast<std::size_t>(rows_) * NC_ * kv * 2);
+    nst_ = f32buf(static_cast<std::size_t>(rows_) * NC_ * K);
+    c_last_ = f32buf(rows_ * kv);
+    n_last_ = f32buf(static_cast<std::size_t>(rows_) * K);
+    m_last_ = f32buf(static_cast<std::size_t>(rows_));
+    h_ = dev.acquire(tok * V * 2);
+    Nt_ = f32buf(tok);
+    sgt_ = f32buf(tok);
+    if (env::is("MLSTM_TC_POISON", "1")) {
+      // Debugging aid: every intermediate and output buffer starts as NaN (0xFF bytes), so a read of a value
+      // no kernel wrote shows up as NaN in the results.
+      const std::uint8_t pattern = 0xff;
+      for (const PooledBuffer* b : {&gb_, &gbi_, &gpm_, &gG_, &gA_, &mst_, &Cst_, &nst_, &c_last_, &n_last_, &m_last_, &h_,
+                                    &Nt_, &sgt_})
+        check(clEnqueueFillBuffer(dev.queue(), b->get(), &pattern, 1, 0, b->bytes(), 0, nullptr, nullptr),
+              "clEnqueueFillBuffer", dn);
+      check(clFinish(dev.queue()), "clFinish", dn);
+    }
+    set_args(k_gates_.k, dn, i_, f_, gb_, gbi_, gpm_, gG_, gA_, S_, NC_);
+    set_args(k_fw_states_.k, dn, k_, v_, gbi_, gG_, gA_, c0_, n0_, m0_, has_init_, Cst_, nst_, mst_, c_last_, n_last_,
+             m_last_, S_, NC_);
+    set_args(k_fw_outputs_.k, dn, q_, k_, v_, Cst_, nst_, mst_, gb_, gbi_, gpm_, h_, Nt_, sgt_, S_, NC_);
+    if (has_grads_) {
+      dh_ = up16(grads->dh);
+      if (has_dlast_) {
+        dc_last_ = up32(grads->dc_last);
+        dn_last_ = up32(grads->dn_last);
+      } else {
+        dc_last_ = f32buf(1);
+        dn_last_ = f32buf(1);
+      }
+      dden_ = f32buf(tok);
+      dCst_ = dev.acquire(static_cast<std::size_t>(rows_) * NC_ * kv * 2);
+      dnst_ = f32buf(static_cast<std::size_t>(rows_) * NC_ * K);
+      dc0_ = f32buf(rows_ * kv);
+      dn0_ = f32buf(static_cast<std::size_t>(rows_) * K);
+      dm0_ = f32buf(static_cast<std::size_t>(rows_));
+      dq_ = dev.acquire(tok * K * 2);
+      dk_ = dev.acquire(tok * K * 2);
+      dv_ = dev.acquire(tok * V * 2);
+      const int nparts = static_cast<int>(K / cfg_.OTq);
+      qdq_ = f32buf(static_cast<std::size_t>(nparts) * tok);
+      kdk_ = f32buf(static_cast<std::size_t>(nparts) * tok);
+      di_ = f32buf(tok);
+      df_ = f32buf(tok);
+      set_args(k_bw_prep_.k, dn, dh_, h_, Nt_, sgt_, dden_, S_);
+      set_args(k_bw_states_.k, dn, q_, dh_, gb_, gpm_, gG_, mst_, Nt_, dden_, dc_last_, dn_last_, has_dlast_, dCst_,
+               dnst_, dc0_, dn0_, S_, NC_);
+      set_args(k_bw_dq_.k, dn, dh_, v_, k_, Cst_, nst_, mst_, gb_, gbi_, gpm_, Nt_, dden_, q_, dq_, qdq_, S_, NC_);
+      set_args(k_bw_dk_.k, dn, v_, dh_, q_, dCst_, dnst_, mst_, gb_, gbi_, gpm_, gG_, Nt_, dden_, k_, dk_, kdk_, S_,
+               NC_);
+      set_args(k_bw_dv_.k, dn, k_, q_, dh_, dCst_, mst_, gb_, gbi_, gpm_, gG_, Nt_, dv_, S_, NC_);
+      set_args(k_bw_gate_grads_.k, dn, i_, f_, qdq_, kdk_, nparts, dc_last_, dn_last_, c_last_, n_last_, has_dlast_,
+               dc0_, dn0_, c0_, n0_, has_init_, di_, df_, dm0_, S_);
+    }
+  }
+
+  Device& device() const noexcept override { return *device_; }
+
+  void enqueue_forward(std::vector<KernelEvent>* events) override {
+    const std::int64_t K = shape_.DHQK, V = shape_.DHHV;
+    const std::size_t states_group = static_cast<std::size_t>(2 * cfg_.KT);
+    const std::size_t states_global = states_group * static_cast<std::size_t>((K / cfg_.KT) * (V / cfg_.VT));
+    launch(k_gates_, "tc_fw_gates", static_cast<std::size_t>(NC_) * cfg_.L, static_cast<std::size_t>(cfg_.L), events);
+    launch(k_fw_states_, "tc_fw_states", states_global, states_group, events);
+    if (!skip_outputs_)
+      launch(k_fw_outputs_, "tc_fw_outputs", static_cast<std::size_t>(2 * cfg_.L) * NC_ * (V / cfg_.OTf),
+             static_cast<std::size_t>(2 * cfg_.L), events);
+    forward_done_ = true;
+  }
+
+  void enqueue_backward(std::vector<KernelEvent>* events) override {
+    if (!has_grads_) throw Error("tensor-core resident problem was made without dh: no backward");
+    if (!forward_done_ || skip_outputs_) throw Error("tensor-core backward: enqueue the forward (with outputs) first");
+    const std::int64_t K = shape_.DHQK, V = shape_.DHHV;
+    const std::size_t states_group = static_cast<std::size_t>(2 * cfg_.KT);
+    const std::size_t states_global = states_group * static_cast<std::size_t>((K / cfg_.KT) * (V / cfg_.VT));
+    const std::size_t L2 = static_cast<std::size_t>(2 * cfg_.L);
+    launch(k_bw_prep_, "tc_bw_prep", static_cast<std::size_t>((S_ + 7) / 8) * 256, 256, events);
+    launch(k_bw_states_, "tc_bw_states", states_global, states_group, events);
+    launch(k_bw_dq_, "tc_bw_dq", L2 * NC_ * static_cast<std::size_t>(K / cfg_.OTq), L2, events);
+    launch(k_bw_dk_, "tc_bw_dk", L2 * NC_ * static_cast<std::size_t>(K / cfg_.OTq), L2, events);
+    launch(k_bw_dv_, "tc_bw_dv", L2 * NC_ * static_cast<std::size_t>(V / cfg_.OTf), L2, events);
+    launch(k_bw_gate_grads_, "tc_bw_gate_grads", static_cast<std::size_t>(cfg_.gate_group),
+           static_cast<std::size_t>(cfg_.gate_group), events);
+  }
+
+  ForwardResult read_forward() override {
+    finish();
+    const ProblemShape& p = shape_;
+    ForwardResult out;
+    if (!skip_outputs_) {
+      out.h = Tensor({p.B, p.NH, p.S, p.DHHV}, p.dtype);
+      device_->download(h_, out.h.bytes(), out.h.nbytes());
+    }
+    if (options_.return_last_states) detail::read_last_state(*device_, c_last_, n_last_, m_last_, p, options_.gate, out);
+    return out;
+  }
+
+  BackwardResult read_backward() override {
+    if (!has_grads_) throw Error("tensor-core resident problem was made without dh: no gradients");
+    finish();
+    const ProblemShape& p = shape_;
+    BackwardResult out;
+    auto read16 = [&](const PooledBuffer& b, Shape shape) {
+      Tensor t(std::move(shape), p.dtype);
+      device_->download(b, t.bytes(), t.nbytes());
+      return t;
+    };
+    auto read32 = [&](const PooledBuffer& b, Shape shape) {
+      Tensor t(std::move(shape), DType::f32);
+      device_->download(b, t.bytes(), t.nbytes());
+      return t;
+    };
+    out.dq = read16(dq_, {p.B, p.NH, p.S, p.DHQK});
+    out.dk = read16(dk_, {p.B, p.NH, p.S, p.DHQK});
+    out.dv = read16(dv_, {p.B, p.NH, p.S, p.DHHV});
+    out.di = read32(di_, {p.B, p.NH, p.S});
+    out.df = read32(df_, {p.B, p.NH, p.S});
+    if (p.gate_dtype != DType::f32) {
+      out.di = out.di.to(p.gate_dtype);
+      out.df = out.df.to(p.gate_dtype);
+    }
+    if (has_init_) {
+      out.dc0 = read32(dc0_, {p.B, p.NH, p.DHQK, p.DHHV});
+      out.dn0 = read32(dn0_, {p.B, p.NH, p.DHQK});
+      if (options_.gate == GateVariant::exp)
+        out.dm0 = read32(dm0_, {p.B, p.NH});
+      else
+        out.dm0 = Tensor::zeros({p.B, p.NH}, DType::f32);
+    }
+    return out;
+  }
+
+  // last_state(): the forward without the output kernel.
+  void skip_outputs() noexcept { skip_outputs_ = true; }
+
+ private:
+  void launch(const KernelObject& k, const char* name, std::size_t global0, std::size_t local0,
+              std::vector<KernelEvent>* events) {
+    const std::size_t global[2] = {global0, static_cast<std::size_t>(rows_)};
+    const std::size_t local[2] = {local0, 1};
+    cl_event e = nullptr;
+    check(clEnqueueNDRangeKernel(device_->profiling_queue(), k.k, 2, nullptr, global, local, 0, nullptr,
+                                 events ? &e : nullptr),
+          name, device_->name());
+    if (events) events->emplace_back(name, e);
+  }
+  void finish() { check(clFinish(device_->profiling_queue()), "clFinish", device_->name()); }
+
+  std::shared_ptr<Device> device_;
+  MlstmOptions options_;
+  ProblemShape shape_;
+  TcConfig cfg_;
+  int rows_ = 0, S_ = 0, NC_ = 0, has_init_ = 0, has_dlast_ = 0;
+  bool has_grads_ = false, forward_done_ = false, skip_outputs_ = false;
+  KernelObject k_gates_, k_fw_states_, k_fw_outputs_, k_bw_prep_, k_bw_states_, k_bw_dq_, k_bw_dk_, k_bw_dv_,
+      k_bw_gate_grads_;
+  PooledBuffer q_, k_, v_, i_, f_, c0_, n0_, m0_, gb_, gbi_, gpm_, gG_, gA_, mst_, Cst_, nst_, c_last_, n_last_, m_last_, h_,
+      Nt_, sgt_, dh_, dc_last_, dn_last_, dden_, dCst_, dnst_, dc0_, dn0_, dm0_, dq_, dk_, dv_, qdq_, kdk_, di_, df_;
+};
+
+}  // namespace
+
+TensorCoreSupport tensor_core_support(const DeviceInfo& device) {
+  TensorCoreSupport s;
+  if (device.vendor.find("NVIDIA") != std::string::npos) {
+    cl_uint major = 0, minor = 0;
+    if (clGetDeviceInfo(device.id, kComputeCapabilityMajorNV, sizeof major, &major, nullptr) == CL_SUCCESS &&
+        clGetDeviceInfo(device.id, kComputeCapabilityMinorNV, sizeof minor, &minor, nullptr) == CL_SUCCESS) {
+      s.compute_major = static_cast<int>(major);
+      s.compute_minor = static_cast<int>(minor);
+    }
+  }
+  if (!MLSTM_OPENCL_TENSOR_CORES) {
+    s.reason = "built without the tensor-core path (MLSTM_OPENCL_NVIDIA_TC=OFF)";
+  } else if (switched_off_by_environment()) {
+    s.reason = "switched off by MLSTM_TENSOR_CORES";
+  } else if (device.vendor.find("NVIDIA") == std::string::npos) {
+    s.reason = "not an NVIDIA device (" + device.vendor + ")";
+  } else if (s.compute_major < 8) {
+    s.reason = "compute capability " + std::to_string(s.compute_major) + "." + std::to_string(s.compute_minor) +
+               " < 8.0";
+  } else {
+    s.available = true;
+  }
+  return s;
+}
+
+std::string tensor_core_fit(const ProblemShape& p, const MlstmOptions& o) {
+  if (p.dtype != DType::bf16 && p.dtype != DType::f16)
+    return std::string("q/k/v are ") + std::string(dtype_name(p.dtype)) + ", the tensor-core kernels take bfloat16 or float16";
+  if (p.DHQK % 16 != 0 || p.DHHV % 16 != 0)
+    return "head dims " + std::to_string(p.DHQK) + "x" + std::to_string(p.DHHV) + " are not multiples of 16";
+  if (o.chunk_size != 64 && o.chunk_size != 128)
+    return "chunk size " + std::to_string(o.chunk_size) + " (the tensor-core kernels take 64 or 128)";
+  return {};
+}
+
+TensorCoreRunner::TensorCoreRunner(std::shared_ptr<Device> device, Config config)
+    : device_(std::move(device)), config_(config) {}
+
+void TensorCoreRunner::prepare(const ProblemShape& p, const MlstmOptions& o) const {
+  Device& dev = *device_;
+  const TcConfig c = make_config(dev, config_.emulate, p, o);
+  dev.program_from_text("tc_gates", tc_source_text("tc_gates"), c.gates());
+  dev.program_from_text("tc_states", tc_source_text("tc_states"), c.states(0));
+  dev.program_from_text("tc_states", tc_source_text("tc_states"), c.states(1));
+  dev.program_from_text("tc_chunk", tc_source_text("tc_chunk"), c.chunk(0, p.DHQK, p.DHHV, c.OTf, c.DSf));
+  dev.program_from_text("tc_chunk", tc_source_text("tc_chunk"), c.chunk(1, p.DHHV, p.DHQK, c.OTq, c.DSq));
+  dev.program_from_text("tc_chunk", tc_source_text("tc_chunk"), c.chunk(2, p.DHHV, p.DHQK, c.OTq, c.DSq));
+  dev.program_from_text("tc_chunk", tc_source_text("tc_chunk"), c.chunk(3, p.DHQK, p.DHHV, c.OTf, c.DSf));
+}
+
+std::unique_ptr<ResidentChunkwise> TensorCoreRunner::resident(const ForwardArgs& args, const MlstmOptions& options,
+                                                              const BackwardArgs* grads) const {
+  return std::make_unique<ResidentTensorCore>(device_, config_.emulate, args, options, grads);
+}
+
+ForwardResult TensorCoreRunner::forward(const ForwardArgs& args, const MlstmOptions& options) const {
+  ResidentTensorCore r(device_, config_.emulate, args, options, nullptr);
+  r.enqueue_forward(nullptr);
+  return r.read_forward();
+}
+
+ForwardResult TensorCoreRunner::last_state(const ForwardArgs& args, const MlstmOptions& options) const {
+  MlstmOptions with_states = options;
+  with_states.return_last_states = true;
+  ResidentTensorCore r(device_, config_.emulate, args, with_states, nullptr);
+  r.skip_outputs();
+  r.enqueue_forward(nullptr);
+  return r.read_forward();
+}
+
+BackwardResult TensorCoreRunner::backward(const BackwardArgs& args, const MlstmOptions& options) const {
+  ResidentTensorCore r(device_, config_.emulate, args.inputs, options, &args);
+  r.enqueue_forward(nullptr);
+  r.enqueue_backward(nullptr);
+  return r.read_backward();
+}
+
+namespace {
+
+// "B*NH*S" of a (B,NH,S,D) view, for traces.
+std::string token_rows(ConstTensorView t) { return std::to_string(t.numel() / std::max<std::int64_t>(1, t.dim(-1))); }
+
+// Per device: whether the tensor-core programs failed to build (then the portable kernels run there).
+std::mutex g_state_mutex;
+std::map<cl_device_id, bool> g_build_failed;
+
+}  // namespace
+
+AutoChunkwiseRunner::AutoChunkwiseRunner(std::shared_ptr<Device> device, bool require_tensor_cores)
+    : device_(device), portable_(device), tensor_cores_(device), require_(require_tensor_cores),
+      support_(tensor_core_support(device->info())) {
+  if (require_ && !support_.available)
+    throw DeviceError(DeviceError::Kind::other, device->name(), "no tensor cores here: " + support_.reason);
+}
+
+ForwardResult AutoChunkwiseRunner::forward(const ForwardArgs& args, const MlstmOptions& o) const {
+  const ScopedTrace trace([&] { return "forward of " + token_rows(args.q) + " token-rows on " + device_->name(); });
+  if (uses_tensor_cores(validate_forward(args, o), o)) return tensor_cores_.forward(args, o);
+  return portable_.forward(args, o);
+}
+
+ForwardResult AutoChunkwiseRunner::last_state(const ForwardArgs& args, const MlstmOptions& o) const {
+  const ScopedTrace trace([&] { return "last_state of " + token_rows(args.q) + " token-rows on " + device_->name(); });
+  if (uses_tensor_cores(validate_forward(args, o), o)) return tensor_cores_.last_state(args, o);
+  return portable_.last_state(args, o);
+}
+
+BackwardResult AutoChunkwiseRunner::backward(const BackwardArgs& args, const MlstmOptions& o) const {
+  const ScopedTrace trace([&] { return "backward of " + token_rows(args.dh) + " token-rows on " + device_->name(); });
+  if (uses_tensor_cores(validate_backward(args, o), o)) return tensor_cores_.backward(args, o);
+  return portable_.backward(args, o);
+}
+
+BackwardResult AutoChunkwiseRunner::state_gradient(const BackwardArgs& args, const MlstmOptions& o) const {
+  const ScopedTrace trace([&] { return "state_gradient of " + token_rows(args.dh) + " token-rows on " + device_->name(); });
+  if (!uses_tensor_cores(validate_backward(args, o), o)) return portable_.state_gradient(args, o);
+  // The tensor-core backward computes everything; keep the state gradient. Without an initial state the zero
+  // state is passed, so that it returns dc0 / dn0 / dm0.
+  const ProblemShape p = validate_backward(args, o);
+  BackwardArgs with_init = args;
+  Tensor C0, n0, m0;
+  if (!args.inputs.has_initial_state()) {
+    C0 = Tensor::zeros({p.B, p.NH, p.DHQK, p.DHHV}, DType::f32);
+    n0 = Tensor::zeros({p.B, p.NH, p.DHQK}, DType::f32);
+    m0 = Tensor::zeros({p.B, p.NH}, DType::f32);
+    with_init.inputs.c0 = C0.view();
+    with_init.inputs.n0 = n0.view();
+    with_init.inputs.m0 = m0.view();
+  }
+  BackwardResult full = tensor_cores_.backward(with_init, o), out;
+  out.dc0 = std::move(full.dc0);
+  out.dn0 = std::move(full.dn0);
+  out.dm0 = std::move(full.dm0);
+  return out;
+}
+
+bool AutoChunkwiseRunner::uses_tensor_cores(const ProblemShape& p, const MlstmOptions& o) const {
+  if (!support_.available) return false;
+  const std::string misfit = tensor_core_fit(p, o);
+  if (!misfit.empty()) {
+    if (require_) throw InvalidArgument("q", "the tensor-core kernels cannot run this problem: " + misfit);
+    spdlog::debug("mlstm-flow: {}: portable kernels: {}", device_->name(), misfit);
+    return false;
+  }
+  const cl_device_id id = device_->info().id;
+  {
+    std::lock_guard lock(g_state_mutex);
+    auto it = g_build_failed.find(id);
+    if (it != g_build_failed.end() && it->second && !require_) return false;
+  }
+  // Building (or finding) the seven programs is only needed once per configuration; the resident problem
+  // fetches the ones it uses itself.
+  std::ostringstream key;
+  key << dtype_name(p.dtype) << '/' << p.DHQK << '/' << p.DHHV << '/' << o.chunk_size << '/' << gate_name(o.gate) << '/'
+      << o.normalize << '/' << o.eps;
+  {
+    std::lock_guard lock(prepared_mutex_);
+    if (prepared_.count(key.str())) return true;
+  }
+  try {
+    tensor_cores_.prepare(p, o);
+    std::lock_guard lock(prepared_mutex_);
+    prepared_.insert(key.str());
+  } catch (const DeviceError& e) {
+    if (e.kind() != DeviceError::Kind::build || require_) throw;
+    std::lock_guard lock(g_state_mutex);
+    g_build_failed[id] = true;
+    spdlog::warn("mlstm-flow: {}: the tensor-core kernels did not build; using the portable kernels. {}",
+                 device_->name(), e.what());
+    return false;
+  }
+  return true;
+}
+
+namespace {
+
+class SelectingChunkwiseKernel final : public SequenceKernel {
+ public:
+  SelectingChunkwiseKernel(KernelInfo info, std::shared_ptr<Device> device, bool require)
+      : info_(std::move(info)), runner_(std::move(device), require) {}
+  const KernelInfo& info() const noexcept override { return info_; }
+  ForwardResult forward(const ForwardArgs& args, const MlstmOptions& options) const override {
+    return runner_.forward(args, with_gate(options));
+  }
+  BackwardResult backward(const BackwardArgs& args, const MlstmOptions& options) const override {
+    return runner_.backward(args, with_gate(options));
+  }
+
+ private:
+  MlstmOptions with_gate(const MlstmOptions& options) const {
+    MlstmOptions o = options;
+    if (info_.forced_gate) o.gate = *info_.forced_gate;
+    return o;
+  }
+  KernelInfo info_;
+  AutoChunkwiseRunner runner_;
+};
+
+}  // namespace
+
+void register_tensor_core_kernels(KernelRegistry& registry) {
+  const std::vector<DType> all{DType::f64, DType::f32, DType::f16, DType::bf16};
+  const std::vector<DType> half{DType::f16, DType::bf16};
+  auto add = [&](std::string name, std::optional<GateVariant> gate, bool require, std::string description) {
+    KernelInfo info{std::move(name), KernelForm::chunkwise, "opencl", true, gate, require ? half : all,
+                    std::move(description)};
+    registry.add_sequence(info, [info, require](const KernelTarget& target) {
+      const auto devices = select_devices(target.device_spec);
+      return std::make_unique<SelectingChunkwiseKernel>(info, open_device(devices.front()), require);
+    });
+  };
+  add("chunkwise--opencl_xl_chunk", std::nullopt, false,
+      "chunkwise fw+bw, OpenCL: tensor cores (mma.sync PTX) on NVIDIA sm_80+, portable OpenCL C 1.2 elsewhere");
+  add("chunkwise--opencl_xl_chunk_siging", GateVariant::sigmoid, false,
+      "chunkwise fw+bw, OpenCL, sigmoid input gate: tensor cores on NVIDIA sm_80+, portable elsewhere");
+  add("chunkwise--opencl_tc_xl_chunk", std::nullopt, true,
+      "chunkwise fw+bw, NVIDIA tensor cores only (bf16/fp16, head dims multiples of 16, chunk 64|128)");
+  add("chunkwise--opencl_tc_xl_chunk_siging", GateVariant::sigmoid, true,
+      "chunkwise fw+bw, NVIDIA tensor cores only, sigmoid input gate");
+}
+
+
+}  // namespace mlstm::opencl
