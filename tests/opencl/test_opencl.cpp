@@ -2,10 +2,13 @@
 // the float64 reference, on every dtype and gate, and on two devices at once (PoCL in CI).
 #include <gtest/gtest.h>
 
+#include <array>
+#include <cstdlib>
 #include <thread>
 
 #include "mlstm/devices/opencl/device.hpp"
 #include "mlstm/devices/opencl/chunkwise_routine.hpp"
+#include "mlstm/devices/opencl/launch_params.hpp"
 #include "mlstm/devices/registry.hpp"
 #include "mlstm/reference.hpp"
 #include "opencl_test_util.hpp"
@@ -34,6 +37,49 @@ TEST(OpenCLDevices, SpecsSelectDevicesAndBadSpecsNameTheArgument) {
       EXPECT_NE(std::string(e.what()).find("accepted"), std::string::npos) << e.what();
     }
   }
+}
+
+TEST(OpenCLLaunchParams, RowsAreSearchedDeviceThenVendorThenDefault) {
+  using opencl::DeviceInfo, opencl::LaunchRow, opencl::find_launch_row;
+  struct P {
+    int value = 0;
+  };
+  constexpr std::array<LaunchRow<P>, 3> table{{
+      {"", "NVIDIA", {2}, "vendor row"},
+      {"H200", "", {3}, "device row"},
+      {"", "", {1}, "default row"},
+  }};
+  DeviceInfo d;
+  d.name = "NVIDIA H200";
+  d.vendor = "NVIDIA Corporation";
+  EXPECT_EQ(find_launch_row<P>(table, d).params.value, 3);  // the device row wins over an earlier vendor row
+  d.name = "NVIDIA H100";
+  EXPECT_EQ(find_launch_row<P>(table, d).params.value, 2);
+  d.name = "pthread-skylake";
+  d.vendor = "GenuineIntel";
+  EXPECT_EQ(find_launch_row<P>(table, d).params.value, 1);
+}
+
+TEST(OpenCLLaunchParams, EnvironmentOverridesApplyAndMalformedOnesAreRefused) {
+  using opencl::tc_launch_params, opencl::portable_launch_params;
+  opencl::DeviceInfo d;
+  d.name = "NVIDIA H200";
+  d.vendor = "NVIDIA Corporation";
+  EXPECT_EQ(tc_launch_params(d).state_tile_k, 64);
+  ::setenv("MLSTM_TC_STATE_TILE", "32x16", 1);
+  EXPECT_EQ(tc_launch_params(d).state_tile_k, 32);
+  EXPECT_EQ(tc_launch_params(d).state_tile_v, 16);
+  for (const char* bad : {"bad", "24x32", "32x", "32x32x", "8x8"}) {
+    ::setenv("MLSTM_TC_STATE_TILE", bad, 1);
+    EXPECT_THROW(tc_launch_params(d), InvalidArgument) << bad;
+  }
+  ::unsetenv("MLSTM_TC_STATE_TILE");
+  ::setenv("MLSTM_OPENCL_OUTPUT_COL_BLOCKS", "3", 1);
+  EXPECT_EQ(portable_launch_params(d).output_col_blocks, 3);
+  ::setenv("MLSTM_OPENCL_OUTPUT_COL_BLOCKS", "5", 1);
+  EXPECT_THROW(portable_launch_params(d), InvalidArgument);
+  ::unsetenv("MLSTM_OPENCL_OUTPUT_COL_BLOCKS");
+  EXPECT_EQ(portable_launch_params(d).output_col_blocks, 0);
 }
 
 TEST(OpenCLDevices, ProgramCacheBuildsOncePerOptionSetAndBuildErrorsNameDeviceAndSource) {

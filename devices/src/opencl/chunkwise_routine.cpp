@@ -1,5 +1,5 @@
 #include "mlstm/devices/opencl/chunkwise_routine.hpp"
-#include "mlstm/core/env.hpp"
+#include "mlstm/devices/opencl/launch_params.hpp"
 
 #include <algorithm>
 #include <cstdlib>
@@ -51,13 +51,14 @@ class ResidentPortable final : public ResidentChunkwise {
          << " -DGATE_EXP=" << (o.gate == GateVariant::exp ? 1 : 0) << " -DNORMALIZE=" << (o.normalize ? 1 : 0)
          << " -DIN_DTYPE=" << dtype_code(dev_dtype_) << " -DEPS=" << std::hexfloat << static_cast<float>(o.eps) << "f";
     // The tiled output kernel when its tiles fit in local memory (QB queries x KT keys), else the per-token one.
-    // MLSTM_OPENCL_UNTILED=1 forces the per-token output and backward kernels (tests of the fallback).
-    const bool untiled = env::is("MLSTM_OPENCL_UNTILED", "1");
+    const PortableLaunchParams launch = portable_launch_params(dev.info());
+    const bool untiled = launch.untiled;
     // The register-tiled output kernel (blocks of 64 queries x 64*OVW columns) for chunks of 32 tokens or more;
     // shorter chunks use the smaller tiled kernel, and chunks shorter than its query block (chunk 1: the
     // recurrent form and the step kernel) the per-token one: a block would be mostly empty, and PoCL 3.1
     // computed wrong h with the tiled kernel at CHUNK=1 and DHHV > 64 (measured; the per-token kernel is exact).
-    ovw_ = column_blocks("MLSTM_OPENCL_OUTPUT_COL_BLOCKS", std::min<std::int64_t>(4, (p_.DHHV + 63) / 64));
+    ovw_ = launch.output_col_blocks > 0 ? launch.output_col_blocks
+                                        : static_cast<int>(std::min<std::int64_t>(4, (p_.DHHV + 63) / 64));
     {
       const std::uint64_t stage = 16ull * std::max<std::uint64_t>(64ull * static_cast<std::uint64_t>(ovw_), 68);
       const std::uint64_t bytes = 4ull * (16 * 68 + stage + 64 * 68 + 16 + 6 * 64 + 256);
@@ -67,12 +68,11 @@ class ResidentPortable final : public ResidentChunkwise {
     if (regtiled_outputs_) opts << " -DOVW=" << ovw_;
     // The state kernels: tiles of 64 x 64*SVW of C per work group (the n column rides with the first). Each
     // work group walks the whole sequence, so with few rows (B*NH) wider tiles leave compute units idle: two
-    // column blocks only where that still gives two work groups per compute unit (H100, S=65536, B=1, NH=16:
-    // 64 groups of 64 x 128 took 20.7 ms, the 128 groups of 64 x 64 are the better choice there).
+    // column blocks only where that still gives two work groups per compute unit.
     {
       const std::int64_t wide_groups = p_.rows() * ((p_.DHQK + 63) / 64) * ((p_.DHHV + 127) / 128);
       const bool wide = p_.DHHV > 64 && wide_groups >= 2 * static_cast<std::int64_t>(dev.info().compute_units);
-      svw_ = column_blocks("MLSTM_OPENCL_STATE_COL_BLOCKS", wide ? 2 : 1);
+      svw_ = launch.state_col_blocks > 0 ? launch.state_col_blocks : wide ? 2 : 1;
     }
     opts << " -DSVW=" << svw_;
     for (int cand : {16, 8}) {
@@ -323,15 +323,6 @@ class ResidentPortable final : public ResidentChunkwise {
   }
   const char* outputs_kernel_name() const {
     return regtiled_outputs_ ? "fw_outputs_regtiled" : qb_ > 0 ? "fw_outputs_tiled" : "fw_outputs";
-  }
-  // Column blocks of 64 per work group: `fallback`, or the value of environment variable `name` (1..4; for tuning).
-  static int column_blocks(const char* name, std::int64_t fallback) {
-    const auto value = env::get(name);
-    if (!value) return static_cast<int>(fallback);
-    const std::string& text = *value;
-    if (text.size() != 1 || text[0] < '1' || text[0] > '4')
-      throw InvalidArgument(name, "expected 1, 2, 3 or 4 column blocks of 64 per work group (got '" + text + "')");
-    return text[0] - '0';
   }
   void launch(const KernelObject& k, const char* name, cl_uint dims, std::initializer_list<std::size_t> global,
               std::initializer_list<std::size_t> local, std::vector<KernelEvent>* events) {

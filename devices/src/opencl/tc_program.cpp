@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "internal.hpp"
-#include "mlstm/core/env.hpp"
+#include "mlstm/devices/opencl/launch_params.hpp"
 #include "mlstm/devices/opencl/tc_routine.hpp"
 
 namespace mlstm::opencl::detail {
@@ -119,24 +119,14 @@ TcConfig make_config(Device& dev, bool emulate, const ProblemShape& p, const Mls
   if (!why.empty()) throw InvalidArgument("q", "the tensor-core kernels cannot run this problem: " + why);
   TcConfig c;
   c.L = static_cast<int>(o.chunk_size);
-  c.KT = pick_tile(p.DHQK, 64);
-  c.VT = pick_tile(p.DHHV, 64);
-  // 64 x 64 state tiles. Measured on the H100 at B=1, S=65536 (16 rows, 128 work-groups for 132 SMs):
-  // smaller tiles (more work-groups) were not faster (fw 3.08-3.29 ms vs 3.09 ms at 64x64), the per-chunk
-  // step is latency-bound. MLSTM_TC_STATE_TILE=KTxVT overrides the choice (tuning).
-  if (const auto tile = env::get("MLSTM_TC_STATE_TILE")) {
-    int kt = 0, vt = 0;
-    if (std::sscanf(tile->c_str(), "%dx%d", &kt, &vt) == 2 && kt >= 16 && vt >= 16 && kt % 16 == 0 && vt % 16 == 0 &&
-        p.DHQK % kt == 0 && p.DHHV % vt == 0) {
-      c.KT = kt;
-      c.VT = vt;
-    }
-  }
+  const TcLaunchParams launch = tc_launch_params(dev.info());
+  c.KT = p.DHQK % launch.state_tile_k == 0 ? launch.state_tile_k : pick_tile(p.DHQK, 64);
+  c.VT = p.DHHV % launch.state_tile_v == 0 ? launch.state_tile_v : pick_tile(p.DHHV, 64);
   c.OTf = pick_tile(p.DHHV, c.L >= 128 ? 64 : 128);
   c.DSf = pick_tile(p.DHQK, c.L >= 128 ? 32 : 64);
   c.OTq = pick_tile(p.DHQK, c.L >= 128 ? 64 : 128);
   c.DSq = pick_tile(p.DHHV, c.L >= 128 ? 32 : 64);
-  int group = 512;
+  int group = launch.gate_group;
   while (group > 32 && static_cast<std::size_t>(group) > dev.info().max_work_group) group /= 2;
   c.gate_group = group;
   const int ldsm = fragment_mode(dev, emulate);

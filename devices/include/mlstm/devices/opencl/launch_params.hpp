@@ -1,0 +1,60 @@
+// Launch parameters of the OpenCL kernel families as data, after CLBlast's database: one table per family,
+// each row naming the devices it is for and where its values come from. A device takes the first row whose
+// device-name substring matches, else the first whose vendor substring matches, else the default row (both
+// empty). The environment overrides of tuning runs are read here and nowhere else; a malformed one is refused
+// (InvalidArgument naming the variable). The measurements behind the rows: docs/PERFORMANCE.md, "Launch
+// parameters".
+#pragma once
+
+#include <span>
+#include <string_view>
+
+#include "mlstm/devices/opencl/device.hpp"
+
+namespace mlstm::opencl {
+
+// The portable chunkwise kernels (kernels/opencl/mlstm_chunkwise.cl).
+struct PortableLaunchParams {
+  // Register-tiled output kernel: column blocks of 64 per work group (1..4); 0 = ceil(DHHV / 64), at most 4.
+  int output_col_blocks = 0;
+  // State kernels: column blocks of 64 per work group (1..4); 0 = 2 for DHHV > 64 where that still leaves two
+  // work groups per compute unit, else 1 (each work group walks the whole sequence).
+  int state_col_blocks = 0;
+  // Only the per-token output and backward kernels (to test the fallback). MLSTM_OPENCL_UNTILED=1.
+  bool untiled = false;
+};
+
+// The tensor-core kernels (kernels/opencl/tc/).
+struct TcLaunchParams {
+  // State tiles KT x VT of the state kernels; a tile that does not divide the head dimension falls back to the
+  // largest of 64, 32, 16 that does. MLSTM_TC_STATE_TILE=KTxVT.
+  int state_tile_k = 64, state_tile_v = 64;
+  // Work group of the gate kernel, halved down to the device's limit.
+  int gate_group = 512;
+};
+
+template <class Params>
+struct LaunchRow {
+  std::string_view device;  // substring of DeviceInfo::name; empty = any
+  std::string_view vendor;  // substring of DeviceInfo::vendor; empty = any
+  Params params;
+  std::string_view source;  // where the values come from
+};
+
+// The family's table searched for `device` (device -> vendor -> default), then the environment overrides.
+PortableLaunchParams portable_launch_params(const DeviceInfo& device);
+TcLaunchParams tc_launch_params(const DeviceInfo& device);
+
+// The search itself (exposed for tests): the row for `device` in `table`, which must end with a default row.
+template <class Params>
+const LaunchRow<Params>& find_launch_row(std::span<const LaunchRow<Params>> table, const DeviceInfo& device) {
+  for (const auto& row : table)
+    if (!row.device.empty() && device.name.find(row.device) != std::string::npos) return row;
+  for (const auto& row : table)
+    if (row.device.empty() && !row.vendor.empty() && device.vendor.find(row.vendor) != std::string::npos) return row;
+  for (const auto& row : table)
+    if (row.device.empty() && row.vendor.empty()) return row;
+  return table.back();
+}
+
+}  // namespace mlstm::opencl

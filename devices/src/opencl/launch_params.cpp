@@ -1,0 +1,56 @@
+#include "mlstm/devices/opencl/launch_params.hpp"
+
+#include <array>
+#include <cstdio>
+#include <string>
+
+#include "mlstm/core/env.hpp"
+#include "mlstm/core/error.hpp"
+
+namespace mlstm::opencl {
+
+namespace {
+
+constexpr std::array<LaunchRow<PortableLaunchParams>, 1> kPortableTable{{
+    {"", "", {}, "derived from the problem and the device (rules in PortableLaunchParams)"},
+}};
+
+constexpr std::array<LaunchRow<TcLaunchParams>, 2> kTcTable{{
+    {"", "NVIDIA", {64, 64, 512}, "H100, B=1, NH=16, S=65536: 64x64 state tiles as fast as smaller ones"},
+    {"", "", {64, 64, 512}, "default (PoCL runs the emulated kernels in tests)"},
+}};
+
+// 1..4 column blocks of 64 from `name`, or `fallback` when it is not set.
+int column_blocks(const char* name, int fallback) {
+  const auto value = env::get(name);
+  if (!value) return fallback;
+  if (value->size() != 1 || (*value)[0] < '1' || (*value)[0] > '4')
+    throw InvalidArgument(name, "expected 1, 2, 3 or 4 column blocks of 64 per work group (got '" + *value + "')");
+  return (*value)[0] - '0';
+}
+
+}  // namespace
+
+PortableLaunchParams portable_launch_params(const DeviceInfo& device) {
+  PortableLaunchParams p = find_launch_row<PortableLaunchParams>(kPortableTable, device).params;
+  p.output_col_blocks = column_blocks("MLSTM_OPENCL_OUTPUT_COL_BLOCKS", p.output_col_blocks);
+  p.state_col_blocks = column_blocks("MLSTM_OPENCL_STATE_COL_BLOCKS", p.state_col_blocks);
+  p.untiled = p.untiled || env::is("MLSTM_OPENCL_UNTILED", "1");
+  return p;
+}
+
+TcLaunchParams tc_launch_params(const DeviceInfo& device) {
+  TcLaunchParams p = find_launch_row<TcLaunchParams>(kTcTable, device).params;
+  if (const auto tile = env::get("MLSTM_TC_STATE_TILE")) {
+    int kt = 0, vt = 0;
+    char rest = 0;
+    if (std::sscanf(tile->c_str(), "%dx%d%c", &kt, &vt, &rest) != 2 || kt < 16 || vt < 16 || kt % 16 != 0 ||
+        vt % 16 != 0)
+      throw InvalidArgument("MLSTM_TC_STATE_TILE", "expected KTxVT with multiples of 16, e.g. 64x32 (got '" + *tile + "')");
+    p.state_tile_k = kt;
+    p.state_tile_v = vt;
+  }
+  return p;
+}
+
+}  // namespace mlstm::opencl
