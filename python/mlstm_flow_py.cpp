@@ -18,6 +18,11 @@ namespace {
 Tensor to_tensor(const py::object& obj, const std::string& name, bool bf16) {
   py::array arr = py::array::ensure(obj, py::array::c_style);
   if (!arr) throw InvalidArgument(name, "expected a numpy array");
+  // Non-native byte order would be read as garbage (silently wrong answers): refused, naming the argument.
+  if (!arr.dtype().attr("isnative").cast<bool>()) {
+    throw InvalidArgument(name, "byte order of dtype " + std::string(py::str(arr.dtype())) +
+                                    " is not native; convert with a.astype(a.dtype.newbyteorder('='))");
+  }
   DType dt;
   const auto kind = arr.dtype().kind();
   const auto size = arr.dtype().itemsize();
