@@ -175,6 +175,10 @@ TEST_F(Cli, OutputsThatCannotBeProducedAreRefusedUpFront) {
                            path("b") + " --json-out " + (dir_ / "." / "b.npy").string()),
                    "--json-out");
   expect_bad_input(run_cli("forward " + inputs() + " --out " + missing_dir + "/h.npy"), "--out");
+  // An empty path (the fuzzer: it read as "not given", so h was computed, not written, and the exit code 0).
+  expect_bad_input(run_cli("forward " + inputs() + " --out ''"), "--out");
+  expect_bad_input(run_cli("forward " + inputs() + " --out " + path("h") + " --out-c ''"), "--out-c");
+  expect_bad_input(run_cli("bench --tokens 64 --seq-lens 32 --csv " + path("b") + " --json-out ''"), "--json-out");
   expect_bad_input(run_cli("forward " + inputs() + " --out " + dir_.string()), "--out");
   expect_bad_input(run_cli("forward " + inputs() + " --out " + path("h") + " --out-c " + (dir_ / ".." / dir_.filename() / "h.npy").string()),
                    "--out-c");

@@ -185,18 +185,25 @@ struct InputFiles {
   CLI::Option* gate_option = nullptr;  // to tell an explicit --gate from the default
 };
 
+// A file option given an empty string is refused (it used to mean "not given": --out '' computed and wrote nothing).
+const CLI::Validator& path_check() {
+  static const CLI::Validator check([](std::string& path) { return path.empty() ? std::string("empty path") : std::string(); },
+                                    "PATH");
+  return check;
+}
+
 void add_input_options(CLI::App* app, InputFiles& in, bool sequence) {
   const std::string qk = sequence ? "(B,NH,S,DHQK)" : "(B,NH,DHQK)";
   const std::string v = sequence ? "(B,NH,S,DHHV)" : "(B,NH,DHHV)";
   const std::string g = sequence ? "(B,NH,S)" : "(B,NH)";
-  app->add_option("--q", in.q, "queries .npy " + qk)->required();
-  app->add_option("--k", in.k, "keys .npy " + qk)->required();
-  app->add_option("--v", in.v, "values .npy " + v)->required();
-  app->add_option("--i", in.i, "input gate pre-activations .npy " + g)->required();
-  app->add_option("--f", in.f, "forget gate pre-activations .npy " + g)->required();
-  app->add_option("--c0", in.c0, "initial C .npy (B,NH,DHQK,DHHV)");
-  app->add_option("--n0", in.n0, "initial n .npy (B,NH,DHQK)");
-  app->add_option("--m0", in.m0, "initial m .npy (B,NH)");
+  app->add_option("--q", in.q, "queries .npy " + qk)->required()->check(path_check());
+  app->add_option("--k", in.k, "keys .npy " + qk)->required()->check(path_check());
+  app->add_option("--v", in.v, "values .npy " + v)->required()->check(path_check());
+  app->add_option("--i", in.i, "input gate pre-activations .npy " + g)->required()->check(path_check());
+  app->add_option("--f", in.f, "forget gate pre-activations .npy " + g)->required()->check(path_check());
+  app->add_option("--c0", in.c0, "initial C .npy (B,NH,DHQK,DHHV)")->check(path_check());
+  app->add_option("--n0", in.n0, "initial n .npy (B,NH,DHQK)")->check(path_check());
+  app->add_option("--m0", in.m0, "initial m .npy (B,NH)")->check(path_check());
   app->add_option("--dtype", in.dtype, "read uint16 arrays as this dtype (bfloat16)")->check(CLI::IsMember({"bfloat16", "bf16"}));
   in.gate_option =
       app->add_option("--gate", in.gate, "input gate: exp or sig")->check(CLI::IsMember({"exp", "sig", "sigmoid"}));
@@ -1140,38 +1147,38 @@ int main(int argc, char** argv) {
   ForwardOutputs fout;
   auto* forward = app.add_subcommand("forward", "forward pass on .npy inputs");
   add_input_options(forward, fin, true);
-  forward->add_option("--out", fout.h, "h output .npy (input dtype)")->required();
-  forward->add_option("--out-c", fout.c, "last C output .npy");
-  forward->add_option("--out-n", fout.n, "last n output .npy");
-  forward->add_option("--out-m", fout.m, "last m output .npy");
+  forward->add_option("--out", fout.h, "h output .npy (input dtype)")->required()->check(path_check());
+  forward->add_option("--out-c", fout.c, "last C output .npy")->check(path_check());
+  forward->add_option("--out-n", fout.n, "last n output .npy")->check(path_check());
+  forward->add_option("--out-m", fout.m, "last m output .npy")->check(path_check());
 
   InputFiles bin;
   BackwardFiles bfiles;
   auto* backward = app.add_subcommand("backward", "backward pass on .npy inputs");
   add_input_options(backward, bin, true);
-  backward->add_option("--dh", bfiles.dh, "gradient of h .npy (B,NH,S,DHHV)")->required();
-  backward->add_option("--dc", bfiles.dc, "gradient of the last C .npy");
-  backward->add_option("--dn", bfiles.dn, "gradient of the last n .npy");
-  backward->add_option("--out-dq", bfiles.out_dq, "dq output .npy");
-  backward->add_option("--out-dk", bfiles.out_dk, "dk output .npy");
-  backward->add_option("--out-dv", bfiles.out_dv, "dv output .npy");
-  backward->add_option("--out-di", bfiles.out_di, "di output .npy");
-  backward->add_option("--out-df", bfiles.out_df, "df output .npy");
-  backward->add_option("--out-dc0", bfiles.out_dc0, "initial C gradient .npy");
-  backward->add_option("--out-dn0", bfiles.out_dn0, "initial n gradient .npy");
-  backward->add_option("--out-dm0", bfiles.out_dm0, "initial m gradient .npy");
+  backward->add_option("--dh", bfiles.dh, "gradient of h .npy (B,NH,S,DHHV)")->required()->check(path_check());
+  backward->add_option("--dc", bfiles.dc, "gradient of the last C .npy")->check(path_check());
+  backward->add_option("--dn", bfiles.dn, "gradient of the last n .npy")->check(path_check());
+  backward->add_option("--out-dq", bfiles.out_dq, "dq output .npy")->check(path_check());
+  backward->add_option("--out-dk", bfiles.out_dk, "dk output .npy")->check(path_check());
+  backward->add_option("--out-dv", bfiles.out_dv, "dv output .npy")->check(path_check());
+  backward->add_option("--out-di", bfiles.out_di, "di output .npy")->check(path_check());
+  backward->add_option("--out-df", bfiles.out_df, "df output .npy")->check(path_check());
+  backward->add_option("--out-dc0", bfiles.out_dc0, "initial C gradient .npy")->check(path_check());
+  backward->add_option("--out-dn0", bfiles.out_dn0, "initial n gradient .npy")->check(path_check());
+  backward->add_option("--out-dm0", bfiles.out_dm0, "initial m gradient .npy")->check(path_check());
 
   InputFiles sin;
   StepFiles sfiles;
   auto* step = app.add_subcommand("step", "one recurrent step on .npy inputs");
   add_input_options(step, sin, false);
-  step->add_option("--c", sfiles.c, "state C .npy (B,NH,DHQK,DHHV)");
-  step->add_option("--n", sfiles.n, "state n .npy (B,NH,DHQK)");
-  step->add_option("--m", sfiles.m, "state m .npy (B,NH)");
-  step->add_option("--out", sfiles.out_h, "h output .npy (B,NH,DHHV)")->required();
-  step->add_option("--out-c", sfiles.out_c, "new C .npy");
-  step->add_option("--out-n", sfiles.out_n, "new n .npy");
-  step->add_option("--out-m", sfiles.out_m, "new m .npy");
+  step->add_option("--c", sfiles.c, "state C .npy (B,NH,DHQK,DHHV)")->check(path_check());
+  step->add_option("--n", sfiles.n, "state n .npy (B,NH,DHQK)")->check(path_check());
+  step->add_option("--m", sfiles.m, "state m .npy (B,NH)")->check(path_check());
+  step->add_option("--out", sfiles.out_h, "h output .npy (B,NH,DHHV)")->required()->check(path_check());
+  step->add_option("--out-c", sfiles.out_c, "new C .npy")->check(path_check());
+  step->add_option("--out-n", sfiles.out_n, "new n .npy")->check(path_check());
+  step->add_option("--out-m", sfiles.out_m, "new m .npy")->check(path_check());
 
   auto* kernels = app.add_subcommand("kernels", "list the kernel registry");
   auto* devices = app.add_subcommand("devices", "list OpenCL devices and NUMA nodes");
@@ -1193,8 +1200,8 @@ int main(int argc, char** argv) {
                     "also run the flow graph on each device spec (strong and weak scaling), e.g. workers 0 0,1");
   bench->add_option("--weak-seq-len", bo.weak_seq_len,
                     "tokens per device for the weak-scaling rows of --graph-devices (default: the largest --seq-lens)");
-  bench->add_option("--csv", bo.csv, "CSV output path");
-  bench->add_option("--json-out", bo.json_out, "JSON output path");
+  bench->add_option("--csv", bo.csv, "CSV output path")->check(path_check());
+  bench->add_option("--json-out", bo.json_out, "JSON output path")->check(path_check());
 
   try {
     app.parse(argc, argv);
