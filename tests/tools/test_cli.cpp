@@ -271,6 +271,11 @@ TEST_F(Cli, NumbersAreCheckedAndNamed) {
   }
   expect_bad_input(run_cli("run --heads 1099511627776 --seq-len 100"), "--heads");
   expect_bad_input(run_cli("run --check-tokens -1"), "--check-tokens");
+  // Library names mapped to the user's options, one line (the device list used to follow on more lines).
+  expect_bad_input(run_cli("run --seq-len 100 --devices nope"), "--devices");
+  expect_bad_input(run_cli("bench --tokens 64 --seq-lens 32 --dqk 8 --dhv 8 --repeats 1 --graph-devices gpu:99 --csv " +
+                           path("b1") + " --json-out " + path("b2")),
+                   "--graph-devices");
   for (const char* eps : {"1e-46", "1e39", "0", "-1", "nan", "inf"}) {
     expect_bad_input(run_cli("forward " + inputs() + " --eps " + eps + " --out " + path("h")), "--eps");
   }

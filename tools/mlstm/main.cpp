@@ -68,9 +68,11 @@ void require_fits_memory(std::initializer_list<std::int64_t> factors, const std:
   const unsigned __int128 memory = pages > 0 && page > 0 ? static_cast<unsigned __int128>(pages) * static_cast<unsigned __int128>(page)
                                                          : static_cast<unsigned __int128>(1) << 34;
   if (bytes > memory) {
-    const double gib = static_cast<double>(bytes) / static_cast<double>(1ull << 30);
-    throw InvalidArgument(option, "the problem needs about " + std::to_string(gib) + " GiB, more than this machine's " +
-                                      std::to_string(static_cast<std::uint64_t>(memory >> 20)) + " MiB of memory");
+    char text[160];
+    std::snprintf(text, sizeof text, "the problem needs about %.3g GiB, more than this machine's %.3g GiB of memory",
+                  static_cast<double>(bytes) / static_cast<double>(1ull << 30),
+                  static_cast<double>(memory) / static_cast<double>(1ull << 30));
+    throw InvalidArgument(option, text);
   }
 }
 
