@@ -57,7 +57,8 @@ constexpr std::int64_t kMaxDim = std::int64_t{1} << 40;
 constexpr std::int64_t kMaxTokens = std::int64_t{1} << 50;  // tokens of a run: counted exactly in a double
 
 // Bytes of a problem's buffers, overflow-safe; refused when more than the machine's memory (an allocation
-// that large would fail or, overcommitted, kill the process when touched).
+// that large would fail or, overcommitted, kill the process when touched). Callers pass a lower bound (the
+// inputs alone), so that no run that could fit is refused.
 void require_fits_memory(std::initializer_list<std::int64_t> factors, const std::string& option) {
   unsigned __int128 bytes = 1;
   for (const std::int64_t f : factors) {
@@ -74,6 +75,11 @@ void require_fits_memory(std::initializer_list<std::int64_t> factors, const std:
                   static_cast<double>(memory) / static_cast<double>(1ull << 30));
     throw InvalidArgument(option, text);
   }
+}
+
+// Bytes of one token of one head's inputs: q, k, v in `dtype`, the two float32 gates (dims <= kMaxDim: no overflow).
+std::int64_t token_bytes(std::int64_t dqk, std::int64_t dhv, DType dtype) {
+  return (2 * dqk + dhv) * static_cast<std::int64_t>(dtype_size(dtype)) + 8;
 }
 
 // Where a path points, for collision checks: (device, inode) of an existing file (hard links and symlinks
@@ -743,11 +749,11 @@ int cmd_run(const RunOptions& ro, bool as_json) {
   const DType dtype = parse_dtype(ro.dtype, "--dtype");
   {
     const std::int64_t len = resident_mode ? ro.seq_len : std::min(ro.piece, ro.seq_len);
-    const std::int64_t copies = resident_mode ? 8 : 6;  // pieces, outputs, gradients (and the tiled sequence)
+    const std::int64_t copies = resident_mode ? 1 : 4;  // the tiled sequence, or the distinct pieces
     const std::string what = std::string("--batch/--heads/") + (ro.piece < ro.seq_len && !resident_mode ? "--piece" : "--seq-len") +
                              "/--dqk/--dhv";
-    require_fits_memory({ro.batch, ro.heads, len, 2 * ro.dqk + 2 * ro.dhv + 2, 4, copies}, what);
-    require_fits_memory({ro.batch, ro.heads, ro.dqk, ro.dhv, 4, 4}, "--batch/--heads/--dqk/--dhv");
+    require_fits_memory({ro.batch, ro.heads, len, token_bytes(ro.dqk, ro.dhv, dtype), copies}, what);
+    require_fits_memory({ro.batch, ro.heads, ro.dqk, ro.dhv, 4}, "--batch/--heads/--dqk/--dhv");
   }
   MlstmOptions o;
   o.chunk_size = ro.chunk_size;
@@ -926,12 +932,12 @@ void check_bench(const BenchOptions& bo, DType dtype) {
     }
   }
   const std::int64_t S_max = *std::max_element(bo.seq_lens.begin(), bo.seq_lens.end());
-  require_fits_memory({bo.tokens, bo.heads, 2 * bo.dqk + 2 * bo.dhv + 2, 4, 6}, "--tokens/--heads/--dqk/--dhv");
-  require_fits_memory({bo.heads, bo.dqk, bo.dhv, 4, 8}, "--heads/--dqk/--dhv");
+  require_fits_memory({bo.tokens, bo.heads, token_bytes(bo.dqk, bo.dhv, dtype)}, "--tokens/--heads/--dqk/--dhv");
+  require_fits_memory({bo.heads, bo.dqk, bo.dhv, 4}, "--heads/--dqk/--dhv");
   for (const auto d : bo.head_dims) {
-    require_fits_memory({std::max<std::int64_t>(1, bo.tokens / S_max) * S_max, bo.heads, 4 * d + 2, 4, 6},
+    require_fits_memory({std::max<std::int64_t>(1, bo.tokens / S_max) * S_max, bo.heads, token_bytes(d, d, dtype)},
                         "--head-dims/--tokens/--heads");
-    require_fits_memory({bo.heads, d, d, 4, 8}, "--head-dims/--heads");
+    require_fits_memory({bo.heads, d, d, 4}, "--head-dims/--heads");
   }
   check_outputs({}, {{"--csv", bo.csv}, {"--json-out", bo.json_out}});
 }
@@ -1038,7 +1044,7 @@ int bench(const BenchOptions& bo, DType dtype, bool as_json) {
   for (const auto& spec : bo.graph_devices) {
     graph::FlowGraphRunner runner(spec);
     const auto ndev = static_cast<std::int64_t>(runner.devices().size());
-    require_fits_memory({bo.weak_seq_len > 0 ? bo.weak_seq_len : S_max, ndev, bo.heads, 2 * bo.dqk + 2 * bo.dhv + 2, 4, 6},
+    require_fits_memory({bo.weak_seq_len > 0 ? bo.weak_seq_len : S_max, ndev, bo.heads, token_bytes(bo.dqk, bo.dhv, dtype)},
                         bo.weak_seq_len > 0 ? "--weak-seq-len/--graph-devices" : "--seq-lens/--graph-devices");
     MlstmOptions o;
     o.chunk_size = L0;
