@@ -948,8 +948,9 @@ int cmd_bench(const BenchOptions& bo, bool as_json) {
   try {
     return bench(bo, dtype, as_json);
   } catch (const InvalidArgument& e) {
+    // A kernel that cannot take the swept problem names q ("parallel--opencl takes S <= 16384"): --kernels.
     rethrow_as_cli(e, {{"chunk_size", "--chunk-sizes"}, {"kernel", "--kernels"}, {"devices", "--graph-devices"},
-                       {"eps", "--eps"}});
+                       {"q", "--kernels"}, {"v", "--kernels"}});
   }
 }
 
@@ -996,7 +997,6 @@ int bench(const BenchOptions& bo, DType dtype, bool as_json) {
                         med * 1e3, static_cast<double>(bo.tokens) / med);
             std::fflush(stdout);
           }
-          csv.flush();
         }
       }
     }
@@ -1016,7 +1016,6 @@ int bench(const BenchOptions& bo, DType dtype, bool as_json) {
                   extra.c_str());
       std::fflush(stdout);  // rows show up as they are measured (a long sweep cut short keeps them)
     }
-    csv.flush();
   };
   auto median_of = [&](const std::function<void()>& fn) {
     std::vector<double> times;
