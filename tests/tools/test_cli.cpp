@@ -270,6 +270,10 @@ TEST_F(Cli, NumbersAreCheckedAndNamed) {
     expect_bad_input(run_cli(std::string("run ") + opt + " -1"), opt);
   }
   expect_bad_input(run_cli("run --heads 1099511627776 --seq-len 100"), "--heads");
+  // A product past 2^128 must not wrap to a small number that passes.
+  expect_bad_input(run_cli("run --batch 1024 --heads 1099511627776 --seq-len 1024 --piece 1024 --dqk 1099511627776 --dhv "
+                           "1099511627776"),
+                   "--heads");
   expect_bad_input(run_cli("run --check-tokens -1"), "--check-tokens");
   // Library names mapped to the user's options, one line (the device list used to follow on more lines).
   expect_bad_input(run_cli("run --seq-len 100 --devices nope"), "--devices");

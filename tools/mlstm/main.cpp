@@ -52,7 +52,7 @@ void require_range(std::int64_t value, std::int64_t lo, std::int64_t hi, const s
   }
 }
 
-// A dimension of a synthetic problem: > 0 and small enough that products of a few of them cannot overflow.
+// The largest dimension of a synthetic problem (sums like 2 * dqk + dhv stay far from overflow).
 constexpr std::int64_t kMaxDim = std::int64_t{1} << 40;
 constexpr std::int64_t kMaxTokens = std::int64_t{1} << 50;  // tokens of a run: counted exactly in a double
 
@@ -62,8 +62,9 @@ constexpr std::int64_t kMaxTokens = std::int64_t{1} << 50;  // tokens of a run: 
 void require_fits_memory(std::initializer_list<std::int64_t> factors, const std::string& option) {
   unsigned __int128 bytes = 1;
   for (const std::int64_t f : factors) {
+    // bytes <= 2^64 and f < 2^63 before each product: it stays below 2^127, then is capped at 2^64 again.
     bytes *= static_cast<unsigned __int128>(std::max<std::int64_t>(f, 0));
-    if (bytes > (static_cast<unsigned __int128>(1) << 80)) break;  // surely too large; no overflow
+    bytes = std::min(bytes, static_cast<unsigned __int128>(1) << 64);
   }
   const auto pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
   const unsigned __int128 memory = pages > 0 && page > 0 ? static_cast<unsigned __int128>(pages) * static_cast<unsigned __int128>(page)
