@@ -18,6 +18,11 @@ namespace {
 Tensor to_tensor(const py::object& obj, const std::string& name, bool bf16) {
   py::array arr = py::array::ensure(obj, py::array::c_style);
   if (!arr) throw InvalidArgument(name, "expected a numpy array");
+  // Non-native byte order would be read as garbage (silently wrong answers): refused, naming the argument.
+  if (!arr.dtype().attr("isnative").cast<bool>()) {
+    throw InvalidArgument(name, "byte order of dtype " + std::string(py::str(arr.dtype())) +
+                                    " is not native; convert with a.astype(a.dtype.newbyteorder('='))");
+  }
   DType dt;
   const auto kind = arr.dtype().kind();
   const auto size = arr.dtype().itemsize();
@@ -62,7 +67,11 @@ struct Loaded {
 Loaded load(const py::object& q, const py::object& k, const py::object& v, const py::object& i, const py::object& f,
             const py::object& c0, const py::object& n0, const py::object& m0, const std::string& dtype) {
   const bool bf16 = dtype == "bfloat16" || dtype == "bf16";
-  if (!dtype.empty() && !bf16) parse_dtype(dtype, "dtype");
+  // Any other dtype used to be accepted and ignored (the arrays' own dtypes are used): refused.
+  if (!dtype.empty() && !bf16) {
+    throw InvalidArgument("dtype", "'" + dtype + "' has no effect; only dtype='bfloat16' is taken (uint16 arrays read "
+                                   "as bfloat16); other dtypes come from the arrays");
+  }
   Loaded l;
   l.q = to_tensor(q, "q", bf16);
   l.k = to_tensor(k, "k", bf16);
@@ -75,10 +84,23 @@ Loaded load(const py::object& q, const py::object& k, const py::object& v, const
   return l;
 }
 
-MlstmOptions options(std::int64_t chunk_size, const std::string& gate, bool normalize, double eps, bool last) {
+// Options that would have no effect are refused: normalize=False needs the sigmoid gate (given, or fixed by a
+// *_siging kernel); devices needs an OpenCL kernel.
+MlstmOptions options(std::int64_t chunk_size, const std::string& gate, bool normalize, double eps, bool last,
+                     const std::string& kernel, const std::string& devices = "") {
   MlstmOptions o;
   o.chunk_size = chunk_size;
   o.gate = parse_gate(gate, "gate");
+  for (const auto& info : available_kernels()) {
+    if (info.name != kernel) continue;
+    const GateVariant effective = info.forced_gate.value_or(o.gate);
+    if (!normalize && effective != GateVariant::sigmoid) {
+      throw InvalidArgument("normalize", "only the sigmoid input gate (gate='sig') can skip the normaliser");
+    }
+    if (!devices.empty() && info.device_kind != "opencl") {
+      throw InvalidArgument("devices", "kernel '" + kernel + "' runs on the CPU; devices selects OpenCL devices");
+    }
+  }
   o.normalize = normalize;
   o.eps = eps;
   o.return_last_states = last;
@@ -104,7 +126,7 @@ PYBIND11_MODULE(mlstm_flow, m) {
          py::object m0, const std::string& kernel, std::int64_t chunk_size, const std::string& gate, bool normalize,
          double eps, bool return_last_states, const std::string& dtype, const std::string& devices) {
         const Loaded l = load(q, k, v, i, f, c0, n0, m0, dtype);
-        const MlstmOptions o = options(chunk_size, gate, normalize, eps, return_last_states);
+        const MlstmOptions o = options(chunk_size, gate, normalize, eps, return_last_states, kernel, devices);
         ForwardResult r;
         {
           py::gil_scoped_release release;
@@ -136,7 +158,7 @@ PYBIND11_MODULE(mlstm_flow, m) {
         BackwardResult g;
         {
           py::gil_scoped_release release;
-          g = get_kernel(kernel)->backward(b, options(chunk_size, gate, normalize, eps, true));
+          g = get_kernel(kernel)->backward(b, options(chunk_size, gate, normalize, eps, true, kernel));
         }
         py::dict out;
         out["dq"] = to_numpy(g.dq);
@@ -166,7 +188,7 @@ PYBIND11_MODULE(mlstm_flow, m) {
         if (!l.c0.empty()) a.c = l.c0.view();
         if (!l.n0.empty()) a.n = l.n0.view();
         if (!l.m0.empty()) a.m = l.m0.view();
-        const StepResult r = get_step_kernel(kernel)->step(a, options(1, gate, normalize, eps, true));
+        const StepResult r = get_step_kernel(kernel)->step(a, options(1, gate, normalize, eps, true, kernel));
         return py::make_tuple(to_numpy(r.h), py::make_tuple(to_numpy(r.c), to_numpy(r.n), to_numpy(r.m)));
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("i"), py::arg("f"), py::arg("c") = py::none(),

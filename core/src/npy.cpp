@@ -5,6 +5,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "mlstm/core/atomic_file.hpp"
 #include "mlstm/core/error.hpp"
 
 namespace mlstm::npy {
@@ -203,9 +204,25 @@ Tensor read_seq_slice(const std::string& path, const std::string& argument, std:
 Tensor read(const std::string& path, const std::string& argument, std::optional<DType> as_dtype) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw InvalidArgument(argument, "cannot open '" + path + "'");
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return parse(ss.str(), argument + " ('" + path + "')", as_dtype);
+  const std::string where = argument + " ('" + path + "')";
+  // The header is checked first, then the file's size against it; only then is the tensor allocated and the
+  // data read straight into it (memory: about the file's size, whatever the header claims).
+  const auto h = decode_header(read_prefix(in, 1 << 16), where, as_dtype);
+  in.seekg(0, std::ios::end);
+  const auto end = in.tellg();
+  if (end < 0) throw InvalidArgument(where, "cannot read the file (not a regular file?)");
+  const auto file_size = static_cast<std::size_t>(end);
+  const std::size_t need = static_cast<std::size_t>(shape_numel(h.shape)) * dtype_size(h.dtype);
+  if (file_size < h.data_offset || file_size - h.data_offset < need) {
+    throw InvalidArgument(where, "truncated .npy data: shape " + shape_to_string(h.shape) + " needs " +
+                                     std::to_string(need) + " bytes, file has " +
+                                     std::to_string(file_size < h.data_offset ? 0 : file_size - h.data_offset));
+  }
+  Tensor t(h.shape, h.dtype);
+  in.seekg(static_cast<std::streamoff>(h.data_offset));
+  if (need) in.read(reinterpret_cast<char*>(t.bytes()), static_cast<std::streamsize>(need));
+  if (!in || static_cast<std::size_t>(in.gcount()) != need) throw InvalidArgument(where, "read error in .npy data");
+  return t;
 }
 
 std::string serialize(ConstTensorView view) {
@@ -244,11 +261,7 @@ std::string serialize(ConstTensorView view) {
 }
 
 void write(const std::string& path, ConstTensorView t) {
-  const std::string bytes = serialize(t);
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  if (!out) throw Error("cannot write '" + path + "'");
-  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-  if (!out) throw Error("write to '" + path + "' failed");
+  write_file_atomically(path, serialize(t));  // a failed write leaves the old file and no debris
 }
 
 }  // namespace mlstm::npy

@@ -1,6 +1,8 @@
 #include "mlstm/core/problem.hpp"
 
 #include <cmath>
+#include <limits>
+#include <sstream>
 #include <string>
 
 #include "mlstm/core/error.hpp"
@@ -15,12 +17,22 @@ GateVariant parse_gate(std::string_view name, const std::string& argument) {
   throw InvalidArgument(argument, "unknown input gate '" + std::string(name) + "'; expected exp or sig");
 }
 
-void validate_options(const MlstmOptions& options) {
-  if (!(options.eps > 0.0) || !std::isfinite(options.eps)) {
-    throw InvalidArgument("eps", "must be finite and > 0, got " + std::to_string(options.eps));
+// The kernels compute in float32: eps must be a normal, finite float32 (an eps positive in double can be
+// 0, a denormal flushed to zero, or inf in float32).
+static void check_eps(double eps) {
+  const float eps32 = static_cast<float>(eps);
+  if (!(eps > 0.0) || !std::isfinite(eps) || !std::isfinite(eps32) || eps32 < std::numeric_limits<float>::min()) {
+    std::ostringstream got;
+    got << eps;
+    throw InvalidArgument("eps", "must be > 0 and a normal, finite float32 (in [1.2e-38, 3.4e38]), got " + got.str());
   }
-  if (options.chunk_size <= 0) {
-    throw InvalidArgument("chunk_size", "must be > 0, got " + std::to_string(options.chunk_size));
+}
+
+void validate_options(const MlstmOptions& options) {
+  check_eps(options.eps);
+  if (options.chunk_size <= 0 || options.chunk_size > kMaxChunkSize) {
+    throw InvalidArgument("chunk_size", "must be in [1, " + std::to_string(kMaxChunkSize) + "], got " +
+                                            std::to_string(options.chunk_size));
   }
 }
 
@@ -98,9 +110,7 @@ ProblemShape validate_backward(const BackwardArgs& a, const MlstmOptions& option
 }
 
 ProblemShape validate_step(const StepArgs& a, const MlstmOptions& options) {
-  if (!(options.eps > 0.0) || !std::isfinite(options.eps)) {
-    throw InvalidArgument("eps", "must be finite and > 0, got " + std::to_string(options.eps));
-  }
+  check_eps(options.eps);
   check_dims(a.q, 3, "q", "(B,NH,DHQK)");
   ProblemShape p;
   p.B = a.q.dim(0);

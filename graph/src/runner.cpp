@@ -14,8 +14,9 @@
 #include <cstring>
 #include <sstream>
 
-#include "mlstm/core/error.hpp"
+#include "mlstm/core/atomic_file.hpp"
 #include "mlstm/core/env.hpp"
+#include "mlstm/core/error.hpp"
 
 namespace mlstm::graph {
 
@@ -151,7 +152,7 @@ std::vector<double> FlowGraphRunner::calibrate(const std::vector<std::shared_ptr
     }
   }
   const std::int64_t rows = std::min<std::int64_t>(shape.rows(), 4);
-  const std::int64_t S = 4 * options.chunk_size;
+  const std::int64_t S = 4 * std::min(options.chunk_size, std::max<std::int64_t>(shape.S, 1));  // not more than the data
   std::vector<double> speeds;
   bool dirty = false;
   for (const auto& d : devices) {
@@ -183,11 +184,10 @@ std::vector<double> FlowGraphRunner::calibrate(const std::vector<std::shared_ptr
   if (dirty) {
     std::error_code ec;
     std::filesystem::create_directories(path.parent_path(), ec);
-    const auto tmp = path.string() + ".tmp";
-    if (std::ofstream out(tmp); out) {
-      out << cache.dump(2);
-      out.close();
-      std::filesystem::rename(tmp, path, ec);
+    try {
+      write_file_atomically(path.string(), cache.dump(2));  // concurrent runs each rename a whole file
+    } catch (const Error& e) {
+      spdlog::warn("mlstm-flow: calibration cache not saved: {}", e.what());  // a cache: remeasured next time
     }
   }
   return speeds;

@@ -3,6 +3,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "mlstm/core/atomic_file.hpp"
 #include "mlstm/graph/stream.hpp"
 #include "mlstm/mlstm.hpp"
 
@@ -90,15 +91,12 @@ void StreamSession::snapshot(const std::string& path) const {
     body.append(reinterpret_cast<const char*>(t->bytes()), t->nbytes());
   }
   put<std::uint64_t>(body, StreamSession::checksum(body));
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) throw Error("snapshot: cannot write '" + tmp + "'");
-    out.write(body.data(), static_cast<std::streamsize>(body.size()));
-    out.flush();
-    if (!out) throw Error("snapshot: write to '" + tmp + "' failed");
+  // Temporary file, fsync, rename (write_file_atomically): a crash or full disk leaves the previous snapshot.
+  try {
+    write_file_atomically(path, body);
+  } catch (const Error& e) {
+    throw Error(std::string("snapshot: ") + e.what());
   }
-  std::filesystem::rename(tmp, path);
 }
 
 StreamSession StreamSession::restore(const std::string& path, StreamConfig config) {

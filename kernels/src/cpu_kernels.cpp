@@ -223,16 +223,22 @@ void step_row(const float* q, const float* k, const float* v, float i, float f, 
 
 }  // namespace
 
+// The chunk actually used: a chunk longer than the sequence is the whole sequence (buffers are sized by the
+// chunk; a huge chunk_size must not allocate, or overflow, beyond what S needs).
+static std::int64_t effective_chunk(ConstTensorView q, const MlstmOptions& o) {
+  return q.dims() == 4 && q.dim(2) > 0 ? std::min(o.chunk_size, q.dim(2)) : o.chunk_size;
+}
+
 ForwardResult chunkwise_forward(const ForwardArgs& args, const MlstmOptions& options, std::int64_t tile) {
-  return forward_impl(args, options, options.chunk_size, tile);
+  return forward_impl(args, options, effective_chunk(args.q, options), tile);
 }
 
 BackwardResult chunkwise_backward(const BackwardArgs& args, const MlstmOptions& options, std::int64_t tile) {
-  return backward_impl(args, options, options.chunk_size, tile);
+  return backward_impl(args, options, effective_chunk(args.inputs.q, options), tile);
 }
 
 BackwardResult chunkwise_state_gradient(const BackwardArgs& args, const MlstmOptions& options, std::int64_t tile) {
-  return backward_impl(args, options, options.chunk_size, tile, /*state_only=*/true);
+  return backward_impl(args, options, effective_chunk(args.inputs.q, options), tile, /*state_only=*/true);
 }
 
 ForwardResult parallel_forward(const ForwardArgs& args, const MlstmOptions& options) {

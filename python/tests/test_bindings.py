@@ -112,6 +112,34 @@ def main():
             assert str(err).startswith(arg + ":"), str(err)
         else:
             raise AssertionError("no ValueError for " + arg)
+    # Issue 21: arrays in non-native byte order or of unsupported dtypes are refused naming the argument (they
+    # used to be read as raw bytes: silently wrong answers); eps is checked in float32; a chunk size beyond
+    # the sequence is the sequence (no allocation scaled by it).
+    for bad, arg in [(dict(q=q.astype(">f4")), "q"), (dict(v=v.astype(np.int32)), "v"), (dict(f=f.astype(">f8")), "f"),
+                     (dict(c0=c0.astype(">f4"), n0=n0, m0=m0), "c0"), (dict(i=i.astype(np.complex64)), "i"),
+                     (dict(eps=1e-46), "eps"), (dict(eps=1e39), "eps"), (dict(chunk_size=2**40), "chunk_size"),
+                     (dict(dtype="float16"), "dtype"), (dict(normalize=False), "normalize"),
+                     (dict(devices="gpu:7"), "devices")]:
+        kw = dict(q=q, k=k, v=v, i=i, f=f)
+        kw.update(bad)
+        try:
+            mlstm_flow.forward(**kw)
+        except ValueError as err:
+            assert str(err).startswith(arg + ":"), str(err)
+        else:
+            raise AssertionError("no ValueError for " + arg + " in " + str(list(bad)))
+    try:
+        mlstm_flow.step(q[:, :, 0].astype(">f4"), k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0])
+    except ValueError as err:
+        assert str(err).startswith("q:"), str(err)
+    else:
+        raise AssertionError("no ValueError for a big-endian q in step")
+    h_sig = mlstm_flow.forward(q, k, v, i, f, gate="sig", return_last_states=False)
+    h_nonorm = mlstm_flow.forward(q, k, v, i, f, gate="sig", normalize=False, return_last_states=False)
+    assert not np.array_equal(h_sig, h_nonorm)
+    h_big, _ = mlstm_flow.forward(q, k, v, i, f, chunk_size=2**31 - 1)
+    h_seq, _ = mlstm_flow.forward(q, k, v, i, f, chunk_size=S)
+    assert np.array_equal(h_big, h_seq)
     print("python bindings: all checks passed")
     return 0
 

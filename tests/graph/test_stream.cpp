@@ -2,6 +2,7 @@
 // damaged snapshots are refused.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -120,6 +121,31 @@ TEST(StreamSnapshot, RestoreResumesBitExactly) {
   refused(bytes, other, "dimension mismatch");
   fs::remove(path);
   EXPECT_THROW(StreamSession::restore(path.string(), cfg), Error);  // missing file
+}
+
+// Snapshots are written atomically (write_file_atomically: temporary file, fsync, rename): a snapshot that
+// cannot be written throws and leaves the previous one intact and no temporary file (issue 21 item 2).
+TEST(StreamSnapshot, AFailedSnapshotLeavesThePreviousOne) {
+  InputSpec s;
+  s.B = 1; s.NH = 1; s.S = 64; s.DHQK = 8; s.DHHV = 8;
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  const fs::path dir = fs::temp_directory_path() / ("mlstm_snapshot_dir_" + std::to_string(getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  StreamSession a(config_for(s));
+  a.push(piece(in, 0, 32).args());
+  const std::string path = (dir / "state.snap").string();
+  a.snapshot(path);
+  a.push(piece(in, 32, 64).args());
+  EXPECT_THROW(a.snapshot((dir / "missing" / "state.snap").string()), Error);
+  fs::create_directories(dir / "is_a_dir");
+  EXPECT_THROW(a.snapshot((dir / "is_a_dir").string()), Error);
+  std::vector<std::string> names;
+  for (const auto& e : fs::directory_iterator(dir)) names.push_back(e.path().filename().string());
+  std::sort(names.begin(), names.end());
+  EXPECT_EQ(names, (std::vector<std::string>{"is_a_dir", "state.snap"}));
+  EXPECT_EQ(StreamSession::restore(path, config_for(s)).tokens(), 32);  // the earlier snapshot, whole
+  fs::remove_all(dir);
 }
 
 // Images that pass the checksum but carry fields no snapshot() writes (the fuzz target's checksum-fixing

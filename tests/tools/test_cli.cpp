@@ -159,5 +159,159 @@ TEST_F(Cli, BadInputNamesTheArgument) {
   expect_bad_input(run_cli("forward " + inputs()), "--out");  // missing required option
 }
 
+// ---- issue 21: probing the CLI as a new user -------------------------------------------------------------
+
+// Outputs: an output that cannot be produced is refused before any compute (exit 2 naming the option), not
+// skipped or reported with exit 0; outputs may not be the same file as each other or an input (compared
+// by inode / canonical path, not by string); nothing is left behind.
+TEST_F(Cli, OutputsThatCannotBeProducedAreRefusedUpFront) {
+  const std::string missing_dir = (dir_ / "no_such_dir").string();
+  // bench used to exit 0 after failing to write --json-out (an unchecked std::ofstream).
+  expect_bad_input(run_cli("bench --tokens 64 --seq-lens 32 --chunk-sizes 16 --dqk 8 --dhv 8 --repeats 1 --kernels "
+                           "chunkwise--cpu_xl_chunk --csv " + path("b_csv") + " --json-out " + missing_dir + "/b.json"),
+                   "--json-out");
+  EXPECT_FALSE(fs::exists(path("b_csv")));
+  expect_bad_input(run_cli("bench --tokens 64 --seq-lens 32 --chunk-sizes 16 --dqk 8 --dhv 8 --repeats 1 --csv " +
+                           path("b") + " --json-out " + (dir_ / "." / "b.npy").string()),
+                   "--json-out");
+  expect_bad_input(run_cli("forward " + inputs() + " --out " + missing_dir + "/h.npy"), "--out");
+  // An empty path (the fuzzer: it read as "not given", so h was computed, not written, and the exit code 0).
+  expect_bad_input(run_cli("forward " + inputs() + " --out ''"), "--out");
+  expect_bad_input(run_cli("forward " + inputs() + " --out " + path("h") + " --out-c ''"), "--out-c");
+  expect_bad_input(run_cli("bench --tokens 64 --seq-lens 32 --csv " + path("b") + " --json-out ''"), "--json-out");
+  expect_bad_input(run_cli("forward " + inputs() + " --out " + dir_.string()), "--out");
+  expect_bad_input(run_cli("forward " + inputs() + " --out " + path("h") + " --out-c " + (dir_ / ".." / dir_.filename() / "h.npy").string()),
+                   "--out-c");
+  // The input q through another spelling, a symlink and a hard link: each refused, q left as it was.
+  const auto q_before = npy::read(path("q"), "q");
+  fs::create_symlink(path("q"), path("q_sym"));
+  fs::create_hard_link(path("q"), path("q_hard"));
+  for (const std::string& alias : {(dir_ / "." / "q.npy").string(), path("q_sym"), path("q_hard")}) {
+    expect_bad_input(run_cli("forward " + inputs() + " --out " + alias), "--out");
+  }
+  expect_bad_input(run_cli("step --q " + path("q") + " --k " + path("k") + " --v " + path("v") + " --i " + path("i") +
+                           " --f " + path("f") + " --out " + path("x") + " --out-m " + path("i")),
+                   "--out-m");
+  EXPECT_TRUE(testing::matches(npy::read(path("q"), "q"), q_before, 0.0, "mlstm forward", "q", spec_));
+  // Gradients of an initial state that was not given: refused, not silently skipped.
+  expect_bad_input(run_cli("backward " + inputs() + " --dh " + path("dh") + " --out-dq " + path("dq") + " --out-dc0 " +
+                           path("dc0")),
+                   "--out-dc0");
+  EXPECT_FALSE(fs::exists(path("dq")));
+  // Nothing but the files made here is in the directory (no temporary files).
+  for (const auto& e : fs::directory_iterator(dir_)) {
+    EXPECT_EQ(e.path().filename().string().find(".tmp"), std::string::npos) << e.path();
+  }
+}
+
+// A huge --chunk-size used to segfault (2^62) or throw bad_alloc (2^31): a chunk longer than the sequence
+// is the sequence, and values past 2^31 - 1 are refused. On OpenCL a chunk of 2^32 (0 in 32 bits) hung.
+TEST_F(Cli, HugeChunkSizesAreTheSequenceOrRefused) {
+  ASSERT_EQ(run_cli("forward " + inputs() + " --chunk-size 50 --out " + path("h50")).code, 0);
+  const auto r = run_cli("forward " + inputs() + " --chunk-size 2147483647 --out " + path("hbig"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_TRUE(testing::matches(npy::read(path("hbig"), "h"), npy::read(path("h50"), "h"), 0.0, "chunk", "h", spec_));
+  for (const char* value : {"2147483648", "4611686018427387904", "9223372036854775807", "-1", "0"}) {
+    expect_bad_input(run_cli("forward " + inputs() + " --chunk-size " + value + " --out " + path("h")), "--chunk-size");
+  }
+  expect_bad_input(run_cli("forward " + inputs() + " --kernel chunkwise--opencl_xl_chunk --chunk-size 4294967296 --out " +
+                           path("h")),
+                   "--chunk-size");
+  expect_bad_input(run_cli("backward " + inputs() + " --dh " + path("dh") + " --chunk-size 99999999999999999999 --out-dq " +
+                           path("dq")),
+                   "--chunk-size");
+  expect_bad_input(run_cli("run --seq-len 100 --chunk-size 4294967296"), "--chunk-size");
+}
+
+// bench died on --seq-lens 0 (SIGFPE) and --repeats 0 (SIGSEGV); a sequence length that does not divide
+// --tokens was skipped silently.
+TEST_F(Cli, BenchRefusesBadSizes) {
+  const std::string base = "bench --tokens 64 --chunk-sizes 16 --dqk 8 --dhv 8 --csv " + path("b1") + " --json-out " + path("b2");
+  expect_bad_input(run_cli(base + " --seq-lens 0"), "--seq-lens");
+  expect_bad_input(run_cli(base + " --seq-lens -32"), "--seq-lens");
+  expect_bad_input(run_cli(base + " --seq-lens 48"), "--seq-lens");
+  expect_bad_input(run_cli(base + " --seq-lens 128"), "--seq-lens");
+  expect_bad_input(run_cli(base + " --seq-lens 32 --repeats 0"), "--repeats");
+  expect_bad_input(run_cli(base + " --seq-lens 32 --chunk-sizes 0"), "--chunk-sizes");
+  expect_bad_input(run_cli(base + " --seq-lens 32 --heads 0"), "--heads");
+  expect_bad_input(run_cli(base + " --seq-lens 32 --head-dims 0"), "--head-dims");
+  expect_bad_input(run_cli(base + " --seq-lens 32 --kernels nope"), "--kernels");
+  expect_bad_input(run_cli(base + " --seq-lens 32 --kernels cpu"), "--kernels");
+  expect_bad_input(run_cli("bench --tokens 4611686018427387904 --seq-lens 32"), "--tokens");
+  expect_bad_input(run_cli(base + " --seq-lens 32 --dqk 1099511627776 --dhv 1099511627776"), "--dqk");
+  EXPECT_FALSE(fs::exists(path("b1")));
+}
+
+// Every option has an effect or is refused: --no-normalize with the exp gate, --devices with a CPU kernel,
+// --gate against a kernel that fixes it, --piece in resident mode, --weak-seq-len without --graph-devices,
+// --backward in pipeline mode were silently ignored.
+TEST_F(Cli, OptionsWithoutEffectAreRefused) {
+  expect_bad_input(run_cli("forward " + inputs() + " --no-normalize --out " + path("h")), "--no-normalize");
+  expect_bad_input(run_cli("forward " + inputs() + " --devices gpu:7 --out " + path("h")), "--devices");
+  expect_bad_input(run_cli("forward " + inputs() + " --kernel chunkwise--cpu_xl_chunk_siging --gate exp --out " + path("h")),
+                   "--gate");
+  expect_bad_input(run_cli("forward " + inputs() + " --kernel cpu --out " + path("h")), "--kernel");
+  expect_bad_input(run_cli("backward " + inputs() + " --kernel sequence--cpu --dh " + path("dh")), "--kernel");
+  expect_bad_input(run_cli("run --mode resident --piece 100 --seq-len 200"), "--piece");
+  expect_bad_input(run_cli("run --mode pipeline --backward --seq-len 200"), "--backward");
+  expect_bad_input(run_cli("bench --tokens 64 --seq-lens 32 --weak-seq-len 64 --csv " + path("b1") + " --json-out " + path("b2")),
+                   "--weak-seq-len");
+  // ... and where they do apply they work: the sigmoid gate without the normaliser differs from with it.
+  ASSERT_EQ(run_cli("forward " + inputs() + " --gate sig --out " + path("hs")).code, 0);
+  ASSERT_EQ(run_cli("forward " + inputs() + " --gate sig --no-normalize --out " + path("hn")).code, 0);
+  EXPECT_NE(npy::read(path("hs"), "h").to_vector(), npy::read(path("hn"), "h").to_vector());
+}
+
+// Numbers: sizes of run named by their option (they used to surface as "shape:" from the library); eps in
+// float32; --check-finite covers initial states and incoming gradients.
+TEST_F(Cli, NumbersAreCheckedAndNamed) {
+  for (const char* opt : {"--heads", "--batch", "--dqk", "--dhv", "--seq-len", "--piece"}) {
+    expect_bad_input(run_cli(std::string("run ") + opt + " 0"), opt);
+    expect_bad_input(run_cli(std::string("run ") + opt + " -1"), opt);
+  }
+  expect_bad_input(run_cli("run --heads 1099511627776 --seq-len 100"), "--heads");
+  // A product past 2^128 must not wrap to a small number that passes.
+  expect_bad_input(run_cli("run --batch 1024 --heads 1099511627776 --seq-len 1024 --piece 1024 --dqk 1099511627776 --dhv "
+                           "1099511627776"),
+                   "--heads");
+  expect_bad_input(run_cli("run --check-tokens -1"), "--check-tokens");
+  // Library names mapped to the user's options, one line (the device list used to follow on more lines).
+  expect_bad_input(run_cli("run --seq-len 100 --devices nope"), "--devices");
+  expect_bad_input(run_cli("bench --tokens 64 --seq-lens 32 --dqk 8 --dhv 8 --repeats 1 --graph-devices gpu:99 --csv " +
+                           path("b1") + " --json-out " + path("b2")),
+                   "--graph-devices");
+  for (const char* eps : {"1e-46", "1e39", "0", "-1", "nan", "inf"}) {
+    expect_bad_input(run_cli("forward " + inputs() + " --eps " + eps + " --out " + path("h")), "--eps");
+  }
+  Tensor c_nan = in_.c0;
+  c_nan.data<float>()[3] = NAN;
+  save("c0_nan", c_nan);
+  expect_bad_input(run_cli("forward --check-finite " + inputs() + " --c0 " + path("c0_nan") + " --n0 " + path("n0") +
+                           " --m0 " + path("m0") + " --out " + path("h")),
+                   "--c0");
+  Tensor dh_inf = in_.dh;
+  dh_inf.data<float>()[5] = INFINITY;
+  save("dh_inf", dh_inf);
+  expect_bad_input(run_cli("backward --check-finite " + inputs() + " --dh " + path("dh_inf") + " --out-dq " + path("dq")), "--dh");
+  Tensor dc_nan = Tensor::zeros({2, 3, 8, 12}, DType::f32);
+  dc_nan.data<float>()[0] = NAN;
+  save("dc_nan", dc_nan);
+  expect_bad_input(run_cli("backward --check-finite " + inputs() + " --dh " + path("dh") + " --dc " + path("dc_nan") +
+                           " --out-dq " + path("dq")),
+                   "--dc");
+  Tensor sc = Tensor::zeros({2, 3, 8, 12}, DType::f32);
+  sc.data<float>()[1] = NAN;
+  save("sc_nan", sc);
+  const Tensor sq = testing::slice_seq(in_.q, 0, 1).reshaped({2, 3, 8}), sk = testing::slice_seq(in_.k, 0, 1).reshaped({2, 3, 8});
+  const Tensor sv = testing::slice_seq(in_.v, 0, 1).reshaped({2, 3, 12});
+  save("sq", sq); save("sk", sk); save("sv", sv);
+  save("si", Tensor::zeros({2, 3}, DType::f32)); save("sf", Tensor::zeros({2, 3}, DType::f32));
+  save("sn", Tensor::zeros({2, 3, 8}, DType::f32)); save("sm", Tensor::zeros({2, 3}, DType::f32));
+  expect_bad_input(run_cli("step --check-finite --q " + path("sq") + " --k " + path("sk") + " --v " + path("sv") + " --i " +
+                           path("si") + " --f " + path("sf") + " --c " + path("sc_nan") + " --n " + path("sn") + " --m " +
+                           path("sm") + " --out " + path("sh")),
+                   "--c");
+}
+
 }  // namespace
 }  // namespace mlstm

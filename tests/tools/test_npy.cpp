@@ -1,10 +1,16 @@
 // .npy reader/writer: round trips for every dtype, v1/v2 headers, and the refusals.
 #include <gtest/gtest.h>
+#include <sys/resource.h>
+#include <unistd.h>
 
+#include <algorithm>
+#include <csignal>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 
+#include "mlstm/core/atomic_file.hpp"
 #include "mlstm/core/error.hpp"
 #include "mlstm/core/npy.hpp"
 
@@ -168,6 +174,98 @@ TEST(Npy, SliceOfATruncatedFileIsRefusedBeforeAllocating) {
   EXPECT_NE(argument_of([&] { npy::read_seq_slice(path, "--q", 0, 1 << 20); }).find("truncated"), std::string::npos);
   EXPECT_NE(argument_of([&] { npy::read(path, "--q"); }).find("truncated"), std::string::npos);
   std::filesystem::remove(path);
+}
+
+// Outputs are written atomically (issue 21 item 2): a failed write, whatever the reason (here the writer
+// throws, the file size limit is hit, the directory does not exist), throws and leaves the old file as it
+// was and no temporary file in the directory.
+namespace fs = std::filesystem;
+
+std::vector<std::string> entries(const fs::path& dir) {
+  std::vector<std::string> names;
+  for (const auto& e : fs::directory_iterator(dir)) names.push_back(e.path().filename().string());
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+std::string contents(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+TEST(AtomicFile, FailureLeavesTheOldFileAndNoDebris) {
+  const fs::path dir = fs::temp_directory_path() / ("mlstm_atomic_" + std::to_string(getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const std::string path = (dir / "out.npy").string();
+  const Tensor old_t = Tensor::from(std::vector<float>{1, 2, 3}, {3});
+  npy::write(path, old_t.view());
+  const std::string old_bytes = contents(path);
+  EXPECT_EQ(entries(dir), std::vector<std::string>{"out.npy"});
+  // The writer fails half way.
+  EXPECT_THROW(write_file_atomically(path, [](AtomicFile& f) {
+                 f.write("partial");
+                 throw Error("writer failed");
+               }),
+               Error);
+  EXPECT_EQ(contents(path), old_bytes);
+  EXPECT_EQ(entries(dir), std::vector<std::string>{"out.npy"});
+  // The file size limit (as a full disk would): write(2) fails with EFBIG.
+  {
+    struct sigaction ignore {}, previous {};
+    ignore.sa_handler = SIG_IGN;
+    sigaction(SIGXFSZ, &ignore, &previous);
+    rlimit old_limit{};
+    getrlimit(RLIMIT_FSIZE, &old_limit);
+    rlimit small = old_limit;
+    small.rlim_cur = 4096;
+    ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &small), 0);
+    const Tensor big = Tensor::zeros({64, 1024}, DType::f32);  // 256 KiB
+    std::string message;
+    try {
+      npy::write(path, big.view());
+    } catch (const Error& e) {
+      message = e.what();
+    }
+    setrlimit(RLIMIT_FSIZE, &old_limit);
+    sigaction(SIGXFSZ, &previous, nullptr);
+    EXPECT_NE(message.find("out.npy"), std::string::npos) << message;
+  }
+  EXPECT_EQ(contents(path), old_bytes);
+  EXPECT_EQ(entries(dir), std::vector<std::string>{"out.npy"});
+  // No such directory: an Error naming the path, nothing created.
+  EXPECT_THROW(npy::write((dir / "missing" / "x.npy").string(), old_t.view()), Error);
+  EXPECT_EQ(entries(dir), std::vector<std::string>{"out.npy"});
+  // A successful write replaces the file in one step, with the usual permissions.
+  const Tensor new_t = Tensor::from(std::vector<float>{4, 5}, {2});
+  npy::write(path, new_t.view());
+  EXPECT_EQ(npy::read(path, "--q").shape(), (Shape{2}));
+  EXPECT_EQ(entries(dir), std::vector<std::string>{"out.npy"});
+  EXPECT_NE(static_cast<int>(fs::status(path).permissions() & fs::perms::owner_read), 0);
+  fs::remove_all(dir);
+}
+
+// read() checks the header and the file's size before allocating: a header promising 2^40 floats in a
+// small file is refused as truncated (it used to be loaded whole into memory first, then copied).
+TEST(Npy, ReadRefusesAHeaderPromisingMoreThanTheFile) {
+  const auto path = (fs::temp_directory_path() / ("mlstm_npy_promise_" + std::to_string(getpid()) + ".npy")).string();
+  {
+    std::string img = header_image("{'descr': '<f4', 'fortran_order': False, 'shape': (1099511627776,), }");
+    img.append(64, '\0');
+    std::ofstream(path, std::ios::binary) << img;
+  }
+  EXPECT_NE(argument_of([&] { npy::read(path, "--k"); }).find("--k ('"), std::string::npos);
+  EXPECT_NE(argument_of([&] { npy::read(path, "--k"); }).find("truncated"), std::string::npos);
+  fs::remove(path);
+  // Big-endian and unsupported dtypes are refused naming the argument.
+  EXPECT_NE(argument_of([&] {
+              npy::parse(header_image("{'descr': '>f4', 'fortran_order': False, 'shape': (1,), }") + std::string(4, '\0'), "--v");
+            }).find("big-endian"),
+            std::string::npos);
+  EXPECT_NE(argument_of([&] {
+              npy::parse(header_image("{'descr': '<i4', 'fortran_order': False, 'shape': (1,), }") + std::string(4, '\0'), "--v");
+            }).find("unsupported .npy dtype"),
+            std::string::npos);
 }
 
 }  // namespace

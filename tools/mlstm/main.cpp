@@ -5,21 +5,28 @@
 #include <hwloc.h>
 #include <spdlog/spdlog.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <algorithm>
+#include <limits>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <functional>
 #include <random>
+#include <sstream>
 
 #include <tbb/blocked_range.h>
 #include <tbb/parallel_for.h>
 
+#include "mlstm/core/atomic_file.hpp"
 #include "mlstm/mlstm.hpp"
 #include "mlstm/core/npy.hpp"
 #include "mlstm/devices/opencl/device.hpp"
@@ -33,6 +40,114 @@ namespace {
 using namespace mlstm;
 using json = nlohmann::json;
 using Clock = std::chrono::steady_clock;
+
+namespace fs = std::filesystem;
+
+// ---- checks of the user's options (exit code 2, one line naming the option) ------------------------------
+
+void require_range(std::int64_t value, std::int64_t lo, std::int64_t hi, const std::string& option) {
+  if (value < lo || value > hi) {
+    throw InvalidArgument(option, "must be in [" + std::to_string(lo) + ", " + std::to_string(hi) + "], got " +
+                                      std::to_string(value));
+  }
+}
+
+// The largest dimension of a synthetic problem (sums like 2 * dqk + dhv stay far from overflow).
+constexpr std::int64_t kMaxDim = std::int64_t{1} << 40;
+constexpr std::int64_t kMaxTokens = std::int64_t{1} << 50;  // tokens of a run: counted exactly in a double
+
+// Bytes of a problem's buffers, overflow-safe; refused when more than the machine's memory (an allocation
+// that large would fail or, overcommitted, kill the process when touched). Callers pass a lower bound (the
+// inputs alone), so that no run that could fit is refused.
+void require_fits_memory(std::initializer_list<std::int64_t> factors, const std::string& option) {
+  unsigned __int128 bytes = 1;
+  for (const std::int64_t f : factors) {
+    // bytes <= 2^64 and f < 2^63 before each product: it stays below 2^127, then is capped at 2^64 again.
+    bytes *= static_cast<unsigned __int128>(std::max<std::int64_t>(f, 0));
+    bytes = std::min(bytes, static_cast<unsigned __int128>(1) << 64);
+  }
+  const auto pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+  const unsigned __int128 memory = pages > 0 && page > 0 ? static_cast<unsigned __int128>(pages) * static_cast<unsigned __int128>(page)
+                                                         : static_cast<unsigned __int128>(1) << 34;
+  if (bytes > memory) {
+    char text[160];
+    std::snprintf(text, sizeof text, "the problem needs about %.3g GiB, more than this machine's %.3g GiB of memory",
+                  static_cast<double>(bytes) / static_cast<double>(1ull << 30),
+                  static_cast<double>(memory) / static_cast<double>(1ull << 30));
+    throw InvalidArgument(option, text);
+  }
+}
+
+// Bytes of one token of one head's inputs: q, k, v in `dtype`, the two float32 gates (dims <= kMaxDim: no overflow).
+std::int64_t token_bytes(std::int64_t dqk, std::int64_t dhv, DType dtype) {
+  return (2 * dqk + dhv) * static_cast<std::int64_t>(dtype_size(dtype)) + 8;
+}
+
+// Where a path points, for collision checks: (device, inode) of an existing file (hard links and symlinks
+// included), else the canonical directory plus the name.
+struct PathIdentity {
+  bool exists = false;
+  dev_t dev = 0;
+  ino_t ino = 0;
+  std::string canonical;
+  bool operator==(const PathIdentity& o) const {
+    return exists == o.exists && (exists ? dev == o.dev && ino == o.ino : canonical == o.canonical);
+  }
+};
+
+PathIdentity identity_of(const std::string& path) {
+  PathIdentity id;
+  struct stat st {};
+  if (::stat(path.c_str(), &st) == 0) {
+    id.exists = true;
+    id.dev = st.st_dev;
+    id.ino = st.st_ino;
+    return id;
+  }
+  std::error_code ec;
+  id.canonical = fs::weakly_canonical(fs::absolute(path, ec), ec).string();
+  if (ec) id.canonical = path;
+  return id;
+}
+
+struct NamedPath {
+  std::string option, path;
+};
+
+// Every requested output can be produced: a file name in an existing, writable directory, not a directory
+// itself, not the same file as another output or any input. Checked before anything is read or computed.
+void check_outputs(const std::vector<NamedPath>& inputs, const std::vector<NamedPath>& outputs) {
+  std::vector<std::pair<NamedPath, PathIdentity>> seen;
+  for (const auto& in : inputs) {
+    if (!in.path.empty()) seen.push_back({in, identity_of(in.path)});
+  }
+  const std::size_t n_inputs = seen.size();
+  for (const auto& out : outputs) {
+    if (out.path.empty()) continue;
+    const fs::path p(out.path);
+    std::error_code ec;
+    if (p.filename().empty() || fs::is_directory(p, ec)) {
+      throw InvalidArgument(out.option, "'" + out.path + "' is a directory, not a file name");
+    }
+    const fs::path dir = p.parent_path().empty() ? fs::path(".") : p.parent_path();
+    if (!fs::is_directory(dir, ec)) throw InvalidArgument(out.option, "directory '" + dir.string() + "' does not exist");
+    if (::access(dir.c_str(), W_OK | X_OK) != 0) {
+      throw InvalidArgument(out.option, "directory '" + dir.string() + "' is not writable");
+    }
+    if (fs::exists(p, ec) && !fs::is_regular_file(p, ec)) {
+      throw InvalidArgument(out.option, "'" + out.path + "' exists and is not a regular file");
+    }
+    const PathIdentity id = identity_of(out.path);
+    for (std::size_t k = 0; k < seen.size(); ++k) {
+      if (seen[k].second == id) {
+        throw InvalidArgument(out.option, "'" + out.path + "' is the same file as " +
+                                              (k < n_inputs ? "the input " : "the output ") + seen[k].first.option +
+                                              " ('" + seen[k].first.path + "')");
+      }
+    }
+    seen.push_back({out, id});
+  }
+}
 
 double peak_rss_mib() {
   rusage ru{};
@@ -76,23 +191,32 @@ struct InputFiles {
   bool no_normalize = false;
   double eps = 1e-6;
   bool check_finite = false;
+  CLI::Option* gate_option = nullptr;  // to tell an explicit --gate from the default
 };
+
+// A file option given an empty string is refused (it used to mean "not given": --out '' computed and wrote nothing).
+const CLI::Validator& path_check() {
+  static const CLI::Validator check([](std::string& path) { return path.empty() ? std::string("empty path") : std::string(); },
+                                    "PATH");
+  return check;
+}
 
 void add_input_options(CLI::App* app, InputFiles& in, bool sequence) {
   const std::string qk = sequence ? "(B,NH,S,DHQK)" : "(B,NH,DHQK)";
   const std::string v = sequence ? "(B,NH,S,DHHV)" : "(B,NH,DHHV)";
   const std::string g = sequence ? "(B,NH,S)" : "(B,NH)";
-  app->add_option("--q", in.q, "queries .npy " + qk)->required();
-  app->add_option("--k", in.k, "keys .npy " + qk)->required();
-  app->add_option("--v", in.v, "values .npy " + v)->required();
-  app->add_option("--i", in.i, "input gate pre-activations .npy " + g)->required();
-  app->add_option("--f", in.f, "forget gate pre-activations .npy " + g)->required();
-  app->add_option("--c0", in.c0, "initial C .npy (B,NH,DHQK,DHHV)");
-  app->add_option("--n0", in.n0, "initial n .npy (B,NH,DHQK)");
-  app->add_option("--m0", in.m0, "initial m .npy (B,NH)");
+  app->add_option("--q", in.q, "queries .npy " + qk)->required()->check(path_check());
+  app->add_option("--k", in.k, "keys .npy " + qk)->required()->check(path_check());
+  app->add_option("--v", in.v, "values .npy " + v)->required()->check(path_check());
+  app->add_option("--i", in.i, "input gate pre-activations .npy " + g)->required()->check(path_check());
+  app->add_option("--f", in.f, "forget gate pre-activations .npy " + g)->required()->check(path_check());
+  app->add_option("--c0", in.c0, "initial C .npy (B,NH,DHQK,DHHV)")->check(path_check());
+  app->add_option("--n0", in.n0, "initial n .npy (B,NH,DHQK)")->check(path_check());
+  app->add_option("--m0", in.m0, "initial m .npy (B,NH)")->check(path_check());
   app->add_option("--dtype", in.dtype, "read uint16 arrays as this dtype (bfloat16)")->check(CLI::IsMember({"bfloat16", "bf16"}));
-  app->add_option("--gate", in.gate, "input gate: exp or sig")->check(CLI::IsMember({"exp", "sig", "sigmoid"}));
-  app->add_flag("--no-normalize", in.no_normalize, "sigmoid gate: skip the normaliser");
+  in.gate_option =
+      app->add_option("--gate", in.gate, "input gate: exp or sig")->check(CLI::IsMember({"exp", "sig", "sigmoid"}));
+  app->add_flag("--no-normalize", in.no_normalize, "sigmoid gate: skip the normaliser (refused with the exp gate)");
   app->add_option("--eps", in.eps, "normaliser epsilon (> 0)");
   app->add_flag("--check-finite", in.check_finite, "refuse inputs with NaN or Inf");
   if (sequence) {
@@ -102,7 +226,7 @@ void add_input_options(CLI::App* app, InputFiles& in, bool sequence) {
     in.kernel = "cpu";
     app->add_option("--kernel", in.kernel, "step kernel name (see `mlstm kernels`)");
   }
-  app->add_option("--devices", in.devices, "device spec for device kernels: all, gpu:all, gpu:0,1, cpu");
+  app->add_option("--devices", in.devices, "device spec for OpenCL kernels: all, gpu:all, gpu:0,1, cpu (refused for CPU kernels)");
 }
 
 struct LoadedInputs {
@@ -141,22 +265,17 @@ LoadedInputs load_inputs(const InputFiles& in) {
   return l;
 }
 
-MlstmOptions options_of(const InputFiles& in) {
-  MlstmOptions o;
-  o.gate = parse_gate(in.gate, "--gate");
-  o.normalize = !in.no_normalize;
-  o.eps = in.eps;
-  o.chunk_size = in.chunk_size;
-  return o;
-}
-
-// Renames library argument names to the CLI's option names in error messages.
-[[noreturn]] void rethrow_as_cli(const InvalidArgument& e) {
+// Renames library argument names to the CLI's option names in error messages (one line).
+const std::map<std::string, std::string>& file_option_names() {
   static const std::map<std::string, std::string> names{
       {"q", "--q"}, {"k", "--k"}, {"v", "--v"}, {"i", "--i"}, {"f", "--f"}, {"c0", "--c0"}, {"n0", "--n0"},
       {"m0", "--m0"}, {"dh", "--dh"}, {"dc_last", "--dc"}, {"dn_last", "--dn"}, {"eps", "--eps"},
       {"chunk_size", "--chunk-size"}, {"kernel", "--kernel"}, {"step_kernel", "--kernel"}, {"c", "--c"},
-      {"n", "--n"}, {"m", "--m"}};
+      {"n", "--n"}, {"m", "--m"}, {"devices", "--devices"}, {"gate", "--gate"}};
+  return names;
+}
+
+[[noreturn]] void rethrow_as_cli(const InvalidArgument& e, const std::map<std::string, std::string>& names) {
   auto it = names.find(e.argument());
   if (it == names.end()) throw e;
   std::string what = e.what();
@@ -164,8 +283,61 @@ MlstmOptions options_of(const InputFiles& in) {
   throw InvalidArgument(it->second, what);
 }
 
-void write_out(const std::string& path, const Tensor& t) {
-  if (!path.empty() && !t.empty()) npy::write(path, t.view());
+[[noreturn]] void rethrow_as_cli(const InvalidArgument& e) { rethrow_as_cli(e, file_option_names()); }
+
+// The registry entry of `name` (a sequence kernel, or a step kernel when `step`), refused up front otherwise.
+KernelInfo kernel_info(const std::string& name, bool step) {
+  for (const auto& k : available_kernels()) {
+    if (k.name != name) continue;
+    if ((k.form == KernelForm::step) != step) {
+      throw InvalidArgument("--kernel", "'" + name + "' is " + (step ? "not a step kernel" : "a step kernel") +
+                                            "; see `mlstm kernels`");
+    }
+    return k;
+  }
+  throw InvalidArgument("--kernel", "unknown kernel '" + name + "'; see `mlstm kernels`");
+}
+
+// The options of a run, every combination checked (an option without effect is refused): --gate against a
+// kernel that fixes the gate, --no-normalize (sigmoid gate only), --devices (OpenCL kernels only), --eps and
+// --chunk-size in range (in float32, as the kernels use them).
+MlstmOptions options_of(const InputFiles& in, const KernelInfo& info) {
+  MlstmOptions o;
+  o.gate = parse_gate(in.gate, "--gate");
+  if (info.forced_gate) {
+    if (in.gate_option && in.gate_option->count() > 0 && o.gate != *info.forced_gate) {
+      throw InvalidArgument("--gate", "kernel '" + info.name + "' always uses the " +
+                                          std::string(gate_name(*info.forced_gate)) + " input gate");
+    }
+    o.gate = *info.forced_gate;
+  }
+  if (in.no_normalize && o.gate != GateVariant::sigmoid) {
+    throw InvalidArgument("--no-normalize", "only the sigmoid input gate (--gate sig) can skip the normaliser");
+  }
+  if (!in.devices.empty() && info.device_kind != "opencl") {
+    throw InvalidArgument("--devices", "kernel '" + info.name + "' runs on the CPU; --devices selects OpenCL devices");
+  }
+  o.normalize = !in.no_normalize;
+  o.eps = in.eps;
+  o.chunk_size = in.chunk_size;
+  try {
+    validate_options(o);
+  } catch (const InvalidArgument& e) {
+    rethrow_as_cli(e);
+  }
+  return o;
+}
+
+std::vector<NamedPath> input_paths(const InputFiles& in) {
+  return {{"--q", in.q}, {"--k", in.k}, {"--v", in.v}, {"--i", in.i}, {"--f", in.f},
+          {"--c0", in.c0}, {"--n0", in.n0}, {"--m0", in.m0}};
+}
+
+void write_out(const std::string& option, const std::string& path, const Tensor& t) {
+  if (path.empty()) return;
+  // Refused up front when it could not be computed; an empty result here is a bug, never a skipped file.
+  if (t.empty()) throw Error(option + ": the kernel returned no such output");
+  npy::write(path, t.view());
 }
 
 // ---- subcommands -------------------------------------------------------------------------------------
@@ -175,8 +347,10 @@ struct ForwardOutputs {
 };
 
 int cmd_forward(const InputFiles& in, const ForwardOutputs& out, bool as_json) {
+  const KernelInfo info = kernel_info(in.kernel, false);
+  const MlstmOptions o = options_of(in, info);
+  check_outputs(input_paths(in), {{"--out", out.h}, {"--out-c", out.c}, {"--out-n", out.n}, {"--out-m", out.m}});
   const LoadedInputs l = load_inputs(in);
-  const MlstmOptions o = options_of(in);
   ForwardResult r;
   try {
     if (in.check_finite) check_finite(l.args());
@@ -184,10 +358,10 @@ int cmd_forward(const InputFiles& in, const ForwardOutputs& out, bool as_json) {
     const auto t0 = Clock::now();
     r = kernel->forward(l.args(), o);
     const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
-    write_out(out.h, r.h);
-    write_out(out.c, r.c);
-    write_out(out.n, r.n);
-    write_out(out.m, r.m);
+    write_out("--out", out.h, r.h);
+    write_out("--out-c", out.c, r.c);
+    write_out("--out-n", out.n, r.n);
+    write_out("--out-m", out.m, r.m);
     if (as_json) {
       std::cout << json{{"command", "forward"}, {"kernel", in.kernel}, {"shape_h", r.h.shape()},
                         {"dtype", dtype_name(r.h.dtype())}, {"seconds", secs}}.dump() << "\n";
@@ -207,6 +381,20 @@ struct BackwardFiles {
 };
 
 int cmd_backward(const InputFiles& in, const BackwardFiles& bf, bool as_json) {
+  const KernelInfo info = kernel_info(in.kernel, false);
+  if (!info.has_backward) throw InvalidArgument("--kernel", "'" + in.kernel + "' has no backward; see `mlstm kernels`");
+  const MlstmOptions o = options_of(in, info);
+  // Gradients of the initial state exist only for a given initial state: refused up front, not skipped.
+  for (const auto& [option, path] : {std::pair{"--out-dc0", bf.out_dc0}, {"--out-dn0", bf.out_dn0}, {"--out-dm0", bf.out_dm0}}) {
+    if (!path.empty() && in.c0.empty()) {
+      throw InvalidArgument(option, "needs the initial state (--c0, --n0, --m0): without one there is no gradient of it");
+    }
+  }
+  std::vector<NamedPath> inputs = input_paths(in);
+  inputs.insert(inputs.end(), {{"--dh", bf.dh}, {"--dc", bf.dc}, {"--dn", bf.dn}});
+  check_outputs(inputs, {{"--out-dq", bf.out_dq}, {"--out-dk", bf.out_dk}, {"--out-dv", bf.out_dv},
+                         {"--out-di", bf.out_di}, {"--out-df", bf.out_df}, {"--out-dc0", bf.out_dc0},
+                         {"--out-dn0", bf.out_dn0}, {"--out-dm0", bf.out_dm0}});
   const LoadedInputs l = load_inputs(in);
   const Tensor dh = npy::read(bf.dh, "--dh");
   const Tensor dc = read_optional(bf.dc, "--dc", std::nullopt);
@@ -215,6 +403,8 @@ int cmd_backward(const InputFiles& in, const BackwardFiles& bf, bool as_json) {
     if (in.check_finite) {
       check_finite(l.args());
       check_finite(dh.view(), "dh");
+      check_finite(dc.view(), "dc_last");
+      check_finite(dn.view(), "dn_last");
     }
     BackwardArgs b;
     b.inputs = l.args();
@@ -223,16 +413,16 @@ int cmd_backward(const InputFiles& in, const BackwardFiles& bf, bool as_json) {
     if (!dn.empty()) b.dn_last = dn.view();
     auto kernel = get_kernel(in.kernel, KernelTarget{in.devices});
     const auto t0 = Clock::now();
-    const BackwardResult g = kernel->backward(b, options_of(in));
+    const BackwardResult g = kernel->backward(b, o);
     const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
-    write_out(bf.out_dq, g.dq);
-    write_out(bf.out_dk, g.dk);
-    write_out(bf.out_dv, g.dv);
-    write_out(bf.out_di, g.di);
-    write_out(bf.out_df, g.df);
-    write_out(bf.out_dc0, g.dc0);
-    write_out(bf.out_dn0, g.dn0);
-    write_out(bf.out_dm0, g.dm0);
+    write_out("--out-dq", bf.out_dq, g.dq);
+    write_out("--out-dk", bf.out_dk, g.dk);
+    write_out("--out-dv", bf.out_dv, g.dv);
+    write_out("--out-di", bf.out_di, g.di);
+    write_out("--out-df", bf.out_df, g.df);
+    write_out("--out-dc0", bf.out_dc0, g.dc0);
+    write_out("--out-dn0", bf.out_dn0, g.dn0);
+    write_out("--out-dm0", bf.out_dm0, g.dm0);
     if (as_json) {
       std::cout << json{{"command", "backward"}, {"kernel", in.kernel}, {"seconds", secs},
                         {"initial_state_gradients", !g.dc0.empty()}}.dump() << "\n";
@@ -250,6 +440,11 @@ struct StepFiles {
 };
 
 int cmd_step(const InputFiles& in, const StepFiles& sf, bool as_json) {
+  const KernelInfo info = kernel_info(in.kernel, true);
+  const MlstmOptions o = options_of(in, info);
+  check_outputs({{"--q", in.q}, {"--k", in.k}, {"--v", in.v}, {"--i", in.i}, {"--f", in.f}, {"--c", sf.c},
+                 {"--n", sf.n}, {"--m", sf.m}},
+                {{"--out", sf.out_h}, {"--out-c", sf.out_c}, {"--out-n", sf.out_n}, {"--out-m", sf.out_m}});
   const auto dt = as_dtype(in);
   const Tensor q = npy::read(in.q, "--q", dt), k = npy::read(in.k, "--k", dt), v = npy::read(in.v, "--v", dt);
   const Tensor i = npy::read(in.i, "--i"), f = npy::read(in.f, "--f");
@@ -262,13 +457,16 @@ int cmd_step(const InputFiles& in, const StepFiles& sf, bool as_json) {
     if (!n.empty()) a.n = n.view();
     if (!m.empty()) a.m = m.view();
     if (in.check_finite) {
-      for (auto [t, name] : {std::pair{a.q, "q"}, {a.k, "k"}, {a.v, "v"}, {a.i, "i"}, {a.f, "f"}}) check_finite(t, name);
+      for (auto [t, name] : {std::pair{a.q, "q"}, {a.k, "k"}, {a.v, "v"}, {a.i, "i"}, {a.f, "f"}, {a.c, "c"}, {a.n, "n"},
+                             {a.m, "m"}}) {
+        check_finite(t, name);
+      }
     }
-    const StepResult r = get_step_kernel(in.kernel, KernelTarget{in.devices})->step(a, options_of(in));
-    write_out(sf.out_h, r.h);
-    write_out(sf.out_c, r.c);
-    write_out(sf.out_n, r.n);
-    write_out(sf.out_m, r.m);
+    const StepResult r = get_step_kernel(in.kernel, KernelTarget{in.devices})->step(a, o);
+    write_out("--out", sf.out_h, r.h);
+    write_out("--out-c", sf.out_c, r.c);
+    write_out("--out-n", sf.out_n, r.n);
+    write_out("--out-m", sf.out_m, r.m);
     if (as_json) {
       std::cout << json{{"command", "step"}, {"kernel", in.kernel}, {"shape_h", r.h.shape()}}.dump() << "\n";
     } else {
@@ -412,6 +610,7 @@ struct RunOptions {
   std::string dtype = "bfloat16", devices = "auto", mode = "auto";
   bool backward = false, progress = false;
   std::int64_t check_tokens = 2048;
+  CLI::Option* piece_option = nullptr;  // to tell an explicit --piece from the default
 };
 
 // Max relative error of h over the first `check_tokens` tokens of a piece of `len` tokens, against the
@@ -528,9 +727,35 @@ int run_pipeline(const RunOptions& ro, DType dtype, const MlstmOptions& o, std::
 }
 
 int cmd_run(const RunOptions& ro, bool as_json) {
-  if (ro.seq_len <= 0) throw InvalidArgument("--seq-len", "must be > 0");
-  if (ro.piece <= 0) throw InvalidArgument("--piece", "must be > 0");
+  // Every size in range before anything is allocated; the inputs of a piece (and, resident, of the whole
+  // sequence) must fit in memory.
+  require_range(ro.batch, 1, kMaxDim, "--batch");
+  require_range(ro.heads, 1, kMaxDim, "--heads");
+  require_range(ro.seq_len, 1, kMaxTokens, "--seq-len");
+  if (std::int64_t tokens = 0; __builtin_mul_overflow(ro.batch, ro.seq_len, &tokens) || tokens > kMaxTokens) {
+    throw InvalidArgument("--seq-len", "--batch x --seq-len must be at most 2^50 tokens");
+  }
+  require_range(ro.dqk, 1, kMaxDim, "--dqk");
+  require_range(ro.dhv, 1, kMaxDim, "--dhv");
+  require_range(ro.chunk_size, 1, kMaxChunkSize, "--chunk-size");
+  require_range(ro.piece, 1, kMaxDim, "--piece");
+  require_range(ro.check_tokens, 0, std::numeric_limits<std::int64_t>::max(), "--check-tokens");
+  const bool resident_mode = ro.mode == "resident";
+  if (resident_mode && ro.piece_option && ro.piece_option->count() > 0) {
+    throw InvalidArgument("--piece", "has no effect with --mode resident (the whole sequence is one piece)");
+  }
+  if (ro.mode == "pipeline" && ro.backward) {
+    throw InvalidArgument("--backward", "--mode pipeline runs the forward only; use --mode stream or resident");
+  }
   const DType dtype = parse_dtype(ro.dtype, "--dtype");
+  {
+    const std::int64_t len = resident_mode ? ro.seq_len : std::min(ro.piece, ro.seq_len);
+    const std::int64_t copies = resident_mode ? 1 : 4;  // the tiled sequence, or the distinct pieces
+    const std::string what = std::string("--batch/--heads/") + (ro.piece < ro.seq_len && !resident_mode ? "--piece" : "--seq-len") +
+                             "/--dqk/--dhv";
+    require_fits_memory({ro.batch, ro.heads, len, token_bytes(ro.dqk, ro.dhv, dtype), copies}, what);
+    require_fits_memory({ro.batch, ro.heads, ro.dqk, ro.dhv, 4}, "--batch/--heads/--dqk/--dhv");
+  }
   MlstmOptions o;
   o.chunk_size = ro.chunk_size;
   validate_options(o);
@@ -666,14 +891,89 @@ std::string cpu_model() {
   return "unknown";
 }
 
+int bench(const BenchOptions& bo, DType dtype, bool as_json);
+
+// Every option of bench in range, and every value used (a sequence length that does not divide --tokens
+// would be skipped: refused instead), before anything is allocated or measured.
+void check_bench(const BenchOptions& bo, DType dtype) {
+  require_range(bo.tokens, 1, kMaxTokens, "--tokens");
+  require_range(bo.heads, 1, kMaxDim, "--heads");
+  require_range(bo.dqk, 1, kMaxDim, "--dqk");
+  require_range(bo.dhv, 1, kMaxDim, "--dhv");
+  require_range(bo.repeats, 1, 1000000, "--repeats");
+  auto nonempty = [](bool empty, const char* option) {
+    if (empty) throw InvalidArgument(option, "needs at least one value");
+  };
+  nonempty(bo.seq_lens.empty(), "--seq-lens");
+  nonempty(bo.chunk_sizes.empty(), "--chunk-sizes");
+  nonempty(bo.kernels.empty(), "--kernels");
+  for (const auto S : bo.seq_lens) {
+    require_range(S, 1, bo.tokens, "--seq-lens");
+    if (bo.tokens % S != 0) {
+      throw InvalidArgument("--seq-lens", std::to_string(S) + " does not divide --tokens " + std::to_string(bo.tokens));
+    }
+  }
+  for (const auto L : bo.chunk_sizes) require_range(L, 1, kMaxChunkSize, "--chunk-sizes");
+  for (const auto d : bo.head_dims) require_range(d, 1, kMaxDim, "--head-dims");
+  require_range(bo.weak_seq_len, 0, kMaxTokens, "--weak-seq-len");
+  if (bo.weak_seq_len > 0 && bo.graph_devices.empty()) {
+    throw InvalidArgument("--weak-seq-len", "has no effect without --graph-devices");
+  }
+  for (const auto& name : bo.kernels) {
+    const KernelInfo info = [&] {
+      try {
+        return kernel_info(name, false);
+      } catch (const InvalidArgument& e) {
+        rethrow_as_cli(e, {{"--kernel", "--kernels"}});
+      }
+    }();
+    if (bo.backward && !info.has_backward) throw InvalidArgument("--kernels", "'" + name + "' has no backward (--backward)");
+    if (!info.dtypes.empty() && std::find(info.dtypes.begin(), info.dtypes.end(), dtype) == info.dtypes.end()) {
+      throw InvalidArgument("--dtype", "kernel '" + name + "' does not take " + std::string(dtype_name(dtype)));
+    }
+  }
+  const std::int64_t S_max = *std::max_element(bo.seq_lens.begin(), bo.seq_lens.end());
+  require_fits_memory({bo.tokens, bo.heads, token_bytes(bo.dqk, bo.dhv, dtype)}, "--tokens/--heads/--dqk/--dhv");
+  require_fits_memory({bo.heads, bo.dqk, bo.dhv, 4}, "--heads/--dqk/--dhv");
+  for (const auto d : bo.head_dims) {
+    require_fits_memory({std::max<std::int64_t>(1, bo.tokens / S_max) * S_max, bo.heads, token_bytes(d, d, dtype)},
+                        "--head-dims/--tokens/--heads");
+    require_fits_memory({bo.heads, d, d, 4}, "--head-dims/--heads");
+  }
+  check_outputs({}, {{"--csv", bo.csv}, {"--json-out", bo.json_out}});
+}
+
 int cmd_bench(const BenchOptions& bo, bool as_json) {
   const DType dtype = parse_dtype(bo.dtype, "--dtype");
+  check_bench(bo, dtype);
+  try {
+    return bench(bo, dtype, as_json);
+  } catch (const InvalidArgument& e) {
+    // A kernel that cannot take the swept problem names q ("parallel--opencl takes S <= 16384"): --kernels.
+    rethrow_as_cli(e, {{"chunk_size", "--chunk-sizes"}, {"kernel", "--kernels"}, {"devices", "--graph-devices"},
+                       {"q", "--kernels"}, {"v", "--kernels"}});
+  }
+}
+
+int bench(const BenchOptions& bo, DType dtype, bool as_json) {
   json results = json::array();
-  std::ofstream csv(bo.csv);
-  if (!csv) throw InvalidArgument("--csv", "cannot write '" + bo.csv + "'");
+  std::ostringstream csv;
   csv << "kernel,B,NH,S,DHQK,DHHV,dtype,chunk,pass,median_ms,tokens_per_s\n";
   char host[256] = {0};
   gethostname(host, sizeof host - 1);
+  auto document = [&] {
+    return json{{"machine", {{"hostname", host}, {"cpu", cpu_model()}, {"cores", sysconf(_SC_NPROCESSORS_ONLN)}}},
+                {"revision", MLSTM_GIT_REVISION},
+                {"timestamp", std::chrono::duration_cast<std::chrono::seconds>(
+                                  std::chrono::system_clock::now().time_since_epoch()).count()},
+                {"results", results}};
+  };
+  // Both files are replaced atomically after every measured row: a sweep cut short (a time limit) keeps the
+  // rows measured so far, and a failed write leaves the previous complete file, never half of one.
+  auto save = [&] {
+    write_file_atomically(bo.csv, csv.str());
+    write_file_atomically(bo.json_out, document().dump(2) + "\n");
+  };
   for (const auto& kname : bo.kernels) {
     auto kernel = get_kernel(kname);
     for (auto S : bo.seq_lens) {
@@ -711,7 +1011,7 @@ int cmd_bench(const BenchOptions& bo, bool as_json) {
                         med * 1e3, static_cast<double>(bo.tokens) / med);
             std::fflush(stdout);
           }
-          csv.flush();
+          save();
         }
       }
     }
@@ -731,7 +1031,7 @@ int cmd_bench(const BenchOptions& bo, bool as_json) {
                   extra.c_str());
       std::fflush(stdout);  // rows show up as they are measured (a long sweep cut short keeps them)
     }
-    csv.flush();
+    save();
   };
   auto median_of = [&](const std::function<void()>& fn) {
     std::vector<double> times;
@@ -759,6 +1059,8 @@ int cmd_bench(const BenchOptions& bo, bool as_json) {
   for (const auto& spec : bo.graph_devices) {
     graph::FlowGraphRunner runner(spec);
     const auto ndev = static_cast<std::int64_t>(runner.devices().size());
+    require_fits_memory({bo.weak_seq_len > 0 ? bo.weak_seq_len : S_max, ndev, bo.heads, token_bytes(bo.dqk, bo.dhv, dtype)},
+                        bo.weak_seq_len > 0 ? "--weak-seq-len/--graph-devices" : "--seq-lens/--graph-devices");
     MlstmOptions o;
     o.chunk_size = L0;
     for (const char* scaling : {"strong", "weak"}) {
@@ -815,17 +1117,20 @@ int cmd_bench(const BenchOptions& bo, bool as_json) {
              "streaming pieces=" + std::to_string((S_max + piece - 1) / piece) + " devices=" + std::to_string(ndev));
     }
   }
-  const json doc{{"machine", {{"hostname", host}, {"cpu", cpu_model()}, {"cores", sysconf(_SC_NPROCESSORS_ONLN)}}},
-                 {"revision", MLSTM_GIT_REVISION},
-                 {"timestamp", std::chrono::duration_cast<std::chrono::seconds>(
-                                   std::chrono::system_clock::now().time_since_epoch()).count()},
-                 {"results", results}};
-  std::ofstream(bo.json_out) << doc.dump(2) << "\n";
-  if (as_json) std::cout << doc.dump() << "\n";
+  save();  // also when no row was measured: the files say so
+  if (as_json) std::cout << document().dump() << "\n";
   return 0;
 }
 
 }  // namespace
+
+// Messages are one line on stderr (a library message may hold line breaks, e.g. an OpenCL build log).
+static std::string one_line(std::string text) {
+  while (!text.empty() && (text.back() == '\n' || text.back() == '\r')) text.pop_back();
+  std::replace(text.begin(), text.end(), '\n', ' ');
+  std::replace(text.begin(), text.end(), '\r', ' ');
+  return text;
+}
 
 int main(int argc, char** argv) {
   CLI::App app{"mlstm: the mLSTM cell over very long sequences (mlstm-flow " MLSTM_VERSION ", " MLSTM_GIT_REVISION ")"};
@@ -845,7 +1150,7 @@ int main(int argc, char** argv) {
   run->add_option("--dhv", ro.dhv, "DHHV");
   run->add_option("--dtype", ro.dtype, "float32, float16, bfloat16");
   run->add_option("--chunk-size", ro.chunk_size, "chunk size");
-  run->add_option("--piece", ro.piece, "tokens per streamed piece");
+  ro.piece_option = run->add_option("--piece", ro.piece, "tokens per streamed piece (not with --mode resident)");
   run->add_option("--devices", ro.devices,
                   "devices: auto (CPU workers + OpenCL GPUs), workers, an OpenCL spec (gpu:all, 0,1, cpu), or a+b");
   run->add_option("--mode", ro.mode,
@@ -859,38 +1164,38 @@ int main(int argc, char** argv) {
   ForwardOutputs fout;
   auto* forward = app.add_subcommand("forward", "forward pass on .npy inputs");
   add_input_options(forward, fin, true);
-  forward->add_option("--out", fout.h, "h output .npy (input dtype)")->required();
-  forward->add_option("--out-c", fout.c, "last C output .npy");
-  forward->add_option("--out-n", fout.n, "last n output .npy");
-  forward->add_option("--out-m", fout.m, "last m output .npy");
+  forward->add_option("--out", fout.h, "h output .npy (input dtype)")->required()->check(path_check());
+  forward->add_option("--out-c", fout.c, "last C output .npy")->check(path_check());
+  forward->add_option("--out-n", fout.n, "last n output .npy")->check(path_check());
+  forward->add_option("--out-m", fout.m, "last m output .npy")->check(path_check());
 
   InputFiles bin;
   BackwardFiles bfiles;
   auto* backward = app.add_subcommand("backward", "backward pass on .npy inputs");
   add_input_options(backward, bin, true);
-  backward->add_option("--dh", bfiles.dh, "gradient of h .npy (B,NH,S,DHHV)")->required();
-  backward->add_option("--dc", bfiles.dc, "gradient of the last C .npy");
-  backward->add_option("--dn", bfiles.dn, "gradient of the last n .npy");
-  backward->add_option("--out-dq", bfiles.out_dq, "dq output .npy");
-  backward->add_option("--out-dk", bfiles.out_dk, "dk output .npy");
-  backward->add_option("--out-dv", bfiles.out_dv, "dv output .npy");
-  backward->add_option("--out-di", bfiles.out_di, "di output .npy");
-  backward->add_option("--out-df", bfiles.out_df, "df output .npy");
-  backward->add_option("--out-dc0", bfiles.out_dc0, "initial C gradient .npy");
-  backward->add_option("--out-dn0", bfiles.out_dn0, "initial n gradient .npy");
-  backward->add_option("--out-dm0", bfiles.out_dm0, "initial m gradient .npy");
+  backward->add_option("--dh", bfiles.dh, "gradient of h .npy (B,NH,S,DHHV)")->required()->check(path_check());
+  backward->add_option("--dc", bfiles.dc, "gradient of the last C .npy")->check(path_check());
+  backward->add_option("--dn", bfiles.dn, "gradient of the last n .npy")->check(path_check());
+  backward->add_option("--out-dq", bfiles.out_dq, "dq output .npy")->check(path_check());
+  backward->add_option("--out-dk", bfiles.out_dk, "dk output .npy")->check(path_check());
+  backward->add_option("--out-dv", bfiles.out_dv, "dv output .npy")->check(path_check());
+  backward->add_option("--out-di", bfiles.out_di, "di output .npy")->check(path_check());
+  backward->add_option("--out-df", bfiles.out_df, "df output .npy")->check(path_check());
+  backward->add_option("--out-dc0", bfiles.out_dc0, "initial C gradient .npy")->check(path_check());
+  backward->add_option("--out-dn0", bfiles.out_dn0, "initial n gradient .npy")->check(path_check());
+  backward->add_option("--out-dm0", bfiles.out_dm0, "initial m gradient .npy")->check(path_check());
 
   InputFiles sin;
   StepFiles sfiles;
   auto* step = app.add_subcommand("step", "one recurrent step on .npy inputs");
   add_input_options(step, sin, false);
-  step->add_option("--c", sfiles.c, "state C .npy (B,NH,DHQK,DHHV)");
-  step->add_option("--n", sfiles.n, "state n .npy (B,NH,DHQK)");
-  step->add_option("--m", sfiles.m, "state m .npy (B,NH)");
-  step->add_option("--out", sfiles.out_h, "h output .npy (B,NH,DHHV)")->required();
-  step->add_option("--out-c", sfiles.out_c, "new C .npy");
-  step->add_option("--out-n", sfiles.out_n, "new n .npy");
-  step->add_option("--out-m", sfiles.out_m, "new m .npy");
+  step->add_option("--c", sfiles.c, "state C .npy (B,NH,DHQK,DHHV)")->check(path_check());
+  step->add_option("--n", sfiles.n, "state n .npy (B,NH,DHQK)")->check(path_check());
+  step->add_option("--m", sfiles.m, "state m .npy (B,NH)")->check(path_check());
+  step->add_option("--out", sfiles.out_h, "h output .npy (B,NH,DHHV)")->required()->check(path_check());
+  step->add_option("--out-c", sfiles.out_c, "new C .npy")->check(path_check());
+  step->add_option("--out-n", sfiles.out_n, "new n .npy")->check(path_check());
+  step->add_option("--out-m", sfiles.out_m, "new m .npy")->check(path_check());
 
   auto* kernels = app.add_subcommand("kernels", "list the kernel registry");
   auto* devices = app.add_subcommand("devices", "list OpenCL devices and NUMA nodes");
@@ -912,8 +1217,8 @@ int main(int argc, char** argv) {
                     "also run the flow graph on each device spec (strong and weak scaling), e.g. workers 0 0,1");
   bench->add_option("--weak-seq-len", bo.weak_seq_len,
                     "tokens per device for the weak-scaling rows of --graph-devices (default: the largest --seq-lens)");
-  bench->add_option("--csv", bo.csv, "CSV output path");
-  bench->add_option("--json-out", bo.json_out, "JSON output path");
+  bench->add_option("--csv", bo.csv, "CSV output path")->check(path_check());
+  bench->add_option("--json-out", bo.json_out, "JSON output path")->check(path_check());
 
   try {
     app.parse(argc, argv);
@@ -922,12 +1227,18 @@ int main(int argc, char** argv) {
   } catch (const CLI::CallForAllHelp& e) {
     return app.exit(e);
   } catch (const CLI::ParseError& e) {
-    std::fprintf(stderr, "mlstm: error: %s (see --help)\n", e.what());
+    std::fprintf(stderr, "mlstm: error: %s (see --help)\n", one_line(e.what()).c_str());
     return 2;
   }
   spdlog::set_level(spdlog::level::from_str(log_level));
   try {
-    if (*run) return cmd_run(ro, as_json);
+    if (*run) {
+      try {
+        return cmd_run(ro, as_json);
+      } catch (const InvalidArgument& e) {
+        rethrow_as_cli(e, {{"devices", "--devices"}, {"chunk_size", "--chunk-size"}, {"mode", "--mode"}});
+      }
+    }
     if (*forward) return cmd_forward(fin, fout, as_json);
     if (*backward) return cmd_backward(bin, bfiles, as_json);
     if (*step) return cmd_step(sin, sfiles, as_json);
@@ -935,10 +1246,10 @@ int main(int argc, char** argv) {
     if (*devices) return cmd_devices(as_json);
     if (*bench) return cmd_bench(bo, as_json);
   } catch (const InvalidArgument& e) {
-    std::fprintf(stderr, "mlstm: error: %s\n", e.what());
+    std::fprintf(stderr, "mlstm: error: %s\n", one_line(e.what()).c_str());
     return 2;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "mlstm: failed: %s\n", e.what());
+    std::fprintf(stderr, "mlstm: failed: %s\n", one_line(e.what()).c_str());
     return 1;
   }
   return 0;

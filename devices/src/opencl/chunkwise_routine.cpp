@@ -42,7 +42,7 @@ class ResidentPortable final : public ResidentChunkwise {
     const std::string& dn = dev.name();
     S_ = static_cast<int>(p_.S);
     rows_ = static_cast<int>(p_.rows());
-    L_ = static_cast<int>(o.chunk_size);
+    L_ = static_cast<int>(std::min(o.chunk_size, p_.S));  // a chunk past the sequence is the sequence (32-bit safe)
     nchunks_ = (S_ + L_ - 1) / L_;
     // q, k, v keep their 16-bit dtype on the device; float64 inputs go up as float32.
     dev_dtype_ = p_.dtype == DType::f64 ? DType::f32 : p_.dtype;

@@ -28,7 +28,8 @@ std::pair<Shape, DType> read_header(const std::string& path, const std::string& 
 // Parses a whole .npy image held in memory (what read() does after loading the file); the fuzz target.
 Tensor parse(const std::string& bytes, const std::string& argument, std::optional<DType> as_dtype = std::nullopt);
 
-// Writes a contiguous copy of `t`; bfloat16 is written as <u2. Throws mlstm::Error if the file can't be written.
+// Writes a contiguous copy of `t`; bfloat16 is written as <u2. Atomic (write_file_atomically): a failure
+// throws mlstm::Error and leaves the old file, if any, and no temporary file.
 void write(const std::string& path, ConstTensorView t);
 std::string serialize(ConstTensorView t);
 

@@ -24,6 +24,11 @@ enum class GateVariant { exp, sigmoid };
 std::string_view gate_name(GateVariant g) noexcept;                        // "exp" / "sig"
 GateVariant parse_gate(std::string_view name, const std::string& argument = "gate");  // exp|sig|sigmoid
 
+// The largest chunk size accepted (the OpenCL kernels index a chunk in 32 bits). Kernels use
+// min(chunk_size, S): a chunk longer than the sequence is one chunk of the sequence, and no buffer grows
+// with chunk_size beyond what S needs.
+inline constexpr std::int64_t kMaxChunkSize = (std::int64_t{1} << 31) - 1;
+
 struct MlstmOptions {
   GateVariant gate = GateVariant::exp;
   bool normalize = true;          // sigmoid variant only: false skips the normaliser

@@ -1,0 +1,40 @@
+// Writing output files atomically: a temporary file in the destination's directory, every write checked,
+// then flushed, fsynced, closed and renamed over the destination (and the directory fsynced). On any
+// failure the temporary file is removed and the old destination, if any, is left as it was.
+#pragma once
+
+#include <cstddef>
+#include <functional>
+#include <string>
+#include <string_view>
+
+namespace mlstm {
+
+// An output file being written. Bytes go to a hidden temporary file next to `path`; commit() makes them
+// `path`; the destructor (no commit, or after an exception) removes the temporary file.
+// Every failure throws mlstm::Error naming `path` and the system's reason (errno).
+class AtomicFile {
+ public:
+  explicit AtomicFile(std::string path);
+  ~AtomicFile();
+  AtomicFile(const AtomicFile&) = delete;
+  AtomicFile& operator=(const AtomicFile&) = delete;
+
+  void write(const void* data, std::size_t size);
+  void write(std::string_view text) { write(text.data(), text.size()); }
+  // fsync, close (checked), rename over the destination, fsync the directory. Once only.
+  void commit();
+  const std::string& path() const noexcept { return path_; }
+
+ private:
+  void discard() noexcept;
+  std::string path_, tmp_;
+  int fd_ = -1;
+  bool committed_ = false;
+};
+
+// Writes `path` atomically with what `writer` passes to the AtomicFile.
+void write_file_atomically(const std::string& path, const std::function<void(AtomicFile&)>& writer);
+void write_file_atomically(const std::string& path, std::string_view bytes);
+
+}  // namespace mlstm

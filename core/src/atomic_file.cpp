@@ -1,0 +1,116 @@
+#include "mlstm/core/atomic_file.hpp"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+
+#include "mlstm/core/error.hpp"
+
+namespace mlstm {
+
+namespace {
+
+std::string reason() { return std::strerror(errno); }
+
+// The process umask, read without changing it (umask(2) would race with other threads creating files).
+mode_t current_umask() {
+  std::ifstream status("/proc/self/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind("Umask:", 0) == 0) return static_cast<mode_t>(std::stoul(line.substr(6), nullptr, 8));
+  }
+  return 022;
+}
+
+}  // namespace
+
+AtomicFile::AtomicFile(std::string path) : path_(std::move(path)) {
+  const std::filesystem::path p(path_);
+  if (p.filename().empty()) throw Error("cannot write '" + path_ + "': not a file name");
+  // Renaming over a device or a FIFO (/dev/null, as root) would replace it with a regular file.
+  struct stat st {};
+  if (::stat(path_.c_str(), &st) == 0 && !S_ISREG(st.st_mode)) {
+    throw Error("cannot write '" + path_ + "': it exists and is not a regular file");
+  }
+  const std::filesystem::path dir = p.parent_path().empty() ? std::filesystem::path(".") : p.parent_path();
+  std::string name(1, '.');  // hidden: ".<name>.tmp.XXXXXX" (appends; "." + string trips GCC 12's -Wrestrict)
+  name.append(p.filename().string()).append(".tmp.XXXXXX");
+  std::string tmpl = (dir / name).string();
+  fd_ = ::mkstemp(tmpl.data());
+  if (fd_ < 0) throw Error("cannot write '" + path_ + "': " + reason());
+  tmp_ = tmpl;
+  // mkstemp creates 0600; an output gets what a plain open(O_CREAT, 0666) would give it.
+  if (::fchmod(fd_, 0666 & ~current_umask()) != 0) {
+    const std::string why = reason();
+    discard();
+    throw Error("cannot write '" + path_ + "': " + why);
+  }
+}
+
+AtomicFile::~AtomicFile() {
+  if (!committed_) discard();
+}
+
+void AtomicFile::discard() noexcept {
+  if (fd_ >= 0) ::close(fd_);
+  fd_ = -1;
+  if (!tmp_.empty()) ::unlink(tmp_.c_str());
+  tmp_.clear();
+}
+
+void AtomicFile::write(const void* data, std::size_t size) {
+  if (fd_ < 0) throw Error("cannot write '" + path_ + "': file already closed");
+  const char* p = static_cast<const char*>(data);
+  while (size > 0) {
+    const ssize_t n = ::write(fd_, p, size);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      const std::string why = n < 0 ? reason() : "no progress";
+      discard();
+      throw Error("write to '" + path_ + "' failed: " + why);
+    }
+    p += n;
+    size -= static_cast<std::size_t>(n);
+  }
+}
+
+void AtomicFile::commit() {
+  if (fd_ < 0) throw Error("cannot write '" + path_ + "': file already closed");
+  auto fail = [&](const char* what) {
+    const std::string why = reason();
+    discard();
+    throw Error(std::string(what) + " '" + path_ + "' failed: " + why);
+  };
+  if (::fsync(fd_) != 0) fail("fsync of");
+  const int fd = fd_;
+  fd_ = -1;
+  if (::close(fd) != 0) fail("close of");
+  if (::rename(tmp_.c_str(), path_.c_str()) != 0) fail("rename onto");
+  committed_ = true;
+  tmp_.clear();
+  // The rename is durable once the directory is synced; best effort (some filesystems refuse fsync on a directory).
+  const std::filesystem::path dir = std::filesystem::path(path_).parent_path();
+  const int dfd = ::open(dir.empty() ? "." : dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd >= 0) {
+    (void)::fsync(dfd);
+    ::close(dfd);
+  }
+}
+
+void write_file_atomically(const std::string& path, const std::function<void(AtomicFile&)>& writer) {
+  AtomicFile file(path);
+  writer(file);
+  file.commit();
+}
+
+void write_file_atomically(const std::string& path, std::string_view bytes) {
+  write_file_atomically(path, [&](AtomicFile& f) { f.write(bytes); });
+}
+
+}  // namespace mlstm
