@@ -60,6 +60,10 @@
 namespace mlstm::stages {
 
 inline constexpr float kEmptyM = -std::numeric_limits<float>::infinity();
+// The log forget gate that a forget gate of -inf counts as in the float32 chunk cumsums (b, G): exp(-256 + x)
+// is 0 in float32 for any spread x of input gates and stabilisers below ~150, and cumsums of this size keep
+// ~3e-5 absolute precision (stages.hpp "Gates at +-inf").
+inline constexpr float kForgetCut = 256.f;
 
 // Geometry of one row-segment.
 struct SegmentShape {
