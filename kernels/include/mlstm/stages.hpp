@@ -136,6 +136,7 @@ struct StateBuffer {
 
 // fw_gates: lf, b (inclusive cumsum of lf per chunk), ig, and per chunk G_c. Inputs are the raw
 // gate pre-activations of the segment (float32, T each). Outputs: b (T), ig (T), G (num_chunks).
+// A forget gate of -inf enters b and G as a cut of -kForgetCut (see "Gates at +-inf" above).
 void fw_gates(const float* i, const float* f, GateVariant gate, const SegmentShape& s, float* b, float* ig,
               float* G);
 
