@@ -48,6 +48,7 @@ inline void st(__global in_t* p, size_t idx, float x) {
 }
 #endif
 
+#define FORGET_CUT 256.0f  // stages::kForgetCut
 inline float logsigmoid(float x) { return x >= 0.0f ? -log1p(exp(-x)) : x - log1p(exp(x)); }
 // exp of a log-weight difference; (-inf) - (-inf) gives NaN, which means "no contribution".
 inline float safe_exp(float x) { return isnan(x) ? 0.0f : exp(x); }
@@ -59,17 +60,29 @@ __kernel void fw_gates(__global const float* i, __global const float* f, __globa
   if (c >= nchunks) return;
   const size_t base = (size_t)row * S;
   const int t0 = c * CHUNK, t1 = min(S, t0 + CHUNK);
-  float acc = 0.0f;
+  // A forget gate of -inf counts as lf = -FORGET_CUT, added apart from the finite sum (one rounding), and only
+  // when something before it is not forgotten yet (stages.cpp fw_gates; stages.hpp "Gates at +-inf"): b - b
+  // never forms (-inf) - (-inf).
+  float acc = 0.0f, cuts = 0.0f;
+  bool live = true;
   for (int t = t0; t < t1; ++t) {
-    acc += logsigmoid(f[base + t]);
-    b[base + t] = acc;
+    const float lf = logsigmoid(f[base + t]);
+    if (lf == -INFINITY) {
+      if (live) cuts += FORGET_CUT;
+      live = false;
+    } else {
+      acc += lf;
+    }
+    b[base + t] = acc - cuts;
 #if GATE_EXP
-    ig[base + t] = i[base + t];
+    const float igt = i[base + t];
 #else
-    ig[base + t] = logsigmoid(i[base + t]);
+    const float igt = logsigmoid(i[base + t]);
 #endif
+    ig[base + t] = igt;
+    live = live || igt != -INFINITY;
   }
-  G[(size_t)row * nchunks + c] = acc;
+  G[(size_t)row * nchunks + c] = acc - cuts;
 }
 
 // One work group of 64 per row, sequential over the chunks, parallel over a chunk's tokens: the stabiliser
@@ -109,7 +122,7 @@ void fw_state_weights(__global const float* b, __global const float* ig, __globa
       mb[bidx] = m;
       carry[bidx] = safe_exp(Gc + m - m_new);
     }
-    for (int t = t0 + lid; t < t1; t += 64) wtok[gbase + t] = exp(Gc - b[gbase + t] + ig[gbase + t] - m_new);
+    for (int t = t0 + lid; t < t1; t += 64) wtok[gbase + t] = safe_exp(Gc - b[gbase + t] + ig[gbase + t] - m_new);
     m = m_new;
   }
   if (lid == 0) mout[row] = m;

@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "mlstm/stages.hpp"
@@ -189,9 +190,13 @@ void step_row(const float* q, const float* k, const float* v, float i, float f, 
   const float lf = logsigmoidf(f);
   float a, bw, m_new;
   if (o.gate == GateVariant::exp) {
-    m_new = std::max(lf + m, i);
-    a = std::exp(lf + m - m_new);
-    bw = std::exp(i - m_new);
+    // As the float64 reference: lf = -inf forgets whatever m is; a log weight of -inf weighs 0 (also into an
+    // empty state, m_new = -inf).
+    constexpr float ninf = -std::numeric_limits<float>::infinity();
+    const float cand = lf == ninf ? ninf : lf + m;
+    m_new = std::max(cand, i);
+    a = cand == ninf ? 0.f : std::exp(cand - m_new);
+    bw = i == ninf ? 0.f : std::exp(i - m_new);
   } else {
     m_new = 0.f;
     a = std::exp(lf);

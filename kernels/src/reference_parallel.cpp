@@ -17,13 +17,18 @@ namespace {
 constexpr std::int64_t kInitColumn = -1;  // argmax marker: the initial-state column won
 
 // Log weights of one row: b (inclusive cumsum of lf), ig, and per t the stabiliser m_t with its argmax.
+// A forget gate of -inf at token u (lf_u = -inf) cuts the row: b restarts after u (b_u = 0) and every log
+// weight reaching across the cut is -inf, so no (-inf) - (-inf) is ever formed (stages.hpp "Gates at +-inf").
 struct RowGates {
   std::vector<double> b, ig, m;
   std::vector<std::int64_t> argmax;
+  std::vector<std::int64_t> cut;  // the last token u <= t with lf_u = -inf, or -1
   double m0 = 0.0;
   bool exp_gate = true;
-  double logw(std::int64_t t, std::int64_t s) const { return b[t] - b[s] + ig[s]; }  // s <= t
-  double logw0(std::int64_t t) const { return b[t] + m0; }
+  double logw(std::int64_t t, std::int64_t s) const {  // s <= t
+    return s < cut[t] ? detail::kNegInf : b[t] - b[s] + ig[s];
+  }
+  double logw0(std::int64_t t) const { return cut[t] >= 0 ? detail::kNegInf : b[t] + m0; }
 };
 
 RowGates row_gates(const double* i, const double* f, std::int64_t S, double m0, GateVariant gate) {
@@ -34,9 +39,18 @@ RowGates row_gates(const double* i, const double* f, std::int64_t S, double m0, 
   g.ig.resize(static_cast<std::size_t>(S));
   g.m.resize(static_cast<std::size_t>(S));
   g.argmax.resize(static_cast<std::size_t>(S));
+  g.cut.resize(static_cast<std::size_t>(S));
   double acc = 0.0;
+  std::int64_t cut = -1;
   for (std::int64_t t = 0; t < S; ++t) {
-    acc += logsigmoid(f[t]);
+    const double lf = logsigmoid(f[t]);
+    if (lf == detail::kNegInf) {
+      cut = t;
+      acc = 0.0;
+    } else {
+      acc += lf;
+    }
+    g.cut[t] = cut;
     g.b[t] = acc;
     g.ig[t] = g.exp_gate ? i[t] : logsigmoid(i[t]);
   }
@@ -87,7 +101,7 @@ ForwardResult parallel_forward(const ForwardArgs& args, const MlstmOptions& o) {
     for (std::int64_t t = 0; t < S; ++t) {
       const double* q = in.q_row(r) + t * DK;
       for (std::int64_t d = 0; d < DK; ++d) qs[d] = q[d] * scale;
-      const double w0 = std::exp(g.logw0(t) - g.m[t]);
+      const double w0 = detail::weight(g.logw0(t), g.m[t]);
       double den = w0 * dot(qs.data(), n0, DK);
       for (std::int64_t e = 0; e < DV; ++e) {
         double acc = 0.0;
@@ -95,7 +109,7 @@ ForwardResult parallel_forward(const ForwardArgs& args, const MlstmOptions& o) {
         num[e] = w0 * acc;
       }
       for (std::int64_t s = 0; s <= t; ++s) {
-        const double w = std::exp(g.logw(t, s) - g.m[t]) * dot(qs.data(), in.k_row(r) + s * DK, DK);
+        const double w = detail::weight(g.logw(t, s), g.m[t]) * dot(qs.data(), in.k_row(r) + s * DK, DK);
         den += w;
         const double* v = in.v_row(r) + s * DV;
         for (std::int64_t e = 0; e < DV; ++e) num[e] += w * v[e];
@@ -105,7 +119,7 @@ ForwardResult parallel_forward(const ForwardArgs& args, const MlstmOptions& o) {
     }
     // Last state in closed form.
     const std::int64_t T = S - 1;
-    const double w0 = std::exp(g.logw0(T) - g.m[T]);
+    const double w0 = detail::weight(g.logw0(T), g.m[T]);
     double* Cr = C.data() + r * DK * DV;
     double* nr = n.data() + r * DK;
     for (std::int64_t d = 0; d < DK; ++d) {
@@ -113,7 +127,7 @@ ForwardResult parallel_forward(const ForwardArgs& args, const MlstmOptions& o) {
       for (std::int64_t e = 0; e < DV; ++e) Cr[d * DV + e] = w0 * C0[d * DV + e];
     }
     for (std::int64_t s = 0; s <= T; ++s) {
-      const double w = std::exp(g.logw(T, s) - g.m[T]);
+      const double w = detail::weight(g.logw(T, s), g.m[T]);
       const double* k = in.k_row(r) + s * DK;
       const double* v = in.v_row(r) + s * DV;
       for (std::int64_t d = 0; d < DK; ++d) {
@@ -172,7 +186,7 @@ BackwardResult parallel_backward(const BackwardArgs& args, const MlstmOptions& o
       const double* q = in.q_row(r) + t * DK;
       for (std::int64_t d = 0; d < DK; ++d) qs[d] = q[d] * scale;
       // Recompute num/den.
-      const double w0 = std::exp(g.logw0(t) - g.m[t]);
+      const double w0 = detail::weight(g.logw0(t), g.m[t]);
       double den = w0 * dot(qs.data(), n0, DK);
       for (std::int64_t e = 0; e < DV; ++e) {
         double acc = 0.0;
@@ -180,7 +194,7 @@ BackwardResult parallel_backward(const BackwardArgs& args, const MlstmOptions& o
         num[e] = w0 * acc;
       }
       for (std::int64_t s = 0; s <= t; ++s) {
-        const double w = std::exp(g.logw(t, s) - g.m[t]) * dot(qs.data(), in.k_row(r) + s * DK, DK);
+        const double w = detail::weight(g.logw(t, s), g.m[t]) * dot(qs.data(), in.k_row(r) + s * DK, DK);
         den += w;
         const double* v = in.v_row(r) + s * DV;
         for (std::int64_t e = 0; e < DV; ++e) num[e] += w * v[e];
@@ -196,14 +210,14 @@ BackwardResult parallel_backward(const BackwardArgs& args, const MlstmOptions& o
       double dden = 0.0;
       if (norm.active) {
         if (norm.den_wins) dden = dN * (den >= 0 ? 1.0 : -1.0);
-        else if (full) dm[t] += dN * (-std::exp(-g.m[t]));
+        else if (full && std::isfinite(g.m[t])) dm[t] += dN * (-std::exp(-g.m[t]));
       }
       // Terms of the key columns.
       double* dqs = dq.data() + (r * S + t) * DK;  // accumulate d qs, scaled at the end
       for (std::int64_t s = 0; s <= t; ++s) {
         const double* k = in.k_row(r) + s * DK;
         const double* v = in.v_row(r) + s * DV;
-        const double w = std::exp(g.logw(t, s) - g.m[t]);
+        const double w = detail::weight(g.logw(t, s), g.m[t]);
         const double qk = dot(qs.data(), k, DK);
         const double dnv = dot(dnum.data(), v, DV) + dden;  // dnum_aug . v_aug
         const double P = w * qk * dnv;                       // d L / d logw(t,s)
@@ -238,7 +252,7 @@ BackwardResult parallel_backward(const BackwardArgs& args, const MlstmOptions& o
       const double* dC = dcl.empty() ? nullptr : dcl.data() + r * DK * DV;
       const double* dn = dnl.empty() ? nullptr : dnl.data() + r * DK;
       for (std::int64_t s = 0; s <= T; ++s) {
-        const double w = std::exp(g.logw(T, s) - g.m[T]);
+        const double w = detail::weight(g.logw(T, s), g.m[T]);
         const double* k = in.k_row(r) + s * DK;
         const double* v = in.v_row(r) + s * DV;
         double E = 0.0;
@@ -261,7 +275,7 @@ BackwardResult parallel_backward(const BackwardArgs& args, const MlstmOptions& o
         add_logw(T, s, E);
         if (full) dm[T] -= E;
       }
-      const double w0 = std::exp(g.logw0(T) - g.m[T]);
+      const double w0 = detail::weight(g.logw0(T), g.m[T]);
       double E0 = 0.0;
       for (std::int64_t d = 0; d < DK; ++d) {
         if (dn) {

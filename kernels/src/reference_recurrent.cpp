@@ -32,11 +32,13 @@ StepRecord step_row(const double* q, const double* k, const double* v, double i,
   rec.lf = logsigmoid(f);
   rec.m_prev = m;
   if (o.gate == GateVariant::exp) {
-    const double cand = rec.lf + m;
+    // lf = -inf forgets the state whatever m is (the limit f -> -inf); with i = -inf too, m_t = -inf and the
+    // state is empty (C = n = 0): a = b = 0, never exp(-inf - -inf).
+    const double cand = rec.lf == detail::kNegInf ? detail::kNegInf : rec.lf + m;
     rec.lf_branch = cand >= i;
     rec.m = rec.lf_branch ? cand : i;
-    rec.a = std::exp(cand - rec.m);
-    rec.b = std::exp(i - rec.m);
+    rec.a = detail::weight(cand, rec.m);
+    rec.b = detail::weight(i, rec.m);
   } else {
     rec.m = 0.0;
     rec.a = std::exp(rec.lf);
@@ -138,7 +140,7 @@ void backward_step(std::int64_t t, const RowBackward& row, const double* Cp, con
   if (rec.norm_active) {
     if (rec.den_wins) {
       dden = dN * (rec.den >= 0 ? 1.0 : -1.0);
-    } else if (full) {
+    } else if (full && std::isfinite(rec.m)) {  // m_t = -inf: N = inf, dN = 0, no gradient
       adj.dm += dN * (-std::exp(-rec.m));  // the floor exp(-m_t) won the max (exp gate)
     }
   }

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <limits>
 #include <mutex>
 
 namespace mlstm::stages {
@@ -113,16 +114,28 @@ void StateBuffer::set_zero() {
 // ---- forward -------------------------------------------------------------------------------------
 
 void fw_gates(const float* i, const float* f, GateVariant gate, const SegmentShape& s, float* b, float* ig, float* G) {
+  // A forget gate of -inf cuts (stages.hpp "Gates at +-inf"): it counts as lf = -kForgetCut, summed apart from
+  // the finite lf (one rounding of b), and only when something lies before it that is not forgotten yet (the
+  // entering state, or a token with ig > -inf since the last cut): a run of -inf gates costs one cut.
+  constexpr float ninf = -std::numeric_limits<float>::infinity();
   for (std::int64_t c = 0; c < s.num_chunks(); ++c) {
-    float acc = 0.f;
+    float acc = 0.f, cuts = 0.f;
+    bool live = true;  // the state entering the chunk
     const std::int64_t t0 = s.chunk_begin(c), len = s.chunk_len(c);
     for (std::int64_t j = 0; j < len; ++j) {
       const std::int64_t t = t0 + j;
-      acc += logsigmoidf(f[t]);
-      b[t] = acc;
+      const float lf = logsigmoidf(f[t]);
+      if (lf == ninf) {
+        if (live) cuts += kForgetCut;
+        live = false;
+      } else {
+        acc += lf;
+      }
+      b[t] = acc - cuts;
       ig[t] = is_exp(gate) ? i[t] : logsigmoidf(i[t]);
+      live = live || ig[t] != ninf;
     }
-    G[c] = acc;
+    G[c] = acc - cuts;
   }
 }
 
@@ -148,7 +161,7 @@ void fw_states(const float* k, const float* v, const float* b, const float* ig, 
     const float carry = safe_exp(G[c] + m - m_new);
     // kw_t = exp(a_t - m') k_t ; C = carry C + kw^T V ; n = carry n + sum_t kw_t
     for (std::int64_t j = 0; j < len; ++j) {
-      const float w = std::exp(G[c] - b[t0 + j] + ig[t0 + j] - m_new);
+      const float w = safe_exp(G[c] - b[t0 + j] + ig[t0 + j] - m_new);  // i = -inf into an empty state: 0
       const float* kt = k + (t0 + j) * DK;
       float* out_row = kw.data() + j * DK;
       for (std::int64_t d = 0; d < DK; ++d) out_row[d] = w * kt[d];

@@ -22,6 +22,19 @@ enum class GateRegime {
   mixed,    // i ~ N(0,3), f ~ N(0,3)
 };
 
+// Gate pre-activations of +-inf written over the drawn gates (stages.hpp "Gates at +-inf"). Positions are per
+// row r (shifted by r): chunk boundaries of L = 16/32/64 and tokens inside chunks.
+enum class InfGates {
+  none,
+  forget_neg,   // f = -inf at t in {0, 15, 16, 37, 63, 64, 100, S-1} + r (the state is forgotten there)
+  forget_pos,   // f = +inf (lf = 0) at every third token
+  input_neg,    // i = -inf at t % 4 == 1 and at t = 0
+  all_neg,      // f = i = -inf on the block [S/4, S/2): the state empties, h = 0 there, then starts again
+  all_neg_end,  // f = i = -inf on [S/2, S): the state leaves empty (forward checks only: see last_state_matches)
+  mixed,        // f = -inf at t % 7 == 3, f = +inf at t % 5 == 0, i = -inf at t % 6 == 2
+};
+const char* inf_gates_name(InfGates g);
+
 struct InputSpec {
   std::int64_t B = 1, NH = 1, S = 64, DHQK = 16, DHHV = 16;
   DType dtype = DType::f32;       // q, k, v
@@ -29,6 +42,7 @@ struct InputSpec {
   bool initial_state = false;     // random c0, n0 (and m0 for the exp gate)
   GateVariant gate = GateVariant::exp;
   GateRegime regime = GateRegime::typical;
+  InfGates inf = InfGates::none;
   std::string describe() const;   // "B=3 NH=5 S=1000 DHQK=48 DHHV=96 bfloat16 exp init"
 };
 
@@ -91,6 +105,12 @@ std::int64_t quiet_normaliser_kinks(Inputs& in, const MlstmOptions& o, const Inp
 // dc0 / dn0 and the initial state c0 / n0 of the inputs.
 ::testing::AssertionResult dm0_matches(const Tensor& got, const Tensor& ref, const Tensor& ref_dc0, const Tensor& ref_dn0,
                                        const Inputs& in, double tol, const std::string& kernel, const InputSpec& spec);
+// Last states (c, n, m) against the reference's, with an EMPTY state in one canonical form: a row whose m is
+// <= -kForgetCut/2 (exp(m) = 0 in float32: the chunkwise kernels carry a forgotten state as m - 256 per cut,
+// the recurrence as m = -inf, stages.hpp "Gates at +-inf") compares as C = n = 0, m = 0. Elsewhere as matches().
+::testing::AssertionResult last_state_matches(const Tensor& c, const Tensor& n, const Tensor& m, const Tensor& ref_c,
+                                              const Tensor& ref_n, const Tensor& ref_m, double tol, double m_tol,
+                                              const std::string& kernel, const InputSpec& spec);
 // Only checks that every element is finite (records the line too).
 ::testing::AssertionResult all_finite(const Tensor& got, const std::string& kernel, const std::string& what,
                                       const InputSpec& spec);

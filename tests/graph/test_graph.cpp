@@ -4,9 +4,11 @@
 #include <algorithm>
 #include <cmath>
 #include <map>
+#include <tuple>
 
 #include "mlstm/devices/opencl/device.hpp"
 #include "mlstm/mlstm.hpp"
+#include "mlstm/reference.hpp"
 #include "test_util.hpp"
 
 namespace mlstm {
@@ -225,6 +227,50 @@ TEST_P(GraphForward, SequenceParallelBackwardEqualsOneCall) {
     const int segments = static_cast<int>((c.s.S + c.segment - 1) / c.segment);
     EXPECT_EQ(backward_segments, segments) << c.s.describe();
     EXPECT_EQ(local_gradients, segments - 1) << c.s.describe();
+  }
+}
+
+// Forget gates of -inf at a segment boundary, inside a segment, and a block of f = i = -inf across another
+// boundary (stages.hpp "Gates at +-inf"): the sequence-parallel forward and backward against the float64
+// recurrence, on CPU workers and the OpenCL devices ("gpu:all" selects no PoCL device: they are CPU devices,
+// so the mixes use their indices). Tolerances as for gates at -inf in the kernel tests (cumsums cut by 256).
+TEST_P(GraphForward, InfiniteForgetGatesAtSegmentBoundaries) {
+  const Mix mix = GetParam();
+  if (opencl::list_devices().size() < mix.opencl_devices_needed) GTEST_SKIP() << "not enough OpenCL devices";
+  graph::FlowGraphRunner runner(mix.spec);
+  for (auto gate : {GateVariant::exp, GateVariant::sigmoid}) {
+    InputSpec s = testing::spec(2, 2, 230, 16, 24, DType::f32, gate, gate == GateVariant::exp, GateRegime::mixed);
+    auto in = testing::make_inputs(s, testing::fresh_seed());
+    const double inf = INFINITY;
+    auto iv = in.i.to_vector(), fv = in.f.to_vector();
+    for (std::int64_t r = 0; r < 4; ++r) {
+      fv[static_cast<std::size_t>(r * s.S + 64)] = -inf;       // the first token of segment 1 (segments of 64)
+      fv[static_cast<std::size_t>(r * s.S + 133 + r)] = -inf;  // inside segment 2
+      for (std::int64_t t = 180; t < 200; ++t) {               // across the boundary at 192
+        iv[static_cast<std::size_t>(r * s.S + t)] = fv[static_cast<std::size_t>(r * s.S + t)] = -inf;
+      }
+    }
+    in.i = Tensor::from(iv, in.i.shape(), in.i.dtype());
+    in.f = Tensor::from(fv, in.f.shape(), in.f.dtype());
+    s.inf = testing::InfGates::mixed;  // for the kink rounding of test_util (cumsums cut by 256)
+    MlstmOptions o;
+    o.gate = gate;
+    o.chunk_size = 32;
+    const auto ref = reference::recurrent_forward(in.args(), o);
+    const auto got = runner.forward(in.args(), o, /*segment_tokens=*/64);
+    SCOPED_TRACE(graph_log(runner));
+    EXPECT_TRUE(testing::matches_well_conditioned(got.h, ref.h, in, o, 1e-3, "graph " + mix.spec, "h", s));
+    EXPECT_TRUE(testing::last_state_matches(got.c, got.n, got.m, ref.c, ref.n, ref.m, 1e-3, 1e-3, "graph " + mix.spec, s));
+    ASSERT_GE(testing::quiet_normaliser_kinks(in, o, s), 0) << "most tokens near the normaliser's kink";
+    const auto g = runner.backward(in.backward_args(true), o, 64);
+    const auto rg = reference::recurrent_backward(in.backward_args(true), o, reference::StabilizerGradient::stop);
+    for (auto [a, b, what] : {std::tuple{&g.dq, &rg.dq, "dq"}, {&g.dk, &rg.dk, "dk"}, {&g.dv, &rg.dv, "dv"},
+                              {&g.di, &rg.di, "di"}, {&g.df, &rg.df, "df"}}) {
+      EXPECT_TRUE(testing::matches(*a, *b, 1e-2, "graph backward " + mix.spec, what, s));
+    }
+    if (s.initial_state) {
+      EXPECT_TRUE(testing::matches(g.dc0, rg.dc0, 1e-2, "graph backward " + mix.spec, "dc0", s));
+    }
   }
 }
 

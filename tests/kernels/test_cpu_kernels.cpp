@@ -1,7 +1,9 @@
 // Every CPU kernel against the float64 reference: shapes, dtypes, gates, states, state carry, backward.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <sstream>
+#include <vector>
 
 #include "mlstm/cpu_kernels.hpp"
 #include "mlstm/core/error.hpp"
@@ -41,6 +43,8 @@ std::string name_of(const ::testing::TestParamInfo<KernelCase>& info) {
     << dtype_name(c.spec.dtype) << "_" << gate_name(c.spec.gate) << (c.spec.initial_state ? "_init" : "")
     << (c.normalize ? "" : "_nonorm")
     << (c.spec.regime == GateRegime::extreme ? "_extreme" : c.spec.regime == GateRegime::mixed ? "_mixed" : "");
+  if (c.spec.gate_dtype != DType::f32) n << "_gates_" << dtype_name(c.spec.gate_dtype);
+  if (c.spec.inf != testing::InfGates::none) n << "_inf_" << testing::inf_gates_name(c.spec.inf);
   std::string s = n.str();
   for (auto& ch : s) {
     if (!std::isalnum(static_cast<unsigned char>(ch)) && ch != '_') ch = '_';
@@ -52,13 +56,16 @@ std::string name_of(const ::testing::TestParamInfo<KernelCase>& info) {
 // (|i|,|f| up to 20) the float32 gate cumsums inside a chunk reach ~1e3, whose rounding (~1e-4) moves the
 // decay weights by that relative amount: there the requirement is finite results and a looser match.
 bool wide(DType d) { return d == DType::f32 || d == DType::f64; }
+// Gates at -inf: every cut lowers the float32 gate cumsums of its chunk by 256 (stages::kForgetCut); the parallel
+// form (one chunk) under ~15 cuts reaches ~4e3, rounding like extreme gates: their tolerances apply.
+bool wide_cumsums(const InputSpec& s) { return s.regime == GateRegime::extreme || s.inf != testing::InfGates::none; }
 double h_tol(const InputSpec& s) {
-  if (s.regime == GateRegime::extreme) return wide(s.dtype) ? 1e-3 : 5e-2;
+  if (wide_cumsums(s)) return wide(s.dtype) ? 1e-3 : 5e-2;
   return wide(s.dtype) ? 1e-4 : 2e-2;
 }
 double grad_tol(const InputSpec& s) {
   // 16-bit inputs with extreme gates: df (a reverse cumsum of cancelling terms) measured at 7e-2 in 1 draw of 50.
-  if (s.regime == GateRegime::extreme) return wide(s.dtype) ? 1e-2 : 1e-1;
+  if (wide_cumsums(s)) return wide(s.dtype) ? 1e-2 : 1e-1;
   return wide(s.dtype) ? 1e-3 : 3e-2;
 }
 
@@ -188,6 +195,111 @@ INSTANTIATE_TEST_SUITE_P(
         KernelCase{kSeq, spec(3, 5, 120, 48, 96, DType::f32, GateVariant::exp, true), 64},
         KernelCase{kSeq, spec(1, 2, 100, 16, 16, DType::f16, GateVariant::sigmoid, false, GateRegime::extreme), 64}),
     name_of);
+
+// Gate pre-activations of +-inf (stages.hpp "Gates at +-inf"): every CPU form against the float64 recurrence,
+// forward (h, last state) and backward, with the tolerances above. NaN or inf never passes (matches()).
+class CpuKernelInf : public ::testing::TestWithParam<KernelCase> {};
+
+// The parallel form is one chunk of S tokens: its cumsums collect every cut of the row (mixed: ~15, to ~4e3,
+// rounding ~2.4e-4 absolute); measured h 1.05e-3 relative in 1 of 30 draws: three times the chunkwise tolerances.
+double inf_factor(const KernelCase& c) { return c.kernel.rfind("parallel--", 0) == 0 ? 3.0 : 1.0; }
+
+TEST_P(CpuKernelInf, ForwardMatchesReference) {
+  const auto c = GetParam();
+  const auto in = make_inputs(c.spec, testing::fresh_seed());
+  const auto o = options_for(c);
+  const auto got = registry().make_sequence(c.kernel)->forward(in.args(), o);
+  const auto ref = reference::recurrent_forward(in.args(), o);
+  EXPECT_TRUE(testing::matches_well_conditioned(got.h, ref.h, in, o, inf_factor(c) * h_tol(c.spec), c.kernel, "h",
+                                                c.spec));
+  // m after a cut carries the cumsum rounding (~3e-5 absolute per cut in the chunk; m ~ 1).
+  EXPECT_TRUE(testing::last_state_matches(got.c, got.n, got.m, ref.c, ref.n, ref.m, h_tol(c.spec), 1e-3, c.kernel,
+                                          c.spec));
+}
+
+TEST_P(CpuKernelInf, BackwardMatchesReference) {
+  const auto c = GetParam();
+  const auto kernel = registry().make_sequence(c.kernel);
+  if (!kernel->info().has_backward) GTEST_SKIP() << c.kernel << " has no backward";
+  auto in = make_inputs(c.spec, testing::fresh_seed());
+  const auto o = options_for(c);
+  ASSERT_GE(testing::quiet_normaliser_kinks(in, o, c.spec), 0) << "most tokens near the normaliser's kink";
+  // A state that leaves empty is C = n = 0 in the recurrence but a decayed (C, n) under m - 256 in the chunkwise
+  // kernels: a gradient of the last state means different things then, so all_neg_end runs without one.
+  const bool last_grads = c.spec.inf != testing::InfGates::all_neg_end;
+  const auto got = kernel->backward(in.backward_args(last_grads), o);
+  const auto ref = reference::recurrent_backward(in.backward_args(last_grads), o, reference::StabilizerGradient::stop);
+  const double tol = inf_factor(c) * grad_tol(c.spec);
+  EXPECT_TRUE(matches(got.dq, ref.dq, tol, c.kernel, "dq", c.spec));
+  EXPECT_TRUE(matches(got.dk, ref.dk, tol, c.kernel, "dk", c.spec));
+  EXPECT_TRUE(matches(got.dv, ref.dv, tol, c.kernel, "dv", c.spec));
+  EXPECT_TRUE(matches(got.di, ref.di, tol, c.kernel, "di", c.spec));
+  EXPECT_TRUE(matches(got.df, ref.df, tol, c.kernel, "df", c.spec));
+  if (c.spec.initial_state) {
+    EXPECT_TRUE(matches(got.dc0, ref.dc0, tol, c.kernel, "dc0", c.spec));
+    EXPECT_TRUE(matches(got.dn0, ref.dn0, tol, c.kernel, "dn0", c.spec));
+    EXPECT_TRUE(testing::dm0_matches(got.dm0, ref.dm0, ref.dc0, ref.dn0, in, tol, c.kernel, c.spec));
+  }
+}
+
+std::vector<KernelCase> inf_cases() {
+  using testing::InfGates;
+  const InfGates all[] = {InfGates::forget_neg, InfGates::forget_pos, InfGates::input_neg, InfGates::all_neg,
+                          InfGates::all_neg_end, InfGates::mixed};
+  std::vector<KernelCase> cases;
+  auto add = [&](const std::string& kernel, InputSpec s, std::int64_t L, InfGates g, bool normalize = true) {
+    s.inf = g;
+    cases.push_back(KernelCase{kernel, s, L, normalize});
+  };
+  for (InfGates g : all) {
+    add(kXl, spec(2, 1, 150, 16, 24, DType::f32, GateVariant::exp, true), 16, g);
+    add(kLimit, spec(1, 2, 140, 16, 16, DType::f32, GateVariant::exp, false, GateRegime::mixed), 32, g);
+    add(kPar, spec(2, 1, 110, 16, 16, DType::f32, GateVariant::exp, true), 64, g);
+    add(kSeq, spec(1, 2, 120, 16, 16, DType::f32, GateVariant::exp, true), 64, g);
+    add(kXlSig, spec(1, 2, 130, 16, 16, DType::f32, GateVariant::sigmoid, true), 16, g);
+  }
+  add(kXl, spec(2, 1, 200, 32, 32, DType::bf16, GateVariant::exp, false), 64, InfGates::forget_neg);
+  add(kXl, spec(1, 2, 200, 32, 32, DType::bf16, GateVariant::exp, true), 64, InfGates::mixed);
+  add(kXl, spec(2, 1, 160, 16, 32, DType::f16, GateVariant::exp, false), 32, InfGates::all_neg);
+  add(kXl, spec(1, 1, 300, 16, 16, DType::f32, GateVariant::exp, true, GateRegime::extreme), 64, InfGates::forget_neg);
+  add(kXl, spec(1, 1, 300, 16, 16, DType::f32, GateVariant::exp, true, GateRegime::extreme), 64, InfGates::mixed);
+  add(kXlSig, spec(1, 2, 130, 16, 16, DType::f32, GateVariant::sigmoid, false), 64, InfGates::mixed, false);
+  add(kLimit, spec(1, 2, 130, 16, 16, DType::bf16, GateVariant::exp, true), 64, InfGates::all_neg);
+  add(kPar, spec(1, 2, 100, 16, 24, DType::bf16, GateVariant::sigmoid, false), 64, InfGates::mixed);
+  add(kSeq, spec(1, 2, 100, 16, 16, DType::f16, GateVariant::sigmoid, false), 64, InfGates::mixed);
+  InputSpec half_gates = spec(1, 2, 150, 16, 16, DType::f32, GateVariant::exp, true);
+  half_gates.gate_dtype = DType::bf16;
+  add(kXl, half_gates, 32, InfGates::mixed);
+  half_gates.gate_dtype = DType::f16;
+  add(kLimit, half_gates, 16, InfGates::forget_neg);
+  return cases;
+}
+
+INSTANTIATE_TEST_SUITE_P(InfGates, CpuKernelInf, ::testing::ValuesIn(inf_cases()), name_of);
+
+// The step kernels at +-inf gates: one step from a state against the float64 step.
+TEST(CpuStep, StepKernelsAtInfiniteGates) {
+  InputSpec s = spec(2, 3, 1, 16, 24, DType::f32, GateVariant::exp, true);
+  const auto in = make_inputs(s, testing::fresh_seed());
+  const Tensor q = in.q.reshaped({2, 3, 16}), k = in.k.reshaped({2, 3, 16}), v = in.v.reshaped({2, 3, 24});
+  const double inf = INFINITY;
+  // (i, f) per row: the forget gate forgets; the input gate adds nothing; both at once empty the state.
+  const std::vector<double> iv = {0.5, -inf, -inf, 1.0, -inf, 2.0}, fv = {-inf, 1.0, -inf, inf, inf, -inf};
+  const Tensor i = Tensor::from(iv, {2, 3}, DType::f32), f = Tensor::from(fv, {2, 3}, DType::f32);
+  for (auto gate : {GateVariant::exp, GateVariant::sigmoid}) {
+    StepArgs a;
+    a.q = q.view(); a.k = k.view(); a.v = v.view(); a.i = i.view(); a.f = f.view();
+    a.c = in.c0.view(); a.n = in.n0.view(); a.m = in.m0.view();
+    const Tensor zero_m = Tensor::zeros({2, 3}, DType::f32);
+    if (gate == GateVariant::sigmoid) a.m = zero_m.view();  // no stabiliser state
+    MlstmOptions o;
+    o.gate = gate;
+    const auto ref = reference::step(a, o);
+    const auto got = registry().make_step("cpu")->step(a, o);
+    EXPECT_TRUE(matches(got.h, ref.h, 1e-5, "cpu (step)", "h", s));
+    EXPECT_TRUE(testing::last_state_matches(got.c, got.n, got.m, ref.c, ref.n, ref.m, 1e-5, 1e-6, "cpu (step)", s));
+  }
+}
 
 // The stage-level building blocks used by the flow graph: from-EMPTY states + fixup == direct states.
 TEST(CpuStages, FixupOfLocalStatesEqualsDirectStates) {

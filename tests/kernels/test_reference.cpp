@@ -782,6 +782,130 @@ TEST(ReferenceInputs, EmptyInitialStateWithMinusInfinityM) {
   }
 }
 
+// Gates at +-inf (stages.hpp "Gates at +-inf"). The limits are checked two ways: against the recurrence at huge
+// finite gates (+-1e30: exp(-1e30) = 0 and logsigmoid(1e30) = 0 exactly in float64, so the recurrence takes
+// the same values without ever forming inf - inf; a state emptied at -1e30 is carried as (C, n) under
+// m = -1e30 instead of (0, 0, -inf), which last_state_matches() treats as the same empty state), and by hand:
+// a forget gate of -inf at token r makes h from r on equal a fresh run of the tokens [r, S); a block of
+// f = i = -inf gives h = 0 exactly. The parallel form and the steps must equal the recurrence there too.
+std::vector<testing::InfGates> all_inf_patterns() {
+  using testing::InfGates;
+  return {InfGates::forget_neg, InfGates::forget_pos, InfGates::input_neg, InfGates::all_neg, InfGates::all_neg_end,
+          InfGates::mixed};
+}
+
+Tensor inf_to_huge(const Tensor& t) {
+  auto v = t.to_vector();
+  for (auto& x : v) {
+    if (std::isinf(x)) x = x > 0 ? 1e30 : -1e30;
+  }
+  return Tensor::from(v, t.shape(), t.dtype());
+}
+
+TEST(ReferenceInfGates, FormsAgreeAndEqualHugeFiniteGates) {
+  for (const auto pattern : all_inf_patterns()) {
+    for (auto gate : {GateVariant::exp, GateVariant::sigmoid}) {
+      for (bool init : {false, true}) {
+        InputSpec s = spec(2, 1, 70, 6, 5, gate, init, GateRegime::mixed);
+        s.inf = pattern;
+        const auto in = f64_inputs(s, testing::fresh_seed());
+        const auto o = options(gate);
+        const auto rec = reference::recurrent_forward(in.args(), o);
+        const auto par = reference::parallel_forward(in.args(), o);
+        const auto steps = run_steps(in, o);
+        EXPECT_TRUE(matches(par.h, rec.h, 1e-10, "parallel--reference_f64", "h", s));
+        EXPECT_TRUE(testing::last_state_matches(par.c, par.n, par.m, rec.c, rec.n, rec.m, 1e-10, 1e-12,
+                                                "parallel--reference_f64", s));
+        EXPECT_TRUE(matches(steps.h, rec.h, 1e-13, "step reference_f64", "h", s));
+        EXPECT_TRUE(testing::last_state_matches(steps.c, steps.n, steps.m, rec.c, rec.n, rec.m, 1e-13, 1e-13,
+                                                "step reference_f64", s));
+        Inputs huge = in;
+        huge.i = inf_to_huge(in.i);
+        huge.f = inf_to_huge(in.f);
+        const auto lim = reference::recurrent_forward(huge.args(), o);
+        EXPECT_TRUE(matches(rec.h, lim.h, 1e-13, "recurrent at +-inf vs +-1e30", "h", s));
+        EXPECT_TRUE(testing::last_state_matches(rec.c, rec.n, rec.m, lim.c, lim.n, lim.m, 1e-13, 1e-13,
+                                                "recurrent at +-inf vs +-1e30", s));
+        // A state emptied at -1e30 is carried as (C, n) under m = -1e30: a last-state gradient would flow into it
+        // (a = exp(0) there), so all_neg_end compares without one.
+        const bool last = pattern != testing::InfGates::all_neg_end;
+        for (auto mode : {StabilizerGradient::full, StabilizerGradient::stop}) {
+          const std::string k = mode == StabilizerGradient::full ? "bw full" : "bw stop";
+          const auto gr = reference::recurrent_backward(in.backward_args(last), o, mode);
+          const auto gp = reference::parallel_backward(in.backward_args(last), o, mode);
+          const auto gl = reference::recurrent_backward(huge.backward_args(last), o, mode);
+          for (auto [a, b, what] : {std::tuple{&gp.dq, &gr.dq, "dq"}, {&gp.dk, &gr.dk, "dk"}, {&gp.dv, &gr.dv, "dv"},
+                                    {&gp.di, &gr.di, "di"}, {&gp.df, &gr.df, "df"}}) {
+            EXPECT_TRUE(matches(*a, *b, 1e-9, "parallel " + k, what, s));
+          }
+          for (auto [a, b, what] : {std::tuple{&gr.dq, &gl.dq, "dq"}, {&gr.dk, &gl.dk, "dk"}, {&gr.dv, &gl.dv, "dv"},
+                                    {&gr.di, &gl.di, "di"}, {&gr.df, &gl.df, "df"}}) {
+            EXPECT_TRUE(matches(*a, *b, 1e-12, "recurrent " + k + " at +-inf vs +-1e30", what, s));
+          }
+          if (init) {
+            EXPECT_TRUE(matches(gp.dc0, gr.dc0, 1e-9, "parallel " + k, "dc0", s));
+            EXPECT_TRUE(matches(gp.dm0, gr.dm0, 1e-9, "parallel " + k, "dm0", s));
+            EXPECT_TRUE(matches(gr.dc0, gl.dc0, 1e-12, "recurrent " + k + " at +-inf vs +-1e30", "dc0", s));
+            EXPECT_TRUE(matches(gr.dm0, gl.dm0, 1e-12, "recurrent " + k + " at +-inf vs +-1e30", "dm0", s));
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(ReferenceInfGates, ForgetGateOfMinusInfinityForgetsAndAnEmptyBlockGivesZero) {
+  const double inf = std::numeric_limits<double>::infinity();
+  for (auto gate : {GateVariant::exp, GateVariant::sigmoid}) {
+    const InputSpec s = spec(1, 1, 40, 6, 5, gate, true, GateRegime::mixed);
+    auto in = f64_inputs(s, testing::fresh_seed());
+    const auto o = options(gate);
+    // f = -inf at token 13: h from 13 on is a fresh run of [13, 40) (zero initial state).
+    auto f = in.f.to_vector();
+    f[13] = -inf;
+    in.f = Tensor::from(f, in.f.shape(), DType::f64);
+    const auto whole = reference::recurrent_forward(in.args(), o);
+    Inputs tail = in;
+    auto cut = [](const Tensor& t, std::int64_t s0, std::int64_t s1) {
+      return testing::slice_seq(t.reshaped({1, 1, t.dim(2), t.dims() == 4 ? t.dim(3) : 1}), s0, s1);
+    };
+    tail.q = cut(in.q, 13, 40);
+    tail.k = cut(in.k, 13, 40);
+    tail.v = cut(in.v, 13, 40);
+    tail.i = cut(in.i, 13, 40).reshaped({1, 1, 27});
+    tail.f = cut(in.f, 13, 40).reshaped({1, 1, 27});
+    tail.c0 = Tensor();
+    tail.n0 = Tensor();
+    tail.m0 = Tensor();
+    const auto fresh = reference::recurrent_forward(tail.args(), o);
+    EXPECT_TRUE(matches(cut(whole.h, 13, 40), fresh.h, 1e-14, "recurrent", "h after f = -inf vs a fresh run", s));
+    EXPECT_TRUE(matches(whole.c, fresh.c, 1e-14, "recurrent", "c_last after f = -inf vs a fresh run", s));
+    // f = i = -inf on [20, 30): the state is empty there (exp gate: m = -inf) and h = 0 exactly.
+    auto iv = in.i.to_vector();
+    for (int t = 20; t < 30; ++t) f[static_cast<std::size_t>(t)] = iv[static_cast<std::size_t>(t)] = -inf;
+    in.f = Tensor::from(f, in.f.shape(), DType::f64);
+    in.i = Tensor::from(iv, in.i.shape(), DType::f64);
+    const auto blk = reference::recurrent_forward(in.args(), o);
+    const auto h = blk.h.to_vector();
+    for (std::int64_t t = 20; t < 30; ++t) {
+      for (std::int64_t e = 0; e < 5; ++e) EXPECT_EQ(h[static_cast<std::size_t>(t * 5 + e)], 0.0) << "token " << t;
+    }
+    for (double x : h) EXPECT_TRUE(std::isfinite(x));
+    for (auto mode : {StabilizerGradient::full, StabilizerGradient::stop}) {
+      const auto g = reference::recurrent_backward(in.backward_args(true), o, mode);
+      for (const Tensor* t : {&g.dq, &g.dk, &g.dv, &g.di, &g.df, &g.dc0, &g.dn0, &g.dm0}) {
+        for (double x : t->to_vector()) EXPECT_TRUE(std::isfinite(x));
+      }
+      // The tokens of the block add nothing and see nothing: zero gradients for their q, k, v, i.
+      const auto dk = g.dk.to_vector(), di = g.di.to_vector();
+      for (std::int64_t t = 20; t < 30; ++t) {
+        EXPECT_EQ(di[static_cast<std::size_t>(t)], 0.0) << "token " << t;
+        for (std::int64_t d = 0; d < 6; ++d) EXPECT_EQ(dk[static_cast<std::size_t>(t * 6 + d)], 0.0) << "token " << t;
+      }
+    }
+  }
+}
+
 // State carry: running [0, S1) and then [S1, S) from the carried state equals one run, forward and (stop)
 // backward, with the second part's dc0/dn0 as the first part's dc_last/dn_last.
 TEST(ReferenceInputs, StateCarryTwoCallsEqualOne) {

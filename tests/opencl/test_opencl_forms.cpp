@@ -9,8 +9,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <random>
+#include <sstream>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "mlstm/devices/opencl/device.hpp"
 #include "mlstm/devices/registry.hpp"
@@ -73,6 +75,108 @@ INSTANTIATE_TEST_SUITE_P(
                       FormCase{"parallel--opencl", spec(2, 1, 60, 16, 16, DType::f32, GateVariant::exp, true, GateRegime::extreme)},
                       FormCase{"sequence--opencl", spec(3, 5, 40, 48, 96, DType::f32, GateVariant::exp, true)},
                       FormCase{"sequence--opencl", spec(1, 2, 50, 16, 32, DType::f16, GateVariant::sigmoid, true)}));
+
+// Gate pre-activations of +-inf (stages.hpp "Gates at +-inf"): every portable OpenCL form (chunkwise at chunk
+// boundaries and inside chunks, parallel, sequence) against the float64 recurrence, forward and backward. A
+// forget gate of -inf lowers the float32 gate cumsums of its chunk by 256: extreme-gate tolerances (the CPU
+// kernel tests measure the same forms' rounding; the parallel form, one chunk for all cuts, 3x those).
+struct InfCase {
+  std::string kernel;
+  InputSpec spec;
+  std::int64_t chunk = 64;
+};
+void PrintTo(const InfCase& c, std::ostream* os) { *os << c.kernel << " L=" << c.chunk << " " << c.spec.describe(); }
+std::string inf_name(const ::testing::TestParamInfo<InfCase>& info) {
+  const auto& c = info.param;
+  std::ostringstream os;
+  os << c.kernel.substr(c.kernel.find("--") + 2) << "_L" << c.chunk << "_" << dtype_name(c.spec.dtype) << "_"
+     << gate_name(c.spec.gate) << (c.spec.initial_state ? "_init" : "");
+  if (c.spec.gate_dtype != DType::f32) os << "_gates_" << dtype_name(c.spec.gate_dtype);
+  os << "_" << testing::inf_gates_name(c.spec.inf) << "_" << info.index;
+  std::string n = os.str();
+  for (auto& ch : n) {
+    if (!std::isalnum(static_cast<unsigned char>(ch)) && ch != '_') ch = '_';
+  }
+  return n;
+}
+
+class OpenCLInfGates : public ::testing::TestWithParam<InfCase> {};
+
+TEST_P(OpenCLInfGates, ForwardAndBackwardMatchReference) {
+  REQUIRE_OPENCL();
+  const InfCase c = GetParam();
+  const auto kernel = get_kernel(c.kernel, KernelTarget{"0"});
+  auto in = testing::make_inputs(c.spec, testing::fresh_seed());
+  MlstmOptions o;
+  o.gate = c.spec.gate;
+  o.chunk_size = c.chunk;
+  const bool wide = c.spec.dtype == DType::f32;
+  const double factor = c.kernel.rfind("parallel--", 0) == 0 ? 3.0 : 1.0;
+  const double tol = factor * (wide ? 1e-3 : 5e-2), gtol = factor * (wide ? 1e-2 : 1e-1);
+  const auto fw = kernel->forward(in.args(), o);
+  const auto ref = reference::recurrent_forward(in.args(), o);
+  EXPECT_TRUE(testing::matches_well_conditioned(fw.h, ref.h, in, o, tol, c.kernel, "h", c.spec));
+  EXPECT_TRUE(testing::last_state_matches(fw.c, fw.n, fw.m, ref.c, ref.n, ref.m, tol, 1e-3, c.kernel, c.spec));
+  ASSERT_GE(testing::quiet_normaliser_kinks(in, o, c.spec), 0) << "most tokens near the normaliser's kink";
+  // A state leaving empty is (C, n) under m - 256 per cut here, C = n = 0 in the recurrence: no last-state
+  // gradient then (it would mean different things).
+  const auto args = in.backward_args(c.spec.inf != testing::InfGates::all_neg_end);
+  const auto bw = kernel->backward(args, o);
+  const auto rb = reference::recurrent_backward(args, o, reference::StabilizerGradient::stop);
+  EXPECT_TRUE(testing::matches(bw.dq, rb.dq, gtol, c.kernel, "dq", c.spec));
+  EXPECT_TRUE(testing::matches(bw.dk, rb.dk, gtol, c.kernel, "dk", c.spec));
+  EXPECT_TRUE(testing::matches(bw.dv, rb.dv, gtol, c.kernel, "dv", c.spec));
+  EXPECT_TRUE(testing::matches(bw.di, rb.di, gtol, c.kernel, "di", c.spec));
+  EXPECT_TRUE(testing::matches(bw.df, rb.df, gtol, c.kernel, "df", c.spec));
+  if (c.spec.initial_state) {
+    EXPECT_TRUE(testing::matches(bw.dc0, rb.dc0, gtol, c.kernel, "dc0", c.spec));
+    EXPECT_TRUE(testing::matches(bw.dn0, rb.dn0, gtol, c.kernel, "dn0", c.spec));
+  }
+}
+
+std::vector<InfCase> opencl_inf_cases() {
+  using testing::InfGates;
+  std::vector<InfCase> cases;
+  auto add = [&](const std::string& kernel, InputSpec s, std::int64_t L, InfGates g) {
+    s.inf = g;
+    cases.push_back(InfCase{kernel, s, L});
+  };
+  for (InfGates g : {InfGates::forget_neg, InfGates::forget_pos, InfGates::input_neg, InfGates::all_neg,
+                     InfGates::all_neg_end, InfGates::mixed}) {
+    add("chunkwise--opencl_xl_chunk", spec(2, 1, 150, 16, 32, DType::f32, GateVariant::exp, true), 16, g);
+    add("parallel--opencl", spec(1, 2, 100, 16, 16, DType::f32, GateVariant::exp, true), 64, g);
+    add("sequence--opencl", spec(1, 2, 70, 16, 16, DType::f32, GateVariant::exp, false), 64, g);
+    add("chunkwise--opencl_xl_chunk_siging", spec(1, 2, 130, 16, 16, DType::f32, GateVariant::sigmoid, true), 32, g);
+  }
+  add("chunkwise--opencl_xl_chunk", spec(1, 2, 200, 32, 32, DType::bf16, GateVariant::exp, true), 64, InfGates::mixed);
+  add("chunkwise--opencl_xl_chunk", spec(2, 1, 160, 16, 32, DType::f16, GateVariant::exp, false), 32, InfGates::forget_neg);
+  add("parallel--opencl", spec(1, 2, 90, 16, 24, DType::bf16, GateVariant::sigmoid, false), 64, InfGates::mixed);
+  InputSpec half_gates = spec(1, 2, 150, 16, 16, DType::f32, GateVariant::exp, true);
+  half_gates.gate_dtype = DType::bf16;
+  add("chunkwise--opencl_xl_chunk", half_gates, 64, InfGates::all_neg);
+  return cases;
+}
+
+INSTANTIATE_TEST_SUITE_P(InfGates, OpenCLInfGates, ::testing::ValuesIn(opencl_inf_cases()), inf_name);
+
+// The step kernel `opencl` at +-inf gates, one step from a state, against the float64 step.
+TEST(OpenCLStep, InfiniteGates) {
+  REQUIRE_OPENCL();
+  const InputSpec s = spec(2, 3, 1, 16, 24, DType::f32, GateVariant::exp, true);
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  const Tensor q = in.q.reshaped({2, 3, 16}), k = in.k.reshaped({2, 3, 16}), v = in.v.reshaped({2, 3, 24});
+  const double inf = INFINITY;
+  const std::vector<double> iv = {0.5, -inf, -inf, 1.0, -inf, 2.0}, fv = {-inf, 1.0, -inf, inf, inf, -inf};
+  const Tensor i = Tensor::from(iv, {2, 3}, DType::f32), f = Tensor::from(fv, {2, 3}, DType::f32);
+  StepArgs a;
+  a.q = q.view(); a.k = k.view(); a.v = v.view(); a.i = i.view(); a.f = f.view();
+  a.c = in.c0.view(); a.n = in.n0.view(); a.m = in.m0.view();
+  MlstmOptions o;
+  const auto ref = reference::step(a, o);
+  const auto got = get_step_kernel("opencl", KernelTarget{"0"})->step(a, o);
+  EXPECT_TRUE(testing::matches(got.h, ref.h, 1e-5, "opencl (step)", "h", s));
+  EXPECT_TRUE(testing::last_state_matches(got.c, got.n, got.m, ref.c, ref.n, ref.m, 1e-5, 1e-6, "opencl (step)", s));
+}
 
 TEST(OpenCLForms, ParallelRefusesLongSequences) {
   REQUIRE_OPENCL();

@@ -157,6 +157,61 @@ INSTANTIATE_TEST_SUITE_P(
                       TcCase{spec(1, 1, 90, 16, 16, DType::bf16, GateVariant::sigmoid, false), 64, false},
                       TcCase{spec(1, 1, 200, 32, 16, DType::bf16, GateVariant::exp, true, GateRegime::extreme), 128}));
 
+// Gates at +-inf (stages.hpp "Gates at +-inf"; the tensor cores clamp lf at -256 in tc_fw_gates): forward and
+// backward against the float64 recurrence, with close16's bounds. Last states through last_state_matches (an
+// emptied state leaves as (C, n) under m - 256 per cut), at 5x the h bound element-wise as close16 does.
+class TensorCoresInf : public ::testing::TestWithParam<TcCase> {};
+
+TEST_P(TensorCoresInf, ForwardAndBackwardMatchReference) {
+  REQUIRE_OPENCL();
+  const TcCase c = GetParam();
+  const auto dev = first_device();
+  const auto runner = runner_for(dev);
+  MlstmOptions o;
+  o.gate = c.spec.gate;
+  o.chunk_size = c.chunk;
+  o.normalize = c.normalize;
+  auto in = testing::make_inputs(c.spec, testing::fresh_seed());
+  ASSERT_GE(testing::quiet_normaliser_kinks(in, o, c.spec), 0) << "most tokens near the normaliser's kink";
+  const std::string name = "tensor cores";
+  const auto fw = runner.forward(in.args(), o);
+  const auto ref = reference::recurrent_forward(in.args(), o);
+  const double tol = 2e-2, gtol = 5e-2;
+  const auto ill_conditioned = testing::near_normaliser_kink(in, o, c.spec);
+  EXPECT_TRUE(testing::all_finite(fw.h, name, "h", c.spec));
+  EXPECT_TRUE(close16(testing::replace_tokens(fw.h, ref.h, ill_conditioned), ref.h, tol,
+                      "h (tokens away from the normaliser's kink)", c.spec));
+  EXPECT_TRUE(testing::last_state_matches(fw.c, fw.n, fw.m, ref.c, ref.n, ref.m, 5 * tol, 1e-3, name, c.spec));
+  const auto bargs = in.backward_args(c.last_state_grads && c.spec.inf != testing::InfGates::all_neg_end);
+  const auto bw = runner.backward(bargs, o);
+  const auto rb = reference::recurrent_backward(bargs, o, reference::StabilizerGradient::stop);
+  EXPECT_TRUE(close16(bw.dq, rb.dq, gtol, "dq", c.spec));
+  EXPECT_TRUE(close16(bw.dk, rb.dk, gtol, "dk", c.spec));
+  EXPECT_TRUE(close16(bw.dv, rb.dv, gtol, "dv", c.spec));
+  EXPECT_TRUE(close16(bw.di, rb.di, gtol, "di", c.spec));
+  EXPECT_TRUE(close16(bw.df, rb.df, gtol, "df", c.spec));
+  if (c.spec.initial_state) {
+    EXPECT_TRUE(close16(bw.dc0, rb.dc0, gtol, "dc0", c.spec));
+    EXPECT_TRUE(close16(bw.dn0, rb.dn0, gtol, "dn0", c.spec));
+  }
+}
+
+TcCase tc_inf(InputSpec s, testing::InfGates g, std::int64_t chunk, bool last_grads) {
+  s.inf = g;
+  return TcCase{s, chunk, true, last_grads};
+}
+
+// Few, small cases (emulated on PoCL, see above).
+INSTANTIATE_TEST_SUITE_P(
+    InfGates, TensorCoresInf,
+    ::testing::Values(
+        tc_inf(spec(1, 2, 150, 32, 32, DType::bf16, GateVariant::exp, true), testing::InfGates::forget_neg, 64, true),
+        tc_inf(spec(1, 2, 150, 32, 32, DType::bf16, GateVariant::exp, false), testing::InfGates::mixed, 64, true),
+        tc_inf(spec(1, 2, 100, 16, 32, DType::f16, GateVariant::exp, true), testing::InfGates::all_neg, 64, true),
+        tc_inf(spec(1, 2, 100, 16, 32, DType::bf16, GateVariant::exp, true), testing::InfGates::all_neg_end, 64, false),
+        tc_inf(spec(1, 2, 100, 16, 16, DType::bf16, GateVariant::sigmoid, true), testing::InfGates::mixed, 64, true),
+        tc_inf(spec(1, 1, 130, 16, 16, DType::f16, GateVariant::exp, false), testing::InfGates::input_neg, 64, true)));
+
 // The resident problem: repeated passes give identical results, and every launch reports an event.
 TEST(TensorCoreResident, RepeatedPassesAreIdenticalAndTimed) {
   REQUIRE_OPENCL();

@@ -49,6 +49,35 @@
 //   df_r = dlf_r * sigmoid(-f_r)
 //   d(initial state): dC0 = dC_0 of the first segment (and dn0); dm0 = <dC0, C0> + <dn0, n0> (exp gate).
 // m_c / m_{c+1} are the stabilisers of the states entering / leaving chunk c (from the forward).
+//
+// Gates at +-inf. The values at infinite pre-activations are the limits of the recurrence (per step, exp gate:
+// lf = logsigmoid(f); m_t = max(lf + m, i); a = exp(lf + m - m_t); b = exp(i - m_t)), taken so that no
+// inf - inf is ever formed:
+//   f = +inf: lf = 0 (a = exp(m - m_t), nothing forgotten); df = dlf * sigmoid(-f) = 0.
+//   f = -inf: lf = -inf and a = 0 whatever m is: the state before the token is forgotten, m_t = i_t (sigmoid
+//             gate: a = exp(lf) = 0). df = dlf * sigmoid(-f) = dlf * 1 with dlf = da * a = 0 (the limit of
+//             the backward with m held constant: da stays finite, a -> 0); the chunkwise df (a suffix sum of
+//             q.dq - k.dk) equals that 0 up to rounding. dlf of every OTHER token is unaffected.
+//   i = -inf: b = 0, the token adds nothing to C, n (sigmoid gate: b = sigmoid(-inf) = 0); di = db * b = 0.
+//   f = i = -inf (also i = -inf into a forgotten or EMPTY state): m_t = -inf, C = n = 0, the EMPTY state;
+//             a = b = 0 there by definition (a log weight of -inf weighs 0, also against m_t = -inf), the
+//             normaliser is max(|0|, exp(+inf)) = inf and h_t = 0; every gradient reaching such a token is 0.
+//             The next token with finite i starts afresh: m = i, C = b k v^T with b = 1.
+//   i = +inf: NOT in the domain yet (m_t = +inf, b = exp(inf - inf)): results there are unspecified (the
+//             reference gives NaN; the limit would need all +inf input gates taken as one X -> inf).
+// Gradients w.r.t. an infinite pre-activation are these limits (finite, mostly 0); gradients of the other
+// inputs are the limits of their float64 backward, which the reference computes directly.
+// The float64 reference (recurrent: guarded a, b; parallel: the row is cut at every lf = -inf and log weights
+// across a cut are -inf) computes the limits exactly. The float32 chunkwise forms (CPU stages, portable OpenCL,
+// tensor cores; the parallel and sequence forms are chunkwise forms with one chunk / chunks of one token) keep
+// the cumsums b, G finite: a forget gate of -inf counts as lf = -kForgetCut (256) in fw_gates, added apart from
+// the finite sum, and only when something before it is still live (the entering state, or a token with
+// ig > -inf since the last cut), so a run of -inf gates costs one cut. exp(-256 + x) is 0 in float32 for any
+// spread x of input gates and stabilisers below ~150, so this equals the limit there; a state forgotten at
+// the end of the sequence then leaves as (C, n) under m <= m_in - 256 rather than (0, 0, -inf): the same
+// (empty) state, exp(m) C = 0, but a gradient of the last state flows into its (C, n). Each cut in a chunk
+// adds ~3e-5 absolute rounding to b (the parallel form, one chunk, collects every cut of the row).
+// (The tensor cores clamp lf at -256 in their gates kernel instead: no live test, a run of cuts adds up.)
 #pragma once
 
 #include <cstdint>
@@ -60,6 +89,10 @@
 namespace mlstm::stages {
 
 inline constexpr float kEmptyM = -std::numeric_limits<float>::infinity();
+// The log forget gate that a forget gate of -inf counts as in the float32 chunk cumsums (b, G): exp(-256 + x)
+// is 0 in float32 for any spread x of input gates and stabilisers below ~150, and cumsums of this size keep
+// ~3e-5 absolute precision (stages.hpp "Gates at +-inf").
+inline constexpr float kForgetCut = 256.f;
 
 // Geometry of one row-segment.
 struct SegmentShape {
@@ -103,6 +136,7 @@ struct StateBuffer {
 
 // fw_gates: lf, b (inclusive cumsum of lf per chunk), ig, and per chunk G_c. Inputs are the raw
 // gate pre-activations of the segment (float32, T each). Outputs: b (T), ig (T), G (num_chunks).
+// A forget gate of -inf enters b and G as a cut of -kForgetCut (see "Gates at +-inf" above).
 void fw_gates(const float* i, const float* f, GateVariant gate, const SegmentShape& s, float* b, float* ig,
               float* G);
 

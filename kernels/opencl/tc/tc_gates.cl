@@ -26,7 +26,9 @@ __kernel void tc_fw_gates(__global const float* ig_raw, __global const float* fg
   size_t idx = (size_t)row * S + t;
   float lf = 0.0f, ig = 0.0f;
   if (j < len) {
-    lf = logsigmoid_f(fg_raw[idx]);
+    // f = -inf: lf = -inf would give b = -inf and bi = +inf, and exp(bi - mm) = NaN downstream. It counts as
+    // lf = -256 (stages::kForgetCut): exp(-256 + x) is 0 in float32 for any input-gate spread x below ~150.
+    lf = fmax(logsigmoid_f(fg_raw[idx]), -256.0f);
     float iv = ig_raw[idx];
 #if GATE_EXP
     ig = iv;
