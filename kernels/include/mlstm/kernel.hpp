@@ -1,3 +1,9 @@
+// The kernels module: the math, on top of core/. The spec of the chunkwise form and its backward (stages.hpp,
+// whose CPU implementation the flow-graph nodes schedule), the float64 reference that every kernel is tested
+// against (reference.hpp), the CPU kernels (cpu_kernels.hpp: CBLAS + TBB), the OpenCL C sources
+// (kernels/opencl/, embedded into the devices module at build time), and, here, the kernel interfaces and the
+// registry type (the process-wide registry, with the OpenCL kernels, is devices/registry.hpp).
+//
 // Kernel interfaces and the kernel registry (names in the mlstm_kernels style).
 //   chunkwise--<impl>   e.g. chunkwise--cpu_xl_chunk, chunkwise--opencl_xl_chunk_siging
 //   parallel--<impl>    e.g. parallel--reference_f64, parallel--cpu, parallel--opencl
