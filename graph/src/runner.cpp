@@ -328,10 +328,11 @@ ForwardResult FlowGraphRunner::forward(const ForwardArgs& args, const MlstmOptio
   ForwardResult out;
   out.h = std::move(problem->h());
   if (options.return_last_states) {
-    nodes::SegmentEntry& last = one_segment ? problem->final_state() : *running;
-    out.c = std::move(last.C);
-    out.n = std::move(last.n);
-    out.m = std::move(last.m);
+    // The last state is shared and immutable (messages may still hold it): the result gets its own copy.
+    const State& last = *(one_segment ? problem->final_state() : *running).state;
+    out.c = last.C;
+    out.n = last.n;
+    out.m = last.m;
   }
   return out;
 }

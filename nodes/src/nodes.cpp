@@ -32,6 +32,7 @@ float logsigmoidf(float x) { return x >= 0.f ? -std::log1p(std::exp(-x)) : x - s
 
 SegmentProblem::SegmentProblem(const ForwardArgs& args, const MlstmOptions& options, bool with_outputs)
     : args_(args), options_(options), shape_(validate_forward(args, options)) {
+  empty_ = std::make_shared<const State>(make_empty_state());
   if (with_outputs) h_ = Tensor({shape_.B, shape_.NH, shape_.S, shape_.DHHV}, shape_.dtype);
 }
 
@@ -45,8 +46,8 @@ ForwardArgs SegmentProblem::segment_args(const Segment& s) const {
   return a;
 }
 
-SegmentEntry SegmentProblem::empty_entry() const {
-  SegmentEntry e;
+State SegmentProblem::make_empty_state() const {
+  State e;
   e.C = Tensor::zeros({shape_.B, shape_.NH, shape_.DHQK, shape_.DHHV}, DType::f32);
   e.n = Tensor::zeros({shape_.B, shape_.NH, shape_.DHQK}, DType::f32);
   e.m = Tensor::full({shape_.B, shape_.NH}, DType::f32,
@@ -54,17 +55,25 @@ SegmentEntry SegmentProblem::empty_entry() const {
   return e;
 }
 
-SegmentEntry SegmentProblem::initial_entry() const {
+SegmentEntry SegmentProblem::empty_entry() const {
   SegmentEntry e;
+  e.state = empty_;
+  return e;
+}
+
+SegmentEntry SegmentProblem::initial_entry() const {
+  State st;
   if (args_.has_initial_state()) {
-    e.C = Tensor::copy_of(args_.c0, DType::f32);
-    e.n = Tensor::copy_of(args_.n0, DType::f32);
-    e.m = Tensor::copy_of(args_.m0, DType::f32);
+    st.C = Tensor::copy_of(args_.c0, DType::f32);
+    st.n = Tensor::copy_of(args_.n0, DType::f32);
+    st.m = Tensor::copy_of(args_.m0, DType::f32);
   } else {
-    e.C = Tensor::zeros({shape_.B, shape_.NH, shape_.DHQK, shape_.DHHV}, DType::f32);
-    e.n = Tensor::zeros({shape_.B, shape_.NH, shape_.DHQK}, DType::f32);
-    e.m = Tensor::zeros({shape_.B, shape_.NH}, DType::f32);
+    st.C = Tensor::zeros({shape_.B, shape_.NH, shape_.DHQK, shape_.DHHV}, DType::f32);
+    st.n = Tensor::zeros({shape_.B, shape_.NH, shape_.DHQK}, DType::f32);
+    st.m = Tensor::zeros({shape_.B, shape_.NH}, DType::f32);
   }
+  SegmentEntry e;
+  e.state = std::make_shared<const State>(std::move(st));
   return e;
 }
 
@@ -81,9 +90,7 @@ Tensor SegmentProblem::log_decay(const Segment& s) const {
 }
 
 void SegmentProblem::set_final_state(ForwardResult&& r) {
-  final_state_.C = std::move(r.c);
-  final_state_.n = std::move(r.n);
-  final_state_.m = std::move(r.m);
+  final_state_.state = std::make_shared<const State>(State{std::move(r.c), std::move(r.n), std::move(r.m)});
 }
 
 void SegmentProblem::write_h(const Segment& s, Tensor&& h) {
@@ -250,18 +257,16 @@ SegmentSummary LocalStateBody::operator()(const Segment& s) const {
   const ScopedTrace trace([&] { return "node local state, segment " + std::to_string(s.index); });
   ForwardArgs a = problem->segment_args(s);
   const SegmentEntry empty = problem->empty_entry();
-  a.c0 = empty.C.view();
-  a.n0 = empty.n.view();
-  a.m0 = empty.m.view();
+  a.c0 = empty.state->C.view();
+  a.n0 = empty.state->n.view();
+  a.m0 = empty.state->m.view();
   ForwardResult r;
   const auto used = run_on(pool, device, device_index, s.index, [&](ComputeDevice& d) {
     r = run_range(d, *problem, s.index, s.t0, s.t1, a.c0, a.n0, a.m0, false, true);
   });
   SegmentSummary out;
   out.index = s.index;
-  out.C = std::move(r.c);
-  out.n = std::move(r.n);
-  out.m = std::move(r.m);
+  out.local = std::make_shared<const State>(State{std::move(r.c), std::move(r.n), std::move(r.m)});
   out.device = used->name();
   out.device_index = used == device ? static_cast<int>(device_index) : -1;
   out.G = problem->log_decay(s);
@@ -277,30 +282,33 @@ SegmentEntry StateRecurrenceBody::operator()(const SegmentSummary& summary) cons
   entering.index = summary.index;
   entering.segment = (*segments)[static_cast<std::size_t>(summary.index)];
   if (entering.segment.device < 0) entering.segment.device = summary.device_index;
-  entering.C = running->C;
-  entering.n = running->n;
-  entering.m = running->m;
-  // running <- combine(running, G, local)
-  SegmentEntry next = problem->empty_entry();
+  entering.state = running->state;  // a handle: the state is shared, not copied
+  // running <- combine(running, G, local), into a new state (the entering one stays as it is for its readers)
+  const State& in_state = *running->state;
+  const State& local_state = *summary.local;
+  State next;
+  next.C = Tensor({p.B, p.NH, p.DHQK, p.DHHV}, DType::f32);
+  next.n = Tensor({p.B, p.NH, p.DHQK}, DType::f32);
+  next.m = Tensor({p.B, p.NH}, DType::f32);
   for (std::int64_t r = 0; r < p.rows(); ++r) {
-    stages::ConstStateRef in(running->C.data<float>() + r * p.DHQK * p.DHHV, running->n.data<float>() + r * p.DHQK,
-                             running->m.data<float>() + r);
-    stages::ConstStateRef local(summary.C.data<float>() + r * p.DHQK * p.DHHV, summary.n.data<float>() + r * p.DHQK,
-                                summary.m.data<float>() + r);
+    stages::ConstStateRef in(in_state.C.data<float>() + r * p.DHQK * p.DHHV, in_state.n.data<float>() + r * p.DHQK,
+                             in_state.m.data<float>() + r);
+    stages::ConstStateRef local(local_state.C.data<float>() + r * p.DHQK * p.DHHV,
+                                local_state.n.data<float>() + r * p.DHQK, local_state.m.data<float>() + r);
     stages::StateRef out{next.C.data<float>() + r * p.DHQK * p.DHHV, next.n.data<float>() + r * p.DHQK,
                          next.m.data<float>() + r};
     stages::combine(in, summary.G.data<float>()[r], local, problem->options().gate, p.DHQK, p.DHHV, out);
   }
-  *running = std::move(next);
+  running->state = std::make_shared<const State>(std::move(next));
   return entering;
 }
 
 int SegmentOutputBody::operator()(const SegmentEntry& entry) const {
   const ScopedTrace trace([&] { return "node outputs, segment " + std::to_string(entry.index); });
   ForwardArgs a = problem->segment_args(entry.segment);
-  a.c0 = entry.C.view();
-  a.n0 = entry.n.view();
-  a.m0 = entry.m.view();
+  a.c0 = entry.state->C.view();
+  a.n0 = entry.state->n.view();
+  a.m0 = entry.state->m.view();
   const Segment& sg = entry.segment;
   const bool keep = problem->keeps_final_state() && sg.t1 == problem->shape().S;
   auto work = [&](ComputeDevice& d) {
@@ -381,9 +389,7 @@ SegmentGradientEntry SegmentGradientProblem::last_entry() const {
   g.index = last;
   const SegmentEntry& e = entry(last);
   g.segment = e.segment;  // with the device its local state was computed on
-  g.C = e.C;
-  g.n = e.n;
-  g.m = e.m;
+  g.state = e.state;
   g.dC = args_.dc_last.empty() ? Tensor::zeros({p.B, p.NH, p.DHQK, p.DHHV}, DType::f32)
                                : Tensor::copy_of(args_.dc_last, DType::f32);
   g.dn = args_.dn_last.empty() ? Tensor::zeros({p.B, p.NH, p.DHQK}, DType::f32)
@@ -481,7 +487,8 @@ SegmentStateGradient LocalStateGradientBody::operator()(const SegmentEntry& entr
   const Segment& sg = entry.segment;
   BackwardResult r;
   auto work = [&](ComputeDevice& d) {
-    r = run_backward_range(d, *problem, entry.index, sg.t0, sg.t1, entry.C.view(), entry.n.view(), entry.m.view(),
+    r = run_backward_range(d, *problem, entry.index, sg.t0, sg.t1, entry.state->C.view(), entry.state->n.view(),
+                           entry.state->m.view(),
                            ConstTensorView(), ConstTensorView(), /*state_only=*/true);
   };
   const auto used = run_on(pool, device, device_index, entry.index, work);
@@ -507,7 +514,7 @@ SegmentGradientEntry StateGradientRecurrenceBody::operator()(const SegmentStateG
   const std::int64_t KV = p.DHQK * p.DHHV;
   // running (the gradient leaving s) -> the gradient entering s = decay * running + local
   for (std::int64_t r = 0; r < p.rows(); ++r) {
-    const float decay = std::exp(G.data<float>()[r] + enter.m.data<float>()[r] - leave.m.data<float>()[r]);
+    const float decay = std::exp(G.data<float>()[r] + enter.state->m.data<float>()[r] - leave.state->m.data<float>()[r]);
     float* dC = running->dC.data<float>() + r * KV;
     const float* lC = local.dC.data<float>() + r * KV;
     for (std::int64_t e = 0; e < KV; ++e) dC[e] = decay * dC[e] + lC[e];
@@ -519,9 +526,7 @@ SegmentGradientEntry StateGradientRecurrenceBody::operator()(const SegmentStateG
   prev.index = s - 1;
   const SegmentEntry& e = problem->entry(s - 1);
   prev.segment = e.segment;
-  prev.C = e.C;
-  prev.n = e.n;
-  prev.m = e.m;
+  prev.state = e.state;
   prev.dC = running->dC;
   prev.dn = running->dn;
   running->index = s - 1;
@@ -532,8 +537,8 @@ int SegmentBackwardBody::operator()(const SegmentGradientEntry& entry) const {
   const ScopedTrace trace([&] { return "node backward, segment " + std::to_string(entry.index); });
   const Segment& sg = entry.segment;
   auto work = [&](ComputeDevice& d) {
-    const BackwardResult r = run_backward_range(d, *problem, entry.index, sg.t0, sg.t1, entry.C.view(), entry.n.view(),
-                                                entry.m.view(), entry.dC.view(), entry.dn.view(), false);
+    const BackwardResult r = run_backward_range(d, *problem, entry.index, sg.t0, sg.t1, entry.state->C.view(),
+                                                entry.state->n.view(), entry.state->m.view(), entry.dC.view(), entry.dn.view(), false);
     if (entry.index == 0 && problem->has_initial_state()) problem->write_initial_grads(r);
   };
   const auto used = run_on(pool, device, device_index, entry.index, work);

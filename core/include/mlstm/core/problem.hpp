@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 
@@ -44,6 +45,15 @@ struct ProblemShape {
   DType gate_dtype = DType::f32;  // dtype of i, f (di, df are returned in it)
   std::int64_t rows() const noexcept { return B * NH; }
 };
+
+// A recurrent state of every row: C (B,NH,DHQK,DHHV), n (B,NH,DHQK), m (B,NH), float32, stabilised (the true
+// state is exp(m) (C, n)). The flow graph's messages carry states as StateHandles: shared and immutable, so a
+// message is a handle, never a copy of the state.
+struct State {
+  Tensor C, n, m;
+  bool empty() const noexcept { return C.empty(); }
+};
+using StateHandle = std::shared_ptr<const State>;
 
 struct ForwardArgs {
   ConstTensorView q, k, v, i, f;

@@ -1,5 +1,7 @@
-// oneTBB flow-graph node bodies over segments (a run of tokens for all rows of a problem), public so that
-// users can wire them into their own tbb::flow::graph. The messages are small value types.
+// The nodes module: oneTBB flow-graph node bodies over segments (a run of tokens for all rows of a problem),
+// public so that users can wire them into their own tbb::flow::graph. The messages are small value types whose
+// states are StateHandles (shared, immutable), so passing a message through queues and sequencers copies no
+// state.
 //
 // The sequence-parallel forward that graph::FlowGraphRunner builds from them:
 //
@@ -61,8 +63,8 @@ struct Segment {
 // A segment's local state (from the EMPTY state) and its total log forget decay per row.
 struct SegmentSummary {
   int index = 0;
-  Tensor C, n, m;  // (B,NH,DHQK,DHHV), (B,NH,DHQK), (B,NH) float32
-  Tensor G;        // (B,NH) float32: sum of logsigmoid(f) over the segment
+  StateHandle local;  // the state leaving the segment when it is entered in the EMPTY state
+  Tensor G;           // (B,NH) float32: sum of logsigmoid(f) over the segment
   std::string device;
   int device_index = -1;  // the graph's device that computed it (its inputs are resident there), -1 after a failover
 };
@@ -71,7 +73,7 @@ struct SegmentSummary {
 struct SegmentEntry {
   int index = 0;
   Segment segment;
-  Tensor C, n, m;
+  StateHandle state;
 };
 
 // The problem the nodes work on: inputs (the caller keeps them alive), options, the output h (written by
@@ -84,7 +86,8 @@ class SegmentProblem {
   const MlstmOptions& options() const noexcept { return options_; }
   // Views of the inputs restricted to a segment (no copies).
   ForwardArgs segment_args(const Segment& s) const;
-  // The EMPTY state (C = n = 0, m = -inf; m = 0 for the sigmoid gate) and the problem's initial state.
+  // The EMPTY state (C = n = 0, m = -inf; m = 0 for the sigmoid gate; one shared handle) and the problem's
+  // initial state.
   SegmentEntry empty_entry() const;
   SegmentEntry initial_entry() const;
   // Per row (B,NH) float32: G of the segment, the sum of logsigmoid(f) over its tokens (float32 like the kernels).
@@ -103,9 +106,11 @@ class SegmentProblem {
   std::mutex log_mutex;
 
  private:
+  State make_empty_state() const;
   ForwardArgs args_;
   MlstmOptions options_;
   ProblemShape shape_;
+  StateHandle empty_;
   Tensor h_;
   bool keep_final_state_ = false;
   SegmentEntry final_state_;
@@ -188,8 +193,8 @@ struct SegmentStateGradient {
 struct SegmentGradientEntry {
   int index = 0;
   Segment segment;
-  Tensor C, n, m;  // entering state
-  Tensor dC, dn;   // gradient of the state leaving the segment
+  StateHandle state;  // entering state
+  Tensor dC, dn;      // gradient of the state leaving the segment
 };
 
 // The problem of the backward nodes: the forward's SegmentProblem (for the entering states; no h), dh and the
