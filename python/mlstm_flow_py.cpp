@@ -1,5 +1,6 @@
 // Python bindings: mlstm_flow.forward / backward / step / kernels / devices on numpy arrays.
-// bfloat16 arrays are passed as uint16 with dtype='bfloat16'. Bad input raises ValueError naming the argument.
+// bfloat16 arrays are passed as uint16 with dtype='bfloat16'. Bad input raises ValueError (TypeError for a wrong type
+// or an unknown keyword) naming the argument.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
