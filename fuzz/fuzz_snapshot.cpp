@@ -17,7 +17,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     const std::uint64_t sum = mlstm::StreamSession::checksum(bytes);
     bytes.append(reinterpret_cast<const char*>(&sum), sizeof sum);
   }
-  mlstm::StreamConfig config;
+  mlstm::StreamConfig config;  // default options and kernel, as make_seeds.cpp writes them
   config.B = 1; config.NH = 2; config.DHQK = 4; config.DHHV = 3;
   config.options.gate = (data[0] & 2) ? mlstm::GateVariant::sigmoid : mlstm::GateVariant::exp;
   try {

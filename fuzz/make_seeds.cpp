@@ -1,5 +1,8 @@
 // Writes the seed corpora of the fuzz targets: valid .npy files of every dtype and rank, and valid
-// snapshots (both gates) of the fuzzers' stream configuration, in the fuzz_snapshot input format.
+// snapshots (both gates) of the fuzzers' stream configuration, in the fuzz_snapshot input format. The
+// snapshots come from StreamSession::snapshot, so they are always the current format version (2: with
+// normalize, eps, chunk size, state dtype and kernel name); the configuration here (default options and
+// kernel) must stay the one fuzz_snapshot.cpp restores with, or every seed stops at a field mismatch.
 //   make_seeds <corpus dir>   -> <dir>/npy/*.npy, <dir>/snapshot/*
 #include <filesystem>
 #include <fstream>

@@ -1,5 +1,6 @@
 // Python bindings: mlstm_flow.forward / backward / step / kernels / devices on numpy arrays.
-// bfloat16 arrays are passed as uint16 with dtype='bfloat16'. Bad input raises ValueError naming the argument.
+// bfloat16 arrays are passed as uint16 with dtype='bfloat16'. Bad input raises ValueError (TypeError for a wrong type
+// or an unknown keyword) naming the argument.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -26,6 +27,11 @@ Tensor to_tensor(const py::object& obj, const std::string& name, bool bf16) {
   DType dt;
   const auto kind = arr.dtype().kind();
   const auto size = arr.dtype().itemsize();
+  if (bf16 && !(kind == 'u' && size == 2)) {
+    // dtype='bfloat16' used to be ignored for float arrays (a float result where bfloat16 was asked for).
+    throw InvalidArgument(name, "dtype='bfloat16' reads uint16 arrays as bfloat16, got dtype " +
+                                    std::string(py::str(arr.dtype())) + "; pass uint16 bit patterns or drop dtype");
+  }
   if (kind == 'f' && size == 8) dt = DType::f64;
   else if (kind == 'f' && size == 4) dt = DType::f32;
   else if (kind == 'f' && size == 2) dt = DType::f16;
@@ -84,6 +90,59 @@ Loaded load(const py::object& q, const py::object& k, const py::object& v, const
   return l;
 }
 
+// Scalar keyword arguments, converted here rather than by pybind11 so that a wrong type or an out-of-range
+// value raises TypeError/ValueError naming the argument (pybind11's own "incompatible function arguments"
+// names none).
+std::string type_name(const py::handle& o) { return std::string(py::str(py::type::handle_of(o).attr("__name__"))); }
+
+std::int64_t int_arg(const py::handle& o, const char* name) {
+  if (o.is_none() || PyBool_Check(o.ptr()) || !PyIndex_Check(o.ptr())) {
+    throw py::type_error(std::string(name) + ": expected an int, got " + type_name(o));
+  }
+  const py::object index = py::reinterpret_steal<py::object>(PyNumber_Index(o.ptr()));
+  if (!index) throw py::error_already_set();
+  int overflow = 0;
+  const long long v = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
+  if (overflow != 0) {
+    throw py::value_error(std::string(name) + ": " + std::string(py::str(o)) + " is out of range (a 64-bit integer)");
+  }
+  if (v == -1 && PyErr_Occurred()) throw py::error_already_set();
+  return v;
+}
+
+double float_arg(const py::handle& o, const char* name) {
+  if (o.is_none() || PyBool_Check(o.ptr()) || PyUnicode_Check(o.ptr()) || PyBytes_Check(o.ptr()) ||
+      PyComplex_Check(o.ptr()) || !(PyFloat_Check(o.ptr()) || PyIndex_Check(o.ptr()) || PyNumber_Check(o.ptr()))) {
+    throw py::type_error(std::string(name) + ": expected a float, got " + type_name(o));
+  }
+  const double v = PyFloat_AsDouble(o.ptr());
+  if (v == -1.0 && PyErr_Occurred()) {
+    PyErr_Clear();
+    throw py::value_error(std::string(name) + ": " + std::string(py::str(o)) + " is not representable as a float");
+  }
+  return v;
+}
+
+bool bool_arg(const py::handle& o, const char* name) {
+  if (PyBool_Check(o.ptr())) return o.ptr() == Py_True;
+  if (py::isinstance(o, py::module_::import("numpy").attr("bool_"))) return o.cast<bool>();
+  throw py::type_error(std::string(name) + ": expected True or False, got " + type_name(o));
+}
+
+std::string str_arg(const py::handle& o, const char* name) {
+  if (!PyUnicode_Check(o.ptr())) throw py::type_error(std::string(name) + ": expected a str, got " + type_name(o));
+  return o.cast<std::string>();
+}
+
+// Keyword arguments no function takes: TypeError naming them (they used to be a pybind11 mismatch that
+// named nothing).
+void refuse_unknown(const py::kwargs& extra, const char* function) {
+  if (extra.empty()) return;
+  std::string names;
+  for (const auto& item : extra) names += (names.empty() ? "'" : ", '") + std::string(py::str(item.first)) + "'";
+  throw py::type_error(std::string(function) + "() got unexpected keyword argument(s) " + names);
+}
+
 // Options that would have no effect are refused: normalize=False needs the sigmoid gate (given, or fixed by a
 // *_siging kernel); devices needs an OpenCL kernel.
 MlstmOptions options(std::int64_t chunk_size, const std::string& gate, bool normalize, double eps, bool last,
@@ -123,10 +182,16 @@ PYBIND11_MODULE(mlstm_flow, m) {
   m.def(
       "forward",
       [](py::object q, py::object k, py::object v, py::object i, py::object f, py::object c0, py::object n0,
-         py::object m0, const std::string& kernel, std::int64_t chunk_size, const std::string& gate, bool normalize,
-         double eps, bool return_last_states, const std::string& dtype, const std::string& devices) {
-        const Loaded l = load(q, k, v, i, f, c0, n0, m0, dtype);
-        const MlstmOptions o = options(chunk_size, gate, normalize, eps, return_last_states, kernel, devices);
+         py::object m0, py::object kernel_o, py::object chunk_size, py::object gate, py::object normalize,
+         py::object eps, py::object return_last_states_o, py::object dtype, py::object devices_o,
+         const py::kwargs& extra) {
+        refuse_unknown(extra, "forward");
+        const std::string kernel = str_arg(kernel_o, "kernel"), devices = str_arg(devices_o, "devices");
+        const bool return_last_states = bool_arg(return_last_states_o, "return_last_states");
+        const MlstmOptions o = options(int_arg(chunk_size, "chunk_size"), str_arg(gate, "gate"),
+                                       bool_arg(normalize, "normalize"), float_arg(eps, "eps"), return_last_states,
+                                       kernel, devices);
+        const Loaded l = load(q, k, v, i, f, c0, n0, m0, str_arg(dtype, "dtype"));
         ForwardResult r;
         {
           py::gil_scoped_release release;
@@ -143,9 +208,15 @@ PYBIND11_MODULE(mlstm_flow, m) {
   m.def(
       "backward",
       [](py::object q, py::object k, py::object v, py::object i, py::object f, py::object dh, py::object c0,
-         py::object n0, py::object m0, py::object dc_last, py::object dn_last, const std::string& kernel,
-         std::int64_t chunk_size, const std::string& gate, bool normalize, double eps, const std::string& dtype) {
-        const Loaded l = load(q, k, v, i, f, c0, n0, m0, dtype);
+         py::object n0, py::object m0, py::object dc_last, py::object dn_last, py::object kernel_o,
+         py::object chunk_size_o, py::object gate_o, py::object normalize_o, py::object eps_o, py::object dtype,
+         const py::kwargs& extra) {
+        refuse_unknown(extra, "backward");
+        const std::string kernel = str_arg(kernel_o, "kernel"), gate = str_arg(gate_o, "gate");
+        const std::int64_t chunk_size = int_arg(chunk_size_o, "chunk_size");
+        const bool normalize = bool_arg(normalize_o, "normalize");
+        const double eps = float_arg(eps_o, "eps");
+        const Loaded l = load(q, k, v, i, f, c0, n0, m0, str_arg(dtype, "dtype"));
         const Tensor dht = to_tensor(dh, "dh", false);
         Tensor dct, dnt;
         if (!dc_last.is_none()) dct = to_tensor(dc_last, "dc_last", false);
@@ -177,12 +248,18 @@ PYBIND11_MODULE(mlstm_flow, m) {
       py::arg("n0") = py::none(), py::arg("m0") = py::none(), py::arg("dc_last") = py::none(),
       py::arg("dn_last") = py::none(), py::arg("kernel") = "chunkwise--cpu_xl_chunk", py::arg("chunk_size") = 64,
       py::arg("gate") = "exp", py::arg("normalize") = true, py::arg("eps") = 1e-6, py::arg("dtype") = "",
-      "dict of gradients dq, dk, dv, di, df (and dc0, dn0, dm0 when an initial state is given)");
+      "dict of gradients dq, dk, dv, di, df (and dc0, dn0, dm0 when an initial state is given); dq, dk, dv in\n"
+      "q's dtype (uint16 holding bfloat16 for dtype='bfloat16')");
   m.def(
       "step",
       [](py::object q, py::object k, py::object v, py::object i, py::object f, py::object c, py::object n, py::object mm,
-         const std::string& kernel, const std::string& gate, bool normalize, double eps, const std::string& dtype) {
-        const Loaded l = load(q, k, v, i, f, c, n, mm, dtype);
+         py::object kernel_o, py::object gate_o, py::object normalize_o, py::object eps_o, py::object dtype,
+         const py::kwargs& extra) {
+        refuse_unknown(extra, "step");
+        const std::string kernel = str_arg(kernel_o, "kernel"), gate = str_arg(gate_o, "gate");
+        const bool normalize = bool_arg(normalize_o, "normalize");
+        const double eps = float_arg(eps_o, "eps");
+        const Loaded l = load(q, k, v, i, f, c, n, mm, str_arg(dtype, "dtype"));
         StepArgs a;
         a.q = l.q.view(); a.k = l.k.view(); a.v = l.v.view(); a.i = l.i.view(); a.f = l.f.view();
         if (!l.c0.empty()) a.c = l.c0.view();

@@ -103,6 +103,36 @@ void AtomicFile::commit() {
   }
 }
 
+bool is_atomic_temporary_of(const std::string& path, const std::string& candidate) {
+  const std::string base = std::filesystem::path(path).filename().string();
+  if (base.empty()) return false;
+  const std::string prefix = "." + base + ".tmp.";
+  if (candidate.size() != prefix.size() + 6 || candidate.compare(0, prefix.size(), prefix) != 0) return false;
+  for (std::size_t c = prefix.size(); c < candidate.size(); ++c) {
+    const char ch = candidate[c];
+    const bool alnum = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9');
+    if (!alnum) return false;
+  }
+  return true;
+}
+
+std::size_t remove_stale_temporaries(const std::string& path) {
+  const std::filesystem::path p(path);
+  if (p.filename().empty()) return 0;
+  const std::filesystem::path dir = p.parent_path().empty() ? std::filesystem::path(".") : p.parent_path();
+  std::size_t removed = 0;
+  std::error_code ec;
+  std::filesystem::directory_iterator it(dir, ec), end;
+  for (; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    if (!is_atomic_temporary_of(path, name)) continue;
+    std::error_code sec;
+    if (!std::filesystem::is_regular_file(std::filesystem::symlink_status(it->path(), sec))) continue;
+    if (::unlink(it->path().c_str()) == 0) ++removed;
+  }
+  return removed;
+}
+
 void write_file_atomically(const std::string& path, const std::function<void(AtomicFile&)>& writer) {
   AtomicFile file(path);
   writer(file);

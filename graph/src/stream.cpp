@@ -1,3 +1,4 @@
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -17,8 +18,30 @@ ChunkState ChunkState::zeros(std::int64_t B, std::int64_t NH, std::int64_t DHQK,
 namespace {
 
 constexpr char kMagic[8] = {'M', 'L', 'S', 'T', 'M', 'S', 'N', 'P'};
-constexpr std::uint32_t kVersion = 1;
+// Version 2 records every option that changes results (issue 21 item 7); version 1 did not, so a version-1
+// file cannot be checked against the session and is refused by name.
+constexpr std::uint32_t kVersion = 2;
+constexpr std::uint32_t kMaxKernelName = 256;
+// magic, version, B, NH, DHQK, DHHV, tokens, gate, normalize, eps (float32 bits), chunk size, state dtype,
+// kernel name length; then the kernel name, C, n, m, checksum.
+constexpr std::size_t kHeader = sizeof kMagic + 4 + 5 * 8 + 4 + 4 + 4 + 8 + 4 + 4;
 
+std::uint32_t eps_bits(double eps) {
+  const float e = static_cast<float>(eps);  // the kernels compute with eps as float32
+  std::uint32_t b;
+  std::memcpy(&b, &e, sizeof b);
+  return b;
+}
+
+std::string eps_text(std::uint32_t bits) {
+  float e;
+  std::memcpy(&e, &bits, sizeof e);
+  char buf[48];
+  std::snprintf(buf, sizeof buf, "%.9g", static_cast<double>(e));
+  return buf;
+}
+
+std::uint32_t dtype_code(DType t) { return static_cast<std::uint32_t>(t); }
 
 template <class T>
 void put(std::string& out, T v) {
@@ -87,11 +110,19 @@ void StreamSession::snapshot(const std::string& path) const {
   put<std::uint32_t>(body, kVersion);
   for (auto v : {config_.B, config_.NH, config_.DHQK, config_.DHHV, tokens_}) put<std::int64_t>(body, v);
   put<std::uint32_t>(body, config_.options.gate == GateVariant::exp ? 0u : 1u);
+  put<std::uint32_t>(body, config_.options.normalize ? 1u : 0u);
+  put<std::uint32_t>(body, eps_bits(config_.options.eps));
+  put<std::int64_t>(body, config_.options.chunk_size);
+  put<std::uint32_t>(body, dtype_code(state_.C.dtype()));
+  put<std::uint32_t>(body, static_cast<std::uint32_t>(config_.kernel.size()));
+  body.append(config_.kernel);
   for (const Tensor* t : {&state_.C, &state_.n, &state_.m}) {
     body.append(reinterpret_cast<const char*>(t->bytes()), t->nbytes());
   }
   put<std::uint64_t>(body, StreamSession::checksum(body));
   // Temporary file, fsync, rename (write_file_atomically): a crash or full disk leaves the previous snapshot.
+  // What a killed earlier writer of this path left behind goes first (only its exact temporary names).
+  remove_stale_temporaries(path);
   try {
     write_file_atomically(path, body);
   } catch (const Error& e) {
@@ -100,6 +131,7 @@ void StreamSession::snapshot(const std::string& path) const {
 }
 
 StreamSession StreamSession::restore(const std::string& path, StreamConfig config) {
+  remove_stale_temporaries(path);  // debris of a snapshot killed mid-write (never the snapshot itself)
   std::ifstream in(path, std::ios::binary);
   if (!in) throw Error("restore: cannot open snapshot '" + path + "'");
   std::ostringstream ss;
@@ -109,8 +141,13 @@ StreamSession StreamSession::restore(const std::string& path, StreamConfig confi
 
 StreamSession StreamSession::restore_bytes(const std::string& bytes, StreamConfig config, const std::string& path) {
   auto refuse = [&](const std::string& why) { return Error("restore: snapshot '" + path + "' refused: " + why); };
-  const std::size_t header = sizeof kMagic + 4 + 5 * 8 + 4;
-  if (bytes.size() < header + 8) throw refuse("truncated (" + std::to_string(bytes.size()) + " bytes)");
+  // A field that differs from the session: InvalidArgument naming the field, both values.
+  auto mismatch = [&](const std::string& field, const std::string& in_file, const std::string& in_session) {
+    return InvalidArgument(field, "snapshot '" + path + "' refused: " + in_file + " in the file, " + in_session +
+                                      " in this session");
+  };
+  const std::size_t v1_header = sizeof kMagic + 4 + 5 * 8 + 4;
+  if (bytes.size() < v1_header + 8) throw refuse("truncated (" + std::to_string(bytes.size()) + " bytes)");
   if (std::memcmp(bytes.data(), kMagic, sizeof kMagic) != 0) throw refuse("not an mlstm-flow snapshot (bad magic)");
   std::uint64_t stored;
   std::memcpy(&stored, bytes.data() + bytes.size() - 8, 8);
@@ -120,21 +157,67 @@ StreamSession StreamSession::restore_bytes(const std::string& bytes, StreamConfi
     std::memcpy(&v, bytes.data() + at, sizeof v);
     at += sizeof v;
   };
-  std::uint32_t version, gate;
-  std::int64_t B, NH, DK, DV, tokens;
+  std::uint32_t version, gate, normalize, eps, dtype, kernel_len;
+  std::int64_t B, NH, DK, DV, tokens, chunk;
   get(version);
-  if (version != kVersion) throw refuse("unsupported version " + std::to_string(version));
-  get(B); get(NH); get(DK); get(DV); get(tokens); get(gate);
-  if (B != config.B || NH != config.NH || DK != config.DHQK || DV != config.DHHV) {
-    throw refuse("dimensions (B,NH,DHQK,DHHV) = (" + std::to_string(B) + "," + std::to_string(NH) + "," +
-                 std::to_string(DK) + "," + std::to_string(DV) + ") differ from the stream's");
+  if (version == 1) {
+    throw refuse("version 1 does not record the normaliser, eps, chunk size and kernel, so it cannot be checked "
+                 "against this session; this build reads version " + std::to_string(kVersion) +
+                 " (take a new snapshot)");
   }
+  if (version != kVersion) {
+    throw refuse("unsupported version " + std::to_string(version) + " (this build reads version " +
+                 std::to_string(kVersion) + ")");
+  }
+  if (bytes.size() < kHeader + 8) throw refuse("truncated (" + std::to_string(bytes.size()) + " bytes)");
+  get(B); get(NH); get(DK); get(DV); get(tokens); get(gate); get(normalize); get(eps); get(chunk); get(dtype);
+  get(kernel_len);
+  const std::int64_t want[4] = {config.B, config.NH, config.DHQK, config.DHHV};
+  const std::int64_t have[4] = {B, NH, DK, DV};
+  const char* dim_names[4] = {"B", "NH", "DHQK", "DHHV"};
+  for (int d = 0; d < 4; ++d) {
+    if (have[d] != want[d]) throw mismatch(dim_names[d], std::to_string(have[d]), std::to_string(want[d]));
+  }
+  auto gate_name = [](bool exp) { return std::string(exp ? "exp" : "sig"); };
   if (gate > 1) throw refuse("unknown input gate code " + std::to_string(gate));
-  if ((gate == 0) != (config.options.gate == GateVariant::exp)) throw refuse("input gate differs from the stream's");
+  if ((gate == 0) != (config.options.gate == GateVariant::exp)) {
+    throw mismatch("gate", gate_name(gate == 0), gate_name(config.options.gate == GateVariant::exp));
+  }
+  if (normalize > 1) throw refuse("unknown normalize code " + std::to_string(normalize));
+  if ((normalize == 1) != config.options.normalize) {
+    throw mismatch("normalize", normalize ? "true" : "false", config.options.normalize ? "true" : "false");
+  }
+  if (eps != eps_bits(config.options.eps)) throw mismatch("eps", eps_text(eps), eps_text(eps_bits(config.options.eps)));
+  if (chunk != config.options.chunk_size) {
+    throw mismatch("chunk_size", std::to_string(chunk), std::to_string(config.options.chunk_size));
+  }
+  if (dtype != dtype_code(DType::f32)) throw refuse("unknown state dtype code " + std::to_string(dtype));
+  if (kernel_len > kMaxKernelName || bytes.size() < kHeader + kernel_len + 8) {
+    throw refuse("kernel name length " + std::to_string(kernel_len) + " out of range");
+  }
+  const std::string kernel = bytes.substr(at, kernel_len);
+  at += kernel_len;
+  if (kernel != config.kernel) throw mismatch("kernel", "'" + kernel + "'", "'" + config.kernel + "'");
   if (tokens < 0) throw refuse("negative token count " + std::to_string(tokens));
+  // The size the state must have, checked before anything is allocated (dims are the session's, not yet
+  // validated: a non-positive or overflowing product is refused here).
+  std::uint64_t elems = 0;
+  bool bad = B <= 0 || NH <= 0 || DK <= 0 || DV <= 0;
+  if (!bad) {
+    std::uint64_t bnh = 0, c = 0, n = 0;
+    bad = __builtin_mul_overflow(static_cast<std::uint64_t>(B), static_cast<std::uint64_t>(NH), &bnh) ||
+          __builtin_mul_overflow(bnh, static_cast<std::uint64_t>(DK), &n) ||
+          __builtin_mul_overflow(n, static_cast<std::uint64_t>(DV), &c) ||
+          __builtin_add_overflow(c, n, &elems) || __builtin_add_overflow(elems, bnh, &elems) ||
+          __builtin_mul_overflow(elems, std::uint64_t{4}, &elems);
+  }
+  const std::uint64_t fixed = kHeader + kernel_len + 8;
+  if (bad || elems > bytes.size() || elems + fixed != bytes.size()) {
+    throw refuse("size " + std::to_string(bytes.size()) + " does not match the dimensions (B,NH,DHQK,DHHV) = (" +
+                 std::to_string(B) + "," + std::to_string(NH) + "," + std::to_string(DK) + "," + std::to_string(DV) +
+                 ")");
+  }
   ChunkState s = ChunkState::zeros(B, NH, DK, DV);
-  const std::size_t need = header + s.C.nbytes() + s.n.nbytes() + s.m.nbytes() + 8;
-  if (bytes.size() != need) throw refuse("size " + std::to_string(bytes.size()) + " != expected " + std::to_string(need));
   for (Tensor* t : {&s.C, &s.n, &s.m}) {
     std::memcpy(t->bytes(), bytes.data() + at, t->nbytes());
     at += t->nbytes();

@@ -134,6 +134,34 @@ def main():
         assert str(err).startswith("q:"), str(err)
     else:
         raise AssertionError("no ValueError for a big-endian q in step")
+    # Issue 21 item 6 (found by fuzz_bindings.py): scalar arguments of the wrong type raise TypeError naming the
+    # argument, out-of-range ints ValueError; unknown keywords TypeError naming them; dtype='bfloat16' with
+    # float arrays (it used to be ignored) ValueError naming the array.
+    for bad, arg, exc in [(dict(chunk_size=None), "chunk_size", TypeError), (dict(chunk_size=3.5), "chunk_size", TypeError),
+                          (dict(chunk_size=2**64), "chunk_size", ValueError), (dict(eps="1e-6"), "eps", TypeError),
+                          (dict(eps=None), "eps", TypeError), (dict(normalize=1), "normalize", TypeError),
+                          (dict(kernel=None), "kernel", TypeError), (dict(gate=0), "gate", TypeError),
+                          (dict(dtype=None), "dtype", TypeError), (dict(devices=0), "devices", TypeError),
+                          (dict(return_last_states=None), "return_last_states", TypeError),
+                          (dict(dtype="bfloat16"), "q", ValueError)]:
+        kw = dict(q=q, k=k, v=v, i=i, f=f)
+        kw.update(bad)
+        try:
+            mlstm_flow.forward(**kw)
+        except exc as err:
+            assert str(err).startswith(arg + ":"), str(err)
+        else:
+            raise AssertionError("no %s for %s in %s" % (exc.__name__, arg, list(bad)))
+    for fn, args in [(mlstm_flow.forward, (q, k, v, i, f)), (mlstm_flow.backward, (q, k, v, i, f, np.ones_like(v))),
+                     (mlstm_flow.step, (q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0]))]:
+        try:
+            fn(*args, chunksize=8)
+        except TypeError as err:
+            assert "'chunksize'" in str(err), str(err)
+        else:
+            raise AssertionError("no TypeError for an unknown keyword")
+    assert mlstm_flow.forward(q, k, v, i, f, chunk_size=np.int64(16), eps=np.float32(1e-6),
+                              normalize=np.bool_(True))[0].shape == (B, NH, S, DV)
     h_sig = mlstm_flow.forward(q, k, v, i, f, gate="sig", return_last_states=False)
     h_nonorm = mlstm_flow.forward(q, k, v, i, f, gate="sig", normalize=False, return_last_states=False)
     assert not np.array_equal(h_sig, h_nonorm)

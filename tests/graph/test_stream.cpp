@@ -2,12 +2,21 @@
 // damaged snapshots are refused.
 #include <gtest/gtest.h>
 
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <chrono>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <random>
+#include <thread>
 
+#include "mlstm/core/atomic_file.hpp"
 #include "mlstm/mlstm.hpp"
 #include "test_util.hpp"
 
@@ -190,11 +199,217 @@ TEST(StreamSnapshot, RestoreFromBytesChecksFieldsBehindTheChecksum) {
   const std::size_t tokens_at = 8 + 4 + 4 * 8, gate_at = tokens_at + 8;
   EXPECT_NE(refusal(patched(tokens_at, -5, 8)).find("negative token count"), std::string::npos);
   EXPECT_NE(refusal(patched(gate_at, 7, 4)).find("unknown input gate"), std::string::npos);
-  EXPECT_NE(refusal(patched(8, 2, 4)).find("unsupported version"), std::string::npos);
-  EXPECT_NE(refusal(patched(12, 1 << 30, 8)).find("dimensions"), std::string::npos);
+  EXPECT_NE(refusal(patched(8, 3, 4)).find("unsupported version 3"), std::string::npos);
+  EXPECT_NE(refusal(patched(8, 1, 4)).find("version 1 does not record"), std::string::npos);
+  const std::size_t normalize_at = gate_at + 4, dtype_at = normalize_at + 4 + 4 + 8, kernel_len_at = dtype_at + 4;
+  EXPECT_NE(refusal(patched(normalize_at, 2, 4)).find("unknown normalize code"), std::string::npos);
+  EXPECT_NE(refusal(patched(dtype_at, 3, 4)).find("unknown state dtype"), std::string::npos);
+  EXPECT_NE(refusal(patched(kernel_len_at, 1 << 20, 4)).find("kernel name length"), std::string::npos);
+  EXPECT_NE(refusal(patched(12, 1 << 30, 8)).find("B: snapshot 'snap' refused: 1073741824 in the file, 1 in this"),
+            std::string::npos);
   EXPECT_EQ(StreamSession::restore_bytes(patched(tokens_at, 77, 8), cfg).tokens(), 77);
   EXPECT_NE(refusal(bytes.substr(0, 30)).find("truncated"), std::string::npos);
   EXPECT_NE(refusal(std::string()).find("snap"), std::string::npos);
+}
+
+// Every option that changes results is recorded; a session that differs in one is refused with an
+// InvalidArgument naming that field and both values (issue 21 item 7).
+TEST(StreamSnapshot, AMismatchingOptionIsRefusedNamingTheField) {
+  StreamConfig cfg;
+  cfg.B = 1; cfg.NH = 2; cfg.DHQK = 4; cfg.DHHV = 3;
+  cfg.options.chunk_size = 16;
+  const fs::path path = fs::temp_directory_path() / ("mlstm_snapshot_options_" + std::to_string(getpid()));
+  StreamSession(cfg).snapshot(path.string());
+  EXPECT_EQ(StreamSession::restore(path.string(), cfg).tokens(), 0);
+  auto refused_field = [&](const StreamConfig& c, const std::string& field, const std::string& in_file,
+                           const std::string& in_session) {
+    try {
+      StreamSession::restore(path.string(), c);
+      ADD_FAILURE() << "loaded a snapshot whose " << field << " differs";
+    } catch (const InvalidArgument& e) {
+      const std::string what = e.what();
+      EXPECT_EQ(e.argument(), field) << what;
+      EXPECT_NE(what.find(in_file + " in the file, " + in_session + " in this session"), std::string::npos) << what;
+      EXPECT_NE(what.find(path.string()), std::string::npos) << what;
+    }
+  };
+  StreamConfig c = cfg;
+  c.options.eps = 1e-5;
+  refused_field(c, "eps", "9.99999997e-07", "9.99999975e-06");
+  // eps as the float32 the kernels use: a double that rounds to the same float is the same eps.
+  c.options.eps = std::nextafter(1e-6, 1.0);
+  EXPECT_EQ(StreamSession::restore(path.string(), c).tokens(), 0);
+  c = cfg;
+  c.options.chunk_size = 32;
+  refused_field(c, "chunk_size", "16", "32");
+  c = cfg;
+  c.options.gate = GateVariant::sigmoid;
+  refused_field(c, "gate", "exp", "sig");
+  c = cfg;
+  c.kernel = "chunkwise--cpu_limit_chunk";
+  refused_field(c, "kernel", "'chunkwise--cpu_xl_chunk'", "'chunkwise--cpu_limit_chunk'");
+  c = cfg;
+  c.DHQK = 8;
+  refused_field(c, "DHQK", "4", "8");
+  c = cfg;
+  c.NH = 1;
+  refused_field(c, "NH", "2", "1");
+  // normalize=false needs the sigmoid gate: a sigmoid snapshot with the normaliser vs a session without.
+  StreamConfig sig = cfg;
+  sig.options.gate = GateVariant::sigmoid;
+  StreamSession(sig).snapshot(path.string());
+  c = sig;
+  c.options.normalize = false;
+  refused_field(c, "normalize", "true", "false");
+  fs::remove(path);
+}
+
+namespace {
+
+std::vector<std::string> dir_entries(const fs::path& dir) {
+  std::vector<std::string> names;
+  for (const auto& e : fs::directory_iterator(dir)) names.push_back(e.path().filename().string());
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+std::string file_bytes(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+}  // namespace
+
+// Temporary files a killed snapshot left (".<name>.tmp.XXXXXX") are removed on the next restore() or
+// snapshot() of the same path; files that only look similar are left alone.
+TEST(StreamSnapshot, StaleTemporariesOfThePathAreRemovedOnTheNextStart) {
+  StreamConfig cfg;
+  cfg.B = 1; cfg.NH = 2; cfg.DHQK = 4; cfg.DHHV = 3;
+  const fs::path dir = fs::temp_directory_path() / ("mlstm_snapshot_debris_" + std::to_string(getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const std::string path = (dir / "state.snap").string();
+  StreamSession(cfg).snapshot(path);
+  const std::vector<std::string> ours = {".state.snap.tmp.Ab3xYz", ".state.snap.tmp.000000"};
+  const std::vector<std::string> not_ours = {
+      ".state.snap.tmp.Ab3xY",    // five characters
+      ".state.snap.tmp.Ab3xYz1",  // seven
+      ".state.snap.tmp.Ab-xYz",   // not a letter or digit
+      "state.snap.tmp.Ab3xYz",    // not hidden
+      ".other.snap.tmp.Ab3xYz",   // another target's
+      ".state.snapx.tmp.Ab3xYz",  // another target's
+      "notes.txt"};
+  auto make = [&](const std::vector<std::string>& names) {
+    for (const auto& n : names) std::ofstream(dir / n) << "debris";
+  };
+  auto expected = not_ours;
+  expected.push_back("state.snap");
+  std::sort(expected.begin(), expected.end());
+  for (const auto& n : ours) EXPECT_TRUE(is_atomic_temporary_of(path, n)) << n;
+  for (const auto& n : not_ours) EXPECT_FALSE(is_atomic_temporary_of(path, n)) << n;
+  make(ours);
+  make(not_ours);
+  fs::create_directories(dir / ".state.snap.tmp.dir123");  // our pattern, but a directory: left alone
+  expected.insert(std::upper_bound(expected.begin(), expected.end(), ".state.snap.tmp.dir123"),
+                  ".state.snap.tmp.dir123");
+  EXPECT_EQ(StreamSession::restore(path, cfg).tokens(), 0);  // a restart: restore cleans up
+  EXPECT_EQ(dir_entries(dir), expected);
+  make(ours);
+  StreamSession(cfg).snapshot(path);  // so does the next snapshot
+  EXPECT_EQ(dir_entries(dir), expected);
+  fs::remove_all(dir);
+}
+
+// A process killed (SIGKILL) while it writes snapshots leaves the previous snapshot whole (or a complete
+// newer one) and, at worst, a temporary file, which the next start removes.
+TEST(StreamSnapshot, AKilledWriterLeavesTheOldSnapshotAndTheNextStartCleansUp) {
+  StreamConfig cfg;
+  cfg.B = 1; cfg.NH = 8; cfg.DHQK = 256; cfg.DHHV = 256;  // C alone is 2 MiB: a write takes a while
+  const fs::path dir = fs::temp_directory_path() / ("mlstm_snapshot_kill_" + std::to_string(getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const std::string path = (dir / "state.snap").string();
+  StreamSession a(cfg);
+  a.snapshot(path);
+  const std::string good = file_bytes(path);
+  auto debris = [&] {
+    int n = 0;
+    for (const auto& name : dir_entries(dir)) n += is_atomic_temporary_of(path, name);
+    return n;
+  };
+  bool left_debris = false;
+  for (int attempt = 0; attempt < 40 && !left_debris; ++attempt) {
+    const pid_t child = fork();
+    ASSERT_GE(child, 0);
+    if (child == 0) {
+      for (;;) {
+        try {
+          a.snapshot(path);
+        } catch (...) {
+          _exit(3);
+        }
+      }
+    }
+    // Wait until the child is inside a write (its temporary file exists), then kill it there.
+    const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (debris() == 0 && std::chrono::steady_clock::now() < give_up) std::this_thread::yield();
+    if (attempt % 2) std::this_thread::sleep_for(std::chrono::microseconds(200 * attempt));
+    kill(child, SIGKILL);
+    int status = 0;
+    ASSERT_EQ(waitpid(child, &status, 0), child);
+    ASSERT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL) << "writer ended with status " << status;
+    EXPECT_EQ(file_bytes(path), good) << "the snapshot is not whole after a kill (attempt " << attempt << ")";
+    left_debris = debris() > 0;
+  }
+  EXPECT_TRUE(left_debris) << "no kill landed inside a write in 40 attempts";
+  StreamSession b = StreamSession::restore(path, cfg);  // the next start
+  EXPECT_TRUE(bit_equal(a.state().C, b.state().C));
+  EXPECT_EQ(debris(), 0);
+  EXPECT_EQ(dir_entries(dir), std::vector<std::string>{"state.snap"});
+  fs::remove_all(dir);
+}
+
+// A full disk (the file size limit, RLIMIT_FSIZE, as a stand-in): the snapshot throws, naming the path;
+// the previous snapshot stays whole and no temporary file is left.
+TEST(StreamSnapshot, AFullDiskLeavesThePreviousSnapshotAndNoDebris) {
+  StreamConfig cfg;
+  cfg.B = 1; cfg.NH = 2; cfg.DHQK = 64; cfg.DHHV = 64;  // 32 KiB of C
+  InputSpec s;
+  s.B = 1; s.NH = 2; s.S = 40; s.DHQK = 64; s.DHHV = 64;
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  const fs::path dir = fs::temp_directory_path() / ("mlstm_snapshot_full_" + std::to_string(getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const std::string path = (dir / "state.snap").string();
+  StreamSession a(cfg);
+  a.push(piece(in, 0, 20).args());
+  a.snapshot(path);
+  const std::string good = file_bytes(path);
+  a.push(piece(in, 20, 40).args());
+  std::string message;
+  {
+    struct sigaction ignore {}, previous {};
+    ignore.sa_handler = SIG_IGN;
+    sigaction(SIGXFSZ, &ignore, &previous);
+    rlimit old_limit{};
+    getrlimit(RLIMIT_FSIZE, &old_limit);
+    rlimit small = old_limit;
+    small.rlim_cur = 4096;
+    ASSERT_EQ(setrlimit(RLIMIT_FSIZE, &small), 0);
+    try {
+      a.snapshot(path);
+    } catch (const Error& e) {
+      message = e.what();
+    }
+    setrlimit(RLIMIT_FSIZE, &old_limit);
+    sigaction(SIGXFSZ, &previous, nullptr);
+  }
+  EXPECT_NE(message.find("snapshot"), std::string::npos) << message;
+  EXPECT_NE(message.find("state.snap"), std::string::npos) << message;
+  EXPECT_EQ(file_bytes(path), good);
+  EXPECT_EQ(dir_entries(dir), std::vector<std::string>{"state.snap"});
+  EXPECT_EQ(StreamSession::restore(path, cfg).tokens(), 20);
+  fs::remove_all(dir);
 }
 
 TEST(StreamSession, BadConfigAndPiecesNameTheArgument) {

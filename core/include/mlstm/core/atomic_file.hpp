@@ -37,4 +37,13 @@ class AtomicFile {
 void write_file_atomically(const std::string& path, const std::function<void(AtomicFile&)>& writer);
 void write_file_atomically(const std::string& path, std::string_view bytes);
 
+// The name of the temporary files AtomicFile uses for `path`: ".<name>.tmp.XXXXXX" in the same directory,
+// XXXXXX the six letters or digits mkstemp puts there. True when `candidate` (a bare file name) is one.
+bool is_atomic_temporary_of(const std::string& path, const std::string& candidate);
+// Removes the temporary files a killed writer (SIGKILL, power loss) left for `path`: only regular files
+// whose name matches that pattern exactly, nothing else. Best effort (a file that cannot be removed is
+// skipped); returns how many were removed. A writer of the same `path` running at the same time would
+// lose its temporary file, so call it where this process owns `path` (before its first write).
+std::size_t remove_stale_temporaries(const std::string& path);
+
 }  // namespace mlstm

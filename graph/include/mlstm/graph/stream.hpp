@@ -45,11 +45,17 @@ class StreamSession {
   std::int64_t tokens() const noexcept { return tokens_; }  // tokens per row consumed so far
   const StreamConfig& config() const noexcept { return config_; }
 
-  // Writes the state to `path` atomically (temporary file + rename). Format: magic, version, dims, gate,
-  // token count, C, n, m, FNV-1a 64 checksum.
+  // Writes the state to `path` atomically (hidden temporary file ".<name>.tmp.XXXXXX", fsync, rename; a
+  // failure leaves the previous snapshot and no temporary file). Temporary files of `path` that a killed
+  // earlier snapshot left are removed first (remove_stale_temporaries: only that exact name pattern).
+  // Format version 2: magic, version, B, NH, DHQK, DHHV, token count, gate, normalize, eps (the float32 bits
+  // the kernels use), chunk size, state dtype, kernel name, C, n, m, FNV-1a 64 checksum.
   void snapshot(const std::string& path) const;
-  // Reads a snapshot; a truncated, corrupted or mismatching file (dims or gate differ from `config`) is
-  // refused with mlstm::Error naming the file and the problem.
+  // Reads a snapshot (removing stale temporary files of `path` first, like snapshot()). A truncated,
+  // corrupted, version-1 or unknown-version file is refused with mlstm::Error naming the file and the
+  // problem; a file whose dims, gate, normalize, eps, chunk size or kernel differ from `config` with
+  // InvalidArgument naming the field and both values ("eps: snapshot 's' refused: 9.99999997e-07 in the
+  // file, 9.99999975e-06 in this session").
   static StreamSession restore(const std::string& path, StreamConfig config);
   // The checksum a snapshot ends with (FNV-1a 64 of every byte before it).
   static std::uint64_t checksum(const std::string& bytes) noexcept;
