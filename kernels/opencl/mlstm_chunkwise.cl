@@ -48,10 +48,7 @@ inline void st(__global in_t* p, size_t idx, float x) {
 }
 #endif
 
-#define FORGET_CUT 256.0f  // stages::kForgetCut
-inline float logsigmoid(float x) { return x >= 0.0f ? -log1p(exp(-x)) : x - log1p(exp(x)); }
-// exp of a log-weight difference; (-inf) - (-inf) gives NaN, which means "no contribution".
-inline float safe_exp(float x) { return isnan(x) ? 0.0f : exp(x); }
+// FORGET_CUT, logsigmoid and safe_exp come from common.cl, which the host puts before this text.
 
 // One work item per (row, chunk): b (inclusive cumsum of logsigmoid(f) in the chunk), ig, G.
 __kernel void fw_gates(__global const float* i, __global const float* f, __global float* b, __global float* ig,

@@ -25,6 +25,13 @@ int dtype_code(DType d) {
   return 0;
 }
 
+// common.cl followed by mlstm_chunkwise.cl: the text of the portable program. Assembled once (the program cache
+// hashes it on every lookup).
+const std::string& portable_source_text() {
+  static const std::string text = kernel_source("common") + "\n" + kernel_source("mlstm_chunkwise");
+  return text;
+}
+
 }  // namespace
 
 namespace {
@@ -107,7 +114,7 @@ class ResidentPortable final : public ResidentChunkwise {
         opts << " -DBQB=" << kBackwardBlock << " -DBKT=" << kBackwardTile << " -DBWG=" << ChunkwiseRunner::kWorkGroup;
       }
     }
-    cl_program prog = dev.program("mlstm_chunkwise", opts.str());
+    cl_program prog = dev.program_from_text("mlstm_chunkwise", portable_source_text(), opts.str());
     k_gates_ = KernelObject{dev.kernel(prog, "fw_gates")};
     k_weights_ = KernelObject{dev.kernel(prog, "fw_state_weights")};
     k_states_ = KernelObject{dev.kernel(prog, "fw_states_tiled")};

@@ -110,7 +110,7 @@ const std::string& tc_source_text(const std::string& body) {
   static std::map<std::string, std::string> texts;  // node-based: references stay valid
   std::lock_guard lock(mutex);
   auto it = texts.find(body);
-  if (it == texts.end()) it = texts.emplace(body, kernel_source("tc_common") + "\n" + kernel_source(body)).first;
+  if (it == texts.end()) it = texts.emplace(body, kernel_source("common") + "\n" + kernel_source("tc_common") + "\n" + kernel_source(body)).first;
   return it->second;
 }
 

@@ -239,7 +239,6 @@ TC_INLINE void ldB2_T(__local const ushort* s, int str, int n0, int k0, uint* b)
 
 // ---- misc ---------------------------------------------------------------------------------------
 
-TC_INLINE float logsigmoid_f(float x) { return x < 0.0f ? x - log1p(exp(x)) : -log1p(exp(-x)); }
 TC_INLINE float sigmoid_f(float x) { return 1.0f / (1.0f + exp(-x)); }
 
 // Probe kernel: checks the fragment loaders (ldmatrix path against the plain-load path) on the device.
