@@ -141,10 +141,11 @@ struct Cl {
     std::string key = file + "|" + opts;
     auto it = progs.find(key);
     if (it != progs.end()) return it->second;
-    std::string common = read_file(dir + "/tc_common.cl"), body = read_file(dir + "/" + file);
-    const char* srcs[2] = {common.c_str(), body.c_str()};
+    std::string shared = read_file(dir + "/../common.cl"), common = read_file(dir + "/tc_common.cl"),
+                body = read_file(dir + "/" + file);
+    const char* srcs[3] = {shared.c_str(), common.c_str(), body.c_str()};
     cl_int e;
-    cl_program p = clCreateProgramWithSource(ctx, 2, srcs, nullptr, &e);
+    cl_program p = clCreateProgramWithSource(ctx, 3, srcs, nullptr, &e);
     CK(e);
     e = clBuildProgram(p, 1, &dev, opts.c_str(), nullptr, nullptr);
     size_t n = 0;
@@ -255,15 +256,15 @@ struct TcRunner {
     kgg = cl.kernel(pg, "tc_bw_gate_grads");
     std::string so = base + " -DKT=" + std::to_string(KT) + " -DVT=" + std::to_string(VT);
     kfs = cl.kernel(cl.program("tc_states.cl", so + " -DMODE=0"), "tc_fw_states");
-    kbs = cl.kernel(cl.program("tc_states.cl", so + " -DMODE=1"), "tc_bw_states");
+    kbs = cl.kernel(cl.program("tc_states.cl", so + " -DMODE=1"), "tc_bw_state_grads");
     auto copt = [&](int mode, int DA, int DOUT, int OT, int DS) {
       return base + " -DMODE=" + std::to_string(mode) + " -DDA=" + std::to_string(DA) + " -DDOUT=" +
              std::to_string(DOUT) + " -DOT=" + std::to_string(OT) + " -DDS=" + std::to_string(DS);
     };
     kfo = cl.kernel(cl.program("tc_chunk.cl", copt(0, s.K, s.V, OTf, DSf)), "tc_fw_outputs");
-    kdq = cl.kernel(cl.program("tc_chunk.cl", copt(1, s.V, s.K, OTq, DSq)), "tc_bw_dq");
-    kdk = cl.kernel(cl.program("tc_chunk.cl", copt(2, s.V, s.K, OTq, DSq)), "tc_bw_dk");
-    kdv = cl.kernel(cl.program("tc_chunk.cl", copt(3, s.K, s.V, OTf, DSf)), "tc_bw_dv");
+    kdq = cl.kernel(cl.program("tc_chunk.cl", copt(1, s.V, s.K, OTq, DSq)), "tc_bw_grads_dq");
+    kdk = cl.kernel(cl.program("tc_chunk.cl", copt(2, s.V, s.K, OTq, DSq)), "tc_bw_grads_dk");
+    kdv = cl.kernel(cl.program("tc_chunk.cl", copt(3, s.K, s.V, OTf, DSf)), "tc_bw_grads_dv");
 
     size_t tok = (size_t)rows * s.S, e2 = 2;
     q = alloc(tok * s.K * e2);

@@ -13,7 +13,7 @@
 // unless said otherwise:
 //   fw_gates            (nc, rows) items, one per (row, chunk):         i, f -> b, ig, G
 //   fw_state_weights    one group of 64 per row, serial over chunks:     b, ig, G, m0 -> mb, carry, wtok, m_last
-//   fw_states_tiled     one group per (row, 64 x 64*SVW tile of C), serial over the chunks in sub-tiles of 16
+//   fw_states           one group per (row, 64 x 64*SVW tile of C), serial over the chunks in sub-tiles of 16
 //                       tokens staged in local memory (next sub-tile prefetched into registers), 4 x 4*SVW
 //                       state values per work item in registers:     k, v, carry, wtok, C0, n0 -> Cb, nb, C/n_last
 //   fw_outputs_regtiled one group per (row, chunk, 64 queries, 64*OVW columns of h); 4 x 4*OVW outputs per
@@ -22,7 +22,7 @@
 //   fw_outputs_tiled / fw_outputs: chunks shorter than 32 / no local memory (blocks of 16 or 8 queries; one
 //                       group per token).
 //   bw_prep             one item per token:                              dh, h, m_t, N_t, den_t -> dden
-//   bw_states_tiled     as fw_states_tiled, reverse over the chunks:     q, dh, dden, b, mb, carry, m_t, N_t,
+//   bw_state_grads      as fw_states, reverse over the chunks:           q, dh, dden, b, mb, carry, m_t, N_t,
 //                                                                        dC/dn_last -> dCn, dnn (per chunk), dC0, dn0
 //   bw_grads_tiled      one group of 64 per (row, chunk, 8 tokens); key/query tiles of 16 in local memory:
 //                       q, k, v, dh, dden, b, ig, mb, wtok, Cb, nb, dCn, dnn, m_t, N_t -> dq, dk, dv, q.dq, k.dk
@@ -125,7 +125,7 @@ void fw_state_weights(__global const float* b, __global const float* ig, __globa
   if (lid == 0) mout[row] = m;
 }
 
-// ---- The state recurrences (fw_states_tiled, bw_states_tiled) -----------------------------------------
+// ---- The state recurrences (fw_states, bw_state_grads) -----------------------------------------------------
 // Launch: global (256 * NTD * NTE, rows), local (256, 1); one work group per (row, SD x SE tile of C).
 // Work item (ty = lid / 16, tx = lid % 16) keeps rows d = d0 + 4 ty + i (i < 4) and columns
 // e = e0 + 64 w + 4 tx + j (w < SVW, j < 4) of C in registers for the whole sequence; the work groups of the
@@ -282,7 +282,7 @@ inline void state_scan(const int backward, __global const in_t* xsrc, __global c
 }
 
 __kernel __attribute__((reqd_work_group_size(256, 1, 1)))
-void fw_states_tiled(__global const in_t* k, __global const in_t* v, __global const float* carry,
+void fw_states(__global const in_t* k, __global const in_t* v, __global const float* carry,
                      __global const float* wtok, __global const float* C0, __global const float* n0,
                      __global float* Cb, __global float* nb, __global float* Cout, __global float* nout, int S,
                      int nchunks) {
@@ -749,9 +749,9 @@ __kernel void bw_prep(__global const in_t* dh, __global const in_t* h, __global 
 
 // The reverse state-gradient recurrence (state_scan above, backward): x <- carry_c x + sum_t
 // [exp(b_t + m_c - m_t) q'_t] [dnum_aug_t]^T, writing the gradient of the state LEAVING each chunk (dCn, dnn)
-// and finally that of the initial state (dC0, dn0). Same launch geometry as fw_states_tiled.
+// and finally that of the initial state (dC0, dn0). Same launch geometry as fw_states.
 __kernel __attribute__((reqd_work_group_size(256, 1, 1)))
-void bw_states_tiled(__global const in_t* q, __global const in_t* dh, __global const float* dden,
+void bw_state_grads(__global const in_t* q, __global const in_t* dh, __global const float* dden,
                      __global const float* b, __global const float* mb, __global const float* carry,
                      __global const float* m_tok, __global const float* N_tok, __global const float* dC_last,
                      __global const float* dn_last, int has_dlast, __global float* dCn, __global float* dnn,
@@ -1128,7 +1128,7 @@ void bw_grads_tiled(__global const in_t* q, __global const in_t* k, __global con
 }
 #endif
 
-// ---- Register-tiled gradient kernels (bw_dq_regtiled, bw_dk_regtiled, bw_dv_regtiled) --------------------
+// ---- Register-tiled gradient kernels (bw_grads_dq_regtiled, bw_grads_dk_regtiled, bw_grads_dv_regtiled) ----
 // Launch (each): global (256 * nchunks * ceil(CHUNK / 64) * GCT, rows), local (256, 1): one work group per
 // (row, chunk, block of 64 OWN tokens, tile of 64*GVW output columns), the column tile fastest. Work item
 // (ty, tx) owns tokens r = 4 ty + i and columns 64 w + 4 tx + j: 16 GVW accumulators in registers. The same
@@ -1365,17 +1365,17 @@ inline void bw_grads_chain(const int mode, __global const in_t* q, __global cons
                  nchunks, aT, stg, cT, r_sc, o_b, o_ig, o_m, o_dd, r_b, r_ig, r_m, r_dd, red)
 
 __kernel __attribute__((reqd_work_group_size(256, 1, 1)))
-void bw_dq_regtiled(BW_CHAIN_PARAMS, __global in_t* dq, __global float* qdq, int S, int nchunks) {
+void bw_grads_dq_regtiled(BW_CHAIN_PARAMS, __global in_t* dq, __global float* qdq, int S, int nchunks) {
   BW_CHAIN_LOCALS
   BW_CHAIN_CALL(0, dq, qdq);
 }
 __kernel __attribute__((reqd_work_group_size(256, 1, 1)))
-void bw_dk_regtiled(BW_CHAIN_PARAMS, __global in_t* dk, __global float* kdk, int S, int nchunks) {
+void bw_grads_dk_regtiled(BW_CHAIN_PARAMS, __global in_t* dk, __global float* kdk, int S, int nchunks) {
   BW_CHAIN_LOCALS
   BW_CHAIN_CALL(1, dk, kdk);
 }
 __kernel __attribute__((reqd_work_group_size(256, 1, 1)))
-void bw_dv_regtiled(BW_CHAIN_PARAMS, __global in_t* dv, __global float* unused, int S, int nchunks) {
+void bw_grads_dv_regtiled(BW_CHAIN_PARAMS, __global in_t* dv, __global float* unused, int S, int nchunks) {
   BW_CHAIN_LOCALS
   BW_CHAIN_CALL(2, dv, unused);
 }

@@ -117,7 +117,7 @@ class ResidentPortable final : public ResidentChunkwise {
     cl_program prog = dev.program_from_text("mlstm_chunkwise", portable_source_text(), opts.str());
     k_gates_ = KernelObject{dev.kernel(prog, "fw_gates")};
     k_weights_ = KernelObject{dev.kernel(prog, "fw_state_weights")};
-    k_states_ = KernelObject{dev.kernel(prog, "fw_states_tiled")};
+    k_states_ = KernelObject{dev.kernel(prog, "fw_states")};
     k_outputs_ = KernelObject{dev.kernel(prog, outputs_kernel_name())};
 
     const std::size_t fs = sizeof(float), tok = static_cast<std::size_t>(rows_) * static_cast<std::size_t>(S_);
@@ -171,13 +171,13 @@ class ResidentPortable final : public ResidentChunkwise {
       if (!outputs_) throw Error("portable backward needs the forward outputs");
       has_grads_ = true;
       k_prep_ = KernelObject{dev.kernel(prog, "bw_prep")};
-      k_bw_states_ = KernelObject{dev.kernel(prog, "bw_states_tiled")};
+      k_bw_states_ = KernelObject{dev.kernel(prog, "bw_state_grads")};
       if (state_only_) {
         // no token gradients
       } else if (regtiled_backward_) {
-        k_bw_grads_ = KernelObject{dev.kernel(prog, "bw_dq_regtiled")};
-        k_bw_dk_ = KernelObject{dev.kernel(prog, "bw_dk_regtiled")};
-        k_bw_dv_ = KernelObject{dev.kernel(prog, "bw_dv_regtiled")};
+        k_bw_grads_ = KernelObject{dev.kernel(prog, "bw_grads_dq_regtiled")};
+        k_bw_dk_ = KernelObject{dev.kernel(prog, "bw_grads_dk_regtiled")};
+        k_bw_dv_ = KernelObject{dev.kernel(prog, "bw_grads_dv_regtiled")};
       } else {
         k_bw_grads_ = KernelObject{dev.kernel(prog, tiled_backward_ ? "bw_grads_tiled" : "bw_grads")};
       }
@@ -230,7 +230,7 @@ class ResidentPortable final : public ResidentChunkwise {
     const std::size_t rows = static_cast<std::size_t>(rows_), wg = ChunkwiseRunner::kWorkGroup;
     launch(k_gates_, "fw_gates", 2, {static_cast<std::size_t>(nchunks_), rows}, {}, events);
     launch(k_weights_, "fw_state_weights", 1, {64 * rows}, {64}, events);
-    launch(k_states_, "fw_states_tiled", 2, {256 * state_tiles(), rows}, {256, 1}, events);
+    launch(k_states_, "fw_states", 2, {256 * state_tiles(), rows}, {256, 1}, events);
     if (outputs_) {
       if (regtiled_outputs_) {
         const std::size_t col_tiles = (static_cast<std::size_t>(p_.DHHV) + 64 * ovw_ - 1) / (64 * ovw_);
@@ -251,7 +251,7 @@ class ResidentPortable final : public ResidentChunkwise {
     if (!forward_done_) throw Error("portable backward: enqueue the forward first");
     const std::size_t rows = static_cast<std::size_t>(rows_), S = static_cast<std::size_t>(S_);
     launch(k_prep_, "bw_prep", 2, {round_up(S, 64), rows}, {64, 1}, events);
-    launch(k_bw_states_, "bw_states_tiled", 2, {256 * state_tiles(), rows}, {256, 1}, events);
+    launch(k_bw_states_, "bw_state_grads", 2, {256 * state_tiles(), rows}, {256, 1}, events);
   }
 
   // The gradient of the state entering the sequence (dc0, dn0; dm0 is left to the caller).
@@ -274,9 +274,9 @@ class ResidentPortable final : public ResidentChunkwise {
       const std::size_t cols = 64 * static_cast<std::size_t>(gvw_);
       const std::size_t qk_tiles = (static_cast<std::size_t>(p_.DHQK) + cols - 1) / cols;
       const std::size_t v_tiles = (static_cast<std::size_t>(p_.DHHV) + cols - 1) / cols;
-      launch(k_bw_grads_, "bw_dq_regtiled", 2, {blocks * qk_tiles * 256, rows}, {256, 1}, events);
-      launch(k_bw_dk_, "bw_dk_regtiled", 2, {blocks * qk_tiles * 256, rows}, {256, 1}, events);
-      launch(k_bw_dv_, "bw_dv_regtiled", 2, {blocks * v_tiles * 256, rows}, {256, 1}, events);
+      launch(k_bw_grads_, "bw_grads_dq_regtiled", 2, {blocks * qk_tiles * 256, rows}, {256, 1}, events);
+      launch(k_bw_dk_, "bw_grads_dk_regtiled", 2, {blocks * qk_tiles * 256, rows}, {256, 1}, events);
+      launch(k_bw_dv_, "bw_grads_dv_regtiled", 2, {blocks * v_tiles * 256, rows}, {256, 1}, events);
     } else if (tiled_backward_) {
       const std::size_t blocks = static_cast<std::size_t>(nchunks_) * ((static_cast<std::size_t>(L_) + kBackwardBlock - 1) / kBackwardBlock);
       launch(k_bw_grads_, "bw_grads_tiled", 2, {blocks * ChunkwiseRunner::kWorkGroup, rows},
