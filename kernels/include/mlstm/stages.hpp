@@ -2,17 +2,15 @@
 // kernels compose and that the flow-graph nodes (nodes/) schedule; the OpenCL kernels implement the
 // same stages under the same names (fw_gates, fw_states, fw_outputs, bw_state_grads, bw_grads,
 // bw_gate_grads). Stage names, CPU (below) / portable OpenCL (kernels/opencl/mlstm_chunkwise.cl) /
-// tensor cores (kernels/opencl/tc/*.cl, prefix tc_). A suffix names a variant where several kernels of
-// one stage coexist and the host picks one (_tiled, _regtiled), or one part of a stage split over
-// several kernels (_dq, _dk, _dv):
+// tensor cores (kernels/opencl/tc/*.cl, prefix tc_). A suffix names a variant where two kernels of one
+// stage coexist and the host picks one (_regtiled; the plain name is the per-token fallback), or one part
+// of a stage split over several kernels (_dq, _dk, _dv):
 //   stage            CPU               portable OpenCL                             tensor cores
 //   fw_gates         fw_gates          fw_gates                                    tc_fw_gates
 //   fw_states        fw_states         fw_state_weights (1) + fw_states            tc_fw_states
-//   fw_outputs       fw_outputs        fw_outputs | fw_outputs_tiled               tc_fw_outputs
-//                                      | fw_outputs_regtiled
+//   fw_outputs       fw_outputs        fw_outputs | fw_outputs_regtiled            tc_fw_outputs
 //   bw_state_grads   bw_state_grads    bw_prep (2) + bw_state_grads                tc_bw_prep (2) + tc_bw_state_grads
-//   bw_grads         bw_grads          bw_grads | bw_grads_tiled                   tc_bw_grads_dq, _dk, _dv
-//                                      | bw_grads_dq/_dk/_dv_regtiled
+//   bw_grads         bw_grads          bw_grads | bw_grads_dq/_dk/_dv_regtiled     tc_bw_grads_dq, _dk, _dv
 //   bw_gate_grads    bw_gate_grads     bw_gate_grads                               tc_bw_gate_grads
 //   fixup_states, combine: CPU only (sequence parallelism in the graph).
 //   (1) the per-chunk weights (stabilisers, carries, token weights) that fw_states folds in inline on the CPU.
