@@ -135,6 +135,7 @@ TcConfig make_config(Device& dev, bool emulate, const ProblemShape& p, const Mls
     << " -DDHQK=" << p.DHQK << " -DDHHV=" << p.DHHV << " -DGATE_EXP=" << (o.gate == GateVariant::exp ? 1 : 0)
     << " -DNORMALIZE=" << (o.normalize || o.gate == GateVariant::exp ? 1 : 0) << " -DEPS=" << std::hexfloat
     << static_cast<float>(o.eps) << "f";
+  if (launch.msplit) b << " -DMSPLIT=1";
   c.base = b.str();
   return c;
 }
