@@ -1,6 +1,6 @@
 // Tensor-core helpers for the chunkwise mLSTM OpenCL kernels (NVIDIA, sm_80+, inline PTX).
-// This file is prepended to every tc_*.cl source by the host (clCreateProgramWithSource with
-// several strings). See README.md beside it for the kernel interface.
+// The host puts this file before every tc_*.cl source, after ../common.cl (tc_source_text in
+// devices/src/opencl/tc_program.cpp). See README.md beside it for the kernel interface.
 //
 // Build options read here:
 //   -DDT_F16=0|1   16-bit element type of q,k,v,h and of the boundary states: 0 bf16, 1 fp16
