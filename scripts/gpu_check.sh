@@ -3,7 +3,7 @@
 # builds the project, runs the OpenCL (portable + tensor-core), graph and stream tests on the NVIDIA device,
 # then bench_opencl (Google Benchmark: tensor-core and portable chunkwise kernels at the TFLA anchor setup,
 # device-resident, OpenCL event timing, medians) and `mlstm run` on CPU workers + the GPU.
-#   SKIP_TIMINGS=1   tests only;  TESTS=0  timings only;  RUN_HARNESS=1  also the standalone tc harness
+#   SKIP_TIMINGS=1   tests only;  TESTS=0  timings only
 #   BENCH_ARGS=...   extra bench_opencl arguments (e.g. --benchmark_filter=tc)
 #   TEST_LIST=...    test binaries to run (default: the OpenCL and graph ones);  RUN_GRAPH=1  graph stream runs
 set -o pipefail
@@ -31,10 +31,6 @@ if [ "${SKIP_TIMINGS:-0}" != 1 ]; then
   echo "== bench_opencl (anchor setup: B*S=65536, NH=16, DHQK=128, DHHV=256, bf16)"
   timeout ${BENCH_TIMEOUT:-420} $build/benchmarks/bench_opencl --benchmark_out=$out/bench_opencl.json \
     --benchmark_out_format=json ${BENCH_ARGS:-} 2>&1 | grep -E "median|ERROR|error" | sed -E 's/iterations:1\/repeats:[0-9]+\/manual_time_//' | cut -c1-220
-  if [ "${RUN_HARNESS:-0}" = 1 ]; then
-    echo "== tensor-core harness"
-    timeout 240 bash benchmarks/gpu_tc/run_gpu.sh 2>&1 | tail -40
-  fi
 fi
 echo "== mlstm run (default: pipeline on the GPU), 1M tokens"
 timeout 120 $build/tools/mlstm run 2>&1 | tail -4

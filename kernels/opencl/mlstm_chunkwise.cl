@@ -4,8 +4,8 @@
 // float32 accumulation, float32 gate cumsums and states. Build options (required):
 //   -DDHQK=<int> -DDHHV=<int> -DCHUNK=<int> -DKEY_TILE=<int> -DGATE_EXP=<0|1> -DNORMALIZE=<0|1>
 //   -DIN_DTYPE=<0 float32 | 1 float16 | 2 bfloat16> -DEPS=<float>
-// optional: -DSVW (state tiles), -DOVW (selects fw_outputs_regtiled), -DQB -DKT -DWG (fw_outputs_tiled),
-//   -DBQB -DBKT -DBWG (bw_grads_tiled).
+// optional: -DSVW (state tiles), -DOVW (selects fw_outputs_regtiled, else fw_outputs), -DGVW (selects
+//   bw_grads_dq/_dk/_dv_regtiled, else bw_grads).
 // Layouts: q,k (rows, S, DHQK), v (rows, S, DHHV), i,f (rows, S) float32, states float32
 // C (rows, DHQK, DHHV), n (rows, DHQK), m (rows). Boundary states: (rows, nchunks, ...).
 //
@@ -13,20 +13,20 @@
 // unless said otherwise:
 //   fw_gates            (nc, rows) items, one per (row, chunk):         i, f -> b, ig, G
 //   fw_state_weights    one group of 64 per row, serial over chunks:     b, ig, G, m0 -> mb, carry, wtok, m_last
-//   fw_states_tiled     one group per (row, 64 x 64*SVW tile of C), serial over the chunks in sub-tiles of 16
+//   fw_states           one group per (row, 64 x 64*SVW tile of C), serial over the chunks in sub-tiles of 16
 //                       tokens staged in local memory (next sub-tile prefetched into registers), 4 x 4*SVW
 //                       state values per work item in registers:     k, v, carry, wtok, C0, n0 -> Cb, nb, C/n_last
 //   fw_outputs_regtiled one group per (row, chunk, 64 queries, 64*OVW columns of h); 4 x 4*OVW outputs per
 //                       work item; Q'C and the 64 x 64 score blocks (key tiles of 64, so any chunk size)
 //                       register-tiled over local-memory stages:     q, k, v, b, ig, Cb, nb, mb -> h, m_t, N_t, den_t
-//   fw_outputs_tiled / fw_outputs: chunks shorter than 32 / no local memory (blocks of 16 or 8 queries; one
-//                       group per token).
+//   fw_outputs          (fallback: chunks shorter than 32, too little local memory) one group per token.
 //   bw_prep             one item per token:                              dh, h, m_t, N_t, den_t -> dden
-//   bw_states_tiled     as fw_states_tiled, reverse over the chunks:     q, dh, dden, b, mb, carry, m_t, N_t,
+//   bw_state_grads      as fw_states, reverse over the chunks:           q, dh, dden, b, mb, carry, m_t, N_t,
 //                                                                        dC/dn_last -> dCn, dnn (per chunk), dC0, dn0
-//   bw_grads_tiled      one group of 64 per (row, chunk, 8 tokens); key/query tiles of 16 in local memory:
+//   bw_grads_dq/_dk/_dv_regtiled  one group per (row, chunk, 64 tokens, 64*GVW columns of dq / dk / dv):
 //                       q, k, v, dh, dden, b, ig, mb, wtok, Cb, nb, dCn, dnn, m_t, N_t -> dq, dk, dv, q.dq, k.dk
-//   bw_grads            (fallback) one group per token.
+//   bw_grads            (fallback: chunks shorter than 32, DHQK > 256, too little local memory) one group per
+//                       token.
 //   bw_gate_grads       one group per row (blocked suffix scan over the whole sequence):
 //                       i, f, q.dq, k.dk, dC/dn_last, C/n_last, dC0, dn0, C0, n0 -> di, df, dm0
 
@@ -48,10 +48,7 @@ inline void st(__global in_t* p, size_t idx, float x) {
 }
 #endif
 
-#define FORGET_CUT 256.0f  // stages::kForgetCut
-inline float logsigmoid(float x) { return x >= 0.0f ? -log1p(exp(-x)) : x - log1p(exp(x)); }
-// exp of a log-weight difference; (-inf) - (-inf) gives NaN, which means "no contribution".
-inline float safe_exp(float x) { return isnan(x) ? 0.0f : exp(x); }
+// FORGET_CUT, logsigmoid and safe_exp come from common.cl, which the host puts before this text.
 
 // One work item per (row, chunk): b (inclusive cumsum of logsigmoid(f) in the chunk), ig, G.
 __kernel void fw_gates(__global const float* i, __global const float* f, __global float* b, __global float* ig,
@@ -128,7 +125,7 @@ void fw_state_weights(__global const float* b, __global const float* ig, __globa
   if (lid == 0) mout[row] = m;
 }
 
-// ---- The state recurrences (fw_states_tiled, bw_states_tiled) -----------------------------------------
+// ---- The state recurrences (fw_states, bw_state_grads) -----------------------------------------------------
 // Launch: global (256 * NTD * NTE, rows), local (256, 1); one work group per (row, SD x SE tile of C).
 // Work item (ty = lid / 16, tx = lid % 16) keeps rows d = d0 + 4 ty + i (i < 4) and columns
 // e = e0 + 64 w + 4 tx + j (w < SVW, j < 4) of C in registers for the whole sequence; the work groups of the
@@ -285,7 +282,7 @@ inline void state_scan(const int backward, __global const in_t* xsrc, __global c
 }
 
 __kernel __attribute__((reqd_work_group_size(256, 1, 1)))
-void fw_states_tiled(__global const in_t* k, __global const in_t* v, __global const float* carry,
+void fw_states(__global const in_t* k, __global const in_t* v, __global const float* carry,
                      __global const float* wtok, __global const float* C0, __global const float* n0,
                      __global float* Cb, __global float* nb, __global float* Cout, __global float* nout, int S,
                      int nchunks) {
@@ -296,7 +293,7 @@ void fw_states_tiled(__global const in_t* k, __global const in_t* v, __global co
              ys, ya);
 }
 
-#if !defined(OVW) && !defined(QB)  // only compiled where the host uses it
+#ifndef OVW  // only compiled where the host uses it
 // One work group per (row, token): scores q'_t . k_s over key tiles of KEY_TILE in local memory, then each
 // work item accumulates num_t[e] for its e. The stabiliser m_t comes from the gates alone (prefix max), so
 // no rescaling is needed across tiles. Writes h in the input dtype and, per token, m_t, N_t and den_t.
@@ -382,137 +379,6 @@ __kernel void fw_outputs(__global const in_t* q, __global const in_t* k, __globa
     m_tok[gbase + t] = mt;
     N_tok[gbase + t] = N;
     den_tok[gbase + t] = den;
-  }
-}
-#endif
-
-// Tiled output kernel: one work group per (row, chunk, block of QB queries). The block's queries, a tile of
-// KT keys and values, and the block's weights live in local memory, so every key, value and state element
-// read from global memory serves QB queries. Work item `lid` owns the output columns e = lid + WG*j.
-// Extra build options: -DQB=<queries per group> -DKT=<keys per tile> -DWG=<work-group size>.
-#ifdef QB
-__kernel __attribute__((reqd_work_group_size(WG, 1, 1)))
-void fw_outputs_tiled(__global const in_t* q, __global const in_t* k, __global const in_t* v,
-                      __global const float* b, __global const float* ig, __global const float* Cb,
-                      __global const float* nb, __global const float* mb, __global in_t* h, __global float* m_tok,
-                      __global float* N_tok, __global float* den_tok, int S, int nchunks) {
-  __local float qs[QB][DHQK];
-  __local float ks[KT][DHQK];
-  __local float vs[KT][DHHV];
-  __local float w[QB][KT];
-  __local float mt_l[QB], bt_l[QB], den_l[QB], inter_l[QB];
-  const int blocks_per_chunk = (CHUNK + QB - 1) / QB;
-  const int c = get_group_id(0) / blocks_per_chunk, qb = get_group_id(0) % blocks_per_chunk;
-  const int row = get_group_id(1), lid = get_local_id(0);
-  const int t0c = c * CHUNK, clen = min(CHUNK, S - t0c);
-  const int q0 = t0c + qb * QB;
-  const int qn = min(QB, t0c + clen - q0);
-  if (qn <= 0) return;
-  const size_t gbase = (size_t)row * S;
-  const size_t bidx = (size_t)row * nchunks + c;
-  const float scale = rsqrt((float)DHQK);
-  for (int x = lid; x < QB * DHQK; x += WG) {
-    const int j = x / DHQK, d = x % DHQK;
-    qs[j][d] = j < qn ? ld(q, (gbase + q0 + j) * DHQK + d) * scale : 0.0f;
-  }
-  if (lid < QB) {
-    const int t = q0 + lid;
-#if GATE_EXP
-    const float m_in = mb[bidx];
-    float mt = -INFINITY, bt = 0.0f;
-    if (lid < qn) {
-      bt = b[gbase + t];
-      mt = bt + m_in;
-      for (int s = t0c; s <= t; ++s) mt = fmax(mt, bt - b[gbase + s] + ig[gbase + s]);
-    }
-    mt_l[lid] = mt;
-    bt_l[lid] = bt;
-    inter_l[lid] = lid < qn ? safe_exp(bt + m_in - mt) : 0.0f;
-#else
-    mt_l[lid] = 0.0f;
-    bt_l[lid] = lid < qn ? b[gbase + t] : 0.0f;
-    inter_l[lid] = lid < qn ? exp(bt_l[lid]) : 0.0f;
-#endif
-  }
-  barrier(CLK_LOCAL_MEM_FENCE);
-  // Inter-chunk part: num[j][e] = inter_j * sum_d qs[j][d] C[d][e]; den_j = inter_j * qs_j . n
-#define EPI ((DHHV + WG - 1) / WG)
-  float acc[QB][EPI];
-  for (int j = 0; j < QB; ++j)
-    for (int i = 0; i < EPI; ++i) acc[j][i] = 0.0f;
-  for (int d = 0; d < DHQK; ++d) {
-    for (int i = 0; i < EPI; ++i) {
-      const int e = lid + i * WG;
-      const float cde = e < DHHV ? Cb[(bidx * DHQK + d) * DHHV + e] : 0.0f;
-      for (int j = 0; j < QB; ++j) acc[j][i] += qs[j][d] * cde;
-    }
-  }
-  for (int j = 0; j < QB; ++j)
-    for (int i = 0; i < EPI; ++i) acc[j][i] *= inter_l[j];
-  if (lid < QB) {
-    float dn = 0.0f;
-    for (int d = 0; d < DHQK; ++d) dn += qs[lid][d] * nb[bidx * DHQK + d];
-    den_l[lid] = inter_l[lid] * dn;
-  }
-  // Intra-chunk part over key tiles up to the block's last query.
-  const int s_end = q0 + qn;  // exclusive
-  for (int s0 = t0c; s0 < s_end; s0 += KT) {
-    const int sn = min(KT, s_end - s0);
-    barrier(CLK_LOCAL_MEM_FENCE);
-    for (int x = lid; x < KT * DHQK; x += WG) {
-      const int l = x / DHQK, d = x % DHQK;
-      ks[l][d] = l < sn ? ld(k, (gbase + s0 + l) * DHQK + d) : 0.0f;
-    }
-    for (int x = lid; x < KT * DHHV; x += WG) {
-      const int l = x / DHHV, e = x % DHHV;
-      vs[l][e] = l < sn ? ld(v, (gbase + s0 + l) * DHHV + e) : 0.0f;
-    }
-    barrier(CLK_LOCAL_MEM_FENCE);
-    for (int x = lid; x < QB * KT; x += WG) {
-      const int j = x / KT, l = x % KT;
-      const int t = q0 + j, s = s0 + l;
-      float wt = 0.0f;
-      if (j < qn && l < sn && s <= t) {
-        float dot = 0.0f;
-        for (int d = 0; d < DHQK; ++d) dot += qs[j][d] * ks[l][d];
-        wt = exp(bt_l[j] - b[gbase + s] + ig[gbase + s] - mt_l[j]) * dot;
-      }
-      w[j][l] = wt;
-    }
-    barrier(CLK_LOCAL_MEM_FENCE);
-    if (lid < QB) {
-      float sum = 0.0f;
-      for (int l = 0; l < sn; ++l) sum += w[lid][l];
-      den_l[lid] += sum;
-    }
-    for (int l = 0; l < sn; ++l) {
-      for (int i = 0; i < EPI; ++i) {
-        const int e = lid + i * WG;
-        const float ve = e < DHHV ? vs[l][e] : 0.0f;
-        for (int j = 0; j < QB; ++j) acc[j][i] += w[j][l] * ve;
-      }
-    }
-  }
-  barrier(CLK_LOCAL_MEM_FENCE);
-  for (int j = 0; j < qn; ++j) {
-    const float den = den_l[j], mt = mt_l[j];
-#if GATE_EXP
-    const float N = fmax(fabs(den), exp(-mt)) + EPS;
-#elif NORMALIZE
-    const float N = fmax(fabs(den), 1.0f) + EPS;
-#else
-    const float N = 1.0f;
-#endif
-    const size_t t = gbase + q0 + j;
-    for (int i = 0; i < EPI; ++i) {
-      const int e = lid + i * WG;
-      if (e < DHHV) st(h, t * DHHV + e, acc[j][i] / N);
-    }
-    if (lid == 0) {
-      m_tok[t] = mt;
-      N_tok[t] = N;
-      den_tok[t] = den;
-    }
   }
 }
 #endif
@@ -752,9 +618,9 @@ __kernel void bw_prep(__global const in_t* dh, __global const in_t* h, __global 
 
 // The reverse state-gradient recurrence (state_scan above, backward): x <- carry_c x + sum_t
 // [exp(b_t + m_c - m_t) q'_t] [dnum_aug_t]^T, writing the gradient of the state LEAVING each chunk (dCn, dnn)
-// and finally that of the initial state (dC0, dn0). Same launch geometry as fw_states_tiled.
+// and finally that of the initial state (dC0, dn0). Same launch geometry as fw_states.
 __kernel __attribute__((reqd_work_group_size(256, 1, 1)))
-void bw_states_tiled(__global const in_t* q, __global const in_t* dh, __global const float* dden,
+void bw_state_grads(__global const in_t* q, __global const in_t* dh, __global const float* dden,
                      __global const float* b, __global const float* mb, __global const float* carry,
                      __global const float* m_tok, __global const float* N_tok, __global const float* dC_last,
                      __global const float* dn_last, int has_dlast, __global float* dCn, __global float* dnn,
@@ -766,7 +632,7 @@ void bw_states_tiled(__global const in_t* q, __global const in_t* dh, __global c
              nchunks, xs, ys, ya);
 }
 
-#if !defined(GVW) && !defined(BQB)  // only compiled where the host uses it
+#ifndef GVW  // only compiled where the host uses it
 // One work group per (row, token tau): dq_tau (tau as a query), dk_tau and dv_tau (tau as a key), and the
 // per-token dot products q.dq and k.dk for the gate gradients. Key/query tiles of KEY_TILE coefficients in
 // local memory; work item lid owns the columns d = lid + lsz*j (DHQK) and e = lid + lsz*j (DHHV).
@@ -904,234 +770,7 @@ __kernel void bw_grads(__global const in_t* q, __global const in_t* k, __global 
 }
 #endif
 
-// Tiled bw_grads: one work group of BWG per (row, chunk, block of BQB tokens). Part A: the block's tokens
-// as queries (dq), key tiles of BKT tokens staged in local memory. Part B: the block's tokens as keys (dk,
-// dv), query tiles of BKT tokens staged. Coefficient blocks (BQB x BKT) are computed once per tile in local
-// memory and shared by all columns, so every staged value serves BQB tokens. Work item lid owns the columns
-// d = lid + BWG*i (DHQK) and e = lid + BWG*i (DHHV). Extra build options: -DBQB -DBKT -DBWG.
-#ifdef BQB
-#define BDPI ((DHQK + BWG - 1) / BWG)
-#define BVPI ((DHHV + BWG - 1) / BWG)
-__kernel __attribute__((reqd_work_group_size(BWG, 1, 1)))
-void bw_grads_tiled(__global const in_t* q, __global const in_t* k, __global const in_t* v,
-                    __global const in_t* dh, __global const float* dden, __global const float* b,
-                    __global const float* ig, __global const float* mb, __global const float* wtok,
-                    __global const float* Cb, __global const float* nb, __global const float* dCn,
-                    __global const float* dnn, __global const float* m_tok, __global const float* N_tok,
-                    __global in_t* dq, __global in_t* dk, __global in_t* dv, __global float* qdq,
-                    __global float* kdk, int S, int nchunks) {
-  __local float blk_a[BQB][DHHV];   // part A: dnum of the block; part B: v of the block
-  __local float blk_b[BQB][DHQK];   // part B: k of the block
-  __local float tile_x[BKT][DHQK];  // part A: k tile; part B: q' tile
-  __local float tile_y[BKT][DHHV];  // part A: v tile; part B: dnum tile
-  __local float coef1[BQB][BKT], coef2[BQB][BKT];
-  __local float sc_b[BQB], sc_m[BQB], sc_dd[BQB], sc_w[BQB], sc_u[BQB], sc_ig[BQB];
-  __local float tl_b[BKT], tl_m[BKT], tl_dd[BKT], tl_ig[BKT];
-  __local float red[2 * BWG];
-  const int blocks = (CHUNK + BQB - 1) / BQB;
-  const int c = get_group_id(0) / blocks, qb = get_group_id(0) % blocks;
-  const int row = get_group_id(1), lid = get_local_id(0);
-  const int tc0 = c * CHUNK, tc1 = min(S, tc0 + CHUNK);
-  const int j0 = tc0 + qb * BQB, jn = min(BQB, tc1 - j0);
-  if (jn <= 0) return;
-  const size_t gbase = (size_t)row * S, bidx = (size_t)row * nchunks + c;
-  const float scale = rsqrt((float)DHQK);
-  const float mc = mb[bidx];
-  if (lid < BQB) {
-    const int j = lid;
-    if (j < jn) {
-      const size_t g = gbase + j0 + j;
-      sc_b[j] = b[g]; sc_m[j] = m_tok[g]; sc_dd[j] = dden[g]; sc_w[j] = wtok[g]; sc_ig[j] = ig[g];
-      sc_u[j] = safe_exp(b[g] + mc - m_tok[g]);
-    } else {
-      sc_b[j] = 0.0f; sc_m[j] = 0.0f; sc_dd[j] = 0.0f; sc_w[j] = 0.0f; sc_ig[j] = 0.0f; sc_u[j] = 0.0f;
-    }
-  }
-  // ---- Part A: dq of the block's tokens ----
-  for (int x = lid; x < BQB * DHHV; x += BWG) {
-    const int j = x / DHHV, e = x % DHHV;
-    blk_a[j][e] = j < jn ? ld(dh, (gbase + j0 + j) * DHHV + e) / N_tok[gbase + j0 + j] : 0.0f;
-  }
-  barrier(CLK_LOCAL_MEM_FENCE);
-  float aq[BQB][BDPI];
-  for (int i = 0; i < BDPI; ++i) {  // inter part: u_j (C dnum_j + n dden_j)
-    const int d = lid + i * BWG;
-    float acc[BQB];
-    for (int j = 0; j < BQB; ++j) acc[j] = 0.0f;
-    if (d < DHQK) {
-      for (int e = 0; e < DHHV; ++e) {
-        const float cde = Cb[(bidx * DHQK + d) * DHHV + e];
-        for (int j = 0; j < BQB; ++j) acc[j] += cde * blk_a[j][e];
-      }
-      const float nd = nb[bidx * DHQK + d];
-      for (int j = 0; j < BQB; ++j) acc[j] += nd * sc_dd[j];
-    }
-    for (int j = 0; j < BQB; ++j) aq[j][i] = sc_u[j] * acc[j];
-  }
-  const int send = j0 + jn;  // keys s < send
-  for (int s0 = tc0; s0 < send; s0 += BKT) {
-    const int sn = min(BKT, send - s0);
-    barrier(CLK_LOCAL_MEM_FENCE);
-    for (int x = lid; x < BKT * DHQK; x += BWG) {
-      const int l = x / DHQK, d = x % DHQK;
-      tile_x[l][d] = l < sn ? ld(k, (gbase + s0 + l) * DHQK + d) : 0.0f;
-    }
-    for (int x = lid; x < BKT * DHHV; x += BWG) {
-      const int l = x / DHHV, e = x % DHHV;
-      tile_y[l][e] = l < sn ? ld(v, (gbase + s0 + l) * DHHV + e) : 0.0f;
-    }
-    if (lid < BKT) {
-      const int l = lid;
-      tl_b[l] = l < sn ? b[gbase + s0 + l] : 0.0f;
-      tl_ig[l] = l < sn ? ig[gbase + s0 + l] : 0.0f;
-    }
-    barrier(CLK_LOCAL_MEM_FENCE);
-    for (int x = lid; x < BQB * BKT; x += BWG) {
-      const int j = x / BKT, l = x % BKT, t = j0 + j, sidx = s0 + l;
-      float cf = 0.0f;
-      if (j < jn && l < sn && sidx <= t) {
-        float dot = 0.0f;
-        for (int e = 0; e < DHHV; ++e) dot += blk_a[j][e] * tile_y[l][e];
-        cf = exp(sc_b[j] - tl_b[l] + tl_ig[l] - sc_m[j]) * (dot + sc_dd[j]);
-      }
-      coef1[j][l] = cf;
-    }
-    barrier(CLK_LOCAL_MEM_FENCE);
-    for (int i = 0; i < BDPI; ++i) {
-      const int d = lid + i * BWG;
-      if (d >= DHQK) continue;
-      for (int l = 0; l < sn; ++l) {
-        const float kd = tile_x[l][d];
-        for (int j = 0; j < BQB; ++j) aq[j][i] += coef1[j][l] * kd;
-      }
-    }
-  }
-  // ---- Part B: dk, dv of the block's tokens (as keys) ----
-  barrier(CLK_LOCAL_MEM_FENCE);
-  for (int x = lid; x < BQB * DHHV; x += BWG) {
-    const int j = x / DHHV, e = x % DHHV;
-    blk_a[j][e] = j < jn ? ld(v, (gbase + j0 + j) * DHHV + e) : 0.0f;
-  }
-  for (int x = lid; x < BQB * DHQK; x += BWG) {
-    const int j = x / DHQK, d = x % DHQK;
-    blk_b[j][d] = j < jn ? ld(k, (gbase + j0 + j) * DHQK + d) : 0.0f;
-  }
-  barrier(CLK_LOCAL_MEM_FENCE);
-  float ak[BQB][BDPI], av[BQB][BVPI];
-  for (int i = 0; i < BDPI; ++i) {  // inter: w_j (dCn v_j + dnn)
-    const int d = lid + i * BWG;
-    float acc[BQB];
-    for (int j = 0; j < BQB; ++j) acc[j] = 0.0f;
-    if (d < DHQK) {
-      for (int e = 0; e < DHHV; ++e) {
-        const float g = dCn[(bidx * DHQK + d) * DHHV + e];
-        for (int j = 0; j < BQB; ++j) acc[j] += g * blk_a[j][e];
-      }
-      const float dn = dnn[bidx * DHQK + d];
-      for (int j = 0; j < BQB; ++j) acc[j] += dn;
-    }
-    for (int j = 0; j < BQB; ++j) ak[j][i] = sc_w[j] * acc[j];
-  }
-  for (int i = 0; i < BVPI; ++i) {  // inter: w_j dCn^T k_j
-    const int e = lid + i * BWG;
-    float acc[BQB];
-    for (int j = 0; j < BQB; ++j) acc[j] = 0.0f;
-    if (e < DHHV) {
-      for (int d = 0; d < DHQK; ++d) {
-        const float g = dCn[(bidx * DHQK + d) * DHHV + e];
-        for (int j = 0; j < BQB; ++j) acc[j] += g * blk_b[j][d];
-      }
-    }
-    for (int j = 0; j < BQB; ++j) av[j][i] = sc_w[j] * acc[j];
-  }
-  for (int r0 = j0; r0 < tc1; r0 += BKT) {  // queries t >= j0
-    const int rn = min(BKT, tc1 - r0);
-    barrier(CLK_LOCAL_MEM_FENCE);
-    for (int x = lid; x < BKT * DHQK; x += BWG) {
-      const int l = x / DHQK, d = x % DHQK;
-      tile_x[l][d] = l < rn ? ld(q, (gbase + r0 + l) * DHQK + d) * scale : 0.0f;
-    }
-    for (int x = lid; x < BKT * DHHV; x += BWG) {
-      const int l = x / DHHV, e = x % DHHV;
-      tile_y[l][e] = l < rn ? ld(dh, (gbase + r0 + l) * DHHV + e) / N_tok[gbase + r0 + l] : 0.0f;
-    }
-    if (lid < BKT) {
-      const int l = lid;
-      const size_t g = gbase + r0 + l;
-      tl_b[l] = l < rn ? b[g] : 0.0f;
-      tl_m[l] = l < rn ? m_tok[g] : 0.0f;
-      tl_dd[l] = l < rn ? dden[g] : 0.0f;
-    }
-    barrier(CLK_LOCAL_MEM_FENCE);
-    for (int x = lid; x < BQB * BKT; x += BWG) {
-      const int j = x / BKT, l = x % BKT, sidx = j0 + j, t = r0 + l;
-      float c1 = 0.0f, c2 = 0.0f;
-      if (j < jn && l < rn && t >= sidx) {
-        float dva = 0.0f, qk = 0.0f;
-        for (int e = 0; e < DHHV; ++e) dva += tile_y[l][e] * blk_a[j][e];
-        for (int d = 0; d < DHQK; ++d) qk += tile_x[l][d] * blk_b[j][d];
-        const float P = exp(tl_b[l] - sc_b[j] + sc_ig[j] - tl_m[l]);
-        c1 = P * (dva + tl_dd[l]);
-        c2 = P * qk;
-      }
-      coef1[j][l] = c1;
-      coef2[j][l] = c2;
-    }
-    barrier(CLK_LOCAL_MEM_FENCE);
-    for (int i = 0; i < BDPI; ++i) {
-      const int d = lid + i * BWG;
-      if (d >= DHQK) continue;
-      for (int l = 0; l < rn; ++l) {
-        const float qd = tile_x[l][d];
-        for (int j = 0; j < BQB; ++j) ak[j][i] += coef1[j][l] * qd;
-      }
-    }
-    for (int i = 0; i < BVPI; ++i) {
-      const int e = lid + i * BWG;
-      if (e >= DHHV) continue;
-      for (int l = 0; l < rn; ++l) {
-        const float de = tile_y[l][e];
-        for (int j = 0; j < BQB; ++j) av[j][i] += coef2[j][l] * de;
-      }
-    }
-  }
-  // ---- Store, and q.dq, k.dk per token (q = q'/scale, dq = scale * aq) ----
-  for (int j = 0; j < jn; ++j) {
-    const size_t g = gbase + j0 + j;
-    float pq = 0.0f, pk = 0.0f;
-    for (int i = 0; i < BDPI; ++i) {
-      const int d = lid + i * BWG;
-      if (d >= DHQK) continue;
-      const float dqd = aq[j][i] * scale;
-      st(dq, g * DHQK + d, dqd);
-      st(dk, g * DHQK + d, ak[j][i]);
-      pq += ld(q, g * DHQK + d) * dqd;
-      pk += blk_b[j][d] * ak[j][i];
-    }
-    for (int i = 0; i < BVPI; ++i) {
-      const int e = lid + i * BWG;
-      if (e < DHHV) st(dv, g * DHHV + e, av[j][i]);
-    }
-    barrier(CLK_LOCAL_MEM_FENCE);
-    red[lid] = pq;
-    red[BWG + lid] = pk;
-    barrier(CLK_LOCAL_MEM_FENCE);
-    for (int off = BWG / 2; off > 0; off >>= 1) {
-      if (lid < off) {
-        red[lid] += red[lid + off];
-        red[BWG + lid] += red[BWG + lid + off];
-      }
-      barrier(CLK_LOCAL_MEM_FENCE);
-    }
-    if (lid == 0) {
-      qdq[g] = red[0];
-      kdk[g] = red[BWG];
-    }
-  }
-}
-#endif
-
-// ---- Register-tiled gradient kernels (bw_dq_regtiled, bw_dk_regtiled, bw_dv_regtiled) --------------------
+// ---- Register-tiled gradient kernels (bw_grads_dq_regtiled, bw_grads_dk_regtiled, bw_grads_dv_regtiled) ----
 // Launch (each): global (256 * nchunks * ceil(CHUNK / 64) * GCT, rows), local (256, 1): one work group per
 // (row, chunk, block of 64 OWN tokens, tile of 64*GVW output columns), the column tile fastest. Work item
 // (ty, tx) owns tokens r = 4 ty + i and columns 64 w + 4 tx + j: 16 GVW accumulators in registers. The same
@@ -1368,17 +1007,17 @@ inline void bw_grads_chain(const int mode, __global const in_t* q, __global cons
                  nchunks, aT, stg, cT, r_sc, o_b, o_ig, o_m, o_dd, r_b, r_ig, r_m, r_dd, red)
 
 __kernel __attribute__((reqd_work_group_size(256, 1, 1)))
-void bw_dq_regtiled(BW_CHAIN_PARAMS, __global in_t* dq, __global float* qdq, int S, int nchunks) {
+void bw_grads_dq_regtiled(BW_CHAIN_PARAMS, __global in_t* dq, __global float* qdq, int S, int nchunks) {
   BW_CHAIN_LOCALS
   BW_CHAIN_CALL(0, dq, qdq);
 }
 __kernel __attribute__((reqd_work_group_size(256, 1, 1)))
-void bw_dk_regtiled(BW_CHAIN_PARAMS, __global in_t* dk, __global float* kdk, int S, int nchunks) {
+void bw_grads_dk_regtiled(BW_CHAIN_PARAMS, __global in_t* dk, __global float* kdk, int S, int nchunks) {
   BW_CHAIN_LOCALS
   BW_CHAIN_CALL(1, dk, kdk);
 }
 __kernel __attribute__((reqd_work_group_size(256, 1, 1)))
-void bw_dv_regtiled(BW_CHAIN_PARAMS, __global in_t* dv, __global float* unused, int S, int nchunks) {
+void bw_grads_dv_regtiled(BW_CHAIN_PARAMS, __global in_t* dv, __global float* unused, int S, int nchunks) {
   BW_CHAIN_LOCALS
   BW_CHAIN_CALL(2, dv, unused);
 }

@@ -7,6 +7,7 @@
 #include <limits>
 #include <vector>
 
+#include "mlstm/gates.hpp"
 #include "mlstm/stages.hpp"
 
 namespace mlstm::cpu {
@@ -181,13 +182,13 @@ BackwardResult backward_impl(const BackwardArgs& a, const MlstmOptions& o, std::
   return out;
 }
 
-inline float logsigmoidf(float x) { return x >= 0.f ? -std::log1p(std::exp(-x)) : x - std::log1p(std::exp(x)); }
-inline float sigmoidf(float x) { return x >= 0.f ? 1.f / (1.f + std::exp(-x)) : std::exp(x) / (1.f + std::exp(x)); }
+using gates::logsigmoid;
+using gates::sigmoid;
 
 // One recurrent step of a row in float32; updates (C, n, m), writes h.
 void step_row(const float* q, const float* k, const float* v, float i, float f, float* C, float* n, float& m, float* h,
               std::int64_t DK, std::int64_t DV, const MlstmOptions& o) {
-  const float lf = logsigmoidf(f);
+  const float lf = logsigmoid(f);
   float a, bw, m_new;
   if (o.gate == GateVariant::exp) {
     // As the float64 reference: lf = -inf forgets whatever m is; a log weight of -inf weighs 0 (also into an
@@ -200,7 +201,7 @@ void step_row(const float* q, const float* k, const float* v, float i, float f, 
   } else {
     m_new = 0.f;
     a = std::exp(lf);
-    bw = sigmoidf(i);
+    bw = sigmoid(i);
   }
   for (std::int64_t d = 0; d < DK; ++d) {
     const float bk = bw * k[d];

@@ -9,15 +9,14 @@
 
 #include "mlstm/core/problem.hpp"
 #include "mlstm/core/tensor.hpp"
+#include "mlstm/gates.hpp"
 
 namespace mlstm::reference::detail {
 
-inline double logsigmoid(double x) { return x >= 0 ? -std::log1p(std::exp(-x)) : x - std::log1p(std::exp(x)); }
-inline double sigmoid(double x) { return x >= 0 ? 1.0 / (1.0 + std::exp(-x)) : std::exp(x) / (1.0 + std::exp(x)); }
+using gates::logsigmoid;
+using gates::sigmoid;
+using gates::weight;
 inline constexpr double kNegInf = -std::numeric_limits<double>::infinity();
-// exp(x - m) for a log weight x and a stabiliser m >= x: a log weight of -inf contributes 0, also when m is
-// -inf too (the empty state; the limit of the recurrence, stages.hpp "Gates at +-inf").
-inline double weight(double x, double m) { return x == kNegInf ? 0.0 : std::exp(x - m); }
 
 // All inputs of a problem as contiguous float64 arrays, row-major per (b, h) row.
 struct Problem64 {

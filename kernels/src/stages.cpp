@@ -13,6 +13,8 @@
 #include <limits>
 #include <mutex>
 
+#include "mlstm/gates.hpp"
+
 namespace mlstm::stages {
 
 namespace {
@@ -44,13 +46,11 @@ void sgemm(Args... args) {
   }
 }
 
-inline float logsigmoidf(float x) { return x >= 0.f ? -std::log1p(std::exp(-x)) : x - std::log1p(std::exp(x)); }
-inline float sigmoidf(float x) { return x >= 0.f ? 1.f / (1.f + std::exp(-x)) : std::exp(x) / (1.f + std::exp(x)); }
+using gates::logsigmoid;
+using gates::safe_exp;
+using gates::sigmoid;
 inline bool is_exp(GateVariant g) { return g == GateVariant::exp; }
 inline float state_m(GateVariant g, float m) { return is_exp(g) ? m : 0.f; }
-
-// exp(x) with exp(-inf) = 0 and no NaN from (-inf) - (-inf): callers pass differences of log weights.
-inline float safe_exp(float x) { return std::isnan(x) ? 0.f : std::exp(x); }
 
 // Scratch for one block computation; one per thread.
 struct Scratch {
@@ -124,7 +124,7 @@ void fw_gates(const float* i, const float* f, GateVariant gate, const SegmentSha
     const std::int64_t t0 = s.chunk_begin(c), len = s.chunk_len(c);
     for (std::int64_t j = 0; j < len; ++j) {
       const std::int64_t t = t0 + j;
-      const float lf = logsigmoidf(f[t]);
+      const float lf = logsigmoid(f[t]);
       if (lf == ninf) {
         if (live) cuts += kForgetCut;
         live = false;
@@ -132,7 +132,7 @@ void fw_gates(const float* i, const float* f, GateVariant gate, const SegmentSha
         acc += lf;
       }
       b[t] = acc - cuts;
-      ig[t] = is_exp(gate) ? i[t] : logsigmoidf(i[t]);
+      ig[t] = is_exp(gate) ? i[t] : logsigmoid(i[t]);
       live = live || ig[t] != ninf;
     }
     G[c] = acc - cuts;
@@ -521,8 +521,8 @@ float bw_gate_grads(const float* i, const float* f, const float* di_raw, const f
   for (std::int64_t t = s.T - 1; t >= 0; --t) {
     suffix += r[t];
     total += r[t];
-    df[t] = static_cast<float>(suffix) * sigmoidf(-f[t]);
-    di[t] = is_exp(gate) ? di_raw[t] : di_raw[t] * sigmoidf(-i[t]);
+    df[t] = static_cast<float>(suffix) * sigmoid(-f[t]);
+    di[t] = is_exp(gate) ? di_raw[t] : di_raw[t] * sigmoid(-i[t]);
   }
   return static_cast<float>(total);
 }

@@ -11,6 +11,7 @@
 
 #include "mlstm/core/trace.hpp"
 #include "mlstm/core/error.hpp"
+#include "mlstm/gates.hpp"
 #include "mlstm/stages.hpp"
 #include "mlstm/core/env.hpp"
 
@@ -25,8 +26,6 @@ ConstTensorView slice_seq(ConstTensorView t, std::int64_t t0, std::int64_t t1) {
   const auto offset = static_cast<std::ptrdiff_t>(t0 * t.strides()[2] * static_cast<std::int64_t>(dtype_size(t.dtype())));
   return ConstTensorView(t.bytes() + offset, t.dtype(), shape, t.strides());
 }
-
-float logsigmoidf(float x) { return x >= 0.f ? -std::log1p(std::exp(-x)) : x - std::log1p(std::exp(x)); }
 
 }  // namespace
 
@@ -83,7 +82,7 @@ Tensor SegmentProblem::log_decay(const Segment& s) const {
   const std::int64_t len = s.t1 - s.t0;
   for (std::int64_t r = 0; r < shape_.rows(); ++r) {
     float acc = 0.f;
-    for (std::int64_t t = 0; t < len; ++t) acc += logsigmoidf(f.data<float>()[r * len + t]);
+    for (std::int64_t t = 0; t < len; ++t) acc += gates::logsigmoid(f.data<float>()[r * len + t]);
     G.data<float>()[r] = acc;
   }
   return G;

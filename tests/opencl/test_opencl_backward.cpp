@@ -117,7 +117,7 @@ TEST(PortableResident, RepeatedPassesAreIdenticalAndTimed) {
   std::vector<opencl::KernelEvent> events;
   r->enqueue_forward(&events);
   r->enqueue_backward(&events);
-  // 4 forward launches + 6 backward: bw_prep, bw_states_tiled, bw_dq/dk/dv_regtiled, bw_gate_grads.
+  // 4 forward launches + 6 backward: bw_prep, bw_state_grads, bw_dq/dk/dv_regtiled, bw_gate_grads.
   ASSERT_EQ(events.size(), 10u);
   const auto timing = opencl::time_events(events, dev->name());
   EXPECT_EQ(timing.kernels_ms.front().first, "fw_gates");

@@ -25,6 +25,13 @@ int dtype_code(DType d) {
   return 0;
 }
 
+// common.cl followed by mlstm_chunkwise.cl: the text of the portable program. Assembled once (the program cache
+// hashes it on every lookup).
+const std::string& portable_source_text() {
+  static const std::string text = kernel_source("common") + "\n" + kernel_source("mlstm_chunkwise");
+  return text;
+}
+
 }  // namespace
 
 namespace {
@@ -50,13 +57,11 @@ class ResidentPortable final : public ResidentChunkwise {
     opts << "-DDHQK=" << p_.DHQK << " -DDHHV=" << p_.DHHV << " -DCHUNK=" << L_ << " -DKEY_TILE=" << ChunkwiseRunner::kKeyTile
          << " -DGATE_EXP=" << (o.gate == GateVariant::exp ? 1 : 0) << " -DNORMALIZE=" << (o.normalize ? 1 : 0)
          << " -DIN_DTYPE=" << dtype_code(dev_dtype_) << " -DEPS=" << std::hexfloat << static_cast<float>(o.eps) << "f";
-    // The tiled output kernel when its tiles fit in local memory (QB queries x KT keys), else the per-token one.
     const PortableLaunchParams launch = portable_launch_params(dev.info());
     const bool untiled = launch.untiled;
-    // The register-tiled output kernel (blocks of 64 queries x 64*OVW columns) for chunks of 32 tokens or more;
-    // shorter chunks use the smaller tiled kernel, and chunks shorter than its query block (chunk 1: the
-    // recurrent form and the step kernel) the per-token one: a block would be mostly empty, and PoCL 3.1
-    // computed wrong h with the tiled kernel at CHUNK=1 and DHHV > 64 (measured; the per-token kernel is exact).
+    // The register-tiled output kernel (blocks of 64 queries x 64*OVW columns) for chunks of 32 tokens or more
+    // when its stages fit in local memory; else (shorter chunks: a block would be mostly empty; chunk 1 is the
+    // recurrent form and the step kernel) the per-token one.
     ovw_ = launch.output_col_blocks > 0 ? launch.output_col_blocks
                                         : static_cast<int>(std::min<std::int64_t>(4, (p_.DHHV + 63) / 64));
     {
@@ -75,18 +80,9 @@ class ResidentPortable final : public ResidentChunkwise {
       svw_ = launch.state_col_blocks > 0 ? launch.state_col_blocks : wide ? 2 : 1;
     }
     opts << " -DSVW=" << svw_;
-    for (int cand : {16, 8}) {
-      if (untiled || regtiled_outputs_ || L_ < cand) break;
-      const std::uint64_t bytes = 4ull * (static_cast<std::uint64_t>(cand) * (2 * p_.DHQK + p_.DHHV + cand + 4));
-      if (bytes + 1024 <= dev.info().local_memory &&
-          static_cast<std::size_t>(ChunkwiseRunner::kWorkGroup) <= dev.info().max_work_group) {
-        qb_ = cand;
-        break;
-      }
-    }
-    if (qb_ > 0) opts << " -DQB=" << qb_ << " -DKT=" << qb_ << " -DWG=" << ChunkwiseRunner::kWorkGroup;
     // The register-tiled gradient kernels (dq, dk, dv; blocks of 64 tokens x 64*GVW columns) for chunks of 32
-    // tokens or more when one column tile covers DHQK (they reduce q.dq and k.dk inside the work group).
+    // tokens or more when one column tile covers DHQK (they reduce q.dq and k.dk inside the work group); else the
+    // per-token one.
     gvw_ = static_cast<int>((p_.DHQK + 63) / 64);
     {
       const std::uint64_t stage = 16ull * std::max<std::uint64_t>(64ull * static_cast<std::uint64_t>(gvw_) + 4, 68);
@@ -95,22 +91,10 @@ class ResidentPortable final : public ResidentChunkwise {
                            dev.info().max_work_group >= 256;
     }
     if (regtiled_backward_) opts << " -DGVW=" << gvw_;
-    // Else the blocked backward kernel when its blocks fit in local memory, else the per-token one.
-    if (!regtiled_backward_) {
-      const std::uint64_t K = static_cast<std::uint64_t>(p_.DHQK), V = static_cast<std::uint64_t>(p_.DHHV);
-      const std::uint64_t bytes = 4ull * (kBackwardBlock * (V + K) + kBackwardTile * (K + V) +
-                                          2 * kBackwardBlock * kBackwardTile + 6 * kBackwardBlock + 4 * kBackwardTile +
-                                          2 * ChunkwiseRunner::kWorkGroup);
-      if (!untiled && static_cast<std::size_t>(L_) >= kBackwardBlock && bytes + 1024 <= dev.info().local_memory &&
-          static_cast<std::size_t>(ChunkwiseRunner::kWorkGroup) <= dev.info().max_work_group) {
-        tiled_backward_ = true;
-        opts << " -DBQB=" << kBackwardBlock << " -DBKT=" << kBackwardTile << " -DBWG=" << ChunkwiseRunner::kWorkGroup;
-      }
-    }
-    cl_program prog = dev.program("mlstm_chunkwise", opts.str());
+    cl_program prog = dev.program_from_text("mlstm_chunkwise", portable_source_text(), opts.str());
     k_gates_ = KernelObject{dev.kernel(prog, "fw_gates")};
     k_weights_ = KernelObject{dev.kernel(prog, "fw_state_weights")};
-    k_states_ = KernelObject{dev.kernel(prog, "fw_states_tiled")};
+    k_states_ = KernelObject{dev.kernel(prog, "fw_states")};
     k_outputs_ = KernelObject{dev.kernel(prog, outputs_kernel_name())};
 
     const std::size_t fs = sizeof(float), tok = static_cast<std::size_t>(rows_) * static_cast<std::size_t>(S_);
@@ -164,15 +148,15 @@ class ResidentPortable final : public ResidentChunkwise {
       if (!outputs_) throw Error("portable backward needs the forward outputs");
       has_grads_ = true;
       k_prep_ = KernelObject{dev.kernel(prog, "bw_prep")};
-      k_bw_states_ = KernelObject{dev.kernel(prog, "bw_states_tiled")};
+      k_bw_states_ = KernelObject{dev.kernel(prog, "bw_state_grads")};
       if (state_only_) {
         // no token gradients
       } else if (regtiled_backward_) {
-        k_bw_grads_ = KernelObject{dev.kernel(prog, "bw_dq_regtiled")};
-        k_bw_dk_ = KernelObject{dev.kernel(prog, "bw_dk_regtiled")};
-        k_bw_dv_ = KernelObject{dev.kernel(prog, "bw_dv_regtiled")};
+        k_bw_grads_ = KernelObject{dev.kernel(prog, "bw_grads_dq_regtiled")};
+        k_bw_dk_ = KernelObject{dev.kernel(prog, "bw_grads_dk_regtiled")};
+        k_bw_dv_ = KernelObject{dev.kernel(prog, "bw_grads_dv_regtiled")};
       } else {
-        k_bw_grads_ = KernelObject{dev.kernel(prog, tiled_backward_ ? "bw_grads_tiled" : "bw_grads")};
+        k_bw_grads_ = KernelObject{dev.kernel(prog, "bw_grads")};
       }
       if (!state_only_) k_gate_grads_ = KernelObject{dev.kernel(prog, "bw_gate_grads")};
       dh_ = up_dtype(grads->dh);
@@ -223,16 +207,14 @@ class ResidentPortable final : public ResidentChunkwise {
     const std::size_t rows = static_cast<std::size_t>(rows_), wg = ChunkwiseRunner::kWorkGroup;
     launch(k_gates_, "fw_gates", 2, {static_cast<std::size_t>(nchunks_), rows}, {}, events);
     launch(k_weights_, "fw_state_weights", 1, {64 * rows}, {64}, events);
-    launch(k_states_, "fw_states_tiled", 2, {256 * state_tiles(), rows}, {256, 1}, events);
+    launch(k_states_, "fw_states", 2, {256 * state_tiles(), rows}, {256, 1}, events);
     if (outputs_) {
       if (regtiled_outputs_) {
         const std::size_t col_tiles = (static_cast<std::size_t>(p_.DHHV) + 64 * ovw_ - 1) / (64 * ovw_);
         const std::size_t groups = static_cast<std::size_t>(nchunks_) * ((static_cast<std::size_t>(L_) + 63) / 64) * col_tiles;
         launch(k_outputs_, outputs_kernel_name(), 2, {groups * 256, rows}, {256, 1}, events);
       } else {
-        const std::size_t groups = qb_ > 0 ? static_cast<std::size_t>(nchunks_) * static_cast<std::size_t>((L_ + qb_ - 1) / qb_)
-                                           : static_cast<std::size_t>(S_);
-        launch(k_outputs_, outputs_kernel_name(), 2, {groups * wg, rows}, {wg, 1}, events);
+        launch(k_outputs_, outputs_kernel_name(), 2, {static_cast<std::size_t>(S_) * wg, rows}, {wg, 1}, events);
       }
     }
     forward_done_ = true;
@@ -244,7 +226,7 @@ class ResidentPortable final : public ResidentChunkwise {
     if (!forward_done_) throw Error("portable backward: enqueue the forward first");
     const std::size_t rows = static_cast<std::size_t>(rows_), S = static_cast<std::size_t>(S_);
     launch(k_prep_, "bw_prep", 2, {round_up(S, 64), rows}, {64, 1}, events);
-    launch(k_bw_states_, "bw_states_tiled", 2, {256 * state_tiles(), rows}, {256, 1}, events);
+    launch(k_bw_states_, "bw_state_grads", 2, {256 * state_tiles(), rows}, {256, 1}, events);
   }
 
   // The gradient of the state entering the sequence (dc0, dn0; dm0 is left to the caller).
@@ -267,13 +249,9 @@ class ResidentPortable final : public ResidentChunkwise {
       const std::size_t cols = 64 * static_cast<std::size_t>(gvw_);
       const std::size_t qk_tiles = (static_cast<std::size_t>(p_.DHQK) + cols - 1) / cols;
       const std::size_t v_tiles = (static_cast<std::size_t>(p_.DHHV) + cols - 1) / cols;
-      launch(k_bw_grads_, "bw_dq_regtiled", 2, {blocks * qk_tiles * 256, rows}, {256, 1}, events);
-      launch(k_bw_dk_, "bw_dk_regtiled", 2, {blocks * qk_tiles * 256, rows}, {256, 1}, events);
-      launch(k_bw_dv_, "bw_dv_regtiled", 2, {blocks * v_tiles * 256, rows}, {256, 1}, events);
-    } else if (tiled_backward_) {
-      const std::size_t blocks = static_cast<std::size_t>(nchunks_) * ((static_cast<std::size_t>(L_) + kBackwardBlock - 1) / kBackwardBlock);
-      launch(k_bw_grads_, "bw_grads_tiled", 2, {blocks * ChunkwiseRunner::kWorkGroup, rows},
-             {static_cast<std::size_t>(ChunkwiseRunner::kWorkGroup), 1}, events);
+      launch(k_bw_grads_, "bw_grads_dq_regtiled", 2, {blocks * qk_tiles * 256, rows}, {256, 1}, events);
+      launch(k_bw_dk_, "bw_grads_dk_regtiled", 2, {blocks * qk_tiles * 256, rows}, {256, 1}, events);
+      launch(k_bw_dv_, "bw_grads_dv_regtiled", 2, {blocks * v_tiles * 256, rows}, {256, 1}, events);
     } else {
       launch(k_bw_grads_, "bw_grads", 2, {S * 64, rows}, {64, 1}, events);
     }
@@ -322,7 +300,7 @@ class ResidentPortable final : public ResidentChunkwise {
     return round_up(static_cast<std::size_t>(p_.DHQK), 64) / 64 * (round_up(static_cast<std::size_t>(p_.DHHV), cols) / cols);
   }
   const char* outputs_kernel_name() const {
-    return regtiled_outputs_ ? "fw_outputs_regtiled" : qb_ > 0 ? "fw_outputs_tiled" : "fw_outputs";
+    return regtiled_outputs_ ? "fw_outputs_regtiled" : "fw_outputs";
   }
   void launch(const KernelObject& k, const char* name, cl_uint dims, std::initializer_list<std::size_t> global,
               std::initializer_list<std::size_t> local, std::vector<KernelEvent>* events) {
@@ -341,11 +319,10 @@ class ResidentPortable final : public ResidentChunkwise {
   MlstmOptions options_;
   ProblemShape p_;
   DType dev_dtype_ = DType::f32;
-  static constexpr std::size_t kBackwardBlock = 8, kBackwardTile = 16;  // bw_grads_tiled: tokens per block / tile
-  bool outputs_ = true, state_only_ = false, has_grads_ = false, forward_done_ = false, tiled_backward_ = false, regtiled_outputs_ = false,
+  bool outputs_ = true, state_only_ = false, has_grads_ = false, forward_done_ = false, regtiled_outputs_ = false,
        regtiled_backward_ = false;
   int ovw_ = 1, svw_ = 1, gvw_ = 1;
-  int S_ = 0, rows_ = 0, L_ = 0, nchunks_ = 0, qb_ = 0, has_init_ = 0, has_dlast_ = 0;
+  int S_ = 0, rows_ = 0, L_ = 0, nchunks_ = 0, has_init_ = 0, has_dlast_ = 0;
   KernelObject k_gates_, k_weights_, k_states_, k_outputs_, k_prep_, k_bw_states_, k_bw_grads_, k_bw_dk_, k_bw_dv_,
       k_gate_grads_;
   PooledBuffer q_, k_, v_, i_, f_, C0_, n0_, m0_, b_, ig_, G_, Cb_, nb_, mb_, Co_, no_, mo_, carry_, wtok_, h_, mt_, Nt_,

@@ -50,6 +50,7 @@ TcLaunchParams tc_launch_params(const DeviceInfo& device) {
     p.state_tile_k = kt;
     p.state_tile_v = vt;
   }
+  p.msplit = p.msplit || env::is("MLSTM_TC_MSPLIT", "1");
   return p;
 }
 

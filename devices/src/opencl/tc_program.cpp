@@ -110,7 +110,7 @@ const std::string& tc_source_text(const std::string& body) {
   static std::map<std::string, std::string> texts;  // node-based: references stay valid
   std::lock_guard lock(mutex);
   auto it = texts.find(body);
-  if (it == texts.end()) it = texts.emplace(body, kernel_source("tc_common") + "\n" + kernel_source(body)).first;
+  if (it == texts.end()) it = texts.emplace(body, kernel_source("common") + "\n" + kernel_source("tc_common") + "\n" + kernel_source(body)).first;
   return it->second;
 }
 
@@ -135,6 +135,7 @@ TcConfig make_config(Device& dev, bool emulate, const ProblemShape& p, const Mls
     << " -DDHQK=" << p.DHQK << " -DDHHV=" << p.DHHV << " -DGATE_EXP=" << (o.gate == GateVariant::exp ? 1 : 0)
     << " -DNORMALIZE=" << (o.normalize || o.gate == GateVariant::exp ? 1 : 0) << " -DEPS=" << std::hexfloat
     << static_cast<float>(o.eps) << "f";
+  if (launch.msplit) b << " -DMSPLIT=1";
   c.base = b.str();
   return c;
 }

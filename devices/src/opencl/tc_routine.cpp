@@ -70,16 +70,16 @@ class ResidentTensorCore final : public ResidentChunkwise {
       cl_program bw_states = dev.program_from_text("tc_states", tc_source_text("tc_states"), cfg_.states(1));
       k_bw_prep_ = KernelObject{dev.kernel(gates, "tc_bw_prep")};
       k_bw_gate_grads_ = KernelObject{dev.kernel(gates, "tc_bw_gate_grads")};
-      k_bw_states_ = KernelObject{dev.kernel(bw_states, "tc_bw_states")};
+      k_bw_states_ = KernelObject{dev.kernel(bw_states, "tc_bw_state_grads")};
       k_bw_dq_ = KernelObject{dev.kernel(
           dev.program_from_text("tc_chunk", tc_source_text("tc_chunk"), cfg_.chunk(1, V, K, cfg_.OTq, cfg_.DSq)),
-          "tc_bw_dq")};
+          "tc_bw_grads_dq")};
       k_bw_dk_ = KernelObject{dev.kernel(
           dev.program_from_text("tc_chunk", tc_source_text("tc_chunk"), cfg_.chunk(2, V, K, cfg_.OTq, cfg_.DSq)),
-          "tc_bw_dk")};
+          "tc_bw_grads_dk")};
       k_bw_dv_ = KernelObject{dev.kernel(
           dev.program_from_text("tc_chunk", tc_source_text("tc_chunk"), cfg_.chunk(3, K, V, cfg_.OTf, cfg_.DSf)),
-          "tc_bw_dv")};
+          "tc_bw_grads_dv")};
     }
 
     // Inputs: q, k, v in their 16-bit type, gates and states as float32.
@@ -187,10 +187,10 @@ class ResidentTensorCore final : public ResidentChunkwise {
     const std::size_t states_global = states_group * static_cast<std::size_t>((K / cfg_.KT) * (V / cfg_.VT));
     const std::size_t L2 = static_cast<std::size_t>(2 * cfg_.L);
     launch(k_bw_prep_, "tc_bw_prep", static_cast<std::size_t>((S_ + 7) / 8) * 256, 256, events);
-    launch(k_bw_states_, "tc_bw_states", states_global, states_group, events);
-    launch(k_bw_dq_, "tc_bw_dq", L2 * NC_ * static_cast<std::size_t>(K / cfg_.OTq), L2, events);
-    launch(k_bw_dk_, "tc_bw_dk", L2 * NC_ * static_cast<std::size_t>(K / cfg_.OTq), L2, events);
-    launch(k_bw_dv_, "tc_bw_dv", L2 * NC_ * static_cast<std::size_t>(V / cfg_.OTf), L2, events);
+    launch(k_bw_states_, "tc_bw_state_grads", states_global, states_group, events);
+    launch(k_bw_dq_, "tc_bw_grads_dq", L2 * NC_ * static_cast<std::size_t>(K / cfg_.OTq), L2, events);
+    launch(k_bw_dk_, "tc_bw_grads_dk", L2 * NC_ * static_cast<std::size_t>(K / cfg_.OTq), L2, events);
+    launch(k_bw_dv_, "tc_bw_grads_dv", L2 * NC_ * static_cast<std::size_t>(V / cfg_.OTf), L2, events);
     launch(k_bw_gate_grads_, "tc_bw_gate_grads", static_cast<std::size_t>(cfg_.gate_group),
            static_cast<std::size_t>(cfg_.gate_group), events);
   }

@@ -1,7 +1,22 @@
 // Chunk-level stages of the chunkwise mLSTM, on the CPU. These are the units that the chunkwise CPU
 // kernels compose and that the flow-graph nodes (nodes/) schedule; the OpenCL kernels implement the
 // same stages under the same names (fw_gates, fw_states, fw_outputs, bw_state_grads, bw_grads,
-// bw_gate_grads). All stage buffers are float32 and contiguous, for ONE row (one (batch, head) pair)
+// bw_gate_grads). Stage names, CPU (below) / portable OpenCL (kernels/opencl/mlstm_chunkwise.cl) /
+// tensor cores (kernels/opencl/tc/*.cl, prefix tc_). A suffix names a variant where two kernels of one
+// stage coexist and the host picks one (_regtiled; the plain name is the per-token fallback), or one part
+// of a stage split over several kernels (_dq, _dk, _dv):
+//   stage            CPU               portable OpenCL                             tensor cores
+//   fw_gates         fw_gates          fw_gates                                    tc_fw_gates
+//   fw_states        fw_states         fw_state_weights (1) + fw_states            tc_fw_states
+//   fw_outputs       fw_outputs        fw_outputs | fw_outputs_regtiled            tc_fw_outputs
+//   bw_state_grads   bw_state_grads    bw_prep (2) + bw_state_grads                tc_bw_prep (2) + tc_bw_state_grads
+//   bw_grads         bw_grads          bw_grads | bw_grads_dq/_dk/_dv_regtiled     tc_bw_grads_dq, _dk, _dv
+//   bw_gate_grads    bw_gate_grads     bw_gate_grads                               tc_bw_gate_grads
+//   fixup_states, combine: CPU only (sequence parallelism in the graph).
+//   (1) the per-chunk weights (stabilisers, carries, token weights) that fw_states folds in inline on the CPU.
+//   (2) dden, the normaliser part of the output gradient, once per token for both bw_state_grads and bw_grads
+//       (the CPU stages compute it where they use it).
+// All stage buffers are float32 and contiguous, for ONE row (one (batch, head) pair)
 // and one SEGMENT: a run of T consecutive tokens cut into chunks of L tokens (the last may be
 // shorter). Segments can start anywhere in the sequence: the chunkwise form is exact for any cut.
 //

@@ -6,9 +6,9 @@
 //   M   = mask_and_weights(Sm)         (fp32 registers -> 16-bit A fragments)
 //   out = rowscale(Oi) + M Y           (L x OT)                           -- tensor cores
 // MODE 0 tc_fw_outputs: X=q,  Y1=k,  Y=v,  Z=C_c       (DA=DHQK, DOUT=DHHV)  out = h (normalised)
-// MODE 1 tc_bw_dq:      X=dh, Y1=v,  Y=k,  Z'=C_c^T    (DA=DHHV, DOUT=DHQK)  out = dq
-// MODE 2 tc_bw_dk:      X=v,  Y1=dh, Y=q,  Z'=dC_c+1^T (DA=DHHV, DOUT=DHQK)  out = dk
-// MODE 3 tc_bw_dv:      X=k,  Y1=q,  Y=dh, Z=dC_c+1    (DA=DHQK, DOUT=DHHV)  out = dv
+// MODE 1 tc_bw_grads_dq:      X=dh, Y1=v,  Y=k,  Z'=C_c^T    (DA=DHHV, DOUT=DHQK)  out = dq
+// MODE 2 tc_bw_grads_dk:      X=v,  Y1=dh, Y=q,  Z'=dC_c+1^T (DA=DHHV, DOUT=DHQK)  out = dk
+// MODE 3 tc_bw_grads_dv:      X=k,  Y1=q,  Y=dh, Z=dC_c+1    (DA=DHQK, DOUT=DHHV)  out = dv
 // Work-group: L/16 warps; warp w owns rows 16w..16w+15 of the chunk. The reduction over DA runs
 // in slabs of DS columns through local memory. Global size (NT * NC * (DOUT/OT), rows),
 // local (NT, 1), NT = 2L; group id 0 = c * (DOUT/OT) + output tile.
@@ -62,19 +62,19 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_fw_outputs(
     __global const float* zvec, __global const float* mst, __global const float* gb, __global const float* gbi,
     __global const float* gpm, __global ushort* OUT, __global float* Nt, __global float* sgt, int S, int NC)
 #elif MODE == 1
-__kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_dq(
+__kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dq(
     __global const ushort* X, __global const ushort* Y1, __global const ushort* Y, __global const ushort* Z,
     __global const float* zvec, __global const float* mst, __global const float* gb, __global const float* gbi,
     __global const float* gpm, __global const float* Nt, __global const float* dden, __global const ushort* E,
     __global ushort* OUT, __global float* dotp, int S, int NC)
 #elif MODE == 2
-__kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_dk(
+__kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dk(
     __global const ushort* X, __global const ushort* Y1, __global const ushort* Y, __global const ushort* Z,
     __global const float* zvec, __global const float* mst, __global const float* gb, __global const float* gbi,
     __global const float* gpm, __global const float* gG, __global const float* Nt, __global const float* dden,
     __global const ushort* E, __global ushort* OUT, __global float* dotp, int S, int NC)
 #else
-__kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_dv(
+__kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
     __global const ushort* X, __global const ushort* Y1, __global const ushort* Y, __global const ushort* Z,
     __global const float* mst, __global const float* gb, __global const float* gbi, __global const float* gpm,
     __global const float* gG, __global const float* Nt, __global ushort* OUT, int S, int NC)

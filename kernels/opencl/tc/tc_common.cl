@@ -1,6 +1,6 @@
 // Tensor-core helpers for the chunkwise mLSTM OpenCL kernels (NVIDIA, sm_80+, inline PTX).
-// This file is prepended to every tc_*.cl source by the host (clCreateProgramWithSource with
-// several strings). See README.md beside it for the kernel interface.
+// The host puts this file before every tc_*.cl source, after ../common.cl (tc_source_text in
+// devices/src/opencl/tc_program.cpp). See README.md beside it for the kernel interface.
 //
 // Build options read here:
 //   -DDT_F16=0|1   16-bit element type of q,k,v,h and of the boundary states: 0 bf16, 1 fp16
@@ -239,7 +239,6 @@ TC_INLINE void ldB2_T(__local const ushort* s, int str, int n0, int k0, uint* b)
 
 // ---- misc ---------------------------------------------------------------------------------------
 
-TC_INLINE float logsigmoid_f(float x) { return x < 0.0f ? x - log1p(exp(x)) : -log1p(exp(-x)); }
 TC_INLINE float sigmoid_f(float x) { return 1.0f / (1.0f + exp(-x)); }
 
 // Probe kernel: checks the fragment loaders (ldmatrix path against the plain-load path) on the device.

@@ -28,12 +28,12 @@ __kernel void tc_fw_gates(__global const float* ig_raw, __global const float* fg
   if (j < len) {
     // f = -inf: lf = -inf would give b = -inf and bi = +inf, and exp(bi - mm) = NaN downstream. It counts as
     // lf = -256 (stages::kForgetCut): exp(-256 + x) is 0 in float32 for any input-gate spread x below ~150.
-    lf = fmax(logsigmoid_f(fg_raw[idx]), -256.0f);
+    lf = fmax(logsigmoid(fg_raw[idx]), -FORGET_CUT);
     float iv = ig_raw[idx];
 #if GATE_EXP
     ig = iv;
 #else
-    ig = logsigmoid_f(iv);
+    ig = logsigmoid(iv);
 #endif
   }
   sa[j] = lf;

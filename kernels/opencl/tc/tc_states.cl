@@ -1,6 +1,6 @@
 // Sequential state kernels of the tensor-core chunkwise mLSTM (prepend tc_common.cl).
 //   MODE 0: tc_fw_states  (forward over chunks: the state (C, n, m) entering every chunk)
-//   MODE 1: tc_bw_states  (reverse over chunks: the gradient of the state leaving every chunk)
+//   MODE 1: tc_bw_state_grads  (reverse over chunks: the gradient of the state leaving every chunk)
 // One work-group per (row, DHQK tile of KT, DHHV tile of VT); KT/16 warps, warp w owns rows
 // 16w..16w+15 of the KT tile and all VT columns. The tile lives in mma accumulators (float32) for
 // the whole sequence; per chunk:  acc <- scale * acc + X^T diag(w) Y  with X (L x KT), Y (L x VT):
@@ -39,7 +39,7 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_fw_states(
     int has_init, __global ushort* Cst, __global float* nst, __global float* mst, __global float* c_last,
     __global float* n_last, __global float* m_last, int S, int NC)
 #else
-__kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_states(
+__kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
     __global const ushort* X, __global const ushort* Y, __global const float* gb, __global const float* gpm,
     __global const float* gG, __global const float* mst, __global const float* Nt, __global const float* dden,
     __global const float* dc_last, __global const float* dn_last, int has_dlast, __global ushort* Cst,

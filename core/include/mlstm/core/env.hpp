@@ -10,6 +10,7 @@
 //                                      devices (OpenCL): column blocks of the register-tiled kernels (tuning)
 //   MLSTM_TENSOR_CORES=off             devices (OpenCL): never use the tensor-core kernels
 //   MLSTM_TC_STATE_TILE=KTxVT          devices (OpenCL): tensor-core state tile (tuning)
+//   MLSTM_TC_MSPLIT=1                  devices (OpenCL): tensor-core chunk kernels with M split hi + lo (tuning)
 //   MLSTM_TC_POISON=1                  devices (OpenCL): tensor-core intermediates start as NaN
 //   MLSTM_RESIDENT_INPUTS=off          devices: upload inputs on every call (to measure residency)
 //   MLSTM_FAULT_INJECT, MLSTM_FAULT_INJECT_ORDER   nodes / graph: fault-injection test hooks

@@ -31,6 +31,9 @@ struct TcLaunchParams {
   int state_tile_k = 64, state_tile_v = 64;
   // Work group of the gate kernel, halved down to the device's limit.
   int gate_group = 512;
+  // The chunk kernels' inter-chunk product with M split into two 16-bit parts (hi + lo, two mma): less rounding
+  // in h and dq for ~1% more time (docs/notes/tensor-cores.md); off by default. MLSTM_TC_MSPLIT=1.
+  bool msplit = false;
 };
 
 template <class Params>
