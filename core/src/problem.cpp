@@ -9,6 +9,11 @@
 
 namespace mlstm {
 
+State State::zeros(std::int64_t B, std::int64_t NH, std::int64_t DHQK, std::int64_t DHHV) {
+  return {Tensor::zeros({B, NH, DHQK, DHHV}, DType::f32), Tensor::zeros({B, NH, DHQK}, DType::f32),
+          Tensor::zeros({B, NH}, DType::f32)};
+}
+
 std::string_view gate_name(GateVariant g) noexcept { return g == GateVariant::exp ? "exp" : "sig"; }
 
 GateVariant parse_gate(std::string_view name, const std::string& argument) {

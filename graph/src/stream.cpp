@@ -10,11 +10,6 @@
 
 namespace mlstm {
 
-ChunkState ChunkState::zeros(std::int64_t B, std::int64_t NH, std::int64_t DHQK, std::int64_t DHHV) {
-  return {Tensor::zeros({B, NH, DHQK, DHHV}, DType::f32), Tensor::zeros({B, NH, DHQK}, DType::f32),
-          Tensor::zeros({B, NH}, DType::f32)};
-}
-
 namespace {
 
 constexpr char kMagic[8] = {'M', 'L', 'S', 'T', 'M', 'S', 'N', 'P'};
@@ -71,10 +66,10 @@ std::uint64_t StreamSession::checksum(const std::string& bytes) noexcept {
 }
 
 StreamSession::StreamSession(StreamConfig config)
-    : StreamSession(config, ChunkState::zeros(config.B > 0 ? config.B : 1, config.NH > 0 ? config.NH : 1,
+    : StreamSession(config, State::zeros(config.B > 0 ? config.B : 1, config.NH > 0 ? config.NH : 1,
                                               config.DHQK > 0 ? config.DHQK : 1, config.DHHV > 0 ? config.DHHV : 1)) {}
 
-StreamSession::StreamSession(StreamConfig config, ChunkState initial_state) : config_(std::move(config)) {
+StreamSession::StreamSession(StreamConfig config, State initial_state) : config_(std::move(config)) {
   check_config(config_);
   kernel_ = get_kernel(config_.kernel, config_.target);
   if (kernel_->info().form != KernelForm::chunkwise && kernel_->info().form != KernelForm::sequence) {
@@ -217,7 +212,7 @@ StreamSession StreamSession::restore_bytes(const std::string& bytes, StreamConfi
                  std::to_string(B) + "," + std::to_string(NH) + "," + std::to_string(DK) + "," + std::to_string(DV) +
                  ")");
   }
-  ChunkState s = ChunkState::zeros(B, NH, DK, DV);
+  State s = State::zeros(B, NH, DK, DV);
   for (Tensor* t : {&s.C, &s.n, &s.m}) {
     std::memcpy(t->bytes(), bytes.data() + at, t->nbytes());
     at += t->nbytes();

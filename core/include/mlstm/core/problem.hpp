@@ -52,6 +52,7 @@ struct ProblemShape {
 struct State {
   Tensor C, n, m;
   bool empty() const noexcept { return C.empty(); }
+  static State zeros(std::int64_t B, std::int64_t NH, std::int64_t DHQK, std::int64_t DHHV);  // C = n = 0, m = 0
 };
 using StateHandle = std::shared_ptr<const State>;
 

@@ -19,12 +19,6 @@
 
 namespace mlstm {
 
-// The recurrent state carried from chunk to chunk: C (B,NH,DHQK,DHHV), n (B,NH,DHQK), m (B,NH), float32.
-struct ChunkState {
-  Tensor C, n, m;
-  static ChunkState zeros(std::int64_t B, std::int64_t NH, std::int64_t DHQK, std::int64_t DHHV);
-};
-
 struct StreamConfig {
   std::int64_t B = 1, NH = 1, DHQK = 0, DHHV = 0;
   MlstmOptions options;                               // gate, normalize, eps, chunk size
@@ -35,13 +29,13 @@ struct StreamConfig {
 class StreamSession {
  public:
   explicit StreamSession(StreamConfig config);                   // InvalidArgument naming a bad field
-  StreamSession(StreamConfig config, ChunkState initial_state);  // start from a given state
+  StreamSession(StreamConfig config, State initial_state);  // start from a given state
 
   // h (B,NH,S_piece,DHHV) in q's dtype for one piece. The piece's q,k,v,i,f must match the config's B, NH,
   // DHQK, DHHV (InvalidArgument naming the argument otherwise); its c0/n0/m0 must be empty.
   Tensor push(const ForwardArgs& piece);
 
-  const ChunkState& state() const noexcept { return state_; }
+  const State& state() const noexcept { return state_; }
   std::int64_t tokens() const noexcept { return tokens_; }  // tokens per row consumed so far
   const StreamConfig& config() const noexcept { return config_; }
 
@@ -66,7 +60,7 @@ class StreamSession {
  private:
   StreamConfig config_;
   std::unique_ptr<SequenceKernel> kernel_;
-  ChunkState state_;
+  State state_;
   std::int64_t tokens_ = 0;
 };
 
