@@ -19,7 +19,11 @@ struct Problem {
   Tensor q, k, v, i, f, dh;
   ForwardArgs args() const {
     ForwardArgs a;
-    a.q = q.view(); a.k = k.view(); a.v = v.view(); a.i = i.view(); a.f = f.view();
+    a.q = q.view();
+    a.k = k.view();
+    a.v = v.view();
+    a.i = i.view();
+    a.f = f.view();
     return a;
   }
 };
@@ -32,8 +36,8 @@ Problem make_problem(std::int64_t B, std::int64_t NH, std::int64_t S, std::int64
     for (auto& e : x) e = mean + normal(rng);
     return Tensor::from(x, shape);
   };
-  return {random({B, NH, S, DK}, 0), random({B, NH, S, DK}, 0), random({B, NH, S, DV}, 0), random({B, NH, S}, 0),
-          random({B, NH, S}, 3), random({B, NH, S, DV}, 0)};
+  return {random({B, NH, S, DK}, 0), random({B, NH, S, DK}, 0), random({B, NH, S, DV}, 0),
+          random({B, NH, S}, 0),     random({B, NH, S}, 3),     random({B, NH, S, DV}, 0)};
 }
 
 constexpr std::int64_t kB = 1, kNH = 4, kS = 16384, kD = 128;
@@ -52,12 +56,17 @@ void BM_ChunkwiseForward(benchmark::State& state) {
   }
   const double tokens = static_cast<double>(kB * kS) * static_cast<double>(state.iterations());
   state.counters["tokens/s"] = benchmark::Counter(tokens, benchmark::Counter::kIsRate);
-  state.counters["GFLOP/s"] = benchmark::Counter(tokens * forward_flop_per_token(o.chunk_size) * 1e-9,
-                                                 benchmark::Counter::kIsRate);
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(tokens * forward_flop_per_token(o.chunk_size) * 1e-9, benchmark::Counter::kIsRate);
 }
-BENCHMARK(BM_ChunkwiseForward)->ArgNames({"chunk", "tile"})
-    ->Args({64, 0})->Args({128, 0})->Args({128, 64})->Args({256, 64})
-    ->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_ChunkwiseForward)
+    ->ArgNames({"chunk", "tile"})
+    ->Args({64, 0})
+    ->Args({128, 0})
+    ->Args({128, 64})
+    ->Args({256, 64})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 
 void BM_ChunkwiseForwardBackward(benchmark::State& state) {
   static const Problem p = make_problem(kB, kNH, kS, kD, kD);
@@ -76,8 +85,12 @@ void BM_ChunkwiseForwardBackward(benchmark::State& state) {
   const double tokens = static_cast<double>(kB * kS) * static_cast<double>(state.iterations());
   state.counters["tokens/s"] = benchmark::Counter(tokens, benchmark::Counter::kIsRate);
 }
-BENCHMARK(BM_ChunkwiseForwardBackward)->ArgNames({"chunk", "tile"})->Args({64, 0})->Args({128, 64})
-    ->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_ChunkwiseForwardBackward)
+    ->ArgNames({"chunk", "tile"})
+    ->Args({64, 0})
+    ->Args({128, 64})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 
 // The ceiling: sgemm on every core at once (one independent n^3 product per TBB worker, as the kernels
 // run one product per worker), and on one core.
@@ -95,18 +108,26 @@ void BM_Sgemm(benchmark::State& state) {
     for (auto& x : B[w]) x = normal(rng);
   }
   for (auto _ : state) {
-    tbb::parallel_for(0, workers, [&](int w) {
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.f, A[w].data(), n, B[w].data(), n, 0.f,
-                  C[w].data(), n);
-    }, tbb::static_partitioner());
+    tbb::parallel_for(
+        0, workers,
+        [&](int w) {
+          cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.f, A[w].data(), n, B[w].data(), n, 0.f,
+                      C[w].data(), n);
+        },
+        tbb::static_partitioner());
     benchmark::DoNotOptimize(C[0].data());
   }
   state.counters["workers"] = workers;
-  state.counters["GFLOP/s"] = benchmark::Counter(2.0 * n * n * n * workers * 1e-9 * static_cast<double>(state.iterations()),
-                                                 benchmark::Counter::kIsRate);
+  state.counters["GFLOP/s"] = benchmark::Counter(
+      2.0 * n * n * n * workers * 1e-9 * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
 }
-BENCHMARK(BM_Sgemm)->ArgNames({"n", "one_core"})->Args({1024, 0})->Args({1024, 1})->Args({128, 0})
-    ->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_Sgemm)
+    ->ArgNames({"n", "one_core"})
+    ->Args({1024, 0})
+    ->Args({1024, 1})
+    ->Args({128, 0})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 
 }  // namespace
 

@@ -25,7 +25,11 @@ struct Piece {
   Tensor q, k, v, i, f;
   ForwardArgs args() const {
     ForwardArgs a;
-    a.q = q.view(); a.k = k.view(); a.v = v.view(); a.i = i.view(); a.f = f.view();
+    a.q = q.view();
+    a.k = k.view();
+    a.v = v.view();
+    a.i = i.view();
+    a.f = f.view();
     return a;
   }
 };
@@ -50,8 +54,8 @@ Piece make_piece(std::int64_t NH, std::int64_t S, std::int64_t D, unsigned seed)
     for (auto& e : x) e = mean + normal(rng);
     return Tensor::from(x, shape, dt);
   };
-  return {random({1, NH, S, D}, 0, DType::bf16), random({1, NH, S, D}, 0, DType::bf16), random({1, NH, S, D}, 0, DType::bf16),
-          random({1, NH, S}, 0, DType::f32), random({1, NH, S}, 3, DType::f32)};
+  return {random({1, NH, S, D}, 0, DType::bf16), random({1, NH, S, D}, 0, DType::bf16),
+          random({1, NH, S, D}, 0, DType::bf16), random({1, NH, S}, 0, DType::f32), random({1, NH, S}, 3, DType::f32)};
 }
 
 // arg: total tokens (millions). NH=4, DHQK=DHHV=64, bf16, pieces of 16384 tokens, chunkwise CPU kernel.
@@ -61,7 +65,10 @@ void BM_StreamPeakMemory(benchmark::State& state) {
   double rss_before = peak_rss_mib();
   for (auto _ : state) {
     StreamConfig cfg;
-    cfg.B = 1; cfg.NH = NH; cfg.DHQK = D; cfg.DHHV = D;
+    cfg.B = 1;
+    cfg.NH = NH;
+    cfg.DHQK = D;
+    cfg.DHHV = D;
     cfg.options.chunk_size = 128;
     StreamSession stream(cfg);
     for (std::int64_t t = 0; t < total; t += piece) {
@@ -112,8 +119,8 @@ void graph_forward(benchmark::State& state, graph::Balancing balancing) {
     benchmark::DoNotOptimize(r.h.bytes());
   }
   state.SetLabel(spec + (balancing == graph::Balancing::calibrated ? " calibrated" : " pull"));
-  state.counters["tokens/s"] =
-      benchmark::Counter(static_cast<double>(z.S) * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+  state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(z.S) * static_cast<double>(state.iterations()),
+                                                  benchmark::Counter::kIsRate);
 }
 void BM_GraphForward(benchmark::State& state) { graph_forward(state, graph::Balancing::pull); }
 void BM_GraphForwardCalibrated(benchmark::State& state) { graph_forward(state, graph::Balancing::calibrated); }
@@ -141,8 +148,8 @@ void graph_backward(benchmark::State& state, bool head_split) {
     benchmark::DoNotOptimize(g.dq.bytes());
   }
   state.SetLabel(spec + (head_split ? " head split" : " sequence parallel"));
-  state.counters["tokens/s"] =
-      benchmark::Counter(static_cast<double>(z.S) * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+  state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(z.S) * static_cast<double>(state.iterations()),
+                                                  benchmark::Counter::kIsRate);
 }
 void BM_GraphBackward(benchmark::State& state) { graph_backward(state, false); }
 void BM_GraphBackwardHeadSplit(benchmark::State& state) { graph_backward(state, true); }

@@ -18,6 +18,7 @@
 // floor / ours (forward floor, also shown for fwbw), mma_frac = matrix FLOPs / time / 651 TFLOP/s.
 #include <benchmark/benchmark.h>
 
+#include <spdlog/spdlog.h>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -25,13 +26,12 @@
 #include <memory>
 #include <random>
 #include <sstream>
-#include <spdlog/spdlog.h>
 
-#include "mlstm/devices/opencl/device.hpp"
 #include "mlstm/devices/opencl/chunkwise_routine.hpp"
-#include "mlstm/devices/opencl/tc_routine.hpp"
-#include "mlstm/devices/opencl/stream.hpp"
+#include "mlstm/devices/opencl/device.hpp"
 #include "mlstm/devices/opencl/resident.hpp"
+#include "mlstm/devices/opencl/stream.hpp"
+#include "mlstm/devices/opencl/tc_routine.hpp"
 
 namespace {
 
@@ -101,7 +101,11 @@ struct HostProblem {
   Tensor q, k, v, i, f, dh;
   ForwardArgs args() const {
     ForwardArgs a;
-    a.q = q.view(); a.k = k.view(); a.v = v.view(); a.i = i.view(); a.f = f.view();
+    a.q = q.view();
+    a.k = k.view();
+    a.v = v.view();
+    a.i = i.view();
+    a.f = f.view();
     return a;
   }
 };
@@ -220,7 +224,12 @@ void run_stream(benchmark::State& state, std::shared_ptr<opencl::Device> dev, in
   const std::int64_t total = std::stoll(env("MLSTM_BENCH_STREAM_TOKENS", "1048576"));
   const std::int64_t piece = std::stoll(env("MLSTM_BENCH_PIECE", "16384"));
   opencl::DeviceStream::Config cfg;
-  cfg.B = 1; cfg.NH = NH; cfg.DHQK = DHQK; cfg.DHHV = DHHV; cfg.max_piece = piece; cfg.dtype = DType::bf16;
+  cfg.B = 1;
+  cfg.NH = NH;
+  cfg.DHQK = DHQK;
+  cfg.DHHV = DHHV;
+  cfg.max_piece = piece;
+  cfg.dtype = DType::bf16;
   cfg.options.chunk_size = 64;
   cfg.compute = mode != 0;
   cfg.emulate = env("MLSTM_BENCH_EMULATE", "0") == "1";
@@ -265,8 +274,7 @@ void run_stream(benchmark::State& state, std::shared_ptr<opencl::Device> dev, in
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     state.SetIterationTime(secs);
     state.counters["tokens_per_s"] = static_cast<double>(total) / secs;
-    state.counters["GB_per_s"] =
-        static_cast<double>(stream->bytes_up() + stream->bytes_down() - bytes0) / secs * 1e-9;
+    state.counters["GB_per_s"] = static_cast<double>(stream->bytes_up() + stream->bytes_down() - bytes0) / secs * 1e-9;
   }
   state.SetLabel(dev->name());
 }
@@ -287,8 +295,10 @@ void run_copy(benchmark::State& state, std::shared_ptr<opencl::Device> dev, int 
   opencl::check(err, "clCreateBuffer(pinned)", dn);
   opencl::Buffer pinned_b(clCreateBuffer(dev->context(), CL_MEM_ALLOC_HOST_PTR, bytes, nullptr, &err), bytes);
   opencl::check(err, "clCreateBuffer(pinned)", dn);
-  void* host_a = clEnqueueMapBuffer(q[0], pinned_a.get(), CL_TRUE, CL_MAP_READ | CL_MAP_WRITE, 0, bytes, 0, nullptr, nullptr, &err);
-  void* host_b = clEnqueueMapBuffer(q[0], pinned_b.get(), CL_TRUE, CL_MAP_READ | CL_MAP_WRITE, 0, bytes, 0, nullptr, nullptr, &err);
+  void* host_a = clEnqueueMapBuffer(q[0], pinned_a.get(), CL_TRUE, CL_MAP_READ | CL_MAP_WRITE, 0, bytes, 0, nullptr,
+                                    nullptr, &err);
+  void* host_b = clEnqueueMapBuffer(q[0], pinned_b.get(), CL_TRUE, CL_MAP_READ | CL_MAP_WRITE, 0, bytes, 0, nullptr,
+                                    nullptr, &err);
   std::vector<std::byte> pageable(bytes, std::byte{1});
   std::memset(host_a, 1, bytes);
   opencl::Buffer dev_a = dev->alloc(bytes), dev_b = dev->alloc(bytes);

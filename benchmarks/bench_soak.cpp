@@ -84,16 +84,20 @@ int main(int argc, char** argv) {
   mlstm::MlstmOptions o;
   o.chunk_size = 64;
   mlstm::StreamConfig cfg;
-  cfg.B = 1; cfg.NH = NH; cfg.DHQK = D; cfg.DHHV = D;
+  cfg.B = 1;
+  cfg.NH = NH;
+  cfg.DHQK = D;
+  cfg.DHHV = D;
   cfg.options = o;
   mlstm::StreamSession session(cfg);
   const std::string snapshot_path =
       (std::filesystem::temp_directory_path() / ("mlstm_soak_" + std::to_string(getpid()) + ".snap")).string();
   std::ofstream csv(csv_path);
   csv << "window,tokens,seconds,tokens_per_s,rss_mib,peak_rss_mib\n";
-  std::printf("soak: %lld tokens, NH=%lld, DHQK=DHHV=%lld, bf16, pieces of %lld, %s\n", static_cast<long long>(total),
-              static_cast<long long>(NH), static_cast<long long>(D), static_cast<long long>(piece),
-              mode == "graph" ? "CPU workers through the flow graph" : "StreamSession (chunkwise CPU kernel) + snapshots");
+  std::printf(
+      "soak: %lld tokens, NH=%lld, DHQK=DHHV=%lld, bf16, pieces of %lld, %s\n", static_cast<long long>(total),
+      static_cast<long long>(NH), static_cast<long long>(D), static_cast<long long>(piece),
+      mode == "graph" ? "CPU workers through the flow graph" : "StreamSession (chunkwise CPU kernel) + snapshots");
   mlstm::Tensor C, n, m;
   auto window_start = std::chrono::steady_clock::now();
   const auto start = window_start;
@@ -102,12 +106,18 @@ int main(int argc, char** argv) {
   for (std::int64_t t = 0; t < total; t += piece) {
     const Piece& p = pieces[static_cast<std::size_t>((t / piece) % 4)];
     mlstm::ForwardArgs a;
-    a.q = p.q.view(); a.k = p.k.view(); a.v = p.v.view(); a.i = p.i.view(); a.f = p.f.view();
+    a.q = p.q.view();
+    a.k = p.k.view();
+    a.v = p.v.view();
+    a.i = p.i.view();
+    a.f = p.f.view();
     if (mode == "session") {
       session.push(a);
     } else {
       if (!C.empty()) {
-        a.c0 = C.view(); a.n0 = n.view(); a.m0 = m.view();
+        a.c0 = C.view();
+        a.n0 = n.view();
+        a.m0 = m.view();
       }
       mlstm::ForwardResult r = runner.forward(a, o);
       C = std::move(r.c);
@@ -131,10 +141,17 @@ int main(int argc, char** argv) {
       const double secs = std::chrono::duration<double>(now - window_start).count();
       const double rate = static_cast<double>(in_window) / secs, rss = rss_mib();
       csv << w << "," << done << "," << secs << "," << rate << "," << rss << "," << peak_rss_mib() << "\n";
-      if (w == 1) { first_rate = rate; first_rss = rss; }  // window 0 includes the warm-up
-      if (w >= 1) { last_rate = rate; max_rss = std::max(max_rss, rss); }
-      if (w % 10 == 0) std::printf("window %4lld  %11lld tokens  %.0f tokens/s  rss %.1f MiB\n", static_cast<long long>(w),
-                                   static_cast<long long>(done), rate, rss);
+      if (w == 1) {
+        first_rate = rate;
+        first_rss = rss;
+      }  // window 0 includes the warm-up
+      if (w >= 1) {
+        last_rate = rate;
+        max_rss = std::max(max_rss, rss);
+      }
+      if (w % 10 == 0)
+        std::printf("window %4lld  %11lld tokens  %.0f tokens/s  rss %.1f MiB\n", static_cast<long long>(w),
+                    static_cast<long long>(done), rate, rss);
       std::fflush(stdout);
       ++w;
       in_window = 0;
@@ -142,11 +159,11 @@ int main(int argc, char** argv) {
     }
   }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  std::printf("done: %lld tokens in %.1f s (%.0f tokens/s); windows 1..%lld: throughput first %.0f last %.0f (%.1f%%), "
-              "rss first %.1f max %.1f MiB, peak %.1f MiB; csv: %s\n",
-              static_cast<long long>(done), secs, static_cast<double>(done) / secs, static_cast<long long>(w - 1),
-              first_rate, last_rate, 100.0 * last_rate / std::max(first_rate, 1.0), first_rss, max_rss, peak_rss_mib(),
-              csv_path.c_str());
+  std::printf(
+      "done: %lld tokens in %.1f s (%.0f tokens/s); windows 1..%lld: throughput first %.0f last %.0f (%.1f%%), "
+      "rss first %.1f max %.1f MiB, peak %.1f MiB; csv: %s\n",
+      static_cast<long long>(done), secs, static_cast<double>(done) / secs, static_cast<long long>(w - 1), first_rate,
+      last_rate, 100.0 * last_rate / std::max(first_rate, 1.0), first_rss, max_rss, peak_rss_mib(), csv_path.c_str());
   std::filesystem::remove(snapshot_path);
   const mlstm::Tensor& last = mode == "session" ? session.state().C : C;
   const bool finite = std::isfinite(last.to(mlstm::DType::f64).data<double>()[0]);

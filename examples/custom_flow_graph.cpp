@@ -17,7 +17,8 @@ int main(int argc, char** argv) {
   auto problem = std::make_shared<nodes::SegmentProblem>(in.args(), o);
   auto device = mlstm::cpu_workers().front();
   auto segments = std::make_shared<std::vector<nodes::Segment>>();
-  for (std::int64_t t0 = 0, i = 0; t0 < S; t0 += seg, ++i) segments->push_back({static_cast<int>(i), t0, std::min(S, t0 + seg)});
+  for (std::int64_t t0 = 0, i = 0; t0 < S; t0 += seg, ++i)
+    segments->push_back({static_cast<int>(i), t0, std::min(S, t0 + seg)});
   auto running = std::make_shared<nodes::SegmentEntry>(problem->initial_entry());
 
   graph g;
@@ -30,8 +31,10 @@ int main(int argc, char** argv) {
     return (*segments)[next++];
   });
   function_node<nodes::Segment, nodes::SegmentSummary> local(g, unlimited, nodes::LocalStateBody{problem, device});
-  sequencer_node<nodes::SegmentSummary> in_order(g, [](const nodes::SegmentSummary& s) { return static_cast<std::size_t>(s.index); });
-  function_node<nodes::SegmentSummary, nodes::SegmentEntry> recurrence(g, serial, nodes::StateRecurrenceBody{problem, segments, running});
+  sequencer_node<nodes::SegmentSummary> in_order(
+      g, [](const nodes::SegmentSummary& s) { return static_cast<std::size_t>(s.index); });
+  function_node<nodes::SegmentSummary, nodes::SegmentEntry> recurrence(
+      g, serial, nodes::StateRecurrenceBody{problem, segments, running});
   function_node<nodes::SegmentEntry, int> outputs(g, unlimited, nodes::SegmentOutputBody{problem, device});
   int done = 0;
   function_node<int> sink(g, serial, [&](int) {  // your node
@@ -45,6 +48,7 @@ int main(int argc, char** argv) {
   make_edge(outputs, sink);
   source.activate();
   g.wait_for_all();
-  std::printf("%d segments through the custom graph; h %s\n", done, mlstm::shape_to_string(problem->h().shape()).c_str());
+  std::printf("%d segments through the custom graph; h %s\n", done,
+              mlstm::shape_to_string(problem->h().shape()).c_str());
   return done == static_cast<int>(segments->size()) ? 0 : 1;
 }

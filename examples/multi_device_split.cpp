@@ -36,7 +36,9 @@ int main(int argc, char** argv) {
   const auto grads = runner.backward(bw, o);
   const auto ref_grads = mlstm::get_kernel("chunkwise--cpu_xl_chunk")->backward(bw, o);
   double gerr = 0, gscale = 0;
-  for (auto [x, y] : {std::pair{&grads.dq, &ref_grads.dq}, {&grads.dk, &ref_grads.dk}, {&grads.dv, &ref_grads.dv},
+  for (auto [x, y] : {std::pair{&grads.dq, &ref_grads.dq},
+                      {&grads.dk, &ref_grads.dk},
+                      {&grads.dv, &ref_grads.dv},
                       {&grads.df, &ref_grads.df}}) {
     const auto u = x->to_vector(), w = y->to_vector();
     for (std::size_t e = 0; e < u.size(); ++e) {

@@ -24,7 +24,10 @@ int main(int argc, char** argv) {
     mlstm::npy::write((dir / "f.npy").string(), in.f.view());
   }
   mlstm::StreamConfig cfg;
-  cfg.B = 1; cfg.NH = NH; cfg.DHQK = D; cfg.DHHV = D;
+  cfg.B = 1;
+  cfg.NH = NH;
+  cfg.DHQK = D;
+  cfg.DHHV = D;
   cfg.options.chunk_size = 128;
   mlstm::StreamSession stream(cfg);
   const auto bf16 = std::optional<mlstm::DType>(mlstm::DType::bf16);

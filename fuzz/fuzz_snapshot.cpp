@@ -9,7 +9,6 @@
 #include "mlstm/core/error.hpp"
 #include "mlstm/graph/stream.hpp"
 
-
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   if (size == 0) return 0;
   std::string bytes(reinterpret_cast<const char*>(data) + 1, size - 1);
@@ -18,7 +17,10 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     bytes.append(reinterpret_cast<const char*>(&sum), sizeof sum);
   }
   mlstm::StreamConfig config;  // default options and kernel, as make_seeds.cpp writes them
-  config.B = 1; config.NH = 2; config.DHQK = 4; config.DHHV = 3;
+  config.B = 1;
+  config.NH = 2;
+  config.DHQK = 4;
+  config.DHHV = 3;
   config.options.gate = (data[0] & 2) ? mlstm::GateVariant::sigmoid : mlstm::GateVariant::exp;
   try {
     const mlstm::StreamSession s = mlstm::StreamSession::restore_bytes(bytes, config, "fuzz");

@@ -9,8 +9,8 @@
 #include <iostream>
 #include <sstream>
 
-#include "mlstm/graph/stream.hpp"
 #include "mlstm/core/npy.hpp"
+#include "mlstm/graph/stream.hpp"
 
 int main(int argc, char** argv) {
   if (argc != 2) {
@@ -22,13 +22,17 @@ int main(int argc, char** argv) {
   std::filesystem::create_directories(dir / "snapshot");
   int n = 0;
   for (auto dt : {mlstm::DType::f64, mlstm::DType::f32, mlstm::DType::f16, mlstm::DType::bf16})
-    for (const mlstm::Shape& shape : {mlstm::Shape{3}, mlstm::Shape{2, 3}, mlstm::Shape{1, 2, 3, 4}, mlstm::Shape{0, 5}}) {
+    for (const mlstm::Shape& shape :
+         {mlstm::Shape{3}, mlstm::Shape{2, 3}, mlstm::Shape{1, 2, 3, 4}, mlstm::Shape{0, 5}}) {
       mlstm::Tensor t = mlstm::Tensor::full(shape, dt, 1.5);
       mlstm::npy::write((dir / "npy" / ("seed" + std::to_string(n++) + ".npy")).string(), t.view());
     }
   for (int gate = 0; gate < 2; ++gate) {
     mlstm::StreamConfig c;
-    c.B = 1; c.NH = 2; c.DHQK = 4; c.DHHV = 3;
+    c.B = 1;
+    c.NH = 2;
+    c.DHQK = 4;
+    c.DHHV = 3;
     c.options.gate = gate ? mlstm::GateVariant::sigmoid : mlstm::GateVariant::exp;
     mlstm::StreamSession s(c);
     const auto tmp = dir / "snapshot" / "tmp.snap";

@@ -32,10 +32,14 @@ Tensor to_tensor(const py::object& obj, const std::string& name, bool bf16) {
     throw InvalidArgument(name, "dtype='bfloat16' reads uint16 arrays as bfloat16, got dtype " +
                                     std::string(py::str(arr.dtype())) + "; pass uint16 bit patterns or drop dtype");
   }
-  if (kind == 'f' && size == 8) dt = DType::f64;
-  else if (kind == 'f' && size == 4) dt = DType::f32;
-  else if (kind == 'f' && size == 2) dt = DType::f16;
-  else if (kind == 'u' && size == 2 && bf16) dt = DType::bf16;
+  if (kind == 'f' && size == 8)
+    dt = DType::f64;
+  else if (kind == 'f' && size == 4)
+    dt = DType::f32;
+  else if (kind == 'f' && size == 2)
+    dt = DType::f16;
+  else if (kind == 'u' && size == 2 && bf16)
+    dt = DType::bf16;
   else {
     throw InvalidArgument(name, "unsupported dtype " + std::string(py::str(arr.dtype())) +
                                     "; expected float64, float32, float16, or uint16 with dtype='bfloat16'");
@@ -49,7 +53,7 @@ Tensor to_tensor(const py::object& obj, const std::string& name, bool bf16) {
 py::array to_numpy(const Tensor& t) {
   if (t.empty()) return py::array();
   std::vector<py::ssize_t> shape(t.shape().begin(), t.shape().end());
-  py::dtype dt = t.dtype() == DType::f64 ? py::dtype::of<double>()
+  py::dtype dt = t.dtype() == DType::f64   ? py::dtype::of<double>()
                  : t.dtype() == DType::f32 ? py::dtype::of<float>()
                  : t.dtype() == DType::f16 ? py::dtype("float16")
                                            : py::dtype::of<std::uint16_t>();
@@ -62,7 +66,11 @@ struct Loaded {
   Tensor q, k, v, i, f, c0, n0, m0;
   ForwardArgs args() const {
     ForwardArgs a;
-    a.q = q.view(); a.k = k.view(); a.v = v.view(); a.i = i.view(); a.f = f.view();
+    a.q = q.view();
+    a.k = k.view();
+    a.v = v.view();
+    a.i = i.view();
+    a.f = f.view();
     if (!c0.empty()) a.c0 = c0.view();
     if (!n0.empty()) a.n0 = n0.view();
     if (!m0.empty()) a.m0 = m0.view();
@@ -75,8 +83,9 @@ Loaded load(const py::object& q, const py::object& k, const py::object& v, const
   const bool bf16 = dtype == "bfloat16" || dtype == "bf16";
   // Any other dtype used to be accepted and ignored (the arrays' own dtypes are used): refused.
   if (!dtype.empty() && !bf16) {
-    throw InvalidArgument("dtype", "'" + dtype + "' has no effect; only dtype='bfloat16' is taken (uint16 arrays read "
-                                   "as bfloat16); other dtypes come from the arrays");
+    throw InvalidArgument("dtype", "'" + dtype +
+                                       "' has no effect; only dtype='bfloat16' is taken (uint16 arrays read "
+                                       "as bfloat16); other dtypes come from the arrays");
   }
   Loaded l;
   l.q = to_tensor(q, "q", bf16);
@@ -188,9 +197,9 @@ PYBIND11_MODULE(mlstm_flow, m) {
         refuse_unknown(extra, "forward");
         const std::string kernel = str_arg(kernel_o, "kernel"), devices = str_arg(devices_o, "devices");
         const bool return_last_states = bool_arg(return_last_states_o, "return_last_states");
-        const MlstmOptions o = options(int_arg(chunk_size, "chunk_size"), str_arg(gate, "gate"),
-                                       bool_arg(normalize, "normalize"), float_arg(eps, "eps"), return_last_states,
-                                       kernel, devices);
+        const MlstmOptions o =
+            options(int_arg(chunk_size, "chunk_size"), str_arg(gate, "gate"), bool_arg(normalize, "normalize"),
+                    float_arg(eps, "eps"), return_last_states, kernel, devices);
         const Loaded l = load(q, k, v, i, f, c0, n0, m0, str_arg(dtype, "dtype"));
         ForwardResult r;
         {
@@ -252,16 +261,20 @@ PYBIND11_MODULE(mlstm_flow, m) {
       "q's dtype (uint16 holding bfloat16 for dtype='bfloat16')");
   m.def(
       "step",
-      [](py::object q, py::object k, py::object v, py::object i, py::object f, py::object c, py::object n, py::object mm,
-         py::object kernel_o, py::object gate_o, py::object normalize_o, py::object eps_o, py::object dtype,
-         const py::kwargs& extra) {
+      [](py::object q, py::object k, py::object v, py::object i, py::object f, py::object c, py::object n,
+         py::object mm, py::object kernel_o, py::object gate_o, py::object normalize_o, py::object eps_o,
+         py::object dtype, const py::kwargs& extra) {
         refuse_unknown(extra, "step");
         const std::string kernel = str_arg(kernel_o, "kernel"), gate = str_arg(gate_o, "gate");
         const bool normalize = bool_arg(normalize_o, "normalize");
         const double eps = float_arg(eps_o, "eps");
         const Loaded l = load(q, k, v, i, f, c, n, mm, str_arg(dtype, "dtype"));
         StepArgs a;
-        a.q = l.q.view(); a.k = l.k.view(); a.v = l.v.view(); a.i = l.i.view(); a.f = l.f.view();
+        a.q = l.q.view();
+        a.k = l.k.view();
+        a.v = l.v.view();
+        a.i = l.i.view();
+        a.f = l.f.view();
         if (!l.c0.empty()) a.c = l.c0.view();
         if (!l.n0.empty()) a.n = l.n0.view();
         if (!l.m0.empty()) a.m = l.m0.view();

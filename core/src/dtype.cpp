@@ -12,8 +12,8 @@ DType parse_dtype(std::string_view name, const std::string& argument) {
   if (name == "float32" || name == "f32" || name == "float") return DType::f32;
   if (name == "float16" || name == "f16" || name == "half") return DType::f16;
   if (name == "bfloat16" || name == "bf16") return DType::bf16;
-  throw InvalidArgument(argument, "unknown dtype '" + std::string(name) +
-                                      "'; expected one of float64, float32, float16, bfloat16");
+  throw InvalidArgument(
+      argument, "unknown dtype '" + std::string(name) + "'; expected one of float64, float32, float16, bfloat16");
 }
 
 std::uint16_t float_to_half(float f) noexcept {
@@ -70,10 +70,14 @@ float half_to_float(std::uint16_t h) noexcept {
 
 double load_element(const void* base, DType t, std::size_t index) noexcept {
   switch (t) {
-    case DType::f64: return static_cast<const double*>(base)[index];
-    case DType::f32: return static_cast<const float*>(base)[index];
-    case DType::f16: return half_to_float(static_cast<const std::uint16_t*>(base)[index]);
-    case DType::bf16: return bf16_to_float(static_cast<const std::uint16_t*>(base)[index]);
+    case DType::f64:
+      return static_cast<const double*>(base)[index];
+    case DType::f32:
+      return static_cast<const float*>(base)[index];
+    case DType::f16:
+      return half_to_float(static_cast<const std::uint16_t*>(base)[index]);
+    case DType::bf16:
+      return bf16_to_float(static_cast<const std::uint16_t*>(base)[index]);
   }
   return 0.0;
 }
@@ -95,8 +99,12 @@ float to_float_round_odd(double d) noexcept {
 
 void store_element(void* base, DType t, std::size_t index, double value) noexcept {
   switch (t) {
-    case DType::f64: static_cast<double*>(base)[index] = value; break;
-    case DType::f32: static_cast<float*>(base)[index] = static_cast<float>(value); break;
+    case DType::f64:
+      static_cast<double*>(base)[index] = value;
+      break;
+    case DType::f32:
+      static_cast<float*>(base)[index] = static_cast<float>(value);
+      break;
     case DType::f16:
       static_cast<std::uint16_t*>(base)[index] = float_to_half(to_float_round_odd(value));
       break;
@@ -122,8 +130,11 @@ void convert_elements(const void* src, DType st, void* dst, DType dt, std::size_
   if (dt == DType::f32) {
     auto* out = static_cast<float*>(dst);
     switch (st) {
-      case DType::f64: convert_loop(count, [&](std::size_t e) { return static_cast<const double*>(src)[e]; },
-                                    [&](std::size_t e, double v) { out[e] = static_cast<float>(v); }); return;
+      case DType::f64:
+        convert_loop(
+            count, [&](std::size_t e) { return static_cast<const double*>(src)[e]; },
+            [&](std::size_t e, double v) { out[e] = static_cast<float>(v); });
+        return;
       case DType::bf16: {
         const auto* in = static_cast<const std::uint16_t*>(src);
         for (std::size_t e = 0; e < count; ++e) out[e] = bf16_to_float(in[e]);
@@ -134,16 +145,24 @@ void convert_elements(const void* src, DType st, void* dst, DType dt, std::size_
         for (std::size_t e = 0; e < count; ++e) out[e] = half_to_float(in[e]);
         return;
       }
-      default: break;
+      default:
+        break;
     }
   }
   if (st == DType::f32) {
     const auto* in = static_cast<const float*>(src);
     switch (dt) {
-      case DType::f64: for (std::size_t e = 0; e < count; ++e) static_cast<double*>(dst)[e] = in[e]; return;
-      case DType::bf16: for (std::size_t e = 0; e < count; ++e) static_cast<std::uint16_t*>(dst)[e] = float_to_bf16(in[e]); return;
-      case DType::f16: for (std::size_t e = 0; e < count; ++e) static_cast<std::uint16_t*>(dst)[e] = float_to_half(in[e]); return;
-      default: break;
+      case DType::f64:
+        for (std::size_t e = 0; e < count; ++e) static_cast<double*>(dst)[e] = in[e];
+        return;
+      case DType::bf16:
+        for (std::size_t e = 0; e < count; ++e) static_cast<std::uint16_t*>(dst)[e] = float_to_bf16(in[e]);
+        return;
+      case DType::f16:
+        for (std::size_t e = 0; e < count; ++e) static_cast<std::uint16_t*>(dst)[e] = float_to_half(in[e]);
+        return;
+      default:
+        break;
     }
   }
   // General path through double (store_element rounds f64 -> 16-bit correctly).

@@ -54,7 +54,8 @@ Shape parse_shape(const std::string& text, const std::string& argument) {
     std::int64_t d = 0;
     while (pos < text.size() && std::isdigit(static_cast<unsigned char>(text[pos]))) {
       d = d * 10 + (text[pos] - '0');
-      if (d > (std::int64_t{1} << 40)) throw InvalidArgument(argument, "bad .npy header: dimension too large in " + text);
+      if (d > (std::int64_t{1} << 40))
+        throw InvalidArgument(argument, "bad .npy header: dimension too large in " + text);
       ++pos;
     }
     shape.push_back(d);
@@ -80,12 +81,14 @@ HeaderInfo decode_header(const std::string& bytes, const std::string& argument, 
   const auto major = static_cast<unsigned char>(bytes[6]);
   std::size_t header_len, offset;
   if (major == 1) {
-    header_len = static_cast<unsigned char>(bytes[8]) | (static_cast<std::size_t>(static_cast<unsigned char>(bytes[9])) << 8);
+    header_len =
+        static_cast<unsigned char>(bytes[8]) | (static_cast<std::size_t>(static_cast<unsigned char>(bytes[9])) << 8);
     offset = 10;
   } else if (major == 2 || major == 3) {
     if (bytes.size() < 12) throw InvalidArgument(argument, "truncated .npy header");
     header_len = 0;
-    for (int b = 0; b < 4; ++b) header_len |= static_cast<std::size_t>(static_cast<unsigned char>(bytes[8 + b])) << (8 * b);
+    for (int b = 0; b < 4; ++b)
+      header_len |= static_cast<std::size_t>(static_cast<unsigned char>(bytes[8 + b])) << (8 * b);
     offset = 12;
   } else {
     throw InvalidArgument(argument, "unsupported .npy format version " + std::to_string(major));
@@ -114,15 +117,20 @@ HeaderInfo decode_header(const std::string& bytes, const std::string& argument, 
     throw InvalidArgument(argument, "big-endian .npy arrays ('" + descr + "') are not supported");
   }
   DType dtype;
-  if (kind == "f8") dtype = DType::f64;
-  else if (kind == "f4") dtype = DType::f32;
-  else if (kind == "f2") dtype = DType::f16;
-  else if (kind == "u2" && as_dtype == DType::bf16) dtype = DType::bf16;
+  if (kind == "f8")
+    dtype = DType::f64;
+  else if (kind == "f4")
+    dtype = DType::f32;
+  else if (kind == "f2")
+    dtype = DType::f16;
+  else if (kind == "u2" && as_dtype == DType::bf16)
+    dtype = DType::bf16;
   else if (kind == "u2") {
     throw InvalidArgument(argument, "uint16 .npy array: pass the dtype bfloat16 to read it as bfloat16 bits");
   } else {
-    throw InvalidArgument(argument, "unsupported .npy dtype '" + descr + "'; expected float64, float32, float16 or "
-                                    "bfloat16 as uint16");
+    throw InvalidArgument(argument, "unsupported .npy dtype '" + descr +
+                                        "'; expected float64, float32, float16 or "
+                                        "bfloat16 as uint16");
   }
   if (as_dtype && *as_dtype != dtype) {
     throw InvalidArgument(argument, "expected dtype " + std::string(dtype_name(*as_dtype)) + ", file holds " +
@@ -159,7 +167,8 @@ std::string read_prefix(std::ifstream& in, std::size_t n) {
 
 }  // namespace
 
-std::pair<Shape, DType> read_header(const std::string& path, const std::string& argument, std::optional<DType> as_dtype) {
+std::pair<Shape, DType> read_header(const std::string& path, const std::string& argument,
+                                    std::optional<DType> as_dtype) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw InvalidArgument(argument, "cannot open '" + path + "'");
   const auto h = decode_header(read_prefix(in, 1 << 16), argument + " ('" + path + "')", as_dtype);
@@ -195,8 +204,10 @@ Tensor read_seq_slice(const std::string& path, const std::string& argument, std:
   const std::size_t row_bytes = static_cast<std::size_t>((s1 - s0) * inner) * es;
   for (std::int64_t r = 0; r < h.shape[0] * h.shape[1]; ++r) {
     in.seekg(static_cast<std::streamoff>(h.data_offset + static_cast<std::size_t>((r * S + s0) * inner) * es));
-    in.read(reinterpret_cast<char*>(out.bytes()) + static_cast<std::size_t>(r) * row_bytes, static_cast<std::streamsize>(row_bytes));
-    if (static_cast<std::size_t>(in.gcount()) != row_bytes) throw InvalidArgument(argument, "truncated .npy data in '" + path + "'");
+    in.read(reinterpret_cast<char*>(out.bytes()) + static_cast<std::size_t>(r) * row_bytes,
+            static_cast<std::streamsize>(row_bytes));
+    if (static_cast<std::size_t>(in.gcount()) != row_bytes)
+      throw InvalidArgument(argument, "truncated .npy data in '" + path + "'");
   }
   return out;
 }
@@ -229,14 +240,23 @@ std::string serialize(ConstTensorView view) {
   const Tensor t = Tensor::copy_of(view);
   std::string descr;
   switch (t.dtype()) {
-    case DType::f64: descr = "<f8"; break;
-    case DType::f32: descr = "<f4"; break;
-    case DType::f16: descr = "<f2"; break;
-    case DType::bf16: descr = "<u2"; break;
+    case DType::f64:
+      descr = "<f8";
+      break;
+    case DType::f32:
+      descr = "<f4";
+      break;
+    case DType::f16:
+      descr = "<f2";
+      break;
+    case DType::bf16:
+      descr = "<u2";
+      break;
   }
   std::ostringstream shape;
   shape << '(';
-  for (std::size_t d = 0; d < t.shape().size(); ++d) shape << t.shape()[d] << (t.shape().size() == 1 || d + 1 < t.shape().size() ? "," : "");
+  for (std::size_t d = 0; d < t.shape().size(); ++d)
+    shape << t.shape()[d] << (t.shape().size() == 1 || d + 1 < t.shape().size() ? "," : "");
   shape << ')';
   std::string header = "{'descr': '" + descr + "', 'fortran_order': False, 'shape': " + shape.str() + ", }";
   // Pad so that the data starts on a 64-byte boundary, header ends with '\n'.

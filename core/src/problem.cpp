@@ -67,9 +67,9 @@ void check_state(ConstTensorView c, ConstTensorView n, ConstTensorView m, std::i
   const bool any = !c.empty() || !n.empty() || !m.empty();
   if (!any) return;
   if (c.empty() || n.empty() || m.empty()) {
-    throw InvalidArgument(c.empty() ? cn : (n.empty() ? nn : mn),
-                          "missing; the initial state is given as all three of " + cn + ", " + nn + ", " + mn +
-                              " or none");
+    throw InvalidArgument(
+        c.empty() ? cn : (n.empty() ? nn : mn),
+        "missing; the initial state is given as all three of " + cn + ", " + nn + ", " + mn + " or none");
   }
   check_shape(c, {B, NH, DHQK, DHHV}, cn, "(B,NH,DHQK,DHHV)");
   check_shape(n, {B, NH, DHQK}, nn, "(B,NH,DHQK)");

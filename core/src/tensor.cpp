@@ -4,8 +4,8 @@
 #include <tbb/parallel_for.h>
 
 #include <cmath>
-#include <cstring>
 #include <cstdlib>
+#include <cstring>
 #include <new>
 #include <sstream>
 
@@ -72,8 +72,8 @@ Tensor Tensor::full(Shape shape, DType dtype, double value) {
 
 Tensor Tensor::from(const std::vector<float>& values, Shape shape, DType dtype) {
   if (static_cast<std::int64_t>(values.size()) != shape_numel(shape)) {
-    throw InvalidArgument("values", std::to_string(values.size()) + " values do not fill shape " +
-                                        shape_to_string(shape));
+    throw InvalidArgument("values",
+                          std::to_string(values.size()) + " values do not fill shape " + shape_to_string(shape));
   }
   Tensor t(std::move(shape), dtype);
   convert_elements(values.data(), DType::f32, t.bytes(), dtype, values.size());
@@ -82,8 +82,8 @@ Tensor Tensor::from(const std::vector<float>& values, Shape shape, DType dtype) 
 
 Tensor Tensor::from(const std::vector<double>& values, Shape shape, DType dtype) {
   if (static_cast<std::int64_t>(values.size()) != shape_numel(shape)) {
-    throw InvalidArgument("values", std::to_string(values.size()) + " values do not fill shape " +
-                                        shape_to_string(shape));
+    throw InvalidArgument("values",
+                          std::to_string(values.size()) + " values do not fill shape " + shape_to_string(shape));
   }
   Tensor t(std::move(shape), dtype);
   convert_elements(values.data(), DType::f64, t.bytes(), dtype, values.size());
@@ -133,9 +133,8 @@ void copy_elements(ConstTensorView view, std::int64_t first, std::int64_t count,
     copy_range(first, first + count);
     return;
   }
-  tbb::parallel_for(std::int64_t{0}, (count + kSlice - 1) / kSlice, [&](std::int64_t j) {
-    copy_range(first + j * kSlice, first + std::min(count, (j + 1) * kSlice));
-  });
+  tbb::parallel_for(std::int64_t{0}, (count + kSlice - 1) / kSlice,
+                    [&](std::int64_t j) { copy_range(first + j * kSlice, first + std::min(count, (j + 1) * kSlice)); });
 }
 
 Tensor::Tensor(const Tensor& other) : dtype_(other.dtype_), shape_(other.shape_) {
@@ -178,8 +177,8 @@ void Tensor::set(std::initializer_list<std::int64_t> index, double value) noexce
 void check_dims(ConstTensorView t, int dims, const std::string& argument, const std::string& layout) {
   if (t.empty()) throw InvalidArgument(argument, "missing; expected a tensor of shape " + layout);
   if (t.dims() != dims) {
-    throw InvalidArgument(argument, "expected shape " + layout + " with " + std::to_string(dims) +
-                                        " dimensions, got " + shape_to_string(t.shape()));
+    throw InvalidArgument(argument, "expected shape " + layout + " with " + std::to_string(dims) + " dimensions, got " +
+                                        shape_to_string(t.shape()));
   }
   for (auto s : t.strides()) {
     if (s < 0) throw InvalidArgument(argument, "negative strides are not supported");
@@ -200,8 +199,8 @@ void check_finite(ConstTensorView t, const std::string& argument) {
   const auto* p = c.data<double>();
   for (std::int64_t e = 0; e < c.numel(); ++e) {
     if (!std::isfinite(p[e])) {
-      throw InvalidArgument(argument, "element " + std::to_string(e) + " is " + (std::isnan(p[e]) ? "NaN" : "infinite") +
-                                          "; inputs must be finite");
+      throw InvalidArgument(argument, "element " + std::to_string(e) + " is " +
+                                          (std::isnan(p[e]) ? "NaN" : "infinite") + "; inputs must be finite");
     }
   }
 }
@@ -214,12 +213,13 @@ void copy_rows(std::byte* dst, std::size_t dst_stride, const std::byte* src, std
     for (std::size_t r = 0; r < rows; ++r) std::memcpy(dst + r * dst_stride, src + r * src_stride, row_bytes);
     return;
   }
-  tbb::parallel_for(tbb::blocked_range<std::size_t>(0, rows * slices), [&](const tbb::blocked_range<std::size_t>& range) {
-    for (std::size_t j = range.begin(); j != range.end(); ++j) {
-      const std::size_t r = j / slices, off = (j % slices) * kSlice;
-      std::memcpy(dst + r * dst_stride + off, src + r * src_stride + off, std::min(kSlice, row_bytes - off));
-    }
-  });
+  tbb::parallel_for(
+      tbb::blocked_range<std::size_t>(0, rows * slices), [&](const tbb::blocked_range<std::size_t>& range) {
+        for (std::size_t j = range.begin(); j != range.end(); ++j) {
+          const std::size_t r = j / slices, off = (j % slices) * kSlice;
+          std::memcpy(dst + r * dst_stride + off, src + r * src_stride + off, std::min(kSlice, row_bytes - off));
+        }
+      });
 }
 
 }  // namespace mlstm

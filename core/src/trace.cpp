@@ -4,13 +4,10 @@
 
 #include <spdlog/spdlog.h>
 
-
 namespace mlstm {
 
 bool trace_enabled() noexcept {
-  static const bool on = [] {
-    return env::is("MLSTM_TRACE", "1");
-  }();
+  static const bool on = [] { return env::is("MLSTM_TRACE", "1"); }();
   return on;
 }
 

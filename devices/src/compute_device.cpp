@@ -1,15 +1,19 @@
 // The device-spec grammar shared by the graph, the CLI and Python, and the stage names.
-#include "mlstm/core/error.hpp"
 #include "mlstm/devices/compute_device.hpp"
+#include "mlstm/core/error.hpp"
 
 namespace mlstm {
 
 std::string_view stage_name(DeviceStage stage) noexcept {
   switch (stage) {
-    case DeviceStage::forward: return "forward";
-    case DeviceStage::last_state: return "last_state";
-    case DeviceStage::backward: return "backward";
-    case DeviceStage::state_gradient: return "state_gradient";
+    case DeviceStage::forward:
+      return "forward";
+    case DeviceStage::last_state:
+      return "last_state";
+    case DeviceStage::backward:
+      return "backward";
+    case DeviceStage::state_gradient:
+      return "state_gradient";
   }
   return "?";
 }

@@ -61,12 +61,14 @@ class CpuWorker final : public ComputeDevice {
     tbb::parallel_for(std::int64_t{0}, p.rows(), [&](std::int64_t r) {
       std::vector<float> b(static_cast<std::size_t>(p.S)), ig(static_cast<std::size_t>(p.S)),
           G(static_cast<std::size_t>(s.num_chunks()));
-      stages::fw_gates(i32.data<float>() + r * p.S, f32.data<float>() + r * p.S, o.gate, s, b.data(), ig.data(), G.data());
-      stages::ConstStateRef in(C0.data<float>() + r * p.DHQK * p.DHHV, n0.data<float>() + r * p.DHQK, m0.data<float>() + r);
+      stages::fw_gates(i32.data<float>() + r * p.S, f32.data<float>() + r * p.S, o.gate, s, b.data(), ig.data(),
+                       G.data());
+      stages::ConstStateRef in(C0.data<float>() + r * p.DHQK * p.DHHV, n0.data<float>() + r * p.DHQK,
+                               m0.data<float>() + r);
       stages::StateRef st{out.c.data<float>() + r * p.DHQK * p.DHHV, out.n.data<float>() + r * p.DHQK,
                           out.m.data<float>() + r};
-      stages::fw_states(q32k.data<float>() + r * p.S * p.DHQK, v32.data<float>() + r * p.S * p.DHHV, b.data(), ig.data(),
-                        G.data(), o.gate, s, in, nullptr, st);
+      stages::fw_states(q32k.data<float>() + r * p.S * p.DHQK, v32.data<float>() + r * p.S * p.DHHV, b.data(),
+                        ig.data(), G.data(), o.gate, s, in, nullptr, st);
     });
     return out;
   }

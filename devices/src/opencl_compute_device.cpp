@@ -15,7 +15,9 @@ namespace {
 class OpenCLComputeDevice final : public ComputeDevice {
  public:
   explicit OpenCLComputeDevice(std::shared_ptr<opencl::Device> d) : runner_(std::move(d)) {}
-  std::string name() const override { return "opencl:" + std::to_string(runner_.device().info().index) + " " + runner_.device().name(); }
+  std::string name() const override {
+    return "opencl:" + std::to_string(runner_.device().info().index) + " " + runner_.device().name();
+  }
   DeviceSupport supports(DeviceStage, const ProblemShape&, const MlstmOptions& o) const override {
     // The kernels index a chunk's tokens with 32-bit integers.
     if (o.chunk_size > std::numeric_limits<std::int32_t>::max())
@@ -34,7 +36,8 @@ class OpenCLComputeDevice final : public ComputeDevice {
     for (const auto& t : inputs) {
       if (t.empty()) continue;
       std::int64_t last = 0;  // element offset of the view's last element (strides are non-negative)
-      for (int d = 0; d < t.dims(); ++d) last += (t.shape()[static_cast<std::size_t>(d)] - 1) * t.strides()[static_cast<std::size_t>(d)];
+      for (int d = 0; d < t.dims(); ++d)
+        last += (t.shape()[static_cast<std::size_t>(d)] - 1) * t.strides()[static_cast<std::size_t>(d)];
       ranges.push_back({t.bytes(), static_cast<std::size_t>(last + 1) * dtype_size(t.dtype())});
     }
     return std::make_unique<Residency>(runner_.device(), std::move(ranges));

@@ -14,8 +14,8 @@ Backend::Backend(BackendConfig config) : config_(std::move(config)) {
     }
     for (const auto& info : reg.list()) {
       if (info.name == name && info.form != form) {
-        throw InvalidArgument(field, "'" + name + "' is a " + std::string(form_name(info.form)) + " kernel, expected a " +
-                                         std::string(form_name(form)) + " kernel");
+        throw InvalidArgument(field, "'" + name + "' is a " + std::string(form_name(info.form)) +
+                                         " kernel, expected a " + std::string(form_name(form)) + " kernel");
       }
     }
   };

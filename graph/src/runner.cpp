@@ -5,13 +5,13 @@
 
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
 #include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
-#include <cstring>
 #include <sstream>
 
 #include "mlstm/core/atomic_file.hpp"
@@ -22,15 +22,17 @@ namespace mlstm::graph {
 
 std::string Plan::describe() const {
   std::ostringstream os;
-  os << "plan: S=" << S << " chunk=" << chunk_size << " segment=" << segment_tokens << " tokens, "
-     << segments.size() << " segments, devices:";
+  os << "plan: S=" << S << " chunk=" << chunk_size << " segment=" << segment_tokens << " tokens, " << segments.size()
+     << " segments, devices:";
   for (std::size_t d = 0; d < devices.size(); ++d) {
     os << " [" << devices[d];
     if (d < speeds.size()) os << " " << static_cast<long long>(speeds[d]) << " tokens/s";
     os << "]";
   }
   for (const auto& s : segments) {
-    if (s.device >= 0) os << "\n  segment " << s.index << " [" << s.t0 << ", " << s.t1 << ") -> " << devices[static_cast<std::size_t>(s.device)];
+    if (s.device >= 0)
+      os << "\n  segment " << s.index << " [" << s.t0 << ", " << s.t1 << ") -> "
+         << devices[static_cast<std::size_t>(s.device)];
   }
   os << "\n  phase 1: local states of every segment from the EMPTY state, pulled by free devices"
      << "\n  phase 2: in-order combine -> the state entering every segment"
@@ -61,8 +63,9 @@ Plan make_plan(const ProblemShape& shape, const MlstmOptions& options, const std
   return p;
 }
 
-Plan make_calibrated_plan(const ProblemShape& shape, const MlstmOptions& options, const std::vector<std::string>& devices,
-                          const std::vector<double>& speeds, std::int64_t segment_tokens) {
+Plan make_calibrated_plan(const ProblemShape& shape, const MlstmOptions& options,
+                          const std::vector<std::string>& devices, const std::vector<double>& speeds,
+                          std::int64_t segment_tokens) {
   if (devices.empty() || speeds.size() != devices.size()) {
     throw InvalidArgument("speeds", "one speed per device expected");
   }
@@ -105,14 +108,14 @@ Plan make_calibrated_plan(const ProblemShape& shape, const MlstmOptions& options
                              : sharing == 1     ? std::max<std::int64_t>(L, end - t)  // one device: one segment
                                                 : std::max<std::int64_t>(L, ((end - t) / 2 + L - 1) / L * L);
     p.segment_tokens = std::max(p.segment_tokens, seg);
-    for (std::int64_t t0 = t; t0 < end; t0 += seg) p.segments.push_back({index++, t0, std::min(end, t0 + seg), static_cast<int>(d)});
+    for (std::int64_t t0 = t; t0 < end; t0 += seg)
+      p.segments.push_back({index++, t0, std::min(end, t0 + seg), static_cast<int>(d)});
     t = end;
   }
   return p;
 }
 
-FlowGraphRunner::FlowGraphRunner(std::vector<std::shared_ptr<ComputeDevice>> devices)
-    : devices_(std::move(devices)) {
+FlowGraphRunner::FlowGraphRunner(std::vector<std::shared_ptr<ComputeDevice>> devices) : devices_(std::move(devices)) {
   if (devices_.empty()) throw InvalidArgument("devices", "the flow graph needs at least one device");
 }
 
@@ -128,7 +131,8 @@ namespace {
 
 std::filesystem::path calibration_file() {
   const auto xdg = env::get("XDG_CACHE_HOME");
-  std::filesystem::path dir = xdg ? std::filesystem::path(*xdg) : std::filesystem::path(env::get("HOME").value_or("/tmp")) / ".cache";
+  std::filesystem::path dir =
+      xdg ? std::filesystem::path(*xdg) : std::filesystem::path(env::get("HOME").value_or("/tmp")) / ".cache";
   return dir / "mlstm-flow" / "calibration.json";
 }
 
@@ -152,7 +156,8 @@ std::vector<double> FlowGraphRunner::calibrate(const std::vector<std::shared_ptr
     }
   }
   const std::int64_t rows = std::min<std::int64_t>(shape.rows(), 4);
-  const std::int64_t S = 4 * std::min(options.chunk_size, std::max<std::int64_t>(shape.S, 1));  // not more than the data
+  const std::int64_t S =
+      4 * std::min(options.chunk_size, std::max<std::int64_t>(shape.S, 1));  // not more than the data
   std::vector<double> speeds;
   bool dirty = false;
   for (const auto& d : devices) {
@@ -167,7 +172,11 @@ std::vector<double> FlowGraphRunner::calibrate(const std::vector<std::shared_ptr
            v = Tensor::full({1, rows, S, shape.DHHV}, shape.dtype, 0.2);
     Tensor i = Tensor::full({1, rows, S}, DType::f32, 0.0), f = Tensor::full({1, rows, S}, DType::f32, 3.0);
     ForwardArgs a;
-    a.q = q.view(); a.k = k.view(); a.v = v.view(); a.i = i.view(); a.f = f.view();
+    a.q = q.view();
+    a.k = k.view();
+    a.v = v.view();
+    a.i = i.view();
+    a.f = f.view();
     d->forward(a, options);  // warm-up: program builds, first touch
     double best = 1e30;
     for (int rep = 0; rep < 2; ++rep) {
@@ -205,9 +214,7 @@ std::vector<std::unique_ptr<ComputeDevice::InputResidency>> keep_inputs_resident
 
 // Test hook: MLSTM_FAULT_INJECT_ORDER=entries makes the state recurrence's entries leave in swapped pairs
 // (1, 0, 3, 2, ...), the order oneTBB is free to give them (see EnteringStateStage).
-bool entries_reordered() {
-  return env::is("MLSTM_FAULT_INJECT_ORDER", "entries");
-}
+bool entries_reordered() { return env::is("MLSTM_FAULT_INJECT_ORDER", "entries"); }
 
 // Phases 1 and 2 of the sequence-parallel forward, shared by forward() and backward(): per device a
 // local-state node fed from a segment queue (one queue per device when calibrated, else one shared queue),
@@ -227,9 +234,11 @@ class EnteringStateStage {
       : in_order_(g, [](const nodes::SegmentSummary& s) { return static_cast<std::size_t>(s.index); }),
         recurrence_(g, tbb::flow::serial, nodes::StateRecurrenceBody{problem, segments, running}),
         entries_in_order_(g, [](const nodes::SegmentEntry& e) { return static_cast<std::size_t>(e.index); }) {
-    for (std::size_t qi = 0; qi < queues; ++qi) queues_.push_back(std::make_unique<tbb::flow::queue_node<nodes::Segment>>(g));
+    for (std::size_t qi = 0; qi < queues; ++qi)
+      queues_.push_back(std::make_unique<tbb::flow::queue_node<nodes::Segment>>(g));
     for (std::size_t d = 0; d < devices.size(); ++d) {
-      locals_.push_back(std::make_unique<LocalNode>(g, tbb::flow::serial, nodes::LocalStateBody{problem, devices[d], pool, d}));
+      locals_.push_back(
+          std::make_unique<LocalNode>(g, tbb::flow::serial, nodes::LocalStateBody{problem, devices[d], pool, d}));
       tbb::flow::make_edge(*queues_[queues == 1 ? 0 : d], *locals_.back());
       tbb::flow::make_edge(*locals_.back(), in_order_);
     }
@@ -278,7 +287,8 @@ class EnteringStateStage {
 
 }  // namespace
 
-ForwardResult FlowGraphRunner::forward(const ForwardArgs& args, const MlstmOptions& options, std::int64_t segment_tokens) {
+ForwardResult FlowGraphRunner::forward(const ForwardArgs& args, const MlstmOptions& options,
+                                       std::int64_t segment_tokens) {
   using namespace tbb::flow;
   auto problem = std::make_shared<nodes::SegmentProblem>(args, options);
   const auto devices = capable_devices({DeviceStage::last_state, DeviceStage::forward}, problem->shape(), options);
@@ -294,9 +304,12 @@ ForwardResult FlowGraphRunner::forward(const ForwardArgs& args, const MlstmOptio
   // Local states: pull (one shared queue) or calibrated (one queue per device). Outputs: one queue per device;
   // a pulled segment goes to the device that computed its local state (StateRecurrenceBody).
   const std::size_t queues = balancing_ == Balancing::calibrated ? devices.size() : 1;
-  auto route = [&](const nodes::Segment& s) { return s.device < 0 ? std::size_t{0} : static_cast<std::size_t>(s.device); };
+  auto route = [&](const nodes::Segment& s) {
+    return s.device < 0 ? std::size_t{0} : static_cast<std::size_t>(s.device);
+  };
   std::vector<std::unique_ptr<queue_node<nodes::SegmentEntry>>> entry_queues;
-  for (std::size_t qi = 0; qi < devices.size(); ++qi) entry_queues.push_back(std::make_unique<queue_node<nodes::SegmentEntry>>(g));
+  for (std::size_t qi = 0; qi < devices.size(); ++qi)
+    entry_queues.push_back(std::make_unique<queue_node<nodes::SegmentEntry>>(g));
   auto pool = std::make_shared<nodes::DevicePool>(devices);
   EnteringStateStage entering(g, queues, problem, segments, running, devices, pool);
   function_node<nodes::SegmentEntry, continue_msg> router(g, serial, [&](const nodes::SegmentEntry& e) {
@@ -373,8 +386,8 @@ void put_rows(Tensor& out, Tensor& part, const Shape& full_shape, std::int64_t r
   }
   if (out.empty()) out = Tensor(full_shape, part.dtype());
   const std::size_t bytes = part.nbytes();
-  copy_rows(out.bytes() + static_cast<std::size_t>(r0) * (bytes / static_cast<std::size_t>(part.dim(1))), 0, part.bytes(), 0, 1,
-            bytes);
+  copy_rows(out.bytes() + static_cast<std::size_t>(r0) * (bytes / static_cast<std::size_t>(part.dim(1))), 0,
+            part.bytes(), 0, 1, bytes);
 }
 
 Shape with_rows(const Shape& part, const ProblemShape& p) {
@@ -435,8 +448,8 @@ ForwardResult FlowGraphRunner::forward_head_split(const ForwardArgs& args, const
   return out;
 }
 
-Plan FlowGraphRunner::plan_over(const std::vector<std::shared_ptr<ComputeDevice>>& devices,
-                                const ProblemShape& shape, const MlstmOptions& options, std::int64_t segment_tokens) {
+Plan FlowGraphRunner::plan_over(const std::vector<std::shared_ptr<ComputeDevice>>& devices, const ProblemShape& shape,
+                                const MlstmOptions& options, std::int64_t segment_tokens) {
   std::vector<std::string> names;
   for (const auto& d : devices) names.push_back(d->name());
   if (balancing_ == Balancing::calibrated)
@@ -445,8 +458,8 @@ Plan FlowGraphRunner::plan_over(const std::vector<std::shared_ptr<ComputeDevice>
 }
 
 std::vector<std::shared_ptr<ComputeDevice>> FlowGraphRunner::capable_devices(std::initializer_list<DeviceStage> stages,
-                                                                           const ProblemShape& shape,
-                                                                           const MlstmOptions& options) const {
+                                                                             const ProblemShape& shape,
+                                                                             const MlstmOptions& options) const {
   std::vector<std::shared_ptr<ComputeDevice>> capable;
   std::string refusals;
   for (const auto& d : devices_) {
@@ -472,7 +485,8 @@ BackwardResult FlowGraphRunner::backward(const BackwardArgs& args, const MlstmOp
                                          std::int64_t segment_tokens) {
   using namespace tbb::flow;
   const ProblemShape shape = validate_backward(args, options);
-  const auto capable = capable_devices({DeviceStage::forward, DeviceStage::backward, DeviceStage::state_gradient}, shape, options);
+  const auto capable =
+      capable_devices({DeviceStage::forward, DeviceStage::backward, DeviceStage::state_gradient}, shape, options);
   const Plan p = plan_over(capable, shape, options, segment_tokens);
   if (env::get("MLSTM_PLAN_DEBUG")) spdlog::warn("backward {}", p.describe());
   auto problem = std::make_shared<nodes::SegmentGradientProblem>(args, options, p.segments);
@@ -484,12 +498,14 @@ BackwardResult FlowGraphRunner::backward(const BackwardArgs& args, const MlstmOp
 
   // Inputs and dh stay on the device that uploads them for a segment's local state, its local state gradient
   // and its backward: a pulled segment keeps the device that computed its local state.
-  const auto residency = keep_inputs_resident(capable, {args.inputs.q, args.inputs.k, args.inputs.v, args.inputs.i,
-                                                        args.inputs.f, args.dh});
+  const auto residency = keep_inputs_resident(
+      capable, {args.inputs.q, args.inputs.k, args.inputs.v, args.inputs.i, args.inputs.f, args.dh});
 
   tbb::flow::graph g;
   const std::size_t queues = balancing_ == Balancing::calibrated ? capable.size() : 1;  // local states
-  auto route = [&](const nodes::Segment& s) { return s.device < 0 ? std::size_t{0} : static_cast<std::size_t>(s.device); };
+  auto route = [&](const nodes::Segment& s) {
+    return s.device < 0 ? std::size_t{0} : static_cast<std::size_t>(s.device);
+  };
   std::vector<std::unique_ptr<queue_node<nodes::SegmentEntry>>> local_grad_queues;
   std::vector<std::unique_ptr<queue_node<nodes::SegmentGradientEntry>>> backward_queues;
   for (std::size_t qi = 0; qi < capable.size(); ++qi) {
@@ -514,15 +530,15 @@ BackwardResult FlowGraphRunner::backward(const BackwardArgs& args, const MlstmOp
   });
   make_edge(entering.entries(), record);
   // Backward: local state gradients (segments 1..), reverse combine, then every segment's gradients.
-  sequencer_node<nodes::SegmentStateGradient> reverse_order(g, [nseg](const nodes::SegmentStateGradient& s) {
-    return static_cast<std::size_t>(nseg - 1 - s.index);
-  });
+  sequencer_node<nodes::SegmentStateGradient> reverse_order(
+      g, [nseg](const nodes::SegmentStateGradient& s) { return static_cast<std::size_t>(nseg - 1 - s.index); });
   function_node<nodes::SegmentStateGradient, nodes::SegmentGradientEntry> grad_recurrence(
       g, serial, nodes::StateGradientRecurrenceBody{problem, grad_running});
-  function_node<nodes::SegmentGradientEntry, continue_msg> grad_router(g, serial, [&](const nodes::SegmentGradientEntry& e) {
-    backward_queues[route(e.segment)]->try_put(e);
-    return continue_msg();
-  });
+  function_node<nodes::SegmentGradientEntry, continue_msg> grad_router(g, serial,
+                                                                       [&](const nodes::SegmentGradientEntry& e) {
+                                                                         backward_queues[route(e.segment)]->try_put(e);
+                                                                         return continue_msg();
+                                                                       });
   std::vector<std::unique_ptr<function_node<nodes::SegmentEntry, nodes::SegmentStateGradient, rejecting>>> grad_nodes;
   std::vector<std::unique_ptr<function_node<nodes::SegmentGradientEntry, int, rejecting>>> backward_nodes;
   for (std::size_t d = 0; d < capable.size(); ++d) {
@@ -568,8 +584,14 @@ BackwardResult FlowGraphRunner::backward_head_split(const BackwardArgs& args, co
   for (std::size_t d = 0; d < groups.size(); ++d) {
     const auto r0 = groups[d].first;
     auto& part = parts[d];
-    for (auto [dst, src] : {std::pair{&out.dq, &part.dq}, {&out.dk, &part.dk}, {&out.dv, &part.dv}, {&out.di, &part.di},
-                            {&out.df, &part.df}, {&out.dc0, &part.dc0}, {&out.dn0, &part.dn0}, {&out.dm0, &part.dm0}}) {
+    for (auto [dst, src] : {std::pair{&out.dq, &part.dq},
+                            {&out.dk, &part.dk},
+                            {&out.dv, &part.dv},
+                            {&out.di, &part.di},
+                            {&out.df, &part.df},
+                            {&out.dc0, &part.dc0},
+                            {&out.dn0, &part.dn0},
+                            {&out.dm0, &part.dm0}}) {
       if (!src->empty()) put_rows(*dst, *src, with_rows(src->shape(), p), r0);
     }
   }

@@ -67,7 +67,7 @@ std::uint64_t StreamSession::checksum(const std::string& bytes) noexcept {
 
 StreamSession::StreamSession(StreamConfig config)
     : StreamSession(config, State::zeros(config.B > 0 ? config.B : 1, config.NH > 0 ? config.NH : 1,
-                                              config.DHQK > 0 ? config.DHQK : 1, config.DHHV > 0 ? config.DHHV : 1)) {}
+                                         config.DHQK > 0 ? config.DHQK : 1, config.DHHV > 0 ? config.DHHV : 1)) {}
 
 StreamSession::StreamSession(StreamConfig config, State initial_state) : config_(std::move(config)) {
   check_config(config_);
@@ -138,15 +138,16 @@ StreamSession StreamSession::restore_bytes(const std::string& bytes, StreamConfi
   auto refuse = [&](const std::string& why) { return Error("restore: snapshot '" + path + "' refused: " + why); };
   // A field that differs from the session: InvalidArgument naming the field, both values.
   auto mismatch = [&](const std::string& field, const std::string& in_file, const std::string& in_session) {
-    return InvalidArgument(field, "snapshot '" + path + "' refused: " + in_file + " in the file, " + in_session +
-                                      " in this session");
+    return InvalidArgument(
+        field, "snapshot '" + path + "' refused: " + in_file + " in the file, " + in_session + " in this session");
   };
   const std::size_t v1_header = sizeof kMagic + 4 + 5 * 8 + 4;
   if (bytes.size() < v1_header + 8) throw refuse("truncated (" + std::to_string(bytes.size()) + " bytes)");
   if (std::memcmp(bytes.data(), kMagic, sizeof kMagic) != 0) throw refuse("not an mlstm-flow snapshot (bad magic)");
   std::uint64_t stored;
   std::memcpy(&stored, bytes.data() + bytes.size() - 8, 8);
-  if (stored != StreamSession::checksum(bytes.substr(0, bytes.size() - 8))) throw refuse("checksum mismatch (corrupted or truncated)");
+  if (stored != StreamSession::checksum(bytes.substr(0, bytes.size() - 8)))
+    throw refuse("checksum mismatch (corrupted or truncated)");
   std::size_t at = sizeof kMagic;
   auto get = [&](auto& v) {
     std::memcpy(&v, bytes.data() + at, sizeof v);
@@ -156,16 +157,26 @@ StreamSession StreamSession::restore_bytes(const std::string& bytes, StreamConfi
   std::int64_t B, NH, DK, DV, tokens, chunk;
   get(version);
   if (version == 1) {
-    throw refuse("version 1 does not record the normaliser, eps, chunk size and kernel, so it cannot be checked "
-                 "against this session; this build reads version " + std::to_string(kVersion) +
-                 " (take a new snapshot)");
+    throw refuse(
+        "version 1 does not record the normaliser, eps, chunk size and kernel, so it cannot be checked "
+        "against this session; this build reads version " +
+        std::to_string(kVersion) + " (take a new snapshot)");
   }
   if (version != kVersion) {
     throw refuse("unsupported version " + std::to_string(version) + " (this build reads version " +
                  std::to_string(kVersion) + ")");
   }
   if (bytes.size() < kHeader + 8) throw refuse("truncated (" + std::to_string(bytes.size()) + " bytes)");
-  get(B); get(NH); get(DK); get(DV); get(tokens); get(gate); get(normalize); get(eps); get(chunk); get(dtype);
+  get(B);
+  get(NH);
+  get(DK);
+  get(DV);
+  get(tokens);
+  get(gate);
+  get(normalize);
+  get(eps);
+  get(chunk);
+  get(dtype);
   get(kernel_len);
   const std::int64_t want[4] = {config.B, config.NH, config.DHQK, config.DHHV};
   const std::int64_t have[4] = {B, NH, DK, DV};
@@ -202,9 +213,8 @@ StreamSession StreamSession::restore_bytes(const std::string& bytes, StreamConfi
     std::uint64_t bnh = 0, c = 0, n = 0;
     bad = __builtin_mul_overflow(static_cast<std::uint64_t>(B), static_cast<std::uint64_t>(NH), &bnh) ||
           __builtin_mul_overflow(bnh, static_cast<std::uint64_t>(DK), &n) ||
-          __builtin_mul_overflow(n, static_cast<std::uint64_t>(DV), &c) ||
-          __builtin_add_overflow(c, n, &elems) || __builtin_add_overflow(elems, bnh, &elems) ||
-          __builtin_mul_overflow(elems, std::uint64_t{4}, &elems);
+          __builtin_mul_overflow(n, static_cast<std::uint64_t>(DV), &c) || __builtin_add_overflow(c, n, &elems) ||
+          __builtin_add_overflow(elems, bnh, &elems) || __builtin_mul_overflow(elems, std::uint64_t{4}, &elems);
   }
   const std::uint64_t fixed = kHeader + kernel_len + 8;
   if (bad || elems > bytes.size() || elems + fixed != bytes.size()) {

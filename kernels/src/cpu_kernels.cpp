@@ -81,7 +81,8 @@ RowForward forward_row(const RowInputs& in, const StateBuffer& init, const Probl
   }
   stages::fw_outputs(in.q.data(), in.k.data(), in.v.data(), r.b.data(), r.ig.data(), o.gate, o.normalize,
                      static_cast<float>(o.eps), s, r.boundary, r.h.data(), keep_for_backward ? r.m_tok.data() : nullptr,
-                     keep_for_backward ? r.N_tok.data() : nullptr, keep_for_backward ? r.den_tok.data() : nullptr, tile);
+                     keep_for_backward ? r.N_tok.data() : nullptr, keep_for_backward ? r.den_tok.data() : nullptr,
+                     tile);
   return r;
 }
 

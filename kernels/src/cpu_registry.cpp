@@ -1,8 +1,8 @@
 // The built-in kernels: float64 reference and CPU kernels, as registry entries.
 #include <functional>
 
-#include "mlstm/cpu_kernels.hpp"
 #include "mlstm/core/error.hpp"
+#include "mlstm/cpu_kernels.hpp"
 #include "mlstm/kernel.hpp"
 #include "mlstm/reference.hpp"
 
@@ -102,7 +102,15 @@ KernelRegistry KernelRegistry::with_builtin_kernels() {
   KernelRegistry reg;
   // float64 reference (results converted to the common dtypes; gradients with the stabiliser held
   // constant, as every fast kernel computes them).
-  add(reg, {"parallel--reference_f64", KernelForm::parallel, "", false, std::nullopt, {}, "float64 parallel form (the reference)"},
+  add(
+      reg,
+      {"parallel--reference_f64",
+       KernelForm::parallel,
+       "",
+       false,
+       std::nullopt,
+       {},
+       "float64 parallel form (the reference)"},
       [](const ForwardArgs& a, const MlstmOptions& o) {
         return reference_result_dtypes(reference::parallel_forward(a, o), validate_forward(a, o));
       },
@@ -110,7 +118,15 @@ KernelRegistry KernelRegistry::with_builtin_kernels() {
         return reference_result_dtypes(reference::parallel_backward(a, o, reference::StabilizerGradient::stop),
                                        validate_backward(a, o));
       });
-  add(reg, {"sequence--reference_f64", KernelForm::sequence, "", false, std::nullopt, {}, "float64 recurrent form, step by step (the definition)"},
+  add(
+      reg,
+      {"sequence--reference_f64",
+       KernelForm::sequence,
+       "",
+       false,
+       std::nullopt,
+       {},
+       "float64 recurrent form, step by step (the definition)"},
       [](const ForwardArgs& a, const MlstmOptions& o) {
         return reference_result_dtypes(reference::recurrent_forward(a, o), validate_forward(a, o));
       },
@@ -119,19 +135,46 @@ KernelRegistry KernelRegistry::with_builtin_kernels() {
                                        validate_backward(a, o));
       });
   // CPU kernels.
-  add(reg, {"chunkwise--cpu_xl_chunk", KernelForm::chunkwise, "", false, std::nullopt, {}, "chunkwise, TFLA-tiled chunks (any chunk size), float32 compute"},
+  add(
+      reg,
+      {"chunkwise--cpu_xl_chunk",
+       KernelForm::chunkwise,
+       "",
+       false,
+       std::nullopt,
+       {},
+       "chunkwise, TFLA-tiled chunks (any chunk size), float32 compute"},
       [](const ForwardArgs& a, const MlstmOptions& o) { return cpu::chunkwise_forward(a, o, kXlChunkTile); },
       [](const BackwardArgs& a, const MlstmOptions& o) { return cpu::chunkwise_backward(a, o, kXlChunkTile); });
-  add(reg, {"chunkwise--cpu_xl_chunk_siging", KernelForm::chunkwise, "", false, GateVariant::sigmoid, {}, "chunkwise, TFLA-tiled, sigmoid input gate"},
+  add(
+      reg,
+      {"chunkwise--cpu_xl_chunk_siging",
+       KernelForm::chunkwise,
+       "",
+       false,
+       GateVariant::sigmoid,
+       {},
+       "chunkwise, TFLA-tiled, sigmoid input gate"},
       [](const ForwardArgs& a, const MlstmOptions& o) { return cpu::chunkwise_forward(a, o, kXlChunkTile); },
       [](const BackwardArgs& a, const MlstmOptions& o) { return cpu::chunkwise_backward(a, o, kXlChunkTile); });
-  add(reg, {"chunkwise--cpu_limit_chunk", KernelForm::chunkwise, "", false, std::nullopt, {}, "chunkwise, whole chunk at once (chunk size <= 256)"},
+  add(
+      reg,
+      {"chunkwise--cpu_limit_chunk",
+       KernelForm::chunkwise,
+       "",
+       false,
+       std::nullopt,
+       {},
+       "chunkwise, whole chunk at once (chunk size <= 256)"},
       [](const ForwardArgs& a, const MlstmOptions& o) { return cpu::chunkwise_forward(a, o, 0); },
       [](const BackwardArgs& a, const MlstmOptions& o) { return cpu::chunkwise_backward(a, o, 0); }, kLimitChunkMax);
-  add(reg, {"parallel--cpu", KernelForm::parallel, "", false, std::nullopt, {}, "parallel form, tiled, float32 compute"},
+  add(
+      reg,
+      {"parallel--cpu", KernelForm::parallel, "", false, std::nullopt, {}, "parallel form, tiled, float32 compute"},
       [](const ForwardArgs& a, const MlstmOptions& o) { return cpu::parallel_forward(a, o); },
       [](const BackwardArgs& a, const MlstmOptions& o) { return cpu::parallel_backward(a, o); });
-  add(reg, {"sequence--cpu", KernelForm::sequence, "", false, std::nullopt, {}, "recurrent form step by step, float32"},
+  add(
+      reg, {"sequence--cpu", KernelForm::sequence, "", false, std::nullopt, {}, "recurrent form step by step, float32"},
       [](const ForwardArgs& a, const MlstmOptions& o) { return cpu::sequence_forward(a, o); }, nullptr);
   // Step kernels.
   auto add_step = [&](std::string name, std::string description, FunctionStepKernel::StepFn fn) {

@@ -76,7 +76,9 @@ RowGates row_gates(const double* i, const double* f, std::int64_t S, double m0, 
   return g;
 }
 
-Tensor make_f64(Shape shape, const std::vector<double>& data) { return Tensor::from(data, std::move(shape), DType::f64); }
+Tensor make_f64(Shape shape, const std::vector<double>& data) {
+  return Tensor::from(data, std::move(shape), DType::f64);
+}
 
 double dot(const double* a, const double* b, std::int64_t n) {
   double s = 0.0;
@@ -209,8 +211,10 @@ BackwardResult parallel_backward(const BackwardArgs& args, const MlstmOptions& o
       const double dN = -dh_dot_num / (norm.N * norm.N);
       double dden = 0.0;
       if (norm.active) {
-        if (norm.den_wins) dden = dN * (den >= 0 ? 1.0 : -1.0);
-        else if (full && std::isfinite(g.m[t])) dm[t] += dN * (-std::exp(-g.m[t]));
+        if (norm.den_wins)
+          dden = dN * (den >= 0 ? 1.0 : -1.0);
+        else if (full && std::isfinite(g.m[t]))
+          dm[t] += dN * (-std::exp(-g.m[t]));
       }
       // Terms of the key columns.
       double* dqs = dq.data() + (r * S + t) * DK;  // accumulate d qs, scaled at the end
@@ -220,7 +224,7 @@ BackwardResult parallel_backward(const BackwardArgs& args, const MlstmOptions& o
         const double w = detail::weight(g.logw(t, s), g.m[t]);
         const double qk = dot(qs.data(), k, DK);
         const double dnv = dot(dnum.data(), v, DV) + dden;  // dnum_aug . v_aug
-        const double P = w * qk * dnv;                       // d L / d logw(t,s)
+        const double P = w * qk * dnv;                      // d L / d logw(t,s)
         add_logw(t, s, P);
         if (full) dm[t] -= P;
         for (std::int64_t d = 0; d < DK; ++d) {

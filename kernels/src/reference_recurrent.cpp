@@ -70,7 +70,9 @@ StepRecord step_row(const double* q, const double* k, const double* v, double i,
   return rec;
 }
 
-Tensor make_f64(Shape shape, const std::vector<double>& data) { return Tensor::from(data, std::move(shape), DType::f64); }
+Tensor make_f64(Shape shape, const std::vector<double>& data) {
+  return Tensor::from(data, std::move(shape), DType::f64);
+}
 
 }  // namespace
 
@@ -85,8 +87,8 @@ ForwardResult recurrent_forward(const ForwardArgs& args, const MlstmOptions& o) 
     double* nr = n.data() + r * DK;
     double& mr = m[static_cast<std::size_t>(r)];
     for (std::int64_t t = 0; t < S; ++t) {
-      step_row(in.q_row(r) + t * DK, in.k_row(r) + t * DK, in.v_row(r) + t * DV, in.i_row(r)[t], in.f_row(r)[t], Cr,
-               nr, mr, h.data() + (r * S + t) * DV, DK, DV, o);
+      step_row(in.q_row(r) + t * DK, in.k_row(r) + t * DK, in.v_row(r) + t * DV, in.i_row(r)[t], in.f_row(r)[t], Cr, nr,
+               mr, h.data() + (r * S + t) * DV, DK, DV, o);
     }
   }
   ForwardResult out;
@@ -141,7 +143,7 @@ void backward_step(std::int64_t t, const RowBackward& row, const double* Cp, con
     if (rec.den_wins) {
       dden = dN * (rec.den >= 0 ? 1.0 : -1.0);
     } else if (full && std::isfinite(rec.m)) {  // m_t = -inf: N = inf, dN = 0, no gradient
-      adj.dm += dN * (-std::exp(-rec.m));  // the floor exp(-m_t) won the max (exp gate)
+      adj.dm += dN * (-std::exp(-rec.m));       // the floor exp(-m_t) won the max (exp gate)
     }
   }
   double* dq_t = row.dq + t * DK;
@@ -198,7 +200,7 @@ void backward_step(std::int64_t t, const RowBackward& row, const double* Cp, con
     }
     row.di[t] = dig;
   } else {
-    dlf += da * rec.a;  // a = exp(lf) = sigmoid(f)
+    dlf += da * rec.a;        // a = exp(lf) = sigmoid(f)
     const double sb = rec.b;  // b = sigmoid(i)
     row.di[t] = db * sb * (1.0 - sb);
   }
@@ -232,8 +234,8 @@ BackwardResult recurrent_backward(const BackwardArgs& args, const MlstmOptions& 
   const std::int64_t K = checkpoint_interval(S);
   const std::int64_t num_segments = (S + K - 1) / K;
   // States entering each segment of K steps (checkpoints), and the states inside one segment.
-  std::vector<double> ck_C(static_cast<std::size_t>(num_segments) * state), ck_n(static_cast<std::size_t>(num_segments) * nsz),
-      ck_m(static_cast<std::size_t>(num_segments));
+  std::vector<double> ck_C(static_cast<std::size_t>(num_segments) * state),
+      ck_n(static_cast<std::size_t>(num_segments) * nsz), ck_m(static_cast<std::size_t>(num_segments));
   std::vector<double> Cs(static_cast<std::size_t>(K + 1) * state), ns(static_cast<std::size_t>(K + 1) * nsz);
   std::vector<StepRecord> recs(static_cast<std::size_t>(K));
   std::vector<double> C(state), n(nsz), h(static_cast<std::size_t>(DV));
@@ -242,9 +244,17 @@ BackwardResult recurrent_backward(const BackwardArgs& args, const MlstmOptions& 
   adj.dn.resize(nsz);
 
   for (std::int64_t r = 0; r < p.rows(); ++r) {
-    const RowBackward row{in.q_row(r), in.k_row(r),          in.v_row(r),          in.i_row(r),
-                          in.f_row(r), dh.data() + r * S * DV, dq.data() + r * S * DK, dk.data() + r * S * DK,
-                          dv.data() + r * S * DV, di.data() + r * S, df.data() + r * S};
+    const RowBackward row{in.q_row(r),
+                          in.k_row(r),
+                          in.v_row(r),
+                          in.i_row(r),
+                          in.f_row(r),
+                          dh.data() + r * S * DV,
+                          dq.data() + r * S * DK,
+                          dk.data() + r * S * DK,
+                          dv.data() + r * S * DV,
+                          di.data() + r * S,
+                          df.data() + r * S};
     // Forward, storing the state entering every segment.
     std::copy_n(in.c0.data() + r * DK * DV, state, C.data());
     std::copy_n(in.n0.data() + r * DK, nsz, n.data());
@@ -260,10 +270,14 @@ BackwardResult recurrent_backward(const BackwardArgs& args, const MlstmOptions& 
                DV, o);
     }
     // Reverse mode, one segment at a time (its states recomputed from its checkpoint).
-    if (dc_last.empty()) std::fill(adj.dC.begin(), adj.dC.end(), 0.0);
-    else std::copy_n(dc_last.data() + r * DK * DV, state, adj.dC.data());
-    if (dn_last.empty()) std::fill(adj.dn.begin(), adj.dn.end(), 0.0);
-    else std::copy_n(dn_last.data() + r * DK, nsz, adj.dn.data());
+    if (dc_last.empty())
+      std::fill(adj.dC.begin(), adj.dC.end(), 0.0);
+    else
+      std::copy_n(dc_last.data() + r * DK * DV, state, adj.dC.data());
+    if (dn_last.empty())
+      std::fill(adj.dn.begin(), adj.dn.end(), 0.0);
+    else
+      std::copy_n(dn_last.data() + r * DK, nsz, adj.dn.data());
     adj.dm = 0.0;  // the last m is not part of the loss
     for (std::int64_t j = num_segments - 1; j >= 0; --j) {
       const std::int64_t t0 = j * K, len = std::min(K, S - t0);

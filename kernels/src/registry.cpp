@@ -7,10 +7,14 @@ namespace mlstm {
 
 std::string_view form_name(KernelForm f) noexcept {
   switch (f) {
-    case KernelForm::chunkwise: return "chunkwise";
-    case KernelForm::parallel: return "parallel";
-    case KernelForm::sequence: return "sequence";
-    case KernelForm::step: return "step";
+    case KernelForm::chunkwise:
+      return "chunkwise";
+    case KernelForm::parallel:
+      return "parallel";
+    case KernelForm::sequence:
+      return "sequence";
+    case KernelForm::step:
+      return "step";
   }
   return "?";
 }
@@ -75,8 +79,8 @@ std::unique_ptr<SequenceKernel> KernelRegistry::make_sequence(const std::string&
     if (it == sequence_.end()) {
       const char* hint = step_.count(name) ? " ('" : "";
       std::string extra = *hint ? std::string(hint) + name + "' is a step kernel)" : "";
-      throw InvalidArgument("kernel", "unknown sequence kernel '" + name + "'" + extra + "; known kernels: " +
-                                          known_names());
+      throw InvalidArgument("kernel",
+                            "unknown sequence kernel '" + name + "'" + extra + "; known kernels: " + known_names());
     }
     factory = it->second.factory;
   }

@@ -89,7 +89,9 @@ inline TokenGrad token_grad(const float* dh, const float* h, float m, float N, f
 // ---- state buffers -------------------------------------------------------------------------------
 
 StateBuffer::StateBuffer(std::int64_t dhqk, std::int64_t dhhv, std::int64_t count_)
-    : DHQK(dhqk), DHHV(dhhv), count(count_),
+    : DHQK(dhqk),
+      DHHV(dhhv),
+      count(count_),
       C(static_cast<std::size_t>(dhqk * dhhv * count_), 0.f),
       n(static_cast<std::size_t>(dhqk * count_), 0.f),
       m(static_cast<std::size_t>(count_), 0.f) {}
@@ -171,9 +173,9 @@ void fw_states(const float* k, const float* v, const float* b, const float* ig, 
       for (std::int64_t j = 0; j < len; ++j) acc += kw[j * DK + d];
       n[d] = acc;
     }
-    sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(DK), static_cast<int>(DV),
-                static_cast<int>(len), 1.f, kw.data(), static_cast<int>(DK), v + t0 * DV, static_cast<int>(DV),
-                carry, C.data(), static_cast<int>(DV));
+    sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(DK), static_cast<int>(DV), static_cast<int>(len),
+          1.f, kw.data(), static_cast<int>(DK), v + t0 * DV, static_cast<int>(DV), carry, C.data(),
+          static_cast<int>(DV));
     m = m_new;
   }
   std::memcpy(out.C, C.data(), C.size() * sizeof(float));
@@ -181,8 +183,8 @@ void fw_states(const float* k, const float* v, const float* b, const float* ig, 
   *out.m = m;
 }
 
-void combine(ConstStateRef in, float G_seg, ConstStateRef local, GateVariant gate, std::int64_t DHQK,
-             std::int64_t DHHV, StateRef out) {
+void combine(ConstStateRef in, float G_seg, ConstStateRef local, GateVariant gate, std::int64_t DHQK, std::int64_t DHHV,
+             StateRef out) {
   float a, b, m_new;
   if (is_exp(gate)) {
     const float m_in = *in.m, m_loc = *local.m;
@@ -269,9 +271,8 @@ void fw_outputs(const float* q, const float* k, const float* v, const float* b, 
     float* num = sc.b.data();   // qn x DV
     float* Sblk = sc.a.data();  // qn x blk
     // Inter-chunk part: num = diag(exp(b_t + m - m_t)) (q_t . scale) C
-    sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(qn), static_cast<int>(DV),
-                static_cast<int>(DK), scale, q + (t0 + q0) * DK, static_cast<int>(DK), st.C, static_cast<int>(DV), 0.f,
-                num, static_cast<int>(DV));
+    sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(qn), static_cast<int>(DV), static_cast<int>(DK),
+          scale, q + (t0 + q0) * DK, static_cast<int>(DK), st.C, static_cast<int>(DV), 0.f, num, static_cast<int>(DV));
     float* denp = sc.e.data();  // qn
     for (std::int64_t j = 0; j < qn; ++j) {
       const std::int64_t t = q0 + j;
@@ -286,9 +287,9 @@ void fw_outputs(const float* q, const float* k, const float* v, const float* b, 
     for (std::int64_t kb = 0; kb <= qb; ++kb) {
       const std::int64_t k0 = kb * blk;
       const std::int64_t kn = std::min(blk, len - k0);
-      sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(qn), static_cast<int>(kn),
-                  static_cast<int>(DK), scale, q + (t0 + q0) * DK, static_cast<int>(DK), k + (t0 + k0) * DK,
-                  static_cast<int>(DK), 0.f, Sblk, static_cast<int>(kn));
+      sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(qn), static_cast<int>(kn), static_cast<int>(DK),
+            scale, q + (t0 + q0) * DK, static_cast<int>(DK), k + (t0 + k0) * DK, static_cast<int>(DK), 0.f, Sblk,
+            static_cast<int>(kn));
       for (std::int64_t j = 0; j < qn; ++j) {
         const std::int64_t t = q0 + j;
         const float bt = b[t0 + t], mtv = mloc[t];
@@ -302,9 +303,8 @@ void fw_outputs(const float* q, const float* k, const float* v, const float* b, 
         }
         denp[j] += dsum;
       }
-      sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(qn), static_cast<int>(DV),
-                  static_cast<int>(kn), 1.f, Sblk, static_cast<int>(kn), v + (t0 + k0) * DV, static_cast<int>(DV), 1.f,
-                  num, static_cast<int>(DV));
+      sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(qn), static_cast<int>(DV), static_cast<int>(kn),
+            1.f, Sblk, static_cast<int>(kn), v + (t0 + k0) * DV, static_cast<int>(DV), 1.f, num, static_cast<int>(DV));
     }
     for (std::int64_t j = 0; j < qn; ++j) {
       const std::int64_t t = t0 + q0 + j;
@@ -350,9 +350,9 @@ void bw_state_grads(const float* q, const float* dh, const float* h, const float
       for (std::int64_t e = 0; e < DV; ++e) dnum[j * DV + e] = dh[t * DV + e] * g.inv_N;
     }
     // dC = carry dC + qw^T dnum
-    sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(DK), static_cast<int>(DV),
-                static_cast<int>(len), 1.f, qw.data(), static_cast<int>(DK), dnum.data(), static_cast<int>(DV), carry,
-                dC.data(), static_cast<int>(DV));
+    sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(DK), static_cast<int>(DV), static_cast<int>(len),
+          1.f, qw.data(), static_cast<int>(DK), dnum.data(), static_cast<int>(DV), carry, dC.data(),
+          static_cast<int>(DV));
     if (dboundary) {
       auto st = dboundary->at(c);
       std::memcpy(st.C, dC.data(), dC.size() * sizeof(float));
@@ -407,9 +407,8 @@ void bw_grads(const float* q, const float* k, const float* v, const float* dh, c
       for (std::int64_t e = 0; e < DV; ++e) dnum[j * DV + e] = dh[t * DV + e] * invN[t];
     }
     // Inter: dqs_t = exp(b_t + m_c - m_t) (C dnum_t + dden_t n)
-    sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(qn), static_cast<int>(DK),
-                static_cast<int>(DV), 1.f, dnum, static_cast<int>(DV), st.C, static_cast<int>(DV), 0.f, dqb,
-                static_cast<int>(DK));
+    sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(qn), static_cast<int>(DK), static_cast<int>(DV),
+          1.f, dnum, static_cast<int>(DV), st.C, static_cast<int>(DV), 0.f, dqb, static_cast<int>(DK));
     for (std::int64_t j = 0; j < qn; ++j) {
       const std::int64_t t = t0 + q0 + j;
       const float w = safe_exp(b[t] + m_c - m_tok[t]);
@@ -419,20 +418,18 @@ void bw_grads(const float* q, const float* k, const float* v, const float* dh, c
       const std::int64_t k0 = kb * blk;
       const std::int64_t kn = std::min(blk, len - k0);
       // W = dnum V^T
-      sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(qn), static_cast<int>(kn),
-                  static_cast<int>(DV), 1.f, dnum, static_cast<int>(DV), v + (t0 + k0) * DV, static_cast<int>(DV), 0.f,
-                  W, static_cast<int>(kn));
+      sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(qn), static_cast<int>(kn), static_cast<int>(DV),
+            1.f, dnum, static_cast<int>(DV), v + (t0 + k0) * DV, static_cast<int>(DV), 0.f, W, static_cast<int>(kn));
       for (std::int64_t j = 0; j < qn; ++j) {
         const std::int64_t t = t0 + q0 + j;
         for (std::int64_t l = 0; l < kn; ++l) {
           const std::int64_t si = t0 + k0 + l;
-          W[j * kn + l] = (k0 + l <= q0 + j) ? std::exp(b[t] - b[si] + ig[si] - m_tok[t]) * (W[j * kn + l] + dden[t])
-                                             : 0.f;
+          W[j * kn + l] =
+              (k0 + l <= q0 + j) ? std::exp(b[t] - b[si] + ig[si] - m_tok[t]) * (W[j * kn + l] + dden[t]) : 0.f;
         }
       }
-      sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(qn), static_cast<int>(DK),
-                  static_cast<int>(kn), 1.f, W, static_cast<int>(kn), k + (t0 + k0) * DK, static_cast<int>(DK), 1.f,
-                  dqb, static_cast<int>(DK));
+      sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(qn), static_cast<int>(DK), static_cast<int>(kn),
+            1.f, W, static_cast<int>(kn), k + (t0 + k0) * DK, static_cast<int>(DK), 1.f, dqb, static_cast<int>(DK));
     }
     for (std::int64_t e = 0; e < qn * DK; ++e) dqb[e] *= scale;
   });
@@ -455,12 +452,10 @@ void bw_grads(const float* q, const float* k, const float* v, const float* dh, c
     float* dvb = dv + (t0 + k0) * DV;
     // Inter: the state leaving the chunk. w_s = exp(a_s - m_{c+1}), a_s = G - b_s + ig_s
     //   dk_s = w_s (dC v_s + dn) ; dv_s = w_s dC^T k_s
-    sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(kn), static_cast<int>(DK),
-                static_cast<int>(DV), 1.f, v + (t0 + k0) * DV, static_cast<int>(DV), dnext.C, static_cast<int>(DV), 0.f,
-                dkb, static_cast<int>(DK));
-    sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(kn), static_cast<int>(DV),
-                static_cast<int>(DK), 1.f, k + (t0 + k0) * DK, static_cast<int>(DK), dnext.C, static_cast<int>(DV), 0.f,
-                dvb, static_cast<int>(DV));
+    sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(kn), static_cast<int>(DK), static_cast<int>(DV),
+          1.f, v + (t0 + k0) * DV, static_cast<int>(DV), dnext.C, static_cast<int>(DV), 0.f, dkb, static_cast<int>(DK));
+    sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(kn), static_cast<int>(DV), static_cast<int>(DK),
+          1.f, k + (t0 + k0) * DK, static_cast<int>(DK), dnext.C, static_cast<int>(DV), 0.f, dvb, static_cast<int>(DV));
     for (std::int64_t l = 0; l < kn; ++l) {
       const std::int64_t si = t0 + k0 + l;
       const float w = safe_exp(G[c] - b[si] + ig[si] - m_next);
@@ -477,12 +472,10 @@ void bw_grads(const float* q, const float* k, const float* v, const float* dh, c
         for (std::int64_t e = 0; e < DV; ++e) dnum[j * DV + e] = dh[t * DV + e] * invN[t];
         for (std::int64_t d = 0; d < DK; ++d) qs[j * DK + d] = q[t * DK + d] * scale;
       }
-      sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(qn), static_cast<int>(kn),
-                  static_cast<int>(DV), 1.f, dnum, static_cast<int>(DV), v + (t0 + k0) * DV, static_cast<int>(DV), 0.f, P,
-                  static_cast<int>(kn));
-      sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(qn), static_cast<int>(kn),
-                  static_cast<int>(DK), 1.f, qs, static_cast<int>(DK), k + (t0 + k0) * DK, static_cast<int>(DK), 0.f, Wq,
-                  static_cast<int>(kn));
+      sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(qn), static_cast<int>(kn), static_cast<int>(DV),
+            1.f, dnum, static_cast<int>(DV), v + (t0 + k0) * DV, static_cast<int>(DV), 0.f, P, static_cast<int>(kn));
+      sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(qn), static_cast<int>(kn), static_cast<int>(DK),
+            1.f, qs, static_cast<int>(DK), k + (t0 + k0) * DK, static_cast<int>(DK), 0.f, Wq, static_cast<int>(kn));
       for (std::int64_t j = 0; j < qn; ++j) {
         const std::int64_t t = t0 + q0 + j;
         for (std::int64_t l = 0; l < kn; ++l) {
@@ -493,12 +486,10 @@ void bw_grads(const float* q, const float* k, const float* v, const float* dh, c
         }
       }
       // dk_s += sum_t P_ts q'_t ; dv_s += sum_t Wq_ts dnum_t
-      sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(kn), static_cast<int>(DK),
-                  static_cast<int>(qn), 1.f, P, static_cast<int>(kn), qs, static_cast<int>(DK), 1.f, dkb,
-                  static_cast<int>(DK));
-      sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(kn), static_cast<int>(DV),
-                  static_cast<int>(qn), 1.f, Wq, static_cast<int>(kn), dnum, static_cast<int>(DV), 1.f, dvb,
-                  static_cast<int>(DV));
+      sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(kn), static_cast<int>(DK), static_cast<int>(qn),
+            1.f, P, static_cast<int>(kn), qs, static_cast<int>(DK), 1.f, dkb, static_cast<int>(DK));
+      sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(kn), static_cast<int>(DV), static_cast<int>(qn),
+            1.f, Wq, static_cast<int>(kn), dnum, static_cast<int>(DV), 1.f, dvb, static_cast<int>(DV));
     }
   });
   // Per token: di_raw = k . dk, r = q . dq - k . dk

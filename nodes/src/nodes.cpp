@@ -9,11 +9,11 @@
 #include <limits>
 #include <new>
 
-#include "mlstm/core/trace.hpp"
+#include "mlstm/core/env.hpp"
 #include "mlstm/core/error.hpp"
+#include "mlstm/core/trace.hpp"
 #include "mlstm/gates.hpp"
 #include "mlstm/stages.hpp"
-#include "mlstm/core/env.hpp"
 
 namespace mlstm::nodes {
 
@@ -23,7 +23,8 @@ namespace {
 ConstTensorView slice_seq(ConstTensorView t, std::int64_t t0, std::int64_t t1) {
   Shape shape = t.shape();
   shape[2] = t1 - t0;
-  const auto offset = static_cast<std::ptrdiff_t>(t0 * t.strides()[2] * static_cast<std::int64_t>(dtype_size(t.dtype())));
+  const auto offset =
+      static_cast<std::ptrdiff_t>(t0 * t.strides()[2] * static_cast<std::int64_t>(dtype_size(t.dtype())));
   return ConstTensorView(t.bytes() + offset, t.dtype(), shape, t.strides());
 }
 
@@ -100,8 +101,9 @@ void SegmentProblem::write_h(const Segment& s, Tensor&& h) {
   }
   const std::size_t es = dtype_size(h_.dtype());
   const std::int64_t len = s.t1 - s.t0, DV = shape_.DHHV;
-  copy_rows(h_.bytes() + static_cast<std::size_t>(s.t0 * DV) * es, static_cast<std::size_t>(shape_.S * DV) * es, h.bytes(),
-            static_cast<std::size_t>(len * DV) * es, static_cast<std::size_t>(shape_.rows()), static_cast<std::size_t>(len * DV) * es);
+  copy_rows(h_.bytes() + static_cast<std::size_t>(s.t0 * DV) * es, static_cast<std::size_t>(shape_.S * DV) * es,
+            h.bytes(), static_cast<std::size_t>(len * DV) * es, static_cast<std::size_t>(shape_.rows()),
+            static_cast<std::size_t>(len * DV) * es);
 }
 
 namespace {
@@ -201,9 +203,9 @@ namespace {
 
 // Runs `work` for segment `segment` through `pool` (failover to the other devices) when there is one, else on
 // `device` (with the fault-injection hook); returns the device that ran it.
-std::shared_ptr<ComputeDevice> run_on(const std::shared_ptr<DevicePool>& pool, const std::shared_ptr<ComputeDevice>& device,
-                                      std::size_t device_index, int segment,
-                                      const std::function<void(ComputeDevice&)>& work) {
+std::shared_ptr<ComputeDevice> run_on(const std::shared_ptr<DevicePool>& pool,
+                                      const std::shared_ptr<ComputeDevice>& device, std::size_t device_index,
+                                      int segment, const std::function<void(ComputeDevice&)>& work) {
   if (pool) return pool->run(device_index, segment, work);
   check_injected_fault(*device, segment);
   work(*device);
@@ -238,8 +240,8 @@ ForwardResult run_range(ComputeDevice& d, SegmentProblem& problem, int index, st
     const std::int64_t L = o.chunk_size, chunks = (t1 - t0 + L - 1) / L;
     if (e.kind() != DeviceError::Kind::out_of_memory || chunks <= 1) throw;
     const std::int64_t mid = t0 + (chunks / 2) * L;
-    spdlog::warn("mlstm-flow: {} out of memory on segment {} tokens [{}, {}); retrying as [{}, {}) + [{}, {})", d.name(),
-                 index, t0, t1, t0, mid, mid, t1);
+    spdlog::warn("mlstm-flow: {} out of memory on segment {} tokens [{}, {}); retrying as [{}, {}) + [{}, {})",
+                 d.name(), index, t0, t1, t0, mid, mid, t1);
     {
       std::lock_guard lock(problem.log_mutex);
       problem.log.push_back("segment " + std::to_string(index) + ": out of memory on " + d.name() + " for [" +
@@ -396,8 +398,9 @@ SegmentGradientEntry SegmentGradientProblem::last_entry() const {
   return g;
 }
 
-BackwardArgs SegmentGradientProblem::segment_args(std::int64_t t0, std::int64_t t1, ConstTensorView C, ConstTensorView n,
-                                                  ConstTensorView m, ConstTensorView dC, ConstTensorView dn) const {
+BackwardArgs SegmentGradientProblem::segment_args(std::int64_t t0, std::int64_t t1, ConstTensorView C,
+                                                  ConstTensorView n, ConstTensorView m, ConstTensorView dC,
+                                                  ConstTensorView dn) const {
   BackwardArgs b;
   b.inputs = forward_->segment_args(Segment{0, t0, t1, -1});
   b.inputs.c0 = C;
@@ -412,8 +415,11 @@ BackwardArgs SegmentGradientProblem::segment_args(std::int64_t t0, std::int64_t 
 void SegmentGradientProblem::write_grads(std::int64_t t0, std::int64_t t1, BackwardResult& r) {
   const auto& p = shape();
   const std::int64_t len = t1 - t0;
-  for (auto [dst, src] : {std::pair{&result_.dq, &r.dq}, {&result_.dk, &r.dk}, {&result_.dv, &r.dv},
-                          {&result_.di, &r.di}, {&result_.df, &r.df}}) {
+  for (auto [dst, src] : {std::pair{&result_.dq, &r.dq},
+                          {&result_.dk, &r.dk},
+                          {&result_.dv, &r.dv},
+                          {&result_.di, &r.di},
+                          {&result_.df, &r.df}}) {
     if (t0 == 0 && t1 == p.S && src->dtype() == dst->dtype() && src->shape() == dst->shape()) {
       *dst = std::move(*src);
       continue;
@@ -463,9 +469,10 @@ BackwardResult run_backward_range(ComputeDevice& d, SegmentGradientProblem& prob
     const std::int64_t L = o.chunk_size, chunks = (t1 - t0 + L - 1) / L;
     if (e.kind() != DeviceError::Kind::out_of_memory || chunks <= 1) throw;
     const std::int64_t mid = t0 + (chunks / 2) * L;
-    spdlog::warn("mlstm-flow: {} out of memory on the backward of segment {} tokens [{}, {}); retrying as [{}, {}) + "
-                 "[{}, {})",
-                 d.name(), index, t0, t1, mid, t1, t0, mid);
+    spdlog::warn(
+        "mlstm-flow: {} out of memory on the backward of segment {} tokens [{}, {}); retrying as [{}, {}) + "
+        "[{}, {})",
+        d.name(), index, t0, t1, mid, t1, t0, mid);
     {
       std::lock_guard lock(problem.log_mutex);
       problem.log.push_back("segment " + std::to_string(index) + ": out of memory on " + d.name() + " for the " +
@@ -487,8 +494,7 @@ SegmentStateGradient LocalStateGradientBody::operator()(const SegmentEntry& entr
   BackwardResult r;
   auto work = [&](ComputeDevice& d) {
     r = run_backward_range(d, *problem, entry.index, sg.t0, sg.t1, entry.state->C.view(), entry.state->n.view(),
-                           entry.state->m.view(),
-                           ConstTensorView(), ConstTensorView(), /*state_only=*/true);
+                           entry.state->m.view(), ConstTensorView(), ConstTensorView(), /*state_only=*/true);
   };
   const auto used = run_on(pool, device, device_index, entry.index, work);
   SegmentStateGradient out;
@@ -513,7 +519,8 @@ SegmentGradientEntry StateGradientRecurrenceBody::operator()(const SegmentStateG
   const std::int64_t KV = p.DHQK * p.DHHV;
   // running (the gradient leaving s) -> the gradient entering s = decay * running + local
   for (std::int64_t r = 0; r < p.rows(); ++r) {
-    const float decay = std::exp(G.data<float>()[r] + enter.state->m.data<float>()[r] - leave.state->m.data<float>()[r]);
+    const float decay =
+        std::exp(G.data<float>()[r] + enter.state->m.data<float>()[r] - leave.state->m.data<float>()[r]);
     float* dC = running->dC.data<float>() + r * KV;
     const float* lC = local.dC.data<float>() + r * KV;
     for (std::int64_t e = 0; e < KV; ++e) dC[e] = decay * dC[e] + lC[e];
@@ -536,8 +543,9 @@ int SegmentBackwardBody::operator()(const SegmentGradientEntry& entry) const {
   const ScopedTrace trace([&] { return "node backward, segment " + std::to_string(entry.index); });
   const Segment& sg = entry.segment;
   auto work = [&](ComputeDevice& d) {
-    const BackwardResult r = run_backward_range(d, *problem, entry.index, sg.t0, sg.t1, entry.state->C.view(),
-                                                entry.state->n.view(), entry.state->m.view(), entry.dC.view(), entry.dn.view(), false);
+    const BackwardResult r =
+        run_backward_range(d, *problem, entry.index, sg.t0, sg.t1, entry.state->C.view(), entry.state->n.view(),
+                           entry.state->m.view(), entry.dC.view(), entry.dn.view(), false);
     if (entry.index == 0 && problem->has_initial_state()) problem->write_initial_grads(r);
   };
   const auto used = run_on(pool, device, device_index, entry.index, work);

@@ -14,23 +14,31 @@ namespace mlstm::testing {
 
 std::string InputSpec::describe() const {
   std::ostringstream os;
-  os << "B=" << B << " NH=" << NH << " S=" << S << " DHQK=" << DHQK << " DHHV=" << DHHV << " "
-     << dtype_name(dtype) << " gates=" << dtype_name(gate_dtype) << " " << gate_name(gate)
-     << (initial_state ? " init" : "")
-     << (regime == GateRegime::extreme ? " extreme" : regime == GateRegime::mixed ? " mixed" : "");
+  os << "B=" << B << " NH=" << NH << " S=" << S << " DHQK=" << DHQK << " DHHV=" << DHHV << " " << dtype_name(dtype)
+     << " gates=" << dtype_name(gate_dtype) << " " << gate_name(gate) << (initial_state ? " init" : "")
+     << (regime == GateRegime::extreme ? " extreme"
+         : regime == GateRegime::mixed ? " mixed"
+                                       : "");
   if (inf != InfGates::none) os << " inf=" << inf_gates_name(inf);
   return os.str();
 }
 
 const char* inf_gates_name(InfGates g) {
   switch (g) {
-    case InfGates::none: return "none";
-    case InfGates::forget_neg: return "forget_neg";
-    case InfGates::forget_pos: return "forget_pos";
-    case InfGates::input_neg: return "input_neg";
-    case InfGates::all_neg: return "all_neg";
-    case InfGates::all_neg_end: return "all_neg_end";
-    case InfGates::mixed: return "mixed";
+    case InfGates::none:
+      return "none";
+    case InfGates::forget_neg:
+      return "forget_neg";
+    case InfGates::forget_pos:
+      return "forget_pos";
+    case InfGates::input_neg:
+      return "input_neg";
+    case InfGates::all_neg:
+      return "all_neg";
+    case InfGates::all_neg_end:
+      return "all_neg_end";
+    case InfGates::mixed:
+      return "mixed";
   }
   return "?";
 }
@@ -70,7 +78,8 @@ void apply_inf_gates(InfGates g, Tensor& i, Tensor& f) {
           if (t % 5 == 0) ff = inf;
           if (t % 6 == 2) ii = -inf;
           break;
-        case InfGates::none: break;
+        case InfGates::none:
+          break;
       }
     }
   }
@@ -267,8 +276,8 @@ void record(const std::string& kernel, const std::string& what, const InputSpec&
   const bool fresh = !std::filesystem::exists(path);
   std::ofstream os(path, std::ios::app);
   if (fresh) os << "test,kernel,what,shape,max_abs_err,max_abs_ref,rel_err,tolerance,finite\n";
-  os << (info ? info->name() : "?") << ',' << kernel << ',' << what << ",\"" << spec.describe() << "\","
-     << c.max_abs << ',' << c.max_ref << ',' << c.rel << ',' << tol << ',' << (c.finite ? 1 : 0) << '\n';
+  os << (info ? info->name() : "?") << ',' << kernel << ',' << what << ",\"" << spec.describe() << "\"," << c.max_abs
+     << ',' << c.max_ref << ',' << c.rel << ',' << tol << ',' << (c.finite ? 1 : 0) << '\n';
 }
 }  // namespace
 
@@ -285,9 +294,9 @@ void record(const std::string& kernel, const std::string& what, const InputSpec&
                                          << "]: non-finite value at flat index " << c.worst_index;
   }
   if (!(c.rel <= tol)) {
-    return ::testing::AssertionFailure() << kernel << " " << what << " [" << spec.describe()
-                                         << "]: rel error " << c.rel << " > " << tol << " (max abs " << c.max_abs
-                                         << " at flat index " << c.worst_index << ", max |ref| " << c.max_ref << ")";
+    return ::testing::AssertionFailure() << kernel << " " << what << " [" << spec.describe() << "]: rel error " << c.rel
+                                         << " > " << tol << " (max abs " << c.max_abs << " at flat index "
+                                         << c.worst_index << ", max |ref| " << c.max_ref << ")";
   }
   return ::testing::AssertionSuccess();
 }
@@ -349,7 +358,8 @@ std::vector<double> normaliser_condition(const Inputs& in, const MlstmOptions& o
 }
 
 Tensor replace_tokens(const Tensor& got, const Tensor& ref, const std::vector<std::int64_t>& tokens) {
-  if (got.shape() != ref.shape() || got.dims() != 4) throw std::invalid_argument("replace_tokens: shapes differ or not 4-d");
+  if (got.shape() != ref.shape() || got.dims() != 4)
+    throw std::invalid_argument("replace_tokens: shapes differ or not 4-d");
   Tensor out = got.to(DType::f64);
   const Tensor r = ref.to(DType::f64);
   const std::int64_t D = got.dim(3);
@@ -362,7 +372,8 @@ Tensor replace_tokens(const Tensor& got, const Tensor& ref, const std::vector<st
                                                     const std::string& what, const InputSpec& spec) {
   constexpr double kappa_max = 20.0, min_fraction = 0.5;
   const std::vector<double> kappa = normaliser_condition(in, o);
-  if (got.shape() != ref.shape() || got.dims() != 4 || static_cast<std::int64_t>(kappa.size()) * got.dim(3) != got.numel()) {
+  if (got.shape() != ref.shape() || got.dims() != 4 ||
+      static_cast<std::int64_t>(kappa.size()) * got.dim(3) != got.numel()) {
     return ::testing::AssertionFailure() << kernel << " " << what << ": shapes do not fit the token mask";
   }
   if (auto finite = all_finite(got, kernel, what, spec); !finite) return finite;
@@ -373,8 +384,8 @@ Tensor replace_tokens(const Tensor& got, const Tensor& ref, const std::vector<st
   const std::size_t kept = kappa.size() - excluded.size();
   if (static_cast<double>(kept) < min_fraction * static_cast<double>(kappa.size())) {
     return ::testing::AssertionFailure() << kernel << " " << what << " [" << spec.describe() << "]: only " << kept
-                                         << " of " << kappa.size() << " tokens have a normaliser condition <= "
-                                         << kappa_max;
+                                         << " of " << kappa.size()
+                                         << " tokens have a normaliser condition <= " << kappa_max;
   }
   const Tensor masked = replace_tokens(got, ref, excluded);
   const Tensor r = ref.to(DType::f64);
@@ -416,8 +427,9 @@ std::int64_t quiet_normaliser_kinks(Inputs& in, const MlstmOptions& o, const Inp
   return static_cast<std::int64_t>(near.size());
 }
 
-::testing::AssertionResult dm0_matches(const Tensor& got, const Tensor& ref, const Tensor& ref_dc0, const Tensor& ref_dn0,
-                                       const Inputs& in, double tol, const std::string& kernel, const InputSpec& spec) {
+::testing::AssertionResult dm0_matches(const Tensor& got, const Tensor& ref, const Tensor& ref_dc0,
+                                       const Tensor& ref_dn0, const Inputs& in, double tol, const std::string& kernel,
+                                       const InputSpec& spec) {
   if (got.numel() != ref.numel() || in.c0.empty())
     return ::testing::AssertionFailure() << kernel << " dm0: sizes differ or no initial state";
   const Tensor g = got.to(DType::f64), r = ref.to(DType::f64), dC = ref_dc0.to(DType::f64), dn = ref_dn0.to(DType::f64),
@@ -425,13 +437,16 @@ std::int64_t quiet_normaliser_kinks(Inputs& in, const MlstmOptions& o, const Inp
   const std::int64_t rows = r.numel(), kv = C.numel() / rows, k = n.numel() / rows;
   for (std::int64_t row = 0; row < rows; ++row) {
     double terms = 0.0;
-    for (std::int64_t e = 0; e < kv; ++e) terms += std::abs(dC.data<double>()[row * kv + e] * C.data<double>()[row * kv + e]);
-    for (std::int64_t e = 0; e < k; ++e) terms += std::abs(dn.data<double>()[row * k + e] * n.data<double>()[row * k + e]);
+    for (std::int64_t e = 0; e < kv; ++e)
+      terms += std::abs(dC.data<double>()[row * kv + e] * C.data<double>()[row * kv + e]);
+    for (std::int64_t e = 0; e < k; ++e)
+      terms += std::abs(dn.data<double>()[row * k + e] * n.data<double>()[row * k + e]);
     const double err = std::abs(g.data<double>()[row] - r.data<double>()[row]);
     if (!std::isfinite(g.data<double>()[row]) || err > tol * terms + 1e-30) {
-      return ::testing::AssertionFailure() << kernel << " dm0 [" << spec.describe() << "] row " << row << ": got "
-                                           << g.data<double>()[row] << ", reference " << r.data<double>()[row]
-                                           << ", error " << err << " > " << tol << " * " << terms << " (sum of |terms|)";
+      return ::testing::AssertionFailure()
+             << kernel << " dm0 [" << spec.describe() << "] row " << row << ": got " << g.data<double>()[row]
+             << ", reference " << r.data<double>()[row] << ", error " << err << " > " << tol << " * " << terms
+             << " (sum of |terms|)";
     }
   }
   return ::testing::AssertionSuccess();

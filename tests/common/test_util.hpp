@@ -43,14 +43,14 @@ struct InputSpec {
   GateVariant gate = GateVariant::exp;
   GateRegime regime = GateRegime::typical;
   InfGates inf = InfGates::none;
-  std::string describe() const;   // "B=3 NH=5 S=1000 DHQK=48 DHHV=96 bfloat16 exp init"
+  std::string describe() const;  // "B=3 NH=5 S=1000 DHQK=48 DHHV=96 bfloat16 exp init"
 };
 
 struct Inputs {
   Tensor q, k, v, i, f, c0, n0, m0;
   ForwardArgs args() const;
-  Tensor dh;                       // random (B,NH,S,DHHV) float32, for backward tests
-  Tensor dc_last, dn_last;         // random last-state gradients
+  Tensor dh;                // random (B,NH,S,DHHV) float32, for backward tests
+  Tensor dc_last, dn_last;  // random last-state gradients
   BackwardArgs backward_args(bool with_last_state_grads) const;
 };
 
@@ -65,10 +65,10 @@ InputSpec spec(std::int64_t B, std::int64_t NH, std::int64_t S, std::int64_t DHQ
 Tensor random_normal(const Shape& shape, DType dtype, std::mt19937_64& rng, double mean = 0.0, double stddev = 1.0);
 
 struct Comparison {
-  double max_abs = 0;   // max |got - ref|
-  double max_ref = 0;   // max |ref|
-  double rel = 0;       // max_abs / max(max_ref, 1e-30)
-  bool finite = true;   // no NaN/Inf in got
+  double max_abs = 0;  // max |got - ref|
+  double max_ref = 0;  // max |ref|
+  double rel = 0;      // max_abs / max(max_ref, 1e-30)
+  bool finite = true;  // no NaN/Inf in got
   std::int64_t worst_index = -1;
 };
 Comparison compare(const Tensor& got, const Tensor& ref);
@@ -103,8 +103,9 @@ std::int64_t quiet_normaliser_kinks(Inputs& in, const MlstmOptions& o, const Inp
 // dm0 = <dC0, C0> + <dn0, n0> per row is a sum whose terms can cancel to far below their size (extreme gates:
 // 1e-5 from terms of 1e-1): |got - ref| <= tol * (sum |dC0 * C0| + sum |dn0 * n0|) per row, with the reference's
 // dc0 / dn0 and the initial state c0 / n0 of the inputs.
-::testing::AssertionResult dm0_matches(const Tensor& got, const Tensor& ref, const Tensor& ref_dc0, const Tensor& ref_dn0,
-                                       const Inputs& in, double tol, const std::string& kernel, const InputSpec& spec);
+::testing::AssertionResult dm0_matches(const Tensor& got, const Tensor& ref, const Tensor& ref_dc0,
+                                       const Tensor& ref_dn0, const Inputs& in, double tol, const std::string& kernel,
+                                       const InputSpec& spec);
 // Last states (c, n, m) against the reference's, with an EMPTY state in one canonical form: a row whose m is
 // <= -kForgetCut/2 (exp(m) = 0 in float32: the chunkwise kernels carry a forgotten state as m - 256 per cut,
 // the recurrence as m = -inf, stages.hpp "Gates at +-inf") compares as C = n = 0, m = 0. Elsewhere as matches().

@@ -23,7 +23,11 @@ TEST(Facade, AvailableKernelsListsTheBuiltins) {
 
 TEST(Backend, TrainUsesTheChunkwiseKernelForwardAndBackward) {
   InputSpec s;
-  s.B = 2; s.NH = 3; s.S = 77; s.DHQK = 16; s.DHHV = 24;
+  s.B = 2;
+  s.NH = 3;
+  s.S = 77;
+  s.DHQK = 16;
+  s.DHHV = 24;
   const auto in = make_inputs(s, testing::fresh_seed());
   BackendConfig cfg;
   cfg.chunk_size = 32;
@@ -34,14 +38,19 @@ TEST(Backend, TrainUsesTheChunkwiseKernelForwardAndBackward) {
   const auto ref = reference::recurrent_forward(in.args(), backend.options());
   EXPECT_TRUE(matches(out.h, ref.h, 1e-4, "backend(train)", "h", s));
   const auto g = backend.backward(in.backward_args(false));
-  const auto gref = reference::recurrent_backward(in.backward_args(false), backend.options(),
-                                                  reference::StabilizerGradient::stop);
+  const auto gref =
+      reference::recurrent_backward(in.backward_args(false), backend.options(), reference::StabilizerGradient::stop);
   EXPECT_TRUE(matches(g.dk, gref.dk, 1e-3, "backend(train)", "dk", s));
 }
 
 TEST(Backend, InferenceUsesTheStepKernelForOneToken) {
   InputSpec s;
-  s.B = 2; s.NH = 2; s.S = 1; s.DHQK = 8; s.DHHV = 12; s.initial_state = true;
+  s.B = 2;
+  s.NH = 2;
+  s.S = 1;
+  s.DHQK = 8;
+  s.DHHV = 12;
+  s.initial_state = true;
   const auto in = make_inputs(s, testing::fresh_seed());
   BackendConfig cfg;
   cfg.mode = BackendMode::inference;

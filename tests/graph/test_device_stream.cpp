@@ -17,7 +17,8 @@ namespace {
 
 Tensor cut(const Tensor& t, std::int64_t a, std::int64_t b) {
   if (t.dims() == 3)
-    return testing::slice_seq(t.reshaped({t.dim(0), t.dim(1), t.dim(2), 1}), a, b).reshaped({t.dim(0), t.dim(1), b - a});
+    return testing::slice_seq(t.reshaped({t.dim(0), t.dim(1), t.dim(2), 1}), a, b)
+        .reshaped({t.dim(0), t.dim(1), b - a});
   return testing::slice_seq(t, a, b);
 }
 
@@ -29,13 +30,23 @@ TEST(DeviceStreamNode, PiecesThroughAnAsyncNodeEqualOneCall) {
   if (opencl::list_devices().empty()) GTEST_SKIP() << "no OpenCL device (install pocl-opencl-icd)";
   auto dev = opencl::open_device(opencl::select_devices("0").front());
   testing::InputSpec s;
-  s.B = 2; s.NH = 1; s.S = 333; s.DHQK = 16; s.DHHV = 32; s.dtype = DType::bf16;
+  s.B = 2;
+  s.NH = 1;
+  s.S = 333;
+  s.DHQK = 16;
+  s.DHHV = 32;
+  s.dtype = DType::bf16;
   const auto in = testing::make_inputs(s, testing::fresh_seed());
   MlstmOptions o;
   const auto ref = reference::recurrent_forward(in.args(), o);
 
   opencl::DeviceStream::Config cfg;
-  cfg.B = 2; cfg.NH = 1; cfg.DHQK = 16; cfg.DHHV = 32; cfg.max_piece = 64; cfg.dtype = DType::bf16;
+  cfg.B = 2;
+  cfg.NH = 1;
+  cfg.DHQK = 16;
+  cfg.DHHV = 32;
+  cfg.max_piece = 64;
+  cfg.dtype = DType::bf16;
   cfg.emulate = !opencl::tensor_core_support(dev->info()).available;
   tbb::flow::graph g;
   std::map<std::uint64_t, Tensor> outputs;
@@ -57,8 +68,11 @@ TEST(DeviceStreamNode, PiecesThroughAnAsyncNodeEqualOneCall) {
           OwnedPiece{cut(in.q, t0, t1), cut(in.k, t0, t1), cut(in.v, t0, t1), cut(in.i, t0, t1), cut(in.f, t0, t1)});
       nodes::StreamPiece piece;
       piece.index = index;
-      piece.args.q = owned->q.view(); piece.args.k = owned->k.view(); piece.args.v = owned->v.view();
-      piece.args.i = owned->i.view(); piece.args.f = owned->f.view();
+      piece.args.q = owned->q.view();
+      piece.args.k = owned->k.view();
+      piece.args.v = owned->v.view();
+      piece.args.i = owned->i.view();
+      piece.args.f = owned->f.view();
       piece.keep = owned;
       gpu.node().try_put(piece);
     }
@@ -83,12 +97,22 @@ TEST(DeviceStreamNode, BadPieceIsReportedNotFatal) {
   if (opencl::list_devices().empty()) GTEST_SKIP() << "no OpenCL device (install pocl-opencl-icd)";
   auto dev = opencl::open_device(opencl::select_devices("0").front());
   opencl::DeviceStream::Config cfg;
-  cfg.B = 1; cfg.NH = 1; cfg.DHQK = 16; cfg.DHHV = 16; cfg.max_piece = 64; cfg.dtype = DType::bf16;
+  cfg.B = 1;
+  cfg.NH = 1;
+  cfg.DHQK = 16;
+  cfg.DHHV = 16;
+  cfg.max_piece = 64;
+  cfg.dtype = DType::bf16;
   cfg.emulate = !opencl::tensor_core_support(dev->info()).available;
   tbb::flow::graph g;
   nodes::DeviceStreamNode gpu(g, dev, cfg);
   testing::InputSpec s;
-  s.B = 1; s.NH = 1; s.S = 100; s.DHQK = 16; s.DHHV = 16; s.dtype = DType::bf16;  // 100 > max_piece
+  s.B = 1;
+  s.NH = 1;
+  s.S = 100;
+  s.DHQK = 16;
+  s.DHHV = 16;
+  s.dtype = DType::bf16;  // 100 > max_piece
   const auto in = testing::make_inputs(s, testing::fresh_seed());
   gpu.node().try_put(nodes::StreamPiece{0, in.args(), nullptr});
   g.wait_for_all();

@@ -38,11 +38,23 @@ TEST_P(GraphForward, EqualsOneCallOnEveryShape) {
     GTEST_SKIP() << "needs " << mix.opencl_devices_needed << " OpenCL devices (POCL_DEVICES=\"pthread pthread\")";
   }
   graph::FlowGraphRunner runner(mix.spec);
-  for (auto [gate, init, S, L] : {std::tuple{GateVariant::exp, false, 1000, 64}, std::tuple{GateVariant::exp, true, 333, 32},
-                                  std::tuple{GateVariant::sigmoid, true, 257, 64}}) {
+  for (auto [gate, init, S, L] :
+       {std::tuple{GateVariant::exp, false, 1000, 64}, std::tuple{GateVariant::exp, true, 333, 32},
+        std::tuple{GateVariant::sigmoid, true, 257, 64}}) {
     InputSpec s;
-    s.B = 3; s.NH = 5; s.S = S; s.DHQK = 48; s.DHHV = 24; s.gate = gate; s.initial_state = init;
-    if (S == 333) { s.B = 1; s.NH = 2; s.dtype = DType::bf16; s.regime = GateRegime::mixed; }
+    s.B = 3;
+    s.NH = 5;
+    s.S = S;
+    s.DHQK = 48;
+    s.DHHV = 24;
+    s.gate = gate;
+    s.initial_state = init;
+    if (S == 333) {
+      s.B = 1;
+      s.NH = 2;
+      s.dtype = DType::bf16;
+      s.regime = GateRegime::mixed;
+    }
     const auto in = testing::make_inputs(s, testing::fresh_seed());
     MlstmOptions o;
     o.gate = gate;
@@ -73,7 +85,12 @@ TEST_P(GraphForward, HeadSplitEqualsOneCall) {
   if (opencl::list_devices().size() < mix.opencl_devices_needed) GTEST_SKIP() << "not enough OpenCL devices";
   graph::FlowGraphRunner runner(mix.spec);
   InputSpec s;
-  s.B = 3; s.NH = 5; s.S = 150; s.DHQK = 48; s.DHHV = 24; s.initial_state = true;
+  s.B = 3;
+  s.NH = 5;
+  s.S = 150;
+  s.DHQK = 48;
+  s.DHHV = 24;
+  s.initial_state = true;
   const auto in = testing::make_inputs(s, testing::fresh_seed());
   MlstmOptions o;
   o.chunk_size = 32;
@@ -96,14 +113,17 @@ std::string graph_log(const graph::FlowGraphRunner& runner) {
 // its terms, sum |dC0 * C0| + sum |dn0 * n0| (from the initial state in `in`), not to tol times itself.
 // `other_kernel` (optional): the same problem in one call of the other kernel the graph ran segments on; each
 // gradient may then also be as far from `one_call` as that call is (times 1.5). `df_tol` (> 0): df's own bound.
-void expect_same_gradients(const BackwardResult& got, const BackwardResult& one_call, double tol, const std::string& what,
-                           const InputSpec& s, const testing::Inputs& in, const BackwardResult* other_kernel = nullptr,
-                           double df_tol = 0) {
+void expect_same_gradients(const BackwardResult& got, const BackwardResult& one_call, double tol,
+                           const std::string& what, const InputSpec& s, const testing::Inputs& in,
+                           const BackwardResult* other_kernel = nullptr, double df_tol = 0) {
   const BackwardResult none;
   const BackwardResult& other = other_kernel ? *other_kernel : none;
-  for (auto [name, a, b, c] : {std::tuple{"dq", &got.dq, &one_call.dq, &other.dq}, {"dk", &got.dk, &one_call.dk, &other.dk},
-                               {"dv", &got.dv, &one_call.dv, &other.dv}, {"di", &got.di, &one_call.di, &other.di},
-                               {"df", &got.df, &one_call.df, &other.df}, {"dc0", &got.dc0, &one_call.dc0, &other.dc0},
+  for (auto [name, a, b, c] : {std::tuple{"dq", &got.dq, &one_call.dq, &other.dq},
+                               {"dk", &got.dk, &one_call.dk, &other.dk},
+                               {"dv", &got.dv, &one_call.dv, &other.dv},
+                               {"di", &got.di, &one_call.di, &other.di},
+                               {"df", &got.df, &one_call.df, &other.df},
+                               {"dc0", &got.dc0, &one_call.dc0, &other.dc0},
                                {"dn0", &got.dn0, &one_call.dn0, &other.dn0}}) {
     EXPECT_EQ(a->empty(), b->empty()) << what << " " << name;
     if (!b->empty()) {
@@ -125,7 +145,11 @@ TEST(GraphResidency, SegmentsStayWhereTheirInputsWereUploaded) {
   if (opencl::list_devices().size() < 2) GTEST_SKIP() << "needs two OpenCL devices (POCL_DEVICES=\"pthread pthread\")";
   graph::FlowGraphRunner runner("0,1");
   InputSpec s;
-  s.B = 2; s.NH = 3; s.S = 640; s.DHQK = 32; s.DHHV = 16;
+  s.B = 2;
+  s.NH = 3;
+  s.S = 640;
+  s.DHQK = 32;
+  s.DHHV = 16;
   const auto in = testing::make_inputs(s, testing::fresh_seed());
   MlstmOptions o;
   o.chunk_size = 32;
@@ -183,8 +207,8 @@ TEST_P(GraphForward, SequenceParallelBackwardEqualsOneCall) {
   InputSpec sig = testing::spec(1, 2, 257, 16, 32, DType::f32, GateVariant::sigmoid, false);
   InputSpec half = testing::spec(1, 2, 300, 32, 16, DType::bf16, GateVariant::exp, true, GateRegime::mixed);
   InputSpec extreme = testing::spec(2, 1, 200, 16, 16, DType::f32, GateVariant::exp, true, GateRegime::extreme);
-  for (const Case& c : {Case{odd, 32, 64, true}, Case{sig, 64, 64, false}, Case{half, 32, 96, true},
-                        Case{extreme, 32, 64, true}}) {
+  for (const Case& c :
+       {Case{odd, 32, 64, true}, Case{sig, 64, 64, false}, Case{half, 32, 96, true}, Case{extreme, 32, 64, true}}) {
     auto in = testing::make_inputs(c.s, testing::fresh_seed());
     MlstmOptions o;
     o.gate = c.s.gate;
@@ -206,9 +230,10 @@ TEST_P(GraphForward, SequenceParallelBackwardEqualsOneCall) {
     // The OpenCL kernel's own distance from the CPU one call: a bf16 dn0 that the forget gates decayed to 1e-3 of
     // its terms came out 12% off in both the OpenCL one call and the graph (1 draw in ~100).
     const BackwardResult opencl_call =
-        opencl ? get_kernel("chunkwise--opencl_xl_chunk", KernelTarget{"0"})->backward(in.backward_args(c.last_grads), o)
-               : BackwardResult();
-    const double tol = c.s.dtype == DType::bf16                ? (opencl ? 1e-1 : 6e-2)
+        opencl
+            ? get_kernel("chunkwise--opencl_xl_chunk", KernelTarget{"0"})->backward(in.backward_args(c.last_grads), o)
+            : BackwardResult();
+    const double tol = c.s.dtype == DType::bf16            ? (opencl ? 1e-1 : 6e-2)
                        : c.s.regime == GateRegime::extreme ? (opencl ? 2e-2 : 1e-4)
                                                            : (opencl ? 2e-3 : 1e-4);
     // df under extreme gates, CPU workers only: df sums the gradients of every later token's gates, which cancel
@@ -260,12 +285,16 @@ TEST_P(GraphForward, InfiniteForgetGatesAtSegmentBoundaries) {
     const auto got = runner.forward(in.args(), o, /*segment_tokens=*/64);
     SCOPED_TRACE(graph_log(runner));
     EXPECT_TRUE(testing::matches_well_conditioned(got.h, ref.h, in, o, 1e-3, "graph " + mix.spec, "h", s));
-    EXPECT_TRUE(testing::last_state_matches(got.c, got.n, got.m, ref.c, ref.n, ref.m, 1e-3, 1e-3, "graph " + mix.spec, s));
+    EXPECT_TRUE(
+        testing::last_state_matches(got.c, got.n, got.m, ref.c, ref.n, ref.m, 1e-3, 1e-3, "graph " + mix.spec, s));
     ASSERT_GE(testing::quiet_normaliser_kinks(in, o, s), 0) << "most tokens near the normaliser's kink";
     const auto g = runner.backward(in.backward_args(true), o, 64);
     const auto rg = reference::recurrent_backward(in.backward_args(true), o, reference::StabilizerGradient::stop);
-    for (auto [a, b, what] : {std::tuple{&g.dq, &rg.dq, "dq"}, {&g.dk, &rg.dk, "dk"}, {&g.dv, &rg.dv, "dv"},
-                              {&g.di, &rg.di, "di"}, {&g.df, &rg.df, "df"}}) {
+    for (auto [a, b, what] : {std::tuple{&g.dq, &rg.dq, "dq"},
+                              {&g.dk, &rg.dk, "dk"},
+                              {&g.dv, &rg.dv, "dv"},
+                              {&g.di, &rg.di, "di"},
+                              {&g.df, &rg.df, "df"}}) {
       EXPECT_TRUE(testing::matches(*a, *b, 1e-2, "graph backward " + mix.spec, what, s));
     }
     if (s.initial_state) {
@@ -279,7 +308,12 @@ TEST_P(GraphForward, BackwardHeadSplitEqualsOneCall) {
   if (opencl::list_devices().size() < mix.opencl_devices_needed) GTEST_SKIP() << "not enough OpenCL devices";
   graph::FlowGraphRunner runner(mix.spec);
   InputSpec s;
-  s.B = 2; s.NH = 3; s.S = 200; s.DHQK = 16; s.DHHV = 24; s.initial_state = true;
+  s.B = 2;
+  s.NH = 3;
+  s.S = 200;
+  s.DHQK = 16;
+  s.DHHV = 24;
+  s.initial_state = true;
   const auto in = testing::make_inputs(s, testing::fresh_seed());
   MlstmOptions o;
   o.chunk_size = 32;
@@ -293,7 +327,12 @@ TEST_P(GraphForward, BackwardHeadSplitEqualsOneCall) {
 
 TEST(GraphForward, SequenceParallelEqualsSequential) {
   InputSpec s;
-  s.B = 2; s.NH = 2; s.S = 900; s.DHQK = 16; s.DHHV = 16; s.initial_state = true;
+  s.B = 2;
+  s.NH = 2;
+  s.S = 900;
+  s.DHQK = 16;
+  s.DHHV = 16;
+  s.initial_state = true;
   const auto in = testing::make_inputs(s, testing::fresh_seed());
   MlstmOptions o;
   graph::FlowGraphRunner runner("workers");
@@ -317,7 +356,9 @@ TEST(GraphForward, SequenceParallelBackwardEqualsOneSegment) {
 
 TEST(GraphPlan, CalibratedSharesFollowSpeedAndDropTooSlowDevices) {
   ProblemShape shape;
-  shape.B = 1; shape.NH = 4; shape.S = 1000;
+  shape.B = 1;
+  shape.NH = 4;
+  shape.S = 1000;
   MlstmOptions o;
   o.chunk_size = 64;
   const auto even = graph::make_calibrated_plan(shape, o, {"a", "b"}, {1.0, 1.0});
@@ -337,7 +378,11 @@ TEST(GraphForward, CalibratedBalancingEqualsOneCall) {
   graph::FlowGraphRunner runner(spec);
   runner.set_balancing(graph::Balancing::calibrated);
   InputSpec s;
-  s.B = 1; s.NH = 3; s.S = 700; s.DHQK = 32; s.DHHV = 16;
+  s.B = 1;
+  s.NH = 3;
+  s.S = 700;
+  s.DHQK = 32;
+  s.DHHV = 16;
   const auto in = testing::make_inputs(s, testing::fresh_seed());
   MlstmOptions o;
   const auto got = runner.forward(in.args(), o);
@@ -353,7 +398,11 @@ TEST(GraphFaults, FailedDeviceIsTakenOutAndResultsStayCorrect) {
   const std::string victim = "opencl:1";
   graph::FlowGraphRunner runner(spec);
   InputSpec s;
-  s.B = 1; s.NH = 2; s.S = 640; s.DHQK = 16; s.DHHV = 16;
+  s.B = 1;
+  s.NH = 2;
+  s.S = 640;
+  s.DHQK = 16;
+  s.DHHV = 16;
   const auto in = testing::make_inputs(s, testing::fresh_seed());
   MlstmOptions o;
   const auto one_call = get_kernel("chunkwise--cpu_xl_chunk")->forward(in.args(), o);
@@ -390,7 +439,12 @@ TEST(GraphFaults, NoDeviceLeftIsAClearError) {
 TEST(GraphFaults, OutOfMemoryShrinksSegmentsAndResultsStayCorrect) {
   graph::FlowGraphRunner runner("workers");
   InputSpec s;
-  s.B = 2; s.NH = 2; s.S = 700; s.DHQK = 16; s.DHHV = 24; s.initial_state = true;
+  s.B = 2;
+  s.NH = 2;
+  s.S = 700;
+  s.DHQK = 16;
+  s.DHHV = 24;
+  s.initial_state = true;
   const auto in = testing::make_inputs(s, testing::fresh_seed());
   MlstmOptions o;
   o.chunk_size = 32;
@@ -445,8 +499,10 @@ TEST(GraphFaults, BackwardSurvivesAFailedDeviceAndOutOfMemory) {
     expect_same_gradients(got, one_call, 1e-4, "graph backward with OOM shrinking", s, in);
     int state_splits = 0, backward_splits = 0;
     for (const auto& line : runner.last_log()) {
-      state_splits += line.find("out of memory") != std::string::npos && line.find("state gradient") != std::string::npos;
-      backward_splits += line.find("out of memory") != std::string::npos && line.find("for the backward") != std::string::npos;
+      state_splits +=
+          line.find("out of memory") != std::string::npos && line.find("state gradient") != std::string::npos;
+      backward_splits +=
+          line.find("out of memory") != std::string::npos && line.find("for the backward") != std::string::npos;
     }
     EXPECT_GE(state_splits, 2) << "local state gradients of 256 tokens split down to 64";
     EXPECT_GE(backward_splits, 3) << "segment backwards of 256 tokens split down to 64";
@@ -545,7 +601,11 @@ TEST(GraphFaults, OutOfMemoryOnOneDeviceShrinksThereThenFailsOver) {
   if (opencl::list_devices().size() < 2) GTEST_SKIP() << "needs two OpenCL devices (POCL_DEVICES=\"pthread pthread\")";
   graph::FlowGraphRunner runner("workers+0,1");
   InputSpec s;
-  s.B = 1; s.NH = 2; s.S = 1000; s.DHQK = 16; s.DHHV = 16;
+  s.B = 1;
+  s.NH = 2;
+  s.S = 1000;
+  s.DHQK = 16;
+  s.DHHV = 16;
   const auto in = testing::make_inputs(s, testing::fresh_seed());
   MlstmOptions o;
   o.chunk_size = 32;
@@ -576,7 +636,9 @@ TEST(GraphFaults, OutOfMemoryOnOneDeviceShrinksThereThenFailsOver) {
 
 TEST(GraphPlan, SegmentsCoverTheSequenceInWholeChunks) {
   ProblemShape shape;
-  shape.B = 1; shape.NH = 4; shape.S = 1000;
+  shape.B = 1;
+  shape.NH = 4;
+  shape.S = 1000;
   MlstmOptions o;
   o.chunk_size = 64;
   const auto p = graph::make_plan(shape, o, {"a", "b"});

@@ -28,7 +28,8 @@ using testing::InputSpec;
 
 Tensor cut(const Tensor& t, std::int64_t a, std::int64_t b) {
   if (t.dims() == 3) {
-    return testing::slice_seq(t.reshaped({t.dim(0), t.dim(1), t.dim(2), 1}), a, b).reshaped({t.dim(0), t.dim(1), b - a});
+    return testing::slice_seq(t.reshaped({t.dim(0), t.dim(1), t.dim(2), 1}), a, b)
+        .reshaped({t.dim(0), t.dim(1), b - a});
   }
   return testing::slice_seq(t, a, b);
 }
@@ -37,7 +38,11 @@ struct Piece {
   Tensor q, k, v, i, f;
   ForwardArgs args() const {
     ForwardArgs a;
-    a.q = q.view(); a.k = k.view(); a.v = v.view(); a.i = i.view(); a.f = f.view();
+    a.q = q.view();
+    a.k = k.view();
+    a.v = v.view();
+    a.i = i.view();
+    a.f = f.view();
     return a;
   }
 };
@@ -48,7 +53,10 @@ Piece piece(const testing::Inputs& in, std::int64_t a, std::int64_t b) {
 
 StreamConfig config_for(const InputSpec& s, const std::string& kernel = "chunkwise--cpu_xl_chunk") {
   StreamConfig c;
-  c.B = s.B; c.NH = s.NH; c.DHQK = s.DHQK; c.DHHV = s.DHHV;
+  c.B = s.B;
+  c.NH = s.NH;
+  c.DHQK = s.DHQK;
+  c.DHHV = s.DHHV;
   c.options.gate = s.gate;
   c.options.chunk_size = 32;
   c.kernel = kernel;
@@ -63,7 +71,11 @@ class Stream : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(Stream, RandomSizedPiecesEqualOneCall) {
   InputSpec s;
-  s.B = 2; s.NH = 3; s.S = 700; s.DHQK = 16; s.DHHV = 24;
+  s.B = 2;
+  s.NH = 3;
+  s.S = 700;
+  s.DHQK = 16;
+  s.DHHV = 24;
   const auto seed = testing::fresh_seed();
   const auto in = testing::make_inputs(s, seed);
   const auto cfg = config_for(s, GetParam());
@@ -90,7 +102,11 @@ INSTANTIATE_TEST_SUITE_P(Kernels, Stream, ::testing::Values("chunkwise--cpu_xl_c
 
 TEST(StreamSnapshot, RestoreResumesBitExactly) {
   InputSpec s;
-  s.B = 1; s.NH = 2; s.S = 300; s.DHQK = 16; s.DHHV = 16;
+  s.B = 1;
+  s.NH = 2;
+  s.S = 300;
+  s.DHQK = 16;
+  s.DHHV = 16;
   const auto in = testing::make_inputs(s, testing::fresh_seed());
   const auto cfg = config_for(s);
   const fs::path path = fs::temp_directory_path() / ("mlstm_snapshot_" + std::to_string(getpid()));
@@ -112,7 +128,8 @@ TEST(StreamSnapshot, RestoreResumesBitExactly) {
     bytes.assign(std::istreambuf_iterator<char>(f), {});
   }
   auto refused = [&](const std::string& content, const StreamConfig& c, const std::string& why) {
-    std::ofstream(path, std::ios::binary | std::ios::trunc).write(content.data(), static_cast<std::streamsize>(content.size()));
+    std::ofstream(path, std::ios::binary | std::ios::trunc)
+        .write(content.data(), static_cast<std::streamsize>(content.size()));
     try {
       StreamSession::restore(path.string(), c);
       ADD_FAILURE() << "loaded a snapshot that should be refused: " << why;
@@ -136,7 +153,11 @@ TEST(StreamSnapshot, RestoreResumesBitExactly) {
 // cannot be written throws and leaves the previous one intact and no temporary file (issue 21 item 2).
 TEST(StreamSnapshot, AFailedSnapshotLeavesThePreviousOne) {
   InputSpec s;
-  s.B = 1; s.NH = 1; s.S = 64; s.DHQK = 8; s.DHHV = 8;
+  s.B = 1;
+  s.NH = 1;
+  s.S = 64;
+  s.DHQK = 8;
+  s.DHHV = 8;
   const auto in = testing::make_inputs(s, testing::fresh_seed());
   const fs::path dir = fs::temp_directory_path() / ("mlstm_snapshot_dir_" + std::to_string(getpid()));
   fs::remove_all(dir);
@@ -161,7 +182,10 @@ TEST(StreamSnapshot, AFailedSnapshotLeavesThePreviousOne) {
 // mode reaches these): refused by StreamSession::restore_bytes, and a valid image restores from memory.
 TEST(StreamSnapshot, RestoreFromBytesChecksFieldsBehindTheChecksum) {
   StreamConfig cfg;
-  cfg.B = 1; cfg.NH = 2; cfg.DHQK = 4; cfg.DHHV = 3;
+  cfg.B = 1;
+  cfg.NH = 2;
+  cfg.DHQK = 4;
+  cfg.DHHV = 3;
   const fs::path path = fs::temp_directory_path() / ("mlstm_snapshot_fields_" + std::to_string(getpid()));
   StreamSession a(cfg);
   a.snapshot(path.string());
@@ -216,7 +240,10 @@ TEST(StreamSnapshot, RestoreFromBytesChecksFieldsBehindTheChecksum) {
 // InvalidArgument naming that field and both values (issue 21 item 7).
 TEST(StreamSnapshot, AMismatchingOptionIsRefusedNamingTheField) {
   StreamConfig cfg;
-  cfg.B = 1; cfg.NH = 2; cfg.DHQK = 4; cfg.DHHV = 3;
+  cfg.B = 1;
+  cfg.NH = 2;
+  cfg.DHQK = 4;
+  cfg.DHHV = 3;
   cfg.options.chunk_size = 16;
   const fs::path path = fs::temp_directory_path() / ("mlstm_snapshot_options_" + std::to_string(getpid()));
   StreamSession(cfg).snapshot(path.string());
@@ -284,21 +311,23 @@ std::string file_bytes(const fs::path& p) {
 // snapshot() of the same path; files that only look similar are left alone.
 TEST(StreamSnapshot, StaleTemporariesOfThePathAreRemovedOnTheNextStart) {
   StreamConfig cfg;
-  cfg.B = 1; cfg.NH = 2; cfg.DHQK = 4; cfg.DHHV = 3;
+  cfg.B = 1;
+  cfg.NH = 2;
+  cfg.DHQK = 4;
+  cfg.DHHV = 3;
   const fs::path dir = fs::temp_directory_path() / ("mlstm_snapshot_debris_" + std::to_string(getpid()));
   fs::remove_all(dir);
   fs::create_directories(dir);
   const std::string path = (dir / "state.snap").string();
   StreamSession(cfg).snapshot(path);
   const std::vector<std::string> ours = {".state.snap.tmp.Ab3xYz", ".state.snap.tmp.000000"};
-  const std::vector<std::string> not_ours = {
-      ".state.snap.tmp.Ab3xY",    // five characters
-      ".state.snap.tmp.Ab3xYz1",  // seven
-      ".state.snap.tmp.Ab-xYz",   // not a letter or digit
-      "state.snap.tmp.Ab3xYz",    // not hidden
-      ".other.snap.tmp.Ab3xYz",   // another target's
-      ".state.snapx.tmp.Ab3xYz",  // another target's
-      "notes.txt"};
+  const std::vector<std::string> not_ours = {".state.snap.tmp.Ab3xY",    // five characters
+                                             ".state.snap.tmp.Ab3xYz1",  // seven
+                                             ".state.snap.tmp.Ab-xYz",   // not a letter or digit
+                                             "state.snap.tmp.Ab3xYz",    // not hidden
+                                             ".other.snap.tmp.Ab3xYz",   // another target's
+                                             ".state.snapx.tmp.Ab3xYz",  // another target's
+                                             "notes.txt"};
   auto make = [&](const std::vector<std::string>& names) {
     for (const auto& n : names) std::ofstream(dir / n) << "debris";
   };
@@ -324,7 +353,10 @@ TEST(StreamSnapshot, StaleTemporariesOfThePathAreRemovedOnTheNextStart) {
 // newer one) and, at worst, a temporary file, which the next start removes.
 TEST(StreamSnapshot, AKilledWriterLeavesTheOldSnapshotAndTheNextStartCleansUp) {
   StreamConfig cfg;
-  cfg.B = 1; cfg.NH = 8; cfg.DHQK = 256; cfg.DHHV = 256;  // C alone is 2 MiB: a write takes a while
+  cfg.B = 1;
+  cfg.NH = 8;
+  cfg.DHQK = 256;
+  cfg.DHHV = 256;  // C alone is 2 MiB: a write takes a while
   const fs::path dir = fs::temp_directory_path() / ("mlstm_snapshot_kill_" + std::to_string(getpid()));
   fs::remove_all(dir);
   fs::create_directories(dir);
@@ -373,9 +405,16 @@ TEST(StreamSnapshot, AKilledWriterLeavesTheOldSnapshotAndTheNextStartCleansUp) {
 // the previous snapshot stays whole and no temporary file is left.
 TEST(StreamSnapshot, AFullDiskLeavesThePreviousSnapshotAndNoDebris) {
   StreamConfig cfg;
-  cfg.B = 1; cfg.NH = 2; cfg.DHQK = 64; cfg.DHHV = 64;  // 32 KiB of C
+  cfg.B = 1;
+  cfg.NH = 2;
+  cfg.DHQK = 64;
+  cfg.DHHV = 64;  // 32 KiB of C
   InputSpec s;
-  s.B = 1; s.NH = 2; s.S = 40; s.DHQK = 64; s.DHHV = 64;
+  s.B = 1;
+  s.NH = 2;
+  s.S = 40;
+  s.DHQK = 64;
+  s.DHHV = 64;
   const auto in = testing::make_inputs(s, testing::fresh_seed());
   const fs::path dir = fs::temp_directory_path() / ("mlstm_snapshot_full_" + std::to_string(getpid()));
   fs::remove_all(dir);
@@ -388,7 +427,8 @@ TEST(StreamSnapshot, AFullDiskLeavesThePreviousSnapshotAndNoDebris) {
   a.push(piece(in, 20, 40).args());
   std::string message;
   {
-    struct sigaction ignore {}, previous {};
+    struct sigaction ignore {
+    }, previous{};
     ignore.sa_handler = SIG_IGN;
     sigaction(SIGXFSZ, &ignore, &previous);
     rlimit old_limit{};
@@ -414,7 +454,10 @@ TEST(StreamSnapshot, AFullDiskLeavesThePreviousSnapshotAndNoDebris) {
 
 TEST(StreamSession, BadConfigAndPiecesNameTheArgument) {
   StreamConfig c;
-  c.B = 1; c.NH = 1; c.DHQK = 8; c.DHHV = 0;
+  c.B = 1;
+  c.NH = 1;
+  c.DHQK = 8;
+  c.DHHV = 0;
   try {
     StreamSession s(c);
     FAIL();
@@ -424,7 +467,11 @@ TEST(StreamSession, BadConfigAndPiecesNameTheArgument) {
   c.DHHV = 8;
   StreamSession s(c);
   InputSpec spec;
-  spec.B = 1; spec.NH = 1; spec.S = 10; spec.DHQK = 4; spec.DHHV = 8;
+  spec.B = 1;
+  spec.NH = 1;
+  spec.S = 10;
+  spec.DHQK = 4;
+  spec.DHHV = 8;
   const auto in = testing::make_inputs(spec, testing::fresh_seed());
   try {
     s.push(in.args());

@@ -5,8 +5,8 @@
 #include <sstream>
 #include <vector>
 
-#include "mlstm/cpu_kernels.hpp"
 #include "mlstm/core/error.hpp"
+#include "mlstm/cpu_kernels.hpp"
 #include "mlstm/kernel.hpp"
 #include "mlstm/reference.hpp"
 #include "mlstm/stages.hpp"
@@ -17,9 +17,9 @@ namespace {
 
 using testing::GateRegime;
 using testing::InputSpec;
-using testing::spec;
 using testing::make_inputs;
 using testing::matches;
+using testing::spec;
 
 const KernelRegistry& registry() {
   static const KernelRegistry reg = KernelRegistry::with_builtin_kernels();
@@ -42,7 +42,9 @@ std::string name_of(const ::testing::TestParamInfo<KernelCase>& info) {
     << "NH" << c.spec.NH << "S" << c.spec.S << "K" << c.spec.DHQK << "V" << c.spec.DHHV << "_L" << c.chunk << "_"
     << dtype_name(c.spec.dtype) << "_" << gate_name(c.spec.gate) << (c.spec.initial_state ? "_init" : "")
     << (c.normalize ? "" : "_nonorm")
-    << (c.spec.regime == GateRegime::extreme ? "_extreme" : c.spec.regime == GateRegime::mixed ? "_mixed" : "");
+    << (c.spec.regime == GateRegime::extreme ? "_extreme"
+        : c.spec.regime == GateRegime::mixed ? "_mixed"
+                                             : "");
   if (c.spec.gate_dtype != DType::f32) n << "_gates_" << dtype_name(c.spec.gate_dtype);
   if (c.spec.inf != testing::InfGates::none) n << "_inf_" << testing::inf_gates_name(c.spec.inf);
   std::string s = n.str();
@@ -210,11 +212,11 @@ TEST_P(CpuKernelInf, ForwardMatchesReference) {
   const auto o = options_for(c);
   const auto got = registry().make_sequence(c.kernel)->forward(in.args(), o);
   const auto ref = reference::recurrent_forward(in.args(), o);
-  EXPECT_TRUE(testing::matches_well_conditioned(got.h, ref.h, in, o, inf_factor(c) * h_tol(c.spec), c.kernel, "h",
-                                                c.spec));
+  EXPECT_TRUE(
+      testing::matches_well_conditioned(got.h, ref.h, in, o, inf_factor(c) * h_tol(c.spec), c.kernel, "h", c.spec));
   // m after a cut carries the cumsum rounding (~3e-5 absolute per cut in the chunk; m ~ 1).
-  EXPECT_TRUE(testing::last_state_matches(got.c, got.n, got.m, ref.c, ref.n, ref.m, h_tol(c.spec), 1e-3, c.kernel,
-                                          c.spec));
+  EXPECT_TRUE(
+      testing::last_state_matches(got.c, got.n, got.m, ref.c, ref.n, ref.m, h_tol(c.spec), 1e-3, c.kernel, c.spec));
 }
 
 TEST_P(CpuKernelInf, BackwardMatchesReference) {
@@ -244,8 +246,8 @@ TEST_P(CpuKernelInf, BackwardMatchesReference) {
 
 std::vector<KernelCase> inf_cases() {
   using testing::InfGates;
-  const InfGates all[] = {InfGates::forget_neg, InfGates::forget_pos, InfGates::input_neg, InfGates::all_neg,
-                          InfGates::all_neg_end, InfGates::mixed};
+  const InfGates all[] = {InfGates::forget_neg, InfGates::forget_pos,  InfGates::input_neg,
+                          InfGates::all_neg,    InfGates::all_neg_end, InfGates::mixed};
   std::vector<KernelCase> cases;
   auto add = [&](const std::string& kernel, InputSpec s, std::int64_t L, InfGates g, bool normalize = true) {
     s.inf = g;
@@ -288,8 +290,14 @@ TEST(CpuStep, StepKernelsAtInfiniteGates) {
   const Tensor i = Tensor::from(iv, {2, 3}, DType::f32), f = Tensor::from(fv, {2, 3}, DType::f32);
   for (auto gate : {GateVariant::exp, GateVariant::sigmoid}) {
     StepArgs a;
-    a.q = q.view(); a.k = k.view(); a.v = v.view(); a.i = i.view(); a.f = f.view();
-    a.c = in.c0.view(); a.n = in.n0.view(); a.m = in.m0.view();
+    a.q = q.view();
+    a.k = k.view();
+    a.v = v.view();
+    a.i = i.view();
+    a.f = f.view();
+    a.c = in.c0.view();
+    a.n = in.n0.view();
+    a.m = in.m0.view();
     const Tensor zero_m = Tensor::zeros({2, 3}, DType::f32);
     if (gate == GateVariant::sigmoid) a.m = zero_m.view();  // no stabiliser state
     MlstmOptions o;
@@ -322,9 +330,7 @@ TEST(CpuStages, FixupOfLocalStatesEqualsDirectStates) {
     stages::fw_states(k, v, b.data(), ig.data(), G.data(), gate, seg, init.at(0), &direct, out_direct.at(0));
     stages::fw_states(k, v, b.data(), ig.data(), G.data(), gate, seg, empty.at(0), &local, out_local.at(0));
     stages::fixup_states(G.data(), gate, seg, init.at(0), &local, out_local.at(0));
-    auto as_tensor = [](const std::vector<float>& x) {
-      return Tensor::from(x, {static_cast<std::int64_t>(x.size())});
-    };
+    auto as_tensor = [](const std::vector<float>& x) { return Tensor::from(x, {static_cast<std::int64_t>(x.size())}); };
     EXPECT_TRUE(matches(as_tensor(local.C), as_tensor(direct.C), 1e-5, "stages", "boundary C (fixup)", s));
     EXPECT_TRUE(matches(as_tensor(local.n), as_tensor(direct.n), 1e-5, "stages", "boundary n (fixup)", s));
     EXPECT_TRUE(matches(as_tensor(out_local.C), as_tensor(out_direct.C), 1e-5, "stages", "exit C (fixup)", s));
@@ -334,9 +340,9 @@ TEST(CpuStages, FixupOfLocalStatesEqualsDirectStates) {
 
 TEST(CpuRegistry, ListsKernelsAndRejectsUnknownNames) {
   const auto& reg = registry();
-  for (const char* name : {"chunkwise--cpu_xl_chunk", "chunkwise--cpu_xl_chunk_siging", "chunkwise--cpu_limit_chunk",
-                           "parallel--cpu", "sequence--cpu", "parallel--reference_f64", "sequence--reference_f64",
-                           "cpu", "reference_f64"}) {
+  for (const char* name :
+       {"chunkwise--cpu_xl_chunk", "chunkwise--cpu_xl_chunk_siging", "chunkwise--cpu_limit_chunk", "parallel--cpu",
+        "sequence--cpu", "parallel--reference_f64", "sequence--reference_f64", "cpu", "reference_f64"}) {
     EXPECT_TRUE(reg.contains(name)) << name;
   }
   try {
@@ -379,8 +385,14 @@ TEST(CpuStep, StepKernelsMatchReference) {
   StepArgs a;
   const Tensor q = in.q.reshaped({3, 5, 48}), k = in.k.reshaped({3, 5, 48}), v = in.v.reshaped({3, 5, 96});
   const Tensor i = in.i.reshaped({3, 5}), f = in.f.reshaped({3, 5});
-  a.q = q.view(); a.k = k.view(); a.v = v.view(); a.i = i.view(); a.f = f.view();
-  a.c = in.c0.view(); a.n = in.n0.view(); a.m = in.m0.view();
+  a.q = q.view();
+  a.k = k.view();
+  a.v = v.view();
+  a.i = i.view();
+  a.f = f.view();
+  a.c = in.c0.view();
+  a.n = in.n0.view();
+  a.m = in.m0.view();
   MlstmOptions o;
   const auto ref = reference::step(a, o);
   const auto got = registry().make_step("cpu")->step(a, o);

@@ -22,8 +22,8 @@ namespace {
 
 using reference::StabilizerGradient;
 using testing::GateRegime;
-using testing::InputSpec;
 using testing::Inputs;
+using testing::InputSpec;
 using testing::make_inputs;
 using testing::matches;
 
@@ -124,7 +124,9 @@ std::string case_name(const ::testing::TestParamInfo<Case>& info) {
   n << 'B' << s.B << "NH" << s.NH << 'S' << s.S << 'K' << s.DHQK << 'V' << s.DHHV << '_' << gate_name(s.gate);
   if (s.dtype != DType::f32) n << '_' << dtype_name(s.dtype);
   n << (s.initial_state ? "_init" : "") << (info.param.normalize ? "" : "_nonorm")
-    << (s.regime == GateRegime::extreme ? "_extreme" : s.regime == GateRegime::mixed ? "_mixed" : "");
+    << (s.regime == GateRegime::extreme ? "_extreme"
+        : s.regime == GateRegime::mixed ? "_mixed"
+                                        : "");
   return n.str();
 }
 
@@ -213,7 +215,8 @@ TEST_P(ReferenceForms, StopGradientsFollowStageFormulas) {
   // sum_e a[row * len + e] * b[row * len + e]
   auto row_dot = [](const std::vector<double>& a, const std::vector<double>& b, std::int64_t row, std::int64_t len) {
     double acc = 0.0;
-    for (std::int64_t e = row * len; e < (row + 1) * len; ++e) acc += a[static_cast<std::size_t>(e)] * b[static_cast<std::size_t>(e)];
+    for (std::int64_t e = row * len; e < (row + 1) * len; ++e)
+      acc += a[static_cast<std::size_t>(e)] * b[static_cast<std::size_t>(e)];
     return acc;
   };
   auto max_abs = [](const std::vector<double>& v) {
@@ -246,12 +249,15 @@ TEST_P(ReferenceForms, StopGradientsFollowStageFormulas) {
     const auto dc0 = g.dc0.to_vector(), dn0 = g.dn0.to_vector(), c0 = in.c0.to_vector(), n0 = in.n0.to_vector();
     const auto got = g.dm0.to_vector();
     for (std::int64_t row = 0; row < rows; ++row) {
-      const double expected = s.gate == GateVariant::exp ? row_dot(dc0, c0, row, state) + row_dot(dn0, n0, row, s.DHQK) : 0.0;
+      const double expected =
+          s.gate == GateVariant::exp ? row_dot(dc0, c0, row, state) + row_dot(dn0, n0, row, s.DHQK) : 0.0;
       double scale = 0.0;
-      for (std::int64_t e = row * state; e < (row + 1) * state; ++e) scale += std::fabs(c0[static_cast<std::size_t>(e)]);
+      for (std::int64_t e = row * state; e < (row + 1) * state; ++e)
+        scale += std::fabs(c0[static_cast<std::size_t>(e)]);
       scale *= max_abs(dc0);
       double scale_n = 0.0;
-      for (std::int64_t e = row * s.DHQK; e < (row + 1) * s.DHQK; ++e) scale_n += std::fabs(n0[static_cast<std::size_t>(e)]);
+      for (std::int64_t e = row * s.DHQK; e < (row + 1) * s.DHQK; ++e)
+        scale_n += std::fabs(n0[static_cast<std::size_t>(e)]);
       scale += scale_n * max_abs(dn0);
       EXPECT_LE(std::fabs(got[static_cast<std::size_t>(row)] - expected), 1e-12 * scale)
           << kname << ": dm0 = <dc0, c0> + <dn0, n0>, row " << row << ": " << got[static_cast<std::size_t>(row)]
@@ -262,21 +268,20 @@ TEST_P(ReferenceForms, StopGradientsFollowStageFormulas) {
 
 INSTANTIATE_TEST_SUITE_P(
     Shapes, ReferenceForms,
-    ::testing::Values(
-        Case{spec(1, 1, 16, 4, 4, GateVariant::exp, false)},
-        Case{spec(2, 1, 1, 5, 3, GateVariant::exp, true)},  // S = 1
-        Case{spec(3, 5, 37, 48, 96, GateVariant::exp, true)},
-        Case{spec(3, 5, 37, 48, 96, GateVariant::exp, false)},
-        Case{spec(2, 3, 29, 12, 7, GateVariant::exp, true, GateRegime::extreme)},
-        Case{spec(2, 2, 33, 8, 16, GateVariant::exp, false, GateRegime::mixed)},
-        Case{spec(2, 2, 26, 7, 9, GateVariant::exp, true, GateRegime::mixed, DType::bf16)},
-        Case{spec(3, 2, 25, 16, 8, GateVariant::sigmoid, true)},
-        Case{spec(3, 5, 37, 48, 96, GateVariant::sigmoid, false)},
-        Case{spec(2, 2, 21, 7, 5, GateVariant::sigmoid, false), false},
-        Case{spec(2, 2, 23, 9, 6, GateVariant::sigmoid, true, GateRegime::extreme)},
-        Case{spec(1, 3, 31, 6, 10, GateVariant::sigmoid, false, GateRegime::extreme), false},
-        Case{spec(2, 2, 19, 8, 8, GateVariant::sigmoid, true, GateRegime::mixed), false},
-        Case{spec(1, 2, 17, 6, 4, GateVariant::sigmoid, true, GateRegime::typical, DType::f16)}),
+    ::testing::Values(Case{spec(1, 1, 16, 4, 4, GateVariant::exp, false)},
+                      Case{spec(2, 1, 1, 5, 3, GateVariant::exp, true)},  // S = 1
+                      Case{spec(3, 5, 37, 48, 96, GateVariant::exp, true)},
+                      Case{spec(3, 5, 37, 48, 96, GateVariant::exp, false)},
+                      Case{spec(2, 3, 29, 12, 7, GateVariant::exp, true, GateRegime::extreme)},
+                      Case{spec(2, 2, 33, 8, 16, GateVariant::exp, false, GateRegime::mixed)},
+                      Case{spec(2, 2, 26, 7, 9, GateVariant::exp, true, GateRegime::mixed, DType::bf16)},
+                      Case{spec(3, 2, 25, 16, 8, GateVariant::sigmoid, true)},
+                      Case{spec(3, 5, 37, 48, 96, GateVariant::sigmoid, false)},
+                      Case{spec(2, 2, 21, 7, 5, GateVariant::sigmoid, false), false},
+                      Case{spec(2, 2, 23, 9, 6, GateVariant::sigmoid, true, GateRegime::extreme)},
+                      Case{spec(1, 3, 31, 6, 10, GateVariant::sigmoid, false, GateRegime::extreme), false},
+                      Case{spec(2, 2, 19, 8, 8, GateVariant::sigmoid, true, GateRegime::mixed), false},
+                      Case{spec(1, 2, 17, 6, 4, GateVariant::sigmoid, true, GateRegime::typical, DType::f16)}),
     case_name);
 
 // ---- finite differences ---------------------------------------------------------------------------
@@ -321,8 +326,8 @@ double ridders_derivative(const std::function<double(double)>& fn, double h0, do
     for (int j = 1; j <= i; ++j) {
       tableau[j][i] = (tableau[j - 1][i] * factor - tableau[j - 1][i - 1]) / (factor - 1.0);
       factor *= kShrink2;
-      const double e = std::max(std::fabs(tableau[j][i] - tableau[j - 1][i]),
-                                std::fabs(tableau[j][i] - tableau[j - 1][i - 1]));
+      const double e =
+          std::max(std::fabs(tableau[j][i] - tableau[j - 1][i]), std::fabs(tableau[j][i] - tableau[j - 1][i - 1]));
       if (e <= error) {
         error = e;
         best = tableau[j][i];
@@ -422,14 +427,15 @@ FdResult finite_difference_check(Inputs& in, Tensor& x, const Tensor& grad, cons
   return ::testing::AssertionFailure() << what << ": finite-difference error " << r.worst << " (tolerance " << tol
                                        << ") at flat index " << r.index << ": numerical " << r.fd << " +- "
                                        << r.fd_error << ", analytic " << r.analytic << "; " << r.checked
-                                       << " elements checked, " << r.uncertain << " with an uncertain numerical derivative";
+                                       << " elements checked, " << r.uncertain
+                                       << " with an uncertain numerical derivative";
 }
 
 struct FdCase {
   GateVariant gate;
   GateRegime regime;
   bool normalize = true;
-  bool last_grads = true;   // dc_last, dn_last in the loss
+  bool last_grads = true;  // dc_last, dn_last in the loss
   double eps = 1e-6;
   bool both_branches = false;  // q scaled by 10 (even tokens) and 0.1 (odd tokens): both branches of the
                                // normaliser's max(|q'n|, floor) are taken
@@ -437,7 +443,9 @@ struct FdCase {
 
 void PrintTo(const FdCase& c, std::ostream* os) {
   *os << gate_name(c.gate)
-      << (c.regime == GateRegime::mixed ? " mixed" : c.regime == GateRegime::extreme ? " extreme" : " typical")
+      << (c.regime == GateRegime::mixed     ? " mixed"
+          : c.regime == GateRegime::extreme ? " extreme"
+                                            : " typical")
       << (c.normalize ? "" : " nonorm") << (c.last_grads ? " last-state-grads" : "") << " eps=" << c.eps
       << (c.both_branches ? " both-normaliser-branches" : "");
 }
@@ -473,7 +481,9 @@ std::string fd_case_name(const ::testing::TestParamInfo<FdCase>& info) {
   const auto& c = info.param;
   std::ostringstream n;
   n << gate_name(c.gate) << '_'
-    << (c.regime == GateRegime::mixed ? "mixed" : c.regime == GateRegime::extreme ? "extreme" : "typical")
+    << (c.regime == GateRegime::mixed     ? "mixed"
+        : c.regime == GateRegime::extreme ? "extreme"
+                                          : "typical")
     << (c.normalize ? "" : "_nonorm") << (c.last_grads ? "_lastgrads" : "") << (c.eps > 1e-3 ? "_large_eps" : "")
     << (c.both_branches ? "_both_branches" : "");
   return n.str();
@@ -515,8 +525,7 @@ INSTANTIATE_TEST_SUITE_P(
     Gates, ReferenceFiniteDifferences,
     ::testing::Values(FdCase{GateVariant::exp, GateRegime::typical},
                       FdCase{GateVariant::exp, GateRegime::typical, true, false},
-                      FdCase{GateVariant::exp, GateRegime::mixed},
-                      FdCase{GateVariant::exp, GateRegime::extreme},
+                      FdCase{GateVariant::exp, GateRegime::mixed}, FdCase{GateVariant::exp, GateRegime::extreme},
                       // eps large: the stabiliser m_t enters the output (through eps exp(m)), so the
                       // m-derivatives of the full mode are visible to the finite differences.
                       FdCase{GateVariant::exp, GateRegime::mixed, true, false, 0.3},
@@ -552,7 +561,8 @@ TEST(ReferenceFiniteDifferencesSanity, WrongGradientIsDetected) {
     const auto values = p.grad->to_vector();
     std::int64_t largest = -1;
     for (std::size_t e = 0; e < values.size(); ++e) {
-      if (good.certain[e] && (largest < 0 || std::fabs(values[e]) > std::fabs(values[static_cast<std::size_t>(largest)]))) {
+      if (good.certain[e] &&
+          (largest < 0 || std::fabs(values[e]) > std::fabs(values[static_cast<std::size_t>(largest)]))) {
         largest = static_cast<std::int64_t>(e);
       }
     }
@@ -612,8 +622,11 @@ TEST(ReferenceStabilizerModes, ExpGateStopDiffersFromFullOnlyThroughEps) {
     const auto o = options(GateVariant::exp, true, eps);
     const auto full = reference::recurrent_backward(in.backward_args(false), o, StabilizerGradient::full);
     const auto stop = reference::recurrent_backward(in.backward_args(false), o, StabilizerGradient::stop);
-    for (auto [a, b] : {std::pair{&full.dq, &stop.dq}, {&full.dk, &stop.dk}, {&full.dv, &stop.dv},
-                        {&full.dc0, &stop.dc0}, {&full.dn0, &stop.dn0}}) {
+    for (auto [a, b] : {std::pair{&full.dq, &stop.dq},
+                        {&full.dk, &stop.dk},
+                        {&full.dv, &stop.dv},
+                        {&full.dc0, &stop.dc0},
+                        {&full.dn0, &stop.dn0}}) {
       EXPECT_EQ(max_abs_difference(*a, *b), 0.0);
     }
     if (eps == 1e-6) {
@@ -639,8 +652,13 @@ TEST(ReferenceStabilizerModes, SigmoidGateStopEqualsFull) {
       auto bw = parallel ? reference::parallel_backward : reference::recurrent_backward;
       const auto full = bw(in.backward_args(true), o, StabilizerGradient::full);
       const auto stop = bw(in.backward_args(true), o, StabilizerGradient::stop);
-      for (auto [a, b] : {std::pair{&full.dq, &stop.dq}, {&full.dk, &stop.dk}, {&full.dv, &stop.dv},
-                          {&full.di, &stop.di}, {&full.df, &stop.df}, {&full.dc0, &stop.dc0}, {&full.dn0, &stop.dn0},
+      for (auto [a, b] : {std::pair{&full.dq, &stop.dq},
+                          {&full.dk, &stop.dk},
+                          {&full.dv, &stop.dv},
+                          {&full.di, &stop.di},
+                          {&full.df, &stop.df},
+                          {&full.dc0, &stop.dc0},
+                          {&full.dn0, &stop.dn0},
                           {&full.dm0, &stop.dm0}}) {
         EXPECT_EQ(max_abs_difference(*a, *b), 0.0);
       }
@@ -728,8 +746,7 @@ TEST(ReferenceInputs, AnyDtypeAndStridedViews) {
   const auto o = options(GateVariant::exp);
   ForwardArgs a64;
   const Tensor q = in.q.to(DType::f64), k = in.k.to(DType::f64), v = in.v.to(DType::f64), i = in.i.to(DType::f64),
-               f = in.f.to(DType::f64), c0 = in.c0.to(DType::f64), n0 = in.n0.to(DType::f64),
-               m0 = in.m0.to(DType::f64);
+               f = in.f.to(DType::f64), c0 = in.c0.to(DType::f64), n0 = in.n0.to(DType::f64), m0 = in.m0.to(DType::f64);
   a64.q = q.view();
   a64.k = k.view();
   a64.v = v.view();
@@ -773,8 +790,12 @@ TEST(ReferenceInputs, EmptyInitialStateWithMinusInfinityM) {
     for (auto mode : {StabilizerGradient::full, StabilizerGradient::stop}) {
       const auto gr = reference::recurrent_backward(in.backward_args(true), o, mode);
       const auto gp = reference::parallel_backward(in.backward_args(true), o, mode);
-      for (auto [a, b, what] : {std::tuple{&gp.dq, &gr.dq, "dq"}, {&gp.dk, &gr.dk, "dk"}, {&gp.di, &gr.di, "di"},
-                                {&gp.df, &gr.df, "df"}, {&gp.dc0, &gr.dc0, "dc0"}, {&gp.dm0, &gr.dm0, "dm0"}}) {
+      for (auto [a, b, what] : {std::tuple{&gp.dq, &gr.dq, "dq"},
+                                {&gp.dk, &gr.dk, "dk"},
+                                {&gp.di, &gr.di, "di"},
+                                {&gp.df, &gr.df, "df"},
+                                {&gp.dc0, &gr.dc0, "dc0"},
+                                {&gp.dm0, &gr.dm0, "dm0"}}) {
         EXPECT_TRUE(matches(*a, *b, 1e-9, "parallel bw empty state", what, s));
       }
       EXPECT_EQ(gr.dm0.to_vector(), std::vector<double>(4, 0.0));
@@ -790,8 +811,8 @@ TEST(ReferenceInputs, EmptyInitialStateWithMinusInfinityM) {
 // f = i = -inf gives h = 0 exactly. The parallel form and the steps must equal the recurrence there too.
 std::vector<testing::InfGates> all_inf_patterns() {
   using testing::InfGates;
-  return {InfGates::forget_neg, InfGates::forget_pos, InfGates::input_neg, InfGates::all_neg, InfGates::all_neg_end,
-          InfGates::mixed};
+  return {InfGates::forget_neg, InfGates::forget_pos,  InfGates::input_neg,
+          InfGates::all_neg,    InfGates::all_neg_end, InfGates::mixed};
 }
 
 Tensor inf_to_huge(const Tensor& t) {
@@ -834,12 +855,18 @@ TEST(ReferenceInfGates, FormsAgreeAndEqualHugeFiniteGates) {
           const auto gr = reference::recurrent_backward(in.backward_args(last), o, mode);
           const auto gp = reference::parallel_backward(in.backward_args(last), o, mode);
           const auto gl = reference::recurrent_backward(huge.backward_args(last), o, mode);
-          for (auto [a, b, what] : {std::tuple{&gp.dq, &gr.dq, "dq"}, {&gp.dk, &gr.dk, "dk"}, {&gp.dv, &gr.dv, "dv"},
-                                    {&gp.di, &gr.di, "di"}, {&gp.df, &gr.df, "df"}}) {
+          for (auto [a, b, what] : {std::tuple{&gp.dq, &gr.dq, "dq"},
+                                    {&gp.dk, &gr.dk, "dk"},
+                                    {&gp.dv, &gr.dv, "dv"},
+                                    {&gp.di, &gr.di, "di"},
+                                    {&gp.df, &gr.df, "df"}}) {
             EXPECT_TRUE(matches(*a, *b, 1e-9, "parallel " + k, what, s));
           }
-          for (auto [a, b, what] : {std::tuple{&gr.dq, &gl.dq, "dq"}, {&gr.dk, &gl.dk, "dk"}, {&gr.dv, &gl.dv, "dv"},
-                                    {&gr.di, &gl.di, "di"}, {&gr.df, &gl.df, "df"}}) {
+          for (auto [a, b, what] : {std::tuple{&gr.dq, &gl.dq, "dq"},
+                                    {&gr.dk, &gl.dk, "dk"},
+                                    {&gr.dv, &gl.dv, "dv"},
+                                    {&gr.di, &gl.di, "di"},
+                                    {&gr.df, &gl.df, "df"}}) {
             EXPECT_TRUE(matches(*a, *b, 1e-12, "recurrent " + k + " at +-inf vs +-1e30", what, s));
           }
           if (init) {
@@ -948,7 +975,8 @@ TEST(ReferenceInputs, StateCarryTwoCallsEqualOne) {
     const auto g1p = reference::parallel_backward(first.backward_args(true), o, StabilizerGradient::stop);
     auto joined = [](const Tensor& a, const Tensor& b) {
       if (a.dims() == 4) return testing::concat_seq(a, b);
-      return testing::concat_seq(a.reshaped({a.dim(0), a.dim(1), a.dim(2), 1}), b.reshaped({b.dim(0), b.dim(1), b.dim(2), 1}))
+      return testing::concat_seq(a.reshaped({a.dim(0), a.dim(1), a.dim(2), 1}),
+                                 b.reshaped({b.dim(0), b.dim(1), b.dim(2), 1}))
           .reshaped({a.dim(0), a.dim(1), a.dim(2) + b.dim(2)});
     };
     EXPECT_TRUE(matches(joined(g1.dq, g2.dq), g_whole.dq, 1e-12, "recurrent bw two calls", "dq", s));
@@ -978,9 +1006,14 @@ TEST(ReferenceInputs, ExtremeGatesLongSequenceStayFinite) {
     for (auto mode : {StabilizerGradient::full, StabilizerGradient::stop}) {
       const auto gr = reference::recurrent_backward(in.backward_args(true), o, mode);
       const auto gp = reference::parallel_backward(in.backward_args(true), o, mode);
-      for (auto [a, b, what] : {std::tuple{&gp.dq, &gr.dq, "dq"}, {&gp.dk, &gr.dk, "dk"}, {&gp.dv, &gr.dv, "dv"},
-                                {&gp.di, &gr.di, "di"}, {&gp.df, &gr.df, "df"}, {&gp.dc0, &gr.dc0, "dc0"},
-                                {&gp.dn0, &gr.dn0, "dn0"}, {&gp.dm0, &gr.dm0, "dm0"}}) {
+      for (auto [a, b, what] : {std::tuple{&gp.dq, &gr.dq, "dq"},
+                                {&gp.dk, &gr.dk, "dk"},
+                                {&gp.dv, &gr.dv, "dv"},
+                                {&gp.di, &gr.di, "di"},
+                                {&gp.df, &gr.df, "df"},
+                                {&gp.dc0, &gr.dc0, "dc0"},
+                                {&gp.dn0, &gr.dn0, "dn0"},
+                                {&gp.dm0, &gr.dm0, "dm0"}}) {
         EXPECT_TRUE(matches(*a, *b, 10 * tol, "parallel bw extreme", what, s));
       }
     }
@@ -1008,9 +1041,10 @@ TEST(ReferenceValidation, BadInputsNameTheArgument) {
   const Tensor k_wrong_dim = Tensor::zeros({2, 3, 10, 6}, DType::f32), k_3d = Tensor::zeros({2, 3, 10}, DType::f32),
                v_f64 = Tensor::zeros({2, 3, 10, 5}, DType::f64), v_wrong_s = Tensor::zeros({2, 3, 9, 5}, DType::f32),
                f_short = Tensor::zeros({2, 3, 9}, DType::f32), f_f64 = Tensor::zeros({2, 3, 10}, DType::f64),
-               i_wrong_b = Tensor::zeros({1, 3, 10}, DType::f32), c_transposed = Tensor::zeros({2, 3, 5, 4}, DType::f32),
-               n_wrong = Tensor::zeros({2, 3, 5}, DType::f32), m_wrong = Tensor::zeros({2, 4}, DType::f32),
-               m_half = Tensor::full({2, 3}, DType::f32, 0.5), q_empty_s = Tensor::zeros({2, 3, 0, 4}, DType::f32);
+               i_wrong_b = Tensor::zeros({1, 3, 10}, DType::f32),
+               c_transposed = Tensor::zeros({2, 3, 5, 4}, DType::f32), n_wrong = Tensor::zeros({2, 3, 5}, DType::f32),
+               m_wrong = Tensor::zeros({2, 4}, DType::f32), m_half = Tensor::full({2, 3}, DType::f32, 0.5),
+               q_empty_s = Tensor::zeros({2, 3, 0, 4}, DType::f32);
   struct Bad {
     std::function<void(ForwardArgs&, MlstmOptions&)> edit;
     std::string argument;
@@ -1059,11 +1093,11 @@ TEST(ReferenceValidation, BadInputsNameTheArgument) {
   // Backward-only arguments.
   const Tensor dh_wrong = Tensor::zeros({2, 3, 10, 4}, DType::f32), dc_wrong = Tensor::zeros({2, 3, 5, 4}, DType::f32),
                dn_wrong = Tensor::zeros({2, 3, 5}, DType::f32);
-  for (auto [edit, argument] :
-       {std::pair<std::function<void(BackwardArgs&)>, std::string>{[&](BackwardArgs& b) { b.dh = dh_wrong.view(); }, "dh"},
-        {[&](BackwardArgs& b) { b.dh = ConstTensorView(); }, "dh"},
-        {[&](BackwardArgs& b) { b.dc_last = dc_wrong.view(); }, "dc_last"},
-        {[&](BackwardArgs& b) { b.dn_last = dn_wrong.view(); }, "dn_last"}}) {
+  for (auto [edit, argument] : {std::pair<std::function<void(BackwardArgs&)>, std::string>{
+                                    [&](BackwardArgs& b) { b.dh = dh_wrong.view(); }, "dh"},
+                                {[&](BackwardArgs& b) { b.dh = ConstTensorView(); }, "dh"},
+                                {[&](BackwardArgs& b) { b.dc_last = dc_wrong.view(); }, "dc_last"},
+                                {[&](BackwardArgs& b) { b.dn_last = dn_wrong.view(); }, "dn_last"}}) {
     BackwardArgs b = in.backward_args(true);
     edit(b);
     EXPECT_EQ(thrown_argument([&] { reference::recurrent_backward(b, o); }), argument);

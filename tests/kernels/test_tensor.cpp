@@ -56,7 +56,8 @@ const Format16& half_format() {
   return f;
 }
 const Format16& bf16_format() {
-  static const Format16 f = make_format(0x7f80u, std::ldexp(1.0, 128), [](std::uint16_t b) -> double { return bf16_to_float(b); });
+  static const Format16 f =
+      make_format(0x7f80u, std::ldexp(1.0, 128), [](std::uint16_t b) -> double { return bf16_to_float(b); });
   return f;
 }
 
@@ -73,9 +74,12 @@ std::uint16_t oracle_round(double x, const Format16& f) {
   const std::size_t lo = hi - 1;
   const double mid = (v[lo] + v[hi]) / 2;
   std::size_t pick;
-  if (a < mid) pick = lo;
-  else if (a > mid) pick = hi;
-  else pick = (lo % 2 == 0) ? lo : hi;
+  if (a < mid)
+    pick = lo;
+  else if (a > mid)
+    pick = hi;
+  else
+    pick = (lo % 2 == 0) ? lo : hi;
   return static_cast<std::uint16_t>(sign | pick);
 }
 
@@ -171,9 +175,9 @@ TEST(Float16, RoundsToNearestEvenWithSubnormalsAndOverflow) {
   EXPECT_EQ(float_to_half(std::ldexp(1.0f, -25)), 0x0000u);  // halfway to 0 -> even (0)
   EXPECT_EQ(float_to_half(std::nextafter(std::ldexp(1.0f, -25), 1.0f)), 0x0001u);
   EXPECT_EQ(float_to_half(-std::ldexp(1.0f, -25)), 0x8000u);
-  EXPECT_EQ(float_to_half(std::ldexp(3.0f, -25)), 0x0002u);     // 1.5 units -> 2 (even)
-  EXPECT_EQ(float_to_half(std::ldexp(2047.0f, -25)), 0x0400u);  // largest subnormal + half unit: tie -> even normal
-  EXPECT_EQ(float_to_half(std::ldexp(1.0f, -14)), 0x0400u);     // smallest normal
+  EXPECT_EQ(float_to_half(std::ldexp(3.0f, -25)), 0x0002u);         // 1.5 units -> 2 (even)
+  EXPECT_EQ(float_to_half(std::ldexp(2047.0f, -25)), 0x0400u);      // largest subnormal + half unit: tie -> even normal
+  EXPECT_EQ(float_to_half(std::ldexp(1.0f, -14)), 0x0400u);         // smallest normal
   EXPECT_EQ(float_to_half(1.0f + std::ldexp(1.0f, -11)), 0x3c00u);  // tie to even
   EXPECT_EQ(float_to_half(1.0f + std::ldexp(3.0f, -11)), 0x3c02u);  // tie to even (up)
   EXPECT_EQ(float_to_half(std::ldexp(1.0f, -30)), 0x0000u);         // underflow to zero
@@ -201,7 +205,8 @@ TEST(Float16, EveryValueRoundTripsAndRandomFloatsMatchTheOracle) {
   std::mt19937_64 rng(0xf16);
   for (int n = 0; n < 300000; ++n) {
     // Exponents where float16 is interesting (underflow .. overflow), and any float.
-    const float f = n % 2 ? static_cast<float>(random_double(rng, -27, 17)) : bits_to_float(static_cast<std::uint32_t>(rng()));
+    const float f =
+        n % 2 ? static_cast<float>(random_double(rng, -27, 17)) : bits_to_float(static_cast<std::uint32_t>(rng()));
     if (std::isnan(f)) continue;
     ASSERT_EQ(float_to_half(f), oracle_round(f, fmt)) << std::hex << float_bits(f);
   }
@@ -256,7 +261,8 @@ TEST(Conversions, DoubleToSixteenBitsMatchesTheOracle) {
     const auto& fmt = t == DType::bf16 ? bf16_format() : half_format();
     std::vector<double> xs;
     // Random doubles over the format's range and beyond.
-    for (int n = 0; n < 100000; ++n) xs.push_back(t == DType::bf16 ? random_double(rng, -140, 130) : random_double(rng, -28, 17));
+    for (int n = 0; n < 100000; ++n)
+      xs.push_back(t == DType::bf16 ? random_double(rng, -140, 130) : random_double(rng, -28, 17));
     // Midpoints between neighbours, nudged by less than a float32 ulp either way (double rounding bait).
     for (std::size_t p = 0; p + 1 < fmt.values.size(); p += (t == DType::bf16 ? 7 : 1)) {
       const double mid = (fmt.values[p] + fmt.values[p + 1]) / 2;

@@ -6,8 +6,8 @@
 #include <cstdlib>
 #include <thread>
 
-#include "mlstm/devices/opencl/device.hpp"
 #include "mlstm/devices/opencl/chunkwise_routine.hpp"
+#include "mlstm/devices/opencl/device.hpp"
 #include "mlstm/devices/opencl/launch_params.hpp"
 #include "mlstm/devices/registry.hpp"
 #include "mlstm/reference.hpp"
@@ -137,7 +137,8 @@ TEST_P(OpenCLForward, MatchesReference) {
   EXPECT_TRUE(testing::matches(got.c, ref.c, tol, c.kernel, "c_last", c.spec));
   EXPECT_TRUE(testing::matches(got.n, ref.n, tol, c.kernel, "n_last", c.spec));
   // m sums up to S gate terms of size up to 20 in float32 (extreme gates: ~1e-4 relative).
-  EXPECT_TRUE(testing::matches(got.m, ref.m, c.spec.regime == GateRegime::extreme ? 2e-4 : 1e-5, c.kernel, "m_last", c.spec));
+  EXPECT_TRUE(
+      testing::matches(got.m, ref.m, c.spec.regime == GateRegime::extreme ? 2e-4 : 1e-5, c.kernel, "m_last", c.spec));
 }
 
 const std::string kXl = "chunkwise--opencl_xl_chunk";
@@ -164,18 +165,25 @@ TEST(OpenCLForwardState, TwoCallsEqualOneCall) {
   const auto whole = kernel->forward(in.args(), o);
   const std::int64_t S1 = 137;
   auto cut = [&](const Tensor& t, std::int64_t a, std::int64_t b) {
-    if (t.dims() == 3) return testing::slice_seq(t.reshaped({t.dim(0), t.dim(1), t.dim(2), 1}), a, b).reshaped({t.dim(0), t.dim(1), b - a});
+    if (t.dims() == 3)
+      return testing::slice_seq(t.reshaped({t.dim(0), t.dim(1), t.dim(2), 1}), a, b)
+          .reshaped({t.dim(0), t.dim(1), b - a});
     return testing::slice_seq(t, a, b);
   };
   testing::Inputs p1 = in, p2 = in;
   for (auto* part : {&p1, &p2}) {
     const bool first = part == &p1;
     const std::int64_t a = first ? 0 : S1, b = first ? S1 : s.S;
-    part->q = cut(in.q, a, b); part->k = cut(in.k, a, b); part->v = cut(in.v, a, b);
-    part->i = cut(in.i, a, b); part->f = cut(in.f, a, b);
+    part->q = cut(in.q, a, b);
+    part->k = cut(in.k, a, b);
+    part->v = cut(in.v, a, b);
+    part->i = cut(in.i, a, b);
+    part->f = cut(in.f, a, b);
   }
   const auto r1 = kernel->forward(p1.args(), o);
-  p2.c0 = r1.c; p2.n0 = r1.n; p2.m0 = r1.m;
+  p2.c0 = r1.c;
+  p2.n0 = r1.n;
+  p2.m0 = r1.m;
   const auto r2 = kernel->forward(p2.args(), o);
   EXPECT_TRUE(testing::matches(testing::concat_seq(r1.h, r2.h), whole.h, 5e-5, kXl, "h two calls vs one", s));
 }

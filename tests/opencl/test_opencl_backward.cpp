@@ -9,8 +9,8 @@
 #include <thread>
 #include <vector>
 
-#include "mlstm/devices/opencl/device.hpp"
 #include "mlstm/devices/opencl/chunkwise_routine.hpp"
+#include "mlstm/devices/opencl/device.hpp"
 #include "mlstm/reference.hpp"
 #include "opencl_test_util.hpp"
 #include "test_util.hpp"
@@ -30,7 +30,8 @@ struct BwCase {
 };
 
 void PrintTo(const BwCase& c, std::ostream* os) {
-  *os << "L=" << c.chunk << " " << c.spec.describe() << (c.normalize ? "" : " nonorm") << (c.last_state_grads ? " dlast" : "");
+  *os << "L=" << c.chunk << " " << c.spec.describe() << (c.normalize ? "" : " nonorm")
+      << (c.last_state_grads ? " dlast" : "");
 }
 
 class PortableBackward : public ::testing::TestWithParam<BwCase> {};
@@ -157,9 +158,10 @@ TEST(PortableConcurrency, ThreadsOnOneDeviceEqualLoneCalls) {
   for (int t = 0; t < 4; ++t) {
     threads.emplace_back([&, t] {
       for (int rep = 0; rep < 3; ++rep) {
-        const bool same = t % 3 == 0   ? testing::compare(runner.backward(a1, o).dq, lone1.dq).max_abs == 0.0
-                          : t % 3 == 1 ? testing::compare(runner.backward(a2, o).dk, lone2.dk).max_abs == 0.0
-                                       : testing::compare(runner.state_gradient(a1, o).dc0, lone_state.dc0).max_abs == 0.0;
+        const bool same = t % 3 == 0 ? testing::compare(runner.backward(a1, o).dq, lone1.dq).max_abs == 0.0
+                          : t % 3 == 1
+                              ? testing::compare(runner.backward(a2, o).dk, lone2.dk).max_abs == 0.0
+                              : testing::compare(runner.state_gradient(a1, o).dc0, lone_state.dc0).max_abs == 0.0;
         if (!same) ++differ;
       }
     });

@@ -72,7 +72,8 @@ INSTANTIATE_TEST_SUITE_P(
     Shapes, OpenCLForms,
     ::testing::Values(FormCase{"parallel--opencl", spec(3, 5, 77, 48, 96, DType::f32, GateVariant::exp, true)},
                       FormCase{"parallel--opencl", spec(1, 2, 150, 16, 24, DType::bf16, GateVariant::sigmoid, false)},
-                      FormCase{"parallel--opencl", spec(2, 1, 60, 16, 16, DType::f32, GateVariant::exp, true, GateRegime::extreme)},
+                      FormCase{"parallel--opencl",
+                               spec(2, 1, 60, 16, 16, DType::f32, GateVariant::exp, true, GateRegime::extreme)},
                       FormCase{"sequence--opencl", spec(3, 5, 40, 48, 96, DType::f32, GateVariant::exp, true)},
                       FormCase{"sequence--opencl", spec(1, 2, 50, 16, 32, DType::f16, GateVariant::sigmoid, true)}));
 
@@ -149,7 +150,8 @@ std::vector<InfCase> opencl_inf_cases() {
     add("chunkwise--opencl_xl_chunk_siging", spec(1, 2, 130, 16, 16, DType::f32, GateVariant::sigmoid, true), 32, g);
   }
   add("chunkwise--opencl_xl_chunk", spec(1, 2, 200, 32, 32, DType::bf16, GateVariant::exp, true), 64, InfGates::mixed);
-  add("chunkwise--opencl_xl_chunk", spec(2, 1, 160, 16, 32, DType::f16, GateVariant::exp, false), 32, InfGates::forget_neg);
+  add("chunkwise--opencl_xl_chunk", spec(2, 1, 160, 16, 32, DType::f16, GateVariant::exp, false), 32,
+      InfGates::forget_neg);
   add("parallel--opencl", spec(1, 2, 90, 16, 24, DType::bf16, GateVariant::sigmoid, false), 64, InfGates::mixed);
   InputSpec half_gates = spec(1, 2, 150, 16, 16, DType::f32, GateVariant::exp, true);
   half_gates.gate_dtype = DType::bf16;
@@ -169,8 +171,14 @@ TEST(OpenCLStep, InfiniteGates) {
   const std::vector<double> iv = {0.5, -inf, -inf, 1.0, -inf, 2.0}, fv = {-inf, 1.0, -inf, inf, inf, -inf};
   const Tensor i = Tensor::from(iv, {2, 3}, DType::f32), f = Tensor::from(fv, {2, 3}, DType::f32);
   StepArgs a;
-  a.q = q.view(); a.k = k.view(); a.v = v.view(); a.i = i.view(); a.f = f.view();
-  a.c = in.c0.view(); a.n = in.n0.view(); a.m = in.m0.view();
+  a.q = q.view();
+  a.k = k.view();
+  a.v = v.view();
+  a.i = i.view();
+  a.f = f.view();
+  a.c = in.c0.view();
+  a.n = in.n0.view();
+  a.m = in.m0.view();
   MlstmOptions o;
   const auto ref = reference::step(a, o);
   const auto got = get_step_kernel("opencl", KernelTarget{"0"})->step(a, o);
@@ -214,8 +222,14 @@ TEST(OpenCLStep, StepsEqualTheSequence) {
     };
     const Tensor q = tok(in.q), k = tok(in.k), v = tok(in.v), i = tok(in.i), f = tok(in.f);
     StepArgs a;
-    a.q = q.view(); a.k = k.view(); a.v = v.view(); a.i = i.view(); a.f = f.view();
-    a.c = C.view(); a.n = n.view(); a.m = m.view();
+    a.q = q.view();
+    a.k = k.view();
+    a.v = v.view();
+    a.i = i.view();
+    a.f = f.view();
+    a.c = C.view();
+    a.n = n.view();
+    a.m = m.view();
     const StepResult r = step->step(a, o);
     const StepResult rr = reference::step(a, o);
     EXPECT_TRUE(testing::matches(r.h, rr.h, 1e-5, "opencl (step)", "h", s));
@@ -226,7 +240,9 @@ TEST(OpenCLStep, StepsEqualTheSequence) {
         worst = std::max(worst, std::abs(h.data<double>()[row * s.DHHV + e] - want));
         scale = std::max(scale, std::abs(want));
       }
-    C = r.c; n = r.n; m = r.m;
+    C = r.c;
+    n = r.n;
+    m = r.m;
   }
   EXPECT_LT(worst / scale, 1e-4) << "steps vs the recurrent reference";
   EXPECT_TRUE(testing::matches(C, ref.c, 1e-4, "opencl (step)", "c after S steps", s));
@@ -270,7 +286,8 @@ TEST(OpenCLBufferPool, PoisonFillsAcquiredBuffers) {
     opencl::PooledBuffer b = dev->acquire(3000);
     std::vector<unsigned char> bytes(b.bytes(), 0);
     dev->download(b, bytes.data(), bytes.size());
-    EXPECT_TRUE(std::all_of(bytes.begin(), bytes.end(), [](unsigned char c) { return c == 0xFF; })) << "acquire " << rep;
+    EXPECT_TRUE(std::all_of(bytes.begin(), bytes.end(), [](unsigned char c) { return c == 0xFF; }))
+        << "acquire " << rep;
     const std::vector<unsigned char> zeros(b.bytes(), 0);
     cl_event up = dev->upload_async(b, zeros.data(), zeros.size());
     clWaitForEvents(1, &up);
@@ -281,8 +298,8 @@ TEST(OpenCLBufferPool, PoisonFillsAcquiredBuffers) {
   opencl::PooledBuffer u = dev->acquire_upload(x.data(), x.size() * sizeof(float));
   std::vector<float> y(u.bytes() / sizeof(float), 0.f);
   dev->download(u, y.data(), u.bytes());
-  EXPECT_EQ(y[9], 1.5f);                   // the data written
-  EXPECT_TRUE(std::isnan(y[10]));          // the size class's tail: poisoned
+  EXPECT_EQ(y[9], 1.5f);           // the data written
+  EXPECT_TRUE(std::isnan(y[10]));  // the size class's tail: poisoned
 }
 
 TEST(OpenCLBufferPool, ThreadsAndAsyncCopiesWithEvents) {
@@ -348,7 +365,8 @@ TEST(OpenCLStaging, PiecewiseTransfersEqualDirectOnes) {
 
   // Views: a sequence slice (rows of 60 x 48 elements at strides of 77 x 48), and one whose innermost stride is 2.
   Tensor base({3, 5, 77, 48}, DType::bf16);
-  for (std::int64_t e = 0; e < base.numel(); ++e) base.data<std::uint16_t>()[e] = static_cast<std::uint16_t>(0x3f80 + (e % 977));
+  for (std::int64_t e = 0; e < base.numel(); ++e)
+    base.data<std::uint16_t>()[e] = static_cast<std::uint16_t>(0x3f80 + (e % 977));
   const Shape strides = contiguous_strides(base.shape());
   const ConstTensorView slice(base.bytes() + 10 * 48 * 2, DType::bf16, {3, 5, 60, 48}, strides);
   const ConstTensorView every_other(base.bytes(), DType::bf16, {3, 5, 77, 24}, {strides[0], strides[1], strides[2], 2});
@@ -371,7 +389,8 @@ TEST(OpenCLStaging, PiecewiseTransfersEqualDirectOnes) {
   for (int t = 0; t < 4; ++t) {
     threads.emplace_back([&, t] {
       std::vector<unsigned char> mine(50000 + 4096 * static_cast<std::size_t>(t));
-      for (std::size_t e = 0; e < mine.size(); ++e) mine[e] = static_cast<unsigned char>((e * 7 + static_cast<std::size_t>(t)) & 0xFF);
+      for (std::size_t e = 0; e < mine.size(); ++e)
+        mine[e] = static_cast<unsigned char>((e * 7 + static_cast<std::size_t>(t)) & 0xFF);
       for (int rep = 0; rep < 20; ++rep) {
         opencl::PooledBuffer b = dev->acquire_upload(mine.data(), mine.size());
         std::vector<unsigned char> back(mine.size(), 0);
@@ -408,11 +427,17 @@ TEST(OpenCLResidency, RetainedUploadsAreReusedOnlyInsideTheirScope) {
   const std::uint64_t before = dev->reused_uploads();
   {
     opencl::Device::RetainedUploads scope(*dev, {{a.bytes(), a.nbytes()}});
-    { opencl::PooledBuffer b = dev->acquire_upload(seg, DType::f32); EXPECT_EQ(read_back(b, expect.size()), expect); }
+    {
+      opencl::PooledBuffer b = dev->acquire_upload(seg, DType::f32);
+      EXPECT_EQ(read_back(b, expect.size()), expect);
+    }
     EXPECT_EQ(dev->reused_uploads(), before);
-    { opencl::PooledBuffer b = dev->acquire_upload(seg, DType::f32); EXPECT_EQ(read_back(b, expect.size()), expect); }
+    {
+      opencl::PooledBuffer b = dev->acquire_upload(seg, DType::f32);
+      EXPECT_EQ(read_back(b, expect.size()), expect);
+    }
     EXPECT_EQ(dev->reused_uploads(), before + 1);
-    { opencl::PooledBuffer b = dev->acquire_upload(seg, DType::bf16); }  // another dtype: its own upload
+    { opencl::PooledBuffer b = dev->acquire_upload(seg, DType::bf16); }          // another dtype: its own upload
     { opencl::PooledBuffer b = dev->acquire_upload(other.view(), DType::f32); }  // outside the ranges
     { opencl::PooledBuffer b = dev->acquire_upload(other.view(), DType::f32); }
     EXPECT_EQ(dev->reused_uploads(), before + 1);

@@ -11,8 +11,8 @@
 #include <cstring>
 #include <vector>
 
-#include "mlstm/devices/opencl/device.hpp"
 #include "mlstm/devices/opencl/chunkwise_routine.hpp"
+#include "mlstm/devices/opencl/device.hpp"
 #include "mlstm/devices/opencl/stream.hpp"
 #include "mlstm/devices/opencl/tc_routine.hpp"
 #include "mlstm/devices/registry.hpp"
@@ -24,10 +24,10 @@
 namespace mlstm {
 namespace {
 
+using testing::first_device;
 using testing::GateRegime;
 using testing::InputSpec;
 using testing::spec;
-using testing::first_device;
 
 // Real tensor cores where the device has them, the emulation elsewhere.
 opencl::TensorCoreRunner runner_for(const std::shared_ptr<opencl::Device>& dev) {
@@ -78,7 +78,8 @@ struct TcCase {
 };
 
 void PrintTo(const TcCase& c, std::ostream* os) {
-  *os << "L=" << c.chunk << " " << c.spec.describe() << (c.normalize ? "" : " nonorm") << (c.last_state_grads ? " dlast" : "");
+  *os << "L=" << c.chunk << " " << c.spec.describe() << (c.normalize ? "" : " nonorm")
+      << (c.last_state_grads ? " dlast" : "");
 }
 
 class TensorCores : public ::testing::TestWithParam<TcCase> {};
@@ -265,7 +266,12 @@ TEST(TensorCoreLastState, EmptyEnteringStateMatchesThePortableKernels) {
 
 TEST(TensorCoreSelection, ProblemFitNamesTheReason) {
   ProblemShape p;
-  p.B = 1; p.NH = 1; p.S = 64; p.DHQK = 128; p.DHHV = 256; p.dtype = DType::bf16;
+  p.B = 1;
+  p.NH = 1;
+  p.S = 64;
+  p.DHQK = 128;
+  p.DHHV = 256;
+  p.dtype = DType::bf16;
   MlstmOptions o;
   EXPECT_EQ(opencl::tensor_core_fit(p, o), "");
   o.chunk_size = 128;
@@ -355,22 +361,33 @@ TEST(DeviceStream, PiecesOfAnyLengthEqualOneCall) {
   MlstmOptions o;
   const auto ref = reference::recurrent_forward(in.args(), o);
   opencl::DeviceStream::Config cfg;
-  cfg.B = 1; cfg.NH = 2; cfg.DHQK = 32; cfg.DHHV = 32; cfg.max_piece = 100; cfg.dtype = DType::bf16;
+  cfg.B = 1;
+  cfg.NH = 2;
+  cfg.DHQK = 32;
+  cfg.DHHV = 32;
+  cfg.max_piece = 100;
+  cfg.dtype = DType::bf16;
   cfg.emulate = emulate;
   opencl::DeviceStream stream(dev, cfg, in.c0.view(), in.n0.view(), in.m0.view());
   const std::vector<std::int64_t> cuts{0, 37, 100, 164, 165, 230, 300};  // 6 pieces over 3 slots
   std::vector<std::uint64_t> tickets;
   auto cut = [&](const Tensor& t, std::int64_t a, std::int64_t b) {
     if (t.dims() == 3)
-      return testing::slice_seq(t.reshaped({t.dim(0), t.dim(1), t.dim(2), 1}), a, b).reshaped({t.dim(0), t.dim(1), b - a});
+      return testing::slice_seq(t.reshaped({t.dim(0), t.dim(1), t.dim(2), 1}), a, b)
+          .reshaped({t.dim(0), t.dim(1), b - a});
     return testing::slice_seq(t, a, b);
   };
   for (std::size_t j = 0; j + 1 < cuts.size(); ++j) {
     const std::int64_t a = cuts[j], b = cuts[j + 1];
-    const Tensor q = cut(in.q, a, b), k = cut(in.k, a, b), v = cut(in.v, a, b), i = cut(in.i, a, b), f = cut(in.f, a, b);
+    const Tensor q = cut(in.q, a, b), k = cut(in.k, a, b), v = cut(in.v, a, b), i = cut(in.i, a, b),
+                 f = cut(in.f, a, b);
     if (j % 2 == 0) {
       ForwardArgs piece;
-      piece.q = q.view(); piece.k = k.view(); piece.v = v.view(); piece.i = i.view(); piece.f = f.view();
+      piece.q = q.view();
+      piece.k = k.view();
+      piece.v = v.view();
+      piece.i = i.view();
+      piece.f = f.view();
       tickets.push_back(stream.push(piece));
     } else {  // fill the pinned staging in place
       auto slot = stream.next_piece(b - a);
@@ -384,7 +401,7 @@ TEST(DeviceStream, PiecesOfAnyLengthEqualOneCall) {
   }
   EXPECT_EQ(stream.tokens(), 300);
   std::vector<Tensor> hs(tickets.size());
-  hs.back() = Tensor::copy_of(stream.view(tickets.back()));  // zero-copy view of the last piece
+  hs.back() = Tensor::copy_of(stream.view(tickets.back()));    // zero-copy view of the last piece
   EXPECT_THROW(stream.view(tickets.back()), InvalidArgument);  // once per ticket
   EXPECT_THROW(stream.view(tickets[0]), InvalidArgument);      // its slot was reused: copied aside, take() it
   for (std::size_t j = tickets.size() - 1; j-- > 0;) hs[j] = stream.take(tickets[j]);  // reverse order

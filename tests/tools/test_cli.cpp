@@ -7,8 +7,8 @@
 #include <cstdio>
 #include <filesystem>
 
-#include "mlstm/mlstm.hpp"
 #include "mlstm/core/npy.hpp"
+#include "mlstm/mlstm.hpp"
 #include "test_util.hpp"
 
 namespace mlstm {
@@ -23,7 +23,8 @@ struct Run {
 
 Run run_cli(const std::string& args) {
   static int counter = 0;
-  const fs::path err_file = fs::temp_directory_path() / ("mlstm_cli_err_" + std::to_string(getpid()) + "_" + std::to_string(counter++));
+  const fs::path err_file =
+      fs::temp_directory_path() / ("mlstm_cli_err_" + std::to_string(getpid()) + "_" + std::to_string(counter++));
   const std::string cmd = std::string(MLSTM_CLI_PATH) + " " + args + " 2>" + err_file.string();
   Run r;
   FILE* p = popen(cmd.c_str(), "r");
@@ -43,10 +44,22 @@ class Cli : public ::testing::Test {
   void SetUp() override {
     dir_ = fs::temp_directory_path() / ("mlstm_cli_" + std::to_string(getpid()));
     fs::create_directories(dir_);
-    spec_.B = 2; spec_.NH = 3; spec_.S = 50; spec_.DHQK = 8; spec_.DHHV = 12; spec_.initial_state = true;
+    spec_.B = 2;
+    spec_.NH = 3;
+    spec_.S = 50;
+    spec_.DHQK = 8;
+    spec_.DHHV = 12;
+    spec_.initial_state = true;
     in_ = testing::make_inputs(spec_, testing::fresh_seed());
-    save("q", in_.q); save("k", in_.k); save("v", in_.v); save("i", in_.i); save("f", in_.f);
-    save("c0", in_.c0); save("n0", in_.n0); save("m0", in_.m0); save("dh", in_.dh);
+    save("q", in_.q);
+    save("k", in_.k);
+    save("v", in_.v);
+    save("i", in_.i);
+    save("f", in_.f);
+    save("c0", in_.c0);
+    save("n0", in_.n0);
+    save("m0", in_.m0);
+    save("dh", in_.dh);
   }
   void TearDown() override { fs::remove_all(dir_); }
   std::string path(const std::string& name) const { return (dir_ / (name + ".npy")).string(); }
@@ -88,7 +101,11 @@ TEST_F(Cli, StepAndBfloat16Inputs) {
   Tensor k = testing::slice_seq(in_.k, 0, 1).reshaped({2, 3, 8}).to(DType::bf16);
   Tensor v = testing::slice_seq(in_.v, 0, 1).reshaped({2, 3, 12}).to(DType::bf16);
   Tensor i = Tensor::full({2, 3}, DType::f32, 0.5), f = Tensor::full({2, 3}, DType::f32, 2.0);
-  save("sq", q); save("sk", k); save("sv", v); save("si", i); save("sf", f);
+  save("sq", q);
+  save("sk", k);
+  save("sv", v);
+  save("si", i);
+  save("sf", f);
   const std::string step_in = "--q " + path("sq") + " --k " + path("sk") + " --v " + path("sv") + " --i " + path("si") +
                               " --f " + path("sf") + " --dtype bfloat16";
   const auto r = run_cli("step " + step_in + " --out " + path("sh") + " --out-c " + path("sc"));
@@ -105,15 +122,18 @@ TEST_F(Cli, KernelsDevicesRunAndBenchWork) {
   auto d = run_cli("devices");
   ASSERT_EQ(d.code, 0) << d.err;
   EXPECT_NE(d.out.find("NUMA"), std::string::npos);
-  auto r = run_cli("--json run --seq-len 3000 --piece 700 --heads 2 --dqk 16 --dhv 16 --dtype float32 --check-tokens 500");
+  auto r =
+      run_cli("--json run --seq-len 3000 --piece 700 --heads 2 --dqk 16 --dhv 16 --dtype float32 --check-tokens 500");
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_NE(r.out.find("\"spot_check_ok\":true"), std::string::npos) << r.out;
-  auto res = run_cli("--json run --mode resident --seq-len 3000 --heads 2 --dqk 16 --dhv 16 --dtype float32 --check-tokens 500");
+  auto res = run_cli(
+      "--json run --mode resident --seq-len 3000 --heads 2 --dqk 16 --dhv 16 --dtype float32 --check-tokens 500");
   ASSERT_EQ(res.code, 0) << res.err;
   EXPECT_NE(res.out.find("\"spot_check_ok\":true"), std::string::npos) << res.out;
   const std::string csv = (dir_ / "b.csv").string(), js = (dir_ / "b.json").string();
-  auto b = run_cli("bench --tokens 1024 --seq-lens 256 512 --chunk-sizes 64 --dqk 16 --dhv 16 --repeats 1 --backward --csv " +
-                   csv + " --json-out " + js);
+  auto b = run_cli(
+      "bench --tokens 1024 --seq-lens 256 512 --chunk-sizes 64 --dqk 16 --dhv 16 --repeats 1 --backward --csv " + csv +
+      " --json-out " + js);
   ASSERT_EQ(b.code, 0) << b.err;
   EXPECT_TRUE(fs::exists(csv));
   EXPECT_TRUE(fs::exists(js));
@@ -168,7 +188,8 @@ TEST_F(Cli, OutputsThatCannotBeProducedAreRefusedUpFront) {
   const std::string missing_dir = (dir_ / "no_such_dir").string();
   // bench used to exit 0 after failing to write --json-out (an unchecked std::ofstream).
   expect_bad_input(run_cli("bench --tokens 64 --seq-lens 32 --chunk-sizes 16 --dqk 8 --dhv 8 --repeats 1 --kernels "
-                           "chunkwise--cpu_xl_chunk --csv " + path("b_csv") + " --json-out " + missing_dir + "/b.json"),
+                           "chunkwise--cpu_xl_chunk --csv " +
+                           path("b_csv") + " --json-out " + missing_dir + "/b.json"),
                    "--json-out");
   EXPECT_FALSE(fs::exists(path("b_csv")));
   expect_bad_input(run_cli("bench --tokens 64 --seq-lens 32 --chunk-sizes 16 --dqk 8 --dhv 8 --repeats 1 --csv " +
@@ -180,7 +201,8 @@ TEST_F(Cli, OutputsThatCannotBeProducedAreRefusedUpFront) {
   expect_bad_input(run_cli("forward " + inputs() + " --out " + path("h") + " --out-c ''"), "--out-c");
   expect_bad_input(run_cli("bench --tokens 64 --seq-lens 32 --csv " + path("b") + " --json-out ''"), "--json-out");
   expect_bad_input(run_cli("forward " + inputs() + " --out " + dir_.string()), "--out");
-  expect_bad_input(run_cli("forward " + inputs() + " --out " + path("h") + " --out-c " + (dir_ / ".." / dir_.filename() / "h.npy").string()),
+  expect_bad_input(run_cli("forward " + inputs() + " --out " + path("h") + " --out-c " +
+                           (dir_ / ".." / dir_.filename() / "h.npy").string()),
                    "--out-c");
   // The input q through another spelling, a symlink and a hard link: each refused, q left as it was.
   const auto q_before = npy::read(path("q"), "q");
@@ -194,9 +216,9 @@ TEST_F(Cli, OutputsThatCannotBeProducedAreRefusedUpFront) {
                    "--out-m");
   EXPECT_TRUE(testing::matches(npy::read(path("q"), "q"), q_before, 0.0, "mlstm forward", "q", spec_));
   // Gradients of an initial state that was not given: refused, not silently skipped.
-  expect_bad_input(run_cli("backward " + inputs() + " --dh " + path("dh") + " --out-dq " + path("dq") + " --out-dc0 " +
-                           path("dc0")),
-                   "--out-dc0");
+  expect_bad_input(
+      run_cli("backward " + inputs() + " --dh " + path("dh") + " --out-dq " + path("dq") + " --out-dc0 " + path("dc0")),
+      "--out-dc0");
   EXPECT_FALSE(fs::exists(path("dq")));
   // Nothing but the files made here is in the directory (no temporary files).
   for (const auto& e : fs::directory_iterator(dir_)) {
@@ -214,11 +236,11 @@ TEST_F(Cli, HugeChunkSizesAreTheSequenceOrRefused) {
   for (const char* value : {"2147483648", "4611686018427387904", "9223372036854775807", "-1", "0"}) {
     expect_bad_input(run_cli("forward " + inputs() + " --chunk-size " + value + " --out " + path("h")), "--chunk-size");
   }
-  expect_bad_input(run_cli("forward " + inputs() + " --kernel chunkwise--opencl_xl_chunk --chunk-size 4294967296 --out " +
-                           path("h")),
+  expect_bad_input(run_cli("forward " + inputs() +
+                           " --kernel chunkwise--opencl_xl_chunk --chunk-size 4294967296 --out " + path("h")),
                    "--chunk-size");
-  expect_bad_input(run_cli("backward " + inputs() + " --dh " + path("dh") + " --chunk-size 99999999999999999999 --out-dq " +
-                           path("dq")),
+  expect_bad_input(run_cli("backward " + inputs() + " --dh " + path("dh") +
+                           " --chunk-size 99999999999999999999 --out-dq " + path("dq")),
                    "--chunk-size");
   expect_bad_input(run_cli("run --seq-len 100 --chunk-size 4294967296"), "--chunk-size");
 }
@@ -226,7 +248,8 @@ TEST_F(Cli, HugeChunkSizesAreTheSequenceOrRefused) {
 // bench died on --seq-lens 0 (SIGFPE) and --repeats 0 (SIGSEGV); a sequence length that does not divide
 // --tokens was skipped silently.
 TEST_F(Cli, BenchRefusesBadSizes) {
-  const std::string base = "bench --tokens 64 --chunk-sizes 16 --dqk 8 --dhv 8 --csv " + path("b1") + " --json-out " + path("b2");
+  const std::string base =
+      "bench --tokens 64 --chunk-sizes 16 --dqk 8 --dhv 8 --csv " + path("b1") + " --json-out " + path("b2");
   expect_bad_input(run_cli(base + " --seq-lens 0"), "--seq-lens");
   expect_bad_input(run_cli(base + " --seq-lens -32"), "--seq-lens");
   expect_bad_input(run_cli(base + " --seq-lens 48"), "--seq-lens");
@@ -248,14 +271,16 @@ TEST_F(Cli, BenchRefusesBadSizes) {
 TEST_F(Cli, OptionsWithoutEffectAreRefused) {
   expect_bad_input(run_cli("forward " + inputs() + " --no-normalize --out " + path("h")), "--no-normalize");
   expect_bad_input(run_cli("forward " + inputs() + " --devices gpu:7 --out " + path("h")), "--devices");
-  expect_bad_input(run_cli("forward " + inputs() + " --kernel chunkwise--cpu_xl_chunk_siging --gate exp --out " + path("h")),
-                   "--gate");
+  expect_bad_input(
+      run_cli("forward " + inputs() + " --kernel chunkwise--cpu_xl_chunk_siging --gate exp --out " + path("h")),
+      "--gate");
   expect_bad_input(run_cli("forward " + inputs() + " --kernel cpu --out " + path("h")), "--kernel");
   expect_bad_input(run_cli("backward " + inputs() + " --kernel sequence--cpu --dh " + path("dh")), "--kernel");
   expect_bad_input(run_cli("run --mode resident --piece 100 --seq-len 200"), "--piece");
   expect_bad_input(run_cli("run --mode pipeline --backward --seq-len 200"), "--backward");
-  expect_bad_input(run_cli("bench --tokens 64 --seq-lens 32 --weak-seq-len 64 --csv " + path("b1") + " --json-out " + path("b2")),
-                   "--weak-seq-len");
+  expect_bad_input(
+      run_cli("bench --tokens 64 --seq-lens 32 --weak-seq-len 64 --csv " + path("b1") + " --json-out " + path("b2")),
+      "--weak-seq-len");
   // ... and where they do apply they work: the sigmoid gate without the normaliser differs from with it.
   ASSERT_EQ(run_cli("forward " + inputs() + " --gate sig --out " + path("hs")).code, 0);
   ASSERT_EQ(run_cli("forward " + inputs() + " --gate sig --no-normalize --out " + path("hn")).code, 0);
@@ -271,9 +296,10 @@ TEST_F(Cli, NumbersAreCheckedAndNamed) {
   }
   expect_bad_input(run_cli("run --heads 1099511627776 --seq-len 100"), "--heads");
   // A product past 2^128 must not wrap to a small number that passes.
-  expect_bad_input(run_cli("run --batch 1024 --heads 1099511627776 --seq-len 1024 --piece 1024 --dqk 1099511627776 --dhv "
-                           "1099511627776"),
-                   "--heads");
+  expect_bad_input(
+      run_cli("run --batch 1024 --heads 1099511627776 --seq-len 1024 --piece 1024 --dqk 1099511627776 --dhv "
+              "1099511627776"),
+      "--heads");
   expect_bad_input(run_cli("run --check-tokens -1"), "--check-tokens");
   // Library names mapped to the user's options, one line (the device list used to follow on more lines).
   expect_bad_input(run_cli("run --seq-len 100 --devices nope"), "--devices");
@@ -292,7 +318,8 @@ TEST_F(Cli, NumbersAreCheckedAndNamed) {
   Tensor dh_inf = in_.dh;
   dh_inf.data<float>()[5] = INFINITY;
   save("dh_inf", dh_inf);
-  expect_bad_input(run_cli("backward --check-finite " + inputs() + " --dh " + path("dh_inf") + " --out-dq " + path("dq")), "--dh");
+  expect_bad_input(
+      run_cli("backward --check-finite " + inputs() + " --dh " + path("dh_inf") + " --out-dq " + path("dq")), "--dh");
   Tensor dc_nan = Tensor::zeros({2, 3, 8, 12}, DType::f32);
   dc_nan.data<float>()[0] = NAN;
   save("dc_nan", dc_nan);
@@ -302,14 +329,19 @@ TEST_F(Cli, NumbersAreCheckedAndNamed) {
   Tensor sc = Tensor::zeros({2, 3, 8, 12}, DType::f32);
   sc.data<float>()[1] = NAN;
   save("sc_nan", sc);
-  const Tensor sq = testing::slice_seq(in_.q, 0, 1).reshaped({2, 3, 8}), sk = testing::slice_seq(in_.k, 0, 1).reshaped({2, 3, 8});
+  const Tensor sq = testing::slice_seq(in_.q, 0, 1).reshaped({2, 3, 8}),
+               sk = testing::slice_seq(in_.k, 0, 1).reshaped({2, 3, 8});
   const Tensor sv = testing::slice_seq(in_.v, 0, 1).reshaped({2, 3, 12});
-  save("sq", sq); save("sk", sk); save("sv", sv);
-  save("si", Tensor::zeros({2, 3}, DType::f32)); save("sf", Tensor::zeros({2, 3}, DType::f32));
-  save("sn", Tensor::zeros({2, 3, 8}, DType::f32)); save("sm", Tensor::zeros({2, 3}, DType::f32));
-  expect_bad_input(run_cli("step --check-finite --q " + path("sq") + " --k " + path("sk") + " --v " + path("sv") + " --i " +
-                           path("si") + " --f " + path("sf") + " --c " + path("sc_nan") + " --n " + path("sn") + " --m " +
-                           path("sm") + " --out " + path("sh")),
+  save("sq", sq);
+  save("sk", sk);
+  save("sv", sv);
+  save("si", Tensor::zeros({2, 3}, DType::f32));
+  save("sf", Tensor::zeros({2, 3}, DType::f32));
+  save("sn", Tensor::zeros({2, 3, 8}, DType::f32));
+  save("sm", Tensor::zeros({2, 3}, DType::f32));
+  expect_bad_input(run_cli("step --check-finite --q " + path("sq") + " --k " + path("sk") + " --v " + path("sv") +
+                           " --i " + path("si") + " --f " + path("sf") + " --c " + path("sc_nan") + " --n " +
+                           path("sn") + " --m " + path("sm") + " --out " + path("sh")),
                    "--c");
 }
 

@@ -104,12 +104,22 @@ class CliFuzz : public ::testing::Test {
     fs::create_directories(dir_ / "sub");
     const auto spec = testing::spec(1, 2, 20, 8, 12, DType::f32, GateVariant::exp, true);
     const auto in = testing::make_inputs(spec, 1234);
-    save("q", in.q); save("k", in.k); save("v", in.v); save("i", in.i); save("f", in.f);
-    save("c0", in.c0); save("n0", in.n0); save("m0", in.m0); save("dh", in.dh);
-    save("dc", in.dc_last); save("dn", in.dn_last);
+    save("q", in.q);
+    save("k", in.k);
+    save("v", in.v);
+    save("i", in.i);
+    save("f", in.f);
+    save("c0", in.c0);
+    save("n0", in.n0);
+    save("m0", in.m0);
+    save("dh", in.dh);
+    save("dc", in.dc_last);
+    save("dn", in.dn_last);
     save("q16", in.q.to(DType::bf16));
-    save("sq", Tensor::zeros({1, 2, 8}, DType::f32)); save("sk", Tensor::full({1, 2, 8}, DType::f32, 0.5));
-    save("sv", Tensor::full({1, 2, 12}, DType::f32, 0.25)); save("si", Tensor::zeros({1, 2}, DType::f32));
+    save("sq", Tensor::zeros({1, 2, 8}, DType::f32));
+    save("sk", Tensor::full({1, 2, 8}, DType::f32, 0.5));
+    save("sv", Tensor::full({1, 2, 12}, DType::f32, 0.25));
+    save("si", Tensor::zeros({1, 2}, DType::f32));
     save("sf", Tensor::full({1, 2}, DType::f32, 2.0));
     save("wrong_shape", Tensor::zeros({1, 2, 19, 8}, DType::f32));
     Tensor nan = in.q;
@@ -139,27 +149,45 @@ class CliFuzz : public ::testing::Test {
   std::string file(const std::string& name) const { return (dir_ / (name + ".npy")).string(); }
 
   std::vector<std::string> bad_inputs() const {
-    return {file("missing"), dir_.string(), file("empty"), file("truncated"), file("bigendian"), file("int32"),
-            file("huge"), file("wrong_shape"), file("nan"), file("q16"), "/dev/null", ""};
+    return {file("missing"), dir_.string(),       file("empty"), file("truncated"), file("bigendian"), file("int32"),
+            file("huge"),    file("wrong_shape"), file("nan"),   file("q16"),       "/dev/null",       ""};
   }
   std::vector<std::string> bad_outputs() const {
-    return {file("q"), (dir_ / "." / "k.npy").string(), (dir_ / "missing_dir" / "x.npy").string(), dir_.string(), "",
-            file("out"), (dir_ / "sub" / ".." / "out.npy").string()};
+    return {file("q"),
+            (dir_ / "." / "k.npy").string(),
+            (dir_ / "missing_dir" / "x.npy").string(),
+            dir_.string(),
+            "",
+            file("out"),
+            (dir_ / "sub" / ".." / "out.npy").string()};
   }
 
   fs::path dir_;
 };
 
-const std::vector<std::string> kInts{"0", "-1", "2147483648", "4294967296", "4611686018427387904", "9223372036854775807",
-                                     "9223372036854775808", "-9223372036854775808", "18446744073709551616", "nan", "",
-                                     "abc", "1e3", "0x10"};
-const std::vector<std::string> kReals{"0", "-0", "1e-46", "1e-40", "1e39", "nan", "inf", "-inf", "", "1e-300", "3.4e38",
-                                      "abc", "-1e-6"};
+const std::vector<std::string> kInts{"0",
+                                     "-1",
+                                     "2147483648",
+                                     "4294967296",
+                                     "4611686018427387904",
+                                     "9223372036854775807",
+                                     "9223372036854775808",
+                                     "-9223372036854775808",
+                                     "18446744073709551616",
+                                     "nan",
+                                     "",
+                                     "abc",
+                                     "1e3",
+                                     "0x10"};
+const std::vector<std::string> kReals{"0",    "-0", "1e-46",  "1e-40",  "1e39", "nan",  "inf",
+                                      "-inf", "",   "1e-300", "3.4e38", "abc",  "-1e-6"};
 
 TEST_F(CliFuzz, EveryInvocationEndsWithExitCode012) {
   const std::uint64_t seed = testing::fresh_seed();
   std::mt19937_64 rng(seed);
-  auto pick = [&](const std::vector<std::string>& from) { return from[std::uniform_int_distribution<std::size_t>(0, from.size() - 1)(rng)]; };
+  auto pick = [&](const std::vector<std::string>& from) {
+    return from[std::uniform_int_distribution<std::size_t>(0, from.size() - 1)(rng)];
+  };
   auto chance = [&](double p) { return std::uniform_real_distribution<double>(0, 1)(rng) < p; };
 
   const auto ins = bad_inputs();
@@ -170,8 +198,9 @@ TEST_F(CliFuzz, EveryInvocationEndsWithExitCode012) {
     return o;
   };
   auto out_opt = [&](const std::string& name) { return Opt{name, {file(name.substr(2))}, outs}; };
-  const std::vector<std::string> seq_kernels{"chunkwise--cpu_xl_chunk", "chunkwise--cpu_limit_chunk", "parallel--cpu",
-                                             "sequence--cpu", "chunkwise--cpu_xl_chunk_siging", "parallel--reference_f64"};
+  const std::vector<std::string> seq_kernels{
+      "chunkwise--cpu_xl_chunk", "chunkwise--cpu_limit_chunk",     "parallel--cpu",
+      "sequence--cpu",           "chunkwise--cpu_xl_chunk_siging", "parallel--reference_f64"};
   auto common = [&](bool sequence) {
     std::vector<Opt> o{
         Opt{"--dtype", {"bfloat16"}, {"bf16", "float32", "", "nope"}},
@@ -199,30 +228,73 @@ TEST_F(CliFuzz, EveryInvocationEndsWithExitCode012) {
   };
   std::vector<Sub> subs;
   {
-    Sub s{"forward", {{"--q", file("q")}, {"--k", file("k")}, {"--v", file("v")}, {"--i", file("i")}, {"--f", file("f")},
-                      {"--out", file("out")}}, common(true), {}};
-    for (const auto& [n, f] : std::vector<std::pair<std::string, std::string>>{
-             {"--q", "q"}, {"--k", "k"}, {"--v", "v"}, {"--i", "i"}, {"--f", "f"}, {"--c0", "c0"}, {"--n0", "n0"}, {"--m0", "m0"}})
+    Sub s{"forward",
+          {{"--q", file("q")},
+           {"--k", file("k")},
+           {"--v", file("v")},
+           {"--i", file("i")},
+           {"--f", file("f")},
+           {"--out", file("out")}},
+          common(true),
+          {}};
+    for (const auto& [n, f] : std::vector<std::pair<std::string, std::string>>{{"--q", "q"},
+                                                                               {"--k", "k"},
+                                                                               {"--v", "v"},
+                                                                               {"--i", "i"},
+                                                                               {"--f", "f"},
+                                                                               {"--c0", "c0"},
+                                                                               {"--n0", "n0"},
+                                                                               {"--m0", "m0"}})
       s.opts.push_back(in_opt(n, f, true));
     for (const char* n : {"--out", "--out-c", "--out-n", "--out-m"}) s.opts.push_back(out_opt(n));
     subs.push_back(s);
   }
   {
-    Sub s{"backward", {{"--q", file("q")}, {"--k", file("k")}, {"--v", file("v")}, {"--i", file("i")}, {"--f", file("f")},
-                       {"--dh", file("dh")}, {"--out-dq", file("out_dq")}}, common(true), {}};
-    for (const auto& [n, f] : std::vector<std::pair<std::string, std::string>>{
-             {"--q", "q"}, {"--k", "k"}, {"--v", "v"}, {"--i", "i"}, {"--f", "f"}, {"--c0", "c0"}, {"--n0", "n0"},
-             {"--m0", "m0"}, {"--dh", "dh"}, {"--dc", "dc"}, {"--dn", "dn"}})
+    Sub s{"backward",
+          {{"--q", file("q")},
+           {"--k", file("k")},
+           {"--v", file("v")},
+           {"--i", file("i")},
+           {"--f", file("f")},
+           {"--dh", file("dh")},
+           {"--out-dq", file("out_dq")}},
+          common(true),
+          {}};
+    for (const auto& [n, f] : std::vector<std::pair<std::string, std::string>>{{"--q", "q"},
+                                                                               {"--k", "k"},
+                                                                               {"--v", "v"},
+                                                                               {"--i", "i"},
+                                                                               {"--f", "f"},
+                                                                               {"--c0", "c0"},
+                                                                               {"--n0", "n0"},
+                                                                               {"--m0", "m0"},
+                                                                               {"--dh", "dh"},
+                                                                               {"--dc", "dc"},
+                                                                               {"--dn", "dn"}})
       s.opts.push_back(in_opt(n, f, true));
-    for (const char* n : {"--out-dq", "--out-dk", "--out-dv", "--out-di", "--out-df", "--out-dc0", "--out-dn0", "--out-dm0"})
+    for (const char* n :
+         {"--out-dq", "--out-dk", "--out-dv", "--out-di", "--out-df", "--out-dc0", "--out-dn0", "--out-dm0"})
       s.opts.push_back(out_opt(n));
     subs.push_back(s);
   }
   {
-    Sub s{"step", {{"--q", file("sq")}, {"--k", file("sk")}, {"--v", file("sv")}, {"--i", file("si")}, {"--f", file("sf")},
-                   {"--out", file("out")}}, common(false), {}};
-    for (const auto& [n, f] : std::vector<std::pair<std::string, std::string>>{
-             {"--q", "sq"}, {"--k", "sk"}, {"--v", "sv"}, {"--i", "si"}, {"--f", "sf"}, {"--c", "c0"}, {"--n", "n0"}, {"--m", "m0"}})
+    Sub s{"step",
+          {{"--q", file("sq")},
+           {"--k", file("sk")},
+           {"--v", file("sv")},
+           {"--i", file("si")},
+           {"--f", file("sf")},
+           {"--out", file("out")}},
+          common(false),
+          {}};
+    for (const auto& [n, f] : std::vector<std::pair<std::string, std::string>>{{"--q", "sq"},
+                                                                               {"--k", "sk"},
+                                                                               {"--v", "sv"},
+                                                                               {"--i", "si"},
+                                                                               {"--f", "sf"},
+                                                                               {"--c", "c0"},
+                                                                               {"--n", "n0"},
+                                                                               {"--m", "m0"}})
       s.opts.push_back(in_opt(n, f, true));
     for (const char* n : {"--out", "--out-c", "--out-n", "--out-m"}) s.opts.push_back(out_opt(n));
     subs.push_back(s);
@@ -230,12 +302,20 @@ TEST_F(CliFuzz, EveryInvocationEndsWithExitCode012) {
   {
     // Sizes of run: valid values stay small (a valid huge --seq-len is a legitimately long run); edge values
     // are the ones that must be refused.
-    const std::vector<std::string> seq_edge{"0", "-1", "4611686018427387904", "9223372036854775807", "9223372036854775808",
-                                            "nan", "", "abc", "1125899906842625"};
-    Sub s{"run", {{"--seq-len", "300"}, {"--heads", "2"}, {"--dqk", "16"}, {"--dhv", "16"}, {"--dtype", "float32"},
-                  {"--piece", "128"}, {"--check-tokens", "64"}},
-          {Opt{"--batch", {"1", "2"}, kInts}, Opt{"--heads", {"1", "2"}, kInts}, Opt{"--seq-len", {"1", "100", "300"}, seq_edge},
-           Opt{"--dqk", {"8", "16"}, seq_edge}, Opt{"--dhv", {"8", "16"}, seq_edge},
+    const std::vector<std::string> seq_edge{
+        "0", "-1",  "4611686018427387904", "9223372036854775807", "9223372036854775808", "nan",
+        "",  "abc", "1125899906842625"};
+    Sub s{"run",
+          {{"--seq-len", "300"},
+           {"--heads", "2"},
+           {"--dqk", "16"},
+           {"--dhv", "16"},
+           {"--dtype", "float32"},
+           {"--piece", "128"},
+           {"--check-tokens", "64"}},
+          {Opt{"--batch", {"1", "2"}, kInts}, Opt{"--heads", {"1", "2"}, kInts},
+           Opt{"--seq-len", {"1", "100", "300"}, seq_edge}, Opt{"--dqk", {"8", "16"}, seq_edge},
+           Opt{"--dhv", {"8", "16"}, seq_edge},
            Opt{"--dtype", {"float32", "bfloat16", "float16"}, {"", "nope", "float64"}},
            Opt{"--chunk-size", {"16", "64", "2147483647"}, kInts}, Opt{"--piece", {"64", "128", "2147483648"}, kInts},
            Opt{"--devices", {"workers", "auto"}, {"", "nope", "gpu:99", "-1"}},
@@ -245,21 +325,32 @@ TEST_F(CliFuzz, EveryInvocationEndsWithExitCode012) {
     subs.push_back(s);
   }
   {
-    const std::vector<std::string> tok_edge{"0", "-1", "4611686018427387904", "9223372036854775807", "9223372036854775808", "nan", "", "abc"};
-    Sub s{"bench", {{"--tokens", "64"}, {"--seq-lens", "32"}, {"--chunk-sizes", "16"}, {"--dqk", "8"}, {"--dhv", "8"},
-                    {"--repeats", "1"}, {"--kernels", "chunkwise--cpu_xl_chunk"}, {"--csv", file("b_csv")},
-                    {"--json-out", file("b_json")}},
-          {Opt{"--tokens", {"64", "128"}, tok_edge}, Opt{"--heads", {"1", "2"}, kInts},
-           Opt{"--dqk", {"8", "16"}, kInts}, Opt{"--dhv", {"8", "16"}, kInts},
-           Opt{"--seq-lens", {"32", "64"}, {"0", "-1", "48", "128", "2147483648", "9223372036854775808", "nan", ""}},
-           Opt{"--chunk-sizes", {"16", "64", "2147483647"}, kInts},
-           Opt{"--kernels", {"chunkwise--cpu_xl_chunk", "chunkwise--cpu_limit_chunk", "parallel--cpu"}, {"nope", "cpu", "", "sequence--cpu"}},
-           Opt{"--dtype", {"float32", "bfloat16"}, {"", "nope", "float64", "float16"}},
-           Opt{"--repeats", {"1", "2"}, {"0", "-1", "1000001", "2147483648", "nan", ""}}, Opt{"--backward", {}, {}, true},
-           Opt{"--head-dims", {"8", "16"}, kInts}, Opt{"--graph-devices", {"workers"}, {"nope", "", "gpu:99", "-1"}},
-           Opt{"--weak-seq-len", {"32"}, {"0", "-1", "2147483648", "9223372036854775807", "nan", ""}},
-           Opt{"--csv", {file("b_csv")}, outs}, Opt{"--json-out", {file("b_json")}, outs}},
-          {"--tokens", "--repeats"}};
+    const std::vector<std::string> tok_edge{
+        "0", "-1", "4611686018427387904", "9223372036854775807", "9223372036854775808", "nan", "", "abc"};
+    Sub s{
+        "bench",
+        {{"--tokens", "64"},
+         {"--seq-lens", "32"},
+         {"--chunk-sizes", "16"},
+         {"--dqk", "8"},
+         {"--dhv", "8"},
+         {"--repeats", "1"},
+         {"--kernels", "chunkwise--cpu_xl_chunk"},
+         {"--csv", file("b_csv")},
+         {"--json-out", file("b_json")}},
+        {Opt{"--tokens", {"64", "128"}, tok_edge}, Opt{"--heads", {"1", "2"}, kInts}, Opt{"--dqk", {"8", "16"}, kInts},
+         Opt{"--dhv", {"8", "16"}, kInts},
+         Opt{"--seq-lens", {"32", "64"}, {"0", "-1", "48", "128", "2147483648", "9223372036854775808", "nan", ""}},
+         Opt{"--chunk-sizes", {"16", "64", "2147483647"}, kInts},
+         Opt{"--kernels",
+             {"chunkwise--cpu_xl_chunk", "chunkwise--cpu_limit_chunk", "parallel--cpu"},
+             {"nope", "cpu", "", "sequence--cpu"}},
+         Opt{"--dtype", {"float32", "bfloat16"}, {"", "nope", "float64", "float16"}},
+         Opt{"--repeats", {"1", "2"}, {"0", "-1", "1000001", "2147483648", "nan", ""}}, Opt{"--backward", {}, {}, true},
+         Opt{"--head-dims", {"8", "16"}, kInts}, Opt{"--graph-devices", {"workers"}, {"nope", "", "gpu:99", "-1"}},
+         Opt{"--weak-seq-len", {"32"}, {"0", "-1", "2147483648", "9223372036854775807", "nan", ""}},
+         Opt{"--csv", {file("b_csv")}, outs}, Opt{"--json-out", {file("b_json")}, outs}},
+        {"--tokens", "--repeats"}};
     subs.push_back(s);
   }
   subs.push_back(Sub{"kernels", {}, {}, {}});
@@ -286,9 +377,10 @@ TEST_F(CliFuzz, EveryInvocationEndsWithExitCode012) {
       args.push_back(pick({"trace", "off", "nope", ""}));
     }
     const double which = std::uniform_real_distribution<double>(0, 1)(rng);
-    const Sub& sub = which < 0.03   ? subs[5]
-                     : which < 0.06 ? subs[6]
-                                    : subs[std::min<std::size_t>(4, static_cast<std::size_t>((which - 0.06) / 0.94 * 5))];
+    const Sub& sub = which < 0.03 ? subs[5]
+                     : which < 0.06
+                         ? subs[6]
+                         : subs[std::min<std::size_t>(4, static_cast<std::size_t>((which - 0.06) / 0.94 * 5))];
     args.push_back(chance(0.01) ? "nope" : sub.name);
     // Start from the valid invocation, then mutate 0 to 4 options.
     std::vector<std::pair<std::string, std::vector<std::string>>> opts;  // name, values (flag: none)
@@ -315,8 +407,10 @@ TEST_F(CliFuzz, EveryInvocationEndsWithExitCode012) {
         }
         if (o.name == "--kernels" && chance(0.2)) values.push_back(pick(o.valid));
       }
-      if (it != opts.end() && !chance(0.1)) it->second = values;  // else given twice
-      else opts.push_back({o.name, values});
+      if (it != opts.end() && !chance(0.1))
+        it->second = values;  // else given twice
+      else
+        opts.push_back({o.name, values});
     }
     for (const auto& [n, vs] : opts) {
       args.push_back(n);

@@ -87,30 +87,37 @@ TEST(Npy, ReadsVersionTwoHeaders) {
 TEST(Npy, RefusesBadFiles) {
   const float data[4] = {1, 2, 3, 4};
   auto with_data = [&](std::string img, std::size_t n) { return img.append(reinterpret_cast<const char*>(data), n); };
-  EXPECT_NE(argument_of([&] { npy::read("/nonexistent/q.npy", "--q"); }).find("--q | --q: cannot open"), std::string::npos);
+  EXPECT_NE(argument_of([&] { npy::read("/nonexistent/q.npy", "--q"); }).find("--q | --q: cannot open"),
+            std::string::npos);
   EXPECT_NE(argument_of([&] { npy::parse("not numpy at all", "--k"); }).find("bad magic"), std::string::npos);
   EXPECT_NE(argument_of([&] {
-              npy::parse(with_data(header_image("{'descr': '<f4', 'fortran_order': True, 'shape': (2, 2), }"), 16), "--v");
+              npy::parse(with_data(header_image("{'descr': '<f4', 'fortran_order': True, 'shape': (2, 2), }"), 16),
+                         "--v");
             }).find("Fortran"),
             std::string::npos);
   EXPECT_NE(argument_of([&] {
-              npy::parse(with_data(header_image("{'descr': '>f4', 'fortran_order': False, 'shape': (4,), }"), 16), "--v");
+              npy::parse(with_data(header_image("{'descr': '>f4', 'fortran_order': False, 'shape': (4,), }"), 16),
+                         "--v");
             }).find("big-endian"),
             std::string::npos);
   EXPECT_NE(argument_of([&] {
-              npy::parse(with_data(header_image("{'descr': '<i4', 'fortran_order': False, 'shape': (4,), }"), 16), "--i");
+              npy::parse(with_data(header_image("{'descr': '<i4', 'fortran_order': False, 'shape': (4,), }"), 16),
+                         "--i");
             }).find("'<i4'"),
             std::string::npos);
   EXPECT_NE(argument_of([&] {
-              npy::parse(with_data(header_image("{'descr': '<f4', 'fortran_order': False, 'shape': (4,), }"), 12), "--f");
+              npy::parse(with_data(header_image("{'descr': '<f4', 'fortran_order': False, 'shape': (4,), }"), 12),
+                         "--f");
             }).find("truncated"),
             std::string::npos);
   EXPECT_NE(argument_of([&] {
-              npy::parse(with_data(header_image("{'descr': '<u2', 'fortran_order': False, 'shape': (2,), }"), 4), "--q");
+              npy::parse(with_data(header_image("{'descr': '<u2', 'fortran_order': False, 'shape': (2,), }"), 4),
+                         "--q");
             }).find("bfloat16"),
             std::string::npos);
-  EXPECT_NE(argument_of([&] { npy::parse(header_image("{'descr': '<f4', 'shape': (4,), }"), "--q"); }).find("fortran_order"),
-            std::string::npos);
+  EXPECT_NE(
+      argument_of([&] { npy::parse(header_image("{'descr': '<f4', 'shape': (4,), }"), "--q"); }).find("fortran_order"),
+      std::string::npos);
 }
 
 // Regressions from fuzzing (fuzz/fuzz_npy): a header whose dimensions multiply past int64 (the element
@@ -118,14 +125,13 @@ TEST(Npy, RefusesBadFiles) {
 TEST(Npy, RefusesShapesWhoseElementCountOverflows) {
   // The fuzzer's input as found: "'shape':(9111, ,, 11,, 11,  411, ,, 11,, 11,  41411,  4141)".
   const unsigned char found[] = {
-      0x93, 0x4e, 0x55, 0x4d, 0x50, 0x59, 0x01, 0x00, 0x76, 0x00, 0x7b, 0x27, 0x64, 0x65, 0x73, 0x63,
-      0x72, 0x27, 0x00, 0x00, 0x00, 0x00, 0x3a, 0x20, 0x27, 0x3c, 0x66, 0x34, 0x27, 0x2c, 0x20, 0x27,
-      0x66, 0x6f, 0x72, 0x74, 0x72, 0x61, 0x6e, 0x5f, 0x6f, 0x72, 0x64, 0x65, 0x72, 0x27, 0x93, 0x50,
-      0x51, 0x01, 0x2a, 0x00, 0x63, 0x72, 0x3a, 0x20, 0x46, 0x61, 0x6c, 0x73, 0x65, 0x2c, 0x20, 0x27,
-      0x73, 0x68, 0x61, 0x70, 0x65, 0x27, 0x3a, 0x28, 0x39, 0x31, 0x31, 0x31, 0x2c, 0x20, 0x2c, 0x2c,
-      0x20, 0x31, 0x31, 0x2c, 0x2c, 0x20, 0x31, 0x31, 0x2c, 0x20, 0x20, 0x34, 0x31, 0x31, 0x2c, 0x20,
-      0x2c, 0x2c, 0x20, 0x31, 0x31, 0x2c, 0x2c, 0x20, 0x31, 0x31, 0x2c, 0x20, 0x20, 0x34, 0x31, 0x34,
-      0x31, 0x31, 0x2c, 0x20, 0x20, 0x34, 0x31, 0x34, 0x31, 0x29, 0x61, 0x70, 0x65, 0x3f, 0xc0, 0x3f,
+      0x93, 0x4e, 0x55, 0x4d, 0x50, 0x59, 0x01, 0x00, 0x76, 0x00, 0x7b, 0x27, 0x64, 0x65, 0x73, 0x63, 0x72, 0x27, 0x00,
+      0x00, 0x00, 0x00, 0x3a, 0x20, 0x27, 0x3c, 0x66, 0x34, 0x27, 0x2c, 0x20, 0x27, 0x66, 0x6f, 0x72, 0x74, 0x72, 0x61,
+      0x6e, 0x5f, 0x6f, 0x72, 0x64, 0x65, 0x72, 0x27, 0x93, 0x50, 0x51, 0x01, 0x2a, 0x00, 0x63, 0x72, 0x3a, 0x20, 0x46,
+      0x61, 0x6c, 0x73, 0x65, 0x2c, 0x20, 0x27, 0x73, 0x68, 0x61, 0x70, 0x65, 0x27, 0x3a, 0x28, 0x39, 0x31, 0x31, 0x31,
+      0x2c, 0x20, 0x2c, 0x2c, 0x20, 0x31, 0x31, 0x2c, 0x2c, 0x20, 0x31, 0x31, 0x2c, 0x20, 0x20, 0x34, 0x31, 0x31, 0x2c,
+      0x20, 0x2c, 0x2c, 0x20, 0x31, 0x31, 0x2c, 0x2c, 0x20, 0x31, 0x31, 0x2c, 0x20, 0x20, 0x34, 0x31, 0x34, 0x31, 0x31,
+      0x2c, 0x20, 0x20, 0x34, 0x31, 0x34, 0x31, 0x29, 0x61, 0x70, 0x65, 0x3f, 0xc0, 0x3f,
   };
   const std::string image(reinterpret_cast<const char*>(found), sizeof found);
   EXPECT_NE(argument_of([&] { npy::parse(image, "--q"); }).find("too many elements"), std::string::npos);
@@ -133,29 +139,31 @@ TEST(Npy, RefusesShapesWhoseElementCountOverflows) {
   // Found after a first fix that skipped the check when a dimension is 0: "(166666666\r66666666666,2, 8   1
   // 1,1  5 0  1,34)" (the running product 166666666 * 66666666666 overflows before the 0 is reached).
   const unsigned char found_with_zero[] = {
-      0x93, 0x4e, 0x55, 0x4d, 0x50, 0x59, 0x01, 0x00, 0x6c, 0x00, 0x72, 0x27, 0x64, 0x65, 0x73, 0x63,
-      0x72, 0x27, 0x3a, 0x20, 0x27, 0x3c, 0x66, 0x32, 0x27, 0x2c, 0x20, 0x27, 0x66, 0x6f, 0x72, 0x74,
-      0x72, 0x61, 0x6e, 0x5f, 0x6f, 0x72, 0x64, 0x65, 0x72, 0x27, 0x3a, 0x20, 0x46, 0x61, 0x6c, 0x73,
-      0x65, 0x2c, 0x65, 0x27, 0x73, 0x68, 0x61, 0x70, 0x65, 0x27, 0x3a, 0x20, 0x28, 0x31, 0x36, 0x36,
-      0x36, 0x36, 0x36, 0x36, 0x36, 0x36, 0x0d, 0x36, 0x36, 0x36, 0x36, 0x36, 0x36, 0x36, 0x36, 0x36,
-      0x36, 0x36, 0x2c, 0x32, 0x2c, 0x20, 0x38, 0x20, 0x20, 0x20, 0x31, 0x20, 0x20, 0x31, 0x2c, 0x31,
-      0x20, 0x20, 0x35, 0x20, 0x30, 0x20, 0x20, 0x31, 0x2c, 0x33, 0x34, 0x29, 0x6f, 0x72, 0x64, 0x28,
-      0x72, 0x99, 0x99, 0x99, 0x64, 0x20, 0x27,
+      0x93, 0x4e, 0x55, 0x4d, 0x50, 0x59, 0x01, 0x00, 0x6c, 0x00, 0x72, 0x27, 0x64, 0x65, 0x73, 0x63, 0x72,
+      0x27, 0x3a, 0x20, 0x27, 0x3c, 0x66, 0x32, 0x27, 0x2c, 0x20, 0x27, 0x66, 0x6f, 0x72, 0x74, 0x72, 0x61,
+      0x6e, 0x5f, 0x6f, 0x72, 0x64, 0x65, 0x72, 0x27, 0x3a, 0x20, 0x46, 0x61, 0x6c, 0x73, 0x65, 0x2c, 0x65,
+      0x27, 0x73, 0x68, 0x61, 0x70, 0x65, 0x27, 0x3a, 0x20, 0x28, 0x31, 0x36, 0x36, 0x36, 0x36, 0x36, 0x36,
+      0x36, 0x36, 0x0d, 0x36, 0x36, 0x36, 0x36, 0x36, 0x36, 0x36, 0x36, 0x36, 0x36, 0x36, 0x2c, 0x32, 0x2c,
+      0x20, 0x38, 0x20, 0x20, 0x20, 0x31, 0x20, 0x20, 0x31, 0x2c, 0x31, 0x20, 0x20, 0x35, 0x20, 0x30, 0x20,
+      0x20, 0x31, 0x2c, 0x33, 0x34, 0x29, 0x6f, 0x72, 0x64, 0x28, 0x72, 0x99, 0x99, 0x99, 0x64, 0x20, 0x27,
   };
   const std::string image2(reinterpret_cast<const char*>(found_with_zero), sizeof found_with_zero);
   EXPECT_NE(argument_of([&] { npy::parse(image2, "--q"); }).find("too many elements"), std::string::npos);
   // Dimensions each within limits whose product is 2^80, and one whose product stays just in range but
   // promises more data than the file holds.
-  const std::string huge = header_image("{'descr': '<f4', 'fortran_order': False, 'shape': (1099511627776, 1048576), }");
+  const std::string huge =
+      header_image("{'descr': '<f4', 'fortran_order': False, 'shape': (1099511627776, 1048576), }");
   EXPECT_NE(argument_of([&] { npy::parse(huge, "--k"); }).find("too many elements"), std::string::npos);
   const std::string big = header_image("{'descr': '<f8', 'fortran_order': False, 'shape': (1048576, 1048576), }");
   EXPECT_NE(argument_of([&] { npy::parse(big, "--k"); }).find("truncated"), std::string::npos);
   // A zero dimension makes an empty array, but does not excuse huge dimensions before it (their running
   // product would still overflow).
-  const Tensor empty = npy::parse(header_image("{'descr': '<f4', 'fortran_order': False, 'shape': (1048576, 0, 7), }"), "--v");
+  const Tensor empty =
+      npy::parse(header_image("{'descr': '<f4', 'fortran_order': False, 'shape': (1048576, 0, 7), }"), "--v");
   EXPECT_EQ(empty.numel(), 0);
   EXPECT_NE(argument_of([&] {
-              npy::parse(header_image("{'descr': '<f4', 'fortran_order': False, 'shape': (1099511627776, 1099511627776, 0), }"),
+              npy::parse(header_image(
+                             "{'descr': '<f4', 'fortran_order': False, 'shape': (1099511627776, 1099511627776, 0), }"),
                          "--v");
             }).find("too many elements"),
             std::string::npos);
@@ -203,16 +211,18 @@ TEST(AtomicFile, FailureLeavesTheOldFileAndNoDebris) {
   const std::string old_bytes = contents(path);
   EXPECT_EQ(entries(dir), std::vector<std::string>{"out.npy"});
   // The writer fails half way.
-  EXPECT_THROW(write_file_atomically(path, [](AtomicFile& f) {
-                 f.write("partial");
-                 throw Error("writer failed");
-               }),
+  EXPECT_THROW(write_file_atomically(path,
+                                     [](AtomicFile& f) {
+                                       f.write("partial");
+                                       throw Error("writer failed");
+                                     }),
                Error);
   EXPECT_EQ(contents(path), old_bytes);
   EXPECT_EQ(entries(dir), std::vector<std::string>{"out.npy"});
   // The file size limit (as a full disk would): write(2) fails with EFBIG.
   {
-    struct sigaction ignore {}, previous {};
+    struct sigaction ignore {
+    }, previous{};
     ignore.sa_handler = SIG_IGN;
     sigaction(SIGXFSZ, &ignore, &previous);
     rlimit old_limit{};
@@ -259,11 +269,15 @@ TEST(Npy, ReadRefusesAHeaderPromisingMoreThanTheFile) {
   fs::remove(path);
   // Big-endian and unsupported dtypes are refused naming the argument.
   EXPECT_NE(argument_of([&] {
-              npy::parse(header_image("{'descr': '>f4', 'fortran_order': False, 'shape': (1,), }") + std::string(4, '\0'), "--v");
+              npy::parse(
+                  header_image("{'descr': '>f4', 'fortran_order': False, 'shape': (1,), }") + std::string(4, '\0'),
+                  "--v");
             }).find("big-endian"),
             std::string::npos);
   EXPECT_NE(argument_of([&] {
-              npy::parse(header_image("{'descr': '<i4', 'fortran_order': False, 'shape': (1,), }") + std::string(4, '\0'), "--v");
+              npy::parse(
+                  header_image("{'descr': '<i4', 'fortran_order': False, 'shape': (1,), }") + std::string(4, '\0'),
+                  "--v");
             }).find("unsupported .npy dtype"),
             std::string::npos);
 }

@@ -9,17 +9,17 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iostream>
-#include <algorithm>
 #include <limits>
 #include <map>
 #include <nlohmann/json.hpp>
-#include <functional>
 #include <random>
 #include <sstream>
 
@@ -27,11 +27,11 @@
 #include <tbb/parallel_for.h>
 
 #include "mlstm/core/atomic_file.hpp"
-#include "mlstm/mlstm.hpp"
 #include "mlstm/core/npy.hpp"
 #include "mlstm/devices/opencl/device.hpp"
 #include "mlstm/devices/opencl/stream.hpp"
 #include "mlstm/devices/opencl/tc_routine.hpp"
+#include "mlstm/mlstm.hpp"
 #include "mlstm/nodes/device_stream_node.hpp"
 #include "mlstm/reference.hpp"
 
@@ -47,8 +47,8 @@ namespace fs = std::filesystem;
 
 void require_range(std::int64_t value, std::int64_t lo, std::int64_t hi, const std::string& option) {
   if (value < lo || value > hi) {
-    throw InvalidArgument(option, "must be in [" + std::to_string(lo) + ", " + std::to_string(hi) + "], got " +
-                                      std::to_string(value));
+    throw InvalidArgument(
+        option, "must be in [" + std::to_string(lo) + ", " + std::to_string(hi) + "], got " + std::to_string(value));
   }
 }
 
@@ -67,8 +67,9 @@ void require_fits_memory(std::initializer_list<std::int64_t> factors, const std:
     bytes = std::min(bytes, static_cast<unsigned __int128>(1) << 64);
   }
   const auto pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
-  const unsigned __int128 memory = pages > 0 && page > 0 ? static_cast<unsigned __int128>(pages) * static_cast<unsigned __int128>(page)
-                                                         : static_cast<unsigned __int128>(1) << 34;
+  const unsigned __int128 memory = pages > 0 && page > 0
+                                       ? static_cast<unsigned __int128>(pages) * static_cast<unsigned __int128>(page)
+                                       : static_cast<unsigned __int128>(1) << 34;
   if (bytes > memory) {
     char text[160];
     std::snprintf(text, sizeof text, "the problem needs about %.3g GiB, more than this machine's %.3g GiB of memory",
@@ -130,7 +131,8 @@ void check_outputs(const std::vector<NamedPath>& inputs, const std::vector<Named
       throw InvalidArgument(out.option, "'" + out.path + "' is a directory, not a file name");
     }
     const fs::path dir = p.parent_path().empty() ? fs::path(".") : p.parent_path();
-    if (!fs::is_directory(dir, ec)) throw InvalidArgument(out.option, "directory '" + dir.string() + "' does not exist");
+    if (!fs::is_directory(dir, ec))
+      throw InvalidArgument(out.option, "directory '" + dir.string() + "' does not exist");
     if (::access(dir.c_str(), W_OK | X_OK) != 0) {
       throw InvalidArgument(out.option, "directory '" + dir.string() + "' is not writable");
     }
@@ -165,8 +167,10 @@ class Progress {
     const double rate = secs > 0 ? static_cast<double>(done) / secs : 0.0;
     const double eta = rate > 0 ? static_cast<double>(total_ - done) / rate : 0.0;
     const int width = 30;
-    const int filled = static_cast<int>(width * static_cast<double>(done) / static_cast<double>(std::max<std::int64_t>(total_, 1)));
-    std::fprintf(stderr, "\r[%s%s] %5.1f%%  %.0f tokens/s  ETA %.1fs   ", std::string(static_cast<std::size_t>(filled), '#').c_str(),
+    const int filled =
+        static_cast<int>(width * static_cast<double>(done) / static_cast<double>(std::max<std::int64_t>(total_, 1)));
+    std::fprintf(stderr, "\r[%s%s] %5.1f%%  %.0f tokens/s  ETA %.1fs   ",
+                 std::string(static_cast<std::size_t>(filled), '#').c_str(),
                  std::string(static_cast<std::size_t>(width - filled), '.').c_str(),
                  100.0 * static_cast<double>(done) / static_cast<double>(std::max<std::int64_t>(total_, 1)), rate, eta);
     if (done >= total_) std::fprintf(stderr, "\n");
@@ -196,8 +200,8 @@ struct InputFiles {
 
 // A file option given an empty string is refused (it used to mean "not given": --out '' computed and wrote nothing).
 const CLI::Validator& path_check() {
-  static const CLI::Validator check([](std::string& path) { return path.empty() ? std::string("empty path") : std::string(); },
-                                    "PATH");
+  static const CLI::Validator check(
+      [](std::string& path) { return path.empty() ? std::string("empty path") : std::string(); }, "PATH");
   return check;
 }
 
@@ -213,7 +217,8 @@ void add_input_options(CLI::App* app, InputFiles& in, bool sequence) {
   app->add_option("--c0", in.c0, "initial C .npy (B,NH,DHQK,DHHV)")->check(path_check());
   app->add_option("--n0", in.n0, "initial n .npy (B,NH,DHQK)")->check(path_check());
   app->add_option("--m0", in.m0, "initial m .npy (B,NH)")->check(path_check());
-  app->add_option("--dtype", in.dtype, "read uint16 arrays as this dtype (bfloat16)")->check(CLI::IsMember({"bfloat16", "bf16"}));
+  app->add_option("--dtype", in.dtype, "read uint16 arrays as this dtype (bfloat16)")
+      ->check(CLI::IsMember({"bfloat16", "bf16"}));
   in.gate_option =
       app->add_option("--gate", in.gate, "input gate: exp or sig")->check(CLI::IsMember({"exp", "sig", "sigmoid"}));
   app->add_flag("--no-normalize", in.no_normalize, "sigmoid gate: skip the normaliser (refused with the exp gate)");
@@ -226,14 +231,19 @@ void add_input_options(CLI::App* app, InputFiles& in, bool sequence) {
     in.kernel = "cpu";
     app->add_option("--kernel", in.kernel, "step kernel name (see `mlstm kernels`)");
   }
-  app->add_option("--devices", in.devices, "device spec for OpenCL kernels: all, gpu:all, gpu:0,1, cpu (refused for CPU kernels)");
+  app->add_option("--devices", in.devices,
+                  "device spec for OpenCL kernels: all, gpu:all, gpu:0,1, cpu (refused for CPU kernels)");
 }
 
 struct LoadedInputs {
   Tensor q, k, v, i, f, c0, n0, m0;
   ForwardArgs args() const {
     ForwardArgs a;
-    a.q = q.view(); a.k = k.view(); a.v = v.view(); a.i = i.view(); a.f = f.view();
+    a.q = q.view();
+    a.k = k.view();
+    a.v = v.view();
+    a.i = i.view();
+    a.f = f.view();
     if (!c0.empty()) a.c0 = c0.view();
     if (!n0.empty()) a.n0 = n0.view();
     if (!m0.empty()) a.m0 = m0.view();
@@ -267,11 +277,26 @@ LoadedInputs load_inputs(const InputFiles& in) {
 
 // Renames library argument names to the CLI's option names in error messages (one line).
 const std::map<std::string, std::string>& file_option_names() {
-  static const std::map<std::string, std::string> names{
-      {"q", "--q"}, {"k", "--k"}, {"v", "--v"}, {"i", "--i"}, {"f", "--f"}, {"c0", "--c0"}, {"n0", "--n0"},
-      {"m0", "--m0"}, {"dh", "--dh"}, {"dc_last", "--dc"}, {"dn_last", "--dn"}, {"eps", "--eps"},
-      {"chunk_size", "--chunk-size"}, {"kernel", "--kernel"}, {"step_kernel", "--kernel"}, {"c", "--c"},
-      {"n", "--n"}, {"m", "--m"}, {"devices", "--devices"}, {"gate", "--gate"}};
+  static const std::map<std::string, std::string> names{{"q", "--q"},
+                                                        {"k", "--k"},
+                                                        {"v", "--v"},
+                                                        {"i", "--i"},
+                                                        {"f", "--f"},
+                                                        {"c0", "--c0"},
+                                                        {"n0", "--n0"},
+                                                        {"m0", "--m0"},
+                                                        {"dh", "--dh"},
+                                                        {"dc_last", "--dc"},
+                                                        {"dn_last", "--dn"},
+                                                        {"eps", "--eps"},
+                                                        {"chunk_size", "--chunk-size"},
+                                                        {"kernel", "--kernel"},
+                                                        {"step_kernel", "--kernel"},
+                                                        {"c", "--c"},
+                                                        {"n", "--n"},
+                                                        {"m", "--m"},
+                                                        {"devices", "--devices"},
+                                                        {"gate", "--gate"}};
   return names;
 }
 
@@ -290,8 +315,8 @@ KernelInfo kernel_info(const std::string& name, bool step) {
   for (const auto& k : available_kernels()) {
     if (k.name != name) continue;
     if ((k.form == KernelForm::step) != step) {
-      throw InvalidArgument("--kernel", "'" + name + "' is " + (step ? "not a step kernel" : "a step kernel") +
-                                            "; see `mlstm kernels`");
+      throw InvalidArgument(
+          "--kernel", "'" + name + "' is " + (step ? "not a step kernel" : "a step kernel") + "; see `mlstm kernels`");
     }
     return k;
   }
@@ -329,8 +354,8 @@ MlstmOptions options_of(const InputFiles& in, const KernelInfo& info) {
 }
 
 std::vector<NamedPath> input_paths(const InputFiles& in) {
-  return {{"--q", in.q}, {"--k", in.k}, {"--v", in.v}, {"--i", in.i}, {"--f", in.f},
-          {"--c0", in.c0}, {"--n0", in.n0}, {"--m0", in.m0}};
+  return {{"--q", in.q}, {"--k", in.k},   {"--v", in.v},   {"--i", in.i},
+          {"--f", in.f}, {"--c0", in.c0}, {"--n0", in.n0}, {"--m0", in.m0}};
 }
 
 void write_out(const std::string& option, const std::string& path, const Tensor& t) {
@@ -363,8 +388,13 @@ int cmd_forward(const InputFiles& in, const ForwardOutputs& out, bool as_json) {
     write_out("--out-n", out.n, r.n);
     write_out("--out-m", out.m, r.m);
     if (as_json) {
-      std::cout << json{{"command", "forward"}, {"kernel", in.kernel}, {"shape_h", r.h.shape()},
-                        {"dtype", dtype_name(r.h.dtype())}, {"seconds", secs}}.dump() << "\n";
+      std::cout << json{{"command", "forward"},
+                        {"kernel", in.kernel},
+                        {"shape_h", r.h.shape()},
+                        {"dtype", dtype_name(r.h.dtype())},
+                        {"seconds", secs}}
+                       .dump()
+                << "\n";
     } else {
       std::cout << "forward: " << in.kernel << ", h " << shape_to_string(r.h.shape()) << " " << dtype_name(r.h.dtype())
                 << " -> " << out.h << " (" << secs * 1e3 << " ms)\n";
@@ -385,16 +415,23 @@ int cmd_backward(const InputFiles& in, const BackwardFiles& bf, bool as_json) {
   if (!info.has_backward) throw InvalidArgument("--kernel", "'" + in.kernel + "' has no backward; see `mlstm kernels`");
   const MlstmOptions o = options_of(in, info);
   // Gradients of the initial state exist only for a given initial state: refused up front, not skipped.
-  for (const auto& [option, path] : {std::pair{"--out-dc0", bf.out_dc0}, {"--out-dn0", bf.out_dn0}, {"--out-dm0", bf.out_dm0}}) {
+  for (const auto& [option, path] :
+       {std::pair{"--out-dc0", bf.out_dc0}, {"--out-dn0", bf.out_dn0}, {"--out-dm0", bf.out_dm0}}) {
     if (!path.empty() && in.c0.empty()) {
-      throw InvalidArgument(option, "needs the initial state (--c0, --n0, --m0): without one there is no gradient of it");
+      throw InvalidArgument(option,
+                            "needs the initial state (--c0, --n0, --m0): without one there is no gradient of it");
     }
   }
   std::vector<NamedPath> inputs = input_paths(in);
   inputs.insert(inputs.end(), {{"--dh", bf.dh}, {"--dc", bf.dc}, {"--dn", bf.dn}});
-  check_outputs(inputs, {{"--out-dq", bf.out_dq}, {"--out-dk", bf.out_dk}, {"--out-dv", bf.out_dv},
-                         {"--out-di", bf.out_di}, {"--out-df", bf.out_df}, {"--out-dc0", bf.out_dc0},
-                         {"--out-dn0", bf.out_dn0}, {"--out-dm0", bf.out_dm0}});
+  check_outputs(inputs, {{"--out-dq", bf.out_dq},
+                         {"--out-dk", bf.out_dk},
+                         {"--out-dv", bf.out_dv},
+                         {"--out-di", bf.out_di},
+                         {"--out-df", bf.out_df},
+                         {"--out-dc0", bf.out_dc0},
+                         {"--out-dn0", bf.out_dn0},
+                         {"--out-dm0", bf.out_dm0}});
   const LoadedInputs l = load_inputs(in);
   const Tensor dh = npy::read(bf.dh, "--dh");
   const Tensor dc = read_optional(bf.dc, "--dc", std::nullopt);
@@ -424,8 +461,12 @@ int cmd_backward(const InputFiles& in, const BackwardFiles& bf, bool as_json) {
     write_out("--out-dn0", bf.out_dn0, g.dn0);
     write_out("--out-dm0", bf.out_dm0, g.dm0);
     if (as_json) {
-      std::cout << json{{"command", "backward"}, {"kernel", in.kernel}, {"seconds", secs},
-                        {"initial_state_gradients", !g.dc0.empty()}}.dump() << "\n";
+      std::cout << json{{"command", "backward"},
+                        {"kernel", in.kernel},
+                        {"seconds", secs},
+                        {"initial_state_gradients", !g.dc0.empty()}}
+                       .dump()
+                << "\n";
     } else {
       std::cout << "backward: " << in.kernel << " (" << secs * 1e3 << " ms)\n";
     }
@@ -442,8 +483,14 @@ struct StepFiles {
 int cmd_step(const InputFiles& in, const StepFiles& sf, bool as_json) {
   const KernelInfo info = kernel_info(in.kernel, true);
   const MlstmOptions o = options_of(in, info);
-  check_outputs({{"--q", in.q}, {"--k", in.k}, {"--v", in.v}, {"--i", in.i}, {"--f", in.f}, {"--c", sf.c},
-                 {"--n", sf.n}, {"--m", sf.m}},
+  check_outputs({{"--q", in.q},
+                 {"--k", in.k},
+                 {"--v", in.v},
+                 {"--i", in.i},
+                 {"--f", in.f},
+                 {"--c", sf.c},
+                 {"--n", sf.n},
+                 {"--m", sf.m}},
                 {{"--out", sf.out_h}, {"--out-c", sf.out_c}, {"--out-n", sf.out_n}, {"--out-m", sf.out_m}});
   const auto dt = as_dtype(in);
   const Tensor q = npy::read(in.q, "--q", dt), k = npy::read(in.k, "--k", dt), v = npy::read(in.v, "--v", dt);
@@ -452,13 +499,17 @@ int cmd_step(const InputFiles& in, const StepFiles& sf, bool as_json) {
                m = read_optional(sf.m, "--m", std::nullopt);
   try {
     StepArgs a;
-    a.q = q.view(); a.k = k.view(); a.v = v.view(); a.i = i.view(); a.f = f.view();
+    a.q = q.view();
+    a.k = k.view();
+    a.v = v.view();
+    a.i = i.view();
+    a.f = f.view();
     if (!c.empty()) a.c = c.view();
     if (!n.empty()) a.n = n.view();
     if (!m.empty()) a.m = m.view();
     if (in.check_finite) {
-      for (auto [t, name] : {std::pair{a.q, "q"}, {a.k, "k"}, {a.v, "v"}, {a.i, "i"}, {a.f, "f"}, {a.c, "c"}, {a.n, "n"},
-                             {a.m, "m"}}) {
+      for (auto [t, name] :
+           {std::pair{a.q, "q"}, {a.k, "k"}, {a.v, "v"}, {a.i, "i"}, {a.f, "f"}, {a.c, "c"}, {a.n, "n"}, {a.m, "m"}}) {
         check_finite(t, name);
       }
     }
@@ -485,8 +536,12 @@ int cmd_kernels(bool as_json) {
     for (const auto& k : list) {
       json dts = json::array();
       for (auto d : k.dtypes) dts.push_back(dtype_name(d));
-      arr.push_back({{"name", k.name}, {"form", form_name(k.form)}, {"device", k.device_kind},
-                     {"backward", k.has_backward}, {"dtypes", dts}, {"description", k.description}});
+      arr.push_back({{"name", k.name},
+                     {"form", form_name(k.form)},
+                     {"device", k.device_kind},
+                     {"backward", k.has_backward},
+                     {"dtypes", dts},
+                     {"description", k.description}});
     }
     std::cout << arr.dump(2) << "\n";
     return 0;
@@ -523,9 +578,15 @@ json opencl_devices() {
       clGetDeviceInfo(d, CL_DEVICE_TYPE, sizeof type, &type, nullptr);
       clGetDeviceInfo(d, CL_DEVICE_GLOBAL_MEM_SIZE, sizeof mem, &mem, nullptr);
       clGetDeviceInfo(d, CL_DEVICE_MAX_COMPUTE_UNITS, sizeof cus, &cus, nullptr);
-      out.push_back({{"index", index++}, {"platform", pname}, {"name", name}, {"version", version},
-                     {"type", (type & CL_DEVICE_TYPE_GPU) ? "gpu" : (type & CL_DEVICE_TYPE_CPU) ? "cpu" : "other"},
-                     {"memory_mib", mem >> 20}, {"compute_units", cus}});
+      out.push_back({{"index", index++},
+                     {"platform", pname},
+                     {"name", name},
+                     {"version", version},
+                     {"type", (type & CL_DEVICE_TYPE_GPU)   ? "gpu"
+                              : (type & CL_DEVICE_TYPE_CPU) ? "cpu"
+                                                            : "other"},
+                     {"memory_mib", mem >> 20},
+                     {"compute_units", cus}});
     }
   }
   return out;
@@ -541,7 +602,9 @@ json numa_nodes() {
     hwloc_obj_t node = hwloc_get_obj_by_type(topo, HWLOC_OBJ_NUMANODE, static_cast<unsigned>(i));
     const int cores = hwloc_get_nbobjs_inside_cpuset_by_type(topo, node->cpuset, HWLOC_OBJ_CORE);
     const int pus = hwloc_get_nbobjs_inside_cpuset_by_type(topo, node->cpuset, HWLOC_OBJ_PU);
-    out.push_back({{"node", node->os_index}, {"cores", cores}, {"pus", pus},
+    out.push_back({{"node", node->os_index},
+                   {"cores", cores},
+                   {"pus", pus},
                    {"memory_mib", node->attr ? node->attr->numanode.local_memory >> 20 : 0}});
   }
   hwloc_topology_destroy(topo);
@@ -581,16 +644,18 @@ Tensor synthetic_normal(Shape shape, float mean, DType dtype, std::uint64_t seed
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
     return z ^ (z >> 31);
   };
-  tbb::parallel_for(tbb::blocked_range<std::int64_t>(0, (count + 1) / 2), [&](const tbb::blocked_range<std::int64_t>& r) {
-    for (std::int64_t p = r.begin(); p < r.end(); ++p) {
-      const std::uint64_t z = mix(seed * 0x100000001b3ull + static_cast<std::uint64_t>(p));
-      const float u1 = (static_cast<float>(z >> 40) + 1.0f) * (1.0f / 16777217.0f);
-      const float u2 = static_cast<float>((z >> 16) & 0xffffff) * (1.0f / 16777216.0f);
-      const float rad = std::sqrt(-2.0f * std::log(u1));
-      x[static_cast<std::size_t>(2 * p)] = mean + rad * std::cos(6.2831853f * u2);
-      if (2 * p + 1 < count) x[static_cast<std::size_t>(2 * p + 1)] = mean + rad * std::sin(6.2831853f * u2);
-    }
-  });
+  tbb::parallel_for(tbb::blocked_range<std::int64_t>(0, (count + 1) / 2),
+                    [&](const tbb::blocked_range<std::int64_t>& r) {
+                      for (std::int64_t p = r.begin(); p < r.end(); ++p) {
+                        const std::uint64_t z = mix(seed * 0x100000001b3ull + static_cast<std::uint64_t>(p));
+                        const float u1 = (static_cast<float>(z >> 40) + 1.0f) * (1.0f / 16777217.0f);
+                        const float u2 = static_cast<float>((z >> 16) & 0xffffff) * (1.0f / 16777216.0f);
+                        const float rad = std::sqrt(-2.0f * std::log(u1));
+                        x[static_cast<std::size_t>(2 * p)] = mean + rad * std::cos(6.2831853f * u2);
+                        if (2 * p + 1 < count)
+                          x[static_cast<std::size_t>(2 * p + 1)] = mean + rad * std::sin(6.2831853f * u2);
+                      }
+                    });
   return Tensor::from(x, std::move(shape), dtype);
 }
 
@@ -615,7 +680,8 @@ struct RunOptions {
 
 // Max relative error of h over the first `check_tokens` tokens of a piece of `len` tokens, against the
 // float64 reference (recurrent form) from the zero state.
-double spot_check(const LoadedInputs& l, const RunOptions& ro, std::int64_t len, const Tensor& h, const MlstmOptions& o) {
+double spot_check(const LoadedInputs& l, const RunOptions& ro, std::int64_t len, const Tensor& h,
+                  const MlstmOptions& o) {
   double max_rel = 0.0;
   const ForwardResult r{h, {}, {}, {}};
   const std::int64_t ct = std::min(ro.check_tokens, len);
@@ -627,9 +693,15 @@ double spot_check(const LoadedInputs& l, const RunOptions& ro, std::int64_t len,
                                              {ro.heads * len * ro.dqk, len * ro.dqk, ro.dqk, 1}));
   Tensor v = Tensor::copy_of(ConstTensorView(s.v.bytes(), s.v.dtype(), {ro.batch, ro.heads, ct, ro.dhv},
                                              {ro.heads * len * ro.dhv, len * ro.dhv, ro.dhv, 1}));
-  Tensor i = Tensor::copy_of(ConstTensorView(s.i.bytes(), DType::f32, {ro.batch, ro.heads, ct}, {ro.heads * len, len, 1}));
-  Tensor f = Tensor::copy_of(ConstTensorView(s.f.bytes(), DType::f32, {ro.batch, ro.heads, ct}, {ro.heads * len, len, 1}));
-  sa.q = q.view(); sa.k = k.view(); sa.v = v.view(); sa.i = i.view(); sa.f = f.view();
+  Tensor i =
+      Tensor::copy_of(ConstTensorView(s.i.bytes(), DType::f32, {ro.batch, ro.heads, ct}, {ro.heads * len, len, 1}));
+  Tensor f =
+      Tensor::copy_of(ConstTensorView(s.f.bytes(), DType::f32, {ro.batch, ro.heads, ct}, {ro.heads * len, len, 1}));
+  sa.q = q.view();
+  sa.k = k.view();
+  sa.v = v.view();
+  sa.i = i.view();
+  sa.f = f.view();
   const ForwardResult ref = reference::recurrent_forward(sa, o);
   const Tensor got = Tensor::copy_of(ConstTensorView(r.h.bytes(), r.h.dtype(), {ro.batch, ro.heads, ct, ro.dhv},
                                                      {ro.heads * len * ro.dhv, len * ro.dhv, ro.dhv, 1}),
@@ -647,7 +719,12 @@ double spot_check(const LoadedInputs& l, const RunOptions& ro, std::int64_t len,
 // The first GPU whose tensor-core path takes this problem (pipeline mode), or null.
 std::shared_ptr<opencl::Device> pipeline_device(const RunOptions& ro, DType dtype, const MlstmOptions& o) {
   ProblemShape p;
-  p.B = ro.batch; p.NH = ro.heads; p.S = ro.piece; p.DHQK = ro.dqk; p.DHHV = ro.dhv; p.dtype = dtype;
+  p.B = ro.batch;
+  p.NH = ro.heads;
+  p.S = ro.piece;
+  p.DHQK = ro.dqk;
+  p.DHHV = ro.dhv;
+  p.dtype = dtype;
   const std::string spec = ro.devices == "auto" ? "gpu" : ro.devices;
   std::vector<opencl::DeviceInfo> candidates;
   try {
@@ -656,7 +733,8 @@ std::shared_ptr<opencl::Device> pipeline_device(const RunOptions& ro, DType dtyp
     return nullptr;  // no GPU
   }
   for (const auto& d : candidates) {
-    if (d.type == opencl::DeviceType::gpu && opencl::tensor_core_support(d).available && opencl::tensor_core_fit(p, o).empty())
+    if (d.type == opencl::DeviceType::gpu && opencl::tensor_core_support(d).available &&
+        opencl::tensor_core_fit(p, o).empty())
       return opencl::open_device(d);
   }
   return nullptr;
@@ -668,7 +746,12 @@ int run_pipeline(const RunOptions& ro, DType dtype, const MlstmOptions& o, std::
                  bool as_json) {
   const std::int64_t piece = std::min(ro.piece, ro.seq_len);
   opencl::DeviceStream::Config cfg;
-  cfg.B = ro.batch; cfg.NH = ro.heads; cfg.DHQK = ro.dqk; cfg.DHHV = ro.dhv; cfg.max_piece = piece; cfg.dtype = dtype;
+  cfg.B = ro.batch;
+  cfg.NH = ro.heads;
+  cfg.DHQK = ro.dqk;
+  cfg.DHHV = ro.dhv;
+  cfg.max_piece = piece;
+  cfg.dtype = dtype;
   cfg.options = o;
   if (!as_json) {
     std::cout << "problem: B=" << ro.batch << " NH=" << ro.heads << " S=" << ro.seq_len << " DHQK=" << ro.dqk
@@ -679,7 +762,8 @@ int run_pipeline(const RunOptions& ro, DType dtype, const MlstmOptions& o, std::
   constexpr int kDistinctPieces = 4;
   std::vector<LoadedInputs> pieces;
   for (int p = 0; p < kDistinctPieces; ++p)
-    pieces.push_back(synthetic_piece(ro.batch, ro.heads, piece, ro.dqk, ro.dhv, dtype, 1234567 + static_cast<std::uint64_t>(p)));
+    pieces.push_back(
+        synthetic_piece(ro.batch, ro.heads, piece, ro.dqk, ro.dhv, dtype, 1234567 + static_cast<std::uint64_t>(p)));
   const std::int64_t tail = ro.seq_len % piece;
   LoadedInputs last = tail ? synthetic_piece(ro.batch, ro.heads, tail, ro.dqk, ro.dhv, dtype, 7654321) : LoadedInputs{};
   Progress progress(ro.seq_len, ro.progress || isatty(2));
@@ -713,10 +797,18 @@ int run_pipeline(const RunOptions& ro, DType dtype, const MlstmOptions& o, std::
   const double tokens = static_cast<double>(ro.batch * ro.seq_len);
   const bool check_ok = max_rel < 2e-2;
   if (as_json) {
-    std::cout << json{{"command", "run"}, {"mode", "pipeline"}, {"tokens", tokens}, {"seconds", secs},
-                      {"tokens_per_second", tokens / secs}, {"peak_rss_mib", peak_rss_mib()},
-                      {"spot_check_rel_error", max_rel}, {"spot_check_ok", check_ok}, {"devices", gpu->name()},
-                      {"revision", MLSTM_GIT_REVISION}}.dump() << "\n";
+    std::cout << json{{"command", "run"},
+                      {"mode", "pipeline"},
+                      {"tokens", tokens},
+                      {"seconds", secs},
+                      {"tokens_per_second", tokens / secs},
+                      {"peak_rss_mib", peak_rss_mib()},
+                      {"spot_check_rel_error", max_rel},
+                      {"spot_check_ok", check_ok},
+                      {"devices", gpu->name()},
+                      {"revision", MLSTM_GIT_REVISION}}
+                     .dump()
+              << "\n";
   } else {
     std::printf("throughput: %.0f tokens/s (%.0f tokens in %.2f s)\n", tokens / secs, tokens, secs);
     std::printf("peak memory: %.1f MiB\n", peak_rss_mib());
@@ -751,8 +843,8 @@ int cmd_run(const RunOptions& ro, bool as_json) {
   {
     const std::int64_t len = resident_mode ? ro.seq_len : std::min(ro.piece, ro.seq_len);
     const std::int64_t copies = resident_mode ? 1 : 4;  // the tiled sequence, or the distinct pieces
-    const std::string what = std::string("--batch/--heads/") + (ro.piece < ro.seq_len && !resident_mode ? "--piece" : "--seq-len") +
-                             "/--dqk/--dhv";
+    const std::string what = std::string("--batch/--heads/") +
+                             (ro.piece < ro.seq_len && !resident_mode ? "--piece" : "--seq-len") + "/--dqk/--dhv";
     require_fits_memory({ro.batch, ro.heads, len, token_bytes(ro.dqk, ro.dhv, dtype), copies}, what);
     require_fits_memory({ro.batch, ro.heads, ro.dqk, ro.dhv, 4}, "--batch/--heads/--dqk/--dhv");
   }
@@ -769,19 +861,28 @@ int cmd_run(const RunOptions& ro, bool as_json) {
   if (ro.mode == "pipeline" || (ro.mode == "auto" && !ro.backward && ro.devices == "auto")) {
     if (auto gpu = pipeline_device(ro, dtype, o); gpu) return run_pipeline(ro, dtype, o, gpu, as_json);
     if (ro.mode == "pipeline")
-      throw InvalidArgument("--mode", "pipeline needs an OpenCL GPU with tensor cores and a problem they take "
-                                      "(bfloat16/float16, head dims multiples of 16, chunk 64 or 128)");
+      throw InvalidArgument("--mode",
+                            "pipeline needs an OpenCL GPU with tensor cores and a problem they take "
+                            "(bfloat16/float16, head dims multiples of 16, chunk 64 or 128)");
   }
   graph::FlowGraphRunner runner(spec);
   runner.set_balancing(graph::Balancing::calibrated);  // shares by measured device speed
   if (!as_json) {
     ProblemShape shape;
-    shape.B = ro.batch; shape.NH = ro.heads; shape.S = ro.mode == "resident" ? ro.seq_len : std::min(ro.piece, ro.seq_len); shape.DHQK = ro.dqk; shape.DHHV = ro.dhv;
+    shape.B = ro.batch;
+    shape.NH = ro.heads;
+    shape.S = ro.mode == "resident" ? ro.seq_len : std::min(ro.piece, ro.seq_len);
+    shape.DHQK = ro.dqk;
+    shape.DHHV = ro.dhv;
     std::cout << "problem: B=" << ro.batch << " NH=" << ro.heads << " S=" << ro.seq_len << " DHQK=" << ro.dqk
-              << " DHHV=" << ro.dhv << " " << dtype_name(dtype) << ", chunk " << ro.chunk_size << ", mode " << (ro.mode == "auto" ? "stream" : ro.mode)
-              << (ro.mode == "resident" ? std::string(", resident: the whole sequence in one graph run")
-                                        : ", streamed in pieces of " + std::to_string(ro.piece) + " tokens carrying (C,n,m)")
-              << (ro.backward ? ", forward+backward per piece (the backward sequence parallel through the graph too)" : "") << "\n"
+              << " DHHV=" << ro.dhv << " " << dtype_name(dtype) << ", chunk " << ro.chunk_size << ", mode "
+              << (ro.mode == "auto" ? "stream" : ro.mode)
+              << (ro.mode == "resident"
+                      ? std::string(", resident: the whole sequence in one graph run")
+                      : ", streamed in pieces of " + std::to_string(ro.piece) + " tokens carrying (C,n,m)")
+              << (ro.backward ? ", forward+backward per piece (the backward sequence parallel through the graph too)"
+                              : "")
+              << "\n"
               << (ro.mode == "resident" ? "" : "per piece, ") << runner.plan(shape, o).describe() << "\n";
   }
   Progress progress(ro.seq_len, ro.progress || isatty(2));
@@ -813,7 +914,8 @@ int cmd_run(const RunOptions& ro, bool as_json) {
           const Tensor& src = pieces[static_cast<std::size_t>((t0 / P) % kDistinctPieces)].*member;
           const std::int64_t len = std::min(P, ro.seq_len - t0);
           std::memcpy(out.bytes() + static_cast<std::size_t>((r * ro.seq_len + t0) * inner) * es,
-                      src.bytes() + static_cast<std::size_t>(r * P * inner) * es, static_cast<std::size_t>(len * inner) * es);
+                      src.bytes() + static_cast<std::size_t>(r * P * inner) * es,
+                      static_cast<std::size_t>(len * inner) * es);
         }
       }
       return out;
@@ -856,10 +958,18 @@ int cmd_run(const RunOptions& ro, bool as_json) {
   const double tokens = static_cast<double>(ro.batch * ro.seq_len);
   const bool check_ok = max_rel < (dtype == DType::f32 ? 1e-4 : 2e-2);
   if (as_json) {
-    std::cout << json{{"command", "run"}, {"tokens", tokens}, {"seconds", secs}, {"compute_seconds", compute_secs},
-                      {"tokens_per_second", tokens / secs}, {"peak_rss_mib", peak_rss_mib()},
-                      {"spot_check_rel_error", max_rel}, {"spot_check_ok", check_ok}, {"devices", spec},
-                      {"revision", MLSTM_GIT_REVISION}}.dump() << "\n";
+    std::cout << json{{"command", "run"},
+                      {"tokens", tokens},
+                      {"seconds", secs},
+                      {"compute_seconds", compute_secs},
+                      {"tokens_per_second", tokens / secs},
+                      {"peak_rss_mib", peak_rss_mib()},
+                      {"spot_check_rel_error", max_rel},
+                      {"spot_check_ok", check_ok},
+                      {"devices", spec},
+                      {"revision", MLSTM_GIT_REVISION}}
+                     .dump()
+              << "\n";
   } else {
     std::printf("throughput: %.0f tokens/s (%.0f tokens in %.2f s; kernels %.2f s)\n", tokens / secs, tokens, secs,
                 compute_secs);
@@ -875,9 +985,9 @@ struct BenchOptions {
   std::vector<std::int64_t> seq_lens{512, 1024, 2048, 4096, 8192, 16384};
   std::vector<std::int64_t> chunk_sizes{64, 128};
   std::vector<std::string> kernels{"chunkwise--cpu_xl_chunk", "chunkwise--cpu_limit_chunk"};
-  std::vector<std::int64_t> head_dims;          // optional sweep: DHQK = DHHV = each value
-  std::vector<std::string> graph_devices;        // optional sweep: the flow graph on each device spec
-  std::int64_t weak_seq_len = 0;                 // tokens per device for weak scaling (0: the largest --seq-lens)
+  std::vector<std::int64_t> head_dims;     // optional sweep: DHQK = DHHV = each value
+  std::vector<std::string> graph_devices;  // optional sweep: the flow graph on each device spec
+  std::int64_t weak_seq_len = 0;           // tokens per device for weak scaling (0: the largest --seq-lens)
   std::string dtype = "float32", csv = "bench.csv", json_out = "bench.json";
   bool backward = false;
 };
@@ -927,7 +1037,8 @@ void check_bench(const BenchOptions& bo, DType dtype) {
         rethrow_as_cli(e, {{"--kernel", "--kernels"}});
       }
     }();
-    if (bo.backward && !info.has_backward) throw InvalidArgument("--kernels", "'" + name + "' has no backward (--backward)");
+    if (bo.backward && !info.has_backward)
+      throw InvalidArgument("--kernels", "'" + name + "' has no backward (--backward)");
     if (!info.dtypes.empty() && std::find(info.dtypes.begin(), info.dtypes.end(), dtype) == info.dtypes.end()) {
       throw InvalidArgument("--dtype", "kernel '" + name + "' does not take " + std::string(dtype_name(dtype)));
     }
@@ -950,8 +1061,11 @@ int cmd_bench(const BenchOptions& bo, bool as_json) {
     return bench(bo, dtype, as_json);
   } catch (const InvalidArgument& e) {
     // A kernel that cannot take the swept problem names q ("parallel--opencl takes S <= 16384"): --kernels.
-    rethrow_as_cli(e, {{"chunk_size", "--chunk-sizes"}, {"kernel", "--kernels"}, {"devices", "--graph-devices"},
-                       {"q", "--kernels"}, {"v", "--kernels"}});
+    rethrow_as_cli(e, {{"chunk_size", "--chunk-sizes"},
+                       {"kernel", "--kernels"},
+                       {"devices", "--graph-devices"},
+                       {"q", "--kernels"},
+                       {"v", "--kernels"}});
   }
 }
 
@@ -962,11 +1076,12 @@ int bench(const BenchOptions& bo, DType dtype, bool as_json) {
   char host[256] = {0};
   gethostname(host, sizeof host - 1);
   auto document = [&] {
-    return json{{"machine", {{"hostname", host}, {"cpu", cpu_model()}, {"cores", sysconf(_SC_NPROCESSORS_ONLN)}}},
-                {"revision", MLSTM_GIT_REVISION},
-                {"timestamp", std::chrono::duration_cast<std::chrono::seconds>(
-                                  std::chrono::system_clock::now().time_since_epoch()).count()},
-                {"results", results}};
+    return json{
+        {"machine", {{"hostname", host}, {"cpu", cpu_model()}, {"cores", sysconf(_SC_NPROCESSORS_ONLN)}}},
+        {"revision", MLSTM_GIT_REVISION},
+        {"timestamp",
+         std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count()},
+        {"results", results}};
   };
   // Both files are replaced atomically after every measured row: a sweep cut short (a time limit) keeps the
   // rows measured so far, and a failed write leaves the previous complete file, never half of one.
@@ -1002,8 +1117,16 @@ int bench(const BenchOptions& bo, DType dtype, bool as_json) {
           csv << kname << ',' << B << ',' << bo.heads << ',' << S << ',' << bo.dqk << ',' << bo.dhv << ','
               << dtype_name(dtype) << ',' << L << ',' << pass_name << ',' << med * 1e3 << ','
               << static_cast<double>(bo.tokens) / med << '\n';
-          results.push_back({{"kernel", kname}, {"B", B}, {"NH", bo.heads}, {"S", S}, {"DHQK", bo.dqk}, {"DHHV", bo.dhv},
-                             {"dtype", dtype_name(dtype)}, {"chunk", L}, {"pass", pass_name}, {"median_ms", med * 1e3},
+          results.push_back({{"kernel", kname},
+                             {"B", B},
+                             {"NH", bo.heads},
+                             {"S", S},
+                             {"DHQK", bo.dqk},
+                             {"DHHV", bo.dhv},
+                             {"dtype", dtype_name(dtype)},
+                             {"chunk", L},
+                             {"pass", pass_name},
+                             {"median_ms", med * 1e3},
                              {"tokens_per_s", static_cast<double>(bo.tokens) / med}});
           if (!as_json) {
             std::printf("%-30s S=%6lld B=%4lld chunk=%4lld %-4s %9.2f ms %10.0f tokens/s\n", kname.c_str(),
@@ -1019,14 +1142,23 @@ int bench(const BenchOptions& bo, DType dtype, bool as_json) {
   // Head-dimension sweep (first kernel, first chunk size, S = the largest sequence length).
   auto record = [&](const std::string& kernel, std::int64_t B, std::int64_t S, std::int64_t dqk, std::int64_t dhv,
                     std::int64_t L, const std::string& pass, double med, double tokens, const std::string& extra) {
-    csv << kernel << ',' << B << ',' << bo.heads << ',' << S << ',' << dqk << ',' << dhv << ',' << dtype_name(dtype) << ','
-        << L << ',' << pass << ',' << med * 1e3 << ',' << tokens / med << '\n';
-    results.push_back({{"kernel", kernel}, {"B", B}, {"NH", bo.heads}, {"S", S}, {"DHQK", dqk}, {"DHHV", dhv},
-                       {"dtype", dtype_name(dtype)}, {"chunk", L}, {"pass", pass}, {"median_ms", med * 1e3},
-                       {"tokens_per_s", tokens / med}, {"sweep", extra}});
+    csv << kernel << ',' << B << ',' << bo.heads << ',' << S << ',' << dqk << ',' << dhv << ',' << dtype_name(dtype)
+        << ',' << L << ',' << pass << ',' << med * 1e3 << ',' << tokens / med << '\n';
+    results.push_back({{"kernel", kernel},
+                       {"B", B},
+                       {"NH", bo.heads},
+                       {"S", S},
+                       {"DHQK", dqk},
+                       {"DHHV", dhv},
+                       {"dtype", dtype_name(dtype)},
+                       {"chunk", L},
+                       {"pass", pass},
+                       {"median_ms", med * 1e3},
+                       {"tokens_per_s", tokens / med},
+                       {"sweep", extra}});
     if (!as_json) {
-      std::printf("%-30s S=%6lld B=%4lld D=%4lld/%-4lld chunk=%4lld %-6s %9.2f ms %10.0f tokens/s  %s\n", kernel.c_str(),
-                  static_cast<long long>(S), static_cast<long long>(B), static_cast<long long>(dqk),
+      std::printf("%-30s S=%6lld B=%4lld D=%4lld/%-4lld chunk=%4lld %-6s %9.2f ms %10.0f tokens/s  %s\n",
+                  kernel.c_str(), static_cast<long long>(S), static_cast<long long>(B), static_cast<long long>(dqk),
                   static_cast<long long>(dhv), static_cast<long long>(L), pass.c_str(), med * 1e3, tokens / med,
                   extra.c_str());
       std::fflush(stdout);  // rows show up as they are measured (a long sweep cut short keeps them)
@@ -1059,12 +1191,14 @@ int bench(const BenchOptions& bo, DType dtype, bool as_json) {
   for (const auto& spec : bo.graph_devices) {
     graph::FlowGraphRunner runner(spec);
     const auto ndev = static_cast<std::int64_t>(runner.devices().size());
-    require_fits_memory({bo.weak_seq_len > 0 ? bo.weak_seq_len : S_max, ndev, bo.heads, token_bytes(bo.dqk, bo.dhv, dtype)},
-                        bo.weak_seq_len > 0 ? "--weak-seq-len/--graph-devices" : "--seq-lens/--graph-devices");
+    require_fits_memory(
+        {bo.weak_seq_len > 0 ? bo.weak_seq_len : S_max, ndev, bo.heads, token_bytes(bo.dqk, bo.dhv, dtype)},
+        bo.weak_seq_len > 0 ? "--weak-seq-len/--graph-devices" : "--seq-lens/--graph-devices");
     MlstmOptions o;
     o.chunk_size = L0;
     for (const char* scaling : {"strong", "weak"}) {
-      const std::int64_t S = std::string(scaling) == "strong" ? S_max : (bo.weak_seq_len > 0 ? bo.weak_seq_len : S_max) * ndev;
+      const std::int64_t S =
+          std::string(scaling) == "strong" ? S_max : (bo.weak_seq_len > 0 ? bo.weak_seq_len : S_max) * ndev;
       const LoadedInputs l = synthetic_piece(1, bo.heads, S, bo.dqk, bo.dhv, dtype, 97);
       const std::string what = std::string(scaling) + "_scaling devices=" + std::to_string(ndev);
       // Sequence parallel (segments over the devices) and head split (rows over the devices), forward and,
@@ -1072,9 +1206,8 @@ int bench(const BenchOptions& bo, DType dtype, bool as_json) {
       for (const bool head_split : {false, true}) {
         const std::string kernel = "graph[" + spec + "]" + (head_split ? " head split" : "");
         ForwardResult fw;
-        const double med = median_of([&] {
-          fw = head_split ? runner.forward_head_split(l.args(), o) : runner.forward(l.args(), o);
-        });
+        const double med =
+            median_of([&] { fw = head_split ? runner.forward_head_split(l.args(), o) : runner.forward(l.args(), o); });
         record(kernel, 1, S, bo.dqk, bo.dhv, L0, "fw", med, static_cast<double>(S), what);
         if (!bo.backward) continue;
         BackwardArgs b;
@@ -1094,23 +1227,35 @@ int bench(const BenchOptions& bo, DType dtype, bool as_json) {
       const std::int64_t piece = std::max<std::int64_t>(L0, S_max / 8);
       const double med = median_of([&] {
         StreamConfig cfg;
-        cfg.B = 1; cfg.NH = bo.heads; cfg.DHQK = bo.dqk; cfg.DHHV = bo.dhv;
+        cfg.B = 1;
+        cfg.NH = bo.heads;
+        cfg.DHQK = bo.dqk;
+        cfg.DHHV = bo.dhv;
         cfg.options = o;
-        Tensor C = Tensor::zeros({1, bo.heads, bo.dqk, bo.dhv}, DType::f32), n = Tensor::zeros({1, bo.heads, bo.dqk}, DType::f32),
-               m = Tensor::zeros({1, bo.heads}, DType::f32);
+        Tensor C = Tensor::zeros({1, bo.heads, bo.dqk, bo.dhv}, DType::f32),
+               n = Tensor::zeros({1, bo.heads, bo.dqk}, DType::f32), m = Tensor::zeros({1, bo.heads}, DType::f32);
         for (std::int64_t t0 = 0; t0 < S_max; t0 += piece) {
           const std::int64_t t1 = std::min(S_max, t0 + piece);
           auto slice = [&](const Tensor& t, std::int64_t inner) {
             Shape shape = t.shape();
             shape[2] = t1 - t0;
             Shape strides = contiguous_strides(t.shape());
-            return ConstTensorView(t.bytes() + static_cast<std::size_t>(t0 * inner) * dtype_size(t.dtype()), t.dtype(), shape, strides);
+            return ConstTensorView(t.bytes() + static_cast<std::size_t>(t0 * inner) * dtype_size(t.dtype()), t.dtype(),
+                                   shape, strides);
           };
           ForwardArgs a;
-          a.q = slice(l.q, bo.dqk); a.k = slice(l.k, bo.dqk); a.v = slice(l.v, bo.dhv); a.i = slice(l.i, 1); a.f = slice(l.f, 1);
-          a.c0 = C.view(); a.n0 = n.view(); a.m0 = m.view();
+          a.q = slice(l.q, bo.dqk);
+          a.k = slice(l.k, bo.dqk);
+          a.v = slice(l.v, bo.dhv);
+          a.i = slice(l.i, 1);
+          a.f = slice(l.f, 1);
+          a.c0 = C.view();
+          a.n0 = n.view();
+          a.m0 = m.view();
           ForwardResult r = runner.forward(a, o);
-          C = std::move(r.c); n = std::move(r.n); m = std::move(r.m);
+          C = std::move(r.c);
+          n = std::move(r.n);
+          m = std::move(r.m);
         }
       });
       record("graph[" + spec + "]", 1, S_max, bo.dqk, bo.dhv, L0, "fw", med, static_cast<double>(S_max),
@@ -1142,7 +1287,8 @@ int main(int argc, char** argv) {
   app.add_flag("--json", as_json, "machine-readable output (JSON)");
 
   RunOptions ro;
-  auto* run = app.add_subcommand("run", "the main job: a long synthetic sequence streamed through the flow graph on every usable device");
+  auto* run = app.add_subcommand(
+      "run", "the main job: a long synthetic sequence streamed through the flow graph on every usable device");
   run->add_option("--batch", ro.batch, "B");
   run->add_option("--heads", ro.heads, "NH");
   run->add_option("--seq-len", ro.seq_len, "S (tokens per batch row)");
@@ -1153,8 +1299,7 @@ int main(int argc, char** argv) {
   ro.piece_option = run->add_option("--piece", ro.piece, "tokens per streamed piece (not with --mode resident)");
   run->add_option("--devices", ro.devices,
                   "devices: auto (CPU workers + OpenCL GPUs), workers, an OpenCL spec (gpu:all, 0,1, cpu), or a+b");
-  run->add_option("--mode", ro.mode,
-                  "auto (pipeline on a tensor-core GPU, else stream), pipeline, stream or resident")
+  run->add_option("--mode", ro.mode, "auto (pipeline on a tensor-core GPU, else stream), pipeline, stream or resident")
       ->check(CLI::IsMember({"auto", "pipeline", "stream", "resident"}));
   run->add_flag("--backward", ro.backward, "forward + backward");
   run->add_flag("--progress", ro.progress, "progress bar even when stderr is not a terminal");

@@ -17,10 +17,14 @@ namespace {
 
 int dtype_code(DType d) {
   switch (d) {
-    case DType::f32: return 0;
-    case DType::f16: return 1;
-    case DType::bf16: return 2;
-    case DType::f64: return 0;  // converted to float32 on upload
+    case DType::f32:
+      return 0;
+    case DType::f16:
+      return 1;
+    case DType::bf16:
+      return 2;
+    case DType::f64:
+      return 0;  // converted to float32 on upload
   }
   return 0;
 }
@@ -54,9 +58,10 @@ class ResidentPortable final : public ResidentChunkwise {
     // q, k, v keep their 16-bit dtype on the device; float64 inputs go up as float32.
     dev_dtype_ = p_.dtype == DType::f64 ? DType::f32 : p_.dtype;
     std::ostringstream opts;
-    opts << "-DDHQK=" << p_.DHQK << " -DDHHV=" << p_.DHHV << " -DCHUNK=" << L_ << " -DKEY_TILE=" << ChunkwiseRunner::kKeyTile
-         << " -DGATE_EXP=" << (o.gate == GateVariant::exp ? 1 : 0) << " -DNORMALIZE=" << (o.normalize ? 1 : 0)
-         << " -DIN_DTYPE=" << dtype_code(dev_dtype_) << " -DEPS=" << std::hexfloat << static_cast<float>(o.eps) << "f";
+    opts << "-DDHQK=" << p_.DHQK << " -DDHHV=" << p_.DHHV << " -DCHUNK=" << L_
+         << " -DKEY_TILE=" << ChunkwiseRunner::kKeyTile << " -DGATE_EXP=" << (o.gate == GateVariant::exp ? 1 : 0)
+         << " -DNORMALIZE=" << (o.normalize ? 1 : 0) << " -DIN_DTYPE=" << dtype_code(dev_dtype_)
+         << " -DEPS=" << std::hexfloat << static_cast<float>(o.eps) << "f";
     const PortableLaunchParams launch = portable_launch_params(dev.info());
     const bool untiled = launch.untiled;
     // The register-tiled output kernel (blocks of 64 queries x 64*OVW columns) for chunks of 32 tokens or more
@@ -67,8 +72,8 @@ class ResidentPortable final : public ResidentChunkwise {
     {
       const std::uint64_t stage = 16ull * std::max<std::uint64_t>(64ull * static_cast<std::uint64_t>(ovw_), 68);
       const std::uint64_t bytes = 4ull * (16 * 68 + stage + 64 * 68 + 16 + 6 * 64 + 256);
-      regtiled_outputs_ = !untiled && L_ >= 32 && bytes + 1024 <= dev.info().local_memory &&
-                          dev.info().max_work_group >= 256;
+      regtiled_outputs_ =
+          !untiled && L_ >= 32 && bytes + 1024 <= dev.info().local_memory && dev.info().max_work_group >= 256;
     }
     if (regtiled_outputs_) opts << " -DOVW=" << ovw_;
     // The state kernels: tiles of 64 x 64*SVW of C per work group (the n column rides with the first). Each
@@ -186,18 +191,18 @@ class ResidentPortable final : public ResidentChunkwise {
       di_ = dev.acquire(tok * fs);
       df_ = dev.acquire(tok * fs);
       if (regtiled_backward_) {
-        set_args(k_bw_grads_.k, dn, q_, k_, v_, dh_, dden_, b_, ig_, mb_, wtok_, Cb_, nb_, dCn_, dnn_, mt_, Nt_, dq_, qdq_, S,
-                 nc);
-        set_args(k_bw_dk_.k, dn, q_, k_, v_, dh_, dden_, b_, ig_, mb_, wtok_, Cb_, nb_, dCn_, dnn_, mt_, Nt_, dk_, kdk_, S,
-                 nc);
-        set_args(k_bw_dv_.k, dn, q_, k_, v_, dh_, dden_, b_, ig_, mb_, wtok_, Cb_, nb_, dCn_, dnn_, mt_, Nt_, dv_, kdk_, S,
-                 nc);
+        set_args(k_bw_grads_.k, dn, q_, k_, v_, dh_, dden_, b_, ig_, mb_, wtok_, Cb_, nb_, dCn_, dnn_, mt_, Nt_, dq_,
+                 qdq_, S, nc);
+        set_args(k_bw_dk_.k, dn, q_, k_, v_, dh_, dden_, b_, ig_, mb_, wtok_, Cb_, nb_, dCn_, dnn_, mt_, Nt_, dk_, kdk_,
+                 S, nc);
+        set_args(k_bw_dv_.k, dn, q_, k_, v_, dh_, dden_, b_, ig_, mb_, wtok_, Cb_, nb_, dCn_, dnn_, mt_, Nt_, dv_, kdk_,
+                 S, nc);
       } else {
-        set_args(k_bw_grads_.k, dn, q_, k_, v_, dh_, dden_, b_, ig_, mb_, wtok_, Cb_, nb_, dCn_, dnn_, mt_, Nt_, dq_, dk_,
-                 dv_, qdq_, kdk_, S, nc);
+        set_args(k_bw_grads_.k, dn, q_, k_, v_, dh_, dden_, b_, ig_, mb_, wtok_, Cb_, nb_, dCn_, dnn_, mt_, Nt_, dq_,
+                 dk_, dv_, qdq_, kdk_, S, nc);
       }
-      set_args(k_gate_grads_.k, dn, i_, f_, qdq_, kdk_, dCl_, dnl_, Co_, no_, has_dlast_, dC0_, dn0_, C0_, n0_, has_init_,
-               di_, df_, dm0_, S);
+      set_args(k_gate_grads_.k, dn, i_, f_, qdq_, kdk_, dCl_, dnl_, Co_, no_, has_dlast_, dC0_, dn0_, C0_, n0_,
+               has_init_, di_, df_, dm0_, S);
     }
   }
 
@@ -211,7 +216,8 @@ class ResidentPortable final : public ResidentChunkwise {
     if (outputs_) {
       if (regtiled_outputs_) {
         const std::size_t col_tiles = (static_cast<std::size_t>(p_.DHHV) + 64 * ovw_ - 1) / (64 * ovw_);
-        const std::size_t groups = static_cast<std::size_t>(nchunks_) * ((static_cast<std::size_t>(L_) + 63) / 64) * col_tiles;
+        const std::size_t groups =
+            static_cast<std::size_t>(nchunks_) * ((static_cast<std::size_t>(L_) + 63) / 64) * col_tiles;
         launch(k_outputs_, outputs_kernel_name(), 2, {groups * 256, rows}, {256, 1}, events);
       } else {
         launch(k_outputs_, outputs_kernel_name(), 2, {static_cast<std::size_t>(S_) * wg, rows}, {wg, 1}, events);
@@ -297,11 +303,10 @@ class ResidentPortable final : public ResidentChunkwise {
   // Work groups per row of the state kernels: 64 x (64 * SVW) tiles of C (DHQK x DHHV).
   std::size_t state_tiles() const {
     const std::size_t cols = 64 * static_cast<std::size_t>(svw_);
-    return round_up(static_cast<std::size_t>(p_.DHQK), 64) / 64 * (round_up(static_cast<std::size_t>(p_.DHHV), cols) / cols);
+    return round_up(static_cast<std::size_t>(p_.DHQK), 64) / 64 *
+           (round_up(static_cast<std::size_t>(p_.DHHV), cols) / cols);
   }
-  const char* outputs_kernel_name() const {
-    return regtiled_outputs_ ? "fw_outputs_regtiled" : "fw_outputs";
-  }
+  const char* outputs_kernel_name() const { return regtiled_outputs_ ? "fw_outputs_regtiled" : "fw_outputs"; }
   void launch(const KernelObject& k, const char* name, cl_uint dims, std::initializer_list<std::size_t> global,
               std::initializer_list<std::size_t> local, std::vector<KernelEvent>* events) {
     std::size_t g[3] = {1, 1, 1}, l[3] = {1, 1, 1};
@@ -325,8 +330,8 @@ class ResidentPortable final : public ResidentChunkwise {
   int S_ = 0, rows_ = 0, L_ = 0, nchunks_ = 0, has_init_ = 0, has_dlast_ = 0;
   KernelObject k_gates_, k_weights_, k_states_, k_outputs_, k_prep_, k_bw_states_, k_bw_grads_, k_bw_dk_, k_bw_dv_,
       k_gate_grads_;
-  PooledBuffer q_, k_, v_, i_, f_, C0_, n0_, m0_, b_, ig_, G_, Cb_, nb_, mb_, Co_, no_, mo_, carry_, wtok_, h_, mt_, Nt_,
-      dent_, dh_, dCl_, dnl_, dden_, dCn_, dnn_, dC0_, dn0_, dm0_, dq_, dk_, dv_, qdq_, kdk_, di_, df_;
+  PooledBuffer q_, k_, v_, i_, f_, C0_, n0_, m0_, b_, ig_, G_, Cb_, nb_, mb_, Co_, no_, mo_, carry_, wtok_, h_, mt_,
+      Nt_, dent_, dh_, dCl_, dnl_, dden_, dCn_, dnn_, dC0_, dn0_, dm0_, dq_, dk_, dv_, qdq_, kdk_, di_, df_;
 };
 
 }  // namespace
@@ -400,7 +405,8 @@ namespace {
 // memory) or chunks of one token (the recurrent form, one step per chunk of the state kernel).
 class OpenCLFormKernel final : public SequenceKernel {
  public:
-  OpenCLFormKernel(KernelInfo info, std::shared_ptr<Device> device) : info_(std::move(info)), runner_(std::move(device)) {}
+  OpenCLFormKernel(KernelInfo info, std::shared_ptr<Device> device)
+      : info_(std::move(info)), runner_(std::move(device)) {}
   const KernelInfo& info() const noexcept override { return info_; }
   ForwardResult forward(const ForwardArgs& args, const MlstmOptions& options) const override {
     return runner_.forward(args, chunked(args, options));
@@ -415,8 +421,9 @@ class OpenCLFormKernel final : public SequenceKernel {
     if (info_.form == KernelForm::parallel) {
       if (args.q.dims() != 4) throw InvalidArgument("q", "expected (B,NH,S,DHQK)");
       if (args.q.dim(2) > kMaxParallelS)
-        throw InvalidArgument("q", "parallel--opencl takes S <= " + std::to_string(kMaxParallelS) + " (got S=" +
-                                       std::to_string(args.q.dim(2)) + "; its work grows as S^2: use a chunkwise kernel)");
+        throw InvalidArgument("q", "parallel--opencl takes S <= " + std::to_string(kMaxParallelS) +
+                                       " (got S=" + std::to_string(args.q.dim(2)) +
+                                       "; its work grows as S^2: use a chunkwise kernel)");
       o.chunk_size = std::max<std::int64_t>(1, args.q.dim(2));
     } else {
       o.chunk_size = 1;
@@ -431,7 +438,8 @@ class OpenCLFormKernel final : public SequenceKernel {
 // Step kernel `opencl`: one token from a state, as a sequence of length one.
 class OpenCLStepKernel final : public StepKernel {
  public:
-  OpenCLStepKernel(KernelInfo info, std::shared_ptr<Device> device) : info_(std::move(info)), runner_(std::move(device)) {}
+  OpenCLStepKernel(KernelInfo info, std::shared_ptr<Device> device)
+      : info_(std::move(info)), runner_(std::move(device)) {}
   const KernelInfo& info() const noexcept override { return info_; }
   StepResult step(const StepArgs& a, const MlstmOptions& options) const override {
     const ProblemShape p = validate_step(a, options);
@@ -482,7 +490,8 @@ void register_kernels(KernelRegistry& registry) {
     });
   };
   add("chunkwise--opencl_xl_chunk", std::nullopt, "chunkwise fw+bw, portable OpenCL C 1.2, key-tiled chunks");
-  add("chunkwise--opencl_xl_chunk_siging", GateVariant::sigmoid, "chunkwise fw+bw, portable OpenCL, sigmoid input gate");
+  add("chunkwise--opencl_xl_chunk_siging", GateVariant::sigmoid,
+      "chunkwise fw+bw, portable OpenCL, sigmoid input gate");
   auto add_form = [&](std::string name, KernelForm form, std::string description) {
     KernelInfo info{std::move(name), form, "opencl", true, std::nullopt, dtypes, std::move(description)};
     registry.add_sequence(info, [info, device_for](const KernelTarget& target) {
@@ -493,7 +502,12 @@ void register_kernels(KernelRegistry& registry) {
            "parallel form fw+bw on an OpenCL device (one key-tiled chunk over the whole sequence, S <= 16384)");
   add_form("sequence--opencl", KernelForm::sequence,
            "recurrent form fw+bw on an OpenCL device, step by step (chunks of one token)");
-  KernelInfo step{"opencl", KernelForm::step, "opencl", false, std::nullopt, dtypes,
+  KernelInfo step{"opencl",
+                  KernelForm::step,
+                  "opencl",
+                  false,
+                  std::nullopt,
+                  dtypes,
                   "recurrent step on an OpenCL device (one token from a state)"};
   registry.add_step(step, [step, device_for](const KernelTarget& target) {
     return std::make_unique<OpenCLStepKernel>(step, device_for(target));

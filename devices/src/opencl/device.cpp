@@ -10,53 +10,85 @@
 #include <sstream>
 #include <string>
 
-#include "mlstm/devices/opencl/device.hpp"
-#include "mlstm/core/trace.hpp"
 #include "mlstm/core/env.hpp"
+#include "mlstm/core/trace.hpp"
+#include "mlstm/devices/opencl/device.hpp"
 #include "mlstm_opencl_sources.hpp"
 
 namespace mlstm::opencl {
 
 const char* error_name(cl_int code) noexcept {
   switch (code) {
-    case CL_SUCCESS: return "CL_SUCCESS";
-    case CL_DEVICE_NOT_FOUND: return "CL_DEVICE_NOT_FOUND";
-    case CL_DEVICE_NOT_AVAILABLE: return "CL_DEVICE_NOT_AVAILABLE";
-    case CL_COMPILER_NOT_AVAILABLE: return "CL_COMPILER_NOT_AVAILABLE";
-    case CL_MEM_OBJECT_ALLOCATION_FAILURE: return "CL_MEM_OBJECT_ALLOCATION_FAILURE";
-    case CL_OUT_OF_RESOURCES: return "CL_OUT_OF_RESOURCES";
-    case CL_OUT_OF_HOST_MEMORY: return "CL_OUT_OF_HOST_MEMORY";
-    case CL_BUILD_PROGRAM_FAILURE: return "CL_BUILD_PROGRAM_FAILURE";
-    case CL_INVALID_VALUE: return "CL_INVALID_VALUE";
-    case CL_INVALID_DEVICE: return "CL_INVALID_DEVICE";
-    case CL_INVALID_CONTEXT: return "CL_INVALID_CONTEXT";
-    case CL_INVALID_COMMAND_QUEUE: return "CL_INVALID_COMMAND_QUEUE";
-    case CL_INVALID_MEM_OBJECT: return "CL_INVALID_MEM_OBJECT";
-    case CL_INVALID_BUILD_OPTIONS: return "CL_INVALID_BUILD_OPTIONS";
-    case CL_INVALID_PROGRAM: return "CL_INVALID_PROGRAM";
-    case CL_INVALID_PROGRAM_EXECUTABLE: return "CL_INVALID_PROGRAM_EXECUTABLE";
-    case CL_INVALID_KERNEL_NAME: return "CL_INVALID_KERNEL_NAME";
-    case CL_INVALID_KERNEL: return "CL_INVALID_KERNEL";
-    case CL_INVALID_ARG_INDEX: return "CL_INVALID_ARG_INDEX";
-    case CL_INVALID_ARG_VALUE: return "CL_INVALID_ARG_VALUE";
-    case CL_INVALID_ARG_SIZE: return "CL_INVALID_ARG_SIZE";
-    case CL_INVALID_KERNEL_ARGS: return "CL_INVALID_KERNEL_ARGS";
-    case CL_INVALID_WORK_GROUP_SIZE: return "CL_INVALID_WORK_GROUP_SIZE";
-    case CL_INVALID_WORK_ITEM_SIZE: return "CL_INVALID_WORK_ITEM_SIZE";
-    case CL_INVALID_GLOBAL_WORK_SIZE: return "CL_INVALID_GLOBAL_WORK_SIZE";
-    case CL_INVALID_BUFFER_SIZE: return "CL_INVALID_BUFFER_SIZE";
-    case CL_INVALID_OPERATION: return "CL_INVALID_OPERATION";
-    default: return "CL_ERROR";
+    case CL_SUCCESS:
+      return "CL_SUCCESS";
+    case CL_DEVICE_NOT_FOUND:
+      return "CL_DEVICE_NOT_FOUND";
+    case CL_DEVICE_NOT_AVAILABLE:
+      return "CL_DEVICE_NOT_AVAILABLE";
+    case CL_COMPILER_NOT_AVAILABLE:
+      return "CL_COMPILER_NOT_AVAILABLE";
+    case CL_MEM_OBJECT_ALLOCATION_FAILURE:
+      return "CL_MEM_OBJECT_ALLOCATION_FAILURE";
+    case CL_OUT_OF_RESOURCES:
+      return "CL_OUT_OF_RESOURCES";
+    case CL_OUT_OF_HOST_MEMORY:
+      return "CL_OUT_OF_HOST_MEMORY";
+    case CL_BUILD_PROGRAM_FAILURE:
+      return "CL_BUILD_PROGRAM_FAILURE";
+    case CL_INVALID_VALUE:
+      return "CL_INVALID_VALUE";
+    case CL_INVALID_DEVICE:
+      return "CL_INVALID_DEVICE";
+    case CL_INVALID_CONTEXT:
+      return "CL_INVALID_CONTEXT";
+    case CL_INVALID_COMMAND_QUEUE:
+      return "CL_INVALID_COMMAND_QUEUE";
+    case CL_INVALID_MEM_OBJECT:
+      return "CL_INVALID_MEM_OBJECT";
+    case CL_INVALID_BUILD_OPTIONS:
+      return "CL_INVALID_BUILD_OPTIONS";
+    case CL_INVALID_PROGRAM:
+      return "CL_INVALID_PROGRAM";
+    case CL_INVALID_PROGRAM_EXECUTABLE:
+      return "CL_INVALID_PROGRAM_EXECUTABLE";
+    case CL_INVALID_KERNEL_NAME:
+      return "CL_INVALID_KERNEL_NAME";
+    case CL_INVALID_KERNEL:
+      return "CL_INVALID_KERNEL";
+    case CL_INVALID_ARG_INDEX:
+      return "CL_INVALID_ARG_INDEX";
+    case CL_INVALID_ARG_VALUE:
+      return "CL_INVALID_ARG_VALUE";
+    case CL_INVALID_ARG_SIZE:
+      return "CL_INVALID_ARG_SIZE";
+    case CL_INVALID_KERNEL_ARGS:
+      return "CL_INVALID_KERNEL_ARGS";
+    case CL_INVALID_WORK_GROUP_SIZE:
+      return "CL_INVALID_WORK_GROUP_SIZE";
+    case CL_INVALID_WORK_ITEM_SIZE:
+      return "CL_INVALID_WORK_ITEM_SIZE";
+    case CL_INVALID_GLOBAL_WORK_SIZE:
+      return "CL_INVALID_GLOBAL_WORK_SIZE";
+    case CL_INVALID_BUFFER_SIZE:
+      return "CL_INVALID_BUFFER_SIZE";
+    case CL_INVALID_OPERATION:
+      return "CL_INVALID_OPERATION";
+    default:
+      return "CL_ERROR";
   }
 }
 
 void check(cl_int code, const char* call, const std::string& device) {
   if (code == CL_SUCCESS) return;
   DeviceError::Kind kind = DeviceError::Kind::other;
-  if (code == CL_MEM_OBJECT_ALLOCATION_FAILURE || code == CL_OUT_OF_HOST_MEMORY) kind = DeviceError::Kind::out_of_memory;
-  else if (code == CL_OUT_OF_RESOURCES || code == CL_DEVICE_NOT_AVAILABLE) kind = DeviceError::Kind::lost;
-  else if (code == CL_BUILD_PROGRAM_FAILURE) kind = DeviceError::Kind::build;
-  else if (code == CL_INVALID_KERNEL_ARGS || code == CL_INVALID_WORK_GROUP_SIZE) kind = DeviceError::Kind::launch;
+  if (code == CL_MEM_OBJECT_ALLOCATION_FAILURE || code == CL_OUT_OF_HOST_MEMORY)
+    kind = DeviceError::Kind::out_of_memory;
+  else if (code == CL_OUT_OF_RESOURCES || code == CL_DEVICE_NOT_AVAILABLE)
+    kind = DeviceError::Kind::lost;
+  else if (code == CL_BUILD_PROGRAM_FAILURE)
+    kind = DeviceError::Kind::build;
+  else if (code == CL_INVALID_KERNEL_ARGS || code == CL_INVALID_WORK_GROUP_SIZE)
+    kind = DeviceError::Kind::launch;
   std::ostringstream os;
   os << call << " failed: " << error_name(code) << " (" << code << ")";
   throw DeviceError(kind, device, os.str());
@@ -91,10 +123,14 @@ T device_value(cl_device_id d, cl_device_info what) {
 
 const char* type_name(DeviceType t) {
   switch (t) {
-    case DeviceType::gpu: return "gpu";
-    case DeviceType::cpu: return "cpu";
-    case DeviceType::accelerator: return "accelerator";
-    case DeviceType::other: return "other";
+    case DeviceType::gpu:
+      return "gpu";
+    case DeviceType::cpu:
+      return "cpu";
+    case DeviceType::accelerator:
+      return "accelerator";
+    case DeviceType::other:
+      return "other";
   }
   return "other";
 }
@@ -129,8 +165,8 @@ std::vector<DeviceInfo> list_devices() {
       info.version = device_string(d, CL_DEVICE_VERSION);
       info.driver = device_string(d, CL_DRIVER_VERSION);
       const auto type = device_value<cl_device_type>(d, CL_DEVICE_TYPE);
-      info.type = (type & CL_DEVICE_TYPE_GPU) ? DeviceType::gpu
-                  : (type & CL_DEVICE_TYPE_CPU) ? DeviceType::cpu
+      info.type = (type & CL_DEVICE_TYPE_GPU)           ? DeviceType::gpu
+                  : (type & CL_DEVICE_TYPE_CPU)         ? DeviceType::cpu
                   : (type & CL_DEVICE_TYPE_ACCELERATOR) ? DeviceType::accelerator
                                                         : DeviceType::other;
       info.global_memory = device_value<cl_ulong>(d, CL_DEVICE_GLOBAL_MEM_SIZE);
@@ -149,8 +185,10 @@ std::vector<DeviceInfo> select_devices(const std::string& spec) {
     std::string found;
     for (const auto& d : all) found += "\n  " + d.describe();
     if (found.empty()) found = " none";
-    throw InvalidArgument("devices", why + "; accepted: all, gpu, gpu:all, gpu:0,1, cpu, cpu:0, accelerator, or "
-                                           "indices 0,1,...; OpenCL devices found:" + found);
+    throw InvalidArgument("devices", why +
+                                         "; accepted: all, gpu, gpu:all, gpu:0,1, cpu, cpu:0, accelerator, or "
+                                         "indices 0,1,...; OpenCL devices found:" +
+                                         found);
   };
   if (all.empty()) return fail("no OpenCL device is available for spec '" + spec + "'");
   auto of_type = [&](DeviceType t) {
@@ -184,11 +222,16 @@ std::vector<DeviceInfo> select_devices(const std::string& spec) {
   const std::string kind = spec.substr(0, colon);
   const std::string rest = colon == std::string::npos ? "all" : spec.substr(colon + 1);
   DeviceType t;
-  if (kind == "gpu") t = DeviceType::gpu;
-  else if (kind == "cpu") t = DeviceType::cpu;
-  else if (kind == "accelerator") t = DeviceType::accelerator;
-  else if (spec.find_first_not_of("0123456789,") == std::string::npos) return parse_indices(spec, all, "device");
-  else return fail("unknown device spec '" + spec + "'");
+  if (kind == "gpu")
+    t = DeviceType::gpu;
+  else if (kind == "cpu")
+    t = DeviceType::cpu;
+  else if (kind == "accelerator")
+    t = DeviceType::accelerator;
+  else if (spec.find_first_not_of("0123456789,") == std::string::npos)
+    return parse_indices(spec, all, "device");
+  else
+    return fail("unknown device spec '" + spec + "'");
   const auto pool = of_type(t);
   if (pool.empty()) return fail("no " + kind + " device found for '" + spec + "'");
   if (rest == "all") return pool;
@@ -260,13 +303,15 @@ struct Device::Staging {
   Buffer slot_mem[2];
   std::byte* slot[2] = {nullptr, nullptr};
   std::size_t bytes = 0;
-  Staging(cl_context context, cl_command_queue q, std::size_t slot_bytes, const std::string& device) : queue(q), bytes(slot_bytes) {
+  Staging(cl_context context, cl_command_queue q, std::size_t slot_bytes, const std::string& device)
+      : queue(q), bytes(slot_bytes) {
     for (int s = 0; s < 2; ++s) {
       cl_int err = CL_SUCCESS;
       cl_mem m = clCreateBuffer(context, CL_MEM_READ_WRITE | CL_MEM_ALLOC_HOST_PTR, slot_bytes, nullptr, &err);
       check(err, "clCreateBuffer(pinned staging)", device);
       slot_mem[s] = Buffer(m, slot_bytes);
-      void* p = clEnqueueMapBuffer(queue, m, CL_TRUE, CL_MAP_READ | CL_MAP_WRITE, 0, slot_bytes, 0, nullptr, nullptr, &err);
+      void* p =
+          clEnqueueMapBuffer(queue, m, CL_TRUE, CL_MAP_READ | CL_MAP_WRITE, 0, slot_bytes, 0, nullptr, nullptr, &err);
       check(err, "clEnqueueMapBuffer(pinned staging)", device);
       slot[s] = static_cast<std::byte*>(p);
     }
@@ -283,7 +328,8 @@ struct Device::Staging {
 
 Device::Device(const DeviceInfo& info) : info_(info) {
   cl_int err = CL_SUCCESS;
-  const cl_context_properties props[] = {CL_CONTEXT_PLATFORM, reinterpret_cast<cl_context_properties>(info.platform), 0};
+  const cl_context_properties props[] = {CL_CONTEXT_PLATFORM, reinterpret_cast<cl_context_properties>(info.platform),
+                                         0};
   context_ = clCreateContext(props, 1, &info_.id, nullptr, nullptr, &err);
   check(err, "clCreateContext", info_.name);
   queue_ = clCreateCommandQueue(context_, info_.id, 0, &err);
@@ -332,9 +378,9 @@ cl_program Device::program_from_text(const std::string& label, const std::string
     std::string log(n, '\0');
     clGetProgramBuildInfo(p, info_.id, CL_PROGRAM_BUILD_LOG, n, log.data(), nullptr);
     clReleaseProgram(p);
-    throw DeviceError(DeviceError::Kind::build, info_.name,
-                      "cannot build kernel source '" + label + "' (" + error_name(err) + ") with options '" + options +
-                          "': " + log);
+    throw DeviceError(
+        DeviceError::Kind::build, info_.name,
+        "cannot build kernel source '" + label + "' (" + error_name(err) + ") with options '" + options + "': " + log);
   }
   const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
   spdlog::info("mlstm-flow: built '{}' for {} in {:.0f} ms", label, info_.name, ms);
@@ -420,7 +466,8 @@ PooledBuffer Device::acquire_upload(const void* data, std::size_t bytes) {
   PooledBuffer b = acquire_unfilled(bytes);
   if (bytes >= staging_threshold()) {
     const auto* src = static_cast<const std::byte*>(data);
-    staged_write(b.get(), bytes, [&](std::size_t off, std::size_t len, std::byte* out) { copy_rows(out, 0, src + off, 0, 1, len); });
+    staged_write(b.get(), bytes,
+                 [&](std::size_t off, std::size_t len, std::byte* out) { copy_rows(out, 0, src + off, 0, 1, len); });
   } else if (bytes) {
     check(clEnqueueWriteBuffer(queue_, b.get(), CL_TRUE, 0, bytes, data, 0, nullptr, nullptr), "clEnqueueWriteBuffer",
           info_.name);
@@ -437,7 +484,8 @@ PooledBuffer Device::acquire_upload(ConstTensorView t, DType dtype) {
     if (bytes > 0 && !retained_ranges_.empty() && retained(t.bytes())) {
       key = UploadKey{t.bytes(), t.dtype(), dtype, t.shape(), t.strides()};
       if (auto it = kept_uploads_.find(*key); it != kept_uploads_.end()) {
-        const ScopedTrace trace([&] { return "upload reused " + std::to_string(bytes >> 10) + " KiB on " + info_.name; });
+        const ScopedTrace trace(
+            [&] { return "upload reused " + std::to_string(bytes >> 10) + " KiB on " + info_.name; });
         Buffer b = std::move(it->second);
         kept_uploads_.erase(it);
         kept_bytes_ -= b.bytes();
@@ -653,8 +701,9 @@ void Device::poison(cl_mem mem, std::size_t offset, std::size_t bytes) {
 
 Buffer Device::upload(const void* data, std::size_t bytes) {
   Buffer b = alloc_unfilled(bytes);
-  if (bytes) check(clEnqueueWriteBuffer(queue_, b.get(), CL_TRUE, 0, bytes, data, 0, nullptr, nullptr),
-                   "clEnqueueWriteBuffer", info_.name);
+  if (bytes)
+    check(clEnqueueWriteBuffer(queue_, b.get(), CL_TRUE, 0, bytes, data, 0, nullptr, nullptr), "clEnqueueWriteBuffer",
+          info_.name);
   if (bytes < 4) poison(b.get(), bytes, 4 - bytes);  // the allocation's tail
   return b;
 }
@@ -662,8 +711,9 @@ Buffer Device::upload(const void* data, std::size_t bytes) {
 void Device::download(const Buffer& buf, void* data, std::size_t bytes) {
   const ScopedTrace trace([&] { return "download " + std::to_string(bytes >> 10) + " KiB from " + info_.name; });
   if (bytes < staging_threshold()) {
-    if (bytes) check(clEnqueueReadBuffer(queue_, buf.get(), CL_TRUE, 0, bytes, data, 0, nullptr, nullptr),
-                     "clEnqueueReadBuffer", info_.name);
+    if (bytes)
+      check(clEnqueueReadBuffer(queue_, buf.get(), CL_TRUE, 0, bytes, data, 0, nullptr, nullptr), "clEnqueueReadBuffer",
+            info_.name);
     return;
   }
   // Piece p+1 comes down into one slot while piece p is copied out of the other.
@@ -694,7 +744,9 @@ void Device::download(const Buffer& buf, void* data, std::size_t bytes) {
 }
 
 void Device::finish() {
-  const ScopedTrace trace([&] { return "finish on " + info_.name; }); check(clFinish(queue_), "clFinish", info_.name); }
+  const ScopedTrace trace([&] { return "finish on " + info_.name; });
+  check(clFinish(queue_), "clFinish", info_.name);
+}
 
 std::shared_ptr<Device> open_device(const DeviceInfo& info) {
   static std::mutex mutex;

@@ -7,9 +7,9 @@
 #include <utility>
 #include <vector>
 
-#include "mlstm/devices/opencl/device.hpp"
 #include "mlstm/core/problem.hpp"
 #include "mlstm/core/tensor.hpp"
+#include "mlstm/devices/opencl/device.hpp"
 
 namespace mlstm::opencl::detail {
 
@@ -78,8 +78,10 @@ inline void set_initial_state_dm(const ForwardArgs& inputs, const MlstmOptions& 
   const std::vector<float> C0 = as_f32(inputs.c0), n0 = as_f32(inputs.n0);
   for (std::int64_t r = 0; r < rows; ++r) {
     double acc = 0.0;
-    for (std::int64_t e = 0; e < KV; ++e) acc += static_cast<double>(out.dc0.data<float>()[r * KV + e]) * C0[static_cast<std::size_t>(r * KV + e)];
-    for (std::int64_t e = 0; e < K; ++e) acc += static_cast<double>(out.dn0.data<float>()[r * K + e]) * n0[static_cast<std::size_t>(r * K + e)];
+    for (std::int64_t e = 0; e < KV; ++e)
+      acc += static_cast<double>(out.dc0.data<float>()[r * KV + e]) * C0[static_cast<std::size_t>(r * KV + e)];
+    for (std::int64_t e = 0; e < K; ++e)
+      acc += static_cast<double>(out.dn0.data<float>()[r * K + e]) * n0[static_cast<std::size_t>(r * K + e)];
     out.dm0.data<float>()[r] = static_cast<float>(acc);
   }
 }

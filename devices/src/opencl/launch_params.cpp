@@ -46,7 +46,8 @@ TcLaunchParams tc_launch_params(const DeviceInfo& device) {
     char rest = 0;
     if (std::sscanf(tile->c_str(), "%dx%d%c", &kt, &vt, &rest) != 2 || kt < 16 || vt < 16 || kt % 16 != 0 ||
         vt % 16 != 0)
-      throw InvalidArgument("MLSTM_TC_STATE_TILE", "expected KTxVT with multiples of 16, e.g. 64x32 (got '" + *tile + "')");
+      throw InvalidArgument("MLSTM_TC_STATE_TILE",
+                            "expected KTxVT with multiples of 16, e.g. 64x32 (got '" + *tile + "')");
     p.state_tile_k = kt;
     p.state_tile_v = vt;
   }

@@ -33,11 +33,11 @@ void copy_into(ConstTensorView src, TensorView dst) { copy_elements(src, 0, src.
 }  // namespace
 
 struct DeviceStream::Slot {
-  Buffer pinned_in, pinned_out;                // page-locked host staging (mapped for the stream's life)
+  Buffer pinned_in, pinned_out;  // page-locked host staging (mapped for the stream's life)
   std::byte* host_in = nullptr;
   std::byte* host_out = nullptr;
-  Buffer q, k, v, i, f, h;                     // device copies of one piece
-  KernelObject gates, states, outputs;         // bound to this slot's buffers
+  Buffer q, k, v, i, f, h;              // device copies of one piece
+  KernelObject gates, states, outputs;  // bound to this slot's buffers
   cl_event up = nullptr, computed = nullptr, down = nullptr;
   std::uint64_t ticket = 0;
   std::int64_t len = 0;
@@ -49,10 +49,10 @@ struct DeviceStream::Impl {
   TcConfig cfg;
   Slot slots[kStreamSlots];
   Buffer gb, gbi, gpm, gG, gA, mst, Cst, nst, Nt, sgt;  // intermediates: one piece computes at a time
-  Buffer C[2], n[2], m[2];                               // the state, ping-pong between pieces
-  int state = 0;                                         // index of the current state
+  Buffer C[2], n[2], m[2];                              // the state, ping-pong between pieces
+  int state = 0;                                        // index of the current state
   bool has_state = false;
-  std::size_t q_bytes = 0, v_bytes = 0, g_bytes = 0;     // per-tensor staging sizes at max_piece
+  std::size_t q_bytes = 0, v_bytes = 0, g_bytes = 0;  // per-tensor staging sizes at max_piece
 };
 
 DeviceStream::DeviceStream(std::shared_ptr<Device> device, Config config, ConstTensorView c0, ConstTensorView n0,
@@ -65,7 +65,12 @@ DeviceStream::DeviceStream(std::shared_ptr<Device> device, Config config, ConstT
   if (c.max_piece <= 0) throw InvalidArgument("config.max_piece", "must be > 0");
   validate_options(c.options);
   ProblemShape p;
-  p.B = c.B; p.NH = c.NH; p.S = c.max_piece; p.DHQK = c.DHQK; p.DHHV = c.DHHV; p.dtype = c.dtype;
+  p.B = c.B;
+  p.NH = c.NH;
+  p.S = c.max_piece;
+  p.DHQK = c.DHQK;
+  p.DHHV = c.DHHV;
+  p.dtype = c.dtype;
   Impl& im = *impl_;
   im.cfg = make_config(dev, c.emulate, p, c.options);
   const std::size_t rows = static_cast<std::size_t>(c.B * c.NH), maxS = static_cast<std::size_t>(c.max_piece);
@@ -82,13 +87,14 @@ DeviceStream::DeviceStream(std::shared_ptr<Device> device, Config config, ConstT
   }
   cl_program gates = dev.program_from_text("tc_gates", tc_source_text("tc_gates"), im.cfg.gates());
   cl_program states = dev.program_from_text("tc_states", tc_source_text("tc_states"), im.cfg.states(0));
-  cl_program outputs = dev.program_from_text(
-      "tc_chunk", tc_source_text("tc_chunk"), im.cfg.chunk(0, c.DHQK, c.DHHV, im.cfg.OTf, im.cfg.DSf));
+  cl_program outputs = dev.program_from_text("tc_chunk", tc_source_text("tc_chunk"),
+                                             im.cfg.chunk(0, c.DHQK, c.DHHV, im.cfg.OTf, im.cfg.DSf));
   auto pinned = [&](std::size_t bytes, Buffer& buf, std::byte*& host) {
     cl_mem mem = clCreateBuffer(dev.context(), CL_MEM_READ_WRITE | CL_MEM_ALLOC_HOST_PTR, bytes, nullptr, &err);
     check(err, "clCreateBuffer(pinned staging)", dn);
     buf = Buffer(mem, bytes);
-    void* ptr = clEnqueueMapBuffer(im.up, mem, CL_TRUE, CL_MAP_READ | CL_MAP_WRITE, 0, bytes, 0, nullptr, nullptr, &err);
+    void* ptr =
+        clEnqueueMapBuffer(im.up, mem, CL_TRUE, CL_MAP_READ | CL_MAP_WRITE, 0, bytes, 0, nullptr, nullptr, &err);
     check(err, "clEnqueueMapBuffer(pinned staging)", dn);
     host = static_cast<std::byte*>(ptr);
   };
@@ -106,8 +112,14 @@ DeviceStream::DeviceStream(std::shared_ptr<Device> device, Config config, ConstT
     s.states = KernelObject{dev.kernel(states, "tc_fw_states")};
     s.outputs = KernelObject{dev.kernel(outputs, "tc_fw_outputs")};
   }
-  im.gb = f32(tok); im.gbi = f32(tok); im.gpm = f32(tok); im.Nt = f32(tok); im.sgt = f32(tok);
-  im.gG = f32(rows * NC); im.gA = f32(rows * NC); im.mst = f32(rows * (NC + 1));
+  im.gb = f32(tok);
+  im.gbi = f32(tok);
+  im.gpm = f32(tok);
+  im.Nt = f32(tok);
+  im.sgt = f32(tok);
+  im.gG = f32(rows * NC);
+  im.gA = f32(rows * NC);
+  im.mst = f32(rows * (NC + 1));
   im.Cst = dev.alloc(rows * NC * K * V * es);
   im.nst = f32(rows * NC * K);
   for (int j = 0; j < 2; ++j) {
@@ -117,7 +129,8 @@ DeviceStream::DeviceStream(std::shared_ptr<Device> device, Config config, ConstT
   }
   if (!c0.empty()) {
     auto put = [&](ConstTensorView t, const Buffer& b, const char* name, const Shape& want) {
-      if (t.shape() != want) throw InvalidArgument(name, "expected shape " + shape_to_string(want) + ", got " + shape_to_string(t.shape()));
+      if (t.shape() != want)
+        throw InvalidArgument(name, "expected shape " + shape_to_string(want) + ", got " + shape_to_string(t.shape()));
       const Tensor x = Tensor::copy_of(t, DType::f32);
       check(clEnqueueWriteBuffer(im.kernels, b.get(), CL_TRUE, 0, x.nbytes(), x.bytes(), 0, nullptr, nullptr),
             "clEnqueueWriteBuffer(initial state)", dn);
@@ -177,8 +190,8 @@ void DeviceStream::retire(Slot& s) {
 
 DeviceStream::HostPiece DeviceStream::next_piece(std::int64_t len) {
   if (len < 1 || len > config_.max_piece)
-    throw InvalidArgument("len", "a piece must have 1.." + std::to_string(config_.max_piece) + " tokens, got " +
-                                     std::to_string(len));
+    throw InvalidArgument(
+        "len", "a piece must have 1.." + std::to_string(config_.max_piece) + " tokens, got " + std::to_string(len));
   Slot& s = slot_of(next_ticket_);
   retire(s);
   const Impl& im = *impl_;
@@ -213,8 +226,11 @@ std::uint64_t DeviceStream::submit() {
   cl_event up = nullptr, computed = nullptr, down = nullptr;
   // Uploads (non-blocking, from pinned memory: DMA at full PCIe speed).
   const std::pair<const Buffer*, std::pair<std::size_t, std::size_t>> parts[] = {
-      {&s.q, {0, qb}}, {&s.k, {im.q_bytes, qb}}, {&s.v, {2 * im.q_bytes, vb}},
-      {&s.i, {2 * im.q_bytes + im.v_bytes, gbytes}}, {&s.f, {2 * im.q_bytes + im.v_bytes + im.g_bytes, gbytes}}};
+      {&s.q, {0, qb}},
+      {&s.k, {im.q_bytes, qb}},
+      {&s.v, {2 * im.q_bytes, vb}},
+      {&s.i, {2 * im.q_bytes + im.v_bytes, gbytes}},
+      {&s.f, {2 * im.q_bytes + im.v_bytes + im.g_bytes, gbytes}}};
   for (std::size_t j = 0; j < 5; ++j) {
     const auto& [buf, range] = parts[j];
     cl_event* ev = j == 4 ? &up : nullptr;
@@ -228,8 +244,8 @@ std::uint64_t DeviceStream::submit() {
     const int S = static_cast<int>(len), NC = (S + im.cfg.L - 1) / im.cfg.L, has_init = im.has_state ? 1 : 0;
     const int from = im.state, to = 1 - im.state;
     set_args(s.gates.k, dn, s.i, s.f, im.gb, im.gbi, im.gpm, im.gG, im.gA, S, NC);
-    set_args(s.states.k, dn, s.k, s.v, im.gbi, im.gG, im.gA, im.C[from], im.n[from], im.m[from], has_init, im.Cst, im.nst,
-             im.mst, im.C[to], im.n[to], im.m[to], S, NC);
+    set_args(s.states.k, dn, s.k, s.v, im.gbi, im.gG, im.gA, im.C[from], im.n[from], im.m[from], has_init, im.Cst,
+             im.nst, im.mst, im.C[to], im.n[to], im.m[to], S, NC);
     set_args(s.outputs.k, dn, s.q, s.k, s.v, im.Cst, im.nst, im.mst, im.gb, im.gbi, im.gpm, s.h, im.Nt, im.sgt, S, NC);
     const std::size_t rws = rows, KT = static_cast<std::size_t>(im.cfg.KT);
     const std::size_t sg = 2 * KT * static_cast<std::size_t>((c.DHQK / im.cfg.KT) * (c.DHHV / im.cfg.VT));
@@ -299,7 +315,8 @@ Tensor DeviceStream::take(std::uint64_t ticket) {
   }
   Slot& s = slot_of(ticket);
   if (!s.busy || s.ticket != ticket || s.taken || s.taking)
-    throw InvalidArgument("ticket", "no piece " + std::to_string(ticket) + " waiting (already taken or never submitted)");
+    throw InvalidArgument("ticket",
+                          "no piece " + std::to_string(ticket) + " waiting (already taken or never submitted)");
   s.taking = true;
   cl_event down = s.down;
   clRetainEvent(down);
@@ -324,8 +341,9 @@ ConstTensorView DeviceStream::view(std::uint64_t ticket) {
   std::unique_lock lock(mutex_);
   Slot& s = slot_of(ticket);
   if (!s.busy || s.ticket != ticket || s.taken || s.taking)
-    throw InvalidArgument("ticket", "no piece " + std::to_string(ticket) + " waiting in its slot (taken, copied aside "
-                                    "by a later next_piece(), or never submitted)");
+    throw InvalidArgument("ticket", "no piece " + std::to_string(ticket) +
+                                        " waiting in its slot (taken, copied aside "
+                                        "by a later next_piece(), or never submitted)");
   s.taking = true;
   cl_event down = s.down;
   clRetainEvent(down);
@@ -359,7 +377,8 @@ void DeviceStream::read_state(Tensor& C, Tensor& n, Tensor& m) {
     std::memset(m.bytes(), 0, m.nbytes());
     return;
   }
-  for (auto [t, b] : {std::pair<Tensor*, const Buffer*>{&C, &im.C[im.state]}, {&n, &im.n[im.state]}, {&m, &im.m[im.state]}})
+  for (auto [t, b] :
+       {std::pair<Tensor*, const Buffer*>{&C, &im.C[im.state]}, {&n, &im.n[im.state]}, {&m, &im.m[im.state]}})
     check(clEnqueueReadBuffer(im.kernels, b->get(), CL_TRUE, 0, t->nbytes(), t->bytes(), 0, nullptr, nullptr),
           "clEnqueueReadBuffer(stream state)", device_->name());
   if (c.options.gate == GateVariant::sigmoid) std::memset(m.bytes(), 0, m.nbytes());

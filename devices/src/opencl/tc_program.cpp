@@ -73,8 +73,7 @@ bool probe_fragments(Device& dev, int ldsm) {
   Buffer out = dev.alloc(want.size() * 4);
   set_args(k.k, dev.name(), in, out);
   const std::size_t g = 32, l = 32;
-  check(clEnqueueNDRangeKernel(dev.queue(), k.k, 1, nullptr, &g, &l, 0, nullptr, nullptr), "tc_probe_frag",
-        dev.name());
+  check(clEnqueueNDRangeKernel(dev.queue(), k.k, 1, nullptr, &g, &l, 0, nullptr, nullptr), "tc_probe_frag", dev.name());
   std::vector<std::uint32_t> got(want.size());
   dev.download(out, got.data(), got.size() * 4);
   return got == want;
@@ -110,7 +109,9 @@ const std::string& tc_source_text(const std::string& body) {
   static std::map<std::string, std::string> texts;  // node-based: references stay valid
   std::lock_guard lock(mutex);
   auto it = texts.find(body);
-  if (it == texts.end()) it = texts.emplace(body, kernel_source("common") + "\n" + kernel_source("tc_common") + "\n" + kernel_source(body)).first;
+  if (it == texts.end())
+    it = texts.emplace(body, kernel_source("common") + "\n" + kernel_source("tc_common") + "\n" + kernel_source(body))
+             .first;
   return it->second;
 }
 

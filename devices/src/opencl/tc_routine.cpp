@@ -4,16 +4,16 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <mutex>
 #include <sstream>
 
-#include "mlstm/devices/opencl/chunkwise_routine.hpp"
-#include "mlstm/core/env.hpp"
 #include "internal.hpp"
+#include "mlstm/core/env.hpp"
+#include "mlstm/devices/opencl/chunkwise_routine.hpp"
 #include "tc_program.hpp"
 
 #ifndef MLSTM_OPENCL_TENSOR_CORES
@@ -25,9 +25,9 @@ namespace mlstm::opencl {
 using detail::KernelObject;
 using detail::set_args;
 
-using detail::TcConfig;
 using detail::make_config;
 using detail::tc_source_text;
+using detail::TcConfig;
 
 namespace {
 
@@ -120,8 +120,8 @@ class ResidentTensorCore final : public ResidentChunkwise {
       // Debugging aid: every intermediate and output buffer starts as NaN (0xFF bytes), so a read of a value
       // no kernel wrote shows up as NaN in the results.
       const std::uint8_t pattern = 0xff;
-      for (const PooledBuffer* b : {&gb_, &gbi_, &gpm_, &gG_, &gA_, &mst_, &Cst_, &nst_, &c_last_, &n_last_, &m_last_, &h_,
-                                    &Nt_, &sgt_})
+      for (const PooledBuffer* b :
+           {&gb_, &gbi_, &gpm_, &gG_, &gA_, &mst_, &Cst_, &nst_, &c_last_, &n_last_, &m_last_, &h_, &Nt_, &sgt_})
         check(clEnqueueFillBuffer(dev.queue(), b->get(), &pattern, 1, 0, b->bytes(), 0, nullptr, nullptr),
               "clEnqueueFillBuffer", dn);
       check(clFinish(dev.queue()), "clFinish", dn);
@@ -203,7 +203,8 @@ class ResidentTensorCore final : public ResidentChunkwise {
       out.h = Tensor({p.B, p.NH, p.S, p.DHHV}, p.dtype);
       device_->download(h_, out.h.bytes(), out.h.nbytes());
     }
-    if (options_.return_last_states) detail::read_last_state(*device_, c_last_, n_last_, m_last_, p, options_.gate, out);
+    if (options_.return_last_states)
+      detail::read_last_state(*device_, c_last_, n_last_, m_last_, p, options_.gate, out);
     return out;
   }
 
@@ -266,8 +267,9 @@ class ResidentTensorCore final : public ResidentChunkwise {
   bool has_grads_ = false, forward_done_ = false, skip_outputs_ = false;
   KernelObject k_gates_, k_fw_states_, k_fw_outputs_, k_bw_prep_, k_bw_states_, k_bw_dq_, k_bw_dk_, k_bw_dv_,
       k_bw_gate_grads_;
-  PooledBuffer q_, k_, v_, i_, f_, c0_, n0_, m0_, gb_, gbi_, gpm_, gG_, gA_, mst_, Cst_, nst_, c_last_, n_last_, m_last_, h_,
-      Nt_, sgt_, dh_, dc_last_, dn_last_, dden_, dCst_, dnst_, dc0_, dn0_, dm0_, dq_, dk_, dv_, qdq_, kdk_, di_, df_;
+  PooledBuffer q_, k_, v_, i_, f_, c0_, n0_, m0_, gb_, gbi_, gpm_, gG_, gA_, mst_, Cst_, nst_, c_last_, n_last_,
+      m_last_, h_, Nt_, sgt_, dh_, dc_last_, dn_last_, dden_, dCst_, dnst_, dc0_, dn0_, dm0_, dq_, dk_, dv_, qdq_, kdk_,
+      di_, df_;
 };
 
 }  // namespace
@@ -289,8 +291,8 @@ TensorCoreSupport tensor_core_support(const DeviceInfo& device) {
   } else if (device.vendor.find("NVIDIA") == std::string::npos) {
     s.reason = "not an NVIDIA device (" + device.vendor + ")";
   } else if (s.compute_major < 8) {
-    s.reason = "compute capability " + std::to_string(s.compute_major) + "." + std::to_string(s.compute_minor) +
-               " < 8.0";
+    s.reason =
+        "compute capability " + std::to_string(s.compute_major) + "." + std::to_string(s.compute_minor) + " < 8.0";
   } else {
     s.available = true;
   }
@@ -299,7 +301,8 @@ TensorCoreSupport tensor_core_support(const DeviceInfo& device) {
 
 std::string tensor_core_fit(const ProblemShape& p, const MlstmOptions& o) {
   if (p.dtype != DType::bf16 && p.dtype != DType::f16)
-    return std::string("q/k/v are ") + std::string(dtype_name(p.dtype)) + ", the tensor-core kernels take bfloat16 or float16";
+    return std::string("q/k/v are ") + std::string(dtype_name(p.dtype)) +
+           ", the tensor-core kernels take bfloat16 or float16";
   if (p.DHQK % 16 != 0 || p.DHHV % 16 != 0)
     return "head dims " + std::to_string(p.DHQK) + "x" + std::to_string(p.DHHV) + " are not multiples of 16";
   if (o.chunk_size != 64 && o.chunk_size != 128)
@@ -361,7 +364,10 @@ std::map<cl_device_id, bool> g_build_failed;
 }  // namespace
 
 AutoChunkwiseRunner::AutoChunkwiseRunner(std::shared_ptr<Device> device, bool require_tensor_cores)
-    : device_(device), portable_(device), tensor_cores_(device), require_(require_tensor_cores),
+    : device_(device),
+      portable_(device),
+      tensor_cores_(device),
+      require_(require_tensor_cores),
       support_(tensor_core_support(device->info())) {
   if (require_ && !support_.available)
     throw DeviceError(DeviceError::Kind::other, device->name(), "no tensor cores here: " + support_.reason);
@@ -386,7 +392,8 @@ BackwardResult AutoChunkwiseRunner::backward(const BackwardArgs& args, const Mls
 }
 
 BackwardResult AutoChunkwiseRunner::state_gradient(const BackwardArgs& args, const MlstmOptions& o) const {
-  const ScopedTrace trace([&] { return "state_gradient of " + token_rows(args.dh) + " token-rows on " + device_->name(); });
+  const ScopedTrace trace(
+      [&] { return "state_gradient of " + token_rows(args.dh) + " token-rows on " + device_->name(); });
   if (!uses_tensor_cores(validate_backward(args, o), o)) return portable_.state_gradient(args, o);
   // The tensor-core backward computes everything; keep the state gradient. Without an initial state the zero
   // state is passed, so that it returns dc0 / dn0 / dm0.
@@ -476,8 +483,8 @@ void register_tensor_core_kernels(KernelRegistry& registry) {
   const std::vector<DType> all{DType::f64, DType::f32, DType::f16, DType::bf16};
   const std::vector<DType> half{DType::f16, DType::bf16};
   auto add = [&](std::string name, std::optional<GateVariant> gate, bool require, std::string description) {
-    KernelInfo info{std::move(name), KernelForm::chunkwise, "opencl", true, gate, require ? half : all,
-                    std::move(description)};
+    KernelInfo info{std::move(name),      KernelForm::chunkwise, "opencl", true, gate,
+                    require ? half : all, std::move(description)};
     registry.add_sequence(info, [info, require](const KernelTarget& target) {
       const auto devices = select_devices(target.device_spec);
       return std::make_unique<SelectingChunkwiseKernel>(info, open_device(devices.front()), require);
@@ -492,6 +499,5 @@ void register_tensor_core_kernels(KernelRegistry& registry) {
   add("chunkwise--opencl_tc_xl_chunk_siging", GateVariant::sigmoid, true,
       "chunkwise fw+bw, NVIDIA tensor cores only, sigmoid input gate");
 }
-
 
 }  // namespace mlstm::opencl

@@ -27,12 +27,12 @@ enum class KernelForm { chunkwise, parallel, sequence, step };
 std::string_view form_name(KernelForm f) noexcept;
 
 struct KernelInfo {
-  std::string name;                   // registry name
+  std::string name;  // registry name
   KernelForm form = KernelForm::chunkwise;
-  std::string device_kind;            // "cpu", "opencl"
+  std::string device_kind;  // "cpu", "opencl"
   bool has_backward = false;
   std::optional<GateVariant> forced_gate;  // set for *_siging kernels: options.gate is overridden
-  std::vector<DType> dtypes;          // input dtypes accepted
+  std::vector<DType> dtypes;               // input dtypes accepted
   std::string description;
 };
 
@@ -81,8 +81,14 @@ class KernelRegistry {
   KernelRegistry& operator=(const KernelRegistry& other);
 
  private:
-  struct SeqEntry { KernelInfo info; SequenceFactory factory; };
-  struct StepEntry { KernelInfo info; StepFactory factory; };
+  struct SeqEntry {
+    KernelInfo info;
+    SequenceFactory factory;
+  };
+  struct StepEntry {
+    KernelInfo info;
+    StepFactory factory;
+  };
   mutable std::mutex mutex_;
   std::map<std::string, SeqEntry> sequence_;
   std::map<std::string, StepEntry> step_;

@@ -111,8 +111,8 @@ inline constexpr float kForgetCut = 256.f;
 
 // Geometry of one row-segment.
 struct SegmentShape {
-  std::int64_t T = 0;      // tokens in the segment
-  std::int64_t L = 64;     // chunk size
+  std::int64_t T = 0;   // tokens in the segment
+  std::int64_t L = 64;  // chunk size
   std::int64_t DHQK = 0;
   std::int64_t DHHV = 0;
   std::int64_t num_chunks() const noexcept { return (T + L - 1) / L; }
@@ -152,8 +152,7 @@ struct StateBuffer {
 // fw_gates: lf, b (inclusive cumsum of lf per chunk), ig, and per chunk G_c. Inputs are the raw
 // gate pre-activations of the segment (float32, T each). Outputs: b (T), ig (T), G (num_chunks).
 // A forget gate of -inf enters b and G as a cut of -kForgetCut (see "Gates at +-inf" above).
-void fw_gates(const float* i, const float* f, GateVariant gate, const SegmentShape& s, float* b, float* ig,
-              float* G);
+void fw_gates(const float* i, const float* f, GateVariant gate, const SegmentShape& s, float* b, float* ig, float* G);
 
 // fw_states: runs the chunk recurrence over the whole segment from state `in` (may be EMPTY).
 // Writes the state entering each chunk to boundary.at(c) (boundary.count >= num_chunks; may be null)
@@ -167,15 +166,15 @@ void fixup_states(const float* G, GateVariant gate, const SegmentShape& s, Const
                   StateRef out);
 
 // combine: state leaving a segment = combine(state entering it, its local summary, G_seg).
-void combine(ConstStateRef in, float G_seg, ConstStateRef local, GateVariant gate, std::int64_t DHQK,
-             std::int64_t DHHV, StateRef out);
+void combine(ConstStateRef in, float G_seg, ConstStateRef local, GateVariant gate, std::int64_t DHQK, std::int64_t DHHV,
+             StateRef out);
 
 // fw_outputs: h (T x DHHV) from the boundary states. Also writes, per token, m_t, N_t and den_t
 // (each T floats; any may be null) for the backward. `tile` > 0 tiles the intra-chunk part in blocks
 // of `tile` query/key rows (TFLA style, so L is not bounded by cache); 0 = whole chunk at once.
 void fw_outputs(const float* q, const float* k, const float* v, const float* b, const float* ig, GateVariant gate,
-                bool normalize, float eps, const SegmentShape& s, const StateBuffer& boundary, float* h,
-                float* m_tok, float* N_tok, float* den_tok, std::int64_t tile = 0);
+                bool normalize, float eps, const SegmentShape& s, const StateBuffer& boundary, float* h, float* m_tok,
+                float* N_tok, float* den_tok, std::int64_t tile = 0);
 
 // ---- backward ------------------------------------------------------------------------------------
 
@@ -194,8 +193,8 @@ void bw_state_grads(const float* q, const float* dh, const float* h, const float
 void bw_grads(const float* q, const float* k, const float* v, const float* dh, const float* h, const float* b,
               const float* ig, const float* m_tok, const float* N_tok, const float* den_tok, const float* G,
               GateVariant gate, bool normalize, const SegmentShape& s, const StateBuffer& boundary, float m_exit,
-              const StateBuffer& dboundary, ConstStateRef dstate_out, float* dq, float* dk, float* dv,
-              float* di_raw, float* r, std::int64_t tile = 0);
+              const StateBuffer& dboundary, ConstStateRef dstate_out, float* dq, float* dk, float* dv, float* di_raw,
+              float* r, std::int64_t tile = 0);
 
 // bw_gate_grads: di = di_raw (exp) or di_raw * sigmoid(-i) (sigmoid); df_t = sigmoid(-f_t) *
 // (sum_{u >= t in segment} r_u + tail), where tail = sum of r over all later segments plus

@@ -19,7 +19,11 @@ int main() {
   auto q = random({B, NH, S, D}, 0), k = random({B, NH, S, D}, 0), v = random({B, NH, S, D}, 0);
   auto i = random({B, NH, S}, 0), f = random({B, NH, S}, 3);
   mlstm::ForwardArgs args;
-  args.q = q.view(); args.k = k.view(); args.v = v.view(); args.i = i.view(); args.f = f.view();
+  args.q = q.view();
+  args.k = k.view();
+  args.v = v.view();
+  args.i = i.view();
+  args.f = f.view();
   mlstm::MlstmOptions options;
   options.chunk_size = 32;
   auto kernel = mlstm::get_kernel("chunkwise--cpu_xl_chunk");

@@ -13,20 +13,28 @@ enum class DType { f64, f32, f16, bf16 };
 
 constexpr std::size_t dtype_size(DType t) noexcept {
   switch (t) {
-    case DType::f64: return 8;
-    case DType::f32: return 4;
-    case DType::f16: return 2;
-    case DType::bf16: return 2;
+    case DType::f64:
+      return 8;
+    case DType::f32:
+      return 4;
+    case DType::f16:
+      return 2;
+    case DType::bf16:
+      return 2;
   }
   return 0;
 }
 
 constexpr std::string_view dtype_name(DType t) noexcept {
   switch (t) {
-    case DType::f64: return "float64";
-    case DType::f32: return "float32";
-    case DType::f16: return "float16";
-    case DType::bf16: return "bfloat16";
+    case DType::f64:
+      return "float64";
+    case DType::f32:
+      return "float32";
+    case DType::f16:
+      return "float16";
+    case DType::bf16:
+      return "bfloat16";
   }
   return "?";
 }

@@ -22,7 +22,7 @@ namespace mlstm {
 
 enum class GateVariant { exp, sigmoid };
 
-std::string_view gate_name(GateVariant g) noexcept;                        // "exp" / "sig"
+std::string_view gate_name(GateVariant g) noexcept;                                   // "exp" / "sig"
 GateVariant parse_gate(std::string_view name, const std::string& argument = "gate");  // exp|sig|sigmoid
 
 // The largest chunk size accepted (the OpenCL kernels index a chunk in 32 bits). Kernels use
@@ -32,9 +32,9 @@ inline constexpr std::int64_t kMaxChunkSize = (std::int64_t{1} << 31) - 1;
 
 struct MlstmOptions {
   GateVariant gate = GateVariant::exp;
-  bool normalize = true;          // sigmoid variant only: false skips the normaliser
-  double eps = 1e-6;              // > 0
-  std::int64_t chunk_size = 64;   // chunkwise kernels: > 0 (any size; S need not be a multiple)
+  bool normalize = true;         // sigmoid variant only: false skips the normaliser
+  double eps = 1e-6;             // > 0
+  std::int64_t chunk_size = 64;  // chunkwise kernels: > 0 (any size; S need not be a multiple)
   bool return_last_states = true;
 };
 
@@ -83,9 +83,9 @@ struct BackwardResult {
 };
 
 struct StepArgs {
-  ConstTensorView q, k;   // (B,NH,DHQK)
-  ConstTensorView v;      // (B,NH,DHHV)
-  ConstTensorView i, f;   // (B,NH)
+  ConstTensorView q, k;     // (B,NH,DHQK)
+  ConstTensorView v;        // (B,NH,DHHV)
+  ConstTensorView i, f;     // (B,NH)
   ConstTensorView c, n, m;  // state (B,NH,DHQK,DHHV), (B,NH,DHQK), (B,NH); all empty = zero state
 };
 

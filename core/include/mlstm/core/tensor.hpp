@@ -29,8 +29,8 @@ class BasicTensorView {
       : data_(data), dtype_(dtype), shape_(std::move(shape)), strides_(std::move(strides)) {}
   // A mutable view converts to a read-only one.
   template <class Other>
-    requires(std::is_const_v<Byte> && !std::is_const_v<Other>)
-  BasicTensorView(const BasicTensorView<Other>& other)  // NOLINT(google-explicit-constructor)
+  requires(std::is_const_v<Byte> && !std::is_const_v<Other>)
+      BasicTensorView(const BasicTensorView<Other>& other)  // NOLINT(google-explicit-constructor)
       : data_(other.bytes()), dtype_(other.dtype()), shape_(other.shape()), strides_(other.strides()) {}
 
   bool empty() const noexcept { return data_ == nullptr; }
@@ -103,9 +103,13 @@ class Tensor {
   std::size_t nbytes() const noexcept { return static_cast<std::size_t>(numel()) * dtype_size(dtype_); }
 
   template <class T>
-  T* data() noexcept { return reinterpret_cast<T*>(storage_.get()); }
+  T* data() noexcept {
+    return reinterpret_cast<T*>(storage_.get());
+  }
   template <class T>
-  const T* data() const noexcept { return reinterpret_cast<const T*>(storage_.get()); }
+  const T* data() const noexcept {
+    return reinterpret_cast<const T*>(storage_.get());
+  }
   std::byte* bytes() noexcept { return storage_.get(); }
   const std::byte* bytes() const noexcept { return storage_.get(); }
 
@@ -117,7 +121,7 @@ class Tensor {
   Tensor to(DType dtype) const { return copy_of(view(), dtype); }
   // Same data, new shape with the same element count (InvalidArgument otherwise).
   Tensor reshaped(Shape shape) const&;
-  Tensor reshaped(Shape shape) &&;  // takes the storage over: no copy
+  Tensor reshaped(Shape shape) &&;        // takes the storage over: no copy
   std::vector<double> to_vector() const;  // all elements as double
 
   double get(std::initializer_list<std::int64_t> index) const noexcept { return view().get(index); }

@@ -4,8 +4,8 @@
 #pragma once
 
 #include <chrono>
-#include <type_traits>
 #include <string>
+#include <type_traits>
 
 namespace mlstm {
 
@@ -20,7 +20,7 @@ class ScopedTrace {
     }
   }
   template <class Describe>
-    requires std::is_invocable_r_v<std::string, Describe>
+  requires std::is_invocable_r_v<std::string, Describe>
   explicit ScopedTrace(Describe&& describe) : on_(trace_enabled()) {
     if (on_) {
       what_ = describe();

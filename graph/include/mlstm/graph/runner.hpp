@@ -40,8 +40,9 @@ struct Plan {
 Plan make_plan(const ProblemShape& shape, const MlstmOptions& options, const std::vector<std::string>& devices,
                std::int64_t segment_tokens = 0);
 // A calibrated plan: shares of the sequence proportional to `speeds`, each cut into segments.
-Plan make_calibrated_plan(const ProblemShape& shape, const MlstmOptions& options, const std::vector<std::string>& devices,
-                          const std::vector<double>& speeds, std::int64_t segment_tokens = 0);
+Plan make_calibrated_plan(const ProblemShape& shape, const MlstmOptions& options,
+                          const std::vector<std::string>& devices, const std::vector<double>& speeds,
+                          std::int64_t segment_tokens = 0);
 
 class FlowGraphRunner {
  public:
@@ -76,7 +77,8 @@ class FlowGraphRunner {
   // The devices that support every one of `stages` for this problem (ComputeDevice::supports); those left out
   // are logged with the reason, and InvalidArgument("devices") names every reason when none is left.
   std::vector<std::shared_ptr<ComputeDevice>> capable_devices(std::initializer_list<DeviceStage> stages,
-                                                            const ProblemShape& shape, const MlstmOptions& options) const;
+                                                              const ProblemShape& shape,
+                                                              const MlstmOptions& options) const;
   // The plan over `devices`: calibrated shares or pull (balancing_).
   Plan plan_over(const std::vector<std::shared_ptr<ComputeDevice>>& devices, const ProblemShape& shape,
                  const MlstmOptions& options, std::int64_t segment_tokens);

@@ -13,22 +13,22 @@
 #include <memory>
 #include <string>
 
-#include "mlstm/kernel.hpp"
 #include "mlstm/core/problem.hpp"
 #include "mlstm/core/tensor.hpp"
+#include "mlstm/kernel.hpp"
 
 namespace mlstm {
 
 struct StreamConfig {
   std::int64_t B = 1, NH = 1, DHQK = 0, DHHV = 0;
-  MlstmOptions options;                               // gate, normalize, eps, chunk size
-  std::string kernel = "chunkwise--cpu_xl_chunk";     // any chunkwise kernel of the registry
-  KernelTarget target;                                // device for device kernels
+  MlstmOptions options;                            // gate, normalize, eps, chunk size
+  std::string kernel = "chunkwise--cpu_xl_chunk";  // any chunkwise kernel of the registry
+  KernelTarget target;                             // device for device kernels
 };
 
 class StreamSession {
  public:
-  explicit StreamSession(StreamConfig config);                   // InvalidArgument naming a bad field
+  explicit StreamSession(StreamConfig config);              // InvalidArgument naming a bad field
   StreamSession(StreamConfig config, State initial_state);  // start from a given state
 
   // h (B,NH,S_piece,DHHV) in q's dtype for one piece. The piece's q,k,v,i,f must match the config's B, NH,

@@ -48,8 +48,8 @@
 #include <mutex>
 #include <vector>
 
-#include "mlstm/devices/compute_device.hpp"
 #include "mlstm/core/tensor.hpp"
+#include "mlstm/devices/compute_device.hpp"
 
 namespace mlstm::nodes {
 

@@ -5,8 +5,8 @@
 
 #include <CL/cl.h>
 
-#include <cstddef>
 #include <compare>
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -50,7 +50,10 @@ class Buffer {
  public:
   Buffer() = default;
   Buffer(cl_mem mem, std::size_t bytes) : mem_(mem), bytes_(bytes) {}
-  Buffer(Buffer&& o) noexcept : mem_(o.mem_), bytes_(o.bytes_) { o.mem_ = nullptr; o.bytes_ = 0; }
+  Buffer(Buffer&& o) noexcept : mem_(o.mem_), bytes_(o.bytes_) {
+    o.mem_ = nullptr;
+    o.bytes_ = 0;
+  }
   Buffer& operator=(Buffer&& o) noexcept;
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
@@ -86,7 +89,7 @@ class PooledBuffer {
 };
 
 struct PoolStats {
-  std::uint64_t hits = 0, misses = 0;    // acquire() served from the pool / by a new allocation
+  std::uint64_t hits = 0, misses = 0;              // acquire() served from the pool / by a new allocation
   std::uint64_t bytes_held = 0, buffers_held = 0;  // released buffers kept for reuse
 };
 
@@ -114,8 +117,8 @@ class Device {
   cl_program program_from_text(const std::string& label, const std::string& text, const std::string& options);
   cl_kernel kernel(cl_program program, const char* name);  // a new kernel object; caller releases
 
-  Buffer alloc(std::size_t bytes);  // filled like acquire() under MLSTM_OPENCL_POISON=1
-  Buffer upload(const void* data, std::size_t bytes);  // blocking
+  Buffer alloc(std::size_t bytes);                                  // filled like acquire() under MLSTM_OPENCL_POISON=1
+  Buffer upload(const void* data, std::size_t bytes);               // blocking
   void download(const Buffer& buf, void* data, std::size_t bytes);  // blocking
   // Transfers of at least staging_threshold() bytes (blocking upload, acquire_upload, download) go through
   // page-locked host slots of staging_slot_bytes() in pieces: the host copy of one piece (in parallel) overlaps
@@ -169,8 +172,8 @@ class Device {
                           cl_command_queue queue = nullptr);
 
  private:
-  PooledBuffer acquire_unfilled(std::size_t bytes);  // acquire() without MLSTM_OPENCL_POISON's fill
-  Buffer alloc_unfilled(std::size_t bytes);          // alloc() without it
+  PooledBuffer acquire_unfilled(std::size_t bytes);                // acquire() without MLSTM_OPENCL_POISON's fill
+  Buffer alloc_unfilled(std::size_t bytes);                        // alloc() without it
   void poison(cl_mem mem, std::size_t offset, std::size_t bytes);  // that fill (a no-op unless it is on)
 
   // Pinned staging: two mapped page-locked slots; sets are pooled so that transfers from several threads
@@ -189,11 +192,11 @@ class Device {
     auto operator<=>(const UploadKey&) const = default;
   };
   PooledBuffer upload_view(ConstTensorView t, DType dtype);  // acquire_upload(view) without the reuse
-  bool retained(const void* data) const;  // inside a listed range (pool_mutex_ held)
-  void drop_unretained_uploads();         // kept buffers outside every listed range back to the pool
-  void pool_locked(Buffer&& buffer);      // into the free pool if under its limit, else freed (pool_mutex_ held)
-  std::vector<HostRange> retained_ranges_;          // every live scope's ranges (guarded by pool_mutex_)
-  std::map<UploadKey, Buffer> kept_uploads_;        // released, waiting to be handed out again
+  bool retained(const void* data) const;                     // inside a listed range (pool_mutex_ held)
+  void drop_unretained_uploads();                            // kept buffers outside every listed range back to the pool
+  void pool_locked(Buffer&& buffer);          // into the free pool if under its limit, else freed (pool_mutex_ held)
+  std::vector<HostRange> retained_ranges_;    // every live scope's ranges (guarded by pool_mutex_)
+  std::map<UploadKey, Buffer> kept_uploads_;  // released, waiting to be handed out again
   std::map<cl_mem, UploadKey> handed_out_uploads_;  // in use; kept again when released
   std::uint64_t kept_bytes_ = 0, reused_uploads_ = 0;
   std::size_t staging_slot_ = 0;

@@ -10,8 +10,8 @@
 #include <string>
 #include <vector>
 
-#include "mlstm/devices/opencl/device.hpp"
 #include "mlstm/core/problem.hpp"
+#include "mlstm/devices/opencl/device.hpp"
 
 namespace mlstm::opencl {
 

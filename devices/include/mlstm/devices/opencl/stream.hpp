@@ -21,16 +21,16 @@
 
 #include <CL/cl.h>
 
-#include <cstdint>
 #include <condition_variable>
+#include <cstdint>
 #include <map>
-#include <mutex>
 #include <memory>
+#include <mutex>
 #include <vector>
 
-#include "mlstm/devices/opencl/device.hpp"
 #include "mlstm/core/problem.hpp"
 #include "mlstm/core/tensor.hpp"
+#include "mlstm/devices/opencl/device.hpp"
 
 namespace mlstm::opencl {
 
@@ -89,7 +89,7 @@ class DeviceStream {
   std::shared_ptr<Device> device_;
   Config config_;
   std::unique_ptr<Impl> impl_;
-  std::mutex mutex_;                          // slot states and finished_ (take() may run on another thread)
+  std::mutex mutex_;  // slot states and finished_ (take() may run on another thread)
   std::condition_variable slot_free_;
   std::map<std::uint64_t, Tensor> finished_;  // h of pieces whose slot was reused before take()
   std::uint64_t next_ticket_ = 0;

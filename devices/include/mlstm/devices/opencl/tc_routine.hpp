@@ -14,8 +14,8 @@
 #include <set>
 #include <string>
 
-#include "mlstm/devices/opencl/device.hpp"
 #include "mlstm/devices/opencl/chunkwise_routine.hpp"
+#include "mlstm/devices/opencl/device.hpp"
 #include "mlstm/devices/opencl/resident.hpp"
 #include "mlstm/kernel.hpp"
 
