@@ -1,9 +1,11 @@
 #include "mlstm/core/problem.hpp"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include "mlstm/core/error.hpp"
 
@@ -79,6 +81,30 @@ void check_state(ConstTensorView c, ConstTensorView n, ConstTensorView m, std::i
 
 }  // namespace
 
+namespace {
+// An input-gate pre-activation of +inf with the exponential gate (also a finite value beyond float32's range,
+// which the float32 kernels read as +inf) has no value the kernels compute yet (stages.hpp, "Gates at +-inf":
+// m_t = +inf, b = exp(inf - inf)); it is refused here instead of coming out as NaN. Scanned in blocks through
+// float32, the kernels' precision, without a copy of the whole tensor.
+void check_input_gate_domain(ConstTensorView i, GateVariant gate) {
+  if (gate != GateVariant::exp || i.empty()) return;
+  constexpr std::int64_t kBlock = std::int64_t{1} << 14;
+  const std::int64_t total = i.numel();
+  std::vector<float> block(static_cast<std::size_t>(std::min(kBlock, total)));
+  for (std::int64_t first = 0; first < total; first += kBlock) {
+    const std::int64_t count = std::min(kBlock, total - first);
+    copy_elements(i, first, count, DType::f32, reinterpret_cast<std::byte*>(block.data()));
+    for (std::int64_t e = 0; e < count; ++e) {
+      if (block[static_cast<std::size_t>(e)] == std::numeric_limits<float>::infinity()) {
+        throw InvalidArgument("i", "element " + std::to_string(first + e) +
+                                       " is +inf in float32: an input gate of +inf is not supported with the "
+                                       "exponential gate yet (-inf, and +-inf forget gates, are)");
+      }
+    }
+  }
+}
+}  // namespace
+
 ProblemShape validate_forward(const ForwardArgs& a, const MlstmOptions& options) {
   validate_options(options);
   check_dims(a.q, 4, "q", "(B,NH,S,DHQK)");
@@ -103,6 +129,7 @@ ProblemShape validate_forward(const ForwardArgs& a, const MlstmOptions& options)
   p.gate_dtype = a.i.dtype();
   check_same_dtype(a.f, p.gate_dtype, "f", "i");
   check_state(a.c0, a.n0, a.m0, p.B, p.NH, p.DHQK, p.DHHV, options, "c0", "n0", "m0");
+  check_input_gate_domain(a.i, options.gate);
   return p;
 }
 
@@ -137,6 +164,7 @@ ProblemShape validate_step(const StepArgs& a, const MlstmOptions& options) {
   p.gate_dtype = a.i.dtype();
   check_same_dtype(a.f, p.gate_dtype, "f", "i");
   check_state(a.c, a.n, a.m, p.B, p.NH, p.DHQK, p.DHHV, options, "c", "n", "m");
+  check_input_gate_domain(a.i, options.gate);
   return p;
 }
 

@@ -1115,6 +1115,38 @@ TEST(ReferenceValidation, BadInputsNameTheArgument) {
   }
 }
 
+// An input gate of +inf (exp gate) has no value the kernels compute yet (stages.hpp, "Gates at +-inf"): every
+// entry point refuses it, naming i and the element, instead of returning NaN; so does a finite float64 value
+// beyond float32's range. The sigmoid gate and the other infinities stay valid.
+TEST(ReferenceValidation, InputGatePlusInfinityIsRefusedNotNaN) {
+  const auto in = testing::make_inputs(testing::spec(2, 3, 40, 8, 8, DType::f64), testing::fresh_seed());
+  for (const double bad : {std::numeric_limits<double>::infinity(), 1e300}) {
+    Tensor i = in.i;
+    i.set({1, 2, 33}, bad);
+    ForwardArgs a = in.args();
+    a.i = i.view();
+    MlstmOptions o;
+    try {
+      (void)validate_forward(a, o);
+      ADD_FAILURE() << "i = " << bad << " was accepted";
+    } catch (const InvalidArgument& e) {
+      EXPECT_EQ(e.argument(), "i");
+      EXPECT_NE(std::string(e.what()).find("element " + std::to_string((1 * 3 + 2) * 40 + 33)), std::string::npos)
+          << e.what();
+    }
+    o.gate = GateVariant::sigmoid;
+    EXPECT_NO_THROW((void)validate_forward(a, o));
+  }
+  Tensor i = in.i, f = in.f;
+  i.set({0, 0, 5}, -std::numeric_limits<double>::infinity());
+  f.set({0, 1, 7}, std::numeric_limits<double>::infinity());
+  f.set({1, 1, 9}, -std::numeric_limits<double>::infinity());
+  ForwardArgs a = in.args();
+  a.i = i.view();
+  a.f = f.view();
+  EXPECT_NO_THROW((void)validate_forward(a, MlstmOptions{}));
+}
+
 TEST(ReferenceValidation, StepNamesTheArgument) {
   const Tensor q = Tensor::zeros({2, 3, 4}, DType::f32), k = Tensor::zeros({2, 3, 4}, DType::f32),
                v = Tensor::zeros({2, 3, 5}, DType::f32), i = Tensor::zeros({2, 3}, DType::f32),

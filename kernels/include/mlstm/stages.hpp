@@ -78,8 +78,9 @@
 //             a = b = 0 there by definition (a log weight of -inf weighs 0, also against m_t = -inf), the
 //             normaliser is max(|0|, exp(+inf)) = inf and h_t = 0; every gradient reaching such a token is 0.
 //             The next token with finite i starts afresh: m = i, C = b k v^T with b = 1.
-//   i = +inf: NOT in the domain yet (m_t = +inf, b = exp(inf - inf)): results there are unspecified (the
-//             reference gives NaN; the limit would need all +inf input gates taken as one X -> inf).
+//   i = +inf: NOT in the domain yet (m_t = +inf, b = exp(inf - inf)); with the exp gate every entry point refuses
+//             it (validate_forward / validate_step: InvalidArgument naming i and the element), so no form returns
+//             NaN for it. The limit would need all +inf input gates taken as one X -> inf.
 // Gradients w.r.t. an infinite pre-activation are these limits (finite, mostly 0); gradients of the other
 // inputs are the limits of their float64 backward, which the reference computes directly.
 // The float64 reference (recurrent: guarded a, b; parallel: the row is cut at every lf = -inf and log weights
