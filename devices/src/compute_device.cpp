@@ -18,6 +18,23 @@ std::string_view stage_name(DeviceStage stage) noexcept {
   return "?";
 }
 
+BackwardResult state_gradient_through_backward(const std::function<BackwardResult(const BackwardArgs&)>& backward,
+                                               const BackwardArgs& args, const ProblemShape& p) {
+  BackwardArgs with_state = args;
+  State zero;
+  if (!args.inputs.has_initial_state()) {
+    zero = State::zeros(p.B, p.NH, p.DHQK, p.DHHV);
+    with_state.inputs.c0 = zero.C.view();
+    with_state.inputs.n0 = zero.n.view();
+    with_state.inputs.m0 = zero.m.view();
+  }
+  BackwardResult full = backward(with_state), out;
+  out.dc0 = std::move(full.dc0);
+  out.dn0 = std::move(full.dn0);
+  out.dm0 = std::move(full.dm0);
+  return out;
+}
+
 std::vector<std::shared_ptr<ComputeDevice>> devices_from_spec(const std::string& spec) {
   std::vector<std::shared_ptr<ComputeDevice>> out;
   std::size_t start = 0;

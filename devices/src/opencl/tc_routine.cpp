@@ -1,19 +1,12 @@
 #include "mlstm/devices/opencl/tc_routine.hpp"
-#include "mlstm/core/trace.hpp"
-
-#include <spdlog/spdlog.h>
 
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <map>
-#include <mutex>
-#include <sstream>
 
 #include "internal.hpp"
 #include "mlstm/core/env.hpp"
-#include "mlstm/devices/opencl/chunkwise_routine.hpp"
 #include "tc_program.hpp"
 
 #ifndef MLSTM_OPENCL_TENSOR_CORES
@@ -350,154 +343,6 @@ BackwardResult TensorCoreRunner::backward(const BackwardArgs& args, const MlstmO
   r.enqueue_forward(nullptr);
   r.enqueue_backward(nullptr);
   return r.read_backward();
-}
-
-namespace {
-
-// "B*NH*S" of a (B,NH,S,D) view, for traces.
-std::string token_rows(ConstTensorView t) { return std::to_string(t.numel() / std::max<std::int64_t>(1, t.dim(-1))); }
-
-// Per device: whether the tensor-core programs failed to build (then the portable kernels run there).
-std::mutex g_state_mutex;
-std::map<cl_device_id, bool> g_build_failed;
-
-}  // namespace
-
-AutoChunkwiseRunner::AutoChunkwiseRunner(std::shared_ptr<Device> device, bool require_tensor_cores)
-    : device_(device),
-      portable_(device),
-      tensor_cores_(device),
-      require_(require_tensor_cores),
-      support_(tensor_core_support(device->info())) {
-  if (require_ && !support_.available)
-    throw DeviceError(DeviceError::Kind::other, device->name(), "no tensor cores here: " + support_.reason);
-}
-
-ForwardResult AutoChunkwiseRunner::forward(const ForwardArgs& args, const MlstmOptions& o) const {
-  const ScopedTrace trace([&] { return "forward of " + token_rows(args.q) + " token-rows on " + device_->name(); });
-  if (uses_tensor_cores(validate_forward(args, o), o)) return tensor_cores_.forward(args, o);
-  return portable_.forward(args, o);
-}
-
-ForwardResult AutoChunkwiseRunner::last_state(const ForwardArgs& args, const MlstmOptions& o) const {
-  const ScopedTrace trace([&] { return "last_state of " + token_rows(args.q) + " token-rows on " + device_->name(); });
-  if (uses_tensor_cores(validate_forward(args, o), o)) return tensor_cores_.last_state(args, o);
-  return portable_.last_state(args, o);
-}
-
-BackwardResult AutoChunkwiseRunner::backward(const BackwardArgs& args, const MlstmOptions& o) const {
-  const ScopedTrace trace([&] { return "backward of " + token_rows(args.dh) + " token-rows on " + device_->name(); });
-  if (uses_tensor_cores(validate_backward(args, o), o)) return tensor_cores_.backward(args, o);
-  return portable_.backward(args, o);
-}
-
-BackwardResult AutoChunkwiseRunner::state_gradient(const BackwardArgs& args, const MlstmOptions& o) const {
-  const ScopedTrace trace(
-      [&] { return "state_gradient of " + token_rows(args.dh) + " token-rows on " + device_->name(); });
-  if (!uses_tensor_cores(validate_backward(args, o), o)) return portable_.state_gradient(args, o);
-  // The tensor-core backward computes everything; keep the state gradient. Without an initial state the zero
-  // state is passed, so that it returns dc0 / dn0 / dm0.
-  const ProblemShape p = validate_backward(args, o);
-  BackwardArgs with_init = args;
-  Tensor C0, n0, m0;
-  if (!args.inputs.has_initial_state()) {
-    C0 = Tensor::zeros({p.B, p.NH, p.DHQK, p.DHHV}, DType::f32);
-    n0 = Tensor::zeros({p.B, p.NH, p.DHQK}, DType::f32);
-    m0 = Tensor::zeros({p.B, p.NH}, DType::f32);
-    with_init.inputs.c0 = C0.view();
-    with_init.inputs.n0 = n0.view();
-    with_init.inputs.m0 = m0.view();
-  }
-  BackwardResult full = tensor_cores_.backward(with_init, o), out;
-  out.dc0 = std::move(full.dc0);
-  out.dn0 = std::move(full.dn0);
-  out.dm0 = std::move(full.dm0);
-  return out;
-}
-
-bool AutoChunkwiseRunner::uses_tensor_cores(const ProblemShape& p, const MlstmOptions& o) const {
-  if (!support_.available) return false;
-  const std::string misfit = tensor_core_fit(p, o);
-  if (!misfit.empty()) {
-    if (require_) throw InvalidArgument("q", "the tensor-core kernels cannot run this problem: " + misfit);
-    spdlog::debug("mlstm-flow: {}: portable kernels: {}", device_->name(), misfit);
-    return false;
-  }
-  const cl_device_id id = device_->info().id;
-  {
-    std::lock_guard lock(g_state_mutex);
-    auto it = g_build_failed.find(id);
-    if (it != g_build_failed.end() && it->second && !require_) return false;
-  }
-  // Building (or finding) the seven programs is only needed once per configuration; the resident problem
-  // fetches the ones it uses itself.
-  std::ostringstream key;
-  key << dtype_name(p.dtype) << '/' << p.DHQK << '/' << p.DHHV << '/' << o.chunk_size << '/' << gate_name(o.gate) << '/'
-      << o.normalize << '/' << o.eps;
-  {
-    std::lock_guard lock(prepared_mutex_);
-    if (prepared_.count(key.str())) return true;
-  }
-  try {
-    tensor_cores_.prepare(p, o);
-    std::lock_guard lock(prepared_mutex_);
-    prepared_.insert(key.str());
-  } catch (const DeviceError& e) {
-    if (e.kind() != DeviceError::Kind::build || require_) throw;
-    std::lock_guard lock(g_state_mutex);
-    g_build_failed[id] = true;
-    spdlog::warn("mlstm-flow: {}: the tensor-core kernels did not build; using the portable kernels. {}",
-                 device_->name(), e.what());
-    return false;
-  }
-  return true;
-}
-
-namespace {
-
-class SelectingChunkwiseKernel final : public SequenceKernel {
- public:
-  SelectingChunkwiseKernel(KernelInfo info, std::shared_ptr<Device> device, bool require)
-      : info_(std::move(info)), runner_(std::move(device), require) {}
-  const KernelInfo& info() const noexcept override { return info_; }
-  ForwardResult forward(const ForwardArgs& args, const MlstmOptions& options) const override {
-    return runner_.forward(args, with_gate(options));
-  }
-  BackwardResult backward(const BackwardArgs& args, const MlstmOptions& options) const override {
-    return runner_.backward(args, with_gate(options));
-  }
-
- private:
-  MlstmOptions with_gate(const MlstmOptions& options) const {
-    MlstmOptions o = options;
-    if (info_.forced_gate) o.gate = *info_.forced_gate;
-    return o;
-  }
-  KernelInfo info_;
-  AutoChunkwiseRunner runner_;
-};
-
-}  // namespace
-
-void register_tensor_core_kernels(KernelRegistry& registry) {
-  const std::vector<DType> all{DType::f64, DType::f32, DType::f16, DType::bf16};
-  const std::vector<DType> half{DType::f16, DType::bf16};
-  auto add = [&](std::string name, std::optional<GateVariant> gate, bool require, std::string description) {
-    KernelInfo info{std::move(name),      KernelForm::chunkwise, "opencl", true, gate,
-                    require ? half : all, std::move(description)};
-    registry.add_sequence(info, [info, require](const KernelTarget& target) {
-      const auto devices = select_devices(target.device_spec);
-      return std::make_unique<SelectingChunkwiseKernel>(info, open_device(devices.front()), require);
-    });
-  };
-  add("chunkwise--opencl_xl_chunk", std::nullopt, false,
-      "chunkwise fw+bw, OpenCL: tensor cores (mma.sync PTX) on NVIDIA sm_80+, portable OpenCL C 1.2 elsewhere");
-  add("chunkwise--opencl_xl_chunk_siging", GateVariant::sigmoid, false,
-      "chunkwise fw+bw, OpenCL, sigmoid input gate: tensor cores on NVIDIA sm_80+, portable elsewhere");
-  add("chunkwise--opencl_tc_xl_chunk", std::nullopt, true,
-      "chunkwise fw+bw, NVIDIA tensor cores only (bf16/fp16, head dims multiples of 16, chunk 64|128)");
-  add("chunkwise--opencl_tc_xl_chunk_siging", GateVariant::sigmoid, true,
-      "chunkwise fw+bw, NVIDIA tensor cores only, sigmoid input gate");
 }
 
 }  // namespace mlstm::opencl

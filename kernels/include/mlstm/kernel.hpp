@@ -2,7 +2,7 @@
 // whose CPU implementation the flow-graph nodes schedule), the float64 reference that every kernel is tested
 // against (reference.hpp), the CPU kernels (cpu_kernels.hpp: CBLAS + TBB), the OpenCL C sources
 // (kernels/opencl/, embedded into the devices module at build time), and, here, the kernel interfaces and the
-// registry type (the process-wide registry, with the OpenCL kernels, is devices/registry.hpp).
+// registry type (the process-wide registry, built from the devices, is devices/registry.hpp).
 //
 // Kernel interfaces and the kernel registry (names in the mlstm_kernels style).
 //   chunkwise--<impl>   e.g. chunkwise--cpu_xl_chunk, chunkwise--opencl_xl_chunk_siging
@@ -58,14 +58,12 @@ class StepKernel {
   virtual StepResult step(const StepArgs& args, const MlstmOptions& options) const = 0;
 };
 
-// Thread-safe name -> factory table. The kernels module fills it with the CPU and reference kernels
-// (with_builtin_kernels); the devices module adds the OpenCL ones; the graph facade owns the global one.
+// Thread-safe name -> factory table. The process-wide one is built from compute devices
+// (devices/registry.hpp).
 class KernelRegistry {
  public:
   using SequenceFactory = std::function<std::unique_ptr<SequenceKernel>(const KernelTarget&)>;
   using StepFactory = std::function<std::unique_ptr<StepKernel>(const KernelTarget&)>;
-
-  static KernelRegistry with_builtin_kernels();  // reference + CPU kernels
 
   void add_sequence(KernelInfo info, SequenceFactory factory);
   void add_step(KernelInfo info, StepFactory factory);

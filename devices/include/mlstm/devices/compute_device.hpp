@@ -12,6 +12,7 @@
 // supports() says, before anything runs, whether a stage of a problem can run on the device, and why not.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -24,9 +25,11 @@ namespace mlstm {
 enum class DeviceStage { forward, last_state, backward, state_gradient };
 std::string_view stage_name(DeviceStage stage) noexcept;  // "forward", "last_state", ...
 
-// The answer of ComputeDevice::supports(): yes, or no with the reason (for logs and errors).
+// The answer of ComputeDevice::supports(): yes, or no with the reason (for logs and errors) and the argument
+// or option that decides it ("q", "chunk_size", ...; empty when it is the device itself).
 struct DeviceSupport {
   std::string why_not;  // empty: supported
+  std::string argument;
   explicit operator bool() const noexcept { return why_not.empty(); }
 };
 
@@ -58,10 +61,40 @@ class ComputeDevice {
   }
 };
 
-// One CPU worker per NUMA node found (hwloc via tbbbind; one worker when the topology is not known).
+// For devices without a pass of their own for the state gradient: it through a full `backward` (called with an
+// initial state: the zero state when `args` has none, so that it returns dc0 / dn0 / dm0); the token gradients
+// are dropped.
+BackwardResult state_gradient_through_backward(const std::function<BackwardResult(const BackwardArgs&)>& backward,
+                                               const BackwardArgs& args, const ProblemShape& shape);
+
+// One CPU worker per NUMA node found (hwloc via tbbbind; one worker when the topology is not known). Each runs
+// the tiled chunkwise kernels in its own TBB arena.
 std::vector<std::shared_ptr<ComputeDevice>> cpu_workers();
+
+// The algorithm a CPU device runs (kernels/cpu_kernels.hpp, kernels/reference.hpp). The registry's CPU kernels
+// are CPU devices of each algorithm; the graph's workers run chunkwise_tiled.
+enum class CpuAlgorithm {
+  chunkwise_tiled,     // TFLA-tiled chunks, any chunk size
+  chunkwise_whole,     // a whole chunk at once, chunk size <= 256
+  parallel,            // the parallel form, tiled
+  sequence,            // the recurrent form, step by step (forward only)
+  reference_parallel,  // the float64 parallel form (results converted to the library's dtypes)
+  reference_sequence,  // the float64 recurrence, the definition (likewise)
+};
+// A CPU device of `algorithm`, running in the caller's TBB arena.
+std::shared_ptr<ComputeDevice> cpu_device(CpuAlgorithm algorithm);
+
+// Which chunkwise kernels an OpenCL compute device runs.
+enum class OpenCLKernels {
+  automatic,     // the tensor cores where the device and the problem allow it and their programs build, else the
+                 // portable kernels (the first build failure on a device is logged and sends it to them)
+  tensor_cores,  // only the tensor cores: a device without them is refused when opened, a problem they
+                 // cannot take by supports()
+  portable,      // only the portable OpenCL C kernels
+};
 // The OpenCL devices of an OpenCL device spec (opencl::select_devices).
-std::vector<std::shared_ptr<ComputeDevice>> opencl_devices(const std::string& spec);
+std::vector<std::shared_ptr<ComputeDevice>> opencl_devices(const std::string& spec,
+                                                           OpenCLKernels kernels = OpenCLKernels::automatic);
 // The device-spec grammar: "workers" (the CPU workers), an OpenCL spec ("gpu:all", "0,1", "cpu" = OpenCL CPU
 // devices, ...; opencl.hpp), or several joined with '+' ("workers+gpu:all").
 std::vector<std::shared_ptr<ComputeDevice>> devices_from_spec(const std::string& spec);

@@ -1,13 +1,12 @@
-// The portable OpenCL chunkwise kernels (kernels/opencl/mlstm_chunkwise.cl) on one device, and their
-// registry entries: chunkwise--opencl_xl_chunk and chunkwise--opencl_xl_chunk_siging (forward and backward;
-// register_tensor_core_kernels() later replaces them by versions that use tensor cores where they can).
+// The portable OpenCL chunkwise kernels (kernels/opencl/mlstm_chunkwise.cl) on one device: the routine that
+// OpenCL compute devices (compute_device.hpp) run wherever the tensor cores do not.
 #pragma once
 
 #include <memory>
 
+#include "mlstm/core/problem.hpp"
 #include "mlstm/devices/opencl/device.hpp"
 #include "mlstm/devices/opencl/resident.hpp"
-#include "mlstm/kernel.hpp"
 
 namespace mlstm::opencl {
 
@@ -39,9 +38,5 @@ class ChunkwiseRunner {
  private:
   std::shared_ptr<Device> device_;
 };
-
-// Adds the OpenCL kernels to `registry`. Each takes its device from KernelTarget::device_spec
-// (select_devices; empty = first GPU, else first device).
-void register_kernels(KernelRegistry& registry);
 
 }  // namespace mlstm::opencl

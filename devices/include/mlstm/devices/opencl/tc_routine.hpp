@@ -1,23 +1,20 @@
 // The NVIDIA tensor-core path of the chunkwise kernels (kernels/opencl/tc/*.cl: OpenCL C with inline PTX
 // mma.sync / ldmatrix, sm_80 and newer), forward and backward, both input gates, bf16 and fp16 inputs.
 //
-// Selection: the registry kernels chunkwise--opencl_xl_chunk(_siging) use it automatically when
+// Selection: OpenCL compute devices (compute_device.hpp, OpenCLKernels::automatic) use it when
 // tensor_core_support() says the device can and the problem fits (tensor_core_fit()); everything else, and
 // any failure to build the tensor-core programs, goes to the portable kernels (logged once per device).
-// chunkwise--opencl_tc_xl_chunk(_siging) insist on it and fail with a clear error instead.
+// OpenCLKernels::tensor_cores (chunkwise--opencl_tc_xl_chunk(_siging)) insists on it and fails with a clear
+// error instead.
 // It is compiled in unless CMake's MLSTM_OPENCL_NVIDIA_TC is OFF, and can be switched off at run time
 // with the environment variable MLSTM_TENSOR_CORES=off.
 #pragma once
 
 #include <memory>
-#include <mutex>
-#include <set>
 #include <string>
 
-#include "mlstm/devices/opencl/chunkwise_routine.hpp"
 #include "mlstm/devices/opencl/device.hpp"
 #include "mlstm/devices/opencl/resident.hpp"
-#include "mlstm/kernel.hpp"
 
 namespace mlstm::opencl {
 
@@ -65,40 +62,5 @@ class TensorCoreRunner {
   std::shared_ptr<Device> device_;
   Config config_;
 };
-
-// Runs each problem on the tensor cores where the device and the problem allow it (tensor_core_support,
-// tensor_core_fit, programs that build), else on the portable kernels (ChunkwiseRunner). The first build
-// failure of the tensor-core programs on a device is logged and sends that device to the portable kernels
-// from then on. With `require_tensor_cores`, problems or devices that cannot use them throw instead
-// (InvalidArgument naming "q" / DeviceError naming the device, with the reason).
-class AutoChunkwiseRunner {
- public:
-  explicit AutoChunkwiseRunner(std::shared_ptr<Device> device, bool require_tensor_cores = false);
-  Device& device() const noexcept { return *device_; }
-  const TensorCoreSupport& support() const noexcept { return support_; }
-
-  ForwardResult forward(const ForwardArgs& args, const MlstmOptions& options) const;
-  ForwardResult last_state(const ForwardArgs& args, const MlstmOptions& options) const;
-  BackwardResult backward(const BackwardArgs& args, const MlstmOptions& options) const;
-  // Only the gradient of the state entering the sequence (ChunkwiseRunner::state_gradient); on the tensor
-  // cores through their full backward.
-  BackwardResult state_gradient(const BackwardArgs& args, const MlstmOptions& options) const;
-  // Whether this problem would run on the tensor cores (builds their programs on first use).
-  bool uses_tensor_cores(const ProblemShape& shape, const MlstmOptions& options) const;
-
- private:
-  std::shared_ptr<Device> device_;
-  ChunkwiseRunner portable_;
-  TensorCoreRunner tensor_cores_;
-  bool require_;
-  TensorCoreSupport support_;
-  mutable std::mutex prepared_mutex_;
-  mutable std::set<std::string> prepared_;  // configurations whose programs are built
-};
-
-// Adds chunkwise--opencl_tc_xl_chunk(_siging) and replaces chunkwise--opencl_xl_chunk(_siging) by the
-// automatically selecting versions (tensor cores where possible, portable kernels otherwise). Call after
-// register_kernels().
-void register_tensor_core_kernels(KernelRegistry& registry);
 
 }  // namespace mlstm::opencl

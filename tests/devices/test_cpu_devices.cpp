@@ -1,4 +1,5 @@
-// Every CPU kernel against the float64 reference: shapes, dtypes, gates, states, state carry, backward.
+// Every CPU kernel of the registry (a CPU device of each algorithm behind the one adapter) against the float64
+// reference: shapes, dtypes, gates, states, state carry, backward.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -7,7 +8,7 @@
 
 #include "mlstm/core/error.hpp"
 #include "mlstm/cpu_kernels.hpp"
-#include "mlstm/kernel.hpp"
+#include "mlstm/devices/registry.hpp"
 #include "mlstm/reference.hpp"
 #include "mlstm/stages.hpp"
 #include "test_util.hpp"
@@ -21,10 +22,7 @@ using testing::make_inputs;
 using testing::matches;
 using testing::spec;
 
-const KernelRegistry& registry() {
-  static const KernelRegistry reg = KernelRegistry::with_builtin_kernels();
-  return reg;
-}
+const KernelRegistry& registry() { return kernel_registry(); }
 
 struct KernelCase {
   std::string kernel;
