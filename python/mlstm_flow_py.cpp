@@ -62,24 +62,9 @@ py::array to_numpy(const Tensor& t) {
   return out;
 }
 
-struct Loaded {
-  Tensor q, k, v, i, f, c0, n0, m0;
-  ForwardArgs args() const {
-    ForwardArgs a;
-    a.q = q.view();
-    a.k = k.view();
-    a.v = v.view();
-    a.i = i.view();
-    a.f = f.view();
-    if (!c0.empty()) a.c0 = c0.view();
-    if (!n0.empty()) a.n0 = n0.view();
-    if (!m0.empty()) a.m0 = m0.view();
-    return a;
-  }
-};
-
-Loaded load(const py::object& q, const py::object& k, const py::object& v, const py::object& i, const py::object& f,
-            const py::object& c0, const py::object& n0, const py::object& m0, const std::string& dtype) {
+ForwardInputs load(const py::object& q, const py::object& k, const py::object& v, const py::object& i,
+                   const py::object& f, const py::object& c0, const py::object& n0, const py::object& m0,
+                   const std::string& dtype) {
   const bool bf16 = dtype == "bfloat16" || dtype == "bf16";
   // Any other dtype used to be accepted and ignored (the arrays' own dtypes are used): refused.
   if (!dtype.empty() && !bf16) {
@@ -87,7 +72,7 @@ Loaded load(const py::object& q, const py::object& k, const py::object& v, const
                                        "' has no effect; only dtype='bfloat16' is taken (uint16 arrays read "
                                        "as bfloat16); other dtypes come from the arrays");
   }
-  Loaded l;
+  ForwardInputs l;
   l.q = to_tensor(q, "q", bf16);
   l.k = to_tensor(k, "k", bf16);
   l.v = to_tensor(v, "v", bf16);
@@ -200,7 +185,7 @@ PYBIND11_MODULE(mlstm_flow, m) {
         const MlstmOptions o =
             options(int_arg(chunk_size, "chunk_size"), str_arg(gate, "gate"), bool_arg(normalize, "normalize"),
                     float_arg(eps, "eps"), return_last_states, kernel, devices);
-        const Loaded l = load(q, k, v, i, f, c0, n0, m0, str_arg(dtype, "dtype"));
+        const ForwardInputs l = load(q, k, v, i, f, c0, n0, m0, str_arg(dtype, "dtype"));
         ForwardResult r;
         {
           py::gil_scoped_release release;
@@ -225,7 +210,7 @@ PYBIND11_MODULE(mlstm_flow, m) {
         const std::int64_t chunk_size = int_arg(chunk_size_o, "chunk_size");
         const bool normalize = bool_arg(normalize_o, "normalize");
         const double eps = float_arg(eps_o, "eps");
-        const Loaded l = load(q, k, v, i, f, c0, n0, m0, str_arg(dtype, "dtype"));
+        const ForwardInputs l = load(q, k, v, i, f, c0, n0, m0, str_arg(dtype, "dtype"));
         const Tensor dht = to_tensor(dh, "dh", false);
         Tensor dct, dnt;
         if (!dc_last.is_none()) dct = to_tensor(dc_last, "dc_last", false);
@@ -268,7 +253,7 @@ PYBIND11_MODULE(mlstm_flow, m) {
         const std::string kernel = str_arg(kernel_o, "kernel"), gate = str_arg(gate_o, "gate");
         const bool normalize = bool_arg(normalize_o, "normalize");
         const double eps = float_arg(eps_o, "eps");
-        const Loaded l = load(q, k, v, i, f, c, n, mm, str_arg(dtype, "dtype"));
+        const ForwardInputs l = load(q, k, v, i, f, c, n, mm, str_arg(dtype, "dtype"));
         StepArgs a;
         a.q = l.q.view();
         a.k = l.k.view();

@@ -179,4 +179,28 @@ void check_finite(const ForwardArgs& a) {
   check_finite(a.m0, "m0");
 }
 
+ForwardArgs ForwardInputs::args() const {
+  ForwardArgs a;
+  a.q = q.view();
+  a.k = k.view();
+  a.v = v.view();
+  a.i = i.view();
+  a.f = f.view();
+  if (!c0.empty()) a.c0 = c0.view();
+  if (!n0.empty()) a.n0 = n0.view();
+  if (!m0.empty()) a.m0 = m0.view();
+  return a;
+}
+
+BackwardArgs BackwardInputs::backward_args(bool with_last_state_grads) const {
+  BackwardArgs b;
+  b.inputs = args();
+  b.dh = dh.view();
+  if (with_last_state_grads) {
+    if (!dc_last.empty()) b.dc_last = dc_last.view();
+    if (!dn_last.empty()) b.dn_last = dn_last.view();
+  }
+  return b;
+}
+
 }  // namespace mlstm

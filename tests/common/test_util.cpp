@@ -88,32 +88,6 @@ void apply_inf_gates(InfGates g, Tensor& i, Tensor& f) {
 }
 }  // namespace
 
-ForwardArgs Inputs::args() const {
-  ForwardArgs a;
-  a.q = q.view();
-  a.k = k.view();
-  a.v = v.view();
-  a.i = i.view();
-  a.f = f.view();
-  if (!c0.empty()) {
-    a.c0 = c0.view();
-    a.n0 = n0.view();
-    a.m0 = m0.view();
-  }
-  return a;
-}
-
-BackwardArgs Inputs::backward_args(bool with_last_state_grads) const {
-  BackwardArgs b;
-  b.inputs = args();
-  b.dh = dh.view();
-  if (with_last_state_grads) {
-    b.dc_last = dc_last.view();
-    b.dn_last = dn_last.view();
-  }
-  return b;
-}
-
 namespace {
 // The base every test's draws derive from; CI runs with this one, so every run draws the same inputs.
 constexpr std::uint64_t kDefaultBaseSeed = 20261202;

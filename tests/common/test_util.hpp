@@ -46,13 +46,8 @@ struct InputSpec {
   std::string describe() const;  // "B=3 NH=5 S=1000 DHQK=48 DHHV=96 bfloat16 exp init"
 };
 
-struct Inputs {
-  Tensor q, k, v, i, f, c0, n0, m0;
-  ForwardArgs args() const;
-  Tensor dh;                // random (B,NH,S,DHHV) float32, for backward tests
-  Tensor dc_last, dn_last;  // random last-state gradients
-  BackwardArgs backward_args(bool with_last_state_grads) const;
-};
+// Random inputs with dh and last-state gradients for the backward tests (all float32 except as the spec says).
+using Inputs = BackwardInputs;
 
 // The seed of this test's next draw: derived from the base seed (default fixed; MLSTM_TEST_SEED=<n> or
 // =random), the test's full name and the number of draws it made before. Printed with the replay command.

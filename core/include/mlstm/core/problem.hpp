@@ -82,6 +82,21 @@ struct BackwardResult {
   Tensor dc0, dn0, dm0;  // float32 (float64 from the reference); only when initial states were given
 };
 
+// Owned arguments: the tensors of a problem's inputs (and, for the backward, its incoming gradients) for callers
+// that load or draw them (the CLI's files, Python's arrays, the tests' random inputs); the views of args() and
+// backward_args() live as long as the object. An empty tensor is not passed (the initial state, the last-state
+// gradients), so validation names the one that is missing.
+struct ForwardInputs {
+  Tensor q, k, v, i, f;
+  Tensor c0, n0, m0;
+  ForwardArgs args() const;
+};
+
+struct BackwardInputs : ForwardInputs {
+  Tensor dh, dc_last, dn_last;
+  BackwardArgs backward_args(bool with_last_state_grads = true) const;
+};
+
 struct StepArgs {
   ConstTensorView q, k;     // (B,NH,DHQK)
   ConstTensorView v;        // (B,NH,DHHV)
