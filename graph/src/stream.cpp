@@ -71,17 +71,36 @@ StreamSession::StreamSession(StreamConfig config)
 
 StreamSession::StreamSession(StreamConfig config, State initial_state) : config_(std::move(config)) {
   check_config(config_);
-  kernel_ = get_kernel(config_.kernel, config_.target);
-  if (kernel_->info().form != KernelForm::chunkwise && kernel_->info().form != KernelForm::sequence) {
-    throw InvalidArgument("kernel", "'" + config_.kernel + "' is not a chunkwise or sequence kernel");
+  if (config_.devices.empty()) {
+    kernel_ = get_kernel(config_.kernel, config_.target);
+    if (kernel_->info().form != KernelForm::chunkwise && kernel_->info().form != KernelForm::sequence) {
+      throw InvalidArgument("kernel", "'" + config_.kernel + "' is not a chunkwise or sequence kernel");
+    }
+  } else {
+    if (config_.kernel != StreamConfig{}.kernel || !config_.target.device_spec.empty()) {
+      throw InvalidArgument("devices", "a flow-graph session ('" + config_.devices +
+                                           "') picks the kernels itself; leave kernel and target unset");
+    }
+    runner_ = std::make_unique<graph::FlowGraphRunner>(config_.devices);
+    runner_->set_balancing(config_.balancing);
   }
   check_shape(initial_state.C, {config_.B, config_.NH, config_.DHQK, config_.DHHV}, "C", "(B,NH,DHQK,DHHV)");
   check_shape(initial_state.n, {config_.B, config_.NH, config_.DHQK}, "n", "(B,NH,DHQK)");
   check_shape(initial_state.m, {config_.B, config_.NH}, "m", "(B,NH)");
-  state_ = {initial_state.C.to(DType::f32), initial_state.n.to(DType::f32), initial_state.m.to(DType::f32)};
+  state_ = std::make_shared<const State>(
+      State{initial_state.C.to(DType::f32), initial_state.n.to(DType::f32), initial_state.m.to(DType::f32)});
 }
 
-Tensor StreamSession::push(const ForwardArgs& piece) {
+StreamSession::StreamSession(StreamSession&&) noexcept = default;
+StreamSession& StreamSession::operator=(StreamSession&&) noexcept = default;
+StreamSession::~StreamSession() = default;
+
+const std::string& StreamSession::recorded_kernel() const noexcept {
+  static const std::string graph = "flow-graph";
+  return runner_ ? graph : config_.kernel;
+}
+
+ForwardArgs StreamSession::with_state(const ForwardArgs& piece, const State& state) const {
   if (piece.has_initial_state() || !piece.n0.empty() || !piece.m0.empty()) {
     throw InvalidArgument("c0", "a stream carries its own state; pass pieces without c0/n0/m0");
   }
@@ -89,15 +108,31 @@ Tensor StreamSession::push(const ForwardArgs& piece) {
   const Shape want_q{config_.B, config_.NH, piece.q.dim(2), config_.DHQK};
   check_shape(piece.q, want_q, "q", "(B,NH,S,DHQK) with the stream's B, NH, DHQK");
   ForwardArgs a = piece;
-  a.c0 = state_.C.view();
-  a.n0 = state_.n.view();
-  a.m0 = state_.m.view();
+  a.c0 = state.C.view();
+  a.n0 = state.n.view();
+  a.m0 = state.m.view();
+  return a;
+}
+
+Tensor StreamSession::push(const ForwardArgs& piece) {
+  const ForwardArgs a = with_state(piece, *state_);
   MlstmOptions o = config_.options;
   o.return_last_states = true;
-  ForwardResult r = kernel_->forward(a, o);
-  state_ = {std::move(r.c), std::move(r.n), std::move(r.m)};
+  ForwardResult r = runner_ ? runner_->forward(a, o) : kernel_->forward(a, o);
+  previous_ = state_;
+  state_ = std::make_shared<const State>(State{std::move(r.c), std::move(r.n), std::move(r.m)});
   tokens_ += piece.q.dim(2);
   return std::move(r.h);
+}
+
+BackwardResult StreamSession::backward_of_last_piece(const ForwardArgs& piece, ConstTensorView dh) {
+  if (!previous_) throw InvalidArgument("piece", "no piece has been pushed yet");
+  BackwardArgs b;
+  b.inputs = with_state(piece, *previous_);
+  b.dh = dh;
+  if (runner_) return runner_->backward(b, config_.options);
+  if (!kernel_->info().has_backward) throw InvalidArgument("kernel", "'" + config_.kernel + "' has no backward");
+  return kernel_->backward(b, config_.options);
 }
 
 void StreamSession::snapshot(const std::string& path) const {
@@ -108,10 +143,10 @@ void StreamSession::snapshot(const std::string& path) const {
   put<std::uint32_t>(body, config_.options.normalize ? 1u : 0u);
   put<std::uint32_t>(body, eps_bits(config_.options.eps));
   put<std::int64_t>(body, config_.options.chunk_size);
-  put<std::uint32_t>(body, dtype_code(state_.C.dtype()));
-  put<std::uint32_t>(body, static_cast<std::uint32_t>(config_.kernel.size()));
-  body.append(config_.kernel);
-  for (const Tensor* t : {&state_.C, &state_.n, &state_.m}) {
+  put<std::uint32_t>(body, dtype_code(state_->C.dtype()));
+  put<std::uint32_t>(body, static_cast<std::uint32_t>(recorded_kernel().size()));
+  body.append(recorded_kernel());
+  for (const Tensor* t : {&state_->C, &state_->n, &state_->m}) {
     body.append(reinterpret_cast<const char*>(t->bytes()), t->nbytes());
   }
   put<std::uint64_t>(body, StreamSession::checksum(body));
@@ -203,7 +238,8 @@ StreamSession StreamSession::restore_bytes(const std::string& bytes, StreamConfi
   }
   const std::string kernel = bytes.substr(at, kernel_len);
   at += kernel_len;
-  if (kernel != config.kernel) throw mismatch("kernel", "'" + kernel + "'", "'" + config.kernel + "'");
+  const std::string session_kernel = config.devices.empty() ? config.kernel : "flow-graph";
+  if (kernel != session_kernel) throw mismatch("kernel", "'" + kernel + "'", "'" + session_kernel + "'");
   if (tokens < 0) throw refuse("negative token count " + std::to_string(tokens));
   // The size the state must have, checked before anything is allocated (dims are the session's, not yet
   // validated: a non-positive or overflowing product is refused here).

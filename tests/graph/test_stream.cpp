@@ -34,21 +34,14 @@ Tensor cut(const Tensor& t, std::int64_t a, std::int64_t b) {
   return testing::slice_seq(t, a, b);
 }
 
-struct Piece {
-  Tensor q, k, v, i, f;
-  ForwardArgs args() const {
-    ForwardArgs a;
-    a.q = q.view();
-    a.k = k.view();
-    a.v = v.view();
-    a.i = i.view();
-    a.f = f.view();
-    return a;
-  }
-};
-
-Piece piece(const testing::Inputs& in, std::int64_t a, std::int64_t b) {
-  return {cut(in.q, a, b), cut(in.k, a, b), cut(in.v, a, b), cut(in.i, a, b), cut(in.f, a, b)};
+ForwardInputs piece(const testing::Inputs& in, std::int64_t a, std::int64_t b) {
+  ForwardInputs p;
+  p.q = cut(in.q, a, b);
+  p.k = cut(in.k, a, b);
+  p.v = cut(in.v, a, b);
+  p.i = cut(in.i, a, b);
+  p.f = cut(in.f, a, b);
+  return p;
 }
 
 StreamConfig config_for(const InputSpec& s, const std::string& kernel = "chunkwise--cpu_xl_chunk") {
@@ -478,6 +471,82 @@ TEST(StreamSession, BadConfigAndPiecesNameTheArgument) {
     FAIL();
   } catch (const InvalidArgument& e) {
     EXPECT_EQ(e.argument(), "q");
+  }
+}
+
+// A session through the flow graph (several devices, segments cut inside every piece) equals the kernel
+// session; its snapshot records "flow-graph" and resumes on other devices; the backward of a piece equals one
+// backward call from the state it started in.
+TEST(StreamSession, ThroughTheFlowGraphEqualsOneKernel) {
+  InputSpec s;
+  s.B = 1;
+  s.NH = 2;
+  s.S = 600;
+  s.DHQK = 16;
+  s.DHHV = 24;
+  const auto seed = testing::fresh_seed();
+  const auto in = testing::make_inputs(s, seed);
+  StreamConfig graph_cfg = config_for(s);
+  graph_cfg.devices = "workers+all";
+  StreamSession kernel_stream(config_for(s)), graph_stream(graph_cfg);
+  ASSERT_NE(graph_stream.runner(), nullptr);
+  EXPECT_EQ(kernel_stream.runner(), nullptr);
+  EXPECT_GE(graph_stream.runner()->devices().size(), 2u);
+  std::mt19937_64 rng(seed);
+  std::int64_t t = 0;
+  for (; t < 400;) {
+    const std::int64_t len = 50 + static_cast<std::int64_t>(rng() % 150);
+    const auto p = piece(in, t, std::min(s.S, t + len));
+    EXPECT_TRUE(testing::matches(graph_stream.push(p.args()), kernel_stream.push(p.args()), 5e-5, "graph stream",
+                                 "h of the piece at " + std::to_string(t), s));
+    t = std::min(s.S, t + len);
+  }
+  EXPECT_TRUE(testing::matches(graph_stream.state().C, kernel_stream.state().C, 5e-5, "graph stream", "C", s));
+
+  const fs::path dir = fs::temp_directory_path() / ("mlstm_graph_stream_" + std::to_string(::getpid()));
+  fs::create_directories(dir);
+  const std::string snap = (dir / "s.mlstm").string();
+  graph_stream.snapshot(snap);
+  try {
+    StreamSession::restore(snap, config_for(s));
+    ADD_FAILURE() << "a flow-graph snapshot was restored into a kernel session";
+  } catch (const InvalidArgument& e) {
+    EXPECT_EQ(e.argument(), "kernel");
+  }
+  StreamConfig workers_only = graph_cfg;
+  workers_only.devices = "workers";  // a device fewer after a restart: the stream resumes
+  StreamSession resumed = StreamSession::restore(snap, workers_only);
+  EXPECT_EQ(resumed.tokens(), t);
+  fs::remove_all(dir);
+
+  const auto rest = piece(in, t, s.S);
+  const Tensor h = resumed.push(rest.args());
+  BackwardArgs b;
+  b.inputs = rest.args();
+  b.inputs.c0 = graph_stream.state().C.view();
+  b.inputs.n0 = graph_stream.state().n.view();
+  b.inputs.m0 = graph_stream.state().m.view();
+  b.dh = h.view();
+  const auto want = get_kernel("chunkwise--cpu_xl_chunk")->backward(b, graph_cfg.options);
+  const BackwardResult got = resumed.backward_of_last_piece(rest.args(), h.view());
+  EXPECT_TRUE(testing::matches(got.dq, want.dq, 1e-4, "graph stream", "dq of the last piece", s));
+  EXPECT_TRUE(testing::matches(got.df, want.df, 1e-4, "graph stream", "df of the last piece", s));
+  EXPECT_TRUE(testing::matches(got.dc0, want.dc0, 1e-4, "graph stream", "dc0 of the last piece", s));
+
+  StreamConfig both = graph_cfg;
+  both.kernel = "chunkwise--opencl_xl_chunk";
+  try {
+    StreamSession bad(both);
+    ADD_FAILURE() << "a session took both a kernel and devices";
+  } catch (const InvalidArgument& e) {
+    EXPECT_EQ(e.argument(), "devices");
+  }
+  StreamSession fresh(config_for(s));
+  try {
+    fresh.backward_of_last_piece(rest.args(), h.view());
+    ADD_FAILURE() << "a backward before any push";
+  } catch (const InvalidArgument& e) {
+    EXPECT_EQ(e.argument(), "piece");
   }
 }
 

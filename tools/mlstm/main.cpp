@@ -235,22 +235,6 @@ void add_input_options(CLI::App* app, InputFiles& in, bool sequence) {
                   "device spec for OpenCL kernels: all, gpu:all, gpu:0,1, cpu (refused for CPU kernels)");
 }
 
-struct LoadedInputs {
-  Tensor q, k, v, i, f, c0, n0, m0;
-  ForwardArgs args() const {
-    ForwardArgs a;
-    a.q = q.view();
-    a.k = k.view();
-    a.v = v.view();
-    a.i = i.view();
-    a.f = f.view();
-    if (!c0.empty()) a.c0 = c0.view();
-    if (!n0.empty()) a.n0 = n0.view();
-    if (!m0.empty()) a.m0 = m0.view();
-    return a;
-  }
-};
-
 std::optional<DType> as_dtype(const InputFiles& in) {
   if (in.dtype.empty()) return std::nullopt;
   return parse_dtype(in.dtype, "--dtype");
@@ -261,9 +245,9 @@ Tensor read_optional(const std::string& path, const std::string& name, std::opti
   return npy::read(path, name, dt);
 }
 
-LoadedInputs load_inputs(const InputFiles& in) {
+ForwardInputs load_inputs(const InputFiles& in) {
   const auto dt = as_dtype(in);
-  LoadedInputs l;
+  ForwardInputs l;
   l.q = npy::read(in.q, "--q", dt);
   l.k = npy::read(in.k, "--k", dt);
   l.v = npy::read(in.v, "--v", dt);
@@ -375,7 +359,7 @@ int cmd_forward(const InputFiles& in, const ForwardOutputs& out, bool as_json) {
   const KernelInfo info = kernel_info(in.kernel, false);
   const MlstmOptions o = options_of(in, info);
   check_outputs(input_paths(in), {{"--out", out.h}, {"--out-c", out.c}, {"--out-n", out.n}, {"--out-m", out.m}});
-  const LoadedInputs l = load_inputs(in);
+  const ForwardInputs l = load_inputs(in);
   ForwardResult r;
   try {
     if (in.check_finite) check_finite(l.args());
@@ -432,22 +416,19 @@ int cmd_backward(const InputFiles& in, const BackwardFiles& bf, bool as_json) {
                          {"--out-dc0", bf.out_dc0},
                          {"--out-dn0", bf.out_dn0},
                          {"--out-dm0", bf.out_dm0}});
-  const LoadedInputs l = load_inputs(in);
-  const Tensor dh = npy::read(bf.dh, "--dh");
-  const Tensor dc = read_optional(bf.dc, "--dc", std::nullopt);
-  const Tensor dn = read_optional(bf.dn, "--dn", std::nullopt);
+  BackwardInputs l;
+  static_cast<ForwardInputs&>(l) = load_inputs(in);
+  l.dh = npy::read(bf.dh, "--dh");
+  l.dc_last = read_optional(bf.dc, "--dc", std::nullopt);
+  l.dn_last = read_optional(bf.dn, "--dn", std::nullopt);
   try {
     if (in.check_finite) {
       check_finite(l.args());
-      check_finite(dh.view(), "dh");
-      check_finite(dc.view(), "dc_last");
-      check_finite(dn.view(), "dn_last");
+      check_finite(l.dh.view(), "dh");
+      check_finite(l.dc_last.view(), "dc_last");
+      check_finite(l.dn_last.view(), "dn_last");
     }
-    BackwardArgs b;
-    b.inputs = l.args();
-    b.dh = dh.view();
-    if (!dc.empty()) b.dc_last = dc.view();
-    if (!dn.empty()) b.dn_last = dn.view();
+    const BackwardArgs b = l.backward_args();
     auto kernel = get_kernel(in.kernel, KernelTarget{in.devices});
     const auto t0 = Clock::now();
     const BackwardResult g = kernel->backward(b, o);
@@ -659,9 +640,9 @@ Tensor synthetic_normal(Shape shape, float mean, DType dtype, std::uint64_t seed
   return Tensor::from(x, std::move(shape), dtype);
 }
 
-LoadedInputs synthetic_piece(std::int64_t B, std::int64_t NH, std::int64_t len, std::int64_t DK, std::int64_t DV,
-                             DType dtype, std::uint64_t seed) {
-  LoadedInputs l;
+ForwardInputs synthetic_piece(std::int64_t B, std::int64_t NH, std::int64_t len, std::int64_t DK, std::int64_t DV,
+                              DType dtype, std::uint64_t seed) {
+  ForwardInputs l;
   l.q = synthetic_normal({B, NH, len, DK}, 0, dtype, seed * 5 + 0);
   l.k = synthetic_normal({B, NH, len, DK}, 0, dtype, seed * 5 + 1);
   l.v = synthetic_normal({B, NH, len, DV}, 0, dtype, seed * 5 + 2);
@@ -680,12 +661,12 @@ struct RunOptions {
 
 // Max relative error of h over the first `check_tokens` tokens of a piece of `len` tokens, against the
 // float64 reference (recurrent form) from the zero state.
-double spot_check(const LoadedInputs& l, const RunOptions& ro, std::int64_t len, const Tensor& h,
+double spot_check(const ForwardInputs& l, const RunOptions& ro, std::int64_t len, const Tensor& h,
                   const MlstmOptions& o) {
   double max_rel = 0.0;
   const ForwardResult r{h, {}, {}, {}};
   const std::int64_t ct = std::min(ro.check_tokens, len);
-  const LoadedInputs& s = l;
+  const ForwardInputs& s = l;
   ForwardArgs sa = s.args();
   Tensor q = Tensor::copy_of(ConstTensorView(s.q.bytes(), s.q.dtype(), {ro.batch, ro.heads, ct, ro.dqk},
                                              {ro.heads * len * ro.dqk, len * ro.dqk, ro.dqk, 1}));
@@ -760,12 +741,13 @@ int run_pipeline(const RunOptions& ro, DType dtype, const MlstmOptions& o, std::
               << " (tensor cores; uploads, kernels and downloads overlapped; state on the device)\n";
   }
   constexpr int kDistinctPieces = 4;
-  std::vector<LoadedInputs> pieces;
+  std::vector<ForwardInputs> pieces;
   for (int p = 0; p < kDistinctPieces; ++p)
     pieces.push_back(
         synthetic_piece(ro.batch, ro.heads, piece, ro.dqk, ro.dhv, dtype, 1234567 + static_cast<std::uint64_t>(p)));
   const std::int64_t tail = ro.seq_len % piece;
-  LoadedInputs last = tail ? synthetic_piece(ro.batch, ro.heads, tail, ro.dqk, ro.dhv, dtype, 7654321) : LoadedInputs{};
+  ForwardInputs last =
+      tail ? synthetic_piece(ro.batch, ro.heads, tail, ro.dqk, ro.dhv, dtype, 7654321) : ForwardInputs{};
   Progress progress(ro.seq_len, ro.progress || isatty(2));
   double max_rel = 0.0;
   std::int64_t done = 0;
@@ -785,7 +767,7 @@ int run_pipeline(const RunOptions& ro, DType dtype, const MlstmOptions& o, std::
     std::uint64_t index = 0;
     for (std::int64_t t0 = 0; t0 < ro.seq_len; t0 += piece, ++index) {
       const bool partial = ro.seq_len - t0 < piece;
-      const LoadedInputs& l = partial ? last : pieces[index % kDistinctPieces];
+      const ForwardInputs& l = partial ? last : pieces[index % kDistinctPieces];
       stream.node().try_put(nodes::StreamPiece{index, l.args(), nullptr});
     }
     g.wait_for_all();
@@ -865,8 +847,16 @@ int cmd_run(const RunOptions& ro, bool as_json) {
                             "pipeline needs an OpenCL GPU with tensor cores and a problem they take "
                             "(bfloat16/float16, head dims multiples of 16, chunk 64 or 128)");
   }
-  graph::FlowGraphRunner runner(spec);
-  runner.set_balancing(graph::Balancing::calibrated);  // shares by measured device speed
+  // The stream: pieces through the flow graph on `spec`, the state carried between them by the session.
+  StreamConfig cfg;
+  cfg.B = ro.batch;
+  cfg.NH = ro.heads;
+  cfg.DHQK = ro.dqk;
+  cfg.DHHV = ro.dhv;
+  cfg.options = o;
+  cfg.devices = spec;
+  cfg.balancing = graph::Balancing::calibrated;  // shares by measured device speed
+  StreamSession session(cfg);
   if (!as_json) {
     ProblemShape shape;
     shape.B = ro.batch;
@@ -883,26 +873,25 @@ int cmd_run(const RunOptions& ro, bool as_json) {
               << (ro.backward ? ", forward+backward per piece (the backward sequence parallel through the graph too)"
                               : "")
               << "\n"
-              << (ro.mode == "resident" ? "" : "per piece, ") << runner.plan(shape, o).describe() << "\n";
+              << (ro.mode == "resident" ? "" : "per piece, ") << session.runner()->plan(shape, o).describe() << "\n";
   }
   Progress progress(ro.seq_len, ro.progress || isatty(2));
-  Tensor C, n, m;
   double max_rel = 0.0;
   double compute_secs = 0.0;
   const auto start = Clock::now();
   // A few random pieces generated up front and cycled (generating 1M tokens of fresh normals would cost
   // more than the mLSTM itself); the carried state makes every piece's output different.
   constexpr int kDistinctPieces = 4;
-  std::vector<LoadedInputs> pieces;
+  std::vector<ForwardInputs> pieces;
   for (int p = 0; p < kDistinctPieces; ++p) {
     pieces.push_back(synthetic_piece(ro.batch, ro.heads, std::min(ro.piece, ro.seq_len), ro.dqk, ro.dhv, dtype,
                                      1234567 + static_cast<std::uint64_t>(p)));
   }
   // resident: the whole sequence in memory (the same pieces, tiled), one pass through the graph.
   const bool resident = ro.mode == "resident";
-  LoadedInputs full;
+  ForwardInputs full;
   if (resident) {
-    auto tile = [&](Tensor LoadedInputs::*member, std::int64_t inner) {
+    auto tile = [&](Tensor ForwardInputs::*member, std::int64_t inner) {
       const Tensor& first = pieces[0].*member;
       Shape shape = first.shape();
       shape[2] = ro.seq_len;
@@ -920,38 +909,24 @@ int cmd_run(const RunOptions& ro, bool as_json) {
       }
       return out;
     };
-    full.q = tile(&LoadedInputs::q, ro.dqk);
-    full.k = tile(&LoadedInputs::k, ro.dqk);
-    full.v = tile(&LoadedInputs::v, ro.dhv);
-    full.i = tile(&LoadedInputs::i, 1);
-    full.f = tile(&LoadedInputs::f, 1);
+    full.q = tile(&ForwardInputs::q, ro.dqk);
+    full.k = tile(&ForwardInputs::k, ro.dqk);
+    full.v = tile(&ForwardInputs::v, ro.dhv);
+    full.i = tile(&ForwardInputs::i, 1);
+    full.f = tile(&ForwardInputs::f, 1);
   }
   const std::int64_t step = resident ? ro.seq_len : ro.piece;
   std::int64_t piece_index = 0;
   for (std::int64_t t0 = 0; t0 < ro.seq_len; t0 += step, ++piece_index) {
     const std::int64_t len = std::min(step, ro.seq_len - t0);
-    LoadedInputs l = resident ? full : pieces[static_cast<std::size_t>(piece_index % kDistinctPieces)];
+    ForwardInputs l = resident ? full : pieces[static_cast<std::size_t>(piece_index % kDistinctPieces)];
     if (len < l.q.dim(2)) l = synthetic_piece(ro.batch, ro.heads, len, ro.dqk, ro.dhv, dtype, 7654321);
-    ForwardArgs a = l.args();
-    if (!C.empty()) {
-      a.c0 = C.view();
-      a.n0 = n.view();
-      a.m0 = m.view();
-    }
+    const ForwardArgs a = l.args();
     const auto c0 = Clock::now();
-    ForwardResult r = runner.forward(a, o);
-    if (ro.backward) {
-      BackwardArgs b;
-      b.inputs = a;
-      b.dh = r.h.view();
-      const BackwardResult g = runner.backward(b, o);
-      (void)g;
-    }
+    const Tensor h = session.push(a);
+    if (ro.backward) (void)session.backward_of_last_piece(a, h.view());  // dh = h
     compute_secs += std::chrono::duration<double>(Clock::now() - c0).count();
-    if (t0 == 0 && ro.check_tokens > 0) max_rel = spot_check(l, ro, len, r.h, o);
-    C = std::move(r.c);
-    n = std::move(r.n);
-    m = std::move(r.m);
+    if (t0 == 0 && ro.check_tokens > 0) max_rel = spot_check(l, ro, len, h, o);
     progress.update(t0 + len);
   }
   const double secs = std::chrono::duration<double>(Clock::now() - start).count();
@@ -1094,7 +1069,7 @@ int bench(const BenchOptions& bo, DType dtype, bool as_json) {
     for (auto S : bo.seq_lens) {
       if (S > bo.tokens || bo.tokens % S != 0) continue;
       const std::int64_t B = bo.tokens / S;
-      const LoadedInputs l = synthetic_piece(B, bo.heads, S, bo.dqk, bo.dhv, dtype, 99);
+      const ForwardInputs l = synthetic_piece(B, bo.heads, S, bo.dqk, bo.dhv, dtype, 99);
       for (auto L : bo.chunk_sizes) {
         MlstmOptions o;
         o.chunk_size = L;
@@ -1179,7 +1154,7 @@ int bench(const BenchOptions& bo, DType dtype, bool as_json) {
   const std::int64_t L0 = bo.chunk_sizes.front();
   for (auto d : bo.head_dims) {
     const std::int64_t B = std::max<std::int64_t>(1, bo.tokens / S_max);
-    const LoadedInputs l = synthetic_piece(B, bo.heads, S_max, d, d, dtype, 98);
+    const ForwardInputs l = synthetic_piece(B, bo.heads, S_max, d, d, dtype, 98);
     MlstmOptions o;
     o.chunk_size = L0;
     auto kernel = get_kernel(bo.kernels.front());
@@ -1199,7 +1174,7 @@ int bench(const BenchOptions& bo, DType dtype, bool as_json) {
     for (const char* scaling : {"strong", "weak"}) {
       const std::int64_t S =
           std::string(scaling) == "strong" ? S_max : (bo.weak_seq_len > 0 ? bo.weak_seq_len : S_max) * ndev;
-      const LoadedInputs l = synthetic_piece(1, bo.heads, S, bo.dqk, bo.dhv, dtype, 97);
+      const ForwardInputs l = synthetic_piece(1, bo.heads, S, bo.dqk, bo.dhv, dtype, 97);
       const std::string what = std::string(scaling) + "_scaling devices=" + std::to_string(ndev);
       // Sequence parallel (segments over the devices) and head split (rows over the devices), forward and,
       // with --backward, forward + backward (dh = h).
@@ -1223,7 +1198,7 @@ int bench(const BenchOptions& bo, DType dtype, bool as_json) {
     // Streaming vs resident: the same S_max tokens in 8 pieces with the state carried, against one pass
     // (the strong-scaling row above).
     {
-      const LoadedInputs l = synthetic_piece(1, bo.heads, S_max, bo.dqk, bo.dhv, dtype, 97);
+      const ForwardInputs l = synthetic_piece(1, bo.heads, S_max, bo.dqk, bo.dhv, dtype, 97);
       const std::int64_t piece = std::max<std::int64_t>(L0, S_max / 8);
       const double med = median_of([&] {
         StreamConfig cfg;

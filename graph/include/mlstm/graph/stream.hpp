@@ -7,6 +7,9 @@
 //   mlstm::StreamSession stream(cfg);
 //   while (more) { mlstm::Tensor h = stream.push(piece_args); ... }   // piece_args: q,k,v,i,f of S_piece tokens
 //   stream.snapshot("state.mlstm");   ...   auto resumed = mlstm::StreamSession::restore("state.mlstm", cfg);
+//
+// A session runs one registry kernel (config.kernel on config.target), or, with config.devices set, the flow
+// graph (FlowGraphRunner) over those devices: every piece sequence parallel across them.
 #pragma once
 
 #include <cstdint>
@@ -15,6 +18,7 @@
 
 #include "mlstm/core/problem.hpp"
 #include "mlstm/core/tensor.hpp"
+#include "mlstm/graph/runner.hpp"
 #include "mlstm/kernel.hpp"
 
 namespace mlstm {
@@ -24,18 +28,33 @@ struct StreamConfig {
   MlstmOptions options;                            // gate, normalize, eps, chunk size
   std::string kernel = "chunkwise--cpu_xl_chunk";  // any chunkwise kernel of the registry
   KernelTarget target;                             // device for device kernels
+  // Non-empty: pieces run through the flow graph on these devices (devices_from_spec: "workers",
+  // "gpu:all", "workers+gpu:all", ...), and kernel / target must be left at their defaults. Snapshots record
+  // the kernel as "flow-graph", not the devices, so a stream resumes on whatever devices are left.
+  std::string devices;
+  graph::Balancing balancing = graph::Balancing::pull;  // with devices
 };
 
 class StreamSession {
  public:
   explicit StreamSession(StreamConfig config);              // InvalidArgument naming a bad field
   StreamSession(StreamConfig config, State initial_state);  // start from a given state
+  StreamSession(StreamSession&&) noexcept;
+  StreamSession& operator=(StreamSession&&) noexcept;
+  ~StreamSession();
 
   // h (B,NH,S_piece,DHHV) in q's dtype for one piece. The piece's q,k,v,i,f must match the config's B, NH,
   // DHQK, DHHV (InvalidArgument naming the argument otherwise); its c0/n0/m0 must be empty.
   Tensor push(const ForwardArgs& piece);
 
-  const State& state() const noexcept { return state_; }
+  // The gradients of the piece pushed last, from dh (its h's gradient): dq, dk, dv, di, df for its tokens and
+  // dc0, dn0, dm0 for the state it started from (truncated backpropagation: nothing flows into earlier
+  // pieces). `piece` must be the arguments of that push. The state is not changed.
+  BackwardResult backward_of_last_piece(const ForwardArgs& piece, ConstTensorView dh);
+
+  const State& state() const noexcept { return *state_; }
+  // The flow graph the session runs (config.devices), or null for a kernel session.
+  graph::FlowGraphRunner* runner() noexcept { return runner_.get(); }
   std::int64_t tokens() const noexcept { return tokens_; }  // tokens per row consumed so far
   const StreamConfig& config() const noexcept { return config_; }
 
@@ -59,8 +78,12 @@ class StreamSession {
 
  private:
   StreamConfig config_;
+  const std::string& recorded_kernel() const noexcept;                         // the kernel name snapshots record
+  ForwardArgs with_state(const ForwardArgs& piece, const State& state) const;  // checked piece + entering state
   std::unique_ptr<SequenceKernel> kernel_;
-  State state_;
+  std::unique_ptr<graph::FlowGraphRunner> runner_;
+  StateHandle state_;     // the state after the last piece
+  StateHandle previous_;  // the state before it (backward_of_last_piece)
   std::int64_t tokens_ = 0;
 };
 
