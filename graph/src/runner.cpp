@@ -13,30 +13,70 @@
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <type_traits>
 
+#include "graph_builder.hpp"
 #include "mlstm/core/atomic_file.hpp"
 #include "mlstm/core/env.hpp"
 #include "mlstm/core/error.hpp"
 
 namespace mlstm::graph {
 
+std::string_view pass_name(Pass pass) noexcept {
+  switch (pass) {
+    case Pass::forward:
+      return "forward";
+    case Pass::backward:
+      return "backward";
+    case Pass::forward_head_split:
+      return "forward head split";
+    case Pass::backward_head_split:
+      return "backward head split";
+  }
+  return "?";
+}
+
 std::string Plan::describe() const {
   std::ostringstream os;
-  os << "plan: S=" << S << " chunk=" << chunk_size << " segment=" << segment_tokens << " tokens, " << segments.size()
-     << " segments, devices:";
+  const bool head_split = pass == Pass::forward_head_split || pass == Pass::backward_head_split;
+  os << "plan: " << pass_name(pass) << ", S=" << S << " chunk=" << chunk_size;
+  if (!head_split) os << " segment=" << segment_tokens << " tokens, " << segments.size() << " segments";
+  os << ", devices:";
   for (std::size_t d = 0; d < devices.size(); ++d) {
     os << " [" << devices[d];
     if (d < speeds.size()) os << " " << static_cast<long long>(speeds[d]) << " tokens/s";
     os << "]";
   }
-  for (const auto& s : segments) {
-    if (s.device >= 0)
-      os << "\n  segment " << s.index << " [" << s.t0 << ", " << s.t1 << ") -> "
-         << devices[static_cast<std::size_t>(s.device)];
+  if (head_split) {
+    const char* what = pass == Pass::forward_head_split ? "forward" : "backward";
+    for (std::size_t d = 0; d < rows.size(); ++d)
+      os << "\n  rows [" << rows[d].first << ", " << rows[d].second << "): " << what << " on " << devices[d];
+    return os.str();
   }
-  os << "\n  phase 1: local states of every segment from the EMPTY state, pulled by free devices"
-     << "\n  phase 2: in-order combine -> the state entering every segment"
-     << "\n  phase 3: outputs of every segment from its entering state, pulled by free devices";
+  const bool one = segments.size() == 1;
+  for (const auto& s : segments) {
+    os << "\n  segment " << s.index << " [" << s.t0 << ", " << s.t1 << ") -> ";
+    if (s.device >= 0)
+      os << devices[static_cast<std::size_t>(s.device)];
+    else
+      os << "the first free device (pulled); its later passes stay there";
+  }
+  if (pass == Pass::forward && one) {
+    os << "\n  one segment: its outputs and the final state from the initial state; no local-state pass";
+  } else if (pass == Pass::backward && one) {
+    os << "\n  one segment: one backward call from the initial state";
+  } else {
+    const char* how = speeds.empty() ? "pulled by free devices" : "on the devices above";
+    os << "\n  phase 1: local states of every segment from the EMPTY state, " << how
+       << "\n  phase 2: in-order combine -> the state entering every segment";
+    if (pass == Pass::forward) {
+      os << "\n  phase 3: outputs of every segment from its entering state, on its local state's device";
+    } else {
+      os << "\n  phase 3: local state gradients of segments 1.., on their local state's device"
+         << "\n  phase 4: reverse combine -> the gradient leaving every segment"
+         << "\n  phase 5: gradients of every segment, on its local state's device";
+    }
+  }
   return os.str();
 }
 
@@ -121,10 +161,9 @@ FlowGraphRunner::FlowGraphRunner(std::vector<std::shared_ptr<ComputeDevice>> dev
 
 FlowGraphRunner::FlowGraphRunner(const std::string& device_spec) : FlowGraphRunner(devices_from_spec(device_spec)) {}
 
-Plan FlowGraphRunner::plan(const ProblemShape& shape, const MlstmOptions& options, std::int64_t segment_tokens) const {
-  std::vector<std::string> names;
-  for (const auto& d : devices_) names.push_back(d->name());
-  return make_plan(shape, options, names, segment_tokens);
+Plan FlowGraphRunner::plan(const ProblemShape& shape, const MlstmOptions& options, std::int64_t segment_tokens,
+                           Pass pass) const {
+  return plan_run(pass, shape, options, segment_tokens).plan;
 }
 
 namespace {
@@ -216,6 +255,47 @@ std::vector<std::unique_ptr<ComputeDevice::InputResidency>> keep_inputs_resident
 // (1, 0, 3, 2, ...), the order oneTBB is free to give them (see EnteringStateStage).
 bool entries_reordered() { return env::is("MLSTM_FAULT_INJECT_ORDER", "entries"); }
 
+// The device a segment's message goes to: the plan's, or the one that computed its local state (set by the
+// state recurrence). Every segment has one by then; -1 is left only by a custom graph without a pool.
+std::size_t device_of(const nodes::Segment& s) {
+  return s.device < 0 ? std::size_t{0} : static_cast<std::size_t>(s.device);
+}
+
+// Passes on the messages whose segment belongs to device `device` (one such node per device behind a
+// stage, so routing is made of edges the graph description records, not of puts into other nodes).
+template <class Msg>
+using RouteNode = tbb::flow::multifunction_node<Msg, std::tuple<Msg>>;
+template <class Msg>
+struct RouteBody {
+  std::size_t device;
+  void operator()(const Msg& m, typename RouteNode<Msg>::output_ports_type& out) const {
+    if (device_of(m.segment) == device) std::get<0>(out).try_put(m);
+  }
+};
+
+// The segments a device's nodes get, for node names: "segments 0-3, 7", "pulled segments" (pull).
+std::string share_of(const Plan& p, std::size_t d) {
+  std::vector<int> mine;
+  for (const auto& s : p.segments) {
+    if (s.device < 0) return p.segments.size() == 1 ? "segment 0" : "pulled segments";
+    if (static_cast<std::size_t>(s.device) == d) mine.push_back(s.index);
+  }
+  if (mine.empty()) return "no segments";
+  std::string out = mine.size() == 1 ? "segment " : "segments ";
+  for (std::size_t i = 0; i < mine.size();) {
+    std::size_t j = i;
+    while (j + 1 < mine.size() && mine[j + 1] == mine[j] + 1) ++j;
+    if (i > 0) out += ", ";
+    out += std::to_string(mine[i]);
+    if (j > i) {
+      out += '-';
+      out += std::to_string(mine[j]);
+    }
+    i = j + 1;
+  }
+  return out;
+}
+
 // Phases 1 and 2 of the sequence-parallel forward, shared by forward() and backward(): per device a
 // local-state node fed from a segment queue (one queue per device when calibrated, else one shared queue),
 // then the in-order sequencer and the serial state recurrence, whose entries (every segment's entering state)
@@ -224,39 +304,58 @@ bool entries_reordered() { return env::is("MLSTM_FAULT_INJECT_ORDER", "entries")
 // output on (function_input::apply_body_impl_bypass), so entry s+1 can reach a successor before entry s.
 // The backward records the entries and reads segment s-1's entry once segment s's gradient is done; with
 // entries out of order it read one not yet recorded (a wrong segment, 1 in some hundred runs under load).
+// The last entry is marked is_last and carries the final state (SegmentEntry::leaving).
 class EnteringStateStage {
  public:
   using Devices = std::vector<std::shared_ptr<ComputeDevice>>;
-  EnteringStateStage(tbb::flow::graph& g, std::size_t queues, const std::shared_ptr<nodes::SegmentProblem>& problem,
-                     const std::shared_ptr<std::vector<nodes::Segment>>& segments,
-                     const std::shared_ptr<nodes::SegmentEntry>& running, const Devices& devices,
+  using Entries = tbb::flow::broadcast_node<nodes::SegmentEntry>;
+  EnteringStateStage(GraphBuilder& b, const Plan& plan, bool pulled,
+                     const std::shared_ptr<nodes::SegmentProblem>& problem,
+                     const std::shared_ptr<std::vector<nodes::Segment>>& segments, const Devices& devices,
                      const std::shared_ptr<nodes::DevicePool>& pool)
-      : in_order_(g, [](const nodes::SegmentSummary& s) { return static_cast<std::size_t>(s.index); }),
-        recurrence_(g, tbb::flow::serial, nodes::StateRecurrenceBody{problem, segments, running}),
-        entries_in_order_(g, [](const nodes::SegmentEntry& e) { return static_cast<std::size_t>(e.index); }) {
-    for (std::size_t qi = 0; qi < queues; ++qi)
-      queues_.push_back(std::make_unique<tbb::flow::queue_node<nodes::Segment>>(g));
-    for (std::size_t d = 0; d < devices.size(); ++d) {
-      locals_.push_back(
-          std::make_unique<LocalNode>(g, tbb::flow::serial, nodes::LocalStateBody{problem, devices[d], pool, d}));
-      tbb::flow::make_edge(*queues_[queues == 1 ? 0 : d], *locals_.back());
-      tbb::flow::make_edge(*locals_.back(), in_order_);
-    }
-    tbb::flow::make_edge(in_order_, recurrence_);
-    if (entries_reordered()) {
-      swap_pairs_ = std::make_unique<SwapPairs>(g, tbb::flow::serial, SwapPairsBody{segments->size()});
-      tbb::flow::make_edge(recurrence_, *swap_pairs_);
-      tbb::flow::make_edge(tbb::flow::output_port<0>(*swap_pairs_), entries_in_order_);
+      : in_order_(b.add<tbb::flow::sequencer_node<nodes::SegmentSummary>>(
+            "local states in segment order",
+            [](const nodes::SegmentSummary& s) { return static_cast<std::size_t>(s.index); })),
+        recurrence_(
+            b.add<Recurrence>("combine (state recurrence)", tbb::flow::serial,
+                              nodes::StateRecurrenceBody{
+                                  problem, segments, std::make_shared<nodes::SegmentEntry>(problem->initial_entry())})),
+        entries_in_order_(b.add<tbb::flow::sequencer_node<nodes::SegmentEntry>>(
+            "entering states in segment order",
+            [](const nodes::SegmentEntry& e) { return static_cast<std::size_t>(e.index); })),
+        entries_(b.add<Entries>("entering states to every consumer")) {
+    if (pulled) {
+      queues_.push_back(&b.add<tbb::flow::queue_node<nodes::Segment>>("segments (pulled by the first free device)"));
     } else {
-      tbb::flow::make_edge(recurrence_, entries_in_order_);
+      for (std::size_t d = 0; d < devices.size(); ++d)
+        queues_.push_back(&b.add<tbb::flow::queue_node<nodes::Segment>>("segments for " + devices[d]->name() + " (" +
+                                                                        share_of(plan, d) + ")"));
     }
+    for (std::size_t d = 0; d < devices.size(); ++d) {
+      auto& local = b.add<LocalNode>("local_state on " + devices[d]->name() + " (" + share_of(plan, d) + ")",
+                                     tbb::flow::serial, nodes::LocalStateBody{problem, devices[d], pool, d});
+      b.edge(*queues_[pulled ? 0 : d], local);
+      b.edge(local, in_order_);
+    }
+    b.edge(in_order_, recurrence_);
+    if (entries_reordered()) {
+      auto& swap = b.add<SwapPairs>("swap entry pairs (MLSTM_FAULT_INJECT_ORDER=entries)", tbb::flow::serial,
+                                    SwapPairsBody{segments->size()});
+      b.edge(recurrence_, swap);
+      b.edge(swap, tbb::flow::output_port<0>(swap), entries_in_order_);
+    } else {
+      b.edge(recurrence_, entries_in_order_);
+    }
+    // A sequencer hands each message to ONE successor; the entries go to several (routes, final state).
+    b.edge(entries_in_order_, entries_);
   }
   // Every segment's entering state, in segment order.
-  tbb::flow::sender<nodes::SegmentEntry>& entries() { return entries_in_order_; }
-  void put(const nodes::Segment& s, std::size_t queue) { queues_[queue]->try_put(s); }
+  Entries& entries() { return entries_; }
+  void put(const nodes::Segment& s) { queues_[queues_.size() == 1 ? 0 : device_of(s)]->try_put(s); }
 
  private:
   using LocalNode = tbb::flow::function_node<nodes::Segment, nodes::SegmentSummary, tbb::flow::rejecting>;
+  using Recurrence = tbb::flow::function_node<nodes::SegmentSummary, nodes::SegmentEntry>;
   using SwapPairs = tbb::flow::multifunction_node<nodes::SegmentEntry, std::tuple<nodes::SegmentEntry>>;
   // MLSTM_FAULT_INJECT_ORDER=entries: holds entries until both of a pair (2j, 2j+1) are in, then passes on
   // 2j+1 before 2j (an odd count's last entry alone).
@@ -277,12 +376,26 @@ class EnteringStateStage {
       }
     }
   };
-  std::vector<std::unique_ptr<tbb::flow::queue_node<nodes::Segment>>> queues_;
-  tbb::flow::sequencer_node<nodes::SegmentSummary> in_order_;
-  tbb::flow::function_node<nodes::SegmentSummary, nodes::SegmentEntry> recurrence_;
-  std::unique_ptr<SwapPairs> swap_pairs_;
-  tbb::flow::sequencer_node<nodes::SegmentEntry> entries_in_order_;
-  std::vector<std::unique_ptr<LocalNode>> locals_;
+  std::vector<tbb::flow::queue_node<nodes::Segment>*> queues_;
+  tbb::flow::sequencer_node<nodes::SegmentSummary>& in_order_;
+  Recurrence& recurrence_;
+  tbb::flow::sequencer_node<nodes::SegmentEntry>& entries_in_order_;
+  Entries& entries_;
+};
+
+// The graph's way out for the final state: filters a stage's messages down to the final state.
+using FinalStateNode = tbb::flow::overwrite_node<StateHandle>;
+template <class Msg>
+using FinalStateFilter = tbb::flow::multifunction_node<Msg, std::tuple<StateHandle>>;
+template <class Msg>
+struct FinalStateFilterBody {
+  void operator()(const Msg& m, typename FinalStateFilter<Msg>::output_ports_type& out) const {
+    if constexpr (std::is_same_v<Msg, nodes::SegmentEntry>) {
+      if (m.is_last) std::get<0>(out).try_put(m.leaving);
+    } else {
+      if (m.leaving) std::get<0>(out).try_put(m.leaving);
+    }
+  }
 };
 
 }  // namespace
@@ -291,61 +404,73 @@ ForwardResult FlowGraphRunner::forward(const ForwardArgs& args, const MlstmOptio
                                        std::int64_t segment_tokens) {
   using namespace tbb::flow;
   auto problem = std::make_shared<nodes::SegmentProblem>(args, options);
-  const auto devices = capable_devices({DeviceStage::last_state, DeviceStage::forward}, problem->shape(), options);
-  const Plan p = plan_over(devices, problem->shape(), options, segment_tokens);
+  const auto [devices, p] = plan_run(Pass::forward, problem->shape(), options, segment_tokens);
+  last_plan_ = p;
   if (env::get("MLSTM_PLAN_DEBUG")) spdlog::warn("{}", p.describe());
   auto segments = std::make_shared<std::vector<nodes::Segment>>(p.segments);
-  auto running = std::make_shared<nodes::SegmentEntry>(problem->initial_entry());
+  const bool one_segment = p.segments.size() == 1;
+  // One segment: its entering state is the initial state, so no local-state pass; the output run also
+  // returns the state leaving the sequence.
+  problem->keep_final_state(one_segment && options.return_last_states);
 
   // Every device keeps the inputs it uploads for a segment's local state for that segment's outputs.
   const auto residency = keep_inputs_resident(devices, {args.q, args.k, args.v, args.i, args.f});
 
-  tbb::flow::graph g;
   // Local states: pull (one shared queue) or calibrated (one queue per device). Outputs: one queue per device;
-  // a pulled segment goes to the device that computed its local state (StateRecurrenceBody).
-  const std::size_t queues = balancing_ == Balancing::calibrated ? devices.size() : 1;
-  auto route = [&](const nodes::Segment& s) {
-    return s.device < 0 ? std::size_t{0} : static_cast<std::size_t>(s.device);
-  };
-  std::vector<std::unique_ptr<queue_node<nodes::SegmentEntry>>> entry_queues;
-  for (std::size_t qi = 0; qi < devices.size(); ++qi)
-    entry_queues.push_back(std::make_unique<queue_node<nodes::SegmentEntry>>(g));
+  // a segment's outputs run where its local state ran (the plan's device, or the one that pulled it).
+  tbb::flow::graph g;
+  GraphBuilder b(g, "forward");
   auto pool = std::make_shared<nodes::DevicePool>(devices);
-  EnteringStateStage entering(g, queues, problem, segments, running, devices, pool);
-  function_node<nodes::SegmentEntry, continue_msg> router(g, serial, [&](const nodes::SegmentEntry& e) {
-    entry_queues[route(e.segment)]->try_put(e);
-    return continue_msg();
-  });
-  make_edge(entering.entries(), router);
-  std::vector<std::unique_ptr<function_node<nodes::SegmentEntry, int, rejecting>>> output_nodes;
-  for (std::size_t d = 0; d < devices.size(); ++d) {
-    output_nodes.push_back(std::make_unique<function_node<nodes::SegmentEntry, int, rejecting>>(
-        g, serial, nodes::SegmentOutputBody{problem, devices[d], pool, d}));
-    make_edge(*entry_queues[d], *output_nodes.back());
+  auto& final_state = b.add<FinalStateNode>("final_state");
+  std::vector<queue_node<nodes::SegmentEntry>*> entry_queues(devices.size(), nullptr);
+  std::unique_ptr<EnteringStateStage> entering;
+  if (!one_segment) {
+    entering = std::make_unique<EnteringStateStage>(b, p, balancing_ != Balancing::calibrated, problem, segments,
+                                                    devices, pool);
+    auto& last = b.add<FinalStateFilter<nodes::SegmentEntry>>("final state of the combine", unlimited,
+                                                              FinalStateFilterBody<nodes::SegmentEntry>{});
+    b.edge(entering->entries(), last);
+    b.edge(last, output_port<0>(last), final_state);
   }
-  const bool one_segment = p.segments.size() == 1;
+  for (std::size_t d = 0; d < devices.size(); ++d) {
+    if (one_segment && d != device_of(p.segments.front())) continue;  // the one segment's device only
+    const std::string where = devices[d]->name() + " (" + share_of(p, d) + ")";
+    entry_queues[d] = &b.add<queue_node<nodes::SegmentEntry>>("entering states for " + where);
+    auto& outputs = b.add<function_node<nodes::SegmentEntry, nodes::SegmentOutput, rejecting>>(
+        "outputs on " + where, serial, nodes::SegmentOutputStateBody{{problem, devices[d], pool, d}});
+    b.edge(*entry_queues[d], outputs);
+    if (one_segment) {
+      auto& last = b.add<FinalStateFilter<nodes::SegmentOutput>>("final state of the outputs", unlimited,
+                                                                 FinalStateFilterBody<nodes::SegmentOutput>{});
+      b.edge(outputs, last);
+      b.edge(last, output_port<0>(last), final_state);
+    } else {
+      auto& route = b.add<RouteNode<nodes::SegmentEntry>>("route to " + devices[d]->name(), unlimited,
+                                                          RouteBody<nodes::SegmentEntry>{d});
+      b.edge(entering->entries(), route);
+      b.edge(route, output_port<0>(route), *entry_queues[d]);
+    }
+  }
+  built(b.description());
   if (one_segment) {
-    // One segment: its entering state is the initial state, so no local-state pass; the output run also
-    // returns the state leaving the sequence.
-    problem->keep_final_state(options.return_last_states);
     nodes::SegmentEntry first = problem->initial_entry();
     first.segment = p.segments.front();
-    entry_queues[route(first.segment)]->try_put(first);
+    entry_queues[device_of(first.segment)]->try_put(first);
   } else {
-    for (const auto& s : p.segments) entering.put(s, route(s));
+    for (const auto& s : p.segments) entering->put(s);
   }
   g.wait_for_all();
 
-  log_ = problem->log;
-  for (const auto& f : pool->failures()) log_.push_back("device failure: " + f);
+  finish_log(problem->log, pool->failures());
   ForwardResult out;
   out.h = std::move(problem->h());
   if (options.return_last_states) {
+    StateHandle last;
+    if (!final_state.try_get(last) || !last) throw Error("FlowGraphRunner: the final state did not leave the graph");
     // The last state is shared and immutable (messages may still hold it): the result gets its own copy.
-    const State& last = *(one_segment ? problem->final_state() : *running).state;
-    out.c = last.C;
-    out.n = last.n;
-    out.m = last.m;
+    out.c = last->C;
+    out.n = last->n;
+    out.m = last->m;
   }
   return out;
 }
@@ -406,21 +531,23 @@ std::vector<std::pair<std::int64_t, std::int64_t>> row_groups(std::int64_t rows,
 }
 
 // Runs work(d) for every row group d at once, one continue_node per group fanned out from one start
-// message, and logs "rows [a, b): <what> on <device>".
+// message, and logs "rows [a, b): <what> on <device>". `built` gets the graph before it runs.
 void run_row_groups(const std::vector<std::pair<std::int64_t, std::int64_t>>& groups,
                     const std::vector<std::shared_ptr<ComputeDevice>>& devices, const std::string& what,
-                    std::vector<std::string>& log, const std::function<void(std::size_t)>& work) {
+                    std::vector<std::string>& log, const std::function<void(const GraphDescription&)>& built,
+                    const std::function<void(std::size_t)>& work) {
   tbb::flow::graph g;
-  std::vector<std::unique_ptr<tbb::flow::continue_node<tbb::flow::continue_msg>>> nodes;
-  tbb::flow::broadcast_node<tbb::flow::continue_msg> start(g);
+  GraphBuilder b(g, what + " head split");
+  auto& start = b.add<tbb::flow::broadcast_node<tbb::flow::continue_msg>>("start");
   log.clear();
   for (std::size_t d = 0; d < groups.size(); ++d) {
-    nodes.push_back(std::make_unique<tbb::flow::continue_node<tbb::flow::continue_msg>>(
-        g, [&work, d](tbb::flow::continue_msg) { work(d); }));
-    tbb::flow::make_edge(start, *nodes.back());
-    log.push_back("rows [" + std::to_string(groups[d].first) + ", " + std::to_string(groups[d].second) + "): " + what +
-                  " on " + devices[d]->name());
+    const std::string rows = "rows [" + std::to_string(groups[d].first) + ", " + std::to_string(groups[d].second) + ")";
+    auto& node = b.add<tbb::flow::continue_node<tbb::flow::continue_msg>>(
+        what + " " + rows + " on " + devices[d]->name(), [&work, d](tbb::flow::continue_msg) { work(d); });
+    b.edge(start, node);
+    log.push_back(rows + ": " + what + " on " + devices[d]->name());
   }
+  built(b.description());
   start.try_put(tbb::flow::continue_msg());
   g.wait_for_all();
 }
@@ -429,12 +556,17 @@ void run_row_groups(const std::vector<std::pair<std::int64_t, std::int64_t>>& gr
 
 ForwardResult FlowGraphRunner::forward_head_split(const ForwardArgs& args, const MlstmOptions& options) {
   const ProblemShape p = validate_forward(args, options);
-  const auto devices = capable_devices({DeviceStage::forward}, p, options);
-  const auto groups = row_groups(p.rows(), devices.size());
+  const auto [devices, plan] = plan_run(Pass::forward_head_split, p, options, 0);
+  last_plan_ = plan;
+  const auto& groups = plan.rows;
   std::vector<ForwardResult> parts(groups.size());
-  run_row_groups(groups, devices, "forward", log_, [&](std::size_t d) {
-    parts[d] = devices[d]->forward(rows_of(args, groups[d].first, groups[d].second), options);
-  });
+  std::vector<std::string> log;
+  run_row_groups(
+      groups, devices, "forward", log, [this](const GraphDescription& d) { built(d); },
+      [&](std::size_t d) {
+        parts[d] = devices[d]->forward(rows_of(args, groups[d].first, groups[d].second), options);
+      });
+  finish_log(std::move(log), {});
   ForwardResult out;
   for (std::size_t d = 0; d < groups.size(); ++d) {
     const auto r0 = groups[d].first;
@@ -449,7 +581,7 @@ ForwardResult FlowGraphRunner::forward_head_split(const ForwardArgs& args, const
 }
 
 Plan FlowGraphRunner::plan_over(const std::vector<std::shared_ptr<ComputeDevice>>& devices, const ProblemShape& shape,
-                                const MlstmOptions& options, std::int64_t segment_tokens) {
+                                const MlstmOptions& options, std::int64_t segment_tokens) const {
   std::vector<std::string> names;
   for (const auto& d : devices) names.push_back(d->name());
   if (balancing_ == Balancing::calibrated)
@@ -459,7 +591,8 @@ Plan FlowGraphRunner::plan_over(const std::vector<std::shared_ptr<ComputeDevice>
 
 std::vector<std::shared_ptr<ComputeDevice>> FlowGraphRunner::capable_devices(std::initializer_list<DeviceStage> stages,
                                                                              const ProblemShape& shape,
-                                                                             const MlstmOptions& options) const {
+                                                                             const MlstmOptions& options,
+                                                                             std::vector<std::string>& left_out) const {
   std::vector<std::shared_ptr<ComputeDevice>> capable;
   std::string refusals;
   for (const auto& d : devices_) {
@@ -474,6 +607,7 @@ std::vector<std::shared_ptr<ComputeDevice>> FlowGraphRunner::capable_devices(std
       capable.push_back(d);
     } else {
       spdlog::info("mlstm-flow: {} left out of this run ({})", d->name(), why);
+      left_out.push_back(d->name() + " (" + why + ")");
       refusals += (refusals.empty() ? "" : "; ") + d->name() + " (" + why + ")";
     }
   }
@@ -481,105 +615,176 @@ std::vector<std::shared_ptr<ComputeDevice>> FlowGraphRunner::capable_devices(std
   return capable;
 }
 
+FlowGraphRunner::PlannedRun FlowGraphRunner::plan_run(Pass pass, const ProblemShape& shape, const MlstmOptions& options,
+                                                      std::int64_t segment_tokens) const {
+  PlannedRun run;
+  std::vector<std::string> left_out;
+  switch (pass) {
+    case Pass::forward:
+      run.devices = capable_devices({DeviceStage::last_state, DeviceStage::forward}, shape, options, left_out);
+      break;
+    case Pass::backward:
+      run.devices = capable_devices({DeviceStage::forward, DeviceStage::backward, DeviceStage::state_gradient}, shape,
+                                    options, left_out);
+      break;
+    case Pass::forward_head_split:
+      run.devices = capable_devices({DeviceStage::forward}, shape, options, left_out);
+      break;
+    case Pass::backward_head_split:
+      run.devices = capable_devices({DeviceStage::backward}, shape, options, left_out);
+      break;
+  }
+  if (pass == Pass::forward_head_split || pass == Pass::backward_head_split) {
+    run.plan.S = shape.S;
+    run.plan.chunk_size = options.chunk_size;
+    run.plan.rows = row_groups(shape.rows(), run.devices.size());
+    run.devices.resize(run.plan.rows.size());  // more devices than rows: the extra ones get nothing
+    for (const auto& d : run.devices) run.plan.devices.push_back(d->name());
+  } else {
+    run.plan = plan_over(run.devices, shape, options, segment_tokens);
+    // One segment runs where the plan says, decided here: device 0 unless a calibrated plan chose.
+    if (run.plan.segments.size() == 1 && run.plan.segments.front().device < 0) run.plan.segments.front().device = 0;
+  }
+  run.plan.pass = pass;
+  run.plan.left_out = std::move(left_out);
+  return run;
+}
+
+void FlowGraphRunner::built(const GraphDescription& graph) {
+  graph_ = graph;
+  dot_error_.clear();
+  const auto path = env::get("MLSTM_GRAPH_DOT");
+  if (!path) return;
+  try {
+    write_file_atomically(*path, graph.dot());
+  } catch (const Error& e) {  // a debugging aid: the run goes on, the failure is reported
+    dot_error_ = std::string("graph DOT not written (MLSTM_GRAPH_DOT): ") + e.what();
+    spdlog::warn("mlstm-flow: {}", dot_error_);
+  }
+}
+
+void FlowGraphRunner::finish_log(std::vector<std::string> log, const std::vector<std::string>& failures) {
+  log_ = std::move(log);
+  for (const auto& f : failures) log_.push_back("device failure: " + f);
+  if (!dot_error_.empty()) log_.push_back(dot_error_);
+}
+
 BackwardResult FlowGraphRunner::backward(const BackwardArgs& args, const MlstmOptions& options,
                                          std::int64_t segment_tokens) {
   using namespace tbb::flow;
   const ProblemShape shape = validate_backward(args, options);
-  const auto capable =
-      capable_devices({DeviceStage::forward, DeviceStage::backward, DeviceStage::state_gradient}, shape, options);
-  const Plan p = plan_over(capable, shape, options, segment_tokens);
-  if (env::get("MLSTM_PLAN_DEBUG")) spdlog::warn("backward {}", p.describe());
+  const auto [capable, p] = plan_run(Pass::backward, shape, options, segment_tokens);
+  last_plan_ = p;
+  if (env::get("MLSTM_PLAN_DEBUG")) spdlog::warn("{}", p.describe());
   auto problem = std::make_shared<nodes::SegmentGradientProblem>(args, options, p.segments);
   const auto fw = problem->forward();
-  const int nseg = static_cast<int>(p.segments.size());
+  const bool one_segment = p.segments.size() == 1;
   auto segments = std::make_shared<std::vector<nodes::Segment>>(p.segments);
-  auto running = std::make_shared<nodes::SegmentEntry>(fw->initial_entry());
   auto grad_running = std::make_shared<nodes::SegmentGradientEntry>();  // the gradient leaving the current segment
 
   // Inputs and dh stay on the device that uploads them for a segment's local state, its local state gradient
-  // and its backward: a pulled segment keeps the device that computed its local state.
+  // and its backward: every pass of a segment runs on the device that computed its local state.
   const auto residency = keep_inputs_resident(
       capable, {args.inputs.q, args.inputs.k, args.inputs.v, args.inputs.i, args.inputs.f, args.dh});
 
   tbb::flow::graph g;
-  const std::size_t queues = balancing_ == Balancing::calibrated ? capable.size() : 1;  // local states
-  auto route = [&](const nodes::Segment& s) {
-    return s.device < 0 ? std::size_t{0} : static_cast<std::size_t>(s.device);
-  };
-  std::vector<std::unique_ptr<queue_node<nodes::SegmentEntry>>> local_grad_queues;
-  std::vector<std::unique_ptr<queue_node<nodes::SegmentGradientEntry>>> backward_queues;
-  for (std::size_t qi = 0; qi < capable.size(); ++qi) {
-    local_grad_queues.push_back(std::make_unique<queue_node<nodes::SegmentEntry>>(g));
-    backward_queues.push_back(std::make_unique<queue_node<nodes::SegmentGradientEntry>>(g));
-  }
-  // Forward: local states, in-order combine -> the state entering every segment, recorded in the problem in
-  // segment order (EnteringStateStage::entries).
+  GraphBuilder b(g, "backward");
   auto pool = std::make_shared<nodes::DevicePool>(capable);
-  EnteringStateStage entering(g, queues, fw, segments, running, capable, pool);
-  function_node<nodes::SegmentEntry, continue_msg> record(g, serial, [&](const nodes::SegmentEntry& e) {
-    problem->record_entry(e);
-    if (e.index == nseg - 1) {
-      // Every entry and the final state are known now; the reverse recurrence starts from dc_last / dn_last
-      // (set before the last local state gradient is queued: that one reaches the recurrence first).
-      problem->record_final_state(*running);
-      *grad_running = problem->last_entry();
-      backward_queues[route(e.segment)]->try_put(*grad_running);
-    }
-    if (e.index >= 1) local_grad_queues[route(e.segment)]->try_put(e);
-    return continue_msg();
-  });
-  make_edge(entering.entries(), record);
-  // Backward: local state gradients (segments 1..), reverse combine, then every segment's gradients.
-  sequencer_node<nodes::SegmentStateGradient> reverse_order(
-      g, [nseg](const nodes::SegmentStateGradient& s) { return static_cast<std::size_t>(nseg - 1 - s.index); });
-  function_node<nodes::SegmentStateGradient, nodes::SegmentGradientEntry> grad_recurrence(
-      g, serial, nodes::StateGradientRecurrenceBody{problem, grad_running});
-  function_node<nodes::SegmentGradientEntry, continue_msg> grad_router(g, serial,
-                                                                       [&](const nodes::SegmentGradientEntry& e) {
-                                                                         backward_queues[route(e.segment)]->try_put(e);
-                                                                         return continue_msg();
-                                                                       });
-  std::vector<std::unique_ptr<function_node<nodes::SegmentEntry, nodes::SegmentStateGradient, rejecting>>> grad_nodes;
-  std::vector<std::unique_ptr<function_node<nodes::SegmentGradientEntry, int, rejecting>>> backward_nodes;
+  using GradientEntries = queue_node<nodes::SegmentGradientEntry>;
+  using BackwardNode = function_node<nodes::SegmentGradientEntry, int, rejecting>;
+  std::vector<GradientEntries*> backward_queues(capable.size(), nullptr);
   for (std::size_t d = 0; d < capable.size(); ++d) {
-    grad_nodes.push_back(std::make_unique<function_node<nodes::SegmentEntry, nodes::SegmentStateGradient, rejecting>>(
-        g, serial, nodes::LocalStateGradientBody{problem, capable[d], pool, d}));
-    make_edge(*local_grad_queues[d], *grad_nodes.back());
-    make_edge(*grad_nodes.back(), reverse_order);
-    backward_nodes.push_back(std::make_unique<function_node<nodes::SegmentGradientEntry, int, rejecting>>(
-        g, serial, nodes::SegmentBackwardBody{problem, capable[d], pool, d}));
-    make_edge(*backward_queues[d], *backward_nodes.back());
+    if (one_segment && d != device_of(p.segments.front())) continue;  // the one segment's device only
+    const std::string where = capable[d]->name() + " (" + share_of(p, d) + ")";
+    backward_queues[d] = &b.add<GradientEntries>("gradients leaving segments for " + where);
+    auto& bw =
+        b.add<BackwardNode>("backward on " + where, serial, nodes::SegmentBackwardBody{problem, capable[d], pool, d});
+    b.edge(*backward_queues[d], bw);
   }
-  make_edge(reverse_order, grad_recurrence);
-  make_edge(grad_recurrence, grad_router);
-  if (nseg == 1) {
+  std::unique_ptr<EnteringStateStage> entering;
+  if (!one_segment) {
+    // Forward: local states, in-order combine -> the state entering every segment, recorded in the problem in
+    // segment order (EnteringStateStage::entries). Port 0: entries of segments 1.. for their local state
+    // gradients; port 1: after the last entry, the last segment's backward entry (dc_last / dn_last), set
+    // before the last local state gradient is passed on (that one reaches the reverse recurrence first).
+    entering =
+        std::make_unique<EnteringStateStage>(b, p, balancing_ != Balancing::calibrated, fw, segments, capable, pool);
+    using Record =
+        multifunction_node<nodes::SegmentEntry, std::tuple<nodes::SegmentEntry, nodes::SegmentGradientEntry>>;
+    auto& record = b.add<Record>("record entering states", serial,
+                                 [&](const nodes::SegmentEntry& e, Record::output_ports_type& out) {
+                                   problem->record_entry(e);
+                                   if (e.is_last) {
+                                     nodes::SegmentEntry leaving;
+                                     leaving.index = e.index + 1;
+                                     leaving.state = e.leaving;  // the final state, from the last message
+                                     problem->record_final_state(leaving);
+                                     *grad_running = problem->last_entry();
+                                     std::get<1>(out).try_put(*grad_running);
+                                   }
+                                   if (e.index >= 1) std::get<0>(out).try_put(e);
+                                 });
+    b.edge(entering->entries(), record);
+    // Backward: local state gradients (segments 1..), reverse combine, then every segment's gradients.
+    const auto nseg = p.segments.size();
+    auto& reverse_order = b.add<sequencer_node<nodes::SegmentStateGradient>>(
+        "local state gradients, last segment first",
+        [nseg](const nodes::SegmentStateGradient& s) { return nseg - 1 - static_cast<std::size_t>(s.index); });
+    auto& grad_recurrence = b.add<function_node<nodes::SegmentStateGradient, nodes::SegmentGradientEntry>>(
+        "reverse combine (state-gradient recurrence)", serial,
+        nodes::StateGradientRecurrenceBody{problem, grad_running});
+    b.edge(reverse_order, grad_recurrence);
+    for (std::size_t d = 0; d < capable.size(); ++d) {
+      const std::string name = capable[d]->name(), where = name + " (" + share_of(p, d) + ")";
+      auto& route = b.add<RouteNode<nodes::SegmentEntry>>("route entering states to " + name, unlimited,
+                                                          RouteBody<nodes::SegmentEntry>{d});
+      b.edge(record, output_port<0>(record), route);
+      auto& queue = b.add<queue_node<nodes::SegmentEntry>>("entering states for " + where);
+      b.edge(route, output_port<0>(route), queue);
+      auto& local_gradient = b.add<function_node<nodes::SegmentEntry, nodes::SegmentStateGradient, rejecting>>(
+          "local_state_gradient on " + where, serial, nodes::LocalStateGradientBody{problem, capable[d], pool, d});
+      b.edge(queue, local_gradient);
+      b.edge(local_gradient, reverse_order);
+      auto& route_gradients = b.add<RouteNode<nodes::SegmentGradientEntry>>("route gradients to " + name, unlimited,
+                                                                            RouteBody<nodes::SegmentGradientEntry>{d});
+      b.edge(record, output_port<1>(record), route_gradients);
+      b.edge(grad_recurrence, route_gradients);
+      b.edge(route_gradients, output_port<0>(route_gradients), *backward_queues[d]);
+    }
+  }
+  built(b.description());
+  if (one_segment) {
     // One segment: its entering state is the initial state, and nothing depends on its leaving state.
     nodes::SegmentEntry first = fw->initial_entry();
     first.segment = p.segments.front();
     problem->record_entry(first);
-    backward_queues[route(p.segments.front())]->try_put(problem->last_entry());
+    backward_queues[device_of(first.segment)]->try_put(problem->last_entry());
   } else {
-    for (const auto& s : p.segments) entering.put(s, route(s));
+    for (const auto& s : p.segments) entering->put(s);
   }
   g.wait_for_all();
-  log_ = problem->log;
-  for (const auto& f : pool->failures()) log_.push_back("device failure: " + f);
+  finish_log(problem->log, pool->failures());
   return problem->take_result();
 }
 
 BackwardResult FlowGraphRunner::backward_head_split(const BackwardArgs& args, const MlstmOptions& options) {
   const ProblemShape p = validate_backward(args, options);
-  const auto capable = capable_devices({DeviceStage::backward}, p, options);
-  const auto groups = row_groups(p.rows(), capable.size());
+  const auto [capable, plan] = plan_run(Pass::backward_head_split, p, options, 0);
+  last_plan_ = plan;
+  const auto& groups = plan.rows;
   std::vector<BackwardResult> parts(groups.size());
-  run_row_groups(groups, capable, "backward", log_, [&](std::size_t d) {
-    BackwardArgs b;
-    b.inputs = rows_of(args.inputs, groups[d].first, groups[d].second);
-    b.dh = rows_of(args.dh, groups[d].first, groups[d].second, "dh");
-    b.dc_last = rows_of(args.dc_last, groups[d].first, groups[d].second, "dc_last");
-    b.dn_last = rows_of(args.dn_last, groups[d].first, groups[d].second, "dn_last");
-    parts[d] = capable[d]->backward(b, options);
-  });
+  std::vector<std::string> log;
+  run_row_groups(
+      groups, capable, "backward", log, [this](const GraphDescription& d) { built(d); },
+      [&](std::size_t d) {
+        BackwardArgs b;
+        b.inputs = rows_of(args.inputs, groups[d].first, groups[d].second);
+        b.dh = rows_of(args.dh, groups[d].first, groups[d].second, "dh");
+        b.dc_last = rows_of(args.dc_last, groups[d].first, groups[d].second, "dc_last");
+        b.dn_last = rows_of(args.dn_last, groups[d].first, groups[d].second, "dn_last");
+        parts[d] = capable[d]->backward(b, options);
+      });
+  finish_log(std::move(log), {});
   BackwardResult out;
   for (std::size_t d = 0; d < groups.size(); ++d) {
     const auto r0 = groups[d].first;

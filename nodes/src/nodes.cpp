@@ -89,10 +89,6 @@ Tensor SegmentProblem::log_decay(const Segment& s) const {
   return G;
 }
 
-void SegmentProblem::set_final_state(ForwardResult&& r) {
-  final_state_.state = std::make_shared<const State>(State{std::move(r.c), std::move(r.n), std::move(r.m)});
-}
-
 void SegmentProblem::write_h(const Segment& s, Tensor&& h) {
   if (h_.empty()) throw Error("SegmentProblem: made without outputs (with_outputs = false)");
   if (s.t0 == 0 && s.t1 == shape_.S && h.dtype() == h_.dtype() && h.shape() == h_.shape()) {
@@ -199,6 +195,13 @@ std::vector<std::string> DevicePool::failures() const {
   return failures_;
 }
 
+int DevicePool::index_of(const ComputeDevice* device) const {
+  for (std::size_t d = 0; d < devices_.size(); ++d) {
+    if (devices_[d].get() == device) return static_cast<int>(d);
+  }
+  return -1;
+}
+
 namespace {
 
 // Runs `work` for segment `segment` through `pool` (failover to the other devices) when there is one, else on
@@ -269,7 +272,9 @@ SegmentSummary LocalStateBody::operator()(const Segment& s) const {
   out.index = s.index;
   out.local = std::make_shared<const State>(State{std::move(r.c), std::move(r.n), std::move(r.m)});
   out.device = used->name();
-  out.device_index = used == device ? static_cast<int>(device_index) : -1;
+  // The device that really ran it, also after a failover: the segment's later passes go there, where its
+  // inputs are resident (without this, a failed-over segment fell back to device 0, a second choice).
+  out.device_index = used == device ? static_cast<int>(device_index) : pool ? pool->index_of(used.get()) : -1;
   out.G = problem->log_decay(s);
   std::lock_guard lock(problem->log_mutex);
   problem->log.push_back("segment " + std::to_string(s.index) + ": local state on " + used->name());
@@ -301,10 +306,12 @@ SegmentEntry StateRecurrenceBody::operator()(const SegmentSummary& summary) cons
     stages::combine(in, summary.G.data<float>()[r], local, problem->options().gate, p.DHQK, p.DHHV, out);
   }
   running->state = std::make_shared<const State>(std::move(next));
+  entering.leaving = running->state;
+  entering.is_last = static_cast<std::size_t>(summary.index) + 1 == segments->size();
   return entering;
 }
 
-int SegmentOutputBody::operator()(const SegmentEntry& entry) const {
+SegmentOutput SegmentOutputBody::run(const SegmentEntry& entry) const {
   const ScopedTrace trace([&] { return "node outputs, segment " + std::to_string(entry.index); });
   ForwardArgs a = problem->segment_args(entry.segment);
   a.c0 = entry.state->C.view();
@@ -312,14 +319,16 @@ int SegmentOutputBody::operator()(const SegmentEntry& entry) const {
   a.m0 = entry.state->m.view();
   const Segment& sg = entry.segment;
   const bool keep = problem->keeps_final_state() && sg.t1 == problem->shape().S;
+  SegmentOutput out;
+  out.index = entry.index;
   auto work = [&](ComputeDevice& d) {
     ForwardResult r = run_range(d, *problem, entry.index, sg.t0, sg.t1, a.c0, a.n0, a.m0, true, keep);
-    if (keep) problem->set_final_state(std::move(r));
+    if (keep) out.leaving = std::make_shared<const State>(State{std::move(r.c), std::move(r.n), std::move(r.m)});
   };
   const auto used = run_on(pool, device, device_index, entry.index, work);
   std::lock_guard lock(problem->log_mutex);
   problem->log.push_back("segment " + std::to_string(entry.index) + ": outputs on " + used->name());
-  return entry.index;
+  return out;
 }
 
 // ---- Sequence-parallel backward --------------------------------------------------------------------

@@ -2,8 +2,14 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <filesystem>
+#include <fstream>
 #include <map>
+#include <regex>
+#include <set>
+#include <sstream>
 #include <tuple>
 
 #include "mlstm/devices/opencl/device.hpp"
@@ -632,6 +638,305 @@ TEST(GraphFaults, OutOfMemoryOnOneDeviceShrinksThereThenFailsOver) {
   EXPECT_TRUE(testing::matches(failed_over.h, one_call.h, 2e-5, "graph with opencl:1 out of memory", "h", s));
   EXPECT_TRUE(testing::matches(failed_over.c, one_call.c, 2e-5, "graph with opencl:1 out of memory", "c", s));
   EXPECT_EQ(count("device failure"), count("device failure: opencl:1")) << "only opencl:1 may be taken out";
+}
+
+// ---- The graph as data: named nodes, the DOT dump, the plan that ran ------------------------------------
+
+// A device that refuses some stages (supports() says no) and otherwise does what `delegate` does, counting
+// every call it gets.
+class PickyDevice : public ComputeDevice {
+ public:
+  PickyDevice(std::string name, std::shared_ptr<ComputeDevice> delegate, std::set<DeviceStage> refused)
+      : name_(std::move(name)), delegate_(std::move(delegate)), refused_(std::move(refused)) {}
+  std::string name() const override { return name_; }
+  DeviceSupport supports(DeviceStage stage, const ProblemShape& shape, const MlstmOptions& options) const override {
+    if (refused_.count(stage)) return {"the test double refuses " + std::string(stage_name(stage))};
+    return delegate_->supports(stage, shape, options);
+  }
+  ForwardResult forward(const ForwardArgs& a, const MlstmOptions& o) override {
+    ++calls;
+    return delegate_->forward(a, o);
+  }
+  ForwardResult last_state(const ForwardArgs& a, const MlstmOptions& o) override {
+    ++calls;
+    return delegate_->last_state(a, o);
+  }
+  BackwardResult backward(const BackwardArgs& a, const MlstmOptions& o) override {
+    ++calls;
+    return delegate_->backward(a, o);
+  }
+  BackwardResult state_gradient(const BackwardArgs& a, const MlstmOptions& o) override {
+    ++calls;
+    return delegate_->state_gradient(a, o);
+  }
+  std::atomic<int> calls{0};
+
+ private:
+  std::string name_;
+  std::shared_ptr<ComputeDevice> delegate_;
+  std::set<DeviceStage> refused_;
+};
+
+// A DOT dump read back: node id -> label (unescaped), edges as (from, to) ids.
+struct ParsedDot {
+  std::map<std::string, std::string> labels;
+  std::vector<std::pair<std::string, std::string>> edges;
+  std::size_t other_lines = 0;  // statements that are neither (the header, attributes, the closing brace)
+};
+
+ParsedDot parse_dot(const std::string& dot) {
+  ParsedDot out;
+  const std::regex node_re(R"re(^  (n\d+) \[label="((?:[^"\\]|\\.)*)", tooltip="(?:[^"\\]|\\.)*"\];$)re");
+  const std::regex edge_re(R"(^  (n\d+) -> (n\d+);$)");
+  std::istringstream in(dot);
+  std::string line;
+  std::smatch m;
+  while (std::getline(in, line)) {
+    if (std::regex_match(line, m, node_re)) {
+      std::string label;
+      const std::string raw = m[2];
+      for (std::size_t i = 0; i < raw.size(); ++i) {
+        if (raw[i] == '\\' && i + 1 < raw.size()) {
+          ++i;
+          label += raw[i] == 'n' ? '\n' : raw[i];
+        } else {
+          label += raw[i];
+        }
+      }
+      EXPECT_TRUE(out.labels.emplace(m[1], label).second) << "node " << m[1] << " twice";
+    } else if (std::regex_match(line, m, edge_re)) {
+      out.edges.emplace_back(m[1], m[2]);
+    } else {
+      ++out.other_lines;
+    }
+  }
+  return out;
+}
+
+// The DOT id of node i ("n" + to_string(i), spelled so that GCC 12 sees no -Wrestrict in it).
+std::string dot_id(std::size_t i) {
+  std::string id = "n";
+  id += std::to_string(i);
+  return id;
+}
+
+// Every node the runner built appears in its DOT dump under its name, every edge once, and the edges join
+// nodes of the dump; the names are unique (a dump you can read).
+void expect_dot_is_the_graph(const graph::FlowGraphRunner& runner, const std::string& what) {
+  const graph::GraphDescription& built = runner.last_graph();
+  const ParsedDot dot = parse_dot(runner.dot());
+  SCOPED_TRACE(what + "\n" + runner.dot());
+  ASSERT_EQ(dot.labels.size(), built.nodes.size());
+  std::set<std::string> names;
+  for (std::size_t i = 0; i < built.nodes.size(); ++i) {
+    const auto it = dot.labels.find(dot_id(i));
+    ASSERT_NE(it, dot.labels.end()) << built.nodes[i].name;
+    EXPECT_EQ(it->second, built.nodes[i].name);
+    EXPECT_TRUE(names.insert(built.nodes[i].name).second) << "two nodes named " << built.nodes[i].name;
+  }
+  EXPECT_EQ(dot.edges.size(), built.edge_count());
+  std::multiset<std::pair<std::string, std::string>> want, got(dot.edges.begin(), dot.edges.end());
+  for (std::size_t i = 0; i < built.nodes.size(); ++i) {
+    for (const std::size_t to : built.nodes[i].successors) want.emplace(dot_id(i), dot_id(to));
+  }
+  EXPECT_EQ(got, want);
+  EXPECT_EQ(dot.other_lines, 4u) << "digraph, rankdir, node defaults, closing brace";
+}
+
+// The names of the nodes with an edge into the node named `name`.
+std::set<std::string> predecessors(const graph::GraphDescription& g, const std::string& name) {
+  std::set<std::string> out;
+  for (const auto& node : g.nodes) {
+    for (const std::size_t to : node.successors) {
+      if (g.nodes[to].name == name) out.insert(node.name);
+    }
+  }
+  return out;
+}
+
+TEST(GraphDot, DotDumpNamesEveryNode) {
+  const bool two = opencl::list_devices().size() >= 2;
+  const std::string spec = two ? "workers+0,1" : "workers";
+  graph::FlowGraphRunner runner(spec);
+  const std::size_t D = runner.devices().size();
+  InputSpec s = testing::spec(1, 2, 640, 16, 16, DType::f32, GateVariant::exp, true);
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  MlstmOptions o;
+  o.chunk_size = 32;
+
+  (void)runner.forward(in.args(), o, 128);
+  expect_dot_is_the_graph(runner, "forward, pulled segments");
+  // The pull forward's shape, counted here independently of the builder: a shared segment queue, per device a
+  // local-state node, a route, an entry queue and an outputs node; the sequencer, the combine, the entry
+  // sequencer and the broadcast behind it, the final state's filter and the final_state node.
+  EXPECT_EQ(runner.last_graph().nodes.size(), 4 * D + 7);
+  EXPECT_EQ(runner.last_graph().edge_count(), 5 * D + 5);
+  EXPECT_EQ(predecessors(runner.last_graph(), "entering states in segment order"),
+            std::set<std::string>{"combine (state recurrence)"});
+  for (const auto& d : runner.devices()) {
+    EXPECT_EQ(predecessors(runner.last_graph(), "local states in segment order")
+                  .count("local_state on " + d->name() + " (pulled segments)"),
+              1u)
+        << d->name();
+    EXPECT_EQ(predecessors(runner.last_graph(), "outputs on " + d->name() + " (pulled segments)"),
+              std::set<std::string>{"entering states for " + d->name() + " (pulled segments)"});
+  }
+
+  (void)runner.forward(in.args(), o, s.S);
+  expect_dot_is_the_graph(runner, "forward, one segment");
+  EXPECT_EQ(runner.last_graph().nodes.size(), 4u) << "one segment: no local-state pass, one device";
+
+  (void)runner.backward(in.backward_args(true), o, 128);
+  expect_dot_is_the_graph(runner, "backward");
+  EXPECT_EQ(predecessors(runner.last_graph(), "reverse combine (state-gradient recurrence)"),
+            std::set<std::string>{"local state gradients, last segment first"});
+
+  runner.set_balancing(graph::Balancing::calibrated);
+  (void)runner.forward(in.args(), o, 64);
+  expect_dot_is_the_graph(runner, "forward, calibrated");
+  runner.set_balancing(graph::Balancing::pull);
+
+  (void)runner.forward_head_split(in.args(), o);
+  expect_dot_is_the_graph(runner, "forward head split");
+  EXPECT_EQ(runner.last_graph().nodes.size(), 1 + std::min<std::size_t>(D, 2));  // start + one node per row group
+  EXPECT_NE(runner.dot().find("forward rows [0, 1) on "), std::string::npos);
+}
+
+// MLSTM_GRAPH_DOT=<path>: every run writes the graph it built there; a path that cannot be written is reported
+// in the log and the run's results are unchanged.
+TEST(GraphDot, EnvironmentWritesTheDumpAndReportsFailures) {
+  graph::FlowGraphRunner runner("workers");
+  InputSpec s = testing::spec(1, 2, 256, 16, 16, DType::f32, GateVariant::exp, false);
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  MlstmOptions o;
+  o.chunk_size = 32;
+  const auto dir = std::filesystem::temp_directory_path() / ("mlstm_graph_dot_" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  const auto path = dir / "graph.dot";
+  ::setenv("MLSTM_GRAPH_DOT", path.c_str(), 1);
+  const auto got = runner.forward(in.args(), o, 64);
+  ::unsetenv("MLSTM_GRAPH_DOT");
+  std::ifstream file(path);
+  const std::string written((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+  EXPECT_EQ(written, runner.dot());
+  for (const auto& line : runner.last_log()) EXPECT_EQ(line.find("DOT"), std::string::npos) << line;
+
+  ::setenv("MLSTM_GRAPH_DOT", (dir / "missing" / "graph.dot").c_str(), 1);
+  const auto again = runner.forward(in.args(), o, 64);
+  ::unsetenv("MLSTM_GRAPH_DOT");
+  bool reported = false;
+  for (const auto& line : runner.last_log())
+    reported = reported || line.find("graph DOT not written") != std::string::npos;
+  EXPECT_TRUE(reported) << graph_log(runner);
+  EXPECT_TRUE(testing::matches(again.h, got.h, 0, "graph with a failed DOT write", "h", s));
+  std::filesystem::remove_all(dir);
+}
+
+TEST(GraphDot, NamesAreQuotedAndEscaped) {
+  graph::GraphDescription g;
+  g.title = "odd \"title\"";
+  g.nodes = {{"a \"quoted\" \\ name", "queue_node", {1}}, {"two\nlines", "function_node", {}}};
+  const std::string dot = g.dot();
+  EXPECT_NE(dot.find(R"(digraph "mlstm-flow odd \"title\"" {)"), std::string::npos) << dot;
+  EXPECT_NE(dot.find(R"(n0 [label="a \"quoted\" \\ name", tooltip="queue_node"];)"), std::string::npos) << dot;
+  EXPECT_NE(dot.find(R"(n1 [label="two\nlines")"), std::string::npos) << dot;
+  const ParsedDot parsed = parse_dot(dot);
+  EXPECT_EQ(parsed.labels.at("n0"), g.nodes[0].name);
+  EXPECT_EQ(parsed.labels.at("n1"), g.nodes[1].name);
+  EXPECT_EQ(parsed.edges.size(), 1u);
+}
+
+// describe() is the plan that ran: plan() and the runs call one function, over the devices whose supports()
+// accepts the problem. A device that refuses is in neither describe() nor the graph, and gets no work; one
+// that refuses only the backward's stages runs the forward and not the backward.
+TEST(GraphPlan, DescribeIsThePlanThatRan) {
+  auto cpu = cpu_workers().front();
+  auto refuser =
+      std::make_shared<PickyDevice>("refuser", cpu,
+                                    std::set<DeviceStage>{DeviceStage::forward, DeviceStage::last_state,
+                                                          DeviceStage::backward, DeviceStage::state_gradient});
+  auto no_backward = std::make_shared<PickyDevice>("forward-only", cpu, std::set<DeviceStage>{DeviceStage::backward});
+  std::vector<std::shared_ptr<ComputeDevice>> devices{refuser, cpu, no_backward};
+  if (opencl::list_devices().size() >= 1) {
+    for (auto& d : opencl_devices("0")) devices.push_back(d);
+  }
+  graph::FlowGraphRunner runner(devices);
+  InputSpec s = testing::spec(2, 2, 1000, 16, 16, DType::f32, GateVariant::exp, true);
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  MlstmOptions o;
+  o.chunk_size = 32;
+  const ProblemShape shape = validate_forward(in.args(), o);
+  const std::size_t forward_devices = devices.size() - 1;
+
+  const graph::Plan fw_plan = runner.plan(shape, o);
+  const auto fw = runner.forward(in.args(), o);
+  SCOPED_TRACE(graph_log(runner));
+  EXPECT_EQ(runner.last_plan().describe(), fw_plan.describe());
+  EXPECT_EQ(fw_plan.devices.size(), forward_devices);
+  // About 4 segments per device that runs, not per device given (the old plan() counted the refuser too).
+  std::vector<std::string> runs, given;
+  for (const auto& d : devices) {
+    given.push_back(d->name());
+    if (d != refuser) runs.push_back(d->name());
+  }
+  EXPECT_EQ(fw_plan.devices, runs);
+  EXPECT_EQ(fw_plan.segments.size(), graph::make_plan(shape, o, runs).segments.size());
+  EXPECT_NE(fw_plan.segments.size(), graph::make_plan(shape, o, given).segments.size());
+  EXPECT_EQ(fw_plan.describe().find("refuser"), std::string::npos) << fw_plan.describe();
+  EXPECT_NE(fw_plan.describe().find("[forward-only]"), std::string::npos) << fw_plan.describe();
+  ASSERT_EQ(fw_plan.left_out.size(), 1u);
+  EXPECT_EQ(fw_plan.left_out.front().rfind("refuser (", 0), 0u) << fw_plan.left_out.front();
+  EXPECT_EQ(runner.dot().find("refuser"), std::string::npos);
+  for (const auto& line : runner.last_log()) EXPECT_EQ(line.find("refuser"), std::string::npos) << line;
+  EXPECT_EQ(refuser->calls, 0);
+  const auto one_call = get_kernel("chunkwise--cpu_xl_chunk")->forward(in.args(), o);
+  EXPECT_TRUE(testing::matches(fw.h, one_call.h, 2e-5, "graph with a refusing device", "h", s));
+
+  const graph::Plan bw_plan = runner.plan(shape, o, 128, graph::Pass::backward);
+  no_backward->calls = 0;
+  (void)runner.backward(in.backward_args(true), o, 128);
+  EXPECT_EQ(runner.last_plan().describe(), bw_plan.describe());
+  EXPECT_EQ(bw_plan.describe().find("forward-only"), std::string::npos) << bw_plan.describe();
+  EXPECT_EQ(bw_plan.devices.size(), forward_devices - 1);
+  EXPECT_EQ(bw_plan.left_out.size(), 2u);
+  EXPECT_EQ(runner.dot().find("forward-only"), std::string::npos);
+  EXPECT_EQ(no_backward->calls, 0) << "a device without a backward got backward work";
+  EXPECT_EQ(refuser->calls, 0);
+
+  const graph::Plan hs_plan = runner.plan(shape, o, 0, graph::Pass::forward_head_split);
+  (void)runner.forward_head_split(in.args(), o);
+  EXPECT_EQ(runner.last_plan().describe(), hs_plan.describe());
+  EXPECT_EQ(hs_plan.rows.size(), std::min<std::size_t>(forward_devices, 4));
+  EXPECT_EQ(hs_plan.describe().find("refuser"), std::string::npos) << hs_plan.describe();
+  EXPECT_EQ(refuser->calls, 0);
+}
+
+// The final state leaves the graph as a message (the last entry's `leaving`, or the one segment's output run)
+// into the "final_state" node, and equals one kernel call's; without return_last_states none is returned.
+TEST(GraphFinalState, LeavesAsAMessageAndEqualsOneCall) {
+  const std::string spec = opencl::list_devices().size() >= 2 ? "workers+0,1" : "workers";
+  graph::FlowGraphRunner runner(spec);
+  InputSpec s = testing::spec(2, 3, 700, 16, 24, DType::f32, GateVariant::exp, true);
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  MlstmOptions o;
+  o.chunk_size = 32;
+  const auto one_call = get_kernel("chunkwise--cpu_xl_chunk")->forward(in.args(), o);
+  const double m_tol = spec == "workers" ? 1e-6 : 1e-5;  // as m_tolerance above
+  for (const std::int64_t segment : {std::int64_t{96}, s.S}) {
+    const std::string what = "graph " + spec + " final state, segments of " + std::to_string(segment);
+    const auto got = runner.forward(in.args(), o, segment);
+    SCOPED_TRACE(graph_log(runner));
+    EXPECT_TRUE(
+        testing::last_state_matches(got.c, got.n, got.m, one_call.c, one_call.n, one_call.m, 2e-5, m_tol, what, s));
+    const auto into_final = predecessors(runner.last_graph(), "final_state");
+    ASSERT_EQ(into_final.size(), 1u) << what;
+    EXPECT_EQ(*into_final.begin(), segment == s.S ? "final state of the outputs" : "final state of the combine");
+  }
+  MlstmOptions no_state = o;
+  no_state.return_last_states = false;
+  const auto h_only = runner.forward(in.args(), no_state, 96);
+  EXPECT_TRUE(h_only.c.empty() && h_only.n.empty() && h_only.m.empty());
+  EXPECT_TRUE(testing::matches(h_only.h, one_call.h, 2e-5, "graph without last states", "h", s));
 }
 
 TEST(GraphPlan, SegmentsCoverTheSequenceInWholeChunks) {

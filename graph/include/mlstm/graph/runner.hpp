@@ -6,6 +6,12 @@
 //   mlstm::graph::FlowGraphRunner runner("workers+gpu:all");
 //   auto plan = runner.plan(shape, options);       // printable, testable without running
 //   mlstm::ForwardResult out = runner.forward(args, options);
+//   runner.last_plan().describe();                 // the same plan: both come from one function
+//   runner.dot();                                  // the graph that ran, as Graphviz DOT (named nodes)
+//
+// The plan is the truth about a run: it is computed by the function the run uses, over the devices whose
+// supports() accepts the problem (the others are in Plan::left_out, never in describe() nor given work).
+// MLSTM_GRAPH_DOT=<path> writes every run's graph there as DOT once it is built (graph_description.hpp).
 //
 // Test hooks (environment): MLSTM_FAULT_INJECT (nodes.hpp: device failures, out of memory) and
 // MLSTM_FAULT_INJECT_ORDER=entries (the state recurrence's entries handed on in swapped pairs, as oneTBB may
@@ -15,9 +21,12 @@
 #include <initializer_list>
 #include <memory>
 #include <string>
+#include <string_view>
+#include <utility>
 #include <vector>
 
 #include "mlstm/devices/compute_device.hpp"
+#include "mlstm/graph/graph_description.hpp"
 #include "mlstm/nodes/nodes.hpp"
 
 namespace mlstm::graph {
@@ -28,11 +37,20 @@ namespace mlstm::graph {
 // share would be under one chunk gets none, so a slow device never holds back a fast one.
 enum class Balancing { pull, calibrated };
 
+// Which run a plan is for: the sequence-parallel forward and backward, or the head splits.
+enum class Pass { forward, backward, forward_head_split, backward_head_split };
+std::string_view pass_name(Pass pass) noexcept;  // "forward", "backward", "forward head split", ...
+
 struct Plan {
-  std::vector<std::string> devices;
-  std::vector<double> speeds;  // tokens/s per device (calibrated plans), empty for pull
+  Pass pass = Pass::forward;
+  std::vector<std::string> devices;   // the devices that get work, in the graph's order
+  std::vector<std::string> left_out;  // "name (stage: why not)": refused by supports(); not in describe()
+  std::vector<double> speeds;         // tokens/s per device (calibrated plans), empty for pull
   std::int64_t S = 0, chunk_size = 0, segment_tokens = 0;
+  // Sequence parallel: device -1 = pulled by the first free device, which then keeps the segment for its
+  // later passes (the state recurrence records it); otherwise the device every pass of the segment runs on.
   std::vector<nodes::Segment> segments;
+  std::vector<std::pair<std::int64_t, std::int64_t>> rows;  // head split: rows [first, second) of devices[d]
   std::string describe() const;  // one line per item; MLSTM_PLAN_DEBUG=1 prints it at run time
 };
 
@@ -54,7 +72,10 @@ class FlowGraphRunner {
   Balancing balancing() const noexcept { return balancing_; }
   // Measured forward speed (tokens/s) of every device on this problem's dimensions (cached).
   std::vector<double> calibrate(const ProblemShape& shape, const MlstmOptions& options);
-  Plan plan(const ProblemShape& shape, const MlstmOptions& options, std::int64_t segment_tokens = 0) const;
+  // The plan of a run of `pass` on this problem: what forward()/backward()/... would run (they call the same
+  // function). A calibrated runner measures the devices first (cached).
+  Plan plan(const ProblemShape& shape, const MlstmOptions& options, std::int64_t segment_tokens = 0,
+            Pass pass = Pass::forward) const;
   // h and (when options.return_last_states) the last state; equal to one call of a chunkwise kernel.
   // Sequence parallel: segments of the sequence across the devices (see the file comment).
   ForwardResult forward(const ForwardArgs& args, const MlstmOptions& options, std::int64_t segment_tokens = 0);
@@ -72,20 +93,40 @@ class FlowGraphRunner {
   BackwardResult backward_head_split(const BackwardArgs& args, const MlstmOptions& options);
   // What ran where in the last run ("segment 3: outputs on opencl:1 ...", "segment 2: backward on cpu:numa0").
   const std::vector<std::string>& last_log() const noexcept { return log_; }
+  // The plan of the last run (set before it ran) and the flow graph it built, as data and as Graphviz DOT.
+  const Plan& last_plan() const noexcept { return last_plan_; }
+  const GraphDescription& last_graph() const noexcept { return graph_; }
+  std::string dot() const { return graph_.dot(); }
 
  private:
+  struct PlannedRun {
+    std::vector<std::shared_ptr<ComputeDevice>> devices;  // devices[d] is plan.devices[d]
+    Plan plan;
+  };
+  // The one planning function of every run and of plan(): the capable devices, then the plan over them.
+  PlannedRun plan_run(Pass pass, const ProblemShape& shape, const MlstmOptions& options,
+                      std::int64_t segment_tokens) const;
+  // Keeps the graph the run built and, with MLSTM_GRAPH_DOT=<path>, writes it there (a failed write is logged
+  // and noted in last_log(), the run goes on).
+  void built(const GraphDescription& graph);
+  // last_log() of a finished run: its nodes' log, device failures, and a failed DOT write.
+  void finish_log(std::vector<std::string> log, const std::vector<std::string>& failures);
   // The devices that support every one of `stages` for this problem (ComputeDevice::supports); those left out
-  // are logged with the reason, and InvalidArgument("devices") names every reason when none is left.
+  // are logged and added to `left_out` with the reason, and InvalidArgument("devices") names every reason when
+  // none is left.
   std::vector<std::shared_ptr<ComputeDevice>> capable_devices(std::initializer_list<DeviceStage> stages,
-                                                              const ProblemShape& shape,
-                                                              const MlstmOptions& options) const;
+                                                              const ProblemShape& shape, const MlstmOptions& options,
+                                                              std::vector<std::string>& left_out) const;
   // The plan over `devices`: calibrated shares or pull (balancing_).
   Plan plan_over(const std::vector<std::shared_ptr<ComputeDevice>>& devices, const ProblemShape& shape,
-                 const MlstmOptions& options, std::int64_t segment_tokens);
+                 const MlstmOptions& options, std::int64_t segment_tokens) const;
   static std::vector<double> calibrate(const std::vector<std::shared_ptr<ComputeDevice>>& devices,
                                        const ProblemShape& shape, const MlstmOptions& options);
   std::vector<std::shared_ptr<ComputeDevice>> devices_;
   std::vector<std::string> log_;
+  Plan last_plan_;
+  GraphDescription graph_;
+  std::string dot_error_;  // the last MLSTM_GRAPH_DOT write's failure, for finish_log
   Balancing balancing_ = Balancing::pull;
 };
 

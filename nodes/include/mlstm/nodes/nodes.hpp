@@ -8,7 +8,10 @@
 //   queue_node<Segment> --> function_node<Segment, SegmentSummary, rejecting>  (LocalStateBody, one per device)
 //        --> sequencer_node<SegmentSummary> (by index) --> function_node<SegmentSummary, SegmentEntry, serial>
 //            (StateRecurrenceBody: the state entering every segment, in order)
-//        --> queue_node<SegmentEntry> --> function_node<SegmentEntry, int, rejecting>  (SegmentOutputBody, one per device)
+//        --> queue_node<SegmentEntry> --> function_node<SegmentEntry, SegmentOutput, rejecting>  (SegmentOutputBody,
+//            one per device, fed the segments whose local state that device computed)
+//   The last entry (is_last) carries the final state in `leaving`; the runner passes it to an
+//   overwrite_node<StateHandle> ("final_state"), the graph's way out (one segment: the output run's SegmentOutput).
 //
 // Each device node is `serial` + `rejecting`, so a busy device declines and the queue offers the segment
 // to the next free one: faster devices pull more segments (oneTBB's binpack pattern).
@@ -69,11 +72,21 @@ struct SegmentSummary {
   int device_index = -1;  // the graph's device that computed it (its inputs are resident there), -1 after a failover
 };
 
-// The true state entering a segment.
+// The true state entering a segment. StateRecurrenceBody also gives the state leaving it and marks the
+// sequence's last segment, so the final state leaves the graph as the last message (fgbzip2's isLast).
 struct SegmentEntry {
   int index = 0;
   Segment segment;
   StateHandle state;
+  StateHandle leaving;   // the state leaving the segment (set by StateRecurrenceBody; may be empty elsewhere)
+  bool is_last = false;  // the segment that ends the sequence: `leaving` is the final state
+};
+
+// What a segment's output run hands on: its index and, when the problem keeps the final state
+// (SegmentProblem::keep_final_state) and the segment ends the sequence, the state leaving it.
+struct SegmentOutput {
+  int index = 0;
+  StateHandle leaving;  // empty unless this output run computed the final state
 };
 
 // The problem the nodes work on: inputs (the caller keeps them alive), options, the output h (written by
@@ -96,12 +109,11 @@ class SegmentProblem {
   // the whole sequence hands its tensor over instead of copying it.
   void write_h(const Segment& s, Tensor&& h);
   Tensor& h() noexcept { return h_; }
-  // With keep_final_state(true), the output run of the segment that ends the sequence also returns the state
-  // leaving it, stored here (a one-segment plan needs no local-state pass: its entering state is known).
+  // With keep_final_state(true), the output run of the segment that ends the sequence also computes the state
+  // leaving it and hands it on in its SegmentOutput (a one-segment plan needs no local-state pass: its
+  // entering state is known).
   void keep_final_state(bool keep) noexcept { keep_final_state_ = keep; }
   bool keeps_final_state() const noexcept { return keep_final_state_; }
-  void set_final_state(ForwardResult&& r);
-  SegmentEntry& final_state() noexcept { return final_state_; }
   std::vector<std::string> log;  // "segment i: local on <device>" etc., for plans and tests
   std::mutex log_mutex;
 
@@ -113,7 +125,6 @@ class SegmentProblem {
   StateHandle empty_;
   Tensor h_;
   bool keep_final_state_ = false;
-  SegmentEntry final_state_;
 };
 
 // The devices of a graph with failover: work given to a device that fails (DeviceError: kernel error,
@@ -133,6 +144,8 @@ class DevicePool {
   std::shared_ptr<ComputeDevice> run(std::size_t preferred, int segment, const std::function<void(ComputeDevice&)>& fn);
   std::size_t alive() const;
   std::vector<std::string> failures() const;
+  // The index of `device` in the pool; -1 when it is not one of the pool's devices.
+  int index_of(const ComputeDevice* device) const;
 
  private:
   std::vector<std::shared_ptr<ComputeDevice>> devices_;
@@ -157,8 +170,9 @@ struct LocalStateBody {
 };
 
 // Serial function_node body fed IN ORDER (through a sequencer_node): combines the running state with each
-// summary (stages::combine) and emits the state entering the segment; after the last one, `running`
-// holds the state leaving the sequence. The bodies run in order, but the entries can reach the successors in
+// summary (stages::combine) and emits the state entering the segment with the state leaving it; the last
+// segment's entry is marked is_last and its `leaving` is the final state (`running` is the body's own carried
+// state, not a way out of the graph). The bodies run in order, but the entries can reach the successors in
 // another order (oneTBB hands a function_node's outputs on after it has started the next body): a consumer
 // that needs segment order puts a sequencer_node<SegmentEntry> (by index) behind it. A segment the plan gave
 // to no device (pulled) is given to the device that computed its summary, where its inputs are resident
@@ -170,14 +184,23 @@ struct StateRecurrenceBody {
   SegmentEntry operator()(const SegmentSummary& summary) const;
 };
 
-// function_node body: h of a segment from its entering state, on one device (through `pool` when given);
-// also the state leaving the sequence when the problem keeps it (SegmentProblem::keep_final_state).
+// function_node body: h of a segment from its entering state, on one device (through `pool` when given).
+// run() also hands on the state leaving the sequence when the problem keeps it
+// (SegmentProblem::keep_final_state): wire it as function_node<SegmentEntry, SegmentOutput> through
+// SegmentOutputStateBody; operator() returns the index only, for graphs that need just h.
 struct SegmentOutputBody {
   std::shared_ptr<SegmentProblem> problem;
   std::shared_ptr<ComputeDevice> device;
   std::shared_ptr<DevicePool> pool = nullptr;
   std::size_t device_index = 0;
-  int operator()(const SegmentEntry& entry) const;
+  SegmentOutput run(const SegmentEntry& entry) const;
+  int operator()(const SegmentEntry& entry) const { return run(entry).index; }
+};
+
+// SegmentOutputBody as the body of a function_node<SegmentEntry, SegmentOutput>.
+struct SegmentOutputStateBody {
+  SegmentOutputBody body;
+  SegmentOutput operator()(const SegmentEntry& entry) const { return body.run(entry); }
 };
 
 // ---- Sequence-parallel backward --------------------------------------------------------------------
