@@ -1,8 +1,10 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <functional>
 #include <limits>
@@ -14,6 +16,7 @@
 #include "mlstm/core/trace.hpp"
 #include "mlstm/devices/opencl/device.hpp"
 #include "mlstm_opencl_sources.hpp"
+#include "program_cache.hpp"
 
 namespace mlstm::opencl {
 
@@ -47,6 +50,8 @@ const char* error_name(cl_int code) noexcept {
       return "CL_INVALID_MEM_OBJECT";
     case CL_INVALID_BUILD_OPTIONS:
       return "CL_INVALID_BUILD_OPTIONS";
+    case CL_INVALID_BINARY:
+      return "CL_INVALID_BINARY";
     case CL_INVALID_PROGRAM:
       return "CL_INVALID_PROGRAM";
     case CL_INVALID_PROGRAM_EXECUTABLE:
@@ -160,6 +165,7 @@ std::vector<DeviceInfo> list_devices() {
       info.platform = p;
       info.id = d;
       info.platform_name = platform_string(p, CL_PLATFORM_NAME);
+      info.platform_version = platform_string(p, CL_PLATFORM_VERSION);
       info.name = device_string(d, CL_DEVICE_NAME);
       info.vendor = device_string(d, CL_DEVICE_VENDOR);
       info.version = device_string(d, CL_DEVICE_VERSION);
@@ -337,6 +343,7 @@ Device::Device(const DeviceInfo& info) : info_(info) {
   profiling_queue_ = clCreateCommandQueue(context_, info_.id, CL_QUEUE_PROFILING_ENABLE, &err);
   check(err, "clCreateCommandQueue(profiling)", info_.name);
   staging_slot_ = default_staging_slot();
+  program_cache_dir_ = default_program_cache_dir();
   spdlog::info("mlstm-flow: opened OpenCL device {}", info_.describe());
 }
 
@@ -354,6 +361,67 @@ cl_program Device::program(const std::string& source_name, const std::string& op
   return program_from_text(source_name, kernel_source(source_name), options);
 }
 
+std::string default_program_cache_dir() {
+  const auto knob = env::get("MLSTM_PROGRAM_CACHE");
+  if (knob) return *knob == "off" ? std::string() : *knob;
+  // The XDG base-directory spec ignores a relative XDG_CACHE_HOME.
+  if (const auto xdg = env::get("XDG_CACHE_HOME"); xdg && std::filesystem::path(*xdg).is_absolute())
+    return (std::filesystem::path(*xdg) / "mlstm-flow" / "programs").string();
+  if (const auto home = env::get("HOME"))
+    return (std::filesystem::path(*home) / ".cache" / "mlstm-flow" / "programs").string();
+  return {};
+}
+
+void Device::set_program_cache(std::string dir) {
+  std::lock_guard lock(mutex_);
+  program_cache_dir_ = std::move(dir);
+}
+
+std::string Device::program_cache_dir() const {
+  std::lock_guard lock(mutex_);
+  return program_cache_dir_;
+}
+
+namespace {
+
+// Builds are serialised across devices: PoCL's LLVM option parsing raced between two devices' builds
+// (ThreadSanitizer, scripts/tsan.sh). Builds are cached, so this costs nothing after the first use.
+std::mutex& build_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+std::string build_log(cl_program p, cl_device_id device) {
+  std::size_t n = 0;
+  clGetProgramBuildInfo(p, device, CL_PROGRAM_BUILD_LOG, 0, nullptr, &n);
+  std::string log(n, '\0');
+  clGetProgramBuildInfo(p, device, CL_PROGRAM_BUILD_LOG, n, log.data(), nullptr);
+  while (!log.empty() && log.back() == '\0') log.pop_back();
+  return log;
+}
+
+// The compiled binary of a built program (empty when the driver gives none).
+std::vector<unsigned char> program_binary(cl_program p) {
+  std::size_t size = 0;
+  if (clGetProgramInfo(p, CL_PROGRAM_BINARY_SIZES, sizeof size, &size, nullptr) != CL_SUCCESS || size == 0) return {};
+  std::vector<unsigned char> binary(size);
+  unsigned char* ptr = binary.data();
+  if (clGetProgramInfo(p, CL_PROGRAM_BINARIES, sizeof ptr, &ptr, nullptr) != CL_SUCCESS) return {};
+  return binary;
+}
+
+// Warns about the first failed cache write of the process; later ones (the same directory, most likely) are
+// logged at debug level only.
+void warn_cache_write(const std::string& what) {
+  static std::atomic<bool> warned{false};
+  if (!warned.exchange(true))
+    spdlog::warn("mlstm-flow: {}; compiled programs are not cached on disk (MLSTM_PROGRAM_CACHE=off to skip)", what);
+  else
+    spdlog::debug("mlstm-flow: {}", what);
+}
+
+}  // namespace
+
 cl_program Device::program_from_text(const std::string& label, const std::string& text, const std::string& options) {
   const ScopedTrace trace([&] { return "program lookup '" + label + "' on " + info_.name; });
   const std::string key = std::to_string(std::hash<std::string>{}(text)) + "|" + options + "|" + info_.name + "|" +
@@ -361,31 +429,81 @@ cl_program Device::program_from_text(const std::string& label, const std::string
   std::lock_guard lock(mutex_);
   if (auto it = programs_.find(key); it != programs_.end()) return it->second;
   const auto t0 = std::chrono::steady_clock::now();
+  auto elapsed_ms = [&] {
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  };
+
+  // The disk cache: an entry whose key and checksum match is handed to the driver as a binary; anything it
+  // refuses is rebuilt from source below and its entry rewritten.
+  detail::ProgramKey disk_key;
+  std::string entry;
+  if (!program_cache_dir_.empty()) {
+    disk_key.source_hash = detail::fnv1a64(text.data(), text.size());
+    disk_key.source_bytes = text.size();
+    disk_key.options = options;
+    disk_key.device = info_.name;
+    disk_key.vendor = info_.vendor;
+    disk_key.device_version = info_.version;
+    disk_key.driver = info_.driver;
+    disk_key.platform = info_.platform_name;
+    disk_key.platform_version = info_.platform_version;
+    entry = (std::filesystem::path(program_cache_dir_) / disk_key.file_name()).string();
+    std::string why;
+    if (auto binary = detail::read_program_entry(entry, disk_key, why)) {
+      const unsigned char* bytes = binary->data();
+      const std::size_t size = binary->size();
+      cl_int status = CL_SUCCESS, err = CL_SUCCESS;
+      cl_program p = clCreateProgramWithBinary(context_, 1, &info_.id, &size, &bytes, &status, &err);
+      if (err == CL_SUCCESS && status == CL_SUCCESS) {
+        std::lock_guard build_lock(build_mutex());
+        err = clBuildProgram(p, 1, &info_.id, options.c_str(), nullptr, nullptr);
+      } else if (err == CL_SUCCESS) {
+        err = status;
+      }
+      if (err == CL_SUCCESS) {
+        spdlog::debug("mlstm-flow: loaded '{}' for {} from {} in {:.0f} ms", label, info_.name, entry, elapsed_ms());
+        ++binary_loads_;
+        programs_.emplace(key, p);
+        return p;
+      }
+      if (p) clReleaseProgram(p);
+      why = std::string("refused by the driver (") + error_name(err) + ", " + std::to_string(err) + ")";
+    }
+    if (!why.empty())
+      spdlog::warn("mlstm-flow: program cache entry {} for '{}' on {} is {}; rebuilding it", entry, label, info_.name,
+                   why);
+  }
+
   const char* src = text.c_str();
   cl_int err = CL_SUCCESS;
   cl_program p = clCreateProgramWithSource(context_, 1, &src, nullptr, &err);
   check(err, "clCreateProgramWithSource", info_.name);
   {
-    // Builds are serialised across devices: PoCL's LLVM option parsing raced between two devices' builds
-    // (ThreadSanitizer, scripts/tsan.sh). Builds are cached, so this costs nothing after the first use.
-    static std::mutex build_mutex;
-    std::lock_guard build_lock(build_mutex);
+    std::lock_guard build_lock(build_mutex());
     err = clBuildProgram(p, 1, &info_.id, options.c_str(), nullptr, nullptr);
   }
   if (err != CL_SUCCESS) {
-    std::size_t n = 0;
-    clGetProgramBuildInfo(p, info_.id, CL_PROGRAM_BUILD_LOG, 0, nullptr, &n);
-    std::string log(n, '\0');
-    clGetProgramBuildInfo(p, info_.id, CL_PROGRAM_BUILD_LOG, n, log.data(), nullptr);
+    const std::string log = build_log(p, info_.id);
     clReleaseProgram(p);
     throw DeviceError(
         DeviceError::Kind::build, info_.name,
         "cannot build kernel source '" + label + "' (" + error_name(err) + ") with options '" + options + "': " + log);
   }
-  const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-  spdlog::info("mlstm-flow: built '{}' for {} in {:.0f} ms", label, info_.name, ms);
+  spdlog::info("mlstm-flow: built '{}' for {} in {:.0f} ms", label, info_.name, elapsed_ms());
   ++builds_;
   programs_.emplace(key, p);
+  if (!entry.empty()) {
+    const auto binary = program_binary(p);
+    if (binary.empty()) {
+      warn_cache_write(info_.name + " gives no program binary for '" + label + "'");
+    } else {
+      try {
+        detail::write_program_entry(entry, disk_key, binary);
+      } catch (const std::exception& e) {
+        warn_cache_write(std::string("cannot write the program cache: ") + e.what());
+      }
+    }
+  }
   return p;
 }
 

@@ -12,10 +12,12 @@
 //   MLSTM_TC_STATE_TILE=KTxVT          devices (OpenCL): tensor-core state tile (tuning)
 //   MLSTM_TC_MSPLIT=1                  devices (OpenCL): tensor-core chunk kernels with M split hi + lo (tuning)
 //   MLSTM_TC_POISON=1                  devices (OpenCL): tensor-core intermediates start as NaN
+//   MLSTM_PROGRAM_CACHE=<dir>|off      devices (OpenCL): where compiled programs are cached on disk, or no disk
+//                                      cache (default $XDG_CACHE_HOME/mlstm-flow/programs, ~/.cache/...)
 //   MLSTM_RESIDENT_INPUTS=off          devices: upload inputs on every call (to measure residency)
 //   MLSTM_FAULT_INJECT, MLSTM_FAULT_INJECT_ORDER   nodes / graph: fault-injection test hooks
 //   MLSTM_PLAN_DEBUG                   graph: log every plan
-//   XDG_CACHE_HOME, HOME               graph: where the calibration cache lives
+//   XDG_CACHE_HOME, HOME               graph, devices (OpenCL): where the calibration and program caches live
 #pragma once
 
 #include <optional>

@@ -5,6 +5,7 @@
 
 #include <CL/cl.h>
 
+#include <atomic>
 #include <compare>
 #include <cstddef>
 #include <cstdint>
@@ -26,7 +27,7 @@ struct DeviceInfo {
   int index = 0;  // position in list_devices()
   cl_platform_id platform = nullptr;
   cl_device_id id = nullptr;
-  std::string platform_name, name, vendor, version, driver;
+  std::string platform_name, platform_version, name, vendor, version, driver;
   DeviceType type = DeviceType::other;
   std::uint64_t global_memory = 0, local_memory = 0;
   std::uint32_t compute_units = 0;
@@ -93,10 +94,25 @@ struct PoolStats {
   std::uint64_t bytes_held = 0, buffers_held = 0;  // released buffers kept for reuse
 };
 
-// One OpenCL device with its context, an in-order queue and a profiling queue, its program cache
-// (keyed by the source's hash, the full option string and the device/driver identity) and a pool of
+// The directory of the on-disk program cache from the environment: MLSTM_PROGRAM_CACHE (a directory, or "off"),
+// else $XDG_CACHE_HOME/mlstm-flow/programs (an absolute XDG_CACHE_HOME), else $HOME/.cache/mlstm-flow/programs.
+// Empty (no disk cache) when it is off or neither variable is set.
+std::string default_program_cache_dir();
+
+// One OpenCL device with its context, an in-order queue and a profiling queue, its program cache and a pool of
 // buffers (size classes: powers of two from 64 KiB to 64 MiB, then multiples of 16 MiB; at most a quarter
 // of the device memory is kept).
+//
+// Program cache: programs are kept in memory per device, keyed by the source's hash, the full option string
+// and the device/driver identity; compiled programs are also kept on disk (program_cache_dir(), one file per
+// program holding its CL_PROGRAM_BINARIES), so that a second process builds nothing. A disk entry's key is
+// the hash and length of the full source text, the build options, the device's name, vendor and version, the
+// driver version, the platform's name and version and the entry format version; the entry stores the key and
+// a checksum of the binary and is used only when all of them match. A corrupt, truncated or foreign entry,
+// or one the driver refuses (clCreateProgramWithBinary, clBuildProgram), is logged, rebuilt from source and
+// rewritten. Entries are written atomically (temporary file, fsync, rename), so concurrent processes are
+// safe; a failed write is a warning only. Deleting the directory clears the cache; a driver update makes
+// new entries (the driver is in the key) and leaves the old ones unused.
 class Device {
  public:
   explicit Device(const DeviceInfo& info);
@@ -111,7 +127,8 @@ class Device {
   cl_command_queue profiling_queue() const noexcept { return profiling_queue_; }
 
   // Builds (once) the program of embedded source `source_name` (a kernels/opencl/<name>.cl file) with
-  // `options`. A failed build throws DeviceError(build) naming the device, the source and the build log.
+  // `options`, or loads it from the on-disk program cache. A failed build throws DeviceError(build) naming the
+  // device, the source and the build log.
   cl_program program(const std::string& source_name, const std::string& options);
   // Same, from source text (for tests and the tensor-core path).
   cl_program program_from_text(const std::string& label, const std::string& text, const std::string& options);
@@ -152,7 +169,12 @@ class Device {
   std::size_t staging_slot_bytes() const noexcept { return staging_slot_; }
   std::size_t staging_threshold() const noexcept;
   void finish();
-  std::size_t builds() const noexcept { return builds_; }  // programs built so far (cache misses)
+  std::size_t builds() const noexcept { return builds_; }              // programs built from source so far
+  std::size_t binary_loads() const noexcept { return binary_loads_; }  // programs loaded from the disk cache
+  // The on-disk program cache: default_program_cache_dir() when the device is opened; set_program_cache("")
+  // turns it off for this device, another directory moves it there (created when first written).
+  void set_program_cache(std::string dir);
+  std::string program_cache_dir() const;
 
   // Buffer pool (thread-safe): a buffer of at least `bytes`, reused from earlier releases when one of the
   // size class is free; acquire_upload also writes `data` (blocking). With MLSTM_OPENCL_POISON=1 the bytes
@@ -207,9 +229,10 @@ class Device {
   cl_context context_ = nullptr;
   cl_command_queue queue_ = nullptr;
   cl_command_queue profiling_queue_ = nullptr;
-  std::mutex mutex_;
+  mutable std::mutex mutex_;  // guards programs_ and program_cache_dir_
   std::map<std::string, cl_program> programs_;
-  std::size_t builds_ = 0;
+  std::string program_cache_dir_;
+  std::atomic<std::size_t> builds_{0}, binary_loads_{0};
 
   friend class PooledBuffer;
   void release(Buffer&& buffer) noexcept;
