@@ -650,7 +650,7 @@ class PickyDevice : public ComputeDevice {
       : name_(std::move(name)), delegate_(std::move(delegate)), refused_(std::move(refused)) {}
   std::string name() const override { return name_; }
   DeviceSupport supports(DeviceStage stage, const ProblemShape& shape, const MlstmOptions& options) const override {
-    if (refused_.count(stage)) return {"the test double refuses " + std::string(stage_name(stage))};
+    if (refused_.count(stage)) return {"the test double refuses " + std::string(stage_name(stage)), ""};
     return delegate_->supports(stage, shape, options);
   }
   ForwardResult forward(const ForwardArgs& a, const MlstmOptions& o) override {
