@@ -142,6 +142,13 @@ class SeedListener : public ::testing::EmptyTestEventListener {
   ::testing::UnitTest::GetInstance()->listeners().Append(new SeedListener);
   return true;
 }();
+
+// The OpenCL programs the tests build are cached under the build tree, never in the user's home; a value the
+// caller set wins. Child processes (the CLI tests' mlstm) inherit it.
+[[maybe_unused]] const bool program_cache_set = [] {
+  ::setenv("MLSTM_PROGRAM_CACHE", MLSTM_TEST_PROGRAM_CACHE_DIR, 0);
+  return true;
+}();
 }  // namespace
 
 std::uint64_t fresh_seed() {
