@@ -7,6 +7,8 @@
 #include <cstdio>
 #include <filesystem>
 
+#include <nlohmann/json.hpp>
+
 #include "mlstm/core/npy.hpp"
 #include "mlstm/mlstm.hpp"
 #include "test_util.hpp"
@@ -152,6 +154,49 @@ void expect_bad_input(const Run& r, const std::string& argument) {
   EXPECT_EQ(r.code, 2) << r.err;
   EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
   EXPECT_NE(r.err.find(argument), std::string::npos) << "stderr should name " << argument << ": " << r.err;
+}
+
+// --devices runs the flow graph over every device it names (CPU workers and both PoCL devices here), sequence
+// parallel, equal to one kernel call; --json lists the devices that took part. With --kernel, a spec naming
+// several devices is refused, never cut to one.
+TEST_F(Cli, ForwardAndBackwardThroughTheFlowGraph) {
+  const std::string state = " --c0 " + path("c0") + " --n0 " + path("n0") + " --m0 " + path("m0");
+  const auto f = run_cli("--json forward " + inputs() + state + " --chunk-size 8 --devices workers+all --out " +
+                         path("gh") + " --out-c " + path("gc"));
+  ASSERT_EQ(f.code, 0) << f.err;
+  MlstmOptions o;
+  o.chunk_size = 8;
+  const auto want = get_kernel("chunkwise--cpu_xl_chunk")->forward(in_.args(), o);
+  EXPECT_TRUE(testing::matches(npy::read(path("gh"), "h"), want.h, 1e-4, "mlstm forward --devices", "h", spec_));
+  EXPECT_TRUE(testing::matches(npy::read(path("gc"), "c"), want.c, 1e-4, "mlstm forward --devices", "c", spec_));
+  const auto out = nlohmann::json::parse(f.out);
+  ASSERT_TRUE(out.contains("devices")) << f.out;
+  EXPECT_GE(out["devices"].size(), 3u) << f.out;  // the CPU worker(s) and two PoCL devices
+  EXPECT_EQ(out["kernel"], "flow-graph");
+
+  const auto b =
+      run_cli("--json backward " + inputs() + state + " --chunk-size 8 --devices workers+all --dh " + path("dh") +
+              " --out-dq " + path("gdq") + " --out-df " + path("gdf") + " --out-dc0 " + path("gdc0"));
+  ASSERT_EQ(b.code, 0) << b.err;
+  const auto grads = get_kernel("chunkwise--cpu_xl_chunk")->backward(in_.backward_args(false), o);
+  EXPECT_TRUE(testing::matches(npy::read(path("gdq"), "dq"), grads.dq, 1e-4, "mlstm backward --devices", "dq", spec_));
+  EXPECT_TRUE(testing::matches(npy::read(path("gdf"), "df"), grads.df, 1e-4, "mlstm backward --devices", "df", spec_));
+  EXPECT_TRUE(
+      testing::matches(npy::read(path("gdc0"), "dc0"), grads.dc0, 1e-4, "mlstm backward --devices", "dc0", spec_));
+  EXPECT_GE(nlohmann::json::parse(b.out)["devices"].size(), 3u) << b.out;
+
+  // One named OpenCL device with an OpenCL kernel: that kernel on that device.
+  const auto one =
+      run_cli("--json forward " + inputs() + " --kernel chunkwise--opencl_xl_chunk --devices 1 --out " + path("oh"));
+  ASSERT_EQ(one.code, 0) << one.err;
+  EXPECT_EQ(nlohmann::json::parse(one.out)["devices"].size(), 1u) << one.out;
+  expect_bad_input(
+      run_cli("forward " + inputs() + " --kernel chunkwise--opencl_xl_chunk --devices all --out " + path("x")),
+      "--devices");
+  expect_bad_input(
+      run_cli("forward " + inputs() + " --kernel chunkwise--cpu_xl_chunk --devices workers --out " + path("x")),
+      "--devices");
+  expect_bad_input(run_cli("forward " + inputs() + " --devices workers+ --out " + path("x")), "--devices");
 }
 
 TEST_F(Cli, BadInputNamesTheArgument) {

@@ -208,8 +208,12 @@ TEST_F(CliFuzz, EveryInvocationEndsWithExitCode012) {
         Opt{"--no-normalize", {}, {}, true},
         Opt{"--eps", {"1e-6", "1e-3"}, kReals},
         Opt{"--check-finite", {}, {}, true},
-        Opt{"--devices", {}, {"gpu:7", "all", "", "cpu", "nope"}},
     };
+    if (sequence) {
+      o.push_back(Opt{"--devices", {"workers", "all", "workers+all"}, {"gpu:7", "", "nope", "workers+", "+"}});
+    } else {
+      o.push_back(Opt{"--devices", {}, {"gpu:7", "all", "", "cpu", "nope"}});
+    }
     if (sequence) {
       o.push_back(Opt{"--kernel", seq_kernels, {"nope", "cpu", "", "chunkwise--opencl_xl_chunk"}});
       std::vector<std::string> cs = kInts;

@@ -195,7 +195,9 @@ struct InputFiles {
   bool no_normalize = false;
   double eps = 1e-6;
   bool check_finite = false;
-  CLI::Option* gate_option = nullptr;  // to tell an explicit --gate from the default
+  CLI::Option* gate_option = nullptr;    // to tell an explicit --gate from the default
+  CLI::Option* kernel_option = nullptr;  // and an explicit --kernel
+  bool step = false;                     // the step subcommand's inputs
 };
 
 // A file option given an empty string is refused (it used to mean "not given": --out '' computed and wrote nothing).
@@ -225,14 +227,18 @@ void add_input_options(CLI::App* app, InputFiles& in, bool sequence) {
   app->add_option("--eps", in.eps, "normaliser epsilon (> 0)");
   app->add_flag("--check-finite", in.check_finite, "refuse inputs with NaN or Inf");
   if (sequence) {
-    app->add_option("--kernel", in.kernel, "kernel name (see `mlstm kernels`)");
+    in.kernel_option = app->add_option("--kernel", in.kernel, "kernel name (see `mlstm kernels`)");
     app->add_option("--chunk-size", in.chunk_size, "chunk size of chunkwise kernels (> 0)");
+    app->add_option("--devices", in.devices,
+                    "run the flow graph over these devices, sequence parallel: workers (CPU workers), all, gpu:all, "
+                    "0,1, cpu, or several joined by + (workers+gpu:all); with --kernel, the one OpenCL device that "
+                    "kernel runs on");
   } else {
+    in.step = true;
     in.kernel = "cpu";
-    app->add_option("--kernel", in.kernel, "step kernel name (see `mlstm kernels`)");
+    in.kernel_option = app->add_option("--kernel", in.kernel, "step kernel name (see `mlstm kernels`)");
+    app->add_option("--devices", in.devices, "the one OpenCL device of an OpenCL step kernel: 0, gpu:0, cpu, ...");
   }
-  app->add_option("--devices", in.devices,
-                  "device spec for OpenCL kernels: all, gpu:all, gpu:0,1, cpu (refused for CPU kernels)");
 }
 
 std::optional<DType> as_dtype(const InputFiles& in) {
@@ -307,6 +313,12 @@ KernelInfo kernel_info(const std::string& name, bool step) {
   throw InvalidArgument("--kernel", "unknown kernel '" + name + "'; see `mlstm kernels`");
 }
 
+// Whether a forward/backward runs one kernel (--kernel, or no --devices) rather than the flow graph over
+// --devices. Steps always run one kernel.
+bool runs_one_kernel(const InputFiles& in) {
+  return in.step || in.devices.empty() || (in.kernel_option && in.kernel_option->count() > 0);
+}
+
 // The options of a run, every combination checked (an option without effect is refused): --gate against a
 // kernel that fixes the gate, --no-normalize (sigmoid gate only), --devices (OpenCL kernels only), --eps and
 // --chunk-size in range (in float32, as the kernels use them).
@@ -323,8 +335,10 @@ MlstmOptions options_of(const InputFiles& in, const KernelInfo& info) {
   if (in.no_normalize && o.gate != GateVariant::sigmoid) {
     throw InvalidArgument("--no-normalize", "only the sigmoid input gate (--gate sig) can skip the normaliser");
   }
-  if (!in.devices.empty() && info.device_kind != "opencl") {
-    throw InvalidArgument("--devices", "kernel '" + info.name + "' runs on the CPU; --devices selects OpenCL devices");
+  if (!in.devices.empty() && runs_one_kernel(in) && info.device_kind != "opencl") {
+    throw InvalidArgument("--devices", "kernel '" + info.name +
+                                           "' runs on the CPU; leave --kernel out to run the flow graph over '" +
+                                           in.devices + "'");
   }
   o.normalize = !in.no_normalize;
   o.eps = in.eps;
@@ -349,6 +363,51 @@ void write_out(const std::string& option, const std::string& path, const Tensor&
   npy::write(path, t.view());
 }
 
+// Where a forward or backward runs: one registry kernel (on one device), or the flow graph over --devices. A
+// spec that names several devices is never cut to one: with --kernel it is refused.
+class Engine {
+ public:
+  explicit Engine(const InputFiles& in) {
+    if (!runs_one_kernel(in)) {
+      graph_ = std::make_unique<graph::FlowGraphRunner>(in.devices);
+      return;
+    }
+    if (!in.devices.empty()) {
+      const auto named = opencl::select_devices(in.devices);
+      if (named.size() != 1) {
+        throw InvalidArgument("--devices", "'" + in.devices + "' names " + std::to_string(named.size()) +
+                                               " devices and --kernel runs on one; leave --kernel out to run the "
+                                               "flow graph over all of them");
+      }
+      devices_ = {"opencl:" + std::to_string(named[0].index) + " " + named[0].name};
+    } else {
+      devices_ = {kernel_info(in.kernel, false).device_kind == "opencl" ? "opencl (default device)" : "cpu"};
+    }
+    kernel_ = get_kernel(in.kernel, KernelTarget{in.devices});
+  }
+  ForwardResult forward(const ForwardArgs& a, const MlstmOptions& o) {
+    if (!graph_) return kernel_->forward(a, o);
+    ForwardResult r = graph_->forward(a, o);
+    devices_ = graph_->last_plan().devices;
+    return r;
+  }
+  BackwardResult backward(const BackwardArgs& b, const MlstmOptions& o) {
+    if (!graph_) return kernel_->backward(b, o);
+    BackwardResult r = graph_->backward(b, o);
+    devices_ = graph_->last_plan().devices;
+    return r;
+  }
+  // The devices that took part in the last call.
+  const std::vector<std::string>& devices() const noexcept { return devices_; }
+  // "chunkwise--cpu_xl_chunk", or "flow graph over workers+all" (for messages).
+  std::string what(const InputFiles& in) const { return graph_ ? "flow graph over " + in.devices : in.kernel; }
+
+ private:
+  std::unique_ptr<SequenceKernel> kernel_;
+  std::unique_ptr<graph::FlowGraphRunner> graph_;
+  std::vector<std::string> devices_;
+};
+
 // ---- subcommands -------------------------------------------------------------------------------------
 
 struct ForwardOutputs {
@@ -363,9 +422,9 @@ int cmd_forward(const InputFiles& in, const ForwardOutputs& out, bool as_json) {
   ForwardResult r;
   try {
     if (in.check_finite) check_finite(l.args());
-    auto kernel = get_kernel(in.kernel, KernelTarget{in.devices});
+    Engine engine(in);
     const auto t0 = Clock::now();
-    r = kernel->forward(l.args(), o);
+    r = engine.forward(l.args(), o);
     const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
     write_out("--out", out.h, r.h);
     write_out("--out-c", out.c, r.c);
@@ -373,15 +432,16 @@ int cmd_forward(const InputFiles& in, const ForwardOutputs& out, bool as_json) {
     write_out("--out-m", out.m, r.m);
     if (as_json) {
       std::cout << json{{"command", "forward"},
-                        {"kernel", in.kernel},
+                        {"kernel", runs_one_kernel(in) ? in.kernel : "flow-graph"},
+                        {"devices", engine.devices()},
                         {"shape_h", r.h.shape()},
                         {"dtype", dtype_name(r.h.dtype())},
                         {"seconds", secs}}
                        .dump()
                 << "\n";
     } else {
-      std::cout << "forward: " << in.kernel << ", h " << shape_to_string(r.h.shape()) << " " << dtype_name(r.h.dtype())
-                << " -> " << out.h << " (" << secs * 1e3 << " ms)\n";
+      std::cout << "forward: " << engine.what(in) << ", h " << shape_to_string(r.h.shape()) << " "
+                << dtype_name(r.h.dtype()) << " -> " << out.h << " (" << secs * 1e3 << " ms)\n";
     }
   } catch (const InvalidArgument& e) {
     rethrow_as_cli(e);
@@ -429,9 +489,9 @@ int cmd_backward(const InputFiles& in, const BackwardFiles& bf, bool as_json) {
       check_finite(l.dn_last.view(), "dn_last");
     }
     const BackwardArgs b = l.backward_args();
-    auto kernel = get_kernel(in.kernel, KernelTarget{in.devices});
+    Engine engine(in);
     const auto t0 = Clock::now();
-    const BackwardResult g = kernel->backward(b, o);
+    const BackwardResult g = engine.backward(b, o);
     const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
     write_out("--out-dq", bf.out_dq, g.dq);
     write_out("--out-dk", bf.out_dk, g.dk);
@@ -443,13 +503,14 @@ int cmd_backward(const InputFiles& in, const BackwardFiles& bf, bool as_json) {
     write_out("--out-dm0", bf.out_dm0, g.dm0);
     if (as_json) {
       std::cout << json{{"command", "backward"},
-                        {"kernel", in.kernel},
+                        {"kernel", runs_one_kernel(in) ? in.kernel : "flow-graph"},
+                        {"devices", engine.devices()},
                         {"seconds", secs},
                         {"initial_state_gradients", !g.dc0.empty()}}
                        .dump()
                 << "\n";
     } else {
-      std::cout << "backward: " << in.kernel << " (" << secs * 1e3 << " ms)\n";
+      std::cout << "backward: " << engine.what(in) << " (" << secs * 1e3 << " ms)\n";
     }
   } catch (const InvalidArgument& e) {
     rethrow_as_cli(e);
@@ -493,6 +554,9 @@ int cmd_step(const InputFiles& in, const StepFiles& sf, bool as_json) {
            {std::pair{a.q, "q"}, {a.k, "k"}, {a.v, "v"}, {a.i, "i"}, {a.f, "f"}, {a.c, "c"}, {a.n, "n"}, {a.m, "m"}}) {
         check_finite(t, name);
       }
+    }
+    if (!in.devices.empty() && opencl::select_devices(in.devices).size() != 1) {
+      throw InvalidArgument("--devices", "a step runs on one device; '" + in.devices + "' names several");
     }
     const StepResult r = get_step_kernel(in.kernel, KernelTarget{in.devices})->step(a, o);
     write_out("--out", sf.out_h, r.h);
