@@ -6,6 +6,7 @@
 #   SKIP_TIMINGS=1   tests only;  TESTS=0  timings only
 #   BENCH_ARGS=...   extra bench_opencl arguments (e.g. --benchmark_filter=tc)
 #   TEST_LIST=...    test binaries to run (default: the OpenCL and graph ones);  RUN_GRAPH=1  graph stream runs
+#   CACHE_RUNS=1     `mlstm run` twice on an empty program cache (cold, then warm): what the disk cache saves
 set -o pipefail
 out=${OUT:-/tmp}
 # .gpu/setup.sh puts the serial OpenBLAS first on LD_LIBRARY_PATH; the library wants the pthread build.
@@ -15,14 +16,14 @@ build=/tmp/build-gpu
 t0=$(date +%s)
 cmake -S . -B $build -DCMAKE_BUILD_TYPE=Release -DMLSTM_BUILD_PYTHON=OFF >$out/cmake.log 2>&1 || { tail -30 $out/cmake.log; exit 1; }
 targets="test_opencl test_opencl_tensor_cores test_graph test_stream test_device_stream mlstm bench_opencl"
-for extra in test_opencl_backward test_opencl_forms; do
+for extra in test_opencl_backward test_opencl_forms test_opencl_program_cache; do
   [ -f tests/opencl/$extra.cpp ] && targets="$targets $extra"
 done
 cmake --build $build -j16 --target $targets >$out/build.log 2>&1 || { grep -E "error" -A3 $out/build.log | head -40; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"
 $build/tools/mlstm devices
 if [ "${TESTS:-1}" != 0 ]; then
-for t in ${TEST_LIST:-opencl/test_opencl_tensor_cores opencl/test_opencl opencl/test_opencl_backward opencl/test_opencl_forms graph/test_device_stream graph/test_stream graph/test_graph}; do
+for t in ${TEST_LIST:-opencl/test_opencl_tensor_cores opencl/test_opencl opencl/test_opencl_backward opencl/test_opencl_forms opencl/test_opencl_program_cache graph/test_device_stream graph/test_stream graph/test_graph}; do
   [ -x $build/tests/$t ] || continue
   echo "== $t"; timeout 300 $build/tests/$t 2>&1 | tee -a $out/tests.log | grep -E "^\[  (PASSED|FAILED|SKIPPED) |rel error|Failure|tensor-core|LDSM" | head -20
 done
@@ -31,6 +32,14 @@ if [ "${SKIP_TIMINGS:-0}" != 1 ]; then
   echo "== bench_opencl (anchor setup: B*S=65536, NH=16, DHQK=128, DHHV=256, bf16)"
   timeout ${BENCH_TIMEOUT:-420} $build/benchmarks/bench_opencl --benchmark_out=$out/bench_opencl.json \
     --benchmark_out_format=json ${BENCH_ARGS:-} 2>&1 | grep -E "median|ERROR|error" | sed -E 's/iterations:1\/repeats:[0-9]+\/manual_time_//' | cut -c1-220
+fi
+if [ "${CACHE_RUNS:-0}" = 1 ]; then
+  cache=$(mktemp -d)
+  for pass in cold warm; do
+    s0=$(date +%s.%N)
+    MLSTM_PROGRAM_CACHE=$cache timeout 120 $build/tools/mlstm --json run --seq-len 65536 >$out/cache_$pass.json 2>&1
+    echo "== program cache $pass: mlstm run --seq-len 65536 took $(echo "$(date +%s.%N) - $s0" | bc) s; $(ls $cache | wc -l) entries"
+  done
 fi
 echo "== mlstm run (default: pipeline on the GPU), 1M tokens"
 timeout 120 $build/tools/mlstm run 2>&1 | tail -4
