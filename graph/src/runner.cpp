@@ -404,7 +404,10 @@ ForwardResult FlowGraphRunner::forward(const ForwardArgs& args, const MlstmOptio
                                        std::int64_t segment_tokens) {
   using namespace tbb::flow;
   auto problem = std::make_shared<nodes::SegmentProblem>(args, options);
-  const auto [devices, p] = plan_run(Pass::forward, problem->shape(), options, segment_tokens);
+  // Named members, not a structured binding: clang before 16 refuses to capture bindings in lambdas.
+  const PlannedRun planned = plan_run(Pass::forward, problem->shape(), options, segment_tokens);
+  const auto& devices = planned.devices;
+  const Plan& p = planned.plan;
   last_plan_ = p;
   if (env::get("MLSTM_PLAN_DEBUG")) spdlog::warn("{}", p.describe());
   auto segments = std::make_shared<std::vector<nodes::Segment>>(p.segments);
@@ -556,7 +559,9 @@ void run_row_groups(const std::vector<std::pair<std::int64_t, std::int64_t>>& gr
 
 ForwardResult FlowGraphRunner::forward_head_split(const ForwardArgs& args, const MlstmOptions& options) {
   const ProblemShape p = validate_forward(args, options);
-  const auto [devices, plan] = plan_run(Pass::forward_head_split, p, options, 0);
+  const PlannedRun planned = plan_run(Pass::forward_head_split, p, options, 0);
+  const auto& devices = planned.devices;
+  const Plan& plan = planned.plan;
   last_plan_ = plan;
   const auto& groups = plan.rows;
   std::vector<ForwardResult> parts(groups.size());
@@ -673,7 +678,9 @@ BackwardResult FlowGraphRunner::backward(const BackwardArgs& args, const MlstmOp
                                          std::int64_t segment_tokens) {
   using namespace tbb::flow;
   const ProblemShape shape = validate_backward(args, options);
-  const auto [capable, p] = plan_run(Pass::backward, shape, options, segment_tokens);
+  const PlannedRun planned = plan_run(Pass::backward, shape, options, segment_tokens);
+  const auto& capable = planned.devices;
+  const Plan& p = planned.plan;
   last_plan_ = p;
   if (env::get("MLSTM_PLAN_DEBUG")) spdlog::warn("{}", p.describe());
   auto problem = std::make_shared<nodes::SegmentGradientProblem>(args, options, p.segments);
@@ -769,7 +776,9 @@ BackwardResult FlowGraphRunner::backward(const BackwardArgs& args, const MlstmOp
 
 BackwardResult FlowGraphRunner::backward_head_split(const BackwardArgs& args, const MlstmOptions& options) {
   const ProblemShape p = validate_backward(args, options);
-  const auto [capable, plan] = plan_run(Pass::backward_head_split, p, options, 0);
+  const PlannedRun planned = plan_run(Pass::backward_head_split, p, options, 0);
+  const auto& capable = planned.devices;
+  const Plan& plan = planned.plan;
   last_plan_ = plan;
   const auto& groups = plan.rows;
   std::vector<BackwardResult> parts(groups.size());
