@@ -2,7 +2,6 @@
 // the tensor-core kernels (opencl/tc_routine) and the portable ones (opencl/chunkwise_routine).
 #include <spdlog/spdlog.h>
 
-#include <map>
 #include <mutex>
 #include <set>
 #include <sstream>
@@ -20,16 +19,9 @@ namespace {
 // "B*NH*S" of a (B,NH,S,D) view, for traces.
 std::string token_rows(ConstTensorView t) { return std::to_string(t.numel() / std::max<std::int64_t>(1, t.dim(-1))); }
 
-// Per OpenCL device: whether its tensor-core programs failed to build (then the portable kernels run there,
-// for every compute device opened on it).
-bool tensor_core_build_failed(cl_device_id id, bool set = false) {
-  static std::mutex mutex;
-  static std::map<cl_device_id, bool> failed;
-  std::lock_guard lock(mutex);
-  if (set) failed[id] = true;
-  const auto it = failed.find(id);
-  return it != failed.end() && it->second;
-}
+// The device fact: its tensor-core programs failed to build (then the portable kernels run there, for every
+// compute device opened on it).
+const std::string kTensorCoreBuildFailed = "tensor-core programs failed to build";
 
 class OpenCLComputeDevice final : public ComputeDevice {
  public:
@@ -116,8 +108,7 @@ class OpenCLComputeDevice final : public ComputeDevice {
       spdlog::debug("mlstm-flow: {}: portable kernels: {}", device_->name(), misfit);
       return false;
     }
-    const cl_device_id id = device_->info().id;
-    if (!required && tensor_core_build_failed(id)) return false;
+    if (!required && device_->known_fact(kTensorCoreBuildFailed)) return false;
     // Building (or finding) the programs is needed once per configuration; the resident problem fetches the
     // ones it uses itself.
     std::ostringstream key;
@@ -133,7 +124,7 @@ class OpenCLComputeDevice final : public ComputeDevice {
       prepared_.insert(key.str());
     } catch (const DeviceError& e) {
       if (e.kind() != DeviceError::Kind::build || required) throw;
-      tensor_core_build_failed(id, true);
+      device_->set_fact(kTensorCoreBuildFailed, 1);
       spdlog::warn("mlstm-flow: {}: the tensor-core kernels did not build; using the portable kernels. {}",
                    device_->name(), e.what());
       return false;

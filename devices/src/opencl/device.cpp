@@ -866,6 +866,25 @@ void Device::finish() {
   check(clFinish(queue_), "clFinish", info_.name);
 }
 
+int Device::fact(const std::string& key, const std::function<int()>& learn) {
+  std::lock_guard lock(facts_mutex_);
+  if (const auto it = facts_.find(key); it != facts_.end()) return it->second;
+  const int value = learn();
+  facts_.emplace(key, value);
+  return value;
+}
+
+std::optional<int> Device::known_fact(const std::string& key) const {
+  std::lock_guard lock(facts_mutex_);
+  if (const auto it = facts_.find(key); it != facts_.end()) return it->second;
+  return std::nullopt;
+}
+
+void Device::set_fact(const std::string& key, int value) {
+  std::lock_guard lock(facts_mutex_);
+  facts_[key] = value;
+}
+
 std::shared_ptr<Device> open_device(const DeviceInfo& info) {
   static std::mutex mutex;
   static std::map<int, std::shared_ptr<Device>> devices;

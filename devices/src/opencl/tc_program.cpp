@@ -22,10 +22,6 @@ int pick_tile(std::int64_t n, int max) {
   return 0;
 }
 
-// ldmatrix address mode per device (the probe result), keyed by cl_device_id.
-std::mutex g_probe_mutex;
-std::map<cl_device_id, int> g_ldsm;
-
 std::string base_options(const Device& dev, bool emulate, int ldsm) {
   const bool nvidia = dev.info().vendor.find("NVIDIA") != std::string::npos;
   // PoCL miscompiles the barrier-heavy emulation when optimising; at -O0 it is exact.
@@ -79,12 +75,8 @@ bool probe_fragments(Device& dev, int ldsm) {
   return got == want;
 }
 
-// The ldmatrix mode that the probe accepts on this device (1, 2, then plain loads 0), found once.
-int fragment_mode(Device& dev, bool emulate) {
-  if (emulate) return 0;
-  std::lock_guard lock(g_probe_mutex);
-  auto it = g_ldsm.find(dev.info().id);
-  if (it != g_ldsm.end()) return it->second;
+// The ldmatrix mode that the probe accepts on this device: 1, 2, then plain loads 0.
+int probe_fragment_modes(Device& dev) {
   int chosen = -1;
   for (int mode : {1, 2, 0}) {
     if (probe_fragments(dev, mode)) {
@@ -98,8 +90,13 @@ int fragment_mode(Device& dev, bool emulate) {
     throw DeviceError(DeviceError::Kind::build, dev.name(),
                       "tensor-core kernels: no fragment-load mode matches the mma.m16n8k16 layout");
   spdlog::info("mlstm-flow: {}: tensor-core fragment loads use LDSM={}", dev.name(), chosen);
-  g_ldsm.emplace(dev.info().id, chosen);
   return chosen;
+}
+
+// That mode, probed once per device (a fact of the device).
+int fragment_mode(Device& dev, bool emulate) {
+  if (emulate) return 0;
+  return dev.fact("tensor-core fragment loads (LDSM)", [&] { return probe_fragment_modes(dev); });
 }
 
 }  // namespace

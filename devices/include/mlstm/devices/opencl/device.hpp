@@ -13,6 +13,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -169,6 +170,13 @@ class Device {
   std::size_t staging_slot_bytes() const noexcept { return staging_slot_; }
   std::size_t staging_threshold() const noexcept;
   void finish();
+  // Facts learned about this device while running (a probe's answer, a program family that failed to build),
+  // kept with the device rather than in file-level tables. fact() returns the one under `key`, learning it once
+  // with `learn` (callers wait for the first; a `learn` that throws leaves it unknown). Thread-safe.
+  int fact(const std::string& key, const std::function<int()>& learn);
+  std::optional<int> known_fact(const std::string& key) const;
+  void set_fact(const std::string& key, int value);
+
   std::size_t builds() const noexcept { return builds_; }              // programs built from source so far
   std::size_t binary_loads() const noexcept { return binary_loads_; }  // programs loaded from the disk cache
   // The on-disk program cache: default_program_cache_dir() when the device is opened; set_program_cache("")
@@ -233,6 +241,8 @@ class Device {
   std::map<std::string, cl_program> programs_;
   std::string program_cache_dir_;
   std::atomic<std::size_t> builds_{0}, binary_loads_{0};
+  mutable std::mutex facts_mutex_;
+  std::map<std::string, int> facts_;
 
   friend class PooledBuffer;
   void release(Buffer&& buffer) noexcept;
