@@ -11,6 +11,7 @@
 #include <cstring>
 #include <memory>
 #include <optional>
+#include <stdexcept>
 #include <string>
 
 #include "mlstm/devices/opencl/device.hpp"
@@ -229,9 +230,14 @@ std::int64_t segment_tokens_for(const Route& r, const Tensor& q) {
 // A flow-graph runner over the devices `spec` names (the devices are opened here, without the GIL).
 std::unique_ptr<graph::FlowGraphRunner> make_runner(const Route& r) {
   std::unique_ptr<graph::FlowGraphRunner> runner;
-  {
+  try {
     py::gil_scoped_release release;
     runner = std::make_unique<graph::FlowGraphRunner>(*r.devices);
+  } catch (const std::out_of_range&) {
+    // The OpenCL spec parser reads an index with std::stoul, which throws this for one beyond unsigned long
+    // ("99999999999999999999"; found by fuzz_bindings.py); it would reach Python as IndexError. Refused like any
+    // index out of range.
+    throw InvalidArgument("devices", "'" + *r.devices + "': a device index is out of range");
   }
   runner->set_balancing(r.balancing);
   return runner;
