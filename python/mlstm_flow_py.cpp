@@ -1,11 +1,18 @@
 // Python bindings: mlstm_flow.forward / backward / step / kernels / devices on numpy arrays.
 // bfloat16 arrays are passed as uint16 with dtype='bfloat16'. Bad input raises ValueError (TypeError for a wrong type
 // or an unknown keyword) naming the argument.
+// forward/backward make one kernel call (kernel=), or with devices= (a device spec: "workers", "gpu:all", "0,1",
+// "workers+gpu:all", ...) run through the flow graph on every device the spec names (graph::FlowGraphRunner).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstring>
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
 
 #include "mlstm/devices/opencl/device.hpp"
 #include "mlstm/mlstm.hpp"
@@ -138,26 +145,126 @@ void refuse_unknown(const py::kwargs& extra, const char* function) {
 }
 
 // Options that would have no effect are refused: normalize=False needs the sigmoid gate (given, or fixed by a
-// *_siging kernel); devices needs an OpenCL kernel.
+// *_siging kernel; `kernel` empty: the flow graph, whose gate is options.gate).
 MlstmOptions options(std::int64_t chunk_size, const std::string& gate, bool normalize, double eps, bool last,
-                     const std::string& kernel, const std::string& devices = "") {
+                     const std::string& kernel) {
   MlstmOptions o;
   o.chunk_size = chunk_size;
   o.gate = parse_gate(gate, "gate");
+  bool known = kernel.empty();  // an unknown kernel is refused by get_kernel, naming kernel
+  std::optional<GateVariant> forced;
   for (const auto& info : available_kernels()) {
     if (info.name != kernel) continue;
-    const GateVariant effective = info.forced_gate.value_or(o.gate);
-    if (!normalize && effective != GateVariant::sigmoid) {
-      throw InvalidArgument("normalize", "only the sigmoid input gate (gate='sig') can skip the normaliser");
-    }
-    if (!devices.empty() && info.device_kind != "opencl") {
-      throw InvalidArgument("devices", "kernel '" + kernel + "' runs on the CPU; devices selects OpenCL devices");
-    }
+    known = true;
+    forced = info.forced_gate;
+  }
+  if (known && !normalize && forced.value_or(o.gate) != GateVariant::sigmoid) {
+    throw InvalidArgument("normalize", "only the sigmoid input gate (gate='sig') can skip the normaliser");
   }
   o.normalize = normalize;
   o.eps = eps;
   o.return_last_states = last;
   return o;
+}
+
+// The kernel of a one-kernel call when kernel= is left unset (None).
+constexpr const char* kDefaultKernel = "chunkwise--cpu_xl_chunk";
+
+// How forward/backward run: one call of `kernel`, or (devices given) through the flow graph with its options.
+// Every keyword has an effect or is refused: segment_tokens, balancing and return_info only mean something for a
+// graph run, and kernel= is refused with devices= (the graph picks each device's chunkwise kernel itself, so a
+// kernel naming one device kind or variant would be ignored; the sigmoid gate of a *_siging kernel is gate='sig').
+struct Route {
+  std::string kernel;                  // one-kernel call; empty with devices
+  std::optional<std::string> devices;  // the flow graph over this device spec
+  std::int64_t segment_tokens = 0;     // 0: the planner's choice
+  graph::Balancing balancing = graph::Balancing::pull;
+  bool return_info = false;
+};
+
+Route route(const py::handle& kernel, const py::handle& devices, const py::handle& segment_tokens,
+            const py::handle& balancing, const py::handle& return_info) {
+  Route r;
+  r.return_info = bool_arg(return_info, "return_info");
+  if (devices.is_none()) {
+    r.kernel = kernel.is_none() ? kDefaultKernel : str_arg(kernel, "kernel");
+    if (!segment_tokens.is_none()) throw InvalidArgument("segment_tokens", "has an effect only with devices=");
+    if (!balancing.is_none()) throw InvalidArgument("balancing", "has an effect only with devices=");
+    if (r.return_info) {
+      throw InvalidArgument("return_info", "reports the devices of a flow-graph run; it needs devices=");
+    }
+    return r;
+  }
+  r.devices = str_arg(devices, "devices");
+  if (!kernel.is_none()) {
+    const std::string name = str_arg(kernel, "kernel");
+    throw InvalidArgument("kernel", "'" + name +
+                                        "' with devices=: the flow graph picks each device's chunkwise kernel; "
+                                        "leave kernel unset (for the sigmoid input gate pass gate='sig'), or drop "
+                                        "devices for one kernel call");
+  }
+  if (!segment_tokens.is_none()) {
+    r.segment_tokens = int_arg(segment_tokens, "segment_tokens");
+    if (r.segment_tokens < 0) throw InvalidArgument("segment_tokens", "must be >= 0 (0: the planner's choice)");
+  }
+  if (!balancing.is_none()) {
+    const std::string b = str_arg(balancing, "balancing");
+    if (b == "pull") {
+      r.balancing = graph::Balancing::pull;
+    } else if (b == "calibrated") {
+      r.balancing = graph::Balancing::calibrated;
+    } else {
+      throw InvalidArgument("balancing", "'" + b + "': expected 'pull' or 'calibrated'");
+    }
+  }
+  return r;
+}
+
+// A segment longer than the sequence is the whole sequence (one segment); clamped here so that the planner's
+// rounding to whole chunks never sees a value near the int64 limit.
+std::int64_t segment_tokens_for(const Route& r, const Tensor& q) {
+  if (q.shape().size() != 4) return r.segment_tokens;  // the run refuses q, naming it
+  return std::min(r.segment_tokens, std::max<std::int64_t>(1, q.shape()[2]));
+}
+
+// A flow-graph runner over the devices `spec` names (the devices are opened here, without the GIL).
+std::unique_ptr<graph::FlowGraphRunner> make_runner(const Route& r) {
+  std::unique_ptr<graph::FlowGraphRunner> runner;
+  try {
+    py::gil_scoped_release release;
+    runner = std::make_unique<graph::FlowGraphRunner>(*r.devices);
+  } catch (const std::out_of_range&) {
+    // The OpenCL spec parser reads an index with std::stoul, which throws this for one beyond unsigned long
+    // ("99999999999999999999"; found by fuzz_bindings.py); it would reach Python as IndexError. Refused like any
+    // index out of range.
+    throw InvalidArgument("devices", "'" + *r.devices + "': a device index is out of range");
+  }
+  runner->set_balancing(r.balancing);
+  return runner;
+}
+
+// return_info's dict: what the last run of `runner` planned and what ran where.
+py::dict run_info(const graph::FlowGraphRunner& runner) {
+  const graph::Plan& plan = runner.last_plan();
+  py::list ran;  // the plan's devices that computed at least one segment, from the log ("segment 3: outputs on X")
+  for (const auto& name : plan.devices) {
+    for (const auto& line : runner.last_log()) {
+      const std::string tail = " on " + name;
+      if (line.size() >= tail.size() && line.compare(line.size() - tail.size(), tail.size(), tail) == 0) {
+        ran.append(name);
+        break;
+      }
+    }
+  }
+  py::dict info;
+  info["devices"] = plan.devices;
+  info["ran"] = ran;
+  info["left_out"] = plan.left_out;
+  info["balancing"] = runner.balancing() == graph::Balancing::calibrated ? "calibrated" : "pull";
+  info["segment_tokens"] = plan.segment_tokens;
+  info["segments"] = plan.segments.size();
+  info["log"] = runner.last_log();
+  return info;
 }
 
 }  // namespace
@@ -178,38 +285,64 @@ PYBIND11_MODULE(mlstm_flow, m) {
       [](py::object q, py::object k, py::object v, py::object i, py::object f, py::object c0, py::object n0,
          py::object m0, py::object kernel_o, py::object chunk_size, py::object gate, py::object normalize,
          py::object eps, py::object return_last_states_o, py::object dtype, py::object devices_o,
-         const py::kwargs& extra) {
+         py::object segment_tokens_o, py::object balancing_o, py::object return_info_o, const py::kwargs& extra) {
         refuse_unknown(extra, "forward");
-        const std::string kernel = str_arg(kernel_o, "kernel"), devices = str_arg(devices_o, "devices");
+        const Route how = route(kernel_o, devices_o, segment_tokens_o, balancing_o, return_info_o);
         const bool return_last_states = bool_arg(return_last_states_o, "return_last_states");
         const MlstmOptions o =
             options(int_arg(chunk_size, "chunk_size"), str_arg(gate, "gate"), bool_arg(normalize, "normalize"),
-                    float_arg(eps, "eps"), return_last_states, kernel, devices);
+                    float_arg(eps, "eps"), return_last_states, how.kernel);
         const ForwardInputs l = load(q, k, v, i, f, c0, n0, m0, str_arg(dtype, "dtype"));
         ForwardResult r;
-        {
+        py::object info = py::none();
+        if (how.devices) {
+          const auto runner = make_runner(how);
+          {
+            py::gil_scoped_release release;
+            r = runner->forward(l.args(), o, segment_tokens_for(how, l.q));
+          }
+          info = run_info(*runner);
+        } else {
           py::gil_scoped_release release;
-          r = get_kernel(kernel, KernelTarget{devices})->forward(l.args(), o);
+          r = get_kernel(how.kernel)->forward(l.args(), o);
         }
-        if (!return_last_states) return py::object(to_numpy(r.h));
-        return py::object(py::make_tuple(to_numpy(r.h), py::make_tuple(to_numpy(r.c), to_numpy(r.n), to_numpy(r.m))));
+        py::object out = py::object(to_numpy(r.h));
+        if (return_last_states) {
+          out = py::make_tuple(out, py::make_tuple(to_numpy(r.c), to_numpy(r.n), to_numpy(r.m)));
+        }
+        if (how.return_info) return py::object(py::make_tuple(out, info));
+        return out;
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("i"), py::arg("f"), py::arg("c0") = py::none(),
-      py::arg("n0") = py::none(), py::arg("m0") = py::none(), py::arg("kernel") = "chunkwise--cpu_xl_chunk",
+      py::arg("n0") = py::none(), py::arg("m0") = py::none(), py::arg("kernel") = py::none(),
       py::arg("chunk_size") = 64, py::arg("gate") = "exp", py::arg("normalize") = true, py::arg("eps") = 1e-6,
-      py::arg("return_last_states") = true, py::arg("dtype") = "", py::arg("devices") = "",
-      "h, (c, n, m) = forward(q, k, v, i, f, ...): q,k (B,NH,S,DHQK), v (B,NH,S,DHHV), i,f (B,NH,S)");
+      py::arg("return_last_states") = true, py::arg("dtype") = "", py::arg("devices") = py::none(),
+      py::arg("segment_tokens") = py::none(), py::arg("balancing") = py::none(), py::arg("return_info") = false,
+      "h, (c, n, m) = forward(q, k, v, i, f, ...): q,k (B,NH,S,DHQK), v (B,NH,S,DHHV), i,f (B,NH,S)\n"
+      "\n"
+      "kernel=None: one call of 'chunkwise--cpu_xl_chunk' (kernels() lists the others).\n"
+      "devices='workers' | 'gpu:all' | '0,1' | 'all' | 'workers+gpu:all' | ...: instead of one kernel call, the\n"
+      "sequence-parallel flow graph over every device the spec names (kernel= is then refused: the graph picks\n"
+      "each device's chunkwise kernel; gate='sig' for the sigmoid input gate). With devices only:\n"
+      "  segment_tokens=N  tokens per segment (rounded up to whole chunks; None or 0: the planner's choice)\n"
+      "  balancing='pull' (free devices pull segments; the default) or 'calibrated' (shares by measured speed)\n"
+      "  return_info=True  returns (result, info); info['devices'] lists the devices the graph gave work,\n"
+      "                    info['ran'] those that computed a segment, plus 'left_out', 'balancing',\n"
+      "                    'segment_tokens', 'segments' and 'log' (what ran where)");
   m.def(
       "backward",
       [](py::object q, py::object k, py::object v, py::object i, py::object f, py::object dh, py::object c0,
          py::object n0, py::object m0, py::object dc_last, py::object dn_last, py::object kernel_o,
          py::object chunk_size_o, py::object gate_o, py::object normalize_o, py::object eps_o, py::object dtype,
+         py::object devices_o, py::object segment_tokens_o, py::object balancing_o, py::object return_info_o,
          const py::kwargs& extra) {
         refuse_unknown(extra, "backward");
-        const std::string kernel = str_arg(kernel_o, "kernel"), gate = str_arg(gate_o, "gate");
+        const Route how = route(kernel_o, devices_o, segment_tokens_o, balancing_o, return_info_o);
+        const std::string gate = str_arg(gate_o, "gate");
         const std::int64_t chunk_size = int_arg(chunk_size_o, "chunk_size");
         const bool normalize = bool_arg(normalize_o, "normalize");
         const double eps = float_arg(eps_o, "eps");
+        const MlstmOptions o = options(chunk_size, gate, normalize, eps, true, how.kernel);
         const ForwardInputs l = load(q, k, v, i, f, c0, n0, m0, str_arg(dtype, "dtype"));
         const Tensor dht = to_tensor(dh, "dh", false);
         Tensor dct, dnt;
@@ -221,9 +354,17 @@ PYBIND11_MODULE(mlstm_flow, m) {
         if (!dct.empty()) b.dc_last = dct.view();
         if (!dnt.empty()) b.dn_last = dnt.view();
         BackwardResult g;
-        {
+        py::object info = py::none();
+        if (how.devices) {
+          const auto runner = make_runner(how);
+          {
+            py::gil_scoped_release release;
+            g = runner->backward(b, o, segment_tokens_for(how, l.q));
+          }
+          info = run_info(*runner);
+        } else {
           py::gil_scoped_release release;
-          g = get_kernel(kernel)->backward(b, options(chunk_size, gate, normalize, eps, true, kernel));
+          g = get_kernel(how.kernel)->backward(b, o);
         }
         py::dict out;
         out["dq"] = to_numpy(g.dq);
@@ -236,14 +377,21 @@ PYBIND11_MODULE(mlstm_flow, m) {
           out["dn0"] = to_numpy(g.dn0);
           out["dm0"] = to_numpy(g.dm0);
         }
-        return out;
+        if (how.return_info) return py::object(py::make_tuple(out, info));
+        return py::object(out);
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("i"), py::arg("f"), py::arg("dh"), py::arg("c0") = py::none(),
       py::arg("n0") = py::none(), py::arg("m0") = py::none(), py::arg("dc_last") = py::none(),
-      py::arg("dn_last") = py::none(), py::arg("kernel") = "chunkwise--cpu_xl_chunk", py::arg("chunk_size") = 64,
+      py::arg("dn_last") = py::none(), py::arg("kernel") = py::none(), py::arg("chunk_size") = 64,
       py::arg("gate") = "exp", py::arg("normalize") = true, py::arg("eps") = 1e-6, py::arg("dtype") = "",
+      py::arg("devices") = py::none(), py::arg("segment_tokens") = py::none(), py::arg("balancing") = py::none(),
+      py::arg("return_info") = false,
       "dict of gradients dq, dk, dv, di, df (and dc0, dn0, dm0 when an initial state is given); dq, dk, dv in\n"
-      "q's dtype (uint16 holding bfloat16 for dtype='bfloat16')");
+      "q's dtype (uint16 holding bfloat16 for dtype='bfloat16')\n"
+      "\n"
+      "kernel, devices, segment_tokens, balancing and return_info as in forward(): devices= runs the gradients\n"
+      "sequence parallel through the flow graph over every device the spec names; return_info=True returns\n"
+      "(grads, info).");
   m.def(
       "step",
       [](py::object q, py::object k, py::object v, py::object i, py::object f, py::object c, py::object n,

@@ -4,7 +4,9 @@ Random calls of forward, backward, step, kernels and devices with random combina
 small arrays, wrong shapes, wrong dtypes (float16/float64/int/bool/object/complex, uint16 with and without
 dtype='bfloat16'), non-contiguous and reversed-stride views, non-native byte order, empty and 0-d arrays,
 NaN/inf, lists, strings and None where arrays are expected; huge, negative and zero chunk sizes and eps;
-unknown kernels, gates, dtypes and device specs; unknown keyword arguments. Every call must either return
+unknown kernels, gates, dtypes and device specs; unknown keyword arguments. forward and backward also draw
+devices= (valid specs run through the flow graph; invalid ones, kernel= beside devices=, and the graph-only
+keywords segment_tokens / balancing / return_info with bad values or without devices= must be refused). Every call must either return
 results of the documented shapes and dtypes or raise ValueError/TypeError/RuntimeError; it must never crash
 the interpreter or hang. The calls run in batches, each batch in a child process under a timeout, so a
 segfault or a hang is reported with the seed, the batch and the call that did it.
@@ -18,6 +20,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 import time
 
 FIXED_SEED = 20261202
@@ -34,6 +37,13 @@ CPU_KERNELS = [
 OPENCL_KERNELS = ["chunkwise--opencl_xl_chunk", "chunkwise--opencl_tc_xl_chunk", "parallel--opencl", "sequence--opencl"]
 KERNELS = CPU_KERNELS + OPENCL_KERNELS
 STEP_KERNELS = ["cpu", "reference_f64", "opencl"]
+# Flow-graph device specs. Those with OpenCL devices are drawn rarely (1 in 20): each new
+# problem shape builds programs (seconds on PoCL, once per shape and program cache).
+WORKER_SPECS = ["workers", "workers+workers"]
+OPENCL_SPECS = ["0", "1", "0,1", "all", "cpu", "workers+all", "workers+0"]
+# Invalid or odd specs (some may be accepted: "0,0"); each must give a result or ValueError/TypeError.
+ODD_SPECS = ["", "gpu:7", "999", "-1", "0,0", "opencl:0", ",", "a,b", "+", "workers+", "+workers", "worker",
+             "99999999999999999999", "gpu:all", "cpu:9"]
 BAD_NAMES = ["", "nope", "chunkwise--", "cpu\0x", "chunkwise--cpu_xl_chunk ", "x" * 300, "\u00e9\u00e8"]
 
 
@@ -161,9 +171,27 @@ def make_calls(seed, batch, count):
     def name(valid):
         return rng.choice(valid) if rng.random() < 0.8 else rng.choice(BAD_NAMES + valid)
 
+    def graph_spec():
+        return rng.choice(WORKER_SPECS) if rng.random() < 0.95 else rng.choice(OPENCL_SPECS)
+
     def devices():
-        return rng.choice(["", "", "", "0", "1", "0,1", "pthread", "999", "-1", "0,0", "opencl:0", ",", "a,b",
-                           "99999999999999999999", None])
+        r = rng.random()
+        if r < 0.5:
+            return graph_spec()
+        return rng.choice(ODD_SPECS + [None, 0, b"workers", ["workers"]])
+
+    def graph_options(kw):
+        """devices= and the graph's keywords, valid or not; kernel= is mostly dropped (it is refused beside
+        devices=)."""
+        kw["devices"] = devices()
+        if rng.random() < 0.7:
+            kw.pop("kernel", None)
+        if rng.random() < 0.3:
+            kw["segment_tokens"] = rng.choice([None, 0, 1, 5, 16, 2**31, 2**63 - 1, 2**64, -1, 3.5, "8"])
+        if rng.random() < 0.2:
+            kw["balancing"] = rng.choice([None, "pull", "calibrated", "", "fast", 1])
+        if rng.random() < 0.3:
+            kw["return_info"] = rng.choice([True, False, None, 1, "yes"])
 
     def options(kw, has_chunk=True):
         if rng.random() < 0.3:
@@ -238,6 +266,15 @@ def make_calls(seed, batch, count):
                 kw = {k: v for k, v in kw.items() if v is not None}
             if rng.random() < 0.3:
                 kw["eps"] = rng.choice([1e-6, 1e-3, 1e-12])
+            if which != "step" and rng.random() < 0.2:  # through the flow graph
+                kw.pop("kernel")
+                kw["devices"] = graph_spec()
+                if rng.random() < 0.5:
+                    kw["segment_tokens"] = rng.choice([0, 1, 2, 16, 2**31 - 1])
+                if rng.random() < 0.1:
+                    kw["balancing"] = "calibrated"
+                if rng.random() < 0.5:
+                    kw["return_info"] = True
             desc = "%s(%s%s)" % (which, ", ".join(map(describe, args)),
                                  "".join(", %s=%s" % (k, describe(v)) for k, v in kw.items()))
             calls.append(Call(getattr(mlstm_flow, which), args, kw, desc))
@@ -247,11 +284,13 @@ def make_calls(seed, batch, count):
         if rng.random() < 0.15:
             del kw["kernel"]
         options(kw, has_chunk=which != "step")
-        if which == "forward":
+        if which == "forward" and rng.random() < 0.3:
+            kw["return_last_states"] = rng.choice([True, False, None, 0])
+        if which != "step":
             if rng.random() < 0.3:
-                kw["return_last_states"] = rng.choice([True, False, None, 0])
-            if rng.random() < 0.3:
-                kw["devices"] = devices()
+                graph_options(kw)
+            elif rng.random() < 0.05:  # a graph-only keyword without devices=
+                kw[rng.choice(["segment_tokens", "balancing", "return_info"])] = rng.choice([16, "pull", True])
         desc = "%s(%s%s)" % (which, ", ".join(map(describe, args)),
                              "".join(", %s=%s" % (k, describe(v)) for k, v in kw.items()))
         calls.append(Call(getattr(mlstm_flow, which), args, kw, desc))
@@ -278,6 +317,10 @@ def check_result(call, out):
         else:
             assert x.dtype.kind == "f", "dtype %s, expected a float dtype" % x.dtype
 
+    if call.kwargs.get("return_info") is True:  # (result, info) from a flow-graph run
+        out, info = out
+        assert isinstance(info, dict) and isinstance(info["devices"], list) and info["devices"], info
+        assert set(info["ran"]) <= set(info["devices"]), info
     qs, vs = np.shape(q), np.shape(v)
     if name == "forward":
         if call.kwargs.get("return_last_states", True):
@@ -338,6 +381,9 @@ def main():
     replay = "MLSTM_TEST_SEED=%d MLSTM_PY_FUZZ_COUNT=%d" % (seed, count)
     print("[ seed ] %d (replay: %s python3 %s)" % (seed, replay, sys.argv[0]), flush=True)
     start = time.monotonic()
+    # balancing='calibrated' caches its measurements under $XDG_CACHE_HOME: a directory of this run, not the user's.
+    cache = tempfile.TemporaryDirectory(prefix="mlstm-pyfuzz-")
+    env = dict(os.environ, XDG_CACHE_HOME=cache.name)
     failures = 0
     stats = {"ok": 0, "raised": 0}
     for batch in range((count + BATCH - 1) // BATCH):
@@ -345,7 +391,7 @@ def main():
         cmd = [sys.executable, os.path.abspath(__file__), "--child", str(seed), str(batch), str(n)]
         try:
             p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=BATCH_TIMEOUT_S,
-                               text=True, errors="replace")
+                               text=True, errors="replace", env=env)
             out, rc = p.stdout, p.returncode
         except subprocess.TimeoutExpired as e:
             out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
@@ -367,6 +413,7 @@ def main():
     took = time.monotonic() - start
     print("%d calls in %.1f s: %d returned, %d raised ValueError/TypeError/RuntimeError; %d failing batches"
           % (count, took, stats["ok"], stats["raised"], failures))
+    cache.cleanup()
     return 1 if failures else 0
 
 

@@ -1,6 +1,7 @@
 """The mlstm_flow Python module against a numpy float64 recurrent reference (written here)."""
 import os
 import sys
+import tempfile
 
 import numpy as np
 
@@ -38,12 +39,133 @@ def rel(a, b):
     return np.max(np.abs(a.astype(np.float64) - b)) / np.max(np.abs(b))
 
 
+def rel0(a, b):
+    """rel, or the absolute difference where b is all zeros (m of the sigmoid gate, which has no stabiliser)."""
+    scale = np.max(np.abs(b))
+    diff = np.max(np.abs(a.astype(np.float64) - b))
+    return diff / scale if scale > 0 else diff
+
+
 def seed_from_env():
     """The same inputs every run (CI), like the C++ suite: MLSTM_TEST_SEED=<n> picks another seed, =random a fresh one."""
     value = os.environ.get("MLSTM_TEST_SEED", "")
     if value == "random":
         return int(np.random.SeedSequence().entropy) % 2**63
     return int(value) if value else 20261202
+
+
+def check_graph(rng):
+    """Issue 14 item 1: forward/backward(devices=...) run through the flow graph on every device the spec names and
+    equal one kernel call; the devices that took part are reported (return_info=True); bad specs are refused."""
+    B, NH, S, DK, DV, L = 1, 2, 77, 16, 8, 16  # S is not a multiple of the chunk size L
+    q = rng.standard_normal((B, NH, S, DK), dtype=np.float32)
+    k = rng.standard_normal((B, NH, S, DK), dtype=np.float32)
+    v = rng.standard_normal((B, NH, S, DV), dtype=np.float32)
+    i = rng.standard_normal((B, NH, S), dtype=np.float32)
+    f = (3 + rng.standard_normal((B, NH, S))).astype(np.float32)
+    dh = rng.standard_normal((B, NH, S, DV)).astype(np.float32)
+    state = dict(c0=0.5 * rng.standard_normal((B, NH, DK, DV)).astype(np.float32),
+                 n0=0.5 * rng.standard_normal((B, NH, DK)).astype(np.float32),
+                 m0=rng.standard_normal((B, NH)).astype(np.float32))
+    one_kernel = "chunkwise--cpu_xl_chunk"
+
+    # Every spec against one kernel call: with and without an initial state, both gates. segment_tokens=32 makes
+    # the one worker run three segments (one device alone would get one segment: the kernel call itself).
+    infos = {}
+    for spec, segment_tokens in [("workers", 32), ("all", None), ("workers+all", None), ("workers+all", 16)]:
+        for init in (dict(), state):
+            for gate in ("exp", "sig"):
+                kw = dict(chunk_size=L, gate=gate, **init)
+                if init and gate == "sig":
+                    kw["m0"] = np.zeros_like(init["m0"])  # the sigmoid gate has no stabiliser state
+                h1, s1 = mlstm_flow.forward(q, k, v, i, f, kernel=one_kernel, **kw)
+                (h, s), info = mlstm_flow.forward(q, k, v, i, f, devices=spec, segment_tokens=segment_tokens,
+                                                  return_info=True, **kw)
+                what = "forward devices=%r segment_tokens=%r gate=%s %s" % (spec, segment_tokens, gate,
+                                                                           "state" if init else "no state")
+                assert h.dtype == h1.dtype and h.shape == h1.shape, what
+                assert rel0(h, h1) < 1e-4, (what, rel0(h, h1))
+                for name, a, b in zip("cnm", s, s1):
+                    assert rel0(a, b) < 1e-4, (what, name, rel0(a, b))
+                assert info["segments"] > 1, (what, info)
+                g1 = mlstm_flow.backward(q, k, v, i, f, dh, kernel=one_kernel, **kw)
+                g, binfo = mlstm_flow.backward(q, k, v, i, f, dh, devices=spec, segment_tokens=segment_tokens,
+                                               return_info=True, **kw)
+                assert sorted(g) == sorted(g1), (what, sorted(g))
+                for name in g1:
+                    assert rel0(g[name], g1[name]) < 1e-3, ("backward", what, name, rel0(g[name], g1[name]))
+                assert binfo["devices"] == info["devices"], (what, binfo, info)
+                infos[spec] = info
+    print("graph: forward and backward through workers, all, workers+all equal one kernel call")
+
+    # The multi-device spec is honoured: every device it names is in the graph, in the spec's order, none cut.
+    opencl = mlstm_flow.devices()
+    assert len(opencl) >= 2, "needs two OpenCL devices (POCL_DEVICES='pthread pthread', as ctest sets): %s" % opencl
+    workers, every = infos["workers"]["devices"], infos["all"]["devices"]
+    assert len(workers) >= 1 and all(d.startswith("cpu:") for d in workers), workers
+    assert len(every) == len(opencl) and all(d.startswith("opencl:") for d in every), (every, opencl)
+    assert infos["workers+all"]["devices"] == workers + every, infos["workers+all"]
+    _, info01 = mlstm_flow.forward(q, k, v, i, f, chunk_size=L, devices="0,1", return_info=True)
+    assert info01["devices"] == every[:2], info01
+    for info in infos.values():
+        assert info["left_out"] == [] and info["balancing"] == "pull", info
+        assert info["ran"] and set(info["ran"]) <= set(info["devices"]), info
+        assert any(line.startswith("segment ") for line in info["log"]), info
+    print("graph: workers+all ran on %d devices: %s" % (len(infos["workers+all"]["devices"]),
+                                                        infos["workers+all"]["devices"]))
+
+    # return_last_states=False: (h, info); bfloat16 inputs; calibrated balancing (its cache in a temporary dir).
+    h1 = mlstm_flow.forward(q, k, v, i, f, chunk_size=L, return_last_states=False)
+    h, info = mlstm_flow.forward(q, k, v, i, f, chunk_size=L, return_last_states=False, devices="workers+all",
+                                 return_info=True)
+    assert isinstance(h, np.ndarray) and rel0(h, h1) < 1e-4 and len(info["devices"]) > 1
+    to_bf16 = lambda x: (x.view(np.uint32) >> 16).astype(np.uint16)
+    from_bf16 = lambda x: (x.astype(np.uint32) << 16).view(np.float32)
+    hb1, _ = mlstm_flow.forward(to_bf16(q), to_bf16(k), to_bf16(v), i, f, chunk_size=L, dtype="bfloat16")
+    hb, _ = mlstm_flow.forward(to_bf16(q), to_bf16(k), to_bf16(v), i, f, chunk_size=L, dtype="bfloat16",
+                               devices="workers+all")
+    assert hb.dtype == np.uint16 and rel0(from_bf16(hb), from_bf16(hb1).astype(np.float64)) < 2e-2
+    with tempfile.TemporaryDirectory() as cache:
+        saved = os.environ.get("XDG_CACHE_HOME")
+        os.environ["XDG_CACHE_HOME"] = cache
+        try:
+            (h, _), info = mlstm_flow.forward(q, k, v, i, f, chunk_size=L, devices="workers+all",
+                                              balancing="calibrated", return_info=True)
+        finally:
+            if saved is None:
+                del os.environ["XDG_CACHE_HOME"]
+            else:
+                os.environ["XDG_CACHE_HOME"] = saved
+    assert info["balancing"] == "calibrated" and rel0(h, h1) < 1e-4, info
+
+    # Refusals name the argument: bad specs (the library's message), kernel= with devices= (the graph picks each
+    # device's kernel), graph-only keywords without devices=, wrong types.
+    for bad, arg, exc in [(dict(devices="gpu:7"), "devices", ValueError), (dict(devices=""), "devices", ValueError),
+                          (dict(devices="workers+"), "devices", ValueError), (dict(devices="a,b"), "devices", ValueError),
+                          (dict(devices="99"), "devices", ValueError),
+                          (dict(devices="99999999999999999999"), "devices", ValueError), (dict(devices=["all"]), "devices", TypeError),
+                          (dict(devices="all", kernel=one_kernel), "kernel", ValueError),
+                          (dict(devices="0", kernel="chunkwise--opencl_xl_chunk"), "kernel", ValueError),
+                          (dict(segment_tokens=32), "segment_tokens", ValueError),
+                          (dict(balancing="pull"), "balancing", ValueError),
+                          (dict(return_info=True), "return_info", ValueError),
+                          (dict(devices="workers", segment_tokens=-1), "segment_tokens", ValueError),
+                          (dict(devices="workers", segment_tokens="32"), "segment_tokens", TypeError),
+                          (dict(devices="workers", balancing="fast"), "balancing", ValueError),
+                          (dict(devices="workers", balancing=1), "balancing", TypeError),
+                          (dict(devices="workers", return_info=1), "return_info", TypeError),
+                          (dict(devices="workers", gate="exp", normalize=False), "normalize", ValueError)]:
+        for fn, args in [(mlstm_flow.forward, (q, k, v, i, f)), (mlstm_flow.backward, (q, k, v, i, f, dh))]:
+            try:
+                fn(*args, chunk_size=L, **bad)
+            except exc as err:
+                assert str(err).startswith(arg + ":"), (fn.__name__, bad, str(err))
+            else:
+                raise AssertionError("no %s for %s in %s(%s)" % (exc.__name__, arg, fn.__name__, bad))
+    # A segment longer than the sequence is the sequence: one segment.
+    _, info = mlstm_flow.forward(q, k, v, i, f, chunk_size=L, devices="workers", segment_tokens=2**63 - 1,
+                                 return_info=True)
+    assert info["segments"] == 1, info
 
 
 def main():
@@ -63,19 +185,19 @@ def main():
     h, (c, n, m) = mlstm_flow.forward(q, k, v, i, f, c0, n0, m0, chunk_size=32)
     h_ref, (c_ref, n_ref, m_ref) = reference(q, k, v, i, f, c0, n0, m0)
     assert h.dtype == np.float32 and h.shape == (B, NH, S, DV)
-    assert rel(h, h_ref) < 1e-4, rel(h, h_ref)
-    assert rel(c, c_ref) < 1e-4 and rel(m, m_ref) < 1e-5
+    assert rel0(h, h_ref) < 1e-4, rel0(h, h_ref)
+    assert rel0(c, c_ref) < 1e-4 and rel0(m, m_ref) < 1e-5
 
     # float16 inputs, and bfloat16 passed as uint16
     h16, _ = mlstm_flow.forward(q.astype(np.float16), k.astype(np.float16), v.astype(np.float16), i, f)
     assert h16.dtype == np.float16
-    assert rel(h16, reference(q.astype(np.float16), k.astype(np.float16), v.astype(np.float16), i, f)[0]) < 2e-2
+    assert rel0(h16, reference(q.astype(np.float16), k.astype(np.float16), v.astype(np.float16), i, f)[0]) < 2e-2
     to_bf16 = lambda x: ((x.astype(np.float32).view(np.uint32) + 0x7FFF + ((x.astype(np.float32).view(np.uint32) >> 16) & 1)) >> 16).astype(np.uint16)
     from_bf16 = lambda x: (x.astype(np.uint32) << 16).view(np.float32)
     hb, _ = mlstm_flow.forward(to_bf16(q), to_bf16(k), to_bf16(v), i, f, dtype="bfloat16")
     assert hb.dtype == np.uint16
     hb_ref, _ = reference(from_bf16(to_bf16(q)), from_bf16(to_bf16(k)), from_bf16(to_bf16(v)), i, f)
-    assert rel(from_bf16(hb), hb_ref) < 2e-2
+    assert rel0(from_bf16(hb), hb_ref) < 2e-2
 
     # backward: finite-difference check of one q element through the library itself
     dh = rng.standard_normal((B, NH, S, DV)).astype(np.float32)
@@ -83,7 +205,7 @@ def main():
     g = mlstm_flow.backward(q64, k64, v64, i, f, dh, c0=c0, n0=n0, m0=m0, kernel="parallel--reference_f64")
     assert set(["dq", "dk", "dv", "di", "df", "dc0", "dn0", "dm0"]) <= set(g)
     g_cpu = mlstm_flow.backward(q, k, v, i, f, dh, c0=c0, n0=n0, m0=m0)
-    assert rel(g_cpu["dk"], g["dk"].astype(np.float64)) < 1e-3
+    assert rel0(g_cpu["dk"], g["dk"].astype(np.float64)) < 1e-3
     qp = q.astype(np.float64).copy()
     e = (1, 2, 10, 3)
     step = 1e-4
@@ -96,7 +218,7 @@ def main():
 
     # step == one token of the recurrence
     hs, (cs, ns, ms) = mlstm_flow.step(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0], c0, n0, m0)
-    assert rel(hs, h_ref[:, :, 0]) < 1e-4
+    assert rel0(hs, h_ref[:, :, 0]) < 1e-4
 
     names = [x["name"] for x in mlstm_flow.kernels()]
     assert "chunkwise--cpu_xl_chunk" in names
@@ -140,7 +262,7 @@ def main():
     for bad, arg, exc in [(dict(chunk_size=None), "chunk_size", TypeError), (dict(chunk_size=3.5), "chunk_size", TypeError),
                           (dict(chunk_size=2**64), "chunk_size", ValueError), (dict(eps="1e-6"), "eps", TypeError),
                           (dict(eps=None), "eps", TypeError), (dict(normalize=1), "normalize", TypeError),
-                          (dict(kernel=None), "kernel", TypeError), (dict(gate=0), "gate", TypeError),
+                          (dict(kernel=0), "kernel", TypeError), (dict(gate=0), "gate", TypeError),
                           (dict(dtype=None), "dtype", TypeError), (dict(devices=0), "devices", TypeError),
                           (dict(return_last_states=None), "return_last_states", TypeError),
                           (dict(dtype="bfloat16"), "q", ValueError)]:
@@ -168,6 +290,7 @@ def main():
     h_big, _ = mlstm_flow.forward(q, k, v, i, f, chunk_size=2**31 - 1)
     h_seq, _ = mlstm_flow.forward(q, k, v, i, f, chunk_size=S)
     assert np.array_equal(h_big, h_seq)
+    check_graph(rng)
     print("python bindings: all checks passed")
     return 0
 
