@@ -27,7 +27,7 @@ TEST(OpenCLDevices, SpecsSelectDevicesAndBadSpecsNameTheArgument) {
   EXPECT_EQ(opencl::select_devices("all").size(), all.size());
   EXPECT_EQ(opencl::select_devices("0").front().index, 0);
   EXPECT_FALSE(opencl::select_devices("").empty());
-  for (const char* bad : {"gpu:banana", "7,8,9", "fpga", "cpu:99", "0,,1"}) {
+  for (const char* bad : {"gpu:banana", "7,8,9", "fpga", "cpu:99", "0,,1", "99999999999999999999"}) {
     try {
       opencl::select_devices(bad);
       // "gpu:banana" etc. must throw; a spec naming a kind that is absent also throws.

@@ -212,8 +212,13 @@ std::vector<DeviceInfo> select_devices(const std::string& spec) {
       if (item.empty() || item.find_first_not_of("0123456789") != std::string::npos) {
         fail("bad index '" + item + "' in '" + spec + "'");
       }
-      const auto i = std::stoul(item);
-      if (i >= pool.size()) fail(what + " index " + item + " out of range (" + std::to_string(pool.size()) + " found)");
+      // Compared as digits, not converted first: an index past unsigned long (std::stoul: out_of_range) is
+      // out of range like any other.
+      const std::string count = std::to_string(pool.size());
+      const std::string digits = item.substr(std::min(item.find_first_not_of('0'), item.size() - 1));
+      if (digits.size() > count.size() || (digits.size() == count.size() && digits >= count))
+        fail(what + " index " + item + " out of range (" + count + " found)");
+      const auto i = static_cast<std::size_t>(std::stoul(digits));
       v.push_back(pool[i]);
     }
     if (v.empty()) fail("empty device list in '" + spec + "'");
