@@ -94,6 +94,8 @@ Plan make_plan(const ProblemShape& shape, const MlstmOptions& options, const std
     const std::int64_t want = devices.size() == 1 ? 1 : static_cast<std::int64_t>(devices.size()) * 4;
     segment_tokens = (shape.S + want - 1) / want;
   }
+  // A segment longer than the sequence is the sequence (and rounding a huge request up would overflow).
+  segment_tokens = std::min(segment_tokens, std::max<std::int64_t>(1, shape.S));
   segment_tokens = std::max<std::int64_t>(L, (segment_tokens + L - 1) / L * L);  // whole chunks
   p.segment_tokens = segment_tokens;
   int index = 0;
@@ -144,9 +146,10 @@ Plan make_calibrated_plan(const ProblemShape& shape, const MlstmOptions& options
     if (share[d] <= 0) continue;
     const std::int64_t end = std::min(shape.S, t + share[d] * L);
     const auto sharing = std::count_if(share.begin(), share.end(), [](std::int64_t c) { return c > 0; });
-    const std::int64_t seg = segment_tokens > 0 ? (segment_tokens + L - 1) / L * L
-                             : sharing == 1     ? std::max<std::int64_t>(L, end - t)  // one device: one segment
-                                                : std::max<std::int64_t>(L, ((end - t) / 2 + L - 1) / L * L);
+    const std::int64_t seg = segment_tokens > 0
+                                 ? (std::min(segment_tokens, std::max<std::int64_t>(1, shape.S)) + L - 1) / L * L
+                             : sharing == 1 ? std::max<std::int64_t>(L, end - t)  // one device: one segment
+                                            : std::max<std::int64_t>(L, ((end - t) / 2 + L - 1) / L * L);
     p.segment_tokens = std::max(p.segment_tokens, seg);
     for (std::int64_t t0 = t; t0 < end; t0 += seg)
       p.segments.push_back({index++, t0, std::min(end, t0 + seg), static_cast<int>(d)});

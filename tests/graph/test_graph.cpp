@@ -6,6 +6,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <regex>
 #include <set>
@@ -954,6 +955,14 @@ TEST(GraphPlan, SegmentsCoverTheSequenceInWholeChunks) {
   EXPECT_EQ(p.segment_tokens % 64, 0);
   EXPECT_NE(p.describe().find("[b]"), std::string::npos);
   EXPECT_THROW(graph::make_plan(shape, o, {}), InvalidArgument);
+  // A segment request past the sequence (up to the largest int64) is one segment of the whole sequence.
+  for (const std::int64_t huge : {std::int64_t{1001}, std::numeric_limits<std::int64_t>::max()}) {
+    const auto one = graph::make_plan(shape, o, {"a", "b"}, huge);
+    ASSERT_EQ(one.segments.size(), 1u) << huge;
+    EXPECT_EQ(one.segments.front().t1, 1000);
+    const auto calibrated = graph::make_calibrated_plan(shape, o, {"a", "b"}, {1.0, 1.0}, huge);
+    EXPECT_EQ(calibrated.segments.back().t1, 1000);
+  }
 }
 
 }  // namespace
