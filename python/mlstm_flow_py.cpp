@@ -170,12 +170,14 @@ MlstmOptions options(std::int64_t chunk_size, const std::string& gate, bool norm
 // The kernel of a one-kernel call when kernel= is left unset (None).
 constexpr const char* kDefaultKernel = "chunkwise--cpu_xl_chunk";
 
-// How forward/backward run: one call of `kernel`, or (devices given) through the flow graph with its options.
-// Every keyword has an effect or is refused: segment_tokens, balancing and return_info only mean something for a
-// graph run, and kernel= is refused with devices= (the graph picks each device's chunkwise kernel itself, so a
-// kernel naming one device kind or variant would be ignored; the sigmoid gate of a *_siging kernel is gate='sig').
+// How forward/backward run: one call of `kernel` (on the one OpenCL device `devices` names, for an OpenCL kernel),
+// or (devices without kernel) through the flow graph with its options, as on the command line. Every keyword has
+// an effect or is refused: segment_tokens, balancing and return_info only mean something for a graph run, and a
+// kernel with a spec naming several devices is refused, never run on the first (the graph picks each device's
+// chunkwise kernel itself; the sigmoid gate of a *_siging kernel is gate='sig').
 struct Route {
-  std::string kernel;                  // one-kernel call; empty with devices
+  std::string kernel;                  // one-kernel call; empty for the graph
+  KernelTarget target;                 // its device (OpenCL kernels)
   std::optional<std::string> devices;  // the flow graph over this device spec
   std::int64_t segment_tokens = 0;     // 0: the planner's choice
   graph::Balancing balancing = graph::Balancing::pull;
@@ -195,14 +197,27 @@ Route route(const py::handle& kernel, const py::handle& devices, const py::handl
     }
     return r;
   }
-  r.devices = str_arg(devices, "devices");
+  const std::string spec = str_arg(devices, "devices");
   if (!kernel.is_none()) {
     const std::string name = str_arg(kernel, "kernel");
-    throw InvalidArgument("kernel", "'" + name +
-                                        "' with devices=: the flow graph picks each device's chunkwise kernel; "
-                                        "leave kernel unset (for the sigmoid input gate pass gate='sig'), or drop "
-                                        "devices for one kernel call");
+    const bool opencl_kernel = [&] {
+      for (const auto& k : available_kernels())
+        if (k.name == name) return k.device_kind == "opencl";
+      return false;
+    }();
+    if (!opencl_kernel || spec.find("workers") != std::string::npos || opencl::select_devices(spec).size() != 1) {
+      throw InvalidArgument("kernel", "'" + name + "' with devices='" + spec +
+                                          "': one kernel runs on one OpenCL device; leave kernel unset to run the "
+                                          "flow graph over the devices (for the sigmoid input gate pass gate='sig')");
+    }
+    if (!segment_tokens.is_none()) throw InvalidArgument("segment_tokens", "has an effect only in a graph run");
+    if (!balancing.is_none()) throw InvalidArgument("balancing", "has an effect only in a graph run");
+    if (r.return_info) throw InvalidArgument("return_info", "reports the devices of a graph run");
+    r.kernel = name;
+    r.target = KernelTarget{spec};
+    return r;
   }
+  r.devices = spec;
   if (!segment_tokens.is_none()) {
     r.segment_tokens = int_arg(segment_tokens, "segment_tokens");
     if (r.segment_tokens < 0) throw InvalidArgument("segment_tokens", "must be >= 0 (0: the planner's choice)");
@@ -220,24 +235,12 @@ Route route(const py::handle& kernel, const py::handle& devices, const py::handl
   return r;
 }
 
-// A segment longer than the sequence is the whole sequence (one segment); clamped here so that the planner's
-// rounding to whole chunks never sees a value near the int64 limit.
-std::int64_t segment_tokens_for(const Route& r, const Tensor& q) {
-  if (q.shape().size() != 4) return r.segment_tokens;  // the run refuses q, naming it
-  return std::min(r.segment_tokens, std::max<std::int64_t>(1, q.shape()[2]));
-}
-
 // A flow-graph runner over the devices `spec` names (the devices are opened here, without the GIL).
 std::unique_ptr<graph::FlowGraphRunner> make_runner(const Route& r) {
   std::unique_ptr<graph::FlowGraphRunner> runner;
-  try {
+  {
     py::gil_scoped_release release;
     runner = std::make_unique<graph::FlowGraphRunner>(*r.devices);
-  } catch (const std::out_of_range&) {
-    // The OpenCL spec parser reads an index with std::stoul, which throws this for one beyond unsigned long
-    // ("99999999999999999999"; found by fuzz_bindings.py); it would reach Python as IndexError. Refused like any
-    // index out of range.
-    throw InvalidArgument("devices", "'" + *r.devices + "': a device index is out of range");
   }
   runner->set_balancing(r.balancing);
   return runner;
@@ -299,12 +302,12 @@ PYBIND11_MODULE(mlstm_flow, m) {
           const auto runner = make_runner(how);
           {
             py::gil_scoped_release release;
-            r = runner->forward(l.args(), o, segment_tokens_for(how, l.q));
+            r = runner->forward(l.args(), o, how.segment_tokens);
           }
           info = run_info(*runner);
         } else {
           py::gil_scoped_release release;
-          r = get_kernel(how.kernel)->forward(l.args(), o);
+          r = get_kernel(how.kernel, how.target)->forward(l.args(), o);
         }
         py::object out = py::object(to_numpy(r.h));
         if (return_last_states) {
@@ -359,12 +362,12 @@ PYBIND11_MODULE(mlstm_flow, m) {
           const auto runner = make_runner(how);
           {
             py::gil_scoped_release release;
-            g = runner->backward(b, o, segment_tokens_for(how, l.q));
+            g = runner->backward(b, o, how.segment_tokens);
           }
           info = run_info(*runner);
         } else {
           py::gil_scoped_release release;
-          g = get_kernel(how.kernel)->backward(b, o);
+          g = get_kernel(how.kernel, how.target)->backward(b, o);
         }
         py::dict out;
         out["dq"] = to_numpy(g.dq);

@@ -145,7 +145,9 @@ def check_graph(rng):
                           (dict(devices="99"), "devices", ValueError),
                           (dict(devices="99999999999999999999"), "devices", ValueError), (dict(devices=["all"]), "devices", TypeError),
                           (dict(devices="all", kernel=one_kernel), "kernel", ValueError),
-                          (dict(devices="0", kernel="chunkwise--opencl_xl_chunk"), "kernel", ValueError),
+                          (dict(devices="workers", kernel="chunkwise--opencl_xl_chunk"), "kernel", ValueError),
+                          (dict(devices="0", kernel="chunkwise--opencl_xl_chunk", return_info=True), "return_info",
+                           ValueError),
                           (dict(segment_tokens=32), "segment_tokens", ValueError),
                           (dict(balancing="pull"), "balancing", ValueError),
                           (dict(return_info=True), "return_info", ValueError),
@@ -162,6 +164,10 @@ def check_graph(rng):
                 assert str(err).startswith(arg + ":"), (fn.__name__, bad, str(err))
             else:
                 raise AssertionError("no %s for %s in %s(%s)" % (exc.__name__, arg, fn.__name__, bad))
+    # An OpenCL kernel with a spec naming one device runs on that device, as `mlstm forward --kernel K --devices 1`.
+    h_dev1 = mlstm_flow.forward(q, k, v, i, f, chunk_size=L, kernel="chunkwise--opencl_xl_chunk", devices="1",
+                                return_last_states=False)
+    assert rel0(h_dev1, h) < 1e-4
     # A segment longer than the sequence is the sequence: one segment.
     _, info = mlstm_flow.forward(q, k, v, i, f, chunk_size=L, devices="workers", segment_tokens=2**63 - 1,
                                  return_info=True)
