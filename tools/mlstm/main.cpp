@@ -1730,9 +1730,11 @@ int main(int argc, char** argv) {
   forward->add_option("--out-n", fout.n, "last n output .npy")->check(path_check());
   forward->add_option("--out-m", fout.m, "last m output .npy")->check(path_check());
   ForwardStreaming fstream;
-  forward->add_option("--stream-tokens", fstream.tokens,
-                      "stream the .npy inputs in slices of this many tokens (pread, reads overlapping compute), "
-                      "writing h incrementally: memory stays flat whatever S; resumable with --resume");
+  forward
+      ->add_option("--stream-tokens", fstream.tokens,
+                   "stream the .npy inputs in slices of this many tokens (pread, reads overlapping compute), "
+                   "writing h incrementally: memory stays flat whatever S; resumable with --resume")
+      ->check(CLI::PositiveNumber);
   forward->add_flag("--resume", fstream.resume,
                     "continue a killed --stream-tokens run from its progress record (.<out>.progress) and partial "
                     "h (.<out>.partial): same options and inputs, h bit for bit that of an uninterrupted run");
