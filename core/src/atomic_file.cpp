@@ -53,6 +53,43 @@ AtomicFile::AtomicFile(std::string path) : path_(std::move(path)) {
   }
 }
 
+std::string partial_path_of(const std::string& path) {
+  const std::filesystem::path p(path);
+  std::string name(1, '.');
+  name.append(p.filename().string()).append(".partial");
+  return (p.parent_path() / name).string();
+}
+
+AtomicFile::AtomicFile(std::string path, Partial mode) : path_(std::move(path)), partial_(true) {
+  const std::filesystem::path p(path_);
+  if (p.filename().empty()) throw Error("cannot write '" + path_ + "': not a file name");
+  struct stat st {};
+  if (::stat(path_.c_str(), &st) == 0 && !S_ISREG(st.st_mode)) {
+    throw Error("cannot write '" + path_ + "': it exists and is not a regular file");
+  }
+  tmp_ = partial_path_of(path_);
+  if (mode == Partial::fresh) {
+    // A stale partial file (another run's, possibly a hard link someone made) is unlinked, not truncated.
+    if (::unlink(tmp_.c_str()) != 0 && errno != ENOENT) {
+      throw Error("cannot replace the partial file '" + tmp_ + "': " + reason());
+    }
+    fd_ = ::open(tmp_.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0666);  // umask applies, as for any output
+  } else {
+    if (::lstat(tmp_.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) {
+      const std::string why =
+          errno == ENOENT ? "no partial file '" + tmp_ + "' to resume" : "'" + tmp_ + "' is not a regular file";
+      tmp_.clear();
+      throw Error("cannot resume '" + path_ + "': " + why);
+    }
+    fd_ = ::open(tmp_.c_str(), O_RDWR | O_CLOEXEC);
+  }
+  if (fd_ < 0) {
+    const std::string why = reason();
+    tmp_.clear();
+    throw Error("cannot write '" + path_ + "': " + why);
+  }
+}
+
 AtomicFile::~AtomicFile() {
   if (!committed_) discard();
 }
@@ -60,8 +97,53 @@ AtomicFile::~AtomicFile() {
 void AtomicFile::discard() noexcept {
   if (fd_ >= 0) ::close(fd_);
   fd_ = -1;
-  if (!tmp_.empty()) ::unlink(tmp_.c_str());
+  if (!tmp_.empty() && !partial_) ::unlink(tmp_.c_str());  // a partial file stays for a resume
   tmp_.clear();
+}
+
+void AtomicFile::fail(const std::string& what) {
+  const std::string why = reason();
+  discard();
+  throw Error(what + " '" + path_ + "' failed: " + why);
+}
+
+void AtomicFile::write_at(std::uint64_t offset, const void* data, std::size_t size) {
+  if (fd_ < 0) throw Error("cannot write '" + path_ + "': file already closed");
+  const char* p = static_cast<const char*>(data);
+  while (size > 0) {
+    const ssize_t n = ::pwrite(fd_, p, size, static_cast<off_t>(offset));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      if (n == 0) errno = EIO;
+      fail("write to");
+    }
+    p += n;
+    offset += static_cast<std::uint64_t>(n);
+    size -= static_cast<std::size_t>(n);
+  }
+}
+
+std::uint64_t AtomicFile::size() const {
+  struct stat st {};
+  if (fd_ < 0 || ::fstat(fd_, &st) != 0) throw Error("cannot stat '" + path_ + "': " + reason());
+  return static_cast<std::uint64_t>(st.st_size);
+}
+
+void AtomicFile::reserve(std::uint64_t size) {
+  if (fd_ < 0) throw Error("cannot write '" + path_ + "': file already closed");
+  if (::ftruncate(fd_, static_cast<off_t>(size)) != 0) fail("resizing");
+  // Blocks reserved up front: a full disk fails here rather than after hours of compute. Filesystems without
+  // fallocate (EOPNOTSUPP) leave the file sparse; every later write is still checked.
+  const int rc = ::posix_fallocate(fd_, 0, static_cast<off_t>(size));
+  if (rc != 0 && rc != EOPNOTSUPP && rc != EINVAL) {
+    errno = rc;
+    fail("reserving space for");
+  }
+}
+
+void AtomicFile::sync() {
+  if (fd_ < 0) throw Error("cannot write '" + path_ + "': file already closed");
+  if (::fdatasync(fd_) != 0) fail("fdatasync of");
 }
 
 void AtomicFile::write(const void* data, std::size_t size) {

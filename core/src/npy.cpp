@@ -1,6 +1,12 @@
 #include "mlstm/core/npy.hpp"
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
 #include <cctype>
+#include <cerrno>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -175,42 +181,146 @@ std::pair<Shape, DType> read_header(const std::string& path, const std::string& 
   return {h.shape, h.dtype};
 }
 
-Tensor read_seq_slice(const std::string& path, const std::string& argument, std::int64_t s0, std::int64_t s1,
-                      std::optional<DType> as_dtype) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw InvalidArgument(argument, "cannot open '" + path + "'");
-  const std::string where = argument + " ('" + path + "')";
-  const auto h = decode_header(read_prefix(in, 1 << 16), where, as_dtype);
-  if (h.shape.size() < 3) throw InvalidArgument(argument, "expected (B,NH,S,...), got " + shape_to_string(h.shape));
-  const std::int64_t S = h.shape[2];
+SeqSliceReader::SeqSliceReader(const std::string& path, const std::string& argument, std::optional<DType> as_dtype)
+    : path_(path), argument_(argument) {
+  fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd_ < 0) throw InvalidArgument(argument, "cannot open '" + path + "'");
+  try {
+    const std::string where = argument + " ('" + path + "')";
+    struct stat st {};
+    if (::fstat(fd_, &st) != 0 || !S_ISREG(st.st_mode)) {
+      throw InvalidArgument(where, "cannot read the file (not a regular file?)");
+    }
+    std::string prefix(std::min<std::size_t>(1 << 16, static_cast<std::size_t>(st.st_size)), '\0');
+    std::size_t got = 0;
+    while (got < prefix.size()) {
+      const ssize_t n = ::pread(fd_, prefix.data() + got, prefix.size() - got, static_cast<off_t>(got));
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) break;
+      got += static_cast<std::size_t>(n);
+    }
+    prefix.resize(got);
+    const auto h = decode_header(prefix, where, as_dtype);
+    if (h.shape.size() < 3) throw InvalidArgument(argument, "expected (B,NH,S,...), got " + shape_to_string(h.shape));
+    // A truncated file is refused before any slice is allocated (its header may promise any size).
+    const auto file_size = static_cast<std::size_t>(st.st_size);
+    const std::size_t need = static_cast<std::size_t>(shape_numel(h.shape)) * dtype_size(h.dtype);
+    if (file_size < h.data_offset || file_size - h.data_offset < need) {
+      throw InvalidArgument(argument, "truncated .npy data in '" + path + "': shape " + shape_to_string(h.shape) +
+                                          " needs " + std::to_string(need) + " bytes");
+    }
+    shape_ = h.shape;
+    dtype_ = h.dtype;
+    data_offset_ = h.data_offset;
+  } catch (...) {
+    ::close(fd_);
+    throw;
+  }
+}
+
+SeqSliceReader::~SeqSliceReader() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+Tensor SeqSliceReader::read(std::int64_t s0, std::int64_t s1) const {
+  const std::int64_t S = shape_[2];
   if (s0 < 0 || s1 < s0 || s1 > S) {
-    throw InvalidArgument(argument, "token range [" + std::to_string(s0) + ", " + std::to_string(s1) +
-                                        ") outside [0, " + std::to_string(S) + "]");
+    throw InvalidArgument(argument_, "token range [" + std::to_string(s0) + ", " + std::to_string(s1) +
+                                         ") outside [0, " + std::to_string(S) + "]");
   }
   std::int64_t inner = 1;
-  for (std::size_t d = 3; d < h.shape.size(); ++d) inner *= h.shape[d];
-  // A truncated file is refused before the slice is allocated (its header may promise any size).
-  in.seekg(0, std::ios::end);
-  const auto file_size = static_cast<std::size_t>(in.tellg());
-  const std::size_t need = static_cast<std::size_t>(shape_numel(h.shape)) * dtype_size(h.dtype);
-  if (file_size < h.data_offset || file_size - h.data_offset < need) {
-    throw InvalidArgument(argument, "truncated .npy data in '" + path + "': shape " + shape_to_string(h.shape) +
-                                        " needs " + std::to_string(need) + " bytes");
-  }
-  Shape out_shape = h.shape;
+  for (std::size_t d = 3; d < shape_.size(); ++d) inner *= shape_[d];
+  Shape out_shape = shape_;
   out_shape[2] = s1 - s0;
-  Tensor out(out_shape, h.dtype);
-  const std::size_t es = dtype_size(h.dtype);
+  Tensor out(out_shape, dtype_);
+  const std::size_t es = dtype_size(dtype_);
   const std::size_t row_bytes = static_cast<std::size_t>((s1 - s0) * inner) * es;
-  for (std::int64_t r = 0; r < h.shape[0] * h.shape[1]; ++r) {
-    in.seekg(static_cast<std::streamoff>(h.data_offset + static_cast<std::size_t>((r * S + s0) * inner) * es));
-    in.read(reinterpret_cast<char*>(out.bytes()) + static_cast<std::size_t>(r) * row_bytes,
-            static_cast<std::streamsize>(row_bytes));
-    if (static_cast<std::size_t>(in.gcount()) != row_bytes)
-      throw InvalidArgument(argument, "truncated .npy data in '" + path + "'");
+  for (std::int64_t r = 0; r < shape_[0] * shape_[1]; ++r) {
+    auto* dst = reinterpret_cast<char*>(out.bytes()) + static_cast<std::size_t>(r) * row_bytes;
+    std::size_t at = data_offset_ + static_cast<std::size_t>((r * S + s0) * inner) * es, left = row_bytes;
+    while (left > 0) {
+      const ssize_t n = ::pread(fd_, dst, left, static_cast<off_t>(at));
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) throw Error(argument_ + ": reading '" + path_ + "' failed: " + std::strerror(errno));
+      if (n == 0) throw InvalidArgument(argument_, "truncated .npy data in '" + path_ + "' (the file shrank)");
+      dst += n;
+      at += static_cast<std::size_t>(n);
+      left -= static_cast<std::size_t>(n);
+    }
   }
   return out;
 }
+
+Tensor read_seq_slice(const std::string& path, const std::string& argument, std::int64_t s0, std::int64_t s1,
+                      std::optional<DType> as_dtype) {
+  return SeqSliceReader(path, argument, as_dtype).read(s0, s1);
+}
+
+struct SeqSliceWriter::File {
+  explicit File(const std::string& path, bool resume)
+      : file(path, resume ? AtomicFile::Partial::resume : AtomicFile::Partial::fresh) {}
+  AtomicFile file;
+};
+
+SeqSliceWriter::SeqSliceWriter(const std::string& path, Shape shape, DType dtype, bool resume)
+    : shape_(std::move(shape)), dtype_(dtype) {
+  if (shape_.size() < 3) throw InvalidArgument("shape", "expected (B,NH,S,...), got " + shape_to_string(shape_));
+  const std::string header = header_bytes(shape_, dtype_);
+  data_offset_ = header.size();
+  const std::uint64_t total = data_offset_ + static_cast<std::uint64_t>(shape_numel(shape_)) * dtype_size(dtype_);
+  file_ = std::make_unique<File>(path, resume);
+  if (!resume) {
+    file_->file.reserve(total);
+    file_->file.write_at(0, header.data(), header.size());
+    return;
+  }
+  // The partial file must be exactly what this writer would have made: same header, same size.
+  const std::string& partial = file_->file.temporary_path();
+  if (file_->file.size() != total) {
+    throw Error("cannot resume '" + path + "': the partial file '" + partial + "' has " +
+                std::to_string(file_->file.size()) + " bytes, " + shape_to_string(shape_) + " needs " +
+                std::to_string(total));
+  }
+  std::ifstream in(partial, std::ios::binary);
+  std::string have(header.size(), '\0');
+  in.read(have.data(), static_cast<std::streamsize>(have.size()));
+  if (!in || have != header) {
+    throw Error("cannot resume '" + path + "': the partial file '" + partial + "' does not hold a " +
+                shape_to_string(shape_) + " " + std::string(dtype_name(dtype_)) + " array");
+  }
+}
+
+SeqSliceWriter::~SeqSliceWriter() = default;
+
+const std::string& SeqSliceWriter::partial_path() const noexcept { return file_->file.temporary_path(); }
+
+void SeqSliceWriter::write(std::int64_t s0, ConstTensorView slice) {
+  const Shape& s = slice.shape();
+  const std::int64_t S = shape_[2];
+  bool ok = slice.dtype() == dtype_ && s.size() == shape_.size() && s0 >= 0 && s0 + s[2] <= S;
+  for (std::size_t d = 0; ok && d < s.size(); ++d) ok = d == 2 || s[d] == shape_[d];
+  if (!ok) {
+    throw InvalidArgument("slice", shape_to_string(s) + " " + std::string(dtype_name(slice.dtype())) + " at token " +
+                                       std::to_string(s0) + " does not fit " + shape_to_string(shape_) + " " +
+                                       std::string(dtype_name(dtype_)));
+  }
+  // One contiguous copy when the slice is strided, then one pwrite per (b, h) row of len * inner elements.
+  const Tensor owned = slice.is_contiguous() ? Tensor() : Tensor::copy_of(slice);
+  const std::byte* src = owned.empty() ? slice.bytes() : owned.bytes();
+  std::int64_t inner = 1;
+  for (std::size_t d = 3; d < shape_.size(); ++d) inner *= shape_[d];
+  const std::size_t es = dtype_size(dtype_);
+  const std::size_t row_bytes = static_cast<std::size_t>(s[2] * inner) * es;
+  if (row_bytes == 0) return;
+  for (std::int64_t r = 0; r < shape_[0] * shape_[1]; ++r) {
+    const std::uint64_t at = data_offset_ + static_cast<std::uint64_t>((r * S + s0) * inner) * es;
+    file_->file.write_at(at, src + static_cast<std::size_t>(r) * row_bytes, row_bytes);
+  }
+}
+
+void SeqSliceWriter::sync() { file_->file.sync(); }
+
+void SeqSliceWriter::commit() { file_->file.commit(); }
 
 Tensor read(const std::string& path, const std::string& argument, std::optional<DType> as_dtype) {
   std::ifstream in(path, std::ios::binary);
@@ -236,10 +346,9 @@ Tensor read(const std::string& path, const std::string& argument, std::optional<
   return t;
 }
 
-std::string serialize(ConstTensorView view) {
-  const Tensor t = Tensor::copy_of(view);
+std::string header_bytes(const Shape& shape_in, DType dtype) {
   std::string descr;
-  switch (t.dtype()) {
+  switch (dtype) {
     case DType::f64:
       descr = "<f8";
       break;
@@ -255,8 +364,8 @@ std::string serialize(ConstTensorView view) {
   }
   std::ostringstream shape;
   shape << '(';
-  for (std::size_t d = 0; d < t.shape().size(); ++d)
-    shape << t.shape()[d] << (t.shape().size() == 1 || d + 1 < t.shape().size() ? "," : "");
+  for (std::size_t d = 0; d < shape_in.size(); ++d)
+    shape << shape_in[d] << (shape_in.size() == 1 || d + 1 < shape_in.size() ? "," : "");
   shape << ')';
   std::string header = "{'descr': '" + descr + "', 'fortran_order': False, 'shape': " + shape.str() + ", }";
   // Pad so that the data starts on a 64-byte boundary, header ends with '\n'.
@@ -276,6 +385,12 @@ std::string serialize(ConstTensorView view) {
     out.push_back(static_cast<char>((len >> 24) & 0xff));
   }
   out += header;
+  return out;
+}
+
+std::string serialize(ConstTensorView view) {
+  const Tensor t = Tensor::copy_of(view);
+  std::string out = header_bytes(t.shape(), t.dtype());
   out.append(reinterpret_cast<const char*>(t.bytes()), t.nbytes());
   return out;
 }

@@ -136,6 +136,18 @@ BackwardResult StreamSession::backward_of_last_piece(const ForwardArgs& piece, C
 }
 
 void StreamSession::snapshot(const std::string& path) const {
+  const std::string body = snapshot_bytes();
+  // Temporary file, fsync, rename (write_file_atomically): a crash or full disk leaves the previous snapshot.
+  // What a killed earlier writer of this path left behind goes first (only its exact temporary names).
+  remove_stale_temporaries(path);
+  try {
+    write_file_atomically(path, body);
+  } catch (const Error& e) {
+    throw Error(std::string("snapshot: ") + e.what());
+  }
+}
+
+std::string StreamSession::snapshot_bytes() const {
   std::string body(kMagic, sizeof kMagic);
   put<std::uint32_t>(body, kVersion);
   for (auto v : {config_.B, config_.NH, config_.DHQK, config_.DHHV, tokens_}) put<std::int64_t>(body, v);
@@ -150,14 +162,7 @@ void StreamSession::snapshot(const std::string& path) const {
     body.append(reinterpret_cast<const char*>(t->bytes()), t->nbytes());
   }
   put<std::uint64_t>(body, StreamSession::checksum(body));
-  // Temporary file, fsync, rename (write_file_atomically): a crash or full disk leaves the previous snapshot.
-  // What a killed earlier writer of this path left behind goes first (only its exact temporary names).
-  remove_stale_temporaries(path);
-  try {
-    write_file_atomically(path, body);
-  } catch (const Error& e) {
-    throw Error(std::string("snapshot: ") + e.what());
-  }
+  return body;
 }
 
 StreamSession StreamSession::restore(const std::string& path, StreamConfig config) {

@@ -12,7 +12,9 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <csignal>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -25,8 +27,10 @@
 
 #include <tbb/blocked_range.h>
 #include <tbb/parallel_for.h>
+#include <tbb/parallel_pipeline.h>
 
 #include "mlstm/core/atomic_file.hpp"
+#include "mlstm/core/env.hpp"
 #include "mlstm/core/npy.hpp"
 #include "mlstm/devices/opencl/device.hpp"
 #include "mlstm/devices/opencl/stream.hpp"
@@ -414,10 +418,381 @@ struct ForwardOutputs {
   std::string h, c, n, m;
 };
 
-int cmd_forward(const InputFiles& in, const ForwardOutputs& out, bool as_json) {
+// forward's streaming options (README "Streaming a file larger than memory").
+struct ForwardStreaming {
+  std::int64_t tokens = 0;        // --stream-tokens: tokens per slice; 0 = whole arrays in memory
+  bool resume = false;            // --resume: continue a killed --stream-tokens run
+  std::int64_t memory_limit = 0;  // --memory-limit: bytes; 0 = this machine's physical memory
+};
+
+// ---- forward --stream-tokens: .npy files of any size in sequence slices ------------------------------------
+
+// The header of every sequence input, read and checked against q before anything else is read: B, NH and S
+// must agree across the files (a file whose S differs is refused naming its option).
+struct InputHeaders {
+  Shape q, k, v, i, f;
+  DType dtype = DType::f32;
+  std::int64_t B = 0, NH = 0, S = 0, DK = 0, DV = 0;
+  std::uint64_t bytes = 0;  // data bytes of q, k, v, i, f together
+};
+
+InputHeaders read_input_headers(const InputFiles& in) {
+  const auto dt = as_dtype(in);
+  InputHeaders h;
+  std::pair<Shape, DType> q = npy::read_header(in.q, "--q", dt), k = npy::read_header(in.k, "--k", dt),
+                          v = npy::read_header(in.v, "--v", dt), i = npy::read_header(in.i, "--i"),
+                          f = npy::read_header(in.f, "--f");
+  if (q.first.size() != 4) throw InvalidArgument("--q", "expected (B,NH,S,DHQK), got " + shape_to_string(q.first));
+  h.q = q.first;
+  h.dtype = q.second;
+  h.B = h.q[0];
+  h.NH = h.q[1];
+  h.S = h.q[2];
+  h.DK = h.q[3];
+  auto expect = [&](const std::pair<Shape, DType>& got, const Shape& want, const char* option, const char* layout) {
+    if (got.first.size() != want.size()) {
+      throw InvalidArgument(option, std::string("expected ") + layout + ", got " + shape_to_string(got.first));
+    }
+    for (std::size_t d = 0; d < want.size(); ++d) {
+      if (want[d] >= 0 && got.first[d] != want[d]) {
+        const char* dim = d == 0 ? "B" : d == 1 ? "NH" : d == 2 ? "S" : "the head dimension";
+        throw InvalidArgument(option, std::string("expected ") + layout + " with " + dim + " = " +
+                                          std::to_string(want[d]) + " as in --q, got " + shape_to_string(got.first));
+      }
+    }
+  };
+  expect(k, h.q, "--k", "(B,NH,S,DHQK)");
+  expect(v, {h.B, h.NH, h.S, -1}, "--v", "(B,NH,S,DHHV)");
+  expect(i, {h.B, h.NH, h.S}, "--i", "(B,NH,S)");
+  expect(f, {h.B, h.NH, h.S}, "--f", "(B,NH,S)");
+  h.k = k.first;
+  h.v = v.first;
+  h.i = i.first;
+  h.f = f.first;
+  h.DV = h.v[3];
+  for (const auto* t : {&q, &k, &v, &i, &f}) {
+    h.bytes += static_cast<std::uint64_t>(shape_numel(t->first)) * dtype_size(t->second);
+  }
+  return h;
+}
+
+std::uint64_t memory_limit_of(const ForwardStreaming& st) {
+  if (st.memory_limit > 0) return static_cast<std::uint64_t>(st.memory_limit);
+  const auto pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+  return pages > 0 && page > 0 ? static_cast<std::uint64_t>(pages) * static_cast<std::uint64_t>(page)
+                               : std::uint64_t{1} << 34;
+}
+
+std::string mib_text(std::uint64_t bytes) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%.1f MiB", static_cast<double>(bytes) / static_cast<double>(1 << 20));
+  return text;
+}
+
+// The hidden files of a streamed h output next to it: ".<name>.progress" (the record).
+std::string progress_path_of(const std::string& out) {
+  const fs::path p(out);
+  return (p.parent_path() / ("." + p.filename().string() + ".progress")).string();
+}
+
+// What a resumed run must share with the run that wrote the record, so that the final h is bit for bit the
+// one an uninterrupted run writes: the slice size, every option that changes results, where it runs, and the
+// input files (path, size, modification time, shape).
+json stream_identity(const InputFiles& in, const ForwardStreaming& st, const MlstmOptions& o) {
+  json files = json::array();
+  for (const auto& [option, path] : input_paths(in)) {
+    if (path.empty()) continue;
+    struct stat s {};
+    if (::stat(path.c_str(), &s) != 0) throw InvalidArgument(option, "cannot open '" + path + "'");
+    std::error_code ec;
+    files.push_back({{"option", option},
+                     {"path", fs::absolute(path, ec).string()},
+                     {"size", static_cast<std::uint64_t>(s.st_size)},
+                     {"mtime_ns", static_cast<std::int64_t>(s.st_mtim.tv_sec) * 1000000000 + s.st_mtim.tv_nsec}});
+  }
+  const float eps = static_cast<float>(o.eps);
+  std::uint32_t eps_bits;
+  std::memcpy(&eps_bits, &eps, sizeof eps_bits);
+  return {{"--stream-tokens", st.tokens},
+          {"--chunk-size", o.chunk_size},
+          {"--gate", std::string(gate_name(o.gate))},
+          {"--no-normalize", !o.normalize},
+          {"--eps", eps_bits},
+          {"--kernel", runs_one_kernel(in) ? in.kernel : std::string("flow-graph")},
+          {"--devices", in.devices},
+          {"--dtype", in.dtype},
+          {"inputs", files}};
+}
+
+constexpr char kRecordMagic[8] = {'M', 'L', 'S', 'T', 'M', 'F', 'W', 'P'};
+
+// The progress record: magic, JSON length (u64), the JSON (identity + tokens done), the StreamSession
+// snapshot after those tokens, FNV-1a 64 of everything before it. Written atomically (write_file_atomically)
+// only after the h of those tokens is written and synced: it never claims more than the partial file holds.
+void write_progress(const std::string& path, const json& identity, std::int64_t tokens_done,
+                    const std::string& snapshot) {
+  json doc = identity;
+  doc["tokens_done"] = tokens_done;
+  const std::string text = doc.dump();
+  std::string bytes(kRecordMagic, sizeof kRecordMagic);
+  const std::uint64_t len = text.size();
+  bytes.append(reinterpret_cast<const char*>(&len), sizeof len);
+  bytes += text;
+  bytes += snapshot;
+  const std::uint64_t sum = StreamSession::checksum(bytes);
+  bytes.append(reinterpret_cast<const char*>(&sum), sizeof sum);
+  write_file_atomically(path, bytes);
+}
+
+// Reads the record of `out` for --resume and checks it against this run (each difference refused naming its
+// option); returns the session restored from it.
+StreamSession read_progress(const std::string& path, const json& identity, const StreamConfig& cfg) {
+  std::ifstream file(path, std::ios::binary);
+  if (!file) {
+    throw InvalidArgument("--resume", "no progress record '" + path +
+                                          "' (nothing to resume: the run finished, never started, or wrote a "
+                                          "different --out); run without --resume");
+  }
+  std::ostringstream ss;
+  ss << file.rdbuf();
+  const std::string bytes = ss.str();
+  auto refuse = [&](const std::string& why) {
+    return InvalidArgument("--resume", "progress record '" + path + "' refused: " + why + "; run without --resume");
+  };
+  std::uint64_t len = 0, sum = 0;
+  if (bytes.size() < sizeof kRecordMagic + 16 || std::memcmp(bytes.data(), kRecordMagic, sizeof kRecordMagic) != 0) {
+    throw refuse("not a progress record");
+  }
+  std::memcpy(&sum, bytes.data() + bytes.size() - 8, 8);
+  if (sum != StreamSession::checksum(bytes.substr(0, bytes.size() - 8))) throw refuse("checksum mismatch");
+  std::memcpy(&len, bytes.data() + sizeof kRecordMagic, 8);
+  const std::size_t at = sizeof kRecordMagic + 8;
+  if (len > bytes.size() - at - 8) throw refuse("truncated");
+  json doc = json::parse(bytes.substr(at, len), nullptr, false);
+  if (doc.is_discarded() || !doc.is_object()) throw refuse("unreadable");
+  for (const auto& [key, value] : identity.items()) {
+    if (key == "inputs") continue;
+    if (!doc.contains(key) || doc[key] != value) {
+      throw InvalidArgument(key, "differs from the run that wrote the progress record '" + path + "' (" +
+                                     (doc.contains(key) ? doc[key].dump() : "absent") + " there, " + value.dump() +
+                                     " here); resume with the same options, or run without --resume");
+    }
+  }
+  const json& have = doc["inputs"];
+  for (const auto& want : identity["inputs"]) {
+    const auto it =
+        std::find_if(have.begin(), have.end(), [&](const json& h) { return h["option"] == want["option"]; });
+    if (it == have.end() || *it != want) {
+      throw InvalidArgument(want["option"].get<std::string>(),
+                            "'" + want["path"].get<std::string>() + "' is not the file the progress record '" + path +
+                                "' was made from (path, size or modification time differ); run without --resume");
+    }
+  }
+  if (have.size() != identity["inputs"].size()) {
+    throw InvalidArgument(
+        "--resume", "the progress record '" + path + "' was made with other inputs (an initial state given or not)");
+  }
+  StreamSession session = StreamSession::restore_bytes(bytes.substr(at + len, bytes.size() - at - len - 8), cfg, path);
+  if (!doc.contains("tokens_done") || doc["tokens_done"] != session.tokens()) throw refuse("token counts disagree");
+  return session;
+}
+
+// Tokens [s0, s1) of every input: read by the pipeline's first stage while the slice before is computed.
+struct StreamSlice {
+  std::int64_t s0 = 0, s1 = 0;
+  ForwardInputs in;
+  Tensor h;
+  std::string snapshot;  // the session's state after this slice
+};
+
+int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const ForwardStreaming& st,
+                         const MlstmOptions& o, const InputHeaders& hdr, bool as_json) {
+  const auto dt = as_dtype(in);
+  // Up-front validation with the library's own checks on a one-token slice plus the initial state, before
+  // any output file exists (dtypes, head dimensions, state shapes; --check-finite on the state).
+  ForwardInputs first;
+  {
+    npy::SeqSliceReader q(in.q, "--q", dt), k(in.k, "--k", dt), v(in.v, "--v", dt), i(in.i, "--i"), f(in.f, "--f");
+    const std::int64_t t1 = std::min<std::int64_t>(1, hdr.S);
+    first.q = q.read(0, t1);
+    first.k = k.read(0, t1);
+    first.v = v.read(0, t1);
+    first.i = i.read(0, t1);
+    first.f = f.read(0, t1);
+  }
+  first.c0 = read_optional(in.c0, "--c0", std::nullopt);
+  first.n0 = read_optional(in.n0, "--n0", std::nullopt);
+  first.m0 = read_optional(in.m0, "--m0", std::nullopt);
+  StreamConfig cfg;
+  cfg.B = hdr.B;
+  cfg.NH = hdr.NH;
+  cfg.DHQK = hdr.DK;
+  cfg.DHHV = hdr.DV;
+  cfg.options = o;
+  if (runs_one_kernel(in)) {
+    if (!in.devices.empty() && opencl::select_devices(in.devices).size() != 1) {
+      throw InvalidArgument("--devices", "'" + in.devices +
+                                             "' names several devices and --kernel runs on one; leave --kernel out "
+                                             "to run the flow graph over all of them");
+    }
+    cfg.kernel = in.kernel;
+    cfg.target = KernelTarget{in.devices};
+  } else {
+    cfg.devices = in.devices;
+  }
+  const json identity = stream_identity(in, st, o);
+  const std::string record = progress_path_of(out.h);
+  std::unique_ptr<StreamSession> session;
+  try {
+    validate_forward(first.args(), o);
+    if (in.check_finite) {
+      check_finite(first.c0.view(), "c0");
+      check_finite(first.n0.view(), "n0");
+      check_finite(first.m0.view(), "m0");
+    }
+    if (st.resume) {
+      remove_stale_temporaries(record);
+      session = std::make_unique<StreamSession>(read_progress(record, identity, cfg));
+    } else if (first.c0.empty()) {
+      session = std::make_unique<StreamSession>(cfg);
+    } else {
+      State s0{first.c0, first.n0.empty() ? Tensor::zeros({hdr.B, hdr.NH, hdr.DK}, DType::f32) : first.n0,
+               first.m0.empty() ? Tensor::zeros({hdr.B, hdr.NH}, DType::f32) : first.m0};
+      session = std::make_unique<StreamSession>(cfg, std::move(s0));
+    }
+  } catch (const InvalidArgument& e) {
+    rethrow_as_cli(e);
+  }
+  first = ForwardInputs();
+  // A fresh run forgets an earlier run's record first (a record must never describe another partial file).
+  if (!st.resume) {
+    remove_stale_temporaries(record);
+    if (::unlink(record.c_str()) != 0 && errno != ENOENT) {
+      throw Error("cannot remove the stale progress record '" + record + "': " + std::strerror(errno));
+    }
+  }
+  const std::int64_t resumed_from = session->tokens();
+  npy::SeqSliceWriter writer(out.h, {hdr.B, hdr.NH, hdr.S, hdr.DV}, hdr.dtype, st.resume);
+  npy::SeqSliceReader rq(in.q, "--q", dt), rk(in.k, "--k", dt), rv(in.v, "--v", dt), ri(in.i, "--i"), rf(in.f, "--f");
+  std::int64_t kill_after = -1;  // test hook (env.hpp): SIGKILL to itself after this many slices
+  if (const auto k = env::get("MLSTM_TEST_KILL_AFTER_SLICES")) kill_after = std::stoll(*k);
+  std::int64_t next = resumed_from, slices = 0;
+  std::vector<std::string> devices;
+  const auto t0 = Clock::now();
+  try {
+    // Three serial stages, at most three slices in flight (memory flat): read slice k+2 (pread), compute
+    // slice k+1 (the session carries the state; with --devices it runs the flow graph), write slice k's h
+    // at its strided positions, sync it, then record the progress.
+    tbb::parallel_pipeline(3, tbb::make_filter<void, std::shared_ptr<StreamSlice>>(
+                                  tbb::filter_mode::serial_in_order,
+                                  [&](tbb::flow_control& fc) -> std::shared_ptr<StreamSlice> {
+                                    if (next >= hdr.S) {
+                                      fc.stop();
+                                      return nullptr;
+                                    }
+                                    auto s = std::make_shared<StreamSlice>();
+                                    s->s0 = next;
+                                    s->s1 = std::min(hdr.S, next + st.tokens);
+                                    next = s->s1;
+                                    s->in.q = rq.read(s->s0, s->s1);
+                                    s->in.k = rk.read(s->s0, s->s1);
+                                    s->in.v = rv.read(s->s0, s->s1);
+                                    s->in.i = ri.read(s->s0, s->s1);
+                                    s->in.f = rf.read(s->s0, s->s1);
+                                    return s;
+                                  }) &
+                                  tbb::make_filter<std::shared_ptr<StreamSlice>, std::shared_ptr<StreamSlice>>(
+                                      tbb::filter_mode::serial_in_order,
+                                      [&](std::shared_ptr<StreamSlice> s) {
+                                        const ForwardArgs a = s->in.args();
+                                        if (in.check_finite) check_finite(a);
+                                        s->h = session->push(a);
+                                        s->snapshot = session->snapshot_bytes();
+                                        s->in = ForwardInputs();  // the inputs go as soon as they are used
+                                        return s;
+                                      }) &
+                                  tbb::make_filter<std::shared_ptr<StreamSlice>, void>(
+                                      tbb::filter_mode::serial_in_order, [&](std::shared_ptr<StreamSlice> s) {
+                                        writer.write(s->s0, s->h.view());
+                                        writer.sync();
+                                        write_progress(record, identity, s->s1, s->snapshot);
+                                        ++slices;
+                                        if (kill_after >= 0 && slices >= kill_after && s->s1 < hdr.S) ::raise(SIGKILL);
+                                      }));
+    if (session->runner()) devices = session->runner()->last_plan().devices;
+  } catch (const InvalidArgument& e) {
+    rethrow_as_cli(e);
+  }
+  const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+  // The last states, then h (its final name appears only complete), then the record goes.
+  const State& last = session->state();
+  write_out("--out-c", out.c, last.C);
+  write_out("--out-n", out.n, last.n);
+  write_out("--out-m", out.m, last.m);
+  writer.commit();
+  ::unlink(record.c_str());
+  if (devices.empty()) devices = {runs_one_kernel(in) ? in.kernel : in.devices};
+  const Shape shape_h{hdr.B, hdr.NH, hdr.S, hdr.DV};
+  if (as_json) {
+    std::cout << json{{"command", "forward"},
+                      {"kernel", runs_one_kernel(in) ? in.kernel : "flow-graph"},
+                      {"devices", devices},
+                      {"shape_h", shape_h},
+                      {"dtype", dtype_name(hdr.dtype)},
+                      {"seconds", secs},
+                      {"stream_tokens", st.tokens},
+                      {"slices", slices},
+                      {"resumed_from", resumed_from},
+                      {"input_mib", static_cast<double>(hdr.bytes) / static_cast<double>(1 << 20)},
+                      {"peak_rss_mib", peak_rss_mib()}}
+                     .dump()
+              << "\n";
+  } else {
+    std::cout << "forward: " << (runs_one_kernel(in) ? in.kernel : "flow graph over " + in.devices) << ", h "
+              << shape_to_string(shape_h) << " " << dtype_name(hdr.dtype) << " -> " << out.h << " in " << slices
+              << " slices of " << st.tokens << " tokens"
+              << (resumed_from > 0 ? " (resumed at token " + std::to_string(resumed_from) + ")" : std::string()) << " ("
+              << secs * 1e3 << " ms)\n";
+  }
+  return 0;
+}
+
+int cmd_forward(const InputFiles& in, const ForwardOutputs& out, const ForwardStreaming& st, bool as_json) {
   const KernelInfo info = kernel_info(in.kernel, false);
   const MlstmOptions o = options_of(in, info);
   check_outputs(input_paths(in), {{"--out", out.h}, {"--out-c", out.c}, {"--out-n", out.n}, {"--out-m", out.m}});
+  if (st.resume && st.tokens == 0) {
+    throw InvalidArgument("--resume", "continues a --stream-tokens run; give the same --stream-tokens");
+  }
+  const InputHeaders hdr = read_input_headers(in);
+  const std::uint64_t limit = memory_limit_of(st);
+  const std::uint64_t h_bytes =
+      static_cast<std::uint64_t>(hdr.B * hdr.NH) * static_cast<std::uint64_t>(hdr.S * hdr.DV) * dtype_size(hdr.dtype);
+  if (st.tokens > 0) {
+    require_range(st.tokens, 1, kMaxTokens, "--stream-tokens");
+    // About three slices are in flight (read, compute, write): inputs and h of each.
+    const std::uint64_t per_token =
+        static_cast<std::uint64_t>(hdr.B * hdr.NH) *
+        static_cast<std::uint64_t>(token_bytes(hdr.DK, hdr.DV, hdr.dtype) +
+                                   hdr.DV * static_cast<std::int64_t>(dtype_size(hdr.dtype)));
+    const std::uint64_t slice_tokens =
+        static_cast<std::uint64_t>(std::min(st.tokens, std::max<std::int64_t>(hdr.S, 1)));
+    if (3 * slice_tokens * per_token > limit) {
+      throw InvalidArgument("--stream-tokens", std::to_string(st.tokens) + " tokens per slice need about " +
+                                                   mib_text(3 * slice_tokens * per_token) +
+                                                   " in flight (three slices), more than the memory limit of " +
+                                                   mib_text(limit) + "; pick fewer");
+    }
+    return cmd_forward_streamed(in, out, st, o, hdr, as_json);
+  }
+  // Whole arrays: inputs and h in memory at once. Larger than the limit is refused, never streamed behind the
+  // user's back (the slice size decides the bits of h: it is the user's choice).
+  if (hdr.bytes + h_bytes > limit) {
+    throw InvalidArgument("--stream-tokens", "the inputs and h need " + mib_text(hdr.bytes + h_bytes) +
+                                                 " in memory, more than the limit of " + mib_text(limit) +
+                                                 (st.memory_limit > 0 ? " (--memory-limit)" : " (this machine)") +
+                                                 "; stream the files in slices with --stream-tokens N");
+  }
   const ForwardInputs l = load_inputs(in);
   ForwardResult r;
   try {
@@ -436,7 +811,9 @@ int cmd_forward(const InputFiles& in, const ForwardOutputs& out, bool as_json) {
                         {"devices", engine.devices()},
                         {"shape_h", r.h.shape()},
                         {"dtype", dtype_name(r.h.dtype())},
-                        {"seconds", secs}}
+                        {"seconds", secs},
+                        {"input_mib", static_cast<double>(hdr.bytes) / static_cast<double>(1 << 20)},
+                        {"peak_rss_mib", peak_rss_mib()}}
                        .dump()
                 << "\n";
     } else {
@@ -1352,6 +1729,20 @@ int main(int argc, char** argv) {
   forward->add_option("--out-c", fout.c, "last C output .npy")->check(path_check());
   forward->add_option("--out-n", fout.n, "last n output .npy")->check(path_check());
   forward->add_option("--out-m", fout.m, "last m output .npy")->check(path_check());
+  ForwardStreaming fstream;
+  forward
+      ->add_option("--stream-tokens", fstream.tokens,
+                   "stream the .npy inputs in slices of this many tokens (pread, reads overlapping compute), "
+                   "writing h incrementally: memory stays flat whatever S; resumable with --resume")
+      ->check(CLI::PositiveNumber);
+  forward->add_flag("--resume", fstream.resume,
+                    "continue a killed --stream-tokens run from its progress record (.<out>.progress) and partial "
+                    "h (.<out>.partial): same options and inputs, h bit for bit that of an uninterrupted run");
+  forward
+      ->add_option("--memory-limit", fstream.memory_limit,
+                   "bytes a forward may hold (default: this machine's memory): whole arrays above it are "
+                   "refused (use --stream-tokens), and so is a --stream-tokens whose slices exceed it")
+      ->check(CLI::PositiveNumber);
 
   InputFiles bin;
   BackwardFiles bfiles;
@@ -1423,7 +1814,7 @@ int main(int argc, char** argv) {
         rethrow_as_cli(e, {{"devices", "--devices"}, {"chunk_size", "--chunk-size"}, {"mode", "--mode"}});
       }
     }
-    if (*forward) return cmd_forward(fin, fout, as_json);
+    if (*forward) return cmd_forward(fin, fout, fstream, as_json);
     if (*backward) return cmd_backward(bin, bfiles, as_json);
     if (*step) return cmd_step(sin, sfiles, as_json);
     if (*kernels) return cmd_kernels(as_json);

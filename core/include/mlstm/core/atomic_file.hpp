@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <functional>
 #include <string>
 #include <string_view>
@@ -13,25 +14,46 @@ namespace mlstm {
 // An output file being written. Bytes go to a hidden temporary file next to `path`; commit() makes them
 // `path`; the destructor (no commit, or after an exception) removes the temporary file.
 // Every failure throws mlstm::Error naming `path` and the system's reason (errno).
+//
+// A resumable output (Partial::fresh / Partial::resume) is written at offsets into a fixed temporary file,
+// partial_path_of(path) (".<name>.partial" next to `path`), instead of a mkstemp name: it survives a failure
+// or a kill (neither a failed write nor the destructor removes it), so a later run can find it and continue.
+// fresh replaces a stale partial file; resume opens the existing one (Error when there is none). commit() is
+// the same: the final path appears only complete.
 class AtomicFile {
  public:
+  enum class Partial { fresh, resume };
   explicit AtomicFile(std::string path);
+  AtomicFile(std::string path, Partial mode);
   ~AtomicFile();
   AtomicFile(const AtomicFile&) = delete;
   AtomicFile& operator=(const AtomicFile&) = delete;
 
   void write(const void* data, std::size_t size);
   void write(std::string_view text) { write(text.data(), text.size()); }
+  // Resumable files: `size` bytes at `offset` (pwrite, every byte checked); the file's size; set its size,
+  // reserving the blocks (posix_fallocate where the filesystem has it: a full disk fails here, up front);
+  // flush the data written so far to the disk (fdatasync).
+  void write_at(std::uint64_t offset, const void* data, std::size_t size);
+  std::uint64_t size() const;
+  void reserve(std::uint64_t size);
+  void sync();
   // fsync, close (checked), rename over the destination, fsync the directory. Once only.
   void commit();
   const std::string& path() const noexcept { return path_; }
+  const std::string& temporary_path() const noexcept { return tmp_; }
 
  private:
   void discard() noexcept;
+  [[noreturn]] void fail(const std::string& what);  // throws naming path_, errno; discards unless partial
   std::string path_, tmp_;
   int fd_ = -1;
   bool committed_ = false;
+  bool partial_ = false;
 };
+
+// The fixed temporary file of a resumable output: ".<name>.partial" in `path`'s directory.
+std::string partial_path_of(const std::string& path);
 
 // Writes `path` atomically with what `writer` passes to the AtomicFile.
 void write_file_atomically(const std::string& path, const std::function<void(AtomicFile&)>& writer);

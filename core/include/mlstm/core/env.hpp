@@ -16,6 +16,8 @@
 //                                      cache (default $XDG_CACHE_HOME/mlstm-flow/programs, ~/.cache/...)
 //   MLSTM_RESIDENT_INPUTS=off          devices: upload inputs on every call (to measure residency)
 //   MLSTM_FAULT_INJECT, MLSTM_FAULT_INJECT_ORDER   nodes / graph: fault-injection test hooks
+//   MLSTM_TEST_KILL_AFTER_SLICES=<k>  tools (mlstm forward --stream-tokens): test hook, SIGKILL to itself once k
+//                                      slices are written and recorded (the --resume test: a kill at a known point)
 //   MLSTM_PLAN_DEBUG                   graph: log every plan
 //   XDG_CACHE_HOME, HOME               graph, devices (OpenCL): where the calibration and program caches live
 #pragma once

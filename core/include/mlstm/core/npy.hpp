@@ -2,6 +2,8 @@
 // C order, little-endian. dtypes <f8 <f4 <f2, and bfloat16 stored as a uint16 array (<u2) when asked for.
 #pragma once
 
+#include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <utility>
@@ -32,5 +34,61 @@ Tensor parse(const std::string& bytes, const std::string& argument, std::optiona
 // throws mlstm::Error and leaves the old file, if any, and no temporary file.
 void write(const std::string& path, ConstTensorView t);
 std::string serialize(ConstTensorView t);
+// The header serialize() writes for an array of `shape` and `dtype` (magic, version, dict, padding to 64 bytes).
+std::string header_bytes(const Shape& shape, DType dtype);
+
+// Sequence slices of one (B,NH,S,...) or (B,NH,S) array on disk, for streaming files of any size with flat
+// memory. The constructor opens the file once and checks the header (as read() does: magic, version, byte
+// order, dtype, Fortran order, element count) and the file's size against it; read() copies tokens [s0, s1)
+// with one pread per (b, h) row, every read checked. The file is not mapped: memory is exactly the slices
+// asked for, and an address-space limit (RLIMIT_AS) below the file's size does not matter.
+class SeqSliceReader {
+ public:
+  SeqSliceReader(const std::string& path, const std::string& argument, std::optional<DType> as_dtype = std::nullopt);
+  ~SeqSliceReader();
+  SeqSliceReader(const SeqSliceReader&) = delete;
+  SeqSliceReader& operator=(const SeqSliceReader&) = delete;
+
+  const Shape& shape() const noexcept { return shape_; }
+  DType dtype() const noexcept { return dtype_; }
+  std::int64_t seq_len() const noexcept { return shape_[2]; }
+  // Tokens [s0, s1) as a contiguous (B,NH,s1-s0,...) tensor. InvalidArgument naming the argument when the
+  // range is outside [0, S] or the file turns out shorter than its header said.
+  Tensor read(std::int64_t s0, std::int64_t s1) const;
+
+ private:
+  std::string path_, argument_;
+  Shape shape_;
+  DType dtype_ = DType::f32;
+  std::size_t data_offset_ = 0;
+  int fd_ = -1;
+};
+
+// The incremental writer of a (B,NH,S,...) array that arrives in sequence slices: a resumable AtomicFile
+// (the fixed temporary file ".<name>.partial" next to `path`) holding the header of the final shape, its size
+// reserved up front; write() puts a slice at its strided positions (one pwrite per (b, h) row); sync() makes
+// what was written durable; commit() fsyncs and renames onto `path`, so `path` appears only complete. A
+// failure throws mlstm::Error naming `path`, never leaves a half-written `path`, and keeps the partial file.
+// `resume`: reopen the partial file a killed run left, refused (mlstm::Error) unless its header and size are
+// exactly those of `shape` and `dtype`.
+class SeqSliceWriter {
+ public:
+  SeqSliceWriter(const std::string& path, Shape shape, DType dtype, bool resume);
+  ~SeqSliceWriter();
+  SeqSliceWriter(const SeqSliceWriter&) = delete;
+  SeqSliceWriter& operator=(const SeqSliceWriter&) = delete;
+
+  void write(std::int64_t s0, ConstTensorView slice);  // slice: (B,NH,len,...) of the writer's dtype, any strides
+  void sync();
+  void commit();
+  const std::string& partial_path() const noexcept;
+
+ private:
+  struct File;
+  std::unique_ptr<File> file_;
+  Shape shape_;
+  DType dtype_;
+  std::size_t data_offset_;
+};
 
 }  // namespace mlstm::npy

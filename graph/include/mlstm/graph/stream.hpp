@@ -64,6 +64,9 @@ class StreamSession {
   // Format version 2: magic, version, B, NH, DHQK, DHHV, token count, gate, normalize, eps (the float32 bits
   // the kernels use), chunk size, state dtype, kernel name, C, n, m, FNV-1a 64 checksum.
   void snapshot(const std::string& path) const;
+  // The bytes snapshot() writes (for callers that keep the state inside a record of their own; restore_bytes
+  // reads them back).
+  std::string snapshot_bytes() const;
   // Reads a snapshot (removing stale temporary files of `path` first, like snapshot()). A truncated,
   // corrupted, version-1 or unknown-version file is refused with mlstm::Error naming the file and the
   // problem; a file whose dims, gate, normalize, eps, chunk size or kernel differ from `config` with

@@ -1,0 +1,292 @@
+// mlstm forward --stream-tokens: .npy files streamed in sequence slices (issue 14 item 2). Streaming equals one
+// call (and, slice for slice, an in-process StreamSession bit for bit); a file larger than the child's
+// address-space limit streams with flat memory; a run killed mid-way (SIGKILL, by the test hook
+// MLSTM_TEST_KILL_AFTER_SLICES) and resumed writes the same h.npy byte for byte; bad resumes and failed writes
+// exit with one line naming the option.
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <sched.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <csignal>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "mlstm/core/npy.hpp"
+#include "mlstm/mlstm.hpp"
+#include "test_util.hpp"
+
+namespace mlstm {
+namespace {
+
+namespace fs = std::filesystem;
+
+struct Run {
+  int code = -1;   // exit code, or -1 when killed by a signal
+  int signal = 0;  // the signal that killed it
+  std::string out, err;
+};
+
+std::string slurp(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// The CLI in a child process: `setup` runs in the child before exec (limits, affinity, environment).
+Run run_cli(const fs::path& dir, const std::string& args, const std::function<void()>& setup = {}) {
+  static int counter = 0;
+  const fs::path out = dir / ("cli_out_" + std::to_string(counter)), err = dir / ("cli_err_" + std::to_string(counter));
+  ++counter;
+  const std::string cmd = "exec " + std::string(MLSTM_CLI_PATH) + " " + args;
+  const pid_t pid = fork();
+  if (pid == 0) {
+    const int o = ::open(out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    const int e = ::open(err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    ::dup2(o, 1);
+    ::dup2(e, 2);
+    if (setup) setup();
+    ::execl("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  Run r;
+  if (WIFEXITED(status)) r.code = WEXITSTATUS(status);
+  if (WIFSIGNALED(status)) r.signal = WTERMSIG(status);
+  r.out = slurp(out);
+  r.err = slurp(err);
+  fs::remove(out);
+  fs::remove(err);
+  return r;
+}
+
+void expect_refused(const Run& r, int code, const std::string& argument) {
+  EXPECT_EQ(r.code, code) << r.err;
+  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
+  EXPECT_NE(r.err.find(argument), std::string::npos) << "stderr should name " << argument << ": " << r.err;
+}
+
+class CliStream : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() / ("mlstm_cli_stream_" + std::to_string(getpid()) + "_" +
+                                        ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+  std::string path(const std::string& name) const { return (dir_ / (name + ".npy")).string(); }
+  void save_inputs(const testing::Inputs& in) {
+    npy::write(path("q"), in.q.view());
+    npy::write(path("k"), in.k.view());
+    npy::write(path("v"), in.v.view());
+    npy::write(path("i"), in.i.view());
+    npy::write(path("f"), in.f.view());
+    if (!in.c0.empty()) {
+      npy::write(path("c0"), in.c0.view());
+      npy::write(path("n0"), in.n0.view());
+      npy::write(path("m0"), in.m0.view());
+    }
+  }
+  std::string inputs(bool state = false) const {
+    std::string s =
+        "--q " + path("q") + " --k " + path("k") + " --v " + path("v") + " --i " + path("i") + " --f " + path("f");
+    if (state) s += " --c0 " + path("c0") + " --n0 " + path("n0") + " --m0 " + path("m0");
+    return s;
+  }
+  fs::path dir_;
+};
+
+// h of an in-process StreamSession fed the same slices (the CLI's --stream-tokens without a --devices).
+ForwardResult stream_in_process(const testing::Inputs& in, std::int64_t slice, const MlstmOptions& o) {
+  StreamConfig cfg;
+  cfg.B = in.q.dim(0);
+  cfg.NH = in.q.dim(1);
+  cfg.DHQK = in.q.dim(3);
+  cfg.DHHV = in.v.dim(3);
+  cfg.options = o;
+  StreamSession s = in.c0.empty() ? StreamSession(cfg) : StreamSession(cfg, State{in.c0, in.n0, in.m0});
+  const std::int64_t S = in.q.dim(2);
+  Tensor h;
+  for (std::int64_t t0 = 0; t0 < S; t0 += slice) {
+    const std::int64_t t1 = std::min(S, t0 + slice);
+    testing::Inputs piece;
+    piece.q = testing::slice_seq(in.q, t0, t1);
+    piece.k = testing::slice_seq(in.k, t0, t1);
+    piece.v = testing::slice_seq(in.v, t0, t1);
+    piece.i = testing::slice_seq(in.i, t0, t1);
+    piece.f = testing::slice_seq(in.f, t0, t1);
+    Tensor part = s.push(piece.args());
+    h = h.empty() ? std::move(part) : testing::concat_seq(h, part);
+  }
+  return {std::move(h), s.state().C, s.state().n, s.state().m};
+}
+
+// Streaming equals one call: odd S (a multiple of neither the slice nor the chunk), with and without an initial
+// state, on the default CPU kernel (bit for bit against the same slices in process) and through the flow graph
+// over CPU workers and workers + both PoCL devices.
+TEST_F(CliStream, StreamingEqualsOneCall) {
+  for (const bool state : {false, true}) {
+    for (const std::string devices : {"", "workers", "workers+all"}) {
+      SCOPED_TRACE("initial state " + std::to_string(state) + " devices '" + devices + "'");
+      testing::InputSpec spec = testing::spec(2, 3, devices.empty() ? 1001 : 301, 8, 12);
+      spec.initial_state = state;
+      const testing::Inputs in = testing::make_inputs(spec, testing::fresh_seed());
+      save_inputs(in);
+      const std::int64_t slice = devices.empty() ? 100 : 70;
+      const auto r =
+          run_cli(dir_, "--json forward " + inputs(state) + " --chunk-size 16 --stream-tokens " +
+                            std::to_string(slice) + (devices.empty() ? "" : " --devices " + devices) + " --out " +
+                            path("h") + " --out-c " + path("c") + " --out-n " + path("n") + " --out-m " + path("m"));
+      ASSERT_EQ(r.code, 0) << r.err;
+      const auto doc = nlohmann::json::parse(r.out);
+      EXPECT_EQ(doc["slices"], (spec.S + slice - 1) / slice) << r.out;
+      EXPECT_TRUE(doc.contains("peak_rss_mib")) << r.out;
+      MlstmOptions o;
+      o.chunk_size = 16;
+      const auto want = get_kernel("chunkwise--cpu_xl_chunk")->forward(in.args(), o);
+      const Tensor h = npy::read(path("h"), "h"), c = npy::read(path("c"), "c"), n = npy::read(path("n"), "n"),
+                   m = npy::read(path("m"), "m");
+      const std::string what = "mlstm forward --stream-tokens" + (devices.empty() ? "" : " --devices " + devices);
+      EXPECT_TRUE(testing::matches(h, want.h, 1e-4, what, "h", spec));
+      EXPECT_TRUE(testing::matches(c, want.c, 1e-4, what, "c", spec));
+      EXPECT_TRUE(testing::matches(n, want.n, 1e-4, what, "n", spec));
+      EXPECT_TRUE(testing::matches(m, want.m, 1e-4, what, "m", spec));
+      if (devices.empty()) {
+        const ForwardResult same = stream_in_process(in, slice, o);
+        EXPECT_TRUE(testing::matches(h, same.h, 0.0, what + " vs StreamSession", "h", spec));
+        EXPECT_TRUE(testing::matches(c, same.c, 0.0, what + " vs StreamSession", "c", spec));
+        EXPECT_TRUE(testing::matches(m, same.m, 0.0, what + " vs StreamSession", "m", spec));
+      }
+      for (const auto& e : fs::directory_iterator(dir_)) {  // no partial file, record or temporary left
+        EXPECT_NE(e.path().filename().string()[0], '.') << e.path();
+      }
+    }
+  }
+}
+
+// Inputs of about 300 MiB through a child whose address space is capped at 240 MiB (RLIMIT_AS, below the
+// input size; the child is pinned to one CPU, so one TBB worker and one OpenBLAS buffer of 128 MiB fit): it
+// succeeds, equals one call, and its peak RSS stays well below the input size.
+TEST_F(CliStream, StreamsAFileLargerThanItsAddressSpaceLimit) {
+  const testing::InputSpec spec = testing::spec(1, 2, 200003, 64, 64);
+  const std::uint64_t input_bytes = 2ull * 200003 * (3 * 64 * 4 + 8);
+  const rlim_t cap = 240ull << 20;
+  ASSERT_GT(input_bytes, cap);
+  // The inputs are written and freed before the fork: the child's peak RSS (kept across exec) would count them.
+  save_inputs(testing::make_inputs(spec, testing::fresh_seed()));
+  const auto r = run_cli(dir_, "--json forward " + inputs() + " --stream-tokens 4000 --out " + path("h"), [&] {
+    cpu_set_t one;
+    CPU_ZERO(&one);
+    CPU_SET(static_cast<int>(sched_getcpu()), &one);
+    sched_setaffinity(0, sizeof one, &one);
+    const rlimit limit{cap, cap};
+    setrlimit(RLIMIT_AS, &limit);
+  });
+  ASSERT_EQ(r.code, 0) << r.err;
+  const auto doc = nlohmann::json::parse(r.out);
+  const double peak = doc["peak_rss_mib"].get<double>(), input_mib = doc["input_mib"].get<double>();
+  std::printf("[ measure  ] input %.1f MiB, address space cap %.0f MiB, peak RSS %.1f MiB, %.2f s\n", input_mib,
+              static_cast<double>(cap >> 20), peak, doc["seconds"].get<double>());
+  EXPECT_LT(peak, input_mib / 4) << r.out;  // measured: 25 MiB for 148, 296 and 592 MiB of inputs
+  testing::Inputs in;
+  in.q = npy::read(path("q"), "q");
+  in.k = npy::read(path("k"), "k");
+  in.v = npy::read(path("v"), "v");
+  in.i = npy::read(path("i"), "i");
+  in.f = npy::read(path("f"), "f");
+  const auto want = get_kernel("chunkwise--cpu_xl_chunk")->forward(in.args(), MlstmOptions{});
+  EXPECT_TRUE(testing::matches(npy::read(path("h"), "h"), want.h, 1e-4, "mlstm forward --stream-tokens", "h", spec));
+  // Whole arrays of the same files under an explicit --memory-limit below them: refused, naming --stream-tokens.
+  expect_refused(run_cli(dir_, "forward " + inputs() + " --memory-limit 200000000 --out " + path("h2")), 2,
+                 "--stream-tokens");
+}
+
+// SIGKILL after three slices (the test hook, deterministic), then --resume: h.npy and the last states are byte
+// for byte those of an uninterrupted run; the final path does not exist before the resume finishes.
+TEST_F(CliStream, KilledRunResumesBitForBit) {
+  testing::InputSpec spec = testing::spec(2, 3, 777, 8, 12);
+  spec.initial_state = true;
+  save_inputs(testing::make_inputs(spec, testing::fresh_seed()));
+  const std::string common = "forward " + inputs(true) + " --chunk-size 16 --stream-tokens 50";
+  ASSERT_EQ(run_cli(dir_, common + " --out " + path("whole") + " --out-c " + path("whole_c")).code, 0);
+  const auto killed = run_cli(dir_, common + " --out " + path("h") + " --out-c " + path("c"),
+                              [] { setenv("MLSTM_TEST_KILL_AFTER_SLICES", "3", 1); });
+  ASSERT_EQ(killed.signal, SIGKILL) << killed.code << " " << killed.err;
+  EXPECT_FALSE(fs::exists(path("h")));
+  EXPECT_FALSE(fs::exists(path("c")));
+  EXPECT_TRUE(fs::exists(dir_ / ".h.npy.partial"));
+  EXPECT_TRUE(fs::exists(dir_ / ".h.npy.progress"));
+  const auto resumed =
+      run_cli(dir_, "--json " + common + " --out " + path("h") + " --out-c " + path("c") + " --resume");
+  ASSERT_EQ(resumed.code, 0) << resumed.err;
+  EXPECT_EQ(nlohmann::json::parse(resumed.out)["resumed_from"], 150) << resumed.out;
+  EXPECT_EQ(slurp(path("h")), slurp(path("whole")));
+  EXPECT_EQ(slurp(path("c")), slurp(path("whole_c")));
+  EXPECT_FALSE(fs::exists(dir_ / ".h.npy.partial"));
+  EXPECT_FALSE(fs::exists(dir_ / ".h.npy.progress"));
+  // Without --resume a stale partial file and record are replaced: a fresh run from token 0.
+  ASSERT_EQ(
+      run_cli(dir_, common + " --out " + path("h2"), [] { setenv("MLSTM_TEST_KILL_AFTER_SLICES", "2", 1); }).signal,
+      SIGKILL);
+  const auto fresh = run_cli(dir_, "--json " + common + " --out " + path("h2"));
+  ASSERT_EQ(fresh.code, 0) << fresh.err;
+  EXPECT_EQ(nlohmann::json::parse(fresh.out)["resumed_from"], 0) << fresh.out;
+  EXPECT_EQ(slurp(path("h2")), slurp(path("whole")));
+}
+
+// Bad resumes, inputs that disagree, outputs that cannot be written: one line naming the option, exit 2 for bad
+// input and 1 for a failed write (a full disk), never a half-written final file.
+TEST_F(CliStream, BadStreamsAreRefusedNamingTheOption) {
+  const testing::InputSpec spec = testing::spec(1, 2, 333, 8, 8);
+  const testing::Inputs in = testing::make_inputs(spec, testing::fresh_seed());
+  save_inputs(in);
+  const std::string common = "forward " + inputs() + " --stream-tokens 40";
+  expect_refused(run_cli(dir_, common + " --resume --out " + path("h")), 2, "--resume");  // no record
+  expect_refused(run_cli(dir_, "forward " + inputs() + " --resume --out " + path("h")), 2, "--resume");
+  expect_refused(run_cli(dir_, "forward " + inputs() + " --stream-tokens 0 --out " + path("h")), 2, "--stream-tokens");
+  expect_refused(run_cli(dir_, "forward " + inputs() + " --memory-limit 0 --out " + path("h")), 2, "--memory-limit");
+  expect_refused(run_cli(dir_, common + " --memory-limit 1000 --out " + path("h")), 2, "--stream-tokens");
+  expect_refused(run_cli(dir_, common + " --out " + (dir_ / "missing" / "h.npy").string()), 2, "--out");
+  // S differs across the files: refused naming the file's option, before anything is written.
+  npy::write(path("k_short"), testing::slice_seq(in.k, 0, 332).view());
+  expect_refused(run_cli(dir_, "forward --q " + path("q") + " --k " + path("k_short") + " --v " + path("v") + " --i " +
+                                   path("i") + " --f " + path("f") + " --stream-tokens 40 --out " + path("h")),
+                 2, "--k");
+  npy::write(path("f_short"), testing::slice_seq(in.f, 0, 300).view());
+  expect_refused(run_cli(dir_, "forward --q " + path("q") + " --k " + path("k") + " --v " + path("v") + " --i " +
+                                   path("i") + " --f " + path("f_short") + " --stream-tokens 40 --out " + path("h")),
+                 2, "--f");
+  EXPECT_FALSE(fs::exists(dir_ / ".h.npy.partial"));
+  // A record from another slice size, other options or a changed input: refused naming what differs.
+  ASSERT_EQ(
+      run_cli(dir_, common + " --out " + path("h"), [] { setenv("MLSTM_TEST_KILL_AFTER_SLICES", "2", 1); }).signal,
+      SIGKILL);
+  expect_refused(run_cli(dir_, "forward " + inputs() + " --stream-tokens 41 --resume --out " + path("h")), 2,
+                 "--stream-tokens");
+  expect_refused(run_cli(dir_, common + " --chunk-size 32 --resume --out " + path("h")), 2, "--chunk-size");
+  expect_refused(run_cli(dir_, common + " --gate sig --resume --out " + path("h")), 2, "--gate");
+  expect_refused(run_cli(dir_, common + " --devices workers --resume --out " + path("h")), 2, "--devices");
+  fs::last_write_time(path("v"), fs::last_write_time(path("v")) + std::chrono::seconds(5));
+  expect_refused(run_cli(dir_, common + " --resume --out " + path("h")), 2, "--v");
+  EXPECT_FALSE(fs::exists(path("h")));
+  // A full disk (the file size limit as a stand-in, SIGXFSZ ignored so the write fails with EFBIG): exit 1, one
+  // line naming the output, no final file.
+  const auto full = run_cli(dir_, common + " --out " + path("hfull"), [] {
+    std::signal(SIGXFSZ, SIG_IGN);
+    const rlimit limit{4096, 4096};
+    setrlimit(RLIMIT_FSIZE, &limit);
+  });
+  expect_refused(full, 1, "hfull.npy");
+  EXPECT_FALSE(fs::exists(path("hfull")));
+}
+
+}  // namespace
+}  // namespace mlstm
