@@ -140,8 +140,8 @@ class Device {
   void download(const Buffer& buf, void* data, std::size_t bytes);  // blocking
   // Transfers of at least staging_threshold() bytes (blocking upload, acquire_upload, download) go through
   // page-locked host slots of staging_slot_bytes() in pieces: the host copy of one piece (in parallel) overlaps
-  // the DMA of the last, instead of the driver's pageable path (on an H100: 7 GB/s up, 1.3 GB/s down into fresh
-  // pages). MLSTM_OPENCL_STAGING=off turns it off, =<bytes> sets the slot size (default 32 MiB; the threshold
+  // the DMA of the last, instead of the driver's pageable path, which is several times slower (docs/PERFORMANCE.md,
+  // "H100: host streaming"). MLSTM_OPENCL_STAGING=off turns it off, =<bytes> sets the slot size (default 32 MiB; the threshold
   // is min(4 MiB, slot)). set_staging(0) turns it off for this device.
   void set_staging(std::size_t slot_bytes);
 
