@@ -18,23 +18,17 @@ inline mlstm::Tensor random(mlstm::Shape shape, float mean, std::mt19937& rng, m
   return mlstm::Tensor::from(x, std::move(shape), dtype);
 }
 
-struct Inputs {
-  mlstm::Tensor q, k, v, i, f;
-  mlstm::ForwardArgs args() const {
-    mlstm::ForwardArgs a;
-    a.q = q.view();
-    a.k = k.view();
-    a.v = v.view();
-    a.i = i.view();
-    a.f = f.view();
-    return a;
-  }
-};
+using Inputs = mlstm::ForwardInputs;  // the library's owned arguments
 
 inline Inputs make(std::int64_t B, std::int64_t NH, std::int64_t S, std::int64_t DK, std::int64_t DV, std::mt19937& rng,
                    mlstm::DType dtype = mlstm::DType::f32) {
-  return {random({B, NH, S, DK}, 0, rng, dtype), random({B, NH, S, DK}, 0, rng, dtype),
-          random({B, NH, S, DV}, 0, rng, dtype), random({B, NH, S}, 0, rng), random({B, NH, S}, 3, rng)};
+  Inputs in;
+  in.q = random({B, NH, S, DK}, 0, rng, dtype);
+  in.k = random({B, NH, S, DK}, 0, rng, dtype);
+  in.v = random({B, NH, S, DV}, 0, rng, dtype);
+  in.i = random({B, NH, S}, 0, rng);
+  in.f = random({B, NH, S}, 3, rng);
+  return in;
 }
 
 }  // namespace example
