@@ -1,0 +1,297 @@
+// The shared conventions of `mlstm` (cli.hpp): option and output checks, peak memory, the .npy input options
+// of forward/backward/step and their loading, error renaming, kernel lookup and run options.
+#include "cli.hpp"
+
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+
+#include "mlstm/core/npy.hpp"
+
+namespace mlstm::cli {
+
+namespace fs = std::filesystem;
+
+// ---- checks of the user's options (exit code 2, one line naming the option) ------------------------------
+
+void require_range(std::int64_t value, std::int64_t lo, std::int64_t hi, const std::string& option) {
+  if (value < lo || value > hi) {
+    throw InvalidArgument(
+        option, "must be in [" + std::to_string(lo) + ", " + std::to_string(hi) + "], got " + std::to_string(value));
+  }
+}
+
+// Bytes of a problem's buffers, overflow-safe; refused when more than the machine's memory (an allocation
+// that large would fail or, overcommitted, kill the process when touched). Callers pass a lower bound (the
+// inputs alone), so that no run that could fit is refused.
+void require_fits_memory(std::initializer_list<std::int64_t> factors, const std::string& option) {
+  unsigned __int128 bytes = 1;
+  for (const std::int64_t f : factors) {
+    // bytes <= 2^64 and f < 2^63 before each product: it stays below 2^127, then is capped at 2^64 again.
+    bytes *= static_cast<unsigned __int128>(std::max<std::int64_t>(f, 0));
+    bytes = std::min(bytes, static_cast<unsigned __int128>(1) << 64);
+  }
+  const auto pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+  const unsigned __int128 memory = pages > 0 && page > 0
+                                       ? static_cast<unsigned __int128>(pages) * static_cast<unsigned __int128>(page)
+                                       : static_cast<unsigned __int128>(1) << 34;
+  if (bytes > memory) {
+    char text[160];
+    std::snprintf(text, sizeof text, "the problem needs about %.3g GiB, more than this machine's %.3g GiB of memory",
+                  static_cast<double>(bytes) / static_cast<double>(1ull << 30),
+                  static_cast<double>(memory) / static_cast<double>(1ull << 30));
+    throw InvalidArgument(option, text);
+  }
+}
+
+// Bytes of one token of one head's inputs: q, k, v in `dtype`, the two float32 gates (dims <= kMaxDim: no overflow).
+std::int64_t token_bytes(std::int64_t dqk, std::int64_t dhv, DType dtype) {
+  return (2 * dqk + dhv) * static_cast<std::int64_t>(dtype_size(dtype)) + 8;
+}
+
+namespace {
+
+// Where a path points, for collision checks: (device, inode) of an existing file (hard links and symlinks
+// included), else the canonical directory plus the name.
+struct PathIdentity {
+  bool exists = false;
+  dev_t dev = 0;
+  ino_t ino = 0;
+  std::string canonical;
+  bool operator==(const PathIdentity& o) const {
+    return exists == o.exists && (exists ? dev == o.dev && ino == o.ino : canonical == o.canonical);
+  }
+};
+
+PathIdentity identity_of(const std::string& path) {
+  PathIdentity id;
+  struct stat st {};
+  if (::stat(path.c_str(), &st) == 0) {
+    id.exists = true;
+    id.dev = st.st_dev;
+    id.ino = st.st_ino;
+    return id;
+  }
+  std::error_code ec;
+  id.canonical = fs::weakly_canonical(fs::absolute(path, ec), ec).string();
+  if (ec) id.canonical = path;
+  return id;
+}
+
+}  // namespace
+
+// Every requested output can be produced: a file name in an existing, writable directory, not a directory
+// itself, not the same file as another output or any input. Checked before anything is read or computed.
+void check_outputs(const std::vector<NamedPath>& inputs, const std::vector<NamedPath>& outputs) {
+  std::vector<std::pair<NamedPath, PathIdentity>> seen;
+  for (const auto& in : inputs) {
+    if (!in.path.empty()) seen.push_back({in, identity_of(in.path)});
+  }
+  const std::size_t n_inputs = seen.size();
+  for (const auto& out : outputs) {
+    if (out.path.empty()) continue;
+    const fs::path p(out.path);
+    std::error_code ec;
+    if (p.filename().empty() || fs::is_directory(p, ec)) {
+      throw InvalidArgument(out.option, "'" + out.path + "' is a directory, not a file name");
+    }
+    const fs::path dir = p.parent_path().empty() ? fs::path(".") : p.parent_path();
+    if (!fs::is_directory(dir, ec))
+      throw InvalidArgument(out.option, "directory '" + dir.string() + "' does not exist");
+    if (::access(dir.c_str(), W_OK | X_OK) != 0) {
+      throw InvalidArgument(out.option, "directory '" + dir.string() + "' is not writable");
+    }
+    if (fs::exists(p, ec) && !fs::is_regular_file(p, ec)) {
+      throw InvalidArgument(out.option, "'" + out.path + "' exists and is not a regular file");
+    }
+    const PathIdentity id = identity_of(out.path);
+    for (std::size_t k = 0; k < seen.size(); ++k) {
+      if (seen[k].second == id) {
+        throw InvalidArgument(out.option, "'" + out.path + "' is the same file as " +
+                                              (k < n_inputs ? "the input " : "the output ") + seen[k].first.option +
+                                              " ('" + seen[k].first.path + "')");
+      }
+    }
+    seen.push_back({out, id});
+  }
+}
+
+double peak_rss_mib() {
+  rusage ru{};
+  getrusage(RUSAGE_SELF, &ru);
+  return static_cast<double>(ru.ru_maxrss) / 1024.0;  // ru_maxrss is in KiB on Linux
+}
+
+// A file option given an empty string is refused (it used to mean "not given": --out '' computed and wrote nothing).
+const CLI::Validator& path_check() {
+  static const CLI::Validator check(
+      [](std::string& path) { return path.empty() ? std::string("empty path") : std::string(); }, "PATH");
+  return check;
+}
+
+void add_input_options(CLI::App* app, InputFiles& in, bool sequence) {
+  const std::string qk = sequence ? "(B,NH,S,DHQK)" : "(B,NH,DHQK)";
+  const std::string v = sequence ? "(B,NH,S,DHHV)" : "(B,NH,DHHV)";
+  const std::string g = sequence ? "(B,NH,S)" : "(B,NH)";
+  app->add_option("--q", in.q, "queries .npy " + qk)->required()->check(path_check());
+  app->add_option("--k", in.k, "keys .npy " + qk)->required()->check(path_check());
+  app->add_option("--v", in.v, "values .npy " + v)->required()->check(path_check());
+  app->add_option("--i", in.i, "input gate pre-activations .npy " + g)->required()->check(path_check());
+  app->add_option("--f", in.f, "forget gate pre-activations .npy " + g)->required()->check(path_check());
+  app->add_option("--c0", in.c0, "initial C .npy (B,NH,DHQK,DHHV)")->check(path_check());
+  app->add_option("--n0", in.n0, "initial n .npy (B,NH,DHQK)")->check(path_check());
+  app->add_option("--m0", in.m0, "initial m .npy (B,NH)")->check(path_check());
+  app->add_option("--dtype", in.dtype, "read uint16 arrays as this dtype (bfloat16)")
+      ->check(CLI::IsMember({"bfloat16", "bf16"}));
+  in.gate_option =
+      app->add_option("--gate", in.gate, "input gate: exp or sig")->check(CLI::IsMember({"exp", "sig", "sigmoid"}));
+  app->add_flag("--no-normalize", in.no_normalize, "sigmoid gate: skip the normaliser (refused with the exp gate)");
+  app->add_option("--eps", in.eps, "normaliser epsilon (> 0)");
+  app->add_flag("--check-finite", in.check_finite, "refuse inputs with NaN or Inf");
+  if (sequence) {
+    in.kernel_option = app->add_option("--kernel", in.kernel, "kernel name (see `mlstm kernels`)");
+    app->add_option("--chunk-size", in.chunk_size, "chunk size of chunkwise kernels (> 0)");
+    app->add_option("--devices", in.devices,
+                    "run the flow graph over these devices, sequence parallel: workers (CPU workers), all, gpu:all, "
+                    "0,1, cpu, or several joined by + (workers+gpu:all); with --kernel, the one OpenCL device that "
+                    "kernel runs on");
+  } else {
+    in.step = true;
+    in.kernel = "cpu";
+    in.kernel_option = app->add_option("--kernel", in.kernel, "step kernel name (see `mlstm kernels`)");
+    app->add_option("--devices", in.devices, "the one OpenCL device of an OpenCL step kernel: 0, gpu:0, cpu, ...");
+  }
+}
+
+std::optional<DType> as_dtype(const InputFiles& in) {
+  if (in.dtype.empty()) return std::nullopt;
+  return parse_dtype(in.dtype, "--dtype");
+}
+
+Tensor read_optional(const std::string& path, const std::string& name, std::optional<DType> dt) {
+  if (path.empty()) return Tensor();
+  return npy::read(path, name, dt);
+}
+
+ForwardInputs load_inputs(const InputFiles& in) {
+  const auto dt = as_dtype(in);
+  ForwardInputs l;
+  l.q = npy::read(in.q, "--q", dt);
+  l.k = npy::read(in.k, "--k", dt);
+  l.v = npy::read(in.v, "--v", dt);
+  l.i = npy::read(in.i, "--i");
+  l.f = npy::read(in.f, "--f");
+  l.c0 = read_optional(in.c0, "--c0", std::nullopt);
+  l.n0 = read_optional(in.n0, "--n0", std::nullopt);
+  l.m0 = read_optional(in.m0, "--m0", std::nullopt);
+  return l;
+}
+
+namespace {
+
+// Renames library argument names to the CLI's option names in error messages (one line).
+const std::map<std::string, std::string>& file_option_names() {
+  static const std::map<std::string, std::string> names{{"q", "--q"},
+                                                        {"k", "--k"},
+                                                        {"v", "--v"},
+                                                        {"i", "--i"},
+                                                        {"f", "--f"},
+                                                        {"c0", "--c0"},
+                                                        {"n0", "--n0"},
+                                                        {"m0", "--m0"},
+                                                        {"dh", "--dh"},
+                                                        {"dc_last", "--dc"},
+                                                        {"dn_last", "--dn"},
+                                                        {"eps", "--eps"},
+                                                        {"chunk_size", "--chunk-size"},
+                                                        {"kernel", "--kernel"},
+                                                        {"step_kernel", "--kernel"},
+                                                        {"c", "--c"},
+                                                        {"n", "--n"},
+                                                        {"m", "--m"},
+                                                        {"devices", "--devices"},
+                                                        {"gate", "--gate"}};
+  return names;
+}
+
+}  // namespace
+
+[[noreturn]] void rethrow_as_cli(const InvalidArgument& e, const std::map<std::string, std::string>& names) {
+  auto it = names.find(e.argument());
+  if (it == names.end()) throw e;
+  std::string what = e.what();
+  what = what.substr(std::min(what.size(), e.argument().size() + 2));
+  throw InvalidArgument(it->second, what);
+}
+
+[[noreturn]] void rethrow_as_cli(const InvalidArgument& e) { rethrow_as_cli(e, file_option_names()); }
+
+// The registry entry of `name` (a sequence kernel, or a step kernel when `step`), refused up front otherwise.
+KernelInfo kernel_info(const std::string& name, bool step) {
+  for (const auto& k : available_kernels()) {
+    if (k.name != name) continue;
+    if ((k.form == KernelForm::step) != step) {
+      throw InvalidArgument(
+          "--kernel", "'" + name + "' is " + (step ? "not a step kernel" : "a step kernel") + "; see `mlstm kernels`");
+    }
+    return k;
+  }
+  throw InvalidArgument("--kernel", "unknown kernel '" + name + "'; see `mlstm kernels`");
+}
+
+// Whether a forward/backward runs one kernel (--kernel, or no --devices) rather than the flow graph over
+// --devices. Steps always run one kernel.
+bool runs_one_kernel(const InputFiles& in) {
+  return in.step || in.devices.empty() || (in.kernel_option && in.kernel_option->count() > 0);
+}
+
+// The options of a run, every combination checked (an option without effect is refused): --gate against a
+// kernel that fixes the gate, --no-normalize (sigmoid gate only), --devices (OpenCL kernels only), --eps and
+// --chunk-size in range (in float32, as the kernels use them).
+MlstmOptions options_of(const InputFiles& in, const KernelInfo& info) {
+  MlstmOptions o;
+  o.gate = parse_gate(in.gate, "--gate");
+  if (info.forced_gate) {
+    if (in.gate_option && in.gate_option->count() > 0 && o.gate != *info.forced_gate) {
+      throw InvalidArgument("--gate", "kernel '" + info.name + "' always uses the " +
+                                          std::string(gate_name(*info.forced_gate)) + " input gate");
+    }
+    o.gate = *info.forced_gate;
+  }
+  if (in.no_normalize && o.gate != GateVariant::sigmoid) {
+    throw InvalidArgument("--no-normalize", "only the sigmoid input gate (--gate sig) can skip the normaliser");
+  }
+  if (!in.devices.empty() && runs_one_kernel(in) && info.device_kind != "opencl") {
+    throw InvalidArgument("--devices", "kernel '" + info.name +
+                                           "' runs on the CPU; leave --kernel out to run the flow graph over '" +
+                                           in.devices + "'");
+  }
+  o.normalize = !in.no_normalize;
+  o.eps = in.eps;
+  o.chunk_size = in.chunk_size;
+  try {
+    validate_options(o);
+  } catch (const InvalidArgument& e) {
+    rethrow_as_cli(e);
+  }
+  return o;
+}
+
+std::vector<NamedPath> input_paths(const InputFiles& in) {
+  return {{"--q", in.q}, {"--k", in.k},   {"--v", in.v},   {"--i", in.i},
+          {"--f", in.f}, {"--c0", in.c0}, {"--n0", in.n0}, {"--m0", in.m0}};
+}
+
+void write_out(const std::string& option, const std::string& path, const Tensor& t) {
+  if (path.empty()) return;
+  // Refused up front when it could not be computed; an empty result here is a bug, never a skipped file.
+  if (t.empty()) throw Error(option + ": the kernel returned no such output");
+  npy::write(path, t.view());
+}
+
+}  // namespace mlstm::cli

@@ -1,0 +1,124 @@
+// Shared by the files of `mlstm`: the checks of the user's options (exit code 2, one line naming the option),
+// the .npy inputs of forward/backward/step (InputFiles, loading, error renaming) and the Engine that runs them.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <initializer_list>
+#include <map>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "mlstm/devices/opencl/device.hpp"
+#include "mlstm/mlstm.hpp"
+
+namespace CLI {
+class App;
+class Option;
+class Validator;
+}  // namespace CLI
+
+namespace mlstm::cli {
+
+using json = nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+// ---- checks of the user's options and outputs (cli.cpp) ---------------------------------------------------
+
+void require_range(std::int64_t value, std::int64_t lo, std::int64_t hi, const std::string& option);
+
+// The largest dimension of a synthetic problem (sums like 2 * dqk + dhv stay far from overflow).
+constexpr std::int64_t kMaxDim = std::int64_t{1} << 40;
+constexpr std::int64_t kMaxTokens = std::int64_t{1} << 50;  // tokens of a run: counted exactly in a double
+
+void require_fits_memory(std::initializer_list<std::int64_t> factors, const std::string& option);
+std::int64_t token_bytes(std::int64_t dqk, std::int64_t dhv, DType dtype);
+
+struct NamedPath {
+  std::string option, path;
+};
+
+void check_outputs(const std::vector<NamedPath>& inputs, const std::vector<NamedPath>& outputs);
+double peak_rss_mib();
+
+// ---- options shared by forward / backward ----------------------------------------------------------
+
+struct InputFiles {
+  std::string q, k, v, i, f, c0, n0, m0;
+  std::string dtype;  // "" or bfloat16 (uint16 arrays read as bfloat16)
+  std::string kernel = "chunkwise--cpu_xl_chunk";
+  std::int64_t chunk_size = 64;
+  std::string devices;
+  std::string gate = "exp";
+  bool no_normalize = false;
+  double eps = 1e-6;
+  bool check_finite = false;
+  CLI::Option* gate_option = nullptr;    // to tell an explicit --gate from the default
+  CLI::Option* kernel_option = nullptr;  // and an explicit --kernel
+  bool step = false;                     // the step subcommand's inputs
+};
+
+const CLI::Validator& path_check();
+void add_input_options(CLI::App* app, InputFiles& in, bool sequence);
+std::optional<DType> as_dtype(const InputFiles& in);
+Tensor read_optional(const std::string& path, const std::string& name, std::optional<DType> dt);
+ForwardInputs load_inputs(const InputFiles& in);
+
+[[noreturn]] void rethrow_as_cli(const InvalidArgument& e, const std::map<std::string, std::string>& names);
+[[noreturn]] void rethrow_as_cli(const InvalidArgument& e);
+
+KernelInfo kernel_info(const std::string& name, bool step);
+bool runs_one_kernel(const InputFiles& in);
+MlstmOptions options_of(const InputFiles& in, const KernelInfo& info);
+std::vector<NamedPath> input_paths(const InputFiles& in);
+void write_out(const std::string& option, const std::string& path, const Tensor& t);
+
+// Where a forward or backward runs: one registry kernel (on one device), or the flow graph over --devices. A
+// spec that names several devices is never cut to one: with --kernel it is refused.
+class Engine {
+ public:
+  explicit Engine(const InputFiles& in) {
+    if (!runs_one_kernel(in)) {
+      graph_ = std::make_unique<graph::FlowGraphRunner>(in.devices);
+      return;
+    }
+    if (!in.devices.empty()) {
+      const auto named = opencl::select_devices(in.devices);
+      if (named.size() != 1) {
+        throw InvalidArgument("--devices", "'" + in.devices + "' names " + std::to_string(named.size()) +
+                                               " devices and --kernel runs on one; leave --kernel out to run the "
+                                               "flow graph over all of them");
+      }
+      devices_ = {"opencl:" + std::to_string(named[0].index) + " " + named[0].name};
+    } else {
+      devices_ = {kernel_info(in.kernel, false).device_kind == "opencl" ? "opencl (default device)" : "cpu"};
+    }
+    kernel_ = get_kernel(in.kernel, KernelTarget{in.devices});
+  }
+  ForwardResult forward(const ForwardArgs& a, const MlstmOptions& o) {
+    if (!graph_) return kernel_->forward(a, o);
+    ForwardResult r = graph_->forward(a, o);
+    devices_ = graph_->last_plan().devices;
+    return r;
+  }
+  BackwardResult backward(const BackwardArgs& b, const MlstmOptions& o) {
+    if (!graph_) return kernel_->backward(b, o);
+    BackwardResult r = graph_->backward(b, o);
+    devices_ = graph_->last_plan().devices;
+    return r;
+  }
+  // The devices that took part in the last call.
+  const std::vector<std::string>& devices() const noexcept { return devices_; }
+  // "chunkwise--cpu_xl_chunk", or "flow graph over workers+all" (for messages).
+  std::string what(const InputFiles& in) const { return graph_ ? "flow graph over " + in.devices : in.kernel; }
+
+ private:
+  std::unique_ptr<SequenceKernel> kernel_;
+  std::unique_ptr<graph::FlowGraphRunner> graph_;
+  std::vector<std::string> devices_;
+};
+
+}  // namespace mlstm::cli

@@ -1,0 +1,85 @@
+// The subcommands of `mlstm`: their options (filled by main.cpp's CLI11 setup) and their entry points, which
+// return the exit code; forward.cpp, forward_stream.cpp, listings.cpp, run.cpp and bench.cpp define them.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "cli.hpp"
+
+namespace mlstm::cli {
+
+// ---- forward, backward, step (forward.cpp; forward --stream-tokens in forward_stream.cpp) -------------------
+
+struct ForwardOutputs {
+  std::string h, c, n, m;
+};
+
+// forward's streaming options (README "Streaming a file larger than memory").
+struct ForwardStreaming {
+  std::int64_t tokens = 0;        // --stream-tokens: tokens per slice; 0 = whole arrays in memory
+  bool resume = false;            // --resume: continue a killed --stream-tokens run
+  std::int64_t memory_limit = 0;  // --memory-limit: bytes; 0 = this machine's physical memory
+};
+
+// The header of every sequence input, read and checked against q before anything else is read: B, NH and S
+// must agree across the files (a file whose S differs is refused naming its option).
+struct InputHeaders {
+  Shape q, k, v, i, f;
+  DType dtype = DType::f32;
+  std::int64_t B = 0, NH = 0, S = 0, DK = 0, DV = 0;
+  std::uint64_t bytes = 0;  // data bytes of q, k, v, i, f together
+};
+
+struct BackwardFiles {
+  std::string dh, dc, dn;
+  std::string out_dq, out_dk, out_dv, out_di, out_df, out_dc0, out_dn0, out_dm0;
+};
+
+struct StepFiles {
+  std::string c, n, m, out_h, out_c, out_n, out_m;
+};
+
+int cmd_forward(const InputFiles& in, const ForwardOutputs& out, const ForwardStreaming& st, bool as_json);
+int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const ForwardStreaming& st,
+                         const MlstmOptions& o, const InputHeaders& hdr, bool as_json);
+int cmd_backward(const InputFiles& in, const BackwardFiles& bf, bool as_json);
+int cmd_step(const InputFiles& in, const StepFiles& sf, bool as_json);
+
+// ---- kernels, devices (listings.cpp) ---------------------------------------------------------------------
+
+int cmd_kernels(bool as_json);
+int cmd_devices(bool as_json);
+
+// ---- run (run.cpp) ---------------------------------------------------------------------------------------
+
+struct RunOptions {
+  std::int64_t batch = 1, heads = 4, seq_len = 1 << 20, dqk = 128, dhv = 128, chunk_size = 128, piece = 16384;
+  std::string dtype = "bfloat16", devices = "auto", mode = "auto";
+  bool backward = false, progress = false;
+  std::int64_t check_tokens = 2048;
+  CLI::Option* piece_option = nullptr;  // to tell an explicit --piece from the default
+};
+
+int cmd_run(const RunOptions& ro, bool as_json);
+ForwardInputs synthetic_piece(std::int64_t B, std::int64_t NH, std::int64_t len, std::int64_t DK, std::int64_t DV,
+                              DType dtype, std::uint64_t seed);
+
+// ---- bench (bench.cpp) -----------------------------------------------------------------------------------
+
+struct BenchOptions {
+  std::int64_t tokens = 16384, heads = 4, dqk = 128, dhv = 128, repeats = 3;
+  std::vector<std::int64_t> seq_lens{512, 1024, 2048, 4096, 8192, 16384};
+  std::vector<std::int64_t> chunk_sizes{64, 128};
+  std::vector<std::string> kernels{"chunkwise--cpu_xl_chunk", "chunkwise--cpu_limit_chunk"};
+  std::vector<std::int64_t> head_dims;     // optional sweep: DHQK = DHHV = each value
+  std::vector<std::string> graph_devices;  // optional sweep: the flow graph on each device spec
+  std::int64_t weak_seq_len = 0;           // tokens per device for weak scaling (0: the largest --seq-lens)
+  std::string dtype = "float32", csv = "bench.csv", json_out = "bench.json";
+  bool backward = false;
+};
+
+int cmd_bench(const BenchOptions& bo, bool as_json);
+
+}  // namespace mlstm::cli

@@ -1,0 +1,298 @@
+// forward --stream-tokens: .npy files of any size in sequence slices (a read/compute/write pipeline), h written
+// incrementally, a progress record after every slice for --resume.
+#include <sys/stat.h>
+#include <tbb/parallel_pipeline.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <csignal>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+
+#include "commands.hpp"
+#include "mlstm/core/atomic_file.hpp"
+#include "mlstm/core/env.hpp"
+#include "mlstm/core/npy.hpp"
+
+namespace mlstm::cli {
+
+namespace {
+
+namespace fs = std::filesystem;
+
+// The hidden files of a streamed h output next to it: ".<name>.progress" (the record).
+std::string progress_path_of(const std::string& out) {
+  const fs::path p(out);
+  // native() (the same text as string()): "." + a temporary string draws a false -Wrestrict from GCC 12 at -O3.
+  return (p.parent_path() / ("." + p.filename().native() + ".progress")).string();
+}
+
+// What a resumed run must share with the run that wrote the record, so that the final h is bit for bit the
+// one an uninterrupted run writes: the slice size, every option that changes results, where it runs, and the
+// input files (path, size, modification time, shape).
+json stream_identity(const InputFiles& in, const ForwardStreaming& st, const MlstmOptions& o) {
+  json files = json::array();
+  for (const auto& [option, path] : input_paths(in)) {
+    if (path.empty()) continue;
+    struct stat s {};
+    if (::stat(path.c_str(), &s) != 0) throw InvalidArgument(option, "cannot open '" + path + "'");
+    std::error_code ec;
+    files.push_back({{"option", option},
+                     {"path", fs::absolute(path, ec).string()},
+                     {"size", static_cast<std::uint64_t>(s.st_size)},
+                     {"mtime_ns", static_cast<std::int64_t>(s.st_mtim.tv_sec) * 1000000000 + s.st_mtim.tv_nsec}});
+  }
+  const float eps = static_cast<float>(o.eps);
+  std::uint32_t eps_bits;
+  std::memcpy(&eps_bits, &eps, sizeof eps_bits);
+  return {{"--stream-tokens", st.tokens},
+          {"--chunk-size", o.chunk_size},
+          {"--gate", std::string(gate_name(o.gate))},
+          {"--no-normalize", !o.normalize},
+          {"--eps", eps_bits},
+          {"--kernel", runs_one_kernel(in) ? in.kernel : std::string("flow-graph")},
+          {"--devices", in.devices},
+          {"--dtype", in.dtype},
+          {"inputs", files}};
+}
+
+constexpr char kRecordMagic[8] = {'M', 'L', 'S', 'T', 'M', 'F', 'W', 'P'};
+
+// The progress record: magic, JSON length (u64), the JSON (identity + tokens done), the StreamSession
+// snapshot after those tokens, FNV-1a 64 of everything before it. Written atomically (write_file_atomically)
+// only after the h of those tokens is written and synced: it never claims more than the partial file holds.
+void write_progress(const std::string& path, const json& identity, std::int64_t tokens_done,
+                    const std::string& snapshot) {
+  json doc = identity;
+  doc["tokens_done"] = tokens_done;
+  const std::string text = doc.dump();
+  std::string bytes(kRecordMagic, sizeof kRecordMagic);
+  const std::uint64_t len = text.size();
+  bytes.append(reinterpret_cast<const char*>(&len), sizeof len);
+  bytes += text;
+  bytes += snapshot;
+  const std::uint64_t sum = StreamSession::checksum(bytes);
+  bytes.append(reinterpret_cast<const char*>(&sum), sizeof sum);
+  write_file_atomically(path, bytes);
+}
+
+// Reads the record of `out` for --resume and checks it against this run (each difference refused naming its
+// option); returns the session restored from it.
+StreamSession read_progress(const std::string& path, const json& identity, const StreamConfig& cfg) {
+  std::ifstream file(path, std::ios::binary);
+  if (!file) {
+    throw InvalidArgument("--resume", "no progress record '" + path +
+                                          "' (nothing to resume: the run finished, never started, or wrote a "
+                                          "different --out); run without --resume");
+  }
+  std::ostringstream ss;
+  ss << file.rdbuf();
+  const std::string bytes = ss.str();
+  auto refuse = [&](const std::string& why) {
+    return InvalidArgument("--resume", "progress record '" + path + "' refused: " + why + "; run without --resume");
+  };
+  std::uint64_t len = 0, sum = 0;
+  if (bytes.size() < sizeof kRecordMagic + 16 || std::memcmp(bytes.data(), kRecordMagic, sizeof kRecordMagic) != 0) {
+    throw refuse("not a progress record");
+  }
+  std::memcpy(&sum, bytes.data() + bytes.size() - 8, 8);
+  if (sum != StreamSession::checksum(bytes.substr(0, bytes.size() - 8))) throw refuse("checksum mismatch");
+  std::memcpy(&len, bytes.data() + sizeof kRecordMagic, 8);
+  const std::size_t at = sizeof kRecordMagic + 8;
+  if (len > bytes.size() - at - 8) throw refuse("truncated");
+  json doc = json::parse(bytes.substr(at, len), nullptr, false);
+  if (doc.is_discarded() || !doc.is_object()) throw refuse("unreadable");
+  for (const auto& [key, value] : identity.items()) {
+    if (key == "inputs") continue;
+    if (!doc.contains(key) || doc[key] != value) {
+      throw InvalidArgument(key, "differs from the run that wrote the progress record '" + path + "' (" +
+                                     (doc.contains(key) ? doc[key].dump() : "absent") + " there, " + value.dump() +
+                                     " here); resume with the same options, or run without --resume");
+    }
+  }
+  const json& have = doc["inputs"];
+  for (const auto& want : identity["inputs"]) {
+    const auto it =
+        std::find_if(have.begin(), have.end(), [&](const json& h) { return h["option"] == want["option"]; });
+    if (it == have.end() || *it != want) {
+      throw InvalidArgument(want["option"].get<std::string>(),
+                            "'" + want["path"].get<std::string>() + "' is not the file the progress record '" + path +
+                                "' was made from (path, size or modification time differ); run without --resume");
+    }
+  }
+  if (have.size() != identity["inputs"].size()) {
+    throw InvalidArgument(
+        "--resume", "the progress record '" + path + "' was made with other inputs (an initial state given or not)");
+  }
+  StreamSession session = StreamSession::restore_bytes(bytes.substr(at + len, bytes.size() - at - len - 8), cfg, path);
+  if (!doc.contains("tokens_done") || doc["tokens_done"] != session.tokens()) throw refuse("token counts disagree");
+  return session;
+}
+
+// Tokens [s0, s1) of every input: read by the pipeline's first stage while the slice before is computed.
+struct StreamSlice {
+  std::int64_t s0 = 0, s1 = 0;
+  ForwardInputs in;
+  Tensor h;
+  std::string snapshot;  // the session's state after this slice
+};
+
+}  // namespace
+
+int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const ForwardStreaming& st,
+                         const MlstmOptions& o, const InputHeaders& hdr, bool as_json) {
+  const auto dt = as_dtype(in);
+  // Up-front validation with the library's own checks on a one-token slice plus the initial state, before
+  // any output file exists (dtypes, head dimensions, state shapes; --check-finite on the state).
+  ForwardInputs first;
+  {
+    npy::SeqSliceReader q(in.q, "--q", dt), k(in.k, "--k", dt), v(in.v, "--v", dt), i(in.i, "--i"), f(in.f, "--f");
+    const std::int64_t t1 = std::min<std::int64_t>(1, hdr.S);
+    first.q = q.read(0, t1);
+    first.k = k.read(0, t1);
+    first.v = v.read(0, t1);
+    first.i = i.read(0, t1);
+    first.f = f.read(0, t1);
+  }
+  first.c0 = read_optional(in.c0, "--c0", std::nullopt);
+  first.n0 = read_optional(in.n0, "--n0", std::nullopt);
+  first.m0 = read_optional(in.m0, "--m0", std::nullopt);
+  StreamConfig cfg;
+  cfg.B = hdr.B;
+  cfg.NH = hdr.NH;
+  cfg.DHQK = hdr.DK;
+  cfg.DHHV = hdr.DV;
+  cfg.options = o;
+  if (runs_one_kernel(in)) {
+    if (!in.devices.empty() && opencl::select_devices(in.devices).size() != 1) {
+      throw InvalidArgument("--devices", "'" + in.devices +
+                                             "' names several devices and --kernel runs on one; leave --kernel out "
+                                             "to run the flow graph over all of them");
+    }
+    cfg.kernel = in.kernel;
+    cfg.target = KernelTarget{in.devices};
+  } else {
+    cfg.devices = in.devices;
+  }
+  const json identity = stream_identity(in, st, o);
+  const std::string record = progress_path_of(out.h);
+  std::unique_ptr<StreamSession> session;
+  try {
+    validate_forward(first.args(), o);
+    if (in.check_finite) {
+      check_finite(first.c0.view(), "c0");
+      check_finite(first.n0.view(), "n0");
+      check_finite(first.m0.view(), "m0");
+    }
+    if (st.resume) {
+      remove_stale_temporaries(record);
+      session = std::make_unique<StreamSession>(read_progress(record, identity, cfg));
+    } else if (first.c0.empty()) {
+      session = std::make_unique<StreamSession>(cfg);
+    } else {
+      State s0{first.c0, first.n0.empty() ? Tensor::zeros({hdr.B, hdr.NH, hdr.DK}, DType::f32) : first.n0,
+               first.m0.empty() ? Tensor::zeros({hdr.B, hdr.NH}, DType::f32) : first.m0};
+      session = std::make_unique<StreamSession>(cfg, std::move(s0));
+    }
+  } catch (const InvalidArgument& e) {
+    rethrow_as_cli(e);
+  }
+  first = ForwardInputs();
+  // A fresh run forgets an earlier run's record first (a record must never describe another partial file).
+  if (!st.resume) {
+    remove_stale_temporaries(record);
+    if (::unlink(record.c_str()) != 0 && errno != ENOENT) {
+      throw Error("cannot remove the stale progress record '" + record + "': " + std::strerror(errno));
+    }
+  }
+  const std::int64_t resumed_from = session->tokens();
+  npy::SeqSliceWriter writer(out.h, {hdr.B, hdr.NH, hdr.S, hdr.DV}, hdr.dtype, st.resume);
+  npy::SeqSliceReader rq(in.q, "--q", dt), rk(in.k, "--k", dt), rv(in.v, "--v", dt), ri(in.i, "--i"), rf(in.f, "--f");
+  std::int64_t kill_after = -1;  // test hook (env.hpp): SIGKILL to itself after this many slices
+  if (const auto k = env::get("MLSTM_TEST_KILL_AFTER_SLICES")) kill_after = std::stoll(*k);
+  std::int64_t next = resumed_from, slices = 0;
+  std::vector<std::string> devices;
+  const auto t0 = Clock::now();
+  try {
+    // Three serial stages, at most three slices in flight (memory flat): read slice k+2 (pread), compute
+    // slice k+1 (the session carries the state; with --devices it runs the flow graph), write slice k's h
+    // at its strided positions, sync it, then record the progress.
+    tbb::parallel_pipeline(3, tbb::make_filter<void, std::shared_ptr<StreamSlice>>(
+                                  tbb::filter_mode::serial_in_order,
+                                  [&](tbb::flow_control& fc) -> std::shared_ptr<StreamSlice> {
+                                    if (next >= hdr.S) {
+                                      fc.stop();
+                                      return nullptr;
+                                    }
+                                    auto s = std::make_shared<StreamSlice>();
+                                    s->s0 = next;
+                                    s->s1 = std::min(hdr.S, next + st.tokens);
+                                    next = s->s1;
+                                    s->in.q = rq.read(s->s0, s->s1);
+                                    s->in.k = rk.read(s->s0, s->s1);
+                                    s->in.v = rv.read(s->s0, s->s1);
+                                    s->in.i = ri.read(s->s0, s->s1);
+                                    s->in.f = rf.read(s->s0, s->s1);
+                                    return s;
+                                  }) &
+                                  tbb::make_filter<std::shared_ptr<StreamSlice>, std::shared_ptr<StreamSlice>>(
+                                      tbb::filter_mode::serial_in_order,
+                                      [&](std::shared_ptr<StreamSlice> s) {
+                                        const ForwardArgs a = s->in.args();
+                                        if (in.check_finite) check_finite(a);
+                                        s->h = session->push(a);
+                                        s->snapshot = session->snapshot_bytes();
+                                        s->in = ForwardInputs();  // the inputs go as soon as they are used
+                                        return s;
+                                      }) &
+                                  tbb::make_filter<std::shared_ptr<StreamSlice>, void>(
+                                      tbb::filter_mode::serial_in_order, [&](std::shared_ptr<StreamSlice> s) {
+                                        writer.write(s->s0, s->h.view());
+                                        writer.sync();
+                                        write_progress(record, identity, s->s1, s->snapshot);
+                                        ++slices;
+                                        if (kill_after >= 0 && slices >= kill_after && s->s1 < hdr.S) ::raise(SIGKILL);
+                                      }));
+    if (session->runner()) devices = session->runner()->last_plan().devices;
+  } catch (const InvalidArgument& e) {
+    rethrow_as_cli(e);
+  }
+  const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+  // The last states, then h (its final name appears only complete), then the record goes.
+  const State& last = session->state();
+  write_out("--out-c", out.c, last.C);
+  write_out("--out-n", out.n, last.n);
+  write_out("--out-m", out.m, last.m);
+  writer.commit();
+  ::unlink(record.c_str());
+  if (devices.empty()) devices = {runs_one_kernel(in) ? in.kernel : in.devices};
+  const Shape shape_h{hdr.B, hdr.NH, hdr.S, hdr.DV};
+  if (as_json) {
+    std::cout << json{{"command", "forward"},
+                      {"kernel", runs_one_kernel(in) ? in.kernel : "flow-graph"},
+                      {"devices", devices},
+                      {"shape_h", shape_h},
+                      {"dtype", dtype_name(hdr.dtype)},
+                      {"seconds", secs},
+                      {"stream_tokens", st.tokens},
+                      {"slices", slices},
+                      {"resumed_from", resumed_from},
+                      {"input_mib", static_cast<double>(hdr.bytes) / static_cast<double>(1 << 20)},
+                      {"peak_rss_mib", peak_rss_mib()}}
+                     .dump()
+              << "\n";
+  } else {
+    std::cout << "forward: " << (runs_one_kernel(in) ? in.kernel : "flow graph over " + in.devices) << ", h "
+              << shape_to_string(shape_h) << " " << dtype_name(hdr.dtype) << " -> " << out.h << " in " << slices
+              << " slices of " << st.tokens << " tokens"
+              << (resumed_from > 0 ? " (resumed at token " + std::to_string(resumed_from) + ")" : std::string()) << " ("
+              << secs * 1e3 << " ms)\n";
+  }
+  return 0;
+}
+
+}  // namespace mlstm::cli

@@ -1,0 +1,390 @@
+// run: a long synthetic sequence streamed through the flow graph (stream, resident) or one tensor-core GPU
+// (pipeline), spot-checked against the float64 reference; also the synthetic inputs bench uses.
+#include <tbb/blocked_range.h>
+#include <tbb/parallel_for.h>
+#include <unistd.h>
+
+#include <CLI/Option.hpp>
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <iostream>
+#include <limits>
+
+#include "commands.hpp"
+#include "mlstm/devices/opencl/stream.hpp"
+#include "mlstm/devices/opencl/tc_routine.hpp"
+#include "mlstm/nodes/device_stream_node.hpp"
+#include "mlstm/reference.hpp"
+
+namespace mlstm::cli {
+
+namespace {
+
+// Progress on stderr: tokens/s and ETA. Shown when stderr is a terminal or --progress is given.
+class Progress {
+ public:
+  Progress(std::int64_t total, bool enabled) : total_(total), enabled_(enabled), start_(Clock::now()) {}
+  void update(std::int64_t done) {
+    if (!enabled_) return;
+    const double secs = std::chrono::duration<double>(Clock::now() - start_).count();
+    const double rate = secs > 0 ? static_cast<double>(done) / secs : 0.0;
+    const double eta = rate > 0 ? static_cast<double>(total_ - done) / rate : 0.0;
+    const int width = 30;
+    const int filled =
+        static_cast<int>(width * static_cast<double>(done) / static_cast<double>(std::max<std::int64_t>(total_, 1)));
+    std::fprintf(stderr, "\r[%s%s] %5.1f%%  %.0f tokens/s  ETA %.1fs   ",
+                 std::string(static_cast<std::size_t>(filled), '#').c_str(),
+                 std::string(static_cast<std::size_t>(width - filled), '.').c_str(),
+                 100.0 * static_cast<double>(done) / static_cast<double>(std::max<std::int64_t>(total_, 1)), rate, eta);
+    if (done >= total_) std::fprintf(stderr, "\n");
+    std::fflush(stderr);
+  }
+
+ private:
+  std::int64_t total_;
+  bool enabled_;
+  Clock::time_point start_;
+};
+
+// Synthetic inputs of one piece of a long sequence, deterministic in (seed, element): a counter-based
+// generator (splitmix64 + Box-Muller), filled in parallel.
+Tensor synthetic_normal(Shape shape, float mean, DType dtype, std::uint64_t seed) {
+  const std::int64_t count = shape_numel(shape);
+  std::vector<float> x(static_cast<std::size_t>(count));
+  auto mix = [](std::uint64_t z) {
+    z += 0x9e3779b97f4a7c15ull;
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+  };
+  tbb::parallel_for(tbb::blocked_range<std::int64_t>(0, (count + 1) / 2),
+                    [&](const tbb::blocked_range<std::int64_t>& r) {
+                      for (std::int64_t p = r.begin(); p < r.end(); ++p) {
+                        const std::uint64_t z = mix(seed * 0x100000001b3ull + static_cast<std::uint64_t>(p));
+                        const float u1 = (static_cast<float>(z >> 40) + 1.0f) * (1.0f / 16777217.0f);
+                        const float u2 = static_cast<float>((z >> 16) & 0xffffff) * (1.0f / 16777216.0f);
+                        const float rad = std::sqrt(-2.0f * std::log(u1));
+                        x[static_cast<std::size_t>(2 * p)] = mean + rad * std::cos(6.2831853f * u2);
+                        if (2 * p + 1 < count)
+                          x[static_cast<std::size_t>(2 * p + 1)] = mean + rad * std::sin(6.2831853f * u2);
+                      }
+                    });
+  return Tensor::from(x, std::move(shape), dtype);
+}
+
+}  // namespace
+
+ForwardInputs synthetic_piece(std::int64_t B, std::int64_t NH, std::int64_t len, std::int64_t DK, std::int64_t DV,
+                              DType dtype, std::uint64_t seed) {
+  ForwardInputs l;
+  l.q = synthetic_normal({B, NH, len, DK}, 0, dtype, seed * 5 + 0);
+  l.k = synthetic_normal({B, NH, len, DK}, 0, dtype, seed * 5 + 1);
+  l.v = synthetic_normal({B, NH, len, DV}, 0, dtype, seed * 5 + 2);
+  l.i = synthetic_normal({B, NH, len}, 0, DType::f32, seed * 5 + 3);
+  l.f = synthetic_normal({B, NH, len}, 3, DType::f32, seed * 5 + 4);
+  return l;
+}
+
+namespace {
+
+// Max relative error of h over the first `check_tokens` tokens of a piece of `len` tokens, against the
+// float64 reference (recurrent form) from the zero state.
+double spot_check(const ForwardInputs& l, const RunOptions& ro, std::int64_t len, const Tensor& h,
+                  const MlstmOptions& o) {
+  double max_rel = 0.0;
+  const ForwardResult r{h, {}, {}, {}};
+  const std::int64_t ct = std::min(ro.check_tokens, len);
+  const ForwardInputs& s = l;
+  ForwardArgs sa = s.args();
+  Tensor q = Tensor::copy_of(ConstTensorView(s.q.bytes(), s.q.dtype(), {ro.batch, ro.heads, ct, ro.dqk},
+                                             {ro.heads * len * ro.dqk, len * ro.dqk, ro.dqk, 1}));
+  Tensor k = Tensor::copy_of(ConstTensorView(s.k.bytes(), s.k.dtype(), {ro.batch, ro.heads, ct, ro.dqk},
+                                             {ro.heads * len * ro.dqk, len * ro.dqk, ro.dqk, 1}));
+  Tensor v = Tensor::copy_of(ConstTensorView(s.v.bytes(), s.v.dtype(), {ro.batch, ro.heads, ct, ro.dhv},
+                                             {ro.heads * len * ro.dhv, len * ro.dhv, ro.dhv, 1}));
+  Tensor i =
+      Tensor::copy_of(ConstTensorView(s.i.bytes(), DType::f32, {ro.batch, ro.heads, ct}, {ro.heads * len, len, 1}));
+  Tensor f =
+      Tensor::copy_of(ConstTensorView(s.f.bytes(), DType::f32, {ro.batch, ro.heads, ct}, {ro.heads * len, len, 1}));
+  sa.q = q.view();
+  sa.k = k.view();
+  sa.v = v.view();
+  sa.i = i.view();
+  sa.f = f.view();
+  const ForwardResult ref = reference::recurrent_forward(sa, o);
+  const Tensor got = Tensor::copy_of(ConstTensorView(r.h.bytes(), r.h.dtype(), {ro.batch, ro.heads, ct, ro.dhv},
+                                                     {ro.heads * len * ro.dhv, len * ro.dhv, ro.dhv, 1}),
+                                     DType::f64);
+  double max_abs = 0, max_ref = 0;
+  const auto gv = got.to_vector(), rv = ref.h.to_vector();
+  for (std::size_t e = 0; e < gv.size(); ++e) {
+    max_abs = std::max(max_abs, std::fabs(gv[e] - rv[e]));
+    max_ref = std::max(max_ref, std::fabs(rv[e]));
+  }
+  max_rel = max_abs / std::max(max_ref, 1e-30);
+  return max_rel;
+}
+
+// The first GPU whose tensor-core path takes this problem (pipeline mode), or null.
+std::shared_ptr<opencl::Device> pipeline_device(const RunOptions& ro, DType dtype, const MlstmOptions& o) {
+  ProblemShape p;
+  p.B = ro.batch;
+  p.NH = ro.heads;
+  p.S = ro.piece;
+  p.DHQK = ro.dqk;
+  p.DHHV = ro.dhv;
+  p.dtype = dtype;
+  const std::string spec = ro.devices == "auto" ? "gpu" : ro.devices;
+  std::vector<opencl::DeviceInfo> candidates;
+  try {
+    candidates = opencl::select_devices(spec);
+  } catch (const InvalidArgument&) {
+    return nullptr;  // no GPU
+  }
+  for (const auto& d : candidates) {
+    if (d.type == opencl::DeviceType::gpu && opencl::tensor_core_support(d).available &&
+        opencl::tensor_core_fit(p, o).empty())
+      return opencl::open_device(d);
+  }
+  return nullptr;
+}
+
+// Pipeline mode: the sequence streamed piece by piece through one GPU in a flow graph (DeviceStreamNode,
+// an async_node): uploads, kernels and downloads of consecutive pieces overlap; the state stays on the GPU.
+int run_pipeline(const RunOptions& ro, DType dtype, const MlstmOptions& o, std::shared_ptr<opencl::Device> gpu,
+                 bool as_json) {
+  const std::int64_t piece = std::min(ro.piece, ro.seq_len);
+  opencl::DeviceStream::Config cfg;
+  cfg.B = ro.batch;
+  cfg.NH = ro.heads;
+  cfg.DHQK = ro.dqk;
+  cfg.DHHV = ro.dhv;
+  cfg.max_piece = piece;
+  cfg.dtype = dtype;
+  cfg.options = o;
+  if (!as_json) {
+    std::cout << "problem: B=" << ro.batch << " NH=" << ro.heads << " S=" << ro.seq_len << " DHQK=" << ro.dqk
+              << " DHHV=" << ro.dhv << " " << dtype_name(dtype) << ", chunk " << ro.chunk_size
+              << ", mode pipeline: pieces of " << piece << " tokens through " << gpu->name()
+              << " (tensor cores; uploads, kernels and downloads overlapped; state on the device)\n";
+  }
+  constexpr int kDistinctPieces = 4;
+  std::vector<ForwardInputs> pieces;
+  for (int p = 0; p < kDistinctPieces; ++p)
+    pieces.push_back(
+        synthetic_piece(ro.batch, ro.heads, piece, ro.dqk, ro.dhv, dtype, 1234567 + static_cast<std::uint64_t>(p)));
+  const std::int64_t tail = ro.seq_len % piece;
+  ForwardInputs last =
+      tail ? synthetic_piece(ro.batch, ro.heads, tail, ro.dqk, ro.dhv, dtype, 7654321) : ForwardInputs{};
+  Progress progress(ro.seq_len, ro.progress || isatty(2));
+  double max_rel = 0.0;
+  std::int64_t done = 0;
+  Tensor first_h;
+  const auto start = Clock::now();
+  tbb::flow::graph g;
+  std::exception_ptr failed;
+  {
+    nodes::DeviceStreamNode stream(g, gpu, cfg);
+    tbb::flow::function_node<nodes::StreamOutput> sink(g, tbb::flow::serial, [&](const nodes::StreamOutput& out) {
+      if (out.index == 0 && ro.check_tokens > 0) first_h = out.h;  // checked after the timed stream
+      done += out.h.dim(2);
+      progress.update(done);
+      return tbb::flow::continue_msg{};
+    });
+    tbb::flow::make_edge(stream.node(), sink);
+    std::uint64_t index = 0;
+    for (std::int64_t t0 = 0; t0 < ro.seq_len; t0 += piece, ++index) {
+      const bool partial = ro.seq_len - t0 < piece;
+      const ForwardInputs& l = partial ? last : pieces[index % kDistinctPieces];
+      stream.node().try_put(nodes::StreamPiece{index, l.args(), nullptr});
+    }
+    g.wait_for_all();
+    failed = stream.error();
+  }
+  if (failed) std::rethrow_exception(failed);
+  const double secs = std::chrono::duration<double>(Clock::now() - start).count();
+  if (!first_h.empty()) max_rel = spot_check(pieces[0], ro, first_h.dim(2), first_h, o);
+  const double tokens = static_cast<double>(ro.batch * ro.seq_len);
+  const bool check_ok = max_rel < 2e-2;
+  if (as_json) {
+    std::cout << json{{"command", "run"},
+                      {"mode", "pipeline"},
+                      {"tokens", tokens},
+                      {"seconds", secs},
+                      {"tokens_per_second", tokens / secs},
+                      {"peak_rss_mib", peak_rss_mib()},
+                      {"spot_check_rel_error", max_rel},
+                      {"spot_check_ok", check_ok},
+                      {"devices", gpu->name()},
+                      {"revision", MLSTM_GIT_REVISION}}
+                     .dump()
+              << "\n";
+  } else {
+    std::printf("throughput: %.0f tokens/s (%.0f tokens in %.2f s)\n", tokens / secs, tokens, secs);
+    std::printf("peak memory: %.1f MiB\n", peak_rss_mib());
+    std::printf("spot check vs float64 reference (first %lld tokens): max rel error %.3g  %s\n",
+                static_cast<long long>(std::min(ro.check_tokens, ro.seq_len)), max_rel, check_ok ? "OK" : "FAILED");
+  }
+  return check_ok ? 0 : 1;
+}
+
+}  // namespace
+
+int cmd_run(const RunOptions& ro, bool as_json) {
+  // Every size in range before anything is allocated; the inputs of a piece (and, resident, of the whole
+  // sequence) must fit in memory.
+  require_range(ro.batch, 1, kMaxDim, "--batch");
+  require_range(ro.heads, 1, kMaxDim, "--heads");
+  require_range(ro.seq_len, 1, kMaxTokens, "--seq-len");
+  if (std::int64_t tokens = 0; __builtin_mul_overflow(ro.batch, ro.seq_len, &tokens) || tokens > kMaxTokens) {
+    throw InvalidArgument("--seq-len", "--batch x --seq-len must be at most 2^50 tokens");
+  }
+  require_range(ro.dqk, 1, kMaxDim, "--dqk");
+  require_range(ro.dhv, 1, kMaxDim, "--dhv");
+  require_range(ro.chunk_size, 1, kMaxChunkSize, "--chunk-size");
+  require_range(ro.piece, 1, kMaxDim, "--piece");
+  require_range(ro.check_tokens, 0, std::numeric_limits<std::int64_t>::max(), "--check-tokens");
+  const bool resident_mode = ro.mode == "resident";
+  if (resident_mode && ro.piece_option && ro.piece_option->count() > 0) {
+    throw InvalidArgument("--piece", "has no effect with --mode resident (the whole sequence is one piece)");
+  }
+  if (ro.mode == "pipeline" && ro.backward) {
+    throw InvalidArgument("--backward", "--mode pipeline runs the forward only; use --mode stream or resident");
+  }
+  const DType dtype = parse_dtype(ro.dtype, "--dtype");
+  {
+    const std::int64_t len = resident_mode ? ro.seq_len : std::min(ro.piece, ro.seq_len);
+    const std::int64_t copies = resident_mode ? 1 : 4;  // the tiled sequence, or the distinct pieces
+    const std::string what = std::string("--batch/--heads/") +
+                             (ro.piece < ro.seq_len && !resident_mode ? "--piece" : "--seq-len") + "/--dqk/--dhv";
+    require_fits_memory({ro.batch, ro.heads, len, token_bytes(ro.dqk, ro.dhv, dtype), copies}, what);
+    require_fits_memory({ro.batch, ro.heads, ro.dqk, ro.dhv, 4}, "--batch/--heads/--dqk/--dhv");
+  }
+  MlstmOptions o;
+  o.chunk_size = ro.chunk_size;
+  validate_options(o);
+  // Every usable device: the CPU workers, plus the OpenCL GPUs when there are any.
+  std::string spec = ro.devices;
+  if (spec == "auto") {
+    bool gpu = false;
+    for (const auto& d : opencl::list_devices()) gpu = gpu || d.type == opencl::DeviceType::gpu;
+    spec = gpu ? "workers+gpu:all" : "workers";
+  }
+  if (ro.mode == "pipeline" || (ro.mode == "auto" && !ro.backward && ro.devices == "auto")) {
+    if (auto gpu = pipeline_device(ro, dtype, o); gpu) return run_pipeline(ro, dtype, o, gpu, as_json);
+    if (ro.mode == "pipeline")
+      throw InvalidArgument("--mode",
+                            "pipeline needs an OpenCL GPU with tensor cores and a problem they take "
+                            "(bfloat16/float16, head dims multiples of 16, chunk 64 or 128)");
+  }
+  // The stream: pieces through the flow graph on `spec`, the state carried between them by the session.
+  StreamConfig cfg;
+  cfg.B = ro.batch;
+  cfg.NH = ro.heads;
+  cfg.DHQK = ro.dqk;
+  cfg.DHHV = ro.dhv;
+  cfg.options = o;
+  cfg.devices = spec;
+  cfg.balancing = graph::Balancing::calibrated;  // shares by measured device speed
+  StreamSession session(cfg);
+  if (!as_json) {
+    ProblemShape shape;
+    shape.B = ro.batch;
+    shape.NH = ro.heads;
+    shape.S = ro.mode == "resident" ? ro.seq_len : std::min(ro.piece, ro.seq_len);
+    shape.DHQK = ro.dqk;
+    shape.DHHV = ro.dhv;
+    std::cout << "problem: B=" << ro.batch << " NH=" << ro.heads << " S=" << ro.seq_len << " DHQK=" << ro.dqk
+              << " DHHV=" << ro.dhv << " " << dtype_name(dtype) << ", chunk " << ro.chunk_size << ", mode "
+              << (ro.mode == "auto" ? "stream" : ro.mode)
+              << (ro.mode == "resident"
+                      ? std::string(", resident: the whole sequence in one graph run")
+                      : ", streamed in pieces of " + std::to_string(ro.piece) + " tokens carrying (C,n,m)")
+              << (ro.backward ? ", forward+backward per piece (the backward sequence parallel through the graph too)"
+                              : "")
+              << "\n"
+              << (ro.mode == "resident" ? "" : "per piece, ") << session.runner()->plan(shape, o).describe() << "\n";
+  }
+  Progress progress(ro.seq_len, ro.progress || isatty(2));
+  double max_rel = 0.0;
+  double compute_secs = 0.0;
+  const auto start = Clock::now();
+  // A few random pieces generated up front and cycled (generating 1M tokens of fresh normals would cost
+  // more than the mLSTM itself); the carried state makes every piece's output different.
+  constexpr int kDistinctPieces = 4;
+  std::vector<ForwardInputs> pieces;
+  for (int p = 0; p < kDistinctPieces; ++p) {
+    pieces.push_back(synthetic_piece(ro.batch, ro.heads, std::min(ro.piece, ro.seq_len), ro.dqk, ro.dhv, dtype,
+                                     1234567 + static_cast<std::uint64_t>(p)));
+  }
+  // resident: the whole sequence in memory (the same pieces, tiled), one pass through the graph.
+  const bool resident = ro.mode == "resident";
+  ForwardInputs full;
+  if (resident) {
+    auto tile = [&](Tensor ForwardInputs::*member, std::int64_t inner) {
+      const Tensor& first = pieces[0].*member;
+      Shape shape = first.shape();
+      shape[2] = ro.seq_len;
+      Tensor out(shape, first.dtype());
+      const std::int64_t P = first.dim(2);
+      const std::size_t es = dtype_size(first.dtype());
+      for (std::int64_t r = 0; r < ro.batch * ro.heads; ++r) {
+        for (std::int64_t t0 = 0; t0 < ro.seq_len; t0 += P) {
+          const Tensor& src = pieces[static_cast<std::size_t>((t0 / P) % kDistinctPieces)].*member;
+          const std::int64_t len = std::min(P, ro.seq_len - t0);
+          std::memcpy(out.bytes() + static_cast<std::size_t>((r * ro.seq_len + t0) * inner) * es,
+                      src.bytes() + static_cast<std::size_t>(r * P * inner) * es,
+                      static_cast<std::size_t>(len * inner) * es);
+        }
+      }
+      return out;
+    };
+    full.q = tile(&ForwardInputs::q, ro.dqk);
+    full.k = tile(&ForwardInputs::k, ro.dqk);
+    full.v = tile(&ForwardInputs::v, ro.dhv);
+    full.i = tile(&ForwardInputs::i, 1);
+    full.f = tile(&ForwardInputs::f, 1);
+  }
+  const std::int64_t step = resident ? ro.seq_len : ro.piece;
+  std::int64_t piece_index = 0;
+  for (std::int64_t t0 = 0; t0 < ro.seq_len; t0 += step, ++piece_index) {
+    const std::int64_t len = std::min(step, ro.seq_len - t0);
+    ForwardInputs l = resident ? full : pieces[static_cast<std::size_t>(piece_index % kDistinctPieces)];
+    if (len < l.q.dim(2)) l = synthetic_piece(ro.batch, ro.heads, len, ro.dqk, ro.dhv, dtype, 7654321);
+    const ForwardArgs a = l.args();
+    const auto c0 = Clock::now();
+    const Tensor h = session.push(a);
+    if (ro.backward) (void)session.backward_of_last_piece(a, h.view());  // dh = h
+    compute_secs += std::chrono::duration<double>(Clock::now() - c0).count();
+    if (t0 == 0 && ro.check_tokens > 0) max_rel = spot_check(l, ro, len, h, o);
+    progress.update(t0 + len);
+  }
+  const double secs = std::chrono::duration<double>(Clock::now() - start).count();
+  const double tokens = static_cast<double>(ro.batch * ro.seq_len);
+  const bool check_ok = max_rel < (dtype == DType::f32 ? 1e-4 : 2e-2);
+  if (as_json) {
+    std::cout << json{{"command", "run"},
+                      {"tokens", tokens},
+                      {"seconds", secs},
+                      {"compute_seconds", compute_secs},
+                      {"tokens_per_second", tokens / secs},
+                      {"peak_rss_mib", peak_rss_mib()},
+                      {"spot_check_rel_error", max_rel},
+                      {"spot_check_ok", check_ok},
+                      {"devices", spec},
+                      {"revision", MLSTM_GIT_REVISION}}
+                     .dump()
+              << "\n";
+  } else {
+    std::printf("throughput: %.0f tokens/s (%.0f tokens in %.2f s; kernels %.2f s)\n", tokens / secs, tokens, secs,
+                compute_secs);
+    std::printf("peak memory: %.1f MiB\n", peak_rss_mib());
+    std::printf("spot check vs float64 reference (first %lld tokens): max rel error %.3g  %s\n",
+                static_cast<long long>(std::min(ro.check_tokens, ro.seq_len)), max_rel, check_ok ? "OK" : "FAILED");
+  }
+  return check_ok ? 0 : 1;
+}
+
+}  // namespace mlstm::cli
