@@ -35,6 +35,38 @@ BackwardResult state_gradient_through_backward(const std::function<BackwardResul
   return out;
 }
 
+StepResult ComputeDevice::step(const StepArgs& a, const MlstmOptions& options) {
+  const ProblemShape p = validate_step(a, options);
+  auto token = [](ConstTensorView t) {  // (B,NH,D) -> (B,NH,1,D); (B,NH) -> (B,NH,1)
+    Shape shape = t.shape(), strides = t.strides();
+    constexpr std::size_t at = 2;  // the sequence axis
+    shape.insert(shape.begin() + static_cast<std::ptrdiff_t>(at), 1);
+    strides.insert(strides.begin() + static_cast<std::ptrdiff_t>(at), 1);
+    return ConstTensorView(t.bytes(), t.dtype(), shape, strides);
+  };
+  ForwardArgs f;
+  f.q = token(a.q);
+  f.k = token(a.k);
+  f.v = token(a.v);
+  f.i = token(a.i);
+  f.f = token(a.f);
+  if (!a.c.empty()) {
+    f.c0 = a.c;
+    f.n0 = a.n;
+    f.m0 = a.m;
+  }
+  MlstmOptions o = options;
+  o.chunk_size = 1;
+  o.return_last_states = true;
+  ForwardResult r = forward(f, o);
+  StepResult out;
+  out.h = r.h.reshaped({p.B, p.NH, p.DHHV});
+  out.c = std::move(r.c);
+  out.n = std::move(r.n);
+  out.m = std::move(r.m);
+  return out;
+}
+
 std::vector<std::shared_ptr<ComputeDevice>> devices_from_spec(const std::string& spec) {
   std::vector<std::shared_ptr<ComputeDevice>> out;
   std::size_t start = 0;

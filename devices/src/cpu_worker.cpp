@@ -149,6 +149,20 @@ class CpuDevice final : public ComputeDevice {
     });
   }
 
+  // The recurrent forms step with their own routines (cpu::step, reference::step) rather than a one-token
+  // sequence through forward().
+  StepResult step(const StepArgs& a, const MlstmOptions& o) override {
+    if (algorithm_ == CpuAlgorithm::sequence) return run([&] { return cpu::step(a, o); });
+    if (algorithm_ != CpuAlgorithm::reference_sequence) return ComputeDevice::step(a, o);
+    const ProblemShape p = validate_step(a, o);
+    StepResult r = run([&] { return reference::step(a, o); });
+    r.h = to_dtype(r.h, p.dtype);
+    r.c = to_dtype(r.c, DType::f32);
+    r.n = to_dtype(r.n, DType::f32);
+    r.m = to_dtype(r.m, DType::f32);
+    return r;
+  }
+
   BackwardResult state_gradient(const BackwardArgs& a, const MlstmOptions& o) override {
     if (algorithm_ == CpuAlgorithm::chunkwise_tiled)
       return run([&] { return cpu::chunkwise_state_gradient(a, o, kCpuTile); });

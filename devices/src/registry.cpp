@@ -56,36 +56,9 @@ class DeviceStepKernel final : public StepKernel {
       : info_(std::move(info)), device_(std::move(device)) {}
   const KernelInfo& info() const noexcept override { return info_; }
   StepResult step(const StepArgs& a, const MlstmOptions& options) const override {
-    const ProblemShape p = validate_step(a, options);
-    auto token = [](ConstTensorView t) {  // (B,NH,D) -> (B,NH,1,D); (B,NH) -> (B,NH,1)
-      Shape shape = t.shape(), strides = t.strides();
-      constexpr std::size_t at = 2;  // the sequence axis
-      shape.insert(shape.begin() + static_cast<std::ptrdiff_t>(at), 1);
-      strides.insert(strides.begin() + static_cast<std::ptrdiff_t>(at), 1);
-      return ConstTensorView(t.bytes(), t.dtype(), shape, strides);
-    };
-    ForwardArgs f;
-    f.q = token(a.q);
-    f.k = token(a.k);
-    f.v = token(a.v);
-    f.i = token(a.i);
-    f.f = token(a.f);
-    if (!a.c.empty()) {
-      f.c0 = a.c;
-      f.n0 = a.n;
-      f.m0 = a.m;
-    }
     MlstmOptions o = options;
     if (info_.forced_gate) o.gate = *info_.forced_gate;
-    o.chunk_size = 1;
-    o.return_last_states = true;
-    ForwardResult r = device_->forward(f, o);
-    StepResult out;
-    out.h = r.h.reshaped({p.B, p.NH, p.DHHV});
-    out.c = std::move(r.c);
-    out.n = std::move(r.n);
-    out.m = std::move(r.m);
-    return out;
+    return device_->step(a, o);
   }
 
  private:

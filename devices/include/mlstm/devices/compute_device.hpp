@@ -46,6 +46,9 @@ class ComputeDevice {
   // reverse state-gradient recurrence, not the token gradients. Sequence-parallel backward: a segment's
   // local part.
   virtual BackwardResult state_gradient(const BackwardArgs& args, const MlstmOptions& options) = 0;
+  // One recurrent step from a state (the step kernels, inference). The default runs forward() on a sequence of
+  // that one token; a device with a step routine of its own overrides it.
+  virtual StepResult step(const StepArgs& args, const MlstmOptions& options);
   // Input residency for one run: until the returned handle is destroyed, what the device uploads from the
   // memory of `inputs` (the run's input tensors) stays on it and is reused when a later call passes the same
   // view again (a segment's local-state pass, then its outputs or gradients), instead of a second transfer.
