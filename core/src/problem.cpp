@@ -203,4 +203,28 @@ BackwardArgs BackwardInputs::backward_args(bool with_last_state_grads) const {
   return b;
 }
 
+ConstTensorView sequence_slice(ConstTensorView t, std::int64_t t0, std::int64_t t1) {
+  Shape shape = t.shape();
+  shape[2] = t1 - t0;
+  const auto offset = static_cast<std::size_t>(t0 * t.strides()[2]) * dtype_size(t.dtype());
+  return ConstTensorView(t.bytes() + offset, t.dtype(), shape, t.strides());
+}
+
+TensorView sequence_slice(TensorView t, std::int64_t t0, std::int64_t t1) {
+  Shape shape = t.shape();
+  shape[2] = t1 - t0;
+  const auto offset = static_cast<std::size_t>(t0 * t.strides()[2]) * dtype_size(t.dtype());
+  return TensorView(t.bytes() + offset, t.dtype(), shape, t.strides());
+}
+
+ForwardArgs sequence_slice(const ForwardArgs& args, std::int64_t t0, std::int64_t t1) {
+  ForwardArgs a;
+  a.q = sequence_slice(args.q, t0, t1);
+  a.k = sequence_slice(args.k, t0, t1);
+  a.v = sequence_slice(args.v, t0, t1);
+  a.i = sequence_slice(args.i, t0, t1);
+  a.f = sequence_slice(args.f, t0, t1);
+  return a;
+}
+
 }  // namespace mlstm

@@ -17,19 +17,6 @@
 
 namespace mlstm::nodes {
 
-namespace {
-
-// View of dims [t0, t1) along axis 2 of a (B,NH,S,...) tensor view.
-ConstTensorView slice_seq(ConstTensorView t, std::int64_t t0, std::int64_t t1) {
-  Shape shape = t.shape();
-  shape[2] = t1 - t0;
-  const auto offset =
-      static_cast<std::ptrdiff_t>(t0 * t.strides()[2] * static_cast<std::int64_t>(dtype_size(t.dtype())));
-  return ConstTensorView(t.bytes() + offset, t.dtype(), shape, t.strides());
-}
-
-}  // namespace
-
 SegmentProblem::SegmentProblem(const ForwardArgs& args, const MlstmOptions& options, bool with_outputs)
     : args_(args), options_(options), shape_(validate_forward(args, options)) {
   empty_ = std::make_shared<const State>(make_empty_state());
@@ -37,13 +24,7 @@ SegmentProblem::SegmentProblem(const ForwardArgs& args, const MlstmOptions& opti
 }
 
 ForwardArgs SegmentProblem::segment_args(const Segment& s) const {
-  ForwardArgs a;
-  a.q = slice_seq(args_.q, s.t0, s.t1);
-  a.k = slice_seq(args_.k, s.t0, s.t1);
-  a.v = slice_seq(args_.v, s.t0, s.t1);
-  a.i = slice_seq(args_.i, s.t0, s.t1);
-  a.f = slice_seq(args_.f, s.t0, s.t1);
-  return a;
+  return sequence_slice(args_, s.t0, s.t1);
 }
 
 State SegmentProblem::make_empty_state() const {
@@ -79,7 +60,7 @@ SegmentEntry SegmentProblem::initial_entry() const {
 
 Tensor SegmentProblem::log_decay(const Segment& s) const {
   Tensor G({shape_.B, shape_.NH}, DType::f32);
-  const Tensor f = Tensor::copy_of(slice_seq(args_.f, s.t0, s.t1), DType::f32);
+  const Tensor f = Tensor::copy_of(sequence_slice(args_.f, s.t0, s.t1), DType::f32);
   const std::int64_t len = s.t1 - s.t0;
   for (std::int64_t r = 0; r < shape_.rows(); ++r) {
     float acc = 0.f;
@@ -415,7 +396,7 @@ BackwardArgs SegmentGradientProblem::segment_args(std::int64_t t0, std::int64_t 
   b.inputs.c0 = C;
   b.inputs.n0 = n;
   b.inputs.m0 = m;
-  b.dh = slice_seq(args_.dh, t0, t1);
+  b.dh = sequence_slice(args_.dh, t0, t1);
   b.dc_last = dC;
   b.dn_last = dn;
   return b;

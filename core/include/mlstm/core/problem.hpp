@@ -112,6 +112,11 @@ struct StepResult {
 // Validation: every check throws InvalidArgument naming the argument and the expected shape or range.
 // Also checks options (eps > 0 and finite, chunk_size > 0) and, for the sigmoid gate, that m0 is zero.
 ProblemShape validate_forward(const ForwardArgs& args, const MlstmOptions& options);
+// Tokens [t0, t1) of a (B,NH,S,...) tensor (views, no copy), and of a problem's inputs q, k, v, i, f (its
+// c0/n0/m0 are left out: the state entering t0 is the caller's).
+ConstTensorView sequence_slice(ConstTensorView t, std::int64_t t0, std::int64_t t1);
+TensorView sequence_slice(TensorView t, std::int64_t t0, std::int64_t t1);
+ForwardArgs sequence_slice(const ForwardArgs& args, std::int64_t t0, std::int64_t t1);
 ProblemShape validate_backward(const BackwardArgs& args, const MlstmOptions& options);
 ProblemShape validate_step(const StepArgs& args, const MlstmOptions& options);  // S = 1
 void validate_options(const MlstmOptions& options);
