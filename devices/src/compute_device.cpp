@@ -87,3 +87,88 @@ std::vector<std::shared_ptr<ComputeDevice>> devices_from_spec(const std::string&
 }
 
 }  // namespace mlstm
+
+namespace mlstm {
+
+namespace {
+
+// A streamed piece: q..f without a state, of the stream's B, NH, DHQK, DHHV (InvalidArgument naming the
+// argument otherwise); returns its shape.
+ProblemShape check_piece(const ForwardArgs& piece, const ProblemShape& stream, const MlstmOptions& options) {
+  if (piece.has_initial_state() || !piece.n0.empty() || !piece.m0.empty())
+    throw InvalidArgument("c0", "a streamed piece carries no state (the stream does)");
+  MlstmOptions o = options;
+  const ProblemShape p = validate_forward(piece, o);
+  if (p.B != stream.B || p.NH != stream.NH || p.DHQK != stream.DHQK || p.DHHV != stream.DHHV)
+    throw InvalidArgument("q", "piece is (B,NH,S,DHQK,DHHV) = (" + std::to_string(p.B) + "," + std::to_string(p.NH) +
+                                   "," + std::to_string(p.S) + "," + std::to_string(p.DHQK) + "," +
+                                   std::to_string(p.DHHV) + "), the stream expects B=" + std::to_string(stream.B) +
+                                   " NH=" + std::to_string(stream.NH) + " DHQK=" + std::to_string(stream.DHQK) +
+                                   " DHHV=" + std::to_string(stream.DHHV));
+  return p;
+}
+
+}  // namespace
+
+namespace {
+
+// The row stride (elements) of a (B,NH,len,D) view whose rows of len*D elements are contiguous, one every
+// strides[1] elements; InvalidArgument(argument) for other layouts.
+std::int64_t row_stride(ConstTensorView t, const char* argument) {
+  const Shape& st = t.strides();
+  if (t.dims() != 4 || st[3] != 1 || (t.dim(2) > 1 && st[2] != t.dim(3)) || (t.dim(0) > 1 && st[0] != t.dim(1) * st[1]))
+    throw InvalidArgument(argument, "must be (B,NH,len,D) rows of len*D contiguous elements, one every strides[1]");
+  return st[1];
+}
+
+}  // namespace
+
+void copy_piece_rows(ConstTensorView piece, TensorView out) {
+  if (piece.shape() != out.shape() || piece.dtype() != out.dtype())
+    throw InvalidArgument("out", "expected " + std::string(dtype_name(piece.dtype())) + " of shape " +
+                                     shape_to_string(piece.shape()) + ", got " + std::string(dtype_name(out.dtype())) +
+                                     " of shape " + shape_to_string(out.shape()));
+  const std::size_t es = dtype_size(out.dtype()), row = static_cast<std::size_t>(out.dim(2) * out.dim(3)) * es;
+  const auto src_stride = static_cast<std::size_t>(row_stride(piece, "piece")) * es;
+  const auto dst_stride = static_cast<std::size_t>(row_stride(out, "out")) * es;
+  copy_rows(out.bytes(), dst_stride, piece.bytes(), src_stride, static_cast<std::size_t>(out.dim(0) * out.dim(1)), row);
+}
+
+void SequenceStream::take_into(std::uint64_t ticket, TensorView out) { copy_piece_rows(take(ticket).view(), out); }
+
+ForwardCallStream::ForwardCallStream(ComputeDevice& device, const ProblemShape& shape, const MlstmOptions& options,
+                                     State initial)
+    : device_(device), shape_(shape), options_(options), state_(std::move(initial)) {
+  options_.return_last_states = true;
+}
+
+std::uint64_t ForwardCallStream::submit(const ForwardArgs& piece) {
+  check_piece(piece, shape_, options_);
+  ForwardArgs a = piece;
+  if (!state_.empty()) {
+    a.c0 = state_.C.view();
+    a.n0 = state_.n.view();
+    a.m0 = state_.m.view();
+  }
+  ForwardResult r = device_.forward(a, options_);
+  state_ = State{std::move(r.c), std::move(r.n), std::move(r.m)};
+  done_.emplace(next_, std::move(r.h));
+  return next_++;
+}
+
+Tensor ForwardCallStream::take(std::uint64_t ticket) {
+  const auto it = done_.find(ticket);
+  if (it == done_.end())
+    throw InvalidArgument("ticket",
+                          "no piece " + std::to_string(ticket) + " waiting (already taken or never submitted)");
+  Tensor h = std::move(it->second);
+  done_.erase(it);
+  return h;
+}
+
+std::unique_ptr<SequenceStream> ComputeDevice::open_stream(const ProblemShape& shape, const MlstmOptions& options,
+                                                           State initial) {
+  return std::make_unique<ForwardCallStream>(*this, shape, options, std::move(initial));
+}
+
+}  // namespace mlstm

@@ -2,14 +2,19 @@
 // the tensor-core kernels (opencl/tc_routine) and the portable ones (opencl/chunkwise_routine).
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
+#include <deque>
+#include <map>
 #include <mutex>
 #include <set>
 #include <sstream>
+#include <utility>
 
 #include "mlstm/core/env.hpp"
 #include "mlstm/core/trace.hpp"
 #include "mlstm/devices/compute_device.hpp"
 #include "mlstm/devices/opencl/chunkwise_routine.hpp"
+#include "mlstm/devices/opencl/stream.hpp"
 #include "mlstm/devices/opencl/tc_routine.hpp"
 
 namespace mlstm {
@@ -23,15 +28,152 @@ std::string token_rows(ConstTensorView t) { return std::to_string(t.numel() / st
 // compute device opened on it).
 const std::string kTensorCoreBuildFailed = "tensor-core programs failed to build";
 
+// Tokens per piece of a pinned stream of this problem: MLSTM_STREAM_PIECE, else about 64 MiB of inputs, whole
+// chunks, 1..64 Ki tokens.
+std::int64_t stream_piece_tokens(const ProblemShape& p, const MlstmOptions& o) {
+  const std::int64_t L = o.chunk_size;
+  if (const auto v = env::get("MLSTM_STREAM_PIECE")) {
+    try {
+      const std::int64_t t = std::stoll(*v);
+      if (t > 0) return std::max<std::int64_t>(L, t / L * L);
+    } catch (const std::exception&) {
+    }
+    spdlog::warn("mlstm-flow: MLSTM_STREAM_PIECE='{}' is not a positive token count; ignored", *v);
+  }
+  const std::int64_t per_token =
+      p.B * p.NH * ((2 * p.DHQK + p.DHHV) * static_cast<std::int64_t>(dtype_size(p.dtype)) + 8);
+  const std::int64_t t = std::clamp<std::int64_t>((std::int64_t{64} << 20) / std::max<std::int64_t>(1, per_token),
+                                                  L, 65536);
+  return t / L * L;
+}
+
+// A SequenceStream through opencl::DeviceStream: pinned staging, uploads, kernels and downloads of consecutive
+// pieces overlapped, the state on the device. A submitted piece longer than the stream's pieces is cut; the h
+// of a cut piece whose staging slot is needed again before take() is copied into a tensor of its own first.
+class PinnedStream final : public SequenceStream {
+ public:
+  PinnedStream(std::shared_ptr<opencl::Device> device, opencl::DeviceStream::Config config, const State& initial)
+      : initial_(initial),
+        stream_(std::move(device), config, initial.C.view(), initial.n.view(), initial.m.view()) {}
+
+  std::uint64_t submit(const ForwardArgs& piece) override {
+    if (piece.has_initial_state() || !piece.n0.empty() || !piece.m0.empty())
+      throw InvalidArgument("c0", "a streamed piece carries no state (the stream does)");
+    check_dims(piece.q, 4, "q", "(B,NH,S,DHQK)");
+    const std::int64_t S = piece.q.dim(2), P = max_piece();
+    const std::uint64_t ticket = next_++;
+    Pending& pending = pending_[ticket];
+    pending.len = S;
+    for (std::int64_t t0 = 0; t0 < S; t0 += P) {
+      const std::int64_t t1 = std::min(S, t0 + P);
+      while (untaken_.size() >= kSlots) drain_oldest();  // the next push reuses the slot of the oldest
+      const std::uint64_t inner = stream_.push(sequence_slice(piece, t0, t1));
+      pending.parts.push_back({inner, t0, t1 - t0, false});
+      untaken_.push_back({ticket, pending.parts.size() - 1});
+    }
+    submitted_ = true;
+    return ticket;
+  }
+
+  Tensor take(std::uint64_t ticket) override {
+    Pending& p = pending_of(ticket);
+    if (p.h.empty()) p.h = Tensor({stream_.config().B, stream_.config().NH, p.len, stream_.config().DHHV},
+                                  stream_.config().dtype);
+    Tensor h = std::move(p.h);
+    take_parts(ticket, h.view(), false);
+    pending_.erase(ticket);
+    return h;
+  }
+
+  void take_into(std::uint64_t ticket, TensorView out) override {
+    const Pending& p = pending_of(ticket);
+    const auto& c = stream_.config();
+    if (out.shape() != Shape{c.B, c.NH, p.len, c.DHHV} || out.dtype() != c.dtype)
+      throw InvalidArgument("out", "expected " + std::string(dtype_name(c.dtype)) + " of shape " +
+                                       shape_to_string({c.B, c.NH, p.len, c.DHHV}) + ", got " +
+                                       std::string(dtype_name(out.dtype())) + " of shape " +
+                                       shape_to_string(out.shape()));
+    take_parts(ticket, out, true);  // the layout of `out` is checked by copy_piece_rows
+    pending_.erase(ticket);
+  }
+
+  State state() override {
+    if (!submitted_) return initial_;
+    State s;
+    stream_.read_state(s.C, s.n, s.m);
+    return s;
+  }
+  bool overlapped() const noexcept override { return true; }
+  std::int64_t max_piece() const noexcept override { return stream_.config().max_piece; }
+
+ private:
+  static constexpr std::size_t kSlots = 3;  // DeviceStream's staging slots
+  struct Part {
+    std::uint64_t inner;
+    std::int64_t t0, len;
+    bool drained;  // copied into Pending::h
+  };
+  struct Pending {
+    std::int64_t len = 0;
+    std::vector<Part> parts;
+    Tensor h;  // allocated when a part had to leave its staging slot before take()
+  };
+
+  Pending& pending_of(std::uint64_t ticket) {
+    const auto it = pending_.find(ticket);
+    if (it == pending_.end())
+      throw InvalidArgument("ticket",
+                            "no piece " + std::to_string(ticket) + " waiting (already taken or never submitted)");
+    return it->second;
+  }
+  // The oldest part still in its staging slot goes into its piece's own h.
+  void drain_oldest() {
+    const auto [ticket, index] = untaken_.front();
+    Pending& p = pending_.at(ticket);
+    const auto& c = stream_.config();
+    if (p.h.empty()) p.h = Tensor({c.B, c.NH, p.len, c.DHHV}, c.dtype);
+    Part& part = p.parts[index];
+    copy_piece_rows(stream_.view(part.inner), sequence_slice(p.h.view(), part.t0, part.t0 + part.len));
+    part.drained = true;
+    untaken_.pop_front();
+  }
+  // Every part of `ticket` into `out`: from the staging slots, and (copy_drained) from the piece's own h.
+  void take_parts(std::uint64_t ticket, TensorView out, bool copy_drained) {
+    Pending& p = pending_.at(ticket);
+    for (const Part& part : p.parts) {
+      TensorView dst = sequence_slice(out, part.t0, part.t0 + part.len);
+      if (part.drained) {
+        if (copy_drained) copy_piece_rows(sequence_slice(std::as_const(p.h).view(), part.t0, part.t0 + part.len), dst);
+        continue;
+      }
+      copy_piece_rows(stream_.view(part.inner), dst);
+      untaken_.erase(std::find(untaken_.begin(), untaken_.end(), std::pair<std::uint64_t, std::size_t>{
+                                                                    ticket, static_cast<std::size_t>(&part - p.parts.data())}));
+    }
+  }
+
+  State initial_;
+  opencl::DeviceStream stream_;
+  std::map<std::uint64_t, Pending> pending_;
+  std::deque<std::pair<std::uint64_t, std::size_t>> untaken_;  // (ticket, part) still in a staging slot, in order
+  std::uint64_t next_ = 0;
+  bool submitted_ = false;
+};
+
 class OpenCLComputeDevice final : public ComputeDevice {
  public:
   OpenCLComputeDevice(std::shared_ptr<opencl::Device> device, OpenCLKernels kernels)
       : device_(device),
         portable_(device),
-        tensor_cores_(device),
+        tensor_cores_(device, {kernels == OpenCLKernels::emulated_tensor_cores}),
         kernels_(kernels),
         support_(opencl::tensor_core_support(device->info())) {
     if (kernels_ == OpenCLKernels::portable) support_ = {false, 0, 0, "the portable kernels were asked for"};
+    if (kernels_ == OpenCLKernels::emulated_tensor_cores) {
+      support_ = {true, 0, 0, ""};
+      kernels_ = OpenCLKernels::tensor_cores;
+      emulate_ = true;
+    }
     if (kernels_ == OpenCLKernels::tensor_cores && !support_.available)
       throw DeviceError(DeviceError::Kind::other, device->name(), "no tensor cores here: " + support_.reason);
   }
@@ -49,8 +191,21 @@ class OpenCLComputeDevice final : public ComputeDevice {
 
   ForwardResult forward(const ForwardArgs& a, const MlstmOptions& o) override {
     const ScopedTrace trace([&] { return "forward of " + token_rows(a.q) + " token-rows on " + device_->name(); });
-    if (uses_tensor_cores(validate_forward(a, o), o)) return tensor_cores_.forward(a, o);
-    return portable_.forward(a, o);
+    const ProblemShape p = validate_forward(a, o);
+    if (!uses_tensor_cores(p, o)) return portable_.forward(a, o);
+    // From host memory, two pieces or more: through pinned staging with transfers and compute overlapped. Inputs
+    // the graph keeps resident for a second pass (a segment's local state, then its outputs) go the resident way.
+    if (p.S >= 2 * stream_piece_tokens(p, o) && !device_->inside_retained_range(a.q.bytes()))
+      return streamed_forward(a, o, p);
+    return tensor_cores_.forward(a, o);
+  }
+
+  std::unique_ptr<SequenceStream> open_stream(const ProblemShape& shape, const MlstmOptions& o,
+                                              State initial) override {
+    if (!uses_tensor_cores(shape, o)) return ComputeDevice::open_stream(shape, o, std::move(initial));
+    ProblemShape piece = shape;
+    piece.S = std::min(std::max<std::int64_t>(shape.S, o.chunk_size), stream_piece_tokens(shape, o));
+    return std::make_unique<PinnedStream>(device_, stream_config(piece, o), initial);
   }
 
   ForwardResult last_state(const ForwardArgs& a, const MlstmOptions& o) override {
@@ -92,6 +247,53 @@ class OpenCLComputeDevice final : public ComputeDevice {
     Residency(opencl::Device& d, std::vector<opencl::Device::HostRange> ranges) : scope(d, std::move(ranges)) {}
     opencl::Device::RetainedUploads scope;
   };
+  opencl::DeviceStream::Config stream_config(const ProblemShape& piece, const MlstmOptions& o) const {
+    opencl::DeviceStream::Config c;
+    c.B = piece.B;
+    c.NH = piece.NH;
+    c.DHQK = piece.DHQK;
+    c.DHHV = piece.DHHV;
+    c.max_piece = piece.S;
+    c.dtype = piece.dtype;
+    c.options = o;
+    c.emulate = emulate_;
+    return c;
+  }
+
+  // The forward of a long host-resident sequence as a stream of pieces: piece p+1 is copied into pinned staging
+  // and goes up while piece p computes, and piece p-1's h comes back and is copied into the result.
+  ForwardResult streamed_forward(const ForwardArgs& a, const MlstmOptions& o, const ProblemShape& p) {
+    ProblemShape piece = p;
+    piece.S = stream_piece_tokens(p, o);
+    State initial;
+    if (a.has_initial_state())
+      initial = State{Tensor::copy_of(a.c0, DType::f32), Tensor::copy_of(a.n0, DType::f32),
+                      Tensor::copy_of(a.m0, DType::f32)};
+    PinnedStream stream(device_, stream_config(piece, o), initial);
+    ForwardResult r;
+    r.h = Tensor({p.B, p.NH, p.S, p.DHHV}, p.dtype);
+    std::vector<std::pair<std::int64_t, std::int64_t>> spans;  // [t0, t1) of every ticket
+    std::uint64_t taken = 0;
+    for (std::int64_t t0 = 0; t0 < p.S; t0 += piece.S) {
+      const std::int64_t t1 = std::min(p.S, t0 + piece.S);
+      (void)stream.submit(sequence_slice(a, t0, t1));
+      spans.emplace_back(t0, t1);
+      if (spans.size() >= 3) {  // two pieces in flight behind the one just submitted
+        stream.take_into(taken, sequence_slice(r.h.view(), spans[taken].first, spans[taken].second));
+        ++taken;
+      }
+    }
+    for (; taken < spans.size(); ++taken)
+      stream.take_into(taken, sequence_slice(r.h.view(), spans[taken].first, spans[taken].second));
+    if (o.return_last_states) {
+      State last = stream.state();
+      r.c = std::move(last.C);
+      r.n = std::move(last.n);
+      r.m = std::move(last.m);
+    }
+    return r;
+  }
+
   // MLSTM_RESIDENT_INPUTS=off: every call uploads its inputs (for measuring what residency saves).
   static bool resident_inputs_off() {
     static const bool off = env::is("MLSTM_RESIDENT_INPUTS", "off");
@@ -137,6 +339,7 @@ class OpenCLComputeDevice final : public ComputeDevice {
   opencl::TensorCoreRunner tensor_cores_;
   OpenCLKernels kernels_;
   opencl::TensorCoreSupport support_;
+  bool emulate_ = false;  // OpenCLKernels::emulated_tensor_cores
   mutable std::mutex prepared_mutex_;
   mutable std::set<std::string> prepared_;  // configurations whose tensor-core programs are built
 };

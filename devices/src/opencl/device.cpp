@@ -663,6 +663,11 @@ Device::RetainedUploads::~RetainedUploads() {
   device_.drop_unretained_uploads();
 }
 
+bool Device::inside_retained_range(const void* data) const {
+  std::lock_guard lock(pool_mutex_);
+  return retained(data);
+}
+
 std::uint64_t Device::reused_uploads() const {
   std::lock_guard lock(pool_mutex_);
   return reused_uploads_;

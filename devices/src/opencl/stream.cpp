@@ -59,6 +59,7 @@ DeviceStream::DeviceStream(std::shared_ptr<Device> device, Config config, ConstT
                            ConstTensorView m0)
     : device_(std::move(device)), config_(config), impl_(std::make_unique<Impl>()) {
   Device& dev = *device_;
+  dev.note_stream_opened();
   const std::string& dn = dev.name();
   const Config& c = config_;
   if (c.B <= 0 || c.NH <= 0) throw InvalidArgument("config", "B and NH must be > 0");

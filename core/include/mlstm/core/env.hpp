@@ -15,6 +15,8 @@
 //   MLSTM_PROGRAM_CACHE=<dir>|off      devices (OpenCL): where compiled programs are cached on disk, or no disk
 //                                      cache (default $XDG_CACHE_HOME/mlstm-flow/programs, ~/.cache/...)
 //   MLSTM_RESIDENT_INPUTS=off          devices: upload inputs on every call (to measure residency)
+//   MLSTM_STREAM_PIECE=<tokens>        devices (OpenCL): tokens per piece of a pinned stream (default: about
+//                                      64 MiB of inputs per piece); a forward of 2+ pieces from host memory streams
 //   MLSTM_FAULT_INJECT, MLSTM_FAULT_INJECT_ORDER   nodes / graph: fault-injection test hooks
 //   MLSTM_TEST_KILL_AFTER_SLICES=<k>  tools (mlstm forward --stream-tokens): test hook, SIGKILL to itself once k
 //                                      slices are written and recorded (the --resume test: a kill at a known point)

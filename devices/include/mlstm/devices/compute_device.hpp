@@ -9,10 +9,13 @@
 //                     m = -inf) this is the segment's local summary used by sequence parallelism;
 //   backward()        the gradients of a run of rows over the whole sequence, or of one segment;
 //   state_gradient()  only the gradient of the state entering the run.
+// open_stream() streams one sequence through the device in pieces (SequenceStream), the state carried there.
 // supports() says, before anything runs, whether a stage of a problem can run on the device, and why not.
 #pragma once
 
+#include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -31,6 +34,54 @@ struct DeviceSupport {
   std::string why_not;  // empty: supported
   std::string argument;
   explicit operator bool() const noexcept { return why_not.empty(); }
+};
+
+// One sequence streamed through a device in pieces (q, k, v, i, f of any length, in sequence order, without
+// c0/n0/m0): the state (C, n, m) is carried from piece to piece where the device keeps it. submit() hands a
+// piece in and returns its ticket (0, 1, 2, ...); the caller may reuse the piece's memory once it returns.
+// take() gives a piece's h, waiting for it; tickets may be taken in any order, each once. A caller that
+// keeps two or three pieces submitted ahead of the one it takes lets an overlapped stream move piece p+1 up
+// the link while piece p computes and piece p-1's h comes back.
+class SequenceStream {
+ public:
+  virtual ~SequenceStream() = default;
+  virtual std::uint64_t submit(const ForwardArgs& piece) = 0;
+  virtual Tensor take(std::uint64_t ticket) = 0;
+  // take() into `out` (B,NH,len,DHHV) of the piece, any strides: no intermediate tensor where the stream can.
+  virtual void take_into(std::uint64_t ticket, TensorView out);
+  // The state after every submitted piece (waits for them), float32.
+  virtual State state() = 0;
+  // True when transfers and compute of consecutive pieces overlap (pinned staging on a GPU); false when each
+  // piece is one synchronous forward() call.
+  virtual bool overlapped() const noexcept { return false; }
+  // Tokens per piece the stream moves at once; longer pieces are cut into pieces of this length.
+  virtual std::int64_t max_piece() const noexcept = 0;
+};
+
+class ComputeDevice;
+
+// Copies `piece` into `out`, both (B,NH,len,D) of one dtype whose rows (len*D elements) are contiguous, one
+// every strides[1] elements (a whole piece, or a slice of a longer sequence); InvalidArgument("piece"/"out")
+// for other shapes or layouts. In parallel (copy_rows).
+void copy_piece_rows(ConstTensorView piece, TensorView out);
+
+// The stream every device has: each piece is one forward() call from the carried state, kept on the host.
+class ForwardCallStream final : public SequenceStream {
+ public:
+  // `initial`: the state entering the first piece (float32, shapes of the problem); empty = the zero state.
+  ForwardCallStream(ComputeDevice& device, const ProblemShape& shape, const MlstmOptions& options, State initial);
+  std::uint64_t submit(const ForwardArgs& piece) override;
+  Tensor take(std::uint64_t ticket) override;
+  State state() override { return state_; }
+  std::int64_t max_piece() const noexcept override { return shape_.S; }
+
+ private:
+  ComputeDevice& device_;
+  ProblemShape shape_;
+  MlstmOptions options_;
+  State state_;
+  std::map<std::uint64_t, Tensor> done_;
+  std::uint64_t next_ = 0;
 };
 
 class ComputeDevice {
@@ -54,6 +105,12 @@ class ComputeDevice {
   // view again (a segment's local-state pass, then its outputs or gradients), instead of a second transfer.
   // The inputs must not change while the handle lives. Devices that read host memory directly (CPU workers)
   // return nullptr.
+  // A stream of one sequence of `shape` (B, NH, DHQK, DHHV, dtype; S = the piece length the caller means to
+  // submit, a hint for staging sizes) from `initial` (empty: the zero state). The default is a
+  // ForwardCallStream; an OpenCL device whose tensor-core kernels take the problem streams through pinned
+  // staging with uploads, kernels and downloads of consecutive pieces overlapped (opencl::DeviceStream).
+  virtual std::unique_ptr<SequenceStream> open_stream(const ProblemShape& shape, const MlstmOptions& options,
+                                                      State initial = {});
   class InputResidency {
    public:
     virtual ~InputResidency() = default;
@@ -94,6 +151,8 @@ enum class OpenCLKernels {
   tensor_cores,  // only the tensor cores: a device without them is refused when opened, a problem they
                  // cannot take by supports()
   portable,      // only the portable OpenCL C kernels
+  emulated_tensor_cores,  // tests: the tensor-core kernels without PTX on any OpenCL device (PoCL), as
+                          // tensor_cores otherwise; slow
 };
 // The OpenCL devices of an OpenCL device spec (opencl::select_devices).
 std::vector<std::shared_ptr<ComputeDevice>> opencl_devices(const std::string& spec,

@@ -1,0 +1,214 @@
+// The one streaming engine (issue 14 item 3): SequenceStream on every device, the OpenCL tensor-core stream
+// through pinned staging (PinnedStream over opencl::DeviceStream, emulated on PoCL), the long-segment forward of
+// an OpenCL device that streams itself, FlowGraphRunner::open_stream's measured choice, and StreamSession's
+// submit/take. Every result against the float64 reference or one kernel call.
+#include <gtest/gtest.h>
+#include <stdlib.h>
+
+#include <algorithm>
+#include <deque>
+
+#include "mlstm/devices/opencl/device.hpp"
+#include "mlstm/graph/runner.hpp"
+#include "mlstm/graph/stream.hpp"
+#include "mlstm/reference.hpp"
+#include "test_util.hpp"
+
+namespace mlstm {
+namespace {
+
+bool no_opencl() { return opencl::list_devices().empty(); }
+
+// A tensor-core OpenCL device on PoCL: the kernels without PTX (slow: keep problems small).
+std::shared_ptr<ComputeDevice> emulated_tc_device() {
+  return opencl_devices("0", OpenCLKernels::emulated_tensor_cores).front();
+}
+
+std::shared_ptr<opencl::Device> opencl_device0() { return opencl::open_device(opencl::select_devices("0").front()); }
+
+testing::InputSpec small_bf16(std::int64_t S, bool initial_state) {
+  testing::InputSpec s = testing::spec(1, 2, S, 16, 32, DType::bf16);
+  s.initial_state = initial_state;
+  return s;
+}
+
+MlstmOptions chunk64(bool last_states) {
+  MlstmOptions o;
+  o.chunk_size = 64;
+  o.return_last_states = last_states;
+  return o;
+}
+
+// h against the float64 recurrence, away from the normaliser's kink (16-bit states: see test_device_stream).
+::testing::AssertionResult h_matches(const Tensor& h, const ForwardResult& ref, const testing::Inputs& in,
+                                     const MlstmOptions& o, const testing::InputSpec& s, const std::string& what) {
+  if (!testing::all_finite(h, what, "h", s)) return ::testing::AssertionFailure() << what << ": h not finite";
+  const auto kinks = testing::near_normaliser_kink(in, o, s);
+  return testing::matches(testing::replace_tokens(h, ref.h, kinks), ref.h, 2e-2, what, "h", s);
+}
+
+// Sets MLSTM_STREAM_PIECE for one test.
+class StreamPiece {
+ public:
+  explicit StreamPiece(const char* tokens) { setenv("MLSTM_STREAM_PIECE", tokens, 1); }
+  ~StreamPiece() { unsetenv("MLSTM_STREAM_PIECE"); }
+};
+
+// An OpenCL device's forward of a sequence of several stream pieces goes through its pinned stream (cut into
+// pieces of 128 tokens here, the last one shorter) and equals the recurrence, the entering and leaving states
+// included.
+TEST(StreamEngine, LongForwardOfAnOpenCLDeviceStreamsItsPieces) {
+  if (no_opencl()) GTEST_SKIP() << "no OpenCL device (install pocl-opencl-icd)";
+  const StreamPiece piece("128");
+  const auto dev = emulated_tc_device();
+  for (const bool initial : {false, true}) {
+    const testing::InputSpec s = small_bf16(333, initial);
+    const auto in = testing::make_inputs(s, testing::fresh_seed());
+    const MlstmOptions o = chunk64(true);
+    const ForwardResult ref = reference::recurrent_forward(in.args(), o);
+    const auto opened = opencl_device0()->streams_opened();
+    const ForwardResult got = dev->forward(in.args(), o);
+    EXPECT_EQ(opencl_device0()->streams_opened(), opened + 1) << "the forward streamed";
+    EXPECT_TRUE(h_matches(got.h, ref, in, o, s, "streamed forward"));
+    EXPECT_TRUE(testing::last_state_matches(got.c, got.n, got.m, ref.c, ref.n, ref.m, 2e-2, 1e-3, "streamed forward",
+                                            s));
+  }
+  // Under two pieces: one resident call, no stream.
+  const auto in = testing::make_inputs(small_bf16(200, false), testing::fresh_seed());
+  const auto opened = opencl_device0()->streams_opened();
+  (void)dev->forward(in.args(), chunk64(false));
+  EXPECT_EQ(opencl_device0()->streams_opened(), opened);
+}
+
+// open_stream on a tensor-core device is overlapped; pieces of any length (longer than its pieces: cut, their
+// h parked while the slots turn over) taken out of order equal the recurrence over the whole sequence.
+TEST(StreamEngine, PinnedStreamTakesPiecesOfAnyLengthInAnyOrder) {
+  if (no_opencl()) GTEST_SKIP() << "no OpenCL device (install pocl-opencl-icd)";
+  const auto dev = emulated_tc_device();
+  const testing::InputSpec s = small_bf16(500, false);
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  const MlstmOptions o = chunk64(false);
+  const ForwardResult ref = reference::recurrent_forward(in.args(), o);
+  ProblemShape shape = validate_forward(in.args(), o);
+  shape.S = 64;  // the stream's pieces: 64 tokens
+  auto stream = dev->open_stream(shape, o);
+  EXPECT_TRUE(stream->overlapped());
+  EXPECT_EQ(stream->max_piece(), 64);
+  const std::int64_t cuts[] = {0, 10, 200, 230, 300, 301, 500};  // pieces of 10, 190 (3 parts), 30, 70, 1, 199
+  std::vector<std::uint64_t> tickets;
+  for (std::size_t j = 0; j + 1 < std::size(cuts); ++j)
+    tickets.push_back(stream->submit(sequence_slice(in.args(), cuts[j], cuts[j + 1])));
+  Tensor h({s.B, s.NH, s.S, s.DHHV}, s.dtype);
+  for (std::size_t j = tickets.size(); j-- > 0;)  // last piece first
+    stream->take_into(tickets[j], sequence_slice(h.view(), cuts[j], cuts[j + 1]));
+  EXPECT_TRUE(h_matches(h, ref, in, o, s, "pinned stream"));
+  EXPECT_THROW((void)stream->take(tickets[0]), InvalidArgument) << "each ticket once";
+}
+
+// The stream every device has (one forward() per piece) gives the same as one call, and its state is the state
+// leaving the sequence.
+TEST(StreamEngine, ForwardCallStreamEqualsOneCall) {
+  const auto dev = cpu_device(CpuAlgorithm::chunkwise_tiled);
+  const testing::InputSpec s = testing::spec(2, 3, 300, 16, 16, DType::f32, GateVariant::exp, true);
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  const MlstmOptions o = chunk64(true);
+  const ForwardResult whole = dev->forward(in.args(), o);
+  ProblemShape shape = validate_forward(in.args(), o);
+  shape.S = 100;
+  auto stream =
+      dev->open_stream(shape, o, State{in.c0.to(DType::f32), in.n0.to(DType::f32), in.m0.to(DType::f32)});
+  EXPECT_FALSE(stream->overlapped());
+  const auto a = stream->submit(sequence_slice(in.args(), 0, 128));
+  const auto b = stream->submit(sequence_slice(in.args(), 128, 300));
+  const Tensor hb = stream->take(b), ha = stream->take(a);
+  EXPECT_TRUE(testing::matches(testing::concat_seq(ha, hb), whole.h, 1e-5, "forward-call stream", "h", s));
+  const State st = stream->state();
+  EXPECT_TRUE(testing::matches(st.C, whole.c, 1e-5, "forward-call stream", "C", s));
+  ForwardArgs with_state = sequence_slice(in.args(), 0, 10);
+  with_state.c0 = in.c0.view();
+  with_state.n0 = in.n0.view();
+  with_state.m0 = in.m0.view();
+  EXPECT_THROW((void)stream->submit(with_state), InvalidArgument) << "a piece carries no state";
+}
+
+// One device: the runner streams on it without measuring; the plan says how.
+TEST(StreamEngine, RunnerOnOneGpuStreamsThroughPinnedStaging) {
+  if (no_opencl()) GTEST_SKIP() << "no OpenCL device (install pocl-opencl-icd)";
+  graph::FlowGraphRunner runner(std::vector<std::shared_ptr<ComputeDevice>>{emulated_tc_device()});
+  const testing::InputSpec s = small_bf16(256, false);
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  const MlstmOptions o = chunk64(false);
+  ProblemShape shape = validate_forward(in.args(), o);
+  shape.S = 128;
+  auto stream = runner.open_stream(shape, o);
+  EXPECT_TRUE(stream->overlapped());
+  const graph::Plan& plan = runner.last_plan();
+  EXPECT_EQ(plan.pass, graph::Pass::stream);
+  ASSERT_EQ(plan.devices.size(), 1u);
+  EXPECT_NE(plan.describe().find("pinned staging"), std::string::npos) << plan.describe();
+  EXPECT_TRUE(plan.measured.empty()) << "nothing to choose between";
+  const Tensor h0 = stream->take(stream->submit(sequence_slice(in.args(), 0, 128)));
+  const Tensor h1 = stream->take(stream->submit(sequence_slice(in.args(), 128, 256)));
+  EXPECT_TRUE(h_matches(testing::concat_seq(h0, h1), reference::recurrent_forward(in.args(), o), in, o, s,
+                        "runner stream"));
+}
+
+// Several devices: every device alone and the graph over all are measured once (cached), the fastest runs, the
+// others are named in left_out, and whichever wins the outputs equal the recurrence.
+TEST(StreamEngine, RunnerMeasuresEveryCandidateAndKeepsTheFastest) {
+  if (no_opencl()) GTEST_SKIP() << "no OpenCL device (install pocl-opencl-icd)";
+  graph::FlowGraphRunner runner("workers+0");
+  const testing::InputSpec s = testing::spec(1, 2, 512, 16, 16, DType::f32);
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  const MlstmOptions o = chunk64(false);
+  ProblemShape shape = validate_forward(in.args(), o);
+  shape.S = 256;
+  auto stream = runner.open_stream(shape, o);
+  const graph::Plan& plan = runner.last_plan();
+  EXPECT_EQ(plan.measured.size(), runner.devices().size() + 1) << plan.describe();
+  EXPECT_EQ(plan.devices.size() + plan.left_out.size(), runner.devices().size()) << plan.describe();
+  const Tensor h0 = stream->take(stream->submit(sequence_slice(in.args(), 0, 256)));
+  const Tensor h1 = stream->take(stream->submit(sequence_slice(in.args(), 256, 512)));
+  const ForwardResult ref = reference::recurrent_forward(in.args(), o);
+  EXPECT_TRUE(testing::matches(testing::concat_seq(h0, h1), ref.h, 1e-4, "measured stream", "h", s));
+  // A second stream reads the measurement back instead of measuring again: the same choice.
+  const auto devices = plan.devices;
+  (void)runner.open_stream(shape, o);
+  EXPECT_EQ(runner.last_plan().devices, devices);
+}
+
+// StreamSession: pieces submitted ahead and taken later equal push() one at a time, and the state and
+// snapshot agree.
+TEST(StreamEngine, SessionSubmitAndTakeEqualPush) {
+  if (no_opencl()) GTEST_SKIP() << "no OpenCL device (install pocl-opencl-icd)";
+  const testing::InputSpec s = testing::spec(1, 2, 400, 16, 16, DType::f32);
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  StreamConfig cfg;
+  cfg.B = 1;
+  cfg.NH = 2;
+  cfg.DHQK = 16;
+  cfg.DHHV = 16;
+  cfg.options = chunk64(false);
+  cfg.devices = "0";
+  StreamSession pushed(cfg), pipelined(cfg);
+  std::deque<std::uint64_t> tickets;
+  std::vector<Tensor> a, b;
+  for (std::int64_t t0 = 0; t0 < s.S; t0 += 100) {
+    const ForwardArgs piece = sequence_slice(in.args(), t0, t0 + 100);
+    a.push_back(pushed.push(piece));
+    tickets.push_back(pipelined.submit(piece));
+    if (tickets.size() > 2) {
+      b.push_back(pipelined.take(tickets.front()));
+      tickets.pop_front();
+    }
+  }
+  for (; !tickets.empty(); tickets.pop_front()) b.push_back(pipelined.take(tickets.front()));
+  ASSERT_EQ(a.size(), b.size());
+  for (std::size_t j = 0; j < a.size(); ++j) EXPECT_TRUE(testing::matches(b[j], a[j], 0.0, "submit/take", "h", s));
+  EXPECT_TRUE(testing::matches(pipelined.state().C, pushed.state().C, 0.0, "submit/take", "C", s));
+  EXPECT_EQ(pipelined.snapshot_bytes(), pushed.snapshot_bytes());
+  EXPECT_EQ(pipelined.runner()->last_plan().pass, graph::Pass::stream);
+}
+
+}  // namespace
+}  // namespace mlstm
