@@ -32,6 +32,8 @@ std::string_view pass_name(Pass pass) noexcept {
       return "forward head split";
     case Pass::backward_head_split:
       return "backward head split";
+    case Pass::stream:
+      return "stream";
   }
   return "?";
 }
@@ -39,6 +41,13 @@ std::string_view pass_name(Pass pass) noexcept {
 std::string Plan::describe() const {
   std::ostringstream os;
   const bool head_split = pass == Pass::forward_head_split || pass == Pass::backward_head_split;
+  if (pass == Pass::stream) {
+    os << "plan: stream, pieces of " << S << " tokens, chunk=" << chunk_size << ", devices:";
+    for (const auto& d : devices) os << " [" << d << "]";
+    os << "\n  " << engine;
+    for (const auto& m : measured) os << "\n  measured: " << m;
+    return os.str();
+  }
   os << "plan: " << pass_name(pass) << ", S=" << S << " chunk=" << chunk_size;
   if (!head_split) os << " segment=" << segment_tokens << " tokens, " << segments.size() << " segments";
   os << ", devices:";
@@ -184,41 +193,82 @@ std::vector<double> FlowGraphRunner::calibrate(const ProblemShape& shape, const 
   return calibrate(devices_, shape, options);
 }
 
-std::vector<double> FlowGraphRunner::calibrate(const std::vector<std::shared_ptr<ComputeDevice>>& devices,
-                                               const ProblemShape& shape, const MlstmOptions& options) {
+namespace {
+
+// The calibration cache (calibration_file()), a JSON object; a missing or damaged file reads as empty (it is
+// remeasured), and a failed write is logged (a cache: remeasured next time). Callers hold calibration_mutex().
+std::mutex& calibration_mutex() {
   static std::mutex mutex;
-  std::lock_guard lock(mutex);
-  const auto path = calibration_file();
+  return mutex;
+}
+
+nlohmann::json read_calibration() {
   nlohmann::json cache = nlohmann::json::object();
-  if (std::ifstream in(path); in) {
+  if (std::ifstream in(calibration_file()); in) {
     try {
       in >> cache;
     } catch (const std::exception&) {
-      cache = nlohmann::json::object();  // a damaged cache is remeasured
+      cache = nlohmann::json::object();
     }
   }
-  const std::int64_t rows = std::min<std::int64_t>(shape.rows(), 4);
-  const std::int64_t S =
-      4 * std::min(options.chunk_size, std::max<std::int64_t>(shape.S, 1));  // not more than the data
-  std::vector<double> speeds;
-  bool dirty = false;
-  for (const auto& d : devices) {
-    const std::string key = d->name() + "|" + std::to_string(shape.DHQK) + "x" + std::to_string(shape.DHHV) + "|" +
-                            std::string(dtype_name(shape.dtype)) + "|L" + std::to_string(options.chunk_size) + "|" +
-                            std::string(gate_name(options.gate));
-    if (cache.contains(key)) {
-      speeds.push_back(cache[key].get<double>());
-      continue;
-    }
-    Tensor q = Tensor::full({1, rows, S, shape.DHQK}, shape.dtype, 0.1), k = q,
-           v = Tensor::full({1, rows, S, shape.DHHV}, shape.dtype, 0.2);
-    Tensor i = Tensor::full({1, rows, S}, DType::f32, 0.0), f = Tensor::full({1, rows, S}, DType::f32, 3.0);
+  return cache.is_object() ? cache : nlohmann::json::object();
+}
+
+void write_calibration(const nlohmann::json& cache) {
+  const auto path = calibration_file();
+  std::error_code ec;
+  std::filesystem::create_directories(path.parent_path(), ec);
+  try {
+    write_file_atomically(path.string(), cache.dump(2));  // concurrent runs each rename a whole file
+  } catch (const Error& e) {
+    spdlog::warn("mlstm-flow: calibration cache not saved: {}", e.what());
+  }
+}
+
+// Inputs of a calibration run: (B=1, rows, S) with q = k = 0.1, v = 0.2, i = 0, f = 3.
+struct CalibrationInputs {
+  Tensor q, k, v, i, f;
+  CalibrationInputs(const ProblemShape& shape, std::int64_t B, std::int64_t NH, std::int64_t S)
+      : q(Tensor::full({B, NH, S, shape.DHQK}, shape.dtype, 0.1)),
+        k(q),
+        v(Tensor::full({B, NH, S, shape.DHHV}, shape.dtype, 0.2)),
+        i(Tensor::full({B, NH, S}, DType::f32, 0.0)),
+        f(Tensor::full({B, NH, S}, DType::f32, 3.0)) {}
+  ForwardArgs args() const {
     ForwardArgs a;
     a.q = q.view();
     a.k = k.view();
     a.v = v.view();
     a.i = i.view();
     a.f = f.view();
+    return a;
+  }
+};
+
+std::string problem_key(const ProblemShape& shape, const MlstmOptions& options) {
+  return std::to_string(shape.DHQK) + "x" + std::to_string(shape.DHHV) + "|" + std::string(dtype_name(shape.dtype)) +
+         "|L" + std::to_string(options.chunk_size) + "|" + std::string(gate_name(options.gate));
+}
+
+}  // namespace
+
+std::vector<double> FlowGraphRunner::calibrate(const std::vector<std::shared_ptr<ComputeDevice>>& devices,
+                                               const ProblemShape& shape, const MlstmOptions& options) {
+  std::lock_guard lock(calibration_mutex());
+  nlohmann::json cache = read_calibration();
+  const std::int64_t rows = std::min<std::int64_t>(shape.rows(), 4);
+  const std::int64_t S =
+      4 * std::min(options.chunk_size, std::max<std::int64_t>(shape.S, 1));  // not more than the data
+  std::vector<double> speeds;
+  bool dirty = false;
+  for (const auto& d : devices) {
+    const std::string key = d->name() + "|" + problem_key(shape, options);
+    if (cache.contains(key) && cache[key].is_number()) {
+      speeds.push_back(cache[key].get<double>());
+      continue;
+    }
+    const CalibrationInputs in(shape, 1, rows, S);
+    const ForwardArgs a = in.args();
     d->forward(a, options);  // warm-up: program builds, first touch
     double best = 1e30;
     for (int rep = 0; rep < 2; ++rep) {
@@ -232,16 +282,152 @@ std::vector<double> FlowGraphRunner::calibrate(const std::vector<std::shared_ptr
     speeds.push_back(speed);
     dirty = true;
   }
-  if (dirty) {
-    std::error_code ec;
-    std::filesystem::create_directories(path.parent_path(), ec);
-    try {
-      write_file_atomically(path.string(), cache.dump(2));  // concurrent runs each rename a whole file
-    } catch (const Error& e) {
-      spdlog::warn("mlstm-flow: calibration cache not saved: {}", e.what());  // a cache: remeasured next time
-    }
-  }
+  if (dirty) write_calibration(cache);
   return speeds;
+}
+
+namespace {
+
+// The forward graph per piece: each piece one FlowGraphRunner::forward from the carried state (sequence
+// parallel over the runner's devices), synchronous.
+class GraphStream final : public SequenceStream {
+ public:
+  GraphStream(std::vector<std::shared_ptr<ComputeDevice>> devices, Balancing balancing, const ProblemShape& shape,
+              const MlstmOptions& options, State initial)
+      : runner_(std::move(devices)), shape_(shape), options_(options), state_(std::move(initial)) {
+    runner_.set_balancing(balancing);
+    options_.return_last_states = true;
+  }
+  std::uint64_t submit(const ForwardArgs& piece) override {
+    if (piece.has_initial_state() || !piece.n0.empty() || !piece.m0.empty())
+      throw InvalidArgument("c0", "a streamed piece carries no state (the stream does)");
+    ForwardArgs a = piece;
+    if (!state_.empty()) {
+      a.c0 = state_.C.view();
+      a.n0 = state_.n.view();
+      a.m0 = state_.m.view();
+    }
+    ForwardResult r = runner_.forward(a, options_);
+    state_ = State{std::move(r.c), std::move(r.n), std::move(r.m)};
+    done_.emplace(next_, std::move(r.h));
+    return next_++;
+  }
+  Tensor take(std::uint64_t ticket) override {
+    const auto it = done_.find(ticket);
+    if (it == done_.end())
+      throw InvalidArgument("ticket",
+                            "no piece " + std::to_string(ticket) + " waiting (already taken or never submitted)");
+    Tensor h = std::move(it->second);
+    done_.erase(it);
+    return h;
+  }
+  State state() override { return state_; }
+  std::int64_t max_piece() const noexcept override { return shape_.S; }
+
+ private:
+  FlowGraphRunner runner_;
+  ProblemShape shape_;
+  MlstmOptions options_;
+  State state_;
+  std::map<std::uint64_t, Tensor> done_;
+  std::uint64_t next_ = 0;
+};
+
+// Tokens/s of a stream over `pieces` copies of `piece` after one warm-up piece, two pieces in flight.
+double measure_stream(SequenceStream& stream, const ForwardArgs& piece, int pieces) {
+  (void)stream.take(stream.submit(piece));
+  const auto t0 = std::chrono::steady_clock::now();
+  std::vector<std::uint64_t> tickets;
+  std::size_t taken = 0;
+  for (int p = 0; p < pieces; ++p) {
+    tickets.push_back(stream.submit(piece));
+    if (tickets.size() - taken > 2) (void)stream.take(tickets[taken++]);
+  }
+  while (taken < tickets.size()) (void)stream.take(tickets[taken++]);
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return static_cast<double>(pieces) * static_cast<double>(piece.q.dim(2)) / std::max(secs, 1e-9);
+}
+
+std::string rate_text(double tokens_per_second) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.0f tokens/s", tokens_per_second);
+  return buf;
+}
+
+}  // namespace
+
+std::unique_ptr<SequenceStream> FlowGraphRunner::open_stream(const ProblemShape& piece, const MlstmOptions& options,
+                                                             State initial) {
+  if (piece.S <= 0) throw InvalidArgument("S", "a stream's pieces need at least one token");
+  PlannedRun run;
+  std::vector<std::string> left_out;
+  run.devices = capable_devices({DeviceStage::last_state, DeviceStage::forward}, piece, options, left_out);
+  Plan plan;
+  plan.pass = Pass::stream;
+  plan.S = piece.S;
+  plan.chunk_size = options.chunk_size;
+  // Candidates: every device alone, and (several devices) the graph over all of them; rates cached with the
+  // calibration, keyed by the devices, the problem and the piece length.
+  std::string key = "stream|";
+  for (const auto& d : run.devices) key += d->name() + "+";
+  key += "|" + problem_key(piece, options) + "|rows" + std::to_string(piece.rows()) + "|S" + std::to_string(piece.S);
+  std::vector<double> rates(run.devices.size() + (run.devices.size() > 1 ? 1 : 0), 0.0);
+  if (run.devices.size() > 1) {
+    nlohmann::json entry;
+    {
+      std::lock_guard lock(calibration_mutex());
+      nlohmann::json cache = read_calibration();
+      if (cache.contains(key)) entry = cache[key];
+    }
+    if (entry.is_array() && entry.size() == rates.size()) {
+      for (std::size_t c = 0; c < rates.size(); ++c) rates[c] = entry[c].is_number() ? entry[c].get<double>() : 0.0;
+    } else {  // measured without the lock: the graph's run calibrates its shares (which takes it)
+      const CalibrationInputs in(piece, piece.B, piece.NH, piece.S);
+      const ForwardArgs full = in.args();
+      for (std::size_t c = 0; c < rates.size(); ++c) {
+        const bool graph = c == run.devices.size();
+        std::unique_ptr<SequenceStream> s =
+            graph ? std::make_unique<GraphStream>(run.devices, balancing_, piece, options, State{})
+                  : run.devices[c]->open_stream(piece, options);
+        // A stream of one forward() call per piece runs at about the same rate on shorter pieces: measure
+        // those on at most 8 chunks (a CPU worker would take seconds on a long piece).
+        const std::int64_t len = graph || s->overlapped() ? piece.S : std::min(piece.S, 8 * options.chunk_size);
+        rates[c] = measure_stream(*s, sequence_slice(full, 0, len), 3);
+      }
+      std::lock_guard lock(calibration_mutex());
+      nlohmann::json cache = read_calibration();
+      cache[key] = rates;
+      write_calibration(cache);
+    }
+  } else {
+    rates[0] = 1.0;  // one device: nothing to choose
+  }
+  const auto best = static_cast<std::size_t>(std::max_element(rates.begin(), rates.end()) - rates.begin());
+  for (std::size_t c = 0; c < rates.size() && rates.size() > 1; ++c)
+    plan.measured.push_back((c == run.devices.size() ? std::string("the graph over all") : run.devices[c]->name()) +
+                            ": " + rate_text(rates[c]));
+  std::unique_ptr<SequenceStream> stream;
+  if (best == run.devices.size()) {
+    for (const auto& d : run.devices) plan.devices.push_back(d->name());
+    plan.engine = "every piece sequence parallel through the forward graph over these devices";
+    stream = std::make_unique<GraphStream>(run.devices, balancing_, piece, options, std::move(initial));
+  } else {
+    const auto& d = run.devices[best];
+    plan.devices.push_back(d->name());
+    for (std::size_t c = 0; c < run.devices.size(); ++c) {
+      if (c == best) continue;
+      left_out.push_back(run.devices[c]->name() + " (stream: " + d->name() + " alone is faster)");
+    }
+    stream = d->open_stream(piece, options, std::move(initial));
+    plan.engine = stream->overlapped() ? "pinned staging on " + d->name() +
+                                             ": uploads, kernels and downloads of consecutive pieces overlapped, the "
+                                             "state on the device"
+                                       : "one forward() call per piece on " + d->name() + ", the state carried";
+  }
+  plan.left_out = std::move(left_out);
+  last_plan_ = plan;
+  if (env::get("MLSTM_PLAN_DEBUG")) spdlog::warn("{}", plan.describe());
+  return stream;
 }
 
 namespace {
@@ -419,8 +605,10 @@ ForwardResult FlowGraphRunner::forward(const ForwardArgs& args, const MlstmOptio
   // returns the state leaving the sequence.
   problem->keep_final_state(one_segment && options.return_last_states);
 
-  // Every device keeps the inputs it uploads for a segment's local state for that segment's outputs.
-  const auto residency = keep_inputs_resident(devices, {args.q, args.k, args.v, args.i, args.f});
+  // Every device keeps the inputs it uploads for a segment's local state for that segment's outputs. (One
+  // segment has one pass: a GPU streams it through pinned staging instead.)
+  const auto residency = one_segment ? decltype(keep_inputs_resident(devices, {}))()
+                                     : keep_inputs_resident(devices, {args.q, args.k, args.v, args.i, args.f});
 
   // Local states: pull (one shared queue) or calibrated (one queue per device). Outputs: one queue per device;
   // a segment's outputs run where its local state ran (the plan's device, or the one that pulled it).
@@ -629,6 +817,7 @@ FlowGraphRunner::PlannedRun FlowGraphRunner::plan_run(Pass pass, const ProblemSh
   std::vector<std::string> left_out;
   switch (pass) {
     case Pass::forward:
+    case Pass::stream:
       run.devices = capable_devices({DeviceStage::last_state, DeviceStage::forward}, shape, options, left_out);
       break;
     case Pass::backward:

@@ -114,15 +114,58 @@ ForwardArgs StreamSession::with_state(const ForwardArgs& piece, const State& sta
   return a;
 }
 
-Tensor StreamSession::push(const ForwardArgs& piece) {
-  const ForwardArgs a = with_state(piece, *state_);
-  MlstmOptions o = config_.options;
-  o.return_last_states = true;
-  ForwardResult r = runner_ ? runner_->forward(a, o) : kernel_->forward(a, o);
-  previous_ = state_;
-  state_ = std::make_shared<const State>(State{std::move(r.c), std::move(r.n), std::move(r.m)});
+std::uint64_t StreamSession::submit(const ForwardArgs& piece) {
+  const ForwardArgs a = with_state(piece, *state_);  // checks the piece
+  const std::uint64_t ticket = next_ticket_++;
+  if (runner_) {
+    if (!stream_) {
+      ProblemShape shape;
+      shape.B = config_.B;
+      shape.NH = config_.NH;
+      shape.S = piece.q.dim(2);
+      shape.DHQK = config_.DHQK;
+      shape.DHHV = config_.DHHV;
+      shape.dtype = piece.q.dtype();
+      stream_ = runner_->open_stream(shape, config_.options, *state_);
+    }
+    const std::uint64_t inner = stream_->submit(piece);
+    if (inner != ticket) throw Error("StreamSession: stream tickets out of step");
+    state_stale_ = true;
+  } else {
+    MlstmOptions o = config_.options;
+    o.return_last_states = true;
+    ForwardResult r = kernel_->forward(a, o);
+    state_ = std::make_shared<const State>(State{std::move(r.c), std::move(r.n), std::move(r.m)});
+    kernel_done_.emplace(ticket, std::move(r.h));
+  }
   tokens_ += piece.q.dim(2);
-  return std::move(r.h);
+  return ticket;
+}
+
+Tensor StreamSession::take(std::uint64_t ticket) {
+  if (stream_) return stream_->take(ticket);
+  const auto it = kernel_done_.find(ticket);
+  if (it == kernel_done_.end())
+    throw InvalidArgument("ticket", "no piece " + std::to_string(ticket) + " waiting (already taken or never submitted)");
+  Tensor h = std::move(it->second);
+  kernel_done_.erase(it);
+  return h;
+}
+
+const State& StreamSession::state() const {
+  if (state_stale_) {
+    State s = stream_->state();
+    state_ = std::make_shared<const State>(State{std::move(s.C), std::move(s.n), std::move(s.m)});
+    state_stale_ = false;
+  }
+  return *state_;
+}
+
+Tensor StreamSession::push(const ForwardArgs& piece) {
+  StateHandle before = (state(), state_);
+  Tensor h = take(submit(piece));
+  previous_ = std::move(before);
+  return h;
 }
 
 BackwardResult StreamSession::backward_of_last_piece(const ForwardArgs& piece, ConstTensorView dh) {
@@ -155,10 +198,11 @@ std::string StreamSession::snapshot_bytes() const {
   put<std::uint32_t>(body, config_.options.normalize ? 1u : 0u);
   put<std::uint32_t>(body, eps_bits(config_.options.eps));
   put<std::int64_t>(body, config_.options.chunk_size);
-  put<std::uint32_t>(body, dtype_code(state_->C.dtype()));
+  const State& st = state();
+  put<std::uint32_t>(body, dtype_code(st.C.dtype()));
   put<std::uint32_t>(body, static_cast<std::uint32_t>(recorded_kernel().size()));
   body.append(recorded_kernel());
-  for (const Tensor* t : {&state_->C, &state_->n, &state_->m}) {
+  for (const Tensor* t : {&st.C, &st.n, &st.m}) {
     body.append(reinterpret_cast<const char*>(t->bytes()), t->nbytes());
   }
   put<std::uint64_t>(body, StreamSession::checksum(body));

@@ -44,7 +44,9 @@ int main(int argc, char** argv) {
   ro.piece_option = run->add_option("--piece", ro.piece, "tokens per streamed piece (not with --mode resident)");
   run->add_option("--devices", ro.devices,
                   "devices: auto (CPU workers + OpenCL GPUs), workers, an OpenCL spec (gpu:all, 0,1, cpu), or a+b");
-  run->add_option("--mode", ro.mode, "auto (pipeline on a tensor-core GPU, else stream), pipeline, stream or resident")
+  run->add_option("--mode", ro.mode,
+                  "stream (= auto: pieces through the measured-fastest engine), pipeline (the same, refused unless a GPU "
+                  "streams through pinned staging) or resident (one piece)")
       ->check(CLI::IsMember({"auto", "pipeline", "stream", "resident"}));
   run->add_flag("--backward", ro.backward, "forward + backward");
   run->add_flag("--progress", ro.progress, "progress bar even when stderr is not a terminal");

@@ -1,5 +1,6 @@
-// run: a long synthetic sequence streamed through the flow graph (stream, resident) or one tensor-core GPU
-// (pipeline), spot-checked against the float64 reference; also the synthetic inputs bench uses.
+// run: a long synthetic sequence streamed through the session's one engine (FlowGraphRunner::open_stream: a GPU
+// through pinned staging, or the graph over every device, whichever measured faster), pieces kept in flight,
+// spot-checked against the float64 reference; also the synthetic inputs bench uses.
 #include <tbb/blocked_range.h>
 #include <tbb/parallel_for.h>
 #include <unistd.h>
@@ -9,13 +10,12 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <deque>
 #include <iostream>
 #include <limits>
 
 #include "commands.hpp"
-#include "mlstm/devices/opencl/stream.hpp"
-#include "mlstm/devices/opencl/tc_routine.hpp"
-#include "mlstm/nodes/device_stream_node.hpp"
+#include "mlstm/devices/opencl/device.hpp"
 #include "mlstm/reference.hpp"
 
 namespace mlstm::cli {
@@ -127,112 +127,10 @@ double spot_check(const ForwardInputs& l, const RunOptions& ro, std::int64_t len
   return max_rel;
 }
 
-// The first GPU whose tensor-core path takes this problem (pipeline mode), or null.
-std::shared_ptr<opencl::Device> pipeline_device(const RunOptions& ro, DType dtype, const MlstmOptions& o) {
-  ProblemShape p;
-  p.B = ro.batch;
-  p.NH = ro.heads;
-  p.S = ro.piece;
-  p.DHQK = ro.dqk;
-  p.DHHV = ro.dhv;
-  p.dtype = dtype;
-  const std::string spec = ro.devices == "auto" ? "gpu" : ro.devices;
-  std::vector<opencl::DeviceInfo> candidates;
-  try {
-    candidates = opencl::select_devices(spec);
-  } catch (const InvalidArgument&) {
-    return nullptr;  // no GPU
-  }
-  for (const auto& d : candidates) {
-    if (d.type == opencl::DeviceType::gpu && opencl::tensor_core_support(d).available &&
-        opencl::tensor_core_fit(p, o).empty())
-      return opencl::open_device(d);
-  }
-  return nullptr;
-}
-
-// Pipeline mode: the sequence streamed piece by piece through one GPU in a flow graph (DeviceStreamNode,
-// an async_node): uploads, kernels and downloads of consecutive pieces overlap; the state stays on the GPU.
-int run_pipeline(const RunOptions& ro, DType dtype, const MlstmOptions& o, std::shared_ptr<opencl::Device> gpu,
-                 bool as_json) {
-  const std::int64_t piece = std::min(ro.piece, ro.seq_len);
-  opencl::DeviceStream::Config cfg;
-  cfg.B = ro.batch;
-  cfg.NH = ro.heads;
-  cfg.DHQK = ro.dqk;
-  cfg.DHHV = ro.dhv;
-  cfg.max_piece = piece;
-  cfg.dtype = dtype;
-  cfg.options = o;
-  if (!as_json) {
-    std::cout << "problem: B=" << ro.batch << " NH=" << ro.heads << " S=" << ro.seq_len << " DHQK=" << ro.dqk
-              << " DHHV=" << ro.dhv << " " << dtype_name(dtype) << ", chunk " << ro.chunk_size
-              << ", mode pipeline: pieces of " << piece << " tokens through " << gpu->name()
-              << " (tensor cores; uploads, kernels and downloads overlapped; state on the device)\n";
-  }
-  constexpr int kDistinctPieces = 4;
-  std::vector<ForwardInputs> pieces;
-  for (int p = 0; p < kDistinctPieces; ++p)
-    pieces.push_back(
-        synthetic_piece(ro.batch, ro.heads, piece, ro.dqk, ro.dhv, dtype, 1234567 + static_cast<std::uint64_t>(p)));
-  const std::int64_t tail = ro.seq_len % piece;
-  ForwardInputs last =
-      tail ? synthetic_piece(ro.batch, ro.heads, tail, ro.dqk, ro.dhv, dtype, 7654321) : ForwardInputs{};
-  Progress progress(ro.seq_len, ro.progress || isatty(2));
-  double max_rel = 0.0;
-  std::int64_t done = 0;
-  Tensor first_h;
-  const auto start = Clock::now();
-  tbb::flow::graph g;
-  std::exception_ptr failed;
-  {
-    nodes::DeviceStreamNode stream(g, gpu, cfg);
-    tbb::flow::function_node<nodes::StreamOutput> sink(g, tbb::flow::serial, [&](const nodes::StreamOutput& out) {
-      if (out.index == 0 && ro.check_tokens > 0) first_h = out.h;  // checked after the timed stream
-      done += out.h.dim(2);
-      progress.update(done);
-      return tbb::flow::continue_msg{};
-    });
-    tbb::flow::make_edge(stream.node(), sink);
-    std::uint64_t index = 0;
-    for (std::int64_t t0 = 0; t0 < ro.seq_len; t0 += piece, ++index) {
-      const bool partial = ro.seq_len - t0 < piece;
-      const ForwardInputs& l = partial ? last : pieces[index % kDistinctPieces];
-      stream.node().try_put(nodes::StreamPiece{index, l.args(), nullptr});
-    }
-    g.wait_for_all();
-    failed = stream.error();
-  }
-  if (failed) std::rethrow_exception(failed);
-  const double secs = std::chrono::duration<double>(Clock::now() - start).count();
-  if (!first_h.empty()) max_rel = spot_check(pieces[0], ro, first_h.dim(2), first_h, o);
-  const double tokens = static_cast<double>(ro.batch * ro.seq_len);
-  const bool check_ok = max_rel < 2e-2;
-  if (as_json) {
-    std::cout << json{{"command", "run"},
-                      {"mode", "pipeline"},
-                      {"tokens", tokens},
-                      {"seconds", secs},
-                      {"tokens_per_second", tokens / secs},
-                      {"peak_rss_mib", peak_rss_mib()},
-                      {"spot_check_rel_error", max_rel},
-                      {"spot_check_ok", check_ok},
-                      {"devices", gpu->name()},
-                      {"revision", MLSTM_GIT_REVISION}}
-                     .dump()
-              << "\n";
-  } else {
-    std::printf("throughput: %.0f tokens/s (%.0f tokens in %.2f s)\n", tokens / secs, tokens, secs);
-    std::printf("peak memory: %.1f MiB\n", peak_rss_mib());
-    std::printf("spot check vs float64 reference (first %lld tokens): max rel error %.3g  %s\n",
-                static_cast<long long>(std::min(ro.check_tokens, ro.seq_len)), max_rel, check_ok ? "OK" : "FAILED");
-  }
-  return check_ok ? 0 : 1;
-}
-
 }  // namespace
 
 int cmd_run(const RunOptions& ro, bool as_json) {
+  const auto command_start = Clock::now();
   // Every size in range before anything is allocated; the inputs of a piece (and, resident, of the whole
   // sequence) must fit in memory.
   require_range(ro.batch, 1, kMaxDim, "--batch");
@@ -265,21 +163,17 @@ int cmd_run(const RunOptions& ro, bool as_json) {
   MlstmOptions o;
   o.chunk_size = ro.chunk_size;
   validate_options(o);
-  // Every usable device: the CPU workers, plus the OpenCL GPUs when there are any.
+  // Every usable device: the CPU workers, plus the OpenCL GPUs when there are any (pipeline: the GPUs).
   std::string spec = ro.devices;
   if (spec == "auto") {
     bool gpu = false;
     for (const auto& d : opencl::list_devices()) gpu = gpu || d.type == opencl::DeviceType::gpu;
-    spec = gpu ? "workers+gpu:all" : "workers";
+    if (ro.mode == "pipeline" && !gpu) throw InvalidArgument("--mode", "pipeline needs an OpenCL GPU; none was found");
+    spec = ro.mode == "pipeline" ? "gpu:all" : gpu ? "workers+gpu:all" : "workers";
   }
-  if (ro.mode == "pipeline" || (ro.mode == "auto" && !ro.backward && ro.devices == "auto")) {
-    if (auto gpu = pipeline_device(ro, dtype, o); gpu) return run_pipeline(ro, dtype, o, gpu, as_json);
-    if (ro.mode == "pipeline")
-      throw InvalidArgument("--mode",
-                            "pipeline needs an OpenCL GPU with tensor cores and a problem they take "
-                            "(bfloat16/float16, head dims multiples of 16, chunk 64 or 128)");
-  }
-  // The stream: pieces through the flow graph on `spec`, the state carried between them by the session.
+  // One engine for every mode: the session's stream over `spec` (FlowGraphRunner::open_stream), which measures
+  // once which devices take part: a GPU alone through pinned staging (transfers and compute overlapped), or
+  // the graph over all. resident: the whole sequence as one piece.
   StreamConfig cfg;
   cfg.B = ro.batch;
   cfg.NH = ro.heads;
@@ -290,22 +184,15 @@ int cmd_run(const RunOptions& ro, bool as_json) {
   cfg.balancing = graph::Balancing::calibrated;  // shares by measured device speed
   StreamSession session(cfg);
   if (!as_json) {
-    ProblemShape shape;
-    shape.B = ro.batch;
-    shape.NH = ro.heads;
-    shape.S = ro.mode == "resident" ? ro.seq_len : std::min(ro.piece, ro.seq_len);
-    shape.DHQK = ro.dqk;
-    shape.DHHV = ro.dhv;
     std::cout << "problem: B=" << ro.batch << " NH=" << ro.heads << " S=" << ro.seq_len << " DHQK=" << ro.dqk
               << " DHHV=" << ro.dhv << " " << dtype_name(dtype) << ", chunk " << ro.chunk_size << ", mode "
               << (ro.mode == "auto" ? "stream" : ro.mode)
               << (ro.mode == "resident"
-                      ? std::string(", resident: the whole sequence in one graph run")
+                      ? std::string(", resident: the whole sequence in one piece")
                       : ", streamed in pieces of " + std::to_string(ro.piece) + " tokens carrying (C,n,m)")
-              << (ro.backward ? ", forward+backward per piece (the backward sequence parallel through the graph too)"
+              << (ro.backward ? ", forward+backward per piece (the backward sequence parallel through the graph)"
                               : "")
-              << "\n"
-              << (ro.mode == "resident" ? "" : "per piece, ") << session.runner()->plan(shape, o).describe() << "\n";
+              << "\n";
   }
   Progress progress(ro.seq_len, ro.progress || isatty(2));
   double max_rel = 0.0;
@@ -348,24 +235,61 @@ int cmd_run(const RunOptions& ro, bool as_json) {
     full.f = tile(&ForwardInputs::f, 1);
   }
   const std::int64_t step = resident ? ro.seq_len : ro.piece;
+  // Pieces in flight: each is submitted two pieces ahead of the one taken (backward: one at a time, push).
+  struct InFlight {
+    std::uint64_t ticket;
+    std::int64_t t0, len;
+    ForwardInputs inputs;  // a shared copy of the piece (Tensor copies share nothing: kept only for piece 0)
+  };
+  std::deque<InFlight> in_flight;
+  double first_token_secs = -1.0;
+  auto take_oldest = [&] {
+    InFlight f = std::move(in_flight.front());
+    in_flight.pop_front();
+    const auto c0 = Clock::now();
+    const Tensor h = session.take(f.ticket);
+    compute_secs += std::chrono::duration<double>(Clock::now() - c0).count();
+    if (first_token_secs < 0) first_token_secs = std::chrono::duration<double>(Clock::now() - command_start).count();
+    if (f.t0 == 0 && ro.check_tokens > 0) max_rel = spot_check(f.inputs, ro, f.len, h, o);
+    progress.update(f.t0 + f.len);
+  };
   std::int64_t piece_index = 0;
   for (std::int64_t t0 = 0; t0 < ro.seq_len; t0 += step, ++piece_index) {
     const std::int64_t len = std::min(step, ro.seq_len - t0);
-    ForwardInputs l = resident ? full : pieces[static_cast<std::size_t>(piece_index % kDistinctPieces)];
-    if (len < l.q.dim(2)) l = synthetic_piece(ro.batch, ro.heads, len, ro.dqk, ro.dhv, dtype, 7654321);
+    const ForwardInputs& cycled = resident ? full : pieces[static_cast<std::size_t>(piece_index % kDistinctPieces)];
+    ForwardInputs tail;
+    if (len < cycled.q.dim(2)) tail = synthetic_piece(ro.batch, ro.heads, len, ro.dqk, ro.dhv, dtype, 7654321);
+    const ForwardInputs& l = len < cycled.q.dim(2) ? tail : cycled;
     const ForwardArgs a = l.args();
     const auto c0 = Clock::now();
-    const Tensor h = session.push(a);
-    if (ro.backward) (void)session.backward_of_last_piece(a, h.view());  // dh = h
+    if (ro.backward) {
+      const Tensor h = session.push(a);
+      (void)session.backward_of_last_piece(a, h.view());  // dh = h
+      compute_secs += std::chrono::duration<double>(Clock::now() - c0).count();
+      if (first_token_secs < 0) first_token_secs = std::chrono::duration<double>(Clock::now() - command_start).count();
+      if (t0 == 0 && ro.check_tokens > 0) max_rel = spot_check(l, ro, len, h, o);
+      progress.update(t0 + len);
+      continue;
+    }
+    in_flight.push_back({session.submit(a), t0, len, t0 == 0 && ro.check_tokens > 0 ? l : ForwardInputs{}});
     compute_secs += std::chrono::duration<double>(Clock::now() - c0).count();
-    if (t0 == 0 && ro.check_tokens > 0) max_rel = spot_check(l, ro, len, h, o);
-    progress.update(t0 + len);
+    if (piece_index == 0 && !as_json) std::cout << "engine: " << session.runner()->last_plan().describe() << "\n";
+    if (in_flight.size() > 2) take_oldest();
   }
+  while (!in_flight.empty()) take_oldest();
+  if (ro.mode == "pipeline" && session.runner()->last_plan().engine.rfind("pinned staging", 0) != 0)
+    throw InvalidArgument("--mode", "pipeline needs a GPU whose tensor-core kernels take this problem "
+                                    "(bfloat16/float16, head dims multiples of 16, chunk 64 or 128); the stream ran " +
+                                        session.runner()->last_plan().engine);
   const double secs = std::chrono::duration<double>(Clock::now() - start).count();
   const double tokens = static_cast<double>(ro.batch * ro.seq_len);
   const bool check_ok = max_rel < (dtype == DType::f32 ? 1e-4 : 2e-2);
+  const graph::Plan& plan = session.runner()->last_plan();
   if (as_json) {
     std::cout << json{{"command", "run"},
+                      {"mode", ro.mode == "auto" ? "stream" : ro.mode},
+                      {"engine", plan.engine},
+                      {"first_token_seconds", first_token_secs},
                       {"tokens", tokens},
                       {"seconds", secs},
                       {"compute_seconds", compute_secs},
@@ -373,7 +297,7 @@ int cmd_run(const RunOptions& ro, bool as_json) {
                       {"peak_rss_mib", peak_rss_mib()},
                       {"spot_check_rel_error", max_rel},
                       {"spot_check_ok", check_ok},
-                      {"devices", spec},
+                      {"devices", plan.devices},
                       {"revision", MLSTM_GIT_REVISION}}
                      .dump()
               << "\n";

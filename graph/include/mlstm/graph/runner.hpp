@@ -38,7 +38,8 @@ namespace mlstm::graph {
 enum class Balancing { pull, calibrated };
 
 // Which run a plan is for: the sequence-parallel forward and backward, or the head splits.
-enum class Pass { forward, backward, forward_head_split, backward_head_split };
+// stream: a sequence in pieces (open_stream).
+enum class Pass { forward, backward, forward_head_split, backward_head_split, stream };
 std::string_view pass_name(Pass pass) noexcept;  // "forward", "backward", "forward head split", ...
 
 struct Plan {
@@ -51,6 +52,10 @@ struct Plan {
   // later passes (the state recurrence records it); otherwise the device every pass of the segment runs on.
   std::vector<nodes::Segment> segments;
   std::vector<std::pair<std::int64_t, std::int64_t>> rows;  // head split: rows [first, second) of devices[d]
+  // stream: how the pieces run ("pinned stream on <device>", "one forward() call per piece on <device>", "the
+  // forward graph per piece"), and the measured rates behind the choice (tokens/s, one line each).
+  std::string engine;
+  std::vector<std::string> measured;
   std::string describe() const;  // one line per item; MLSTM_PLAN_DEBUG=1 prints it at run time
 };
 
@@ -91,6 +96,14 @@ class FlowGraphRunner {
   // Gradients, head split: the rows cut into one contiguous group per device with a backward, each over the
   // whole sequence. Inputs must be contiguous.
   BackwardResult backward_head_split(const BackwardArgs& args, const MlstmOptions& options);
+  // A stream of one sequence in pieces of about `piece.S` tokens (StreamSession's engine), from `initial`
+  // (empty: the zero state). The devices that take part are decided once, by measurement (cached with the
+  // calibration): each capable device streaming alone (a GPU whose tensor-core kernels take the problem through
+  // pinned staging, overlapped; any other device one forward() call per piece), and, with several devices, the
+  // forward graph over all of them per piece (sequence parallel). The fastest wins, so adding a device never
+  // makes a stream slower than it measured without it. last_plan() says which and why (Pass::stream).
+  std::unique_ptr<SequenceStream> open_stream(const ProblemShape& piece, const MlstmOptions& options,
+                                              State initial = {});
   // What ran where in the last run ("segment 3: outputs on opencl:1 ...", "segment 2: backward on cpu:numa0").
   const std::vector<std::string>& last_log() const noexcept { return log_; }
   // The plan of the last run (set before it ran) and the flow graph it built, as data and as Graphviz DOT.

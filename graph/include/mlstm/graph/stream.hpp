@@ -9,10 +9,14 @@
 //   stream.snapshot("state.mlstm");   ...   auto resumed = mlstm::StreamSession::restore("state.mlstm", cfg);
 //
 // A session runs one registry kernel (config.kernel on config.target), or, with config.devices set, the flow
-// graph (FlowGraphRunner) over those devices: every piece sequence parallel across them.
+// graph's stream (FlowGraphRunner::open_stream) over those devices: decided once, by measurement, at the first
+// piece: a GPU alone through pinned staging (uploads, kernels and downloads of consecutive pieces overlapped,
+// the state on the device), another device alone, or every piece sequence parallel across all of them.
+// submit()/take() keep pieces in flight (two or three ahead of the one taken); push() is one of each.
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 
@@ -46,13 +50,19 @@ class StreamSession {
   // h (B,NH,S_piece,DHHV) in q's dtype for one piece. The piece's q,k,v,i,f must match the config's B, NH,
   // DHQK, DHHV (InvalidArgument naming the argument otherwise); its c0/n0/m0 must be empty.
   Tensor push(const ForwardArgs& piece);
+  // The same in two halves, so that several pieces are in flight: submit() hands a piece in (its memory may be
+  // reused once it returns) and returns its ticket; take() returns its h, waiting for it (each ticket once, any
+  // order). A kernel session computes in submit(). backward_of_last_piece() needs the piece to come by push().
+  std::uint64_t submit(const ForwardArgs& piece);
+  Tensor take(std::uint64_t ticket);
 
   // The gradients of the piece pushed last, from dh (its h's gradient): dq, dk, dv, di, df for its tokens and
   // dc0, dn0, dm0 for the state it started from (truncated backpropagation: nothing flows into earlier
   // pieces). `piece` must be the arguments of that push. The state is not changed.
   BackwardResult backward_of_last_piece(const ForwardArgs& piece, ConstTensorView dh);
 
-  const State& state() const noexcept { return *state_; }
+  // The state after every submitted piece (waits for them).
+  const State& state() const;
   // The flow graph the session runs (config.devices), or null for a kernel session.
   graph::FlowGraphRunner* runner() noexcept { return runner_.get(); }
   std::int64_t tokens() const noexcept { return tokens_; }  // tokens per row consumed so far
@@ -85,8 +95,12 @@ class StreamSession {
   ForwardArgs with_state(const ForwardArgs& piece, const State& state) const;  // checked piece + entering state
   std::unique_ptr<SequenceKernel> kernel_;
   std::unique_ptr<graph::FlowGraphRunner> runner_;
-  StateHandle state_;     // the state after the last piece
-  StateHandle previous_;  // the state before it (backward_of_last_piece)
+  mutable std::unique_ptr<SequenceStream> stream_;  // runner_'s stream, opened by the first submit()
+  mutable StateHandle state_;                       // the state after the last piece (stale while stream_ runs)
+  mutable bool state_stale_ = false;
+  StateHandle previous_;  // the state before the last push() (backward_of_last_piece)
+  std::map<std::uint64_t, Tensor> kernel_done_;  // a kernel session's h, by ticket
+  std::uint64_t next_ticket_ = 0;
   std::int64_t tokens_ = 0;
 };
 
