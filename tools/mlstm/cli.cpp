@@ -9,7 +9,9 @@
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
+#include <fstream>
 
 #include "mlstm/core/npy.hpp"
 
@@ -121,7 +123,14 @@ void check_outputs(const std::vector<NamedPath>& inputs, const std::vector<Named
   }
 }
 
+// VmHWM (/proc/self/status): the high-water mark of this process image's own memory. Not getrusage's
+// ru_maxrss, which Linux carries across exec: a child started by a large parent (posix_spawn, fork + exec)
+// reports at least the parent's size there. ru_maxrss only where /proc is not mounted.
 double peak_rss_mib() {
+  std::ifstream in("/proc/self/status");
+  for (std::string line; std::getline(in, line);) {
+    if (line.rfind("VmHWM:", 0) == 0) return std::strtod(line.c_str() + 6, nullptr) / 1024.0;  // in kB
+  }
   rusage ru{};
   getrusage(RUSAGE_SELF, &ru);
   return static_cast<double>(ru.ru_maxrss) / 1024.0;  // ru_maxrss is in KiB on Linux

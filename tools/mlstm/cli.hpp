@@ -42,7 +42,7 @@ struct NamedPath {
 };
 
 void check_outputs(const std::vector<NamedPath>& inputs, const std::vector<NamedPath>& outputs);
-double peak_rss_mib();
+double peak_rss_mib();  // this process image's peak resident memory (VmHWM), MiB
 
 // ---- options shared by forward / backward ----------------------------------------------------------
 
