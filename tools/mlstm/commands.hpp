@@ -65,6 +65,9 @@ struct RunOptions {
 int cmd_run(const RunOptions& ro, bool as_json);
 ForwardInputs synthetic_piece(std::int64_t B, std::int64_t NH, std::int64_t len, std::int64_t DK, std::int64_t DV,
                               DType dtype, std::uint64_t seed);
+// q, k, v, i, f of `seq_len` tokens made of `pieces` (one length P, one B, NH and head dims) in turn along S:
+// tokens [t, t+P) are pieces[(t / P) % pieces.size()], the last tile cut short. Copied in parallel.
+ForwardInputs tile_pieces(const std::vector<ForwardInputs>& pieces, std::int64_t seq_len);
 
 // ---- bench (bench.cpp) -----------------------------------------------------------------------------------
 
