@@ -71,6 +71,7 @@ void check_bench(const BenchOptions& bo, DType dtype) {
 }  // namespace
 
 int cmd_bench(const BenchOptions& bo, bool as_json) {
+  refuse_system_options(bo);
   const DType dtype = parse_dtype(bo.dtype, "--dtype");
   check_bench(bo, dtype);
   try {
