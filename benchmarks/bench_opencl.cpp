@@ -28,6 +28,7 @@
 #include <sstream>
 
 #include "mlstm/devices/opencl/chunkwise_routine.hpp"
+#include "mlstm/devices/opencl/copy_probe.hpp"
 #include "mlstm/devices/opencl/device.hpp"
 #include "mlstm/devices/opencl/resident.hpp"
 #include "mlstm/devices/opencl/stream.hpp"
@@ -281,61 +282,16 @@ void run_stream(benchmark::State& state, std::shared_ptr<opencl::Device> dev, in
 
 // Raw PCIe copies of 256 MiB (OpenCL event time): kind 0 host->device from pinned memory, 1 device->host
 // into pinned memory, 2 host->device from pageable memory, 3 both directions at once (pinned, two queues;
-// wall time). The yardstick for the streaming benchmarks above.
+// wall time), through opencl::CopyProbe. The yardstick for the streaming benchmarks above.
 void run_copy(benchmark::State& state, std::shared_ptr<opencl::Device> dev, int kind) {
-  const std::size_t bytes = std::size_t{256} << 20;
-  cl_int err = CL_SUCCESS;
-  const std::string& dn = dev->name();
-  cl_command_queue q[2];
-  for (auto& x : q) {
-    x = clCreateCommandQueue(dev->context(), dev->info().id, CL_QUEUE_PROFILING_ENABLE, &err);
-    opencl::check(err, "clCreateCommandQueue", dn);
-  }
-  opencl::Buffer pinned_a(clCreateBuffer(dev->context(), CL_MEM_ALLOC_HOST_PTR, bytes, nullptr, &err), bytes);
-  opencl::check(err, "clCreateBuffer(pinned)", dn);
-  opencl::Buffer pinned_b(clCreateBuffer(dev->context(), CL_MEM_ALLOC_HOST_PTR, bytes, nullptr, &err), bytes);
-  opencl::check(err, "clCreateBuffer(pinned)", dn);
-  void* host_a = clEnqueueMapBuffer(q[0], pinned_a.get(), CL_TRUE, CL_MAP_READ | CL_MAP_WRITE, 0, bytes, 0, nullptr,
-                                    nullptr, &err);
-  void* host_b = clEnqueueMapBuffer(q[0], pinned_b.get(), CL_TRUE, CL_MAP_READ | CL_MAP_WRITE, 0, bytes, 0, nullptr,
-                                    nullptr, &err);
-  std::vector<std::byte> pageable(bytes, std::byte{1});
-  std::memset(host_a, 1, bytes);
-  opencl::Buffer dev_a = dev->alloc(bytes), dev_b = dev->alloc(bytes);
+  opencl::CopyProbe probe(dev, std::size_t{256} << 20);
+  const auto k = static_cast<opencl::CopyKind>(kind);
   for (auto _ : state) {
-    const auto t0 = std::chrono::steady_clock::now();
-    cl_event e = nullptr;
-    if (kind == 0) clEnqueueWriteBuffer(q[0], dev_a.get(), CL_FALSE, 0, bytes, host_a, 0, nullptr, &e);
-    if (kind == 1) clEnqueueReadBuffer(q[0], dev_a.get(), CL_FALSE, 0, bytes, host_a, 0, nullptr, &e);
-    if (kind == 2) clEnqueueWriteBuffer(q[0], dev_a.get(), CL_FALSE, 0, bytes, pageable.data(), 0, nullptr, &e);
-    if (kind == 3) {
-      clEnqueueWriteBuffer(q[0], dev_a.get(), CL_FALSE, 0, bytes, host_a, 0, nullptr, nullptr);
-      clEnqueueReadBuffer(q[1], dev_b.get(), CL_FALSE, 0, bytes, host_b, 0, nullptr, nullptr);
-      clFlush(q[0]);
-      clFlush(q[1]);
-      clFinish(q[0]);
-      clFinish(q[1]);
-      const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      state.SetIterationTime(secs);
-      state.counters["GB_per_s"] = 2.0 * static_cast<double>(bytes) / secs * 1e-9;
-      continue;
-    }
-    clWaitForEvents(1, &e);
-    cl_ulong a = 0, b = 0;
-    clGetEventProfilingInfo(e, CL_PROFILING_COMMAND_START, sizeof a, &a, nullptr);
-    clGetEventProfilingInfo(e, CL_PROFILING_COMMAND_END, sizeof b, &b, nullptr);
-    clReleaseEvent(e);
-    const double secs = static_cast<double>(b - a) * 1e-9;
+    const double secs = probe.seconds(k);
     state.SetIterationTime(secs);
-    state.counters["GB_per_s"] = static_cast<double>(bytes) / secs * 1e-9;
+    state.counters["GB_per_s"] = static_cast<double>(probe.bytes_moved(k)) / secs * 1e-9;
   }
-  clEnqueueUnmapMemObject(q[0], pinned_a.get(), host_a, 0, nullptr, nullptr);
-  clEnqueueUnmapMemObject(q[0], pinned_b.get(), host_b, 0, nullptr, nullptr);
-  for (auto& x : q) {
-    clFinish(x);
-    clReleaseCommandQueue(x);
-  }
-  state.SetLabel(dn);
+  state.SetLabel(dev->name());
 }
 
 }  // namespace

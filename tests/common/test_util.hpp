@@ -8,6 +8,8 @@
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <filesystem>
+#include <functional>
 #include <random>
 #include <string>
 
@@ -110,6 +112,21 @@ std::int64_t quiet_normaliser_kinks(Inputs& in, const MlstmOptions& o, const Inp
 // Only checks that every element is finite (records the line too).
 ::testing::AssertionResult all_finite(const Tensor& got, const std::string& kernel, const std::string& what,
                                       const InputSpec& spec);
+
+// A command in a child process (tests of the command line): /bin/sh -c `command`, stdout and stderr to files in
+// `dir` (read back and removed); `setup` runs in the child before exec (limits, affinity, environment).
+struct CommandRun {
+  int code = -1;   // exit code, or -1 when killed by a signal
+  int signal = 0;  // the signal that killed it
+  std::string out, err;
+};
+CommandRun run_command(const std::filesystem::path& dir, const std::string& command,
+                       const std::function<void()>& setup = {});
+std::string slurp(const std::filesystem::path& p);  // a whole file ("" when it cannot be read)
+// An empty directory of the running test: <temp>/<prefix><pid>_<test name>, emptied first.
+std::filesystem::path fresh_test_dir(const std::string& prefix);
+// A refusal: exit code `code`, one line on stderr, naming `argument`.
+void expect_refused(const CommandRun& r, int code, const std::string& argument);
 
 // Concatenate along the sequence axis (axis 2) / slice [s0, s1) along it. For state-carry tests.
 Tensor slice_seq(const Tensor& t, std::int64_t s0, std::int64_t s1);

@@ -353,7 +353,17 @@ TEST_F(CliFuzz, EveryInvocationEndsWithExitCode012) {
          Opt{"--repeats", {"1", "2"}, {"0", "-1", "1000001", "2147483648", "nan", ""}}, Opt{"--backward", {}, {}, true},
          Opt{"--head-dims", {"8", "16"}, kInts}, Opt{"--graph-devices", {"workers"}, {"nope", "", "gpu:99", "-1"}},
          Opt{"--weak-seq-len", {"32"}, {"0", "-1", "2147483648", "9223372036854775807", "nan", ""}},
-         Opt{"--csv", {file("b_csv")}, outs}, Opt{"--json-out", {file("b_json")}, outs}},
+         Opt{"--csv", {file("b_csv")}, outs}, Opt{"--json-out", {file("b_json")}, outs},
+         // bench --system (the base's --tokens is never dropped, so --system is always refused here: the
+         // fuzzer draws its option checks, never a whole system run)
+         Opt{"--system", {}, {}, true},
+         Opt{"--system-problems",
+             {"2x8x8", "1x16x16"},
+             {"", "0x8x8", "2x8", "2x8x8x8", "axbxc", "9223372036854775808x1x1"}},
+         Opt{"--system-tokens", {"64", "64,128"}, tok_edge}, Opt{"--system-stream-tokens", {"32"}, tok_edge},
+         Opt{"--devices", {"0"}, {"", "nope", "gpu:99", "workers", "0+1", "-1"}},
+         Opt{"--workdir", {dir_.string()}, {"", (dir_ / "missing").string(), file("q")}},
+         Opt{"--memory-limit", {"100000000"}, kInts}},
         {"--tokens", "--repeats"}};
     subs.push_back(s);
   }

@@ -3,19 +3,15 @@
 // address-space limit streams with flat memory; a run killed mid-way (SIGKILL, by the test hook
 // MLSTM_TEST_KILL_AFTER_SLICES) and resumed writes the same h.npy byte for byte; bad resumes and failed writes
 // exit with one line naming the option.
-#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <sched.h>
 #include <sys/resource.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <csignal>
 #include <filesystem>
-#include <fstream>
 #include <functional>
 #include <nlohmann/json.hpp>
-#include <sstream>
 
 #include "mlstm/core/npy.hpp"
 #include "mlstm/mlstm.hpp"
@@ -26,61 +22,18 @@ namespace {
 
 namespace fs = std::filesystem;
 
-struct Run {
-  int code = -1;   // exit code, or -1 when killed by a signal
-  int signal = 0;  // the signal that killed it
-  std::string out, err;
-};
-
-std::string slurp(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
+using Run = testing::CommandRun;
+using testing::expect_refused;
+using testing::slurp;
 
 // The CLI in a child process: `setup` runs in the child before exec (limits, affinity, environment).
 Run run_cli(const fs::path& dir, const std::string& args, const std::function<void()>& setup = {}) {
-  static int counter = 0;
-  const fs::path out = dir / ("cli_out_" + std::to_string(counter)), err = dir / ("cli_err_" + std::to_string(counter));
-  ++counter;
-  const std::string cmd = "exec " + std::string(MLSTM_CLI_PATH) + " " + args;
-  const pid_t pid = fork();
-  if (pid == 0) {
-    const int o = ::open(out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    const int e = ::open(err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    ::dup2(o, 1);
-    ::dup2(e, 2);
-    if (setup) setup();
-    ::execl("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr));
-    ::_exit(127);
-  }
-  int status = 0;
-  ::waitpid(pid, &status, 0);
-  Run r;
-  if (WIFEXITED(status)) r.code = WEXITSTATUS(status);
-  if (WIFSIGNALED(status)) r.signal = WTERMSIG(status);
-  r.out = slurp(out);
-  r.err = slurp(err);
-  fs::remove(out);
-  fs::remove(err);
-  return r;
-}
-
-void expect_refused(const Run& r, int code, const std::string& argument) {
-  EXPECT_EQ(r.code, code) << r.err;
-  EXPECT_EQ(std::count(r.err.begin(), r.err.end(), '\n'), 1) << r.err;
-  EXPECT_NE(r.err.find(argument), std::string::npos) << "stderr should name " << argument << ": " << r.err;
+  return testing::run_command(dir, "exec " + std::string(MLSTM_CLI_PATH) + " " + args, setup);
 }
 
 class CliStream : public ::testing::Test {
  protected:
-  void SetUp() override {
-    dir_ = fs::temp_directory_path() / ("mlstm_cli_stream_" + std::to_string(getpid()) + "_" +
-                                        ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(dir_);
-    fs::create_directories(dir_);
-  }
+  void SetUp() override { dir_ = testing::fresh_test_dir("mlstm_cli_stream_"); }
   void TearDown() override { fs::remove_all(dir_); }
   std::string path(const std::string& name) const { return (dir_ / (name + ".npy")).string(); }
   void save_inputs(const testing::Inputs& in) {

@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <cstdio>
-#include <fstream>
 #include <functional>
 #include <iostream>
 #include <sstream>
@@ -15,15 +14,6 @@
 namespace mlstm::cli {
 
 namespace {
-
-std::string cpu_model() {
-  std::ifstream in("/proc/cpuinfo");
-  std::string line;
-  while (std::getline(in, line)) {
-    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
-  }
-  return "unknown";
-}
 
 int bench(const BenchOptions& bo, DType dtype, bool as_json);
 
@@ -81,6 +71,7 @@ void check_bench(const BenchOptions& bo, DType dtype) {
 }  // namespace
 
 int cmd_bench(const BenchOptions& bo, bool as_json) {
+  refuse_system_options(bo);
   const DType dtype = parse_dtype(bo.dtype, "--dtype");
   check_bench(bo, dtype);
   try {
@@ -193,16 +184,7 @@ int bench(const BenchOptions& bo, DType dtype, bool as_json) {
     }
     save();
   };
-  auto median_of = [&](const std::function<void()>& fn) {
-    std::vector<double> times;
-    for (std::int64_t rep = 0; rep <= bo.repeats; ++rep) {
-      const auto t0 = Clock::now();
-      fn();
-      if (rep > 0) times.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
-    }
-    std::sort(times.begin(), times.end());
-    return times[times.size() / 2];
-  };
+  auto median_of = [&](const std::function<void()>& fn) { return median_seconds(bo.repeats, fn); };
   const std::int64_t S_max = *std::max_element(bo.seq_lens.begin(), bo.seq_lens.end());
   const std::int64_t L0 = bo.chunk_sizes.front();
   for (auto d : bo.head_dims) {

@@ -9,7 +9,9 @@
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
+#include <fstream>
 
 #include "mlstm/core/npy.hpp"
 
@@ -121,10 +123,48 @@ void check_outputs(const std::vector<NamedPath>& inputs, const std::vector<Named
   }
 }
 
+std::string cpu_model() {
+  std::ifstream in("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
+  }
+  return "unknown";
+}
+
+namespace {
+const Clock::time_point started = Clock::now();  // static initialisation: before main
+}  // namespace
+
+Clock::time_point process_start() noexcept { return started; }
+
+// VmHWM (/proc/self/status): the high-water mark of this process image's own memory. Not getrusage's
+// ru_maxrss, which Linux carries across exec: a child started by a large parent (posix_spawn, fork + exec)
+// reports at least the parent's size there. ru_maxrss only where /proc is not mounted.
 double peak_rss_mib() {
+  std::ifstream in("/proc/self/status");
+  for (std::string line; std::getline(in, line);) {
+    if (line.rfind("VmHWM:", 0) == 0) return std::strtod(line.c_str() + 6, nullptr) / 1024.0;  // in kB
+  }
   rusage ru{};
   getrusage(RUSAGE_SELF, &ru);
   return static_cast<double>(ru.ru_maxrss) / 1024.0;  // ru_maxrss is in KiB on Linux
+}
+
+double median_seconds(std::int64_t repeats, const std::function<void()>& fn, bool warm_up, double budget_seconds,
+                      std::int64_t* runs) {
+  if (warm_up) fn();
+  std::vector<double> times;
+  double total = 0;
+  for (std::int64_t rep = 0; rep < std::max<std::int64_t>(repeats, 1) && (rep == 0 || total < budget_seconds); ++rep) {
+    const auto t0 = Clock::now();
+    fn();
+    times.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+    total += times.back();
+  }
+  if (runs) *runs = static_cast<std::int64_t>(times.size());
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
 }
 
 // A file option given an empty string is refused (it used to mean "not given": --out '' computed and wrote nothing).

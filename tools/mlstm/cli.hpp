@@ -4,7 +4,9 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <initializer_list>
+#include <limits>
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -42,7 +44,15 @@ struct NamedPath {
 };
 
 void check_outputs(const std::vector<NamedPath>& inputs, const std::vector<NamedPath>& outputs);
-double peak_rss_mib();
+double peak_rss_mib();  // this process image's peak resident memory (VmHWM), MiB
+// The median wall time of up to `repeats` calls of fn (at least one), after one untimed call when `warm_up`; no
+// further call once the timed ones have taken `budget_seconds` together (a long run is its own average). `runs`,
+// when given, is set to the number of timed calls.
+double median_seconds(std::int64_t repeats, const std::function<void()>& fn, bool warm_up = true,
+                      double budget_seconds = std::numeric_limits<double>::infinity(), std::int64_t* runs = nullptr);
+std::string cpu_model();  // /proc/cpuinfo's "model name", or "unknown"
+// When this process started (static initialisation, before main): the origin of first_token_seconds.
+Clock::time_point process_start() noexcept;
 
 // ---- options shared by forward / backward ----------------------------------------------------------
 

@@ -1,8 +1,10 @@
 // The subcommands of `mlstm`: their options (filled by main.cpp's CLI11 setup) and their entry points, which
-// return the exit code; forward.cpp, forward_stream.cpp, listings.cpp, run.cpp and bench.cpp define them.
+// return the exit code; forward.cpp, forward_stream.cpp, listings.cpp, run.cpp, bench.cpp and bench_system.cpp define
+// them.
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -65,8 +67,23 @@ struct RunOptions {
 int cmd_run(const RunOptions& ro, bool as_json);
 ForwardInputs synthetic_piece(std::int64_t B, std::int64_t NH, std::int64_t len, std::int64_t DK, std::int64_t DV,
                               DType dtype, std::uint64_t seed);
+// q, k, v, i, f of `seq_len` tokens made of `pieces` (one length P, one B, NH and head dims) in turn along S:
+// tokens [t, t+P) are pieces[(t / P) % pieces.size()], the last tile cut short. Copied in parallel.
+ForwardInputs tile_pieces(const std::vector<ForwardInputs>& pieces, std::int64_t seq_len);
 
-// ---- bench (bench.cpp) -----------------------------------------------------------------------------------
+// ---- bench (bench.cpp), bench --system (bench_system.cpp) ------------------------------------------------
+
+// bench --system: in one run, what a call through the system achieves against bounds measured in the same run
+// (README "Performance"). Defaults: issue 14's problems and sizes.
+struct BenchSystemOptions {
+  bool enabled = false;                                          // --system
+  std::vector<std::string> problems{"4x128x128", "16x128x256"};  // --system-problems: NHxDHQKxDHHV
+  std::vector<std::int64_t> tokens{1048576, 8388608};            // --system-tokens: sequence lengths (B = 1)
+  std::int64_t stream_tokens = 65536;  // --system-stream-tokens: slices of the CLI run, pieces of streamed runs
+  std::string devices = "gpu:all";     // --devices: the OpenCL devices of the GPU side
+  std::string workdir;                 // --workdir: where the .npy files go ("" = $TMPDIR, else /tmp)
+  std::int64_t memory_limit = 0;       // --memory-limit: bytes the runs may hold (0 = what the machine has free)
+};
 
 struct BenchOptions {
   std::int64_t tokens = 16384, heads = 4, dqk = 128, dhv = 128, repeats = 3;
@@ -78,8 +95,13 @@ struct BenchOptions {
   std::int64_t weak_seq_len = 0;           // tokens per device for weak scaling (0: the largest --seq-lens)
   std::string dtype = "float32", csv = "bench.csv", json_out = "bench.json";
   bool backward = false;
+  BenchSystemOptions system;
+  std::map<std::string, CLI::Option*> options;  // every option of bench by name: given or left at its default
 };
 
 int cmd_bench(const BenchOptions& bo, bool as_json);
+int cmd_bench_system(const BenchOptions& bo, bool as_json);
+// bench without --system: refuses the options that only --system reads (InvalidArgument naming one).
+void refuse_system_options(const BenchOptions& bo);
 
 }  // namespace mlstm::cli

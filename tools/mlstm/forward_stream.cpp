@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <optional>
 #include <sstream>
 
 #include "commands.hpp"
@@ -217,6 +218,7 @@ int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const 
   std::int64_t next = resumed_from, slices = 0;
   std::vector<std::string> devices;
   const auto t0 = Clock::now();
+  std::optional<Clock::time_point> first_token;  // the first slice's h computed
   try {
     // Three serial stages, at most three slices in flight (memory flat): read slice k+2 (pread), compute
     // slice k+1 (the session carries the state; with --devices it runs the flow graph), write slice k's h
@@ -245,6 +247,7 @@ int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const 
                                         const ForwardArgs a = s->in.args();
                                         if (in.check_finite) check_finite(a);
                                         s->h = session->push(a);
+                                        if (!first_token) first_token = Clock::now();
                                         s->snapshot = session->snapshot_bytes();
                                         s->in = ForwardInputs();  // the inputs go as soon as they are used
                                         return s;
@@ -278,6 +281,10 @@ int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const 
                       {"shape_h", shape_h},
                       {"dtype", dtype_name(hdr.dtype)},
                       {"seconds", secs},
+                      // from the process's start (before main) to the first slice's h: start-up included
+                      {"first_token_seconds",
+                       first_token ? json(std::chrono::duration<double>(*first_token - process_start()).count())
+                                   : json(nullptr)},
                       {"stream_tokens", st.tokens},
                       {"slices", slices},
                       {"resumed_from", resumed_from},

@@ -107,15 +107,16 @@ int main(int argc, char** argv) {
   auto* devices = app.add_subcommand("devices", "list OpenCL devices and NUMA nodes");
 
   BenchOptions bo;
-  auto* bench = app.add_subcommand("bench", "constant-token sweep (TFLA paper style) to CSV and JSON");
+  auto* bench = app.add_subcommand(
+      "bench", "constant-token sweep (TFLA paper style), or with --system the system benchmark, to CSV and JSON");
   bench->add_option("--tokens", bo.tokens, "B*S, fixed across the sweep");
   bench->add_option("--heads", bo.heads, "NH");
   bench->add_option("--dqk", bo.dqk, "DHQK");
   bench->add_option("--dhv", bo.dhv, "DHHV");
   bench->add_option("--seq-lens", bo.seq_lens, "sequence lengths");
-  bench->add_option("--chunk-sizes", bo.chunk_sizes, "chunk sizes");
+  bench->add_option("--chunk-sizes", bo.chunk_sizes, "chunk sizes (--system: one, default 128)");
   bench->add_option("--kernels", bo.kernels, "kernels");
-  bench->add_option("--dtype", bo.dtype, "input dtype");
+  bench->add_option("--dtype", bo.dtype, "input dtype (--system: default bfloat16)");
   bench->add_option("--repeats", bo.repeats, "timed repeats (median)");
   bench->add_flag("--backward", bo.backward, "also time forward+backward");
   bench->add_option("--head-dims", bo.head_dims, "also sweep DHQK = DHHV over these values");
@@ -123,8 +124,28 @@ int main(int argc, char** argv) {
                     "also run the flow graph on each device spec (strong and weak scaling), e.g. workers 0 0,1");
   bench->add_option("--weak-seq-len", bo.weak_seq_len,
                     "tokens per device for the weak-scaling rows of --graph-devices (default: the largest --seq-lens)");
-  bench->add_option("--csv", bo.csv, "CSV output path")->check(path_check());
-  bench->add_option("--json-out", bo.json_out, "JSON output path")->check(path_check());
+  bench->add_option("--csv", bo.csv, "CSV output path (--system: default bench_system.csv)")->check(path_check());
+  bench->add_option("--json-out", bo.json_out, "JSON output path (--system: default bench_system.json)")
+      ->check(path_check());
+  BenchSystemOptions& sys = bo.system;
+  bench->add_flag("--system", sys.enabled,
+                  "the system benchmark (README \"Performance\"): forward from host memory (C++ and Python), from "
+                  ".npy files through the CLI, forward+backward, CPU workers + GPU, peak RSS and start-up, each as a "
+                  "ratio against the transfer, kernel and file-read bounds measured in the same run");
+  bench->add_option("--system-problems", sys.problems, "with --system: NHxDHQKxDHHV,... (default 4x128x128,16x128x256)")
+      ->delimiter(',');
+  bench->add_option("--system-tokens", sys.tokens, "with --system: sequence lengths, B = 1 (default 1048576,8388608)")
+      ->delimiter(',');
+  bench->add_option("--system-stream-tokens", sys.stream_tokens,
+                    "with --system: slices of the CLI run (forward --stream-tokens), pieces of streamed runs (65536)");
+  bench->add_option("--devices", sys.devices, "with --system: the OpenCL devices of the GPU side (default gpu:all)");
+  bench->add_option("--workdir", sys.workdir,
+                    "with --system: where the .npy files go, in a temporary directory removed at the end (default "
+                    "$TMPDIR, else /tmp)");
+  bench->add_option("--memory-limit", sys.memory_limit,
+                    "with --system: bytes the runs may hold (default: the memory available); a size above it is "
+                    "streamed or skipped, as its row says");
+  for (CLI::Option* option : bench->get_options()) bo.options[option->get_name()] = option;  // given or default
 
   try {
     app.parse(argc, argv);
@@ -150,7 +171,7 @@ int main(int argc, char** argv) {
     if (*step) return cmd_step(sin, sfiles, as_json);
     if (*kernels) return cmd_kernels(as_json);
     if (*devices) return cmd_devices(as_json);
-    if (*bench) return cmd_bench(bo, as_json);
+    if (*bench) return sys.enabled ? cmd_bench_system(bo, as_json) : cmd_bench(bo, as_json);
   } catch (const InvalidArgument& e) {
     std::fprintf(stderr, "mlstm: error: %s\n", one_line(e.what()).c_str());
     return 2;

@@ -87,6 +87,38 @@ ForwardInputs synthetic_piece(std::int64_t B, std::int64_t NH, std::int64_t len,
   return l;
 }
 
+ForwardInputs tile_pieces(const std::vector<ForwardInputs>& pieces, std::int64_t seq_len) {
+  const std::size_t count = pieces.size();
+  auto tile = [&](Tensor ForwardInputs::*member) {
+    const Tensor& first = pieces[0].*member;
+    const std::int64_t rows = first.dim(0) * first.dim(1), P = first.dim(2);
+    const std::size_t es = dtype_size(first.dtype());
+    const std::size_t inner = static_cast<std::size_t>(first.numel() / std::max<std::int64_t>(rows * P, 1)) * es;
+    Shape shape = first.shape();
+    shape[2] = seq_len;
+    Tensor out(shape, first.dtype());
+    const std::int64_t tiles = (seq_len + P - 1) / P;
+    // One memcpy per (row, tile), in parallel (a sequence of many GB is copied at the memory's speed).
+    tbb::parallel_for(
+        tbb::blocked_range<std::int64_t>(0, rows * tiles), [&](const tbb::blocked_range<std::int64_t>& r) {
+          for (std::int64_t j = r.begin(); j < r.end(); ++j) {
+            const std::int64_t row = j / tiles, t0 = (j % tiles) * P, len = std::min(P, seq_len - t0);
+            const Tensor& src = pieces[static_cast<std::size_t>(t0 / P) % count].*member;
+            std::memcpy(out.bytes() + static_cast<std::size_t>(row * seq_len + t0) * inner,
+                        src.bytes() + static_cast<std::size_t>(row * P) * inner, static_cast<std::size_t>(len) * inner);
+          }
+        });
+    return out;
+  };
+  ForwardInputs l;
+  l.q = tile(&ForwardInputs::q);
+  l.k = tile(&ForwardInputs::k);
+  l.v = tile(&ForwardInputs::v);
+  l.i = tile(&ForwardInputs::i);
+  l.f = tile(&ForwardInputs::f);
+  return l;
+}
+
 namespace {
 
 // Max relative error of h over the first `check_tokens` tokens of a piece of `len` tokens, against the
@@ -209,31 +241,7 @@ int cmd_run(const RunOptions& ro, bool as_json) {
   // resident: the whole sequence in memory (the same pieces, tiled), one pass through the graph.
   const bool resident = ro.mode == "resident";
   ForwardInputs full;
-  if (resident) {
-    auto tile = [&](Tensor ForwardInputs::*member, std::int64_t inner) {
-      const Tensor& first = pieces[0].*member;
-      Shape shape = first.shape();
-      shape[2] = ro.seq_len;
-      Tensor out(shape, first.dtype());
-      const std::int64_t P = first.dim(2);
-      const std::size_t es = dtype_size(first.dtype());
-      for (std::int64_t r = 0; r < ro.batch * ro.heads; ++r) {
-        for (std::int64_t t0 = 0; t0 < ro.seq_len; t0 += P) {
-          const Tensor& src = pieces[static_cast<std::size_t>((t0 / P) % kDistinctPieces)].*member;
-          const std::int64_t len = std::min(P, ro.seq_len - t0);
-          std::memcpy(out.bytes() + static_cast<std::size_t>((r * ro.seq_len + t0) * inner) * es,
-                      src.bytes() + static_cast<std::size_t>(r * P * inner) * es,
-                      static_cast<std::size_t>(len * inner) * es);
-        }
-      }
-      return out;
-    };
-    full.q = tile(&ForwardInputs::q, ro.dqk);
-    full.k = tile(&ForwardInputs::k, ro.dqk);
-    full.v = tile(&ForwardInputs::v, ro.dhv);
-    full.i = tile(&ForwardInputs::i, 1);
-    full.f = tile(&ForwardInputs::f, 1);
-  }
+  if (resident) full = tile_pieces(pieces, ro.seq_len);
   const std::int64_t step = resident ? ro.seq_len : ro.piece;
   // Pieces in flight: each is submitted two pieces ahead of the one taken (backward: one at a time, push).
   struct InFlight {

@@ -1,0 +1,1232 @@
+// bench --system (issue 14 item 6): in ONE run on one machine, what a user's call through the system achieves,
+// each as a ratio against bounds measured in the same run, to a table, CSV and JSON. For every problem
+// (--system-problems, B = 1) and size (--system-tokens):
+//   bounds  transfer: the problem's bytes over the pinned copy rates (up, down, both at once) of the GPU side;
+//           kernel: the device-resident forward (and forward+backward) kernel time, OpenCL events;
+//           file read: the .npy inputs read back with pread after posix_fadvise(DONTNEED)
+//   runs    forward from host memory through the graph (FlowGraphRunner; StreamSession pieces when the inputs do
+//           not fit the memory budget), from Python numpy arrays (a child /usr/bin/python3), from .npy files
+//           through this executable's `forward --stream-tokens` (a child process), forward+backward through the
+//           graph, CPU workers + GPU against the GPU alone, the CLI run's peak RSS at the smallest and largest
+//           size, and a second run's start-up to its first token on the program cache the first one filled.
+// What cannot fit this machine's memory or disk is a row with "skipped" and the reason, never left out; a
+// measurement that fails is a row with "error" (exit code 1 at the end, after the files are written).
+#include <fcntl.h>
+#include <spawn.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <CLI/Option.hpp>
+#include <algorithm>
+#include <bit>
+#include <cerrno>
+#include <charconv>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <iterator>
+#include <limits>
+#include <map>
+#include <optional>
+#include <sstream>
+
+#include "commands.hpp"
+#include "mlstm/core/atomic_file.hpp"
+#include "mlstm/core/npy.hpp"
+#include "mlstm/devices/opencl/chunkwise_routine.hpp"
+#include "mlstm/devices/opencl/copy_probe.hpp"
+#include "mlstm/devices/opencl/tc_routine.hpp"
+
+extern char** environ;
+
+namespace mlstm::cli {
+
+namespace {
+
+namespace fs = std::filesystem;
+
+// Options of the sweep that --system does not read, and those only --system reads.
+constexpr const char* kSweepOnly[] = {"--tokens",  "--heads",    "--dqk",       "--dhv",           "--seq-lens",
+                                      "--kernels", "--backward", "--head-dims", "--graph-devices", "--weak-seq-len"};
+constexpr const char* kSystemOnly[] = {"--system-problems", "--system-tokens", "--system-stream-tokens",
+                                       "--devices",         "--workdir",       "--memory-limit"};
+
+bool given(const BenchOptions& bo, const std::string& name) {
+  const auto it = bo.options.find(name);
+  return it != bo.options.end() && it->second && it->second->count() > 0;
+}
+
+struct Problem {
+  std::string name;  // "4x128x128"
+  std::int64_t NH = 0, DK = 0, DV = 0;
+};
+
+// "NHxDHQKxDHHV", each a whole number in [1, kMaxDim].
+Problem parse_problem(const std::string& text) {
+  Problem p;
+  std::int64_t* dims[3] = {&p.NH, &p.DK, &p.DV};
+  std::size_t at = 0;
+  for (int d = 0; d < 3; ++d) {
+    const std::size_t end = d < 2 ? text.find('x', at) : text.size();
+    const char* first = text.data() + at;
+    const char* last = text.data() + (end == std::string::npos ? text.size() : end);
+    const auto [ptr, ec] = std::from_chars(first, last, *dims[d]);
+    if (end == std::string::npos || first == last || ec != std::errc() || ptr != last) {
+      throw InvalidArgument("--system-problems", "'" + text + "' is not NHxDHQKxDHHV (e.g. 4x128x128)");
+    }
+    require_range(*dims[d], 1, kMaxDim, "--system-problems");
+    at = end + 1;
+  }
+  p.name = std::to_string(p.NH) + "x" + std::to_string(p.DK) + "x" + std::to_string(p.DV);
+  return p;
+}
+
+// The checked options of one system run.
+struct SystemPlan {
+  std::vector<Problem> problems;
+  std::vector<std::int64_t> tokens;  // ascending, distinct
+  DType dtype = DType::bf16;
+  std::int64_t chunk = 128, repeats = 3, stream_tokens = 65536;
+  std::uint64_t memory_limit = 0;  // 0: the machine's available memory
+  std::string devices, workdir_base, csv, json_out;
+  std::vector<opencl::DeviceInfo> gpus;
+};
+
+// Every option in range and every combination meaningful, before anything is allocated or measured.
+SystemPlan check_system(const BenchOptions& bo) {
+  const BenchSystemOptions& so = bo.system;
+  SystemPlan p;
+  p.dtype = parse_dtype(given(bo, "--dtype") ? bo.dtype : "bfloat16", "--dtype");
+  if (p.dtype == DType::f64) throw InvalidArgument("--dtype", "takes bfloat16, float16 or float32 with --system");
+  if (given(bo, "--chunk-sizes")) {
+    if (bo.chunk_sizes.size() != 1) throw InvalidArgument("--chunk-sizes", "takes one value with --system");
+    p.chunk = bo.chunk_sizes.front();
+  }
+  require_range(p.chunk, 1, kMaxChunkSize, "--chunk-sizes");
+  require_range(bo.repeats, 1, 1000, "--repeats");
+  p.repeats = bo.repeats;
+  if (so.problems.empty()) throw InvalidArgument("--system-problems", "needs at least one value");
+  for (const auto& text : so.problems) p.problems.push_back(parse_problem(text));
+  if (so.tokens.empty()) throw InvalidArgument("--system-tokens", "needs at least one value");
+  for (const auto t : so.tokens) require_range(t, 1, kMaxTokens, "--system-tokens");
+  p.tokens = so.tokens;
+  std::sort(p.tokens.begin(), p.tokens.end());
+  p.tokens.erase(std::unique(p.tokens.begin(), p.tokens.end()), p.tokens.end());
+  require_range(so.stream_tokens, 1, kMaxTokens, "--system-stream-tokens");
+  p.stream_tokens = so.stream_tokens;
+  if (given(bo, "--memory-limit"))
+    require_range(so.memory_limit, 1, std::numeric_limits<std::int64_t>::max(), "--memory-limit");
+  p.memory_limit = static_cast<std::uint64_t>(so.memory_limit);
+  for (const char* name : kSweepOnly) {
+    if (given(bo, name)) {
+      throw InvalidArgument(name,
+                            "has no effect with --system (its problems are --system-problems at "
+                            "--system-tokens)");
+    }
+  }
+  if (so.devices.empty() || so.devices.find("workers") != std::string::npos ||
+      so.devices.find('+') != std::string::npos) {
+    throw InvalidArgument("--devices", "'" + so.devices +
+                                           "': name the OpenCL devices of the GPU side (gpu:all, 0, 0,1); the "
+                                           "workers+GPU row adds the CPU workers itself");
+  }
+  try {
+    p.gpus = opencl::select_devices(so.devices);
+  } catch (const InvalidArgument& e) {
+    rethrow_as_cli(e, {{"devices", "--devices"}});
+  }
+  if (p.gpus.empty()) throw InvalidArgument("--devices", "'" + so.devices + "' names no OpenCL device");
+  p.devices = so.devices;
+  if (given(bo, "--workdir")) {
+    p.workdir_base = so.workdir;
+  } else {
+    const char* tmp = std::getenv("TMPDIR");
+    p.workdir_base = tmp && *tmp ? tmp : "/tmp";
+  }
+  std::error_code ec;
+  if (!fs::is_directory(p.workdir_base, ec) || ::access(p.workdir_base.c_str(), W_OK | X_OK) != 0) {
+    throw InvalidArgument("--workdir", "'" + p.workdir_base + "' is not a writable directory" +
+                                           (given(bo, "--workdir") ? "" : " (the default: $TMPDIR, else /tmp)"));
+  }
+  p.csv = given(bo, "--csv") ? bo.csv : "bench_system.csv";
+  p.json_out = given(bo, "--json-out") ? bo.json_out : "bench_system.json";
+  check_outputs({}, {{"--csv", p.csv}, {"--json-out", p.json_out}});
+  return p;
+}
+
+// ---- the machine -------------------------------------------------------------------------------------------
+
+// Bytes of memory this run may use now: what the kernel calls available (free plus reclaimable caches), at
+// most --memory-limit.
+std::uint64_t memory_budget(const SystemPlan& plan) {
+  std::uint64_t available = 0;
+  std::ifstream in("/proc/meminfo");
+  for (std::string line; std::getline(in, line);) {
+    if (line.rfind("MemAvailable:", 0) == 0) available = std::stoull(line.substr(13)) * 1024;  // in kB
+  }
+  if (available == 0) {
+    const auto pages = sysconf(_SC_AVPHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    available = pages > 0 && page > 0 ? static_cast<std::uint64_t>(pages) * static_cast<std::uint64_t>(page) : 0;
+  }
+  return plan.memory_limit > 0 ? std::min(available, plan.memory_limit) : available;
+}
+
+std::uint64_t disk_free(const fs::path& dir) {
+  struct statvfs s {};
+  if (::statvfs(dir.c_str(), &s) != 0) throw Error("statvfs '" + dir.string() + "': " + std::strerror(errno));
+  return static_cast<std::uint64_t>(s.f_bavail) * static_cast<std::uint64_t>(s.f_frsize);
+}
+
+std::string gib_text(double bytes) {
+  char text[32];
+  std::snprintf(text, sizeof text, "%.3g GiB", bytes / static_cast<double>(1ull << 30));
+  return text;
+}
+
+json machine_of(const SystemPlan& plan) {
+  char host[256] = {0};
+  gethostname(host, sizeof host - 1);
+  json gpus = json::array();
+  for (const auto& d : plan.gpus) {
+    gpus.push_back({{"index", d.index},
+                    {"name", d.name},
+                    {"vendor", d.vendor},
+                    {"driver", d.driver},
+                    {"opencl", d.version},
+                    {"platform", d.platform_name + " " + d.platform_version},
+                    {"memory_gib", static_cast<double>(d.global_memory) / static_cast<double>(1ull << 30)}});
+  }
+  const auto pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+  return {{"hostname", host},
+          {"cpu", cpu_model()},
+          {"cores", sysconf(_SC_NPROCESSORS_ONLN)},
+          {"memory_gib", static_cast<double>(pages) * static_cast<double>(page) / static_cast<double>(1ull << 30)},
+          {"gpus", gpus}};
+}
+
+// ---- child processes ---------------------------------------------------------------------------------------
+
+struct ChildRun {
+  int code = -1;       // exit code, -1 when killed by a signal
+  int signal = 0;      // the signal that killed it
+  double seconds = 0;  // wall time from spawn to exit
+  std::string out, err;
+  json result;  // the last line of stdout as JSON (null when none)
+  bool ok() const { return code == 0; }
+  // The peak RSS the child reports in its JSON (peak_rss_mib: VmHWM, its own image). Not wait4's ru_maxrss:
+  // Linux carries that across exec, so a child spawned by this large process would report at least its size.
+  double peak_rss_mib() const {
+    const json v = result.is_object() ? result.value("peak_rss_mib", json(nullptr)) : json(nullptr);
+    if (!v.is_number()) throw Error("the child reported no peak_rss_mib");
+    return v.get<double>();
+  }
+  // "exit code 2: <the last line on stderr>" for rows.
+  std::string failure() const {
+    std::string last = err;
+    while (!last.empty() && last.back() == '\n') last.pop_back();
+    if (const auto nl = last.rfind('\n'); nl != std::string::npos) last = last.substr(nl + 1);
+    return (signal ? "killed by signal " + std::to_string(signal) : "exit code " + std::to_string(code)) +
+           (last.empty() ? "" : ": " + last);
+  }
+};
+
+std::string slurp(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+// Runs argv[0] with argv (stdin /dev/null, stdout and stderr to files in `dir`), with `env` set on top of this
+// process's environment; waits for it.
+ChildRun spawn(const std::vector<std::string>& args, const std::map<std::string, std::string>& env,
+               const fs::path& dir) {
+  std::vector<std::string> env_text;
+  for (char** e = environ; *e; ++e) {
+    const std::string entry = *e;
+    if (!env.count(entry.substr(0, entry.find('=')))) env_text.push_back(entry);
+  }
+  for (const auto& [key, value] : env) env_text.push_back(key + "=" + value);
+  std::vector<char*> argv, envp;
+  for (const auto& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+  argv.push_back(nullptr);
+  for (const auto& e : env_text) envp.push_back(const_cast<char*>(e.c_str()));
+  envp.push_back(nullptr);
+  const fs::path out = dir / "child.out", err = dir / "child.err";
+  posix_spawn_file_actions_t actions;
+  if (posix_spawn_file_actions_init(&actions) != 0) throw Error("posix_spawn_file_actions_init failed");
+  int rc = posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
+  if (rc == 0) rc = posix_spawn_file_actions_addopen(&actions, 1, out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  if (rc == 0) rc = posix_spawn_file_actions_addopen(&actions, 2, err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  pid_t pid = 0;
+  const auto t0 = Clock::now();
+  if (rc == 0) rc = posix_spawn(&pid, argv[0], &actions, nullptr, argv.data(), envp.data());
+  posix_spawn_file_actions_destroy(&actions);
+  if (rc != 0) throw Error("cannot start '" + args[0] + "': " + std::strerror(rc));
+  int status = 0;
+  while (::waitpid(pid, &status, 0) < 0) {
+    if (errno != EINTR) throw Error("waitpid for '" + args[0] + "': " + std::strerror(errno));
+  }
+  ChildRun r;
+  r.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  if (WIFEXITED(status)) r.code = WEXITSTATUS(status);
+  if (WIFSIGNALED(status)) r.signal = WTERMSIG(status);
+  r.out = slurp(out);
+  r.err = slurp(err);
+  std::error_code ec;
+  fs::remove(out, ec);
+  fs::remove(err, ec);
+  std::string last = r.out;
+  while (!last.empty() && last.back() == '\n') last.pop_back();
+  if (const auto nl = last.rfind('\n'); nl != std::string::npos) last = last.substr(nl + 1);
+  r.result = json::parse(last, nullptr, false);
+  if (r.result.is_discarded()) r.result = nullptr;
+  return r;
+}
+
+// ---- inputs ------------------------------------------------------------------------------------------------
+
+// Tokens [0, len) along S of a (B,NH,S,...) tensor, as a view with its strides.
+ConstTensorView head(const Tensor& t, std::int64_t len) {
+  Shape shape = t.shape();
+  shape[2] = len;
+  return ConstTensorView(t.bytes(), t.dtype(), shape, contiguous_strides(t.shape()));
+}
+
+ForwardArgs head_args(const ForwardInputs& l, std::int64_t len) {
+  ForwardArgs a;
+  a.q = head(l.q, len);
+  a.k = head(l.k, len);
+  a.v = head(l.v, len);
+  a.i = head(l.i, len);
+  a.f = head(l.f, len);
+  return a;
+}
+
+// One problem at one size and what its data weigh.
+struct Case {
+  Problem p;
+  std::int64_t S = 0, piece = 0;  // tokens; tokens of each synthetic piece
+  double up = 0, down = 0;        // bytes per token: q, k, v, i, f up; h down
+  json base() const { return {{"problem", p.name}, {"NH", p.NH}, {"DHQK", p.DK}, {"DHHV", p.DV}, {"tokens", S}}; }
+  double bytes(double per_token, std::int64_t tokens) const { return per_token * static_cast<double>(tokens); }
+};
+
+constexpr int kDistinctPieces = 4;  // as `mlstm run`: distinct random pieces, cycled along the sequence
+
+std::vector<ForwardInputs> make_pieces(const Case& c, DType dtype) {
+  std::vector<ForwardInputs> pieces;
+  for (int j = 0; j < kDistinctPieces; ++j) {
+    pieces.push_back(
+        synthetic_piece(1, c.p.NH, c.piece, c.p.DK, c.p.DV, dtype, 1234567 + static_cast<std::uint64_t>(j)));
+  }
+  return pieces;
+}
+
+// The .npy inputs of a case, written slice by slice from the pieces (memory: the pieces only).
+struct NpyInputs {
+  std::string q, k, v, i, f;
+  std::vector<std::string> all() const { return {q, k, v, i, f}; }
+};
+
+NpyInputs write_inputs(const fs::path& dir, const Case& c, const std::vector<ForwardInputs>& pieces, DType dtype) {
+  NpyInputs files{(dir / "q.npy").string(), (dir / "k.npy").string(), (dir / "v.npy").string(),
+                  (dir / "i.npy").string(), (dir / "f.npy").string()};
+  auto write = [&](const std::string& path, Tensor ForwardInputs::*member, Shape shape, DType dt) {
+    npy::SeqSliceWriter writer(path, std::move(shape), dt, false);
+    for (std::int64_t t0 = 0; t0 < c.S; t0 += c.piece) {
+      const Tensor& src = pieces[static_cast<std::size_t>(t0 / c.piece) % pieces.size()].*member;
+      writer.write(t0, head(src, std::min(c.piece, c.S - t0)));
+    }
+    writer.commit();
+  };
+  write(files.q, &ForwardInputs::q, {1, c.p.NH, c.S, c.p.DK}, dtype);
+  write(files.k, &ForwardInputs::k, {1, c.p.NH, c.S, c.p.DK}, dtype);
+  write(files.v, &ForwardInputs::v, {1, c.p.NH, c.S, c.p.DV}, dtype);
+  write(files.i, &ForwardInputs::i, {1, c.p.NH, c.S}, DType::f32);
+  write(files.f, &ForwardInputs::f, {1, c.p.NH, c.S}, DType::f32);
+  return files;
+}
+
+// Drops the file's pages from the page cache (written files are synced: nothing dirty stays), so that the next
+// read comes from the disk.
+void drop_cached(const std::string& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY);
+  if (fd < 0) throw Error("open '" + path + "': " + std::strerror(errno));
+  const int rc = ::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+  ::close(fd);
+  if (rc != 0) throw Error("posix_fadvise(DONTNEED) '" + path + "': " + std::strerror(rc));
+}
+
+// Seconds to read the files whole with pread (16 MiB at a time, every read checked), their cached pages
+// dropped first.
+double read_back_seconds(const std::vector<std::string>& paths) {
+  for (const auto& p : paths) drop_cached(p);
+  std::vector<char> buffer(std::size_t{16} << 20);
+  const auto t0 = Clock::now();
+  for (const auto& path : paths) {
+    const int fd = ::open(path.c_str(), O_RDONLY);
+    if (fd < 0) throw Error("open '" + path + "': " + std::strerror(errno));
+    ::posix_fadvise(fd, 0, 0, POSIX_FADV_SEQUENTIAL);  // a hint only
+    struct stat st {};
+    if (::fstat(fd, &st) != 0) {
+      ::close(fd);
+      throw Error("fstat '" + path + "': " + std::strerror(errno));
+    }
+    for (off_t at = 0; at < st.st_size;) {
+      const ssize_t n = ::pread(fd, buffer.data(), buffer.size(), at);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) {
+        const std::string why = n < 0 ? std::strerror(errno) : "unexpected end of file";
+        ::close(fd);
+        throw Error("pread '" + path + "': " + why);
+      }
+      at += n;
+    }
+    ::close(fd);
+  }
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+// ---- bounds ------------------------------------------------------------------------------------------------
+
+// Tokens/s of the transfer bound over every GPU-side device (measured one after the other, added up): the
+// forward's bytes (q, k, v, i, f up; h down) and the forward+backward's (inputs and dh up; h and the gradients
+// down), each over the slowest of up alone, down alone, and both at once.
+struct TransferBound {
+  double fw = 0, fwbw = 0;
+  json devices = json::array();
+  std::string note;  // the rates, for the table
+};
+
+TransferBound transfer_bound(const Case& c, const std::vector<std::shared_ptr<opencl::Device>>& gpus,
+                             std::int64_t repeats) {
+  // 256 MiB copies (bench_opencl's), less for a problem whose inputs are smaller, 16 MiB at least.
+  const auto bytes = static_cast<std::size_t>(
+      std::clamp(c.bytes(c.up, c.S), static_cast<double>(16 << 20), static_cast<double>(256 << 20)));
+  TransferBound t;
+  for (const auto& dev : gpus) {
+    const opencl::CopyRates r = opencl::measure_copy_rates(dev, bytes, static_cast<int>(repeats));
+    const double both = c.up + c.down;
+    t.fw += 1.0 / std::max({c.up / r.up, c.down / r.down, both / r.both});
+    t.fwbw += 1.0 / std::max({both / r.up, both / r.down, 2 * both / r.both});
+    t.devices.push_back({{"device", dev->name()},
+                         {"copy_mib", static_cast<double>(bytes) / static_cast<double>(1 << 20)},
+                         {"up_GBps", r.up * 1e-9},
+                         {"down_GBps", r.down * 1e-9},
+                         {"both_GBps", r.both * 1e-9}});
+    char text[160];
+    std::snprintf(text, sizeof text, "%spinned copies of %zu MiB: up %.1f, down %.1f, both %.1f GB/s",
+                  t.note.empty() ? "" : "; ", bytes >> 20, r.up * 1e-9, r.down * 1e-9, r.both * 1e-9);
+    t.note += (gpus.size() > 1 ? dev->name() + ": " : std::string()) + text;
+  }
+  return t;
+}
+
+struct KernelBound {
+  double fw = 0, fwbw = 0;
+  std::int64_t tokens = 0;  // measured on (the smallest over the devices)
+  json devices = json::array();
+  std::string note;
+};
+
+std::uint64_t max_alloc_of(const opencl::DeviceInfo& d) {
+  cl_ulong bytes = 0;
+  if (clGetDeviceInfo(d.id, CL_DEVICE_MAX_MEM_ALLOC_SIZE, sizeof bytes, &bytes, nullptr) != CL_SUCCESS) return 0;
+  return bytes;
+}
+
+// Whether a device-resident forward+backward of `tokens` tokens plausibly fits the device (a generous estimate:
+// inputs, h, dh and gradients, per-token gate buffers, and the chunk states of forward and backward in float32),
+// and its largest buffer the device's largest allocation.
+bool fits_device(const Case& c, std::int64_t tokens, std::int64_t chunk, const opencl::DeviceInfo& d) {
+  const double rows = static_cast<double>(c.p.NH), T = static_cast<double>(tokens);
+  const double states = rows * (std::ceil(T / static_cast<double>(chunk)) + 1) * static_cast<double>(c.p.DK) *
+                        static_cast<double>(c.p.DV) * 4;
+  const double total = 2 * (c.up + c.down) * T + 128 * rows * T + 2 * states + static_cast<double>(64 << 20);
+  const double largest = std::max(states, rows * T * static_cast<double>(std::max(c.p.DK, c.p.DV)) * 4);
+  const auto max_alloc = static_cast<double>(max_alloc_of(d));
+  return total <= 0.9 * static_cast<double>(d.global_memory) && (max_alloc == 0 || largest <= max_alloc);
+}
+
+// The problem on one device, resident, as the graph's OpenCL devices run it: the tensor cores where the device
+// has them and the problem fits them (and their programs build), else the portable kernels.
+std::unique_ptr<opencl::ResidentChunkwise> resident_on(const std::shared_ptr<opencl::Device>& dev, const ForwardArgs& a,
+                                                       const MlstmOptions& o, const BackwardArgs& grads,
+                                                       std::string* path) {
+  if (opencl::tensor_core_support(dev->info()).available &&
+      opencl::tensor_core_fit(validate_forward(a, o), o).empty()) {
+    try {
+      *path = "tensor cores";
+      return opencl::TensorCoreRunner(dev).resident(a, o, &grads);
+    } catch (const DeviceError& e) {
+      if (e.kind() != DeviceError::Kind::build) throw;
+      *path = "portable (the tensor-core programs did not build)";
+    }
+  } else {
+    *path = "portable";
+  }
+  return opencl::ChunkwiseRunner(dev).resident(a, o, &grads);
+}
+
+// Device time of the forward and of forward+backward on every GPU-side device (medians, added up over the
+// devices), on the whole sequence or the largest power-of-two number of tokens that fits device and budget.
+KernelBound kernel_bound(const Case& c, const std::vector<ForwardInputs>& pieces, const ForwardInputs& whole,
+                         const std::vector<std::shared_ptr<opencl::Device>>& gpus, const MlstmOptions& o,
+                         std::int64_t repeats, std::uint64_t budget) {
+  KernelBound k;
+  std::vector<std::int64_t> candidates{c.S};
+  for (std::int64_t t = std::int64_t{1} << 62; t >= std::max<std::int64_t>(o.chunk_size, 1); t >>= 1) {
+    if (t < c.S) candidates.push_back(t);
+  }
+  ForwardInputs tiled;  // when the whole sequence is not in memory already, or does not fit the device
+  std::int64_t tiled_tokens = 0;
+  std::string limits;
+  for (const auto& dev : gpus) {
+    std::int64_t done = 0;
+    for (const std::int64_t T : candidates) {
+      const bool have = T == c.S && !whole.q.empty();
+      if (!have && 1.2 * c.bytes(c.up + c.down, T) > static_cast<double>(budget)) {
+        limits = "memory budget";
+        continue;
+      }
+      if (!fits_device(c, T, o.chunk_size, dev->info())) {
+        limits = "device memory";
+        continue;
+      }
+      if (!have && tiled_tokens != T) {
+        tiled = ForwardInputs();
+        tiled = tile_pieces(pieces, T);
+        tiled_tokens = T;
+      }
+      const ForwardInputs& host = have ? whole : tiled;
+      const ForwardArgs a = host.args();
+      BackwardArgs grads;
+      grads.inputs = a;
+      grads.dh = host.v.view();  // (1,NH,T,DHHV) in the input dtype: the shape and dtype of h
+      std::string path;
+      std::unique_ptr<opencl::ResidentChunkwise> r;
+      auto pass_ms = [&](bool backward) {
+        std::vector<opencl::KernelEvent> events;
+        r->enqueue_forward(&events);
+        if (backward) r->enqueue_backward(&events);
+        return opencl::time_events(events, dev->name()).total_ms;
+      };
+      try {
+        r = resident_on(dev, a, o, grads, &path);
+        (void)pass_ms(true);  // warm-up
+      } catch (const DeviceError& e) {
+        if (e.kind() != DeviceError::Kind::out_of_memory && e.kind() != DeviceError::Kind::lost) throw;
+        r.reset();
+        dev->trim();
+        limits = "device memory";
+        continue;
+      }
+      std::vector<double> fw, fwbw;
+      for (std::int64_t j = 0; j < repeats; ++j) fw.push_back(pass_ms(false));
+      for (std::int64_t j = 0; j < repeats; ++j) fwbw.push_back(pass_ms(true));
+      std::sort(fw.begin(), fw.end());
+      std::sort(fwbw.begin(), fwbw.end());
+      const double fw_ms = fw[fw.size() / 2], fwbw_ms = fwbw[fwbw.size() / 2];
+      k.fw += static_cast<double>(T) / (fw_ms * 1e-3);
+      k.fwbw += static_cast<double>(T) / (fwbw_ms * 1e-3);
+      k.devices.push_back(
+          {{"device", dev->name()}, {"path", path}, {"tokens", T}, {"fw_ms", fw_ms}, {"fwbw_ms", fwbw_ms}});
+      k.tokens = k.tokens == 0 ? T : std::min(k.tokens, T);
+      done = T;
+      r.reset();
+      dev->trim();
+      break;
+    }
+    if (done == 0) {
+      throw Error("the resident problem does not fit " + dev->name() + " (" + limits + ") even at " +
+                  std::to_string(candidates.back()) + " tokens");
+    }
+  }
+  for (const auto& d : k.devices) {
+    k.note += (k.note.empty() ? "" : "; ") + (gpus.size() > 1 ? d["device"].get<std::string>() + ": " : std::string()) +
+              d["path"].get<std::string>();
+  }
+  if (k.tokens < c.S) {
+    k.note +=
+        ", measured on " + std::to_string(k.tokens) + " tokens: " + std::to_string(c.S) + " do not fit the " + limits;
+  }
+  return k;
+}
+
+// ---- the report --------------------------------------------------------------------------------------------
+
+// What each row is, for the table, the CSV and the JSON.
+struct RowKind {
+  const char* id;
+  const char* what;
+  double target = 0;     // 0: a bound
+  bool at_least = true;  // ratio >= target (throughput) or <= (memory, start-up)
+};
+
+// Bounds (tokens/s).
+constexpr RowKind kTransfer{"transfer", "bound: transfer, forward bytes"};
+constexpr RowKind kTransferFwbw{"transfer_fwbw", "bound: transfer, forward+backward bytes"};
+constexpr RowKind kKernelFw{"kernel_fw", "bound: kernel, forward (device-resident)"};
+constexpr RowKind kKernelFwbw{"kernel_fwbw", "bound: kernel, forward+backward"};
+constexpr RowKind kFileRead{"file_read", "bound: reading the .npy inputs back"};
+// Runs and their targets.
+constexpr RowKind kForwardHost{"forward_host", "forward, C++ host memory, graph", 0.80, true};
+constexpr RowKind kWorkersPlus{"workers_plus_gpu", "forward, CPU workers + GPU vs GPU", 1.0, true};
+constexpr RowKind kFwbwHost{"fwbw_host", "forward+backward, C++ host memory", 0.70, true};
+constexpr RowKind kForwardFiles{"forward_files", "forward, .npy files through the CLI", 0.80, true};
+constexpr RowKind kForwardPython{"forward_python", "forward, Python numpy arrays, graph", 0.80, true};
+constexpr RowKind kStartup{"startup", "second run: start-up to first token", 0.10, false};
+constexpr RowKind kPeakRss{"peak_rss", "peak RSS, largest vs smallest size", 1.10, false};
+constexpr const RowKind* kCaseRows[] = {&kTransfer,    &kTransferFwbw, &kKernelFw, &kKernelFwbw,   &kForwardHost,
+                                        &kWorkersPlus, &kFwbwHost,     &kFileRead, &kForwardFiles, &kForwardPython};
+
+std::string rate_text(double tokens_per_s) {
+  char text[32];
+  if (tokens_per_s >= 1e6)
+    std::snprintf(text, sizeof text, "%.2fM", tokens_per_s * 1e-6);
+  else
+    std::snprintf(text, sizeof text, "%.1fk", tokens_per_s * 1e-3);
+  return text;
+}
+
+std::string csv_field(const json& v) {
+  if (v.is_null()) return "";
+  if (v.is_boolean()) return v.get<bool>() ? "PASS" : "FAIL";
+  if (!v.is_string()) return v.dump();
+  std::string s = v.get<std::string>(), out = "\"";
+  for (const char ch : s) out += ch == '"' ? std::string("\"\"") : std::string(1, ch);
+  return out + "\"";
+}
+
+class Report {
+ public:
+  Report(const SystemPlan& plan, bool as_json) : plan_(plan), as_json_(as_json), machine_(machine_of(plan)) {
+    if (as_json_) return;
+    std::printf("mlstm bench --system (%s): %s; %s\n", MLSTM_GIT_REVISION, machine_["cpu"].get<std::string>().c_str(),
+                plan.gpus.front().name.c_str());
+    std::printf("%-11s %9s  %-40s %9s %9s %7s %8s  %s\n", "problem", "tokens", "what", "tokens/s", "bound", "ratio",
+                "target", "result");
+    std::fflush(stdout);
+  }
+
+  // A bound: tokens/s of the case.
+  void bound(const Case& c, const RowKind& kind, double tokens_per_s, json extra) {
+    json row = start(c, kind, std::move(extra));
+    row["tokens_per_s"] = tokens_per_s;
+    add(std::move(row));
+  }
+  // A run measured against a bound: rate / bound, judged against the kind's target.
+  void run(const Case& c, const RowKind& kind, double tokens, double seconds, const std::string& bound_name,
+           double bound_tokens_per_s, json extra) {
+    if (!std::isfinite(bound_tokens_per_s) || bound_tokens_per_s <= 0) {
+      failed(c, kind, "no bound to compare with (" + bound_name + " was not measured)");
+      return;
+    }
+    json row = start(c, kind, std::move(extra));
+    row["tokens_per_s"] = tokens / seconds;
+    row["seconds"] = seconds;
+    row["bound"] = bound_name;
+    row["bound_tokens_per_s"] = bound_tokens_per_s;
+    judge(row, kind, tokens / seconds / bound_tokens_per_s);
+    add(std::move(row));
+  }
+  // A row whose ratio is not a rate (peak RSS, start-up): `ratio` judged against the kind's target.
+  void ratio(const Case& c, const RowKind& kind, double value, json extra) {
+    json row = start(c, kind, std::move(extra));
+    judge(row, kind, value);
+    add(std::move(row));
+  }
+  void skipped(const Case& c, const RowKind& kind, const std::string& why) {
+    json row = start(c, kind, json::object());
+    row["skipped"] = why;
+    add(std::move(row));
+  }
+  void failed(const Case& c, const RowKind& kind, const std::string& why) {
+    json row = start(c, kind, json::object());
+    row["error"] = why;
+    row["pass"] = false;
+    ++errors_;
+    add(std::move(row));
+  }
+  int errors() const noexcept { return errors_; }
+  json document() const {
+    return {
+        {"command", "bench --system"},
+        {"revision", MLSTM_GIT_REVISION},
+        {"version", MLSTM_VERSION},
+        {"timestamp",
+         std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count()},
+        {"machine", machine_},
+        {"options",
+         {{"devices", plan_.devices},
+          {"dtype", dtype_name(plan_.dtype)},
+          {"chunk", plan_.chunk},
+          {"repeats", plan_.repeats},
+          {"stream_tokens", plan_.stream_tokens},
+          {"B", 1},
+          {"tokens", plan_.tokens}}},
+        {"errors", errors_},
+        {"rows", rows_}};
+  }
+
+ private:
+  json start(const Case& c, const RowKind& kind, json extra) const {
+    json row = c.base();
+    row["kind"] = kind.target > 0 ? "run" : "bound";
+    row["id"] = kind.id;
+    row["what"] = kind.what;
+    if (kind.target > 0) {
+      row["target"] = kind.target;
+      row["compare"] = kind.at_least ? ">=" : "<=";
+    }
+    for (auto& [key, value] : extra.items()) row[key] = value;
+    return row;
+  }
+  static void judge(json& row, const RowKind& kind, double ratio) {
+    row["ratio"] = ratio;
+    row["pass"] = kind.at_least ? ratio >= kind.target : ratio <= kind.target;
+  }
+  void add(json row) {
+    if (!as_json_) print(row);
+    rows_.push_back(std::move(row));
+    save();
+  }
+  void print(const json& row) const {
+    auto num = [&](const char* key) {
+      return row.contains(key) ? rate_text(row[key].get<double>()) : std::string("-");
+    };
+    char ratio[16] = "-", target[16] = "-";
+    if (row.contains("ratio")) std::snprintf(ratio, sizeof ratio, "%.3f", row["ratio"].get<double>());
+    if (row.contains("target"))
+      std::snprintf(target, sizeof target, "%s%.2f", row["compare"].get<std::string>().c_str(),
+                    row["target"].get<double>());
+    std::string result;
+    if (row.contains("skipped"))
+      result = "skipped: " + row["skipped"].get<std::string>();
+    else if (row.contains("error"))
+      result = "ERROR: " + row["error"].get<std::string>();
+    else if (row.contains("pass"))
+      result = row["pass"].get<bool>() ? "PASS" : "FAIL";
+    if (row.contains("note")) result += (result.empty() ? "" : "  ") + row["note"].get<std::string>();
+    std::printf("%-11s %9lld  %-40s %9s %9s %7s %8s  %s\n", row["problem"].get<std::string>().c_str(),
+                static_cast<long long>(row["tokens"].get<std::int64_t>()), row["what"].get<std::string>().c_str(),
+                num("tokens_per_s").c_str(), num("bound_tokens_per_s").c_str(), ratio, target, result.c_str());
+    std::fflush(stdout);
+  }
+  // Both files replaced atomically after every row: a run cut short keeps the rows measured so far.
+  void save() const {
+    static const char* columns[] = {"kind",   "id",     "problem",      "NH",      "DHQK",    "DHHV",
+                                    "tokens", "what",   "tokens_per_s", "seconds", "bound",   "bound_tokens_per_s",
+                                    "ratio",  "target", "compare",      "pass",    "skipped", "error",
+                                    "note"};
+    std::ostringstream csv;
+    for (std::size_t j = 0; j < std::size(columns); ++j) csv << (j ? "," : "") << columns[j];
+    csv << "\n";
+    for (const auto& row : rows_) {
+      for (std::size_t j = 0; j < std::size(columns); ++j) {
+        csv << (j ? "," : "") << (row.contains(columns[j]) ? csv_field(row[columns[j]]) : std::string());
+      }
+      csv << "\n";
+    }
+    write_file_atomically(plan_.csv, csv.str());
+    write_file_atomically(plan_.json_out, document().dump(2) + "\n");
+  }
+
+  const SystemPlan& plan_;
+  bool as_json_;
+  json machine_;
+  json rows_ = json::array();
+  int errors_ = 0;
+};
+
+// ---- the runs ----------------------------------------------------------------------------------------------
+
+// A directory removed with everything in it when this goes out of scope.
+struct RemovedAtEnd {
+  fs::path path;
+  ~RemovedAtEnd() {
+    std::error_code ec;
+    fs::remove_all(path, ec);
+  }
+};
+
+// A new directory (mkdtemp) under `base`: the run's work directory.
+fs::path make_work_dir(const std::string& base) {
+  std::string name = (fs::path(base) / "mlstm-bench-system.XXXXXX").string();
+  if (!::mkdtemp(name.data())) throw Error("cannot make a directory in '" + base + "': " + std::strerror(errno));
+  return name;
+}
+
+// The Python side: /usr/bin/python3 with numpy and the mlstm_flow module (PYTHONPATH as given, then the build
+// tree's python/ next to this executable's directory), checked once.
+struct Python {
+  std::string interpreter = "/usr/bin/python3";
+  std::map<std::string, std::string> env;
+  std::string missing;  // why not, when it cannot run
+};
+
+Python find_python(const fs::path& exe, const fs::path& dir) {
+  Python py;
+  std::string path;
+  if (const char* p = std::getenv("PYTHONPATH"); p && *p) path = p;
+  const fs::path built = exe.parent_path().parent_path() / "python";
+  std::error_code ec;
+  if (fs::is_directory(built, ec)) path += (path.empty() ? "" : ":") + built.string();
+  if (!path.empty()) py.env["PYTHONPATH"] = path;
+  if (::access(py.interpreter.c_str(), X_OK) != 0) {
+    py.missing = "python/numpy not available (no " + py.interpreter + ")";
+    return py;
+  }
+  const ChildRun r = spawn({py.interpreter, "-c", "import numpy, mlstm_flow"}, py.env, dir);
+  if (!r.ok()) py.missing = "python/numpy not available (import numpy, mlstm_flow: " + r.failure() + ")";
+  return py;
+}
+
+// The Python child: loads the .npy files and warms up on their first piece (untimed), then times
+// forward(devices=...) from the numpy arrays.
+constexpr const char* kPythonForward = R"(import json, sys, time
+import numpy as np
+import mlstm_flow
+a = json.loads(sys.argv[1])
+x = {n: np.load(a["files"][n]) for n in "qkvif"}
+def forward(tokens):
+    return mlstm_flow.forward(*(np.ascontiguousarray(x[n][:, :, :tokens]) for n in "qkvif"),
+                              devices=a["devices"], chunk_size=a["chunk"], dtype=a["dtype"])
+forward(a["warm_up_tokens"])  # devices opened, programs loaded: as the C++ row's warm-up
+t0 = time.perf_counter()
+h, _ = mlstm_flow.forward(x["q"], x["k"], x["v"], x["i"], x["f"], devices=a["devices"], chunk_size=a["chunk"],
+                          dtype=a["dtype"])
+seconds = time.perf_counter() - t0
+print(json.dumps({"seconds": seconds, "shape_h": list(h.shape)}))
+)";
+
+class SystemBench {
+ public:
+  SystemBench(const SystemPlan& plan, Report& report)
+      : plan_(plan), report_(report), work_{make_work_dir(plan.workdir_base)} {
+    for (const auto& d : plan.gpus) gpus_.push_back(opencl::open_device(d));
+    options_.chunk_size = plan.chunk;
+    exe_ = fs::read_symlink("/proc/self/exe");
+    cache_ = work_.path / "programs";  // the children's program cache: empty until the first child fills it
+  }
+
+  void run() {
+    for (const Problem& p : plan_.problems) {
+      std::map<std::int64_t, double> cli_rss;  // peak RSS MiB of the CLI forward by size, where it ran
+      for (const std::int64_t S : plan_.tokens) {
+        const Case c = case_of(p, S);
+        if (auto cli = run_case(c, S == plan_.tokens.front())) cli_rss[S] = cli->peak_rss_mib();
+      }
+      peak_rss_row(p, cli_rss);
+    }
+  }
+
+ private:
+  Case case_of(const Problem& p, std::int64_t S) const {
+    Case c;
+    c.p = p;
+    c.S = S;
+    c.piece = std::min(plan_.stream_tokens, S);
+    c.up = static_cast<double>(p.NH) * static_cast<double>(token_bytes(p.DK, p.DV, plan_.dtype));
+    c.down = static_cast<double>(p.NH * p.DV) * static_cast<double>(dtype_size(plan_.dtype));
+    return c;
+  }
+
+  // The synthetic pieces of a case, when they fit the memory budget; else why not.
+  std::string pieces_refusal(const Case& c) const {
+    const double pieces_bytes = 1.5 * kDistinctPieces * c.bytes(c.up, c.piece);  // float temporaries included
+    const auto budget = static_cast<double>(memory_budget(plan_));
+    if (pieces_bytes <= budget) return {};
+    return "the synthetic inputs (" + std::to_string(kDistinctPieces) + " pieces of " + std::to_string(c.piece) +
+           " tokens, about " + gib_text(pieces_bytes) + ") exceed the memory budget of " + gib_text(budget);
+  }
+
+  // One problem at one size: every row of it, in measurement order. Returns the CLI run, when it ran.
+  std::optional<ChildRun> run_case(const Case& c, bool smallest) {
+    if (const std::string why = pieces_refusal(c); !why.empty()) {
+      for (const RowKind* kind : kCaseRows) report_.skipped(c, *kind, why);
+      if (smallest) report_.skipped(c, kStartup, why);
+      return std::nullopt;
+    }
+    const std::vector<ForwardInputs> pieces = make_pieces(c, plan_.dtype);
+    // The whole sequence in memory when it fits (else the host runs stream it in pieces).
+    const double budget = static_cast<double>(memory_budget(plan_));
+    ForwardInputs whole;
+    if (1.2 * c.bytes(c.up + c.down, c.S) <= budget) whole = tile_pieces(pieces, c.S);
+    // Bounds of the GPU side.
+    std::optional<TransferBound> transfer;
+    try {
+      transfer = transfer_bound(c, gpus_, plan_.repeats);
+      const json extra{{"devices", transfer->devices}, {"note", transfer->note}};
+      report_.bound(c, kTransfer, transfer->fw, extra);
+      report_.bound(c, kTransferFwbw, transfer->fwbw, extra);
+    } catch (const std::exception& e) {
+      report_.failed(c, kTransfer, e.what());
+      report_.failed(c, kTransferFwbw, e.what());
+    }
+    std::optional<KernelBound> kernel;
+    try {
+      kernel = kernel_bound(c, pieces, whole, gpus_, options_, plan_.repeats, memory_budget(plan_));
+      const json extra{{"tokens_measured", kernel->tokens}, {"devices", kernel->devices}, {"note", kernel->note}};
+      report_.bound(c, kKernelFw, kernel->fw, extra);
+      report_.bound(c, kKernelFwbw, kernel->fwbw, extra);
+    } catch (const std::exception& e) {
+      report_.failed(c, kKernelFw, e.what());
+      report_.failed(c, kKernelFwbw, e.what());
+    }
+    const double fw_bound = std::min(transfer ? transfer->fw : INFINITY, kernel ? kernel->fw : INFINITY);
+    const double fwbw_bound = std::min(transfer ? transfer->fwbw : INFINITY, kernel ? kernel->fwbw : INFINITY);
+    host_runs(c, pieces, std::move(whole), budget, fw_bound, fwbw_bound);
+    return file_runs(c, pieces, fw_bound, smallest);
+  }
+
+  // forward, workers+GPU and forward+backward from host memory, in this process.
+  void host_runs(const Case& c, const std::vector<ForwardInputs>& pieces, ForwardInputs host, double budget,
+                 double fw_bound, double fwbw_bound) {
+    const bool whole = !host.q.empty();
+    const std::string how = whole ? std::string()
+                                  : "streamed through StreamSession in pieces of " + std::to_string(c.piece) +
+                                        " tokens: the inputs and h (" + gib_text(c.bytes(c.up + c.down, c.S)) +
+                                        ") exceed the memory budget of " + gib_text(budget);
+    const auto S = static_cast<double>(c.S);
+    double gpu_seconds = 0;
+    try {
+      const Timed t = whole ? forward_seconds(plan_.devices, host, pieces) : stream_seconds(plan_.devices, c, pieces);
+      gpu_seconds = t.seconds;
+      json extra{{"devices", plan_.devices}, {"timed_runs", t.runs}};
+      if (!how.empty()) extra["note"] = how;
+      report_.run(c, kForwardHost, S, gpu_seconds, "min(transfer, kernel_fw)", fw_bound, extra);
+    } catch (const std::exception& e) {
+      report_.failed(c, kForwardHost, e.what());
+    }
+    const std::string both = "workers+" + plan_.devices;
+    try {
+      if (gpu_seconds <= 0) throw Error("no GPU-alone forward to compare with");
+      const Timed t = whole ? forward_seconds(both, host, pieces) : stream_seconds(both, c, pieces);
+      json extra{{"devices", both}, {"gpu_alone_seconds", gpu_seconds}, {"timed_runs", t.runs}};
+      if (!how.empty()) extra["note"] = how;
+      report_.run(c, kWorkersPlus, S, t.seconds, "the GPU alone (forward_host)", S / gpu_seconds, extra);
+    } catch (const std::exception& e) {
+      report_.failed(c, kWorkersPlus, e.what());
+    }
+    // forward+backward: inputs, h (also dh) and the gradients in memory; the largest power of two that fits.
+    auto fwbw_bytes = [&](std::int64_t tokens) { return 1.2 * c.bytes(2 * (c.up + c.down), tokens); };
+    std::int64_t T = c.S;
+    while (T > plan_.chunk && fwbw_bytes(T) > budget) {
+      T = static_cast<std::int64_t>(std::bit_floor(static_cast<std::uint64_t>(T - 1)));
+    }
+    if (fwbw_bytes(T) > budget) {
+      report_.skipped(c, kFwbwHost,
+                      "inputs, h and gradients of even " + std::to_string(T) + " tokens exceed the memory budget of " +
+                          gib_text(budget));
+      return;
+    }
+    try {
+      if (T != c.S || !whole) {
+        host = ForwardInputs();
+        host = tile_pieces(pieces, T);
+      }
+      graph::FlowGraphRunner runner(plan_.devices);
+      auto fwbw = [&](const ForwardArgs& a) {
+        const ForwardResult fw = runner.forward(a, options_);
+        BackwardArgs b;
+        b.inputs = a;
+        b.dh = fw.h.view();  // dh = h
+        (void)runner.backward(b, options_);
+      };
+      fwbw(pieces[0].args());  // warm-up: programs, pools
+      const ForwardArgs a = host.args();
+      const Timed t = timed([&] { fwbw(a); });
+      json extra{{"devices", plan_.devices}, {"tokens_measured", T}, {"timed_runs", t.runs}};
+      if (T < c.S) {
+        extra["note"] = "measured on " + std::to_string(T) + " tokens: inputs, h and gradients of " +
+                        std::to_string(c.S) + " exceed the memory budget of " + gib_text(budget);
+      }
+      report_.run(c, kFwbwHost, static_cast<double>(T), t.seconds, "min(transfer_fwbw, kernel_fwbw)", fwbw_bound,
+                  extra);
+    } catch (const std::exception& e) {
+      report_.failed(c, kFwbwHost, e.what());
+    }
+  }
+
+  // The median of --repeats timed calls, fewer when they take more than 20 s together (a long run is its own
+  // average): the row says how many ran.
+  struct Timed {
+    double seconds = 0;
+    std::int64_t runs = 0;
+  };
+  Timed timed(const std::function<void()>& fn) const {
+    Timed t;
+    t.seconds = median_seconds(plan_.repeats, fn, false, 20.0, &t.runs);
+    return t;
+  }
+
+  // A forward of the whole host inputs through the graph over `spec` (warmed up on a piece).
+  Timed forward_seconds(const std::string& spec, const ForwardInputs& host, const std::vector<ForwardInputs>& pieces) {
+    graph::FlowGraphRunner runner(spec);
+    (void)runner.forward(pieces[0].args(), options_);
+    const ForwardArgs a = host.args();
+    return timed([&] { (void)runner.forward(a, options_); });
+  }
+
+  // The same through a StreamSession over `spec`, the pieces pushed in turn.
+  Timed stream_seconds(const std::string& spec, const Case& c, const std::vector<ForwardInputs>& pieces) {
+    StreamConfig cfg;
+    cfg.B = 1;
+    cfg.NH = c.p.NH;
+    cfg.DHQK = c.p.DK;
+    cfg.DHHV = c.p.DV;
+    cfg.options = options_;
+    cfg.devices = spec;
+    {
+      StreamSession warm(cfg);
+      (void)warm.push(pieces[0].args());
+    }
+    return timed([&] {
+      StreamSession session(cfg);
+      for (std::int64_t t0 = 0; t0 < c.S; t0 += c.piece) {
+        const ForwardInputs& l = pieces[static_cast<std::size_t>(t0 / c.piece) % pieces.size()];
+        (void)session.push(head_args(l, std::min(c.piece, c.S - t0)));
+      }
+    });
+  }
+
+  // The .npy runs: the file-read bound, the CLI forward (and at the smallest size first a cold one, for the
+  // start-up row) and the Python forward. Returns the CLI run.
+  std::optional<ChildRun> file_runs(const Case& c, const std::vector<ForwardInputs>& pieces, double fw_bound,
+                                    bool smallest) {
+    const double files_bytes = c.bytes(c.up + c.down, c.S) + static_cast<double>(64 << 20);
+    const double free_bytes = static_cast<double>(disk_free(work_.path));
+    if (files_bytes > free_bytes) {
+      const std::string why = "the .npy inputs and h (" + gib_text(files_bytes) + ") exceed the free disk space of " +
+                              gib_text(free_bytes) + " in " + work_.path.string();
+      for (const RowKind* kind : {&kFileRead, &kForwardFiles, &kForwardPython}) report_.skipped(c, *kind, why);
+      if (smallest) report_.skipped(c, kStartup, why);
+      return std::nullopt;
+    }
+    const fs::path dir = work_.path / (c.p.name + "_" + std::to_string(c.S));
+    fs::create_directories(dir);
+    const RemovedAtEnd files_go{dir};
+    NpyInputs files;
+    double file_bound = INFINITY;
+    try {
+      files = write_inputs(dir, c, pieces, plan_.dtype);
+      const double secs = read_back_seconds(files.all());
+      double bytes = 0;
+      for (const auto& f : files.all()) bytes += static_cast<double>(fs::file_size(f));
+      file_bound = static_cast<double>(c.S) / secs;
+      char note[96];
+      std::snprintf(note, sizeof note, "%.2f GB/s, pread after POSIX_FADV_DONTNEED", bytes / secs * 1e-9);
+      report_.bound(c, kFileRead, file_bound, {{"GBps", bytes / secs * 1e-9}, {"seconds", secs}, {"note", note}});
+    } catch (const std::exception& e) {
+      report_.failed(c, kFileRead, e.what());
+      for (const RowKind* kind : {&kForwardFiles, &kForwardPython}) report_.skipped(c, *kind, "no .npy inputs");
+      if (smallest) report_.skipped(c, kStartup, "no .npy inputs");
+      return std::nullopt;
+    }
+    std::optional<ChildRun> cli = cli_forward(c, files, dir, std::min(fw_bound, file_bound), smallest);
+    python_forward(c, files, dir, fw_bound);
+    return cli;
+  }
+
+  std::optional<ChildRun> cli_forward(const Case& c, const NpyInputs& files, const fs::path& dir, double bound,
+                                      bool smallest) {
+    const double budget = static_cast<double>(memory_budget(plan_));
+    const double slices = 3 * c.bytes(c.up + c.down, std::min(plan_.stream_tokens, c.S));
+    if (slices > budget) {
+      const std::string why = "three slices of " + std::to_string(plan_.stream_tokens) + " tokens (" +
+                              gib_text(slices) + ") exceed the memory budget of " + gib_text(budget);
+      report_.skipped(c, kForwardFiles, why);
+      if (smallest) report_.skipped(c, kStartup, why);
+      return std::nullopt;
+    }
+    std::vector<std::string> args{exe_.string(), "--json", "forward", "--q",   files.q, "--k",  files.k,
+                                  "--v",         files.v,  "--i",     files.i, "--f",   files.f};
+    if (plan_.dtype == DType::bf16) args.insert(args.end(), {"--dtype", "bfloat16"});
+    args.insert(args.end(), {"--chunk-size", std::to_string(plan_.chunk), "--devices", plan_.devices, "--stream-tokens",
+                             std::to_string(plan_.stream_tokens), "--memory-limit",
+                             std::to_string(static_cast<std::uint64_t>(budget)), "--out", (dir / "h.npy").string()});
+    const std::map<std::string, std::string> env{{"MLSTM_PROGRAM_CACHE", cache_.string()}};
+    auto run_once = [&] {
+      for (const auto& f : files.all()) drop_cached(f);  // from the disk, as the file-read bound
+      ChildRun r = spawn(args, env, dir);
+      std::error_code ec;
+      fs::remove(dir / "h.npy", ec);
+      if (!r.ok() || !r.result.is_object()) throw Error("mlstm forward: " + r.failure());
+      return r;
+    };
+    std::optional<ChildRun> cold;
+    try {
+      if (smallest) cold = run_once();  // fills the (empty) program cache: the first run of the start-up row
+      ChildRun r = run_once();
+      report_.run(c, kForwardFiles, static_cast<double>(c.S), r.seconds, "min(transfer, kernel_fw, file_read)", bound,
+                  {{"devices", r.result.value("devices", json::array())},
+                   {"stream_tokens", plan_.stream_tokens},
+                   {"peak_rss_mib", r.peak_rss_mib()},
+                   {"first_token_seconds", r.result.value("first_token_seconds", json(nullptr))}});
+      if (smallest) startup_row(c, *cold, r);
+      return r;
+    } catch (const std::exception& e) {
+      report_.failed(c, kForwardFiles, e.what());
+      if (smallest) report_.skipped(c, kStartup, "the CLI forward failed");
+      return std::nullopt;
+    }
+  }
+
+  void startup_row(const Case& c, const ChildRun& cold, const ChildRun& warm) {
+    const json first = warm.result.value("first_token_seconds", json(nullptr));
+    if (!first.is_number()) {
+      report_.failed(c, kStartup, "the CLI forward reported no first_token_seconds");
+      return;
+    }
+    const json cold_first = cold.result.value("first_token_seconds", json(nullptr));
+    char note[200];
+    std::snprintf(note, sizeof note,
+                  "first token after %.3f s of the second CLI run's %.3f s (the first run, on an empty program "
+                  "cache: %.3f s)",
+                  first.get<double>(), warm.seconds, cold_first.is_number() ? cold_first.get<double>() : NAN);
+    report_.ratio(c, kStartup, first.get<double>() / warm.seconds,
+                  {{"first_token_seconds", first},
+                   {"cold_first_token_seconds", cold_first},
+                   {"run_seconds", warm.seconds},
+                   {"note", note}});
+  }
+
+  void python_forward(const Case& c, const NpyInputs& files, const fs::path& dir, double bound) {
+    if (!python_) python_ = find_python(exe_, dir);
+    if (!python_->missing.empty()) {
+      report_.skipped(c, kForwardPython, python_->missing);
+      return;
+    }
+    // numpy arrays, the library's copies of them, h and its numpy copy.
+    const double need = 1.2 * 2 * c.bytes(c.up + c.down, c.S), budget = static_cast<double>(memory_budget(plan_));
+    if (need > budget) {
+      report_.skipped(
+          c, kForwardPython,
+          "the arrays and their copies (" + gib_text(need) + ") exceed the memory budget of " + gib_text(budget));
+      return;
+    }
+    try {
+      const json a{{"files", {{"q", files.q}, {"k", files.k}, {"v", files.v}, {"i", files.i}, {"f", files.f}}},
+                   {"devices", plan_.devices},
+                   {"chunk", plan_.chunk},
+                   {"warm_up_tokens", c.piece},
+                   {"dtype", plan_.dtype == DType::bf16 ? "bfloat16" : ""}};
+      std::map<std::string, std::string> env = python_->env;
+      env["MLSTM_PROGRAM_CACHE"] = cache_.string();
+      const ChildRun r = spawn({python_->interpreter, "-c", kPythonForward, a.dump()}, env, dir);
+      const json seconds = r.result.is_object() ? r.result.value("seconds", json(nullptr)) : json(nullptr);
+      if (!r.ok() || !seconds.is_number()) throw Error("python forward: " + r.failure());
+      report_.run(c, kForwardPython, static_cast<double>(c.S), seconds.get<double>(), "min(transfer, kernel_fw)", bound,
+                  {{"devices", plan_.devices},
+                   {"note", "timed in the child after loading the files and a warm-up on the first piece"}});
+    } catch (const std::exception& e) {
+      report_.failed(c, kForwardPython, e.what());
+    }
+  }
+
+  // Peak RSS at the largest size over that at the smallest: of the CLI forward children where they ran at both,
+  // else of `mlstm run --mode stream` children at both (synthetic pieces, no files).
+  void peak_rss_row(const Problem& p, const std::map<std::int64_t, double>& cli_rss) {
+    const Case small = case_of(p, plan_.tokens.front()), large = case_of(p, plan_.tokens.back());
+    if (plan_.tokens.size() < 2) {
+      report_.skipped(large, kPeakRss, "needs two --system-tokens");
+      return;
+    }
+    std::string source = "the peak_rss_mib (VmHWM) the CLI forward children report";
+    std::map<std::int64_t, double> rss = cli_rss;
+    if (!rss.count(small.S) || !rss.count(large.S)) {
+      std::string ran;
+      for (const auto& [S, mib] : cli_rss) ran += (ran.empty() ? "" : ", ") + std::to_string(S);
+      source = "the peak_rss_mib (VmHWM) `mlstm run --mode stream` children report: the CLI forward ran at " +
+               (ran.empty() ? std::string("neither size") : ran + " only");
+      for (const Case& c : {small, large}) {
+        if (const std::string why = pieces_refusal(c); !why.empty()) {
+          report_.skipped(large, kPeakRss, why + " (" + std::to_string(c.S) + " tokens)");
+          return;
+        }
+      }
+      try {
+        for (const Case& c : {small, large}) rss[c.S] = run_rss(c);
+      } catch (const std::exception& e) {
+        report_.failed(large, kPeakRss, e.what());
+        return;
+      }
+    }
+    const double a = rss.at(small.S), b = rss.at(large.S);
+    report_.ratio(
+        large, kPeakRss, b / a,
+        {{"peak_rss_mib", {a, b}},
+         {"sizes", {small.S, large.S}},
+         {"note", std::to_string(std::lround(a)) + " MiB at " + std::to_string(small.S) + " tokens, " +
+                      std::to_string(std::lround(b)) + " MiB at " + std::to_string(large.S) + " (" + source + ")"}});
+  }
+
+  // Peak RSS (MiB) of `mlstm run --mode stream` on the case: its pieces through a StreamSession over --devices.
+  double run_rss(const Case& c) {
+    const ChildRun r = spawn({exe_.string(),
+                              "--json",
+                              "run",
+                              "--batch",
+                              "1",
+                              "--heads",
+                              std::to_string(c.p.NH),
+                              "--seq-len",
+                              std::to_string(c.S),
+                              "--dqk",
+                              std::to_string(c.p.DK),
+                              "--dhv",
+                              std::to_string(c.p.DV),
+                              "--dtype",
+                              std::string(dtype_name(plan_.dtype)),
+                              "--chunk-size",
+                              std::to_string(plan_.chunk),
+                              "--piece",
+                              std::to_string(c.piece),
+                              "--devices",
+                              plan_.devices,
+                              "--mode",
+                              "stream",
+                              "--check-tokens",
+                              "0"},
+                             {{"MLSTM_PROGRAM_CACHE", cache_.string()}}, work_.path);
+    if (!r.ok()) throw Error("mlstm run: " + r.failure());
+    return r.peak_rss_mib();
+  }
+
+  const SystemPlan& plan_;
+  Report& report_;
+  RemovedAtEnd work_;
+  std::vector<std::shared_ptr<opencl::Device>> gpus_;
+  MlstmOptions options_;
+  fs::path exe_, cache_;
+  std::optional<Python> python_;
+};
+
+}  // namespace
+
+void refuse_system_options(const BenchOptions& bo) {
+  for (const char* name : kSystemOnly) {
+    if (given(bo, name)) throw InvalidArgument(name, "has an effect only with --system");
+  }
+}
+
+int cmd_bench_system(const BenchOptions& bo, bool as_json) {
+  const SystemPlan plan = check_system(bo);
+  Report report(plan, as_json);
+  {
+    SystemBench bench(plan, report);
+    bench.run();
+  }
+  if (as_json) std::printf("%s\n", report.document().dump().c_str());
+  if (std::fflush(stdout) != 0) throw Error(std::string("writing stdout: ") + std::strerror(errno));
+  return report.errors() > 0 ? 1 : 0;
+}
+
+}  // namespace mlstm::cli
