@@ -20,6 +20,7 @@
 
 #include <CLI/Option.hpp>
 #include <algorithm>
+#include <deque>
 #include <bit>
 #include <cerrno>
 #include <charconv>
@@ -975,7 +976,7 @@ class SystemBench {
     return timed([&] { (void)runner.forward(a, options_); });
   }
 
-  // The same through a StreamSession over `spec`, the pieces pushed in turn.
+  // The same through a StreamSession over `spec`, two pieces in flight behind the one taken.
   Timed stream_seconds(const std::string& spec, const Case& c, const std::vector<ForwardInputs>& pieces) {
     StreamConfig cfg;
     cfg.B = 1;
@@ -990,10 +991,16 @@ class SystemBench {
     }
     return timed([&] {
       StreamSession session(cfg);
+      std::deque<std::uint64_t> in_flight;
       for (std::int64_t t0 = 0; t0 < c.S; t0 += c.piece) {
         const ForwardInputs& l = pieces[static_cast<std::size_t>(t0 / c.piece) % pieces.size()];
-        (void)session.push(head_args(l, std::min(c.piece, c.S - t0)));
+        in_flight.push_back(session.submit(head_args(l, std::min(c.piece, c.S - t0))));
+        if (in_flight.size() > 2) {
+          (void)session.take(in_flight.front());
+          in_flight.pop_front();
+        }
       }
+      for (; !in_flight.empty(); in_flight.pop_front()) (void)session.take(in_flight.front());
     });
   }
 

@@ -162,7 +162,6 @@ double spot_check(const ForwardInputs& l, const RunOptions& ro, std::int64_t len
 }  // namespace
 
 int cmd_run(const RunOptions& ro, bool as_json) {
-  const auto command_start = Clock::now();
   // Every size in range before anything is allocated; the inputs of a piece (and, resident, of the whole
   // sequence) must fit in memory.
   require_range(ro.batch, 1, kMaxDim, "--batch");
@@ -257,7 +256,7 @@ int cmd_run(const RunOptions& ro, bool as_json) {
     const auto c0 = Clock::now();
     const Tensor h = session.take(f.ticket);
     compute_secs += std::chrono::duration<double>(Clock::now() - c0).count();
-    if (first_token_secs < 0) first_token_secs = std::chrono::duration<double>(Clock::now() - command_start).count();
+    if (first_token_secs < 0) first_token_secs = std::chrono::duration<double>(Clock::now() - process_start()).count();
     if (f.t0 == 0 && ro.check_tokens > 0) max_rel = spot_check(f.inputs, ro, f.len, h, o);
     progress.update(f.t0 + f.len);
   };
@@ -274,7 +273,7 @@ int cmd_run(const RunOptions& ro, bool as_json) {
       const Tensor h = session.push(a);
       (void)session.backward_of_last_piece(a, h.view());  // dh = h
       compute_secs += std::chrono::duration<double>(Clock::now() - c0).count();
-      if (first_token_secs < 0) first_token_secs = std::chrono::duration<double>(Clock::now() - command_start).count();
+      if (first_token_secs < 0) first_token_secs = std::chrono::duration<double>(Clock::now() - process_start()).count();
       if (t0 == 0 && ro.check_tokens > 0) max_rel = spot_check(l, ro, len, h, o);
       progress.update(t0 + len);
       continue;
