@@ -9,6 +9,7 @@
 #include <deque>
 
 #include "mlstm/devices/opencl/device.hpp"
+#include "mlstm/devices/opencl/tc_routine.hpp"
 #include "mlstm/graph/runner.hpp"
 #include "mlstm/graph/stream.hpp"
 #include "mlstm/reference.hpp"
@@ -19,9 +20,11 @@ namespace {
 
 bool no_opencl() { return opencl::list_devices().empty(); }
 
-// A tensor-core OpenCL device on PoCL: the kernels without PTX (slow: keep problems small).
+// OpenCL device 0 with the tensor-core kernels: the real ones where it has tensor cores (the GPU machine),
+// else the kernels without PTX (PoCL; slow: keep problems small).
 std::shared_ptr<ComputeDevice> emulated_tc_device() {
-  return opencl_devices("0", OpenCLKernels::emulated_tensor_cores).front();
+  const bool real = opencl::tensor_core_support(opencl::select_devices("0").front()).available;
+  return opencl_devices("0", real ? OpenCLKernels::tensor_cores : OpenCLKernels::emulated_tensor_cores).front();
 }
 
 std::shared_ptr<opencl::Device> opencl_device0() { return opencl::open_device(opencl::select_devices("0").front()); }

@@ -20,7 +20,7 @@ namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 // The rows of one problem at one size, and those of one problem.
-const std::set<std::string> kCaseIds{"transfer",      "transfer_fwbw", "kernel_fw",        "kernel_fwbw",
+const std::set<std::string> kCaseIds{"transfer",      "transfer_fwbw", "host_copy",        "kernel_fw",        "kernel_fwbw",
                                      "file_read",     "forward_host",  "workers_plus_gpu", "fwbw_host",
                                      "forward_files", "forward_python"};
 

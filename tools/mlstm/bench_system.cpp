@@ -20,8 +20,8 @@
 
 #include <CLI/Option.hpp>
 #include <algorithm>
-#include <deque>
 #include <bit>
+#include <deque>
 #include <cerrno>
 #include <charconv>
 #include <cmath>
@@ -429,6 +429,22 @@ TransferBound transfer_bound(const Case& c, const std::vector<std::shared_ptr<op
   return t;
 }
 
+// Host memory copy rate (bytes/s, best of `repeats`): a parallel copy (copy_rows, as the streams' staging
+// copies are) of 256 MiB between two touched pageable buffers. Arrays in pageable host memory reach the GPU
+// only through such a copy into pinned staging (and h comes back through one), so every streamed byte costs
+// one: tokens/s <= rate / (up + down bytes per token).
+double host_copy_rate(std::int64_t repeats) {
+  constexpr std::size_t kBytes = std::size_t{256} << 20;
+  std::vector<std::byte> from(kBytes, std::byte{1}), to(kBytes, std::byte{0});
+  double best = 1e30;
+  for (std::int64_t r = 0; r < std::max<std::int64_t>(repeats, 3); ++r) {
+    const auto t0 = Clock::now();
+    copy_rows(to.data(), 0, from.data(), 0, 1, kBytes);
+    best = std::min(best, std::chrono::duration<double>(Clock::now() - t0).count());
+  }
+  return static_cast<double>(kBytes) / best;
+}
+
 struct KernelBound {
   double fw = 0, fwbw = 0;
   std::int64_t tokens = 0;  // measured on (the smallest over the devices)
@@ -576,6 +592,7 @@ constexpr RowKind kTransferFwbw{"transfer_fwbw", "bound: transfer, forward+backw
 constexpr RowKind kKernelFw{"kernel_fw", "bound: kernel, forward (device-resident)"};
 constexpr RowKind kKernelFwbw{"kernel_fwbw", "bound: kernel, forward+backward"};
 constexpr RowKind kFileRead{"file_read", "bound: reading the .npy inputs back"};
+constexpr RowKind kHostCopy{"host_copy", "bound: host copies to/from staging"};
 // Runs and their targets.
 constexpr RowKind kForwardHost{"forward_host", "forward, C++ host memory, graph", 0.80, true};
 constexpr RowKind kWorkersPlus{"workers_plus_gpu", "forward, CPU workers + GPU vs GPU", 1.0, true};
@@ -584,8 +601,9 @@ constexpr RowKind kForwardFiles{"forward_files", "forward, .npy files through th
 constexpr RowKind kForwardPython{"forward_python", "forward, Python numpy arrays, graph", 0.80, true};
 constexpr RowKind kStartup{"startup", "second run: start-up to first token", 0.10, false};
 constexpr RowKind kPeakRss{"peak_rss", "peak RSS, largest vs smallest size", 1.10, false};
-constexpr const RowKind* kCaseRows[] = {&kTransfer,    &kTransferFwbw, &kKernelFw, &kKernelFwbw,   &kForwardHost,
-                                        &kWorkersPlus, &kFwbwHost,     &kFileRead, &kForwardFiles, &kForwardPython};
+constexpr const RowKind* kCaseRows[] = {&kTransfer,   &kTransferFwbw, &kHostCopy,     &kKernelFw,
+                                        &kKernelFwbw, &kForwardHost,  &kWorkersPlus,  &kFwbwHost,
+                                        &kFileRead,   &kForwardFiles, &kForwardPython};
 
 std::string rate_text(double tokens_per_s) {
   char text[32];
@@ -871,6 +889,17 @@ class SystemBench {
       report_.failed(c, kTransfer, e.what());
       report_.failed(c, kTransferFwbw, e.what());
     }
+    double host_copy = INFINITY;  // tokens/s the host copies allow the forward (x2 bytes: forward+backward)
+    try {
+      const double rate = host_copy_rate(plan_.repeats);
+      host_copy = rate / (c.up + c.down);
+      report_.bound(c, kHostCopy, host_copy,
+                    {{"GBps", rate * 1e-9},
+                     {"note", "parallel copies of 256 MiB at " + std::to_string(static_cast<int>(rate * 1e-9)) +
+                                  " GB/s; every byte up and down passes one"}});
+    } catch (const std::exception& e) {
+      report_.failed(c, kHostCopy, e.what());
+    }
     std::optional<KernelBound> kernel;
     try {
       kernel = kernel_bound(c, pieces, whole, gpus_, options_, plan_.repeats, memory_budget(plan_));
@@ -881,8 +910,10 @@ class SystemBench {
       report_.failed(c, kKernelFw, e.what());
       report_.failed(c, kKernelFwbw, e.what());
     }
-    const double fw_bound = std::min(transfer ? transfer->fw : INFINITY, kernel ? kernel->fw : INFINITY);
-    const double fwbw_bound = std::min(transfer ? transfer->fwbw : INFINITY, kernel ? kernel->fwbw : INFINITY);
+    const double fw_bound =
+        std::min({transfer ? transfer->fw : INFINITY, kernel ? kernel->fw : INFINITY, host_copy});
+    const double fwbw_bound =
+        std::min({transfer ? transfer->fwbw : INFINITY, kernel ? kernel->fwbw : INFINITY, host_copy / 2});
     host_runs(c, pieces, std::move(whole), budget, fw_bound, fwbw_bound);
     return file_runs(c, pieces, fw_bound, smallest);
   }
@@ -902,7 +933,7 @@ class SystemBench {
       gpu_seconds = t.seconds;
       json extra{{"devices", plan_.devices}, {"timed_runs", t.runs}};
       if (!how.empty()) extra["note"] = how;
-      report_.run(c, kForwardHost, S, gpu_seconds, "min(transfer, kernel_fw)", fw_bound, extra);
+      report_.run(c, kForwardHost, S, gpu_seconds, "min(transfer, host copies, kernel_fw)", fw_bound, extra);
     } catch (const std::exception& e) {
       report_.failed(c, kForwardHost, e.what());
     }
@@ -949,7 +980,7 @@ class SystemBench {
         extra["note"] = "measured on " + std::to_string(T) + " tokens: inputs, h and gradients of " +
                         std::to_string(c.S) + " exceed the memory budget of " + gib_text(budget);
       }
-      report_.run(c, kFwbwHost, static_cast<double>(T), t.seconds, "min(transfer_fwbw, kernel_fwbw)", fwbw_bound,
+      report_.run(c, kFwbwHost, static_cast<double>(T), t.seconds, "min(transfer_fwbw, host copies, kernel_fwbw)", fwbw_bound,
                   extra);
     } catch (const std::exception& e) {
       report_.failed(c, kFwbwHost, e.what());
@@ -1072,7 +1103,7 @@ class SystemBench {
     try {
       if (smallest) cold = run_once();  // fills the (empty) program cache: the first run of the start-up row
       ChildRun r = run_once();
-      report_.run(c, kForwardFiles, static_cast<double>(c.S), r.seconds, "min(transfer, kernel_fw, file_read)", bound,
+      report_.run(c, kForwardFiles, static_cast<double>(c.S), r.seconds, "min(transfer, host copies, kernel_fw, file_read)", bound,
                   {{"devices", r.result.value("devices", json::array())},
                    {"stream_tokens", plan_.stream_tokens},
                    {"peak_rss_mib", r.peak_rss_mib()},
@@ -1130,7 +1161,7 @@ class SystemBench {
       const ChildRun r = spawn({python_->interpreter, "-c", kPythonForward, a.dump()}, env, dir);
       const json seconds = r.result.is_object() ? r.result.value("seconds", json(nullptr)) : json(nullptr);
       if (!r.ok() || !seconds.is_number()) throw Error("python forward: " + r.failure());
-      report_.run(c, kForwardPython, static_cast<double>(c.S), seconds.get<double>(), "min(transfer, kernel_fw)", bound,
+      report_.run(c, kForwardPython, static_cast<double>(c.S), seconds.get<double>(), "min(transfer, host copies, kernel_fw)", bound,
                   {{"devices", plan_.devices},
                    {"note", "timed in the child after loading the files and a warm-up on the first piece"}});
     } catch (const std::exception& e) {
