@@ -228,8 +228,10 @@ Route route(const py::handle& kernel, const py::handle& devices, const py::handl
       r.balancing = graph::Balancing::pull;
     } else if (b == "calibrated") {
       r.balancing = graph::Balancing::calibrated;
+    } else if (b == "fastest") {
+      r.balancing = graph::Balancing::fastest;
     } else {
-      throw InvalidArgument("balancing", "'" + b + "': expected 'pull' or 'calibrated'");
+      throw InvalidArgument("balancing", "'" + b + "': expected 'pull', 'calibrated' or 'fastest'");
     }
   }
   return r;
@@ -263,7 +265,10 @@ py::dict run_info(const graph::FlowGraphRunner& runner) {
   info["devices"] = plan.devices;
   info["ran"] = ran;
   info["left_out"] = plan.left_out;
-  info["balancing"] = runner.balancing() == graph::Balancing::calibrated ? "calibrated" : "pull";
+  info["balancing"] = runner.balancing() == graph::Balancing::calibrated ? "calibrated"
+                      : runner.balancing() == graph::Balancing::fastest  ? "fastest"
+                                                                          : "pull";
+  info["measured"] = plan.measured;
   info["segment_tokens"] = plan.segment_tokens;
   info["segments"] = plan.segments.size();
   info["log"] = runner.last_log();
@@ -328,7 +333,8 @@ PYBIND11_MODULE(mlstm_flow, m) {
       "sequence-parallel flow graph over every device the spec names (kernel= is then refused: the graph picks\n"
       "each device's chunkwise kernel; gate='sig' for the sigmoid input gate). With devices only:\n"
       "  segment_tokens=N  tokens per segment (rounded up to whole chunks; None or 0: the planner's choice)\n"
-      "  balancing='pull' (free devices pull segments; the default) or 'calibrated' (shares by measured speed)\n"
+      "  balancing='pull' (free devices pull segments; the default), 'calibrated' (shares by measured speed) or\n"
+      "            'fastest' (one device alone when it measured faster than the graph over all; info['measured'])\n"
       "  return_info=True  returns (result, info); info['devices'] lists the devices the graph gave work,\n"
       "                    info['ran'] those that computed a segment, plus 'left_out', 'balancing',\n"
       "                    'segment_tokens', 'segments' and 'log' (what ran where)");

@@ -86,6 +86,7 @@ std::string Plan::describe() const {
          << "\n  phase 5: gradients of every segment, on its local state's device";
     }
   }
+  for (const auto& m : measured) os << "\n  measured: " << m;
   return os.str();
 }
 
@@ -356,68 +357,75 @@ std::string rate_text(double tokens_per_second) {
 
 }  // namespace
 
+namespace {
+
+// The stream measurement behind open_stream and Balancing::fastest: tokens/s of each device streaming alone and
+// (several devices) of the forward graph over all of them per piece, measured once on pieces like `piece` and
+// cached with the calibration. Returns the index of the fastest candidate (devices.size() = the graph) and
+// appends one line per candidate to `measured`.
+std::size_t fastest_candidate(const std::vector<std::shared_ptr<ComputeDevice>>& devices, Balancing graph_balancing,
+                              const ProblemShape& piece, const MlstmOptions& options,
+                              std::vector<std::string>& measured) {
+  if (devices.size() <= 1) return 0;
+  std::string key = "stream|";
+  for (const auto& d : devices) key += d->name() + "+";
+  key += "|" + problem_key(piece, options) + "|rows" + std::to_string(piece.rows()) + "|S" + std::to_string(piece.S);
+  std::vector<double> rates(devices.size() + 1, 0.0);
+  nlohmann::json entry;
+  {
+    std::lock_guard lock(calibration_mutex());
+    nlohmann::json cache = read_calibration();
+    if (cache.contains(key)) entry = cache[key];
+  }
+  if (entry.is_array() && entry.size() == rates.size()) {
+    for (std::size_t c = 0; c < rates.size(); ++c) rates[c] = entry[c].is_number() ? entry[c].get<double>() : 0.0;
+  } else {  // measured without the lock: the graph's run may calibrate its shares (which takes it)
+    const CalibrationInputs in(piece, piece.B, piece.NH, piece.S);
+    const ForwardArgs full = in.args();
+    for (std::size_t c = 0; c < rates.size(); ++c) {
+      const bool graph = c == devices.size();
+      std::unique_ptr<SequenceStream> s =
+          graph ? std::make_unique<GraphStream>(devices, graph_balancing, piece, options, State{})
+                : devices[c]->open_stream(piece, options);
+      // A stream of one forward() call per piece runs at about the same rate on shorter pieces: measure
+      // those on at most 8 chunks (a CPU worker would take seconds on a long piece).
+      const std::int64_t len = graph || s->overlapped() ? piece.S : std::min(piece.S, 8 * options.chunk_size);
+      rates[c] = measure_stream(*s, sequence_slice(full, 0, len), 3);
+    }
+    std::lock_guard lock(calibration_mutex());
+    nlohmann::json cache = read_calibration();
+    cache[key] = rates;
+    write_calibration(cache);
+  }
+  for (std::size_t c = 0; c < rates.size(); ++c)
+    measured.push_back((c == devices.size() ? std::string("the graph over all") : devices[c]->name()) + ": " +
+                       rate_text(rates[c]));
+  return static_cast<std::size_t>(std::max_element(rates.begin(), rates.end()) - rates.begin());
+}
+
+}  // namespace
+
 std::unique_ptr<SequenceStream> FlowGraphRunner::open_stream(const ProblemShape& piece, const MlstmOptions& options,
                                                              State initial) {
   if (piece.S <= 0) throw InvalidArgument("S", "a stream's pieces need at least one token");
-  PlannedRun run;
   std::vector<std::string> left_out;
-  run.devices = capable_devices({DeviceStage::last_state, DeviceStage::forward}, piece, options, left_out);
+  const auto devices = capable_devices({DeviceStage::last_state, DeviceStage::forward}, piece, options, left_out);
   Plan plan;
   plan.pass = Pass::stream;
   plan.S = piece.S;
   plan.chunk_size = options.chunk_size;
-  // Candidates: every device alone, and (several devices) the graph over all of them; rates cached with the
-  // calibration, keyed by the devices, the problem and the piece length.
-  std::string key = "stream|";
-  for (const auto& d : run.devices) key += d->name() + "+";
-  key += "|" + problem_key(piece, options) + "|rows" + std::to_string(piece.rows()) + "|S" + std::to_string(piece.S);
-  std::vector<double> rates(run.devices.size() + (run.devices.size() > 1 ? 1 : 0), 0.0);
-  if (run.devices.size() > 1) {
-    nlohmann::json entry;
-    {
-      std::lock_guard lock(calibration_mutex());
-      nlohmann::json cache = read_calibration();
-      if (cache.contains(key)) entry = cache[key];
-    }
-    if (entry.is_array() && entry.size() == rates.size()) {
-      for (std::size_t c = 0; c < rates.size(); ++c) rates[c] = entry[c].is_number() ? entry[c].get<double>() : 0.0;
-    } else {  // measured without the lock: the graph's run calibrates its shares (which takes it)
-      const CalibrationInputs in(piece, piece.B, piece.NH, piece.S);
-      const ForwardArgs full = in.args();
-      for (std::size_t c = 0; c < rates.size(); ++c) {
-        const bool graph = c == run.devices.size();
-        std::unique_ptr<SequenceStream> s =
-            graph ? std::make_unique<GraphStream>(run.devices, balancing_, piece, options, State{})
-                  : run.devices[c]->open_stream(piece, options);
-        // A stream of one forward() call per piece runs at about the same rate on shorter pieces: measure
-        // those on at most 8 chunks (a CPU worker would take seconds on a long piece).
-        const std::int64_t len = graph || s->overlapped() ? piece.S : std::min(piece.S, 8 * options.chunk_size);
-        rates[c] = measure_stream(*s, sequence_slice(full, 0, len), 3);
-      }
-      std::lock_guard lock(calibration_mutex());
-      nlohmann::json cache = read_calibration();
-      cache[key] = rates;
-      write_calibration(cache);
-    }
-  } else {
-    rates[0] = 1.0;  // one device: nothing to choose
-  }
-  const auto best = static_cast<std::size_t>(std::max_element(rates.begin(), rates.end()) - rates.begin());
-  for (std::size_t c = 0; c < rates.size() && rates.size() > 1; ++c)
-    plan.measured.push_back((c == run.devices.size() ? std::string("the graph over all") : run.devices[c]->name()) +
-                            ": " + rate_text(rates[c]));
+  const Balancing graph_balancing = balancing_ == Balancing::fastest ? Balancing::pull : balancing_;
+  const std::size_t best = fastest_candidate(devices, graph_balancing, piece, options, plan.measured);
   std::unique_ptr<SequenceStream> stream;
-  if (best == run.devices.size()) {
-    for (const auto& d : run.devices) plan.devices.push_back(d->name());
+  if (best == devices.size()) {
+    for (const auto& d : devices) plan.devices.push_back(d->name());
     plan.engine = "every piece sequence parallel through the forward graph over these devices";
-    stream = std::make_unique<GraphStream>(run.devices, balancing_, piece, options, std::move(initial));
+    stream = std::make_unique<GraphStream>(devices, graph_balancing, piece, options, std::move(initial));
   } else {
-    const auto& d = run.devices[best];
+    const auto& d = devices[best];
     plan.devices.push_back(d->name());
-    for (std::size_t c = 0; c < run.devices.size(); ++c) {
-      if (c == best) continue;
-      left_out.push_back(run.devices[c]->name() + " (stream: " + d->name() + " alone is faster)");
-    }
+    for (std::size_t c = 0; c < devices.size(); ++c)
+      if (c != best) left_out.push_back(devices[c]->name() + " (stream: " + d->name() + " alone is faster)");
     stream = d->open_stream(piece, options, std::move(initial));
     plan.engine = stream->overlapped() ? "pinned staging on " + d->name() +
                                              ": uploads, kernels and downloads of consecutive pieces overlapped, the "
@@ -838,7 +846,23 @@ FlowGraphRunner::PlannedRun FlowGraphRunner::plan_run(Pass pass, const ProblemSh
     run.devices.resize(run.plan.rows.size());  // more devices than rows: the extra ones get nothing
     for (const auto& d : run.devices) run.plan.devices.push_back(d->name());
   } else {
+    std::vector<std::string> measured;
+    if (balancing_ == Balancing::fastest && pass == Pass::forward && run.devices.size() > 1) {
+      // Measured on pieces of up to 16384 tokens (whole chunks) of this problem: one device alone or all.
+      ProblemShape piece = shape;
+      piece.S = std::max<std::int64_t>(options.chunk_size,
+                                       std::min<std::int64_t>(shape.S, 16384) / options.chunk_size * options.chunk_size);
+      const std::size_t best = fastest_candidate(run.devices, Balancing::pull, piece, options, measured);
+      if (best < run.devices.size()) {
+        for (std::size_t c = 0; c < run.devices.size(); ++c)
+          if (c != best)
+            left_out.push_back(run.devices[c]->name() + " (fastest: " + run.devices[best]->name() +
+                               " alone measured faster)");
+        run.devices = {run.devices[best]};
+      }
+    }
     run.plan = plan_over(run.devices, shape, options, segment_tokens);
+    run.plan.measured = std::move(measured);
     // One segment runs where the plan says, decided here: device 0 unless a calibrated plan chose.
     if (run.plan.segments.size() == 1 && run.plan.segments.front().device < 0) run.plan.segments.front().device = 0;
   }

@@ -180,6 +180,30 @@ TEST(StreamEngine, RunnerMeasuresEveryCandidateAndKeepsTheFastest) {
   EXPECT_EQ(runner.last_plan().devices, devices);
 }
 
+// Balancing::fastest: the forward over several devices runs on one alone when that measured faster (the
+// others in left_out), else on all; plan() says the same as the run, and the result equals the recurrence.
+TEST(StreamEngine, FastestBalancingKeepsTheMeasuredFasterChoice) {
+  if (no_opencl()) GTEST_SKIP() << "no OpenCL device (install pocl-opencl-icd)";
+  graph::FlowGraphRunner runner("workers+0");
+  runner.set_balancing(graph::Balancing::fastest);
+  const testing::InputSpec s = testing::spec(1, 2, 700, 16, 16, DType::f32);
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  const MlstmOptions o = chunk64(false);
+  const ForwardResult got = runner.forward(in.args(), o);
+  EXPECT_TRUE(testing::matches(got.h, reference::recurrent_forward(in.args(), o).h, 1e-4, "fastest", "h", s));
+  const graph::Plan& ran = runner.last_plan();
+  EXPECT_EQ(ran.measured.size(), 3u) << ran.describe();
+  if (ran.devices.size() == 1) {
+    ASSERT_EQ(ran.left_out.size(), 1u);
+    EXPECT_NE(ran.left_out[0].find("measured faster"), std::string::npos) << ran.left_out[0];
+    EXPECT_EQ(ran.segments.size(), 1u) << "one device alone: one segment";
+  } else {
+    EXPECT_EQ(ran.devices.size(), 2u);
+  }
+  const graph::Plan planned = runner.plan(validate_forward(in.args(), o), o);
+  EXPECT_EQ(planned.devices, ran.devices) << "plan() tells the truth (the measurement is cached)";
+}
+
 // StreamSession: pieces submitted ahead and taken later equal push() one at a time, and the state and
 // snapshot agree.
 TEST(StreamEngine, SessionSubmitAndTakeEqualPush) {

@@ -1002,6 +1002,7 @@ class SystemBench {
   // A forward of the whole host inputs through the graph over `spec` (warmed up on a piece).
   Timed forward_seconds(const std::string& spec, const ForwardInputs& host, const std::vector<ForwardInputs>& pieces) {
     graph::FlowGraphRunner runner(spec);
+    runner.set_balancing(graph::Balancing::fastest);  // several devices: measured once (in the warm-up), kept
     (void)runner.forward(pieces[0].args(), options_);
     const ForwardArgs a = host.args();
     return timed([&] { (void)runner.forward(a, options_); });

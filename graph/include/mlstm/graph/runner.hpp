@@ -35,7 +35,11 @@ namespace mlstm::graph {
 // calibrated: each device gets a share of the sequence proportional to its measured speed (a short
 // calibration run, cached in $XDG_CACHE_HOME/mlstm-flow/calibration.json or ~/.cache/...); a device whose
 // share would be under one chunk gets none, so a slow device never holds back a fast one.
-enum class Balancing { pull, calibrated };
+// fastest: each capable device alone and the graph over all of them (pull) are measured once on this problem
+// (the stream measurement of open_stream, cached with the calibration); a device alone runs the whole problem
+// (one segment) when it measured faster, else the graph pulls as `pull`. So CPU workers added to a GPU take a
+// share only when that measured faster, and plan().measured says what was measured.
+enum class Balancing { pull, calibrated, fastest };
 
 // Which run a plan is for: the sequence-parallel forward and backward, or the head splits.
 // stream: a sequence in pieces (open_stream).
@@ -53,7 +57,8 @@ struct Plan {
   std::vector<nodes::Segment> segments;
   std::vector<std::pair<std::int64_t, std::int64_t>> rows;  // head split: rows [first, second) of devices[d]
   // stream: how the pieces run ("pinned stream on <device>", "one forward() call per piece on <device>", "the
-  // forward graph per piece"), and the measured rates behind the choice (tokens/s, one line each).
+  // forward graph per piece"); stream and Balancing::fastest: the measured rates behind the choice (tokens/s,
+  // one line each).
   std::string engine;
   std::vector<std::string> measured;
   std::string describe() const;  // one line per item; MLSTM_PLAN_DEBUG=1 prints it at run time
