@@ -131,6 +131,11 @@ def check_graph(rng):
         try:
             (h, _), info = mlstm_flow.forward(q, k, v, i, f, chunk_size=L, devices="workers+all",
                                               balancing="calibrated", return_info=True)
+            # fastest: one device alone or all, whichever measured faster (the rates in info["measured"]).
+            (hf, _), finfo = mlstm_flow.forward(q, k, v, i, f, chunk_size=L, devices="workers+all",
+                                                balancing="fastest", return_info=True)
+            assert finfo["balancing"] == "fastest" and rel0(hf, h1) < 1e-4, finfo
+            assert len(finfo["measured"]) == 4 and finfo["devices"], finfo  # 3 devices alone + the graph
         finally:
             if saved is None:
                 del os.environ["XDG_CACHE_HOME"]
