@@ -227,4 +227,19 @@ ForwardArgs sequence_slice(const ForwardArgs& args, std::int64_t t0, std::int64_
   return a;
 }
 
+
+ProblemShape check_stream_piece(const ForwardArgs& piece, const ProblemShape& stream, const MlstmOptions& options) {
+  if (piece.has_initial_state() || !piece.n0.empty() || !piece.m0.empty())
+    throw InvalidArgument("c0", "a streamed piece carries no state (the stream does)");
+  MlstmOptions o = options;
+  const ProblemShape p = validate_forward(piece, o);
+  if (p.B != stream.B || p.NH != stream.NH || p.DHQK != stream.DHQK || p.DHHV != stream.DHHV)
+    throw InvalidArgument("q", "piece is (B,NH,S,DHQK,DHHV) = (" + std::to_string(p.B) + "," + std::to_string(p.NH) +
+                                   "," + std::to_string(p.S) + "," + std::to_string(p.DHQK) + "," +
+                                   std::to_string(p.DHHV) + "), the stream expects B=" + std::to_string(stream.B) +
+                                   " NH=" + std::to_string(stream.NH) + " DHQK=" + std::to_string(stream.DHQK) +
+                                   " DHHV=" + std::to_string(stream.DHHV));
+  return p;
+}
+
 }  // namespace mlstm

@@ -92,26 +92,6 @@ namespace mlstm {
 
 namespace {
 
-// A streamed piece: q..f without a state, of the stream's B, NH, DHQK, DHHV (InvalidArgument naming the
-// argument otherwise); returns its shape.
-ProblemShape check_piece(const ForwardArgs& piece, const ProblemShape& stream, const MlstmOptions& options) {
-  if (piece.has_initial_state() || !piece.n0.empty() || !piece.m0.empty())
-    throw InvalidArgument("c0", "a streamed piece carries no state (the stream does)");
-  MlstmOptions o = options;
-  const ProblemShape p = validate_forward(piece, o);
-  if (p.B != stream.B || p.NH != stream.NH || p.DHQK != stream.DHQK || p.DHHV != stream.DHHV)
-    throw InvalidArgument("q", "piece is (B,NH,S,DHQK,DHHV) = (" + std::to_string(p.B) + "," + std::to_string(p.NH) +
-                                   "," + std::to_string(p.S) + "," + std::to_string(p.DHQK) + "," +
-                                   std::to_string(p.DHHV) + "), the stream expects B=" + std::to_string(stream.B) +
-                                   " NH=" + std::to_string(stream.NH) + " DHQK=" + std::to_string(stream.DHQK) +
-                                   " DHHV=" + std::to_string(stream.DHHV));
-  return p;
-}
-
-}  // namespace
-
-namespace {
-
 // The row stride (elements) of a (B,NH,len,D) view whose rows of len*D elements are contiguous, one every
 // strides[1] elements; InvalidArgument(argument) for other layouts.
 std::int64_t row_stride(ConstTensorView t, const char* argument) {
@@ -136,21 +116,21 @@ void copy_piece_rows(ConstTensorView piece, TensorView out) {
 
 void SequenceStream::take_into(std::uint64_t ticket, TensorView out) { copy_piece_rows(take(ticket).view(), out); }
 
-ForwardCallStream::ForwardCallStream(ComputeDevice& device, const ProblemShape& shape, const MlstmOptions& options,
+ForwardCallStream::ForwardCallStream(Forward forward, const ProblemShape& shape, const MlstmOptions& options,
                                      State initial)
-    : device_(device), shape_(shape), options_(options), state_(std::move(initial)) {
+    : forward_(std::move(forward)), shape_(shape), options_(options), state_(std::move(initial)) {
   options_.return_last_states = true;
 }
 
 std::uint64_t ForwardCallStream::submit(const ForwardArgs& piece) {
-  check_piece(piece, shape_, options_);
+  check_stream_piece(piece, shape_, options_);
   ForwardArgs a = piece;
   if (!state_.empty()) {
     a.c0 = state_.C.view();
     a.n0 = state_.n.view();
     a.m0 = state_.m.view();
   }
-  ForwardResult r = device_.forward(a, options_);
+  ForwardResult r = forward_(a, options_);
   state_ = State{std::move(r.c), std::move(r.n), std::move(r.m)};
   done_.emplace(next_, std::move(r.h));
   return next_++;
@@ -168,7 +148,9 @@ Tensor ForwardCallStream::take(std::uint64_t ticket) {
 
 std::unique_ptr<SequenceStream> ComputeDevice::open_stream(const ProblemShape& shape, const MlstmOptions& options,
                                                            State initial) {
-  return std::make_unique<ForwardCallStream>(*this, shape, options, std::move(initial));
+  return std::make_unique<ForwardCallStream>(
+      [this](const ForwardArgs& a, const MlstmOptions& o) { return forward(a, o); }, shape, options,
+      std::move(initial));
 }
 
 }  // namespace mlstm

@@ -290,49 +290,15 @@ std::vector<double> FlowGraphRunner::calibrate(const std::vector<std::shared_ptr
 namespace {
 
 // The forward graph per piece: each piece one FlowGraphRunner::forward from the carried state (sequence
-// parallel over the runner's devices), synchronous.
-class GraphStream final : public SequenceStream {
- public:
-  GraphStream(std::vector<std::shared_ptr<ComputeDevice>> devices, Balancing balancing, const ProblemShape& shape,
-              const MlstmOptions& options, State initial)
-      : runner_(std::move(devices)), shape_(shape), options_(options), state_(std::move(initial)) {
-    runner_.set_balancing(balancing);
-    options_.return_last_states = true;
-  }
-  std::uint64_t submit(const ForwardArgs& piece) override {
-    if (piece.has_initial_state() || !piece.n0.empty() || !piece.m0.empty())
-      throw InvalidArgument("c0", "a streamed piece carries no state (the stream does)");
-    ForwardArgs a = piece;
-    if (!state_.empty()) {
-      a.c0 = state_.C.view();
-      a.n0 = state_.n.view();
-      a.m0 = state_.m.view();
-    }
-    ForwardResult r = runner_.forward(a, options_);
-    state_ = State{std::move(r.c), std::move(r.n), std::move(r.m)};
-    done_.emplace(next_, std::move(r.h));
-    return next_++;
-  }
-  Tensor take(std::uint64_t ticket) override {
-    const auto it = done_.find(ticket);
-    if (it == done_.end())
-      throw InvalidArgument("ticket",
-                            "no piece " + std::to_string(ticket) + " waiting (already taken or never submitted)");
-    Tensor h = std::move(it->second);
-    done_.erase(it);
-    return h;
-  }
-  State state() override { return state_; }
-  std::int64_t max_piece() const noexcept override { return shape_.S; }
-
- private:
-  FlowGraphRunner runner_;
-  ProblemShape shape_;
-  MlstmOptions options_;
-  State state_;
-  std::map<std::uint64_t, Tensor> done_;
-  std::uint64_t next_ = 0;
-};
+// parallel over `devices`), synchronous.
+std::unique_ptr<SequenceStream> graph_stream(std::vector<std::shared_ptr<ComputeDevice>> devices, Balancing balancing,
+                                             const ProblemShape& shape, const MlstmOptions& options, State initial) {
+  auto runner = std::make_shared<FlowGraphRunner>(std::move(devices));
+  runner->set_balancing(balancing);
+  return std::make_unique<ForwardCallStream>(
+      [runner](const ForwardArgs& a, const MlstmOptions& o) { return runner->forward(a, o); }, shape, options,
+      std::move(initial));
+}
 
 // Tokens/s of a stream over `pieces` copies of `piece` after one warm-up piece, two pieces in flight.
 double measure_stream(SequenceStream& stream, const ForwardArgs& piece, int pieces) {
@@ -385,8 +351,7 @@ std::size_t fastest_candidate(const std::vector<std::shared_ptr<ComputeDevice>>&
     for (std::size_t c = 0; c < rates.size(); ++c) {
       const bool graph = c == devices.size();
       std::unique_ptr<SequenceStream> s =
-          graph ? std::make_unique<GraphStream>(devices, graph_balancing, piece, options, State{})
-                : devices[c]->open_stream(piece, options);
+          graph ? graph_stream(devices, graph_balancing, piece, options, State{}) : devices[c]->open_stream(piece, options);
       // A stream of one forward() call per piece runs at about the same rate on shorter pieces: measure
       // those on at most 8 chunks (a CPU worker would take seconds on a long piece).
       const std::int64_t len = graph || s->overlapped() ? piece.S : std::min(piece.S, 8 * options.chunk_size);
@@ -420,7 +385,7 @@ std::unique_ptr<SequenceStream> FlowGraphRunner::open_stream(const ProblemShape&
   if (best == devices.size()) {
     for (const auto& d : devices) plan.devices.push_back(d->name());
     plan.engine = "every piece sequence parallel through the forward graph over these devices";
-    stream = std::make_unique<GraphStream>(devices, graph_balancing, piece, options, std::move(initial));
+    stream = graph_stream(devices, graph_balancing, piece, options, std::move(initial));
   } else {
     const auto& d = devices[best];
     plan.devices.push_back(d->name());

@@ -288,16 +288,13 @@ std::uint64_t DeviceStream::submit() {
 }
 
 std::uint64_t DeviceStream::push(const ForwardArgs& piece) {
-  if (piece.has_initial_state()) throw InvalidArgument("c0", "a streamed piece carries no state (the stream does)");
-  MlstmOptions o = config_.options;
-  const ProblemShape p = validate_forward(piece, o);
   const Config& c = config_;
-  if (p.B != c.B || p.NH != c.NH || p.DHQK != c.DHQK || p.DHHV != c.DHHV)
-    throw InvalidArgument("q", "piece is (B,NH,S,DHQK,DHHV) = (" + std::to_string(p.B) + "," + std::to_string(p.NH) +
-                                   "," + std::to_string(p.S) + "," + std::to_string(p.DHQK) + "," +
-                                   std::to_string(p.DHHV) + "), the stream expects B=" + std::to_string(c.B) +
-                                   " NH=" + std::to_string(c.NH) + " DHQK=" + std::to_string(c.DHQK) +
-                                   " DHHV=" + std::to_string(c.DHHV));
+  ProblemShape stream;
+  stream.B = c.B;
+  stream.NH = c.NH;
+  stream.DHQK = c.DHQK;
+  stream.DHHV = c.DHHV;
+  const ProblemShape p = check_stream_piece(piece, stream, c.options);
   HostPiece h = next_piece(p.S);
   copy_into(piece.q, h.q);
   copy_into(piece.k, h.k);

@@ -117,6 +117,9 @@ ProblemShape validate_forward(const ForwardArgs& args, const MlstmOptions& optio
 ConstTensorView sequence_slice(ConstTensorView t, std::int64_t t0, std::int64_t t1);
 TensorView sequence_slice(TensorView t, std::int64_t t0, std::int64_t t1);
 ForwardArgs sequence_slice(const ForwardArgs& args, std::int64_t t0, std::int64_t t1);
+// A piece of a streamed sequence: q..f without c0/n0/m0 (the stream carries the state), of the stream's B, NH,
+// DHQK and DHHV (InvalidArgument naming the argument otherwise); returns its shape.
+ProblemShape check_stream_piece(const ForwardArgs& piece, const ProblemShape& stream, const MlstmOptions& options);
 ProblemShape validate_backward(const BackwardArgs& args, const MlstmOptions& options);
 ProblemShape validate_step(const StepArgs& args, const MlstmOptions& options);  // S = 1
 void validate_options(const MlstmOptions& options);

@@ -65,18 +65,20 @@ class ComputeDevice;
 // for other shapes or layouts. In parallel (copy_rows).
 void copy_piece_rows(ConstTensorView piece, TensorView out);
 
-// The stream every device has: each piece is one forward() call from the carried state, kept on the host.
+// The stream every device has: each piece is one forward call from the carried state, kept on the host
+// (a device's forward(), or the flow graph's).
 class ForwardCallStream final : public SequenceStream {
  public:
+  using Forward = std::function<ForwardResult(const ForwardArgs&, const MlstmOptions&)>;
   // `initial`: the state entering the first piece (float32, shapes of the problem); empty = the zero state.
-  ForwardCallStream(ComputeDevice& device, const ProblemShape& shape, const MlstmOptions& options, State initial);
+  ForwardCallStream(Forward forward, const ProblemShape& shape, const MlstmOptions& options, State initial);
   std::uint64_t submit(const ForwardArgs& piece) override;
   Tensor take(std::uint64_t ticket) override;
   State state() override { return state_; }
   std::int64_t max_piece() const noexcept override { return shape_.S; }
 
  private:
-  ComputeDevice& device_;
+  Forward forward_;
   ProblemShape shape_;
   MlstmOptions options_;
   State state_;
