@@ -226,25 +226,16 @@ void write_calibration(const nlohmann::json& cache) {
   }
 }
 
-// Inputs of a calibration run: (B=1, rows, S) with q = k = 0.1, v = 0.2, i = 0, f = 3.
-struct CalibrationInputs {
-  Tensor q, k, v, i, f;
-  CalibrationInputs(const ProblemShape& shape, std::int64_t B, std::int64_t NH, std::int64_t S)
-      : q(Tensor::full({B, NH, S, shape.DHQK}, shape.dtype, 0.1)),
-        k(q),
-        v(Tensor::full({B, NH, S, shape.DHHV}, shape.dtype, 0.2)),
-        i(Tensor::full({B, NH, S}, DType::f32, 0.0)),
-        f(Tensor::full({B, NH, S}, DType::f32, 3.0)) {}
-  ForwardArgs args() const {
-    ForwardArgs a;
-    a.q = q.view();
-    a.k = k.view();
-    a.v = v.view();
-    a.i = i.view();
-    a.f = f.view();
-    return a;
-  }
-};
+// Inputs of a calibration run: (B, NH, S) with q = k = 0.1, v = 0.2, i = 0, f = 3.
+ForwardInputs calibration_inputs(const ProblemShape& shape, std::int64_t B, std::int64_t NH, std::int64_t S) {
+  ForwardInputs in;
+  in.q = Tensor::full({B, NH, S, shape.DHQK}, shape.dtype, 0.1);
+  in.k = in.q;
+  in.v = Tensor::full({B, NH, S, shape.DHHV}, shape.dtype, 0.2);
+  in.i = Tensor::full({B, NH, S}, DType::f32, 0.0);
+  in.f = Tensor::full({B, NH, S}, DType::f32, 3.0);
+  return in;
+}
 
 std::string problem_key(const ProblemShape& shape, const MlstmOptions& options) {
   return std::to_string(shape.DHQK) + "x" + std::to_string(shape.DHHV) + "|" + std::string(dtype_name(shape.dtype)) +
@@ -268,7 +259,7 @@ std::vector<double> FlowGraphRunner::calibrate(const std::vector<std::shared_ptr
       speeds.push_back(cache[key].get<double>());
       continue;
     }
-    const CalibrationInputs in(shape, 1, rows, S);
+    const ForwardInputs in = calibration_inputs(shape, 1, rows, S);
     const ForwardArgs a = in.args();
     d->forward(a, options);  // warm-up: program builds, first touch
     double best = 1e30;
@@ -346,7 +337,7 @@ std::size_t fastest_candidate(const std::vector<std::shared_ptr<ComputeDevice>>&
   if (entry.is_array() && entry.size() == rates.size()) {
     for (std::size_t c = 0; c < rates.size(); ++c) rates[c] = entry[c].is_number() ? entry[c].get<double>() : 0.0;
   } else {  // measured without the lock: the graph's run may calibrate its shares (which takes it)
-    const CalibrationInputs in(piece, piece.B, piece.NH, piece.S);
+    const ForwardInputs in = calibration_inputs(piece, piece.B, piece.NH, piece.S);
     const ForwardArgs full = in.args();
     for (std::size_t c = 0; c < rates.size(); ++c) {
       const bool graph = c == devices.size();
