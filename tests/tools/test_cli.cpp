@@ -323,6 +323,9 @@ TEST_F(Cli, OptionsWithoutEffectAreRefused) {
   expect_bad_input(run_cli("backward " + inputs() + " --kernel sequence--cpu --dh " + path("dh")), "--kernel");
   expect_bad_input(run_cli("run --mode resident --piece 100 --seq-len 200"), "--piece");
   expect_bad_input(run_cli("run --mode pipeline --backward --seq-len 200"), "--backward");
+  // pipeline asks for the GPU's pinned-staging stream: refused (before the run) when the engine chose another.
+  expect_bad_input(run_cli("run --mode pipeline --devices workers --seq-len 200 --heads 1 --dqk 16 --dhv 16"),
+                   "--mode");
   expect_bad_input(
       run_cli("bench --tokens 64 --seq-lens 32 --weak-seq-len 64 --csv " + path("b1") + " --json-out " + path("b2")),
       "--weak-seq-len");

@@ -280,14 +280,17 @@ int cmd_run(const RunOptions& ro, bool as_json) {
     }
     in_flight.push_back({session.submit(a), t0, len, t0 == 0 && ro.check_tokens > 0 ? l : ForwardInputs{}});
     compute_secs += std::chrono::duration<double>(Clock::now() - c0).count();
-    if (piece_index == 0 && !as_json) std::cout << "engine: " << session.runner()->last_plan().describe() << "\n";
+    if (piece_index == 0) {  // the engine is chosen at the first piece
+      const graph::Plan& plan = session.runner()->last_plan();
+      if (ro.mode == "pipeline" && plan.engine.rfind("pinned staging", 0) != 0)
+        throw InvalidArgument("--mode", "pipeline needs a GPU whose tensor-core kernels take this problem "
+                                        "(bfloat16/float16, head dims multiples of 16, chunk 64 or 128); the stream "
+                                        "chose " + plan.engine);
+      if (!as_json) std::cout << "engine: " << plan.describe() << "\n";
+    }
     if (in_flight.size() > 2) take_oldest();
   }
   while (!in_flight.empty()) take_oldest();
-  if (ro.mode == "pipeline" && session.runner()->last_plan().engine.rfind("pinned staging", 0) != 0)
-    throw InvalidArgument("--mode", "pipeline needs a GPU whose tensor-core kernels take this problem "
-                                    "(bfloat16/float16, head dims multiples of 16, chunk 64 or 128); the stream ran " +
-                                        session.runner()->last_plan().engine);
   const double secs = std::chrono::duration<double>(Clock::now() - start).count();
   const double tokens = static_cast<double>(ro.batch * ro.seq_len);
   const bool check_ok = max_rel < (dtype == DType::f32 ? 1e-4 : 2e-2);
