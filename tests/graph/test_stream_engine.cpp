@@ -59,15 +59,18 @@ class StreamPiece {
 
 // An OpenCL device's forward of a sequence of several stream pieces goes through its pinned stream (cut into
 // pieces of 128 tokens here, the last one shorter) and equals the recurrence, the entering and leaving states
-// included.
+// included, for both input gates.
 TEST(StreamEngine, LongForwardOfAnOpenCLDeviceStreamsItsPieces) {
   if (no_opencl()) GTEST_SKIP() << "no OpenCL device (install pocl-opencl-icd)";
   const StreamPiece piece("128");
   const auto dev = emulated_tc_device();
-  for (const bool initial : {false, true}) {
-    const testing::InputSpec s = small_bf16(333, initial);
+  for (const auto& [gate, initial] : {std::pair{GateVariant::exp, false}, std::pair{GateVariant::exp, true},
+                                      std::pair{GateVariant::sigmoid, true}}) {
+    testing::InputSpec s = small_bf16(333, initial);
+    s.gate = gate;
     const auto in = testing::make_inputs(s, testing::fresh_seed());
-    const MlstmOptions o = chunk64(true);
+    MlstmOptions o = chunk64(true);
+    o.gate = gate;
     const ForwardResult ref = reference::recurrent_forward(in.args(), o);
     const auto opened = opencl_device0()->streams_opened();
     const ForwardResult got = dev->forward(in.args(), o);
