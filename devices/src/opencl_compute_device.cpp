@@ -3,11 +3,14 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <condition_variable>
 #include <deque>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <sstream>
+#include <thread>
 #include <utility>
 
 #include "mlstm/core/env.hpp"
@@ -260,37 +263,64 @@ class OpenCLComputeDevice final : public ComputeDevice {
     return c;
   }
 
-  // The forward of a long host-resident sequence as a stream of pieces: piece p+1 is copied into pinned staging
-  // and goes up while piece p computes, and piece p-1's h comes back and is copied into the result.
+  // The forward of a long host-resident sequence as a stream of pieces (DeviceStream): this thread copies piece
+  // p+1 into pinned staging and enqueues it while piece p computes, and a second thread waits for each piece's
+  // h and copies it into the result, so the two host copies overlap each other as well as the transfers.
   ForwardResult streamed_forward(const ForwardArgs& a, const MlstmOptions& o, const ProblemShape& p) {
     ProblemShape piece = p;
     piece.S = stream_piece_tokens(p, o);
-    State initial;
-    if (a.has_initial_state())
-      initial = State{Tensor::copy_of(a.c0, DType::f32), Tensor::copy_of(a.n0, DType::f32),
-                      Tensor::copy_of(a.m0, DType::f32)};
-    PinnedStream stream(device_, stream_config(piece, o), initial);
+    std::optional<Tensor> c0, n0, m0;
+    if (a.has_initial_state()) {
+      c0 = Tensor::copy_of(a.c0, DType::f32);
+      n0 = Tensor::copy_of(a.n0, DType::f32);
+      m0 = Tensor::copy_of(a.m0, DType::f32);
+    }
+    opencl::DeviceStream stream(device_, stream_config(piece, o), c0 ? c0->view() : ConstTensorView(),
+                                n0 ? n0->view() : ConstTensorView(), m0 ? m0->view() : ConstTensorView());
     ForwardResult r;
     r.h = Tensor({p.B, p.NH, p.S, p.DHHV}, p.dtype);
-    std::vector<std::pair<std::int64_t, std::int64_t>> spans;  // [t0, t1) of every ticket
-    std::uint64_t taken = 0;
-    for (std::int64_t t0 = 0; t0 < p.S; t0 += piece.S) {
-      const std::int64_t t1 = std::min(p.S, t0 + piece.S);
-      (void)stream.submit(sequence_slice(a, t0, t1));
-      spans.emplace_back(t0, t1);
-      if (spans.size() >= 3) {  // two pieces in flight behind the one just submitted
-        stream.take_into(taken, sequence_slice(r.h.view(), spans[taken].first, spans[taken].second));
-        ++taken;
+    const std::int64_t pieces = (p.S + piece.S - 1) / piece.S;
+    std::mutex mutex;
+    std::condition_variable changed;
+    std::int64_t submitted = 0;
+    bool stop = false;
+    std::exception_ptr consumer_error;
+    std::thread consumer([&] {
+      try {
+        for (std::int64_t j = 0; j < pieces; ++j) {
+          {
+            std::unique_lock lock(mutex);
+            changed.wait(lock, [&] { return submitted > j || stop; });
+            if (submitted <= j) return;  // the producer failed
+          }
+          const std::int64_t t0 = j * piece.S;
+          stream.take_into(static_cast<std::uint64_t>(j), sequence_slice(r.h.view(), t0, std::min(p.S, t0 + piece.S)));
+        }
+      } catch (...) {
+        consumer_error = std::current_exception();
       }
+    });
+    std::exception_ptr producer_error;
+    try {
+      for (std::int64_t j = 0; j < pieces; ++j) {
+        const std::int64_t t0 = j * piece.S;
+        (void)stream.push(sequence_slice(a, t0, std::min(p.S, t0 + piece.S)));
+        std::lock_guard lock(mutex);
+        submitted = j + 1;
+        changed.notify_all();
+      }
+    } catch (...) {
+      producer_error = std::current_exception();
     }
-    for (; taken < spans.size(); ++taken)
-      stream.take_into(taken, sequence_slice(r.h.view(), spans[taken].first, spans[taken].second));
-    if (o.return_last_states) {
-      State last = stream.state();
-      r.c = std::move(last.C);
-      r.n = std::move(last.n);
-      r.m = std::move(last.m);
+    {
+      std::lock_guard lock(mutex);
+      stop = true;
+      changed.notify_all();
     }
+    consumer.join();
+    if (producer_error) std::rethrow_exception(producer_error);
+    if (consumer_error) std::rethrow_exception(consumer_error);
+    if (o.return_last_states) stream.read_state(r.c, r.n, r.m);
     return r;
   }
 

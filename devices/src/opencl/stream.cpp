@@ -311,6 +311,35 @@ Tensor DeviceStream::take(std::uint64_t ticket) {
     finished_.erase(it);
     return h;
   }
+  const std::int64_t len = slot_of(ticket).len;
+  lock.unlock();
+  Tensor h({config_.B, config_.NH, len, config_.DHHV}, config_.dtype);
+  take_into(ticket, h.view());
+  return h;
+}
+
+void DeviceStream::take_into(std::uint64_t ticket, TensorView out) {
+  const std::size_t es = dtype_size(config_.dtype);
+  // Rows of `len` tokens from `src` (one every src_row bytes) into `out`.
+  auto copy_out = [&](const std::byte* src, std::int64_t len) {
+    const Shape want{config_.B, config_.NH, len, config_.DHHV};
+    const Shape& st = out.strides();
+    if (out.shape() != want || out.dtype() != config_.dtype || st[3] != 1 || (len > 1 && st[2] != config_.DHHV) ||
+        (config_.B > 1 && st[0] != config_.NH * st[1]))
+      throw InvalidArgument("out", "expected " + std::string(dtype_name(config_.dtype)) + " " +
+                                       shape_to_string(want) + " with contiguous rows");
+    const std::size_t row = static_cast<std::size_t>(len * config_.DHHV) * es;
+    copy_rows(out.bytes(), static_cast<std::size_t>(st[1]) * es, src, row,
+              static_cast<std::size_t>(config_.B * config_.NH), row);
+  };
+  std::unique_lock lock(mutex_);
+  if (auto it = finished_.find(ticket); it != finished_.end()) {
+    const Tensor h = std::move(it->second);
+    finished_.erase(it);
+    lock.unlock();
+    copy_out(h.bytes(), h.dim(2));
+    return;
+  }
   Slot& s = slot_of(ticket);
   if (!s.busy || s.ticket != ticket || s.taken || s.taking)
     throw InvalidArgument("ticket",
@@ -319,20 +348,23 @@ Tensor DeviceStream::take(std::uint64_t ticket) {
   cl_event down = s.down;
   clRetainEvent(down);
   lock.unlock();
-  const cl_int waited = clWaitForEvents(1, &down);
+  cl_int waited = clWaitForEvents(1, &down);
   clReleaseEvent(down);
-  Tensor h;
+  std::exception_ptr failed;
   if (waited == CL_SUCCESS) {
-    h = Tensor({config_.B, config_.NH, s.len, config_.DHHV}, config_.dtype);
-    copy_rows(h.bytes(), 0, s.host_out, 0, 1, h.nbytes());
+    try {
+      copy_out(s.host_out, s.len);
+    } catch (...) {
+      failed = std::current_exception();
+    }
   }
   lock.lock();
   s.taking = false;
-  if (waited == CL_SUCCESS) s.taken = true;
+  if (waited == CL_SUCCESS && !failed) s.taken = true;
   lock.unlock();
   slot_free_.notify_all();
   check(waited, "clWaitForEvents(stream download)", device_->name());
-  return h;
+  if (failed) std::rethrow_exception(failed);
 }
 
 ConstTensorView DeviceStream::view(std::uint64_t ticket) {

@@ -67,6 +67,10 @@ class DeviceStream {
   std::uint64_t push(const ForwardArgs& piece);
   // h of a submitted piece, (B,NH,len,DHHV) in the stream's dtype; waits for it. Each ticket once.
   Tensor take(std::uint64_t ticket);
+  // take() into `out`, (B,NH,len,DHHV) of the stream's dtype whose rows of len*DHHV elements are contiguous, one
+  // every out.strides()[1] elements (a slice of a longer h): one copy, from the pinned staging (or from the copy
+  // a later next_piece() set aside). Like take(), safe from another thread than the producer's.
+  void take_into(std::uint64_t ticket, TensorView out);
   // Zero-copy: h of a submitted piece as a view of the pinned staging (waits for it). Valid until the slot
   // is reused, i.e. until next_piece() is called for the piece submitted 3 pieces later. Each ticket once
   // (view or take).
