@@ -292,23 +292,6 @@ ChildRun spawn(const std::vector<std::string>& args, const std::map<std::string,
 
 // ---- inputs ------------------------------------------------------------------------------------------------
 
-// Tokens [0, len) along S of a (B,NH,S,...) tensor, as a view with its strides.
-ConstTensorView head(const Tensor& t, std::int64_t len) {
-  Shape shape = t.shape();
-  shape[2] = len;
-  return ConstTensorView(t.bytes(), t.dtype(), shape, contiguous_strides(t.shape()));
-}
-
-ForwardArgs head_args(const ForwardInputs& l, std::int64_t len) {
-  ForwardArgs a;
-  a.q = head(l.q, len);
-  a.k = head(l.k, len);
-  a.v = head(l.v, len);
-  a.i = head(l.i, len);
-  a.f = head(l.f, len);
-  return a;
-}
-
 // One problem at one size and what its data weigh.
 struct Case {
   Problem p;
@@ -342,7 +325,7 @@ NpyInputs write_inputs(const fs::path& dir, const Case& c, const std::vector<For
     npy::SeqSliceWriter writer(path, std::move(shape), dt, false);
     for (std::int64_t t0 = 0; t0 < c.S; t0 += c.piece) {
       const Tensor& src = pieces[static_cast<std::size_t>(t0 / c.piece) % pieces.size()].*member;
-      writer.write(t0, head(src, std::min(c.piece, c.S - t0)));
+      writer.write(t0, sequence_slice(src.view(), 0, std::min(c.piece, c.S - t0)));
     }
     writer.commit();
   };
@@ -1026,7 +1009,7 @@ class SystemBench {
       std::deque<std::uint64_t> in_flight;
       for (std::int64_t t0 = 0; t0 < c.S; t0 += c.piece) {
         const ForwardInputs& l = pieces[static_cast<std::size_t>(t0 / c.piece) % pieces.size()];
-        in_flight.push_back(session.submit(head_args(l, std::min(c.piece, c.S - t0))));
+        in_flight.push_back(session.submit(sequence_slice(l.args(), 0, std::min(c.piece, c.S - t0))));
         if (in_flight.size() > 2) {
           (void)session.take(in_flight.front());
           in_flight.pop_front();

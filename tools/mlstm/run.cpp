@@ -250,15 +250,19 @@ int cmd_run(const RunOptions& ro, bool as_json) {
   };
   std::deque<InFlight> in_flight;
   double first_token_secs = -1.0;
+  // A piece's h is back: the first-token time, the spot check of the first piece, progress.
+  auto piece_done = [&](std::int64_t t0, std::int64_t len, const ForwardInputs& inputs, const Tensor& h) {
+    if (first_token_secs < 0) first_token_secs = std::chrono::duration<double>(Clock::now() - process_start()).count();
+    if (t0 == 0 && ro.check_tokens > 0) max_rel = spot_check(inputs, ro, len, h, o);
+    progress.update(t0 + len);
+  };
   auto take_oldest = [&] {
     InFlight f = std::move(in_flight.front());
     in_flight.pop_front();
     const auto c0 = Clock::now();
     const Tensor h = session.take(f.ticket);
     compute_secs += std::chrono::duration<double>(Clock::now() - c0).count();
-    if (first_token_secs < 0) first_token_secs = std::chrono::duration<double>(Clock::now() - process_start()).count();
-    if (f.t0 == 0 && ro.check_tokens > 0) max_rel = spot_check(f.inputs, ro, f.len, h, o);
-    progress.update(f.t0 + f.len);
+    piece_done(f.t0, f.len, f.inputs, h);
   };
   std::int64_t piece_index = 0;
   for (std::int64_t t0 = 0; t0 < ro.seq_len; t0 += step, ++piece_index) {
@@ -273,9 +277,7 @@ int cmd_run(const RunOptions& ro, bool as_json) {
       const Tensor h = session.push(a);
       (void)session.backward_of_last_piece(a, h.view());  // dh = h
       compute_secs += std::chrono::duration<double>(Clock::now() - c0).count();
-      if (first_token_secs < 0) first_token_secs = std::chrono::duration<double>(Clock::now() - process_start()).count();
-      if (t0 == 0 && ro.check_tokens > 0) max_rel = spot_check(l, ro, len, h, o);
-      progress.update(t0 + len);
+      piece_done(t0, len, l, h);
       continue;
     }
     in_flight.push_back({session.submit(a), t0, len, t0 == 0 && ro.check_tokens > 0 ? l : ForwardInputs{}});
