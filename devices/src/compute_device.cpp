@@ -1,5 +1,7 @@
 // The device-spec grammar shared by the graph, the CLI and Python, and the stage names.
 #include "mlstm/devices/compute_device.hpp"
+
+#include "mlstm/core/trace.hpp"
 #include "mlstm/core/error.hpp"
 
 namespace mlstm {
@@ -68,6 +70,7 @@ StepResult ComputeDevice::step(const StepArgs& a, const MlstmOptions& options) {
 }
 
 std::vector<std::shared_ptr<ComputeDevice>> devices_from_spec(const std::string& spec) {
+  const ScopedTrace trace([&] { return "devices opened for '" + spec + "'"; });
   std::vector<std::shared_ptr<ComputeDevice>> out;
   std::size_t start = 0;
   while (start <= spec.size()) {

@@ -19,6 +19,7 @@
 #include "mlstm/core/atomic_file.hpp"
 #include "mlstm/core/env.hpp"
 #include "mlstm/core/error.hpp"
+#include "mlstm/core/trace.hpp"
 
 namespace mlstm::graph {
 
@@ -363,6 +364,7 @@ std::size_t fastest_candidate(const std::vector<std::shared_ptr<ComputeDevice>>&
 
 std::unique_ptr<SequenceStream> FlowGraphRunner::open_stream(const ProblemShape& piece, const MlstmOptions& options,
                                                              State initial) {
+  const ScopedTrace trace("stream engine chosen");
   if (piece.S <= 0) throw InvalidArgument("S", "a stream's pieces need at least one token");
   std::vector<std::string> left_out;
   const auto devices = capable_devices({DeviceStage::last_state, DeviceStage::forward}, piece, options, left_out);

@@ -18,6 +18,7 @@
 #include "mlstm/core/atomic_file.hpp"
 #include "mlstm/core/env.hpp"
 #include "mlstm/core/npy.hpp"
+#include "mlstm/core/trace.hpp"
 
 namespace mlstm::cli {
 
@@ -234,6 +235,7 @@ int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const 
                                     s->s0 = next;
                                     s->s1 = std::min(hdr.S, next + st.tokens);
                                     next = s->s1;
+                                    const ScopedTrace trace([&] { return "slice read at token " + std::to_string(s->s0); });
                                     s->in.q = rq.read(s->s0, s->s1);
                                     s->in.k = rk.read(s->s0, s->s1);
                                     s->in.v = rv.read(s->s0, s->s1);
@@ -244,6 +246,8 @@ int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const 
                                   tbb::make_filter<std::shared_ptr<StreamSlice>, std::shared_ptr<StreamSlice>>(
                                       tbb::filter_mode::serial_in_order,
                                       [&](std::shared_ptr<StreamSlice> s) {
+                                        const ScopedTrace trace(
+                                            [&] { return "slice computed at token " + std::to_string(s->s0); });
                                         const ForwardArgs a = s->in.args();
                                         if (in.check_finite) check_finite(a);
                                         s->h = session->push(a);
@@ -254,6 +258,8 @@ int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const 
                                       }) &
                                   tbb::make_filter<std::shared_ptr<StreamSlice>, void>(
                                       tbb::filter_mode::serial_in_order, [&](std::shared_ptr<StreamSlice> s) {
+                                        const ScopedTrace trace(
+                                            [&] { return "slice written at token " + std::to_string(s->s0); });
                                         writer.write(s->s0, s->h.view());
                                         writer.sync();
                                         write_progress(record, identity, s->s1, s->snapshot);

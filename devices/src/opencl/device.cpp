@@ -149,6 +149,7 @@ std::string DeviceInfo::describe() const {
 }
 
 std::vector<DeviceInfo> list_devices() {
+  const ScopedTrace trace("OpenCL devices listed");
   std::vector<DeviceInfo> out;
   cl_uint np = 0;
   if (clGetPlatformIDs(0, nullptr, &np) != CL_SUCCESS || np == 0) return out;
@@ -338,6 +339,7 @@ struct Device::Staging {
 };
 
 Device::Device(const DeviceInfo& info) : info_(info) {
+  const ScopedTrace trace([&] { return "context and queues on " + info.name; });
   cl_int err = CL_SUCCESS;
   const cl_context_properties props[] = {CL_CONTEXT_PLATFORM, reinterpret_cast<cl_context_properties>(info.platform),
                                          0};

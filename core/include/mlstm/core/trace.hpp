@@ -1,6 +1,8 @@
 // Timing trace for finding where a run's time goes: with MLSTM_TRACE=1 in the environment, every ScopedTrace
-// logs "mlstm-flow trace: <what> <ms> ms" at info level when it ends (device calls, uploads and downloads,
-// program lookups, graph node bodies). Off by default; when off a ScopedTrace costs one cached flag test.
+// prints "mlstm-flow trace: <what> <ms> ms (at +<start> ms)" to stderr, whatever the log level, when it ends.
+// The start counts from the library's load, so a trace reads as a timeline (device calls, uploads and
+// downloads, program lookups, graph node bodies, stream pieces, start-up steps). Off by default; when off a
+// ScopedTrace costs one cached flag test.
 #pragma once
 
 #include <chrono>
