@@ -269,16 +269,13 @@ class OpenCLComputeDevice final : public ComputeDevice {
   ForwardResult streamed_forward(const ForwardArgs& a, const MlstmOptions& o, const ProblemShape& p) {
     ProblemShape piece = p;
     piece.S = stream_piece_tokens(p, o);
-    std::optional<Tensor> c0, n0, m0;
-    if (a.has_initial_state()) {
-      c0 = Tensor::copy_of(a.c0, DType::f32);
-      n0 = Tensor::copy_of(a.n0, DType::f32);
-      m0 = Tensor::copy_of(a.m0, DType::f32);
-    }
-    opencl::DeviceStream stream(device_, stream_config(piece, o), c0 ? c0->view() : ConstTensorView(),
-                                n0 ? n0->view() : ConstTensorView(), m0 ? m0->view() : ConstTensorView());
+    std::unique_ptr<opencl::DeviceStream> held = reuse_stream(stream_config(piece, o), a.c0, a.n0, a.m0);
+    opencl::DeviceStream& stream = *held;
     ForwardResult r;
-    r.h = Tensor({p.B, p.NH, p.S, p.DHHV}, p.dtype);
+    {
+      const ScopedTrace alloc("streamed forward: h allocated");
+      r.h = Tensor({p.B, p.NH, p.S, p.DHHV}, p.dtype);
+    }
     const std::int64_t pieces = (p.S + piece.S - 1) / piece.S;
     std::mutex mutex;
     std::condition_variable changed;
@@ -294,6 +291,7 @@ class OpenCLComputeDevice final : public ComputeDevice {
             if (submitted <= j) return;  // the producer failed
           }
           const std::int64_t t0 = j * piece.S;
+          const ScopedTrace take([&] { return "streamed forward: piece " + std::to_string(j) + " taken"; });
           stream.take_into(static_cast<std::uint64_t>(j), sequence_slice(r.h.view(), t0, std::min(p.S, t0 + piece.S)));
         }
       } catch (...) {
@@ -304,6 +302,7 @@ class OpenCLComputeDevice final : public ComputeDevice {
     try {
       for (std::int64_t j = 0; j < pieces; ++j) {
         const std::int64_t t0 = j * piece.S;
+        const ScopedTrace push([&] { return "streamed forward: piece " + std::to_string(j) + " pushed"; });
         (void)stream.push(sequence_slice(a, t0, std::min(p.S, t0 + piece.S)));
         std::lock_guard lock(mutex);
         submitted = j + 1;
@@ -321,7 +320,38 @@ class OpenCLComputeDevice final : public ComputeDevice {
     if (producer_error) std::rethrow_exception(producer_error);
     if (consumer_error) std::rethrow_exception(consumer_error);
     if (o.return_last_states) stream.read_state(r.c, r.n, r.m);
+    park_stream(std::move(held));
     return r;
+  }
+
+  // A stream for a streamed forward: the one parked by an earlier call when it has this configuration
+  // (restarted at c0/n0/m0), else a new one. Setting a stream up (pinned staging, device buffers) costs tens of
+  // milliseconds, about what a million tokens take to stream, so consecutive calls share one. A call that
+  // failed parks nothing; concurrent calls each get their own.
+  std::unique_ptr<opencl::DeviceStream> reuse_stream(const opencl::DeviceStream::Config& config, ConstTensorView c0,
+                                                     ConstTensorView n0, ConstTensorView m0) {
+    std::unique_ptr<opencl::DeviceStream> parked;
+    {
+      std::lock_guard lock(parked_mutex_);
+      parked = std::move(parked_);
+    }
+    if (parked && same_stream_config(parked->config(), config)) {
+      parked->restart(c0, n0, m0);
+      return parked;
+    }
+    parked.reset();  // its pinned staging goes before the new one's is taken
+    return std::make_unique<opencl::DeviceStream>(device_, config, c0, n0, m0);
+  }
+  // Keeps `stream` for the next streamed forward (the device keeps one: the latest).
+  void park_stream(std::unique_ptr<opencl::DeviceStream> stream) {
+    std::lock_guard lock(parked_mutex_);
+    parked_ = std::move(stream);
+  }
+  static bool same_stream_config(const opencl::DeviceStream::Config& x, const opencl::DeviceStream::Config& y) {
+    return x.B == y.B && x.NH == y.NH && x.DHQK == y.DHQK && x.DHHV == y.DHHV && x.max_piece == y.max_piece &&
+           x.dtype == y.dtype && x.options.gate == y.options.gate && x.options.normalize == y.options.normalize &&
+           x.options.eps == y.options.eps && x.options.chunk_size == y.options.chunk_size && x.emulate == y.emulate &&
+           x.compute == y.compute;
   }
 
   // MLSTM_RESIDENT_INPUTS=off: every call uploads its inputs (for measuring what residency saves).
@@ -372,6 +402,8 @@ class OpenCLComputeDevice final : public ComputeDevice {
   bool emulate_ = false;  // OpenCLKernels::emulated_tensor_cores
   mutable std::mutex prepared_mutex_;
   mutable std::set<std::string> prepared_;  // configurations whose tensor-core programs are built
+  std::mutex parked_mutex_;
+  std::unique_ptr<opencl::DeviceStream> parked_;  // the last streamed forward's stream (reuse_stream)
 };
 
 }  // namespace

@@ -59,7 +59,8 @@ class StreamPiece {
 
 // An OpenCL device's forward of a sequence of several stream pieces goes through its pinned stream (cut into
 // pieces of 128 tokens here, the last one shorter) and equals the recurrence, the entering and leaving states
-// included, for both input gates.
+// included, for both input gates. A second call of the same configuration restarts the first call's stream
+// (from its own entering state) instead of setting up another.
 TEST(StreamEngine, LongForwardOfAnOpenCLDeviceStreamsItsPieces) {
   if (no_opencl()) GTEST_SKIP() << "no OpenCL device (install pocl-opencl-icd)";
   const StreamPiece piece("128");
@@ -72,9 +73,12 @@ TEST(StreamEngine, LongForwardOfAnOpenCLDeviceStreamsItsPieces) {
     MlstmOptions o = chunk64(true);
     o.gate = gate;
     const ForwardResult ref = reference::recurrent_forward(in.args(), o);
-    const auto opened = opencl_device0()->streams_opened();
+    const auto opened = opencl_device0()->streams_opened(), setups = opencl_device0()->stream_setups();
     const ForwardResult got = dev->forward(in.args(), o);
     EXPECT_EQ(opencl_device0()->streams_opened(), opened + 1) << "the forward streamed";
+    if (gate == GateVariant::exp && initial) {
+      EXPECT_EQ(opencl_device0()->stream_setups(), setups) << "the first exp call's stream was reused";
+    }
     EXPECT_TRUE(h_matches(got.h, ref, in, o, s, "streamed forward"));
     EXPECT_TRUE(testing::last_state_matches(got.c, got.n, got.m, ref.c, ref.n, ref.m, 2e-2, 1e-3, "streamed forward",
                                             s));

@@ -58,8 +58,9 @@ struct DeviceStream::Impl {
 DeviceStream::DeviceStream(std::shared_ptr<Device> device, Config config, ConstTensorView c0, ConstTensorView n0,
                            ConstTensorView m0)
     : device_(std::move(device)), config_(config), impl_(std::make_unique<Impl>()) {
+  const ScopedTrace trace([&] { return "stream opened on " + device_->name(); });
   Device& dev = *device_;
-  dev.note_stream_opened();
+  dev.note_stream_opened(true);
   const std::string& dn = dev.name();
   const Config& c = config_;
   if (c.B <= 0 || c.NH <= 0) throw InvalidArgument("config", "B and NH must be > 0");
@@ -128,20 +129,48 @@ DeviceStream::DeviceStream(std::shared_ptr<Device> device, Config config, ConstT
     im.n[j] = f32(rows * K);
     im.m[j] = f32(rows);
   }
-  if (!c0.empty()) {
-    auto put = [&](ConstTensorView t, const Buffer& b, const char* name, const Shape& want) {
-      if (t.shape() != want)
-        throw InvalidArgument(name, "expected shape " + shape_to_string(want) + ", got " + shape_to_string(t.shape()));
-      const Tensor x = Tensor::copy_of(t, DType::f32);
-      check(clEnqueueWriteBuffer(im.kernels, b.get(), CL_TRUE, 0, x.nbytes(), x.bytes(), 0, nullptr, nullptr),
-            "clEnqueueWriteBuffer(initial state)", dn);
-    };
-    if (n0.empty() || m0.empty()) throw InvalidArgument("c0", "c0, n0 and m0 must be given together");
-    put(c0, im.C[0], "c0", {c.B, c.NH, c.DHQK, c.DHHV});
-    put(n0, im.n[0], "n0", {c.B, c.NH, c.DHQK});
-    put(m0, im.m[0], "m0", {c.B, c.NH});
-    im.has_state = true;
+  load_state(c0, n0, m0);
+}
+
+void DeviceStream::load_state(ConstTensorView c0, ConstTensorView n0, ConstTensorView m0) {
+  Impl& im = *impl_;
+  const Config& c = config_;
+  im.state = 0;
+  im.has_state = false;
+  if (c0.empty() && n0.empty() && m0.empty()) return;
+  if (c0.empty() || n0.empty() || m0.empty()) throw InvalidArgument("c0", "c0, n0 and m0 must be given together");
+  auto put = [&](ConstTensorView t, const Buffer& b, const char* name, const Shape& want) {
+    if (t.shape() != want)
+      throw InvalidArgument(name, "expected shape " + shape_to_string(want) + ", got " + shape_to_string(t.shape()));
+    const Tensor x = Tensor::copy_of(t, DType::f32);
+    check(clEnqueueWriteBuffer(im.kernels, b.get(), CL_TRUE, 0, x.nbytes(), x.bytes(), 0, nullptr, nullptr),
+          "clEnqueueWriteBuffer(initial state)", device_->name());
+  };
+  put(c0, im.C[0], "c0", {c.B, c.NH, c.DHQK, c.DHHV});
+  put(n0, im.n[0], "n0", {c.B, c.NH, c.DHQK});
+  put(m0, im.m[0], "m0", {c.B, c.NH});
+  im.has_state = true;
+}
+
+void DeviceStream::restart(ConstTensorView c0, ConstTensorView n0, ConstTensorView m0) {
+  finish();
+  {
+    std::lock_guard lock(mutex_);
+    for (Slot& s : impl_->slots) {
+      if (s.taking) throw Error("DeviceStream::restart: a take() is still running");
+      release_event(s.up);
+      release_event(s.computed);
+      release_event(s.down);
+      s.busy = false;
+      s.taken = true;
+    }
+    finished_.clear();
   }
+  pending_len_ = 0;
+  tokens_ = 0;
+  next_ticket_ = 0;
+  load_state(c0, n0, m0);
+  device_->note_stream_opened(false);
 }
 
 DeviceStream::~DeviceStream() {

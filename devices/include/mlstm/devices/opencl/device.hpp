@@ -168,9 +168,15 @@ class Device {
   };
   std::uint64_t reused_uploads() const;  // acquire_upload calls served by a kept buffer so far
   bool inside_retained_range(const void* data) const;  // `data` lies in a live RetainedUploads scope
-  // DeviceStreams opened on this device so far (host streaming through pinned staging; tests and traces).
+  // Sequences streamed through a DeviceStream on this device so far (host streaming through pinned staging:
+  // a new stream or a restarted one), and how many of those set their buffers up (the others reused a
+  // stream's). For tests and traces.
   std::uint64_t streams_opened() const noexcept { return streams_opened_.load(); }
-  void note_stream_opened() noexcept { ++streams_opened_; }
+  std::uint64_t stream_setups() const noexcept { return stream_setups_.load(); }
+  void note_stream_opened(bool set_up) noexcept {
+    ++streams_opened_;
+    if (set_up) ++stream_setups_;
+  }
   std::size_t staging_slot_bytes() const noexcept { return staging_slot_; }
   std::size_t staging_threshold() const noexcept;
   void finish();
@@ -230,7 +236,7 @@ class Device {
   void drop_unretained_uploads();                            // kept buffers outside every listed range back to the pool
   void pool_locked(Buffer&& buffer);          // into the free pool if under its limit, else freed (pool_mutex_ held)
   std::vector<HostRange> retained_ranges_;    // every live scope's ranges (guarded by pool_mutex_)
-  std::atomic<std::uint64_t> streams_opened_{0};
+  std::atomic<std::uint64_t> streams_opened_{0}, stream_setups_{0};
   std::map<UploadKey, Buffer> kept_uploads_;  // released, waiting to be handed out again
   std::map<cl_mem, UploadKey> handed_out_uploads_;  // in use; kept again when released
   std::uint64_t kept_bytes_ = 0, reused_uploads_ = 0;

@@ -78,6 +78,10 @@ class DeviceStream {
   // The current state (after every submitted piece), float32; waits for the kernels.
   void read_state(Tensor& C, Tensor& n, Tensor& m);
   void finish();  // waits for every enqueued transfer and kernel
+  // Begins another sequence on the same staging and device buffers (setting up a stream costs more than a
+  // short sequence): waits for everything enqueued, forgets every h not taken, and starts from the zero state
+  // or from c0/n0/m0 (as in the constructor). Tickets start again at 0. Not while a take() runs.
+  void restart(ConstTensorView c0 = {}, ConstTensorView n0 = {}, ConstTensorView m0 = {});
 
   std::int64_t tokens() const noexcept { return tokens_; }
   const Config& config() const noexcept { return config_; }
@@ -89,6 +93,7 @@ class DeviceStream {
   struct Impl;
   Slot& slot_of(std::uint64_t ticket);
   void retire(Slot& slot);  // waits for the slot's piece and keeps its h aside if not taken
+  void load_state(ConstTensorView c0, ConstTensorView n0, ConstTensorView m0);  // the state entering the next piece
 
   std::shared_ptr<Device> device_;
   Config config_;
