@@ -4,6 +4,7 @@
 #include <string>
 
 #include "mlstm/core/error.hpp"
+#include "mlstm/core/memcopy.hpp"
 
 namespace mlstm {
 
@@ -123,7 +124,7 @@ void convert_loop(std::size_t count, Load load, Store store) {
 
 void convert_elements(const void* src, DType st, void* dst, DType dt, std::size_t count) {
   if (st == dt) {
-    std::memcpy(dst, src, count * dtype_size(st));
+    copy_bytes(dst, src, count * dtype_size(st));
     return;
   }
   // Fast paths for the hot conversions (to/from float32).

@@ -1,15 +1,20 @@
 #include "mlstm/core/tensor.hpp"
 
+#include <sys/mman.h>
+
 #include <tbb/blocked_range.h>
 #include <tbb/parallel_for.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <new>
 #include <sstream>
 
 #include "mlstm/core/error.hpp"
+#include "mlstm/core/memcopy.hpp"
 
 namespace mlstm {
 
@@ -49,11 +54,19 @@ Tensor::Tensor(Shape shape, DType dtype) : dtype_(dtype), shape_(std::move(shape
   for (auto d : shape_) {
     if (d < 0) throw InvalidArgument("shape", "negative dimension in " + shape_to_string(shape_));
   }
+  // Large tensors (h of a long sequence, inputs read from files) are aligned to and rounded up to 2 MiB
+  // pages, and asked to be backed by transparent huge pages: the first write to fresh memory then faults once
+  // per 2 MiB instead of once per 4 KiB. On the H200 host a parallel copy into a fresh 1 GiB buffer ran at
+  // 19 GB/s with 4 KiB pages and 31 GB/s with huge pages (50 GB/s into touched memory). The rounding costs
+  // at most 1/16 of a tensor of 32 MiB or more.
+  constexpr std::size_t kHugePage = std::size_t{2} << 20, kHugeFrom = std::size_t{32} << 20;
   std::size_t bytes = nbytes();
-  bytes = ((bytes + 63) / 64) * 64;
-  if (bytes == 0) bytes = 64;
-  void* p = std::aligned_alloc(64, bytes);
+  const std::size_t align = bytes >= kHugeFrom ? kHugePage : 64;
+  if (bytes > std::numeric_limits<std::size_t>::max() - align) throw std::bad_alloc();
+  bytes = std::max<std::size_t>((bytes + align - 1) / align * align, align);
+  void* p = std::aligned_alloc(align, bytes);
   if (!p) throw std::bad_alloc();
+  if (align == kHugePage) (void)::madvise(p, bytes, MADV_HUGEPAGE);  // advice only: without THP, 4 KiB pages
   storage_.reset(static_cast<std::byte*>(p));
 }
 
@@ -210,14 +223,14 @@ void copy_rows(std::byte* dst, std::size_t dst_stride, const std::byte* src, std
   constexpr std::size_t kSlice = std::size_t{1} << 20;
   const std::size_t slices = (row_bytes + kSlice - 1) / kSlice;
   if (rows * row_bytes <= kSlice) {
-    for (std::size_t r = 0; r < rows; ++r) std::memcpy(dst + r * dst_stride, src + r * src_stride, row_bytes);
+    for (std::size_t r = 0; r < rows; ++r) copy_bytes(dst + r * dst_stride, src + r * src_stride, row_bytes);
     return;
   }
   tbb::parallel_for(
       tbb::blocked_range<std::size_t>(0, rows * slices), [&](const tbb::blocked_range<std::size_t>& range) {
         for (std::size_t j = range.begin(); j != range.end(); ++j) {
           const std::size_t r = j / slices, off = (j % slices) * kSlice;
-          std::memcpy(dst + r * dst_stride + off, src + r * src_stride + off, std::min(kSlice, row_bytes - off));
+          copy_bytes(dst + r * dst_stride + off, src + r * src_stride + off, std::min(kSlice, row_bytes - off));
         }
       });
 }

@@ -148,7 +148,8 @@ void copy_elements(ConstTensorView view, std::int64_t first, std::int64_t count,
 
 // `rows` blocks of `row_bytes`, from src (one every src_stride bytes) to dst (one every dst_stride bytes),
 // in parallel slices of about 1 MiB (TBB): result copies of hundreds of MB, first touch of fresh pages
-// included, run at memory speed instead of one core's. One block: copy_rows(dst, 0, src, 0, 1, bytes).
+// included, run at memory speed instead of one core's; blocks of 256 KiB or more bypass the caches (copy_bytes,
+// memcopy.hpp). One block: copy_rows(dst, 0, src, 0, 1, bytes).
 void copy_rows(std::byte* dst, std::size_t dst_stride, const std::byte* src, std::size_t src_stride, std::size_t rows,
                std::size_t row_bytes);
 
