@@ -383,10 +383,11 @@ std::unique_ptr<SequenceStream> FlowGraphRunner::open_stream(const ProblemShape&
     for (std::size_t c = 0; c < devices.size(); ++c)
       if (c != best) left_out.push_back(devices[c]->name() + " (stream: " + d->name() + " alone is faster)");
     stream = d->open_stream(piece, options, std::move(initial));
-    plan.engine = stream->overlapped() ? "pinned staging on " + d->name() +
-                                             ": uploads, kernels and downloads of consecutive pieces overlapped, the "
-                                             "state on the device"
-                                       : "one forward() call per piece on " + d->name() + ", the state carried";
+    plan.overlapped = stream->overlapped();
+    plan.engine = plan.overlapped ? "pinned staging on " + d->name() +
+                                        ": uploads, kernels and downloads of consecutive pieces overlapped, the "
+                                        "state on the device"
+                                  : "one forward() call per piece on " + d->name() + ", the state carried";
   }
   plan.left_out = std::move(left_out);
   last_plan_ = plan;

@@ -128,6 +128,8 @@ TEST_F(Cli, KernelsDevicesRunAndBenchWork) {
       run_cli("--json run --seq-len 3000 --piece 700 --heads 2 --dqk 16 --dhv 16 --dtype float32 --check-tokens 500");
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_NE(r.out.find("\"spot_check_ok\":true"), std::string::npos) << r.out;
+  // No GPU here (PoCL's devices are CPUs): one forward call per piece, not the overlapped pinned stream.
+  EXPECT_NE(r.out.find("\"overlapped\":false"), std::string::npos) << r.out;
   auto res = run_cli(
       "--json run --mode resident --seq-len 3000 --heads 2 --dqk 16 --dhv 16 --dtype float32 --check-tokens 500");
   ASSERT_EQ(res.code, 0) << res.err;

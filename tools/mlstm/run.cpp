@@ -284,7 +284,7 @@ int cmd_run(const RunOptions& ro, bool as_json) {
     compute_secs += std::chrono::duration<double>(Clock::now() - c0).count();
     if (piece_index == 0) {  // the engine is chosen at the first piece
       const graph::Plan& plan = session.runner()->last_plan();
-      if (ro.mode == "pipeline" && plan.engine.rfind("pinned staging", 0) != 0)
+      if (ro.mode == "pipeline" && !plan.overlapped)
         throw InvalidArgument("--mode", "pipeline needs a GPU whose tensor-core kernels take this problem "
                                         "(bfloat16/float16, head dims multiples of 16, chunk 64 or 128); the stream "
                                         "chose " + plan.engine);
@@ -301,6 +301,7 @@ int cmd_run(const RunOptions& ro, bool as_json) {
     std::cout << json{{"command", "run"},
                       {"mode", ro.mode == "auto" ? "stream" : ro.mode},
                       {"engine", plan.engine},
+                      {"overlapped", plan.overlapped},
                       {"first_token_seconds", first_token_secs},
                       {"tokens", tokens},
                       {"seconds", secs},

@@ -60,6 +60,9 @@ struct Plan {
   // forward graph per piece"); stream and Balancing::fastest: the measured rates behind the choice (tokens/s,
   // one line each).
   std::string engine;
+  // stream: true when the engine overlaps the transfers and compute of consecutive pieces (SequenceStream::
+  // overlapped(): a GPU through pinned staging); false for one forward call per piece, and for other passes.
+  bool overlapped = false;
   std::vector<std::string> measured;
   std::string describe() const;  // one line per item; MLSTM_PLAN_DEBUG=1 prints it at run time
 };
