@@ -312,10 +312,6 @@ std::string rate_text(double tokens_per_second) {
   return buf;
 }
 
-}  // namespace
-
-namespace {
-
 // The stream measurement behind open_stream and Balancing::fastest: tokens/s of each device streaming alone and
 // (several devices) of the forward graph over all of them per piece, measured once on pieces like `piece` and
 // cached with the calibration. Returns the index of the fastest candidate (devices.size() = the graph) and
