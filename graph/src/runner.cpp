@@ -801,10 +801,11 @@ FlowGraphRunner::PlannedRun FlowGraphRunner::plan_run(Pass pass, const ProblemSh
   } else {
     std::vector<std::string> measured;
     if (balancing_ == Balancing::fastest && pass == Pass::forward && run.devices.size() > 1) {
-      // Measured on pieces of up to 16384 tokens (whole chunks) of this problem: one device alone or all.
+      // Measured on pieces of up to 16384 tokens (whole chunks) of this problem: one device alone or all. Never
+      // longer than the problem: a chunk longer than the sequence is the sequence.
       ProblemShape piece = shape;
-      piece.S = std::max<std::int64_t>(options.chunk_size,
-                                       std::min<std::int64_t>(shape.S, 16384) / options.chunk_size * options.chunk_size);
+      const std::int64_t L = options.chunk_size;
+      piece.S = std::min(shape.S, std::max<std::int64_t>(L, std::min<std::int64_t>(shape.S, 16384) / L * L));
       const std::size_t best = fastest_candidate(run.devices, Balancing::pull, piece, options, measured);
       if (best < run.devices.size()) {
         for (std::size_t c = 0; c < run.devices.size(); ++c)
