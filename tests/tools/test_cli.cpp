@@ -353,6 +353,7 @@ TEST_F(Cli, NumbersAreCheckedAndNamed) {
   expect_bad_input(run_cli("run --check-tokens -1"), "--check-tokens");
   // Library names mapped to the user's options, one line (the device list used to follow on more lines).
   expect_bad_input(run_cli("run --seq-len 100 --devices nope"), "--devices");
+  expect_bad_input(run_cli("run --seq-len 100 --devices ''"), "--devices");  // was a null runner: SIGSEGV
   expect_bad_input(run_cli("bench --tokens 64 --seq-lens 32 --dqk 8 --dhv 8 --repeats 1 --graph-devices gpu:99 --csv " +
                            path("b1") + " --json-out " + path("b2")),
                    "--graph-devices");

@@ -196,6 +196,9 @@ int cmd_run(const RunOptions& ro, bool as_json) {
   validate_options(o);
   // Every usable device: the CPU workers, plus the OpenCL GPUs when there are any (pipeline: the GPUs).
   std::string spec = ro.devices;
+  if (spec.empty()) {  // an empty spec would make the session one kernel call, and the engine below its runner's
+    throw InvalidArgument("--devices", "is empty: give auto, workers, an OpenCL spec (gpu:all, 0,1, cpu) or a+b");
+  }
   if (spec == "auto") {
     bool gpu = false;
     for (const auto& d : opencl::list_devices()) gpu = gpu || d.type == opencl::DeviceType::gpu;
