@@ -38,6 +38,24 @@ std::string_view pass_name(Pass pass) noexcept {
   return "?";
 }
 
+std::string_view balancing_name(Balancing balancing) noexcept {
+  switch (balancing) {
+    case Balancing::pull:
+      return "pull";
+    case Balancing::calibrated:
+      return "calibrated";
+    case Balancing::fastest:
+      return "fastest";
+  }
+  return "?";
+}
+
+Balancing parse_balancing(std::string_view name, const std::string& argument) {
+  for (const Balancing b : {Balancing::pull, Balancing::calibrated, Balancing::fastest})
+    if (name == balancing_name(b)) return b;
+  throw InvalidArgument(argument, "'" + std::string(name) + "': expected 'pull', 'calibrated' or 'fastest'");
+}
+
 std::string Plan::describe() const {
   std::ostringstream os;
   const bool head_split = pass == Pass::forward_head_split || pass == Pass::backward_head_split;

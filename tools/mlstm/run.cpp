@@ -215,7 +215,7 @@ int cmd_run(const RunOptions& ro, bool as_json) {
   cfg.DHHV = ro.dhv;
   cfg.options = o;
   cfg.devices = spec;
-  cfg.balancing = graph::Balancing::calibrated;  // shares by measured device speed
+  cfg.balancing = graph::parse_balancing(ro.balancing, "--balancing");  // default: shares by measured device speed
   StreamSession session(cfg);
   if (!as_json) {
     std::cout << "problem: B=" << ro.batch << " NH=" << ro.heads << " S=" << ro.seq_len << " DHQK=" << ro.dqk
@@ -314,6 +314,7 @@ int cmd_run(const RunOptions& ro, bool as_json) {
                       {"spot_check_rel_error", max_rel},
                       {"spot_check_ok", check_ok},
                       {"devices", plan.devices},
+                      {"balancing", ro.balancing},
                       {"revision", MLSTM_GIT_REVISION}}
                      .dump()
               << "\n";

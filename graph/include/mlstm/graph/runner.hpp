@@ -40,6 +40,9 @@ namespace mlstm::graph {
 // (one segment) when it measured faster, else the graph pulls as `pull`. So CPU workers added to a GPU take a
 // share only when that measured faster, and plan().measured says what was measured.
 enum class Balancing { pull, calibrated, fastest };
+std::string_view balancing_name(Balancing balancing) noexcept;  // "pull", "calibrated", "fastest"
+// The Balancing of a name balancing_name() gives; InvalidArgument(argument) for any other text.
+Balancing parse_balancing(std::string_view name, const std::string& argument);
 
 // Which run a plan is for: the sequence-parallel forward and backward, or the head splits.
 // stream: a sequence in pieces (open_stream).
