@@ -222,18 +222,7 @@ Route route(const py::handle& kernel, const py::handle& devices, const py::handl
     r.segment_tokens = int_arg(segment_tokens, "segment_tokens");
     if (r.segment_tokens < 0) throw InvalidArgument("segment_tokens", "must be >= 0 (0: the planner's choice)");
   }
-  if (!balancing.is_none()) {
-    const std::string b = str_arg(balancing, "balancing");
-    if (b == "pull") {
-      r.balancing = graph::Balancing::pull;
-    } else if (b == "calibrated") {
-      r.balancing = graph::Balancing::calibrated;
-    } else if (b == "fastest") {
-      r.balancing = graph::Balancing::fastest;
-    } else {
-      throw InvalidArgument("balancing", "'" + b + "': expected 'pull', 'calibrated' or 'fastest'");
-    }
-  }
+  if (!balancing.is_none()) r.balancing = graph::parse_balancing(str_arg(balancing, "balancing"), "balancing");
   return r;
 }
 
@@ -265,9 +254,7 @@ py::dict run_info(const graph::FlowGraphRunner& runner) {
   info["devices"] = plan.devices;
   info["ran"] = ran;
   info["left_out"] = plan.left_out;
-  info["balancing"] = runner.balancing() == graph::Balancing::calibrated ? "calibrated"
-                      : runner.balancing() == graph::Balancing::fastest  ? "fastest"
-                                                                          : "pull";
+  info["balancing"] = std::string(graph::balancing_name(runner.balancing()));
   info["measured"] = plan.measured;
   info["segment_tokens"] = plan.segment_tokens;
   info["segments"] = plan.segments.size();

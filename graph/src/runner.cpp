@@ -39,6 +39,24 @@ std::string_view pass_name(Pass pass) noexcept {
   return "?";
 }
 
+std::string_view balancing_name(Balancing balancing) noexcept {
+  switch (balancing) {
+    case Balancing::pull:
+      return "pull";
+    case Balancing::calibrated:
+      return "calibrated";
+    case Balancing::fastest:
+      return "fastest";
+  }
+  return "?";
+}
+
+Balancing parse_balancing(std::string_view name, const std::string& argument) {
+  for (const Balancing b : {Balancing::pull, Balancing::calibrated, Balancing::fastest})
+    if (name == balancing_name(b)) return b;
+  throw InvalidArgument(argument, "'" + std::string(name) + "': expected 'pull', 'calibrated' or 'fastest'");
+}
+
 std::string Plan::describe() const {
   std::ostringstream os;
   const bool head_split = pass == Pass::forward_head_split || pass == Pass::backward_head_split;
@@ -313,10 +331,6 @@ std::string rate_text(double tokens_per_second) {
   return buf;
 }
 
-}  // namespace
-
-namespace {
-
 // The stream measurement behind open_stream and Balancing::fastest: tokens/s of each device streaming alone and
 // (several devices) of the forward graph over all of them per piece, measured once on pieces like `piece` and
 // cached with the calibration. Returns the index of the fastest candidate (devices.size() = the graph) and
@@ -385,10 +399,11 @@ std::unique_ptr<SequenceStream> FlowGraphRunner::open_stream(const ProblemShape&
     for (std::size_t c = 0; c < devices.size(); ++c)
       if (c != best) left_out.push_back(devices[c]->name() + " (stream: " + d->name() + " alone is faster)");
     stream = d->open_stream(piece, options, std::move(initial));
-    plan.engine = stream->overlapped() ? "pinned staging on " + d->name() +
-                                             ": uploads, kernels and downloads of consecutive pieces overlapped, the "
-                                             "state on the device"
-                                       : "one forward() call per piece on " + d->name() + ", the state carried";
+    plan.overlapped = stream->overlapped();
+    plan.engine = plan.overlapped ? "pinned staging on " + d->name() +
+                                        ": uploads, kernels and downloads of consecutive pieces overlapped, the "
+                                        "state on the device"
+                                  : "one forward() call per piece on " + d->name() + ", the state carried";
   }
   plan.left_out = std::move(left_out);
   last_plan_ = plan;
@@ -806,10 +821,11 @@ FlowGraphRunner::PlannedRun FlowGraphRunner::plan_run(Pass pass, const ProblemSh
   } else {
     std::vector<std::string> measured;
     if (balancing_ == Balancing::fastest && pass == Pass::forward && run.devices.size() > 1) {
-      // Measured on pieces of up to 16384 tokens (whole chunks) of this problem: one device alone or all.
+      // Measured on pieces of up to 16384 tokens (whole chunks) of this problem: one device alone or all. Never
+      // longer than the problem: a chunk longer than the sequence is the sequence.
       ProblemShape piece = shape;
-      piece.S = std::max<std::int64_t>(options.chunk_size,
-                                       std::min<std::int64_t>(shape.S, 16384) / options.chunk_size * options.chunk_size);
+      const std::int64_t L = options.chunk_size;
+      piece.S = std::min(shape.S, std::max<std::int64_t>(L, std::min<std::int64_t>(shape.S, 16384) / L * L));
       const std::size_t best = fastest_candidate(run.devices, Balancing::pull, piece, options, measured);
       if (best < run.devices.size()) {
         for (std::size_t c = 0; c < run.devices.size(); ++c)

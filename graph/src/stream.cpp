@@ -5,6 +5,7 @@
 #include <sstream>
 
 #include "mlstm/core/atomic_file.hpp"
+#include "mlstm/devices/compute_device.hpp"
 #include "mlstm/graph/stream.hpp"
 #include "mlstm/mlstm.hpp"
 
@@ -115,41 +116,37 @@ ForwardArgs StreamSession::with_state(const ForwardArgs& piece, const State& sta
 }
 
 std::uint64_t StreamSession::submit(const ForwardArgs& piece) {
-  const ForwardArgs a = with_state(piece, *state_);  // checks the piece
-  const std::uint64_t ticket = next_ticket_++;
-  if (runner_) {
-    if (!stream_) {
-      ProblemShape shape;
-      shape.B = config_.B;
-      shape.NH = config_.NH;
-      shape.S = piece.q.dim(2);
-      shape.DHQK = config_.DHQK;
-      shape.DHHV = config_.DHHV;
-      shape.dtype = piece.q.dtype();
+  (void)with_state(piece, *state_);  // checks the piece (the stream adds the state)
+  if (!stream_) {
+    ProblemShape shape;
+    shape.B = config_.B;
+    shape.NH = config_.NH;
+    shape.S = piece.q.dim(2);
+    shape.DHQK = config_.DHQK;
+    shape.DHHV = config_.DHHV;
+    shape.dtype = piece.q.dtype();
+    if (runner_) {
       stream_ = runner_->open_stream(shape, config_.options, *state_);
+    } else {
+      // The kernel, not the session: a moved session keeps its kernel where it was. The stream returns the
+      // last states itself (return_last_states).
+      SequenceKernel* kernel = kernel_.get();
+      stream_ = std::make_unique<ForwardCallStream>(
+          [kernel](const ForwardArgs& a, const MlstmOptions& o) { return kernel->forward(a, o); }, shape,
+          config_.options, *state_);
     }
-    const std::uint64_t inner = stream_->submit(piece);
-    if (inner != ticket) throw Error("StreamSession: stream tickets out of step");
-    state_stale_ = true;
-  } else {
-    MlstmOptions o = config_.options;
-    o.return_last_states = true;
-    ForwardResult r = kernel_->forward(a, o);
-    state_ = std::make_shared<const State>(State{std::move(r.c), std::move(r.n), std::move(r.m)});
-    kernel_done_.emplace(ticket, std::move(r.h));
   }
+  const std::uint64_t ticket = stream_->submit(piece);
+  state_stale_ = true;
   tokens_ += piece.q.dim(2);
   return ticket;
 }
 
 Tensor StreamSession::take(std::uint64_t ticket) {
-  if (stream_) return stream_->take(ticket);
-  const auto it = kernel_done_.find(ticket);
-  if (it == kernel_done_.end())
-    throw InvalidArgument("ticket", "no piece " + std::to_string(ticket) + " waiting (already taken or never submitted)");
-  Tensor h = std::move(it->second);
-  kernel_done_.erase(it);
-  return h;
+  if (!stream_)
+    throw InvalidArgument("ticket",
+                          "no piece " + std::to_string(ticket) + " waiting (already taken or never submitted)");
+  return stream_->take(ticket);
 }
 
 const State& StreamSession::state() const {

@@ -1,9 +1,11 @@
 // The flow graph: sequence-parallel forward on every device mix equals one call of the chunkwise kernel.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -963,6 +965,51 @@ TEST(GraphPlan, SegmentsCoverTheSequenceInWholeChunks) {
     const auto calibrated = graph::make_calibrated_plan(shape, o, {"a", "b"}, {1.0, 1.0}, huge);
     EXPECT_EQ(calibrated.segments.back().t1, 1000);
   }
+}
+
+// Balancing::fastest measures on pieces of the problem, never longer than it: a chunk longer than the sequence
+// is the sequence. Pieces of one whole chunk were measured (--chunk-size 2147483647: 2^31 tokens of inputs
+// allocated, std::bad_alloc or the OOM killer).
+TEST(GraphPlan, FastestMeasuresPiecesNoLongerThanTheProblem) {
+  // PickyDevice, refusing nothing, recording the longest forward it is given.
+  class Recording : public PickyDevice {
+   public:
+    using PickyDevice::PickyDevice;
+    ForwardResult forward(const ForwardArgs& a, const MlstmOptions& o) override {
+      std::int64_t seen = longest.load();
+      while (a.q.dim(2) > seen && !longest.compare_exchange_weak(seen, a.q.dim(2))) {
+      }
+      return PickyDevice::forward(a, o);
+    }
+    std::atomic<std::int64_t> longest{0};
+  };
+  auto a =
+      std::make_shared<Recording>("recording:a", cpu_device(CpuAlgorithm::chunkwise_tiled), std::set<DeviceStage>{});
+  auto b =
+      std::make_shared<Recording>("recording:b", cpu_device(CpuAlgorithm::chunkwise_tiled), std::set<DeviceStage>{});
+  graph::FlowGraphRunner runner(std::vector<std::shared_ptr<ComputeDevice>>{a, b});
+  runner.set_balancing(graph::Balancing::fastest);
+  const InputSpec s = testing::spec(1, 2, 100, 8, 8, DType::f32);
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  MlstmOptions o;
+  o.chunk_size = 4096;
+  // A measurement cache of this test's own, so that the measurement runs (and the user's cache stays clean).
+  const std::filesystem::path cache =
+      std::filesystem::temp_directory_path() / ("mlstm_fastest_cache_" + std::to_string(::getpid()));
+  const char* old_cache = std::getenv("XDG_CACHE_HOME");
+  const std::string restore = old_cache ? old_cache : "";
+  ::setenv("XDG_CACHE_HOME", cache.c_str(), 1);
+  const auto got = runner.forward(in.args(), o);
+  if (old_cache)
+    ::setenv("XDG_CACHE_HOME", restore.c_str(), 1);
+  else
+    ::unsetenv("XDG_CACHE_HOME");
+  std::filesystem::remove_all(cache);
+  EXPECT_EQ(runner.last_plan().measured.size(), 3u) << runner.last_plan().describe();
+  EXPECT_LE(a->longest.load(), 100);
+  EXPECT_LE(b->longest.load(), 100);
+  const auto one_call = get_kernel("chunkwise--cpu_xl_chunk")->forward(in.args(), o);
+  EXPECT_TRUE(testing::matches(got.h, one_call.h, 2e-5, "fastest, chunk past the sequence", "h", s));
 }
 
 }  // namespace

@@ -156,6 +156,7 @@ TEST(StreamEngine, RunnerOnOneGpuStreamsThroughPinnedStaging) {
   EXPECT_EQ(plan.pass, graph::Pass::stream);
   ASSERT_EQ(plan.devices.size(), 1u);
   EXPECT_NE(plan.describe().find("pinned staging"), std::string::npos) << plan.describe();
+  EXPECT_TRUE(plan.overlapped) << "the plan says what the stream does (mlstm run --mode pipeline reads it)";
   EXPECT_TRUE(plan.measured.empty()) << "nothing to choose between";
   const Tensor h0 = stream->take(stream->submit(sequence_slice(in.args(), 0, 128)));
   const Tensor h1 = stream->take(stream->submit(sequence_slice(in.args(), 128, 256)));

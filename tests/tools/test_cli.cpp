@@ -5,6 +5,7 @@
 
 #include <array>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 
 #include <nlohmann/json.hpp>
@@ -128,6 +129,9 @@ TEST_F(Cli, KernelsDevicesRunAndBenchWork) {
       run_cli("--json run --seq-len 3000 --piece 700 --heads 2 --dqk 16 --dhv 16 --dtype float32 --check-tokens 500");
   ASSERT_EQ(r.code, 0) << r.err;
   EXPECT_NE(r.out.find("\"spot_check_ok\":true"), std::string::npos) << r.out;
+  // No GPU here (PoCL's devices are CPUs): one forward call per piece, not the overlapped pinned stream.
+  EXPECT_NE(r.out.find("\"overlapped\":false"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("\"balancing\":\"calibrated\""), std::string::npos) << "run's default: " << r.out;
   auto res = run_cli(
       "--json run --mode resident --seq-len 3000 --heads 2 --dqk 16 --dhv 16 --dtype float32 --check-tokens 500");
   ASSERT_EQ(res.code, 0) << res.err;
@@ -197,6 +201,67 @@ TEST_F(Cli, ForwardAndBackwardThroughTheFlowGraph) {
       run_cli("forward " + inputs() + " --kernel chunkwise--cpu_xl_chunk --devices workers --out " + path("x")),
       "--devices");
   expect_bad_input(run_cli("forward " + inputs() + " --devices workers+ --out " + path("x")), "--devices");
+}
+
+// --balancing (graph::Balancing, Python's balancing=): a bad value is refused by the parser in one line; fastest
+// over the two PoCL devices gives the h of one kernel call, and --json records it beside the devices; where no
+// flow graph runs (one kernel call: no --devices, or --kernel) it is refused, never ignored.
+TEST_F(Cli, BalancingOfTheFlowGraph) {
+  const std::string state = " --c0 " + path("c0") + " --n0 " + path("n0") + " --m0 " + path("m0");
+  for (const char* bad : {"fast", "Pull", "''"}) {
+    expect_bad_input(run_cli("forward " + inputs() + " --devices 0,1 --balancing " + bad + " --out " + path("x")),
+                     "--balancing");
+  }
+  expect_bad_input(
+      run_cli("backward " + inputs() + " --devices 0,1 --dh " + path("dh") + " --balancing nope --out-dq " + path("x")),
+      "--balancing");
+  expect_bad_input(run_cli("run --seq-len 100 --balancing nope"), "--balancing");
+
+  const auto f = run_cli("--json forward " + inputs() + state +
+                         " --chunk-size 8 --devices 0,1 --balancing fastest --out " + path("fh"));
+  ASSERT_EQ(f.code, 0) << f.err;
+  MlstmOptions o;
+  o.chunk_size = 8;
+  const auto want = get_kernel("chunkwise--cpu_xl_chunk")->forward(in_.args(), o);
+  EXPECT_TRUE(
+      testing::matches(npy::read(path("fh"), "h"), want.h, 1e-4, "mlstm forward --balancing fastest", "h", spec_));
+  const auto out = nlohmann::json::parse(f.out);
+  EXPECT_EQ(out["balancing"], "fastest") << f.out;
+  EXPECT_GE(out["devices"].size(), 1u) << f.out;  // one device alone when it measured faster, else both
+  const auto b =
+      run_cli("--json backward " + inputs() + state + " --chunk-size 8 --devices 0,1 --balancing calibrated --dh " +
+              path("dh") + " --out-dq " + path("bdq"));
+  ASSERT_EQ(b.code, 0) << b.err;
+  const auto grads = get_kernel("chunkwise--cpu_xl_chunk")->backward(in_.backward_args(false), o);
+  EXPECT_TRUE(testing::matches(npy::read(path("bdq"), "dq"), grads.dq, 1e-4, "mlstm backward --balancing calibrated",
+                               "dq", spec_));
+  EXPECT_EQ(nlohmann::json::parse(b.out)["balancing"], "calibrated") << b.out;
+  const auto one = run_cli("--json forward " + inputs() + " --out " + path("kh"));
+  ASSERT_EQ(one.code, 0) << one.err;
+  EXPECT_TRUE(nlohmann::json::parse(one.out)["balancing"].is_null()) << "one kernel call: " << one.out;
+
+  // A streamed run's progress record holds its balancing: a resume with another is refused naming it, the same
+  // one resumes.
+  ::setenv("MLSTM_TEST_KILL_AFTER_SLICES", "1", 1);
+  (void)run_cli("forward " + inputs() + " --devices workers --stream-tokens 16 --out " + path("sh"));
+  ::unsetenv("MLSTM_TEST_KILL_AFTER_SLICES");
+  ASSERT_TRUE(fs::exists(dir_ / ".sh.npy.progress"));
+  expect_bad_input(run_cli("forward " + inputs() + " --devices workers --balancing calibrated --stream-tokens 16 " +
+                           "--resume --out " + path("sh")),
+                   "--balancing");
+  const auto resumed = run_cli("forward " + inputs() + " --devices workers --balancing pull --stream-tokens 16 " +
+                               "--resume --out " + path("sh"));
+  EXPECT_EQ(resumed.code, 0) << resumed.err;
+
+  // No flow graph, nothing to balance: refused with the reason, nothing written.
+  expect_bad_input(run_cli("forward " + inputs() + " --balancing pull --out " + path("x")), "--balancing");
+  expect_bad_input(run_cli("forward " + inputs() + " --balancing fastest --stream-tokens 16 --out " + path("x")),
+                   "--balancing");
+  const auto with_kernel = run_cli("backward " + inputs() + " --kernel chunkwise--opencl_xl_chunk --devices 0 --dh " +
+                                   path("dh") + " --balancing fastest --out-dq " + path("x"));
+  expect_bad_input(with_kernel, "--balancing");
+  EXPECT_NE(with_kernel.err.find("one kernel call"), std::string::npos) << with_kernel.err;
+  EXPECT_FALSE(fs::exists(path("x")));
 }
 
 TEST_F(Cli, BadInputNamesTheArgument) {
@@ -351,6 +416,7 @@ TEST_F(Cli, NumbersAreCheckedAndNamed) {
   expect_bad_input(run_cli("run --check-tokens -1"), "--check-tokens");
   // Library names mapped to the user's options, one line (the device list used to follow on more lines).
   expect_bad_input(run_cli("run --seq-len 100 --devices nope"), "--devices");
+  expect_bad_input(run_cli("run --seq-len 100 --devices ''"), "--devices");  // was a null runner: SIGSEGV
   expect_bad_input(run_cli("bench --tokens 64 --seq-lens 32 --dqk 8 --dhv 8 --repeats 1 --graph-devices gpu:99 --csv " +
                            path("b1") + " --json-out " + path("b2")),
                    "--graph-devices");

@@ -215,6 +215,8 @@ TEST_F(CliFuzz, EveryInvocationEndsWithExitCode012) {
       o.push_back(Opt{"--devices", {}, {"gpu:7", "all", "", "cpu", "nope"}});
     }
     if (sequence) {
+      // Refused unless --devices runs the flow graph (without --kernel); calibrated and fastest measure once.
+      o.push_back(Opt{"--balancing", {"pull", "calibrated", "fastest"}, {"", "nope", "Pull", "fast", "1"}});
       o.push_back(Opt{"--kernel", seq_kernels, {"nope", "cpu", "", "chunkwise--opencl_xl_chunk"}});
       std::vector<std::string> cs = kInts;
       cs.push_back("2147483647");
@@ -323,6 +325,7 @@ TEST_F(CliFuzz, EveryInvocationEndsWithExitCode012) {
            Opt{"--dtype", {"float32", "bfloat16", "float16"}, {"", "nope", "float64"}},
            Opt{"--chunk-size", {"16", "64", "2147483647"}, kInts}, Opt{"--piece", {"64", "128", "2147483648"}, kInts},
            Opt{"--devices", {"workers", "auto"}, {"", "nope", "gpu:99", "-1"}},
+           Opt{"--balancing", {"pull", "calibrated", "fastest"}, {"", "nope", "fast"}},
            Opt{"--mode", {"auto", "stream", "resident"}, {"", "nope", "pipeline"}}, Opt{"--backward", {}, {}, true},
            Opt{"--progress", {}, {}, true}, Opt{"--check-tokens", {"0", "64", "2147483648"}, kInts}},
           {"--seq-len", "--dqk", "--dhv"}};

@@ -200,6 +200,12 @@ void add_input_options(CLI::App* app, InputFiles& in, bool sequence) {
                     "run the flow graph over these devices, sequence parallel: workers (CPU workers), all, gpu:all, "
                     "0,1, cpu, or several joined by + (workers+gpu:all); with --kernel, the one OpenCL device that "
                     "kernel runs on");
+    in.balancing_option =
+        app->add_option("--balancing", in.balancing,
+                        "with --devices (the flow graph): pull (free devices pull segments; the default), calibrated "
+                        "(shares by measured speed, cached) or fastest (forward: each device alone and the graph "
+                        "measured, the fastest runs; backward as pull)")
+            ->check(CLI::IsMember({"pull", "calibrated", "fastest"}));
   } else {
     in.step = true;
     in.kernel = "cpu";
@@ -290,9 +296,11 @@ bool runs_one_kernel(const InputFiles& in) {
   return in.step || in.devices.empty() || (in.kernel_option && in.kernel_option->count() > 0);
 }
 
+graph::Balancing balancing_of(const InputFiles& in) { return graph::parse_balancing(in.balancing, "--balancing"); }
+
 // The options of a run, every combination checked (an option without effect is refused): --gate against a
-// kernel that fixes the gate, --no-normalize (sigmoid gate only), --devices (OpenCL kernels only), --eps and
-// --chunk-size in range (in float32, as the kernels use them).
+// kernel that fixes the gate, --no-normalize (sigmoid gate only), --devices (OpenCL kernels only), --balancing
+// (flow-graph runs only), --eps and --chunk-size in range (in float32, as the kernels use them).
 MlstmOptions options_of(const InputFiles& in, const KernelInfo& info) {
   MlstmOptions o;
   o.gate = parse_gate(in.gate, "--gate");
@@ -310,6 +318,11 @@ MlstmOptions options_of(const InputFiles& in, const KernelInfo& info) {
     throw InvalidArgument("--devices", "kernel '" + info.name +
                                            "' runs on the CPU; leave --kernel out to run the flow graph over '" +
                                            in.devices + "'");
+  }
+  if (in.balancing_option && in.balancing_option->count() > 0 && runs_one_kernel(in)) {
+    throw InvalidArgument("--balancing", "shares a flow-graph run among its devices; " +
+                                             std::string(in.devices.empty() ? "without --devices" : "with --kernel") +
+                                             " this is one kernel call (give --devices without --kernel)");
   }
   o.normalize = !in.no_normalize;
   o.eps = in.eps;

@@ -62,13 +62,15 @@ struct InputFiles {
   std::string kernel = "chunkwise--cpu_xl_chunk";
   std::int64_t chunk_size = 64;
   std::string devices;
+  std::string balancing = "pull";  // --balancing: of a flow-graph run (graph::Balancing; Python's default)
   std::string gate = "exp";
   bool no_normalize = false;
   double eps = 1e-6;
   bool check_finite = false;
-  CLI::Option* gate_option = nullptr;    // to tell an explicit --gate from the default
-  CLI::Option* kernel_option = nullptr;  // and an explicit --kernel
-  bool step = false;                     // the step subcommand's inputs
+  CLI::Option* gate_option = nullptr;       // to tell an explicit --gate from the default
+  CLI::Option* kernel_option = nullptr;     // and an explicit --kernel
+  CLI::Option* balancing_option = nullptr;  // and an explicit --balancing (refused where nothing is balanced)
+  bool step = false;                        // the step subcommand's inputs
 };
 
 const CLI::Validator& path_check();
@@ -82,6 +84,7 @@ ForwardInputs load_inputs(const InputFiles& in);
 
 KernelInfo kernel_info(const std::string& name, bool step);
 bool runs_one_kernel(const InputFiles& in);
+graph::Balancing balancing_of(const InputFiles& in);  // --balancing (checked by the parser)
 MlstmOptions options_of(const InputFiles& in, const KernelInfo& info);
 std::vector<NamedPath> input_paths(const InputFiles& in);
 void write_out(const std::string& option, const std::string& path, const Tensor& t);
@@ -93,6 +96,7 @@ class Engine {
   explicit Engine(const InputFiles& in) {
     if (!runs_one_kernel(in)) {
       graph_ = std::make_unique<graph::FlowGraphRunner>(in.devices);
+      graph_->set_balancing(balancing_of(in));
       return;
     }
     if (!in.devices.empty()) {
@@ -122,6 +126,8 @@ class Engine {
   }
   // The devices that took part in the last call.
   const std::vector<std::string>& devices() const noexcept { return devices_; }
+  // --json's "balancing": the flow graph's ("pull", ...), null for one kernel call (nothing to balance).
+  json balancing() const { return graph_ ? json(graph::balancing_name(graph_->balancing())) : json(nullptr); }
   // "chunkwise--cpu_xl_chunk", or "flow graph over workers+all" (for messages).
   std::string what(const InputFiles& in) const { return graph_ ? "flow graph over " + in.devices : in.kernel; }
 

@@ -59,6 +59,7 @@ int cmd_devices(bool as_json);
 struct RunOptions {
   std::int64_t batch = 1, heads = 4, seq_len = 1 << 20, dqk = 128, dhv = 128, chunk_size = 128, piece = 16384;
   std::string dtype = "bfloat16", devices = "auto", mode = "auto";
+  std::string balancing = "calibrated";  // --balancing: the graph's shares when the stream runs it (graph::Balancing)
   bool backward = false, progress = false;
   std::int64_t check_tokens = 2048;
   CLI::Option* piece_option = nullptr;  // to tell an explicit --piece from the default

@@ -120,6 +120,7 @@ int cmd_forward(const InputFiles& in, const ForwardOutputs& out, const ForwardSt
       std::cout << json{{"command", "forward"},
                         {"kernel", runs_one_kernel(in) ? in.kernel : "flow-graph"},
                         {"devices", engine.devices()},
+                        {"balancing", engine.balancing()},
                         {"shape_h", r.h.shape()},
                         {"dtype", dtype_name(r.h.dtype())},
                         {"seconds", secs},
@@ -188,6 +189,7 @@ int cmd_backward(const InputFiles& in, const BackwardFiles& bf, bool as_json) {
       std::cout << json{{"command", "backward"},
                         {"kernel", runs_one_kernel(in) ? in.kernel : "flow-graph"},
                         {"devices", engine.devices()},
+                        {"balancing", engine.balancing()},
                         {"seconds", secs},
                         {"initial_state_gradients", !g.dc0.empty()}}
                        .dump()

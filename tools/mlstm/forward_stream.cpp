@@ -51,6 +51,7 @@ json stream_identity(const InputFiles& in, const ForwardStreaming& st, const Mls
   const float eps = static_cast<float>(o.eps);
   std::uint32_t eps_bits;
   std::memcpy(&eps_bits, &eps, sizeof eps_bits);
+  // --balancing: where a flow-graph run's segments go (one kernel call refuses it, so it is the default there).
   return {{"--stream-tokens", st.tokens},
           {"--chunk-size", o.chunk_size},
           {"--gate", std::string(gate_name(o.gate))},
@@ -58,6 +59,7 @@ json stream_identity(const InputFiles& in, const ForwardStreaming& st, const Mls
           {"--eps", eps_bits},
           {"--kernel", runs_one_kernel(in) ? in.kernel : std::string("flow-graph")},
           {"--devices", in.devices},
+          {"--balancing", in.balancing},
           {"--dtype", in.dtype},
           {"inputs", files}};
 }
@@ -108,6 +110,7 @@ StreamSession read_progress(const std::string& path, const json& identity, const
   if (len > bytes.size() - at - 8) throw refuse("truncated");
   json doc = json::parse(bytes.substr(at, len), nullptr, false);
   if (doc.is_discarded() || !doc.is_object()) throw refuse("unreadable");
+  if (!doc.contains("--balancing")) doc["--balancing"] = "pull";  // a record from before --balancing: the graph pulled
   for (const auto& [key, value] : identity.items()) {
     if (key == "inputs") continue;
     if (!doc.contains(key) || doc[key] != value) {
@@ -179,6 +182,7 @@ int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const 
     cfg.target = KernelTarget{in.devices};
   } else {
     cfg.devices = in.devices;
+    cfg.balancing = balancing_of(in);
   }
   const json identity = stream_identity(in, st, o);
   const std::string record = progress_path_of(out.h);
@@ -284,6 +288,7 @@ int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const 
     std::cout << json{{"command", "forward"},
                       {"kernel", runs_one_kernel(in) ? in.kernel : "flow-graph"},
                       {"devices", devices},
+                      {"balancing", runs_one_kernel(in) ? json(nullptr) : json(in.balancing)},
                       {"shape_h", shape_h},
                       {"dtype", dtype_name(hdr.dtype)},
                       {"seconds", secs},

@@ -44,6 +44,11 @@ int main(int argc, char** argv) {
   ro.piece_option = run->add_option("--piece", ro.piece, "tokens per streamed piece (not with --mode resident)");
   run->add_option("--devices", ro.devices,
                   "devices: auto (CPU workers + OpenCL GPUs), workers, an OpenCL spec (gpu:all, 0,1, cpu), or a+b");
+  run->add_option("--balancing", ro.balancing,
+                  "how the graph over the devices shares each piece, when the stream measured it fastest: calibrated "
+                  "(shares by measured speed, cached; the default), pull (free devices pull segments) or fastest (as "
+                  "pull: the stream always measures each device alone against the graph)")
+      ->check(CLI::IsMember({"pull", "calibrated", "fastest"}));
   run->add_option("--mode", ro.mode,
                   "stream (= auto: pieces through the measured-fastest engine), pipeline (the same, refused unless a GPU "
                   "streams through pinned staging) or resident (one piece)")

@@ -196,6 +196,9 @@ int cmd_run(const RunOptions& ro, bool as_json) {
   validate_options(o);
   // Every usable device: the CPU workers, plus the OpenCL GPUs when there are any (pipeline: the GPUs).
   std::string spec = ro.devices;
+  if (spec.empty()) {  // an empty spec would make the session one kernel call, and the engine below its runner's
+    throw InvalidArgument("--devices", "is empty: give auto, workers, an OpenCL spec (gpu:all, 0,1, cpu) or a+b");
+  }
   if (spec == "auto") {
     bool gpu = false;
     for (const auto& d : opencl::list_devices()) gpu = gpu || d.type == opencl::DeviceType::gpu;
@@ -212,7 +215,7 @@ int cmd_run(const RunOptions& ro, bool as_json) {
   cfg.DHHV = ro.dhv;
   cfg.options = o;
   cfg.devices = spec;
-  cfg.balancing = graph::Balancing::calibrated;  // shares by measured device speed
+  cfg.balancing = graph::parse_balancing(ro.balancing, "--balancing");  // default: shares by measured device speed
   StreamSession session(cfg);
   if (!as_json) {
     std::cout << "problem: B=" << ro.batch << " NH=" << ro.heads << " S=" << ro.seq_len << " DHQK=" << ro.dqk
@@ -284,7 +287,7 @@ int cmd_run(const RunOptions& ro, bool as_json) {
     compute_secs += std::chrono::duration<double>(Clock::now() - c0).count();
     if (piece_index == 0) {  // the engine is chosen at the first piece
       const graph::Plan& plan = session.runner()->last_plan();
-      if (ro.mode == "pipeline" && plan.engine.rfind("pinned staging", 0) != 0)
+      if (ro.mode == "pipeline" && !plan.overlapped)
         throw InvalidArgument("--mode", "pipeline needs a GPU whose tensor-core kernels take this problem "
                                         "(bfloat16/float16, head dims multiples of 16, chunk 64 or 128); the stream "
                                         "chose " + plan.engine);
@@ -301,6 +304,7 @@ int cmd_run(const RunOptions& ro, bool as_json) {
     std::cout << json{{"command", "run"},
                       {"mode", ro.mode == "auto" ? "stream" : ro.mode},
                       {"engine", plan.engine},
+                      {"overlapped", plan.overlapped},
                       {"first_token_seconds", first_token_secs},
                       {"tokens", tokens},
                       {"seconds", secs},
@@ -310,6 +314,7 @@ int cmd_run(const RunOptions& ro, bool as_json) {
                       {"spot_check_rel_error", max_rel},
                       {"spot_check_ok", check_ok},
                       {"devices", plan.devices},
+                      {"balancing", ro.balancing},
                       {"revision", MLSTM_GIT_REVISION}}
                      .dump()
               << "\n";

@@ -40,6 +40,9 @@ namespace mlstm::graph {
 // (one segment) when it measured faster, else the graph pulls as `pull`. So CPU workers added to a GPU take a
 // share only when that measured faster, and plan().measured says what was measured.
 enum class Balancing { pull, calibrated, fastest };
+std::string_view balancing_name(Balancing balancing) noexcept;  // "pull", "calibrated", "fastest"
+// The Balancing of a name balancing_name() gives; InvalidArgument(argument) for any other text.
+Balancing parse_balancing(std::string_view name, const std::string& argument);
 
 // Which run a plan is for: the sequence-parallel forward and backward, or the head splits.
 // stream: a sequence in pieces (open_stream).
@@ -60,6 +63,9 @@ struct Plan {
   // forward graph per piece"); stream and Balancing::fastest: the measured rates behind the choice (tokens/s,
   // one line each).
   std::string engine;
+  // stream: true when the engine overlaps the transfers and compute of consecutive pieces (SequenceStream::
+  // overlapped(): a GPU through pinned staging); false for one forward call per piece, and for other passes.
+  bool overlapped = false;
   std::vector<std::string> measured;
   std::string describe() const;  // one line per item; MLSTM_PLAN_DEBUG=1 prints it at run time
 };

@@ -16,7 +16,6 @@
 #pragma once
 
 #include <cstdint>
-#include <map>
 #include <memory>
 #include <string>
 
@@ -95,12 +94,12 @@ class StreamSession {
   ForwardArgs with_state(const ForwardArgs& piece, const State& state) const;  // checked piece + entering state
   std::unique_ptr<SequenceKernel> kernel_;
   std::unique_ptr<graph::FlowGraphRunner> runner_;
-  mutable std::unique_ptr<SequenceStream> stream_;  // runner_'s stream, opened by the first submit()
-  mutable StateHandle state_;                       // the state after the last piece (stale while stream_ runs)
+  // The pieces' stream, opened by the first submit(): runner_'s (FlowGraphRunner::open_stream), or a
+  // ForwardCallStream over kernel_'s forward. It holds the tickets, the h not yet taken and the carried state.
+  mutable std::unique_ptr<SequenceStream> stream_;
+  mutable StateHandle state_;  // the state after the last piece (stale while stream_ runs)
   mutable bool state_stale_ = false;
   StateHandle previous_;  // the state before the last push() (backward_of_last_piece)
-  std::map<std::uint64_t, Tensor> kernel_done_;  // a kernel session's h, by ticket
-  std::uint64_t next_ticket_ = 0;
   std::int64_t tokens_ = 0;
 };
 
