@@ -235,4 +235,28 @@ void copy_rows(std::byte* dst, std::size_t dst_stride, const std::byte* src, std
       });
 }
 
+namespace {
+
+// The row stride (elements) of a (B,NH,len,D) view whose rows of len*D elements are contiguous, one every
+// strides[1] elements; InvalidArgument(argument) for other layouts.
+std::int64_t row_stride(ConstTensorView t, const char* argument) {
+  const Shape& st = t.strides();
+  if (t.dims() != 4 || st[3] != 1 || (t.dim(2) > 1 && st[2] != t.dim(3)) || (t.dim(0) > 1 && st[0] != t.dim(1) * st[1]))
+    throw InvalidArgument(argument, "must be (B,NH,len,D) rows of len*D contiguous elements, one every strides[1]");
+  return st[1];
+}
+
+}  // namespace
+
+void copy_piece_rows(ConstTensorView piece, TensorView out) {
+  if (piece.shape() != out.shape() || piece.dtype() != out.dtype())
+    throw InvalidArgument("out", "expected " + std::string(dtype_name(piece.dtype())) + " of shape " +
+                                     shape_to_string(piece.shape()) + ", got " + std::string(dtype_name(out.dtype())) +
+                                     " of shape " + shape_to_string(out.shape()));
+  const std::size_t es = dtype_size(out.dtype()), row = static_cast<std::size_t>(out.dim(2) * out.dim(3)) * es;
+  const auto src_stride = static_cast<std::size_t>(row_stride(piece, "piece")) * es;
+  const auto dst_stride = static_cast<std::size_t>(row_stride(out, "out")) * es;
+  copy_rows(out.bytes(), dst_stride, piece.bytes(), src_stride, static_cast<std::size_t>(out.dim(0) * out.dim(1)), row);
+}
+
 }  // namespace mlstm

@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <condition_variable>
-#include <deque>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -51,8 +50,8 @@ std::int64_t stream_piece_tokens(const ProblemShape& p, const MlstmOptions& o) {
 }
 
 // A SequenceStream through opencl::DeviceStream: pinned staging, uploads, kernels and downloads of consecutive
-// pieces overlapped, the state on the device. A submitted piece longer than the stream's pieces is cut; the h
-// of a cut piece whose staging slot is needed again before take() is copied into a tensor of its own first.
+// pieces overlapped, the state on the device. A submitted piece longer than the stream's pieces is cut into
+// parts; DeviceStream keeps the h of a part whose staging slot is needed again before take() (finished_).
 class PinnedStream final : public SequenceStream {
  public:
   PinnedStream(std::shared_ptr<opencl::Device> device, opencl::DeviceStream::Config config, const State& initial)
@@ -69,22 +68,16 @@ class PinnedStream final : public SequenceStream {
     pending.len = S;
     for (std::int64_t t0 = 0; t0 < S; t0 += P) {
       const std::int64_t t1 = std::min(S, t0 + P);
-      while (untaken_.size() >= kSlots) drain_oldest();  // the next push reuses the slot of the oldest
-      const std::uint64_t inner = stream_.push(sequence_slice(piece, t0, t1));
-      pending.parts.push_back({inner, t0, t1 - t0, false});
-      untaken_.push_back({ticket, pending.parts.size() - 1});
+      pending.parts.push_back({stream_.push(sequence_slice(piece, t0, t1)), t0, t1 - t0});
     }
     submitted_ = true;
     return ticket;
   }
 
   Tensor take(std::uint64_t ticket) override {
-    Pending& p = pending_of(ticket);
-    if (p.h.empty()) p.h = Tensor({stream_.config().B, stream_.config().NH, p.len, stream_.config().DHHV},
-                                  stream_.config().dtype);
-    Tensor h = std::move(p.h);
-    take_parts(ticket, h.view(), false);
-    pending_.erase(ticket);
+    const auto& c = stream_.config();
+    Tensor h({c.B, c.NH, pending_of(ticket).len, c.DHHV}, c.dtype);
+    take_into(ticket, h.view());
     return h;
   }
 
@@ -96,7 +89,9 @@ class PinnedStream final : public SequenceStream {
                                        shape_to_string({c.B, c.NH, p.len, c.DHHV}) + ", got " +
                                        std::string(dtype_name(out.dtype())) + " of shape " +
                                        shape_to_string(out.shape()));
-    take_parts(ticket, out, true);  // the layout of `out` is checked by copy_piece_rows
+    // Each part from its staging slot, or from where the stream set it aside (the layout of `out` is checked
+    // there).
+    for (const Part& part : p.parts) stream_.take_into(part.inner, sequence_slice(out, part.t0, part.t0 + part.len));
     pending_.erase(ticket);
   }
 
@@ -110,55 +105,26 @@ class PinnedStream final : public SequenceStream {
   std::int64_t max_piece() const noexcept override { return stream_.config().max_piece; }
 
  private:
-  static constexpr std::size_t kSlots = 3;  // DeviceStream's staging slots
   struct Part {
-    std::uint64_t inner;
+    std::uint64_t inner;  // the DeviceStream's ticket
     std::int64_t t0, len;
-    bool drained;  // copied into Pending::h
   };
   struct Pending {
     std::int64_t len = 0;
     std::vector<Part> parts;
-    Tensor h;  // allocated when a part had to leave its staging slot before take()
   };
 
-  Pending& pending_of(std::uint64_t ticket) {
+  const Pending& pending_of(std::uint64_t ticket) const {
     const auto it = pending_.find(ticket);
     if (it == pending_.end())
       throw InvalidArgument("ticket",
                             "no piece " + std::to_string(ticket) + " waiting (already taken or never submitted)");
     return it->second;
   }
-  // The oldest part still in its staging slot goes into its piece's own h.
-  void drain_oldest() {
-    const auto [ticket, index] = untaken_.front();
-    Pending& p = pending_.at(ticket);
-    const auto& c = stream_.config();
-    if (p.h.empty()) p.h = Tensor({c.B, c.NH, p.len, c.DHHV}, c.dtype);
-    Part& part = p.parts[index];
-    copy_piece_rows(stream_.view(part.inner), sequence_slice(p.h.view(), part.t0, part.t0 + part.len));
-    part.drained = true;
-    untaken_.pop_front();
-  }
-  // Every part of `ticket` into `out`: from the staging slots, and (copy_drained) from the piece's own h.
-  void take_parts(std::uint64_t ticket, TensorView out, bool copy_drained) {
-    Pending& p = pending_.at(ticket);
-    for (const Part& part : p.parts) {
-      TensorView dst = sequence_slice(out, part.t0, part.t0 + part.len);
-      if (part.drained) {
-        if (copy_drained) copy_piece_rows(sequence_slice(std::as_const(p.h).view(), part.t0, part.t0 + part.len), dst);
-        continue;
-      }
-      copy_piece_rows(stream_.view(part.inner), dst);
-      untaken_.erase(std::find(untaken_.begin(), untaken_.end(), std::pair<std::uint64_t, std::size_t>{
-                                                                    ticket, static_cast<std::size_t>(&part - p.parts.data())}));
-    }
-  }
 
   State initial_;
   opencl::DeviceStream stream_;
   std::map<std::uint64_t, Pending> pending_;
-  std::deque<std::pair<std::uint64_t, std::size_t>> untaken_;  // (ticket, part) still in a staging slot, in order
   std::uint64_t next_ = 0;
   bool submitted_ = false;
 };

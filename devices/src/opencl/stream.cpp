@@ -348,18 +348,9 @@ Tensor DeviceStream::take(std::uint64_t ticket) {
 }
 
 void DeviceStream::take_into(std::uint64_t ticket, TensorView out) {
-  const std::size_t es = dtype_size(config_.dtype);
-  // Rows of `len` tokens from `src` (one every src_row bytes) into `out`.
+  // A piece's h (contiguous, at `src`) into `out` (copy_piece_rows checks its shape and row layout).
   auto copy_out = [&](const std::byte* src, std::int64_t len) {
-    const Shape want{config_.B, config_.NH, len, config_.DHHV};
-    const Shape& st = out.strides();
-    if (out.shape() != want || out.dtype() != config_.dtype || st[3] != 1 || (len > 1 && st[2] != config_.DHHV) ||
-        (config_.B > 1 && st[0] != config_.NH * st[1]))
-      throw InvalidArgument("out", "expected " + std::string(dtype_name(config_.dtype)) + " " +
-                                       shape_to_string(want) + " with contiguous rows");
-    const std::size_t row = static_cast<std::size_t>(len * config_.DHHV) * es;
-    copy_rows(out.bytes(), static_cast<std::size_t>(st[1]) * es, src, row,
-              static_cast<std::size_t>(config_.B * config_.NH), row);
+    copy_piece_rows(ConstTensorView(src, config_.dtype, {config_.B, config_.NH, len, config_.DHHV}), out);
   };
   std::unique_lock lock(mutex_);
   if (auto it = finished_.find(ticket); it != finished_.end()) {

@@ -153,4 +153,9 @@ void copy_elements(ConstTensorView view, std::int64_t first, std::int64_t count,
 void copy_rows(std::byte* dst, std::size_t dst_stride, const std::byte* src, std::size_t src_stride, std::size_t rows,
                std::size_t row_bytes);
 
+// Copies `piece` into `out`, both (B,NH,len,D) of one dtype whose rows (len*D elements) are contiguous, one
+// every strides[1] elements (a whole piece, or a slice of a longer sequence); InvalidArgument("piece"/"out")
+// for other shapes or layouts. In parallel (copy_rows).
+void copy_piece_rows(ConstTensorView piece, TensorView out);
+
 }  // namespace mlstm

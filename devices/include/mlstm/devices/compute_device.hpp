@@ -60,11 +60,6 @@ class SequenceStream {
 
 class ComputeDevice;
 
-// Copies `piece` into `out`, both (B,NH,len,D) of one dtype whose rows (len*D elements) are contiguous, one
-// every strides[1] elements (a whole piece, or a slice of a longer sequence); InvalidArgument("piece"/"out")
-// for other shapes or layouts. In parallel (copy_rows).
-void copy_piece_rows(ConstTensorView piece, TensorView out);
-
 // The stream every device has: each piece is one forward call from the carried state, kept on the host
 // (a device's forward(), or the flow graph's).
 class ForwardCallStream final : public SequenceStream {
