@@ -117,14 +117,23 @@ ForwardArgs StreamSession::with_state(const ForwardArgs& piece, const State& sta
 
 std::uint64_t StreamSession::submit(const ForwardArgs& piece) {
   (void)with_state(piece, *state_);  // checks the piece (the stream adds the state)
+  prepare(piece.q.dim(2), piece.q.dtype());
+  const std::uint64_t ticket = stream_->submit(piece);
+  state_stale_ = true;
+  tokens_ += piece.q.dim(2);
+  return ticket;
+}
+
+void StreamSession::prepare(std::int64_t piece_tokens, DType dtype) {
+  if (piece_tokens <= 0) throw InvalidArgument("piece_tokens", "a stream's pieces need at least one token");
   if (!stream_) {
     ProblemShape shape;
     shape.B = config_.B;
     shape.NH = config_.NH;
-    shape.S = piece.q.dim(2);
+    shape.S = piece_tokens;
     shape.DHQK = config_.DHQK;
     shape.DHHV = config_.DHHV;
-    shape.dtype = piece.q.dtype();
+    shape.dtype = dtype;
     if (runner_) {
       stream_ = runner_->open_stream(shape, config_.options, *state_);
     } else {
@@ -136,10 +145,6 @@ std::uint64_t StreamSession::submit(const ForwardArgs& piece) {
           config_.options, *state_);
     }
   }
-  const std::uint64_t ticket = stream_->submit(piece);
-  state_stale_ = true;
-  tokens_ += piece.q.dim(2);
-  return ticket;
 }
 
 Tensor StreamSession::take(std::uint64_t ticket) {

@@ -2,6 +2,7 @@
 // incrementally, a progress record after every slice for --resume.
 #include <sys/stat.h>
 #include <tbb/parallel_pipeline.h>
+#include <tbb/task_group.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -146,6 +147,25 @@ struct StreamSlice {
   std::string snapshot;  // the session's state after this slice
 };
 
+// The five inputs' readers; read() gives tokens [s0, s1) of each.
+struct SliceReaders {
+  npy::SeqSliceReader q, k, v, i, f;
+  SliceReaders(const InputFiles& in, std::optional<DType> dt)
+      : q(in.q, "--q", dt), k(in.k, "--k", dt), v(in.v, "--v", dt), i(in.i, "--i"), f(in.f, "--f") {}
+  std::shared_ptr<StreamSlice> read(std::int64_t s0, std::int64_t s1) const {
+    const ScopedTrace trace([&] { return "slice read at token " + std::to_string(s0); });
+    auto s = std::make_shared<StreamSlice>();
+    s->s0 = s0;
+    s->s1 = s1;
+    s->in.q = q.read(s0, s1);
+    s->in.k = k.read(s0, s1);
+    s->in.v = v.read(s0, s1);
+    s->in.i = i.read(s0, s1);
+    s->in.f = f.read(s0, s1);
+    return s;
+  }
+};
+
 }  // namespace
 
 int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const ForwardStreaming& st,
@@ -153,16 +173,7 @@ int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const 
   const auto dt = as_dtype(in);
   // Up-front validation with the library's own checks on a one-token slice plus the initial state, before
   // any output file exists (dtypes, head dimensions, state shapes; --check-finite on the state).
-  ForwardInputs first;
-  {
-    npy::SeqSliceReader q(in.q, "--q", dt), k(in.k, "--k", dt), v(in.v, "--v", dt), i(in.i, "--i"), f(in.f, "--f");
-    const std::int64_t t1 = std::min<std::int64_t>(1, hdr.S);
-    first.q = q.read(0, t1);
-    first.k = k.read(0, t1);
-    first.v = v.read(0, t1);
-    first.i = i.read(0, t1);
-    first.f = f.read(0, t1);
-  }
+  ForwardInputs first = std::move(SliceReaders(in, dt).read(0, std::min<std::int64_t>(1, hdr.S))->in);
   first.c0 = read_optional(in.c0, "--c0", std::nullopt);
   first.n0 = read_optional(in.n0, "--n0", std::nullopt);
   first.m0 = read_optional(in.m0, "--m0", std::nullopt);
@@ -187,12 +198,39 @@ int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const 
   const json identity = stream_identity(in, st, o);
   const std::string record = progress_path_of(out.h);
   std::unique_ptr<StreamSession> session;
+  // A fresh run's first slice is read while the devices open and the stream is set up (OpenCL start-up, the
+  // engine's choice, programs, staging: 1.1 s on the H200 before this, the read 0.25 s after it). On a TBB
+  // worker, not a thread of its own: a new thread gets a malloc arena of its own, 64 MiB of address space, and
+  // under an address-space cap OpenBLAS then spins forever waiting for its buffer.
+  struct Prefetch {
+    tbb::task_group group;
+    std::shared_ptr<StreamSlice> slice;
+    bool pending = false;
+    std::shared_ptr<StreamSlice> take() {
+      group.wait();  // rethrows the read's error
+      pending = false;
+      return std::move(slice);
+    }
+    ~Prefetch() {
+      if (!pending) return;
+      try {
+        group.wait();
+      } catch (...) {  // the run failed before it used the slice: that error is the one reported
+      }
+    }
+  } first_slice;
   try {
     validate_forward(first.args(), o);
     if (in.check_finite) {
       check_finite(first.c0.view(), "c0");
       check_finite(first.n0.view(), "n0");
       check_finite(first.m0.view(), "m0");
+    }
+    if (!st.resume) {
+      first_slice.pending = true;
+      first_slice.group.run([&first_slice, &in, dt, S = hdr.S, tokens = st.tokens] {
+        first_slice.slice = SliceReaders(in, dt).read(0, std::min(S, tokens));
+      });
     }
     if (st.resume) {
       remove_stale_temporaries(record);
@@ -204,6 +242,7 @@ int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const 
                first.m0.empty() ? Tensor::zeros({hdr.B, hdr.NH}, DType::f32) : first.m0};
       session = std::make_unique<StreamSession>(cfg, std::move(s0));
     }
+    if (session->tokens() < hdr.S) session->prepare(std::min(st.tokens, hdr.S - session->tokens()), first.q.dtype());
   } catch (const InvalidArgument& e) {
     rethrow_as_cli(e);
   }
@@ -217,7 +256,7 @@ int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const 
   }
   const std::int64_t resumed_from = session->tokens();
   npy::SeqSliceWriter writer(out.h, {hdr.B, hdr.NH, hdr.S, hdr.DV}, hdr.dtype, st.resume);
-  npy::SeqSliceReader rq(in.q, "--q", dt), rk(in.k, "--k", dt), rv(in.v, "--v", dt), ri(in.i, "--i"), rf(in.f, "--f");
+  const SliceReaders readers(in, dt);
   std::int64_t kill_after = -1;  // test hook (env.hpp): SIGKILL to itself after this many slices
   if (const auto k = env::get("MLSTM_TEST_KILL_AFTER_SLICES")) kill_after = std::stoll(*k);
   std::int64_t next = resumed_from, slices = 0;
@@ -235,16 +274,10 @@ int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const 
                                       fc.stop();
                                       return nullptr;
                                     }
-                                    auto s = std::make_shared<StreamSlice>();
-                                    s->s0 = next;
-                                    s->s1 = std::min(hdr.S, next + st.tokens);
+                                    auto s = first_slice.pending
+                                                 ? first_slice.take()
+                                                 : readers.read(next, std::min(hdr.S, next + st.tokens));
                                     next = s->s1;
-                                    const ScopedTrace trace([&] { return "slice read at token " + std::to_string(s->s0); });
-                                    s->in.q = rq.read(s->s0, s->s1);
-                                    s->in.k = rk.read(s->s0, s->s1);
-                                    s->in.v = rv.read(s->s0, s->s1);
-                                    s->in.i = ri.read(s->s0, s->s1);
-                                    s->in.f = rf.read(s->s0, s->s1);
                                     return s;
                                   }) &
                                   tbb::make_filter<std::shared_ptr<StreamSlice>, std::shared_ptr<StreamSlice>>(

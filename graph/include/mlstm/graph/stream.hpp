@@ -54,6 +54,10 @@ class StreamSession {
   // order). A kernel session computes in submit(). backward_of_last_piece() needs the piece to come by push().
   std::uint64_t submit(const ForwardArgs& piece);
   Tensor take(std::uint64_t ticket);
+  // Opens the pieces' stream now instead of at the first submit(), for pieces of up to `piece_tokens` tokens with
+  // q, k, v of `dtype`: the engine's choice (measured once, then cached), its programs and its staging. Optional;
+  // lets a caller do that set-up while its first piece is still being read or made. No effect once open.
+  void prepare(std::int64_t piece_tokens, DType dtype);
 
   // The gradients of the piece pushed last, from dh (its h's gradient): dq, dk, dv, di, df for its tokens and
   // dc0, dn0, dm0 for the state it started from (truncated backpropagation: nothing flows into earlier
