@@ -1,6 +1,7 @@
 #include "mlstm/core/tensor.hpp"
 
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <tbb/blocked_range.h>
 #include <tbb/parallel_for.h>
@@ -48,25 +49,57 @@ Shape contiguous_strides(const Shape& shape) {
   return strides;
 }
 
-void Tensor::FreeAligned::operator()(std::byte* p) const noexcept { std::free(p); }
+namespace {
+
+constexpr std::size_t kHugePage = std::size_t{2} << 20;
+// Tensors of this size or more get a mapping of their own (map_storage).
+constexpr std::size_t kMapFrom = std::size_t{8} << 20;
+
+// `bytes` (a multiple of the page size) of fresh memory in an anonymous mapping of its own, 2 MiB aligned and asked to be
+// backed by transparent huge pages, returned to the system when freed. Two reasons:
+//  - the first write to fresh memory then faults once per 2 MiB instead of once per 4 KiB (on the H200 host a
+//    parallel copy into a fresh 1 GiB buffer ran at 19 GB/s with 4 KiB pages and 31 GB/s with huge pages, and
+//    50 GB/s into touched memory);
+//  - glibc's malloc raises its mmap threshold to the size of each mapped block it frees (up to 32 MiB), after
+//    which blocks of that size come from its heaps and stay there: a stream that allocates and frees an h of
+//    20 MiB per piece grew the CLI's peak RSS by 15-33% between 1M and 8M tokens.
+std::byte* map_storage(std::size_t bytes) {
+  const std::size_t length = bytes + kHugePage;
+  void* mapped = ::mmap(nullptr, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (mapped == MAP_FAILED) throw std::bad_alloc();
+  const auto base = reinterpret_cast<std::uintptr_t>(mapped);
+  const std::uintptr_t start = (base + kHugePage - 1) & ~(std::uintptr_t{kHugePage} - 1), end = start + bytes;
+  if (start > base) (void)::munmap(mapped, start - base);
+  if (base + length > end) (void)::munmap(reinterpret_cast<void*>(end), base + length - end);
+  (void)::madvise(reinterpret_cast<void*>(start), bytes, MADV_HUGEPAGE);  // advice: without THP, 4 KiB pages
+  return reinterpret_cast<std::byte*>(start);
+}
+
+}  // namespace
+
+void Tensor::FreeAligned::operator()(std::byte* p) const noexcept {
+  if (mapped != 0) {
+    (void)::munmap(p, mapped);
+  } else {
+    std::free(p);
+  }
+}
 
 Tensor::Tensor(Shape shape, DType dtype) : dtype_(dtype), shape_(std::move(shape)) {
   for (auto d : shape_) {
     if (d < 0) throw InvalidArgument("shape", "negative dimension in " + shape_to_string(shape_));
   }
-  // Large tensors (h of a long sequence, inputs read from files) are aligned to and rounded up to 2 MiB
-  // pages, and asked to be backed by transparent huge pages: the first write to fresh memory then faults once
-  // per 2 MiB instead of once per 4 KiB. On the H200 host a parallel copy into a fresh 1 GiB buffer ran at
-  // 19 GB/s with 4 KiB pages and 31 GB/s with huge pages (50 GB/s into touched memory). The rounding costs
-  // at most 1/16 of a tensor of 32 MiB or more.
-  constexpr std::size_t kHugePage = std::size_t{2} << 20, kHugeFrom = std::size_t{32} << 20;
   std::size_t bytes = nbytes();
-  const std::size_t align = bytes >= kHugeFrom ? kHugePage : 64;
-  if (bytes > std::numeric_limits<std::size_t>::max() - align) throw std::bad_alloc();
-  bytes = std::max<std::size_t>((bytes + align - 1) / align * align, align);
-  void* p = std::aligned_alloc(align, bytes);
+  if (bytes > std::numeric_limits<std::size_t>::max() - 2 * kHugePage) throw std::bad_alloc();
+  if (bytes >= kMapFrom) {
+    static const auto page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+    bytes = (bytes + page - 1) / page * page;
+    storage_ = std::unique_ptr<std::byte[], FreeAligned>(map_storage(bytes), FreeAligned{bytes});
+    return;
+  }
+  bytes = std::max<std::size_t>((bytes + 63) / 64 * 64, 64);
+  void* p = std::aligned_alloc(64, bytes);
   if (!p) throw std::bad_alloc();
-  if (align == kHugePage) (void)::madvise(p, bytes, MADV_HUGEPAGE);  // advice only: without THP, 4 KiB pages
   storage_.reset(static_cast<std::byte*>(p));
 }
 

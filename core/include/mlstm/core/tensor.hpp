@@ -129,6 +129,11 @@ class Tensor {
 
  private:
   struct FreeAligned {
+    // (Constructors, not a default member initializer: unique_ptr asks whether this is default-constructible
+    // before the end of Tensor, where an initializer would not be parsed yet.)
+    constexpr FreeAligned() noexcept : mapped(0) {}
+    explicit constexpr FreeAligned(std::size_t bytes) noexcept : mapped(bytes) {}
+    std::size_t mapped;  // bytes of a mapping of the tensor's own (large tensors), else 0: from aligned_alloc
     void operator()(std::byte* p) const noexcept;
   };
   std::unique_ptr<std::byte[], FreeAligned> storage_;
