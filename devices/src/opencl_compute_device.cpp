@@ -238,10 +238,7 @@ class OpenCLComputeDevice final : public ComputeDevice {
     std::unique_ptr<opencl::DeviceStream> held = reuse_stream(stream_config(piece, o), a.c0, a.n0, a.m0);
     opencl::DeviceStream& stream = *held;
     ForwardResult r;
-    {
-      const ScopedTrace alloc("streamed forward: h allocated");
-      r.h = Tensor({p.B, p.NH, p.S, p.DHHV}, p.dtype);
-    }
+    r.h = Tensor({p.B, p.NH, p.S, p.DHHV}, p.dtype);
     const std::int64_t pieces = (p.S + piece.S - 1) / piece.S;
     std::mutex mutex;
     std::condition_variable changed;

@@ -173,7 +173,10 @@ int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const 
   const auto dt = as_dtype(in);
   // Up-front validation with the library's own checks on a one-token slice plus the initial state, before
   // any output file exists (dtypes, head dimensions, state shapes; --check-finite on the state).
-  ForwardInputs first = std::move(SliceReaders(in, dt).read(0, std::min<std::int64_t>(1, hdr.S))->in);
+  // One set of readers (pread: safe from several threads) for the check below, the first slice read during
+  // start-up, and the pipeline.
+  const SliceReaders readers(in, dt);
+  ForwardInputs first = std::move(readers.read(0, std::min<std::int64_t>(1, hdr.S))->in);
   first.c0 = read_optional(in.c0, "--c0", std::nullopt);
   first.n0 = read_optional(in.n0, "--n0", std::nullopt);
   first.m0 = read_optional(in.m0, "--m0", std::nullopt);
@@ -228,8 +231,8 @@ int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const 
     }
     if (!st.resume) {
       first_slice.pending = true;
-      first_slice.group.run([&first_slice, &in, dt, S = hdr.S, tokens = st.tokens] {
-        first_slice.slice = SliceReaders(in, dt).read(0, std::min(S, tokens));
+      first_slice.group.run([&first_slice, &readers, S = hdr.S, tokens = st.tokens] {
+        first_slice.slice = readers.read(0, std::min(S, tokens));
       });
     }
     if (st.resume) {
@@ -256,7 +259,6 @@ int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const 
   }
   const std::int64_t resumed_from = session->tokens();
   npy::SeqSliceWriter writer(out.h, {hdr.B, hdr.NH, hdr.S, hdr.DV}, hdr.dtype, st.resume);
-  const SliceReaders readers(in, dt);
   std::int64_t kill_after = -1;  // test hook (env.hpp): SIGKILL to itself after this many slices
   if (const auto k = env::get("MLSTM_TEST_KILL_AFTER_SLICES")) kill_after = std::stoll(*k);
   std::int64_t next = resumed_from, slices = 0;
