@@ -4,9 +4,12 @@
 //   build/benchmarks/bench_cpu --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
 #include <benchmark/benchmark.h>
 #include <cblas.h>
+#include <tbb/global_control.h>
 #include <tbb/info.h>
 #include <tbb/parallel_for.h>
 
+#include <algorithm>
+#include <chrono>
 #include <random>
 
 #include "mlstm/cpu_kernels.hpp"
@@ -91,6 +94,83 @@ BENCHMARK(BM_ChunkwiseForwardBackward)
     ->Args({128, 64})
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
+
+// The machine's sgemm rate on every core at once (one 1024^3 product per TBB worker, the best of 3 passes), in
+// GFLOP/s: what the thread-scaling rows are a fraction of.
+double best_sgemm_gflops() {
+  static const double rate = [] {
+    const int n = 1024, workers = tbb::info::default_concurrency();
+    std::vector<std::vector<float>> A(workers), B(workers), C(workers);
+    for (int w = 0; w < workers; ++w) {
+      A[w].assign(static_cast<std::size_t>(n) * n, 0.5f);
+      B[w].assign(static_cast<std::size_t>(n) * n, 0.25f);
+      C[w].assign(static_cast<std::size_t>(n) * n, 0.f);
+    }
+    double best = 0;
+    for (int pass = 0; pass < 3; ++pass) {
+      const auto t0 = std::chrono::steady_clock::now();
+      tbb::parallel_for(
+          0, workers,
+          [&](int w) {
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n, n, 1.f, A[w].data(), n, B[w].data(), n, 0.f,
+                        C[w].data(), n);
+          },
+          tbb::static_partitioner());
+      const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      best = std::max(best, 2.0 * n * n * n * workers * 1e-9 / s);
+    }
+    return best;
+  }();
+  return rate;
+}
+
+// Thread scaling (issue 18): the forward and forward+backward on 1, 2, 4, ... cores (tbb::global_control), for
+// B*NH = 1 (S = 65536) and B*NH = 4 (S = 16384), D = 128, f32, chunk 64. Counters: tokens/s, and the forward's
+// GFLOP/s as a fraction of the machine's best sgemm rate on every core (of_sgemm).
+//   build/benchmarks/bench_cpu --benchmark_filter=Threads
+void BM_Threads(benchmark::State& state) {
+  const auto threads = static_cast<int>(state.range(0));
+  const std::int64_t nh = state.range(1), S = nh == 1 ? 65536 : 16384;
+  const bool backward = state.range(2) != 0;
+  static const Problem one = make_problem(1, 1, 65536, kD, kD);
+  static const Problem four = make_problem(1, 4, 16384, kD, kD);
+  const Problem& p = nh == 1 ? one : four;
+  const double sgemm = best_sgemm_gflops();
+  tbb::global_control limit(tbb::global_control::max_allowed_parallelism, static_cast<std::size_t>(threads));
+  MlstmOptions o;
+  o.chunk_size = 64;
+  BackwardArgs b;
+  b.inputs = p.args();
+  b.dh = p.dh.view();
+  for (auto _ : state) {
+    auto r = cpu::chunkwise_forward(p.args(), o, 0);
+    benchmark::DoNotOptimize(r.h.data<float>());
+    if (backward) {
+      auto g = cpu::chunkwise_backward(b, o, 0);
+      benchmark::DoNotOptimize(g.dq.data<float>());
+    }
+  }
+  const double tokens = static_cast<double>(S) * static_cast<double>(state.iterations());
+  state.counters["tokens/s"] = benchmark::Counter(tokens, benchmark::Counter::kIsRate);
+  if (!backward) {
+    const double flop = static_cast<double>(nh) * (4.0 * kD * kD + 2.0 * 64 * (kD + kD));
+    state.counters["of_sgemm"] =
+        benchmark::Counter(tokens * flop * 1e-9 / sgemm, benchmark::Counter::kIsRate);
+  }
+  state.counters["sgemm_GFLOP/s"] = sgemm;
+}
+void thread_counts(benchmark::internal::Benchmark* b) {
+  const int n = tbb::info::default_concurrency();
+  for (const int nh : {1, 4}) {
+    for (const int bw : {0, 1}) {
+      for (int t = 1;; t *= 2) {
+        b->Args({std::min(t, n), nh, bw});
+        if (t >= n) break;
+      }
+    }
+  }
+}
+BENCHMARK(BM_Threads)->ArgNames({"threads", "NH", "bw"})->Apply(thread_counts)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 // The ceiling: sgemm on every core at once (one independent n^3 product per TBB worker, as the kernels
 // run one product per worker), and on one core.

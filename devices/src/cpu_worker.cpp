@@ -68,8 +68,9 @@ ForwardResult chunkwise_states(const ForwardArgs& a, const MlstmOptions& o) {
                              m0.data<float>() + r);
     stages::StateRef st{out.c.data<float>() + r * p.DHQK * p.DHHV, out.n.data<float>() + r * p.DHQK,
                         out.m.data<float>() + r};
-    stages::fw_states(k32.data<float>() + r * p.S * p.DHQK, v32.data<float>() + r * p.S * p.DHHV, b.data(), ig.data(),
-                      G.data(), o.gate, s, in, nullptr, st);
+    stages::fw_states_parts(k32.data<float>() + r * p.S * p.DHQK, v32.data<float>() + r * p.S * p.DHHV, b.data(),
+                            ig.data(), G.data(), o.gate, s, in, nullptr, st,
+                            stages::SequenceParts(s, stages::SequenceParts::for_rows(p.rows(), s.num_chunks())));
   });
   return out;
 }

@@ -2,7 +2,9 @@
 
 #include <tbb/parallel_for.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstring>
 #include <limits>
 #include <vector>
@@ -17,12 +19,24 @@ namespace {
 using stages::SegmentShape;
 using stages::StateBuffer;
 
+// convert_elements in blocks spread over the cores (a row of a long sequence is tens of MiB; one thread per row
+// would leave the others idle when B*NH is small).
+void convert_blocks(const void* src, DType from, void* dst, DType to, std::size_t count) {
+  constexpr std::size_t kBlock = std::size_t{1} << 16;
+  const std::size_t in_size = dtype_size(from), out_size = dtype_size(to);
+  tbb::parallel_for(std::size_t{0}, (count + kBlock - 1) / kBlock, [&](std::size_t blk) {
+    const std::size_t first = blk * kBlock, n = std::min(kBlock, count - first);
+    convert_elements(static_cast<const std::byte*>(src) + first * in_size, from,
+                     static_cast<std::byte*>(dst) + first * out_size, to, n);
+  });
+}
+
 // One (batch, head) row of a 3- or 4-dimensional tensor as contiguous float32.
 std::vector<float> pack_row(ConstTensorView t, std::int64_t b, std::int64_t h) {
   const ConstTensorView row = t.select0(b).select0(h);
   std::vector<float> out(static_cast<std::size_t>(row.numel()));
   if (row.is_contiguous()) {
-    convert_elements(row.bytes(), row.dtype(), out.data(), DType::f32, out.size());
+    convert_blocks(row.bytes(), row.dtype(), out.data(), DType::f32, out.size());
   } else {
     const Tensor c = Tensor::copy_of(row, DType::f32);
     std::memcpy(out.data(), c.data<float>(), out.size() * sizeof(float));
@@ -32,8 +46,8 @@ std::vector<float> pack_row(ConstTensorView t, std::int64_t b, std::int64_t h) {
 
 // Writes float32 values into row r of a contiguous tensor of any dtype.
 void store_row(Tensor& t, std::int64_t r, const float* values, std::int64_t count) {
-  convert_elements(values, DType::f32, t.bytes() + static_cast<std::size_t>(r * count) * dtype_size(t.dtype()),
-                   t.dtype(), static_cast<std::size_t>(count));
+  convert_blocks(values, DType::f32, t.bytes() + static_cast<std::size_t>(r * count) * dtype_size(t.dtype()), t.dtype(),
+                 static_cast<std::size_t>(count));
 }
 
 struct RowInputs {
@@ -56,6 +70,12 @@ StateBuffer initial_state(const ForwardArgs& a, const ProblemShape& p, std::int6
   return s;
 }
 
+// The split of each row's state recurrences (stages::SequenceParts): parts of one row run at once when the
+// B*NH rows alone cannot keep the cores busy.
+stages::SequenceParts row_parts(const ProblemShape& p, const SegmentShape& s) {
+  return stages::SequenceParts(s, stages::SequenceParts::for_rows(p.rows(), s.num_chunks()));
+}
+
 struct RowForward {
   std::vector<float> b, ig, G, h, m_tok, N_tok, den_tok;
   StateBuffer boundary, last;
@@ -71,8 +91,8 @@ RowForward forward_row(const RowInputs& in, const StateBuffer& init, const Probl
   stages::fw_gates(in.i.data(), in.f.data(), o.gate, s, r.b.data(), r.ig.data(), r.G.data());
   r.boundary = StateBuffer(p.DHQK, p.DHHV, s.num_chunks());
   r.last = StateBuffer(p.DHQK, p.DHHV, 1);
-  stages::fw_states(in.k.data(), in.v.data(), r.b.data(), r.ig.data(), r.G.data(), o.gate, s, init.at(0), &r.boundary,
-                    r.last.at(0));
+  stages::fw_states_parts(in.k.data(), in.v.data(), r.b.data(), r.ig.data(), r.G.data(), o.gate, s, init.at(0),
+                          &r.boundary, r.last.at(0), row_parts(p, s));
   r.h.resize(static_cast<std::size_t>(p.S * p.DHHV));
   if (keep_for_backward) {
     r.m_tok.resize(static_cast<std::size_t>(p.S));
@@ -149,9 +169,9 @@ BackwardResult backward_impl(const BackwardArgs& a, const MlstmOptions& o, std::
     if (!a.dn_last.empty()) dout.n = pack_row(a.dn_last, b, h);
     StateBuffer dboundary(p.DHQK, p.DHHV, s.num_chunks()), din(p.DHQK, p.DHHV, 1);
     const float m_exit = f.last.m[0];
-    stages::bw_state_grads(in.q.data(), dh.data(), f.h.data(), f.b.data(), f.m_tok.data(), f.N_tok.data(),
-                           f.den_tok.data(), f.G.data(), o.gate, o.normalize, s, f.boundary, m_exit, dout.at(0),
-                           &dboundary, din.at(0));
+    stages::bw_state_grads_parts(in.q.data(), dh.data(), f.h.data(), f.b.data(), f.m_tok.data(), f.N_tok.data(),
+                                 f.den_tok.data(), f.G.data(), o.gate, o.normalize, s, f.boundary, m_exit,
+                                 dout.at(0), dboundary, din.at(0), row_parts(p, s));
     if (!state_only) {
       std::vector<float> dq(in.q.size()), dk(in.k.size()), dv(in.v.size()), di_raw(static_cast<std::size_t>(p.S)),
           rr(static_cast<std::size_t>(p.S)), di(static_cast<std::size_t>(p.S)), df(static_cast<std::size_t>(p.S));

@@ -141,14 +141,17 @@ void fw_gates(const float* i, const float* f, GateVariant gate, const SegmentSha
   }
 }
 
-void fw_states(const float* k, const float* v, const float* b, const float* ig, const float* G, GateVariant gate,
-               const SegmentShape& s, ConstStateRef in, StateBuffer* boundary, StateRef out) {
+namespace {
+
+// fw_states with the boundary states of chunk c written to boundary->at(first + c): a part of a longer run.
+void fw_states_at(const float* k, const float* v, const float* b, const float* ig, const float* G, GateVariant gate,
+                  const SegmentShape& s, ConstStateRef in, StateBuffer* boundary, std::int64_t first, StateRef out) {
   const std::int64_t DK = s.DHQK, DV = s.DHHV;
   std::vector<float> C(in.C, in.C + DK * DV), n(in.n, in.n + DK), kw(static_cast<std::size_t>(s.L * DK));
   float m = state_m(gate, *in.m);
   for (std::int64_t c = 0; c < s.num_chunks(); ++c) {
     if (boundary) {
-      auto st = boundary->at(c);
+      auto st = boundary->at(first + c);
       std::memcpy(st.C, C.data(), C.size() * sizeof(float));
       std::memcpy(st.n, n.data(), n.size() * sizeof(float));
       *st.m = m;
@@ -183,6 +186,13 @@ void fw_states(const float* k, const float* v, const float* b, const float* ig, 
   *out.m = m;
 }
 
+}  // namespace
+
+void fw_states(const float* k, const float* v, const float* b, const float* ig, const float* G, GateVariant gate,
+               const SegmentShape& s, ConstStateRef in, StateBuffer* boundary, StateRef out) {
+  fw_states_at(k, v, b, ig, G, gate, s, in, boundary, 0, out);
+}
+
 void combine(ConstStateRef in, float G_seg, ConstStateRef local, GateVariant gate, std::int64_t DHQK, std::int64_t DHHV,
              StateRef out) {
   float a, b, m_new;
@@ -206,8 +216,11 @@ void combine(ConstStateRef in, float G_seg, ConstStateRef local, GateVariant gat
   *out.m = m_new;
 }
 
-void fixup_states(const float* G, GateVariant gate, const SegmentShape& s, ConstStateRef in, StateBuffer* boundary,
-                  StateRef out) {
+namespace {
+
+// fixup_states over boundary->at(first + c), c < s.num_chunks().
+void fixup_states_at(const float* G, GateVariant gate, const SegmentShape& s, ConstStateRef in, StateBuffer* boundary,
+                     std::int64_t first, StateRef out) {
   const std::int64_t DK = s.DHQK, DV = s.DHHV;
   float prefix = 0.f;  // sum of G over the chunks before c
   std::vector<float> tmpC(static_cast<std::size_t>(DK * DV)), tmpn(static_cast<std::size_t>(DK));
@@ -215,7 +228,7 @@ void fixup_states(const float* G, GateVariant gate, const SegmentShape& s, Const
   StateRef tmp{tmpC.data(), tmpn.data(), &tmpm};
   for (std::int64_t c = 0; c < s.num_chunks(); ++c) {
     if (boundary) {
-      auto st = boundary->at(c);
+      auto st = boundary->at(first + c);
       combine(in, prefix, st, gate, DK, DV, tmp);
       std::memcpy(st.C, tmpC.data(), tmpC.size() * sizeof(float));
       std::memcpy(st.n, tmpn.data(), tmpn.size() * sizeof(float));
@@ -227,6 +240,68 @@ void fixup_states(const float* G, GateVariant gate, const SegmentShape& s, Const
   std::memcpy(out.C, tmpC.data(), tmpC.size() * sizeof(float));
   std::memcpy(out.n, tmpn.data(), tmpn.size() * sizeof(float));
   *out.m = tmpm;
+}
+
+}  // namespace
+
+void fixup_states(const float* G, GateVariant gate, const SegmentShape& s, ConstStateRef in, StateBuffer* boundary,
+                  StateRef out) {
+  fixup_states_at(G, gate, s, in, boundary, 0, out);
+}
+
+SequenceParts::SequenceParts(const SegmentShape& s, std::int64_t parts) {
+  const std::int64_t nc = s.num_chunks();
+  const std::int64_t n = std::clamp<std::int64_t>(parts, 1, std::max<std::int64_t>(nc, 1));
+  first_chunk.resize(static_cast<std::size_t>(n + 1));
+  for (std::int64_t p = 0; p <= n; ++p) first_chunk[static_cast<std::size_t>(p)] = p * nc / n;
+}
+
+SegmentShape SequenceParts::shape(const SegmentShape& s, std::int64_t p) const {
+  const std::int64_t c1 = end_chunk(p);
+  const std::int64_t t0 = s.chunk_begin(begin_chunk(p));
+  const std::int64_t t1 = c1 >= s.num_chunks() ? s.T : s.chunk_begin(c1);
+  return {t1 - t0, s.L, s.DHQK, s.DHHV};
+}
+
+void fw_states_parts(const float* k, const float* v, const float* b, const float* ig, const float* G, GateVariant gate,
+                     const SegmentShape& s, ConstStateRef in, StateBuffer* boundary, StateRef out,
+                     const SequenceParts& parts) {
+  const std::int64_t n = parts.count(), DK = s.DHQK, DV = s.DHHV;
+  if (n <= 1) {
+    fw_states_at(k, v, b, ig, G, gate, s, in, boundary, 0, out);
+    return;
+  }
+  // entering.at(p): the true state entering part p (part 0: `in`); locals.at(p): the state leaving part p when
+  // it starts EMPTY (part 0: from `in`, so already true).
+  StateBuffer entering(DK, DV, n + 1), locals(DK, DV, n);
+  std::vector<float> G_part(static_cast<std::size_t>(n), 0.f);
+  tbb::parallel_for(std::int64_t{0}, n, [&](std::int64_t p) {
+    const std::int64_t c0 = parts.begin_chunk(p), t0 = s.chunk_begin(c0);
+    StateBuffer empty(DK, DV, 1);
+    empty.set_empty();
+    fw_states_at(k + t0 * DK, v + t0 * DV, b + t0, ig + t0, G + c0, gate, parts.shape(s, p),
+                 p == 0 ? in : empty.at(0), boundary, c0, locals.at(p));
+    float g = 0.f;  // summed in the order fixup_states sums its prefix
+    for (std::int64_t c = c0; c < parts.end_chunk(p); ++c) g += G[c];
+    G_part[static_cast<std::size_t>(p)] = g;
+  });
+  // The chain: one combine per part (O(DHQK*DHHV) each).
+  auto copy_state = [&](ConstStateRef from, StateRef to) {
+    std::memcpy(to.C, from.C, static_cast<std::size_t>(DK * DV) * sizeof(float));
+    std::memcpy(to.n, from.n, static_cast<std::size_t>(DK) * sizeof(float));
+    *to.m = *from.m;
+  };
+  copy_state(locals.at(0), entering.at(1));
+  for (std::int64_t p = 1; p < n; ++p) {
+    combine(entering.at(p), G_part[static_cast<std::size_t>(p)], locals.at(p), gate, DK, DV, entering.at(p + 1));
+  }
+  copy_state(entering.at(n), out);
+  // Boundary states of parts 1.. were computed from EMPTY: fix them up, in parallel.
+  if (!boundary) return;
+  tbb::parallel_for(std::int64_t{1}, n, [&](std::int64_t p) {
+    const std::int64_t c0 = parts.begin_chunk(p);
+    fixup_states_at(G + c0, gate, parts.shape(s, p), entering.at(p), boundary, c0, locals.at(p));
+  });
 }
 
 namespace {
@@ -325,18 +400,22 @@ void fw_outputs(const float* q, const float* k, const float* v, const float* b, 
 
 // ---- backward ------------------------------------------------------------------------------------
 
-void bw_state_grads(const float* q, const float* dh, const float* h, const float* b, const float* m_tok,
-                    const float* N_tok, const float* den_tok, const float* G, GateVariant gate, bool normalize,
-                    const SegmentShape& s, const StateBuffer& boundary, float m_exit, ConstStateRef dstate_out,
-                    StateBuffer* dboundary, StateRef dstate_in) {
+namespace {
+
+// bw_state_grads over chunks first + c of boundary and dboundary, c < s.num_chunks().
+void bw_state_grads_at(const float* q, const float* dh, const float* h, const float* b, const float* m_tok,
+                       const float* N_tok, const float* den_tok, const float* G, GateVariant gate, bool normalize,
+                       const SegmentShape& s, const StateBuffer& boundary, std::int64_t first, float m_exit,
+                       ConstStateRef dstate_out, StateBuffer* dboundary, StateRef dstate_in) {
   const std::int64_t DK = s.DHQK, DV = s.DHHV;
   const float scale = 1.f / std::sqrt(static_cast<float>(DK));
   std::vector<float> dC(dstate_out.C, dstate_out.C + DK * DV), dn(dstate_out.n, dstate_out.n + DK);
   std::vector<float> qw(static_cast<std::size_t>(s.L * DK)), dnum(static_cast<std::size_t>(s.L * DV));
   for (std::int64_t c = s.num_chunks() - 1; c >= 0; --c) {
     const std::int64_t t0 = s.chunk_begin(c), len = s.chunk_len(c);
-    const float m_c = state_m(gate, *boundary.at(c).m);
-    const float m_next = c + 1 < s.num_chunks() ? state_m(gate, *boundary.at(c + 1).m) : state_m(gate, m_exit);
+    const float m_c = state_m(gate, *boundary.at(first + c).m);
+    const float m_next =
+        c + 1 < s.num_chunks() ? state_m(gate, *boundary.at(first + c + 1).m) : state_m(gate, m_exit);
     const float carry = safe_exp(G[c] + m_c - m_next);
     for (auto& x : dn) x *= carry;
     for (std::int64_t j = 0; j < len; ++j) {
@@ -354,7 +433,7 @@ void bw_state_grads(const float* q, const float* dh, const float* h, const float
           1.f, qw.data(), static_cast<int>(DK), dnum.data(), static_cast<int>(DV), carry, dC.data(),
           static_cast<int>(DV));
     if (dboundary) {
-      auto st = dboundary->at(c);
+      auto st = dboundary->at(first + c);
       std::memcpy(st.C, dC.data(), dC.size() * sizeof(float));
       std::memcpy(st.n, dn.data(), dn.size() * sizeof(float));
       *st.m = 0.f;
@@ -363,6 +442,79 @@ void bw_state_grads(const float* q, const float* dh, const float* h, const float
   std::memcpy(dstate_in.C, dC.data(), dC.size() * sizeof(float));
   std::memcpy(dstate_in.n, dn.data(), dn.size() * sizeof(float));
   if (dstate_in.m) *dstate_in.m = 0.f;
+}
+
+}  // namespace
+
+void bw_state_grads(const float* q, const float* dh, const float* h, const float* b, const float* m_tok,
+                    const float* N_tok, const float* den_tok, const float* G, GateVariant gate, bool normalize,
+                    const SegmentShape& s, const StateBuffer& boundary, float m_exit, ConstStateRef dstate_out,
+                    StateBuffer* dboundary, StateRef dstate_in) {
+  bw_state_grads_at(q, dh, h, b, m_tok, N_tok, den_tok, G, gate, normalize, s, boundary, 0, m_exit, dstate_out,
+                    dboundary, dstate_in);
+}
+
+void bw_state_grads_parts(const float* q, const float* dh, const float* h, const float* b, const float* m_tok,
+                          const float* N_tok, const float* den_tok, const float* G, GateVariant gate, bool normalize,
+                          const SegmentShape& s, const StateBuffer& boundary, float m_exit, ConstStateRef dstate_out,
+                          StateBuffer& dboundary, StateRef dstate_in, const SequenceParts& parts) {
+  const std::int64_t n = parts.count(), DK = s.DHQK, DV = s.DHHV;
+  if (n <= 1) {
+    bw_state_grads_at(q, dh, h, b, m_tok, N_tok, den_tok, G, gate, normalize, s, boundary, 0, m_exit, dstate_out,
+                      &dboundary, dstate_in);
+    return;
+  }
+  // The state gradient is linear with a scalar carry per chunk: dC_c = local_c + carry_c dC_{c+1}, carry_c =
+  // exp(G_c + m_c - m_{c+1}) <= 1. Each part runs from the zero gradient leaving it (the last part from
+  // dstate_out, so it is already true); then a chain from the last part to the first adds, to each part's
+  // entering gradient, its carry product times the true gradient leaving it; then the chunks are fixed up.
+  auto m_at = [&](std::int64_t c) {
+    return state_m(gate, c < s.num_chunks() ? *boundary.at(c).m : m_exit);
+  };
+  auto carry = [&](std::int64_t c) { return safe_exp(G[c] + m_at(c) - m_at(c + 1)); };
+  StateBuffer locals(DK, DV, n), leaving(DK, DV, n);  // leaving.at(p): true gradient leaving part p
+  tbb::parallel_for(std::int64_t{0}, n, [&](std::int64_t p) {
+    const std::int64_t c0 = parts.begin_chunk(p), t0 = s.chunk_begin(c0);
+    StateBuffer zero(DK, DV, 1);
+    const bool last = p == n - 1;
+    bw_state_grads_at(q + t0 * DK, dh + t0 * DV, h + t0 * DV, b + t0, m_tok + t0, N_tok + t0, den_tok + t0, G + c0,
+                      gate, normalize, parts.shape(s, p), boundary, c0, m_at(parts.end_chunk(p)),
+                      last ? dstate_out : zero.at(0), &dboundary, locals.at(p));
+  });
+  const std::size_t nC = static_cast<std::size_t>(DK * DV), nn = static_cast<std::size_t>(DK);
+  auto product = [&](std::int64_t c0, std::int64_t c1) {  // carry_c0 * ... * carry_{c1-1}, last first
+    float q_prod = 1.f;
+    for (std::int64_t c = c1 - 1; c >= c0; --c) q_prod *= carry(c);
+    return q_prod;
+  };
+  // Chain: the gradient leaving part p is the true gradient entering part p + 1 (the last part's is its local one).
+  for (std::int64_t p = n - 2; p >= 0; --p) {
+    auto out = leaving.at(p);
+    const auto loc = locals.at(p + 1);
+    const float w = p + 1 == n - 1 ? 0.f : product(parts.begin_chunk(p + 1), parts.end_chunk(p + 1));
+    const auto next = leaving.at(p + 1);  // zero for p + 1 == n - 1 (never written, w = 0 there)
+    for (std::size_t e = 0; e < nC; ++e) out.C[e] = loc.C[e] + w * next.C[e];
+    for (std::size_t e = 0; e < nn; ++e) out.n[e] = loc.n[e] + w * next.n[e];
+  }
+  {
+    const auto loc = locals.at(0);
+    const float w = product(parts.begin_chunk(0), parts.end_chunk(0));
+    const auto lv = leaving.at(0);
+    for (std::size_t e = 0; e < nC; ++e) dstate_in.C[e] = loc.C[e] + w * lv.C[e];
+    for (std::size_t e = 0; e < nn; ++e) dstate_in.n[e] = loc.n[e] + w * lv.n[e];
+    if (dstate_in.m) *dstate_in.m = 0.f;
+  }
+  // Fix-up of every chunk of parts 0 .. n-2: dboundary(c) += (carry_c ... carry_{end-1}) * leaving(p).
+  tbb::parallel_for(std::int64_t{0}, n - 1, [&](std::int64_t p) {
+    const auto lv = leaving.at(p);
+    float w = 1.f;
+    for (std::int64_t c = parts.end_chunk(p) - 1; c >= parts.begin_chunk(p); --c) {
+      w *= carry(c);
+      auto st = dboundary.at(c);
+      for (std::size_t e = 0; e < nC; ++e) st.C[e] += w * lv.C[e];
+      for (std::size_t e = 0; e < nn; ++e) st.n[e] += w * lv.n[e];
+    }
+  });
 }
 
 void bw_grads(const float* q, const float* k, const float* v, const float* dh, const float* h, const float* b,

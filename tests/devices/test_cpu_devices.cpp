@@ -193,7 +193,11 @@ INSTANTIATE_TEST_SUITE_P(
         KernelCase{kPar, spec(2, 3, 180, 48, 32, DType::f32, GateVariant::exp, true), 64},
         KernelCase{kPar, spec(1, 2, 150, 16, 24, DType::bf16, GateVariant::sigmoid, false, GateRegime::extreme), 64},
         KernelCase{kSeq, spec(3, 5, 120, 48, 96, DType::f32, GateVariant::exp, true), 64},
-        KernelCase{kSeq, spec(1, 2, 100, 16, 16, DType::f16, GateVariant::sigmoid, false, GateRegime::extreme), 64}),
+        KernelCase{kSeq, spec(1, 2, 100, 16, 16, DType::f16, GateVariant::sigmoid, false, GateRegime::extreme), 64},
+        // Long rows, few of them: the state recurrences run in parts (stages::SequenceParts; 15, 11 and 8 parts).
+        KernelCase{kXl, spec(1, 1, 2000, 16, 24, DType::f32, GateVariant::exp, true, GateRegime::extreme), 16},
+        KernelCase{kXlSig, spec(1, 2, 1500, 16, 16, DType::bf16, GateVariant::sigmoid, true), 16},
+        KernelCase{kLimit, spec(1, 1, 1100, 24, 16, DType::f32, GateVariant::exp, true, GateRegime::mixed), 16}),
     name_of);
 
 // Gate pre-activations of +-inf (stages.hpp "Gates at +-inf"): every CPU form against the float64 recurrence,
@@ -265,6 +269,11 @@ std::vector<KernelCase> inf_cases() {
   add(kXl, spec(1, 1, 300, 16, 16, DType::f32, GateVariant::exp, true, GateRegime::extreme), 64, InfGates::mixed);
   add(kXlSig, spec(1, 2, 130, 16, 16, DType::f32, GateVariant::sigmoid, false), 64, InfGates::mixed, false);
   add(kLimit, spec(1, 2, 130, 16, 16, DType::bf16, GateVariant::exp, true), 64, InfGates::all_neg);
+  // Long single rows (the state recurrences in 9 parts): cuts inside, at the edges of and across parts.
+  for (InfGates g : all) {
+    add(kXl, spec(1, 1, 1200, 16, 16, DType::f32, GateVariant::exp, true), 16, g);
+    add(kXlSig, spec(1, 1, 1200, 16, 16, DType::f32, GateVariant::sigmoid, true), 16, g);
+  }
   add(kPar, spec(1, 2, 100, 16, 24, DType::bf16, GateVariant::sigmoid, false), 64, InfGates::mixed);
   add(kSeq, spec(1, 2, 100, 16, 16, DType::f16, GateVariant::sigmoid, false), 64, InfGates::mixed);
   InputSpec half_gates = spec(1, 2, 150, 16, 16, DType::f32, GateVariant::exp, true);
@@ -334,6 +343,83 @@ TEST(CpuStages, FixupOfLocalStatesEqualsDirectStates) {
     EXPECT_TRUE(matches(as_tensor(out_local.C), as_tensor(out_direct.C), 1e-5, "stages", "exit C (fixup)", s));
     EXPECT_TRUE(matches(as_tensor(local.m), as_tensor(direct.m), 1e-6, "stages", "boundary m (fixup)", s));
   }
+}
+
+// Sequence parallelism inside a row: the state recurrences in parts (forward: from EMPTY, combine, fix-up;
+// backward: from a zero gradient, carry chain, fix-up) equal the single pass, for any number of parts (uneven ones,
+// one chunk each), both gates, with an entering state and a gradient leaving the segment.
+TEST(CpuStages, StatesInPartsEqualOnePass) {
+  for (auto gate : {GateVariant::exp, GateVariant::sigmoid}) {
+    for (auto regime : {GateRegime::typical, GateRegime::mixed}) {
+      InputSpec s = spec(1, 1, 437, 16, 24, DType::f32, gate, true, regime);
+      const auto in = make_inputs(s, testing::fresh_seed());
+      stages::SegmentShape seg{s.S, 16, s.DHQK, s.DHHV};
+      const std::int64_t nc = seg.num_chunks(), K = s.DHQK, V = s.DHHV;
+      const auto* q = in.q.data<float>();
+      const auto* k = in.k.data<float>();
+      const auto* v = in.v.data<float>();
+      std::vector<float> b(static_cast<std::size_t>(s.S)), ig(b.size()), G(static_cast<std::size_t>(nc));
+      stages::fw_gates(in.i.data<float>(), in.f.data<float>(), gate, seg, b.data(), ig.data(), G.data());
+      stages::StateBuffer init(K, V);
+      init.C.assign(in.c0.data<float>(), in.c0.data<float>() + K * V);
+      init.n.assign(in.n0.data<float>(), in.n0.data<float>() + K);
+      init.m[0] = gate == GateVariant::exp ? in.m0.data<float>()[0] : 0.f;
+      stages::StateBuffer ref_b(K, V, nc), ref_out(K, V);
+      stages::fw_states(k, v, b.data(), ig.data(), G.data(), gate, seg, init.at(0), &ref_b, ref_out.at(0));
+      // The per-token quantities of the backward, and dh, dC_last.
+      std::vector<float> h(static_cast<std::size_t>(s.S * V)), m_tok(b.size()), N_tok(b.size()), den(b.size());
+      stages::fw_outputs(q, k, v, b.data(), ig.data(), gate, true, 1e-6f, seg, ref_b, h.data(), m_tok.data(),
+                         N_tok.data(), den.data());
+      const auto dh_t = make_inputs(spec(1, 1, s.S, V, V), testing::fresh_seed()).q;  // (1,1,S,V) normal values
+      const float* dh = dh_t.data<float>();
+      stages::StateBuffer dlast(K, V);
+      for (std::size_t e = 0; e < dlast.C.size(); ++e) dlast.C[e] = 0.01f * static_cast<float>(e % 7) - 0.03f;
+      for (std::size_t e = 0; e < dlast.n.size(); ++e) dlast.n[e] = 0.02f * static_cast<float>(e % 5) - 0.04f;
+      stages::StateBuffer ref_db(K, V, nc), ref_din(K, V);
+      stages::bw_state_grads(q, dh, h.data(), b.data(), m_tok.data(), N_tok.data(), den.data(), G.data(), gate, true,
+                             seg, ref_b, ref_out.m[0], dlast.at(0), &ref_db, ref_din.at(0));
+      auto t = [](const std::vector<float>& x) { return Tensor::from(x, {static_cast<std::int64_t>(x.size())}); };
+      for (const std::int64_t parts : std::vector<std::int64_t>{1, 2, 3, 7, 27, nc}) {
+        const stages::SequenceParts split(seg, parts);
+        ASSERT_EQ(split.count(), parts);
+        stages::StateBuffer got_b(K, V, nc), got_out(K, V);
+        stages::fw_states_parts(k, v, b.data(), ig.data(), G.data(), gate, seg, init.at(0), &got_b, got_out.at(0),
+                                split);
+        stages::StateBuffer exit_only(K, V);  // without boundary states: the leaving state alone
+        stages::fw_states_parts(k, v, b.data(), ig.data(), G.data(), gate, seg, init.at(0), nullptr, exit_only.at(0),
+                                split);
+        const std::string what = "parts=" + std::to_string(parts) + " " + std::string(gate_name(gate));
+        EXPECT_TRUE(matches(t(got_b.C), t(ref_b.C), 1e-5, what, "boundary C", s));
+        EXPECT_TRUE(matches(t(got_b.n), t(ref_b.n), 1e-5, what, "boundary n", s));
+        EXPECT_TRUE(matches(t(got_b.m), t(ref_b.m), 1e-5, what, "boundary m", s));
+        EXPECT_TRUE(matches(t(got_out.C), t(ref_out.C), 1e-5, what, "exit C", s));
+        EXPECT_TRUE(matches(t(got_out.n), t(ref_out.n), 1e-5, what, "exit n", s));
+        EXPECT_TRUE(matches(t(got_out.m), t(ref_out.m), 1e-5, what, "exit m", s));
+        EXPECT_EQ(exit_only.C, got_out.C) << what;
+        EXPECT_EQ(exit_only.m, got_out.m) << what;
+        stages::StateBuffer got_db(K, V, nc), got_din(K, V);
+        stages::bw_state_grads_parts(q, dh, h.data(), b.data(), m_tok.data(), N_tok.data(), den.data(), G.data(), gate,
+                                     true, seg, ref_b, ref_out.m[0], dlast.at(0), got_db, got_din.at(0), split);
+        EXPECT_TRUE(matches(t(got_db.C), t(ref_db.C), 1e-5, what, "chunk dC", s));
+        EXPECT_TRUE(matches(t(got_db.n), t(ref_db.n), 1e-5, what, "chunk dn", s));
+        EXPECT_TRUE(matches(t(got_din.C), t(ref_din.C), 1e-5, what, "entering dC", s));
+        EXPECT_TRUE(matches(t(got_din.n), t(ref_din.n), 1e-5, what, "entering dn", s));
+      }
+    }
+  }
+}
+
+TEST(CpuStages, PartsForRowsDependOnTheShapeOnly) {
+  EXPECT_EQ(stages::SequenceParts::for_rows(1, 1024), 64);  // B*NH = 1, 65536 tokens of chunk 64
+  EXPECT_EQ(stages::SequenceParts::for_rows(4, 256), 16);
+  EXPECT_EQ(stages::SequenceParts::for_rows(64, 4096), 1);   // the rows alone are enough
+  EXPECT_EQ(stages::SequenceParts::for_rows(1, 15), 1);      // too few chunks
+  EXPECT_EQ(stages::SequenceParts::for_rows(2, 40), 5);      // at least 8 chunks a part
+  const stages::SegmentShape seg{1000, 64, 8, 8};          // 16 chunks, the last of 40 tokens
+  const stages::SequenceParts split(seg, 3);
+  EXPECT_EQ(split.first_chunk, (std::vector<std::int64_t>{0, 5, 10, 16}));
+  EXPECT_EQ(split.shape(seg, 2).T, 1000 - 640);
+  EXPECT_EQ(stages::SequenceParts(seg, 100).count(), 16);
 }
 
 TEST(CpuRegistry, ListsKernelsAndRejectsUnknownNames) {

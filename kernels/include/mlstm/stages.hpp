@@ -96,6 +96,7 @@
 // (The tensor cores clamp lf at -256 in their gates kernel instead: no live test, a run of cuts adds up.)
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <vector>
@@ -176,6 +177,42 @@ void combine(ConstStateRef in, float G_seg, ConstStateRef local, GateVariant gat
 void fw_outputs(const float* q, const float* k, const float* v, const float* b, const float* ig, GateVariant gate,
                 bool normalize, float eps, const SegmentShape& s, const StateBuffer& boundary, float* h, float* m_tok,
                 float* N_tok, float* den_tok, std::int64_t tile = 0);
+
+// ---- sequence parallelism inside one row -----------------------------------------------------------
+// When B*NH rows cannot keep every core busy, the state recurrences of one row run in parts of whole chunks at
+// once: each part from the EMPTY state (forward) or from a zero gradient (backward), then a short chain of
+// combines over the parts, then every chunk of every part fixed up in parallel (CPU kernels, issue 18). Exact in
+// exact arithmetic; rounding differs from the single pass in the last bits. The split depends on the shape only,
+// never on the thread count, so a result is the same on every machine.
+struct SequenceParts {
+  std::vector<std::int64_t> first_chunk;  // part p covers chunks [first_chunk[p], first_chunk[p + 1])
+  // `parts` (clamped to 1 .. num_chunks) runs of nearly equal chunk counts.
+  SequenceParts(const SegmentShape& s, std::int64_t parts);
+  // The split the CPU kernels use for a problem of `rows` rows: enough parts for ~64 work items over all rows,
+  // at least 8 chunks each (1 part when the rows alone are enough).
+  static std::int64_t for_rows(std::int64_t rows, std::int64_t chunks) noexcept {
+    constexpr std::int64_t kWorkItems = 64, kMinChunks = 8;
+    const std::int64_t want = (kWorkItems + rows - 1) / std::max<std::int64_t>(rows, 1);
+    const std::int64_t most = chunks / kMinChunks;
+    return std::max<std::int64_t>(1, std::min(want, most));
+  }
+  std::int64_t count() const noexcept { return static_cast<std::int64_t>(first_chunk.size()) - 1; }
+  std::int64_t begin_chunk(std::int64_t p) const { return first_chunk[static_cast<std::size_t>(p)]; }
+  std::int64_t end_chunk(std::int64_t p) const { return first_chunk[static_cast<std::size_t>(p + 1)]; }
+  SegmentShape shape(const SegmentShape& s, std::int64_t p) const;  // geometry of part p (T = its tokens)
+};
+
+// fw_states over `parts` at once: the same outputs (boundary, may be null: every chunk's entering state; out: the
+// state leaving the segment). boundary->count >= num_chunks.
+void fw_states_parts(const float* k, const float* v, const float* b, const float* ig, const float* G, GateVariant gate,
+                     const SegmentShape& s, ConstStateRef in, StateBuffer* boundary, StateRef out,
+                     const SequenceParts& parts);
+
+// bw_state_grads over `parts` at once: the same outputs (dboundary of every chunk, dstate_in).
+void bw_state_grads_parts(const float* q, const float* dh, const float* h, const float* b, const float* m_tok,
+                          const float* N_tok, const float* den_tok, const float* G, GateVariant gate, bool normalize,
+                          const SegmentShape& s, const StateBuffer& boundary, float m_exit, ConstStateRef dstate_out,
+                          StateBuffer& dboundary, StateRef dstate_in, const SequenceParts& parts);
 
 // ---- backward ------------------------------------------------------------------------------------
 
