@@ -50,21 +50,38 @@ void store_row(Tensor& t, std::int64_t r, const float* values, std::int64_t coun
                  static_cast<std::size_t>(count));
 }
 
-struct RowInputs {
-  std::vector<float> q, k, v, i, f;
-};
+// One (batch, head) row of each input as float32: a view of the caller's tensor where it already is contiguous
+// float32 (no copy), else a converted copy held here.
+class RowInputs {
+ public:
+  RowInputs(const ForwardArgs& a, std::int64_t b, std::int64_t h)
+      : q(row(a.q, b, h, q_)), k(row(a.k, b, h, k_)), v(row(a.v, b, h, v_)), i(row(a.i, b, h, i_)),
+        f(row(a.f, b, h, f_)) {}
+  RowInputs(const RowInputs&) = delete;
+  RowInputs& operator=(const RowInputs&) = delete;
 
-RowInputs load_row(const ForwardArgs& a, std::int64_t b, std::int64_t h) {
-  return {pack_row(a.q, b, h), pack_row(a.k, b, h), pack_row(a.v, b, h), pack_row(a.i, b, h), pack_row(a.f, b, h)};
-}
+ private:
+  std::vector<float> q_, k_, v_, i_, f_;  // conversions (declared first: the pointers below may point into them)
+
+  static const float* row(ConstTensorView t, std::int64_t b, std::int64_t h, std::vector<float>& store) {
+    const ConstTensorView r = t.select0(b).select0(h);
+    if (r.dtype() == DType::f32 && r.is_contiguous()) return static_cast<const float*>(static_cast<const void*>(r.bytes()));
+    store = pack_row(t, b, h);
+    return store.data();
+  }
+
+ public:
+  const float *q, *k, *v, *i, *f;
+};
 
 // The initial state of a row (zero state when none is given).
 StateBuffer initial_state(const ForwardArgs& a, const ProblemShape& p, std::int64_t b, std::int64_t h) {
   StateBuffer s(p.DHQK, p.DHHV, 1);
   s.set_zero();
   if (a.has_initial_state()) {
-    s.C = pack_row(a.c0, b, h);
-    s.n = pack_row(a.n0, b, h);
+    const std::vector<float> c = pack_row(a.c0, b, h), n = pack_row(a.n0, b, h);
+    s.C.assign(c.begin(), c.end());
+    s.n.assign(n.begin(), n.end());
     s.m[0] = static_cast<float>(a.m0.get({b, h}));
   }
   return s;
@@ -81,26 +98,30 @@ struct RowForward {
   StateBuffer boundary, last;
 };
 
+// h_out: where h goes (S x DHHV float32), or null for RowForward::h.
 RowForward forward_row(const RowInputs& in, const StateBuffer& init, const ProblemShape& p, const MlstmOptions& o,
-                       std::int64_t L, std::int64_t tile, bool keep_for_backward) {
+                       std::int64_t L, std::int64_t tile, bool keep_for_backward, float* h_out = nullptr) {
   SegmentShape s{p.S, L, p.DHQK, p.DHHV};
   RowForward r;
   r.b.resize(static_cast<std::size_t>(p.S));
   r.ig.resize(static_cast<std::size_t>(p.S));
   r.G.resize(static_cast<std::size_t>(s.num_chunks()));
-  stages::fw_gates(in.i.data(), in.f.data(), o.gate, s, r.b.data(), r.ig.data(), r.G.data());
-  r.boundary = StateBuffer(p.DHQK, p.DHHV, s.num_chunks());
+  stages::fw_gates(in.i, in.f, o.gate, s, r.b.data(), r.ig.data(), r.G.data());
+  r.boundary = StateBuffer(p.DHQK, p.DHHV, s.num_chunks(), StateBuffer::Init::none);  // fw_states writes all
   r.last = StateBuffer(p.DHQK, p.DHHV, 1);
-  stages::fw_states_parts(in.k.data(), in.v.data(), r.b.data(), r.ig.data(), r.G.data(), o.gate, s, init.at(0),
+  stages::fw_states_parts(in.k, in.v, r.b.data(), r.ig.data(), r.G.data(), o.gate, s, init.at(0),
                           &r.boundary, r.last.at(0), row_parts(p, s));
-  r.h.resize(static_cast<std::size_t>(p.S * p.DHHV));
+  if (!h_out) {
+    r.h.resize(static_cast<std::size_t>(p.S * p.DHHV));
+    h_out = r.h.data();
+  }
   if (keep_for_backward) {
     r.m_tok.resize(static_cast<std::size_t>(p.S));
     r.N_tok.resize(static_cast<std::size_t>(p.S));
     r.den_tok.resize(static_cast<std::size_t>(p.S));
   }
-  stages::fw_outputs(in.q.data(), in.k.data(), in.v.data(), r.b.data(), r.ig.data(), o.gate, o.normalize,
-                     static_cast<float>(o.eps), s, r.boundary, r.h.data(), keep_for_backward ? r.m_tok.data() : nullptr,
+  stages::fw_outputs(in.q, in.k, in.v, r.b.data(), r.ig.data(), o.gate, o.normalize, static_cast<float>(o.eps), s,
+                     r.boundary, h_out, keep_for_backward ? r.m_tok.data() : nullptr,
                      keep_for_backward ? r.N_tok.data() : nullptr, keep_for_backward ? r.den_tok.data() : nullptr,
                      tile);
   return r;
@@ -123,10 +144,12 @@ ForwardResult forward_impl(const ForwardArgs& a, const MlstmOptions& o, std::int
   ForwardResult out = allocate_forward_result(p, o);
   tbb::parallel_for(std::int64_t{0}, p.rows(), [&](std::int64_t r) {
     const std::int64_t b = r / p.NH, h = r % p.NH;
-    const RowInputs in = load_row(a, b, h);
+    const RowInputs in(a, b, h);
     const StateBuffer init = initial_state(a, p, b, h);
-    const RowForward f = forward_row(in, init, p, o, L, tile, false);
-    store_row(out.h, r, f.h.data(), p.S * p.DHHV);
+    // float32 h is written in place; other dtypes through a float32 row.
+    float* h_direct = out.h.dtype() == DType::f32 ? out.h.data<float>() + r * p.S * p.DHHV : nullptr;
+    const RowForward f = forward_row(in, init, p, o, L, tile, false, h_direct);
+    if (!h_direct) store_row(out.h, r, f.h.data(), p.S * p.DHHV);
     if (o.return_last_states) {
       store_row(out.c, r, f.last.C.data(), p.DHQK * p.DHHV);
       store_row(out.n, r, f.last.n.data(), p.DHQK);
@@ -159,29 +182,37 @@ BackwardResult backward_impl(const BackwardArgs& a, const MlstmOptions& o, std::
   SegmentShape s{p.S, L, p.DHQK, p.DHHV};
   tbb::parallel_for(std::int64_t{0}, p.rows(), [&](std::int64_t r) {
     const std::int64_t b = r / p.NH, h = r % p.NH;
-    const RowInputs in = load_row(fa, b, h);
+    const RowInputs in(fa, b, h);
     const StateBuffer init_state = initial_state(fa, p, b, h);
     const RowForward f = forward_row(in, init_state, p, o, L, tile, true);
     const std::vector<float> dh = pack_row(a.dh, b, h);
     StateBuffer dout(p.DHQK, p.DHHV, 1);
     dout.set_zero();
-    if (!a.dc_last.empty()) dout.C = pack_row(a.dc_last, b, h);
-    if (!a.dn_last.empty()) dout.n = pack_row(a.dn_last, b, h);
-    StateBuffer dboundary(p.DHQK, p.DHHV, s.num_chunks()), din(p.DHQK, p.DHHV, 1);
+    if (!a.dc_last.empty()) {
+      const std::vector<float> c = pack_row(a.dc_last, b, h);
+      dout.C.assign(c.begin(), c.end());
+    }
+    if (!a.dn_last.empty()) {
+      const std::vector<float> n = pack_row(a.dn_last, b, h);
+      dout.n.assign(n.begin(), n.end());
+    }
+    StateBuffer dboundary(p.DHQK, p.DHHV, s.num_chunks(), StateBuffer::Init::none),  // bw_state_grads writes all
+        din(p.DHQK, p.DHHV, 1);
     const float m_exit = f.last.m[0];
-    stages::bw_state_grads_parts(in.q.data(), dh.data(), f.h.data(), f.b.data(), f.m_tok.data(), f.N_tok.data(),
+    stages::bw_state_grads_parts(in.q, dh.data(), f.h.data(), f.b.data(), f.m_tok.data(), f.N_tok.data(),
                                  f.den_tok.data(), f.G.data(), o.gate, o.normalize, s, f.boundary, m_exit,
                                  dout.at(0), dboundary, din.at(0), row_parts(p, s));
     if (!state_only) {
-      std::vector<float> dq(in.q.size()), dk(in.k.size()), dv(in.v.size()), di_raw(static_cast<std::size_t>(p.S)),
+      const auto qk_size = static_cast<std::size_t>(p.S * p.DHQK), v_size = static_cast<std::size_t>(p.S * p.DHHV);
+      std::vector<float> dq(qk_size), dk(qk_size), dv(v_size), di_raw(static_cast<std::size_t>(p.S)),
           rr(static_cast<std::size_t>(p.S)), di(static_cast<std::size_t>(p.S)), df(static_cast<std::size_t>(p.S));
-      stages::bw_grads(in.q.data(), in.k.data(), in.v.data(), dh.data(), f.h.data(), f.b.data(), f.ig.data(),
+      stages::bw_grads(in.q, in.k, in.v, dh.data(), f.h.data(), f.b.data(), f.ig.data(),
                        f.m_tok.data(), f.N_tok.data(), f.den_tok.data(), f.G.data(), o.gate, o.normalize, s, f.boundary,
                        m_exit, dboundary, dout.at(0), dq.data(), dk.data(), dv.data(), di_raw.data(), rr.data(), tile);
       double tail = 0.0;  // <dC_last, C_last> + <dn_last, n_last>
       for (std::size_t e = 0; e < dout.C.size(); ++e) tail += static_cast<double>(dout.C[e]) * f.last.C[e];
       for (std::size_t e = 0; e < dout.n.size(); ++e) tail += static_cast<double>(dout.n[e]) * f.last.n[e];
-      stages::bw_gate_grads(in.i.data(), in.f.data(), di_raw.data(), rr.data(), static_cast<float>(tail), o.gate, s,
+      stages::bw_gate_grads(in.i, in.f, di_raw.data(), rr.data(), static_cast<float>(tail), o.gate, s,
                             di.data(), df.data());
       store_row(out.dq, r, dq.data(), p.S * p.DHQK);
       store_row(out.dk, r, dk.data(), p.S * p.DHQK);
@@ -316,12 +347,12 @@ ForwardResult sequence_forward(const ForwardArgs& a, const MlstmOptions& o) {
   ForwardResult out = allocate_forward_result(p, o);
   tbb::parallel_for(std::int64_t{0}, p.rows(), [&](std::int64_t r) {
     const std::int64_t b = r / p.NH, h = r % p.NH;
-    const RowInputs in = load_row(a, b, h);
+    const RowInputs in(a, b, h);
     StateBuffer st = initial_state(a, p, b, h);
     std::vector<float> hv(static_cast<std::size_t>(p.S * p.DHHV));
     float m = st.m[0];
     for (std::int64_t t = 0; t < p.S; ++t) {
-      step_row(in.q.data() + t * p.DHQK, in.k.data() + t * p.DHQK, in.v.data() + t * p.DHHV, in.i[t], in.f[t],
+      step_row(in.q + t * p.DHQK, in.k + t * p.DHQK, in.v + t * p.DHHV, in.i[t], in.f[t],
                st.C.data(), st.n.data(), m, hv.data() + t * p.DHHV, p.DHQK, p.DHHV, o);
     }
     store_row(out.h, r, hv.data(), p.S * p.DHHV);

@@ -1,8 +1,7 @@
-// CPU implementation of the chunk stages (see stages.hpp for the math). float32, CBLAS for the dense
-// products, TBB across the chunks / blocks of one row-segment.
+// CPU implementation of the chunk stages (see stages.hpp for the math). float32, gemm::sgemm (gemm.hpp) for the
+// dense products, TBB across the chunks / blocks of one row-segment.
 #include "mlstm/stages.hpp"
 
-#include <cblas.h>
 #include <tbb/enumerable_thread_specific.h>
 #include <tbb/parallel_for.h>
 
@@ -11,40 +10,13 @@
 #include <cstdio>
 #include <cstring>
 #include <limits>
-#include <mutex>
 
 #include "mlstm/gates.hpp"
+#include "mlstm/gemm.hpp"
 
 namespace mlstm::stages {
 
 namespace {
-
-// OpenBLAS runs in the calling TBB worker only (see the top-level CMakeLists.txt). If the library loaded
-// at run time is a sequential build (openblas_get_parallel() == 0, e.g. Debian's serial OpenBLAS picked up
-// through LD_LIBRARY_PATH), concurrent calls corrupt its buffers: then every call is serialised, with a
-// warning, rather than computing garbage.
-const bool kBlasNeedsLock = [] {
-  openblas_set_num_threads(1);
-  const bool sequential = openblas_get_parallel() == 0;
-  if (sequential) {
-    std::fprintf(stderr,
-                 "mlstm-flow: warning: the OpenBLAS loaded (%s) is a sequential build that is not safe for "
-                 "concurrent callers; BLAS calls are serialised (slow). Load the pthread build instead.\n",
-                 openblas_get_config());
-  }
-  return sequential;
-}();
-std::mutex blas_mutex;
-
-template <class... Args>
-void sgemm(Args... args) {
-  if (kBlasNeedsLock) {
-    std::lock_guard lock(blas_mutex);
-    cblas_sgemm(args...);
-  } else {
-    cblas_sgemm(args...);
-  }
-}
 
 using gates::logsigmoid;
 using gates::safe_exp;
@@ -88,13 +60,13 @@ inline TokenGrad token_grad(const float* dh, const float* h, float m, float N, f
 
 // ---- state buffers -------------------------------------------------------------------------------
 
-StateBuffer::StateBuffer(std::int64_t dhqk, std::int64_t dhhv, std::int64_t count_)
-    : DHQK(dhqk),
-      DHHV(dhhv),
-      count(count_),
-      C(static_cast<std::size_t>(dhqk * dhhv * count_), 0.f),
-      n(static_cast<std::size_t>(dhqk * count_), 0.f),
-      m(static_cast<std::size_t>(count_), 0.f) {}
+StateBuffer::StateBuffer(std::int64_t dhqk, std::int64_t dhhv, std::int64_t count_, Init init)
+    : DHQK(dhqk), DHHV(dhhv), count(count_) {
+  C.resize(static_cast<std::size_t>(dhqk * dhhv * count_));
+  n.resize(static_cast<std::size_t>(dhqk * count_));
+  m.resize(static_cast<std::size_t>(count_));
+  if (init == Init::zero) set_zero();
+}
 
 StateRef StateBuffer::at(std::int64_t idx) noexcept {
   return {C.data() + idx * DHQK * DHHV, n.data() + idx * DHQK, m.data() + idx};
@@ -176,7 +148,7 @@ void fw_states_at(const float* k, const float* v, const float* b, const float* i
       for (std::int64_t j = 0; j < len; ++j) acc += kw[j * DK + d];
       n[d] = acc;
     }
-    sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(DK), static_cast<int>(DV), static_cast<int>(len),
+    gemm::sgemm(true, false, static_cast<int>(DK), static_cast<int>(DV), static_cast<int>(len),
           1.f, kw.data(), static_cast<int>(DK), v + t0 * DV, static_cast<int>(DV), carry, C.data(),
           static_cast<int>(DV));
     m = m_new;
@@ -346,7 +318,7 @@ void fw_outputs(const float* q, const float* k, const float* v, const float* b, 
     float* num = sc.b.data();   // qn x DV
     float* Sblk = sc.a.data();  // qn x blk
     // Inter-chunk part: num = diag(exp(b_t + m - m_t)) (q_t . scale) C
-    sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(qn), static_cast<int>(DV), static_cast<int>(DK),
+    gemm::sgemm(false, false, static_cast<int>(qn), static_cast<int>(DV), static_cast<int>(DK),
           scale, q + (t0 + q0) * DK, static_cast<int>(DK), st.C, static_cast<int>(DV), 0.f, num, static_cast<int>(DV));
     float* denp = sc.e.data();  // qn
     for (std::int64_t j = 0; j < qn; ++j) {
@@ -362,7 +334,7 @@ void fw_outputs(const float* q, const float* k, const float* v, const float* b, 
     for (std::int64_t kb = 0; kb <= qb; ++kb) {
       const std::int64_t k0 = kb * blk;
       const std::int64_t kn = std::min(blk, len - k0);
-      sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(qn), static_cast<int>(kn), static_cast<int>(DK),
+      gemm::sgemm(false, true, static_cast<int>(qn), static_cast<int>(kn), static_cast<int>(DK),
             scale, q + (t0 + q0) * DK, static_cast<int>(DK), k + (t0 + k0) * DK, static_cast<int>(DK), 0.f, Sblk,
             static_cast<int>(kn));
       for (std::int64_t j = 0; j < qn; ++j) {
@@ -378,7 +350,7 @@ void fw_outputs(const float* q, const float* k, const float* v, const float* b, 
         }
         denp[j] += dsum;
       }
-      sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(qn), static_cast<int>(DV), static_cast<int>(kn),
+      gemm::sgemm(false, false, static_cast<int>(qn), static_cast<int>(DV), static_cast<int>(kn),
             1.f, Sblk, static_cast<int>(kn), v + (t0 + k0) * DV, static_cast<int>(DV), 1.f, num, static_cast<int>(DV));
     }
     for (std::int64_t j = 0; j < qn; ++j) {
@@ -429,7 +401,7 @@ void bw_state_grads_at(const float* q, const float* dh, const float* h, const fl
       for (std::int64_t e = 0; e < DV; ++e) dnum[j * DV + e] = dh[t * DV + e] * g.inv_N;
     }
     // dC = carry dC + qw^T dnum
-    sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(DK), static_cast<int>(DV), static_cast<int>(len),
+    gemm::sgemm(true, false, static_cast<int>(DK), static_cast<int>(DV), static_cast<int>(len),
           1.f, qw.data(), static_cast<int>(DK), dnum.data(), static_cast<int>(DV), carry, dC.data(),
           static_cast<int>(DV));
     if (dboundary) {
@@ -559,7 +531,7 @@ void bw_grads(const float* q, const float* k, const float* v, const float* dh, c
       for (std::int64_t e = 0; e < DV; ++e) dnum[j * DV + e] = dh[t * DV + e] * invN[t];
     }
     // Inter: dqs_t = exp(b_t + m_c - m_t) (C dnum_t + dden_t n)
-    sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(qn), static_cast<int>(DK), static_cast<int>(DV),
+    gemm::sgemm(false, true, static_cast<int>(qn), static_cast<int>(DK), static_cast<int>(DV),
           1.f, dnum, static_cast<int>(DV), st.C, static_cast<int>(DV), 0.f, dqb, static_cast<int>(DK));
     for (std::int64_t j = 0; j < qn; ++j) {
       const std::int64_t t = t0 + q0 + j;
@@ -570,7 +542,7 @@ void bw_grads(const float* q, const float* k, const float* v, const float* dh, c
       const std::int64_t k0 = kb * blk;
       const std::int64_t kn = std::min(blk, len - k0);
       // W = dnum V^T
-      sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(qn), static_cast<int>(kn), static_cast<int>(DV),
+      gemm::sgemm(false, true, static_cast<int>(qn), static_cast<int>(kn), static_cast<int>(DV),
             1.f, dnum, static_cast<int>(DV), v + (t0 + k0) * DV, static_cast<int>(DV), 0.f, W, static_cast<int>(kn));
       for (std::int64_t j = 0; j < qn; ++j) {
         const std::int64_t t = t0 + q0 + j;
@@ -580,7 +552,7 @@ void bw_grads(const float* q, const float* k, const float* v, const float* dh, c
               (k0 + l <= q0 + j) ? std::exp(b[t] - b[si] + ig[si] - m_tok[t]) * (W[j * kn + l] + dden[t]) : 0.f;
         }
       }
-      sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(qn), static_cast<int>(DK), static_cast<int>(kn),
+      gemm::sgemm(false, false, static_cast<int>(qn), static_cast<int>(DK), static_cast<int>(kn),
             1.f, W, static_cast<int>(kn), k + (t0 + k0) * DK, static_cast<int>(DK), 1.f, dqb, static_cast<int>(DK));
     }
     for (std::int64_t e = 0; e < qn * DK; ++e) dqb[e] *= scale;
@@ -604,9 +576,9 @@ void bw_grads(const float* q, const float* k, const float* v, const float* dh, c
     float* dvb = dv + (t0 + k0) * DV;
     // Inter: the state leaving the chunk. w_s = exp(a_s - m_{c+1}), a_s = G - b_s + ig_s
     //   dk_s = w_s (dC v_s + dn) ; dv_s = w_s dC^T k_s
-    sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(kn), static_cast<int>(DK), static_cast<int>(DV),
+    gemm::sgemm(false, true, static_cast<int>(kn), static_cast<int>(DK), static_cast<int>(DV),
           1.f, v + (t0 + k0) * DV, static_cast<int>(DV), dnext.C, static_cast<int>(DV), 0.f, dkb, static_cast<int>(DK));
-    sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(kn), static_cast<int>(DV), static_cast<int>(DK),
+    gemm::sgemm(false, false, static_cast<int>(kn), static_cast<int>(DV), static_cast<int>(DK),
           1.f, k + (t0 + k0) * DK, static_cast<int>(DK), dnext.C, static_cast<int>(DV), 0.f, dvb, static_cast<int>(DV));
     for (std::int64_t l = 0; l < kn; ++l) {
       const std::int64_t si = t0 + k0 + l;
@@ -624,9 +596,9 @@ void bw_grads(const float* q, const float* k, const float* v, const float* dh, c
         for (std::int64_t e = 0; e < DV; ++e) dnum[j * DV + e] = dh[t * DV + e] * invN[t];
         for (std::int64_t d = 0; d < DK; ++d) qs[j * DK + d] = q[t * DK + d] * scale;
       }
-      sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(qn), static_cast<int>(kn), static_cast<int>(DV),
+      gemm::sgemm(false, true, static_cast<int>(qn), static_cast<int>(kn), static_cast<int>(DV),
             1.f, dnum, static_cast<int>(DV), v + (t0 + k0) * DV, static_cast<int>(DV), 0.f, P, static_cast<int>(kn));
-      sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(qn), static_cast<int>(kn), static_cast<int>(DK),
+      gemm::sgemm(false, true, static_cast<int>(qn), static_cast<int>(kn), static_cast<int>(DK),
             1.f, qs, static_cast<int>(DK), k + (t0 + k0) * DK, static_cast<int>(DK), 0.f, Wq, static_cast<int>(kn));
       for (std::int64_t j = 0; j < qn; ++j) {
         const std::int64_t t = t0 + q0 + j;
@@ -638,9 +610,9 @@ void bw_grads(const float* q, const float* k, const float* v, const float* dh, c
         }
       }
       // dk_s += sum_t P_ts q'_t ; dv_s += sum_t Wq_ts dnum_t
-      sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(kn), static_cast<int>(DK), static_cast<int>(qn),
+      gemm::sgemm(true, false, static_cast<int>(kn), static_cast<int>(DK), static_cast<int>(qn),
             1.f, P, static_cast<int>(kn), qs, static_cast<int>(DK), 1.f, dkb, static_cast<int>(DK));
-      sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(kn), static_cast<int>(DV), static_cast<int>(qn),
+      gemm::sgemm(true, false, static_cast<int>(kn), static_cast<int>(DV), static_cast<int>(qn),
             1.f, Wq, static_cast<int>(kn), dnum, static_cast<int>(DV), 1.f, dvb, static_cast<int>(DV));
     }
   });

@@ -337,7 +337,9 @@ TEST(CpuStages, FixupOfLocalStatesEqualsDirectStates) {
     stages::fw_states(k, v, b.data(), ig.data(), G.data(), gate, seg, init.at(0), &direct, out_direct.at(0));
     stages::fw_states(k, v, b.data(), ig.data(), G.data(), gate, seg, empty.at(0), &local, out_local.at(0));
     stages::fixup_states(G.data(), gate, seg, init.at(0), &local, out_local.at(0));
-    auto as_tensor = [](const std::vector<float>& x) { return Tensor::from(x, {static_cast<std::int64_t>(x.size())}); };
+    auto as_tensor = [](const stages::FloatBuffer& x) {
+      return Tensor::from(std::vector<float>(x.begin(), x.end()), {static_cast<std::int64_t>(x.size())});
+    };
     EXPECT_TRUE(matches(as_tensor(local.C), as_tensor(direct.C), 1e-5, "stages", "boundary C (fixup)", s));
     EXPECT_TRUE(matches(as_tensor(local.n), as_tensor(direct.n), 1e-5, "stages", "boundary n (fixup)", s));
     EXPECT_TRUE(matches(as_tensor(out_local.C), as_tensor(out_direct.C), 1e-5, "stages", "exit C (fixup)", s));
@@ -378,7 +380,9 @@ TEST(CpuStages, StatesInPartsEqualOnePass) {
       stages::StateBuffer ref_db(K, V, nc), ref_din(K, V);
       stages::bw_state_grads(q, dh, h.data(), b.data(), m_tok.data(), N_tok.data(), den.data(), G.data(), gate, true,
                              seg, ref_b, ref_out.m[0], dlast.at(0), &ref_db, ref_din.at(0));
-      auto t = [](const std::vector<float>& x) { return Tensor::from(x, {static_cast<std::int64_t>(x.size())}); };
+      auto t = [](const stages::FloatBuffer& x) {
+        return Tensor::from(std::vector<float>(x.begin(), x.end()), {static_cast<std::int64_t>(x.size())});
+      };
       for (const std::int64_t parts : std::vector<std::int64_t>{1, 2, 3, 7, 27, nc}) {
         const stages::SequenceParts split(seg, parts);
         ASSERT_EQ(split.count(), parts);

@@ -6,6 +6,7 @@
 #include <iostream>
 
 #include "commands.hpp"
+#include "mlstm/gemm.hpp"
 
 namespace mlstm::cli {
 
@@ -98,8 +99,11 @@ json numa_nodes() {
 int cmd_devices(bool as_json) {
   const json cl = opencl_devices();
   const json numa = numa_nodes();
+  const gemm::Library& blas = gemm::library();
   if (as_json) {
-    std::cout << json{{"opencl", cl}, {"numa", numa}}.dump(2) << "\n";
+    std::cout << json{{"opencl", cl}, {"numa", numa}, {"cpu_gemm", {{"library", blas.name}, {"detail", blas.detail}}}}
+                     .dump(2)
+              << "\n";
     return 0;
   }
   std::cout << "OpenCL devices:\n";
@@ -114,6 +118,7 @@ int cmd_devices(bool as_json) {
     std::cout << "  node " << n["node"] << ": " << n["cores"] << " cores, " << n["pus"] << " hardware threads, "
               << n["memory_mib"] << " MiB\n";
   }
+  std::cout << "CPU GEMM (the CPU kernels' products): " << blas.name << " (" << blas.detail << ")\n";
   return 0;
 }
 

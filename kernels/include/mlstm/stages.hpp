@@ -99,6 +99,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <memory>
+#include <new>
+#include <utility>
 #include <vector>
 
 #include "mlstm/core/problem.hpp"
@@ -137,12 +140,36 @@ struct ConstStateRef {
   ConstStateRef(StateRef s) : C(s.C), n(s.n), m(s.m) {}  // NOLINT(google-explicit-constructor)
 };
 
+// An allocator that leaves elements uninitialised where a vector would value-initialise them (resize), for buffers
+// of which a stage writes every element: a long row's boundary states are tens of MiB, and zeroing them first is a
+// pass over fresh pages on one thread.
+template <class T>
+struct UninitAllocator : std::allocator<T> {
+  template <class U>
+  struct rebind {
+    using other = UninitAllocator<U>;
+  };
+  UninitAllocator() = default;
+  template <class U>
+  UninitAllocator(const UninitAllocator<U>&) noexcept {}  // NOLINT(google-explicit-constructor)
+  template <class U>
+  void construct(U* p) noexcept {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <class U, class... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+using FloatBuffer = std::vector<float, UninitAllocator<float>>;
+
 // An owned state (or an array of `count` states stored back to back: C's, then n's, then m's).
 struct StateBuffer {
+  enum class Init { zero, none };  // none: every element is written before it is read (stage outputs)
   std::int64_t DHQK = 0, DHHV = 0, count = 0;
-  std::vector<float> C, n, m;
+  FloatBuffer C, n, m;
   StateBuffer() = default;
-  StateBuffer(std::int64_t dhqk, std::int64_t dhhv, std::int64_t count_ = 1);
+  StateBuffer(std::int64_t dhqk, std::int64_t dhhv, std::int64_t count_ = 1, Init init = Init::zero);
   StateRef at(std::int64_t idx) noexcept;
   ConstStateRef at(std::int64_t idx) const noexcept;
   void set_empty();  // every state: C = n = 0, m = kEmptyM

@@ -1,0 +1,29 @@
+// The CPU kernels' one GEMM seam (issue 18): every dense product of the CPU stages goes through gemm::sgemm, on the
+// calling thread only (TBB owns the threads: the kernels run one product per worker).
+//
+// The library behind it is chosen by measurement (docs/PERFORMANCE.md, benchmarks/gemm: OpenBLAS, BLIS, oneDNN and
+// libxsmm at the stages' block sizes, on the CI machine and on the GPU host's Xeon): oneDNN, where the build found
+// it (libdnnl-dev), else OpenBLAS. Debian's OpenBLAS 0.3.21 takes both machines' processors for a Prescott (its
+// generic SSE3 kernels, 15-30 GFLOP/s a core, against 90-160 for oneDNN at the same products). The choice is fixed
+// per build and process, never by a timing at run time, so a result is the same on every run of a machine.
+// MLSTM_CPU_GEMM=openblas|onednn overrides it (for comparisons); a library not built in is refused.
+#pragma once
+
+#include <string>
+
+namespace mlstm::gemm {
+
+// C (m x n) = alpha op(A) op(B) + beta C, row-major float32; op(A) is m x k (A stored k x m when trans_a), op(B) is
+// k x n (B stored n x k when trans_b). Single-threaded.
+void sgemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float* A, int lda, const float* B,
+           int ldb, float beta, float* C, int ldc);
+
+struct Library {
+  std::string name;    // "onednn" | "openblas"
+  std::string detail;  // version and the kernel it picked for this processor
+};
+// The library the seam uses in this process (chosen at first use; throws InvalidArgument("MLSTM_CPU_GEMM") for a
+// bad or unavailable override).
+const Library& library();
+
+}  // namespace mlstm::gemm
