@@ -107,7 +107,7 @@ RowForward forward_row(const RowInputs& in, const StateBuffer& init, const Probl
   r.ig.resize(static_cast<std::size_t>(p.S));
   r.G.resize(static_cast<std::size_t>(s.num_chunks()));
   stages::fw_gates(in.i, in.f, o.gate, s, r.b.data(), r.ig.data(), r.G.data());
-  r.boundary = StateBuffer(p.DHQK, p.DHHV, s.num_chunks(), StateBuffer::Init::none);  // fw_states writes all
+  r.boundary = stages::pooled_states(p.DHQK, p.DHHV, s.num_chunks());  // fw_states writes every state
   r.last = StateBuffer(p.DHQK, p.DHHV, 1);
   stages::fw_states_parts(in.k, in.v, r.b.data(), r.ig.data(), r.G.data(), o.gate, s, init.at(0),
                           &r.boundary, r.last.at(0), row_parts(p, s));
@@ -148,13 +148,14 @@ ForwardResult forward_impl(const ForwardArgs& a, const MlstmOptions& o, std::int
     const StateBuffer init = initial_state(a, p, b, h);
     // float32 h is written in place; other dtypes through a float32 row.
     float* h_direct = out.h.dtype() == DType::f32 ? out.h.data<float>() + r * p.S * p.DHHV : nullptr;
-    const RowForward f = forward_row(in, init, p, o, L, tile, false, h_direct);
+    RowForward f = forward_row(in, init, p, o, L, tile, false, h_direct);
     if (!h_direct) store_row(out.h, r, f.h.data(), p.S * p.DHHV);
     if (o.return_last_states) {
       store_row(out.c, r, f.last.C.data(), p.DHQK * p.DHHV);
       store_row(out.n, r, f.last.n.data(), p.DHQK);
       out.m.data<float>()[r] = o.gate == GateVariant::exp ? f.last.m[0] : 0.f;
     }
+    stages::recycle(std::move(f.boundary));
   });
   return out;
 }
@@ -184,7 +185,7 @@ BackwardResult backward_impl(const BackwardArgs& a, const MlstmOptions& o, std::
     const std::int64_t b = r / p.NH, h = r % p.NH;
     const RowInputs in(fa, b, h);
     const StateBuffer init_state = initial_state(fa, p, b, h);
-    const RowForward f = forward_row(in, init_state, p, o, L, tile, true);
+    RowForward f = forward_row(in, init_state, p, o, L, tile, true);
     const std::vector<float> dh = pack_row(a.dh, b, h);
     StateBuffer dout(p.DHQK, p.DHHV, 1);
     dout.set_zero();
@@ -196,8 +197,8 @@ BackwardResult backward_impl(const BackwardArgs& a, const MlstmOptions& o, std::
       const std::vector<float> n = pack_row(a.dn_last, b, h);
       dout.n.assign(n.begin(), n.end());
     }
-    StateBuffer dboundary(p.DHQK, p.DHHV, s.num_chunks(), StateBuffer::Init::none),  // bw_state_grads writes all
-        din(p.DHQK, p.DHHV, 1);
+    StateBuffer dboundary = stages::pooled_states(p.DHQK, p.DHHV, s.num_chunks());  // bw_state_grads writes all
+    StateBuffer din(p.DHQK, p.DHHV, 1);
     const float m_exit = f.last.m[0];
     stages::bw_state_grads_parts(in.q, dh.data(), f.h.data(), f.b.data(), f.m_tok.data(), f.N_tok.data(),
                                  f.den_tok.data(), f.G.data(), o.gate, o.normalize, s, f.boundary, m_exit,
@@ -230,6 +231,8 @@ BackwardResult backward_impl(const BackwardArgs& a, const MlstmOptions& o, std::
       }
       out.dm0.data<float>()[r] = static_cast<float>(dm0);
     }
+    stages::recycle(std::move(f.boundary));
+    stages::recycle(std::move(dboundary));
   });
   return out;
 }

@@ -4,12 +4,14 @@
 
 #include <tbb/enumerable_thread_specific.h>
 #include <tbb/parallel_for.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <limits>
+#include <mutex>
 
 #include "mlstm/gates.hpp"
 #include "mlstm/gemm.hpp"
@@ -83,6 +85,72 @@ void StateBuffer::set_zero() {
   std::fill(C.begin(), C.end(), 0.f);
   std::fill(n.begin(), n.end(), 0.f);
   std::fill(m.begin(), m.end(), 0.f);
+}
+
+// ---- pooled state buffers ------------------------------------------------------------------------------
+
+namespace {
+
+class StatePool {
+ public:
+  FloatBuffer take(std::size_t n) {
+    {
+      std::lock_guard lock(mu_);
+      std::size_t best = free_.size();
+      for (std::size_t i = 0; i < free_.size(); ++i) {
+        if (free_[i].capacity() >= n && (best == free_.size() || free_[i].capacity() < free_[best].capacity())) best = i;
+      }
+      if (best < free_.size()) {
+        FloatBuffer b = std::move(free_[best]);
+        free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(best));
+        held_ -= b.capacity() * sizeof(float);
+        b.resize(n);  // no initialisation (UninitAllocator)
+        return b;
+      }
+    }
+    FloatBuffer b;
+    b.resize(n);
+    return b;
+  }
+  void give(FloatBuffer&& b) {
+    const std::size_t bytes = b.capacity() * sizeof(float);
+    if (bytes == 0) return;
+    std::lock_guard lock(mu_);
+    if (held_ + bytes > cap_ || free_.size() >= 64) return;  // freed when b goes out of scope
+    held_ += bytes;
+    free_.push_back(std::move(b));
+  }
+
+ private:
+  static std::size_t default_cap() {
+    const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    const std::size_t ram = pages > 0 && page > 0 ? static_cast<std::size_t>(pages) * static_cast<std::size_t>(page) : 0;
+    return std::min<std::size_t>(std::size_t{512} << 20, ram / 16);
+  }
+  std::mutex mu_;
+  std::vector<FloatBuffer> free_;
+  std::size_t held_ = 0, cap_ = default_cap();
+};
+
+StatePool& state_pool() {
+  static StatePool pool;
+  return pool;
+}
+
+}  // namespace
+
+StateBuffer pooled_states(std::int64_t dhqk, std::int64_t dhhv, std::int64_t count) {
+  StateBuffer s(dhqk, dhhv, 0, StateBuffer::Init::none);
+  s.count = count;
+  s.C = state_pool().take(static_cast<std::size_t>(dhqk * dhhv * count));
+  s.n.resize(static_cast<std::size_t>(dhqk * count));
+  s.m.resize(static_cast<std::size_t>(count));
+  return s;
+}
+
+void recycle(StateBuffer&& states) {
+  state_pool().give(std::move(states.C));
+  states = StateBuffer();
 }
 
 // ---- forward -------------------------------------------------------------------------------------

@@ -176,6 +176,13 @@ struct StateBuffer {
   void set_zero();   // every state: C = n = 0, m = 0
 };
 
+// States for `count` chunks, uninitialised, from a pool of buffers that earlier calls gave back (recycle): a long
+// row's boundary states are tens of MiB, and fresh pages are cleared by the kernel on the thread that touches them
+// first, which on two cores was a third of a long row's forward. The pool keeps at most 512 MiB (or 1/16 of the
+// machine's memory, if less); what does not fit is freed.
+StateBuffer pooled_states(std::int64_t dhqk, std::int64_t dhhv, std::int64_t count);
+void recycle(StateBuffer&& states);
+
 // ---- forward -------------------------------------------------------------------------------------
 
 // fw_gates: lf, b (inclusive cumsum of lf per chunk), ig, and per chunk G_c. Inputs are the raw
