@@ -125,16 +125,26 @@ double best_sgemm_gflops() {
 }
 
 // Thread scaling (issue 18): the forward and forward+backward on 1, 2, 4, ... cores (tbb::global_control), for
-// B*NH = 1 (S = 65536) and B*NH = 4 (S = 16384), D = 128, f32, chunk 64. Counters: tokens/s, and the forward's
+// B*NH = 1 (S = 65536) and B*NH = 4 (S = 16384), D = 128, f32 (and bf16 inputs at NH = 4), chunk 64. Counters: tokens/s, and the forward's
 // GFLOP/s as a fraction of the machine's best sgemm rate on every core (of_sgemm).
 //   build/benchmarks/bench_cpu --benchmark_filter=Threads
 void BM_Threads(benchmark::State& state) {
   const auto threads = static_cast<int>(state.range(0));
   const std::int64_t nh = state.range(1), S = nh == 1 ? 65536 : 16384;
   const bool backward = state.range(2) != 0;
+  const bool bf16 = state.range(3) != 0;
   static const Problem one = make_problem(1, 1, 65536, kD, kD);
   static const Problem four = make_problem(1, 4, 16384, kD, kD);
-  const Problem& p = nh == 1 ? one : four;
+  // The same NH=4 problem with q, k, v, dh in bfloat16 (the CPU path converts them to float32 as it loads a row).
+  static const Problem four_bf16 = [] {
+    Problem b = make_problem(1, 4, 16384, kD, kD);
+    b.q = b.q.to(DType::bf16);
+    b.k = b.k.to(DType::bf16);
+    b.v = b.v.to(DType::bf16);
+    b.dh = b.dh.to(DType::bf16);
+    return b;
+  }();
+  const Problem& p = nh == 1 ? one : bf16 ? four_bf16 : four;
   const double sgemm = best_sgemm_gflops();
   tbb::global_control limit(tbb::global_control::max_allowed_parallelism, static_cast<std::size_t>(threads));
   MlstmOptions o;
@@ -165,13 +175,17 @@ void thread_counts(benchmark::internal::Benchmark* b) {
   for (const int nh : {1, 4}) {
     for (const int bw : {0, 1}) {
       for (int t = 1;; t *= 2) {
-        b->Args({std::min(t, n), nh, bw});
+        b->Args({std::min(t, n), nh, bw, 0});
         if (t >= n) break;
       }
     }
   }
+  for (const int bw : {0, 1}) {  // bfloat16 inputs beside float32: one core and all
+    b->Args({1, 4, bw, 1});
+    b->Args({n, 4, bw, 1});
+  }
 }
-BENCHMARK(BM_Threads)->ArgNames({"threads", "NH", "bw"})->Apply(thread_counts)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_Threads)->ArgNames({"threads", "NH", "bw", "bf16"})->Apply(thread_counts)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 // The ceiling: sgemm through the kernels' GEMM seam on every core at once (one independent n^3 product per TBB
 // worker, as the kernels run one product per worker), and on one core.

@@ -31,10 +31,12 @@ void convert_blocks(const void* src, DType from, void* dst, DType to, std::size_
   });
 }
 
+using stages::FloatBuffer;  // vectors left uninitialised on resize: every element below is written before it is read
+
 // One (batch, head) row of a 3- or 4-dimensional tensor as contiguous float32.
-std::vector<float> pack_row(ConstTensorView t, std::int64_t b, std::int64_t h) {
+FloatBuffer pack_row(ConstTensorView t, std::int64_t b, std::int64_t h) {
   const ConstTensorView row = t.select0(b).select0(h);
-  std::vector<float> out(static_cast<std::size_t>(row.numel()));
+  FloatBuffer out = stages::pooled_floats(static_cast<std::size_t>(row.numel()));
   if (row.is_contiguous()) {
     convert_blocks(row.bytes(), row.dtype(), out.data(), DType::f32, out.size());
   } else {
@@ -59,11 +61,14 @@ class RowInputs {
         f(row(a.f, b, h, f_)) {}
   RowInputs(const RowInputs&) = delete;
   RowInputs& operator=(const RowInputs&) = delete;
+  ~RowInputs() {
+    for (FloatBuffer* b : {&q_, &k_, &v_, &i_, &f_}) stages::recycle(std::move(*b));
+  }
 
  private:
-  std::vector<float> q_, k_, v_, i_, f_;  // conversions (declared first: the pointers below may point into them)
+  FloatBuffer q_, k_, v_, i_, f_;  // conversions (declared first: the pointers below may point into them)
 
-  static const float* row(ConstTensorView t, std::int64_t b, std::int64_t h, std::vector<float>& store) {
+  static const float* row(ConstTensorView t, std::int64_t b, std::int64_t h, FloatBuffer& store) {
     const ConstTensorView r = t.select0(b).select0(h);
     if (r.dtype() == DType::f32 && r.is_contiguous()) return static_cast<const float*>(static_cast<const void*>(r.bytes()));
     store = pack_row(t, b, h);
@@ -79,7 +84,7 @@ StateBuffer initial_state(const ForwardArgs& a, const ProblemShape& p, std::int6
   StateBuffer s(p.DHQK, p.DHHV, 1);
   s.set_zero();
   if (a.has_initial_state()) {
-    const std::vector<float> c = pack_row(a.c0, b, h), n = pack_row(a.n0, b, h);
+    const FloatBuffer c = pack_row(a.c0, b, h), n = pack_row(a.n0, b, h);
     s.C.assign(c.begin(), c.end());
     s.n.assign(n.begin(), n.end());
     s.m[0] = static_cast<float>(a.m0.get({b, h}));
@@ -94,7 +99,7 @@ stages::SequenceParts row_parts(const ProblemShape& p, const SegmentShape& s) {
 }
 
 struct RowForward {
-  std::vector<float> b, ig, G, h, m_tok, N_tok, den_tok;
+  FloatBuffer b, ig, G, h, m_tok, N_tok, den_tok;
   StateBuffer boundary, last;
 };
 
@@ -112,7 +117,7 @@ RowForward forward_row(const RowInputs& in, const StateBuffer& init, const Probl
   stages::fw_states_parts(in.k, in.v, r.b.data(), r.ig.data(), r.G.data(), o.gate, s, init.at(0),
                           &r.boundary, r.last.at(0), row_parts(p, s));
   if (!h_out) {
-    r.h.resize(static_cast<std::size_t>(p.S * p.DHHV));
+    r.h = stages::pooled_floats(static_cast<std::size_t>(p.S * p.DHHV));
     h_out = r.h.data();
   }
   if (keep_for_backward) {
@@ -156,6 +161,7 @@ ForwardResult forward_impl(const ForwardArgs& a, const MlstmOptions& o, std::int
       out.m.data<float>()[r] = o.gate == GateVariant::exp ? f.last.m[0] : 0.f;
     }
     stages::recycle(std::move(f.boundary));
+    stages::recycle(std::move(f.h));
   });
   return out;
 }
@@ -186,15 +192,15 @@ BackwardResult backward_impl(const BackwardArgs& a, const MlstmOptions& o, std::
     const RowInputs in(fa, b, h);
     const StateBuffer init_state = initial_state(fa, p, b, h);
     RowForward f = forward_row(in, init_state, p, o, L, tile, true);
-    const std::vector<float> dh = pack_row(a.dh, b, h);
+    FloatBuffer dh = pack_row(a.dh, b, h);
     StateBuffer dout(p.DHQK, p.DHHV, 1);
     dout.set_zero();
     if (!a.dc_last.empty()) {
-      const std::vector<float> c = pack_row(a.dc_last, b, h);
+      const FloatBuffer c = pack_row(a.dc_last, b, h);
       dout.C.assign(c.begin(), c.end());
     }
     if (!a.dn_last.empty()) {
-      const std::vector<float> n = pack_row(a.dn_last, b, h);
+      const FloatBuffer n = pack_row(a.dn_last, b, h);
       dout.n.assign(n.begin(), n.end());
     }
     StateBuffer dboundary = stages::pooled_states(p.DHQK, p.DHHV, s.num_chunks());  // bw_state_grads writes all
@@ -205,8 +211,11 @@ BackwardResult backward_impl(const BackwardArgs& a, const MlstmOptions& o, std::
                                  dout.at(0), dboundary, din.at(0), row_parts(p, s));
     if (!state_only) {
       const auto qk_size = static_cast<std::size_t>(p.S * p.DHQK), v_size = static_cast<std::size_t>(p.S * p.DHHV);
-      std::vector<float> dq(qk_size), dk(qk_size), dv(v_size), di_raw(static_cast<std::size_t>(p.S)),
-          rr(static_cast<std::size_t>(p.S)), di(static_cast<std::size_t>(p.S)), df(static_cast<std::size_t>(p.S));
+      // bw_grads writes every element (its products run with beta = 0)
+      FloatBuffer dq = stages::pooled_floats(qk_size), dk = stages::pooled_floats(qk_size),
+                  dv = stages::pooled_floats(v_size);
+      std::vector<float> di_raw(static_cast<std::size_t>(p.S)), rr(static_cast<std::size_t>(p.S)),
+          di(static_cast<std::size_t>(p.S)), df(static_cast<std::size_t>(p.S));
       stages::bw_grads(in.q, in.k, in.v, dh.data(), f.h.data(), f.b.data(), f.ig.data(),
                        f.m_tok.data(), f.N_tok.data(), f.den_tok.data(), f.G.data(), o.gate, o.normalize, s, f.boundary,
                        m_exit, dboundary, dout.at(0), dq.data(), dk.data(), dv.data(), di_raw.data(), rr.data(), tile);
@@ -220,6 +229,7 @@ BackwardResult backward_impl(const BackwardArgs& a, const MlstmOptions& o, std::
       store_row(out.dv, r, dv.data(), p.S * p.DHHV);
       store_row(out.di, r, di.data(), p.S);
       store_row(out.df, r, df.data(), p.S);
+      for (FloatBuffer* g : {&dq, &dk, &dv}) stages::recycle(std::move(*g));
     }
     if (init) {
       store_row(out.dc0, r, din.C.data(), p.DHQK * p.DHHV);
@@ -233,6 +243,8 @@ BackwardResult backward_impl(const BackwardArgs& a, const MlstmOptions& o, std::
     }
     stages::recycle(std::move(f.boundary));
     stages::recycle(std::move(dboundary));
+    stages::recycle(std::move(f.h));
+    stages::recycle(std::move(dh));
   });
   return out;
 }
@@ -327,7 +339,7 @@ StepResult step(const StepArgs& a, const MlstmOptions& o) {
     const std::int64_t b = r / p.NH, h = r % p.NH;
     auto row = [&](ConstTensorView t) { return pack_row(t, b, h); };
     auto q = row(a.q), k = row(a.k), v = row(a.v);
-    std::vector<float> C(static_cast<std::size_t>(p.DHQK * p.DHHV), 0.f), n(static_cast<std::size_t>(p.DHQK), 0.f);
+    FloatBuffer C(static_cast<std::size_t>(p.DHQK * p.DHHV), 0.f), n(static_cast<std::size_t>(p.DHQK), 0.f);
     float m = 0.f;
     if (!a.c.empty()) {
       C = row(a.c);

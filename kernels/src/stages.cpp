@@ -153,6 +153,13 @@ void recycle(StateBuffer&& states) {
   states = StateBuffer();
 }
 
+FloatBuffer pooled_floats(std::size_t n) { return state_pool().take(n); }
+
+void recycle(FloatBuffer&& buffer) {
+  state_pool().give(std::move(buffer));
+  buffer = FloatBuffer();
+}
+
 // ---- forward -------------------------------------------------------------------------------------
 
 void fw_gates(const float* i, const float* f, GateVariant gate, const SegmentShape& s, float* b, float* ig, float* G) {

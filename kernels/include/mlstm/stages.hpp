@@ -182,6 +182,9 @@ struct StateBuffer {
 // machine's memory, if less); what does not fit is freed.
 StateBuffer pooled_states(std::int64_t dhqk, std::int64_t dhhv, std::int64_t count);
 void recycle(StateBuffer&& states);
+// The same pool for plain float32 buffers (a row's converted inputs, h, gradients): n floats, uninitialised.
+FloatBuffer pooled_floats(std::size_t n);
+void recycle(FloatBuffer&& buffer);
 
 // ---- forward -------------------------------------------------------------------------------------
 
