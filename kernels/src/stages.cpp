@@ -8,7 +8,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <mutex>
@@ -87,11 +86,11 @@ void StateBuffer::set_zero() {
   std::fill(m.begin(), m.end(), 0.f);
 }
 
-// ---- pooled state buffers ------------------------------------------------------------------------------
+// ---- pooled buffers ------------------------------------------------------------------------------
 
 namespace {
 
-class StatePool {
+class BufferPool {  // float32 buffers given back by earlier calls, up to a byte cap
  public:
   FloatBuffer take(std::size_t n) {
     {
@@ -132,8 +131,8 @@ class StatePool {
   std::size_t held_ = 0, cap_ = default_cap();
 };
 
-StatePool& state_pool() {
-  static StatePool pool;
+BufferPool& buffer_pool() {
+  static BufferPool pool;
   return pool;
 }
 
@@ -142,21 +141,21 @@ StatePool& state_pool() {
 StateBuffer pooled_states(std::int64_t dhqk, std::int64_t dhhv, std::int64_t count) {
   StateBuffer s(dhqk, dhhv, 0, StateBuffer::Init::none);
   s.count = count;
-  s.C = state_pool().take(static_cast<std::size_t>(dhqk * dhhv * count));
+  s.C = buffer_pool().take(static_cast<std::size_t>(dhqk * dhhv * count));
   s.n.resize(static_cast<std::size_t>(dhqk * count));
   s.m.resize(static_cast<std::size_t>(count));
   return s;
 }
 
 void recycle(StateBuffer&& states) {
-  state_pool().give(std::move(states.C));
+  buffer_pool().give(std::move(states.C));
   states = StateBuffer();
 }
 
-FloatBuffer pooled_floats(std::size_t n) { return state_pool().take(n); }
+FloatBuffer pooled_floats(std::size_t n) { return buffer_pool().take(n); }
 
 void recycle(FloatBuffer&& buffer) {
-  state_pool().give(std::move(buffer));
+  buffer_pool().give(std::move(buffer));
   buffer = FloatBuffer();
 }
 
