@@ -16,6 +16,8 @@ export POCL_DEVICES=${POCL_DEVICES:-"pthread pthread"}
 # Every OpenCL buffer handed out is first filled with NaN bytes, so a kernel reading what nobody wrote fails
 # a test instead of reusing a stale value (devices/src/opencl/device.cpp).
 export MLSTM_OPENCL_POISON=${MLSTM_OPENCL_POISON:-1}
+# The same for the CPU kernels' uninitialised and pooled buffers (kernels/src/stages.cpp).
+export MLSTM_CPU_POISON=${MLSTM_CPU_POISON:-1}
 # Transfers of 64 KiB and more go through the pinned staging slots in 64 KiB pieces (default: 32 MiB slots from
 # 4 MiB), so the suite's tensors exercise the piecewise copies and the strided gathers.
 export MLSTM_OPENCL_STAGING=${MLSTM_OPENCL_STAGING:-65536}

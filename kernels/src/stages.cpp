@@ -12,12 +12,21 @@
 #include <limits>
 #include <mutex>
 
+#include "mlstm/core/env.hpp"
 #include "mlstm/gates.hpp"
 #include "mlstm/gemm.hpp"
 
 namespace mlstm::stages {
 
 namespace {
+
+// MLSTM_CPU_POISON=1 (the test script sets it): every buffer handed out uninitialised is first filled with NaN, so a
+// stage that reads an element nobody wrote fails a test instead of reusing a stale value (as MLSTM_OPENCL_POISON).
+const bool kPoison = env::is("MLSTM_CPU_POISON", "1");
+
+void poison(FloatBuffer& b) {
+  if (kPoison) std::fill(b.begin(), b.end(), std::numeric_limits<float>::quiet_NaN());
+}
 
 using gates::logsigmoid;
 using gates::safe_exp;
@@ -66,7 +75,11 @@ StateBuffer::StateBuffer(std::int64_t dhqk, std::int64_t dhhv, std::int64_t coun
   C.resize(static_cast<std::size_t>(dhqk * dhhv * count_));
   n.resize(static_cast<std::size_t>(dhqk * count_));
   m.resize(static_cast<std::size_t>(count_));
-  if (init == Init::zero) set_zero();
+  if (init == Init::zero) {
+    set_zero();
+  } else {
+    for (FloatBuffer* b : {&C, &n, &m}) poison(*b);
+  }
 }
 
 StateRef StateBuffer::at(std::int64_t idx) noexcept {
@@ -93,6 +106,13 @@ namespace {
 class BufferPool {  // float32 buffers given back by earlier calls, up to a byte cap
  public:
   FloatBuffer take(std::size_t n) {
+    FloatBuffer b = reuse_or_allocate(n);
+    poison(b);
+    return b;
+  }
+
+ private:
+  FloatBuffer reuse_or_allocate(std::size_t n) {
     {
       std::lock_guard lock(mu_);
       std::size_t best = free_.size();
@@ -111,6 +131,8 @@ class BufferPool {  // float32 buffers given back by earlier calls, up to a byte
     b.resize(n);
     return b;
   }
+
+ public:
   void give(FloatBuffer&& b) {
     const std::size_t bytes = b.capacity() * sizeof(float);
     if (bytes == 0) return;
@@ -144,6 +166,8 @@ StateBuffer pooled_states(std::int64_t dhqk, std::int64_t dhhv, std::int64_t cou
   s.C = buffer_pool().take(static_cast<std::size_t>(dhqk * dhhv * count));
   s.n.resize(static_cast<std::size_t>(dhqk * count));
   s.m.resize(static_cast<std::size_t>(count));
+  poison(s.n);
+  poison(s.m);
   return s;
 }
 
