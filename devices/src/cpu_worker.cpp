@@ -4,6 +4,7 @@
 #include <tbb/info.h>
 #include <tbb/parallel_for.h>
 #include <tbb/task_arena.h>
+#include <tbb/task_scheduler_observer.h>
 
 #include <optional>
 
@@ -80,10 +81,12 @@ class CpuDevice final : public ComputeDevice {
   // numa_node >= 0 with concurrency > 0: a worker of the graph in its own arena on that node; concurrency > 0
   // alone: its own arena; otherwise the caller's arena.
   CpuDevice(CpuAlgorithm algorithm, int numa_node, int concurrency) : algorithm_(algorithm), numa_node_(numa_node) {
-    if (numa_node >= 0 && concurrency > 0)
+    if (numa_node >= 0 && concurrency > 0) {
       arena_.emplace(tbb::task_arena::constraints{numa_node, concurrency});
-    else if (concurrency > 0)
+      node_marker_.emplace(*arena_, numa_node);
+    } else if (concurrency > 0) {
       arena_.emplace(concurrency);
+    }
   }
   std::string name() const override { return "cpu:numa" + std::to_string(numa_node_ < 0 ? 0 : numa_node_); }
 
@@ -179,9 +182,23 @@ class CpuDevice final : public ComputeDevice {
     arena_->execute([&] { r = f(); });
     return r;
   }
+  // Marks the threads of a NUMA worker's arena with its node while they work in it, so the CPU kernels' buffer pool
+  // hands them buffers of their own node (stages::set_thread_pool_node).
+  class NodeMarker final : public tbb::task_scheduler_observer {
+   public:
+    NodeMarker(tbb::task_arena& arena, int node) : tbb::task_scheduler_observer(arena), node_(node) { observe(true); }
+    ~NodeMarker() override { observe(false); }
+    void on_scheduler_entry(bool) override { stages::set_thread_pool_node(node_); }
+    void on_scheduler_exit(bool) override { stages::set_thread_pool_node(-1); }
+
+   private:
+    int node_;
+  };
+
   CpuAlgorithm algorithm_;
   int numa_node_;
   std::optional<tbb::task_arena> arena_;
+  std::optional<NodeMarker> node_marker_;  // after arena_: stops observing before the arena goes
 };
 
 }  // namespace

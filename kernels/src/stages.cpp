@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <map>
 #include <mutex>
 
 #include "mlstm/core/env.hpp"
@@ -115,14 +116,16 @@ class BufferPool {  // float32 buffers given back by earlier calls, up to a byte
   FloatBuffer reuse_or_allocate(std::size_t n) {
     {
       std::lock_guard lock(mu_);
-      std::size_t best = free_.size();
-      for (std::size_t i = 0; i < free_.size(); ++i) {
-        if (free_[i].capacity() >= n && (best == free_.size() || free_[i].capacity() < free_[best].capacity())) best = i;
+      auto& free = free_[tls_node];
+      std::size_t best = free.size();
+      for (std::size_t i = 0; i < free.size(); ++i) {
+        if (free[i].capacity() >= n && (best == free.size() || free[i].capacity() < free[best].capacity())) best = i;
       }
-      if (best < free_.size()) {
-        FloatBuffer b = std::move(free_[best]);
-        free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(best));
+      if (best < free.size()) {
+        FloatBuffer b = std::move(free[best]);
+        free.erase(free.begin() + static_cast<std::ptrdiff_t>(best));
         held_ -= b.capacity() * sizeof(float);
+        --count_;
         b.resize(n);  // no initialisation (UninitAllocator)
         return b;
       }
@@ -137,10 +140,12 @@ class BufferPool {  // float32 buffers given back by earlier calls, up to a byte
     const std::size_t bytes = b.capacity() * sizeof(float);
     if (bytes == 0) return;
     std::lock_guard lock(mu_);
-    if (held_ + bytes > cap_ || free_.size() >= 64) return;  // freed when b goes out of scope
+    if (held_ + bytes > cap_ || count_ >= 64) return;  // freed when b goes out of scope
     held_ += bytes;
-    free_.push_back(std::move(b));
+    ++count_;
+    free_[tls_node].push_back(std::move(b));
   }
+  static inline thread_local int tls_node = -1;
 
  private:
   static std::size_t default_cap() {
@@ -149,8 +154,8 @@ class BufferPool {  // float32 buffers given back by earlier calls, up to a byte
     return std::min<std::size_t>(std::size_t{512} << 20, ram / 16);
   }
   std::mutex mu_;
-  std::vector<FloatBuffer> free_;
-  std::size_t held_ = 0, cap_ = default_cap();
+  std::map<int, std::vector<FloatBuffer>> free_;  // by NUMA node (thread_pool_node)
+  std::size_t held_ = 0, count_ = 0, cap_ = default_cap();
 };
 
 BufferPool& buffer_pool() {
@@ -177,6 +182,9 @@ void recycle(StateBuffer&& states) {
 }
 
 FloatBuffer pooled_floats(std::size_t n) { return buffer_pool().take(n); }
+
+void set_thread_pool_node(int node) noexcept { BufferPool::tls_node = node; }
+int thread_pool_node() noexcept { return BufferPool::tls_node; }
 
 void recycle(FloatBuffer&& buffer) {
   buffer_pool().give(std::move(buffer));

@@ -413,6 +413,26 @@ TEST(CpuStages, StatesInPartsEqualOnePass) {
   }
 }
 
+// The pool of uninitialised buffers hands a buffer back only to threads of the NUMA node that gave it back.
+TEST(CpuStages, PooledBuffersStayOnTheirNode) {
+  const int before = stages::thread_pool_node();
+  stages::set_thread_pool_node(7);
+  stages::FloatBuffer a = stages::pooled_floats(12345);
+  const float* where = a.data();
+  stages::recycle(std::move(a));
+  EXPECT_TRUE(a.empty());
+  stages::set_thread_pool_node(8);
+  stages::FloatBuffer b = stages::pooled_floats(12345);
+  EXPECT_NE(b.data(), where) << "a buffer given back on node 7 went to node 8";
+  stages::set_thread_pool_node(7);
+  stages::FloatBuffer c = stages::pooled_floats(1000);  // a smaller request reuses the larger buffer
+  EXPECT_EQ(c.data(), where);
+  EXPECT_EQ(c.size(), 1000u);
+  stages::recycle(std::move(b));
+  stages::recycle(std::move(c));
+  stages::set_thread_pool_node(before);
+}
+
 TEST(CpuStages, PartsForRowsDependOnTheShapeOnly) {
   EXPECT_EQ(stages::SequenceParts::for_rows(1, 1024), 64);  // B*NH = 1, 65536 tokens of chunk 64
   EXPECT_EQ(stages::SequenceParts::for_rows(4, 256), 16);

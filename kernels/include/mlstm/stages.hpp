@@ -185,6 +185,11 @@ void recycle(StateBuffer&& states);
 // The same pool for plain float32 buffers (a row's converted inputs, h, gradients): n floats, uninitialised.
 FloatBuffer pooled_floats(std::size_t n);
 void recycle(FloatBuffer&& buffer);
+// The NUMA node the calling thread works for (-1: none), set by the CPU workers' arenas as their threads enter: the
+// pool hands a buffer back only to threads of the node whose thread gave it back, so a worker's buffers stay on its
+// own node's pages (fresh ones are first touched by the worker's threads that write them).
+void set_thread_pool_node(int node) noexcept;
+int thread_pool_node() noexcept;
 
 // ---- forward -------------------------------------------------------------------------------------
 
