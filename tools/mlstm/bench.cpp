@@ -97,7 +97,7 @@ int bench(const BenchOptions& bo, DType dtype, bool as_json) {
   auto document = [&] {
     return json{
         {"machine", {{"hostname", host}, {"cpu", cpu_model()}, {"cores", sysconf(_SC_NPROCESSORS_ONLN)}}},
-        {"revision", MLSTM_GIT_REVISION},
+        {"revision", git_revision()},
         {"timestamp",
          std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count()},
         {"results", results}};

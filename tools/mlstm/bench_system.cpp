@@ -610,7 +610,7 @@ class Report {
  public:
   Report(const SystemPlan& plan, bool as_json) : plan_(plan), as_json_(as_json), machine_(machine_of(plan)) {
     if (as_json_) return;
-    std::printf("mlstm bench --system (%s): %s; %s\n", MLSTM_GIT_REVISION, machine_["cpu"].get<std::string>().c_str(),
+    std::printf("mlstm bench --system (%s): %s; %s\n", git_revision(), machine_["cpu"].get<std::string>().c_str(),
                 plan.gpus.front().name.c_str());
     std::printf("%-11s %9s  %-40s %9s %9s %7s %8s  %s\n", "problem", "tokens", "what", "tokens/s", "bound", "ratio",
                 "target", "result");
@@ -660,7 +660,7 @@ class Report {
   json document() const {
     return {
         {"command", "bench --system"},
-        {"revision", MLSTM_GIT_REVISION},
+        {"revision", git_revision()},
         {"version", MLSTM_VERSION},
         {"timestamp",
          std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count()},

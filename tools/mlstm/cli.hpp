@@ -51,6 +51,9 @@ double peak_rss_mib();  // this process image's peak resident memory (VmHWM), Mi
 double median_seconds(std::int64_t repeats, const std::function<void()>& fn, bool warm_up = true,
                       double budget_seconds = std::numeric_limits<double>::infinity(), std::int64_t* runs = nullptr);
 std::string cpu_model();  // /proc/cpuinfo's "model name", or "unknown"
+// The git revision this binary was built from ("abc1234", "-dirty" appended when tracked files differed; "unknown"
+// outside a git checkout), read at build time (tools/revision.cmake).
+const char* git_revision() noexcept;
 // When this process started (static initialisation, before main): the origin of first_token_seconds.
 Clock::time_point process_start() noexcept;
 

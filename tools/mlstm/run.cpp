@@ -315,7 +315,7 @@ int cmd_run(const RunOptions& ro, bool as_json) {
                       {"spot_check_ok", check_ok},
                       {"devices", plan.devices},
                       {"balancing", ro.balancing},
-                      {"revision", MLSTM_GIT_REVISION}}
+                      {"revision", git_revision()}}
                      .dump()
               << "\n";
   } else {
