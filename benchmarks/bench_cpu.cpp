@@ -45,7 +45,34 @@ Problem make_problem(std::int64_t B, std::int64_t NH, std::int64_t S, std::int64
 
 constexpr std::int64_t kB = 1, kNH = 4, kS = 16384, kD = 128;
 
-double forward_flop_per_token(std::int64_t L) { return kNH * (4.0 * kD * kD + 2.0 * L * (kD + kD)); }
+double forward_flop_per_token(std::int64_t L, std::int64_t nh = kNH) {
+  return static_cast<double>(nh) * (4.0 * kD * kD + 2.0 * L * (kD + kD));
+}
+
+// One independent n x n x n product per worker, as the kernels run one product per TBB worker: the sgemm ceiling
+// through the kernels' GEMM seam (gemm.hpp).
+struct WorkerProducts {
+  int n, workers;
+  std::vector<std::vector<float>> A, B, C;
+  WorkerProducts(int n_, int workers_) : n(n_), workers(workers_), A(workers_), B(workers_), C(workers_) {
+    std::mt19937 rng(1);
+    std::normal_distribution<float> normal;
+    for (int w = 0; w < workers; ++w) {
+      A[w].resize(static_cast<std::size_t>(n) * n);
+      B[w].resize(static_cast<std::size_t>(n) * n);
+      C[w].assign(static_cast<std::size_t>(n) * n, 0.f);
+      for (auto& x : A[w]) x = normal(rng);
+      for (auto& x : B[w]) x = normal(rng);
+    }
+  }
+  void run() {
+    tbb::parallel_for(
+        0, workers,
+        [&](int w) { gemm::sgemm(false, false, n, n, n, 1.f, A[w].data(), n, B[w].data(), n, 0.f, C[w].data(), n); },
+        tbb::static_partitioner());
+  }
+  double flop() const { return 2.0 * n * n * n * workers; }
+};
 
 // args: chunk size, tile (0 = whole chunk)
 void BM_ChunkwiseForward(benchmark::State& state) {
@@ -100,24 +127,13 @@ BENCHMARK(BM_ChunkwiseForwardBackward)
 // fraction of.
 double best_sgemm_gflops() {
   static const double rate = [] {
-    const int n = 1024, workers = tbb::info::default_concurrency();
-    std::vector<std::vector<float>> A(workers), B(workers), C(workers);
-    for (int w = 0; w < workers; ++w) {
-      A[w].assign(static_cast<std::size_t>(n) * n, 0.5f);
-      B[w].assign(static_cast<std::size_t>(n) * n, 0.25f);
-      C[w].assign(static_cast<std::size_t>(n) * n, 0.f);
-    }
+    WorkerProducts products(1024, tbb::info::default_concurrency());
     double best = 0;
     for (int pass = 0; pass < 3; ++pass) {
       const auto t0 = std::chrono::steady_clock::now();
-      tbb::parallel_for(
-          0, workers,
-          [&](int w) {
-            gemm::sgemm(false, false, n, n, n, 1.f, A[w].data(), n, B[w].data(), n, 0.f, C[w].data(), n);
-          },
-          tbb::static_partitioner());
+      products.run();
       const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-      best = std::max(best, 2.0 * n * n * n * workers * 1e-9 / s);
+      best = std::max(best, products.flop() * 1e-9 / s);
     }
     return best;
   }();
@@ -125,8 +141,8 @@ double best_sgemm_gflops() {
 }
 
 // Thread scaling (issue 18): the forward and forward+backward on 1, 2, 4, ... cores (tbb::global_control), for
-// B*NH = 1 (S = 65536) and B*NH = 4 (S = 16384), D = 128, f32 (and bf16 inputs at NH = 4), chunk 64. Counters: tokens/s, and the forward's
-// GFLOP/s as a fraction of the machine's best sgemm rate on every core (of_sgemm).
+// B*NH = 1 (S = 65536) and B*NH = 4 (S = 16384), D = 128, f32 (and bf16 inputs at NH = 4), chunk 64. Counters:
+// tokens/s, and the forward's GFLOP/s as a fraction of the machine's best sgemm rate on every core (of_sgemm).
 //   build/benchmarks/bench_cpu --benchmark_filter=Threads
 void BM_Threads(benchmark::State& state) {
   const auto threads = static_cast<int>(state.range(0));
@@ -163,9 +179,8 @@ void BM_Threads(benchmark::State& state) {
   const double tokens = static_cast<double>(S) * static_cast<double>(state.iterations());
   state.counters["tokens/s"] = benchmark::Counter(tokens, benchmark::Counter::kIsRate);
   if (!backward) {
-    const double flop = static_cast<double>(nh) * (4.0 * kD * kD + 2.0 * 64 * (kD + kD));
-    state.counters["of_sgemm"] =
-        benchmark::Counter(tokens * flop * 1e-9 / sgemm, benchmark::Counter::kIsRate);
+    state.counters["of_sgemm"] = benchmark::Counter(tokens * forward_flop_per_token(o.chunk_size, nh) * 1e-9 / sgemm,
+                                                    benchmark::Counter::kIsRate);
   }
   state.counters["sgemm_GFLOP/s"] = sgemm;
   state.SetLabel(gemm::library().name);
@@ -185,35 +200,22 @@ void thread_counts(benchmark::internal::Benchmark* b) {
     b->Args({n, 4, bw, 1});
   }
 }
-BENCHMARK(BM_Threads)->ArgNames({"threads", "NH", "bw", "bf16"})->Apply(thread_counts)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_Threads)
+    ->ArgNames({"threads", "NH", "bw", "bf16"})
+    ->Apply(thread_counts)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 
-// The ceiling: sgemm through the kernels' GEMM seam on every core at once (one independent n^3 product per TBB
-// worker, as the kernels run one product per worker), and on one core.
+// The ceiling: sgemm through the kernels' GEMM seam on every core at once (WorkerProducts), and on one core.
 void BM_Sgemm(benchmark::State& state) {
-  const int n = static_cast<int>(state.range(0));
-  const int workers = state.range(1) == 0 ? tbb::info::default_concurrency() : 1;
-  std::vector<std::vector<float>> A(workers), B(workers), C(workers);
-  std::mt19937 rng(1);
-  std::normal_distribution<float> normal;
-  for (int w = 0; w < workers; ++w) {
-    A[w].resize(static_cast<std::size_t>(n) * n);
-    B[w].resize(static_cast<std::size_t>(n) * n);
-    C[w].assign(static_cast<std::size_t>(n) * n, 0.f);
-    for (auto& x : A[w]) x = normal(rng);
-    for (auto& x : B[w]) x = normal(rng);
-  }
+  WorkerProducts products(static_cast<int>(state.range(0)), state.range(1) == 0 ? tbb::info::default_concurrency() : 1);
   for (auto _ : state) {
-    tbb::parallel_for(
-        0, workers,
-        [&](int w) {
-          gemm::sgemm(false, false, n, n, n, 1.f, A[w].data(), n, B[w].data(), n, 0.f, C[w].data(), n);
-        },
-        tbb::static_partitioner());
-    benchmark::DoNotOptimize(C[0].data());
+    products.run();
+    benchmark::DoNotOptimize(products.C[0].data());
   }
-  state.counters["workers"] = workers;
-  state.counters["GFLOP/s"] = benchmark::Counter(
-      2.0 * n * n * n * workers * 1e-9 * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+  state.counters["workers"] = products.workers;
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(products.flop() * 1e-9 * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
 }
 BENCHMARK(BM_Sgemm)
     ->ArgNames({"n", "one_core"})

@@ -14,9 +14,9 @@ using RowMajorSgemm = bool (*)(bool ta, bool tb, int m, int n, int k, float alph
                                const float* B, int ldb, float beta, float* C, int ldc);
 
 struct Candidate {
-  std::string name;     // "openblas", "blis", "onednn", "libxsmm"
-  std::string detail;   // version / kernel the library reports
-  RowMajorSgemm sgemm;  // null when not built in
+  std::string name;        // "openblas", "blis", "onednn", "libxsmm"
+  std::string detail;      // version / kernel the library reports
+  RowMajorSgemm sgemm;     // null when not built in
   bool transposes = true;  // false: only ta = tb = false is offered (libxsmm's JIT)
 };
 

@@ -125,8 +125,8 @@ int main(int argc, char** argv) {
               "rel diff");
   std::string json = "{\"cores\": " + std::to_string(all) + ", \"libraries\": [";
   for (std::size_t i = 0; i < cands.size(); ++i) {
-    json += (i ? ", " : "") + std::string("{\"name\": \"") + cands[i].name + "\", \"detail\": \"" + cands[i].detail +
-            "\"}";
+    json +=
+        (i ? ", " : "") + std::string("{\"name\": \"") + cands[i].name + "\", \"detail\": \"" + cands[i].detail + "\"}";
   }
   json += "], \"rows\": [";
   bool first_row = true;
@@ -151,7 +151,8 @@ int main(int argc, char** argv) {
                     c.name.c_str(), r1, rn, diff);
       json += row;
       first_row = false;
-      if (diff > 1e-4) std::printf("  ^ %s differs from OpenBLAS by %.2e: its rates do not count\n", c.name.c_str(), diff);
+      if (diff > 1e-4)
+        std::printf("  ^ %s differs from OpenBLAS by %.2e: its rates do not count\n", c.name.c_str(), diff);
     }
   }
   json += "]}\n";

@@ -71,7 +71,7 @@ ForwardResult chunkwise_states(const ForwardArgs& a, const MlstmOptions& o) {
                         out.m.data<float>() + r};
     stages::fw_states_parts(k32.data<float>() + r * p.S * p.DHQK, v32.data<float>() + r * p.S * p.DHHV, b.data(),
                             ig.data(), G.data(), o.gate, s, in, nullptr, st,
-                            stages::SequenceParts(s, stages::SequenceParts::for_rows(p.rows(), s.num_chunks())));
+                            stages::SequenceParts::for_rows(s, p.rows()));
   });
   return out;
 }

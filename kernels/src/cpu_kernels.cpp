@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -19,37 +18,26 @@ namespace {
 using stages::SegmentShape;
 using stages::StateBuffer;
 
-// convert_elements in blocks spread over the cores (a row of a long sequence is tens of MiB; one thread per row
-// would leave the others idle when B*NH is small).
-void convert_blocks(const void* src, DType from, void* dst, DType to, std::size_t count) {
-  constexpr std::size_t kBlock = std::size_t{1} << 16;
-  const std::size_t in_size = dtype_size(from), out_size = dtype_size(to);
-  tbb::parallel_for(std::size_t{0}, (count + kBlock - 1) / kBlock, [&](std::size_t blk) {
-    const std::size_t first = blk * kBlock, n = std::min(kBlock, count - first);
-    convert_elements(static_cast<const std::byte*>(src) + first * in_size, from,
-                     static_cast<std::byte*>(dst) + first * out_size, to, n);
-  });
-}
-
 using stages::FloatBuffer;  // vectors left uninitialised on resize: every element below is written before it is read
 
-// One (batch, head) row of a 3- or 4-dimensional tensor as contiguous float32.
-FloatBuffer pack_row(ConstTensorView t, std::int64_t b, std::int64_t h) {
+// One (batch, head) row of a 3- or 4-dimensional tensor, converted to float32 into `out` (the row's numel floats);
+// core's copy_elements, in parallel slices (a row of a long sequence is tens of MiB).
+void pack_row_into(ConstTensorView t, std::int64_t b, std::int64_t h, float* out) {
   const ConstTensorView row = t.select0(b).select0(h);
-  FloatBuffer out = stages::pooled_floats(static_cast<std::size_t>(row.numel()));
-  if (row.is_contiguous()) {
-    convert_blocks(row.bytes(), row.dtype(), out.data(), DType::f32, out.size());
-  } else {
-    const Tensor c = Tensor::copy_of(row, DType::f32);
-    std::memcpy(out.data(), c.data<float>(), out.size() * sizeof(float));
-  }
+  copy_elements(row, 0, row.numel(), DType::f32, reinterpret_cast<std::byte*>(out));
+}
+
+// The same into a pooled buffer.
+FloatBuffer pack_row(ConstTensorView t, std::int64_t b, std::int64_t h) {
+  FloatBuffer out = stages::pooled_floats(static_cast<std::size_t>(t.select0(b).select0(h).numel()));
+  pack_row_into(t, b, h, out.data());
   return out;
 }
 
 // Writes float32 values into row r of a contiguous tensor of any dtype.
 void store_row(Tensor& t, std::int64_t r, const float* values, std::int64_t count) {
-  convert_blocks(values, DType::f32, t.bytes() + static_cast<std::size_t>(r * count) * dtype_size(t.dtype()), t.dtype(),
-                 static_cast<std::size_t>(count));
+  const ConstTensorView src(reinterpret_cast<const std::byte*>(values), DType::f32, {count});
+  copy_elements(src, 0, count, t.dtype(), t.bytes() + static_cast<std::size_t>(r * count) * dtype_size(t.dtype()));
 }
 
 // One (batch, head) row of each input as float32: a view of the caller's tensor where it already is contiguous
@@ -57,7 +45,10 @@ void store_row(Tensor& t, std::int64_t r, const float* values, std::int64_t coun
 class RowInputs {
  public:
   RowInputs(const ForwardArgs& a, std::int64_t b, std::int64_t h)
-      : q(row(a.q, b, h, q_)), k(row(a.k, b, h, k_)), v(row(a.v, b, h, v_)), i(row(a.i, b, h, i_)),
+      : q(row(a.q, b, h, q_)),
+        k(row(a.k, b, h, k_)),
+        v(row(a.v, b, h, v_)),
+        i(row(a.i, b, h, i_)),
         f(row(a.f, b, h, f_)) {}
   RowInputs(const RowInputs&) = delete;
   RowInputs& operator=(const RowInputs&) = delete;
@@ -70,7 +61,8 @@ class RowInputs {
 
   static const float* row(ConstTensorView t, std::int64_t b, std::int64_t h, FloatBuffer& store) {
     const ConstTensorView r = t.select0(b).select0(h);
-    if (r.dtype() == DType::f32 && r.is_contiguous()) return static_cast<const float*>(static_cast<const void*>(r.bytes()));
+    if (r.dtype() == DType::f32 && r.is_contiguous())
+      return static_cast<const float*>(static_cast<const void*>(r.bytes()));
     store = pack_row(t, b, h);
     return store.data();
   }
@@ -84,18 +76,11 @@ StateBuffer initial_state(const ForwardArgs& a, const ProblemShape& p, std::int6
   StateBuffer s(p.DHQK, p.DHHV, 1);
   s.set_zero();
   if (a.has_initial_state()) {
-    const FloatBuffer c = pack_row(a.c0, b, h), n = pack_row(a.n0, b, h);
-    s.C.assign(c.begin(), c.end());
-    s.n.assign(n.begin(), n.end());
+    pack_row_into(a.c0, b, h, s.C.data());
+    pack_row_into(a.n0, b, h, s.n.data());
     s.m[0] = static_cast<float>(a.m0.get({b, h}));
   }
   return s;
-}
-
-// The split of each row's state recurrences (stages::SequenceParts): parts of one row run at once when the
-// B*NH rows alone cannot keep the cores busy.
-stages::SequenceParts row_parts(const ProblemShape& p, const SegmentShape& s) {
-  return stages::SequenceParts(s, stages::SequenceParts::for_rows(p.rows(), s.num_chunks()));
 }
 
 struct RowForward {
@@ -114,8 +99,8 @@ RowForward forward_row(const RowInputs& in, const StateBuffer& init, const Probl
   stages::fw_gates(in.i, in.f, o.gate, s, r.b.data(), r.ig.data(), r.G.data());
   r.boundary = stages::pooled_states(p.DHQK, p.DHHV, s.num_chunks());  // fw_states writes every state
   r.last = StateBuffer(p.DHQK, p.DHHV, 1);
-  stages::fw_states_parts(in.k, in.v, r.b.data(), r.ig.data(), r.G.data(), o.gate, s, init.at(0),
-                          &r.boundary, r.last.at(0), row_parts(p, s));
+  stages::fw_states_parts(in.k, in.v, r.b.data(), r.ig.data(), r.G.data(), o.gate, s, init.at(0), &r.boundary,
+                          r.last.at(0), stages::SequenceParts::for_rows(s, p.rows()));
   if (!h_out) {
     r.h = stages::pooled_floats(static_cast<std::size_t>(p.S * p.DHHV));
     h_out = r.h.data();
@@ -195,20 +180,14 @@ BackwardResult backward_impl(const BackwardArgs& a, const MlstmOptions& o, std::
     FloatBuffer dh = pack_row(a.dh, b, h);
     StateBuffer dout(p.DHQK, p.DHHV, 1);
     dout.set_zero();
-    if (!a.dc_last.empty()) {
-      const FloatBuffer c = pack_row(a.dc_last, b, h);
-      dout.C.assign(c.begin(), c.end());
-    }
-    if (!a.dn_last.empty()) {
-      const FloatBuffer n = pack_row(a.dn_last, b, h);
-      dout.n.assign(n.begin(), n.end());
-    }
+    if (!a.dc_last.empty()) pack_row_into(a.dc_last, b, h, dout.C.data());
+    if (!a.dn_last.empty()) pack_row_into(a.dn_last, b, h, dout.n.data());
     StateBuffer dboundary = stages::pooled_states(p.DHQK, p.DHHV, s.num_chunks());  // bw_state_grads writes all
     StateBuffer din(p.DHQK, p.DHHV, 1);
     const float m_exit = f.last.m[0];
     stages::bw_state_grads_parts(in.q, dh.data(), f.h.data(), f.b.data(), f.m_tok.data(), f.N_tok.data(),
-                                 f.den_tok.data(), f.G.data(), o.gate, o.normalize, s, f.boundary, m_exit,
-                                 dout.at(0), dboundary, din.at(0), row_parts(p, s));
+                                 f.den_tok.data(), f.G.data(), o.gate, o.normalize, s, f.boundary, m_exit, dout.at(0),
+                                 dboundary, din.at(0), stages::SequenceParts::for_rows(s, p.rows()));
     if (!state_only) {
       const auto qk_size = static_cast<std::size_t>(p.S * p.DHQK), v_size = static_cast<std::size_t>(p.S * p.DHHV);
       // bw_grads writes every element (its products run with beta = 0)
@@ -216,14 +195,14 @@ BackwardResult backward_impl(const BackwardArgs& a, const MlstmOptions& o, std::
                   dv = stages::pooled_floats(v_size);
       std::vector<float> di_raw(static_cast<std::size_t>(p.S)), rr(static_cast<std::size_t>(p.S)),
           di(static_cast<std::size_t>(p.S)), df(static_cast<std::size_t>(p.S));
-      stages::bw_grads(in.q, in.k, in.v, dh.data(), f.h.data(), f.b.data(), f.ig.data(),
-                       f.m_tok.data(), f.N_tok.data(), f.den_tok.data(), f.G.data(), o.gate, o.normalize, s, f.boundary,
-                       m_exit, dboundary, dout.at(0), dq.data(), dk.data(), dv.data(), di_raw.data(), rr.data(), tile);
+      stages::bw_grads(in.q, in.k, in.v, dh.data(), f.h.data(), f.b.data(), f.ig.data(), f.m_tok.data(), f.N_tok.data(),
+                       f.den_tok.data(), f.G.data(), o.gate, o.normalize, s, f.boundary, m_exit, dboundary, dout.at(0),
+                       dq.data(), dk.data(), dv.data(), di_raw.data(), rr.data(), tile);
       double tail = 0.0;  // <dC_last, C_last> + <dn_last, n_last>
       for (std::size_t e = 0; e < dout.C.size(); ++e) tail += static_cast<double>(dout.C[e]) * f.last.C[e];
       for (std::size_t e = 0; e < dout.n.size(); ++e) tail += static_cast<double>(dout.n[e]) * f.last.n[e];
-      stages::bw_gate_grads(in.i, in.f, di_raw.data(), rr.data(), static_cast<float>(tail), o.gate, s,
-                            di.data(), df.data());
+      stages::bw_gate_grads(in.i, in.f, di_raw.data(), rr.data(), static_cast<float>(tail), o.gate, s, di.data(),
+                            df.data());
       store_row(out.dq, r, dq.data(), p.S * p.DHQK);
       store_row(out.dk, r, dk.data(), p.S * p.DHQK);
       store_row(out.dv, r, dv.data(), p.S * p.DHHV);
@@ -367,8 +346,8 @@ ForwardResult sequence_forward(const ForwardArgs& a, const MlstmOptions& o) {
     std::vector<float> hv(static_cast<std::size_t>(p.S * p.DHHV));
     float m = st.m[0];
     for (std::int64_t t = 0; t < p.S; ++t) {
-      step_row(in.q + t * p.DHQK, in.k + t * p.DHQK, in.v + t * p.DHHV, in.i[t], in.f[t],
-               st.C.data(), st.n.data(), m, hv.data() + t * p.DHHV, p.DHQK, p.DHHV, o);
+      step_row(in.q + t * p.DHQK, in.k + t * p.DHQK, in.v + t * p.DHHV, in.i[t], in.f[t], st.C.data(), st.n.data(), m,
+               hv.data() + t * p.DHHV, p.DHQK, p.DHHV, o);
     }
     store_row(out.h, r, hv.data(), p.S * p.DHHV);
     if (o.return_last_states) {

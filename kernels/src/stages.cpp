@@ -150,7 +150,8 @@ class BufferPool {  // float32 buffers given back by earlier calls, up to a byte
  private:
   static std::size_t default_cap() {
     const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
-    const std::size_t ram = pages > 0 && page > 0 ? static_cast<std::size_t>(pages) * static_cast<std::size_t>(page) : 0;
+    const std::size_t ram =
+        pages > 0 && page > 0 ? static_cast<std::size_t>(pages) * static_cast<std::size_t>(page) : 0;
     return std::min<std::size_t>(std::size_t{512} << 20, ram / 16);
   }
   std::mutex mu_;
@@ -254,9 +255,8 @@ void fw_states_at(const float* k, const float* v, const float* b, const float* i
       for (std::int64_t j = 0; j < len; ++j) acc += kw[j * DK + d];
       n[d] = acc;
     }
-    gemm::sgemm(true, false, static_cast<int>(DK), static_cast<int>(DV), static_cast<int>(len),
-          1.f, kw.data(), static_cast<int>(DK), v + t0 * DV, static_cast<int>(DV), carry, C.data(),
-          static_cast<int>(DV));
+    gemm::sgemm(true, false, static_cast<int>(DK), static_cast<int>(DV), static_cast<int>(len), 1.f, kw.data(),
+                static_cast<int>(DK), v + t0 * DV, static_cast<int>(DV), carry, C.data(), static_cast<int>(DV));
     m = m_new;
   }
   std::memcpy(out.C, C.data(), C.size() * sizeof(float));
@@ -357,8 +357,8 @@ void fw_states_parts(const float* k, const float* v, const float* b, const float
     const std::int64_t c0 = parts.begin_chunk(p), t0 = s.chunk_begin(c0);
     StateBuffer empty(DK, DV, 1);
     empty.set_empty();
-    fw_states_at(k + t0 * DK, v + t0 * DV, b + t0, ig + t0, G + c0, gate, parts.shape(s, p),
-                 p == 0 ? in : empty.at(0), boundary, c0, locals.at(p));
+    fw_states_at(k + t0 * DK, v + t0 * DV, b + t0, ig + t0, G + c0, gate, parts.shape(s, p), p == 0 ? in : empty.at(0),
+                 boundary, c0, locals.at(p));
     float g = 0.f;  // summed in the order fixup_states sums its prefix
     for (std::int64_t c = c0; c < parts.end_chunk(p); ++c) g += G[c];
     G_part[static_cast<std::size_t>(p)] = g;
@@ -424,8 +424,8 @@ void fw_outputs(const float* q, const float* k, const float* v, const float* b, 
     float* num = sc.b.data();   // qn x DV
     float* Sblk = sc.a.data();  // qn x blk
     // Inter-chunk part: num = diag(exp(b_t + m - m_t)) (q_t . scale) C
-    gemm::sgemm(false, false, static_cast<int>(qn), static_cast<int>(DV), static_cast<int>(DK),
-          scale, q + (t0 + q0) * DK, static_cast<int>(DK), st.C, static_cast<int>(DV), 0.f, num, static_cast<int>(DV));
+    gemm::sgemm(false, false, static_cast<int>(qn), static_cast<int>(DV), static_cast<int>(DK), scale,
+                q + (t0 + q0) * DK, static_cast<int>(DK), st.C, static_cast<int>(DV), 0.f, num, static_cast<int>(DV));
     float* denp = sc.e.data();  // qn
     for (std::int64_t j = 0; j < qn; ++j) {
       const std::int64_t t = q0 + j;
@@ -440,9 +440,9 @@ void fw_outputs(const float* q, const float* k, const float* v, const float* b, 
     for (std::int64_t kb = 0; kb <= qb; ++kb) {
       const std::int64_t k0 = kb * blk;
       const std::int64_t kn = std::min(blk, len - k0);
-      gemm::sgemm(false, true, static_cast<int>(qn), static_cast<int>(kn), static_cast<int>(DK),
-            scale, q + (t0 + q0) * DK, static_cast<int>(DK), k + (t0 + k0) * DK, static_cast<int>(DK), 0.f, Sblk,
-            static_cast<int>(kn));
+      gemm::sgemm(false, true, static_cast<int>(qn), static_cast<int>(kn), static_cast<int>(DK), scale,
+                  q + (t0 + q0) * DK, static_cast<int>(DK), k + (t0 + k0) * DK, static_cast<int>(DK), 0.f, Sblk,
+                  static_cast<int>(kn));
       for (std::int64_t j = 0; j < qn; ++j) {
         const std::int64_t t = q0 + j;
         const float bt = b[t0 + t], mtv = mloc[t];
@@ -456,8 +456,8 @@ void fw_outputs(const float* q, const float* k, const float* v, const float* b, 
         }
         denp[j] += dsum;
       }
-      gemm::sgemm(false, false, static_cast<int>(qn), static_cast<int>(DV), static_cast<int>(kn),
-            1.f, Sblk, static_cast<int>(kn), v + (t0 + k0) * DV, static_cast<int>(DV), 1.f, num, static_cast<int>(DV));
+      gemm::sgemm(false, false, static_cast<int>(qn), static_cast<int>(DV), static_cast<int>(kn), 1.f, Sblk,
+                  static_cast<int>(kn), v + (t0 + k0) * DV, static_cast<int>(DV), 1.f, num, static_cast<int>(DV));
     }
     for (std::int64_t j = 0; j < qn; ++j) {
       const std::int64_t t = t0 + q0 + j;
@@ -492,8 +492,7 @@ void bw_state_grads_at(const float* q, const float* dh, const float* h, const fl
   for (std::int64_t c = s.num_chunks() - 1; c >= 0; --c) {
     const std::int64_t t0 = s.chunk_begin(c), len = s.chunk_len(c);
     const float m_c = state_m(gate, *boundary.at(first + c).m);
-    const float m_next =
-        c + 1 < s.num_chunks() ? state_m(gate, *boundary.at(first + c + 1).m) : state_m(gate, m_exit);
+    const float m_next = c + 1 < s.num_chunks() ? state_m(gate, *boundary.at(first + c + 1).m) : state_m(gate, m_exit);
     const float carry = safe_exp(G[c] + m_c - m_next);
     for (auto& x : dn) x *= carry;
     for (std::int64_t j = 0; j < len; ++j) {
@@ -507,9 +506,8 @@ void bw_state_grads_at(const float* q, const float* dh, const float* h, const fl
       for (std::int64_t e = 0; e < DV; ++e) dnum[j * DV + e] = dh[t * DV + e] * g.inv_N;
     }
     // dC = carry dC + qw^T dnum
-    gemm::sgemm(true, false, static_cast<int>(DK), static_cast<int>(DV), static_cast<int>(len),
-          1.f, qw.data(), static_cast<int>(DK), dnum.data(), static_cast<int>(DV), carry, dC.data(),
-          static_cast<int>(DV));
+    gemm::sgemm(true, false, static_cast<int>(DK), static_cast<int>(DV), static_cast<int>(len), 1.f, qw.data(),
+                static_cast<int>(DK), dnum.data(), static_cast<int>(DV), carry, dC.data(), static_cast<int>(DV));
     if (dboundary) {
       auto st = dboundary->at(first + c);
       std::memcpy(st.C, dC.data(), dC.size() * sizeof(float));
@@ -546,11 +544,9 @@ void bw_state_grads_parts(const float* q, const float* dh, const float* h, const
   // exp(G_c + m_c - m_{c+1}) <= 1. Each part runs from the zero gradient leaving it (the last part from
   // dstate_out, so it is already true); then a chain from the last part to the first adds, to each part's
   // entering gradient, its carry product times the true gradient leaving it; then the chunks are fixed up.
-  auto m_at = [&](std::int64_t c) {
-    return state_m(gate, c < s.num_chunks() ? *boundary.at(c).m : m_exit);
-  };
+  auto m_at = [&](std::int64_t c) { return state_m(gate, c < s.num_chunks() ? *boundary.at(c).m : m_exit); };
   auto carry = [&](std::int64_t c) { return safe_exp(G[c] + m_at(c) - m_at(c + 1)); };
-  StateBuffer locals(DK, DV, n), leaving(DK, DV, n);  // leaving.at(p): true gradient leaving part p
+  StateBuffer locals(DK, DV, n), leaving(DK, DV, n);  // leaving.at(p): true gradient leaving part p (zeroed)
   tbb::parallel_for(std::int64_t{0}, n, [&](std::int64_t p) {
     const std::int64_t c0 = parts.begin_chunk(p), t0 = s.chunk_begin(c0);
     StateBuffer zero(DK, DV, 1);
@@ -565,23 +561,19 @@ void bw_state_grads_parts(const float* q, const float* dh, const float* h, const
     for (std::int64_t c = c1 - 1; c >= c0; --c) q_prod *= carry(c);
     return q_prod;
   };
-  // Chain: the gradient leaving part p is the true gradient entering part p + 1 (the last part's is its local one).
-  for (std::int64_t p = n - 2; p >= 0; --p) {
-    auto out = leaving.at(p);
-    const auto loc = locals.at(p + 1);
-    const float w = p + 1 == n - 1 ? 0.f : product(parts.begin_chunk(p + 1), parts.end_chunk(p + 1));
-    const auto next = leaving.at(p + 1);  // zero for p + 1 == n - 1 (never written, w = 0 there)
-    for (std::size_t e = 0; e < nC; ++e) out.C[e] = loc.C[e] + w * next.C[e];
-    for (std::size_t e = 0; e < nn; ++e) out.n[e] = loc.n[e] + w * next.n[e];
-  }
-  {
-    const auto loc = locals.at(0);
-    const float w = product(parts.begin_chunk(0), parts.end_chunk(0));
-    const auto lv = leaving.at(0);
-    for (std::size_t e = 0; e < nC; ++e) dstate_in.C[e] = loc.C[e] + w * lv.C[e];
-    for (std::size_t e = 0; e < nn; ++e) dstate_in.n[e] = loc.n[e] + w * lv.n[e];
-    if (dstate_in.m) *dstate_in.m = 0.f;
-  }
+  // Chain, last part first: the true gradient entering part p is its local one plus its carry product times the true
+  // gradient leaving it, and that is the gradient leaving part p - 1. leaving.at(n - 1) stays zero: dstate_out is
+  // already in the last part's local gradient.
+  auto entering_into = [&](std::int64_t p, StateRef out) {
+    const auto loc = locals.at(p);
+    const auto lv = leaving.at(p);
+    const float w = product(parts.begin_chunk(p), parts.end_chunk(p));
+    for (std::size_t e = 0; e < nC; ++e) out.C[e] = loc.C[e] + w * lv.C[e];
+    for (std::size_t e = 0; e < nn; ++e) out.n[e] = loc.n[e] + w * lv.n[e];
+  };
+  for (std::int64_t p = n - 1; p >= 1; --p) entering_into(p, leaving.at(p - 1));
+  entering_into(0, dstate_in);
+  if (dstate_in.m) *dstate_in.m = 0.f;
   // Fix-up of every chunk of parts 0 .. n-2: dboundary(c) += (carry_c ... carry_{end-1}) * leaving(p).
   tbb::parallel_for(std::int64_t{0}, n - 1, [&](std::int64_t p) {
     const auto lv = leaving.at(p);
@@ -637,8 +629,8 @@ void bw_grads(const float* q, const float* k, const float* v, const float* dh, c
       for (std::int64_t e = 0; e < DV; ++e) dnum[j * DV + e] = dh[t * DV + e] * invN[t];
     }
     // Inter: dqs_t = exp(b_t + m_c - m_t) (C dnum_t + dden_t n)
-    gemm::sgemm(false, true, static_cast<int>(qn), static_cast<int>(DK), static_cast<int>(DV),
-          1.f, dnum, static_cast<int>(DV), st.C, static_cast<int>(DV), 0.f, dqb, static_cast<int>(DK));
+    gemm::sgemm(false, true, static_cast<int>(qn), static_cast<int>(DK), static_cast<int>(DV), 1.f, dnum,
+                static_cast<int>(DV), st.C, static_cast<int>(DV), 0.f, dqb, static_cast<int>(DK));
     for (std::int64_t j = 0; j < qn; ++j) {
       const std::int64_t t = t0 + q0 + j;
       const float w = safe_exp(b[t] + m_c - m_tok[t]);
@@ -648,8 +640,8 @@ void bw_grads(const float* q, const float* k, const float* v, const float* dh, c
       const std::int64_t k0 = kb * blk;
       const std::int64_t kn = std::min(blk, len - k0);
       // W = dnum V^T
-      gemm::sgemm(false, true, static_cast<int>(qn), static_cast<int>(kn), static_cast<int>(DV),
-            1.f, dnum, static_cast<int>(DV), v + (t0 + k0) * DV, static_cast<int>(DV), 0.f, W, static_cast<int>(kn));
+      gemm::sgemm(false, true, static_cast<int>(qn), static_cast<int>(kn), static_cast<int>(DV), 1.f, dnum,
+                  static_cast<int>(DV), v + (t0 + k0) * DV, static_cast<int>(DV), 0.f, W, static_cast<int>(kn));
       for (std::int64_t j = 0; j < qn; ++j) {
         const std::int64_t t = t0 + q0 + j;
         for (std::int64_t l = 0; l < kn; ++l) {
@@ -658,8 +650,8 @@ void bw_grads(const float* q, const float* k, const float* v, const float* dh, c
               (k0 + l <= q0 + j) ? std::exp(b[t] - b[si] + ig[si] - m_tok[t]) * (W[j * kn + l] + dden[t]) : 0.f;
         }
       }
-      gemm::sgemm(false, false, static_cast<int>(qn), static_cast<int>(DK), static_cast<int>(kn),
-            1.f, W, static_cast<int>(kn), k + (t0 + k0) * DK, static_cast<int>(DK), 1.f, dqb, static_cast<int>(DK));
+      gemm::sgemm(false, false, static_cast<int>(qn), static_cast<int>(DK), static_cast<int>(kn), 1.f, W,
+                  static_cast<int>(kn), k + (t0 + k0) * DK, static_cast<int>(DK), 1.f, dqb, static_cast<int>(DK));
     }
     for (std::int64_t e = 0; e < qn * DK; ++e) dqb[e] *= scale;
   });
@@ -682,10 +674,10 @@ void bw_grads(const float* q, const float* k, const float* v, const float* dh, c
     float* dvb = dv + (t0 + k0) * DV;
     // Inter: the state leaving the chunk. w_s = exp(a_s - m_{c+1}), a_s = G - b_s + ig_s
     //   dk_s = w_s (dC v_s + dn) ; dv_s = w_s dC^T k_s
-    gemm::sgemm(false, true, static_cast<int>(kn), static_cast<int>(DK), static_cast<int>(DV),
-          1.f, v + (t0 + k0) * DV, static_cast<int>(DV), dnext.C, static_cast<int>(DV), 0.f, dkb, static_cast<int>(DK));
-    gemm::sgemm(false, false, static_cast<int>(kn), static_cast<int>(DV), static_cast<int>(DK),
-          1.f, k + (t0 + k0) * DK, static_cast<int>(DK), dnext.C, static_cast<int>(DV), 0.f, dvb, static_cast<int>(DV));
+    gemm::sgemm(false, true, static_cast<int>(kn), static_cast<int>(DK), static_cast<int>(DV), 1.f, v + (t0 + k0) * DV,
+                static_cast<int>(DV), dnext.C, static_cast<int>(DV), 0.f, dkb, static_cast<int>(DK));
+    gemm::sgemm(false, false, static_cast<int>(kn), static_cast<int>(DV), static_cast<int>(DK), 1.f, k + (t0 + k0) * DK,
+                static_cast<int>(DK), dnext.C, static_cast<int>(DV), 0.f, dvb, static_cast<int>(DV));
     for (std::int64_t l = 0; l < kn; ++l) {
       const std::int64_t si = t0 + k0 + l;
       const float w = safe_exp(G[c] - b[si] + ig[si] - m_next);
@@ -702,10 +694,10 @@ void bw_grads(const float* q, const float* k, const float* v, const float* dh, c
         for (std::int64_t e = 0; e < DV; ++e) dnum[j * DV + e] = dh[t * DV + e] * invN[t];
         for (std::int64_t d = 0; d < DK; ++d) qs[j * DK + d] = q[t * DK + d] * scale;
       }
-      gemm::sgemm(false, true, static_cast<int>(qn), static_cast<int>(kn), static_cast<int>(DV),
-            1.f, dnum, static_cast<int>(DV), v + (t0 + k0) * DV, static_cast<int>(DV), 0.f, P, static_cast<int>(kn));
-      gemm::sgemm(false, true, static_cast<int>(qn), static_cast<int>(kn), static_cast<int>(DK),
-            1.f, qs, static_cast<int>(DK), k + (t0 + k0) * DK, static_cast<int>(DK), 0.f, Wq, static_cast<int>(kn));
+      gemm::sgemm(false, true, static_cast<int>(qn), static_cast<int>(kn), static_cast<int>(DV), 1.f, dnum,
+                  static_cast<int>(DV), v + (t0 + k0) * DV, static_cast<int>(DV), 0.f, P, static_cast<int>(kn));
+      gemm::sgemm(false, true, static_cast<int>(qn), static_cast<int>(kn), static_cast<int>(DK), 1.f, qs,
+                  static_cast<int>(DK), k + (t0 + k0) * DK, static_cast<int>(DK), 0.f, Wq, static_cast<int>(kn));
       for (std::int64_t j = 0; j < qn; ++j) {
         const std::int64_t t = t0 + q0 + j;
         for (std::int64_t l = 0; l < kn; ++l) {
@@ -716,10 +708,10 @@ void bw_grads(const float* q, const float* k, const float* v, const float* dh, c
         }
       }
       // dk_s += sum_t P_ts q'_t ; dv_s += sum_t Wq_ts dnum_t
-      gemm::sgemm(true, false, static_cast<int>(kn), static_cast<int>(DK), static_cast<int>(qn),
-            1.f, P, static_cast<int>(kn), qs, static_cast<int>(DK), 1.f, dkb, static_cast<int>(DK));
-      gemm::sgemm(true, false, static_cast<int>(kn), static_cast<int>(DV), static_cast<int>(qn),
-            1.f, Wq, static_cast<int>(kn), dnum, static_cast<int>(DV), 1.f, dvb, static_cast<int>(DV));
+      gemm::sgemm(true, false, static_cast<int>(kn), static_cast<int>(DK), static_cast<int>(qn), 1.f, P,
+                  static_cast<int>(kn), qs, static_cast<int>(DK), 1.f, dkb, static_cast<int>(DK));
+      gemm::sgemm(true, false, static_cast<int>(kn), static_cast<int>(DV), static_cast<int>(qn), 1.f, Wq,
+                  static_cast<int>(kn), dnum, static_cast<int>(DV), 1.f, dvb, static_cast<int>(DV));
     }
   });
   // Per token: di_raw = k . dk, r = q . dq - k . dk

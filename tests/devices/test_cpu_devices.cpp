@@ -436,10 +436,10 @@ TEST(CpuStages, PooledBuffersStayOnTheirNode) {
 TEST(CpuStages, PartsForRowsDependOnTheShapeOnly) {
   EXPECT_EQ(stages::SequenceParts::for_rows(1, 1024), 64);  // B*NH = 1, 65536 tokens of chunk 64
   EXPECT_EQ(stages::SequenceParts::for_rows(4, 256), 16);
-  EXPECT_EQ(stages::SequenceParts::for_rows(64, 4096), 1);   // the rows alone are enough
-  EXPECT_EQ(stages::SequenceParts::for_rows(1, 15), 1);      // too few chunks
-  EXPECT_EQ(stages::SequenceParts::for_rows(2, 40), 5);      // at least 8 chunks a part
-  const stages::SegmentShape seg{1000, 64, 8, 8};          // 16 chunks, the last of 40 tokens
+  EXPECT_EQ(stages::SequenceParts::for_rows(64, 4096), 1);  // the rows alone are enough
+  EXPECT_EQ(stages::SequenceParts::for_rows(1, 15), 1);     // too few chunks
+  EXPECT_EQ(stages::SequenceParts::for_rows(2, 40), 5);     // at least 8 chunks a part
+  const stages::SegmentShape seg{1000, 64, 8, 8};           // 16 chunks, the last of 40 tokens
   const stages::SequenceParts split(seg, 3);
   EXPECT_EQ(split.first_chunk, (std::vector<std::int64_t>{0, 5, 10, 16}));
   EXPECT_EQ(split.shape(seg, 2).T, 1000 - 640);

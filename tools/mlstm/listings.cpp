@@ -101,9 +101,9 @@ int cmd_devices(bool as_json) {
   const json numa = numa_nodes();
   const gemm::Library& blas = gemm::library();
   if (as_json) {
-    std::cout << json{{"opencl", cl}, {"numa", numa}, {"cpu_gemm", {{"library", blas.name}, {"detail", blas.detail}}}}
-                     .dump(2)
-              << "\n";
+    std::cout
+        << json{{"opencl", cl}, {"numa", numa}, {"cpu_gemm", {{"library", blas.name}, {"detail", blas.detail}}}}.dump(2)
+        << "\n";
     return 0;
   }
   std::cout << "OpenCL devices:\n";

@@ -24,7 +24,7 @@ static std::string one_line(std::string text) {
 
 int main(int argc, char** argv) {
   CLI::App app{std::string("mlstm: the mLSTM cell over very long sequences (mlstm-flow " MLSTM_VERSION ", ") +
-                git_revision() + ")"};
+               git_revision() + ")"};
   app.require_subcommand(1);
   std::string log_level = "warn";
   bool as_json = false;

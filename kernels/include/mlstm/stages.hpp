@@ -238,6 +238,10 @@ struct SequenceParts {
     const std::int64_t most = chunks / kMinChunks;
     return std::max<std::int64_t>(1, std::min(want, most));
   }
+  // That split of a segment of a problem of `rows` rows.
+  static SequenceParts for_rows(const SegmentShape& s, std::int64_t rows) {
+    return SequenceParts(s, for_rows(rows, s.num_chunks()));
+  }
   std::int64_t count() const noexcept { return static_cast<std::int64_t>(first_chunk.size()) - 1; }
   std::int64_t begin_chunk(std::int64_t p) const { return first_chunk[static_cast<std::size_t>(p)]; }
   std::int64_t end_chunk(std::int64_t p) const { return first_chunk[static_cast<std::size_t>(p + 1)]; }
