@@ -77,8 +77,10 @@ std::byte* map_storage(std::size_t bytes) {
 
 }  // namespace
 
-void Tensor::FreeAligned::operator()(std::byte* p) const noexcept {
-  if (mapped != 0) {
+void Tensor::FreeAligned::operator()(std::byte* p) noexcept {
+  if (owner) {
+    owner.reset();
+  } else if (mapped != 0) {
     (void)::munmap(p, mapped);
   } else {
     std::free(p);
@@ -101,6 +103,20 @@ Tensor::Tensor(Shape shape, DType dtype) : dtype_(dtype), shape_(std::move(shape
   void* p = std::aligned_alloc(64, bytes);
   if (!p) throw std::bad_alloc();
   storage_.reset(static_cast<std::byte*>(p));
+}
+
+Tensor Tensor::adopt(std::byte* data, Shape shape, DType dtype, std::shared_ptr<void> owner) {
+  if (!owner) throw InvalidArgument("owner", "Tensor::adopt needs the owner of the memory");
+  if (!data) throw InvalidArgument("data", "Tensor::adopt needs memory");
+  Tensor t;
+  t.dtype_ = dtype;
+  t.shape_ = std::move(shape);
+  for (auto d : t.shape_) {
+    if (d < 0) throw InvalidArgument("shape", "negative dimension in " + shape_to_string(t.shape_));
+  }
+  (void)t.numel();  // overflow check
+  t.storage_ = std::unique_ptr<std::byte[], FreeAligned>(data, FreeAligned{std::move(owner)});
+  return t;
 }
 
 Tensor Tensor::zeros(Shape shape, DType dtype) {
@@ -280,6 +296,17 @@ std::int64_t row_stride(ConstTensorView t, const char* argument) {
 }
 
 }  // namespace
+
+void check_output_rows(ConstTensorView out, const Shape& shape, DType dtype, const std::string& argument) {
+  if (out.shape() != shape || out.dtype() != dtype)
+    throw InvalidArgument(argument, "expected " + std::string(dtype_name(dtype)) + " of shape " +
+                                        shape_to_string(shape) + ", got " + std::string(dtype_name(out.dtype())) +
+                                        " of shape " + shape_to_string(out.shape()));
+  const std::int64_t stride = row_stride(out, argument.c_str());
+  if (out.dim(1) > 1 && stride < out.dim(2) * out.dim(3))
+    throw InvalidArgument(argument, "its rows overlap (strides[1] = " + std::to_string(stride) + " < " +
+                                        std::to_string(out.dim(2) * out.dim(3)) + ")");
+}
 
 void copy_piece_rows(ConstTensorView piece, TensorView out) {
   if (piece.shape() != out.shape() || piece.dtype() != out.dtype())

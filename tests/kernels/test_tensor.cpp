@@ -3,6 +3,8 @@
 // reshape errors and the shape-check messages.
 #include <gtest/gtest.h>
 
+#include <memory>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -293,6 +295,28 @@ TEST(Conversions, DoubleToSixteenBitsMatchesTheOracle) {
 // copy_rows: blocks of 3 MiB + 5 bytes (several parallel slices and a short last one) between different
 // strides, and small copies (one call); bytes outside the blocks stay untouched. reshaped() of an rvalue
 // takes the storage over.
+// Tensor::adopt: memory another object owns (a GPU's page-locked memory) is kept while any tensor holding it lives,
+// through moves and reshapes, and released once with the last one; a copy is ordinary memory of its own.
+TEST(TensorAdopt, TheOwnerGoesWithTheLastHolder) {
+  auto owned = std::make_shared<std::vector<float>>(6, 1.5f);
+  std::weak_ptr<std::vector<float>> watch = owned;
+  auto* data = reinterpret_cast<std::byte*>(owned->data());
+  Tensor t = Tensor::adopt(data, {2, 3}, DType::f32, std::move(owned));
+  EXPECT_EQ(t.bytes(), data);
+  EXPECT_EQ(t.get({1, 2}), 1.5);
+  Tensor copy = t;
+  EXPECT_NE(copy.bytes(), data);
+  EXPECT_EQ(copy.get({1, 2}), 1.5);
+  Tensor moved = std::move(t).reshaped({3, 2});
+  EXPECT_EQ(moved.bytes(), data);
+  EXPECT_FALSE(watch.expired());
+  moved = Tensor();
+  EXPECT_TRUE(watch.expired()) << "the owner is released with the last tensor over its memory";
+  EXPECT_EQ(copy.get({0, 0}), 1.5);
+  EXPECT_THROW(Tensor::adopt(data, {2}, DType::f32, nullptr), InvalidArgument);
+  EXPECT_THROW(Tensor::adopt(data, {-1}, DType::f32, std::make_shared<int>(0)), InvalidArgument);
+}
+
 TEST(TensorCopies, CopyRowsAndMovingReshape) {
   const std::size_t row = (std::size_t{3} << 20) + 5, rows = 3, src_stride = row + 17, dst_stride = row + 4096;
   std::vector<std::byte> src(rows * src_stride), dst(rows * dst_stride, std::byte{0xAB});

@@ -88,6 +88,10 @@ class Tensor {
   // Copy of any (possibly strided) view, converted to `dtype`.
   static Tensor copy_of(ConstTensorView view, DType dtype);
   static Tensor copy_of(ConstTensorView view) { return copy_of(view, view.dtype()); }
+  // A tensor over `data` (contiguous, `shape` and `dtype`), memory another object owns: page-locked host memory
+  // of a GPU, say (opencl::Device::pinned_tensor). `owner` is kept while the tensor lives and dropped when it is
+  // freed, so the memory goes when the last holder goes. A copy of the tensor is ordinary memory.
+  static Tensor adopt(std::byte* data, Shape shape, DType dtype, std::shared_ptr<void> owner);
 
   Tensor(const Tensor& other);
   Tensor& operator=(const Tensor& other);
@@ -131,10 +135,12 @@ class Tensor {
   struct FreeAligned {
     // (Constructors, not a default member initializer: unique_ptr asks whether this is default-constructible
     // before the end of Tensor, where an initializer would not be parsed yet.)
-    constexpr FreeAligned() noexcept : mapped(0) {}
-    explicit constexpr FreeAligned(std::size_t bytes) noexcept : mapped(bytes) {}
-    std::size_t mapped;  // bytes of a mapping of the tensor's own (large tensors), else 0: from aligned_alloc
-    void operator()(std::byte* p) const noexcept;
+    FreeAligned() noexcept : mapped(0) {}
+    explicit FreeAligned(std::size_t bytes) noexcept : mapped(bytes) {}
+    explicit FreeAligned(std::shared_ptr<void> o) noexcept : mapped(0), owner(std::move(o)) {}
+    std::size_t mapped;           // bytes of a mapping of the tensor's own (large tensors), else 0: from aligned_alloc
+    std::shared_ptr<void> owner;  // adopt(): the memory's owner (nothing is freed here), else null
+    void operator()(std::byte* p) noexcept;
   };
   std::unique_ptr<std::byte[], FreeAligned> storage_;
   DType dtype_ = DType::f32;
@@ -162,5 +168,8 @@ void copy_rows(std::byte* dst, std::size_t dst_stride, const std::byte* src, std
 // every strides[1] elements (a whole piece, or a slice of a longer sequence); InvalidArgument("piece"/"out")
 // for other shapes or layouts. In parallel (copy_rows).
 void copy_piece_rows(ConstTensorView piece, TensorView out);
+// Checks an output the caller gives (an h to write into): `shape` and `dtype`, rows of shape[2]*shape[3] contiguous
+// elements that do not overlap, one every strides[1] elements. InvalidArgument(argument) saying what is wrong.
+void check_output_rows(ConstTensorView out, const Shape& shape, DType dtype, const std::string& argument);
 
 }  // namespace mlstm
