@@ -37,6 +37,15 @@ BackwardResult state_gradient_through_backward(const std::function<BackwardResul
   return out;
 }
 
+ForwardResult ComputeDevice::forward_into(const ForwardArgs& segment, const MlstmOptions& options, TensorView h) {
+  const ProblemShape p = validate_forward(segment, options);
+  check_output_rows(h, {p.B, p.NH, p.S, p.DHHV}, p.dtype, "h");
+  ForwardResult r = forward(segment, options);
+  copy_piece_rows(r.h.view(), h);
+  r.h = Tensor();
+  return r;
+}
+
 StepResult ComputeDevice::step(const StepArgs& a, const MlstmOptions& options) {
   const ProblemShape p = validate_step(a, options);
   auto token = [](ConstTensorView t) {  // (B,NH,D) -> (B,NH,1,D); (B,NH) -> (B,NH,1)

@@ -162,11 +162,16 @@ class OpenCLComputeDevice final : public ComputeDevice {
     const ScopedTrace trace([&] { return "forward of " + token_rows(a.q) + " token-rows on " + device_->name(); });
     const ProblemShape p = validate_forward(a, o);
     if (!uses_tensor_cores(p, o)) return portable_.forward(a, o);
-    // From host memory, two pieces or more: through pinned staging with transfers and compute overlapped. Inputs
-    // the graph keeps resident for a second pass (a segment's local state, then its outputs) go the resident way.
-    if (p.S >= 2 * stream_piece_tokens(p, o) && !device_->inside_retained_range(a.q.bytes()))
-      return streamed_forward(a, o, p);
+    if (streams(a, o, p)) return streamed_forward(a, o, p, {});
     return tensor_cores_.forward(a, o);
+  }
+
+  ForwardResult forward_into(const ForwardArgs& a, const MlstmOptions& o, TensorView h) override {
+    const ProblemShape p = validate_forward(a, o);
+    if (!uses_tensor_cores(p, o) || !streams(a, o, p)) return ComputeDevice::forward_into(a, o, h);
+    const ScopedTrace trace([&] { return "forward of " + token_rows(a.q) + " token-rows on " + device_->name(); });
+    check_output_rows(h, {p.B, p.NH, p.S, p.DHHV}, p.dtype, "h");
+    return streamed_forward(a, o, p, h);
   }
 
   std::unique_ptr<SequenceStream> open_stream(const ProblemShape& shape, const MlstmOptions& o,
@@ -197,6 +202,8 @@ class OpenCLComputeDevice final : public ComputeDevice {
     return state_gradient_through_backward(
         [&](const BackwardArgs& with_state) { return tensor_cores_.backward(with_state, o); }, a, p);
   }
+
+  Tensor host_tensor(Shape shape, DType dtype) override { return device_->pinned_tensor(std::move(shape), dtype); }
 
   std::unique_ptr<InputResidency> keep_inputs_resident(const std::vector<ConstTensorView>& inputs) override {
     if (resident_inputs_off()) return nullptr;
@@ -231,14 +238,26 @@ class OpenCLComputeDevice final : public ComputeDevice {
 
   // The forward of a long host-resident sequence as a stream of pieces (DeviceStream): this thread copies piece
   // p+1 into pinned staging and enqueues it while piece p computes, and a second thread waits for each piece's
-  // h and copies it into the result, so the two host copies overlap each other as well as the transfers.
-  ForwardResult streamed_forward(const ForwardArgs& a, const MlstmOptions& o, const ProblemShape& p) {
+  // h and copies it into the result, so the two host copies overlap each other as well as the transfers. Inputs
+  // in this device's pinned memory (host_tensor()) are uploaded from where they lie, without the first copy.
+  // From host memory, two pieces or more: through pinned staging with transfers and compute overlapped. Inputs
+  // the graph keeps resident for a second pass (a segment's local state, then its outputs) go the resident way.
+  bool streams(const ForwardArgs& a, const MlstmOptions& o, const ProblemShape& p) const {
+    return p.S >= 2 * stream_piece_tokens(p, o) && !device_->inside_retained_range(a.q.bytes());
+  }
+
+  // h goes into `out` when given (forward_into: downloaded straight there when it is this device's page-locked
+  // memory), else into the result's own h.
+  ForwardResult streamed_forward(const ForwardArgs& a, const MlstmOptions& o, const ProblemShape& p, TensorView out) {
     ProblemShape piece = p;
     piece.S = stream_piece_tokens(p, o);
     std::unique_ptr<opencl::DeviceStream> held = reuse_stream(stream_config(piece, o), a.c0, a.n0, a.m0);
     opencl::DeviceStream& stream = *held;
     ForwardResult r;
-    r.h = Tensor({p.B, p.NH, p.S, p.DHHV}, p.dtype);
+    if (out.empty()) {
+      r.h = Tensor({p.B, p.NH, p.S, p.DHHV}, p.dtype);
+      out = r.h.view();
+    }
     const std::int64_t pieces = (p.S + piece.S - 1) / piece.S;
     std::mutex mutex;
     std::condition_variable changed;
@@ -255,7 +274,7 @@ class OpenCLComputeDevice final : public ComputeDevice {
           }
           const std::int64_t t0 = j * piece.S;
           const ScopedTrace take([&] { return "streamed forward: piece " + std::to_string(j) + " taken"; });
-          stream.take_into(static_cast<std::uint64_t>(j), sequence_slice(r.h.view(), t0, std::min(p.S, t0 + piece.S)));
+          stream.take_into(static_cast<std::uint64_t>(j), sequence_slice(out, t0, std::min(p.S, t0 + piece.S)));
         }
       } catch (...) {
         consumer_error = std::current_exception();
@@ -266,7 +285,8 @@ class OpenCLComputeDevice final : public ComputeDevice {
       for (std::int64_t j = 0; j < pieces; ++j) {
         const std::int64_t t0 = j * piece.S;
         const ScopedTrace push([&] { return "streamed forward: piece " + std::to_string(j) + " pushed"; });
-        (void)stream.push(sequence_slice(a, t0, std::min(p.S, t0 + piece.S)));
+        const std::int64_t t1 = std::min(p.S, t0 + piece.S);
+        (void)stream.push(sequence_slice(a, t0, t1), /*inputs_outlive_piece=*/true, sequence_slice(out, t0, t1));
         std::lock_guard lock(mutex);
         submitted = j + 1;
         changed.notify_all();
@@ -280,6 +300,13 @@ class OpenCLComputeDevice final : public ComputeDevice {
       changed.notify_all();
     }
     consumer.join();
+    if (producer_error || consumer_error) {
+      // Uploads straight from the caller's pinned inputs may still be reading them: they end before we return.
+      try {
+        stream.finish();
+      } catch (const std::exception&) {  // the error already caught is the one to report
+      }
+    }
     if (producer_error) std::rethrow_exception(producer_error);
     if (consumer_error) std::rethrow_exception(consumer_error);
     if (o.return_last_states) stream.read_state(r.c, r.n, r.m);

@@ -429,5 +429,106 @@ TEST(DeviceStream, PiecesOfAnyLengthEqualOneCall) {
   EXPECT_EQ(transfers.bytes_down(), 4u * 100u * 2u * 32u * 2u);
 }
 
+// Inputs in the device's page-locked memory (Device::pinned_tensor) are uploaded where they lie: whole pinned
+// tensors, pieces sliced out of them (rectangular copies over B*NH rows), and a mix with ordinary memory. The h and
+// the state equal a stream fed through its staging bit for bit, and bytes_direct() counts exactly the pinned
+// inputs' bytes. Pinned ranges end with their tensor.
+TEST(DeviceStream, PinnedInputsAreUploadedWhereTheyLie) {
+  REQUIRE_OPENCL();
+  const auto dev = first_device();
+  const bool emulate = !opencl::tensor_core_support(dev->info()).available;
+  const InputSpec s = spec(2, 2, 260, 32, 32, DType::bf16, GateVariant::exp, false);
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  auto pin = [&](const Tensor& t) {
+    Tensor p = dev->pinned_tensor(t.shape(), t.dtype());
+    std::memcpy(p.bytes(), t.bytes(), t.nbytes());
+    return p;
+  };
+  const Tensor q = pin(in.q), k = pin(in.k), v = pin(in.v), i = pin(in.i), f = pin(in.f);
+  EXPECT_TRUE(dev->pinned(q.bytes(), q.nbytes()));
+  EXPECT_TRUE(dev->pinned(q.bytes() + 10, q.nbytes() - 10));
+  EXPECT_FALSE(dev->pinned(q.bytes() + 10, q.nbytes())) << "past its end";
+  EXPECT_FALSE(dev->pinned(in.q.bytes(), in.q.nbytes()));
+  opencl::DeviceStream::Config cfg;
+  cfg.B = 2;
+  cfg.NH = 2;
+  cfg.DHQK = 32;
+  cfg.DHHV = 32;
+  cfg.max_piece = 100;
+  cfg.dtype = DType::bf16;
+  cfg.emulate = emulate;
+  const std::vector<std::int64_t> cuts{0, 100, 101, 190, 260};
+  // One stream over the pieces of (q, k, v, i, f); h concatenated, then the state.
+  // h goes to `h_dest` (pinned: downloaded there) when given, and is taken there.
+  auto run = [&](const Tensor& q_, const Tensor& k_, const Tensor& v_, const Tensor& i_, const Tensor& f_, bool outlive,
+                 std::uint64_t& direct, Tensor* h_dest = nullptr) {
+    opencl::DeviceStream stream(dev, cfg);
+    Tensor h = h_dest ? std::move(*h_dest) : Tensor({2, 2, 260, 32}, DType::bf16);
+    std::vector<std::uint64_t> tickets;
+    for (std::size_t j = 0; j + 1 < cuts.size(); ++j) {
+      const ForwardArgs whole{q_.view(), k_.view(), v_.view(), i_.view(), f_.view(), {}, {}, {}};
+      tickets.push_back(stream.push(sequence_slice(whole, cuts[j], cuts[j + 1]), outlive,
+                                    h_dest ? sequence_slice(h.view(), cuts[j], cuts[j + 1]) : TensorView()));
+    }
+    // (The first piece's slot turns over before it is taken: its h is set aside, or stays where it went.)
+    for (std::size_t j = 0; j < tickets.size(); ++j)
+      stream.take_into(tickets[j], sequence_slice(h.view(), cuts[j], cuts[j + 1]));
+    EXPECT_EQ(stream.bytes_direct_down(), h_dest && dev->pinned(h.bytes(), h.nbytes()) ? h.nbytes() : 0u);
+    ForwardResult r;
+    r.h = std::move(h);
+    stream.read_state(r.c, r.n, r.m);
+    direct = stream.bytes_direct();
+    EXPECT_EQ(stream.bytes_up(), static_cast<std::uint64_t>(2 * 2 * 260 * (3 * 32 * 2 + 2 * 4)));
+    return r;
+  };
+  auto same = [](const Tensor& a, const Tensor& b) {
+    return a.shape() == b.shape() && std::memcmp(a.bytes(), b.bytes(), a.nbytes()) == 0;
+  };
+  std::uint64_t direct = 0;
+  const ForwardResult staged = run(in.q, in.k, in.v, in.i, in.f, false, direct);
+  EXPECT_EQ(direct, 0u);
+  const MlstmOptions o;
+  EXPECT_TRUE(testing::matches(staged.h, reference::recurrent_forward(in.args(), o).h, 2e-2, "DeviceStream", "h", s));
+  const std::uint64_t before = dev->direct_upload_bytes();
+  for (const bool outlive : {false, true}) {
+    const ForwardResult pinned = run(q, k, v, i, f, outlive, direct);
+    EXPECT_EQ(direct, static_cast<std::uint64_t>(2 * 2 * 260 * (3 * 32 * 2 + 2 * 4)));
+    EXPECT_TRUE(same(pinned.h, staged.h) && same(pinned.c, staged.c) && same(pinned.n, staged.n) &&
+                same(pinned.m, staged.m))
+        << "pinned inputs (outlive=" << outlive << ") give what the staging gives";
+  }
+  EXPECT_EQ(dev->direct_upload_bytes() - before, 2u * static_cast<std::uint64_t>(2 * 2 * 260 * (3 * 32 * 2 + 2 * 4)));
+  {  // h downloaded straight into page-locked memory; an h_dest in ordinary memory goes through the staging
+    Tensor h_pinned = dev->pinned_tensor({2, 2, 260, 32}, DType::bf16), h_plain({2, 2, 260, 32}, DType::bf16);
+    const ForwardResult into_pinned = run(q, k, v, i, f, true, direct, &h_pinned);
+    const ForwardResult into_plain = run(q, k, v, i, f, true, direct, &h_plain);
+    EXPECT_TRUE(dev->pinned(into_pinned.h.bytes(), into_pinned.h.nbytes()));
+    EXPECT_TRUE(same(into_pinned.h, staged.h) && same(into_plain.h, staged.h) && same(into_pinned.c, staged.c));
+  }
+  const ForwardResult mixed = run(q, in.k, v, in.i, f, false, direct);  // k and i in ordinary memory
+  EXPECT_EQ(direct, static_cast<std::uint64_t>(2 * 2 * 260 * (2 * 32 * 2 + 4)));
+  EXPECT_TRUE(same(mixed.h, staged.h));
+  {  // a whole contiguous pinned piece: one plain copy per input
+    const Tensor q1 = pin(testing::slice_seq(in.q, 0, 100)), k1 = pin(testing::slice_seq(in.k, 0, 100)),
+                 v1 = pin(testing::slice_seq(in.v, 0, 100));
+    const ForwardArgs whole{in.q.view(), in.k.view(), in.v.view(), in.i.view(), in.f.view(), {}, {}, {}};
+    ForwardArgs first = sequence_slice(whole, 0, 100);
+    first.q = q1.view();
+    first.k = k1.view();
+    first.v = v1.view();
+    opencl::DeviceStream a(dev, cfg), b(dev, cfg);
+    const Tensor ha = a.take(a.push(first)), hb = b.take(b.push(sequence_slice(whole, 0, 100)));
+    EXPECT_EQ(a.bytes_direct(), static_cast<std::uint64_t>(2 * 2 * 100 * 3 * 32 * 2));
+    EXPECT_TRUE(same(ha, hb));
+  }
+  const std::byte* gone = nullptr;
+  {
+    const Tensor t = dev->pinned_tensor({4, 1024}, DType::f32);
+    gone = t.bytes();
+    EXPECT_TRUE(dev->pinned(gone, 4096));
+  }
+  EXPECT_FALSE(dev->pinned(gone, 4096)) << "freed pinned memory leaves the table";
+}
+
 }  // namespace
 }  // namespace mlstm

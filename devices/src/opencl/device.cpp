@@ -338,7 +338,39 @@ struct Device::Staging {
   }
 };
 
-Device::Device(const DeviceInfo& info) : info_(info) {
+// Live pinned_tensor() allocations by start address. Each allocation's owner holds this too, so that it can
+// leave the table when it is freed after the Device.
+struct Device::PinnedRanges {
+  mutable std::mutex mutex;
+  std::map<std::uintptr_t, std::size_t> ranges;  // begin -> bytes
+};
+
+namespace {
+
+// One pinned_tensor() allocation: a CL_MEM_ALLOC_HOST_PTR buffer mapped on a queue of its own, with the context
+// retained, so that the Device may go first.
+struct PinnedAllocation {
+  cl_context context = nullptr;
+  cl_command_queue queue = nullptr;
+  cl_mem mem = nullptr;
+  void* host = nullptr;
+  std::function<void()> forget;  // takes the range out of the device's table
+  PinnedAllocation() = default;
+  PinnedAllocation(const PinnedAllocation&) = delete;
+  PinnedAllocation& operator=(const PinnedAllocation&) = delete;
+  ~PinnedAllocation() {
+    if (forget) forget();
+    if (host) clEnqueueUnmapMemObject(queue, mem, host, 0, nullptr, nullptr);
+    if (queue) clFinish(queue);
+    if (mem) clReleaseMemObject(mem);
+    if (queue) clReleaseCommandQueue(queue);
+    if (context) clReleaseContext(context);
+  }
+};
+
+}  // namespace
+
+Device::Device(const DeviceInfo& info) : pinned_ranges_(std::make_shared<PinnedRanges>()), info_(info) {
   const ScopedTrace trace([&] { return "context and queues on " + info.name; });
   cl_int err = CL_SUCCESS;
   const cl_context_properties props[] = {CL_CONTEXT_PLATFORM, reinterpret_cast<cl_context_properties>(info.platform),
@@ -663,6 +695,47 @@ Device::RetainedUploads::~RetainedUploads() {
     if (it != all.end()) all.erase(it);
   }
   device_.drop_unretained_uploads();
+}
+
+Tensor Device::pinned_tensor(Shape shape, DType dtype) {
+  for (auto d : shape) {
+    if (d < 0) throw InvalidArgument("shape", "negative dimension in " + shape_to_string(shape));
+  }
+  const std::size_t bytes = std::max<std::size_t>(static_cast<std::size_t>(shape_numel(shape)) * dtype_size(dtype), 1);
+  const ScopedTrace trace([&] { return "pinned host memory of " + std::to_string(bytes >> 20) + " MiB on " + name(); });
+  auto a = std::make_shared<PinnedAllocation>();
+  clRetainContext(context_);
+  a->context = context_;
+  cl_int err = CL_SUCCESS;
+  a->queue = clCreateCommandQueue(context_, info_.id, 0, &err);
+  check(err, "clCreateCommandQueue(pinned host memory)", name());
+  a->mem = clCreateBuffer(context_, CL_MEM_READ_WRITE | CL_MEM_ALLOC_HOST_PTR, bytes, nullptr, &err);
+  check(err, "clCreateBuffer(pinned host memory)", name());
+  a->host =
+      clEnqueueMapBuffer(a->queue, a->mem, CL_TRUE, CL_MAP_READ | CL_MAP_WRITE, 0, bytes, 0, nullptr, nullptr, &err);
+  check(err, "clEnqueueMapBuffer(pinned host memory)", name());
+  const auto begin = reinterpret_cast<std::uintptr_t>(a->host);
+  {
+    std::lock_guard lock(pinned_ranges_->mutex);
+    pinned_ranges_->ranges[begin] = bytes;
+  }
+  a->forget = [table = std::weak_ptr<PinnedRanges>(pinned_ranges_), begin] {
+    if (const auto t = table.lock()) {
+      std::lock_guard lock(t->mutex);
+      t->ranges.erase(begin);
+    }
+  };
+  auto* data = static_cast<std::byte*>(a->host);
+  return Tensor::adopt(data, std::move(shape), dtype, std::move(a));
+}
+
+bool Device::pinned(const void* data, std::size_t bytes) const {
+  const auto p = reinterpret_cast<std::uintptr_t>(data);
+  std::lock_guard lock(pinned_ranges_->mutex);
+  auto it = pinned_ranges_->ranges.upper_bound(p);
+  if (it == pinned_ranges_->ranges.begin()) return false;
+  --it;
+  return p >= it->first && p - it->first <= it->second && bytes <= it->second - (p - it->first);
 }
 
 bool Device::inside_retained_range(const void* data) const {

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <future>
 
 #include "internal.hpp"
 #include "mlstm/core/trace.hpp"
@@ -41,6 +42,7 @@ struct DeviceStream::Slot {
   cl_event up = nullptr, computed = nullptr, down = nullptr;
   std::uint64_t ticket = 0;
   std::int64_t len = 0;
+  TensorView direct_out;                            // h downloaded straight there (push's h_dest), else empty
   bool busy = false, taken = true, taking = false;  // guarded by DeviceStream::mutex_
 };
 
@@ -48,6 +50,10 @@ struct DeviceStream::Impl {
   cl_command_queue up = nullptr, kernels = nullptr, down = nullptr;
   TcConfig cfg;
   Slot slots[kStreamSlots];
+  cl_program gates = nullptr, states = nullptr, outputs = nullptr;  // the device's (cached there)
+  // Slots 1.. are set up on a thread of their own while the first piece is filled and sent: page-locking the
+  // staging costs about 0.1 s per 256 MiB on the H200 host, which came before the first token otherwise.
+  std::future<void> later_slots;
   Buffer gb, gbi, gpm, gG, gA, mst, Cst, nst, Nt, sgt;  // intermediates: one piece computes at a time
   Buffer C[2], n[2], m[2];                              // the state, ping-pong between pieces
   int state = 0;                                        // index of the current state
@@ -87,33 +93,26 @@ DeviceStream::DeviceStream(std::shared_ptr<Device> device, Config config, ConstT
     *q = clCreateCommandQueue(dev.context(), dev.info().id, CL_QUEUE_PROFILING_ENABLE, &err);
     check(err, "clCreateCommandQueue(stream)", dn);
   }
-  cl_program gates = dev.program_from_text("tc_gates", tc_source_text("tc_gates"), im.cfg.gates());
-  cl_program states = dev.program_from_text("tc_states", tc_source_text("tc_states"), im.cfg.states(0));
-  cl_program outputs = dev.program_from_text("tc_chunk", tc_source_text("tc_chunk"),
-                                             im.cfg.chunk(0, c.DHQK, c.DHHV, im.cfg.OTf, im.cfg.DSf));
-  auto pinned = [&](std::size_t bytes, Buffer& buf, std::byte*& host) {
-    cl_mem mem = clCreateBuffer(dev.context(), CL_MEM_READ_WRITE | CL_MEM_ALLOC_HOST_PTR, bytes, nullptr, &err);
-    check(err, "clCreateBuffer(pinned staging)", dn);
-    buf = Buffer(mem, bytes);
-    void* ptr =
-        clEnqueueMapBuffer(im.up, mem, CL_TRUE, CL_MAP_READ | CL_MAP_WRITE, 0, bytes, 0, nullptr, nullptr, &err);
-    check(err, "clEnqueueMapBuffer(pinned staging)", dn);
-    host = static_cast<std::byte*>(ptr);
-  };
+  im.gates = dev.program_from_text("tc_gates", tc_source_text("tc_gates"), im.cfg.gates());
+  im.states = dev.program_from_text("tc_states", tc_source_text("tc_states"), im.cfg.states(0));
+  im.outputs = dev.program_from_text("tc_chunk", tc_source_text("tc_chunk"),
+                                     im.cfg.chunk(0, c.DHQK, c.DHHV, im.cfg.OTf, im.cfg.DSf));
   auto f32 = [&](std::size_t n) { return dev.alloc(std::max<std::size_t>(n, 1) * sizeof(float)); };
-  for (Slot& s : im.slots) {
-    pinned(2 * im.q_bytes + im.v_bytes + 2 * im.g_bytes, s.pinned_in, s.host_in);
-    pinned(im.v_bytes, s.pinned_out, s.host_out);
-    s.q = dev.alloc(im.q_bytes);
-    s.k = dev.alloc(im.q_bytes);
-    s.v = dev.alloc(im.v_bytes);
-    s.i = dev.alloc(im.g_bytes);
-    s.f = dev.alloc(im.g_bytes);
-    s.h = dev.alloc(im.v_bytes);
-    s.gates = KernelObject{dev.kernel(gates, "tc_fw_gates")};
-    s.states = KernelObject{dev.kernel(states, "tc_fw_states")};
-    s.outputs = KernelObject{dev.kernel(outputs, "tc_fw_outputs")};
-  }
+  set_up(im.slots[0], im.up);
+  // (Impl's future is its last member: destroyed first, it waits for this thread, which uses the slots.)
+  im.later_slots = std::async(std::launch::async, [this, slots = im.slots] {
+    const ScopedTrace later([&] { return "stream slots 1.." + std::to_string(kStreamSlots - 1) + " set up"; });
+    cl_int e = CL_SUCCESS;
+    cl_command_queue q = clCreateCommandQueue(device_->context(), device_->info().id, 0, &e);
+    check(e, "clCreateCommandQueue(stream set-up)", device_->name());
+    try {
+      for (int j = 1; j < kStreamSlots; ++j) set_up(slots[j], q);
+    } catch (...) {
+      clReleaseCommandQueue(q);
+      throw;
+    }
+    clReleaseCommandQueue(q);
+  });
   im.gb = f32(tok);
   im.gbi = f32(tok);
   im.gpm = f32(tok);
@@ -130,6 +129,38 @@ DeviceStream::DeviceStream(std::shared_ptr<Device> device, Config config, ConstT
     im.m[j] = f32(rows);
   }
   load_state(c0, n0, m0);
+}
+
+void DeviceStream::set_up(Slot& s, cl_command_queue map_queue) {
+  Device& dev = *device_;
+  const std::string& dn = dev.name();
+  const Impl& im = *impl_;
+  auto pinned = [&](std::size_t bytes, Buffer& buf, std::byte*& host) {
+    cl_int err = CL_SUCCESS;
+    cl_mem mem = clCreateBuffer(dev.context(), CL_MEM_READ_WRITE | CL_MEM_ALLOC_HOST_PTR, bytes, nullptr, &err);
+    check(err, "clCreateBuffer(pinned staging)", dn);
+    buf = Buffer(mem, bytes);
+    void* ptr =
+        clEnqueueMapBuffer(map_queue, mem, CL_TRUE, CL_MAP_READ | CL_MAP_WRITE, 0, bytes, 0, nullptr, nullptr, &err);
+    check(err, "clEnqueueMapBuffer(pinned staging)", dn);
+    host = static_cast<std::byte*>(ptr);
+  };
+  pinned(2 * im.q_bytes + im.v_bytes + 2 * im.g_bytes, s.pinned_in, s.host_in);
+  pinned(im.v_bytes, s.pinned_out, s.host_out);
+  s.q = dev.alloc(im.q_bytes);
+  s.k = dev.alloc(im.q_bytes);
+  s.v = dev.alloc(im.v_bytes);
+  s.i = dev.alloc(im.g_bytes);
+  s.f = dev.alloc(im.g_bytes);
+  s.h = dev.alloc(im.v_bytes);
+  s.gates = KernelObject{dev.kernel(im.gates, "tc_fw_gates")};
+  s.states = KernelObject{dev.kernel(im.states, "tc_fw_states")};
+  s.outputs = KernelObject{dev.kernel(im.outputs, "tc_fw_outputs")};
+}
+
+void DeviceStream::await_slots() {
+  Impl& im = *impl_;
+  if (im.later_slots.valid()) im.later_slots.get();  // rethrows the set-up's error (once; then the slots are unset)
 }
 
 void DeviceStream::load_state(ConstTensorView c0, ConstTensorView n0, ConstTensorView m0) {
@@ -176,6 +207,7 @@ void DeviceStream::restart(ConstTensorView c0, ConstTensorView n0, ConstTensorVi
 DeviceStream::~DeviceStream() {
   if (!impl_) return;
   Impl& im = *impl_;
+  if (im.later_slots.valid()) im.later_slots.wait();
   for (cl_command_queue q : {im.up, im.kernels, im.down})
     if (q) clFinish(q);
   for (Slot& s : im.slots) {
@@ -206,10 +238,12 @@ void DeviceStream::retire(Slot& s) {
   check(waited, "clWaitForEvents(stream download)", device_->name());
   lock.lock();
   slot_free_.wait(lock, [&] { return !s.taking; });  // a take() that started meanwhile finishes first
-  if (!s.taken) {
+  if (!s.taken && !s.direct_out.empty()) {
+    finished_.emplace(s.ticket, Finished{Tensor(), s.direct_out});
+  } else if (!s.taken) {
     Tensor h({config_.B, config_.NH, s.len, config_.DHHV}, config_.dtype);
     copy_rows(h.bytes(), 0, s.host_out, 0, 1, h.nbytes());
-    finished_.emplace(s.ticket, std::move(h));
+    finished_.emplace(s.ticket, Finished{std::move(h), {}});
   }
   release_event(s.up);
   release_event(s.computed);
@@ -223,6 +257,10 @@ DeviceStream::HostPiece DeviceStream::next_piece(std::int64_t len) {
     throw InvalidArgument(
         "len", "a piece must have 1.." + std::to_string(config_.max_piece) + " tokens, got " + std::to_string(len));
   Slot& s = slot_of(next_ticket_);
+  if (&s != &impl_->slots[0]) await_slots();
+  if (!s.outputs.k)
+    throw Error("DeviceStream: the staging of slot " + std::to_string(next_ticket_ % kStreamSlots) +
+                " failed to set up earlier");
   retire(s);
   const Impl& im = *impl_;
   const Config& c = config_;
@@ -242,6 +280,10 @@ DeviceStream::HostPiece DeviceStream::next_piece(std::int64_t len) {
 
 std::uint64_t DeviceStream::submit() {
   if (pending_len_ == 0) throw Error("DeviceStream::submit: call next_piece() first");
+  return enqueue_piece(nullptr);
+}
+
+std::uint64_t DeviceStream::enqueue_piece(const DirectSource* direct, const DirectSource* out, TensorView out_view) {
   Impl& im = *impl_;
   const Config& c = config_;
   const std::string& dn = device_->name();
@@ -264,9 +306,27 @@ std::uint64_t DeviceStream::submit() {
   for (std::size_t j = 0; j < 5; ++j) {
     const auto& [buf, range] = parts[j];
     cl_event* ev = j == 4 ? &up : nullptr;
-    check(clEnqueueWriteBuffer(im.up, buf->get(), CL_FALSE, 0, range.second, s.host_in + range.first, 0, nullptr, ev),
-          "clEnqueueWriteBuffer(stream upload)", dn);
+    const DirectSource* from = direct && direct[j].data ? &direct[j] : nullptr;
+    if (!from) {
+      check(clEnqueueWriteBuffer(im.up, buf->get(), CL_FALSE, 0, range.second, s.host_in + range.first, 0, nullptr, ev),
+            "clEnqueueWriteBuffer(stream upload)", dn);
+    } else if (from->pitch_nh == from->row && from->pitch_b == from->row * static_cast<std::size_t>(c.NH)) {
+      check(clEnqueueWriteBuffer(im.up, buf->get(), CL_FALSE, 0, range.second, from->data, 0, nullptr, ev),
+            "clEnqueueWriteBuffer(stream upload, pinned input)", dn);
+    } else {
+      // Rows of the piece, B*NH of them, each contiguous in the caller's memory, into the contiguous buffer.
+      const std::size_t origin[3] = {0, 0, 0};
+      const std::size_t region[3] = {from->row, static_cast<std::size_t>(c.NH), static_cast<std::size_t>(c.B)};
+      check(clEnqueueWriteBufferRect(im.up, buf->get(), CL_FALSE, origin, origin, region, from->row,
+                                     from->row * static_cast<std::size_t>(c.NH), from->pitch_nh, from->pitch_b,
+                                     from->data, 0, nullptr, ev),
+            "clEnqueueWriteBufferRect(stream upload, pinned input)", dn);
+    }
     bytes_up_ += range.second;
+    if (from) {
+      bytes_direct_ += range.second;
+      device_->note_direct_upload(range.second);
+    }
   }
   clFlush(im.up);
   cl_event after_compute = up;
@@ -298,8 +358,19 @@ std::uint64_t DeviceStream::submit() {
     clRetainEvent(up);
     computed = up;
   }
-  check(clEnqueueReadBuffer(im.down, s.h.get(), CL_FALSE, 0, vb, s.host_out, 1, &after_compute, &down),
-        "clEnqueueReadBuffer(stream download)", dn);
+  if (!out) {
+    check(clEnqueueReadBuffer(im.down, s.h.get(), CL_FALSE, 0, vb, s.host_out, 1, &after_compute, &down),
+          "clEnqueueReadBuffer(stream download)", dn);
+  } else {
+    // h's B*NH rows straight into the caller's page-locked h.
+    const std::size_t origin[3] = {0, 0, 0};
+    const std::size_t region[3] = {out->row, static_cast<std::size_t>(c.NH), static_cast<std::size_t>(c.B)};
+    check(clEnqueueReadBufferRect(im.down, s.h.get(), CL_FALSE, origin, origin, region, out->row,
+                                  out->row * static_cast<std::size_t>(c.NH), out->pitch_nh, out->pitch_b,
+                                  const_cast<std::byte*>(out->data), 1, &after_compute, &down),
+          "clEnqueueReadBufferRect(stream download, pinned h)", dn);
+    bytes_direct_down_ += vb;
+  }
   clFlush(im.down);
   bytes_down_ += vb;
   {
@@ -309,6 +380,7 @@ std::uint64_t DeviceStream::submit() {
     s.down = down;
     s.ticket = ticket;
     s.len = len;
+    s.direct_out = out ? out_view : TensorView();
     s.busy = true;
     s.taken = false;
   }
@@ -316,7 +388,30 @@ std::uint64_t DeviceStream::submit() {
   return ticket;
 }
 
-std::uint64_t DeviceStream::push(const ForwardArgs& piece) {
+std::optional<DeviceStream::DirectSource> DeviceStream::direct_source(ConstTensorView t, DType dtype) const {
+  if (t.dtype() != dtype || t.empty()) return std::nullopt;
+  const int d = t.dims();  // (B,NH,len,D) or (B,NH,len)
+  const std::int64_t row_elems = d == 4 ? t.dim(2) * t.dim(3) : t.dim(2);
+  if (t.strides()[static_cast<std::size_t>(d - 1)] != 1) return std::nullopt;
+  if (d == 4 && t.strides()[2] != t.dim(3)) return std::nullopt;
+  const std::size_t es = dtype_size(dtype);
+  DirectSource src;
+  src.data = t.bytes();
+  src.row = static_cast<std::size_t>(row_elems) * es;
+  src.pitch_nh = static_cast<std::size_t>(t.strides()[1]) * es;
+  src.pitch_b = static_cast<std::size_t>(t.strides()[0]) * es;
+  // A rectangular copy needs each row inside its pitch and each group of NH rows inside its pitch.
+  if (t.dim(1) > 1 && src.pitch_nh < src.row) return std::nullopt;
+  if (t.dim(0) > 1 && src.pitch_b < src.pitch_nh * static_cast<std::size_t>(t.dim(1))) return std::nullopt;
+  if (t.dim(1) == 1) src.pitch_nh = src.row;
+  if (t.dim(0) == 1) src.pitch_b = src.pitch_nh * static_cast<std::size_t>(t.dim(1));
+  const std::size_t extent = src.pitch_b * static_cast<std::size_t>(t.dim(0) - 1) +
+                             src.pitch_nh * static_cast<std::size_t>(t.dim(1) - 1) + src.row;
+  if (!device_->pinned(src.data, extent)) return std::nullopt;
+  return src;
+}
+
+std::uint64_t DeviceStream::push(const ForwardArgs& piece, bool inputs_outlive_piece, TensorView h_dest) {
   const Config& c = config_;
   ProblemShape stream;
   stream.B = c.B;
@@ -325,18 +420,44 @@ std::uint64_t DeviceStream::push(const ForwardArgs& piece) {
   stream.DHHV = c.DHHV;
   const ProblemShape p = check_stream_piece(piece, stream, c.options);
   HostPiece h = next_piece(p.S);
-  copy_into(piece.q, h.q);
-  copy_into(piece.k, h.k);
-  copy_into(piece.v, h.v);
-  copy_into(piece.i, h.i);
-  copy_into(piece.f, h.f);
-  return submit();
+  const std::pair<ConstTensorView, TensorView> inputs[5] = {
+      {piece.q, h.q}, {piece.k, h.k}, {piece.v, h.v}, {piece.i, h.i}, {piece.f, h.f}};
+  DirectSource direct[5];
+  bool any_direct = false;
+  for (std::size_t j = 0; j < 5; ++j) {
+    const auto& [from, staging] = inputs[j];
+    if (const auto src = direct_source(from, staging.dtype())) {
+      direct[j] = *src;
+      any_direct = true;
+    } else {
+      copy_into(from, staging);
+    }
+  }
+  std::optional<DirectSource> out;
+  if (!h_dest.empty()) {
+    check_output_rows(h_dest, {c.B, c.NH, p.S, c.DHHV}, c.dtype, "h_dest");
+    out = direct_source(h_dest, c.dtype);
+  }
+  const std::uint64_t ticket = enqueue_piece(direct, out ? &*out : nullptr, out ? h_dest : TensorView());
+  if (any_direct && !inputs_outlive_piece) {
+    // The caller may change or free its inputs once push returns: their uploads finish first.
+    cl_event up = nullptr;
+    {
+      std::lock_guard lock(mutex_);
+      up = slot_of(ticket).up;
+      clRetainEvent(up);
+    }
+    const cl_int waited = clWaitForEvents(1, &up);
+    clReleaseEvent(up);
+    check(waited, "clWaitForEvents(stream upload)", device_->name());
+  }
+  return ticket;
 }
 
 Tensor DeviceStream::take(std::uint64_t ticket) {
   std::unique_lock lock(mutex_);
-  if (auto it = finished_.find(ticket); it != finished_.end()) {
-    Tensor h = std::move(it->second);
+  if (auto it = finished_.find(ticket); it != finished_.end() && it->second.direct.empty()) {
+    Tensor h = std::move(it->second.h);
     finished_.erase(it);
     return h;
   }
@@ -354,10 +475,14 @@ void DeviceStream::take_into(std::uint64_t ticket, TensorView out) {
   };
   std::unique_lock lock(mutex_);
   if (auto it = finished_.find(ticket); it != finished_.end()) {
-    const Tensor h = std::move(it->second);
+    const Finished f = std::move(it->second);
     finished_.erase(it);
     lock.unlock();
-    copy_out(h.bytes(), h.dim(2));
+    if (f.direct.empty()) {
+      copy_out(f.h.bytes(), f.h.dim(2));
+    } else if (f.direct.bytes() != out.bytes() || f.direct.strides() != out.strides()) {
+      copy_piece_rows(f.direct, out);  // downloaded into h_dest, taken elsewhere
+    }
     return;
   }
   Slot& s = slot_of(ticket);
@@ -373,7 +498,13 @@ void DeviceStream::take_into(std::uint64_t ticket, TensorView out) {
   std::exception_ptr failed;
   if (waited == CL_SUCCESS) {
     try {
-      copy_out(s.host_out, s.len);
+      if (s.direct_out.empty()) {
+        copy_out(s.host_out, s.len);
+      } else if (s.direct_out.bytes() != out.bytes() || s.direct_out.strides() != out.strides()) {
+        copy_piece_rows(s.direct_out, out);
+      } else {
+        check_output_rows(out, s.direct_out.shape(), s.direct_out.dtype(), "out");
+      }
     } catch (...) {
       failed = std::current_exception();
     }
@@ -406,6 +537,7 @@ ConstTensorView DeviceStream::view(std::uint64_t ticket) {
   lock.unlock();
   slot_free_.notify_all();
   check(waited, "clWaitForEvents(stream download)", device_->name());
+  if (!s.direct_out.empty()) return s.direct_out;
   return ConstTensorView(s.host_out, config_.dtype, {config_.B, config_.NH, s.len, config_.DHHV});
 }
 

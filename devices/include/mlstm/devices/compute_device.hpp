@@ -87,6 +87,11 @@ class ComputeDevice {
   virtual std::string name() const = 0;
   virtual DeviceSupport supports(DeviceStage stage, const ProblemShape& shape, const MlstmOptions& options) const = 0;
   virtual ForwardResult forward(const ForwardArgs& segment, const MlstmOptions& options) = 0;
+  // forward() with h written into `h`: (B,NH,S,DHHV) of q's dtype whose rows of S*DHHV elements are contiguous (a
+  // slice of a longer h, say); the result's h is empty. The default copies forward()'s h there; an OpenCL device
+  // streaming a long segment downloads each piece straight into `h` when it lies in its page-locked memory
+  // (host_tensor()), else copies it there from its staging.
+  virtual ForwardResult forward_into(const ForwardArgs& segment, const MlstmOptions& options, TensorView h);
   virtual ForwardResult last_state(const ForwardArgs& segment, const MlstmOptions& options) = 0;
   virtual BackwardResult backward(const BackwardArgs& args, const MlstmOptions& options) = 0;
   // Given dh and the gradient of the state leaving the run (dc_last / dn_last): the gradient of the state
@@ -108,6 +113,15 @@ class ComputeDevice {
   // staging with uploads, kernels and downloads of consecutive pieces overlapped (opencl::DeviceStream).
   virtual std::unique_ptr<SequenceStream> open_stream(const ProblemShape& shape, const MlstmOptions& options,
                                                       State initial = {});
+  // Host memory this device transfers from and to fastest, or an empty tensor (the default) when any memory is as
+  // good (CPU workers read it in place). An OpenCL device gives page-locked memory of its context
+  // (opencl::Device::pinned_tensor): its streams upload inputs that lie there without a copy through their
+  // staging. Thrown errors: DeviceError (out of page-locked memory), InvalidArgument("shape").
+  virtual Tensor host_tensor(Shape shape, DType dtype) {
+    (void)shape;
+    (void)dtype;
+    return {};
+  }
   class InputResidency {
    public:
     virtual ~InputResidency() = default;

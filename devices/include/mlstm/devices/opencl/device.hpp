@@ -177,6 +177,17 @@ class Device {
     ++streams_opened_;
     if (set_up) ++stream_setups_;
   }
+  // Page-locked host memory of this device's context, mapped for the tensor's life: the DMA engines read and
+  // write it directly, so a DeviceStream uploads inputs that lie in it without copying them into its staging
+  // first (issue 14: arrays in pageable memory cost one host copy per byte, which bounds a streamed forward
+  // below the links). The tensor keeps the allocation and the context alive; freeing it unmaps and releases it.
+  // Out of page-locked memory: DeviceError(out_of_memory) naming the device. Thread-safe.
+  Tensor pinned_tensor(Shape shape, DType dtype);
+  // Whether [data, data + bytes) lies inside one live pinned_tensor() of this device. Thread-safe.
+  bool pinned(const void* data, std::size_t bytes) const;
+  // Bytes the streams on this device uploaded straight from pinned inputs so far (for tests and traces).
+  std::uint64_t direct_upload_bytes() const noexcept { return direct_upload_bytes_.load(); }
+  void note_direct_upload(std::uint64_t bytes) noexcept { direct_upload_bytes_ += bytes; }
   std::size_t staging_slot_bytes() const noexcept { return staging_slot_; }
   std::size_t staging_threshold() const noexcept;
   void finish();
@@ -236,7 +247,9 @@ class Device {
   void drop_unretained_uploads();                            // kept buffers outside every listed range back to the pool
   void pool_locked(Buffer&& buffer);          // into the free pool if under its limit, else freed (pool_mutex_ held)
   std::vector<HostRange> retained_ranges_;    // every live scope's ranges (guarded by pool_mutex_)
-  std::atomic<std::uint64_t> streams_opened_{0}, stream_setups_{0};
+  struct PinnedRanges;                         // live pinned_tensor() allocations (shared with their owners)
+  std::shared_ptr<PinnedRanges> pinned_ranges_;
+  std::atomic<std::uint64_t> streams_opened_{0}, stream_setups_{0}, direct_upload_bytes_{0};
   std::map<UploadKey, Buffer> kept_uploads_;  // released, waiting to be handed out again
   std::map<cl_mem, UploadKey> handed_out_uploads_;  // in use; kept again when released
   std::uint64_t kept_bytes_ = 0, reused_uploads_ = 0;

@@ -26,6 +26,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <vector>
 
 #include "mlstm/core/problem.hpp"
@@ -63,15 +64,24 @@ class DeviceStream {
   HostPiece next_piece(std::int64_t len);
   // Enqueues the piece filled through next_piece(); returns its ticket (0, 1, 2, ...).
   std::uint64_t submit();
-  // next_piece + a copy of `piece` (validated against the config; c0/n0/m0 must be empty) + submit.
-  std::uint64_t push(const ForwardArgs& piece);
+  // next_piece + a copy of `piece` (validated against the config; c0/n0/m0 must be empty) + submit. An input
+  // that lies in this device's page-locked memory (Device::pinned_tensor), in the stream's dtype (float32 for
+  // i and f) with rows of len*D contiguous elements (a slice of a longer sequence, say) is not copied: its upload
+  // reads it where it is (one rectangular DMA), so only the other inputs pass through the staging. Such inputs
+  // are read after push() returns: push waits for its uploads unless `inputs_outlive_piece`, where the caller
+  // promises to keep them unchanged until the piece's h is taken (or finish()/restart()/destruction).
+  // `h_dest` (optional): where the piece's h will be taken to (take_into with the same view). When it lies in this
+  // device's page-locked memory with rows of len*DHHV contiguous elements, the download writes h there directly
+  // (no staging, no host copy) and take_into(ticket, h_dest) only waits for it; the caller keeps that memory until
+  // then. Anywhere else it changes nothing.
+  std::uint64_t push(const ForwardArgs& piece, bool inputs_outlive_piece = false, TensorView h_dest = {});
   // h of a submitted piece, (B,NH,len,DHHV) in the stream's dtype; waits for it. Each ticket once.
   Tensor take(std::uint64_t ticket);
   // take() into `out`, (B,NH,len,DHHV) of the stream's dtype whose rows of len*DHHV elements are contiguous, one
   // every out.strides()[1] elements (a slice of a longer h): one copy, from the pinned staging (or from the copy
   // a later next_piece() set aside). Like take(), safe from another thread than the producer's.
   void take_into(std::uint64_t ticket, TensorView out);
-  // Zero-copy: h of a submitted piece as a view of the pinned staging (waits for it). Valid until the slot
+  // Zero-copy: h of a submitted piece as a view of the pinned staging, or of its h_dest (waits for it). Valid until the slot
   // is reused, i.e. until next_piece() is called for the piece submitted 3 pieces later. Each ticket once
   // (view or take).
   ConstTensorView view(std::uint64_t ticket);
@@ -85,14 +95,18 @@ class DeviceStream {
 
   std::int64_t tokens() const noexcept { return tokens_; }
   const Config& config() const noexcept { return config_; }
-  std::uint64_t bytes_up() const noexcept { return bytes_up_; }      // host -> device so far
-  std::uint64_t bytes_down() const noexcept { return bytes_down_; }  // device -> host so far
+  std::uint64_t bytes_up() const noexcept { return bytes_up_; }          // host -> device so far
+  std::uint64_t bytes_down() const noexcept { return bytes_down_; }      // device -> host so far
+  std::uint64_t bytes_direct() const noexcept { return bytes_direct_; }  // of bytes_up(): read from pinned inputs
+  std::uint64_t bytes_direct_down() const noexcept { return bytes_direct_down_; }  // of bytes_down(): into h_dest
 
  private:
   struct Slot;
   struct Impl;
   Slot& slot_of(std::uint64_t ticket);
-  void retire(Slot& slot);  // waits for the slot's piece and keeps its h aside if not taken
+  void retire(Slot& slot);                              // waits for the slot's piece and keeps its h aside if not taken
+  void set_up(Slot& slot, cl_command_queue map_queue);  // its pinned staging, device buffers and kernels
+  void await_slots();                                   // the later slots' set-up (rethrows its error)
   void load_state(ConstTensorView c0, ConstTensorView n0, ConstTensorView m0);  // the state entering the next piece
 
   std::shared_ptr<Device> device_;
@@ -100,10 +114,25 @@ class DeviceStream {
   std::unique_ptr<Impl> impl_;
   std::mutex mutex_;  // slot states and finished_ (take() may run on another thread)
   std::condition_variable slot_free_;
-  std::map<std::uint64_t, Tensor> finished_;  // h of pieces whose slot was reused before take()
+  // Pieces whose slot was reused before take(): h copied aside, or (direct) already in the caller's h_dest.
+  struct Finished {
+    Tensor h;
+    TensorView direct;
+  };
+  std::map<std::uint64_t, Finished> finished_;
   std::uint64_t next_ticket_ = 0;
   std::int64_t tokens_ = 0, pending_len_ = 0;
-  std::uint64_t bytes_up_ = 0, bytes_down_ = 0;
+  std::uint64_t bytes_up_ = 0, bytes_down_ = 0, bytes_direct_ = 0;
+  // An input uploaded from where it lies (push with pinned inputs): rows of `row` bytes, NH of them `pitch_nh`
+  // apart, B such groups `pitch_b` apart.
+  struct DirectSource {
+    const std::byte* data = nullptr;
+    std::size_t row = 0, pitch_nh = 0, pitch_b = 0;
+  };
+  std::optional<DirectSource> direct_source(ConstTensorView t, DType dtype) const;
+  std::uint64_t bytes_direct_down_ = 0;
+  // submit(), some inputs from `direct` (5 or nullptr), h into `out` when it is not null.
+  std::uint64_t enqueue_piece(const DirectSource* direct, const DirectSource* out = nullptr, TensorView out_view = {});
 };
 
 }  // namespace mlstm::opencl
