@@ -193,6 +193,14 @@ FlowGraphRunner::FlowGraphRunner(std::vector<std::shared_ptr<ComputeDevice>> dev
 
 FlowGraphRunner::FlowGraphRunner(const std::string& device_spec) : FlowGraphRunner(devices_from_spec(device_spec)) {}
 
+Tensor FlowGraphRunner::host_tensor(Shape shape, DType dtype) const {
+  for (const auto& d : devices_) {
+    Tensor t = d->host_tensor(shape, dtype);
+    if (!t.empty()) return t;
+  }
+  return Tensor(std::move(shape), dtype);
+}
+
 Plan FlowGraphRunner::plan(const ProblemShape& shape, const MlstmOptions& options, std::int64_t segment_tokens,
                            Pass pass) const {
   return plan_run(pass, shape, options, segment_tokens).plan;
@@ -572,8 +580,19 @@ struct FinalStateFilterBody {
 
 ForwardResult FlowGraphRunner::forward(const ForwardArgs& args, const MlstmOptions& options,
                                        std::int64_t segment_tokens) {
+  return run_forward(args, options, segment_tokens, {});
+}
+
+ForwardResult FlowGraphRunner::forward_into(TensorView h, const ForwardArgs& args, const MlstmOptions& options,
+                                            std::int64_t segment_tokens) {
+  if (h.empty()) throw InvalidArgument("h", "forward_into needs the tensor to write h into");
+  return run_forward(args, options, segment_tokens, h);
+}
+
+ForwardResult FlowGraphRunner::run_forward(const ForwardArgs& args, const MlstmOptions& options,
+                                           std::int64_t segment_tokens, TensorView h_out) {
   using namespace tbb::flow;
-  auto problem = std::make_shared<nodes::SegmentProblem>(args, options);
+  auto problem = std::make_shared<nodes::SegmentProblem>(args, options, true, h_out);
   // Named members, not a structured binding: clang before 16 refuses to capture bindings in lambdas.
   const PlannedRun planned = plan_run(Pass::forward, problem->shape(), options, segment_tokens);
   const auto& devices = planned.devices;

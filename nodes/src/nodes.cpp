@@ -17,10 +17,19 @@
 
 namespace mlstm::nodes {
 
-SegmentProblem::SegmentProblem(const ForwardArgs& args, const MlstmOptions& options, bool with_outputs)
-    : args_(args), options_(options), shape_(validate_forward(args, options)) {
+SegmentProblem::SegmentProblem(const ForwardArgs& args, const MlstmOptions& options, bool with_outputs,
+                               TensorView h_out)
+    : args_(args), options_(options), shape_(validate_forward(args, options)), h_out_(h_out) {
   empty_ = std::make_shared<const State>(make_empty_state());
-  if (with_outputs) h_ = Tensor({shape_.B, shape_.NH, shape_.S, shape_.DHHV}, shape_.dtype);
+  if (!h_out_.empty()) {
+    check_output_rows(h_out_, {shape_.B, shape_.NH, shape_.S, shape_.DHHV}, shape_.dtype, "h");
+  } else if (with_outputs) {
+    h_ = Tensor({shape_.B, shape_.NH, shape_.S, shape_.DHHV}, shape_.dtype);
+  }
+}
+
+TensorView SegmentProblem::h_out(const Segment& s) const {
+  return h_out_.empty() ? TensorView() : sequence_slice(h_out_, s.t0, s.t1);
 }
 
 ForwardArgs SegmentProblem::segment_args(const Segment& s) const {
@@ -214,6 +223,7 @@ ForwardResult run_range(ComputeDevice& d, SegmentProblem& problem, int index, st
   try {
     check_injected_oom(d, index, t1 - t0);
     try {
+      if (outputs && !problem.h_out(sub).empty()) return d.forward_into(a, o, problem.h_out(sub));
       ForwardResult r = outputs ? d.forward(a, o) : d.last_state(a, o);
       if (outputs) problem.write_h(sub, std::move(r.h));
       return r;

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 
 #include <algorithm>
+#include <cstring>
 #include <deque>
 
 #include "mlstm/devices/opencl/device.hpp"
@@ -88,6 +89,78 @@ TEST(StreamEngine, LongForwardOfAnOpenCLDeviceStreamsItsPieces) {
   const auto opened = opencl_device0()->streams_opened();
   (void)dev->forward(in.args(), chunk64(false));
   EXPECT_EQ(opencl_device0()->streams_opened(), opened);
+}
+
+// FlowGraphRunner::host_tensor gives the OpenCL device's page-locked memory (ordinary memory for CPU workers
+// alone). A long forward from inputs there streams them without the staging copy (the device counts the bytes
+// uploaded from where they lie) and gives what the same inputs in ordinary memory give, bit for bit.
+TEST(StreamEngine, ForwardFromPinnedHostTensorsUploadsThemWhereTheyLie) {
+  if (no_opencl()) GTEST_SKIP() << "no OpenCL device (install pocl-opencl-icd)";
+  const StreamPiece piece("128");
+  graph::FlowGraphRunner runner(std::vector<std::shared_ptr<ComputeDevice>>{emulated_tc_device()});
+  const testing::InputSpec s = small_bf16(333, true);
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  auto pin = [&](const Tensor& t) {
+    Tensor p = runner.host_tensor(t.shape(), t.dtype());
+    std::memcpy(p.bytes(), t.bytes(), t.nbytes());
+    return p;
+  };
+  const Tensor q = pin(in.q), k = pin(in.k), v = pin(in.v), i = pin(in.i), f = pin(in.f);
+  EXPECT_TRUE(opencl_device0()->pinned(q.bytes(), q.nbytes()));
+  const MlstmOptions o = chunk64(true);
+  const ForwardResult plain = runner.forward(in.args(), o);
+  ForwardArgs a = in.args();
+  a.q = q.view();
+  a.k = k.view();
+  a.v = v.view();
+  a.i = i.view();
+  a.f = f.view();
+  const auto before = opencl_device0()->direct_upload_bytes();
+  const ForwardResult got = runner.forward(a, o);
+  EXPECT_EQ(opencl_device0()->direct_upload_bytes() - before,
+            static_cast<std::uint64_t>(q.nbytes() + k.nbytes() + v.nbytes() + i.nbytes() + f.nbytes()));
+  for (const auto& [x, y] : {std::pair{&got.h, &plain.h}, {&got.c, &plain.c}, {&got.n, &plain.n}, {&got.m, &plain.m}})
+    EXPECT_EQ(std::memcmp(x->bytes(), y->bytes(), y->nbytes()), 0) << "pinned inputs give what ordinary ones give";
+  EXPECT_TRUE(h_matches(got.h, reference::recurrent_forward(in.args(), o), in, o, s, "pinned forward"));
+  EXPECT_TRUE(graph::FlowGraphRunner(cpu_workers()).host_tensor({2, 3}, DType::f32).shape() == (Shape{2, 3}));
+
+  // forward_into: h written in place, into page-locked memory (downloaded there) or ordinary memory, the same bits.
+  for (const bool pinned_h : {true, false}) {
+    Tensor h = pinned_h ? runner.host_tensor(plain.h.shape(), plain.h.dtype()) : Tensor(plain.h.shape(), plain.h.dtype());
+    const ForwardResult into = runner.forward_into(h.view(), a, o);
+    EXPECT_TRUE(into.h.empty());
+    EXPECT_EQ(std::memcmp(h.bytes(), plain.h.bytes(), h.nbytes()), 0) << "forward_into, pinned h: " << pinned_h;
+    EXPECT_EQ(std::memcmp(into.c.bytes(), plain.c.bytes(), plain.c.nbytes()), 0);
+  }
+  Tensor wrong({1, 2, 332, 32}, DType::bf16);
+  try {
+    (void)runner.forward_into(wrong.view(), a, o);
+    ADD_FAILURE() << "an h of the wrong shape was taken";
+  } catch (const InvalidArgument& e) {
+    EXPECT_EQ(e.argument(), "h");
+  }
+}
+
+// forward_into through the graph over several segments and devices (CPU workers and the OpenCL device, failover
+// halving included in the path) writes every segment's h in place: equal to forward().
+TEST(StreamEngine, ForwardIntoASliceOfALongerTensorEqualsForward) {
+  if (no_opencl()) GTEST_SKIP() << "no OpenCL device (install pocl-opencl-icd)";
+  std::vector<std::shared_ptr<ComputeDevice>> devices = cpu_workers();
+  devices.push_back(emulated_tc_device());
+  graph::FlowGraphRunner runner(devices);
+  const testing::InputSpec s = small_bf16(300, true);
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  const MlstmOptions o = chunk64(true);
+  const ForwardResult ref = reference::recurrent_forward(in.args(), o);
+  Tensor longer = Tensor::zeros({1, 2, 400, 32}, DType::bf16);  // h lands in tokens [50, 350) of it
+  const ForwardResult got = runner.forward_into(sequence_slice(longer.view(), 50, 350), in.args(), o, 128);
+  EXPECT_TRUE(got.h.empty());
+  // (Which device takes which segment varies from run to run, so against the reference, not bit for bit.)
+  EXPECT_TRUE(h_matches(testing::slice_seq(longer, 50, 350), ref, in, o, s, "forward_into over segments"));
+  EXPECT_TRUE(testing::last_state_matches(got.c, got.n, got.m, ref.c, ref.n, ref.m, 2e-2, 1e-3, "forward_into", s));
+  const std::vector<double> zeros(2 * 50 * 32, 0.0);
+  EXPECT_EQ(testing::slice_seq(longer, 0, 50).to_vector(), zeros) << "before the slice: untouched";
+  EXPECT_EQ(testing::slice_seq(longer, 350, 400).to_vector(), zeros) << "after the slice: untouched";
 }
 
 // open_stream on a tensor-core device is overlapped; pieces of any length (longer than its pieces: cut, their

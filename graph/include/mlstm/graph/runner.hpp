@@ -84,6 +84,11 @@ class FlowGraphRunner {
   explicit FlowGraphRunner(const std::string& device_spec);  // devices_from_spec
 
   const std::vector<std::shared_ptr<ComputeDevice>>& devices() const noexcept { return devices_; }
+  // A host tensor for a run's inputs (or anything else) in the memory the runner's devices transfer fastest: the
+  // first device's that has such memory (ComputeDevice::host_tensor: page-locked memory of an OpenCL device,
+  // which its stream uploads from without a host copy), else ordinary memory. The analogue of PyTorch's
+  // pin_memory(): fill it, then pass its view in ForwardArgs. Uninitialised contents.
+  Tensor host_tensor(Shape shape, DType dtype) const;
   void set_balancing(Balancing b) noexcept { balancing_ = b; }
   Balancing balancing() const noexcept { return balancing_; }
   // Measured forward speed (tokens/s) of every device on this problem's dimensions (cached).
@@ -95,6 +100,12 @@ class FlowGraphRunner {
   // h and (when options.return_last_states) the last state; equal to one call of a chunkwise kernel.
   // Sequence parallel: segments of the sequence across the devices (see the file comment).
   ForwardResult forward(const ForwardArgs& args, const MlstmOptions& options, std::int64_t segment_tokens = 0);
+  // forward() with h written into the caller's `h`: (B,NH,S,DHHV) of q's dtype whose rows of S*DHHV elements are
+  // contiguous (InvalidArgument("h") otherwise); the result's h is empty. Each segment's device writes its part
+  // in place; in host_tensor() memory a GPU's stream downloads it there directly, so with the inputs there as well
+  // no byte of the run passes a host copy.
+  ForwardResult forward_into(TensorView h, const ForwardArgs& args, const MlstmOptions& options,
+                             std::int64_t segment_tokens = 0);
   // Head split: the B*NH rows cut into contiguous groups, one group per device, each over the whole
   // sequence; the same results. Inputs must be contiguous.
   ForwardResult forward_head_split(const ForwardArgs& args, const MlstmOptions& options);
@@ -127,6 +138,8 @@ class FlowGraphRunner {
     std::vector<std::shared_ptr<ComputeDevice>> devices;  // devices[d] is plan.devices[d]
     Plan plan;
   };
+  ForwardResult run_forward(const ForwardArgs& args, const MlstmOptions& options, std::int64_t segment_tokens,
+                            TensorView h_out);  // forward() and forward_into()
   // The one planning function of every run and of plan(): the capable devices, then the plan over them.
   PlannedRun plan_run(Pass pass, const ProblemShape& shape, const MlstmOptions& options,
                       std::int64_t segment_tokens) const;

@@ -93,8 +93,10 @@ struct SegmentOutput {
 // segment, disjoint slices) and the state entering the first segment.
 class SegmentProblem {
  public:
-  // with_outputs = false: no h is allocated (the backward only needs the entering states).
-  SegmentProblem(const ForwardArgs& args, const MlstmOptions& options, bool with_outputs = true);
+  // with_outputs = false: no h is allocated (the backward only needs the entering states). `h_out` (optional): the
+  // caller's h, (B,NH,S,DHHV) of q's dtype with rows of S*DHHV contiguous elements; every segment's h goes there
+  // (its device writes it in place: ComputeDevice::forward_into) and h() stays empty.
+  SegmentProblem(const ForwardArgs& args, const MlstmOptions& options, bool with_outputs = true, TensorView h_out = {});
   const ProblemShape& shape() const noexcept { return shape_; }
   const MlstmOptions& options() const noexcept { return options_; }
   // Views of the inputs restricted to a segment (no copies).
@@ -109,6 +111,8 @@ class SegmentProblem {
   // the whole sequence hands its tensor over instead of copying it.
   void write_h(const Segment& s, Tensor&& h);
   Tensor& h() noexcept { return h_; }
+  // The caller's h of segment s when the problem has one (h_out), else an empty view.
+  TensorView h_out(const Segment& s) const;
   // With keep_final_state(true), the output run of the segment that ends the sequence also computes the state
   // leaving it and hands it on in its SegmentOutput (a one-segment plan needs no local-state pass: its
   // entering state is known).
@@ -124,6 +128,7 @@ class SegmentProblem {
   ProblemShape shape_;
   StateHandle empty_;
   Tensor h_;
+  TensorView h_out_;
   bool keep_final_state_ = false;
 };
 
