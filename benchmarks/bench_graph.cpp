@@ -5,7 +5,9 @@
 #include <benchmark/benchmark.h>
 #include <sys/resource.h>
 
+#include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <random>
 
 #include "mlstm/devices/opencl/device.hpp"
@@ -122,6 +124,55 @@ void graph_forward(benchmark::State& state, graph::Balancing balancing) {
   state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(z.S) * static_cast<double>(state.iterations()),
                                                   benchmark::Counter::kIsRate);
 }
+// A forward from host memory through the runner on OpenCL device 0 (issue 14's main job: NH=4, DHQK=DHHV=128,
+// bf16, chunk 128, MLSTM_BENCH_HOST_S tokens, default 1M), the inputs in ordinary memory (arg 0) or in the device's
+// page-locked memory from FlowGraphRunner::host_tensor (arg 1), and with arg 2 h there too (forward_into). Inputs
+// are tiled from one random piece.
+//   MLSTM_TRACE=1 build/benchmarks/bench_graph --benchmark_filter=HostForward   (per-piece timeline)
+void BM_HostForward(benchmark::State& state) {
+  if (opencl::list_devices().empty()) {
+    state.SkipWithError("no OpenCL device");
+    return;
+  }
+  const std::int64_t S = env_int("MLSTM_BENCH_HOST_S", 1 << 20), NH = 4, D = 128, P = 16384;
+  graph::FlowGraphRunner runner("0");
+  const Piece piece = make_piece(NH, P, D, 5);
+  auto tile = [&](const Tensor& t) {
+    Shape shape = t.shape();
+    shape[2] = S;
+    Tensor out = state.range(0) >= 1 ? runner.host_tensor(shape, t.dtype()) : Tensor(shape, t.dtype());
+    const std::size_t row = static_cast<std::size_t>(t.numel() / NH) * dtype_size(t.dtype());  // one head, P tokens
+    for (std::int64_t h = 0; h < NH; ++h)
+      for (std::int64_t t0 = 0; t0 < S; t0 += P) {
+        const std::size_t len = row / static_cast<std::size_t>(P) * static_cast<std::size_t>(std::min(P, S - t0));
+        std::memcpy(
+            out.bytes() +
+                static_cast<std::size_t>(h) * (row / static_cast<std::size_t>(P)) * static_cast<std::size_t>(S) +
+                row / static_cast<std::size_t>(P) * static_cast<std::size_t>(t0),
+            t.bytes() + static_cast<std::size_t>(h) * row, len);
+      }
+    return out;
+  };
+  const Piece whole{tile(piece.q), tile(piece.k), tile(piece.v), tile(piece.i), tile(piece.f)};
+  MlstmOptions o;
+  o.chunk_size = 128;
+  Tensor h = state.range(0) == 2 ? runner.host_tensor({1, NH, S, D}, DType::bf16) : Tensor();
+  (void)runner.forward(whole.args(), o);  // warm-up: programs, the device's stream
+  for (auto _ : state) {
+    if (state.range(0) == 2) {
+      (void)runner.forward_into(h.view(), whole.args(), o);
+    } else {
+      auto r = runner.forward(whole.args(), o);
+      benchmark::DoNotOptimize(r.h.bytes());
+    }
+  }
+  static const char* labels[] = {"ordinary inputs", "pinned inputs", "pinned inputs and h (forward_into)"};
+  state.SetLabel(labels[state.range(0)]);
+  state.counters["tokens/s"] =
+      benchmark::Counter(static_cast<double>(S) * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+}
+BENCHMARK(BM_HostForward)->DenseRange(0, 2)->Unit(benchmark::kMillisecond)->UseRealTime();
+
 void BM_GraphForward(benchmark::State& state) { graph_forward(state, graph::Balancing::pull); }
 void BM_GraphForwardCalibrated(benchmark::State& state) { graph_forward(state, graph::Balancing::calibrated); }
 BENCHMARK(BM_GraphForward)->DenseRange(0, 3)->Unit(benchmark::kMillisecond)->UseRealTime();

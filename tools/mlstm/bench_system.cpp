@@ -578,6 +578,7 @@ constexpr RowKind kFileRead{"file_read", "bound: reading the .npy inputs back"};
 constexpr RowKind kHostCopy{"host_copy", "bound: host copies to/from staging"};
 // Runs and their targets.
 constexpr RowKind kForwardHost{"forward_host", "forward, C++ host memory, graph", 0.80, true};
+constexpr RowKind kForwardPinned{"forward_pinned", "forward, C++ page-locked host memory, graph", 0.80, true};
 constexpr RowKind kWorkersPlus{"workers_plus_gpu", "forward, CPU workers + GPU vs GPU", 1.0, true};
 constexpr RowKind kFwbwHost{"fwbw_host", "forward+backward, C++ host memory", 0.70, true};
 constexpr RowKind kForwardFiles{"forward_files", "forward, .npy files through the CLI", 0.80, true};
@@ -585,7 +586,7 @@ constexpr RowKind kForwardPython{"forward_python", "forward, Python numpy arrays
 constexpr RowKind kStartup{"startup", "second run: start-up to first token", 0.10, false};
 constexpr RowKind kPeakRss{"peak_rss", "peak RSS, largest vs smallest size", 1.10, false};
 constexpr const RowKind* kCaseRows[] = {&kTransfer,   &kTransferFwbw, &kHostCopy,     &kKernelFw,
-                                        &kKernelFwbw, &kForwardHost,  &kWorkersPlus,  &kFwbwHost,
+                                        &kKernelFwbw, &kForwardHost,  &kForwardPinned, &kWorkersPlus,  &kFwbwHost,
                                         &kFileRead,   &kForwardFiles, &kForwardPython};
 
 std::string rate_text(double tokens_per_s) {
@@ -898,6 +899,7 @@ class SystemBench {
     const double fwbw_bound =
         std::min({transfer ? transfer->fwbw : INFINITY, kernel ? kernel->fwbw : INFINITY, host_copy / 2});
     host_runs(c, pieces, std::move(whole), budget, fw_bound, fwbw_bound);
+    pinned_run(c, pieces, budget, std::min(transfer ? transfer->fw : INFINITY, kernel ? kernel->fw : INFINITY));
     return file_runs(c, pieces, fw_bound, smallest);
   }
 
@@ -967,6 +969,34 @@ class SystemBench {
                   extra);
     } catch (const std::exception& e) {
       report_.failed(c, kFwbwHost, e.what());
+    }
+  }
+
+  // The forward through the graph from inputs in the GPU's page-locked memory (FlowGraphRunner::host_tensor, filled
+  // before the timing, as a user fills such buffers) into an h there too (forward_into): no host copy on the way up
+  // or down, so its bound is the issue's min(transfer, kernel_fw).
+  void pinned_run(const Case& c, const std::vector<ForwardInputs>& pieces, double budget, double bound) {
+    if (1.2 * c.bytes(c.up + c.down, c.S) > budget) {
+      report_.skipped(c, kForwardPinned,
+                      "the inputs and h (" + gib_text(c.bytes(c.up + c.down, c.S)) + ") exceed the memory budget of " +
+                          gib_text(budget));
+      return;
+    }
+    try {
+      graph::FlowGraphRunner runner(plan_.devices);
+      runner.set_balancing(graph::Balancing::fastest);
+      const ForwardInputs pinned =
+          tile_pieces(pieces, c.S, [&](Shape shape, DType dtype) { return runner.host_tensor(std::move(shape), dtype); });
+      Tensor h = runner.host_tensor({1, c.p.NH, c.S, c.p.DV}, plan_.dtype);
+      (void)runner.forward(pieces[0].args(), options_);  // warm-up: programs, pools
+      const ForwardArgs a = pinned.args();
+      const Timed t = timed([&] { (void)runner.forward_into(h.view(), a, options_); });
+      report_.run(c, kForwardPinned, static_cast<double>(c.S), t.seconds, "min(transfer, kernel_fw)", bound,
+                  {{"devices", plan_.devices},
+                   {"timed_runs", t.runs},
+                   {"note", "inputs and h in FlowGraphRunner::host_tensor memory, forward_into"}});
+    } catch (const std::exception& e) {
+      report_.failed(c, kForwardPinned, e.what());
     }
   }
 

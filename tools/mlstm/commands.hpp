@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 #include <vector>
@@ -69,8 +70,10 @@ int cmd_run(const RunOptions& ro, bool as_json);
 ForwardInputs synthetic_piece(std::int64_t B, std::int64_t NH, std::int64_t len, std::int64_t DK, std::int64_t DV,
                               DType dtype, std::uint64_t seed);
 // q, k, v, i, f of `seq_len` tokens made of `pieces` (one length P, one B, NH and head dims) in turn along S:
-// tokens [t, t+P) are pieces[(t / P) % pieces.size()], the last tile cut short. Copied in parallel.
-ForwardInputs tile_pieces(const std::vector<ForwardInputs>& pieces, std::int64_t seq_len);
+// tokens [t, t+P) are pieces[(t / P) % pieces.size()], the last tile cut short. Copied in parallel, into tensors
+// from `alloc` when given (FlowGraphRunner::host_tensor: page-locked memory).
+ForwardInputs tile_pieces(const std::vector<ForwardInputs>& pieces, std::int64_t seq_len,
+                          const std::function<Tensor(Shape, DType)>& alloc = {});
 
 // ---- bench (bench.cpp), bench --system (bench_system.cpp) ------------------------------------------------
 

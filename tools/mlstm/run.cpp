@@ -87,7 +87,8 @@ ForwardInputs synthetic_piece(std::int64_t B, std::int64_t NH, std::int64_t len,
   return l;
 }
 
-ForwardInputs tile_pieces(const std::vector<ForwardInputs>& pieces, std::int64_t seq_len) {
+ForwardInputs tile_pieces(const std::vector<ForwardInputs>& pieces, std::int64_t seq_len,
+                          const std::function<Tensor(Shape, DType)>& alloc) {
   const std::size_t count = pieces.size();
   auto tile = [&](Tensor ForwardInputs::*member) {
     const Tensor& first = pieces[0].*member;
@@ -96,7 +97,7 @@ ForwardInputs tile_pieces(const std::vector<ForwardInputs>& pieces, std::int64_t
     const std::size_t inner = static_cast<std::size_t>(first.numel() / std::max<std::int64_t>(rows * P, 1)) * es;
     Shape shape = first.shape();
     shape[2] = seq_len;
-    Tensor out(shape, first.dtype());
+    Tensor out = alloc ? alloc(shape, first.dtype()) : Tensor(shape, first.dtype());
     const std::int64_t tiles = (seq_len + P - 1) / P;
     // One memcpy per (row, tile), in parallel (a sequence of many GB is copied at the memory's speed).
     tbb::parallel_for(
