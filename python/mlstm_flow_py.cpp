@@ -3,13 +3,17 @@
 // or an unknown keyword) naming the argument.
 // forward/backward make one kernel call (kernel=), or with devices= (a device spec: "workers", "gpu:all", "0,1",
 // "workers+gpu:all", ...) run through the flow graph on every device the spec names (graph::FlowGraphRunner).
+#include <pybind11/eval.h>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <algorithm>
 #include <cstring>
+#include <functional>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -22,16 +26,24 @@ using namespace mlstm;
 
 namespace {
 
-// Converts a numpy array (any float dtype, or uint16 as bfloat16 when `bf16`) to a contiguous Tensor.
-Tensor to_tensor(const py::object& obj, const std::string& name, bool bf16) {
-  py::array arr = py::array::ensure(obj, py::array::c_style);
-  if (!arr) throw InvalidArgument(name, "expected a numpy array");
+// A numpy argument as the C-contiguous native array the call reads (the caller's own array when it already is one:
+// no copy) and the dtype it is read as (any float dtype, or uint16 as bfloat16 when `bf16`). Bad input raises
+// ValueError naming the argument.
+struct Arg {
+  py::array array;
+  DType dtype = DType::f32;
+  ConstTensorView view() const {
+    return ConstTensorView(static_cast<const std::byte*>(array.data()), dtype,
+                           Shape(array.shape(), array.shape() + array.ndim()));
+  }
+};
+
+DType dtype_of(const py::array& arr, const std::string& name, bool bf16) {
   // Non-native byte order would be read as garbage (silently wrong answers): refused, naming the argument.
   if (!arr.dtype().attr("isnative").cast<bool>()) {
     throw InvalidArgument(name, "byte order of dtype " + std::string(py::str(arr.dtype())) +
                                     " is not native; convert with a.astype(a.dtype.newbyteorder('='))");
   }
-  DType dt;
   const auto kind = arr.dtype().kind();
   const auto size = arr.dtype().itemsize();
   if (bf16 && !(kind == 'u' && size == 2)) {
@@ -39,22 +51,28 @@ Tensor to_tensor(const py::object& obj, const std::string& name, bool bf16) {
     throw InvalidArgument(name, "dtype='bfloat16' reads uint16 arrays as bfloat16, got dtype " +
                                     std::string(py::str(arr.dtype())) + "; pass uint16 bit patterns or drop dtype");
   }
-  if (kind == 'f' && size == 8)
-    dt = DType::f64;
-  else if (kind == 'f' && size == 4)
-    dt = DType::f32;
-  else if (kind == 'f' && size == 2)
-    dt = DType::f16;
-  else if (kind == 'u' && size == 2 && bf16)
-    dt = DType::bf16;
-  else {
-    throw InvalidArgument(name, "unsupported dtype " + std::string(py::str(arr.dtype())) +
-                                    "; expected float64, float32, float16, or uint16 with dtype='bfloat16'");
+  if (kind == 'f' && size == 8) return DType::f64;
+  if (kind == 'f' && size == 4) return DType::f32;
+  if (kind == 'f' && size == 2) return DType::f16;
+  if (kind == 'u' && size == 2 && bf16) return DType::bf16;
+  throw InvalidArgument(name, "unsupported dtype " + std::string(py::str(arr.dtype())) +
+                                  "; expected float64, float32, float16, or uint16 with dtype='bfloat16'");
+}
+
+Arg arg_of(const py::object& obj, const std::string& name, bool bf16) {
+  Arg a;
+  a.array = py::array::ensure(obj, py::array::c_style);
+  if (!a.array) throw InvalidArgument(name, "expected a numpy array");
+  if (!(a.array.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_)) {  // a view at an odd offset: an aligned copy
+    a.array = py::module_::import("numpy").attr("array")(a.array, py::arg("copy") = true);
   }
-  Shape shape(arr.shape(), arr.shape() + arr.ndim());
-  Tensor t(shape, dt);
-  std::memcpy(t.bytes(), arr.data(), t.nbytes());
-  return t;
+  a.dtype = dtype_of(a.array, name, bf16);
+  return a;
+}
+
+// A contiguous Tensor copy of a numpy argument (for calls that keep what they are given).
+Tensor to_tensor(const py::object& obj, const std::string& name, bool bf16) {
+  return Tensor::copy_of(arg_of(obj, name, bf16).view());
 }
 
 py::array to_numpy(const Tensor& t) {
@@ -69,9 +87,25 @@ py::array to_numpy(const Tensor& t) {
   return out;
 }
 
-ForwardInputs load(const py::object& q, const py::object& k, const py::object& v, const py::object& i,
-                   const py::object& f, const py::object& c0, const py::object& n0, const py::object& m0,
-                   const std::string& dtype) {
+// The inputs of a call, viewed where numpy keeps them (converted copies only for arrays that are not C-contiguous
+// and aligned); the arrays live as long as this object.
+struct Loaded {
+  std::optional<Arg> q, k, v, i, f, c0, n0, m0;
+  ForwardArgs args() const {
+    ForwardArgs a;
+    a.q = q->view();
+    a.k = k->view();
+    a.v = v->view();
+    a.i = i->view();
+    a.f = f->view();
+    if (c0) a.c0 = c0->view();
+    if (n0) a.n0 = n0->view();
+    if (m0) a.m0 = m0->view();
+    return a;
+  }
+};
+
+bool bf16_of(const std::string& dtype) {
   const bool bf16 = dtype == "bfloat16" || dtype == "bf16";
   // Any other dtype used to be accepted and ignored (the arrays' own dtypes are used): refused.
   if (!dtype.empty() && !bf16) {
@@ -79,16 +113,48 @@ ForwardInputs load(const py::object& q, const py::object& k, const py::object& v
                                        "' has no effect; only dtype='bfloat16' is taken (uint16 arrays read "
                                        "as bfloat16); other dtypes come from the arrays");
   }
-  ForwardInputs l;
-  l.q = to_tensor(q, "q", bf16);
-  l.k = to_tensor(k, "k", bf16);
-  l.v = to_tensor(v, "v", bf16);
-  l.i = to_tensor(i, "i", false);
-  l.f = to_tensor(f, "f", false);
-  if (!c0.is_none()) l.c0 = to_tensor(c0, "c0", false);
-  if (!n0.is_none()) l.n0 = to_tensor(n0, "n0", false);
-  if (!m0.is_none()) l.m0 = to_tensor(m0, "m0", false);
+  return bf16;
+}
+
+Loaded load(const py::object& q, const py::object& k, const py::object& v, const py::object& i, const py::object& f,
+            const py::object& c0, const py::object& n0, const py::object& m0, const std::string& dtype) {
+  const bool bf16 = bf16_of(dtype);
+  Loaded l;
+  l.q = arg_of(q, "q", bf16);
+  l.k = arg_of(k, "k", bf16);
+  l.v = arg_of(v, "v", bf16);
+  l.i = arg_of(i, "i", false);
+  l.f = arg_of(f, "f", false);
+  if (!c0.is_none()) l.c0 = arg_of(c0, "c0", false);
+  if (!n0.is_none()) l.n0 = arg_of(n0, "n0", false);
+  if (!m0.is_none()) l.m0 = arg_of(m0, "m0", false);
   return l;
+}
+
+// A numpy array of `shape` holding `dtype` (uint16 for bfloat16), uninitialised.
+py::array empty_array(const Shape& shape, DType dtype) {
+  std::vector<py::ssize_t> dims(shape.begin(), shape.end());
+  py::dtype dt = dtype == DType::f64   ? py::dtype::of<double>()
+                 : dtype == DType::f32 ? py::dtype::of<float>()
+                 : dtype == DType::f16 ? py::dtype("float16")
+                                       : py::dtype::of<std::uint16_t>();
+  return py::array(dt, dims);
+}
+
+// A writable view of a numpy array the caller gives for h (`name`): C-contiguous, native, of `dtype`
+// (uint16 for bfloat16) and `shape`, else ValueError naming it.
+TensorView out_view(const py::object& obj, const std::string& name, const Shape& shape, DType dtype) {
+  if (!py::isinstance<py::array>(obj)) throw InvalidArgument(name, "expected a numpy array to write h into");
+  py::array a = py::reinterpret_borrow<py::array>(obj);
+  if (!(a.flags() & py::array::c_style) || !a.writeable())
+    throw InvalidArgument(name, "must be a writable C-contiguous array");
+  if (dtype_of(a, name, dtype == DType::bf16) != dtype)
+    throw InvalidArgument(name, "must hold " + std::string(dtype_name(dtype)) + " (h's dtype, q's), got " +
+                                    std::string(py::str(a.dtype())));
+  const Shape got(a.shape(), a.shape() + a.ndim());
+  if (got != shape)
+    throw InvalidArgument(name, "expected shape " + shape_to_string(shape) + ", got " + shape_to_string(got));
+  return TensorView(static_cast<std::byte*>(a.mutable_data()), dtype, shape);
 }
 
 // Scalar keyword arguments, converted here rather than by pybind11 so that a wrong type or an out-of-range
@@ -226,15 +292,44 @@ Route route(const py::handle& kernel, const py::handle& devices, const py::handl
   return r;
 }
 
-// A flow-graph runner over the devices `spec` names (the devices are opened here, without the GIL).
-std::unique_ptr<graph::FlowGraphRunner> make_runner(const Route& r) {
+py::dict run_info(const graph::FlowGraphRunner& runner);
+
+// The flow-graph runner of a device spec, kept for the process: its devices stay open, and what they learned
+// (calibration, the measured engine, a GPU's stream with its page-locked staging) serves the next call, as it
+// does for a C++ caller holding one runner. Calls on one runner take turns (its last plan and log are per call).
+struct SharedRunner {
+  std::mutex mutex;
   std::unique_ptr<graph::FlowGraphRunner> runner;
+};
+
+std::shared_ptr<SharedRunner> shared_runner(const std::string& spec) {
+  static std::mutex mutex;
+  static std::map<std::string, std::shared_ptr<SharedRunner>> runners;
+  std::shared_ptr<SharedRunner> r;
+  {
+    std::lock_guard lock(mutex);
+    auto& slot = runners[spec];
+    if (!slot) slot = std::make_shared<SharedRunner>();
+    r = slot;
+  }
+  // The devices are opened without the GIL, and no thread waits for the GIL while it holds a runner's mutex.
+  py::gil_scoped_release release;
+  std::lock_guard lock(r->mutex);
+  if (!r->runner) r->runner = std::make_unique<graph::FlowGraphRunner>(spec);
+  return r;
+}
+
+// A run of `fn` on the shared runner of r.devices with r's balancing, without the GIL; returns its info dict.
+py::object on_runner(const Route& r, const std::function<void(graph::FlowGraphRunner&)>& fn) {
+  const auto shared = shared_runner(*r.devices);
   {
     py::gil_scoped_release release;
-    runner = std::make_unique<graph::FlowGraphRunner>(*r.devices);
+    std::lock_guard lock(shared->mutex);
+    shared->runner->set_balancing(r.balancing);
+    fn(*shared->runner);
   }
-  runner->set_balancing(r.balancing);
-  return runner;
+  std::lock_guard lock(shared->mutex);
+  return run_info(*shared->runner);
 }
 
 // return_info's dict: what the last run of `runner` planned and what ran where.
@@ -262,6 +357,50 @@ py::dict run_info(const graph::FlowGraphRunner& runner) {
   return info;
 }
 
+// dtype= of host_array(): a name ('float32', 'float64', 'float16', 'bfloat16') or a numpy dtype.
+DType host_dtype(const py::object& o) {
+  if (PyUnicode_Check(o.ptr())) {
+    const std::string name = o.cast<std::string>();
+    if (name == "bfloat16" || name == "bf16") return DType::bf16;
+  }
+  const py::dtype dt = py::dtype::from_args(o);
+  if (dt.kind() == 'f' && dt.itemsize() == 8) return DType::f64;
+  if (dt.kind() == 'f' && dt.itemsize() == 4) return DType::f32;
+  if (dt.kind() == 'f' && dt.itemsize() == 2) return DType::f16;
+  throw InvalidArgument("dtype", "expected 'float32', 'float64', 'float16' or 'bfloat16', got " +
+                                     std::string(py::str(o)));
+}
+
+// A streaming session (StreamSession) over pieces of one sequence, from Python.
+struct PySession {
+  std::unique_ptr<StreamSession> session;
+  bool bf16 = false;
+};
+
+StreamConfig session_config(const py::object& NH, const py::object& DHQK, const py::object& DHHV, const py::object& B,
+                            const py::object& devices, const py::object& kernel, const py::object& chunk_size,
+                            const py::object& gate, const py::object& normalize, const py::object& eps,
+                            const py::object& balancing) {
+  StreamConfig c;
+  c.B = int_arg(B, "B");
+  c.NH = int_arg(NH, "NH");
+  c.DHQK = int_arg(DHQK, "DHQK");
+  c.DHHV = int_arg(DHHV, "DHHV");
+  if (!devices.is_none()) c.devices = str_arg(devices, "devices");
+  if (!kernel.is_none()) {
+    if (!c.devices.empty())
+      throw InvalidArgument("kernel", "a session over devices= runs the flow graph, which picks the kernels itself");
+    c.kernel = str_arg(kernel, "kernel");
+  }
+  if (!balancing.is_none()) {
+    if (c.devices.empty()) throw InvalidArgument("balancing", "has an effect only with devices=");
+    c.balancing = graph::parse_balancing(str_arg(balancing, "balancing"), "balancing");
+  }
+  c.options = options(int_arg(chunk_size, "chunk_size"), str_arg(gate, "gate"), bool_arg(normalize, "normalize"),
+                      float_arg(eps, "eps"), true, c.devices.empty() ? c.kernel : std::string());
+  return c;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(mlstm_flow, m) {
@@ -280,28 +419,35 @@ PYBIND11_MODULE(mlstm_flow, m) {
       [](py::object q, py::object k, py::object v, py::object i, py::object f, py::object c0, py::object n0,
          py::object m0, py::object kernel_o, py::object chunk_size, py::object gate, py::object normalize,
          py::object eps, py::object return_last_states_o, py::object dtype, py::object devices_o,
-         py::object segment_tokens_o, py::object balancing_o, py::object return_info_o, const py::kwargs& extra) {
+         py::object segment_tokens_o, py::object balancing_o, py::object return_info_o, py::object out_o,
+         const py::kwargs& extra) {
         refuse_unknown(extra, "forward");
         const Route how = route(kernel_o, devices_o, segment_tokens_o, balancing_o, return_info_o);
         const bool return_last_states = bool_arg(return_last_states_o, "return_last_states");
         const MlstmOptions o =
             options(int_arg(chunk_size, "chunk_size"), str_arg(gate, "gate"), bool_arg(normalize, "normalize"),
                     float_arg(eps, "eps"), return_last_states, how.kernel);
-        const ForwardInputs l = load(q, k, v, i, f, c0, n0, m0, str_arg(dtype, "dtype"));
+        const Loaded l = load(q, k, v, i, f, c0, n0, m0, str_arg(dtype, "dtype"));
+        const ForwardArgs args = l.args();
         ForwardResult r;
         py::object info = py::none();
+        py::object out = py::none();
         if (how.devices) {
-          const auto runner = make_runner(how);
-          {
-            py::gil_scoped_release release;
-            r = runner->forward(l.args(), o, how.segment_tokens);
-          }
-          info = run_info(*runner);
+          // h is written straight into its numpy array (the caller's with out=: a host_array() of the GPU is
+          // downloaded into directly).
+          const ProblemShape p = validate_forward(args, o);
+          const Shape h_shape{p.B, p.NH, p.S, p.DHHV};
+          out = out_o.is_none() ? py::object(empty_array(h_shape, p.dtype)) : out_o;
+          const TensorView h = out_view(out, out_o.is_none() ? "h" : "out", h_shape, p.dtype);
+          info = on_runner(how, [&](graph::FlowGraphRunner& runner) {
+            r = runner.forward_into(h, args, o, how.segment_tokens);
+          });
         } else {
+          if (!out_o.is_none()) throw InvalidArgument("out", "has an effect only with devices= (a graph run)");
           py::gil_scoped_release release;
-          r = get_kernel(how.kernel, how.target)->forward(l.args(), o);
+          r = get_kernel(how.kernel, how.target)->forward(args, o);
         }
-        py::object out = py::object(to_numpy(r.h));
+        if (out.is_none()) out = py::object(to_numpy(r.h));
         if (return_last_states) {
           out = py::make_tuple(out, py::make_tuple(to_numpy(r.c), to_numpy(r.n), to_numpy(r.m)));
         }
@@ -313,6 +459,7 @@ PYBIND11_MODULE(mlstm_flow, m) {
       py::arg("chunk_size") = 64, py::arg("gate") = "exp", py::arg("normalize") = true, py::arg("eps") = 1e-6,
       py::arg("return_last_states") = true, py::arg("dtype") = "", py::arg("devices") = py::none(),
       py::arg("segment_tokens") = py::none(), py::arg("balancing") = py::none(), py::arg("return_info") = false,
+      py::arg("out") = py::none(),
       "h, (c, n, m) = forward(q, k, v, i, f, ...): q,k (B,NH,S,DHQK), v (B,NH,S,DHHV), i,f (B,NH,S)\n"
       "\n"
       "kernel=None: one call of 'chunkwise--cpu_xl_chunk' (kernels() lists the others).\n"
@@ -324,7 +471,11 @@ PYBIND11_MODULE(mlstm_flow, m) {
       "            'fastest' (one device alone when it measured faster than the graph over all; info['measured'])\n"
       "  return_info=True  returns (result, info); info['devices'] lists the devices the graph gave work,\n"
       "                    info['ran'] those that computed a segment, plus 'left_out', 'balancing',\n"
-      "                    'segment_tokens', 'segments' and 'log' (what ran where)");
+      "                    'segment_tokens', 'segments' and 'log' (what ran where)\n"
+      "  out=array         h is written into this array (B,NH,S,DHHV) of q's dtype, C-contiguous, and returned;\n"
+      "                    a host_array() of the same devices is downloaded into directly\n"
+      "The arrays are read where they lie when C-contiguous and aligned (no copy); h is written in place. The\n"
+      "devices of a spec stay open between calls (one runner per spec), so a GPU's stream is set up once.");
   m.def(
       "backward",
       [](py::object q, py::object k, py::object v, py::object i, py::object f, py::object dh, py::object c0,
@@ -339,25 +490,20 @@ PYBIND11_MODULE(mlstm_flow, m) {
         const bool normalize = bool_arg(normalize_o, "normalize");
         const double eps = float_arg(eps_o, "eps");
         const MlstmOptions o = options(chunk_size, gate, normalize, eps, true, how.kernel);
-        const ForwardInputs l = load(q, k, v, i, f, c0, n0, m0, str_arg(dtype, "dtype"));
-        const Tensor dht = to_tensor(dh, "dh", false);
-        Tensor dct, dnt;
-        if (!dc_last.is_none()) dct = to_tensor(dc_last, "dc_last", false);
-        if (!dn_last.is_none()) dnt = to_tensor(dn_last, "dn_last", false);
+        const Loaded l = load(q, k, v, i, f, c0, n0, m0, str_arg(dtype, "dtype"));
+        const Arg dht = arg_of(dh, "dh", false);
+        std::optional<Arg> dct, dnt;
+        if (!dc_last.is_none()) dct = arg_of(dc_last, "dc_last", false);
+        if (!dn_last.is_none()) dnt = arg_of(dn_last, "dn_last", false);
         BackwardArgs b;
         b.inputs = l.args();
         b.dh = dht.view();
-        if (!dct.empty()) b.dc_last = dct.view();
-        if (!dnt.empty()) b.dn_last = dnt.view();
+        if (dct) b.dc_last = dct->view();
+        if (dnt) b.dn_last = dnt->view();
         BackwardResult g;
         py::object info = py::none();
         if (how.devices) {
-          const auto runner = make_runner(how);
-          {
-            py::gil_scoped_release release;
-            g = runner->backward(b, o, how.segment_tokens);
-          }
-          info = run_info(*runner);
+          info = on_runner(how, [&](graph::FlowGraphRunner& runner) { g = runner.backward(b, o, how.segment_tokens); });
         } else {
           py::gil_scoped_release release;
           g = get_kernel(how.kernel, how.target)->backward(b, o);
@@ -397,16 +543,16 @@ PYBIND11_MODULE(mlstm_flow, m) {
         const std::string kernel = str_arg(kernel_o, "kernel"), gate = str_arg(gate_o, "gate");
         const bool normalize = bool_arg(normalize_o, "normalize");
         const double eps = float_arg(eps_o, "eps");
-        const ForwardInputs l = load(q, k, v, i, f, c, n, mm, str_arg(dtype, "dtype"));
+        const Loaded l = load(q, k, v, i, f, c, n, mm, str_arg(dtype, "dtype"));
         StepArgs a;
-        a.q = l.q.view();
-        a.k = l.k.view();
-        a.v = l.v.view();
-        a.i = l.i.view();
-        a.f = l.f.view();
-        if (!l.c0.empty()) a.c = l.c0.view();
-        if (!l.n0.empty()) a.n = l.n0.view();
-        if (!l.m0.empty()) a.m = l.m0.view();
+        a.q = l.q->view();
+        a.k = l.k->view();
+        a.v = l.v->view();
+        a.i = l.i->view();
+        a.f = l.f->view();
+        if (l.c0) a.c = l.c0->view();
+        if (l.n0) a.n = l.n0->view();
+        if (l.m0) a.m = l.m0->view();
         const StepResult r = get_step_kernel(kernel)->step(a, options(1, gate, normalize, eps, true, kernel));
         return py::make_tuple(to_numpy(r.h), py::make_tuple(to_numpy(r.c), to_numpy(r.n), to_numpy(r.m)));
       },
@@ -414,6 +560,140 @@ PYBIND11_MODULE(mlstm_flow, m) {
       py::arg("n") = py::none(), py::arg("m") = py::none(), py::arg("kernel") = "cpu", py::arg("gate") = "exp",
       py::arg("normalize") = true, py::arg("eps") = 1e-6, py::arg("dtype") = "",
       "h, (c, n, m) = step(q, k, v, i, f, c, n, m): one recurrent step; q,k (B,NH,DHQK), i,f (B,NH)");
+  m.def(
+      "host_array",
+      [](py::object shape_o, py::object dtype_o, py::object devices_o) {
+        Shape shape;
+        for (const auto& d : py::iter(shape_o)) shape.push_back(int_arg(d, "shape"));
+        const DType dt = host_dtype(dtype_o);
+        const auto shared = shared_runner(str_arg(devices_o, "devices"));
+        auto* t = new Tensor();
+        {
+          py::gil_scoped_release release;
+          std::lock_guard lock(shared->mutex);
+          *t = shared->runner->host_tensor(shape, dt);
+        }
+        py::capsule owner(t, [](void* p) { delete static_cast<Tensor*>(p); });
+        const py::array like = empty_array({0}, dt);
+        return py::array(like.dtype(), std::vector<py::ssize_t>(shape.begin(), shape.end()), t->bytes(), owner);
+      },
+      py::arg("shape"), py::arg("dtype") = "float32", py::arg("devices") = "gpu:all",
+      "a = host_array(shape, dtype='float32', devices='gpu:all'): an uninitialised numpy array in the memory the\n"
+      "devices of the spec transfer fastest (a GPU's page-locked memory; ordinary memory for CPU workers), the\n"
+      "analogue of PyTorch's pin_memory(). Fill it and pass it to forward(devices=<the same spec>): its uploads\n"
+      "read it where it lies; as out= h is downloaded into it. dtype='bfloat16' gives uint16 (bit patterns).");
+  py::class_<PySession>(m, "Session",
+                        "s = Session(NH, DHQK, DHHV, B=1, devices=None, ...): one sequence streamed in pieces of any\n"
+                        "length; the state (C, n, m) is carried between them and memory stays flat.\n"
+                        "  h = s.push(q, k, v, i, f)        one piece: q,k (B,NH,len,DHQK), v (B,NH,len,DHHV), i,f\n"
+                        "  t = s.submit(...); h = s.take(t) pieces in flight (take in any order, each once)\n"
+                        "  for h in s.stream(pieces, in_flight=2): ...   an iterator over (q, k, v, i, f) pieces\n"
+                        "  c, n, m = s.state(); s.tokens; s.snapshot(path); Session.restore(path, NH, DHQK, ...)\n"
+                        "devices='gpu:all' | 'workers' | 'workers+gpu:all' | ...: the flow graph's stream (a GPU through\n"
+                        "page-locked staging, overlapped); else kernel= (default 'chunkwise--cpu_xl_chunk').\n"
+                        "dtype='bfloat16' reads uint16 pieces as bfloat16; c0, n0, m0 give the initial state.")
+      .def(py::init([](py::object NH, py::object DHQK, py::object DHHV, py::object B, py::object devices,
+                       py::object kernel, py::object chunk_size, py::object gate, py::object normalize, py::object eps,
+                       py::object balancing, py::object dtype, py::object c0, py::object n0, py::object m0) {
+             const StreamConfig c = session_config(NH, DHQK, DHHV, B, devices, kernel, chunk_size, gate, normalize,
+                                                   eps, balancing);
+             auto s = std::make_unique<PySession>();
+             s->bf16 = bf16_of(str_arg(dtype, "dtype"));
+             if (c0.is_none() != n0.is_none() || c0.is_none() != m0.is_none())
+               throw InvalidArgument("c0", "c0, n0 and m0 must be given together");
+             if (c0.is_none()) {
+               s->session = std::make_unique<StreamSession>(c);
+             } else {
+               State init{to_tensor(c0, "c0", false), to_tensor(n0, "n0", false), to_tensor(m0, "m0", false)};
+               s->session = std::make_unique<StreamSession>(c, std::move(init));
+             }
+             return s;
+           }),
+           py::arg("NH"), py::arg("DHQK"), py::arg("DHHV"), py::arg("B") = 1, py::arg("devices") = py::none(),
+           py::arg("kernel") = py::none(), py::arg("chunk_size") = 64, py::arg("gate") = "exp",
+           py::arg("normalize") = true, py::arg("eps") = 1e-6, py::arg("balancing") = py::none(),
+           py::arg("dtype") = "", py::arg("c0") = py::none(), py::arg("n0") = py::none(), py::arg("m0") = py::none())
+      .def(
+          "push",
+          [](PySession& s, py::object q, py::object k, py::object v, py::object i, py::object f) {
+            const Loaded l = load(q, k, v, i, f, py::none(), py::none(), py::none(), s.bf16 ? "bfloat16" : "");
+            Tensor h;
+            {
+              py::gil_scoped_release release;
+              h = s.session->push(l.args());
+            }
+            return to_numpy(h);
+          },
+          py::arg("q"), py::arg("k"), py::arg("v"), py::arg("i"), py::arg("f"))
+      .def(
+          "submit",
+          [](PySession& s, py::object q, py::object k, py::object v, py::object i, py::object f) {
+            const Loaded l = load(q, k, v, i, f, py::none(), py::none(), py::none(), s.bf16 ? "bfloat16" : "");
+            py::gil_scoped_release release;
+            return s.session->submit(l.args());
+          },
+          py::arg("q"), py::arg("k"), py::arg("v"), py::arg("i"), py::arg("f"))
+      .def(
+          "take",
+          [](PySession& s, py::object ticket) {
+            const std::int64_t t = int_arg(ticket, "ticket");
+            if (t < 0) throw InvalidArgument("ticket", "must be >= 0");
+            Tensor h;
+            {
+              py::gil_scoped_release release;
+              h = s.session->take(static_cast<std::uint64_t>(t));
+            }
+            return to_numpy(h);
+          },
+          py::arg("ticket"))
+      .def("state",
+           [](PySession& s) {
+             const State* st = nullptr;
+             {
+               py::gil_scoped_release release;
+               st = &s.session->state();
+             }
+             return py::make_tuple(to_numpy(st->C), to_numpy(st->n), to_numpy(st->m));
+           })
+      .def_property_readonly("tokens", [](const PySession& s) { return s.session->tokens(); })
+      .def(
+          "snapshot", [](const PySession& s, const std::string& path) { s.session->snapshot(path); },
+          py::arg("path"))
+      .def_static(
+          "restore",
+          [](const std::string& path, py::object NH, py::object DHQK, py::object DHHV, py::object B,
+             py::object devices, py::object kernel, py::object chunk_size, py::object gate, py::object normalize,
+             py::object eps, py::object balancing, py::object dtype) {
+            const StreamConfig c = session_config(NH, DHQK, DHHV, B, devices, kernel, chunk_size, gate, normalize,
+                                                  eps, balancing);
+            auto s = std::make_unique<PySession>();
+            s->bf16 = bf16_of(str_arg(dtype, "dtype"));
+            s->session = std::make_unique<StreamSession>(StreamSession::restore(path, c));
+            return s;
+          },
+          py::arg("path"), py::arg("NH"), py::arg("DHQK"), py::arg("DHHV"), py::arg("B") = 1,
+          py::arg("devices") = py::none(), py::arg("kernel") = py::none(), py::arg("chunk_size") = 64,
+          py::arg("gate") = "exp", py::arg("normalize") = true, py::arg("eps") = 1e-6,
+          py::arg("balancing") = py::none(), py::arg("dtype") = "");
+  // Session.stream: a generator over pieces with `in_flight` submitted ahead of the one taken.
+  py::exec(R"(
+def _stream(self, pieces, in_flight=2):
+    """for h in session.stream(pieces, in_flight=2): h of each (q, k, v, i, f) piece, in order, with up to
+    in_flight pieces submitted ahead of the one taken (transfers and compute of consecutive pieces overlap)."""
+    if not isinstance(in_flight, int) or isinstance(in_flight, bool) or in_flight < 0:
+        raise ValueError("in_flight: expected an int >= 0, got %r" % (in_flight,))
+    from collections import deque
+    pending = deque()
+    for piece in pieces:
+        pending.append(self.submit(*piece))
+        if len(pending) > in_flight:
+            yield self.take(pending.popleft())
+    while pending:
+        yield self.take(pending.popleft())
+Session.stream = _stream
+del _stream
+)",
+           m.attr("__dict__"));
   m.def("kernels", [] {
     py::list out;
     for (const auto& k : available_kernels()) {

@@ -179,6 +179,120 @@ def check_graph(rng):
     assert info["segments"] == 1, info
 
 
+def check_streaming_and_memory(rng):
+    """Issue 14 items 2 and 6: a Session streams one sequence in pieces (push, submit/take in any order, the stream()
+    iterator, the state, snapshot/restore) equal to one forward; forward(out=) writes h in place; host_array() gives
+    arrays in the devices' fastest memory that forward reads and writes directly."""
+    B, NH, S, DK, DV, L = 1, 2, 150, 16, 8, 16
+    q = rng.standard_normal((B, NH, S, DK), dtype=np.float32)
+    k = rng.standard_normal((B, NH, S, DK), dtype=np.float32)
+    v = rng.standard_normal((B, NH, S, DV), dtype=np.float32)
+    i = rng.standard_normal((B, NH, S), dtype=np.float32)
+    f = (3 + rng.standard_normal((B, NH, S))).astype(np.float32)
+    h_ref, (c_ref, n_ref, m_ref) = reference(q, k, v, i, f)
+    cuts = [0, 1, 17, 64, 100, 150]  # pieces of 1, 16, 47, 36 and 50 tokens
+    pieces = [tuple(x[:, :, a:b] for x in (q, k, v, i, f)) for a, b in zip(cuts, cuts[1:])]
+    for devices in [None, "workers"] + (["0"] if mlstm_flow.devices() else []):
+        what = "Session devices=%r" % (devices,)
+        s = mlstm_flow.Session(NH, DK, DV, B=B, devices=devices, chunk_size=L)
+        h = np.concatenate([s.push(*p) for p in pieces], axis=2)
+        assert rel0(h, h_ref) < 2e-4, (what, rel0(h, h_ref))
+        c, n, m = s.state()
+        assert rel0(c, c_ref) < 2e-4 and rel0(m, m_ref) < 1e-5, what
+        assert s.tokens == S
+        s2 = mlstm_flow.Session(NH, DK, DV, B=B, devices=devices, chunk_size=L)
+        tickets = [s2.submit(*p) for p in pieces]
+        hs = {t: s2.take(t) for t in reversed(tickets)}  # any order
+        assert np.array_equal(np.concatenate([hs[t] for t in tickets], axis=2), h), what
+        s3 = mlstm_flow.Session(NH, DK, DV, B=B, devices=devices, chunk_size=L)
+        assert np.array_equal(np.concatenate(list(s3.stream(iter(pieces), in_flight=2)), axis=2), h), what
+    # snapshot / restore: the second half continues from the first half's state, bit for bit
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "state.mlstm")
+        s = mlstm_flow.Session(NH, DK, DV, chunk_size=L)
+        first = [s.push(*p) for p in pieces[:3]]
+        s.snapshot(path)
+        rest = [s.push(*p) for p in pieces[3:]]
+        r = mlstm_flow.Session.restore(path, NH, DK, DV, chunk_size=L)
+        assert r.tokens == cuts[3]
+        assert all(np.array_equal(r.push(*p), x) for p, x in zip(pieces[3:], rest))
+        try:
+            mlstm_flow.Session.restore(path, NH, DK, DV, chunk_size=2 * L)
+        except ValueError as err:
+            assert "chunk" in str(err), str(err)
+        else:
+            raise AssertionError("a snapshot of another chunk size was taken")
+    # an initial state, bfloat16 pieces, refusals naming the argument
+    c0 = 0.5 * rng.standard_normal((B, NH, DK, DV)).astype(np.float32)
+    n0 = 0.5 * rng.standard_normal((B, NH, DK)).astype(np.float32)
+    m0 = rng.standard_normal((B, NH)).astype(np.float32)
+    s = mlstm_flow.Session(NH, DK, DV, chunk_size=L, c0=c0, n0=n0, m0=m0)
+    h0 = np.concatenate([s.push(*p) for p in pieces], axis=2)
+    assert rel0(h0, reference(q, k, v, i, f, c0, n0, m0)[0]) < 2e-4
+    bf = lambda x: (x.view(np.uint32) >> 16).astype(np.uint16)  # truncation: any bfloat16 pattern will do
+    sb = mlstm_flow.Session(NH, DK, DV, chunk_size=L, dtype="bfloat16")
+    hb = sb.push(bf(q), bf(k), bf(v), i, f)
+    assert hb.dtype == np.uint16 and hb.shape == (B, NH, S, DV)
+    for kwargs, arg in [(dict(NH=0), "NH"), (dict(kernel="nope"), "kernel"), (dict(dtype="float32"), "dtype"),
+                        (dict(balancing="pull"), "balancing"), (dict(c0=c0), "c0")]:
+        kw = dict(NH=NH, DHQK=DK, DHHV=DV)
+        kw.update(kwargs)
+        try:
+            mlstm_flow.Session(**kw)
+        except ValueError as err:
+            assert str(err).startswith(arg + ":") or arg in str(err), (arg, str(err))
+        else:
+            raise AssertionError("Session took a bad %s" % arg)
+    try:
+        mlstm_flow.Session(NH, DK, DV).push(q[:, :, :, :3], k, v, i, f)
+    except ValueError as err:
+        assert str(err).startswith("q"), str(err)
+    else:
+        raise AssertionError("a piece of the wrong DHQK was taken")
+    try:
+        list(mlstm_flow.Session(NH, DK, DV).stream(pieces, in_flight=-1))
+    except ValueError as err:
+        assert str(err).startswith("in_flight"), str(err)
+    else:
+        raise AssertionError("in_flight=-1 was taken")
+
+    # forward(out=) and host_array(): h written in place, from and into the devices' fastest memory
+    for devices in ["workers"] + (["0"] if mlstm_flow.devices() else []):
+        want, _ = mlstm_flow.forward(q, k, v, i, f, chunk_size=L, devices=devices)
+        out = np.zeros_like(want)
+        got, _ = mlstm_flow.forward(q, k, v, i, f, chunk_size=L, devices=devices, out=out)
+        assert got is out and np.array_equal(out, want), devices
+        arrays = []
+        for x in (q, k, v, i, f):
+            a = mlstm_flow.host_array(x.shape, x.dtype, devices=devices)
+            assert a.shape == x.shape and a.dtype == x.dtype and a.flags.writeable
+            a[...] = x
+            arrays.append(a)
+        h_host = mlstm_flow.host_array(want.shape, "float32", devices=devices)
+        got, _ = mlstm_flow.forward(*arrays, chunk_size=L, devices=devices, out=h_host)
+        assert got is h_host and rel0(h_host, h_ref) < 2e-4, devices
+        del arrays, h_host, got
+    assert mlstm_flow.host_array((2, 3), "bfloat16", devices="workers").dtype == np.uint16
+    for kwargs, arg in [(dict(out=np.zeros((B, NH, S, DV + 1), np.float32)), "out"),
+                        (dict(out=np.zeros((B, NH, S, DV), np.float64)), "out"),
+                        (dict(out=np.zeros((B, NH, DV, S), np.float32).transpose(0, 1, 3, 2)), "out"),
+                        (dict(out=np.zeros((B, NH, S, DV), np.float32), devices=None), "out")]:
+        kw = dict(devices="workers", chunk_size=L)
+        kw.update(kwargs)
+        try:
+            mlstm_flow.forward(q, k, v, i, f, **kw)
+        except ValueError as err:
+            assert str(err).startswith(arg + ":"), str(err)
+        else:
+            raise AssertionError("forward took a bad %s: %s" % (arg, list(kwargs)))
+    try:
+        mlstm_flow.host_array((2, 3), "int32", devices="workers")
+    except ValueError as err:
+        assert str(err).startswith("dtype:"), str(err)
+    else:
+        raise AssertionError("host_array took int32")
+
+
 def main():
     seed = seed_from_env()
     print(f"seed: MLSTM_TEST_SEED={seed}")
@@ -302,6 +416,7 @@ def main():
     h_seq, _ = mlstm_flow.forward(q, k, v, i, f, chunk_size=S)
     assert np.array_equal(h_big, h_seq)
     check_graph(rng)
+    check_streaming_and_memory(rng)
     print("python bindings: all checks passed")
     return 0
 
