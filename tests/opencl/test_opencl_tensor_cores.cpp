@@ -352,6 +352,19 @@ namespace {
 // Host streaming with the state on the device: pieces of random lengths through DeviceStream equal one
 // call over the whole sequence (within 16-bit rounding: pieces cut the chunks differently), in any take()
 // order, with the slots reused several times; the transfers-only mode moves the same bytes.
+// The DeviceStream tests' stream: B rows of 2 heads, DHQK = DHHV = 32, bf16, pieces of up to 100 tokens.
+opencl::DeviceStream::Config stream_config(std::int64_t B, bool emulate) {
+  opencl::DeviceStream::Config cfg;
+  cfg.B = B;
+  cfg.NH = 2;
+  cfg.DHQK = 32;
+  cfg.DHHV = 32;
+  cfg.max_piece = 100;
+  cfg.dtype = DType::bf16;
+  cfg.emulate = emulate;
+  return cfg;
+}
+
 TEST(DeviceStream, PiecesOfAnyLengthEqualOneCall) {
   REQUIRE_OPENCL();
   const auto dev = first_device();
@@ -360,14 +373,7 @@ TEST(DeviceStream, PiecesOfAnyLengthEqualOneCall) {
   const auto in = testing::make_inputs(s, testing::fresh_seed());
   MlstmOptions o;
   const auto ref = reference::recurrent_forward(in.args(), o);
-  opencl::DeviceStream::Config cfg{.B = 1,
-                                   .NH = 2,
-                                   .DHQK = 32,
-                                   .DHHV = 32,
-                                   .max_piece = 100,
-                                   .dtype = DType::bf16,
-                                   .options = {},
-                                   .emulate = emulate};
+  opencl::DeviceStream::Config cfg = stream_config(1, emulate);
   opencl::DeviceStream stream(dev, cfg, in.c0.view(), in.n0.view(), in.m0.view());
   const std::vector<std::int64_t> cuts{0, 37, 100, 164, 165, 230, 300};  // 6 pieces over 3 slots
   std::vector<std::uint64_t> tickets;
@@ -449,14 +455,7 @@ TEST(DeviceStream, PinnedInputsAreUploadedWhereTheyLie) {
   EXPECT_TRUE(dev->pinned(q.bytes() + 10, q.nbytes() - 10));
   EXPECT_FALSE(dev->pinned(q.bytes() + 10, q.nbytes())) << "past its end";
   EXPECT_FALSE(dev->pinned(in.q.bytes(), in.q.nbytes()));
-  opencl::DeviceStream::Config cfg{.B = 2,
-                                   .NH = 2,
-                                   .DHQK = 32,
-                                   .DHHV = 32,
-                                   .max_piece = 100,
-                                   .dtype = DType::bf16,
-                                   .options = {},
-                                   .emulate = emulate};
+  opencl::DeviceStream::Config cfg = stream_config(2, emulate);
   const std::vector<std::int64_t> cuts{0, 100, 101, 190, 260};
   // One stream over the pieces of (q, k, v, i, f); h concatenated, then the state.
   // h goes to `h_dest` (pinned: downloaded there) when given, and is taken there.
