@@ -15,6 +15,7 @@
 #include "mlstm/core/env.hpp"
 #include "mlstm/core/trace.hpp"
 #include "mlstm/devices/compute_device.hpp"
+#include "mlstm/devices/opencl/backward_stream.hpp"
 #include "mlstm/devices/opencl/chunkwise_routine.hpp"
 #include "mlstm/devices/opencl/stream.hpp"
 #include "mlstm/devices/opencl/tc_routine.hpp"
@@ -190,7 +191,8 @@ class OpenCLComputeDevice final : public ComputeDevice {
 
   BackwardResult backward(const BackwardArgs& a, const MlstmOptions& o) override {
     const ScopedTrace trace([&] { return "backward of " + token_rows(a.dh) + " token-rows on " + device_->name(); });
-    if (uses_tensor_cores(validate_backward(a, o), o)) return tensor_cores_.backward(a, o);
+    const ProblemShape p = validate_backward(a, o);
+    if (uses_tensor_cores(p, o)) return tensor_core_backward(a, o, p);
     return portable_.backward(a, o);
   }
 
@@ -200,7 +202,7 @@ class OpenCLComputeDevice final : public ComputeDevice {
     const ProblemShape p = validate_backward(a, o);
     if (!uses_tensor_cores(p, o)) return portable_.state_gradient(a, o);
     return state_gradient_through_backward(
-        [&](const BackwardArgs& with_state) { return tensor_cores_.backward(with_state, o); }, a, p);
+        [&](const BackwardArgs& with_state) { return tensor_core_backward(with_state, o, p); }, a, p);
   }
 
   Tensor host_tensor(Shape shape, DType dtype) override { return device_->pinned_tensor(std::move(shape), dtype); }
@@ -314,6 +316,46 @@ class OpenCLComputeDevice final : public ComputeDevice {
     return r;
   }
 
+  // The tensor-core backward: a long host-resident sequence (two stream pieces or more, inputs not kept resident
+  // by the graph) through a BackwardStream, with uploads, kernels and downloads of consecutive pieces
+  // overlapped; anything else in one resident call (upload everything, compute, download everything).
+  BackwardResult tensor_core_backward(const BackwardArgs& a, const MlstmOptions& o, const ProblemShape& p) {
+    const std::int64_t piece = stream_piece_tokens(p, o);
+    if (p.S < 2 * piece || device_->inside_retained_range(a.inputs.q.bytes())) return tensor_cores_.backward(a, o);
+    opencl::BackwardStream::Config config;
+    config.B = p.B;
+    config.NH = p.NH;
+    config.DHQK = p.DHQK;
+    config.DHHV = p.DHHV;
+    config.max_piece = piece;
+    config.dtype = p.dtype;
+    config.options = o;
+    config.emulate = emulate_;
+    std::unique_ptr<opencl::BackwardStream> stream;
+    {
+      std::lock_guard lock(parked_mutex_);
+      stream = std::move(parked_backward_);
+    }
+    if (!stream || !same_backward_config(stream->config(), config)) {
+      stream.reset();  // its pinned staging goes before the new one's is taken
+      stream = std::make_unique<opencl::BackwardStream>(device_, config);
+      device_->note_stream_opened(true);
+    } else {
+      device_->note_stream_opened(false);
+    }
+    BackwardResult r = stream->run(a);
+    std::lock_guard lock(parked_mutex_);
+    parked_backward_ = std::move(stream);
+    return r;
+  }
+  static bool same_backward_config(const opencl::BackwardStream::Config& x, const opencl::BackwardStream::Config& y) {
+    return x.B == y.B && x.NH == y.NH && x.DHQK == y.DHQK && x.DHHV == y.DHHV && x.max_piece == y.max_piece &&
+           x.dtype == y.dtype && same_options(x.options, y.options) && x.emulate == y.emulate;
+  }
+  static bool same_options(const MlstmOptions& x, const MlstmOptions& y) {
+    return x.gate == y.gate && x.normalize == y.normalize && x.eps == y.eps && x.chunk_size == y.chunk_size;
+  }
+
   // A stream for a streamed forward: the one parked by an earlier call when it has this configuration
   // (restarted at c0/n0/m0), else a new one. Setting a stream up (pinned staging, device buffers) costs tens of
   // milliseconds, about what a million tokens take to stream, so consecutive calls share one. A call that
@@ -339,9 +381,7 @@ class OpenCLComputeDevice final : public ComputeDevice {
   }
   static bool same_stream_config(const opencl::DeviceStream::Config& x, const opencl::DeviceStream::Config& y) {
     return x.B == y.B && x.NH == y.NH && x.DHQK == y.DHQK && x.DHHV == y.DHHV && x.max_piece == y.max_piece &&
-           x.dtype == y.dtype && x.options.gate == y.options.gate && x.options.normalize == y.options.normalize &&
-           x.options.eps == y.options.eps && x.options.chunk_size == y.options.chunk_size && x.emulate == y.emulate &&
-           x.compute == y.compute;
+           x.dtype == y.dtype && same_options(x.options, y.options) && x.emulate == y.emulate && x.compute == y.compute;
   }
 
   // MLSTM_RESIDENT_INPUTS=off: every call uploads its inputs (for measuring what residency saves).
@@ -394,6 +434,7 @@ class OpenCLComputeDevice final : public ComputeDevice {
   mutable std::set<std::string> prepared_;  // configurations whose tensor-core programs are built
   std::mutex parked_mutex_;
   std::unique_ptr<opencl::DeviceStream> parked_;  // the last streamed forward's stream (reuse_stream)
+  std::unique_ptr<opencl::BackwardStream> parked_backward_;  // the last streamed backward's stream
 };
 
 }  // namespace

@@ -8,7 +8,9 @@
 #include <algorithm>
 #include <cstring>
 #include <deque>
+#include <tuple>
 
+#include "mlstm/devices/opencl/backward_stream.hpp"
 #include "mlstm/devices/opencl/device.hpp"
 #include "mlstm/devices/opencl/tc_routine.hpp"
 #include "mlstm/graph/runner.hpp"
@@ -89,6 +91,94 @@ TEST(StreamEngine, LongForwardOfAnOpenCLDeviceStreamsItsPieces) {
   const auto opened = opencl_device0()->streams_opened();
   (void)dev->forward(in.args(), chunk64(false));
   EXPECT_EQ(opencl_device0()->streams_opened(), opened);
+}
+
+// An OpenCL device's backward of a sequence of several stream pieces goes through its BackwardStream (pieces of
+// 128 tokens, the last one shorter: a states pass in order, then the gradients in reverse with the state gradient
+// carried on the device) and equals the float64 backward (stabiliser held constant), dc0/dn0/dm0 included, for both
+// gates, with and without an initial state and last-state gradients; a second call of the same configuration reuses
+// the first call's stream. It agrees with one unstreamed call within 16-bit rounding.
+TEST(StreamEngine, LongBackwardOfAnOpenCLDeviceStreamsItsPieces) {
+  if (no_opencl()) GTEST_SKIP() << "no OpenCL device (install pocl-opencl-icd)";
+  const auto dev = emulated_tc_device();
+  struct Case {
+    GateVariant gate;
+    bool initial, last_grads;
+  };
+  for (const Case& c : {Case{GateVariant::exp, true, true}, Case{GateVariant::exp, false, false},
+                        Case{GateVariant::sigmoid, true, false}}) {
+    testing::InputSpec s = small_bf16(333, c.initial);
+    s.gate = c.gate;
+    auto in = testing::make_inputs(s, testing::fresh_seed());
+    MlstmOptions o = chunk64(false);
+    o.gate = c.gate;
+    ASSERT_GE(testing::quiet_normaliser_kinks(in, o, s), 0);
+    const BackwardArgs args = in.backward_args(c.last_grads);
+    const BackwardResult ref = reference::recurrent_backward(args, o, reference::StabilizerGradient::stop);
+    const auto opened = opencl_device0()->streams_opened(), setups = opencl_device0()->stream_setups();
+    BackwardResult got;
+    {
+      const StreamPiece piece("128");
+      got = dev->backward(args, o);
+    }
+    EXPECT_EQ(opencl_device0()->streams_opened(), opened + 1) << "the backward streamed";
+    if (c.gate == GateVariant::exp && !c.initial) {
+      EXPECT_EQ(opencl_device0()->stream_setups(), setups) << "the first call's backward stream was reused";
+    }
+    const BackwardResult whole = dev->backward(args, o);  // one resident call (no MLSTM_STREAM_PIECE: one piece)
+    EXPECT_EQ(opencl_device0()->streams_opened(), opened + 1) << "a short backward does not stream";
+    for (const auto& [x, r, w, name] :
+         {std::tuple{&got.dq, &ref.dq, &whole.dq, "dq"}, {&got.dk, &ref.dk, &whole.dk, "dk"},
+          {&got.dv, &ref.dv, &whole.dv, "dv"}, {&got.di, &ref.di, &whole.di, "di"}, {&got.df, &ref.df, &whole.df, "df"}}) {
+      ASSERT_EQ(x->shape(), r->shape()) << name;
+      EXPECT_EQ(x->dtype(), w->dtype()) << name;
+      EXPECT_TRUE(testing::matches(*x, *r, 5e-2, "streamed backward", name, s));
+      EXPECT_TRUE(testing::matches(*x, *w, 5e-2, "streamed backward vs one call", name, s));
+    }
+    if (c.initial) {
+      EXPECT_TRUE(testing::matches(got.dc0, ref.dc0, 5e-2, "streamed backward", "dc0", s));
+      EXPECT_TRUE(testing::matches(got.dn0, ref.dn0, 5e-2, "streamed backward", "dn0", s));
+      EXPECT_TRUE(testing::dm0_matches(got.dm0, ref.dm0, ref.dc0, ref.dn0, in, 5e-2, "streamed backward", s));
+    } else {
+      EXPECT_TRUE(got.dc0.empty());
+    }
+  }
+}
+
+// A BackwardStream refuses a configuration whose pieces are not whole chunks and a problem of another shape,
+// naming what is wrong.
+TEST(StreamEngine, BackwardStreamRefusesWhatItWasNotSetUpFor) {
+  if (no_opencl()) GTEST_SKIP() << "no OpenCL device (install pocl-opencl-icd)";
+  const bool emulate = !opencl::tensor_core_support(opencl_device0()->info()).available;
+  opencl::BackwardStream::Config config;
+  config.NH = 2;
+  config.DHQK = 16;
+  config.DHHV = 32;
+  config.options = chunk64(false);
+  config.emulate = emulate;
+  config.max_piece = 100;
+  try {
+    opencl::BackwardStream bad(opencl_device0(), config);
+    ADD_FAILURE() << "pieces of 100 tokens at chunk 64 were taken";
+  } catch (const InvalidArgument& e) {
+    EXPECT_EQ(e.argument(), "config.max_piece");
+  }
+  config.max_piece = 128;
+  opencl::BackwardStream stream(opencl_device0(), config);
+  testing::InputSpec s = small_bf16(200, false);
+  s.DHHV = 16;
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  try {
+    (void)stream.run(in.backward_args(false));
+    ADD_FAILURE() << "head dims 16x16 ran on a stream set up for 16x32";
+  } catch (const InvalidArgument& e) {
+    EXPECT_EQ(e.argument(), "q");
+  }
+  const auto ok = testing::make_inputs(small_bf16(200, false), testing::fresh_seed());
+  const BackwardResult r = stream.run(ok.backward_args(false));
+  EXPECT_EQ(stream.pieces(), 2);
+  EXPECT_EQ(r.dq.shape(), (Shape{1, 2, 200, 16}));
+  EXPECT_GT(stream.bytes_down(), 0u);
 }
 
 // FlowGraphRunner::host_tensor gives the OpenCL device's page-locked memory (ordinary memory for CPU workers

@@ -1,0 +1,73 @@
+// The backward of a long host-resident sequence through one OpenCL device in pieces, with transfers and
+// compute overlapped (the tensor-core kernels; the backward counterpart of DeviceStream, stream.hpp).
+//
+//   1. States pass, pieces in sequence order: k, v, i, f go up; the state entering every piece is kept on the
+//      device (float32, rows x (DHQK*DHHV + DHQK + 1) per piece: about 0.5-3% of the piece's input bytes).
+//   2. Gradient pass, pieces in reverse order: q, k, v, i, f and dh go up; the piece's forward is recomputed from
+//      its entering state, its backward runs with the gradient of the state leaving it (carried on the device
+//      from the piece after it), and dq, dk, dv, di, df come down, straight into the result's slices.
+//
+// Three in-order queues (uploads, kernels, downloads) linked by events and three slots of page-locked staging
+// and device buffers: while piece p computes, piece p-1 goes up and piece p+1's gradients come down (PCIe is full
+// duplex). This thread fills the staging; a second one copies the gradients out of it, so the two host copies
+// overlap each other as well as the transfers. Without it a backward uploads everything, computes, then
+// downloads everything, one after the other.
+//
+// The results equal one backward call over the whole sequence within 16-bit rounding (pieces cut the chunks'
+// 16-bit states at other places), like the flow graph's segments, which chain the same way.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "mlstm/core/problem.hpp"
+#include "mlstm/devices/opencl/device.hpp"
+
+namespace mlstm::opencl {
+
+class BackwardStream {
+ public:
+  struct Config {
+    std::int64_t B = 1, NH = 1, DHQK = 0, DHHV = 0;
+    std::int64_t max_piece = 16384;  // tokens per piece (a multiple of the chunk size; buffers are sized for it)
+    DType dtype = DType::bf16;       // q, k, v, dh and dq, dk, dv
+    MlstmOptions options;            // gate, normalize, eps, chunk size
+    bool emulate = false;            // tensor-core kernels without PTX (PoCL tests)
+  };
+
+  // Sets up the staging, the device buffers and the kernels. InvalidArgument("config...") for a bad
+  // configuration, InvalidArgument("q") when the tensor cores cannot take it.
+  BackwardStream(std::shared_ptr<Device> device, Config config);
+  ~BackwardStream();  // waits for everything enqueued
+  BackwardStream(const BackwardStream&) = delete;
+  BackwardStream& operator=(const BackwardStream&) = delete;
+
+  // The gradients of `args` (B, NH, head dims and dtype of the config; any S >= 1; tensors anywhere in host
+  // memory, any strides), as TensorCoreRunner::backward gives them: dq, dk, dv in q's dtype, di, df in i's,
+  // dc0/dn0/dm0 when args has an initial state. Not thread-safe: one call at a time.
+  BackwardResult run(const BackwardArgs& args);
+
+  const Config& config() const noexcept { return config_; }
+  std::uint64_t bytes_up() const noexcept { return bytes_up_; }      // host -> device, every run so far
+  std::uint64_t bytes_down() const noexcept { return bytes_down_; }  // device -> host
+  std::int64_t pieces() const noexcept { return pieces_; }           // pieces of the last run
+
+ private:
+  struct Slot;
+  struct Impl;
+  void states_pass(const BackwardArgs& a, std::int64_t n);
+  void gradient_pass(const BackwardArgs& a, std::int64_t n, BackwardResult& out);
+  // Enqueues the uploads of one piece's tensors (their slices [t0, t0+len) copied into slot's staging first);
+  // returns the event of the last one.
+  cl_event upload(Slot& slot, const std::vector<std::pair<ConstTensorView, int>>& parts, std::int64_t t0,
+                  std::int64_t len);
+
+  std::shared_ptr<Device> device_;
+  Config config_;
+  std::unique_ptr<Impl> impl_;
+  std::uint64_t bytes_up_ = 0, bytes_down_ = 0;
+  std::int64_t pieces_ = 0;
+};
+
+}  // namespace mlstm::opencl

@@ -1,0 +1,482 @@
+// BackwardStream: the backward of a host-resident sequence through one device in pieces (backward_stream.hpp).
+#include "mlstm/devices/opencl/backward_stream.hpp"
+
+#include <algorithm>
+#include <array>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+
+#include "internal.hpp"
+#include "mlstm/core/trace.hpp"
+#include "tc_program.hpp"
+
+namespace mlstm::opencl {
+
+using detail::KernelObject;
+using detail::make_config;
+using detail::set_args;
+using detail::tc_source_text;
+using detail::TcConfig;
+
+namespace {
+
+constexpr int kSlots = 3;  // up(p-1), kernels(p) and down(p+1) in flight at once
+
+// Staging and device buffers of a slot: the inputs q, k, v, dh, i, f and the gradients dq, dk, dv, di, df.
+enum In { kQ, kK, kV, kDh, kI, kF, kInputs };
+enum Out { kDq, kDk, kDv, kDi, kDf, kOutputs };
+
+void release_event(cl_event& e) noexcept {
+  if (e) clReleaseEvent(e);
+  e = nullptr;
+}
+
+void wait_event(cl_event& e, const std::string& device) {
+  if (!e) return;
+  const cl_int err = clWaitForEvents(1, &e);
+  release_event(e);
+  check(err, "clWaitForEvents(backward stream)", device);
+}
+
+}  // namespace
+
+struct BackwardStream::Slot {
+  Buffer pinned_in, pinned_out;  // page-locked host staging, mapped for the stream's life
+  std::byte* host_in = nullptr;
+  std::byte* host_out = nullptr;
+  std::array<Buffer, kInputs> in;
+  std::array<Buffer, kOutputs> out;
+  cl_event done = nullptr;  // the slot's last command (its kernels in the states pass, its download afterwards)
+};
+
+struct BackwardStream::Impl {
+  cl_command_queue up = nullptr, kernels = nullptr, down = nullptr;
+  TcConfig cfg;
+  Slot slots[kSlots];
+  KernelObject gates, fw_states, fw_outputs, bw_prep, bw_states, bw_dq, bw_dk, bw_dv, gate_grads;
+  int nparts = 1;  // DHQK tiles of the dq / dk kernels (their qdq / kdk partial sums)
+  // Intermediates of the piece that computes (one at a time: the kernel queue is in order).
+  Buffer gb, gbi, gpm, gG, gA, mst, Cst, nst, h, Nt, sgt, dden, dCst, dnst, qdq, kdk;
+  Buffer c_scratch, n_scratch, m_scratch;  // the state leaving a piece when the gradient pass recomputes it
+  Buffer dC[2], dN[2], dM;                 // the state gradient entering a piece (ping-pong), dm0
+  Buffer dc_last, dn_last;                 // the caller's gradient of the last state, when given
+  // The state entering piece j (j = 0 .. pieces; the last one leaves the sequence): C, n, m.
+  std::vector<std::array<Buffer, 3>> entering;
+  std::array<std::size_t, kInputs> in_off{}, in_bytes{};     // at max_piece
+  std::array<std::size_t, kOutputs> out_off{}, out_bytes{};  // at max_piece
+};
+
+BackwardStream::BackwardStream(std::shared_ptr<Device> device, Config config)
+    : device_(std::move(device)), config_(config), impl_(std::make_unique<Impl>()) {
+  const ScopedTrace trace([&] { return "backward stream opened on " + device_->name(); });
+  Device& dev = *device_;
+  const std::string& dn = dev.name();
+  const Config& c = config_;
+  if (c.B <= 0 || c.NH <= 0) throw InvalidArgument("config", "B and NH must be > 0");
+  validate_options(c.options);
+  if (c.max_piece <= 0 || c.max_piece % c.options.chunk_size != 0)
+    throw InvalidArgument("config.max_piece", "must be a positive multiple of the chunk size");
+  ProblemShape p;
+  p.B = c.B;
+  p.NH = c.NH;
+  p.S = c.max_piece;
+  p.DHQK = c.DHQK;
+  p.DHHV = c.DHHV;
+  p.dtype = c.dtype;
+  Impl& im = *impl_;
+  im.cfg = make_config(dev, c.emulate, p, c.options);
+  const TcConfig& cfg = im.cfg;
+  cl_int err = CL_SUCCESS;
+  for (cl_command_queue* q : {&im.up, &im.kernels, &im.down}) {
+    *q = clCreateCommandQueue(dev.context(), dev.info().id, 0, &err);
+    check(err, "clCreateCommandQueue(backward stream)", dn);
+  }
+  const std::int64_t K = c.DHQK, V = c.DHHV;
+  cl_program gates = dev.program_from_text("tc_gates", tc_source_text("tc_gates"), cfg.gates());
+  im.gates = KernelObject{dev.kernel(gates, "tc_fw_gates")};
+  im.bw_prep = KernelObject{dev.kernel(gates, "tc_bw_prep")};
+  im.gate_grads = KernelObject{dev.kernel(gates, "tc_bw_gate_grads")};
+  im.fw_states = KernelObject{
+      dev.kernel(dev.program_from_text("tc_states", tc_source_text("tc_states"), cfg.states(0)), "tc_fw_states")};
+  im.bw_states = KernelObject{
+      dev.kernel(dev.program_from_text("tc_states", tc_source_text("tc_states"), cfg.states(1)), "tc_bw_state_grads")};
+  auto chunk = [&](int mode, std::int64_t DA, std::int64_t DOUT, int OT, int DS, const char* name) {
+    return KernelObject{dev.kernel(
+        dev.program_from_text("tc_chunk", tc_source_text("tc_chunk"), cfg.chunk(mode, DA, DOUT, OT, DS)), name)};
+  };
+  im.fw_outputs = chunk(0, K, V, cfg.OTf, cfg.DSf, "tc_fw_outputs");
+  im.bw_dq = chunk(1, V, K, cfg.OTq, cfg.DSq, "tc_bw_grads_dq");
+  im.bw_dk = chunk(2, V, K, cfg.OTq, cfg.DSq, "tc_bw_grads_dk");
+  im.bw_dv = chunk(3, K, V, cfg.OTf, cfg.DSf, "tc_bw_grads_dv");
+  im.nparts = static_cast<int>(K / cfg.OTq);
+
+  const std::size_t rows = static_cast<std::size_t>(c.B * c.NH), tok = rows * static_cast<std::size_t>(c.max_piece);
+  const std::size_t es = dtype_size(c.dtype), kv = static_cast<std::size_t>(K * V);
+  const std::size_t NC = static_cast<std::size_t>(c.max_piece / cfg.L);
+  const std::size_t qb = tok * static_cast<std::size_t>(K) * es, vb = tok * static_cast<std::size_t>(V) * es,
+                    gb = tok * sizeof(float);
+  im.in_bytes = {qb, qb, vb, vb, gb, gb};
+  im.out_bytes = {qb, qb, vb, gb, gb};
+  std::size_t in_total = 0, out_total = 0;
+  for (int j = 0; j < kInputs; ++j) {
+    im.in_off[static_cast<std::size_t>(j)] = in_total;
+    in_total += im.in_bytes[static_cast<std::size_t>(j)];
+  }
+  for (int j = 0; j < kOutputs; ++j) {
+    im.out_off[static_cast<std::size_t>(j)] = out_total;
+    out_total += im.out_bytes[static_cast<std::size_t>(j)];
+  }
+  auto pinned = [&](std::size_t bytes, Buffer& buf, std::byte*& host) {
+    cl_mem mem = clCreateBuffer(dev.context(), CL_MEM_READ_WRITE | CL_MEM_ALLOC_HOST_PTR, bytes, nullptr, &err);
+    check(err, "clCreateBuffer(pinned staging)", dn);
+    buf = Buffer(mem, bytes);
+    void* ptr =
+        clEnqueueMapBuffer(im.up, mem, CL_TRUE, CL_MAP_READ | CL_MAP_WRITE, 0, bytes, 0, nullptr, nullptr, &err);
+    check(err, "clEnqueueMapBuffer(pinned staging)", dn);
+    host = static_cast<std::byte*>(ptr);
+  };
+  for (Slot& s : im.slots) {
+    pinned(in_total, s.pinned_in, s.host_in);
+    pinned(out_total, s.pinned_out, s.host_out);
+    for (int j = 0; j < kInputs; ++j)
+      s.in[static_cast<std::size_t>(j)] = dev.alloc(im.in_bytes[static_cast<std::size_t>(j)]);
+    for (int j = 0; j < kOutputs; ++j)
+      s.out[static_cast<std::size_t>(j)] = dev.alloc(im.out_bytes[static_cast<std::size_t>(j)]);
+  }
+  auto f32 = [&](std::size_t n) { return dev.alloc(std::max<std::size_t>(n, 1) * sizeof(float)); };
+  im.gb = f32(tok);
+  im.gbi = f32(tok);
+  im.gpm = f32(tok);
+  im.gG = f32(rows * NC);
+  im.gA = f32(rows * NC);
+  im.mst = f32(rows * (NC + 1));
+  im.Cst = dev.alloc(rows * NC * kv * 2);
+  im.nst = f32(rows * NC * static_cast<std::size_t>(K));
+  im.h = dev.alloc(vb);
+  im.Nt = f32(tok);
+  im.sgt = f32(tok);
+  im.dden = f32(tok);
+  im.dCst = dev.alloc(rows * NC * kv * 2);
+  im.dnst = f32(rows * NC * static_cast<std::size_t>(K));
+  im.qdq = f32(static_cast<std::size_t>(im.nparts) * tok);
+  im.kdk = f32(static_cast<std::size_t>(im.nparts) * tok);
+  im.c_scratch = f32(rows * kv);
+  im.n_scratch = f32(rows * static_cast<std::size_t>(K));
+  im.m_scratch = f32(rows);
+  for (int j = 0; j < 2; ++j) {
+    im.dC[j] = f32(rows * kv);
+    im.dN[j] = f32(rows * static_cast<std::size_t>(K));
+  }
+  im.dM = f32(rows);
+  im.dc_last = f32(rows * kv);
+  im.dn_last = f32(rows * static_cast<std::size_t>(K));
+}
+
+BackwardStream::~BackwardStream() {
+  Impl& im = *impl_;
+  for (cl_command_queue q : {im.up, im.kernels, im.down})
+    if (q) clFinish(q);
+  for (Slot& s : im.slots) {
+    release_event(s.done);
+    for (auto [buf, host] : {std::pair{&s.pinned_in, s.host_in}, std::pair{&s.pinned_out, s.host_out}})
+      if (host) clEnqueueUnmapMemObject(im.up, buf->get(), host, 0, nullptr, nullptr);
+  }
+  if (im.up) clFinish(im.up);
+  for (cl_command_queue q : {im.up, im.kernels, im.down})
+    if (q) clReleaseCommandQueue(q);
+}
+
+cl_event BackwardStream::upload(Slot& s, const std::vector<std::pair<ConstTensorView, int>>& parts, std::int64_t t0,
+                                std::int64_t len) {
+  const Impl& im = *impl_;
+  const Config& c = config_;
+  const std::string& dn = device_->name();
+  cl_event last = nullptr;
+  for (const auto& [view, index] : parts) {
+    const auto j = static_cast<std::size_t>(index);
+    const DType dtype = index == kI || index == kF ? DType::f32 : c.dtype;
+    const ConstTensorView piece = sequence_slice(view, t0, t0 + len);
+    std::byte* host = s.host_in + im.in_off[j];
+    copy_elements(piece, 0, piece.numel(), dtype, host);
+    const std::size_t bytes = static_cast<std::size_t>(piece.numel()) * dtype_size(dtype);
+    release_event(last);
+    check(clEnqueueWriteBuffer(im.up, s.in[j].get(), CL_FALSE, 0, bytes, host, 0, nullptr, &last),
+          "clEnqueueWriteBuffer(backward stream)", dn);
+    clFlush(im.up);  // the DMA of this tensor runs while the next one is copied into the staging
+    bytes_up_ += bytes;
+  }
+  return last;
+}
+
+namespace {
+
+// The tensor-core kernels' launches on one queue: global (g0, rows), local (l0, 1), the first waiting on `after`.
+struct Launcher {
+  cl_command_queue queue;
+  std::size_t rows;
+  const std::string& device;
+  void operator()(const KernelObject& k, const char* name, std::size_t g0, std::size_t l0, cl_event* after = nullptr,
+                  cl_event* done = nullptr) const {
+    const std::size_t global[2] = {g0, rows}, local[2] = {l0, 1};
+    check(clEnqueueNDRangeKernel(queue, k.k, 2, nullptr, global, local, after && *after ? 1 : 0,
+                                 after && *after ? after : nullptr, done),
+          name, device);
+  }
+};
+
+}  // namespace
+
+void BackwardStream::states_pass(const BackwardArgs& a, std::int64_t n) {
+  Impl& im = *impl_;
+  const Config& c = config_;
+  const std::string& dn = device_->name();
+  const TcConfig& cfg = im.cfg;
+  const Launcher launch{im.kernels, static_cast<std::size_t>(c.B * c.NH), dn};
+  const std::size_t states_group = static_cast<std::size_t>(2 * cfg.KT);
+  const std::size_t states_global = states_group * static_cast<std::size_t>((c.DHQK / cfg.KT) * (c.DHHV / cfg.VT));
+  const std::int64_t S = a.dh.dim(2);
+  const ForwardArgs& in = a.inputs;
+  for (std::int64_t j = 0; j < n; ++j) {
+    const ScopedTrace trace([&] { return "backward stream: states of piece " + std::to_string(j); });
+    Slot& s = im.slots[j % kSlots];
+    wait_event(s.done, dn);
+    const std::int64_t t0 = j * c.max_piece, len = std::min(c.max_piece, S - t0);
+    cl_event up = upload(s, {{in.k, kK}, {in.v, kV}, {in.i, kI}, {in.f, kF}}, t0, len);
+    const int Sp = static_cast<int>(len), NC = (Sp + cfg.L - 1) / cfg.L;
+    const int has_init = j > 0 || a.inputs.has_initial_state() ? 1 : 0;
+    const auto& from = im.entering[static_cast<std::size_t>(j)];
+    const auto& to = im.entering[static_cast<std::size_t>(j + 1)];
+    set_args(im.gates.k, dn, s.in[kI], s.in[kF], im.gb, im.gbi, im.gpm, im.gG, im.gA, Sp, NC);
+    set_args(im.fw_states.k, dn, s.in[kK], s.in[kV], im.gbi, im.gG, im.gA, from[0], from[1], from[2], has_init, im.Cst,
+             im.nst, im.mst, to[0], to[1], to[2], Sp, NC);
+    try {
+      launch(im.gates, "tc_fw_gates", static_cast<std::size_t>(NC * cfg.L), static_cast<std::size_t>(cfg.L), &up);
+      launch(im.fw_states, "tc_fw_states", states_global, states_group, nullptr, &s.done);
+    } catch (...) {
+      release_event(up);
+      throw;
+    }
+    release_event(up);
+    clFlush(im.kernels);
+  }
+}
+
+void BackwardStream::gradient_pass(const BackwardArgs& a, std::int64_t n, BackwardResult& out) {
+  Impl& im = *impl_;
+  const Config& c = config_;
+  const std::string& dn = device_->name();
+  const TcConfig& cfg = im.cfg;
+  const Launcher launch{im.kernels, static_cast<std::size_t>(c.B * c.NH), dn};
+  const std::size_t states_group = static_cast<std::size_t>(2 * cfg.KT);
+  const std::size_t states_global = states_group * static_cast<std::size_t>((c.DHQK / cfg.KT) * (c.DHHV / cfg.VT));
+  const std::size_t L2 = static_cast<std::size_t>(2 * cfg.L);
+  const std::int64_t S = a.dh.dim(2), K = c.DHQK, V = c.DHHV;
+  const ForwardArgs& in = a.inputs;
+  const bool user_dlast = !a.dc_last.empty();
+
+  // Results: 4-d views (di and df as (B,NH,S,1)) that each piece's rows are copied into.
+  const TensorView dest[kOutputs] = {out.dq.view(), out.dk.view(), out.dv.view(),
+                                     TensorView(out.di.bytes(), DType::f32, {c.B, c.NH, S, 1}),
+                                     TensorView(out.df.bytes(), DType::f32, {c.B, c.NH, S, 1})};
+  const std::int64_t width[kOutputs] = {K, K, V, 1, 1};
+  const DType out_dtype[kOutputs] = {c.dtype, c.dtype, c.dtype, DType::f32, DType::f32};
+
+  // The consumer copies piece k's gradients (k-th in the reverse order) out of its slot once they are down.
+  std::mutex mutex;
+  std::condition_variable changed;
+  std::int64_t pushed = 0, copied = 0;
+  bool stop = false;
+  std::vector<cl_event> downloads(static_cast<std::size_t>(n), nullptr);
+  std::exception_ptr consumer_error;
+  std::thread consumer([&] {
+    try {
+      for (std::int64_t k = 0; k < n; ++k) {
+        {
+          std::unique_lock lock(mutex);
+          changed.wait(lock, [&] { return pushed > k || stop; });
+          if (pushed <= k) return;  // the producer failed
+        }
+        const std::int64_t j = n - 1 - k, t0 = j * c.max_piece, len = std::min(c.max_piece, S - t0);
+        const ScopedTrace trace([&] { return "backward stream: gradients of piece " + std::to_string(j) + " out"; });
+        wait_event(downloads[static_cast<std::size_t>(k)], dn);
+        const Slot& s = im.slots[k % kSlots];
+        for (int o = 0; o < kOutputs; ++o) {
+          const ConstTensorView piece(s.host_out + im.out_off[static_cast<std::size_t>(o)], out_dtype[o],
+                                      {c.B, c.NH, len, width[o]});
+          copy_piece_rows(piece, sequence_slice(dest[o], t0, t0 + len));
+        }
+        std::lock_guard lock(mutex);
+        copied = k + 1;
+        changed.notify_all();
+      }
+    } catch (...) {
+      std::lock_guard lock(mutex);
+      consumer_error = std::current_exception();
+      changed.notify_all();
+    }
+  });
+
+  std::exception_ptr producer_error;
+  try {
+    for (std::int64_t k = 0; k < n; ++k) {
+      const std::int64_t j = n - 1 - k, t0 = j * c.max_piece, len = std::min(c.max_piece, S - t0);
+      const ScopedTrace trace([&] { return "backward stream: gradients of piece " + std::to_string(j) + " in"; });
+      Slot& s = im.slots[k % kSlots];
+      {
+        std::unique_lock lock(mutex);  // the slot's last piece of this pass is copied out
+        changed.wait(lock, [&] { return copied >= k - (kSlots - 1) || consumer_error; });
+        if (consumer_error) break;
+      }
+      wait_event(s.done, dn);  // its states-pass kernels
+      cl_event up = upload(s, {{in.q, kQ}, {in.k, kK}, {in.v, kV}, {a.dh, kDh}, {in.i, kI}, {in.f, kF}}, t0, len);
+      const int Sp = static_cast<int>(len), NC = (Sp + cfg.L - 1) / cfg.L;
+      const int has_init = j > 0 || in.has_initial_state() ? 1 : 0;
+      const int has_dlast = j < n - 1 || user_dlast ? 1 : 0;
+      const auto& enter = im.entering[static_cast<std::size_t>(j)];
+      const auto& leave = im.entering[static_cast<std::size_t>(j + 1)];
+      const Buffer& dc_last = j < n - 1 ? im.dC[(j + 1) % 2] : im.dc_last;
+      const Buffer& dn_last = j < n - 1 ? im.dN[(j + 1) % 2] : im.dn_last;
+      const Buffer &dc0 = im.dC[j % 2], &dn0 = im.dN[j % 2];
+      set_args(im.gates.k, dn, s.in[kI], s.in[kF], im.gb, im.gbi, im.gpm, im.gG, im.gA, Sp, NC);
+      set_args(im.fw_states.k, dn, s.in[kK], s.in[kV], im.gbi, im.gG, im.gA, enter[0], enter[1], enter[2], has_init,
+               im.Cst, im.nst, im.mst, im.c_scratch, im.n_scratch, im.m_scratch, Sp, NC);
+      set_args(im.fw_outputs.k, dn, s.in[kQ], s.in[kK], s.in[kV], im.Cst, im.nst, im.mst, im.gb, im.gbi, im.gpm, im.h,
+               im.Nt, im.sgt, Sp, NC);
+      set_args(im.bw_prep.k, dn, s.in[kDh], im.h, im.Nt, im.sgt, im.dden, Sp);
+      set_args(im.bw_states.k, dn, s.in[kQ], s.in[kDh], im.gb, im.gpm, im.gG, im.mst, im.Nt, im.dden, dc_last, dn_last,
+               has_dlast, im.dCst, im.dnst, dc0, dn0, Sp, NC);
+      set_args(im.bw_dq.k, dn, s.in[kDh], s.in[kV], s.in[kK], im.Cst, im.nst, im.mst, im.gb, im.gbi, im.gpm, im.Nt,
+               im.dden, s.in[kQ], s.out[kDq], im.qdq, Sp, NC);
+      set_args(im.bw_dk.k, dn, s.in[kV], s.in[kDh], s.in[kQ], im.dCst, im.dnst, im.mst, im.gb, im.gbi, im.gpm, im.gG,
+               im.Nt, im.dden, s.in[kK], s.out[kDk], im.kdk, Sp, NC);
+      set_args(im.bw_dv.k, dn, s.in[kK], s.in[kQ], s.in[kDh], im.dCst, im.mst, im.gb, im.gbi, im.gpm, im.gG, im.Nt,
+               s.out[kDv], Sp, NC);
+      set_args(im.gate_grads.k, dn, s.in[kI], s.in[kF], im.qdq, im.kdk, im.nparts, dc_last, dn_last, leave[0], leave[1],
+               has_dlast, dc0, dn0, enter[0], enter[1], has_init, s.out[kDi], s.out[kDf], im.dM, Sp);
+      cl_event computed = nullptr;
+      try {
+        const std::size_t nc = static_cast<std::size_t>(NC);
+        launch(im.gates, "tc_fw_gates", nc * static_cast<std::size_t>(cfg.L), static_cast<std::size_t>(cfg.L), &up);
+        launch(im.fw_states, "tc_fw_states", states_global, states_group);
+        launch(im.fw_outputs, "tc_fw_outputs", L2 * nc * static_cast<std::size_t>(V / cfg.OTf), L2);
+        launch(im.bw_prep, "tc_bw_prep", static_cast<std::size_t>((Sp + 7) / 8) * 256, 256);
+        launch(im.bw_states, "tc_bw_state_grads", states_global, states_group);
+        launch(im.bw_dq, "tc_bw_grads_dq", L2 * nc * static_cast<std::size_t>(K / cfg.OTq), L2);
+        launch(im.bw_dk, "tc_bw_grads_dk", L2 * nc * static_cast<std::size_t>(K / cfg.OTq), L2);
+        launch(im.bw_dv, "tc_bw_grads_dv", L2 * nc * static_cast<std::size_t>(V / cfg.OTf), L2);
+        launch(im.gate_grads, "tc_bw_gate_grads", static_cast<std::size_t>(cfg.gate_group),
+               static_cast<std::size_t>(cfg.gate_group), nullptr, &computed);
+        clFlush(im.kernels);
+        const std::size_t tok = static_cast<std::size_t>(c.B * c.NH * len);
+        const std::size_t bytes[kOutputs] = {tok * static_cast<std::size_t>(K) * dtype_size(c.dtype),
+                                             tok * static_cast<std::size_t>(K) * dtype_size(c.dtype),
+                                             tok * static_cast<std::size_t>(V) * dtype_size(c.dtype),
+                                             tok * sizeof(float), tok * sizeof(float)};
+        cl_event down = nullptr;
+        for (int o = 0; o < kOutputs; ++o) {
+          check(clEnqueueReadBuffer(im.down, s.out[static_cast<std::size_t>(o)].get(), CL_FALSE, 0, bytes[o],
+                                    s.host_out + im.out_off[static_cast<std::size_t>(o)], o == 0 ? 1 : 0,
+                                    o == 0 ? &computed : nullptr, o == kOutputs - 1 ? &down : nullptr),
+                "clEnqueueReadBuffer(backward stream)", dn);
+          bytes_down_ += bytes[o];
+        }
+        clFlush(im.down);
+        release_event(computed);
+        release_event(up);
+        std::lock_guard lock(mutex);
+        downloads[static_cast<std::size_t>(k)] = down;
+        pushed = k + 1;
+        changed.notify_all();
+      } catch (...) {
+        release_event(computed);
+        release_event(up);
+        throw;
+      }
+    }
+  } catch (...) {
+    producer_error = std::current_exception();
+  }
+  {
+    std::lock_guard lock(mutex);
+    stop = true;
+    changed.notify_all();
+  }
+  consumer.join();
+  for (cl_event& e : downloads) release_event(e);
+  if (producer_error || consumer_error) {
+    for (cl_command_queue q : {im.up, im.kernels, im.down}) clFinish(q);
+    if (producer_error) std::rethrow_exception(producer_error);
+    std::rethrow_exception(consumer_error);
+  }
+}
+
+BackwardResult BackwardStream::run(const BackwardArgs& a) {
+  const Config& c = config_;
+  MlstmOptions o = c.options;
+  const ProblemShape p = validate_backward(a, o);
+  if (p.B != c.B || p.NH != c.NH || p.DHQK != c.DHQK || p.DHHV != c.DHHV || p.dtype != c.dtype)
+    throw InvalidArgument("q", "the backward stream is set up for B=" + std::to_string(c.B) +
+                                   ", NH=" + std::to_string(c.NH) + ", head dims " + std::to_string(c.DHQK) + "x" +
+                                   std::to_string(c.DHHV) + " of " + std::string(dtype_name(c.dtype)));
+  const ScopedTrace trace(
+      [&] { return "backward stream of " + std::to_string(p.S) + " tokens on " + device_->name(); });
+  Impl& im = *impl_;
+  Device& dev = *device_;
+  const std::string& dn = dev.name();
+  const std::int64_t n = (p.S + c.max_piece - 1) / c.max_piece;
+  pieces_ = n;
+  const std::size_t rows = static_cast<std::size_t>(c.B * c.NH), K = static_cast<std::size_t>(c.DHQK),
+                    kv = K * static_cast<std::size_t>(c.DHHV);
+  // The entering states: one set per piece and the state leaving the sequence (buffers kept for later runs).
+  while (im.entering.size() < static_cast<std::size_t>(n + 1))
+    im.entering.push_back(
+        {dev.alloc(rows * kv * sizeof(float)), dev.alloc(rows * K * sizeof(float)), dev.alloc(rows * sizeof(float))});
+  auto put = [&](ConstTensorView t, const Buffer& b) {
+    const Tensor x = Tensor::copy_of(t, DType::f32);
+    check(clEnqueueWriteBuffer(im.kernels, b.get(), CL_TRUE, 0, x.nbytes(), x.bytes(), 0, nullptr, nullptr),
+          "clEnqueueWriteBuffer(backward stream)", dn);
+  };
+  if (a.inputs.has_initial_state()) {
+    put(a.inputs.c0, im.entering[0][0]);
+    put(a.inputs.n0, im.entering[0][1]);
+    put(a.inputs.m0, im.entering[0][2]);
+  }
+  if (!a.dc_last.empty()) {
+    put(a.dc_last, im.dc_last);
+    put(a.dn_last, im.dn_last);
+  }
+  BackwardResult out;
+  out.dq = Tensor({p.B, p.NH, p.S, p.DHQK}, p.dtype);
+  out.dk = Tensor({p.B, p.NH, p.S, p.DHQK}, p.dtype);
+  out.dv = Tensor({p.B, p.NH, p.S, p.DHHV}, p.dtype);
+  out.di = Tensor({p.B, p.NH, p.S}, DType::f32);
+  out.df = Tensor({p.B, p.NH, p.S}, DType::f32);
+  try {
+    states_pass(a, n);
+    gradient_pass(a, n, out);
+    for (Slot& s : im.slots) release_event(s.done);
+  } catch (...) {
+    for (cl_command_queue q : {im.up, im.kernels, im.down}) clFinish(q);
+    for (Slot& s : im.slots) release_event(s.done);
+    throw;
+  }
+  if (p.gate_dtype != DType::f32) {
+    out.di = out.di.to(p.gate_dtype);
+    out.df = out.df.to(p.gate_dtype);
+  }
+  if (a.inputs.has_initial_state()) {
+    auto read = [&](const Buffer& b, Shape shape) {
+      Tensor t(std::move(shape), DType::f32);
+      check(clEnqueueReadBuffer(im.kernels, b.get(), CL_TRUE, 0, t.nbytes(), t.bytes(), 0, nullptr, nullptr),
+            "clEnqueueReadBuffer(backward stream)", dn);
+      return t;
+    };
+    out.dc0 = read(im.dC[0], {p.B, p.NH, p.DHQK, p.DHHV});
+    out.dn0 = read(im.dN[0], {p.B, p.NH, p.DHQK});
+    out.dm0 = o.gate == GateVariant::exp ? read(im.dM, {p.B, p.NH}) : Tensor::zeros({p.B, p.NH}, DType::f32);
+  }
+  return out;
+}
+
+}  // namespace mlstm::opencl
