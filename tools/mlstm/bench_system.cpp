@@ -766,8 +766,9 @@ fs::path make_work_dir(const std::string& base) {
   return name;
 }
 
-// The Python side: /usr/bin/python3 with numpy and the mlstm_flow module (PYTHONPATH as given, then the build
-// tree's python/ next to this executable's directory), checked once.
+// The Python side: the interpreter in MLSTM_PYTHON (the one the module was built for, where that is not the system's),
+// else /usr/bin/python3, with numpy and the mlstm_flow module (PYTHONPATH as given, then the build tree's python/
+// next to this executable's directory), checked once.
 struct Python {
   std::string interpreter = "/usr/bin/python3";
   std::map<std::string, std::string> env;
@@ -776,6 +777,7 @@ struct Python {
 
 Python find_python(const fs::path& exe, const fs::path& dir) {
   Python py;
+  if (const char* p = std::getenv("MLSTM_PYTHON"); p && *p) py.interpreter = p;
   std::string path;
   if (const char* p = std::getenv("PYTHONPATH"); p && *p) path = p;
   const fs::path built = exe.parent_path().parent_path() / "python";
