@@ -364,8 +364,8 @@ std::size_t fastest_candidate(const std::vector<std::shared_ptr<ComputeDevice>>&
     const ForwardArgs full = in.args();
     for (std::size_t c = 0; c < rates.size(); ++c) {
       const bool graph = c == devices.size();
-      std::unique_ptr<SequenceStream> s =
-          graph ? graph_stream(devices, graph_balancing, piece, options, State{}) : devices[c]->open_stream(piece, options);
+      std::unique_ptr<SequenceStream> s = graph ? graph_stream(devices, graph_balancing, piece, options, State{})
+                                                : devices[c]->open_stream(piece, options);
       // A stream of one forward() call per piece runs at about the same rate on shorter pieces: measure
       // those on at most 8 chunks (a CPU worker would take seconds on a long piece).
       const std::int64_t len = graph || s->overlapped() ? piece.S : std::min(piece.S, 8 * options.chunk_size);
@@ -899,9 +899,11 @@ BackwardResult FlowGraphRunner::backward(const BackwardArgs& args, const MlstmOp
   auto grad_running = std::make_shared<nodes::SegmentGradientEntry>();  // the gradient leaving the current segment
 
   // Inputs and dh stay on the device that uploads them for a segment's local state, its local state gradient
-  // and its backward: every pass of a segment runs on the device that computed its local state.
-  const auto residency = keep_inputs_resident(
-      capable, {args.inputs.q, args.inputs.k, args.inputs.v, args.inputs.i, args.inputs.f, args.dh});
+  // and its backward: every pass of a segment runs on the device that computed its local state. One segment is
+  // one backward call, which uploads its inputs once (a long one streams them through the device in pieces).
+  const auto residency = one_segment ? decltype(keep_inputs_resident(capable, {}))()
+                                     : keep_inputs_resident(capable, {args.inputs.q, args.inputs.k, args.inputs.v,
+                                                                      args.inputs.i, args.inputs.f, args.dh});
 
   tbb::flow::graph g;
   GraphBuilder b(g, "backward");
