@@ -124,6 +124,24 @@ void graph_forward(benchmark::State& state, graph::Balancing balancing) {
   state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(z.S) * static_cast<double>(state.iterations()),
                                                   benchmark::Counter::kIsRate);
 }
+// `t` (1,NH,P[,D]) tiled along the sequence to S tokens, in ordinary memory or (pinned) in the runner's
+// page-locked host memory.
+Tensor tile_sequence(graph::FlowGraphRunner& runner, const Tensor& t, std::int64_t S, bool pinned) {
+  const std::int64_t NH = t.dim(1), P = t.dim(2);
+  Shape shape = t.shape();
+  shape[2] = S;
+  Tensor out = pinned ? runner.host_tensor(shape, t.dtype()) : Tensor(shape, t.dtype());
+  const std::size_t row = static_cast<std::size_t>(t.numel() / NH) * dtype_size(t.dtype());  // one head, P tokens
+  const std::size_t per_token = row / static_cast<std::size_t>(P);
+  for (std::int64_t h = 0; h < NH; ++h)
+    for (std::int64_t t0 = 0; t0 < S; t0 += P)
+      std::memcpy(out.bytes() + static_cast<std::size_t>(h) * per_token * static_cast<std::size_t>(S) +
+                      per_token * static_cast<std::size_t>(t0),
+                  t.bytes() + static_cast<std::size_t>(h) * row,
+                  per_token * static_cast<std::size_t>(std::min(P, S - t0)));
+  return out;
+}
+
 // A forward from host memory through the runner on OpenCL device 0 (issue 14's main job: NH=4, DHQK=DHHV=128,
 // bf16, chunk 128, MLSTM_BENCH_HOST_S tokens, default 1M), the inputs in ordinary memory (arg 0) or in the device's
 // page-locked memory from FlowGraphRunner::host_tensor (arg 1), and with arg 2 h there too (forward_into). Inputs
@@ -137,22 +155,7 @@ void BM_HostForward(benchmark::State& state) {
   const std::int64_t S = env_int("MLSTM_BENCH_HOST_S", 1 << 20), NH = 4, D = 128, P = 16384;
   graph::FlowGraphRunner runner("0");
   const Piece piece = make_piece(NH, P, D, 5);
-  auto tile = [&](const Tensor& t) {
-    Shape shape = t.shape();
-    shape[2] = S;
-    Tensor out = state.range(0) >= 1 ? runner.host_tensor(shape, t.dtype()) : Tensor(shape, t.dtype());
-    const std::size_t row = static_cast<std::size_t>(t.numel() / NH) * dtype_size(t.dtype());  // one head, P tokens
-    for (std::int64_t h = 0; h < NH; ++h)
-      for (std::int64_t t0 = 0; t0 < S; t0 += P) {
-        const std::size_t len = row / static_cast<std::size_t>(P) * static_cast<std::size_t>(std::min(P, S - t0));
-        std::memcpy(
-            out.bytes() +
-                static_cast<std::size_t>(h) * (row / static_cast<std::size_t>(P)) * static_cast<std::size_t>(S) +
-                row / static_cast<std::size_t>(P) * static_cast<std::size_t>(t0),
-            t.bytes() + static_cast<std::size_t>(h) * row, len);
-      }
-    return out;
-  };
+  auto tile = [&](const Tensor& t) { return tile_sequence(runner, t, S, state.range(0) >= 1); };
   const Piece whole{tile(piece.q), tile(piece.k), tile(piece.v), tile(piece.i), tile(piece.f)};
   MlstmOptions o;
   o.chunk_size = 128;
@@ -172,6 +175,39 @@ void BM_HostForward(benchmark::State& state) {
       benchmark::Counter(static_cast<double>(S) * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
 }
 BENCHMARK(BM_HostForward)->DenseRange(0, 2)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+// The backward from host memory through the runner on OpenCL device 0, same problem and inputs as BM_HostForward
+// (dh tiled like v): arg 0 as a user calls it (a long sequence streams through the device's BackwardStream), arg 1
+// in one resident call (MLSTM_STREAM_PIECE above the sequence: upload everything, compute, download everything).
+void BM_HostBackward(benchmark::State& state) {
+  if (opencl::list_devices().empty()) {
+    state.SkipWithError("no OpenCL device");
+    return;
+  }
+  const std::int64_t S = env_int("MLSTM_BENCH_HOST_S", 1 << 20), NH = 4, D = 128, P = 16384;
+  graph::FlowGraphRunner runner("0");
+  const Piece piece = make_piece(NH, P, D, 5);
+  const Tensor dh_piece = make_piece(NH, P, D, 6).v;
+  auto tile = [&](const Tensor& t) { return tile_sequence(runner, t, S, false); };
+  const Piece whole{tile(piece.q), tile(piece.k), tile(piece.v), tile(piece.i), tile(piece.f)};
+  const Tensor dh = tile(dh_piece);
+  MlstmOptions o;
+  o.chunk_size = 128;
+  BackwardArgs b;
+  b.inputs = whole.args();
+  b.dh = dh.view();
+  if (state.range(0) == 1) setenv("MLSTM_STREAM_PIECE", std::to_string(2 * S).c_str(), 1);
+  (void)runner.backward(b, o);  // warm-up: programs, the device's stream
+  for (auto _ : state) {
+    auto g = runner.backward(b, o);
+    benchmark::DoNotOptimize(g.dq.bytes());
+  }
+  if (state.range(0) == 1) unsetenv("MLSTM_STREAM_PIECE");
+  state.SetLabel(state.range(0) == 0 ? "streamed (BackwardStream)" : "one resident call");
+  state.counters["tokens/s"] =
+      benchmark::Counter(static_cast<double>(S) * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+}
+BENCHMARK(BM_HostBackward)->DenseRange(0, 1)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 void BM_GraphForward(benchmark::State& state) { graph_forward(state, graph::Balancing::pull); }
 void BM_GraphForwardCalibrated(benchmark::State& state) { graph_forward(state, graph::Balancing::calibrated); }
