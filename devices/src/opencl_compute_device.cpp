@@ -3,6 +3,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <cmath>
 #include <condition_variable>
 #include <map>
 #include <mutex>
@@ -48,6 +49,17 @@ std::int64_t stream_piece_tokens(const ProblemShape& p, const MlstmOptions& o) {
   const std::int64_t t = std::clamp<std::int64_t>((std::int64_t{64} << 20) / std::max<std::int64_t>(1, per_token),
                                                   L, 65536);
   return t / L * L;
+}
+
+// Device bytes of one resident tensor-core backward of this problem: q, k, v, dh in and dq, dk, dv out, the gates
+// and their gradients, and the per-chunk states with their gradients (float32), rounded up.
+std::uint64_t resident_backward_bytes(const ProblemShape& p, const MlstmOptions& o) {
+  const auto rows = static_cast<double>(p.B * p.NH), S = static_cast<double>(p.S);
+  const double element = static_cast<double>(dtype_size(p.dtype));
+  const double sequences = rows * S * (element * (2.0 * (2 * p.DHQK + p.DHHV) + p.DHHV) + 4.0 * 4);
+  const double chunks = rows * std::ceil(S / static_cast<double>(o.chunk_size)) + rows;
+  const double states = 2.0 * chunks * 4.0 * static_cast<double>(p.DHQK * p.DHHV + p.DHQK + 1);
+  return static_cast<std::uint64_t>(std::min(sequences + states, 1.8e19));
 }
 
 // A SequenceStream through opencl::DeviceStream: pinned staging, uploads, kernels and downloads of consecutive
@@ -316,12 +328,22 @@ class OpenCLComputeDevice final : public ComputeDevice {
     return r;
   }
 
-  // The tensor-core backward: a long host-resident sequence (two stream pieces or more, inputs not kept resident
-  // by the graph) through a BackwardStream, with uploads, kernels and downloads of consecutive pieces
-  // overlapped; anything else in one resident call (upload everything, compute, download everything).
+  // The tensor-core backward: one resident call (upload everything, compute, download everything) while that
+  // fits in half the device's memory, else (or with MLSTM_STREAM_PIECE set) a long host-resident sequence (two
+  // stream pieces or more, inputs not kept resident by the graph) through a BackwardStream, with uploads, kernels
+  // and downloads of consecutive pieces overlapped. Measured on an H200 from ordinary host memory (1M tokens,
+  // docs/PERFORMANCE.md), the stream was 10% slower than one call: its states pass reads k, v and the gates
+  // twice over the host's copies, and the host copies, not the link, set the pace; it is what lets a sequence
+  // larger than the device through.
+  bool streams_backward(const BackwardArgs& a, const MlstmOptions& o, const ProblemShape& p) const {
+    if (p.S < 2 * stream_piece_tokens(p, o) || device_->inside_retained_range(a.inputs.q.bytes())) return false;
+    return env::get("MLSTM_STREAM_PIECE").has_value() ||
+           resident_backward_bytes(p, o) > device_->info().global_memory / 2;
+  }
+
   BackwardResult tensor_core_backward(const BackwardArgs& a, const MlstmOptions& o, const ProblemShape& p) {
+    if (!streams_backward(a, o, p)) return tensor_cores_.backward(a, o);
     const std::int64_t piece = stream_piece_tokens(p, o);
-    if (p.S < 2 * piece || device_->inside_retained_range(a.inputs.q.bytes())) return tensor_cores_.backward(a, o);
     opencl::BackwardStream::Config config;
     config.B = p.B;
     config.NH = p.NH;
