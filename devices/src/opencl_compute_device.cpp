@@ -332,9 +332,9 @@ class OpenCLComputeDevice final : public ComputeDevice {
   // fits in half the device's memory, else (or with MLSTM_STREAM_PIECE set) a long host-resident sequence (two
   // stream pieces or more, inputs not kept resident by the graph) through a BackwardStream, with uploads, kernels
   // and downloads of consecutive pieces overlapped. Measured on an H200 from ordinary host memory (1M tokens,
-  // docs/PERFORMANCE.md), the stream was 10% slower than one call: its states pass reads k, v and the gates
-  // twice over the host's copies, and the host copies, not the link, set the pace; it is what lets a sequence
-  // larger than the device through.
+  // docs/PERFORMANCE.md), the two take the same time (medians of five paired runs 408 and 412 ms): host copies,
+  // not the link, set the pace, and the stream's states pass reads k, v and the gates a second time. One call is
+  // the simpler path; the stream is what lets a sequence larger than the device through.
   bool streams_backward(const BackwardArgs& a, const MlstmOptions& o, const ProblemShape& p) const {
     if (p.S < 2 * stream_piece_tokens(p, o) || device_->inside_retained_range(a.inputs.q.bytes())) return false;
     return env::get("MLSTM_STREAM_PIECE").has_value() ||
