@@ -82,6 +82,20 @@ struct BackwardResult {
   Tensor dc0, dn0, dm0;  // float32 (float64 from the reference); only when initial states were given
 };
 
+// Where a backward writes its token gradients (backward_into): dq, dk (B,NH,S,DHQK) and dv (B,NH,S,DHHV) in q's
+// dtype, di, df (B,NH,S) in i's dtype, each with rows of S*D (S) contiguous elements (slices of longer tensors
+// along the sequence, say).
+struct GradientViews {
+  TensorView dq, dk, dv, di, df;
+  // The views of tokens [t0, t1).
+  GradientViews slice(std::int64_t t0, std::int64_t t1) const;
+};
+// InvalidArgument naming the view ("dq", ...) unless `out` fits problem `p` as described above.
+void check_gradient_views(const GradientViews& out, const ProblemShape& p);
+// The gradients of `r` (a backward's result of problem p) into `out`; r keeps dc0 / dn0 / dm0, its token
+// gradients are released.
+void write_gradients(BackwardResult& r, const GradientViews& out);
+
 // Owned arguments: the tensors of a problem's inputs (and, for the backward, its incoming gradients) for callers
 // that load or draw them (the CLI's files, Python's arrays, the tests' random inputs); the views of args() and
 // backward_args() live as long as the object. An empty tensor is not passed (the initial state, the last-state
