@@ -46,6 +46,14 @@ ForwardResult ComputeDevice::forward_into(const ForwardArgs& segment, const Mlst
   return r;
 }
 
+BackwardResult ComputeDevice::backward_into(const BackwardArgs& args, const MlstmOptions& options,
+                                            const GradientViews& out) {
+  check_gradient_views(out, validate_backward(args, options));
+  BackwardResult r = backward(args, options);
+  write_gradients(r, out);
+  return r;
+}
+
 StepResult ComputeDevice::step(const StepArgs& a, const MlstmOptions& options) {
   const ProblemShape p = validate_step(a, options);
   auto token = [](ConstTensorView t) {  // (B,NH,D) -> (B,NH,1,D); (B,NH) -> (B,NH,1)

@@ -204,8 +204,17 @@ class OpenCLComputeDevice final : public ComputeDevice {
   BackwardResult backward(const BackwardArgs& a, const MlstmOptions& o) override {
     const ScopedTrace trace([&] { return "backward of " + token_rows(a.dh) + " token-rows on " + device_->name(); });
     const ProblemShape p = validate_backward(a, o);
-    if (uses_tensor_cores(p, o)) return tensor_core_backward(a, o, p);
+    if (uses_tensor_cores(p, o)) return tensor_core_backward(a, o, p, nullptr);
     return portable_.backward(a, o);
+  }
+
+  BackwardResult backward_into(const BackwardArgs& a, const MlstmOptions& o, const GradientViews& out) override {
+    const ProblemShape p = validate_backward(a, o);
+    check_gradient_views(out, p);
+    if (!uses_tensor_cores(p, o) || !streams_backward(a, o, p, &out)) return ComputeDevice::backward_into(a, o, out);
+    const ScopedTrace trace(
+        [&] { return "backward_into of " + token_rows(a.dh) + " token-rows on " + device_->name(); });
+    return tensor_core_backward(a, o, p, &out);
   }
 
   BackwardResult state_gradient(const BackwardArgs& a, const MlstmOptions& o) override {
@@ -214,7 +223,7 @@ class OpenCLComputeDevice final : public ComputeDevice {
     const ProblemShape p = validate_backward(a, o);
     if (!uses_tensor_cores(p, o)) return portable_.state_gradient(a, o);
     return state_gradient_through_backward(
-        [&](const BackwardArgs& with_state) { return tensor_core_backward(with_state, o, p); }, a, p);
+        [&](const BackwardArgs& with_state) { return tensor_core_backward(with_state, o, p, nullptr); }, a, p);
   }
 
   Tensor host_tensor(Shape shape, DType dtype) override { return device_->pinned_tensor(std::move(shape), dtype); }
@@ -328,21 +337,34 @@ class OpenCLComputeDevice final : public ComputeDevice {
     return r;
   }
 
-  // The tensor-core backward: one resident call (upload everything, compute, download everything) while that
-  // fits in half the device's memory, else (or with MLSTM_STREAM_PIECE set) a long host-resident sequence (two
-  // stream pieces or more, inputs not kept resident by the graph) through a BackwardStream, with uploads, kernels
-  // and downloads of consecutive pieces overlapped. Measured on an H200 from ordinary host memory (1M tokens,
-  // docs/PERFORMANCE.md), the two take the same time (medians of five paired runs 408 and 412 ms): host copies,
-  // not the link, set the pace, and the stream's states pass reads k, v and the gates a second time. One call is
-  // the simpler path; the stream is what lets a sequence larger than the device through.
-  bool streams_backward(const BackwardArgs& a, const MlstmOptions& o, const ProblemShape& p) const {
+  // The tensor-core backward: one resident call (upload everything, compute, download everything), or a long
+  // host-resident sequence (two stream pieces or more, inputs not kept resident by the graph) through a
+  // BackwardStream, with uploads, kernels and downloads of consecutive pieces overlapped. It streams
+  //  - when one resident call would take more than half the device's memory: the stream is what lets the
+  //    sequence through at all;
+  //  - when the inputs, dh or the caller's gradient views (backward_into) lie in this device's page-locked memory:
+  //    the stream moves them straight between there and the device, where one call copies them through its
+  //    staging;
+  //  - when MLSTM_STREAM_PIECE asks for it.
+  // From ordinary memory, measured on an H200 (1M tokens, docs/PERFORMANCE.md), the two take the same time (medians
+  // of five paired runs 408 and 412 ms): host copies, not the link, set the pace, and the stream's states pass reads
+  // k, v and the gates a second time. There one call is the simpler path.
+  bool streams_backward(const BackwardArgs& a, const MlstmOptions& o, const ProblemShape& p,
+                        const GradientViews* out) const {
     if (p.S < 2 * stream_piece_tokens(p, o) || device_->inside_retained_range(a.inputs.q.bytes())) return false;
-    return env::get("MLSTM_STREAM_PIECE").has_value() ||
-           resident_backward_bytes(p, o) > device_->info().global_memory / 2;
+    if (env::get("MLSTM_STREAM_PIECE").has_value() || resident_backward_bytes(p, o) > device_->info().global_memory / 2)
+      return true;
+    return device_->pinned(a.inputs.q.bytes(), 1) || device_->pinned(a.dh.bytes(), 1) ||
+           (out && device_->pinned(out->dq.bytes(), 1));
   }
 
-  BackwardResult tensor_core_backward(const BackwardArgs& a, const MlstmOptions& o, const ProblemShape& p) {
-    if (!streams_backward(a, o, p)) return tensor_cores_.backward(a, o);
+  BackwardResult tensor_core_backward(const BackwardArgs& a, const MlstmOptions& o, const ProblemShape& p,
+                                      const GradientViews* out) {
+    if (!streams_backward(a, o, p, out)) {
+      BackwardResult r = tensor_cores_.backward(a, o);
+      if (out) write_gradients(r, *out);
+      return r;
+    }
     const std::int64_t piece = stream_piece_tokens(p, o);
     opencl::BackwardStream::Config config;
     config.B = p.B;
@@ -365,7 +387,7 @@ class OpenCLComputeDevice final : public ComputeDevice {
     } else {
       device_->note_stream_opened(false);
     }
-    BackwardResult r = stream->run(a);
+    BackwardResult r = stream->run_into(a, out);
     std::lock_guard lock(parked_mutex_);
     parked_backward_ = std::move(stream);
     return r;

@@ -8,6 +8,7 @@
 #include <thread>
 
 #include "internal.hpp"
+#include "mlstm/core/env.hpp"
 #include "mlstm/core/trace.hpp"
 #include "tc_program.hpp"
 
@@ -63,6 +64,9 @@ struct BackwardStream::Impl {
   Buffer dc_last, dn_last;                 // the caller's gradient of the last state, when given
   // The state entering piece j (j = 0 .. pieces; the last one leaves the sequence): C, n, m.
   std::vector<std::array<Buffer, 3>> entering;
+  // k, v, i, f of every piece, kept on the device from the states pass for the gradient pass when they fit a
+  // quarter of its memory (kept_budget()); empty otherwise (the gradient pass uploads them again).
+  std::vector<std::array<PooledBuffer, 4>> kept;
   std::array<std::size_t, kInputs> in_off{}, in_bytes{};     // at max_piece
   std::array<std::size_t, kOutputs> out_off{}, out_bytes{};  // at max_piece
 };
@@ -188,7 +192,7 @@ BackwardStream::~BackwardStream() {
 }
 
 cl_event BackwardStream::upload(Slot& s, const std::vector<std::pair<ConstTensorView, int>>& parts, std::int64_t t0,
-                                std::int64_t len) {
+                                std::int64_t len, std::int64_t piece) {
   const Impl& im = *impl_;
   const Config& c = config_;
   const std::string& dn = device_->name();
@@ -196,17 +200,45 @@ cl_event BackwardStream::upload(Slot& s, const std::vector<std::pair<ConstTensor
   for (const auto& [view, index] : parts) {
     const auto j = static_cast<std::size_t>(index);
     const DType dtype = index == kI || index == kF ? DType::f32 : c.dtype;
-    const ConstTensorView piece = sequence_slice(view, t0, t0 + len);
-    std::byte* host = s.host_in + im.in_off[j];
-    copy_elements(piece, 0, piece.numel(), dtype, host);
-    const std::size_t bytes = static_cast<std::size_t>(piece.numel()) * dtype_size(dtype);
+    const ConstTensorView sliced = sequence_slice(view, t0, t0 + len);
+    const std::size_t bytes = static_cast<std::size_t>(sliced.numel()) * dtype_size(dtype);
+    const cl_mem target = input_buffer(s, index, piece);
     release_event(last);
-    check(clEnqueueWriteBuffer(im.up, s.in[j].get(), CL_FALSE, 0, bytes, host, 0, nullptr, &last),
-          "clEnqueueWriteBuffer(backward stream)", dn);
+    if (const auto rows = detail::pinned_rows(*device_, sliced, dtype)) {
+      // In this device's page-locked memory: the DMA reads it where it lies.
+      detail::enqueue_rows(im.up, /*write=*/true, target, *rows, nullptr, &last, dn);
+      bytes_direct_up_ += bytes;
+      device_->note_direct_upload(bytes);
+    } else {
+      std::byte* host = s.host_in + im.in_off[j];
+      copy_elements(sliced, 0, sliced.numel(), dtype, host);
+      check(clEnqueueWriteBuffer(im.up, target, CL_FALSE, 0, bytes, host, 0, nullptr, &last),
+            "clEnqueueWriteBuffer(backward stream)", dn);
+    }
     clFlush(im.up);  // the DMA of this tensor runs while the next one is copied into the staging
     bytes_up_ += bytes;
   }
   return last;
+}
+
+cl_mem BackwardStream::input_buffer(const Slot& s, int index, std::int64_t piece) const {
+  const Impl& im = *impl_;
+  if (!im.kept.empty()) {
+    const auto& kept = im.kept[static_cast<std::size_t>(piece)];
+    switch (index) {
+      case kK:
+        return kept[0].get();
+      case kV:
+        return kept[1].get();
+      case kI:
+        return kept[2].get();
+      case kF:
+        return kept[3].get();
+      default:
+        break;
+    }
+  }
+  return s.in[static_cast<std::size_t>(index)].get();
 }
 
 namespace {
@@ -242,14 +274,16 @@ void BackwardStream::states_pass(const BackwardArgs& a, std::int64_t n) {
     Slot& s = im.slots[j % kSlots];
     wait_event(s.done, dn);
     const std::int64_t t0 = j * c.max_piece, len = std::min(c.max_piece, S - t0);
-    cl_event up = upload(s, {{in.k, kK}, {in.v, kV}, {in.i, kI}, {in.f, kF}}, t0, len);
+    cl_event up = upload(s, {{in.k, kK}, {in.v, kV}, {in.i, kI}, {in.f, kF}}, t0, len, j);
     const int Sp = static_cast<int>(len), NC = (Sp + cfg.L - 1) / cfg.L;
     const int has_init = j > 0 || a.inputs.has_initial_state() ? 1 : 0;
     const auto& from = im.entering[static_cast<std::size_t>(j)];
     const auto& to = im.entering[static_cast<std::size_t>(j + 1)];
-    set_args(im.gates.k, dn, s.in[kI], s.in[kF], im.gb, im.gbi, im.gpm, im.gG, im.gA, Sp, NC);
-    set_args(im.fw_states.k, dn, s.in[kK], s.in[kV], im.gbi, im.gG, im.gA, from[0], from[1], from[2], has_init, im.Cst,
-             im.nst, im.mst, to[0], to[1], to[2], Sp, NC);
+    const cl_mem K = input_buffer(s, kK, j), V = input_buffer(s, kV, j), I = input_buffer(s, kI, j),
+                 F = input_buffer(s, kF, j);
+    set_args(im.gates.k, dn, I, F, im.gb, im.gbi, im.gpm, im.gG, im.gA, Sp, NC);
+    set_args(im.fw_states.k, dn, K, V, im.gbi, im.gG, im.gA, from[0], from[1], from[2], has_init, im.Cst, im.nst,
+             im.mst, to[0], to[1], to[2], Sp, NC);
     try {
       launch(im.gates, "tc_fw_gates", static_cast<std::size_t>(NC * cfg.L), static_cast<std::size_t>(cfg.L), &up);
       launch(im.fw_states, "tc_fw_states", states_global, states_group, nullptr, &s.done);
@@ -262,7 +296,7 @@ void BackwardStream::states_pass(const BackwardArgs& a, std::int64_t n) {
   }
 }
 
-void BackwardStream::gradient_pass(const BackwardArgs& a, std::int64_t n, BackwardResult& out) {
+void BackwardStream::gradient_pass(const BackwardArgs& a, std::int64_t n, const GradientViews& dest_views) {
   Impl& im = *impl_;
   const Config& c = config_;
   const std::string& dn = device_->name();
@@ -275,12 +309,18 @@ void BackwardStream::gradient_pass(const BackwardArgs& a, std::int64_t n, Backwa
   const ForwardArgs& in = a.inputs;
   const bool user_dlast = !a.dc_last.empty();
 
-  // Results: 4-d views (di and df as (B,NH,S,1)) that each piece's rows are copied into.
-  const TensorView dest[kOutputs] = {out.dq.view(), out.dk.view(), out.dv.view(),
-                                     TensorView(out.di.bytes(), DType::f32, {c.B, c.NH, S, 1}),
-                                     TensorView(out.df.bytes(), DType::f32, {c.B, c.NH, S, 1})};
+  // Results: 4-d views (di and df as (B,NH,S,1)) that each piece's rows go into: downloaded straight there when
+  // they lie in this device's page-locked memory, else copied there out of the slot's staging.
+  auto gate4 = [&](TensorView g) {
+    const Shape& st = g.strides();
+    return TensorView(g.bytes(), g.dtype(), {c.B, c.NH, S, 1}, {st[0], st[1], st[2], 1});
+  };
+  const TensorView dest[kOutputs] = {dest_views.dq, dest_views.dk, dest_views.dv, gate4(dest_views.di),
+                                     gate4(dest_views.df)};
   const std::int64_t width[kOutputs] = {K, K, V, 1, 1};
   const DType out_dtype[kOutputs] = {c.dtype, c.dtype, c.dtype, DType::f32, DType::f32};
+  // Which outputs of piece k (k-th in the reverse order) were downloaded straight into dest.
+  std::vector<std::array<bool, kOutputs>> direct(static_cast<std::size_t>(n));
 
   // The consumer copies piece k's gradients (k-th in the reverse order) out of its slot once they are down.
   std::mutex mutex;
@@ -302,6 +342,7 @@ void BackwardStream::gradient_pass(const BackwardArgs& a, std::int64_t n, Backwa
         wait_event(downloads[static_cast<std::size_t>(k)], dn);
         const Slot& s = im.slots[k % kSlots];
         for (int o = 0; o < kOutputs; ++o) {
+          if (direct[static_cast<std::size_t>(k)][static_cast<std::size_t>(o)]) continue;
           const ConstTensorView piece(s.host_out + im.out_off[static_cast<std::size_t>(o)], out_dtype[o],
                                       {c.B, c.NH, len, width[o]});
           copy_piece_rows(piece, sequence_slice(dest[o], t0, t0 + len));
@@ -329,7 +370,12 @@ void BackwardStream::gradient_pass(const BackwardArgs& a, std::int64_t n, Backwa
         if (consumer_error) break;
       }
       wait_event(s.done, dn);  // its states-pass kernels
-      cl_event up = upload(s, {{in.q, kQ}, {in.k, kK}, {in.v, kV}, {a.dh, kDh}, {in.i, kI}, {in.f, kF}}, t0, len);
+      // k, v, i, f are on the device already when the states pass kept them.
+      cl_event up = im.kept.empty()
+                        ? upload(s, {{in.q, kQ}, {in.k, kK}, {in.v, kV}, {a.dh, kDh}, {in.i, kI}, {in.f, kF}}, t0, len, j)
+                        : upload(s, {{in.q, kQ}, {a.dh, kDh}}, t0, len, j);
+      const cl_mem Kb = input_buffer(s, kK, j), Vb = input_buffer(s, kV, j), Ib = input_buffer(s, kI, j),
+                   Fb = input_buffer(s, kF, j);
       const int Sp = static_cast<int>(len), NC = (Sp + cfg.L - 1) / cfg.L;
       const int has_init = j > 0 || in.has_initial_state() ? 1 : 0;
       const int has_dlast = j < n - 1 || user_dlast ? 1 : 0;
@@ -338,22 +384,22 @@ void BackwardStream::gradient_pass(const BackwardArgs& a, std::int64_t n, Backwa
       const Buffer& dc_last = j < n - 1 ? im.dC[(j + 1) % 2] : im.dc_last;
       const Buffer& dn_last = j < n - 1 ? im.dN[(j + 1) % 2] : im.dn_last;
       const Buffer &dc0 = im.dC[j % 2], &dn0 = im.dN[j % 2];
-      set_args(im.gates.k, dn, s.in[kI], s.in[kF], im.gb, im.gbi, im.gpm, im.gG, im.gA, Sp, NC);
-      set_args(im.fw_states.k, dn, s.in[kK], s.in[kV], im.gbi, im.gG, im.gA, enter[0], enter[1], enter[2], has_init,
-               im.Cst, im.nst, im.mst, im.c_scratch, im.n_scratch, im.m_scratch, Sp, NC);
-      set_args(im.fw_outputs.k, dn, s.in[kQ], s.in[kK], s.in[kV], im.Cst, im.nst, im.mst, im.gb, im.gbi, im.gpm, im.h,
-               im.Nt, im.sgt, Sp, NC);
+      set_args(im.gates.k, dn, Ib, Fb, im.gb, im.gbi, im.gpm, im.gG, im.gA, Sp, NC);
+      set_args(im.fw_states.k, dn, Kb, Vb, im.gbi, im.gG, im.gA, enter[0], enter[1], enter[2], has_init, im.Cst,
+               im.nst, im.mst, im.c_scratch, im.n_scratch, im.m_scratch, Sp, NC);
+      set_args(im.fw_outputs.k, dn, s.in[kQ], Kb, Vb, im.Cst, im.nst, im.mst, im.gb, im.gbi, im.gpm, im.h, im.Nt, im.sgt,
+               Sp, NC);
       set_args(im.bw_prep.k, dn, s.in[kDh], im.h, im.Nt, im.sgt, im.dden, Sp);
       set_args(im.bw_states.k, dn, s.in[kQ], s.in[kDh], im.gb, im.gpm, im.gG, im.mst, im.Nt, im.dden, dc_last, dn_last,
                has_dlast, im.dCst, im.dnst, dc0, dn0, Sp, NC);
-      set_args(im.bw_dq.k, dn, s.in[kDh], s.in[kV], s.in[kK], im.Cst, im.nst, im.mst, im.gb, im.gbi, im.gpm, im.Nt,
-               im.dden, s.in[kQ], s.out[kDq], im.qdq, Sp, NC);
-      set_args(im.bw_dk.k, dn, s.in[kV], s.in[kDh], s.in[kQ], im.dCst, im.dnst, im.mst, im.gb, im.gbi, im.gpm, im.gG,
-               im.Nt, im.dden, s.in[kK], s.out[kDk], im.kdk, Sp, NC);
-      set_args(im.bw_dv.k, dn, s.in[kK], s.in[kQ], s.in[kDh], im.dCst, im.mst, im.gb, im.gbi, im.gpm, im.gG, im.Nt,
+      set_args(im.bw_dq.k, dn, s.in[kDh], Vb, Kb, im.Cst, im.nst, im.mst, im.gb, im.gbi, im.gpm, im.Nt, im.dden,
+               s.in[kQ], s.out[kDq], im.qdq, Sp, NC);
+      set_args(im.bw_dk.k, dn, Vb, s.in[kDh], s.in[kQ], im.dCst, im.dnst, im.mst, im.gb, im.gbi, im.gpm, im.gG, im.Nt,
+               im.dden, Kb, s.out[kDk], im.kdk, Sp, NC);
+      set_args(im.bw_dv.k, dn, Kb, s.in[kQ], s.in[kDh], im.dCst, im.mst, im.gb, im.gbi, im.gpm, im.gG, im.Nt,
                s.out[kDv], Sp, NC);
-      set_args(im.gate_grads.k, dn, s.in[kI], s.in[kF], im.qdq, im.kdk, im.nparts, dc_last, dn_last, leave[0], leave[1],
-               has_dlast, dc0, dn0, enter[0], enter[1], has_init, s.out[kDi], s.out[kDf], im.dM, Sp);
+      set_args(im.gate_grads.k, dn, Ib, Fb, im.qdq, im.kdk, im.nparts, dc_last, dn_last, leave[0], leave[1], has_dlast,
+               dc0, dn0, enter[0], enter[1], has_init, s.out[kDi], s.out[kDf], im.dM, Sp);
       cl_event computed = nullptr;
       try {
         const std::size_t nc = static_cast<std::size_t>(NC);
@@ -375,10 +421,20 @@ void BackwardStream::gradient_pass(const BackwardArgs& a, std::int64_t n, Backwa
                                              tok * sizeof(float), tok * sizeof(float)};
         cl_event down = nullptr;
         for (int o = 0; o < kOutputs; ++o) {
-          check(clEnqueueReadBuffer(im.down, s.out[static_cast<std::size_t>(o)].get(), CL_FALSE, 0, bytes[o],
-                                    s.host_out + im.out_off[static_cast<std::size_t>(o)], o == 0 ? 1 : 0,
-                                    o == 0 ? &computed : nullptr, o == kOutputs - 1 ? &down : nullptr),
-                "clEnqueueReadBuffer(backward stream)", dn);
+          const auto u = static_cast<std::size_t>(o);
+          cl_event* wait = o == 0 ? &computed : nullptr;
+          cl_event* done = o == kOutputs - 1 ? &down : nullptr;
+          const TensorView to = sequence_slice(dest[o], t0, t0 + len);
+          if (const auto rows = detail::pinned_rows(*device_, to, out_dtype[o])) {
+            detail::enqueue_rows(im.down, /*write=*/false, s.out[u].get(), *rows, wait, done, dn);
+            direct[static_cast<std::size_t>(k)][u] = true;
+            bytes_direct_down_ += bytes[o];
+            device_->note_direct_download(bytes[o]);
+          } else {
+            check(clEnqueueReadBuffer(im.down, s.out[u].get(), CL_FALSE, 0, bytes[o], s.host_out + im.out_off[u],
+                                      wait ? 1 : 0, wait, done),
+                  "clEnqueueReadBuffer(backward stream)", dn);
+          }
           bytes_down_ += bytes[o];
         }
         clFlush(im.down);
@@ -411,10 +467,13 @@ void BackwardStream::gradient_pass(const BackwardArgs& a, std::int64_t n, Backwa
   }
 }
 
-BackwardResult BackwardStream::run(const BackwardArgs& a) {
+BackwardResult BackwardStream::run(const BackwardArgs& a) { return run_into(a, nullptr); }
+
+BackwardResult BackwardStream::run_into(const BackwardArgs& a, const GradientViews* into) {
   const Config& c = config_;
   MlstmOptions o = c.options;
   const ProblemShape p = validate_backward(a, o);
+  if (into) check_gradient_views(*into, p);
   if (p.B != c.B || p.NH != c.NH || p.DHQK != c.DHQK || p.DHHV != c.DHHV || p.dtype != c.dtype)
     throw InvalidArgument("q", "the backward stream is set up for B=" + std::to_string(c.B) +
                                    ", NH=" + std::to_string(c.NH) + ", head dims " + std::to_string(c.DHQK) + "x" +
@@ -432,6 +491,18 @@ BackwardResult BackwardStream::run(const BackwardArgs& a) {
   while (im.entering.size() < static_cast<std::size_t>(n + 1))
     im.entering.push_back(
         {dev.alloc(rows * kv * sizeof(float)), dev.alloc(rows * K * sizeof(float)), dev.alloc(rows * sizeof(float))});
+  // k, v, i, f of every piece stay on the device between the two passes when they fit a quarter of its memory:
+  // the gradient pass then moves only q and dh up (4 of the 6 input tensors' bytes saved, about a third of the
+  // backward's uploads at 128/128).
+  const std::size_t keep_bytes = static_cast<std::size_t>(n) * (im.in_bytes[kK] + im.in_bytes[kV] +
+                                                                 im.in_bytes[kI] + im.in_bytes[kF]);
+  im.kept.clear();
+  if (!env::is("MLSTM_BACKWARD_KEEP", "off") && keep_bytes <= dev.info().global_memory / 4) {
+    for (std::int64_t j = 0; j < n; ++j)
+      im.kept.push_back({dev.acquire(im.in_bytes[kK]), dev.acquire(im.in_bytes[kV]), dev.acquire(im.in_bytes[kI]),
+                         dev.acquire(im.in_bytes[kF])});
+  }
+  kept_pieces_ = static_cast<std::int64_t>(im.kept.size());
   auto put = [&](ConstTensorView t, const Buffer& b) {
     const Tensor x = Tensor::copy_of(t, DType::f32);
     check(clEnqueueWriteBuffer(im.kernels, b.get(), CL_TRUE, 0, x.nbytes(), x.bytes(), 0, nullptr, nullptr),
@@ -446,22 +517,46 @@ BackwardResult BackwardStream::run(const BackwardArgs& a) {
     put(a.dc_last, im.dc_last);
     put(a.dn_last, im.dn_last);
   }
+  // Where the gradients go: the caller's views, or the result's tensors. The kernels give di and df in float32:
+  // other gate dtypes go through float32 tensors, converted at the end.
   BackwardResult out;
-  out.dq = Tensor({p.B, p.NH, p.S, p.DHQK}, p.dtype);
-  out.dk = Tensor({p.B, p.NH, p.S, p.DHQK}, p.dtype);
-  out.dv = Tensor({p.B, p.NH, p.S, p.DHHV}, p.dtype);
-  out.di = Tensor({p.B, p.NH, p.S}, DType::f32);
-  out.df = Tensor({p.B, p.NH, p.S}, DType::f32);
+  GradientViews dest;
+  if (into) {
+    dest = *into;
+  } else {
+    out.dq = Tensor({p.B, p.NH, p.S, p.DHQK}, p.dtype);
+    out.dk = Tensor({p.B, p.NH, p.S, p.DHQK}, p.dtype);
+    out.dv = Tensor({p.B, p.NH, p.S, p.DHHV}, p.dtype);
+    dest.dq = out.dq.view();
+    dest.dk = out.dk.view();
+    dest.dv = out.dv.view();
+  }
+  if (!into || p.gate_dtype != DType::f32) {
+    out.di = Tensor({p.B, p.NH, p.S}, DType::f32);
+    out.df = Tensor({p.B, p.NH, p.S}, DType::f32);
+    dest.di = out.di.view();
+    dest.df = out.df.view();
+  }
   try {
     states_pass(a, n);
-    gradient_pass(a, n, out);
+    gradient_pass(a, n, dest);
     for (Slot& s : im.slots) release_event(s.done);
   } catch (...) {
     for (cl_command_queue q : {im.up, im.kernels, im.down}) clFinish(q);
     for (Slot& s : im.slots) release_event(s.done);
+    im.kept.clear();
     throw;
   }
-  if (p.gate_dtype != DType::f32) {
+  im.kept.clear();  // back to the device's pool (every download, hence every kernel, is done)
+  if (into && p.gate_dtype != DType::f32) {
+    for (auto [from, to] : {std::pair{&out.di, into->di}, std::pair{&out.df, into->df}}) {
+      const Tensor g = from->to(p.gate_dtype);
+      const Shape& st = to.strides();
+      copy_piece_rows(ConstTensorView(g.bytes(), g.dtype(), {p.B, p.NH, p.S, 1}),
+                      TensorView(to.bytes(), to.dtype(), {p.B, p.NH, p.S, 1}, {st[0], st[1], st[2], 1}));
+      *from = Tensor();
+    }
+  } else if (!into && p.gate_dtype != DType::f32) {
     out.di = out.di.to(p.gate_dtype);
     out.df = out.df.to(p.gate_dtype);
   }

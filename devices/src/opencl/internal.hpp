@@ -3,6 +3,9 @@
 
 #include <CL/cl.h>
 
+#include <cstddef>
+#include <optional>
+#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -84,6 +87,66 @@ inline void set_initial_state_dm(const ForwardArgs& inputs, const MlstmOptions& 
       acc += static_cast<double>(out.dn0.data<float>()[r * K + e]) * n0[static_cast<std::size_t>(r * K + e)];
     out.dm0.data<float>()[r] = static_cast<float>(acc);
   }
+}
+
+
+// A host tensor's B*NH rows where the DMA engines can reach them directly: a (B,NH,len,D) or (B,NH,len) view in
+// the device's page-locked memory (Device::pinned_tensor) whose rows of len*D elements are contiguous. Rows of
+// `row` bytes, NH of them `pitch_nh` apart, B such groups `pitch_b` apart.
+struct HostRows {
+  std::byte* data = nullptr;
+  std::size_t row = 0, pitch_nh = 0, pitch_b = 0;
+  std::size_t NH = 1, B = 1;
+  std::size_t bytes() const noexcept { return row * NH * B; }
+};
+
+// The rows of `t` when it is of `dtype` and lies in `dev`'s page-locked memory with contiguous rows, else nothing
+// (the caller goes through its staging).
+inline std::optional<HostRows> pinned_rows(const Device& dev, ConstTensorView t, DType dtype) {
+  if (t.dtype() != dtype || t.empty() || (t.dims() != 3 && t.dims() != 4)) return std::nullopt;
+  const int d = t.dims();
+  const std::int64_t row_elems = d == 4 ? t.dim(2) * t.dim(3) : t.dim(2);
+  if (t.strides()[static_cast<std::size_t>(d - 1)] != 1) return std::nullopt;
+  if (d == 4 && t.strides()[2] != t.dim(3)) return std::nullopt;
+  const std::size_t es = dtype_size(dtype);
+  HostRows r;
+  r.data = const_cast<std::byte*>(t.bytes());
+  r.row = static_cast<std::size_t>(row_elems) * es;
+  r.NH = static_cast<std::size_t>(t.dim(1));
+  r.B = static_cast<std::size_t>(t.dim(0));
+  r.pitch_nh = static_cast<std::size_t>(t.strides()[1]) * es;
+  r.pitch_b = static_cast<std::size_t>(t.strides()[0]) * es;
+  // A rectangular copy needs each row inside its pitch and each group of NH rows inside its pitch.
+  if (r.NH > 1 && r.pitch_nh < r.row) return std::nullopt;
+  if (r.B > 1 && r.pitch_b < r.pitch_nh * r.NH) return std::nullopt;
+  if (r.NH == 1) r.pitch_nh = r.row;
+  if (r.B == 1) r.pitch_b = r.pitch_nh * r.NH;
+  const std::size_t extent = r.pitch_b * (r.B - 1) + r.pitch_nh * (r.NH - 1) + r.row;
+  if (!dev.pinned(r.data, extent)) return std::nullopt;
+  return r;
+}
+
+// The rows into (write) or out of (read) the contiguous device buffer `buf`: one DMA when they are contiguous on
+// the host too, else one rectangular copy. Non-blocking; `wait` (may be null) before, `done` (may be null) after.
+inline void enqueue_rows(cl_command_queue queue, bool write, cl_mem buf, const HostRows& r, cl_event* wait,
+                         cl_event* done, const std::string& device) {
+  const cl_uint waits = wait && *wait ? 1 : 0;
+  cl_event* wait_list = waits ? wait : nullptr;
+  if (r.pitch_nh == r.row && r.pitch_b == r.row * r.NH) {
+    const cl_int err = write ? clEnqueueWriteBuffer(queue, buf, CL_FALSE, 0, r.bytes(), r.data, waits, wait_list,
+                                                    done)
+                             : clEnqueueReadBuffer(queue, buf, CL_FALSE, 0, r.bytes(), r.data, waits, wait_list, done);
+    check(err, write ? "clEnqueueWriteBuffer(pinned rows)" : "clEnqueueReadBuffer(pinned rows)", device);
+    return;
+  }
+  const std::size_t origin[3] = {0, 0, 0};
+  const std::size_t region[3] = {r.row, r.NH, r.B};
+  const cl_int err =
+      write ? clEnqueueWriteBufferRect(queue, buf, CL_FALSE, origin, origin, region, r.row, r.row * r.NH,
+                                       r.pitch_nh, r.pitch_b, r.data, waits, wait_list, done)
+            : clEnqueueReadBufferRect(queue, buf, CL_FALSE, origin, origin, region, r.row, r.row * r.NH,
+                                      r.pitch_nh, r.pitch_b, r.data, waits, wait_list, done);
+  check(err, write ? "clEnqueueWriteBufferRect(pinned rows)" : "clEnqueueReadBufferRect(pinned rows)", device);
 }
 
 }  // namespace mlstm::opencl::detail

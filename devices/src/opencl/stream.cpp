@@ -283,7 +283,8 @@ std::uint64_t DeviceStream::submit() {
   return enqueue_piece(nullptr);
 }
 
-std::uint64_t DeviceStream::enqueue_piece(const DirectSource* direct, const DirectSource* out, TensorView out_view) {
+std::uint64_t DeviceStream::enqueue_piece(const detail::HostRows* direct, const detail::HostRows* out,
+                                          TensorView out_view) {
   Impl& im = *impl_;
   const Config& c = config_;
   const std::string& dn = device_->name();
@@ -306,21 +307,12 @@ std::uint64_t DeviceStream::enqueue_piece(const DirectSource* direct, const Dire
   for (std::size_t j = 0; j < 5; ++j) {
     const auto& [buf, range] = parts[j];
     cl_event* ev = j == 4 ? &up : nullptr;
-    const DirectSource* from = direct && direct[j].data ? &direct[j] : nullptr;
+    const detail::HostRows* from = direct && direct[j].data ? &direct[j] : nullptr;
     if (!from) {
       check(clEnqueueWriteBuffer(im.up, buf->get(), CL_FALSE, 0, range.second, s.host_in + range.first, 0, nullptr, ev),
             "clEnqueueWriteBuffer(stream upload)", dn);
-    } else if (from->pitch_nh == from->row && from->pitch_b == from->row * static_cast<std::size_t>(c.NH)) {
-      check(clEnqueueWriteBuffer(im.up, buf->get(), CL_FALSE, 0, range.second, from->data, 0, nullptr, ev),
-            "clEnqueueWriteBuffer(stream upload, pinned input)", dn);
     } else {
-      // Rows of the piece, B*NH of them, each contiguous in the caller's memory, into the contiguous buffer.
-      const std::size_t origin[3] = {0, 0, 0};
-      const std::size_t region[3] = {from->row, static_cast<std::size_t>(c.NH), static_cast<std::size_t>(c.B)};
-      check(clEnqueueWriteBufferRect(im.up, buf->get(), CL_FALSE, origin, origin, region, from->row,
-                                     from->row * static_cast<std::size_t>(c.NH), from->pitch_nh, from->pitch_b,
-                                     from->data, 0, nullptr, ev),
-            "clEnqueueWriteBufferRect(stream upload, pinned input)", dn);
+      detail::enqueue_rows(im.up, /*write=*/true, buf->get(), *from, nullptr, ev, dn);
     }
     bytes_up_ += range.second;
     if (from) {
@@ -363,13 +355,9 @@ std::uint64_t DeviceStream::enqueue_piece(const DirectSource* direct, const Dire
           "clEnqueueReadBuffer(stream download)", dn);
   } else {
     // h's B*NH rows straight into the caller's page-locked h.
-    const std::size_t origin[3] = {0, 0, 0};
-    const std::size_t region[3] = {out->row, static_cast<std::size_t>(c.NH), static_cast<std::size_t>(c.B)};
-    check(clEnqueueReadBufferRect(im.down, s.h.get(), CL_FALSE, origin, origin, region, out->row,
-                                  out->row * static_cast<std::size_t>(c.NH), out->pitch_nh, out->pitch_b,
-                                  const_cast<std::byte*>(out->data), 1, &after_compute, &down),
-          "clEnqueueReadBufferRect(stream download, pinned h)", dn);
+    detail::enqueue_rows(im.down, /*write=*/false, s.h.get(), *out, &after_compute, &down, dn);
     bytes_direct_down_ += vb;
+    device_->note_direct_download(vb);
   }
   clFlush(im.down);
   bytes_down_ += vb;
@@ -388,29 +376,6 @@ std::uint64_t DeviceStream::enqueue_piece(const DirectSource* direct, const Dire
   return ticket;
 }
 
-std::optional<DeviceStream::DirectSource> DeviceStream::direct_source(ConstTensorView t, DType dtype) const {
-  if (t.dtype() != dtype || t.empty()) return std::nullopt;
-  const int d = t.dims();  // (B,NH,len,D) or (B,NH,len)
-  const std::int64_t row_elems = d == 4 ? t.dim(2) * t.dim(3) : t.dim(2);
-  if (t.strides()[static_cast<std::size_t>(d - 1)] != 1) return std::nullopt;
-  if (d == 4 && t.strides()[2] != t.dim(3)) return std::nullopt;
-  const std::size_t es = dtype_size(dtype);
-  DirectSource src;
-  src.data = t.bytes();
-  src.row = static_cast<std::size_t>(row_elems) * es;
-  src.pitch_nh = static_cast<std::size_t>(t.strides()[1]) * es;
-  src.pitch_b = static_cast<std::size_t>(t.strides()[0]) * es;
-  // A rectangular copy needs each row inside its pitch and each group of NH rows inside its pitch.
-  if (t.dim(1) > 1 && src.pitch_nh < src.row) return std::nullopt;
-  if (t.dim(0) > 1 && src.pitch_b < src.pitch_nh * static_cast<std::size_t>(t.dim(1))) return std::nullopt;
-  if (t.dim(1) == 1) src.pitch_nh = src.row;
-  if (t.dim(0) == 1) src.pitch_b = src.pitch_nh * static_cast<std::size_t>(t.dim(1));
-  const std::size_t extent = src.pitch_b * static_cast<std::size_t>(t.dim(0) - 1) +
-                             src.pitch_nh * static_cast<std::size_t>(t.dim(1) - 1) + src.row;
-  if (!device_->pinned(src.data, extent)) return std::nullopt;
-  return src;
-}
-
 std::uint64_t DeviceStream::push(const ForwardArgs& piece, bool inputs_outlive_piece, TensorView h_dest) {
   const Config& c = config_;
   ProblemShape stream;
@@ -422,21 +387,21 @@ std::uint64_t DeviceStream::push(const ForwardArgs& piece, bool inputs_outlive_p
   HostPiece h = next_piece(p.S);
   const std::pair<ConstTensorView, TensorView> inputs[5] = {
       {piece.q, h.q}, {piece.k, h.k}, {piece.v, h.v}, {piece.i, h.i}, {piece.f, h.f}};
-  DirectSource direct[5];
+  detail::HostRows direct[5];
   bool any_direct = false;
   for (std::size_t j = 0; j < 5; ++j) {
     const auto& [from, staging] = inputs[j];
-    if (const auto src = direct_source(from, staging.dtype())) {
+    if (const auto src = detail::pinned_rows(*device_, from, staging.dtype())) {
       direct[j] = *src;
       any_direct = true;
     } else {
       copy_into(from, staging);
     }
   }
-  std::optional<DirectSource> out;
+  std::optional<detail::HostRows> out;
   if (!h_dest.empty()) {
     check_output_rows(h_dest, {c.B, c.NH, p.S, c.DHHV}, c.dtype, "h_dest");
-    out = direct_source(h_dest, c.dtype);
+    out = detail::pinned_rows(*device_, h_dest, c.dtype);
   }
   const std::uint64_t ticket = enqueue_piece(direct, out ? &*out : nullptr, out ? h_dest : TensorView());
   if (any_direct && !inputs_outlive_piece) {

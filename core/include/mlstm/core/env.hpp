@@ -19,6 +19,8 @@
 //   MLSTM_RESIDENT_INPUTS=off          devices: upload inputs on every call (to measure residency)
 //   MLSTM_STREAM_PIECE=<tokens>        devices (OpenCL): tokens per piece of a pinned stream (default: about
 //                                      64 MiB of inputs per piece); a forward of 2+ pieces from host memory streams
+//   MLSTM_BACKWARD_KEEP=off            devices (OpenCL): a streamed backward uploads k, v, i, f in both of its
+//                                      passes instead of keeping them on the device between them (to measure it)
 //   MLSTM_FAULT_INJECT, MLSTM_FAULT_INJECT_ORDER   nodes / graph: fault-injection test hooks
 //   MLSTM_TEST_KILL_AFTER_SLICES=<k>  tools (mlstm forward --stream-tokens): test hook, SIGKILL to itself once k
 //                                      slices are written and recorded (the --resume test: a kill at a known point)

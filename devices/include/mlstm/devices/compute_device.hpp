@@ -94,6 +94,11 @@ class ComputeDevice {
   virtual ForwardResult forward_into(const ForwardArgs& segment, const MlstmOptions& options, TensorView h);
   virtual ForwardResult last_state(const ForwardArgs& segment, const MlstmOptions& options) = 0;
   virtual BackwardResult backward(const BackwardArgs& args, const MlstmOptions& options) = 0;
+  // backward() with the token gradients written into `out` (check_gradient_views: InvalidArgument naming the view
+  // otherwise); the result keeps dc0 / dn0 / dm0 only. The default copies backward()'s gradients there; an OpenCL
+  // device streaming a long backward uploads inputs and dh that lie in its page-locked memory (host_tensor()) from
+  // where they lie and downloads the gradients straight into views there, without a host copy.
+  virtual BackwardResult backward_into(const BackwardArgs& args, const MlstmOptions& options, const GradientViews& out);
   // Given dh and the gradient of the state leaving the run (dc_last / dn_last): the gradient of the state
   // entering it (dc0, dn0, dm0; the zero state when args has no initial state), through the forward and the
   // reverse state-gradient recurrence, not the token gradients. Sequence-parallel backward: a segment's

@@ -47,27 +47,40 @@ class BackwardStream {
   // memory, any strides), as TensorCoreRunner::backward gives them: dq, dk, dv in q's dtype, di, df in i's,
   // dc0/dn0/dm0 when args has an initial state. Not thread-safe: one call at a time.
   BackwardResult run(const BackwardArgs& args);
+  // run() with the token gradients written into `out` (check_gradient_views; the result keeps dc0/dn0/dm0). Inputs
+  // and dh that lie in this device's page-locked memory (Device::pinned_tensor) are uploaded from where they lie,
+  // and gradients whose views lie there are downloaded straight into them: then no byte passes a host copy.
+  BackwardResult run_into(const BackwardArgs& args, const GradientViews* out);
 
   const Config& config() const noexcept { return config_; }
   std::uint64_t bytes_up() const noexcept { return bytes_up_; }      // host -> device, every run so far
   std::uint64_t bytes_down() const noexcept { return bytes_down_; }  // device -> host
+  std::uint64_t bytes_direct_up() const noexcept { return bytes_direct_up_; }      // of bytes_up(): from pinned inputs
+  std::uint64_t bytes_direct_down() const noexcept { return bytes_direct_down_; }  // of bytes_down(): into pinned views
   std::int64_t pieces() const noexcept { return pieces_; }           // pieces of the last run
+  // Pieces of the last run whose k, v, i, f stayed on the device between the two passes (all, or none when they
+  // do not fit a quarter of its memory or MLSTM_BACKWARD_KEEP=off).
+  std::int64_t kept_pieces() const noexcept { return kept_pieces_; }
 
  private:
   struct Slot;
   struct Impl;
   void states_pass(const BackwardArgs& a, std::int64_t n);
-  void gradient_pass(const BackwardArgs& a, std::int64_t n, BackwardResult& out);
-  // Enqueues the uploads of one piece's tensors (their slices [t0, t0+len) copied into slot's staging first);
+  void gradient_pass(const BackwardArgs& a, std::int64_t n, const GradientViews& dest);
+  // Enqueues the uploads of one piece's tensors (their slices [t0, t0+len) copied into slot's staging first, unless
+  // they lie in the device's page-locked memory);
   // returns the event of the last one.
   cl_event upload(Slot& slot, const std::vector<std::pair<ConstTensorView, int>>& parts, std::int64_t t0,
-                  std::int64_t len);
+                  std::int64_t len, std::int64_t piece);
+  // The device buffer input `index` of piece `piece` goes into: the piece's kept one (k, v, i, f kept between the
+  // passes), else the slot's.
+  cl_mem input_buffer(const Slot& slot, int index, std::int64_t piece) const;
 
   std::shared_ptr<Device> device_;
   Config config_;
   std::unique_ptr<Impl> impl_;
-  std::uint64_t bytes_up_ = 0, bytes_down_ = 0;
-  std::int64_t pieces_ = 0;
+  std::uint64_t bytes_up_ = 0, bytes_down_ = 0, bytes_direct_up_ = 0, bytes_direct_down_ = 0;
+  std::int64_t pieces_ = 0, kept_pieces_ = 0;
 };
 
 }  // namespace mlstm::opencl

@@ -185,9 +185,12 @@ class Device {
   Tensor pinned_tensor(Shape shape, DType dtype);
   // Whether [data, data + bytes) lies inside one live pinned_tensor() of this device. Thread-safe.
   bool pinned(const void* data, std::size_t bytes) const;
-  // Bytes the streams on this device uploaded straight from pinned inputs so far (for tests and traces).
+  // Bytes the streams on this device uploaded straight from pinned inputs, and downloaded straight into pinned
+  // outputs, so far (for tests and traces).
   std::uint64_t direct_upload_bytes() const noexcept { return direct_upload_bytes_.load(); }
   void note_direct_upload(std::uint64_t bytes) noexcept { direct_upload_bytes_ += bytes; }
+  std::uint64_t direct_download_bytes() const noexcept { return direct_download_bytes_.load(); }
+  void note_direct_download(std::uint64_t bytes) noexcept { direct_download_bytes_ += bytes; }
   std::size_t staging_slot_bytes() const noexcept { return staging_slot_; }
   std::size_t staging_threshold() const noexcept;
   void finish();
@@ -249,7 +252,8 @@ class Device {
   std::vector<HostRange> retained_ranges_;    // every live scope's ranges (guarded by pool_mutex_)
   struct PinnedRanges;                         // live pinned_tensor() allocations (shared with their owners)
   std::shared_ptr<PinnedRanges> pinned_ranges_;
-  std::atomic<std::uint64_t> streams_opened_{0}, stream_setups_{0}, direct_upload_bytes_{0};
+  std::atomic<std::uint64_t> streams_opened_{0}, stream_setups_{0}, direct_upload_bytes_{0},
+      direct_download_bytes_{0};
   std::map<UploadKey, Buffer> kept_uploads_;  // released, waiting to be handed out again
   std::map<cl_mem, UploadKey> handed_out_uploads_;  // in use; kept again when released
   std::uint64_t kept_bytes_ = 0, reused_uploads_ = 0;

@@ -35,6 +35,10 @@
 
 namespace mlstm::opencl {
 
+namespace detail {
+struct HostRows;  // rows of a tensor in page-locked memory (internal)
+}  // namespace detail
+
 class DeviceStream {
  public:
   struct Config {
@@ -123,16 +127,11 @@ class DeviceStream {
   std::uint64_t next_ticket_ = 0;
   std::int64_t tokens_ = 0, pending_len_ = 0;
   std::uint64_t bytes_up_ = 0, bytes_down_ = 0, bytes_direct_ = 0;
-  // An input uploaded from where it lies (push with pinned inputs): rows of `row` bytes, NH of them `pitch_nh`
-  // apart, B such groups `pitch_b` apart.
-  struct DirectSource {
-    const std::byte* data = nullptr;
-    std::size_t row = 0, pitch_nh = 0, pitch_b = 0;
-  };
-  std::optional<DirectSource> direct_source(ConstTensorView t, DType dtype) const;
   std::uint64_t bytes_direct_down_ = 0;
-  // submit(), some inputs from `direct` (5 or nullptr), h into `out` when it is not null.
-  std::uint64_t enqueue_piece(const DirectSource* direct, const DirectSource* out = nullptr, TensorView out_view = {});
+  // submit(), some inputs uploaded from where they lie (`direct`: 5 or nullptr; push with pinned inputs), h into
+  // the caller's page-locked `out` when it is not null.
+  std::uint64_t enqueue_piece(const detail::HostRows* direct, const detail::HostRows* out = nullptr,
+                              TensorView out_view = {});
 };
 
 }  // namespace mlstm::opencl
