@@ -885,6 +885,17 @@ void FlowGraphRunner::finish_log(std::vector<std::string> log, const std::vector
 
 BackwardResult FlowGraphRunner::backward(const BackwardArgs& args, const MlstmOptions& options,
                                          std::int64_t segment_tokens) {
+  return run_backward(args, options, segment_tokens, nullptr);
+}
+
+BackwardResult FlowGraphRunner::backward_into(const GradientViews& out, const BackwardArgs& args,
+                                              const MlstmOptions& options, std::int64_t segment_tokens) {
+  check_gradient_views(out, validate_backward(args, options));
+  return run_backward(args, options, segment_tokens, &out);
+}
+
+BackwardResult FlowGraphRunner::run_backward(const BackwardArgs& args, const MlstmOptions& options,
+                                             std::int64_t segment_tokens, const GradientViews* out) {
   using namespace tbb::flow;
   const ProblemShape shape = validate_backward(args, options);
   const PlannedRun planned = plan_run(Pass::backward, shape, options, segment_tokens);
@@ -892,7 +903,7 @@ BackwardResult FlowGraphRunner::backward(const BackwardArgs& args, const MlstmOp
   const Plan& p = planned.plan;
   last_plan_ = p;
   if (env::get("MLSTM_PLAN_DEBUG")) spdlog::warn("{}", p.describe());
-  auto problem = std::make_shared<nodes::SegmentGradientProblem>(args, options, p.segments);
+  auto problem = std::make_shared<nodes::SegmentGradientProblem>(args, options, p.segments, out);
   const auto fw = problem->forward();
   const bool one_segment = p.segments.size() == 1;
   auto segments = std::make_shared<std::vector<nodes::Segment>>(p.segments);

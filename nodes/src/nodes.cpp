@@ -325,7 +325,7 @@ SegmentOutput SegmentOutputBody::run(const SegmentEntry& entry) const {
 // ---- Sequence-parallel backward --------------------------------------------------------------------
 
 SegmentGradientProblem::SegmentGradientProblem(const BackwardArgs& args, const MlstmOptions& options,
-                                               std::vector<Segment> segments)
+                                               std::vector<Segment> segments, const GradientViews* out)
     : args_(args), segments_(std::move(segments)) {
   const ProblemShape p = validate_backward(args, options);
   forward_ = std::make_shared<SegmentProblem>(args.inputs, options, /*with_outputs=*/false);
@@ -338,6 +338,11 @@ SegmentGradientProblem::SegmentGradientProblem(const BackwardArgs& args, const M
   }
   if (segments_.back().t1 != p.S) throw InvalidArgument("segments", "segments must end at S=" + std::to_string(p.S));
   entries_.resize(segments_.size());
+  if (out) {
+    check_gradient_views(*out, p);
+    out_ = *out;
+    return;
+  }
   result_.dq = Tensor({p.B, p.NH, p.S, p.DHQK}, p.dtype);
   result_.dk = Tensor({p.B, p.NH, p.S, p.DHQK}, p.dtype);
   result_.dv = Tensor({p.B, p.NH, p.S, p.DHHV}, p.dtype);
@@ -435,6 +440,11 @@ void SegmentGradientProblem::write_grads(std::int64_t t0, std::int64_t t1, Backw
   }
 }
 
+std::optional<GradientViews> SegmentGradientProblem::grads_out(std::int64_t t0, std::int64_t t1) const {
+  if (!out_) return std::nullopt;
+  return out_->slice(t0, t1);
+}
+
 void SegmentGradientProblem::write_initial_grads(const BackwardResult& r) {
   result_.dc0 = r.dc0;
   result_.dn0 = r.dn0;
@@ -459,6 +469,7 @@ BackwardResult run_backward_range(ComputeDevice& d, SegmentGradientProblem& prob
     check_injected_oom(d, index, t1 - t0);
     try {
       if (state_only) return d.state_gradient(a, o);
+      if (const auto into = problem.grads_out(t0, t1)) return d.backward_into(a, o, *into);
       BackwardResult r = d.backward(a, o);
       problem.write_grads(t0, t1, r);
       return r;

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <deque>
 #include <tuple>
@@ -181,6 +182,39 @@ TEST(StreamEngine, BackwardStreamRefusesWhatItWasNotSetUpFor) {
   EXPECT_GT(stream.bytes_down(), 0u);
 }
 
+// A BackwardStream keeps k, v, i, f of every piece on the device between its states pass and its gradient pass
+// (then only q and dh go up again): the same bits as uploading them in both passes (MLSTM_BACKWARD_KEEP=off), and
+// fewer bytes up.
+TEST(StreamEngine, BackwardStreamKeepsKVAndGatesBetweenItsPasses) {
+  if (no_opencl()) GTEST_SKIP() << "no OpenCL device (install pocl-opencl-icd)";
+  opencl::BackwardStream::Config config;
+  config.NH = 2;
+  config.DHQK = 16;
+  config.DHHV = 32;
+  config.options = chunk64(false);
+  config.emulate = !opencl::tensor_core_support(opencl_device0()->info()).available;
+  config.max_piece = 128;
+  opencl::BackwardStream stream(opencl_device0(), config);
+  const auto in = testing::make_inputs(small_bf16(333, true), testing::fresh_seed());
+  const BackwardArgs a = in.backward_args(true);
+  const BackwardResult kept = stream.run(a);
+  EXPECT_EQ(stream.kept_pieces(), 3);
+  const std::uint64_t up_kept = stream.bytes_up();
+  BackwardResult again;
+  {
+    setenv("MLSTM_BACKWARD_KEEP", "off", 1);
+    again = stream.run(a);
+    unsetenv("MLSTM_BACKWARD_KEEP");
+  }
+  EXPECT_EQ(stream.kept_pieces(), 0);
+  const std::uint64_t kv_gates = static_cast<std::uint64_t>(2 * 333 * (16 + 32) * 2 + 2 * 2 * 333 * 4);
+  EXPECT_EQ(stream.bytes_up() - up_kept, up_kept + kv_gates) << "without keeping, k, v, i, f go up twice";
+  for (const auto& [x, y] : {std::pair{&kept.dq, &again.dq}, {&kept.dk, &again.dk}, {&kept.dv, &again.dv},
+                             {&kept.di, &again.di}, {&kept.df, &again.df}, {&kept.dc0, &again.dc0},
+                             {&kept.dn0, &again.dn0}, {&kept.dm0, &again.dm0}})
+    EXPECT_EQ(std::memcmp(x->bytes(), y->bytes(), y->nbytes()), 0);
+}
+
 // FlowGraphRunner::host_tensor gives the OpenCL device's page-locked memory (ordinary memory for CPU workers
 // alone). A long forward from inputs there streams them without the staging copy (the device counts the bytes
 // uploaded from where they lie) and gives what the same inputs in ordinary memory give, bit for bit.
@@ -217,7 +251,10 @@ TEST(StreamEngine, ForwardFromPinnedHostTensorsUploadsThemWhereTheyLie) {
   // forward_into: h written in place, into page-locked memory (downloaded there) or ordinary memory, the same bits.
   for (const bool pinned_h : {true, false}) {
     Tensor h = pinned_h ? runner.host_tensor(plain.h.shape(), plain.h.dtype()) : Tensor(plain.h.shape(), plain.h.dtype());
+    const auto down = opencl_device0()->direct_download_bytes();
     const ForwardResult into = runner.forward_into(h.view(), a, o);
+    EXPECT_EQ(opencl_device0()->direct_download_bytes() - down, pinned_h ? h.nbytes() : 0u)
+        << "h downloaded straight into page-locked memory only";
     EXPECT_TRUE(into.h.empty());
     EXPECT_EQ(std::memcmp(h.bytes(), plain.h.bytes(), h.nbytes()), 0) << "forward_into, pinned h: " << pinned_h;
     EXPECT_EQ(std::memcmp(into.c.bytes(), plain.c.bytes(), plain.c.nbytes()), 0);
@@ -229,6 +266,143 @@ TEST(StreamEngine, ForwardFromPinnedHostTensorsUploadsThemWhereTheyLie) {
   } catch (const InvalidArgument& e) {
     EXPECT_EQ(e.argument(), "h");
   }
+}
+
+// The gradients, bit for bit, of two backward results (dc0 / dn0 / dm0 when both have them).
+::testing::AssertionResult same_gradients(const std::array<ConstTensorView, 5>& got, const BackwardResult& want,
+                                          const std::string& what) {
+  const Tensor* w[5] = {&want.dq, &want.dk, &want.dv, &want.di, &want.df};
+  const char* names[5] = {"dq", "dk", "dv", "di", "df"};
+  for (int j = 0; j < 5; ++j) {
+    const Tensor g = Tensor::copy_of(got[static_cast<std::size_t>(j)]);
+    if (g.shape() != w[j]->shape() || g.dtype() != w[j]->dtype() ||
+        std::memcmp(g.bytes(), w[j]->bytes(), g.nbytes()) != 0)
+      return ::testing::AssertionFailure() << what << ": " << names[j] << " differs";
+  }
+  return ::testing::AssertionSuccess();
+}
+
+// A streamed backward from inputs and dh in the OpenCL device's page-locked memory (FlowGraphRunner::host_tensor)
+// uploads them from where they lie (the states pass k, v, i, f, kept on the device; the gradient pass q and dh) and,
+// through backward_into, downloads the gradients straight into views there: the same bits as the same backward
+// from ordinary memory, dc0 / dn0 / dm0 included. Gradient views in ordinary memory, float32 or bfloat16 gates, take
+// the staging way with the same result. Views of the wrong shape or dtype are refused, naming the view.
+TEST(StreamEngine, BackwardFromPinnedHostTensorsIntoPinnedGradients) {
+  if (no_opencl()) GTEST_SKIP() << "no OpenCL device (install pocl-opencl-icd)";
+  const StreamPiece piece("128");
+  graph::FlowGraphRunner runner(std::vector<std::shared_ptr<ComputeDevice>>{emulated_tc_device()});
+  for (const DType gate_dtype : {DType::f32, DType::bf16}) {
+    testing::InputSpec s = small_bf16(333, true);
+    s.gate_dtype = gate_dtype;
+    auto in = testing::make_inputs(s, testing::fresh_seed());
+    in.dh = in.dh.to(DType::bf16);  // the stream's dtype: a float32 dh is converted on its way through the staging
+    const MlstmOptions o = chunk64(false);
+    const BackwardArgs plain_args = in.backward_args(true);
+    const BackwardResult plain = runner.backward(plain_args, o);
+    auto pin = [&](const Tensor& t) {
+      Tensor p = runner.host_tensor(t.shape(), t.dtype());
+      std::memcpy(p.bytes(), t.bytes(), t.nbytes());
+      return p;
+    };
+    const Tensor q = pin(in.q), k = pin(in.k), v = pin(in.v), i = pin(in.i), f = pin(in.f), dh = pin(in.dh);
+    BackwardArgs a = plain_args;
+    a.inputs.q = q.view();
+    a.inputs.k = k.view();
+    a.inputs.v = v.view();
+    a.inputs.i = i.view();
+    a.inputs.f = f.view();
+    a.dh = dh.view();
+    // Into page-locked gradients.
+    Tensor g[5] = {runner.host_tensor(plain.dq.shape(), plain.dq.dtype()),
+                   runner.host_tensor(plain.dk.shape(), plain.dk.dtype()),
+                   runner.host_tensor(plain.dv.shape(), plain.dv.dtype()),
+                   runner.host_tensor(plain.di.shape(), plain.di.dtype()),
+                   runner.host_tensor(plain.df.shape(), plain.df.dtype())};
+    const auto before = opencl_device0()->direct_upload_bytes();
+    const auto before_down = opencl_device0()->direct_download_bytes();
+    const BackwardResult into =
+        runner.backward_into(GradientViews{g[0].view(), g[1].view(), g[2].view(), g[3].view(), g[4].view()}, a, o);
+    const auto gate_bytes = gate_dtype == DType::f32 ? static_cast<std::uint64_t>(i.nbytes() + f.nbytes()) : 0u;
+    EXPECT_EQ(opencl_device0()->direct_upload_bytes() - before,
+              static_cast<std::uint64_t>(k.nbytes() + v.nbytes() + q.nbytes() + dh.nbytes()) + gate_bytes)
+        << "every input the stream takes as it lies was uploaded from where it lies, once (k, v, i, f kept)";
+    EXPECT_EQ(opencl_device0()->direct_download_bytes() - before_down,
+              static_cast<std::uint64_t>(g[0].nbytes() + g[1].nbytes() + g[2].nbytes()) + gate_bytes)
+        << "every gradient the stream gives as it is was downloaded straight into its view";
+    EXPECT_TRUE(into.dq.empty() && into.di.empty());
+    EXPECT_TRUE(same_gradients({g[0].view(), g[1].view(), g[2].view(), g[3].view(), g[4].view()}, plain,
+                               "pinned inputs, pinned gradients"));
+    for (const auto& [x, y] : {std::pair{&into.dc0, &plain.dc0}, {&into.dn0, &plain.dn0}, {&into.dm0, &plain.dm0}})
+      EXPECT_EQ(std::memcmp(x->bytes(), y->bytes(), y->nbytes()), 0) << "initial-state gradients";
+    // Into slices of longer tensors in ordinary memory.
+    Tensor longer[5];
+    GradientViews views;
+    TensorView* slots[5] = {&views.dq, &views.dk, &views.dv, &views.di, &views.df};
+    const Tensor* shapes[5] = {&plain.dq, &plain.dk, &plain.dv, &plain.di, &plain.df};
+    for (int j = 0; j < 5; ++j) {
+      Shape sh = shapes[j]->shape();
+      sh[2] += 20;
+      longer[j] = Tensor::zeros(sh, shapes[j]->dtype());
+      *slots[j] = sequence_slice(longer[j].view(), 10, 10 + 333);
+    }
+    (void)runner.backward_into(views, a, o);
+    EXPECT_TRUE(same_gradients({views.dq, views.dk, views.dv, views.di, views.df}, plain, "ordinary gradient views"));
+  }
+  // Refusals name the view.
+  const auto in = testing::make_inputs(small_bf16(200, false), testing::fresh_seed());
+  const BackwardArgs a = in.backward_args(false);
+  const MlstmOptions o = chunk64(false);
+  Tensor dq({1, 2, 200, 16}, DType::bf16), dk({1, 2, 200, 16}, DType::bf16), dv({1, 2, 200, 32}, DType::bf16);
+  Tensor di({1, 2, 200}, DType::f32), df({1, 2, 200}, DType::f32), wrong_v({1, 2, 200, 16}, DType::bf16),
+      wrong_f({1, 2, 200}, DType::f64);
+  for (const auto& [views, name] :
+       {std::pair{GradientViews{dq.view(), dk.view(), wrong_v.view(), di.view(), df.view()}, "dv"},
+        std::pair{GradientViews{dq.view(), dk.view(), dv.view(), di.view(), wrong_f.view()}, "df"},
+        std::pair{GradientViews{dq.view(), dk.view(), dv.view(), TensorView(), df.view()}, "di"}}) {
+    try {
+      (void)runner.backward_into(views, a, o);
+      ADD_FAILURE() << "a bad " << name << " was taken";
+    } catch (const InvalidArgument& e) {
+      EXPECT_EQ(e.argument(), name);
+    }
+  }
+}
+
+// backward_into through the graph over several segments and devices (CPU workers and the OpenCL device) writes
+// every segment's gradients in place, into slices of longer tensors: equal to backward() within the kernels'
+// tolerance (which device takes which segment varies), the tokens around the slices untouched.
+TEST(StreamEngine, BackwardIntoSlicesOverSegmentsEqualsBackward) {
+  if (no_opencl()) GTEST_SKIP() << "no OpenCL device (install pocl-opencl-icd)";
+  std::vector<std::shared_ptr<ComputeDevice>> devices = cpu_workers();
+  devices.push_back(emulated_tc_device());
+  graph::FlowGraphRunner runner(devices);
+  const testing::InputSpec s = small_bf16(300, true);
+  auto in = testing::make_inputs(s, testing::fresh_seed());
+  const MlstmOptions o = chunk64(false);
+  ASSERT_GE(testing::quiet_normaliser_kinks(in, o, s), 0);
+  const BackwardArgs a = in.backward_args(true);
+  const BackwardResult ref = reference::recurrent_backward(a, o, reference::StabilizerGradient::stop);
+  Tensor longer[5] = {Tensor::zeros({1, 2, 400, 16}, DType::bf16), Tensor::zeros({1, 2, 400, 16}, DType::bf16),
+                      Tensor::zeros({1, 2, 400, 32}, DType::bf16), Tensor::zeros({1, 2, 400}, DType::f32),
+                      Tensor::zeros({1, 2, 400}, DType::f32)};
+  GradientViews views;
+  TensorView* slots[5] = {&views.dq, &views.dk, &views.dv, &views.di, &views.df};
+  for (int j = 0; j < 5; ++j) *slots[j] = sequence_slice(longer[j].view(), 50, 350);
+  const BackwardResult got = runner.backward_into(views, a, o, 128);
+  EXPECT_TRUE(got.dq.empty());
+  EXPECT_GE(runner.last_plan().segments.size(), 2u);
+  const Tensor* refs[5] = {&ref.dq, &ref.dk, &ref.dv, &ref.di, &ref.df};
+  const char* names[5] = {"dq", "dk", "dv", "di", "df"};
+  for (int j = 0; j < 5; ++j) {
+    EXPECT_TRUE(testing::matches(testing::slice_seq(longer[j], 50, 350), *refs[j], 5e-2, "backward_into over segments",
+                                 names[j], s));
+    const std::int64_t inner = j < 3 ? longer[j].dim(3) : 1;
+    const std::vector<double> zeros(static_cast<std::size_t>(2 * 50 * inner), 0.0);
+    EXPECT_EQ(testing::slice_seq(longer[j], 0, 50).to_vector(), zeros) << names[j] << " before the slice";
+    EXPECT_EQ(testing::slice_seq(longer[j], 350, 400).to_vector(), zeros) << names[j] << " after the slice";
+  }
+  EXPECT_TRUE(testing::matches(got.dc0, ref.dc0, 5e-2, "backward_into over segments", "dc0", s));
+  EXPECT_TRUE(testing::matches(got.dn0, ref.dn0, 5e-2, "backward_into over segments", "dn0", s));
 }
 
 // forward_into through the graph over several segments and devices (CPU workers and the OpenCL device, failover

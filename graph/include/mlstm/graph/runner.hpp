@@ -115,6 +115,12 @@ class FlowGraphRunner {
   // segment, then every segment's gradients are computed in parallel (nodes.hpp). Equal to one call of the
   // chunkwise kernel's backward. One segment (one device, or segment_tokens >= S): one backward call.
   BackwardResult backward(const BackwardArgs& args, const MlstmOptions& options, std::int64_t segment_tokens = 0);
+  // backward() with the token gradients written into the caller's views (GradientViews: rows of S*D elements
+  // contiguous; InvalidArgument naming the view otherwise); the result keeps dc0 / dn0 / dm0 only. Each segment's
+  // device writes its part in place; in host_tensor() memory a GPU's stream downloads them there directly, so with
+  // the inputs and dh there as well no byte of the backward passes a host copy.
+  BackwardResult backward_into(const GradientViews& out, const BackwardArgs& args, const MlstmOptions& options,
+                               std::int64_t segment_tokens = 0);
   // Gradients, head split: the rows cut into one contiguous group per device with a backward, each over the
   // whole sequence. Inputs must be contiguous.
   BackwardResult backward_head_split(const BackwardArgs& args, const MlstmOptions& options);
@@ -140,6 +146,8 @@ class FlowGraphRunner {
   };
   ForwardResult run_forward(const ForwardArgs& args, const MlstmOptions& options, std::int64_t segment_tokens,
                             TensorView h_out);  // forward() and forward_into()
+  BackwardResult run_backward(const BackwardArgs& args, const MlstmOptions& options, std::int64_t segment_tokens,
+                              const GradientViews* out);  // backward() and backward_into()
   // The one planning function of every run and of plan(): the capable devices, then the plan over them.
   PlannedRun plan_run(Pass pass, const ProblemShape& shape, const MlstmOptions& options,
                       std::int64_t segment_tokens) const;

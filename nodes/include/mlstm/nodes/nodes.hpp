@@ -48,6 +48,7 @@
 #include <atomic>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <mutex>
 #include <vector>
 
@@ -230,7 +231,10 @@ struct SegmentGradientEntry {
 // written by segment (disjoint slices; thread-safe).
 class SegmentGradientProblem {
  public:
-  SegmentGradientProblem(const BackwardArgs& args, const MlstmOptions& options, std::vector<Segment> segments);
+  // `out` (optional): the caller's views the token gradients go into (each segment's device writes its slice in
+  // place: ComputeDevice::backward_into); take_result() then carries dc0 / dn0 / dm0 only.
+  SegmentGradientProblem(const BackwardArgs& args, const MlstmOptions& options, std::vector<Segment> segments,
+                         const GradientViews* out = nullptr);
   const ProblemShape& shape() const noexcept { return forward_->shape(); }
   const MlstmOptions& options() const noexcept { return forward_->options(); }
   const std::shared_ptr<SegmentProblem>& forward() const noexcept { return forward_; }
@@ -254,6 +258,8 @@ class SegmentGradientProblem {
   // Writes the token gradients of [t0, t1) (shaped (B,NH,t1-t0,...)); thread-safe for disjoint ranges. For the
   // whole sequence they are moved out of r instead of copied (r keeps dc0 / dn0 / dm0).
   void write_grads(std::int64_t t0, std::int64_t t1, BackwardResult& r);
+  // The caller's views of tokens [t0, t1) when the problem has them (backward_into), else nothing.
+  std::optional<GradientViews> grads_out(std::int64_t t0, std::int64_t t1) const;
   // The initial state's gradients (from the first segment's backward; only when the problem has an initial state).
   void write_initial_grads(const BackwardResult& r);
   bool has_initial_state() const noexcept { return args_.inputs.has_initial_state(); }
@@ -270,6 +276,7 @@ class SegmentGradientProblem {
   SegmentEntry final_;
   std::atomic<bool> final_recorded_{false};
   BackwardResult result_;
+  std::optional<GradientViews> out_;
 };
 
 // function_node body: the local state gradient of a segment (from its true entering state, a zero gradient
