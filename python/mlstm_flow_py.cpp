@@ -141,15 +141,16 @@ py::array empty_array(const Shape& shape, DType dtype) {
   return py::array(dt, dims);
 }
 
-// A writable view of a numpy array the caller gives for h (`name`): C-contiguous, native, of `dtype`
-// (uint16 for bfloat16) and `shape`, else ValueError naming it.
-TensorView out_view(const py::object& obj, const std::string& name, const Shape& shape, DType dtype) {
-  if (!py::isinstance<py::array>(obj)) throw InvalidArgument(name, "expected a numpy array to write h into");
+// A writable view of a numpy array the caller gives for an output (`name`; `what`: "h", "dq", ...): C-contiguous,
+// native, of `dtype` (uint16 for bfloat16) and `shape`, else ValueError naming it.
+TensorView out_view(const py::object& obj, const std::string& name, const Shape& shape, DType dtype,
+                    const std::string& what = "h") {
+  if (!py::isinstance<py::array>(obj)) throw InvalidArgument(name, "expected a numpy array to write " + what + " into");
   py::array a = py::reinterpret_borrow<py::array>(obj);
   if (!(a.flags() & py::array::c_style) || !a.writeable())
     throw InvalidArgument(name, "must be a writable C-contiguous array");
   if (dtype_of(a, name, dtype == DType::bf16) != dtype)
-    throw InvalidArgument(name, "must hold " + std::string(dtype_name(dtype)) + " (h's dtype, q's), got " +
+    throw InvalidArgument(name, "must hold " + std::string(dtype_name(dtype)) + " (" + what + "'s dtype), got " +
                                     std::string(py::str(a.dtype())));
   const Shape got(a.shape(), a.shape() + a.ndim());
   if (got != shape)
@@ -482,7 +483,7 @@ PYBIND11_MODULE(mlstm_flow, m) {
          py::object n0, py::object m0, py::object dc_last, py::object dn_last, py::object kernel_o,
          py::object chunk_size_o, py::object gate_o, py::object normalize_o, py::object eps_o, py::object dtype,
          py::object devices_o, py::object segment_tokens_o, py::object balancing_o, py::object return_info_o,
-         const py::kwargs& extra) {
+         py::object out_o, const py::kwargs& extra) {
         refuse_unknown(extra, "backward");
         const Route how = route(kernel_o, devices_o, segment_tokens_o, balancing_o, return_info_o);
         const std::string gate = str_arg(gate_o, "gate");
@@ -490,8 +491,14 @@ PYBIND11_MODULE(mlstm_flow, m) {
         const bool normalize = bool_arg(normalize_o, "normalize");
         const double eps = float_arg(eps_o, "eps");
         const MlstmOptions o = options(chunk_size, gate, normalize, eps, true, how.kernel);
-        const Loaded l = load(q, k, v, i, f, c0, n0, m0, str_arg(dtype, "dtype"));
-        const Arg dht = arg_of(dh, "dh", false);
+        const std::string dtype_name_s = str_arg(dtype, "dtype");
+        const Loaded l = load(q, k, v, i, f, c0, n0, m0, dtype_name_s);
+        // dh in any float dtype, or (dtype='bfloat16') as uint16 bfloat16 patterns like h: then a host_array() dh
+        // reaches the GPU as it lies.
+        const py::array dh_array = py::array::ensure(dh);
+        const bool dh_bf16 = bf16_of(dtype_name_s) && dh_array && dh_array.dtype().kind() == 'u' &&
+                             dh_array.dtype().itemsize() == 2;
+        const Arg dht = arg_of(dh, "dh", dh_bf16);
         std::optional<Arg> dct, dnt;
         if (!dc_last.is_none()) dct = arg_of(dc_last, "dc_last", false);
         if (!dn_last.is_none()) dnt = arg_of(dn_last, "dn_last", false);
@@ -502,18 +509,49 @@ PYBIND11_MODULE(mlstm_flow, m) {
         if (dnt) b.dn_last = dnt->view();
         BackwardResult g;
         py::object info = py::none();
-        if (how.devices) {
-          info = on_runner(how, [&](graph::FlowGraphRunner& runner) { g = runner.backward(b, o, how.segment_tokens); });
-        } else {
-          py::gil_scoped_release release;
-          g = get_kernel(how.kernel, how.target)->backward(b, o);
-        }
         py::dict out;
-        out["dq"] = to_numpy(g.dq);
-        out["dk"] = to_numpy(g.dk);
-        out["dv"] = to_numpy(g.dv);
-        out["di"] = to_numpy(g.di);
-        out["df"] = to_numpy(g.df);
+        const char* const names[] = {"dq", "dk", "dv", "di", "df"};
+        if (how.devices) {
+          // The gradients are written straight into their numpy arrays (the caller's with out=: host_array()s of the
+          // GPU are downloaded into directly).
+          const ProblemShape p = validate_backward(b, o);
+          py::dict given;
+          if (!out_o.is_none()) {
+            if (!py::isinstance<py::dict>(out_o))
+              throw InvalidArgument("out", "expected a dict of arrays to write dq, dk, dv, di and df into");
+            given = py::reinterpret_borrow<py::dict>(out_o);
+            for (const auto& item : given) {
+              const std::string key = py::str(item.first);
+              if (std::find(std::begin(names), std::end(names), key) == std::end(names))
+                throw InvalidArgument("out", "unknown key '" + key + "'; expected dq, dk, dv, di or df");
+            }
+          }
+          const Shape shapes[] = {{p.B, p.NH, p.S, p.DHQK}, {p.B, p.NH, p.S, p.DHQK}, {p.B, p.NH, p.S, p.DHHV},
+                                  {p.B, p.NH, p.S}, {p.B, p.NH, p.S}};
+          TensorView views[5];
+          for (int j = 0; j < 5; ++j) {
+            const DType dt = j < 3 ? p.dtype : p.gate_dtype;
+            const bool own = !given.contains(names[j]);
+            out[names[j]] = own ? py::object(empty_array(shapes[j], dt)) : py::object(given[names[j]]);
+            views[j] = out_view(out[names[j]], own ? std::string(names[j]) : "out['" + std::string(names[j]) + "']",
+                                shapes[j], dt, names[j]);
+          }
+          const GradientViews into{views[0], views[1], views[2], views[3], views[4]};
+          info = on_runner(how, [&](graph::FlowGraphRunner& runner) {
+            g = runner.backward_into(into, b, o, how.segment_tokens);
+          });
+        } else {
+          if (!out_o.is_none()) throw InvalidArgument("out", "has an effect only with devices= (a graph run)");
+          {
+            py::gil_scoped_release release;
+            g = get_kernel(how.kernel, how.target)->backward(b, o);
+          }
+          out["dq"] = to_numpy(g.dq);
+          out["dk"] = to_numpy(g.dk);
+          out["dv"] = to_numpy(g.dv);
+          out["di"] = to_numpy(g.di);
+          out["df"] = to_numpy(g.df);
+        }
         if (!g.dc0.empty()) {
           out["dc0"] = to_numpy(g.dc0);
           out["dn0"] = to_numpy(g.dn0);
@@ -527,13 +565,17 @@ PYBIND11_MODULE(mlstm_flow, m) {
       py::arg("dn_last") = py::none(), py::arg("kernel") = py::none(), py::arg("chunk_size") = 64,
       py::arg("gate") = "exp", py::arg("normalize") = true, py::arg("eps") = 1e-6, py::arg("dtype") = "",
       py::arg("devices") = py::none(), py::arg("segment_tokens") = py::none(), py::arg("balancing") = py::none(),
-      py::arg("return_info") = false,
+      py::arg("return_info") = false, py::arg("out") = py::none(),
       "dict of gradients dq, dk, dv, di, df (and dc0, dn0, dm0 when an initial state is given); dq, dk, dv in\n"
-      "q's dtype (uint16 holding bfloat16 for dtype='bfloat16')\n"
+      "q's dtype (uint16 holding bfloat16 for dtype='bfloat16'). dh: any float dtype, or uint16 bfloat16 patterns\n"
+      "with dtype='bfloat16'\n"
       "\n"
       "kernel, devices, segment_tokens, balancing and return_info as in forward(): devices= runs the gradients\n"
       "sequence parallel through the flow graph over every device the spec names; return_info=True returns\n"
-      "(grads, info).");
+      "(grads, info).\n"
+      "out={'dq': array, ...} (devices= only): gradients written into these arrays (any of dq, dk, dv, di, df;\n"
+      "C-contiguous, the shapes and dtypes above), which the dict returned holds; host_array()s of the same\n"
+      "devices are downloaded into directly, and with q, k, v, i, f and dh there too no byte passes a host copy.");
   m.def(
       "step",
       [](py::object q, py::object k, py::object v, py::object i, py::object f, py::object c, py::object n,

@@ -285,6 +285,43 @@ def check_streaming_and_memory(rng):
             assert str(err).startswith(arg + ":"), str(err)
         else:
             raise AssertionError("forward took a bad %s: %s" % (arg, list(kwargs)))
+    # backward(out=): the gradients written into the caller's arrays (any of them; the rest are made), from and into
+    # host_array()s, equal to backward() without out=
+    dh = rng.standard_normal((B, NH, S, DV), dtype=np.float32)
+    for devices in ["workers"] + (["0"] if mlstm_flow.devices() else []):
+        want = mlstm_flow.backward(q, k, v, i, f, dh, chunk_size=L, devices=devices)
+        mine = {"dq": np.zeros_like(want["dq"]), "df": np.zeros_like(want["df"])}
+        got = mlstm_flow.backward(q, k, v, i, f, dh, chunk_size=L, devices=devices, out=mine)
+        assert got["dq"] is mine["dq"] and got["df"] is mine["df"], devices
+        for key in ("dq", "dk", "dv", "di", "df"):
+            assert np.array_equal(got[key], want[key]), (devices, key)
+        pinned = [mlstm_flow.host_array(x.shape, x.dtype, devices=devices) for x in (q, k, v, i, f, dh)]
+        for a, x in zip(pinned, (q, k, v, i, f, dh)):
+            a[...] = x
+        grads = {key: mlstm_flow.host_array(want[key].shape, "float32", devices=devices) for key in want}
+        got = mlstm_flow.backward(*pinned, chunk_size=L, devices=devices, out=grads)
+        for key in ("dq", "dk", "dv", "di", "df"):
+            assert got[key] is grads[key] and rel0(got[key], want[key]) < 1e-5, (devices, key)
+        del pinned, grads, got
+    # dh as bfloat16 patterns (dtype='bfloat16') equals the same values as float32
+    dhb = bf(dh)
+    dh_exact = (dhb.astype(np.uint32) << 16).view(np.float32)
+    qb, kb, vb = bf(q), bf(k), bf(v)
+    g16 = mlstm_flow.backward(qb, kb, vb, i, f, dhb, chunk_size=L, dtype="bfloat16", devices="workers")
+    g32 = mlstm_flow.backward(qb, kb, vb, i, f, dh_exact, chunk_size=L, dtype="bfloat16", devices="workers")
+    assert all(np.array_equal(g16[key], g32[key]) for key in g32), "bfloat16 dh"
+    for kwargs, arg in [(dict(out=[]), "out"), (dict(out={"dx": np.zeros(3)}), "out"),
+                        (dict(out={"dq": np.zeros((B, NH, S, DK + 1), np.float32)}), "out['dq']"),
+                        (dict(out={"di": np.zeros((B, NH, S), np.float64)}), "out['di']"),
+                        (dict(out={"dq": np.zeros((B, NH, S, DK), np.float32)}, devices=None), "out")]:
+        kw = dict(devices="workers", chunk_size=L)
+        kw.update(kwargs)
+        try:
+            mlstm_flow.backward(q, k, v, i, f, dh, **kw)
+        except ValueError as err:
+            assert str(err).startswith(arg + ":"), str(err)
+        else:
+            raise AssertionError("backward took a bad %s: %s" % (arg, list(kwargs)))
     try:
         mlstm_flow.host_array((2, 3), "int32", devices="workers")
     except ValueError as err:
