@@ -179,17 +179,20 @@ BENCHMARK(BM_HostForward)->DenseRange(0, 2)->Unit(benchmark::kMillisecond)->UseR
 // The backward from host memory through the runner on OpenCL device 0, same problem and inputs as BM_HostForward
 // (dh tiled like v): arg 0 as a user calls it (one resident call where it fits in half the device's memory: upload
 // everything, compute, download everything), arg 1 streamed through the device's BackwardStream in 16384-token
-// pieces (MLSTM_STREAM_PIECE), as a sequence larger than the device goes.
+// pieces (MLSTM_STREAM_PIECE), as a sequence larger than the device goes; arg 2 with the inputs and dh in the
+// device's page-locked memory (FlowGraphRunner::host_tensor) and the gradients written there (backward_into),
+// which streams without a host copy.
 void BM_HostBackward(benchmark::State& state) {
   if (opencl::list_devices().empty()) {
     state.SkipWithError("no OpenCL device");
     return;
   }
   const std::int64_t S = env_int("MLSTM_BENCH_HOST_S", 1 << 20), NH = 4, D = 128, P = 16384;
+  const bool pinned = state.range(0) == 2;
   graph::FlowGraphRunner runner("0");
   const Piece piece = make_piece(NH, P, D, 5);
   const Tensor dh_piece = make_piece(NH, P, D, 6).v;
-  auto tile = [&](const Tensor& t) { return tile_sequence(runner, t, S, false); };
+  auto tile = [&](const Tensor& t) { return tile_sequence(runner, t, S, pinned); };
   const Piece whole{tile(piece.q), tile(piece.k), tile(piece.v), tile(piece.i), tile(piece.f)};
   const Tensor dh = tile(dh_piece);
   MlstmOptions o;
@@ -197,18 +200,29 @@ void BM_HostBackward(benchmark::State& state) {
   BackwardArgs b;
   b.inputs = whole.args();
   b.dh = dh.view();
+  Tensor grads[5];
+  if (pinned) {
+    for (int j = 0; j < 5; ++j) {
+      const Tensor& like = j == 0 ? whole.q : j == 1 ? whole.k : j == 2 ? whole.v : j == 3 ? whole.i : whole.f;
+      grads[j] = runner.host_tensor(like.shape(), like.dtype());
+    }
+  }
+  const GradientViews into{grads[0].view(), grads[1].view(), grads[2].view(), grads[3].view(), grads[4].view()};
   if (state.range(0) == 1) setenv("MLSTM_STREAM_PIECE", "16384", 1);
-  (void)runner.backward(b, o);  // warm-up: programs, the device's stream
+  auto run = [&] { return pinned ? runner.backward_into(into, b, o) : runner.backward(b, o); };
+  (void)run();  // warm-up: programs, the device's stream
   for (auto _ : state) {
-    auto g = runner.backward(b, o);
+    auto g = run();
     benchmark::DoNotOptimize(g.dq.bytes());
   }
   if (state.range(0) == 1) unsetenv("MLSTM_STREAM_PIECE");
-  state.SetLabel(state.range(0) == 0 ? "as called" : "streamed (BackwardStream)");
+  state.SetLabel(state.range(0) == 0   ? "as called"
+                 : state.range(0) == 1 ? "streamed (BackwardStream)"
+                                       : "page-locked inputs and gradients (backward_into)");
   state.counters["tokens/s"] =
       benchmark::Counter(static_cast<double>(S) * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
 }
-BENCHMARK(BM_HostBackward)->DenseRange(0, 1)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_HostBackward)->DenseRange(0, 2)->Unit(benchmark::kMillisecond)->UseRealTime();
 
 void BM_GraphForward(benchmark::State& state) { graph_forward(state, graph::Balancing::pull); }
 void BM_GraphForwardCalibrated(benchmark::State& state) { graph_forward(state, graph::Balancing::calibrated); }

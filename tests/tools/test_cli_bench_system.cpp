@@ -22,7 +22,7 @@ using json = nlohmann::json;
 // The rows of one problem at one size, and those of one problem.
 const std::set<std::string> kCaseIds{"transfer",      "transfer_fwbw", "host_copy",        "kernel_fw",        "kernel_fwbw",
                                      "file_read",     "forward_host",  "workers_plus_gpu", "fwbw_host",
-                                     "forward_files", "forward_python", "forward_pinned"};
+                                     "forward_files", "forward_python", "forward_pinned",   "fwbw_pinned"};
 
 class CliBenchSystem : public ::testing::Test {
  protected:

@@ -7,7 +7,8 @@
 //   runs    forward from host memory through the graph (FlowGraphRunner; StreamSession pieces when the inputs do
 //           not fit the memory budget), from Python numpy arrays (a child /usr/bin/python3), from .npy files
 //           through this executable's `forward --stream-tokens` (a child process), forward+backward through the
-//           graph, CPU workers + GPU against the GPU alone, the CLI run's peak RSS at the smallest and largest
+//           graph (from host memory, and from the GPU's page-locked memory with the gradients written there),
+//           CPU workers + GPU against the GPU alone, the CLI run's peak RSS at the smallest and largest
 //           size, and a second run's start-up to its first token on the program cache the first one filled.
 // What cannot fit this machine's memory or disk is a row with "skipped" and the reason, never left out; a
 // measurement that fails is a row with "error" (exit code 1 at the end, after the files are written).
@@ -380,13 +381,19 @@ double read_back_seconds(const std::vector<std::string>& paths) {
 // ---- bounds ------------------------------------------------------------------------------------------------
 
 // Tokens/s of the transfer bound over every GPU-side device (measured one after the other, added up): the
-// forward's bytes (q, k, v, i, f up; h down) and the forward+backward's (inputs and dh up; h and the gradients
-// down), each over the slowest of up alone, down alone, and both at once.
+// forward's bytes (q, k, v, i, f up; h down) and the forward+backward's (the forward's, then the backward's:
+// q, k, v, i, f and dh up, dq, dk, dv, di, df down), each over the slowest of up alone, down alone, and both at
+// once.
 struct TransferBound {
   double fw = 0, fwbw = 0;
   json devices = json::array();
   std::string note;  // the rates, for the table
 };
+
+// Bytes per token of a forward+backward: up, the forward's inputs, then the backward's inputs and dh (h's size);
+// down, h, then the gradients (the inputs' sizes).
+double fwbw_up_bytes(const Case& c) { return 2 * c.up + c.down; }
+double fwbw_down_bytes(const Case& c) { return c.down + c.up; }
 
 TransferBound transfer_bound(const Case& c, const std::vector<std::shared_ptr<opencl::Device>>& gpus,
                              std::int64_t repeats) {
@@ -396,9 +403,9 @@ TransferBound transfer_bound(const Case& c, const std::vector<std::shared_ptr<op
   TransferBound t;
   for (const auto& dev : gpus) {
     const opencl::CopyRates r = opencl::measure_copy_rates(dev, bytes, static_cast<int>(repeats));
-    const double both = c.up + c.down;
+    const double both = c.up + c.down, fwbw_up = fwbw_up_bytes(c), fwbw_down = fwbw_down_bytes(c);
     t.fw += 1.0 / std::max({c.up / r.up, c.down / r.down, both / r.both});
-    t.fwbw += 1.0 / std::max({both / r.up, both / r.down, 2 * both / r.both});
+    t.fwbw += 1.0 / std::max({fwbw_up / r.up, fwbw_down / r.down, (fwbw_up + fwbw_down) / r.both});
     t.devices.push_back({{"device", dev->name()},
                          {"copy_mib", static_cast<double>(bytes) / static_cast<double>(1 << 20)},
                          {"up_GBps", r.up * 1e-9},
@@ -581,12 +588,13 @@ constexpr RowKind kForwardHost{"forward_host", "forward, C++ host memory, graph"
 constexpr RowKind kForwardPinned{"forward_pinned", "forward, C++ page-locked host memory, graph", 0.80, true};
 constexpr RowKind kWorkersPlus{"workers_plus_gpu", "forward, CPU workers + GPU vs GPU", 1.0, true};
 constexpr RowKind kFwbwHost{"fwbw_host", "forward+backward, C++ host memory", 0.70, true};
+constexpr RowKind kFwbwPinned{"fwbw_pinned", "forward+backward, C++ page-locked host memory, graph", 0.70, true};
 constexpr RowKind kForwardFiles{"forward_files", "forward, .npy files through the CLI", 0.80, true};
 constexpr RowKind kForwardPython{"forward_python", "forward, Python numpy arrays, graph", 0.80, true};
 constexpr RowKind kStartup{"startup", "second run: start-up to first token", 0.10, false};
 constexpr RowKind kPeakRss{"peak_rss", "peak RSS, largest vs smallest size", 1.10, false};
 constexpr const RowKind* kCaseRows[] = {&kTransfer,   &kTransferFwbw, &kHostCopy,     &kKernelFw,
-                                        &kKernelFwbw, &kForwardHost,  &kForwardPinned, &kWorkersPlus,  &kFwbwHost,
+                                        &kKernelFwbw, &kForwardHost,  &kForwardPinned, &kWorkersPlus,  &kFwbwHost, &kFwbwPinned,
                                         &kFileRead,   &kForwardFiles, &kForwardPython};
 
 std::string rate_text(double tokens_per_s) {
@@ -875,10 +883,11 @@ class SystemBench {
       report_.failed(c, kTransfer, e.what());
       report_.failed(c, kTransferFwbw, e.what());
     }
-    double host_copy = INFINITY;  // tokens/s the host copies allow the forward (x2 bytes: forward+backward)
+    double host_copy = INFINITY, host_copy_fwbw = INFINITY;  // tokens/s the host copies allow, forward and fw+bw
     try {
       const double rate = host_copy_rate(plan_.repeats);
       host_copy = rate / (c.up + c.down);
+      host_copy_fwbw = rate / (fwbw_up_bytes(c) + fwbw_down_bytes(c));
       report_.bound(c, kHostCopy, host_copy,
                     {{"GBps", rate * 1e-9},
                      {"note", "parallel copies of 256 MiB at " + std::to_string(static_cast<int>(rate * 1e-9)) +
@@ -899,9 +908,10 @@ class SystemBench {
     const double fw_bound =
         std::min({transfer ? transfer->fw : INFINITY, kernel ? kernel->fw : INFINITY, host_copy});
     const double fwbw_bound =
-        std::min({transfer ? transfer->fwbw : INFINITY, kernel ? kernel->fwbw : INFINITY, host_copy / 2});
+        std::min({transfer ? transfer->fwbw : INFINITY, kernel ? kernel->fwbw : INFINITY, host_copy_fwbw});
     host_runs(c, pieces, std::move(whole), budget, fw_bound, fwbw_bound);
-    pinned_run(c, pieces, budget, std::min(transfer ? transfer->fw : INFINITY, kernel ? kernel->fw : INFINITY));
+    pinned_run(c, pieces, budget, std::min(transfer ? transfer->fw : INFINITY, kernel ? kernel->fw : INFINITY),
+               std::min(transfer ? transfer->fwbw : INFINITY, kernel ? kernel->fwbw : INFINITY));
     return file_runs(c, pieces, fw_bound, smallest);
   }
 
@@ -976,29 +986,78 @@ class SystemBench {
 
   // The forward through the graph from inputs in the GPU's page-locked memory (FlowGraphRunner::host_tensor, filled
   // before the timing, as a user fills such buffers) into an h there too (forward_into): no host copy on the way up
-  // or down, so its bound is the min(transfer, kernel_fw).
-  void pinned_run(const Case& c, const std::vector<ForwardInputs>& pieces, double budget, double bound) {
+  // or down, so its bound is the min(transfer, kernel_fw). Then forward+backward the same way (dh = h, the
+  // gradients into page-locked tensors through backward_into), over the largest power of two of tokens whose
+  // gradients fit the memory budget too; its bound is min(transfer_fwbw, kernel_fwbw).
+  void pinned_run(const Case& c, const std::vector<ForwardInputs>& pieces, double budget, double bound,
+                  double fwbw_bound) {
     if (1.2 * c.bytes(c.up + c.down, c.S) > budget) {
-      report_.skipped(c, kForwardPinned,
-                      "the inputs and h (" + gib_text(c.bytes(c.up + c.down, c.S)) + ") exceed the memory budget of " +
-                          gib_text(budget));
+      for (const RowKind* row : {&kForwardPinned, &kFwbwPinned})
+        report_.skipped(c, *row,
+                        "the inputs and h (" + gib_text(c.bytes(c.up + c.down, c.S)) + ") exceed the memory budget of " +
+                            gib_text(budget));
       return;
     }
+    std::optional<graph::FlowGraphRunner> runner;
+    ForwardInputs pinned;
+    Tensor h;
     try {
-      graph::FlowGraphRunner runner(plan_.devices);
-      runner.set_balancing(graph::Balancing::fastest);
-      const ForwardInputs pinned =
-          tile_pieces(pieces, c.S, [&](Shape shape, DType dtype) { return runner.host_tensor(std::move(shape), dtype); });
-      Tensor h = runner.host_tensor({1, c.p.NH, c.S, c.p.DV}, plan_.dtype);
-      (void)runner.forward(pieces[0].args(), options_);  // warm-up: programs, pools
+      runner.emplace(plan_.devices);
+      runner->set_balancing(graph::Balancing::fastest);
+      pinned = tile_pieces(pieces, c.S,
+                           [&](Shape shape, DType dtype) { return runner->host_tensor(std::move(shape), dtype); });
+      h = runner->host_tensor({1, c.p.NH, c.S, c.p.DV}, plan_.dtype);
+      (void)runner->forward(pieces[0].args(), options_);  // warm-up: programs, pools
       const ForwardArgs a = pinned.args();
-      const Timed t = timed([&] { (void)runner.forward_into(h.view(), a, options_); });
+      const Timed t = timed([&] { (void)runner->forward_into(h.view(), a, options_); });
       report_.run(c, kForwardPinned, static_cast<double>(c.S), t.seconds, "min(transfer, kernel_fw)", bound,
                   {{"devices", plan_.devices},
                    {"timed_runs", t.runs},
                    {"note", "inputs and h in FlowGraphRunner::host_tensor memory, forward_into"}});
     } catch (const std::exception& e) {
       report_.failed(c, kForwardPinned, e.what());
+      report_.failed(c, kFwbwPinned, std::string("no pinned forward: ") + e.what());
+      return;
+    }
+    // The gradients (q, k, v and the gates again) beside the inputs and h.
+    const double have = c.bytes(c.up + c.down, c.S);
+    std::int64_t T = c.S;
+    while (T > plan_.chunk && 1.2 * (have + c.bytes(c.up, T)) > budget)
+      T = static_cast<std::int64_t>(std::bit_floor(static_cast<std::uint64_t>(T - 1)));
+    if (1.2 * (have + c.bytes(c.up, T)) > budget) {
+      report_.skipped(c, kFwbwPinned, "the gradients of even " + std::to_string(T) +
+                                          " tokens exceed the memory budget of " + gib_text(budget) +
+                                          " beside the pinned inputs");
+      return;
+    }
+    try {
+      const ForwardArgs a = sequence_slice(pinned.args(), 0, T);
+      const TensorView hT = sequence_slice(h.view(), 0, T);
+      const DType gate_dtype = pinned.i.dtype();
+      Tensor dq = runner->host_tensor({1, c.p.NH, T, c.p.DK}, plan_.dtype);
+      Tensor dk = runner->host_tensor({1, c.p.NH, T, c.p.DK}, plan_.dtype);
+      Tensor dv = runner->host_tensor({1, c.p.NH, T, c.p.DV}, plan_.dtype);
+      Tensor di = runner->host_tensor({1, c.p.NH, T}, gate_dtype);
+      Tensor df = runner->host_tensor({1, c.p.NH, T}, gate_dtype);
+      const GradientViews grads{dq.view(), dk.view(), dv.view(), di.view(), df.view()};
+      auto fwbw = [&] {
+        (void)runner->forward_into(hT, a, options_);
+        BackwardArgs b;
+        b.inputs = a;
+        b.dh = hT;  // dh = h
+        (void)runner->backward_into(grads, b, options_);
+      };
+      fwbw();  // warm-up: the backward's programs and stream
+      const Timed t = timed(fwbw);
+      json extra{{"devices", plan_.devices},
+                 {"tokens_measured", T},
+                 {"timed_runs", t.runs},
+                 {"note", "inputs, h (= dh) and the gradients in FlowGraphRunner::host_tensor memory, forward_into "
+                          "and backward_into"}};
+      report_.run(c, kFwbwPinned, static_cast<double>(T), t.seconds, "min(transfer_fwbw, kernel_fwbw)", fwbw_bound,
+                  extra);
+    } catch (const std::exception& e) {
+      report_.failed(c, kFwbwPinned, e.what());
     }
   }
 
