@@ -591,11 +591,12 @@ constexpr RowKind kFwbwHost{"fwbw_host", "forward+backward, C++ host memory", 0.
 constexpr RowKind kFwbwPinned{"fwbw_pinned", "forward+backward, C++ page-locked host memory, graph", 0.70, true};
 constexpr RowKind kForwardFiles{"forward_files", "forward, .npy files through the CLI", 0.80, true};
 constexpr RowKind kForwardPython{"forward_python", "forward, Python numpy arrays, graph", 0.80, true};
+constexpr RowKind kForwardPythonPinned{"forward_python_pinned", "forward, Python host_array()s, graph", 0.80, true};
 constexpr RowKind kStartup{"startup", "second run: start-up to first token", 0.10, false};
 constexpr RowKind kPeakRss{"peak_rss", "peak RSS, largest vs smallest size", 1.10, false};
 constexpr const RowKind* kCaseRows[] = {&kTransfer,   &kTransferFwbw, &kHostCopy,     &kKernelFw,
                                         &kKernelFwbw, &kForwardHost,  &kForwardPinned, &kWorkersPlus,  &kFwbwHost, &kFwbwPinned,
-                                        &kFileRead,   &kForwardFiles, &kForwardPython};
+                                        &kFileRead,   &kForwardFiles, &kForwardPython, &kForwardPythonPinned};
 
 std::string rate_text(double tokens_per_s) {
   char text[32];
@@ -802,7 +803,8 @@ Python find_python(const fs::path& exe, const fs::path& dir) {
 }
 
 // The Python child: loads the .npy files and warms up on their first piece (untimed), then times
-// forward(devices=...) from the numpy arrays.
+// forward(devices=...) from the numpy arrays; with "pinned", copies them into host_array()s (untimed) and times
+// forward(..., out=) from and into those.
 constexpr const char* kPythonForward = R"(import json, sys, time
 import numpy as np
 import mlstm_flow
@@ -816,7 +818,21 @@ t0 = time.perf_counter()
 h, _ = mlstm_flow.forward(x["q"], x["k"], x["v"], x["i"], x["f"], devices=a["devices"], chunk_size=a["chunk"],
                           dtype=a["dtype"])
 seconds = time.perf_counter() - t0
-print(json.dumps({"seconds": seconds, "shape_h": list(h.shape)}))
+out = {"seconds": seconds, "shape_h": list(h.shape)}
+if a["pinned"]:
+    del h
+    kind = lambda arr: "bfloat16" if a["dtype"] == "bfloat16" and arr.dtype == np.uint16 else arr.dtype
+    p = {}
+    for n in "qkvif":
+        p[n] = mlstm_flow.host_array(x[n].shape, kind(x[n]), devices=a["devices"])
+        p[n][...] = x[n]
+        del x[n]
+    hp = mlstm_flow.host_array(out["shape_h"], kind(p["q"]), devices=a["devices"])
+    t0 = time.perf_counter()
+    mlstm_flow.forward(p["q"], p["k"], p["v"], p["i"], p["f"], devices=a["devices"], chunk_size=a["chunk"],
+                       dtype=a["dtype"], out=hp)
+    out["pinned_seconds"] = time.perf_counter() - t0
+print(json.dumps(out))
 )";
 
 class SystemBench {
@@ -912,7 +928,8 @@ class SystemBench {
     host_runs(c, pieces, std::move(whole), budget, fw_bound, fwbw_bound);
     pinned_run(c, pieces, budget, std::min(transfer ? transfer->fw : INFINITY, kernel ? kernel->fw : INFINITY),
                std::min(transfer ? transfer->fwbw : INFINITY, kernel ? kernel->fwbw : INFINITY));
-    return file_runs(c, pieces, fw_bound, smallest);
+    return file_runs(c, pieces, fw_bound,
+                     std::min(transfer ? transfer->fw : INFINITY, kernel ? kernel->fw : INFINITY), smallest);
   }
 
   // forward, workers+GPU and forward+backward from host memory, in this process.
@@ -1113,13 +1130,14 @@ class SystemBench {
   // The .npy runs: the file-read bound, the CLI forward (and at the smallest size first a cold one, for the
   // start-up row) and the Python forward. Returns the CLI run.
   std::optional<ChildRun> file_runs(const Case& c, const std::vector<ForwardInputs>& pieces, double fw_bound,
-                                    bool smallest) {
+                                    double pinned_bound, bool smallest) {
     const double files_bytes = c.bytes(c.up + c.down, c.S) + static_cast<double>(64 << 20);
     const double free_bytes = static_cast<double>(disk_free(work_.path));
     if (files_bytes > free_bytes) {
       const std::string why = "the .npy inputs and h (" + gib_text(files_bytes) + ") exceed the free disk space of " +
                               gib_text(free_bytes) + " in " + work_.path.string();
-      for (const RowKind* kind : {&kFileRead, &kForwardFiles, &kForwardPython}) report_.skipped(c, *kind, why);
+      for (const RowKind* kind : {&kFileRead, &kForwardFiles, &kForwardPython, &kForwardPythonPinned})
+        report_.skipped(c, *kind, why);
       if (smallest) report_.skipped(c, kStartup, why);
       return std::nullopt;
     }
@@ -1139,12 +1157,13 @@ class SystemBench {
       report_.bound(c, kFileRead, file_bound, {{"GBps", bytes / secs * 1e-9}, {"seconds", secs}, {"note", note}});
     } catch (const std::exception& e) {
       report_.failed(c, kFileRead, e.what());
-      for (const RowKind* kind : {&kForwardFiles, &kForwardPython}) report_.skipped(c, *kind, "no .npy inputs");
+      for (const RowKind* kind : {&kForwardFiles, &kForwardPython, &kForwardPythonPinned})
+        report_.skipped(c, *kind, "no .npy inputs");
       if (smallest) report_.skipped(c, kStartup, "no .npy inputs");
       return std::nullopt;
     }
     std::optional<ChildRun> cli = cli_forward(c, files, dir, std::min(fw_bound, file_bound), smallest);
-    python_forward(c, files, dir, fw_bound);
+    python_forward(c, files, dir, fw_bound, pinned_bound);
     return cli;
   }
 
@@ -1211,25 +1230,36 @@ class SystemBench {
                    {"note", note}});
   }
 
-  void python_forward(const Case& c, const NpyInputs& files, const fs::path& dir, double bound) {
+  // Python's forward from numpy arrays in ordinary memory, then (forward_python_pinned) from host_array()s with h
+  // into one (out=), the arrays copied there before the timing as a user fills such buffers: its bound is
+  // min(transfer, kernel_fw), as the C++ page-locked row's.
+  void python_forward(const Case& c, const NpyInputs& files, const fs::path& dir, double bound, double pinned_bound) {
     if (!python_) python_ = find_python(exe_, dir);
     if (!python_->missing.empty()) {
-      report_.skipped(c, kForwardPython, python_->missing);
+      for (const RowKind* kind : {&kForwardPython, &kForwardPythonPinned}) report_.skipped(c, *kind, python_->missing);
       return;
     }
-    // numpy arrays, the library's copies of them, h and its numpy copy.
+    // numpy arrays, the library's copies of them, h and its numpy copy; the host_array()s and their h beside them.
     const double need = 1.2 * 2 * c.bytes(c.up + c.down, c.S), budget = static_cast<double>(memory_budget(plan_));
+    const double need_pinned = need + 1.2 * c.bytes(c.up + c.down, c.S);
     if (need > budget) {
-      report_.skipped(
-          c, kForwardPython,
-          "the arrays and their copies (" + gib_text(need) + ") exceed the memory budget of " + gib_text(budget));
+      for (const RowKind* kind : {&kForwardPython, &kForwardPythonPinned})
+        report_.skipped(
+            c, *kind,
+            "the arrays and their copies (" + gib_text(need) + ") exceed the memory budget of " + gib_text(budget));
       return;
     }
+    const bool pinned = need_pinned <= budget;
+    if (!pinned)
+      report_.skipped(c, kForwardPythonPinned,
+                      "the arrays, their copies and host_array()s (" + gib_text(need_pinned) +
+                          ") exceed the memory budget of " + gib_text(budget));
     try {
       const json a{{"files", {{"q", files.q}, {"k", files.k}, {"v", files.v}, {"i", files.i}, {"f", files.f}}},
                    {"devices", plan_.devices},
                    {"chunk", plan_.chunk},
                    {"warm_up_tokens", c.piece},
+                   {"pinned", pinned},
                    {"dtype", plan_.dtype == DType::bf16 ? "bfloat16" : ""}};
       std::map<std::string, std::string> env = python_->env;
       env["MLSTM_PROGRAM_CACHE"] = cache_.string();
@@ -1239,8 +1269,17 @@ class SystemBench {
       report_.run(c, kForwardPython, static_cast<double>(c.S), seconds.get<double>(), "min(transfer, host copies, kernel_fw)", bound,
                   {{"devices", plan_.devices},
                    {"note", "timed in the child after loading the files and a warm-up on the first piece"}});
+      if (pinned) {
+        const json s = r.result.value("pinned_seconds", json(nullptr));
+        if (!s.is_number()) throw Error("python forward: no pinned_seconds in " + r.result.dump());
+        report_.run(c, kForwardPythonPinned, static_cast<double>(c.S), s.get<double>(), "min(transfer, kernel_fw)",
+                    pinned_bound,
+                    {{"devices", plan_.devices},
+                     {"note", "the arrays copied into host_array()s before the timing; h into one (out=)"}});
+      }
     } catch (const std::exception& e) {
       report_.failed(c, kForwardPython, e.what());
+      if (pinned) report_.failed(c, kForwardPythonPinned, e.what());
     }
   }
 
