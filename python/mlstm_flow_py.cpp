@@ -440,6 +440,7 @@ PYBIND11_MODULE(mlstm_flow, m) {
           const Shape h_shape{p.B, p.NH, p.S, p.DHHV};
           out = out_o.is_none() ? py::object(empty_array(h_shape, p.dtype)) : out_o;
           const TensorView h = out_view(out, out_o.is_none() ? "h" : "out", h_shape, p.dtype);
+          check_outputs_apart({{h, "out"}}, named_inputs(args));
           info = on_runner(how, [&](graph::FlowGraphRunner& runner) {
             r = runner.forward_into(h, args, o, how.segment_tokens);
           });
@@ -537,6 +538,10 @@ PYBIND11_MODULE(mlstm_flow, m) {
                                 shapes[j], dt, names[j]);
           }
           const GradientViews into{views[0], views[1], views[2], views[3], views[4]};
+          static const char* const out_names[] = {"out['dq']", "out['dk']", "out['dv']", "out['di']", "out['df']"};
+          std::vector<NamedView> outputs;
+          for (int j = 0; j < 5; ++j) outputs.push_back({views[j], out_names[j]});
+          check_outputs_apart(outputs, named_inputs(b));
           info = on_runner(how, [&](graph::FlowGraphRunner& runner) {
             g = runner.backward_into(into, b, o, how.segment_tokens);
           });

@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <utility>
 #include <limits>
 #include <sstream>
 #include <string>
@@ -280,6 +282,86 @@ void check_gradient_views(const GradientViews& out, const ProblemShape& p) {
                                       " dimensions");
     check_output_rows(gate_rows(view), {p.B, p.NH, p.S, 1}, p.gate_dtype, name);
   }
+}
+
+namespace {
+
+// The byte ranges [begin, end) a view covers: one per (B,NH) row when its rows are contiguous runs (a 3- or 4-d
+// view whose last dimensions are packed), else one span from its first to its last byte. Sorted.
+std::vector<std::pair<std::uintptr_t, std::uintptr_t>> byte_ranges(ConstTensorView t) {
+  std::vector<std::pair<std::uintptr_t, std::uintptr_t>> out;
+  if (t.empty() || t.numel() == 0) return out;
+  const auto base = reinterpret_cast<std::uintptr_t>(t.bytes());
+  const std::size_t es = dtype_size(t.dtype());
+  const int d = t.dims();
+  const Shape& st = t.strides();
+  const bool rows = (d == 4 && st[3] == 1 && (t.dim(2) == 1 || st[2] == t.dim(3))) || (d == 3 && st[2] == 1);
+  if (rows && st[0] >= 0 && st[1] >= 0) {
+    const std::size_t row = static_cast<std::size_t>(d == 4 ? t.dim(2) * t.dim(3) : t.dim(2)) * es;
+    for (std::int64_t b = 0; b < t.dim(0); ++b)
+      for (std::int64_t h = 0; h < t.dim(1); ++h) {
+        const std::uintptr_t begin = base + static_cast<std::uintptr_t>(b * st[0] + h * st[1]) * es;
+        out.emplace_back(begin, begin + row);
+      }
+    std::sort(out.begin(), out.end());
+    return out;
+  }
+  std::int64_t lo = 0, hi = 0;  // element offsets of the first and the last element
+  for (int j = 0; j < d; ++j) {
+    const std::int64_t reach = (t.dim(j) - 1) * st[static_cast<std::size_t>(j)];
+    (reach < 0 ? lo : hi) += reach;
+  }
+  out.emplace_back(base + static_cast<std::uintptr_t>(lo * static_cast<std::int64_t>(es)),
+                   base + static_cast<std::uintptr_t>((hi + 1) * static_cast<std::int64_t>(es)));
+  return out;
+}
+
+bool ranges_meet(const std::vector<std::pair<std::uintptr_t, std::uintptr_t>>& a,
+                 const std::vector<std::pair<std::uintptr_t, std::uintptr_t>>& b) {
+  std::size_t i = 0, j = 0;
+  while (i < a.size() && j < b.size()) {
+    if (a[i].second <= b[j].first) {
+      ++i;
+    } else if (b[j].second <= a[i].first) {
+      ++j;
+    } else {
+      return true;
+    }
+  }
+  return false;
+}
+
+}  // namespace
+
+void check_outputs_apart(const std::vector<NamedView>& outputs, const std::vector<NamedView>& inputs) {
+  std::vector<std::vector<std::pair<std::uintptr_t, std::uintptr_t>>> out_ranges;
+  for (const auto& o : outputs) out_ranges.push_back(byte_ranges(o.view));
+  for (std::size_t x = 0; x < outputs.size(); ++x) {
+    for (std::size_t y = 0; y < x; ++y)
+      if (ranges_meet(out_ranges[x], out_ranges[y]))
+        throw InvalidArgument(outputs[x].name, std::string("shares memory with ") + outputs[y].name +
+                                                   ": each output needs memory of its own");
+    for (const auto& in : inputs)
+      if (ranges_meet(out_ranges[x], byte_ranges(in.view)))
+        throw InvalidArgument(outputs[x].name, std::string("shares memory with the input ") + in.name +
+                                                   ": an output may not overwrite what the call reads");
+  }
+}
+
+std::vector<NamedView> named_inputs(const ForwardArgs& a) {
+  return {{a.q, "q"}, {a.k, "k"}, {a.v, "v"}, {a.i, "i"}, {a.f, "f"}, {a.c0, "c0"}, {a.n0, "n0"}, {a.m0, "m0"}};
+}
+
+std::vector<NamedView> named_inputs(const BackwardArgs& a) {
+  std::vector<NamedView> v = named_inputs(a.inputs);
+  v.push_back({a.dh, "dh"});
+  v.push_back({a.dc_last, "dc_last"});
+  v.push_back({a.dn_last, "dn_last"});
+  return v;
+}
+
+std::vector<NamedView> named_outputs(const GradientViews& out) {
+  return {{out.dq, "dq"}, {out.dk, "dk"}, {out.dv, "dv"}, {out.di, "di"}, {out.df, "df"}};
 }
 
 void write_gradients(BackwardResult& r, const GradientViews& out) {

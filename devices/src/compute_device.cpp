@@ -40,6 +40,7 @@ BackwardResult state_gradient_through_backward(const std::function<BackwardResul
 ForwardResult ComputeDevice::forward_into(const ForwardArgs& segment, const MlstmOptions& options, TensorView h) {
   const ProblemShape p = validate_forward(segment, options);
   check_output_rows(h, {p.B, p.NH, p.S, p.DHHV}, p.dtype, "h");
+  check_outputs_apart({{h, "h"}}, named_inputs(segment));
   ForwardResult r = forward(segment, options);
   copy_piece_rows(r.h.view(), h);
   r.h = Tensor();
@@ -49,6 +50,7 @@ ForwardResult ComputeDevice::forward_into(const ForwardArgs& segment, const Mlst
 BackwardResult ComputeDevice::backward_into(const BackwardArgs& args, const MlstmOptions& options,
                                             const GradientViews& out) {
   check_gradient_views(out, validate_backward(args, options));
+  check_outputs_apart(named_outputs(out), named_inputs(args));
   BackwardResult r = backward(args, options);
   write_gradients(r, out);
   return r;

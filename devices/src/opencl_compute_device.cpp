@@ -184,6 +184,7 @@ class OpenCLComputeDevice final : public ComputeDevice {
     if (!uses_tensor_cores(p, o) || !streams(a, o, p)) return ComputeDevice::forward_into(a, o, h);
     const ScopedTrace trace([&] { return "forward of " + token_rows(a.q) + " token-rows on " + device_->name(); });
     check_output_rows(h, {p.B, p.NH, p.S, p.DHHV}, p.dtype, "h");
+    check_outputs_apart({{h, "h"}}, named_inputs(a));
     return streamed_forward(a, o, p, h);
   }
 
@@ -211,6 +212,7 @@ class OpenCLComputeDevice final : public ComputeDevice {
   BackwardResult backward_into(const BackwardArgs& a, const MlstmOptions& o, const GradientViews& out) override {
     const ProblemShape p = validate_backward(a, o);
     check_gradient_views(out, p);
+    check_outputs_apart(named_outputs(out), named_inputs(a));
     if (!uses_tensor_cores(p, o) || !streams_backward(a, o, p, &out)) return ComputeDevice::backward_into(a, o, out);
     const ScopedTrace trace(
         [&] { return "backward_into of " + token_rows(a.dh) + " token-rows on " + device_->name(); });

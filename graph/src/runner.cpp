@@ -586,6 +586,7 @@ ForwardResult FlowGraphRunner::forward(const ForwardArgs& args, const MlstmOptio
 ForwardResult FlowGraphRunner::forward_into(TensorView h, const ForwardArgs& args, const MlstmOptions& options,
                                             std::int64_t segment_tokens) {
   if (h.empty()) throw InvalidArgument("h", "forward_into needs the tensor to write h into");
+  check_outputs_apart({{h, "h"}}, named_inputs(args));
   return run_forward(args, options, segment_tokens, h);
 }
 
@@ -891,6 +892,7 @@ BackwardResult FlowGraphRunner::backward(const BackwardArgs& args, const MlstmOp
 BackwardResult FlowGraphRunner::backward_into(const GradientViews& out, const BackwardArgs& args,
                                               const MlstmOptions& options, std::int64_t segment_tokens) {
   check_gradient_views(out, validate_backward(args, options));
+  check_outputs_apart(named_outputs(out), named_inputs(args));
   return run_backward(args, options, segment_tokens, &out);
 }
 

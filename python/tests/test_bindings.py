@@ -276,7 +276,8 @@ def check_streaming_and_memory(rng):
     for kwargs, arg in [(dict(out=np.zeros((B, NH, S, DV + 1), np.float32)), "out"),
                         (dict(out=np.zeros((B, NH, S, DV), np.float64)), "out"),
                         (dict(out=np.zeros((B, NH, DV, S), np.float32).transpose(0, 1, 3, 2)), "out"),
-                        (dict(out=np.zeros((B, NH, S, DV), np.float32), devices=None), "out")]:
+                        (dict(out=np.zeros((B, NH, S, DV), np.float32), devices=None), "out"),
+                        (dict(out=v), "out")]:
         kw = dict(devices="workers", chunk_size=L)
         kw.update(kwargs)
         try:
@@ -313,7 +314,8 @@ def check_streaming_and_memory(rng):
     for kwargs, arg in [(dict(out=[]), "out"), (dict(out={"dx": np.zeros(3)}), "out"),
                         (dict(out={"dq": np.zeros((B, NH, S, DK + 1), np.float32)}), "out['dq']"),
                         (dict(out={"di": np.zeros((B, NH, S), np.float64)}), "out['di']"),
-                        (dict(out={"dq": np.zeros((B, NH, S, DK), np.float32)}, devices=None), "out")]:
+                        (dict(out={"dq": np.zeros((B, NH, S, DK), np.float32)}, devices=None), "out"),
+                        (dict(out={"dq": q}), "out['dq']"), (dict(out={"dk": q, "dq": q.copy()}), "out['dk']")]:
         kw = dict(devices="workers", chunk_size=L)
         kw.update(kwargs)
         try:

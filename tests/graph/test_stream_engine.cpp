@@ -266,6 +266,14 @@ TEST(StreamEngine, ForwardFromPinnedHostTensorsUploadsThemWhereTheyLie) {
   } catch (const InvalidArgument& e) {
     EXPECT_EQ(e.argument(), "h");
   }
+  // An h that is the input v itself (same shape and dtype) would overwrite what the call reads: refused.
+  try {
+    (void)runner.forward_into(TensorView(const_cast<std::byte*>(v.bytes()), v.dtype(), v.shape()), a, o);
+    ADD_FAILURE() << "an h in v's memory was taken";
+  } catch (const InvalidArgument& e) {
+    EXPECT_EQ(e.argument(), "h");
+    EXPECT_NE(std::string(e.what()).find("input v"), std::string::npos) << e.what();
+  }
 }
 
 // The gradients, bit for bit, of two backward results (dc0 / dn0 / dm0 when both have them).
@@ -355,10 +363,20 @@ TEST(StreamEngine, BackwardFromPinnedHostTensorsIntoPinnedGradients) {
   Tensor dq({1, 2, 200, 16}, DType::bf16), dk({1, 2, 200, 16}, DType::bf16), dv({1, 2, 200, 32}, DType::bf16);
   Tensor di({1, 2, 200}, DType::f32), df({1, 2, 200}, DType::f32), wrong_v({1, 2, 200, 16}, DType::bf16),
       wrong_f({1, 2, 200}, DType::f64);
+  // dq and dk interleaved by heads in one buffer are apart; the same memory twice, or dv in dh's memory, is not.
+  Tensor both({1, 2, 2, 200, 16}, DType::bf16);
+  auto head_view = [&](int which) {
+    return TensorView(both.bytes() + static_cast<std::size_t>(which) * 200 * 16 * 2, DType::bf16, {1, 2, 200, 16},
+                      {2 * 2 * 200 * 16, 2 * 200 * 16, 16, 1});
+  };
+  EXPECT_NO_THROW((void)runner.backward_into({head_view(0), head_view(1), dv.view(), di.view(), df.view()}, a, o));
+  const TensorView dh_memory(const_cast<std::byte*>(a.dh.bytes()), DType::bf16, {1, 2, 200, 32});
   for (const auto& [views, name] :
        {std::pair{GradientViews{dq.view(), dk.view(), wrong_v.view(), di.view(), df.view()}, "dv"},
         std::pair{GradientViews{dq.view(), dk.view(), dv.view(), di.view(), wrong_f.view()}, "df"},
-        std::pair{GradientViews{dq.view(), dk.view(), dv.view(), TensorView(), df.view()}, "di"}}) {
+        std::pair{GradientViews{dq.view(), dk.view(), dv.view(), TensorView(), df.view()}, "di"},
+        std::pair{GradientViews{dq.view(), dq.view(), dv.view(), di.view(), df.view()}, "dk"},
+        std::pair{GradientViews{dq.view(), dk.view(), dh_memory, di.view(), df.view()}, "dv"}}) {
     try {
       (void)runner.backward_into(views, a, o);
       ADD_FAILURE() << "a bad " << name << " was taken";

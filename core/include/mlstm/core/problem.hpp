@@ -15,6 +15,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "mlstm/core/tensor.hpp"
 
@@ -92,6 +93,20 @@ struct GradientViews {
 };
 // InvalidArgument naming the view ("dq", ...) unless `out` fits problem `p` as described above.
 void check_gradient_views(const GradientViews& out, const ProblemShape& p);
+// Outputs a call writes in place (forward_into's h, backward_into's gradients) must not share a byte with each
+// other or with the call's inputs: InvalidArgument naming the output ("h", "dq", ...) and what it overlaps.
+// Views whose (B,NH) rows are each contiguous are compared row by row (rows of two tensors interleaved in one
+// buffer are apart), others by the span from their first to their last byte.
+struct NamedView {
+  ConstTensorView view;
+  const char* name;
+};
+void check_outputs_apart(const std::vector<NamedView>& outputs, const std::vector<NamedView>& inputs);
+// The inputs of a forward and of a backward as NamedViews (the states and last-state gradients included).
+std::vector<NamedView> named_inputs(const ForwardArgs& args);
+std::vector<NamedView> named_inputs(const BackwardArgs& args);
+std::vector<NamedView> named_outputs(const GradientViews& out);
+
 // The gradients of `r` (a backward's result of problem p) into `out`; r keeps dc0 / dn0 / dm0, its token
 // gradients are released.
 void write_gradients(BackwardResult& r, const GradientViews& out);
