@@ -256,15 +256,17 @@ ForwardArgs sequence_slice(const ForwardArgs& args, std::int64_t t0, std::int64_
 
 namespace {
 
-// A (B,NH,S) gate view as (B,NH,S,1), so that the row checks and copies of (B,NH,S,D) views take it.
 template <class View>
-View gate_rows(View t) {
+View gate_rows_of(View t) {
   if (t.dims() != 3) return t;
   const Shape& st = t.strides();
   return View(t.bytes(), t.dtype(), {t.dim(0), t.dim(1), t.dim(2), 1}, {st[0], st[1], st[2], 1});
 }
 
 }  // namespace
+
+TensorView gate_rows(TensorView t) { return gate_rows_of(t); }
+ConstTensorView gate_rows(ConstTensorView t) { return gate_rows_of(t); }
 
 GradientViews GradientViews::slice(std::int64_t t0, std::int64_t t1) const {
   return {sequence_slice(dq, t0, t1), sequence_slice(dk, t0, t1), sequence_slice(dv, t0, t1),
@@ -364,12 +366,15 @@ std::vector<NamedView> named_outputs(const GradientViews& out) {
   return {{out.dq, "dq"}, {out.dk, "dk"}, {out.dv, "dv"}, {out.di, "di"}, {out.df, "df"}};
 }
 
+void write_gradient(ConstTensorView from, TensorView to) {
+  const Tensor converted = from.dtype() == to.dtype() ? Tensor() : Tensor::copy_of(from, to.dtype());
+  copy_piece_rows(gate_rows(converted.empty() ? from : converted.view()), gate_rows(to));
+}
+
 void write_gradients(BackwardResult& r, const GradientViews& out) {
   for (auto [from, to] : {std::pair{&r.dq, out.dq}, {&r.dk, out.dk}, {&r.dv, out.dv}, {&r.di, out.di},
                           {&r.df, out.df}}) {
-    const Tensor converted = from->dtype() == to.dtype() ? Tensor() : from->to(to.dtype());
-    const ConstTensorView src = converted.empty() ? ConstTensorView(from->view()) : converted.view();
-    copy_piece_rows(gate_rows(src), gate_rows(to));
+    write_gradient(from->view(), to);
     *from = Tensor();
   }
 }

@@ -211,9 +211,9 @@ class OpenCLComputeDevice final : public ComputeDevice {
 
   BackwardResult backward_into(const BackwardArgs& a, const MlstmOptions& o, const GradientViews& out) override {
     const ProblemShape p = validate_backward(a, o);
+    if (!uses_tensor_cores(p, o)) return ComputeDevice::backward_into(a, o, out);
     check_gradient_views(out, p);
     check_outputs_apart(named_outputs(out), named_inputs(a));
-    if (!uses_tensor_cores(p, o) || !streams_backward(a, o, p, &out)) return ComputeDevice::backward_into(a, o, out);
     const ScopedTrace trace(
         [&] { return "backward_into of " + token_rows(a.dh) + " token-rows on " + device_->name(); });
     return tensor_core_backward(a, o, p, &out);

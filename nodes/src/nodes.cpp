@@ -419,7 +419,6 @@ BackwardArgs SegmentGradientProblem::segment_args(std::int64_t t0, std::int64_t 
 
 void SegmentGradientProblem::write_grads(std::int64_t t0, std::int64_t t1, BackwardResult& r) {
   const auto& p = shape();
-  const std::int64_t len = t1 - t0;
   for (auto [dst, src] : {std::pair{&result_.dq, &r.dq},
                           {&result_.dk, &r.dk},
                           {&result_.dv, &r.dv},
@@ -429,14 +428,9 @@ void SegmentGradientProblem::write_grads(std::int64_t t0, std::int64_t t1, Backw
       *dst = std::move(*src);
       continue;
     }
-    const Tensor converted = src->dtype() == dst->dtype() ? Tensor() : src->to(dst->dtype());
-    const Tensor& part = converted.empty() ? *src : converted;
-    const std::int64_t inner = dst->numel() / (p.rows() * p.S);  // D, or 1 for the gates
-    const std::size_t es = dtype_size(dst->dtype());
-    if (part.numel() != p.rows() * len * inner) throw Error("segment backward returned a gradient of the wrong size");
-    copy_rows(dst->bytes() + static_cast<std::size_t>(t0 * inner) * es, static_cast<std::size_t>(p.S * inner) * es,
-              part.bytes(), static_cast<std::size_t>(len * inner) * es, static_cast<std::size_t>(p.rows()),
-              static_cast<std::size_t>(len * inner) * es);
+    const TensorView part = sequence_slice(dst->view(), t0, t1);
+    if (src->shape() != part.shape()) throw Error("segment backward returned a gradient of the wrong size");
+    write_gradient(src->view(), part);
   }
 }
 

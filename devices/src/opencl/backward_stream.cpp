@@ -65,8 +65,8 @@ struct BackwardStream::Impl {
   // The state entering piece j (j = 0 .. pieces; the last one leaves the sequence): C, n, m.
   std::vector<std::array<Buffer, 3>> entering;
   // k, v, i, f of every piece, kept on the device from the states pass for the gradient pass when they fit a
-  // quarter of its memory (kept_budget()); empty otherwise (the gradient pass uploads them again).
-  std::vector<std::array<PooledBuffer, 4>> kept;
+  // quarter of its memory (run_into); empty otherwise (the gradient pass uploads them again).
+  std::vector<std::array<PooledBuffer, kInputs>> kept;       // per piece, indexed by In; q and dh stay empty
   std::array<std::size_t, kInputs> in_off{}, in_bytes{};     // at max_piece
   std::array<std::size_t, kOutputs> out_off{}, out_bytes{};  // at max_piece
 };
@@ -223,22 +223,10 @@ cl_event BackwardStream::upload(Slot& s, const std::vector<std::pair<ConstTensor
 
 cl_mem BackwardStream::input_buffer(const Slot& s, int index, std::int64_t piece) const {
   const Impl& im = *impl_;
-  if (!im.kept.empty()) {
-    const auto& kept = im.kept[static_cast<std::size_t>(piece)];
-    switch (index) {
-      case kK:
-        return kept[0].get();
-      case kV:
-        return kept[1].get();
-      case kI:
-        return kept[2].get();
-      case kF:
-        return kept[3].get();
-      default:
-        break;
-    }
-  }
-  return s.in[static_cast<std::size_t>(index)].get();
+  const auto j = static_cast<std::size_t>(index);
+  if (!im.kept.empty())
+    if (const cl_mem kept = im.kept[static_cast<std::size_t>(piece)][j].get()) return kept;
+  return s.in[j].get();
 }
 
 namespace {
@@ -311,12 +299,8 @@ void BackwardStream::gradient_pass(const BackwardArgs& a, std::int64_t n, const 
 
   // Results: 4-d views (di and df as (B,NH,S,1)) that each piece's rows go into: downloaded straight there when
   // they lie in this device's page-locked memory, else copied there out of the slot's staging.
-  auto gate4 = [&](TensorView g) {
-    const Shape& st = g.strides();
-    return TensorView(g.bytes(), g.dtype(), {c.B, c.NH, S, 1}, {st[0], st[1], st[2], 1});
-  };
-  const TensorView dest[kOutputs] = {dest_views.dq, dest_views.dk, dest_views.dv, gate4(dest_views.di),
-                                     gate4(dest_views.df)};
+  const TensorView dest[kOutputs] = {dest_views.dq, dest_views.dk, dest_views.dv, gate_rows(dest_views.di),
+                                     gate_rows(dest_views.df)};
   const std::int64_t width[kOutputs] = {K, K, V, 1, 1};
   const DType out_dtype[kOutputs] = {c.dtype, c.dtype, c.dtype, DType::f32, DType::f32};
   // Which outputs of piece k (k-th in the reverse order) were downloaded straight into dest.
@@ -371,9 +355,10 @@ void BackwardStream::gradient_pass(const BackwardArgs& a, std::int64_t n, const 
       }
       wait_event(s.done, dn);  // its states-pass kernels
       // k, v, i, f are on the device already when the states pass kept them.
-      cl_event up = im.kept.empty()
-                        ? upload(s, {{in.q, kQ}, {in.k, kK}, {in.v, kV}, {a.dh, kDh}, {in.i, kI}, {in.f, kF}}, t0, len, j)
-                        : upload(s, {{in.q, kQ}, {a.dh, kDh}}, t0, len, j);
+      cl_event up =
+          im.kept.empty()
+              ? upload(s, {{in.q, kQ}, {in.k, kK}, {in.v, kV}, {a.dh, kDh}, {in.i, kI}, {in.f, kF}}, t0, len, j)
+              : upload(s, {{in.q, kQ}, {a.dh, kDh}}, t0, len, j);
       const cl_mem Kb = input_buffer(s, kK, j), Vb = input_buffer(s, kV, j), Ib = input_buffer(s, kI, j),
                    Fb = input_buffer(s, kF, j);
       const int Sp = static_cast<int>(len), NC = (Sp + cfg.L - 1) / cfg.L;
@@ -385,10 +370,10 @@ void BackwardStream::gradient_pass(const BackwardArgs& a, std::int64_t n, const 
       const Buffer& dn_last = j < n - 1 ? im.dN[(j + 1) % 2] : im.dn_last;
       const Buffer &dc0 = im.dC[j % 2], &dn0 = im.dN[j % 2];
       set_args(im.gates.k, dn, Ib, Fb, im.gb, im.gbi, im.gpm, im.gG, im.gA, Sp, NC);
-      set_args(im.fw_states.k, dn, Kb, Vb, im.gbi, im.gG, im.gA, enter[0], enter[1], enter[2], has_init, im.Cst,
-               im.nst, im.mst, im.c_scratch, im.n_scratch, im.m_scratch, Sp, NC);
-      set_args(im.fw_outputs.k, dn, s.in[kQ], Kb, Vb, im.Cst, im.nst, im.mst, im.gb, im.gbi, im.gpm, im.h, im.Nt, im.sgt,
-               Sp, NC);
+      set_args(im.fw_states.k, dn, Kb, Vb, im.gbi, im.gG, im.gA, enter[0], enter[1], enter[2], has_init, im.Cst, im.nst,
+               im.mst, im.c_scratch, im.n_scratch, im.m_scratch, Sp, NC);
+      set_args(im.fw_outputs.k, dn, s.in[kQ], Kb, Vb, im.Cst, im.nst, im.mst, im.gb, im.gbi, im.gpm, im.h, im.Nt,
+               im.sgt, Sp, NC);
       set_args(im.bw_prep.k, dn, s.in[kDh], im.h, im.Nt, im.sgt, im.dden, Sp);
       set_args(im.bw_states.k, dn, s.in[kQ], s.in[kDh], im.gb, im.gpm, im.gG, im.mst, im.Nt, im.dden, dc_last, dn_last,
                has_dlast, im.dCst, im.dnst, dc0, dn0, Sp, NC);
@@ -494,13 +479,17 @@ BackwardResult BackwardStream::run_into(const BackwardArgs& a, const GradientVie
   // k, v, i, f of every piece stay on the device between the two passes when they fit a quarter of its memory:
   // the gradient pass then moves only q and dh up (4 of the 6 input tensors' bytes saved, about a third of the
   // backward's uploads at 128/128).
-  const std::size_t keep_bytes = static_cast<std::size_t>(n) * (im.in_bytes[kK] + im.in_bytes[kV] +
-                                                                 im.in_bytes[kI] + im.in_bytes[kF]);
+  const std::size_t keep_bytes =
+      static_cast<std::size_t>(n) * (im.in_bytes[kK] + im.in_bytes[kV] + im.in_bytes[kI] + im.in_bytes[kF]);
   im.kept.clear();
   if (!env::is("MLSTM_BACKWARD_KEEP", "off") && keep_bytes <= dev.info().global_memory / 4) {
-    for (std::int64_t j = 0; j < n; ++j)
-      im.kept.push_back({dev.acquire(im.in_bytes[kK]), dev.acquire(im.in_bytes[kV]), dev.acquire(im.in_bytes[kI]),
-                         dev.acquire(im.in_bytes[kF])});
+    im.kept.resize(static_cast<std::size_t>(n));
+    for (auto& piece : im.kept) {
+      for (const int index : {kK, kV, kI, kF}) {
+        const auto j = static_cast<std::size_t>(index);
+        piece[j] = dev.acquire(im.in_bytes[j]);
+      }
+    }
   }
   kept_pieces_ = static_cast<std::int64_t>(im.kept.size());
   auto put = [&](ConstTensorView t, const Buffer& b) {
@@ -550,10 +539,7 @@ BackwardResult BackwardStream::run_into(const BackwardArgs& a, const GradientVie
   im.kept.clear();  // back to the device's pool (every download, hence every kernel, is done)
   if (into && p.gate_dtype != DType::f32) {
     for (auto [from, to] : {std::pair{&out.di, into->di}, std::pair{&out.df, into->df}}) {
-      const Tensor g = from->to(p.gate_dtype);
-      const Shape& st = to.strides();
-      copy_piece_rows(ConstTensorView(g.bytes(), g.dtype(), {p.B, p.NH, p.S, 1}),
-                      TensorView(to.bytes(), to.dtype(), {p.B, p.NH, p.S, 1}, {st[0], st[1], st[2], 1}));
+      write_gradient(from->view(), to);
       *from = Tensor();
     }
   } else if (!into && p.gate_dtype != DType::f32) {

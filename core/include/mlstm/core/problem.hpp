@@ -110,6 +110,13 @@ std::vector<NamedView> named_outputs(const GradientViews& out);
 // The gradients of `r` (a backward's result of problem p) into `out`; r keeps dc0 / dn0 / dm0, its token
 // gradients are released.
 void write_gradients(BackwardResult& r, const GradientViews& out);
+// One gradient `from` into `to` of the same shape ((B,NH,len,D) or (B,NH,len); `to`'s rows contiguous, any
+// strides[1]), converted to to's dtype on the way. InvalidArgument("out") for another shape.
+void write_gradient(ConstTensorView from, TensorView to);
+// A (B,NH,S) gate view as (B,NH,S,1), other views as they are: the row checks and copies of (B,NH,S,D) views
+// (check_output_rows, copy_piece_rows) then take gates too.
+TensorView gate_rows(TensorView t);
+ConstTensorView gate_rows(ConstTensorView t);
 
 // Owned arguments: the tensors of a problem's inputs (and, for the backward, its incoming gradients) for callers
 // that load or draw them (the CLI's files, Python's arrays, the tests' random inputs); the views of args() and
