@@ -6,10 +6,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <utility>
 #include <limits>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "mlstm/core/error.hpp"
@@ -253,7 +253,6 @@ ForwardArgs sequence_slice(const ForwardArgs& args, std::int64_t t0, std::int64_
   return a;
 }
 
-
 namespace {
 
 template <class View>
@@ -267,6 +266,75 @@ View gate_rows_of(View t) {
 
 TensorView gate_rows(TensorView t) { return gate_rows_of(t); }
 ConstTensorView gate_rows(ConstTensorView t) { return gate_rows_of(t); }
+
+void StateCheckpoints::bind(const ForwardArgs& args, const MlstmOptions& options) {
+  const ProblemShape p = validate_forward(args, options);
+  std::lock_guard lock(mutex_);
+  states_.clear();
+  shape_ = p;
+  gate_ = options.gate;
+  chunk_size_ = options.chunk_size;
+  const ConstTensorView* in[5] = {&args.q, &args.k, &args.v, &args.i, &args.f};
+  for (int j = 0; j < 5; ++j) inputs_[j] = in[j]->bytes();
+  initial_ = args.c0.empty() ? nullptr : args.c0.bytes();
+  bound_ = true;
+}
+
+void StateCheckpoints::put(std::int64_t token, State state) {
+  std::lock_guard lock(mutex_);
+  if (!bound_) throw Error("StateCheckpoints::put before bind()");
+  if (token <= 0 || token > shape_.S)
+    throw Error("StateCheckpoints::put: token " + std::to_string(token) + " outside (0, " + std::to_string(shape_.S) +
+                "]");
+  states_[token] = std::move(state);
+}
+
+const State* StateCheckpoints::at(std::int64_t token) const {
+  std::lock_guard lock(mutex_);
+  const auto it = states_.find(token);
+  return it == states_.end() ? nullptr : &it->second;
+}
+
+std::vector<std::int64_t> StateCheckpoints::tokens() const {
+  std::lock_guard lock(mutex_);
+  std::vector<std::int64_t> t;
+  t.reserve(states_.size());
+  for (const auto& [token, state] : states_) t.push_back(token);
+  return t;
+}
+
+std::size_t StateCheckpoints::bytes() const {
+  std::lock_guard lock(mutex_);
+  std::size_t b = 0;
+  for (const auto& [token, s] : states_) b += s.C.nbytes() + s.n.nbytes() + s.m.nbytes();
+  return b;
+}
+
+void StateCheckpoints::check_fits(const ForwardArgs& args, const MlstmOptions& options) const {
+  const ProblemShape p = validate_forward(args, options);
+  std::lock_guard lock(mutex_);
+  if (!bound_) throw InvalidArgument("checkpoints", "kept by no forward (pass them to a forward first)");
+  const ProblemShape& f = shape_;
+  if (p.B != f.B || p.NH != f.NH || p.S != f.S || p.DHQK != f.DHQK || p.DHHV != f.DHHV || p.dtype != f.dtype ||
+      p.gate_dtype != f.gate_dtype)
+    throw InvalidArgument("checkpoints", "kept by a forward of " + shape_to_string({f.B, f.NH, f.S, f.DHQK}) + " / " +
+                                             std::to_string(f.DHHV) + " " + std::string(dtype_name(f.dtype)) +
+                                             ", not of this backward's " + shape_to_string({p.B, p.NH, p.S, p.DHQK}) +
+                                             " / " + std::to_string(p.DHHV) + " " + std::string(dtype_name(p.dtype)));
+  if (options.gate != gate_ || options.chunk_size != chunk_size_)
+    throw InvalidArgument("checkpoints", "kept by a forward with gate " + std::string(gate_name(gate_)) +
+                                             " and chunk size " + std::to_string(chunk_size_) + ", not " +
+                                             std::string(gate_name(options.gate)) + " and " +
+                                             std::to_string(options.chunk_size));
+  const ConstTensorView* in[5] = {&args.q, &args.k, &args.v, &args.i, &args.f};
+  static constexpr const char* kNames[5] = {"q", "k", "v", "i", "f"};
+  for (int j = 0; j < 5; ++j)
+    if (in[j]->bytes() != inputs_[j])
+      throw InvalidArgument("checkpoints", std::string("kept by a forward of other inputs: ") + kNames[j] +
+                                               " is not the memory that forward read");
+  if ((args.c0.empty() ? nullptr : args.c0.bytes()) != initial_)
+    throw InvalidArgument("checkpoints", "kept by a forward from another initial state (c0)");
+}
 
 GradientViews GradientViews::slice(std::int64_t t0, std::int64_t t1) const {
   return {sequence_slice(dq, t0, t1), sequence_slice(dk, t0, t1), sequence_slice(dv, t0, t1),
@@ -372,13 +440,12 @@ void write_gradient(ConstTensorView from, TensorView to) {
 }
 
 void write_gradients(BackwardResult& r, const GradientViews& out) {
-  for (auto [from, to] : {std::pair{&r.dq, out.dq}, {&r.dk, out.dk}, {&r.dv, out.dv}, {&r.di, out.di},
-                          {&r.df, out.df}}) {
+  for (auto [from, to] :
+       {std::pair{&r.dq, out.dq}, {&r.dk, out.dk}, {&r.dv, out.dv}, {&r.di, out.di}, {&r.df, out.df}}) {
     write_gradient(from->view(), to);
     *from = Tensor();
   }
 }
-
 
 ProblemShape check_stream_piece(const ForwardArgs& piece, const ProblemShape& stream, const MlstmOptions& options) {
   if (piece.has_initial_state() || !piece.n0.empty() || !piece.m0.empty())

@@ -1,8 +1,8 @@
 // The device-spec grammar shared by the graph, the CLI and Python, and the stage names.
 #include "mlstm/devices/compute_device.hpp"
 
-#include "mlstm/core/trace.hpp"
 #include "mlstm/core/error.hpp"
+#include "mlstm/core/trace.hpp"
 
 namespace mlstm {
 
@@ -37,13 +37,15 @@ BackwardResult state_gradient_through_backward(const std::function<BackwardResul
   return out;
 }
 
-ForwardResult ComputeDevice::forward_into(const ForwardArgs& segment, const MlstmOptions& options, TensorView h) {
+ForwardResult ComputeDevice::forward_into(const ForwardArgs& segment, const MlstmOptions& options, TensorView h,
+                                          KeepStates keep) {
   const ProblemShape p = validate_forward(segment, options);
   check_output_rows(h, {p.B, p.NH, p.S, p.DHHV}, p.dtype, "h");
   check_outputs_apart({{h, "h"}}, named_inputs(segment));
   ForwardResult r = forward(segment, options);
   copy_piece_rows(r.h.view(), h);
   r.h = Tensor();
+  if (keep.to && !r.c.empty()) keep.to->put(keep.from + p.S, State{r.c, r.n, r.m});
   return r;
 }
 

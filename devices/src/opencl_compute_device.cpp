@@ -46,8 +46,8 @@ std::int64_t stream_piece_tokens(const ProblemShape& p, const MlstmOptions& o) {
   }
   const std::int64_t per_token =
       p.B * p.NH * ((2 * p.DHQK + p.DHHV) * static_cast<std::int64_t>(dtype_size(p.dtype)) + 8);
-  const std::int64_t t = std::clamp<std::int64_t>((std::int64_t{64} << 20) / std::max<std::int64_t>(1, per_token),
-                                                  L, 65536);
+  const std::int64_t t =
+      std::clamp<std::int64_t>((std::int64_t{64} << 20) / std::max<std::int64_t>(1, per_token), L, 65536);
   return t / L * L;
 }
 
@@ -68,8 +68,7 @@ std::uint64_t resident_backward_bytes(const ProblemShape& p, const MlstmOptions&
 class PinnedStream final : public SequenceStream {
  public:
   PinnedStream(std::shared_ptr<opencl::Device> device, opencl::DeviceStream::Config config, const State& initial)
-      : initial_(initial),
-        stream_(std::move(device), config, initial.C.view(), initial.n.view(), initial.m.view()) {}
+      : initial_(initial), stream_(std::move(device), config, initial.C.view(), initial.n.view(), initial.m.view()) {}
 
   std::uint64_t submit(const ForwardArgs& piece) override {
     if (piece.has_initial_state() || !piece.n0.empty() || !piece.m0.empty())
@@ -179,13 +178,13 @@ class OpenCLComputeDevice final : public ComputeDevice {
     return tensor_cores_.forward(a, o);
   }
 
-  ForwardResult forward_into(const ForwardArgs& a, const MlstmOptions& o, TensorView h) override {
+  ForwardResult forward_into(const ForwardArgs& a, const MlstmOptions& o, TensorView h, KeepStates keep) override {
     const ProblemShape p = validate_forward(a, o);
-    if (!uses_tensor_cores(p, o) || !streams(a, o, p)) return ComputeDevice::forward_into(a, o, h);
+    if (!uses_tensor_cores(p, o) || !streams(a, o, p)) return ComputeDevice::forward_into(a, o, h, keep);
     const ScopedTrace trace([&] { return "forward of " + token_rows(a.q) + " token-rows on " + device_->name(); });
     check_output_rows(h, {p.B, p.NH, p.S, p.DHHV}, p.dtype, "h");
     check_outputs_apart({{h, "h"}}, named_inputs(a));
-    return streamed_forward(a, o, p, h);
+    return streamed_forward(a, o, p, h, keep);
   }
 
   std::unique_ptr<SequenceStream> open_stream(const ProblemShape& shape, const MlstmOptions& o,
@@ -273,11 +272,15 @@ class OpenCLComputeDevice final : public ComputeDevice {
 
   // h goes into `out` when given (forward_into: downloaded straight there when it is this device's page-locked
   // memory), else into the result's own h.
-  ForwardResult streamed_forward(const ForwardArgs& a, const MlstmOptions& o, const ProblemShape& p, TensorView out) {
+  // With keep.to, the stream keeps the state leaving every piece (the state entering the next one, and at the end
+  // the state leaving the segment) for a later backward, which then starts its pieces there.
+  ForwardResult streamed_forward(const ForwardArgs& a, const MlstmOptions& o, const ProblemShape& p, TensorView out,
+                                 KeepStates keep = {}) {
     ProblemShape piece = p;
     piece.S = stream_piece_tokens(p, o);
     std::unique_ptr<opencl::DeviceStream> held = reuse_stream(stream_config(piece, o), a.c0, a.n0, a.m0);
     opencl::DeviceStream& stream = *held;
+    stream.keep_states(keep.to != nullptr);
     ForwardResult r;
     if (out.empty()) {
       r.h = Tensor({p.B, p.NH, p.S, p.DHHV}, p.dtype);
@@ -335,6 +338,12 @@ class OpenCLComputeDevice final : public ComputeDevice {
     if (producer_error) std::rethrow_exception(producer_error);
     if (consumer_error) std::rethrow_exception(consumer_error);
     if (o.return_last_states) stream.read_state(r.c, r.n, r.m);
+    if (keep.to) {
+      std::vector<State> states = stream.take_kept_states();
+      for (std::size_t j = 0; j < states.size(); ++j)
+        keep.to->put(keep.from + std::min(p.S, static_cast<std::int64_t>(j + 1) * piece.S), std::move(states[j]));
+      stream.keep_states(false);
+    }
     park_stream(std::move(held));
     return r;
   }
@@ -360,14 +369,43 @@ class OpenCLComputeDevice final : public ComputeDevice {
            (out && device_->pinned(out->dq.bytes(), 1));
   }
 
+  // The states a forward kept (a.checkpoints) at every piece boundary of a stream of pieces of P tokens, P the
+  // first kept token after this call's start: the states entering pieces 1.. and the one leaving the call
+  // (BackwardStream::run_into's `entering`). Empty when they do not cover such pieces, when P is not a multiple of
+  // the chunk size, or when a piece would need more than four times the stream's own piece of buffers.
+  std::pair<std::int64_t, std::vector<const State*>> kept_entering_states(const BackwardArgs& a, const MlstmOptions& o,
+                                                                          const ProblemShape& p) const {
+    if (!a.checkpoints) return {};
+    const std::int64_t from = a.checkpoints_from;
+    std::int64_t P = 0;
+    for (const std::int64_t t : a.checkpoints->tokens())
+      if (t > from) {
+        P = t - from;
+        break;
+      }
+    if (P <= 0 || P >= p.S || P % o.chunk_size != 0 || P > 4 * stream_piece_tokens(p, o)) return {};
+    const std::int64_t n = (p.S + P - 1) / P;
+    std::vector<const State*> entering(static_cast<std::size_t>(n + 1), nullptr);
+    for (std::int64_t j = 1; j <= n; ++j) {
+      entering[static_cast<std::size_t>(j)] = a.checkpoints->at(from + std::min(p.S, j * P));
+      if (!entering[static_cast<std::size_t>(j)]) return {};
+    }
+    return {P, std::move(entering)};
+  }
+
   BackwardResult tensor_core_backward(const BackwardArgs& a, const MlstmOptions& o, const ProblemShape& p,
                                       const GradientViews* out) {
-    if (!streams_backward(a, o, p, out)) {
+    const auto [kept_piece, entering] = device_->inside_retained_range(a.inputs.q.bytes())
+                                            ? decltype(kept_entering_states(a, o, p))()
+                                            : kept_entering_states(a, o, p);
+    if (entering.empty() && !streams_backward(a, o, p, out)) {
       BackwardResult r = tensor_cores_.backward(a, o);
       if (out) write_gradients(r, *out);
       return r;
     }
-    const std::int64_t piece = stream_piece_tokens(p, o);
+    // With a forward's states at its piece boundaries the stream skips its states pass: it moves every byte once,
+    // as one call does, with the transfers overlapped, from any memory.
+    const std::int64_t piece = entering.empty() ? stream_piece_tokens(p, o) : kept_piece;
     opencl::BackwardStream::Config config;
     config.B = p.B;
     config.NH = p.NH;
@@ -389,7 +427,7 @@ class OpenCLComputeDevice final : public ComputeDevice {
     } else {
       device_->note_stream_opened(false);
     }
-    BackwardResult r = stream->run_into(a, out);
+    BackwardResult r = entering.empty() ? stream->run_into(a, out) : stream->run_into(a, out, entering);
     std::lock_guard lock(parked_mutex_);
     parked_backward_ = std::move(stream);
     return r;
@@ -479,7 +517,7 @@ class OpenCLComputeDevice final : public ComputeDevice {
   mutable std::mutex prepared_mutex_;
   mutable std::set<std::string> prepared_;  // configurations whose tensor-core programs are built
   std::mutex parked_mutex_;
-  std::unique_ptr<opencl::DeviceStream> parked_;  // the last streamed forward's stream (reuse_stream)
+  std::unique_ptr<opencl::DeviceStream> parked_;             // the last streamed forward's stream (reuse_stream)
   std::unique_ptr<opencl::BackwardStream> parked_backward_;  // the last streamed backward's stream
 };
 

@@ -579,21 +579,25 @@ struct FinalStateFilterBody {
 }  // namespace
 
 ForwardResult FlowGraphRunner::forward(const ForwardArgs& args, const MlstmOptions& options,
-                                       std::int64_t segment_tokens) {
-  return run_forward(args, options, segment_tokens, {});
+                                       std::int64_t segment_tokens, StateCheckpoints* keep) {
+  return run_forward(args, options, segment_tokens, {}, keep);
 }
 
 ForwardResult FlowGraphRunner::forward_into(TensorView h, const ForwardArgs& args, const MlstmOptions& options,
-                                            std::int64_t segment_tokens) {
+                                            std::int64_t segment_tokens, StateCheckpoints* keep) {
   if (h.empty()) throw InvalidArgument("h", "forward_into needs the tensor to write h into");
   check_outputs_apart({{h, "h"}}, named_inputs(args));
-  return run_forward(args, options, segment_tokens, h);
+  return run_forward(args, options, segment_tokens, h, keep);
 }
 
 ForwardResult FlowGraphRunner::run_forward(const ForwardArgs& args, const MlstmOptions& options,
-                                           std::int64_t segment_tokens, TensorView h_out) {
+                                           std::int64_t segment_tokens, TensorView h_out, StateCheckpoints* keep) {
   using namespace tbb::flow;
   auto problem = std::make_shared<nodes::SegmentProblem>(args, options, true, h_out);
+  if (keep) {
+    keep->bind(args, options);
+    problem->keep_states(keep);
+  }
   // Named members, not a structured binding: clang before 16 refuses to capture bindings in lambdas.
   const PlannedRun planned = plan_run(Pass::forward, problem->shape(), options, segment_tokens);
   const auto& devices = planned.devices;
@@ -900,6 +904,11 @@ BackwardResult FlowGraphRunner::run_backward(const BackwardArgs& args, const Mls
                                              std::int64_t segment_tokens, const GradientViews* out) {
   using namespace tbb::flow;
   const ProblemShape shape = validate_backward(args, options);
+  if (args.checkpoints) {
+    if (args.checkpoints_from != 0)
+      throw InvalidArgument("checkpoints_from", "a whole backward starts at token 0 of its checkpoints");
+    args.checkpoints->check_fits(args.inputs, options);
+  }
   const PlannedRun planned = plan_run(Pass::backward, shape, options, segment_tokens);
   const auto& capable = planned.devices;
   const Plan& p = planned.plan;

@@ -32,9 +32,7 @@ TensorView SegmentProblem::h_out(const Segment& s) const {
   return h_out_.empty() ? TensorView() : sequence_slice(h_out_, s.t0, s.t1);
 }
 
-ForwardArgs SegmentProblem::segment_args(const Segment& s) const {
-  return sequence_slice(args_, s.t0, s.t1);
-}
+ForwardArgs SegmentProblem::segment_args(const Segment& s) const { return sequence_slice(args_, s.t0, s.t1); }
 
 State SegmentProblem::make_empty_state() const {
   State e;
@@ -223,7 +221,10 @@ ForwardResult run_range(ComputeDevice& d, SegmentProblem& problem, int index, st
   try {
     check_injected_oom(d, index, t1 - t0);
     try {
-      if (outputs && !problem.h_out(sub).empty()) return d.forward_into(a, o, problem.h_out(sub));
+      if (outputs && !problem.h_out(sub).empty())
+        return d.forward_into(a, o, problem.h_out(sub), {problem.kept_states(), t0});
+      if (outputs && problem.kept_states())
+        return d.forward_into(a, o, sequence_slice(problem.h().view(), t0, t1), {problem.kept_states(), t0});
       ForwardResult r = outputs ? d.forward(a, o) : d.last_state(a, o);
       if (outputs) problem.write_h(sub, std::move(r.h));
       return r;
@@ -414,6 +415,8 @@ BackwardArgs SegmentGradientProblem::segment_args(std::int64_t t0, std::int64_t 
   b.dh = sequence_slice(args_.dh, t0, t1);
   b.dc_last = dC;
   b.dn_last = dn;
+  b.checkpoints = args_.checkpoints;
+  b.checkpoints_from = args_.checkpoints_from + t0;
   return b;
 }
 

@@ -69,8 +69,8 @@ TEST(StreamEngine, LongForwardOfAnOpenCLDeviceStreamsItsPieces) {
   if (no_opencl()) GTEST_SKIP() << "no OpenCL device (install pocl-opencl-icd)";
   const StreamPiece piece("128");
   const auto dev = emulated_tc_device();
-  for (const auto& [gate, initial] : {std::pair{GateVariant::exp, false}, std::pair{GateVariant::exp, true},
-                                      std::pair{GateVariant::sigmoid, true}}) {
+  for (const auto& [gate, initial] :
+       {std::pair{GateVariant::exp, false}, std::pair{GateVariant::exp, true}, std::pair{GateVariant::sigmoid, true}}) {
     testing::InputSpec s = small_bf16(333, initial);
     s.gate = gate;
     const auto in = testing::make_inputs(s, testing::fresh_seed());
@@ -84,8 +84,8 @@ TEST(StreamEngine, LongForwardOfAnOpenCLDeviceStreamsItsPieces) {
       EXPECT_EQ(opencl_device0()->stream_setups(), setups) << "the first exp call's stream was reused";
     }
     EXPECT_TRUE(h_matches(got.h, ref, in, o, s, "streamed forward"));
-    EXPECT_TRUE(testing::last_state_matches(got.c, got.n, got.m, ref.c, ref.n, ref.m, 2e-2, 1e-3, "streamed forward",
-                                            s));
+    EXPECT_TRUE(
+        testing::last_state_matches(got.c, got.n, got.m, ref.c, ref.n, ref.m, 2e-2, 1e-3, "streamed forward", s));
   }
   // Under two pieces: one resident call, no stream.
   const auto in = testing::make_inputs(small_bf16(200, false), testing::fresh_seed());
@@ -128,9 +128,11 @@ TEST(StreamEngine, LongBackwardOfAnOpenCLDeviceStreamsItsPieces) {
     }
     const BackwardResult whole = dev->backward(args, o);  // one resident call (no MLSTM_STREAM_PIECE: one piece)
     EXPECT_EQ(opencl_device0()->streams_opened(), opened + 1) << "a short backward does not stream";
-    for (const auto& [x, r, w, name] :
-         {std::tuple{&got.dq, &ref.dq, &whole.dq, "dq"}, {&got.dk, &ref.dk, &whole.dk, "dk"},
-          {&got.dv, &ref.dv, &whole.dv, "dv"}, {&got.di, &ref.di, &whole.di, "di"}, {&got.df, &ref.df, &whole.df, "df"}}) {
+    for (const auto& [x, r, w, name] : {std::tuple{&got.dq, &ref.dq, &whole.dq, "dq"},
+                                        {&got.dk, &ref.dk, &whole.dk, "dk"},
+                                        {&got.dv, &ref.dv, &whole.dv, "dv"},
+                                        {&got.di, &ref.di, &whole.di, "di"},
+                                        {&got.df, &ref.df, &whole.df, "df"}}) {
       ASSERT_EQ(x->shape(), r->shape()) << name;
       EXPECT_EQ(x->dtype(), w->dtype()) << name;
       EXPECT_TRUE(testing::matches(*x, *r, 5e-2, "streamed backward", name, s));
@@ -209,9 +211,14 @@ TEST(StreamEngine, BackwardStreamKeepsKVAndGatesBetweenItsPasses) {
   EXPECT_EQ(stream.kept_pieces(), 0);
   const std::uint64_t kv_gates = static_cast<std::uint64_t>(2 * 333 * (16 + 32) * 2 + 2 * 2 * 333 * 4);
   EXPECT_EQ(stream.bytes_up() - up_kept, up_kept + kv_gates) << "without keeping, k, v, i, f go up twice";
-  for (const auto& [x, y] : {std::pair{&kept.dq, &again.dq}, {&kept.dk, &again.dk}, {&kept.dv, &again.dv},
-                             {&kept.di, &again.di}, {&kept.df, &again.df}, {&kept.dc0, &again.dc0},
-                             {&kept.dn0, &again.dn0}, {&kept.dm0, &again.dm0}})
+  for (const auto& [x, y] : {std::pair{&kept.dq, &again.dq},
+                             {&kept.dk, &again.dk},
+                             {&kept.dv, &again.dv},
+                             {&kept.di, &again.di},
+                             {&kept.df, &again.df},
+                             {&kept.dc0, &again.dc0},
+                             {&kept.dn0, &again.dn0},
+                             {&kept.dm0, &again.dm0}})
     EXPECT_EQ(std::memcmp(x->bytes(), y->bytes(), y->nbytes()), 0);
 }
 
@@ -250,7 +257,8 @@ TEST(StreamEngine, ForwardFromPinnedHostTensorsUploadsThemWhereTheyLie) {
 
   // forward_into: h written in place, into page-locked memory (downloaded there) or ordinary memory, the same bits.
   for (const bool pinned_h : {true, false}) {
-    Tensor h = pinned_h ? runner.host_tensor(plain.h.shape(), plain.h.dtype()) : Tensor(plain.h.shape(), plain.h.dtype());
+    Tensor h =
+        pinned_h ? runner.host_tensor(plain.h.shape(), plain.h.dtype()) : Tensor(plain.h.shape(), plain.h.dtype());
     const auto down = opencl_device0()->direct_download_bytes();
     const ForwardResult into = runner.forward_into(h.view(), a, o);
     EXPECT_EQ(opencl_device0()->direct_download_bytes() - down, pinned_h ? h.nbytes() : 0u)
@@ -321,11 +329,10 @@ TEST(StreamEngine, BackwardFromPinnedHostTensorsIntoPinnedGradients) {
     a.inputs.f = f.view();
     a.dh = dh.view();
     // Into page-locked gradients.
-    Tensor g[5] = {runner.host_tensor(plain.dq.shape(), plain.dq.dtype()),
-                   runner.host_tensor(plain.dk.shape(), plain.dk.dtype()),
-                   runner.host_tensor(plain.dv.shape(), plain.dv.dtype()),
-                   runner.host_tensor(plain.di.shape(), plain.di.dtype()),
-                   runner.host_tensor(plain.df.shape(), plain.df.dtype())};
+    Tensor g[5] = {
+        runner.host_tensor(plain.dq.shape(), plain.dq.dtype()), runner.host_tensor(plain.dk.shape(), plain.dk.dtype()),
+        runner.host_tensor(plain.dv.shape(), plain.dv.dtype()), runner.host_tensor(plain.di.shape(), plain.di.dtype()),
+        runner.host_tensor(plain.df.shape(), plain.df.dtype())};
     const auto before = opencl_device0()->direct_upload_bytes();
     const auto before_down = opencl_device0()->direct_download_bytes();
     const BackwardResult into =
@@ -384,6 +391,160 @@ TEST(StreamEngine, BackwardFromPinnedHostTensorsIntoPinnedGradients) {
       EXPECT_EQ(e.argument(), name);
     }
   }
+}
+
+// A forward asked to keep states (StateCheckpoints) keeps, streaming on the OpenCL device, the state leaving each of
+// its pieces (128 tokens here; the last one leaves the sequence and equals the forward's last state). A backward
+// given them starts its stream's pieces there (no states pass: the device counts it) and gives the bits of the
+// backward that recomputes them, dc0 / dn0 / dm0 included, for both gates, with and without an initial state,
+// from ordinary and from page-locked memory (into page-locked gradients).
+TEST(StreamEngine, BackwardStartsFromTheStatesTheForwardKept) {
+  if (no_opencl()) GTEST_SKIP() << "no OpenCL device (install pocl-opencl-icd)";
+  const StreamPiece piece("128");
+  graph::FlowGraphRunner runner(std::vector<std::shared_ptr<ComputeDevice>>{emulated_tc_device()});
+  for (const GateVariant gate : {GateVariant::exp, GateVariant::sigmoid}) {
+    for (const bool initial : {false, true}) {
+      testing::InputSpec s = small_bf16(333, initial);
+      s.gate = gate;
+      auto in = testing::make_inputs(s, testing::fresh_seed());
+      in.dh = in.dh.to(DType::bf16);
+      MlstmOptions o = chunk64(true);
+      o.gate = gate;
+      const std::string what = std::string(gate_name(gate)) + (initial ? ", initial state" : "");
+      StateCheckpoints kept;
+      const ForwardResult fw = runner.forward(in.args(), o, 0, &kept);
+      EXPECT_EQ(kept.tokens(), (std::vector<std::int64_t>{128, 256, 333})) << what;
+      ASSERT_NE(kept.at(333), nullptr);
+      EXPECT_EQ(std::memcmp(kept.at(333)->C.bytes(), fw.c.bytes(), fw.c.nbytes()), 0) << what << ": the last state";
+      EXPECT_EQ(std::memcmp(kept.at(333)->n.bytes(), fw.n.bytes(), fw.n.nbytes()), 0) << what << ": the last state";
+      EXPECT_EQ(kept.bytes(), 3u * (2 * 16 * 32 + 2 * 16 + 2) * 4);
+      const ForwardResult plain_fw = runner.forward(in.args(), o);
+      EXPECT_EQ(std::memcmp(plain_fw.h.bytes(), fw.h.bytes(), fw.h.nbytes()), 0) << what << ": keeping changes no h";
+
+      o.return_last_states = false;
+      BackwardArgs a = in.backward_args(true);
+      const BackwardResult plain = runner.backward(a, o);
+      // Another sequence through the same (parked) stream first: what its device buffers hold then is not this one's.
+      const auto other = testing::make_inputs(s, testing::fresh_seed());
+      (void)runner.backward(other.backward_args(true), o);
+      a.checkpoints = &kept;
+      const auto before = opencl_device0()->backwards_from_kept_states();
+      const BackwardResult got = runner.backward(a, o);
+      EXPECT_EQ(opencl_device0()->backwards_from_kept_states() - before, 1u) << what << ": no states pass";
+      EXPECT_TRUE(same_gradients({got.dq.view(), got.dk.view(), got.dv.view(), got.di.view(), got.df.view()}, plain,
+                                 what + ", from the kept states"));
+      if (initial) {
+        for (const auto& [x, y] : {std::pair{&got.dc0, &plain.dc0}, {&got.dn0, &plain.dn0}, {&got.dm0, &plain.dm0}})
+          EXPECT_EQ(std::memcmp(x->bytes(), y->bytes(), y->nbytes()), 0) << what << ": initial-state gradients";
+      }
+    }
+  }
+  // Page-locked inputs, h and gradients: forward_into keeps, backward_into starts from them.
+  const testing::InputSpec s = small_bf16(333, false);
+  auto in = testing::make_inputs(s, testing::fresh_seed());
+  in.dh = in.dh.to(DType::bf16);
+  auto pin = [&](const Tensor& t) {
+    Tensor p = runner.host_tensor(t.shape(), t.dtype());
+    std::memcpy(p.bytes(), t.bytes(), t.nbytes());
+    return p;
+  };
+  const Tensor q = pin(in.q), k = pin(in.k), v = pin(in.v), i = pin(in.i), f = pin(in.f), dh = pin(in.dh);
+  ForwardArgs fa;
+  fa.q = q.view();
+  fa.k = k.view();
+  fa.v = v.view();
+  fa.i = i.view();
+  fa.f = f.view();
+  const MlstmOptions o = chunk64(false);
+  Tensor h = runner.host_tensor({1, 2, 333, 32}, DType::bf16);
+  StateCheckpoints kept;
+  (void)runner.forward_into(h.view(), fa, o, 0, &kept);
+  EXPECT_EQ(kept.tokens(), (std::vector<std::int64_t>{128, 256, 333}));
+  BackwardArgs a;
+  a.inputs = fa;
+  a.dh = dh.view();
+  const BackwardResult plain = runner.backward(a, o);
+  Tensor g[5] = {
+      runner.host_tensor(plain.dq.shape(), plain.dq.dtype()), runner.host_tensor(plain.dk.shape(), plain.dk.dtype()),
+      runner.host_tensor(plain.dv.shape(), plain.dv.dtype()), runner.host_tensor(plain.di.shape(), plain.di.dtype()),
+      runner.host_tensor(plain.df.shape(), plain.df.dtype())};
+  (void)runner.backward(testing::make_inputs(s, testing::fresh_seed()).backward_args(false), o);  // another first
+  a.checkpoints = &kept;
+  const auto before = opencl_device0()->direct_upload_bytes();
+  (void)runner.backward_into(GradientViews{g[0].view(), g[1].view(), g[2].view(), g[3].view(), g[4].view()}, a, o);
+  EXPECT_EQ(opencl_device0()->direct_upload_bytes() - before,
+            static_cast<std::uint64_t>(q.nbytes() + k.nbytes() + v.nbytes() + i.nbytes() + f.nbytes() + dh.nbytes()))
+      << "every input goes up once";
+  EXPECT_TRUE(same_gradients({g[0].view(), g[1].view(), g[2].view(), g[3].view(), g[4].view()}, plain,
+                             "page-locked, from the kept states"));
+}
+
+// Kept states are refused (naming "checkpoints") by a backward of other inputs, another shape, gate or chunk
+// size, another initial state, or when no forward kept them; a backward over several segments and devices (CPU
+// workers and the OpenCL device, which keep the inputs resident there and use what fits) takes them and equals the
+// float64 reference.
+TEST(StreamEngine, KeptStatesFitOnlyTheirForward) {
+  if (no_opencl()) GTEST_SKIP() << "no OpenCL device (install pocl-opencl-icd)";
+  const StreamPiece piece("128");
+  graph::FlowGraphRunner runner(std::vector<std::shared_ptr<ComputeDevice>>{emulated_tc_device()});
+  const testing::InputSpec s = small_bf16(333, false);
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  const auto other = testing::make_inputs(s, testing::fresh_seed());
+  const auto shorter = testing::make_inputs(small_bf16(320, false), testing::fresh_seed());
+  const auto with_state = testing::make_inputs(small_bf16(333, true), testing::fresh_seed());
+  const MlstmOptions o = chunk64(false);
+  StateCheckpoints kept, unbound;
+  (void)runner.forward(in.args(), o, 0, &kept);
+  MlstmOptions sig = o, chunk128 = o;
+  sig.gate = GateVariant::sigmoid;
+  chunk128.chunk_size = 128;
+  BackwardArgs from_other = other.backward_args(false), from_shorter = shorter.backward_args(false),
+               from_state = in.backward_args(false), unbound_args = in.backward_args(false),
+               offset = in.backward_args(false);
+  from_state.inputs.c0 = with_state.c0.view();
+  from_state.inputs.n0 = with_state.n0.view();
+  from_state.inputs.m0 = with_state.m0.view();
+  for (BackwardArgs* a : {&from_other, &from_shorter, &from_state, &offset}) a->checkpoints = &kept;
+  unbound_args.checkpoints = &unbound;
+  offset.checkpoints_from = 64;
+  BackwardArgs same = in.backward_args(false);
+  same.checkpoints = &kept;
+  struct Case {
+    const BackwardArgs* args;
+    const MlstmOptions* options;
+    const char* what;
+    const char* argument;
+  };
+  for (const Case& c :
+       {Case{&from_other, &o, "other inputs", "checkpoints"}, Case{&from_shorter, &o, "another length", "checkpoints"},
+        Case{&from_state, &o, "another initial state", "checkpoints"}, Case{&same, &sig, "another gate", "checkpoints"},
+        Case{&same, &chunk128, "another chunk size", "checkpoints"},
+        Case{&unbound_args, &o, "kept by no forward", "checkpoints"},
+        Case{&offset, &o, "not from token 0", "checkpoints_from"}}) {
+    try {
+      (void)runner.backward(*c.args, *c.options);
+      ADD_FAILURE() << c.what << ": taken";
+    } catch (const InvalidArgument& e) {
+      EXPECT_EQ(e.argument(), c.argument) << c.what << ": " << e.what();
+    }
+  }
+  // Several segments and devices: each GPU segment starts from the states kept in it.
+  std::vector<std::shared_ptr<ComputeDevice>> devices = cpu_workers();
+  devices.push_back(emulated_tc_device());
+  graph::FlowGraphRunner graph_runner(devices);
+  const testing::InputSpec ls = small_bf16(600, true);
+  auto lin = testing::make_inputs(ls, testing::fresh_seed());
+  ASSERT_GE(testing::quiet_normaliser_kinks(lin, o, ls), 0);
+  StateCheckpoints segments;
+  (void)graph_runner.forward(lin.args(), o, 300, &segments);
+  BackwardArgs a = lin.backward_args(true);
+  a.checkpoints = &segments;
+  const BackwardResult got = graph_runner.backward(a, o, 300);
+  const BackwardResult ref = reference::recurrent_backward(a, o, reference::StabilizerGradient::stop);
+  for (const auto& [x, y, name] :
+       {std::tuple{&got.dq, &ref.dq, "dq"}, std::tuple{&got.dk, &ref.dk, "dk"}, std::tuple{&got.dv, &ref.dv, "dv"},
+        std::tuple{&got.di, &ref.di, "di"}, std::tuple{&got.df, &ref.df, "df"}, std::tuple{&got.dc0, &ref.dc0, "dc0"}})
+    EXPECT_TRUE(testing::matches(*x, *y, 5e-2, "backward over segments from kept states", name, ls));
 }
 
 // backward_into through the graph over several segments and devices (CPU workers and the OpenCL device) writes
@@ -480,8 +641,7 @@ TEST(StreamEngine, ForwardCallStreamEqualsOneCall) {
   const ForwardResult whole = dev->forward(in.args(), o);
   ProblemShape shape = validate_forward(in.args(), o);
   shape.S = 100;
-  auto stream =
-      dev->open_stream(shape, o, State{in.c0.to(DType::f32), in.n0.to(DType::f32), in.m0.to(DType::f32)});
+  auto stream = dev->open_stream(shape, o, State{in.c0.to(DType::f32), in.n0.to(DType::f32), in.m0.to(DType::f32)});
   EXPECT_FALSE(stream->overlapped());
   const auto a = stream->submit(sequence_slice(in.args(), 0, 128));
   const auto b = stream->submit(sequence_slice(in.args(), 128, 300));
@@ -515,8 +675,8 @@ TEST(StreamEngine, RunnerOnOneGpuStreamsThroughPinnedStaging) {
   EXPECT_TRUE(plan.measured.empty()) << "nothing to choose between";
   const Tensor h0 = stream->take(stream->submit(sequence_slice(in.args(), 0, 128)));
   const Tensor h1 = stream->take(stream->submit(sequence_slice(in.args(), 128, 256)));
-  EXPECT_TRUE(h_matches(testing::concat_seq(h0, h1), reference::recurrent_forward(in.args(), o), in, o, s,
-                        "runner stream"));
+  EXPECT_TRUE(
+      h_matches(testing::concat_seq(h0, h1), reference::recurrent_forward(in.args(), o), in, o, s, "runner stream"));
 }
 
 // Several devices: every device alone and the graph over all are measured once (cached), the fastest runs, the

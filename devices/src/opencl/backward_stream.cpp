@@ -452,9 +452,19 @@ void BackwardStream::gradient_pass(const BackwardArgs& a, std::int64_t n, const 
   }
 }
 
-BackwardResult BackwardStream::run(const BackwardArgs& a) { return run_into(a, nullptr); }
+BackwardResult BackwardStream::run(const BackwardArgs& a) { return run_pieces(a, nullptr, nullptr); }
 
 BackwardResult BackwardStream::run_into(const BackwardArgs& a, const GradientViews* into) {
+  return run_pieces(a, into, nullptr);
+}
+
+BackwardResult BackwardStream::run_into(const BackwardArgs& a, const GradientViews* into,
+                                        const std::vector<const State*>& entering) {
+  return run_pieces(a, into, &entering);
+}
+
+BackwardResult BackwardStream::run_pieces(const BackwardArgs& a, const GradientViews* into,
+                                          const std::vector<const State*>* given) {
   const Config& c = config_;
   MlstmOptions o = c.options;
   const ProblemShape p = validate_backward(a, o);
@@ -470,6 +480,15 @@ BackwardResult BackwardStream::run_into(const BackwardArgs& a, const GradientVie
   const std::string& dn = dev.name();
   const std::int64_t n = (p.S + c.max_piece - 1) / c.max_piece;
   pieces_ = n;
+  if (given) {
+    if (given->size() != static_cast<std::size_t>(n + 1))
+      throw Error("BackwardStream: " + std::to_string(given->size()) + " entering states for " + std::to_string(n) +
+                  " pieces (expected pieces + 1)");
+    for (std::size_t j = 1; j < given->size(); ++j)
+      if (!(*given)[j] || (*given)[j]->C.numel() != c.B * c.NH * c.DHQK * c.DHHV)
+        throw Error("BackwardStream: entering state " + std::to_string(j) + " missing or of another shape");
+  }
+  from_checkpoints_ = given != nullptr;
   const std::size_t rows = static_cast<std::size_t>(c.B * c.NH), K = static_cast<std::size_t>(c.DHQK),
                     kv = K * static_cast<std::size_t>(c.DHHV);
   // The entering states: one set per piece and the state leaving the sequence (buffers kept for later runs).
@@ -482,7 +501,7 @@ BackwardResult BackwardStream::run_into(const BackwardArgs& a, const GradientVie
   const std::size_t keep_bytes =
       static_cast<std::size_t>(n) * (im.in_bytes[kK] + im.in_bytes[kV] + im.in_bytes[kI] + im.in_bytes[kF]);
   im.kept.clear();
-  if (!env::is("MLSTM_BACKWARD_KEEP", "off") && keep_bytes <= dev.info().global_memory / 4) {
+  if (!given && !env::is("MLSTM_BACKWARD_KEEP", "off") && keep_bytes <= dev.info().global_memory / 4) {
     im.kept.resize(static_cast<std::size_t>(n));
     for (auto& piece : im.kept) {
       for (const int index : {kK, kV, kI, kF}) {
@@ -527,7 +546,23 @@ BackwardResult BackwardStream::run_into(const BackwardArgs& a, const GradientVie
     dest.df = out.df.view();
   }
   try {
-    states_pass(a, n);
+    if (given) {
+      // The forward's states, on the upload queue ahead of the pieces' inputs (whose events the kernels wait for).
+      for (std::int64_t j = 1; j <= n; ++j) {
+        const State& st = *(*given)[static_cast<std::size_t>(j)];
+        const Tensor* from[3] = {&st.C, &st.n, &st.m};
+        for (std::size_t t = 0; t < 3; ++t) {
+          check(clEnqueueWriteBuffer(im.up, im.entering[static_cast<std::size_t>(j)][t].get(), CL_FALSE, 0,
+                                     from[t]->nbytes(), from[t]->bytes(), 0, nullptr, nullptr),
+                "clEnqueueWriteBuffer(backward stream: kept state)", dn);
+          bytes_up_ += from[t]->nbytes();
+        }
+      }
+      clFlush(im.up);
+      dev.note_backward_from_kept_states();
+    } else {
+      states_pass(a, n);
+    }
     gradient_pass(a, n, dest);
     for (Slot& s : im.slots) release_event(s.done);
   } catch (...) {

@@ -4,6 +4,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <future>
 
@@ -58,6 +59,8 @@ struct DeviceStream::Impl {
   Buffer C[2], n[2], m[2];                              // the state, ping-pong between pieces
   int state = 0;                                        // index of the current state
   bool has_state = false;
+  bool keep_states = false;                           // keep_states(): the state leaving each piece, copied
+  std::vector<std::array<PooledBuffer, 3>> kept;      // C, n, m after each piece since keep_states(true)
   std::size_t q_bytes = 0, v_bytes = 0, g_bytes = 0;  // per-tensor staging sizes at max_piece
 };
 
@@ -200,6 +203,8 @@ void DeviceStream::restart(ConstTensorView c0, ConstTensorView n0, ConstTensorVi
   pending_len_ = 0;
   tokens_ = 0;
   next_ticket_ = 0;
+  impl_->keep_states = false;
+  impl_->kept.clear();
   load_state(c0, n0, m0);
   device_->note_stream_opened(false);
 }
@@ -341,6 +346,19 @@ std::uint64_t DeviceStream::enqueue_piece(const detail::HostRows* direct, const 
       check(clEnqueueNDRangeKernel(im.kernels, ks[j], 2, nullptr, global, local, j == 0 ? 1 : 0, j == 0 ? &up : nullptr,
                                    j == 2 ? &computed : nullptr),
             "stream kernels", dn);
+    }
+    if (im.keep_states) {
+      // The state leaving this piece, copied before the next piece's kernels write over its buffers (the kernel
+      // queue is in order).
+      std::array<PooledBuffer, 3> copy;
+      const Buffer* from_state[3] = {&im.C[to], &im.n[to], &im.m[to]};
+      for (std::size_t j = 0; j < 3; ++j) {
+        copy[j] = device_->acquire(from_state[j]->bytes());
+        check(clEnqueueCopyBuffer(im.kernels, from_state[j]->get(), copy[j].get(), 0, 0, from_state[j]->bytes(), 0,
+                                  nullptr, nullptr),
+              "clEnqueueCopyBuffer(stream state kept)", dn);
+      }
+      im.kept.push_back(std::move(copy));
     }
     clFlush(im.kernels);
     after_compute = computed;
@@ -509,6 +527,28 @@ ConstTensorView DeviceStream::view(std::uint64_t ticket) {
 void DeviceStream::finish() {
   for (cl_command_queue q : {impl_->up, impl_->kernels, impl_->down})
     check(clFinish(q), "clFinish(stream)", device_->name());
+}
+
+void DeviceStream::keep_states(bool keep) { impl_->keep_states = keep; }
+
+std::vector<State> DeviceStream::take_kept_states() {
+  Impl& im = *impl_;
+  const Config& c = config_;
+  check(clFinish(im.kernels), "clFinish(stream kernels)", device_->name());
+  std::vector<State> out;
+  out.reserve(im.kept.size());
+  for (const auto& kept : im.kept) {
+    State s{Tensor({c.B, c.NH, c.DHQK, c.DHHV}, DType::f32), Tensor({c.B, c.NH, c.DHQK}, DType::f32),
+            Tensor({c.B, c.NH}, DType::f32)};
+    Tensor* to[3] = {&s.C, &s.n, &s.m};
+    for (std::size_t j = 0; j < 3; ++j)
+      check(clEnqueueReadBuffer(im.kernels, kept[j].get(), CL_TRUE, 0, to[j]->nbytes(), to[j]->bytes(), 0, nullptr,
+                                nullptr),
+            "clEnqueueReadBuffer(stream state kept)", device_->name());
+    out.push_back(std::move(s));
+  }
+  im.kept.clear();
+  return out;
 }
 
 void DeviceStream::read_state(Tensor& C, Tensor& n, Tensor& m) {

@@ -12,7 +12,9 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -68,10 +70,48 @@ struct ForwardResult {
   Tensor c, n, m;  // last states, float32; empty unless options.return_last_states
 };
 
+// States a forward passed on its way, kept for the backward of the same inputs (FlowGraphRunner::forward's and
+// forward_into's `keep`): the state entering token t of the forward's sequence for the tokens where its pieces
+// began (a GPU's streamed forward keeps one per piece), and the state leaving a segment (t = S for the whole
+// sequence) where a device computed it anyway. A backward given them (BackwardArgs::checkpoints) starts its pieces
+// there instead of recomputing those states from k, v and the gates first: on a GPU stream that pass carries a
+// third of the backward's uploads at 128/128. Per piece they take rows x (DHQK*DHHV + DHQK + 1) float32s.
+//
+// They describe the inputs as the forward read them, like any activations saved for a backward: a backward after
+// the inputs changed in place gets gradients of the old ones. The backward checks what it can: the problem's
+// shape, dtype, gate and chunk size, and that the inputs are the same memory (InvalidArgument("checkpoints")).
+class StateCheckpoints {
+ public:
+  // Forgets every state and records what they are of (the forward's arguments and options).
+  void bind(const ForwardArgs& args, const MlstmOptions& options);
+  // The state entering token `token` (0 < token <= S); thread-safe (segments on several devices record at once).
+  void put(std::int64_t token, State state);
+  const State* at(std::int64_t token) const;  // nullptr when none is kept there
+  std::vector<std::int64_t> tokens() const;   // ascending
+  std::size_t bytes() const;                  // of the states kept
+  // InvalidArgument("checkpoints") unless these were bound to a forward of `args` (the backward's inputs) with the
+  // same shape, dtypes, gate and chunk size.
+  void check_fits(const ForwardArgs& args, const MlstmOptions& options) const;
+
+ private:
+  mutable std::mutex mutex_;
+  std::map<std::int64_t, State> states_;
+  ProblemShape shape_;
+  GateVariant gate_ = GateVariant::exp;
+  std::int64_t chunk_size_ = 0;
+  bool bound_ = false;
+  const void* inputs_[5] = {};     // q, k, v, i, f
+  const void* initial_ = nullptr;  // c0
+};
+
 struct BackwardArgs {
   ForwardArgs inputs;
   ConstTensorView dh;                // (B,NH,S,DHHV)
   ConstTensorView dc_last, dn_last;  // optional gradients of the last states (empty = 0)
+  // Optional: states the forward of these inputs kept (StateCheckpoints); this call's token 0 is token
+  // `checkpoints_from` of their sequence (a segment's backward: the segment's first token).
+  const StateCheckpoints* checkpoints = nullptr;
+  std::int64_t checkpoints_from = 0;
 };
 
 // Gradients. The fast kernels treat the stabiliser m_t as a constant (as TFLA does); the float64

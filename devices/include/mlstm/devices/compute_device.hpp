@@ -81,6 +81,12 @@ class ForwardCallStream final : public SequenceStream {
   std::uint64_t next_ = 0;
 };
 
+// Where a forward keeps states for a later backward (ComputeDevice::forward_into).
+struct KeepStates {
+  StateCheckpoints* to = nullptr;
+  std::int64_t from = 0;  // the token of to's sequence where the call's token 0 lies
+};
+
 class ComputeDevice {
  public:
   virtual ~ComputeDevice() = default;
@@ -91,13 +97,20 @@ class ComputeDevice {
   // slice of a longer h, say); the result's h is empty. The default copies forward()'s h there; an OpenCL device
   // streaming a long segment downloads each piece straight into `h` when it lies in its page-locked memory
   // (host_tensor()), else copies it there from its staging.
-  virtual ForwardResult forward_into(const ForwardArgs& segment, const MlstmOptions& options, TensorView h);
+  //
+  // `keep` (optional): states for a later backward go into keep.to (StateCheckpoints), at this call's tokens plus
+  // keep.from. The default keeps the state leaving the segment when options.return_last_states computed it; an
+  // OpenCL device streaming the segment keeps the state entering each of its pieces too.
+  virtual ForwardResult forward_into(const ForwardArgs& segment, const MlstmOptions& options, TensorView h,
+                                     KeepStates keep = {});
   virtual ForwardResult last_state(const ForwardArgs& segment, const MlstmOptions& options) = 0;
   virtual BackwardResult backward(const BackwardArgs& args, const MlstmOptions& options) = 0;
   // backward() with the token gradients written into `out` (check_gradient_views: InvalidArgument naming the view
   // otherwise); the result keeps dc0 / dn0 / dm0 only. The default copies backward()'s gradients there; an OpenCL
   // device streaming a long backward uploads inputs and dh that lie in its page-locked memory (host_tensor()) from
-  // where they lie and downloads the gradients straight into views there, without a host copy.
+  // where they lie and downloads the gradients straight into views there, without a host copy. Given
+  // args.checkpoints (a forward's kept states) that fall on its pieces, such a stream starts from them instead of
+  // recomputing them; other devices do not need them.
   virtual BackwardResult backward_into(const BackwardArgs& args, const MlstmOptions& options, const GradientViews& out);
   // Given dh and the gradient of the state leaving the run (dc_last / dn_last): the gradient of the state
   // entering it (dc0, dn0, dm0; the zero state when args has no initial state), through the forward and the

@@ -99,13 +99,19 @@ class FlowGraphRunner {
             Pass pass = Pass::forward) const;
   // h and (when options.return_last_states) the last state; equal to one call of a chunkwise kernel.
   // Sequence parallel: segments of the sequence across the devices (see the file comment).
-  ForwardResult forward(const ForwardArgs& args, const MlstmOptions& options, std::int64_t segment_tokens = 0);
+  //
+  // `keep` (optional): states for the backward of the same inputs (StateCheckpoints, bound to these arguments):
+  // a GPU streaming a segment keeps the state entering each of its pieces, and every device the state leaving its
+  // segment when it computes it. Pass them as BackwardArgs::checkpoints, and a GPU's streamed backward starts its
+  // pieces from them instead of recomputing them (a third of its uploads at 128/128).
+  ForwardResult forward(const ForwardArgs& args, const MlstmOptions& options, std::int64_t segment_tokens = 0,
+                        StateCheckpoints* keep = nullptr);
   // forward() with h written into the caller's `h`: (B,NH,S,DHHV) of q's dtype whose rows of S*DHHV elements are
   // contiguous (InvalidArgument("h") otherwise); the result's h is empty. Each segment's device writes its part
   // in place; in host_tensor() memory a GPU's stream downloads it there directly, so with the inputs there as well
   // no byte of the run passes a host copy.
   ForwardResult forward_into(TensorView h, const ForwardArgs& args, const MlstmOptions& options,
-                             std::int64_t segment_tokens = 0);
+                             std::int64_t segment_tokens = 0, StateCheckpoints* keep = nullptr);
   // Head split: the B*NH rows cut into contiguous groups, one group per device, each over the whole
   // sequence; the same results. Inputs must be contiguous.
   ForwardResult forward_head_split(const ForwardArgs& args, const MlstmOptions& options);
@@ -114,6 +120,8 @@ class FlowGraphRunner {
   // state, the local state gradients (in parallel) and a reverse combine give the gradient leaving every
   // segment, then every segment's gradients are computed in parallel (nodes.hpp). Equal to one call of the
   // chunkwise kernel's backward. One segment (one device, or segment_tokens >= S): one backward call.
+  // args.checkpoints (optional): states a forward of these inputs kept (forward's `keep`); InvalidArgument
+  // ("checkpoints") when they were kept by a forward of other inputs, shape, gate or chunk size.
   BackwardResult backward(const BackwardArgs& args, const MlstmOptions& options, std::int64_t segment_tokens = 0);
   // backward() with the token gradients written into the caller's views (GradientViews: rows of S*D elements
   // contiguous; InvalidArgument naming the view otherwise); the result keeps dc0 / dn0 / dm0 only. Each segment's
@@ -145,7 +153,7 @@ class FlowGraphRunner {
     Plan plan;
   };
   ForwardResult run_forward(const ForwardArgs& args, const MlstmOptions& options, std::int64_t segment_tokens,
-                            TensorView h_out);  // forward() and forward_into()
+                            TensorView h_out, StateCheckpoints* keep);  // forward() and forward_into()
   BackwardResult run_backward(const BackwardArgs& args, const MlstmOptions& options, std::int64_t segment_tokens,
                               const GradientViews* out);  // backward() and backward_into()
   // The one planning function of every run and of plan(): the capable devices, then the plan over them.

@@ -48,8 +48,8 @@
 #include <atomic>
 #include <functional>
 #include <memory>
-#include <optional>
 #include <mutex>
+#include <optional>
 #include <vector>
 
 #include "mlstm/core/tensor.hpp"
@@ -119,6 +119,10 @@ class SegmentProblem {
   // entering state is known).
   void keep_final_state(bool keep) noexcept { keep_final_state_ = keep; }
   bool keeps_final_state() const noexcept { return keep_final_state_; }
+  // With keep_states(to), every output run is a forward_into (into h_out, or this problem's h) that keeps states
+  // for a later backward in `to` (ComputeDevice::KeepStates; tokens of the whole sequence).
+  void keep_states(StateCheckpoints* to) noexcept { keep_ = to; }
+  StateCheckpoints* kept_states() const noexcept { return keep_; }
   std::vector<std::string> log;  // "segment i: local on <device>" etc., for plans and tests
   std::mutex log_mutex;
 
@@ -131,6 +135,7 @@ class SegmentProblem {
   Tensor h_;
   TensorView h_out_;
   bool keep_final_state_ = false;
+  StateCheckpoints* keep_ = nullptr;
 };
 
 // The devices of a graph with failover: work given to a device that fails (DeviceError: kernel error,

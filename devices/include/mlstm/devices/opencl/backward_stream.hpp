@@ -51,16 +51,24 @@ class BackwardStream {
   // and dh that lie in this device's page-locked memory (Device::pinned_tensor) are uploaded from where they lie,
   // and gradients whose views lie there are downloaded straight into them: then no byte passes a host copy.
   BackwardResult run_into(const BackwardArgs& args, const GradientViews* out);
+  // run_into() from the states entering its pieces, which a forward kept (StateCheckpoints): `entering` has one
+  // per piece boundary, entering[j] = the state entering piece j (tokens from j * max_piece) for j = 1 .. n-1 and
+  // entering[n] = the state leaving the sequence; entering[0] is not read (the initial state is args'). The
+  // states pass is skipped: the gradient pass uploads all of q, k, v, i, f and dh once.
+  BackwardResult run_into(const BackwardArgs& args, const GradientViews* out,
+                          const std::vector<const State*>& entering);
 
   const Config& config() const noexcept { return config_; }
-  std::uint64_t bytes_up() const noexcept { return bytes_up_; }      // host -> device, every run so far
-  std::uint64_t bytes_down() const noexcept { return bytes_down_; }  // device -> host
+  std::uint64_t bytes_up() const noexcept { return bytes_up_; }                    // host -> device, every run so far
+  std::uint64_t bytes_down() const noexcept { return bytes_down_; }                // device -> host
   std::uint64_t bytes_direct_up() const noexcept { return bytes_direct_up_; }      // of bytes_up(): from pinned inputs
   std::uint64_t bytes_direct_down() const noexcept { return bytes_direct_down_; }  // of bytes_down(): into pinned views
-  std::int64_t pieces() const noexcept { return pieces_; }           // pieces of the last run
+  std::int64_t pieces() const noexcept { return pieces_; }                         // pieces of the last run
   // Pieces of the last run whose k, v, i, f stayed on the device between the two passes (all, or none when they
   // do not fit a quarter of its memory or MLSTM_BACKWARD_KEEP=off).
   std::int64_t kept_pieces() const noexcept { return kept_pieces_; }
+  // Whether the last run started its pieces from a forward's states (run_into with `entering`: no states pass).
+  bool from_checkpoints() const noexcept { return from_checkpoints_; }
 
  private:
   struct Slot;
@@ -81,6 +89,9 @@ class BackwardStream {
   std::unique_ptr<Impl> impl_;
   std::uint64_t bytes_up_ = 0, bytes_down_ = 0, bytes_direct_up_ = 0, bytes_direct_down_ = 0;
   std::int64_t pieces_ = 0, kept_pieces_ = 0;
+  bool from_checkpoints_ = false;
+  BackwardResult run_pieces(const BackwardArgs& args, const GradientViews* out,
+                            const std::vector<const State*>* entering);
 };
 
 }  // namespace mlstm::opencl

@@ -166,7 +166,7 @@ class Device {
     Device& device_;
     std::vector<HostRange> ranges_;
   };
-  std::uint64_t reused_uploads() const;  // acquire_upload calls served by a kept buffer so far
+  std::uint64_t reused_uploads() const;                // acquire_upload calls served by a kept buffer so far
   bool inside_retained_range(const void* data) const;  // `data` lies in a live RetainedUploads scope
   // Sequences streamed through a DeviceStream on this device so far (host streaming through pinned staging:
   // a new stream or a restarted one), and how many of those set their buffers up (the others reused a
@@ -191,6 +191,10 @@ class Device {
   void note_direct_upload(std::uint64_t bytes) noexcept { direct_upload_bytes_ += bytes; }
   std::uint64_t direct_download_bytes() const noexcept { return direct_download_bytes_.load(); }
   void note_direct_download(std::uint64_t bytes) noexcept { direct_download_bytes_ += bytes; }
+  // Backward streams on this device that started their pieces from a forward's kept states (StateCheckpoints)
+  // instead of a states pass, so far (for tests and traces).
+  std::uint64_t backwards_from_kept_states() const noexcept { return backwards_from_kept_states_.load(); }
+  void note_backward_from_kept_states() noexcept { ++backwards_from_kept_states_; }
   std::size_t staging_slot_bytes() const noexcept { return staging_slot_; }
   std::size_t staging_threshold() const noexcept;
   void finish();
@@ -248,13 +252,13 @@ class Device {
   PooledBuffer upload_view(ConstTensorView t, DType dtype);  // acquire_upload(view) without the reuse
   bool retained(const void* data) const;                     // inside a listed range (pool_mutex_ held)
   void drop_unretained_uploads();                            // kept buffers outside every listed range back to the pool
-  void pool_locked(Buffer&& buffer);          // into the free pool if under its limit, else freed (pool_mutex_ held)
-  std::vector<HostRange> retained_ranges_;    // every live scope's ranges (guarded by pool_mutex_)
-  struct PinnedRanges;                         // live pinned_tensor() allocations (shared with their owners)
+  void pool_locked(Buffer&& buffer);        // into the free pool if under its limit, else freed (pool_mutex_ held)
+  std::vector<HostRange> retained_ranges_;  // every live scope's ranges (guarded by pool_mutex_)
+  struct PinnedRanges;                      // live pinned_tensor() allocations (shared with their owners)
   std::shared_ptr<PinnedRanges> pinned_ranges_;
-  std::atomic<std::uint64_t> streams_opened_{0}, stream_setups_{0}, direct_upload_bytes_{0},
-      direct_download_bytes_{0};
-  std::map<UploadKey, Buffer> kept_uploads_;  // released, waiting to be handed out again
+  std::atomic<std::uint64_t> streams_opened_{0}, stream_setups_{0}, direct_upload_bytes_{0}, direct_download_bytes_{0},
+      backwards_from_kept_states_{0};
+  std::map<UploadKey, Buffer> kept_uploads_;        // released, waiting to be handed out again
   std::map<cl_mem, UploadKey> handed_out_uploads_;  // in use; kept again when released
   std::uint64_t kept_bytes_ = 0, reused_uploads_ = 0;
   std::size_t staging_slot_ = 0;
