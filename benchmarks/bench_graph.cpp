@@ -224,6 +224,60 @@ void BM_HostBackward(benchmark::State& state) {
 }
 BENCHMARK(BM_HostBackward)->DenseRange(0, 2)->Unit(benchmark::kMillisecond)->UseRealTime();
 
+// A training step's forward and backward of 1M tokens (MLSTM_BENCH_HOST_S) of NH=4, 128/128, bf16, chunk 128 on
+// OpenCL device 0, dh = h. Arg 0: inputs in ordinary memory (forward() and backward() return fresh tensors), or
+// page-locked (FlowGraphRunner::host_tensor; forward_into and backward_into write there). Arg 1: 0 the backward
+// recomputes the states its pieces start from (a states pass), 1 it starts from the states the forward kept
+// (StateCheckpoints).
+void BM_HostForwardBackward(benchmark::State& state) {
+  if (opencl::list_devices().empty()) {
+    state.SkipWithError("no OpenCL device");
+    return;
+  }
+  const std::int64_t S = env_int("MLSTM_BENCH_HOST_S", 1 << 20), NH = 4, D = 128, P = 16384;
+  const bool pinned = state.range(0) == 1, keep = state.range(1) == 1;
+  graph::FlowGraphRunner runner("0");
+  const Piece piece = make_piece(NH, P, D, 5);
+  auto tile = [&](const Tensor& t) { return tile_sequence(runner, t, S, pinned); };
+  const Piece whole{tile(piece.q), tile(piece.k), tile(piece.v), tile(piece.i), tile(piece.f)};
+  MlstmOptions o;
+  o.chunk_size = 128;
+  o.return_last_states = false;
+  Tensor h, grads[5];
+  if (pinned) {
+    h = runner.host_tensor(whole.v.shape(), whole.v.dtype());
+    for (int j = 0; j < 5; ++j) {
+      const Tensor& like = j == 0 ? whole.q : j == 1 ? whole.k : j == 2 ? whole.v : j == 3 ? whole.i : whole.f;
+      grads[j] = runner.host_tensor(like.shape(), like.dtype());
+    }
+  }
+  const GradientViews into{grads[0].view(), grads[1].view(), grads[2].view(), grads[3].view(), grads[4].view()};
+  StateCheckpoints kept;
+  auto run = [&] {
+    BackwardArgs b;
+    b.inputs = whole.args();
+    b.checkpoints = keep ? &kept : nullptr;
+    if (pinned) {
+      (void)runner.forward_into(h.view(), b.inputs, o, 0, keep ? &kept : nullptr);
+      b.dh = h.view();
+      return runner.backward_into(into, b, o);
+    }
+    const ForwardResult fw = runner.forward(b.inputs, o, 0, keep ? &kept : nullptr);
+    b.dh = fw.h.view();
+    return runner.backward(b, o);
+  };
+  (void)run();  // warm-up: programs, the device's streams
+  for (auto _ : state) {
+    auto g = run();
+    benchmark::DoNotOptimize(g.dq.bytes());
+  }
+  state.SetLabel(std::string(pinned ? "page-locked" : "ordinary memory") +
+                 (keep ? ", backward from the forward's kept states" : ", backward recomputes its states"));
+  state.counters["tokens/s"] =
+      benchmark::Counter(static_cast<double>(S) * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+}
+BENCHMARK(BM_HostForwardBackward)->ArgsProduct({{0, 1}, {0, 1}})->Unit(benchmark::kMillisecond)->UseRealTime();
+
 void BM_GraphForward(benchmark::State& state) { graph_forward(state, graph::Balancing::pull); }
 void BM_GraphForwardCalibrated(benchmark::State& state) { graph_forward(state, graph::Balancing::calibrated); }
 BENCHMARK(BM_GraphForward)->DenseRange(0, 3)->Unit(benchmark::kMillisecond)->UseRealTime();

@@ -22,12 +22,12 @@
 #include <CLI/Option.hpp>
 #include <algorithm>
 #include <bit>
-#include <deque>
 #include <cerrno>
 #include <charconv>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <deque>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -594,9 +594,9 @@ constexpr RowKind kForwardPython{"forward_python", "forward, Python numpy arrays
 constexpr RowKind kForwardPythonPinned{"forward_python_pinned", "forward, Python host_array()s, graph", 0.80, true};
 constexpr RowKind kStartup{"startup", "second run: start-up to first token", 0.10, false};
 constexpr RowKind kPeakRss{"peak_rss", "peak RSS, largest vs smallest size", 1.10, false};
-constexpr const RowKind* kCaseRows[] = {&kTransfer,   &kTransferFwbw, &kHostCopy,     &kKernelFw,
-                                        &kKernelFwbw, &kForwardHost,  &kForwardPinned, &kWorkersPlus,  &kFwbwHost, &kFwbwPinned,
-                                        &kFileRead,   &kForwardFiles, &kForwardPython, &kForwardPythonPinned};
+constexpr const RowKind* kCaseRows[] = {
+    &kTransfer,    &kTransferFwbw, &kHostCopy,   &kKernelFw, &kKernelFwbw,   &kForwardHost,   &kForwardPinned,
+    &kWorkersPlus, &kFwbwHost,     &kFwbwPinned, &kFileRead, &kForwardFiles, &kForwardPython, &kForwardPythonPinned};
 
 std::string rate_text(double tokens_per_s) {
   char text[32];
@@ -921,15 +921,14 @@ class SystemBench {
       report_.failed(c, kKernelFw, e.what());
       report_.failed(c, kKernelFwbw, e.what());
     }
-    const double fw_bound =
-        std::min({transfer ? transfer->fw : INFINITY, kernel ? kernel->fw : INFINITY, host_copy});
+    const double fw_bound = std::min({transfer ? transfer->fw : INFINITY, kernel ? kernel->fw : INFINITY, host_copy});
     const double fwbw_bound =
         std::min({transfer ? transfer->fwbw : INFINITY, kernel ? kernel->fwbw : INFINITY, host_copy_fwbw});
     host_runs(c, pieces, std::move(whole), budget, fw_bound, fwbw_bound);
     pinned_run(c, pieces, budget, std::min(transfer ? transfer->fw : INFINITY, kernel ? kernel->fw : INFINITY),
                std::min(transfer ? transfer->fwbw : INFINITY, kernel ? kernel->fwbw : INFINITY));
-    return file_runs(c, pieces, fw_bound,
-                     std::min(transfer ? transfer->fw : INFINITY, kernel ? kernel->fw : INFINITY), smallest);
+    return file_runs(c, pieces, fw_bound, std::min(transfer ? transfer->fw : INFINITY, kernel ? kernel->fw : INFINITY),
+                     smallest);
   }
 
   // forward, workers+GPU and forward+backward from host memory, in this process.
@@ -941,24 +940,40 @@ class SystemBench {
                                         " tokens: the inputs and h (" + gib_text(c.bytes(c.up + c.down, c.S)) +
                                         ") exceed the memory budget of " + gib_text(budget);
     const auto S = static_cast<double>(c.S);
-    double gpu_seconds = 0;
+    // The GPU alone and CPU workers + GPU, timed in turns (A B A B ...): the host's memory bandwidth and state drift
+    // between rows timed apart (the pageable rows moved by up to 0.1 between calls), and a ratio of two such rows
+    // measured the drift as well.
+    const std::string both = "workers+" + plan_.devices;
+    std::function<void()> gpu_call, both_call;
     try {
-      const Timed t = whole ? forward_seconds(plan_.devices, host, pieces) : stream_seconds(plan_.devices, c, pieces);
-      gpu_seconds = t.seconds;
-      json extra{{"devices", plan_.devices}, {"timed_runs", t.runs}};
-      if (!how.empty()) extra["note"] = how;
-      report_.run(c, kForwardHost, S, gpu_seconds, "min(transfer, host copies, kernel_fw)", fw_bound, extra);
+      gpu_call = whole ? forward_call(plan_.devices, host, pieces) : stream_call(plan_.devices, c, pieces);
     } catch (const std::exception& e) {
       report_.failed(c, kForwardHost, e.what());
+      report_.failed(c, kWorkersPlus, "no GPU-alone forward to compare with");
+      return;
     }
-    const std::string both = "workers+" + plan_.devices;
+    std::string both_error;
     try {
-      if (gpu_seconds <= 0) throw Error("no GPU-alone forward to compare with");
-      const Timed t = whole ? forward_seconds(both, host, pieces) : stream_seconds(both, c, pieces);
-      json extra{{"devices", both}, {"gpu_alone_seconds", gpu_seconds}, {"timed_runs", t.runs}};
-      if (!how.empty()) extra["note"] = how;
-      report_.run(c, kWorkersPlus, S, t.seconds, "the GPU alone (forward_host)", S / gpu_seconds, extra);
+      both_call = whole ? forward_call(both, host, pieces) : stream_call(both, c, pieces);
     } catch (const std::exception& e) {
+      both_error = e.what();
+    }
+    try {
+      const auto [gpu, with_workers] = timed_in_turns(gpu_call, both_call);
+      json extra{{"devices", plan_.devices}, {"timed_runs", gpu.runs}};
+      if (!how.empty()) extra["note"] = how;
+      report_.run(c, kForwardHost, S, gpu.seconds, "min(transfer, host copies, kernel_fw)", fw_bound, extra);
+      if (both_error.empty()) {
+        json plus{{"devices", both},
+                  {"gpu_alone_seconds", gpu.seconds},
+                  {"timed_runs", with_workers.runs},
+                  {"note", "timed in turns with the GPU alone"}};
+        report_.run(c, kWorkersPlus, S, with_workers.seconds, "the GPU alone (forward_host)", S / gpu.seconds, plus);
+      } else {
+        report_.failed(c, kWorkersPlus, both_error);
+      }
+    } catch (const std::exception& e) {
+      report_.failed(c, kForwardHost, e.what());
       report_.failed(c, kWorkersPlus, e.what());
     }
     // forward+backward: inputs, h (also dh) and the gradients in memory; the largest power of two that fits.
@@ -979,11 +994,13 @@ class SystemBench {
         host = tile_pieces(pieces, T);
       }
       graph::FlowGraphRunner runner(plan_.devices);
+      StateCheckpoints kept;  // as a training step: the forward keeps its states, the backward starts there
       auto fwbw = [&](const ForwardArgs& a) {
-        const ForwardResult fw = runner.forward(a, options_);
+        const ForwardResult fw = runner.forward(a, options_, 0, &kept);
         BackwardArgs b;
         b.inputs = a;
         b.dh = fw.h.view();  // dh = h
+        b.checkpoints = &kept;
         (void)runner.backward(b, options_);
       };
       fwbw(pieces[0].args());  // warm-up: programs, pools
@@ -994,8 +1011,8 @@ class SystemBench {
         extra["note"] = "measured on " + std::to_string(T) + " tokens: inputs, h and gradients of " +
                         std::to_string(c.S) + " exceed the memory budget of " + gib_text(budget);
       }
-      report_.run(c, kFwbwHost, static_cast<double>(T), t.seconds, "min(transfer_fwbw, host copies, kernel_fwbw)", fwbw_bound,
-                  extra);
+      report_.run(c, kFwbwHost, static_cast<double>(T), t.seconds, "min(transfer_fwbw, host copies, kernel_fwbw)",
+                  fwbw_bound, extra);
     } catch (const std::exception& e) {
       report_.failed(c, kFwbwHost, e.what());
     }
@@ -1011,8 +1028,8 @@ class SystemBench {
     if (1.2 * c.bytes(c.up + c.down, c.S) > budget) {
       for (const RowKind* row : {&kForwardPinned, &kFwbwPinned})
         report_.skipped(c, *row,
-                        "the inputs and h (" + gib_text(c.bytes(c.up + c.down, c.S)) + ") exceed the memory budget of " +
-                            gib_text(budget));
+                        "the inputs and h (" + gib_text(c.bytes(c.up + c.down, c.S)) +
+                            ") exceed the memory budget of " + gib_text(budget));
       return;
     }
     std::optional<graph::FlowGraphRunner> runner;
@@ -1042,9 +1059,9 @@ class SystemBench {
     while (T > plan_.chunk && 1.2 * (have + c.bytes(c.up, T)) > budget)
       T = static_cast<std::int64_t>(std::bit_floor(static_cast<std::uint64_t>(T - 1)));
     if (1.2 * (have + c.bytes(c.up, T)) > budget) {
-      report_.skipped(c, kFwbwPinned, "the gradients of even " + std::to_string(T) +
-                                          " tokens exceed the memory budget of " + gib_text(budget) +
-                                          " beside the pinned inputs");
+      report_.skipped(c, kFwbwPinned,
+                      "the gradients of even " + std::to_string(T) + " tokens exceed the memory budget of " +
+                          gib_text(budget) + " beside the pinned inputs");
       return;
     }
     try {
@@ -1057,11 +1074,13 @@ class SystemBench {
       Tensor di = runner->host_tensor({1, c.p.NH, T}, gate_dtype);
       Tensor df = runner->host_tensor({1, c.p.NH, T}, gate_dtype);
       const GradientViews grads{dq.view(), dk.view(), dv.view(), di.view(), df.view()};
+      StateCheckpoints kept;  // the forward keeps the states its pieces leave; the backward starts there
       auto fwbw = [&] {
-        (void)runner->forward_into(hT, a, options_);
+        (void)runner->forward_into(hT, a, options_, 0, &kept);
         BackwardArgs b;
         b.inputs = a;
         b.dh = hT;  // dh = h
+        b.checkpoints = &kept;
         (void)runner->backward_into(grads, b, options_);
       };
       fwbw();  // warm-up: the backward's programs and stream
@@ -1069,8 +1088,10 @@ class SystemBench {
       json extra{{"devices", plan_.devices},
                  {"tokens_measured", T},
                  {"timed_runs", t.runs},
-                 {"note", "inputs, h (= dh) and the gradients in FlowGraphRunner::host_tensor memory, forward_into "
-                          "and backward_into"}};
+                 {"kept_state_bytes", kept.bytes()},
+                 {"note",
+                  "inputs, h (= dh) and the gradients in FlowGraphRunner::host_tensor memory, forward_into "
+                  "keeping its states and backward_into starting from them"}};
       report_.run(c, kFwbwPinned, static_cast<double>(T), t.seconds, "min(transfer_fwbw, kernel_fwbw)", fwbw_bound,
                   extra);
     } catch (const std::exception& e) {
@@ -1090,17 +1111,43 @@ class SystemBench {
     return t;
   }
 
-  // A forward of the whole host inputs through the graph over `spec` (warmed up on a piece).
-  Timed forward_seconds(const std::string& spec, const ForwardInputs& host, const std::vector<ForwardInputs>& pieces) {
-    graph::FlowGraphRunner runner(spec);
-    runner.set_balancing(graph::Balancing::fastest);  // several devices: measured once (in the warm-up), kept
-    (void)runner.forward(pieces[0].args(), options_);
-    const ForwardArgs a = host.args();
-    return timed([&] { (void)runner.forward(a, options_); });
+  // Two calls timed in turns, --repeats each (fewer when a round takes more than 20 s): medians of each. `b` may be
+  // empty (then only `a` is timed).
+  std::pair<Timed, Timed> timed_in_turns(const std::function<void()>& a, const std::function<void()>& b) const {
+    std::vector<double> ta, tb;
+    double total = 0;
+    auto time = [&](const std::function<void()>& fn, std::vector<double>& into) {
+      const auto t0 = Clock::now();
+      fn();
+      into.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+      total += into.back();
+    };
+    for (std::int64_t rep = 0; rep < std::max<std::int64_t>(plan_.repeats, 1) && (rep == 0 || total < 20.0); ++rep) {
+      time(a, ta);
+      if (b) time(b, tb);
+    }
+    auto median = [](std::vector<double> t) {
+      Timed r;
+      r.runs = static_cast<std::int64_t>(t.size());
+      if (t.empty()) return r;
+      std::sort(t.begin(), t.end());
+      r.seconds = t[t.size() / 2];
+      return r;
+    };
+    return {median(ta), median(tb)};
+  }
+
+  // A forward of the whole host inputs through the graph over `spec`, warmed up on a piece (the call owns its runner).
+  std::function<void()> forward_call(const std::string& spec, const ForwardInputs& host,
+                                     const std::vector<ForwardInputs>& pieces) {
+    auto runner = std::make_shared<graph::FlowGraphRunner>(spec);
+    runner->set_balancing(graph::Balancing::fastest);  // several devices: measured once (in the warm-up), kept
+    (void)runner->forward(pieces[0].args(), options_);
+    return [this, runner, a = host.args()] { (void)runner->forward(a, options_); };
   }
 
   // The same through a StreamSession over `spec`, two pieces in flight behind the one taken.
-  Timed stream_seconds(const std::string& spec, const Case& c, const std::vector<ForwardInputs>& pieces) {
+  std::function<void()> stream_call(const std::string& spec, const Case& c, const std::vector<ForwardInputs>& pieces) {
     StreamConfig cfg;
     cfg.B = 1;
     cfg.NH = c.p.NH;
@@ -1112,7 +1159,7 @@ class SystemBench {
       StreamSession warm(cfg);
       (void)warm.push(pieces[0].args());
     }
-    return timed([&] {
+    return [cfg, &c, &pieces] {
       StreamSession session(cfg);
       std::deque<std::uint64_t> in_flight;
       for (std::int64_t t0 = 0; t0 < c.S; t0 += c.piece) {
@@ -1124,7 +1171,7 @@ class SystemBench {
         }
       }
       for (; !in_flight.empty(); in_flight.pop_front()) (void)session.take(in_flight.front());
-    });
+    };
   }
 
   // The .npy runs: the file-read bound, the CLI forward (and at the smallest size first a cold one, for the
@@ -1197,7 +1244,8 @@ class SystemBench {
     try {
       if (smallest) cold = run_once();  // fills the (empty) program cache: the first run of the start-up row
       ChildRun r = run_once();
-      report_.run(c, kForwardFiles, static_cast<double>(c.S), r.seconds, "min(transfer, host copies, kernel_fw, file_read)", bound,
+      report_.run(c, kForwardFiles, static_cast<double>(c.S), r.seconds,
+                  "min(transfer, host copies, kernel_fw, file_read)", bound,
                   {{"devices", r.result.value("devices", json::array())},
                    {"stream_tokens", plan_.stream_tokens},
                    {"peak_rss_mib", r.peak_rss_mib()},
@@ -1266,7 +1314,8 @@ class SystemBench {
       const ChildRun r = spawn({python_->interpreter, "-c", kPythonForward, a.dump()}, env, dir);
       const json seconds = r.result.is_object() ? r.result.value("seconds", json(nullptr)) : json(nullptr);
       if (!r.ok() || !seconds.is_number()) throw Error("python forward: " + r.failure());
-      report_.run(c, kForwardPython, static_cast<double>(c.S), seconds.get<double>(), "min(transfer, host copies, kernel_fw)", bound,
+      report_.run(c, kForwardPython, static_cast<double>(c.S), seconds.get<double>(),
+                  "min(transfer, host copies, kernel_fw)", bound,
                   {{"devices", plan_.devices},
                    {"note", "timed in the child after loading the files and a warm-up on the first piece"}});
       if (pinned) {
