@@ -368,8 +368,16 @@ DType host_dtype(const py::object& o) {
   if (dt.kind() == 'f' && dt.itemsize() == 8) return DType::f64;
   if (dt.kind() == 'f' && dt.itemsize() == 4) return DType::f32;
   if (dt.kind() == 'f' && dt.itemsize() == 2) return DType::f16;
-  throw InvalidArgument("dtype", "expected 'float32', 'float64', 'float16' or 'bfloat16', got " +
-                                     std::string(py::str(o)));
+  throw InvalidArgument("dtype",
+                        "expected 'float32', 'float64', 'float16' or 'bfloat16', got " + std::string(py::str(o)));
+}
+
+// keep= / checkpoints=: None or a StateCheckpoints object.
+StateCheckpoints* checkpoints_arg(const py::object& o, const char* name) {
+  if (o.is_none()) return nullptr;
+  if (!py::isinstance<StateCheckpoints>(o))
+    throw InvalidArgument(name, "expected a StateCheckpoints object, got " + std::string(py::str(o.get_type())));
+  return o.cast<StateCheckpoints*>();
 }
 
 // A streaming session (StreamSession) over pieces of one sequence, from Python.
@@ -415,13 +423,20 @@ PYBIND11_MODULE(mlstm_flow, m) {
       PyErr_SetString(PyExc_RuntimeError, e.what());
     }
   });
+  py::class_<StateCheckpoints, std::shared_ptr<StateCheckpoints>>(
+      m, "StateCheckpoints",
+      "States a forward keeps for the backward of the same arrays: forward(..., devices=..., keep=kept), then\n"
+      "backward(..., devices=..., checkpoints=kept). tokens(): where states are kept; nbytes: their size.")
+      .def(py::init<>())
+      .def("tokens", &StateCheckpoints::tokens, "the tokens whose entering state is kept, ascending")
+      .def_property_readonly("nbytes", &StateCheckpoints::bytes);
   m.def(
       "forward",
       [](py::object q, py::object k, py::object v, py::object i, py::object f, py::object c0, py::object n0,
          py::object m0, py::object kernel_o, py::object chunk_size, py::object gate, py::object normalize,
          py::object eps, py::object return_last_states_o, py::object dtype, py::object devices_o,
          py::object segment_tokens_o, py::object balancing_o, py::object return_info_o, py::object out_o,
-         const py::kwargs& extra) {
+         py::object keep_o, const py::kwargs& extra) {
         refuse_unknown(extra, "forward");
         const Route how = route(kernel_o, devices_o, segment_tokens_o, balancing_o, return_info_o);
         const bool return_last_states = bool_arg(return_last_states_o, "return_last_states");
@@ -441,11 +456,13 @@ PYBIND11_MODULE(mlstm_flow, m) {
           out = out_o.is_none() ? py::object(empty_array(h_shape, p.dtype)) : out_o;
           const TensorView h = out_view(out, out_o.is_none() ? "h" : "out", h_shape, p.dtype);
           check_outputs_apart({{h, "out"}}, named_inputs(args));
+          StateCheckpoints* keep = checkpoints_arg(keep_o, "keep");
           info = on_runner(how, [&](graph::FlowGraphRunner& runner) {
-            r = runner.forward_into(h, args, o, how.segment_tokens);
+            r = runner.forward_into(h, args, o, how.segment_tokens, keep);
           });
         } else {
           if (!out_o.is_none()) throw InvalidArgument("out", "has an effect only with devices= (a graph run)");
+          if (!keep_o.is_none()) throw InvalidArgument("keep", "has an effect only with devices= (a graph run)");
           py::gil_scoped_release release;
           r = get_kernel(how.kernel, how.target)->forward(args, o);
         }
@@ -461,7 +478,7 @@ PYBIND11_MODULE(mlstm_flow, m) {
       py::arg("chunk_size") = 64, py::arg("gate") = "exp", py::arg("normalize") = true, py::arg("eps") = 1e-6,
       py::arg("return_last_states") = true, py::arg("dtype") = "", py::arg("devices") = py::none(),
       py::arg("segment_tokens") = py::none(), py::arg("balancing") = py::none(), py::arg("return_info") = false,
-      py::arg("out") = py::none(),
+      py::arg("out") = py::none(), py::arg("keep") = py::none(),
       "h, (c, n, m) = forward(q, k, v, i, f, ...): q,k (B,NH,S,DHQK), v (B,NH,S,DHHV), i,f (B,NH,S)\n"
       "\n"
       "kernel=None: one call of 'chunkwise--cpu_xl_chunk' (kernels() lists the others).\n"
@@ -476,6 +493,9 @@ PYBIND11_MODULE(mlstm_flow, m) {
       "                    'segment_tokens', 'segments' and 'log' (what ran where)\n"
       "  out=array         h is written into this array (B,NH,S,DHHV) of q's dtype, C-contiguous, and returned;\n"
       "                    a host_array() of the same devices is downloaded into directly\n"
+      "  keep=StateCheckpoints()  keeps the states the forward passes (a GPU's stream: one per piece) for\n"
+      "                    backward(..., checkpoints=) of the same arrays, which then starts its pieces there\n"
+      "                    instead of recomputing them; they fit arrays read in place (below), not converted copies\n"
       "The arrays are read where they lie when C-contiguous and aligned (no copy); h is written in place. The\n"
       "devices of a spec stay open between calls (one runner per spec), so a GPU's stream is set up once.");
   m.def(
@@ -484,7 +504,7 @@ PYBIND11_MODULE(mlstm_flow, m) {
          py::object n0, py::object m0, py::object dc_last, py::object dn_last, py::object kernel_o,
          py::object chunk_size_o, py::object gate_o, py::object normalize_o, py::object eps_o, py::object dtype,
          py::object devices_o, py::object segment_tokens_o, py::object balancing_o, py::object return_info_o,
-         py::object out_o, const py::kwargs& extra) {
+         py::object out_o, py::object checkpoints_o, const py::kwargs& extra) {
         refuse_unknown(extra, "backward");
         const Route how = route(kernel_o, devices_o, segment_tokens_o, balancing_o, return_info_o);
         const std::string gate = str_arg(gate_o, "gate");
@@ -497,8 +517,8 @@ PYBIND11_MODULE(mlstm_flow, m) {
         // dh in any float dtype, or (dtype='bfloat16') as uint16 bfloat16 patterns like h: then a host_array() dh
         // reaches the GPU as it lies.
         const py::array dh_array = py::array::ensure(dh);
-        const bool dh_bf16 = bf16_of(dtype_name_s) && dh_array && dh_array.dtype().kind() == 'u' &&
-                             dh_array.dtype().itemsize() == 2;
+        const bool dh_bf16 =
+            bf16_of(dtype_name_s) && dh_array && dh_array.dtype().kind() == 'u' && dh_array.dtype().itemsize() == 2;
         const Arg dht = arg_of(dh, "dh", dh_bf16);
         std::optional<Arg> dct, dnt;
         if (!dc_last.is_none()) dct = arg_of(dc_last, "dc_last", false);
@@ -508,6 +528,9 @@ PYBIND11_MODULE(mlstm_flow, m) {
         b.dh = dht.view();
         if (dct) b.dc_last = dct->view();
         if (dnt) b.dn_last = dnt->view();
+        b.checkpoints = checkpoints_arg(checkpoints_o, "checkpoints");
+        if (b.checkpoints && !how.devices)
+          throw InvalidArgument("checkpoints", "has an effect only with devices= (a graph run)");
         BackwardResult g;
         py::object info = py::none();
         py::dict out;
@@ -527,8 +550,11 @@ PYBIND11_MODULE(mlstm_flow, m) {
                 throw InvalidArgument("out", "unknown key '" + key + "'; expected dq, dk, dv, di or df");
             }
           }
-          const Shape shapes[] = {{p.B, p.NH, p.S, p.DHQK}, {p.B, p.NH, p.S, p.DHQK}, {p.B, p.NH, p.S, p.DHHV},
-                                  {p.B, p.NH, p.S}, {p.B, p.NH, p.S}};
+          const Shape shapes[] = {{p.B, p.NH, p.S, p.DHQK},
+                                  {p.B, p.NH, p.S, p.DHQK},
+                                  {p.B, p.NH, p.S, p.DHHV},
+                                  {p.B, p.NH, p.S},
+                                  {p.B, p.NH, p.S}};
           TensorView views[5];
           for (int j = 0; j < 5; ++j) {
             const DType dt = j < 3 ? p.dtype : p.gate_dtype;
@@ -542,9 +568,8 @@ PYBIND11_MODULE(mlstm_flow, m) {
           std::vector<NamedView> outputs;
           for (int j = 0; j < 5; ++j) outputs.push_back({views[j], out_names[j]});
           check_outputs_apart(outputs, named_inputs(b));
-          info = on_runner(how, [&](graph::FlowGraphRunner& runner) {
-            g = runner.backward_into(into, b, o, how.segment_tokens);
-          });
+          info = on_runner(
+              how, [&](graph::FlowGraphRunner& runner) { g = runner.backward_into(into, b, o, how.segment_tokens); });
         } else {
           if (!out_o.is_none()) throw InvalidArgument("out", "has an effect only with devices= (a graph run)");
           {
@@ -570,7 +595,7 @@ PYBIND11_MODULE(mlstm_flow, m) {
       py::arg("dn_last") = py::none(), py::arg("kernel") = py::none(), py::arg("chunk_size") = 64,
       py::arg("gate") = "exp", py::arg("normalize") = true, py::arg("eps") = 1e-6, py::arg("dtype") = "",
       py::arg("devices") = py::none(), py::arg("segment_tokens") = py::none(), py::arg("balancing") = py::none(),
-      py::arg("return_info") = false, py::arg("out") = py::none(),
+      py::arg("return_info") = false, py::arg("out") = py::none(), py::arg("checkpoints") = py::none(),
       "dict of gradients dq, dk, dv, di, df (and dc0, dn0, dm0 when an initial state is given); dq, dk, dv in\n"
       "q's dtype (uint16 holding bfloat16 for dtype='bfloat16'). dh: any float dtype, or uint16 bfloat16 patterns\n"
       "with dtype='bfloat16'\n"
@@ -580,7 +605,10 @@ PYBIND11_MODULE(mlstm_flow, m) {
       "(grads, info).\n"
       "out={'dq': array, ...} (devices= only): gradients written into these arrays (any of dq, dk, dv, di, df;\n"
       "C-contiguous, the shapes and dtypes above), which the dict returned holds; host_array()s of the same\n"
-      "devices are downloaded into directly, and with q, k, v, i, f and dh there too no byte passes a host copy.");
+      "devices are downloaded into directly, and with q, k, v, i, f and dh there too no byte passes a host copy.\n"
+      "checkpoints=StateCheckpoints (devices= only): the states forward(..., keep=) kept for these same arrays; a\n"
+      "GPU's streamed backward starts its pieces there. Kept by a forward of other arrays (or of converted copies),\n"
+      "shape, gate or chunk size: ValueError naming checkpoints.");
   m.def(
       "step",
       [](py::object q, py::object k, py::object v, py::object i, py::object f, py::object c, py::object n,
@@ -629,21 +657,22 @@ PYBIND11_MODULE(mlstm_flow, m) {
       "devices of the spec transfer fastest (a GPU's page-locked memory; ordinary memory for CPU workers), the\n"
       "analogue of PyTorch's pin_memory(). Fill it and pass it to forward(devices=<the same spec>): its uploads\n"
       "read it where it lies; as out= h is downloaded into it. dtype='bfloat16' gives uint16 (bit patterns).");
-  py::class_<PySession>(m, "Session",
-                        "s = Session(NH, DHQK, DHHV, B=1, devices=None, ...): one sequence streamed in pieces of any\n"
-                        "length; the state (C, n, m) is carried between them and memory stays flat.\n"
-                        "  h = s.push(q, k, v, i, f)        one piece: q,k (B,NH,len,DHQK), v (B,NH,len,DHHV), i,f\n"
-                        "  t = s.submit(...); h = s.take(t) pieces in flight (take in any order, each once)\n"
-                        "  for h in s.stream(pieces, in_flight=2): ...   an iterator over (q, k, v, i, f) pieces\n"
-                        "  c, n, m = s.state(); s.tokens; s.snapshot(path); Session.restore(path, NH, DHQK, ...)\n"
-                        "devices='gpu:all' | 'workers' | 'workers+gpu:all' | ...: the flow graph's stream (a GPU through\n"
-                        "page-locked staging, overlapped); else kernel= (default 'chunkwise--cpu_xl_chunk').\n"
-                        "dtype='bfloat16' reads uint16 pieces as bfloat16; c0, n0, m0 give the initial state.")
+  py::class_<PySession>(
+      m, "Session",
+      "s = Session(NH, DHQK, DHHV, B=1, devices=None, ...): one sequence streamed in pieces of any\n"
+      "length; the state (C, n, m) is carried between them and memory stays flat.\n"
+      "  h = s.push(q, k, v, i, f)        one piece: q,k (B,NH,len,DHQK), v (B,NH,len,DHHV), i,f\n"
+      "  t = s.submit(...); h = s.take(t) pieces in flight (take in any order, each once)\n"
+      "  for h in s.stream(pieces, in_flight=2): ...   an iterator over (q, k, v, i, f) pieces\n"
+      "  c, n, m = s.state(); s.tokens; s.snapshot(path); Session.restore(path, NH, DHQK, ...)\n"
+      "devices='gpu:all' | 'workers' | 'workers+gpu:all' | ...: the flow graph's stream (a GPU through\n"
+      "page-locked staging, overlapped); else kernel= (default 'chunkwise--cpu_xl_chunk').\n"
+      "dtype='bfloat16' reads uint16 pieces as bfloat16; c0, n0, m0 give the initial state.")
       .def(py::init([](py::object NH, py::object DHQK, py::object DHHV, py::object B, py::object devices,
                        py::object kernel, py::object chunk_size, py::object gate, py::object normalize, py::object eps,
                        py::object balancing, py::object dtype, py::object c0, py::object n0, py::object m0) {
-             const StreamConfig c = session_config(NH, DHQK, DHHV, B, devices, kernel, chunk_size, gate, normalize,
-                                                   eps, balancing);
+             const StreamConfig c =
+                 session_config(NH, DHQK, DHHV, B, devices, kernel, chunk_size, gate, normalize, eps, balancing);
              auto s = std::make_unique<PySession>();
              s->bf16 = bf16_of(str_arg(dtype, "dtype"));
              if (c0.is_none() != n0.is_none() || c0.is_none() != m0.is_none())
@@ -658,8 +687,8 @@ PYBIND11_MODULE(mlstm_flow, m) {
            }),
            py::arg("NH"), py::arg("DHQK"), py::arg("DHHV"), py::arg("B") = 1, py::arg("devices") = py::none(),
            py::arg("kernel") = py::none(), py::arg("chunk_size") = 64, py::arg("gate") = "exp",
-           py::arg("normalize") = true, py::arg("eps") = 1e-6, py::arg("balancing") = py::none(),
-           py::arg("dtype") = "", py::arg("c0") = py::none(), py::arg("n0") = py::none(), py::arg("m0") = py::none())
+           py::arg("normalize") = true, py::arg("eps") = 1e-6, py::arg("balancing") = py::none(), py::arg("dtype") = "",
+           py::arg("c0") = py::none(), py::arg("n0") = py::none(), py::arg("m0") = py::none())
       .def(
           "push",
           [](PySession& s, py::object q, py::object k, py::object v, py::object i, py::object f) {
@@ -704,15 +733,14 @@ PYBIND11_MODULE(mlstm_flow, m) {
            })
       .def_property_readonly("tokens", [](const PySession& s) { return s.session->tokens(); })
       .def(
-          "snapshot", [](const PySession& s, const std::string& path) { s.session->snapshot(path); },
-          py::arg("path"))
+          "snapshot", [](const PySession& s, const std::string& path) { s.session->snapshot(path); }, py::arg("path"))
       .def_static(
           "restore",
-          [](const std::string& path, py::object NH, py::object DHQK, py::object DHHV, py::object B,
-             py::object devices, py::object kernel, py::object chunk_size, py::object gate, py::object normalize,
-             py::object eps, py::object balancing, py::object dtype) {
-            const StreamConfig c = session_config(NH, DHQK, DHHV, B, devices, kernel, chunk_size, gate, normalize,
-                                                  eps, balancing);
+          [](const std::string& path, py::object NH, py::object DHQK, py::object DHHV, py::object B, py::object devices,
+             py::object kernel, py::object chunk_size, py::object gate, py::object normalize, py::object eps,
+             py::object balancing, py::object dtype) {
+            const StreamConfig c =
+                session_config(NH, DHQK, DHHV, B, devices, kernel, chunk_size, gate, normalize, eps, balancing);
             auto s = std::make_unique<PySession>();
             s->bf16 = bf16_of(str_arg(dtype, "dtype"));
             s->session = std::make_unique<StreamSession>(StreamSession::restore(path, c));

@@ -182,7 +182,8 @@ def check_graph(rng):
 def check_streaming_and_memory(rng):
     """Issue 14 items 2 and 6: a Session streams one sequence in pieces (push, submit/take in any order, the stream()
     iterator, the state, snapshot/restore) equal to one forward; forward(out=) writes h in place; host_array() gives
-    arrays in the devices' fastest memory that forward reads and writes directly."""
+    arrays in the devices' fastest memory that forward reads and writes directly; forward(keep=) keeps states that
+    backward(checkpoints=) starts from."""
     B, NH, S, DK, DV, L = 1, 2, 150, 16, 8, 16
     q = rng.standard_normal((B, NH, S, DK), dtype=np.float32)
     k = rng.standard_normal((B, NH, S, DK), dtype=np.float32)
@@ -304,6 +305,36 @@ def check_streaming_and_memory(rng):
         for key in ("dq", "dk", "dv", "di", "df"):
             assert got[key] is grads[key] and rel0(got[key], want[key]) < 1e-5, (devices, key)
         del pinned, grads, got
+    # keep= / checkpoints=: the forward keeps states (workers: the one leaving the sequence) for a backward of the same
+    # arrays, which equals the backward without them; checkpoints of other arrays, of no forward, or without devices=
+    # are refused naming the argument
+    for devices in ["workers"] + (["0"] if mlstm_flow.devices() else []):
+        kept = mlstm_flow.StateCheckpoints()
+        h_kept, _ = mlstm_flow.forward(q, k, v, i, f, chunk_size=L, devices=devices, keep=kept)
+        assert S in kept.tokens() and kept.nbytes > 0, (devices, kept.tokens())
+        want = mlstm_flow.backward(q, k, v, i, f, h_kept, chunk_size=L, devices=devices)
+        got = mlstm_flow.backward(q, k, v, i, f, h_kept, chunk_size=L, devices=devices, checkpoints=kept)
+        for key in ("dq", "dk", "dv", "di", "df"):
+            assert np.array_equal(got[key], want[key]), ("checkpoints", devices, key)
+    for kwargs, arg in [(dict(checkpoints=kept, q=q.copy()), "checkpoints"),
+                        (dict(checkpoints=mlstm_flow.StateCheckpoints()), "checkpoints"),
+                        (dict(checkpoints=kept, devices=None), "checkpoints"),
+                        (dict(checkpoints="kept"), "checkpoints")]:
+        kw = dict(q=q, devices="workers", chunk_size=L)
+        kw.update(kwargs)
+        try:
+            mlstm_flow.backward(kw.pop("q"), k, v, i, f, h_kept, **kw)
+        except ValueError as err:
+            assert str(err).startswith(arg + ":"), str(err)
+        else:
+            raise AssertionError("backward took bad %s: %s" % (arg, list(kwargs)))
+    for kwargs in [dict(keep=kept, devices=None), dict(keep=[], devices="workers")]:
+        try:
+            mlstm_flow.forward(q, k, v, i, f, chunk_size=L, **kwargs)
+        except ValueError as err:
+            assert str(err).startswith("keep:"), str(err)
+        else:
+            raise AssertionError("forward took a bad keep: %s" % (kwargs,))
     # dh as bfloat16 patterns (dtype='bfloat16') equals the same values as float32
     dhb = bf(dh)
     dh_exact = (dhb.astype(np.uint32) << 16).view(np.float32)
