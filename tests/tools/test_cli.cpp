@@ -125,6 +125,17 @@ TEST_F(Cli, KernelsDevicesRunAndBenchWork) {
   auto d = run_cli("devices");
   ASSERT_EQ(d.code, 0) << d.err;
   EXPECT_NE(d.out.find("NUMA"), std::string::npos);
+  // devices --open: the devices of a spec opened, and when (the start-up floor under a run's first token).
+  auto o = run_cli("--json devices --open workers");
+  ASSERT_EQ(o.code, 0) << o.err;
+  const auto opened = nlohmann::json::parse(o.out);
+  EXPECT_GE(opened["devices"].size(), 1u) << o.out;
+  EXPECT_GE(opened["opened_after_seconds"].get<double>(), opened["open_seconds"].get<double>()) << o.out;
+  for (const char* bad : {"--open gpu:99", "--open ''", "--open workers+"}) {
+    const auto r = run_cli(std::string("devices ") + bad);
+    EXPECT_EQ(r.code, 2) << bad;
+    EXPECT_EQ(r.err.rfind("mlstm: error: --open:", 0), 0u) << bad << ": " << r.err;
+  }
   auto r =
       run_cli("--json run --seq-len 3000 --piece 700 --heads 2 --dqk 16 --dhv 16 --dtype float32 --check-tokens 500");
   ASSERT_EQ(r.code, 0) << r.err;

@@ -20,10 +20,10 @@ namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 // The rows of one problem at one size, and those of one problem.
-const std::set<std::string> kCaseIds{"transfer",      "transfer_fwbw", "host_copy",        "kernel_fw",        "kernel_fwbw",
-                                     "file_read",     "forward_host",  "workers_plus_gpu", "fwbw_host",
-                                     "forward_files", "forward_python", "forward_pinned",   "fwbw_pinned",
-                                     "forward_python_pinned"};
+const std::set<std::string> kCaseIds{
+    "transfer",     "transfer_fwbw",        "host_copy", "kernel_fw",     "kernel_fwbw",    "file_read",
+    "forward_host", "workers_plus_gpu",     "fwbw_host", "forward_files", "forward_python", "forward_pinned",
+    "fwbw_pinned",  "forward_python_pinned"};
 
 class CliBenchSystem : public ::testing::Test {
  protected:
@@ -103,6 +103,10 @@ TEST_F(CliBenchSystem, EveryRowOnATinyProblem) {
   EXPECT_EQ(rows.at({"kernel_fw", 8192})["tokens_measured"], 8192);
   EXPECT_GT(rows.at({"forward_files", 8192})["peak_rss_mib"].get<double>(), 0);
   EXPECT_GT(rows.at({"startup", 4096})["first_token_seconds"].get<double>(), 0);
+  // The floor under it: the devices opened in a process of their own (devices --open), no later than the first token.
+  const json& floor = rows.at({"startup", 4096})["devices_open_floor_seconds"];
+  ASSERT_TRUE(floor.is_number()) << rows.at({"startup", 4096}).dump();
+  EXPECT_GT(floor.get<double>(), 0);
   EXPECT_EQ(rows.at({"peak_rss", 8192})["peak_rss_mib"].size(), 2u);
   // The files: the same rows as stdout, one CSV line each after the header; the work directory is empty again.
   const json saved = json::parse(testing::slurp(dir_ / "s.json"));

@@ -53,7 +53,8 @@ int cmd_step(const InputFiles& in, const StepFiles& sf, bool as_json);
 // ---- kernels, devices (listings.cpp) ---------------------------------------------------------------------
 
 int cmd_kernels(bool as_json);
-int cmd_devices(bool as_json);
+// `open_spec` non-empty: opens those devices instead of listing (devices --open).
+int cmd_devices(bool as_json, const std::string& open_spec);
 
 // ---- run (run.cpp) ---------------------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@
 #include <iostream>
 
 #include "commands.hpp"
+#include "mlstm/devices/compute_device.hpp"
 #include "mlstm/gemm.hpp"
 
 namespace mlstm::cli {
@@ -96,7 +97,29 @@ json numa_nodes() {
 
 }  // namespace
 
-int cmd_devices(bool as_json) {
+int cmd_devices(bool as_json, const std::string& open_spec) {
+  if (!open_spec.empty()) {
+    const auto t0 = Clock::now();
+    const auto opened = devices_from_spec(open_spec);
+    const auto t1 = Clock::now();
+    json names = json::array();
+    for (const auto& d : opened) names.push_back(d->name());
+    const double open_s = std::chrono::duration<double>(t1 - t0).count();
+    const double after_s = std::chrono::duration<double>(t1 - process_start()).count();
+    if (as_json) {
+      std::cout << json{{"command", "devices --open"},
+                        {"spec", open_spec},
+                        {"devices", names},
+                        {"open_seconds", open_s},
+                        {"opened_after_seconds", after_s}}
+                       .dump()
+                << "\n";
+    } else {
+      std::printf("opened %zu device(s) for '%s' in %.3f s, %.3f s after the process started\n", opened.size(),
+                  open_spec.c_str(), open_s, after_s);
+    }
+    return 0;
+  }
   const json cl = opencl_devices();
   const json numa = numa_nodes();
   const gemm::Library& blas = gemm::library();

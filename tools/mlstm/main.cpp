@@ -50,9 +50,10 @@ int main(int argc, char** argv) {
                   "(shares by measured speed, cached; the default), pull (free devices pull segments) or fastest (as "
                   "pull: the stream always measures each device alone against the graph)")
       ->check(CLI::IsMember({"pull", "calibrated", "fastest"}));
-  run->add_option("--mode", ro.mode,
-                  "stream (= auto: pieces through the measured-fastest engine), pipeline (the same, refused unless a GPU "
-                  "streams through pinned staging) or resident (one piece)")
+  run->add_option(
+         "--mode", ro.mode,
+         "stream (= auto: pieces through the measured-fastest engine), pipeline (the same, refused unless a GPU "
+         "streams through pinned staging) or resident (one piece)")
       ->check(CLI::IsMember({"auto", "pipeline", "stream", "resident"}));
   run->add_flag("--backward", ro.backward, "forward + backward");
   run->add_flag("--progress", ro.progress, "progress bar even when stderr is not a terminal");
@@ -111,6 +112,13 @@ int main(int argc, char** argv) {
 
   auto* kernels = app.add_subcommand("kernels", "list the kernel registry");
   auto* devices = app.add_subcommand("devices", "list OpenCL devices and NUMA nodes");
+  std::string open_spec;
+  devices
+      ->add_option("--open", open_spec,
+                   "open the devices of this spec (OpenCL contexts and queues, CPU workers) and report how long after "
+                   "the process started they were open: the start-up floor under a run's first token")
+      ->check(CLI::Validator(
+          [](std::string& spec) { return spec.empty() ? std::string("empty device spec") : std::string(); }, "SPEC"));
 
   BenchOptions bo;
   auto* bench = app.add_subcommand(
@@ -176,7 +184,13 @@ int main(int argc, char** argv) {
     if (*backward) return cmd_backward(bin, bfiles, as_json);
     if (*step) return cmd_step(sin, sfiles, as_json);
     if (*kernels) return cmd_kernels(as_json);
-    if (*devices) return cmd_devices(as_json);
+    if (*devices) {
+      try {
+        return cmd_devices(as_json, open_spec);
+      } catch (const InvalidArgument& e) {
+        rethrow_as_cli(e, {{"devices", "--open"}});
+      }
+    }
     if (*bench) return sys.enabled ? cmd_bench_system(bo, as_json) : cmd_bench(bo, as_json);
   } catch (const InvalidArgument& e) {
     std::fprintf(stderr, "mlstm: error: %s\n", one_line(e.what()).c_str());
