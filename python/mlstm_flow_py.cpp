@@ -376,7 +376,7 @@ DType host_dtype(const py::object& o) {
 StateCheckpoints* checkpoints_arg(const py::object& o, const char* name) {
   if (o.is_none()) return nullptr;
   if (!py::isinstance<StateCheckpoints>(o))
-    throw InvalidArgument(name, "expected a StateCheckpoints object, got " + std::string(py::str(o.get_type())));
+    throw InvalidArgument(name, "expected a StateCheckpoints object, got " + std::string(Py_TYPE(o.ptr())->tp_name));
   return o.cast<StateCheckpoints*>();
 }
 
