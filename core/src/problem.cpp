@@ -280,19 +280,43 @@ void StateCheckpoints::bind(const ForwardArgs& args, const MlstmOptions& options
   bound_ = true;
 }
 
+namespace {
+
+void check_checkpoint_token(bool bound, std::int64_t token, std::int64_t S) {
+  if (!bound) throw Error("StateCheckpoints::put before bind()");
+  if (token <= 0 || token > S)
+    throw Error("StateCheckpoints::put: token " + std::to_string(token) + " outside (0, " + std::to_string(S) + "]");
+}
+
+}  // namespace
+
 void StateCheckpoints::put(std::int64_t token, State state) {
   std::lock_guard lock(mutex_);
-  if (!bound_) throw Error("StateCheckpoints::put before bind()");
-  if (token <= 0 || token > shape_.S)
-    throw Error("StateCheckpoints::put: token " + std::to_string(token) + " outside (0, " + std::to_string(shape_.S) +
-                "]");
-  states_[token] = std::move(state);
+  check_checkpoint_token(bound_, token, shape_.S);
+  states_[token] = Kept{std::move(state), DeviceState{}};
+}
+
+void StateCheckpoints::put(std::int64_t token, DeviceState state) {
+  std::lock_guard lock(mutex_);
+  check_checkpoint_token(bound_, token, shape_.S);
+  if (!state.handle || !state.download)
+    throw Error("StateCheckpoints::put: a device state needs its handle and download");
+  states_[token] = Kept{std::nullopt, std::move(state)};
 }
 
 const State* StateCheckpoints::at(std::int64_t token) const {
   std::lock_guard lock(mutex_);
   const auto it = states_.find(token);
-  return it == states_.end() ? nullptr : &it->second;
+  if (it == states_.end()) return nullptr;
+  Kept& k = it->second;
+  if (!k.host) k.host = k.device.download();
+  return &*k.host;
+}
+
+const DeviceState* StateCheckpoints::on_device(std::int64_t token) const {
+  std::lock_guard lock(mutex_);
+  const auto it = states_.find(token);
+  return it == states_.end() || !it->second.device.handle ? nullptr : &it->second.device;
 }
 
 std::vector<std::int64_t> StateCheckpoints::tokens() const {
@@ -305,9 +329,9 @@ std::vector<std::int64_t> StateCheckpoints::tokens() const {
 
 std::size_t StateCheckpoints::bytes() const {
   std::lock_guard lock(mutex_);
-  std::size_t b = 0;
-  for (const auto& [token, s] : states_) b += s.C.nbytes() + s.n.nbytes() + s.m.nbytes();
-  return b;
+  const auto rows = static_cast<std::size_t>(shape_.B * shape_.NH);
+  const auto per_state = rows * static_cast<std::size_t>(shape_.DHQK * shape_.DHHV + shape_.DHQK + 1) * sizeof(float);
+  return states_.size() * per_state;
 }
 
 void StateCheckpoints::check_fits(const ForwardArgs& args, const MlstmOptions& options) const {

@@ -280,13 +280,18 @@ class OpenCLComputeDevice final : public ComputeDevice {
     piece.S = stream_piece_tokens(p, o);
     std::unique_ptr<opencl::DeviceStream> held = reuse_stream(stream_config(piece, o), a.c0, a.n0, a.m0);
     opencl::DeviceStream& stream = *held;
-    stream.keep_states(keep.to != nullptr);
+    // The kept states stay on the device (a backward there copies them where it starts its pieces) when they fit an
+    // eighth of its memory; beyond that none are kept, and a backward recomputes them.
+    const std::int64_t pieces = (p.S + piece.S - 1) / piece.S;
+    const auto state_bytes = static_cast<std::uint64_t>(p.B * p.NH * (p.DHQK * p.DHHV + p.DHQK + 1)) * sizeof(float);
+    const bool keeping =
+        keep.to != nullptr && static_cast<std::uint64_t>(pieces) * state_bytes <= device_->info().global_memory / 8;
+    stream.keep_states(keeping);
     ForwardResult r;
     if (out.empty()) {
       r.h = Tensor({p.B, p.NH, p.S, p.DHHV}, p.dtype);
       out = r.h.view();
     }
-    const std::int64_t pieces = (p.S + piece.S - 1) / piece.S;
     std::mutex mutex;
     std::condition_variable changed;
     std::int64_t submitted = 0;
@@ -338,11 +343,13 @@ class OpenCLComputeDevice final : public ComputeDevice {
     if (producer_error) std::rethrow_exception(producer_error);
     if (consumer_error) std::rethrow_exception(consumer_error);
     if (o.return_last_states) stream.read_state(r.c, r.n, r.m);
-    if (keep.to) {
-      std::vector<State> states = stream.take_kept_states();
-      for (std::size_t j = 0; j < states.size(); ++j)
-        keep.to->put(keep.from + std::min(p.S, static_cast<std::int64_t>(j + 1) * piece.S), std::move(states[j]));
+    if (keeping) {
+      std::vector<DeviceState> states = stream.take_kept_states();
+      for (std::size_t k = 0; k < states.size(); ++k)
+        keep.to->put(keep.from + std::min(p.S, static_cast<std::int64_t>(k + 1) * piece.S), std::move(states[k]));
       stream.keep_states(false);
+    } else if (keep.to && o.return_last_states) {
+      keep.to->put(keep.from + p.S, State{r.c, r.n, r.m});
     }
     park_stream(std::move(held));
     return r;
@@ -369,43 +376,37 @@ class OpenCLComputeDevice final : public ComputeDevice {
            (out && device_->pinned(out->dq.bytes(), 1));
   }
 
-  // The states a forward kept (a.checkpoints) at every piece boundary of a stream of pieces of P tokens, P the
-  // first kept token after this call's start: the states entering pieces 1.. and the one leaving the call
-  // (BackwardStream::run_into's `entering`). Empty when they do not cover such pieces, when P is not a multiple of
-  // the chunk size, or when a piece would need more than four times the stream's own piece of buffers.
-  std::pair<std::int64_t, std::vector<const State*>> kept_entering_states(const BackwardArgs& a, const MlstmOptions& o,
-                                                                          const ProblemShape& p) const {
-    if (!a.checkpoints) return {};
+  // The piece length P of a stream whose every piece boundary (and the end of this call) has a state a forward kept
+  // (a.checkpoints), P the first kept token after this call's start; 0 when they do not cover such pieces, when P is
+  // not a multiple of the chunk size, or when a piece would need more than four times the stream's own piece of
+  // buffers.
+  std::int64_t kept_piece(const BackwardArgs& a, const MlstmOptions& o, const ProblemShape& p) const {
+    if (!a.checkpoints || device_->inside_retained_range(a.inputs.q.bytes())) return 0;
     const std::int64_t from = a.checkpoints_from;
+    const std::vector<std::int64_t> tokens = a.checkpoints->tokens();
     std::int64_t P = 0;
-    for (const std::int64_t t : a.checkpoints->tokens())
+    for (const std::int64_t t : tokens)
       if (t > from) {
         P = t - from;
         break;
       }
-    if (P <= 0 || P >= p.S || P % o.chunk_size != 0 || P > 4 * stream_piece_tokens(p, o)) return {};
-    const std::int64_t n = (p.S + P - 1) / P;
-    std::vector<const State*> entering(static_cast<std::size_t>(n + 1), nullptr);
-    for (std::int64_t j = 1; j <= n; ++j) {
-      entering[static_cast<std::size_t>(j)] = a.checkpoints->at(from + std::min(p.S, j * P));
-      if (!entering[static_cast<std::size_t>(j)]) return {};
-    }
-    return {P, std::move(entering)};
+    if (P <= 0 || P >= p.S || P % o.chunk_size != 0 || P > 4 * stream_piece_tokens(p, o)) return 0;
+    for (std::int64_t j = 1, n = (p.S + P - 1) / P; j <= n; ++j)
+      if (!std::binary_search(tokens.begin(), tokens.end(), from + std::min(p.S, j * P))) return 0;
+    return P;
   }
 
   BackwardResult tensor_core_backward(const BackwardArgs& a, const MlstmOptions& o, const ProblemShape& p,
                                       const GradientViews* out) {
-    const auto [kept_piece, entering] = device_->inside_retained_range(a.inputs.q.bytes())
-                                            ? decltype(kept_entering_states(a, o, p))()
-                                            : kept_entering_states(a, o, p);
-    if (entering.empty() && !streams_backward(a, o, p, out)) {
+    const std::int64_t kept = kept_piece(a, o, p);
+    if (kept == 0 && !streams_backward(a, o, p, out)) {
       BackwardResult r = tensor_cores_.backward(a, o);
       if (out) write_gradients(r, *out);
       return r;
     }
     // With a forward's states at its piece boundaries the stream skips its states pass: it moves every byte once,
     // as one call does, with the transfers overlapped, from any memory.
-    const std::int64_t piece = entering.empty() ? stream_piece_tokens(p, o) : kept_piece;
+    const std::int64_t piece = kept == 0 ? stream_piece_tokens(p, o) : kept;
     opencl::BackwardStream::Config config;
     config.B = p.B;
     config.NH = p.NH;
@@ -427,7 +428,8 @@ class OpenCLComputeDevice final : public ComputeDevice {
     } else {
       device_->note_stream_opened(false);
     }
-    BackwardResult r = entering.empty() ? stream->run_into(a, out) : stream->run_into(a, out, entering);
+    BackwardResult r =
+        kept == 0 ? stream->run_into(a, out) : stream->run_into(a, out, *a.checkpoints, a.checkpoints_from);
     std::lock_guard lock(parked_mutex_);
     parked_backward_ = std::move(stream);
     return r;

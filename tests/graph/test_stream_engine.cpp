@@ -414,6 +414,7 @@ TEST(StreamEngine, BackwardStartsFromTheStatesTheForwardKept) {
       StateCheckpoints kept;
       const ForwardResult fw = runner.forward(in.args(), o, 0, &kept);
       EXPECT_EQ(kept.tokens(), (std::vector<std::int64_t>{128, 256, 333})) << what;
+      EXPECT_NE(kept.on_device(128), nullptr) << what << ": kept on the device that computed them";
       ASSERT_NE(kept.at(333), nullptr);
       EXPECT_EQ(std::memcmp(kept.at(333)->C.bytes(), fw.c.bytes(), fw.c.nbytes()), 0) << what << ": the last state";
       EXPECT_EQ(std::memcmp(kept.at(333)->n.bytes(), fw.n.bytes(), fw.n.nbytes()), 0) << what << ": the last state";
@@ -477,6 +478,39 @@ TEST(StreamEngine, BackwardStartsFromTheStatesTheForwardKept) {
       << "every input goes up once";
   EXPECT_TRUE(same_gradients({g[0].view(), g[1].view(), g[2].view(), g[3].view(), g[4].view()}, plain,
                              "page-locked, from the kept states"));
+}
+
+// States one OpenCL device kept serve a backward on another: downloaded from the first (at()) and uploaded to the
+// second, with the same bits as that device's backward without them (PoCL's two devices run the same kernels).
+TEST(StreamEngine, StatesKeptOnOneDeviceServeABackwardOnAnother) {
+  if (opencl::list_devices().size() < 2) GTEST_SKIP() << "needs two OpenCL devices (POCL_DEVICES=\"pthread pthread\")";
+  const StreamPiece piece("128");
+  auto tc = [](const char* spec) {
+    const bool real = opencl::tensor_core_support(opencl::select_devices(spec).front()).available;
+    return opencl_devices(spec, real ? OpenCLKernels::tensor_cores : OpenCLKernels::emulated_tensor_cores).front();
+  };
+  const auto first = tc("0"), second = tc("1");
+  if (first->name() == second->name()) GTEST_SKIP() << "devices 0 and 1 are the same";
+  graph::FlowGraphRunner on_first(std::vector<std::shared_ptr<ComputeDevice>>{first});
+  graph::FlowGraphRunner on_second(std::vector<std::shared_ptr<ComputeDevice>>{second});
+  const testing::InputSpec s = small_bf16(333, true);
+  auto in = testing::make_inputs(s, testing::fresh_seed());
+  in.dh = in.dh.to(DType::bf16);
+  const MlstmOptions o = chunk64(false);
+  StateCheckpoints kept;
+  (void)on_first.forward(in.args(), o, 0, &kept);
+  const DeviceState* d = kept.on_device(128);
+  ASSERT_NE(d, nullptr);
+  BackwardArgs a = in.backward_args(true);
+  const BackwardResult plain = on_second.backward(a, o);
+  (void)on_second.backward(testing::make_inputs(s, testing::fresh_seed()).backward_args(true), o);  // another first
+  a.checkpoints = &kept;
+  const auto dev1 = opencl::open_device(opencl::select_devices("1").front());
+  const auto before = dev1->backwards_from_kept_states();
+  const BackwardResult got = on_second.backward(a, o);
+  EXPECT_EQ(dev1->backwards_from_kept_states() - before, 1u);
+  EXPECT_TRUE(same_gradients({got.dq.view(), got.dk.view(), got.dv.view(), got.di.view(), got.df.view()}, plain,
+                             "states kept on device 0, backward on device 1"));
 }
 
 // Kept states are refused (naming "checkpoints") by a backward of other inputs, another shape, gate or chunk

@@ -452,19 +452,18 @@ void BackwardStream::gradient_pass(const BackwardArgs& a, std::int64_t n, const 
   }
 }
 
-BackwardResult BackwardStream::run(const BackwardArgs& a) { return run_pieces(a, nullptr, nullptr); }
+BackwardResult BackwardStream::run(const BackwardArgs& a) { return run_pieces(a, nullptr, {}); }
 
 BackwardResult BackwardStream::run_into(const BackwardArgs& a, const GradientViews* into) {
-  return run_pieces(a, into, nullptr);
+  return run_pieces(a, into, {});
 }
 
-BackwardResult BackwardStream::run_into(const BackwardArgs& a, const GradientViews* into,
-                                        const std::vector<const State*>& entering) {
-  return run_pieces(a, into, &entering);
+BackwardResult BackwardStream::run_into(const BackwardArgs& a, const GradientViews* into, const StateCheckpoints& kept,
+                                        std::int64_t from) {
+  return run_pieces(a, into, {&kept, from});
 }
 
-BackwardResult BackwardStream::run_pieces(const BackwardArgs& a, const GradientViews* into,
-                                          const std::vector<const State*>* given) {
+BackwardResult BackwardStream::run_pieces(const BackwardArgs& a, const GradientViews* into, KeptStates given) {
   const Config& c = config_;
   MlstmOptions o = c.options;
   const ProblemShape p = validate_backward(a, o);
@@ -480,15 +479,18 @@ BackwardResult BackwardStream::run_pieces(const BackwardArgs& a, const GradientV
   const std::string& dn = dev.name();
   const std::int64_t n = (p.S + c.max_piece - 1) / c.max_piece;
   pieces_ = n;
-  if (given) {
-    if (given->size() != static_cast<std::size_t>(n + 1))
-      throw Error("BackwardStream: " + std::to_string(given->size()) + " entering states for " + std::to_string(n) +
-                  " pieces (expected pieces + 1)");
-    for (std::size_t j = 1; j < given->size(); ++j)
-      if (!(*given)[j] || (*given)[j]->C.numel() != c.B * c.NH * c.DHQK * c.DHHV)
-        throw Error("BackwardStream: entering state " + std::to_string(j) + " missing or of another shape");
-  }
-  from_checkpoints_ = given != nullptr;
+  // The kept state entering piece j (j = n: leaving the call), on this device or on the host.
+  auto kept_at = [&](std::int64_t j) {
+    const std::int64_t t = given.from + std::min(p.S, j * c.max_piece);
+    const DeviceState* on_device = given.kept->on_device(t);
+    if (on_device && on_device->device == device_.get())
+      return std::pair<const DeviceState*, const State*>{on_device, nullptr};
+    const State* host = given.kept->at(t);
+    if (!host || host->C.numel() != c.B * c.NH * c.DHQK * c.DHHV)
+      throw Error("BackwardStream: no kept state of this shape at token " + std::to_string(t));
+    return std::pair<const DeviceState*, const State*>{nullptr, host};
+  };
+  from_checkpoints_ = given.kept != nullptr;
   const std::size_t rows = static_cast<std::size_t>(c.B * c.NH), K = static_cast<std::size_t>(c.DHQK),
                     kv = K * static_cast<std::size_t>(c.DHHV);
   // The entering states: one set per piece and the state leaving the sequence (buffers kept for later runs).
@@ -501,7 +503,7 @@ BackwardResult BackwardStream::run_pieces(const BackwardArgs& a, const GradientV
   const std::size_t keep_bytes =
       static_cast<std::size_t>(n) * (im.in_bytes[kK] + im.in_bytes[kV] + im.in_bytes[kI] + im.in_bytes[kF]);
   im.kept.clear();
-  if (!given && !env::is("MLSTM_BACKWARD_KEEP", "off") && keep_bytes <= dev.info().global_memory / 4) {
+  if (!given.kept && !env::is("MLSTM_BACKWARD_KEEP", "off") && keep_bytes <= dev.info().global_memory / 4) {
     im.kept.resize(static_cast<std::size_t>(n));
     for (auto& piece : im.kept) {
       for (const int index : {kK, kV, kI, kF}) {
@@ -546,16 +548,24 @@ BackwardResult BackwardStream::run_pieces(const BackwardArgs& a, const GradientV
     dest.df = out.df.view();
   }
   try {
-    if (given) {
-      // The forward's states, on the upload queue ahead of the pieces' inputs (whose events the kernels wait for).
+    if (given.kept) {
+      // The forward's states, on the upload queue ahead of the pieces' inputs (whose events the kernels wait for):
+      // copied on the device when it kept them, else uploaded.
       for (std::int64_t j = 1; j <= n; ++j) {
-        const State& st = *(*given)[static_cast<std::size_t>(j)];
-        const Tensor* from[3] = {&st.C, &st.n, &st.m};
+        const auto [on_device, host] = kept_at(j);
+        const auto& to = im.entering[static_cast<std::size_t>(j)];
         for (std::size_t t = 0; t < 3; ++t) {
-          check(clEnqueueWriteBuffer(im.up, im.entering[static_cast<std::size_t>(j)][t].get(), CL_FALSE, 0,
-                                     from[t]->nbytes(), from[t]->bytes(), 0, nullptr, nullptr),
-                "clEnqueueWriteBuffer(backward stream: kept state)", dn);
-          bytes_up_ += from[t]->nbytes();
+          if (on_device) {
+            const auto& b = static_cast<const detail::KeptStateBuffers*>(on_device->handle.get())->state[t];
+            check(clEnqueueCopyBuffer(im.up, b.get(), to[t].get(), 0, 0, to[t].bytes(), 0, nullptr, nullptr),
+                  "clEnqueueCopyBuffer(backward stream: kept state)", dn);
+          } else {
+            const Tensor* from[3] = {&host->C, &host->n, &host->m};
+            check(clEnqueueWriteBuffer(im.up, to[t].get(), CL_FALSE, 0, from[t]->nbytes(), from[t]->bytes(), 0, nullptr,
+                                       nullptr),
+                  "clEnqueueWriteBuffer(backward stream: kept state)", dn);
+            bytes_up_ += from[t]->nbytes();
+          }
         }
       }
       clFlush(im.up);

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <CL/cl.h>
+#include <array>
 
 #include <cstddef>
 #include <optional>
@@ -89,7 +90,6 @@ inline void set_initial_state_dm(const ForwardArgs& inputs, const MlstmOptions& 
   }
 }
 
-
 // A host tensor's B*NH rows where the DMA engines can reach them directly: a (B,NH,len,D) or (B,NH,len) view in
 // the device's page-locked memory (Device::pinned_tensor) whose rows of len*D elements are contiguous. Rows of
 // `row` bytes, NH of them `pitch_nh` apart, B such groups `pitch_b` apart.
@@ -133,20 +133,25 @@ inline void enqueue_rows(cl_command_queue queue, bool write, cl_mem buf, const H
   const cl_uint waits = wait && *wait ? 1 : 0;
   cl_event* wait_list = waits ? wait : nullptr;
   if (r.pitch_nh == r.row && r.pitch_b == r.row * r.NH) {
-    const cl_int err = write ? clEnqueueWriteBuffer(queue, buf, CL_FALSE, 0, r.bytes(), r.data, waits, wait_list,
-                                                    done)
+    const cl_int err = write ? clEnqueueWriteBuffer(queue, buf, CL_FALSE, 0, r.bytes(), r.data, waits, wait_list, done)
                              : clEnqueueReadBuffer(queue, buf, CL_FALSE, 0, r.bytes(), r.data, waits, wait_list, done);
     check(err, write ? "clEnqueueWriteBuffer(pinned rows)" : "clEnqueueReadBuffer(pinned rows)", device);
     return;
   }
   const std::size_t origin[3] = {0, 0, 0};
   const std::size_t region[3] = {r.row, r.NH, r.B};
-  const cl_int err =
-      write ? clEnqueueWriteBufferRect(queue, buf, CL_FALSE, origin, origin, region, r.row, r.row * r.NH,
-                                       r.pitch_nh, r.pitch_b, r.data, waits, wait_list, done)
-            : clEnqueueReadBufferRect(queue, buf, CL_FALSE, origin, origin, region, r.row, r.row * r.NH,
-                                      r.pitch_nh, r.pitch_b, r.data, waits, wait_list, done);
+  const cl_int err = write ? clEnqueueWriteBufferRect(queue, buf, CL_FALSE, origin, origin, region, r.row, r.row * r.NH,
+                                                      r.pitch_nh, r.pitch_b, r.data, waits, wait_list, done)
+                           : clEnqueueReadBufferRect(queue, buf, CL_FALSE, origin, origin, region, r.row, r.row * r.NH,
+                                                     r.pitch_nh, r.pitch_b, r.data, waits, wait_list, done);
   check(err, write ? "clEnqueueWriteBufferRect(pinned rows)" : "clEnqueueReadBufferRect(pinned rows)", device);
 }
+
+// A state a DeviceStream kept on its device for a later backward (StateCheckpoints' DeviceState handle): C, n, m,
+// float32, of the stream's rows; the DeviceState's tag is the opencl::Device that holds them.
+struct KeptStateBuffers {
+  std::shared_ptr<Device> device;  // keeps the device (and its pool) alive as long as the buffers
+  std::array<PooledBuffer, 3> state;
+};
 
 }  // namespace mlstm::opencl::detail

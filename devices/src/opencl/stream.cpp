@@ -531,21 +531,25 @@ void DeviceStream::finish() {
 
 void DeviceStream::keep_states(bool keep) { impl_->keep_states = keep; }
 
-std::vector<State> DeviceStream::take_kept_states() {
+std::vector<DeviceState> DeviceStream::take_kept_states() {
   Impl& im = *impl_;
   const Config& c = config_;
   check(clFinish(im.kernels), "clFinish(stream kernels)", device_->name());
-  std::vector<State> out;
+  std::vector<DeviceState> out;
   out.reserve(im.kept.size());
-  for (const auto& kept : im.kept) {
-    State s{Tensor({c.B, c.NH, c.DHQK, c.DHHV}, DType::f32), Tensor({c.B, c.NH, c.DHQK}, DType::f32),
-            Tensor({c.B, c.NH}, DType::f32)};
-    Tensor* to[3] = {&s.C, &s.n, &s.m};
-    for (std::size_t j = 0; j < 3; ++j)
-      check(clEnqueueReadBuffer(im.kernels, kept[j].get(), CL_TRUE, 0, to[j]->nbytes(), to[j]->bytes(), 0, nullptr,
-                                nullptr),
-            "clEnqueueReadBuffer(stream state kept)", device_->name());
-    out.push_back(std::move(s));
+  for (auto& kept : im.kept) {
+    auto buffers = std::make_shared<detail::KeptStateBuffers>(detail::KeptStateBuffers{device_, std::move(kept)});
+    DeviceState d;
+    d.device = device_.get();
+    d.handle = buffers;
+    d.download = [buffers, c] {
+      State s{Tensor({c.B, c.NH, c.DHQK, c.DHHV}, DType::f32), Tensor({c.B, c.NH, c.DHQK}, DType::f32),
+              Tensor({c.B, c.NH}, DType::f32)};
+      Tensor* to[3] = {&s.C, &s.n, &s.m};
+      for (std::size_t j = 0; j < 3; ++j) buffers->device->download(buffers->state[j], to[j]->bytes(), to[j]->nbytes());
+      return s;
+    };
+    out.push_back(std::move(d));
   }
   im.kept.clear();
   return out;

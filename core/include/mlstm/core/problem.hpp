@@ -12,6 +12,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -80,22 +81,40 @@ struct ForwardResult {
 // They describe the inputs as the forward read them, like any activations saved for a backward: a backward after
 // the inputs changed in place gets gradients of the old ones. The backward checks what it can: the problem's
 // shape, dtype, gate and chunk size, and that the inputs are the same memory (InvalidArgument("checkpoints")).
+//
+// A device may keep a state in its own memory (DeviceState): a backward on that device then copies it where it
+// needs it without a host round trip; at() brings it to the host the first time it is asked for.
+struct DeviceState {
+  const void* device = nullptr;        // the device that holds it (its own tag)
+  std::shared_ptr<const void> handle;  // its buffers, for that device to interpret
+  std::function<State()> download;     // a host copy of it
+};
+
 class StateCheckpoints {
  public:
   // Forgets every state and records what they are of (the forward's arguments and options).
   void bind(const ForwardArgs& args, const MlstmOptions& options);
   // The state entering token `token` (0 < token <= S); thread-safe (segments on several devices record at once).
   void put(std::int64_t token, State state);
-  const State* at(std::int64_t token) const;  // nullptr when none is kept there
-  std::vector<std::int64_t> tokens() const;   // ascending
-  std::size_t bytes() const;                  // of the states kept
+  void put(std::int64_t token, DeviceState state);
+  // The state at `token` on the host (a device-kept one is downloaded the first time); nullptr when none is kept
+  // there. Valid until the next bind().
+  const State* at(std::int64_t token) const;
+  // The state at `token` as a device keeps it; nullptr when none is kept there or only on the host.
+  const DeviceState* on_device(std::int64_t token) const;
+  std::vector<std::int64_t> tokens() const;  // ascending
+  std::size_t bytes() const;                 // of the states kept (each once, wherever it lies)
   // InvalidArgument("checkpoints") unless these were bound to a forward of `args` (the backward's inputs) with the
   // same shape, dtypes, gate and chunk size.
   void check_fits(const ForwardArgs& args, const MlstmOptions& options) const;
 
  private:
+  struct Kept {
+    std::optional<State> host;
+    DeviceState device;
+  };
   mutable std::mutex mutex_;
-  std::map<std::int64_t, State> states_;
+  mutable std::map<std::int64_t, Kept> states_;  // at() fills a device-kept state's host copy
   ProblemShape shape_;
   GateVariant gate_ = GateVariant::exp;
   std::int64_t chunk_size_ = 0;

@@ -51,12 +51,12 @@ class BackwardStream {
   // and dh that lie in this device's page-locked memory (Device::pinned_tensor) are uploaded from where they lie,
   // and gradients whose views lie there are downloaded straight into them: then no byte passes a host copy.
   BackwardResult run_into(const BackwardArgs& args, const GradientViews* out);
-  // run_into() from the states entering its pieces, which a forward kept (StateCheckpoints): `entering` has one
-  // per piece boundary, entering[j] = the state entering piece j (tokens from j * max_piece) for j = 1 .. n-1 and
-  // entering[n] = the state leaving the sequence; entering[0] is not read (the initial state is args'). The
-  // states pass is skipped: the gradient pass uploads all of q, k, v, i, f and dh once.
-  BackwardResult run_into(const BackwardArgs& args, const GradientViews* out,
-                          const std::vector<const State*>& entering);
+  // run_into() from the states a forward kept (StateCheckpoints) at every piece boundary: token from + j * max_piece
+  // for j = 1 .. n-1 and from + S (the state leaving the call); an Error when one is missing. States that this
+  // device keeps are copied on the device, others uploaded. The states pass is skipped: the gradient pass uploads
+  // all of q, k, v, i, f and dh once.
+  BackwardResult run_into(const BackwardArgs& args, const GradientViews* out, const StateCheckpoints& kept,
+                          std::int64_t from);
 
   const Config& config() const noexcept { return config_; }
   std::uint64_t bytes_up() const noexcept { return bytes_up_; }                    // host -> device, every run so far
@@ -90,8 +90,11 @@ class BackwardStream {
   std::uint64_t bytes_up_ = 0, bytes_down_ = 0, bytes_direct_up_ = 0, bytes_direct_down_ = 0;
   std::int64_t pieces_ = 0, kept_pieces_ = 0;
   bool from_checkpoints_ = false;
-  BackwardResult run_pieces(const BackwardArgs& args, const GradientViews* out,
-                            const std::vector<const State*>* entering);
+  struct KeptStates {
+    const StateCheckpoints* kept = nullptr;
+    std::int64_t from = 0;
+  };
+  BackwardResult run_pieces(const BackwardArgs& args, const GradientViews* out, KeptStates given);
 };
 
 }  // namespace mlstm::opencl

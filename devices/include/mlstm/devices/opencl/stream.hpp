@@ -94,10 +94,11 @@ class DeviceStream {
   void finish();  // waits for every enqueued transfer and kernel
   // With keep_states(true), every piece submitted from then on keeps the state leaving it: a copy on the device,
   // enqueued after the piece's kernels (rows x (DHQK*DHHV + DHQK + 1) float32s each). take_kept_states() waits for
-  // the kernels and returns them in submission order, float32 on the host, and forgets them (a backward starts its
-  // pieces from such states: StateCheckpoints). restart() forgets them and turns keeping off.
+  // the kernels and hands them over in submission order as DeviceStates (they stay on the device; a backward stream
+  // there copies them where it starts its pieces, anything else downloads them), and forgets them. restart()
+  // forgets them and turns keeping off.
   void keep_states(bool keep);
-  std::vector<State> take_kept_states();
+  std::vector<DeviceState> take_kept_states();
   // Begins another sequence on the same staging and device buffers (setting up a stream costs more than a
   // short sequence): waits for everything enqueued, forgets every h not taken, and starts from the zero state
   // or from c0/n0/m0 (as in the constructor). Tickets start again at 0. Not while a take() runs.
