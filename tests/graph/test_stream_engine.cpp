@@ -484,13 +484,18 @@ TEST(StreamEngine, BackwardStartsFromTheStatesTheForwardKept) {
 // second, with the same bits as that device's backward without them (PoCL's two devices run the same kernels).
 TEST(StreamEngine, StatesKeptOnOneDeviceServeABackwardOnAnother) {
   if (opencl::list_devices().size() < 2) GTEST_SKIP() << "needs two OpenCL devices (POCL_DEVICES=\"pthread pthread\")";
+  const opencl::DeviceInfo d0 = opencl::select_devices("0").front(), d1 = opencl::select_devices("1").front();
+  // Two devices of one kind (CI: PoCL's two pthread devices). On a GPU host device 1 may be another PoCL build,
+  // whose LLVM pass aborts on the emulated tensor-core kernels (PoCL 3's isAutomaticLocal assertion on the H200
+  // host): not a pair this test is about.
+  if (d0.platform_name != d1.platform_name || d0.type != d1.type || d0.name != d1.name)
+    GTEST_SKIP() << "devices 0 and 1 differ: " << d0.describe() << " / " << d1.describe();
   const StreamPiece piece("128");
   auto tc = [](const char* spec) {
     const bool real = opencl::tensor_core_support(opencl::select_devices(spec).front()).available;
     return opencl_devices(spec, real ? OpenCLKernels::tensor_cores : OpenCLKernels::emulated_tensor_cores).front();
   };
   const auto first = tc("0"), second = tc("1");
-  if (first->name() == second->name()) GTEST_SKIP() << "devices 0 and 1 are the same";
   graph::FlowGraphRunner on_first(std::vector<std::shared_ptr<ComputeDevice>>{first});
   graph::FlowGraphRunner on_second(std::vector<std::shared_ptr<ComputeDevice>>{second});
   const testing::InputSpec s = small_bf16(333, true);
