@@ -103,6 +103,9 @@ TEST_F(CliBenchSystem, EveryRowOnATinyProblem) {
   EXPECT_EQ(rows.at({"kernel_fw", 8192})["tokens_measured"], 8192);
   EXPECT_GT(rows.at({"forward_files", 8192})["peak_rss_mib"].get<double>(), 0);
   EXPECT_GT(rows.at({"startup", 4096})["first_token_seconds"].get<double>(), 0);
+  // The workers+GPU row names the devices its plan gave work (fastest may leave the workers out).
+  EXPECT_GE(rows.at({"workers_plus_gpu", 4096})["devices_used"].size(), 1u)
+      << rows.at({"workers_plus_gpu", 4096}).dump();
   // The floor under it: the devices opened in a process of their own (devices --open), no later than the first token.
   const json& floor = rows.at({"startup", 4096})["devices_open_floor_seconds"];
   ASSERT_TRUE(floor.is_number()) << rows.at({"startup", 4096}).dump();

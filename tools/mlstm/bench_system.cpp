@@ -953,8 +953,9 @@ class SystemBench {
       return;
     }
     std::string both_error;
+    std::vector<std::string> both_used;  // the devices the workers+GPU plan gave work (fastest may leave some out)
     try {
-      both_call = whole ? forward_call(both, host, pieces) : stream_call(both, c, pieces);
+      both_call = whole ? forward_call(both, host, pieces, &both_used) : stream_call(both, c, pieces, &both_used);
     } catch (const std::exception& e) {
       both_error = e.what();
     }
@@ -964,10 +965,13 @@ class SystemBench {
       if (!how.empty()) extra["note"] = how;
       report_.run(c, kForwardHost, S, gpu.seconds, "min(transfer, host copies, kernel_fw)", fw_bound, extra);
       if (both_error.empty()) {
+        std::string ran;
+        for (const auto& d : both_used) ran += (ran.empty() ? "" : ", ") + d;
         json plus{{"devices", both},
+                  {"devices_used", both_used},
                   {"gpu_alone_seconds", gpu.seconds},
                   {"timed_runs", with_workers.runs},
-                  {"note", "timed in turns with the GPU alone"}};
+                  {"note", "timed in turns with the GPU alone; ran on " + (ran.empty() ? std::string("?") : ran)}};
         report_.run(c, kWorkersPlus, S, with_workers.seconds, "the GPU alone (forward_host)", S / gpu.seconds, plus);
       } else {
         report_.failed(c, kWorkersPlus, both_error);
@@ -1139,16 +1143,22 @@ class SystemBench {
   }
 
   // A forward of the whole host inputs through the graph over `spec`, warmed up on a piece (the call owns its runner).
+  // `used` (optional): after each call, the devices its plan gave work.
   std::function<void()> forward_call(const std::string& spec, const ForwardInputs& host,
-                                     const std::vector<ForwardInputs>& pieces) {
+                                     const std::vector<ForwardInputs>& pieces,
+                                     std::vector<std::string>* used = nullptr) {
     auto runner = std::make_shared<graph::FlowGraphRunner>(spec);
     runner->set_balancing(graph::Balancing::fastest);  // several devices: measured once (in the warm-up), kept
     (void)runner->forward(pieces[0].args(), options_);
-    return [this, runner, a = host.args()] { (void)runner->forward(a, options_); };
+    return [this, runner, a = host.args(), used] {
+      (void)runner->forward(a, options_);
+      if (used) *used = runner->last_plan().devices;
+    };
   }
 
   // The same through a StreamSession over `spec`, two pieces in flight behind the one taken.
-  std::function<void()> stream_call(const std::string& spec, const Case& c, const std::vector<ForwardInputs>& pieces) {
+  std::function<void()> stream_call(const std::string& spec, const Case& c, const std::vector<ForwardInputs>& pieces,
+                                    std::vector<std::string>* used = nullptr) {
     StreamConfig cfg;
     cfg.B = 1;
     cfg.NH = c.p.NH;
@@ -1160,7 +1170,7 @@ class SystemBench {
       StreamSession warm(cfg);
       (void)warm.push(pieces[0].args());
     }
-    return [cfg, &c, &pieces] {
+    return [cfg, &c, &pieces, used] {
       StreamSession session(cfg);
       std::deque<std::uint64_t> in_flight;
       for (std::int64_t t0 = 0; t0 < c.S; t0 += c.piece) {
@@ -1172,6 +1182,7 @@ class SystemBench {
         }
       }
       for (; !in_flight.empty(); in_flight.pop_front()) (void)session.take(in_flight.front());
+      if (used && session.runner()) *used = session.runner()->last_plan().devices;
     };
   }
 
