@@ -54,7 +54,7 @@ struct DeviceStream::Impl {
   cl_program gates = nullptr, states = nullptr, outputs = nullptr;  // the device's (cached there)
   // Slots 1.. are set up on a thread of their own while the first piece is filled and sent: page-locking the
   // staging costs about 0.1 s per 256 MiB on the H200 host, which came before the first token otherwise.
-  std::future<void> later_slots;
+  std::future<void> later_slots[kStreamSlots];          // [j]: slot j's set-up (j >= 1), each on a thread of its own
   Buffer gb, gbi, gpm, gG, gA, mst, Cst, nst, Nt, sgt;  // intermediates: one piece computes at a time
   Buffer C[2], n[2], m[2];                              // the state, ping-pong between pieces
   int state = 0;                                        // index of the current state
@@ -102,20 +102,23 @@ DeviceStream::DeviceStream(std::shared_ptr<Device> device, Config config, ConstT
                                      im.cfg.chunk(0, c.DHQK, c.DHHV, im.cfg.OTf, im.cfg.DSf));
   auto f32 = [&](std::size_t n) { return dev.alloc(std::max<std::size_t>(n, 1) * sizeof(float)); };
   set_up(im.slots[0], im.up);
-  // (Impl's future is its last member: destroyed first, it waits for this thread, which uses the slots.)
-  im.later_slots = std::async(std::launch::async, [this, slots = im.slots] {
-    const ScopedTrace later([&] { return "stream slots 1.." + std::to_string(kStreamSlots - 1) + " set up"; });
-    cl_int e = CL_SUCCESS;
-    cl_command_queue q = clCreateCommandQueue(device_->context(), device_->info().id, 0, &e);
-    check(e, "clCreateCommandQueue(stream set-up)", device_->name());
-    try {
-      for (int j = 1; j < kStreamSlots; ++j) set_up(slots[j], q);
-    } catch (...) {
+  // The later slots in parallel, one thread each: page-locking is most of a slot's set-up, and the first slice's
+  // pieces wait for their slots (the destructor waits for these threads, which use the slots).
+  for (int j = 1; j < kStreamSlots; ++j) {
+    im.later_slots[j] = std::async(std::launch::async, [this, slot = &im.slots[j], j] {
+      const ScopedTrace later([&] { return "stream slot " + std::to_string(j) + " set up"; });
+      cl_int e = CL_SUCCESS;
+      cl_command_queue q = clCreateCommandQueue(device_->context(), device_->info().id, 0, &e);
+      check(e, "clCreateCommandQueue(stream set-up)", device_->name());
+      try {
+        set_up(*slot, q);
+      } catch (...) {
+        clReleaseCommandQueue(q);
+        throw;
+      }
       clReleaseCommandQueue(q);
-      throw;
-    }
-    clReleaseCommandQueue(q);
-  });
+    });
+  }
   im.gb = f32(tok);
   im.gbi = f32(tok);
   im.gpm = f32(tok);
@@ -161,9 +164,10 @@ void DeviceStream::set_up(Slot& s, cl_command_queue map_queue) {
   s.outputs = KernelObject{dev.kernel(im.outputs, "tc_fw_outputs")};
 }
 
-void DeviceStream::await_slots() {
+void DeviceStream::await_slot(int j) {
   Impl& im = *impl_;
-  if (im.later_slots.valid()) im.later_slots.get();  // rethrows the set-up's error (once; then the slots are unset)
+  // Rethrows the set-up's error (once; then the slot stays unset and next_piece says so).
+  if (im.later_slots[j].valid()) im.later_slots[j].get();
 }
 
 void DeviceStream::load_state(ConstTensorView c0, ConstTensorView n0, ConstTensorView m0) {
@@ -212,7 +216,8 @@ void DeviceStream::restart(ConstTensorView c0, ConstTensorView n0, ConstTensorVi
 DeviceStream::~DeviceStream() {
   if (!impl_) return;
   Impl& im = *impl_;
-  if (im.later_slots.valid()) im.later_slots.wait();
+  for (auto& f : im.later_slots)
+    if (f.valid()) f.wait();
   for (cl_command_queue q : {im.up, im.kernels, im.down})
     if (q) clFinish(q);
   for (Slot& s : im.slots) {
@@ -262,7 +267,7 @@ DeviceStream::HostPiece DeviceStream::next_piece(std::int64_t len) {
     throw InvalidArgument(
         "len", "a piece must have 1.." + std::to_string(config_.max_piece) + " tokens, got " + std::to_string(len));
   Slot& s = slot_of(next_ticket_);
-  if (&s != &impl_->slots[0]) await_slots();
+  await_slot(static_cast<int>(next_ticket_ % kStreamSlots));
   if (!s.outputs.k)
     throw Error("DeviceStream: the staging of slot " + std::to_string(next_ticket_ % kStreamSlots) +
                 " failed to set up earlier");

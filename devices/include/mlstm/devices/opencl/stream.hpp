@@ -117,7 +117,7 @@ class DeviceStream {
   Slot& slot_of(std::uint64_t ticket);
   void retire(Slot& slot);                              // waits for the slot's piece and keeps its h aside if not taken
   void set_up(Slot& slot, cl_command_queue map_queue);  // its pinned staging, device buffers and kernels
-  void await_slots();                                   // the later slots' set-up (rethrows its error)
+  void await_slot(int index);                           // slot `index`'s set-up (rethrows its error)
   void load_state(ConstTensorView c0, ConstTensorView n0, ConstTensorView m0);  // the state entering the next piece
 
   std::shared_ptr<Device> device_;
