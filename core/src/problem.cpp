@@ -267,6 +267,32 @@ View gate_rows_of(View t) {
 TensorView gate_rows(TensorView t) { return gate_rows_of(t); }
 ConstTensorView gate_rows(ConstTensorView t) { return gate_rows_of(t); }
 
+namespace {
+
+// FNV-1a 64 over up to 256 token vectors of `t` ((B,NH,S,D) or (B,NH,S); any strides), spread evenly over its rows
+// and tokens: a cheap fingerprint of what a forward read (StateCheckpoints).
+std::uint64_t sample_of(ConstTensorView t, std::uint64_t h = 1469598103934665603ull) {
+  if (t.empty()) return h;
+  const int dims = t.dims();
+  const std::size_t es = dtype_size(t.dtype());
+  const std::int64_t rows = t.dim(0) * t.dim(1), S = dims >= 3 ? t.dim(2) : 1, D = dims >= 4 ? t.dim(3) : 1;
+  const std::int64_t total = rows * S, n = std::min<std::int64_t>(256, total);
+  const auto& st = t.strides();
+  for (std::int64_t j = 0; j < n; ++j) {
+    const std::int64_t at = j * total / n, r = at / S, tok = at % S;
+    const std::int64_t off = (r / t.dim(1)) * st[0] + (r % t.dim(1)) * st[1] + (dims >= 3 ? tok * st[2] : 0);
+    for (std::int64_t d = 0; d < D; ++d) {
+      const std::byte* e = t.bytes() + static_cast<std::size_t>(off + (dims >= 4 ? d * st[3] : 0)) * es;
+      for (std::size_t b = 0; b < es; ++b) h = (h ^ static_cast<std::uint8_t>(e[b])) * 1099511628211ull;
+    }
+  }
+  return h;
+}
+
+std::uint64_t initial_state_sample(const ForwardArgs& a) { return sample_of(a.m0, sample_of(a.n0, sample_of(a.c0))); }
+
+}  // namespace
+
 void StateCheckpoints::bind(const ForwardArgs& args, const MlstmOptions& options) {
   const ProblemShape p = validate_forward(args, options);
   std::lock_guard lock(mutex_);
@@ -277,6 +303,11 @@ void StateCheckpoints::bind(const ForwardArgs& args, const MlstmOptions& options
   const ConstTensorView* in[5] = {&args.q, &args.k, &args.v, &args.i, &args.f};
   for (int j = 0; j < 5; ++j) inputs_[j] = in[j]->bytes();
   initial_ = args.c0.empty() ? nullptr : args.c0.bytes();
+  sample_[0] = sample_of(args.k);
+  sample_[1] = sample_of(args.v);
+  sample_[2] = sample_of(args.i);
+  sample_[3] = sample_of(args.f);
+  sample_[4] = initial_state_sample(args);
   bound_ = true;
 }
 
@@ -358,6 +389,13 @@ void StateCheckpoints::check_fits(const ForwardArgs& args, const MlstmOptions& o
                                                " is not the memory that forward read");
   if ((args.c0.empty() ? nullptr : args.c0.bytes()) != initial_)
     throw InvalidArgument("checkpoints", "kept by a forward from another initial state (c0)");
+  const std::uint64_t now[5] = {sample_of(args.k), sample_of(args.v), sample_of(args.i), sample_of(args.f),
+                                initial_state_sample(args)};
+  static constexpr const char* kSampled[5] = {"k", "v", "i", "f", "the initial state"};
+  for (int j = 0; j < 5; ++j)
+    if (now[j] != sample_[j])
+      throw InvalidArgument("checkpoints", std::string(kSampled[j]) +
+                                               " changed since the forward kept these states (refilled in place?)");
 }
 
 GradientViews GradientViews::slice(std::int64_t t0, std::int64_t t1) const {

@@ -567,6 +567,25 @@ TEST(StreamEngine, KeptStatesFitOnlyTheirForward) {
       EXPECT_EQ(e.argument(), c.argument) << c.what << ": " << e.what();
     }
   }
+  // The same buffers refilled in place between the forward and the backward (k, or the forget gate) are refused.
+  for (const char* refill : {"k", "f"}) {
+    auto mine = testing::make_inputs(s, testing::fresh_seed());
+    StateCheckpoints fresh;
+    (void)runner.forward(mine.args(), o, 0, &fresh);
+    const auto other_draw = testing::make_inputs(s, testing::fresh_seed());
+    Tensor& target = std::string(refill) == "k" ? mine.k : mine.f;
+    const Tensor& with = std::string(refill) == "k" ? other_draw.k : other_draw.f;
+    std::memcpy(target.bytes(), with.bytes(), with.nbytes());
+    BackwardArgs b = mine.backward_args(false);
+    b.checkpoints = &fresh;
+    try {
+      (void)runner.backward(b, o);
+      ADD_FAILURE() << refill << " refilled: taken";
+    } catch (const InvalidArgument& e) {
+      EXPECT_EQ(e.argument(), "checkpoints") << e.what();
+      EXPECT_NE(std::string(e.what()).find(std::string(refill) + " changed"), std::string::npos) << e.what();
+    }
+  }
   // Several segments and devices: each GPU segment starts from the states kept in it.
   std::vector<std::shared_ptr<ComputeDevice>> devices = cpu_workers();
   devices.push_back(emulated_tc_device());

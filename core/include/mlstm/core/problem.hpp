@@ -78,9 +78,11 @@ struct ForwardResult {
 // there instead of recomputing those states from k, v and the gates first: on a GPU stream that pass carries a
 // third of the backward's uploads at 128/128. Per piece they take rows x (DHQK*DHHV + DHQK + 1) float32s.
 //
-// They describe the inputs as the forward read them, like any activations saved for a backward: a backward after
-// the inputs changed in place gets gradients of the old ones. The backward checks what it can: the problem's
-// shape, dtype, gate and chunk size, and that the inputs are the same memory (InvalidArgument("checkpoints")).
+// They describe the inputs as the forward read them, like any activations saved for a backward. The backward checks
+// what it can (InvalidArgument("checkpoints")): the problem's shape, dtypes, gate and chunk size, that the inputs are
+// the same memory, and that a sample of k, v, the gates and the initial state (256 token vectors of each, spread
+// over rows and tokens) still holds what the forward read: refilling those buffers in place between the two calls
+// is refused, though a change to a few tokens outside the sample is not seen.
 //
 // A device may keep a state in its own memory (DeviceState): a backward on that device then copies it where it
 // needs it without a host round trip; at() brings it to the host the first time it is asked for.
@@ -119,6 +121,7 @@ class StateCheckpoints {
   GateVariant gate_ = GateVariant::exp;
   std::int64_t chunk_size_ = 0;
   bool bound_ = false;
+  std::uint64_t sample_[5] = {};   // fingerprints of k, v, i, f and c0/n0/m0 (sample_of in problem.cpp)
   const void* inputs_[5] = {};     // q, k, v, i, f
   const void* initial_ = nullptr;  // c0
 };
