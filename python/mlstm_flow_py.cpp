@@ -608,7 +608,8 @@ PYBIND11_MODULE(mlstm_flow, m) {
       "devices are downloaded into directly, and with q, k, v, i, f and dh there too no byte passes a host copy.\n"
       "checkpoints=StateCheckpoints (devices= only): the states forward(..., keep=) kept for these same arrays; a\n"
       "GPU's streamed backward starts its pieces there. Kept by a forward of other arrays (or of converted copies),\n"
-      "shape, gate or chunk size: ValueError naming checkpoints.");
+      "shape, gate or chunk size, or arrays refilled in place since (a sample of k, v, i, f is compared): ValueError\n"
+      "naming checkpoints.");
   m.def(
       "step",
       [](py::object q, py::object k, py::object v, py::object i, py::object f, py::object c, py::object n,
