@@ -293,8 +293,7 @@ std::uint64_t initial_state_sample(const ForwardArgs& a) { return sample_of(a.m0
 
 }  // namespace
 
-void StateCheckpoints::bind(const ForwardArgs& args, const MlstmOptions& options) {
-  const ProblemShape p = validate_forward(args, options);
+void StateCheckpoints::bind(const ForwardArgs& args, const ProblemShape& p, const MlstmOptions& options) {
   std::lock_guard lock(mutex_);
   states_.clear();
   shape_ = p;
@@ -358,15 +357,16 @@ std::vector<std::int64_t> StateCheckpoints::tokens() const {
   return t;
 }
 
-std::size_t StateCheckpoints::bytes() const {
-  std::lock_guard lock(mutex_);
-  const auto rows = static_cast<std::size_t>(shape_.B * shape_.NH);
-  const auto per_state = rows * static_cast<std::size_t>(shape_.DHQK * shape_.DHHV + shape_.DHQK + 1) * sizeof(float);
-  return states_.size() * per_state;
+std::size_t state_bytes(const ProblemShape& p) {
+  return static_cast<std::size_t>(p.rows() * (p.DHQK * p.DHHV + p.DHQK + 1)) * sizeof(float);
 }
 
-void StateCheckpoints::check_fits(const ForwardArgs& args, const MlstmOptions& options) const {
-  const ProblemShape p = validate_forward(args, options);
+std::size_t StateCheckpoints::bytes() const {
+  std::lock_guard lock(mutex_);
+  return states_.size() * state_bytes(shape_);
+}
+
+void StateCheckpoints::check_fits(const ForwardArgs& args, const ProblemShape& p, const MlstmOptions& options) const {
   std::lock_guard lock(mutex_);
   if (!bound_) throw InvalidArgument("checkpoints", "kept by no forward (pass them to a forward first)");
   const ProblemShape& f = shape_;

@@ -37,6 +37,10 @@ BackwardResult state_gradient_through_backward(const std::function<BackwardResul
   return out;
 }
 
+void KeepStates::leaving(std::int64_t S, const ForwardResult& r) const {
+  if (to && !r.c.empty()) to->put(from + S, State{r.c, r.n, r.m});
+}
+
 ForwardResult ComputeDevice::forward_into(const ForwardArgs& segment, const MlstmOptions& options, TensorView h,
                                           KeepStates keep) {
   const ProblemShape p = validate_forward(segment, options);
@@ -45,7 +49,7 @@ ForwardResult ComputeDevice::forward_into(const ForwardArgs& segment, const Mlst
   ForwardResult r = forward(segment, options);
   copy_piece_rows(r.h.view(), h);
   r.h = Tensor();
-  if (keep.to && !r.c.empty()) keep.to->put(keep.from + p.S, State{r.c, r.n, r.m});
+  keep.leaving(p.S, r);
   return r;
 }
 

@@ -283,9 +283,8 @@ class OpenCLComputeDevice final : public ComputeDevice {
     // The kept states stay on the device (a backward there copies them where it starts its pieces) when they fit an
     // eighth of its memory; beyond that none are kept, and a backward recomputes them.
     const std::int64_t pieces = (p.S + piece.S - 1) / piece.S;
-    const auto state_bytes = static_cast<std::uint64_t>(p.B * p.NH * (p.DHQK * p.DHHV + p.DHQK + 1)) * sizeof(float);
     const bool keeping =
-        keep.to != nullptr && static_cast<std::uint64_t>(pieces) * state_bytes <= device_->info().global_memory / 8;
+        keep.to != nullptr && static_cast<std::uint64_t>(pieces) * state_bytes(p) <= device_->info().global_memory / 8;
     stream.keep_states(keeping);
     ForwardResult r;
     if (out.empty()) {
@@ -348,8 +347,8 @@ class OpenCLComputeDevice final : public ComputeDevice {
       for (std::size_t k = 0; k < states.size(); ++k)
         keep.to->put(keep.from + std::min(p.S, static_cast<std::int64_t>(k + 1) * piece.S), std::move(states[k]));
       stream.keep_states(false);
-    } else if (keep.to && o.return_last_states) {
-      keep.to->put(keep.from + p.S, State{r.c, r.n, r.m});
+    } else {
+      keep.leaving(p.S, r);
     }
     park_stream(std::move(held));
     return r;

@@ -595,7 +595,7 @@ ForwardResult FlowGraphRunner::run_forward(const ForwardArgs& args, const MlstmO
   using namespace tbb::flow;
   auto problem = std::make_shared<nodes::SegmentProblem>(args, options, true, h_out);
   if (keep) {
-    keep->bind(args, options);
+    keep->bind(args, problem->shape(), options);
     problem->keep_states(keep);
   }
   // Named members, not a structured binding: clang before 16 refuses to capture bindings in lambdas.
@@ -907,7 +907,7 @@ BackwardResult FlowGraphRunner::run_backward(const BackwardArgs& args, const Mls
   if (args.checkpoints) {
     if (args.checkpoints_from != 0)
       throw InvalidArgument("checkpoints_from", "a whole backward starts at token 0 of its checkpoints");
-    args.checkpoints->check_fits(args.inputs, options);
+    args.checkpoints->check_fits(args.inputs, shape, options);
   }
   const PlannedRun planned = plan_run(Pass::backward, shape, options, segment_tokens);
   const auto& capable = planned.devices;

@@ -490,7 +490,6 @@ BackwardResult BackwardStream::run_pieces(const BackwardArgs& a, const GradientV
       throw Error("BackwardStream: no kept state of this shape at token " + std::to_string(t));
     return std::pair<const DeviceState*, const State*>{nullptr, host};
   };
-  from_checkpoints_ = given.kept != nullptr;
   const std::size_t rows = static_cast<std::size_t>(c.B * c.NH), K = static_cast<std::size_t>(c.DHQK),
                     kv = K * static_cast<std::size_t>(c.DHHV);
   // The entering states: one set per piece and the state leaving the sequence (buffers kept for later runs).

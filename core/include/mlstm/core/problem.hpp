@@ -59,6 +59,8 @@ struct State {
   static State zeros(std::int64_t B, std::int64_t NH, std::int64_t DHQK, std::int64_t DHHV);  // C = n = 0, m = 0
 };
 using StateHandle = std::shared_ptr<const State>;
+// Bytes of one State of problem p's rows: rows x (DHQK*DHHV + DHQK + 1) float32s.
+std::size_t state_bytes(const ProblemShape& p);
 
 struct ForwardArgs {
   ConstTensorView q, k, v, i, f;
@@ -94,8 +96,9 @@ struct DeviceState {
 
 class StateCheckpoints {
  public:
-  // Forgets every state and records what they are of (the forward's arguments and options).
-  void bind(const ForwardArgs& args, const MlstmOptions& options);
+  // Forgets every state and records what they are of (the forward's arguments, validated as problem `p`, and
+  // options).
+  void bind(const ForwardArgs& args, const ProblemShape& p, const MlstmOptions& options);
   // The state entering token `token` (0 < token <= S); thread-safe (segments on several devices record at once).
   void put(std::int64_t token, State state);
   void put(std::int64_t token, DeviceState state);
@@ -106,9 +109,9 @@ class StateCheckpoints {
   const DeviceState* on_device(std::int64_t token) const;
   std::vector<std::int64_t> tokens() const;  // ascending
   std::size_t bytes() const;                 // of the states kept (each once, wherever it lies)
-  // InvalidArgument("checkpoints") unless these were bound to a forward of `args` (the backward's inputs) with the
-  // same shape, dtypes, gate and chunk size.
-  void check_fits(const ForwardArgs& args, const MlstmOptions& options) const;
+  // InvalidArgument("checkpoints") unless these were bound to a forward of `args` (the backward's inputs, already
+  // validated as problem `p`) with the same shape, dtypes, gate and chunk size.
+  void check_fits(const ForwardArgs& args, const ProblemShape& p, const MlstmOptions& options) const;
 
  private:
   struct Kept {

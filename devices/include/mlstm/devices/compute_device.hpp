@@ -85,6 +85,8 @@ class ForwardCallStream final : public SequenceStream {
 struct KeepStates {
   StateCheckpoints* to = nullptr;
   std::int64_t from = 0;  // the token of to's sequence where the call's token 0 lies
+  // Keeps the state leaving a call of S tokens when `r` has it (options.return_last_states) and keeping is on.
+  void leaving(std::int64_t S, const ForwardResult& r) const;
 };
 
 class ComputeDevice {

@@ -67,8 +67,6 @@ class BackwardStream {
   // Pieces of the last run whose k, v, i, f stayed on the device between the two passes (all, or none when they
   // do not fit a quarter of its memory or MLSTM_BACKWARD_KEEP=off).
   std::int64_t kept_pieces() const noexcept { return kept_pieces_; }
-  // Whether the last run started its pieces from a forward's states (run_into with `entering`: no states pass).
-  bool from_checkpoints() const noexcept { return from_checkpoints_; }
 
  private:
   struct Slot;
@@ -89,7 +87,6 @@ class BackwardStream {
   std::unique_ptr<Impl> impl_;
   std::uint64_t bytes_up_ = 0, bytes_down_ = 0, bytes_direct_up_ = 0, bytes_direct_down_ = 0;
   std::int64_t pieces_ = 0, kept_pieces_ = 0;
-  bool from_checkpoints_ = false;
   struct KeptStates {
     const StateCheckpoints* kept = nullptr;
     std::int64_t from = 0;
