@@ -25,6 +25,8 @@ double peak_rss_mib() {
 
 struct Piece {
   Tensor q, k, v, i, f;
+  // As gradients dq, dk, dv, di, df (a Piece of host_gradients).
+  GradientViews views() { return {q.view(), k.view(), v.view(), i.view(), f.view()}; }
   ForwardArgs args() const {
     ForwardArgs a;
     a.q = q.view();
@@ -35,6 +37,12 @@ struct Piece {
     return a;
   }
 };
+
+// Gradient tensors shaped like `in`'s inputs (dq like q, ...) in the runner's host tensor memory.
+Piece host_gradients(const graph::FlowGraphRunner& runner, const Piece& in) {
+  auto like = [&](const Tensor& t) { return runner.host_tensor(t.shape(), t.dtype()); };
+  return {like(in.q), like(in.k), like(in.v), like(in.i), like(in.f)};
+}
 
 std::int64_t env_int(const char* name, std::int64_t fallback) {
   const char* v = std::getenv(name);
@@ -200,14 +208,8 @@ void BM_HostBackward(benchmark::State& state) {
   BackwardArgs b;
   b.inputs = whole.args();
   b.dh = dh.view();
-  Tensor grads[5];
-  if (pinned) {
-    for (int j = 0; j < 5; ++j) {
-      const Tensor& like = j == 0 ? whole.q : j == 1 ? whole.k : j == 2 ? whole.v : j == 3 ? whole.i : whole.f;
-      grads[j] = runner.host_tensor(like.shape(), like.dtype());
-    }
-  }
-  const GradientViews into{grads[0].view(), grads[1].view(), grads[2].view(), grads[3].view(), grads[4].view()};
+  Piece grads = pinned ? host_gradients(runner, whole) : Piece{};
+  const GradientViews into = grads.views();
   if (state.range(0) == 1) setenv("MLSTM_STREAM_PIECE", "16384", 1);
   auto run = [&] { return pinned ? runner.backward_into(into, b, o) : runner.backward(b, o); };
   (void)run();  // warm-up: programs, the device's stream
@@ -243,15 +245,9 @@ void BM_HostForwardBackward(benchmark::State& state) {
   MlstmOptions o;
   o.chunk_size = 128;
   o.return_last_states = false;
-  Tensor h, grads[5];
-  if (pinned) {
-    h = runner.host_tensor(whole.v.shape(), whole.v.dtype());
-    for (int j = 0; j < 5; ++j) {
-      const Tensor& like = j == 0 ? whole.q : j == 1 ? whole.k : j == 2 ? whole.v : j == 3 ? whole.i : whole.f;
-      grads[j] = runner.host_tensor(like.shape(), like.dtype());
-    }
-  }
-  const GradientViews into{grads[0].view(), grads[1].view(), grads[2].view(), grads[3].view(), grads[4].view()};
+  Tensor h = pinned ? runner.host_tensor(whole.v.shape(), whole.v.dtype()) : Tensor();
+  Piece grads = pinned ? host_gradients(runner, whole) : Piece{};
+  const GradientViews into = grads.views();
   StateCheckpoints kept;
   auto run = [&] {
     BackwardArgs b;

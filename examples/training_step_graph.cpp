@@ -24,23 +24,24 @@ int main(int argc, char** argv) {
     return t;
   };
   const example::Inputs drawn = example::make(B, NH, S, D, D, rng);
-  mlstm::Tensor q = host(drawn.q), k = host(drawn.k), v = host(drawn.v), i = host(drawn.i), f = host(drawn.f);
+  example::Inputs in;  // the same values in the runner's host tensors
+  in.q = host(drawn.q);
+  in.k = host(drawn.k);
+  in.v = host(drawn.v);
+  in.i = host(drawn.i);
+  in.f = host(drawn.f);
+  mlstm::Tensor &q = in.q, &k = in.k, &v = in.v;
   const mlstm::Tensor target = example::random({B, NH, S, D}, 0, rng);
   mlstm::Tensor h = runner.host_tensor({B, NH, S, D}, mlstm::DType::f32);
   mlstm::Tensor dh = runner.host_tensor({B, NH, S, D}, mlstm::DType::f32);
   mlstm::Tensor dq = runner.host_tensor(q.shape(), q.dtype()), dk = runner.host_tensor(k.shape(), k.dtype()),
-                dv = runner.host_tensor(v.shape(), v.dtype()), di = runner.host_tensor(i.shape(), i.dtype()),
-                df = runner.host_tensor(f.shape(), f.dtype());
+                dv = runner.host_tensor(v.shape(), v.dtype()), di = runner.host_tensor(in.i.shape(), in.i.dtype()),
+                df = runner.host_tensor(in.f.shape(), in.f.dtype());
   const mlstm::GradientViews grads{dq.view(), dk.view(), dv.view(), di.view(), df.view()};
   mlstm::MlstmOptions options;
   options.chunk_size = 64;
   options.return_last_states = false;
-  mlstm::ForwardArgs args;
-  args.q = q.view();
-  args.k = k.view();
-  args.v = v.view();
-  args.i = i.view();
-  args.f = f.view();
+  const mlstm::ForwardArgs args = in.args();
   mlstm::StateCheckpoints kept;  // rebound by every forward
   double first = 0, last = 0;
   for (std::int64_t step = 0; step < steps; ++step) {

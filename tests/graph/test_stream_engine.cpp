@@ -54,6 +54,13 @@ MlstmOptions chunk64(bool last_states) {
   return testing::matches(testing::replace_tokens(h, ref.h, kinks), ref.h, 2e-2, what, "h", s);
 }
 
+// A copy of `t` in the runner's host tensor memory (the OpenCL device's page-locked memory).
+Tensor pinned_copy(const graph::FlowGraphRunner& runner, const Tensor& t) {
+  Tensor p = runner.host_tensor(t.shape(), t.dtype());
+  std::memcpy(p.bytes(), t.bytes(), t.nbytes());
+  return p;
+}
+
 // Sets MLSTM_STREAM_PIECE for one test.
 class StreamPiece {
  public:
@@ -231,11 +238,7 @@ TEST(StreamEngine, ForwardFromPinnedHostTensorsUploadsThemWhereTheyLie) {
   graph::FlowGraphRunner runner(std::vector<std::shared_ptr<ComputeDevice>>{emulated_tc_device()});
   const testing::InputSpec s = small_bf16(333, true);
   const auto in = testing::make_inputs(s, testing::fresh_seed());
-  auto pin = [&](const Tensor& t) {
-    Tensor p = runner.host_tensor(t.shape(), t.dtype());
-    std::memcpy(p.bytes(), t.bytes(), t.nbytes());
-    return p;
-  };
+  auto pin = [&](const Tensor& t) { return pinned_copy(runner, t); };
   const Tensor q = pin(in.q), k = pin(in.k), v = pin(in.v), i = pin(in.i), f = pin(in.f);
   EXPECT_TRUE(opencl_device0()->pinned(q.bytes(), q.nbytes()));
   const MlstmOptions o = chunk64(true);
@@ -315,11 +318,7 @@ TEST(StreamEngine, BackwardFromPinnedHostTensorsIntoPinnedGradients) {
     const MlstmOptions o = chunk64(false);
     const BackwardArgs plain_args = in.backward_args(true);
     const BackwardResult plain = runner.backward(plain_args, o);
-    auto pin = [&](const Tensor& t) {
-      Tensor p = runner.host_tensor(t.shape(), t.dtype());
-      std::memcpy(p.bytes(), t.bytes(), t.nbytes());
-      return p;
-    };
+    auto pin = [&](const Tensor& t) { return pinned_copy(runner, t); };
     const Tensor q = pin(in.q), k = pin(in.k), v = pin(in.v), i = pin(in.i), f = pin(in.f), dh = pin(in.dh);
     BackwardArgs a = plain_args;
     a.inputs.q = q.view();
@@ -444,11 +443,7 @@ TEST(StreamEngine, BackwardStartsFromTheStatesTheForwardKept) {
   const testing::InputSpec s = small_bf16(333, false);
   auto in = testing::make_inputs(s, testing::fresh_seed());
   in.dh = in.dh.to(DType::bf16);
-  auto pin = [&](const Tensor& t) {
-    Tensor p = runner.host_tensor(t.shape(), t.dtype());
-    std::memcpy(p.bytes(), t.bytes(), t.nbytes());
-    return p;
-  };
+  auto pin = [&](const Tensor& t) { return pinned_copy(runner, t); };
   const Tensor q = pin(in.q), k = pin(in.k), v = pin(in.v), i = pin(in.i), f = pin(in.f), dh = pin(in.dh);
   ForwardArgs fa;
   fa.q = q.view();

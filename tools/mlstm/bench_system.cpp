@@ -1131,15 +1131,10 @@ class SystemBench {
       time(a, ta);
       if (b) time(b, tb);
     }
-    auto median = [](std::vector<double> t) {
-      Timed r;
-      r.runs = static_cast<std::int64_t>(t.size());
-      if (t.empty()) return r;
-      std::sort(t.begin(), t.end());
-      r.seconds = t[t.size() / 2];
-      return r;
+    auto medians = [](const std::vector<double>& t) {
+      return Timed{median_of(t), static_cast<std::int64_t>(t.size())};
     };
-    return {median(ta), median(tb)};
+    return {medians(ta), medians(tb)};
   }
 
   // A forward of the whole host inputs through the graph over `spec`, warmed up on a piece (the call owns its runner).

@@ -163,7 +163,12 @@ double median_seconds(std::int64_t repeats, const std::function<void()>& fn, boo
     total += times.back();
   }
   if (runs) *runs = static_cast<std::int64_t>(times.size());
-  std::sort(times.begin(), times.end());
+  return median_of(std::move(times));
+}
+
+double median_of(std::vector<double> times) {
+  if (times.empty()) return 0;
+  std::nth_element(times.begin(), times.begin() + static_cast<std::ptrdiff_t>(times.size() / 2), times.end());
   return times[times.size() / 2];
 }
 

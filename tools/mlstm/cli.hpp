@@ -48,6 +48,8 @@ double peak_rss_mib();  // this process image's peak resident memory (VmHWM), Mi
 // The median wall time of up to `repeats` calls of fn (at least one), after one untimed call when `warm_up`; no
 // further call once the timed ones have taken `budget_seconds` together (a long run is its own average). `runs`,
 // when given, is set to the number of timed calls.
+// The middle element of `times` (the upper one of an even count, as median_seconds reports); 0 when empty.
+double median_of(std::vector<double> times);
 double median_seconds(std::int64_t repeats, const std::function<void()>& fn, bool warm_up = true,
                       double budget_seconds = std::numeric_limits<double>::infinity(), std::int64_t* runs = nullptr);
 std::string cpu_model();  // /proc/cpuinfo's "model name", or "unknown"
