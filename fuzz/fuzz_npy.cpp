@@ -1,6 +1,6 @@
-// libFuzzer target: the .npy parser (npy::parse) on arbitrary bytes, also as bfloat16. Any input must give a
-// tensor whose size matches its header or an mlstm::Error; a crash, a sanitizer report or another exception
-// is a bug.
+// libFuzzer target: the .npy parser (npy::parse) on arbitrary bytes, also as bfloat16, and the offsets reader
+// (npy::parse_offsets, --cu-seqlens). Any input must give a tensor (offsets) whose size matches its header or an
+// mlstm::Error; a crash, a sanitizer report or another exception is a bug.
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -23,6 +23,11 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     } catch (const mlstm::Error&) {
       // refused with a clear error: fine
     }
+  }
+  try {
+    const auto offsets = mlstm::npy::parse_offsets(bytes, "fuzz");
+    if (offsets.size() * sizeof(std::int64_t) > size) __builtin_trap();
+  } catch (const mlstm::Error&) {
   }
   return 0;
 }

@@ -79,8 +79,14 @@ struct HeaderInfo {
   std::size_t data_offset;
 };
 
-// Decodes and checks the header at the start of `bytes` (a prefix of the file is enough).
-HeaderInfo decode_header(const std::string& bytes, const std::string& argument, std::optional<DType> as_dtype) {
+struct RawHeader {
+  Shape shape;
+  std::string descr;  // as written ("<f4", "<i8", ...)
+  std::size_t data_offset;
+};
+
+// Decodes and checks the header at the start of `bytes` (a prefix of the file is enough), but for its dtype.
+RawHeader decode_raw_header(const std::string& bytes, const std::string& argument) {
   if (bytes.size() < 10 || std::memcmp(bytes.data(), kMagic, 6) != 0) {
     throw InvalidArgument(argument, "not a .npy file (bad magic)");
   }
@@ -117,6 +123,14 @@ HeaderInfo decode_header(const std::string& bytes, const std::string& argument, 
     throw InvalidArgument(argument, "Fortran-ordered .npy arrays are not supported; save with np.ascontiguousarray");
   }
   if (descr.size() < 3) throw InvalidArgument(argument, "unsupported .npy dtype '" + descr + "'");
+  return {shape, descr, offset + header_len};
+}
+
+// Decodes and checks the header at the start of `bytes` (a prefix of the file is enough).
+HeaderInfo decode_header(const std::string& bytes, const std::string& argument, std::optional<DType> as_dtype) {
+  const RawHeader raw = decode_raw_header(bytes, argument);
+  const std::string& descr = raw.descr;
+  const Shape& shape = raw.shape;
   const char order = descr[0];
   const std::string kind = descr.substr(1);
   if (order == '>' && kind != "u1" && kind != "i1") {
@@ -142,7 +156,7 @@ HeaderInfo decode_header(const std::string& bytes, const std::string& argument, 
     throw InvalidArgument(argument, "expected dtype " + std::string(dtype_name(*as_dtype)) + ", file holds " +
                                         std::string(dtype_name(dtype)));
   }
-  return {shape, dtype, offset + header_len};
+  return {shape, dtype, raw.data_offset};
 }
 
 }  // namespace
@@ -344,6 +358,63 @@ Tensor read(const std::string& path, const std::string& argument, std::optional<
   if (need) in.read(reinterpret_cast<char*>(t.bytes()), static_cast<std::streamsize>(need));
   if (!in || static_cast<std::size_t>(in.gcount()) != need) throw InvalidArgument(where, "read error in .npy data");
   return t;
+}
+
+std::vector<std::int64_t> parse_offsets(const std::string& bytes, const std::string& argument) {
+  const RawHeader h = decode_raw_header(bytes, argument);
+  if (h.descr == ">i8") throw InvalidArgument(argument, "big-endian .npy arrays ('>i8') are not supported");
+  if (h.descr != "<i8") {
+    throw InvalidArgument(argument, "offsets must be int64 ('<i8'), the file holds '" + h.descr +
+                                        "'; save with np.asarray(offsets, dtype=np.int64)");
+  }
+  if (h.shape.size() != 1) {
+    throw InvalidArgument(argument, "offsets must be one-dimensional (N+1,), got shape " + shape_to_string(h.shape));
+  }
+  const auto count = static_cast<std::size_t>(h.shape[0]);
+  if (count < 2) {
+    throw InvalidArgument(argument,
+                          "needs N + 1 >= 2 offsets (0, then the end of each sequence), got " + std::to_string(count));
+  }
+  if ((bytes.size() - std::min(bytes.size(), h.data_offset)) / sizeof(std::int64_t) < count) {
+    throw InvalidArgument(argument, "truncated .npy data: shape " + shape_to_string(h.shape) + " needs " +
+                                        std::to_string(count * sizeof(std::int64_t)) + " bytes");
+  }
+  std::vector<std::int64_t> out(count);
+  if (count) std::memcpy(out.data(), bytes.data() + h.data_offset, count * sizeof(std::int64_t));
+  return out;
+}
+
+std::vector<std::int64_t> read_offsets(const std::string& path, const std::string& argument) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw InvalidArgument(argument, "cannot open '" + path + "'");
+  const std::string where = argument + " ('" + path + "')";
+  // Checked before the data is read: the header, then the file's size against the count it gives.
+  const std::string prefix = read_prefix(in, 1 << 16);
+  const RawHeader h = decode_raw_header(prefix, where);
+  in.seekg(0, std::ios::end);
+  const auto end = in.tellg();
+  if (end < 0) throw InvalidArgument(where, "cannot read the file (not a regular file?)");
+  const auto size = static_cast<std::size_t>(end);
+  if (h.shape.size() == 1 && size >= h.data_offset &&
+      (size - h.data_offset) / sizeof(std::int64_t) < static_cast<std::size_t>(h.shape[0])) {
+    throw InvalidArgument(where, "truncated .npy data: shape " + shape_to_string(h.shape) + " needs " +
+                                     std::to_string(static_cast<std::size_t>(h.shape[0]) * sizeof(std::int64_t)) +
+                                     " bytes, file has " + std::to_string(size - h.data_offset));
+  }
+  std::string bytes(size, '\0');
+  in.seekg(0);
+  in.read(bytes.data(), static_cast<std::streamsize>(size));
+  if (!in) throw InvalidArgument(where, "read error in .npy data");
+  return parse_offsets(bytes, where);
+}
+
+void write_offsets(const std::string& path, std::span<const std::int64_t> offsets) {
+  std::string header = header_bytes({static_cast<std::int64_t>(offsets.size())}, DType::f64);
+  const auto at = header.find("<f8");
+  header.replace(at, 3, "<i8");
+  std::string bytes = header;
+  bytes.append(reinterpret_cast<const char*>(offsets.data()), offsets.size() * sizeof(std::int64_t));
+  write_file_atomically(path, bytes);
 }
 
 std::string header_bytes(const Shape& shape_in, DType dtype) {

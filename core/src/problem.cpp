@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <span>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -70,7 +71,7 @@ void check_sigmoid_m_zero(ConstTensorView m, const MlstmOptions& options, const 
 
 void check_state(ConstTensorView c, ConstTensorView n, ConstTensorView m, std::int64_t B, std::int64_t NH,
                  std::int64_t DHQK, std::int64_t DHHV, const MlstmOptions& options, const std::string& cn,
-                 const std::string& nn, const std::string& mn) {
+                 const std::string& nn, const std::string& mn, bool packed = false) {
   const bool any = !c.empty() || !n.empty() || !m.empty();
   if (!any) return;
   if (c.empty() || n.empty() || m.empty()) {
@@ -78,10 +79,35 @@ void check_state(ConstTensorView c, ConstTensorView n, ConstTensorView m, std::i
         c.empty() ? cn : (n.empty() ? nn : mn),
         "missing; the initial state is given as all three of " + cn + ", " + nn + ", " + mn + " or none");
   }
-  check_shape(c, {B, NH, DHQK, DHHV}, cn, "(B,NH,DHQK,DHHV)");
-  check_shape(n, {B, NH, DHQK}, nn, "(B,NH,DHQK)");
-  check_shape(m, {B, NH}, mn, "(B,NH)");
+  const std::string b = packed ? "N" : "B";  // packed sequences: one state per sequence
+  check_shape(c, {B, NH, DHQK, DHHV}, cn, "(" + b + ",NH,DHQK,DHHV)");
+  check_shape(n, {B, NH, DHQK}, nn, "(" + b + ",NH,DHQK)");
+  check_shape(m, {B, NH}, mn, "(" + b + ",NH)");
   check_sigmoid_m_zero(m, options, mn);
+}
+
+// The offsets of packed sequences in the one row of problem p; returns their count N.
+std::int64_t check_cu_seqlens(std::span<const std::int64_t> o, const ProblemShape& p) {
+  const std::string arg = "cu_seqlens";
+  if (p.B != 1) {
+    throw InvalidArgument(arg, "packed sequences lie in one row: q must have B = 1, got " + std::to_string(p.B));
+  }
+  if (o.size() < 2) {
+    throw InvalidArgument(
+        arg, "needs N + 1 >= 2 offsets (0, then the end of each sequence), got " + std::to_string(o.size()));
+  }
+  if (o.front() != 0) throw InvalidArgument(arg, "must start at 0, got " + std::to_string(o.front()));
+  for (std::size_t j = 1; j < o.size(); ++j) {
+    if (o[j] <= o[j - 1]) {
+      throw InvalidArgument(arg, "must increase strictly (every sequence has a token): offset " + std::to_string(j) +
+                                     " is " + std::to_string(o[j]) + " after " + std::to_string(o[j - 1]));
+    }
+  }
+  if (o.back() != p.S) {
+    throw InvalidArgument(arg,
+                          "must end at S = " + std::to_string(p.S) + " (q's tokens), got " + std::to_string(o.back()));
+  }
+  return static_cast<std::int64_t>(o.size()) - 1;
 }
 
 }  // namespace
@@ -154,7 +180,8 @@ ProblemShape validate_forward(const ForwardArgs& a, const MlstmOptions& options)
   check_same_dtype(a.v, p.dtype, "v", "q");
   p.gate_dtype = a.i.dtype();
   check_same_dtype(a.f, p.gate_dtype, "f", "i");
-  check_state(a.c0, a.n0, a.m0, p.B, p.NH, p.DHQK, p.DHHV, options, "c0", "n0", "m0");
+  if (a.packed()) p.N = check_cu_seqlens(a.cu_seqlens, p);
+  check_state(a.c0, a.n0, a.m0, p.state_batch(), p.NH, p.DHQK, p.DHHV, options, "c0", "n0", "m0", p.packed());
   check_input_gate_domain(a.i, options.gate);
   return p;
 }
@@ -162,8 +189,10 @@ ProblemShape validate_forward(const ForwardArgs& a, const MlstmOptions& options)
 ProblemShape validate_backward(const BackwardArgs& a, const MlstmOptions& options) {
   ProblemShape p = validate_forward(a.inputs, options);
   check_shape(a.dh, {p.B, p.NH, p.S, p.DHHV}, "dh", "(B,NH,S,DHHV)");
-  if (!a.dc_last.empty()) check_shape(a.dc_last, {p.B, p.NH, p.DHQK, p.DHHV}, "dc_last", "(B,NH,DHQK,DHHV)");
-  if (!a.dn_last.empty()) check_shape(a.dn_last, {p.B, p.NH, p.DHQK}, "dn_last", "(B,NH,DHQK)");
+  const std::string b = p.packed() ? "N" : "B";
+  if (!a.dc_last.empty())
+    check_shape(a.dc_last, {p.state_batch(), p.NH, p.DHQK, p.DHHV}, "dc_last", "(" + b + ",NH,DHQK,DHHV)");
+  if (!a.dn_last.empty()) check_shape(a.dn_last, {p.state_batch(), p.NH, p.DHQK}, "dn_last", "(" + b + ",NH,DHQK)");
   return p;
 }
 
@@ -215,6 +244,7 @@ ForwardArgs ForwardInputs::args() const {
   if (!c0.empty()) a.c0 = c0.view();
   if (!n0.empty()) a.n0 = n0.view();
   if (!m0.empty()) a.m0 = m0.view();
+  a.cu_seqlens = cu_seqlens;
   return a;
 }
 
@@ -244,6 +274,11 @@ TensorView sequence_slice(TensorView t, std::int64_t t0, std::int64_t t1) {
 }
 
 ForwardArgs sequence_slice(const ForwardArgs& args, std::int64_t t0, std::int64_t t1) {
+  if (args.packed()) {
+    throw InvalidArgument("cu_seqlens",
+                          "packed sequences are not cut into slices of the row here: run each "
+                          "sequence (packed::sequence)");
+  }
   ForwardArgs a;
   a.q = sequence_slice(args.q, t0, t1);
   a.k = sequence_slice(args.k, t0, t1);
@@ -509,9 +544,17 @@ void write_gradients(BackwardResult& r, const GradientViews& out) {
   }
 }
 
+void check_not_packed(const ProblemShape& p, std::string_view what) {
+  if (p.packed()) {
+    throw InvalidArgument(
+        "cu_seqlens", std::string(what) + " runs one sequence at a time, not " + std::to_string(p.N) + " packed ones");
+  }
+}
+
 ProblemShape check_stream_piece(const ForwardArgs& piece, const ProblemShape& stream, const MlstmOptions& options) {
   if (piece.has_initial_state() || !piece.n0.empty() || !piece.m0.empty())
     throw InvalidArgument("c0", "a streamed piece carries no state (the stream does)");
+  if (piece.packed()) throw InvalidArgument("cu_seqlens", "a stream carries one sequence; its pieces are not packed");
   MlstmOptions o = options;
   const ProblemShape p = validate_forward(piece, o);
   if (p.B != stream.B || p.NH != stream.NH || p.DHQK != stream.DHQK || p.DHHV != stream.DHHV)

@@ -122,7 +122,8 @@ class CpuDevice final : public ComputeDevice {
   }
 
   ForwardResult last_state(const ForwardArgs& a, const MlstmOptions& o) override {
-    if (algorithm_ == CpuAlgorithm::chunkwise_tiled) return run([&] { return chunkwise_states(a, o); });
+    // (Packed rows through forward(): the state pass below runs whole rows.)
+    if (algorithm_ == CpuAlgorithm::chunkwise_tiled && !a.packed()) return run([&] { return chunkwise_states(a, o); });
     MlstmOptions with_states = o;
     with_states.return_last_states = true;
     ForwardResult r = forward(a, with_states);

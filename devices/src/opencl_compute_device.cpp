@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <condition_variable>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -14,6 +15,7 @@
 #include <utility>
 
 #include "mlstm/core/env.hpp"
+#include "mlstm/core/packed.hpp"
 #include "mlstm/core/trace.hpp"
 #include "mlstm/devices/compute_device.hpp"
 #include "mlstm/devices/opencl/backward_stream.hpp"
@@ -173,6 +175,10 @@ class OpenCLComputeDevice final : public ComputeDevice {
   ForwardResult forward(const ForwardArgs& a, const MlstmOptions& o) override {
     const ScopedTrace trace([&] { return "forward of " + token_rows(a.q) + " token-rows on " + device_->name(); });
     const ProblemShape p = validate_forward(a, o);
+    if (p.packed() && !(uses_tensor_cores(p, o) && streams(a, o, p))) {
+      return packed::forward_each(a, p, o,
+                                  [this](const ForwardArgs& s, const MlstmOptions& so) { return forward(s, so); });
+    }
     if (!uses_tensor_cores(p, o)) return portable_.forward(a, o);
     if (streams(a, o, p)) return streamed_forward(a, o, p, {});
     return tensor_cores_.forward(a, o);
@@ -189,6 +195,7 @@ class OpenCLComputeDevice final : public ComputeDevice {
 
   std::unique_ptr<SequenceStream> open_stream(const ProblemShape& shape, const MlstmOptions& o,
                                               State initial) override {
+    check_not_packed(shape, "a stream");
     if (!uses_tensor_cores(shape, o)) return ComputeDevice::open_stream(shape, o, std::move(initial));
     ProblemShape piece = shape;
     piece.S = std::min(std::max<std::int64_t>(shape.S, o.chunk_size), stream_piece_tokens(shape, o));
@@ -197,20 +204,31 @@ class OpenCLComputeDevice final : public ComputeDevice {
 
   ForwardResult last_state(const ForwardArgs& a, const MlstmOptions& o) override {
     const ScopedTrace trace([&] { return "last_state of " + token_rows(a.q) + " token-rows on " + device_->name(); });
-    if (uses_tensor_cores(validate_forward(a, o), o)) return tensor_cores_.last_state(a, o);
+    const ProblemShape p = validate_forward(a, o);
+    if (p.packed()) {
+      MlstmOptions with_states = o;
+      with_states.return_last_states = true;
+      ForwardResult r = forward(a, with_states);
+      r.h = Tensor();
+      return r;
+    }
+    if (uses_tensor_cores(p, o)) return tensor_cores_.last_state(a, o);
     return portable_.last_state(a, o);
   }
 
   BackwardResult backward(const BackwardArgs& a, const MlstmOptions& o) override {
     const ScopedTrace trace([&] { return "backward of " + token_rows(a.dh) + " token-rows on " + device_->name(); });
     const ProblemShape p = validate_backward(a, o);
+    if (p.packed())
+      return packed::backward_each(a, p, o,
+                                   [this](const BackwardArgs& s, const MlstmOptions& so) { return backward(s, so); });
     if (uses_tensor_cores(p, o)) return tensor_core_backward(a, o, p, nullptr);
     return portable_.backward(a, o);
   }
 
   BackwardResult backward_into(const BackwardArgs& a, const MlstmOptions& o, const GradientViews& out) override {
     const ProblemShape p = validate_backward(a, o);
-    if (!uses_tensor_cores(p, o)) return ComputeDevice::backward_into(a, o, out);
+    if (p.packed() || !uses_tensor_cores(p, o)) return ComputeDevice::backward_into(a, o, out);
     check_gradient_views(out, p);
     check_outputs_apart(named_outputs(out), named_inputs(a));
     const ScopedTrace trace(
@@ -222,6 +240,9 @@ class OpenCLComputeDevice final : public ComputeDevice {
     const ScopedTrace trace(
         [&] { return "state_gradient of " + token_rows(a.dh) + " token-rows on " + device_->name(); });
     const ProblemShape p = validate_backward(a, o);
+    if (p.packed())
+      return packed::backward_each(
+          a, p, o, [this](const BackwardArgs& s, const MlstmOptions& so) { return state_gradient(s, so); });
     if (!uses_tensor_cores(p, o)) return portable_.state_gradient(a, o);
     return state_gradient_through_backward(
         [&](const BackwardArgs& with_state) { return tensor_core_backward(with_state, o, p, nullptr); }, a, p);
@@ -260,14 +281,44 @@ class OpenCLComputeDevice final : public ComputeDevice {
     return c;
   }
 
+  // h goes into `out` when given (forward_into: downloaded straight there when it is this device's page-locked
+  // memory), else into the result's own h.
+  // With keep.to, the stream keeps the state leaving every piece (the state entering the next one, and at the end
+  // the state leaving the segment) for a later backward, which then starts its pieces there.
+  // A piece of a streamed forward: tokens [t0, t1); `sequence` >= 0 when it starts packed sequence `sequence` (the
+  // stream starts afresh there), `last` when it ends a packed sequence (its leaving state is that sequence's last).
+  struct StreamPiece {
+    std::int64_t t0 = 0, t1 = 0, sequence = -1;
+    bool last = false;
+  };
+  // Pieces of at most `piece` tokens: of the row, or of every packed sequence (a piece never spans two).
+  static std::vector<StreamPiece> stream_pieces(const ForwardArgs& a, const ProblemShape& p, std::int64_t piece) {
+    std::vector<StreamPiece> out;
+    if (!p.packed()) {
+      for (std::int64_t t0 = 0; t0 < p.S; t0 += piece) out.push_back({t0, std::min(p.S, t0 + piece)});
+      return out;
+    }
+    for (std::int64_t j = 0; j < p.N; ++j) {
+      const std::int64_t s0 = a.cu_seqlens[static_cast<std::size_t>(j)],
+                         s1 = a.cu_seqlens[static_cast<std::size_t>(j + 1)];
+      for (std::int64_t t0 = s0; t0 < s1; t0 += piece)
+        out.push_back({t0, std::min(s1, t0 + piece), t0 == s0 ? j : -1, t0 + piece >= s1});
+    }
+    return out;
+  }
+
   // The forward of a long host-resident sequence as a stream of pieces (DeviceStream): this thread copies piece
   // p+1 into pinned staging and enqueues it while piece p computes, and a second thread waits for each piece's
   // h and copies it into the result, so the two host copies overlap each other as well as the transfers. Inputs
   // in this device's pinned memory (host_tensor()) are uploaded from where they lie, without the first copy.
   // From host memory, two pieces or more: through pinned staging with transfers and compute overlapped. Inputs
   // the graph keeps resident for a second pass (a segment's local state, then its outputs) go the resident way.
+  // Packed sequences stream whatever their length, one after the other through the same stream (each starts
+  // afresh, its last state downloaded behind its last piece): one call per sequence would upload, compute and
+  // download each in turn.
   bool streams(const ForwardArgs& a, const MlstmOptions& o, const ProblemShape& p) const {
-    return p.S >= 2 * stream_piece_tokens(p, o) && !device_->inside_retained_range(a.q.bytes());
+    if (device_->inside_retained_range(a.q.bytes())) return false;
+    return p.packed() || p.S >= 2 * stream_piece_tokens(p, o);
   }
 
   // h goes into `out` when given (forward_into: downloaded straight there when it is this device's page-locked
@@ -277,20 +328,34 @@ class OpenCLComputeDevice final : public ComputeDevice {
   ForwardResult streamed_forward(const ForwardArgs& a, const MlstmOptions& o, const ProblemShape& p, TensorView out,
                                  KeepStates keep = {}) {
     ProblemShape piece = p;
+    piece.N = 0;
     piece.S = stream_piece_tokens(p, o);
-    std::unique_ptr<opencl::DeviceStream> held = reuse_stream(stream_config(piece, o), a.c0, a.n0, a.m0);
+    const std::vector<StreamPiece> plan = stream_pieces(a, p, piece.S);
+    std::unique_ptr<opencl::DeviceStream> held = p.packed() ? reuse_stream(stream_config(piece, o), {}, {}, {})
+                                                            : reuse_stream(stream_config(piece, o), a.c0, a.n0, a.m0);
     opencl::DeviceStream& stream = *held;
     // The kept states stay on the device (a backward there copies them where it starts its pieces) when they fit an
     // eighth of its memory; beyond that none are kept, and a backward recomputes them.
-    const std::int64_t pieces = (p.S + piece.S - 1) / piece.S;
-    const bool keeping =
-        keep.to != nullptr && static_cast<std::uint64_t>(pieces) * state_bytes(p) <= device_->info().global_memory / 8;
+    const auto pieces = static_cast<std::int64_t>(plan.size());
+    const bool keeping = keep.to != nullptr && !p.packed() &&
+                         static_cast<std::uint64_t>(pieces) * state_bytes(p) <= device_->info().global_memory / 8;
     stream.keep_states(keeping);
     ForwardResult r;
     if (out.empty()) {
       r.h = Tensor({p.B, p.NH, p.S, p.DHHV}, p.dtype);
       out = r.h.view();
     }
+    if (p.packed() && o.return_last_states) {
+      r.c = Tensor({p.N, p.NH, p.DHQK, p.DHHV}, DType::f32);
+      r.n = Tensor({p.N, p.NH, p.DHQK}, DType::f32);
+      r.m = Tensor({p.N, p.NH}, DType::f32);
+    }
+    // Row j of a (N,...) tensor as the stream's (1,...) view.
+    auto row = [](auto t, std::int64_t j) {
+      Shape shape = t.shape();
+      shape[0] = 1;
+      return decltype(t)(t.select0(j).bytes(), t.dtype(), shape, t.strides());
+    };
     std::mutex mutex;
     std::condition_variable changed;
     std::int64_t submitted = 0;
@@ -304,21 +369,34 @@ class OpenCLComputeDevice final : public ComputeDevice {
             changed.wait(lock, [&] { return submitted > j || stop; });
             if (submitted <= j) return;  // the producer failed
           }
-          const std::int64_t t0 = j * piece.S;
+          const StreamPiece& sp = plan[static_cast<std::size_t>(j)];
           const ScopedTrace take([&] { return "streamed forward: piece " + std::to_string(j) + " taken"; });
-          stream.take_into(static_cast<std::uint64_t>(j), sequence_slice(out, t0, std::min(p.S, t0 + piece.S)));
+          stream.take_into(static_cast<std::uint64_t>(j), sequence_slice(out, sp.t0, sp.t1));
         }
       } catch (...) {
         consumer_error = std::current_exception();
       }
     });
+    ForwardArgs rows = a;  // the row's token views (sequence_slice refuses packed args: each piece is one sequence's)
+    rows.cu_seqlens = {};
     std::exception_ptr producer_error;
     try {
       for (std::int64_t j = 0; j < pieces; ++j) {
-        const std::int64_t t0 = j * piece.S;
+        const StreamPiece& sp = plan[static_cast<std::size_t>(j)];
         const ScopedTrace push([&] { return "streamed forward: piece " + std::to_string(j) + " pushed"; });
-        const std::int64_t t1 = std::min(p.S, t0 + piece.S);
-        (void)stream.push(sequence_slice(a, t0, t1), /*inputs_outlive_piece=*/true, sequence_slice(out, t0, t1));
+        if (sp.sequence >= 0) {
+          if (a.has_initial_state())
+            stream.start_sequence(row(a.c0, sp.sequence), row(a.n0, sp.sequence), row(a.m0, sp.sequence));
+          else
+            stream.start_sequence();
+        }
+        if (sp.last && o.return_last_states) {
+          const std::int64_t seq =
+              std::upper_bound(a.cu_seqlens.begin(), a.cu_seqlens.end(), sp.t0) - a.cu_seqlens.begin() - 1;
+          stream.state_after_next_piece_into(row(r.c.view(), seq), row(r.n.view(), seq), row(r.m.view(), seq));
+        }
+        (void)stream.push(sequence_slice(rows, sp.t0, sp.t1), /*inputs_outlive_piece=*/true,
+                          sequence_slice(out, sp.t0, sp.t1));
         std::lock_guard lock(mutex);
         submitted = j + 1;
         changed.notify_all();
@@ -332,16 +410,22 @@ class OpenCLComputeDevice final : public ComputeDevice {
       changed.notify_all();
     }
     consumer.join();
-    if (producer_error || consumer_error) {
-      // Uploads straight from the caller's pinned inputs may still be reading them: they end before we return.
+    if (producer_error || consumer_error || p.packed()) {
+      // Uploads straight from the caller's pinned inputs may still be reading them, and packed last states still
+      // coming down: they end before we return.
       try {
         stream.finish();
       } catch (const std::exception&) {  // the error already caught is the one to report
+        if (!producer_error && !consumer_error) throw;
       }
     }
     if (producer_error) std::rethrow_exception(producer_error);
     if (consumer_error) std::rethrow_exception(consumer_error);
-    if (o.return_last_states) stream.read_state(r.c, r.n, r.m);
+    if (p.packed()) {
+      if (o.return_last_states && o.gate == GateVariant::sigmoid) std::memset(r.m.bytes(), 0, r.m.nbytes());
+    } else if (o.return_last_states) {
+      stream.read_state(r.c, r.n, r.m);
+    }
     if (keeping) {
       std::vector<DeviceState> states = stream.take_kept_states();
       for (std::size_t k = 0; k < states.size(); ++k)

@@ -34,22 +34,64 @@ FloatBuffer pack_row(ConstTensorView t, std::int64_t b, std::int64_t h) {
   return out;
 }
 
+// A row view (any strides) as float32 in a pooled buffer.
+FloatBuffer pack_view(ConstTensorView row) {
+  FloatBuffer out = stages::pooled_floats(static_cast<std::size_t>(row.numel()));
+  copy_elements(row, 0, row.numel(), DType::f32, reinterpret_cast<std::byte*>(out.data()));
+  return out;
+}
+
+// Writes `count` float32 values into a contiguous tensor of any dtype, from element `at` on.
+void store_at(Tensor& t, std::int64_t at, const float* values, std::int64_t count) {
+  const ConstTensorView src(reinterpret_cast<const std::byte*>(values), DType::f32, {count});
+  copy_elements(src, 0, count, t.dtype(), t.bytes() + static_cast<std::size_t>(at) * dtype_size(t.dtype()));
+}
+
 // Writes float32 values into row r of a contiguous tensor of any dtype.
 void store_row(Tensor& t, std::int64_t r, const float* values, std::int64_t count) {
-  const ConstTensorView src(reinterpret_cast<const std::byte*>(values), DType::f32, {count});
-  copy_elements(src, 0, count, t.dtype(), t.bytes() + static_cast<std::size_t>(r * count) * dtype_size(t.dtype()));
+  store_at(t, r * count, values, count);
+}
+
+// A unit of work: tokens [t0, t1) of row (b, h) of the inputs, one sequence, whose state enters from row
+// (state, h) of c0/n0/m0 and leaves into row (state, h) of the last states: the B*NH rows of a problem, or
+// the N*NH (sequence, head) pairs of a packed one (its chunks start at each sequence's first token, so none
+// straddles a boundary and no padding is copied; the last chunk of a sequence may be short).
+struct WorkItem {
+  std::int64_t b, h, t0, t1, state;
+  std::int64_t T() const noexcept { return t1 - t0; }
+  std::int64_t state_row(std::int64_t NH) const noexcept { return state * NH + h; }
+};
+
+std::vector<WorkItem> work_items(const ForwardArgs& a, const ProblemShape& p) {
+  std::vector<WorkItem> items;
+  if (p.packed()) {
+    items.reserve(static_cast<std::size_t>(p.N * p.NH));
+    for (std::int64_t j = 0; j < p.N; ++j)
+      for (std::int64_t h = 0; h < p.NH; ++h)
+        items.push_back(
+            {0, h, a.cu_seqlens[static_cast<std::size_t>(j)], a.cu_seqlens[static_cast<std::size_t>(j + 1)], j});
+  } else {
+    items.reserve(static_cast<std::size_t>(p.rows()));
+    for (std::int64_t r = 0; r < p.rows(); ++r) items.push_back({r / p.NH, r % p.NH, 0, p.S, r / p.NH});
+  }
+  return items;
+}
+
+// Tokens [t0, t1) of row (b, h) of a (B,NH,S,...) or (B,NH,S) view.
+ConstTensorView item_row(ConstTensorView t, const WorkItem& w) {
+  return sequence_slice(t, w.t0, w.t1).select0(w.b).select0(w.h);
 }
 
 // One (batch, head) row of each input as float32: a view of the caller's tensor where it already is contiguous
 // float32 (no copy), else a converted copy held here.
 class RowInputs {
  public:
-  RowInputs(const ForwardArgs& a, std::int64_t b, std::int64_t h)
-      : q(row(a.q, b, h, q_)),
-        k(row(a.k, b, h, k_)),
-        v(row(a.v, b, h, v_)),
-        i(row(a.i, b, h, i_)),
-        f(row(a.f, b, h, f_)) {}
+  RowInputs(const ForwardArgs& a, const WorkItem& w)
+      : q(row(item_row(a.q, w), q_)),
+        k(row(item_row(a.k, w), k_)),
+        v(row(item_row(a.v, w), v_)),
+        i(row(item_row(a.i, w), i_)),
+        f(row(item_row(a.f, w), f_)) {}
   RowInputs(const RowInputs&) = delete;
   RowInputs& operator=(const RowInputs&) = delete;
   ~RowInputs() {
@@ -59,11 +101,10 @@ class RowInputs {
  private:
   FloatBuffer q_, k_, v_, i_, f_;  // conversions (declared first: the pointers below may point into them)
 
-  static const float* row(ConstTensorView t, std::int64_t b, std::int64_t h, FloatBuffer& store) {
-    const ConstTensorView r = t.select0(b).select0(h);
+  static const float* row(ConstTensorView r, FloatBuffer& store) {
     if (r.dtype() == DType::f32 && r.is_contiguous())
       return static_cast<const float*>(static_cast<const void*>(r.bytes()));
-    store = pack_row(t, b, h);
+    store = pack_view(r);
     return store.data();
   }
 
@@ -71,7 +112,7 @@ class RowInputs {
   const float *q, *k, *v, *i, *f;
 };
 
-// The initial state of a row (zero state when none is given).
+// The initial state of a row (zero state when none is given): row (b, h) of c0/n0/m0 (b: WorkItem::state).
 StateBuffer initial_state(const ForwardArgs& a, const ProblemShape& p, std::int64_t b, std::int64_t h) {
   StateBuffer s(p.DHQK, p.DHHV, 1);
   s.set_zero();
@@ -88,27 +129,34 @@ struct RowForward {
   StateBuffer boundary, last;
 };
 
-// h_out: where h goes (S x DHHV float32), or null for RowForward::h.
-RowForward forward_row(const RowInputs& in, const StateBuffer& init, const ProblemShape& p, const MlstmOptions& o,
-                       std::int64_t L, std::int64_t tile, bool keep_for_backward, float* h_out = nullptr) {
-  SegmentShape s{p.S, L, p.DHQK, p.DHHV};
+// The chunk a work item of T tokens runs with: the whole item for the parallel form (chunk 0), else
+// min(chunk, T) (a chunk longer than the sequence is the whole sequence: buffers are sized by the chunk, and a
+// huge chunk_size must not allocate, or overflow, beyond what T needs).
+std::int64_t item_chunk(std::int64_t chunk, std::int64_t T) { return chunk == 0 ? T : std::min(chunk, T); }
+
+// One item of T tokens: the rows' geometry, their state split (parts for `items` items in all).
+// h_out: where h goes (T x DHHV float32), or null for RowForward::h.
+RowForward forward_row(const RowInputs& in, const StateBuffer& init, std::int64_t T, const ProblemShape& p,
+                       const MlstmOptions& o, std::int64_t L, std::int64_t tile, bool keep_for_backward,
+                       std::int64_t items, float* h_out = nullptr) {
+  SegmentShape s{T, L, p.DHQK, p.DHHV};
   RowForward r;
-  r.b.resize(static_cast<std::size_t>(p.S));
-  r.ig.resize(static_cast<std::size_t>(p.S));
+  r.b.resize(static_cast<std::size_t>(T));
+  r.ig.resize(static_cast<std::size_t>(T));
   r.G.resize(static_cast<std::size_t>(s.num_chunks()));
   stages::fw_gates(in.i, in.f, o.gate, s, r.b.data(), r.ig.data(), r.G.data());
   r.boundary = stages::pooled_states(p.DHQK, p.DHHV, s.num_chunks());  // fw_states writes every state
   r.last = StateBuffer(p.DHQK, p.DHHV, 1);
   stages::fw_states_parts(in.k, in.v, r.b.data(), r.ig.data(), r.G.data(), o.gate, s, init.at(0), &r.boundary,
-                          r.last.at(0), stages::SequenceParts::for_rows(s, p.rows()));
+                          r.last.at(0), stages::SequenceParts::for_rows(s, items));
   if (!h_out) {
-    r.h = stages::pooled_floats(static_cast<std::size_t>(p.S * p.DHHV));
+    r.h = stages::pooled_floats(static_cast<std::size_t>(T * p.DHHV));
     h_out = r.h.data();
   }
   if (keep_for_backward) {
-    r.m_tok.resize(static_cast<std::size_t>(p.S));
-    r.N_tok.resize(static_cast<std::size_t>(p.S));
-    r.den_tok.resize(static_cast<std::size_t>(p.S));
+    r.m_tok.resize(static_cast<std::size_t>(T));
+    r.N_tok.resize(static_cast<std::size_t>(T));
+    r.den_tok.resize(static_cast<std::size_t>(T));
   }
   stages::fw_outputs(in.q, in.k, in.v, r.b.data(), r.ig.data(), o.gate, o.normalize, static_cast<float>(o.eps), s,
                      r.boundary, h_out, keep_for_backward ? r.m_tok.data() : nullptr,
@@ -122,25 +170,35 @@ ForwardResult allocate_forward_result(const ProblemShape& p, const MlstmOptions&
   ForwardResult out;
   out.h = Tensor({p.B, p.NH, p.S, p.DHHV}, p.dtype);
   if (o.return_last_states) {
-    out.c = Tensor({p.B, p.NH, p.DHQK, p.DHHV}, DType::f32);
-    out.n = Tensor({p.B, p.NH, p.DHQK}, DType::f32);
-    out.m = Tensor({p.B, p.NH}, DType::f32);
+    out.c = Tensor({p.state_batch(), p.NH, p.DHQK, p.DHHV}, DType::f32);
+    out.n = Tensor({p.state_batch(), p.NH, p.DHQK}, DType::f32);
+    out.m = Tensor({p.state_batch(), p.NH}, DType::f32);
   }
   return out;
 }
 
-ForwardResult forward_impl(const ForwardArgs& a, const MlstmOptions& o, std::int64_t L, std::int64_t tile) {
+// Element offset of token t0 of row (b, h) in a contiguous (B,NH,S,D) tensor.
+std::int64_t token_offset(const ProblemShape& p, const WorkItem& w, std::int64_t D) {
+  return ((w.b * p.NH + w.h) * p.S + w.t0) * D;
+}
+
+// chunk: the chunk size, or 0 for the parallel form (each item one chunk).
+ForwardResult forward_impl(const ForwardArgs& a, const MlstmOptions& o, std::int64_t chunk, std::int64_t tile) {
   const ProblemShape p = validate_forward(a, o);
   ForwardResult out = allocate_forward_result(p, o);
-  tbb::parallel_for(std::int64_t{0}, p.rows(), [&](std::int64_t r) {
-    const std::int64_t b = r / p.NH, h = r % p.NH;
-    const RowInputs in(a, b, h);
-    const StateBuffer init = initial_state(a, p, b, h);
+  const std::vector<WorkItem> items = work_items(a, p);
+  const auto count = static_cast<std::int64_t>(items.size());
+  tbb::parallel_for(std::int64_t{0}, count, [&](std::int64_t idx) {
+    const WorkItem& w = items[static_cast<std::size_t>(idx)];
+    const RowInputs in(a, w);
+    const StateBuffer init = initial_state(a, p, w.state, w.h);
     // float32 h is written in place; other dtypes through a float32 row.
-    float* h_direct = out.h.dtype() == DType::f32 ? out.h.data<float>() + r * p.S * p.DHHV : nullptr;
-    RowForward f = forward_row(in, init, p, o, L, tile, false, h_direct);
-    if (!h_direct) store_row(out.h, r, f.h.data(), p.S * p.DHHV);
+    const std::int64_t h_at = token_offset(p, w, p.DHHV);
+    float* h_direct = out.h.dtype() == DType::f32 ? out.h.data<float>() + h_at : nullptr;
+    RowForward f = forward_row(in, init, w.T(), p, o, item_chunk(chunk, w.T()), tile, false, count, h_direct);
+    if (!h_direct) store_at(out.h, h_at, f.h.data(), w.T() * p.DHHV);
     if (o.return_last_states) {
+      const std::int64_t r = w.state_row(p.NH);
       store_row(out.c, r, f.last.C.data(), p.DHQK * p.DHHV);
       store_row(out.n, r, f.last.n.data(), p.DHQK);
       out.m.data<float>()[r] = o.gate == GateVariant::exp ? f.last.m[0] : 0.f;
@@ -152,8 +210,8 @@ ForwardResult forward_impl(const ForwardArgs& a, const MlstmOptions& o, std::int
 }
 
 // state_only: only the gradient of the state entering the sequence (dc0, dn0, dm0, also without an initial
-// state, which then is the zero state), skipping bw_grads and the gate gradients.
-BackwardResult backward_impl(const BackwardArgs& a, const MlstmOptions& o, std::int64_t L, std::int64_t tile,
+// state, which then is the zero state), skipping bw_grads and the gate gradients. chunk as forward_impl's.
+BackwardResult backward_impl(const BackwardArgs& a, const MlstmOptions& o, std::int64_t chunk, std::int64_t tile,
                              bool state_only = false) {
   const ProblemShape p = validate_backward(a, o);
   const ForwardArgs& fa = a.inputs;
@@ -167,34 +225,37 @@ BackwardResult backward_impl(const BackwardArgs& a, const MlstmOptions& o, std::
   }
   const bool init = fa.has_initial_state() || state_only;
   if (init) {
-    out.dc0 = Tensor({p.B, p.NH, p.DHQK, p.DHHV}, DType::f32);
-    out.dn0 = Tensor({p.B, p.NH, p.DHQK}, DType::f32);
-    out.dm0 = Tensor({p.B, p.NH}, DType::f32);
+    out.dc0 = Tensor({p.state_batch(), p.NH, p.DHQK, p.DHHV}, DType::f32);
+    out.dn0 = Tensor({p.state_batch(), p.NH, p.DHQK}, DType::f32);
+    out.dm0 = Tensor({p.state_batch(), p.NH}, DType::f32);
   }
-  SegmentShape s{p.S, L, p.DHQK, p.DHHV};
-  tbb::parallel_for(std::int64_t{0}, p.rows(), [&](std::int64_t r) {
-    const std::int64_t b = r / p.NH, h = r % p.NH;
-    const RowInputs in(fa, b, h);
-    const StateBuffer init_state = initial_state(fa, p, b, h);
-    RowForward f = forward_row(in, init_state, p, o, L, tile, true);
-    FloatBuffer dh = pack_row(a.dh, b, h);
+  const std::vector<WorkItem> items = work_items(fa, p);
+  const auto count = static_cast<std::int64_t>(items.size());
+  tbb::parallel_for(std::int64_t{0}, count, [&](std::int64_t idx) {
+    const WorkItem& w = items[static_cast<std::size_t>(idx)];
+    const std::int64_t T = w.T(), L = item_chunk(chunk, T);
+    const SegmentShape s{T, L, p.DHQK, p.DHHV};
+    const RowInputs in(fa, w);
+    const StateBuffer init_state = initial_state(fa, p, w.state, w.h);
+    RowForward f = forward_row(in, init_state, T, p, o, L, tile, true, count);
+    FloatBuffer dh = pack_view(item_row(a.dh, w));
     StateBuffer dout(p.DHQK, p.DHHV, 1);
     dout.set_zero();
-    if (!a.dc_last.empty()) pack_row_into(a.dc_last, b, h, dout.C.data());
-    if (!a.dn_last.empty()) pack_row_into(a.dn_last, b, h, dout.n.data());
+    if (!a.dc_last.empty()) pack_row_into(a.dc_last, w.state, w.h, dout.C.data());
+    if (!a.dn_last.empty()) pack_row_into(a.dn_last, w.state, w.h, dout.n.data());
     StateBuffer dboundary = stages::pooled_states(p.DHQK, p.DHHV, s.num_chunks());  // bw_state_grads writes all
     StateBuffer din(p.DHQK, p.DHHV, 1);
     const float m_exit = f.last.m[0];
     stages::bw_state_grads_parts(in.q, dh.data(), f.h.data(), f.b.data(), f.m_tok.data(), f.N_tok.data(),
                                  f.den_tok.data(), f.G.data(), o.gate, o.normalize, s, f.boundary, m_exit, dout.at(0),
-                                 dboundary, din.at(0), stages::SequenceParts::for_rows(s, p.rows()));
+                                 dboundary, din.at(0), stages::SequenceParts::for_rows(s, count));
     if (!state_only) {
-      const auto qk_size = static_cast<std::size_t>(p.S * p.DHQK), v_size = static_cast<std::size_t>(p.S * p.DHHV);
+      const auto qk_size = static_cast<std::size_t>(T * p.DHQK), v_size = static_cast<std::size_t>(T * p.DHHV);
       // bw_grads writes every element (its products run with beta = 0)
       FloatBuffer dq = stages::pooled_floats(qk_size), dk = stages::pooled_floats(qk_size),
                   dv = stages::pooled_floats(v_size);
-      std::vector<float> di_raw(static_cast<std::size_t>(p.S)), rr(static_cast<std::size_t>(p.S)),
-          di(static_cast<std::size_t>(p.S)), df(static_cast<std::size_t>(p.S));
+      std::vector<float> di_raw(static_cast<std::size_t>(T)), rr(static_cast<std::size_t>(T)),
+          di(static_cast<std::size_t>(T)), df(static_cast<std::size_t>(T));
       stages::bw_grads(in.q, in.k, in.v, dh.data(), f.h.data(), f.b.data(), f.ig.data(), f.m_tok.data(), f.N_tok.data(),
                        f.den_tok.data(), f.G.data(), o.gate, o.normalize, s, f.boundary, m_exit, dboundary, dout.at(0),
                        dq.data(), dk.data(), dv.data(), di_raw.data(), rr.data(), tile);
@@ -203,14 +264,15 @@ BackwardResult backward_impl(const BackwardArgs& a, const MlstmOptions& o, std::
       for (std::size_t e = 0; e < dout.n.size(); ++e) tail += static_cast<double>(dout.n[e]) * f.last.n[e];
       stages::bw_gate_grads(in.i, in.f, di_raw.data(), rr.data(), static_cast<float>(tail), o.gate, s, di.data(),
                             df.data());
-      store_row(out.dq, r, dq.data(), p.S * p.DHQK);
-      store_row(out.dk, r, dk.data(), p.S * p.DHQK);
-      store_row(out.dv, r, dv.data(), p.S * p.DHHV);
-      store_row(out.di, r, di.data(), p.S);
-      store_row(out.df, r, df.data(), p.S);
+      store_at(out.dq, token_offset(p, w, p.DHQK), dq.data(), T * p.DHQK);
+      store_at(out.dk, token_offset(p, w, p.DHQK), dk.data(), T * p.DHQK);
+      store_at(out.dv, token_offset(p, w, p.DHHV), dv.data(), T * p.DHHV);
+      store_at(out.di, token_offset(p, w, 1), di.data(), T);
+      store_at(out.df, token_offset(p, w, 1), df.data(), T);
       for (FloatBuffer* g : {&dq, &dk, &dv}) stages::recycle(std::move(*g));
     }
     if (init) {
+      const std::int64_t r = w.state_row(p.NH);
       store_row(out.dc0, r, din.C.data(), p.DHQK * p.DHHV);
       store_row(out.dn0, r, din.n.data(), p.DHQK);
       double dm0 = 0.0;  // <dC0, C0> + <dn0, n0>
@@ -275,36 +337,25 @@ void step_row(const float* q, const float* k, const float* v, float i, float f, 
 
 }  // namespace
 
-// The chunk actually used: a chunk longer than the sequence is the whole sequence (buffers are sized by the
-// chunk; a huge chunk_size must not allocate, or overflow, beyond what S needs).
-static std::int64_t effective_chunk(ConstTensorView q, const MlstmOptions& o) {
-  return q.dims() == 4 && q.dim(2) > 0 ? std::min(o.chunk_size, q.dim(2)) : o.chunk_size;
-}
-
 ForwardResult chunkwise_forward(const ForwardArgs& args, const MlstmOptions& options, std::int64_t tile) {
-  return forward_impl(args, options, effective_chunk(args.q, options), tile);
+  return forward_impl(args, options, options.chunk_size, tile);
 }
 
 BackwardResult chunkwise_backward(const BackwardArgs& args, const MlstmOptions& options, std::int64_t tile) {
-  return backward_impl(args, options, effective_chunk(args.inputs.q, options), tile);
+  return backward_impl(args, options, options.chunk_size, tile);
 }
 
 BackwardResult chunkwise_state_gradient(const BackwardArgs& args, const MlstmOptions& options, std::int64_t tile) {
-  return backward_impl(args, options, effective_chunk(args.inputs.q, options), tile, /*state_only=*/true);
+  return backward_impl(args, options, options.chunk_size, tile, /*state_only=*/true);
 }
 
+// The parallel form: every sequence one chunk (chunk 0), tiled.
 ForwardResult parallel_forward(const ForwardArgs& args, const MlstmOptions& options) {
-  MlstmOptions o = options;
-  o.chunk_size = 1;  // validated below; the real chunk is the whole sequence
-  const ProblemShape p = validate_forward(args, o);
-  return forward_impl(args, options, p.S, kParallelTile);
+  return forward_impl(args, options, 0, kParallelTile);
 }
 
 BackwardResult parallel_backward(const BackwardArgs& args, const MlstmOptions& options) {
-  MlstmOptions o = options;
-  o.chunk_size = 1;
-  const ProblemShape p = validate_backward(args, o);
-  return backward_impl(args, options, p.S, kParallelTile);
+  return backward_impl(args, options, 0, kParallelTile);
 }
 
 StepResult step(const StepArgs& a, const MlstmOptions& o) {
@@ -339,18 +390,20 @@ StepResult step(const StepArgs& a, const MlstmOptions& o) {
 ForwardResult sequence_forward(const ForwardArgs& a, const MlstmOptions& o) {
   const ProblemShape p = validate_forward(a, o);
   ForwardResult out = allocate_forward_result(p, o);
-  tbb::parallel_for(std::int64_t{0}, p.rows(), [&](std::int64_t r) {
-    const std::int64_t b = r / p.NH, h = r % p.NH;
-    const RowInputs in(a, b, h);
-    StateBuffer st = initial_state(a, p, b, h);
-    std::vector<float> hv(static_cast<std::size_t>(p.S * p.DHHV));
+  const std::vector<WorkItem> items = work_items(a, p);
+  tbb::parallel_for(std::size_t{0}, items.size(), [&](std::size_t idx) {
+    const WorkItem& w = items[idx];
+    const RowInputs in(a, w);
+    StateBuffer st = initial_state(a, p, w.state, w.h);
+    std::vector<float> hv(static_cast<std::size_t>(w.T() * p.DHHV));
     float m = st.m[0];
-    for (std::int64_t t = 0; t < p.S; ++t) {
+    for (std::int64_t t = 0; t < w.T(); ++t) {
       step_row(in.q + t * p.DHQK, in.k + t * p.DHQK, in.v + t * p.DHHV, in.i[t], in.f[t], st.C.data(), st.n.data(), m,
                hv.data() + t * p.DHHV, p.DHQK, p.DHHV, o);
     }
-    store_row(out.h, r, hv.data(), p.S * p.DHHV);
+    store_at(out.h, token_offset(p, w, p.DHHV), hv.data(), w.T() * p.DHHV);
     if (o.return_last_states) {
+      const std::int64_t r = w.state_row(p.NH);
       store_row(out.c, r, st.C.data(), p.DHQK * p.DHHV);
       store_row(out.n, r, st.n.data(), p.DHQK);
       out.m.data<float>()[r] = m;

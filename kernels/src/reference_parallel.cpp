@@ -4,6 +4,8 @@
 #include <limits>
 
 #include "mlstm/reference.hpp"
+
+#include "mlstm/core/packed.hpp"
 #include "reference_common.hpp"
 
 namespace mlstm::reference {
@@ -90,6 +92,10 @@ double dot(const double* a, const double* b, std::int64_t n) {
 
 ForwardResult parallel_forward(const ForwardArgs& args, const MlstmOptions& o) {
   const ProblemShape p = validate_forward(args, o);
+  // Packed sequences are, by definition, each sequence run alone.
+  if (p.packed())
+    return packed::forward_each(args, p, o,
+                                [](const ForwardArgs& a, const MlstmOptions& oo) { return parallel_forward(a, oo); });
   const auto in = detail::load(args, p);
   const std::int64_t S = p.S, DK = p.DHQK, DV = p.DHHV;
   const double scale = 1.0 / std::sqrt(static_cast<double>(DK));
@@ -151,6 +157,10 @@ ForwardResult parallel_forward(const ForwardArgs& args, const MlstmOptions& o) {
 
 BackwardResult parallel_backward(const BackwardArgs& args, const MlstmOptions& o, StabilizerGradient mode) {
   const ProblemShape p = validate_backward(args, o);
+  if (p.packed()) {
+    return packed::backward_each(
+        args, p, o, [mode](const BackwardArgs& a, const MlstmOptions& oo) { return parallel_backward(a, oo, mode); });
+  }
   const auto in = detail::load(args.inputs, p);
   const std::int64_t S = p.S, DK = p.DHQK, DV = p.DHHV;
   const double scale = 1.0 / std::sqrt(static_cast<double>(DK));

@@ -7,6 +7,8 @@
 #include <vector>
 
 #include "mlstm/reference.hpp"
+
+#include "mlstm/core/packed.hpp"
 #include "reference_common.hpp"
 
 namespace mlstm::reference {
@@ -78,6 +80,10 @@ Tensor make_f64(Shape shape, const std::vector<double>& data) {
 
 ForwardResult recurrent_forward(const ForwardArgs& args, const MlstmOptions& o) {
   const ProblemShape p = validate_forward(args, o);
+  // Packed sequences are, by definition, each sequence run alone.
+  if (p.packed())
+    return packed::forward_each(args, p, o,
+                                [](const ForwardArgs& a, const MlstmOptions& oo) { return recurrent_forward(a, oo); });
   const auto in = detail::load(args, p);
   const std::int64_t S = p.S, DK = p.DHQK, DV = p.DHHV;
   std::vector<double> h(static_cast<std::size_t>(p.rows() * S * DV));
@@ -219,6 +225,10 @@ std::int64_t checkpoint_interval(std::int64_t S) {
 
 BackwardResult recurrent_backward(const BackwardArgs& args, const MlstmOptions& o, StabilizerGradient mode) {
   const ProblemShape p = validate_backward(args, o);
+  if (p.packed()) {
+    return packed::backward_each(
+        args, p, o, [mode](const BackwardArgs& a, const MlstmOptions& oo) { return recurrent_backward(a, oo, mode); });
+  }
   const auto in = detail::load(args.inputs, p);
   const std::int64_t S = p.S, DK = p.DHQK, DV = p.DHHV;
   const auto dh = detail::to_f64(args.dh);

@@ -184,6 +184,28 @@ Tensor random_uniform(const Shape& shape, DType dtype, std::mt19937_64& rng, dou
 }
 }  // namespace
 
+Inputs make_packed_inputs(const std::vector<std::int64_t>& lengths, InputSpec s, std::uint64_t seed) {
+  const auto N = static_cast<std::int64_t>(lengths.size());
+  s.B = 1;
+  s.S = 0;
+  for (const std::int64_t len : lengths) s.S += len;
+  const bool init = s.initial_state;
+  s.initial_state = false;
+  Inputs in = make_inputs(s, seed);
+  in.cu_seqlens = {0};
+  for (const std::int64_t len : lengths) in.cu_seqlens.push_back(in.cu_seqlens.back() + len);
+  std::mt19937_64 rng(seed ^ 0x9e3779b97f4a7c15ull);
+  if (init) {
+    in.c0 = random_normal({N, s.NH, s.DHQK, s.DHHV}, DType::f32, rng, 0.0, 0.5);
+    in.n0 = random_normal({N, s.NH, s.DHQK}, DType::f32, rng, 0.0, 0.5);
+    in.m0 = s.gate == GateVariant::exp ? random_normal({N, s.NH}, DType::f32, rng, 0.0, 1.0)
+                                       : Tensor::zeros({N, s.NH}, DType::f32);
+  }
+  in.dc_last = random_normal({N, s.NH, s.DHQK, s.DHHV}, DType::f32, rng, 0.0, 0.1);
+  in.dn_last = random_normal({N, s.NH, s.DHQK}, DType::f32, rng, 0.0, 0.1);
+  return in;
+}
+
 Inputs make_inputs(const InputSpec& s, std::uint64_t seed) {
   std::mt19937_64 rng(seed);
   Inputs in;

@@ -12,6 +12,7 @@
 #include <functional>
 #include <random>
 #include <string>
+#include <vector>
 
 #include "mlstm/core/problem.hpp"
 #include "mlstm/core/tensor.hpp"
@@ -55,6 +56,10 @@ using Inputs = BackwardInputs;
 // =random), the test's full name and the number of draws it made before. Printed with the replay command.
 std::uint64_t fresh_seed();
 Inputs make_inputs(const InputSpec& spec, std::uint64_t seed);
+// Packed inputs (ForwardArgs::cu_seqlens): sequences of `lengths` one after the other in one row (B = 1, S their
+// sum; spec's B and S are ignored), with (N,...) initial states when spec.initial_state (m0 = 0 for the sigmoid
+// gate) and (N,...) last-state gradients.
+Inputs make_packed_inputs(const std::vector<std::int64_t>& lengths, InputSpec spec, std::uint64_t seed);
 // An InputSpec in one line.
 InputSpec spec(std::int64_t B, std::int64_t NH, std::int64_t S, std::int64_t DHQK, std::int64_t DHHV,
                DType dtype = DType::f32, GateVariant gate = GateVariant::exp, bool initial_state = false,

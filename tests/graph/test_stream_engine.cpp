@@ -11,6 +11,7 @@
 #include <deque>
 #include <tuple>
 
+#include "mlstm/core/packed.hpp"
 #include "mlstm/devices/opencl/backward_stream.hpp"
 #include "mlstm/devices/opencl/device.hpp"
 #include "mlstm/devices/opencl/tc_routine.hpp"
@@ -99,6 +100,43 @@ TEST(StreamEngine, LongForwardOfAnOpenCLDeviceStreamsItsPieces) {
   const auto opened = opencl_device0()->streams_opened();
   (void)dev->forward(in.args(), chunk64(false));
   EXPECT_EQ(opencl_device0()->streams_opened(), opened);
+}
+
+// Packed sequences on a tensor-core device stream one after the other through one pinned stream (pieces of 128
+// tokens; a sequence starts afresh, from its own initial state or the zero state, and its last state comes down
+// behind its last piece): each sequence's h and last state equal the float64 recurrence over it alone and the
+// device's own call on that sequence, for both gates, with and without initial states; forward_into as well.
+TEST(StreamEngine, PackedSequencesStreamThroughOnePinnedStream) {
+  if (no_opencl()) GTEST_SKIP() << "no OpenCL device (install pocl-opencl-icd)";
+  const StreamPiece piece("128");
+  const auto dev = emulated_tc_device();
+  const std::vector<std::int64_t> lengths{1, 64, 65, 200, 3, 130};
+  for (const auto& [gate, initial] :
+       {std::pair{GateVariant::exp, false}, std::pair{GateVariant::exp, true}, std::pair{GateVariant::sigmoid, true}}) {
+    testing::InputSpec s = small_bf16(1, initial);
+    s.gate = gate;
+    const auto in = testing::make_packed_inputs(lengths, s, testing::fresh_seed());
+    s.S = in.cu_seqlens.back();
+    MlstmOptions o = chunk64(true);
+    o.gate = gate;
+    const ForwardResult ref = reference::recurrent_forward(in.args(), o);
+    const auto opened = opencl_device0()->streams_opened();
+    const ForwardResult got = dev->forward(in.args(), o);
+    EXPECT_EQ(opencl_device0()->streams_opened(), opened + 1) << "every sequence through one stream";
+    EXPECT_TRUE(h_matches(got.h, ref, in, o, s, "packed stream"));
+    ASSERT_EQ(got.c.dim(0), static_cast<std::int64_t>(lengths.size()));
+    EXPECT_TRUE(testing::last_state_matches(got.c, got.n, got.m, ref.c, ref.n, ref.m, 2e-2, 1e-3, "packed stream", s));
+    for (std::int64_t j = 0; j < static_cast<std::int64_t>(lengths.size()); ++j) {
+      const ForwardResult alone = dev->forward(packed::sequence(in.args(), j), o);
+      const std::int64_t t0 = in.cu_seqlens[static_cast<std::size_t>(j)];
+      EXPECT_TRUE(testing::matches(testing::slice_seq(got.h, t0, t0 + lengths[static_cast<std::size_t>(j)]), alone.h,
+                                   2e-2, "packed stream vs alone", "h", s))
+          << "sequence " << j;
+    }
+    Tensor h({1, 2, s.S, 32}, DType::bf16);
+    (void)dev->forward_into(in.args(), o, h.view());
+    EXPECT_TRUE(testing::matches(h, got.h, 0.0, "packed stream", "h (forward_into)", s));
+  }
 }
 
 // An OpenCL device's backward of a sequence of several stream pieces goes through its BackwardStream (pieces of

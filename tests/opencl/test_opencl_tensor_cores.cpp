@@ -465,7 +465,12 @@ TEST(DeviceStream, PinnedInputsAreUploadedWhereTheyLie) {
     Tensor h = h_dest ? std::move(*h_dest) : Tensor({2, 2, 260, 32}, DType::bf16);
     std::vector<std::uint64_t> tickets;
     for (std::size_t j = 0; j + 1 < cuts.size(); ++j) {
-      const ForwardArgs whole{q_.view(), k_.view(), v_.view(), i_.view(), f_.view(), {}, {}, {}};
+      ForwardArgs whole;
+      whole.q = q_.view();
+      whole.k = k_.view();
+      whole.v = v_.view();
+      whole.i = i_.view();
+      whole.f = f_.view();
       tickets.push_back(stream.push(sequence_slice(whole, cuts[j], cuts[j + 1]), outlive,
                                     h_dest ? sequence_slice(h.view(), cuts[j], cuts[j + 1]) : TensorView()));
     }
@@ -510,7 +515,7 @@ TEST(DeviceStream, PinnedInputsAreUploadedWhereTheyLie) {
   {  // a whole contiguous pinned piece: one plain copy per input
     const Tensor q1 = pin(testing::slice_seq(in.q, 0, 100)), k1 = pin(testing::slice_seq(in.k, 0, 100)),
                  v1 = pin(testing::slice_seq(in.v, 0, 100));
-    const ForwardArgs whole{in.q.view(), in.k.view(), in.v.view(), in.i.view(), in.f.view(), {}, {}, {}};
+    const ForwardArgs whole = in.args();
     ForwardArgs first = sequence_slice(whole, 0, 100);
     first.q = q1.view();
     first.k = k1.view();

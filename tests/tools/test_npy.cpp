@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <vector>
 
 #include "mlstm/core/atomic_file.hpp"
 #include "mlstm/core/error.hpp"
@@ -118,6 +119,43 @@ TEST(Npy, RefusesBadFiles) {
   EXPECT_NE(
       argument_of([&] { npy::parse(header_image("{'descr': '<f4', 'shape': (4,), }"), "--q"); }).find("fortran_order"),
       std::string::npos);
+}
+
+// Offsets of packed sequences (--cu-seqlens): int64 in this byte order, one-dimensional, at least two, the data
+// all there; a round trip through write_offsets.
+TEST(Npy, OffsetsAreOneDimensionalInt64) {
+  const std::int64_t data[4] = {0, 3, 7, 12};
+  auto with_data = [&](std::string img, std::size_t n) { return img.append(reinterpret_cast<const char*>(data), n); };
+  auto refusal = [&](const std::string& dict, std::size_t n) {
+    return argument_of([&] { npy::parse_offsets(with_data(header_image(dict), n), "--cu-seqlens"); });
+  };
+  EXPECT_EQ(npy::parse_offsets(with_data(header_image("{'descr': '<i8', 'fortran_order': False, 'shape': (4,), }"), 32),
+                               "--cu-seqlens"),
+            (std::vector<std::int64_t>{0, 3, 7, 12}));
+  EXPECT_NE(refusal("{'descr': '<i4', 'fortran_order': False, 'shape': (4,), }", 32).find("must be int64"),
+            std::string::npos);
+  EXPECT_NE(refusal("{'descr': '<f8', 'fortran_order': False, 'shape': (4,), }", 32).find("must be int64"),
+            std::string::npos);
+  EXPECT_NE(refusal("{'descr': '>i8', 'fortran_order': False, 'shape': (4,), }", 32).find("big-endian"),
+            std::string::npos);
+  EXPECT_NE(refusal("{'descr': '<i8', 'fortran_order': False, 'shape': (2, 2), }", 32).find("one-dimensional"),
+            std::string::npos);
+  EXPECT_NE(refusal("{'descr': '<i8', 'fortran_order': False, 'shape': (4,), }", 24).find("truncated"),
+            std::string::npos);
+  EXPECT_NE(refusal("{'descr': '<i8', 'fortran_order': False, 'shape': (1,), }", 8).find("N + 1 >= 2"),
+            std::string::npos);
+  EXPECT_EQ(refusal("{'descr': '<i8', 'fortran_order': True, 'shape': (4,), }", 32).rfind("--cu-seqlens | ", 0), 0u);
+  const auto dir = std::filesystem::temp_directory_path() / ("mlstm_offsets_" + std::to_string(getpid()));
+  std::filesystem::create_directories(dir);
+  const std::string file = (dir / "o.npy").string();
+  npy::write_offsets(file, std::vector<std::int64_t>{0, 5, 9});
+  EXPECT_EQ(npy::read_offsets(file, "--cu-seqlens"), (std::vector<std::int64_t>{0, 5, 9}));
+  {  // a header promising more than the file holds is refused before the data is read
+    std::ofstream out(file, std::ios::binary | std::ios::trunc);
+    out << with_data(header_image("{'descr': '<i8', 'fortran_order': False, 'shape': (1000000000,), }"), 32);
+  }
+  EXPECT_NE(argument_of([&] { npy::read_offsets(file, "--cu-seqlens"); }).find("truncated"), std::string::npos);
+  std::filesystem::remove_all(dir);
 }
 
 // Regressions from fuzzing (fuzz/fuzz_npy): a header whose dimensions multiply past int64 (the element

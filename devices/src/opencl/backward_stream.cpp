@@ -467,6 +467,7 @@ BackwardResult BackwardStream::run_pieces(const BackwardArgs& a, const GradientV
   const Config& c = config_;
   MlstmOptions o = c.options;
   const ProblemShape p = validate_backward(a, o);
+  check_not_packed(p, "the OpenCL backward stream");
   if (into) check_gradient_views(*into, p);
   if (p.B != c.B || p.NH != c.NH || p.DHQK != c.DHQK || p.DHHV != c.DHHV || p.dtype != c.dtype)
     throw InvalidArgument("q", "the backward stream is set up for B=" + std::to_string(c.B) +

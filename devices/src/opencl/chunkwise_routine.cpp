@@ -49,6 +49,7 @@ class ResidentPortable final : public ResidentChunkwise {
                    const BackwardArgs* grads, bool outputs, bool state_only = false)
       : device_(std::move(device)), options_(o), outputs_(outputs), state_only_(state_only) {
     p_ = grads ? validate_backward(*grads, o) : validate_forward(a, o);
+    check_not_packed(p_, "the portable OpenCL routine");
     Device& dev = *device_;
     const std::string& dn = dev.name();
     S_ = static_cast<int>(p_.S);

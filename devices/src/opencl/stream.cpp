@@ -61,6 +61,8 @@ struct DeviceStream::Impl {
   bool has_state = false;
   bool keep_states = false;                           // keep_states(): the state leaving each piece, copied
   std::vector<std::array<PooledBuffer, 3>> kept;      // C, n, m after each piece since keep_states(true)
+  std::vector<Tensor> held;                           // start_sequence()'s initial states, until finish()
+  std::array<TensorView, 3> state_out;                // state_after_next_piece_into(): C, n, m; empty when none
   std::size_t q_bytes = 0, v_bytes = 0, g_bytes = 0;  // per-tensor staging sizes at max_piece
 };
 
@@ -209,6 +211,7 @@ void DeviceStream::restart(ConstTensorView c0, ConstTensorView n0, ConstTensorVi
   next_ticket_ = 0;
   impl_->keep_states = false;
   impl_->kept.clear();
+  impl_->state_out = {};
   load_state(c0, n0, m0);
   device_->note_stream_opened(false);
 }
@@ -364,6 +367,16 @@ std::uint64_t DeviceStream::enqueue_piece(const detail::HostRows* direct, const 
               "clEnqueueCopyBuffer(stream state kept)", dn);
       }
       im.kept.push_back(std::move(copy));
+    }
+    if (!im.state_out[0].empty()) {
+      // The state leaving this piece into the caller's memory, before the next piece's kernels write over it.
+      const Buffer* from_state[3] = {&im.C[to], &im.n[to], &im.m[to]};
+      for (std::size_t j = 0; j < 3; ++j) {
+        check(clEnqueueReadBuffer(im.kernels, from_state[j]->get(), CL_FALSE, 0, im.state_out[j].nbytes(),
+                                  im.state_out[j].bytes(), 0, nullptr, nullptr),
+              "clEnqueueReadBuffer(stream state out)", dn);
+      }
+      im.state_out = {};
     }
     clFlush(im.kernels);
     after_compute = computed;
@@ -532,6 +545,40 @@ ConstTensorView DeviceStream::view(std::uint64_t ticket) {
 void DeviceStream::finish() {
   for (cl_command_queue q : {impl_->up, impl_->kernels, impl_->down})
     check(clFinish(q), "clFinish(stream)", device_->name());
+  impl_->held.clear();
+}
+
+void DeviceStream::start_sequence(ConstTensorView c0, ConstTensorView n0, ConstTensorView m0) {
+  Impl& im = *impl_;
+  const Config& c = config_;
+  im.has_state = false;  // the zero state: the next piece's kernels read no state
+  if (c0.empty() && n0.empty() && m0.empty()) return;
+  if (c0.empty() || n0.empty() || m0.empty()) throw InvalidArgument("c0", "c0, n0 and m0 must be given together");
+  // Into the buffers the next piece reads, on the kernel queue: after the kernels of the pieces before (in order).
+  auto put = [&](ConstTensorView t, const Buffer& b, const char* name, const Shape& want) {
+    if (t.shape() != want)
+      throw InvalidArgument(name, "expected shape " + shape_to_string(want) + ", got " + shape_to_string(t.shape()));
+    im.held.push_back(Tensor::copy_of(t, DType::f32));
+    const Tensor& x = im.held.back();
+    check(clEnqueueWriteBuffer(im.kernels, b.get(), CL_FALSE, 0, x.nbytes(), x.bytes(), 0, nullptr, nullptr),
+          "clEnqueueWriteBuffer(sequence's initial state)", device_->name());
+  };
+  put(c0, im.C[im.state], "c0", {c.B, c.NH, c.DHQK, c.DHHV});
+  put(n0, im.n[im.state], "n0", {c.B, c.NH, c.DHQK});
+  put(m0, im.m[im.state], "m0", {c.B, c.NH});
+  im.has_state = true;
+}
+
+void DeviceStream::state_after_next_piece_into(TensorView C, TensorView n, TensorView m) {
+  const Config& c = config_;
+  const std::pair<TensorView, Shape> want[3] = {
+      {C, {c.B, c.NH, c.DHQK, c.DHHV}}, {n, {c.B, c.NH, c.DHQK}}, {m, {c.B, c.NH}}};
+  for (const auto& [t, shape] : want) {
+    if (t.dtype() != DType::f32 || t.shape() != shape || !t.is_contiguous())
+      throw InvalidArgument(
+          "state", "expected a contiguous float32 " + shape_to_string(shape) + ", got " + shape_to_string(t.shape()));
+  }
+  impl_->state_out = {C, n, m};
 }
 
 void DeviceStream::keep_states(bool keep) { impl_->keep_states = keep; }

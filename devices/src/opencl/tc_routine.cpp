@@ -41,6 +41,7 @@ class ResidentTensorCore final : public ResidentChunkwise {
                      const BackwardArgs* grads)
       : device_(std::move(device)), options_(o) {
     shape_ = grads ? validate_backward(*grads, o) : validate_forward(a, o);
+    check_not_packed(shape_, "the tensor-core routine");
     Device& dev = *device_;
     const std::string& dn = dev.name();
     cfg_ = make_config(dev, emulate, shape_, o);

@@ -5,8 +5,10 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "mlstm/core/tensor.hpp"
 
@@ -29,6 +31,14 @@ std::pair<Shape, DType> read_header(const std::string& path, const std::string& 
 
 // Parses a whole .npy image held in memory (what read() does after loading the file); the fuzz target.
 Tensor parse(const std::string& bytes, const std::string& argument, std::optional<DType> as_dtype = std::nullopt);
+
+// The offsets of packed sequences (cu_seqlens): a one-dimensional int64 ('<i8') array; any other dtype, byte order
+// or shape is refused (InvalidArgument naming `argument`). The header and the file's size are checked before the
+// data is read. parse_offsets: the same from a whole file image (the fuzz target).
+std::vector<std::int64_t> read_offsets(const std::string& path, const std::string& argument);
+std::vector<std::int64_t> parse_offsets(const std::string& bytes, const std::string& argument);
+// Writes offsets as a (N+1,) int64 array, atomically.
+void write_offsets(const std::string& path, std::span<const std::int64_t> offsets);
 
 // Writes a contiguous copy of `t`; bfloat16 is written as <u2. Atomic (write_file_atomically): a failure
 // throws mlstm::Error and leaves the old file, if any, and no temporary file.

@@ -2,6 +2,10 @@
 //
 // Shapes (DEVELOPERS.md): q,k (B,NH,S,DHQK), v (B,NH,S,DHHV), i,f (B,NH,S) raw gate pre-activations;
 // initial state c0 (B,NH,DHQK,DHHV), n0 (B,NH,DHQK), m0 (B,NH). Missing initial state means C=0, n=0, m=0.
+// Packed sequences (ForwardArgs::cu_seqlens): N sequences of any lengths lie one after the other in one row
+// (B = 1); the state starts afresh at each, from its own initial state (c0 (N,NH,DHQK,DHHV), n0 (N,NH,DHQK),
+// m0 (N,NH)) or the zero state, and the last state of each comes out ((N,NH,...)). Each sequence's h, last state
+// and gradients are those of the sequence run alone.
 //
 // Per step t (GateVariant::exp):
 //   lf = logsigmoid(f_t); m_t = max(lf + m_{t-1}, i_t); a = exp(lf + m_{t-1} - m_t); b = exp(i_t - m_t)
@@ -17,6 +21,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -47,7 +52,11 @@ struct ProblemShape {
   std::int64_t B = 0, NH = 0, S = 0, DHQK = 0, DHHV = 0;
   DType dtype = DType::f32;       // dtype of q, k, v (h is returned in it)
   DType gate_dtype = DType::f32;  // dtype of i, f (di, df are returned in it)
+  std::int64_t N = 0;             // packed sequences (ForwardArgs::cu_seqlens); 0: B rows of S tokens each
   std::int64_t rows() const noexcept { return B * NH; }
+  bool packed() const noexcept { return N > 0; }
+  // The leading dimension of initial and last states and of their gradients: N when packed, else B.
+  std::int64_t state_batch() const noexcept { return packed() ? N : B; }
 };
 
 // A recurrent state of every row: C (B,NH,DHQK,DHHV), n (B,NH,DHQK), m (B,NH), float32, stabilised (the true
@@ -64,13 +73,17 @@ std::size_t state_bytes(const ProblemShape& p);
 
 struct ForwardArgs {
   ConstTensorView q, k, v, i, f;
-  ConstTensorView c0, n0, m0;  // all three empty, or all three given
+  ConstTensorView c0, n0, m0;  // all three empty, or all three given; (N,NH,...) when packed
+  // Packed sequences (optional): N + 1 offsets 0 = o_0 < o_1 < ... < o_N = S; sequence j is tokens [o_j, o_{j+1})
+  // of the one row (B = 1). The caller's memory, like the views above.
+  std::span<const std::int64_t> cu_seqlens;
   bool has_initial_state() const noexcept { return !c0.empty(); }
+  bool packed() const noexcept { return !cu_seqlens.empty(); }
 };
 
 struct ForwardResult {
   Tensor h;        // (B,NH,S,DHHV) in q's dtype
-  Tensor c, n, m;  // last states, float32; empty unless options.return_last_states
+  Tensor c, n, m;  // last states, float32; empty unless options.return_last_states; (N,NH,...) when packed
 };
 
 // States a forward passed on its way, kept for the backward of the same inputs (FlowGraphRunner::forward's and
@@ -132,7 +145,7 @@ class StateCheckpoints {
 struct BackwardArgs {
   ForwardArgs inputs;
   ConstTensorView dh;                // (B,NH,S,DHHV)
-  ConstTensorView dc_last, dn_last;  // optional gradients of the last states (empty = 0)
+  ConstTensorView dc_last, dn_last;  // optional gradients of the last states (empty = 0); (N,NH,...) when packed
   // Optional: states the forward of these inputs kept (StateCheckpoints); this call's token 0 is token
   // `checkpoints_from` of their sequence (a segment's backward: the segment's first token).
   const StateCheckpoints* checkpoints = nullptr;
@@ -145,7 +158,7 @@ struct BackwardArgs {
 struct BackwardResult {
   Tensor dq, dk, dv;     // in q's dtype
   Tensor di, df;         // in i's dtype
-  Tensor dc0, dn0, dm0;  // float32 (float64 from the reference); only when initial states were given
+  Tensor dc0, dn0, dm0;  // float32 (float64 from the reference); only when initial states were given; (N,...) packed
 };
 
 // Where a backward writes its token gradients (backward_into): dq, dk (B,NH,S,DHQK) and dv (B,NH,S,DHHV) in q's
@@ -190,6 +203,7 @@ ConstTensorView gate_rows(ConstTensorView t);
 struct ForwardInputs {
   Tensor q, k, v, i, f;
   Tensor c0, n0, m0;
+  std::vector<std::int64_t> cu_seqlens;  // empty: not packed
   ForwardArgs args() const;
 };
 
@@ -212,18 +226,24 @@ struct StepResult {
 
 // Validation: every check throws InvalidArgument naming the argument and the expected shape or range.
 // Also checks options (eps > 0 and finite, chunk_size > 0) and, for the sigmoid gate, that m0 is zero.
+// Packed (cu_seqlens): B must be 1, the offsets start at 0, increase strictly (no empty sequence) and end at S
+// (InvalidArgument("cu_seqlens")); the initial states and last-state gradients are (N,NH,...).
 ProblemShape validate_forward(const ForwardArgs& args, const MlstmOptions& options);
 // Tokens [t0, t1) of a (B,NH,S,...) tensor (views, no copy), and of a problem's inputs q, k, v, i, f (its
-// c0/n0/m0 are left out: the state entering t0 is the caller's).
+// c0/n0/m0 are left out: the state entering t0 is the caller's). Packed args are refused (InvalidArgument
+// "cu_seqlens"): their sequences are packed::sequence().
 ConstTensorView sequence_slice(ConstTensorView t, std::int64_t t0, std::int64_t t1);
 TensorView sequence_slice(TensorView t, std::int64_t t0, std::int64_t t1);
 ForwardArgs sequence_slice(const ForwardArgs& args, std::int64_t t0, std::int64_t t1);
 // A piece of a streamed sequence: q..f without c0/n0/m0 (the stream carries the state), of the stream's B, NH,
-// DHQK and DHHV (InvalidArgument naming the argument otherwise); returns its shape.
+// DHQK and DHHV (InvalidArgument naming the argument otherwise; packed pieces: "cu_seqlens"); returns its shape.
 ProblemShape check_stream_piece(const ForwardArgs& piece, const ProblemShape& stream, const MlstmOptions& options);
 ProblemShape validate_backward(const BackwardArgs& args, const MlstmOptions& options);
 ProblemShape validate_step(const StepArgs& args, const MlstmOptions& options);  // S = 1
 void validate_options(const MlstmOptions& options);
+// InvalidArgument("cu_seqlens") when problem p is packed: for routines that run one sequence (`what` names them);
+// their devices run packed problems one sequence at a time (packed.hpp).
+void check_not_packed(const ProblemShape& p, std::string_view what);
 // Optional finite checks of every given tensor (NaN/Inf -> InvalidArgument naming it).
 void check_finite(const ForwardArgs& args);
 

@@ -99,6 +99,14 @@ class DeviceStream {
   // forgets them and turns keeping off.
   void keep_states(bool keep);
   std::vector<DeviceState> take_kept_states();
+  // Packed sequences through one stream: the next submitted piece starts a new sequence, from the zero state or from
+  // c0/n0/m0 (float32, the stream's (B,NH,...) state shapes). Unlike restart(), nothing waits: the pieces before go
+  // on computing, their h stay to be taken, tickets continue. (The initial state's host copy is held until finish().)
+  void start_sequence(ConstTensorView c0 = {}, ConstTensorView n0 = {}, ConstTensorView m0 = {});
+  // The state leaving the next submitted piece goes into C, n, m (float32, the stream's state shapes, contiguous),
+  // downloaded without waiting: they stay valid and untouched until finish(). (The sigmoid gate's m is whatever its
+  // kernels leave there; the gate has no stabiliser, m = 0.)
+  void state_after_next_piece_into(TensorView C, TensorView n, TensorView m);
   // Begins another sequence on the same staging and device buffers (setting up a stream costs more than a
   // short sequence): waits for everything enqueued, forgets every h not taken, and starts from the zero state
   // or from c0/n0/m0 (as in the constructor). Tickets start again at 0. Not while a take() runs.

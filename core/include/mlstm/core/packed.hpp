@@ -1,0 +1,31 @@
+// Packed variable-length sequences (ForwardArgs::cu_seqlens): the sequences of a packed problem as problems of their
+// own, and a packed call as one call per sequence. The float64 reference is defined this way (a packed call IS each
+// sequence run alone), and devices whose kernels take one sequence at a time (OpenCL, for now) run packed
+// problems through it; the CPU kernels take packed rows natively (cpu_kernels.hpp).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+
+#include "mlstm/core/problem.hpp"
+
+namespace mlstm::packed {
+
+// Sequence j (0 <= j < N) of packed args already validated: B = 1, S = its length, NH and the head dims as they
+// are, and row j of c0/n0/m0 as its (1,NH,...) initial state when given. Views of the caller's memory, no copies.
+ForwardArgs sequence(const ForwardArgs& args, std::int64_t j);
+// The same for a backward: dh's tokens of sequence j, and row j of dc_last/dn_last.
+BackwardArgs sequence(const BackwardArgs& args, std::int64_t j);
+
+using ForwardFn = std::function<ForwardResult(const ForwardArgs&, const MlstmOptions&)>;
+using BackwardFn = std::function<BackwardResult(const BackwardArgs&, const MlstmOptions&)>;
+
+// A packed forward (args validated as problem p) as one call of `forward` per sequence, in order: h
+// (1,NH,S,DHHV) and the last states (N,NH,...) assembled in the dtypes the calls return.
+ForwardResult forward_each(const ForwardArgs& args, const ProblemShape& p, const MlstmOptions& options,
+                           const ForwardFn& forward);
+// A packed backward likewise: token gradients (1,NH,S,...) and, with initial states, dc0/dn0/dm0 (N,NH,...).
+BackwardResult backward_each(const BackwardArgs& args, const ProblemShape& p, const MlstmOptions& options,
+                             const BackwardFn& backward);
+
+}  // namespace mlstm::packed
