@@ -81,6 +81,17 @@ std::string Plan::describe() const {
       os << "\n  rows [" << rows[d].first << ", " << rows[d].second << "): " << what << " on " << devices[d];
     return os.str();
   }
+  if (packed_sequences > 0) {
+    os << "\n  packed: " << packed_sequences << " sequences, cut at their boundaries into segments of whole sequences";
+    for (std::size_t j = 0; j < segments.size(); ++j) {
+      const auto& s = segments[j];
+      os << "\n  segment " << s.index << " [" << s.t0 << ", " << s.t1 << "): sequences [" << sequences[j].first << ", "
+         << sequences[j].second << ") -> the first free device (pulled)";
+    }
+    os << "\n  each segment one packed " << (pass == Pass::backward ? "backward" : "forward")
+       << " call; no local-state pass and no combine (the sequences are independent)";
+    return os.str();
+  }
   const bool one = segments.size() == 1;
   for (const auto& s : segments) {
     os << "\n  segment " << s.index << " [" << s.t0 << ", " << s.t1 << ") -> ";
@@ -203,6 +214,11 @@ Tensor FlowGraphRunner::host_tensor(Shape shape, DType dtype) const {
 
 Plan FlowGraphRunner::plan(const ProblemShape& shape, const MlstmOptions& options, std::int64_t segment_tokens,
                            Pass pass) const {
+  if (shape.packed()) {
+    throw InvalidArgument("cu_seqlens",
+                          "a packed problem's segments follow its offsets: make_packed_plan() plans "
+                          "them, last_plan() shows the plan of a run");
+  }
   return plan_run(pass, shape, options, segment_tokens).plan;
 }
 
@@ -593,6 +609,15 @@ ForwardResult FlowGraphRunner::forward_into(TensorView h, const ForwardArgs& arg
 ForwardResult FlowGraphRunner::run_forward(const ForwardArgs& args, const MlstmOptions& options,
                                            std::int64_t segment_tokens, TensorView h_out, StateCheckpoints* keep) {
   using namespace tbb::flow;
+  if (args.packed()) {
+    const ProblemShape shape = validate_forward(args, options);
+    if (keep) throw InvalidArgument("keep", "states are not kept for packed sequences (cu_seqlens)");
+    if (!h_out.empty()) {
+      check_output_rows(h_out, {shape.B, shape.NH, shape.S, shape.DHHV}, shape.dtype, "h");
+      check_outputs_apart({{h_out, "h"}}, named_inputs(args));
+    }
+    return run_packed_forward(args, shape, options, segment_tokens, h_out);
+  }
   auto problem = std::make_shared<nodes::SegmentProblem>(args, options, true, h_out);
   if (keep) {
     keep->bind(args, problem->shape(), options);
@@ -755,6 +780,7 @@ void run_row_groups(const std::vector<std::pair<std::int64_t, std::int64_t>>& gr
 
 ForwardResult FlowGraphRunner::forward_head_split(const ForwardArgs& args, const MlstmOptions& options) {
   const ProblemShape p = validate_forward(args, options);
+  check_not_packed(p, "the head split");
   const PlannedRun planned = plan_run(Pass::forward_head_split, p, options, 0);
   const auto& devices = planned.devices;
   const Plan& plan = planned.plan;
@@ -904,6 +930,10 @@ BackwardResult FlowGraphRunner::run_backward(const BackwardArgs& args, const Mls
                                              std::int64_t segment_tokens, const GradientViews* out) {
   using namespace tbb::flow;
   const ProblemShape shape = validate_backward(args, options);
+  if (shape.packed()) {
+    if (args.checkpoints) throw InvalidArgument("checkpoints", "no states are kept for packed sequences (cu_seqlens)");
+    return run_packed_backward(args, shape, options, segment_tokens, out);
+  }
   if (args.checkpoints) {
     if (args.checkpoints_from != 0)
       throw InvalidArgument("checkpoints_from", "a whole backward starts at token 0 of its checkpoints");
@@ -1009,6 +1039,7 @@ BackwardResult FlowGraphRunner::run_backward(const BackwardArgs& args, const Mls
 
 BackwardResult FlowGraphRunner::backward_head_split(const BackwardArgs& args, const MlstmOptions& options) {
   const ProblemShape p = validate_backward(args, options);
+  check_not_packed(p, "the head split");
   const PlannedRun planned = plan_run(Pass::backward_head_split, p, options, 0);
   const auto& capable = planned.devices;
   const Plan& plan = planned.plan;

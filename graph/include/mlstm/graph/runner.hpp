@@ -20,6 +20,7 @@
 
 #include <initializer_list>
 #include <memory>
+#include <span>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -67,6 +68,10 @@ struct Plan {
   // overlapped(): a GPU through pinned staging); false for one forward call per piece, and for other passes.
   bool overlapped = false;
   std::vector<std::string> measured;
+  // Packed sequences (ForwardArgs::cu_seqlens): their count, and the sequences [first, second) of each segment (the
+  // segments are cut at sequence boundaries; each is one packed call, no combine). 0 / empty otherwise.
+  std::int64_t packed_sequences = 0;
+  std::vector<std::pair<std::int64_t, std::int64_t>> sequences;
   std::string describe() const;  // one line per item; MLSTM_PLAN_DEBUG=1 prints it at run time
 };
 
@@ -77,6 +82,11 @@ Plan make_plan(const ProblemShape& shape, const MlstmOptions& options, const std
 Plan make_calibrated_plan(const ProblemShape& shape, const MlstmOptions& options,
                           const std::vector<std::string>& devices, const std::vector<double>& speeds,
                           std::int64_t segment_tokens = 0);
+
+// The plan of a packed problem (sequence boundaries `offsets`): segments of whole sequences of about
+// `segment_tokens` (0: one segment for one device, about 4 per device for several), each at least one sequence.
+Plan make_packed_plan(const ProblemShape& shape, const MlstmOptions& options, const std::vector<std::string>& devices,
+                      std::span<const std::int64_t> offsets, std::int64_t segment_tokens = 0);
 
 class FlowGraphRunner {
  public:
@@ -104,6 +114,10 @@ class FlowGraphRunner {
   // a GPU streaming a segment keeps the state entering each of its pieces, and every device the state leaving its
   // segment when it computes it. Pass them as BackwardArgs::checkpoints, and a GPU's streamed backward starts its
   // pieces from them instead of recomputing them (a third of its uploads at 128/128).
+  //
+  // Packed sequences (args.cu_seqlens): the row is cut at sequence boundaries into segments of whole sequences
+  // (make_packed_plan), each one packed call on the device that pulls it; `keep` is refused (InvalidArgument
+  // "keep") for them.
   ForwardResult forward(const ForwardArgs& args, const MlstmOptions& options, std::int64_t segment_tokens = 0,
                         StateCheckpoints* keep = nullptr);
   // forward() with h written into the caller's `h`: (B,NH,S,DHHV) of q's dtype whose rows of S*DHHV elements are
@@ -156,6 +170,11 @@ class FlowGraphRunner {
                             TensorView h_out, StateCheckpoints* keep);  // forward() and forward_into()
   BackwardResult run_backward(const BackwardArgs& args, const MlstmOptions& options, std::int64_t segment_tokens,
                               const GradientViews* out);  // backward() and backward_into()
+  // Packed sequences (runner_packed.cpp): segments of whole sequences, pulled by the devices.
+  ForwardResult run_packed_forward(const ForwardArgs& args, const ProblemShape& shape, const MlstmOptions& options,
+                                   std::int64_t segment_tokens, TensorView h_out);
+  BackwardResult run_packed_backward(const BackwardArgs& args, const ProblemShape& shape, const MlstmOptions& options,
+                                     std::int64_t segment_tokens, const GradientViews* out);
   // The one planning function of every run and of plan(): the capable devices, then the plan over them.
   PlannedRun plan_run(Pass pass, const ProblemShape& shape, const MlstmOptions& options,
                       std::int64_t segment_tokens) const;

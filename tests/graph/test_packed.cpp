@@ -1,0 +1,155 @@
+// Packed variable-length sequences through the flow graph (issue 19): the row cut at sequence boundaries into
+// segments of whole sequences, pulled by CPU workers and PoCL devices, equal to one packed kernel call; failover;
+// refusals. (Every kernel's packed calls: tests/devices/test_packed_kernels.cpp.)
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "mlstm/core/error.hpp"
+#include "mlstm/devices/opencl/device.hpp"
+#include "mlstm/mlstm.hpp"
+#include "test_util.hpp"
+
+namespace mlstm {
+namespace {
+
+using testing::InputSpec;
+
+// Packed inputs of `lengths` (NH heads of DHQK x DHHV), per-sequence initial states when `init`.
+struct Packed {
+  BackwardInputs in;
+  InputSpec spec;
+  BackwardArgs args() const { return in.backward_args(); }
+};
+
+Packed make_packed(const std::vector<std::int64_t>& lengths, DType dtype, GateVariant gate, bool init,
+                   std::uint64_t seed, std::int64_t NH = 2, std::int64_t DHQK = 16, std::int64_t DHHV = 8) {
+  Packed p;
+  p.in = testing::make_packed_inputs(lengths, testing::spec(1, NH, 1, DHQK, DHHV, dtype, gate, init), seed);
+  p.spec = testing::spec(1, NH, p.in.cu_seqlens.back(), DHQK, DHHV, dtype, gate, init);
+  return p;
+}
+
+MlstmOptions options_of(GateVariant gate, std::int64_t chunk) {
+  MlstmOptions o;
+  o.gate = gate;
+  o.chunk_size = chunk;
+  return o;
+}
+
+// The graph cuts a packed row at sequence boundaries into segments of whole sequences, pulled by the devices: the
+// same results as one packed kernel call, whatever the segment length, forward (into the caller's h too) and
+// backward (into the caller's views too), on CPU workers and with two PoCL devices beside them.
+TEST(PackedGraph, EqualsOnePackedCallOnEveryMix) {
+  const bool two = opencl::list_devices().size() >= 2;
+  const auto kernel = get_kernel("chunkwise--cpu_xl_chunk");
+  for (const std::string& spec : {std::string("workers"), std::string(two ? "workers+0,1" : "workers")}) {
+    graph::FlowGraphRunner runner(spec);
+    for (const auto gate : {GateVariant::exp, GateVariant::sigmoid}) {
+      // Lengths 1, at, one off and several times the chunk; on PoCL devices few distinct chunk lengths (1 and 32).
+      const std::vector<std::int64_t> lengths = spec == "workers"
+                                                    ? std::vector<std::int64_t>{1, 31, 32, 33, 7, 100, 1, 64, 20}
+                                                    : std::vector<std::int64_t>{1, 32, 33, 64, 100, 1, 40, 65, 96};
+      const Packed p = make_packed(lengths, DType::f32, gate, true, testing::fresh_seed(), 3, 16, 16);
+      const MlstmOptions o = options_of(gate, 32);
+      const BackwardArgs b = p.args();
+      const ForwardResult one = kernel->forward(b.inputs, o);
+      const BackwardResult g1 = kernel->backward(b, o);
+      for (const std::int64_t seg : {0, 1, 40, 64, 1000}) {
+        SCOPED_TRACE(spec + " segment_tokens " + std::to_string(seg));
+        const ForwardResult got = runner.forward(b.inputs, o, seg);
+        const std::string k = "graph " + spec;
+        // OpenCL devices sum in another order than the CPU kernel.
+        const double tol = spec == "workers" ? 1e-6 : 2e-5;
+        EXPECT_TRUE(testing::matches(got.h, one.h, tol, k, "h", p.spec));
+        EXPECT_TRUE(testing::matches(got.c, one.c, tol, k, "c", p.spec));
+        EXPECT_TRUE(testing::matches(got.n, one.n, tol, k, "n", p.spec));
+        EXPECT_TRUE(testing::matches(got.m, one.m, tol, k, "m", p.spec));
+        const graph::Plan& plan = runner.last_plan();
+        EXPECT_EQ(plan.packed_sequences, 9);
+        EXPECT_NE(plan.describe().find("packed: 9 sequences"), std::string::npos) << plan.describe();
+        for (const auto& s : plan.segments) {  // every cut is a sequence boundary
+          EXPECT_NE(std::find(p.in.cu_seqlens.begin(), p.in.cu_seqlens.end(), s.t0), p.in.cu_seqlens.end());
+          EXPECT_NE(std::find(p.in.cu_seqlens.begin(), p.in.cu_seqlens.end(), s.t1), p.in.cu_seqlens.end());
+        }
+        if (seg == 1) {
+          EXPECT_EQ(plan.segments.size(), 9u);
+        }
+        Tensor h({1, 3, p.spec.S, 16}, DType::f32);
+        runner.forward_into(h.view(), b.inputs, o, seg);
+        EXPECT_TRUE(testing::matches(h, one.h, tol, k, "h (forward_into)", p.spec));
+
+        const BackwardResult g = runner.backward(b, o, seg);
+        for (auto [x, y, name] : {std::tuple{&g.dq, &g1.dq, "dq"},
+                                  {&g.dk, &g1.dk, "dk"},
+                                  {&g.dv, &g1.dv, "dv"},
+                                  {&g.di, &g1.di, "di"},
+                                  {&g.df, &g1.df, "df"},
+                                  {&g.dc0, &g1.dc0, "dc0"},
+                                  {&g.dn0, &g1.dn0, "dn0"}})
+          EXPECT_TRUE(testing::matches(*x, *y, spec == "workers" ? 1e-6 : 1e-4, k, name, p.spec));
+        BackwardResult views;
+        views.dq = Tensor(g1.dq.shape(), DType::f32);
+        views.dk = Tensor(g1.dk.shape(), DType::f32);
+        views.dv = Tensor(g1.dv.shape(), DType::f32);
+        views.di = Tensor(g1.di.shape(), DType::f32);
+        views.df = Tensor(g1.df.shape(), DType::f32);
+        const BackwardResult gi = runner.backward_into(
+            {views.dq.view(), views.dk.view(), views.dv.view(), views.di.view(), views.df.view()}, b, o, seg);
+        EXPECT_TRUE(testing::matches(views.dq, g1.dq, spec == "workers" ? 1e-6 : 1e-4, k, "dq (into)", p.spec));
+        EXPECT_TRUE(testing::matches(views.df, g1.df, spec == "workers" ? 1e-6 : 1e-4, k, "df (into)", p.spec));
+        EXPECT_TRUE(testing::matches(gi.dc0, g1.dc0, spec == "workers" ? 1e-6 : 1e-4, k, "dc0 (into)", p.spec));
+      }
+    }
+  }
+}
+
+// A device that fails is taken out; its segments of whole sequences run on the others.
+TEST(PackedGraph, FailedDeviceIsTakenOut) {
+  if (opencl::list_devices().size() < 2) GTEST_SKIP() << "needs two OpenCL devices (POCL_DEVICES=\"pthread pthread\")";
+  graph::FlowGraphRunner runner("workers+0,1");
+  const Packed p = make_packed({40, 1, 64, 65, 1, 20}, DType::f32, GateVariant::exp, false, testing::fresh_seed());
+  const MlstmOptions o = options_of(GateVariant::exp, 16);
+  const ForwardResult one = get_kernel("chunkwise--cpu_xl_chunk")->forward(p.in.args(), o);
+  ::setenv("MLSTM_FAULT_INJECT", "opencl:1:*", 1);
+  const ForwardResult got = runner.forward(p.in.args(), o, 1);
+  ::unsetenv("MLSTM_FAULT_INJECT");
+  EXPECT_TRUE(testing::matches(got.h, one.h, 2e-5, "graph with a failed device", "h", p.spec));
+  EXPECT_TRUE(testing::matches(got.c, one.c, 2e-5, "graph with a failed device", "c", p.spec));
+  bool logged = false;
+  for (const auto& line : runner.last_log()) logged = logged || line.find("device failure") != std::string::npos;
+  EXPECT_TRUE(logged);
+}
+
+// What packed sequences do not take yet is refused by name: kept states, the head split, a plan without offsets.
+TEST(PackedGraph, RefusesWhatItDoesNotTake) {
+  graph::FlowGraphRunner runner("workers");
+  const Packed p = make_packed({5, 6}, DType::f32, GateVariant::exp, false, testing::fresh_seed());
+  const MlstmOptions o = options_of(GateVariant::exp, 4);
+  StateCheckpoints keep;
+  try {
+    runner.forward(p.in.args(), o, 0, &keep);
+    ADD_FAILURE() << "keep accepted";
+  } catch (const InvalidArgument& e) {
+    EXPECT_EQ(e.argument(), "keep");
+  }
+  try {
+    runner.forward_head_split(p.in.args(), o);
+    ADD_FAILURE() << "head split accepted";
+  } catch (const InvalidArgument& e) {
+    EXPECT_EQ(e.argument(), "cu_seqlens");
+  }
+  try {
+    runner.plan(validate_forward(p.in.args(), o), o);
+    ADD_FAILURE() << "plan() of a packed shape accepted";
+  } catch (const InvalidArgument& e) {
+    EXPECT_EQ(e.argument(), "cu_seqlens");
+  }
+  EXPECT_THROW(sequence_slice(p.in.args(), 0, 3), InvalidArgument);
+}
+
+}  // namespace
+}  // namespace mlstm
