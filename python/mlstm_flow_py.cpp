@@ -380,6 +380,34 @@ StateCheckpoints* checkpoints_arg(const py::object& o, const char* name) {
   return o.cast<StateCheckpoints*>();
 }
 
+// cu_seqlens=: None, or the offsets of packed sequences as one-dimensional int64 (a numpy array of dtype int64, or
+// a sequence numpy turns into one); other dtypes are refused rather than converted.
+std::vector<std::int64_t> offsets_arg(const py::object& o) {
+  if (o.is_none()) return {};
+  const py::array a = py::array::ensure(o);
+  if (!a) throw InvalidArgument("cu_seqlens", "expected a one-dimensional int64 array of offsets");
+  if (a.dtype().kind() != 'i' || a.dtype().itemsize() != 8) {
+    throw InvalidArgument("cu_seqlens", "offsets must be int64, got " + std::string(py::str(a.dtype())) +
+                                            "; pass np.asarray(offsets, dtype=np.int64)");
+  }
+  if (a.ndim() != 1) {
+    throw InvalidArgument("cu_seqlens",
+                          "expected a one-dimensional array (N+1,), got " + std::to_string(a.ndim()) + " dimensions");
+  }
+  if (!a.dtype().is(py::dtype::of<std::int64_t>())) {
+    throw InvalidArgument("cu_seqlens", "offsets must be int64 in this machine's byte order");
+  }
+  const auto n = static_cast<std::size_t>(a.shape(0));
+  if (n < 2) {
+    throw InvalidArgument("cu_seqlens",
+                          "needs N + 1 >= 2 offsets (0, then the end of each sequence), got " + std::to_string(n));
+  }
+  std::vector<std::int64_t> out(n);
+  const auto typed = py::array_t<std::int64_t, py::array::forcecast>::ensure(a);
+  for (std::size_t j = 0; j < n; ++j) out[j] = typed.at(static_cast<py::ssize_t>(j));
+  return out;
+}
+
 // A streaming session (StreamSession) over pieces of one sequence, from Python.
 struct PySession {
   std::unique_ptr<StreamSession> session;
@@ -436,7 +464,7 @@ PYBIND11_MODULE(mlstm_flow, m) {
          py::object m0, py::object kernel_o, py::object chunk_size, py::object gate, py::object normalize,
          py::object eps, py::object return_last_states_o, py::object dtype, py::object devices_o,
          py::object segment_tokens_o, py::object balancing_o, py::object return_info_o, py::object out_o,
-         py::object keep_o, const py::kwargs& extra) {
+         py::object keep_o, py::object cu_seqlens_o, const py::kwargs& extra) {
         refuse_unknown(extra, "forward");
         const Route how = route(kernel_o, devices_o, segment_tokens_o, balancing_o, return_info_o);
         const bool return_last_states = bool_arg(return_last_states_o, "return_last_states");
@@ -444,7 +472,9 @@ PYBIND11_MODULE(mlstm_flow, m) {
             options(int_arg(chunk_size, "chunk_size"), str_arg(gate, "gate"), bool_arg(normalize, "normalize"),
                     float_arg(eps, "eps"), return_last_states, how.kernel);
         const Loaded l = load(q, k, v, i, f, c0, n0, m0, str_arg(dtype, "dtype"));
-        const ForwardArgs args = l.args();
+        const std::vector<std::int64_t> offsets = offsets_arg(cu_seqlens_o);
+        ForwardArgs args = l.args();
+        args.cu_seqlens = offsets;
         ForwardResult r;
         py::object info = py::none();
         py::object out = py::none();
@@ -478,8 +508,12 @@ PYBIND11_MODULE(mlstm_flow, m) {
       py::arg("chunk_size") = 64, py::arg("gate") = "exp", py::arg("normalize") = true, py::arg("eps") = 1e-6,
       py::arg("return_last_states") = true, py::arg("dtype") = "", py::arg("devices") = py::none(),
       py::arg("segment_tokens") = py::none(), py::arg("balancing") = py::none(), py::arg("return_info") = false,
-      py::arg("out") = py::none(), py::arg("keep") = py::none(),
+      py::arg("out") = py::none(), py::arg("keep") = py::none(), py::arg("cu_seqlens") = py::none(),
       "h, (c, n, m) = forward(q, k, v, i, f, ...): q,k (B,NH,S,DHQK), v (B,NH,S,DHHV), i,f (B,NH,S)\n"
+      "\n"
+      "cu_seqlens=offsets (int64, N+1): N packed sequences in one row (B=1), tokens [offsets[j], offsets[j+1]) each;\n"
+      "each starts from its own initial state (c0 (N,NH,DHQK,DHHV), n0, m0) or the zero state, and c, n, m are\n"
+      "(N,NH,...): the results of each sequence run alone.\n"
       "\n"
       "kernel=None: one call of 'chunkwise--cpu_xl_chunk' (kernels() lists the others).\n"
       "devices='workers' | 'gpu:all' | '0,1' | 'all' | 'workers+gpu:all' | ...: instead of one kernel call, the\n"
@@ -504,7 +538,7 @@ PYBIND11_MODULE(mlstm_flow, m) {
          py::object n0, py::object m0, py::object dc_last, py::object dn_last, py::object kernel_o,
          py::object chunk_size_o, py::object gate_o, py::object normalize_o, py::object eps_o, py::object dtype,
          py::object devices_o, py::object segment_tokens_o, py::object balancing_o, py::object return_info_o,
-         py::object out_o, py::object checkpoints_o, const py::kwargs& extra) {
+         py::object out_o, py::object checkpoints_o, py::object cu_seqlens_o, const py::kwargs& extra) {
         refuse_unknown(extra, "backward");
         const Route how = route(kernel_o, devices_o, segment_tokens_o, balancing_o, return_info_o);
         const std::string gate = str_arg(gate_o, "gate");
@@ -523,8 +557,10 @@ PYBIND11_MODULE(mlstm_flow, m) {
         std::optional<Arg> dct, dnt;
         if (!dc_last.is_none()) dct = arg_of(dc_last, "dc_last", false);
         if (!dn_last.is_none()) dnt = arg_of(dn_last, "dn_last", false);
+        const std::vector<std::int64_t> offsets = offsets_arg(cu_seqlens_o);
         BackwardArgs b;
         b.inputs = l.args();
+        b.inputs.cu_seqlens = offsets;
         b.dh = dht.view();
         if (dct) b.dc_last = dct->view();
         if (dnt) b.dn_last = dnt->view();
@@ -596,8 +632,10 @@ PYBIND11_MODULE(mlstm_flow, m) {
       py::arg("gate") = "exp", py::arg("normalize") = true, py::arg("eps") = 1e-6, py::arg("dtype") = "",
       py::arg("devices") = py::none(), py::arg("segment_tokens") = py::none(), py::arg("balancing") = py::none(),
       py::arg("return_info") = false, py::arg("out") = py::none(), py::arg("checkpoints") = py::none(),
+      py::arg("cu_seqlens") = py::none(),
       "dict of gradients dq, dk, dv, di, df (and dc0, dn0, dm0 when an initial state is given); dq, dk, dv in\n"
-      "q's dtype (uint16 holding bfloat16 for dtype='bfloat16'). dh: any float dtype, or uint16 bfloat16 patterns\n"
+      "q's dtype (uint16 holding bfloat16 for dtype='bfloat16'). cu_seqlens= as in forward(): dc_last, dn_last and\n"
+      "dc0, dn0, dm0 are then (N,NH,...). dh: any float dtype, or uint16 bfloat16 patterns\n"
       "with dtype='bfloat16'\n"
       "\n"
       "kernel, devices, segment_tokens, balancing and return_info as in forward(): devices= runs the gradients\n"

@@ -179,6 +179,57 @@ def check_graph(rng):
     assert info["segments"] == 1, info
 
 
+def check_packed(rng):
+    """Issue 19: cu_seqlens= packs N sequences into one row; each sequence's h, last state and gradients equal the
+    sequence run alone, through one kernel and through the graph (devices=); bad offsets are refused by name."""
+    lengths = [1, 15, 16, 17, 40, 3]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    N, NH, S, DK, DV = len(lengths), 2, int(offsets[-1]), 16, 8
+    q = rng.standard_normal((1, NH, S, DK), dtype=np.float32)
+    k = rng.standard_normal((1, NH, S, DK), dtype=np.float32)
+    v = rng.standard_normal((1, NH, S, DV), dtype=np.float32)
+    i = rng.standard_normal((1, NH, S), dtype=np.float32)
+    f = (3 + rng.standard_normal((1, NH, S))).astype(np.float32)
+    c0 = 0.5 * rng.standard_normal((N, NH, DK, DV)).astype(np.float32)
+    n0 = 0.5 * rng.standard_normal((N, NH, DK)).astype(np.float32)
+    m0 = rng.standard_normal((N, NH)).astype(np.float32)
+    dh = rng.standard_normal((1, NH, S, DV)).astype(np.float32)
+    for devices in (None, "workers"):
+        h, (c, n, m) = mlstm_flow.forward(q, k, v, i, f, c0, n0, m0, chunk_size=16, cu_seqlens=offsets,
+                                          devices=devices)
+        assert h.shape == (1, NH, S, DV) and c.shape == (N, NH, DK, DV) and m.shape == (N, NH)
+        g = mlstm_flow.backward(q, k, v, i, f, dh, c0, n0, m0, chunk_size=16, cu_seqlens=offsets, devices=devices)
+        assert g["dc0"].shape == (N, NH, DK, DV) and g["dq"].shape == q.shape
+        for j in range(N):
+            t0, t1 = offsets[j], offsets[j + 1]
+            cut = lambda x: np.ascontiguousarray(x[:, :, t0:t1])
+            sl = lambda x: np.ascontiguousarray(x[j:j + 1])
+            h_ref, (c_ref, _, m_ref) = reference(cut(q), cut(k), cut(v), cut(i), cut(f), sl(c0), sl(n0), sl(m0))
+            assert rel0(h[:, :, t0:t1], h_ref) < 1e-4, (devices, j, rel0(h[:, :, t0:t1], h_ref))
+            assert rel0(c[j:j + 1], c_ref) < 1e-4 and rel0(m[j:j + 1], m_ref) < 1e-5
+            alone = mlstm_flow.backward(cut(q), cut(k), cut(v), cut(i), cut(f), cut(dh), sl(c0), sl(n0), sl(m0),
+                                        chunk_size=16)
+            for name in ("dq", "dk", "dv", "di", "df"):
+                assert rel0(g[name][:, :, t0:t1], alone[name]) < 1e-5, (devices, j, name)
+            assert rel0(g["dc0"][j:j + 1], alone["dc0"]) < 1e-5
+    for bad, says in [(offsets.astype(np.int32), "int64"), (offsets[::-1].copy(), "start at 0"),
+                      (offsets[:-1].copy(), "end at S"), (np.array([0, 5, 5, S], dtype=np.int64), "increase strictly"),
+                      (offsets.reshape(1, -1), "one-dimensional"), (np.array([0], dtype=np.int64), "N + 1 >= 2"),
+                      (offsets.astype(">i8"), "byte order")]:
+        try:
+            mlstm_flow.forward(q, k, v, i, f, c0, n0, m0, cu_seqlens=bad)
+        except ValueError as err:
+            assert str(err).startswith("cu_seqlens:") and says in str(err), str(err)
+        else:
+            raise AssertionError("no ValueError for cu_seqlens " + says)
+    try:  # per-sequence states are (N, ...): one row's (1, ...) is refused naming c0
+        mlstm_flow.forward(q, k, v, i, f, c0[:1], n0[:1], m0[:1], cu_seqlens=offsets)
+    except ValueError as err:
+        assert str(err).startswith("c0:"), str(err)
+    else:
+        raise AssertionError("no ValueError for c0 of one row with six sequences")
+
+
 def check_streaming_and_memory(rng):
     """Issue 14 items 2 and 6: a Session streams one sequence in pieces (push, submit/take in any order, the stream()
     iterator, the state, snapshot/restore) equal to one forward; forward(out=) writes h in place; host_array() gives
@@ -486,6 +537,7 @@ def main():
     h_seq, _ = mlstm_flow.forward(q, k, v, i, f, chunk_size=S)
     assert np.array_equal(h_big, h_seq)
     check_graph(rng)
+    check_packed(rng)
     check_streaming_and_memory(rng)
     print("python bindings: all checks passed")
     return 0

@@ -188,9 +188,17 @@ void add_input_options(CLI::App* app, InputFiles& in, bool sequence) {
   app->add_option("--v", in.v, "values .npy " + v)->required()->check(path_check());
   app->add_option("--i", in.i, "input gate pre-activations .npy " + g)->required()->check(path_check());
   app->add_option("--f", in.f, "forget gate pre-activations .npy " + g)->required()->check(path_check());
-  app->add_option("--c0", in.c0, "initial C .npy (B,NH,DHQK,DHHV)")->check(path_check());
-  app->add_option("--n0", in.n0, "initial n .npy (B,NH,DHQK)")->check(path_check());
-  app->add_option("--m0", in.m0, "initial m .npy (B,NH)")->check(path_check());
+  const std::string b = sequence ? "B or N" : "B";
+  app->add_option("--c0", in.c0, "initial C .npy (" + b + ",NH,DHQK,DHHV)")->check(path_check());
+  app->add_option("--n0", in.n0, "initial n .npy (" + b + ",NH,DHQK)")->check(path_check());
+  app->add_option("--m0", in.m0, "initial m .npy (" + b + ",NH)")->check(path_check());
+  if (sequence) {
+    app->add_option("--cu-seqlens", in.cu_seqlens,
+                    "packed sequences: .npy of N+1 int64 offsets 0 < ... < S; the N sequences lie one after the "
+                    "other in one row (B = 1), each starts from its own initial state (--c0 etc. are then "
+                    "(N,...)) or the zero state, and the last states are (N,...)")
+        ->check(path_check());
+  }
   app->add_option("--dtype", in.dtype, "read uint16 arrays as this dtype (bfloat16)")
       ->check(CLI::IsMember({"bfloat16", "bf16"}));
   in.gate_option =
@@ -240,6 +248,7 @@ ForwardInputs load_inputs(const InputFiles& in) {
   l.c0 = read_optional(in.c0, "--c0", std::nullopt);
   l.n0 = read_optional(in.n0, "--n0", std::nullopt);
   l.m0 = read_optional(in.m0, "--m0", std::nullopt);
+  if (!in.cu_seqlens.empty()) l.cu_seqlens = npy::read_offsets(in.cu_seqlens, "--cu-seqlens");
   return l;
 }
 
@@ -266,7 +275,8 @@ const std::map<std::string, std::string>& file_option_names() {
                                                         {"n", "--n"},
                                                         {"m", "--m"},
                                                         {"devices", "--devices"},
-                                                        {"gate", "--gate"}};
+                                                        {"gate", "--gate"},
+                                                        {"cu_seqlens", "--cu-seqlens"}};
   return names;
 }
 
@@ -341,8 +351,9 @@ MlstmOptions options_of(const InputFiles& in, const KernelInfo& info) {
 }
 
 std::vector<NamedPath> input_paths(const InputFiles& in) {
-  return {{"--q", in.q}, {"--k", in.k},   {"--v", in.v},   {"--i", in.i},
-          {"--f", in.f}, {"--c0", in.c0}, {"--n0", in.n0}, {"--m0", in.m0}};
+  return {{"--q", in.q},   {"--k", in.k},   {"--v", in.v},
+          {"--i", in.i},   {"--f", in.f},   {"--c0", in.c0},
+          {"--n0", in.n0}, {"--m0", in.m0}, {"--cu-seqlens", in.cu_seqlens}};
 }
 
 void write_out(const std::string& option, const std::string& path, const Tensor& t) {

@@ -63,7 +63,8 @@ Clock::time_point process_start() noexcept;
 
 struct InputFiles {
   std::string q, k, v, i, f, c0, n0, m0;
-  std::string dtype;  // "" or bfloat16 (uint16 arrays read as bfloat16)
+  std::string cu_seqlens;  // --cu-seqlens: offsets of packed sequences (.npy int64)
+  std::string dtype;       // "" or bfloat16 (uint16 arrays read as bfloat16)
   std::string kernel = "chunkwise--cpu_xl_chunk";
   std::int64_t chunk_size = 64;
   std::string devices;
