@@ -214,6 +214,75 @@ TEST_F(Cli, ForwardAndBackwardThroughTheFlowGraph) {
   expect_bad_input(run_cli("forward " + inputs() + " --devices workers+ --out " + path("x")), "--devices");
 }
 
+// --cu-seqlens: packed sequences (issue 19) through one kernel and through the flow graph, forward and backward,
+// equal to the library's packed call; last states and initial-state gradients are (N,...); offsets that are not
+// int64, not increasing, not from 0 to S, or of a batch of two rows are refused naming --cu-seqlens.
+TEST_F(Cli, PackedSequences) {
+  const std::vector<std::int64_t> lengths{1, 7, 8, 9, 25};
+  testing::InputSpec s = spec_;
+  s.initial_state = true;
+  const testing::Inputs in = testing::make_packed_inputs(lengths, s, testing::fresh_seed());
+  for (auto [name, t] : {std::pair{"pq", &in.q},
+                         {"pk", &in.k},
+                         {"pv", &in.v},
+                         {"pi", &in.i},
+                         {"pf", &in.f},
+                         {"pc0", &in.c0},
+                         {"pn0", &in.n0},
+                         {"pm0", &in.m0},
+                         {"pdh", &in.dh}})
+    save(name, *t);
+  npy::write_offsets(path("offsets"), in.cu_seqlens);
+  const std::string packed = "--q " + path("pq") + " --k " + path("pk") + " --v " + path("pv") + " --i " + path("pi") +
+                             " --f " + path("pf") + " --c0 " + path("pc0") + " --n0 " + path("pn0") + " --m0 " +
+                             path("pm0") + " --chunk-size 8 --cu-seqlens " + path("offsets");
+  MlstmOptions o;
+  o.chunk_size = 8;
+  const auto kernel = get_kernel("chunkwise--cpu_xl_chunk");
+  const auto want = kernel->forward(in.args(), o);
+  const auto grads = kernel->backward(in.backward_args(false), o);
+  ASSERT_EQ(want.c.dim(0), 5);
+  for (const std::string& devices : {std::string(), std::string(" --devices workers+all")}) {
+    const double tol = devices.empty() ? 0.0 : 1e-4;
+    const auto f = run_cli("forward " + packed + devices + " --out " + path("ph") + " --out-c " + path("pc") +
+                           " --out-m " + path("pm"));
+    ASSERT_EQ(f.code, 0) << f.err;
+    EXPECT_TRUE(
+        testing::matches(npy::read(path("ph"), "h"), want.h, tol, "mlstm forward --cu-seqlens" + devices, "h", s));
+    EXPECT_TRUE(
+        testing::matches(npy::read(path("pc"), "c"), want.c, tol, "mlstm forward --cu-seqlens" + devices, "c", s));
+    EXPECT_TRUE(
+        testing::matches(npy::read(path("pm"), "m"), want.m, tol, "mlstm forward --cu-seqlens" + devices, "m", s));
+    const auto b = run_cli("backward " + packed + devices + " --dh " + path("pdh") + " --out-dq " + path("pdq") +
+                           " --out-df " + path("pdf") + " --out-dc0 " + path("pdc0"));
+    ASSERT_EQ(b.code, 0) << b.err;
+    EXPECT_TRUE(testing::matches(npy::read(path("pdq"), "dq"), grads.dq, tol, "mlstm backward --cu-seqlens", "dq", s));
+    EXPECT_TRUE(testing::matches(npy::read(path("pdf"), "df"), grads.df, tol, "mlstm backward --cu-seqlens", "df", s));
+    EXPECT_TRUE(
+        testing::matches(npy::read(path("pdc0"), "dc0"), grads.dc0, tol, "mlstm backward --cu-seqlens", "dc0", s));
+  }
+  // Bad offsets, each refused in one line naming --cu-seqlens.
+  const std::string plain = "--q " + path("pq") + " --k " + path("pk") + " --v " + path("pv") + " --i " + path("pi") +
+                            " --f " + path("pf") + " --out " + path("x");
+  const std::int64_t S = in.cu_seqlens.back();
+  for (const auto& bad : std::vector<std::vector<std::int64_t>>{{1, S}, {0, 9, 5, S}, {0, 9, S - 1}, {0}, {0, 0, S}}) {
+    npy::write_offsets(path("bad"), bad);
+    expect_bad_input(run_cli("forward " + plain + " --cu-seqlens " + path("bad")), "--cu-seqlens");
+  }
+  save("bad32", Tensor::from(std::vector<float>{0.f, static_cast<float>(S)}, {2}));  // float32, not int64
+  expect_bad_input(run_cli("forward " + plain + " --cu-seqlens " + path("bad32")), "--cu-seqlens");
+  npy::write_offsets(path("two"), std::vector<std::int64_t>{0, 20, 50});
+  expect_bad_input(run_cli("forward " + inputs() + " --out " + path("x") + " --cu-seqlens " + path("two")),
+                   "--cu-seqlens");  // B = 2 rows
+  // (N,...) states are expected: the unpacked (1,...) c0 is refused naming --c0.
+  save("c0one", Tensor::zeros({1, s.NH, s.DHQK, s.DHHV}, DType::f32));
+  expect_bad_input(run_cli("forward " + plain + " --cu-seqlens " + path("offsets") + " --c0 " + path("c0one") +
+                           " --n0 " + path("pn0") + " --m0 " + path("pm0")),
+                   "--c0");
+  expect_bad_input(run_cli("forward " + plain + " --cu-seqlens " + path("offsets") + " --stream-tokens 8"),
+                   "--cu-seqlens");
+}
+
 // --balancing (graph::Balancing, Python's balancing=): a bad value is refused by the parser in one line; fastest
 // over the two PoCL devices gives the h of one kernel call, and --json records it beside the devices; where no
 // flow graph runs (one kernel call: no --devices, or --kernel) it is refused, never ignored.
