@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <chrono>
 #include <random>
+#include <vector>
 
 #include "mlstm/cpu_kernels.hpp"
 #include "mlstm/gemm.hpp"
@@ -119,6 +120,52 @@ BENCHMARK(BM_ChunkwiseForwardBackward)
     ->ArgNames({"chunk", "tile"})
     ->Args({64, 0})
     ->Args({128, 64})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+
+// Packed sequences (issue 19): 64 sequences of random lengths from 1 to 16384 tokens (seed 7) in one
+// row, against the same tokens as one sequence; NH = 4, D = 128, f32, chunk 128, tiled. The target: packed >= 0.90
+// of one sequence's tokens/s. args: packed (0: one sequence, 1: the 64 packed), backward (0: forward, 1: forward +
+// backward).
+//   build/benchmarks/bench_cpu --benchmark_filter=Packed
+std::vector<std::int64_t> packed_offsets() {
+  std::mt19937 rng(7);
+  std::uniform_int_distribution<std::int64_t> len(1, 16384);
+  std::vector<std::int64_t> offsets{0};
+  for (int j = 0; j < 64; ++j) offsets.push_back(offsets.back() + len(rng));
+  return offsets;
+}
+
+void BM_Packed(benchmark::State& state) {
+  static const std::vector<std::int64_t> offsets = packed_offsets();
+  static const Problem p = make_problem(1, kNH, offsets.back(), kD, kD);
+  const bool packed = state.range(0) != 0, backward = state.range(1) != 0;
+  MlstmOptions o;
+  o.chunk_size = 128;
+  ForwardArgs a = p.args();
+  if (packed) a.cu_seqlens = offsets;
+  BackwardArgs b;
+  b.inputs = a;
+  b.dh = p.dh.view();
+  for (auto _ : state) {
+    auto r = cpu::chunkwise_forward(a, o, 64);
+    benchmark::DoNotOptimize(r.h.data<float>());
+    if (backward) {
+      auto g = cpu::chunkwise_backward(b, o, 64);
+      benchmark::DoNotOptimize(g.dq.data<float>());
+    }
+  }
+  const double tokens = static_cast<double>(offsets.back()) * static_cast<double>(state.iterations());
+  state.counters["tokens/s"] = benchmark::Counter(tokens, benchmark::Counter::kIsRate);
+  state.counters["sequences"] = packed ? 64.0 : 1.0;
+  state.counters["tokens"] = static_cast<double>(offsets.back());
+}
+BENCHMARK(BM_Packed)
+    ->ArgNames({"packed", "backward"})
+    ->Args({0, 0})
+    ->Args({1, 0})
+    ->Args({0, 1})
+    ->Args({1, 1})
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
 

@@ -274,6 +274,37 @@ void BM_HostForwardBackward(benchmark::State& state) {
 }
 BENCHMARK(BM_HostForwardBackward)->ArgsProduct({{0, 1}, {0, 1}})->Unit(benchmark::kMillisecond)->UseRealTime();
 
+// Packed sequences on OpenCL device 0 (issue 19): the 64 random lengths of bench_cpu's BM_Packed (1 to 16384 tokens,
+// seed 7) in one row against the same tokens as one sequence; NH = 4, DHQK = DHHV = 128, bf16, chunk 128, inputs and
+// h in the device's page-locked memory. arg: 0 one sequence, 1 packed. The target: packed >= 0.90 of one sequence.
+void BM_PackedGpu(benchmark::State& state) {
+  if (opencl::list_devices().empty()) {
+    state.SkipWithError("no OpenCL device");
+    return;
+  }
+  std::mt19937 rng(7);
+  std::uniform_int_distribution<std::int64_t> len(1, 16384);
+  std::vector<std::int64_t> offsets{0};
+  for (int j = 0; j < 64; ++j) offsets.push_back(offsets.back() + len(rng));
+  const std::int64_t S = offsets.back(), NH = 4, D = 128, P = 16384;
+  graph::FlowGraphRunner runner("0");
+  const Piece piece = make_piece(NH, P, D, 5);
+  auto tile = [&](const Tensor& t) { return tile_sequence(runner, t, S, true); };
+  const Piece whole{tile(piece.q), tile(piece.k), tile(piece.v), tile(piece.i), tile(piece.f)};
+  MlstmOptions o;
+  o.chunk_size = 128;
+  ForwardArgs a = whole.args();
+  if (state.range(0) == 1) a.cu_seqlens = offsets;
+  Tensor h = runner.host_tensor({1, NH, S, D}, DType::bf16);
+  (void)runner.forward_into(h.view(), a, o);  // warm-up: programs, the device's stream
+  for (auto _ : state) (void)runner.forward_into(h.view(), a, o);
+  state.SetLabel(state.range(0) == 1 ? "64 packed sequences" : "one sequence");
+  state.counters["tokens/s"] =
+      benchmark::Counter(static_cast<double>(S) * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+  state.counters["tokens"] = static_cast<double>(S);
+}
+BENCHMARK(BM_PackedGpu)->DenseRange(0, 1)->Unit(benchmark::kMillisecond)->UseRealTime();
+
 void BM_GraphForward(benchmark::State& state) { graph_forward(state, graph::Balancing::pull); }
 void BM_GraphForwardCalibrated(benchmark::State& state) { graph_forward(state, graph::Balancing::calibrated); }
 BENCHMARK(BM_GraphForward)->DenseRange(0, 3)->Unit(benchmark::kMillisecond)->UseRealTime();
