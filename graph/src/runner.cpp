@@ -90,6 +90,8 @@ std::string Plan::describe() const {
     }
     os << "\n  each segment one packed " << (pass == Pass::backward ? "backward" : "forward")
        << " call; no local-state pass and no combine (the sequences are independent)";
+    for (const std::int64_t j : spread_sequences)
+      os << "\n  then sequence " << j << ", longer than two segments: sequence parallel over every device";
     return os.str();
   }
   const bool one = segments.size() == 1;

@@ -1,7 +1,8 @@
 // Packed sequences through the flow graph (ForwardArgs::cu_seqlens): the sequences are independent, so the row is
 // cut at sequence boundaries into segments of whole sequences, and every segment is one packed call on whichever
 // device pulls it (through the device pool: a device that fails hands its segment to the others). No local-state
-// pass and no combine: nothing passes between segments.
+// pass and no combine: nothing passes between segments. With several devices, a sequence longer than two segments
+// is then cut across all of them like any long sequence (local states, the combine, outputs).
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
@@ -10,6 +11,7 @@
 #include "graph_builder.hpp"
 #include "mlstm/core/env.hpp"
 #include "mlstm/core/error.hpp"
+#include "mlstm/core/packed.hpp"
 #include "mlstm/graph/runner.hpp"
 
 namespace mlstm::graph {
@@ -41,6 +43,11 @@ ForwardArgs group_args(const ForwardArgs& a, std::int64_t j0, std::int64_t j1, s
   g.m0 = state_rows(a.m0, j0, j1);
   g.cu_seqlens = offsets;
   return g;
+}
+
+// Tokens [t0, t1) of packed sequence j.
+std::pair<std::int64_t, std::int64_t> sequence_range(const ForwardArgs& a, std::int64_t j) {
+  return {a.cu_seqlens[static_cast<std::size_t>(j)], a.cu_seqlens[static_cast<std::size_t>(j + 1)]};
 }
 
 // `part` (rows [j0, ...) of a (N,...) result) into `out`, allocated (N,...) on first use.
@@ -101,12 +108,21 @@ Plan make_packed_plan(const ProblemShape& shape, const MlstmOptions& options, co
     segment_tokens = (shape.S + want - 1) / want;
   }
   p.segment_tokens = std::max<std::int64_t>(1, segment_tokens);
-  // Whole sequences, at least one per segment, until a segment holds segment_tokens.
+  // With several devices, a sequence longer than two segments is cut across all of them (sequence parallel: local
+  // states, the combine, outputs), so one long sequence among short ones does not leave the other devices idle.
+  const bool spread = devices.size() > 1;
+  auto length = [&](std::size_t j) { return offsets[j + 1] - offsets[j]; };
+  auto spread_out = [&](std::size_t j) { return spread && length(j) > 2 * p.segment_tokens; };
+  // The others: runs of whole sequences, at least one per segment, until a segment holds segment_tokens.
   int index = 0;
   std::size_t j0 = 0;
   while (j0 + 1 < offsets.size()) {
+    if (spread_out(j0)) {
+      p.spread_sequences.push_back(static_cast<std::int64_t>(j0++));
+      continue;
+    }
     std::size_t j1 = j0 + 1;
-    while (j1 + 1 < offsets.size() && offsets[j1] - offsets[j0] < p.segment_tokens) ++j1;
+    while (j1 + 1 < offsets.size() && !spread_out(j1) && offsets[j1] - offsets[j0] < p.segment_tokens) ++j1;
     p.segments.push_back({index++, offsets[j0], offsets[j1], -1});
     p.sequences.push_back({static_cast<std::int64_t>(j0), static_cast<std::int64_t>(j1)});
     j0 = j1;
@@ -125,8 +141,7 @@ ForwardResult FlowGraphRunner::run_packed_forward(const ForwardArgs& args, const
   run.plan = make_packed_plan(shape, options, names, args.cu_seqlens, segment_tokens);
   run.plan.pass = Pass::forward;
   run.plan.left_out = std::move(left_out);
-  last_plan_ = run.plan;
-  const Plan& p = last_plan_;
+  const Plan p = run.plan;  // (the spread sequences' runs below set last_plan_ to theirs on the way)
   if (env::get("MLSTM_PLAN_DEBUG")) spdlog::warn("{}", p.describe());
 
   ForwardResult out;
@@ -149,7 +164,19 @@ ForwardResult FlowGraphRunner::run_packed_forward(const ForwardArgs& args, const
         put_state_rows(out.n, r.n, shape.N, j0, mutex);
         put_state_rows(out.m, r.m, shape.N, j0, mutex);
       });
-  finish_log(std::move(log), pool.failures());
+  std::vector<std::string> failures = pool.failures();
+  // The long sequences, each sequence parallel over every device.
+  for (const std::int64_t j : p.spread_sequences) {
+    const auto [t0, t1] = sequence_range(args, j);
+    const ForwardResult r =
+        run_forward(packed::sequence(args, j), options, p.segment_tokens, sequence_slice(h, t0, t1), nullptr);
+    put_state_rows(out.c, r.c, shape.N, j, mutex);
+    put_state_rows(out.n, r.n, shape.N, j, mutex);
+    put_state_rows(out.m, r.m, shape.N, j, mutex);
+    for (const auto& line : log_) log.push_back("sequence " + std::to_string(j) + ", " + line);
+  }
+  last_plan_ = p;
+  finish_log(std::move(log), failures);
   return out;
 }
 
@@ -164,8 +191,7 @@ BackwardResult FlowGraphRunner::run_packed_backward(const BackwardArgs& args, co
   run.plan = make_packed_plan(shape, options, names, args.inputs.cu_seqlens, segment_tokens);
   run.plan.pass = Pass::backward;
   run.plan.left_out = std::move(left_out);
-  last_plan_ = run.plan;
-  const Plan& p = last_plan_;
+  const Plan p = run.plan;  // (the spread sequences' runs below set last_plan_ to theirs on the way)
   if (env::get("MLSTM_PLAN_DEBUG")) spdlog::warn("{}", p.describe());
 
   BackwardResult out;
@@ -198,7 +224,18 @@ BackwardResult FlowGraphRunner::run_packed_backward(const BackwardArgs& args, co
         put_state_rows(out.dn0, r.dn0, shape.N, j0, mutex);
         put_state_rows(out.dm0, r.dm0, shape.N, j0, mutex);
       });
-  finish_log(std::move(log), pool.failures());
+  std::vector<std::string> failures = pool.failures();
+  for (const std::int64_t j : p.spread_sequences) {
+    const auto [t0, t1] = sequence_range(args.inputs, j);
+    const GradientViews slice = views.slice(t0, t1);
+    const BackwardResult r = run_backward(packed::sequence(args, j), options, p.segment_tokens, &slice);
+    put_state_rows(out.dc0, r.dc0, shape.N, j, mutex);
+    put_state_rows(out.dn0, r.dn0, shape.N, j, mutex);
+    put_state_rows(out.dm0, r.dm0, shape.N, j, mutex);
+    for (const auto& line : log_) log.push_back("sequence " + std::to_string(j) + ", " + line);
+  }
+  last_plan_ = p;
+  finish_log(std::move(log), failures);
   return out;
 }
 

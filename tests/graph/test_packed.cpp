@@ -58,7 +58,10 @@ TEST(PackedGraph, EqualsOnePackedCallOnEveryMix) {
       const BackwardArgs b = p.args();
       const ForwardResult one = kernel->forward(b.inputs, o);
       const BackwardResult g1 = kernel->backward(b, o);
-      for (const std::int64_t seg : {0, 1, 40, 64, 1000}) {
+      // (Several devices spread sequences longer than two segments over all of them: LongSequencesAreCut... below.)
+      const std::vector<std::int64_t> segs =
+          spec == "workers" ? std::vector<std::int64_t>{0, 1, 40, 64, 1000} : std::vector<std::int64_t>{0, 64, 1000};
+      for (const std::int64_t seg : segs) {
         SCOPED_TRACE(spec + " segment_tokens " + std::to_string(seg));
         const ForwardResult got = runner.forward(b.inputs, o, seg);
         const std::string k = "graph " + spec;
@@ -105,6 +108,43 @@ TEST(PackedGraph, EqualsOnePackedCallOnEveryMix) {
       }
     }
   }
+}
+
+// With several devices, a sequence longer than two segments is cut across all of them (sequence parallel) while the
+// short ones go whole: the results still equal one packed call, forward and backward; one device never spreads.
+TEST(PackedGraph, LongSequencesAreCutAcrossTheDevices) {
+  const bool two = opencl::list_devices().size() >= 2;
+  const std::string spec = two ? "workers+0,1" : "workers";
+  graph::FlowGraphRunner runner(spec);
+  const Packed p = make_packed({5, 600, 7, 3, 300}, DType::f32, GateVariant::exp, true, testing::fresh_seed());
+  const MlstmOptions o = options_of(GateVariant::exp, 32);
+  const BackwardArgs b = p.args();
+  const auto kernel = get_kernel("chunkwise--cpu_xl_chunk");
+  const ForwardResult one = kernel->forward(b.inputs, o);
+  const BackwardResult g1 = kernel->backward(b, o);
+  const ForwardResult got = runner.forward(b.inputs, o, 64);
+  const graph::Plan& plan = runner.last_plan();
+  if (two) {
+    EXPECT_EQ(plan.spread_sequences, (std::vector<std::int64_t>{1, 4})) << plan.describe();
+    EXPECT_NE(plan.describe().find("then sequence 1, longer than two segments"), std::string::npos) << plan.describe();
+    bool spread = false;  // the long sequence's own segments ran on the devices (its log lines)
+    for (const auto& line : runner.last_log()) spread = spread || line.rfind("sequence 1, segment", 0) == 0;
+    EXPECT_TRUE(spread);
+  }
+  const double tol = two ? 2e-5 : 1e-6;
+  EXPECT_TRUE(testing::matches(got.h, one.h, tol, "graph " + spec, "h", p.spec));
+  EXPECT_TRUE(testing::matches(got.c, one.c, tol, "graph " + spec, "c", p.spec));
+  EXPECT_TRUE(testing::matches(got.m, one.m, tol, "graph " + spec, "m", p.spec));
+  const BackwardResult g = runner.backward(b, o, 64);
+  for (auto [x, y, name] : {std::tuple{&g.dq, &g1.dq, "dq"},
+                            {&g.dk, &g1.dk, "dk"},
+                            {&g.dv, &g1.dv, "dv"},
+                            {&g.di, &g1.di, "di"},
+                            {&g.df, &g1.df, "df"},
+                            {&g.dc0, &g1.dc0, "dc0"},
+                            {&g.dm0, &g1.dm0, "dm0"}})
+    EXPECT_TRUE(testing::matches(*x, *y, two ? 1e-4 : 1e-6, "graph " + spec, name, p.spec));
+  EXPECT_EQ(runner.last_plan().spread_sequences.size(), two ? 2u : 0u);
 }
 
 // A device that fails is taken out; its segments of whole sequences run on the others.

@@ -72,6 +72,9 @@ struct Plan {
   // segments are cut at sequence boundaries; each is one packed call, no combine). 0 / empty otherwise.
   std::int64_t packed_sequences = 0;
   std::vector<std::pair<std::int64_t, std::int64_t>> sequences;
+  // Packed, several devices: the sequences longer than two segments, each cut across every device after the
+  // segments above have run (sequence parallel, as an unpacked sequence), not in `segments`.
+  std::vector<std::int64_t> spread_sequences;
   std::string describe() const;  // one line per item; MLSTM_PLAN_DEBUG=1 prints it at run time
 };
 
@@ -84,7 +87,8 @@ Plan make_calibrated_plan(const ProblemShape& shape, const MlstmOptions& options
                           std::int64_t segment_tokens = 0);
 
 // The plan of a packed problem (sequence boundaries `offsets`): segments of whole sequences of about
-// `segment_tokens` (0: one segment for one device, about 4 per device for several), each at least one sequence.
+// `segment_tokens` (0: one segment for one device, about 4 per device for several), each at least one sequence;
+// with several devices a sequence longer than two segments is spread over all of them instead.
 Plan make_packed_plan(const ProblemShape& shape, const MlstmOptions& options, const std::vector<std::string>& devices,
                       std::span<const std::int64_t> offsets, std::int64_t segment_tokens = 0);
 
@@ -116,8 +120,8 @@ class FlowGraphRunner {
   // pieces from them instead of recomputing them (a third of its uploads at 128/128).
   //
   // Packed sequences (args.cu_seqlens): the row is cut at sequence boundaries into segments of whole sequences
-  // (make_packed_plan), each one packed call on the device that pulls it; `keep` is refused (InvalidArgument
-  // "keep") for them.
+  // (make_packed_plan), each one packed call on the device that pulls it; with several devices, a sequence longer
+  // than two segments then runs sequence parallel over all of them. `keep` is refused (InvalidArgument "keep").
   ForwardResult forward(const ForwardArgs& args, const MlstmOptions& options, std::int64_t segment_tokens = 0,
                         StateCheckpoints* keep = nullptr);
   // forward() with h written into the caller's `h`: (B,NH,S,DHHV) of q's dtype whose rows of S*DHHV elements are
