@@ -276,7 +276,8 @@ BENCHMARK(BM_HostForwardBackward)->ArgsProduct({{0, 1}, {0, 1}})->Unit(benchmark
 
 // Packed sequences on OpenCL device 0 (issue 19): the 64 random lengths of bench_cpu's BM_Packed (1 to 16384 tokens,
 // seed 7) in one row against the same tokens as one sequence; NH = 4, DHQK = DHHV = 128, bf16, chunk 128, inputs and
-// h in the device's page-locked memory. arg: 0 one sequence, 1 packed. The target: packed >= 0.90 of one sequence.
+// h in the device's page-locked memory. args: packed (0 one sequence, 1 the 64 packed), backward (1: forward, then the
+// backward into page-locked gradients). The target: packed >= 0.90 of one sequence.
 void BM_PackedGpu(benchmark::State& state) {
   if (opencl::list_devices().empty()) {
     state.SkipWithError("no OpenCL device");
@@ -296,14 +297,24 @@ void BM_PackedGpu(benchmark::State& state) {
   ForwardArgs a = whole.args();
   if (state.range(0) == 1) a.cu_seqlens = offsets;
   Tensor h = runner.host_tensor({1, NH, S, D}, DType::bf16);
-  (void)runner.forward_into(h.view(), a, o);  // warm-up: programs, the device's stream
-  for (auto _ : state) (void)runner.forward_into(h.view(), a, o);
-  state.SetLabel(state.range(0) == 1 ? "64 packed sequences" : "one sequence");
+  const bool backward = state.range(1) == 1;
+  BackwardArgs b;
+  b.inputs = a;
+  b.dh = whole.v.view();  // any (1,NH,S,D) bf16 gradient
+  Piece grads = backward ? host_gradients(runner, whole) : Piece{};
+  auto step = [&] {
+    (void)runner.forward_into(h.view(), a, o);
+    if (backward) (void)runner.backward_into(grads.views(), b, o);
+  };
+  step();  // warm-up: programs, the device's streams
+  for (auto _ : state) step();
+  state.SetLabel(std::string(state.range(0) == 1 ? "64 packed sequences" : "one sequence") +
+                 (backward ? ", forward + backward" : ", forward"));
   state.counters["tokens/s"] =
       benchmark::Counter(static_cast<double>(S) * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
   state.counters["tokens"] = static_cast<double>(S);
 }
-BENCHMARK(BM_PackedGpu)->DenseRange(0, 1)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_PackedGpu)->ArgsProduct({{0, 1}, {0, 1}})->Unit(benchmark::kMillisecond)->UseRealTime();
 
 void BM_GraphForward(benchmark::State& state) { graph_forward(state, graph::Balancing::pull); }
 void BM_GraphForwardCalibrated(benchmark::State& state) { graph_forward(state, graph::Balancing::calibrated); }
