@@ -116,4 +116,35 @@ BackwardResult backward_each(const BackwardArgs& args, const ProblemShape& p, co
   return out;
 }
 
+BackwardResult backward_each_into(const BackwardArgs& args, const ProblemShape& p, const MlstmOptions& options,
+                                  const GradientViews& out, const BackwardIntoFn& backward) {
+  BackwardResult states;
+  for (std::int64_t j = 0; j < p.N; ++j) {
+    const std::int64_t t0 = args.inputs.cu_seqlens[static_cast<std::size_t>(j)],
+                       t1 = args.inputs.cu_seqlens[static_cast<std::size_t>(j + 1)];
+    BackwardResult r = backward(sequence(args, j), options, out.slice(t0, t1));
+    if (j == 0) {
+      for (auto [from, to] : {std::pair{&r.dc0, &states.dc0}, {&r.dn0, &states.dn0}, {&r.dm0, &states.dm0}})
+        *to = rows_like(*from, p.N);
+    }
+    for (auto [from, to] : {std::pair{&r.dc0, &states.dc0}, {&r.dn0, &states.dn0}, {&r.dm0, &states.dm0}})
+      if (!from->empty()) put_row(*from, *to, j);
+  }
+  return states;
+}
+
+BackwardResult allocate_gradients(const ProblemShape& p) {
+  BackwardResult r;
+  r.dq = Tensor({p.B, p.NH, p.S, p.DHQK}, p.dtype);
+  r.dk = Tensor({p.B, p.NH, p.S, p.DHQK}, p.dtype);
+  r.dv = Tensor({p.B, p.NH, p.S, p.DHHV}, p.dtype);
+  r.di = Tensor({p.B, p.NH, p.S}, p.gate_dtype);
+  r.df = Tensor({p.B, p.NH, p.S}, p.gate_dtype);
+  return r;
+}
+
+GradientViews gradient_views(BackwardResult& r) {
+  return {r.dq.view(), r.dk.view(), r.dv.view(), r.di.view(), r.df.view()};
+}
+
 }  // namespace mlstm::packed

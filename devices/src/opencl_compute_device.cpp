@@ -219,6 +219,14 @@ class OpenCLComputeDevice final : public ComputeDevice {
   BackwardResult backward(const BackwardArgs& a, const MlstmOptions& o) override {
     const ScopedTrace trace([&] { return "backward of " + token_rows(a.dh) + " token-rows on " + device_->name(); });
     const ProblemShape p = validate_backward(a, o);
+    if (p.packed() && uses_tensor_cores(p, o)) {
+      BackwardResult r = packed::allocate_gradients(p);
+      BackwardResult states = packed_tensor_core_backward(a, o, p, packed::gradient_views(r));
+      r.dc0 = std::move(states.dc0);
+      r.dn0 = std::move(states.dn0);
+      r.dm0 = std::move(states.dm0);
+      return r;
+    }
     if (p.packed())
       return packed::backward_each(a, p, o,
                                    [this](const BackwardArgs& s, const MlstmOptions& so) { return backward(s, so); });
@@ -228,9 +236,10 @@ class OpenCLComputeDevice final : public ComputeDevice {
 
   BackwardResult backward_into(const BackwardArgs& a, const MlstmOptions& o, const GradientViews& out) override {
     const ProblemShape p = validate_backward(a, o);
-    if (p.packed() || !uses_tensor_cores(p, o)) return ComputeDevice::backward_into(a, o, out);
+    if (!uses_tensor_cores(p, o)) return ComputeDevice::backward_into(a, o, out);
     check_gradient_views(out, p);
     check_outputs_apart(named_outputs(out), named_inputs(a));
+    if (p.packed()) return packed_tensor_core_backward(a, o, p, out);
     const ScopedTrace trace(
         [&] { return "backward_into of " + token_rows(a.dh) + " token-rows on " + device_->name(); });
     return tensor_core_backward(a, o, p, &out);
@@ -450,9 +459,12 @@ class OpenCLComputeDevice final : public ComputeDevice {
   // From ordinary memory, measured on an H200 (1M tokens, docs/PERFORMANCE.md), the two take the same time (medians
   // of five paired runs 408 and 412 ms): host copies, not the link, set the pace, and the stream's states pass reads
   // k, v and the gates a second time. There one call is the simpler path.
-  bool streams_backward(const BackwardArgs& a, const MlstmOptions& o, const ProblemShape& p,
-                        const GradientViews* out) const {
-    if (p.S < 2 * stream_piece_tokens(p, o) || device_->inside_retained_range(a.inputs.q.bytes())) return false;
+  // A packed sequence (`any_length`) streams on the same grounds whatever its length: one stream, set up once,
+  // serves every sequence, where each resident call would copy its gradients through the host.
+  bool streams_backward(const BackwardArgs& a, const MlstmOptions& o, const ProblemShape& p, const GradientViews* out,
+                        bool any_length = false) const {
+    if ((!any_length && p.S < 2 * stream_piece_tokens(p, o)) || device_->inside_retained_range(a.inputs.q.bytes()))
+      return false;
     if (env::get("MLSTM_STREAM_PIECE").has_value() || resident_backward_bytes(p, o) > device_->info().global_memory / 2)
       return true;
     return device_->pinned(a.inputs.q.bytes(), 1) || device_->pinned(a.dh.bytes(), 1) ||
@@ -480,9 +492,9 @@ class OpenCLComputeDevice final : public ComputeDevice {
   }
 
   BackwardResult tensor_core_backward(const BackwardArgs& a, const MlstmOptions& o, const ProblemShape& p,
-                                      const GradientViews* out) {
+                                      const GradientViews* out, bool packed_sequence = false) {
     const std::int64_t kept = kept_piece(a, o, p);
-    if (kept == 0 && !streams_backward(a, o, p, out)) {
+    if (kept == 0 && !streams_backward(a, o, p, out, packed_sequence)) {
       BackwardResult r = tensor_cores_.backward(a, o);
       if (out) write_gradients(r, *out);
       return r;
@@ -516,6 +528,16 @@ class OpenCLComputeDevice final : public ComputeDevice {
     std::lock_guard lock(parked_mutex_);
     parked_backward_ = std::move(stream);
     return r;
+  }
+  // Packed sequences on the tensor cores: each sequence's backward in turn, its gradients written into its slice of
+  // `out` (downloaded straight there when `out` is this device's page-locked memory), through the one parked
+  // BackwardStream where the memory allows (streams_backward).
+  BackwardResult packed_tensor_core_backward(const BackwardArgs& a, const MlstmOptions& o, const ProblemShape& p,
+                                             const GradientViews& out) {
+    return packed::backward_each_into(
+        a, p, o, out, [this](const BackwardArgs& s, const MlstmOptions& so, const GradientViews& into) {
+          return tensor_core_backward(s, so, validate_backward(s, so), &into, /*packed_sequence=*/true);
+        });
   }
   static bool same_backward_config(const opencl::BackwardStream::Config& x, const opencl::BackwardStream::Config& y) {
     return x.B == y.B && x.NH == y.NH && x.DHQK == y.DHQK && x.DHHV == y.DHHV && x.max_piece == y.max_piece &&

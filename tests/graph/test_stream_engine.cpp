@@ -9,6 +9,7 @@
 #include <array>
 #include <cstring>
 #include <deque>
+#include <optional>
 #include <tuple>
 
 #include "mlstm/core/packed.hpp"
@@ -136,6 +137,48 @@ TEST(StreamEngine, PackedSequencesStreamThroughOnePinnedStream) {
     Tensor h({1, 2, s.S, 32}, DType::bf16);
     (void)dev->forward_into(in.args(), o, h.view());
     EXPECT_TRUE(testing::matches(h, got.h, 0.0, "packed stream", "h (forward_into)", s));
+  }
+}
+
+// The packed backward on a tensor-core device: each sequence's gradients in its slice, through the parked
+// BackwardStream when streaming is asked for (pieces of 128 here) or by one call per sequence otherwise; both equal
+// the device's own backward of each sequence alone (dc0 rows included), and backward_into writes the same.
+TEST(StreamEngine, PackedBackwardOnTensorCoresEqualsEachSequence) {
+  if (no_opencl()) GTEST_SKIP() << "no OpenCL device (install pocl-opencl-icd)";
+  const auto dev = emulated_tc_device();
+  const std::vector<std::int64_t> lengths{1, 64, 130, 3, 200};
+  testing::InputSpec s = small_bf16(1, true);
+  const auto in = testing::make_packed_inputs(lengths, s, testing::fresh_seed());
+  s.S = in.cu_seqlens.back();
+  const MlstmOptions o = chunk64(true);
+  const BackwardArgs b = in.backward_args();
+  for (const bool streamed : {false, true}) {
+    std::optional<StreamPiece> piece;
+    if (streamed) piece.emplace("128");
+    const auto opened = opencl_device0()->streams_opened();
+    const BackwardResult g = dev->backward(b, o);
+    if (streamed) {
+      EXPECT_GT(opencl_device0()->streams_opened(), opened) << "the sequences streamed";
+    }
+    ASSERT_EQ(g.dc0.dim(0), static_cast<std::int64_t>(lengths.size()));
+    for (std::int64_t j = 0; j < static_cast<std::int64_t>(lengths.size()); ++j) {
+      const BackwardResult alone = dev->backward(packed::sequence(b, j), o);
+      const std::int64_t t0 = in.cu_seqlens[static_cast<std::size_t>(j)],
+                         t1 = t0 + lengths[static_cast<std::size_t>(j)];
+      const std::string what = std::string(streamed ? "streamed" : "per call") + " sequence " + std::to_string(j);
+      for (auto [x, y, name] : {std::tuple{&g.dq, &alone.dq, "dq"},
+                                {&g.dk, &alone.dk, "dk"},
+                                {&g.dv, &alone.dv, "dv"},
+                                {&g.df, &alone.df, "df"}})
+        EXPECT_TRUE(testing::matches(testing::slice_seq(*x, t0, t1), *y, 2e-2, what, name, s));
+      Tensor row({1, 2, 16, 32}, DType::f32);
+      std::memcpy(row.bytes(), g.dc0.bytes() + static_cast<std::size_t>(j) * row.nbytes(), row.nbytes());
+      EXPECT_TRUE(testing::matches(row, alone.dc0, 2e-2, what, "dc0", s));
+    }
+    BackwardResult into = packed::allocate_gradients(validate_backward(b, o));
+    (void)dev->backward_into(b, o, packed::gradient_views(into));
+    EXPECT_TRUE(testing::matches(into.dq, g.dq, 0.0, "packed backward_into", "dq", s));
+    EXPECT_TRUE(testing::matches(into.df, g.df, 0.0, "packed backward_into", "df", s));
   }
 }
 

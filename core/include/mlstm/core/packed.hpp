@@ -28,4 +28,14 @@ ForwardResult forward_each(const ForwardArgs& args, const ProblemShape& p, const
 BackwardResult backward_each(const BackwardArgs& args, const ProblemShape& p, const MlstmOptions& options,
                              const BackwardFn& backward);
 
+using BackwardIntoFn =
+    std::function<BackwardResult(const BackwardArgs&, const MlstmOptions&, const GradientViews& into)>;
+// The same with each sequence's token gradients written into its slice of `out` (views of the packed problem's
+// gradients) by `backward` itself; returns dc0/dn0/dm0 (N,NH,...) when the calls return them.
+BackwardResult backward_each_into(const BackwardArgs& args, const ProblemShape& p, const MlstmOptions& options,
+                                  const GradientViews& out, const BackwardIntoFn& backward);
+// Token gradients of problem p (dq, dk, dv in q's dtype, di, df in i's dtype), and views of them.
+BackwardResult allocate_gradients(const ProblemShape& p);
+GradientViews gradient_views(BackwardResult& r);
+
 }  // namespace mlstm::packed
