@@ -8,14 +8,6 @@ namespace mlstm::packed {
 
 namespace {
 
-// Row j of a (N,...) tensor as a (1,...) view.
-ConstTensorView row_of(ConstTensorView t, std::int64_t j) {
-  if (t.empty()) return t;
-  Shape shape = t.shape();
-  shape[0] = 1;
-  return ConstTensorView(t.select0(j).bytes(), t.dtype(), shape, t.strides());
-}
-
 // Tokens [t0, t1) of a (1,NH,S,...) or (1,NH,S) view.
 template <class View>
 View tokens_of(View t, std::int64_t t0, std::int64_t t1) {
@@ -35,6 +27,15 @@ Tensor rows_like(const Tensor& first, std::int64_t N) {
   return Tensor(shape, first.dtype());
 }
 
+// dc0/dn0/dm0 of sequence j's result `r` into rows j of `out` ((N,...), allocated on the first sequence).
+void put_state_gradients(BackwardResult& r, BackwardResult& out, std::int64_t j, std::int64_t N) {
+  for (auto [from, to] : {std::pair{&r.dc0, &out.dc0}, {&r.dn0, &out.dn0}, {&r.dm0, &out.dm0}}) {
+    if (from->empty()) continue;
+    if (to->empty()) *to = rows_like(*from, N);
+    put_row(*from, *to, j);
+  }
+}
+
 // A (1,NH,S,...) tensor like `first` (1,NH,len,...) of a call's result.
 Tensor tokens_like(const Tensor& first, std::int64_t S) {
   if (first.empty()) return {};
@@ -51,28 +52,38 @@ void put_tokens(const Tensor& from, Tensor& to, std::int64_t t0) {
 
 }  // namespace
 
+std::pair<std::int64_t, std::int64_t> range(const ForwardArgs& args, std::int64_t j) {
+  return {args.cu_seqlens[static_cast<std::size_t>(j)], args.cu_seqlens[static_cast<std::size_t>(j + 1)]};
+}
+
+ForwardArgs sequences(const ForwardArgs& args, std::int64_t j0, std::int64_t j1, std::vector<std::int64_t>& offsets) {
+  const std::int64_t t0 = range(args, j0).first, t1 = range(args, j1 - 1).second;
+  offsets.clear();
+  for (std::int64_t j = j0; j <= j1; ++j) offsets.push_back(args.cu_seqlens[static_cast<std::size_t>(j)] - t0);
+  ForwardArgs whole = args;
+  whole.cu_seqlens = {};
+  ForwardArgs a = sequence_slice(whole, t0, t1);
+  a.c0 = rows(args.c0, j0, j1);
+  a.n0 = rows(args.n0, j0, j1);
+  a.m0 = rows(args.m0, j0, j1);
+  a.cu_seqlens = offsets;
+  return a;
+}
+
 ForwardArgs sequence(const ForwardArgs& args, std::int64_t j) {
-  const std::int64_t t0 = args.cu_seqlens[static_cast<std::size_t>(j)],
-                     t1 = args.cu_seqlens[static_cast<std::size_t>(j + 1)];
-  ForwardArgs a;
-  a.q = tokens_of(args.q, t0, t1);
-  a.k = tokens_of(args.k, t0, t1);
-  a.v = tokens_of(args.v, t0, t1);
-  a.i = tokens_of(args.i, t0, t1);
-  a.f = tokens_of(args.f, t0, t1);
-  a.c0 = row_of(args.c0, j);
-  a.n0 = row_of(args.n0, j);
-  a.m0 = row_of(args.m0, j);
+  std::vector<std::int64_t> offsets;
+  ForwardArgs a = sequences(args, j, j + 1, offsets);
+  a.cu_seqlens = {};  // one sequence: not packed
   return a;
 }
 
 BackwardArgs sequence(const BackwardArgs& args, std::int64_t j) {
   BackwardArgs b;
   b.inputs = sequence(args.inputs, j);
-  b.dh = tokens_of(args.dh, args.inputs.cu_seqlens[static_cast<std::size_t>(j)],
-                   args.inputs.cu_seqlens[static_cast<std::size_t>(j + 1)]);
-  b.dc_last = row_of(args.dc_last, j);
-  b.dn_last = row_of(args.dn_last, j);
+  const auto [t0, t1] = range(args.inputs, j);
+  b.dh = tokens_of(args.dh, t0, t1);
+  b.dc_last = rows(args.dc_last, j, j + 1);
+  b.dn_last = rows(args.dn_last, j, j + 1);
   return b;
 }
 
@@ -87,7 +98,7 @@ ForwardResult forward_each(const ForwardArgs& args, const ProblemShape& p, const
       out.n = rows_like(r.n, p.N);
       out.m = rows_like(r.m, p.N);
     }
-    put_tokens(r.h, out.h, args.cu_seqlens[static_cast<std::size_t>(j)]);
+    put_tokens(r.h, out.h, range(args, j).first);
     for (auto [from, to] : {std::pair{&r.c, &out.c}, {&r.n, &out.n}, {&r.m, &out.m}})
       if (!from->empty()) put_row(*from, *to, j);
   }
@@ -103,15 +114,12 @@ BackwardResult backward_each(const BackwardArgs& args, const ProblemShape& p, co
       for (auto [from, to] :
            {std::pair{&r.dq, &out.dq}, {&r.dk, &out.dk}, {&r.dv, &out.dv}, {&r.di, &out.di}, {&r.df, &out.df}})
         *to = tokens_like(*from, p.S);
-      for (auto [from, to] : {std::pair{&r.dc0, &out.dc0}, {&r.dn0, &out.dn0}, {&r.dm0, &out.dm0}})
-        *to = rows_like(*from, p.N);
     }
-    const std::int64_t t0 = args.inputs.cu_seqlens[static_cast<std::size_t>(j)];
+    const std::int64_t t0 = range(args.inputs, j).first;
     for (auto [from, to] :
          {std::pair{&r.dq, &out.dq}, {&r.dk, &out.dk}, {&r.dv, &out.dv}, {&r.di, &out.di}, {&r.df, &out.df}})
       put_tokens(*from, *to, t0);
-    for (auto [from, to] : {std::pair{&r.dc0, &out.dc0}, {&r.dn0, &out.dn0}, {&r.dm0, &out.dm0}})
-      if (!from->empty()) put_row(*from, *to, j);
+    put_state_gradients(r, out, j, p.N);
   }
   return out;
 }
@@ -120,15 +128,9 @@ BackwardResult backward_each_into(const BackwardArgs& args, const ProblemShape& 
                                   const GradientViews& out, const BackwardIntoFn& backward) {
   BackwardResult states;
   for (std::int64_t j = 0; j < p.N; ++j) {
-    const std::int64_t t0 = args.inputs.cu_seqlens[static_cast<std::size_t>(j)],
-                       t1 = args.inputs.cu_seqlens[static_cast<std::size_t>(j + 1)];
+    const auto [t0, t1] = range(args.inputs, j);
     BackwardResult r = backward(sequence(args, j), options, out.slice(t0, t1));
-    if (j == 0) {
-      for (auto [from, to] : {std::pair{&r.dc0, &states.dc0}, {&r.dn0, &states.dn0}, {&r.dm0, &states.dm0}})
-        *to = rows_like(*from, p.N);
-    }
-    for (auto [from, to] : {std::pair{&r.dc0, &states.dc0}, {&r.dn0, &states.dn0}, {&r.dm0, &states.dm0}})
-      if (!from->empty()) put_row(*from, *to, j);
+    put_state_gradients(r, states, j, p.N);
   }
   return states;
 }

@@ -360,11 +360,7 @@ class OpenCLComputeDevice final : public ComputeDevice {
       r.m = Tensor({p.N, p.NH}, DType::f32);
     }
     // Row j of a (N,...) tensor as the stream's (1,...) view.
-    auto row = [](auto t, std::int64_t j) {
-      Shape shape = t.shape();
-      shape[0] = 1;
-      return decltype(t)(t.select0(j).bytes(), t.dtype(), shape, t.strides());
-    };
+    auto row = [](auto t, std::int64_t j) { return packed::rows(t, j, j + 1); };
     std::mutex mutex;
     std::condition_variable changed;
     std::int64_t submitted = 0;

@@ -122,6 +122,12 @@ std::string Plan::describe() const {
   return os.str();
 }
 
+std::int64_t default_segment_tokens(std::int64_t S, std::size_t devices) {
+  // One device: one segment (splitting would only add the local-state pass). Several: ~4 per device.
+  const std::int64_t want = devices == 1 ? 1 : static_cast<std::int64_t>(devices) * 4;
+  return (S + want - 1) / want;
+}
+
 Plan make_plan(const ProblemShape& shape, const MlstmOptions& options, const std::vector<std::string>& devices,
                std::int64_t segment_tokens) {
   if (devices.empty()) throw InvalidArgument("devices", "the plan needs at least one device");
@@ -131,11 +137,7 @@ Plan make_plan(const ProblemShape& shape, const MlstmOptions& options, const std
   p.S = shape.S;
   p.chunk_size = options.chunk_size;
   const std::int64_t L = options.chunk_size;
-  if (segment_tokens == 0) {
-    // One device: one segment (splitting would only add the local-state pass). Several: ~4 per device.
-    const std::int64_t want = devices.size() == 1 ? 1 : static_cast<std::int64_t>(devices.size()) * 4;
-    segment_tokens = (shape.S + want - 1) / want;
-  }
+  if (segment_tokens == 0) segment_tokens = default_segment_tokens(shape.S, devices.size());
   // A segment longer than the sequence is the sequence (and rounding a huge request up would overflow).
   segment_tokens = std::min(segment_tokens, std::max<std::int64_t>(1, shape.S));
   segment_tokens = std::max<std::int64_t>(L, (segment_tokens + L - 1) / L * L);  // whole chunks

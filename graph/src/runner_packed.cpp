@@ -18,38 +18,6 @@ namespace mlstm::graph {
 
 namespace {
 
-// Rows [j0, j1) of a (N,...) view.
-ConstTensorView state_rows(ConstTensorView t, std::int64_t j0, std::int64_t j1) {
-  if (t.empty()) return t;
-  Shape shape = t.shape();
-  shape[0] = j1 - j0;
-  return ConstTensorView(t.select0(j0).bytes(), t.dtype(), shape, t.strides());
-}
-
-// The sequences [j0, j1) of a packed problem as a packed problem of their own (views; `offsets` holds its
-// cu_seqlens, rebased to 0).
-ForwardArgs group_args(const ForwardArgs& a, std::int64_t j0, std::int64_t j1, std::vector<std::int64_t>& offsets) {
-  const std::int64_t t0 = a.cu_seqlens[static_cast<std::size_t>(j0)], t1 = a.cu_seqlens[static_cast<std::size_t>(j1)];
-  offsets.clear();
-  for (std::int64_t j = j0; j <= j1; ++j) offsets.push_back(a.cu_seqlens[static_cast<std::size_t>(j)] - t0);
-  ForwardArgs g;
-  g.q = sequence_slice(a.q, t0, t1);
-  g.k = sequence_slice(a.k, t0, t1);
-  g.v = sequence_slice(a.v, t0, t1);
-  g.i = sequence_slice(a.i, t0, t1);
-  g.f = sequence_slice(a.f, t0, t1);
-  g.c0 = state_rows(a.c0, j0, j1);
-  g.n0 = state_rows(a.n0, j0, j1);
-  g.m0 = state_rows(a.m0, j0, j1);
-  g.cu_seqlens = offsets;
-  return g;
-}
-
-// Tokens [t0, t1) of packed sequence j.
-std::pair<std::int64_t, std::int64_t> sequence_range(const ForwardArgs& a, std::int64_t j) {
-  return {a.cu_seqlens[static_cast<std::size_t>(j)], a.cu_seqlens[static_cast<std::size_t>(j + 1)]};
-}
-
 // `part` (rows [j0, ...) of a (N,...) result) into `out`, allocated (N,...) on first use.
 void put_state_rows(Tensor& out, const Tensor& part, std::int64_t N, std::int64_t j0, std::mutex& mutex) {
   if (part.empty()) return;
@@ -102,11 +70,7 @@ Plan make_packed_plan(const ProblemShape& shape, const MlstmOptions& options, co
   p.S = shape.S;
   p.chunk_size = options.chunk_size;
   p.packed_sequences = static_cast<std::int64_t>(offsets.size()) - 1;
-  if (segment_tokens == 0) {
-    // One device: one segment, one call. Several: about 4 segments per device.
-    const std::int64_t want = devices.size() == 1 ? 1 : static_cast<std::int64_t>(devices.size()) * 4;
-    segment_tokens = (shape.S + want - 1) / want;
-  }
+  if (segment_tokens == 0) segment_tokens = default_segment_tokens(shape.S, devices.size());
   p.segment_tokens = std::max<std::int64_t>(1, segment_tokens);
   // With several devices, a sequence longer than two segments is cut across all of them (sequence parallel: local
   // states, the combine, outputs), so one long sequence among short ones does not leave the other devices idle.
@@ -130,19 +94,27 @@ Plan make_packed_plan(const ProblemShape& shape, const MlstmOptions& options, co
   return p;
 }
 
-ForwardResult FlowGraphRunner::run_packed_forward(const ForwardArgs& args, const ProblemShape& shape,
-                                                  const MlstmOptions& options, std::int64_t segment_tokens,
-                                                  TensorView h_out) {
+FlowGraphRunner::PlannedRun FlowGraphRunner::plan_packed(Pass pass, const ForwardArgs& args, const ProblemShape& shape,
+                                                         const MlstmOptions& options,
+                                                         std::int64_t segment_tokens) const {
   PlannedRun run;
   std::vector<std::string> left_out;
-  run.devices = capable_devices({DeviceStage::forward}, shape, options, left_out);
+  run.devices = capable_devices({pass == Pass::backward ? DeviceStage::backward : DeviceStage::forward}, shape, options,
+                                left_out);
   std::vector<std::string> names;
   for (const auto& d : run.devices) names.push_back(d->name());
   run.plan = make_packed_plan(shape, options, names, args.cu_seqlens, segment_tokens);
-  run.plan.pass = Pass::forward;
+  run.plan.pass = pass;
   run.plan.left_out = std::move(left_out);
-  const Plan p = run.plan;  // (the spread sequences' runs below set last_plan_ to theirs on the way)
-  if (env::get("MLSTM_PLAN_DEBUG")) spdlog::warn("{}", p.describe());
+  if (env::get("MLSTM_PLAN_DEBUG")) spdlog::warn("{}", run.plan.describe());
+  return run;
+}
+
+ForwardResult FlowGraphRunner::run_packed_forward(const ForwardArgs& args, const ProblemShape& shape,
+                                                  const MlstmOptions& options, std::int64_t segment_tokens,
+                                                  TensorView h_out) {
+  const PlannedRun run = plan_packed(Pass::forward, args, shape, options, segment_tokens);
+  const Plan& p = run.plan;  // (the spread sequences' runs below set last_plan_ to theirs on the way)
 
   ForwardResult out;
   TensorView h = h_out;
@@ -159,7 +131,7 @@ ForwardResult FlowGraphRunner::run_packed_forward(const ForwardArgs& args, const
         const auto [j0, j1] = p.sequences[static_cast<std::size_t>(s.index)];
         std::vector<std::int64_t> offsets;
         const ForwardResult r =
-            dev.forward_into(group_args(args, j0, j1, offsets), options, sequence_slice(h, s.t0, s.t1));
+            dev.forward_into(packed::sequences(args, j0, j1, offsets), options, sequence_slice(h, s.t0, s.t1));
         put_state_rows(out.c, r.c, shape.N, j0, mutex);
         put_state_rows(out.n, r.n, shape.N, j0, mutex);
         put_state_rows(out.m, r.m, shape.N, j0, mutex);
@@ -167,7 +139,7 @@ ForwardResult FlowGraphRunner::run_packed_forward(const ForwardArgs& args, const
   std::vector<std::string> failures = pool.failures();
   // The long sequences, each sequence parallel over every device.
   for (const std::int64_t j : p.spread_sequences) {
-    const auto [t0, t1] = sequence_range(args, j);
+    const auto [t0, t1] = packed::range(args, j);
     const ForwardResult r =
         run_forward(packed::sequence(args, j), options, p.segment_tokens, sequence_slice(h, t0, t1), nullptr);
     put_state_rows(out.c, r.c, shape.N, j, mutex);
@@ -183,16 +155,8 @@ ForwardResult FlowGraphRunner::run_packed_forward(const ForwardArgs& args, const
 BackwardResult FlowGraphRunner::run_packed_backward(const BackwardArgs& args, const ProblemShape& shape,
                                                     const MlstmOptions& options, std::int64_t segment_tokens,
                                                     const GradientViews* into) {
-  PlannedRun run;
-  std::vector<std::string> left_out;
-  run.devices = capable_devices({DeviceStage::backward}, shape, options, left_out);
-  std::vector<std::string> names;
-  for (const auto& d : run.devices) names.push_back(d->name());
-  run.plan = make_packed_plan(shape, options, names, args.inputs.cu_seqlens, segment_tokens);
-  run.plan.pass = Pass::backward;
-  run.plan.left_out = std::move(left_out);
-  const Plan p = run.plan;  // (the spread sequences' runs below set last_plan_ to theirs on the way)
-  if (env::get("MLSTM_PLAN_DEBUG")) spdlog::warn("{}", p.describe());
+  const PlannedRun run = plan_packed(Pass::backward, args.inputs, shape, options, segment_tokens);
+  const Plan& p = run.plan;  // (the spread sequences' runs below set last_plan_ to theirs on the way)
 
   BackwardResult out;
   GradientViews views;
@@ -215,10 +179,10 @@ BackwardResult FlowGraphRunner::run_packed_backward(const BackwardArgs& args, co
         const auto [j0, j1] = p.sequences[static_cast<std::size_t>(s.index)];
         std::vector<std::int64_t> offsets;
         BackwardArgs g;
-        g.inputs = group_args(args.inputs, j0, j1, offsets);
+        g.inputs = packed::sequences(args.inputs, j0, j1, offsets);
         g.dh = sequence_slice(args.dh, s.t0, s.t1);
-        g.dc_last = state_rows(args.dc_last, j0, j1);
-        g.dn_last = state_rows(args.dn_last, j0, j1);
+        g.dc_last = packed::rows(args.dc_last, j0, j1);
+        g.dn_last = packed::rows(args.dn_last, j0, j1);
         const BackwardResult r = dev.backward_into(g, options, views.slice(s.t0, s.t1));
         put_state_rows(out.dc0, r.dc0, shape.N, j0, mutex);
         put_state_rows(out.dn0, r.dn0, shape.N, j0, mutex);
@@ -226,7 +190,7 @@ BackwardResult FlowGraphRunner::run_packed_backward(const BackwardArgs& args, co
       });
   std::vector<std::string> failures = pool.failures();
   for (const std::int64_t j : p.spread_sequences) {
-    const auto [t0, t1] = sequence_range(args.inputs, j);
+    const auto [t0, t1] = packed::range(args.inputs, j);
     const GradientViews slice = views.slice(t0, t1);
     const BackwardResult r = run_backward(packed::sequence(args, j), options, p.segment_tokens, &slice);
     put_state_rows(out.dc0, r.dc0, shape.N, j, mutex);

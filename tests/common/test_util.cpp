@@ -206,6 +206,21 @@ Inputs make_packed_inputs(const std::vector<std::int64_t>& lengths, InputSpec s,
   return in;
 }
 
+MlstmOptions options_of(GateVariant gate, std::int64_t chunk) {
+  MlstmOptions o;
+  o.gate = gate;
+  o.chunk_size = chunk;
+  return o;
+}
+
+PackedInputs make_packed(const std::vector<std::int64_t>& lengths, DType dtype, GateVariant gate, bool initial_state,
+                         std::uint64_t seed, std::int64_t NH, std::int64_t DHQK, std::int64_t DHHV) {
+  PackedInputs p;
+  p.in = make_packed_inputs(lengths, spec(1, NH, 1, DHQK, DHHV, dtype, gate, initial_state), seed);
+  p.spec = spec(1, NH, p.in.cu_seqlens.back(), DHQK, DHHV, dtype, gate, initial_state);
+  return p;
+}
+
 Inputs make_inputs(const InputSpec& s, std::uint64_t seed) {
   std::mt19937_64 rng(seed);
   Inputs in;

@@ -60,6 +60,16 @@ Inputs make_inputs(const InputSpec& spec, std::uint64_t seed);
 // sum; spec's B and S are ignored), with (N,...) initial states when spec.initial_state (m0 = 0 for the sigmoid
 // gate) and (N,...) last-state gradients.
 Inputs make_packed_inputs(const std::vector<std::int64_t>& lengths, InputSpec spec, std::uint64_t seed);
+// Options of `gate` and chunk size `chunk`, the rest as default.
+MlstmOptions options_of(GateVariant gate, std::int64_t chunk);
+// Those inputs with the spec that describes them (S their total; for comparisons' records).
+struct PackedInputs {
+  Inputs in;
+  InputSpec spec;
+  BackwardArgs args() const { return in.backward_args(); }
+};
+PackedInputs make_packed(const std::vector<std::int64_t>& lengths, DType dtype, GateVariant gate, bool initial_state,
+                         std::uint64_t seed, std::int64_t NH = 2, std::int64_t DHQK = 16, std::int64_t DHHV = 8);
 // An InputSpec in one line.
 InputSpec spec(std::int64_t B, std::int64_t NH, std::int64_t S, std::int64_t DHQK, std::int64_t DHHV,
                DType dtype = DType::f32, GateVariant gate = GateVariant::exp, bool initial_state = false,

@@ -21,27 +21,10 @@ namespace {
 
 using testing::InputSpec;
 
-// Packed inputs of `lengths` (NH heads of DHQK x DHHV), per-sequence initial states when `init`.
-struct Packed {
-  BackwardInputs in;
-  InputSpec spec;
-  BackwardArgs args() const { return in.backward_args(); }
-};
+using Packed = testing::PackedInputs;
+using testing::make_packed;
 
-Packed make_packed(const std::vector<std::int64_t>& lengths, DType dtype, GateVariant gate, bool init,
-                   std::uint64_t seed, std::int64_t NH = 2, std::int64_t DHQK = 16, std::int64_t DHHV = 8) {
-  Packed p;
-  p.in = testing::make_packed_inputs(lengths, testing::spec(1, NH, 1, DHQK, DHHV, dtype, gate, init), seed);
-  p.spec = testing::spec(1, NH, p.in.cu_seqlens.back(), DHQK, DHHV, dtype, gate, init);
-  return p;
-}
-
-MlstmOptions options_of(GateVariant gate, std::int64_t chunk) {
-  MlstmOptions o;
-  o.gate = gate;
-  o.chunk_size = chunk;
-  return o;
-}
+using testing::options_of;
 
 // The lengths of the mixes (chunk L): length 1, lengths equal to and one off the chunk size, several chunks, and a
 // random mix drawn from `seed`. `few`: one mix of few distinct chunk lengths (the OpenCL kernels build a program

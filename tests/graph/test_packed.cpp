@@ -18,26 +18,23 @@ namespace {
 
 using testing::InputSpec;
 
-// Packed inputs of `lengths` (NH heads of DHQK x DHHV), per-sequence initial states when `init`.
-struct Packed {
-  BackwardInputs in;
-  InputSpec spec;
-  BackwardArgs args() const { return in.backward_args(); }
-};
+using Packed = testing::PackedInputs;
+using testing::make_packed;
 
-Packed make_packed(const std::vector<std::int64_t>& lengths, DType dtype, GateVariant gate, bool init,
-                   std::uint64_t seed, std::int64_t NH = 2, std::int64_t DHQK = 16, std::int64_t DHHV = 8) {
-  Packed p;
-  p.in = testing::make_packed_inputs(lengths, testing::spec(1, NH, 1, DHQK, DHHV, dtype, gate, init), seed);
-  p.spec = testing::spec(1, NH, p.in.cu_seqlens.back(), DHQK, DHHV, dtype, gate, init);
-  return p;
-}
+using testing::options_of;
 
-MlstmOptions options_of(GateVariant gate, std::int64_t chunk) {
-  MlstmOptions o;
-  o.gate = gate;
-  o.chunk_size = chunk;
-  return o;
+// Every gradient of `got` matches `want` (dc0, dn0, dm0 included).
+void expect_gradients_match(const BackwardResult& got, const BackwardResult& want, double tol, const std::string& what,
+                            const InputSpec& spec) {
+  for (auto [x, y, name] : {std::tuple{&got.dq, &want.dq, "dq"},
+                            {&got.dk, &want.dk, "dk"},
+                            {&got.dv, &want.dv, "dv"},
+                            {&got.di, &want.di, "di"},
+                            {&got.df, &want.df, "df"},
+                            {&got.dc0, &want.dc0, "dc0"},
+                            {&got.dn0, &want.dn0, "dn0"},
+                            {&got.dm0, &want.dm0, "dm0"}})
+    EXPECT_TRUE(testing::matches(*x, *y, tol, what, name, spec));
 }
 
 // The graph cuts a packed row at sequence boundaries into segments of whole sequences, pulled by the devices: the
@@ -86,14 +83,7 @@ TEST(PackedGraph, EqualsOnePackedCallOnEveryMix) {
         EXPECT_TRUE(testing::matches(h, one.h, tol, k, "h (forward_into)", p.spec));
 
         const BackwardResult g = runner.backward(b, o, seg);
-        for (auto [x, y, name] : {std::tuple{&g.dq, &g1.dq, "dq"},
-                                  {&g.dk, &g1.dk, "dk"},
-                                  {&g.dv, &g1.dv, "dv"},
-                                  {&g.di, &g1.di, "di"},
-                                  {&g.df, &g1.df, "df"},
-                                  {&g.dc0, &g1.dc0, "dc0"},
-                                  {&g.dn0, &g1.dn0, "dn0"}})
-          EXPECT_TRUE(testing::matches(*x, *y, spec == "workers" ? 1e-6 : 1e-4, k, name, p.spec));
+        expect_gradients_match(g, g1, spec == "workers" ? 1e-6 : 1e-4, k, p.spec);
         BackwardResult views;
         views.dq = Tensor(g1.dq.shape(), DType::f32);
         views.dk = Tensor(g1.dk.shape(), DType::f32);
@@ -136,14 +126,7 @@ TEST(PackedGraph, LongSequencesAreCutAcrossTheDevices) {
   EXPECT_TRUE(testing::matches(got.c, one.c, tol, "graph " + spec, "c", p.spec));
   EXPECT_TRUE(testing::matches(got.m, one.m, tol, "graph " + spec, "m", p.spec));
   const BackwardResult g = runner.backward(b, o, 64);
-  for (auto [x, y, name] : {std::tuple{&g.dq, &g1.dq, "dq"},
-                            {&g.dk, &g1.dk, "dk"},
-                            {&g.dv, &g1.dv, "dv"},
-                            {&g.di, &g1.di, "di"},
-                            {&g.df, &g1.df, "df"},
-                            {&g.dc0, &g1.dc0, "dc0"},
-                            {&g.dm0, &g1.dm0, "dm0"}})
-    EXPECT_TRUE(testing::matches(*x, *y, two ? 1e-4 : 1e-6, "graph " + spec, name, p.spec));
+  expect_gradients_match(g, g1, two ? 1e-4 : 1e-6, "graph " + spec, p.spec);
   EXPECT_EQ(runner.last_plan().spread_sequences.size(), two ? 2u : 0u);
 }
 

@@ -6,11 +6,27 @@
 
 #include <cstdint>
 #include <functional>
+#include <utility>
+#include <vector>
 
 #include "mlstm/core/problem.hpp"
 
 namespace mlstm::packed {
 
+// Tokens [first, second) of sequence j of packed args.
+std::pair<std::int64_t, std::int64_t> range(const ForwardArgs& args, std::int64_t j);
+// Rows [j0, j1) of a (N,...) view (states of sequences j0..j1-1), as a (j1-j0,...) view; an empty view stays empty.
+template <class View>
+View rows(View t, std::int64_t j0, std::int64_t j1) {
+  if (t.empty()) return t;
+  Shape shape = t.shape();
+  shape[0] = j1 - j0;
+  return View(t.select0(j0).bytes(), t.dtype(), shape, t.strides());
+}
+
+// Sequences [j0, j1) of packed args already validated, as a packed problem of their own: their tokens and states
+// (views), and `offsets` (the caller's storage, which the result's cu_seqlens points into) rebased to 0.
+ForwardArgs sequences(const ForwardArgs& args, std::int64_t j0, std::int64_t j1, std::vector<std::int64_t>& offsets);
 // Sequence j (0 <= j < N) of packed args already validated: B = 1, S = its length, NH and the head dims as they
 // are, and row j of c0/n0/m0 as its (1,NH,...) initial state when given. Views of the caller's memory, no copies.
 ForwardArgs sequence(const ForwardArgs& args, std::int64_t j);

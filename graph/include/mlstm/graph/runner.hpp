@@ -78,6 +78,9 @@ struct Plan {
   std::string describe() const;  // one line per item; MLSTM_PLAN_DEBUG=1 prints it at run time
 };
 
+// The planner's segment length when none is asked for: the whole sequence for one device, about 4 segments per
+// device for several.
+std::int64_t default_segment_tokens(std::int64_t S, std::size_t devices);
 // Plans segments of `segment_tokens` (0: about 4 segments per device, whole chunks, at least one chunk).
 Plan make_plan(const ProblemShape& shape, const MlstmOptions& options, const std::vector<std::string>& devices,
                std::int64_t segment_tokens = 0);
@@ -175,6 +178,8 @@ class FlowGraphRunner {
   BackwardResult run_backward(const BackwardArgs& args, const MlstmOptions& options, std::int64_t segment_tokens,
                               const GradientViews* out);  // backward() and backward_into()
   // Packed sequences (runner_packed.cpp): segments of whole sequences, pulled by the devices.
+  PlannedRun plan_packed(Pass pass, const ForwardArgs& args, const ProblemShape& shape, const MlstmOptions& options,
+                         std::int64_t segment_tokens) const;
   ForwardResult run_packed_forward(const ForwardArgs& args, const ProblemShape& shape, const MlstmOptions& options,
                                    std::int64_t segment_tokens, TensorView h_out);
   BackwardResult run_packed_backward(const BackwardArgs& args, const ProblemShape& shape, const MlstmOptions& options,
