@@ -6,7 +6,9 @@ dtype='bfloat16'), non-contiguous and reversed-stride views, non-native byte ord
 NaN/inf, lists, strings and None where arrays are expected; huge, negative and zero chunk sizes and eps;
 unknown kernels, gates, dtypes and device specs; unknown keyword arguments. forward and backward also draw
 devices= (valid specs run through the flow graph; invalid ones, kernel= beside devices=, and the graph-only
-keywords segment_tokens / balancing / return_info with bad values or without devices= must be refused). Every call must either return
+keywords segment_tokens / balancing / return_info with bad values or without devices= must be refused), and
+cu_seqlens= offsets, valid or not (int32, reversed, two-dimensional, one offset, big-endian, a string; packed states
+are (N,...)). Every call must either return
 results of the documented shapes and dtypes or raise ValueError/TypeError/RuntimeError; it must never crash
 the interpreter or hang. The calls run in batches, each batch in a child process under a timeout, so a
 segfault or a hang is reported with the seed, the batch and the call that did it.
@@ -290,6 +292,11 @@ def make_calls(seed, batch, count):
         options(kw, has_chunk=which != "step")
         if which == "forward" and rng.random() < 0.3:
             kw["return_last_states"] = rng.choice([True, False, None, 0])
+        if which != "step" and rng.random() < 0.12:  # packed sequences: offsets valid or not
+            cut = rng.randint(1, S - 1) if S > 1 else S
+            good = np.array(sorted({0, cut, S}), dtype=np.int64)
+            kw["cu_seqlens"] = rng.choice([good, good, good.astype(np.int32), good[::-1].copy(), good.reshape(1, -1),
+                                           np.array([0], np.int64), [0, S], [1, S], good.astype(">i8"), "0,1", None])
         if which != "step":
             if rng.random() < 0.3:
                 graph_options(kw)
@@ -334,6 +341,8 @@ def check_result(call, out):
         is_arr(h, qs[:3] + vs[3:], want_h_dtype)
         if c is not None:
             B, NH, DK, DV = qs[0], qs[1], qs[3], vs[3]
+            if call.kwargs.get("cu_seqlens") is not None:  # packed: one state per sequence
+                B = len(np.asarray(call.kwargs["cu_seqlens"])) - 1
             is_arr(c, (B, NH, DK, DV))
             is_arr(n, (B, NH, DK))
             is_arr(m, (B, NH))
