@@ -116,6 +116,8 @@ class CliFuzz : public ::testing::Test {
     save("dc", in.dc_last);
     save("dn", in.dn_last);
     save("q16", in.q.to(DType::bf16));
+    npy::write_offsets(file("offsets"), std::vector<std::int64_t>{0, 7, 20});   // packed: two sequences
+    npy::write_offsets(file("offsets_bad"), std::vector<std::int64_t>{0, 25});  // past S
     save("sq", Tensor::zeros({1, 2, 8}, DType::f32));
     save("sk", Tensor::full({1, 2, 8}, DType::f32, 0.5));
     save("sv", Tensor::full({1, 2, 12}, DType::f32, 0.25));
@@ -226,6 +228,9 @@ TEST_F(CliFuzz, EveryInvocationEndsWithExitCode012) {
     }
     return o;
   };
+  // Packed sequences: valid offsets, offsets past S, and every malformed file (an int32 array among them).
+  Opt cu_seqlens{"--cu-seqlens", {file("offsets")}, ins};
+  cu_seqlens.edge.push_back(file("offsets_bad"));
   struct Sub {
     std::string name;
     std::vector<std::pair<std::string, std::string>> base;  // a valid, quick invocation
@@ -253,6 +258,7 @@ TEST_F(CliFuzz, EveryInvocationEndsWithExitCode012) {
                                                                                {"--m0", "m0"}})
       s.opts.push_back(in_opt(n, f, true));
     for (const char* n : {"--out", "--out-c", "--out-n", "--out-m"}) s.opts.push_back(out_opt(n));
+    s.opts.push_back(cu_seqlens);
     subs.push_back(s);
   }
   {
@@ -281,6 +287,7 @@ TEST_F(CliFuzz, EveryInvocationEndsWithExitCode012) {
     for (const char* n :
          {"--out-dq", "--out-dk", "--out-dv", "--out-di", "--out-df", "--out-dc0", "--out-dn0", "--out-dm0"})
       s.opts.push_back(out_opt(n));
+    s.opts.push_back(cu_seqlens);
     subs.push_back(s);
   }
   {
