@@ -1,6 +1,7 @@
 #include "mlstm/devices/registry.hpp"
 
 #include <algorithm>
+#include <bit>
 
 #include "mlstm/core/error.hpp"
 
@@ -35,7 +36,10 @@ class DeviceKernel final : public SequenceKernel {
       if (max_seq_len_ > 0 && S > max_seq_len_)
         throw InvalidArgument("q", info_.name + " takes S <= " + std::to_string(max_seq_len_) + " (got S=" +
                                        std::to_string(S) + "; its work grows as S^2: use a chunkwise kernel)");
-      o.chunk_size = std::max<std::int64_t>(1, S);
+      // One chunk over the whole sequence: rounded up to a power of two, so that sequences of many lengths share
+      // the device programs specialised by it (the chunk past the sequence is partial).
+      o.chunk_size = std::min<std::int64_t>(kMaxChunkSize,
+                                            std::bit_ceil(static_cast<std::uint64_t>(std::max<std::int64_t>(1, S))));
     } else if (info_.form == KernelForm::sequence) {
       o.chunk_size = 1;
     }

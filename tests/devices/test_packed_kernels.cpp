@@ -27,11 +27,11 @@ using testing::make_packed;
 using testing::options_of;
 
 // The lengths of the mixes (chunk L): length 1, lengths equal to and one off the chunk size, several chunks, and a
-// random mix drawn from `seed`. `few`: one mix of few distinct chunk lengths (the OpenCL kernels build a program
-// per chunk length, which PoCL takes about a second for; a sequence shorter than the chunk is one chunk of its
-// length, and the parallel form's chunk is the whole sequence).
+// random mix drawn from `seed`. `few`: one mix (the OpenCL kernels on PoCL build a program per chunk, about a second
+// each: a sequence shorter than the chunk runs one chunk of its length rounded up to a power of two, and the parallel
+// form's chunk is the whole sequence, rounded likewise).
 std::vector<std::vector<std::int64_t>> length_mixes(std::int64_t L, std::uint64_t seed, bool few) {
-  if (few) return {{1, L, L + 1, 2 * L + 1, 1}};
+  if (few) return {{1, 3, L - 1, L, L + 1, 2 * L + 1, 1}};
   std::mt19937_64 rng(seed);
   std::uniform_int_distribution<std::int64_t> len(1, 3 * L + 2);
   std::vector<std::int64_t> random(9);

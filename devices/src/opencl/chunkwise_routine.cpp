@@ -2,6 +2,7 @@
 #include "mlstm/devices/opencl/launch_params.hpp"
 
 #include <algorithm>
+#include <bit>
 #include <cstdlib>
 #include <sstream>
 #include <string>
@@ -54,7 +55,12 @@ class ResidentPortable final : public ResidentChunkwise {
     const std::string& dn = dev.name();
     S_ = static_cast<int>(p_.S);
     rows_ = static_cast<int>(p_.rows());
-    L_ = static_cast<int>(std::min(o.chunk_size, p_.S));  // a chunk past the sequence is the sequence (32-bit safe)
+    // The chunk: the chunk size, or for a sequence shorter than that the sequence rounded up to a power of two (one
+    // chunk either way, partial; never past twice the sequence, and 32-bit safe). The programs are specialised by
+    // the chunk, so a mix of short sequences (packed ones run one call each) builds at most log2(chunk) + 1 of them,
+    // not one per length.
+    L_ = static_cast<int>(std::min<std::int64_t>(
+        o.chunk_size, static_cast<std::int64_t>(std::bit_ceil(static_cast<std::uint64_t>(p_.S)))));
     nchunks_ = (S_ + L_ - 1) / L_;
     // q, k, v keep their 16-bit dtype on the device; float64 inputs go up as float32.
     dev_dtype_ = p_.dtype == DType::f64 ? DType::f32 : p_.dtype;
