@@ -147,7 +147,8 @@ TEST(PackedGraph, FailedDeviceIsTakenOut) {
   EXPECT_TRUE(logged);
 }
 
-// What packed sequences do not take yet is refused by name: kept states, the head split, a plan without offsets.
+// What packed sequences do not take yet is refused by name: kept states, the head split, a plan without offsets,
+// streams.
 TEST(PackedGraph, RefusesWhatItDoesNotTake) {
   graph::FlowGraphRunner runner("workers");
   const Packed p = make_packed({5, 6}, DType::f32, GateVariant::exp, false, testing::fresh_seed());
@@ -172,6 +173,22 @@ TEST(PackedGraph, RefusesWhatItDoesNotTake) {
     EXPECT_EQ(e.argument(), "cu_seqlens");
   }
   EXPECT_THROW(sequence_slice(p.in.args(), 0, 3), InvalidArgument);
+  // A stream carries one sequence: a packed piece is refused by name, one kernel or the graph behind it.
+  for (const char* devices : {"", "workers"}) {
+    StreamConfig config;
+    config.NH = 2;
+    config.DHQK = 16;
+    config.DHHV = 8;
+    config.options = o;
+    config.devices = devices;
+    StreamSession session(config);
+    try {
+      (void)session.push(p.in.args());
+      ADD_FAILURE() << "a packed piece accepted by a stream (devices '" << devices << "')";
+    } catch (const InvalidArgument& e) {
+      EXPECT_EQ(e.argument(), "cu_seqlens") << e.what();
+    }
+  }
 }
 
 }  // namespace
