@@ -65,6 +65,12 @@
 //   d(initial state): dC0 = dC_0 of the first segment (and dn0); dm0 = <dC0, C0> + <dn0, n0> (exp gate).
 // m_c / m_{c+1} are the stabilisers of the states entering / leaving chunk c (from the forward).
 //
+// Packed sequences (ForwardArgs::cu_seqlens): every sequence of a packed row is a segment of its own, run from its
+// initial state (or the zero state, m = 0; never the EMPTY state) with chunks counted from its first token, so no
+// chunk spans two sequences and nothing is padded; its leaving state is that sequence's last state. The forms give
+// exactly what each sequence gives alone. (A sequence cut into several segments, as the graph does with a long one,
+// combines as above within the sequence only.)
+//
 // Gates at +-inf. The values at infinite pre-activations are the limits of the recurrence (per step, exp gate:
 // lf = logsigmoid(f); m_t = max(lf + m, i); a = exp(lf + m - m_t); b = exp(i - m_t)), taken so that no
 // inf - inf is ever formed:
