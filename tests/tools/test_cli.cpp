@@ -244,9 +244,10 @@ TEST_F(Cli, PackedSequences) {
   ASSERT_EQ(want.c.dim(0), 5);
   for (const std::string& devices : {std::string(), std::string(" --devices workers+all")}) {
     const double tol = devices.empty() ? 0.0 : 1e-4;
-    const auto f = run_cli("forward " + packed + devices + " --out " + path("ph") + " --out-c " + path("pc") +
+    const auto f = run_cli("--json forward " + packed + devices + " --out " + path("ph") + " --out-c " + path("pc") +
                            " --out-m " + path("pm"));
     ASSERT_EQ(f.code, 0) << f.err;
+    EXPECT_EQ(nlohmann::json::parse(f.out)["packed_sequences"], 5) << f.out;
     EXPECT_TRUE(
         testing::matches(npy::read(path("ph"), "h"), want.h, tol, "mlstm forward --cu-seqlens" + devices, "h", s));
     EXPECT_TRUE(

@@ -125,6 +125,7 @@ int cmd_forward(const InputFiles& in, const ForwardOutputs& out, const ForwardSt
                         {"devices", engine.devices()},
                         {"balancing", engine.balancing()},
                         {"shape_h", r.h.shape()},
+                        {"packed_sequences", l.cu_seqlens.empty() ? 0 : l.cu_seqlens.size() - 1},
                         {"dtype", dtype_name(r.h.dtype())},
                         {"seconds", secs},
                         {"input_mib", static_cast<double>(hdr.bytes) / static_cast<double>(1 << 20)},
@@ -194,7 +195,8 @@ int cmd_backward(const InputFiles& in, const BackwardFiles& bf, bool as_json) {
                         {"devices", engine.devices()},
                         {"balancing", engine.balancing()},
                         {"seconds", secs},
-                        {"initial_state_gradients", !g.dc0.empty()}}
+                        {"initial_state_gradients", !g.dc0.empty()},
+                        {"packed_sequences", l.cu_seqlens.empty() ? 0 : l.cu_seqlens.size() - 1}}
                        .dump()
                 << "\n";
     } else {
