@@ -71,7 +71,8 @@ Plan make_packed_plan(const ProblemShape& shape, const MlstmOptions& options, co
   p.chunk_size = options.chunk_size;
   p.packed_sequences = static_cast<std::int64_t>(offsets.size()) - 1;
   if (segment_tokens == 0) segment_tokens = default_segment_tokens(shape.S, devices.size());
-  p.segment_tokens = std::max<std::int64_t>(1, segment_tokens);
+  // A segment longer than the row is the row (and twice a huge request would overflow below).
+  p.segment_tokens = std::clamp<std::int64_t>(segment_tokens, 1, std::max<std::int64_t>(1, shape.S));
   // With several devices, a sequence longer than two segments is cut across all of them (sequence parallel: local
   // states, the combine, outputs), so one long sequence among short ones does not leave the other devices idle.
   const bool spread = devices.size() > 1;

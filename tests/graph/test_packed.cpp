@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -58,7 +59,7 @@ TEST(PackedGraph, EqualsOnePackedCallOnEveryMix) {
       // (Several devices spread sequences longer than two segments over all of them: LongSequencesAreCut... below.)
       const std::vector<std::int64_t> segs =
           spec == "workers" ? std::vector<std::int64_t>{0, 1, 40, 64, 1000} : std::vector<std::int64_t>{0, 64, 1000};
-      for (const std::int64_t seg : segs) {
+      for (const std::int64_t seg : segs) {  // (1000 is past the row: S = 289 or 432)
         SCOPED_TRACE(spec + " segment_tokens " + std::to_string(seg));
         const ForwardResult got = runner.forward(b.inputs, o, seg);
         const std::string k = "graph " + spec;
@@ -77,6 +78,9 @@ TEST(PackedGraph, EqualsOnePackedCallOnEveryMix) {
         }
         if (seg == 1) {
           EXPECT_EQ(plan.segments.size(), 9u);
+        }
+        if (seg == 1000) {  // past the row: the row's length
+          EXPECT_EQ(plan.segment_tokens, p.spec.S);
         }
         Tensor h({1, 3, p.spec.S, 16}, DType::f32);
         runner.forward_into(h.view(), b.inputs, o, seg);
@@ -128,6 +132,22 @@ TEST(PackedGraph, LongSequencesAreCutAcrossTheDevices) {
   const BackwardResult g = runner.backward(b, o, 64);
   expect_gradients_match(g, g1, two ? 1e-4 : 1e-6, "graph " + spec, p.spec);
   EXPECT_EQ(runner.last_plan().spread_sequences.size(), two ? 2u : 0u);
+}
+
+// A segment length past the row is the row, also one that would overflow when doubled.
+TEST(PackedGraph, HugeSegmentLengthsAreTheRow) {
+  const Packed p = make_packed({5, 600, 7}, DType::f32, GateVariant::exp, false, testing::fresh_seed());
+  const MlstmOptions o = options_of(GateVariant::exp, 32);
+  const ProblemShape shape = validate_forward(p.in.args(), o);
+  for (const std::int64_t seg : {std::int64_t{1} << 62, std::numeric_limits<std::int64_t>::max()}) {
+    const graph::Plan plan = graph::make_packed_plan(shape, o, {"a", "b"}, p.in.cu_seqlens, seg);
+    EXPECT_EQ(plan.segment_tokens, 612);
+    EXPECT_TRUE(plan.spread_sequences.empty());
+    ASSERT_EQ(plan.segments.size(), 1u);
+    EXPECT_EQ(plan.segments[0].t1, 612);
+  }
+  EXPECT_THROW(graph::make_packed_plan(shape, o, {"a"}, p.in.cu_seqlens, -1), InvalidArgument);
+  EXPECT_THROW(graph::make_packed_plan(shape, o, {}, p.in.cu_seqlens, 0), InvalidArgument);
 }
 
 // A device that fails is taken out; its segments of whole sequences run on the others.
