@@ -1,6 +1,7 @@
 #include "mlstm/core/packed.hpp"
 
 #include <cstring>
+#include <initializer_list>
 
 #include "mlstm/core/error.hpp"
 
@@ -8,46 +9,33 @@ namespace mlstm::packed {
 
 namespace {
 
-// Tokens [t0, t1) of a (1,NH,S,...) or (1,NH,S) view.
-template <class View>
-View tokens_of(View t, std::int64_t t0, std::int64_t t1) {
-  return sequence_slice(t, t0, t1);
-}
+using Results = std::initializer_list<std::pair<Tensor*, Tensor*>>;
 
-// `from` (1,...) into row j of `to` (N,...), both contiguous of one dtype.
-void put_row(const Tensor& from, Tensor& to, std::int64_t j) {
-  std::memcpy(to.bytes() + static_cast<std::size_t>(j) * from.nbytes(), from.bytes(), from.nbytes());
-}
-
-// A (N,...) tensor like `first` (1,...) of a call's result.
-Tensor rows_like(const Tensor& first, std::int64_t N) {
-  if (first.empty()) return {};
-  Shape shape = first.shape();
-  shape[0] = N;
-  return Tensor(shape, first.dtype());
-}
-
-// dc0/dn0/dm0 of sequence j's result `r` into rows j of `out` ((N,...), allocated on the first sequence).
-void put_state_gradients(BackwardResult& r, BackwardResult& out, std::int64_t j, std::int64_t N) {
-  for (auto [from, to] : {std::pair{&r.dc0, &out.dc0}, {&r.dn0, &out.dn0}, {&r.dm0, &out.dm0}}) {
+// Each `from` (a (1,...) result of sequence j) into row j of its `to` ((N,...), made like the first `from` it gets).
+void put_rows(Results results, std::int64_t j, std::int64_t N) {
+  for (auto [from, to] : results) {
     if (from->empty()) continue;
-    if (to->empty()) *to = rows_like(*from, N);
-    put_row(*from, *to, j);
+    if (to->empty()) {
+      Shape shape = from->shape();
+      shape[0] = N;
+      *to = Tensor(shape, from->dtype());
+    }
+    std::memcpy(to->bytes() + static_cast<std::size_t>(j) * from->nbytes(), from->bytes(), from->nbytes());
   }
 }
 
-// A (1,NH,S,...) tensor like `first` (1,NH,len,...) of a call's result.
-Tensor tokens_like(const Tensor& first, std::int64_t S) {
-  if (first.empty()) return {};
-  Shape shape = first.shape();
-  shape[2] = S;
-  return Tensor(shape, first.dtype());
-}
-
-void put_tokens(const Tensor& from, Tensor& to, std::int64_t t0) {
-  if (from.empty()) return;
-  const std::int64_t len = from.dim(2);
-  copy_piece_rows(gate_rows(from.view()), gate_rows(tokens_of(to.view(), t0, t0 + len)));
+// Each `from` (a (1,NH,len,...) or (1,NH,len) result of the sequence at token t0) into its `to` ((1,NH,S,...), made
+// like the first `from` it gets).
+void put_tokens(Results results, std::int64_t t0, std::int64_t S) {
+  for (auto [from, to] : results) {
+    if (from->empty()) continue;
+    if (to->empty()) {
+      Shape shape = from->shape();
+      shape[2] = S;
+      *to = Tensor(shape, from->dtype());
+    }
+    copy_piece_rows(gate_rows(from->view()), gate_rows(sequence_slice(to->view(), t0, t0 + from->dim(2))));
+  }
 }
 
 }  // namespace
@@ -77,13 +65,19 @@ ForwardArgs sequence(const ForwardArgs& args, std::int64_t j) {
   return a;
 }
 
-BackwardArgs sequence(const BackwardArgs& args, std::int64_t j) {
+BackwardArgs sequences(const BackwardArgs& args, std::int64_t j0, std::int64_t j1, std::vector<std::int64_t>& offsets) {
   BackwardArgs b;
-  b.inputs = sequence(args.inputs, j);
-  const auto [t0, t1] = range(args.inputs, j);
-  b.dh = tokens_of(args.dh, t0, t1);
-  b.dc_last = rows(args.dc_last, j, j + 1);
-  b.dn_last = rows(args.dn_last, j, j + 1);
+  b.inputs = sequences(args.inputs, j0, j1, offsets);
+  b.dh = sequence_slice(args.dh, range(args.inputs, j0).first, range(args.inputs, j1 - 1).second);
+  b.dc_last = rows(args.dc_last, j0, j1);
+  b.dn_last = rows(args.dn_last, j0, j1);
+  return b;
+}
+
+BackwardArgs sequence(const BackwardArgs& args, std::int64_t j) {
+  std::vector<std::int64_t> offsets;
+  BackwardArgs b = sequences(args, j, j + 1, offsets);
+  b.inputs.cu_seqlens = {};  // one sequence: not packed
   return b;
 }
 
@@ -92,15 +86,8 @@ ForwardResult forward_each(const ForwardArgs& args, const ProblemShape& p, const
   ForwardResult out;
   for (std::int64_t j = 0; j < p.N; ++j) {
     ForwardResult r = forward(sequence(args, j), options);
-    if (j == 0) {
-      out.h = tokens_like(r.h, p.S);
-      out.c = rows_like(r.c, p.N);
-      out.n = rows_like(r.n, p.N);
-      out.m = rows_like(r.m, p.N);
-    }
-    put_tokens(r.h, out.h, range(args, j).first);
-    for (auto [from, to] : {std::pair{&r.c, &out.c}, {&r.n, &out.n}, {&r.m, &out.m}})
-      if (!from->empty()) put_row(*from, *to, j);
+    put_tokens({{&r.h, &out.h}}, range(args, j).first, p.S);
+    put_rows({{&r.c, &out.c}, {&r.n, &out.n}, {&r.m, &out.m}}, j, p.N);
   }
   return out;
 }
@@ -110,16 +97,9 @@ BackwardResult backward_each(const BackwardArgs& args, const ProblemShape& p, co
   BackwardResult out;
   for (std::int64_t j = 0; j < p.N; ++j) {
     BackwardResult r = backward(sequence(args, j), options);
-    if (j == 0) {
-      for (auto [from, to] :
-           {std::pair{&r.dq, &out.dq}, {&r.dk, &out.dk}, {&r.dv, &out.dv}, {&r.di, &out.di}, {&r.df, &out.df}})
-        *to = tokens_like(*from, p.S);
-    }
-    const std::int64_t t0 = range(args.inputs, j).first;
-    for (auto [from, to] :
-         {std::pair{&r.dq, &out.dq}, {&r.dk, &out.dk}, {&r.dv, &out.dv}, {&r.di, &out.di}, {&r.df, &out.df}})
-      put_tokens(*from, *to, t0);
-    put_state_gradients(r, out, j, p.N);
+    put_tokens({{&r.dq, &out.dq}, {&r.dk, &out.dk}, {&r.dv, &out.dv}, {&r.di, &out.di}, {&r.df, &out.df}},
+               range(args.inputs, j).first, p.S);
+    put_rows({{&r.dc0, &out.dc0}, {&r.dn0, &out.dn0}, {&r.dm0, &out.dm0}}, j, p.N);
   }
   return out;
 }
@@ -130,7 +110,7 @@ BackwardResult backward_each_into(const BackwardArgs& args, const ProblemShape& 
   for (std::int64_t j = 0; j < p.N; ++j) {
     const auto [t0, t1] = range(args.inputs, j);
     BackwardResult r = backward(sequence(args, j), options, out.slice(t0, t1));
-    put_state_gradients(r, states, j, p.N);
+    put_rows({{&r.dc0, &states.dc0}, {&r.dn0, &states.dn0}, {&r.dm0, &states.dm0}}, j, p.N);
   }
   return states;
 }

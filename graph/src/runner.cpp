@@ -122,29 +122,63 @@ std::string Plan::describe() const {
   return os.str();
 }
 
-std::int64_t default_segment_tokens(std::int64_t S, std::size_t devices) {
-  // One device: one segment (splitting would only add the local-state pass). Several: ~4 per device.
-  const std::int64_t want = devices == 1 ? 1 : static_cast<std::int64_t>(devices) * 4;
-  return (S + want - 1) / want;
-}
+namespace {
 
-Plan make_plan(const ProblemShape& shape, const MlstmOptions& options, const std::vector<std::string>& devices,
-               std::int64_t segment_tokens) {
+// A plan's devices, length and chunk, and its segment length: `segment_tokens`, or when 0 the whole sequence for one
+// device (splitting would only add the local-state pass) and about 4 segments per device for several; a segment
+// longer than the sequence is the sequence (and rounding or doubling a huge request would overflow).
+Plan plan_start(const ProblemShape& shape, const MlstmOptions& options, const std::vector<std::string>& devices,
+                std::int64_t segment_tokens) {
   if (devices.empty()) throw InvalidArgument("devices", "the plan needs at least one device");
   if (segment_tokens < 0) throw InvalidArgument("segment_tokens", "must be >= 0");
   Plan p;
   p.devices = devices;
   p.S = shape.S;
   p.chunk_size = options.chunk_size;
+  if (segment_tokens == 0) {
+    const std::int64_t want = devices.size() == 1 ? 1 : static_cast<std::int64_t>(devices.size()) * 4;
+    segment_tokens = (shape.S + want - 1) / want;
+  }
+  p.segment_tokens = std::clamp<std::int64_t>(segment_tokens, 1, std::max<std::int64_t>(1, shape.S));
+  return p;
+}
+
+}  // namespace
+
+Plan make_plan(const ProblemShape& shape, const MlstmOptions& options, const std::vector<std::string>& devices,
+               std::int64_t segment_tokens) {
+  Plan p = plan_start(shape, options, devices, segment_tokens);
   const std::int64_t L = options.chunk_size;
-  if (segment_tokens == 0) segment_tokens = default_segment_tokens(shape.S, devices.size());
-  // A segment longer than the sequence is the sequence (and rounding a huge request up would overflow).
-  segment_tokens = std::min(segment_tokens, std::max<std::int64_t>(1, shape.S));
-  segment_tokens = std::max<std::int64_t>(L, (segment_tokens + L - 1) / L * L);  // whole chunks
-  p.segment_tokens = segment_tokens;
+  p.segment_tokens = std::max<std::int64_t>(L, (p.segment_tokens + L - 1) / L * L);  // whole chunks
   int index = 0;
-  for (std::int64_t t0 = 0; t0 < shape.S; t0 += segment_tokens) {
-    p.segments.push_back({index++, t0, std::min(shape.S, t0 + segment_tokens)});
+  for (std::int64_t t0 = 0; t0 < shape.S; t0 += p.segment_tokens) {
+    p.segments.push_back({index++, t0, std::min(shape.S, t0 + p.segment_tokens)});
+  }
+  return p;
+}
+
+Plan make_packed_plan(const ProblemShape& shape, const MlstmOptions& options, const std::vector<std::string>& devices,
+                      std::span<const std::int64_t> offsets, std::int64_t segment_tokens) {
+  Plan p = plan_start(shape, options, devices, segment_tokens);
+  p.packed_sequences = static_cast<std::int64_t>(offsets.size()) - 1;
+  // With several devices, a sequence longer than two segments is cut across all of them (sequence parallel: local
+  // states, the combine, outputs), so one long sequence among short ones does not leave the other devices idle.
+  const bool spread = devices.size() > 1;
+  auto length = [&](std::size_t j) { return offsets[j + 1] - offsets[j]; };
+  auto spread_out = [&](std::size_t j) { return spread && length(j) > 2 * p.segment_tokens; };
+  // The others: runs of whole sequences, at least one per segment, until a segment holds segment_tokens.
+  int index = 0;
+  std::size_t j0 = 0;
+  while (j0 + 1 < offsets.size()) {
+    if (spread_out(j0)) {
+      p.spread_sequences.push_back(static_cast<std::int64_t>(j0++));
+      continue;
+    }
+    std::size_t j1 = j0 + 1;
+    while (j1 + 1 < offsets.size() && !spread_out(j1) && offsets[j1] - offsets[j0] < p.segment_tokens) ++j1;
+    p.segments.push_back({index++, offsets[j0], offsets[j1], -1});
+    p.sequences.push_back({static_cast<std::int64_t>(j0), static_cast<std::int64_t>(j1)});
+    j0 = j1;
   }
   return p;
 }

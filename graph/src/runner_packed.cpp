@@ -6,7 +6,8 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
-#include <cstring>
+#include <initializer_list>
+#include <mutex>
 
 #include "graph_builder.hpp"
 #include "mlstm/core/env.hpp"
@@ -18,27 +19,27 @@ namespace mlstm::graph {
 
 namespace {
 
-// `part` (rows [j0, ...) of a (N,...) result) into `out`, allocated (N,...) on first use.
-void put_state_rows(Tensor& out, const Tensor& part, std::int64_t N, std::int64_t j0, std::mutex& mutex) {
-  if (part.empty()) return;
-  {
-    std::lock_guard lock(mutex);
-    if (out.empty()) {
-      Shape shape = part.shape();
-      shape[0] = N;
-      out = Tensor(shape, part.dtype());
-    }
+// The (N,...) float32 last states (forward) or initial-state gradients (backward) of a packed run, each segment's
+// rows copied in as it finishes (segments write disjoint rows).
+void put_state_rows(std::initializer_list<std::pair<Tensor*, const Tensor*>> results, std::int64_t j0) {
+  for (auto [to, part] : results) {
+    if (to->empty() || part->empty()) continue;
+    const std::size_t row = to->nbytes() / static_cast<std::size_t>(to->dim(0));
+    copy_elements(part->view(), 0, part->numel(), to->dtype(), to->bytes() + static_cast<std::size_t>(j0) * row);
   }
-  const std::size_t row = part.nbytes() / static_cast<std::size_t>(part.dim(0));
-  std::memcpy(out.bytes() + static_cast<std::size_t>(j0) * row, part.bytes(), part.nbytes());
+}
+
+Tensor states_of(std::int64_t N, const ProblemShape& shape, int dims) {
+  const Shape full{N, shape.NH, shape.DHQK, shape.DHHV};
+  return Tensor(Shape(full.begin(), full.begin() + dims), DType::f32);
 }
 
 // Runs body(segment, device) for every segment of the plan: one queue of segments, pulled by one serial node per
 // device (the first free device takes the next), each run through the pool (failover).
 void run_groups(const Plan& p, const std::vector<std::shared_ptr<ComputeDevice>>& devices, nodes::DevicePool& pool,
                 const std::string& what, const std::function<void(const GraphDescription&)>& built,
-                std::vector<std::string>& log, std::mutex& log_mutex,
-                const std::function<void(const nodes::Segment&, ComputeDevice&)>& body) {
+                std::vector<std::string>& log, const std::function<void(const nodes::Segment&, ComputeDevice&)>& body) {
+  std::mutex log_mutex;
   using namespace tbb::flow;
   tbb::flow::graph g;
   GraphBuilder b(g, "packed " + what);
@@ -60,40 +61,6 @@ void run_groups(const Plan& p, const std::vector<std::shared_ptr<ComputeDevice>>
 }
 
 }  // namespace
-
-Plan make_packed_plan(const ProblemShape& shape, const MlstmOptions& options, const std::vector<std::string>& devices,
-                      std::span<const std::int64_t> offsets, std::int64_t segment_tokens) {
-  if (devices.empty()) throw InvalidArgument("devices", "the plan needs at least one device");
-  if (segment_tokens < 0) throw InvalidArgument("segment_tokens", "must be >= 0");
-  Plan p;
-  p.devices = devices;
-  p.S = shape.S;
-  p.chunk_size = options.chunk_size;
-  p.packed_sequences = static_cast<std::int64_t>(offsets.size()) - 1;
-  if (segment_tokens == 0) segment_tokens = default_segment_tokens(shape.S, devices.size());
-  // A segment longer than the row is the row (and twice a huge request would overflow below).
-  p.segment_tokens = std::clamp<std::int64_t>(segment_tokens, 1, std::max<std::int64_t>(1, shape.S));
-  // With several devices, a sequence longer than two segments is cut across all of them (sequence parallel: local
-  // states, the combine, outputs), so one long sequence among short ones does not leave the other devices idle.
-  const bool spread = devices.size() > 1;
-  auto length = [&](std::size_t j) { return offsets[j + 1] - offsets[j]; };
-  auto spread_out = [&](std::size_t j) { return spread && length(j) > 2 * p.segment_tokens; };
-  // The others: runs of whole sequences, at least one per segment, until a segment holds segment_tokens.
-  int index = 0;
-  std::size_t j0 = 0;
-  while (j0 + 1 < offsets.size()) {
-    if (spread_out(j0)) {
-      p.spread_sequences.push_back(static_cast<std::int64_t>(j0++));
-      continue;
-    }
-    std::size_t j1 = j0 + 1;
-    while (j1 + 1 < offsets.size() && !spread_out(j1) && offsets[j1] - offsets[j0] < p.segment_tokens) ++j1;
-    p.segments.push_back({index++, offsets[j0], offsets[j1], -1});
-    p.sequences.push_back({static_cast<std::int64_t>(j0), static_cast<std::int64_t>(j1)});
-    j0 = j1;
-  }
-  return p;
-}
 
 FlowGraphRunner::PlannedRun FlowGraphRunner::plan_packed(Pass pass, const ForwardArgs& args, const ProblemShape& shape,
                                                          const MlstmOptions& options,
@@ -123,29 +90,30 @@ ForwardResult FlowGraphRunner::run_packed_forward(const ForwardArgs& args, const
     out.h = Tensor({1, shape.NH, shape.S, shape.DHHV}, shape.dtype);
     h = out.h.view();
   }
+  if (options.return_last_states) {
+    out.c = states_of(shape.N, shape, 4);
+    out.n = states_of(shape.N, shape, 3);
+    out.m = states_of(shape.N, shape, 2);
+  }
+  auto put_states = [&](const ForwardResult& r, std::int64_t j0) {
+    put_state_rows({{&out.c, &r.c}, {&out.n, &r.n}, {&out.m, &r.m}}, j0);
+  };
   nodes::DevicePool pool(run.devices);
   std::vector<std::string> log;
-  std::mutex mutex;
   run_groups(
-      p, run.devices, pool, "forward", [this](const GraphDescription& d) { built(d); }, log, mutex,
+      p, run.devices, pool, "forward", [this](const GraphDescription& d) { built(d); }, log,
       [&](const nodes::Segment& s, ComputeDevice& dev) {
         const auto [j0, j1] = p.sequences[static_cast<std::size_t>(s.index)];
         std::vector<std::int64_t> offsets;
-        const ForwardResult r =
-            dev.forward_into(packed::sequences(args, j0, j1, offsets), options, sequence_slice(h, s.t0, s.t1));
-        put_state_rows(out.c, r.c, shape.N, j0, mutex);
-        put_state_rows(out.n, r.n, shape.N, j0, mutex);
-        put_state_rows(out.m, r.m, shape.N, j0, mutex);
+        put_states(dev.forward_into(packed::sequences(args, j0, j1, offsets), options, sequence_slice(h, s.t0, s.t1)),
+                   j0);
       });
   std::vector<std::string> failures = pool.failures();
   // The long sequences, each sequence parallel over every device.
   for (const std::int64_t j : p.spread_sequences) {
     const auto [t0, t1] = packed::range(args, j);
-    const ForwardResult r =
-        run_forward(packed::sequence(args, j), options, p.segment_tokens, sequence_slice(h, t0, t1), nullptr);
-    put_state_rows(out.c, r.c, shape.N, j, mutex);
-    put_state_rows(out.n, r.n, shape.N, j, mutex);
-    put_state_rows(out.m, r.m, shape.N, j, mutex);
+    put_states(run_forward(packed::sequence(args, j), options, p.segment_tokens, sequence_slice(h, t0, t1), nullptr),
+               j);
     for (const auto& line : log_) log.push_back("sequence " + std::to_string(j) + ", " + line);
   }
   last_plan_ = p;
@@ -164,39 +132,31 @@ BackwardResult FlowGraphRunner::run_packed_backward(const BackwardArgs& args, co
   if (into) {
     views = *into;
   } else {
-    out.dq = Tensor({1, shape.NH, shape.S, shape.DHQK}, shape.dtype);
-    out.dk = Tensor({1, shape.NH, shape.S, shape.DHQK}, shape.dtype);
-    out.dv = Tensor({1, shape.NH, shape.S, shape.DHHV}, shape.dtype);
-    out.di = Tensor({1, shape.NH, shape.S}, shape.gate_dtype);
-    out.df = Tensor({1, shape.NH, shape.S}, shape.gate_dtype);
-    views = {out.dq.view(), out.dk.view(), out.dv.view(), out.di.view(), out.df.view()};
+    out = packed::allocate_gradients(shape);
+    views = packed::gradient_views(out);
   }
+  if (args.inputs.has_initial_state()) {
+    out.dc0 = states_of(shape.N, shape, 4);
+    out.dn0 = states_of(shape.N, shape, 3);
+    out.dm0 = states_of(shape.N, shape, 2);
+  }
+  auto put_states = [&](const BackwardResult& r, std::int64_t j0) {
+    put_state_rows({{&out.dc0, &r.dc0}, {&out.dn0, &r.dn0}, {&out.dm0, &r.dm0}}, j0);
+  };
   nodes::DevicePool pool(run.devices);
   std::vector<std::string> log;
-  std::mutex mutex;
   run_groups(
-      p, run.devices, pool, "backward", [this](const GraphDescription& d) { built(d); }, log, mutex,
+      p, run.devices, pool, "backward", [this](const GraphDescription& d) { built(d); }, log,
       [&](const nodes::Segment& s, ComputeDevice& dev) {
         const auto [j0, j1] = p.sequences[static_cast<std::size_t>(s.index)];
         std::vector<std::int64_t> offsets;
-        BackwardArgs g;
-        g.inputs = packed::sequences(args.inputs, j0, j1, offsets);
-        g.dh = sequence_slice(args.dh, s.t0, s.t1);
-        g.dc_last = packed::rows(args.dc_last, j0, j1);
-        g.dn_last = packed::rows(args.dn_last, j0, j1);
-        const BackwardResult r = dev.backward_into(g, options, views.slice(s.t0, s.t1));
-        put_state_rows(out.dc0, r.dc0, shape.N, j0, mutex);
-        put_state_rows(out.dn0, r.dn0, shape.N, j0, mutex);
-        put_state_rows(out.dm0, r.dm0, shape.N, j0, mutex);
+        put_states(dev.backward_into(packed::sequences(args, j0, j1, offsets), options, views.slice(s.t0, s.t1)), j0);
       });
   std::vector<std::string> failures = pool.failures();
   for (const std::int64_t j : p.spread_sequences) {
     const auto [t0, t1] = packed::range(args.inputs, j);
     const GradientViews slice = views.slice(t0, t1);
-    const BackwardResult r = run_backward(packed::sequence(args, j), options, p.segment_tokens, &slice);
-    put_state_rows(out.dc0, r.dc0, shape.N, j, mutex);
-    put_state_rows(out.dn0, r.dn0, shape.N, j, mutex);
-    put_state_rows(out.dm0, r.dm0, shape.N, j, mutex);
+    put_states(run_backward(packed::sequence(args, j), options, p.segment_tokens, &slice), j);
     for (const auto& line : log_) log.push_back("sequence " + std::to_string(j) + ", " + line);
   }
   last_plan_ = p;

@@ -27,6 +27,8 @@ View rows(View t, std::int64_t j0, std::int64_t j1) {
 // Sequences [j0, j1) of packed args already validated, as a packed problem of their own: their tokens and states
 // (views), and `offsets` (the caller's storage, which the result's cu_seqlens points into) rebased to 0.
 ForwardArgs sequences(const ForwardArgs& args, std::int64_t j0, std::int64_t j1, std::vector<std::int64_t>& offsets);
+// The same for a backward: dh's tokens of those sequences, and their rows of dc_last/dn_last.
+BackwardArgs sequences(const BackwardArgs& args, std::int64_t j0, std::int64_t j1, std::vector<std::int64_t>& offsets);
 // Sequence j (0 <= j < N) of packed args already validated: B = 1, S = its length, NH and the head dims as they
 // are, and row j of c0/n0/m0 as its (1,NH,...) initial state when given. Views of the caller's memory, no copies.
 ForwardArgs sequence(const ForwardArgs& args, std::int64_t j);

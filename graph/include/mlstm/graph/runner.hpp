@@ -78,9 +78,6 @@ struct Plan {
   std::string describe() const;  // one line per item; MLSTM_PLAN_DEBUG=1 prints it at run time
 };
 
-// The planner's segment length when none is asked for: the whole sequence for one device, about 4 segments per
-// device for several.
-std::int64_t default_segment_tokens(std::int64_t S, std::size_t devices);
 // Plans segments of `segment_tokens` (0: about 4 segments per device, whole chunks, at least one chunk).
 Plan make_plan(const ProblemShape& shape, const MlstmOptions& options, const std::vector<std::string>& devices,
                std::int64_t segment_tokens = 0);
