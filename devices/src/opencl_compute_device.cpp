@@ -297,8 +297,9 @@ class OpenCLComputeDevice final : public ComputeDevice {
   // A piece of a streamed forward: tokens [t0, t1); `sequence` >= 0 when it starts packed sequence `sequence` (the
   // stream starts afresh there), `last` when it ends a packed sequence (its leaving state is that sequence's last).
   struct StreamPiece {
-    std::int64_t t0 = 0, t1 = 0, sequence = -1;
-    bool last = false;
+    std::int64_t t0 = 0, t1 = 0;
+    std::int64_t sequence = -1;  // the packed sequence it belongs to (-1: not packed)
+    bool first = false, last = false;
   };
   // Pieces of at most `piece` tokens: of the row, or of every packed sequence (a piece never spans two).
   static std::vector<StreamPiece> stream_pieces(const ForwardArgs& a, const ProblemShape& p, std::int64_t piece) {
@@ -308,10 +309,9 @@ class OpenCLComputeDevice final : public ComputeDevice {
       return out;
     }
     for (std::int64_t j = 0; j < p.N; ++j) {
-      const std::int64_t s0 = a.cu_seqlens[static_cast<std::size_t>(j)],
-                         s1 = a.cu_seqlens[static_cast<std::size_t>(j + 1)];
+      const auto [s0, s1] = packed::range(a, j);
       for (std::int64_t t0 = s0; t0 < s1; t0 += piece)
-        out.push_back({t0, std::min(s1, t0 + piece), t0 == s0 ? j : -1, t0 + piece >= s1});
+        out.push_back({t0, std::min(s1, t0 + piece), j, t0 == s0, t0 + piece >= s1});
     }
     return out;
   }
@@ -389,17 +389,10 @@ class OpenCLComputeDevice final : public ComputeDevice {
       for (std::int64_t j = 0; j < pieces; ++j) {
         const StreamPiece& sp = plan[static_cast<std::size_t>(j)];
         const ScopedTrace push([&] { return "streamed forward: piece " + std::to_string(j) + " pushed"; });
-        if (sp.sequence >= 0) {
-          if (a.has_initial_state())
-            stream.start_sequence(row(a.c0, sp.sequence), row(a.n0, sp.sequence), row(a.m0, sp.sequence));
-          else
-            stream.start_sequence();
-        }
-        if (sp.last && o.return_last_states) {
-          const std::int64_t seq =
-              std::upper_bound(a.cu_seqlens.begin(), a.cu_seqlens.end(), sp.t0) - a.cu_seqlens.begin() - 1;
+        const std::int64_t seq = sp.sequence;
+        if (sp.first) stream.start_sequence(row(a.c0, seq), row(a.n0, seq), row(a.m0, seq));  // (empty: zero state)
+        if (sp.last && o.return_last_states)
           stream.state_after_next_piece_into(row(r.c.view(), seq), row(r.n.view(), seq), row(r.m.view(), seq));
-        }
         (void)stream.push(sequence_slice(rows, sp.t0, sp.t1), /*inputs_outlive_piece=*/true,
                           sequence_slice(out, sp.t0, sp.t1));
         std::lock_guard lock(mutex);
