@@ -8,6 +8,7 @@
 #include <limits>
 #include <vector>
 
+#include "mlstm/core/packed.hpp"
 #include "mlstm/gates.hpp"
 #include "mlstm/stages.hpp"
 
@@ -25,13 +26,6 @@ using stages::FloatBuffer;  // vectors left uninitialised on resize: every eleme
 void pack_row_into(ConstTensorView t, std::int64_t b, std::int64_t h, float* out) {
   const ConstTensorView row = t.select0(b).select0(h);
   copy_elements(row, 0, row.numel(), DType::f32, reinterpret_cast<std::byte*>(out));
-}
-
-// The same into a pooled buffer.
-FloatBuffer pack_row(ConstTensorView t, std::int64_t b, std::int64_t h) {
-  FloatBuffer out = stages::pooled_floats(static_cast<std::size_t>(t.select0(b).select0(h).numel()));
-  pack_row_into(t, b, h, out.data());
-  return out;
 }
 
 // A row view (any strides) as float32 in a pooled buffer.
@@ -66,10 +60,10 @@ std::vector<WorkItem> work_items(const ForwardArgs& a, const ProblemShape& p) {
   std::vector<WorkItem> items;
   if (p.packed()) {
     items.reserve(static_cast<std::size_t>(p.N * p.NH));
-    for (std::int64_t j = 0; j < p.N; ++j)
-      for (std::int64_t h = 0; h < p.NH; ++h)
-        items.push_back(
-            {0, h, a.cu_seqlens[static_cast<std::size_t>(j)], a.cu_seqlens[static_cast<std::size_t>(j + 1)], j});
+    for (std::int64_t j = 0; j < p.N; ++j) {
+      const auto [t0, t1] = packed::range(a, j);
+      for (std::int64_t h = 0; h < p.NH; ++h) items.push_back({0, h, t0, t1, j});
+    }
   } else {
     items.reserve(static_cast<std::size_t>(p.rows()));
     for (std::int64_t r = 0; r < p.rows(); ++r) items.push_back({r / p.NH, r % p.NH, 0, p.S, r / p.NH});
@@ -367,7 +361,7 @@ StepResult step(const StepArgs& a, const MlstmOptions& o) {
   out.m = Tensor({p.B, p.NH}, DType::f32);
   tbb::parallel_for(std::int64_t{0}, p.rows(), [&](std::int64_t r) {
     const std::int64_t b = r / p.NH, h = r % p.NH;
-    auto row = [&](ConstTensorView t) { return pack_row(t, b, h); };
+    auto row = [&](ConstTensorView t) { return pack_view(t.select0(b).select0(h)); };
     auto q = row(a.q), k = row(a.k), v = row(a.v);
     FloatBuffer C(static_cast<std::size_t>(p.DHQK * p.DHHV), 0.f), n(static_cast<std::size_t>(p.DHQK), 0.f);
     float m = 0.f;
