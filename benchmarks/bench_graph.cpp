@@ -150,6 +150,15 @@ Tensor tile_sequence(graph::FlowGraphRunner& runner, const Tensor& t, std::int64
   return out;
 }
 
+// The host benchmarks' inputs (NH = 4, DHQK = DHHV = 128, bf16): one random piece of 16384 tokens (seed 5) tiled to
+// S tokens, in ordinary memory or (pinned) in the runner's page-locked memory.
+constexpr std::int64_t kHostPiece = 16384;
+Piece host_inputs(graph::FlowGraphRunner& runner, std::int64_t S, bool pinned) {
+  const Piece piece = make_piece(4, kHostPiece, 128, 5);
+  auto tile = [&](const Tensor& t) { return tile_sequence(runner, t, S, pinned); };
+  return {tile(piece.q), tile(piece.k), tile(piece.v), tile(piece.i), tile(piece.f)};
+}
+
 // A forward from host memory through the runner on OpenCL device 0 (issue 14's main job: NH=4, DHQK=DHHV=128,
 // bf16, chunk 128, MLSTM_BENCH_HOST_S tokens, default 1M), the inputs in ordinary memory (arg 0) or in the device's
 // page-locked memory from FlowGraphRunner::host_tensor (arg 1), and with arg 2 h there too (forward_into). Inputs
@@ -160,11 +169,9 @@ void BM_HostForward(benchmark::State& state) {
     state.SkipWithError("no OpenCL device");
     return;
   }
-  const std::int64_t S = env_int("MLSTM_BENCH_HOST_S", 1 << 20), NH = 4, D = 128, P = 16384;
+  const std::int64_t S = env_int("MLSTM_BENCH_HOST_S", 1 << 20), NH = 4, D = 128;
   graph::FlowGraphRunner runner("0");
-  const Piece piece = make_piece(NH, P, D, 5);
-  auto tile = [&](const Tensor& t) { return tile_sequence(runner, t, S, state.range(0) >= 1); };
-  const Piece whole{tile(piece.q), tile(piece.k), tile(piece.v), tile(piece.i), tile(piece.f)};
+  const Piece whole = host_inputs(runner, S, state.range(0) >= 1);
   MlstmOptions o;
   o.chunk_size = 128;
   Tensor h = state.range(0) == 2 ? runner.host_tensor({1, NH, S, D}, DType::bf16) : Tensor();
@@ -195,14 +202,11 @@ void BM_HostBackward(benchmark::State& state) {
     state.SkipWithError("no OpenCL device");
     return;
   }
-  const std::int64_t S = env_int("MLSTM_BENCH_HOST_S", 1 << 20), NH = 4, D = 128, P = 16384;
+  const std::int64_t S = env_int("MLSTM_BENCH_HOST_S", 1 << 20), NH = 4, D = 128;
   const bool pinned = state.range(0) == 2;
   graph::FlowGraphRunner runner("0");
-  const Piece piece = make_piece(NH, P, D, 5);
-  const Tensor dh_piece = make_piece(NH, P, D, 6).v;
-  auto tile = [&](const Tensor& t) { return tile_sequence(runner, t, S, pinned); };
-  const Piece whole{tile(piece.q), tile(piece.k), tile(piece.v), tile(piece.i), tile(piece.f)};
-  const Tensor dh = tile(dh_piece);
+  const Piece whole = host_inputs(runner, S, pinned);
+  const Tensor dh = tile_sequence(runner, make_piece(NH, kHostPiece, D, 6).v, S, pinned);
   MlstmOptions o;
   o.chunk_size = 128;
   BackwardArgs b;
@@ -236,12 +240,10 @@ void BM_HostForwardBackward(benchmark::State& state) {
     state.SkipWithError("no OpenCL device");
     return;
   }
-  const std::int64_t S = env_int("MLSTM_BENCH_HOST_S", 1 << 20), NH = 4, D = 128, P = 16384;
+  const std::int64_t S = env_int("MLSTM_BENCH_HOST_S", 1 << 20);
   const bool pinned = state.range(0) == 1, keep = state.range(1) == 1;
   graph::FlowGraphRunner runner("0");
-  const Piece piece = make_piece(NH, P, D, 5);
-  auto tile = [&](const Tensor& t) { return tile_sequence(runner, t, S, pinned); };
-  const Piece whole{tile(piece.q), tile(piece.k), tile(piece.v), tile(piece.i), tile(piece.f)};
+  const Piece whole = host_inputs(runner, S, pinned);
   MlstmOptions o;
   o.chunk_size = 128;
   o.return_last_states = false;
@@ -287,11 +289,9 @@ void BM_PackedGpu(benchmark::State& state) {
   std::uniform_int_distribution<std::int64_t> len(1, 16384);
   std::vector<std::int64_t> offsets{0};
   for (int j = 0; j < 64; ++j) offsets.push_back(offsets.back() + len(rng));
-  const std::int64_t S = offsets.back(), NH = 4, D = 128, P = 16384;
+  const std::int64_t S = offsets.back(), NH = 4, D = 128;
   graph::FlowGraphRunner runner("0");
-  const Piece piece = make_piece(NH, P, D, 5);
-  auto tile = [&](const Tensor& t) { return tile_sequence(runner, t, S, true); };
-  const Piece whole{tile(piece.q), tile(piece.k), tile(piece.v), tile(piece.i), tile(piece.f)};
+  const Piece whole = host_inputs(runner, S, true);
   MlstmOptions o;
   o.chunk_size = 128;
   ForwardArgs a = whole.args();
