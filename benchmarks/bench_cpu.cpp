@@ -198,7 +198,8 @@ void BM_Threads(benchmark::State& state) {
   const bool bf16 = state.range(3) != 0;
   static const Problem one = make_problem(1, 1, 65536, kD, kD);
   static const Problem four = make_problem(1, 4, 16384, kD, kD);
-  // The same NH=4 problem with q, k, v, dh in bfloat16 (the CPU path converts them to float32 as it loads a row).
+  // The same NH=4 problem with q, k, v, dh in bfloat16 (gemm.hpp: the forward's products take bf16 operands where
+  // the processor has AVX-512 BF16 or AMX, else the rows are converted to float32 as they load).
   static const Problem four_bf16 = [] {
     Problem b = make_problem(1, 4, 16384, kD, kD);
     b.q = b.q.to(DType::bf16);
@@ -230,7 +231,7 @@ void BM_Threads(benchmark::State& state) {
                                                     benchmark::Counter::kIsRate);
   }
   state.counters["sgemm_GFLOP/s"] = sgemm;
-  state.SetLabel(gemm::library().name);
+  state.SetLabel(bf16 ? gemm::library().name + ", bf16: " + gemm::library().bf16 : gemm::library().name);
 }
 void thread_counts(benchmark::internal::Benchmark* b) {
   const int n = tbb::info::default_concurrency();
@@ -242,10 +243,12 @@ void thread_counts(benchmark::internal::Benchmark* b) {
       }
     }
   }
-  for (const int bw : {0, 1}) {  // bfloat16 inputs beside float32: one core and all
-    b->Args({1, 4, bw, 1});
-    b->Args({n, 4, bw, 1});
+  for (int t = 1;; t *= 2) {  // bfloat16 inputs beside float32: the forward on 1..n cores, fw+bw on one and all
+    b->Args({std::min(t, n), 4, 0, 1});
+    if (t >= n) break;
   }
+  b->Args({1, 4, 1, 1});
+  b->Args({n, 4, 1, 1});
 }
 BENCHMARK(BM_Threads)
     ->ArgNames({"threads", "NH", "bw", "bf16"})

@@ -59,7 +59,7 @@ ForwardResult chunkwise_states(const ForwardArgs& a, const MlstmOptions& o) {
   const Tensor i32 = Tensor::copy_of(a.i, DType::f32), f32 = Tensor::copy_of(a.f, DType::f32);
   const Tensor C0 = Tensor::copy_of(a.c0, DType::f32), n0 = Tensor::copy_of(a.n0, DType::f32),
                m0 = Tensor::copy_of(a.m0, DType::f32);
-  stages::SegmentShape s{p.S, std::min(o.chunk_size, p.S), p.DHQK, p.DHHV};
+  const stages::SegmentShape s{p.S, std::min(o.chunk_size, p.S), p.DHQK, p.DHHV, gemm::operands_for(p.dtype)};
   tbb::parallel_for(std::int64_t{0}, p.rows(), [&](std::int64_t r) {
     std::vector<float> b(static_cast<std::size_t>(p.S)), ig(static_cast<std::size_t>(p.S)),
         G(static_cast<std::size_t>(s.num_chunks()));

@@ -3,14 +3,22 @@
 
 #include <cblas.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <cstdio>
+#include <map>
 #include <mutex>
+#include <tuple>
+#include <vector>
 
 #include "mlstm/core/env.hpp"
 #include "mlstm/core/error.hpp"
 
 #ifdef MLSTM_HAVE_ONEDNN
+#include <immintrin.h>
 #include <oneapi/dnnl/dnnl.h>
+
+#include <oneapi/dnnl/dnnl.hpp>
 // GNU OpenMP, the runtime Debian's oneDNN runs on (kernels/CMakeLists.txt links it): the two calls the seam needs,
 // declared here rather than through the compiler's omp.h, which may belong to another runtime (clang's libomp).
 extern "C" {
@@ -81,20 +89,192 @@ const char* isa_name(dnnl_cpu_isa_t isa) {
 // oneDNN's OpenMP build would spread one call over an OpenMP team from every TBB worker at once: each call runs with
 // the calling thread's OpenMP thread count set to 1 and then restored (the count is per thread, so a caller's own
 // OpenMP settings are left as they were).
+class OneOmpThread {
+ public:
+  OneOmpThread() : before_(omp_get_max_threads()) {
+    if (before_ != 1) omp_set_num_threads(1);
+  }
+  ~OneOmpThread() {
+    if (before_ != 1) omp_set_num_threads(before_);
+  }
+  OneOmpThread(const OneOmpThread&) = delete;
+  OneOmpThread& operator=(const OneOmpThread&) = delete;
+
+ private:
+  int before_;
+};
+
 void onednn_sgemm(bool ta, bool tb, int m, int n, int k, float alpha, const float* A, int lda, const float* B, int ldb,
                   float beta, float* C, int ldc) {
-  const int before = omp_get_max_threads();
-  if (before != 1) omp_set_num_threads(1);
-  const dnnl_status_t st = dnnl_sgemm(ta ? 'T' : 'N', tb ? 'T' : 'N', m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
-  if (before != 1) omp_set_num_threads(before);
+  dnnl_status_t st;
+  {
+    const OneOmpThread one;
+    st = dnnl_sgemm(ta ? 'T' : 'N', tb ? 'T' : 'N', m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
+  }
   if (st != dnnl_success) throw Error("oneDNN sgemm failed (status " + std::to_string(static_cast<int>(st)) + ")");
+}
+
+bool has_bf16_isa() {
+  const dnnl_cpu_isa_t isa = dnnl_get_effective_cpu_isa();
+  return isa == dnnl_cpu_isa_avx512_core_bf16 || isa == dnnl_cpu_isa_avx512_core_amx;
+}
+
+// bfloat16 products through oneDNN's matmul primitive (JIT brgemm kernels for AVX-512 BF16 and AMX). Each operand
+// is rounded into a bf16 block in its stored layout (a transposed one is described by strides), its rows and
+// columns padded with zeros to a multiple of kPad, so the primitives come in a few shapes (each one JIT-compiled,
+// once per thread, ~1 ms). The product goes straight into C (alpha as the output scale, beta through a sum
+// post-op, C scaled first when beta is neither 0 nor 1) unless m or n was padded: then into a padded block that is
+// added into C.
+constexpr int kPad = 16;
+int padded(int x) { return (x + kPad - 1) / kPad * kPad; }
+
+// Rounds the stored rows x cols floats of src (row stride ld) into dst (rows_p x cols_p), zeros in the padding.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void round_block(const float* src, int ld, int rows,
+                                                                                 int cols, std::uint16_t* dst,
+                                                                                 int rows_p, int cols_p) {
+  for (int r = 0; r < rows; ++r) {
+    const float* s = src + static_cast<std::ptrdiff_t>(r) * ld;
+    std::uint16_t* d = dst + static_cast<std::ptrdiff_t>(r) * cols_p;
+    int c = 0;
+    for (; c + 16 <= cols; c += 16) {
+      const __m256bh v = _mm512_cvtneps_pbh(_mm512_loadu_ps(s + c));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + c), (__m256i)v);
+    }
+    if (c < cols) {
+      const __mmask16 tail = static_cast<__mmask16>((1u << (cols - c)) - 1u);
+      const __m256bh v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(tail, s + c));
+      _mm256_mask_storeu_epi16(d + c, tail, (__m256i)v);
+    }
+    std::fill(d + cols, d + cols_p, std::uint16_t{0});
+  }
+  std::fill(dst + static_cast<std::ptrdiff_t>(rows) * cols_p, dst + static_cast<std::ptrdiff_t>(rows_p) * cols_p,
+            std::uint16_t{0});
+}
+
+class Bf16Products {  // one per thread: its primitives, by shape, and its blocks
+ public:
+  void multiply(bool ta, bool tb, int m, int n, int k, float alpha, const float* A, int lda, const float* B, int ldb,
+                float beta, float* C, int ldc) {
+    const int mp = padded(m), np = padded(n), kp = padded(k);
+    const bool direct = mp == m && np == n;
+    if (direct && beta != 0.f && beta != 1.f) {
+      for (int i = 0; i < m; ++i) {
+        float* row = C + static_cast<std::ptrdiff_t>(i) * ldc;
+        for (int j = 0; j < n; ++j) row[j] *= beta;
+      }
+    }
+    Product& p = product({ta, tb, mp, np, kp, direct ? ldc : np, direct ? alpha : 1.f, direct && beta != 0.f});
+    // op(A) is stored m x k, or k x m when transposed; op(B) k x n, or n x k.
+    fill(a_, A, lda, ta ? k : m, ta ? m : k, ta ? kp : mp, ta ? mp : kp);
+    fill(b_, B, ldb, tb ? n : k, tb ? k : n, tb ? np : kp, tb ? kp : np);
+    if (!direct) c_.resize(static_cast<std::size_t>(mp) * np);
+    p.a.set_data_handle(a_.data());
+    p.b.set_data_handle(b_.data());
+    p.c.set_data_handle(direct ? C : c_.data());
+    {
+      const OneOmpThread one;
+      p.matmul.execute(stream_, {{DNNL_ARG_SRC, p.a}, {DNNL_ARG_WEIGHTS, p.b}, {DNNL_ARG_DST, p.c}});
+    }
+    if (direct) return;
+    for (int i = 0; i < m; ++i) {
+      float* row = C + static_cast<std::ptrdiff_t>(i) * ldc;
+      const float* prod = c_.data() + static_cast<std::ptrdiff_t>(i) * np;
+      if (beta == 0.f) {
+        for (int j = 0; j < n; ++j) row[j] = alpha * prod[j];
+      } else {
+        for (int j = 0; j < n; ++j) row[j] = alpha * prod[j] + beta * row[j];
+      }
+    }
+  }
+
+ private:
+  struct Product {
+    dnnl::matmul matmul;
+    dnnl::memory a, b, c;
+  };
+  // Transposes, padded m, n, k, the destination's row stride, its output scale and whether it accumulates.
+  using Key = std::tuple<bool, bool, int, int, int, int, float, bool>;
+
+  Product& product(const Key& key) {
+    auto it = products_.find(key);
+    if (it != products_.end()) return it->second;
+    const auto [ta, tb, mp, np, kp, ldc, alpha, accumulate] = key;
+    using dt = dnnl::memory::data_type;
+    const dnnl::memory::desc a({mp, kp}, dt::bf16, ta ? dnnl::memory::dims{1, mp} : dnnl::memory::dims{kp, 1});
+    const dnnl::memory::desc b({kp, np}, dt::bf16, tb ? dnnl::memory::dims{1, kp} : dnnl::memory::dims{np, 1});
+    const dnnl::memory::desc c({mp, np}, dt::f32, dnnl::memory::dims{ldc, 1});
+    dnnl::primitive_attr attr;
+    if (alpha != 1.f) attr.set_output_scales(0, {alpha});
+    if (accumulate) {
+      dnnl::post_ops ops;
+      ops.append_sum(1.f);
+      attr.set_post_ops(ops);
+    }
+    const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a, b, c), attr, engine_);
+    Product p{dnnl::matmul(pd), dnnl::memory(a, engine_, DNNL_MEMORY_NONE), dnnl::memory(b, engine_, DNNL_MEMORY_NONE),
+              dnnl::memory(c, engine_, DNNL_MEMORY_NONE)};
+    return products_.emplace(key, std::move(p)).first->second;
+  }
+
+  // block (rows_p x cols_p) <- the stored rows x cols floats of src, rounded, zeros in the padding.
+  static void fill(std::vector<std::uint16_t>& block, const float* src, int ld, int rows, int cols, int rows_p,
+                   int cols_p) {
+    block.resize(static_cast<std::size_t>(rows_p) * cols_p);
+    round_block(src, ld, rows, cols, block.data(), rows_p, cols_p);
+  }
+
+  dnnl::engine engine_{dnnl::engine::kind::cpu, 0};
+  dnnl::stream stream_{engine_};
+  std::map<Key, Product> products_;
+  std::vector<std::uint16_t> a_, b_;
+  std::vector<float> c_;
+};
+
+void onednn_bf16_gemm(bool ta, bool tb, int m, int n, int k, float alpha, const float* A, int lda, const float* B,
+                      int ldb, float beta, float* C, int ldc) {
+  static thread_local Bf16Products products;
+  try {
+    products.multiply(ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
+  } catch (const dnnl::error& e) {
+    throw Error(std::string("oneDNN bf16 matmul failed: ") + e.what());
+  }
 }
 #endif
 
 struct Chosen {
   Backend backend = Backend::openblas;
+  bool bf16_native = false;  // bf16 operands through oneDNN's matmul
   Library library;
 };
+
+// bf16 operands by default where the library is oneDNN and it found AVX-512 BF16 or AMX; MLSTM_CPU_BF16 overrides.
+void choose_bf16(Chosen& r) {
+  bool available = false;
+  std::string why = "needs oneDNN (MLSTM_CPU_GEMM=onednn, libdnnl-dev)";
+#ifdef MLSTM_HAVE_ONEDNN
+  if (r.backend == Backend::onednn) {
+    available = has_bf16_isa();
+    why = std::string("needs AVX-512 BF16 or AMX; oneDNN found ") + isa_name(dnnl_get_effective_cpu_isa());
+  }
+#endif
+  r.bf16_native = available;
+  if (const auto v = env::get("MLSTM_CPU_BF16")) {
+    if (*v == "convert") {
+      r.bf16_native = false;
+    } else if (*v == "native") {
+      if (!available) throw InvalidArgument("MLSTM_CPU_BF16", "native " + why);
+    } else {
+      throw InvalidArgument("MLSTM_CPU_BF16", "must be native or convert, got '" + *v + "'");
+    }
+  }
+#ifdef MLSTM_HAVE_ONEDNN
+  if (r.bf16_native) {
+    r.library.bf16 = std::string("bf16 operands, oneDNN matmul (") + isa_name(dnnl_get_effective_cpu_isa()) + ")";
+    return;
+  }
+#endif
+  r.library.bf16 = "converted to float32 as rows load";
+}
 
 const Chosen& chosen() {
   static const Chosen c = [] {
@@ -115,15 +295,18 @@ const Chosen& chosen() {
       }
     }
     if (r.backend == Backend::openblas) {
-      r.library = {"openblas", std::string(openblas_get_config()) + ", kernels for " + openblas_get_corename()};
+      r.library = {"openblas", std::string(openblas_get_config()) + ", kernels for " + openblas_get_corename(), {}};
     }
 #ifdef MLSTM_HAVE_ONEDNN
     if (r.backend == Backend::onednn) {
       const dnnl_version_t* v = dnnl_version();
-      r.library = {"onednn", std::to_string(v->major) + "." + std::to_string(v->minor) + "." +
-                                 std::to_string(v->patch) + ", " + isa_name(dnnl_get_effective_cpu_isa())};
+      r.library = {"onednn",
+                   std::to_string(v->major) + "." + std::to_string(v->minor) + "." + std::to_string(v->patch) + ", " +
+                       isa_name(dnnl_get_effective_cpu_isa()),
+                   {}};
     }
 #endif
+    choose_bf16(r);
     return r;
   }();
   return c;
@@ -132,6 +315,30 @@ const Chosen& chosen() {
 }  // namespace
 
 const Library& library() { return chosen().library; }
+
+Operands operands_for(DType dtype) {
+  return dtype == DType::bf16 && chosen().bf16_native ? Operands::bf16 : Operands::f32;
+}
+
+void gemm(Operands operands, bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float* A, int lda,
+          const float* B, int ldb, float beta, float* C, int ldc) {
+  if (operands == Operands::f32) {
+    sgemm(trans_a, trans_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
+    return;
+  }
+  if (!chosen().bf16_native) throw Error("bf16 operands asked for, but this process multiplies bf16 as float32");
+#ifdef MLSTM_HAVE_ONEDNN
+  if (m <= 0 || n <= 0) return;
+  if (k <= 0) {  // no products: C = beta C
+    for (int i = 0; i < m; ++i) {
+      float* row = C + static_cast<std::ptrdiff_t>(i) * ldc;
+      for (int j = 0; j < n; ++j) row[j] = beta == 0.f ? 0.f : beta * row[j];
+    }
+    return;
+  }
+  onednn_bf16_gemm(trans_a, trans_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
+#endif
+}
 
 void sgemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float* A, int lda, const float* B,
            int ldb, float beta, float* C, int ldc) {

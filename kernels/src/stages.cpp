@@ -1,5 +1,5 @@
-// CPU implementation of the chunk stages (see stages.hpp for the math). float32, gemm::sgemm (gemm.hpp) for the
-// dense products, TBB across the chunks / blocks of one row-segment.
+// CPU implementation of the chunk stages (see stages.hpp for the math). float32, gemm::gemm (gemm.hpp) for the
+// dense products (float32 or bf16 operands: SegmentShape::operands), TBB across the chunks / blocks of one row-segment.
 #include "mlstm/stages.hpp"
 
 #include <tbb/enumerable_thread_specific.h>
@@ -255,8 +255,9 @@ void fw_states_at(const float* k, const float* v, const float* b, const float* i
       for (std::int64_t j = 0; j < len; ++j) acc += kw[j * DK + d];
       n[d] = acc;
     }
-    gemm::sgemm(true, false, static_cast<int>(DK), static_cast<int>(DV), static_cast<int>(len), 1.f, kw.data(),
-                static_cast<int>(DK), v + t0 * DV, static_cast<int>(DV), carry, C.data(), static_cast<int>(DV));
+    gemm::gemm(s.operands, true, false, static_cast<int>(DK), static_cast<int>(DV), static_cast<int>(len), 1.f,
+               kw.data(), static_cast<int>(DK), v + t0 * DV, static_cast<int>(DV), carry, C.data(),
+               static_cast<int>(DV));
     m = m_new;
   }
   std::memcpy(out.C, C.data(), C.size() * sizeof(float));
@@ -338,7 +339,7 @@ SegmentShape SequenceParts::shape(const SegmentShape& s, std::int64_t p) const {
   const std::int64_t c1 = end_chunk(p);
   const std::int64_t t0 = s.chunk_begin(begin_chunk(p));
   const std::int64_t t1 = c1 >= s.num_chunks() ? s.T : s.chunk_begin(c1);
-  return {t1 - t0, s.L, s.DHQK, s.DHHV};
+  return {t1 - t0, s.L, s.DHQK, s.DHHV, s.operands};
 }
 
 void fw_states_parts(const float* k, const float* v, const float* b, const float* ig, const float* G, GateVariant gate,
@@ -424,8 +425,8 @@ void fw_outputs(const float* q, const float* k, const float* v, const float* b, 
     float* num = sc.b.data();   // qn x DV
     float* Sblk = sc.a.data();  // qn x blk
     // Inter-chunk part: num = diag(exp(b_t + m - m_t)) (q_t . scale) C
-    gemm::sgemm(false, false, static_cast<int>(qn), static_cast<int>(DV), static_cast<int>(DK), scale,
-                q + (t0 + q0) * DK, static_cast<int>(DK), st.C, static_cast<int>(DV), 0.f, num, static_cast<int>(DV));
+    gemm::gemm(s.operands, false, false, static_cast<int>(qn), static_cast<int>(DV), static_cast<int>(DK), scale,
+               q + (t0 + q0) * DK, static_cast<int>(DK), st.C, static_cast<int>(DV), 0.f, num, static_cast<int>(DV));
     float* denp = sc.e.data();  // qn
     for (std::int64_t j = 0; j < qn; ++j) {
       const std::int64_t t = q0 + j;
@@ -440,9 +441,9 @@ void fw_outputs(const float* q, const float* k, const float* v, const float* b, 
     for (std::int64_t kb = 0; kb <= qb; ++kb) {
       const std::int64_t k0 = kb * blk;
       const std::int64_t kn = std::min(blk, len - k0);
-      gemm::sgemm(false, true, static_cast<int>(qn), static_cast<int>(kn), static_cast<int>(DK), scale,
-                  q + (t0 + q0) * DK, static_cast<int>(DK), k + (t0 + k0) * DK, static_cast<int>(DK), 0.f, Sblk,
-                  static_cast<int>(kn));
+      gemm::gemm(s.operands, false, true, static_cast<int>(qn), static_cast<int>(kn), static_cast<int>(DK), scale,
+                 q + (t0 + q0) * DK, static_cast<int>(DK), k + (t0 + k0) * DK, static_cast<int>(DK), 0.f, Sblk,
+                 static_cast<int>(kn));
       for (std::int64_t j = 0; j < qn; ++j) {
         const std::int64_t t = q0 + j;
         const float bt = b[t0 + t], mtv = mloc[t];
@@ -456,8 +457,8 @@ void fw_outputs(const float* q, const float* k, const float* v, const float* b, 
         }
         denp[j] += dsum;
       }
-      gemm::sgemm(false, false, static_cast<int>(qn), static_cast<int>(DV), static_cast<int>(kn), 1.f, Sblk,
-                  static_cast<int>(kn), v + (t0 + k0) * DV, static_cast<int>(DV), 1.f, num, static_cast<int>(DV));
+      gemm::gemm(s.operands, false, false, static_cast<int>(qn), static_cast<int>(DV), static_cast<int>(kn), 1.f, Sblk,
+                 static_cast<int>(kn), v + (t0 + k0) * DV, static_cast<int>(DV), 1.f, num, static_cast<int>(DV));
     }
     for (std::int64_t j = 0; j < qn; ++j) {
       const std::int64_t t = t0 + q0 + j;
@@ -506,8 +507,9 @@ void bw_state_grads_at(const float* q, const float* dh, const float* h, const fl
       for (std::int64_t e = 0; e < DV; ++e) dnum[j * DV + e] = dh[t * DV + e] * g.inv_N;
     }
     // dC = carry dC + qw^T dnum
-    gemm::sgemm(true, false, static_cast<int>(DK), static_cast<int>(DV), static_cast<int>(len), 1.f, qw.data(),
-                static_cast<int>(DK), dnum.data(), static_cast<int>(DV), carry, dC.data(), static_cast<int>(DV));
+    gemm::gemm(s.operands, true, false, static_cast<int>(DK), static_cast<int>(DV), static_cast<int>(len), 1.f,
+               qw.data(), static_cast<int>(DK), dnum.data(), static_cast<int>(DV), carry, dC.data(),
+               static_cast<int>(DV));
     if (dboundary) {
       auto st = dboundary->at(first + c);
       std::memcpy(st.C, dC.data(), dC.size() * sizeof(float));
@@ -629,8 +631,8 @@ void bw_grads(const float* q, const float* k, const float* v, const float* dh, c
       for (std::int64_t e = 0; e < DV; ++e) dnum[j * DV + e] = dh[t * DV + e] * invN[t];
     }
     // Inter: dqs_t = exp(b_t + m_c - m_t) (C dnum_t + dden_t n)
-    gemm::sgemm(false, true, static_cast<int>(qn), static_cast<int>(DK), static_cast<int>(DV), 1.f, dnum,
-                static_cast<int>(DV), st.C, static_cast<int>(DV), 0.f, dqb, static_cast<int>(DK));
+    gemm::gemm(s.operands, false, true, static_cast<int>(qn), static_cast<int>(DK), static_cast<int>(DV), 1.f, dnum,
+               static_cast<int>(DV), st.C, static_cast<int>(DV), 0.f, dqb, static_cast<int>(DK));
     for (std::int64_t j = 0; j < qn; ++j) {
       const std::int64_t t = t0 + q0 + j;
       const float w = safe_exp(b[t] + m_c - m_tok[t]);
@@ -640,8 +642,8 @@ void bw_grads(const float* q, const float* k, const float* v, const float* dh, c
       const std::int64_t k0 = kb * blk;
       const std::int64_t kn = std::min(blk, len - k0);
       // W = dnum V^T
-      gemm::sgemm(false, true, static_cast<int>(qn), static_cast<int>(kn), static_cast<int>(DV), 1.f, dnum,
-                  static_cast<int>(DV), v + (t0 + k0) * DV, static_cast<int>(DV), 0.f, W, static_cast<int>(kn));
+      gemm::gemm(s.operands, false, true, static_cast<int>(qn), static_cast<int>(kn), static_cast<int>(DV), 1.f, dnum,
+                 static_cast<int>(DV), v + (t0 + k0) * DV, static_cast<int>(DV), 0.f, W, static_cast<int>(kn));
       for (std::int64_t j = 0; j < qn; ++j) {
         const std::int64_t t = t0 + q0 + j;
         for (std::int64_t l = 0; l < kn; ++l) {
@@ -650,8 +652,8 @@ void bw_grads(const float* q, const float* k, const float* v, const float* dh, c
               (k0 + l <= q0 + j) ? std::exp(b[t] - b[si] + ig[si] - m_tok[t]) * (W[j * kn + l] + dden[t]) : 0.f;
         }
       }
-      gemm::sgemm(false, false, static_cast<int>(qn), static_cast<int>(DK), static_cast<int>(kn), 1.f, W,
-                  static_cast<int>(kn), k + (t0 + k0) * DK, static_cast<int>(DK), 1.f, dqb, static_cast<int>(DK));
+      gemm::gemm(s.operands, false, false, static_cast<int>(qn), static_cast<int>(DK), static_cast<int>(kn), 1.f, W,
+                 static_cast<int>(kn), k + (t0 + k0) * DK, static_cast<int>(DK), 1.f, dqb, static_cast<int>(DK));
     }
     for (std::int64_t e = 0; e < qn * DK; ++e) dqb[e] *= scale;
   });
@@ -674,10 +676,10 @@ void bw_grads(const float* q, const float* k, const float* v, const float* dh, c
     float* dvb = dv + (t0 + k0) * DV;
     // Inter: the state leaving the chunk. w_s = exp(a_s - m_{c+1}), a_s = G - b_s + ig_s
     //   dk_s = w_s (dC v_s + dn) ; dv_s = w_s dC^T k_s
-    gemm::sgemm(false, true, static_cast<int>(kn), static_cast<int>(DK), static_cast<int>(DV), 1.f, v + (t0 + k0) * DV,
-                static_cast<int>(DV), dnext.C, static_cast<int>(DV), 0.f, dkb, static_cast<int>(DK));
-    gemm::sgemm(false, false, static_cast<int>(kn), static_cast<int>(DV), static_cast<int>(DK), 1.f, k + (t0 + k0) * DK,
-                static_cast<int>(DK), dnext.C, static_cast<int>(DV), 0.f, dvb, static_cast<int>(DV));
+    gemm::gemm(s.operands, false, true, static_cast<int>(kn), static_cast<int>(DK), static_cast<int>(DV), 1.f,
+               v + (t0 + k0) * DV, static_cast<int>(DV), dnext.C, static_cast<int>(DV), 0.f, dkb, static_cast<int>(DK));
+    gemm::gemm(s.operands, false, false, static_cast<int>(kn), static_cast<int>(DV), static_cast<int>(DK), 1.f,
+               k + (t0 + k0) * DK, static_cast<int>(DK), dnext.C, static_cast<int>(DV), 0.f, dvb, static_cast<int>(DV));
     for (std::int64_t l = 0; l < kn; ++l) {
       const std::int64_t si = t0 + k0 + l;
       const float w = safe_exp(G[c] - b[si] + ig[si] - m_next);
@@ -694,10 +696,10 @@ void bw_grads(const float* q, const float* k, const float* v, const float* dh, c
         for (std::int64_t e = 0; e < DV; ++e) dnum[j * DV + e] = dh[t * DV + e] * invN[t];
         for (std::int64_t d = 0; d < DK; ++d) qs[j * DK + d] = q[t * DK + d] * scale;
       }
-      gemm::sgemm(false, true, static_cast<int>(qn), static_cast<int>(kn), static_cast<int>(DV), 1.f, dnum,
-                  static_cast<int>(DV), v + (t0 + k0) * DV, static_cast<int>(DV), 0.f, P, static_cast<int>(kn));
-      gemm::sgemm(false, true, static_cast<int>(qn), static_cast<int>(kn), static_cast<int>(DK), 1.f, qs,
-                  static_cast<int>(DK), k + (t0 + k0) * DK, static_cast<int>(DK), 0.f, Wq, static_cast<int>(kn));
+      gemm::gemm(s.operands, false, true, static_cast<int>(qn), static_cast<int>(kn), static_cast<int>(DV), 1.f, dnum,
+                 static_cast<int>(DV), v + (t0 + k0) * DV, static_cast<int>(DV), 0.f, P, static_cast<int>(kn));
+      gemm::gemm(s.operands, false, true, static_cast<int>(qn), static_cast<int>(kn), static_cast<int>(DK), 1.f, qs,
+                 static_cast<int>(DK), k + (t0 + k0) * DK, static_cast<int>(DK), 0.f, Wq, static_cast<int>(kn));
       for (std::int64_t j = 0; j < qn; ++j) {
         const std::int64_t t = t0 + q0 + j;
         for (std::int64_t l = 0; l < kn; ++l) {
@@ -708,10 +710,10 @@ void bw_grads(const float* q, const float* k, const float* v, const float* dh, c
         }
       }
       // dk_s += sum_t P_ts q'_t ; dv_s += sum_t Wq_ts dnum_t
-      gemm::sgemm(true, false, static_cast<int>(kn), static_cast<int>(DK), static_cast<int>(qn), 1.f, P,
-                  static_cast<int>(kn), qs, static_cast<int>(DK), 1.f, dkb, static_cast<int>(DK));
-      gemm::sgemm(true, false, static_cast<int>(kn), static_cast<int>(DV), static_cast<int>(qn), 1.f, Wq,
-                  static_cast<int>(kn), dnum, static_cast<int>(DV), 1.f, dvb, static_cast<int>(DV));
+      gemm::gemm(s.operands, true, false, static_cast<int>(kn), static_cast<int>(DK), static_cast<int>(qn), 1.f, P,
+                 static_cast<int>(kn), qs, static_cast<int>(DK), 1.f, dkb, static_cast<int>(DK));
+      gemm::gemm(s.operands, true, false, static_cast<int>(kn), static_cast<int>(DV), static_cast<int>(qn), 1.f, Wq,
+                 static_cast<int>(kn), dnum, static_cast<int>(DV), 1.f, dvb, static_cast<int>(DV));
     }
   });
   // Per token: di_raw = k . dk, r = q . dq - k . dk

@@ -69,6 +69,88 @@ TEST(Gemm, MatchesFloat64ProductForEveryTranspose) {
   }
 }
 
+// bf16 operands (gemm.hpp): the product of the operands rounded to bfloat16 (to nearest even), summed in float32;
+// the same dims, transposes, leading dimensions, alpha and beta as above, plus sizes off the seam's padding of 16.
+TEST(Gemm, Bf16OperandsAreRoundedThenSummedInFloat32) {
+  if (gemm::operands_for(DType::bf16) != gemm::Operands::bf16)
+    GTEST_SKIP() << "bfloat16 inputs are " << gemm::library().bf16 << " in this process";
+  const std::uint64_t seed = testing::fresh_seed();
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal;
+  auto rounded = [](float x) { return static_cast<double>(bf16_to_float(float_to_bf16(x))); };
+  struct Dims {
+    int m, n, k;
+  };
+  double worst_against_unrounded = 0;  // the rounding must show: relative to the scale, ~2^-9 somewhere
+  for (const Dims d : {Dims{1, 1, 1}, Dims{17, 5, 3}, Dims{64, 128, 64}, Dims{130, 33, 129}, Dims{3, 200, 1},
+                       Dims{16, 16, 16}, Dims{128, 128, 128}, Dims{31, 64, 17}, Dims{48, 32, 64}, Dims{32, 16, 17}}) {
+    for (const bool ta : {false, true}) {
+      for (const bool tb : {false, true}) {
+        const int pad = 3;
+        const int rows_a = ta ? d.k : d.m, cols_a = ta ? d.m : d.k;
+        const int rows_b = tb ? d.n : d.k, cols_b = tb ? d.k : d.n;
+        const int lda = cols_a + pad, ldb = cols_b + pad, ldc = d.n + pad;
+        std::vector<float> A(static_cast<std::size_t>(rows_a) * lda), B(static_cast<std::size_t>(rows_b) * ldb),
+            C(static_cast<std::size_t>(d.m) * ldc);
+        for (auto& x : A) x = normal(rng);
+        for (auto& x : B) x = normal(rng);
+        for (auto& x : C) x = normal(rng);
+        // beta 0, 1 and another value: the seam writes C directly for unpadded m and n (a sum post-op, C
+        // scaled first), else through a padded block.
+        const float alpha = 0.75f, beta = d.k % 2 ? 0.f : d.m % 32 == 0 ? 1.f : -0.5f;
+        std::vector<float> C0 = C;
+        gemm::gemm(gemm::Operands::bf16, ta, tb, d.m, d.n, d.k, alpha, A.data(), lda, B.data(), ldb, beta, C.data(),
+                   ldc);
+        double worst = 0, scale = 0;
+        for (int i = 0; i < d.m; ++i) {
+          for (int j = 0; j < d.n; ++j) {
+            double acc = 0, exact = 0, mag = 0;
+            for (int p = 0; p < d.k; ++p) {
+              const float a = ta ? A[static_cast<std::size_t>(p) * lda + i] : A[static_cast<std::size_t>(i) * lda + p];
+              const float b = tb ? B[static_cast<std::size_t>(j) * ldb + p] : B[static_cast<std::size_t>(p) * ldb + j];
+              acc += rounded(a) * rounded(b);
+              exact += static_cast<double>(a) * b;
+              mag += std::fabs(static_cast<double>(a) * b);
+            }
+            const std::size_t at = static_cast<std::size_t>(i) * ldc + j;
+            const double c0 = beta == 0.f ? 0.0 : beta * static_cast<double>(C0[at]);
+            const double s = std::fabs(alpha) * mag + std::fabs(c0);
+            worst = std::max(worst, std::fabs(C[at] - (alpha * acc + c0)));
+            scale = std::max(scale, s);
+            worst_against_unrounded = std::max(worst_against_unrounded, std::fabs(C[at] - (alpha * exact + c0)) / s);
+          }
+          for (int j = d.n; j < ldc; ++j) {
+            const std::size_t at = static_cast<std::size_t>(i) * ldc + j;
+            ASSERT_EQ(C[at], C0[at]) << "padding written at row " << i << " (seed " << seed << ")";
+          }
+        }
+        EXPECT_LE(worst, 1e-5 * scale) << gemm::library().bf16 << " m=" << d.m << " n=" << d.n << " k=" << d.k
+                                       << " ta=" << ta << " tb=" << tb << " (seed " << seed << ")";
+      }
+    }
+  }
+  EXPECT_GT(worst_against_unrounded, 1e-4) << "bf16 operands were not rounded (seed " << seed << ")";
+}
+
+TEST(GemmEnv, Bf16FollowsTheOverride) {
+  const auto v = env::get("MLSTM_CPU_BF16");
+  if (v && *v != "native" && *v != "convert") GTEST_SKIP() << "a bad MLSTM_CPU_BF16: see BadOverrideIsRefused";
+  EXPECT_EQ(gemm::operands_for(DType::f32), gemm::Operands::f32);
+  EXPECT_EQ(gemm::operands_for(DType::f16), gemm::Operands::f32);
+  const bool native = gemm::operands_for(DType::bf16) == gemm::Operands::bf16;
+  EXPECT_EQ(native, gemm::library().bf16.find("oneDNN matmul") != std::string::npos) << gemm::library().bf16;
+  if (v) {
+    EXPECT_EQ(native, *v == "native");
+  }
+  if (!native) {
+    const std::vector<float> one{1.f};
+    std::vector<float> c{0.f};
+    EXPECT_THROW(
+        gemm::gemm(gemm::Operands::bf16, false, false, 1, 1, 1, 1.f, one.data(), 1, one.data(), 1, 0.f, c.data(), 1),
+        Error);
+  }
+}
+
 TEST(GemmEnv, LibraryIsNamedAndFollowsTheOverride) {
   const auto v = env::get("MLSTM_CPU_GEMM");
   if (v && *v != "openblas" && *v != "onednn") GTEST_SKIP() << "a bad MLSTM_CPU_GEMM: see BadOverrideIsRefused";
@@ -81,14 +163,19 @@ TEST(GemmEnv, LibraryIsNamedAndFollowsTheOverride) {
 }
 
 TEST(GemmEnv, BadOverrideIsRefused) {
-  const auto v = env::get("MLSTM_CPU_GEMM");
-  if (!v || *v == "openblas" || *v == "onednn") GTEST_SKIP() << "runs under MLSTM_CPU_GEMM=bogus (CMakeLists.txt)";
-  try {
-    (void)gemm::library();
-    FAIL() << "MLSTM_CPU_GEMM=" << *v << " was accepted";
-  } catch (const InvalidArgument& e) {
-    EXPECT_EQ(e.argument(), "MLSTM_CPU_GEMM");
+  for (const char* name : {"MLSTM_CPU_GEMM", "MLSTM_CPU_BF16"}) {
+    const auto v = env::get(name);
+    const bool good = !v || *v == "openblas" || *v == "onednn" || *v == "native" || *v == "convert";
+    if (good) continue;
+    try {
+      (void)gemm::library();
+      FAIL() << name << "=" << *v << " was accepted";
+    } catch (const InvalidArgument& e) {
+      EXPECT_EQ(e.argument(), name);
+    }
+    return;
   }
+  GTEST_SKIP() << "runs under MLSTM_CPU_GEMM=bogus or MLSTM_CPU_BF16=bogus (CMakeLists.txt)";
 }
 
 }  // namespace

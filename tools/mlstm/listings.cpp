@@ -124,9 +124,11 @@ int cmd_devices(bool as_json, const std::string& open_spec) {
   const json numa = numa_nodes();
   const gemm::Library& blas = gemm::library();
   if (as_json) {
-    std::cout
-        << json{{"opencl", cl}, {"numa", numa}, {"cpu_gemm", {{"library", blas.name}, {"detail", blas.detail}}}}.dump(2)
-        << "\n";
+    std::cout << json{{"opencl", cl},
+                      {"numa", numa},
+                      {"cpu_gemm", {{"library", blas.name}, {"detail", blas.detail}, {"bf16", blas.bf16}}}}
+                     .dump(2)
+              << "\n";
     return 0;
   }
   std::cout << "OpenCL devices:\n";
@@ -141,7 +143,8 @@ int cmd_devices(bool as_json, const std::string& open_spec) {
     std::cout << "  node " << n["node"] << ": " << n["cores"] << " cores, " << n["pus"] << " hardware threads, "
               << n["memory_mib"] << " MiB\n";
   }
-  std::cout << "CPU GEMM (the CPU kernels' products): " << blas.name << " (" << blas.detail << ")\n";
+  std::cout << "CPU GEMM (the CPU kernels' products): " << blas.name << " (" << blas.detail
+            << "); bfloat16 inputs: " << blas.bf16 << "\n";
   return 0;
 }
 

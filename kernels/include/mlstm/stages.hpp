@@ -111,6 +111,7 @@
 #include <vector>
 
 #include "mlstm/core/problem.hpp"
+#include "mlstm/gemm.hpp"
 
 namespace mlstm::stages {
 
@@ -126,6 +127,9 @@ struct SegmentShape {
   std::int64_t L = 64;  // chunk size
   std::int64_t DHQK = 0;
   std::int64_t DHHV = 0;
+  // The dense products' operands (gemm::operands_for the inputs' dtype): bf16 rounds both operands of every product
+  // of the stages to bfloat16, float32 sums, as the tensor cores do.
+  gemm::Operands operands = gemm::Operands::f32;
   std::int64_t num_chunks() const noexcept { return (T + L - 1) / L; }
   std::int64_t chunk_begin(std::int64_t c) const noexcept { return c * L; }
   std::int64_t chunk_len(std::int64_t c) const noexcept { return (c + 1) * L <= T ? L : T - c * L; }
