@@ -16,38 +16,60 @@
 namespace mlstm {
 namespace {
 
+struct Dims {
+  int m, n, k;
+};
+
+// A product's operands as stored: op(A) m x k (A stored k x m when transposed), op(B) k x n (B stored n x k),
+// leading dimensions 3 wider than the stored rows, and a C of m x n to add into; normal draws.
+struct Stored {
+  Stored(Dims d, bool ta_, bool tb_, std::mt19937_64& rng) : ta(ta_), tb(tb_) {
+    std::normal_distribution<float> normal;
+    const int pad = 3;  // leading dimensions wider than the stored rows
+    const int rows_a = ta ? d.k : d.m, cols_a = ta ? d.m : d.k;
+    const int rows_b = tb ? d.n : d.k, cols_b = tb ? d.k : d.n;
+    lda = cols_a + pad;
+    ldb = cols_b + pad;
+    ldc = d.n + pad;
+    A.resize(static_cast<std::size_t>(rows_a) * lda);
+    B.resize(static_cast<std::size_t>(rows_b) * ldb);
+    C.resize(static_cast<std::size_t>(d.m) * ldc);
+    for (auto* v : {&A, &B, &C}) {
+      for (auto& x : *v) x = normal(rng);
+    }
+  }
+  float a(int i, int p) const {  // op(A)[i][p]
+    return ta ? A[static_cast<std::size_t>(p) * lda + i] : A[static_cast<std::size_t>(i) * lda + p];
+  }
+  float b(int p, int j) const {  // op(B)[p][j]
+    return tb ? B[static_cast<std::size_t>(j) * ldb + p] : B[static_cast<std::size_t>(p) * ldb + j];
+  }
+  bool ta, tb;
+  int lda = 0, ldb = 0, ldc = 0;
+  std::vector<float> A, B, C;
+};
+
 TEST(Gemm, MatchesFloat64ProductForEveryTranspose) {
   if (env::get("MLSTM_CPU_GEMM") && *env::get("MLSTM_CPU_GEMM") != "openblas" &&
       *env::get("MLSTM_CPU_GEMM") != "onednn")
     GTEST_SKIP() << "a bad MLSTM_CPU_GEMM: GemmEnv.BadOverrideIsRefused covers it";
   const std::uint64_t seed = testing::fresh_seed();
   std::mt19937_64 rng(seed);
-  std::normal_distribution<float> normal;
-  struct Dims {
-    int m, n, k;
-  };
   for (const Dims d : {Dims{1, 1, 1}, Dims{17, 5, 3}, Dims{64, 128, 64}, Dims{130, 33, 129}, Dims{3, 200, 1}}) {
     for (const bool ta : {false, true}) {
       for (const bool tb : {false, true}) {
-        const int pad = 3;  // leading dimensions wider than the stored rows
-        const int rows_a = ta ? d.k : d.m, cols_a = ta ? d.m : d.k;
-        const int rows_b = tb ? d.n : d.k, cols_b = tb ? d.k : d.n;
-        const int lda = cols_a + pad, ldb = cols_b + pad, ldc = d.n + pad;
-        std::vector<float> A(static_cast<std::size_t>(rows_a) * lda), B(static_cast<std::size_t>(rows_b) * ldb),
-            C(static_cast<std::size_t>(d.m) * ldc);
-        for (auto& x : A) x = normal(rng);
-        for (auto& x : B) x = normal(rng);
-        for (auto& x : C) x = normal(rng);
+        Stored st(d, ta, tb, rng);
+        const int ldc = st.ldc;
+        std::vector<float>& C = st.C;
         const float alpha = 0.75f, beta = d.k % 2 ? 0.f : -0.5f;
         std::vector<float> C0 = C;
-        gemm::sgemm(ta, tb, d.m, d.n, d.k, alpha, A.data(), lda, B.data(), ldb, beta, C.data(), ldc);
+        gemm::sgemm(ta, tb, d.m, d.n, d.k, alpha, st.A.data(), st.lda, st.B.data(), st.ldb, beta, C.data(), ldc);
         double worst = 0, scale = 0;
         for (int i = 0; i < d.m; ++i) {
           for (int j = 0; j < d.n; ++j) {
             double acc = 0, mag = 0;
             for (int p = 0; p < d.k; ++p) {
-              const double a = ta ? A[static_cast<std::size_t>(p) * lda + i] : A[static_cast<std::size_t>(i) * lda + p];
-              const double b = tb ? B[static_cast<std::size_t>(j) * ldb + p] : B[static_cast<std::size_t>(p) * ldb + j];
+              const double a = st.a(i, p), b = st.b(p, j);
               acc += a * b;
               mag += std::fabs(a * b);
             }
@@ -76,38 +98,27 @@ TEST(Gemm, Bf16OperandsAreRoundedThenSummedInFloat32) {
     GTEST_SKIP() << "bfloat16 inputs are " << gemm::library().bf16 << " in this process";
   const std::uint64_t seed = testing::fresh_seed();
   std::mt19937_64 rng(seed);
-  std::normal_distribution<float> normal;
   auto rounded = [](float x) { return static_cast<double>(bf16_to_float(float_to_bf16(x))); };
-  struct Dims {
-    int m, n, k;
-  };
   double worst_against_unrounded = 0;  // the rounding must show: relative to the scale, ~2^-9 somewhere
   for (const Dims d : {Dims{1, 1, 1}, Dims{17, 5, 3}, Dims{64, 128, 64}, Dims{130, 33, 129}, Dims{3, 200, 1},
                        Dims{16, 16, 16}, Dims{128, 128, 128}, Dims{31, 64, 17}, Dims{48, 32, 64}, Dims{32, 16, 17}}) {
     for (const bool ta : {false, true}) {
       for (const bool tb : {false, true}) {
-        const int pad = 3;
-        const int rows_a = ta ? d.k : d.m, cols_a = ta ? d.m : d.k;
-        const int rows_b = tb ? d.n : d.k, cols_b = tb ? d.k : d.n;
-        const int lda = cols_a + pad, ldb = cols_b + pad, ldc = d.n + pad;
-        std::vector<float> A(static_cast<std::size_t>(rows_a) * lda), B(static_cast<std::size_t>(rows_b) * ldb),
-            C(static_cast<std::size_t>(d.m) * ldc);
-        for (auto& x : A) x = normal(rng);
-        for (auto& x : B) x = normal(rng);
-        for (auto& x : C) x = normal(rng);
+        Stored st(d, ta, tb, rng);
+        const int ldc = st.ldc;
+        std::vector<float>& C = st.C;
         // beta 0, 1 and another value: the seam writes C directly for unpadded m and n (a sum post-op, C
         // scaled first), else through a padded block.
         const float alpha = 0.75f, beta = d.k % 2 ? 0.f : d.m % 32 == 0 ? 1.f : -0.5f;
         std::vector<float> C0 = C;
-        gemm::gemm(gemm::Operands::bf16, ta, tb, d.m, d.n, d.k, alpha, A.data(), lda, B.data(), ldb, beta, C.data(),
-                   ldc);
+        gemm::gemm(gemm::Operands::bf16, ta, tb, d.m, d.n, d.k, alpha, st.A.data(), st.lda, st.B.data(), st.ldb, beta,
+                   C.data(), ldc);
         double worst = 0, scale = 0;
         for (int i = 0; i < d.m; ++i) {
           for (int j = 0; j < d.n; ++j) {
             double acc = 0, exact = 0, mag = 0;
             for (int p = 0; p < d.k; ++p) {
-              const float a = ta ? A[static_cast<std::size_t>(p) * lda + i] : A[static_cast<std::size_t>(i) * lda + p];
-              const float b = tb ? B[static_cast<std::size_t>(j) * ldb + p] : B[static_cast<std::size_t>(p) * ldb + j];
+              const float a = st.a(i, p), b = st.b(p, j);
               acc += rounded(a) * rounded(b);
               exact += static_cast<double>(a) * b;
               mag += std::fabs(static_cast<double>(a) * b);
