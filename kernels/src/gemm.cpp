@@ -257,6 +257,23 @@ void choose_bf16(Chosen& r) {
     why = std::string("needs AVX-512 BF16 or AMX; oneDNN found ") + isa_name(dnnl_get_effective_cpu_isa());
   }
 #endif
+#ifdef MLSTM_HAVE_ONEDNN
+  // One primitive made here, once, before any kernel thread makes its own: a processor or build that cannot make
+  // it multiplies bf16 as float32 (and MLSTM_CPU_BF16=native is refused, saying why), and oneDNN's primitive cache
+  // is set up under this function's one-time initialisation, not by several kernel threads at once.
+  if (available) {
+    try {
+      const dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+      const dnnl::memory::desc a({kPad, kPad}, dnnl::memory::data_type::bf16, dnnl::memory::format_tag::ab);
+      const dnnl::memory::desc c({kPad, kPad}, dnnl::memory::data_type::f32, dnnl::memory::format_tag::ab);
+      const dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a, a, c), engine);
+      (void)dnnl::matmul(pd);
+    } catch (const dnnl::error& e) {
+      available = false;
+      why = std::string("cannot make a bf16 matmul here: ") + e.what();
+    }
+  }
+#endif
   r.bf16_native = available;
   if (const auto v = env::get("MLSTM_CPU_BF16")) {
     if (*v == "convert") {
