@@ -39,6 +39,7 @@ struct DeviceStream::Slot {
   std::byte* host_in = nullptr;
   std::byte* host_out = nullptr;
   Buffer q, k, v, i, f, h;              // device copies of one piece
+  Buffer state_copy[3];                 // C, n, m leaving the piece, for state_after_next_piece_into() (lazily)
   KernelObject gates, states, outputs;  // bound to this slot's buffers
   cl_event up = nullptr, computed = nullptr, down = nullptr;
   std::uint64_t ticket = 0;
@@ -309,7 +310,8 @@ std::uint64_t DeviceStream::enqueue_piece(const detail::HostRows* direct, const 
   const std::size_t es = dtype_size(c.dtype);
   const std::size_t qb = rows * L * static_cast<std::size_t>(c.DHQK) * es;
   const std::size_t vb = rows * L * static_cast<std::size_t>(c.DHHV) * es, gbytes = rows * L * sizeof(float);
-  cl_event up = nullptr, computed = nullptr, down = nullptr;
+  cl_event up = nullptr, computed = nullptr, down = nullptr, state_copied = nullptr;
+  std::array<TensorView, 3> state_out;  // state_after_next_piece_into()'s views, when this piece fills them
   // Uploads (non-blocking, from pinned memory: DMA at full PCIe speed).
   const std::pair<const Buffer*, std::pair<std::size_t, std::size_t>> parts[] = {
       {&s.q, {0, qb}},
@@ -369,13 +371,17 @@ std::uint64_t DeviceStream::enqueue_piece(const detail::HostRows* direct, const 
       im.kept.push_back(std::move(copy));
     }
     if (!im.state_out[0].empty()) {
-      // The state leaving this piece into the caller's memory, before the next piece's kernels write over it.
+      // The state leaving this piece, copied on the device before the next piece's kernels write over it; the
+      // download queue brings it into the caller's memory behind h (below). Read from the kernel queue, the
+      // caller's ordinary memory held the kernels of the next piece for every sequence of a packed row.
       const Buffer* from_state[3] = {&im.C[to], &im.n[to], &im.m[to]};
       for (std::size_t j = 0; j < 3; ++j) {
-        check(clEnqueueReadBuffer(im.kernels, from_state[j]->get(), CL_FALSE, 0, im.state_out[j].nbytes(),
-                                  im.state_out[j].bytes(), 0, nullptr, nullptr),
-              "clEnqueueReadBuffer(stream state out)", dn);
+        if (!s.state_copy[j].get()) s.state_copy[j] = device_->alloc(from_state[j]->bytes());
+        check(clEnqueueCopyBuffer(im.kernels, from_state[j]->get(), s.state_copy[j].get(), 0, 0,
+                                  im.state_out[j].nbytes(), 0, nullptr, j == 2 ? &state_copied : nullptr),
+              "clEnqueueCopyBuffer(stream state out)", dn);
       }
+      state_out = im.state_out;
       im.state_out = {};
     }
     clFlush(im.kernels);
@@ -394,6 +400,19 @@ std::uint64_t DeviceStream::enqueue_piece(const detail::HostRows* direct, const 
     detail::enqueue_rows(im.down, /*write=*/false, s.h.get(), *out, &after_compute, &down, dn);
     bytes_direct_down_ += vb;
     device_->note_direct_download(vb);
+  }
+  if (state_copied) {
+    // Behind h on the (in-order) download queue: the piece is down when its state is.
+    cl_event state_down = nullptr;
+    for (std::size_t j = 0; j < 3; ++j) {
+      const cl_int err = clEnqueueReadBuffer(im.down, s.state_copy[j].get(), CL_FALSE, 0, state_out[j].nbytes(),
+                                             state_out[j].bytes(), 1, &state_copied, j == 2 ? &state_down : nullptr);
+      if (err != CL_SUCCESS) release_event(state_copied);
+      check(err, "clEnqueueReadBuffer(stream state out)", dn);
+    }
+    release_event(state_copied);
+    release_event(down);
+    down = state_down;
   }
   clFlush(im.down);
   bytes_down_ += vb;
