@@ -297,28 +297,20 @@ void combine(ConstStateRef in, float G_seg, ConstStateRef local, GateVariant gat
 
 namespace {
 
-// fixup_states over boundary->at(first + c), c < s.num_chunks().
+// fixup_states over boundary->at(first + c), c < s.num_chunks(); each state combined in place (combine reads every
+// element of `local` before it writes the same element of `out`).
 void fixup_states_at(const float* G, GateVariant gate, const SegmentShape& s, ConstStateRef in, StateBuffer* boundary,
                      std::int64_t first, StateRef out) {
   const std::int64_t DK = s.DHQK, DV = s.DHHV;
   float prefix = 0.f;  // sum of G over the chunks before c
-  std::vector<float> tmpC(static_cast<std::size_t>(DK * DV)), tmpn(static_cast<std::size_t>(DK));
-  float tmpm = 0.f;
-  StateRef tmp{tmpC.data(), tmpn.data(), &tmpm};
   for (std::int64_t c = 0; c < s.num_chunks(); ++c) {
     if (boundary) {
-      auto st = boundary->at(first + c);
-      combine(in, prefix, st, gate, DK, DV, tmp);
-      std::memcpy(st.C, tmpC.data(), tmpC.size() * sizeof(float));
-      std::memcpy(st.n, tmpn.data(), tmpn.size() * sizeof(float));
-      *st.m = tmpm;
+      const auto st = boundary->at(first + c);
+      combine(in, prefix, st, gate, DK, DV, st);
     }
     prefix += G[c];
   }
-  combine(in, prefix, out, gate, DK, DV, tmp);
-  std::memcpy(out.C, tmpC.data(), tmpC.size() * sizeof(float));
-  std::memcpy(out.n, tmpn.data(), tmpn.size() * sizeof(float));
-  *out.m = tmpm;
+  combine(in, prefix, out, gate, DK, DV, out);
 }
 
 }  // namespace

@@ -219,7 +219,7 @@ void fw_states(const float* k, const float* v, const float* b, const float* ig, 
 void fixup_states(const float* G, GateVariant gate, const SegmentShape& s, ConstStateRef in, StateBuffer* boundary,
                   StateRef out);
 
-// combine: state leaving a segment = combine(state entering it, its local summary, G_seg).
+// combine: state leaving a segment = combine(state entering it, its local summary, G_seg). `out` may be `local`.
 void combine(ConstStateRef in, float G_seg, ConstStateRef local, GateVariant gate, std::int64_t DHQK, std::int64_t DHHV,
              StateRef out);
 
