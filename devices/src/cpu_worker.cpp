@@ -60,6 +60,10 @@ ForwardResult chunkwise_states(const ForwardArgs& a, const MlstmOptions& o) {
   const Tensor C0 = Tensor::copy_of(a.c0, DType::f32), n0 = Tensor::copy_of(a.n0, DType::f32),
                m0 = Tensor::copy_of(a.m0, DType::f32);
   const stages::SegmentShape s{p.S, std::min(o.chunk_size, p.S), p.DHQK, p.DHHV, gemm::operands_for(p.dtype)};
+  // v where it lies for the products with bf16 operands, when it is contiguous bfloat16.
+  const auto* v16 = a.v.dtype() == DType::bf16 && a.v.is_contiguous()
+                        ? static_cast<const std::uint16_t*>(static_cast<const void*>(a.v.bytes()))
+                        : nullptr;
   tbb::parallel_for(std::int64_t{0}, p.rows(), [&](std::int64_t r) {
     std::vector<float> b(static_cast<std::size_t>(p.S)), ig(static_cast<std::size_t>(p.S)),
         G(static_cast<std::size_t>(s.num_chunks()));
@@ -71,7 +75,8 @@ ForwardResult chunkwise_states(const ForwardArgs& a, const MlstmOptions& o) {
                         out.m.data<float>() + r};
     stages::fw_states_parts(k32.data<float>() + r * p.S * p.DHQK, v32.data<float>() + r * p.S * p.DHHV, b.data(),
                             ig.data(), G.data(), o.gate, s, in, nullptr, st,
-                            stages::SequenceParts::for_rows(s, p.rows()));
+                            stages::SequenceParts::for_rows(s, p.rows()),
+                            stages::Bf16Rows{nullptr, nullptr, v16 ? v16 + r * p.S * p.DHHV : nullptr});
   });
   return out;
 }

@@ -86,7 +86,8 @@ class RowInputs {
         k(row(item_row(a.k, w), k_)),
         v(row(item_row(a.v, w), v_)),
         i(row(item_row(a.i, w), i_)),
-        f(row(item_row(a.f, w), f_)) {}
+        f(row(item_row(a.f, w), f_)),
+        rows16_{row16(item_row(a.q, w)), row16(item_row(a.k, w)), row16(item_row(a.v, w))} {}
   RowInputs(const RowInputs&) = delete;
   RowInputs& operator=(const RowInputs&) = delete;
   ~RowInputs() {
@@ -102,9 +103,18 @@ class RowInputs {
     store = pack_view(r);
     return store.data();
   }
+  static const std::uint16_t* row16(ConstTensorView r) {
+    if (r.dtype() != DType::bf16 || !r.is_contiguous()) return nullptr;
+    return static_cast<const std::uint16_t*>(static_cast<const void*>(r.bytes()));
+  }
 
  public:
   const float *q, *k, *v, *i, *f;
+  // q, k and v where they lie, when they are contiguous bfloat16 (for the products with bf16 operands).
+  stages::Bf16Rows rows16() const noexcept { return rows16_; }
+
+ private:
+  stages::Bf16Rows rows16_;
 };
 
 // The initial state of a row (zero state when none is given): row (b, h) of c0/n0/m0 (b: WorkItem::state).
@@ -152,7 +162,7 @@ RowForward forward_row(const RowInputs& in, const StateBuffer& init, std::int64_
   r.boundary = stages::pooled_states(p.DHQK, p.DHHV, s.num_chunks());  // fw_states writes every state
   r.last = StateBuffer(p.DHQK, p.DHHV, 1);
   stages::fw_states_parts(in.k, in.v, r.b.data(), r.ig.data(), r.G.data(), o.gate, s, init.at(0), &r.boundary,
-                          r.last.at(0), stages::SequenceParts::for_rows(s, items));
+                          r.last.at(0), stages::SequenceParts::for_rows(s, items), in.rows16());
   if (!h_out) {
     r.h = stages::pooled_floats(static_cast<std::size_t>(T * p.DHHV));
     h_out = r.h.data();
@@ -164,8 +174,8 @@ RowForward forward_row(const RowInputs& in, const StateBuffer& init, std::int64_
   }
   stages::fw_outputs(in.q, in.k, in.v, r.b.data(), r.ig.data(), o.gate, o.normalize, static_cast<float>(o.eps), s,
                      r.boundary, h_out, keep_for_backward ? r.m_tok.data() : nullptr,
-                     keep_for_backward ? r.N_tok.data() : nullptr, keep_for_backward ? r.den_tok.data() : nullptr,
-                     tile);
+                     keep_for_backward ? r.N_tok.data() : nullptr, keep_for_backward ? r.den_tok.data() : nullptr, tile,
+                     in.rows16());
   return r;
 }
 

@@ -122,7 +122,8 @@ bool has_bf16_isa() {
 // bfloat16 products through oneDNN's matmul primitive (JIT brgemm kernels for AVX-512 BF16 and AMX). Each operand
 // is rounded into a bf16 block in its stored layout (a transposed one is described by strides), its rows and
 // columns padded with zeros to a multiple of kPad, so the primitives come in a few shapes (each one JIT-compiled,
-// once per thread, ~1 ms). The product goes straight into C (alpha as the output scale, beta through a sum
+// once per thread, ~1 ms); an operand the caller has in bf16 (A16, B16) is used where it lies when nothing of it is
+// padded. The product goes straight into C (alpha as the output scale, beta through a sum
 // post-op, C scaled first when beta is neither 0 nor 1) unless m or n was padded: then into a padded block that is
 // added into C.
 constexpr int kPad = 16;
@@ -154,7 +155,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void round_block
 class Bf16Products {  // one per thread: its primitives, by shape, and its blocks
  public:
   void multiply(bool ta, bool tb, int m, int n, int k, float alpha, const float* A, int lda, const float* B, int ldb,
-                float beta, float* C, int ldc) {
+                float beta, float* C, int ldc, const std::uint16_t* A16, const std::uint16_t* B16) {
     const int mp = padded(m), np = padded(n), kp = padded(k);
     const bool direct = mp == m && np == n;
     if (direct && beta != 0.f && beta != 1.f) {
@@ -163,13 +164,15 @@ class Bf16Products {  // one per thread: its primitives, by shape, and its block
         for (int j = 0; j < n; ++j) row[j] *= beta;
       }
     }
-    Product& p = product({ta, tb, mp, np, kp, direct ? ldc : np, direct ? alpha : 1.f, direct && beta != 0.f});
-    // op(A) is stored m x k, or k x m when transposed; op(B) k x n, or n x k.
-    fill(a_, A, lda, ta ? k : m, ta ? m : k, ta ? kp : mp, ta ? mp : kp);
-    fill(b_, B, ldb, tb ? n : k, tb ? k : n, tb ? np : kp, tb ? kp : np);
+    // op(A) is stored m x k, or k x m when transposed; op(B) k x n, or n x k. Each is used where it lies when the
+    // caller has it in bf16 and nothing is padded, else rounded (or copied) into a padded block.
+    const Block a = block(a_, A, A16, lda, ta ? k : m, ta ? m : k, ta ? kp : mp, ta ? mp : kp);
+    const Block b = block(b_, B, B16, ldb, tb ? n : k, tb ? k : n, tb ? np : kp, tb ? kp : np);
+    Product& p =
+        product({ta, tb, mp, np, kp, a.ld, b.ld, direct ? ldc : np, direct ? alpha : 1.f, direct && beta != 0.f});
     if (!direct) c_.resize(static_cast<std::size_t>(mp) * np);
-    p.a.set_data_handle(a_.data());
-    p.b.set_data_handle(b_.data());
+    p.a.set_data_handle(const_cast<std::uint16_t*>(a.data));  // oneDNN takes non-const handles; sources are read
+    p.b.set_data_handle(const_cast<std::uint16_t*>(b.data));
     p.c.set_data_handle(direct ? C : c_.data());
     {
       const OneOmpThread one;
@@ -192,16 +195,17 @@ class Bf16Products {  // one per thread: its primitives, by shape, and its block
     dnnl::matmul matmul;
     dnnl::memory a, b, c;
   };
-  // Transposes, padded m, n, k, the destination's row stride, its output scale and whether it accumulates.
-  using Key = std::tuple<bool, bool, int, int, int, int, float, bool>;
+  // Transposes, padded m, n, k, the operands' and the destination's row strides, the output scale and whether it
+  // accumulates.
+  using Key = std::tuple<bool, bool, int, int, int, int, int, int, float, bool>;
 
   Product& product(const Key& key) {
     auto it = products_.find(key);
     if (it != products_.end()) return it->second;
-    const auto [ta, tb, mp, np, kp, ldc, alpha, accumulate] = key;
+    const auto [ta, tb, mp, np, kp, lda, ldb, ldc, alpha, accumulate] = key;
     using dt = dnnl::memory::data_type;
-    const dnnl::memory::desc a({mp, kp}, dt::bf16, ta ? dnnl::memory::dims{1, mp} : dnnl::memory::dims{kp, 1});
-    const dnnl::memory::desc b({kp, np}, dt::bf16, tb ? dnnl::memory::dims{1, kp} : dnnl::memory::dims{np, 1});
+    const dnnl::memory::desc a({mp, kp}, dt::bf16, ta ? dnnl::memory::dims{1, lda} : dnnl::memory::dims{lda, 1});
+    const dnnl::memory::desc b({kp, np}, dt::bf16, tb ? dnnl::memory::dims{1, ldb} : dnnl::memory::dims{ldb, 1});
     const dnnl::memory::desc c({mp, np}, dt::f32, dnnl::memory::dims{ldc, 1});
     dnnl::primitive_attr attr;
     if (alpha != 1.f) attr.set_output_scales(0, {alpha});
@@ -216,11 +220,28 @@ class Bf16Products {  // one per thread: its primitives, by shape, and its block
     return products_.emplace(key, std::move(p)).first->second;
   }
 
-  // block (rows_p x cols_p) <- the stored rows x cols floats of src, rounded, zeros in the padding.
-  static void fill(std::vector<std::uint16_t>& block, const float* src, int ld, int rows, int cols, int rows_p,
-                   int cols_p) {
-    block.resize(static_cast<std::size_t>(rows_p) * cols_p);
-    round_block(src, ld, rows, cols, block.data(), rows_p, cols_p);
+  struct Block {
+    const std::uint16_t* data;
+    int ld;
+  };
+  // An operand stored as rows x cols (row stride ld) as a bf16 block of rows_p x cols_p: src16 where it lies when
+  // given and unpadded, else `scratch` with src16's rows copied or src's rounded, zeros in the padding.
+  static Block block(std::vector<std::uint16_t>& scratch, const float* src, const std::uint16_t* src16, int ld,
+                     int rows, int cols, int rows_p, int cols_p) {
+    if (src16 && rows == rows_p && cols == cols_p) return {src16, ld};
+    scratch.resize(static_cast<std::size_t>(rows_p) * cols_p);
+    if (src16) {
+      for (int r = 0; r < rows; ++r) {
+        std::uint16_t* d = scratch.data() + static_cast<std::ptrdiff_t>(r) * cols_p;
+        std::copy_n(src16 + static_cast<std::ptrdiff_t>(r) * ld, cols, d);
+        std::fill(d + cols, d + cols_p, std::uint16_t{0});
+      }
+      std::fill(scratch.data() + static_cast<std::ptrdiff_t>(rows) * cols_p, scratch.data() + scratch.size(),
+                std::uint16_t{0});
+    } else {
+      round_block(src, ld, rows, cols, scratch.data(), rows_p, cols_p);
+    }
+    return {scratch.data(), cols_p};
   }
 
   dnnl::engine engine_{dnnl::engine::kind::cpu, 0};
@@ -231,10 +252,10 @@ class Bf16Products {  // one per thread: its primitives, by shape, and its block
 };
 
 void onednn_bf16_gemm(bool ta, bool tb, int m, int n, int k, float alpha, const float* A, int lda, const float* B,
-                      int ldb, float beta, float* C, int ldc) {
+                      int ldb, float beta, float* C, int ldc, const std::uint16_t* A16, const std::uint16_t* B16) {
   static thread_local Bf16Products products;
   try {
-    products.multiply(ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
+    products.multiply(ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc, A16, B16);
   } catch (const dnnl::error& e) {
     throw Error(std::string("oneDNN bf16 matmul failed: ") + e.what());
   }
@@ -338,7 +359,7 @@ Operands operands_for(DType dtype) {
 }
 
 void gemm(Operands operands, bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float* A, int lda,
-          const float* B, int ldb, float beta, float* C, int ldc) {
+          const float* B, int ldb, float beta, float* C, int ldc, const std::uint16_t* A16, const std::uint16_t* B16) {
   if (operands == Operands::f32) {
     sgemm(trans_a, trans_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
     return;
@@ -353,7 +374,10 @@ void gemm(Operands operands, bool trans_a, bool trans_b, int m, int n, int k, fl
     }
     return;
   }
-  onednn_bf16_gemm(trans_a, trans_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
+  onednn_bf16_gemm(trans_a, trans_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc, A16, B16);
+#else
+  (void)A16;
+  (void)B16;
 #endif
 }
 

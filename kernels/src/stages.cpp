@@ -224,7 +224,8 @@ namespace {
 
 // fw_states with the boundary states of chunk c written to boundary->at(first + c): a part of a longer run.
 void fw_states_at(const float* k, const float* v, const float* b, const float* ig, const float* G, GateVariant gate,
-                  const SegmentShape& s, ConstStateRef in, StateBuffer* boundary, std::int64_t first, StateRef out) {
+                  const SegmentShape& s, ConstStateRef in, StateBuffer* boundary, std::int64_t first, StateRef out,
+                  const Bf16Rows& rows16) {
   const std::int64_t DK = s.DHQK, DV = s.DHHV;
   std::vector<float> C(in.C, in.C + DK * DV), n(in.n, in.n + DK), kw(static_cast<std::size_t>(s.L * DK));
   float m = state_m(gate, *in.m);
@@ -257,7 +258,7 @@ void fw_states_at(const float* k, const float* v, const float* b, const float* i
     }
     gemm::gemm(s.operands, true, false, static_cast<int>(DK), static_cast<int>(DV), static_cast<int>(len), 1.f,
                kw.data(), static_cast<int>(DK), v + t0 * DV, static_cast<int>(DV), carry, C.data(),
-               static_cast<int>(DV));
+               static_cast<int>(DV), nullptr, rows16.from(t0, DK, DV).v);
     m = m_new;
   }
   std::memcpy(out.C, C.data(), C.size() * sizeof(float));
@@ -268,8 +269,8 @@ void fw_states_at(const float* k, const float* v, const float* b, const float* i
 }  // namespace
 
 void fw_states(const float* k, const float* v, const float* b, const float* ig, const float* G, GateVariant gate,
-               const SegmentShape& s, ConstStateRef in, StateBuffer* boundary, StateRef out) {
-  fw_states_at(k, v, b, ig, G, gate, s, in, boundary, 0, out);
+               const SegmentShape& s, ConstStateRef in, StateBuffer* boundary, StateRef out, const Bf16Rows& rows16) {
+  fw_states_at(k, v, b, ig, G, gate, s, in, boundary, 0, out, rows16);
 }
 
 void combine(ConstStateRef in, float G_seg, ConstStateRef local, GateVariant gate, std::int64_t DHQK, std::int64_t DHHV,
@@ -336,10 +337,10 @@ SegmentShape SequenceParts::shape(const SegmentShape& s, std::int64_t p) const {
 
 void fw_states_parts(const float* k, const float* v, const float* b, const float* ig, const float* G, GateVariant gate,
                      const SegmentShape& s, ConstStateRef in, StateBuffer* boundary, StateRef out,
-                     const SequenceParts& parts) {
+                     const SequenceParts& parts, const Bf16Rows& rows16) {
   const std::int64_t n = parts.count(), DK = s.DHQK, DV = s.DHHV;
   if (n <= 1) {
-    fw_states_at(k, v, b, ig, G, gate, s, in, boundary, 0, out);
+    fw_states_at(k, v, b, ig, G, gate, s, in, boundary, 0, out, rows16);
     return;
   }
   // entering.at(p): the true state entering part p (part 0: `in`); locals.at(p): the state leaving part p when
@@ -351,7 +352,7 @@ void fw_states_parts(const float* k, const float* v, const float* b, const float
     StateBuffer empty(DK, DV, 1);
     empty.set_empty();
     fw_states_at(k + t0 * DK, v + t0 * DV, b + t0, ig + t0, G + c0, gate, parts.shape(s, p), p == 0 ? in : empty.at(0),
-                 boundary, c0, locals.at(p));
+                 boundary, c0, locals.at(p), rows16.from(t0, DK, DV));
     float g = 0.f;  // summed in the order fixup_states sums its prefix
     for (std::int64_t c = c0; c < parts.end_chunk(p); ++c) g += G[c];
     G_part[static_cast<std::size_t>(p)] = g;
@@ -394,7 +395,7 @@ void token_stabilisers(const float* b, const float* ig, float m, std::int64_t le
 
 void fw_outputs(const float* q, const float* k, const float* v, const float* b, const float* ig, GateVariant gate,
                 bool normalize, float eps, const SegmentShape& s, const StateBuffer& boundary, float* h, float* m_tok,
-                float* N_tok, float* den_tok, std::int64_t tile) {
+                float* N_tok, float* den_tok, std::int64_t tile, const Bf16Rows& rows16) {
   const std::int64_t DK = s.DHQK, DV = s.DHHV, L = s.L;
   const std::int64_t blk = tile > 0 ? std::min(tile, L) : L;
   const std::int64_t nblk = (L + blk - 1) / blk;
@@ -418,7 +419,8 @@ void fw_outputs(const float* q, const float* k, const float* v, const float* b, 
     float* Sblk = sc.a.data();  // qn x blk
     // Inter-chunk part: num = diag(exp(b_t + m - m_t)) (q_t . scale) C
     gemm::gemm(s.operands, false, false, static_cast<int>(qn), static_cast<int>(DV), static_cast<int>(DK), scale,
-               q + (t0 + q0) * DK, static_cast<int>(DK), st.C, static_cast<int>(DV), 0.f, num, static_cast<int>(DV));
+               q + (t0 + q0) * DK, static_cast<int>(DK), st.C, static_cast<int>(DV), 0.f, num, static_cast<int>(DV),
+               rows16.from(t0 + q0, DK, DV).q);
     float* denp = sc.e.data();  // qn
     for (std::int64_t j = 0; j < qn; ++j) {
       const std::int64_t t = q0 + j;
@@ -435,7 +437,7 @@ void fw_outputs(const float* q, const float* k, const float* v, const float* b, 
       const std::int64_t kn = std::min(blk, len - k0);
       gemm::gemm(s.operands, false, true, static_cast<int>(qn), static_cast<int>(kn), static_cast<int>(DK), scale,
                  q + (t0 + q0) * DK, static_cast<int>(DK), k + (t0 + k0) * DK, static_cast<int>(DK), 0.f, Sblk,
-                 static_cast<int>(kn));
+                 static_cast<int>(kn), rows16.from(t0 + q0, DK, DV).q, rows16.from(t0 + k0, DK, DV).k);
       for (std::int64_t j = 0; j < qn; ++j) {
         const std::int64_t t = q0 + j;
         const float bt = b[t0 + t], mtv = mloc[t];
@@ -450,7 +452,8 @@ void fw_outputs(const float* q, const float* k, const float* v, const float* b, 
         denp[j] += dsum;
       }
       gemm::gemm(s.operands, false, false, static_cast<int>(qn), static_cast<int>(DV), static_cast<int>(kn), 1.f, Sblk,
-                 static_cast<int>(kn), v + (t0 + k0) * DV, static_cast<int>(DV), 1.f, num, static_cast<int>(DV));
+                 static_cast<int>(kn), v + (t0 + k0) * DV, static_cast<int>(DV), 1.f, num, static_cast<int>(DV),
+                 nullptr, rows16.from(t0 + k0, DK, DV).v);
     }
     for (std::int64_t j = 0; j < qn; ++j) {
       const std::int64_t t = t0 + q0 + j;

@@ -13,6 +13,7 @@
 // as rows load and multiplied as float32 ("fast conversion"). MLSTM_CPU_BF16=native|convert overrides it.
 #pragma once
 
+#include <cstdint>
 #include <string>
 
 #include "mlstm/core/dtype.hpp"
@@ -33,9 +34,12 @@ void sgemm(bool trans_a, bool trans_b, int m, int n, int k, float alpha, const f
            int ldb, float beta, float* C, int ldc);
 
 // sgemm with the operands rounded as `operands` says (Operands::bf16 needs operands_for(DType::bf16) == bf16).
-// Single-threaded.
+// A16 / B16, where given, hold A's / B's values in bfloat16 with the same layout and leading dimension (bfloat16
+// inputs the caller converted to float32): bf16 products take them as they are instead of rounding A / B (the
+// same result). Single-threaded.
 void gemm(Operands operands, bool trans_a, bool trans_b, int m, int n, int k, float alpha, const float* A, int lda,
-          const float* B, int ldb, float beta, float* C, int ldc);
+          const float* B, int ldb, float beta, float* C, int ldc, const std::uint16_t* A16 = nullptr,
+          const std::uint16_t* B16 = nullptr);
 
 struct Library {
   std::string name;    // "onednn" | "openblas"

@@ -208,11 +208,25 @@ int thread_pool_node() noexcept;
 // A forget gate of -inf enters b and G as a cut of -kForgetCut (see "Gates at +-inf" above).
 void fw_gates(const float* i, const float* f, GateVariant gate, const SegmentShape& s, float* b, float* ig, float* G);
 
+// The bfloat16 originals of a segment's q, k and v (row-major like the float32 ones), where the inputs are
+// bfloat16: products with bf16 operands (SegmentShape::operands) take them as they are instead of rounding the
+// float32 conversions back (gemm::gemm's A16, B16; the same result). Null where absent.
+struct Bf16Rows {
+  const std::uint16_t* q = nullptr;
+  const std::uint16_t* k = nullptr;
+  const std::uint16_t* v = nullptr;
+  // The rows from token t on (DHQK columns for q and k, DHHV for v).
+  Bf16Rows from(std::int64_t t, std::int64_t DHQK, std::int64_t DHHV) const noexcept {
+    return {q ? q + t * DHQK : nullptr, k ? k + t * DHQK : nullptr, v ? v + t * DHHV : nullptr};
+  }
+};
+
 // fw_states: runs the chunk recurrence over the whole segment from state `in` (may be EMPTY).
 // Writes the state entering each chunk to boundary.at(c) (boundary.count >= num_chunks; may be null)
 // and the state leaving the segment to `out` (`out` may alias nothing else). k: T x DHQK, v: T x DHHV.
 void fw_states(const float* k, const float* v, const float* b, const float* ig, const float* G, GateVariant gate,
-               const SegmentShape& s, ConstStateRef in, StateBuffer* boundary, StateRef out);
+               const SegmentShape& s, ConstStateRef in, StateBuffer* boundary, StateRef out,
+               const Bf16Rows& rows16 = {});
 
 // fixup_states: boundary states computed from the EMPTY state -> true boundary states, given the true
 // state entering the segment and G per chunk. Also turns the local exit state into the true one.
@@ -228,7 +242,7 @@ void combine(ConstStateRef in, float G_seg, ConstStateRef local, GateVariant gat
 // of `tile` query/key rows (TFLA style, so L is not bounded by cache); 0 = whole chunk at once.
 void fw_outputs(const float* q, const float* k, const float* v, const float* b, const float* ig, GateVariant gate,
                 bool normalize, float eps, const SegmentShape& s, const StateBuffer& boundary, float* h, float* m_tok,
-                float* N_tok, float* den_tok, std::int64_t tile = 0);
+                float* N_tok, float* den_tok, std::int64_t tile = 0, const Bf16Rows& rows16 = {});
 
 // ---- sequence parallelism inside one row -----------------------------------------------------------
 // When B*NH rows cannot keep every core busy, the state recurrences of one row run in parts of whole chunks at
@@ -262,7 +276,7 @@ struct SequenceParts {
 // state leaving the segment). boundary->count >= num_chunks.
 void fw_states_parts(const float* k, const float* v, const float* b, const float* ig, const float* G, GateVariant gate,
                      const SegmentShape& s, ConstStateRef in, StateBuffer* boundary, StateRef out,
-                     const SequenceParts& parts);
+                     const SequenceParts& parts, const Bf16Rows& rows16 = {});
 
 // bw_state_grads over `parts` at once: the same outputs (dboundary of every chunk, dstate_in).
 void bw_state_grads_parts(const float* q, const float* dh, const float* h, const float* b, const float* m_tok,
