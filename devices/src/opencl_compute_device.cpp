@@ -518,11 +518,14 @@ class OpenCLComputeDevice final : public ComputeDevice {
     parked_backward_ = std::move(stream);
     return r;
   }
-  // Packed sequences on the tensor cores: each sequence's backward in turn, its gradients written into its slice of
-  // `out` (downloaded straight there when `out` is this device's page-locked memory), through the one parked
-  // BackwardStream where the memory allows (streams_backward).
+  // Packed sequences on the tensor cores: where the stream takes them (streams_backward), every sequence in one run
+  // of the parked BackwardStream (its pieces pipelined across the sequences, the state and its gradient reset at
+  // their boundaries), the gradients written into `out` (downloaded straight there when `out` is this device's
+  // page-locked memory); else each sequence's backward in turn into its slice of `out`.
   BackwardResult packed_tensor_core_backward(const BackwardArgs& a, const MlstmOptions& o, const ProblemShape& p,
                                              const GradientViews& out) {
+    if (!a.checkpoints && streams_backward(a, o, p, &out, /*any_length=*/true))
+      return tensor_core_backward(a, o, p, &out, /*packed_sequence=*/true);
     return packed::backward_each_into(
         a, p, o, out, [this](const BackwardArgs& s, const MlstmOptions& so, const GradientViews& into) {
           return tensor_core_backward(s, so, validate_backward(s, so), &into, /*packed_sequence=*/true);

@@ -169,11 +169,16 @@ TEST(StreamEngine, PackedBackwardOnTensorCoresEqualsEachSequence) {
       for (auto [x, y, name] : {std::tuple{&g.dq, &alone.dq, "dq"},
                                 {&g.dk, &alone.dk, "dk"},
                                 {&g.dv, &alone.dv, "dv"},
+                                {&g.di, &alone.di, "di"},
                                 {&g.df, &alone.df, "df"}})
         EXPECT_TRUE(testing::matches(testing::slice_seq(*x, t0, t1), *y, 2e-2, what, name, s));
-      Tensor row({1, 2, 16, 32}, DType::f32);
-      std::memcpy(row.bytes(), g.dc0.bytes() + static_cast<std::size_t>(j) * row.nbytes(), row.nbytes());
-      EXPECT_TRUE(testing::matches(row, alone.dc0, 2e-2, what, "dc0", s));
+      // Row j of the (N, ...) initial-state gradients.
+      for (auto [x, y, name] :
+           {std::tuple{&g.dc0, &alone.dc0, "dc0"}, {&g.dn0, &alone.dn0, "dn0"}, {&g.dm0, &alone.dm0, "dm0"}}) {
+        Tensor row(y->shape(), DType::f32);
+        std::memcpy(row.bytes(), x->bytes() + static_cast<std::size_t>(j) * row.nbytes(), row.nbytes());
+        EXPECT_TRUE(testing::matches(row, *y, 2e-2, what, name, s));
+      }
     }
     BackwardResult into = packed::allocate_gradients(validate_backward(b, o));
     (void)dev->backward_into(b, o, packed::gradient_views(into));

@@ -9,6 +9,7 @@
 
 #include "internal.hpp"
 #include "mlstm/core/env.hpp"
+#include "mlstm/core/packed.hpp"
 #include "mlstm/core/trace.hpp"
 #include "tc_program.hpp"
 
@@ -42,6 +43,14 @@ void wait_event(cl_event& e, const std::string& device) {
 
 }  // namespace
 
+// A piece of a run: tokens [t0, t0 + len) of the row, of packed sequence `seq` (0 unpacked), which it starts and/or
+// ends. A sequence's first piece starts from its initial state or the zero state, its last one from the gradient of
+// its last state or zero: packed sequences go through the passes one after the other, their pieces pipelined.
+struct BackwardStream::Piece {
+  std::int64_t t0 = 0, len = 0, seq = 0;
+  bool first = false, last = false;
+};
+
 struct BackwardStream::Slot {
   Buffer pinned_in, pinned_out;  // page-locked host staging, mapped for the stream's life
   std::byte* host_in = nullptr;
@@ -62,6 +71,7 @@ struct BackwardStream::Impl {
   Buffer c_scratch, n_scratch, m_scratch;  // the state leaving a piece when the gradient pass recomputes it
   Buffer dC[2], dN[2], dM;                 // the state gradient entering a piece (ping-pong), dm0
   Buffer dc_last, dn_last;                 // the caller's gradient of the last state, when given
+  std::array<Buffer, 3> init;  // packed: the initial state of the sequence whose first piece computes next (C, n, m)
   // The state entering piece j (j = 0 .. pieces; the last one leaves the sequence): C, n, m.
   std::vector<std::array<Buffer, 3>> entering;
   // k, v, i, f of every piece, kept on the device from the states pass for the gradient pass when they fit a
@@ -69,6 +79,23 @@ struct BackwardStream::Impl {
   std::vector<std::array<PooledBuffer, kInputs>> kept;       // per piece, indexed by In; q and dh stay empty
   std::array<std::size_t, kInputs> in_off{}, in_bytes{};     // at max_piece
   std::array<std::size_t, kOutputs> out_off{}, out_bytes{};  // at max_piece
+  // Packed runs: each sequence's initial state (C, n, m) and last-state gradient (dC, dn) in float32, written into
+  // `init` / dc_last, dn_last on the kernel queue before the piece that reads them (the queue is in order).
+  std::vector<std::array<Tensor, 3>> seq_init;
+  std::vector<std::array<Tensor, 2>> seq_dlast;
+  // The buffers of the state a piece starts from (its sequence's initial state, or the piece before's leaving
+  // state), writing a packed sequence's initial state into `init` first; and whether it has one.
+  std::pair<const std::array<Buffer, 3>*, int> enter(const Piece& pc, std::size_t i, bool has_init, cl_command_queue q,
+                                                     const std::string& device) {
+    if (!pc.first) return {&entering[i], 1};
+    if (!has_init) return {&entering[i], 0};
+    if (seq_init.empty()) return {&entering[0], 1};  // unpacked: written there at the start
+    const auto& from = seq_init[static_cast<std::size_t>(pc.seq)];
+    for (std::size_t t = 0; t < 3; ++t)
+      check(clEnqueueWriteBuffer(q, init[t].get(), CL_FALSE, 0, from[t].nbytes(), from[t].bytes(), 0, nullptr, nullptr),
+            "clEnqueueWriteBuffer(backward stream: initial state)", device);
+    return {&init, 1};
+  }
 };
 
 BackwardStream::BackwardStream(std::shared_ptr<Device> device, Config config)
@@ -247,7 +274,7 @@ struct Launcher {
 
 }  // namespace
 
-void BackwardStream::states_pass(const BackwardArgs& a, std::int64_t n) {
+void BackwardStream::states_pass(const BackwardArgs& a, const std::vector<Piece>& pieces) {
   Impl& im = *impl_;
   const Config& c = config_;
   const std::string& dn = device_->name();
@@ -255,23 +282,22 @@ void BackwardStream::states_pass(const BackwardArgs& a, std::int64_t n) {
   const Launcher launch{im.kernels, static_cast<std::size_t>(c.B * c.NH), dn};
   const std::size_t states_group = static_cast<std::size_t>(2 * cfg.KT);
   const std::size_t states_global = states_group * static_cast<std::size_t>((c.DHQK / cfg.KT) * (c.DHHV / cfg.VT));
-  const std::int64_t S = a.dh.dim(2);
   const ForwardArgs& in = a.inputs;
-  for (std::int64_t j = 0; j < n; ++j) {
+  for (std::size_t j = 0; j < pieces.size(); ++j) {
+    const Piece& pc = pieces[j];
     const ScopedTrace trace([&] { return "backward stream: states of piece " + std::to_string(j); });
     Slot& s = im.slots[j % kSlots];
     wait_event(s.done, dn);
-    const std::int64_t t0 = j * c.max_piece, len = std::min(c.max_piece, S - t0);
-    cl_event up = upload(s, {{in.k, kK}, {in.v, kV}, {in.i, kI}, {in.f, kF}}, t0, len, j);
-    const int Sp = static_cast<int>(len), NC = (Sp + cfg.L - 1) / cfg.L;
-    const int has_init = j > 0 || a.inputs.has_initial_state() ? 1 : 0;
-    const auto& from = im.entering[static_cast<std::size_t>(j)];
-    const auto& to = im.entering[static_cast<std::size_t>(j + 1)];
-    const cl_mem K = input_buffer(s, kK, j), V = input_buffer(s, kV, j), I = input_buffer(s, kI, j),
-                 F = input_buffer(s, kF, j);
+    const auto piece = static_cast<std::int64_t>(j);
+    cl_event up = upload(s, {{in.k, kK}, {in.v, kV}, {in.i, kI}, {in.f, kF}}, pc.t0, pc.len, piece);
+    const int Sp = static_cast<int>(pc.len), NC = (Sp + cfg.L - 1) / cfg.L;
+    const auto [from, has_init] = im.enter(pc, j, in.has_initial_state(), im.kernels, dn);
+    const auto& to = im.entering[j + 1];
+    const cl_mem K = input_buffer(s, kK, piece), V = input_buffer(s, kV, piece), I = input_buffer(s, kI, piece),
+                 F = input_buffer(s, kF, piece);
     set_args(im.gates.k, dn, I, F, im.gb, im.gbi, im.gpm, im.gG, im.gA, Sp, NC);
-    set_args(im.fw_states.k, dn, K, V, im.gbi, im.gG, im.gA, from[0], from[1], from[2], has_init, im.Cst, im.nst,
-             im.mst, to[0], to[1], to[2], Sp, NC);
+    set_args(im.fw_states.k, dn, K, V, im.gbi, im.gG, im.gA, (*from)[0], (*from)[1], (*from)[2], has_init, im.Cst,
+             im.nst, im.mst, to[0], to[1], to[2], Sp, NC);
     try {
       launch(im.gates, "tc_fw_gates", static_cast<std::size_t>(NC * cfg.L), static_cast<std::size_t>(cfg.L), &up);
       launch(im.fw_states, "tc_fw_states", states_global, states_group, nullptr, &s.done);
@@ -284,7 +310,8 @@ void BackwardStream::states_pass(const BackwardArgs& a, std::int64_t n) {
   }
 }
 
-void BackwardStream::gradient_pass(const BackwardArgs& a, std::int64_t n, const GradientViews& dest_views) {
+void BackwardStream::gradient_pass(const BackwardArgs& a, const std::vector<Piece>& pieces,
+                                   const GradientViews& dest_views, BackwardResult& states) {
   Impl& im = *impl_;
   const Config& c = config_;
   const std::string& dn = device_->name();
@@ -293,7 +320,7 @@ void BackwardStream::gradient_pass(const BackwardArgs& a, std::int64_t n, const 
   const std::size_t states_group = static_cast<std::size_t>(2 * cfg.KT);
   const std::size_t states_global = states_group * static_cast<std::size_t>((c.DHQK / cfg.KT) * (c.DHHV / cfg.VT));
   const std::size_t L2 = static_cast<std::size_t>(2 * cfg.L);
-  const std::int64_t S = a.dh.dim(2), K = c.DHQK, V = c.DHHV;
+  const std::int64_t K = c.DHQK, V = c.DHHV, n = static_cast<std::int64_t>(pieces.size());
   const ForwardArgs& in = a.inputs;
   const bool user_dlast = !a.dc_last.empty();
 
@@ -321,7 +348,8 @@ void BackwardStream::gradient_pass(const BackwardArgs& a, std::int64_t n, const 
           changed.wait(lock, [&] { return pushed > k || stop; });
           if (pushed <= k) return;  // the producer failed
         }
-        const std::int64_t j = n - 1 - k, t0 = j * c.max_piece, len = std::min(c.max_piece, S - t0);
+        const std::int64_t j = n - 1 - k, t0 = pieces[static_cast<std::size_t>(j)].t0,
+                           len = pieces[static_cast<std::size_t>(j)].len;
         const ScopedTrace trace([&] { return "backward stream: gradients of piece " + std::to_string(j) + " out"; });
         wait_event(downloads[static_cast<std::size_t>(k)], dn);
         const Slot& s = im.slots[k % kSlots];
@@ -345,7 +373,9 @@ void BackwardStream::gradient_pass(const BackwardArgs& a, std::int64_t n, const 
   std::exception_ptr producer_error;
   try {
     for (std::int64_t k = 0; k < n; ++k) {
-      const std::int64_t j = n - 1 - k, t0 = j * c.max_piece, len = std::min(c.max_piece, S - t0);
+      const std::int64_t j = n - 1 - k;
+      const Piece& pc = pieces[static_cast<std::size_t>(j)];
+      const std::int64_t t0 = pc.t0, len = pc.len;
       const ScopedTrace trace([&] { return "backward stream: gradients of piece " + std::to_string(j) + " in"; });
       Slot& s = im.slots[k % kSlots];
       {
@@ -362,13 +392,23 @@ void BackwardStream::gradient_pass(const BackwardArgs& a, std::int64_t n, const 
       const cl_mem Kb = input_buffer(s, kK, j), Vb = input_buffer(s, kV, j), Ib = input_buffer(s, kI, j),
                    Fb = input_buffer(s, kF, j);
       const int Sp = static_cast<int>(len), NC = (Sp + cfg.L - 1) / cfg.L;
-      const int has_init = j > 0 || in.has_initial_state() ? 1 : 0;
-      const int has_dlast = j < n - 1 || user_dlast ? 1 : 0;
-      const auto& enter = im.entering[static_cast<std::size_t>(j)];
+      const auto [entered, has_init] =
+          im.enter(pc, static_cast<std::size_t>(j), in.has_initial_state(), im.kernels, dn);
+      const auto& enter = *entered;
+      const int has_dlast = !pc.last || user_dlast ? 1 : 0;
       const auto& leave = im.entering[static_cast<std::size_t>(j + 1)];
-      const Buffer& dc_last = j < n - 1 ? im.dC[(j + 1) % 2] : im.dc_last;
-      const Buffer& dn_last = j < n - 1 ? im.dN[(j + 1) % 2] : im.dn_last;
+      const Buffer& dc_last = !pc.last ? im.dC[(j + 1) % 2] : im.dc_last;
+      const Buffer& dn_last = !pc.last ? im.dN[(j + 1) % 2] : im.dn_last;
       const Buffer &dc0 = im.dC[j % 2], &dn0 = im.dN[j % 2];
+      if (pc.last && user_dlast && !im.seq_dlast.empty()) {
+        // A packed sequence's last-state gradient, after the kernels of the pieces before (in order).
+        const auto& from = im.seq_dlast[static_cast<std::size_t>(pc.seq)];
+        const Buffer* into[2] = {&im.dc_last, &im.dn_last};
+        for (std::size_t t = 0; t < 2; ++t)
+          check(clEnqueueWriteBuffer(im.kernels, into[t]->get(), CL_FALSE, 0, from[t].nbytes(), from[t].bytes(), 0,
+                                     nullptr, nullptr),
+                "clEnqueueWriteBuffer(backward stream: last-state gradient)", dn);
+      }
       set_args(im.gates.k, dn, Ib, Fb, im.gb, im.gbi, im.gpm, im.gG, im.gA, Sp, NC);
       set_args(im.fw_states.k, dn, Kb, Vb, im.gbi, im.gG, im.gA, enter[0], enter[1], enter[2], has_init, im.Cst, im.nst,
                im.mst, im.c_scratch, im.n_scratch, im.m_scratch, Sp, NC);
@@ -398,6 +438,19 @@ void BackwardStream::gradient_pass(const BackwardArgs& a, std::int64_t n, const 
         launch(im.bw_dv, "tc_bw_grads_dv", L2 * nc * static_cast<std::size_t>(V / cfg.OTf), L2);
         launch(im.gate_grads, "tc_bw_gate_grads", static_cast<std::size_t>(cfg.gate_group),
                static_cast<std::size_t>(cfg.gate_group), nullptr, &computed);
+        if (pc.first && in.has_initial_state()) {
+          // The gradient of the sequence's initial state: in dC, dN and dM until the next piece's kernels (in order).
+          const std::int64_t row = pc.seq;
+          const std::pair<const Buffer*, Tensor*> grads[3] = {
+              {&dc0, &states.dc0}, {&dn0, &states.dn0}, {&im.dM, &states.dm0}};
+          for (const auto& [from, to] : grads) {
+            if (to == &states.dm0 && c.options.gate != GateVariant::exp) continue;  // zeros (the sigmoid gate has no m)
+            const std::size_t bytes = to->nbytes() / static_cast<std::size_t>(to->dim(0));
+            check(clEnqueueReadBuffer(im.kernels, from->get(), CL_FALSE, 0, bytes,
+                                      to->bytes() + static_cast<std::size_t>(row) * bytes, 0, nullptr, nullptr),
+                  "clEnqueueReadBuffer(backward stream: initial-state gradient)", dn);
+          }
+        }
         clFlush(im.kernels);
         const std::size_t tok = static_cast<std::size_t>(c.B * c.NH * len);
         const std::size_t bytes[kOutputs] = {tok * static_cast<std::size_t>(K) * dtype_size(c.dtype),
@@ -467,7 +520,7 @@ BackwardResult BackwardStream::run_pieces(const BackwardArgs& a, const GradientV
   const Config& c = config_;
   MlstmOptions o = c.options;
   const ProblemShape p = validate_backward(a, o);
-  check_not_packed(p, "the OpenCL backward stream");
+  if (p.packed() && given.kept) check_not_packed(p, "the OpenCL backward stream from kept states");
   if (into) check_gradient_views(*into, p);
   if (p.B != c.B || p.NH != c.NH || p.DHQK != c.DHQK || p.DHHV != c.DHHV || p.dtype != c.dtype)
     throw InvalidArgument("q", "the backward stream is set up for B=" + std::to_string(c.B) +
@@ -478,7 +531,19 @@ BackwardResult BackwardStream::run_pieces(const BackwardArgs& a, const GradientV
   Impl& im = *impl_;
   Device& dev = *device_;
   const std::string& dn = dev.name();
-  const std::int64_t n = (p.S + c.max_piece - 1) / c.max_piece;
+  // The pieces: of the row, or of every packed sequence in turn (a piece never spans two).
+  std::vector<Piece> pieces;
+  if (p.packed()) {
+    for (std::int64_t j = 0; j < p.N; ++j) {
+      const auto [s0, s1] = packed::range(a.inputs, j);
+      for (std::int64_t t0 = s0; t0 < s1; t0 += c.max_piece)
+        pieces.push_back({t0, std::min(c.max_piece, s1 - t0), j, t0 == s0, t0 + c.max_piece >= s1});
+    }
+  } else {
+    for (std::int64_t t0 = 0; t0 < p.S; t0 += c.max_piece)
+      pieces.push_back({t0, std::min(c.max_piece, p.S - t0), 0, t0 == 0, t0 + c.max_piece >= p.S});
+  }
+  const auto n = static_cast<std::int64_t>(pieces.size());
   pieces_ = n;
   // The kept state entering piece j (j = n: leaving the call), on this device or on the host.
   auto kept_at = [&](std::int64_t j) {
@@ -518,14 +583,38 @@ BackwardResult BackwardStream::run_pieces(const BackwardArgs& a, const GradientV
     check(clEnqueueWriteBuffer(im.kernels, b.get(), CL_TRUE, 0, x.nbytes(), x.bytes(), 0, nullptr, nullptr),
           "clEnqueueWriteBuffer(backward stream)", dn);
   };
-  if (a.inputs.has_initial_state()) {
-    put(a.inputs.c0, im.entering[0][0]);
-    put(a.inputs.n0, im.entering[0][1]);
-    put(a.inputs.m0, im.entering[0][2]);
+  im.seq_init.clear();
+  im.seq_dlast.clear();
+  if (p.packed()) {
+    // Each sequence's initial state and last-state gradient, in float32, for the kernel queue to write before the
+    // pieces that read them.
+    auto row = [](ConstTensorView t, std::int64_t j) { return Tensor::copy_of(packed::rows(t, j, j + 1), DType::f32); };
+    for (std::int64_t j = 0; j < p.N; ++j) {
+      if (a.inputs.has_initial_state())
+        im.seq_init.push_back({row(a.inputs.c0, j), row(a.inputs.n0, j), row(a.inputs.m0, j)});
+      if (!a.dc_last.empty()) im.seq_dlast.push_back({row(a.dc_last, j), row(a.dn_last, j)});
+    }
+    if (a.inputs.has_initial_state() && !im.init[0].get()) {
+      im.init = {dev.alloc(rows * kv * sizeof(float)), dev.alloc(rows * K * sizeof(float)),
+                 dev.alloc(rows * sizeof(float))};
+    }
+  } else {
+    if (a.inputs.has_initial_state()) {
+      put(a.inputs.c0, im.entering[0][0]);
+      put(a.inputs.n0, im.entering[0][1]);
+      put(a.inputs.m0, im.entering[0][2]);
+    }
+    if (!a.dc_last.empty()) {
+      put(a.dc_last, im.dc_last);
+      put(a.dn_last, im.dn_last);
+    }
   }
-  if (!a.dc_last.empty()) {
-    put(a.dc_last, im.dc_last);
-    put(a.dn_last, im.dn_last);
+  // The gradients of the initial states, read down after each sequence's first piece.
+  BackwardResult states;
+  if (a.inputs.has_initial_state()) {
+    states.dc0 = Tensor({p.state_batch(), p.NH, p.DHQK, p.DHHV}, DType::f32);
+    states.dn0 = Tensor({p.state_batch(), p.NH, p.DHQK}, DType::f32);
+    states.dm0 = Tensor::zeros({p.state_batch(), p.NH}, DType::f32);
   }
   // Where the gradients go: the caller's views, or the result's tensors. The kernels give di and df in float32:
   // other gate dtypes go through float32 tensors, converted at the end.
@@ -571,17 +660,22 @@ BackwardResult BackwardStream::run_pieces(const BackwardArgs& a, const GradientV
       clFlush(im.up);
       dev.note_backward_from_kept_states();
     } else {
-      states_pass(a, n);
+      states_pass(a, pieces);
     }
-    gradient_pass(a, n, dest);
+    gradient_pass(a, pieces, dest, states);
+    if (a.inputs.has_initial_state()) check(clFinish(im.kernels), "clFinish(backward stream)", dn);
     for (Slot& s : im.slots) release_event(s.done);
   } catch (...) {
     for (cl_command_queue q : {im.up, im.kernels, im.down}) clFinish(q);
     for (Slot& s : im.slots) release_event(s.done);
     im.kept.clear();
+    im.seq_init.clear();
+    im.seq_dlast.clear();
     throw;
   }
   im.kept.clear();  // back to the device's pool (every download, hence every kernel, is done)
+  im.seq_init.clear();
+  im.seq_dlast.clear();
   if (into && p.gate_dtype != DType::f32) {
     for (auto [from, to] : {std::pair{&out.di, into->di}, std::pair{&out.df, into->df}}) {
       write_gradient(from->view(), to);
@@ -592,15 +686,9 @@ BackwardResult BackwardStream::run_pieces(const BackwardArgs& a, const GradientV
     out.df = out.df.to(p.gate_dtype);
   }
   if (a.inputs.has_initial_state()) {
-    auto read = [&](const Buffer& b, Shape shape) {
-      Tensor t(std::move(shape), DType::f32);
-      check(clEnqueueReadBuffer(im.kernels, b.get(), CL_TRUE, 0, t.nbytes(), t.bytes(), 0, nullptr, nullptr),
-            "clEnqueueReadBuffer(backward stream)", dn);
-      return t;
-    };
-    out.dc0 = read(im.dC[0], {p.B, p.NH, p.DHQK, p.DHHV});
-    out.dn0 = read(im.dN[0], {p.B, p.NH, p.DHQK});
-    out.dm0 = o.gate == GateVariant::exp ? read(im.dM, {p.B, p.NH}) : Tensor::zeros({p.B, p.NH}, DType::f32);
+    out.dc0 = std::move(states.dc0);
+    out.dn0 = std::move(states.dn0);
+    out.dm0 = std::move(states.dm0);
   }
   return out;
 }

@@ -45,7 +45,9 @@ class BackwardStream {
 
   // The gradients of `args` (B, NH, head dims and dtype of the config; any S >= 1; tensors anywhere in host
   // memory, any strides), as TensorCoreRunner::backward gives them: dq, dk, dv in q's dtype, di, df in i's,
-  // dc0/dn0/dm0 when args has an initial state. Not thread-safe: one call at a time.
+  // dc0/dn0/dm0 when args has an initial state. Packed args (cu_seqlens) run every sequence in one run, their pieces
+  // pipelined (a piece never spans two sequences; the state and its gradient start afresh at each), dc0/dn0/dm0
+  // (N, ...). Not thread-safe: one call at a time.
   BackwardResult run(const BackwardArgs& args);
   // run() with the token gradients written into `out` (check_gradient_views; the result keeps dc0/dn0/dm0). Inputs
   // and dh that lie in this device's page-locked memory (Device::pinned_tensor) are uploaded from where they lie,
@@ -54,7 +56,7 @@ class BackwardStream {
   // run_into() from the states a forward kept (StateCheckpoints) at every piece boundary: token from + j * max_piece
   // for j = 1 .. n-1 and from + S (the state leaving the call); an Error when one is missing. States that this
   // device keeps are copied on the device, others uploaded. The states pass is skipped: the gradient pass uploads
-  // all of q, k, v, i, f and dh once.
+  // all of q, k, v, i, f and dh once. Not for packed args.
   BackwardResult run_into(const BackwardArgs& args, const GradientViews* out, const StateCheckpoints& kept,
                           std::int64_t from);
 
@@ -71,8 +73,10 @@ class BackwardStream {
  private:
   struct Slot;
   struct Impl;
-  void states_pass(const BackwardArgs& a, std::int64_t n);
-  void gradient_pass(const BackwardArgs& a, std::int64_t n, const GradientViews& dest);
+  struct Piece;
+  void states_pass(const BackwardArgs& a, const std::vector<Piece>& pieces);
+  void gradient_pass(const BackwardArgs& a, const std::vector<Piece>& pieces, const GradientViews& dest,
+                     BackwardResult& states);
   // Enqueues the uploads of one piece's tensors (their slices [t0, t0+len) copied into slot's staging first, unless
   // they lie in the device's page-locked memory);
   // returns the event of the last one.
