@@ -36,6 +36,21 @@ const std::string kTensorCoreBuildFailed = "tensor-core programs failed to build
 
 // Tokens per piece of a pinned stream of this problem: MLSTM_STREAM_PIECE, else about 64 MiB of inputs, whole
 // chunks, 1..64 Ki tokens.
+// The most pieces of packed sequences one BackwardStream run takes: their entering states within an eighth of the
+// device's memory, or MLSTM_BACKWARD_RUN_PIECES (a positive count; tests cut runs short with it).
+std::int64_t backward_run_pieces(const ProblemShape& p, std::uint64_t device_memory) {
+  if (const auto v = env::get("MLSTM_BACKWARD_RUN_PIECES")) {
+    try {
+      const std::int64_t n = std::stoll(*v);
+      if (n > 0) return n;
+    } catch (const std::exception&) {
+    }
+    spdlog::warn("mlstm-flow: MLSTM_BACKWARD_RUN_PIECES='{}' is not a positive count; ignored", *v);
+  }
+  return static_cast<std::int64_t>(
+      std::max<std::uint64_t>(1, device_memory / 8 / std::max<std::size_t>(1, state_bytes(p))));
+}
+
 std::int64_t stream_piece_tokens(const ProblemShape& p, const MlstmOptions& o) {
   const std::int64_t L = o.chunk_size;
   if (const auto v = env::get("MLSTM_STREAM_PIECE")) {
@@ -522,10 +537,42 @@ class OpenCLComputeDevice final : public ComputeDevice {
   // of the parked BackwardStream (its pieces pipelined across the sequences, the state and its gradient reset at
   // their boundaries), the gradients written into `out` (downloaded straight there when `out` is this device's
   // page-locked memory); else each sequence's backward in turn into its slice of `out`.
+  // A run keeps every piece's entering state on the device: the sequences go in groups whose pieces' states fit an
+  // eighth of its memory (all of them at once unless the documents are many and the states large).
   BackwardResult packed_tensor_core_backward(const BackwardArgs& a, const MlstmOptions& o, const ProblemShape& p,
                                              const GradientViews& out) {
-    if (!a.checkpoints && streams_backward(a, o, p, &out, /*any_length=*/true))
-      return tensor_core_backward(a, o, p, &out, /*packed_sequence=*/true);
+    if (!a.checkpoints && streams_backward(a, o, p, &out, /*any_length=*/true)) {
+      const std::int64_t piece = stream_piece_tokens(p, o);
+      const std::int64_t most = backward_run_pieces(p, device_->info().global_memory);
+      BackwardResult states;
+      if (a.inputs.has_initial_state()) {
+        states.dc0 = Tensor({p.N, p.NH, p.DHQK, p.DHHV}, DType::f32);
+        states.dn0 = Tensor({p.N, p.NH, p.DHQK}, DType::f32);
+        states.dm0 = Tensor({p.N, p.NH}, DType::f32);
+      }
+      for (std::int64_t j0 = 0; j0 < p.N;) {
+        std::int64_t j1 = j0, pieces = 0;
+        while (j1 < p.N) {
+          const auto [s0, s1] = packed::range(a.inputs, j1);
+          const std::int64_t more = (s1 - s0 + piece - 1) / piece;
+          if (j1 > j0 && pieces + more > most) break;
+          pieces += more;
+          ++j1;
+        }
+        std::vector<std::int64_t> offsets;
+        const BackwardArgs group = packed::sequences(a, j0, j1, offsets);
+        const GradientViews into = out.slice(packed::range(a.inputs, j0).first, packed::range(a.inputs, j1 - 1).second);
+        BackwardResult r = tensor_core_backward(group, o, validate_backward(group, o), &into, /*packed_sequence=*/true);
+        for (auto [from, to] :
+             {std::pair{&r.dc0, &states.dc0}, std::pair{&r.dn0, &states.dn0}, std::pair{&r.dm0, &states.dm0}}) {
+          if (to->empty()) continue;
+          const std::size_t row = to->nbytes() / static_cast<std::size_t>(p.N);
+          std::memcpy(to->bytes() + static_cast<std::size_t>(j0) * row, from->bytes(), from->nbytes());
+        }
+        j0 = j1;
+      }
+      return states;
+    }
     return packed::backward_each_into(
         a, p, o, out, [this](const BackwardArgs& s, const MlstmOptions& so, const GradientViews& into) {
           return tensor_core_backward(s, so, validate_backward(s, so), &into, /*packed_sequence=*/true);

@@ -63,11 +63,22 @@ Tensor pinned_copy(const graph::FlowGraphRunner& runner, const Tensor& t) {
   return p;
 }
 
-// Sets MLSTM_STREAM_PIECE for one test.
-class StreamPiece {
+// Sets an environment knob for one scope.
+class Knob {
  public:
-  explicit StreamPiece(const char* tokens) { setenv("MLSTM_STREAM_PIECE", tokens, 1); }
-  ~StreamPiece() { unsetenv("MLSTM_STREAM_PIECE"); }
+  Knob(const char* name, const char* value) : name_(name) { setenv(name, value, 1); }
+  ~Knob() { unsetenv(name_); }
+  Knob(const Knob&) = delete;
+  Knob& operator=(const Knob&) = delete;
+
+ private:
+  const char* name_;
+};
+
+// Sets MLSTM_STREAM_PIECE for one test.
+class StreamPiece : public Knob {
+ public:
+  explicit StreamPiece(const char* tokens) : Knob("MLSTM_STREAM_PIECE", tokens) {}
 };
 
 // An OpenCL device's forward of a sequence of several stream pieces goes through its pinned stream (cut into
@@ -152,9 +163,14 @@ TEST(StreamEngine, PackedBackwardOnTensorCoresEqualsEachSequence) {
   s.S = in.cu_seqlens.back();
   const MlstmOptions o = chunk64(true);
   const BackwardArgs b = in.backward_args();
-  for (const bool streamed : {false, true}) {
+  // Per call, streamed in one run, and streamed in runs of at most two pieces (the sequences in groups: 2 + 2 + 1
+  // + 2 pieces for these lengths at 128 tokens a piece).
+  for (const int mode : {0, 1, 2}) {
+    const bool streamed = mode > 0;
     std::optional<StreamPiece> piece;
+    std::optional<Knob> runs;
     if (streamed) piece.emplace("128");
+    if (mode == 2) runs.emplace("MLSTM_BACKWARD_RUN_PIECES", "2");
     const auto opened = opencl_device0()->streams_opened();
     const BackwardResult g = dev->backward(b, o);
     if (streamed) {
@@ -165,7 +181,10 @@ TEST(StreamEngine, PackedBackwardOnTensorCoresEqualsEachSequence) {
       const BackwardResult alone = dev->backward(packed::sequence(b, j), o);
       const std::int64_t t0 = in.cu_seqlens[static_cast<std::size_t>(j)],
                          t1 = t0 + lengths[static_cast<std::size_t>(j)];
-      const std::string what = std::string(streamed ? "streamed" : "per call") + " sequence " + std::to_string(j);
+      const std::string what = std::string(mode == 2  ? "streamed in groups"
+                                           : streamed ? "streamed"
+                                                      : "per call") +
+                               " sequence " + std::to_string(j);
       for (auto [x, y, name] : {std::tuple{&g.dq, &alone.dq, "dq"},
                                 {&g.dk, &alone.dk, "dk"},
                                 {&g.dv, &alone.dv, "dv"},

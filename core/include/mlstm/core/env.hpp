@@ -21,6 +21,8 @@
 //                                      64 MiB of inputs per piece); a forward of 2+ pieces from host memory streams
 //   MLSTM_BACKWARD_KEEP=off            devices (OpenCL): a streamed backward uploads k, v, i, f in both of its
 //                                      passes instead of keeping them on the device between them (to measure it)
+//   MLSTM_BACKWARD_RUN_PIECES=<n>      devices (OpenCL): at most n pieces of packed sequences per backward stream
+//                                      run (default: their entering states within an eighth of device memory)
 //   MLSTM_FAULT_INJECT, MLSTM_FAULT_INJECT_ORDER   nodes / graph: fault-injection test hooks
 //   MLSTM_TEST_KILL_AFTER_SLICES=<k>  tools (mlstm forward --stream-tokens): test hook, SIGKILL to itself once k
 //                                      slices are written and recorded (the --resume test: a kill at a known point)
