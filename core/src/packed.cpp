@@ -1,5 +1,6 @@
 #include "mlstm/core/packed.hpp"
 
+#include <algorithm>
 #include <cstring>
 #include <initializer_list>
 
@@ -10,19 +11,6 @@ namespace mlstm::packed {
 namespace {
 
 using Results = std::initializer_list<std::pair<Tensor*, Tensor*>>;
-
-// Each `from` (a (1,...) result of sequence j) into row j of its `to` ((N,...), made like the first `from` it gets).
-void put_rows(Results results, std::int64_t j, std::int64_t N) {
-  for (auto [from, to] : results) {
-    if (from->empty()) continue;
-    if (to->empty()) {
-      Shape shape = from->shape();
-      shape[0] = N;
-      *to = Tensor(shape, from->dtype());
-    }
-    std::memcpy(to->bytes() + static_cast<std::size_t>(j) * from->nbytes(), from->bytes(), from->nbytes());
-  }
-}
 
 // Each `from` (a (1,NH,len,...) or (1,NH,len) result of the sequence at token t0) into its `to` ((1,NH,S,...), made
 // like the first `from` it gets).
@@ -39,6 +27,33 @@ void put_tokens(Results results, std::int64_t t0, std::int64_t S) {
 }
 
 }  // namespace
+
+void put_rows(Results results, std::int64_t j, std::int64_t N) {
+  for (auto [from, to] : results) {
+    if (from->empty()) continue;
+    if (to->empty()) {
+      Shape shape = from->shape();
+      shape[0] = N;
+      *to = Tensor(shape, from->dtype());
+    }
+    const std::size_t row = from->nbytes() / static_cast<std::size_t>(from->dim(0));
+    std::memcpy(to->bytes() + static_cast<std::size_t>(j) * row, from->bytes(), from->nbytes());
+  }
+}
+
+std::vector<Piece> pieces(const ForwardArgs& args, const ProblemShape& p, std::int64_t most) {
+  std::vector<Piece> out;
+  auto cut = [&](std::int64_t s0, std::int64_t s1, std::int64_t sequence) {
+    for (std::int64_t t0 = s0; t0 < s1; t0 += most)
+      out.push_back({t0, std::min(s1, t0 + most), sequence, t0 == s0, t0 + most >= s1});
+  };
+  if (!p.packed()) {
+    cut(0, p.S, 0);
+    return out;
+  }
+  for (std::int64_t j = 0; j < p.N; ++j) cut(range(args, j).first, range(args, j).second, j);
+  return out;
+}
 
 std::pair<std::int64_t, std::int64_t> range(const ForwardArgs& args, std::int64_t j) {
   return {args.cu_seqlens[static_cast<std::size_t>(j)], args.cu_seqlens[static_cast<std::size_t>(j + 1)]};

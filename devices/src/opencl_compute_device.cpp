@@ -305,32 +305,6 @@ class OpenCLComputeDevice final : public ComputeDevice {
     return c;
   }
 
-  // h goes into `out` when given (forward_into: downloaded straight there when it is this device's page-locked
-  // memory), else into the result's own h.
-  // With keep.to, the stream keeps the state leaving every piece (the state entering the next one, and at the end
-  // the state leaving the segment) for a later backward, which then starts its pieces there.
-  // A piece of a streamed forward: tokens [t0, t1); `sequence` >= 0 when it starts packed sequence `sequence` (the
-  // stream starts afresh there), `last` when it ends a packed sequence (its leaving state is that sequence's last).
-  struct StreamPiece {
-    std::int64_t t0 = 0, t1 = 0;
-    std::int64_t sequence = -1;  // the packed sequence it belongs to (-1: not packed)
-    bool first = false, last = false;
-  };
-  // Pieces of at most `piece` tokens: of the row, or of every packed sequence (a piece never spans two).
-  static std::vector<StreamPiece> stream_pieces(const ForwardArgs& a, const ProblemShape& p, std::int64_t piece) {
-    std::vector<StreamPiece> out;
-    if (!p.packed()) {
-      for (std::int64_t t0 = 0; t0 < p.S; t0 += piece) out.push_back({t0, std::min(p.S, t0 + piece)});
-      return out;
-    }
-    for (std::int64_t j = 0; j < p.N; ++j) {
-      const auto [s0, s1] = packed::range(a, j);
-      for (std::int64_t t0 = s0; t0 < s1; t0 += piece)
-        out.push_back({t0, std::min(s1, t0 + piece), j, t0 == s0, t0 + piece >= s1});
-    }
-    return out;
-  }
-
   // The forward of a long host-resident sequence as a stream of pieces (DeviceStream): this thread copies piece
   // p+1 into pinned staging and enqueues it while piece p computes, and a second thread waits for each piece's
   // h and copies it into the result, so the two host copies overlap each other as well as the transfers. Inputs
@@ -354,7 +328,7 @@ class OpenCLComputeDevice final : public ComputeDevice {
     ProblemShape piece = p;
     piece.N = 0;
     piece.S = stream_piece_tokens(p, o);
-    const std::vector<StreamPiece> plan = stream_pieces(a, p, piece.S);
+    const std::vector<packed::Piece> plan = packed::pieces(a, p, piece.S);
     std::unique_ptr<opencl::DeviceStream> held = p.packed() ? reuse_stream(stream_config(piece, o), {}, {}, {})
                                                             : reuse_stream(stream_config(piece, o), a.c0, a.n0, a.m0);
     opencl::DeviceStream& stream = *held;
@@ -389,7 +363,7 @@ class OpenCLComputeDevice final : public ComputeDevice {
             changed.wait(lock, [&] { return submitted > j || stop; });
             if (submitted <= j) return;  // the producer failed
           }
-          const StreamPiece& sp = plan[static_cast<std::size_t>(j)];
+          const packed::Piece& sp = plan[static_cast<std::size_t>(j)];
           const ScopedTrace take([&] { return "streamed forward: piece " + std::to_string(j) + " taken"; });
           stream.take_into(static_cast<std::uint64_t>(j), sequence_slice(out, sp.t0, sp.t1));
         }
@@ -402,11 +376,13 @@ class OpenCLComputeDevice final : public ComputeDevice {
     std::exception_ptr producer_error;
     try {
       for (std::int64_t j = 0; j < pieces; ++j) {
-        const StreamPiece& sp = plan[static_cast<std::size_t>(j)];
+        const packed::Piece& sp = plan[static_cast<std::size_t>(j)];
         const ScopedTrace push([&] { return "streamed forward: piece " + std::to_string(j) + " pushed"; });
+        // A packed sequence starts afresh (from its own initial state or zero) and its last state comes down behind
+        // its last piece; an unpacked row's stream started from c0 (reuse_stream) and its last state is read below.
         const std::int64_t seq = sp.sequence;
-        if (sp.first) stream.start_sequence(row(a.c0, seq), row(a.n0, seq), row(a.m0, seq));  // (empty: zero state)
-        if (sp.last && o.return_last_states)
+        if (p.packed() && sp.first) stream.start_sequence(row(a.c0, seq), row(a.n0, seq), row(a.m0, seq));
+        if (p.packed() && sp.last && o.return_last_states)
           stream.state_after_next_piece_into(row(r.c.view(), seq), row(r.n.view(), seq), row(r.m.view(), seq));
         (void)stream.push(sequence_slice(rows, sp.t0, sp.t1), /*inputs_outlive_piece=*/true,
                           sequence_slice(out, sp.t0, sp.t1));
@@ -542,34 +518,24 @@ class OpenCLComputeDevice final : public ComputeDevice {
   BackwardResult packed_tensor_core_backward(const BackwardArgs& a, const MlstmOptions& o, const ProblemShape& p,
                                              const GradientViews& out) {
     if (!a.checkpoints && streams_backward(a, o, p, &out, /*any_length=*/true)) {
-      const std::int64_t piece = stream_piece_tokens(p, o);
+      // Whole sequences per run, as many as fit; the run cuts them into these same pieces.
+      const std::vector<packed::Piece> all = packed::pieces(a.inputs, p, stream_piece_tokens(p, o));
       const std::int64_t most = backward_run_pieces(p, device_->info().global_memory);
       BackwardResult states;
-      if (a.inputs.has_initial_state()) {
-        states.dc0 = Tensor({p.N, p.NH, p.DHQK, p.DHHV}, DType::f32);
-        states.dn0 = Tensor({p.N, p.NH, p.DHQK}, DType::f32);
-        states.dm0 = Tensor({p.N, p.NH}, DType::f32);
-      }
-      for (std::int64_t j0 = 0; j0 < p.N;) {
-        std::int64_t j1 = j0, pieces = 0;
-        while (j1 < p.N) {
-          const auto [s0, s1] = packed::range(a.inputs, j1);
-          const std::int64_t more = (s1 - s0 + piece - 1) / piece;
-          if (j1 > j0 && pieces + more > most) break;
-          pieces += more;
-          ++j1;
+      for (std::size_t begin = 0; begin < all.size();) {
+        std::size_t end = begin;  // past the group's last piece (at least one sequence)
+        for (std::size_t next = begin; next < all.size(); ++next) {
+          if (!all[next].last) continue;
+          if (end > begin && static_cast<std::int64_t>(next + 1 - begin) > most) break;
+          end = next + 1;
         }
+        const std::int64_t j0 = all[begin].sequence, j1 = all[end - 1].sequence + 1;
         std::vector<std::int64_t> offsets;
         const BackwardArgs group = packed::sequences(a, j0, j1, offsets);
-        const GradientViews into = out.slice(packed::range(a.inputs, j0).first, packed::range(a.inputs, j1 - 1).second);
+        const GradientViews into = out.slice(all[begin].t0, all[end - 1].t1);
         BackwardResult r = tensor_core_backward(group, o, validate_backward(group, o), &into, /*packed_sequence=*/true);
-        for (auto [from, to] :
-             {std::pair{&r.dc0, &states.dc0}, std::pair{&r.dn0, &states.dn0}, std::pair{&r.dm0, &states.dm0}}) {
-          if (to->empty()) continue;
-          const std::size_t row = to->nbytes() / static_cast<std::size_t>(p.N);
-          std::memcpy(to->bytes() + static_cast<std::size_t>(j0) * row, from->bytes(), from->nbytes());
-        }
-        j0 = j1;
+        packed::put_rows({{&r.dc0, &states.dc0}, {&r.dn0, &states.dn0}, {&r.dm0, &states.dm0}}, j0, p.N);
+        begin = end;
       }
       return states;
     }

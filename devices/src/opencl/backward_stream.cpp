@@ -43,14 +43,6 @@ void wait_event(cl_event& e, const std::string& device) {
 
 }  // namespace
 
-// A piece of a run: tokens [t0, t0 + len) of the row, of packed sequence `seq` (0 unpacked), which it starts and/or
-// ends. A sequence's first piece starts from its initial state or the zero state, its last one from the gradient of
-// its last state or zero: packed sequences go through the passes one after the other, their pieces pipelined.
-struct BackwardStream::Piece {
-  std::int64_t t0 = 0, len = 0, seq = 0;
-  bool first = false, last = false;
-};
-
 struct BackwardStream::Slot {
   Buffer pinned_in, pinned_out;  // page-locked host staging, mapped for the stream's life
   std::byte* host_in = nullptr;
@@ -85,12 +77,12 @@ struct BackwardStream::Impl {
   std::vector<std::array<Tensor, 2>> seq_dlast;
   // The buffers of the state a piece starts from (its sequence's initial state, or the piece before's leaving
   // state), writing a packed sequence's initial state into `init` first; and whether it has one.
-  std::pair<const std::array<Buffer, 3>*, int> enter(const Piece& pc, std::size_t i, bool has_init, cl_command_queue q,
-                                                     const std::string& device) {
+  std::pair<const std::array<Buffer, 3>*, int> enter(const packed::Piece& pc, std::size_t i, bool has_init,
+                                                     cl_command_queue q, const std::string& device) {
     if (!pc.first) return {&entering[i], 1};
     if (!has_init) return {&entering[i], 0};
     if (seq_init.empty()) return {&entering[0], 1};  // unpacked: written there at the start
-    const auto& from = seq_init[static_cast<std::size_t>(pc.seq)];
+    const auto& from = seq_init[static_cast<std::size_t>(pc.sequence)];
     for (std::size_t t = 0; t < 3; ++t)
       check(clEnqueueWriteBuffer(q, init[t].get(), CL_FALSE, 0, from[t].nbytes(), from[t].bytes(), 0, nullptr, nullptr),
             "clEnqueueWriteBuffer(backward stream: initial state)", device);
@@ -274,7 +266,7 @@ struct Launcher {
 
 }  // namespace
 
-void BackwardStream::states_pass(const BackwardArgs& a, const std::vector<Piece>& pieces) {
+void BackwardStream::states_pass(const BackwardArgs& a, const std::vector<packed::Piece>& pieces) {
   Impl& im = *impl_;
   const Config& c = config_;
   const std::string& dn = device_->name();
@@ -284,13 +276,13 @@ void BackwardStream::states_pass(const BackwardArgs& a, const std::vector<Piece>
   const std::size_t states_global = states_group * static_cast<std::size_t>((c.DHQK / cfg.KT) * (c.DHHV / cfg.VT));
   const ForwardArgs& in = a.inputs;
   for (std::size_t j = 0; j < pieces.size(); ++j) {
-    const Piece& pc = pieces[j];
+    const packed::Piece& pc = pieces[j];
     const ScopedTrace trace([&] { return "backward stream: states of piece " + std::to_string(j); });
     Slot& s = im.slots[j % kSlots];
     wait_event(s.done, dn);
     const auto piece = static_cast<std::int64_t>(j);
-    cl_event up = upload(s, {{in.k, kK}, {in.v, kV}, {in.i, kI}, {in.f, kF}}, pc.t0, pc.len, piece);
-    const int Sp = static_cast<int>(pc.len), NC = (Sp + cfg.L - 1) / cfg.L;
+    cl_event up = upload(s, {{in.k, kK}, {in.v, kV}, {in.i, kI}, {in.f, kF}}, pc.t0, pc.len(), piece);
+    const int Sp = static_cast<int>(pc.len()), NC = (Sp + cfg.L - 1) / cfg.L;
     const auto [from, has_init] = im.enter(pc, j, in.has_initial_state(), im.kernels, dn);
     const auto& to = im.entering[j + 1];
     const cl_mem K = input_buffer(s, kK, piece), V = input_buffer(s, kV, piece), I = input_buffer(s, kI, piece),
@@ -310,7 +302,7 @@ void BackwardStream::states_pass(const BackwardArgs& a, const std::vector<Piece>
   }
 }
 
-void BackwardStream::gradient_pass(const BackwardArgs& a, const std::vector<Piece>& pieces,
+void BackwardStream::gradient_pass(const BackwardArgs& a, const std::vector<packed::Piece>& pieces,
                                    const GradientViews& dest_views, BackwardResult& states) {
   Impl& im = *impl_;
   const Config& c = config_;
@@ -349,7 +341,7 @@ void BackwardStream::gradient_pass(const BackwardArgs& a, const std::vector<Piec
           if (pushed <= k) return;  // the producer failed
         }
         const std::int64_t j = n - 1 - k, t0 = pieces[static_cast<std::size_t>(j)].t0,
-                           len = pieces[static_cast<std::size_t>(j)].len;
+                           len = pieces[static_cast<std::size_t>(j)].len();
         const ScopedTrace trace([&] { return "backward stream: gradients of piece " + std::to_string(j) + " out"; });
         wait_event(downloads[static_cast<std::size_t>(k)], dn);
         const Slot& s = im.slots[k % kSlots];
@@ -374,8 +366,8 @@ void BackwardStream::gradient_pass(const BackwardArgs& a, const std::vector<Piec
   try {
     for (std::int64_t k = 0; k < n; ++k) {
       const std::int64_t j = n - 1 - k;
-      const Piece& pc = pieces[static_cast<std::size_t>(j)];
-      const std::int64_t t0 = pc.t0, len = pc.len;
+      const packed::Piece& pc = pieces[static_cast<std::size_t>(j)];
+      const std::int64_t t0 = pc.t0, len = pc.len();
       const ScopedTrace trace([&] { return "backward stream: gradients of piece " + std::to_string(j) + " in"; });
       Slot& s = im.slots[k % kSlots];
       {
@@ -402,7 +394,7 @@ void BackwardStream::gradient_pass(const BackwardArgs& a, const std::vector<Piec
       const Buffer &dc0 = im.dC[j % 2], &dn0 = im.dN[j % 2];
       if (pc.last && user_dlast && !im.seq_dlast.empty()) {
         // A packed sequence's last-state gradient, after the kernels of the pieces before (in order).
-        const auto& from = im.seq_dlast[static_cast<std::size_t>(pc.seq)];
+        const auto& from = im.seq_dlast[static_cast<std::size_t>(pc.sequence)];
         const Buffer* into[2] = {&im.dc_last, &im.dn_last};
         for (std::size_t t = 0; t < 2; ++t)
           check(clEnqueueWriteBuffer(im.kernels, into[t]->get(), CL_FALSE, 0, from[t].nbytes(), from[t].bytes(), 0,
@@ -440,7 +432,7 @@ void BackwardStream::gradient_pass(const BackwardArgs& a, const std::vector<Piec
                static_cast<std::size_t>(cfg.gate_group), nullptr, &computed);
         if (pc.first && in.has_initial_state()) {
           // The gradient of the sequence's initial state: in dC, dN and dM until the next piece's kernels (in order).
-          const std::int64_t row = pc.seq;
+          const std::int64_t row = pc.sequence;
           const std::pair<const Buffer*, Tensor*> grads[3] = {
               {&dc0, &states.dc0}, {&dn0, &states.dn0}, {&im.dM, &states.dm0}};
           for (const auto& [from, to] : grads) {
@@ -531,18 +523,10 @@ BackwardResult BackwardStream::run_pieces(const BackwardArgs& a, const GradientV
   Impl& im = *impl_;
   Device& dev = *device_;
   const std::string& dn = dev.name();
-  // The pieces: of the row, or of every packed sequence in turn (a piece never spans two).
-  std::vector<Piece> pieces;
-  if (p.packed()) {
-    for (std::int64_t j = 0; j < p.N; ++j) {
-      const auto [s0, s1] = packed::range(a.inputs, j);
-      for (std::int64_t t0 = s0; t0 < s1; t0 += c.max_piece)
-        pieces.push_back({t0, std::min(c.max_piece, s1 - t0), j, t0 == s0, t0 + c.max_piece >= s1});
-    }
-  } else {
-    for (std::int64_t t0 = 0; t0 < p.S; t0 += c.max_piece)
-      pieces.push_back({t0, std::min(c.max_piece, p.S - t0), 0, t0 == 0, t0 + c.max_piece >= p.S});
-  }
+  // The pieces: of the row, or of every packed sequence in turn (a piece never spans two). A sequence's first piece
+  // starts from its initial state or zero, its last one from its last-state gradient or zero: packed sequences go
+  // through the passes one after the other, their pieces pipelined.
+  const std::vector<packed::Piece> pieces = packed::pieces(a.inputs, p, c.max_piece);
   const auto n = static_cast<std::int64_t>(pieces.size());
   pieces_ = n;
   // The kept state entering piece j (j = n: leaving the call), on this device or on the host.

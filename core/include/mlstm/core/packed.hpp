@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <initializer_list>
 #include <utility>
 #include <vector>
 
@@ -23,6 +24,21 @@ View rows(View t, std::int64_t j0, std::int64_t j1) {
   shape[0] = j1 - j0;
   return View(t.select0(j0).bytes(), t.dtype(), shape, t.strides());
 }
+
+// A piece of a stream over a row: tokens [t0, t1), of packed sequence `sequence` (0 in an unpacked row), whose first
+// and/or last piece it is.
+struct Piece {
+  std::int64_t t0 = 0, t1 = 0, sequence = 0;
+  bool first = false, last = false;
+  std::int64_t len() const noexcept { return t1 - t0; }
+};
+// The pieces of at most `most` tokens of problem p's row (args validated as p), in order: of the row, or of every
+// packed sequence in turn (a piece never spans two).
+std::vector<Piece> pieces(const ForwardArgs& args, const ProblemShape& p, std::int64_t most);
+
+// Each `from` (rows of sequences j, j+1, ... of a (k,...) result: states or their gradients) into those rows of its
+// `to` ((N,...), made like the first `from` it gets). An empty `from` is skipped.
+void put_rows(std::initializer_list<std::pair<Tensor*, Tensor*>> results, std::int64_t j, std::int64_t N);
 
 // Sequences [j0, j1) of packed args already validated, as a packed problem of their own: their tokens and states
 // (views), and `offsets` (the caller's storage, which the result's cu_seqlens points into) rebased to 0.

@@ -21,6 +21,7 @@
 #include <memory>
 #include <vector>
 
+#include "mlstm/core/packed.hpp"
 #include "mlstm/core/problem.hpp"
 #include "mlstm/devices/opencl/device.hpp"
 
@@ -73,9 +74,8 @@ class BackwardStream {
  private:
   struct Slot;
   struct Impl;
-  struct Piece;
-  void states_pass(const BackwardArgs& a, const std::vector<Piece>& pieces);
-  void gradient_pass(const BackwardArgs& a, const std::vector<Piece>& pieces, const GradientViews& dest,
+  void states_pass(const BackwardArgs& a, const std::vector<packed::Piece>& pieces);
+  void gradient_pass(const BackwardArgs& a, const std::vector<packed::Piece>& pieces, const GradientViews& dest,
                      BackwardResult& states);
   // Enqueues the uploads of one piece's tensors (their slices [t0, t0+len) copied into slot's staging first, unless
   // they lie in the device's page-locked memory);
