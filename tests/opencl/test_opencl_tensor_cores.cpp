@@ -30,9 +30,10 @@ using testing::InputSpec;
 using testing::spec;
 
 // Real tensor cores where the device has them, the emulation elsewhere.
-opencl::TensorCoreRunner runner_for(const std::shared_ptr<opencl::Device>& dev) {
+opencl::TensorCoreRunner runner_for(const std::shared_ptr<opencl::Device>& dev, int shards = 0) {
   opencl::TensorCoreRunner::Config config;
   config.emulate = !opencl::tensor_core_support(dev->info()).available;
+  config.shards = shards;
   return opencl::TensorCoreRunner(dev, config);
 }
 
@@ -75,11 +76,12 @@ struct TcCase {
   std::int64_t chunk = 64;
   bool normalize = true;
   bool last_state_grads = false;
+  int shards = 0;  // TensorCoreRunner::Config::shards (0: the device's choice, no split on PoCL's few rows)
 };
 
 void PrintTo(const TcCase& c, std::ostream* os) {
   *os << "L=" << c.chunk << " " << c.spec.describe() << (c.normalize ? "" : " nonorm")
-      << (c.last_state_grads ? " dlast" : "");
+      << (c.last_state_grads ? " dlast" : "") << (c.shards ? " shards=" + std::to_string(c.shards) : "");
 }
 
 class TensorCores : public ::testing::TestWithParam<TcCase> {};
@@ -89,7 +91,7 @@ TEST_P(TensorCores, ForwardAndBackwardMatchReference) {
   REQUIRE_OPENCL();
   const TcCase c = GetParam();
   const auto dev = first_device();
-  const auto runner = runner_for(dev);
+  const auto runner = runner_for(dev, c.shards);
   MlstmOptions o;
   o.gate = c.spec.gate;
   o.chunk_size = c.chunk;
@@ -158,6 +160,19 @@ INSTANTIATE_TEST_SUITE_P(
                       TcCase{spec(1, 1, 90, 16, 16, DType::bf16, GateVariant::sigmoid, false), 64, false},
                       TcCase{spec(1, 1, 200, 32, 16, DType::bf16, GateVariant::exp, true, GateRegime::extreme), 128}));
 
+// The sequence split inside the device (Config::shards, tc_gates.cl "The sequence split"): each row runs as shards of
+// whole chunks whose states are chained by the combine kernels; the same bounds against the float64 recurrence.
+// Shards of one chunk, of several, three shards, both gates, with and without initial state and last-state
+// gradients, chunk 128 under extreme gates.
+INSTANTIATE_TEST_SUITE_P(
+    Shards, TensorCores,
+    ::testing::Values(TcCase{spec(1, 2, 256, 32, 32, DType::bf16, GateVariant::exp, true), 64, true, true, 4},
+                      TcCase{spec(2, 1, 384, 16, 32, DType::f16, GateVariant::exp, false), 64, true, false, 3},
+                      TcCase{spec(1, 1, 384, 16, 16, DType::bf16, GateVariant::sigmoid, true), 64, true, true, 2},
+                      TcCase{spec(1, 2, 256, 16, 16, DType::bf16, GateVariant::sigmoid, false), 64, false, false, 4},
+                      TcCase{spec(1, 1, 512, 32, 16, DType::bf16, GateVariant::exp, true, GateRegime::extreme), 128,
+                             true, true, 2}));
+
 // Gates at +-inf (stages.hpp "Gates at +-inf"; the tensor cores clamp lf at -256 in tc_fw_gates): forward and
 // backward against the float64 recurrence, with close16's bounds. Last states through last_state_matches (an
 // emptied state leaves as (C, n) under m - 256 per cut), at 5x the h bound element-wise as close16 does.
@@ -167,7 +182,7 @@ TEST_P(TensorCoresInf, ForwardAndBackwardMatchReference) {
   REQUIRE_OPENCL();
   const TcCase c = GetParam();
   const auto dev = first_device();
-  const auto runner = runner_for(dev);
+  const auto runner = runner_for(dev, c.shards);
   MlstmOptions o;
   o.gate = c.spec.gate;
   o.chunk_size = c.chunk;
@@ -197,9 +212,9 @@ TEST_P(TensorCoresInf, ForwardAndBackwardMatchReference) {
   }
 }
 
-TcCase tc_inf(InputSpec s, testing::InfGates g, std::int64_t chunk, bool last_grads) {
+TcCase tc_inf(InputSpec s, testing::InfGates g, std::int64_t chunk, bool last_grads, int shards = 0) {
   s.inf = g;
-  return TcCase{s, chunk, true, last_grads};
+  return TcCase{s, chunk, true, last_grads, shards};
 }
 
 // Few, small cases (emulated on PoCL, see above).
@@ -211,7 +226,14 @@ INSTANTIATE_TEST_SUITE_P(
         tc_inf(spec(1, 2, 100, 16, 32, DType::f16, GateVariant::exp, true), testing::InfGates::all_neg, 64, true),
         tc_inf(spec(1, 2, 100, 16, 32, DType::bf16, GateVariant::exp, true), testing::InfGates::all_neg_end, 64, false),
         tc_inf(spec(1, 2, 100, 16, 16, DType::bf16, GateVariant::sigmoid, true), testing::InfGates::mixed, 64, true),
-        tc_inf(spec(1, 1, 130, 16, 16, DType::f16, GateVariant::exp, false), testing::InfGates::input_neg, 64, true)));
+        tc_inf(spec(1, 1, 130, 16, 16, DType::f16, GateVariant::exp, false), testing::InfGates::input_neg, 64, true),
+        // Shards of the sequence split: cuts at and next to shard boundaries (64, 128, ...), an all -inf block
+        // across one, input gates of -inf opening shards.
+        tc_inf(spec(1, 2, 256, 32, 32, DType::bf16, GateVariant::exp, true), testing::InfGates::forget_neg, 64, true,
+               4),
+        tc_inf(spec(1, 2, 256, 16, 32, DType::bf16, GateVariant::exp, false), testing::InfGates::all_neg, 64, true, 2),
+        tc_inf(spec(1, 1, 256, 16, 16, DType::f16, GateVariant::exp, true), testing::InfGates::input_neg, 64, true,
+               4)));
 
 // The resident problem: repeated passes give identical results, and every launch reports an event.
 TEST(TensorCoreResident, RepeatedPassesAreIdenticalAndTimed) {
@@ -243,6 +265,89 @@ TEST(TensorCoreResident, RepeatedPassesAreIdenticalAndTimed) {
   auto no_grads = runner.resident(in.args(), o);
   no_grads->enqueue_forward();
   EXPECT_THROW(no_grads->enqueue_backward(), Error);
+}
+
+// The sequence split runs its combine kernels (so the Shards cases above do split), gives what one shard per row
+// gives within the 16-bit rounding of the boundary states, and follows MLSTM_TC_SHARDS when the runner leaves the
+// choice to the device; a row that is not a whole number of chunks is never split.
+std::vector<std::string> launched(opencl::ResidentChunkwise& r) {
+  std::vector<opencl::KernelEvent> events;
+  r.enqueue_forward(&events);
+  r.enqueue_backward(&events);
+  std::vector<std::string> names;
+  for (const auto& e : opencl::time_events(events, "test").kernels_ms) names.push_back(e.first);
+  return names;
+}
+bool has(const std::vector<std::string>& names, const char* name) {
+  return std::find(names.begin(), names.end(), name) != names.end();
+}
+// Sets an environment variable for its scope.
+struct ScopedEnv {
+  const char* name;
+  ScopedEnv(const char* n, const char* value) : name(n) { ::setenv(n, value, 1); }
+  ~ScopedEnv() { ::unsetenv(name); }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+};
+
+TEST(TensorCoreShards, SplitChainsTheShardsAndFollowsTheOverride) {
+  REQUIRE_OPENCL();
+  const auto dev = first_device();
+  const InputSpec s = spec(1, 2, 192, 16, 16, DType::bf16, GateVariant::exp, true);
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  const auto bargs = in.backward_args(true);
+  MlstmOptions o;
+  auto one = runner_for(dev, 1).resident(in.args(), o, &bargs);
+  auto three = runner_for(dev, 3).resident(in.args(), o, &bargs);
+  const auto names1 = launched(*one), names3 = launched(*three);
+  EXPECT_FALSE(has(names1, "tc_shard_fw_combine"));
+  EXPECT_TRUE(has(names3, "tc_shard_fw_combine"));
+  EXPECT_TRUE(has(names3, "tc_shard_bw_combine"));
+  const auto f1 = one->read_forward(), f3 = three->read_forward();
+  const auto g1 = one->read_backward(), g3 = three->read_backward();
+  EXPECT_TRUE(close16(f3.h, f1.h, 2e-2, "h, 3 shards vs 1", s));
+  EXPECT_TRUE(close16(f3.c, f1.c, 2e-2, "c_last, 3 shards vs 1", s));
+  EXPECT_TRUE(close_absolute(f3.m, f1.m, 1e-4, "m_last, 3 shards vs 1"));
+  EXPECT_TRUE(close16(g3.dk, g1.dk, 5e-2, "dk, 3 shards vs 1", s));
+  EXPECT_TRUE(close16(g3.df, g1.df, 5e-2, "df, 3 shards vs 1", s));
+  EXPECT_TRUE(close16(g3.dc0, g1.dc0, 5e-2, "dc0, 3 shards vs 1", s));
+
+  // Shards whose own input gates are far below the state entering them (i - 20, forget gates near 1 after the first
+  // shard): there the combine's max takes the entering state's stabiliser, and the shard's summary is scaled down.
+  {
+    auto dom = testing::make_inputs(s, testing::fresh_seed());
+    auto iv = dom.i.to_vector(), fv = dom.f.to_vector();
+    for (std::size_t e = 0; e < iv.size(); ++e)
+      if (static_cast<std::int64_t>(e) % s.S >= 64) {
+        iv[e] -= 20.0;
+        fv[e] = 8.0 + 0.1 * fv[e];
+      }
+    dom.i = Tensor::from(iv, dom.i.shape(), dom.i.dtype());
+    dom.f = Tensor::from(fv, dom.f.shape(), dom.f.dtype());
+    ASSERT_GE(testing::quiet_normaliser_kinks(dom, o, s), 0);
+    const auto dargs = dom.backward_args(true);
+    const auto fw = runner_for(dev, 3).forward(dom.args(), o);
+    const auto ref = reference::recurrent_forward(dom.args(), o);
+    const auto ill = testing::near_normaliser_kink(dom, o, s);
+    EXPECT_TRUE(close16(testing::replace_tokens(fw.h, ref.h, ill), ref.h, 2e-2, "h, dominated shards", s));
+    EXPECT_TRUE(close16(fw.c, ref.c, 2e-2, "c_last, dominated shards", s));
+    EXPECT_TRUE(close_absolute(fw.m, ref.m, 1e-4, "m_last, dominated shards"));
+    const auto bw = runner_for(dev, 3).backward(dargs, o);
+    const auto rb = reference::recurrent_backward(dargs, o, reference::StabilizerGradient::stop);
+    EXPECT_TRUE(close16(bw.dk, rb.dk, 5e-2, "dk, dominated shards", s));
+    EXPECT_TRUE(close16(bw.dc0, rb.dc0, 5e-2, "dc0, dominated shards", s));
+  }
+
+  ScopedEnv split("MLSTM_TC_SHARDS", "3");
+  EXPECT_TRUE(has(launched(*runner_for(dev).resident(in.args(), o, &bargs)), "tc_shard_fw_combine"));
+  EXPECT_FALSE(has(launched(*runner_for(dev, 1).resident(in.args(), o, &bargs)), "tc_shard_fw_combine"))
+      << "the runner's own choice wins over the environment";
+  const InputSpec ragged = spec(1, 2, 190, 16, 16, DType::bf16, GateVariant::exp, true);
+  const auto rin = testing::make_inputs(ragged, testing::fresh_seed());
+  const auto rargs = rin.backward_args(true);
+  EXPECT_FALSE(has(launched(*runner_for(dev, 3).resident(rin.args(), o, &rargs)), "tc_shard_fw_combine"));
+  ScopedEnv bad("MLSTM_TC_SHARDS", "many");
+  EXPECT_FALSE(has(launched(*runner_for(dev).resident(in.args(), o, &bargs)), "tc_shard_fw_combine"));
 }
 
 // The state leaving a segment started from the EMPTY state (sequence parallelism) equals the portable one.

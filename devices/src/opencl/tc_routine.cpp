@@ -5,6 +5,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include <spdlog/spdlog.h>
+
 #include "internal.hpp"
 #include "mlstm/core/env.hpp"
 #include "tc_program.hpp"
@@ -34,12 +36,49 @@ bool switched_off_by_environment() {
   return s == "off" || s == "0" || s == "false" || s == "no";
 }
 
+// The sequence split inside one device: how many shards each row runs as (kernels/opencl/tc/tc_gates.cl, "The
+// sequence split"). The state kernels walk a row's chunks one after the other in rows x state-tiles work-groups;
+// with few rows most of the device idles, so each row runs as P shards of NC/P chunks (P divides NC; S a whole
+// number of chunks), at the price of a second states pass and a small combine. `requested` > 0 (Config::shards,
+// MLSTM_TC_SHARDS) takes the largest such P up to it; 0 chooses: P = 1 while rows x tiles fill the device's
+// compute units, else the largest divisor of NC up to 2 x compute units / (rows x tiles) that leaves each shard
+// at least 4 chunks.
+int choose_shards(const Device& dev, const TcConfig& cfg, const ProblemShape& p, int NC, int requested) {
+  constexpr int kMaxShards = 256;  // MAX_SHARDS of tc_gates.cl
+  if (p.S % cfg.L != 0 || NC < 2) return 1;
+  if (requested == 0) {
+    if (const auto v = env::get("MLSTM_TC_SHARDS")) {
+      try {
+        requested = std::stoi(*v);
+      } catch (const std::exception&) {
+        requested = -1;
+      }
+      if (requested <= 0) {
+        spdlog::warn("mlstm-flow: MLSTM_TC_SHARDS='{}' is not a positive count; ignored", *v);
+        requested = 0;
+      }
+    }
+  }
+  int limit = std::min(requested, NC);
+  if (requested == 0) {
+    const std::int64_t groups = p.rows() * (p.DHQK / cfg.KT) * (p.DHHV / cfg.VT);
+    const std::int64_t units = std::max<std::int64_t>(1, dev.info().compute_units);
+    if (groups >= units) return 1;
+    limit = static_cast<int>(std::min<std::int64_t>((2 * units + groups - 1) / groups, NC / 4));
+  }
+  limit = std::min(limit, kMaxShards);
+  for (int d = limit; d > 1; --d)
+    if (NC % d == 0) return d;
+  return 1;
+}
+
 // One problem on one device with every buffer of the forward and the backward.
 class ResidentTensorCore final : public ResidentChunkwise {
  public:
-  ResidentTensorCore(std::shared_ptr<Device> device, bool emulate, const ForwardArgs& a, const MlstmOptions& o,
-                     const BackwardArgs* grads)
+  ResidentTensorCore(std::shared_ptr<Device> device, const TensorCoreRunner::Config& config, const ForwardArgs& a,
+                     const MlstmOptions& o, const BackwardArgs* grads)
       : device_(std::move(device)), options_(o) {
+    const bool emulate = config.emulate;
     shape_ = grads ? validate_backward(*grads, o) : validate_forward(a, o);
     check_not_packed(shape_, "the tensor-core routine");
     Device& dev = *device_;
@@ -48,6 +87,10 @@ class ResidentTensorCore final : public ResidentChunkwise {
     rows_ = static_cast<int>(shape_.rows());
     S_ = static_cast<int>(shape_.S);
     NC_ = (S_ + cfg_.L - 1) / cfg_.L;
+    P_ = choose_shards(dev, cfg_, shape_, NC_, config.shards);
+    R_ = rows_ * P_;
+    Ss_ = S_ / P_;
+    NCs_ = NC_ / P_;
     has_init_ = a.has_initial_state() ? 1 : 0;
     has_grads_ = grads != nullptr;
     has_dlast_ = grads && !grads->dc_last.empty() ? 1 : 0;
@@ -60,6 +103,10 @@ class ResidentTensorCore final : public ResidentChunkwise {
     k_gates_ = KernelObject{dev.kernel(gates, "tc_fw_gates")};
     k_fw_states_ = KernelObject{dev.kernel(fw_states, "tc_fw_states")};
     k_fw_outputs_ = KernelObject{dev.kernel(fw_out, "tc_fw_outputs")};
+    if (P_ > 1) {
+      k_fw_combine_ = KernelObject{dev.kernel(gates, "tc_shard_fw_combine")};
+      if (has_grads_) k_bw_combine_ = KernelObject{dev.kernel(gates, "tc_shard_bw_combine")};
+    }
     if (has_grads_) {
       cl_program bw_states = dev.program_from_text("tc_states", tc_source_text("tc_states"), cfg_.states(1));
       k_bw_prep_ = KernelObject{dev.kernel(gates, "tc_bw_prep")};
@@ -101,7 +148,9 @@ class ResidentTensorCore final : public ResidentChunkwise {
     gpm_ = f32buf(tok);
     gG_ = f32buf(static_cast<std::size_t>(rows_) * NC_);
     gA_ = f32buf(static_cast<std::size_t>(rows_) * NC_);
-    mst_ = f32buf(static_cast<std::size_t>(rows_) * (NC_ + 1));
+    // Per-token and per-chunk arrays keep their layout with shards (row r, shard p is row r * P + p of S/P tokens);
+    // mst has NC/P + 1 entries per shard.
+    mst_ = f32buf(static_cast<std::size_t>(R_) * (NCs_ + 1));
     Cst_ = dev.acquire(static_cast<std::size_t>(rows_) * NC_ * kv * 2);
     nst_ = f32buf(static_cast<std::size_t>(rows_) * NC_ * K);
     c_last_ = f32buf(rows_ * kv);
@@ -120,10 +169,26 @@ class ResidentTensorCore final : public ResidentChunkwise {
               "clEnqueueFillBuffer", dn);
       check(clFinish(dev.queue()), "clFinish", dn);
     }
-    set_args(k_gates_.k, dn, i_, f_, gb_, gbi_, gpm_, gG_, gA_, S_, NC_);
-    set_args(k_fw_states_.k, dn, k_, v_, gbi_, gG_, gA_, c0_, n0_, m0_, has_init_, Cst_, nst_, mst_, c_last_, n_last_,
-             m_last_, S_, NC_);
-    set_args(k_fw_outputs_.k, dn, q_, k_, v_, Cst_, nst_, mst_, gb_, gbi_, gpm_, h_, Nt_, sgt_, S_, NC_);
+    set_args(k_gates_.k, dn, i_, f_, gb_, gbi_, gpm_, gG_, gA_, Ss_, NCs_);
+    if (P_ == 1) {
+      set_args(k_fw_states_.k, dn, k_, v_, gbi_, gG_, gA_, c0_, n0_, m0_, has_init_, Cst_, nst_, mst_, c_last_, n_last_,
+               m_last_, S_, NC_);
+    } else {
+      // Both states passes read the shards' entering states from sc_in_ (the EMPTY state, then the combined ones)
+      // and write the states leaving them to sc_last_.
+      const std::size_t R = static_cast<std::size_t>(R_);
+      sc_in_ = f32buf(R * kv);
+      sn_in_ = f32buf(R * static_cast<std::size_t>(K));
+      sm_in_ = f32buf(R);
+      sc_last_ = f32buf(R * kv);
+      sn_last_ = f32buf(R * static_cast<std::size_t>(K));
+      sm_last_ = f32buf(R);
+      set_args(k_fw_states_.k, dn, k_, v_, gbi_, gG_, gA_, sc_in_, sn_in_, sm_in_, 1, Cst_, nst_, mst_, sc_last_,
+               sn_last_, sm_last_, Ss_, NCs_);
+      set_args(k_fw_combine_.k, dn, gG_, sc_last_, sn_last_, sm_last_, c0_, n0_, m0_, has_init_, sc_in_, sn_in_, sm_in_,
+               P_, NCs_);
+    }
+    set_args(k_fw_outputs_.k, dn, q_, k_, v_, Cst_, nst_, mst_, gb_, gbi_, gpm_, h_, Nt_, sgt_, Ss_, NCs_);
     if (has_grads_) {
       dh_ = up16(grads->dh);
       if (has_dlast_) {
@@ -147,13 +212,27 @@ class ResidentTensorCore final : public ResidentChunkwise {
       kdk_ = f32buf(static_cast<std::size_t>(nparts) * tok);
       di_ = f32buf(tok);
       df_ = f32buf(tok);
-      set_args(k_bw_prep_.k, dn, dh_, h_, Nt_, sgt_, dden_, S_);
-      set_args(k_bw_states_.k, dn, q_, dh_, gb_, gpm_, gG_, mst_, Nt_, dden_, dc_last_, dn_last_, has_dlast_, dCst_,
-               dnst_, dc0_, dn0_, S_, NC_);
-      set_args(k_bw_dq_.k, dn, dh_, v_, k_, Cst_, nst_, mst_, gb_, gbi_, gpm_, Nt_, dden_, q_, dq_, qdq_, S_, NC_);
-      set_args(k_bw_dk_.k, dn, v_, dh_, q_, dCst_, dnst_, mst_, gb_, gbi_, gpm_, gG_, Nt_, dden_, k_, dk_, kdk_, S_,
-               NC_);
-      set_args(k_bw_dv_.k, dn, k_, q_, dh_, dCst_, mst_, gb_, gbi_, gpm_, gG_, Nt_, dv_, S_, NC_);
+      set_args(k_bw_prep_.k, dn, dh_, h_, Nt_, sgt_, dden_, Ss_);
+      if (P_ == 1) {
+        set_args(k_bw_states_.k, dn, q_, dh_, gb_, gpm_, gG_, mst_, Nt_, dden_, dc_last_, dn_last_, has_dlast_, dCst_,
+                 dnst_, dc0_, dn0_, S_, NC_);
+      } else {
+        // Both passes read the gradient leaving each shard from sdc_last_ (zero, then the combined ones) and write
+        // the gradient entering it to sdc0_.
+        const std::size_t R = static_cast<std::size_t>(R_);
+        sdc_last_ = f32buf(R * kv);
+        sdn_last_ = f32buf(R * static_cast<std::size_t>(K));
+        sdc0_ = f32buf(R * kv);
+        sdn0_ = f32buf(R * static_cast<std::size_t>(K));
+        set_args(k_bw_states_.k, dn, q_, dh_, gb_, gpm_, gG_, mst_, Nt_, dden_, sdc_last_, sdn_last_, 1, dCst_, dnst_,
+                 sdc0_, sdn0_, Ss_, NCs_);
+        set_args(k_bw_combine_.k, dn, gG_, mst_, sdc0_, sdn0_, dc_last_, dn_last_, has_dlast_, sdc_last_, sdn_last_, P_,
+                 NCs_);
+      }
+      set_args(k_bw_dq_.k, dn, dh_, v_, k_, Cst_, nst_, mst_, gb_, gbi_, gpm_, Nt_, dden_, q_, dq_, qdq_, Ss_, NCs_);
+      set_args(k_bw_dk_.k, dn, v_, dh_, q_, dCst_, dnst_, mst_, gb_, gbi_, gpm_, gG_, Nt_, dden_, k_, dk_, kdk_, Ss_,
+               NCs_);
+      set_args(k_bw_dv_.k, dn, k_, q_, dh_, dCst_, mst_, gb_, gbi_, gpm_, gG_, Nt_, dv_, Ss_, NCs_);
       set_args(k_bw_gate_grads_.k, dn, i_, f_, qdq_, kdk_, nparts, dc_last_, dn_last_, c_last_, n_last_, has_dlast_,
                dc0_, dn0_, c0_, n0_, has_init_, di_, df_, dm0_, S_);
     }
@@ -165,10 +244,25 @@ class ResidentTensorCore final : public ResidentChunkwise {
     const std::int64_t K = shape_.DHQK, V = shape_.DHHV;
     const std::size_t states_group = static_cast<std::size_t>(2 * cfg_.KT);
     const std::size_t states_global = states_group * static_cast<std::size_t>((K / cfg_.KT) * (V / cfg_.VT));
-    launch(k_gates_, "tc_fw_gates", static_cast<std::size_t>(NC_) * cfg_.L, static_cast<std::size_t>(cfg_.L), events);
-    launch(k_fw_states_, "tc_fw_states", states_global, states_group, events);
+    launch(k_gates_, "tc_fw_gates", static_cast<std::size_t>(NCs_) * cfg_.L, static_cast<std::size_t>(cfg_.L), events);
+    if (P_ > 1) {
+      // Every shard from the EMPTY state (a finite m far below any weight, so that a shard opening with input gates
+      // of -inf forms no inf - inf), the summaries chained, then every shard from its true entering state.
+      fill(sc_in_, 0.0f);
+      fill(sn_in_, 0.0f);
+      fill(sm_in_, options_.gate == GateVariant::exp ? kShardEmptyM : 0.0f);
+      launch(k_fw_states_, "tc_fw_states", states_global, states_group, events);
+      launch(k_fw_combine_, "tc_shard_fw_combine", combine_global(), kShardGroup, events, rows_);
+      launch(k_fw_states_, "tc_fw_states", states_global, states_group, events);
+      // The row's last state is its last shard's.
+      gather_shard(sc_last_, c_last_, P_ - 1, K * V);
+      gather_shard(sn_last_, n_last_, P_ - 1, K);
+      gather_shard(sm_last_, m_last_, P_ - 1, 1);
+    } else {
+      launch(k_fw_states_, "tc_fw_states", states_global, states_group, events);
+    }
     if (!skip_outputs_)
-      launch(k_fw_outputs_, "tc_fw_outputs", static_cast<std::size_t>(2 * cfg_.L) * NC_ * (V / cfg_.OTf),
+      launch(k_fw_outputs_, "tc_fw_outputs", static_cast<std::size_t>(2 * cfg_.L) * NCs_ * (V / cfg_.OTf),
              static_cast<std::size_t>(2 * cfg_.L), events);
     forward_done_ = true;
   }
@@ -180,14 +274,30 @@ class ResidentTensorCore final : public ResidentChunkwise {
     const std::size_t states_group = static_cast<std::size_t>(2 * cfg_.KT);
     const std::size_t states_global = states_group * static_cast<std::size_t>((K / cfg_.KT) * (V / cfg_.VT));
     const std::size_t L2 = static_cast<std::size_t>(2 * cfg_.L);
-    launch(k_bw_prep_, "tc_bw_prep", static_cast<std::size_t>((S_ + 7) / 8) * 256, 256, events);
-    launch(k_bw_states_, "tc_bw_state_grads", states_global, states_group, events);
-    launch(k_bw_dq_, "tc_bw_grads_dq", L2 * NC_ * static_cast<std::size_t>(K / cfg_.OTq), L2, events);
-    launch(k_bw_dk_, "tc_bw_grads_dk", L2 * NC_ * static_cast<std::size_t>(K / cfg_.OTq), L2, events);
-    launch(k_bw_dv_, "tc_bw_grads_dv", L2 * NC_ * static_cast<std::size_t>(V / cfg_.OTf), L2, events);
+    launch(k_bw_prep_, "tc_bw_prep", static_cast<std::size_t>((Ss_ + 7) / 8) * 256, 256, events);
+    if (P_ > 1) {
+      // Every shard with a zero gradient leaving it, the reverse chain, then every shard with its true one.
+      fill(sdc_last_, 0.0f);
+      fill(sdn_last_, 0.0f);
+      launch(k_bw_states_, "tc_bw_state_grads", states_global, states_group, events);
+      launch(k_bw_combine_, "tc_shard_bw_combine", combine_global(), kShardGroup, events, rows_);
+      launch(k_bw_states_, "tc_bw_state_grads", states_global, states_group, events);
+      // The row's initial-state gradient is its first shard's.
+      gather_shard(sdc0_, dc0_, 0, K * V);
+      gather_shard(sdn0_, dn0_, 0, K);
+    } else {
+      launch(k_bw_states_, "tc_bw_state_grads", states_global, states_group, events);
+    }
+    launch(k_bw_dq_, "tc_bw_grads_dq", L2 * NCs_ * static_cast<std::size_t>(K / cfg_.OTq), L2, events);
+    launch(k_bw_dk_, "tc_bw_grads_dk", L2 * NCs_ * static_cast<std::size_t>(K / cfg_.OTq), L2, events);
+    launch(k_bw_dv_, "tc_bw_grads_dv", L2 * NCs_ * static_cast<std::size_t>(V / cfg_.OTf), L2, events);
+    // The gate gradients run over whole rows (a reverse cumsum over the sequence).
     launch(k_bw_gate_grads_, "tc_bw_gate_grads", static_cast<std::size_t>(cfg_.gate_group),
-           static_cast<std::size_t>(cfg_.gate_group), events);
+           static_cast<std::size_t>(cfg_.gate_group), events, rows_);
   }
+
+  // Shards per row (1: no split).
+  int shards() const noexcept { return P_; }
 
   ForwardResult read_forward() override {
     finish();
@@ -241,9 +351,10 @@ class ResidentTensorCore final : public ResidentChunkwise {
   void skip_outputs() noexcept { skip_outputs_ = true; }
 
  private:
+  // A launch over the shard rows (rows x shards), or over `rows` when given.
   void launch(const KernelObject& k, const char* name, std::size_t global0, std::size_t local0,
-              std::vector<KernelEvent>* events) {
-    const std::size_t global[2] = {global0, static_cast<std::size_t>(rows_)};
+              std::vector<KernelEvent>* events, int rows = 0) {
+    const std::size_t global[2] = {global0, static_cast<std::size_t>(rows > 0 ? rows : R_)};
     const std::size_t local[2] = {local0, 1};
     cl_event e = nullptr;
     check(clEnqueueNDRangeKernel(device_->profiling_queue(), k.k, 2, nullptr, global, local, 0, nullptr,
@@ -251,19 +362,40 @@ class ResidentTensorCore final : public ResidentChunkwise {
           name, device_->name());
     if (events) events->emplace_back(name, e);
   }
+  void fill(const PooledBuffer& b, float value) {
+    check(clEnqueueFillBuffer(device_->profiling_queue(), b.get(), &value, sizeof value, 0, b.bytes(), 0, nullptr,
+                              nullptr),
+          "clEnqueueFillBuffer", device_->name());
+  }
+  // dst[row] = src[row * P + shard] for every row, `n` floats each.
+  void gather_shard(const PooledBuffer& src, const PooledBuffer& dst, int shard, std::int64_t n) {
+    const std::size_t bytes = static_cast<std::size_t>(n) * sizeof(float);
+    const std::size_t src_origin[3] = {static_cast<std::size_t>(shard) * bytes, 0, 0}, dst_origin[3] = {0, 0, 0};
+    const std::size_t region[3] = {bytes, static_cast<std::size_t>(rows_), 1};
+    check(clEnqueueCopyBufferRect(device_->profiling_queue(), src.get(), dst.get(), src_origin, dst_origin, region,
+                                  bytes * static_cast<std::size_t>(P_), 0, bytes, 0, 0, nullptr, nullptr),
+          "clEnqueueCopyBufferRect", device_->name());
+  }
+  std::size_t combine_global() const {
+    const std::size_t n = static_cast<std::size_t>(shape_.DHQK * shape_.DHHV + shape_.DHQK);
+    return (n + kShardGroup - 1) / kShardGroup * kShardGroup;
+  }
   void finish() { check(clFinish(device_->profiling_queue()), "clFinish", device_->name()); }
 
   std::shared_ptr<Device> device_;
   MlstmOptions options_;
   ProblemShape shape_;
   TcConfig cfg_;
+  static constexpr std::size_t kShardGroup = 256;  // SHARD_WG of tc_gates.cl
+  static constexpr float kShardEmptyM = -1e30f;
   int rows_ = 0, S_ = 0, NC_ = 0, has_init_ = 0, has_dlast_ = 0;
+  int P_ = 1, R_ = 0, Ss_ = 0, NCs_ = 0;  // shards per row, shard rows, tokens and chunks per shard
   bool has_grads_ = false, forward_done_ = false, skip_outputs_ = false;
   KernelObject k_gates_, k_fw_states_, k_fw_outputs_, k_bw_prep_, k_bw_states_, k_bw_dq_, k_bw_dk_, k_bw_dv_,
-      k_bw_gate_grads_;
+      k_bw_gate_grads_, k_fw_combine_, k_bw_combine_;
   PooledBuffer q_, k_, v_, i_, f_, c0_, n0_, m0_, gb_, gbi_, gpm_, gG_, gA_, mst_, Cst_, nst_, c_last_, n_last_,
       m_last_, h_, Nt_, sgt_, dh_, dc_last_, dn_last_, dden_, dCst_, dnst_, dc0_, dn0_, dm0_, dq_, dk_, dv_, qdq_, kdk_,
-      di_, df_;
+      di_, df_, sc_in_, sn_in_, sm_in_, sc_last_, sn_last_, sm_last_, sdc_last_, sdn_last_, sdc0_, sdn0_;
 };
 
 }  // namespace
@@ -321,11 +453,11 @@ void TensorCoreRunner::prepare(const ProblemShape& p, const MlstmOptions& o) con
 
 std::unique_ptr<ResidentChunkwise> TensorCoreRunner::resident(const ForwardArgs& args, const MlstmOptions& options,
                                                               const BackwardArgs* grads) const {
-  return std::make_unique<ResidentTensorCore>(device_, config_.emulate, args, options, grads);
+  return std::make_unique<ResidentTensorCore>(device_, config_, args, options, grads);
 }
 
 ForwardResult TensorCoreRunner::forward(const ForwardArgs& args, const MlstmOptions& options) const {
-  ResidentTensorCore r(device_, config_.emulate, args, options, nullptr);
+  ResidentTensorCore r(device_, config_, args, options, nullptr);
   r.enqueue_forward(nullptr);
   return r.read_forward();
 }
@@ -333,14 +465,14 @@ ForwardResult TensorCoreRunner::forward(const ForwardArgs& args, const MlstmOpti
 ForwardResult TensorCoreRunner::last_state(const ForwardArgs& args, const MlstmOptions& options) const {
   MlstmOptions with_states = options;
   with_states.return_last_states = true;
-  ResidentTensorCore r(device_, config_.emulate, args, with_states, nullptr);
+  ResidentTensorCore r(device_, config_, args, with_states, nullptr);
   r.skip_outputs();
   r.enqueue_forward(nullptr);
   return r.read_forward();
 }
 
 BackwardResult TensorCoreRunner::backward(const BackwardArgs& args, const MlstmOptions& options) const {
-  ResidentTensorCore r(device_, config_.emulate, args.inputs, options, &args);
+  ResidentTensorCore r(device_, config_, args.inputs, options, &args);
   r.enqueue_forward(nullptr);
   r.enqueue_backward(nullptr);
   return r.read_backward();
