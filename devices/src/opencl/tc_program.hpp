@@ -17,8 +17,10 @@ struct TcConfig {
   int L = 64, KT = 0, VT = 0, OTf = 0, DSf = 0, OTq = 0, DSq = 0, gate_group = 512;
   std::string base;  // options shared by every program
 
-  std::string states(int mode) const {
-    return base + " -DKT=" + std::to_string(KT) + " -DVT=" + std::to_string(VT) + " -DMODE=" + std::to_string(mode);
+  // `write_states` false: only the final value (the sequence split's summary pass; tc_states.cl WRITE_STATES).
+  std::string states(int mode, bool write_states = true) const {
+    return base + " -DKT=" + std::to_string(KT) + " -DVT=" + std::to_string(VT) + " -DMODE=" + std::to_string(mode) +
+           (write_states ? "" : " -DWRITE_STATES=0");
   }
   std::string chunk(int mode, std::int64_t DA, std::int64_t DOUT, int OT, int DS) const {
     std::ostringstream o;

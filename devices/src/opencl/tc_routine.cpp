@@ -40,9 +40,10 @@ bool switched_off_by_environment() {
 // sequence split"). The state kernels walk a row's chunks one after the other in rows x state-tiles work-groups;
 // with few rows most of the device idles, so each row runs as P shards of NC/P chunks (P divides NC; S a whole
 // number of chunks), at the price of a second states pass and a small combine. `requested` > 0 (Config::shards,
-// MLSTM_TC_SHARDS) takes the largest such P up to it; 0 chooses: P = 1 while rows x tiles fill the device's
-// compute units, else the largest divisor of NC up to 2 x compute units / (rows x tiles) that leaves each shard
-// at least 4 chunks.
+// MLSTM_TC_SHARDS) takes the largest such P up to it; 0 chooses: P = 1 while rows x tiles fill a quarter of the
+// device's compute units (measured on the H200: 128 work-groups on 132 units ran 3.0 ms unsplit, 3.6 ms as 2
+// shards), else the largest divisor of NC up to 2 x compute units / (rows x tiles) that leaves each shard at least
+// 4 chunks.
 int choose_shards(const Device& dev, const TcConfig& cfg, const ProblemShape& p, int NC, int requested) {
   constexpr int kMaxShards = 256;  // MAX_SHARDS of tc_gates.cl
   if (p.S % cfg.L != 0 || NC < 2) return 1;
@@ -63,7 +64,7 @@ int choose_shards(const Device& dev, const TcConfig& cfg, const ProblemShape& p,
   if (requested == 0) {
     const std::int64_t groups = p.rows() * (p.DHQK / cfg.KT) * (p.DHHV / cfg.VT);
     const std::int64_t units = std::max<std::int64_t>(1, dev.info().compute_units);
-    if (groups >= units) return 1;
+    if (4 * groups > units) return 1;  // a split of fewer than 4 shards costs its second pass and gains little
     limit = static_cast<int>(std::min<std::int64_t>((2 * units + groups - 1) / groups, NC / 4));
   }
   limit = std::min(limit, kMaxShards);
@@ -105,7 +106,14 @@ class ResidentTensorCore final : public ResidentChunkwise {
     k_fw_outputs_ = KernelObject{dev.kernel(fw_out, "tc_fw_outputs")};
     if (P_ > 1) {
       k_fw_combine_ = KernelObject{dev.kernel(gates, "tc_shard_fw_combine")};
-      if (has_grads_) k_bw_combine_ = KernelObject{dev.kernel(gates, "tc_shard_bw_combine")};
+      k_fw_summary_ = KernelObject{dev.kernel(
+          dev.program_from_text("tc_states", tc_source_text("tc_states"), cfg_.states(0, false)), "tc_fw_states")};
+      if (has_grads_) {
+        k_bw_combine_ = KernelObject{dev.kernel(gates, "tc_shard_bw_combine")};
+        k_bw_summary_ = KernelObject{dev.kernel(
+            dev.program_from_text("tc_states", tc_source_text("tc_states"), cfg_.states(1, false)),
+            "tc_bw_state_grads")};
+      }
     }
     if (has_grads_) {
       cl_program bw_states = dev.program_from_text("tc_states", tc_source_text("tc_states"), cfg_.states(1));
@@ -183,8 +191,9 @@ class ResidentTensorCore final : public ResidentChunkwise {
       sc_last_ = f32buf(R * kv);
       sn_last_ = f32buf(R * static_cast<std::size_t>(K));
       sm_last_ = f32buf(R);
-      set_args(k_fw_states_.k, dn, k_, v_, gbi_, gG_, gA_, sc_in_, sn_in_, sm_in_, 1, Cst_, nst_, mst_, sc_last_,
-               sn_last_, sm_last_, Ss_, NCs_);
+      for (const KernelObject* k : {&k_fw_summary_, &k_fw_states_})
+        set_args(k->k, dn, k_, v_, gbi_, gG_, gA_, sc_in_, sn_in_, sm_in_, 1, Cst_, nst_, mst_, sc_last_, sn_last_,
+                 sm_last_, Ss_, NCs_);
       set_args(k_fw_combine_.k, dn, gG_, sc_last_, sn_last_, sm_last_, c0_, n0_, m0_, has_init_, sc_in_, sn_in_, sm_in_,
                P_, NCs_);
     }
@@ -224,8 +233,9 @@ class ResidentTensorCore final : public ResidentChunkwise {
         sdn_last_ = f32buf(R * static_cast<std::size_t>(K));
         sdc0_ = f32buf(R * kv);
         sdn0_ = f32buf(R * static_cast<std::size_t>(K));
-        set_args(k_bw_states_.k, dn, q_, dh_, gb_, gpm_, gG_, mst_, Nt_, dden_, sdc_last_, sdn_last_, 1, dCst_, dnst_,
-                 sdc0_, sdn0_, Ss_, NCs_);
+        for (const KernelObject* k : {&k_bw_summary_, &k_bw_states_})
+          set_args(k->k, dn, q_, dh_, gb_, gpm_, gG_, mst_, Nt_, dden_, sdc_last_, sdn_last_, 1, dCst_, dnst_, sdc0_,
+                   sdn0_, Ss_, NCs_);
         set_args(k_bw_combine_.k, dn, gG_, mst_, sdc0_, sdn0_, dc_last_, dn_last_, has_dlast_, sdc_last_, sdn_last_, P_,
                  NCs_);
       }
@@ -233,8 +243,17 @@ class ResidentTensorCore final : public ResidentChunkwise {
       set_args(k_bw_dk_.k, dn, v_, dh_, q_, dCst_, dnst_, mst_, gb_, gbi_, gpm_, gG_, Nt_, dden_, k_, dk_, kdk_, Ss_,
                NCs_);
       set_args(k_bw_dv_.k, dn, k_, q_, dh_, dCst_, mst_, gb_, gbi_, gpm_, gG_, Nt_, dv_, Ss_, NCs_);
-      set_args(k_bw_gate_grads_.k, dn, i_, f_, qdq_, kdk_, nparts, dc_last_, dn_last_, c_last_, n_last_, has_dlast_,
-               dc0_, dn0_, c0_, n0_, has_init_, di_, df_, dm0_, S_);
+      if (P_ == 1) {
+        set_args(k_bw_gate_grads_.k, dn, i_, f_, qdq_, kdk_, nparts, dc_last_, dn_last_, c_last_, n_last_, has_dlast_,
+                 dc0_, dn0_, c0_, n0_, has_init_, di_, df_, dm0_, S_);
+      } else {
+        // Shard by shard, as a streamed backward does piece by piece: the reverse cumsum of the tokens after a shard
+        // is <dC, C> + <dn, n> of the state leaving it (its gradient: the combined sdc_last_). The row's dm0 is its
+        // first shard's (<dc0, c0> + <dn0, n0> against the row's initial state, which enters shard 0).
+        sdm0_ = f32buf(static_cast<std::size_t>(R_));
+        set_args(k_bw_gate_grads_.k, dn, i_, f_, qdq_, kdk_, nparts, sdc_last_, sdn_last_, sc_last_, sn_last_, 1, sdc0_,
+                 sdn0_, sc_in_, sn_in_, has_init_, di_, df_, sdm0_, Ss_);
+      }
     }
   }
 
@@ -251,7 +270,7 @@ class ResidentTensorCore final : public ResidentChunkwise {
       fill(sc_in_, 0.0f);
       fill(sn_in_, 0.0f);
       fill(sm_in_, options_.gate == GateVariant::exp ? kShardEmptyM : 0.0f);
-      launch(k_fw_states_, "tc_fw_states", states_global, states_group, events);
+      launch(k_fw_summary_, "tc_fw_states (summaries)", states_global, states_group, events);
       launch(k_fw_combine_, "tc_shard_fw_combine", combine_global(), kShardGroup, events, rows_);
       launch(k_fw_states_, "tc_fw_states", states_global, states_group, events);
       // The row's last state is its last shard's.
@@ -279,7 +298,7 @@ class ResidentTensorCore final : public ResidentChunkwise {
       // Every shard with a zero gradient leaving it, the reverse chain, then every shard with its true one.
       fill(sdc_last_, 0.0f);
       fill(sdn_last_, 0.0f);
-      launch(k_bw_states_, "tc_bw_state_grads", states_global, states_group, events);
+      launch(k_bw_summary_, "tc_bw_state_grads (summaries)", states_global, states_group, events);
       launch(k_bw_combine_, "tc_shard_bw_combine", combine_global(), kShardGroup, events, rows_);
       launch(k_bw_states_, "tc_bw_state_grads", states_global, states_group, events);
       // The row's initial-state gradient is its first shard's.
@@ -291,9 +310,9 @@ class ResidentTensorCore final : public ResidentChunkwise {
     launch(k_bw_dq_, "tc_bw_grads_dq", L2 * NCs_ * static_cast<std::size_t>(K / cfg_.OTq), L2, events);
     launch(k_bw_dk_, "tc_bw_grads_dk", L2 * NCs_ * static_cast<std::size_t>(K / cfg_.OTq), L2, events);
     launch(k_bw_dv_, "tc_bw_grads_dv", L2 * NCs_ * static_cast<std::size_t>(V / cfg_.OTf), L2, events);
-    // The gate gradients run over whole rows (a reverse cumsum over the sequence).
     launch(k_bw_gate_grads_, "tc_bw_gate_grads", static_cast<std::size_t>(cfg_.gate_group),
-           static_cast<std::size_t>(cfg_.gate_group), events, rows_);
+           static_cast<std::size_t>(cfg_.gate_group), events);
+    if (P_ > 1 && has_init_) gather_shard(sdm0_, dm0_, 0, 1);
   }
 
   // Shards per row (1: no split).
@@ -392,10 +411,10 @@ class ResidentTensorCore final : public ResidentChunkwise {
   int P_ = 1, R_ = 0, Ss_ = 0, NCs_ = 0;  // shards per row, shard rows, tokens and chunks per shard
   bool has_grads_ = false, forward_done_ = false, skip_outputs_ = false;
   KernelObject k_gates_, k_fw_states_, k_fw_outputs_, k_bw_prep_, k_bw_states_, k_bw_dq_, k_bw_dk_, k_bw_dv_,
-      k_bw_gate_grads_, k_fw_combine_, k_bw_combine_;
+      k_bw_gate_grads_, k_fw_combine_, k_bw_combine_, k_fw_summary_, k_bw_summary_;
   PooledBuffer q_, k_, v_, i_, f_, c0_, n0_, m0_, gb_, gbi_, gpm_, gG_, gA_, mst_, Cst_, nst_, c_last_, n_last_,
       m_last_, h_, Nt_, sgt_, dh_, dc_last_, dn_last_, dden_, dCst_, dnst_, dc0_, dn0_, dm0_, dq_, dk_, dv_, qdq_, kdk_,
-      di_, df_, sc_in_, sn_in_, sm_in_, sc_last_, sn_last_, sm_last_, sdc_last_, sdn_last_, sdc0_, sdn0_;
+      di_, df_, sc_in_, sn_in_, sm_in_, sc_last_, sn_last_, sm_last_, sdc_last_, sdn_last_, sdc0_, sdn0_, sdm0_;
 };
 
 }  // namespace

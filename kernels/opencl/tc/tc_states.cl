@@ -8,10 +8,14 @@
 //   backward: X = q, Y = dh, w_t = exp(m_c - mm_t) / (sqrt(DHQK) N_t), scale = exp(G_c + m_c - m_{c+1})
 // and the n part (vector over the KT tile) with weights w_t (forward) / w_t * dden_t * N_t (backward),
 // kept by the work-groups of DHHV tile 0 only.
-// Build options: -DMODE -DL -DKT -DVT -DDHQK -DDHHV -DGATE_EXP (+ tc_common.cl's).
+// Build options: -DMODE -DL -DKT -DVT -DDHQK -DDHHV -DGATE_EXP, -DWRITE_STATES=0 for a pass that only needs the
+// final value (the first pass of the sequence split: Cst, nst and mst are not written) (+ tc_common.cl's).
 
 #ifndef GATE_EXP
 #define GATE_EXP 1
+#endif
+#ifndef WRITE_STATES
+#define WRITE_STATES 1
 #endif
 
 #define NWS (KT / 16)
@@ -148,7 +152,8 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
     const float scale = exp(G + m_c - m_next);
 
     // store the value entering this step: forward = state entering chunk c,
-    // backward = gradient of the state leaving chunk c
+    // backward = gradient of the state leaving chunk c (not with WRITE_STATES=0: the shards' summary pass)
+#if WRITE_STATES
     {
       __global ushort* dst = Cst + (((size_t)row * NC + c) * DHQK + k0 + warp * 16) * DHHV + v0;
       #pragma unroll
@@ -160,10 +165,13 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
     if (with_n) {
       if (nh == 1) npart[nk] = nacc;
     }
+#endif
     barrier(CLK_LOCAL_MEM_FENCE);  // npart visible; previous chunk's mma done with xs/ys
+#if WRITE_STATES
     if (with_n && nh == 0) nst[((size_t)row * NC + c) * DHQK + k0 + nk] = nacc + npart[nk];
 #if MODE == 0
     if (kt == 0 && vt == 0 && tid == 0) mst[(size_t)row * (NC + 1) + c] = m_c;
+#endif
 #endif
 
     #pragma unroll
@@ -234,7 +242,9 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
   __global float* outC = c_last;
   __global float* outn = n_last;
   if (kt == 0 && vt == 0 && tid == 0) {
+#if WRITE_STATES
     mst[(size_t)row * (NC + 1) + NC] = m_cur;
+#endif
     m_last[row] = m_cur;
   }
 #else
