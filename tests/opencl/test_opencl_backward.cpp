@@ -82,6 +82,139 @@ INSTANTIATE_TEST_SUITE_P(
                       BwCase{spec(1, 2, 80, 16, 16, DType::bf16, GateVariant::sigmoid, false, GateRegime::extreme), 64,
                              false}));
 
+// The sequence split inside the device (ChunkwiseRunner::Config::shards, devices/src/opencl/shards.hpp): rows run
+// as shards of whole chunks chained by the combine kernels. Forward and backward against the float64 recurrence
+// with the bounds above: shards of one chunk and of several, 2 to 5 shards, float32 and bf16, both gates, initial
+// states and last-state gradients, two state tiles (DHQK > 64), extreme gates, +-inf gates at shard boundaries, and shards whose own gates are far below the state entering them ("dominated": i - 20 and
+// forget gates near 1 after the first shard, so the combine's max takes the entering state's stabiliser).
+struct ShardCase {
+  InputSpec spec;
+  std::int64_t chunk;
+  int shards;
+  bool normalize = true;
+  bool last_state_grads = true;
+  bool dominated = false;
+};
+
+void PrintTo(const ShardCase& c, std::ostream* os) {
+  *os << "L=" << c.chunk << " shards=" << c.shards << " " << c.spec.describe() << (c.normalize ? "" : " nonorm")
+      << (c.last_state_grads ? " dlast" : "") << (c.dominated ? " dominated" : "");
+}
+
+class PortableShards : public ::testing::TestWithParam<ShardCase> {};
+
+TEST_P(PortableShards, ForwardAndBackwardMatchReference) {
+  REQUIRE_OPENCL();
+  const ShardCase c = GetParam();
+  const auto dev = opencl::open_device(opencl::select_devices("0").front());
+  const opencl::ChunkwiseRunner runner(dev, opencl::ChunkwiseRunner::Config{c.shards});
+  auto in = testing::make_inputs(c.spec, testing::fresh_seed());
+  if (c.dominated) {
+    auto iv = in.i.to_vector(), fv = in.f.to_vector();
+    for (std::size_t e = 0; e < iv.size(); ++e)
+      if (static_cast<std::int64_t>(e) % c.spec.S >= c.spec.S / c.shards) {
+        iv[e] -= 20.0;
+        fv[e] = 8.0 + 0.1 * fv[e];
+      }
+    in.i = Tensor::from(iv, in.i.shape(), in.i.dtype());
+    in.f = Tensor::from(fv, in.f.shape(), in.f.dtype());
+  }
+  MlstmOptions o;
+  o.gate = c.spec.gate;
+  o.chunk_size = c.chunk;
+  o.normalize = c.normalize;
+  o.return_last_states = true;
+  ASSERT_GE(testing::quiet_normaliser_kinks(in, o, c.spec), 0) << "most tokens near the normaliser's kink";
+  const bool wide = c.spec.dtype == DType::f32;
+  const bool hard = c.spec.regime == GateRegime::extreme || c.spec.inf != testing::InfGates::none;
+  const double tol = hard ? (wide ? 1e-2 : 5e-2) : (wide ? 1e-3 : 3e-2);
+  const double htol = hard ? (wide ? 1e-3 : 3e-2) : (wide ? 1e-4 : 3e-2);
+  const std::string name = "opencl portable, shards";
+
+  const auto fw = runner.forward(in.args(), o);
+  const auto rf = reference::recurrent_forward(in.args(), o);
+  EXPECT_TRUE(testing::matches_well_conditioned(fw.h, rf.h, in, o, htol, name, "h", c.spec));
+  EXPECT_TRUE(testing::last_state_matches(fw.c, fw.n, fw.m, rf.c, rf.n, rf.m, tol, 1e-3, name, c.spec));
+
+  const auto args = in.backward_args(c.last_state_grads);
+  const auto got = runner.backward(args, o);
+  const auto ref = reference::recurrent_backward(args, o, reference::StabilizerGradient::stop);
+  EXPECT_TRUE(testing::matches(got.dq, ref.dq, tol, name, "dq", c.spec));
+  EXPECT_TRUE(testing::matches(got.dk, ref.dk, tol, name, "dk", c.spec));
+  EXPECT_TRUE(testing::matches(got.dv, ref.dv, tol, name, "dv", c.spec));
+  EXPECT_TRUE(testing::matches(got.di, ref.di, tol, name, "di", c.spec));
+  EXPECT_TRUE(testing::matches(got.df, ref.df, tol, name, "df", c.spec));
+  if (c.spec.initial_state) {
+    EXPECT_TRUE(testing::matches(got.dc0, ref.dc0, tol, name, "dc0", c.spec));
+    EXPECT_TRUE(testing::matches(got.dn0, ref.dn0, tol, name, "dn0", c.spec));
+    EXPECT_TRUE(testing::dm0_matches(got.dm0, ref.dm0, ref.dc0, ref.dn0, in, tol, name, c.spec));
+  }
+}
+
+ShardCase shard_inf(InputSpec s, testing::InfGates g, std::int64_t chunk, int shards) {
+  s.inf = g;
+  return ShardCase{s, chunk, shards};
+}
+
+// Few program configurations (PoCL compiles every kernel of each at its first launch, seconds per configuration).
+INSTANTIATE_TEST_SUITE_P(
+    Split, PortableShards,
+    ::testing::Values(
+        ShardCase{spec(1, 2, 256, 16, 16, DType::f32, GateVariant::exp, true), 64, 4},
+        ShardCase{spec(2, 1, 384, 16, 16, DType::f32, GateVariant::exp, false), 64, 3, true, false},
+        ShardCase{spec(1, 2, 192, 16, 16, DType::f32, GateVariant::exp, true), 64, 3, true, true, true},
+        ShardCase{spec(1, 1, 512, 16, 16, DType::f32, GateVariant::exp, true, GateRegime::extreme), 64, 2},
+        shard_inf(spec(1, 2, 256, 16, 16, DType::f32, GateVariant::exp, true), testing::InfGates::forget_neg, 64, 4),
+        shard_inf(spec(1, 2, 256, 16, 16, DType::f32, GateVariant::exp, false), testing::InfGates::all_neg, 64, 2),
+        shard_inf(spec(1, 1, 256, 16, 16, DType::f32, GateVariant::exp, true), testing::InfGates::input_neg, 64, 4),
+        ShardCase{spec(1, 2, 256, 16, 16, DType::f32, GateVariant::sigmoid, true), 64, 4, true, true, true},
+        ShardCase{spec(1, 2, 320, 16, 16, DType::bf16, GateVariant::sigmoid, true), 64, 5},
+        // two state tiles (DHQK > 64)
+        ShardCase{spec(1, 2, 256, 96, 40, DType::f32, GateVariant::exp, true), 64, 2}));
+
+// The split happens (its combine kernels run) where the runner asks for it or MLSTM_OPENCL_SHARDS does, and never
+// for a row that is not a whole number of chunks.
+bool splits(const opencl::ChunkwiseRunner& runner, const testing::Inputs& in, const MlstmOptions& o) {
+  const auto args = in.backward_args(true);
+  auto r = runner.resident(in.args(), o, &args);
+  std::vector<opencl::KernelEvent> events;
+  r->enqueue_forward(&events);
+  r->enqueue_backward(&events);
+  bool fw = false, bw = false;
+  for (const auto& e : opencl::time_events(events, "test").kernels_ms) {
+    fw = fw || e.first == "shard_fw_combine";
+    bw = bw || e.first == "shard_bw_combine";
+  }
+  EXPECT_EQ(fw, bw);
+  return fw;
+}
+
+TEST(PortableShardsChoice, RunnerAndEnvironmentDecide) {
+  REQUIRE_OPENCL();
+  const auto dev = opencl::open_device(opencl::select_devices("0").front());
+  const InputSpec s = spec(1, 1, 256, 16, 16, DType::f32, GateVariant::exp, true);
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  const auto ragged =
+      testing::make_inputs(spec(1, 1, 250, 16, 16, DType::f32, GateVariant::exp, true), testing::fresh_seed());
+  MlstmOptions o;
+  EXPECT_TRUE(splits(opencl::ChunkwiseRunner(dev, {4}), in, o));
+  EXPECT_FALSE(splits(opencl::ChunkwiseRunner(dev, {1}), in, o));
+  EXPECT_FALSE(splits(opencl::ChunkwiseRunner(dev, {4}), ragged, o));
+  // The state gradient alone (the graph's sequence-parallel backward) splits the same way.
+  const auto sargs = in.backward_args(true);
+  const auto split4 = opencl::ChunkwiseRunner(dev, {4}).state_gradient(sargs, o);
+  const auto whole = opencl::ChunkwiseRunner(dev, {1}).state_gradient(sargs, o);
+  EXPECT_TRUE(testing::matches(split4.dc0, whole.dc0, 1e-4, "portable, shards", "state_gradient dc0", s));
+  EXPECT_TRUE(testing::matches(split4.dn0, whole.dn0, 1e-4, "portable, shards", "state_gradient dn0", s));
+  EXPECT_TRUE(testing::matches(split4.dm0, whole.dm0, 1e-4, "portable, shards", "state_gradient dm0", s));
+  ::setenv("MLSTM_OPENCL_SHARDS", "2", 1);
+  EXPECT_TRUE(splits(opencl::ChunkwiseRunner(dev), in, o));
+  EXPECT_FALSE(splits(opencl::ChunkwiseRunner(dev, {1}), in, o)) << "the runner's own choice wins";
+  ::setenv("MLSTM_OPENCL_SHARDS", "-3", 1);
+  EXPECT_FALSE(splits(opencl::ChunkwiseRunner(dev), in, o));
+  ::unsetenv("MLSTM_OPENCL_SHARDS");
+}
+
 // The per-token output and backward kernels (used where the tiled ones do not fit in local memory).
 TEST(PortableBackwardFallback, PerTokenKernelsMatchReference) {
   REQUIRE_OPENCL();

@@ -160,7 +160,7 @@ INSTANTIATE_TEST_SUITE_P(
                       TcCase{spec(1, 1, 90, 16, 16, DType::bf16, GateVariant::sigmoid, false), 64, false},
                       TcCase{spec(1, 1, 200, 32, 16, DType::bf16, GateVariant::exp, true, GateRegime::extreme), 128}));
 
-// The sequence split inside the device (Config::shards, tc_gates.cl "The sequence split"): each row runs as shards of
+// The sequence split inside the device (Config::shards, shard_combine.cl): each row runs as shards of
 // whole chunks whose states are chained by the combine kernels; the same bounds against the float64 recurrence.
 // Shards of one chunk, of several, three shards, both gates, with and without initial state and last-state
 // gradients, chunk 128 under extreme gates.
@@ -268,7 +268,7 @@ TEST(TensorCoreResident, RepeatedPassesAreIdenticalAndTimed) {
 }
 
 // The sequence split runs its combine kernels (so the Shards cases above do split), gives what one shard per row
-// gives within the 16-bit rounding of the boundary states, and follows MLSTM_TC_SHARDS when the runner leaves the
+// gives within the 16-bit rounding of the boundary states, and follows MLSTM_OPENCL_SHARDS when the runner leaves the
 // choice to the device; a row that is not a whole number of chunks is never split.
 std::vector<std::string> launched(opencl::ResidentChunkwise& r) {
   std::vector<opencl::KernelEvent> events;
@@ -300,9 +300,9 @@ TEST(TensorCoreShards, SplitChainsTheShardsAndFollowsTheOverride) {
   auto one = runner_for(dev, 1).resident(in.args(), o, &bargs);
   auto three = runner_for(dev, 3).resident(in.args(), o, &bargs);
   const auto names1 = launched(*one), names3 = launched(*three);
-  EXPECT_FALSE(has(names1, "tc_shard_fw_combine"));
-  EXPECT_TRUE(has(names3, "tc_shard_fw_combine"));
-  EXPECT_TRUE(has(names3, "tc_shard_bw_combine"));
+  EXPECT_FALSE(has(names1, "shard_fw_combine"));
+  EXPECT_TRUE(has(names3, "shard_fw_combine"));
+  EXPECT_TRUE(has(names3, "shard_bw_combine"));
   const auto f1 = one->read_forward(), f3 = three->read_forward();
   const auto g1 = one->read_backward(), g3 = three->read_backward();
   EXPECT_TRUE(close16(f3.h, f1.h, 2e-2, "h, 3 shards vs 1", s));
@@ -338,16 +338,16 @@ TEST(TensorCoreShards, SplitChainsTheShardsAndFollowsTheOverride) {
     EXPECT_TRUE(close16(bw.dc0, rb.dc0, 5e-2, "dc0, dominated shards", s));
   }
 
-  ScopedEnv split("MLSTM_TC_SHARDS", "3");
-  EXPECT_TRUE(has(launched(*runner_for(dev).resident(in.args(), o, &bargs)), "tc_shard_fw_combine"));
-  EXPECT_FALSE(has(launched(*runner_for(dev, 1).resident(in.args(), o, &bargs)), "tc_shard_fw_combine"))
+  ScopedEnv split("MLSTM_OPENCL_SHARDS", "3");
+  EXPECT_TRUE(has(launched(*runner_for(dev).resident(in.args(), o, &bargs)), "shard_fw_combine"));
+  EXPECT_FALSE(has(launched(*runner_for(dev, 1).resident(in.args(), o, &bargs)), "shard_fw_combine"))
       << "the runner's own choice wins over the environment";
   const InputSpec ragged = spec(1, 2, 190, 16, 16, DType::bf16, GateVariant::exp, true);
   const auto rin = testing::make_inputs(ragged, testing::fresh_seed());
   const auto rargs = rin.backward_args(true);
-  EXPECT_FALSE(has(launched(*runner_for(dev, 3).resident(rin.args(), o, &rargs)), "tc_shard_fw_combine"));
-  ScopedEnv bad("MLSTM_TC_SHARDS", "many");
-  EXPECT_FALSE(has(launched(*runner_for(dev).resident(in.args(), o, &bargs)), "tc_shard_fw_combine"));
+  EXPECT_FALSE(has(launched(*runner_for(dev, 3).resident(rin.args(), o, &rargs)), "shard_fw_combine"));
+  ScopedEnv bad("MLSTM_OPENCL_SHARDS", "many");
+  EXPECT_FALSE(has(launched(*runner_for(dev).resident(in.args(), o, &bargs)), "shard_fw_combine"));
 }
 
 // The state leaving a segment started from the EMPTY state (sequence parallelism) equals the portable one.

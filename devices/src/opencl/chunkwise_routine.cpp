@@ -8,6 +8,7 @@
 #include <string>
 
 #include "internal.hpp"
+#include "shards.hpp"
 
 namespace mlstm::opencl {
 
@@ -33,7 +34,14 @@ int dtype_code(DType d) {
 // common.cl followed by mlstm_chunkwise.cl: the text of the portable program. Assembled once (the program cache
 // hashes it on every lookup).
 const std::string& portable_source_text() {
-  static const std::string text = kernel_source("common") + "\n" + kernel_source("mlstm_chunkwise");
+  static const std::string text = [] {
+    std::string t;
+    for (const char* part : {"common", "mlstm_chunkwise", "shard_combine"}) {  // shard_combine: the sequence split
+      t.append(kernel_source(part));
+      t.push_back('\n');
+    }
+    return t;
+  }();
   return text;
 }
 
@@ -46,8 +54,8 @@ class ResidentPortable final : public ResidentChunkwise {
  public:
   // state_only (with grads): only the gradient of the state entering the sequence is wanted
   // (enqueue_state_gradient / read_state_gradient); the token-gradient buffers and kernels are not made.
-  ResidentPortable(std::shared_ptr<Device> device, const ForwardArgs& a, const MlstmOptions& o,
-                   const BackwardArgs* grads, bool outputs, bool state_only = false)
+  ResidentPortable(std::shared_ptr<Device> device, const ChunkwiseRunner::Config& config, const ForwardArgs& a,
+                   const MlstmOptions& o, const BackwardArgs* grads, bool outputs, bool state_only = false)
       : device_(std::move(device)), options_(o), outputs_(outputs), state_only_(state_only) {
     p_ = grads ? validate_backward(*grads, o) : validate_forward(a, o);
     check_not_packed(p_, "the portable OpenCL routine");
@@ -62,6 +70,13 @@ class ResidentPortable final : public ResidentChunkwise {
     L_ = static_cast<int>(std::min<std::int64_t>(
         o.chunk_size, static_cast<std::int64_t>(std::bit_ceil(static_cast<std::uint64_t>(p_.S)))));
     nchunks_ = (S_ + L_ - 1) / L_;
+    // The sequence split (shards.hpp) where the state kernels' work-groups (rows x 64 x 64 tiles) leave the device
+    // idle: row r, shard p is row r * P + p of Ss_ tokens and NCs_ chunks in the same arrays.
+    P_ = detail::sequence_shards(dev.info(), S_, L_, nchunks_,
+                                 p_.rows() * ((p_.DHQK + 63) / 64) * ((p_.DHHV + 63) / 64), config.shards);
+    R_ = rows_ * P_;
+    Ss_ = S_ / P_;
+    NCs_ = nchunks_ / P_;
     // q, k, v keep their 16-bit dtype on the device; float64 inputs go up as float32.
     dev_dtype_ = p_.dtype == DType::f64 ? DType::f32 : p_.dtype;
     std::ostringstream opts;
@@ -87,7 +102,7 @@ class ResidentPortable final : public ResidentChunkwise {
     // work group walks the whole sequence, so with few rows (B*NH) wider tiles leave compute units idle: two
     // column blocks only where that still gives two work groups per compute unit.
     {
-      const std::int64_t wide_groups = p_.rows() * ((p_.DHQK + 63) / 64) * ((p_.DHHV + 127) / 128);
+      const std::int64_t wide_groups = R_ * ((p_.DHQK + 63) / 64) * ((p_.DHHV + 127) / 128);
       const bool wide = p_.DHHV > 64 && wide_groups >= 2 * static_cast<std::int64_t>(dev.info().compute_units);
       svw_ = launch.state_col_blocks > 0 ? launch.state_col_blocks : wide ? 2 : 1;
     }
@@ -150,10 +165,21 @@ class ResidentPortable final : public ResidentChunkwise {
       Nt_ = dev.acquire(tok * fs);
       dent_ = dev.acquire(tok * fs);
     }
-    const int S = S_, nc = nchunks_;
+    const int S = Ss_, nc = NCs_;
     set_args(k_gates_.k, dn, i_, f_, b_, ig_, G_, S, nc);
-    set_args(k_weights_.k, dn, b_, ig_, G_, m0_, mb_, carry_, wtok_, mo_, S, nc);
-    set_args(k_states_.k, dn, k_, v_, carry_, wtok_, C0_, n0_, Cb_, nb_, Co_, no_, S, nc);
+    if (P_ == 1) {
+      set_args(k_weights_.k, dn, b_, ig_, G_, m0_, mb_, carry_, wtok_, mo_, S, nc);
+      set_args(k_states_.k, dn, k_, v_, carry_, wtok_, C0_, n0_, Cb_, nb_, Co_, no_, S, nc);
+    } else {
+      // Both passes (weights and states) read the shards' entering states from sh_.*_in (the EMPTY state, then the
+      // combined ones) and write the states leaving them to sh_.*_last.
+      sh_.allocate_forward(dev, static_cast<std::size_t>(R_), K, V);
+      k_combine_ = KernelObject{dev.kernel(prog, "shard_fw_combine")};
+      set_args(k_weights_.k, dn, b_, ig_, G_, sh_.m_in, mb_, carry_, wtok_, sh_.m_last, S, nc);
+      set_args(k_states_.k, dn, k_, v_, carry_, wtok_, sh_.c_in, sh_.n_in, Cb_, nb_, sh_.c_last, sh_.n_last, S, nc);
+      set_args(k_combine_.k, dn, G_, sh_.c_last, sh_.n_last, sh_.m_last, C0_, n0_, m0_, has_init_, sh_.c_in, sh_.n_in,
+               sh_.m_in, P_, nc);
+    }
     if (outputs_) set_args(k_outputs_.k, dn, q_, k_, v_, b_, ig_, Cb_, nb_, mb_, h_, mt_, Nt_, dent_, S, nc);
 
     if (grads) {
@@ -186,8 +212,19 @@ class ResidentPortable final : public ResidentChunkwise {
       dC0_ = dev.acquire(static_cast<std::size_t>(rows_) * K * V * fs);
       dn0_ = dev.acquire(static_cast<std::size_t>(rows_) * K * fs);
       set_args(k_prep_.k, dn, dh_, h_, mt_, Nt_, dent_, dden_, S);
-      set_args(k_bw_states_.k, dn, q_, dh_, dden_, b_, mb_, carry_, mt_, Nt_, dCl_, dnl_, has_dlast_, dCn_, dnn_, dC0_,
-               dn0_, S, nc);
+      if (P_ == 1) {
+        set_args(k_bw_states_.k, dn, q_, dh_, dden_, b_, mb_, carry_, mt_, Nt_, dCl_, dnl_, has_dlast_, dCn_, dnn_,
+                 dC0_, dn0_, S, nc);
+      } else {
+        // Both passes read the gradient leaving each shard from sh_.dc_last (zero, then the combined ones) and write
+        // the gradient entering it to sh_.dc0; a shard's stabilisers: mb_ at its first chunk, sh_.m_last leaving.
+        sh_.allocate_backward(dev, static_cast<std::size_t>(R_), K, V);
+        k_bw_combine_ = KernelObject{dev.kernel(prog, "shard_bw_combine")};
+        set_args(k_bw_states_.k, dn, q_, dh_, dden_, b_, mb_, carry_, mt_, Nt_, sh_.dc_last, sh_.dn_last, 1, dCn_, dnn_,
+                 sh_.dc0, sh_.dn0, S, nc);
+        set_args(k_bw_combine_.k, dn, G_, mb_, nc, sh_.m_last, 0, 1, sh_.dc0, sh_.dn0, dCl_, dnl_, has_dlast_,
+                 sh_.dc_last, sh_.dn_last, P_, nc);
+      }
       if (state_only_) return;
       dm0_ = dev.acquire(static_cast<std::size_t>(rows_) * fs);
       dq_ = dev.acquire(tok * K * dtype_size(dev_dtype_));
@@ -208,26 +245,47 @@ class ResidentPortable final : public ResidentChunkwise {
         set_args(k_bw_grads_.k, dn, q_, k_, v_, dh_, dden_, b_, ig_, mb_, wtok_, Cb_, nb_, dCn_, dnn_, mt_, Nt_, dq_,
                  dk_, dv_, qdq_, kdk_, S, nc);
       }
-      set_args(k_gate_grads_.k, dn, i_, f_, qdq_, kdk_, dCl_, dnl_, Co_, no_, has_dlast_, dC0_, dn0_, C0_, n0_,
-               has_init_, di_, df_, dm0_, S);
+      if (P_ == 1) {
+        set_args(k_gate_grads_.k, dn, i_, f_, qdq_, kdk_, dCl_, dnl_, Co_, no_, has_dlast_, dC0_, dn0_, C0_, n0_,
+                 has_init_, di_, df_, dm0_, S);
+      } else {
+        // Shard by shard: the tokens after a shard add <dC, C> + <dn, n> of the state leaving it (tc_routine.cpp).
+        set_args(k_gate_grads_.k, dn, i_, f_, qdq_, kdk_, sh_.dc_last, sh_.dn_last, sh_.c_last, sh_.n_last, 1, sh_.dc0,
+                 sh_.dn0, sh_.c_in, sh_.n_in, has_init_, di_, df_, sh_.dm0, S);
+      }
     }
   }
 
   Device& device() const noexcept override { return *device_; }
 
   void enqueue_forward(std::vector<KernelEvent>* events) override {
-    const std::size_t rows = static_cast<std::size_t>(rows_), wg = ChunkwiseRunner::kWorkGroup;
-    launch(k_gates_, "fw_gates", 2, {static_cast<std::size_t>(nchunks_), rows}, {}, events);
+    const std::size_t rows = static_cast<std::size_t>(R_), wg = ChunkwiseRunner::kWorkGroup;
+    launch(k_gates_, "fw_gates", 2, {static_cast<std::size_t>(NCs_), rows}, {}, events);
+    if (P_ > 1) {
+      // Every shard from the EMPTY state, the summaries chained, then every shard from its true entering state.
+      fill(sh_.c_in, 0.0f);
+      fill(sh_.n_in, 0.0f);
+      fill(sh_.m_in, options_.gate == GateVariant::exp ? detail::kShardEmptyM : 0.0f);
+      launch(k_weights_, "fw_state_weights (summaries)", 1, {64 * rows}, {64}, events);
+      launch(k_states_, "fw_states (summaries)", 2, {256 * state_tiles(), rows}, {256, 1}, events);
+      launch(k_combine_, "shard_fw_combine", 2, {detail::shard_combine_global(p_.DHQK, p_.DHHV), row_count()},
+             {detail::kShardGroup, 1}, events);
+    }
     launch(k_weights_, "fw_state_weights", 1, {64 * rows}, {64}, events);
     launch(k_states_, "fw_states", 2, {256 * state_tiles(), rows}, {256, 1}, events);
+    if (P_ > 1) {  // the row's last state is its last shard's
+      gather(sh_.c_last, Co_, P_ - 1, p_.DHQK * p_.DHHV);
+      gather(sh_.n_last, no_, P_ - 1, p_.DHQK);
+      gather(sh_.m_last, mo_, P_ - 1, 1);
+    }
     if (outputs_) {
       if (regtiled_outputs_) {
         const std::size_t col_tiles = (static_cast<std::size_t>(p_.DHHV) + 64 * ovw_ - 1) / (64 * ovw_);
         const std::size_t groups =
-            static_cast<std::size_t>(nchunks_) * ((static_cast<std::size_t>(L_) + 63) / 64) * col_tiles;
+            static_cast<std::size_t>(NCs_) * ((static_cast<std::size_t>(L_) + 63) / 64) * col_tiles;
         launch(k_outputs_, outputs_kernel_name(), 2, {groups * 256, rows}, {256, 1}, events);
       } else {
-        launch(k_outputs_, outputs_kernel_name(), 2, {static_cast<std::size_t>(S_) * wg, rows}, {wg, 1}, events);
+        launch(k_outputs_, outputs_kernel_name(), 2, {static_cast<std::size_t>(Ss_) * wg, rows}, {wg, 1}, events);
       }
     }
     forward_done_ = true;
@@ -237,9 +295,21 @@ class ResidentPortable final : public ResidentChunkwise {
   void enqueue_state_gradient(std::vector<KernelEvent>* events) {
     if (!has_grads_) throw Error("portable resident problem was made without dh: no backward");
     if (!forward_done_) throw Error("portable backward: enqueue the forward first");
-    const std::size_t rows = static_cast<std::size_t>(rows_), S = static_cast<std::size_t>(S_);
+    const std::size_t rows = static_cast<std::size_t>(R_), S = static_cast<std::size_t>(Ss_);
     launch(k_prep_, "bw_prep", 2, {round_up(S, 64), rows}, {64, 1}, events);
+    if (P_ > 1) {
+      // Every shard with a zero gradient leaving it, the reverse chain, then every shard with its true one.
+      fill(sh_.dc_last, 0.0f);
+      fill(sh_.dn_last, 0.0f);
+      launch(k_bw_states_, "bw_state_grads (summaries)", 2, {256 * state_tiles(), rows}, {256, 1}, events);
+      launch(k_bw_combine_, "shard_bw_combine", 2, {detail::shard_combine_global(p_.DHQK, p_.DHHV), row_count()},
+             {detail::kShardGroup, 1}, events);
+    }
     launch(k_bw_states_, "bw_state_grads", 2, {256 * state_tiles(), rows}, {256, 1}, events);
+    if (P_ > 1) {  // the gradient of the row's initial state is its first shard's
+      gather(sh_.dc0, dC0_, 0, p_.DHQK * p_.DHHV);
+      gather(sh_.dn0, dn0_, 0, p_.DHQK);
+    }
   }
 
   // The gradient of the state entering the sequence (dc0, dn0; dm0 is left to the caller).
@@ -256,9 +326,9 @@ class ResidentPortable final : public ResidentChunkwise {
   void enqueue_backward(std::vector<KernelEvent>* events) override {
     if (state_only_) throw Error("portable resident problem was made for the state gradient only");
     enqueue_state_gradient(events);
-    const std::size_t rows = static_cast<std::size_t>(rows_), S = static_cast<std::size_t>(S_);
+    const std::size_t rows = static_cast<std::size_t>(R_), S = static_cast<std::size_t>(Ss_);
     if (regtiled_backward_) {
-      const std::size_t blocks = static_cast<std::size_t>(nchunks_) * ((static_cast<std::size_t>(L_) + 63) / 64);
+      const std::size_t blocks = static_cast<std::size_t>(NCs_) * ((static_cast<std::size_t>(L_) + 63) / 64);
       const std::size_t cols = 64 * static_cast<std::size_t>(gvw_);
       const std::size_t qk_tiles = (static_cast<std::size_t>(p_.DHQK) + cols - 1) / cols;
       const std::size_t v_tiles = (static_cast<std::size_t>(p_.DHHV) + cols - 1) / cols;
@@ -269,6 +339,7 @@ class ResidentPortable final : public ResidentChunkwise {
       launch(k_bw_grads_, "bw_grads", 2, {S * 64, rows}, {64, 1}, events);
     }
     launch(k_gate_grads_, "bw_gate_grads", 1, {256 * rows}, {256}, events);
+    if (P_ > 1 && has_init_) gather(sh_.dm0, dm0_, 0, 1);
   }
 
   ForwardResult read_forward() override {
@@ -326,6 +397,11 @@ class ResidentPortable final : public ResidentChunkwise {
     if (events) events->emplace_back(name, e);
   }
   void finish() { check(clFinish(device_->profiling_queue()), "clFinish", device_->name()); }
+  std::size_t row_count() const { return static_cast<std::size_t>(rows_); }
+  void fill(const PooledBuffer& b, float value) { detail::fill_floats(device_->profiling_queue(), *device_, b, value); }
+  void gather(const PooledBuffer& src, const PooledBuffer& dst, int shard, std::int64_t n) {
+    detail::gather_shard(device_->profiling_queue(), *device_, src, dst, rows_, P_, shard, n);
+  }
 
   std::shared_ptr<Device> device_;
   MlstmOptions options_;
@@ -335,18 +411,21 @@ class ResidentPortable final : public ResidentChunkwise {
        regtiled_backward_ = false;
   int ovw_ = 1, svw_ = 1, gvw_ = 1;
   int S_ = 0, rows_ = 0, L_ = 0, nchunks_ = 0, has_init_ = 0, has_dlast_ = 0;
+  int P_ = 1, R_ = 0, Ss_ = 0, NCs_ = 0;  // shards per row, shard rows, tokens and chunks per shard
   KernelObject k_gates_, k_weights_, k_states_, k_outputs_, k_prep_, k_bw_states_, k_bw_grads_, k_bw_dk_, k_bw_dv_,
-      k_gate_grads_;
+      k_gate_grads_, k_combine_, k_bw_combine_;
   PooledBuffer q_, k_, v_, i_, f_, C0_, n0_, m0_, b_, ig_, G_, Cb_, nb_, mb_, Co_, no_, mo_, carry_, wtok_, h_, mt_,
       Nt_, dent_, dh_, dCl_, dnl_, dden_, dCn_, dnn_, dC0_, dn0_, dm0_, dq_, dk_, dv_, qdq_, kdk_, di_, df_;
+  detail::ShardBuffers sh_;  // the sequence split's states (P_ > 1)
 };
 
 }  // namespace
 
-ChunkwiseRunner::ChunkwiseRunner(std::shared_ptr<Device> device) : device_(std::move(device)) {}
+ChunkwiseRunner::ChunkwiseRunner(std::shared_ptr<Device> device, Config config)
+    : device_(std::move(device)), config_(config) {}
 
 ForwardResult ChunkwiseRunner::forward(const ForwardArgs& a, const MlstmOptions& o) const {
-  ResidentPortable r(device_, a, o, nullptr, true);
+  ResidentPortable r(device_, config_, a, o, nullptr, true);
   r.enqueue_forward(nullptr);
   return r.read_forward();
 }
@@ -354,20 +433,20 @@ ForwardResult ChunkwiseRunner::forward(const ForwardArgs& a, const MlstmOptions&
 ForwardResult ChunkwiseRunner::last_state(const ForwardArgs& a, const MlstmOptions& o) const {
   MlstmOptions with_states = o;
   with_states.return_last_states = true;
-  ResidentPortable r(device_, a, with_states, nullptr, false);
+  ResidentPortable r(device_, config_, a, with_states, nullptr, false);
   r.enqueue_forward(nullptr);
   return r.read_forward();
 }
 
 BackwardResult ChunkwiseRunner::backward(const BackwardArgs& a, const MlstmOptions& o) const {
-  ResidentPortable r(device_, a.inputs, o, &a, true);
+  ResidentPortable r(device_, config_, a.inputs, o, &a, true);
   r.enqueue_forward(nullptr);
   r.enqueue_backward(nullptr);
   return r.read_backward();
 }
 
 BackwardResult ChunkwiseRunner::state_gradient(const BackwardArgs& a, const MlstmOptions& o) const {
-  ResidentPortable r(device_, a.inputs, o, &a, true, /*state_only=*/true);
+  ResidentPortable r(device_, config_, a.inputs, o, &a, true, /*state_only=*/true);
   r.enqueue_forward(nullptr);
   r.enqueue_state_gradient(nullptr);
   BackwardResult out = r.read_state_gradient();
@@ -377,7 +456,7 @@ BackwardResult ChunkwiseRunner::state_gradient(const BackwardArgs& a, const Mlst
 
 std::unique_ptr<ResidentChunkwise> ChunkwiseRunner::resident(const ForwardArgs& a, const MlstmOptions& o,
                                                              const BackwardArgs* grads) const {
-  return std::make_unique<ResidentPortable>(device_, a, o, grads, true);
+  return std::make_unique<ResidentPortable>(device_, config_, a, o, grads, true);
 }
 
 }  // namespace mlstm::opencl

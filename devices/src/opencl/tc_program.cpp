@@ -106,9 +106,16 @@ const std::string& tc_source_text(const std::string& body) {
   static std::map<std::string, std::string> texts;  // node-based: references stay valid
   std::lock_guard lock(mutex);
   auto it = texts.find(body);
-  if (it == texts.end())
-    it = texts.emplace(body, kernel_source("common") + "\n" + kernel_source("tc_common") + "\n" + kernel_source(body))
-             .first;
+  if (it == texts.end()) {
+    std::string text;
+    // The gates program carries the sequence split's combine kernels (shard_combine.cl).
+    for (const char* part : {"common", "tc_common", body.c_str(), body == "tc_gates" ? "shard_combine" : ""}) {
+      if (*part == '\0') continue;
+      text.append(kernel_source(part));
+      text.push_back('\n');
+    }
+    it = texts.emplace(body, std::move(text)).first;
+  }
   return it->second;
 }
 

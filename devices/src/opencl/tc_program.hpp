@@ -30,7 +30,8 @@ struct TcConfig {
   std::string gates() const { return base + " -DGG_WG=" + std::to_string(gate_group); }
 };
 
-// common.cl, tc_common.cl, then one kernel file: the text every tensor-core program is built from. Assembled once
+// common.cl, tc_common.cl, then one kernel file (tc_gates.cl followed by shard_combine.cl): the text every
+// tensor-core program is built from. Assembled once
 // per file (the program cache hashes it on every lookup, so it must not be rebuilt per call either).
 const std::string& tc_source_text(const std::string& body);
 

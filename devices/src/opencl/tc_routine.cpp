@@ -9,6 +9,7 @@
 
 #include "internal.hpp"
 #include "mlstm/core/env.hpp"
+#include "shards.hpp"
 #include "tc_program.hpp"
 
 #ifndef MLSTM_OPENCL_TENSOR_CORES
@@ -36,43 +37,6 @@ bool switched_off_by_environment() {
   return s == "off" || s == "0" || s == "false" || s == "no";
 }
 
-// The sequence split inside one device: how many shards each row runs as (kernels/opencl/tc/tc_gates.cl, "The
-// sequence split"). The state kernels walk a row's chunks one after the other in rows x state-tiles work-groups;
-// with few rows most of the device idles, so each row runs as P shards of NC/P chunks (P divides NC; S a whole
-// number of chunks), at the price of a second states pass and a small combine. `requested` > 0 (Config::shards,
-// MLSTM_TC_SHARDS) takes the largest such P up to it; 0 chooses: P = 1 while rows x tiles fill a quarter of the
-// device's compute units (measured on the H200: 128 work-groups on 132 units ran 3.0 ms unsplit, 3.6 ms as 2
-// shards), else the largest divisor of NC up to 2 x compute units / (rows x tiles) that leaves each shard at least
-// 4 chunks.
-int choose_shards(const Device& dev, const TcConfig& cfg, const ProblemShape& p, int NC, int requested) {
-  constexpr int kMaxShards = 256;  // MAX_SHARDS of tc_gates.cl
-  if (p.S % cfg.L != 0 || NC < 2) return 1;
-  if (requested == 0) {
-    if (const auto v = env::get("MLSTM_TC_SHARDS")) {
-      try {
-        requested = std::stoi(*v);
-      } catch (const std::exception&) {
-        requested = -1;
-      }
-      if (requested <= 0) {
-        spdlog::warn("mlstm-flow: MLSTM_TC_SHARDS='{}' is not a positive count; ignored", *v);
-        requested = 0;
-      }
-    }
-  }
-  int limit = std::min(requested, NC);
-  if (requested == 0) {
-    const std::int64_t groups = p.rows() * (p.DHQK / cfg.KT) * (p.DHHV / cfg.VT);
-    const std::int64_t units = std::max<std::int64_t>(1, dev.info().compute_units);
-    if (4 * groups > units) return 1;  // a split of fewer than 4 shards costs its second pass and gains little
-    limit = static_cast<int>(std::min<std::int64_t>((2 * units + groups - 1) / groups, NC / 4));
-  }
-  limit = std::min(limit, kMaxShards);
-  for (int d = limit; d > 1; --d)
-    if (NC % d == 0) return d;
-  return 1;
-}
-
 // One problem on one device with every buffer of the forward and the backward.
 class ResidentTensorCore final : public ResidentChunkwise {
  public:
@@ -88,7 +52,9 @@ class ResidentTensorCore final : public ResidentChunkwise {
     rows_ = static_cast<int>(shape_.rows());
     S_ = static_cast<int>(shape_.S);
     NC_ = (S_ + cfg_.L - 1) / cfg_.L;
-    P_ = choose_shards(dev, cfg_, shape_, NC_, config.shards);
+    // The sequence split (shards.hpp) where the state kernels' rows x tiles work-groups leave the device idle.
+    P_ = detail::sequence_shards(dev.info(), S_, cfg_.L, NC_,
+                                 shape_.rows() * (shape_.DHQK / cfg_.KT) * (shape_.DHHV / cfg_.VT), config.shards);
     R_ = rows_ * P_;
     Ss_ = S_ / P_;
     NCs_ = NC_ / P_;
@@ -105,14 +71,14 @@ class ResidentTensorCore final : public ResidentChunkwise {
     k_fw_states_ = KernelObject{dev.kernel(fw_states, "tc_fw_states")};
     k_fw_outputs_ = KernelObject{dev.kernel(fw_out, "tc_fw_outputs")};
     if (P_ > 1) {
-      k_fw_combine_ = KernelObject{dev.kernel(gates, "tc_shard_fw_combine")};
+      k_fw_combine_ = KernelObject{dev.kernel(gates, "shard_fw_combine")};
       k_fw_summary_ = KernelObject{dev.kernel(
           dev.program_from_text("tc_states", tc_source_text("tc_states"), cfg_.states(0, false)), "tc_fw_states")};
       if (has_grads_) {
-        k_bw_combine_ = KernelObject{dev.kernel(gates, "tc_shard_bw_combine")};
-        k_bw_summary_ = KernelObject{dev.kernel(
-            dev.program_from_text("tc_states", tc_source_text("tc_states"), cfg_.states(1, false)),
-            "tc_bw_state_grads")};
+        k_bw_combine_ = KernelObject{dev.kernel(gates, "shard_bw_combine")};
+        k_bw_summary_ = KernelObject{
+            dev.kernel(dev.program_from_text("tc_states", tc_source_text("tc_states"), cfg_.states(1, false)),
+                       "tc_bw_state_grads")};
       }
     }
     if (has_grads_) {
@@ -182,20 +148,14 @@ class ResidentTensorCore final : public ResidentChunkwise {
       set_args(k_fw_states_.k, dn, k_, v_, gbi_, gG_, gA_, c0_, n0_, m0_, has_init_, Cst_, nst_, mst_, c_last_, n_last_,
                m_last_, S_, NC_);
     } else {
-      // Both states passes read the shards' entering states from sc_in_ (the EMPTY state, then the combined ones)
-      // and write the states leaving them to sc_last_.
-      const std::size_t R = static_cast<std::size_t>(R_);
-      sc_in_ = f32buf(R * kv);
-      sn_in_ = f32buf(R * static_cast<std::size_t>(K));
-      sm_in_ = f32buf(R);
-      sc_last_ = f32buf(R * kv);
-      sn_last_ = f32buf(R * static_cast<std::size_t>(K));
-      sm_last_ = f32buf(R);
+      // Both states passes read the shards' entering states from sh_.c_in (the EMPTY state, then the combined ones)
+      // and write the states leaving them to sh_.c_last.
+      sh_.allocate_forward(dev, static_cast<std::size_t>(R_), static_cast<std::size_t>(K), static_cast<std::size_t>(V));
       for (const KernelObject* k : {&k_fw_summary_, &k_fw_states_})
-        set_args(k->k, dn, k_, v_, gbi_, gG_, gA_, sc_in_, sn_in_, sm_in_, 1, Cst_, nst_, mst_, sc_last_, sn_last_,
-                 sm_last_, Ss_, NCs_);
-      set_args(k_fw_combine_.k, dn, gG_, sc_last_, sn_last_, sm_last_, c0_, n0_, m0_, has_init_, sc_in_, sn_in_, sm_in_,
-               P_, NCs_);
+        set_args(k->k, dn, k_, v_, gbi_, gG_, gA_, sh_.c_in, sh_.n_in, sh_.m_in, 1, Cst_, nst_, mst_, sh_.c_last,
+                 sh_.n_last, sh_.m_last, Ss_, NCs_);
+      set_args(k_fw_combine_.k, dn, gG_, sh_.c_last, sh_.n_last, sh_.m_last, c0_, n0_, m0_, has_init_, sh_.c_in,
+               sh_.n_in, sh_.m_in, P_, NCs_);
     }
     set_args(k_fw_outputs_.k, dn, q_, k_, v_, Cst_, nst_, mst_, gb_, gbi_, gpm_, h_, Nt_, sgt_, Ss_, NCs_);
     if (has_grads_) {
@@ -226,18 +186,15 @@ class ResidentTensorCore final : public ResidentChunkwise {
         set_args(k_bw_states_.k, dn, q_, dh_, gb_, gpm_, gG_, mst_, Nt_, dden_, dc_last_, dn_last_, has_dlast_, dCst_,
                  dnst_, dc0_, dn0_, S_, NC_);
       } else {
-        // Both passes read the gradient leaving each shard from sdc_last_ (zero, then the combined ones) and write
-        // the gradient entering it to sdc0_.
-        const std::size_t R = static_cast<std::size_t>(R_);
-        sdc_last_ = f32buf(R * kv);
-        sdn_last_ = f32buf(R * static_cast<std::size_t>(K));
-        sdc0_ = f32buf(R * kv);
-        sdn0_ = f32buf(R * static_cast<std::size_t>(K));
+        // Both passes read the gradient leaving each shard from sh_.dc_last (zero, then the combined ones) and write
+        // the gradient entering it to sh_.dc0.
+        sh_.allocate_backward(dev, static_cast<std::size_t>(R_), static_cast<std::size_t>(K),
+                              static_cast<std::size_t>(V));
         for (const KernelObject* k : {&k_bw_summary_, &k_bw_states_})
-          set_args(k->k, dn, q_, dh_, gb_, gpm_, gG_, mst_, Nt_, dden_, sdc_last_, sdn_last_, 1, dCst_, dnst_, sdc0_,
-                   sdn0_, Ss_, NCs_);
-        set_args(k_bw_combine_.k, dn, gG_, mst_, sdc0_, sdn0_, dc_last_, dn_last_, has_dlast_, sdc_last_, sdn_last_, P_,
-                 NCs_);
+          set_args(k->k, dn, q_, dh_, gb_, gpm_, gG_, mst_, Nt_, dden_, sh_.dc_last, sh_.dn_last, 1, dCst_, dnst_,
+                   sh_.dc0, sh_.dn0, Ss_, NCs_);
+        set_args(k_bw_combine_.k, dn, gG_, mst_, NCs_ + 1, mst_, NCs_, NCs_ + 1, sh_.dc0, sh_.dn0, dc_last_, dn_last_,
+                 has_dlast_, sh_.dc_last, sh_.dn_last, P_, NCs_);
       }
       set_args(k_bw_dq_.k, dn, dh_, v_, k_, Cst_, nst_, mst_, gb_, gbi_, gpm_, Nt_, dden_, q_, dq_, qdq_, Ss_, NCs_);
       set_args(k_bw_dk_.k, dn, v_, dh_, q_, dCst_, dnst_, mst_, gb_, gbi_, gpm_, gG_, Nt_, dden_, k_, dk_, kdk_, Ss_,
@@ -248,11 +205,10 @@ class ResidentTensorCore final : public ResidentChunkwise {
                  dc0_, dn0_, c0_, n0_, has_init_, di_, df_, dm0_, S_);
       } else {
         // Shard by shard, as a streamed backward does piece by piece: the reverse cumsum of the tokens after a shard
-        // is <dC, C> + <dn, n> of the state leaving it (its gradient: the combined sdc_last_). The row's dm0 is its
+        // is <dC, C> + <dn, n> of the state leaving it (its gradient: the combined sh_.dc_last). The row's dm0 is its
         // first shard's (<dc0, c0> + <dn0, n0> against the row's initial state, which enters shard 0).
-        sdm0_ = f32buf(static_cast<std::size_t>(R_));
-        set_args(k_bw_gate_grads_.k, dn, i_, f_, qdq_, kdk_, nparts, sdc_last_, sdn_last_, sc_last_, sn_last_, 1, sdc0_,
-                 sdn0_, sc_in_, sn_in_, has_init_, di_, df_, sdm0_, Ss_);
+        set_args(k_bw_gate_grads_.k, dn, i_, f_, qdq_, kdk_, nparts, sh_.dc_last, sh_.dn_last, sh_.c_last, sh_.n_last,
+                 1, sh_.dc0, sh_.dn0, sh_.c_in, sh_.n_in, has_init_, di_, df_, sh_.dm0, Ss_);
       }
     }
   }
@@ -267,16 +223,16 @@ class ResidentTensorCore final : public ResidentChunkwise {
     if (P_ > 1) {
       // Every shard from the EMPTY state (a finite m far below any weight, so that a shard opening with input gates
       // of -inf forms no inf - inf), the summaries chained, then every shard from its true entering state.
-      fill(sc_in_, 0.0f);
-      fill(sn_in_, 0.0f);
-      fill(sm_in_, options_.gate == GateVariant::exp ? kShardEmptyM : 0.0f);
+      fill(sh_.c_in, 0.0f);
+      fill(sh_.n_in, 0.0f);
+      fill(sh_.m_in, options_.gate == GateVariant::exp ? detail::kShardEmptyM : 0.0f);
       launch(k_fw_summary_, "tc_fw_states (summaries)", states_global, states_group, events);
-      launch(k_fw_combine_, "tc_shard_fw_combine", combine_global(), kShardGroup, events, rows_);
+      launch(k_fw_combine_, "shard_fw_combine", detail::shard_combine_global(K, V), detail::kShardGroup, events, rows_);
       launch(k_fw_states_, "tc_fw_states", states_global, states_group, events);
       // The row's last state is its last shard's.
-      gather_shard(sc_last_, c_last_, P_ - 1, K * V);
-      gather_shard(sn_last_, n_last_, P_ - 1, K);
-      gather_shard(sm_last_, m_last_, P_ - 1, 1);
+      gather_shard(sh_.c_last, c_last_, P_ - 1, K * V);
+      gather_shard(sh_.n_last, n_last_, P_ - 1, K);
+      gather_shard(sh_.m_last, m_last_, P_ - 1, 1);
     } else {
       launch(k_fw_states_, "tc_fw_states", states_global, states_group, events);
     }
@@ -296,14 +252,14 @@ class ResidentTensorCore final : public ResidentChunkwise {
     launch(k_bw_prep_, "tc_bw_prep", static_cast<std::size_t>((Ss_ + 7) / 8) * 256, 256, events);
     if (P_ > 1) {
       // Every shard with a zero gradient leaving it, the reverse chain, then every shard with its true one.
-      fill(sdc_last_, 0.0f);
-      fill(sdn_last_, 0.0f);
+      fill(sh_.dc_last, 0.0f);
+      fill(sh_.dn_last, 0.0f);
       launch(k_bw_summary_, "tc_bw_state_grads (summaries)", states_global, states_group, events);
-      launch(k_bw_combine_, "tc_shard_bw_combine", combine_global(), kShardGroup, events, rows_);
+      launch(k_bw_combine_, "shard_bw_combine", detail::shard_combine_global(K, V), detail::kShardGroup, events, rows_);
       launch(k_bw_states_, "tc_bw_state_grads", states_global, states_group, events);
       // The row's initial-state gradient is its first shard's.
-      gather_shard(sdc0_, dc0_, 0, K * V);
-      gather_shard(sdn0_, dn0_, 0, K);
+      gather_shard(sh_.dc0, dc0_, 0, K * V);
+      gather_shard(sh_.dn0, dn0_, 0, K);
     } else {
       launch(k_bw_states_, "tc_bw_state_grads", states_global, states_group, events);
     }
@@ -312,7 +268,7 @@ class ResidentTensorCore final : public ResidentChunkwise {
     launch(k_bw_dv_, "tc_bw_grads_dv", L2 * NCs_ * static_cast<std::size_t>(V / cfg_.OTf), L2, events);
     launch(k_bw_gate_grads_, "tc_bw_gate_grads", static_cast<std::size_t>(cfg_.gate_group),
            static_cast<std::size_t>(cfg_.gate_group), events);
-    if (P_ > 1 && has_init_) gather_shard(sdm0_, dm0_, 0, 1);
+    if (P_ > 1 && has_init_) gather_shard(sh_.dm0, dm0_, 0, 1);
   }
 
   // Shards per row (1: no split).
@@ -381,23 +337,9 @@ class ResidentTensorCore final : public ResidentChunkwise {
           name, device_->name());
     if (events) events->emplace_back(name, e);
   }
-  void fill(const PooledBuffer& b, float value) {
-    check(clEnqueueFillBuffer(device_->profiling_queue(), b.get(), &value, sizeof value, 0, b.bytes(), 0, nullptr,
-                              nullptr),
-          "clEnqueueFillBuffer", device_->name());
-  }
-  // dst[row] = src[row * P + shard] for every row, `n` floats each.
+  void fill(const PooledBuffer& b, float value) { detail::fill_floats(device_->profiling_queue(), *device_, b, value); }
   void gather_shard(const PooledBuffer& src, const PooledBuffer& dst, int shard, std::int64_t n) {
-    const std::size_t bytes = static_cast<std::size_t>(n) * sizeof(float);
-    const std::size_t src_origin[3] = {static_cast<std::size_t>(shard) * bytes, 0, 0}, dst_origin[3] = {0, 0, 0};
-    const std::size_t region[3] = {bytes, static_cast<std::size_t>(rows_), 1};
-    check(clEnqueueCopyBufferRect(device_->profiling_queue(), src.get(), dst.get(), src_origin, dst_origin, region,
-                                  bytes * static_cast<std::size_t>(P_), 0, bytes, 0, 0, nullptr, nullptr),
-          "clEnqueueCopyBufferRect", device_->name());
-  }
-  std::size_t combine_global() const {
-    const std::size_t n = static_cast<std::size_t>(shape_.DHQK * shape_.DHHV + shape_.DHQK);
-    return (n + kShardGroup - 1) / kShardGroup * kShardGroup;
+    detail::gather_shard(device_->profiling_queue(), *device_, src, dst, rows_, P_, shard, n);
   }
   void finish() { check(clFinish(device_->profiling_queue()), "clFinish", device_->name()); }
 
@@ -405,8 +347,6 @@ class ResidentTensorCore final : public ResidentChunkwise {
   MlstmOptions options_;
   ProblemShape shape_;
   TcConfig cfg_;
-  static constexpr std::size_t kShardGroup = 256;  // SHARD_WG of tc_gates.cl
-  static constexpr float kShardEmptyM = -1e30f;
   int rows_ = 0, S_ = 0, NC_ = 0, has_init_ = 0, has_dlast_ = 0;
   int P_ = 1, R_ = 0, Ss_ = 0, NCs_ = 0;  // shards per row, shard rows, tokens and chunks per shard
   bool has_grads_ = false, forward_done_ = false, skip_outputs_ = false;
@@ -414,7 +354,8 @@ class ResidentTensorCore final : public ResidentChunkwise {
       k_bw_gate_grads_, k_fw_combine_, k_bw_combine_, k_fw_summary_, k_bw_summary_;
   PooledBuffer q_, k_, v_, i_, f_, c0_, n0_, m0_, gb_, gbi_, gpm_, gG_, gA_, mst_, Cst_, nst_, c_last_, n_last_,
       m_last_, h_, Nt_, sgt_, dh_, dc_last_, dn_last_, dden_, dCst_, dnst_, dc0_, dn0_, dm0_, dq_, dk_, dv_, qdq_, kdk_,
-      di_, df_, sc_in_, sn_in_, sm_in_, sc_last_, sn_last_, sm_last_, sdc_last_, sdn_last_, sdc0_, sdn0_, sdm0_;
+      di_, df_;
+  detail::ShardBuffers sh_;  // the sequence split's states (P_ > 1)
 };
 
 }  // namespace

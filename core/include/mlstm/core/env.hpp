@@ -14,6 +14,8 @@
 //   MLSTM_TC_STATE_TILE=KTxVT          devices (OpenCL): tensor-core state tile (tuning)
 //   MLSTM_TC_MSPLIT=1                  devices (OpenCL): tensor-core chunk kernels with M split hi + lo (tuning)
 //   MLSTM_TC_POISON=1                  devices (OpenCL): tensor-core intermediates start as NaN
+//   MLSTM_OPENCL_SHARDS=<n>            devices (OpenCL): shards per row of the sequence split inside one device
+//                                      (tensor-core and portable routines; default: chosen by compute units)
 //   MLSTM_PROGRAM_CACHE=<dir>|off      devices (OpenCL): where compiled programs are cached on disk, or no disk
 //                                      cache (default $XDG_CACHE_HOME/mlstm-flow/programs, ~/.cache/...)
 //   MLSTM_RESIDENT_INPUTS=off          devices: upload inputs on every call (to measure residency)

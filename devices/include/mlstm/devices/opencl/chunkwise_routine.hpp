@@ -15,7 +15,14 @@ namespace mlstm::opencl {
 // and downloads the results.
 class ChunkwiseRunner {
  public:
-  explicit ChunkwiseRunner(std::shared_ptr<Device> device);
+  struct Config {
+    // The sequence split inside the device (devices/src/opencl/shards.hpp), as TensorCoreRunner::Config::shards:
+    // 0 chooses by the device's compute units (MLSTM_OPENCL_SHARDS=<n> overrides that choice); n > 0 runs each row
+    // as the largest divisor of its chunk count up to n shards (1: never split). Only rows of whole chunks split.
+    int shards = 0;
+  };
+  explicit ChunkwiseRunner(std::shared_ptr<Device> device) : ChunkwiseRunner(std::move(device), Config{}) {}
+  ChunkwiseRunner(std::shared_ptr<Device> device, Config config);
   Device& device() const noexcept { return *device_; }
   ForwardResult forward(const ForwardArgs& args, const MlstmOptions& options) const;
   // Only the state leaving the sequence (fw_gates + fw_states; h is left empty). With an EMPTY entering
@@ -37,6 +44,7 @@ class ChunkwiseRunner {
 
  private:
   std::shared_ptr<Device> device_;
+  Config config_;
 };
 
 }  // namespace mlstm::opencl

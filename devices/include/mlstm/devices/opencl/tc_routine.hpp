@@ -38,8 +38,8 @@ class TensorCoreRunner {
     // TC_EMU=1: the kernels without PTX (mma emulated in local memory) so that the host logic and the
     // kernels' indexing can be tested on any OpenCL device (PoCL in CI). Slow; tests only.
     bool emulate = false;
-    // The sequence split inside the device (tc_routine.cpp choose_shards): 0 chooses by the device's compute
-    // units (MLSTM_TC_SHARDS=<n> overrides that choice); n > 0 runs each row as the largest divisor of its chunk
+    // The sequence split inside the device (devices/src/opencl/shards.hpp): 0 chooses by the device's compute
+    // units (MLSTM_OPENCL_SHARDS=<n> overrides that choice); n > 0 runs each row as the largest divisor of its chunk
     // count up to n shards (1: never split). Only rows of whole chunks are split.
     int shards = 0;
   };

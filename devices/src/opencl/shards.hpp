@@ -1,0 +1,55 @@
+// The sequence split inside one device, shared by the tensor-core and the portable routines (not installed).
+//
+// The state kernels of both routines walk a row's chunks one after the other in rows x state-tiles work-groups;
+// with few rows (B * NH) most of the device idles. A row of whole chunks then runs as P shards of NC/P chunks
+// each: row r, shard p is row r * P + p of the same arrays (every per-token and per-chunk array keeps its layout).
+// The forward runs its states pass twice, every shard from the EMPTY state (its summary) and, after
+// shard_fw_combine (kernels/opencl/shard_combine.cl) has chained the summaries, from its true entering state; the
+// backward mirrors it with the reverse chain of the state gradients (shard_bw_combine). The row's last state is its
+// last shard's, the gradient of its initial state its first shard's.
+#pragma once
+
+#include <CL/cl.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "mlstm/devices/opencl/device.hpp"
+
+namespace mlstm::opencl::detail {
+
+// Shards per row. `requested` > 0 (a runner's Config::shards, else MLSTM_OPENCL_SHARDS) takes the largest divisor
+// of NC up to it; 0 chooses: 1 while `groups` (the state kernels' work-groups, rows x tiles) fill a quarter of the
+// device's compute units (measured on the H200: 128 work-groups on 132 units ran 3.0 ms unsplit, 3.6 ms as 2
+// shards), else the largest divisor of NC up to 2 x compute units / groups that leaves each shard 4 chunks or
+// more. Rows that are not a whole number of chunks (S % L) are never split.
+int sequence_shards(const DeviceInfo& info, std::int64_t S, std::int64_t L, std::int64_t NC, std::int64_t groups,
+                    int requested);
+
+// The buffers of the split (rows * P entries each; float32): the states entering and leaving each shard, and in
+// the backward the gradients leaving and entering each shard and each shard's dm0.
+struct ShardBuffers {
+  PooledBuffer c_in, n_in, m_in, c_last, n_last, m_last;
+  PooledBuffer dc_last, dn_last, dc0, dn0, dm0;
+  void allocate_forward(Device& dev, std::size_t shard_rows, std::size_t K, std::size_t V);
+  void allocate_backward(Device& dev, std::size_t shard_rows, std::size_t K, std::size_t V);
+};
+
+// The EMPTY state's stabiliser for the summary pass: finite and far below any log weight, so that a shard opening
+// with input gates of -inf forms no inf - inf.
+inline constexpr float kShardEmptyM = -1e30f;
+// SHARD_WG and MAX_SHARDS of shard_combine.cl.
+inline constexpr std::size_t kShardGroup = 256;
+inline constexpr int kMaxShards = 256;
+
+// Global size (dimension 0) of the combine kernels.
+std::size_t shard_combine_global(std::int64_t DHQK, std::int64_t DHHV);
+
+// Fills `b` with `value` (float32) on `queue`.
+void fill_floats(cl_command_queue queue, const Device& dev, const Buffer& b, float value);
+
+// dst[row] = src[row * P + shard] for every row < rows, `n` floats each, on `queue`.
+void gather_shard(cl_command_queue queue, const Device& dev, const Buffer& src, const Buffer& dst, int rows, int P,
+                  int shard, std::int64_t n);
+
+}  // namespace mlstm::opencl::detail
