@@ -30,7 +30,7 @@ int sequence_shards(const DeviceInfo& info, std::int64_t S, std::int64_t L, std:
     const std::int64_t units = std::max<std::int64_t>(1, info.compute_units);
     groups = std::max<std::int64_t>(1, groups);
     if (4 * groups > units) return 1;  // fewer than 4 shards: the second pass costs about what the split gains
-    limit = std::min((2 * units + groups - 1) / groups, NC / 4);
+    limit = std::min((8 * units + groups - 1) / groups, NC / 4);
   }
   limit = std::min<std::int64_t>(limit, kMaxShards);
   for (std::int64_t d = limit; d > 1; --d)

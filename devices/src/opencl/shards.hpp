@@ -21,8 +21,9 @@ namespace mlstm::opencl::detail {
 // Shards per row. `requested` > 0 (a runner's Config::shards, else MLSTM_OPENCL_SHARDS) takes the largest divisor
 // of NC up to it; 0 chooses: 1 while `groups` (the state kernels' work-groups, rows x tiles) fill a quarter of the
 // device's compute units (measured on the H200: 128 work-groups on 132 units ran 3.0 ms unsplit, 3.6 ms as 2
-// shards), else the largest divisor of NC up to 2 x compute units / groups that leaves each shard 4 chunks or
-// more. Rows that are not a whole number of chunks (S % L) are never split.
+// shards), else the largest divisor of NC up to 8 x compute units / groups that leaves each shard 4 chunks or
+// more (H200, B=1, NH=4, 128/128, 1M tokens: 64 shards beat 16 by 18% on the portable path and tie on the tensor
+// cores; 32 was slower there). Rows that are not a whole number of chunks (S % L) are never split.
 int sequence_shards(const DeviceInfo& info, std::int64_t S, std::int64_t L, std::int64_t NC, std::int64_t groups,
                     int requested);
 
