@@ -5,8 +5,6 @@
 #include <cstdlib>
 #include <cstring>
 
-#include <spdlog/spdlog.h>
-
 #include "internal.hpp"
 #include "mlstm/core/env.hpp"
 #include "shards.hpp"
@@ -270,9 +268,6 @@ class ResidentTensorCore final : public ResidentChunkwise {
            static_cast<std::size_t>(cfg_.gate_group), events);
     if (P_ > 1 && has_init_) gather_shard(sh_.dm0, dm0_, 0, 1);
   }
-
-  // Shards per row (1: no split).
-  int shards() const noexcept { return P_; }
 
   ForwardResult read_forward() override {
     finish();
