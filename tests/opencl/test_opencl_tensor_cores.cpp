@@ -350,6 +350,34 @@ TEST(TensorCoreShards, SplitChainsTheShardsAndFollowsTheOverride) {
   EXPECT_FALSE(has(launched(*runner_for(dev).resident(in.args(), o, &bargs)), "shard_fw_combine"));
 }
 
+// Wide state tiles (64 x 128, which the NVIDIA launch row takes at chunk 64 for problems with enough rows;
+// forced here through MLSTM_TC_STATE_TILE so that PoCL's emulation runs them too): forward and backward against
+// the float64 recurrence, with and without the sequence split.
+TEST(TensorCoreStateTiles, WideTilesMatchTheReference) {
+  REQUIRE_OPENCL();
+  const auto dev = first_device();
+  ScopedEnv wide("MLSTM_TC_STATE_TILE", "64x128");
+  const InputSpec s = spec(1, 1, 128, 16, 128, DType::bf16, GateVariant::exp, true);
+  auto in = testing::make_inputs(s, testing::fresh_seed());
+  MlstmOptions o;
+  ASSERT_GE(testing::quiet_normaliser_kinks(in, o, s), 0);
+  const auto ref = reference::recurrent_forward(in.args(), o);
+  const auto bargs = in.backward_args(true);
+  const auto rb = reference::recurrent_backward(bargs, o, reference::StabilizerGradient::stop);
+  const auto ill = testing::near_normaliser_kink(in, o, s);
+  for (const int shards : {1, 2}) {
+    const auto runner = runner_for(dev, shards);
+    const auto fw = runner.forward(in.args(), o);
+    EXPECT_TRUE(close16(testing::replace_tokens(fw.h, ref.h, ill), ref.h, 2e-2, "h, 64x128 tiles", s)) << shards;
+    EXPECT_TRUE(close16(fw.c, ref.c, 2e-2, "c_last, 64x128 tiles", s)) << shards;
+    const auto bw = runner.backward(bargs, o);
+    EXPECT_TRUE(close16(bw.dk, rb.dk, 5e-2, "dk, 64x128 tiles", s)) << shards;
+    EXPECT_TRUE(close16(bw.dv, rb.dv, 5e-2, "dv, 64x128 tiles", s)) << shards;
+    EXPECT_TRUE(close16(bw.dq, rb.dq, 5e-2, "dq, 64x128 tiles", s)) << shards;
+    EXPECT_TRUE(close16(bw.dc0, rb.dc0, 5e-2, "dc0, 64x128 tiles", s)) << shards;
+  }
+}
+
 // The state leaving a segment started from the EMPTY state (sequence parallelism) equals the portable one.
 TEST(TensorCoreLastState, EmptyEnteringStateMatchesThePortableKernels) {
   REQUIRE_OPENCL();

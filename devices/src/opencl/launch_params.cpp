@@ -16,7 +16,11 @@ constexpr std::array<LaunchRow<PortableLaunchParams>, 1> kPortableTable{{
 }};
 
 constexpr std::array<LaunchRow<TcLaunchParams>, 2> kTcTable{{
-    {"", "NVIDIA", {64, 64, 512}, "H100, B=1, NH=16, S=65536: 64x64 state tiles as fast as smaller ones"},
+    {"",
+     "NVIDIA",
+     {64, 64, 512, false, 128},
+     "H100, B=1, NH=16, S=65536: 64x64 state tiles as fast as smaller ones; H200 (session 19): 64x128 where they "
+     "still give 2 work-groups per SM, TFLA setup S=8192 fw 2.52 -> 2.43 ms, NH=4 128/128 64 rows 5.04 -> 4.82 ms"},
     {"", "", {64, 64, 512}, "default (PoCL runs the emulated kernels in tests)"},
 }};
 
@@ -50,6 +54,7 @@ TcLaunchParams tc_launch_params(const DeviceInfo& device) {
                             "expected KTxVT with multiples of 16, e.g. 64x32 (got '" + *tile + "')");
     p.state_tile_k = kt;
     p.state_tile_v = vt;
+    p.wide_state_tile_v = 0;
   }
   p.msplit = p.msplit || env::is("MLSTM_TC_MSPLIT", "1");
   return p;

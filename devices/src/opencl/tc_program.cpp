@@ -127,6 +127,12 @@ TcConfig make_config(Device& dev, bool emulate, const ProblemShape& p, const Mls
   const TcLaunchParams launch = tc_launch_params(dev.info());
   c.KT = p.DHQK % launch.state_tile_k == 0 ? launch.state_tile_k : pick_tile(p.DHQK, 64);
   c.VT = p.DHHV % launch.state_tile_v == 0 ? launch.state_tile_v : pick_tile(p.DHHV, 64);
+  // Wider tiles (launch_params.hpp) at chunk 64 (at 128 their stages exceed 48 KB of local memory) where they still
+  // give two work-groups per compute unit.
+  if (const int wide = launch.wide_state_tile_v;
+      wide > c.VT && c.L == 64 && p.DHHV % wide == 0 &&
+      p.rows() * (p.DHQK / c.KT) * (p.DHHV / wide) >= 2 * static_cast<std::int64_t>(dev.info().compute_units))
+    c.VT = wide;
   c.OTf = pick_tile(p.DHHV, c.L >= 128 ? 64 : 128);
   c.DSf = pick_tile(p.DHQK, c.L >= 128 ? 32 : 64);
   c.OTq = pick_tile(p.DHQK, c.L >= 128 ? 64 : 128);

@@ -34,6 +34,9 @@ struct TcLaunchParams {
   // The chunk kernels' inter-chunk product with M split into two 16-bit parts (hi + lo, two mma): less rounding
   // in h and dq for ~1% more time (docs/notes/tensor-cores.md); off by default. MLSTM_TC_MSPLIT=1.
   bool msplit = false;
+  // Wider state tiles KT x wide_state_tile_v for chunks of 64 where the problem still gives the state kernels two
+  // work-groups per compute unit with them (fewer loads of k per chunk); 0: never. Off under MLSTM_TC_STATE_TILE.
+  int wide_state_tile_v = 0;
 };
 
 template <class Params>
