@@ -34,6 +34,24 @@ void PrintTo(const BwCase& c, std::ostream* os) {
       << (c.last_state_grads ? " dlast" : "");
 }
 
+// Every gradient against the reference's within `tol` (dm0 through dm0_matches); no initial-state gradient without
+// an initial state.
+void expect_gradients_match(const BackwardResult& got, const BackwardResult& ref, double tol, const std::string& name,
+                            const InputSpec& spec, const testing::Inputs& in) {
+  EXPECT_TRUE(testing::matches(got.dq, ref.dq, tol, name, "dq", spec));
+  EXPECT_TRUE(testing::matches(got.dk, ref.dk, tol, name, "dk", spec));
+  EXPECT_TRUE(testing::matches(got.dv, ref.dv, tol, name, "dv", spec));
+  EXPECT_TRUE(testing::matches(got.di, ref.di, tol, name, "di", spec));
+  EXPECT_TRUE(testing::matches(got.df, ref.df, tol, name, "df", spec));
+  if (spec.initial_state) {
+    EXPECT_TRUE(testing::matches(got.dc0, ref.dc0, tol, name, "dc0", spec));
+    EXPECT_TRUE(testing::matches(got.dn0, ref.dn0, tol, name, "dn0", spec));
+    EXPECT_TRUE(testing::dm0_matches(got.dm0, ref.dm0, ref.dc0, ref.dn0, in, tol, name, spec));
+  } else {
+    EXPECT_TRUE(got.dc0.empty());
+  }
+}
+
 class PortableBackward : public ::testing::TestWithParam<BwCase> {};
 
 TEST_P(PortableBackward, MatchesReference) {
@@ -52,20 +70,8 @@ TEST_P(PortableBackward, MatchesReference) {
   const auto ref = reference::recurrent_backward(args, o, reference::StabilizerGradient::stop);
   const bool wide = c.spec.dtype == DType::f32;
   const double tol = c.spec.regime == GateRegime::extreme ? (wide ? 1e-2 : 5e-2) : (wide ? 1e-3 : 3e-2);
-  const std::string name = "opencl portable backward";
   ASSERT_EQ(got.dq.dtype(), c.spec.dtype);
-  EXPECT_TRUE(testing::matches(got.dq, ref.dq, tol, name, "dq", c.spec));
-  EXPECT_TRUE(testing::matches(got.dk, ref.dk, tol, name, "dk", c.spec));
-  EXPECT_TRUE(testing::matches(got.dv, ref.dv, tol, name, "dv", c.spec));
-  EXPECT_TRUE(testing::matches(got.di, ref.di, tol, name, "di", c.spec));
-  EXPECT_TRUE(testing::matches(got.df, ref.df, tol, name, "df", c.spec));
-  if (c.spec.initial_state) {
-    EXPECT_TRUE(testing::matches(got.dc0, ref.dc0, tol, name, "dc0", c.spec));
-    EXPECT_TRUE(testing::matches(got.dn0, ref.dn0, tol, name, "dn0", c.spec));
-    EXPECT_TRUE(testing::dm0_matches(got.dm0, ref.dm0, ref.dc0, ref.dn0, in, tol, name, c.spec));
-  } else {
-    EXPECT_TRUE(got.dc0.empty());
-  }
+  expect_gradients_match(got, ref, tol, "opencl portable backward", c.spec, in);
 }
 
 INSTANTIATE_TEST_SUITE_P(
@@ -139,16 +145,7 @@ TEST_P(PortableShards, ForwardAndBackwardMatchReference) {
   const auto args = in.backward_args(c.last_state_grads);
   const auto got = runner.backward(args, o);
   const auto ref = reference::recurrent_backward(args, o, reference::StabilizerGradient::stop);
-  EXPECT_TRUE(testing::matches(got.dq, ref.dq, tol, name, "dq", c.spec));
-  EXPECT_TRUE(testing::matches(got.dk, ref.dk, tol, name, "dk", c.spec));
-  EXPECT_TRUE(testing::matches(got.dv, ref.dv, tol, name, "dv", c.spec));
-  EXPECT_TRUE(testing::matches(got.di, ref.di, tol, name, "di", c.spec));
-  EXPECT_TRUE(testing::matches(got.df, ref.df, tol, name, "df", c.spec));
-  if (c.spec.initial_state) {
-    EXPECT_TRUE(testing::matches(got.dc0, ref.dc0, tol, name, "dc0", c.spec));
-    EXPECT_TRUE(testing::matches(got.dn0, ref.dn0, tol, name, "dn0", c.spec));
-    EXPECT_TRUE(testing::dm0_matches(got.dm0, ref.dm0, ref.dc0, ref.dn0, in, tol, name, c.spec));
-  }
+  expect_gradients_match(got, ref, tol, name, c.spec, in);
 }
 
 ShardCase shard_inf(InputSpec s, testing::InfGates g, std::int64_t chunk, int shards) {
