@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <map>
 #include <random>
 #include <vector>
 
@@ -253,6 +254,46 @@ void thread_counts(benchmark::internal::Benchmark* b) {
 BENCHMARK(BM_Threads)
     ->ArgNames({"threads", "NH", "bw", "bf16"})
     ->Apply(thread_counts)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+
+// One long row against many short ones (issue 22 item 3 on the CPU path): the same 1M tokens (B*S) at NH = 4, D = 128,
+// f32, chunk 64, as B = 1 x S = 1M and as B = 64 x S = 16384, forward (and forward+backward) on every core. The rows
+// of one sequence run their state recurrences in parts (stages::SequenceParts), so B = 1 should keep the cores as
+// busy as 64 rows do. Counter: tokens/s (B*S per second).
+//   build/benchmarks/bench_cpu --benchmark_filter=OneRowVsMany
+void BM_OneRowVsMany(benchmark::State& state) {
+  const std::int64_t B = state.range(0), S = (std::int64_t{1} << 20) / B;
+  const bool backward = state.range(1) != 0;
+  static std::map<std::int64_t, Problem> problems;
+  auto it = problems.find(B);
+  if (it == problems.end()) {
+    problems.clear();  // one problem of 1M tokens held at a time (8 GiB of inputs)
+    it = problems.emplace(B, make_problem(B, 4, S, kD, kD)).first;
+  }
+  const Problem& p = it->second;
+  MlstmOptions o;
+  o.chunk_size = 64;
+  BackwardArgs b;
+  b.inputs = p.args();
+  b.dh = p.dh.view();
+  for (auto _ : state) {
+    auto r = cpu::chunkwise_forward(p.args(), o, 0);
+    benchmark::DoNotOptimize(r.h.data<float>());
+    if (backward) {
+      auto g = cpu::chunkwise_backward(b, o, 0);
+      benchmark::DoNotOptimize(g.dq.data<float>());
+    }
+  }
+  state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(B * S) * static_cast<double>(state.iterations()),
+                                                  benchmark::Counter::kIsRate);
+}
+BENCHMARK(BM_OneRowVsMany)
+    ->ArgNames({"B", "bw"})
+    ->Args({1, 0})
+    ->Args({1, 1})
+    ->Args({64, 0})
+    ->Args({64, 1})
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
 
