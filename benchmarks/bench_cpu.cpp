@@ -76,18 +76,33 @@ struct WorkerProducts {
   double flop() const { return 2.0 * n * n * n * workers; }
 };
 
+// The timed loop of the CPU benchmarks: the chunkwise forward of `a` (tile as in cpu::chunkwise_forward) and, with
+// `backward`, the backward with upstream gradient `dh` after it, each iteration; sets the tokens/s counter for
+// `tokens` (B*S) per iteration and returns the tokens timed.
+double time_chunkwise(benchmark::State& state, const ForwardArgs& a, ConstTensorView dh, const MlstmOptions& o,
+                      std::int64_t tile, bool backward, std::int64_t tokens) {
+  BackwardArgs b;
+  b.inputs = a;
+  b.dh = dh;
+  for (auto _ : state) {
+    auto r = cpu::chunkwise_forward(a, o, tile);
+    benchmark::DoNotOptimize(r.h.data<float>());
+    if (backward) {
+      auto g = cpu::chunkwise_backward(b, o, tile);
+      benchmark::DoNotOptimize(g.dq.data<float>());
+    }
+  }
+  const double timed = static_cast<double>(tokens) * static_cast<double>(state.iterations());
+  state.counters["tokens/s"] = benchmark::Counter(timed, benchmark::Counter::kIsRate);
+  return timed;
+}
+
 // args: chunk size, tile (0 = whole chunk)
 void BM_ChunkwiseForward(benchmark::State& state) {
   static const Problem p = make_problem(kB, kNH, kS, kD, kD);
   MlstmOptions o;
   o.chunk_size = state.range(0);
-  const std::int64_t tile = state.range(1);
-  for (auto _ : state) {
-    auto r = cpu::chunkwise_forward(p.args(), o, tile);
-    benchmark::DoNotOptimize(r.h.data<float>());
-  }
-  const double tokens = static_cast<double>(kB * kS) * static_cast<double>(state.iterations());
-  state.counters["tokens/s"] = benchmark::Counter(tokens, benchmark::Counter::kIsRate);
+  const double tokens = time_chunkwise(state, p.args(), p.dh.view(), o, state.range(1), false, kB * kS);
   state.counters["GFLOP/s"] =
       benchmark::Counter(tokens * forward_flop_per_token(o.chunk_size) * 1e-9, benchmark::Counter::kIsRate);
 }
@@ -104,18 +119,7 @@ void BM_ChunkwiseForwardBackward(benchmark::State& state) {
   static const Problem p = make_problem(kB, kNH, kS, kD, kD);
   MlstmOptions o;
   o.chunk_size = state.range(0);
-  const std::int64_t tile = state.range(1);
-  BackwardArgs b;
-  b.inputs = p.args();
-  b.dh = p.dh.view();
-  for (auto _ : state) {
-    auto r = cpu::chunkwise_forward(p.args(), o, tile);
-    auto g = cpu::chunkwise_backward(b, o, tile);
-    benchmark::DoNotOptimize(r.h.data<float>());
-    benchmark::DoNotOptimize(g.dq.data<float>());
-  }
-  const double tokens = static_cast<double>(kB * kS) * static_cast<double>(state.iterations());
-  state.counters["tokens/s"] = benchmark::Counter(tokens, benchmark::Counter::kIsRate);
+  time_chunkwise(state, p.args(), p.dh.view(), o, state.range(1), true, kB * kS);
 }
 BENCHMARK(BM_ChunkwiseForwardBackward)
     ->ArgNames({"chunk", "tile"})
@@ -145,19 +149,7 @@ void BM_Packed(benchmark::State& state) {
   o.chunk_size = 128;
   ForwardArgs a = p.args();
   if (packed) a.cu_seqlens = offsets;
-  BackwardArgs b;
-  b.inputs = a;
-  b.dh = p.dh.view();
-  for (auto _ : state) {
-    auto r = cpu::chunkwise_forward(a, o, 64);
-    benchmark::DoNotOptimize(r.h.data<float>());
-    if (backward) {
-      auto g = cpu::chunkwise_backward(b, o, 64);
-      benchmark::DoNotOptimize(g.dq.data<float>());
-    }
-  }
-  const double tokens = static_cast<double>(offsets.back()) * static_cast<double>(state.iterations());
-  state.counters["tokens/s"] = benchmark::Counter(tokens, benchmark::Counter::kIsRate);
+  time_chunkwise(state, a, p.dh.view(), o, 64, backward, offsets.back());
   state.counters["sequences"] = packed ? 64.0 : 1.0;
   state.counters["tokens"] = static_cast<double>(offsets.back());
 }
@@ -214,19 +206,7 @@ void BM_Threads(benchmark::State& state) {
   tbb::global_control limit(tbb::global_control::max_allowed_parallelism, static_cast<std::size_t>(threads));
   MlstmOptions o;
   o.chunk_size = 64;
-  BackwardArgs b;
-  b.inputs = p.args();
-  b.dh = p.dh.view();
-  for (auto _ : state) {
-    auto r = cpu::chunkwise_forward(p.args(), o, 0);
-    benchmark::DoNotOptimize(r.h.data<float>());
-    if (backward) {
-      auto g = cpu::chunkwise_backward(b, o, 0);
-      benchmark::DoNotOptimize(g.dq.data<float>());
-    }
-  }
-  const double tokens = static_cast<double>(S) * static_cast<double>(state.iterations());
-  state.counters["tokens/s"] = benchmark::Counter(tokens, benchmark::Counter::kIsRate);
+  const double tokens = time_chunkwise(state, p.args(), p.dh.view(), o, 0, backward, S);
   if (!backward) {
     state.counters["of_sgemm"] = benchmark::Counter(tokens * forward_flop_per_token(o.chunk_size, nh) * 1e-9 / sgemm,
                                                     benchmark::Counter::kIsRate);
@@ -274,19 +254,7 @@ void BM_OneRowVsMany(benchmark::State& state) {
   const Problem& p = it->second;
   MlstmOptions o;
   o.chunk_size = 64;
-  BackwardArgs b;
-  b.inputs = p.args();
-  b.dh = p.dh.view();
-  for (auto _ : state) {
-    auto r = cpu::chunkwise_forward(p.args(), o, 0);
-    benchmark::DoNotOptimize(r.h.data<float>());
-    if (backward) {
-      auto g = cpu::chunkwise_backward(b, o, 0);
-      benchmark::DoNotOptimize(g.dq.data<float>());
-    }
-  }
-  state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(B * S) * static_cast<double>(state.iterations()),
-                                                  benchmark::Counter::kIsRate);
+  time_chunkwise(state, p.args(), p.dh.view(), o, 0, backward, B * S);
 }
 BENCHMARK(BM_OneRowVsMany)
     ->ArgNames({"B", "bw"})

@@ -34,14 +34,8 @@ int dtype_code(DType d) {
 // common.cl followed by mlstm_chunkwise.cl: the text of the portable program. Assembled once (the program cache
 // hashes it on every lookup).
 const std::string& portable_source_text() {
-  static const std::string text = [] {
-    std::string t;
-    for (const char* part : {"common", "mlstm_chunkwise", "shard_combine"}) {  // shard_combine: the sequence split
-      t.append(kernel_source(part));
-      t.push_back('\n');
-    }
-    return t;
-  }();
+  // shard_combine.cl: the sequence split's combine kernels.
+  static const std::string text = detail::joined_kernel_sources({"common", "mlstm_chunkwise", "shard_combine"});
   return text;
 }
 
@@ -173,7 +167,7 @@ class ResidentPortable final : public ResidentChunkwise {
     } else {
       // Both passes (weights and states) read the shards' entering states from sh_.*_in (the EMPTY state, then the
       // combined ones) and write the states leaving them to sh_.*_last.
-      sh_.allocate_forward(dev, static_cast<std::size_t>(R_), K, V);
+      sh_.allocate_forward(dev, rows_, P_, p_.DHQK, p_.DHHV);
       k_combine_ = KernelObject{dev.kernel(prog, "shard_fw_combine")};
       set_args(k_weights_.k, dn, b_, ig_, G_, sh_.m_in, mb_, carry_, wtok_, sh_.m_last, S, nc);
       set_args(k_states_.k, dn, k_, v_, carry_, wtok_, sh_.c_in, sh_.n_in, Cb_, nb_, sh_.c_last, sh_.n_last, S, nc);
@@ -218,7 +212,7 @@ class ResidentPortable final : public ResidentChunkwise {
       } else {
         // Both passes read the gradient leaving each shard from sh_.dc_last (zero, then the combined ones) and write
         // the gradient entering it to sh_.dc0; a shard's stabilisers: mb_ at its first chunk, sh_.m_last leaving.
-        sh_.allocate_backward(dev, static_cast<std::size_t>(R_), K, V);
+        sh_.allocate_backward();
         k_bw_combine_ = KernelObject{dev.kernel(prog, "shard_bw_combine")};
         set_args(k_bw_states_.k, dn, q_, dh_, dden_, b_, mb_, carry_, mt_, Nt_, sh_.dc_last, sh_.dn_last, 1, dCn_, dnn_,
                  sh_.dc0, sh_.dn0, S, nc);
@@ -263,21 +257,15 @@ class ResidentPortable final : public ResidentChunkwise {
     launch(k_gates_, "fw_gates", 2, {static_cast<std::size_t>(NCs_), rows}, {}, events);
     if (P_ > 1) {
       // Every shard from the EMPTY state, the summaries chained, then every shard from its true entering state.
-      fill(sh_.c_in, 0.0f);
-      fill(sh_.n_in, 0.0f);
-      fill(sh_.m_in, options_.gate == GateVariant::exp ? detail::kShardEmptyM : 0.0f);
+      sh_.enter_empty(options_.gate);
       launch(k_weights_, "fw_state_weights (summaries)", 1, {64 * rows}, {64}, events);
       launch(k_states_, "fw_states (summaries)", 2, {256 * state_tiles(), rows}, {256, 1}, events);
-      launch(k_combine_, "shard_fw_combine", 2, {detail::shard_combine_global(p_.DHQK, p_.DHHV), row_count()},
+      launch(k_combine_, "shard_fw_combine", 2, {sh_.combine_global(), static_cast<std::size_t>(rows_)},
              {detail::kShardGroup, 1}, events);
     }
     launch(k_weights_, "fw_state_weights", 1, {64 * rows}, {64}, events);
     launch(k_states_, "fw_states", 2, {256 * state_tiles(), rows}, {256, 1}, events);
-    if (P_ > 1) {  // the row's last state is its last shard's
-      gather(sh_.c_last, Co_, P_ - 1, p_.DHQK * p_.DHHV);
-      gather(sh_.n_last, no_, P_ - 1, p_.DHQK);
-      gather(sh_.m_last, mo_, P_ - 1, 1);
-    }
+    if (P_ > 1) sh_.last_state_into(Co_, no_, mo_);
     if (outputs_) {
       if (regtiled_outputs_) {
         const std::size_t col_tiles = (static_cast<std::size_t>(p_.DHHV) + 64 * ovw_ - 1) / (64 * ovw_);
@@ -299,17 +287,13 @@ class ResidentPortable final : public ResidentChunkwise {
     launch(k_prep_, "bw_prep", 2, {round_up(S, 64), rows}, {64, 1}, events);
     if (P_ > 1) {
       // Every shard with a zero gradient leaving it, the reverse chain, then every shard with its true one.
-      fill(sh_.dc_last, 0.0f);
-      fill(sh_.dn_last, 0.0f);
+      sh_.zero_leaving_gradients();
       launch(k_bw_states_, "bw_state_grads (summaries)", 2, {256 * state_tiles(), rows}, {256, 1}, events);
-      launch(k_bw_combine_, "shard_bw_combine", 2, {detail::shard_combine_global(p_.DHQK, p_.DHHV), row_count()},
+      launch(k_bw_combine_, "shard_bw_combine", 2, {sh_.combine_global(), static_cast<std::size_t>(rows_)},
              {detail::kShardGroup, 1}, events);
     }
     launch(k_bw_states_, "bw_state_grads", 2, {256 * state_tiles(), rows}, {256, 1}, events);
-    if (P_ > 1) {  // the gradient of the row's initial state is its first shard's
-      gather(sh_.dc0, dC0_, 0, p_.DHQK * p_.DHHV);
-      gather(sh_.dn0, dn0_, 0, p_.DHQK);
-    }
+    if (P_ > 1) sh_.initial_gradient_into(dC0_, dn0_);
   }
 
   // The gradient of the state entering the sequence (dc0, dn0; dm0 is left to the caller).
@@ -339,7 +323,7 @@ class ResidentPortable final : public ResidentChunkwise {
       launch(k_bw_grads_, "bw_grads", 2, {S * 64, rows}, {64, 1}, events);
     }
     launch(k_gate_grads_, "bw_gate_grads", 1, {256 * rows}, {256}, events);
-    if (P_ > 1 && has_init_) gather(sh_.dm0, dm0_, 0, 1);
+    if (P_ > 1 && has_init_) sh_.dm0_into(dm0_);
   }
 
   ForwardResult read_forward() override {
@@ -397,11 +381,6 @@ class ResidentPortable final : public ResidentChunkwise {
     if (events) events->emplace_back(name, e);
   }
   void finish() { check(clFinish(device_->profiling_queue()), "clFinish", device_->name()); }
-  std::size_t row_count() const { return static_cast<std::size_t>(rows_); }
-  void fill(const PooledBuffer& b, float value) { detail::fill_floats(device_->profiling_queue(), *device_, b, value); }
-  void gather(const PooledBuffer& src, const PooledBuffer& dst, int shard, std::int64_t n) {
-    detail::gather_shard(device_->profiling_queue(), *device_, src, dst, rows_, P_, shard, n);
-  }
 
   std::shared_ptr<Device> device_;
   MlstmOptions options_;

@@ -5,8 +5,10 @@
 #include <array>
 
 #include <cstddef>
+#include <initializer_list>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -16,6 +18,17 @@
 #include "mlstm/devices/opencl/device.hpp"
 
 namespace mlstm::opencl::detail {
+
+// The kernel sources (kernels/opencl/<name>.cl) of `names`, in order, each followed by a newline: the text of one
+// program.
+inline std::string joined_kernel_sources(std::initializer_list<std::string_view> names) {
+  std::string text;
+  for (const std::string_view name : names) {
+    text.append(kernel_source(std::string(name)));
+    text.push_back('\n');
+  }
+  return text;
+}
 
 // Host float32 copy of a view (gates, states).
 inline std::vector<float> as_f32(ConstTensorView t) {

@@ -38,43 +38,74 @@ int sequence_shards(const DeviceInfo& info, std::int64_t S, std::int64_t L, std:
   return 1;
 }
 
-void ShardBuffers::allocate_forward(Device& dev, std::size_t R, std::size_t K, std::size_t V) {
-  const std::size_t f = sizeof(float);
-  c_in = dev.acquire(R * K * V * f);
-  n_in = dev.acquire(R * K * f);
+void ShardBuffers::allocate_forward(Device& dev, int rows, int shards, std::int64_t K, std::int64_t V) {
+  dev_ = &dev;
+  rows_ = rows;
+  shards_ = shards;
+  K_ = K;
+  V_ = V;
+  const std::size_t R = static_cast<std::size_t>(rows) * static_cast<std::size_t>(shards), f = sizeof(float);
+  const std::size_t k = static_cast<std::size_t>(K), kv = k * static_cast<std::size_t>(V);
+  c_in = dev.acquire(R * kv * f);
+  n_in = dev.acquire(R * k * f);
   m_in = dev.acquire(R * f);
-  c_last = dev.acquire(R * K * V * f);
-  n_last = dev.acquire(R * K * f);
+  c_last = dev.acquire(R * kv * f);
+  n_last = dev.acquire(R * k * f);
   m_last = dev.acquire(R * f);
 }
 
-void ShardBuffers::allocate_backward(Device& dev, std::size_t R, std::size_t K, std::size_t V) {
-  const std::size_t f = sizeof(float);
-  dc_last = dev.acquire(R * K * V * f);
-  dn_last = dev.acquire(R * K * f);
-  dc0 = dev.acquire(R * K * V * f);
-  dn0 = dev.acquire(R * K * f);
-  dm0 = dev.acquire(R * f);
+void ShardBuffers::allocate_backward() {
+  const std::size_t R = static_cast<std::size_t>(rows_) * static_cast<std::size_t>(shards_), f = sizeof(float);
+  const std::size_t k = static_cast<std::size_t>(K_), kv = k * static_cast<std::size_t>(V_);
+  dc_last = dev_->acquire(R * kv * f);
+  dn_last = dev_->acquire(R * k * f);
+  dc0 = dev_->acquire(R * kv * f);
+  dn0 = dev_->acquire(R * k * f);
+  dm0 = dev_->acquire(R * f);
 }
 
-std::size_t shard_combine_global(std::int64_t DHQK, std::int64_t DHHV) {
-  const std::size_t n = static_cast<std::size_t>(DHQK * DHHV + DHQK);
+void ShardBuffers::enter_empty(GateVariant gate) const {
+  fill(c_in, 0.0f);
+  fill(n_in, 0.0f);
+  fill(m_in, gate == GateVariant::exp ? kShardEmptyM : 0.0f);
+}
+
+void ShardBuffers::last_state_into(const Buffer& c, const Buffer& n, const Buffer& m) const {
+  gather(c_last, c, shards_ - 1, K_ * V_);
+  gather(n_last, n, shards_ - 1, K_);
+  gather(m_last, m, shards_ - 1, 1);
+}
+
+void ShardBuffers::zero_leaving_gradients() const {
+  fill(dc_last, 0.0f);
+  fill(dn_last, 0.0f);
+}
+
+void ShardBuffers::initial_gradient_into(const Buffer& dc0_row, const Buffer& dn0_row) const {
+  gather(dc0, dc0_row, 0, K_ * V_);
+  gather(dn0, dn0_row, 0, K_);
+}
+
+void ShardBuffers::dm0_into(const Buffer& dm0_row) const { gather(dm0, dm0_row, 0, 1); }
+
+std::size_t ShardBuffers::combine_global() const {
+  const std::size_t n = static_cast<std::size_t>(K_ * V_ + K_);
   return (n + kShardGroup - 1) / kShardGroup * kShardGroup;
 }
 
-void fill_floats(cl_command_queue queue, const Device& dev, const Buffer& b, float value) {
-  check(clEnqueueFillBuffer(queue, b.get(), &value, sizeof value, 0, b.bytes(), 0, nullptr, nullptr),
-        "clEnqueueFillBuffer", dev.name());
+void ShardBuffers::fill(const Buffer& b, float value) const {
+  check(clEnqueueFillBuffer(dev_->profiling_queue(), b.get(), &value, sizeof value, 0, b.bytes(), 0, nullptr, nullptr),
+        "clEnqueueFillBuffer", dev_->name());
 }
 
-void gather_shard(cl_command_queue queue, const Device& dev, const Buffer& src, const Buffer& dst, int rows, int P,
-                  int shard, std::int64_t n) {
+// dst[row] = src[row * P + shard] for every row, `n` floats each.
+void ShardBuffers::gather(const Buffer& src, const Buffer& dst, int shard, std::int64_t n) const {
   const std::size_t bytes = static_cast<std::size_t>(n) * sizeof(float);
   const std::size_t src_origin[3] = {static_cast<std::size_t>(shard) * bytes, 0, 0}, dst_origin[3] = {0, 0, 0};
-  const std::size_t region[3] = {bytes, static_cast<std::size_t>(rows), 1};
-  check(clEnqueueCopyBufferRect(queue, src.get(), dst.get(), src_origin, dst_origin, region,
-                                bytes * static_cast<std::size_t>(P), 0, bytes, 0, 0, nullptr, nullptr),
-        "clEnqueueCopyBufferRect", dev.name());
+  const std::size_t region[3] = {bytes, static_cast<std::size_t>(rows_), 1};
+  check(clEnqueueCopyBufferRect(dev_->profiling_queue(), src.get(), dst.get(), src_origin, dst_origin, region,
+                                bytes * static_cast<std::size_t>(shards_), 0, bytes, 0, 0, nullptr, nullptr),
+        "clEnqueueCopyBufferRect", dev_->name());
 }
 
 }  // namespace mlstm::opencl::detail

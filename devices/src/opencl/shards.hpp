@@ -14,6 +14,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "mlstm/core/problem.hpp"
 #include "mlstm/devices/opencl/device.hpp"
 
 namespace mlstm::opencl::detail {
@@ -27,13 +28,36 @@ namespace mlstm::opencl::detail {
 int sequence_shards(const DeviceInfo& info, std::int64_t S, std::int64_t L, std::int64_t NC, std::int64_t groups,
                     int requested);
 
-// The buffers of the split (rows * P entries each; float32): the states entering and leaving each shard, and in
-// the backward the gradients leaving and entering each shard and each shard's dm0.
-struct ShardBuffers {
+// The buffers of the split (rows * P entries each; float32), and what the routines enqueue on them besides the
+// kernels (on the device's profiling queue, in order with the routine's kernels): the states entering and leaving
+// each shard, and in the backward the gradients leaving and entering each shard and each shard's dm0.
+class ShardBuffers {
+ public:
   PooledBuffer c_in, n_in, m_in, c_last, n_last, m_last;
   PooledBuffer dc_last, dn_last, dc0, dn0, dm0;
-  void allocate_forward(Device& dev, std::size_t shard_rows, std::size_t K, std::size_t V);
-  void allocate_backward(Device& dev, std::size_t shard_rows, std::size_t K, std::size_t V);
+
+  // The forward's buffers for `rows` rows of `shards` shards with states of K x V; the backward's after it.
+  void allocate_forward(Device& dev, int rows, int shards, std::int64_t K, std::int64_t V);
+  void allocate_backward();
+
+  // c_in = n_in = 0 and m_in the EMPTY state's (exp gate; 0 for the sigmoid gate): the summary pass's start.
+  void enter_empty(GateVariant gate) const;
+  // The row's last state (c, n, m; rows entries) is its last shard's.
+  void last_state_into(const Buffer& c, const Buffer& n, const Buffer& m) const;
+  // dc_last = dn_last = 0: the backward's summary pass's start.
+  void zero_leaving_gradients() const;
+  // The gradient of the row's initial state (dc0, dn0) is its first shard's; dm0 likewise.
+  void initial_gradient_into(const Buffer& dc0_row, const Buffer& dn0_row) const;
+  void dm0_into(const Buffer& dm0_row) const;
+  // Global size (dimension 0) of the combine kernels.
+  std::size_t combine_global() const;
+
+ private:
+  void fill(const Buffer& b, float value) const;
+  void gather(const Buffer& src, const Buffer& dst, int shard, std::int64_t n) const;
+  Device* dev_ = nullptr;
+  int rows_ = 0, shards_ = 1;
+  std::int64_t K_ = 0, V_ = 0;
 };
 
 // The EMPTY state's stabiliser for the summary pass: finite and far below any log weight, so that a shard opening
@@ -42,15 +66,5 @@ inline constexpr float kShardEmptyM = -1e30f;
 // SHARD_WG and MAX_SHARDS of shard_combine.cl.
 inline constexpr std::size_t kShardGroup = 256;
 inline constexpr int kMaxShards = 256;
-
-// Global size (dimension 0) of the combine kernels.
-std::size_t shard_combine_global(std::int64_t DHQK, std::int64_t DHHV);
-
-// Fills `b` with `value` (float32) on `queue`.
-void fill_floats(cl_command_queue queue, const Device& dev, const Buffer& b, float value);
-
-// dst[row] = src[row * P + shard] for every row < rows, `n` floats each, on `queue`.
-void gather_shard(cl_command_queue queue, const Device& dev, const Buffer& src, const Buffer& dst, int rows, int P,
-                  int shard, std::int64_t n);
 
 }  // namespace mlstm::opencl::detail

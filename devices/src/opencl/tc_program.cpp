@@ -107,14 +107,11 @@ const std::string& tc_source_text(const std::string& body) {
   std::lock_guard lock(mutex);
   auto it = texts.find(body);
   if (it == texts.end()) {
-    std::string text;
     // The gates program carries the sequence split's combine kernels (shard_combine.cl).
-    for (const char* part : {"common", "tc_common", body.c_str(), body == "tc_gates" ? "shard_combine" : ""}) {
-      if (*part == '\0') continue;
-      text.append(kernel_source(part));
-      text.push_back('\n');
-    }
-    it = texts.emplace(body, std::move(text)).first;
+    it = texts
+             .emplace(body, body == "tc_gates" ? joined_kernel_sources({"common", "tc_common", body, "shard_combine"})
+                                               : joined_kernel_sources({"common", "tc_common", body}))
+             .first;
   }
   return it->second;
 }

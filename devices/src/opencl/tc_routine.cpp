@@ -148,7 +148,7 @@ class ResidentTensorCore final : public ResidentChunkwise {
     } else {
       // Both states passes read the shards' entering states from sh_.c_in (the EMPTY state, then the combined ones)
       // and write the states leaving them to sh_.c_last.
-      sh_.allocate_forward(dev, static_cast<std::size_t>(R_), static_cast<std::size_t>(K), static_cast<std::size_t>(V));
+      sh_.allocate_forward(dev, rows_, P_, K, V);
       for (const KernelObject* k : {&k_fw_summary_, &k_fw_states_})
         set_args(k->k, dn, k_, v_, gbi_, gG_, gA_, sh_.c_in, sh_.n_in, sh_.m_in, 1, Cst_, nst_, mst_, sh_.c_last,
                  sh_.n_last, sh_.m_last, Ss_, NCs_);
@@ -186,8 +186,7 @@ class ResidentTensorCore final : public ResidentChunkwise {
       } else {
         // Both passes read the gradient leaving each shard from sh_.dc_last (zero, then the combined ones) and write
         // the gradient entering it to sh_.dc0.
-        sh_.allocate_backward(dev, static_cast<std::size_t>(R_), static_cast<std::size_t>(K),
-                              static_cast<std::size_t>(V));
+        sh_.allocate_backward();
         for (const KernelObject* k : {&k_bw_summary_, &k_bw_states_})
           set_args(k->k, dn, q_, dh_, gb_, gpm_, gG_, mst_, Nt_, dden_, sh_.dc_last, sh_.dn_last, 1, dCst_, dnst_,
                    sh_.dc0, sh_.dn0, Ss_, NCs_);
@@ -221,16 +220,11 @@ class ResidentTensorCore final : public ResidentChunkwise {
     if (P_ > 1) {
       // Every shard from the EMPTY state (a finite m far below any weight, so that a shard opening with input gates
       // of -inf forms no inf - inf), the summaries chained, then every shard from its true entering state.
-      fill(sh_.c_in, 0.0f);
-      fill(sh_.n_in, 0.0f);
-      fill(sh_.m_in, options_.gate == GateVariant::exp ? detail::kShardEmptyM : 0.0f);
+      sh_.enter_empty(options_.gate);
       launch(k_fw_summary_, "tc_fw_states (summaries)", states_global, states_group, events);
-      launch(k_fw_combine_, "shard_fw_combine", detail::shard_combine_global(K, V), detail::kShardGroup, events, rows_);
+      launch(k_fw_combine_, "shard_fw_combine", sh_.combine_global(), detail::kShardGroup, events, rows_);
       launch(k_fw_states_, "tc_fw_states", states_global, states_group, events);
-      // The row's last state is its last shard's.
-      gather_shard(sh_.c_last, c_last_, P_ - 1, K * V);
-      gather_shard(sh_.n_last, n_last_, P_ - 1, K);
-      gather_shard(sh_.m_last, m_last_, P_ - 1, 1);
+      sh_.last_state_into(c_last_, n_last_, m_last_);
     } else {
       launch(k_fw_states_, "tc_fw_states", states_global, states_group, events);
     }
@@ -250,14 +244,11 @@ class ResidentTensorCore final : public ResidentChunkwise {
     launch(k_bw_prep_, "tc_bw_prep", static_cast<std::size_t>((Ss_ + 7) / 8) * 256, 256, events);
     if (P_ > 1) {
       // Every shard with a zero gradient leaving it, the reverse chain, then every shard with its true one.
-      fill(sh_.dc_last, 0.0f);
-      fill(sh_.dn_last, 0.0f);
+      sh_.zero_leaving_gradients();
       launch(k_bw_summary_, "tc_bw_state_grads (summaries)", states_global, states_group, events);
-      launch(k_bw_combine_, "shard_bw_combine", detail::shard_combine_global(K, V), detail::kShardGroup, events, rows_);
+      launch(k_bw_combine_, "shard_bw_combine", sh_.combine_global(), detail::kShardGroup, events, rows_);
       launch(k_bw_states_, "tc_bw_state_grads", states_global, states_group, events);
-      // The row's initial-state gradient is its first shard's.
-      gather_shard(sh_.dc0, dc0_, 0, K * V);
-      gather_shard(sh_.dn0, dn0_, 0, K);
+      sh_.initial_gradient_into(dc0_, dn0_);
     } else {
       launch(k_bw_states_, "tc_bw_state_grads", states_global, states_group, events);
     }
@@ -266,7 +257,7 @@ class ResidentTensorCore final : public ResidentChunkwise {
     launch(k_bw_dv_, "tc_bw_grads_dv", L2 * NCs_ * static_cast<std::size_t>(V / cfg_.OTf), L2, events);
     launch(k_bw_gate_grads_, "tc_bw_gate_grads", static_cast<std::size_t>(cfg_.gate_group),
            static_cast<std::size_t>(cfg_.gate_group), events);
-    if (P_ > 1 && has_init_) gather_shard(sh_.dm0, dm0_, 0, 1);
+    if (P_ > 1 && has_init_) sh_.dm0_into(dm0_);
   }
 
   ForwardResult read_forward() override {
@@ -331,10 +322,6 @@ class ResidentTensorCore final : public ResidentChunkwise {
                                  events ? &e : nullptr),
           name, device_->name());
     if (events) events->emplace_back(name, e);
-  }
-  void fill(const PooledBuffer& b, float value) { detail::fill_floats(device_->profiling_queue(), *device_, b, value); }
-  void gather_shard(const PooledBuffer& src, const PooledBuffer& dst, int shard, std::int64_t n) {
-    detail::gather_shard(device_->profiling_queue(), *device_, src, dst, rows_, P_, shard, n);
   }
   void finish() { check(clFinish(device_->profiling_queue()), "clFinish", device_->name()); }
 

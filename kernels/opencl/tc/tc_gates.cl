@@ -186,4 +186,3 @@ __kernel void tc_bw_gate_grads(__global const float* ig_raw, __global const floa
 #endif
   }
 }
-
