@@ -8,6 +8,7 @@
 #include <string>
 
 #include "internal.hpp"
+#include "mlstm/core/env.hpp"
 #include "shards.hpp"
 
 namespace mlstm::opencl {
@@ -68,6 +69,10 @@ class ResidentPortable final : public ResidentChunkwise {
     // idle: row r, shard p is row r * P + p of Ss_ tokens and NCs_ chunks in the same arrays.
     P_ = detail::sequence_shards(dev.info(), S_, L_, nchunks_,
                                  p_.rows() * ((p_.DHQK + 63) / 64) * ((p_.DHHV + 63) / 64), config.shards);
+    // A segment of a split sequence runs a summary pass for the exchange anyway: in two shards or more its own
+    // forward reuses that pass (unless the caller or MLSTM_OPENCL_SHARDS chose the shards).
+    if (config.segment && P_ == 1 && config.shards == 0 && !env::get("MLSTM_OPENCL_SHARDS"))
+      P_ = detail::sequence_shards(dev.info(), S_, L_, nchunks_, 1, 2);
     R_ = rows_ * P_;
     Ss_ = S_ / P_;
     NCs_ = nchunks_ / P_;
@@ -132,8 +137,11 @@ class ResidentPortable final : public ResidentChunkwise {
     v_ = up_dtype(a.v);
     i_ = up_f32(a.i);
     f_ = up_f32(a.f);
-    has_init_ = a.has_initial_state() ? 1 : 0;
-    if (has_init_) {
+    // A segment of a split sequence always holds a state entering it (the zero state until set_entering_state) and a
+    // gradient leaving it (resident.hpp).
+    segment_ = config.segment;
+    has_init_ = a.has_initial_state() || segment_ ? 1 : 0;
+    if (a.has_initial_state()) {
       C0_ = up_f32(a.c0);
       n0_ = up_f32(a.n0);
       m0_ = up_f32(a.m0);
@@ -161,19 +169,13 @@ class ResidentPortable final : public ResidentChunkwise {
     }
     const int S = Ss_, nc = NCs_;
     set_args(k_gates_.k, dn, i_, f_, b_, ig_, G_, S, nc);
-    if (P_ == 1) {
-      set_args(k_weights_.k, dn, b_, ig_, G_, m0_, mb_, carry_, wtok_, mo_, S, nc);
-      set_args(k_states_.k, dn, k_, v_, carry_, wtok_, C0_, n0_, Cb_, nb_, Co_, no_, S, nc);
-    } else {
-      // Both passes (weights and states) read the shards' entering states from sh_.*_in (the EMPTY state, then the
-      // combined ones) and write the states leaving them to sh_.*_last.
+    if (P_ > 1 || segment_) {
+      // The summary pass (and with shards the states pass) reads the shards' entering states from sh_.*_in (the
+      // EMPTY state, then the combined ones) and writes the states leaving them to sh_.*_last.
       sh_.allocate_forward(dev, rows_, P_, p_.DHQK, p_.DHHV);
       k_combine_ = KernelObject{dev.kernel(prog, "shard_fw_combine")};
-      set_args(k_weights_.k, dn, b_, ig_, G_, sh_.m_in, mb_, carry_, wtok_, sh_.m_last, S, nc);
-      set_args(k_states_.k, dn, k_, v_, carry_, wtok_, sh_.c_in, sh_.n_in, Cb_, nb_, sh_.c_last, sh_.n_last, S, nc);
-      set_args(k_combine_.k, dn, G_, sh_.c_last, sh_.n_last, sh_.m_last, C0_, n0_, m0_, has_init_, sh_.c_in, sh_.n_in,
-               sh_.m_in, P_, nc);
     }
+    bind_states(P_ > 1);
     if (outputs_) set_args(k_outputs_.k, dn, q_, k_, v_, b_, ig_, Cb_, nb_, mb_, h_, mt_, Nt_, dent_, S, nc);
 
     if (grads) {
@@ -192,10 +194,13 @@ class ResidentPortable final : public ResidentChunkwise {
       }
       if (!state_only_) k_gate_grads_ = KernelObject{dev.kernel(prog, "bw_gate_grads")};
       dh_ = up_dtype(grads->dh);
-      has_dlast_ = grads->dc_last.empty() ? 0 : 1;
-      if (has_dlast_) {
+      has_dlast_ = grads->dc_last.empty() && !segment_ ? 0 : 1;
+      if (!grads->dc_last.empty()) {
         dCl_ = up_f32(grads->dc_last);
         dnl_ = up_f32(grads->dn_last);
+      } else if (segment_) {  // zero until set_leaving_gradient
+        dCl_ = zeros(static_cast<std::size_t>(rows_) * K * V);
+        dnl_ = zeros(static_cast<std::size_t>(rows_) * K);
       } else {
         dCl_ = zeros(1);
         dnl_ = zeros(1);
@@ -206,19 +211,13 @@ class ResidentPortable final : public ResidentChunkwise {
       dC0_ = dev.acquire(static_cast<std::size_t>(rows_) * K * V * fs);
       dn0_ = dev.acquire(static_cast<std::size_t>(rows_) * K * fs);
       set_args(k_prep_.k, dn, dh_, h_, mt_, Nt_, dent_, dden_, S);
-      if (P_ == 1) {
-        set_args(k_bw_states_.k, dn, q_, dh_, dden_, b_, mb_, carry_, mt_, Nt_, dCl_, dnl_, has_dlast_, dCn_, dnn_,
-                 dC0_, dn0_, S, nc);
-      } else {
-        // Both passes read the gradient leaving each shard from sh_.dc_last (zero, then the combined ones) and write
-        // the gradient entering it to sh_.dc0; a shard's stabilisers: mb_ at its first chunk, sh_.m_last leaving.
+      if (P_ > 1 || segment_) {
+        // The summary pass (and with shards the gradient pass) reads the gradient leaving each shard from
+        // sh_.dc_last (zero, then the combined ones) and writes the gradient entering it to sh_.dc0.
         sh_.allocate_backward();
         k_bw_combine_ = KernelObject{dev.kernel(prog, "shard_bw_combine")};
-        set_args(k_bw_states_.k, dn, q_, dh_, dden_, b_, mb_, carry_, mt_, Nt_, sh_.dc_last, sh_.dn_last, 1, dCn_, dnn_,
-                 sh_.dc0, sh_.dn0, S, nc);
-        set_args(k_bw_combine_.k, dn, G_, mb_, nc, sh_.m_last, 0, 1, sh_.dc0, sh_.dn0, dCl_, dnl_, has_dlast_,
-                 sh_.dc_last, sh_.dn_last, P_, nc);
       }
+      bind_gradient_states(P_ > 1);
       if (state_only_) return;
       dm0_ = dev.acquire(static_cast<std::size_t>(rows_) * fs);
       dq_ = dev.acquire(tok * K * dtype_size(dev_dtype_));
@@ -251,17 +250,20 @@ class ResidentPortable final : public ResidentChunkwise {
   }
 
   Device& device() const noexcept override { return *device_; }
+  int shards() const noexcept override { return P_; }
 
   void enqueue_forward(std::vector<KernelEvent>* events) override {
     const std::size_t rows = static_cast<std::size_t>(R_), wg = ChunkwiseRunner::kWorkGroup;
-    launch(k_gates_, "fw_gates", 2, {static_cast<std::size_t>(NCs_), rows}, {}, events);
+    // After enqueue_summary with shards, the gates and the summary pass have run (and nothing changed since).
+    const bool reuse = summary_reused_;
+    summary_reused_ = false;
+    if (!reuse) launch(k_gates_, "fw_gates", 2, {static_cast<std::size_t>(NCs_), rows}, {}, events);
     if (P_ > 1) {
       // Every shard from the EMPTY state, the summaries chained, then every shard from its true entering state.
-      sh_.enter_empty(options_.gate);
-      launch(k_weights_, "fw_state_weights (summaries)", 1, {64 * rows}, {64}, events);
-      launch(k_states_, "fw_states (summaries)", 2, {256 * state_tiles(), rows}, {256, 1}, events);
-      launch(k_combine_, "shard_fw_combine", 2, {sh_.combine_global(), static_cast<std::size_t>(rows_)},
-             {detail::kShardGroup, 1}, events);
+      if (!reuse) launch_fw_summaries(events);
+      launch_fw_combine(has_init_, events);
+    } else if (segment_) {
+      bind_states(false);  // a segment's summary pass used the shard buffers
     }
     launch(k_weights_, "fw_state_weights", 1, {64 * rows}, {64}, events);
     launch(k_states_, "fw_states", 2, {256 * state_tiles(), rows}, {256, 1}, events);
@@ -283,14 +285,16 @@ class ResidentPortable final : public ResidentChunkwise {
   void enqueue_state_gradient(std::vector<KernelEvent>* events) {
     if (!has_grads_) throw Error("portable resident problem was made without dh: no backward");
     if (!forward_done_) throw Error("portable backward: enqueue the forward first");
-    const std::size_t rows = static_cast<std::size_t>(R_), S = static_cast<std::size_t>(Ss_);
-    launch(k_prep_, "bw_prep", 2, {round_up(S, 64), rows}, {64, 1}, events);
+    const std::size_t rows = static_cast<std::size_t>(R_);
+    const bool reuse = gradient_summary_reused_;
+    gradient_summary_reused_ = false;
+    if (!reuse) launch_prep(events);
     if (P_ > 1) {
       // Every shard with a zero gradient leaving it, the reverse chain, then every shard with its true one.
-      sh_.zero_leaving_gradients();
-      launch(k_bw_states_, "bw_state_grads (summaries)", 2, {256 * state_tiles(), rows}, {256, 1}, events);
-      launch(k_bw_combine_, "shard_bw_combine", 2, {sh_.combine_global(), static_cast<std::size_t>(rows_)},
-             {detail::kShardGroup, 1}, events);
+      if (!reuse) launch_bw_summaries(events);
+      launch_bw_combine(has_dlast_, events);
+    } else if (segment_) {
+      bind_gradient_states(false);  // a segment's summary pass used the shard buffers
     }
     launch(k_bw_states_, "bw_state_grads", 2, {256 * state_tiles(), rows}, {256, 1}, events);
     if (P_ > 1) sh_.initial_gradient_into(dC0_, dn0_);
@@ -324,6 +328,55 @@ class ResidentPortable final : public ResidentChunkwise {
     }
     launch(k_gate_grads_, "bw_gate_grads", 1, {256 * rows}, {256}, events);
     if (P_ > 1 && has_init_) sh_.dm0_into(dm0_);
+  }
+
+  void enqueue_summary() override {
+    if (!segment_) ResidentChunkwise::enqueue_summary();
+    launch(k_gates_, "fw_gates", 2, {static_cast<std::size_t>(NCs_), static_cast<std::size_t>(R_)}, {}, nullptr);
+    if (P_ == 1) bind_states(true);
+    launch_fw_summaries(nullptr);
+    launch_fw_combine(detail::kEnterEmpty, nullptr);
+    summary_read_ = sh_.read_summary_async(summary_);
+    summary_reused_ = P_ > 1;
+  }
+
+  const SegmentSummary& read_summary() override {
+    if (!summary_read_.event) throw Error("portable segment: enqueue_summary first");
+    check(clWaitForEvents(1, &summary_read_.event), "clWaitForEvents", device_->name());
+    return summary_;
+  }
+
+  void set_entering_state(const float* c, const float* n, const float* m) override {
+    if (!segment_) ResidentChunkwise::set_entering_state(c, n, m);
+    const std::size_t rows = static_cast<std::size_t>(rows_), K = static_cast<std::size_t>(p_.DHQK);
+    detail::write_in_order(*device_, C0_, c, rows * K * static_cast<std::size_t>(p_.DHHV) * sizeof(float));
+    detail::write_in_order(*device_, n0_, n, rows * K * sizeof(float));
+    detail::write_in_order(*device_, m0_, m, rows * sizeof(float));
+  }
+
+  void enqueue_gradient_summary() override {
+    if (!segment_) ResidentChunkwise::enqueue_gradient_summary();
+    if (!has_grads_) throw Error("portable resident problem was made without dh: no backward");
+    if (!forward_done_) throw Error("portable backward: enqueue the forward first");
+    launch_prep(nullptr);
+    if (P_ == 1) bind_gradient_states(true);
+    launch_bw_summaries(nullptr);
+    launch_bw_combine(0, nullptr);
+    gradient_summary_read_ = sh_.read_gradient_summary_async(mo_, gradient_summary_);
+    gradient_summary_reused_ = P_ > 1;
+  }
+
+  const GradientSummary& read_gradient_summary() override {
+    if (!gradient_summary_read_.event) throw Error("portable segment: enqueue_gradient_summary first");
+    check(clWaitForEvents(1, &gradient_summary_read_.event), "clWaitForEvents", device_->name());
+    return gradient_summary_;
+  }
+
+  void set_leaving_gradient(const float* dc, const float* dn) override {
+    if (!segment_ || !has_grads_) ResidentChunkwise::set_leaving_gradient(dc, dn);
+    const std::size_t rows = static_cast<std::size_t>(rows_), K = static_cast<std::size_t>(p_.DHQK);
+    detail::write_in_order(*device_, dCl_, dc, rows * K * static_cast<std::size_t>(p_.DHHV) * sizeof(float));
+    detail::write_in_order(*device_, dnl_, dn, rows * K * sizeof(float));
   }
 
   ForwardResult read_forward() override {
@@ -362,6 +415,61 @@ class ResidentPortable final : public ResidentChunkwise {
 
  private:
   static std::size_t round_up(std::size_t x, std::size_t m) { return (x + m - 1) / m * m; }
+  // The forward's state kernels (weights and states) on the shards' buffers (sh_: the EMPTY state or the combined
+  // ones in, the states leaving every shard out), or on the row's (the initial state in, the last state out).
+  void bind_states(bool shard_io) {
+    const std::string& dn = device_->name();
+    if (shard_io) {
+      set_args(k_weights_.k, dn, b_, ig_, G_, sh_.m_in, mb_, carry_, wtok_, sh_.m_last, Ss_, NCs_);
+      set_args(k_states_.k, dn, k_, v_, carry_, wtok_, sh_.c_in, sh_.n_in, Cb_, nb_, sh_.c_last, sh_.n_last, Ss_,
+               NCs_);
+    } else {
+      set_args(k_weights_.k, dn, b_, ig_, G_, m0_, mb_, carry_, wtok_, mo_, Ss_, NCs_);
+      set_args(k_states_.k, dn, k_, v_, carry_, wtok_, C0_, n0_, Cb_, nb_, Co_, no_, Ss_, NCs_);
+    }
+  }
+  // The backward's state-gradient kernel likewise (sh_.dc_last in, sh_.dc0 out; or the row's dc_last, dc0).
+  void bind_gradient_states(bool shard_io) {
+    const std::string& dn = device_->name();
+    if (shard_io)
+      set_args(k_bw_states_.k, dn, q_, dh_, dden_, b_, mb_, carry_, mt_, Nt_, sh_.dc_last, sh_.dn_last, 1, dCn_, dnn_,
+               sh_.dc0, sh_.dn0, Ss_, NCs_);
+    else
+      set_args(k_bw_states_.k, dn, q_, dh_, dden_, b_, mb_, carry_, mt_, Nt_, dCl_, dnl_, has_dlast_, dCn_, dnn_, dC0_,
+               dn0_, Ss_, NCs_);
+  }
+  void launch_prep(std::vector<KernelEvent>* events) {
+    launch(k_prep_, "bw_prep", 2, {round_up(static_cast<std::size_t>(Ss_), 64), static_cast<std::size_t>(R_)}, {64, 1},
+           events);
+  }
+  // Every shard (or the whole segment) from the EMPTY state: the local summaries in sh_.*_last.
+  void launch_fw_summaries(std::vector<KernelEvent>* events) {
+    const std::size_t rows = static_cast<std::size_t>(R_);
+    sh_.enter_empty(options_.gate);
+    launch(k_weights_, "fw_state_weights (summaries)", 1, {64 * rows}, {64}, events);
+    launch(k_states_, "fw_states (summaries)", 2, {256 * state_tiles(), rows}, {256, 1}, events);
+  }
+  // The summaries chained from the row's initial state (`init`: has_init_, or detail::kEnterEmpty for a summary).
+  void launch_fw_combine(int init, std::vector<KernelEvent>* events) {
+    set_args(k_combine_.k, device_->name(), G_, sh_.c_last, sh_.n_last, sh_.m_last, C0_, n0_, m0_, init, sh_.c_in,
+             sh_.n_in, sh_.m_in, sh_.c_end, sh_.n_end, sh_.m_end, sh_.G_end, P_, NCs_);
+    launch(k_combine_, "shard_fw_combine", 2, {sh_.combine_global(), static_cast<std::size_t>(rows_)},
+           {detail::kShardGroup, 1}, events);
+  }
+  // Every shard (or the whole segment) with a zero gradient leaving it: the local gradients in sh_.dc0.
+  void launch_bw_summaries(std::vector<KernelEvent>* events) {
+    sh_.zero_leaving_gradients();
+    launch(k_bw_states_, "bw_state_grads (summaries)", 2, {256 * state_tiles(), static_cast<std::size_t>(R_)},
+           {256, 1}, events);
+  }
+  // The reverse chain from the gradient leaving the row (`has_dlast`: has_dlast_, or 0 for a summary). A shard's
+  // stabilisers: mb_ at its first chunk, and leaving it sh_.m_last (shards) or the row's mo_ (a whole segment).
+  void launch_bw_combine(int has_dlast, std::vector<KernelEvent>* events) {
+    set_args(k_bw_combine_.k, device_->name(), G_, mb_, NCs_, P_ > 1 ? sh_.m_last : mo_, 0, 1, sh_.dc0, sh_.dn0, dCl_,
+             dnl_, has_dlast, sh_.dc_last, sh_.dn_last, sh_.dc_end, sh_.dn_end, sh_.G_end, P_, NCs_);
+    launch(k_bw_combine_, "shard_bw_combine", 2, {sh_.combine_global(), static_cast<std::size_t>(rows_)},
+           {detail::kShardGroup, 1}, events);
+  }
   // Work groups per row of the state kernels: 64 x (64 * SVW) tiles of C (DHQK x DHHV).
   std::size_t state_tiles() const {
     const std::size_t cols = 64 * static_cast<std::size_t>(svw_);
@@ -387,7 +495,13 @@ class ResidentPortable final : public ResidentChunkwise {
   ProblemShape p_;
   DType dev_dtype_ = DType::f32;
   bool outputs_ = true, state_only_ = false, has_grads_ = false, forward_done_ = false, regtiled_outputs_ = false,
-       regtiled_backward_ = false;
+       regtiled_backward_ = false, segment_ = false;
+  // enqueue_summary / enqueue_gradient_summary ran the passes the next forward / backward would (shards), and the
+  // reads of their results.
+  bool summary_reused_ = false, gradient_summary_reused_ = false;
+  SegmentSummary summary_;
+  GradientSummary gradient_summary_;
+  KernelEvent summary_read_{"", nullptr}, gradient_summary_read_{"", nullptr};
   int ovw_ = 1, svw_ = 1, gvw_ = 1;
   int S_ = 0, rows_ = 0, L_ = 0, nchunks_ = 0, has_init_ = 0, has_dlast_ = 0;
   int P_ = 1, R_ = 0, Ss_ = 0, NCs_ = 0;  // shards per row, shard rows, tokens and chunks per shard

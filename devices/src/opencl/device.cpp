@@ -461,8 +461,17 @@ void warn_cache_write(const std::string& what) {
 
 }  // namespace
 
-cl_program Device::program_from_text(const std::string& label, const std::string& text, const std::string& options) {
+cl_program Device::program_from_text(const std::string& label, const std::string& text,
+                                     const std::string& requested_options) {
   const ScopedTrace trace([&] { return "program lookup '" + label + "' on " + info_.name; });
+  // PoCL shares the kernels it compiles at launch between devices whose programs hash alike (the same text and
+  // options), and releases them by a key that can match the copy another device is running: with two PoCL devices
+  // running one kernel at once in different specialisations, `pocl_release_dlhandle_cache: Assertion
+  // found->ref_count > 0' (PoCL 3.1; 3 in 8 runs of a three-device split). Each PoCL device's programs get their own
+  // hash.
+  const bool pocl = info_.platform_name.find("Portable Computing Language") != std::string::npos;
+  const std::string options =
+      pocl ? requested_options + " -DMLSTM_POCL_DEVICE=" + std::to_string(info_.index) : requested_options;
   const std::string key = std::to_string(std::hash<std::string>{}(text)) + "|" + options + "|" + info_.name + "|" +
                           info_.driver + "|" + info_.platform_name;
   std::lock_guard lock(mutex_);

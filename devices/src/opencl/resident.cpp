@@ -38,4 +38,17 @@ PassTiming time_events(const std::vector<KernelEvent>& events, const std::string
   return t;
 }
 
+namespace {
+[[noreturn]] void not_a_segment() {
+  throw Error("this resident problem was not made as a segment of a split sequence (Config::segment)");
+}
+}  // namespace
+
+void ResidentChunkwise::enqueue_summary() { not_a_segment(); }
+const SegmentSummary& ResidentChunkwise::read_summary() { not_a_segment(); }
+void ResidentChunkwise::set_entering_state(const float*, const float*, const float*) { not_a_segment(); }
+void ResidentChunkwise::enqueue_gradient_summary() { not_a_segment(); }
+const GradientSummary& ResidentChunkwise::read_gradient_summary() { not_a_segment(); }
+void ResidentChunkwise::set_leaving_gradient(const float*, const float*) { not_a_segment(); }
+
 }  // namespace mlstm::opencl

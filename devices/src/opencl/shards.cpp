@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <string>
+#include <vector>
 
 #include "mlstm/core/env.hpp"
 
@@ -52,6 +53,11 @@ void ShardBuffers::allocate_forward(Device& dev, int rows, int shards, std::int6
   c_last = dev.acquire(R * kv * f);
   n_last = dev.acquire(R * k * f);
   m_last = dev.acquire(R * f);
+  const std::size_t rf = static_cast<std::size_t>(rows) * f;
+  c_end = dev.acquire(rf * kv);
+  n_end = dev.acquire(rf * k);
+  m_end = dev.acquire(rf);
+  G_end = dev.acquire(rf);
 }
 
 void ShardBuffers::allocate_backward() {
@@ -62,6 +68,8 @@ void ShardBuffers::allocate_backward() {
   dc0 = dev_->acquire(R * kv * f);
   dn0 = dev_->acquire(R * k * f);
   dm0 = dev_->acquire(R * f);
+  dc_end = dev_->acquire(static_cast<std::size_t>(rows_) * kv * f);
+  dn_end = dev_->acquire(static_cast<std::size_t>(rows_) * k * f);
 }
 
 void ShardBuffers::enter_empty(GateVariant gate) const {
@@ -87,6 +95,39 @@ void ShardBuffers::initial_gradient_into(const Buffer& dc0_row, const Buffer& dn
 }
 
 void ShardBuffers::dm0_into(const Buffer& dm0_row) const { gather(dm0, dm0_row, 0, 1); }
+
+namespace {
+// Enqueues a non-blocking read of `count` floats of `buf` into `out` (resized); returns its event.
+cl_event read_async(Device& dev, const Buffer& buf, std::vector<float>& out, std::size_t count) {
+  out.resize(count);
+  cl_event e = nullptr;
+  check(clEnqueueReadBuffer(dev.profiling_queue(), buf.get(), CL_FALSE, 0, count * sizeof(float), out.data(), 0,
+                            nullptr, &e),
+        "clEnqueueReadBuffer", dev.name());
+  return e;
+}
+}  // namespace
+
+KernelEvent ShardBuffers::read_summary_async(SegmentSummary& out) const {
+  const std::size_t rows = static_cast<std::size_t>(rows_), k = static_cast<std::size_t>(K_);
+  clReleaseEvent(read_async(*dev_, c_end, out.c, rows * k * static_cast<std::size_t>(V_)));
+  clReleaseEvent(read_async(*dev_, n_end, out.n, rows * k));
+  clReleaseEvent(read_async(*dev_, m_end, out.m, rows));
+  return KernelEvent("read summary", read_async(*dev_, G_end, out.G, rows));
+}
+
+KernelEvent ShardBuffers::read_gradient_summary_async(const Buffer& m_last_row, GradientSummary& out) const {
+  const std::size_t rows = static_cast<std::size_t>(rows_), k = static_cast<std::size_t>(K_);
+  clReleaseEvent(read_async(*dev_, dc_end, out.dc, rows * k * static_cast<std::size_t>(V_)));
+  clReleaseEvent(read_async(*dev_, dn_end, out.dn, rows * k));
+  clReleaseEvent(read_async(*dev_, m_last_row, out.m_last, rows));
+  return KernelEvent("read gradient summary", read_async(*dev_, G_end, out.G, rows));
+}
+
+void write_in_order(Device& dev, const Buffer& buf, const void* data, std::size_t bytes) {
+  check(clEnqueueWriteBuffer(dev.profiling_queue(), buf.get(), CL_FALSE, 0, bytes, data, 0, nullptr, nullptr),
+        "clEnqueueWriteBuffer", dev.name());
+}
 
 std::size_t ShardBuffers::combine_global() const {
   const std::size_t n = static_cast<std::size_t>(K_ * V_ + K_);

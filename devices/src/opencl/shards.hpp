@@ -16,6 +16,7 @@
 
 #include "mlstm/core/problem.hpp"
 #include "mlstm/devices/opencl/device.hpp"
+#include "mlstm/devices/opencl/resident.hpp"
 
 namespace mlstm::opencl::detail {
 
@@ -35,12 +36,16 @@ class ShardBuffers {
  public:
   PooledBuffer c_in, n_in, m_in, c_last, n_last, m_last;
   PooledBuffer dc_last, dn_last, dc0, dn0, dm0;
+  // Per row (`rows` entries): what the combine kernels leave after the last shard, the row's summary when it entered
+  // EMPTY (c_end, n_end, m_end, and G_end its log decay) and the gradient entering its first shard (dc_end, dn_end).
+  PooledBuffer c_end, n_end, m_end, G_end, dc_end, dn_end;
 
   // The forward's buffers for `rows` rows of `shards` shards with states of K x V; the backward's after it.
   void allocate_forward(Device& dev, int rows, int shards, std::int64_t K, std::int64_t V);
   void allocate_backward();
 
   // c_in = n_in = 0 and m_in the EMPTY state's (exp gate; 0 for the sigmoid gate): the summary pass's start.
+  // (shard_fw_combine's has_init: kEnterEmpty makes its row enter EMPTY.)
   void enter_empty(GateVariant gate) const;
   // The row's last state (c, n, m; rows entries) is its last shard's.
   void last_state_into(const Buffer& c, const Buffer& n, const Buffer& m) const;
@@ -49,6 +54,12 @@ class ShardBuffers {
   // The gradient of the row's initial state (dc0, dn0) is its first shard's; dm0 likewise.
   void initial_gradient_into(const Buffer& dc0_row, const Buffer& dn0_row) const;
   void dm0_into(const Buffer& dm0_row) const;
+  // Non-blocking reads (profiling queue) of the rows' summaries (c_end, n_end, m_end, G_end) into `out`, and of the
+  // gradient summaries (dc_end, dn_end, `m_last_row`: the forward's stabiliser leaving each row, G_end) into `out`;
+  // the event returned completes with the last read (the queue is in order). `out` is resized here and must live
+  // until then.
+  KernelEvent read_summary_async(SegmentSummary& out) const;
+  KernelEvent read_gradient_summary_async(const Buffer& m_last_row, GradientSummary& out) const;
   // Global size (dimension 0) of the combine kernels.
   std::size_t combine_global() const;
 
@@ -60,11 +71,17 @@ class ShardBuffers {
   std::int64_t K_ = 0, V_ = 0;
 };
 
+// Enqueues a write of `bytes` of `data` to `buf` on the device's profiling queue (in order with the routines' kernels),
+// not blocking: `data` must stay unchanged until the queue has run it.
+void write_in_order(Device& dev, const Buffer& buf, const void* data, std::size_t bytes);
+
 // The EMPTY state's stabiliser for the summary pass: finite and far below any log weight, so that a shard opening
 // with input gates of -inf forms no inf - inf.
 inline constexpr float kShardEmptyM = -1e30f;
 // SHARD_WG and MAX_SHARDS of shard_combine.cl.
 inline constexpr std::size_t kShardGroup = 256;
 inline constexpr int kMaxShards = 256;
+// shard_fw_combine's has_init for a row entering the EMPTY state (0: the zero state, 1: the given one).
+inline constexpr int kEnterEmpty = 2;
 
 }  // namespace mlstm::opencl::detail

@@ -53,12 +53,20 @@ class ResidentTensorCore final : public ResidentChunkwise {
     // The sequence split (shards.hpp) where the state kernels' rows x tiles work-groups leave the device idle.
     P_ = detail::sequence_shards(dev.info(), S_, cfg_.L, NC_,
                                  shape_.rows() * (shape_.DHQK / cfg_.KT) * (shape_.DHHV / cfg_.VT), config.shards);
+    // A segment of a split sequence runs a summary pass for the exchange anyway: in two shards or more its own
+    // forward reuses that pass (unless the caller or MLSTM_OPENCL_SHARDS chose the shards).
+    if (config.segment && P_ == 1 && config.shards == 0 && !env::get("MLSTM_OPENCL_SHARDS"))
+      P_ = detail::sequence_shards(dev.info(), S_, cfg_.L, NC_, 1, 2);
     R_ = rows_ * P_;
     Ss_ = S_ / P_;
     NCs_ = NC_ / P_;
-    has_init_ = a.has_initial_state() ? 1 : 0;
+    // A segment of a split sequence always holds a state entering it and a gradient leaving it (resident.hpp).
+    segment_ = config.segment;
+    has_init_ = a.has_initial_state() || segment_ ? 1 : 0;
     has_grads_ = grads != nullptr;
-    has_dlast_ = grads && !grads->dc_last.empty() ? 1 : 0;
+    has_dlast_ = grads && (!grads->dc_last.empty() || segment_) ? 1 : 0;
+    // The summary pass and the combines: for the split inside the device, and for a segment's summary.
+    const bool summaries = P_ > 1 || segment_;
 
     cl_program gates = dev.program_from_text("tc_gates", tc_source_text("tc_gates"), cfg_.gates());
     cl_program fw_states = dev.program_from_text("tc_states", tc_source_text("tc_states"), cfg_.states(0));
@@ -68,7 +76,7 @@ class ResidentTensorCore final : public ResidentChunkwise {
     k_gates_ = KernelObject{dev.kernel(gates, "tc_fw_gates")};
     k_fw_states_ = KernelObject{dev.kernel(fw_states, "tc_fw_states")};
     k_fw_outputs_ = KernelObject{dev.kernel(fw_out, "tc_fw_outputs")};
-    if (P_ > 1) {
+    if (summaries) {
       k_fw_combine_ = KernelObject{dev.kernel(gates, "shard_fw_combine")};
       k_fw_summary_ = KernelObject{dev.kernel(
           dev.program_from_text("tc_states", tc_source_text("tc_states"), cfg_.states(0, false)), "tc_fw_states")};
@@ -101,15 +109,23 @@ class ResidentTensorCore final : public ResidentChunkwise {
     auto up16 = [&](ConstTensorView t) { return detail::upload_as(dev, t, shape_.dtype); };
     auto up32 = [&](ConstTensorView t) { return detail::upload_as(dev, t, DType::f32); };
     auto f32buf = [&](std::size_t n) { return dev.acquire(std::max<std::size_t>(n, 4) * sizeof(float)); };
+    auto zeros = [&](std::size_t n) {
+      const std::vector<float> z(std::max<std::size_t>(n, 4), 0.f);
+      return dev.acquire_upload(z.data(), z.size() * sizeof(float));
+    };
     q_ = up16(a.q);
     k_ = up16(a.k);
     v_ = up16(a.v);
     i_ = up32(a.i);
     f_ = up32(a.f);
-    if (has_init_) {
+    if (a.has_initial_state()) {
       c0_ = up32(a.c0);
       n0_ = up32(a.n0);
       m0_ = up32(a.m0);
+    } else if (segment_) {  // the zero state until set_entering_state
+      c0_ = zeros(rows_ * kv);
+      n0_ = zeros(static_cast<std::size_t>(rows_) * K);
+      m0_ = zeros(static_cast<std::size_t>(rows_));
     } else {
       c0_ = f32buf(1);
       n0_ = f32buf(1);
@@ -142,25 +158,28 @@ class ResidentTensorCore final : public ResidentChunkwise {
       check(clFinish(dev.queue()), "clFinish", dn);
     }
     set_args(k_gates_.k, dn, i_, f_, gb_, gbi_, gpm_, gG_, gA_, Ss_, NCs_);
-    if (P_ == 1) {
-      set_args(k_fw_states_.k, dn, k_, v_, gbi_, gG_, gA_, c0_, n0_, m0_, has_init_, Cst_, nst_, mst_, c_last_, n_last_,
-               m_last_, S_, NC_);
-    } else {
-      // Both states passes read the shards' entering states from sh_.c_in (the EMPTY state, then the combined ones)
-      // and write the states leaving them to sh_.c_last.
+    if (summaries) {
+      // The summary pass (and with shards the states pass) reads the shards' entering states from sh_.c_in (the
+      // EMPTY state, then the combined ones) and writes the states leaving them to sh_.c_last.
       sh_.allocate_forward(dev, rows_, P_, K, V);
-      for (const KernelObject* k : {&k_fw_summary_, &k_fw_states_})
+      for (const KernelObject* k : {&k_fw_summary_, &k_fw_states_}) {
+        if (k == &k_fw_states_ && P_ == 1) continue;
         set_args(k->k, dn, k_, v_, gbi_, gG_, gA_, sh_.c_in, sh_.n_in, sh_.m_in, 1, Cst_, nst_, mst_, sh_.c_last,
                  sh_.n_last, sh_.m_last, Ss_, NCs_);
-      set_args(k_fw_combine_.k, dn, gG_, sh_.c_last, sh_.n_last, sh_.m_last, c0_, n0_, m0_, has_init_, sh_.c_in,
-               sh_.n_in, sh_.m_in, P_, NCs_);
+      }
     }
+    if (P_ == 1)
+      set_args(k_fw_states_.k, dn, k_, v_, gbi_, gG_, gA_, c0_, n0_, m0_, has_init_, Cst_, nst_, mst_, c_last_, n_last_,
+               m_last_, S_, NC_);
     set_args(k_fw_outputs_.k, dn, q_, k_, v_, Cst_, nst_, mst_, gb_, gbi_, gpm_, h_, Nt_, sgt_, Ss_, NCs_);
     if (has_grads_) {
       dh_ = up16(grads->dh);
-      if (has_dlast_) {
+      if (!grads->dc_last.empty()) {
         dc_last_ = up32(grads->dc_last);
         dn_last_ = up32(grads->dn_last);
+      } else if (segment_) {  // zero until set_leaving_gradient
+        dc_last_ = zeros(rows_ * kv);
+        dn_last_ = zeros(static_cast<std::size_t>(rows_) * K);
       } else {
         dc_last_ = f32buf(1);
         dn_last_ = f32buf(1);
@@ -180,19 +199,19 @@ class ResidentTensorCore final : public ResidentChunkwise {
       di_ = f32buf(tok);
       df_ = f32buf(tok);
       set_args(k_bw_prep_.k, dn, dh_, h_, Nt_, sgt_, dden_, Ss_);
-      if (P_ == 1) {
-        set_args(k_bw_states_.k, dn, q_, dh_, gb_, gpm_, gG_, mst_, Nt_, dden_, dc_last_, dn_last_, has_dlast_, dCst_,
-                 dnst_, dc0_, dn0_, S_, NC_);
-      } else {
-        // Both passes read the gradient leaving each shard from sh_.dc_last (zero, then the combined ones) and write
-        // the gradient entering it to sh_.dc0.
+      if (summaries) {
+        // The summary pass (and with shards the gradient pass) reads the gradient leaving each shard from
+        // sh_.dc_last (zero, then the combined ones) and writes the gradient entering it to sh_.dc0.
         sh_.allocate_backward();
-        for (const KernelObject* k : {&k_bw_summary_, &k_bw_states_})
+        for (const KernelObject* k : {&k_bw_summary_, &k_bw_states_}) {
+          if (k == &k_bw_states_ && P_ == 1) continue;
           set_args(k->k, dn, q_, dh_, gb_, gpm_, gG_, mst_, Nt_, dden_, sh_.dc_last, sh_.dn_last, 1, dCst_, dnst_,
                    sh_.dc0, sh_.dn0, Ss_, NCs_);
-        set_args(k_bw_combine_.k, dn, gG_, mst_, NCs_ + 1, mst_, NCs_, NCs_ + 1, sh_.dc0, sh_.dn0, dc_last_, dn_last_,
-                 has_dlast_, sh_.dc_last, sh_.dn_last, P_, NCs_);
+        }
       }
+      if (P_ == 1)
+        set_args(k_bw_states_.k, dn, q_, dh_, gb_, gpm_, gG_, mst_, Nt_, dden_, dc_last_, dn_last_, has_dlast_, dCst_,
+                 dnst_, dc0_, dn0_, S_, NC_);
       set_args(k_bw_dq_.k, dn, dh_, v_, k_, Cst_, nst_, mst_, gb_, gbi_, gpm_, Nt_, dden_, q_, dq_, qdq_, Ss_, NCs_);
       set_args(k_bw_dk_.k, dn, v_, dh_, q_, dCst_, dnst_, mst_, gb_, gbi_, gpm_, gG_, Nt_, dden_, k_, dk_, kdk_, Ss_,
                NCs_);
@@ -211,22 +230,24 @@ class ResidentTensorCore final : public ResidentChunkwise {
   }
 
   Device& device() const noexcept override { return *device_; }
+  int shards() const noexcept override { return P_; }
 
   void enqueue_forward(std::vector<KernelEvent>* events) override {
-    const std::int64_t K = shape_.DHQK, V = shape_.DHHV;
-    const std::size_t states_group = static_cast<std::size_t>(2 * cfg_.KT);
-    const std::size_t states_global = states_group * static_cast<std::size_t>((K / cfg_.KT) * (V / cfg_.VT));
-    launch(k_gates_, "tc_fw_gates", static_cast<std::size_t>(NCs_) * cfg_.L, static_cast<std::size_t>(cfg_.L), events);
+    const std::int64_t V = shape_.DHHV;
+    const std::size_t states_group = static_cast<std::size_t>(2 * cfg_.KT), states = states_global();
+    // After enqueue_summary with shards, the gates and the summary pass have run (and nothing changed since).
+    const bool reuse = summary_reused_;
+    summary_reused_ = false;
+    if (!reuse) launch_gates(events);
     if (P_ > 1) {
       // Every shard from the EMPTY state (a finite m far below any weight, so that a shard opening with input gates
       // of -inf forms no inf - inf), the summaries chained, then every shard from its true entering state.
-      sh_.enter_empty(options_.gate);
-      launch(k_fw_summary_, "tc_fw_states (summaries)", states_global, states_group, events);
-      launch(k_fw_combine_, "shard_fw_combine", sh_.combine_global(), detail::kShardGroup, events, rows_);
-      launch(k_fw_states_, "tc_fw_states", states_global, states_group, events);
+      if (!reuse) launch_fw_summaries(events);
+      launch_fw_combine(has_init_, events);
+      launch(k_fw_states_, "tc_fw_states", states, states_group, events);
       sh_.last_state_into(c_last_, n_last_, m_last_);
     } else {
-      launch(k_fw_states_, "tc_fw_states", states_global, states_group, events);
+      launch(k_fw_states_, "tc_fw_states", states, states_group, events);
     }
     if (!skip_outputs_)
       launch(k_fw_outputs_, "tc_fw_outputs", static_cast<std::size_t>(2 * cfg_.L) * NCs_ * (V / cfg_.OTf),
@@ -238,19 +259,19 @@ class ResidentTensorCore final : public ResidentChunkwise {
     if (!has_grads_) throw Error("tensor-core resident problem was made without dh: no backward");
     if (!forward_done_ || skip_outputs_) throw Error("tensor-core backward: enqueue the forward (with outputs) first");
     const std::int64_t K = shape_.DHQK, V = shape_.DHHV;
-    const std::size_t states_group = static_cast<std::size_t>(2 * cfg_.KT);
-    const std::size_t states_global = states_group * static_cast<std::size_t>((K / cfg_.KT) * (V / cfg_.VT));
+    const std::size_t states_group = static_cast<std::size_t>(2 * cfg_.KT), states = states_global();
     const std::size_t L2 = static_cast<std::size_t>(2 * cfg_.L);
-    launch(k_bw_prep_, "tc_bw_prep", static_cast<std::size_t>((Ss_ + 7) / 8) * 256, 256, events);
+    const bool reuse = gradient_summary_reused_;
+    gradient_summary_reused_ = false;
+    if (!reuse) launch(k_bw_prep_, "tc_bw_prep", static_cast<std::size_t>((Ss_ + 7) / 8) * 256, 256, events);
     if (P_ > 1) {
       // Every shard with a zero gradient leaving it, the reverse chain, then every shard with its true one.
-      sh_.zero_leaving_gradients();
-      launch(k_bw_summary_, "tc_bw_state_grads (summaries)", states_global, states_group, events);
-      launch(k_bw_combine_, "shard_bw_combine", sh_.combine_global(), detail::kShardGroup, events, rows_);
-      launch(k_bw_states_, "tc_bw_state_grads", states_global, states_group, events);
+      if (!reuse) launch_bw_summaries(events);
+      launch_bw_combine(has_dlast_, events);
+      launch(k_bw_states_, "tc_bw_state_grads", states, states_group, events);
       sh_.initial_gradient_into(dc0_, dn0_);
     } else {
-      launch(k_bw_states_, "tc_bw_state_grads", states_global, states_group, events);
+      launch(k_bw_states_, "tc_bw_state_grads", states, states_group, events);
     }
     launch(k_bw_dq_, "tc_bw_grads_dq", L2 * NCs_ * static_cast<std::size_t>(K / cfg_.OTq), L2, events);
     launch(k_bw_dk_, "tc_bw_grads_dk", L2 * NCs_ * static_cast<std::size_t>(K / cfg_.OTq), L2, events);
@@ -258,6 +279,53 @@ class ResidentTensorCore final : public ResidentChunkwise {
     launch(k_bw_gate_grads_, "tc_bw_gate_grads", static_cast<std::size_t>(cfg_.gate_group),
            static_cast<std::size_t>(cfg_.gate_group), events);
     if (P_ > 1 && has_init_) sh_.dm0_into(dm0_);
+  }
+
+  void enqueue_summary() override {
+    if (!segment_) ResidentChunkwise::enqueue_summary();
+    launch_gates(nullptr);
+    launch_fw_summaries(nullptr);
+    launch_fw_combine(detail::kEnterEmpty, nullptr);
+    summary_read_ = sh_.read_summary_async(summary_);
+    summary_reused_ = P_ > 1;
+  }
+
+  const SegmentSummary& read_summary() override {
+    if (!summary_read_.event) throw Error("tensor-core segment: enqueue_summary first");
+    check(clWaitForEvents(1, &summary_read_.event), "clWaitForEvents", device_->name());
+    return summary_;
+  }
+
+  void set_entering_state(const float* c, const float* n, const float* m) override {
+    if (!segment_) ResidentChunkwise::set_entering_state(c, n, m);
+    const std::size_t rows = static_cast<std::size_t>(rows_), K = static_cast<std::size_t>(shape_.DHQK);
+    detail::write_in_order(*device_, c0_, c, rows * K * static_cast<std::size_t>(shape_.DHHV) * sizeof(float));
+    detail::write_in_order(*device_, n0_, n, rows * K * sizeof(float));
+    detail::write_in_order(*device_, m0_, m, rows * sizeof(float));
+  }
+
+  void enqueue_gradient_summary() override {
+    if (!segment_) ResidentChunkwise::enqueue_gradient_summary();
+    if (!has_grads_) throw Error("tensor-core resident problem was made without dh: no backward");
+    if (!forward_done_ || skip_outputs_) throw Error("tensor-core backward: enqueue the forward (with outputs) first");
+    launch(k_bw_prep_, "tc_bw_prep", static_cast<std::size_t>((Ss_ + 7) / 8) * 256, 256, nullptr);
+    launch_bw_summaries(nullptr);
+    launch_bw_combine(0, nullptr);
+    gradient_summary_read_ = sh_.read_gradient_summary_async(m_last_, gradient_summary_);
+    gradient_summary_reused_ = P_ > 1;
+  }
+
+  const GradientSummary& read_gradient_summary() override {
+    if (!gradient_summary_read_.event) throw Error("tensor-core segment: enqueue_gradient_summary first");
+    check(clWaitForEvents(1, &gradient_summary_read_.event), "clWaitForEvents", device_->name());
+    return gradient_summary_;
+  }
+
+  void set_leaving_gradient(const float* dc, const float* dn) override {
+    if (!segment_ || !has_grads_) ResidentChunkwise::set_leaving_gradient(dc, dn);
+    const std::size_t rows = static_cast<std::size_t>(rows_), K = static_cast<std::size_t>(shape_.DHQK);
+    detail::write_in_order(*device_, dc_last_, dc, rows * K * static_cast<std::size_t>(shape_.DHHV) * sizeof(float));
+    detail::write_in_order(*device_, dn_last_, dn, rows * K * sizeof(float));
   }
 
   ForwardResult read_forward() override {
@@ -312,6 +380,36 @@ class ResidentTensorCore final : public ResidentChunkwise {
   void skip_outputs() noexcept { skip_outputs_ = true; }
 
  private:
+  std::size_t states_global() const {
+    return static_cast<std::size_t>(2 * cfg_.KT) *
+           static_cast<std::size_t>((shape_.DHQK / cfg_.KT) * (shape_.DHHV / cfg_.VT));
+  }
+  void launch_gates(std::vector<KernelEvent>* events) {
+    launch(k_gates_, "tc_fw_gates", static_cast<std::size_t>(NCs_) * cfg_.L, static_cast<std::size_t>(cfg_.L), events);
+  }
+  // Every shard (or the whole segment) from the EMPTY state: the local summaries in sh_.c_last.
+  void launch_fw_summaries(std::vector<KernelEvent>* events) {
+    sh_.enter_empty(options_.gate);
+    launch(k_fw_summary_, "tc_fw_states (summaries)", states_global(), static_cast<std::size_t>(2 * cfg_.KT), events);
+  }
+  // The summaries chained from the row's initial state (`init`: has_init_, or detail::kEnterEmpty for a summary).
+  void launch_fw_combine(int init, std::vector<KernelEvent>* events) {
+    set_args(k_fw_combine_.k, device_->name(), gG_, sh_.c_last, sh_.n_last, sh_.m_last, c0_, n0_, m0_, init,
+             sh_.c_in, sh_.n_in, sh_.m_in, sh_.c_end, sh_.n_end, sh_.m_end, sh_.G_end, P_, NCs_);
+    launch(k_fw_combine_, "shard_fw_combine", sh_.combine_global(), detail::kShardGroup, events, rows_);
+  }
+  // Every shard (or the whole segment) with a zero gradient leaving it: the local gradients in sh_.dc0.
+  void launch_bw_summaries(std::vector<KernelEvent>* events) {
+    sh_.zero_leaving_gradients();
+    launch(k_bw_summary_, "tc_bw_state_grads (summaries)", states_global(), static_cast<std::size_t>(2 * cfg_.KT),
+           events);
+  }
+  // The reverse chain from the gradient leaving the row (`has_dlast`: has_dlast_, or 0 for a summary).
+  void launch_bw_combine(int has_dlast, std::vector<KernelEvent>* events) {
+    set_args(k_bw_combine_.k, device_->name(), gG_, mst_, NCs_ + 1, mst_, NCs_, NCs_ + 1, sh_.dc0, sh_.dn0, dc_last_,
+             dn_last_, has_dlast, sh_.dc_last, sh_.dn_last, sh_.dc_end, sh_.dn_end, sh_.G_end, P_, NCs_);
+    launch(k_bw_combine_, "shard_bw_combine", sh_.combine_global(), detail::kShardGroup, events, rows_);
+  }
   // A launch over the shard rows (rows x shards), or over `rows` when given.
   void launch(const KernelObject& k, const char* name, std::size_t global0, std::size_t local0,
               std::vector<KernelEvent>* events, int rows = 0) {
@@ -331,7 +429,13 @@ class ResidentTensorCore final : public ResidentChunkwise {
   TcConfig cfg_;
   int rows_ = 0, S_ = 0, NC_ = 0, has_init_ = 0, has_dlast_ = 0;
   int P_ = 1, R_ = 0, Ss_ = 0, NCs_ = 0;  // shards per row, shard rows, tokens and chunks per shard
-  bool has_grads_ = false, forward_done_ = false, skip_outputs_ = false;
+  bool has_grads_ = false, forward_done_ = false, skip_outputs_ = false, segment_ = false;
+  // enqueue_summary / enqueue_gradient_summary ran the passes the next forward / backward would (shards), and the
+  // reads of their results.
+  bool summary_reused_ = false, gradient_summary_reused_ = false;
+  SegmentSummary summary_;
+  GradientSummary gradient_summary_;
+  KernelEvent summary_read_{"", nullptr}, gradient_summary_read_{"", nullptr};
   KernelObject k_gates_, k_fw_states_, k_fw_outputs_, k_bw_prep_, k_bw_states_, k_bw_dq_, k_bw_dk_, k_bw_dv_,
       k_bw_gate_grads_, k_fw_combine_, k_bw_combine_, k_fw_summary_, k_bw_summary_;
   PooledBuffer q_, k_, v_, i_, f_, c0_, n0_, m0_, gb_, gbi_, gpm_, gG_, gA_, mst_, Cst_, nst_, c_last_, n_last_,

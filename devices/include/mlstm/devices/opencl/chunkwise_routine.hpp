@@ -20,6 +20,8 @@ class ChunkwiseRunner {
     // 0 chooses by the device's compute units (MLSTM_OPENCL_SHARDS=<n> overrides that choice); n > 0 runs each row
     // as the largest divisor of its chunk count up to n shards (1: never split). Only rows of whole chunks split.
     int shards = 0;
+    // resident() makes the problem a segment of a sequence split across devices (resident.hpp's segment calls).
+    bool segment = false;
   };
   explicit ChunkwiseRunner(std::shared_ptr<Device> device) : ChunkwiseRunner(std::move(device), Config{}) {}
   ChunkwiseRunner(std::shared_ptr<Device> device, Config config);

@@ -42,6 +42,8 @@ class TensorCoreRunner {
     // units (MLSTM_OPENCL_SHARDS=<n> overrides that choice); n > 0 runs each row as the largest divisor of its chunk
     // count up to n shards (1: never split). Only rows of whole chunks are split.
     int shards = 0;
+    // resident() makes the problem a segment of a sequence split across devices (resident.hpp's segment calls).
+    bool segment = false;
   };
   explicit TensorCoreRunner(std::shared_ptr<Device> device) : TensorCoreRunner(std::move(device), Config{}) {}
   TensorCoreRunner(std::shared_ptr<Device> device, Config config);
