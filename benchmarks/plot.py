@@ -6,7 +6,8 @@
 Writes:
   sequence_sweep_<pass>.png   median time vs sequence length (B*S fixed), one line per kernel and chunk size
   head_dim_sweep.png          tokens/s vs head dimension
-  device_scaling_<pass>.png   tokens/s per device set (strong and weak scaling, streaming, through the flow graph)
+  device_scaling_<pass>.png   tokens/s per device set (strong and weak scaling, streaming; through the flow graph and
+                              device-resident)
   scaling_efficiency.png      efficiency per OpenCL device count (strong and weak; sequence parallel, head split)
 """
 import argparse
@@ -103,12 +104,14 @@ def device_scaling(rows, machines, out):
 
 def scaling_efficiency(sel, machines, out):
     """Efficiency per device count: strong = T(1) / (n T(n)) on the same sequence, weak = T(1) / T(n) with
-    n times the tokens, per pass and mode (sequence parallel, head split), over the OpenCL device sets (the
+    n times the tokens, per pass and mode (the graph from host memory or device-resident; sequence parallel or
+    head split), over the OpenCL device sets (the
     CPU-worker sets are left out: their device count is NUMA nodes, not GPUs)."""
     def devices(r):
         return int(r["sweep"].split("devices=")[1])
     def mode(r):
-        return "head split" if "head split" in r["kernel"] else "sequence parallel"
+        path = "resident" if r["kernel"].startswith("resident[") else "graph"
+        return path + (" head split" if "head split" in r["kernel"] else " sequence parallel")
     gpu = [r for r in sel if "workers" not in r["kernel"] and not r["sweep"].startswith("streaming")]
     lines = {}
     for r in gpu:
@@ -131,7 +134,7 @@ def scaling_efficiency(sel, machines, out):
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_xlabel("devices")
     ax.set_ylabel("efficiency")
-    ax.set_title(title(machines, "flow graph scaling efficiency"))
+    ax.set_title(title(machines, "scaling efficiency (graph and device-resident)"))
     ax.legend(fontsize=7)
     path = os.path.join(out, "scaling_efficiency.png")
     fig.tight_layout()

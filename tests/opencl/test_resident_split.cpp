@@ -33,9 +33,9 @@ std::vector<std::shared_ptr<opencl::Device>> devices(std::size_t n) {
   return out;
 }
 
-#define REQUIRE_DEVICES(n)                                                                     \
-  REQUIRE_OPENCL();                                                                            \
-  if (opencl::list_devices().size() < (n))                                                     \
+#define REQUIRE_DEVICES(n)                 \
+  REQUIRE_OPENCL();                        \
+  if (opencl::list_devices().size() < (n)) \
   GTEST_SKIP() << "needs " << (n) << " OpenCL devices (POCL_DEVICES=\"pthread pthread pthread\")"
 
 struct SplitCase {
@@ -48,8 +48,8 @@ struct SplitCase {
 };
 
 void PrintTo(const SplitCase& c, std::ostream* os) {
-  *os << c.devices << " devices, " << (c.split == opencl::SplitBy::sequence ? "sequence" : "heads") << ", L="
-      << c.chunk << " " << c.spec.describe() << (c.last_state_grads ? " dlast" : "");
+  *os << c.devices << " devices, " << (c.split == opencl::SplitBy::sequence ? "sequence" : "heads") << ", L=" << c.chunk
+      << " " << c.spec.describe() << (c.last_state_grads ? " dlast" : "");
   for (double w : c.weights) *os << " w" << w;
 }
 
@@ -112,10 +112,13 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(
         // S not a multiple of the chunk: the last part is ragged
         SplitCase{spec(1, 2, 250, 16, 16, DType::f32, GateVariant::exp, true), 64, 2},
-        SplitCase{spec(2, 1, 390, 16, 16, DType::f32, GateVariant::exp, false), 64, 3, opencl::SplitBy::sequence, {},
-                  false},
+        SplitCase{
+            spec(2, 1, 390, 16, 16, DType::f32, GateVariant::exp, false), 64, 3, opencl::SplitBy::sequence, {}, false},
         // uneven shares; 3 devices where the first part is the longest
-        SplitCase{spec(1, 2, 448, 16, 16, DType::f32, GateVariant::exp, true), 64, 3, opencl::SplitBy::sequence,
+        SplitCase{spec(1, 2, 448, 16, 16, DType::f32, GateVariant::exp, true),
+                  64,
+                  3,
+                  opencl::SplitBy::sequence,
                   {3.0, 1.0, 2.0}},
         SplitCase{spec(1, 1, 512, 16, 16, DType::f32, GateVariant::exp, true, GateRegime::extreme), 64, 3},
         with_inf(SplitCase{spec(1, 2, 256, 16, 16, DType::f32, GateVariant::exp, true), 64, 2}, InfGates::forget_neg),
@@ -126,8 +129,8 @@ INSTANTIATE_TEST_SUITE_P(
         SplitCase{spec(1, 2, 300, 96, 40, DType::f32, GateVariant::exp, true), 128, 2},
         // the head split: rows over the devices (B*NH = 6 over 3, 5 over 2 unevenly)
         SplitCase{spec(2, 3, 130, 16, 16, DType::f32, GateVariant::exp, true), 64, 3, opencl::SplitBy::heads},
-        SplitCase{spec(1, 5, 100, 16, 16, DType::f32, GateVariant::exp, false), 64, 2, opencl::SplitBy::heads,
-                  {1.0, 2.0}}));
+        SplitCase{
+            spec(1, 5, 100, 16, 16, DType::f32, GateVariant::exp, false), 64, 2, opencl::SplitBy::heads, {1.0, 2.0}}));
 
 // The relative Frobenius error of `got` against `ref` is at most `tol`, and every element is finite.
 ::testing::AssertionResult close(const Tensor& got, const Tensor& ref, double tol, const char* what) {
@@ -161,14 +164,16 @@ TEST(TensorCoreSplit, EqualsOneCall) {
       o.return_last_states = true;
       ASSERT_GE(testing::quiet_normaliser_kinks(in, o, s), 0);
       const auto args = in.backward_args(true);
+      // Real tensor cores where the devices have them (an H200 pair), the emulation elsewhere.
+      const bool real = opencl::tensor_core_support(devices(1).front()->info()).available;
       opencl::TensorCoreRunner::Config config;
-      config.emulate = true;
+      config.emulate = !real;
       config.shards = 1;
       const opencl::TensorCoreRunner one(devices(1).front(), config);
       const auto f1 = one.forward(in.args(), o);
       const auto b1 = one.backward(args, o);
       opencl::SplitOptions so;
-      so.kernels = opencl::SplitKernels::emulated_tensor_cores;
+      so.kernels = real ? opencl::SplitKernels::automatic : opencl::SplitKernels::emulated_tensor_cores;
       so.shards = shards;
       opencl::ResidentSplit split(devices(2), in.args(), o, &args, so);
       split.forward();
@@ -178,9 +183,13 @@ TEST(TensorCoreSplit, EqualsOneCall) {
       EXPECT_TRUE(close(f.h, f1.h, 2e-2, "h"));
       EXPECT_TRUE(close(f.c, f1.c, 2e-2, "c_last"));
       EXPECT_TRUE(close(f.n, f1.n, 2e-2, "n_last"));
-      for (const auto& [got, want, what] : {std::tuple{&b.dq, &b1.dq, "dq"}, {&b.dk, &b1.dk, "dk"},
-                                             {&b.dv, &b1.dv, "dv"}, {&b.di, &b1.di, "di"}, {&b.df, &b1.df, "df"},
-                                             {&b.dc0, &b1.dc0, "dc0"}, {&b.dn0, &b1.dn0, "dn0"}})
+      for (const auto& [got, want, what] : {std::tuple{&b.dq, &b1.dq, "dq"},
+                                            {&b.dk, &b1.dk, "dk"},
+                                            {&b.dv, &b1.dv, "dv"},
+                                            {&b.di, &b1.di, "di"},
+                                            {&b.df, &b1.df, "df"},
+                                            {&b.dc0, &b1.dc0, "dc0"},
+                                            {&b.dn0, &b1.dn0, "dn0"}})
         EXPECT_TRUE(close(*got, *want, 5e-2, what));
     }
 }

@@ -10,6 +10,8 @@
 
 #include "commands.hpp"
 #include "mlstm/core/atomic_file.hpp"
+#include "mlstm/devices/opencl/device.hpp"
+#include "mlstm/devices/opencl/resident_split.hpp"
 
 namespace mlstm::cli {
 
@@ -196,14 +198,54 @@ int bench(const BenchOptions& bo, DType dtype, bool as_json) {
     const double med = median_of([&] { (void)kernel->forward(l.args(), o); });
     record(bo.kernels.front(), B, S_max, d, d, L0, "fw", med, static_cast<double>(B * S_max), "head_dim");
   }
+  // Device-resident (opencl::ResidentSplit, issue 15), first (the graph's rows from host memory take longer): the
+  // inputs uploaded once, forward and, with --backward, forward + backward (dh = v), the sequence split (state
+  // summaries exchanged) and the head split, over the OpenCL devices of every --graph-devices spec (a spec with CPU
+  // workers has none); strong and weak scaling as below.
+  for (const auto& spec : bo.graph_devices) {
+    std::vector<std::shared_ptr<opencl::Device>> resident_devices;
+    try {
+      for (const auto& info : opencl::select_devices(spec)) resident_devices.push_back(opencl::open_device(info));
+    } catch (const InvalidArgument&) {
+      continue;
+    }
+    const auto ndev = static_cast<std::int64_t>(resident_devices.size());
+    MlstmOptions o;
+    o.chunk_size = L0;
+    for (const char* scaling : {"strong", "weak"}) {
+      const std::int64_t S =
+          std::string(scaling) == "strong" ? S_max : (bo.weak_seq_len > 0 ? bo.weak_seq_len : S_max) * ndev;
+      const ForwardInputs l = synthetic_piece(1, bo.heads, S, bo.dqk, bo.dhv, dtype, 97);
+      const std::string what = std::string(scaling) + "_scaling devices=" + std::to_string(ndev);
+      for (const auto split : {opencl::SplitBy::sequence, opencl::SplitBy::heads}) {
+        const bool heads = split == opencl::SplitBy::heads;
+        const std::string kernel = "resident[" + spec + "]" + (heads ? " head split" : "");
+        BackwardArgs b;
+        b.inputs = l.args();
+        b.dh = l.v.view();
+        opencl::SplitOptions so;
+        so.split = split;
+        try {
+          opencl::ResidentSplit rs(resident_devices, l.args(), o, bo.backward ? &b : nullptr, so);
+          record(kernel, 1, S, bo.dqk, bo.dhv, L0, "fw", median_of([&] { rs.forward(); }), static_cast<double>(S),
+                 what);
+          if (bo.backward)
+            record(kernel, 1, S, bo.dqk, bo.dhv, L0, "fwbw", median_of([&] {
+                     rs.forward();
+                     rs.backward();
+                   }),
+                   static_cast<double>(S), what);
+        } catch (const DeviceError& e) {  // does not fit the devices' memory: said, not fatal
+          std::fprintf(stderr, "mlstm bench: %s %s skipped: %s\n", kernel.c_str(), what.c_str(), e.what());
+        }
+      }
+    }
+  }
   // Device sweep through the flow graph: strong scaling (the same tokens on every device set) and weak
   // scaling (tokens proportional to the number of devices).
   for (const auto& spec : bo.graph_devices) {
     graph::FlowGraphRunner runner(spec);
     const auto ndev = static_cast<std::int64_t>(runner.devices().size());
-    require_fits_memory(
-        {bo.weak_seq_len > 0 ? bo.weak_seq_len : S_max, ndev, bo.heads, token_bytes(bo.dqk, bo.dhv, dtype)},
-        bo.weak_seq_len > 0 ? "--weak-seq-len/--graph-devices" : "--seq-lens/--graph-devices");
     MlstmOptions o;
     o.chunk_size = L0;
     for (const char* scaling : {"strong", "weak"}) {

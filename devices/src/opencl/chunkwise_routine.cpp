@@ -421,8 +421,7 @@ class ResidentPortable final : public ResidentChunkwise {
     const std::string& dn = device_->name();
     if (shard_io) {
       set_args(k_weights_.k, dn, b_, ig_, G_, sh_.m_in, mb_, carry_, wtok_, sh_.m_last, Ss_, NCs_);
-      set_args(k_states_.k, dn, k_, v_, carry_, wtok_, sh_.c_in, sh_.n_in, Cb_, nb_, sh_.c_last, sh_.n_last, Ss_,
-               NCs_);
+      set_args(k_states_.k, dn, k_, v_, carry_, wtok_, sh_.c_in, sh_.n_in, Cb_, nb_, sh_.c_last, sh_.n_last, Ss_, NCs_);
     } else {
       set_args(k_weights_.k, dn, b_, ig_, G_, m0_, mb_, carry_, wtok_, mo_, Ss_, NCs_);
       set_args(k_states_.k, dn, k_, v_, carry_, wtok_, C0_, n0_, Cb_, nb_, Co_, no_, Ss_, NCs_);
@@ -459,8 +458,8 @@ class ResidentPortable final : public ResidentChunkwise {
   // Every shard (or the whole segment) with a zero gradient leaving it: the local gradients in sh_.dc0.
   void launch_bw_summaries(std::vector<KernelEvent>* events) {
     sh_.zero_leaving_gradients();
-    launch(k_bw_states_, "bw_state_grads (summaries)", 2, {256 * state_tiles(), static_cast<std::size_t>(R_)},
-           {256, 1}, events);
+    launch(k_bw_states_, "bw_state_grads (summaries)", 2, {256 * state_tiles(), static_cast<std::size_t>(R_)}, {256, 1},
+           events);
   }
   // The reverse chain from the gradient leaving the row (`has_dlast`: has_dlast_, or 0 for a summary). A shard's
   // stabilisers: mb_ at its first chunk, and leaving it sh_.m_last (shards) or the row's mo_ (a whole segment).

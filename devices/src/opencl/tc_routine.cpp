@@ -394,8 +394,8 @@ class ResidentTensorCore final : public ResidentChunkwise {
   }
   // The summaries chained from the row's initial state (`init`: has_init_, or detail::kEnterEmpty for a summary).
   void launch_fw_combine(int init, std::vector<KernelEvent>* events) {
-    set_args(k_fw_combine_.k, device_->name(), gG_, sh_.c_last, sh_.n_last, sh_.m_last, c0_, n0_, m0_, init,
-             sh_.c_in, sh_.n_in, sh_.m_in, sh_.c_end, sh_.n_end, sh_.m_end, sh_.G_end, P_, NCs_);
+    set_args(k_fw_combine_.k, device_->name(), gG_, sh_.c_last, sh_.n_last, sh_.m_last, c0_, n0_, m0_, init, sh_.c_in,
+             sh_.n_in, sh_.m_in, sh_.c_end, sh_.n_end, sh_.m_end, sh_.G_end, P_, NCs_);
     launch(k_fw_combine_, "shard_fw_combine", sh_.combine_global(), detail::kShardGroup, events, rows_);
   }
   // Every shard (or the whole segment) with a zero gradient leaving it: the local gradients in sh_.dc0.

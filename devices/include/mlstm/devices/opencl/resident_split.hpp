@@ -52,9 +52,9 @@ class ResidentSplit {
   using Kernels = SplitKernels;
   using Options = SplitOptions;
   struct Part {
-    std::size_t device = 0;          // index into the devices given
+    std::size_t device = 0;             // index into the devices given
     std::int64_t first = 0, count = 0;  // tokens (sequence) or rows (heads)
-    std::string kernels;             // "tensor cores, 2 shards", "portable", ...
+    std::string kernels;                // "tensor cores, 2 shards", "portable", ...
   };
 
   // Uploads every part (the devices in parallel). Throws InvalidArgument for a bad problem (as a one-device run
