@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <vector>
 
 #include "mlstm/core/error.hpp"
@@ -242,6 +243,71 @@ TEST(ResidentSplit, PartsFollowTheWeights) {
   even.kernels = opencl::SplitKernels::portable;
   opencl::ResidentSplit two(devices(3), short_in.args(), o, nullptr, even);
   EXPECT_EQ(two.parts().size(), 2u) << two.describe();
+}
+
+// A device that fails in the middle of a run (MLSTM_SPLIT_FAULT: when the chain reaches its part) is taken out; its
+// part goes to the other devices and the results are still the whole problem's: in the forward of the sequence split
+// over 3 devices, in the backward (the forward runs again on the rebuilt parts), in the head split; with no device
+// left, a DeviceError.
+TEST(ResidentSplit, FailedDeviceIsTakenOutAndResultsStayCorrect) {
+  REQUIRE_DEVICES(3);
+  const InputSpec s = spec(1, 2, 330, 16, 16, DType::f32, GateVariant::exp, true);
+  auto in = testing::make_inputs(s, testing::fresh_seed());
+  MlstmOptions o;
+  o.return_last_states = true;
+  ASSERT_GE(testing::quiet_normaliser_kinks(in, o, s), 0);
+  const auto args = in.backward_args(true);
+  const auto rf = reference::recurrent_forward(in.args(), o);
+  const auto rb = reference::recurrent_backward(args, o, reference::StabilizerGradient::stop);
+  const std::string name = "resident split after a fault";
+  auto check = [&](opencl::ResidentSplit& split, bool backward) {
+    const auto fw = split.read_forward();
+    EXPECT_TRUE(testing::matches_well_conditioned(fw.h, rf.h, in, o, 1e-4, name, "h", s));
+    EXPECT_TRUE(testing::last_state_matches(fw.c, fw.n, fw.m, rf.c, rf.n, rf.m, 1e-3, 1e-3, name, s));
+    if (!backward) return;
+    const auto bw = split.read_backward();
+    EXPECT_TRUE(testing::matches(bw.dq, rb.dq, 1e-3, name, "dq", s));
+    EXPECT_TRUE(testing::matches(bw.df, rb.df, 1e-3, name, "df", s));
+    EXPECT_TRUE(testing::matches(bw.dc0, rb.dc0, 1e-3, name, "dc0", s));
+  };
+  opencl::SplitOptions so;
+  so.kernels = opencl::SplitKernels::portable;
+  {  // the forward loses device 1 (the middle part)
+    opencl::ResidentSplit split(devices(3), in.args(), o, &args, so);
+    ::setenv("MLSTM_SPLIT_FAULT", "1", 1);
+    split.forward();
+    ::unsetenv("MLSTM_SPLIT_FAULT");
+    EXPECT_EQ(split.lost(), std::vector<std::size_t>{1});
+    ASSERT_EQ(split.parts().size(), 2u) << split.describe();
+    split.backward();
+    check(split, true);
+  }
+  {  // the backward loses device 2 (the last part, whose backward starts first)
+    opencl::ResidentSplit split(devices(3), in.args(), o, &args, so);
+    split.forward();
+    ::setenv("MLSTM_SPLIT_FAULT", "2", 1);
+    split.backward();
+    ::unsetenv("MLSTM_SPLIT_FAULT");
+    EXPECT_EQ(split.lost(), std::vector<std::size_t>{2});
+    check(split, true);
+  }
+  {  // the head split loses device 0
+    so.split = opencl::SplitBy::heads;
+    opencl::ResidentSplit split(devices(3), in.args(), o, &args, so);
+    ::setenv("MLSTM_SPLIT_FAULT", "0", 1);
+    split.forward();
+    split.backward();
+    ::unsetenv("MLSTM_SPLIT_FAULT");
+    EXPECT_EQ(split.lost(), std::vector<std::size_t>{0});
+    check(split, true);
+  }
+  {  // one device, and it fails: nothing left
+    so.split = opencl::SplitBy::sequence;
+    opencl::ResidentSplit split(devices(1), in.args(), o, nullptr, so);
+    ::setenv("MLSTM_SPLIT_FAULT", "0", 1);
+    EXPECT_THROW(split.forward(), DeviceError);
+    ::unsetenv("MLSTM_SPLIT_FAULT");
+  }
 }
 
 TEST(ResidentSplit, RefusesBadArguments) {

@@ -4,10 +4,14 @@
 #include <cmath>
 #include <cstring>
 #include <exception>
+#include <functional>
 #include <numeric>
 #include <sstream>
 #include <thread>
 
+#include <spdlog/spdlog.h>
+
+#include "mlstm/core/env.hpp"
 #include "mlstm/core/error.hpp"
 #include "mlstm/devices/opencl/chunkwise_routine.hpp"
 #include "mlstm/devices/opencl/tc_routine.hpp"
@@ -105,12 +109,58 @@ ResidentSplit::ResidentSplit(std::vector<std::shared_ptr<Device>> devices, const
     if (!(w >= 0.0) || !std::isfinite(w)) throw InvalidArgument("weights", "must be finite and >= 0");
   if (std::accumulate(weights.begin(), weights.end(), 0.0) <= 0.0)
     throw InvalidArgument("weights", "at least one must be positive");
+  weights_ = std::move(weights);
+  alive_.assign(devices_.size(), true);
+  args_ = args;
   has_init_ = args.has_initial_state();
   has_grads_ = grads != nullptr;
+  if (grads) grads_ = *grads;
   const bool by_sequence = split_options_.split == Split::sequence;
+  // The head split's views: rows merged into one dimension (a contiguous copy where the caller's strides do not
+  // allow that), made once.
+  if (!by_sequence) {
+    auto merged = [&](ConstTensorView& v) { v = rows_view(v, keep_); };
+    for (ConstTensorView* v : {&args_.q, &args_.k, &args_.v, &args_.i, &args_.f, &args_.c0, &args_.n0, &args_.m0})
+      merged(*v);
+    if (grads) {
+      grads_.inputs = args_;
+      for (ConstTensorView* v : {&grads_.dh, &grads_.dc_last, &grads_.dn_last}) merged(*v);
+    }
+  }
+  // The ends of the chains, as float32 (the kernels' precision): the state entering the first part, the gradient
+  // leaving the last one.
+  const std::size_t rows = static_cast<std::size_t>(shape_.rows()), K = static_cast<std::size_t>(shape_.DHQK);
+  const std::size_t KV = K * static_cast<std::size_t>(shape_.DHHV);
+  auto f32 = [](ConstTensorView v, std::size_t count) {
+    std::vector<float> out(count, 0.0f);
+    if (!v.empty()) copy_elements(v, 0, v.numel(), DType::f32, reinterpret_cast<std::byte*>(out.data()));
+    return out;
+  };
+  if (by_sequence) {
+    initial_c_ = f32(args.c0, rows * KV);
+    initial_n_ = f32(args.n0, rows * K);
+    initial_m_ = f32(args.m0, rows);
+    if (grads) {
+      final_dc_ = f32(grads->dc_last, rows * KV);
+      final_dn_ = f32(grads->dn_last, rows * K);
+    }
+  }
+  build();
+}
 
-  // The parts: whole chunks of the sequence (the last takes the rest), or rows.
-  const std::int64_t L = options.chunk_size;
+void ResidentSplit::build() {
+  const bool by_sequence = split_options_.split == Split::sequence;
+  for (const auto& r : resident_)  // a failed attempt's survivors: let their queues drain before their buffers go
+    if (r) clFinish(r->device().profiling_queue());
+  resident_.clear();
+  parts_.clear();
+  // The parts over the devices still in: whole chunks of the sequence (the last takes the rest), or rows.
+  std::vector<double> weights = weights_;
+  for (std::size_t d = 0; d < weights.size(); ++d)
+    if (!alive_[d]) weights[d] = 0.0;
+  if (std::accumulate(weights.begin(), weights.end(), 0.0) <= 0.0)
+    throw DeviceError(DeviceError::Kind::lost, "split", "no device of the split is left (lost: " + lost_text() + ")");
+  const std::int64_t L = options_.chunk_size;
   const std::int64_t units = by_sequence ? (shape_.S + L - 1) / L : shape_.rows();
   const std::vector<std::int64_t> n = shares(units, weights);
   std::int64_t at = 0;
@@ -124,47 +174,34 @@ ResidentSplit::ResidentSplit(std::vector<std::shared_ptr<Device>> devices, const
     parts_.push_back(p);
   }
 
-  // Every part's arguments: views into the caller's memory (rows merged into one dimension for the head split).
-  std::vector<Tensor> keep;
+  // Every part's arguments: views into the caller's memory.
   std::vector<ForwardArgs> fa(parts_.size());
   std::vector<BackwardArgs> ba(parts_.size());
-  const ConstTensorView dh = grads ? grads->dh : ConstTensorView{};
+  const int dim = by_sequence ? 2 : 1;
   for (std::size_t j = 0; j < parts_.size(); ++j) {
     const Part& p = parts_[j];
     ForwardArgs& f = fa[j];
     BackwardArgs& b = ba[j];
-    if (by_sequence) {
-      f.q = narrow(args.q, 2, p.first, p.count);
-      f.k = narrow(args.k, 2, p.first, p.count);
-      f.v = narrow(args.v, 2, p.first, p.count);
-      f.i = narrow(args.i, 2, p.first, p.count);
-      f.f = narrow(args.f, 2, p.first, p.count);
-      if (j == 0) {
-        f.c0 = args.c0;
-        f.n0 = args.n0;
-        f.m0 = args.m0;
-      }
-      if (grads) {
-        b.dh = narrow(dh, 2, p.first, p.count);
-        if (j + 1 == parts_.size()) {
-          b.dc_last = grads->dc_last;
-          b.dn_last = grads->dn_last;
-        }
-      }
-    } else {
-      auto rows = [&](ConstTensorView v) { return narrow(rows_view(v, keep), 1, p.first, p.count); };
-      f.q = rows(args.q);
-      f.k = rows(args.k);
-      f.v = rows(args.v);
-      f.i = rows(args.i);
-      f.f = rows(args.f);
-      f.c0 = rows(args.c0);
-      f.n0 = rows(args.n0);
-      f.m0 = rows(args.m0);
-      if (grads) {
-        b.dh = rows(dh);
-        b.dc_last = rows(grads->dc_last);
-        b.dn_last = rows(grads->dn_last);
+    f.q = narrow(args_.q, dim, p.first, p.count);
+    f.k = narrow(args_.k, dim, p.first, p.count);
+    f.v = narrow(args_.v, dim, p.first, p.count);
+    f.i = narrow(args_.i, dim, p.first, p.count);
+    f.f = narrow(args_.f, dim, p.first, p.count);
+    // The sequence split: the initial state enters the first part (the others' are set by the chain).
+    if (!by_sequence) {
+      f.c0 = narrow(args_.c0, 1, p.first, p.count);
+      f.n0 = narrow(args_.n0, 1, p.first, p.count);
+      f.m0 = narrow(args_.m0, 1, p.first, p.count);
+    } else if (j == 0) {
+      f.c0 = args_.c0;
+      f.n0 = args_.n0;
+      f.m0 = args_.m0;
+    }
+    if (has_grads_) {
+      b.dh = narrow(grads_.dh, dim, p.first, p.count);
+      if (!by_sequence || j + 1 == parts_.size()) {
+        b.dc_last = by_sequence ? grads_.dc_last : narrow(grads_.dc_last, 1, p.first, p.count);
+        b.dn_last = by_sequence ? grads_.dn_last : narrow(grads_.dn_last, 1, p.first, p.count);
       }
     }
     b.inputs = f;
@@ -180,7 +217,7 @@ ResidentSplit::ResidentSplit(std::vector<std::shared_ptr<Device>> devices, const
         MlstmOptions o = options_;
         // Only the last part's last state is the sequence's.
         o.return_last_states = options_.return_last_states && (!by_sequence || j + 1 == parts_.size());
-        resident_[j] = make_part(devices_[parts_[j].device], fa[j], o, grads ? &ba[j] : nullptr, split_options_,
+        resident_[j] = make_part(devices_[parts_[j].device], fa[j], o, has_grads_ ? &ba[j] : nullptr, split_options_,
                                  by_sequence && parts_.size() > 1, parts_[j].kernels);
       } catch (...) {
         failed[j] = std::current_exception();
@@ -190,27 +227,62 @@ ResidentSplit::ResidentSplit(std::vector<std::shared_ptr<Device>> devices, const
   for (auto& t : threads) t.join();
   for (const auto& e : failed)
     if (e) std::rethrow_exception(e);
-  enter_c_.resize(parts_.size());
-  enter_n_.resize(parts_.size());
-  enter_m_.resize(parts_.size());
-  leave_dc_.resize(parts_.size());
-  leave_dn_.resize(parts_.size());
-  if (by_sequence && parts_.size() > 1) {
-    // The ends of the chains, as float32 (the kernels' precision): the state entering part 0, the gradient leaving
-    // the last part.
-    const std::size_t rows = static_cast<std::size_t>(shape_.rows()), K = static_cast<std::size_t>(shape_.DHQK);
-    const std::size_t KV = K * static_cast<std::size_t>(shape_.DHHV);
-    auto f32 = [](ConstTensorView v, std::size_t count) {
-      std::vector<float> out(count, 0.0f);
-      if (!v.empty()) copy_elements(v, 0, v.numel(), DType::f32, reinterpret_cast<std::byte*>(out.data()));
-      return out;
-    };
-    enter_c_[0] = f32(args.c0, rows * KV);
-    enter_n_[0] = f32(args.n0, rows * K);
-    enter_m_[0] = f32(args.m0, rows);
-    if (grads) {
-      leave_dc_.back() = f32(grads->dc_last, rows * KV);
-      leave_dn_.back() = f32(grads->dn_last, rows * K);
+  const std::size_t P = parts_.size();
+  enter_c_.assign(P, {});
+  enter_n_.assign(P, {});
+  enter_m_.assign(P, {});
+  leave_dc_.assign(P, {});
+  leave_dn_.assign(P, {});
+  enter_c_[0] = initial_c_;
+  enter_n_[0] = initial_n_;
+  enter_m_[0] = initial_m_;
+  leave_dc_.back() = final_dc_;
+  leave_dn_.back() = final_dn_;
+  forward_done_ = backward_done_ = false;
+}
+
+std::string ResidentSplit::lost_text() const {
+  std::string out;
+  for (std::size_t d = 0; d < devices_.size(); ++d)
+    if (!alive_[d]) out += (out.empty() ? "" : ", ") + devices_[d]->name() + " [" + std::to_string(d) + "]";
+  return out.empty() ? "none" : out;
+}
+
+std::vector<std::size_t> ResidentSplit::lost() const {
+  std::vector<std::size_t> out;
+  for (std::size_t d = 0; d < devices_.size(); ++d)
+    if (!alive_[d]) out.push_back(d);
+  return out;
+}
+
+void ResidentSplit::on_part(std::size_t j, const std::function<void()>& fn) {
+  try {
+    if (const auto v = env::get("MLSTM_SPLIT_FAULT"); v && *v == std::to_string(parts_[j].device))
+      throw DeviceError(DeviceError::Kind::lost, devices_[parts_[j].device]->name(),
+                        "injected fault (MLSTM_SPLIT_FAULT=" + *v + ")");
+    fn();
+  } catch (const DeviceError&) {
+    failed_part_ = static_cast<int>(j);
+    throw;
+  }
+}
+
+void ResidentSplit::recovering(const std::function<void()>& replay, const std::function<void()>& attempt) {
+  bool rebuilt = false;
+  for (;;) {
+    failed_part_ = -1;
+    try {
+      if (rebuilt) replay();
+      attempt();
+      return;
+    } catch (const DeviceError& e) {
+      if (failed_part_ < 0 || e.kind() == DeviceError::Kind::build) throw;  // not a device of a part: the caller's
+      const std::size_t d = parts_[static_cast<std::size_t>(failed_part_)].device;
+      alive_[d] = false;
+      spdlog::warn("mlstm-flow: resident split: {} [{}] failed ({}); its part goes to the other devices",
+                   devices_[d]->name(), d, e.what());
+      build();  // throws when no device is left
+      rebuilt = true;
     }
   }
 }
@@ -230,20 +302,38 @@ std::string ResidentSplit::describe() const {
   return out.str();
 }
 
-void ResidentSplit::flush(std::size_t part) const {
-  const Device& dev = resident_[part]->device();
-  check(clFlush(dev.profiling_queue()), "clFlush", dev.name());
+void ResidentSplit::flush(std::size_t part) {
+  on_part(part, [&] {
+    const Device& dev = resident_[part]->device();
+    check(clFlush(dev.profiling_queue()), "clFlush", dev.name());
+  });
 }
 
-void ResidentSplit::wait_all() const {
-  for (const auto& r : resident_) check(clFinish(r->device().profiling_queue()), "clFinish", r->device().name());
+void ResidentSplit::wait_all() {
+  for (std::size_t j = 0; j < resident_.size(); ++j)
+    on_part(j, [&] {
+      const Device& dev = resident_[j]->device();
+      check(clFinish(dev.profiling_queue()), "clFinish", dev.name());
+    });
 }
 
 void ResidentSplit::forward() {
+  recovering([] {}, [&] { run_forward(); });
+}
+
+void ResidentSplit::backward() {
+  if (!has_grads_) throw Error("ResidentSplit: made without gradients (dh): no backward");
+  if (!forward_done_) throw Error("ResidentSplit: run forward() before backward()");
+  // After a device failed, the parts rebuilt on the others run the forward again first.
+  recovering([&] { run_forward(); }, [&] { run_backward(); });
+}
+
+void ResidentSplit::run_forward() {
   const std::size_t P = parts_.size();
+  forward_done_ = backward_done_ = false;
   if (split_options_.split == Split::heads || P == 1) {
     for (std::size_t j = 0; j < P; ++j) {
-      resident_[j]->enqueue_forward();
+      on_part(j, [&] { resident_[j]->enqueue_forward(); });
       flush(j);
     }
     wait_all();
@@ -252,8 +342,10 @@ void ResidentSplit::forward() {
   }
   // Every summary the chain needs (and the last part's where its own forward reuses it); part 0's forward at once.
   for (std::size_t j = 0; j < P; ++j)
-    if (j + 1 < P || resident_[j]->shards() > 1) resident_[j]->enqueue_summary();
-  resident_[0]->enqueue_forward();
+    on_part(j, [&] {
+      if (j + 1 < P || resident_[j]->shards() > 1) resident_[j]->enqueue_summary();
+      if (j == 0) resident_[j]->enqueue_forward();
+    });
   for (std::size_t j = 0; j < P; ++j) flush(j);
 
   // The chain (stages.hpp "Combine", as shard_fw_combine does it): the state entering part j + 1 is
@@ -262,7 +354,9 @@ void ResidentSplit::forward() {
   const std::size_t KV = K * static_cast<std::size_t>(shape_.DHHV);
   const bool exp_gate = options_.gate == GateVariant::exp;
   for (std::size_t j = 0; j + 1 < P; ++j) {
-    const SegmentSummary& s = resident_[j]->read_summary();
+    const SegmentSummary* summary = nullptr;
+    on_part(j, [&] { summary = &resident_[j]->read_summary(); });
+    const SegmentSummary& s = *summary;
     std::vector<float>&c = enter_c_[j + 1], &n = enter_n_[j + 1], &m = enter_m_[j + 1];
     c.resize(rows * KV);
     n.resize(rows * K);
@@ -279,30 +373,34 @@ void ResidentSplit::forward() {
       for (std::size_t e = 0; e < K; ++e) n[r * K + e] = a * enter_n_[j][r * K + e] + b * s.n[r * K + e];
       m[r] = m_out;
     }
-    resident_[j + 1]->set_entering_state(c.data(), n.data(), m.data());
-    resident_[j + 1]->enqueue_forward();
+    on_part(j + 1, [&] {
+      resident_[j + 1]->set_entering_state(c.data(), n.data(), m.data());
+      resident_[j + 1]->enqueue_forward();
+    });
     flush(j + 1);
   }
   wait_all();
   forward_done_ = true;
 }
 
-void ResidentSplit::backward() {
-  if (!has_grads_) throw Error("ResidentSplit: made without gradients (dh): no backward");
-  if (!forward_done_) throw Error("ResidentSplit: run forward() before backward()");
+void ResidentSplit::run_backward() {
   const std::size_t P = parts_.size();
+  backward_done_ = false;
   if (split_options_.split == Split::heads || P == 1) {
     for (std::size_t j = 0; j < P; ++j) {
-      resident_[j]->enqueue_backward();
+      on_part(j, [&] { resident_[j]->enqueue_backward(); });
       flush(j);
     }
     wait_all();
+    backward_done_ = true;
     return;
   }
   // The mirror image: every gradient summary the reverse chain needs, the last part's backward at once.
   for (std::size_t j = 0; j < P; ++j)
-    if (j > 0 || resident_[j]->shards() > 1) resident_[j]->enqueue_gradient_summary();
-  resident_[P - 1]->enqueue_backward();
+    on_part(j, [&] {
+      if (j > 0 || resident_[j]->shards() > 1) resident_[j]->enqueue_gradient_summary();
+      if (j + 1 == P) resident_[j]->enqueue_backward();
+    });
   for (std::size_t j = 0; j < P; ++j) flush(j);
 
   // The gradient leaving part j - 1 is the one entering part j: its local gradient summary plus the gradient leaving
@@ -311,7 +409,9 @@ void ResidentSplit::backward() {
   const std::size_t KV = K * static_cast<std::size_t>(shape_.DHHV);
   const bool exp_gate = options_.gate == GateVariant::exp;
   for (std::size_t j = P - 1; j > 0; --j) {
-    const GradientSummary& g = resident_[j]->read_gradient_summary();
+    const GradientSummary* summary = nullptr;
+    on_part(j, [&] { summary = &resident_[j]->read_gradient_summary(); });
+    const GradientSummary& g = *summary;
     std::vector<float>&dc = leave_dc_[j - 1], &dn = leave_dn_[j - 1];
     dc.resize(rows * KV);
     dn.resize(rows * K);
@@ -324,11 +424,14 @@ void ResidentSplit::backward() {
       for (std::size_t e = 0; e < KV; ++e) dc[r * KV + e] = g.dc[r * KV + e] + a * leave_dc_[j][r * KV + e];
       for (std::size_t e = 0; e < K; ++e) dn[r * K + e] = g.dn[r * K + e] + a * leave_dn_[j][r * K + e];
     }
-    resident_[j - 1]->set_leaving_gradient(dc.data(), dn.data());
-    resident_[j - 1]->enqueue_backward();
+    on_part(j - 1, [&] {
+      resident_[j - 1]->set_leaving_gradient(dc.data(), dn.data());
+      resident_[j - 1]->enqueue_backward();
+    });
     flush(j - 1);
   }
   wait_all();
+  backward_done_ = true;
 }
 
 namespace {
@@ -363,7 +466,12 @@ ForwardResult ResidentSplit::read_forward() {
   if (!forward_done_) throw Error("ResidentSplit: run forward() before read_forward()");
   const bool by_sequence = split_options_.split == Split::sequence;
   std::vector<ForwardResult> r;
-  for (auto& x : resident_) r.push_back(x->read_forward());
+  recovering([&] { run_forward(); },
+             [&] {
+               r.clear();
+               for (std::size_t j = 0; j < resident_.size(); ++j)
+                 on_part(j, [&] { r.push_back(resident_[j]->read_forward()); });
+             });
   const ProblemShape& p = shape_;
   ForwardResult out;
   auto all = [&](Tensor ForwardResult::*field) {
@@ -386,9 +494,19 @@ ForwardResult ResidentSplit::read_forward() {
 
 BackwardResult ResidentSplit::read_backward() {
   if (!has_grads_) throw Error("ResidentSplit: made without gradients (dh): no backward");
+  if (!backward_done_) throw Error("ResidentSplit: run backward() before read_backward()");
   const bool by_sequence = split_options_.split == Split::sequence;
   std::vector<BackwardResult> r;
-  for (auto& x : resident_) r.push_back(x->read_backward());
+  recovering(
+      [&] {
+        run_forward();
+        run_backward();
+      },
+      [&] {
+        r.clear();
+        for (std::size_t j = 0; j < resident_.size(); ++j)
+          on_part(j, [&] { r.push_back(resident_[j]->read_backward()); });
+      });
   const ProblemShape& p = shape_;
   BackwardResult out;
   auto all = [&](Tensor BackwardResult::*field) {

@@ -26,6 +26,7 @@
 //   MLSTM_BACKWARD_RUN_PIECES=<n>      devices (OpenCL): at most n pieces of packed sequences per backward stream
 //                                      run (default: their entering states within an eighth of device memory)
 //   MLSTM_FAULT_INJECT, MLSTM_FAULT_INJECT_ORDER   nodes / graph: fault-injection test hooks
+//   MLSTM_SPLIT_FAULT=<device index>   devices (OpenCL): test hook, that device of a ResidentSplit fails when used
 //   MLSTM_TEST_KILL_AFTER_SLICES=<k>  tools (mlstm forward --stream-tokens): test hook, SIGKILL to itself once k
 //                                      slices are written and recorded (the --resume test: a kill at a known point)
 //   MLSTM_PLAN_DEBUG                   graph: log every plan

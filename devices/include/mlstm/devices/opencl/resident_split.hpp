@@ -25,6 +25,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -58,7 +59,11 @@ class ResidentSplit {
   };
 
   // Uploads every part (the devices in parallel). Throws InvalidArgument for a bad problem (as a one-device run
-  // would), for packed sequences, for no devices or for weights that do not match them.
+  // would), for packed sequences, for no devices or for weights that do not match them. The inputs (and gradients)
+  // are the caller's memory and must stay valid and unchanged while the split lives: when a device fails during a
+  // run or a read, its part (and, in the sequence split, the others) is rebuilt from them on the remaining devices,
+  // the passes run again there and the results are those of the whole problem (logged; lost() names the device).
+  // DeviceError when no device is left.
   ResidentSplit(std::vector<std::shared_ptr<Device>> devices, const ForwardArgs& args, const MlstmOptions& options,
                 const BackwardArgs* grads = nullptr, Options split_options = {});
   ~ResidentSplit();
@@ -76,16 +81,38 @@ class ResidentSplit {
   ForwardResult read_forward();
   BackwardResult read_backward();
 
+  // The devices taken out after a failure (indices into the devices given), in no particular order.
+  std::vector<std::size_t> lost() const;
+
  private:
-  void flush(std::size_t part) const;
-  void wait_all() const;
+  void build();  // the parts over the devices still in, uploaded
+  void run_forward();
+  void run_backward();
+  // Runs `fn` for part j; a DeviceError it throws is marked as that part's device's (MLSTM_SPLIT_FAULT=<device
+  // index> injects one there, a test hook).
+  void on_part(std::size_t j, const std::function<void()>& fn);
+  // Runs `attempt`; when a part's device fails, takes the device out, rebuilds the parts on the others, runs `replay`
+  // (what `attempt` needs done first) and tries again; throws when no device is left.
+  void recovering(const std::function<void()>& replay, const std::function<void()>& attempt);
+  void flush(std::size_t part);
+  void wait_all();
+  std::string lost_text() const;
   std::vector<std::shared_ptr<Device>> devices_;
+  std::vector<double> weights_;
+  std::vector<bool> alive_;
   MlstmOptions options_;
   ProblemShape shape_;
   Options split_options_;
-  bool has_init_ = false, has_grads_ = false, forward_done_ = false;
+  // The caller's inputs (views; the head split's with rows merged, `keep_` holding copies where needed).
+  ForwardArgs args_;
+  BackwardArgs grads_;
+  std::vector<Tensor> keep_;
+  bool has_init_ = false, has_grads_ = false, forward_done_ = false, backward_done_ = false;
+  int failed_part_ = -1;
   std::vector<Part> parts_;
   std::vector<std::unique_ptr<ResidentChunkwise>> resident_;
+  // The ends of the chains (sequence split, float32): the initial state, the last-state gradients (or zeros).
+  std::vector<float> initial_c_, initial_n_, initial_m_, final_dc_, final_dn_;
   // Per part (sequence split): the state entering it and the gradient leaving it, as last written to its device
   // (kept alive for the non-blocking writes).
   std::vector<std::vector<float>> enter_c_, enter_n_, enter_m_, leave_dc_, leave_dn_;
