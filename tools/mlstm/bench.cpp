@@ -198,6 +198,17 @@ int bench(const BenchOptions& bo, DType dtype, bool as_json) {
     const double med = median_of([&] { (void)kernel->forward(l.args(), o); });
     record(bo.kernels.front(), B, S_max, d, d, L0, "fw", med, static_cast<double>(B * S_max), "head_dim");
   }
+  // Strong scaling (the same S_max tokens on every device set) and weak scaling (--weak-seq-len, else S_max, tokens per
+  // device): fn(S, inputs of S tokens, the row's "sweep" text).
+  auto for_scalings = [&](std::int64_t ndev,
+                          const std::function<void(std::int64_t, const ForwardInputs&, const std::string&)>& fn) {
+    for (const char* scaling : {"strong", "weak"}) {
+      const std::int64_t S =
+          std::string(scaling) == "strong" ? S_max : (bo.weak_seq_len > 0 ? bo.weak_seq_len : S_max) * ndev;
+      fn(S, synthetic_piece(1, bo.heads, S, bo.dqk, bo.dhv, dtype, 97),
+         std::string(scaling) + "_scaling devices=" + std::to_string(ndev));
+    }
+  };
   // Device-resident (opencl::ResidentSplit, issue 15), first (the graph's rows from host memory take longer): the
   // inputs uploaded once, forward and, with --backward, forward + backward (dh = v), the sequence split (state
   // summaries exchanged) and the head split, over the OpenCL devices of every --graph-devices spec (a spec with CPU
@@ -212,11 +223,7 @@ int bench(const BenchOptions& bo, DType dtype, bool as_json) {
     const auto ndev = static_cast<std::int64_t>(resident_devices.size());
     MlstmOptions o;
     o.chunk_size = L0;
-    for (const char* scaling : {"strong", "weak"}) {
-      const std::int64_t S =
-          std::string(scaling) == "strong" ? S_max : (bo.weak_seq_len > 0 ? bo.weak_seq_len : S_max) * ndev;
-      const ForwardInputs l = synthetic_piece(1, bo.heads, S, bo.dqk, bo.dhv, dtype, 97);
-      const std::string what = std::string(scaling) + "_scaling devices=" + std::to_string(ndev);
+    for_scalings(ndev, [&](std::int64_t S, const ForwardInputs& l, const std::string& what) {
       for (const auto split : {opencl::SplitBy::sequence, opencl::SplitBy::heads}) {
         const bool heads = split == opencl::SplitBy::heads;
         const std::string kernel = "resident[" + spec + "]" + (heads ? " head split" : "");
@@ -239,7 +246,7 @@ int bench(const BenchOptions& bo, DType dtype, bool as_json) {
           std::fprintf(stderr, "mlstm bench: %s %s skipped: %s\n", kernel.c_str(), what.c_str(), e.what());
         }
       }
-    }
+    });
   }
   // Device sweep through the flow graph: strong scaling (the same tokens on every device set) and weak
   // scaling (tokens proportional to the number of devices).
@@ -248,11 +255,7 @@ int bench(const BenchOptions& bo, DType dtype, bool as_json) {
     const auto ndev = static_cast<std::int64_t>(runner.devices().size());
     MlstmOptions o;
     o.chunk_size = L0;
-    for (const char* scaling : {"strong", "weak"}) {
-      const std::int64_t S =
-          std::string(scaling) == "strong" ? S_max : (bo.weak_seq_len > 0 ? bo.weak_seq_len : S_max) * ndev;
-      const ForwardInputs l = synthetic_piece(1, bo.heads, S, bo.dqk, bo.dhv, dtype, 97);
-      const std::string what = std::string(scaling) + "_scaling devices=" + std::to_string(ndev);
+    for_scalings(ndev, [&](std::int64_t S, const ForwardInputs& l, const std::string& what) {
       // Sequence parallel (segments over the devices) and head split (rows over the devices), forward and,
       // with --backward, forward + backward (dh = h).
       for (const bool head_split : {false, true}) {
@@ -271,7 +274,7 @@ int bench(const BenchOptions& bo, DType dtype, bool as_json) {
         });
         record(kernel, 1, S, bo.dqk, bo.dhv, L0, "fwbw", med_bw, static_cast<double>(S), what);
       }
-    }
+    });
     // Streaming vs resident: the same S_max tokens in 8 pieces with the state carried, against one pass
     // (the strong-scaling row above).
     {

@@ -255,8 +255,7 @@ class ResidentPortable final : public ResidentChunkwise {
   void enqueue_forward(std::vector<KernelEvent>* events) override {
     const std::size_t rows = static_cast<std::size_t>(R_), wg = ChunkwiseRunner::kWorkGroup;
     // After enqueue_summary with shards, the gates and the summary pass have run (and nothing changed since).
-    const bool reuse = summary_reused_;
-    summary_reused_ = false;
+    const bool reuse = exchange_.take_summary_reuse();
     if (!reuse) launch(k_gates_, "fw_gates", 2, {static_cast<std::size_t>(NCs_), rows}, {}, events);
     if (P_ > 1) {
       // Every shard from the EMPTY state, the summaries chained, then every shard from its true entering state.
@@ -286,8 +285,7 @@ class ResidentPortable final : public ResidentChunkwise {
     if (!has_grads_) throw Error("portable resident problem was made without dh: no backward");
     if (!forward_done_) throw Error("portable backward: enqueue the forward first");
     const std::size_t rows = static_cast<std::size_t>(R_);
-    const bool reuse = gradient_summary_reused_;
-    gradient_summary_reused_ = false;
+    const bool reuse = exchange_.take_gradient_summary_reuse();
     if (!reuse) launch_prep(events);
     if (P_ > 1) {
       // Every shard with a zero gradient leaving it, the reverse chain, then every shard with its true one.
@@ -336,22 +334,14 @@ class ResidentPortable final : public ResidentChunkwise {
     if (P_ == 1) bind_states(true);
     launch_fw_summaries(nullptr);
     launch_fw_combine(detail::kEnterEmpty, nullptr);
-    summary_read_ = sh_.read_summary_async(summary_);
-    summary_reused_ = P_ > 1;
+    exchange_.summary_enqueued(sh_, P_ > 1);
   }
 
-  const SegmentSummary& read_summary() override {
-    if (!summary_read_.event) throw Error("portable segment: enqueue_summary first");
-    check(clWaitForEvents(1, &summary_read_.event), "clWaitForEvents", device_->name());
-    return summary_;
-  }
+  const SegmentSummary& read_summary() override { return exchange_.summary(*device_); }
 
   void set_entering_state(const float* c, const float* n, const float* m) override {
     if (!segment_) ResidentChunkwise::set_entering_state(c, n, m);
-    const std::size_t rows = static_cast<std::size_t>(rows_), K = static_cast<std::size_t>(p_.DHQK);
-    detail::write_in_order(*device_, C0_, c, rows * K * static_cast<std::size_t>(p_.DHHV) * sizeof(float));
-    detail::write_in_order(*device_, n0_, n, rows * K * sizeof(float));
-    detail::write_in_order(*device_, m0_, m, rows * sizeof(float));
+    detail::SegmentExchange::write_state(*device_, C0_, n0_, m0_, rows_, p_.DHQK, p_.DHHV, c, n, m);
   }
 
   void enqueue_gradient_summary() override {
@@ -362,21 +352,14 @@ class ResidentPortable final : public ResidentChunkwise {
     if (P_ == 1) bind_gradient_states(true);
     launch_bw_summaries(nullptr);
     launch_bw_combine(0, nullptr);
-    gradient_summary_read_ = sh_.read_gradient_summary_async(mo_, gradient_summary_);
-    gradient_summary_reused_ = P_ > 1;
+    exchange_.gradient_summary_enqueued(sh_, mo_, P_ > 1);
   }
 
-  const GradientSummary& read_gradient_summary() override {
-    if (!gradient_summary_read_.event) throw Error("portable segment: enqueue_gradient_summary first");
-    check(clWaitForEvents(1, &gradient_summary_read_.event), "clWaitForEvents", device_->name());
-    return gradient_summary_;
-  }
+  const GradientSummary& read_gradient_summary() override { return exchange_.gradient_summary(*device_); }
 
   void set_leaving_gradient(const float* dc, const float* dn) override {
     if (!segment_ || !has_grads_) ResidentChunkwise::set_leaving_gradient(dc, dn);
-    const std::size_t rows = static_cast<std::size_t>(rows_), K = static_cast<std::size_t>(p_.DHQK);
-    detail::write_in_order(*device_, dCl_, dc, rows * K * static_cast<std::size_t>(p_.DHHV) * sizeof(float));
-    detail::write_in_order(*device_, dnl_, dn, rows * K * sizeof(float));
+    detail::SegmentExchange::write_gradient(*device_, dCl_, dnl_, rows_, p_.DHQK, p_.DHHV, dc, dn);
   }
 
   ForwardResult read_forward() override {
@@ -495,12 +478,7 @@ class ResidentPortable final : public ResidentChunkwise {
   DType dev_dtype_ = DType::f32;
   bool outputs_ = true, state_only_ = false, has_grads_ = false, forward_done_ = false, regtiled_outputs_ = false,
        regtiled_backward_ = false, segment_ = false;
-  // enqueue_summary / enqueue_gradient_summary ran the passes the next forward / backward would (shards), and the
-  // reads of their results.
-  bool summary_reused_ = false, gradient_summary_reused_ = false;
-  SegmentSummary summary_;
-  GradientSummary gradient_summary_;
-  KernelEvent summary_read_{"", nullptr}, gradient_summary_read_{"", nullptr};
+  detail::SegmentExchange exchange_;  // as a segment of a split sequence
   int ovw_ = 1, svw_ = 1, gvw_ = 1;
   int S_ = 0, rows_ = 0, L_ = 0, nchunks_ = 0, has_init_ = 0, has_dlast_ = 0;
   int P_ = 1, R_ = 0, Ss_ = 0, NCs_ = 0;  // shards per row, shard rows, tokens and chunks per shard

@@ -452,6 +452,14 @@ void place(Tensor& out, const Tensor& part, std::int64_t rows, std::int64_t S, b
   }
 }
 
+// The member `field` of every part's result.
+template <class Result>
+std::vector<Tensor*> fields(std::vector<Result>& results, Tensor Result::*field) {
+  std::vector<Tensor*> out;
+  for (auto& r : results) out.push_back(&(r.*field));
+  return out;
+}
+
 // `out` = the parts' tensors placed (allocated on the first part's dtype with `shape`); stays empty when they are.
 void gather(Tensor& out, std::vector<Tensor*> parts, const Shape& shape, std::int64_t rows, std::int64_t S,
             bool by_sequence, const std::vector<ResidentSplit::Part>& p) {
@@ -474,11 +482,7 @@ ForwardResult ResidentSplit::read_forward() {
              });
   const ProblemShape& p = shape_;
   ForwardResult out;
-  auto all = [&](Tensor ForwardResult::*field) {
-    std::vector<Tensor*> v;
-    for (auto& x : r) v.push_back(&(x.*field));
-    return v;
-  };
+  auto all = [&](auto field) { return fields(r, field); };
   gather(out.h, all(&ForwardResult::h), {p.B, p.NH, p.S, p.DHHV}, p.rows(), p.S, by_sequence, parts_);
   if (by_sequence) {  // the last part's last state is the sequence's
     out.c = std::move(r.back().c);
@@ -509,11 +513,7 @@ BackwardResult ResidentSplit::read_backward() {
       });
   const ProblemShape& p = shape_;
   BackwardResult out;
-  auto all = [&](Tensor BackwardResult::*field) {
-    std::vector<Tensor*> v;
-    for (auto& x : r) v.push_back(&(x.*field));
-    return v;
-  };
+  auto all = [&](auto field) { return fields(r, field); };
   gather(out.dq, all(&BackwardResult::dq), {p.B, p.NH, p.S, p.DHQK}, p.rows(), p.S, by_sequence, parts_);
   gather(out.dk, all(&BackwardResult::dk), {p.B, p.NH, p.S, p.DHQK}, p.rows(), p.S, by_sequence, parts_);
   gather(out.dv, all(&BackwardResult::dv), {p.B, p.NH, p.S, p.DHHV}, p.rows(), p.S, by_sequence, parts_);

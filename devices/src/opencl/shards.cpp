@@ -129,6 +129,43 @@ void write_in_order(Device& dev, const Buffer& buf, const void* data, std::size_
         "clEnqueueWriteBuffer", dev.name());
 }
 
+void SegmentExchange::summary_enqueued(const ShardBuffers& sh, bool reused) {
+  summary_read_ = sh.read_summary_async(summary_);
+  summary_reused_ = reused;
+}
+
+const SegmentSummary& SegmentExchange::summary(const Device& dev) {
+  if (!summary_read_.event) throw Error("resident segment: enqueue_summary first");
+  check(clWaitForEvents(1, &summary_read_.event), "clWaitForEvents", dev.name());
+  return summary_;
+}
+
+void SegmentExchange::gradient_summary_enqueued(const ShardBuffers& sh, const Buffer& m_last_row, bool reused) {
+  gradient_summary_read_ = sh.read_gradient_summary_async(m_last_row, gradient_summary_);
+  gradient_summary_reused_ = reused;
+}
+
+const GradientSummary& SegmentExchange::gradient_summary(const Device& dev) {
+  if (!gradient_summary_read_.event) throw Error("resident segment: enqueue_gradient_summary first");
+  check(clWaitForEvents(1, &gradient_summary_read_.event), "clWaitForEvents", dev.name());
+  return gradient_summary_;
+}
+
+void SegmentExchange::write_state(Device& dev, const Buffer& c0, const Buffer& n0, const Buffer& m0, std::int64_t rows,
+                                  std::int64_t K, std::int64_t V, const float* c, const float* n, const float* m) {
+  const std::size_t r = static_cast<std::size_t>(rows), k = static_cast<std::size_t>(K);
+  write_in_order(dev, c0, c, r * k * static_cast<std::size_t>(V) * sizeof(float));
+  write_in_order(dev, n0, n, r * k * sizeof(float));
+  write_in_order(dev, m0, m, r * sizeof(float));
+}
+
+void SegmentExchange::write_gradient(Device& dev, const Buffer& dc_last, const Buffer& dn_last, std::int64_t rows,
+                                     std::int64_t K, std::int64_t V, const float* dc, const float* dn) {
+  const std::size_t r = static_cast<std::size_t>(rows), k = static_cast<std::size_t>(K);
+  write_in_order(dev, dc_last, dc, r * k * static_cast<std::size_t>(V) * sizeof(float));
+  write_in_order(dev, dn_last, dn, r * k * sizeof(float));
+}
+
 std::size_t ShardBuffers::combine_global() const {
   const std::size_t n = static_cast<std::size_t>(K_ * V_ + K_);
   return (n + kShardGroup - 1) / kShardGroup * kShardGroup;

@@ -13,6 +13,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <utility>
 
 #include "mlstm/core/problem.hpp"
 #include "mlstm/devices/opencl/device.hpp"
@@ -69,6 +70,33 @@ class ShardBuffers {
   Device* dev_ = nullptr;
   int rows_ = 0, shards_ = 1;
   std::int64_t K_ = 0, V_ = 0;
+};
+
+// What a routine's resident problem keeps as a segment of a split sequence (resident.hpp's segment calls): the host
+// copies of its summaries, the events of their reads, and whether the next forward / backward reuses the summary pass
+// (shards). The routines' own parts are the kernels they enqueue.
+class SegmentExchange {
+ public:
+  // After the summary pass and its combine: starts the read; `reused`: the next forward skips its summary pass.
+  void summary_enqueued(const ShardBuffers& sh, bool reused);
+  const SegmentSummary& summary(const Device& dev);  // waits for the read
+  void gradient_summary_enqueued(const ShardBuffers& sh, const Buffer& m_last_row, bool reused);
+  const GradientSummary& gradient_summary(const Device& dev);
+  // Whether the pass about to be enqueued reuses the summary pass (cleared: one pass reuses it once).
+  bool take_summary_reuse() { return std::exchange(summary_reused_, false); }
+  bool take_gradient_summary_reuse() { return std::exchange(gradient_summary_reused_, false); }
+  // The state entering the segment into c0/n0/m0 (rows x K*V, K, 1 floats), the gradient leaving it into
+  // dc_last/dn_last; written as write_in_order does.
+  static void write_state(Device& dev, const Buffer& c0, const Buffer& n0, const Buffer& m0, std::int64_t rows,
+                          std::int64_t K, std::int64_t V, const float* c, const float* n, const float* m);
+  static void write_gradient(Device& dev, const Buffer& dc_last, const Buffer& dn_last, std::int64_t rows,
+                             std::int64_t K, std::int64_t V, const float* dc, const float* dn);
+
+ private:
+  bool summary_reused_ = false, gradient_summary_reused_ = false;
+  SegmentSummary summary_;
+  GradientSummary gradient_summary_;
+  KernelEvent summary_read_{"", nullptr}, gradient_summary_read_{"", nullptr};
 };
 
 // Enqueues a write of `bytes` of `data` to `buf` on the device's profiling queue (in order with the routines' kernels),

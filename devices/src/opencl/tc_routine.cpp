@@ -236,8 +236,7 @@ class ResidentTensorCore final : public ResidentChunkwise {
     const std::int64_t V = shape_.DHHV;
     const std::size_t states_group = static_cast<std::size_t>(2 * cfg_.KT), states = states_global();
     // After enqueue_summary with shards, the gates and the summary pass have run (and nothing changed since).
-    const bool reuse = summary_reused_;
-    summary_reused_ = false;
+    const bool reuse = exchange_.take_summary_reuse();
     if (!reuse) launch_gates(events);
     if (P_ > 1) {
       // Every shard from the EMPTY state (a finite m far below any weight, so that a shard opening with input gates
@@ -261,8 +260,7 @@ class ResidentTensorCore final : public ResidentChunkwise {
     const std::int64_t K = shape_.DHQK, V = shape_.DHHV;
     const std::size_t states_group = static_cast<std::size_t>(2 * cfg_.KT), states = states_global();
     const std::size_t L2 = static_cast<std::size_t>(2 * cfg_.L);
-    const bool reuse = gradient_summary_reused_;
-    gradient_summary_reused_ = false;
+    const bool reuse = exchange_.take_gradient_summary_reuse();
     if (!reuse) launch(k_bw_prep_, "tc_bw_prep", static_cast<std::size_t>((Ss_ + 7) / 8) * 256, 256, events);
     if (P_ > 1) {
       // Every shard with a zero gradient leaving it, the reverse chain, then every shard with its true one.
@@ -286,22 +284,14 @@ class ResidentTensorCore final : public ResidentChunkwise {
     launch_gates(nullptr);
     launch_fw_summaries(nullptr);
     launch_fw_combine(detail::kEnterEmpty, nullptr);
-    summary_read_ = sh_.read_summary_async(summary_);
-    summary_reused_ = P_ > 1;
+    exchange_.summary_enqueued(sh_, P_ > 1);
   }
 
-  const SegmentSummary& read_summary() override {
-    if (!summary_read_.event) throw Error("tensor-core segment: enqueue_summary first");
-    check(clWaitForEvents(1, &summary_read_.event), "clWaitForEvents", device_->name());
-    return summary_;
-  }
+  const SegmentSummary& read_summary() override { return exchange_.summary(*device_); }
 
   void set_entering_state(const float* c, const float* n, const float* m) override {
     if (!segment_) ResidentChunkwise::set_entering_state(c, n, m);
-    const std::size_t rows = static_cast<std::size_t>(rows_), K = static_cast<std::size_t>(shape_.DHQK);
-    detail::write_in_order(*device_, c0_, c, rows * K * static_cast<std::size_t>(shape_.DHHV) * sizeof(float));
-    detail::write_in_order(*device_, n0_, n, rows * K * sizeof(float));
-    detail::write_in_order(*device_, m0_, m, rows * sizeof(float));
+    detail::SegmentExchange::write_state(*device_, c0_, n0_, m0_, rows_, shape_.DHQK, shape_.DHHV, c, n, m);
   }
 
   void enqueue_gradient_summary() override {
@@ -311,21 +301,14 @@ class ResidentTensorCore final : public ResidentChunkwise {
     launch(k_bw_prep_, "tc_bw_prep", static_cast<std::size_t>((Ss_ + 7) / 8) * 256, 256, nullptr);
     launch_bw_summaries(nullptr);
     launch_bw_combine(0, nullptr);
-    gradient_summary_read_ = sh_.read_gradient_summary_async(m_last_, gradient_summary_);
-    gradient_summary_reused_ = P_ > 1;
+    exchange_.gradient_summary_enqueued(sh_, m_last_, P_ > 1);
   }
 
-  const GradientSummary& read_gradient_summary() override {
-    if (!gradient_summary_read_.event) throw Error("tensor-core segment: enqueue_gradient_summary first");
-    check(clWaitForEvents(1, &gradient_summary_read_.event), "clWaitForEvents", device_->name());
-    return gradient_summary_;
-  }
+  const GradientSummary& read_gradient_summary() override { return exchange_.gradient_summary(*device_); }
 
   void set_leaving_gradient(const float* dc, const float* dn) override {
     if (!segment_ || !has_grads_) ResidentChunkwise::set_leaving_gradient(dc, dn);
-    const std::size_t rows = static_cast<std::size_t>(rows_), K = static_cast<std::size_t>(shape_.DHQK);
-    detail::write_in_order(*device_, dc_last_, dc, rows * K * static_cast<std::size_t>(shape_.DHHV) * sizeof(float));
-    detail::write_in_order(*device_, dn_last_, dn, rows * K * sizeof(float));
+    detail::SegmentExchange::write_gradient(*device_, dc_last_, dn_last_, rows_, shape_.DHQK, shape_.DHHV, dc, dn);
   }
 
   ForwardResult read_forward() override {
@@ -430,12 +413,7 @@ class ResidentTensorCore final : public ResidentChunkwise {
   int rows_ = 0, S_ = 0, NC_ = 0, has_init_ = 0, has_dlast_ = 0;
   int P_ = 1, R_ = 0, Ss_ = 0, NCs_ = 0;  // shards per row, shard rows, tokens and chunks per shard
   bool has_grads_ = false, forward_done_ = false, skip_outputs_ = false, segment_ = false;
-  // enqueue_summary / enqueue_gradient_summary ran the passes the next forward / backward would (shards), and the
-  // reads of their results.
-  bool summary_reused_ = false, gradient_summary_reused_ = false;
-  SegmentSummary summary_;
-  GradientSummary gradient_summary_;
-  KernelEvent summary_read_{"", nullptr}, gradient_summary_read_{"", nullptr};
+  detail::SegmentExchange exchange_;  // as a segment of a split sequence
   KernelObject k_gates_, k_fw_states_, k_fw_outputs_, k_bw_prep_, k_bw_states_, k_bw_dq_, k_bw_dk_, k_bw_dv_,
       k_bw_gate_grads_, k_fw_combine_, k_bw_combine_, k_fw_summary_, k_bw_summary_;
   PooledBuffer q_, k_, v_, i_, f_, c0_, n0_, m0_, gb_, gbi_, gpm_, gG_, gA_, mst_, Cst_, nst_, c_last_, n_last_,
