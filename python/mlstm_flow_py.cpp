@@ -3,6 +3,7 @@
 // or an unknown keyword) naming the argument.
 // forward/backward make one kernel call (kernel=), or with devices= (a device spec: "workers", "gpu:all", "0,1",
 // "workers+gpu:all", ...) run through the flow graph on every device the spec names (graph::FlowGraphRunner).
+// Resident keeps one problem on several OpenCL devices (opencl::ResidentSplit).
 #include <pybind11/eval.h>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -19,6 +20,7 @@
 #include <string>
 
 #include "mlstm/devices/opencl/device.hpp"
+#include "mlstm/devices/opencl/resident_split.hpp"
 #include "mlstm/mlstm.hpp"
 
 namespace py = pybind11;
@@ -130,6 +132,14 @@ Loaded load(const py::object& q, const py::object& k, const py::object& v, const
   if (!m0.is_none()) l.m0 = arg_of(m0, "m0", false);
   return l;
 }
+
+// mlstm_flow.Resident: the arrays (kept while the split lives: it reads them again after a device fault) and the
+// split.
+struct PyResident {
+  Loaded inputs;
+  std::optional<Arg> dh, dc_last, dn_last;
+  std::unique_ptr<opencl::ResidentSplit> split;
+};
 
 // A numpy array of `shape` holding `dtype` (uint16 for bfloat16), uninitialised.
 py::array empty_array(const Shape& shape, DType dtype) {
@@ -826,4 +836,116 @@ del _stream
     for (const auto& d : opencl::list_devices()) out.append(d.describe());
     return out;
   });
+  py::class_<PyResident>(
+      m, "Resident",
+      "r = Resident(q, k, v, i, f, devices='gpu:all', dh=None, ...): one problem uploaded once to several OpenCL\n"
+      "devices (opencl::ResidentSplit): split='sequence' gives each device a part of the sequence (only state\n"
+      "summaries cross between them), split='heads' a part of the rows; weights= the parts' shares.\n"
+      "  r.forward(); r.backward()      run on the devices (repeatable; time them yourself)\n"
+      "  r.read_forward()               {'h', 'c', 'n', 'm'} gathered from the devices\n"
+      "  r.read_backward()              {'dq', 'dk', 'dv', 'di', 'df'} (+ 'dc0', 'dn0', 'dm0' with c0)\n"
+      "  r.parts, r.lost                the parts (device, first, count, kernels); devices taken out after a fault\n"
+      "The arrays are kept (not copied) while r lives: a device that fails is replaced from them.")
+      .def(py::init([](py::object q, py::object k, py::object v, py::object i, py::object f, py::object devices,
+                       py::object dh, py::object c0, py::object n0, py::object m0, py::object dc_last,
+                       py::object dn_last, py::object chunk_size, py::object gate, py::object normalize, py::object eps,
+                       py::object dtype, py::object split, py::object weights) {
+             auto r = std::make_unique<PyResident>();
+             const std::string dtype_s = str_arg(dtype, "dtype");
+             r->inputs = load(q, k, v, i, f, c0, n0, m0, dtype_s);
+             const MlstmOptions o = options(int_arg(chunk_size, "chunk_size"), str_arg(gate, "gate"),
+                                            bool_arg(normalize, "normalize"), float_arg(eps, "eps"), true, "");
+             opencl::SplitOptions so;
+             const std::string split_s = str_arg(split, "split");
+             if (split_s == "heads")
+               so.split = opencl::SplitBy::heads;
+             else if (split_s != "sequence")
+               throw InvalidArgument("split", "'" + split_s + "'; expected 'sequence' or 'heads'");
+             if (!weights.is_none()) {
+               for (const auto& w : py::iter(weights)) so.weights.push_back(float_arg(w, "weights"));
+             }
+             std::vector<std::shared_ptr<opencl::Device>> devs;
+             for (const auto& info : opencl::select_devices(str_arg(devices, "devices")))
+               devs.push_back(opencl::open_device(info));
+             std::optional<BackwardArgs> b;
+             if (!dh.is_none()) {
+               const py::array dh_array = py::array::ensure(dh);
+               const bool dh_bf16 =
+                   bf16_of(dtype_s) && dh_array && dh_array.dtype().kind() == 'u' && dh_array.dtype().itemsize() == 2;
+               r->dh = arg_of(dh, "dh", dh_bf16);
+               if (!dc_last.is_none()) r->dc_last = arg_of(dc_last, "dc_last", false);
+               if (!dn_last.is_none()) r->dn_last = arg_of(dn_last, "dn_last", false);
+               b.emplace();
+               b->inputs = r->inputs.args();
+               b->dh = r->dh->view();
+               if (r->dc_last) b->dc_last = r->dc_last->view();
+               if (r->dn_last) b->dn_last = r->dn_last->view();
+             } else if (!dc_last.is_none() || !dn_last.is_none()) {
+               throw InvalidArgument("dc_last", "has no effect without dh");
+             }
+             const ForwardArgs a = r->inputs.args();
+             py::gil_scoped_release release;
+             r->split = std::make_unique<opencl::ResidentSplit>(std::move(devs), a, o, b ? &*b : nullptr, so);
+             return r;
+           }),
+           py::arg("q"), py::arg("k"), py::arg("v"), py::arg("i"), py::arg("f"), py::arg("devices") = "gpu:all",
+           py::arg("dh") = py::none(), py::arg("c0") = py::none(), py::arg("n0") = py::none(),
+           py::arg("m0") = py::none(), py::arg("dc_last") = py::none(), py::arg("dn_last") = py::none(),
+           py::arg("chunk_size") = 64, py::arg("gate") = "exp", py::arg("normalize") = true, py::arg("eps") = 1e-6,
+           py::arg("dtype") = "", py::arg("split") = "sequence", py::arg("weights") = py::none())
+      .def(
+          "forward",
+          [](PyResident& r) {
+            py::gil_scoped_release release;
+            r.split->forward();
+          })
+      .def(
+          "backward",
+          [](PyResident& r) {
+            py::gil_scoped_release release;
+            r.split->backward();
+          })
+      .def("read_forward",
+           [](PyResident& r) {
+             ForwardResult fw;
+             {
+               py::gil_scoped_release release;
+               fw = r.split->read_forward();
+             }
+             py::dict out;
+             out["h"] = to_numpy(fw.h);
+             out["c"] = to_numpy(fw.c);
+             out["n"] = to_numpy(fw.n);
+             out["m"] = to_numpy(fw.m);
+             return out;
+           })
+      .def("read_backward",
+           [](PyResident& r) {
+             BackwardResult g;
+             {
+               py::gil_scoped_release release;
+               g = r.split->read_backward();
+             }
+             py::dict out;
+             const std::pair<const char*, const Tensor*> fields[] = {{"dq", &g.dq},   {"dk", &g.dk},   {"dv", &g.dv},
+                                                                     {"di", &g.di},   {"df", &g.df},   {"dc0", &g.dc0},
+                                                                     {"dn0", &g.dn0}, {"dm0", &g.dm0}};
+             for (const auto& [name, t] : fields)
+               if (!t->empty()) out[name] = to_numpy(*t);
+             return out;
+           })
+      .def_property_readonly("parts",
+                             [](const PyResident& r) {
+                               py::list out;
+                               for (const auto& p : r.split->parts()) {
+                                 py::dict d;
+                                 d["device"] = p.device;
+                                 d["first"] = p.first;
+                                 d["count"] = p.count;
+                                 d["kernels"] = p.kernels;
+                                 out.append(d);
+                               }
+                               return out;
+                             })
+      .def_property_readonly("lost", [](const PyResident& r) { return r.split->lost(); });
 }

@@ -222,7 +222,7 @@ def make_calls(seed, batch, count):
         DK, DV = rng.choice([1, 2, 4, 8]), rng.choice([1, 3, 4, 8])
         dt = rng.choice([np.float32, np.float32, np.float64, np.float16])
         bf16 = rng.random() < 0.1
-        which = rng.choices(["forward", "backward", "step", "kernels", "devices"], [50, 25, 20, 3, 2])[0]
+        which = rng.choices(["forward", "backward", "step", "kernels", "devices", "resident"], [50, 25, 20, 3, 2, 4])[0]
         kw = {}
         if which in ("kernels", "devices"):
             args = [] if rng.random() < 0.9 else [1]
@@ -262,6 +262,21 @@ def make_calls(seed, batch, count):
         if rng.random() < 0.05:
             args = args[: rng.randrange(len(args))]  # too few
         kw.update(vals)
+        if which == "resident":  # Resident(...), run and read (resident() below): devices, split, weights
+            kw["devices"] = rng.choice(["all", "all", "0", "0,1", "gpu", "bogus", "", 1, None])
+            if rng.random() < 0.5:
+                kw["split"] = rng.choice(["sequence", "heads", "rows", None])
+            if rng.random() < 0.3:
+                kw["weights"] = rng.choice([[1.0, 2.0], [1.0], [0.0, 0.0], [-1.0, 1.0], [float("nan"), 1.0], "x", None])
+            if rng.random() < 0.5:
+                kw["dh"] = arr((B, NH, S, DV), dt if not bf16 else np.float32)
+            if rng.random() < 0.3:
+                kw["chunk_size"] = chunk_size()
+            kw = {k: v for k, v in kw.items() if v is not None or k == "devices"}
+            desc = "Resident(%s%s)" % (", ".join(map(describe, args)),
+                                       "".join(", %s=%s" % (k, describe(v)) for k, v in kw.items()))
+            calls.append(Call(resident, args, kw, desc))
+            continue
         if which == "step":
             kw["kernel"] = rng.choice(STEP_KERNELS[:2]) if rng.random() < 1 - OPENCL_SHARE else "opencl"
         else:
@@ -308,6 +323,18 @@ def make_calls(seed, batch, count):
     return calls
 
 
+def resident(*args, **kw):
+    """mlstm_flow.Resident(...) made, run (forward, and backward with dh) and read; the forward's dict."""
+    import mlstm_flow
+
+    r = mlstm_flow.Resident(*args, **kw)
+    r.forward()
+    if kw.get("dh") is not None:
+        r.backward()
+        r.read_backward()
+    return r.read_forward()
+
+
 def check_result(call, out):
     """Raises AssertionError when a successful call returned something other than what is documented."""
     import numpy as np
@@ -315,6 +342,11 @@ def check_result(call, out):
     name = call.fn.__name__
     if name in ("kernels", "devices"):
         assert isinstance(out, list), type(out)
+        return
+    if name == "resident":
+        q, v = np.asarray(call.args[0]), np.asarray(call.args[2])
+        assert isinstance(out, dict) and sorted(out) == ["c", "h", "m", "n"], out
+        assert out["h"].shape == q.shape[:3] + v.shape[3:], (out["h"].shape, q.shape, v.shape)
         return
     q, v = call.args[0], call.args[2]
     bf16 = call.kwargs.get("dtype") in ("bfloat16", "bf16")

@@ -54,6 +54,48 @@ def seed_from_env():
     return int(value) if value else 20261202
 
 
+def check_resident(rng):
+    """Issue 15: Resident keeps one problem on several OpenCL devices (the sequence split, summaries exchanged, and the
+    head split); forward and backward equal one kernel call, repeatable; bad arguments are refused naming them."""
+    B, NH, S, DK, DV, L = 1, 2, 150, 16, 16, 32  # S is not a multiple of L: the last part is ragged
+    q = rng.standard_normal((B, NH, S, DK), dtype=np.float32)
+    k = rng.standard_normal((B, NH, S, DK), dtype=np.float32)
+    v = rng.standard_normal((B, NH, S, DV), dtype=np.float32)
+    i = rng.standard_normal((B, NH, S), dtype=np.float32)
+    f = (3 + rng.standard_normal((B, NH, S))).astype(np.float32)
+    dh = rng.standard_normal((B, NH, S, DV)).astype(np.float32)
+    c0 = 0.5 * rng.standard_normal((B, NH, DK, DV)).astype(np.float32)
+    n0 = 0.5 * rng.standard_normal((B, NH, DK)).astype(np.float32)
+    m0 = rng.standard_normal((B, NH)).astype(np.float32)
+    one = "chunkwise--cpu_xl_chunk"
+    h1, s1 = mlstm_flow.forward(q, k, v, i, f, c0, n0, m0, kernel=one, chunk_size=L)
+    g1 = mlstm_flow.backward(q, k, v, i, f, dh, c0, n0, m0, kernel=one, chunk_size=L)
+    for split, weights in (("sequence", None), ("sequence", [2.0, 1.0]), ("heads", None)):
+        r = mlstm_flow.Resident(q, k, v, i, f, devices="all", dh=dh, c0=c0, n0=n0, m0=m0, chunk_size=L, split=split,
+                                weights=weights)
+        assert len(r.parts) == 2 and [p["device"] for p in r.parts] == [0, 1], r.parts
+        for _ in range(2):
+            r.forward()
+            r.backward()
+        fw, g = r.read_forward(), r.read_backward()
+        assert rel0(fw["h"], h1) < 1e-4, (split, rel0(fw["h"], h1))
+        for name, ref in zip("cnm", s1):
+            assert rel0(fw[name], ref) < 1e-4, (split, name)
+        assert sorted(g) == sorted(g1), sorted(g)
+        for name in g1:
+            assert rel0(g[name], g1[name]) < 1e-3, (split, name, rel0(g[name], g1[name]))
+        assert r.lost == []
+    for kw, arg in ((dict(split="rows"), "split"), (dict(weights=[1.0]), "weights"), (dict(devices="bogus"), "devices"),
+                    (dict(dc_last=c0), "dc_last")):
+        try:
+            mlstm_flow.Resident(q, k, v, i, f, **{"devices": "all", **kw})
+        except ValueError as err:
+            assert str(err).startswith(arg + ":"), str(err)
+        else:
+            raise AssertionError("no ValueError for %s" % kw)
+    print("resident: the sequence and head splits over two devices equal one kernel call")
+
+
 def check_graph(rng):
     """Issue 14 item 1: forward/backward(devices=...) run through the flow graph on every device the spec names and
     equal one kernel call; the devices that took part are reported (return_info=True); bad specs are refused."""
@@ -537,6 +579,7 @@ def main():
     h_seq, _ = mlstm_flow.forward(q, k, v, i, f, chunk_size=S)
     assert np.array_equal(h_big, h_seq)
     check_graph(rng)
+    check_resident(rng)
     check_packed(rng)
     check_streaming_and_memory(rng)
     print("python bindings: all checks passed")
