@@ -135,7 +135,8 @@ int main(int argc, char** argv) {
   bench->add_flag("--backward", bo.backward, "also time forward+backward");
   bench->add_option("--head-dims", bo.head_dims, "also sweep DHQK = DHHV over these values");
   bench->add_option("--graph-devices", bo.graph_devices,
-                    "also run the flow graph on each device spec (strong and weak scaling), e.g. workers 0 0,1");
+                    "also run each device spec (strong and weak scaling), e.g. workers 0 0,1: device-resident "
+                    "(OpenCL specs; rows resident[...]) and through the flow graph from host memory (graph[...])");
   bench->add_option("--weak-seq-len", bo.weak_seq_len,
                     "tokens per device for the weak-scaling rows of --graph-devices (default: the largest --seq-lens)");
   bench->add_option("--csv", bo.csv, "CSV output path (--system: default bench_system.csv)")->check(path_check());
