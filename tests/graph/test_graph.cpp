@@ -80,7 +80,9 @@ TEST_P(GraphForward, EqualsOneCallOnEveryShape) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Devices, GraphForward,
-                         ::testing::Values(Mix{"workers", 0}, Mix{"0", 1}, Mix{"0,1", 2}, Mix{"workers+0,1", 2}),
+                         // three devices: the graph_three_devices run (tests/graph/CMakeLists.txt; skipped here)
+                         ::testing::Values(Mix{"workers", 0}, Mix{"0", 1}, Mix{"0,1", 2}, Mix{"workers+0,1", 2},
+                                           Mix{"0,1,2", 3}, Mix{"workers+0,1,2", 3}),
                          [](const auto& info) {
                            std::string n = info.param.spec;
                            for (auto& c : n) {
@@ -425,6 +427,38 @@ TEST(GraphFaults, FailedDeviceIsTakenOutAndResultsStayCorrect) {
     for (const auto& line : runner.last_log()) logged = logged || line.find("device failure") != std::string::npos;
     EXPECT_TRUE(logged) << "segment " << seg;
   }
+}
+
+// Three OpenCL devices and the CPU workers (the graph_three_devices run): the middle device fails in the forward and
+// in the backward; the results stay the one call's.
+TEST(GraphFaults, ThreeDevicesLoseOneForwardAndBackward) {
+  if (opencl::list_devices().size() < 3)
+    GTEST_SKIP() << "needs three OpenCL devices (POCL_DEVICES=\"pthread pthread pthread\")";
+  graph::FlowGraphRunner runner("workers+0,1,2");
+  const InputSpec s = testing::spec(1, 2, 520, 16, 16, DType::f32, GateVariant::exp, true);
+  auto in = testing::make_inputs(s, testing::fresh_seed());
+  MlstmOptions o;
+  ASSERT_GE(testing::quiet_normaliser_kinks(in, o, s), 0);
+  const auto kernel = get_kernel("chunkwise--cpu_xl_chunk");
+  const auto one_fw = kernel->forward(in.args(), o);
+  const auto one_bw = kernel->backward(in.backward_args(true), o);
+  ::setenv("MLSTM_FAULT_INJECT", "opencl:1:*", 1);
+  const auto fw = runner.forward(in.args(), o, 64);
+  const auto bw = runner.backward(in.backward_args(true), o, 64);
+  ::unsetenv("MLSTM_FAULT_INJECT");
+  const std::string name = "graph over three devices, one failing";
+  EXPECT_TRUE(testing::matches(fw.h, one_fw.h, 2e-5, name, "h", s));
+  EXPECT_TRUE(testing::matches(fw.c, one_fw.c, 2e-5, name, "c", s));
+  for (const auto& [got, want, what] : {std::tuple{&bw.dq, &one_bw.dq, "dq"},
+                                        {&bw.dk, &one_bw.dk, "dk"},
+                                        {&bw.dv, &one_bw.dv, "dv"},
+                                        {&bw.di, &one_bw.di, "di"},
+                                        {&bw.df, &one_bw.df, "df"},
+                                        {&bw.dc0, &one_bw.dc0, "dc0"}})
+    EXPECT_TRUE(testing::matches(*got, *want, 1e-3, name, what, s));
+  bool logged = false;
+  for (const auto& line : runner.last_log()) logged = logged || line.find("device failure") != std::string::npos;
+  EXPECT_TRUE(logged);
 }
 
 TEST(GraphFaults, NoDeviceLeftIsAClearError) {
