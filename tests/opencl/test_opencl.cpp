@@ -2,6 +2,8 @@
 // the float64 reference, on every dtype and gate, and on two devices at once (PoCL in CI).
 #include <gtest/gtest.h>
 
+#include <filesystem>
+
 #include <array>
 #include <cstdlib>
 #include <thread>
@@ -80,6 +82,27 @@ TEST(OpenCLLaunchParams, EnvironmentOverridesApplyAndMalformedOnesAreRefused) {
   EXPECT_THROW(portable_launch_params(d), InvalidArgument);
   ::unsetenv("MLSTM_OPENCL_OUTPUT_COL_BLOCKS");
   EXPECT_EQ(portable_launch_params(d).output_col_blocks, 0);
+}
+
+// Every device's staging placement is decided and said (numa.hpp): a node of this host, or -1 with the reason (PoCL
+// has no PCI address; a one-node host places nothing); asked twice, the same answer.
+TEST(OpenCLDevices, StagingNumaNodeIsDecidedAndSaid) {
+  REQUIRE_OPENCL();
+  int nodes = 0;
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator("/sys/devices/system/node", ec))
+    nodes += e.path().filename().string().rfind("node", 0) == 0 ? 1 : 0;
+  for (const auto& info : opencl::list_devices()) {
+    std::string why, again;
+    const int node = opencl::staging_numa_node(info, &why);
+    EXPECT_FALSE(why.empty()) << info.name;
+    EXPECT_TRUE(node == -1 || (node >= 0 && node < std::max(nodes, 1))) << info.name << ": " << node;
+    if (nodes <= 1) {
+      EXPECT_EQ(node, -1) << why;
+    }
+    EXPECT_EQ(opencl::staging_numa_node(info, &again), node);
+    EXPECT_EQ(again, why);
+  }
 }
 
 TEST(OpenCLDevices, ProgramCacheBuildsOncePerOptionSetAndBuildErrorsNameDeviceAndSource) {

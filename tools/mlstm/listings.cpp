@@ -7,6 +7,7 @@
 
 #include "commands.hpp"
 #include "mlstm/devices/compute_device.hpp"
+#include "mlstm/devices/opencl/device.hpp"
 #include "mlstm/gemm.hpp"
 
 namespace mlstm::cli {
@@ -73,6 +74,15 @@ json opencl_devices() {
                      {"compute_units", cus}});
     }
   }
+  // Where each device's page-locked staging goes (hwloc's PCI locality; devices/src/opencl/numa.hpp).
+  const auto infos = opencl::list_devices();
+  for (auto& d : out) {
+    const auto at = static_cast<std::size_t>(d["index"].get<int>());
+    if (at >= infos.size()) continue;
+    std::string why;
+    d["staging_numa_node"] = opencl::staging_numa_node(infos[at], &why);
+    d["staging_numa"] = why;
+  }
   return out;
 }
 
@@ -136,7 +146,8 @@ int cmd_devices(bool as_json, const std::string& open_spec) {
   for (const auto& d : cl) {
     std::cout << "  [" << d["index"] << "] " << d["type"].get<std::string>() << "  " << d["name"].get<std::string>()
               << "  (" << d["platform"].get<std::string>() << ", " << d["version"].get<std::string>() << ", "
-              << d["compute_units"] << " CUs, " << d["memory_mib"] << " MiB)\n";
+              << d["compute_units"] << " CUs, " << d["memory_mib"]
+              << " MiB; staging memory: " << d.value("staging_numa", std::string("?")) << ")\n";
   }
   std::cout << "NUMA nodes (CPU workers, one TBB arena each):\n";
   for (const auto& n : numa) {

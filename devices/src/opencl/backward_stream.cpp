@@ -11,6 +11,7 @@
 #include "mlstm/core/env.hpp"
 #include "mlstm/core/packed.hpp"
 #include "mlstm/core/trace.hpp"
+#include "numa.hpp"
 #include "tc_program.hpp"
 
 namespace mlstm::opencl {
@@ -151,6 +152,7 @@ BackwardStream::BackwardStream(std::shared_ptr<Device> device, Config config)
     out_total += im.out_bytes[static_cast<std::size_t>(j)];
   }
   auto pinned = [&](std::size_t bytes, Buffer& buf, std::byte*& host) {
+    const detail::PinnedNearDevice near(dev.info());  // on the device's NUMA node (numa.hpp)
     cl_mem mem = clCreateBuffer(dev.context(), CL_MEM_READ_WRITE | CL_MEM_ALLOC_HOST_PTR, bytes, nullptr, &err);
     check(err, "clCreateBuffer(pinned staging)", dn);
     buf = Buffer(mem, bytes);

@@ -4,6 +4,8 @@
 #include <chrono>
 #include <cstring>
 
+#include "numa.hpp"
+
 namespace mlstm::opencl {
 
 CopyProbe::CopyProbe(std::shared_ptr<Device> device, std::size_t bytes) : device_(std::move(device)), bytes_(bytes) {
@@ -14,6 +16,7 @@ CopyProbe::CopyProbe(std::shared_ptr<Device> device, std::size_t bytes) : device
       q = clCreateCommandQueue(device_->context(), device_->info().id, CL_QUEUE_PROFILING_ENABLE, &err);
       check(err, "clCreateCommandQueue(copy probe)", dn);
     }
+    const detail::PinnedNearDevice near(device_->info());  // as the staging it bounds (numa.hpp)
     for (int j = 0; j < 2; ++j) {
       pinned_[j] = Buffer(
           clCreateBuffer(device_->context(), CL_MEM_READ_WRITE | CL_MEM_ALLOC_HOST_PTR, bytes_, nullptr, &err), bytes_);

@@ -16,6 +16,7 @@
 #include "mlstm/core/trace.hpp"
 #include "mlstm/devices/opencl/device.hpp"
 #include "mlstm_opencl_sources.hpp"
+#include "numa.hpp"
 #include "program_cache.hpp"
 
 namespace mlstm::opencl {
@@ -718,6 +719,7 @@ Tensor Device::pinned_tensor(Shape shape, DType dtype) {
   cl_int err = CL_SUCCESS;
   a->queue = clCreateCommandQueue(context_, info_.id, 0, &err);
   check(err, "clCreateCommandQueue(pinned host memory)", name());
+  const detail::PinnedNearDevice near(info_);  // on the device's NUMA node (numa.hpp)
   a->mem = clCreateBuffer(context_, CL_MEM_READ_WRITE | CL_MEM_ALLOC_HOST_PTR, bytes, nullptr, &err);
   check(err, "clCreateBuffer(pinned host memory)", name());
   a->host =
@@ -794,6 +796,7 @@ std::unique_ptr<Device::Staging> Device::take_staging() {
       return s;
     }
   }
+  const detail::PinnedNearDevice near(info_);  // the slots' pages on the device's NUMA node (numa.hpp)
   return std::make_unique<Staging>(context_, queue_, staging_slot_, info_.name);
 }
 

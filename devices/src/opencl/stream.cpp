@@ -10,6 +10,7 @@
 
 #include "internal.hpp"
 #include "mlstm/core/trace.hpp"
+#include "numa.hpp"
 #include "tc_program.hpp"
 
 namespace mlstm::opencl {
@@ -145,6 +146,7 @@ void DeviceStream::set_up(Slot& s, cl_command_queue map_queue) {
   const std::string& dn = dev.name();
   const Impl& im = *impl_;
   auto pinned = [&](std::size_t bytes, Buffer& buf, std::byte*& host) {
+    const detail::PinnedNearDevice near(dev.info());  // on the device's NUMA node (numa.hpp)
     cl_int err = CL_SUCCESS;
     cl_mem mem = clCreateBuffer(dev.context(), CL_MEM_READ_WRITE | CL_MEM_ALLOC_HOST_PTR, bytes, nullptr, &err);
     check(err, "clCreateBuffer(pinned staging)", dn);

@@ -283,6 +283,10 @@ class Device {
   PoolStats pool_stats_;
 };
 
+// The NUMA node a device's page-locked staging is placed on (hwloc's PCI locality: the node of the device's PCIe
+// root), -1 when it is not placed (a host of one node, no PCI address, hwloc not knowing it); `why` says which.
+int staging_numa_node(const DeviceInfo& device, std::string* why = nullptr);
+
 // Process-wide shared Device objects, one per device index (opened on first use).
 std::shared_ptr<Device> open_device(const DeviceInfo& info);
 
