@@ -54,16 +54,22 @@ def seed_from_env():
     return int(value) if value else 20261202
 
 
-def check_resident(rng):
-    """Issue 15: Resident keeps one problem on several OpenCL devices (the sequence split, summaries exchanged, and the
-    head split); forward and backward equal one kernel call, repeatable; bad arguments are refused naming them."""
-    B, NH, S, DK, DV, L = 1, 2, 150, 16, 16, 32  # S is not a multiple of L: the last part is ragged
+def float32_inputs(rng, B, NH, S, DK, DV):
+    """q, k, v, i, f (forget gates around 3) and dh, float32 normal draws."""
     q = rng.standard_normal((B, NH, S, DK), dtype=np.float32)
     k = rng.standard_normal((B, NH, S, DK), dtype=np.float32)
     v = rng.standard_normal((B, NH, S, DV), dtype=np.float32)
     i = rng.standard_normal((B, NH, S), dtype=np.float32)
     f = (3 + rng.standard_normal((B, NH, S))).astype(np.float32)
     dh = rng.standard_normal((B, NH, S, DV)).astype(np.float32)
+    return q, k, v, i, f, dh
+
+
+def check_resident(rng):
+    """Issue 15: Resident keeps one problem on several OpenCL devices (the sequence split, summaries exchanged, and the
+    head split); forward and backward equal one kernel call, repeatable; bad arguments are refused naming them."""
+    B, NH, S, DK, DV, L = 1, 2, 150, 16, 16, 32  # S is not a multiple of L: the last part is ragged
+    q, k, v, i, f, dh = float32_inputs(rng, B, NH, S, DK, DV)
     c0 = 0.5 * rng.standard_normal((B, NH, DK, DV)).astype(np.float32)
     n0 = 0.5 * rng.standard_normal((B, NH, DK)).astype(np.float32)
     m0 = rng.standard_normal((B, NH)).astype(np.float32)
@@ -100,12 +106,7 @@ def check_graph(rng):
     """Issue 14 item 1: forward/backward(devices=...) run through the flow graph on every device the spec names and
     equal one kernel call; the devices that took part are reported (return_info=True); bad specs are refused."""
     B, NH, S, DK, DV, L = 1, 2, 77, 16, 8, 16  # S is not a multiple of the chunk size L
-    q = rng.standard_normal((B, NH, S, DK), dtype=np.float32)
-    k = rng.standard_normal((B, NH, S, DK), dtype=np.float32)
-    v = rng.standard_normal((B, NH, S, DV), dtype=np.float32)
-    i = rng.standard_normal((B, NH, S), dtype=np.float32)
-    f = (3 + rng.standard_normal((B, NH, S))).astype(np.float32)
-    dh = rng.standard_normal((B, NH, S, DV)).astype(np.float32)
+    q, k, v, i, f, dh = float32_inputs(rng, B, NH, S, DK, DV)
     state = dict(c0=0.5 * rng.standard_normal((B, NH, DK, DV)).astype(np.float32),
                  n0=0.5 * rng.standard_normal((B, NH, DK)).astype(np.float32),
                  m0=rng.standard_normal((B, NH)).astype(np.float32))
