@@ -288,6 +288,18 @@ ForwardArgs sequence_slice(const ForwardArgs& args, std::int64_t t0, std::int64_
   return a;
 }
 
+bool heads_merge(ConstTensorView t) { return t.empty() || t.strides()[0] == t.shape()[1] * t.strides()[1]; }
+
+ConstTensorView head_rows(ConstTensorView t, std::int64_t r0, std::int64_t r1) {
+  if (t.empty()) return t;
+  Shape shape = t.shape(), strides = t.strides();
+  shape[0] = 1;
+  shape[1] = r1 - r0;
+  strides[0] = shape[1] * strides[1];
+  const auto offset = static_cast<std::size_t>(r0 * t.strides()[1]) * dtype_size(t.dtype());
+  return ConstTensorView(t.bytes() + offset, t.dtype(), std::move(shape), std::move(strides));
+}
+
 namespace {
 
 template <class View>

@@ -741,14 +741,8 @@ namespace {
 
 // (B,NH,...) contiguous view as rows [r0, r1) of (1, B*NH, ...).
 ConstTensorView rows_of(ConstTensorView t, std::int64_t r0, std::int64_t r1, const std::string& name) {
-  if (t.empty()) return t;
-  if (!t.is_contiguous()) throw InvalidArgument(name, "the head split needs contiguous inputs");
-  Shape shape = t.shape();
-  const std::int64_t rows = shape[0] * shape[1];
-  std::int64_t inner = t.numel() / rows;
-  shape[0] = 1;
-  shape[1] = r1 - r0;
-  return ConstTensorView(t.bytes() + static_cast<std::size_t>(r0 * inner) * dtype_size(t.dtype()), t.dtype(), shape);
+  if (!t.empty() && !t.is_contiguous()) throw InvalidArgument(name, "the head split needs contiguous inputs");
+  return head_rows(t, r0, r1);
 }
 
 ForwardArgs rows_of(const ForwardArgs& a, std::int64_t r0, std::int64_t r1) {

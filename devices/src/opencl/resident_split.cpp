@@ -15,34 +15,18 @@
 #include "mlstm/core/error.hpp"
 #include "mlstm/devices/opencl/chunkwise_routine.hpp"
 #include "mlstm/devices/opencl/tc_routine.hpp"
+#include "mlstm/gates.hpp"
+#include "mlstm/stages.hpp"
 
 namespace mlstm::opencl {
 
 namespace {
 
-// `count` elements of dimension `dim` of `view` from `first` on (a view into the same memory).
-ConstTensorView narrow(ConstTensorView view, int dim, std::int64_t first, std::int64_t count) {
-  if (view.empty()) return view;
-  Shape shape = view.shape();
-  shape[static_cast<std::size_t>(dim)] = count;
-  const std::int64_t offset = first * view.strides()[static_cast<std::size_t>(dim)];
-  return ConstTensorView(view.bytes() + offset * static_cast<std::int64_t>(dtype_size(view.dtype())), view.dtype(),
-                         std::move(shape), view.strides());
-}
-
-// (B, NH, ...) as (1, B*NH, ...) when the two dimensions merge (B's stride is NH times NH's), else a contiguous copy
-// held in `keep`.
-ConstTensorView rows_view(ConstTensorView view, std::vector<Tensor>& keep) {
-  if (view.empty()) return view;
-  if (view.strides()[0] != view.shape()[1] * view.strides()[1]) {
-    keep.push_back(Tensor::copy_of(view));
-    view = keep.back().view();
-  }
-  Shape shape = view.shape(), strides = view.strides();
-  shape[1] *= shape[0];
-  shape[0] = 1;
-  strides[0] = shape[1] * strides[1];
-  return ConstTensorView(view.bytes(), view.dtype(), std::move(shape), std::move(strides));
+// `view`, or a contiguous copy held in `keep` when its (B, NH) rows do not merge into one dimension (head_rows).
+ConstTensorView mergeable(ConstTensorView view, std::vector<Tensor>& keep) {
+  if (heads_merge(view)) return view;
+  keep.push_back(Tensor::copy_of(view));
+  return keep.back().view();
 }
 
 // `total` units (chunks or rows) in shares by `weights` (largest remainders; ties to the first device). Returns the
@@ -63,13 +47,11 @@ std::vector<std::int64_t> shares(std::int64_t total, const std::vector<double>& 
   return n;
 }
 
-float safe_exp(float x) { return std::isnan(x) ? 0.0f : std::exp(x); }
-
 // The device's resident problem for one part, on the tensor cores where they take it.
-std::unique_ptr<ResidentChunkwise> make_part(const std::shared_ptr<Device>& dev, const ForwardArgs& a,
-                                             const MlstmOptions& o, const BackwardArgs* grads,
+// `shape`: the whole problem's (what tensor_core_fit reads, dtype and head dims, is every part's).
+std::unique_ptr<ResidentChunkwise> make_part(const std::shared_ptr<Device>& dev, const ProblemShape& shape,
+                                             const ForwardArgs& a, const MlstmOptions& o, const BackwardArgs* grads,
                                              const ResidentSplit::Options& so, bool segment, std::string& kernels) {
-  const ProblemShape shape = grads ? validate_backward(*grads, o) : validate_forward(a, o);
   const bool tc = so.kernels == ResidentSplit::Kernels::emulated_tensor_cores ||
                   (so.kernels == ResidentSplit::Kernels::automatic && tensor_core_support(dev->info()).available &&
                    tensor_core_fit(shape, o).empty());
@@ -116,15 +98,14 @@ ResidentSplit::ResidentSplit(std::vector<std::shared_ptr<Device>> devices, const
   has_grads_ = grads != nullptr;
   if (grads) grads_ = *grads;
   const bool by_sequence = split_options_.split == Split::sequence;
-  // The head split's views: rows merged into one dimension (a contiguous copy where the caller's strides do not
-  // allow that), made once.
+  // The head split's parts are rows of the merged (B, NH) dimensions (head_rows): a contiguous copy of an input
+  // whose strides do not allow that, made once.
   if (!by_sequence) {
-    auto merged = [&](ConstTensorView& v) { v = rows_view(v, keep_); };
     for (ConstTensorView* v : {&args_.q, &args_.k, &args_.v, &args_.i, &args_.f, &args_.c0, &args_.n0, &args_.m0})
-      merged(*v);
+      *v = mergeable(*v, keep_);
     if (grads) {
       grads_.inputs = args_;
-      for (ConstTensorView* v : {&grads_.dh, &grads_.dc_last, &grads_.dn_last}) merged(*v);
+      for (ConstTensorView* v : {&grads_.dh, &grads_.dc_last, &grads_.dn_last}) *v = mergeable(*v, keep_);
     }
   }
   // The ends of the chains, as float32 (the kernels' precision): the state entering the first part, the gradient
@@ -177,32 +158,40 @@ void ResidentSplit::build() {
   // Every part's arguments: views into the caller's memory.
   std::vector<ForwardArgs> fa(parts_.size());
   std::vector<BackwardArgs> ba(parts_.size());
-  const int dim = by_sequence ? 2 : 1;
   for (std::size_t j = 0; j < parts_.size(); ++j) {
     const Part& p = parts_[j];
+    const std::int64_t end = p.first + p.count;
     ForwardArgs& f = fa[j];
     BackwardArgs& b = ba[j];
-    f.q = narrow(args_.q, dim, p.first, p.count);
-    f.k = narrow(args_.k, dim, p.first, p.count);
-    f.v = narrow(args_.v, dim, p.first, p.count);
-    f.i = narrow(args_.i, dim, p.first, p.count);
-    f.f = narrow(args_.f, dim, p.first, p.count);
-    // The sequence split: the initial state enters the first part (the others' are set by the chain).
-    if (!by_sequence) {
-      f.c0 = narrow(args_.c0, 1, p.first, p.count);
-      f.n0 = narrow(args_.n0, 1, p.first, p.count);
-      f.m0 = narrow(args_.m0, 1, p.first, p.count);
-    } else if (j == 0) {
-      f.c0 = args_.c0;
-      f.n0 = args_.n0;
-      f.m0 = args_.m0;
-    }
-    if (has_grads_) {
-      b.dh = narrow(grads_.dh, dim, p.first, p.count);
-      if (!by_sequence || j + 1 == parts_.size()) {
-        b.dc_last = by_sequence ? grads_.dc_last : narrow(grads_.dc_last, 1, p.first, p.count);
-        b.dn_last = by_sequence ? grads_.dn_last : narrow(grads_.dn_last, 1, p.first, p.count);
+    if (by_sequence) {
+      // Tokens of every row; the initial state enters the first part (the others' are set by the chain), the
+      // last-state gradients leave the last one.
+      f = sequence_slice(args_, p.first, end);
+      if (j == 0) {
+        f.c0 = args_.c0;
+        f.n0 = args_.n0;
+        f.m0 = args_.m0;
       }
+      if (has_grads_) {
+        b.dh = sequence_slice(grads_.dh, p.first, end);
+        if (j + 1 == parts_.size()) {
+          b.dc_last = grads_.dc_last;
+          b.dn_last = grads_.dn_last;
+        }
+      }
+    } else {
+      for (const auto& [to, from] : {std::pair{&f.q, args_.q},
+                                     {&f.k, args_.k},
+                                     {&f.v, args_.v},
+                                     {&f.i, args_.i},
+                                     {&f.f, args_.f},
+                                     {&f.c0, args_.c0},
+                                     {&f.n0, args_.n0},
+                                     {&f.m0, args_.m0},
+                                     {&b.dh, grads_.dh},
+                                     {&b.dc_last, grads_.dc_last},
+                                     {&b.dn_last, grads_.dn_last}})
+        *to = head_rows(from, p.first, end);
     }
     b.inputs = f;
   }
@@ -217,8 +206,8 @@ void ResidentSplit::build() {
         MlstmOptions o = options_;
         // Only the last part's last state is the sequence's.
         o.return_last_states = options_.return_last_states && (!by_sequence || j + 1 == parts_.size());
-        resident_[j] = make_part(devices_[parts_[j].device], fa[j], o, has_grads_ ? &ba[j] : nullptr, split_options_,
-                                 by_sequence && parts_.size() > 1, parts_[j].kernels);
+        resident_[j] = make_part(devices_[parts_[j].device], shape_, fa[j], o, has_grads_ ? &ba[j] : nullptr,
+                                 split_options_, by_sequence && parts_.size() > 1, parts_[j].kernels);
       } catch (...) {
         failed[j] = std::current_exception();
       }
@@ -348,11 +337,10 @@ void ResidentSplit::run_forward() {
     });
   for (std::size_t j = 0; j < P; ++j) flush(j);
 
-  // The chain (stages.hpp "Combine", as shard_fw_combine does it): the state entering part j + 1 is
+  // The chain (stages::combine, as shard_fw_combine does it): the state entering part j + 1 is
   // combine(the state entering part j, part j's summary), written to its device, whose forward then starts.
   const std::size_t rows = static_cast<std::size_t>(shape_.rows()), K = static_cast<std::size_t>(shape_.DHQK);
   const std::size_t KV = K * static_cast<std::size_t>(shape_.DHHV);
-  const bool exp_gate = options_.gate == GateVariant::exp;
   for (std::size_t j = 0; j + 1 < P; ++j) {
     const SegmentSummary* summary = nullptr;
     on_part(j, [&] { summary = &resident_[j]->read_summary(); });
@@ -361,18 +349,10 @@ void ResidentSplit::run_forward() {
     c.resize(rows * KV);
     n.resize(rows * K);
     m.resize(rows);
-    for (std::size_t r = 0; r < rows; ++r) {
-      float a = std::exp(s.G[r]), b = 1.0f, m_out = 0.0f;
-      if (exp_gate) {
-        const float m_in = enter_m_[j][r];
-        m_out = std::max(s.G[r] + m_in, s.m[r]);
-        a = m_out == -INFINITY ? 0.0f : safe_exp(s.G[r] + m_in - m_out);
-        b = m_out == -INFINITY ? 0.0f : safe_exp(s.m[r] - m_out);
-      }
-      for (std::size_t e = 0; e < KV; ++e) c[r * KV + e] = a * enter_c_[j][r * KV + e] + b * s.c[r * KV + e];
-      for (std::size_t e = 0; e < K; ++e) n[r * K + e] = a * enter_n_[j][r * K + e] + b * s.n[r * K + e];
-      m[r] = m_out;
-    }
+    for (std::size_t r = 0; r < rows; ++r)
+      stages::combine(stages::ConstStateRef(&enter_c_[j][r * KV], &enter_n_[j][r * K], &enter_m_[j][r]), s.G[r],
+                      stages::ConstStateRef(&s.c[r * KV], &s.n[r * K], &s.m[r]), options_.gate, shape_.DHQK,
+                      shape_.DHHV, stages::StateRef{&c[r * KV], &n[r * K], &m[r]});
     on_part(j + 1, [&] {
       resident_[j + 1]->set_entering_state(c.data(), n.data(), m.data());
       resident_[j + 1]->enqueue_forward();
@@ -419,7 +399,7 @@ void ResidentSplit::run_backward() {
       float a = std::exp(g.G[r]);
       if (exp_gate) {
         const float m_in = enter_m_[j][r];
-        a = m_in == -INFINITY ? 0.0f : safe_exp(g.G[r] + m_in - g.m_last[r]);
+        a = m_in == -INFINITY ? 0.0f : gates::safe_exp(g.G[r] + m_in - g.m_last[r]);
       }
       for (std::size_t e = 0; e < KV; ++e) dc[r * KV + e] = g.dc[r * KV + e] + a * leave_dc_[j][r * KV + e];
       for (std::size_t e = 0; e < K; ++e) dn[r * K + e] = g.dn[r * K + e] + a * leave_dn_[j][r * K + e];

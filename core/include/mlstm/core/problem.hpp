@@ -235,6 +235,11 @@ ProblemShape validate_forward(const ForwardArgs& args, const MlstmOptions& optio
 ConstTensorView sequence_slice(ConstTensorView t, std::int64_t t0, std::int64_t t1);
 TensorView sequence_slice(TensorView t, std::int64_t t0, std::int64_t t1);
 ForwardArgs sequence_slice(const ForwardArgs& args, std::int64_t t0, std::int64_t t1);
+// Rows [r0, r1) of the B*NH rows of a (B,NH,...) view as a (1, r1-r0, ...) view (no copy), for views whose two leading
+// dimensions merge (heads_merge: B's stride is NH times NH's, as in any contiguous view); an empty view stays empty.
+// The head splits' parts (the graph's and opencl::ResidentSplit's).
+bool heads_merge(ConstTensorView t);
+ConstTensorView head_rows(ConstTensorView t, std::int64_t r0, std::int64_t r1);
 // A piece of a streamed sequence: q..f without c0/n0/m0 (the stream carries the state), of the stream's B, NH,
 // DHQK and DHHV (InvalidArgument naming the argument otherwise; packed pieces: "cu_seqlens"); returns its shape.
 ProblemShape check_stream_piece(const ForwardArgs& piece, const ProblemShape& stream, const MlstmOptions& options);
