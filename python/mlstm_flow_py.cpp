@@ -133,6 +133,14 @@ Loaded load(const py::object& q, const py::object& k, const py::object& v, const
   return l;
 }
 
+// dh in any float dtype, or (dtype='bfloat16') as uint16 bfloat16 patterns like h: then a host_array() dh reaches
+// the GPU as it lies.
+Arg dh_arg(const py::object& dh, const std::string& dtype) {
+  const py::array a = py::array::ensure(dh);
+  const bool bf16 = bf16_of(dtype) && a && a.dtype().kind() == 'u' && a.dtype().itemsize() == 2;
+  return arg_of(dh, "dh", bf16);
+}
+
 // mlstm_flow.Resident: the arrays (kept while the split lives: it reads them again after a device fault) and the
 // split.
 struct PyResident {
@@ -558,12 +566,7 @@ PYBIND11_MODULE(mlstm_flow, m) {
         const MlstmOptions o = options(chunk_size, gate, normalize, eps, true, how.kernel);
         const std::string dtype_name_s = str_arg(dtype, "dtype");
         const Loaded l = load(q, k, v, i, f, c0, n0, m0, dtype_name_s);
-        // dh in any float dtype, or (dtype='bfloat16') as uint16 bfloat16 patterns like h: then a host_array() dh
-        // reaches the GPU as it lies.
-        const py::array dh_array = py::array::ensure(dh);
-        const bool dh_bf16 =
-            bf16_of(dtype_name_s) && dh_array && dh_array.dtype().kind() == 'u' && dh_array.dtype().itemsize() == 2;
-        const Arg dht = arg_of(dh, "dh", dh_bf16);
+        const Arg dht = dh_arg(dh, dtype_name_s);
         std::optional<Arg> dct, dnt;
         if (!dc_last.is_none()) dct = arg_of(dc_last, "dc_last", false);
         if (!dn_last.is_none()) dnt = arg_of(dn_last, "dn_last", false);
@@ -869,10 +872,7 @@ del _stream
                devs.push_back(opencl::open_device(info));
              std::optional<BackwardArgs> b;
              if (!dh.is_none()) {
-               const py::array dh_array = py::array::ensure(dh);
-               const bool dh_bf16 =
-                   bf16_of(dtype_s) && dh_array && dh_array.dtype().kind() == 'u' && dh_array.dtype().itemsize() == 2;
-               r->dh = arg_of(dh, "dh", dh_bf16);
+               r->dh = dh_arg(dh, dtype_s);
                if (!dc_last.is_none()) r->dc_last = arg_of(dc_last, "dc_last", false);
                if (!dn_last.is_none()) r->dn_last = arg_of(dn_last, "dn_last", false);
                b.emplace();
