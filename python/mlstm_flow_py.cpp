@@ -893,18 +893,16 @@ del _stream
            py::arg("m0") = py::none(), py::arg("dc_last") = py::none(), py::arg("dn_last") = py::none(),
            py::arg("chunk_size") = 64, py::arg("gate") = "exp", py::arg("normalize") = true, py::arg("eps") = 1e-6,
            py::arg("dtype") = "", py::arg("split") = "sequence", py::arg("weights") = py::none())
-      .def(
-          "forward",
-          [](PyResident& r) {
-            py::gil_scoped_release release;
-            r.split->forward();
-          })
-      .def(
-          "backward",
-          [](PyResident& r) {
-            py::gil_scoped_release release;
-            r.split->backward();
-          })
+      .def("forward",
+           [](PyResident& r) {
+             py::gil_scoped_release release;
+             r.split->forward();
+           })
+      .def("backward",
+           [](PyResident& r) {
+             py::gil_scoped_release release;
+             r.split->backward();
+           })
       .def("read_forward",
            [](PyResident& r) {
              ForwardResult fw;
@@ -927,8 +925,8 @@ del _stream
                g = r.split->read_backward();
              }
              py::dict out;
-             const std::pair<const char*, const Tensor*> fields[] = {{"dq", &g.dq},   {"dk", &g.dk},   {"dv", &g.dv},
-                                                                     {"di", &g.di},   {"df", &g.df},   {"dc0", &g.dc0},
+             const std::pair<const char*, const Tensor*> fields[] = {{"dq", &g.dq},   {"dk", &g.dk},  {"dv", &g.dv},
+                                                                     {"di", &g.di},   {"df", &g.df},  {"dc0", &g.dc0},
                                                                      {"dn0", &g.dn0}, {"dm0", &g.dm0}};
              for (const auto& [name, t] : fields)
                if (!t->empty()) out[name] = to_numpy(*t);

@@ -317,15 +317,19 @@ void ResidentSplit::backward() {
   recovering([&] { run_forward(); }, [&] { run_backward(); });
 }
 
+void ResidentSplit::run_apart(void (ResidentChunkwise::*pass)(std::vector<KernelEvent>*)) {
+  for (std::size_t j = 0; j < parts_.size(); ++j) {
+    on_part(j, [&] { (resident_[j].get()->*pass)(nullptr); });
+    flush(j);
+  }
+  wait_all();
+}
+
 void ResidentSplit::run_forward() {
   const std::size_t P = parts_.size();
   forward_done_ = backward_done_ = false;
   if (split_options_.split == Split::heads || P == 1) {
-    for (std::size_t j = 0; j < P; ++j) {
-      on_part(j, [&] { resident_[j]->enqueue_forward(); });
-      flush(j);
-    }
-    wait_all();
+    run_apart(&ResidentChunkwise::enqueue_forward);
     forward_done_ = true;
     return;
   }
@@ -367,11 +371,7 @@ void ResidentSplit::run_backward() {
   const std::size_t P = parts_.size();
   backward_done_ = false;
   if (split_options_.split == Split::heads || P == 1) {
-    for (std::size_t j = 0; j < P; ++j) {
-      on_part(j, [&] { resident_[j]->enqueue_backward(); });
-      flush(j);
-    }
-    wait_all();
+    run_apart(&ResidentChunkwise::enqueue_backward);
     backward_done_ = true;
     return;
   }

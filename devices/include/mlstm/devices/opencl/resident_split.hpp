@@ -88,6 +88,8 @@ class ResidentSplit {
   void build();  // the parts over the devices still in, uploaded
   void run_forward();
   void run_backward();
+  // `pass` on every part at once, nothing exchanged (the head split, or one part); returns when all finished.
+  void run_apart(void (ResidentChunkwise::*pass)(std::vector<KernelEvent>*));
   // Runs `fn` for part j; a DeviceError it throws is marked as that part's device's (MLSTM_SPLIT_FAULT=<device
   // index> injects one there, a test hook).
   void on_part(std::size_t j, const std::function<void()>& fn);
