@@ -12,6 +12,7 @@ PKGS=(
   libgtest-dev libgmock-dev googletest libbenchmark-dev
   libopenblas-pthread-dev libopenblas-dev libdnnl-dev libblis-pthread-dev libxsmm-dev
   libcli11-dev nlohmann-json3-dev
+  libopenmpi-dev openmpi-bin
   python3 python3-dev python3-numpy pybind11-dev python3-matplotlib
   clang libclang-rt-14-dev curl ca-certificates xz-utils
 )

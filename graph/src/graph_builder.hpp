@@ -41,6 +41,10 @@ template <class In, class Out, class Policy>
 struct NodeKind<tbb::flow::multifunction_node<In, Out, Policy>> {
   static constexpr const char* name = "multifunction_node";
 };
+template <class In, class Out, class Policy>
+struct NodeKind<tbb::flow::async_node<In, Out, Policy>> {
+  static constexpr const char* name = "async_node";
+};
 template <class Out, class Policy>
 struct NodeKind<tbb::flow::continue_node<Out, Policy>> {
   static constexpr const char* name = "continue_node";

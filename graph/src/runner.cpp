@@ -13,6 +13,7 @@
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <thread>
 #include <type_traits>
 
 #include "graph_builder.hpp"
@@ -441,6 +442,7 @@ std::size_t fastest_candidate(const std::vector<std::shared_ptr<ComputeDevice>>&
 std::unique_ptr<SequenceStream> FlowGraphRunner::open_stream(const ProblemShape& piece, const MlstmOptions& options,
                                                              State initial) {
   const ScopedTrace trace("stream engine chosen");
+  refuse_exchange("a stream (open_stream)");
   if (piece.S <= 0) throw InvalidArgument("S", "a stream's pieces need at least one token");
   std::vector<std::string> left_out;
   const auto devices = capable_devices({DeviceStage::last_state, DeviceStage::forward}, piece, options, left_out);
@@ -528,6 +530,44 @@ std::string share_of(const Plan& p, std::size_t d) {
   return out;
 }
 
+// The thread an async_node gateway hands a StateExchange's call to (exchange.hpp): the call may block (MPI), so it
+// never runs on a TBB worker. start() holds the graph open (reserve_wait) until the call's result is put into the
+// gateway; a call that throws puts nothing, and finish() (after wait_for_all) rethrows its error.
+class ExchangeThread {
+ public:
+  ExchangeThread() = default;
+  ExchangeThread(const ExchangeThread&) = delete;
+  ExchangeThread& operator=(const ExchangeThread&) = delete;
+  ~ExchangeThread() {
+    if (thread_.joinable()) thread_.join();
+  }
+  template <class Gateway, class Call>
+  void start(Gateway& gateway, Call call) {
+    if (thread_.joinable()) thread_.join();  // the previous call has put its result: nothing waits on it
+    gateway.reserve_wait();
+    thread_ = std::thread([this, &gateway, call = std::move(call)]() mutable {
+      try {
+        gateway.try_put(call());
+      } catch (...) {
+        const std::lock_guard lock(mutex_);
+        if (!error_) error_ = std::current_exception();
+      }
+      gateway.release_wait();
+    });
+  }
+  // Joins the last call; rethrows the first error of any call.
+  void finish() {
+    if (thread_.joinable()) thread_.join();
+    const std::lock_guard lock(mutex_);
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  std::thread thread_;
+  std::mutex mutex_;
+  std::exception_ptr error_;
+};
+
 // Phases 1 and 2 of the sequence-parallel forward, shared by forward() and backward(): per device a
 // local-state node fed from a segment queue (one queue per device when calibrated, else one shared queue),
 // then the in-order sequencer and the serial state recurrence, whose entries (every segment's entering state)
@@ -541,17 +581,19 @@ class EnteringStateStage {
  public:
   using Devices = std::vector<std::shared_ptr<ComputeDevice>>;
   using Entries = tbb::flow::broadcast_node<nodes::SegmentEntry>;
+  // `exchange` (optional): the problem is one shard of a longer sequence (exchange.hpp); the recurrence starts from
+  // the state the exchange returns for the shard's summary, through an async_node gateway run by `thread`.
   EnteringStateStage(GraphBuilder& b, const Plan& plan, bool pulled,
                      const std::shared_ptr<nodes::SegmentProblem>& problem,
                      const std::shared_ptr<std::vector<nodes::Segment>>& segments, const Devices& devices,
-                     const std::shared_ptr<nodes::DevicePool>& pool)
-      : in_order_(b.add<tbb::flow::sequencer_node<nodes::SegmentSummary>>(
+                     const std::shared_ptr<nodes::DevicePool>& pool,
+                     const std::shared_ptr<StateExchange>& exchange = nullptr, ExchangeThread* thread = nullptr)
+      : running_(std::make_shared<nodes::SegmentEntry>(problem->initial_entry())),
+        in_order_(b.add<tbb::flow::sequencer_node<nodes::SegmentSummary>>(
             "local states in segment order",
             [](const nodes::SegmentSummary& s) { return static_cast<std::size_t>(s.index); })),
-        recurrence_(
-            b.add<Recurrence>("combine (state recurrence)", tbb::flow::serial,
-                              nodes::StateRecurrenceBody{
-                                  problem, segments, std::make_shared<nodes::SegmentEntry>(problem->initial_entry())})),
+        recurrence_(b.add<Recurrence>("combine (state recurrence)", tbb::flow::serial,
+                                      nodes::StateRecurrenceBody{problem, segments, running_})),
         entries_in_order_(b.add<tbb::flow::sequencer_node<nodes::SegmentEntry>>(
             "entering states in segment order",
             [](const nodes::SegmentEntry& e) { return static_cast<std::size_t>(e.index); })),
@@ -569,7 +611,11 @@ class EnteringStateStage {
       b.edge(*queues_[pulled ? 0 : d], local);
       b.edge(local, in_order_);
     }
-    b.edge(in_order_, recurrence_);
+    if (exchange) {
+      connect_exchange(b, problem, segments->size(), exchange, *thread);
+    } else {
+      b.edge(in_order_, recurrence_);
+    }
     if (entries_reordered()) {
       auto& swap = b.add<SwapPairs>("swap entry pairs (MLSTM_FAULT_INJECT_ORDER=entries)", tbb::flow::serial,
                                     SwapPairsBody{segments->size()});
@@ -608,6 +654,54 @@ class EnteringStateStage {
       }
     }
   };
+  using Fold = tbb::flow::multifunction_node<nodes::SegmentSummary, std::tuple<ShardSummary>>;
+  using Gateway = tbb::flow::async_node<ShardSummary, StateHandle>;
+  using Release = tbb::flow::multifunction_node<StateHandle, std::tuple<nodes::SegmentSummary>>;
+  // in order: fold the local states into the shard's summary (from EMPTY) -> gateway (the exchange) -> set the
+  // recurrence's running state to the returned one and hand it the kept summaries, in order again.
+  void connect_exchange(GraphBuilder& b, const std::shared_ptr<nodes::SegmentProblem>& problem, std::size_t count,
+                        const std::shared_ptr<StateExchange>& exchange, ExchangeThread& thread) {
+    struct Kept {
+      std::vector<nodes::SegmentSummary> summaries;
+      StateHandle folded;
+      Tensor G;
+    };
+    auto kept = std::make_shared<Kept>();
+    auto& fold =
+        b.add<Fold>("fold local states into the shard's summary", tbb::flow::serial,
+                    [problem, kept, count](const nodes::SegmentSummary& s, Fold::output_ports_type& out) {
+                      if (!kept->folded) {
+                        kept->folded = problem->empty_entry().state;
+                        kept->G = Tensor::zeros({problem->shape().B, problem->shape().NH}, DType::f32);
+                      }
+                      kept->folded = nodes::combine(*problem, *kept->folded, s);
+                      for (std::int64_t r = 0; r < problem->shape().rows(); ++r)
+                        kept->G.data<float>()[r] += s.G.data<float>()[r];
+                      kept->summaries.push_back(s);
+                      if (kept->summaries.size() == count)
+                        std::get<0>(out).try_put(ShardSummary{problem->initial_entry().state, kept->folded, kept->G});
+                    });
+    auto& gateway = b.add<Gateway>(
+        "state exchange (gateway)", tbb::flow::serial,
+        [exchange, &thread](const ShardSummary& s, Gateway::gateway_type& gw) {
+          thread.start(gw, [exchange, s] { return std::make_shared<const State>(exchange->entering_state(s)); });
+        });
+    auto running = running_;
+    auto& release = b.add<Release>("shard entering state to the recurrence", tbb::flow::serial,
+                                   [kept, running](const StateHandle& entering, Release::output_ports_type& out) {
+                                     running->state = entering;
+                                     for (const auto& s : kept->summaries) std::get<0>(out).try_put(s);
+                                   });
+    auto& again = b.add<tbb::flow::sequencer_node<nodes::SegmentSummary>>(
+        "local states in segment order (after the exchange)",
+        [](const nodes::SegmentSummary& s) { return static_cast<std::size_t>(s.index); });
+    b.edge(in_order_, fold);
+    b.edge(fold, tbb::flow::output_port<0>(fold), gateway);
+    b.edge(gateway, release);
+    b.edge(release, tbb::flow::output_port<0>(release), again);
+    b.edge(again, recurrence_);
+  }
+  std::shared_ptr<nodes::SegmentEntry> running_;
   std::vector<tbb::flow::queue_node<nodes::Segment>*> queues_;
   tbb::flow::sequencer_node<nodes::SegmentSummary>& in_order_;
   Recurrence& recurrence_;
@@ -630,7 +724,86 @@ struct FinalStateFilterBody {
   }
 };
 
+// A shard's backward (exchange.hpp): the local state gradients, last segment first, fold into the shard's
+// gradient summary (from a zero gradient leaving it: running = decay * running + local); the gateway hands it to
+// the exchange; the release starts the reverse recurrence from the gradient the exchange returns (port 0: the
+// last segment's backward entry; port 1: the kept local gradients of segments last .. 1, in that order, through
+// a sequencer to the recurrence). Returns the release node (its port 0 goes to the backward routes).
+using GradientRelease =
+    tbb::flow::multifunction_node<std::pair<Tensor, Tensor>,
+                                  std::tuple<nodes::SegmentGradientEntry, nodes::SegmentStateGradient>>;
+GradientRelease& connect_gradient_exchange(
+    GraphBuilder& b, const std::shared_ptr<nodes::SegmentGradientProblem>& problem,
+    tbb::flow::sequencer_node<nodes::SegmentStateGradient>& reverse_order,
+    tbb::flow::function_node<nodes::SegmentStateGradient, nodes::SegmentGradientEntry>& recurrence,
+    const std::shared_ptr<nodes::SegmentGradientEntry>& running, const std::shared_ptr<StateExchange>& exchange,
+    ExchangeThread& thread) {
+  using Fold = tbb::flow::multifunction_node<nodes::SegmentStateGradient, std::tuple<ShardGradientSummary>>;
+  using Gateway = tbb::flow::async_node<ShardGradientSummary, std::pair<Tensor, Tensor>>;
+  struct Kept {
+    std::vector<nodes::SegmentStateGradient> locals;  // last segment first
+    Tensor dC, dn, decay;
+  };
+  auto kept = std::make_shared<Kept>();
+  const std::size_t count = problem->segments().size();
+  auto& fold =
+      b.add<Fold>("fold local state gradients into the shard's summary", tbb::flow::serial,
+                  [problem, kept](const nodes::SegmentStateGradient& local, Fold::output_ports_type& out) {
+                    const auto& p = problem->shape();
+                    const std::int64_t KV = p.DHQK * p.DHHV;
+                    if (kept->dC.empty()) {
+                      kept->dC = Tensor::zeros({p.B, p.NH, p.DHQK, p.DHHV}, DType::f32);
+                      kept->dn = Tensor::zeros({p.B, p.NH, p.DHQK}, DType::f32);
+                      kept->decay = Tensor::full({p.B, p.NH}, DType::f32, 1.0);
+                    }
+                    const Tensor d = problem->decay(local.index);
+                    for (std::int64_t r = 0; r < p.rows(); ++r) {
+                      const float a = d.data<float>()[r];
+                      float* dC = kept->dC.data<float>() + r * KV;
+                      const float* lC = local.dC.data<float>() + r * KV;
+                      for (std::int64_t e = 0; e < KV; ++e) dC[e] = a * dC[e] + lC[e];
+                      float* dn = kept->dn.data<float>() + r * p.DHQK;
+                      const float* ln = local.dn.data<float>() + r * p.DHQK;
+                      for (std::int64_t e = 0; e < p.DHQK; ++e) dn[e] = a * dn[e] + ln[e];
+                      kept->decay.data<float>()[r] *= a;
+                    }
+                    kept->locals.push_back(local);
+                    if (local.index == 0) {
+                      const nodes::SegmentGradientEntry last = problem->last_entry();
+                      std::get<0>(out).try_put(ShardGradientSummary{kept->dC, kept->dn, kept->decay, last.dC, last.dn});
+                    }
+                  });
+  auto& gateway = b.add<Gateway>("state-gradient exchange (gateway)", tbb::flow::serial,
+                                 [exchange, &thread](const ShardGradientSummary& s, Gateway::gateway_type& gw) {
+                                   thread.start(gw, [exchange, s] { return exchange->leaving_gradient(s); });
+                                 });
+  auto& release = b.add<GradientRelease>(
+      "shard leaving gradient to the reverse recurrence", tbb::flow::serial,
+      [problem, kept, running](const std::pair<Tensor, Tensor>& leaving, GradientRelease::output_ports_type& out) {
+        *running = problem->last_entry();
+        running->dC = leaving.first;
+        running->dn = leaving.second;
+        std::get<0>(out).try_put(*running);
+        for (const auto& local : kept->locals)
+          if (local.index >= 1) std::get<1>(out).try_put(local);
+      });
+  const std::size_t nseg = count;
+  auto& again = b.add<tbb::flow::sequencer_node<nodes::SegmentStateGradient>>(
+      "local state gradients, last segment first (after the exchange)",
+      [nseg](const nodes::SegmentStateGradient& s) { return nseg - 1 - static_cast<std::size_t>(s.index); });
+  b.edge(reverse_order, fold);
+  b.edge(fold, tbb::flow::output_port<0>(fold), gateway);
+  b.edge(gateway, release);
+  b.edge(release, tbb::flow::output_port<1>(release), again);
+  b.edge(again, recurrence);
+  return release;
+}
+
 }  // namespace
+
+void FlowGraphRunner::refuse_exchange(const std::string& what) const {
+  if (exchange_) throw InvalidArgument("exchange", what + " cannot run as one shard of a longer sequence");
+}
 
 ForwardResult FlowGraphRunner::forward(const ForwardArgs& args, const MlstmOptions& options,
                                        std::int64_t segment_tokens, StateCheckpoints* keep) {
@@ -649,6 +822,7 @@ ForwardResult FlowGraphRunner::run_forward(const ForwardArgs& args, const MlstmO
   using namespace tbb::flow;
   if (args.packed()) {
     const ProblemShape shape = validate_forward(args, options);
+    refuse_exchange("packed sequences (cu_seqlens)");
     if (keep) throw InvalidArgument("keep", "states are not kept for packed sequences (cu_seqlens)");
     if (!h_out.empty()) {
       check_output_rows(h_out, {shape.B, shape.NH, shape.S, shape.DHHV}, shape.dtype, "h");
@@ -668,7 +842,9 @@ ForwardResult FlowGraphRunner::run_forward(const ForwardArgs& args, const MlstmO
   last_plan_ = p;
   if (env::get("MLSTM_PLAN_DEBUG")) spdlog::warn("{}", p.describe());
   auto segments = std::make_shared<std::vector<nodes::Segment>>(p.segments);
-  const bool one_segment = p.segments.size() == 1;
+  // A shard of a longer sequence (exchange_) always computes its summary: its entering state comes from the
+  // exchange.
+  const bool one_segment = p.segments.size() == 1 && !exchange_;
   // One segment: its entering state is the initial state, so no local-state pass; the output run also
   // returns the state leaving the sequence.
   problem->keep_final_state(one_segment && options.return_last_states);
@@ -680,15 +856,16 @@ ForwardResult FlowGraphRunner::run_forward(const ForwardArgs& args, const MlstmO
 
   // Local states: pull (one shared queue) or calibrated (one queue per device). Outputs: one queue per device;
   // a segment's outputs run where its local state ran (the plan's device, or the one that pulled it).
+  ExchangeThread exchange_thread;
   tbb::flow::graph g;
-  GraphBuilder b(g, "forward");
+  GraphBuilder b(g, exchange_ ? "forward (one shard)" : "forward");
   auto pool = std::make_shared<nodes::DevicePool>(devices);
   auto& final_state = b.add<FinalStateNode>("final_state");
   std::vector<queue_node<nodes::SegmentEntry>*> entry_queues(devices.size(), nullptr);
   std::unique_ptr<EnteringStateStage> entering;
   if (!one_segment) {
     entering = std::make_unique<EnteringStateStage>(b, p, balancing_ != Balancing::calibrated, problem, segments,
-                                                    devices, pool);
+                                                    devices, pool, exchange_, &exchange_thread);
     auto& last = b.add<FinalStateFilter<nodes::SegmentEntry>>("final state of the combine", unlimited,
                                                               FinalStateFilterBody<nodes::SegmentEntry>{});
     b.edge(entering->entries(), last);
@@ -722,6 +899,7 @@ ForwardResult FlowGraphRunner::run_forward(const ForwardArgs& args, const MlstmO
     for (const auto& s : p.segments) entering->put(s);
   }
   g.wait_for_all();
+  exchange_thread.finish();
 
   finish_log(problem->log, pool->failures());
   ForwardResult out;
@@ -811,6 +989,7 @@ void run_row_groups(const std::vector<std::pair<std::int64_t, std::int64_t>>& gr
 }  // namespace
 
 ForwardResult FlowGraphRunner::forward_head_split(const ForwardArgs& args, const MlstmOptions& options) {
+  refuse_exchange("the head split");
   const ProblemShape p = validate_forward(args, options);
   check_not_packed(p, "the head split");
   const PlannedRun planned = plan_run(Pass::forward_head_split, p, options, 0);
@@ -963,6 +1142,7 @@ BackwardResult FlowGraphRunner::run_backward(const BackwardArgs& args, const Mls
   using namespace tbb::flow;
   const ProblemShape shape = validate_backward(args, options);
   if (shape.packed()) {
+    refuse_exchange("packed sequences (cu_seqlens)");
     if (args.checkpoints) throw InvalidArgument("checkpoints", "no states are kept for packed sequences (cu_seqlens)");
     return run_packed_backward(args, shape, options, segment_tokens, out);
   }
@@ -978,7 +1158,7 @@ BackwardResult FlowGraphRunner::run_backward(const BackwardArgs& args, const Mls
   if (env::get("MLSTM_PLAN_DEBUG")) spdlog::warn("{}", p.describe());
   auto problem = std::make_shared<nodes::SegmentGradientProblem>(args, options, p.segments, out);
   const auto fw = problem->forward();
-  const bool one_segment = p.segments.size() == 1;
+  const bool one_segment = p.segments.size() == 1 && !exchange_;  // a shard always exchanges (run_forward)
   auto segments = std::make_shared<std::vector<nodes::Segment>>(p.segments);
   auto grad_running = std::make_shared<nodes::SegmentGradientEntry>();  // the gradient leaving the current segment
 
@@ -989,8 +1169,9 @@ BackwardResult FlowGraphRunner::run_backward(const BackwardArgs& args, const Mls
                                      : keep_inputs_resident(capable, {args.inputs.q, args.inputs.k, args.inputs.v,
                                                                       args.inputs.i, args.inputs.f, args.dh});
 
+  ExchangeThread exchange_thread;
   tbb::flow::graph g;
-  GraphBuilder b(g, "backward");
+  GraphBuilder b(g, exchange_ ? "backward (one shard)" : "backward");
   auto pool = std::make_shared<nodes::DevicePool>(capable);
   using GradientEntries = queue_node<nodes::SegmentGradientEntry>;
   using BackwardNode = function_node<nodes::SegmentGradientEntry, int, rejecting>;
@@ -1009,8 +1190,11 @@ BackwardResult FlowGraphRunner::run_backward(const BackwardArgs& args, const Mls
     // segment order (EnteringStateStage::entries). Port 0: entries of segments 1.. for their local state
     // gradients; port 1: after the last entry, the last segment's backward entry (dc_last / dn_last), set
     // before the last local state gradient is passed on (that one reaches the reverse recurrence first).
-    entering =
-        std::make_unique<EnteringStateStage>(b, p, balancing_ != Balancing::calibrated, fw, segments, capable, pool);
+    entering = std::make_unique<EnteringStateStage>(b, p, balancing_ != Balancing::calibrated, fw, segments, capable,
+                                                    pool, exchange_, &exchange_thread);
+    // A shard (exchange_): every segment's local state gradient (segment 0's too) folds into the shard's gradient
+    // summary; the last segment's backward waits for the gradient the exchange returns.
+    const bool shard = exchange_ != nullptr;
     using Record =
         multifunction_node<nodes::SegmentEntry, std::tuple<nodes::SegmentEntry, nodes::SegmentGradientEntry>>;
     auto& record = b.add<Record>("record entering states", serial,
@@ -1021,10 +1205,12 @@ BackwardResult FlowGraphRunner::run_backward(const BackwardArgs& args, const Mls
                                      leaving.index = e.index + 1;
                                      leaving.state = e.leaving;  // the final state, from the last message
                                      problem->record_final_state(leaving);
-                                     *grad_running = problem->last_entry();
-                                     std::get<1>(out).try_put(*grad_running);
+                                     if (!shard) {
+                                       *grad_running = problem->last_entry();
+                                       std::get<1>(out).try_put(*grad_running);
+                                     }
                                    }
-                                   if (e.index >= 1) std::get<0>(out).try_put(e);
+                                   if (e.index >= 1 || shard) std::get<0>(out).try_put(e);
                                  });
     b.edge(entering->entries(), record);
     // Backward: local state gradients (segments 1..), reverse combine, then every segment's gradients.
@@ -1035,7 +1221,15 @@ BackwardResult FlowGraphRunner::run_backward(const BackwardArgs& args, const Mls
     auto& grad_recurrence = b.add<function_node<nodes::SegmentStateGradient, nodes::SegmentGradientEntry>>(
         "reverse combine (state-gradient recurrence)", serial,
         nodes::StateGradientRecurrenceBody{problem, grad_running});
-    b.edge(reverse_order, grad_recurrence);
+    using Release = multifunction_node<std::pair<Tensor, Tensor>,
+                                       std::tuple<nodes::SegmentGradientEntry, nodes::SegmentStateGradient>>;
+    Release* release = nullptr;
+    if (shard) {
+      release = &connect_gradient_exchange(b, problem, reverse_order, grad_recurrence, grad_running, exchange_,
+                                           exchange_thread);
+    } else {
+      b.edge(reverse_order, grad_recurrence);
+    }
     for (std::size_t d = 0; d < capable.size(); ++d) {
       const std::string name = capable[d]->name(), where = name + " (" + share_of(p, d) + ")";
       auto& route = b.add<RouteNode<nodes::SegmentEntry>>("route entering states to " + name, unlimited,
@@ -1050,6 +1244,7 @@ BackwardResult FlowGraphRunner::run_backward(const BackwardArgs& args, const Mls
       auto& route_gradients = b.add<RouteNode<nodes::SegmentGradientEntry>>("route gradients to " + name, unlimited,
                                                                             RouteBody<nodes::SegmentGradientEntry>{d});
       b.edge(record, output_port<1>(record), route_gradients);
+      if (release) b.edge(*release, output_port<0>(*release), route_gradients);
       b.edge(grad_recurrence, route_gradients);
       b.edge(route_gradients, output_port<0>(route_gradients), *backward_queues[d]);
     }
@@ -1065,11 +1260,13 @@ BackwardResult FlowGraphRunner::run_backward(const BackwardArgs& args, const Mls
     for (const auto& s : p.segments) entering->put(s);
   }
   g.wait_for_all();
+  exchange_thread.finish();
   finish_log(problem->log, pool->failures());
   return problem->take_result();
 }
 
 BackwardResult FlowGraphRunner::backward_head_split(const BackwardArgs& args, const MlstmOptions& options) {
+  refuse_exchange("the head split");
   const ProblemShape p = validate_backward(args, options);
   check_not_packed(p, "the head split");
   const PlannedRun planned = plan_run(Pass::backward_head_split, p, options, 0);

@@ -273,16 +273,8 @@ SegmentSummary LocalStateBody::operator()(const Segment& s) const {
   return out;
 }
 
-SegmentEntry StateRecurrenceBody::operator()(const SegmentSummary& summary) const {
-  const ScopedTrace trace([&] { return "node state recurrence, segment " + std::to_string(summary.index); });
-  const auto& p = problem->shape();
-  SegmentEntry entering;
-  entering.index = summary.index;
-  entering.segment = (*segments)[static_cast<std::size_t>(summary.index)];
-  if (entering.segment.device < 0) entering.segment.device = summary.device_index;
-  entering.state = running->state;  // a handle: the state is shared, not copied
-  // running <- combine(running, G, local), into a new state (the entering one stays as it is for its readers)
-  const State& in_state = *running->state;
+StateHandle combine(const SegmentProblem& problem, const State& in_state, const SegmentSummary& summary) {
+  const auto& p = problem.shape();
   const State& local_state = *summary.local;
   State next;
   next.C = Tensor({p.B, p.NH, p.DHQK, p.DHHV}, DType::f32);
@@ -295,9 +287,19 @@ SegmentEntry StateRecurrenceBody::operator()(const SegmentSummary& summary) cons
                                 local_state.n.data<float>() + r * p.DHQK, local_state.m.data<float>() + r);
     stages::StateRef out{next.C.data<float>() + r * p.DHQK * p.DHHV, next.n.data<float>() + r * p.DHQK,
                          next.m.data<float>() + r};
-    stages::combine(in, summary.G.data<float>()[r], local, problem->options().gate, p.DHQK, p.DHHV, out);
+    stages::combine(in, summary.G.data<float>()[r], local, problem.options().gate, p.DHQK, p.DHHV, out);
   }
-  running->state = std::make_shared<const State>(std::move(next));
+  return std::make_shared<const State>(std::move(next));
+}
+
+SegmentEntry StateRecurrenceBody::operator()(const SegmentSummary& summary) const {
+  const ScopedTrace trace([&] { return "node state recurrence, segment " + std::to_string(summary.index); });
+  SegmentEntry entering;
+  entering.index = summary.index;
+  entering.segment = (*segments)[static_cast<std::size_t>(summary.index)];
+  if (entering.segment.device < 0) entering.segment.device = summary.device_index;
+  entering.state = running->state;  // a handle: the state is shared, not copied
+  running->state = combine(*problem, *running->state, summary);
   entering.leaving = running->state;
   entering.is_last = static_cast<std::size_t>(summary.index) + 1 == segments->size();
   return entering;
@@ -387,6 +389,21 @@ const SegmentEntry& SegmentGradientProblem::leaving(int index) const {
   if (!final_recorded_.load(std::memory_order_acquire))
     throw Error("SegmentGradientProblem: the state leaving the sequence was read before it was recorded");
   return final_;
+}
+
+Tensor SegmentGradientProblem::decay(int index) const {
+  const auto& p = shape();
+  const SegmentEntry& enter = entry(index);
+  const SegmentEntry& leave = leaving(index);
+  const Tensor G = forward_->log_decay(segments_.at(static_cast<std::size_t>(index)));
+  Tensor out({p.B, p.NH}, DType::f32);
+  for (std::int64_t r = 0; r < p.rows(); ++r) {
+    const float m_in = enter.state->m.data<float>()[r];
+    out.data<float>()[r] = m_in == -std::numeric_limits<float>::infinity()
+                               ? 0.f
+                               : std::exp(G.data<float>()[r] + m_in - leave.state->m.data<float>()[r]);
+  }
+  return out;
 }
 
 SegmentGradientEntry SegmentGradientProblem::last_entry() const {
@@ -520,15 +537,11 @@ SegmentGradientEntry StateGradientRecurrenceBody::operator()(const SegmentStateG
   const auto& p = problem->shape();
   const int s = local.index;
   if (s < 1) throw Error("StateGradientRecurrenceBody: segment 0 has no earlier segment");
-  const Segment& seg = problem->segments()[static_cast<std::size_t>(s)];
-  const SegmentEntry& enter = problem->entry(s);
-  const SegmentEntry& leave = problem->leaving(s);
-  const Tensor G = problem->forward()->log_decay(seg);
+  const Tensor decays = problem->decay(s);
   const std::int64_t KV = p.DHQK * p.DHHV;
   // running (the gradient leaving s) -> the gradient entering s = decay * running + local
   for (std::int64_t r = 0; r < p.rows(); ++r) {
-    const float decay =
-        std::exp(G.data<float>()[r] + enter.state->m.data<float>()[r] - leave.state->m.data<float>()[r]);
+    const float decay = decays.data<float>()[r];
     float* dC = running->dC.data<float>() + r * KV;
     const float* lC = local.dC.data<float>() + r * KV;
     for (std::int64_t e = 0; e < KV; ++e) dC[e] = decay * dC[e] + lC[e];

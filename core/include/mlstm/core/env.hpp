@@ -27,6 +27,7 @@
 //                                      run (default: their entering states within an eighth of device memory)
 //   MLSTM_FAULT_INJECT, MLSTM_FAULT_INJECT_ORDER   nodes / graph: fault-injection test hooks
 //   MLSTM_SPLIT_FAULT=<device index>   devices (OpenCL): test hook, that device of a ResidentSplit fails when used
+//   MLSTM_MPI_FAIL_RANK=<rank>         dist (MPI): test hook, that rank's runs fail as a lost device would
 //   MLSTM_TEST_KILL_AFTER_SLICES=<k>  tools (mlstm forward --stream-tokens): test hook, SIGKILL to itself once k
 //                                      slices are written and recorded (the --resume test: a kill at a known point)
 //   MLSTM_PLAN_DEBUG                   graph: log every plan

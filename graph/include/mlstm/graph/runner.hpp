@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "mlstm/devices/compute_device.hpp"
+#include "mlstm/graph/exchange.hpp"
 #include "mlstm/graph/graph_description.hpp"
 #include "mlstm/nodes/nodes.hpp"
 
@@ -104,6 +105,13 @@ class FlowGraphRunner {
   // pin_memory(): fill it, then pass its view in ForwardArgs. Uninitialised contents.
   Tensor host_tensor(Shape shape, DType dtype) const;
   void set_balancing(Balancing b) noexcept { balancing_ = b; }
+  // Makes every forward() / backward() (and their _into forms) one shard of a longer sequence whose other shards
+  // run elsewhere (exchange.hpp; mlstm::dist::MpiRunner): the graph always computes the shard's summary, hands it
+  // to `exchange` through an async_node gateway and goes on from the state (backward: the state gradient) it
+  // returns. The head splits, packed sequences and open_stream() are refused with an exchange (InvalidArgument
+  // "exchange"). nullptr: a whole sequence again.
+  void set_exchange(std::shared_ptr<StateExchange> exchange) noexcept { exchange_ = std::move(exchange); }
+  const std::shared_ptr<StateExchange>& exchange() const noexcept { return exchange_; }
   Balancing balancing() const noexcept { return balancing_; }
   // Measured forward speed (tokens/s) of every device on this problem's dimensions (cached).
   std::vector<double> calibrate(const ProblemShape& shape, const MlstmOptions& options);
@@ -187,6 +195,8 @@ class FlowGraphRunner {
   // Keeps the graph the run built and, with MLSTM_GRAPH_DOT=<path>, writes it there (a failed write is logged
   // and noted in last_log(), the run goes on).
   void built(const GraphDescription& graph);
+  // InvalidArgument("exchange") naming `what` when the runner has an exchange (set_exchange).
+  void refuse_exchange(const std::string& what) const;
   // last_log() of a finished run: its nodes' log, device failures, and a failed DOT write.
   void finish_log(std::vector<std::string> log, const std::vector<std::string>& failures);
   // The devices that support every one of `stages` for this problem (ComputeDevice::supports); those left out
@@ -206,6 +216,7 @@ class FlowGraphRunner {
   GraphDescription graph_;
   std::string dot_error_;  // the last MLSTM_GRAPH_DOT write's failure, for finish_log
   Balancing balancing_ = Balancing::pull;
+  std::shared_ptr<StateExchange> exchange_;
 };
 
 }  // namespace mlstm::graph

@@ -195,6 +195,10 @@ struct StateRecurrenceBody {
   SegmentEntry operator()(const SegmentSummary& summary) const;
 };
 
+// The state leaving a segment entered in `in`: stages::combine(in, summary.G, summary.local) per row, into a new
+// state (`in` stays as it is for its readers). StateRecurrenceBody's step, and the fold of a shard's summary.
+StateHandle combine(const SegmentProblem& problem, const State& in, const SegmentSummary& summary);
+
 // function_node body: h of a segment from its entering state, on one device (through `pool` when given).
 // run() also hands on the state leaving the sequence when the problem keeps it
 // (SegmentProblem::keep_final_state): wire it as function_node<SegmentEntry, SegmentOutput> through
@@ -256,6 +260,10 @@ class SegmentGradientProblem {
   const SegmentEntry& leaving(int index) const;
   // The last segment's backward entry: its entering state and dc_last / dn_last (zeros when not given).
   SegmentGradientEntry last_entry() const;
+  // Per row (B,NH) float32: how the gradient of the state leaving segment `index` reaches the state entering it,
+  // exp(G + m_enter - m_leave) (stages.hpp "Backward"); 0 where the entering m is -inf (nothing entered: the
+  // stabilised entering state is multiplied by 0, so is its gradient). Both states must be recorded.
+  Tensor decay(int index) const;
   // The arguments of a segment's backward: inputs [t0, t1) with entering state (C, n, m), dh [t0, t1), and
   // the gradient of the state leaving it.
   BackwardArgs segment_args(std::int64_t t0, std::int64_t t1, ConstTensorView C, ConstTensorView n, ConstTensorView m,
