@@ -44,11 +44,44 @@ struct StepFiles {
   std::string c, n, m, out_h, out_c, out_n, out_m;
 };
 
+// The headers of --q, --k, --v, --i, --f, checked against each other (nothing else is read).
+InputHeaders read_input_headers(const InputFiles& in);
+// --memory-limit, or this machine's physical memory.
+std::uint64_t memory_limit_of(const ForwardStreaming& st);
+std::string mib_text(std::uint64_t bytes);  // "12.5 MiB"
+
 int cmd_forward(const InputFiles& in, const ForwardOutputs& out, const ForwardStreaming& st, bool as_json);
 int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const ForwardStreaming& st,
                          const MlstmOptions& o, const InputHeaders& hdr, bool as_json);
 int cmd_backward(const InputFiles& in, const BackwardFiles& bf, bool as_json);
 int cmd_step(const InputFiles& in, const StepFiles& sf, bool as_json);
+
+// ---- forward, backward under mpirun (distributed.cpp; built with MPI) ------------------------------------
+
+// Whether this process was started by an MPI launcher (mpirun / mpiexec / srun with PMI): its environment says so.
+bool launched_by_mpi();
+// The rank and size the launcher's environment gives (0 and 1 when none), readable before MPI is initialised.
+int launcher_rank();
+int launcher_size();
+#ifdef MLSTM_HAVE_MPI
+// MPI for this process's lifetime: MPI_Init_thread (MPI_THREAD_SERIALIZED) on construction, MPI_Finalize on
+// destruction.
+class MpiSession {
+ public:
+  MpiSession(int& argc, char**& argv);
+  ~MpiSession();
+  MpiSession(const MpiSession&) = delete;
+  MpiSession& operator=(const MpiSession&) = delete;
+  int rank() const noexcept { return rank_; }
+  int size() const noexcept { return size_; }
+
+ private:
+  int rank_ = 0, size_ = 1;
+};
+// forward / backward with every rank of MPI_COMM_WORLD owning a shard of the sequence (README "Across machines").
+int cmd_forward_mpi(const InputFiles& in, const ForwardOutputs& out, const ForwardStreaming& st, bool as_json);
+int cmd_backward_mpi(const InputFiles& in, const BackwardFiles& bf, bool as_json);
+#endif
 
 // ---- kernels, devices (listings.cpp) ---------------------------------------------------------------------
 

@@ -11,8 +11,6 @@
 
 namespace mlstm::cli {
 
-namespace {
-
 InputHeaders read_input_headers(const InputFiles& in) {
   const auto dt = as_dtype(in);
   InputHeaders h;
@@ -65,8 +63,6 @@ std::string mib_text(std::uint64_t bytes) {
   std::snprintf(text, sizeof text, "%.1f MiB", static_cast<double>(bytes) / static_cast<double>(1 << 20));
   return text;
 }
-
-}  // namespace
 
 int cmd_forward(const InputFiles& in, const ForwardOutputs& out, const ForwardStreaming& st, bool as_json) {
   const KernelInfo info = kernel_info(in.kernel, false);

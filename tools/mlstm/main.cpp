@@ -7,9 +7,13 @@
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <cstdio>
+#include <memory>
 #include <string>
 
 #include "commands.hpp"
+#ifdef MLSTM_HAVE_MPI
+#include "mlstm/dist/mpi_runner.hpp"
+#endif
 
 using namespace mlstm;
 using namespace mlstm::cli;
@@ -23,6 +27,25 @@ static std::string one_line(std::string text) {
 }
 
 int main(int argc, char** argv) {
+  // Under mpirun with several ranks, forward and backward are distributed (distributed.cpp); messages come from
+  // rank 0 only, every rank exits with the same code.
+#ifdef MLSTM_HAVE_MPI
+  std::unique_ptr<MpiSession> mpi;
+  if (launched_by_mpi()) mpi = std::make_unique<MpiSession>(argc, argv);
+  const int world_rank = mpi ? mpi->rank() : 0, world_size = mpi ? mpi->size() : 1;
+#else
+  if (launched_by_mpi() && launcher_size() > 1) {
+    if (launcher_rank() == 0) {
+      std::fprintf(stderr,
+                   "mlstm: error: started by an MPI launcher with %d ranks, but this mlstm was built without MPI "
+                   "(scripts/install-deps.sh installs Open MPI; then rebuild)\n",
+                   launcher_size());
+    }
+    return 2;
+  }
+  const int world_rank = 0, world_size = 1;
+#endif
+  const bool speaks = world_rank == 0;
   CLI::App app{std::string("mlstm: the mLSTM cell over very long sequences (mlstm-flow " MLSTM_VERSION ", ") +
                git_revision() + ")"};
   app.require_subcommand(1);
@@ -165,15 +188,39 @@ int main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
-    return app.exit(e);
+    return speaks ? app.exit(e) : e.get_exit_code();
   } catch (const CLI::CallForAllHelp& e) {
-    return app.exit(e);
+    return speaks ? app.exit(e) : e.get_exit_code();
   } catch (const CLI::ParseError& e) {
-    std::fprintf(stderr, "mlstm: error: %s (see --help)\n", one_line(e.what()).c_str());
+    if (speaks) std::fprintf(stderr, "mlstm: error: %s (see --help)\n", one_line(e.what()).c_str());
     return 2;
   }
   spdlog::set_level(spdlog::level::from_str(log_level));
   try {
+#ifdef MLSTM_HAVE_MPI
+    if (world_size > 1) {
+      try {
+        if (*forward) return cmd_forward_mpi(fin, fout, fstream, as_json);
+        if (*backward) return cmd_backward_mpi(bin, bfiles, as_json);
+      } catch (const dist::RankFailed& e) {
+        if (speaks) {
+          std::fprintf(stderr, "mlstm: %s: %s\n", e.exit_code() == 2 ? "error" : "failed", one_line(e.what()).c_str());
+        }
+        return e.exit_code();
+      } catch (const std::exception& e) {
+        // Outside the collective steps: this rank alone knows; ending every rank is the only way not to hang one.
+        std::fprintf(stderr, "mlstm: failed: rank %d: %s\n", world_rank, one_line(e.what()).c_str());
+        MPI_Abort(MPI_COMM_WORLD, 1);
+      }
+      if (speaks) {
+        std::fprintf(stderr,
+                     "mlstm: error: %s runs in one process; under mpirun only forward and backward are "
+                     "distributed\n",
+                     app.get_subcommands().front()->get_name().c_str());
+      }
+      return 2;
+    }
+#endif
     if (*run) {
       try {
         return cmd_run(ro, as_json);

@@ -1,0 +1,356 @@
+// forward and backward under mpirun (issue 17): every rank of MPI_COMM_WORLD owns a contiguous shard of the
+// sequence (dist::shard_of: whole chunks), reads only its slice of the .npy inputs (one pread per row), computes it
+// through its own flow graph over --devices (default: the CPU workers) with dist::MpiRunner, and writes its slice
+// of every sequence output into the shared output file (positioned writes into one partial file whose header rank 0
+// writes once; rank 0 renames it into place when every rank's slice is durable). Nothing is gathered to one rank.
+// Every step is collective (dist::collectively): a rank that fails makes every rank exit with the first failing
+// rank's message, printed once (by rank 0), and its exit code; no partial output is left behind.
+#ifdef MLSTM_HAVE_MPI
+
+#include <mpi.h>
+
+#include <CLI/CLI.hpp>
+#include <filesystem>
+#include <iostream>
+#include <memory>
+
+#include "commands.hpp"
+#include "mlstm/core/atomic_file.hpp"
+#include "mlstm/core/npy.hpp"
+#include "mlstm/dist/mpi_runner.hpp"
+
+namespace mlstm::cli {
+
+MpiSession::MpiSession(int& argc, char**& argv) {
+  int provided = 0;
+  if (MPI_Init_thread(&argc, &argv, MPI_THREAD_SERIALIZED, &provided) != MPI_SUCCESS)
+    throw Error("MPI_Init_thread failed");
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank_);
+  MPI_Comm_size(MPI_COMM_WORLD, &size_);
+}
+
+MpiSession::~MpiSession() { MPI_Finalize(); }
+
+namespace {
+
+// The inputs under MPI: the flow graph over --devices on every rank (default: the CPU workers).
+InputFiles distributed_inputs(const InputFiles& given) {
+  if (given.kernel_option && given.kernel_option->count() > 0) {
+    throw InvalidArgument("--kernel",
+                          "under mpirun every rank runs the flow graph over --devices (default: workers); leave "
+                          "--kernel out");
+  }
+  if (!given.cu_seqlens.empty()) {
+    throw InvalidArgument("--cu-seqlens", "packed sequences are not split across MPI ranks; run them in one process");
+  }
+  InputFiles in = given;
+  if (in.devices.empty()) in.devices = "workers";
+  return in;
+}
+
+// This rank's shard of the sequence and its slice of the inputs (one pread per row), checked against the memory
+// limit: a rank holds its slice of the inputs and of h, never the whole sequence.
+struct Shard {
+  std::int64_t t0 = 0, t1 = 0;
+  ForwardInputs inputs;
+};
+
+Shard read_shard(const InputFiles& in, const InputHeaders& hdr, const MlstmOptions& o, int rank, int size,
+                 std::uint64_t limit) {
+  Shard s;
+  std::tie(s.t0, s.t1) = dist::shard_of(hdr.S, o.chunk_size, rank, size);
+  const std::uint64_t per_token = static_cast<std::uint64_t>(hdr.B * hdr.NH) *
+                                  static_cast<std::uint64_t>(token_bytes(hdr.DK, hdr.DV, hdr.dtype) +
+                                                             hdr.DV * static_cast<std::int64_t>(dtype_size(hdr.dtype)));
+  const std::uint64_t need = static_cast<std::uint64_t>(s.t1 - s.t0) * per_token;
+  if (need > limit) {
+    throw InvalidArgument("--memory-limit", "rank " + std::to_string(rank) + "'s shard of " +
+                                                std::to_string(s.t1 - s.t0) + " tokens needs " + mib_text(need) +
+                                                ", more than the limit of " + mib_text(limit) + "; use more ranks");
+  }
+  const auto dt = as_dtype(in);
+  auto slice = [&](const std::string& path, const char* option, std::optional<DType> as) {
+    return npy::SeqSliceReader(path, option, as).read(s.t0, s.t1);
+  };
+  s.inputs.q = slice(in.q, "--q", dt);
+  s.inputs.k = slice(in.k, "--k", dt);
+  s.inputs.v = slice(in.v, "--v", dt);
+  s.inputs.i = slice(in.i, "--i", std::nullopt);
+  s.inputs.f = slice(in.f, "--f", std::nullopt);
+  if (rank == 0) {  // the initial state enters the first shard only
+    s.inputs.c0 = read_optional(in.c0, "--c0", std::nullopt);
+    s.inputs.n0 = read_optional(in.n0, "--n0", std::nullopt);
+    s.inputs.m0 = read_optional(in.m0, "--m0", std::nullopt);
+  }
+  return s;
+}
+
+// One (B,NH,S,...) output shared by the ranks: rank 0 makes its partial file (header of the whole shape, size
+// reserved), then every rank opens it and writes its slice, syncs, and rank 0 renames it into place. A failure at
+// any step removes the partial file (rank 0) and reaches every rank.
+class SharedOutput {
+ public:
+  SharedOutput(dist::MpiRunner& runner, std::string option, std::string path, Shape shape, DType dtype)
+      : runner_(runner), option_(std::move(option)), path_(std::move(path)), shape_(std::move(shape)), dtype_(dtype) {}
+  ~SharedOutput() {
+    if (!committed_ && runner_.rank() == 0 && !path_.empty()) {
+      std::error_code ignored;
+      std::filesystem::remove(partial_path_of(path_), ignored);
+    }
+  }
+  // Collective: every rank's slice (tokens [t0, ...) of `slice`) written and synced.
+  void write(std::int64_t t0, const Tensor& slice) {
+    if (path_.empty()) return;
+    runner_.collectively([&] {
+      if (runner_.rank() == 0) writer_ = std::make_unique<npy::SeqSliceWriter>(path_, shape_, dtype_, false);
+    });
+    runner_.collectively([&] {
+      if (runner_.rank() != 0) writer_ = std::make_unique<npy::SeqSliceWriter>(path_, shape_, dtype_, true);
+      if (slice.empty()) throw Error(option_ + ": the run returned no such output");
+      writer_->write(t0, slice.view());
+      writer_->sync();
+    });
+  }
+  // Collective: rank 0 renames the file into place once every rank's slice is durable.
+  void commit() {
+    if (path_.empty()) return;
+    runner_.collectively([&] {
+      if (runner_.rank() == 0) writer_->commit();
+    });
+    committed_ = true;
+    writer_.reset();
+  }
+
+ private:
+  dist::MpiRunner& runner_;
+  std::string option_, path_;
+  Shape shape_;
+  DType dtype_;
+  std::unique_ptr<npy::SeqSliceWriter> writer_;
+  bool committed_ = false;
+};
+
+// A rank's refusal of the user's input names the option (--c0), not the library's argument (c0).
+[[noreturn]] void rethrow_with_options(const dist::RankFailed& e) {
+  const std::string& a = e.argument();
+  if (e.exit_code() != 2 || a.empty() || e.message().compare(0, a.size() + 2, a + ": ") != 0) throw e;
+  try {
+    rethrow_as_cli(InvalidArgument(a, e.message().substr(a.size() + 2)));
+  } catch (const InvalidArgument& named) {
+    throw dist::RankFailed(e.rank(), 2, named.argument(), named.what());
+  }
+}
+
+// "rank r: device, device" for every rank, in rank order.
+std::vector<std::string> devices_of_ranks(dist::MpiRunner& runner) {
+  std::string mine;
+  for (const auto& d : runner.local().last_plan().devices) mine += (mine.empty() ? "" : ", ") + d;
+  std::vector<std::string> all = dist::all_gather(runner.comm(), mine);
+  for (std::size_t r = 0; r < all.size(); ++r)
+    all[r] = "rank " + std::to_string(r) + ": " + (all[r].empty() ? "no tokens (more ranks than chunks)" : all[r]);
+  return all;
+}
+
+json shards_of(const InputHeaders& hdr, const MlstmOptions& o, int size) {
+  json shards = json::array();
+  for (int r = 0; r < size; ++r) {
+    const auto [a, b] = dist::shard_of(hdr.S, o.chunk_size, r, size);
+    shards.push_back({a, b});
+  }
+  return shards;
+}
+
+// The devices of this rank's graph, opened on every rank before the runner (its constructor is collective).
+std::unique_ptr<dist::MpiRunner> open_runner(const InputFiles& in) {
+  std::vector<std::shared_ptr<ComputeDevice>> devices;
+  dist::collectively(MPI_COMM_WORLD, [&] {
+    try {
+      devices = devices_from_spec(in.devices);
+    } catch (const InvalidArgument& e) {
+      rethrow_as_cli(e);
+    }
+  });
+  auto runner = std::make_unique<dist::MpiRunner>(MPI_COMM_WORLD, std::move(devices));
+  runner->local().set_balancing(balancing_of(in));
+  return runner;
+}
+
+}  // namespace
+
+int cmd_forward_mpi(const InputFiles& given, const ForwardOutputs& out, const ForwardStreaming& st, bool as_json) {
+  MlstmOptions o;
+  InputFiles in;
+  InputHeaders hdr;
+  dist::collectively(MPI_COMM_WORLD, [&] {
+    if (st.tokens > 0 || st.resume) {
+      throw InvalidArgument(st.tokens > 0 ? "--stream-tokens" : "--resume",
+                            "under mpirun every rank reads only its own shard; leave it out");
+    }
+    in = distributed_inputs(given);
+    o = options_of(in, kernel_info(in.kernel, false));
+    o.return_last_states = !out.c.empty() || !out.n.empty() || !out.m.empty();
+    check_outputs(input_paths(in), {{"--out", out.h}, {"--out-c", out.c}, {"--out-n", out.n}, {"--out-m", out.m}});
+    hdr = read_input_headers(in);
+  });
+  auto runner = open_runner(in);
+  const int rank = runner->rank(), size = runner->size();
+  Shard shard;
+  runner->collectively([&] {
+    try {
+      shard = read_shard(in, hdr, o, rank, size, memory_limit_of(st));
+      if (in.check_finite) check_finite(shard.inputs.args());
+    } catch (const InvalidArgument& e) {
+      rethrow_as_cli(e);
+    }
+  });
+  const auto t0 = Clock::now();
+  ForwardResult r;
+  try {
+    r = runner->forward(shard.inputs.args(), o);
+  } catch (const dist::RankFailed& e) {
+    rethrow_with_options(e);
+  }
+  const double secs = dist::max_over_ranks(runner->comm(), std::chrono::duration<double>(Clock::now() - t0).count());
+  const double exchange = dist::max_over_ranks(runner->comm(), runner->last_exchange().seconds);
+  SharedOutput h(*runner, "--out", out.h, {hdr.B, hdr.NH, hdr.S, hdr.DV}, hdr.dtype);
+  h.write(shard.t0, r.h);
+  runner->collectively([&] {
+    if (rank != size - 1) return;  // the last rank holds the sequence's last state
+    write_out("--out-c", out.c, r.c);
+    write_out("--out-n", out.n, r.n);
+    write_out("--out-m", out.m, r.m);
+  });
+  h.commit();
+  const std::vector<std::string> devices = devices_of_ranks(*runner);
+  if (rank != 0) return 0;
+  if (as_json) {
+    std::cout << json{{"command", "forward"},
+                      {"kernel", "flow-graph"},
+                      {"ranks", size},
+                      {"shards", shards_of(hdr, o, size)},
+                      {"devices", devices},
+                      {"balancing", graph::balancing_name(runner->local().balancing())},
+                      {"shape_h", Shape{hdr.B, hdr.NH, hdr.S, hdr.DV}},
+                      {"dtype", dtype_name(hdr.dtype)},
+                      {"seconds", secs},
+                      {"exchange_seconds", exchange},
+                      {"exchange_bytes_per_rank", runner->last_exchange().bytes},
+                      {"peak_rss_mib_rank0", peak_rss_mib()}}
+                     .dump()
+              << "\n";
+  } else {
+    std::cout << "forward: " << size << " MPI ranks, flow graph over " << in.devices << " on each, h "
+              << shape_to_string({hdr.B, hdr.NH, hdr.S, hdr.DV}) << " " << dtype_name(hdr.dtype) << " -> " << out.h
+              << " (" << secs * 1e3 << " ms, exchange " << exchange * 1e3 << " ms)\n";
+  }
+  return 0;
+}
+
+int cmd_backward_mpi(const InputFiles& given, const BackwardFiles& bf, bool as_json) {
+  MlstmOptions o;
+  InputFiles in;
+  InputHeaders hdr;
+  dist::collectively(MPI_COMM_WORLD, [&] {
+    in = distributed_inputs(given);
+    const KernelInfo info = kernel_info(in.kernel, false);
+    o = options_of(in, info);
+    for (const auto& [option, path] :
+         {std::pair{"--out-dc0", bf.out_dc0}, {"--out-dn0", bf.out_dn0}, {"--out-dm0", bf.out_dm0}}) {
+      if (!path.empty() && in.c0.empty()) {
+        throw InvalidArgument(option,
+                              "needs the initial state (--c0, --n0, --m0): without one there is no gradient of it");
+      }
+    }
+    std::vector<NamedPath> inputs = input_paths(in);
+    inputs.insert(inputs.end(), {{"--dh", bf.dh}, {"--dc", bf.dc}, {"--dn", bf.dn}});
+    check_outputs(inputs, {{"--out-dq", bf.out_dq},
+                           {"--out-dk", bf.out_dk},
+                           {"--out-dv", bf.out_dv},
+                           {"--out-di", bf.out_di},
+                           {"--out-df", bf.out_df},
+                           {"--out-dc0", bf.out_dc0},
+                           {"--out-dn0", bf.out_dn0},
+                           {"--out-dm0", bf.out_dm0}});
+    hdr = read_input_headers(in);
+    const auto dh = npy::read_header(bf.dh, "--dh");
+    if (dh.first != Shape{hdr.B, hdr.NH, hdr.S, hdr.DV}) {
+      throw InvalidArgument("--dh", "expected (B,NH,S,DHHV) = " + shape_to_string({hdr.B, hdr.NH, hdr.S, hdr.DV}) +
+                                        " as h, got " + shape_to_string(dh.first));
+    }
+  });
+  auto runner = open_runner(in);
+  const int rank = runner->rank(), size = runner->size();
+  Shard shard;
+  BackwardInputs l;
+  runner->collectively([&] {
+    try {
+      ForwardStreaming none;
+      shard = read_shard(in, hdr, o, rank, size, memory_limit_of(none));
+      static_cast<ForwardInputs&>(l) = std::move(shard.inputs);
+      l.dh = npy::SeqSliceReader(bf.dh, "--dh").read(shard.t0, shard.t1);
+      if (rank == size - 1) {  // the gradient of the last state enters the last shard only
+        l.dc_last = read_optional(bf.dc, "--dc", std::nullopt);
+        l.dn_last = read_optional(bf.dn, "--dn", std::nullopt);
+      }
+      if (in.check_finite) {
+        check_finite(l.args());
+        check_finite(l.dh.view(), "dh");
+        check_finite(l.dc_last.view(), "dc_last");
+        check_finite(l.dn_last.view(), "dn_last");
+      }
+    } catch (const InvalidArgument& e) {
+      rethrow_as_cli(e);
+    }
+  });
+  const auto t0 = Clock::now();
+  BackwardResult g;
+  try {
+    g = runner->backward(l.backward_args(), o);
+  } catch (const dist::RankFailed& e) {
+    rethrow_with_options(e);
+  }
+  const double secs = dist::max_over_ranks(runner->comm(), std::chrono::duration<double>(Clock::now() - t0).count());
+  const double exchange = dist::max_over_ranks(runner->comm(), runner->last_exchange().seconds);
+  const DType dt = hdr.dtype;
+  SharedOutput dq(*runner, "--out-dq", bf.out_dq, {hdr.B, hdr.NH, hdr.S, hdr.DK}, dt),
+      dk(*runner, "--out-dk", bf.out_dk, {hdr.B, hdr.NH, hdr.S, hdr.DK}, dt),
+      dv(*runner, "--out-dv", bf.out_dv, {hdr.B, hdr.NH, hdr.S, hdr.DV}, dt),
+      di(*runner, "--out-di", bf.out_di, {hdr.B, hdr.NH, hdr.S}, g.di.empty() ? dt : g.di.dtype()),
+      df(*runner, "--out-df", bf.out_df, {hdr.B, hdr.NH, hdr.S}, g.df.empty() ? dt : g.df.dtype());
+  dq.write(shard.t0, g.dq);
+  dk.write(shard.t0, g.dk);
+  dv.write(shard.t0, g.dv);
+  di.write(shard.t0, g.di);
+  df.write(shard.t0, g.df);
+  runner->collectively([&] {
+    if (rank != 0) return;  // the initial state's gradients come out of the first shard
+    write_out("--out-dc0", bf.out_dc0, g.dc0);
+    write_out("--out-dn0", bf.out_dn0, g.dn0);
+    write_out("--out-dm0", bf.out_dm0, g.dm0);
+  });
+  for (SharedOutput* o2 : {&dq, &dk, &dv, &di, &df}) o2->commit();
+  const std::vector<std::string> devices = devices_of_ranks(*runner);
+  if (rank != 0) return 0;
+  if (as_json) {
+    std::cout << json{{"command", "backward"},
+                      {"kernel", "flow-graph"},
+                      {"ranks", size},
+                      {"shards", shards_of(hdr, o, size)},
+                      {"devices", devices},
+                      {"balancing", graph::balancing_name(runner->local().balancing())},
+                      {"seconds", secs},
+                      {"exchange_seconds", exchange},
+                      {"exchange_bytes_per_rank", runner->last_exchange().bytes},
+                      {"initial_state_gradients", !g.dc0.empty()}}
+                     .dump()
+              << "\n";
+  } else {
+    std::cout << "backward: " << size << " MPI ranks, flow graph over " << in.devices << " on each (" << secs * 1e3
+              << " ms, exchange " << exchange * 1e3 << " ms)\n";
+  }
+  return 0;
+}
+
+}  // namespace mlstm::cli
+
+#endif  // MLSTM_HAVE_MPI
