@@ -144,9 +144,10 @@ class MpiStateExchange : public graph::StateExchange {
     const Shape& cs = mine.local->C.shape();
     const std::int64_t rows = cs[0] * cs[1], K = cs[2], V = cs[3], stride = forward_stride(K, V);
     const RowType row(stride);
-    std::vector<float> send(static_cast<std::size_t>(rows * stride)), recv(send.size());
+    float* send = buffer(send_, rows * stride);
+    float* recv = buffer(recv_, rows * stride);
     for (std::int64_t r = 0; r < rows; ++r) {
-      float* e = send.data() + r * stride;
+      float* e = send + r * stride;
       e[0] = static_cast<float>(static_cast<int>(gate_));
       e[1] = static_cast<float>(K);
       e[2] = static_cast<float>(V);
@@ -168,14 +169,14 @@ class MpiStateExchange : public graph::StateExchange {
       }
     }
     const Op op(&forward_op);
-    check_mpi(MPI_Exscan(send.data(), recv.data(), static_cast<int>(rows), row.type, op.op, comm_), "MPI_Exscan");
+    check_mpi(MPI_Exscan(send, recv, static_cast<int>(rows), row.type, op.op, comm_), "MPI_Exscan");
     stats_.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    stats_.bytes = send.size() * sizeof(float);
+    stats_.bytes = static_cast<std::uint64_t>(rows * stride) * sizeof(float);
     if (rank_ == 0) return copy_state(*mine.initial);
     State s{Tensor({cs[0], cs[1], K, V}, DType::f32), Tensor({cs[0], cs[1], K}, DType::f32),
             Tensor({cs[0], cs[1]}, DType::f32)};
     for (std::int64_t r = 0; r < rows; ++r) {
-      const float* e = recv.data() + r * stride;
+      const float* e = recv + r * stride;
       s.m.data<float>()[r] = e[3];
       std::copy_n(e + kForwardHead, K, s.n.data<float>() + r * K);
       std::copy_n(e + kForwardHead + K, K * V, s.C.data<float>() + r * K * V);
@@ -191,9 +192,10 @@ class MpiStateExchange : public graph::StateExchange {
     const Shape& cs = mine.dC.shape();
     const std::int64_t rows = cs[0] * cs[1], K = cs[2], V = cs[3], stride = backward_stride(K, V);
     const RowType row(stride);
-    std::vector<float> send(static_cast<std::size_t>(rows * stride)), recv(send.size());
+    float* send = buffer(send_, rows * stride);
+    float* recv = buffer(recv_, rows * stride);
     for (std::int64_t r = 0; r < rows; ++r) {
-      float* e = send.data() + r * stride;
+      float* e = send + r * stride;
       e[0] = static_cast<float>(K);
       e[1] = static_cast<float>(V);
       const float D = mine.decay.data<float>()[r];
@@ -213,14 +215,13 @@ class MpiStateExchange : public graph::StateExchange {
       }
     }
     const Op op(&backward_op);
-    check_mpi(MPI_Exscan(send.data(), recv.data(), static_cast<int>(rows), row.type, op.op, reversed_),
-              "MPI_Exscan (reverse)");
+    check_mpi(MPI_Exscan(send, recv, static_cast<int>(rows), row.type, op.op, reversed_), "MPI_Exscan (reverse)");
     stats_.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    stats_.bytes = send.size() * sizeof(float);
+    stats_.bytes = static_cast<std::uint64_t>(rows * stride) * sizeof(float);
     if (last) return {mine.dc_last, mine.dn_last};
     Tensor dC({cs[0], cs[1], K, V}, DType::f32), dn({cs[0], cs[1], K}, DType::f32);
     for (std::int64_t r = 0; r < rows; ++r) {
-      const float* e = recv.data() + r * stride;
+      const float* e = recv + r * stride;
       std::copy_n(e + kBackwardHead, K, dn.data<float>() + r * K);
       std::copy_n(e + kBackwardHead + K, K * V, dC.data<float>() + r * K * V);
     }
@@ -237,6 +238,13 @@ class MpiStateExchange : public graph::StateExchange {
     check_mpi(MPI_Allreduce(&mine, &any, 1, MPI_INT, MPI_MAX, comm_), "MPI_Allreduce (status)");
     if (any != 0) throw RemoteFailure();
   }
+  // The exchange's buffers, kept from run to run: a fresh 4 MiB buffer costs more in page faults than the
+  // exchange itself (measured: 2-6 ms of 5-15 ms at 64 rows of 128 x 128).
+  static float* buffer(std::vector<float>& v, std::int64_t floats) {
+    if (v.size() < static_cast<std::size_t>(floats)) v.resize(static_cast<std::size_t>(floats));
+    return v.data();
+  }
+  std::vector<float> send_, recv_;
   MPI_Comm comm_, reversed_;
   int rank_, size_;
   int expected_ = 0, done_ = 0;
@@ -488,6 +496,52 @@ BackwardResult MpiRunner::empty_backward(const BackwardArgs& shard, const MlstmO
   r.di = Tensor({B, NH, 0}, a.q.dtype());
   r.df = Tensor({B, NH, 0}, a.q.dtype());
   return r;
+}
+
+ExchangeCost measure_exchange(MPI_Comm comm, std::int64_t rows, std::int64_t dhqk, std::int64_t dhhv, int repeats) {
+  if (rows < 1 || dhqk < 1 || dhhv < 1 || repeats < 1)
+    throw InvalidArgument("rows", "the exchange benchmark needs rows, head dims and repeats of at least 1");
+  int rank = 0, size = 1;
+  MPI_Comm dup = duplicate(comm, rank, size), reversed = MPI_COMM_NULL;
+  check_mpi(MPI_Comm_split(dup, 0, size - 1 - rank, &reversed), "MPI_Comm_split");
+  MpiStateExchange exchange(dup, reversed, rank, size);
+  graph::ShardSummary fw;
+  fw.initial = std::make_shared<const State>(State::zeros(1, rows, dhqk, dhhv));
+  State local = State::zeros(1, rows, dhqk, dhhv);
+  for (std::int64_t e = 0; e < shape_numel(local.C.shape()); ++e)
+    local.C.data<float>()[e] = 0.01f * static_cast<float>(e % 97);
+  fw.local = std::make_shared<const State>(std::move(local));
+  fw.G = Tensor::full({1, rows}, DType::f32, -0.5);
+  graph::ShardGradientSummary bw;
+  bw.dC = fw.local->C;
+  bw.dn = fw.local->n;
+  bw.decay = Tensor::full({1, rows}, DType::f32, 0.5);
+  bw.dc_last = Tensor::zeros({1, rows, dhqk, dhhv}, DType::f32);
+  bw.dn_last = Tensor::zeros({1, rows, dhqk}, DType::f32);
+  std::vector<double> f, b;
+  for (int r = 0; r <= repeats; ++r) {
+    exchange.begin(2, GateVariant::exp);
+    MPI_Barrier(dup);
+    auto t0 = std::chrono::steady_clock::now();
+    (void)exchange.entering_state(fw);
+    const double tf = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    MPI_Barrier(dup);
+    t0 = std::chrono::steady_clock::now();
+    (void)exchange.leaving_gradient(bw);
+    const double tb = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (r == 0) continue;  // warm-up
+    f.push_back(max_over_ranks(dup, tf));
+    b.push_back(max_over_ranks(dup, tb));
+  }
+  ExchangeCost cost;
+  cost.bytes = exchange.stats().bytes;
+  std::sort(f.begin(), f.end());
+  std::sort(b.begin(), b.end());
+  cost.forward_seconds = f[f.size() / 2];
+  cost.backward_seconds = b[b.size() / 2];
+  MPI_Comm_free(&reversed);
+  MPI_Comm_free(&dup);
+  return cost;
 }
 
 }  // namespace mlstm::dist

@@ -74,6 +74,16 @@ std::vector<std::string> all_gather(MPI_Comm comm, const std::string& mine);
 // The largest `mine` over the ranks of `comm`, on every rank.
 double max_over_ranks(MPI_Comm comm, double mine);
 
+// The exchanges alone, on synthetic summaries of `rows` rows of DHQK x DHHV (the code path of every run): the
+// median seconds, over `repeats` after one untimed warm-up, of one forward exchange (state summaries) and one
+// backward exchange (state-gradient summaries), each the largest over the ranks. Collective. For the benchmark of
+// the exchange cost against the state size (benchmarks/mpi/bench_mpi.cpp).
+struct ExchangeCost {
+  double forward_seconds = 0, backward_seconds = 0;
+  std::uint64_t bytes = 0;  // one rank's summary
+};
+ExchangeCost measure_exchange(MPI_Comm comm, std::int64_t rows, std::int64_t dhqk, std::int64_t dhhv, int repeats);
+
 // The last run's exchanges on this rank.
 struct ExchangeStats {
   int exchanges = 0;        // collective exchanges of states or gradients (1 per forward, 2 per backward)
