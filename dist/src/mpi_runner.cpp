@@ -493,8 +493,8 @@ BackwardResult MpiRunner::empty_backward(const BackwardArgs& shard, const MlstmO
   r.dq = Tensor({B, NH, 0, K}, a.q.dtype());
   r.dk = Tensor({B, NH, 0, K}, a.q.dtype());
   r.dv = Tensor({B, NH, 0, V}, a.q.dtype());
-  r.di = Tensor({B, NH, 0}, a.q.dtype());
-  r.df = Tensor({B, NH, 0}, a.q.dtype());
+  r.di = Tensor({B, NH, 0}, a.i.dtype());  // the gate gradients come in the gates' dtype (ProblemShape::gate_dtype)
+  r.df = Tensor({B, NH, 0}, a.i.dtype());
   return r;
 }
 
