@@ -530,41 +530,50 @@ std::string share_of(const Plan& p, std::size_t d) {
   return out;
 }
 
-// The thread an async_node gateway hands a StateExchange's call to (exchange.hpp): the call may block (MPI), so it
-// never runs on a TBB worker. start() holds the graph open (reserve_wait) until the call's result is put into the
-// gateway; a call that throws puts nothing, and finish() (after wait_for_all) rethrows its error.
+// The threads async_node gateways hand a StateExchange's calls to (exchange.hpp): a call may block (MPI), so it
+// never runs on a TBB worker. start() holds the graph open (reserve_wait) until the call's result is put into its
+// gateway; a call that throws puts nothing, and finish() (after wait_for_all) joins every call and rethrows the
+// first error. One thread per call, kept under the mutex: a call's result can drive the graph on to the next
+// gateway's start() on another worker before the first start() has returned (the backward's two exchanges), so
+// no start() may touch another call's thread (assigning over a joinable std::thread terminates the process).
 class ExchangeThread {
  public:
   ExchangeThread() = default;
   ExchangeThread(const ExchangeThread&) = delete;
   ExchangeThread& operator=(const ExchangeThread&) = delete;
-  ~ExchangeThread() {
-    if (thread_.joinable()) thread_.join();
-  }
+  ~ExchangeThread() { join_all(); }
   template <class Gateway, class Call>
   void start(Gateway& gateway, Call call) {
-    if (thread_.joinable()) thread_.join();  // the previous call has put its result: nothing waits on it
     gateway.reserve_wait();
-    thread_ = std::thread([this, &gateway, call = std::move(call)]() mutable {
+    const std::lock_guard lock(mutex_);
+    threads_.emplace_back([this, &gateway, call = std::move(call)]() mutable {
       try {
         gateway.try_put(call());
       } catch (...) {
-        const std::lock_guard lock(mutex_);
+        const std::lock_guard error_lock(mutex_);
         if (!error_) error_ = std::current_exception();
       }
       gateway.release_wait();
     });
   }
-  // Joins the last call; rethrows the first error of any call.
+  // Joins every call; rethrows the first error of any.
   void finish() {
-    if (thread_.joinable()) thread_.join();
+    join_all();
     const std::lock_guard lock(mutex_);
     if (error_) std::rethrow_exception(error_);
   }
 
  private:
-  std::thread thread_;
+  void join_all() {
+    std::vector<std::thread> threads;
+    {
+      const std::lock_guard lock(mutex_);
+      threads.swap(threads_);
+    }
+    for (auto& t : threads) t.join();
+  }
   std::mutex mutex_;
+  std::vector<std::thread> threads_;
   std::exception_ptr error_;
 };
 
