@@ -344,7 +344,7 @@ __kernel void fw_outputs(__global const in_t* q, __global const in_t* k, __globa
       const int s = s0 + l;
       float dot = 0.0f;
       for (int d = 0; d < DHQK; ++d) dot += qs[d] * ld(k, (gbase + s) * DHQK + d);
-      const float wt = exp(bt - b[gbase + s] + ig[gbase + s] - mt) * dot;
+      const float wt = safe_exp(bt - b[gbase + s] + ig[gbase + s] - mt) * dot;
       w[l] = wt;
       den_intra += wt;
     }
@@ -529,7 +529,7 @@ void fw_outputs_regtiled(__global const in_t* q, __global const in_t* k, __globa
       const float bt = qb_l[j], mt = qm_l[j];
       for (int jj = 0; jj < 4; ++jj) {
         const int l = tx * 4 + jj, s = s0 + l;
-        sT[l * OPAD + j] = j < qn && l < sn && s <= t ? exp(bt - kb_l[l] + kig_l[l] - mt) * sc[i][jj] : 0.0f;
+        sT[l * OPAD + j] = j < qn && l < sn && s <= t ? safe_exp(bt - kb_l[l] + kig_l[l] - mt) * sc[i][jj] : 0.0f;
       }
     }
     barrier(CLK_LOCAL_MEM_FENCE);
@@ -696,7 +696,7 @@ __kernel void bw_grads(__global const in_t* q, __global const in_t* k, __global 
       const size_t gs = gbase + s0 + l;
       float dot = 0.0f;
       for (int e = 0; e < DHHV; ++e) dot += dns[e] * ld(v, gs * DHHV + e);
-      ca[l] = exp(btau - b[gs] + ig[gs] - mtau) * (dot + ddtau);
+      ca[l] = safe_exp(btau - b[gs] + ig[gs] - mtau) * (dot + ddtau);
     }
     barrier(CLK_LOCAL_MEM_FENCE);
     for (int j = 0; j < DPI; ++j) {
@@ -718,7 +718,7 @@ __kernel void bw_grads(__global const in_t* q, __global const in_t* k, __global 
       float dva = 0.0f, qk = 0.0f;
       for (int e = 0; e < DHHV; ++e) dva += ld(dh, gt * DHHV + e) * vs[e];
       for (int d = 0; d < DHQK; ++d) qk += ld(q, gt * DHQK + d) * ks[d];
-      const float P = exp(b[gt] - btau + ig[g] - m_tok[gt]);
+      const float P = safe_exp(b[gt] - btau + ig[g] - m_tok[gt]);
       ca[l] = P * (dva / Nt + dden[gt]);
       cb[l] = P * qk * scale / Nt;
     }
@@ -930,9 +930,9 @@ inline void bw_grads_chain(const int mode, __global const in_t* q, __global cons
         float cf = 0.0f;
         if (j < rn && l < on) {
           if (mode == 0) {
-            if (o <= r) cf = exp(r_b[j] - o_b[l] + o_ig[l] - r_m[j]) * (sc[i][jj] + r_dd[j]);
+            if (o <= r) cf = safe_exp(r_b[j] - o_b[l] + o_ig[l] - r_m[j]) * (sc[i][jj] + r_dd[j]);
           } else if (o >= r) {
-            cf = exp(o_b[l] - r_b[j] + r_ig[j] - o_m[l]) * (sc[i][jj] + o_dd[l]);
+            cf = safe_exp(o_b[l] - r_b[j] + r_ig[j] - o_m[l]) * (sc[i][jj] + o_dd[l]);
           }
         }
         cT[l * OPAD_G + j] = cf;

@@ -445,7 +445,7 @@ void fw_outputs(const float* q, const float* k, const float* v, const float* b, 
         float dsum = 0.f;
         for (std::int64_t l = 0; l < kn; ++l) {
           const std::int64_t sidx = k0 + l;
-          const float w = sidx <= t ? std::exp(bt - b[t0 + sidx] + ig[t0 + sidx] - mtv) * row[l] : 0.f;
+          const float w = sidx <= t ? safe_exp(bt - b[t0 + sidx] + ig[t0 + sidx] - mtv) * row[l] : 0.f;
           row[l] = w;
           dsum += w;
         }
@@ -644,7 +644,7 @@ void bw_grads(const float* q, const float* k, const float* v, const float* dh, c
         for (std::int64_t l = 0; l < kn; ++l) {
           const std::int64_t si = t0 + k0 + l;
           W[j * kn + l] =
-              (k0 + l <= q0 + j) ? std::exp(b[t] - b[si] + ig[si] - m_tok[t]) * (W[j * kn + l] + dden[t]) : 0.f;
+              (k0 + l <= q0 + j) ? safe_exp(b[t] - b[si] + ig[si] - m_tok[t]) * (W[j * kn + l] + dden[t]) : 0.f;
         }
       }
       gemm::gemm(s.operands, false, false, static_cast<int>(qn), static_cast<int>(DK), static_cast<int>(kn), 1.f, W,
@@ -699,7 +699,7 @@ void bw_grads(const float* q, const float* k, const float* v, const float* dh, c
         const std::int64_t t = t0 + q0 + j;
         for (std::int64_t l = 0; l < kn; ++l) {
           const std::int64_t si = t0 + k0 + l;
-          const float w = (k0 + l <= q0 + j) ? std::exp(b[t] - b[si] + ig[si] - m_tok[t]) : 0.f;
+          const float w = (k0 + l <= q0 + j) ? safe_exp(b[t] - b[si] + ig[si] - m_tok[t]) : 0.f;
           P[j * kn + l] = w * (P[j * kn + l] + dden[t]);
           Wq[j * kn + l] *= w;
         }

@@ -398,10 +398,11 @@ Tensor SegmentGradientProblem::decay(int index) const {
   const Tensor G = forward_->log_decay(segments_.at(static_cast<std::size_t>(index)));
   Tensor out({p.B, p.NH}, DType::f32);
   for (std::int64_t r = 0; r < p.rows(); ++r) {
-    const float m_in = enter.state->m.data<float>()[r];
-    out.data<float>()[r] = m_in == -std::numeric_limits<float>::infinity()
-                               ? 0.f
-                               : std::exp(G.data<float>()[r] + m_in - leave.state->m.data<float>()[r]);
+    const float m_in = enter.state->m.data<float>()[r], g = G.data<float>()[r];
+    constexpr float ninf = -std::numeric_limits<float>::infinity();
+    // Nothing entered (m_in = -inf) or everything forgotten (G = -inf: a forget gate of -inf): no gradient passes,
+    // also where the state leaves EMPTY (m_leave = -inf) and the exponent would be inf - inf.
+    out.data<float>()[r] = m_in == ninf || g == ninf ? 0.f : std::exp(g + m_in - leave.state->m.data<float>()[r]);
   }
   return out;
 }

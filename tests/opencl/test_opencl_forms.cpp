@@ -161,6 +161,67 @@ std::vector<InfCase> opencl_inf_cases() {
 
 INSTANTIATE_TEST_SUITE_P(InfGates, OpenCLInfGates, ::testing::ValuesIn(opencl_inf_cases()), inf_name);
 
+// An EMPTY entering state (c0 = n0 = 0, m0 = -inf: what a segment or a shard of a longer sequence is entered in when
+// everything before it was forgotten) whose first tokens have f = i = -inf: the state stays EMPTY there and h = 0
+// (stages.hpp "Gates at +-inf"). Every chunkwise and parallel form gave NaN at those tokens (a log weight of -inf
+// against m_t = -inf: -inf - -inf in the intra-chunk weights), found by the MPI runner's tests (issue 17). Every
+// sequence kernel of the registry that takes the problem (CPU, OpenCL on device 0; the tensor cores where present),
+// forward and backward, against the float64 recurrence.
+TEST(InfGatesEmptyState, ForgottenFirstTokensIntoAnEmptyStateGiveZero) {
+  InputSpec s = spec(2, 2, 40, 8, 8, DType::f32, GateVariant::exp, true);
+  for (const auto& info : available_kernels()) {
+    if (info.form == KernelForm::step || info.name.find("reference") != std::string::npos) continue;
+    if (info.device_kind == "opencl" && opencl::list_devices().empty()) continue;
+    for (const std::int64_t L : {16}) {
+      auto in = testing::make_inputs(s, testing::fresh_seed());
+      std::vector<float> m0(static_cast<std::size_t>(s.B * s.NH), -INFINITY);
+      in.c0 = Tensor::zeros(in.c0.shape(), DType::f32);
+      in.n0 = Tensor::zeros(in.n0.shape(), DType::f32);
+      in.m0 = Tensor::from(m0, in.m0.shape());
+      auto iv = in.i.to_vector(), fv = in.f.to_vector();
+      for (std::int64_t r = 0; r < s.B * s.NH; ++r) {
+        for (std::int64_t t = 0; t < 3 + r; ++t)
+          iv[static_cast<std::size_t>(r * s.S + t)] = fv[static_cast<std::size_t>(r * s.S + t)] = -INFINITY;
+        for (std::int64_t t = 20; t < 24; ++t)
+          iv[static_cast<std::size_t>(r * s.S + t)] = fv[static_cast<std::size_t>(r * s.S + t)] = -INFINITY;
+      }
+      in.i = Tensor::from(iv, in.i.shape(), in.i.dtype());
+      in.f = Tensor::from(fv, in.f.shape(), in.f.dtype());
+      MlstmOptions o;
+      o.gate = info.forced_gate ? *info.forced_gate : GateVariant::exp;
+      if (o.gate != GateVariant::exp) continue;
+      o.chunk_size = L;
+      const bool tensor_cores = info.name.find("_tc_") != std::string::npos;
+      const std::string what = info.name + " L=" + std::to_string(L);
+      std::unique_ptr<SequenceKernel> kernel;
+      ForwardResult fw;
+      try {
+        kernel = get_kernel(info.name, KernelTarget{info.device_kind == "opencl" ? "0" : ""});
+        fw = kernel->forward(in.args(), o);
+      } catch (const Error& e) {
+        if (tensor_cores) continue;  // not on this machine (the tensor cores need NVIDIA)
+        ADD_FAILURE() << what << ": " << e.what();
+        continue;
+      }
+      const auto ref = reference::recurrent_forward(in.args(), o);
+      EXPECT_TRUE(testing::all_finite(fw.h, what, "h", s));
+      EXPECT_TRUE(testing::matches_well_conditioned(fw.h, ref.h, in, o, 1e-3, what, "h", s));
+      if (!info.has_backward) continue;
+      ASSERT_GE(testing::quiet_normaliser_kinks(in, o, s), 0);
+      const auto args = in.backward_args(true);
+      const auto bw = kernel->backward(args, o);
+      const auto rb = reference::recurrent_backward(args, o, reference::StabilizerGradient::stop);
+      for (auto [name, a, b] : {std::tuple{"dq", &bw.dq, &rb.dq},
+                                {"dk", &bw.dk, &rb.dk},
+                                {"dv", &bw.dv, &rb.dv},
+                                {"di", &bw.di, &rb.di},
+                                {"df", &bw.df, &rb.df}}) {
+        EXPECT_TRUE(testing::matches(*a, *b, 1e-2, what, name, s));
+      }
+    }
+  }
+}
+
 // The step kernel `opencl` at +-inf gates, one step from a state, against the float64 step.
 TEST(OpenCLStep, InfiniteGates) {
   REQUIRE_OPENCL();

@@ -264,7 +264,10 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
 #else
       bool ok = cc >= r && cc < len;
 #endif
-      float w = ok ? exp(vP[r] + vQ[cc]) : 0.0f;
+      // A log weight of -inf weighs 0, also against m_t = -inf (stages.hpp "Gates at +-inf": an EMPTY entering
+      // state and i = -inf make vP = +inf, vQ = -inf).
+      const float x = vP[r] + vQ[cc];
+      float w = ok && !isnan(x) ? exp(x) : 0.0f;
       float s = sacc[j][i];
 #if MODE == 0
       mv[i] = w * s * isq;

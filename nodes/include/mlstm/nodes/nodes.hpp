@@ -262,7 +262,8 @@ class SegmentGradientProblem {
   SegmentGradientEntry last_entry() const;
   // Per row (B,NH) float32: how the gradient of the state leaving segment `index` reaches the state entering it,
   // exp(G + m_enter - m_leave) (stages.hpp "Backward"); 0 where the entering m is -inf (nothing entered: the
-  // stabilised entering state is multiplied by 0, so is its gradient). Both states must be recorded.
+  // stabilised entering state is multiplied by 0, so is its gradient) or G is -inf (a forget gate of -inf in the
+  // segment forgets it). Both states must be recorded.
   Tensor decay(int index) const;
   // The arguments of a segment's backward: inputs [t0, t1) with entering state (C, n, m), dh [t0, t1), and
   // the gradient of the state leaving it.
