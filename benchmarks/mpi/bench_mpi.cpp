@@ -36,20 +36,6 @@ struct Options {
   bool backward = true;
 };
 
-// This rank's shard of a synthetic sequence: B = 1, `tokens` tokens, gates in the usual range.
-struct Shard {
-  Tensor q, k, v, i, f, dh;
-  ForwardArgs args() const {
-    ForwardArgs a;
-    a.q = q.view();
-    a.k = k.view();
-    a.v = v.view();
-    a.i = i.view();
-    a.f = f.view();
-    return a;
-  }
-};
-
 Tensor random_tensor(Shape shape, DType dtype, std::mt19937& rng, float scale, float offset) {
   Tensor t32(shape, DType::f32);
   std::normal_distribution<float> n(0.f, 1.f);
@@ -57,10 +43,11 @@ Tensor random_tensor(Shape shape, DType dtype, std::mt19937& rng, float scale, f
   return dtype == DType::f32 ? t32 : Tensor::copy_of(t32.view(), dtype);
 }
 
-Shard make_shard(const Options& o, std::int64_t tokens, int rank) {
+// This rank's shard of a synthetic sequence: B = 1, `tokens` tokens, gates in the usual range, and dh.
+BackwardInputs make_shard(const Options& o, std::int64_t tokens, int rank) {
   std::mt19937 rng(1234u + static_cast<unsigned>(rank));
   const DType dt = parse_dtype(o.dtype);
-  Shard s;
+  BackwardInputs s;
   s.q = random_tensor({1, o.heads, tokens, o.dqk}, dt, rng, 1.f, 0.f);
   s.k = random_tensor({1, o.heads, tokens, o.dqk}, dt, rng, 1.f, 0.f);
   s.v = random_tensor({1, o.heads, tokens, o.dhv}, dt, rng, 1.f, 0.f);
@@ -78,7 +65,7 @@ double median(std::vector<double> v) {
 // One scaling row: the sequence of `total` tokens over the ranks; forward and forward+backward medians.
 json scaling_row(dist::MpiRunner& runner, const Options& o, std::int64_t total) {
   const auto [t0, t1] = dist::shard_of(total, o.chunk, runner.rank(), runner.size());
-  const Shard shard = make_shard(o, t1 - t0, runner.rank());
+  const BackwardInputs shard = make_shard(o, t1 - t0, runner.rank());
   MlstmOptions mo;
   mo.chunk_size = o.chunk;
   std::vector<double> fw, fwbw, exchange;
@@ -90,10 +77,7 @@ json scaling_row(dist::MpiRunner& runner, const Options& o, std::int64_t total) 
     const double ex = runner.last_exchange().seconds;
     double fb = 0;
     if (o.backward) {
-      BackwardArgs b;
-      b.inputs = shard.args();
-      b.dh = shard.dh.view();
-      const BackwardResult g = runner.backward(b, mo);
+      const BackwardResult g = runner.backward(shard.backward_args(false), mo);
       fb = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     }
     if (r == 0) continue;  // warm-up: program builds, first touches

@@ -759,23 +759,14 @@ GradientRelease& connect_gradient_exchange(
       b.add<Fold>("fold local state gradients into the shard's summary", tbb::flow::serial,
                   [problem, kept](const nodes::SegmentStateGradient& local, Fold::output_ports_type& out) {
                     const auto& p = problem->shape();
-                    const std::int64_t KV = p.DHQK * p.DHHV;
                     if (kept->dC.empty()) {
                       kept->dC = Tensor::zeros({p.B, p.NH, p.DHQK, p.DHHV}, DType::f32);
                       kept->dn = Tensor::zeros({p.B, p.NH, p.DHQK}, DType::f32);
                       kept->decay = Tensor::full({p.B, p.NH}, DType::f32, 1.0);
                     }
                     const Tensor d = problem->decay(local.index);
-                    for (std::int64_t r = 0; r < p.rows(); ++r) {
-                      const float a = d.data<float>()[r];
-                      float* dC = kept->dC.data<float>() + r * KV;
-                      const float* lC = local.dC.data<float>() + r * KV;
-                      for (std::int64_t e = 0; e < KV; ++e) dC[e] = a * dC[e] + lC[e];
-                      float* dn = kept->dn.data<float>() + r * p.DHQK;
-                      const float* ln = local.dn.data<float>() + r * p.DHQK;
-                      for (std::int64_t e = 0; e < p.DHQK; ++e) dn[e] = a * dn[e] + ln[e];
-                      kept->decay.data<float>()[r] *= a;
-                    }
+                    nodes::decay_and_add(kept->dC, kept->dn, d, local.dC, local.dn);
+                    for (std::int64_t r = 0; r < p.rows(); ++r) kept->decay.data<float>()[r] *= d.data<float>()[r];
                     kept->locals.push_back(local);
                     if (local.index == 0) {
                       const nodes::SegmentGradientEntry last = problem->last_entry();

@@ -533,23 +533,26 @@ SegmentStateGradient LocalStateGradientBody::operator()(const SegmentEntry& entr
   return out;
 }
 
+void decay_and_add(Tensor& dC, Tensor& dn, const Tensor& decay, const Tensor& lC, const Tensor& ln) {
+  const std::int64_t rows = shape_numel(decay.shape()), KV = shape_numel(dC.shape()) / rows,
+                     K = shape_numel(dn.shape()) / rows;
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const float a = decay.data<float>()[r];
+    float* c = dC.data<float>() + r * KV;
+    const float* lc = lC.data<float>() + r * KV;
+    for (std::int64_t e = 0; e < KV; ++e) c[e] = a * c[e] + lc[e];
+    float* n = dn.data<float>() + r * K;
+    const float* ln_ = ln.data<float>() + r * K;
+    for (std::int64_t e = 0; e < K; ++e) n[e] = a * n[e] + ln_[e];
+  }
+}
+
 SegmentGradientEntry StateGradientRecurrenceBody::operator()(const SegmentStateGradient& local) const {
   const ScopedTrace trace([&] { return "node state-gradient recurrence, segment " + std::to_string(local.index); });
-  const auto& p = problem->shape();
   const int s = local.index;
   if (s < 1) throw Error("StateGradientRecurrenceBody: segment 0 has no earlier segment");
-  const Tensor decays = problem->decay(s);
-  const std::int64_t KV = p.DHQK * p.DHHV;
   // running (the gradient leaving s) -> the gradient entering s = decay * running + local
-  for (std::int64_t r = 0; r < p.rows(); ++r) {
-    const float decay = decays.data<float>()[r];
-    float* dC = running->dC.data<float>() + r * KV;
-    const float* lC = local.dC.data<float>() + r * KV;
-    for (std::int64_t e = 0; e < KV; ++e) dC[e] = decay * dC[e] + lC[e];
-    float* dn = running->dn.data<float>() + r * p.DHQK;
-    const float* ln = local.dn.data<float>() + r * p.DHQK;
-    for (std::int64_t e = 0; e < p.DHQK; ++e) dn[e] = decay * dn[e] + ln[e];
-  }
+  decay_and_add(running->dC, running->dn, problem->decay(s), local.dC, local.dn);
   SegmentGradientEntry prev;
   prev.index = s - 1;
   const SegmentEntry& e = problem->entry(s - 1);

@@ -53,6 +53,9 @@ std::string mib_text(std::uint64_t bytes);  // "12.5 MiB"
 int cmd_forward(const InputFiles& in, const ForwardOutputs& out, const ForwardStreaming& st, bool as_json);
 int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const ForwardStreaming& st,
                          const MlstmOptions& o, const InputHeaders& hdr, bool as_json);
+// backward's file options, checked before anything is read: --out-dc0/dn0/dm0 need --c0, outputs apart from inputs
+// and from each other.
+void check_backward_files(const InputFiles& in, const BackwardFiles& bf);
 int cmd_backward(const InputFiles& in, const BackwardFiles& bf, bool as_json);
 int cmd_step(const InputFiles& in, const StepFiles& sf, bool as_json);
 

@@ -252,25 +252,8 @@ int cmd_backward_mpi(const InputFiles& given, const BackwardFiles& bf, bool as_j
   InputHeaders hdr;
   dist::collectively(MPI_COMM_WORLD, [&] {
     in = distributed_inputs(given);
-    const KernelInfo info = kernel_info(in.kernel, false);
-    o = options_of(in, info);
-    for (const auto& [option, path] :
-         {std::pair{"--out-dc0", bf.out_dc0}, {"--out-dn0", bf.out_dn0}, {"--out-dm0", bf.out_dm0}}) {
-      if (!path.empty() && in.c0.empty()) {
-        throw InvalidArgument(option,
-                              "needs the initial state (--c0, --n0, --m0): without one there is no gradient of it");
-      }
-    }
-    std::vector<NamedPath> inputs = input_paths(in);
-    inputs.insert(inputs.end(), {{"--dh", bf.dh}, {"--dc", bf.dc}, {"--dn", bf.dn}});
-    check_outputs(inputs, {{"--out-dq", bf.out_dq},
-                           {"--out-dk", bf.out_dk},
-                           {"--out-dv", bf.out_dv},
-                           {"--out-di", bf.out_di},
-                           {"--out-df", bf.out_df},
-                           {"--out-dc0", bf.out_dc0},
-                           {"--out-dn0", bf.out_dn0},
-                           {"--out-dm0", bf.out_dm0}});
+    o = options_of(in, kernel_info(in.kernel, false));
+    check_backward_files(in, bf);
     hdr = read_input_headers(in);
     const auto dh = npy::read_header(bf.dh, "--dh");
     if (dh.first != Shape{hdr.B, hdr.NH, hdr.S, hdr.DV}) {

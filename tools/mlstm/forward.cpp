@@ -138,10 +138,7 @@ int cmd_forward(const InputFiles& in, const ForwardOutputs& out, const ForwardSt
   return 0;
 }
 
-int cmd_backward(const InputFiles& in, const BackwardFiles& bf, bool as_json) {
-  const KernelInfo info = kernel_info(in.kernel, false);
-  if (!info.has_backward) throw InvalidArgument("--kernel", "'" + in.kernel + "' has no backward; see `mlstm kernels`");
-  const MlstmOptions o = options_of(in, info);
+void check_backward_files(const InputFiles& in, const BackwardFiles& bf) {
   // Gradients of the initial state exist only for a given initial state: refused up front, not skipped.
   for (const auto& [option, path] :
        {std::pair{"--out-dc0", bf.out_dc0}, {"--out-dn0", bf.out_dn0}, {"--out-dm0", bf.out_dm0}}) {
@@ -160,6 +157,13 @@ int cmd_backward(const InputFiles& in, const BackwardFiles& bf, bool as_json) {
                          {"--out-dc0", bf.out_dc0},
                          {"--out-dn0", bf.out_dn0},
                          {"--out-dm0", bf.out_dm0}});
+}
+
+int cmd_backward(const InputFiles& in, const BackwardFiles& bf, bool as_json) {
+  const KernelInfo info = kernel_info(in.kernel, false);
+  if (!info.has_backward) throw InvalidArgument("--kernel", "'" + in.kernel + "' has no backward; see `mlstm kernels`");
+  const MlstmOptions o = options_of(in, info);
+  check_backward_files(in, bf);
   BackwardInputs l;
   static_cast<ForwardInputs&>(l) = load_inputs(in);
   l.dh = npy::read(bf.dh, "--dh");

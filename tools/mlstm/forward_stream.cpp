@@ -269,42 +269,40 @@ int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const 
     // Three serial stages, at most three slices in flight (memory flat): read slice k+2 (pread), compute
     // slice k+1 (the session carries the state; with --devices it runs the flow graph), write slice k's h
     // at its strided positions, sync it, then record the progress.
-    tbb::parallel_pipeline(3, tbb::make_filter<void, std::shared_ptr<StreamSlice>>(
-                                  tbb::filter_mode::serial_in_order,
-                                  [&](tbb::flow_control& fc) -> std::shared_ptr<StreamSlice> {
-                                    if (next >= hdr.S) {
-                                      fc.stop();
-                                      return nullptr;
-                                    }
-                                    auto s = first_slice.pending
-                                                 ? first_slice.take()
-                                                 : readers.read(next, std::min(hdr.S, next + st.tokens));
-                                    next = s->s1;
-                                    return s;
-                                  }) &
-                                  tbb::make_filter<std::shared_ptr<StreamSlice>, std::shared_ptr<StreamSlice>>(
-                                      tbb::filter_mode::serial_in_order,
-                                      [&](std::shared_ptr<StreamSlice> s) {
-                                        const ScopedTrace trace(
-                                            [&] { return "slice computed at token " + std::to_string(s->s0); });
-                                        const ForwardArgs a = s->in.args();
-                                        if (in.check_finite) check_finite(a);
-                                        s->h = session->push(a);
-                                        if (!first_token) first_token = Clock::now();
-                                        s->snapshot = session->snapshot_bytes();
-                                        s->in = ForwardInputs();  // the inputs go as soon as they are used
-                                        return s;
-                                      }) &
-                                  tbb::make_filter<std::shared_ptr<StreamSlice>, void>(
-                                      tbb::filter_mode::serial_in_order, [&](std::shared_ptr<StreamSlice> s) {
-                                        const ScopedTrace trace(
-                                            [&] { return "slice written at token " + std::to_string(s->s0); });
-                                        writer.write(s->s0, s->h.view());
-                                        writer.sync();
-                                        write_progress(record, identity, s->s1, s->snapshot);
-                                        ++slices;
-                                        if (kill_after >= 0 && slices >= kill_after && s->s1 < hdr.S) ::raise(SIGKILL);
-                                      }));
+    tbb::parallel_pipeline(
+        3, tbb::make_filter<void, std::shared_ptr<StreamSlice>>(
+               tbb::filter_mode::serial_in_order,
+               [&](tbb::flow_control& fc) -> std::shared_ptr<StreamSlice> {
+                 if (next >= hdr.S) {
+                   fc.stop();
+                   return nullptr;
+                 }
+                 auto s =
+                     first_slice.pending ? first_slice.take() : readers.read(next, std::min(hdr.S, next + st.tokens));
+                 next = s->s1;
+                 return s;
+               }) &
+               tbb::make_filter<std::shared_ptr<StreamSlice>, std::shared_ptr<StreamSlice>>(
+                   tbb::filter_mode::serial_in_order,
+                   [&](std::shared_ptr<StreamSlice> s) {
+                     const ScopedTrace trace([&] { return "slice computed at token " + std::to_string(s->s0); });
+                     const ForwardArgs a = s->in.args();
+                     if (in.check_finite) check_finite(a);
+                     s->h = session->push(a);
+                     if (!first_token) first_token = Clock::now();
+                     s->snapshot = session->snapshot_bytes();
+                     s->in = ForwardInputs();  // the inputs go as soon as they are used
+                     return s;
+                   }) &
+               tbb::make_filter<std::shared_ptr<StreamSlice>, void>(
+                   tbb::filter_mode::serial_in_order, [&](std::shared_ptr<StreamSlice> s) {
+                     const ScopedTrace trace([&] { return "slice written at token " + std::to_string(s->s0); });
+                     writer.write(s->s0, s->h.view());
+                     writer.sync();
+                     write_progress(record, identity, s->s1, s->snapshot);
+                     ++slices;
+                     if (kill_after >= 0 && slices >= kill_after && s->s1 < hdr.S) ::raise(SIGKILL);
+                   }));
     if (session->runner()) devices = session->runner()->last_plan().devices;
   } catch (const InvalidArgument& e) {
     rethrow_as_cli(e);

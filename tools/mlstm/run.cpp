@@ -225,8 +225,7 @@ int cmd_run(const RunOptions& ro, bool as_json) {
               << (ro.mode == "resident"
                       ? std::string(", resident: the whole sequence in one piece")
                       : ", streamed in pieces of " + std::to_string(ro.piece) + " tokens carrying (C,n,m)")
-              << (ro.backward ? ", forward+backward per piece (the backward sequence parallel through the graph)"
-                              : "")
+              << (ro.backward ? ", forward+backward per piece (the backward sequence parallel through the graph)" : "")
               << "\n";
   }
   Progress progress(ro.seq_len, ro.progress || isatty(2));
@@ -289,9 +288,11 @@ int cmd_run(const RunOptions& ro, bool as_json) {
     if (piece_index == 0) {  // the engine is chosen at the first piece
       const graph::Plan& plan = session.runner()->last_plan();
       if (ro.mode == "pipeline" && !plan.overlapped)
-        throw InvalidArgument("--mode", "pipeline needs a GPU whose tensor-core kernels take this problem "
-                                        "(bfloat16/float16, head dims multiples of 16, chunk 64 or 128); the stream "
-                                        "chose " + plan.engine);
+        throw InvalidArgument("--mode",
+                              "pipeline needs a GPU whose tensor-core kernels take this problem "
+                              "(bfloat16/float16, head dims multiples of 16, chunk 64 or 128); the stream "
+                              "chose " +
+                                  plan.engine);
       if (!as_json) std::cout << "engine: " << plan.describe() << "\n";
     }
     if (in_flight.size() > 2) take_oldest();

@@ -303,6 +303,10 @@ struct LocalStateGradientBody {
   SegmentStateGradient operator()(const SegmentEntry& entry) const;
 };
 
+// The reverse step of the state-gradient recurrence, per row: (dC, dn) <- decay * (dC, dn) + (lC, ln) (decay: (B,NH),
+// the others of the state's shapes, float32). StateGradientRecurrenceBody's step and the fold of a shard's summary.
+void decay_and_add(Tensor& dC, Tensor& dn, const Tensor& decay, const Tensor& lC, const Tensor& ln);
+
 // Serial body fed in REVERSE order (last segment first, through a sequencer_node keyed by
 // segments - 1 - index), for segments 1 .. last: keeps the gradient of the state leaving the current segment
 // (`running`, starting at dc_last / dn_last), turns it into the gradient entering it
