@@ -84,7 +84,8 @@ int main(int argc, char** argv) {
 
   InputFiles fin;
   ForwardOutputs fout;
-  auto* forward = app.add_subcommand("forward", "forward pass on .npy inputs");
+  auto* forward = app.add_subcommand(
+      "forward", "forward pass on .npy inputs (under mpirun -np N: every rank one shard of the sequence)");
   add_input_options(forward, fin, true);
   forward->add_option("--out", fout.h, "h output .npy (input dtype)")->required()->check(path_check());
   forward->add_option("--out-c", fout.c, "last C output .npy")->check(path_check());
@@ -107,7 +108,8 @@ int main(int argc, char** argv) {
 
   InputFiles bin;
   BackwardFiles bfiles;
-  auto* backward = app.add_subcommand("backward", "backward pass on .npy inputs");
+  auto* backward = app.add_subcommand(
+      "backward", "backward pass on .npy inputs (under mpirun -np N: every rank one shard of the sequence)");
   add_input_options(backward, bin, true);
   backward->add_option("--dh", bfiles.dh, "gradient of h .npy (B,NH,S,DHHV)")->required()->check(path_check());
   backward->add_option("--dc", bfiles.dc, "gradient of the last C .npy")->check(path_check());
