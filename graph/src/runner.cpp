@@ -1197,8 +1197,9 @@ BackwardResult FlowGraphRunner::run_backward(const BackwardArgs& args, const Mls
     const bool shard = exchange_ != nullptr;
     using Record =
         multifunction_node<nodes::SegmentEntry, std::tuple<nodes::SegmentEntry, nodes::SegmentGradientEntry>>;
+    // `shard` by value: this block ends before the graph runs (problem and grad_running live until the run ends).
     auto& record = b.add<Record>("record entering states", serial,
-                                 [&](const nodes::SegmentEntry& e, Record::output_ports_type& out) {
+                                 [&, shard](const nodes::SegmentEntry& e, Record::output_ports_type& out) {
                                    problem->record_entry(e);
                                    if (e.is_last) {
                                      nodes::SegmentEntry leaving;
