@@ -85,7 +85,8 @@ extern "C" void backward_op(void* in, void* inout, int* len, MPI_Datatype*) {
 // A datatype of one row element of `floats` float32s.
 struct RowType {
   MPI_Datatype type = MPI_DATATYPE_NULL;
-  explicit RowType(std::int64_t floats) {
+  std::uint64_t bytes = 0;  // of one record
+  explicit RowType(std::int64_t floats) : bytes(static_cast<std::uint64_t>(floats) * sizeof(float)) {
     if (floats > std::numeric_limits<int>::max())
       throw InvalidArgument("DHQK", "a row's state is too large for one MPI element (DHQK * DHHV < 2^31)");
     check_mpi(MPI_Type_contiguous(static_cast<int>(floats), MPI_FLOAT, &type), "MPI_Type_contiguous");
@@ -143,7 +144,7 @@ class MpiStateExchange : public graph::StateExchange {
     if (size_ == 1) return copy_state(*mine.initial);
     const Shape& cs = mine.local->C.shape();
     const std::int64_t rows = cs[0] * cs[1], K = cs[2], V = cs[3], stride = forward_stride(K, V);
-    const RowType row(stride);
+    const RowType row(stride);  // refuses a record too large for MPI before anything is allocated
     float* send = buffer(send_, rows * stride);
     float* recv = buffer(recv_, rows * stride);
     for (std::int64_t r = 0; r < rows; ++r) {
@@ -168,10 +169,7 @@ class MpiStateExchange : public graph::StateExchange {
         *out.m = *lr.m;
       }
     }
-    const Op op(&forward_op);
-    check_mpi(MPI_Exscan(send, recv, static_cast<int>(rows), row.type, op.op, comm_), "MPI_Exscan");
-    stats_.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    stats_.bytes = static_cast<std::uint64_t>(rows * stride) * sizeof(float);
+    exscan(send, recv, rows, row, &forward_op, comm_, t0);
     if (rank_ == 0) return copy_state(*mine.initial);
     State s{Tensor({cs[0], cs[1], K, V}, DType::f32), Tensor({cs[0], cs[1], K}, DType::f32),
             Tensor({cs[0], cs[1]}, DType::f32)};
@@ -214,10 +212,7 @@ class MpiStateExchange : public graph::StateExchange {
         std::copy_n(lC, K * V, e + kBackwardHead + K);
       }
     }
-    const Op op(&backward_op);
-    check_mpi(MPI_Exscan(send, recv, static_cast<int>(rows), row.type, op.op, reversed_), "MPI_Exscan (reverse)");
-    stats_.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    stats_.bytes = static_cast<std::uint64_t>(rows * stride) * sizeof(float);
+    exscan(send, recv, rows, row, &backward_op, reversed_, t0);
     if (last) return {mine.dc_last, mine.dn_last};
     Tensor dC({cs[0], cs[1], K, V}, DType::f32), dn({cs[0], cs[1], K}, DType::f32);
     for (std::int64_t r = 0; r < rows; ++r) {
@@ -229,6 +224,14 @@ class MpiStateExchange : public graph::StateExchange {
   }
 
  private:
+  // MPI_Exscan of `rows` records of type `row` under `fn` over `comm`; the time since t0 and the bytes counted.
+  void exscan(const float* send, float* recv, std::int64_t rows, const RowType& row, MPI_User_function* fn,
+              MPI_Comm comm, std::chrono::steady_clock::time_point t0) {
+    const Op op(fn);
+    check_mpi(MPI_Exscan(send, recv, static_cast<int>(rows), row.type, op.op, comm), "MPI_Exscan");
+    stats_.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    stats_.bytes = static_cast<std::uint64_t>(rows) * row.bytes;
+  }
   // Every exchange starts with every rank's status; a failure anywhere ends it on every rank (RemoteFailure).
   void agree_status(bool ok) {
     if (done_ >= expected_) throw Error("MpiStateExchange: more exchanges than the run announced");
@@ -396,8 +399,8 @@ std::int64_t tokens_of(ConstTensorView q) { return q.dims() >= 3 ? q.dim(2) : -1
 }  // namespace
 
 template <class Result>
-Result MpiRunner::run(int exchanges, const std::function<Result()>& fn) {
-  exchange_->begin(exchanges, gate_of_run_);
+Result MpiRunner::run(int exchanges, GateVariant gate, const std::function<Result()>& fn) {
+  exchange_->begin(exchanges, gate);
   Result result;
   std::exception_ptr error;
   try {
@@ -416,8 +419,7 @@ ForwardResult MpiRunner::forward(const ForwardArgs& shard, const MlstmOptions& o
 
 ForwardResult MpiRunner::forward_into(TensorView h, const ForwardArgs& shard, const MlstmOptions& options,
                                       std::int64_t segment_tokens) {
-  gate_of_run_ = options.gate;
-  return run<ForwardResult>(1, [&] {
+  return run<ForwardResult>(1, options.gate, [&] {
     check_injected_rank_failure(rank_);
     if (rank_ != 0 && shard.has_initial_state())
       throw InvalidArgument("c0", "the initial state belongs to the first shard (rank 0)");
@@ -439,8 +441,7 @@ BackwardResult MpiRunner::backward_into(const GradientViews& out, const Backward
 
 BackwardResult MpiRunner::run_backward(const GradientViews* out, const BackwardArgs& shard, const MlstmOptions& options,
                                        std::int64_t segment_tokens) {
-  gate_of_run_ = options.gate;
-  return run<BackwardResult>(2, [&] {
+  return run<BackwardResult>(2, options.gate, [&] {
     check_injected_rank_failure(rank_);
     if (rank_ != 0 && shard.inputs.has_initial_state())
       throw InvalidArgument("c0", "the initial state belongs to the first shard (rank 0)");

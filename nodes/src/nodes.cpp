@@ -392,6 +392,10 @@ const SegmentEntry& SegmentGradientProblem::leaving(int index) const {
 }
 
 Tensor SegmentGradientProblem::decay(int index) const {
+  const std::lock_guard lock(decays_mutex_);
+  if (decays_.empty()) decays_.resize(segments_.size());
+  Tensor& kept = decays_.at(static_cast<std::size_t>(index));
+  if (!kept.empty()) return kept;
   const auto& p = shape();
   const SegmentEntry& enter = entry(index);
   const SegmentEntry& leave = leaving(index);
@@ -404,6 +408,7 @@ Tensor SegmentGradientProblem::decay(int index) const {
     // also where the state leaves EMPTY (m_leave = -inf) and the exponent would be inf - inf.
     out.data<float>()[r] = m_in == ninf || g == ninf ? 0.f : std::exp(g + m_in - leave.state->m.data<float>()[r]);
   }
+  kept = out;
   return out;
 }
 

@@ -46,6 +46,8 @@ struct StepFiles {
 
 // The headers of --q, --k, --v, --i, --f, checked against each other (nothing else is read).
 InputHeaders read_input_headers(const InputFiles& in);
+// Bytes one token of every row takes in memory: its q, k, v, i, f and its h.
+std::uint64_t input_and_h_bytes_per_token(const InputHeaders& hdr);
 // --memory-limit, or this machine's physical memory.
 std::uint64_t memory_limit_of(const ForwardStreaming& st);
 std::string mib_text(std::uint64_t bytes);  // "12.5 MiB"

@@ -59,10 +59,7 @@ Shard read_shard(const InputFiles& in, const InputHeaders& hdr, const MlstmOptio
                  std::uint64_t limit) {
   Shard s;
   std::tie(s.t0, s.t1) = dist::shard_of(hdr.S, o.chunk_size, rank, size);
-  const std::uint64_t per_token = static_cast<std::uint64_t>(hdr.B * hdr.NH) *
-                                  static_cast<std::uint64_t>(token_bytes(hdr.DK, hdr.DV, hdr.dtype) +
-                                                             hdr.DV * static_cast<std::int64_t>(dtype_size(hdr.dtype)));
-  const std::uint64_t need = static_cast<std::uint64_t>(s.t1 - s.t0) * per_token;
+  const std::uint64_t need = static_cast<std::uint64_t>(s.t1 - s.t0) * input_and_h_bytes_per_token(hdr);
   if (need > limit) {
     throw InvalidArgument("--memory-limit", "rank " + std::to_string(rank) + "'s shard of " +
                                                 std::to_string(s.t1 - s.t0) + " tokens needs " + mib_text(need) +

@@ -51,6 +51,12 @@ InputHeaders read_input_headers(const InputFiles& in) {
   return h;
 }
 
+std::uint64_t input_and_h_bytes_per_token(const InputHeaders& hdr) {
+  return static_cast<std::uint64_t>(hdr.B * hdr.NH) *
+         static_cast<std::uint64_t>(token_bytes(hdr.DK, hdr.DV, hdr.dtype) +
+                                    hdr.DV * static_cast<std::int64_t>(dtype_size(hdr.dtype)));
+}
+
 std::uint64_t memory_limit_of(const ForwardStreaming& st) {
   if (st.memory_limit > 0) return static_cast<std::uint64_t>(st.memory_limit);
   const auto pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
@@ -81,10 +87,7 @@ int cmd_forward(const InputFiles& in, const ForwardOutputs& out, const ForwardSt
     }
     require_range(st.tokens, 1, kMaxTokens, "--stream-tokens");
     // About three slices are in flight (read, compute, write): inputs and h of each.
-    const std::uint64_t per_token =
-        static_cast<std::uint64_t>(hdr.B * hdr.NH) *
-        static_cast<std::uint64_t>(token_bytes(hdr.DK, hdr.DV, hdr.dtype) +
-                                   hdr.DV * static_cast<std::int64_t>(dtype_size(hdr.dtype)));
+    const std::uint64_t per_token = input_and_h_bytes_per_token(hdr);
     const std::uint64_t slice_tokens =
         static_cast<std::uint64_t>(std::min(st.tokens, std::max<std::int64_t>(hdr.S, 1)));
     if (3 * slice_tokens * per_token > limit) {

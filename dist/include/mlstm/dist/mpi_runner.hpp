@@ -129,17 +129,16 @@ class MpiRunner {
   const ExchangeStats& last_exchange() const noexcept;
 
  private:
-  // Runs fn (a run that makes `exchanges` exchanges), takes part in the exchanges it did not reach, then agrees on
+  // Runs fn (a run of `gate` that makes `exchanges` exchanges), takes part in the exchanges it did not reach, then agrees on
   // the outcome (RankFailed on every rank when any failed).
   template <class Result>
-  Result run(int exchanges, const std::function<Result()>& fn);
+  Result run(int exchanges, GateVariant gate, const std::function<Result()>& fn);
   BackwardResult run_backward(const GradientViews* out, const BackwardArgs& shard, const MlstmOptions& options,
                               std::int64_t segment_tokens);
   ForwardResult empty_forward(const ForwardArgs& shard, const MlstmOptions& options);
   BackwardResult empty_backward(const BackwardArgs& shard, const MlstmOptions& options);
   MPI_Comm comm_ = MPI_COMM_NULL, reversed_ = MPI_COMM_NULL;
   int rank_ = 0, size_ = 1;
-  GateVariant gate_of_run_ = GateVariant::exp;
   std::shared_ptr<MpiStateExchange> exchange_;
   std::unique_ptr<graph::FlowGraphRunner> graph_;
 };

@@ -263,7 +263,8 @@ class SegmentGradientProblem {
   // Per row (B,NH) float32: how the gradient of the state leaving segment `index` reaches the state entering it,
   // exp(G + m_enter - m_leave) (stages.hpp "Backward"); 0 where the entering m is -inf (nothing entered: the
   // stabilised entering state is multiplied by 0, so is its gradient) or G is -inf (a forget gate of -inf in the
-  // segment forgets it). Both states must be recorded.
+  // segment forgets it). Both states must be recorded. Computed once per segment (it reads the segment's f): a
+  // shard's backward needs it in its gradient fold and again in the reverse recurrence.
   Tensor decay(int index) const;
   // The arguments of a segment's backward: inputs [t0, t1) with entering state (C, n, m), dh [t0, t1), and
   // the gradient of the state leaving it.
@@ -291,6 +292,8 @@ class SegmentGradientProblem {
   std::atomic<bool> final_recorded_{false};
   BackwardResult result_;
   std::optional<GradientViews> out_;
+  mutable std::mutex decays_mutex_;
+  mutable std::vector<Tensor> decays_;  // decay(index) once computed (empty until then)
 };
 
 // function_node body: the local state gradient of a segment (from its true entering state, a zero gradient
