@@ -65,17 +65,17 @@ ForwardResult chunkwise_states(const ForwardArgs& a, const MlstmOptions& o) {
                         ? static_cast<const std::uint16_t*>(static_cast<const void*>(a.v.bytes()))
                         : nullptr;
   tbb::parallel_for(std::int64_t{0}, p.rows(), [&](std::int64_t r) {
-    std::vector<float> b(static_cast<std::size_t>(p.S)), ig(static_cast<std::size_t>(p.S)),
+    std::vector<float> b(static_cast<std::size_t>(p.S)), B(b.size()), cut(b.size()), ig(b.size()),
         G(static_cast<std::size_t>(s.num_chunks()));
-    stages::fw_gates(i32.data<float>() + r * p.S, f32.data<float>() + r * p.S, o.gate, s, b.data(), ig.data(),
-                     G.data());
+    stages::fw_gates(i32.data<float>() + r * p.S, f32.data<float>() + r * p.S, o.gate, s, b.data(), B.data(),
+                     cut.data(), ig.data(), G.data());
     stages::ConstStateRef in(C0.data<float>() + r * p.DHQK * p.DHHV, n0.data<float>() + r * p.DHQK,
                              m0.data<float>() + r);
     stages::StateRef st{out.c.data<float>() + r * p.DHQK * p.DHHV, out.n.data<float>() + r * p.DHQK,
                         out.m.data<float>() + r};
-    stages::fw_states_parts(k32.data<float>() + r * p.S * p.DHQK, v32.data<float>() + r * p.S * p.DHHV, b.data(),
-                            ig.data(), G.data(), o.gate, s, in, nullptr, st,
-                            stages::SequenceParts::for_rows(s, p.rows()),
+    stages::fw_states_parts(k32.data<float>() + r * p.S * p.DHQK, v32.data<float>() + r * p.S * p.DHHV,
+                            stages::Decays{b.data(), B.data(), cut.data()}, ig.data(), G.data(), o.gate, s, in, nullptr,
+                            st, stages::SequenceParts::for_rows(s, p.rows()),
                             stages::Bf16Rows{nullptr, nullptr, v16 ? v16 + r * p.S * p.DHHV : nullptr});
   });
   return out;

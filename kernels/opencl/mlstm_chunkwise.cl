@@ -48,45 +48,54 @@ inline void st(__global in_t* p, size_t idx, float x) {
 }
 #endif
 
-// FORGET_CUT, logsigmoid and safe_exp come from common.cl, which the host puts before this text.
+// BIG_DECAY, CUT_DECAY, logsigmoid and safe_exp come from common.cl, which the host puts before this text.
 
-// One work item per (row, chunk): b (inclusive cumsum of logsigmoid(f) in the chunk), ig, G.
-__kernel void fw_gates(__global const float* i, __global const float* f, __global float* b, __global float* ig,
+// The log decays of a token in three channels (stages.hpp Decays), each restarting at a cut: .x the cumsum b of
+// the ordinary lf inside the chunk, .y the cumsum B of the large ones, .z the index in the chunk of the last cut at
+// or before the token (-1: none). From the chunk's start to the token, and from token s to token t of one chunk
+// (-inf across a cut, exact 0 where no gate lies between).
+inline float dec_upto(const float4 d) { return d.z >= 0.0f ? -INFINITY : d.x + d.y; }
+inline float dec_between(const float4 s, const float4 t) {
+  return s.z != t.z ? -INFINITY : (t.x - s.x) + (t.y - s.y);
+}
+
+// One work item per (row, chunk): the decays b (float4 per token), ig, G (the chunk's whole log decay, -inf with a
+// cut in it).
+__kernel void fw_gates(__global const float* i, __global const float* f, __global float4* b, __global float* ig,
                        __global float* G, int S, int nchunks) {
   const int row = get_global_id(1), c = get_global_id(0);
   if (c >= nchunks) return;
   const size_t base = (size_t)row * S;
   const int t0 = c * CHUNK, t1 = min(S, t0 + CHUNK);
-  // A forget gate of -inf counts as lf = -FORGET_CUT, added apart from the finite sum (one rounding), and only
-  // when something before it is not forgotten yet (stages.cpp fw_gates; stages.hpp "Gates at +-inf"): b - b
-  // never forms (-inf) - (-inf).
-  float acc = 0.0f, cuts = 0.0f;
-  bool live = true;
+  // Three channels (stages.cpp fw_gates; stages.hpp "Gates at +-inf"): the ordinary lf, the large ones
+  // (lf <= -BIG_DECAY) and the cuts (lf = -inf or <= -CUT_DECAY), where both sums restart.
+  float small = 0.0f, large = 0.0f, last_cut = -1.0f;
   for (int t = t0; t < t1; ++t) {
     const float lf = logsigmoid(f[base + t]);
-    if (lf == -INFINITY) {
-      if (live) cuts += FORGET_CUT;
-      live = false;
+    if (lf <= -CUT_DECAY) {
+      small = large = 0.0f;
+      last_cut = (float)(t - t0);
+    } else if (lf <= -BIG_DECAY) {
+      large += lf;
     } else {
-      acc += lf;
+      small += lf;
     }
-    b[base + t] = acc - cuts;
+    b[base + t] = (float4)(small, large, last_cut, 0.0f);
 #if GATE_EXP
     const float igt = i[base + t];
 #else
     const float igt = logsigmoid(i[base + t]);
 #endif
     ig[base + t] = igt;
-    live = live || igt != -INFINITY;
   }
-  G[(size_t)row * nchunks + c] = acc - cuts;
+  G[(size_t)row * nchunks + c] = last_cut >= 0.0f ? -INFINITY : small + large;
 }
 
 // One work group of 64 per row, sequential over the chunks, parallel over a chunk's tokens: the stabiliser
 // of the state entering every chunk (mb), the carry factor exp(G_c + m_c - m_{c+1}) of every chunk and the
 // weight exp(a_t - m_{c+1}) of every token, so that the state kernels do no exp and no max per element.
 __kernel __attribute__((reqd_work_group_size(64, 1, 1)))
-void fw_state_weights(__global const float* b, __global const float* ig, __global const float* G,
+void fw_state_weights(__global const float4* b, __global const float* ig, __global const float* G,
                       __global const float* m0, __global float* mb, __global float* carry,
                       __global float* wtok, __global float* mout, int S, int nchunks) {
   __local float red[64];
@@ -103,7 +112,7 @@ void fw_state_weights(__global const float* b, __global const float* ig, __globa
     const float Gc = G[bidx];
 #if GATE_EXP
     float mx = -INFINITY;
-    for (int t = t0 + lid; t < t1; t += 64) mx = fmax(mx, Gc - b[gbase + t] + ig[gbase + t]);
+    for (int t = t0 + lid; t < t1; t += 64) mx = fmax(mx, dec_between(b[gbase + t], b[gbase + t1 - 1]) + ig[gbase + t]);
     red[lid] = mx;
     barrier(CLK_LOCAL_MEM_FENCE);
     for (int off = 32; off > 0; off >>= 1) {
@@ -117,9 +126,10 @@ void fw_state_weights(__global const float* b, __global const float* ig, __globa
 #endif
     if (lid == 0) {
       mb[bidx] = m;
-      carry[bidx] = safe_exp(Gc + m - m_new);
+      carry[bidx] = safe_exp((m - m_new) + Gc);  // m - m_new exact where it matters (input gates of 1e6)
     }
-    for (int t = t0 + lid; t < t1; t += 64) wtok[gbase + t] = safe_exp(Gc - b[gbase + t] + ig[gbase + t] - m_new);
+    for (int t = t0 + lid; t < t1; t += 64)
+      wtok[gbase + t] = safe_exp(dec_between(b[gbase + t], b[gbase + t1 - 1]) + (ig[gbase + t] - m_new));
     m = m_new;
   }
   if (lid == 0) mout[row] = m;
@@ -154,7 +164,7 @@ void fw_state_weights(__global const float* b, __global const float* ig, __globa
 inline void state_subtile_load(const int backward, const int u, const int lid, const int dbase, const int ebase,
                                const size_t gbase, const int row, const int S, const int nchunks,
                                __global const in_t* xsrc, __global const in_t* ysrc, __global const float* wtok,
-                               __global const float* b, __global const float* mb, __global const float* m_tok,
+                               __global const float4* b, __global const float* mb, __global const float* m_tok,
                                __global const float* N_tok, __global const float* dden, float* px, float* py,
                                float* pa) {
   const int c = u / TPC;
@@ -170,7 +180,7 @@ inline void state_subtile_load(const int backward, const int u, const int lid, c
     float x = 0.0f;
     if (t < t1 && d < DHQK) {
       const size_t g = gbase + t;
-      const float w = backward ? safe_exp(b[g] + mc - m_tok[g]) * scale : wtok[g];
+      const float w = backward ? safe_exp((mc - m_tok[g]) + dec_upto(b[g])) * scale : wtok[g];
       x = w * ld(xsrc, g * DHQK + d);
     }
     px[r] = x;
@@ -209,7 +219,7 @@ inline void state_subtile_load(const int backward, const int u, const int lid, c
 
 // The shared body of both state kernels (backward: reverse direction and the gradient loads).
 inline void state_scan(const int backward, __global const in_t* xsrc, __global const in_t* ysrc,
-                       __global const float* carry, __global const float* wtok, __global const float* b,
+                       __global const float* carry, __global const float* wtok, __global const float4* b,
                        __global const float* mb, __global const float* m_tok, __global const float* N_tok,
                        __global const float* dden, __global const float* C_in, __global const float* n_in,
                        const int has_in, __global float* C_chunk, __global float* n_chunk, __global float* C_out,
@@ -289,7 +299,7 @@ void fw_states(__global const in_t* k, __global const in_t* v, __global const fl
   __local float xs[STT * SD];
   __local float ys[STT * SE];
   __local float ya[STT];
-  state_scan(0, k, v, carry, wtok, carry, carry, carry, carry, carry, C0, n0, 1, Cb, nb, Cout, nout, S, nchunks, xs,
+  state_scan(0, k, v, carry, wtok, (__global const float4*)carry, carry, carry, carry, carry, C0, n0, 1, Cb, nb, Cout, nout, S, nchunks, xs,
              ys, ya);
 }
 
@@ -298,7 +308,7 @@ void fw_states(__global const in_t* k, __global const in_t* v, __global const fl
 // work item accumulates num_t[e] for its e. The stabiliser m_t comes from the gates alone (prefix max), so
 // no rescaling is needed across tiles. Writes h in the input dtype and, per token, m_t, N_t and den_t.
 __kernel void fw_outputs(__global const in_t* q, __global const in_t* k, __global const in_t* v,
-                         __global const float* b, __global const float* ig, __global const float* Cb,
+                         __global const float4* b, __global const float* ig, __global const float* Cb,
                          __global const float* nb, __global const float* mb, __global in_t* h, __global float* m_tok,
                          __global float* N_tok, __global float* den_tok, int S, int nchunks) {
   __local float qs[DHQK];
@@ -311,17 +321,17 @@ __kernel void fw_outputs(__global const in_t* q, __global const in_t* k, __globa
   const size_t bidx = (size_t)row * nchunks + c;
   const float scale = rsqrt((float)DHQK);
   for (int d = lid; d < DHQK; d += lsz) qs[d] = ld(q, (gbase + t) * DHQK + d) * scale;
-  // m_t = max(b_t + m, max_{s<=t} (b_t - b_s + ig_s))
+  // m_t = max(D_t + m, max_{s<=t} (D_st + ig_s)), D the log decays
+  const float4 bt = b[gbase + t];
 #if GATE_EXP
   const float m_in = mb[bidx];
-  const float bt = b[gbase + t];
-  float mt = bt + m_in;
-  for (int s = t0; s <= t; ++s) mt = fmax(mt, bt - b[gbase + s] + ig[gbase + s]);
+  float mt = dec_upto(bt) + m_in;
+  for (int s = t0; s <= t; ++s) mt = fmax(mt, dec_between(b[gbase + s], bt) + ig[gbase + s]);
 #else
-  const float m_in = 0.0f, bt = b[gbase + t], mt = 0.0f;
+  const float m_in = 0.0f, mt = 0.0f;
 #endif
   barrier(CLK_LOCAL_MEM_FENCE);
-  const float inter = safe_exp(bt + m_in - mt);
+  const float inter = safe_exp((m_in - mt) + dec_upto(bt));
   // den, inter part: q' . n (reduced over the work group)
   float part = 0.0f;
   for (int d = lid; d < DHQK; d += lsz) part += qs[d] * nb[bidx * DHQK + d];
@@ -344,7 +354,7 @@ __kernel void fw_outputs(__global const in_t* q, __global const in_t* k, __globa
       const int s = s0 + l;
       float dot = 0.0f;
       for (int d = 0; d < DHQK; ++d) dot += qs[d] * ld(k, (gbase + s) * DHQK + d);
-      const float wt = safe_exp(bt - b[gbase + s] + ig[gbase + s] - mt) * dot;
+      const float wt = safe_exp(dec_between(b[gbase + s], bt) + (ig[gbase + s] - mt)) * dot;
       w[l] = wt;
       den_intra += wt;
     }
@@ -408,15 +418,16 @@ __kernel void fw_outputs(__global const in_t* q, __global const in_t* k, __globa
 #define OSTAGE (OKD * (OE > OPAD ? OE : OPAD))
 __kernel __attribute__((reqd_work_group_size(256, 1, 1)))
 void fw_outputs_regtiled(__global const in_t* q, __global const in_t* k, __global const in_t* v,
-                         __global const float* b, __global const float* ig, __global const float* Cb,
+                         __global const float4* b, __global const float* ig, __global const float* Cb,
                          __global const float* nb, __global const float* mb, __global in_t* h,
                          __global float* m_tok, __global float* N_tok, __global float* den_tok, int S, int nchunks) {
   __local float qT[OKD * OPAD];   // Q'^T stage: [dd][j]
   __local float stg[OSTAGE];      // C stage [dd][e] | K^T stage [dd][l] | V stage [ll][e]
   __local float sT[OKT * OPAD];   // weighted scores, transposed: [l][j]
   __local float ns[OKD];
-  __local float qb_l[OQB], qm_l[OQB], qu_l[OQB], den_l[OQB];
-  __local float kb_l[OKT], kig_l[OKT];
+  __local float4 qb_l[OQB], kb_l[OKT];
+  __local float qm_l[OQB], qu_l[OQB], den_l[OQB];
+  __local float kig_l[OKT];
   __local float red[256];
   const int blocks = (CHUNK + OQB - 1) / OQB;
   const int grp = get_group_id(0), row = get_group_id(1), lid = get_local_id(0);
@@ -429,35 +440,25 @@ void fw_outputs_regtiled(__global const in_t* q, __global const in_t* k, __globa
   const size_t gbase = (size_t)row * S, bidx = (size_t)row * nchunks + c;
   const float scale = rsqrt((float)DHQK);
 
-  // 1. Gates of the block's queries.
+  // 1. Gates of the block's queries: m_t = max(D_t + m, max_{s<=t} (D_st + ig_s)) over the chunk's tokens up to t,
+  // each difference of decays formed apart (stages.hpp Decays), so no large decay rounds the ordinary ones.
 #if GATE_EXP
   const float m_in = mb[bidx];
-  float pm = -INFINITY;  // max of ig_s - b_s over the chunk's tokens before the block
-  for (int s = t0c + lid; s < q0; s += 256) pm = fmax(pm, ig[gbase + s] - b[gbase + s]);
-  red[lid] = pm;
-  barrier(CLK_LOCAL_MEM_FENCE);
-  for (int off = 128; off > 0; off >>= 1) {
-    if (lid < off) red[lid] = fmax(red[lid], red[lid + off]);
-    barrier(CLK_LOCAL_MEM_FENCE);
-  }
   if (lid < OQB) {
-    float mx = red[0];
-    for (int j = 0; j < OQB; ++j) {  // fixed trip count
-      const int s = q0 + min(j, qn - 1);
-      mx = j <= lid ? fmax(mx, ig[gbase + s] - b[gbase + s]) : mx;
-    }
-    const float bt = lid < qn ? b[gbase + q0 + lid] : 0.0f;
-    const float mt = lid < qn ? fmax(bt + m_in, bt + mx) : 0.0f;
+    const float4 bt = lid < qn ? b[gbase + q0 + lid] : (float4)(0.0f, 0.0f, 0.0f, 0.0f);
+    float mt = dec_upto(bt) + m_in;
+    for (int s = t0c; s <= q0 + min(lid, qn - 1); ++s) mt = fmax(mt, dec_between(b[gbase + s], bt) + ig[gbase + s]);
+    mt = lid < qn ? mt : 0.0f;
     qb_l[lid] = bt;
     qm_l[lid] = mt;
-    qu_l[lid] = lid < qn ? safe_exp(bt + m_in - mt) : 0.0f;
+    qu_l[lid] = lid < qn ? safe_exp((m_in - mt) + dec_upto(bt)) : 0.0f;
   }
 #else
   if (lid < OQB) {
-    const float bt = lid < qn ? b[gbase + q0 + lid] : 0.0f;
+    const float4 bt = lid < qn ? b[gbase + q0 + lid] : (float4)(0.0f, 0.0f, 0.0f, 0.0f);
     qb_l[lid] = bt;
     qm_l[lid] = 0.0f;
-    qu_l[lid] = lid < qn ? exp(bt) : 0.0f;
+    qu_l[lid] = lid < qn ? exp(dec_upto(bt)) : 0.0f;
   }
 #endif
 
@@ -512,7 +513,7 @@ void fw_outputs_regtiled(__global const in_t* q, __global const in_t* k, __globa
         stg[dd * OPAD + j] = j < sn && d < DHQK ? ld(k, (gbase + s0 + j) * DHQK + d) : 0.0f;
       }
       if (dbase == 0 && lid < OKT) {
-        kb_l[lid] = lid < sn ? b[gbase + s0 + lid] : 0.0f;
+        kb_l[lid] = lid < sn ? b[gbase + s0 + lid] : (float4)(0.0f, 0.0f, 0.0f, 0.0f);
         kig_l[lid] = lid < sn ? ig[gbase + s0 + lid] : 0.0f;
       }
       barrier(CLK_LOCAL_MEM_FENCE);
@@ -526,10 +527,12 @@ void fw_outputs_regtiled(__global const in_t* q, __global const in_t* k, __globa
     }
     for (int i = 0; i < 4; ++i) {
       const int j = ty * 4 + i, t = q0 + j;
-      const float bt = qb_l[j], mt = qm_l[j];
+      const float4 bt = qb_l[j];
+      const float mt = qm_l[j];
       for (int jj = 0; jj < 4; ++jj) {
         const int l = tx * 4 + jj, s = s0 + l;
-        sT[l * OPAD + j] = j < qn && l < sn && s <= t ? safe_exp(bt - kb_l[l] + kig_l[l] - mt) * sc[i][jj] : 0.0f;
+        sT[l * OPAD + j] =
+            j < qn && l < sn && s <= t ? safe_exp(dec_between(kb_l[l], bt) + (kig_l[l] - mt)) * sc[i][jj] : 0.0f;
       }
     }
     barrier(CLK_LOCAL_MEM_FENCE);
@@ -621,7 +624,7 @@ __kernel void bw_prep(__global const in_t* dh, __global const in_t* h, __global 
 // and finally that of the initial state (dC0, dn0). Same launch geometry as fw_states.
 __kernel __attribute__((reqd_work_group_size(256, 1, 1)))
 void bw_state_grads(__global const in_t* q, __global const in_t* dh, __global const float* dden,
-                     __global const float* b, __global const float* mb, __global const float* carry,
+                     __global const float4* b, __global const float* mb, __global const float* carry,
                      __global const float* m_tok, __global const float* N_tok, __global const float* dC_last,
                      __global const float* dn_last, int has_dlast, __global float* dCn, __global float* dnn,
                      __global float* dC0, __global float* dn0, int S, int nchunks) {
@@ -639,7 +642,7 @@ void bw_state_grads(__global const in_t* q, __global const in_t* dh, __global co
 #define DPI ((DHQK + 63) / 64)
 #define VPI ((DHHV + 63) / 64)
 __kernel void bw_grads(__global const in_t* q, __global const in_t* k, __global const in_t* v,
-                       __global const in_t* dh, __global const float* dden, __global const float* b,
+                       __global const in_t* dh, __global const float* dden, __global const float4* b,
                        __global const float* ig, __global const float* mb, __global const float* wtok,
                        __global const float* Cb, __global const float* nb, __global const float* dCn,
                        __global const float* dnn, __global const float* m_tok, __global const float* N_tok,
@@ -654,7 +657,8 @@ __kernel void bw_grads(__global const in_t* q, __global const in_t* k, __global 
   const size_t gbase = (size_t)row * S, g = gbase + tau;
   const size_t bidx = (size_t)row * nchunks + c;
   const float scale = rsqrt((float)DHQK);
-  const float Ntau = N_tok[g], ddtau = dden[g], mtau = m_tok[g], btau = b[g];
+  const float Ntau = N_tok[g], ddtau = dden[g], mtau = m_tok[g];
+  const float4 btau = b[g];
   for (int d = lid; d < DHQK; d += lsz) {
     qs[d] = ld(q, g * DHQK + d) * scale;
     ks[d] = ld(k, g * DHQK + d);
@@ -666,7 +670,7 @@ __kernel void bw_grads(__global const in_t* q, __global const in_t* k, __global 
   barrier(CLK_LOCAL_MEM_FENCE);
   float aq[DPI], ak[DPI], av[VPI];
   // Inter-chunk parts: dq += u_tau (C dnum + n dden); dk += w_tau (dCn v + dnn); dv += w_tau dCn^T k.
-  const float u = safe_exp(btau + mb[bidx] - mtau), w = wtok[g];
+  const float u = safe_exp((mb[bidx] - mtau) + dec_upto(btau)), w = wtok[g];
   for (int j = 0; j < DPI; ++j) {
     const int d = lid + j * lsz;
     float x = 0.0f, y = 0.0f;
@@ -696,7 +700,7 @@ __kernel void bw_grads(__global const in_t* q, __global const in_t* k, __global 
       const size_t gs = gbase + s0 + l;
       float dot = 0.0f;
       for (int e = 0; e < DHHV; ++e) dot += dns[e] * ld(v, gs * DHHV + e);
-      ca[l] = safe_exp(btau - b[gs] + ig[gs] - mtau) * (dot + ddtau);
+      ca[l] = safe_exp(dec_between(b[gs], btau) + (ig[gs] - mtau)) * (dot + ddtau);
     }
     barrier(CLK_LOCAL_MEM_FENCE);
     for (int j = 0; j < DPI; ++j) {
@@ -718,7 +722,7 @@ __kernel void bw_grads(__global const in_t* q, __global const in_t* k, __global 
       float dva = 0.0f, qk = 0.0f;
       for (int e = 0; e < DHHV; ++e) dva += ld(dh, gt * DHHV + e) * vs[e];
       for (int d = 0; d < DHQK; ++d) qk += ld(q, gt * DHQK + d) * ks[d];
-      const float P = safe_exp(b[gt] - btau + ig[g] - m_tok[gt]);
+      const float P = safe_exp(dec_between(btau, b[gt]) + (ig[g] - m_tok[gt]));
       ca[l] = P * (dva / Nt + dden[gt]);
       cb[l] = P * qk * scale / Nt;
     }
@@ -792,14 +796,14 @@ __kernel void bw_grads(__global const in_t* q, __global const in_t* k, __global 
 #define GSTAGE (GKD * (GEP > OPAD_G ? GEP : OPAD_G))
 #define OPAD_G 68
 inline void bw_grads_chain(const int mode, __global const in_t* q, __global const in_t* k, __global const in_t* v,
-                           __global const in_t* dh, __global const float* dden, __global const float* b,
+                           __global const in_t* dh, __global const float* dden, __global const float4* b,
                            __global const float* ig, __global const float* mb, __global const float* wtok,
                            __global const float* Cb, __global const float* nb, __global const float* dCn,
                            __global const float* dnn, __global const float* m_tok, __global const float* N_tok,
                            __global in_t* out, __global float* dots, const int S, const int nchunks,
                            __local float* aT, __local float* stg, __local float* cT, __local float* r_sc,
-                           __local float* o_b, __local float* o_ig, __local float* o_m, __local float* o_dd,
-                           __local float* r_b, __local float* r_ig, __local float* r_m, __local float* r_dd,
+                           __local float4* o_b, __local float* o_ig, __local float* o_m, __local float* o_dd,
+                           __local float4* r_b, __local float* r_ig, __local float* r_m, __local float* r_dd,
                            __local float* red) {
   const int OUTD = GOUT(mode), IND = GIN(mode);
   const int nct = (OUTD + GE - 1) / GE;
@@ -822,11 +826,11 @@ inline void bw_grads_chain(const int mode, __global const in_t* q, __global cons
     const int j = lid;
     const size_t g = gbase + r0 + min(j, rn - 1);
     const bool ok = j < rn;
-    r_b[j] = ok ? b[g] : 0.0f;
+    r_b[j] = ok ? b[g] : (float4)(0.0f, 0.0f, 0.0f, 0.0f);
     r_ig[j] = ok ? ig[g] : 0.0f;
     r_m[j] = ok ? m_tok[g] : 0.0f;
     r_dd[j] = ok ? (mode == 0 ? dden[g] : mode == 1 ? 1.0f : 0.0f) : 0.0f;
-    r_sc[j] = ok ? (mode == 0 ? safe_exp(b[g] + mc - m_tok[g]) : wtok[g]) : 0.0f;
+    r_sc[j] = ok ? (mode == 0 ? safe_exp((mc - m_tok[g]) + dec_upto(b[g])) : wtok[g]) : 0.0f;
   }
   // Inter part: acc[r][col] = sum_x A[r][x] M[x][col] + extra_r vec[col].
   float acc[4][4 * GVW];
@@ -908,7 +912,7 @@ inline void bw_grads_chain(const int mode, __global const in_t* q, __global cons
       if (yb == 0 && lid < 64) {
         const size_t g = gbase + o0 + min(lid, on - 1);
         const bool ok = lid < on;
-        o_b[lid] = ok ? b[g] : 0.0f;
+        o_b[lid] = ok ? b[g] : (float4)(0.0f, 0.0f, 0.0f, 0.0f);
         o_ig[lid] = ok ? ig[g] : 0.0f;
         o_m[lid] = ok ? m_tok[g] : 0.0f;
         o_dd[lid] = ok && mode == 1 ? dden[g] : 0.0f;
@@ -930,9 +934,9 @@ inline void bw_grads_chain(const int mode, __global const in_t* q, __global cons
         float cf = 0.0f;
         if (j < rn && l < on) {
           if (mode == 0) {
-            if (o <= r) cf = safe_exp(r_b[j] - o_b[l] + o_ig[l] - r_m[j]) * (sc[i][jj] + r_dd[j]);
+            if (o <= r) cf = safe_exp(dec_between(o_b[l], r_b[j]) + (o_ig[l] - r_m[j])) * (sc[i][jj] + r_dd[j]);
           } else if (o >= r) {
-            cf = safe_exp(o_b[l] - r_b[j] + r_ig[j] - o_m[l]) * (sc[i][jj] + o_dd[l]);
+            cf = safe_exp(dec_between(r_b[j], o_b[l]) + (r_ig[j] - o_m[l])) * (sc[i][jj] + o_dd[l]);
           }
         }
         cT[l * OPAD_G + j] = cf;
@@ -995,11 +999,12 @@ inline void bw_grads_chain(const int mode, __global const in_t* q, __global cons
   __local float aT[GKD * OPAD_G];                                                                     \
   __local float stg[GSTAGE];                                                                          \
   __local float cT[64 * OPAD_G];                                                                      \
-  __local float r_sc[64], o_b[64], o_ig[64], o_m[64], o_dd[64], r_b[64], r_ig[64], r_m[64], r_dd[64]; \
+  __local float4 o_b[64], r_b[64];                                                                    \
+  __local float r_sc[64], o_ig[64], o_m[64], o_dd[64], r_ig[64], r_m[64], r_dd[64];                   \
   __local float red[64 * 16];
 #define BW_CHAIN_PARAMS                                                                                        \
   __global const in_t *q, __global const in_t *k, __global const in_t *v, __global const in_t *dh,             \
-      __global const float *dden, __global const float *b, __global const float *ig, __global const float *mb, \
+      __global const float *dden, __global const float4 *b, __global const float *ig, __global const float *mb, \
       __global const float *wtok, __global const float *Cb, __global const float *nb, __global const float *dCn, \
       __global const float *dnn, __global const float *m_tok, __global const float *N_tok
 #define BW_CHAIN_CALL(mode, out, dots)                                                                       \

@@ -59,7 +59,7 @@ __kernel __attribute__((reqd_work_group_size(SHARD_WG, 1, 1))) void shard_fw_com
       if (e == 0) m_in[(size_t)row * P + p] = m;
 #if GATE_EXP
       const float ml = m_loc[(size_t)row * P + p], mn = fmax(Gp[p] + m, ml);
-      ap[p] = mn == -INFINITY ? 0.0f : safe_exp(Gp[p] + m - mn);
+      ap[p] = mn == -INFINITY ? 0.0f : safe_exp((m - mn) + Gp[p]);
       bp[p] = mn == -INFINITY ? 0.0f : safe_exp(ml - mn);
       m = mn;
 #else
@@ -117,7 +117,7 @@ __kernel __attribute__((reqd_work_group_size(SHARD_WG, 1, 1))) void shard_bw_com
 #if GATE_EXP
       const size_t q = (size_t)row * P + p;
       const float mi = m_in[q * in_stride], mo = m_out[q * out_stride + out_off];
-      Gp[p] = mi == -INFINITY ? 0.0f : safe_exp(Gp[p] + mi - mo);
+      Gp[p] = mi == -INFINITY ? 0.0f : safe_exp((mi - mo) + Gp[p]);
 #else
       Gp[p] = exp(Gp[p]);
 #endif

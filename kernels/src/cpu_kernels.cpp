@@ -130,7 +130,8 @@ StateBuffer initial_state(const ForwardArgs& a, const ProblemShape& p, std::int6
 }
 
 struct RowForward {
-  FloatBuffer b, ig, G, h, m_tok, N_tok, den_tok;
+  FloatBuffer b, B, cut, ig, G, h, m_tok, N_tok, den_tok;
+  stages::Decays decays() const { return {b.data(), B.data(), cut.data()}; }
   StateBuffer boundary, last;
 };
 
@@ -156,12 +157,14 @@ RowForward forward_row(const RowInputs& in, const StateBuffer& init, std::int64_
   const SegmentShape s{T, L, p.DHQK, p.DHHV, operands(p, keep_for_backward)};
   RowForward r;
   r.b.resize(static_cast<std::size_t>(T));
+  r.B.resize(static_cast<std::size_t>(T));
+  r.cut.resize(static_cast<std::size_t>(T));
   r.ig.resize(static_cast<std::size_t>(T));
   r.G.resize(static_cast<std::size_t>(s.num_chunks()));
-  stages::fw_gates(in.i, in.f, o.gate, s, r.b.data(), r.ig.data(), r.G.data());
+  stages::fw_gates(in.i, in.f, o.gate, s, r.b.data(), r.B.data(), r.cut.data(), r.ig.data(), r.G.data());
   r.boundary = stages::pooled_states(p.DHQK, p.DHHV, s.num_chunks());  // fw_states writes every state
   r.last = StateBuffer(p.DHQK, p.DHHV, 1);
-  stages::fw_states_parts(in.k, in.v, r.b.data(), r.ig.data(), r.G.data(), o.gate, s, init.at(0), &r.boundary,
+  stages::fw_states_parts(in.k, in.v, r.decays(), r.ig.data(), r.G.data(), o.gate, s, init.at(0), &r.boundary,
                           r.last.at(0), stages::SequenceParts::for_rows(s, items), in.rows16());
   if (!h_out) {
     r.h = stages::pooled_floats(static_cast<std::size_t>(T * p.DHHV));
@@ -172,7 +175,7 @@ RowForward forward_row(const RowInputs& in, const StateBuffer& init, std::int64_
     r.N_tok.resize(static_cast<std::size_t>(T));
     r.den_tok.resize(static_cast<std::size_t>(T));
   }
-  stages::fw_outputs(in.q, in.k, in.v, r.b.data(), r.ig.data(), o.gate, o.normalize, static_cast<float>(o.eps), s,
+  stages::fw_outputs(in.q, in.k, in.v, r.decays(), r.ig.data(), o.gate, o.normalize, static_cast<float>(o.eps), s,
                      r.boundary, h_out, keep_for_backward ? r.m_tok.data() : nullptr,
                      keep_for_backward ? r.N_tok.data() : nullptr, keep_for_backward ? r.den_tok.data() : nullptr, tile,
                      in.rows16());
@@ -260,7 +263,7 @@ BackwardResult backward_impl(const BackwardArgs& a, const MlstmOptions& o, std::
     StateBuffer dboundary = stages::pooled_states(p.DHQK, p.DHHV, s.num_chunks());  // bw_state_grads writes all
     StateBuffer din(p.DHQK, p.DHHV, 1);
     const float m_exit = f.last.m[0];
-    stages::bw_state_grads_parts(in.q, dh.data(), f.h.data(), f.b.data(), f.m_tok.data(), f.N_tok.data(),
+    stages::bw_state_grads_parts(in.q, dh.data(), f.h.data(), f.decays(), f.m_tok.data(), f.N_tok.data(),
                                  f.den_tok.data(), f.G.data(), o.gate, o.normalize, s, f.boundary, m_exit, dout.at(0),
                                  dboundary, din.at(0), stages::SequenceParts::for_rows(s, count));
     if (!state_only) {
@@ -270,9 +273,9 @@ BackwardResult backward_impl(const BackwardArgs& a, const MlstmOptions& o, std::
                   dv = stages::pooled_floats(v_size);
       std::vector<float> di_raw(static_cast<std::size_t>(T)), rr(static_cast<std::size_t>(T)),
           di(static_cast<std::size_t>(T)), df(static_cast<std::size_t>(T));
-      stages::bw_grads(in.q, in.k, in.v, dh.data(), f.h.data(), f.b.data(), f.ig.data(), f.m_tok.data(), f.N_tok.data(),
-                       f.den_tok.data(), f.G.data(), o.gate, o.normalize, s, f.boundary, m_exit, dboundary, dout.at(0),
-                       dq.data(), dk.data(), dv.data(), di_raw.data(), rr.data(), tile);
+      stages::bw_grads(in.q, in.k, in.v, dh.data(), f.h.data(), f.decays(), f.ig.data(), f.m_tok.data(), f.N_tok.data(),
+                       f.den_tok.data(), o.gate, o.normalize, s, f.boundary, m_exit, dboundary, dout.at(0), dq.data(),
+                       dk.data(), dv.data(), di_raw.data(), rr.data(), tile);
       double tail = 0.0;  // <dC_last, C_last> + <dn_last, n_last>
       for (std::size_t e = 0; e < dout.C.size(); ++e) tail += static_cast<double>(dout.C[e]) * f.last.C[e];
       for (std::size_t e = 0; e < dout.n.size(); ++e) tail += static_cast<double>(dout.n[e]) * f.last.n[e];
@@ -318,7 +321,8 @@ void step_row(const float* q, const float* k, const float* v, float i, float f, 
     constexpr float ninf = -std::numeric_limits<float>::infinity();
     const float cand = lf == ninf ? ninf : lf + m;
     m_new = std::max(cand, i);
-    a = cand == ninf ? 0.f : std::exp(cand - m_new);
+    // lf + (m - m_new): exact where m is far above lf (input gates of 1e6), where cand - m_new would lose lf.
+    a = cand == ninf ? 0.f : std::exp(lf + (m - m_new));
     bw = i == ninf ? 0.f : std::exp(i - m_new);
   } else {
     m_new = 0.f;

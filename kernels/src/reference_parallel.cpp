@@ -1,5 +1,6 @@
 // float64 reference: the parallel form with the stabilised forget-gate matrix, forward and backward.
 // The initial state enters as an extra "column" of log weight b_t + m0, so m_t equals the recurrent m_t.
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -21,16 +22,41 @@ constexpr std::int64_t kInitColumn = -1;  // argmax marker: the initial-state co
 // Log weights of one row: b (inclusive cumsum of lf), ig, and per t the stabiliser m_t with its argmax.
 // A forget gate of -inf at token u (lf_u = -inf) cuts the row: b restarts after u (b_u = 0) and every log
 // weight reaching across the cut is -inf, so no (-inf) - (-inf) is ever formed (stages.hpp "Gates at +-inf").
+// The large finite lf (<= -kLarge) are not in b: the decay from s to t adds those in (s, t] directly, so that a
+// forget gate of -1e30 before s does not round away the decays between s and t (a difference of prefix sums
+// would). Rows have few of them; the sum walks only those between.
+constexpr double kLarge = 32.0;
 struct RowGates {
   std::vector<double> b, ig, m;
+  std::vector<std::int64_t> large_at;  // positions of the large lf, ascending
+  std::vector<double> large_lf;
   std::vector<std::int64_t> argmax;
   std::vector<std::int64_t> cut;  // the last token u <= t with lf_u = -inf, or -1
   double m0 = 0.0;
   bool exp_gate = true;
   double logw(std::int64_t t, std::int64_t s) const {  // s <= t
-    return s < cut[t] ? detail::kNegInf : b[t] - b[s] + ig[s];
+    return s < cut[t] ? detail::kNegInf : decay(t, s) + ig[s];
   }
-  double logw0(std::int64_t t) const { return cut[t] >= 0 ? detail::kNegInf : b[t] + m0; }
+  double logw0(std::int64_t t) const { return cut[t] >= 0 ? detail::kNegInf : b[t] + large(-1, t) + m0; }
+  // The large lf at positions in (s, t].
+  double large(std::int64_t s, std::int64_t t) const {
+    double sum = 0.0;
+    auto it = std::upper_bound(large_at.begin(), large_at.end(), s);
+    for (; it != large_at.end() && *it <= t; ++it) sum += large_lf[static_cast<std::size_t>(it - large_at.begin())];
+    return sum;
+  }
+  double decay(std::int64_t t, std::int64_t s) const { return (b[t] - b[s]) + large(s, t); }
+  // exp(logw(t, s) - m_t) and exp(logw0(t) - m_t), formed as (b_t - b_s) + (ig_s - m_t) and b_t + (m0 - m_t): with
+  // input gates or m0 far above the decays (1e30) the difference to the stabiliser is exact and the decays keep
+  // their digits, as in the recurrence (a = exp(lf + (m_{t-1} - m_t))).
+  double w(std::int64_t t, std::int64_t s) const {
+    if (s < cut[t] || ig[s] == detail::kNegInf) return 0.0;
+    return std::exp(decay(t, s) + (ig[s] - m[t]));
+  }
+  double w0(std::int64_t t) const {
+    if (cut[t] >= 0 || m0 == detail::kNegInf) return 0.0;
+    return std::exp((b[t] + large(-1, t)) + (m0 - m[t]));
+  }
 };
 
 RowGates row_gates(const double* i, const double* f, std::int64_t S, double m0, GateVariant gate) {
@@ -49,6 +75,9 @@ RowGates row_gates(const double* i, const double* f, std::int64_t S, double m0, 
     if (lf == detail::kNegInf) {
       cut = t;
       acc = 0.0;
+    } else if (lf <= -kLarge) {
+      g.large_at.push_back(t);
+      g.large_lf.push_back(lf);
     } else {
       acc += lf;
     }
@@ -109,7 +138,7 @@ ForwardResult parallel_forward(const ForwardArgs& args, const MlstmOptions& o) {
     for (std::int64_t t = 0; t < S; ++t) {
       const double* q = in.q_row(r) + t * DK;
       for (std::int64_t d = 0; d < DK; ++d) qs[d] = q[d] * scale;
-      const double w0 = detail::weight(g.logw0(t), g.m[t]);
+      const double w0 = g.w0(t);
       double den = w0 * dot(qs.data(), n0, DK);
       for (std::int64_t e = 0; e < DV; ++e) {
         double acc = 0.0;
@@ -117,7 +146,7 @@ ForwardResult parallel_forward(const ForwardArgs& args, const MlstmOptions& o) {
         num[e] = w0 * acc;
       }
       for (std::int64_t s = 0; s <= t; ++s) {
-        const double w = detail::weight(g.logw(t, s), g.m[t]) * dot(qs.data(), in.k_row(r) + s * DK, DK);
+        const double w = g.w(t, s) * dot(qs.data(), in.k_row(r) + s * DK, DK);
         den += w;
         const double* v = in.v_row(r) + s * DV;
         for (std::int64_t e = 0; e < DV; ++e) num[e] += w * v[e];
@@ -127,7 +156,7 @@ ForwardResult parallel_forward(const ForwardArgs& args, const MlstmOptions& o) {
     }
     // Last state in closed form.
     const std::int64_t T = S - 1;
-    const double w0 = detail::weight(g.logw0(T), g.m[T]);
+    const double w0 = g.w0(T);
     double* Cr = C.data() + r * DK * DV;
     double* nr = n.data() + r * DK;
     for (std::int64_t d = 0; d < DK; ++d) {
@@ -135,7 +164,7 @@ ForwardResult parallel_forward(const ForwardArgs& args, const MlstmOptions& o) {
       for (std::int64_t e = 0; e < DV; ++e) Cr[d * DV + e] = w0 * C0[d * DV + e];
     }
     for (std::int64_t s = 0; s <= T; ++s) {
-      const double w = detail::weight(g.logw(T, s), g.m[T]);
+      const double w = g.w(T, s);
       const double* k = in.k_row(r) + s * DK;
       const double* v = in.v_row(r) + s * DV;
       for (std::int64_t d = 0; d < DK; ++d) {
@@ -198,7 +227,7 @@ BackwardResult parallel_backward(const BackwardArgs& args, const MlstmOptions& o
       const double* q = in.q_row(r) + t * DK;
       for (std::int64_t d = 0; d < DK; ++d) qs[d] = q[d] * scale;
       // Recompute num/den.
-      const double w0 = detail::weight(g.logw0(t), g.m[t]);
+      const double w0 = g.w0(t);
       double den = w0 * dot(qs.data(), n0, DK);
       for (std::int64_t e = 0; e < DV; ++e) {
         double acc = 0.0;
@@ -206,7 +235,7 @@ BackwardResult parallel_backward(const BackwardArgs& args, const MlstmOptions& o
         num[e] = w0 * acc;
       }
       for (std::int64_t s = 0; s <= t; ++s) {
-        const double w = detail::weight(g.logw(t, s), g.m[t]) * dot(qs.data(), in.k_row(r) + s * DK, DK);
+        const double w = g.w(t, s) * dot(qs.data(), in.k_row(r) + s * DK, DK);
         den += w;
         const double* v = in.v_row(r) + s * DV;
         for (std::int64_t e = 0; e < DV; ++e) num[e] += w * v[e];
@@ -231,7 +260,7 @@ BackwardResult parallel_backward(const BackwardArgs& args, const MlstmOptions& o
       for (std::int64_t s = 0; s <= t; ++s) {
         const double* k = in.k_row(r) + s * DK;
         const double* v = in.v_row(r) + s * DV;
-        const double w = detail::weight(g.logw(t, s), g.m[t]);
+        const double w = g.w(t, s);
         const double qk = dot(qs.data(), k, DK);
         const double dnv = dot(dnum.data(), v, DV) + dden;  // dnum_aug . v_aug
         const double P = w * qk * dnv;                      // d L / d logw(t,s)
@@ -266,7 +295,7 @@ BackwardResult parallel_backward(const BackwardArgs& args, const MlstmOptions& o
       const double* dC = dcl.empty() ? nullptr : dcl.data() + r * DK * DV;
       const double* dn = dnl.empty() ? nullptr : dnl.data() + r * DK;
       for (std::int64_t s = 0; s <= T; ++s) {
-        const double w = detail::weight(g.logw(T, s), g.m[T]);
+        const double w = g.w(T, s);
         const double* k = in.k_row(r) + s * DK;
         const double* v = in.v_row(r) + s * DV;
         double E = 0.0;
@@ -289,7 +318,7 @@ BackwardResult parallel_backward(const BackwardArgs& args, const MlstmOptions& o
         add_logw(T, s, E);
         if (full) dm[T] -= E;
       }
-      const double w0 = detail::weight(g.logw0(T), g.m[T]);
+      const double w0 = g.w0(T);
       double E0 = 0.0;
       for (std::int64_t d = 0; d < DK; ++d) {
         if (dn) {

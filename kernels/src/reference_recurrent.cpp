@@ -39,7 +39,8 @@ StepRecord step_row(const double* q, const double* k, const double* v, double i,
     const double cand = rec.lf == detail::kNegInf ? detail::kNegInf : rec.lf + m;
     rec.lf_branch = cand >= i;
     rec.m = rec.lf_branch ? cand : i;
-    rec.a = detail::weight(cand, rec.m);
+    // exp(lf + (m_{t-1} - m_t)): exact where m is far above lf (1e30), where cand - m_t would lose lf.
+    rec.a = cand == detail::kNegInf ? 0.0 : std::exp(rec.lf + (m - rec.m));
     rec.b = detail::weight(i, rec.m);
   } else {
     rec.m = 0.0;

@@ -194,36 +194,37 @@ void recycle(FloatBuffer&& buffer) {
 
 // ---- forward -------------------------------------------------------------------------------------
 
-void fw_gates(const float* i, const float* f, GateVariant gate, const SegmentShape& s, float* b, float* ig, float* G) {
-  // A forget gate of -inf cuts (stages.hpp "Gates at +-inf"): it counts as lf = -kForgetCut, summed apart from
-  // the finite lf (one rounding of b), and only when something lies before it that is not forgotten yet (the
-  // entering state, or a token with ig > -inf since the last cut): a run of -inf gates costs one cut.
-  constexpr float ninf = -std::numeric_limits<float>::infinity();
+void fw_gates(const float* i, const float* f, GateVariant gate, const SegmentShape& s, float* b, float* B, float* cut,
+              float* ig, float* G) {
+  // Three channels (stages.hpp "Gates at +-inf"): the ordinary lf into b, the large ones into B, and the cuts
+  // (lf = -inf or <= -kCutDecay) as positions, where b and B restart.
   for (std::int64_t c = 0; c < s.num_chunks(); ++c) {
-    float acc = 0.f, cuts = 0.f;
-    bool live = true;  // the state entering the chunk
+    float small = 0.f, large = 0.f, last_cut = -1.f;
     const std::int64_t t0 = s.chunk_begin(c), len = s.chunk_len(c);
     for (std::int64_t j = 0; j < len; ++j) {
       const std::int64_t t = t0 + j;
       const float lf = logsigmoid(f[t]);
-      if (lf == ninf) {
-        if (live) cuts += kForgetCut;
-        live = false;
+      if (lf <= -kCutDecay) {  // -inf included
+        small = large = 0.f;
+        last_cut = static_cast<float>(j);
+      } else if (lf <= -kBigDecay) {
+        large += lf;
       } else {
-        acc += lf;
+        small += lf;
       }
-      b[t] = acc - cuts;
+      b[t] = small;
+      B[t] = large;
+      cut[t] = last_cut;
       ig[t] = is_exp(gate) ? i[t] : logsigmoid(i[t]);
-      live = live || ig[t] != ninf;
     }
-    G[c] = acc - cuts;
+    G[c] = last_cut >= 0.f ? -std::numeric_limits<float>::infinity() : small + large;
   }
 }
 
 namespace {
 
 // fw_states with the boundary states of chunk c written to boundary->at(first + c): a part of a longer run.
-void fw_states_at(const float* k, const float* v, const float* b, const float* ig, const float* G, GateVariant gate,
+void fw_states_at(const float* k, const float* v, Decays b, const float* ig, const float* G, GateVariant gate,
                   const SegmentShape& s, ConstStateRef in, StateBuffer* boundary, std::int64_t first, StateRef out,
                   const Bf16Rows& rows16) {
   const std::int64_t DK = s.DHQK, DV = s.DHHV;
@@ -236,17 +237,18 @@ void fw_states_at(const float* k, const float* v, const float* b, const float* i
       std::memcpy(st.n, n.data(), n.size() * sizeof(float));
       *st.m = m;
     }
-    const std::int64_t t0 = s.chunk_begin(c), len = s.chunk_len(c);
-    // m' = max(G + m, max_t a_t), a_t = G - b_t + ig_t
+    const std::int64_t t0 = s.chunk_begin(c), len = s.chunk_len(c), last = t0 + len - 1;
+    // m' = max(G + m, max_t a_t), a_t = (log decay from t to the chunk's end) + ig_t
     float m_new = 0.f;
     if (is_exp(gate)) {
       m_new = G[c] + m;
-      for (std::int64_t j = 0; j < len; ++j) m_new = std::max(m_new, G[c] - b[t0 + j] + ig[t0 + j]);
+      for (std::int64_t j = 0; j < len; ++j) m_new = std::max(m_new, b.between(t0 + j, last) + ig[t0 + j]);
     }
-    const float carry = safe_exp(G[c] + m - m_new);
+    const float carry = safe_exp((m - m_new) + G[c]);  // m - m_new exact where it matters
     // kw_t = exp(a_t - m') k_t ; C = carry C + kw^T V ; n = carry n + sum_t kw_t
     for (std::int64_t j = 0; j < len; ++j) {
-      const float w = safe_exp(G[c] - b[t0 + j] + ig[t0 + j] - m_new);  // i = -inf into an empty state: 0
+      // i = -inf into an empty state: 0
+      const float w = safe_exp(b.between(t0 + j, last) + (ig[t0 + j] - m_new));
       const float* kt = k + (t0 + j) * DK;
       float* out_row = kw.data() + j * DK;
       for (std::int64_t d = 0; d < DK; ++d) out_row[d] = w * kt[d];
@@ -268,7 +270,7 @@ void fw_states_at(const float* k, const float* v, const float* b, const float* i
 
 }  // namespace
 
-void fw_states(const float* k, const float* v, const float* b, const float* ig, const float* G, GateVariant gate,
+void fw_states(const float* k, const float* v, Decays b, const float* ig, const float* G, GateVariant gate,
                const SegmentShape& s, ConstStateRef in, StateBuffer* boundary, StateRef out, const Bf16Rows& rows16) {
   fw_states_at(k, v, b, ig, G, gate, s, in, boundary, 0, out, rows16);
 }
@@ -283,7 +285,7 @@ void combine(ConstStateRef in, float G_seg, ConstStateRef local, GateVariant gat
       a = 0.f;
       b = 0.f;
     } else {
-      a = safe_exp(G_seg + m_in - m_new);
+      a = safe_exp((m_in - m_new) + G_seg);
       b = safe_exp(m_loc - m_new);
     }
   } else {
@@ -335,7 +337,7 @@ SegmentShape SequenceParts::shape(const SegmentShape& s, std::int64_t p) const {
   return {t1 - t0, s.L, s.DHQK, s.DHHV, s.operands};
 }
 
-void fw_states_parts(const float* k, const float* v, const float* b, const float* ig, const float* G, GateVariant gate,
+void fw_states_parts(const float* k, const float* v, Decays b, const float* ig, const float* G, GateVariant gate,
                      const SegmentShape& s, ConstStateRef in, StateBuffer* boundary, StateRef out,
                      const SequenceParts& parts, const Bf16Rows& rows16) {
   const std::int64_t n = parts.count(), DK = s.DHQK, DV = s.DHHV;
@@ -351,8 +353,8 @@ void fw_states_parts(const float* k, const float* v, const float* b, const float
     const std::int64_t c0 = parts.begin_chunk(p), t0 = s.chunk_begin(c0);
     StateBuffer empty(DK, DV, 1);
     empty.set_empty();
-    fw_states_at(k + t0 * DK, v + t0 * DV, b + t0, ig + t0, G + c0, gate, parts.shape(s, p), p == 0 ? in : empty.at(0),
-                 boundary, c0, locals.at(p), rows16.from(t0, DK, DV));
+    fw_states_at(k + t0 * DK, v + t0 * DV, b.from(t0), ig + t0, G + c0, gate, parts.shape(s, p),
+                 p == 0 ? in : empty.at(0), boundary, c0, locals.at(p), rows16.from(t0, DK, DV));
     float g = 0.f;  // summed in the order fixup_states sums its prefix
     for (std::int64_t c = c0; c < parts.end_chunk(p); ++c) g += G[c];
     G_part[static_cast<std::size_t>(p)] = g;
@@ -378,22 +380,25 @@ void fw_states_parts(const float* k, const float* v, const float* b, const float
 
 namespace {
 
-// Stabiliser of every token of a chunk: m_t = max(b_t + m, b_t + max_{s<=t}(ig_s - b_s)) (exp gate).
-void token_stabilisers(const float* b, const float* ig, float m, std::int64_t len, GateVariant gate, float* m_tok) {
+// Stabiliser of every token of a chunk: m_t = max(D_t + m, max_{s<=t}(D_st + ig_s)) (exp gate), D_t the log decay
+// from the chunk's start and D_st the one from s to t, as the recurrence m_t = max(m_{t-1} + lf_t, ig_t) over the
+// tokens of the chunk (lf_t the step of the two channels, so no large decay rounds the ordinary ones).
+void token_stabilisers(Decays b, const float* ig, float m, std::int64_t len, GateVariant gate, float* m_tok) {
   if (!is_exp(gate)) {
     std::fill(m_tok, m_tok + len, 0.f);
     return;
   }
-  float prefix_max = -std::numeric_limits<float>::infinity();
-  for (std::int64_t j = 0; j < len; ++j) {
-    prefix_max = std::max(prefix_max, ig[j] - b[j]);
-    m_tok[j] = std::max(b[j] + m, b[j] + prefix_max);
+  float run = std::max(b.upto(0) + m, ig[0]);
+  m_tok[0] = run;
+  for (std::int64_t j = 1; j < len; ++j) {
+    run = std::max(run + b.between(j - 1, j), ig[j]);
+    m_tok[j] = run;
   }
 }
 
 }  // namespace
 
-void fw_outputs(const float* q, const float* k, const float* v, const float* b, const float* ig, GateVariant gate,
+void fw_outputs(const float* q, const float* k, const float* v, Decays b, const float* ig, GateVariant gate,
                 bool normalize, float eps, const SegmentShape& s, const StateBuffer& boundary, float* h, float* m_tok,
                 float* N_tok, float* den_tok, std::int64_t tile, const Bf16Rows& rows16) {
   const std::int64_t DK = s.DHQK, DV = s.DHHV, L = s.L;
@@ -414,7 +419,7 @@ void fw_outputs(const float* q, const float* k, const float* v, const float* b, 
     sc.reserve(static_cast<std::size_t>(std::max({blk * blk, blk * DV, blk * DK, L})));
     // Each block computes the stabiliser prefix it needs (gates only, cheap).
     std::vector<float> mloc(static_cast<std::size_t>(q0 + qn));
-    token_stabilisers(b + t0, ig + t0, m_in, q0 + qn, gate, mloc.data());
+    token_stabilisers(b.from(t0), ig + t0, m_in, q0 + qn, gate, mloc.data());
     float* num = sc.b.data();   // qn x DV
     float* Sblk = sc.a.data();  // qn x blk
     // Inter-chunk part: num = diag(exp(b_t + m - m_t)) (q_t . scale) C
@@ -424,7 +429,7 @@ void fw_outputs(const float* q, const float* k, const float* v, const float* b, 
     float* denp = sc.e.data();  // qn
     for (std::int64_t j = 0; j < qn; ++j) {
       const std::int64_t t = q0 + j;
-      const float w = safe_exp(b[t0 + t] + m_in - mloc[t]);
+      const float w = safe_exp((m_in - mloc[t]) + b.upto(t0 + t));
       float qn_dot = 0.f;
       for (std::int64_t d = 0; d < DK; ++d) qn_dot += q[(t0 + t) * DK + d] * st.n[d];
       denp[j] = w * qn_dot * scale;
@@ -440,12 +445,12 @@ void fw_outputs(const float* q, const float* k, const float* v, const float* b, 
                  static_cast<int>(kn), rows16.from(t0 + q0, DK, DV).q, rows16.from(t0 + k0, DK, DV).k);
       for (std::int64_t j = 0; j < qn; ++j) {
         const std::int64_t t = q0 + j;
-        const float bt = b[t0 + t], mtv = mloc[t];
+        const float mtv = mloc[t];
         float* row = Sblk + j * kn;
         float dsum = 0.f;
         for (std::int64_t l = 0; l < kn; ++l) {
           const std::int64_t sidx = k0 + l;
-          const float w = sidx <= t ? safe_exp(bt - b[t0 + sidx] + ig[t0 + sidx] - mtv) * row[l] : 0.f;
+          const float w = sidx <= t ? safe_exp(b.between(t0 + sidx, t0 + t) + (ig[t0 + sidx] - mtv)) * row[l] : 0.f;
           row[l] = w;
           dsum += w;
         }
@@ -477,7 +482,7 @@ void fw_outputs(const float* q, const float* k, const float* v, const float* b, 
 namespace {
 
 // bw_state_grads over chunks first + c of boundary and dboundary, c < s.num_chunks().
-void bw_state_grads_at(const float* q, const float* dh, const float* h, const float* b, const float* m_tok,
+void bw_state_grads_at(const float* q, const float* dh, const float* h, Decays b, const float* m_tok,
                        const float* N_tok, const float* den_tok, const float* G, GateVariant gate, bool normalize,
                        const SegmentShape& s, const StateBuffer& boundary, std::int64_t first, float m_exit,
                        ConstStateRef dstate_out, StateBuffer* dboundary, StateRef dstate_in) {
@@ -489,12 +494,12 @@ void bw_state_grads_at(const float* q, const float* dh, const float* h, const fl
     const std::int64_t t0 = s.chunk_begin(c), len = s.chunk_len(c);
     const float m_c = state_m(gate, *boundary.at(first + c).m);
     const float m_next = c + 1 < s.num_chunks() ? state_m(gate, *boundary.at(first + c + 1).m) : state_m(gate, m_exit);
-    const float carry = safe_exp(G[c] + m_c - m_next);
+    const float carry = safe_exp((m_c - m_next) + G[c]);
     for (auto& x : dn) x *= carry;
     for (std::int64_t j = 0; j < len; ++j) {
       const std::int64_t t = t0 + j;
       const auto g = token_grad(dh + t * DV, h + t * DV, m_tok[t], N_tok[t], den_tok[t], gate, normalize, DV);
-      const float w = safe_exp(b[t] + m_c - m_tok[t]) * scale;
+      const float w = safe_exp((m_c - m_tok[t]) + b.upto(t)) * scale;
       for (std::int64_t d = 0; d < DK; ++d) {
         qw[j * DK + d] = w * q[t * DK + d];
         dn[d] += g.dden * qw[j * DK + d];
@@ -519,15 +524,15 @@ void bw_state_grads_at(const float* q, const float* dh, const float* h, const fl
 
 }  // namespace
 
-void bw_state_grads(const float* q, const float* dh, const float* h, const float* b, const float* m_tok,
-                    const float* N_tok, const float* den_tok, const float* G, GateVariant gate, bool normalize,
-                    const SegmentShape& s, const StateBuffer& boundary, float m_exit, ConstStateRef dstate_out,
-                    StateBuffer* dboundary, StateRef dstate_in) {
+void bw_state_grads(const float* q, const float* dh, const float* h, Decays b, const float* m_tok, const float* N_tok,
+                    const float* den_tok, const float* G, GateVariant gate, bool normalize, const SegmentShape& s,
+                    const StateBuffer& boundary, float m_exit, ConstStateRef dstate_out, StateBuffer* dboundary,
+                    StateRef dstate_in) {
   bw_state_grads_at(q, dh, h, b, m_tok, N_tok, den_tok, G, gate, normalize, s, boundary, 0, m_exit, dstate_out,
                     dboundary, dstate_in);
 }
 
-void bw_state_grads_parts(const float* q, const float* dh, const float* h, const float* b, const float* m_tok,
+void bw_state_grads_parts(const float* q, const float* dh, const float* h, Decays b, const float* m_tok,
                           const float* N_tok, const float* den_tok, const float* G, GateVariant gate, bool normalize,
                           const SegmentShape& s, const StateBuffer& boundary, float m_exit, ConstStateRef dstate_out,
                           StateBuffer& dboundary, StateRef dstate_in, const SequenceParts& parts) {
@@ -542,13 +547,13 @@ void bw_state_grads_parts(const float* q, const float* dh, const float* h, const
   // dstate_out, so it is already true); then a chain from the last part to the first adds, to each part's
   // entering gradient, its carry product times the true gradient leaving it; then the chunks are fixed up.
   auto m_at = [&](std::int64_t c) { return state_m(gate, c < s.num_chunks() ? *boundary.at(c).m : m_exit); };
-  auto carry = [&](std::int64_t c) { return safe_exp(G[c] + m_at(c) - m_at(c + 1)); };
+  auto carry = [&](std::int64_t c) { return safe_exp((m_at(c) - m_at(c + 1)) + G[c]); };
   StateBuffer locals(DK, DV, n), leaving(DK, DV, n);  // leaving.at(p): true gradient leaving part p (zeroed)
   tbb::parallel_for(std::int64_t{0}, n, [&](std::int64_t p) {
     const std::int64_t c0 = parts.begin_chunk(p), t0 = s.chunk_begin(c0);
     StateBuffer zero(DK, DV, 1);
     const bool last = p == n - 1;
-    bw_state_grads_at(q + t0 * DK, dh + t0 * DV, h + t0 * DV, b + t0, m_tok + t0, N_tok + t0, den_tok + t0, G + c0,
+    bw_state_grads_at(q + t0 * DK, dh + t0 * DV, h + t0 * DV, b.from(t0), m_tok + t0, N_tok + t0, den_tok + t0, G + c0,
                       gate, normalize, parts.shape(s, p), boundary, c0, m_at(parts.end_chunk(p)),
                       last ? dstate_out : zero.at(0), &dboundary, locals.at(p));
   });
@@ -584,9 +589,9 @@ void bw_state_grads_parts(const float* q, const float* dh, const float* h, const
   });
 }
 
-void bw_grads(const float* q, const float* k, const float* v, const float* dh, const float* h, const float* b,
-              const float* ig, const float* m_tok, const float* N_tok, const float* den_tok, const float* G,
-              GateVariant gate, bool normalize, const SegmentShape& s, const StateBuffer& boundary, float m_exit,
+void bw_grads(const float* q, const float* k, const float* v, const float* dh, const float* h, Decays b,
+              const float* ig, const float* m_tok, const float* N_tok, const float* den_tok, GateVariant gate,
+              bool normalize, const SegmentShape& s, const StateBuffer& boundary, float m_exit,
               const StateBuffer& dboundary, ConstStateRef dstate_out, float* dq, float* dk, float* dv, float* di_raw,
               float* r, std::int64_t tile) {
   const std::int64_t DK = s.DHQK, DV = s.DHHV, L = s.L;
@@ -630,7 +635,7 @@ void bw_grads(const float* q, const float* k, const float* v, const float* dh, c
                static_cast<int>(DV), st.C, static_cast<int>(DV), 0.f, dqb, static_cast<int>(DK));
     for (std::int64_t j = 0; j < qn; ++j) {
       const std::int64_t t = t0 + q0 + j;
-      const float w = safe_exp(b[t] + m_c - m_tok[t]);
+      const float w = safe_exp((m_c - m_tok[t]) + b.upto(t));
       for (std::int64_t d = 0; d < DK; ++d) dqb[j * DK + d] = w * (dqb[j * DK + d] + dden[t] * st.n[d]);
     }
     for (std::int64_t kb = 0; kb <= qb; ++kb) {
@@ -644,7 +649,7 @@ void bw_grads(const float* q, const float* k, const float* v, const float* dh, c
         for (std::int64_t l = 0; l < kn; ++l) {
           const std::int64_t si = t0 + k0 + l;
           W[j * kn + l] =
-              (k0 + l <= q0 + j) ? safe_exp(b[t] - b[si] + ig[si] - m_tok[t]) * (W[j * kn + l] + dden[t]) : 0.f;
+              (k0 + l <= q0 + j) ? safe_exp(b.between(si, t) + (ig[si] - m_tok[t])) * (W[j * kn + l] + dden[t]) : 0.f;
         }
       }
       gemm::gemm(s.operands, false, false, static_cast<int>(qn), static_cast<int>(DK), static_cast<int>(kn), 1.f, W,
@@ -669,7 +674,7 @@ void bw_grads(const float* q, const float* k, const float* v, const float* dh, c
     float* qs = sc.d.data();    // qn x DK (scaled q)
     float* dkb = dk + (t0 + k0) * DK;
     float* dvb = dv + (t0 + k0) * DV;
-    // Inter: the state leaving the chunk. w_s = exp(a_s - m_{c+1}), a_s = G - b_s + ig_s
+    // Inter: the state leaving the chunk. w_s = exp(a_s - m_{c+1}), a_s = (log decay from s to the end) + ig_s
     //   dk_s = w_s (dC v_s + dn) ; dv_s = w_s dC^T k_s
     gemm::gemm(s.operands, false, true, static_cast<int>(kn), static_cast<int>(DK), static_cast<int>(DV), 1.f,
                v + (t0 + k0) * DV, static_cast<int>(DV), dnext.C, static_cast<int>(DV), 0.f, dkb, static_cast<int>(DK));
@@ -677,7 +682,7 @@ void bw_grads(const float* q, const float* k, const float* v, const float* dh, c
                k + (t0 + k0) * DK, static_cast<int>(DK), dnext.C, static_cast<int>(DV), 0.f, dvb, static_cast<int>(DV));
     for (std::int64_t l = 0; l < kn; ++l) {
       const std::int64_t si = t0 + k0 + l;
-      const float w = safe_exp(G[c] - b[si] + ig[si] - m_next);
+      const float w = safe_exp(b.between(si, t0 + len - 1) + (ig[si] - m_next));
       for (std::int64_t d = 0; d < DK; ++d) dkb[l * DK + d] = w * (dkb[l * DK + d] + dnext.n[d]);
       for (std::int64_t e = 0; e < DV; ++e) dvb[l * DV + e] *= w;
     }
@@ -699,7 +704,7 @@ void bw_grads(const float* q, const float* k, const float* v, const float* dh, c
         const std::int64_t t = t0 + q0 + j;
         for (std::int64_t l = 0; l < kn; ++l) {
           const std::int64_t si = t0 + k0 + l;
-          const float w = (k0 + l <= q0 + j) ? safe_exp(b[t] - b[si] + ig[si] - m_tok[t]) : 0.f;
+          const float w = (k0 + l <= q0 + j) ? safe_exp(b.between(si, t) + (ig[si] - m_tok[t])) : 0.f;
           P[j * kn + l] = w * (P[j * kn + l] + dden[t]);
           Wq[j * kn + l] *= w;
         }

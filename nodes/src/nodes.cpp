@@ -406,7 +406,7 @@ Tensor SegmentGradientProblem::decay(int index) const {
     constexpr float ninf = -std::numeric_limits<float>::infinity();
     // Nothing entered (m_in = -inf) or everything forgotten (G = -inf: a forget gate of -inf): no gradient passes,
     // also where the state leaves EMPTY (m_leave = -inf) and the exponent would be inf - inf.
-    out.data<float>()[r] = m_in == ninf || g == ninf ? 0.f : std::exp(g + m_in - leave.state->m.data<float>()[r]);
+    out.data<float>()[r] = m_in == ninf || g == ninf ? 0.f : std::exp((m_in - leave.state->m.data<float>()[r]) + g);
   }
   kept = out;
   return out;

@@ -35,6 +35,11 @@ enum class InfGates {
   all_neg,      // f = i = -inf on the block [S/4, S/2): the state empties, h = 0 there, then starts again
   all_neg_end,  // f = i = -inf on [S/2, S): the state leaves empty (forward checks only: see last_state_matches)
   mixed,        // f = -inf at t % 7 == 3, f = +inf at t % 5 == 0, i = -inf at t % 6 == 2
+  // Finite gates across the float range (not infinite, but beyond what one float32 cumsum holds):
+  forget_finite,  // f in {-FLT_MAX, -1e30, -1e6, -300, -90} at forget_neg's positions, f = 1e30 at t % 5 == 2
+  spread,         // input gates far above the rest (i = 300, 1e6, 1e29: at most the gate dtype's largest finite)
+                  // at t % 23 == 4 + r, then f = -inf at t % 23 == 9 + r and f = i = -inf on t % 23 in [15, 17]:
+                  // the cuts must forget states whose stabiliser lies far above the gates after them
 };
 const char* inf_gates_name(InfGates g);
 
@@ -119,8 +124,10 @@ std::int64_t quiet_normaliser_kinks(Inputs& in, const MlstmOptions& o, const Inp
                                        const Tensor& ref_dn0, const Inputs& in, double tol, const std::string& kernel,
                                        const InputSpec& spec);
 // Last states (c, n, m) against the reference's, with an EMPTY state in one canonical form: a row whose m is
-// <= -kForgetCut/2 (exp(m) = 0 in float32: the chunkwise kernels carry a forgotten state as m - 256 per cut,
-// the recurrence as m = -inf, stages.hpp "Gates at +-inf") compares as C = n = 0, m = 0. Elsewhere as matches().
+// <= -128 (exp(m) = 0 in float32: the tensor cores carry a forgotten state as m - 256 per cut, the recurrence as
+// m = -inf, and a state emptied at a huge finite gate of -1e30 is carried as m = -1e30; stages.hpp "Gates at
+// +-inf") compares as C = n = 0, m = 0. Otherwise (c, n) are compared under the reference's m (c exp(m - m_ref):
+// the same state; a float32 m of 1e6 cannot equal the reference's to its last digit), then m, as matches().
 ::testing::AssertionResult last_state_matches(const Tensor& c, const Tensor& n, const Tensor& m, const Tensor& ref_c,
                                               const Tensor& ref_n, const Tensor& ref_m, double tol, double m_tol,
                                               const std::string& kernel, const InputSpec& spec);

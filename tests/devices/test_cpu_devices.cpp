@@ -248,8 +248,8 @@ TEST_P(CpuKernelInf, BackwardMatchesReference) {
 
 std::vector<KernelCase> inf_cases() {
   using testing::InfGates;
-  const InfGates all[] = {InfGates::forget_neg, InfGates::forget_pos,  InfGates::input_neg,
-                          InfGates::all_neg,    InfGates::all_neg_end, InfGates::mixed};
+  const InfGates all[] = {InfGates::forget_neg,  InfGates::forget_pos, InfGates::input_neg,     InfGates::all_neg,
+                          InfGates::all_neg_end, InfGates::mixed,      InfGates::forget_finite, InfGates::spread};
   std::vector<KernelCase> cases;
   auto add = [&](const std::string& kernel, InputSpec s, std::int64_t L, InfGates g, bool normalize = true) {
     s.inf = g;
@@ -281,6 +281,10 @@ std::vector<KernelCase> inf_cases() {
   add(kXl, half_gates, 32, InfGates::mixed);
   half_gates.gate_dtype = DType::f16;
   add(kLimit, half_gates, 16, InfGates::forget_neg);
+  add(kXl, half_gates, 32, InfGates::spread);  // 16-bit gates: the spread clamped to 65504
+  half_gates.gate_dtype = DType::bf16;
+  add(kXl, half_gates, 16, InfGates::forget_finite);
+  add(kXl, spec(1, 2, 200, 32, 32, DType::bf16, GateVariant::exp, true), 64, InfGates::spread);
   return cases;
 }
 
@@ -324,9 +328,11 @@ TEST(CpuStages, FixupOfLocalStatesEqualsDirectStates) {
     stages::SegmentShape seg{s.S, 32, s.DHQK, s.DHHV};
     const auto* k = in.k.data<float>();
     const auto* v = in.v.data<float>();
-    std::vector<float> b(static_cast<std::size_t>(s.S)), ig(static_cast<std::size_t>(s.S)),
+    std::vector<float> b(static_cast<std::size_t>(s.S)), B(b.size()), cut(b.size()), ig(b.size()),
         G(static_cast<std::size_t>(seg.num_chunks()));
-    stages::fw_gates(in.i.data<float>(), in.f.data<float>(), gate, seg, b.data(), ig.data(), G.data());
+    stages::fw_gates(in.i.data<float>(), in.f.data<float>(), gate, seg, b.data(), B.data(), cut.data(), ig.data(),
+                     G.data());
+    const stages::Decays d{b.data(), B.data(), cut.data()};
     stages::StateBuffer init(s.DHQK, s.DHHV), empty(s.DHQK, s.DHHV);
     init.C.assign(in.c0.data<float>(), in.c0.data<float>() + s.DHQK * s.DHHV);
     init.n.assign(in.n0.data<float>(), in.n0.data<float>() + s.DHQK);
@@ -334,8 +340,8 @@ TEST(CpuStages, FixupOfLocalStatesEqualsDirectStates) {
     empty.set_empty();
     stages::StateBuffer direct(s.DHQK, s.DHHV, seg.num_chunks()), local(s.DHQK, s.DHHV, seg.num_chunks());
     stages::StateBuffer out_direct(s.DHQK, s.DHHV), out_local(s.DHQK, s.DHHV);
-    stages::fw_states(k, v, b.data(), ig.data(), G.data(), gate, seg, init.at(0), &direct, out_direct.at(0));
-    stages::fw_states(k, v, b.data(), ig.data(), G.data(), gate, seg, empty.at(0), &local, out_local.at(0));
+    stages::fw_states(k, v, d, ig.data(), G.data(), gate, seg, init.at(0), &direct, out_direct.at(0));
+    stages::fw_states(k, v, d, ig.data(), G.data(), gate, seg, empty.at(0), &local, out_local.at(0));
     stages::fixup_states(G.data(), gate, seg, init.at(0), &local, out_local.at(0));
     auto as_tensor = [](const stages::FloatBuffer& x) {
       return Tensor::from(std::vector<float>(x.begin(), x.end()), {static_cast<std::int64_t>(x.size())});
@@ -360,26 +366,29 @@ TEST(CpuStages, StatesInPartsEqualOnePass) {
       const auto* q = in.q.data<float>();
       const auto* k = in.k.data<float>();
       const auto* v = in.v.data<float>();
-      std::vector<float> b(static_cast<std::size_t>(s.S)), ig(b.size()), G(static_cast<std::size_t>(nc));
-      stages::fw_gates(in.i.data<float>(), in.f.data<float>(), gate, seg, b.data(), ig.data(), G.data());
+      std::vector<float> b(static_cast<std::size_t>(s.S)), B(b.size()), cut(b.size()), ig(b.size()),
+          G(static_cast<std::size_t>(nc));
+      stages::fw_gates(in.i.data<float>(), in.f.data<float>(), gate, seg, b.data(), B.data(), cut.data(), ig.data(),
+                       G.data());
+      const stages::Decays d{b.data(), B.data(), cut.data()};
       stages::StateBuffer init(K, V);
       init.C.assign(in.c0.data<float>(), in.c0.data<float>() + K * V);
       init.n.assign(in.n0.data<float>(), in.n0.data<float>() + K);
       init.m[0] = gate == GateVariant::exp ? in.m0.data<float>()[0] : 0.f;
       stages::StateBuffer ref_b(K, V, nc), ref_out(K, V);
-      stages::fw_states(k, v, b.data(), ig.data(), G.data(), gate, seg, init.at(0), &ref_b, ref_out.at(0));
+      stages::fw_states(k, v, d, ig.data(), G.data(), gate, seg, init.at(0), &ref_b, ref_out.at(0));
       // The per-token quantities of the backward, and dh, dC_last.
       std::vector<float> h(static_cast<std::size_t>(s.S * V)), m_tok(b.size()), N_tok(b.size()), den(b.size());
-      stages::fw_outputs(q, k, v, b.data(), ig.data(), gate, true, 1e-6f, seg, ref_b, h.data(), m_tok.data(),
-                         N_tok.data(), den.data());
+      stages::fw_outputs(q, k, v, d, ig.data(), gate, true, 1e-6f, seg, ref_b, h.data(), m_tok.data(), N_tok.data(),
+                         den.data());
       const auto dh_t = make_inputs(spec(1, 1, s.S, V, V), testing::fresh_seed()).q;  // (1,1,S,V) normal values
       const float* dh = dh_t.data<float>();
       stages::StateBuffer dlast(K, V);
       for (std::size_t e = 0; e < dlast.C.size(); ++e) dlast.C[e] = 0.01f * static_cast<float>(e % 7) - 0.03f;
       for (std::size_t e = 0; e < dlast.n.size(); ++e) dlast.n[e] = 0.02f * static_cast<float>(e % 5) - 0.04f;
       stages::StateBuffer ref_db(K, V, nc), ref_din(K, V);
-      stages::bw_state_grads(q, dh, h.data(), b.data(), m_tok.data(), N_tok.data(), den.data(), G.data(), gate, true,
-                             seg, ref_b, ref_out.m[0], dlast.at(0), &ref_db, ref_din.at(0));
+      stages::bw_state_grads(q, dh, h.data(), d, m_tok.data(), N_tok.data(), den.data(), G.data(), gate, true, seg,
+                             ref_b, ref_out.m[0], dlast.at(0), &ref_db, ref_din.at(0));
       auto t = [](const stages::FloatBuffer& x) {
         return Tensor::from(std::vector<float>(x.begin(), x.end()), {static_cast<std::int64_t>(x.size())});
       };
@@ -387,11 +396,9 @@ TEST(CpuStages, StatesInPartsEqualOnePass) {
         const stages::SequenceParts split(seg, parts);
         ASSERT_EQ(split.count(), parts);
         stages::StateBuffer got_b(K, V, nc), got_out(K, V);
-        stages::fw_states_parts(k, v, b.data(), ig.data(), G.data(), gate, seg, init.at(0), &got_b, got_out.at(0),
-                                split);
+        stages::fw_states_parts(k, v, d, ig.data(), G.data(), gate, seg, init.at(0), &got_b, got_out.at(0), split);
         stages::StateBuffer exit_only(K, V);  // without boundary states: the leaving state alone
-        stages::fw_states_parts(k, v, b.data(), ig.data(), G.data(), gate, seg, init.at(0), nullptr, exit_only.at(0),
-                                split);
+        stages::fw_states_parts(k, v, d, ig.data(), G.data(), gate, seg, init.at(0), nullptr, exit_only.at(0), split);
         const std::string what = "parts=" + std::to_string(parts) + " " + std::string(gate_name(gate));
         EXPECT_TRUE(matches(t(got_b.C), t(ref_b.C), 1e-5, what, "boundary C", s));
         EXPECT_TRUE(matches(t(got_b.n), t(ref_b.n), 1e-5, what, "boundary n", s));
@@ -402,8 +409,8 @@ TEST(CpuStages, StatesInPartsEqualOnePass) {
         EXPECT_EQ(exit_only.C, got_out.C) << what;
         EXPECT_EQ(exit_only.m, got_out.m) << what;
         stages::StateBuffer got_db(K, V, nc), got_din(K, V);
-        stages::bw_state_grads_parts(q, dh, h.data(), b.data(), m_tok.data(), N_tok.data(), den.data(), G.data(), gate,
-                                     true, seg, ref_b, ref_out.m[0], dlast.at(0), got_db, got_din.at(0), split);
+        stages::bw_state_grads_parts(q, dh, h.data(), d, m_tok.data(), N_tok.data(), den.data(), G.data(), gate, true,
+                                     seg, ref_b, ref_out.m[0], dlast.at(0), got_db, got_din.at(0), split);
         EXPECT_TRUE(matches(t(got_db.C), t(ref_db.C), 1e-5, what, "chunk dC", s));
         EXPECT_TRUE(matches(t(got_db.n), t(ref_db.n), 1e-5, what, "chunk dn", s));
         EXPECT_TRUE(matches(t(got_din.C), t(ref_din.C), 1e-5, what, "entering dC", s));

@@ -282,7 +282,13 @@ TEST_P(GraphForward, InfiniteForgetGatesAtSegmentBoundaries) {
     for (std::int64_t r = 0; r < 4; ++r) {
       fv[static_cast<std::size_t>(r * s.S + 64)] = -inf;       // the first token of segment 1 (segments of 64)
       fv[static_cast<std::size_t>(r * s.S + 133 + r)] = -inf;  // inside segment 2
-      for (std::int64_t t = 180; t < 200; ++t) {               // across the boundary at 192
+      // Input gates far above the rest before both cuts (the cuts must forget them: a state whose stabiliser is
+      // 1e6 above the gates after it), and finite forget gates far below (a cut at -1e30, a large decay at -300).
+      iv[static_cast<std::size_t>(r * s.S + 60)] = 1e6;
+      iv[static_cast<std::size_t>(r * s.S + 120 + r)] = 300.0;
+      fv[static_cast<std::size_t>(r * s.S + 150)] = -1e30;
+      fv[static_cast<std::size_t>(r * s.S + 160 + r)] = -300.0;
+      for (std::int64_t t = 180; t < 200; ++t) {  // across the boundary at 192
         iv[static_cast<std::size_t>(r * s.S + t)] = fv[static_cast<std::size_t>(r * s.S + t)] = -inf;
       }
     }

@@ -811,8 +811,8 @@ TEST(ReferenceInputs, EmptyInitialStateWithMinusInfinityM) {
 // f = i = -inf gives h = 0 exactly. The parallel form and the steps must equal the recurrence there too.
 std::vector<testing::InfGates> all_inf_patterns() {
   using testing::InfGates;
-  return {InfGates::forget_neg, InfGates::forget_pos,  InfGates::input_neg,
-          InfGates::all_neg,    InfGates::all_neg_end, InfGates::mixed};
+  return {InfGates::forget_neg,  InfGates::forget_pos, InfGates::input_neg,     InfGates::all_neg,
+          InfGates::all_neg_end, InfGates::mixed,      InfGates::forget_finite, InfGates::spread};
 }
 
 Tensor inf_to_huge(const Tensor& t) {

@@ -92,7 +92,8 @@ class ResidentPortable final : public ResidentChunkwise {
                                         : static_cast<int>(std::min<std::int64_t>(4, (p_.DHHV + 63) / 64));
     {
       const std::uint64_t stage = 16ull * std::max<std::uint64_t>(64ull * static_cast<std::uint64_t>(ovw_), 68);
-      const std::uint64_t bytes = 4ull * (16 * 68 + stage + 64 * 68 + 16 + 6 * 64 + 256);
+      // The per-token rows: 4 of one float, 2 of the float4 decays (stages.hpp Decays).
+      const std::uint64_t bytes = 4ull * (16 * 68 + stage + 64 * 68 + 16 + 12 * 64 + 256);
       regtiled_outputs_ =
           !untiled && L_ >= 32 && bytes + 1024 <= dev.info().local_memory && dev.info().max_work_group >= 256;
     }
@@ -112,7 +113,8 @@ class ResidentPortable final : public ResidentChunkwise {
     gvw_ = static_cast<int>((p_.DHQK + 63) / 64);
     {
       const std::uint64_t stage = 16ull * std::max<std::uint64_t>(64ull * static_cast<std::uint64_t>(gvw_) + 4, 68);
-      const std::uint64_t bytes = 4ull * (16 * 68 + stage + 64 * 68 + 9 * 64 + 64 * 16);
+      // The per-token rows: 7 of one float, 2 of the float4 decays.
+      const std::uint64_t bytes = 4ull * (16 * 68 + stage + 64 * 68 + 15 * 64 + 64 * 16);
       regtiled_backward_ = !untiled && L_ >= 32 && gvw_ <= 4 && bytes + 1024 <= dev.info().local_memory &&
                            dev.info().max_work_group >= 256;
     }
@@ -150,7 +152,7 @@ class ResidentPortable final : public ResidentChunkwise {
       n0_ = zeros(static_cast<std::size_t>(rows_) * K);
       m0_ = zeros(static_cast<std::size_t>(rows_));
     }
-    b_ = dev.acquire(tok * fs);
+    b_ = dev.acquire(4 * tok * fs);  // the log decays in three channels (float4 per token: stages.hpp Decays)
     ig_ = dev.acquire(tok * fs);
     G_ = dev.acquire(nb * fs);
     Cb_ = dev.acquire(nb * K * V * fs);

@@ -399,7 +399,7 @@ void ResidentSplit::run_backward() {
       float a = std::exp(g.G[r]);
       if (exp_gate) {
         const float m_in = enter_m_[j][r];
-        a = m_in == -INFINITY ? 0.0f : gates::safe_exp(g.G[r] + m_in - g.m_last[r]);
+        a = m_in == -INFINITY ? 0.0f : gates::safe_exp((m_in - g.m_last[r]) + g.G[r]);
       }
       for (std::size_t e = 0; e < KV; ++e) dc[r * KV + e] = g.dc[r * KV + e] + a * leave_dc_[j][r * KV + e];
       for (std::size_t e = 0; e < K; ++e) dn[r * K + e] = g.dn[r * K + e] + a * leave_dn_[j][r * K + e];

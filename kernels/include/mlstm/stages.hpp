@@ -89,17 +89,27 @@
 //             NaN for it. The limit would need all +inf input gates taken as one X -> inf.
 // Gradients w.r.t. an infinite pre-activation are these limits (finite, mostly 0); gradients of the other
 // inputs are the limits of their float64 backward, which the reference computes directly.
+// Finite gates across the float range (f = -1e30, i = 1e6 or 1e30) are ordinary values of the recurrence; no
+// form may lose them to rounding. Every form subtracts a stabiliser from the large term it belongs to first,
+// where the difference is exact (a = exp(lf + (m_{t-1} - m_t)), exp((b_t - b_s) + (ig_s - m_t)),
+// exp((m_c - m_{c+1}) + G_c)), and keeps large decays apart from ordinary ones (below).
 // The float64 reference (recurrent: guarded a, b; parallel: the row is cut at every lf = -inf and log weights
-// across a cut are -inf) computes the limits exactly. The float32 chunkwise forms (CPU stages, portable OpenCL,
-// tensor cores; the parallel and sequence forms are chunkwise forms with one chunk / chunks of one token) keep
-// the cumsums b, G finite: a forget gate of -inf counts as lf = -kForgetCut (256) in fw_gates, added apart from
-// the finite sum, and only when something before it is still live (the entering state, or a token with
-// ig > -inf since the last cut), so a run of -inf gates costs one cut. exp(-256 + x) is 0 in float32 for any
-// spread x of input gates and stabilisers below ~150, so this equals the limit there; a state forgotten at
-// the end of the sequence then leaves as (C, n) under m <= m_in - 256 rather than (0, 0, -inf): the same
-// (empty) state, exp(m) C = 0, but a gradient of the last state flows into its (C, n). Each cut in a chunk
-// adds ~3e-5 absolute rounding to b (the parallel form, one chunk, collects every cut of the row).
-// (The tensor cores clamp lf at -256 in their gates kernel instead: no live test, a run of cuts adds up.)
+// across a cut are -inf; large lf are summed over (s, t] directly, never as a difference of prefix sums)
+// computes the limits exactly. The float32 chunkwise forms (CPU stages, portable OpenCL;
+// the parallel and sequence forms are chunkwise forms with one chunk / chunks of one token) keep the log decays of
+// a chunk in three channels (Decays below), so that no decay difference loses the digits of the gates it spans:
+// b, the cumsum of the ordinary lf > -kBigDecay; B, the cumsum of the large ones; and the position of the last
+// cut, where a cut is a forget gate of -inf or a finite lf <= -kCutDecay. b and B restart at a cut, and a log
+// weight reaching across a cut is -inf (a mask, not a number: exact for any input gates and stabilisers), so
+// the state entering a chunk with a cut has decay G = -inf. A weight is formed as (b_t - b_s) + (B_t - B_s) +
+// (ig_s - m_t): the differences are exactly 0 between tokens with no large decay between them and the difference
+// to the stabiliser is exact where it matters (input gates of 1e6 or 1e30). A finite lf <= -kCutDecay (4096)
+// counts as -inf: exp(lf + x) is 0 in float32 unless the input gates before it exceed those after it by more
+// than ~4000, so the forms equal the recurrence for spreads below that; B stays below 4096 per token between
+// cuts. A state forgotten at the end of the sequence leaves as EMPTY (0, 0, -inf) when no token after the cut
+// adds to it, as in the recurrence.
+// (The tensor cores keep one channel and clamp lf at -256 in their gates kernel instead: exact for spreads
+// below ~150 only; their cumsum is a parallel scan, so a run of cuts adds up.)
 #pragma once
 
 #include <algorithm>
@@ -116,10 +126,30 @@
 namespace mlstm::stages {
 
 inline constexpr float kEmptyM = -std::numeric_limits<float>::infinity();
-// The log forget gate that a forget gate of -inf counts as in the float32 chunk cumsums (b, G): exp(-256 + x)
-// is 0 in float32 for any spread x of input gates and stabilisers below ~150, and cumsums of this size keep
-// ~3e-5 absolute precision (stages.hpp "Gates at +-inf").
-inline constexpr float kForgetCut = 256.f;
+// A log forget gate at or below -kBigDecay goes to the large-decay channel B, so that it does not round the
+// ordinary cumsum b of the tokens after it; one at or below -kCutDecay (or -inf) is a cut (stages.hpp "Gates at
+// +-inf").
+inline constexpr float kBigDecay = 32.f;
+inline constexpr float kCutDecay = 4096.f;
+
+// The log decays of a segment's tokens in three channels ("Gates at +-inf"), each restarting at a cut: b_t, the
+// inclusive cumsum inside the token's chunk of the ordinary lf > -kBigDecay since the chunk's start or its last
+// cut; B_t, the same of the large ones; cut_t, the index inside the chunk of the last cut at or before t, or -1.
+// Views of T floats each.
+struct Decays {
+  const float* b = nullptr;
+  const float* B = nullptr;
+  const float* cut = nullptr;
+  // The log decay from token s to token t >= s of one chunk: -inf across a cut, exact 0 where no gate lies between.
+  float between(std::int64_t s, std::int64_t t) const noexcept {
+    return cut[s] != cut[t] ? -std::numeric_limits<float>::infinity() : (b[t] - b[s]) + (B[t] - B[s]);
+  }
+  // The log decay from the chunk's start to token t (of the state entering the chunk).
+  float upto(std::int64_t t) const noexcept {
+    return cut[t] >= 0.f ? -std::numeric_limits<float>::infinity() : b[t] + B[t];
+  }
+  Decays from(std::int64_t t) const noexcept { return {b + t, B + t, cut + t}; }
+};
 
 // Geometry of one row-segment.
 struct SegmentShape {
@@ -203,10 +233,11 @@ int thread_pool_node() noexcept;
 
 // ---- forward -------------------------------------------------------------------------------------
 
-// fw_gates: lf, b (inclusive cumsum of lf per chunk), ig, and per chunk G_c. Inputs are the raw
-// gate pre-activations of the segment (float32, T each). Outputs: b (T), ig (T), G (num_chunks).
-// A forget gate of -inf enters b and G as a cut of -kForgetCut (see "Gates at +-inf" above).
-void fw_gates(const float* i, const float* f, GateVariant gate, const SegmentShape& s, float* b, float* ig, float* G);
+// fw_gates: the log decays b, B, cut (Decays: T each), ig (T) and per chunk G_c (the chunk's whole log decay: b + B
+// at its last token, -inf with a cut in the chunk). Inputs are the raw gate pre-activations of the segment
+// (float32, T each).
+void fw_gates(const float* i, const float* f, GateVariant gate, const SegmentShape& s, float* b, float* B, float* cut,
+              float* ig, float* G);
 
 // The bfloat16 originals of a segment's q, k and v (row-major like the float32 ones), where the inputs are
 // bfloat16: products with bf16 operands (SegmentShape::operands) take them as they are instead of rounding the
@@ -224,7 +255,7 @@ struct Bf16Rows {
 // fw_states: runs the chunk recurrence over the whole segment from state `in` (may be EMPTY).
 // Writes the state entering each chunk to boundary.at(c) (boundary.count >= num_chunks; may be null)
 // and the state leaving the segment to `out` (`out` may alias nothing else). k: T x DHQK, v: T x DHHV.
-void fw_states(const float* k, const float* v, const float* b, const float* ig, const float* G, GateVariant gate,
+void fw_states(const float* k, const float* v, Decays b, const float* ig, const float* G, GateVariant gate,
                const SegmentShape& s, ConstStateRef in, StateBuffer* boundary, StateRef out,
                const Bf16Rows& rows16 = {});
 
@@ -240,7 +271,7 @@ void combine(ConstStateRef in, float G_seg, ConstStateRef local, GateVariant gat
 // fw_outputs: h (T x DHHV) from the boundary states. Also writes, per token, m_t, N_t and den_t
 // (each T floats; any may be null) for the backward. `tile` > 0 tiles the intra-chunk part in blocks
 // of `tile` query/key rows (TFLA style, so L is not bounded by cache); 0 = whole chunk at once.
-void fw_outputs(const float* q, const float* k, const float* v, const float* b, const float* ig, GateVariant gate,
+void fw_outputs(const float* q, const float* k, const float* v, Decays b, const float* ig, GateVariant gate,
                 bool normalize, float eps, const SegmentShape& s, const StateBuffer& boundary, float* h, float* m_tok,
                 float* N_tok, float* den_tok, std::int64_t tile = 0, const Bf16Rows& rows16 = {});
 
@@ -274,12 +305,12 @@ struct SequenceParts {
 
 // fw_states over `parts` at once: the same outputs (boundary, may be null: every chunk's entering state; out: the
 // state leaving the segment). boundary->count >= num_chunks.
-void fw_states_parts(const float* k, const float* v, const float* b, const float* ig, const float* G, GateVariant gate,
+void fw_states_parts(const float* k, const float* v, Decays b, const float* ig, const float* G, GateVariant gate,
                      const SegmentShape& s, ConstStateRef in, StateBuffer* boundary, StateRef out,
                      const SequenceParts& parts, const Bf16Rows& rows16 = {});
 
 // bw_state_grads over `parts` at once: the same outputs (dboundary of every chunk, dstate_in).
-void bw_state_grads_parts(const float* q, const float* dh, const float* h, const float* b, const float* m_tok,
+void bw_state_grads_parts(const float* q, const float* dh, const float* h, Decays b, const float* m_tok,
                           const float* N_tok, const float* den_tok, const float* G, GateVariant gate, bool normalize,
                           const SegmentShape& s, const StateBuffer& boundary, float m_exit, ConstStateRef dstate_out,
                           StateBuffer& dboundary, StateRef dstate_in, const SequenceParts& parts);
@@ -291,16 +322,16 @@ void bw_state_grads_parts(const float* q, const float* dh, const float* h, const
 // of the state entering each chunk to dboundary.at(c) (its m field is unused) and the gradient of the
 // state entering the segment to dstate_in. boundary: forward boundary states; m_exit: m of the
 // state leaving the segment.
-void bw_state_grads(const float* q, const float* dh, const float* h, const float* b, const float* m_tok,
-                    const float* N_tok, const float* den_tok, const float* G, GateVariant gate, bool normalize,
-                    const SegmentShape& s, const StateBuffer& boundary, float m_exit, ConstStateRef dstate_out,
-                    StateBuffer* dboundary, StateRef dstate_in);
+void bw_state_grads(const float* q, const float* dh, const float* h, Decays b, const float* m_tok, const float* N_tok,
+                    const float* den_tok, const float* G, GateVariant gate, bool normalize, const SegmentShape& s,
+                    const StateBuffer& boundary, float m_exit, ConstStateRef dstate_out, StateBuffer* dboundary,
+                    StateRef dstate_in);
 
 // bw_grads: dq, dk, dv (T x DHQK/DHHV) and, per token, di_raw = k.dk (before the sigmoid factor) and
 // r_t = q_t.dq_t - k_t.dk_t. dstate_out as above (the state leaving the segment), m_exit its m.
-void bw_grads(const float* q, const float* k, const float* v, const float* dh, const float* h, const float* b,
-              const float* ig, const float* m_tok, const float* N_tok, const float* den_tok, const float* G,
-              GateVariant gate, bool normalize, const SegmentShape& s, const StateBuffer& boundary, float m_exit,
+void bw_grads(const float* q, const float* k, const float* v, const float* dh, const float* h, Decays b,
+              const float* ig, const float* m_tok, const float* N_tok, const float* den_tok, GateVariant gate,
+              bool normalize, const SegmentShape& s, const StateBuffer& boundary, float m_exit,
               const StateBuffer& dboundary, ConstStateRef dstate_out, float* dq, float* dk, float* dv, float* di_raw,
               float* r, std::int64_t tile = 0);
 

@@ -10,6 +10,8 @@
 #ifndef NORMALIZE
 #define NORMALIZE 1
 #endif
+// The floor of lf in the tensor cores' one-channel gate cumsums.
+#define TC_LF_FLOOR 256.0f
 
 // tc_fw_gates: one work-group of L threads per (chunk, row); global (NC*L, rows), local (L, 1).
 //   gb[t]  = b_t  (inclusive cumsum of logsigmoid(f) inside the chunk)
@@ -27,8 +29,9 @@ __kernel void tc_fw_gates(__global const float* ig_raw, __global const float* fg
   float lf = 0.0f, ig = 0.0f;
   if (j < len) {
     // f = -inf: lf = -inf would give b = -inf and bi = +inf, and exp(bi - mm) = NaN downstream. It counts as
-    // lf = -256 (stages::kForgetCut): exp(-256 + x) is 0 in float32 for any input-gate spread x below ~150.
-    lf = fmax(logsigmoid(fg_raw[idx]), -FORGET_CUT);
+    // lf = -256: exp(-256 + x) is 0 in float32 for any input-gate spread x below ~150 (one channel here; the
+    // portable kernels keep two, stages.hpp "Gates at +-inf").
+    lf = fmax(logsigmoid(fg_raw[idx]), -TC_LF_FLOOR);
     float iv = ig_raw[idx];
 #if GATE_EXP
     ig = iv;
