@@ -239,16 +239,17 @@ void fw_states_at(const float* k, const float* v, Decays b, const float* ig, con
     }
     const std::int64_t t0 = s.chunk_begin(c), len = s.chunk_len(c), last = t0 + len - 1;
     // m' = max(G + m, max_t a_t), a_t = (log decay from t to the chunk's end) + ig_t
+    const auto end = b.at(last);
     float m_new = 0.f;
     if (is_exp(gate)) {
       m_new = G[c] + m;
-      for (std::int64_t j = 0; j < len; ++j) m_new = std::max(m_new, b.between(t0 + j, last) + ig[t0 + j]);
+      for (std::int64_t j = 0; j < len; ++j) m_new = std::max(m_new, b.between(t0 + j, end) + ig[t0 + j]);
     }
     const float carry = safe_exp((m - m_new) + G[c]);  // m - m_new exact where it matters
     // kw_t = exp(a_t - m') k_t ; C = carry C + kw^T V ; n = carry n + sum_t kw_t
     for (std::int64_t j = 0; j < len; ++j) {
       // i = -inf into an empty state: 0
-      const float w = safe_exp(b.between(t0 + j, last) + (ig[t0 + j] - m_new));
+      const float w = safe_exp(b.between(t0 + j, end) + (ig[t0 + j] - m_new));
       const float* kt = k + (t0 + j) * DK;
       float* out_row = kw.data() + j * DK;
       for (std::int64_t d = 0; d < DK; ++d) out_row[d] = w * kt[d];
@@ -446,11 +447,12 @@ void fw_outputs(const float* q, const float* k, const float* v, Decays b, const 
       for (std::int64_t j = 0; j < qn; ++j) {
         const std::int64_t t = q0 + j;
         const float mtv = mloc[t];
+        const auto tt = b.at(t0 + t);
         float* row = Sblk + j * kn;
         float dsum = 0.f;
         for (std::int64_t l = 0; l < kn; ++l) {
           const std::int64_t sidx = k0 + l;
-          const float w = sidx <= t ? safe_exp(b.between(t0 + sidx, t0 + t) + (ig[t0 + sidx] - mtv)) * row[l] : 0.f;
+          const float w = sidx <= t ? safe_exp(b.between(t0 + sidx, tt) + (ig[t0 + sidx] - mtv)) * row[l] : 0.f;
           row[l] = w;
           dsum += w;
         }
@@ -646,10 +648,11 @@ void bw_grads(const float* q, const float* k, const float* v, const float* dh, c
                  static_cast<int>(DV), v + (t0 + k0) * DV, static_cast<int>(DV), 0.f, W, static_cast<int>(kn));
       for (std::int64_t j = 0; j < qn; ++j) {
         const std::int64_t t = t0 + q0 + j;
+        const auto tt = b.at(t);
         for (std::int64_t l = 0; l < kn; ++l) {
           const std::int64_t si = t0 + k0 + l;
           W[j * kn + l] =
-              (k0 + l <= q0 + j) ? safe_exp(b.between(si, t) + (ig[si] - m_tok[t])) * (W[j * kn + l] + dden[t]) : 0.f;
+              (k0 + l <= q0 + j) ? safe_exp(b.between(si, tt) + (ig[si] - m_tok[t])) * (W[j * kn + l] + dden[t]) : 0.f;
         }
       }
       gemm::gemm(s.operands, false, false, static_cast<int>(qn), static_cast<int>(DK), static_cast<int>(kn), 1.f, W,
@@ -680,9 +683,10 @@ void bw_grads(const float* q, const float* k, const float* v, const float* dh, c
                v + (t0 + k0) * DV, static_cast<int>(DV), dnext.C, static_cast<int>(DV), 0.f, dkb, static_cast<int>(DK));
     gemm::gemm(s.operands, false, false, static_cast<int>(kn), static_cast<int>(DV), static_cast<int>(DK), 1.f,
                k + (t0 + k0) * DK, static_cast<int>(DK), dnext.C, static_cast<int>(DV), 0.f, dvb, static_cast<int>(DV));
+    const auto end = b.at(t0 + len - 1);
     for (std::int64_t l = 0; l < kn; ++l) {
       const std::int64_t si = t0 + k0 + l;
-      const float w = safe_exp(b.between(si, t0 + len - 1) + (ig[si] - m_next));
+      const float w = safe_exp(b.between(si, end) + (ig[si] - m_next));
       for (std::int64_t d = 0; d < DK; ++d) dkb[l * DK + d] = w * (dkb[l * DK + d] + dnext.n[d]);
       for (std::int64_t e = 0; e < DV; ++e) dvb[l * DV + e] *= w;
     }
@@ -702,9 +706,10 @@ void bw_grads(const float* q, const float* k, const float* v, const float* dh, c
                  static_cast<int>(DK), k + (t0 + k0) * DK, static_cast<int>(DK), 0.f, Wq, static_cast<int>(kn));
       for (std::int64_t j = 0; j < qn; ++j) {
         const std::int64_t t = t0 + q0 + j;
+        const auto tt = b.at(t);
         for (std::int64_t l = 0; l < kn; ++l) {
           const std::int64_t si = t0 + k0 + l;
-          const float w = (k0 + l <= q0 + j) ? safe_exp(b.between(si, t) + (ig[si] - m_tok[t])) : 0.f;
+          const float w = (k0 + l <= q0 + j) ? safe_exp(b.between(si, tt) + (ig[si] - m_tok[t])) : 0.f;
           P[j * kn + l] = w * (P[j * kn + l] + dden[t]);
           Wq[j * kn + l] *= w;
         }

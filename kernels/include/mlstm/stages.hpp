@@ -149,6 +149,14 @@ struct Decays {
     return cut[t] >= 0.f ? -std::numeric_limits<float>::infinity() : b[t] + B[t];
   }
   Decays from(std::int64_t t) const noexcept { return {b + t, B + t, cut + t}; }
+  // Token t's channels, loaded once for the many s of a row of weights: between(s, at(t)) == between(s, t).
+  struct Token {
+    float b, B, cut;
+  };
+  Token at(std::int64_t t) const noexcept { return {b[t], B[t], cut[t]}; }
+  float between(std::int64_t s, const Token& t) const noexcept {
+    return cut[s] != t.cut ? -std::numeric_limits<float>::infinity() : (t.b - b[s]) + (t.B - B[s]);
+  }
 };
 
 // Geometry of one row-segment.
