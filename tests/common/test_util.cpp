@@ -446,7 +446,7 @@ namespace {
 double kernel_roundoff(const InputSpec& spec) {
   if (spec.dtype == DType::bf16) return std::ldexp(1.0, -8);
   if (spec.dtype == DType::f16) return std::ldexp(1.0, -11);
-  // Gates at -inf: each cut lowers the chunk's gate cumsums by 256 (stages::kForgetCut), rounding like extreme gates.
+  // Gates at +-inf and across the float range (large decays, input gates of 1e6): rounding like extreme gates.
   return spec.regime == GateRegime::extreme || spec.inf != InfGates::none ? 1e-4 : 1e-6;
 }
 }  // namespace

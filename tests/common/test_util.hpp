@@ -33,7 +33,7 @@ enum class InfGates {
   forget_pos,   // f = +inf (lf = 0) at every third token
   input_neg,    // i = -inf at t % 4 == 1 and at t = 0
   all_neg,      // f = i = -inf on the block [S/4, S/2): the state empties, h = 0 there, then starts again
-  all_neg_end,  // f = i = -inf on [S/2, S): the state leaves empty (forward checks only: see last_state_matches)
+  all_neg_end,  // f = i = -inf on [S/2, S): the state leaves empty (the tensor cores: forward checks only)
   mixed,        // f = -inf at t % 7 == 3, f = +inf at t % 5 == 0, i = -inf at t % 6 == 2
   // Finite gates across the float range (not infinite, but beyond what one float32 cumsum holds):
   forget_finite,  // f in {-FLT_MAX, -1e30, -1e6, -300, -90} at forget_neg's positions, f = 1e30 at t % 5 == 2

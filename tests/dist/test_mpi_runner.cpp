@@ -542,8 +542,8 @@ void extreme_gates(Inputs& in, const std::vector<std::int64_t>& cuts, bool forgo
   in.f = Tensor::from(fv, in.f.shape(), in.f.dtype());
 }
 
-// The sharded run and the reference are the same CPU kernel with other chunk grids: a forget gate of -inf enters
-// the float32 gate cumsums as a cut of -256 (stages::kForgetCut) and f = -80 adds terms of 80, so the cumsums round
+// The sharded run and the reference are the same CPU kernel with other chunk grids: a forget gate of -inf is a cut
+// (a mask, stages.hpp "Gates at +-inf") and f = -80 adds terms of 80 to the large-decay cumsum, so the cumsums round
 // at ~3e-5 absolute and the token weights at u ~ 1e-4 relative (test_util's rounding for gates at -inf), which a
 // normaliser of condition kappa <= 20 turns into up to 2e-3 in h; m (hundreds under these gates) rounds at ~1e-6
 // relative per cumsum. Gradients as the graph tests hold gates at -inf (1e-2). Measured over 200 random draws
@@ -566,9 +566,9 @@ void expect_extreme_case(dist::MpiRunner& runner, graph::FlowGraphRunner& refere
   c.o = options(gate, 16);
   c.cuts = std::move(cuts);
   c.what = forgotten_shards ? "extreme gates with forgotten shards" : "extreme gates";
-  // Forgotten shards: no gradient of the last state. The one call keeps a state forgotten by f = -inf as (C, n) under
-  // m - 256 (stages.hpp "Gates at +-inf": the cut), so dc_last flows into a row whose whole last shard is forgotten,
-  // while the exchange passes it through the shard's decay exp(G + ...) = 0 exactly, the recurrence's limit.
+  // Forgotten shards: no gradient of the last state. The tensor cores (and every chunkwise form before session 22)
+  // keep a state forgotten by f = -inf as (C, n) under m - 256, so dc_last would flow into a row whose whole last
+  // shard is forgotten, while the exchange passes it through the shard's decay exp(G + ...) = 0 exactly.
   c.last_grads = !forgotten_shards;
   Inputs in = testing::make_inputs(c.s, shared_seed());
   extreme_gates(in, c.cuts, forgotten_shards);
