@@ -442,16 +442,24 @@ void fw_outputs_regtiled(__global const in_t* q, __global const in_t* k, __globa
 
   // 1. Gates of the block's queries: m_t = max(D_t + m, max_{s<=t} (D_st + ig_s)) over the chunk's tokens up to t,
   // each difference of decays formed apart (stages.hpp Decays), so no large decay rounds the ordinary ones.
+  // Four work items per query (256 = 4 OQB), each over a quarter of the tokens up to it, then the max of the four.
 #if GATE_EXP
   const float m_in = mb[bidx];
-  if (lid < OQB) {
-    const float4 bt = lid < qn ? b[gbase + q0 + lid] : (float4)(0.0f, 0.0f, 0.0f, 0.0f);
-    float mt = dec_upto(bt) + m_in;
-    for (int s = t0c; s <= q0 + min(lid, qn - 1); ++s) mt = fmax(mt, dec_between(b[gbase + s], bt) + ig[gbase + s]);
-    mt = lid < qn ? mt : 0.0f;
-    qb_l[lid] = bt;
-    qm_l[lid] = mt;
-    qu_l[lid] = lid < qn ? safe_exp((m_in - mt) + dec_upto(bt)) : 0.0f;
+  {
+    const int qj = lid % OQB, part = lid / OQB, tq = q0 + min(qj, qn - 1);
+    const float4 bt = b[gbase + tq];
+    const int span = tq - t0c + 1, per = (span + 3) / 4, s1 = min(t0c + (part + 1) * per, tq + 1);
+    float mt = part == 0 ? dec_upto(bt) + m_in : -INFINITY;
+    for (int s = t0c + part * per; s < s1; ++s) mt = fmax(mt, dec_between(b[gbase + s], bt) + ig[gbase + s]);
+    red[lid] = mt;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    if (lid < OQB) {
+      mt = fmax(fmax(red[lid], red[lid + OQB]), fmax(red[lid + 2 * OQB], red[lid + 3 * OQB]));
+      mt = lid < qn ? mt : 0.0f;
+      qb_l[lid] = bt;
+      qm_l[lid] = mt;
+      qu_l[lid] = lid < qn ? safe_exp((m_in - mt) + dec_upto(bt)) : 0.0f;
+    }
   }
 #else
   if (lid < OQB) {

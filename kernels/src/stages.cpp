@@ -383,7 +383,8 @@ namespace {
 
 // Stabiliser of every token of a chunk: m_t = max(D_t + m, max_{s<=t}(D_st + ig_s)) (exp gate), D_t the log decay
 // from the chunk's start and D_st the one from s to t, as the recurrence m_t = max(m_{t-1} + lf_t, ig_t) over the
-// tokens of the chunk (lf_t the step of the two channels, so no large decay rounds the ordinary ones).
+// tokens of the chunk (lf_t the step from t-1 to t in the channels, -inf at a cut: no large decay rounds the
+// ordinary ones).
 void token_stabilisers(Decays b, const float* ig, float m, std::int64_t len, GateVariant gate, float* m_tok) {
   if (!is_exp(gate)) {
     std::fill(m_tok, m_tok + len, 0.f);
