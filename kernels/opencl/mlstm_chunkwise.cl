@@ -110,9 +110,10 @@ void fw_state_weights(__global const float4* b, __global const float* ig, __glob
     const size_t bidx = (size_t)row * nchunks + c;
     const int t0 = c * CHUNK, t1 = min(S, t0 + CHUNK);
     const float Gc = G[bidx];
+    const float4 end = b[gbase + t1 - 1];  // the chunk's last token
 #if GATE_EXP
     float mx = -INFINITY;
-    for (int t = t0 + lid; t < t1; t += 64) mx = fmax(mx, dec_between(b[gbase + t], b[gbase + t1 - 1]) + ig[gbase + t]);
+    for (int t = t0 + lid; t < t1; t += 64) mx = fmax(mx, dec_between(b[gbase + t], end) + ig[gbase + t]);
     red[lid] = mx;
     barrier(CLK_LOCAL_MEM_FENCE);
     for (int off = 32; off > 0; off >>= 1) {
@@ -129,7 +130,7 @@ void fw_state_weights(__global const float4* b, __global const float* ig, __glob
       carry[bidx] = safe_exp((m - m_new) + Gc);  // m - m_new exact where it matters (input gates of 1e6)
     }
     for (int t = t0 + lid; t < t1; t += 64)
-      wtok[gbase + t] = safe_exp(dec_between(b[gbase + t], b[gbase + t1 - 1]) + (ig[gbase + t] - m_new));
+      wtok[gbase + t] = safe_exp(dec_between(b[gbase + t], end) + (ig[gbase + t] - m_new));
     m = m_new;
   }
   if (lid == 0) mout[row] = m;

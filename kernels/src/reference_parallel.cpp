@@ -37,7 +37,8 @@ struct RowGates {
   double logw(std::int64_t t, std::int64_t s) const {  // s <= t
     return s < cut[t] ? detail::kNegInf : decay(t, s) + ig[s];
   }
-  double logw0(std::int64_t t) const { return cut[t] >= 0 ? detail::kNegInf : b[t] + large(-1, t) + m0; }
+  double logw0(std::int64_t t) const { return cut[t] >= 0 ? detail::kNegInf : decay0(t) + m0; }
+  double decay0(std::int64_t t) const { return b[t] + large(-1, t); }  // from the row's start to t (no cut before)
   // The large lf at positions in (s, t].
   double large(std::int64_t s, std::int64_t t) const {
     double sum = 0.0;
@@ -55,7 +56,7 @@ struct RowGates {
   }
   double w0(std::int64_t t) const {
     if (cut[t] >= 0 || m0 == detail::kNegInf) return 0.0;
-    return std::exp((b[t] + large(-1, t)) + (m0 - m[t]));
+    return std::exp(decay0(t) + (m0 - m[t]));
   }
 };
 

@@ -52,6 +52,15 @@ const char* inf_gates_name(InfGates g) {
 }
 
 namespace {
+// Whether token t of row r is one of the positions forget_neg cuts at (and forget_finite puts its values at).
+bool at_cut_position(std::int64_t t, std::int64_t r, std::int64_t S) {
+  for (std::int64_t u : {std::int64_t{0}, std::int64_t{15}, std::int64_t{16}, std::int64_t{37}, std::int64_t{63},
+                         std::int64_t{64}, std::int64_t{100}, S - 1}) {
+    if (t == std::min(S - 1, u + r)) return true;
+  }
+  return false;
+}
+
 // Writes the +-inf gates of `g` over i and f (B, NH, S), keeping their dtype.
 void apply_inf_gates(InfGates g, Tensor& i, Tensor& f) {
   if (g == InfGates::none) return;
@@ -67,10 +76,7 @@ void apply_inf_gates(InfGates g, Tensor& i, Tensor& f) {
       double& ff = fv[static_cast<std::size_t>(r * S + t)];
       switch (g) {
         case InfGates::forget_neg:
-          for (std::int64_t u : {std::int64_t{0}, std::int64_t{15}, std::int64_t{16}, std::int64_t{37},
-                                 std::int64_t{63}, std::int64_t{64}, std::int64_t{100}, S - 1}) {
-            if (t == std::min(S - 1, u + r)) ff = -inf;
-          }
+          if (at_cut_position(t, r, S)) ff = -inf;
           break;
         case InfGates::forget_pos:
           if (t % 3 == r % 3) ff = inf;
@@ -91,13 +97,9 @@ void apply_inf_gates(InfGates g, Tensor& i, Tensor& f) {
           break;
         case InfGates::forget_finite: {
           if (t % 5 == 2) ff = std::min(1e30, most);
-          for (std::int64_t u : {std::int64_t{0}, std::int64_t{15}, std::int64_t{16}, std::int64_t{37},
-                                 std::int64_t{63}, std::int64_t{64}, std::int64_t{100}, S - 1}) {
-            if (t == std::min(S - 1, u + r)) {
-              const double values[] = {-3.4e38, -1e30, -1e6, -300.0, -90.0};
-              ff = std::max(values[k++ % 5], -most);
-              break;
-            }
+          if (at_cut_position(t, r, S)) {
+            const double values[] = {-3.4e38, -1e30, -1e6, -300.0, -90.0};
+            ff = std::max(values[k++ % 5], -most);
           }
           break;
         }

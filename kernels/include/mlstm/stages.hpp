@@ -141,9 +141,7 @@ struct Decays {
   const float* B = nullptr;
   const float* cut = nullptr;
   // The log decay from token s to token t >= s of one chunk: -inf across a cut, exact 0 where no gate lies between.
-  float between(std::int64_t s, std::int64_t t) const noexcept {
-    return cut[s] != cut[t] ? -std::numeric_limits<float>::infinity() : (b[t] - b[s]) + (B[t] - B[s]);
-  }
+  float between(std::int64_t s, std::int64_t t) const noexcept { return between(s, at(t)); }
   // The log decay from the chunk's start to token t (of the state entering the chunk).
   float upto(std::int64_t t) const noexcept {
     return cut[t] >= 0.f ? -std::numeric_limits<float>::infinity() : b[t] + B[t];
