@@ -108,8 +108,12 @@
 // than ~4000, so the forms equal the recurrence for spreads below that; B stays below 4096 per token between
 // cuts. A state forgotten at the end of the sequence leaves as EMPTY (0, 0, -inf) when no token after the cut
 // adds to it, as in the recurrence.
-// (The tensor cores keep one channel and clamp lf at -256 in their gates kernel instead: exact for spreads
-// below ~150 only; their cumsum is a parallel scan, so a run of cuts adds up.)
+// The tensor cores (tc_gates.cl) cut at the same lf and mask the same way, but keep b and B in one channel D (their
+// weights are a rank-1 sum P_t + Q_s per element): a weight between two tokens after large decays of the same chunk
+// carries a relative error of about ulp(|D|), below the 16-bit rounding of their weights while the decays since the
+// chunk's start or last cut sum above -2^14 (2^-5 at the extreme, a chunk of 128 gates at -4095). They take the
+// input gates relative to a per-token anchor K_t (the largest input gate since the last cut, rounded to a multiple
+// of 64), and a chunk whose anchors differ or which has a cut adds K_s - K_t to each log weight.
 #pragma once
 
 #include <algorithm>

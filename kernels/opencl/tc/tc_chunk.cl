@@ -60,28 +60,32 @@
 __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_fw_outputs(
     __global const ushort* X, __global const ushort* Y1, __global const ushort* Y, __global const ushort* Z,
     __global const float* zvec, __global const float* mst, __global const float* gb, __global const float* gbi,
-    __global const float* gpm, __global ushort* OUT, __global float* Nt, __global float* sgt, int S, int NC)
+    __global const float* gpm, __global const float* gcut, __global const float* gK, __global ushort* OUT,
+    __global float* Nt, __global float* sgt, int S, int NC)
 #elif MODE == 1
 __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dq(
     __global const ushort* X, __global const ushort* Y1, __global const ushort* Y, __global const ushort* Z,
     __global const float* zvec, __global const float* mst, __global const float* gb, __global const float* gbi,
-    __global const float* gpm, __global const float* Nt, __global const float* dden, __global const ushort* E,
-    __global ushort* OUT, __global float* dotp, int S, int NC)
+    __global const float* gpm, __global const float* gcut, __global const float* gK, __global const float* Nt,
+    __global const float* dden, __global const ushort* E, __global ushort* OUT, __global float* dotp, int S, int NC)
 #elif MODE == 2
 __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dk(
     __global const ushort* X, __global const ushort* Y1, __global const ushort* Y, __global const ushort* Z,
     __global const float* zvec, __global const float* mst, __global const float* gb, __global const float* gbi,
-    __global const float* gpm, __global const float* gG, __global const float* Nt, __global const float* dden,
-    __global const ushort* E, __global ushort* OUT, __global float* dotp, int S, int NC)
+    __global const float* gpm, __global const float* gcut, __global const float* gK, __global const float* Nt,
+    __global const float* dden, __global const ushort* E, __global ushort* OUT, __global float* dotp, int S, int NC)
 #else
 __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
     __global const ushort* X, __global const ushort* Y1, __global const ushort* Y, __global const ushort* Z,
     __global const float* mst, __global const float* gb, __global const float* gbi, __global const float* gpm,
-    __global const float* gG, __global const float* Nt, __global ushort* OUT, int S, int NC)
+    __global const float* gcut, __global const float* gK, __global const float* Nt, __global ushort* OUT, int S,
+    int NC)
 #endif
 {
   __local ushort region[REGION_ELEMS] __attribute__((aligned(16)));
   __local float vP[L], vQ[L], rowf[L], vr1[L], vr2[L];
+  __local int vC[L];
+  __local float vK[L];
   __local float red[L * 4];
 #if MODE != 3
   __local float zv[DHQK];
@@ -106,30 +110,42 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
   const size_t rowtok = (size_t)row * S + cb;  // first token of the chunk
 
   // ---- per-token vectors ----
+  // Gates (tc_gates.cl tc_fw_gates): every stabiliser is taken relative to the token's anchor K first. A chunk with a
+  // cut or with anchors that are not all equal (exact: uniform, rare) masks weights across its cuts and adds the
+  // anchors' difference K_s - K_t to each log weight. last_cut: the chunk's last cut (-1: none).
+  const int last_cut = (int)gcut[rowtok + len - 1];
+  const bool exact = last_cut >= 0 || gK[rowtok] != gK[rowtok + len - 1];  // K is monotone between cuts
   if (tid < L) {
-    float P = 0.0f, Q = 0.0f, rf = 0.0f, r1 = 0.0f, r2 = 0.0f;
+    float P = 0.0f, Q = 0.0f, rf = 0.0f, r1 = 0.0f, r2 = 0.0f, Kt = 0.0f;
+    int cut = -1;
     if (tid < len) {
       size_t idx = rowtok + tid;
       float b = gb[idx], bi = gbi[idx];
-      float m_c = mst[(size_t)row * (NC + 1) + c];
+      cut = (int)gcut[idx];
 #if GATE_EXP
-      float mm = fmax(m_c, gpm[idx]);
+      Kt = tc_anchor(gK[idx]);
+      const float mc = mst[(size_t)row * (NC + 1) + c] - Kt;
+      // mm = m_t - D_t - K_t; the entering state counts only where no cut lies at or before t
+      const float mm = cut >= 0 ? gpm[idx] : fmax(mc, gpm[idx]);
+      const float enter = cut >= 0 ? 0.0f : safe_exp(mc - mm);  // 0 for an EMPTY state (-inf - -inf)
 #else
-      float mm = -b;
+      const float mm = -b;  // m = 0, K = 0
+      const float enter = cut >= 0 ? 0.0f : exp(b);
 #endif
 #if LOWER
       P = -mm;
       Q = bi;
-      rf = exp(m_c - mm);
+      rf = enter;
 #else
-      float m_next = mst[(size_t)row * (NC + 1) + c + 1];
-      float G = gG[(size_t)row * NC + c];
+      // token s's weight in the state leaving the chunk: 0 before the chunk's last cut
+      const float m_next = mst[(size_t)row * (NC + 1) + c + 1];
+      const float D_last = gb[rowtok + len - 1];
       P = bi;
       Q = -mm;
-      rf = exp(G + bi - m_next);
+      rf = cut != last_cut ? 0.0f : safe_exp((D_last + bi) + (Kt - m_next));
 #endif
 #if MODE == 0
-      r1 = b + mm;  // m_t
+      r1 = (b + mm) + Kt;  // m_t
 #else
       r1 = 1.0f / Nt[idx];
 #endif
@@ -142,6 +158,8 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
     rowf[tid] = rf;
     vr1[tid] = r1;
     vr2[tid] = r2;
+    vC[tid] = cut;
+    vK[tid] = Kt;
   }
 #if MODE != 3
   #pragma unroll
@@ -266,7 +284,15 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
 #endif
       // A log weight of -inf weighs 0, also against m_t = -inf (stages.hpp "Gates at +-inf": an EMPTY entering
       // state and i = -inf make vP = +inf, vQ = -inf).
-      const float x = vP[r] + vQ[cc];
+      float x = vP[r] + vQ[cc];
+      if (exact) {
+        ok = ok && vC[r] == vC[cc];  // no weight across a cut
+#if LOWER
+        x += vK[cc] - vK[r];  // K_s - K_t
+#else
+        x += vK[r] - vK[cc];
+#endif
+      }
       float w = ok && !isnan(x) ? exp(x) : 0.0f;
       float s = sacc[j][i];
 #if MODE == 0

@@ -258,3 +258,6 @@ __kernel void tc_probe_frag(__global const ushort* src, __global uint* out) {
   ldB2_T(s, 40, 16, 8, r);
   for (int j = 0; j < 4; ++j) out[(3 * 32 + lane) * 4 + j] = r[j];
 }
+
+// A token's gate anchor (tc_gates.cl tc_fw_gates: gK), -inf (no finite input gate yet) read as 0.
+TC_INLINE float tc_anchor(float k) { return k == -INFINITY ? 0.0f : k; }

@@ -10,28 +10,37 @@
 #ifndef NORMALIZE
 #define NORMALIZE 1
 #endif
-// The floor of lf in the tensor cores' one-channel gate cumsums.
-#define TC_LF_FLOOR 256.0f
-
 // tc_fw_gates: one work-group of L threads per (chunk, row); global (NC*L, rows), local (L, 1).
-//   gb[t]  = b_t  (inclusive cumsum of logsigmoid(f) inside the chunk)
-//   gbi[t] = ig_t - b_t
-//   gpm[t] = max_{s<=t, same chunk} (ig_s - b_s)
-//   gG[c]  = b at the chunk's last token;  gA[c] = gG[c] + gpm[last]  (= max_t a_t)
+// The tensor cores keep one decay channel and a cut position per token (stages.hpp "Gates at +-inf"; the CPU and
+// portable forms split the decays into two channels), and every token's input gates and stabilisers relative to an
+// anchor K_t, so that no weight loses the digits of a large input gate: K_t is the largest input gate at or before t
+// since the last cut, rounded to a multiple of TC_ANCHOR (exp gate; -inf while there is none; 0 for the sigmoid gate).
+// Ordinary gates (|i| < TC_ANCHOR / 2) give K = 0 everywhere; a chunk where K is not constant or which has a cut
+// takes the exact path in tc_chunk.cl (the mask and the anchors' differences).
+//   gcut[t] = the chunk-local position of the last cut at or before t (-1: none)
+//   gb[t]   = D_t, the inclusive cumsum of logsigmoid(f) since the chunk's start or its last cut (0 at a cut)
+//   gK[t]   = K_t (consumers read -inf as 0: tc_anchor)
+//   gbi[t]  = (ig_t - K_t) - D_t
+//   gpm[t]  = max over s <= t since the last cut of (bi_s + K_s) - K_t
+//   gG[c]   = D at the chunk's last token, -inf for a chunk with a cut (the entering state is forgotten)
+//   gA[c]   = D_last + gpm[last] (= max_t of the log weight of t in the leaving state, minus K_last)
+// Every consumer forms m - K first (exact where m and K are close) and masks weights across a cut.
+#define TC_ANCHOR 64.0f
 __kernel void tc_fw_gates(__global const float* ig_raw, __global const float* fg_raw, __global float* gb,
-                          __global float* gbi, __global float* gpm, __global float* gG, __global float* gA,
-                          int S, int NC) {
-  __local float sa[L], sm[L];
+                          __global float* gbi, __global float* gpm, __global float* gcut, __global float* gK,
+                          __global float* gG, __global float* gA, int S, int NC) {
+  __local float sa[L], sk[L];
+  __local int sf[L];
   int j = get_local_id(0), c = get_group_id(0), row = get_global_id(1);
   int t = c * L + j;
   int len = min(L, S - c * L);
   size_t idx = (size_t)row * S + t;
-  float lf = 0.0f, ig = 0.0f;
+  float lf = 0.0f, ig = -INFINITY;
+  int is_cut = 0;
   if (j < len) {
-    // f = -inf: lf = -inf would give b = -inf and bi = +inf, and exp(bi - mm) = NaN downstream. It counts as
-    // lf = -256: exp(-256 + x) is 0 in float32 for any input-gate spread x below ~150 (one channel here; the
-    // portable kernels keep two, stages.hpp "Gates at +-inf").
-    lf = fmax(logsigmoid(fg_raw[idx]), -TC_LF_FLOOR);
+    lf = logsigmoid(fg_raw[idx]);
+    is_cut = lf <= -CUT_DECAY;  // -inf included (common.cl: stages.hpp kCutDecay)
+    if (is_cut) lf = 0.0f;
     float iv = ig_raw[idx];
 #if GATE_EXP
     ig = iv;
@@ -39,32 +48,65 @@ __kernel void tc_fw_gates(__global const float* ig_raw, __global const float* fg
     ig = logsigmoid(iv);
 #endif
   }
+  // Segmented inclusive scans (Hillis-Steele), restarting at cuts: sf holds the last cut in a window (-1: none),
+  // and a window with a cut does not take the values of the windows before it. sa: sum of lf; sk: max of the
+  // rounded input gates.
+  const int own_cut = is_cut ? j : -1;
   sa[j] = lf;
+#if GATE_EXP
+  sk[j] = ig == -INFINITY ? -INFINITY : TC_ANCHOR * rint(ig / TC_ANCHOR);
+#else
+  sk[j] = 0.0f;
+#endif
+  sf[j] = own_cut;
   barrier(CLK_LOCAL_MEM_FENCE);
-  for (int off = 1; off < L; off <<= 1) {  // Hillis-Steele inclusive scan (sum)
-    float v = sa[j] + (j >= off ? sa[j - off] : 0.0f);
+  for (int off = 1; off < L; off <<= 1) {
+    float v = sa[j], k = sk[j];
+    int f = sf[j];
+    if (j >= off) {
+      if (f < 0) {
+        v += sa[j - off];
+        k = fmax(k, sk[j - off]);
+      }
+      f = max(f, sf[j - off]);
+    }
     barrier(CLK_LOCAL_MEM_FENCE);
     sa[j] = v;
+    sk[j] = k;
+    sf[j] = f;
     barrier(CLK_LOCAL_MEM_FENCE);
   }
-  float b = sa[j];
-  float bi = j < len ? ig - b : -INFINITY;
-  sm[j] = bi;
+  const float D = sa[j], K_raw = sk[j], K = tc_anchor(K_raw);
+  const int cut = sf[j];
+  const float bi = j < len ? (ig - K) - D : -INFINITY;
   barrier(CLK_LOCAL_MEM_FENCE);
-  for (int off = 1; off < L; off <<= 1) {  // inclusive scan (max)
-    float v = j >= off ? fmax(sm[j], sm[j - off]) : sm[j];
+  sa[j] = bi;
+  sk[j] = K;
+  sf[j] = own_cut;
+  barrier(CLK_LOCAL_MEM_FENCE);
+  for (int off = 1; off < L; off <<= 1) {  // segmented max of bi_s + K_s, relative to the window's last K
+    float v = sa[j];
+    int f = sf[j];
+    if (j >= off) {
+      if (f < 0) v = fmax(v, sa[j - off] + (sk[j - off] - sk[j]));
+      f = max(f, sf[j - off]);
+    }
     barrier(CLK_LOCAL_MEM_FENCE);
-    sm[j] = v;
+    sa[j] = v;
+    sf[j] = f;
     barrier(CLK_LOCAL_MEM_FENCE);
   }
+  const float pm = sa[j];
   if (j < len) {
-    gb[idx] = b;
+    gb[idx] = D;
     gbi[idx] = bi;
-    gpm[idx] = sm[j];
+    gpm[idx] = pm;
+    gcut[idx] = (float)cut;
+    gK[idx] = K_raw;
   }
   if (j == len - 1) {
-    gG[(size_t)row * NC + c] = b;
-    gA[(size_t)row * NC + c] = b + sm[j];
+    gG[(size_t)row * NC + c] = cut >= 0 ? -INFINITY : D;
+    gA[(size_t)row * NC + c] = D + pm;
   }
 }
 

@@ -4,8 +4,10 @@
 // One work-group per (row, DHQK tile of KT, DHHV tile of VT); KT/16 warps, warp w owns rows
 // 16w..16w+15 of the KT tile and all VT columns. The tile lives in mma accumulators (float32) for
 // the whole sequence; per chunk:  acc <- scale * acc + X^T diag(w) Y  with X (L x KT), Y (L x VT):
-//   forward : X = k, Y = v,  w_t = exp(G_c + bi_t - m_{c+1}),  scale = exp(G_c + m_c - m_{c+1})
-//   backward: X = q, Y = dh, w_t = exp(m_c - mm_t) / (sqrt(DHQK) N_t), scale = exp(G_c + m_c - m_{c+1})
+//   forward : X = k, Y = v,  w_t = exp((D_last + bi_t) + (K_c - m_{c+1})),  scale = exp(G_c + (m_c - m_{c+1}))
+//   backward: X = q, Y = dh, w_t = exp((m_c - K_c) - mm_t) / (sqrt(DHQK) N_t), scale as forward
+// (tc_gates.cl tc_fw_gates: D, bi, mm relative to the chunk's anchor K_c; w_t = 0 across a cut, G_c = -inf for a
+// chunk with one)
 // and the n part (vector over the KT tile) with weights w_t (forward) / w_t * dden_t * N_t (backward),
 // kept by the work-groups of DHHV tile 0 only.
 // Build options: -DMODE -DL -DKT -DVT -DDHQK -DDHHV -DGATE_EXP, -DWRITE_STATES=0 for a pass that only needs the
@@ -38,14 +40,15 @@
 
 #if MODE == 0
 __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_fw_states(
-    __global const ushort* X, __global const ushort* Y, __global const float* gbi, __global const float* gG,
-    __global const float* gA, __global const float* c0, __global const float* n0, __global const float* m0,
+    __global const ushort* X, __global const ushort* Y, __global const float* gb, __global const float* gbi,
+    __global const float* gcut, __global const float* gG, __global const float* gA, __global const float* gK,
+    __global const float* c0, __global const float* n0, __global const float* m0,
     int has_init, __global ushort* Cst, __global float* nst, __global float* mst, __global float* c_last,
     __global float* n_last, __global float* m_last, int S, int NC)
 #else
 __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
     __global const ushort* X, __global const ushort* Y, __global const float* gb, __global const float* gpm,
-    __global const float* gG, __global const float* mst, __global const float* Nt, __global const float* dden,
+    __global const float* gcut, __global const float* gK, __global const float* gG, __global const float* mst, __global const float* Nt, __global const float* dden,
     __global const float* dc_last, __global const float* dn_last, int has_dlast, __global ushort* Cst,
     __global float* nst, __global float* dc0, __global float* dn0, int S, int NC)
 #endif
@@ -93,7 +96,7 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
 
   // ---- register prefetch of one chunk ----
   uint4 xr[NXV], yr[NYV];
-  float gsx[NXV][3];  // per-row gate scalars of the rows this thread stages
+  float gsx[NXV][5];  // per-row gate scalars of the rows this thread stages
 #define PREFETCH(cc)                                                                                  \
   {                                                                                                   \
     const int cb_ = (cc) * L, len_ = min(L, S - cb_);                                                \
@@ -106,7 +109,7 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
         PREFETCH_GATES(i, tok)                                                                        \
       } else {                                                                                        \
         xr[i] = (uint4)(0u);                                                                          \
-        gsx[i][0] = 0.0f; gsx[i][1] = 0.0f; gsx[i][2] = 0.0f;                                         \
+        gsx[i][0] = 0.0f; gsx[i][1] = 0.0f; gsx[i][2] = 0.0f; gsx[i][3] = -1.0f; gsx[i][4] = 0.0f;    \
       }                                                                                               \
     }                                                                                                 \
     _Pragma("unroll")                                                                                 \
@@ -116,13 +119,21 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
       yr[i] = r < len_ ? *(__global const uint4*)(Y + tok * DHHV + v0 + Y_COL(i)) : (uint4)(0u);      \
     }                                                                                                 \
   }
+// The token's anchor (tc_fw_gates: gK; 0 for the sigmoid gate).
+#if GATE_EXP
+#define ANCHOR(tok) tc_anchor(gK[tok])
+#else
+#define ANCHOR(tok) 0.0f
+#endif
 #if MODE == 0
-#define PREFETCH_GATES(i, tok) gsx[i][0] = gbi[tok];
+#define PREFETCH_GATES(i, tok) gsx[i][0] = gbi[tok]; gsx[i][3] = gcut[tok]; gsx[i][4] = ANCHOR(tok);
 #else
 #if GATE_EXP
-#define PREFETCH_GATES(i, tok) gsx[i][0] = gpm[tok]; gsx[i][1] = Nt[tok]; gsx[i][2] = dden[tok];
+#define PREFETCH_GATES(i, tok) \
+  gsx[i][0] = gpm[tok]; gsx[i][1] = Nt[tok]; gsx[i][2] = dden[tok]; gsx[i][3] = gcut[tok]; gsx[i][4] = ANCHOR(tok);
 #else
-#define PREFETCH_GATES(i, tok) gsx[i][0] = -gb[tok]; gsx[i][1] = Nt[tok]; gsx[i][2] = dden[tok];
+#define PREFETCH_GATES(i, tok) \
+  gsx[i][0] = -gb[tok]; gsx[i][1] = Nt[tok]; gsx[i][2] = dden[tok]; gsx[i][3] = gcut[tok]; gsx[i][4] = 0.0f;
 #endif
 #endif
 
@@ -136,20 +147,25 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
   PREFETCH(c)
   for (; c != c_end; c += c_step) {
     const int len = min(L, S - c * L);
-    const float G = gG[(size_t)row * NC + c];
+    const size_t chunk_at = (size_t)row * NC + c;
+    const float G = gG[chunk_at];
     float m_c, m_next;
 #if MODE == 0
+    const size_t last_tok = (size_t)row * S + c * L + len - 1;
     m_c = m_cur;
 #if GATE_EXP
-    m_next = fmax(G + m_c, gA[(size_t)row * NC + c]);
+    m_next = fmax(G + m_c, gA[chunk_at] + ANCHOR(last_tok));
 #else
     m_next = 0.0f;
 #endif
+    const float D_last = gb[last_tok];
+    const int last_cut = (int)gcut[last_tok];
 #else
     m_c = mst[(size_t)row * (NC + 1) + c];
     m_next = mst[(size_t)row * (NC + 1) + c + 1];
 #endif
-    const float scale = exp(G + m_c - m_next);
+    // 0 across a cut (G = -inf) and for an EMPTY state (m_c = -inf); m_c - m_next first (stages.hpp)
+    const float scale = m_c == -INFINITY ? 0.0f : safe_exp(G + (m_c - m_next));
 
     // store the value entering this step: forward = state entering chunk c,
     // backward = gradient of the state leaving chunk c (not with WRITE_STATES=0: the shards' summary pass)
@@ -187,11 +203,12 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
       float w = 0.0f, nfac = 0.0f;
       if (r < len) {
 #if MODE == 0
-        w = exp(G + gsx[i][0] - m_next);
+        w = (int)gsx[i][3] != last_cut ? 0.0f : safe_exp((D_last + gsx[i][0]) + (gsx[i][4] - m_next));
         nfac = 1.0f;
 #else
-        float mm = GATE_EXP ? fmax(m_c, gsx[i][0]) : gsx[i][0];
-        float e = exp(m_c - mm);
+        const float mc = m_c - gsx[i][4];
+        float mm = GATE_EXP ? fmax(mc, gsx[i][0]) : gsx[i][0];
+        float e = gsx[i][3] >= 0.0f ? 0.0f : safe_exp(mc - mm);
         w = e * isq / gsx[i][1];
         nfac = w != 0.0f ? gsx[i][2] * gsx[i][1] : 0.0f;
 #endif
