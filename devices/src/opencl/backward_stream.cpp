@@ -60,7 +60,7 @@ struct BackwardStream::Impl {
   KernelObject gates, fw_states, fw_outputs, bw_prep, bw_states, bw_dq, bw_dk, bw_dv, gate_grads;
   int nparts = 1;  // DHQK tiles of the dq / dk kernels (their qdq / kdk partial sums)
   // Intermediates of the piece that computes (one at a time: the kernel queue is in order).
-  Buffer gb, gbi, gpm, gcut, gG, gA, gK, mst, Cst, nst, h, Nt, sgt, dden, dCst, dnst, qdq, kdk;
+  Buffer gb, gbi, gpm, gcut, gG, gA, gK, gaw, gub, mst, Cst, nst, h, Nt, sgt, dden, dCst, dnst, qdq, kdk;
   Buffer c_scratch, n_scratch, m_scratch;  // the state leaving a piece when the gradient pass recomputes it
   Buffer dC[2], dN[2], dM;                 // the state gradient entering a piece (ping-pong), dm0
   Buffer dc_last, dn_last;                 // the caller's gradient of the last state, when given
@@ -175,6 +175,8 @@ BackwardStream::BackwardStream(std::shared_ptr<Device> device, Config config)
   im.gpm = f32(tok);
   im.gcut = f32(tok);
   im.gK = f32(tok);
+  im.gaw = f32(tok);
+  im.gub = f32(tok);
   im.gG = f32(rows * NC);
   im.gA = f32(rows * NC);
 
@@ -292,9 +294,9 @@ void BackwardStream::states_pass(const BackwardArgs& a, const std::vector<packed
     const auto& to = im.entering[j + 1];
     const cl_mem K = input_buffer(s, kK, piece), V = input_buffer(s, kV, piece), I = input_buffer(s, kI, piece),
                  F = input_buffer(s, kF, piece);
-    set_args(im.gates.k, dn, I, F, im.gb, im.gbi, im.gpm, im.gcut, im.gK, im.gG, im.gA, Sp, NC);
-    set_args(im.fw_states.k, dn, K, V, im.gb, im.gbi, im.gcut, im.gG, im.gA, im.gK, (*from)[0], (*from)[1], (*from)[2],
-             has_init, im.Cst, im.nst, im.mst, to[0], to[1], to[2], Sp, NC);
+    set_args(im.gates.k, dn, I, F, im.gb, im.gbi, im.gpm, im.gcut, im.gK, im.gaw, im.gub, im.gG, im.gA, Sp, NC);
+    set_args(im.fw_states.k, dn, K, V, im.gaw, im.gK, im.gG, im.gA, (*from)[0], (*from)[1], (*from)[2], has_init,
+             im.Cst, im.nst, im.mst, to[0], to[1], to[2], Sp, NC);
     try {
       launch(im.gates, "tc_fw_gates", static_cast<std::size_t>(NC * cfg.L), static_cast<std::size_t>(cfg.L), &up);
       launch(im.fw_states, "tc_fw_states", states_global, states_group, nullptr, &s.done);
@@ -406,14 +408,14 @@ void BackwardStream::gradient_pass(const BackwardArgs& a, const std::vector<pack
                                      nullptr, nullptr),
                 "clEnqueueWriteBuffer(backward stream: last-state gradient)", dn);
       }
-      set_args(im.gates.k, dn, Ib, Fb, im.gb, im.gbi, im.gpm, im.gcut, im.gK, im.gG, im.gA, Sp, NC);
-      set_args(im.fw_states.k, dn, Kb, Vb, im.gb, im.gbi, im.gcut, im.gG, im.gA, im.gK, enter[0], enter[1], enter[2],
-               has_init, im.Cst, im.nst, im.mst, im.c_scratch, im.n_scratch, im.m_scratch, Sp, NC);
+      set_args(im.gates.k, dn, Ib, Fb, im.gb, im.gbi, im.gpm, im.gcut, im.gK, im.gaw, im.gub, im.gG, im.gA, Sp, NC);
+      set_args(im.fw_states.k, dn, Kb, Vb, im.gaw, im.gK, im.gG, im.gA, enter[0], enter[1], enter[2], has_init, im.Cst,
+               im.nst, im.mst, im.c_scratch, im.n_scratch, im.m_scratch, Sp, NC);
       set_args(im.fw_outputs.k, dn, s.in[kQ], Kb, Vb, im.Cst, im.nst, im.mst, im.gb, im.gbi, im.gpm, im.gcut, im.gK,
                im.h, im.Nt, im.sgt, Sp, NC);
       set_args(im.bw_prep.k, dn, s.in[kDh], im.h, im.Nt, im.sgt, im.dden, Sp);
-      set_args(im.bw_states.k, dn, s.in[kQ], s.in[kDh], im.gb, im.gpm, im.gcut, im.gK, im.gG, im.mst, im.Nt, im.dden,
-               dc_last, dn_last, has_dlast, im.dCst, im.dnst, dc0, dn0, Sp, NC);
+      set_args(im.bw_states.k, dn, s.in[kQ], s.in[kDh], im.gub, im.gK, im.gG, im.mst, im.Nt, im.dden, dc_last, dn_last,
+               has_dlast, im.dCst, im.dnst, dc0, dn0, Sp, NC);
       set_args(im.bw_dq.k, dn, s.in[kDh], Vb, Kb, im.Cst, im.nst, im.mst, im.gb, im.gbi, im.gpm, im.gcut, im.gK, im.Nt,
                im.dden, s.in[kQ], s.out[kDq], im.qdq, Sp, NC);
       set_args(im.bw_dk.k, dn, Vb, s.in[kDh], s.in[kQ], im.dCst, im.dnst, im.mst, im.gb, im.gbi, im.gpm, im.gcut, im.gK,

@@ -57,9 +57,10 @@ struct DeviceStream::Impl {
   // Slots 1.. are set up on a thread of their own while the first piece is filled and sent: page-locking the
   // staging costs about 0.1 s per 256 MiB on the H200 host, which came before the first token otherwise.
   std::future<void> later_slots[kStreamSlots];  // [j]: slot j's set-up (j >= 1), each on a thread of its own
-  Buffer gb, gbi, gpm, gcut, gG, gA, gK, mst, Cst, nst, Nt, sgt;  // intermediates: one piece computes at a time
-  Buffer C[2], n[2], m[2];                                        // the state, ping-pong between pieces
-  int state = 0;                                                  // index of the current state
+  Buffer gb, gbi, gpm, gcut, gG, gA, gK, gaw, gub, mst, Cst, nst, Nt,
+      sgt;                  // intermediates: one piece computes at a time
+  Buffer C[2], n[2], m[2];  // the state, ping-pong between pieces
+  int state = 0;            // index of the current state
   bool has_state = false;
   bool keep_states = false;                           // keep_states(): the state leaving each piece, copied
   std::vector<std::array<PooledBuffer, 3>> kept;      // C, n, m after each piece since keep_states(true)
@@ -128,6 +129,8 @@ DeviceStream::DeviceStream(std::shared_ptr<Device> device, Config config, ConstT
   im.gpm = f32(tok);
   im.gcut = f32(tok);
   im.gK = f32(tok);
+  im.gaw = f32(tok);
+  im.gub = f32(tok);
   im.Nt = f32(tok);
   im.sgt = f32(tok);
   im.gG = f32(rows * NC);
@@ -345,9 +348,9 @@ std::uint64_t DeviceStream::enqueue_piece(const detail::HostRows* direct, const 
   if (c.compute) {
     const int S = static_cast<int>(len), NC = (S + im.cfg.L - 1) / im.cfg.L, has_init = im.has_state ? 1 : 0;
     const int from = im.state, to = 1 - im.state;
-    set_args(s.gates.k, dn, s.i, s.f, im.gb, im.gbi, im.gpm, im.gcut, im.gK, im.gG, im.gA, S, NC);
-    set_args(s.states.k, dn, s.k, s.v, im.gb, im.gbi, im.gcut, im.gG, im.gA, im.gK, im.C[from], im.n[from], im.m[from],
-             has_init, im.Cst, im.nst, im.mst, im.C[to], im.n[to], im.m[to], S, NC);
+    set_args(s.gates.k, dn, s.i, s.f, im.gb, im.gbi, im.gpm, im.gcut, im.gK, im.gaw, im.gub, im.gG, im.gA, S, NC);
+    set_args(s.states.k, dn, s.k, s.v, im.gaw, im.gK, im.gG, im.gA, im.C[from], im.n[from], im.m[from], has_init,
+             im.Cst, im.nst, im.mst, im.C[to], im.n[to], im.m[to], S, NC);
     set_args(s.outputs.k, dn, s.q, s.k, s.v, im.Cst, im.nst, im.mst, im.gb, im.gbi, im.gpm, im.gcut, im.gK, s.h, im.Nt,
              im.sgt, S, NC);
     const std::size_t rws = rows, KT = static_cast<std::size_t>(im.cfg.KT);

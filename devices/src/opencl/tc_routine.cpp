@@ -138,6 +138,8 @@ class ResidentTensorCore final : public ResidentChunkwise {
     gG_ = f32buf(static_cast<std::size_t>(rows_) * NC_);
     gA_ = f32buf(static_cast<std::size_t>(rows_) * NC_);
     gK_ = f32buf(tok);
+    gaw_ = f32buf(tok);
+    gub_ = f32buf(tok);
     // Per-token and per-chunk arrays keep their layout with shards (row r, shard p is row r * P + p of S/P tokens);
     // mst has NC/P + 1 entries per shard.
     mst_ = f32buf(static_cast<std::size_t>(R_) * (NCs_ + 1));
@@ -153,26 +155,26 @@ class ResidentTensorCore final : public ResidentChunkwise {
       // Debugging aid: every intermediate and output buffer starts as NaN (0xFF bytes), so a read of a value
       // no kernel wrote shows up as NaN in the results.
       const std::uint8_t pattern = 0xff;
-      for (const PooledBuffer* b : {&gb_, &gbi_, &gpm_, &gcut_, &gG_, &gA_, &gK_, &mst_, &Cst_, &nst_, &c_last_,
-                                    &n_last_, &m_last_, &h_, &Nt_, &sgt_})
+      for (const PooledBuffer* b : {&gb_, &gbi_, &gpm_, &gcut_, &gG_, &gA_, &gK_, &gaw_, &gub_, &mst_, &Cst_, &nst_,
+                                    &c_last_, &n_last_, &m_last_, &h_, &Nt_, &sgt_})
         check(clEnqueueFillBuffer(dev.queue(), b->get(), &pattern, 1, 0, b->bytes(), 0, nullptr, nullptr),
               "clEnqueueFillBuffer", dn);
       check(clFinish(dev.queue()), "clFinish", dn);
     }
-    set_args(k_gates_.k, dn, i_, f_, gb_, gbi_, gpm_, gcut_, gK_, gG_, gA_, Ss_, NCs_);
+    set_args(k_gates_.k, dn, i_, f_, gb_, gbi_, gpm_, gcut_, gK_, gaw_, gub_, gG_, gA_, Ss_, NCs_);
     if (summaries) {
       // The summary pass (and with shards the states pass) reads the shards' entering states from sh_.c_in (the
       // EMPTY state, then the combined ones) and writes the states leaving them to sh_.c_last.
       sh_.allocate_forward(dev, rows_, P_, K, V);
       for (const KernelObject* k : {&k_fw_summary_, &k_fw_states_}) {
         if (k == &k_fw_states_ && P_ == 1) continue;
-        set_args(k->k, dn, k_, v_, gb_, gbi_, gcut_, gG_, gA_, gK_, sh_.c_in, sh_.n_in, sh_.m_in, 1, Cst_, nst_, mst_,
-                 sh_.c_last, sh_.n_last, sh_.m_last, Ss_, NCs_);
+        set_args(k->k, dn, k_, v_, gaw_, gK_, gG_, gA_, sh_.c_in, sh_.n_in, sh_.m_in, 1, Cst_, nst_, mst_, sh_.c_last,
+                 sh_.n_last, sh_.m_last, Ss_, NCs_);
       }
     }
     if (P_ == 1)
-      set_args(k_fw_states_.k, dn, k_, v_, gb_, gbi_, gcut_, gG_, gA_, gK_, c0_, n0_, m0_, has_init_, Cst_, nst_, mst_,
-               c_last_, n_last_, m_last_, S_, NC_);
+      set_args(k_fw_states_.k, dn, k_, v_, gaw_, gK_, gG_, gA_, c0_, n0_, m0_, has_init_, Cst_, nst_, mst_, c_last_,
+               n_last_, m_last_, S_, NC_);
     set_args(k_fw_outputs_.k, dn, q_, k_, v_, Cst_, nst_, mst_, gb_, gbi_, gpm_, gcut_, gK_, h_, Nt_, sgt_, Ss_, NCs_);
     if (has_grads_) {
       dh_ = up16(grads->dh);
@@ -207,13 +209,13 @@ class ResidentTensorCore final : public ResidentChunkwise {
         sh_.allocate_backward();
         for (const KernelObject* k : {&k_bw_summary_, &k_bw_states_}) {
           if (k == &k_bw_states_ && P_ == 1) continue;
-          set_args(k->k, dn, q_, dh_, gb_, gpm_, gcut_, gK_, gG_, mst_, Nt_, dden_, sh_.dc_last, sh_.dn_last, 1, dCst_,
-                   dnst_, sh_.dc0, sh_.dn0, Ss_, NCs_);
+          set_args(k->k, dn, q_, dh_, gub_, gK_, gG_, mst_, Nt_, dden_, sh_.dc_last, sh_.dn_last, 1, dCst_, dnst_,
+                   sh_.dc0, sh_.dn0, Ss_, NCs_);
         }
       }
       if (P_ == 1)
-        set_args(k_bw_states_.k, dn, q_, dh_, gb_, gpm_, gcut_, gK_, gG_, mst_, Nt_, dden_, dc_last_, dn_last_,
-                 has_dlast_, dCst_, dnst_, dc0_, dn0_, S_, NC_);
+        set_args(k_bw_states_.k, dn, q_, dh_, gub_, gK_, gG_, mst_, Nt_, dden_, dc_last_, dn_last_, has_dlast_, dCst_,
+                 dnst_, dc0_, dn0_, S_, NC_);
       set_args(k_bw_dq_.k, dn, dh_, v_, k_, Cst_, nst_, mst_, gb_, gbi_, gpm_, gcut_, gK_, Nt_, dden_, q_, dq_, qdq_,
                Ss_, NCs_);
       set_args(k_bw_dk_.k, dn, v_, dh_, q_, dCst_, dnst_, mst_, gb_, gbi_, gpm_, gcut_, gK_, Nt_, dden_, k_, dk_, kdk_,
@@ -419,9 +421,9 @@ class ResidentTensorCore final : public ResidentChunkwise {
   detail::SegmentExchange exchange_;  // as a segment of a split sequence
   KernelObject k_gates_, k_fw_states_, k_fw_outputs_, k_bw_prep_, k_bw_states_, k_bw_dq_, k_bw_dk_, k_bw_dv_,
       k_bw_gate_grads_, k_fw_combine_, k_bw_combine_, k_fw_summary_, k_bw_summary_;
-  PooledBuffer q_, k_, v_, i_, f_, c0_, n0_, m0_, gb_, gbi_, gpm_, gcut_, gG_, gA_, gK_, mst_, Cst_, nst_, c_last_,
-      n_last_, m_last_, h_, Nt_, sgt_, dh_, dc_last_, dn_last_, dden_, dCst_, dnst_, dc0_, dn0_, dm0_, dq_, dk_, dv_,
-      qdq_, kdk_, di_, df_;
+  PooledBuffer q_, k_, v_, i_, f_, c0_, n0_, m0_, gb_, gbi_, gpm_, gcut_, gG_, gA_, gK_, gaw_, gub_, mst_, Cst_, nst_,
+      c_last_, n_last_, m_last_, h_, Nt_, sgt_, dh_, dc_last_, dn_last_, dden_, dCst_, dnst_, dc0_, dn0_, dm0_, dq_,
+      dk_, dv_, qdq_, kdk_, di_, df_;
   detail::ShardBuffers sh_;  // the sequence split's states (P_ > 1)
 };
 

@@ -270,54 +270,63 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
 #endif
 #if MODE == 0
   float rs0 = 0.0f, rs1 = 0.0f;  // row sums of M for rows g, g+8
-#endif
-  #pragma unroll
-  for (int j = 0; j < NSB; ++j) {
-    float mv[4];
-    #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      int r = warp * 16 + g + (i >> 1) * 8, cc = j * 8 + 2 * tq + (i & 1);
-#if LOWER
-      bool ok = cc <= r && r < len;
+#define P2_ROWSUM(mv) rs0 += mv[0] + mv[1]; rs1 += mv[2] + mv[3];
 #else
-      bool ok = cc >= r && cc < len;
+#define P2_ROWSUM(mv)
 #endif
-      // A log weight of -inf weighs 0, also against m_t = -inf (stages.hpp "Gates at +-inf": an EMPTY entering
-      // state and i = -inf make vP = +inf, vQ = -inf).
-      float x = vP[r] + vQ[cc];
-      if (exact) {
-        ok = ok && vC[r] == vC[cc];  // no weight across a cut
 #if LOWER
-        x += vK[cc] - vK[r];  // K_s - K_t
+#define P2_OK(r, cc) ((cc) <= (r) && (r) < len)
+#define P2_KDIFF(r, cc) (vK[cc] - vK[r])  // K_s - K_t
 #else
-        x += vK[r] - vK[cc];
+#define P2_OK(r, cc) ((cc) >= (r) && (cc) < len)
+#define P2_KDIFF(r, cc) (vK[r] - vK[cc])
 #endif
-      }
-      float w = ok && !isnan(x) ? exp(x) : 0.0f;
-      float s = sacc[j][i];
 #if MODE == 0
-      mv[i] = w * s * isq;
+#define P2_M(w, s, r, cc) ((w) * (s) * isq)
 #elif MODE == 1
-      mv[i] = w * (s * vr1[r] + vr2[r]) * isq;
+#define P2_M(w, s, r, cc) ((w) * ((s) * vr1[r] + vr2[r]) * isq)
 #elif MODE == 2
-      mv[i] = w * (s * vr1[cc] + vr2[cc]) * isq;
+#define P2_M(w, s, r, cc) ((w) * ((s) * vr1[cc] + vr2[cc]) * isq)
 #else
-      mv[i] = w * s * vr1[cc] * isq;
+#define P2_M(w, s, r, cc) ((w) * (s) * vr1[cc] * isq)
 #endif
-    }
-#if MODE == 0
-    rs0 += mv[0] + mv[1];
-    rs1 += mv[2] + mv[3];
-#endif
-    {
-      uint p01 = pack2(mv[0], mv[1]), p23 = pack2(mv[2], mv[3]);
-      pa[j >> 1][(j & 1) * 2 + 0] = p01;
-      pa[j >> 1][(j & 1) * 2 + 1] = p23;
 #if MSPLIT
-      pl[j >> 1][(j & 1) * 2 + 0] = pack2(mv[0] - lo2f(p01), mv[1] - hi2f(p01));
-      pl[j >> 1][(j & 1) * 2 + 1] = pack2(mv[2] - lo2f(p23), mv[3] - hi2f(p23));
+#define P2_SPLIT(j, mv, p01, p23)                                                  \
+  pl[j >> 1][(j & 1) * 2 + 0] = pack2(mv[0] - lo2f(p01), mv[1] - hi2f(p01));      \
+  pl[j >> 1][(j & 1) * 2 + 1] = pack2(mv[2] - lo2f(p23), mv[3] - hi2f(p23));
+#else
+#define P2_SPLIT(j, mv, p01, p23)
 #endif
-    }
+  // The weights of one chunk; EXACT (a chunk with a cut or with anchors that differ, uniform) masks weights across
+  // its cuts and adds the anchors' difference. A log weight of -inf weighs 0, also against m_t = -inf (stages.hpp
+  // "Gates at +-inf": an EMPTY entering state and i = -inf make vP = +inf, vQ = -inf). Two copies of the loop, so
+  // that ordinary chunks run no instruction of the exact path.
+#define PHASE2(EXACT)                                                                \
+  _Pragma("unroll")                                                                 \
+  for (int j = 0; j < NSB; ++j) {                                                   \
+    float mv[4];                                                                    \
+    _Pragma("unroll")                                                               \
+    for (int i = 0; i < 4; ++i) {                                                   \
+      const int r = warp * 16 + g + (i >> 1) * 8, cc = j * 8 + 2 * tq + (i & 1);   \
+      bool ok = P2_OK(r, cc);                                                       \
+      float x = vP[r] + vQ[cc];                                                     \
+      if (EXACT) {                                                                  \
+        ok = ok && vC[r] == vC[cc];                                                 \
+        x += P2_KDIFF(r, cc);                                                       \
+      }                                                                             \
+      const float w = ok && !isnan(x) ? exp(x) : 0.0f;                              \
+      mv[i] = P2_M(w, sacc[j][i], r, cc);                                           \
+    }                                                                               \
+    P2_ROWSUM(mv)                                                                   \
+    const uint p01 = pack2(mv[0], mv[1]), p23 = pack2(mv[2], mv[3]);                \
+    pa[j >> 1][(j & 1) * 2 + 0] = p01;                                              \
+    pa[j >> 1][(j & 1) * 2 + 1] = p23;                                              \
+    P2_SPLIT(j, mv, p01, p23)                                                       \
+  }
+  if (exact) {
+    PHASE2(1)
+  } else {
+    PHASE2(0)
   }
   #pragma unroll
   for (int j = 0; j < NOB; ++j)

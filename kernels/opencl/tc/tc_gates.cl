@@ -24,11 +24,16 @@
 //   gpm[t]  = max over s <= t since the last cut of (bi_s + K_s) - K_t
 //   gG[c]   = D at the chunk's last token, -inf for a chunk with a cut (the entering state is forgotten)
 //   gA[c]   = D_last + gpm[last] (= max_t of the log weight of t in the leaving state, minus K_last)
+//   gaw[t]  = (D_last + bi_t) + (K_t - K_last): t's log weight in the state leaving the chunk minus K_last, -inf
+//             before the chunk's last cut (tc_fw_states)
+//   gub[t]  = gpm_t + (K_t - K_first) (exp gate; -D_t for the sigmoid gate), +inf from the chunk's first cut on:
+//             the entering state's weight at t is exp(min(0, (m_c - K_first) - gub_t)) (tc_bw_state_grads)
 // Every consumer forms m - K first (exact where m and K are close) and masks weights across a cut.
 #define TC_ANCHOR 64.0f
 __kernel void tc_fw_gates(__global const float* ig_raw, __global const float* fg_raw, __global float* gb,
                           __global float* gbi, __global float* gpm, __global float* gcut, __global float* gK,
-                          __global float* gG, __global float* gA, int S, int NC) {
+                          __global float* gaw, __global float* gub, __global float* gG, __global float* gA, int S,
+                          int NC) {
   __local float sa[L], sk[L];
   __local int sf[L];
   int j = get_local_id(0), c = get_group_id(0), row = get_global_id(1);
@@ -78,6 +83,8 @@ __kernel void tc_fw_gates(__global const float* ig_raw, __global const float* fg
   }
   const float D = sa[j], K_raw = sk[j], K = tc_anchor(K_raw);
   const int cut = sf[j];
+  const float D_last = sa[len - 1], K_last = tc_anchor(sk[len - 1]), K_first = tc_anchor(sk[0]);
+  const int last_cut = sf[len - 1];
   const float bi = j < len ? (ig - K) - D : -INFINITY;
   barrier(CLK_LOCAL_MEM_FENCE);
   sa[j] = bi;
@@ -103,6 +110,12 @@ __kernel void tc_fw_gates(__global const float* ig_raw, __global const float* fg
     gpm[idx] = pm;
     gcut[idx] = (float)cut;
     gK[idx] = K_raw;
+    gaw[idx] = cut != last_cut ? -INFINITY : (D_last + bi) + (K - K_last);
+#if GATE_EXP
+    gub[idx] = cut >= 0 ? INFINITY : pm + (K - K_first);
+#else
+    gub[idx] = cut >= 0 ? INFINITY : -D;
+#endif
   }
   if (j == len - 1) {
     gG[(size_t)row * NC + c] = cut >= 0 ? -INFINITY : D;

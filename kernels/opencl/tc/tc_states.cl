@@ -4,10 +4,9 @@
 // One work-group per (row, DHQK tile of KT, DHHV tile of VT); KT/16 warps, warp w owns rows
 // 16w..16w+15 of the KT tile and all VT columns. The tile lives in mma accumulators (float32) for
 // the whole sequence; per chunk:  acc <- scale * acc + X^T diag(w) Y  with X (L x KT), Y (L x VT):
-//   forward : X = k, Y = v,  w_t = exp((D_last + bi_t) + (K_c - m_{c+1})),  scale = exp(G_c + (m_c - m_{c+1}))
-//   backward: X = q, Y = dh, w_t = exp((m_c - K_c) - mm_t) / (sqrt(DHQK) N_t), scale as forward
-// (tc_gates.cl tc_fw_gates: D, bi, mm relative to the chunk's anchor K_c; w_t = 0 across a cut, G_c = -inf for a
-// chunk with one)
+//   forward : X = k, Y = v,  w_t = exp(aw_t + (K_last - m_{c+1})),  scale = exp(G_c + (m_c - m_{c+1}))
+//   backward: X = q, Y = dh, w_t = exp(min(0, (m_c - K_first) - ub_t)) / (sqrt(DHQK) N_t), scale as forward
+// (tc_gates.cl tc_fw_gates: aw, ub and the anchors K; w_t = 0 across a cut, G_c = -inf for a chunk with one)
 // and the n part (vector over the KT tile) with weights w_t (forward) / w_t * dden_t * N_t (backward),
 // kept by the work-groups of DHHV tile 0 only.
 // Build options: -DMODE -DL -DKT -DVT -DDHQK -DDHHV -DGATE_EXP, -DWRITE_STATES=0 for a pass that only needs the
@@ -40,15 +39,14 @@
 
 #if MODE == 0
 __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_fw_states(
-    __global const ushort* X, __global const ushort* Y, __global const float* gb, __global const float* gbi,
-    __global const float* gcut, __global const float* gG, __global const float* gA, __global const float* gK,
-    __global const float* c0, __global const float* n0, __global const float* m0,
+    __global const ushort* X, __global const ushort* Y, __global const float* gaw, __global const float* gK,
+    __global const float* gG, __global const float* gA, __global const float* c0, __global const float* n0, __global const float* m0,
     int has_init, __global ushort* Cst, __global float* nst, __global float* mst, __global float* c_last,
     __global float* n_last, __global float* m_last, int S, int NC)
 #else
 __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
-    __global const ushort* X, __global const ushort* Y, __global const float* gb, __global const float* gpm,
-    __global const float* gcut, __global const float* gK, __global const float* gG, __global const float* mst, __global const float* Nt, __global const float* dden,
+    __global const ushort* X, __global const ushort* Y, __global const float* gub, __global const float* gK,
+    __global const float* gG, __global const float* mst, __global const float* Nt, __global const float* dden,
     __global const float* dc_last, __global const float* dn_last, int has_dlast, __global ushort* Cst,
     __global float* nst, __global float* dc0, __global float* dn0, int S, int NC)
 #endif
@@ -96,7 +94,8 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
 
   // ---- register prefetch of one chunk ----
   uint4 xr[NXV], yr[NYV];
-  float gsx[NXV][5];  // per-row gate scalars of the rows this thread stages
+  float gsx[NXV][3];  // per-row gate scalars of the rows this thread stages
+  float gch[4];       // the chunk's scalars (PREFETCH_CHUNK), loaded with its data: off the sequential path
 #define PREFETCH(cc)                                                                                  \
   {                                                                                                   \
     const int cb_ = (cc) * L, len_ = min(L, S - cb_);                                                \
@@ -109,9 +108,10 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
         PREFETCH_GATES(i, tok)                                                                        \
       } else {                                                                                        \
         xr[i] = (uint4)(0u);                                                                          \
-        gsx[i][0] = 0.0f; gsx[i][1] = 0.0f; gsx[i][2] = 0.0f; gsx[i][3] = -1.0f; gsx[i][4] = 0.0f;    \
+        gsx[i][0] = 0.0f; gsx[i][1] = 0.0f; gsx[i][2] = 0.0f;                                         \
       }                                                                                               \
     }                                                                                                 \
+    PREFETCH_CHUNK(cc, len_)                                                                          \
     _Pragma("unroll")                                                                                 \
     for (int i = 0; i < NYV; ++i) {                                                                   \
       int r = Y_ROW(i);                                                                               \
@@ -119,22 +119,27 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
       yr[i] = r < len_ ? *(__global const uint4*)(Y + tok * DHHV + v0 + Y_COL(i)) : (uint4)(0u);      \
     }                                                                                                 \
   }
-// The token's anchor (tc_fw_gates: gK; 0 for the sigmoid gate).
+// The anchor of a chunk's token (tc_fw_gates: gK; 0 for the sigmoid gate).
 #if GATE_EXP
 #define ANCHOR(tok) tc_anchor(gK[tok])
 #else
 #define ANCHOR(tok) 0.0f
 #endif
 #if MODE == 0
-#define PREFETCH_GATES(i, tok) gsx[i][0] = gbi[tok]; gsx[i][3] = gcut[tok]; gsx[i][4] = ANCHOR(tok);
+#define PREFETCH_GATES(i, tok) gsx[i][0] = gaw[tok];
+// G_c, A_c, K_last
+#define PREFETCH_CHUNK(cc, len_)                                                                      \
+  gch[0] = gG[(size_t)row * NC + (cc)];                                                              \
+  gch[1] = GATE_EXP ? gA[(size_t)row * NC + (cc)] : 0.0f;                                            \
+  gch[2] = ANCHOR((size_t)row * S + (cc) * L + (len_) - 1);
 #else
-#if GATE_EXP
-#define PREFETCH_GATES(i, tok) \
-  gsx[i][0] = gpm[tok]; gsx[i][1] = Nt[tok]; gsx[i][2] = dden[tok]; gsx[i][3] = gcut[tok]; gsx[i][4] = ANCHOR(tok);
-#else
-#define PREFETCH_GATES(i, tok) \
-  gsx[i][0] = -gb[tok]; gsx[i][1] = Nt[tok]; gsx[i][2] = dden[tok]; gsx[i][3] = gcut[tok]; gsx[i][4] = 0.0f;
-#endif
+#define PREFETCH_GATES(i, tok) gsx[i][0] = gub[tok]; gsx[i][1] = Nt[tok]; gsx[i][2] = dden[tok];
+// G_c, m_c, m_{c+1}, m_c - K_first
+#define PREFETCH_CHUNK(cc, len_)                                                                      \
+  gch[0] = gG[(size_t)row * NC + (cc)];                                                              \
+  gch[1] = mst[(size_t)row * (NC + 1) + (cc)];                                                       \
+  gch[2] = mst[(size_t)row * (NC + 1) + (cc) + 1];                                                   \
+  gch[3] = gch[1] - ANCHOR((size_t)row * S + (cc) * L);
 #endif
 
 #if MODE == 0
@@ -147,22 +152,21 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
   PREFETCH(c)
   for (; c != c_end; c += c_step) {
     const int len = min(L, S - c * L);
-    const size_t chunk_at = (size_t)row * NC + c;
-    const float G = gG[chunk_at];
+    const float G = gch[0];
     float m_c, m_next;
 #if MODE == 0
-    const size_t last_tok = (size_t)row * S + c * L + len - 1;
+    const float K_last = gch[2];
     m_c = m_cur;
 #if GATE_EXP
-    m_next = fmax(G + m_c, gA[chunk_at] + ANCHOR(last_tok));
+    m_next = fmax(G + m_c, gch[1] + K_last);
 #else
     m_next = 0.0f;
 #endif
-    const float D_last = gb[last_tok];
-    const int last_cut = (int)gcut[last_tok];
+    const float Km = K_last - m_next;
 #else
-    m_c = mst[(size_t)row * (NC + 1) + c];
-    m_next = mst[(size_t)row * (NC + 1) + c + 1];
+    m_c = gch[1];
+    m_next = gch[2];
+    const float mK = gch[3];  // m_c - K_first
 #endif
     // 0 across a cut (G = -inf) and for an EMPTY state (m_c = -inf); m_c - m_next first (stages.hpp)
     const float scale = m_c == -INFINITY ? 0.0f : safe_exp(G + (m_c - m_next));
@@ -203,12 +207,11 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
       float w = 0.0f, nfac = 0.0f;
       if (r < len) {
 #if MODE == 0
-        w = (int)gsx[i][3] != last_cut ? 0.0f : safe_exp((D_last + gsx[i][0]) + (gsx[i][4] - m_next));
+        w = safe_exp(gsx[i][0] + Km);  // 0 before the last cut (aw = -inf) and into an EMPTY state
         nfac = 1.0f;
 #else
-        const float mc = m_c - gsx[i][4];
-        float mm = GATE_EXP ? fmax(mc, gsx[i][0]) : gsx[i][0];
-        float e = gsx[i][3] >= 0.0f ? 0.0f : safe_exp(mc - mm);
+        const float x = mK - gsx[i][0];  // ub = +inf from the first cut on; NaN: an EMPTY state (0)
+        float e = isnan(x) ? 0.0f : exp(fmin(0.0f, x));
         w = e * isq / gsx[i][1];
         nfac = w != 0.0f ? gsx[i][2] * gsx[i][1] : 0.0f;
 #endif
