@@ -42,6 +42,20 @@ opencl::TensorCoreRunner runner_for(const std::shared_ptr<opencl::Device>& dev, 
 // are checked by the relative Frobenius error (the whole tensor) against `tol` and, to catch gross errors in
 // single elements, by the max error relative to the largest value against 5 * tol. (Measured on PoCL and the
 // H100: Frobenius ~3e-3 for h, ~1e-2 for gradients; single elements up to 8e-2 of the max in rare draws.)
+// Over elements [begin, end) of two float64 tensors: the squared norms of got - ref and of ref.
+struct SquaredNorms {
+  double diff = 0.0, ref = 0.0;
+};
+SquaredNorms squared_norms(const Tensor& g, const Tensor& r, std::int64_t begin, std::int64_t end) {
+  SquaredNorms n;
+  for (std::int64_t e = begin; e < end; ++e) {
+    const double d = g.data<double>()[e] - r.data<double>()[e];
+    n.diff += d * d;
+    n.ref += r.data<double>()[e] * r.data<double>()[e];
+  }
+  return n;
+}
+
 ::testing::AssertionResult close16(const Tensor& got, const Tensor& ref, double tol, const std::string& what,
                                    const InputSpec& spec) {
   const Tensor g = got.to(DType::f64), r = ref.to(DType::f64);
@@ -58,14 +72,8 @@ opencl::TensorCoreRunner runner_for(const std::shared_ptr<opencl::Device>& dev, 
     if (max_got < 1e-30) return ::testing::AssertionSuccess();
     return ::testing::AssertionFailure() << what << ": max |got| " << max_got << " where max |ref| is " << max_ref;
   }
-  double num = 0.0, den = 0.0;
-  for (std::int64_t e = 0; e < g.numel(); ++e) {
-    const double d = g.data<double>()[e] - r.data<double>()[e];
-    if (!std::isfinite(g.data<double>()[e])) return ::testing::AssertionFailure() << what << ": non-finite at " << e;
-    num += d * d;
-    den += r.data<double>()[e] * r.data<double>()[e];
-  }
-  const double frob = std::sqrt(num / std::max(den, 1e-300));
+  const SquaredNorms n = squared_norms(g, r, 0, g.numel());
+  const double frob = std::sqrt(n.diff / std::max(n.ref, 1e-300));
   if (frob > tol) return ::testing::AssertionFailure() << what << ": relative Frobenius error " << frob << " > " << tol;
   return testing::matches(got, ref, 5 * tol, "tensor cores", what, spec);
 }
@@ -210,18 +218,14 @@ INSTANTIATE_TEST_SUITE_P(
       if (abs_sum > 0.0) kappa = std::max(kappa, abs_sum / std::max(std::abs(dot), 1e-300));
     }
     const double row_tol = std::max(tol, 4.0 * u * kappa);
-    double num = 0.0, den = 0.0;
-    for (std::int64_t e = row * K; e < (row + 1) * K; ++e) {
-      const double d = g.data<double>()[e] - r.data<double>()[e];
+    for (std::int64_t e = row * K; e < (row + 1) * K; ++e)
       if (!std::isfinite(g.data<double>()[e])) return ::testing::AssertionFailure() << "dn0: non-finite at " << e;
-      num += d * d;
-      den += r.data<double>()[e] * r.data<double>()[e];
-    }
+    const SquaredNorms n = squared_norms(g, r, row * K, (row + 1) * K);
     // (an absolute floor for rows whose n0 reaches the output far below float32's range: 1e-130 in `spread`)
-    if (std::sqrt(num) > row_tol * std::sqrt(den) + 1e-30)
+    if (std::sqrt(n.diff) > row_tol * std::sqrt(n.ref) + 1e-30)
       return ::testing::AssertionFailure()
-             << "dn0 row " << row << ": relative Frobenius error " << std::sqrt(num / std::max(den, 1e-300)) << " > "
-             << row_tol << " (kappa " << kappa << ")";
+             << "dn0 row " << row << ": relative Frobenius error " << std::sqrt(n.diff / std::max(n.ref, 1e-300))
+             << " > " << row_tol << " (kappa " << kappa << ")";
   }
   return ::testing::AssertionSuccess();
 }

@@ -40,9 +40,9 @@
 #if MODE == 0
 __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_fw_states(
     __global const ushort* X, __global const ushort* Y, __global const float* gaw, __global const float* gK,
-    __global const float* gG, __global const float* gA, __global const float* c0, __global const float* n0, __global const float* m0,
-    int has_init, __global ushort* Cst, __global float* nst, __global float* mst, __global float* c_last,
-    __global float* n_last, __global float* m_last, int S, int NC)
+    __global const float* gG, __global const float* gA, __global const float* c0, __global const float* n0,
+    __global const float* m0, int has_init, __global ushort* Cst, __global float* nst, __global float* mst,
+    __global float* c_last, __global float* n_last, __global float* m_last, int S, int NC)
 #else
 __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
     __global const ushort* X, __global const ushort* Y, __global const float* gub, __global const float* gK,
@@ -95,7 +95,6 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
   // ---- register prefetch of one chunk ----
   uint4 xr[NXV], yr[NYV];
   float gsx[NXV][3];  // per-row gate scalars of the rows this thread stages
-  float gch[4];       // the chunk's scalars (PREFETCH_CHUNK), loaded with its data: off the sequential path
 #define PREFETCH(cc)                                                                                  \
   {                                                                                                   \
     const int cb_ = (cc) * L, len_ = min(L, S - cb_);                                                \
@@ -111,7 +110,6 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
         gsx[i][0] = 0.0f; gsx[i][1] = 0.0f; gsx[i][2] = 0.0f;                                         \
       }                                                                                               \
     }                                                                                                 \
-    PREFETCH_CHUNK(cc, len_)                                                                          \
     _Pragma("unroll")                                                                                 \
     for (int i = 0; i < NYV; ++i) {                                                                   \
       int r = Y_ROW(i);                                                                               \
@@ -127,19 +125,8 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
 #endif
 #if MODE == 0
 #define PREFETCH_GATES(i, tok) gsx[i][0] = gaw[tok];
-// G_c, A_c, K_last
-#define PREFETCH_CHUNK(cc, len_)                                                                      \
-  gch[0] = gG[(size_t)row * NC + (cc)];                                                              \
-  gch[1] = GATE_EXP ? gA[(size_t)row * NC + (cc)] : 0.0f;                                            \
-  gch[2] = ANCHOR((size_t)row * S + (cc) * L + (len_) - 1);
 #else
 #define PREFETCH_GATES(i, tok) gsx[i][0] = gub[tok]; gsx[i][1] = Nt[tok]; gsx[i][2] = dden[tok];
-// G_c, m_c, m_{c+1}, m_c - K_first
-#define PREFETCH_CHUNK(cc, len_)                                                                      \
-  gch[0] = gG[(size_t)row * NC + (cc)];                                                              \
-  gch[1] = mst[(size_t)row * (NC + 1) + (cc)];                                                       \
-  gch[2] = mst[(size_t)row * (NC + 1) + (cc) + 1];                                                   \
-  gch[3] = gch[1] - ANCHOR((size_t)row * S + (cc) * L);
 #endif
 
 #if MODE == 0
@@ -152,21 +139,22 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
   PREFETCH(c)
   for (; c != c_end; c += c_step) {
     const int len = min(L, S - c * L);
-    const float G = gch[0];
+    const size_t chunk_at = (size_t)row * NC + c;
+    const float G = gG[chunk_at];
     float m_c, m_next;
 #if MODE == 0
-    const float K_last = gch[2];
+    const float K_last = ANCHOR((size_t)row * S + c * L + len - 1);
     m_c = m_cur;
 #if GATE_EXP
-    m_next = fmax(G + m_c, gch[1] + K_last);
+    m_next = fmax(G + m_c, gA[chunk_at] + K_last);
 #else
     m_next = 0.0f;
 #endif
     const float Km = K_last - m_next;
 #else
-    m_c = gch[1];
-    m_next = gch[2];
-    const float mK = gch[3];  // m_c - K_first
+    m_c = mst[(size_t)row * (NC + 1) + c];
+    m_next = mst[(size_t)row * (NC + 1) + c + 1];
+    const float mK = m_c - ANCHOR((size_t)row * S + c * L);  // m_c - K_first
 #endif
     // 0 across a cut (G = -inf) and for an EMPTY state (m_c = -inf); m_c - m_next first (stages.hpp)
     const float scale = m_c == -INFINITY ? 0.0f : safe_exp(G + (m_c - m_next));
