@@ -460,6 +460,21 @@ void warn_cache_write(const std::string& what) {
     spdlog::debug("mlstm-flow: {}", what);
 }
 
+// MLSTM_OPENCL_BUILD_LOG=1 (tuning runs): every program's build log is logged, at warning level so that it shows
+// whatever the program's log level, as it was asked for; NVIDIA's compiler is
+// asked for its resource use (-cl-nv-verbose: registers, spills and local memory per kernel), which is what decides
+// how many work-groups share a compute unit.
+bool build_log_wanted() {
+  static const bool on = env::is("MLSTM_OPENCL_BUILD_LOG", "1");
+  return on;
+}
+
+void log_build(cl_program p, cl_device_id device, const std::string& label, const std::string& device_name) {
+  if (!build_log_wanted()) return;
+  const std::string log = build_log(p, device);
+  spdlog::warn("mlstm-flow: build log (MLSTM_OPENCL_BUILD_LOG) of '{}' for {}:\n{}", label, device_name, log.empty() ? "(empty)" : log);
+}
+
 }  // namespace
 
 cl_program Device::program_from_text(const std::string& label, const std::string& text,
@@ -471,8 +486,10 @@ cl_program Device::program_from_text(const std::string& label, const std::string
   // found->ref_count > 0' (PoCL 3.1; 3 in 8 runs of a three-device split). Each PoCL device's programs get their own
   // hash.
   const bool pocl = info_.platform_name.find("Portable Computing Language") != std::string::npos;
+  const bool nvidia = info_.platform_name.find("NVIDIA") != std::string::npos;
   const std::string options =
-      pocl ? requested_options + " -DMLSTM_POCL_DEVICE=" + std::to_string(info_.index) : requested_options;
+      (pocl ? requested_options + " -DMLSTM_POCL_DEVICE=" + std::to_string(info_.index) : requested_options) +
+      (nvidia && build_log_wanted() ? " -cl-nv-verbose" : "");
   const std::string key = std::to_string(std::hash<std::string>{}(text)) + "|" + options + "|" + info_.name + "|" +
                           info_.driver + "|" + info_.platform_name;
   std::lock_guard lock(mutex_);
@@ -511,6 +528,7 @@ cl_program Device::program_from_text(const std::string& label, const std::string
       }
       if (err == CL_SUCCESS) {
         spdlog::debug("mlstm-flow: loaded '{}' for {} from {} in {:.0f} ms", label, info_.name, entry, elapsed_ms());
+        log_build(p, info_.id, label, info_.name);
         ++binary_loads_;
         programs_.emplace(key, p);
         return p;
@@ -539,6 +557,7 @@ cl_program Device::program_from_text(const std::string& label, const std::string
         "cannot build kernel source '" + label + "' (" + error_name(err) + ") with options '" + options + "': " + log);
   }
   spdlog::info("mlstm-flow: built '{}' for {} in {:.0f} ms", label, info_.name, elapsed_ms());
+  log_build(p, info_.id, label, info_.name);
   ++builds_;
   programs_.emplace(key, p);
   if (!entry.empty()) {
