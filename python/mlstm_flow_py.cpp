@@ -717,6 +717,8 @@ PYBIND11_MODULE(mlstm_flow, m) {
       "  t = s.submit(...); h = s.take(t) pieces in flight (take in any order, each once)\n"
       "  for h in s.stream(pieces, in_flight=2): ...   an iterator over (q, k, v, i, f) pieces\n"
       "  c, n, m = s.state(); s.tokens; s.snapshot(path); Session.restore(path, NH, DHQK, ...)\n"
+      "  s.start_sequence(c0=None, n0=None, m0=None)   packed sequences: the next piece begins a new sequence\n"
+      "      (from the zero state or c0, n0, m0) instead of continuing; s.state() after a sequence's last piece\n"
       "devices='gpu:all' | 'workers' | 'workers+gpu:all' | ...: the flow graph's stream (a GPU through\n"
       "page-locked staging, overlapped); else kernel= (default 'chunkwise--cpu_xl_chunk').\n"
       "dtype='bfloat16' reads uint16 pieces as bfloat16; c0, n0, m0 give the initial state.")
@@ -774,6 +776,18 @@ PYBIND11_MODULE(mlstm_flow, m) {
             return to_numpy(h);
           },
           py::arg("ticket"))
+      .def(
+          "start_sequence",
+          [](PySession& s, py::object c0, py::object n0, py::object m0) {
+            if (c0.is_none() != n0.is_none() || c0.is_none() != m0.is_none())
+              throw InvalidArgument("c0", "c0, n0 and m0 must be given together");
+            State init;
+            if (!c0.is_none())
+              init = {to_tensor(c0, "c0", false), to_tensor(n0, "n0", false), to_tensor(m0, "m0", false)};
+            py::gil_scoped_release release;
+            s.session->start_sequence(std::move(init));
+          },
+          py::arg("c0") = py::none(), py::arg("n0") = py::none(), py::arg("m0") = py::none())
       .def("state",
            [](PySession& s) {
              const State* st = nullptr;

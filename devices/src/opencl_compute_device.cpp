@@ -130,6 +130,11 @@ class PinnedStream final : public SequenceStream {
     stream_.read_state(s.C, s.n, s.m);
     return s;
   }
+  void start_sequence(State initial) override {
+    stream_.start_sequence(initial.C.view(), initial.n.view(), initial.m.view());
+    initial_ = std::move(initial);
+    submitted_ = false;
+  }
   bool overlapped() const noexcept override { return true; }
   std::int64_t max_piece() const noexcept override { return stream_.config().max_piece; }
 

@@ -85,11 +85,24 @@ StreamSession::StreamSession(StreamConfig config, State initial_state) : config_
     runner_ = std::make_unique<graph::FlowGraphRunner>(config_.devices);
     runner_->set_balancing(config_.balancing);
   }
-  check_shape(initial_state.C, {config_.B, config_.NH, config_.DHQK, config_.DHHV}, "C", "(B,NH,DHQK,DHHV)");
-  check_shape(initial_state.n, {config_.B, config_.NH, config_.DHQK}, "n", "(B,NH,DHQK)");
-  check_shape(initial_state.m, {config_.B, config_.NH}, "m", "(B,NH)");
-  state_ = std::make_shared<const State>(
-      State{initial_state.C.to(DType::f32), initial_state.n.to(DType::f32), initial_state.m.to(DType::f32)});
+  state_ = std::make_shared<const State>(checked_state(std::move(initial_state)));
+}
+
+State StreamSession::checked_state(State s) const {
+  check_shape(s.C, {config_.B, config_.NH, config_.DHQK, config_.DHHV}, "C", "(B,NH,DHQK,DHHV)");
+  check_shape(s.n, {config_.B, config_.NH, config_.DHQK}, "n", "(B,NH,DHQK)");
+  check_shape(s.m, {config_.B, config_.NH}, "m", "(B,NH)");
+  return State{s.C.to(DType::f32), s.n.to(DType::f32), s.m.to(DType::f32)};
+}
+
+void StreamSession::start_sequence(State initial) {
+  const bool zero = initial.C.empty() && initial.n.empty() && initial.m.empty();
+  State s = zero ? State::zeros(config_.B, config_.NH, config_.DHQK, config_.DHHV) : checked_state(std::move(initial));
+  // The stream gets an empty state for the zero state (its kernels then read none); a copy otherwise (a stream may
+  // hold it until its pieces have read it).
+  if (stream_) stream_->start_sequence(zero ? State{} : State{s.C, s.n, s.m});
+  state_ = std::make_shared<const State>(std::move(s));
+  state_stale_ = false;
 }
 
 StreamSession::StreamSession(StreamSession&&) noexcept = default;
@@ -152,6 +165,13 @@ Tensor StreamSession::take(std::uint64_t ticket) {
     throw InvalidArgument("ticket",
                           "no piece " + std::to_string(ticket) + " waiting (already taken or never submitted)");
   return stream_->take(ticket);
+}
+
+void StreamSession::take_into(std::uint64_t ticket, TensorView out) {
+  if (!stream_)
+    throw InvalidArgument("ticket",
+                          "no piece " + std::to_string(ticket) + " waiting (already taken or never submitted)");
+  stream_->take_into(ticket, out);
 }
 
 const State& StreamSession::state() const {

@@ -255,6 +255,32 @@ def check_packed(rng):
             for name in ("dq", "dk", "dv", "di", "df"):
                 assert rel0(g[name][:, :, t0:t1], alone[name]) < 1e-5, (devices, j, name)
             assert rel0(g["dc0"][j:j + 1], alone["dc0"]) < 1e-5
+    # The same sequences streamed through a Session in pieces of 10 tokens (cut at the boundaries, a new sequence
+    # started with start_sequence()), each sequence's last state taken after its last piece: equal to the packed call.
+    for devices in (None, "workers"):
+        h_packed, (c_packed, _, m_packed) = mlstm_flow.forward(q, k, v, i, f, c0, n0, m0, chunk_size=16,
+                                                               cu_seqlens=offsets)
+        s = mlstm_flow.Session(NH, DK, DV, devices=devices, chunk_size=16)
+        parts, t = [], 0
+        while t < S:
+            j = int(np.searchsorted(offsets, t, side="right")) - 1
+            end = min(S, int(offsets[j + 1]), (t // 10 + 1) * 10)
+            if t == offsets[j]:
+                s.start_sequence(c0[j:j + 1], n0[j:j + 1], m0[j:j + 1])
+            parts.append(s.push(*(x[:, :, t:end] for x in (q, k, v, i, f))))
+            if end == offsets[j + 1]:
+                c_j, _, m_j = s.state()
+                assert rel0(c_j, c_packed[j:j + 1]) < 1e-4 and rel0(m_j, m_packed[j:j + 1]) < 1e-5, (devices, j)
+            t = end
+        assert rel0(np.concatenate(parts, axis=2), h_packed) < 1e-4, devices
+        s.start_sequence()  # the zero state
+        assert not s.state()[0].any()
+        try:
+            s.start_sequence(c0[:1], n0[:1])
+        except ValueError as err:
+            assert str(err).startswith("c0:"), str(err)
+        else:
+            raise AssertionError("start_sequence took c0 without m0")
     for bad, says in [(offsets.astype(np.int32), "int64"), (offsets[::-1].copy(), "start at 0"),
                       (offsets[:-1].copy(), "end at S"), (np.array([0, 5, 5, S], dtype=np.int64), "increase strictly"),
                       (offsets.reshape(1, -1), "one-dimensional"), (np.array([0], dtype=np.int64), "N + 1 >= 2"),

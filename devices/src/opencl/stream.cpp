@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <deque>
 #include <future>
 
 #include "internal.hpp"
@@ -62,9 +63,27 @@ struct DeviceStream::Impl {
   Buffer C[2], n[2], m[2];  // the state, ping-pong between pieces
   int state = 0;            // index of the current state
   bool has_state = false;
-  bool keep_states = false;                           // keep_states(): the state leaving each piece, copied
-  std::vector<std::array<PooledBuffer, 3>> kept;      // C, n, m after each piece since keep_states(true)
-  std::vector<Tensor> held;                           // start_sequence()'s initial states, until finish()
+  bool keep_states = false;                       // keep_states(): the state leaving each piece, copied
+  std::vector<std::array<PooledBuffer, 3>> kept;  // C, n, m after each piece since keep_states(true)
+  // start_sequence()'s initial states, each until its write to the device has completed (dropped at the next
+  // start_sequence() or finish(): a stream of many sequences holds only the few still in flight).
+  struct HeldState {
+    cl_event written = nullptr;
+    Tensor host;
+  };
+  std::deque<HeldState> held;
+  void drop_held(bool all) {
+    while (!held.empty()) {
+      cl_int status = CL_COMPLETE;
+      if (!all && held.front().written &&
+          (clGetEventInfo(held.front().written, CL_EVENT_COMMAND_EXECUTION_STATUS, sizeof status, &status, nullptr) !=
+               CL_SUCCESS ||
+           status > CL_COMPLETE))  // CL_COMPLETE is 0; queued, submitted and running are positive
+        break;
+      release_event(held.front().written);
+      held.pop_front();
+    }
+  }
   std::array<TensorView, 3> state_out;                // state_after_next_piece_into(): C, n, m; empty when none
   std::size_t q_bytes = 0, v_bytes = 0, g_bytes = 0;  // per-tensor staging sizes at max_piece
 };
@@ -232,6 +251,7 @@ DeviceStream::~DeviceStream() {
     if (f.valid()) f.wait();
   for (cl_command_queue q : {im.up, im.kernels, im.down})
     if (q) clFinish(q);
+  im.drop_held(true);
   for (Slot& s : im.slots) {
     release_event(s.up);
     release_event(s.computed);
@@ -573,12 +593,13 @@ ConstTensorView DeviceStream::view(std::uint64_t ticket) {
 void DeviceStream::finish() {
   for (cl_command_queue q : {impl_->up, impl_->kernels, impl_->down})
     check(clFinish(q), "clFinish(stream)", device_->name());
-  impl_->held.clear();
+  impl_->drop_held(true);
 }
 
 void DeviceStream::start_sequence(ConstTensorView c0, ConstTensorView n0, ConstTensorView m0) {
   Impl& im = *impl_;
   const Config& c = config_;
+  im.drop_held(false);
   im.has_state = false;  // the zero state: the next piece's kernels read no state
   if (c0.empty() && n0.empty() && m0.empty()) return;
   if (c0.empty() || n0.empty() || m0.empty()) throw InvalidArgument("c0", "c0, n0 and m0 must be given together");
@@ -586,10 +607,11 @@ void DeviceStream::start_sequence(ConstTensorView c0, ConstTensorView n0, ConstT
   auto put = [&](ConstTensorView t, const Buffer& b, const char* name, const Shape& want) {
     if (t.shape() != want)
       throw InvalidArgument(name, "expected shape " + shape_to_string(want) + ", got " + shape_to_string(t.shape()));
-    im.held.push_back(Tensor::copy_of(t, DType::f32));
-    const Tensor& x = im.held.back();
-    check(clEnqueueWriteBuffer(im.kernels, b.get(), CL_FALSE, 0, x.nbytes(), x.bytes(), 0, nullptr, nullptr),
-          "clEnqueueWriteBuffer(sequence's initial state)", device_->name());
+    im.held.push_back({nullptr, Tensor::copy_of(t, DType::f32)});
+    Impl::HeldState& x = im.held.back();
+    check(
+        clEnqueueWriteBuffer(im.kernels, b.get(), CL_FALSE, 0, x.host.nbytes(), x.host.bytes(), 0, nullptr, &x.written),
+        "clEnqueueWriteBuffer(sequence's initial state)", device_->name());
   };
   put(c0, im.C[im.state], "c0", {c.B, c.NH, c.DHQK, c.DHHV});
   put(n0, im.n[im.state], "n0", {c.B, c.NH, c.DHQK});

@@ -51,6 +51,10 @@ class SequenceStream {
   virtual void take_into(std::uint64_t ticket, TensorView out);
   // The state after every submitted piece (waits for them), float32.
   virtual State state() = 0;
+  // Packed sequences through one stream: the piece submitted next starts a new sequence from `initial` (float32, the
+  // stream's state shapes; empty: the zero state) instead of the carried state. Pieces submitted before go on
+  // computing and their h stay to be taken; tickets continue.
+  virtual void start_sequence(State initial) = 0;
   // True when transfers and compute of consecutive pieces overlap (pinned staging on a GPU); false when each
   // piece is one synchronous forward() call.
   virtual bool overlapped() const noexcept { return false; }
@@ -70,6 +74,7 @@ class ForwardCallStream final : public SequenceStream {
   std::uint64_t submit(const ForwardArgs& piece) override;
   Tensor take(std::uint64_t ticket) override;
   State state() override { return state_; }
+  void start_sequence(State initial) override { state_ = std::move(initial); }
   std::int64_t max_piece() const noexcept override { return shape_.S; }
 
  private:

@@ -13,6 +13,7 @@
 // piece: a GPU alone through pinned staging (uploads, kernels and downloads of consecutive pieces overlapped,
 // the state on the device), another device alone, or every piece sequence parallel across all of them.
 // submit()/take() keep pieces in flight (two or three ahead of the one taken); push() is one of each.
+// start_sequence() begins the next of several packed sequences (the CLI's --stream-tokens with --cu-seqlens).
 #pragma once
 
 #include <cstdint>
@@ -54,6 +55,9 @@ class StreamSession {
   // order). A kernel session computes in submit(). backward_of_last_piece() needs the piece to come by push().
   std::uint64_t submit(const ForwardArgs& piece);
   Tensor take(std::uint64_t ticket);
+  // take() into `out` (B,NH,len,DHHV) of the piece's dtype, any strides (a slice of a longer h): no intermediate
+  // tensor where the stream can avoid one.
+  void take_into(std::uint64_t ticket, TensorView out);
   // Opens the pieces' stream now instead of at the first submit(), for pieces of up to `piece_tokens` tokens with
   // q, k, v of `dtype`: the engine's choice (measured once, then cached), its programs and its staging. Optional;
   // lets a caller do that set-up while its first piece is still being read or made. No effect once open.
@@ -63,6 +67,13 @@ class StreamSession {
   // dc0, dn0, dm0 for the state it started from (truncated backpropagation: nothing flows into earlier
   // pieces). `piece` must be the arguments of that push. The state is not changed.
   BackwardResult backward_of_last_piece(const ForwardArgs& piece, ConstTensorView dh);
+
+  // Packed sequences (several sequences one after another, each from its own state): the piece submitted next
+  // starts a new sequence from `initial` (C (B,NH,DHQK,DHHV), n (B,NH,DHQK), m (B,NH), any dtype; default: the zero
+  // state) instead of continuing the carried one. Pieces in flight are not waited for. Take state() after a
+  // sequence's last piece for its last state. The token count goes on (snapshots record the state of the sequence
+  // in progress).
+  void start_sequence(State initial = {});
 
   // The state after every submitted piece (waits for them).
   const State& state() const;
@@ -94,7 +105,8 @@ class StreamSession {
 
  private:
   StreamConfig config_;
-  const std::string& recorded_kernel() const noexcept;                         // the kernel name snapshots record
+  const std::string& recorded_kernel() const noexcept;  // the kernel name snapshots record
+  State checked_state(State s) const;  // shapes of the config (InvalidArgument naming C, n or m), float32
   ForwardArgs with_state(const ForwardArgs& piece, const State& state) const;  // checked piece + entering state
   std::unique_ptr<SequenceKernel> kernel_;
   std::unique_ptr<graph::FlowGraphRunner> runner_;

@@ -101,7 +101,8 @@ class DeviceStream {
   std::vector<DeviceState> take_kept_states();
   // Packed sequences through one stream: the next submitted piece starts a new sequence, from the zero state or from
   // c0/n0/m0 (float32, the stream's (B,NH,...) state shapes). Unlike restart(), nothing waits: the pieces before go
-  // on computing, their h stay to be taken, tickets continue. (The initial state's host copy is held until finish().)
+  // on computing, their h stay to be taken, tickets continue. (The initial state's host copy is held until its
+  // write to the device has completed.)
   void start_sequence(ConstTensorView c0 = {}, ConstTensorView n0 = {}, ConstTensorView m0 = {});
   // The state leaving the next submitted piece goes into C, n, m (float32, the stream's state shapes, contiguous),
   // downloaded without waiting: they stay valid and untouched until finish(). (The sigmoid gate's m is whatever its
