@@ -195,8 +195,29 @@ std::pair<Shape, DType> read_header(const std::string& path, const std::string& 
   return {h.shape, h.dtype};
 }
 
-SeqSliceReader::SeqSliceReader(const std::string& path, const std::string& argument, std::optional<DType> as_dtype)
-    : path_(path), argument_(argument) {
+namespace {
+
+// The (rows, inner) split of `shape` around `axis`: a slice of that axis is `rows` runs of len * inner elements.
+std::pair<std::int64_t, std::int64_t> rows_and_inner(const Shape& shape, int axis) {
+  std::int64_t rows = 1, inner = 1;
+  for (std::size_t d = 0; d < shape.size(); ++d) {
+    if (static_cast<int>(d) < axis) rows *= shape[d];
+    if (static_cast<int>(d) > axis) inner *= shape[d];
+  }
+  return {rows, inner};
+}
+
+void check_axis(int axis) {
+  if (axis != 0 && axis != 2)
+    throw InvalidArgument("axis", "slices are read along axis 0 or 2, got " + std::to_string(axis));
+}
+
+}  // namespace
+
+SeqSliceReader::SeqSliceReader(const std::string& path, const std::string& argument, std::optional<DType> as_dtype,
+                               int axis)
+    : path_(path), argument_(argument), axis_(axis) {
+  check_axis(axis);
   fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd_ < 0) throw InvalidArgument(argument, "cannot open '" + path + "'");
   try {
@@ -215,7 +236,9 @@ SeqSliceReader::SeqSliceReader(const std::string& path, const std::string& argum
     }
     prefix.resize(got);
     const auto h = decode_header(prefix, where, as_dtype);
-    if (h.shape.size() < 3) throw InvalidArgument(argument, "expected (B,NH,S,...), got " + shape_to_string(h.shape));
+    if (axis_ == 2 && h.shape.size() < 3)
+      throw InvalidArgument(argument, "expected (B,NH,S,...), got " + shape_to_string(h.shape));
+    if (h.shape.empty()) throw InvalidArgument(argument, "expected an array of (N,...), got a scalar");
     // A truncated file is refused before any slice is allocated (its header may promise any size).
     const auto file_size = static_cast<std::size_t>(st.st_size);
     const std::size_t need = static_cast<std::size_t>(shape_numel(h.shape)) * dtype_size(h.dtype);
@@ -237,19 +260,18 @@ SeqSliceReader::~SeqSliceReader() {
 }
 
 Tensor SeqSliceReader::read(std::int64_t s0, std::int64_t s1) const {
-  const std::int64_t S = shape_[2];
+  const std::int64_t S = seq_len();
   if (s0 < 0 || s1 < s0 || s1 > S) {
-    throw InvalidArgument(argument_, "token range [" + std::to_string(s0) + ", " + std::to_string(s1) +
-                                         ") outside [0, " + std::to_string(S) + "]");
+    throw InvalidArgument(argument_, std::string(axis_ == 0 ? "row" : "token") + " range [" + std::to_string(s0) +
+                                         ", " + std::to_string(s1) + ") outside [0, " + std::to_string(S) + "]");
   }
-  std::int64_t inner = 1;
-  for (std::size_t d = 3; d < shape_.size(); ++d) inner *= shape_[d];
+  const auto [rows, inner] = rows_and_inner(shape_, axis_);
   Shape out_shape = shape_;
-  out_shape[2] = s1 - s0;
+  out_shape[static_cast<std::size_t>(axis_)] = s1 - s0;
   Tensor out(out_shape, dtype_);
   const std::size_t es = dtype_size(dtype_);
   const std::size_t row_bytes = static_cast<std::size_t>((s1 - s0) * inner) * es;
-  for (std::int64_t r = 0; r < shape_[0] * shape_[1]; ++r) {
+  for (std::int64_t r = 0; r < rows; ++r) {
     auto* dst = reinterpret_cast<char*>(out.bytes()) + static_cast<std::size_t>(r) * row_bytes;
     std::size_t at = data_offset_ + static_cast<std::size_t>((r * S + s0) * inner) * es, left = row_bytes;
     while (left > 0) {
@@ -276,9 +298,12 @@ struct SeqSliceWriter::File {
   AtomicFile file;
 };
 
-SeqSliceWriter::SeqSliceWriter(const std::string& path, Shape shape, DType dtype, bool resume)
-    : shape_(std::move(shape)), dtype_(dtype) {
-  if (shape_.size() < 3) throw InvalidArgument("shape", "expected (B,NH,S,...), got " + shape_to_string(shape_));
+SeqSliceWriter::SeqSliceWriter(const std::string& path, Shape shape, DType dtype, bool resume, int axis)
+    : shape_(std::move(shape)), dtype_(dtype), axis_(axis) {
+  check_axis(axis);
+  if (shape_.size() < (axis == 2 ? 3u : 1u))
+    throw InvalidArgument("shape", std::string("expected ") + (axis == 2 ? "(B,NH,S,...)" : "(N,...)") + ", got " +
+                                       shape_to_string(shape_));
   const std::string header = header_bytes(shape_, dtype_);
   data_offset_ = header.size();
   const std::uint64_t total = data_offset_ + static_cast<std::uint64_t>(shape_numel(shape_)) * dtype_size(dtype_);
@@ -310,9 +335,10 @@ const std::string& SeqSliceWriter::partial_path() const noexcept { return file_-
 
 void SeqSliceWriter::write(std::int64_t s0, ConstTensorView slice) {
   const Shape& s = slice.shape();
-  const std::int64_t S = shape_[2];
-  bool ok = slice.dtype() == dtype_ && s.size() == shape_.size() && s0 >= 0 && s0 + s[2] <= S;
-  for (std::size_t d = 0; ok && d < s.size(); ++d) ok = d == 2 || s[d] == shape_[d];
+  const auto ax = static_cast<std::size_t>(axis_);
+  const std::int64_t S = shape_[ax];
+  bool ok = slice.dtype() == dtype_ && s.size() == shape_.size() && s0 >= 0 && s0 + s[ax] <= S;
+  for (std::size_t d = 0; ok && d < s.size(); ++d) ok = d == ax || s[d] == shape_[d];
   if (!ok) {
     throw InvalidArgument("slice", shape_to_string(s) + " " + std::string(dtype_name(slice.dtype())) + " at token " +
                                        std::to_string(s0) + " does not fit " + shape_to_string(shape_) + " " +
@@ -321,12 +347,11 @@ void SeqSliceWriter::write(std::int64_t s0, ConstTensorView slice) {
   // One contiguous copy when the slice is strided, then one pwrite per (b, h) row of len * inner elements.
   const Tensor owned = slice.is_contiguous() ? Tensor() : Tensor::copy_of(slice);
   const std::byte* src = owned.empty() ? slice.bytes() : owned.bytes();
-  std::int64_t inner = 1;
-  for (std::size_t d = 3; d < shape_.size(); ++d) inner *= shape_[d];
+  const auto [rows, inner] = rows_and_inner(shape_, axis_);
   const std::size_t es = dtype_size(dtype_);
-  const std::size_t row_bytes = static_cast<std::size_t>(s[2] * inner) * es;
+  const std::size_t row_bytes = static_cast<std::size_t>(s[ax] * inner) * es;
   if (row_bytes == 0) return;
-  for (std::int64_t r = 0; r < shape_[0] * shape_[1]; ++r) {
+  for (std::int64_t r = 0; r < rows; ++r) {
     const std::uint64_t at = data_offset_ + static_cast<std::uint64_t>((r * S + s0) * inner) * es;
     file_->file.write_at(at, src + static_cast<std::size_t>(r) * row_bytes, row_bytes);
   }

@@ -86,7 +86,8 @@ void check_state(ConstTensorView c, ConstTensorView n, ConstTensorView m, std::i
   check_sigmoid_m_zero(m, options, mn);
 }
 
-// The offsets of packed sequences in the one row of problem p; returns their count N.
+}  // namespace
+
 std::int64_t check_cu_seqlens(std::span<const std::int64_t> o, const ProblemShape& p) {
   const std::string arg = "cu_seqlens";
   if (p.B != 1) {
@@ -109,8 +110,6 @@ std::int64_t check_cu_seqlens(std::span<const std::int64_t> o, const ProblemShap
   }
   return static_cast<std::int64_t>(o.size()) - 1;
 }
-
-}  // namespace
 
 namespace {
 // An input-gate pre-activation of +inf with the exponential gate (also a finite value beyond float32's range,

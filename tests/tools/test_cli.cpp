@@ -280,8 +280,6 @@ TEST_F(Cli, PackedSequences) {
   expect_bad_input(run_cli("forward " + plain + " --cu-seqlens " + path("offsets") + " --c0 " + path("c0one") +
                            " --n0 " + path("pn0") + " --m0 " + path("pm0")),
                    "--c0");
-  expect_bad_input(run_cli("forward " + plain + " --cu-seqlens " + path("offsets") + " --stream-tokens 8"),
-                   "--cu-seqlens");
 }
 
 // --balancing (graph::Balancing, Python's balancing=): a bad value is refused by the parser in one line; fastest

@@ -200,6 +200,90 @@ TEST_F(CliStream, KilledRunResumesBitForBit) {
   EXPECT_EQ(slurp(path("h2")), slurp(path("whole")));
 }
 
+// --stream-tokens with --cu-seqlens (issue 19 item 2): packed sequences streamed from files equal one packed call
+// of the library (h, and the (N,...) last states written as each sequence ends) with and without (N,...) initial
+// states, through one kernel and the flow graph over workers and workers + both PoCL devices. The slices of 10
+// tokens cut sequences, hold several boundaries, and end on two (offsets 50 and 100). A run killed after three
+// slices (sequences 0-3 finished, the fourth mid-way) resumes to the same bytes. Bad states and offsets are
+// refused naming the option, before the run starts.
+TEST_F(CliStream, PackedSequencesStreamFromFiles) {
+  const std::vector<std::int64_t> lengths{1, 7, 8, 9, 25, 50, 3};
+  for (const bool state : {false, true}) {
+    for (const std::string devices : {"", "workers", "workers+all"}) {
+      SCOPED_TRACE("initial states " + std::to_string(state) + " devices '" + devices + "'");
+      testing::InputSpec spec = testing::spec(1, 2, 0, 8, 12);
+      spec.initial_state = state;
+      const testing::Inputs in = testing::make_packed_inputs(lengths, spec, testing::fresh_seed());
+      spec.S = in.q.dim(2);
+      save_inputs(in);
+      npy::write_offsets(path("offsets"), in.cu_seqlens);
+      const std::string common = "forward " + inputs(state) + " --chunk-size 4 --stream-tokens 10 --cu-seqlens " +
+                                 path("offsets") + (devices.empty() ? "" : " --devices " + devices);
+      const std::string outs = " --out-c " + path("c") + " --out-n " + path("n") + " --out-m " + path("m");
+      const auto r = run_cli(dir_, "--json " + common + " --out " + path("h") + outs);
+      ASSERT_EQ(r.code, 0) << r.err;
+      const auto doc = nlohmann::json::parse(r.out);
+      EXPECT_EQ(doc["packed_sequences"], 7) << r.out;
+      EXPECT_EQ(doc["slices"], 11) << r.out;
+      MlstmOptions o;
+      o.chunk_size = 4;
+      const auto want = get_kernel("chunkwise--cpu_xl_chunk")->forward(in.args(), o);
+      ASSERT_EQ(want.c.dim(0), 7);
+      const std::string what =
+          "mlstm forward --stream-tokens --cu-seqlens" + (devices.empty() ? "" : " --devices " + devices);
+      EXPECT_TRUE(testing::matches(npy::read(path("h"), "h"), want.h, 1e-4, what, "h", spec));
+      EXPECT_TRUE(testing::matches(npy::read(path("c"), "c"), want.c, 1e-4, what, "c", spec));
+      EXPECT_TRUE(testing::matches(npy::read(path("n"), "n"), want.n, 1e-4, what, "n", spec));
+      EXPECT_TRUE(testing::matches(npy::read(path("m"), "m"), want.m, 1e-4, what, "m", spec));
+      for (const auto& e : fs::directory_iterator(dir_)) {  // no partial file, record or temporary left
+        EXPECT_NE(e.path().filename().string()[0], '.') << e.path();
+      }
+      if (!devices.empty()) continue;
+      // Killed after three slices (tokens 0-30: sequences 0-3 ended, the fourth begun), then resumed.
+      for (const char* name : {"hk", "ck", "mk"}) fs::remove(path(name));
+      const auto killed =
+          run_cli(dir_, common + " --out " + path("hk") + " --out-c " + path("ck") + " --out-m " + path("mk"),
+                  [] { setenv("MLSTM_TEST_KILL_AFTER_SLICES", "3", 1); });
+      ASSERT_EQ(killed.signal, SIGKILL) << killed.code << " " << killed.err;
+      EXPECT_FALSE(fs::exists(path("ck")));
+      EXPECT_TRUE(fs::exists(dir_ / ".ck.npy.partial"));
+      // The state outputs are part of what a resume must match.
+      expect_refused(run_cli(dir_, common + " --out " + path("hk") + " --out-c " + path("ck") + " --resume"), 2,
+                     "--out-c");
+      const auto resumed = run_cli(dir_, "--json " + common + " --out " + path("hk") + " --out-c " + path("ck") +
+                                             " --out-m " + path("mk") + " --resume");
+      ASSERT_EQ(resumed.code, 0) << resumed.err;
+      EXPECT_EQ(nlohmann::json::parse(resumed.out)["resumed_from"], 30) << resumed.out;
+      EXPECT_EQ(slurp(path("hk")), slurp(path("h")));
+      EXPECT_EQ(slurp(path("ck")), slurp(path("c")));
+      EXPECT_EQ(slurp(path("mk")), slurp(path("m")));
+      EXPECT_FALSE(fs::exists(dir_ / ".ck.npy.partial"));
+    }
+  }
+  // Refusals, each in one line naming the option, no output left: one state instead of N, a missing part of the
+  // states, offsets that do not end at S, and (sigmoid gate) a stabiliser state that is not zero in sequence 2.
+  testing::InputSpec spec = testing::spec(1, 2, 0, 8, 12);
+  spec.initial_state = true;
+  testing::Inputs in = testing::make_packed_inputs(lengths, spec, testing::fresh_seed());
+  save_inputs(in);
+  npy::write_offsets(path("offsets"), in.cu_seqlens);
+  const std::string plain = "forward " + inputs() + " --stream-tokens 10 --out " + path("x");
+  const std::string packed = plain + " --cu-seqlens " + path("offsets");
+  npy::write(path("c0one"), Tensor::zeros({1, 2, 8, 12}, DType::f32).view());
+  expect_refused(run_cli(dir_, packed + " --c0 " + path("c0one") + " --n0 " + path("n0") + " --m0 " + path("m0")), 2,
+                 "--c0");
+  expect_refused(run_cli(dir_, packed + " --c0 " + path("c0") + " --m0 " + path("m0")), 2, "--n0");
+  npy::write_offsets(path("short"), std::vector<std::int64_t>{0, 9, in.q.dim(2) - 1});
+  expect_refused(run_cli(dir_, plain + " --cu-seqlens " + path("short")), 2, "--cu-seqlens");
+  Tensor m0 = Tensor::zeros({7, 2}, DType::f32);
+  m0.data<float>()[2 * 2] = 1.0f;
+  npy::write(path("m0bad"), m0.view());
+  expect_refused(
+      run_cli(dir_, packed + " --gate sig --c0 " + path("c0") + " --n0 " + path("n0") + " --m0 " + path("m0bad")), 2,
+      "--m0");
+  EXPECT_FALSE(fs::exists(path("x")));
+}
+
 // Bad resumes, inputs that disagree, outputs that cannot be written: one line naming the option, exit 2 for bad
 // input and 1 for a failed write (a full disk), never a half-written final file.
 TEST_F(CliStream, BadStreamsAreRefusedNamingTheOption) {

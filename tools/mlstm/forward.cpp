@@ -82,9 +82,6 @@ int cmd_forward(const InputFiles& in, const ForwardOutputs& out, const ForwardSt
   const std::uint64_t h_bytes =
       static_cast<std::uint64_t>(hdr.B * hdr.NH) * static_cast<std::uint64_t>(hdr.S * hdr.DV) * dtype_size(hdr.dtype);
   if (st.tokens > 0) {
-    if (!in.cu_seqlens.empty()) {
-      throw InvalidArgument("--cu-seqlens", "packed sequences run from memory; not with --stream-tokens yet");
-    }
     require_range(st.tokens, 1, kMaxTokens, "--stream-tokens");
     // About three slices are in flight (read, compute, write): inputs and h of each.
     const std::uint64_t per_token = input_and_h_bytes_per_token(hdr);

@@ -37,7 +37,8 @@ std::string progress_path_of(const std::string& out) {
 // What a resumed run must share with the run that wrote the record, so that the final h is bit for bit the
 // one an uninterrupted run writes: the slice size, every option that changes results, where it runs, and the
 // input files (path, size, modification time, shape).
-json stream_identity(const InputFiles& in, const ForwardStreaming& st, const MlstmOptions& o) {
+json stream_identity(const InputFiles& in, const ForwardOutputs& out, const ForwardStreaming& st,
+                     const MlstmOptions& o) {
   json files = json::array();
   for (const auto& [option, path] : input_paths(in)) {
     if (path.empty()) continue;
@@ -53,7 +54,11 @@ json stream_identity(const InputFiles& in, const ForwardStreaming& st, const Mls
   std::uint32_t eps_bits;
   std::memcpy(&eps_bits, &eps, sizeof eps_bits);
   // --balancing: where a flow-graph run's segments go (one kernel call refuses it, so it is the default there).
+  // Packed sequences write their last states as they end: a resumed run continues the same state outputs.
+  json packed_outputs = nullptr;
+  if (!in.cu_seqlens.empty()) packed_outputs = {!out.c.empty(), !out.n.empty(), !out.m.empty()};
   return {{"--stream-tokens", st.tokens},
+          {"--out-c/--out-n/--out-m", packed_outputs},
           {"--chunk-size", o.chunk_size},
           {"--gate", std::string(gate_name(o.gate))},
           {"--no-normalize", !o.normalize},
@@ -139,13 +144,150 @@ StreamSession read_progress(const std::string& path, const json& identity, const
   return session;
 }
 
+// The last state of packed sequence `index`, taken when its last token was computed.
+struct FinishedSequence {
+  std::int64_t index = 0;
+  State state;
+};
+
 // Tokens [s0, s1) of every input: read by the pipeline's first stage while the slice before is computed.
 struct StreamSlice {
   std::int64_t s0 = 0, s1 = 0;
   ForwardInputs in;
   Tensor h;
-  std::string snapshot;  // the session's state after this slice
+  std::string snapshot;                    // the session's state after this slice
+  std::vector<FinishedSequence> finished;  // packed: the sequences that ended in this slice
 };
+
+// --cu-seqlens with --stream-tokens: the sequences' offsets; each sequence's initial state read when it starts
+// (row j of --c0/--n0/--m0, (N,...)), and its last state written when it ends (row j of --out-c/-n/-m, whose
+// partial files a --resume continues like h's). A slice is cut at the boundaries inside it; the session starts
+// each sequence afresh (StreamSession::start_sequence).
+struct PackedStreaming {
+  std::vector<std::int64_t> offsets;
+  std::unique_ptr<npy::SeqSliceReader> c0, n0, m0;
+  std::unique_ptr<npy::SeqSliceWriter> c, n, m;
+
+  bool on() const noexcept { return !offsets.empty(); }
+  std::int64_t count() const noexcept { return static_cast<std::int64_t>(offsets.size()) - 1; }
+  std::int64_t sequence_of(std::int64_t t) const {  // the sequence holding token t
+    return std::upper_bound(offsets.begin(), offsets.end(), t) - offsets.begin() - 1;
+  }
+  std::int64_t end_of(std::int64_t j) const { return offsets[static_cast<std::size_t>(j + 1)]; }
+
+  // Opens the offsets and the initial-state files, every header checked against N packed sequences of `hdr`.
+  void open(const InputFiles& in, const InputHeaders& hdr) {
+    offsets = npy::read_offsets(in.cu_seqlens, "--cu-seqlens");
+    ProblemShape p;
+    p.B = hdr.B;
+    p.S = hdr.S;
+    try {
+      check_cu_seqlens(offsets, p);
+    } catch (const InvalidArgument& e) {
+      rethrow_as_cli(e);
+    }
+    const std::int64_t N = count();
+    const std::pair<const std::string*, const char*> given[3] = {{&in.c0, "--c0"}, {&in.n0, "--n0"}, {&in.m0, "--m0"}};
+    const bool any = !in.c0.empty() || !in.n0.empty() || !in.m0.empty();
+    const Shape want[3] = {{N, hdr.NH, hdr.DK, hdr.DV}, {N, hdr.NH, hdr.DK}, {N, hdr.NH}};
+    std::unique_ptr<npy::SeqSliceReader>* readers[3] = {&c0, &n0, &m0};
+    for (int k = 0; k < 3 && any; ++k) {
+      if (given[k].first->empty()) {
+        throw InvalidArgument(given[k].second,
+                              "missing; the initial states are given as all three of --c0, --n0, --m0 or none");
+      }
+      *readers[k] = std::make_unique<npy::SeqSliceReader>(*given[k].first, given[k].second, std::nullopt, 0);
+      if ((*readers[k])->shape() != want[k]) {
+        throw InvalidArgument(given[k].second, "expected " + shape_to_string(want[k]) + " (one state per packed " +
+                                                   "sequence, N = " + std::to_string(N) + "), got " +
+                                                   shape_to_string((*readers[k])->shape()));
+      }
+    }
+  }
+
+  // m0 is small ((N,NH)): the sigmoid gate's zero stabiliser is checked for every sequence before the run starts.
+  void check_sigmoid_states(const MlstmOptions& o) const {
+    if (!m0 || o.gate != GateVariant::sigmoid) return;
+    const Tensor m = m0->read(0, count()).to(DType::f64);
+    for (std::int64_t e = 0; e < m.numel(); ++e) {
+      if (m.data<double>()[e] != 0.0) {
+        throw InvalidArgument("--m0", "sequence " + std::to_string(e / m.dim(1)) +
+                                          ": the sigmoid input gate has no stabiliser state; m must be all zeros");
+      }
+    }
+  }
+
+  // The state sequence j starts from, checked as a forward's initial state of its first piece `piece`.
+  State initial(std::int64_t j, const ForwardArgs& piece, const MlstmOptions& o, bool finite) const {
+    if (!c0) return {};
+    State s{c0->read(j, j + 1), n0->read(j, j + 1), m0->read(j, j + 1)};
+    ForwardArgs a = piece;
+    a.c0 = s.C.view();
+    a.n0 = s.n.view();
+    a.m0 = s.m.view();
+    try {
+      validate_forward(a, o);
+      if (finite) {
+        check_finite(a.c0, "c0");
+        check_finite(a.n0, "n0");
+        check_finite(a.m0, "m0");
+      }
+    } catch (const InvalidArgument& e) {
+      const std::string what = e.what();
+      rethrow_as_cli(InvalidArgument(e.argument(), "sequence " + std::to_string(j) + ": " +
+                                                       what.substr(std::min(what.size(), e.argument().size() + 2))));
+    }
+    return s;
+  }
+
+  // The writers of the requested last-state outputs: fresh partial files, or (resume) the ones a killed run left.
+  void open_outputs(const ForwardOutputs& out, const InputHeaders& hdr, bool resume) {
+    const std::int64_t N = count();
+    if (!out.c.empty())
+      c = std::make_unique<npy::SeqSliceWriter>(out.c, Shape{N, hdr.NH, hdr.DK, hdr.DV}, DType::f32, resume, 0);
+    if (!out.n.empty())
+      n = std::make_unique<npy::SeqSliceWriter>(out.n, Shape{N, hdr.NH, hdr.DK}, DType::f32, resume, 0);
+    if (!out.m.empty()) m = std::make_unique<npy::SeqSliceWriter>(out.m, Shape{N, hdr.NH}, DType::f32, resume, 0);
+  }
+  void write(const FinishedSequence& f) const {
+    if (c) c->write(f.index, f.state.C.view());
+    if (n) n->write(f.index, f.state.n.view());
+    if (m) m->write(f.index, f.state.m.view());
+  }
+  void sync() const {
+    for (auto* w : {c.get(), n.get(), m.get()})
+      if (w) w->sync();
+  }
+  void commit() const {
+    for (auto* w : {c.get(), n.get(), m.get()})
+      if (w) w->commit();
+  }
+};
+
+// One slice of packed sequences: cut at the boundaries inside it, each part submitted to the session (a new
+// sequence started where one begins), the state taken where one ends, then every part's h taken into the
+// slice's h.
+void compute_packed_slice(StreamSlice& s, const ForwardArgs& a, StreamSession& session, const PackedStreaming& packed,
+                          const MlstmOptions& o, bool finite) {
+  s.h = Tensor({a.q.dim(0), a.q.dim(1), a.q.dim(2), a.v.dim(3)}, a.q.dtype());
+  struct Part {
+    std::uint64_t ticket;
+    std::int64_t t0, t1;
+  };
+  std::vector<Part> parts;
+  for (std::int64_t t = s.s0; t < s.s1;) {
+    const std::int64_t j = packed.sequence_of(t), end = std::min(s.s1, packed.end_of(j));
+    const ForwardArgs piece = sequence_slice(a, t - s.s0, end - s.s0);
+    if (t == packed.offsets[static_cast<std::size_t>(j)]) session.start_sequence(packed.initial(j, piece, o, finite));
+    parts.push_back({session.submit(piece), t - s.s0, end - s.s0});
+    if (end == packed.end_of(j)) {
+      const State& last = session.state();
+      s.finished.push_back({j, State{last.C, last.n, last.m}});
+    }
+    t = end;
+  }
+  for (const Part& p : parts) session.take_into(p.ticket, sequence_slice(s.h.view(), p.t0, p.t1));
+}
 
 // The five inputs' readers; read() gives tokens [s0, s1) of each.
 struct SliceReaders {
@@ -177,9 +319,15 @@ int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const 
   // start-up, and the pipeline.
   const SliceReaders readers(in, dt);
   ForwardInputs first = std::move(readers.read(0, std::min<std::int64_t>(1, hdr.S))->in);
-  first.c0 = read_optional(in.c0, "--c0", std::nullopt);
-  first.n0 = read_optional(in.n0, "--n0", std::nullopt);
-  first.m0 = read_optional(in.m0, "--m0", std::nullopt);
+  PackedStreaming packed;
+  if (!in.cu_seqlens.empty()) {
+    packed.open(in, hdr);  // the initial states are read per sequence
+    packed.check_sigmoid_states(o);
+  } else {
+    first.c0 = read_optional(in.c0, "--c0", std::nullopt);
+    first.n0 = read_optional(in.n0, "--n0", std::nullopt);
+    first.m0 = read_optional(in.m0, "--m0", std::nullopt);
+  }
   StreamConfig cfg;
   cfg.B = hdr.B;
   cfg.NH = hdr.NH;
@@ -198,7 +346,7 @@ int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const 
     cfg.devices = in.devices;
     cfg.balancing = balancing_of(in);
   }
-  const json identity = stream_identity(in, st, o);
+  const json identity = stream_identity(in, out, st, o);
   const std::string record = progress_path_of(out.h);
   std::unique_ptr<StreamSession> session;
   // A fresh run's first slice is read while the devices open and the stream is set up (OpenCL start-up, the
@@ -259,6 +407,7 @@ int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const 
   }
   const std::int64_t resumed_from = session->tokens();
   npy::SeqSliceWriter writer(out.h, {hdr.B, hdr.NH, hdr.S, hdr.DV}, hdr.dtype, st.resume);
+  if (packed.on()) packed.open_outputs(out, hdr, st.resume);
   std::int64_t kill_after = -1;  // test hook (env.hpp): SIGKILL to itself after this many slices
   if (const auto k = env::get("MLSTM_TEST_KILL_AFTER_SLICES")) kill_after = std::stoll(*k);
   std::int64_t next = resumed_from, slices = 0;
@@ -288,7 +437,11 @@ int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const 
                      const ScopedTrace trace([&] { return "slice computed at token " + std::to_string(s->s0); });
                      const ForwardArgs a = s->in.args();
                      if (in.check_finite) check_finite(a);
-                     s->h = session->push(a);
+                     if (packed.on()) {
+                       compute_packed_slice(*s, a, *session, packed, o, in.check_finite);
+                     } else {
+                       s->h = session->push(a);
+                     }
                      if (!first_token) first_token = Clock::now();
                      s->snapshot = session->snapshot_bytes();
                      s->in = ForwardInputs();  // the inputs go as soon as they are used
@@ -299,6 +452,8 @@ int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const 
                      const ScopedTrace trace([&] { return "slice written at token " + std::to_string(s->s0); });
                      writer.write(s->s0, s->h.view());
                      writer.sync();
+                     for (const FinishedSequence& f : s->finished) packed.write(f);
+                     packed.sync();
                      write_progress(record, identity, s->s1, s->snapshot);
                      ++slices;
                      if (kill_after >= 0 && slices >= kill_after && s->s1 < hdr.S) ::raise(SIGKILL);
@@ -309,10 +464,14 @@ int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const 
   }
   const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
   // The last states, then h (its final name appears only complete), then the record goes.
-  const State& last = session->state();
-  write_out("--out-c", out.c, last.C);
-  write_out("--out-n", out.n, last.n);
-  write_out("--out-m", out.m, last.m);
+  if (packed.on()) {
+    packed.commit();
+  } else {
+    const State& last = session->state();
+    write_out("--out-c", out.c, last.C);
+    write_out("--out-n", out.n, last.n);
+    write_out("--out-m", out.m, last.m);
+  }
   writer.commit();
   ::unlink(record.c_str());
   if (devices.empty()) devices = {runs_one_kernel(in) ? in.kernel : in.devices};
@@ -330,6 +489,7 @@ int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const 
                        first_token ? json(std::chrono::duration<double>(*first_token - process_start()).count())
                                    : json(nullptr)},
                       {"stream_tokens", st.tokens},
+                      {"packed_sequences", packed.on() ? packed.count() : 0},
                       {"slices", slices},
                       {"resumed_from", resumed_from},
                       {"input_mib", static_cast<double>(hdr.bytes) / static_cast<double>(1 << 20)},

@@ -52,16 +52,19 @@ std::string header_bytes(const Shape& shape, DType dtype);
 // order, dtype, Fortran order, element count) and the file's size against it; read() copies tokens [s0, s1)
 // with one pread per (b, h) row, every read checked. The file is not mapped: memory is exactly the slices
 // asked for, and an address-space limit (RLIMIT_AS) below the file's size does not matter.
+// `axis` = 0 reads slices of the leading axis instead (the (N,NH,...) states of packed sequences, one contiguous
+// read each); the array then needs at least one dimension.
 class SeqSliceReader {
  public:
-  SeqSliceReader(const std::string& path, const std::string& argument, std::optional<DType> as_dtype = std::nullopt);
+  SeqSliceReader(const std::string& path, const std::string& argument, std::optional<DType> as_dtype = std::nullopt,
+                 int axis = 2);
   ~SeqSliceReader();
   SeqSliceReader(const SeqSliceReader&) = delete;
   SeqSliceReader& operator=(const SeqSliceReader&) = delete;
 
   const Shape& shape() const noexcept { return shape_; }
   DType dtype() const noexcept { return dtype_; }
-  std::int64_t seq_len() const noexcept { return shape_[2]; }
+  std::int64_t seq_len() const noexcept { return shape_[static_cast<std::size_t>(axis_)]; }
   // Tokens [s0, s1) as a contiguous (B,NH,s1-s0,...) tensor. InvalidArgument naming the argument when the
   // range is outside [0, S] or the file turns out shorter than its header said.
   Tensor read(std::int64_t s0, std::int64_t s1) const;
@@ -72,6 +75,7 @@ class SeqSliceReader {
   DType dtype_ = DType::f32;
   std::size_t data_offset_ = 0;
   int fd_ = -1;
+  int axis_ = 2;
 };
 
 // The incremental writer of a (B,NH,S,...) array that arrives in sequence slices: a resumable AtomicFile
@@ -80,15 +84,16 @@ class SeqSliceReader {
 // what was written durable; commit() fsyncs and renames onto `path`, so `path` appears only complete. A
 // failure throws mlstm::Error naming `path`, never leaves a half-written `path`, and keeps the partial file.
 // `resume`: reopen the partial file a killed run left, refused (mlstm::Error) unless its header and size are
-// exactly those of `shape` and `dtype`.
+// exactly those of `shape` and `dtype`. `axis` = 0: slices of the leading axis (as SeqSliceReader).
 class SeqSliceWriter {
  public:
-  SeqSliceWriter(const std::string& path, Shape shape, DType dtype, bool resume);
+  SeqSliceWriter(const std::string& path, Shape shape, DType dtype, bool resume, int axis = 2);
   ~SeqSliceWriter();
   SeqSliceWriter(const SeqSliceWriter&) = delete;
   SeqSliceWriter& operator=(const SeqSliceWriter&) = delete;
 
-  void write(std::int64_t s0, ConstTensorView slice);  // slice: (B,NH,len,...) of the writer's dtype, any strides
+  void write(std::int64_t s0, ConstTensorView slice);  // slice: (B,NH,len,...) (axis 0: (len,...)) of the writer's
+                                                       // dtype, any strides
   void sync();
   void commit();
   const std::string& partial_path() const noexcept;
@@ -99,6 +104,7 @@ class SeqSliceWriter {
   Shape shape_;
   DType dtype_;
   std::size_t data_offset_;
+  int axis_;
 };
 
 }  // namespace mlstm::npy

@@ -229,6 +229,9 @@ struct StepResult {
 // Packed (cu_seqlens): B must be 1, the offsets start at 0, increase strictly (no empty sequence) and end at S
 // (InvalidArgument("cu_seqlens")); the initial states and last-state gradients are (N,NH,...).
 ProblemShape validate_forward(const ForwardArgs& args, const MlstmOptions& options);
+// The offsets of packed sequences in the one row of a problem of p.B rows and p.S tokens (B = 1, starting at 0,
+// strictly increasing, ending at S; InvalidArgument naming cu_seqlens otherwise); returns their count N.
+std::int64_t check_cu_seqlens(std::span<const std::int64_t> offsets, const ProblemShape& p);
 // Tokens [t0, t1) of a (B,NH,S,...) tensor (views, no copy), and of a problem's inputs q, k, v, i, f (its
 // c0/n0/m0 are left out: the state entering t0 is the caller's). Packed args are refused (InvalidArgument
 // "cu_seqlens"): their sequences are packed::sequence().
