@@ -58,17 +58,6 @@ void check_same_dtype(ConstTensorView t, DType expected, const std::string& argu
   }
 }
 
-void check_sigmoid_m_zero(ConstTensorView m, const MlstmOptions& options, const std::string& argument) {
-  if (options.gate != GateVariant::sigmoid || m.empty()) return;
-  Tensor c = Tensor::copy_of(m, DType::f64);
-  for (std::int64_t e = 0; e < c.numel(); ++e) {
-    if (c.data<double>()[e] != 0.0) {
-      throw InvalidArgument(argument, "the sigmoid input gate has no stabiliser state; m must be all zeros (element " +
-                                          std::to_string(e) + " is " + std::to_string(c.data<double>()[e]) + ")");
-    }
-  }
-}
-
 void check_state(ConstTensorView c, ConstTensorView n, ConstTensorView m, std::int64_t B, std::int64_t NH,
                  std::int64_t DHQK, std::int64_t DHHV, const MlstmOptions& options, const std::string& cn,
                  const std::string& nn, const std::string& mn, bool packed = false) {
@@ -87,6 +76,17 @@ void check_state(ConstTensorView c, ConstTensorView n, ConstTensorView m, std::i
 }
 
 }  // namespace
+
+void check_sigmoid_m_zero(ConstTensorView m, const MlstmOptions& options, const std::string& argument) {
+  if (options.gate != GateVariant::sigmoid || m.empty()) return;
+  Tensor c = Tensor::copy_of(m, DType::f64);
+  for (std::int64_t e = 0; e < c.numel(); ++e) {
+    if (c.data<double>()[e] != 0.0) {
+      throw InvalidArgument(argument, "the sigmoid input gate has no stabiliser state; m must be all zeros (element " +
+                                          std::to_string(e) + " is " + std::to_string(c.data<double>()[e]) + ")");
+    }
+  }
+}
 
 std::int64_t check_cu_seqlens(std::span<const std::int64_t> o, const ProblemShape& p) {
   const std::string arg = "cu_seqlens";

@@ -160,19 +160,16 @@ void StreamSession::prepare(std::int64_t piece_tokens, DType dtype) {
   }
 }
 
-Tensor StreamSession::take(std::uint64_t ticket) {
+SequenceStream& StreamSession::stream_of(std::uint64_t ticket) const {
   if (!stream_)
     throw InvalidArgument("ticket",
                           "no piece " + std::to_string(ticket) + " waiting (already taken or never submitted)");
-  return stream_->take(ticket);
+  return *stream_;
 }
 
-void StreamSession::take_into(std::uint64_t ticket, TensorView out) {
-  if (!stream_)
-    throw InvalidArgument("ticket",
-                          "no piece " + std::to_string(ticket) + " waiting (already taken or never submitted)");
-  stream_->take_into(ticket, out);
-}
+Tensor StreamSession::take(std::uint64_t ticket) { return stream_of(ticket).take(ticket); }
+
+void StreamSession::take_into(std::uint64_t ticket, TensorView out) { stream_of(ticket).take_into(ticket, out); }
 
 const State& StreamSession::state() const {
   if (state_stale_) {

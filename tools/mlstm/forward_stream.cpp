@@ -207,35 +207,30 @@ struct PackedStreaming {
 
   // m0 is small ((N,NH)): the sigmoid gate's zero stabiliser is checked for every sequence before the run starts.
   void check_sigmoid_states(const MlstmOptions& o) const {
-    if (!m0 || o.gate != GateVariant::sigmoid) return;
-    const Tensor m = m0->read(0, count()).to(DType::f64);
-    for (std::int64_t e = 0; e < m.numel(); ++e) {
-      if (m.data<double>()[e] != 0.0) {
-        throw InvalidArgument("--m0", "sequence " + std::to_string(e / m.dim(1)) +
-                                          ": the sigmoid input gate has no stabiliser state; m must be all zeros");
-      }
+    if (!m0) return;
+    try {
+      check_sigmoid_m_zero(m0->read(0, count()).view(), o, "m0");
+    } catch (const InvalidArgument& e) {
+      rethrow_as_cli(e);
     }
   }
 
-  // The state sequence j starts from, checked as a forward's initial state of its first piece `piece`.
-  State initial(std::int64_t j, const ForwardArgs& piece, const MlstmOptions& o, bool finite) const {
+  // The state sequence j starts from: its rows of the state files, whose shapes open() checked and whose sigmoid
+  // stabilisers check_sigmoid_states() did; finite under --check-finite.
+  State initial(std::int64_t j, bool finite) const {
     if (!c0) return {};
     State s{c0->read(j, j + 1), n0->read(j, j + 1), m0->read(j, j + 1)};
-    ForwardArgs a = piece;
-    a.c0 = s.C.view();
-    a.n0 = s.n.view();
-    a.m0 = s.m.view();
-    try {
-      validate_forward(a, o);
-      if (finite) {
-        check_finite(a.c0, "c0");
-        check_finite(a.n0, "n0");
-        check_finite(a.m0, "m0");
+    if (finite) {
+      const std::pair<const Tensor*, const char*> parts[3] = {{&s.C, "--c0"}, {&s.n, "--n0"}, {&s.m, "--m0"}};
+      for (const auto& [t, option] : parts) {
+        try {
+          check_finite(t->view(), option);
+        } catch (const InvalidArgument& e) {
+          const std::string what = e.what();
+          throw InvalidArgument(option, "sequence " + std::to_string(j) + ": " +
+                                            what.substr(std::min(what.size(), e.argument().size() + 2)));
+        }
       }
-    } catch (const InvalidArgument& e) {
-      const std::string what = e.what();
-      rethrow_as_cli(InvalidArgument(e.argument(), "sequence " + std::to_string(j) + ": " +
-                                                       what.substr(std::min(what.size(), e.argument().size() + 2))));
     }
     return s;
   }
@@ -268,7 +263,7 @@ struct PackedStreaming {
 // sequence started where one begins), the state taken where one ends, then every part's h taken into the
 // slice's h.
 void compute_packed_slice(StreamSlice& s, const ForwardArgs& a, StreamSession& session, const PackedStreaming& packed,
-                          const MlstmOptions& o, bool finite) {
+                          bool finite) {
   s.h = Tensor({a.q.dim(0), a.q.dim(1), a.q.dim(2), a.v.dim(3)}, a.q.dtype());
   struct Part {
     std::uint64_t ticket;
@@ -278,7 +273,7 @@ void compute_packed_slice(StreamSlice& s, const ForwardArgs& a, StreamSession& s
   for (std::int64_t t = s.s0; t < s.s1;) {
     const std::int64_t j = packed.sequence_of(t), end = std::min(s.s1, packed.end_of(j));
     const ForwardArgs piece = sequence_slice(a, t - s.s0, end - s.s0);
-    if (t == packed.offsets[static_cast<std::size_t>(j)]) session.start_sequence(packed.initial(j, piece, o, finite));
+    if (t == packed.offsets[static_cast<std::size_t>(j)]) session.start_sequence(packed.initial(j, finite));
     parts.push_back({session.submit(piece), t - s.s0, end - s.s0});
     if (end == packed.end_of(j)) {
       const State& last = session.state();
@@ -438,7 +433,7 @@ int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const 
                      const ForwardArgs a = s->in.args();
                      if (in.check_finite) check_finite(a);
                      if (packed.on()) {
-                       compute_packed_slice(*s, a, *session, packed, o, in.check_finite);
+                       compute_packed_slice(*s, a, *session, packed, in.check_finite);
                      } else {
                        s->h = session->push(a);
                      }

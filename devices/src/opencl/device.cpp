@@ -461,9 +461,9 @@ void warn_cache_write(const std::string& what) {
 }
 
 // MLSTM_OPENCL_BUILD_LOG=1 (tuning runs): every program's build log is logged, at warning level so that it shows
-// whatever the program's log level, as it was asked for; NVIDIA's compiler is
-// asked for its resource use (-cl-nv-verbose: registers, spills and local memory per kernel), which is what decides
-// how many work-groups share a compute unit.
+// whatever the program's log level, as it was asked for; NVIDIA's compiler is asked for its resource use
+// (-cl-nv-verbose: registers, spills and local memory per kernel), which decides how many work-groups share a
+// compute unit.
 bool build_log_wanted() {
   static const bool on = env::is("MLSTM_OPENCL_BUILD_LOG", "1");
   return on;
@@ -472,7 +472,8 @@ bool build_log_wanted() {
 void log_build(cl_program p, cl_device_id device, const std::string& label, const std::string& device_name) {
   if (!build_log_wanted()) return;
   const std::string log = build_log(p, device);
-  spdlog::warn("mlstm-flow: build log (MLSTM_OPENCL_BUILD_LOG) of '{}' for {}:\n{}", label, device_name, log.empty() ? "(empty)" : log);
+  spdlog::warn("mlstm-flow: build log (MLSTM_OPENCL_BUILD_LOG) of '{}' for {}:\n{}", label, device_name,
+               log.empty() ? "(empty)" : log);
 }
 
 }  // namespace

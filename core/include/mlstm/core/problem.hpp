@@ -232,6 +232,9 @@ ProblemShape validate_forward(const ForwardArgs& args, const MlstmOptions& optio
 // The offsets of packed sequences in the one row of a problem of p.B rows and p.S tokens (B = 1, starting at 0,
 // strictly increasing, ending at S; InvalidArgument naming cu_seqlens otherwise); returns their count N.
 std::int64_t check_cu_seqlens(std::span<const std::int64_t> offsets, const ProblemShape& p);
+// The sigmoid input gate has no stabiliser: a given m (initial states, any shape) must be all zeros
+// (InvalidArgument(argument) naming the first element that is not); nothing for the exponential gate.
+void check_sigmoid_m_zero(ConstTensorView m, const MlstmOptions& options, const std::string& argument);
 // Tokens [t0, t1) of a (B,NH,S,...) tensor (views, no copy), and of a problem's inputs q, k, v, i, f (its
 // c0/n0/m0 are left out: the state entering t0 is the caller's). Packed args are refused (InvalidArgument
 // "cu_seqlens"): their sequences are packed::sequence().

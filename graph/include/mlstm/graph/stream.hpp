@@ -107,6 +107,7 @@ class StreamSession {
   StreamConfig config_;
   const std::string& recorded_kernel() const noexcept;  // the kernel name snapshots record
   State checked_state(State s) const;  // shapes of the config (InvalidArgument naming C, n or m), float32
+  SequenceStream& stream_of(std::uint64_t ticket) const;  // the open stream; InvalidArgument("ticket") before it
   ForwardArgs with_state(const ForwardArgs& piece, const State& state) const;  // checked piece + entering state
   std::unique_ptr<SequenceKernel> kernel_;
   std::unique_ptr<graph::FlowGraphRunner> runner_;
