@@ -265,6 +265,37 @@ BENCHMARK(BM_OneRowVsMany)
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
 
+// The automatic chunk size (issue 22 item 2): the CPU workers' kernels (tiled, kCpuTile = 64) at each chunk size, for
+// few and many rows of the same 256K token-heads, D = 64 / 128 / 256, f32; the fastest chunk per row is the CPU row
+// of the table behind MlstmOptions' automatic chunk (kernels/src/chunk_choice.cpp).
+// args: chunk, B*NH (NH = 4), D (DHQK = DHHV), backward.
+//   build/benchmarks/bench_cpu --benchmark_filter=ChunkChoice
+void BM_ChunkChoice(benchmark::State& state) {
+  const std::int64_t L = state.range(0), rows = state.range(1), D = state.range(2);
+  const bool backward = state.range(3) != 0;
+  const std::int64_t S = (std::int64_t{1} << 18) / rows;
+  static std::map<std::pair<std::int64_t, std::int64_t>, Problem> problems;
+  auto it = problems.find({rows, D});
+  if (it == problems.end()) {
+    problems.clear();
+    it = problems.emplace(std::make_pair(rows, D), make_problem(rows / 4, 4, S, D, D)).first;
+  }
+  MlstmOptions o;
+  o.chunk_size = L;
+  time_chunkwise(state, it->second.args(), it->second.dh.view(), o, 64, backward, rows / 4 * S);
+}
+void chunk_choice_args(benchmark::internal::Benchmark* b) {
+  for (std::int64_t D : {64, 128, 256})
+    for (std::int64_t rows : {4, 64})
+      for (std::int64_t bw : {0, 1})
+        for (std::int64_t L : {32, 64, 128, 256}) b->Args({L, rows, D, bw});
+}
+BENCHMARK(BM_ChunkChoice)
+    ->ArgNames({"chunk", "rows", "D", "bw"})
+    ->Apply(chunk_choice_args)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+
 // The ceiling: sgemm through the kernels' GEMM seam on every core at once (WorkerProducts), and on one core.
 void BM_Sgemm(benchmark::State& state) {
   WorkerProducts products(static_cast<int>(state.range(0)), state.range(1) == 0 ? tbb::info::default_concurrency() : 1);

@@ -196,6 +196,20 @@ std::int64_t int_arg(const py::handle& o, const char* name) {
   return v;
 }
 
+// chunk_size=: "auto" (the default: the fastest the devices' tables give for the problem, kAutoChunk) or an int of
+// 1 .. 2^31-1; anything else is refused naming chunk_size (TypeError for other types, as int_arg).
+std::int64_t chunk_arg(const py::handle& o) {
+  if (py::isinstance<py::str>(o)) {
+    if (o.cast<std::string>() == "auto") return kAutoChunk;
+    throw py::value_error("chunk_size: expected 'auto' or an int, got '" + o.cast<std::string>() + "'");
+  }
+  const std::int64_t v = int_arg(o, "chunk_size");
+  if (v < 1 || v > kMaxChunkSize)
+    throw InvalidArgument("chunk_size",
+                          "must be 'auto' or in [1, " + std::to_string(kMaxChunkSize) + "], got " + std::to_string(v));
+  return v;
+}
+
 double float_arg(const py::handle& o, const char* name) {
   if (o.is_none() || PyBool_Check(o.ptr()) || PyUnicode_Check(o.ptr()) || PyBytes_Check(o.ptr()) ||
       PyComplex_Check(o.ptr()) || !(PyFloat_Check(o.ptr()) || PyIndex_Check(o.ptr()) || PyNumber_Check(o.ptr()))) {
@@ -371,6 +385,7 @@ py::dict run_info(const graph::FlowGraphRunner& runner) {
   info["balancing"] = std::string(graph::balancing_name(runner.balancing()));
   info["measured"] = plan.measured;
   info["segment_tokens"] = plan.segment_tokens;
+  info["chunk_size"] = plan.chunk_size;
   info["segments"] = plan.segments.size();
   info["log"] = runner.last_log();
   return info;
@@ -451,7 +466,7 @@ StreamConfig session_config(const py::object& NH, const py::object& DHQK, const 
     if (c.devices.empty()) throw InvalidArgument("balancing", "has an effect only with devices=");
     c.balancing = graph::parse_balancing(str_arg(balancing, "balancing"), "balancing");
   }
-  c.options = options(int_arg(chunk_size, "chunk_size"), str_arg(gate, "gate"), bool_arg(normalize, "normalize"),
+  c.options = options(chunk_arg(chunk_size), str_arg(gate, "gate"), bool_arg(normalize, "normalize"),
                       float_arg(eps, "eps"), true, c.devices.empty() ? c.kernel : std::string());
   return c;
 }
@@ -486,9 +501,8 @@ PYBIND11_MODULE(mlstm_flow, m) {
         refuse_unknown(extra, "forward");
         const Route how = route(kernel_o, devices_o, segment_tokens_o, balancing_o, return_info_o);
         const bool return_last_states = bool_arg(return_last_states_o, "return_last_states");
-        const MlstmOptions o =
-            options(int_arg(chunk_size, "chunk_size"), str_arg(gate, "gate"), bool_arg(normalize, "normalize"),
-                    float_arg(eps, "eps"), return_last_states, how.kernel);
+        const MlstmOptions o = options(chunk_arg(chunk_size), str_arg(gate, "gate"), bool_arg(normalize, "normalize"),
+                                       float_arg(eps, "eps"), return_last_states, how.kernel);
         const Loaded l = load(q, k, v, i, f, c0, n0, m0, str_arg(dtype, "dtype"));
         const std::vector<std::int64_t> offsets = offsets_arg(cu_seqlens_o);
         ForwardArgs args = l.args();
@@ -523,7 +537,7 @@ PYBIND11_MODULE(mlstm_flow, m) {
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("i"), py::arg("f"), py::arg("c0") = py::none(),
       py::arg("n0") = py::none(), py::arg("m0") = py::none(), py::arg("kernel") = py::none(),
-      py::arg("chunk_size") = 64, py::arg("gate") = "exp", py::arg("normalize") = true, py::arg("eps") = 1e-6,
+      py::arg("chunk_size") = "auto", py::arg("gate") = "exp", py::arg("normalize") = true, py::arg("eps") = 1e-6,
       py::arg("return_last_states") = true, py::arg("dtype") = "", py::arg("devices") = py::none(),
       py::arg("segment_tokens") = py::none(), py::arg("balancing") = py::none(), py::arg("return_info") = false,
       py::arg("out") = py::none(), py::arg("keep") = py::none(), py::arg("cu_seqlens") = py::none(),
@@ -560,7 +574,7 @@ PYBIND11_MODULE(mlstm_flow, m) {
         refuse_unknown(extra, "backward");
         const Route how = route(kernel_o, devices_o, segment_tokens_o, balancing_o, return_info_o);
         const std::string gate = str_arg(gate_o, "gate");
-        const std::int64_t chunk_size = int_arg(chunk_size_o, "chunk_size");
+        const std::int64_t chunk_size = chunk_arg(chunk_size_o);
         const bool normalize = bool_arg(normalize_o, "normalize");
         const double eps = float_arg(eps_o, "eps");
         const MlstmOptions o = options(chunk_size, gate, normalize, eps, true, how.kernel);
@@ -641,7 +655,7 @@ PYBIND11_MODULE(mlstm_flow, m) {
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("i"), py::arg("f"), py::arg("dh"), py::arg("c0") = py::none(),
       py::arg("n0") = py::none(), py::arg("m0") = py::none(), py::arg("dc_last") = py::none(),
-      py::arg("dn_last") = py::none(), py::arg("kernel") = py::none(), py::arg("chunk_size") = 64,
+      py::arg("dn_last") = py::none(), py::arg("kernel") = py::none(), py::arg("chunk_size") = "auto",
       py::arg("gate") = "exp", py::arg("normalize") = true, py::arg("eps") = 1e-6, py::arg("dtype") = "",
       py::arg("devices") = py::none(), py::arg("segment_tokens") = py::none(), py::arg("balancing") = py::none(),
       py::arg("return_info") = false, py::arg("out") = py::none(), py::arg("checkpoints") = py::none(),
@@ -740,7 +754,7 @@ PYBIND11_MODULE(mlstm_flow, m) {
              return s;
            }),
            py::arg("NH"), py::arg("DHQK"), py::arg("DHHV"), py::arg("B") = 1, py::arg("devices") = py::none(),
-           py::arg("kernel") = py::none(), py::arg("chunk_size") = 64, py::arg("gate") = "exp",
+           py::arg("kernel") = py::none(), py::arg("chunk_size") = "auto", py::arg("gate") = "exp",
            py::arg("normalize") = true, py::arg("eps") = 1e-6, py::arg("balancing") = py::none(), py::arg("dtype") = "",
            py::arg("c0") = py::none(), py::arg("n0") = py::none(), py::arg("m0") = py::none())
       .def(
@@ -813,7 +827,7 @@ PYBIND11_MODULE(mlstm_flow, m) {
             return s;
           },
           py::arg("path"), py::arg("NH"), py::arg("DHQK"), py::arg("DHHV"), py::arg("B") = 1,
-          py::arg("devices") = py::none(), py::arg("kernel") = py::none(), py::arg("chunk_size") = 64,
+          py::arg("devices") = py::none(), py::arg("kernel") = py::none(), py::arg("chunk_size") = "auto",
           py::arg("gate") = "exp", py::arg("normalize") = true, py::arg("eps") = 1e-6,
           py::arg("balancing") = py::none(), py::arg("dtype") = "");
   // Session.stream: a generator over pieces with `in_flight` submitted ahead of the one taken.
@@ -870,7 +884,7 @@ del _stream
              auto r = std::make_unique<PyResident>();
              const std::string dtype_s = str_arg(dtype, "dtype");
              r->inputs = load(q, k, v, i, f, c0, n0, m0, dtype_s);
-             const MlstmOptions o = options(int_arg(chunk_size, "chunk_size"), str_arg(gate, "gate"),
+             const MlstmOptions o = options(chunk_arg(chunk_size), str_arg(gate, "gate"),
                                             bool_arg(normalize, "normalize"), float_arg(eps, "eps"), true, "");
              opencl::SplitOptions so;
              const std::string split_s = str_arg(split, "split");
@@ -905,7 +919,7 @@ del _stream
            py::arg("q"), py::arg("k"), py::arg("v"), py::arg("i"), py::arg("f"), py::arg("devices") = "gpu:all",
            py::arg("dh") = py::none(), py::arg("c0") = py::none(), py::arg("n0") = py::none(),
            py::arg("m0") = py::none(), py::arg("dc_last") = py::none(), py::arg("dn_last") = py::none(),
-           py::arg("chunk_size") = 64, py::arg("gate") = "exp", py::arg("normalize") = true, py::arg("eps") = 1e-6,
+           py::arg("chunk_size") = "auto", py::arg("gate") = "exp", py::arg("normalize") = true, py::arg("eps") = 1e-6,
            py::arg("dtype") = "", py::arg("split") = "sequence", py::arg("weights") = py::none())
       .def("forward",
            [](PyResident& r) {

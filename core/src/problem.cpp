@@ -43,10 +43,33 @@ static void check_eps(double eps) {
 
 void validate_options(const MlstmOptions& options) {
   check_eps(options.eps);
-  if (options.chunk_size <= 0 || options.chunk_size > kMaxChunkSize) {
-    throw InvalidArgument("chunk_size", "must be in [1, " + std::to_string(kMaxChunkSize) + "], got " +
+  if (options.chunk_size < 0 || options.chunk_size > kMaxChunkSize) {
+    throw InvalidArgument("chunk_size", "must be in [1, " + std::to_string(kMaxChunkSize) + "] or 0 (automatic), got " +
                                             std::to_string(options.chunk_size));
   }
+}
+
+ProblemShape shape_hint(const ForwardArgs& a) {
+  ProblemShape p;
+  if (a.q.dims() == 4) {
+    p.B = a.q.dim(0);
+    p.NH = a.q.dim(1);
+    p.S = a.q.dim(2);
+    p.DHQK = a.q.dim(3);
+    p.dtype = a.q.dtype();
+  }
+  if (a.v.dims() == 4) p.DHHV = a.v.dim(3);
+  p.gate_dtype = a.i.empty() ? DType::f32 : a.i.dtype();
+  p.N = a.packed() ? static_cast<std::int64_t>(a.cu_seqlens.size()) - 1 : 0;
+  return p;
+}
+
+std::int64_t chunk_of(const MlstmOptions& options) {
+  if (options.chunk_size == kAutoChunk)
+    throw InvalidArgument("chunk_size",
+                          "0 (automatic) reached a kernel that takes a resolved chunk size; pass one, or call through "
+                          "a device, the kernel registry or the graph runner, which choose it");
+  return options.chunk_size;
 }
 
 namespace {

@@ -20,6 +20,30 @@ std::string_view stage_name(DeviceStage stage) noexcept {
   return "?";
 }
 
+ChunkChoice ComputeDevice::chunk_choice(const ProblemShape&, const MlstmOptions&) const { return {64, 0, "default"}; }
+
+MlstmOptions ComputeDevice::with_chunk(const MlstmOptions& options, const ProblemShape& shape) const {
+  if (options.chunk_size != kAutoChunk) return options;
+  MlstmOptions o = options;
+  o.chunk_size = chunk_choice(shape, options).chunk;
+  return o;
+}
+
+MlstmOptions with_chunk(const MlstmOptions& options, const std::vector<std::shared_ptr<ComputeDevice>>& devices,
+                        const ProblemShape& shape) {
+  if (options.chunk_size != kAutoChunk || devices.empty()) return options;
+  ChunkChoice best;
+  bool any = false;
+  for (const auto& d : devices) {
+    ChunkChoice c = d->chunk_choice(shape, options);
+    if (!any || c.rank > best.rank) best = std::move(c);
+    any = true;
+  }
+  MlstmOptions o = options;
+  o.chunk_size = best.chunk;
+  return o;
+}
+
 BackwardResult state_gradient_through_backward(const std::function<BackwardResult(const BackwardArgs&)>& backward,
                                                const BackwardArgs& args, const ProblemShape& p) {
   BackwardArgs with_state = args;

@@ -59,7 +59,7 @@ ForwardResult chunkwise_states(const ForwardArgs& a, const MlstmOptions& o) {
   const Tensor i32 = Tensor::copy_of(a.i, DType::f32), f32 = Tensor::copy_of(a.f, DType::f32);
   const Tensor C0 = Tensor::copy_of(a.c0, DType::f32), n0 = Tensor::copy_of(a.n0, DType::f32),
                m0 = Tensor::copy_of(a.m0, DType::f32);
-  const stages::SegmentShape s{p.S, std::min(o.chunk_size, p.S), p.DHQK, p.DHHV, gemm::operands_for(p.dtype)};
+  const stages::SegmentShape s{p.S, std::min(chunk_of(o), p.S), p.DHQK, p.DHHV, gemm::operands_for(p.dtype)};
   // v where it lies for the products with bf16 operands, when it is contiguous bfloat16.
   const auto* v16 = a.v.dtype() == DType::bf16 && a.v.is_contiguous()
                         ? static_cast<const std::uint16_t*>(static_cast<const void*>(a.v.bytes()))
@@ -106,7 +106,14 @@ class CpuDevice final : public ComputeDevice {
     return {};
   }
 
-  ForwardResult forward(const ForwardArgs& a, const MlstmOptions& o) override {
+  ChunkChoice chunk_choice(const ProblemShape& shape, const MlstmOptions&) const override {
+    ChunkChoice c = table_chunk(ChunkFamily::cpu, "", shape, 1);
+    if (algorithm_ == CpuAlgorithm::chunkwise_whole) c.chunk = std::min(c.chunk, kWholeChunkMax);
+    return c;
+  }
+
+  ForwardResult forward(const ForwardArgs& a, const MlstmOptions& options) override {
+    const MlstmOptions o = with_chunk(options, shape_hint(a));
     return run([&] {
       switch (algorithm_) {
         case CpuAlgorithm::chunkwise_tiled:
@@ -126,7 +133,8 @@ class CpuDevice final : public ComputeDevice {
     });
   }
 
-  ForwardResult last_state(const ForwardArgs& a, const MlstmOptions& o) override {
+  ForwardResult last_state(const ForwardArgs& a, const MlstmOptions& options) override {
+    const MlstmOptions o = with_chunk(options, shape_hint(a));
     // (Packed rows through forward(): the state pass below runs whole rows.)
     if (algorithm_ == CpuAlgorithm::chunkwise_tiled && !a.packed()) return run([&] { return chunkwise_states(a, o); });
     MlstmOptions with_states = o;
@@ -136,7 +144,8 @@ class CpuDevice final : public ComputeDevice {
     return r;
   }
 
-  BackwardResult backward(const BackwardArgs& a, const MlstmOptions& o) override {
+  BackwardResult backward(const BackwardArgs& a, const MlstmOptions& options) override {
+    const MlstmOptions o = with_chunk(options, shape_hint(a.inputs));
     return run([&] {
       switch (algorithm_) {
         case CpuAlgorithm::chunkwise_tiled:
@@ -173,7 +182,8 @@ class CpuDevice final : public ComputeDevice {
     return r;
   }
 
-  BackwardResult state_gradient(const BackwardArgs& a, const MlstmOptions& o) override {
+  BackwardResult state_gradient(const BackwardArgs& a, const MlstmOptions& options) override {
+    const MlstmOptions o = with_chunk(options, shape_hint(a.inputs));
     if (algorithm_ == CpuAlgorithm::chunkwise_tiled)
       return run([&] { return cpu::chunkwise_state_gradient(a, o, kCpuTile); });
     return state_gradient_through_backward([&](const BackwardArgs& with_state) { return backward(with_state, o); }, a,

@@ -20,6 +20,7 @@
 #include "mlstm/devices/compute_device.hpp"
 #include "mlstm/devices/opencl/backward_stream.hpp"
 #include "mlstm/devices/opencl/chunkwise_routine.hpp"
+#include "mlstm/devices/opencl/launch_params.hpp"
 #include "mlstm/devices/opencl/stream.hpp"
 #include "mlstm/devices/opencl/tc_routine.hpp"
 
@@ -52,7 +53,7 @@ std::int64_t backward_run_pieces(const ProblemShape& p, std::uint64_t device_mem
 }
 
 std::int64_t stream_piece_tokens(const ProblemShape& p, const MlstmOptions& o) {
-  const std::int64_t L = o.chunk_size;
+  const std::int64_t L = chunk_of(o);
   if (const auto v = env::get("MLSTM_STREAM_PIECE")) {
     try {
       const std::int64_t t = std::stoll(*v);
@@ -74,7 +75,7 @@ std::uint64_t resident_backward_bytes(const ProblemShape& p, const MlstmOptions&
   const auto rows = static_cast<double>(p.B * p.NH), S = static_cast<double>(p.S);
   const double element = static_cast<double>(dtype_size(p.dtype));
   const double sequences = rows * S * (element * (2.0 * (2 * p.DHQK + p.DHHV) + p.DHHV) + 4.0 * 4);
-  const double chunks = rows * std::ceil(S / static_cast<double>(o.chunk_size)) + rows;
+  const double chunks = rows * std::ceil(S / static_cast<double>(chunk_of(o))) + rows;
   const double states = 2.0 * chunks * 4.0 * static_cast<double>(p.DHQK * p.DHHV + p.DHQK + 1);
   return static_cast<std::uint64_t>(std::min(sequences + states, 1.8e19));
 }
@@ -185,14 +186,26 @@ class OpenCLComputeDevice final : public ComputeDevice {
     return "opencl:" + std::to_string(device_->info().index) + " " + device_->name();
   }
 
-  DeviceSupport supports(DeviceStage, const ProblemShape& shape, const MlstmOptions& o) const override {
+  DeviceSupport supports(DeviceStage, const ProblemShape& shape, const MlstmOptions& options) const override {
     if (kernels_ != OpenCLKernels::tensor_cores) return {};
+    const MlstmOptions o = with_chunk(options, shape);
     if (const std::string misfit = opencl::tensor_core_fit(shape, o); !misfit.empty())
       return {"the tensor-core kernels cannot run this problem: " + misfit, "q"};
     return {};
   }
 
-  ForwardResult forward(const ForwardArgs& a, const MlstmOptions& o) override {
+  // The tensor cores' table where they would run the problem (at the chunk sizes they take), else the portable
+  // kernels'.
+  ChunkChoice chunk_choice(const ProblemShape& shape, const MlstmOptions& options) const override {
+    MlstmOptions at64 = options;
+    at64.chunk_size = 64;
+    return opencl::chunk_choice(device_->info(), shape,
+                                support_.available && opencl::tensor_core_fit(shape, at64).empty() &&
+                                    !device_->known_fact(kTensorCoreBuildFailed));
+  }
+
+  ForwardResult forward(const ForwardArgs& a, const MlstmOptions& options) override {
+    const MlstmOptions o = with_chunk(options, shape_hint(a));
     const ScopedTrace trace([&] { return "forward of " + token_rows(a.q) + " token-rows on " + device_->name(); });
     const ProblemShape p = validate_forward(a, o);
     if (p.packed() && !(uses_tensor_cores(p, o) && streams(a, o, p))) {
@@ -204,7 +217,9 @@ class OpenCLComputeDevice final : public ComputeDevice {
     return tensor_cores_.forward(a, o);
   }
 
-  ForwardResult forward_into(const ForwardArgs& a, const MlstmOptions& o, TensorView h, KeepStates keep) override {
+  ForwardResult forward_into(const ForwardArgs& a, const MlstmOptions& options, TensorView h,
+                             KeepStates keep) override {
+    const MlstmOptions o = with_chunk(options, shape_hint(a));
     const ProblemShape p = validate_forward(a, o);
     if (!uses_tensor_cores(p, o) || !streams(a, o, p)) return ComputeDevice::forward_into(a, o, h, keep);
     const ScopedTrace trace([&] { return "forward of " + token_rows(a.q) + " token-rows on " + device_->name(); });
@@ -213,8 +228,9 @@ class OpenCLComputeDevice final : public ComputeDevice {
     return streamed_forward(a, o, p, h, keep);
   }
 
-  std::unique_ptr<SequenceStream> open_stream(const ProblemShape& shape, const MlstmOptions& o,
+  std::unique_ptr<SequenceStream> open_stream(const ProblemShape& shape, const MlstmOptions& options,
                                               State initial) override {
+    const MlstmOptions o = with_chunk(options, shape);
     check_not_packed(shape, "a stream");
     if (!uses_tensor_cores(shape, o)) return ComputeDevice::open_stream(shape, o, std::move(initial));
     ProblemShape piece = shape;
@@ -222,7 +238,8 @@ class OpenCLComputeDevice final : public ComputeDevice {
     return std::make_unique<PinnedStream>(device_, stream_config(piece, o), initial);
   }
 
-  ForwardResult last_state(const ForwardArgs& a, const MlstmOptions& o) override {
+  ForwardResult last_state(const ForwardArgs& a, const MlstmOptions& options) override {
+    const MlstmOptions o = with_chunk(options, shape_hint(a));
     const ScopedTrace trace([&] { return "last_state of " + token_rows(a.q) + " token-rows on " + device_->name(); });
     const ProblemShape p = validate_forward(a, o);
     if (p.packed()) {
@@ -236,7 +253,8 @@ class OpenCLComputeDevice final : public ComputeDevice {
     return portable_.last_state(a, o);
   }
 
-  BackwardResult backward(const BackwardArgs& a, const MlstmOptions& o) override {
+  BackwardResult backward(const BackwardArgs& a, const MlstmOptions& options) override {
+    const MlstmOptions o = with_chunk(options, shape_hint(a.inputs));
     const ScopedTrace trace([&] { return "backward of " + token_rows(a.dh) + " token-rows on " + device_->name(); });
     const ProblemShape p = validate_backward(a, o);
     if (p.packed() && uses_tensor_cores(p, o)) {
@@ -254,7 +272,8 @@ class OpenCLComputeDevice final : public ComputeDevice {
     return portable_.backward(a, o);
   }
 
-  BackwardResult backward_into(const BackwardArgs& a, const MlstmOptions& o, const GradientViews& out) override {
+  BackwardResult backward_into(const BackwardArgs& a, const MlstmOptions& options, const GradientViews& out) override {
+    const MlstmOptions o = with_chunk(options, shape_hint(a.inputs));
     const ProblemShape p = validate_backward(a, o);
     if (!uses_tensor_cores(p, o)) return ComputeDevice::backward_into(a, o, out);
     check_gradient_views(out, p);
@@ -265,7 +284,8 @@ class OpenCLComputeDevice final : public ComputeDevice {
     return tensor_core_backward(a, o, p, &out);
   }
 
-  BackwardResult state_gradient(const BackwardArgs& a, const MlstmOptions& o) override {
+  BackwardResult state_gradient(const BackwardArgs& a, const MlstmOptions& options) override {
+    const MlstmOptions o = with_chunk(options, shape_hint(a.inputs));
     const ScopedTrace trace(
         [&] { return "state_gradient of " + token_rows(a.dh) + " token-rows on " + device_->name(); });
     const ProblemShape p = validate_backward(a, o);

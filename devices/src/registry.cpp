@@ -25,13 +25,19 @@ class DeviceKernel final : public SequenceKernel {
     require(DeviceStage::backward, validate_backward(args, o), o);
     return device_->backward(args, o);
   }
+  std::int64_t chunk_for(const ProblemShape& shape, const MlstmOptions& options) const override {
+    return effective(shape, options).chunk_size;
+  }
 
  private:
+  // (q not 4-d: shape_hint's zeros; validation then names q.)
   MlstmOptions effective(const ForwardArgs& args, const MlstmOptions& options) const {
+    return effective(shape_hint(args), options);
+  }
+  MlstmOptions effective(const ProblemShape& shape, const MlstmOptions& options) const {
     MlstmOptions o = options;
     if (info_.forced_gate) o.gate = *info_.forced_gate;
-    if (args.q.dims() != 4) return o;  // validation names q
-    const std::int64_t S = args.q.dim(2);
+    const std::int64_t S = shape.S;
     if (info_.form == KernelForm::parallel) {
       if (max_seq_len_ > 0 && S > max_seq_len_)
         throw InvalidArgument("q", info_.name + " takes S <= " + std::to_string(max_seq_len_) + " (got S=" +
@@ -42,6 +48,8 @@ class DeviceKernel final : public SequenceKernel {
                                             std::bit_ceil(static_cast<std::uint64_t>(std::max<std::int64_t>(1, S))));
     } else if (info_.form == KernelForm::sequence) {
       o.chunk_size = 1;
+    } else {
+      o = device_->with_chunk(o, shape);  // an automatic chunk size: the device's choice
     }
     return o;
   }

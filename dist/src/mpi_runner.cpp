@@ -15,7 +15,10 @@ namespace mlstm::dist {
 
 std::pair<std::int64_t, std::int64_t> shard_of(std::int64_t S, std::int64_t chunk_size, int rank, int ranks) {
   if (S < 0) throw InvalidArgument("S", "a sequence has no negative length");
-  if (chunk_size < 1) throw InvalidArgument("chunk_size", "must be at least 1");
+  if (chunk_size < 1)
+    throw InvalidArgument("chunk_size",
+                          "must be at least 1 (an automatic one, 0, is resolved first: every rank the "
+                          "same, e.g. rank 0's FlowGraphRunner::with_chunk)");
   if (ranks < 1 || rank < 0 || rank >= ranks) throw InvalidArgument("rank", "must be in [0, ranks)");
   // base chunks each, one more for the first `extra` ranks: the empty shards (fewer chunks than ranks) come last,
   // so rank 0, which holds the initial state, always has tokens when the sequence has.

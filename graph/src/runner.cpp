@@ -149,7 +149,7 @@ Plan plan_start(const ProblemShape& shape, const MlstmOptions& options, const st
 Plan make_plan(const ProblemShape& shape, const MlstmOptions& options, const std::vector<std::string>& devices,
                std::int64_t segment_tokens) {
   Plan p = plan_start(shape, options, devices, segment_tokens);
-  const std::int64_t L = options.chunk_size;
+  const std::int64_t L = chunk_of(options);
   p.segment_tokens = std::max<std::int64_t>(L, (p.segment_tokens + L - 1) / L * L);  // whole chunks
   int index = 0;
   for (std::int64_t t0 = 0; t0 < shape.S; t0 += p.segment_tokens) {
@@ -190,7 +190,7 @@ Plan make_calibrated_plan(const ProblemShape& shape, const MlstmOptions& options
   if (devices.empty() || speeds.size() != devices.size()) {
     throw InvalidArgument("speeds", "one speed per device expected");
   }
-  const std::int64_t L = options.chunk_size;
+  const std::int64_t L = chunk_of(options);
   const std::int64_t chunks = (shape.S + L - 1) / L;
   // Chunks per device proportional to speed; a device whose share is under one chunk gets none.
   std::vector<double> w = speeds;
@@ -251,6 +251,10 @@ Tensor FlowGraphRunner::host_tensor(Shape shape, DType dtype) const {
   return Tensor(std::move(shape), dtype);
 }
 
+MlstmOptions FlowGraphRunner::with_chunk(const MlstmOptions& options, const ProblemShape& shape) const {
+  return mlstm::with_chunk(options, devices_, shape);
+}
+
 Plan FlowGraphRunner::plan(const ProblemShape& shape, const MlstmOptions& options, std::int64_t segment_tokens,
                            Pass pass) const {
   if (shape.packed()) {
@@ -258,7 +262,7 @@ Plan FlowGraphRunner::plan(const ProblemShape& shape, const MlstmOptions& option
                           "a packed problem's segments follow its offsets: make_packed_plan() plans "
                           "them, last_plan() shows the plan of a run");
   }
-  return plan_run(pass, shape, options, segment_tokens).plan;
+  return plan_run(pass, shape, with_chunk(options, shape), segment_tokens).plan;
 }
 
 namespace {
@@ -273,7 +277,7 @@ std::filesystem::path calibration_file() {
 }  // namespace
 
 std::vector<double> FlowGraphRunner::calibrate(const ProblemShape& shape, const MlstmOptions& options) {
-  return calibrate(devices_, shape, options);
+  return calibrate(devices_, shape, with_chunk(options, shape));
 }
 
 namespace {
@@ -439,8 +443,9 @@ std::size_t fastest_candidate(const std::vector<std::shared_ptr<ComputeDevice>>&
 
 }  // namespace
 
-std::unique_ptr<SequenceStream> FlowGraphRunner::open_stream(const ProblemShape& piece, const MlstmOptions& options,
+std::unique_ptr<SequenceStream> FlowGraphRunner::open_stream(const ProblemShape& piece, const MlstmOptions& given,
                                                              State initial) {
+  const MlstmOptions options = with_chunk(given, piece);
   const ScopedTrace trace("stream engine chosen");
   refuse_exchange("a stream (open_stream)");
   if (piece.S <= 0) throw InvalidArgument("S", "a stream's pieces need at least one token");
@@ -817,8 +822,9 @@ ForwardResult FlowGraphRunner::forward_into(TensorView h, const ForwardArgs& arg
   return run_forward(args, options, segment_tokens, h, keep);
 }
 
-ForwardResult FlowGraphRunner::run_forward(const ForwardArgs& args, const MlstmOptions& options,
+ForwardResult FlowGraphRunner::run_forward(const ForwardArgs& args, const MlstmOptions& given,
                                            std::int64_t segment_tokens, TensorView h_out, StateCheckpoints* keep) {
+  const MlstmOptions options = with_chunk(given, shape_hint(args));
   using namespace tbb::flow;
   if (args.packed()) {
     const ProblemShape shape = validate_forward(args, options);
@@ -988,7 +994,8 @@ void run_row_groups(const std::vector<std::pair<std::int64_t, std::int64_t>>& gr
 
 }  // namespace
 
-ForwardResult FlowGraphRunner::forward_head_split(const ForwardArgs& args, const MlstmOptions& options) {
+ForwardResult FlowGraphRunner::forward_head_split(const ForwardArgs& args, const MlstmOptions& given) {
+  const MlstmOptions options = with_chunk(given, shape_hint(args));
   refuse_exchange("the head split");
   const ProblemShape p = validate_forward(args, options);
   check_not_packed(p, "the head split");
@@ -1137,8 +1144,9 @@ BackwardResult FlowGraphRunner::backward_into(const GradientViews& out, const Ba
   return run_backward(args, options, segment_tokens, &out);
 }
 
-BackwardResult FlowGraphRunner::run_backward(const BackwardArgs& args, const MlstmOptions& options,
+BackwardResult FlowGraphRunner::run_backward(const BackwardArgs& args, const MlstmOptions& given,
                                              std::int64_t segment_tokens, const GradientViews* out) {
+  const MlstmOptions options = with_chunk(given, shape_hint(args.inputs));
   using namespace tbb::flow;
   const ProblemShape shape = validate_backward(args, options);
   if (shape.packed()) {
@@ -1266,7 +1274,8 @@ BackwardResult FlowGraphRunner::run_backward(const BackwardArgs& args, const Mls
   return problem->take_result();
 }
 
-BackwardResult FlowGraphRunner::backward_head_split(const BackwardArgs& args, const MlstmOptions& options) {
+BackwardResult FlowGraphRunner::backward_head_split(const BackwardArgs& args, const MlstmOptions& given) {
+  const MlstmOptions options = with_chunk(given, shape_hint(args.inputs));
   refuse_exchange("the head split");
   const ProblemShape p = validate_backward(args, options);
   check_not_packed(p, "the head split");

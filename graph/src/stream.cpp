@@ -92,6 +92,7 @@ State StreamSession::checked_state(State s) const {
   check_shape(s.C, {config_.B, config_.NH, config_.DHQK, config_.DHHV}, "C", "(B,NH,DHQK,DHHV)");
   check_shape(s.n, {config_.B, config_.NH, config_.DHQK}, "n", "(B,NH,DHQK)");
   check_shape(s.m, {config_.B, config_.NH}, "m", "(B,NH)");
+  check_sigmoid_m_zero(s.m.view(), config_.options, "m");
   return State{s.C.to(DType::f32), s.n.to(DType::f32), s.m.to(DType::f32)};
 }
 
@@ -147,6 +148,10 @@ void StreamSession::prepare(std::int64_t piece_tokens, DType dtype) {
     shape.DHQK = config_.DHQK;
     shape.DHHV = config_.DHHV;
     shape.dtype = dtype;
+    // An automatic chunk size is resolved once, for the session's problem (snapshots record the size it took).
+    if (config_.options.chunk_size == kAutoChunk)
+      config_.options.chunk_size =
+          runner_ ? runner_->with_chunk(config_.options, shape).chunk_size : kernel_->chunk_for(shape, config_.options);
     if (runner_) {
       stream_ = runner_->open_stream(shape, config_.options, *state_);
     } else {
@@ -297,7 +302,11 @@ StreamSession StreamSession::restore_bytes(const std::string& bytes, StreamConfi
     throw mismatch("normalize", normalize ? "true" : "false", config.options.normalize ? "true" : "false");
   }
   if (eps != eps_bits(config.options.eps)) throw mismatch("eps", eps_text(eps), eps_text(eps_bits(config.options.eps)));
-  if (chunk != config.options.chunk_size) {
+  // An automatic chunk size takes the one the snapshot's session ran at; a snapshot taken before any piece records
+  // none (0) and takes the session's.
+  if (config.options.chunk_size == kAutoChunk) {
+    config.options.chunk_size = chunk;
+  } else if (chunk != kAutoChunk && chunk != config.options.chunk_size) {
     throw mismatch("chunk_size", std::to_string(chunk), std::to_string(config.options.chunk_size));
   }
   if (dtype != dtype_code(DType::f32)) throw refuse("unknown state dtype code " + std::to_string(dtype));

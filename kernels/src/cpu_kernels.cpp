@@ -356,15 +356,15 @@ void step_row(const float* q, const float* k, const float* v, float i, float f, 
 }  // namespace
 
 ForwardResult chunkwise_forward(const ForwardArgs& args, const MlstmOptions& options, std::int64_t tile) {
-  return forward_impl(args, options, options.chunk_size, tile);
+  return forward_impl(args, options, chunk_of(options), tile);
 }
 
 BackwardResult chunkwise_backward(const BackwardArgs& args, const MlstmOptions& options, std::int64_t tile) {
-  return backward_impl(args, options, options.chunk_size, tile);
+  return backward_impl(args, options, chunk_of(options), tile);
 }
 
 BackwardResult chunkwise_state_gradient(const BackwardArgs& args, const MlstmOptions& options, std::int64_t tile) {
-  return backward_impl(args, options, options.chunk_size, tile, /*state_only=*/true);
+  return backward_impl(args, options, chunk_of(options), tile, /*state_only=*/true);
 }
 
 // The parallel form: every sequence one chunk (chunk 0), tiled.

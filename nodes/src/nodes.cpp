@@ -232,7 +232,7 @@ ForwardResult run_range(ComputeDevice& d, SegmentProblem& problem, int index, st
       throw DeviceError(DeviceError::Kind::out_of_memory, d.name(), "host allocation failed (std::bad_alloc)");
     }
   } catch (const DeviceError& e) {
-    const std::int64_t L = o.chunk_size, chunks = (t1 - t0 + L - 1) / L;
+    const std::int64_t L = chunk_of(o), chunks = (t1 - t0 + L - 1) / L;
     if (e.kind() != DeviceError::Kind::out_of_memory || chunks <= 1) throw;
     const std::int64_t mid = t0 + (chunks / 2) * L;
     spdlog::warn("mlstm-flow: {} out of memory on segment {} tokens [{}, {}); retrying as [{}, {}) + [{}, {})",
@@ -497,7 +497,7 @@ BackwardResult run_backward_range(ComputeDevice& d, SegmentGradientProblem& prob
       throw DeviceError(DeviceError::Kind::out_of_memory, d.name(), "host allocation failed (std::bad_alloc)");
     }
   } catch (const DeviceError& e) {
-    const std::int64_t L = o.chunk_size, chunks = (t1 - t0 + L - 1) / L;
+    const std::int64_t L = chunk_of(o), chunks = (t1 - t0 + L - 1) / L;
     if (e.kind() != DeviceError::Kind::out_of_memory || chunks <= 1) throw;
     const std::int64_t mid = t0 + (chunks / 2) * L;
     spdlog::warn(

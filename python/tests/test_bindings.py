@@ -157,6 +157,18 @@ def check_graph(rng):
     print("graph: workers+all ran on %d devices: %s" % (len(infos["workers+all"]["devices"]),
                                                         infos["workers+all"]["devices"]))
 
+    # chunk_size left out ("auto", the default): the size the devices choose, reported in info["chunk_size"]; the
+    # run equals the run that names it, bit for bit (CPU workers alone), and one kernel's default too.
+    h_auto, info_auto = mlstm_flow.forward(q, k, v, i, f, devices="workers", return_info=True)
+    assert info_auto["chunk_size"] >= 1, info_auto
+    h_named, info_named = mlstm_flow.forward(q, k, v, i, f, devices="workers", chunk_size=info_auto["chunk_size"],
+                                             return_info=True)
+    assert info_named["chunk_size"] == info_auto["chunk_size"]
+    assert np.array_equal(h_auto[0], h_named[0]), "an automatic chunk size differs from the size it chose"
+    h_kernel = mlstm_flow.forward(q, k, v, i, f, chunk_size="auto")[0]
+    assert np.array_equal(h_kernel, mlstm_flow.forward(q, k, v, i, f)[0])
+    print("chunk_size='auto': the workers chose %d" % info_auto["chunk_size"])
+
     # return_last_states=False: (h, info); bfloat16 inputs; calibrated balancing (its cache in a temporary dir).
     h1 = mlstm_flow.forward(q, k, v, i, f, chunk_size=L, return_last_states=False)
     h, info = mlstm_flow.forward(q, k, v, i, f, chunk_size=L, return_last_states=False, devices="workers+all",
@@ -540,7 +552,8 @@ def main():
     assert isinstance(mlstm_flow.devices(), list)
 
     # errors name the argument
-    for bad, arg in [(dict(k=k[..., :5]), "k"), (dict(chunk_size=0), "chunk_size"), (dict(kernel="nope"), "kernel")]:
+    for bad, arg in [(dict(k=k[..., :5]), "k"), (dict(chunk_size=0), "chunk_size"), (dict(chunk_size="fast"), "chunk_size"),
+                     (dict(chunk_size=2**31), "chunk_size"), (dict(kernel="nope"), "kernel")]:
         kw = dict(q=q, k=k, v=v, i=i, f=f)
         kw.update(bad)
         try:

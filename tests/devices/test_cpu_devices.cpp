@@ -3,6 +3,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
+#include <functional>
 #include <sstream>
 #include <vector>
 
@@ -514,6 +516,149 @@ TEST(CpuStep, StepKernelsMatchReference) {
   EXPECT_TRUE(matches(got.h, ref.h, 1e-5, "cpu (step)", "h", s));
   EXPECT_TRUE(matches(got.c, ref.c, 1e-5, "cpu (step)", "c", s));
   EXPECT_TRUE(matches(got.m, ref.m, 1e-6, "cpu (step)", "m", s));
+}
+
+// ---- the automatic chunk size (issue 22 item 2) -------------------------------------------------------------------
+
+bool same_bytes(const Tensor& a, const Tensor& b) {
+  return a.shape() == b.shape() && a.dtype() == b.dtype() && a.nbytes() == b.nbytes() &&
+         std::memcmp(a.bytes(), b.bytes(), a.nbytes()) == 0;
+}
+
+// Every table ends with a default row (any vendor, head dim and row count); its rows name their measurement; the
+// tensor cores' rows take chunk sizes they run (64, 128).
+TEST(AutoChunk, TablesEndWithADefaultRowAndNameTheirSource) {
+  for (ChunkFamily f : {ChunkFamily::cpu, ChunkFamily::opencl_portable, ChunkFamily::tensor_cores}) {
+    const auto table = chunk_table(f);
+    ASSERT_FALSE(table.empty());
+    EXPECT_TRUE(table.back().vendor.empty());
+    EXPECT_EQ(table.back().max_head_dim, 0);
+    EXPECT_EQ(table.back().min_rows, 0);
+    for (const ChunkRow& row : table) {
+      EXPECT_GE(row.chunk, 1);
+      EXPECT_LE(row.chunk, 256);  // the whole-chunk CPU kernel's limit
+      EXPECT_FALSE(row.source.empty());
+      if (f == ChunkFamily::tensor_cores) {
+        EXPECT_TRUE(row.chunk == 64 || row.chunk == 128) << row.chunk;
+      }
+    }
+  }
+}
+
+// The first row that matches a problem wins: every earlier row fails one of its conditions.
+TEST(AutoChunk, TheFirstMatchingRowWins) {
+  for (ChunkFamily f : {ChunkFamily::cpu, ChunkFamily::opencl_portable, ChunkFamily::tensor_cores})
+    for (std::string_view vendor : {"NVIDIA Corporation", "GenuineIntel", ""})
+      for (std::int64_t d : {16, 64, 128, 256, 512})
+        for (std::int64_t nh : {1, 4, 16, 64, 1024}) {
+          ProblemShape p;
+          p.B = 1;
+          p.NH = nh;
+          p.S = 4096;
+          p.DHQK = d;
+          p.DHHV = d;
+          const ChunkRow& got = chunk_row(f, vendor, p);
+          const auto table = chunk_table(f);
+          for (const ChunkRow& row : table) {
+            const bool fits = (row.vendor.empty() || vendor.find(row.vendor) != std::string_view::npos) &&
+                              (row.max_head_dim == 0 || d <= row.max_head_dim) && nh >= row.min_rows;
+            if (&row == &got) {
+              EXPECT_TRUE(fits) << row.source;
+              break;
+            }
+            EXPECT_FALSE(fits) << "row '" << row.source << "' matches before the one chosen";
+          }
+        }
+}
+
+// A device that only chooses chunk sizes (nothing else is called).
+class ChoosingDevice final : public ComputeDevice {
+ public:
+  ChoosingDevice(std::int64_t chunk, int rank) : choice_{chunk, rank, "test"} {}
+  std::string name() const override { return "choosing:" + std::to_string(choice_.chunk); }
+  DeviceSupport supports(DeviceStage, const ProblemShape&, const MlstmOptions&) const override { return {}; }
+  ChunkChoice chunk_choice(const ProblemShape&, const MlstmOptions&) const override { return choice_; }
+  ForwardResult forward(const ForwardArgs&, const MlstmOptions&) override { throw Error("not here"); }
+  ForwardResult last_state(const ForwardArgs&, const MlstmOptions&) override { throw Error("not here"); }
+  BackwardResult backward(const BackwardArgs&, const MlstmOptions&) override { throw Error("not here"); }
+  BackwardResult state_gradient(const BackwardArgs&, const MlstmOptions&) override { throw Error("not here"); }
+
+ private:
+  ChunkChoice choice_;
+};
+
+// A run over several devices takes the choice of the highest rank (the first of them); a size the caller gave
+// stays; without devices the options stay automatic.
+TEST(AutoChunk, ARunTakesTheChoiceOfTheHighestRank) {
+  ProblemShape p;
+  p.B = 1;
+  p.NH = 4;
+  p.S = 1000;
+  p.DHQK = p.DHHV = 128;
+  const std::shared_ptr<ComputeDevice> cpu = std::make_shared<ChoosingDevice>(32, 1),
+                                       gpu = std::make_shared<ChoosingDevice>(128, 3),
+                                       gpu2 = std::make_shared<ChoosingDevice>(256, 3);
+  MlstmOptions o;
+  EXPECT_EQ(o.chunk_size, kAutoChunk);  // the default
+  EXPECT_EQ(with_chunk(o, {cpu, gpu, gpu2}, p).chunk_size, 128);
+  EXPECT_EQ(with_chunk(o, {gpu2, cpu, gpu}, p).chunk_size, 256);
+  EXPECT_EQ(with_chunk(o, {cpu}, p).chunk_size, 32);
+  EXPECT_EQ(with_chunk(o, {}, p).chunk_size, kAutoChunk);
+  EXPECT_EQ(cpu->with_chunk(o, p).chunk_size, 32);
+  o.chunk_size = 16;
+  EXPECT_EQ(with_chunk(o, {cpu, gpu}, p).chunk_size, 16);
+  EXPECT_EQ(gpu->with_chunk(o, p).chunk_size, 16);
+}
+
+// A registry kernel left to choose runs at the CPU table's chunk, bit for bit the call that names it; the CPU
+// device reports rank 1 and the limit kernel never chooses past its largest chunk.
+TEST(AutoChunk, RegistryKernelsRunAtTheirChoice) {
+  const InputSpec s = spec(2, 3, 333, 16, 24, DType::f32, GateVariant::exp, true);
+  const auto in = make_inputs(s, testing::fresh_seed());
+  const ProblemShape p = validate_forward(in.args(), MlstmOptions{});
+  for (const char* name : {"chunkwise--cpu_xl_chunk", "chunkwise--cpu_limit_chunk"}) {
+    const auto kernel = registry().make_sequence(name);
+    const MlstmOptions automatic;
+    const std::int64_t L = kernel->chunk_for(p, automatic);
+    EXPECT_EQ(L, std::min<std::int64_t>(chunk_row(ChunkFamily::cpu, "", p).chunk, 256)) << name;
+    MlstmOptions named;
+    named.chunk_size = L;
+    const auto a = kernel->forward(in.args(), automatic), b = kernel->forward(in.args(), named);
+    EXPECT_TRUE(same_bytes(a.h, b.h) && same_bytes(a.c, b.c) && same_bytes(a.n, b.n) && same_bytes(a.m, b.m)) << name;
+    const auto ga = kernel->backward(in.backward_args(true), automatic);
+    const auto gb = kernel->backward(in.backward_args(true), named);
+    EXPECT_TRUE(same_bytes(ga.dq, gb.dq) && same_bytes(ga.dk, gb.dk) && same_bytes(ga.dv, gb.dv) &&
+                same_bytes(ga.di, gb.di) && same_bytes(ga.df, gb.df) && same_bytes(ga.dc0, gb.dc0))
+        << name;
+    // Another chunk gives other bits here (so the equality above is not trivially true).
+    named.chunk_size = L == 64 ? 32 : 64;
+    EXPECT_FALSE(same_bytes(a.h, kernel->forward(in.args(), named).h)) << name;
+  }
+  // The sequence and parallel forms set their own chunk (1, the whole sequence) whatever is asked.
+  EXPECT_EQ(registry().make_sequence("sequence--cpu")->chunk_for(p, MlstmOptions{}), 1);
+  EXPECT_EQ(registry().make_sequence("parallel--cpu")->chunk_for(p, MlstmOptions{}), 512);
+}
+
+// The kernels underneath take a resolved size: an automatic one that reaches them is refused, naming chunk_size;
+// validation accepts 0 (automatic) and refuses negative sizes.
+TEST(AutoChunk, KernelsUnderneathRefuseAnUnresolvedSize) {
+  const auto in = make_inputs(spec(1, 2, 50, 8, 8), testing::fresh_seed());
+  const std::vector<std::function<void()>> calls{
+      [&] { (void)cpu::chunkwise_forward(in.args(), MlstmOptions{}, 64); },
+      [&] { (void)cpu::chunkwise_backward(in.backward_args(true), MlstmOptions{}, 0); }};
+  for (const auto& call : calls) {
+    try {
+      call();
+      FAIL() << "expected InvalidArgument";
+    } catch (const InvalidArgument& e) {
+      EXPECT_EQ(e.argument(), "chunk_size");
+      EXPECT_NE(std::string(e.what()).find("automatic"), std::string::npos) << e.what();
+    }
+  }
+  EXPECT_NO_THROW(validate_options(MlstmOptions{}));
+  MlstmOptions bad;
+  bad.chunk_size = -1;
+  EXPECT_THROW(validate_options(bad), InvalidArgument);
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <limits>
@@ -980,6 +981,50 @@ TEST(GraphFinalState, LeavesAsAMessageAndEqualsOneCall) {
   const auto h_only = runner.forward(in.args(), no_state, 96);
   EXPECT_TRUE(h_only.c.empty() && h_only.n.empty() && h_only.m.empty());
   EXPECT_TRUE(testing::matches(h_only.h, one_call.h, 2e-5, "graph without last states", "h", s));
+}
+
+// An automatic chunk size is resolved once for a run, over the runner's devices: the choice of the first device of
+// the highest rank (tensor cores over other GPU kernels over CPUs), the size the plan, the run and its log show. On
+// devices of one kind the run equals the run that names that size, bit for bit.
+TEST(GraphPlan, AnAutomaticChunkSizeIsOneForTheWholeRun) {
+  InputSpec s;
+  s.B = 2;
+  s.NH = 3;
+  s.S = 500;
+  s.DHQK = 16;
+  s.DHHV = 32;
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  const MlstmOptions automatic;
+  ASSERT_EQ(automatic.chunk_size, kAutoChunk);
+  for (const char* spec : {"workers", "0,1", "workers+0"}) {
+    if (std::string(spec) != "workers" && opencl::list_devices().size() < 2) continue;
+    graph::FlowGraphRunner runner(spec);
+    const ProblemShape p = validate_forward(in.args(), automatic);
+    ChunkChoice best;
+    best.rank = -1;
+    for (const auto& d : runner.devices()) {
+      ChunkChoice c = d->chunk_choice(p, automatic);
+      if (c.rank > best.rank) best = c;
+    }
+    const std::int64_t L = runner.with_chunk(automatic, p).chunk_size;
+    EXPECT_EQ(L, best.chunk) << spec;
+    EXPECT_EQ(runner.plan(p, automatic, 128).chunk_size, L) << spec;
+    MlstmOptions named;
+    named.chunk_size = L;
+    const auto got = runner.forward(in.args(), automatic, 128);
+    EXPECT_EQ(runner.last_plan().chunk_size, L) << spec;
+    const auto want = runner.forward(in.args(), named, 128);
+    if (std::string(spec) == "workers+0") {  // which kind computes a segment varies from run to run
+      EXPECT_TRUE(testing::matches(got.h, want.h, 2e-5, std::string("graph ") + spec, "h", s));
+    } else {
+      EXPECT_EQ(0, std::memcmp(got.h.bytes(), want.h.bytes(), got.h.nbytes())) << spec;
+      EXPECT_EQ(0, std::memcmp(got.c.bytes(), want.c.bytes(), got.c.nbytes())) << spec;
+    }
+    const auto g = runner.backward(in.backward_args(true), automatic, 128);
+    EXPECT_EQ(runner.last_plan().chunk_size, L) << spec;
+    EXPECT_TRUE(testing::matches(g.dq, runner.backward(in.backward_args(true), named, 128).dq, 2e-5,
+                                 std::string("graph ") + spec, "dq", s));
+  }
 }
 
 TEST(GraphPlan, SegmentsCoverTheSequenceInWholeChunks) {

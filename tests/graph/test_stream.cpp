@@ -284,6 +284,79 @@ TEST(StreamSnapshot, AMismatchingOptionIsRefusedNamingTheField) {
   fs::remove(path);
 }
 
+// An automatic chunk size (the default) is resolved once, when the first piece arrives, for the session's problem
+// (the kernel's choice), and the snapshot records the size it took: a session restored with automatic options takes
+// it, one restored with the same size too, one with another size is refused naming chunk_size. A snapshot taken
+// before any piece records none and takes the restoring session's.
+TEST(StreamSnapshot, AnAutomaticChunkSizeIsResolvedOnceAndRecorded) {
+  InputSpec s;
+  s.B = 1;
+  s.NH = 2;
+  s.S = 300;
+  s.DHQK = 16;
+  s.DHHV = 16;
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  StreamConfig cfg = config_for(s);
+  cfg.options.chunk_size = kAutoChunk;
+  StreamSession a(cfg);
+  EXPECT_EQ(a.config().options.chunk_size, kAutoChunk);
+  a.push(piece(in, 0, 123).args());
+  const ProblemShape p = validate_forward(piece(in, 0, 123).args(), cfg.options);
+  const std::int64_t L = get_kernel(cfg.kernel)->chunk_for(p, cfg.options);
+  EXPECT_GE(L, 1);
+  EXPECT_EQ(a.config().options.chunk_size, L);
+  const fs::path path = fs::temp_directory_path() / ("mlstm_snapshot_auto_" + std::to_string(getpid()));
+  a.snapshot(path.string());
+  const Tensor h_a = a.push(piece(in, 123, 300).args());
+  for (std::int64_t given : {kAutoChunk, L}) {
+    StreamConfig c = cfg;
+    c.options.chunk_size = given;
+    StreamSession b = StreamSession::restore(path.string(), c);
+    EXPECT_EQ(b.config().options.chunk_size, L);
+    EXPECT_TRUE(bit_equal(h_a, b.push(piece(in, 123, 300).args()))) << given;
+  }
+  StreamConfig other = cfg;
+  other.options.chunk_size = L + 1;
+  try {
+    StreamSession::restore(path.string(), other);
+    ADD_FAILURE() << "restored a snapshot of chunk " << L << " into a session of chunk " << L + 1;
+  } catch (const InvalidArgument& e) {
+    EXPECT_EQ(e.argument(), "chunk_size") << e.what();
+  }
+  StreamSession(cfg).snapshot(path.string());  // no piece yet: no size recorded
+  other.options.chunk_size = 8;
+  EXPECT_EQ(StreamSession::restore(path.string(), other).config().options.chunk_size, 8);
+  EXPECT_EQ(StreamSession::restore(path.string(), cfg).config().options.chunk_size, kAutoChunk);
+  fs::remove(path);
+}
+
+// The sigmoid gate has no stabiliser: an initial state with m != 0 is refused, naming m, when the session starts
+// and when a sequence starts.
+TEST(StreamSession, SigmoidInitialStatesWithANonzeroStabiliserAreRefused) {
+  StreamConfig cfg;
+  cfg.B = 1;
+  cfg.NH = 2;
+  cfg.DHQK = 4;
+  cfg.DHHV = 4;
+  cfg.options.gate = GateVariant::sigmoid;
+  State bad = State::zeros(1, 2, 4, 4);
+  bad.m.data<float>()[1] = 0.5f;
+  auto refused = [](auto&& call) {
+    try {
+      call();
+      ADD_FAILURE() << "a sigmoid state with m != 0 was taken";
+    } catch (const InvalidArgument& e) {
+      EXPECT_EQ(e.argument(), "m") << e.what();
+    }
+  };
+  refused([&] { StreamSession session(cfg, bad); });
+  StreamSession session(cfg, State::zeros(1, 2, 4, 4));
+  refused([&] { session.start_sequence(bad); });
+  EXPECT_NO_THROW(session.start_sequence(State::zeros(1, 2, 4, 4)));
+  cfg.options.gate = GateVariant::exp;
+  EXPECT_NO_THROW(StreamSession(cfg, bad));  // the exp gate's m is its stabiliser
+}
+
 namespace {
 
 std::vector<std::string> dir_entries(const fs::path& dir) {

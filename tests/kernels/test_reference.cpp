@@ -1069,7 +1069,6 @@ TEST(ReferenceValidation, BadInputsNameTheArgument) {
       {[&](ForwardArgs&, MlstmOptions& opt) { opt.eps = 0.0; }, "eps"},
       {[&](ForwardArgs&, MlstmOptions& opt) { opt.eps = -1e-6; }, "eps"},
       {[&](ForwardArgs&, MlstmOptions& opt) { opt.eps = std::numeric_limits<double>::quiet_NaN(); }, "eps"},
-      {[&](ForwardArgs&, MlstmOptions& opt) { opt.chunk_size = 0; }, "chunk_size"},
       {[&](ForwardArgs&, MlstmOptions& opt) { opt.chunk_size = -64; }, "chunk_size"},
       {[&](ForwardArgs& a, MlstmOptions& opt) {
          opt.gate = GateVariant::sigmoid;

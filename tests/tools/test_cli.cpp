@@ -434,6 +434,37 @@ TEST_F(Cli, HugeChunkSizesAreTheSequenceOrRefused) {
   expect_bad_input(run_cli("run --seq-len 100 --chunk-size 4294967296"), "--chunk-size");
 }
 
+// --chunk-size auto (the default): the size the devices choose, which --json reports; the run equals the run that
+// names it, bit for bit, on one kernel and through the graph's CPU workers. Anything but auto or a size is refused
+// naming the option, in every subcommand that takes it.
+TEST_F(Cli, AnAutomaticChunkSizeIsReportedAndEqualsNamingIt) {
+  for (const std::string engine : {"", " --devices workers"}) {
+    const auto a = run_cli("--json forward " + inputs() + engine + " --out " + path("ha"));
+    ASSERT_EQ(a.code, 0) << a.err;
+    const auto b = run_cli("--json forward " + inputs() + engine + " --chunk-size auto --out " + path("hb"));
+    ASSERT_EQ(b.code, 0) << b.err;
+    const auto ja = nlohmann::json::parse(a.out), jb = nlohmann::json::parse(b.out);
+    ASSERT_TRUE(ja.contains("chunk_size")) << a.out;
+    const std::int64_t L = ja["chunk_size"];
+    EXPECT_GE(L, 1);
+    EXPECT_EQ(jb["chunk_size"], L);
+    const auto c =
+        run_cli("--json forward " + inputs() + engine + " --chunk-size " + std::to_string(L) + " --out " + path("hc"));
+    ASSERT_EQ(c.code, 0) << c.err;
+    EXPECT_EQ(nlohmann::json::parse(c.out)["chunk_size"], L);
+    EXPECT_EQ(testing::slurp(path("ha")), testing::slurp(path("hc"))) << engine;
+    EXPECT_EQ(testing::slurp(path("hb")), testing::slurp(path("hc"))) << engine;
+    const auto g = run_cli("--json backward " + inputs() + engine + " --dh " + path("dh") + " --out-dq " + path("dq"));
+    ASSERT_EQ(g.code, 0) << g.err;
+    EXPECT_EQ(nlohmann::json::parse(g.out)["chunk_size"], L) << g.out;
+  }
+  for (const char* value : {"Auto", "fast", "", "12x", "0x40"}) {
+    expect_bad_input(run_cli("forward " + inputs() + " --chunk-size '" + value + "' --out " + path("h")),
+                     "--chunk-size");
+  }
+  expect_bad_input(run_cli("run --seq-len 100 --chunk-size none"), "--chunk-size");
+}
+
 // bench died on --seq-lens 0 (SIGFPE) and --repeats 0 (SIGSEGV); a sequence length that does not divide
 // --tokens was skipped silently.
 TEST_F(Cli, BenchRefusesBadSizes) {

@@ -8,6 +8,7 @@
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <charconv>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -26,6 +27,26 @@ void require_range(std::int64_t value, std::int64_t lo, std::int64_t hi, const s
     throw InvalidArgument(
         option, "must be in [" + std::to_string(lo) + ", " + std::to_string(hi) + "], got " + std::to_string(value));
   }
+}
+
+CLI::Option* add_chunk_size_option(CLI::App* app, std::int64_t& chunk) {
+  return app->add_option_function<std::string>(
+      "--chunk-size",
+      [&chunk](const std::string& text) {
+        if (text == "auto") {
+          chunk = kAutoChunk;
+          return;
+        }
+        std::int64_t v = 0;
+        const char* end = text.data() + text.size();
+        const auto [at, ec] = std::from_chars(text.data(), end, v);
+        if (ec != std::errc() || at != end || v < 1 || v > kMaxChunkSize)
+          throw CLI::ValidationError("--chunk-size", "expected auto or a chunk size of 1 to " +
+                                                         std::to_string(kMaxChunkSize) + " tokens, got '" + text + "'");
+        chunk = v;
+      },
+      "tokens per chunk of the chunkwise kernels, or auto (the default): the fastest that the devices' tables of "
+      "measured rows give for the problem");
 }
 
 // Bytes of a problem's buffers, overflow-safe; refused when more than the machine's memory (an allocation
@@ -208,7 +229,7 @@ void add_input_options(CLI::App* app, InputFiles& in, bool sequence) {
   app->add_flag("--check-finite", in.check_finite, "refuse inputs with NaN or Inf");
   if (sequence) {
     in.kernel_option = app->add_option("--kernel", in.kernel, "kernel name (see `mlstm kernels`)");
-    app->add_option("--chunk-size", in.chunk_size, "chunk size of chunkwise kernels (> 0)");
+    add_chunk_size_option(app, in.chunk_size);
     app->add_option("--devices", in.devices,
                     "run the flow graph over these devices, sequence parallel: workers (CPU workers), all, gpu:all, "
                     "0,1, cpu, or several joined by + (workers+gpu:all); with --kernel, the one OpenCL device that "

@@ -31,6 +31,9 @@ using Clock = std::chrono::steady_clock;
 // ---- checks of the user's options and outputs (cli.cpp) ---------------------------------------------------
 
 void require_range(std::int64_t value, std::int64_t lo, std::int64_t hi, const std::string& option);
+// --chunk-size auto|N into `chunk` (kAutoChunk for auto, the default): anything but auto or 1..kMaxChunkSize is a
+// parse error naming the option (exit 2).
+CLI::Option* add_chunk_size_option(CLI::App* app, std::int64_t& chunk);
 
 // The largest dimension of a synthetic problem (sums like 2 * dqk + dhv stay far from overflow).
 constexpr std::int64_t kMaxDim = std::int64_t{1} << 40;
@@ -66,7 +69,7 @@ struct InputFiles {
   std::string cu_seqlens;  // --cu-seqlens: offsets of packed sequences (.npy int64)
   std::string dtype;       // "" or bfloat16 (uint16 arrays read as bfloat16)
   std::string kernel = "chunkwise--cpu_xl_chunk";
-  std::int64_t chunk_size = 64;
+  std::int64_t chunk_size = kAutoChunk;
   std::string devices;
   std::string balancing = "pull";  // --balancing: of a flow-graph run (graph::Balancing; Python's default)
   std::string gate = "exp";
@@ -117,6 +120,10 @@ class Engine {
       devices_ = {kernel_info(in.kernel, false).device_kind == "opencl" ? "opencl (default device)" : "cpu"};
     }
     kernel_ = get_kernel(in.kernel, KernelTarget{in.devices});
+  }
+  // The chunk size a call with these arguments runs at (an automatic one resolved).
+  std::int64_t chunk_for(const ForwardArgs& a, const MlstmOptions& o) const {
+    return graph_ ? graph_->with_chunk(o, shape_hint(a)).chunk_size : kernel_->chunk_for(shape_hint(a), o);
   }
   ForwardResult forward(const ForwardArgs& a, const MlstmOptions& o) {
     if (!graph_) return kernel_->forward(a, o);

@@ -97,7 +97,7 @@ int cmd_devices(bool as_json, const std::string& open_spec);
 // ---- run (run.cpp) ---------------------------------------------------------------------------------------
 
 struct RunOptions {
-  std::int64_t batch = 1, heads = 4, seq_len = 1 << 20, dqk = 128, dhv = 128, chunk_size = 128, piece = 16384;
+  std::int64_t batch = 1, heads = 4, seq_len = 1 << 20, dqk = 128, dhv = 128, chunk_size = kAutoChunk, piece = 16384;
   std::string dtype = "bfloat16", devices = "auto", mode = "auto";
   std::string balancing = "calibrated";  // --balancing: the graph's shares when the stream runs it (graph::Balancing)
   bool backward = false, progress = false;

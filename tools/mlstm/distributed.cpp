@@ -172,6 +172,21 @@ std::unique_ptr<dist::MpiRunner> open_runner(const InputFiles& in) {
   return runner;
 }
 
+// An automatic chunk size, agreed by every rank before the shards are cut (in whole chunks): rank 0's devices'
+// choice for the whole problem (a collective call).
+void agree_on_chunk(dist::MpiRunner& runner, MlstmOptions& o, const InputHeaders& hdr) {
+  if (o.chunk_size != kAutoChunk) return;
+  ProblemShape p;
+  p.B = hdr.B;
+  p.NH = hdr.NH;
+  p.S = hdr.S;
+  p.DHQK = hdr.DK;
+  p.DHHV = hdr.DV;
+  p.dtype = hdr.dtype;
+  const std::string mine = std::to_string(runner.local().with_chunk(o, p).chunk_size);
+  o.chunk_size = std::stoll(dist::all_gather(runner.comm(), mine).front());
+}
+
 }  // namespace
 
 int cmd_forward_mpi(const InputFiles& given, const ForwardOutputs& out, const ForwardStreaming& st, bool as_json) {
@@ -190,6 +205,7 @@ int cmd_forward_mpi(const InputFiles& given, const ForwardOutputs& out, const Fo
     hdr = read_input_headers(in);
   });
   auto runner = open_runner(in);
+  agree_on_chunk(*runner, o, hdr);
   const int rank = runner->rank(), size = runner->size();
   Shard shard;
   runner->collectively([&] {
@@ -225,6 +241,7 @@ int cmd_forward_mpi(const InputFiles& given, const ForwardOutputs& out, const Fo
                       {"kernel", "flow-graph"},
                       {"ranks", size},
                       {"shards", shards_of(hdr, o, size)},
+                      {"chunk_size", o.chunk_size},
                       {"devices", devices},
                       {"balancing", graph::balancing_name(runner->local().balancing())},
                       {"shape_h", Shape{hdr.B, hdr.NH, hdr.S, hdr.DV}},
@@ -259,6 +276,7 @@ int cmd_backward_mpi(const InputFiles& given, const BackwardFiles& bf, bool as_j
     }
   });
   auto runner = open_runner(in);
+  agree_on_chunk(*runner, o, hdr);
   const int rank = runner->rank(), size = runner->size();
   Shard shard;
   BackwardInputs l;
@@ -316,6 +334,7 @@ int cmd_backward_mpi(const InputFiles& given, const BackwardFiles& bf, bool as_j
                       {"kernel", "flow-graph"},
                       {"ranks", size},
                       {"shards", shards_of(hdr, o, size)},
+                      {"chunk_size", o.chunk_size},
                       {"devices", devices},
                       {"balancing", graph::balancing_name(runner->local().balancing())},
                       {"seconds", secs},

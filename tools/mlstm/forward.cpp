@@ -122,6 +122,7 @@ int cmd_forward(const InputFiles& in, const ForwardOutputs& out, const ForwardSt
                         {"balancing", engine.balancing()},
                         {"shape_h", r.h.shape()},
                         {"packed_sequences", l.cu_seqlens.empty() ? 0 : l.cu_seqlens.size() - 1},
+                        {"chunk_size", engine.chunk_for(l.args(), o)},
                         {"dtype", dtype_name(r.h.dtype())},
                         {"seconds", secs},
                         {"input_mib", static_cast<double>(hdr.bytes) / static_cast<double>(1 << 20)},
@@ -196,6 +197,7 @@ int cmd_backward(const InputFiles& in, const BackwardFiles& bf, bool as_json) {
                         {"balancing", engine.balancing()},
                         {"seconds", secs},
                         {"initial_state_gradients", !g.dc0.empty()},
+                        {"chunk_size", engine.chunk_for(b.inputs, o)},
                         {"packed_sequences", l.cu_seqlens.empty() ? 0 : l.cu_seqlens.size() - 1}}
                        .dump()
                 << "\n";

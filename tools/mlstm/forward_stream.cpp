@@ -485,6 +485,7 @@ int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const 
                                    : json(nullptr)},
                       {"stream_tokens", st.tokens},
                       {"packed_sequences", packed.on() ? packed.count() : 0},
+                      {"chunk_size", session->config().options.chunk_size},
                       {"slices", slices},
                       {"resumed_from", resumed_from},
                       {"input_mib", static_cast<double>(hdr.bytes) / static_cast<double>(1 << 20)},

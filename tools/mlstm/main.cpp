@@ -64,7 +64,7 @@ int main(int argc, char** argv) {
   run->add_option("--dqk", ro.dqk, "DHQK");
   run->add_option("--dhv", ro.dhv, "DHHV");
   run->add_option("--dtype", ro.dtype, "float32, float16, bfloat16");
-  run->add_option("--chunk-size", ro.chunk_size, "chunk size");
+  add_chunk_size_option(run, ro.chunk_size);
   ro.piece_option = run->add_option("--piece", ro.piece, "tokens per streamed piece (not with --mode resident)");
   run->add_option("--devices", ro.devices,
                   "devices: auto (CPU workers + OpenCL GPUs), workers, an OpenCL spec (gpu:all, 0,1, cpu), or a+b");

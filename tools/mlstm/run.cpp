@@ -173,7 +173,6 @@ int cmd_run(const RunOptions& ro, bool as_json) {
   }
   require_range(ro.dqk, 1, kMaxDim, "--dqk");
   require_range(ro.dhv, 1, kMaxDim, "--dhv");
-  require_range(ro.chunk_size, 1, kMaxChunkSize, "--chunk-size");
   require_range(ro.piece, 1, kMaxDim, "--piece");
   require_range(ro.check_tokens, 0, std::numeric_limits<std::int64_t>::max(), "--check-tokens");
   const bool resident_mode = ro.mode == "resident";
@@ -220,7 +219,8 @@ int cmd_run(const RunOptions& ro, bool as_json) {
   StreamSession session(cfg);
   if (!as_json) {
     std::cout << "problem: B=" << ro.batch << " NH=" << ro.heads << " S=" << ro.seq_len << " DHQK=" << ro.dqk
-              << " DHHV=" << ro.dhv << " " << dtype_name(dtype) << ", chunk " << ro.chunk_size << ", mode "
+              << " DHHV=" << ro.dhv << " " << dtype_name(dtype) << ", chunk "
+              << (ro.chunk_size == kAutoChunk ? std::string("auto") : std::to_string(ro.chunk_size)) << ", mode "
               << (ro.mode == "auto" ? "stream" : ro.mode)
               << (ro.mode == "resident"
                       ? std::string(", resident: the whole sequence in one piece")
@@ -256,7 +256,7 @@ int cmd_run(const RunOptions& ro, bool as_json) {
   // A piece's h is back: the first-token time, the spot check of the first piece, progress.
   auto piece_done = [&](std::int64_t t0, std::int64_t len, const ForwardInputs& inputs, const Tensor& h) {
     if (first_token_secs < 0) first_token_secs = std::chrono::duration<double>(Clock::now() - process_start()).count();
-    if (t0 == 0 && ro.check_tokens > 0) max_rel = spot_check(inputs, ro, len, h, o);
+    if (t0 == 0 && ro.check_tokens > 0) max_rel = spot_check(inputs, ro, len, h, session.config().options);
     progress.update(t0 + len);
   };
   auto take_oldest = [&] {
@@ -316,6 +316,7 @@ int cmd_run(const RunOptions& ro, bool as_json) {
                       {"spot_check_rel_error", max_rel},
                       {"spot_check_ok", check_ok},
                       {"devices", plan.devices},
+                      {"chunk_size", plan.chunk_size},
                       {"balancing", ro.balancing},
                       {"revision", git_revision()}}
                      .dump()

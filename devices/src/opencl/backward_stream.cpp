@@ -99,8 +99,7 @@ BackwardStream::BackwardStream(std::shared_ptr<Device> device, Config config)
   const Config& c = config_;
   if (c.B <= 0 || c.NH <= 0) throw InvalidArgument("config", "B and NH must be > 0");
   validate_options(c.options);
-  if (c.max_piece <= 0 || c.max_piece % c.options.chunk_size != 0)
-    throw InvalidArgument("config.max_piece", "must be a positive multiple of the chunk size");
+  if (c.max_piece <= 0) throw InvalidArgument("config.max_piece", "must be a positive multiple of the chunk size");
   ProblemShape p;
   p.B = c.B;
   p.NH = c.NH;
@@ -109,7 +108,10 @@ BackwardStream::BackwardStream(std::shared_ptr<Device> device, Config config)
   p.DHHV = c.DHHV;
   p.dtype = c.dtype;
   Impl& im = *impl_;
-  im.cfg = make_config(dev, c.emulate, p, c.options);
+  im.cfg = make_config(dev, c.emulate, p, c.options);  // an automatic chunk size resolved (cfg.L)
+  if (c.max_piece % im.cfg.L != 0)
+    throw InvalidArgument("config.max_piece",
+                          "must be a positive multiple of the chunk size (" + std::to_string(im.cfg.L) + ")");
   const TcConfig& cfg = im.cfg;
   cl_int err = CL_SUCCESS;
   for (cl_command_queue* q : {&im.up, &im.kernels, &im.down}) {

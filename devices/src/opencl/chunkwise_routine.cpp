@@ -62,8 +62,9 @@ class ResidentPortable final : public ResidentChunkwise {
     // chunk either way, partial; never past twice the sequence, and 32-bit safe). The programs are specialised by
     // the chunk, so a mix of short sequences (packed ones run one call each) builds at most log2(chunk) + 1 of them,
     // not one per length.
-    L_ = static_cast<int>(std::min<std::int64_t>(
-        o.chunk_size, static_cast<std::int64_t>(std::bit_ceil(static_cast<std::uint64_t>(p_.S)))));
+    L_ = static_cast<int>(
+        std::min<std::int64_t>(resolved_chunk(dev.info(), p_, o, false),
+                               static_cast<std::int64_t>(std::bit_ceil(static_cast<std::uint64_t>(p_.S)))));
     nchunks_ = (S_ + L_ - 1) / L_;
     // The sequence split (shards.hpp) where the state kernels' work-groups (rows x 64 x 64 tiles) leave the device
     // idle: row r, shard p is row r * P + p of Ss_ tokens and NCs_ chunks in the same arrays.

@@ -43,6 +43,16 @@ PortableLaunchParams portable_launch_params(const DeviceInfo& device) {
   return p;
 }
 
+ChunkChoice chunk_choice(const DeviceInfo& device, const ProblemShape& shape, bool tensor_cores) {
+  if (tensor_cores) return table_chunk(ChunkFamily::tensor_cores, device.vendor, shape, 3);
+  return table_chunk(ChunkFamily::opencl_portable, device.vendor, shape, device.type == DeviceType::gpu ? 2 : 1);
+}
+
+std::int64_t resolved_chunk(const DeviceInfo& device, const ProblemShape& shape, const MlstmOptions& options,
+                            bool tensor_cores) {
+  return options.chunk_size == kAutoChunk ? chunk_choice(device, shape, tensor_cores).chunk : options.chunk_size;
+}
+
 TcLaunchParams tc_launch_params(const DeviceInfo& device) {
   TcLaunchParams p = find_launch_row<TcLaunchParams>(kTcTable, device).params;
   if (const auto tile = env::get("MLSTM_TC_STATE_TILE")) {

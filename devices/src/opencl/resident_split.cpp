@@ -14,6 +14,7 @@
 #include "mlstm/core/env.hpp"
 #include "mlstm/core/error.hpp"
 #include "mlstm/devices/opencl/chunkwise_routine.hpp"
+#include "mlstm/devices/opencl/launch_params.hpp"
 #include "mlstm/devices/opencl/tc_routine.hpp"
 #include "mlstm/gates.hpp"
 #include "mlstm/stages.hpp"
@@ -80,6 +81,20 @@ ResidentSplit::ResidentSplit(std::vector<std::shared_ptr<Device>> devices, const
                              const MlstmOptions& options, const BackwardArgs* grads, Options split_options)
     : devices_(std::move(devices)), options_(options), split_options_(std::move(split_options)) {
   shape_ = grads ? validate_backward(*grads, options) : validate_forward(args, options);
+  // An automatic chunk size: the choice of the device of the highest rank (mlstm::with_chunk), for all parts.
+  if (options_.chunk_size == kAutoChunk) {
+    MlstmOptions at64 = options_;
+    at64.chunk_size = 64;
+    ChunkChoice best;
+    for (std::size_t d = 0; d < devices_.size(); ++d) {
+      const bool tc = split_options_.kernels == Kernels::emulated_tensor_cores ||
+                      (split_options_.kernels == Kernels::automatic &&
+                       tensor_core_support(devices_[d]->info()).available && tensor_core_fit(shape_, at64).empty());
+      ChunkChoice c = chunk_choice(devices_[d]->info(), shape_, tc);
+      if (d == 0 || c.rank > best.rank) best = std::move(c);
+    }
+    options_.chunk_size = best.chunk;
+  }
   if (shape_.packed()) throw InvalidArgument("cu_seqlens", "a split across devices takes one sequence per row");
   if (devices_.empty()) throw InvalidArgument("devices", "a split across devices needs at least one device");
   std::vector<double> weights = split_options_.weights;
@@ -141,7 +156,7 @@ void ResidentSplit::build() {
     if (!alive_[d]) weights[d] = 0.0;
   if (std::accumulate(weights.begin(), weights.end(), 0.0) <= 0.0)
     throw DeviceError(DeviceError::Kind::lost, "split", "no device of the split is left (lost: " + lost_text() + ")");
-  const std::int64_t L = options_.chunk_size;
+  const std::int64_t L = chunk_of(options_);
   const std::int64_t units = by_sequence ? (shape_.S + L - 1) / L : shape_.rows();
   const std::vector<std::int64_t> n = shares(units, weights);
   std::int64_t at = 0;

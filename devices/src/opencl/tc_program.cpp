@@ -120,7 +120,7 @@ TcConfig make_config(Device& dev, bool emulate, const ProblemShape& p, const Mls
   const std::string why = tensor_core_fit(p, o);
   if (!why.empty()) throw InvalidArgument("q", "the tensor-core kernels cannot run this problem: " + why);
   TcConfig c;
-  c.L = static_cast<int>(o.chunk_size);
+  c.L = static_cast<int>(resolved_chunk(dev.info(), p, o, true));
   const TcLaunchParams launch = tc_launch_params(dev.info());
   c.KT = p.DHQK % launch.state_tile_k == 0 ? launch.state_tile_k : pick_tile(p.DHQK, 64);
   c.VT = p.DHHV % launch.state_tile_v == 0 ? launch.state_tile_v : pick_tile(p.DHHV, 64);

@@ -460,7 +460,7 @@ std::string tensor_core_fit(const ProblemShape& p, const MlstmOptions& o) {
            ", the tensor-core kernels take bfloat16 or float16";
   if (p.DHQK % 16 != 0 || p.DHHV % 16 != 0)
     return "head dims " + std::to_string(p.DHQK) + "x" + std::to_string(p.DHHV) + " are not multiples of 16";
-  if (o.chunk_size != 64 && o.chunk_size != 128)
+  if (o.chunk_size != kAutoChunk && o.chunk_size != 64 && o.chunk_size != 128)
     return "chunk size " + std::to_string(o.chunk_size) + " (the tensor-core kernels take 64 or 128)";
   return {};
 }

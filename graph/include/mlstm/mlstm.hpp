@@ -31,7 +31,7 @@ struct BackendConfig {
   std::string chunkwise_kernel = "chunkwise--cpu_xl_chunk";
   std::string sequence_kernel = "sequence--cpu";
   std::string step_kernel = "cpu";
-  std::int64_t chunk_size = 64;
+  std::int64_t chunk_size = kAutoChunk;  // or 1..kMaxChunkSize
   bool return_last_states = true;
   BackendMode mode = BackendMode::train;
   double eps = 1e-6;

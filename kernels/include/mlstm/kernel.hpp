@@ -49,6 +49,12 @@ class SequenceKernel {
   virtual ForwardResult forward(const ForwardArgs& args, const MlstmOptions& options) const = 0;
   // Throws Error if !info().has_backward.
   virtual BackwardResult backward(const BackwardArgs& args, const MlstmOptions& options) const = 0;
+  // The chunk size a call on a problem of `shape` runs at: options.chunk_size, or where it is automatic (kAutoChunk)
+  // the one the kernel's device chooses for it (ComputeDevice::chunk_choice).
+  virtual std::int64_t chunk_for(const ProblemShape& shape, const MlstmOptions& options) const {
+    (void)shape;
+    return options.chunk_size;
+  }
 };
 
 class StepKernel {

@@ -39,13 +39,26 @@ GateVariant parse_gate(std::string_view name, const std::string& argument = "gat
 // with chunk_size beyond what S needs.
 inline constexpr std::int64_t kMaxChunkSize = (std::int64_t{1} << 31) - 1;
 
+// MlstmOptions::chunk_size = kAutoChunk (the default): the library picks the chunk size, the fastest that the
+// devices' tables of measured rows give for the problem (ComputeDevice::chunk_choice, devices/chunk_choice.hpp).
+// The graph runner, the registry's kernels, the devices, StreamSession, the CLI and Python resolve it once per call
+// or session, from the problem's head dims, rows and dtype; a run over several devices takes the choice of the
+// device that carries most of it (a GPU's). The kernels underneath (cpu::chunkwise_forward, the OpenCL routines, the
+// graph's nodes) take a resolved size: chunk_of() refuses kAutoChunk there.
+inline constexpr std::int64_t kAutoChunk = 0;
+
 struct MlstmOptions {
   GateVariant gate = GateVariant::exp;
-  bool normalize = true;         // sigmoid variant only: false skips the normaliser
-  double eps = 1e-6;             // > 0
-  std::int64_t chunk_size = 64;  // chunkwise kernels: > 0 (any size; S need not be a multiple)
+  bool normalize = true;  // sigmoid variant only: false skips the normaliser
+  double eps = 1e-6;      // > 0
+  // chunkwise kernels: 1..kMaxChunkSize (any size; S need not be a multiple), or kAutoChunk
+  std::int64_t chunk_size = kAutoChunk;
   bool return_last_states = true;
 };
+
+// The chunk size of resolved options: InvalidArgument("chunk_size") for kAutoChunk (a kernel called directly with
+// it: pass a size, or call through a device, the registry or the graph, which choose one).
+std::int64_t chunk_of(const MlstmOptions& options);
 
 // Dimensions of a problem, checked and derived from the arguments.
 struct ProblemShape {
@@ -252,6 +265,9 @@ ProblemShape check_stream_piece(const ForwardArgs& piece, const ProblemShape& st
 ProblemShape validate_backward(const BackwardArgs& args, const MlstmOptions& options);
 ProblemShape validate_step(const StepArgs& args, const MlstmOptions& options);  // S = 1
 void validate_options(const MlstmOptions& options);
+// B, NH, S, DHQK, DHHV, dtype and N (packed) of `a` read without checks (zeros where q or v is not 4-d), for choices
+// made before validation: the automatic chunk size.
+ProblemShape shape_hint(const ForwardArgs& a);
 // InvalidArgument("cu_seqlens") when problem p is packed: for routines that run one sequence (`what` names them);
 // their devices run packed problems one sequence at a time (packed.hpp).
 void check_not_packed(const ProblemShape& p, std::string_view what);

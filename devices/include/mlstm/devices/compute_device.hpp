@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "mlstm/core/problem.hpp"
+#include "mlstm/devices/chunk_choice.hpp"
 
 namespace mlstm {
 
@@ -99,6 +100,13 @@ class ComputeDevice {
   virtual ~ComputeDevice() = default;
   virtual std::string name() const = 0;
   virtual DeviceSupport supports(DeviceStage stage, const ProblemShape& shape, const MlstmOptions& options) const = 0;
+  // The chunk size this device runs `shape` fastest at, from the table of the kernels that would run it
+  // (chunk_choice.hpp; options' chunk_size is not read). The default: 64, rank 0.
+  virtual ChunkChoice chunk_choice(const ProblemShape& shape, const MlstmOptions& options) const;
+  // `options` with an automatic chunk size (kAutoChunk) replaced by chunk_choice(shape, options); any other chunk
+  // size unchanged. Every method below resolves the options it is given so (a run over several devices resolves
+  // them once, mlstm::with_chunk below, so that all its devices use one chunk size).
+  MlstmOptions with_chunk(const MlstmOptions& options, const ProblemShape& shape) const;
   virtual ForwardResult forward(const ForwardArgs& segment, const MlstmOptions& options) = 0;
   // forward() with h written into `h`: (B,NH,S,DHHV) of q's dtype whose rows of S*DHHV elements are contiguous (a
   // slice of a longer h, say); the result's h is empty. The default copies forward()'s h there; an OpenCL device
@@ -196,5 +204,11 @@ std::vector<std::shared_ptr<ComputeDevice>> opencl_devices(const std::string& sp
 // The device-spec grammar: "workers" (the CPU workers), an OpenCL spec ("gpu:all", "0,1", "cpu" = OpenCL CPU
 // devices, ...; opencl.hpp), or several joined with '+' ("workers+gpu:all").
 std::vector<std::shared_ptr<ComputeDevice>> devices_from_spec(const std::string& spec);
+
+// The automatic chunk size of a run over `devices`: `options` with kAutoChunk replaced by the chunk_choice of the
+// device of the highest rank (the first of them); options unchanged when their chunk size is set or `devices` is
+// empty (the devices then choose, each for itself).
+MlstmOptions with_chunk(const MlstmOptions& options, const std::vector<std::shared_ptr<ComputeDevice>>& devices,
+                        const ProblemShape& shape);
 
 }  // namespace mlstm

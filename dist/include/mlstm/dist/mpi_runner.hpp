@@ -16,6 +16,7 @@
 //
 //   MPI_Init_thread(&argc, &argv, MPI_THREAD_SERIALIZED, &provided);
 //   mlstm::dist::MpiRunner runner(MPI_COMM_WORLD, "workers");
+//   options.chunk_size = 128;  // shards are whole chunks: a size every rank agrees on (not kAutoChunk)
 //   auto [t0, t1] = mlstm::dist::shard_of(S, options.chunk_size, runner.rank(), runner.size());
 //   ForwardResult mine = runner.forward(sequence_slice(args, t0, t1), options);  // h of tokens [t0, t1)
 //

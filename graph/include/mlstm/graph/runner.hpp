@@ -113,6 +113,10 @@ class FlowGraphRunner {
   void set_exchange(std::shared_ptr<StateExchange> exchange) noexcept { exchange_ = std::move(exchange); }
   const std::shared_ptr<StateExchange>& exchange() const noexcept { return exchange_; }
   Balancing balancing() const noexcept { return balancing_; }
+  // The options a run of `shape` takes: an automatic chunk size (kAutoChunk) resolved over the runner's devices
+  // (mlstm::with_chunk: the choice of the device that carries most of a run), any other unchanged. Every method
+  // below resolves its options so; plan().chunk_size and last_plan() show the size a run took.
+  MlstmOptions with_chunk(const MlstmOptions& options, const ProblemShape& shape) const;
   // Measured forward speed (tokens/s) of every device on this problem's dimensions (cached).
   std::vector<double> calibrate(const ProblemShape& shape, const MlstmOptions& options);
   // The plan of a run of `pass` on this problem: what forward()/backward()/... would run (they call the same

@@ -9,6 +9,7 @@
 #include <span>
 #include <string_view>
 
+#include "mlstm/devices/chunk_choice.hpp"
 #include "mlstm/devices/opencl/device.hpp"
 
 namespace mlstm::opencl {
@@ -50,6 +51,15 @@ struct LaunchRow {
 // The family's table searched for `device` (device -> vendor -> default), then the environment overrides.
 PortableLaunchParams portable_launch_params(const DeviceInfo& device);
 TcLaunchParams tc_launch_params(const DeviceInfo& device);
+
+// The automatic chunk size on `device` (chunk_choice.hpp): the tensor cores' table where they run the problem
+// (`tensor_cores`: the caller knows whether they would; rank 3), else the portable kernels' (rank 2 on a GPU, 1 on
+// others).
+ChunkChoice chunk_choice(const DeviceInfo& device, const ProblemShape& shape, bool tensor_cores);
+// options.chunk_size, or where it is automatic that choice's: the routines' own resolution (TensorCoreRunner,
+// ChunkwiseRunner, DeviceStream, BackwardStream called directly with automatic options).
+std::int64_t resolved_chunk(const DeviceInfo& device, const ProblemShape& shape, const MlstmOptions& options,
+                            bool tensor_cores);
 
 // The search itself (exposed for tests): the row for `device` in `table`, which must end with a default row.
 template <class Params>
