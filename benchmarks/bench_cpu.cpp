@@ -282,11 +282,12 @@ void BM_ChunkChoice(benchmark::State& state) {
   }
   MlstmOptions o;
   o.chunk_size = L;
+  (void)cpu::chunkwise_forward(it->second.args(), o, 64);  // untimed: the first call of a size fills the buffer pool
   time_chunkwise(state, it->second.args(), it->second.dh.view(), o, 64, backward, rows / 4 * S);
 }
 void chunk_choice_args(benchmark::internal::Benchmark* b) {
   for (std::int64_t D : {64, 128, 256})
-    for (std::int64_t rows : {4, 64})
+    for (std::int64_t rows : {4, 16, 64})
       for (std::int64_t bw : {0, 1})
         for (std::int64_t L : {32, 64, 128, 256}) b->Args({L, rows, D, bw});
 }

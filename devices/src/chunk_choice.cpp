@@ -8,8 +8,19 @@ namespace mlstm {
 namespace {
 
 // Rows from the chunk sweeps of docs/PERFORMANCE.md, "The automatic chunk size".
-constexpr std::array<ChunkRow, 1> kCpuTable{{
-    {"", 0, 0, 64, "default: the chunk size before the automatic choice (not yet swept)"},
+// CPU workers (tiled kernels, kCpuTile 64): bench_cpu --benchmark_filter=ChunkChoice on the 2-core CI machine,
+// session 25 (f32, 256K token-heads per call, NH = 4).
+constexpr std::array<ChunkRow, 3> kCpuTable{{
+    {"", 128, 0, 64,
+     "2-core CI machine, session 25: head dims 64 and 128, 4/16/64 rows: 64 fastest forward+backward at 5 of 6 "
+     "shapes (128 at 16 rows of 128: 884 vs 1498 ms), forward within 0.78-1.0 of the fastest"},
+    {"", 0, 16, 64,
+     "2-core CI machine, session 25: head dims 256 with 16 or 64 rows: 64 fastest forward (397-429 ms; 128 441, "
+     "256 643-663), forward+backward 64 or 128 (1773 vs 1996; 2940 vs 2311)"},
+    {"", 0, 0, 256,
+     "2-core CI machine, session 25: head dims above 128 with fewer than 16 rows (few rows split their sequences, "
+     "and the parts' state passes grow with the chunks): 256 at 4 rows of 256, forward 610 vs 2234 ms at 64, "
+     "forward+backward 5155 vs 9121 ms"},
 }};
 
 constexpr std::array<ChunkRow, 1> kPortableTable{{
