@@ -732,7 +732,9 @@ PYBIND11_MODULE(mlstm_flow, m) {
       "  for h in s.stream(pieces, in_flight=2): ...   an iterator over (q, k, v, i, f) pieces\n"
       "  c, n, m = s.state(); s.tokens; s.snapshot(path); Session.restore(path, NH, DHQK, ...)\n"
       "  s.start_sequence(c0=None, n0=None, m0=None)   packed sequences: the next piece begins a new sequence\n"
-      "      (from the zero state or c0, n0, m0) instead of continuing; s.state() after a sequence's last piece\n"
+      "      (from the zero state or c0, n0, m0) instead of continuing; a sequence's last piece submitted with\n"
+      "      keep_state=True gives its last state as c, n, m = s.take_state(t) once h = s.take(t), without\n"
+      "      waiting for later pieces (s.state() waits for every piece)\n"
       "devices='gpu:all' | 'workers' | 'workers+gpu:all' | ...: the flow graph's stream (a GPU through\n"
       "page-locked staging, overlapped); else kernel= (default 'chunkwise--cpu_xl_chunk').\n"
       "dtype='bfloat16' reads uint16 pieces as bfloat16; c0, n0, m0 give the initial state.")
@@ -771,12 +773,23 @@ PYBIND11_MODULE(mlstm_flow, m) {
           py::arg("q"), py::arg("k"), py::arg("v"), py::arg("i"), py::arg("f"))
       .def(
           "submit",
-          [](PySession& s, py::object q, py::object k, py::object v, py::object i, py::object f) {
+          [](PySession& s, py::object q, py::object k, py::object v, py::object i, py::object f,
+             py::object keep_state) {
+            const bool keep = bool_arg(keep_state, "keep_state");
             const Loaded l = load(q, k, v, i, f, py::none(), py::none(), py::none(), s.bf16 ? "bfloat16" : "");
             py::gil_scoped_release release;
-            return s.session->submit(l.args());
+            return s.session->submit(l.args(), keep);
           },
-          py::arg("q"), py::arg("k"), py::arg("v"), py::arg("i"), py::arg("f"))
+          py::arg("q"), py::arg("k"), py::arg("v"), py::arg("i"), py::arg("f"), py::arg("keep_state") = false)
+      .def(
+          "take_state",
+          [](PySession& s, py::object ticket) {
+            const std::int64_t t = int_arg(ticket, "ticket");
+            if (t < 0) throw InvalidArgument("ticket", "must be >= 0");
+            const State st = s.session->take_state(static_cast<std::uint64_t>(t));
+            return py::make_tuple(to_numpy(st.C), to_numpy(st.n), to_numpy(st.m));
+          },
+          py::arg("ticket"))
       .def(
           "take",
           [](PySession& s, py::object ticket) {

@@ -49,6 +49,16 @@ void validate_options(const MlstmOptions& options) {
   }
 }
 
+void check_state_views(TensorView C, TensorView n, TensorView m, std::int64_t B, std::int64_t NH, std::int64_t DHQK,
+                       std::int64_t DHHV) {
+  const std::pair<TensorView, Shape> want[3] = {{C, {B, NH, DHQK, DHHV}}, {n, {B, NH, DHQK}}, {m, {B, NH}}};
+  for (const auto& [t, shape] : want) {
+    if (t.dtype() != DType::f32 || t.shape() != shape || !t.is_contiguous())
+      throw InvalidArgument("state", "expected a contiguous float32 " + shape_to_string(shape) + ", got " +
+                                         std::string(dtype_name(t.dtype())) + " " + shape_to_string(t.shape()));
+  }
+}
+
 ProblemShape shape_hint(const ForwardArgs& a) {
   ProblemShape p;
   if (a.q.dims() == 4) {

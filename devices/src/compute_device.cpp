@@ -156,8 +156,19 @@ std::uint64_t ForwardCallStream::submit(const ForwardArgs& piece) {
   }
   ForwardResult r = forward_(a, options_);
   state_ = State{std::move(r.c), std::move(r.n), std::move(r.m)};
+  if (!state_out_[0].empty()) {
+    const Tensor* from[3] = {&state_.C, &state_.n, &state_.m};
+    for (std::size_t j = 0; j < 3; ++j)
+      copy_elements(from[j]->view(), 0, from[j]->numel(), DType::f32, state_out_[j].bytes());
+    state_out_ = {};
+  }
   done_.emplace(next_, std::move(r.h));
   return next_++;
+}
+
+void ForwardCallStream::state_after_next_piece_into(TensorView C, TensorView n, TensorView m) {
+  check_state_views(C, n, m, shape_.B, shape_.NH, shape_.DHQK, shape_.DHHV);
+  state_out_ = {C, n, m};
 }
 
 Tensor ForwardCallStream::take(std::uint64_t ticket) {

@@ -98,10 +98,21 @@ class PinnedStream final : public SequenceStream {
     pending.len = S;
     for (std::int64_t t0 = 0; t0 < S; t0 += P) {
       const std::int64_t t1 = std::min(S, t0 + P);
+      // The state asked for leaves the piece's last part.
+      if (t1 == S && !state_out_[0].empty()) {
+        stream_.state_after_next_piece_into(state_out_[0], state_out_[1], state_out_[2]);
+        state_out_ = {};
+      }
       pending.parts.push_back({stream_.push(sequence_slice(piece, t0, t1)), t0, t1 - t0});
     }
     submitted_ = true;
     return ticket;
+  }
+
+  void state_after_next_piece_into(TensorView C, TensorView n, TensorView m) override {
+    const auto& c = stream_.config();
+    check_state_views(C, n, m, c.B, c.NH, c.DHQK, c.DHHV);
+    state_out_ = {C, n, m};
   }
 
   Tensor take(std::uint64_t ticket) override {
@@ -158,6 +169,7 @@ class PinnedStream final : public SequenceStream {
   }
 
   State initial_;
+  std::array<TensorView, 3> state_out_;  // state_after_next_piece_into(), until the next submit()
   opencl::DeviceStream stream_;
   std::map<std::uint64_t, Pending> pending_;
   std::uint64_t next_ = 0;

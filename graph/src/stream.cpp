@@ -2,6 +2,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <new>
 #include <sstream>
 
 #include "mlstm/core/atomic_file.hpp"
@@ -107,7 +108,15 @@ void StreamSession::start_sequence(State initial) {
 }
 
 StreamSession::StreamSession(StreamSession&&) noexcept = default;
-StreamSession& StreamSession::operator=(StreamSession&&) noexcept = default;
+// Destroy, then move-construct: the stream goes before the states it may still write into (kept_, pending_kept_),
+// which member-wise assignment would free first.
+StreamSession& StreamSession::operator=(StreamSession&& other) noexcept {
+  if (this != &other) {
+    this->~StreamSession();
+    new (this) StreamSession(std::move(other));
+  }
+  return *this;
+}
 StreamSession::~StreamSession() = default;
 
 const std::string& StreamSession::recorded_kernel() const noexcept {
@@ -129,10 +138,19 @@ ForwardArgs StreamSession::with_state(const ForwardArgs& piece, const State& sta
   return a;
 }
 
-std::uint64_t StreamSession::submit(const ForwardArgs& piece) {
+std::uint64_t StreamSession::submit(const ForwardArgs& piece, bool keep_state) {
   (void)with_state(piece, *state_);  // checks the piece (the stream adds the state)
   prepare(piece.q.dim(2), piece.q.dtype());
+  if (keep_state) {
+    // (A submit that failed may have left the stream holding pending_kept_'s views: they stay valid.)
+    if (pending_kept_.empty()) pending_kept_ = State::zeros(config_.B, config_.NH, config_.DHQK, config_.DHHV);
+    stream_->state_after_next_piece_into(pending_kept_.C.view(), pending_kept_.n.view(), pending_kept_.m.view());
+  }
   const std::uint64_t ticket = stream_->submit(piece);
+  if (keep_state) {
+    kept_.emplace(ticket, KeptState{std::move(pending_kept_), false});
+    pending_kept_ = State{};
+  }
   state_stale_ = true;
   tokens_ += piece.q.dim(2);
   return ticket;
@@ -172,9 +190,28 @@ SequenceStream& StreamSession::stream_of(std::uint64_t ticket) const {
   return *stream_;
 }
 
-Tensor StreamSession::take(std::uint64_t ticket) { return stream_of(ticket).take(ticket); }
+Tensor StreamSession::take(std::uint64_t ticket) {
+  Tensor h = stream_of(ticket).take(ticket);
+  if (auto it = kept_.find(ticket); it != kept_.end()) it->second.taken = true;
+  return h;
+}
 
-void StreamSession::take_into(std::uint64_t ticket, TensorView out) { stream_of(ticket).take_into(ticket, out); }
+void StreamSession::take_into(std::uint64_t ticket, TensorView out) {
+  stream_of(ticket).take_into(ticket, out);
+  if (auto it = kept_.find(ticket); it != kept_.end()) it->second.taken = true;
+}
+
+State StreamSession::take_state(std::uint64_t ticket) {
+  const auto it = kept_.find(ticket);
+  if (it == kept_.end())
+    throw InvalidArgument("ticket", "piece " + std::to_string(ticket) +
+                                        " kept no state (submitted without keep_state, or its state already taken)");
+  if (!it->second.taken)
+    throw InvalidArgument("ticket", "piece " + std::to_string(ticket) + "'s h is not taken yet; take it first");
+  State s = std::move(it->second.state);
+  kept_.erase(it);
+  return s;
+}
 
 const State& StreamSession::state() const {
   if (state_stale_) {

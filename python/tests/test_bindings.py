@@ -285,6 +285,38 @@ def check_packed(rng):
                 assert rel0(c_j, c_packed[j:j + 1]) < 1e-4 and rel0(m_j, m_packed[j:j + 1]) < 1e-5, (devices, j)
             t = end
         assert rel0(np.concatenate(parts, axis=2), h_packed) < 1e-4, devices
+        # Again with every piece submitted ahead and each sequence's last piece keeping its state (take_state after
+        # its h), without a wait per sequence: the same h and last states.
+        s = mlstm_flow.Session(NH, DK, DV, devices=devices, chunk_size=16)
+        tickets, t = [], 0
+        while t < S:
+            j = int(np.searchsorted(offsets, t, side="right")) - 1
+            end = min(S, int(offsets[j + 1]), (t // 10 + 1) * 10)
+            if t == offsets[j]:
+                s.start_sequence(c0[j:j + 1], n0[j:j + 1], m0[j:j + 1])
+            last = end == offsets[j + 1]
+            tickets.append((s.submit(*(x[:, :, t:end] for x in (q, k, v, i, f)), keep_state=last), j if last else -1))
+            t = end
+        kept_parts = []
+        for ticket, j in tickets:
+            if j >= 0:
+                try:
+                    s.take_state(ticket)
+                except ValueError as err:
+                    assert str(err).startswith("ticket:"), str(err)
+                else:
+                    raise AssertionError("take_state before take")
+            kept_parts.append(s.take(ticket))
+            if j >= 0:
+                c_j, _, m_j = s.take_state(ticket)
+                assert rel0(c_j, c_packed[j:j + 1]) < 1e-4 and rel0(m_j, m_packed[j:j + 1]) < 1e-5, (devices, j)
+        assert np.array_equal(np.concatenate(kept_parts, axis=2), np.concatenate(parts, axis=2)), devices
+        try:
+            s.take_state(tickets[-1][0])
+        except ValueError as err:
+            assert str(err).startswith("ticket:"), str(err)
+        else:
+            raise AssertionError("take_state twice")
         s.start_sequence()  # the zero state
         assert not s.state()[0].any()
         try:

@@ -797,50 +797,61 @@ TEST(StreamEngine, StreamsStartPackedSequences) {
   const std::vector<std::int64_t> lengths{1, 64, 65, 120, 3, 70, 2};
   for (const bool initial : {false, true}) {
     for (const bool pinned : {true, false}) {
-      SCOPED_TRACE(std::string(pinned ? "pinned stream" : "forward-call stream") + (initial ? ", initial states" : ""));
-      testing::InputSpec s = small_bf16(1, initial);
-      const auto in = testing::make_packed_inputs(lengths, s, testing::fresh_seed());
-      s.S = in.cu_seqlens.back();
-      const MlstmOptions o = chunk64(true);
-      const ForwardResult ref = reference::recurrent_forward(in.args(), o);
-      ProblemShape shape = validate_forward(in.args(), o);
-      shape.S = 64;
-      shape.N = 0;
-      const auto dev = pinned ? emulated_tc_device() : cpu_device(CpuAlgorithm::chunkwise_tiled);
-      auto stream = dev->open_stream(shape, o);
-      EXPECT_EQ(stream->overlapped(), pinned);
-      struct Piece {
-        std::uint64_t ticket;
-        std::int64_t t0, t1;
-      };
-      std::vector<Piece> pieces;
-      ForwardArgs row_args = in.args();  // the one row, its offsets and states left to the stream
-      row_args.cu_seqlens = {};
-      row_args.c0 = row_args.n0 = row_args.m0 = {};
-      const std::int64_t N = static_cast<std::int64_t>(lengths.size());
-      Tensor C({N, 2, 16, 32}, DType::f32), n({N, 2, 16}, DType::f32), m({N, 2}, DType::f32);
-      for (std::int64_t j = 0; j < N; ++j) {
-        const std::int64_t a = in.cu_seqlens[static_cast<std::size_t>(j)],
-                           b = in.cu_seqlens[static_cast<std::size_t>(j + 1)];
-        auto row = [j](const Tensor& t) {  // row j of an (N,...) state, as float32 (1,...)
-          Shape shape = t.shape();
-          shape[0] = 1;
-          Tensor r(shape, DType::f32);
-          copy_elements(t.view(), j * r.numel(), r.numel(), DType::f32, r.bytes());
-          return r;
+      for (const bool kept : {false, true}) {
+        SCOPED_TRACE(std::string(pinned ? "pinned stream" : "forward-call stream") +
+                     (initial ? ", initial states" : "") +
+                     (kept ? ", last states kept (state_after_next_piece_into)" : ", last states by state()"));
+        testing::InputSpec s = small_bf16(1, initial);
+        const auto in = testing::make_packed_inputs(lengths, s, testing::fresh_seed());
+        s.S = in.cu_seqlens.back();
+        const MlstmOptions o = chunk64(true);
+        const ForwardResult ref = reference::recurrent_forward(in.args(), o);
+        ProblemShape shape = validate_forward(in.args(), o);
+        shape.S = 64;
+        shape.N = 0;
+        const auto dev = pinned ? emulated_tc_device() : cpu_device(CpuAlgorithm::chunkwise_tiled);
+        auto stream = dev->open_stream(shape, o);
+        EXPECT_EQ(stream->overlapped(), pinned);
+        struct Piece {
+          std::uint64_t ticket;
+          std::int64_t t0, t1;
         };
-        stream->start_sequence(initial ? State{row(in.c0), row(in.n0), row(in.m0)} : State{});
-        for (std::int64_t t = a; t < b; t = std::min(b, t + 50))
-          pieces.push_back({stream->submit(sequence_slice(row_args, t, std::min(b, t + 50))), t, std::min(b, t + 50)});
-        const State last = stream->state();
-        for (const auto& [from, to] : {std::pair{&last.C, &C}, std::pair{&last.n, &n}, std::pair{&last.m, &m}})
-          std::memcpy(to->bytes() + j * from->nbytes(), from->bytes(), from->nbytes());
+        std::vector<Piece> pieces;
+        ForwardArgs row_args = in.args();  // the one row, its offsets and states left to the stream
+        row_args.cu_seqlens = {};
+        row_args.c0 = row_args.n0 = row_args.m0 = {};
+        const std::int64_t N = static_cast<std::int64_t>(lengths.size());
+        Tensor C({N, 2, 16, 32}, DType::f32), n({N, 2, 16}, DType::f32), m({N, 2}, DType::f32);
+        for (std::int64_t j = 0; j < N; ++j) {
+          const std::int64_t a = in.cu_seqlens[static_cast<std::size_t>(j)],
+                             b = in.cu_seqlens[static_cast<std::size_t>(j + 1)];
+          auto row = [j](const Tensor& t) {  // row j of an (N,...) state, as float32 (1,...)
+            Shape shape = t.shape();
+            shape[0] = 1;
+            Tensor r(shape, DType::f32);
+            copy_elements(t.view(), j * r.numel(), r.numel(), DType::f32, r.bytes());
+            return r;
+          };
+          stream->start_sequence(initial ? State{row(in.c0), row(in.n0), row(in.m0)} : State{});
+          for (std::int64_t t = a; t < b; t = std::min(b, t + 50)) {
+            // Kept: the last piece's state comes into row j of C, n, m without waiting (there once it is taken).
+            if (kept && std::min(b, t + 50) == b)
+              stream->state_after_next_piece_into(packed::rows(C.view(), j, j + 1), packed::rows(n.view(), j, j + 1),
+                                                  packed::rows(m.view(), j, j + 1));
+            pieces.push_back(
+                {stream->submit(sequence_slice(row_args, t, std::min(b, t + 50))), t, std::min(b, t + 50)});
+          }
+          if (kept) continue;
+          const State last = stream->state();
+          for (const auto& [from, to] : {std::pair{&last.C, &C}, std::pair{&last.n, &n}, std::pair{&last.m, &m}})
+            std::memcpy(to->bytes() + j * from->nbytes(), from->bytes(), from->nbytes());
+        }
+        Tensor h({1, 2, s.S, 32}, DType::bf16);
+        for (const Piece& p : pieces) stream->take_into(p.ticket, sequence_slice(h.view(), p.t0, p.t1));
+        EXPECT_TRUE(h_matches(h, ref, in, o, s, "stream with start_sequence"));
+        EXPECT_TRUE(
+            testing::last_state_matches(C, n, m, ref.c, ref.n, ref.m, 2e-2, 1e-3, "stream with start_sequence", s));
       }
-      Tensor h({1, 2, s.S, 32}, DType::bf16);
-      for (const Piece& p : pieces) stream->take_into(p.ticket, sequence_slice(h.view(), p.t0, p.t1));
-      EXPECT_TRUE(h_matches(h, ref, in, o, s, "stream with start_sequence"));
-      EXPECT_TRUE(
-          testing::last_state_matches(C, n, m, ref.c, ref.n, ref.m, 2e-2, 1e-3, "stream with start_sequence", s));
     }
   }
 }

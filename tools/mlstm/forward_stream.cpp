@@ -260,28 +260,30 @@ struct PackedStreaming {
 };
 
 // One slice of packed sequences: cut at the boundaries inside it, each part submitted to the session (a new
-// sequence started where one begins), the state taken where one ends, then every part's h taken into the
-// slice's h.
+// sequence started where one begins, the state kept where one ends), then every part's h taken into the slice's h
+// and the kept states with them: no part waits for the ones before it, so a GPU's stream keeps uploads, kernels and
+// downloads of consecutive sequences overlapped.
 void compute_packed_slice(StreamSlice& s, const ForwardArgs& a, StreamSession& session, const PackedStreaming& packed,
                           bool finite) {
   s.h = Tensor({a.q.dim(0), a.q.dim(1), a.q.dim(2), a.v.dim(3)}, a.q.dtype());
   struct Part {
     std::uint64_t ticket;
     std::int64_t t0, t1;
+    std::int64_t ends = -1;  // the sequence whose last part this is
   };
   std::vector<Part> parts;
   for (std::int64_t t = s.s0; t < s.s1;) {
     const std::int64_t j = packed.sequence_of(t), end = std::min(s.s1, packed.end_of(j));
     const ForwardArgs piece = sequence_slice(a, t - s.s0, end - s.s0);
     if (t == packed.offsets[static_cast<std::size_t>(j)]) session.start_sequence(packed.initial(j, finite));
-    parts.push_back({session.submit(piece), t - s.s0, end - s.s0});
-    if (end == packed.end_of(j)) {
-      const State& last = session.state();
-      s.finished.push_back({j, State{last.C, last.n, last.m}});
-    }
+    const bool ends = end == packed.end_of(j);
+    parts.push_back({session.submit(piece, /*keep_state=*/ends), t - s.s0, end - s.s0, ends ? j : -1});
     t = end;
   }
-  for (const Part& p : parts) session.take_into(p.ticket, sequence_slice(s.h.view(), p.t0, p.t1));
+  for (const Part& p : parts) {
+    session.take_into(p.ticket, sequence_slice(s.h.view(), p.t0, p.t1));
+    if (p.ends >= 0) s.finished.push_back({p.ends, session.take_state(p.ticket)});
+  }
 }
 
 // The five inputs' readers; read() gives tokens [s0, s1) of each.

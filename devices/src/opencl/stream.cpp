@@ -621,13 +621,7 @@ void DeviceStream::start_sequence(ConstTensorView c0, ConstTensorView n0, ConstT
 
 void DeviceStream::state_after_next_piece_into(TensorView C, TensorView n, TensorView m) {
   const Config& c = config_;
-  const std::pair<TensorView, Shape> want[3] = {
-      {C, {c.B, c.NH, c.DHQK, c.DHHV}}, {n, {c.B, c.NH, c.DHQK}}, {m, {c.B, c.NH}}};
-  for (const auto& [t, shape] : want) {
-    if (t.dtype() != DType::f32 || t.shape() != shape || !t.is_contiguous())
-      throw InvalidArgument(
-          "state", "expected a contiguous float32 " + shape_to_string(shape) + ", got " + shape_to_string(t.shape()));
-  }
+  check_state_views(C, n, m, c.B, c.NH, c.DHQK, c.DHHV);
   impl_->state_out = {C, n, m};
 }
 

@@ -265,6 +265,10 @@ ProblemShape check_stream_piece(const ForwardArgs& piece, const ProblemShape& st
 ProblemShape validate_backward(const BackwardArgs& args, const MlstmOptions& options);
 ProblemShape validate_step(const StepArgs& args, const MlstmOptions& options);  // S = 1
 void validate_options(const MlstmOptions& options);
+// Views a state is written into (a stream's state_after_next_piece_into): contiguous float32 C (B,NH,DHQK,DHHV),
+// n (B,NH,DHQK), m (B,NH); InvalidArgument("state") naming what differs.
+void check_state_views(TensorView C, TensorView n, TensorView m, std::int64_t B, std::int64_t NH, std::int64_t DHQK,
+                       std::int64_t DHHV);
 // B, NH, S, DHQK, DHHV, dtype and N (packed) of `a` read without checks (zeros where q or v is not 4-d), for choices
 // made before validation: the automatic chunk size.
 ProblemShape shape_hint(const ForwardArgs& a);

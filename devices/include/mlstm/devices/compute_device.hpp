@@ -13,6 +13,7 @@
 // supports() says, before anything runs, whether a stage of a problem can run on the device, and why not.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -56,6 +57,10 @@ class SequenceStream {
   // stream's state shapes; empty: the zero state) instead of the carried state. Pieces submitted before go on
   // computing and their h stay to be taken; tickets continue.
   virtual void start_sequence(State initial) = 0;
+  // The state leaving the piece submitted next goes into C, n, m (contiguous float32 of the stream's state shapes;
+  // InvalidArgument("state") otherwise): there once that piece's take() / take_into() has returned, without waiting
+  // for the pieces submitted after it (a packed sequence's last state while the next sequences stream on).
+  virtual void state_after_next_piece_into(TensorView C, TensorView n, TensorView m) = 0;
   // True when transfers and compute of consecutive pieces overlap (pinned staging on a GPU); false when each
   // piece is one synchronous forward() call.
   virtual bool overlapped() const noexcept { return false; }
@@ -76,6 +81,7 @@ class ForwardCallStream final : public SequenceStream {
   Tensor take(std::uint64_t ticket) override;
   State state() override { return state_; }
   void start_sequence(State initial) override { state_ = std::move(initial); }
+  void state_after_next_piece_into(TensorView C, TensorView n, TensorView m) override;
   std::int64_t max_piece() const noexcept override { return shape_.S; }
 
  private:
@@ -85,6 +91,7 @@ class ForwardCallStream final : public SequenceStream {
   State state_;
   std::map<std::uint64_t, Tensor> done_;
   std::uint64_t next_ = 0;
+  std::array<TensorView, 3> state_out_;  // state_after_next_piece_into(); empty when none
 };
 
 // Where a forward keeps states for a later backward (ComputeDevice::forward_into).

@@ -17,6 +17,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 
@@ -53,11 +54,16 @@ class StreamSession {
   // The same in two halves, so that several pieces are in flight: submit() hands a piece in (its memory may be
   // reused once it returns) and returns its ticket; take() returns its h, waiting for it (each ticket once, any
   // order). A kernel session computes in submit(). backward_of_last_piece() needs the piece to come by push().
-  std::uint64_t submit(const ForwardArgs& piece);
+  // keep_state: the state leaving this piece is kept for take_state(), without waiting for later pieces (a packed
+  // sequence's last state while the next sequences stream on).
+  std::uint64_t submit(const ForwardArgs& piece, bool keep_state = false);
   Tensor take(std::uint64_t ticket);
   // take() into `out` (B,NH,len,DHHV) of the piece's dtype, any strides (a slice of a longer h): no intermediate
   // tensor where the stream can avoid one.
   void take_into(std::uint64_t ticket, TensorView out);
+  // The state leaving a piece submitted with keep_state (float32), once its h has been taken (InvalidArgument
+  // "ticket" before that, for a ticket submitted without keep_state, or a second time).
+  State take_state(std::uint64_t ticket);
   // Opens the pieces' stream now instead of at the first submit(), for pieces of up to `piece_tokens` tokens with
   // q, k, v of `dtype`: the engine's choice (measured once, then cached), its programs and its staging. Optional;
   // lets a caller do that set-up while its first piece is still being read or made. No effect once open.
@@ -70,8 +76,8 @@ class StreamSession {
 
   // Packed sequences (several sequences one after another, each from its own state): the piece submitted next
   // starts a new sequence from `initial` (C (B,NH,DHQK,DHHV), n (B,NH,DHQK), m (B,NH), any dtype; default: the zero
-  // state) instead of continuing the carried one. Pieces in flight are not waited for. Take state() after a
-  // sequence's last piece for its last state. The token count goes on (snapshots record the state of the sequence
+  // state) instead of continuing the carried one. Pieces in flight are not waited for. Submit a sequence's last
+  // piece with keep_state for its last state (or take state(), which waits). The token count goes on (snapshots record the state of the sequence
   // in progress).
   void start_sequence(State initial = {});
 
@@ -111,6 +117,15 @@ class StreamSession {
   ForwardArgs with_state(const ForwardArgs& piece, const State& state) const;  // checked piece + entering state
   std::unique_ptr<SequenceKernel> kernel_;
   std::unique_ptr<graph::FlowGraphRunner> runner_;
+  // States the stream writes into (submit with keep_state): declared before stream_, so that they outlive it (a
+  // GPU's stream may still be bringing one down when the session goes). `pending_kept_` is handed to the stream
+  // before a submit and moves into kept_ when the submit succeeds (its buffers stay where they are).
+  struct KeptState {
+    State state;
+    bool taken = false;  // the piece's h has been taken: the state is there
+  };
+  std::map<std::uint64_t, KeptState> kept_;  // submit(keep_state) -> take_state()
+  State pending_kept_;
   // The pieces' stream, opened by the first submit(): runner_'s (FlowGraphRunner::open_stream), or a
   // ForwardCallStream over kernel_'s forward. It holds the tickets, the h not yet taken and the carried state.
   mutable std::unique_ptr<SequenceStream> stream_;
