@@ -1,6 +1,8 @@
 // The facade: registry access and the Backend's kernel choice (train / inference, step for S == 1).
 #include <gtest/gtest.h>
 
+#include <cstring>
+
 #include "mlstm/mlstm.hpp"
 #include "mlstm/reference.hpp"
 #include "test_util.hpp"
@@ -41,6 +43,25 @@ TEST(Backend, TrainUsesTheChunkwiseKernelForwardAndBackward) {
   const auto gref =
       reference::recurrent_backward(in.backward_args(false), backend.options(), reference::StabilizerGradient::stop);
   EXPECT_TRUE(matches(g.dk, gref.dk, 1e-3, "backend(train)", "dk", s));
+}
+
+// The facade's default chunk size is automatic: its kernel's choice, bit for bit the run that names it.
+TEST(Backend, TheDefaultChunkSizeIsTheKernelsChoice) {
+  InputSpec s;
+  s.B = 1;
+  s.NH = 2;
+  s.S = 300;
+  s.DHQK = 16;
+  s.DHHV = 16;
+  const auto in = make_inputs(s, testing::fresh_seed());
+  const BackendConfig automatic;
+  EXPECT_EQ(automatic.chunk_size, kAutoChunk);
+  const auto out = Backend(automatic).forward(in.args());
+  BackendConfig named;
+  named.chunk_size = get_kernel(named.chunkwise_kernel)->chunk_for(shape_hint(in.args()), Backend(automatic).options());
+  EXPECT_GE(named.chunk_size, 1);
+  const auto want = Backend(named).forward(in.args());
+  EXPECT_EQ(0, std::memcmp(out.h.bytes(), want.h.bytes(), out.h.nbytes()));
 }
 
 TEST(Backend, InferenceUsesTheStepKernelForOneToken) {
@@ -92,7 +113,7 @@ TEST(Backend, BadConfigNamesTheField) {
   EXPECT_EQ(field(with([](BackendConfig& c) { c.chunkwise_kernel = "nope"; })), "chunkwise_kernel");
   EXPECT_EQ(field(with([](BackendConfig& c) { c.chunkwise_kernel = "parallel--cpu"; })), "chunkwise_kernel");
   EXPECT_EQ(field(with([](BackendConfig& c) { c.step_kernel = "chunkwise--cpu_xl_chunk"; })), "step_kernel");
-  EXPECT_EQ(field(with([](BackendConfig& c) { c.chunk_size = 0; })), "chunk_size");
+  EXPECT_EQ(field(with([](BackendConfig& c) { c.chunk_size = -1; })), "chunk_size");  // 0 is automatic
   EXPECT_EQ(field(with([](BackendConfig& c) { c.eps = -1.0; })), "eps");
 }
 
