@@ -168,7 +168,8 @@ def make_calls(seed, batch, count):
         return x
 
     def chunk_size():
-        return rng.choice([64, 16, 1, 3, 0, -1, -(2**63), 2**31 - 1, 2**31, 2**62, 2**63 - 1, 2**64, 3.5, "8", None])
+        return rng.choice([64, 16, 1, 3, 0, -1, -(2**63), 2**31 - 1, 2**31, 2**62, 2**63 - 1, 2**64, 3.5, "8", None,
+                           "auto", "Auto"])
 
     def eps():
         return rng.choice([1e-6, 1e-5, 0.0, -1e-6, float("nan"), float("inf"), -float("inf"), 1e300, 1e-320,

@@ -222,7 +222,8 @@ TEST_F(CliFuzz, EveryInvocationEndsWithExitCode012) {
       o.push_back(Opt{"--kernel", seq_kernels, {"nope", "cpu", "", "chunkwise--opencl_xl_chunk"}});
       std::vector<std::string> cs = kInts;
       cs.push_back("2147483647");
-      o.push_back(Opt{"--chunk-size", {"1", "8", "16", "64"}, cs});
+      cs.push_back("Auto");
+      o.push_back(Opt{"--chunk-size", {"auto", "1", "8", "16", "64"}, cs});
     } else {
       o.push_back(Opt{"--kernel", {"cpu", "reference_f64"}, {"nope", "chunkwise--cpu_xl_chunk", "", "opencl"}});
     }
@@ -330,7 +331,8 @@ TEST_F(CliFuzz, EveryInvocationEndsWithExitCode012) {
            Opt{"--seq-len", {"1", "100", "300"}, seq_edge}, Opt{"--dqk", {"8", "16"}, seq_edge},
            Opt{"--dhv", {"8", "16"}, seq_edge},
            Opt{"--dtype", {"float32", "bfloat16", "float16"}, {"", "nope", "float64"}},
-           Opt{"--chunk-size", {"16", "64", "2147483647"}, kInts}, Opt{"--piece", {"64", "128", "2147483648"}, kInts},
+           Opt{"--chunk-size", {"auto", "16", "64", "2147483647"}, kInts},
+           Opt{"--piece", {"64", "128", "2147483648"}, kInts},
            Opt{"--devices", {"workers", "auto"}, {"", "nope", "gpu:99", "-1"}},
            Opt{"--balancing", {"pull", "calibrated", "fastest"}, {"", "nope", "fast"}},
            Opt{"--mode", {"auto", "stream", "resident"}, {"", "nope", "pipeline"}}, Opt{"--backward", {}, {}, true},
