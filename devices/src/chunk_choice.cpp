@@ -7,37 +7,45 @@ namespace mlstm {
 
 namespace {
 
-// Rows from the chunk sweeps of docs/PERFORMANCE.md, "The automatic chunk size".
-// CPU workers (tiled kernels, kCpuTile 64): bench_cpu --benchmark_filter=ChunkChoice on the 2-core CI machine,
-// session 25 (f32, 256K token-heads per call, NH = 4).
-constexpr std::array<ChunkRow, 3> kCpuTable{{
-    {"", 128, 0, 64,
-     "2-core CI machine, session 25: head dims 64 and 128, 4/16/64 rows: 64 fastest forward+backward at 5 of 6 "
-     "shapes (128 at 16 rows of 128: 884 vs 1498 ms), forward within 0.78-1.0 of the fastest"},
-    {"", 0, 16, 64,
-     "2-core CI machine, session 25: head dims 256 with 16 or 64 rows: 64 fastest forward (397-429 ms; 128 441, "
-     "256 643-663), forward+backward 64 or 128 (1773 vs 1996; 2940 vs 2311)"},
+// Rows from the chunk sweeps of docs/PERFORMANCE.md, "The automatic chunk size" (scripts/gpu_chunk_sweep.sh).
+// CPU workers (tiled kernels, kCpuTile 64), bench_cpu ChunkChoice (f32, 256K token-heads per call, NH = 4) on the H100
+// host's 16 cores and on the 2-core CI machine, session 25. Few rows per thread split each row's sequence into parts
+// whose state passes (DHQK x DHHV per chunk) grow as the chunk shrinks: larger head dims and fewer rows per thread
+// want larger chunks. ms forward / forward+backward at the chunk taken vs 64.
+constexpr std::array<ChunkRow, 6> kCpuTable{{
+    {"", 64, 0, 64,
+     "head dims <= 64: 64 fastest or within 15% forward (32 at 4 and 64 rows), fastest or tied forward+backward on "
+     "16 and 2 cores"},
+    {"", 128, 0.5, 64, "head dims 128, >= 0.5 rows per thread: 64 (16 cores, 16 and 64 rows: 75 / 353, 55 / 244 ms)"},
+    {"", 128, 0, 128, "head dims 128, < 0.5 rows per thread: 128 (16 cores, 4 rows: 74.8 / 436 vs 101 / 467 ms)"},
+    {"", 0, 16, 64, "head dims 256, >= 16 rows per thread: 64 (2 cores, 64 rows: 397 / 1773 vs 431 / 1996 at 128)"},
+    {"", 0, 3, 128,
+     "head dims 256, 3-16 rows per thread: 128 (16 cores, 64 rows: 130 / 547 vs 131 / 604 ms; 2 cores, 16 rows: "
+     "441 / 2311 vs 429 / 2940)"},
     {"", 0, 0, 256,
-     "2-core CI machine, session 25: head dims above 128 with fewer than 16 rows (few rows split their sequences, "
-     "and the parts' state passes grow with the chunks): 256 at 4 rows of 256, forward 610 vs 2234 ms at 64, "
-     "forward+backward 5155 vs 9121 ms"},
+     "head dims 256, < 3 rows per thread: 256 (16 cores, 4 and 16 rows: 257 / 925 vs 372 / 1467, 181 / 866 vs "
+     "354 / 1250 ms; 2 cores, 4 rows: 610 / 5155 vs 2234 / 9121)"},
 }};
 
-constexpr std::array<ChunkRow, 1> kPortableTable{{
-    {"", 0, 0, 64, "default: the chunk size before the automatic choice (not yet swept)"},
+constexpr std::array<ChunkRow, 2> kPortableTable{{
+    {"NVIDIA", 0, 0, 64,
+     "H100, session 25, 128/128 bf16: 64 faster at 128 and 16 rows, fw 9.12 vs 9.87 and 20.5 vs 21.0 ms, fwbw 31.3 "
+     "vs 35.6 and 58.9 vs 62.7"},
+    {"", 0, 0, 64, "default: the NVIDIA row (not swept on other devices)"},
 }};
 
 constexpr std::array<ChunkRow, 2> kTensorCoreTable{{
     {"NVIDIA", 0, 0, 64,
-     "H200, sessions 19-24 (bench_opencl, device-resident): chunk 64 faster than 128 at every row measured; TFLA "
-     "setup fw 2.35-2.62 vs 4.33-4.80 ms, NH=4 128/128 64 rows 5.02 vs 9.21 ms, B=1 S=1M 26.5 vs 29.9 ms"},
+     "H100, session 25: 64 faster than 128 at every row of the sweep (head dims 64/64 to 256/256, 16 and 128 rows, "
+     "fw and fwbw: 0.57-0.93 of 128's time); H200, sessions 19-24: TFLA setup fw 2.35-2.62 vs 4.33-4.80 ms, NH=4 "
+     "128/128 64 rows 5.02 vs 9.21 ms, B=1 S=1M 26.5 vs 29.9 ms"},
     {"", 0, 0, 64, "default: the NVIDIA row (PoCL runs the emulated kernels in tests)"},
 }};
 
-bool matches(const ChunkRow& row, std::string_view vendor, const ProblemShape& p) {
-  const std::int64_t rows = p.state_batch() * p.NH;
+bool matches(const ChunkRow& row, std::string_view vendor, const ProblemShape& p, int units) {
+  const double rows_per_unit = static_cast<double>(p.state_batch() * p.NH) / std::max(units, 1);
   return (row.vendor.empty() || vendor.find(row.vendor) != std::string_view::npos) &&
-         (row.max_head_dim == 0 || std::max(p.DHQK, p.DHHV) <= row.max_head_dim) && rows >= row.min_rows;
+         (row.max_head_dim == 0 || std::max(p.DHQK, p.DHHV) <= row.max_head_dim) && rows_per_unit >= row.min_rows;
 }
 
 }  // namespace
@@ -54,15 +62,15 @@ std::span<const ChunkRow> chunk_table(ChunkFamily family) {
   return kCpuTable;
 }
 
-const ChunkRow& chunk_row(ChunkFamily family, std::string_view vendor, const ProblemShape& shape) {
+const ChunkRow& chunk_row(ChunkFamily family, std::string_view vendor, const ProblemShape& shape, int units) {
   const std::span<const ChunkRow> table = chunk_table(family);
   for (const ChunkRow& row : table)
-    if (matches(row, vendor, shape)) return row;
+    if (matches(row, vendor, shape, units)) return row;
   return table.back();
 }
 
-ChunkChoice table_chunk(ChunkFamily family, std::string_view vendor, const ProblemShape& shape, int rank) {
-  const ChunkRow& row = chunk_row(family, vendor, shape);
+ChunkChoice table_chunk(ChunkFamily family, std::string_view vendor, const ProblemShape& shape, int rank, int units) {
+  const ChunkRow& row = chunk_row(family, vendor, shape, units);
   return {row.chunk, rank, std::string(row.source)};
 }
 

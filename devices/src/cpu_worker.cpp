@@ -107,7 +107,8 @@ class CpuDevice final : public ComputeDevice {
   }
 
   ChunkChoice chunk_choice(const ProblemShape& shape, const MlstmOptions&) const override {
-    ChunkChoice c = table_chunk(ChunkFamily::cpu, "", shape, 1);
+    const int threads = arena_ ? arena_->max_concurrency() : tbb::this_task_arena::max_concurrency();
+    ChunkChoice c = table_chunk(ChunkFamily::cpu, "", shape, 1, threads);
     if (algorithm_ == CpuAlgorithm::chunkwise_whole) c.chunk = std::min(c.chunk, kWholeChunkMax);
     return c;
   }

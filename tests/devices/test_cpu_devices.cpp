@@ -1,6 +1,7 @@
 // Every CPU kernel of the registry (a CPU device of each algorithm behind the one adapter) against the float64
 // reference: shapes, dtypes, gates, states, state carry, backward.
 #include <gtest/gtest.h>
+#include <tbb/task_arena.h>
 
 #include <cmath>
 #include <cstring>
@@ -571,6 +572,25 @@ TEST(AutoChunk, TheFirstMatchingRowWins) {
         }
 }
 
+// The CPU rows count rows per worker thread: the same problem takes a larger chunk on more threads (fewer rows each,
+// so each row's sequence runs in more parts).
+TEST(AutoChunk, CpuRowsCountRowsPerThread) {
+  ProblemShape p;
+  p.B = 1;
+  p.NH = 4;
+  p.S = 4096;
+  p.DHQK = p.DHHV = 256;
+  EXPECT_EQ(chunk_row(ChunkFamily::cpu, "", p, 16).chunk, 256);  // 0.25 rows per thread
+  EXPECT_EQ(chunk_row(ChunkFamily::cpu, "", p, 1).chunk, 128);   // 4
+  p.NH = 64;
+  EXPECT_EQ(chunk_row(ChunkFamily::cpu, "", p, 1).chunk, 64);  // 64
+  p.NH = 4;
+  p.DHQK = p.DHHV = 128;
+  EXPECT_EQ(chunk_row(ChunkFamily::cpu, "", p, 16).chunk, 128);
+  EXPECT_EQ(chunk_row(ChunkFamily::cpu, "", p, 2).chunk, 64);
+  EXPECT_EQ(chunk_row(ChunkFamily::cpu, "", p, 0).chunk, 64);  // no units: one
+}
+
 // A device that only chooses chunk sizes (nothing else is called).
 class ChoosingDevice final : public ComputeDevice {
  public:
@@ -620,7 +640,9 @@ TEST(AutoChunk, RegistryKernelsRunAtTheirChoice) {
     const auto kernel = registry().make_sequence(name);
     const MlstmOptions automatic;
     const std::int64_t L = kernel->chunk_for(p, automatic);
-    EXPECT_EQ(L, std::min<std::int64_t>(chunk_row(ChunkFamily::cpu, "", p).chunk, 256)) << name;
+    // (the registry's CPU devices run in the calling arena: rows per thread of its concurrency)
+    const int threads = tbb::this_task_arena::max_concurrency();
+    EXPECT_EQ(L, std::min<std::int64_t>(chunk_row(ChunkFamily::cpu, "", p, threads).chunk, 256)) << name;
     MlstmOptions named;
     named.chunk_size = L;
     const auto a = kernel->forward(in.args(), automatic), b = kernel->forward(in.args(), named);

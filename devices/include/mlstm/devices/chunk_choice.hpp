@@ -19,9 +19,10 @@ enum class ChunkFamily { cpu, opencl_portable, tensor_cores };
 struct ChunkRow {
   std::string_view vendor;    // substring of the OpenCL device's vendor; empty = any
   std::int64_t max_head_dim;  // for problems with max(DHQK, DHHV) <= this; 0 = any
-  std::int64_t min_rows;      // for problems with at least this many rows (B*NH; N*NH when packed)
-  std::int64_t chunk;         // the fastest chunk measured there
-  std::string_view source;    // the measurement
+  double min_rows;          // for problems with at least this many rows (B*NH; N*NH when packed) per unit (CPU workers:
+                            // per worker thread; an OpenCL device is one unit)
+  std::int64_t chunk;       // the fastest chunk measured there
+  std::string_view source;  // the measurement
 };
 
 // A device's automatic chunk size for a problem, and `rank`: how much of a run shared with other devices it carries
@@ -35,9 +36,10 @@ struct ChunkChoice {
 
 // The family's table (exposed for tests and the docs).
 std::span<const ChunkRow> chunk_table(ChunkFamily family);
-// The row of `family` for a problem of `shape` on a device of `vendor` (empty for CPU workers).
-const ChunkRow& chunk_row(ChunkFamily family, std::string_view vendor, const ProblemShape& shape);
+// The row of `family` for a problem of `shape` on a device of `vendor` (empty for CPU workers) of `units` units.
+const ChunkRow& chunk_row(ChunkFamily family, std::string_view vendor, const ProblemShape& shape, int units = 1);
 // The same as a ChunkChoice of `rank`.
-ChunkChoice table_chunk(ChunkFamily family, std::string_view vendor, const ProblemShape& shape, int rank);
+ChunkChoice table_chunk(ChunkFamily family, std::string_view vendor, const ProblemShape& shape, int rank,
+                        int units = 1);
 
 }  // namespace mlstm
