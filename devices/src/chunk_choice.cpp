@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <array>
 
+#include "mlstm/core/error.hpp"
+
 namespace mlstm {
 
 namespace {
@@ -67,6 +69,14 @@ const ChunkRow& chunk_row(ChunkFamily family, std::string_view vendor, const Pro
   for (const ChunkRow& row : table)
     if (matches(row, vendor, shape, units)) return row;
   return table.back();
+}
+
+ChunkChoice run_choice(std::span<const ChunkChoice> choices) {
+  if (choices.empty()) throw InvalidArgument("devices", "a chunk size is chosen over at least one device");
+  const ChunkChoice* best = &choices.front();
+  for (const ChunkChoice& c : choices)
+    if (c.rank > best->rank) best = &c;
+  return *best;
 }
 
 ChunkChoice table_chunk(ChunkFamily family, std::string_view vendor, const ProblemShape& shape, int rank, int units) {

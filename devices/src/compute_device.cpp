@@ -32,15 +32,10 @@ MlstmOptions ComputeDevice::with_chunk(const MlstmOptions& options, const Proble
 MlstmOptions with_chunk(const MlstmOptions& options, const std::vector<std::shared_ptr<ComputeDevice>>& devices,
                         const ProblemShape& shape) {
   if (options.chunk_size != kAutoChunk || devices.empty()) return options;
-  ChunkChoice best;
-  bool any = false;
-  for (const auto& d : devices) {
-    ChunkChoice c = d->chunk_choice(shape, options);
-    if (!any || c.rank > best.rank) best = std::move(c);
-    any = true;
-  }
+  std::vector<ChunkChoice> choices;
+  for (const auto& d : devices) choices.push_back(d->chunk_choice(shape, options));
   MlstmOptions o = options;
-  o.chunk_size = best.chunk;
+  o.chunk_size = run_choice(choices).chunk;
   return o;
 }
 

@@ -48,14 +48,20 @@ std::vector<std::int64_t> shares(std::int64_t total, const std::vector<double>& 
   return n;
 }
 
+// Whether a part on `dev` runs on the tensor cores (`shape`: the whole problem's; an automatic chunk size fits them).
+bool part_uses_tensor_cores(const Device& dev, const ProblemShape& shape, const MlstmOptions& o,
+                            ResidentSplit::Kernels kernels) {
+  return kernels == ResidentSplit::Kernels::emulated_tensor_cores ||
+         (kernels == ResidentSplit::Kernels::automatic && tensor_core_support(dev.info()).available &&
+          tensor_core_fit(shape, o).empty());
+}
+
 // The device's resident problem for one part, on the tensor cores where they take it.
 // `shape`: the whole problem's (what tensor_core_fit reads, dtype and head dims, is every part's).
 std::unique_ptr<ResidentChunkwise> make_part(const std::shared_ptr<Device>& dev, const ProblemShape& shape,
                                              const ForwardArgs& a, const MlstmOptions& o, const BackwardArgs* grads,
                                              const ResidentSplit::Options& so, bool segment, std::string& kernels) {
-  const bool tc = so.kernels == ResidentSplit::Kernels::emulated_tensor_cores ||
-                  (so.kernels == ResidentSplit::Kernels::automatic && tensor_core_support(dev->info()).available &&
-                   tensor_core_fit(shape, o).empty());
+  const bool tc = part_uses_tensor_cores(*dev, shape, o, so.kernels);
   std::unique_ptr<ResidentChunkwise> r;
   if (tc) {
     TensorCoreRunner::Config c;
@@ -81,19 +87,13 @@ ResidentSplit::ResidentSplit(std::vector<std::shared_ptr<Device>> devices, const
                              const MlstmOptions& options, const BackwardArgs* grads, Options split_options)
     : devices_(std::move(devices)), options_(options), split_options_(std::move(split_options)) {
   shape_ = grads ? validate_backward(*grads, options) : validate_forward(args, options);
-  // An automatic chunk size: the choice of the device of the highest rank (mlstm::with_chunk), for all parts.
-  if (options_.chunk_size == kAutoChunk) {
-    MlstmOptions at64 = options_;
-    at64.chunk_size = 64;
-    ChunkChoice best;
-    for (std::size_t d = 0; d < devices_.size(); ++d) {
-      const bool tc = split_options_.kernels == Kernels::emulated_tensor_cores ||
-                      (split_options_.kernels == Kernels::automatic &&
-                       tensor_core_support(devices_[d]->info()).available && tensor_core_fit(shape_, at64).empty());
-      ChunkChoice c = chunk_choice(devices_[d]->info(), shape_, tc);
-      if (d == 0 || c.rank > best.rank) best = std::move(c);
-    }
-    options_.chunk_size = best.chunk;
+  // An automatic chunk size: one for all parts, the run's choice over the devices (run_choice, as mlstm::with_chunk).
+  if (options_.chunk_size == kAutoChunk && !devices_.empty()) {
+    std::vector<ChunkChoice> choices;
+    for (const auto& d : devices_)
+      choices.push_back(
+          chunk_choice(d->info(), shape_, part_uses_tensor_cores(*d, shape_, options_, split_options_.kernels)));
+    options_.chunk_size = run_choice(choices).chunk;
   }
   if (shape_.packed()) throw InvalidArgument("cu_seqlens", "a split across devices takes one sequence per row");
   if (devices_.empty()) throw InvalidArgument("devices", "a split across devices needs at least one device");

@@ -34,6 +34,10 @@ struct ChunkChoice {
   std::string source;
 };
 
+// The choice of a run over several devices: the first of the highest rank (InvalidArgument("devices") when
+// `choices` is empty).
+ChunkChoice run_choice(std::span<const ChunkChoice> choices);
+
 // The family's table (exposed for tests and the docs).
 std::span<const ChunkRow> chunk_table(ChunkFamily family);
 // The row of `family` for a problem of `shape` on a device of `vendor` (empty for CPU workers) of `units` units.
