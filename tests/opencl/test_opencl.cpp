@@ -76,6 +76,14 @@ TEST(OpenCLLaunchParams, EnvironmentOverridesApplyAndMalformedOnesAreRefused) {
     EXPECT_THROW(tc_launch_params(d), InvalidArgument) << bad;
   }
   ::unsetenv("MLSTM_TC_STATE_TILE");
+  EXPECT_EQ(tc_launch_params(d).chunk_rows, 64);
+  ::setenv("MLSTM_TC_CHUNK_ROWS", "32", 1);
+  EXPECT_EQ(tc_launch_params(d).chunk_rows, 32);
+  for (const char* bad : {"48", "0", "256", "64x", "-64"}) {
+    ::setenv("MLSTM_TC_CHUNK_ROWS", bad, 1);
+    EXPECT_THROW(tc_launch_params(d), InvalidArgument) << bad;
+  }
+  ::unsetenv("MLSTM_TC_CHUNK_ROWS");
   ::setenv("MLSTM_OPENCL_OUTPUT_COL_BLOCKS", "3", 1);
   EXPECT_EQ(portable_launch_params(d).output_col_blocks, 3);
   ::setenv("MLSTM_OPENCL_OUTPUT_COL_BLOCKS", "5", 1);

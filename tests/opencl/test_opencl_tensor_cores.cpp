@@ -9,6 +9,8 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
+#include <string>
 #include <vector>
 
 #include "mlstm/devices/opencl/chunkwise_routine.hpp"
@@ -91,17 +93,28 @@ double gate_scale(const InputSpec& s) { return s.regime == GateRegime::extreme ?
   return ::testing::AssertionSuccess();
 }
 
+// Sets an environment variable for its scope.
+struct ScopedEnv {
+  const char* name;
+  ScopedEnv(const char* n, const char* value) : name(n) { ::setenv(n, value, 1); }
+  ~ScopedEnv() { ::unsetenv(name); }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+};
+
 struct TcCase {
   InputSpec spec;
   std::int64_t chunk = 64;
   bool normalize = true;
   bool last_state_grads = false;
-  int shards = 0;  // TensorCoreRunner::Config::shards (0: the device's choice, no split on PoCL's few rows)
+  int shards = 0;      // TensorCoreRunner::Config::shards (0: the device's choice, no split on PoCL's few rows)
+  int chunk_rows = 0;  // MLSTM_TC_CHUNK_ROWS (0: the launch row's, 64)
 };
 
 void PrintTo(const TcCase& c, std::ostream* os) {
   *os << "L=" << c.chunk << " " << c.spec.describe() << (c.normalize ? "" : " nonorm")
-      << (c.last_state_grads ? " dlast" : "") << (c.shards ? " shards=" + std::to_string(c.shards) : "");
+      << (c.last_state_grads ? " dlast" : "") << (c.shards ? " shards=" + std::to_string(c.shards) : "")
+      << (c.chunk_rows ? " rows=" + std::to_string(c.chunk_rows) : "");
 }
 
 class TensorCores : public ::testing::TestWithParam<TcCase> {};
@@ -111,6 +124,8 @@ TEST_P(TensorCores, ForwardAndBackwardMatchReference) {
   REQUIRE_OPENCL();
   const TcCase c = GetParam();
   const auto dev = first_device();
+  std::optional<ScopedEnv> rows;
+  if (c.chunk_rows) rows.emplace("MLSTM_TC_CHUNK_ROWS", std::to_string(c.chunk_rows).c_str());
   const auto runner = runner_for(dev, c.shards);
   MlstmOptions o;
   o.gate = c.spec.gate;
@@ -179,6 +194,16 @@ INSTANTIATE_TEST_SUITE_P(
                       TcCase{spec(1, 2, 100, 16, 32, DType::f16, GateVariant::sigmoid, true), 64, true, true},
                       TcCase{spec(1, 1, 90, 16, 16, DType::bf16, GateVariant::sigmoid, false), 64, false},
                       TcCase{spec(1, 1, 200, 32, 16, DType::bf16, GateVariant::exp, true, GateRegime::extreme), 128}));
+
+// Query sub-tiles of the chunk kernels (tc_chunk.cl LQ): chunk 128 in rows of 16 (8 key blocks, sub-tiles past the
+// end of the last chunk), 32 and 128 (the whole chunk in one work-group); the default 64 is every other chunk-128
+// case. Last chunks of 74 and 44 tokens.
+INSTANTIATE_TEST_SUITE_P(
+    ChunkRows, TensorCores,
+    ::testing::Values(TcCase{spec(1, 1, 330, 32, 32, DType::bf16, GateVariant::exp, true), 128, true, true, 0, 16},
+                      TcCase{spec(1, 2, 300, 16, 32, DType::f16, GateVariant::sigmoid, true), 128, true, true, 0, 32},
+                      TcCase{spec(1, 1, 200, 32, 16, DType::bf16, GateVariant::exp, true, GateRegime::extreme), 128,
+                             true, false, 0, 128}));
 
 // The sequence split inside the device (Config::shards, shard_combine.cl): each row runs as shards of
 // whole chunks whose states are chained by the combine kernels; the same bounds against the float64 recurrence.
@@ -348,14 +373,6 @@ std::vector<std::string> launched(opencl::ResidentChunkwise& r) {
 bool has(const std::vector<std::string>& names, const char* name) {
   return std::find(names.begin(), names.end(), name) != names.end();
 }
-// Sets an environment variable for its scope.
-struct ScopedEnv {
-  const char* name;
-  ScopedEnv(const char* n, const char* value) : name(n) { ::setenv(n, value, 1); }
-  ~ScopedEnv() { ::unsetenv(name); }
-  ScopedEnv(const ScopedEnv&) = delete;
-  ScopedEnv& operator=(const ScopedEnv&) = delete;
-};
 
 TEST(TensorCoreShards, SplitChainsTheShardsAndFollowsTheOverride) {
   REQUIRE_OPENCL();

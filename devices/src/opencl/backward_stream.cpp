@@ -320,7 +320,7 @@ void BackwardStream::gradient_pass(const BackwardArgs& a, const std::vector<pack
   const Launcher launch{im.kernels, static_cast<std::size_t>(c.B * c.NH), dn};
   const std::size_t states_group = static_cast<std::size_t>(2 * cfg.KT);
   const std::size_t states_global = states_group * static_cast<std::size_t>((c.DHQK / cfg.KT) * (c.DHHV / cfg.VT));
-  const std::size_t L2 = static_cast<std::size_t>(2 * cfg.L);
+  const std::size_t group = cfg.chunk_group();
   const std::int64_t K = c.DHQK, V = c.DHHV, n = static_cast<std::int64_t>(pieces.size());
   const ForwardArgs& in = a.inputs;
   const bool user_dlast = !a.dc_last.empty();
@@ -431,12 +431,12 @@ void BackwardStream::gradient_pass(const BackwardArgs& a, const std::vector<pack
         const std::size_t nc = static_cast<std::size_t>(NC);
         launch(im.gates, "tc_fw_gates", nc * static_cast<std::size_t>(cfg.L), static_cast<std::size_t>(cfg.L), &up);
         launch(im.fw_states, "tc_fw_states", states_global, states_group);
-        launch(im.fw_outputs, "tc_fw_outputs", L2 * nc * static_cast<std::size_t>(V / cfg.OTf), L2);
+        launch(im.fw_outputs, "tc_fw_outputs", cfg.chunk_global(nc, V, cfg.OTf), group);
         launch(im.bw_prep, "tc_bw_prep", static_cast<std::size_t>((Sp + 7) / 8) * 256, 256);
         launch(im.bw_states, "tc_bw_state_grads", states_global, states_group);
-        launch(im.bw_dq, "tc_bw_grads_dq", L2 * nc * static_cast<std::size_t>(K / cfg.OTq), L2);
-        launch(im.bw_dk, "tc_bw_grads_dk", L2 * nc * static_cast<std::size_t>(K / cfg.OTq), L2);
-        launch(im.bw_dv, "tc_bw_grads_dv", L2 * nc * static_cast<std::size_t>(V / cfg.OTf), L2);
+        launch(im.bw_dq, "tc_bw_grads_dq", cfg.chunk_global(nc, K, cfg.OTq), group);
+        launch(im.bw_dk, "tc_bw_grads_dk", cfg.chunk_global(nc, K, cfg.OTq), group);
+        launch(im.bw_dv, "tc_bw_grads_dv", cfg.chunk_global(nc, V, cfg.OTf), group);
         launch(im.gate_grads, "tc_bw_gate_grads", static_cast<std::size_t>(cfg.gate_group),
                static_cast<std::size_t>(cfg.gate_group), nullptr, &computed);
         if (pc.first && in.has_initial_state()) {

@@ -67,6 +67,11 @@ TcLaunchParams tc_launch_params(const DeviceInfo& device) {
     p.wide_state_tile_v = 0;
   }
   p.msplit = p.msplit || env::is("MLSTM_TC_MSPLIT", "1");
+  if (const auto rows = env::get("MLSTM_TC_CHUNK_ROWS")) {
+    if (*rows != "16" && *rows != "32" && *rows != "64" && *rows != "128")
+      throw InvalidArgument("MLSTM_TC_CHUNK_ROWS", "expected 16, 32, 64 or 128 rows (got '" + *rows + "')");
+    p.chunk_rows = std::stoi(*rows);
+  }
   return p;
 }
 

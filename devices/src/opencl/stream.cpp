@@ -375,10 +375,9 @@ std::uint64_t DeviceStream::enqueue_piece(const detail::HostRows* direct, const 
              im.sgt, S, NC);
     const std::size_t rws = rows, KT = static_cast<std::size_t>(im.cfg.KT);
     const std::size_t sg = 2 * KT * static_cast<std::size_t>((c.DHQK / im.cfg.KT) * (c.DHHV / im.cfg.VT));
-    const std::size_t L2 = static_cast<std::size_t>(2 * im.cfg.L);
     const std::size_t g0[3] = {static_cast<std::size_t>(NC) * static_cast<std::size_t>(im.cfg.L), sg,
-                               L2 * static_cast<std::size_t>(NC) * static_cast<std::size_t>(c.DHHV / im.cfg.OTf)};
-    const std::size_t l0[3] = {static_cast<std::size_t>(im.cfg.L), 2 * KT, L2};
+                               im.cfg.chunk_global(static_cast<std::size_t>(NC), c.DHHV, im.cfg.OTf)};
+    const std::size_t l0[3] = {static_cast<std::size_t>(im.cfg.L), 2 * KT, im.cfg.chunk_group()};
     const cl_kernel ks[3] = {s.gates.k, s.states.k, s.outputs.k};
     for (int j = 0; j < 3; ++j) {
       const std::size_t global[2] = {g0[j], rws}, local[2] = {l0[j], 1};

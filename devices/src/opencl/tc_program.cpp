@@ -2,6 +2,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <map>
 #include <mutex>
@@ -130,10 +131,11 @@ TcConfig make_config(Device& dev, bool emulate, const ProblemShape& p, const Mls
       wide > c.VT && c.L == 64 && p.DHHV % wide == 0 &&
       p.rows() * (p.DHQK / c.KT) * (p.DHHV / wide) >= 2 * static_cast<std::int64_t>(dev.info().compute_units))
     c.VT = wide;
-  c.OTf = pick_tile(p.DHHV, c.L >= 128 ? 64 : 128);
-  c.DSf = pick_tile(p.DHQK, c.L >= 128 ? 32 : 64);
-  c.OTq = pick_tile(p.DHQK, c.L >= 128 ? 64 : 128);
-  c.DSq = pick_tile(p.DHHV, c.L >= 128 ? 32 : 64);
+  c.LQ = std::min(c.L, launch.chunk_rows);
+  c.OTf = pick_tile(p.DHHV, c.LQ >= 128 ? 64 : 128);
+  c.DSf = pick_tile(p.DHQK, c.LQ >= 128 ? 32 : 64);
+  c.OTq = pick_tile(p.DHQK, c.LQ >= 128 ? 64 : 128);
+  c.DSq = pick_tile(p.DHHV, c.LQ >= 128 ? 32 : 64);
   int group = launch.gate_group;
   while (group > 32 && static_cast<std::size_t>(group) > dev.info().max_work_group) group /= 2;
   c.gate_group = group;

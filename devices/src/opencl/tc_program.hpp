@@ -15,6 +15,7 @@ namespace mlstm::opencl::detail {
 // Tiles and program options of one problem configuration (see kernels/opencl/tc/README.md).
 struct TcConfig {
   int L = 64, KT = 0, VT = 0, OTf = 0, DSf = 0, OTq = 0, DSq = 0, gate_group = 512;
+  int LQ = 64;       // rows of a chunk per work-group of the chunk kernels (query sub-tiles; divides L)
   std::string base;  // options shared by every program
 
   // `write_states` false: only the final value (the sequence split's summary pass; tc_states.cl WRITE_STATES).
@@ -24,8 +25,15 @@ struct TcConfig {
   }
   std::string chunk(int mode, std::int64_t DA, std::int64_t DOUT, int OT, int DS) const {
     std::ostringstream o;
-    o << base << " -DMODE=" << mode << " -DDA=" << DA << " -DDOUT=" << DOUT << " -DOT=" << OT << " -DDS=" << DS;
+    o << base << " -DMODE=" << mode << " -DLQ=" << LQ << " -DDA=" << DA << " -DDOUT=" << DOUT << " -DOT=" << OT
+      << " -DDS=" << DS;
     return o.str();
+  }
+  // The chunk kernels' work-group (2 LQ threads) and global size over `chunks` chunks of a row, output tiles OT of
+  // DOUT (tc_chunk.cl).
+  std::size_t chunk_group() const { return static_cast<std::size_t>(2 * LQ); }
+  std::size_t chunk_global(std::size_t chunks, std::int64_t DOUT, int OT) const {
+    return chunk_group() * chunks * static_cast<std::size_t>(L / LQ) * static_cast<std::size_t>(DOUT / OT);
   }
   std::string gates() const { return base + " -DGG_WG=" + std::to_string(gate_group); }
 };

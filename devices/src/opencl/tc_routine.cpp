@@ -254,8 +254,7 @@ class ResidentTensorCore final : public ResidentChunkwise {
       launch(k_fw_states_, "tc_fw_states", states, states_group, events);
     }
     if (!skip_outputs_)
-      launch(k_fw_outputs_, "tc_fw_outputs", static_cast<std::size_t>(2 * cfg_.L) * NCs_ * (V / cfg_.OTf),
-             static_cast<std::size_t>(2 * cfg_.L), events);
+      launch(k_fw_outputs_, "tc_fw_outputs", cfg_.chunk_global(NCs_, V, cfg_.OTf), cfg_.chunk_group(), events);
     forward_done_ = true;
   }
 
@@ -264,7 +263,7 @@ class ResidentTensorCore final : public ResidentChunkwise {
     if (!forward_done_ || skip_outputs_) throw Error("tensor-core backward: enqueue the forward (with outputs) first");
     const std::int64_t K = shape_.DHQK, V = shape_.DHHV;
     const std::size_t states_group = static_cast<std::size_t>(2 * cfg_.KT), states = states_global();
-    const std::size_t L2 = static_cast<std::size_t>(2 * cfg_.L);
+    const std::size_t group = cfg_.chunk_group(), NCs = static_cast<std::size_t>(NCs_);
     const bool reuse = exchange_.take_gradient_summary_reuse();
     if (!reuse) launch(k_bw_prep_, "tc_bw_prep", static_cast<std::size_t>((Ss_ + 7) / 8) * 256, 256, events);
     if (P_ > 1) {
@@ -276,9 +275,9 @@ class ResidentTensorCore final : public ResidentChunkwise {
     } else {
       launch(k_bw_states_, "tc_bw_state_grads", states, states_group, events);
     }
-    launch(k_bw_dq_, "tc_bw_grads_dq", L2 * NCs_ * static_cast<std::size_t>(K / cfg_.OTq), L2, events);
-    launch(k_bw_dk_, "tc_bw_grads_dk", L2 * NCs_ * static_cast<std::size_t>(K / cfg_.OTq), L2, events);
-    launch(k_bw_dv_, "tc_bw_grads_dv", L2 * NCs_ * static_cast<std::size_t>(V / cfg_.OTf), L2, events);
+    launch(k_bw_dq_, "tc_bw_grads_dq", cfg_.chunk_global(NCs, K, cfg_.OTq), group, events);
+    launch(k_bw_dk_, "tc_bw_grads_dk", cfg_.chunk_global(NCs, K, cfg_.OTq), group, events);
+    launch(k_bw_dv_, "tc_bw_grads_dv", cfg_.chunk_global(NCs, V, cfg_.OTf), group, events);
     launch(k_bw_gate_grads_, "tc_bw_gate_grads", static_cast<std::size_t>(cfg_.gate_group),
            static_cast<std::size_t>(cfg_.gate_group), events);
     if (P_ > 1 && has_init_) sh_.dm0_into(dm0_);

@@ -9,10 +9,15 @@
 // MODE 1 tc_bw_grads_dq:      X=dh, Y1=v,  Y=k,  Z'=C_c^T    (DA=DHHV, DOUT=DHQK)  out = dq
 // MODE 2 tc_bw_grads_dk:      X=v,  Y1=dh, Y=q,  Z'=dC_c+1^T (DA=DHHV, DOUT=DHQK)  out = dk
 // MODE 3 tc_bw_grads_dv:      X=k,  Y1=q,  Y=dh, Z=dC_c+1    (DA=DHQK, DOUT=DHHV)  out = dv
-// Work-group: L/16 warps; warp w owns rows 16w..16w+15 of the chunk. The reduction over DA runs
-// in slabs of DS columns through local memory. Global size (NT * NC * (DOUT/OT), rows),
-// local (NT, 1), NT = 2L; group id 0 = c * (DOUT/OT) + output tile.
-// Build options: -DMODE -DL -DDA -DDOUT -DOT -DDS -DDHQK -DDHHV -DGATE_EXP -DNORMALIZE -DEPS
+// Query sub-tiles (TFLA style): a work-group takes LQ rows of a chunk (LQ divides L; LQ = L: the whole chunk),
+// and the L x L block is formed in key blocks of LQ columns: the diagonal block first (with Oi, whose scaling must
+// precede the M Y terms), then the blocks the mask keeps (earlier ones for the lower modes 0, 1; later ones for 2, 3).
+// Every key block's weights are absolute (the stabilisers m_t come from the gates), so the blocks simply add: the
+// states are kept every L tokens while the registers and local memory are those of an LQ-token chunk.
+// Work-group: LQ/16 warps; warp w owns rows q0+16w..q0+16w+15 of the chunk. The reduction over DA runs in slabs of
+// DS columns through local memory. Global size (NT * NC * (L/LQ) * (DOUT/OT), rows), local (NT, 1), NT = 2 LQ;
+// group id 0 = (c * (L/LQ) + sub-tile) * (DOUT/OT) + output tile.
+// Build options: -DMODE -DL -DLQ -DDA -DDOUT -DOT -DDS -DDHQK -DDHHV -DGATE_EXP -DNORMALIZE -DEPS
 //                -DCAUSAL_SKIP (+ tc_common.cl's).
 
 #ifndef GATE_EXP
@@ -31,9 +36,13 @@
 #define CAUSAL_SKIP (!TC_EMU)
 #endif
 
-#define NW (L / 16)
+#ifndef LQ
+#define LQ L
+#endif
+#define NW (LQ / 16)
 #define NT (32 * NW)
-#define NSB (L / 8)
+#define NSB (LQ / 8)
+#define NKB (L / LQ)  // query sub-tiles (= key blocks) of a chunk
 #define NOB (OT / 8)
 #if MODE == 0 || MODE == 3
 #define Z_TRANS 1
@@ -47,12 +56,12 @@
 #define XSTR (DS + 8)
 #define NZV ((DS * OT / 8 + NT - 1) / NT)  // 16-byte vectors of a Z slab per thread
 #define YSTR (OT + 8)
-#define SLAB_ELEMS (2 * L * XSTR + ZROWS * ZSTR)
-#define YT_ELEMS (L * YSTR)
+#define SLAB_ELEMS (2 * LQ * XSTR + ZROWS * ZSTR)
+#define YT_ELEMS (LQ * YSTR)
 #define REGION_ELEMS (SLAB_ELEMS > YT_ELEMS ? SLAB_ELEMS : YT_ELEMS)
 #define LOWER (MODE == 0 || MODE == 1)  // mask s <= t with rows t (else rows s, columns t >= s)
 
-#if DA % DS != 0 || DOUT % OT != 0 || DS % 16 != 0 || OT % 16 != 0 || L % 16 != 0
+#if DA % DS != 0 || DOUT % OT != 0 || DS % 16 != 0 || OT % 16 != 0 || LQ % 16 != 0 || L % LQ != 0
 #error "tc_chunk: unsupported tile configuration"
 #endif
 
@@ -86,7 +95,7 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
   __local float vP[L], vQ[L], rowf[L], vr1[L], vr2[L];
   __local int vC[L];
   __local float vK[L];
-  __local float red[L * 4];
+  __local float red[LQ * 4];
 #if MODE != 3
   __local float zv[DHQK];
 #endif
@@ -95,19 +104,23 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
 #endif
   EMU_DECL(NW)
   __local ushort* xs = region;
-  __local ushort* y1s = region + L * XSTR;
-  __local ushort* zs = region + 2 * L * XSTR;
+  __local ushort* y1s = region + LQ * XSTR;
+  __local ushort* zs = region + 2 * LQ * XSTR;
   __local ushort* ys = region;
 
   const int tid = get_local_id(0), lane = tid & 31, warp = tid >> 5, g = lane >> 2, tq = lane & 3;
   const int row = get_global_id(1);
   const int rows = get_global_size(1);
   const int nOT = DOUT / OT;
-  const int c = get_group_id(0) / nOT, ot = get_group_id(0) % nOT;
+  const int ot = get_group_id(0) % nOT, cq = get_group_id(0) / nOT;
+  const int c = cq / NKB, qb = cq % NKB, q0 = qb * LQ;  // chunk, query sub-tile and its first row
   const int o0 = ot * OT;
   const int cb = c * L, len = min(L, S - cb);
+  if (q0 >= len) return;  // a sub-tile past the end of the last chunk (the whole work-group)
+  const int qlen = min(LQ, len - q0);
   const float isq = 1.0f / sqrt((float)DHQK);
   const size_t rowtok = (size_t)row * S + cb;  // first token of the chunk
+  const size_t qtok = rowtok + q0;             // first token of the sub-tile
 
   // ---- per-token vectors ----
   // Gates (tc_gates.cl tc_fw_gates): every stabiliser is taken relative to the token's anchor K first. A chunk with a
@@ -115,11 +128,11 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
   // anchors' difference K_s - K_t to each log weight. last_cut: the chunk's last cut (-1: none).
   const int last_cut = (int)gcut[rowtok + len - 1];
   const bool exact = last_cut >= 0 || gK[rowtok] != gK[rowtok + len - 1];  // K is monotone between cuts
-  if (tid < L) {
+  for (int pos = tid; pos < L; pos += NT) {  // every position of the chunk (rows and key columns)
     float P = 0.0f, Q = 0.0f, rf = 0.0f, r1 = 0.0f, r2 = 0.0f, Kt = 0.0f;
     int cut = -1;
-    if (tid < len) {
-      size_t idx = rowtok + tid;
+    if (pos < len) {
+      size_t idx = rowtok + pos;
       float b = gb[idx], bi = gbi[idx];
       cut = (int)gcut[idx];
 #if GATE_EXP
@@ -153,13 +166,13 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
       r2 = dden[idx];
 #endif
     }
-    vP[tid] = P;
-    vQ[tid] = Q;
-    rowf[tid] = rf;
-    vr1[tid] = r1;
-    vr2[tid] = r2;
-    vC[tid] = cut;
-    vK[tid] = Kt;
+    vP[pos] = P;
+    vQ[pos] = Q;
+    rowf[pos] = rf;
+    vr1[pos] = r1;
+    vr2[pos] = r2;
+    vC[pos] = cut;
+    vK[pos] = Kt;
   }
 #if MODE != 3
   #pragma unroll
@@ -168,111 +181,20 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
 
   float sacc[NSB][4], oacc[NOB][4];
   #pragma unroll
-  for (int j = 0; j < NSB; ++j)
-    #pragma unroll
-    for (int i = 0; i < 4; ++i) sacc[j][i] = 0.0f;
-  #pragma unroll
   for (int j = 0; j < NOB; ++j)
     #pragma unroll
     for (int i = 0; i < 4; ++i) oacc[j][i] = 0.0f;
 #if MODE == 0
   float qn_acc = 0.0f;
-#endif
-  __global const ushort* Zb = Z + ((size_t)row * NC + c) * DHQK * DHHV;
-
-  // ---- phase 1: Sm = X Y1^T and Oi = X Z' over slabs of DA ----
-  for (int d0 = 0; d0 < DA; d0 += DS) {
-    uint4 xr[DS / 16], y1r[DS / 16], zr[NZV];
-    #pragma unroll
-    for (int i = 0; i < DS / 16; ++i) {
-      int v = tid + i * NT, r = v / (DS / 8), cc = (v % (DS / 8)) * 8;
-      size_t off = (rowtok + r) * DA + d0 + cc;
-      xr[i] = r < len ? *(__global const uint4*)(X + off) : (uint4)(0u);
-      y1r[i] = r < len ? *(__global const uint4*)(Y1 + off) : (uint4)(0u);
-    }
-    #pragma unroll
-    for (int i = 0; i < NZV; ++i) {
-      int v = tid + i * NT;
-      if (v < DS * OT / 8) {
-#if Z_TRANS
-        int r = v / (OT / 8), cc = (v % (OT / 8)) * 8;
-        zr[i] = *(__global const uint4*)(Zb + (size_t)(d0 + r) * DHHV + o0 + cc);
-#else
-        int r = v / (DS / 8), cc = (v % (DS / 8)) * 8;
-        zr[i] = *(__global const uint4*)(Zb + (size_t)(o0 + r) * DHHV + d0 + cc);
-#endif
-      }
-    }
-    barrier(CLK_LOCAL_MEM_FENCE);  // previous slab consumed
-    #pragma unroll
-    for (int i = 0; i < DS / 16; ++i) {
-      int v = tid + i * NT, r = v / (DS / 8), cc = (v % (DS / 8)) * 8;
-      sts128(xs + r * XSTR + cc, xr[i]);
-      sts128(y1s + r * XSTR + cc, y1r[i]);
-    }
-    #pragma unroll
-    for (int i = 0; i < NZV; ++i) {
-      int v = tid + i * NT;
-      if (v < DS * OT / 8) {
-#if Z_TRANS
-        int r = v / (OT / 8), cc = (v % (OT / 8)) * 8;
-#else
-        int r = v / (DS / 8), cc = (v % (DS / 8)) * 8;
-#endif
-        sts128(zs + r * ZSTR + cc, zr[i]);
-      }
-    }
-    barrier(CLK_LOCAL_MEM_FENCE);
-
-    #pragma unroll
-    for (int ks = 0; ks < DS / 16; ++ks) {
-      uint a[4];
-      ldA(xs, XSTR, warp * 16, ks * 16, a);
-      #pragma unroll
-      for (int jj = 0; jj < NSB / 2; ++jj) {
-#if CAUSAL_SKIP
-#if LOWER
-        if (jj > warp) continue;
-#else
-        if (jj < warp) continue;
-#endif
-#endif
-        uint b[4];
-        ldB2(y1s, XSTR, jj * 16, ks * 16, b);
-        mma16816(sacc[2 * jj], a, b EMU_ARG);
-        mma16816(sacc[2 * jj + 1], a, b + 2 EMU_ARG);
-      }
-      #pragma unroll
-      for (int jj = 0; jj < NOB / 2; ++jj) {
-        uint b[4];
-#if Z_TRANS
-        ldB2_T(zs, ZSTR, jj * 16, ks * 16, b);
-#else
-        ldB2(zs, ZSTR, jj * 16, ks * 16, b);
-#endif
-        mma16816(oacc[2 * jj], a, b EMU_ARG);
-        mma16816(oacc[2 * jj + 1], a, b + 2 EMU_ARG);
-      }
-    }
-#if MODE == 0
-    {  // q_t . n for the denominator: 2 threads per row
-      int r = tid >> 1, h0 = (tid & 1) * (DS / 2);
-      #pragma unroll
-      for (int j = 0; j < DS / 2; ++j) qn_acc += E2F(xs[r * XSTR + h0 + j]) * zv[d0 + h0 + j];
-    }
-#endif
-  }
-
-  // ---- phase 2: M from Sm (weights, mask, scalings); Oi scaling ----
-  uint pa[L / 16][4];
-#if MSPLIT
-  uint pl[L / 16][4];
-#endif
-#if MODE == 0
   float rs0 = 0.0f, rs1 = 0.0f;  // row sums of M for rows g, g+8
 #define P2_ROWSUM(mv) rs0 += mv[0] + mv[1]; rs1 += mv[2] + mv[3];
 #else
 #define P2_ROWSUM(mv)
+#endif
+  __global const ushort* Zb = Z + ((size_t)row * NC + c) * DHQK * DHHV;
+  uint pa[LQ / 16][4];
+#if MSPLIT
+  uint pl[LQ / 16][4];
 #endif
 #if LOWER
 #define P2_OK(r, cc) ((cc) <= (r) && (r) < len)
@@ -297,17 +219,17 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
 #else
 #define P2_SPLIT(j, mv, p01, p23)
 #endif
-  // The weights of one chunk; EXACT (a chunk with a cut or with anchors that differ, uniform) masks weights across
-  // its cuts and adds the anchors' difference. A log weight of -inf weighs 0, also against m_t = -inf (stages.hpp
-  // "Gates at +-inf": an EMPTY entering state and i = -inf make vP = +inf, vQ = -inf). Two copies of the loop, so
-  // that ordinary chunks run no instruction of the exact path.
+  // The weights of one key block (chunk positions: rows r, columns k0 + ...); EXACT (a chunk with a cut or with
+  // anchors that differ, uniform) masks weights across its cuts and adds the anchors' difference. A log weight of
+  // -inf weighs 0, also against m_t = -inf (stages.hpp "Gates at +-inf": an EMPTY entering state and i = -inf make
+  // vP = +inf, vQ = -inf). Two copies of the loop, so that ordinary chunks run no instruction of the exact path.
 #define PHASE2(EXACT)                                                                \
   _Pragma("unroll")                                                                 \
   for (int j = 0; j < NSB; ++j) {                                                   \
     float mv[4];                                                                    \
     _Pragma("unroll")                                                               \
     for (int i = 0; i < 4; ++i) {                                                   \
-      const int r = warp * 16 + g + (i >> 1) * 8, cc = j * 8 + 2 * tq + (i & 1);   \
+      const int r = q0 + warp * 16 + g + (i >> 1) * 8, cc = k0 + j * 8 + 2 * tq + (i & 1); \
       bool ok = P2_OK(r, cc);                                                       \
       float x = vP[r] + vQ[cc];                                                     \
       if (EXACT) {                                                                  \
@@ -323,72 +245,174 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
     pa[j >> 1][(j & 1) * 2 + 1] = p23;                                              \
     P2_SPLIT(j, mv, p01, p23)                                                       \
   }
-  if (exact) {
-    PHASE2(1)
-  } else {
-    PHASE2(0)
-  }
-  #pragma unroll
-  for (int j = 0; j < NOB; ++j)
+
+  // Key blocks: the diagonal one (kb = qb) first, then away from it in the mask's direction.
+  const int nkb = LOWER ? qb + 1 : NKB - qb;
+  for (int step = 0; step < nkb; ++step) {
+    const int kb = LOWER ? qb - step : qb + step, k0 = kb * LQ;
+    const bool diag = step == 0;
     #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      int r = warp * 16 + g + (i >> 1) * 8, col = j * 8 + 2 * tq + (i & 1);
-      float o = oacc[j][i];
-#if MODE == 0
-      o = o * rowf[r] * isq;
-#elif MODE == 1
-      o = rowf[r] * (o * vr1[r] + vr2[r] * zv[o0 + col]) * isq;
-#elif MODE == 2
-      o = rowf[r] * (o + zv[o0 + col]);
+    for (int j = 0; j < NSB; ++j)
+      #pragma unroll
+      for (int i = 0; i < 4; ++i) sacc[j][i] = 0.0f;
+
+    // ---- phase 1: Sm = X Y1^T over slabs of DA (and, in the diagonal block, Oi = X Z') ----
+    for (int d0 = 0; d0 < DA; d0 += DS) {
+      uint4 xr[DS / 16], y1r[DS / 16], zr[NZV];
+      #pragma unroll
+      for (int i = 0; i < DS / 16; ++i) {
+        int v = tid + i * NT, r = v / (DS / 8), cc = (v % (DS / 8)) * 8;
+        xr[i] = r < qlen ? *(__global const uint4*)(X + (qtok + r) * DA + d0 + cc) : (uint4)(0u);
+        y1r[i] = k0 + r < len ? *(__global const uint4*)(Y1 + (rowtok + k0 + r) * DA + d0 + cc) : (uint4)(0u);
+      }
+      if (diag) {
+        #pragma unroll
+        for (int i = 0; i < NZV; ++i) {
+          int v = tid + i * NT;
+          if (v < DS * OT / 8) {
+#if Z_TRANS
+            int r = v / (OT / 8), cc = (v % (OT / 8)) * 8;
+            zr[i] = *(__global const uint4*)(Zb + (size_t)(d0 + r) * DHHV + o0 + cc);
 #else
-      o = rowf[r] * o;
+            int r = v / (DS / 8), cc = (v % (DS / 8)) * 8;
+            zr[i] = *(__global const uint4*)(Zb + (size_t)(o0 + r) * DHHV + d0 + cc);
 #endif
-      oacc[j][i] = o;
+          }
+        }
+      }
+      barrier(CLK_LOCAL_MEM_FENCE);  // previous slab (or the previous block's ys) consumed
+      #pragma unroll
+      for (int i = 0; i < DS / 16; ++i) {
+        int v = tid + i * NT, r = v / (DS / 8), cc = (v % (DS / 8)) * 8;
+        sts128(xs + r * XSTR + cc, xr[i]);
+        sts128(y1s + r * XSTR + cc, y1r[i]);
+      }
+      if (diag) {
+        #pragma unroll
+        for (int i = 0; i < NZV; ++i) {
+          int v = tid + i * NT;
+          if (v < DS * OT / 8) {
+#if Z_TRANS
+            int r = v / (OT / 8), cc = (v % (OT / 8)) * 8;
+#else
+            int r = v / (DS / 8), cc = (v % (DS / 8)) * 8;
+#endif
+            sts128(zs + r * ZSTR + cc, zr[i]);
+          }
+        }
+      }
+      barrier(CLK_LOCAL_MEM_FENCE);
+
+      #pragma unroll
+      for (int ks = 0; ks < DS / 16; ++ks) {
+        uint a[4];
+        ldA(xs, XSTR, warp * 16, ks * 16, a);
+        #pragma unroll
+        for (int jj = 0; jj < NSB / 2; ++jj) {
+#if CAUSAL_SKIP
+#if LOWER
+          if (diag && jj > warp) continue;
+#else
+          if (diag && jj < warp) continue;
+#endif
+#endif
+          uint b[4];
+          ldB2(y1s, XSTR, jj * 16, ks * 16, b);
+          mma16816(sacc[2 * jj], a, b EMU_ARG);
+          mma16816(sacc[2 * jj + 1], a, b + 2 EMU_ARG);
+        }
+        if (diag) {
+          #pragma unroll
+          for (int jj = 0; jj < NOB / 2; ++jj) {
+            uint b[4];
+#if Z_TRANS
+            ldB2_T(zs, ZSTR, jj * 16, ks * 16, b);
+#else
+            ldB2(zs, ZSTR, jj * 16, ks * 16, b);
+#endif
+            mma16816(oacc[2 * jj], a, b EMU_ARG);
+            mma16816(oacc[2 * jj + 1], a, b + 2 EMU_ARG);
+          }
+        }
+      }
+#if MODE == 0
+      if (diag) {  // q_t . n for the denominator: 2 threads per row
+        int r = tid >> 1, h0 = (tid & 1) * (DS / 2);
+        #pragma unroll
+        for (int j = 0; j < DS / 2; ++j) qn_acc += E2F(xs[r * XSTR + h0 + j]) * zv[d0 + h0 + j];
+      }
+#endif
     }
 
-  // ---- phase 3: out += M Y ----
-  {
-    uint4 yr[OT / 16];
-    #pragma unroll
-    for (int i = 0; i < OT / 16; ++i) {
-      int v = tid + i * NT, r = v / (OT / 8), cc = (v % (OT / 8)) * 8;
-      yr[i] = r < len ? *(__global const uint4*)(Y + (rowtok + r) * DOUT + o0 + cc) : (uint4)(0u);
+    // ---- phase 2: M from Sm (weights, mask, scalings); in the diagonal block, Oi's scaling ----
+    if (exact) {
+      PHASE2(1)
+    } else {
+      PHASE2(0)
     }
-    barrier(CLK_LOCAL_MEM_FENCE);  // slabs consumed (ys aliases them)
+    if (diag) {
+      #pragma unroll
+      for (int j = 0; j < NOB; ++j)
+        #pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          int r = q0 + warp * 16 + g + (i >> 1) * 8, col = j * 8 + 2 * tq + (i & 1);
+          float o = oacc[j][i];
+#if MODE == 0
+          o = o * rowf[r] * isq;
+#elif MODE == 1
+          o = rowf[r] * (o * vr1[r] + vr2[r] * zv[o0 + col]) * isq;
+#elif MODE == 2
+          o = rowf[r] * (o + zv[o0 + col]);
+#else
+          o = rowf[r] * o;
+#endif
+          oacc[j][i] = o;
+        }
+    }
+
+    // ---- phase 3: out += M Y (Y: the key block's rows) ----
+    {
+      uint4 yr[OT / 16];
+      #pragma unroll
+      for (int i = 0; i < OT / 16; ++i) {
+        int v = tid + i * NT, r = v / (OT / 8), cc = (v % (OT / 8)) * 8;
+        yr[i] = k0 + r < len ? *(__global const uint4*)(Y + (rowtok + k0 + r) * DOUT + o0 + cc) : (uint4)(0u);
+      }
+      barrier(CLK_LOCAL_MEM_FENCE);  // slabs consumed (ys aliases them)
+      #pragma unroll
+      for (int i = 0; i < OT / 16; ++i) {
+        int v = tid + i * NT, r = v / (OT / 8), cc = (v % (OT / 8)) * 8;
+        sts128(ys + r * YSTR + cc, yr[i]);
+      }
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
     #pragma unroll
-    for (int i = 0; i < OT / 16; ++i) {
-      int v = tid + i * NT, r = v / (OT / 8), cc = (v % (OT / 8)) * 8;
-      sts128(ys + r * YSTR + cc, yr[i]);
+    for (int ks = 0; ks < LQ / 16; ++ks) {
+#if CAUSAL_SKIP
+#if LOWER
+      if (diag && ks > warp) continue;
+#else
+      if (diag && ks < warp) continue;
+#endif
+#endif
+      #pragma unroll
+      for (int jj = 0; jj < NOB / 2; ++jj) {
+        uint b[4];
+        ldB2_T(ys, YSTR, jj * 16, ks * 16, b);
+        mma16816(oacc[2 * jj], pa[ks], b EMU_ARG);
+        mma16816(oacc[2 * jj + 1], pa[ks], b + 2 EMU_ARG);
+#if MSPLIT
+        mma16816(oacc[2 * jj], pl[ks], b EMU_ARG);
+        mma16816(oacc[2 * jj + 1], pl[ks], b + 2 EMU_ARG);
+#endif
+      }
     }
   }
 #if MODE == 0
   qn2[tid] = qn_acc;
 #endif
-  barrier(CLK_LOCAL_MEM_FENCE);
-  #pragma unroll
-  for (int ks = 0; ks < L / 16; ++ks) {
-#if CAUSAL_SKIP
-#if LOWER
-    if (ks > warp) continue;
-#else
-    if (ks < warp) continue;
-#endif
-#endif
-    #pragma unroll
-    for (int jj = 0; jj < NOB / 2; ++jj) {
-      uint b[4];
-      ldB2_T(ys, YSTR, jj * 16, ks * 16, b);
-      mma16816(oacc[2 * jj], pa[ks], b EMU_ARG);
-      mma16816(oacc[2 * jj + 1], pa[ks], b + 2 EMU_ARG);
-#if MSPLIT
-      mma16816(oacc[2 * jj], pl[ks], b EMU_ARG);
-      mma16816(oacc[2 * jj + 1], pl[ks], b + 2 EMU_ARG);
-#endif
-    }
-  }
-
   // ---- epilogue ----
-  const int r0 = warp * 16 + g, r1 = r0 + 8;
+  const int r0 = warp * 16 + g, r1 = r0 + 8;  // rows of the sub-tile (chunk positions q0 + r)
 #if MODE == 0
   red[r0 * 4 + tq] = rs0;
   red[r1 * 4 + tq] = rs1;
@@ -398,25 +422,25 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
   for (int h = 0; h < 2; ++h) {
     int r = h ? r1 : r0;
     float den = red[r * 4] + red[r * 4 + 1] + red[r * 4 + 2] + red[r * 4 + 3] +
-                rowf[r] * isq * (qn2[2 * r] + qn2[2 * r + 1]);
+                rowf[q0 + r] * isq * (qn2[2 * r] + qn2[2 * r + 1]);
 #if NORMALIZE
-    float lim = exp(-vr1[r]);
+    float lim = exp(-vr1[q0 + r]);
     float N = fmax(fabs(den), lim) + EPS;
     float sg = fabs(den) > lim ? (den > 0.0f ? 1.0f : -1.0f) : 0.0f;
 #else
     float N = 1.0f, sg = 0.0f;
 #endif
     Nr[h] = N;
-    if (ot == 0 && tq == 0 && r < len) {
-      Nt[rowtok + r] = N;
-      sgt[rowtok + r] = sg;
+    if (ot == 0 && tq == 0 && r < qlen) {
+      Nt[qtok + r] = N;
+      sgt[qtok + r] = sg;
     }
   }
   #pragma unroll
   for (int j = 0; j < NOB; ++j) {
     int col = o0 + j * 8 + 2 * tq;
-    if (r0 < len) *(__global uint*)(OUT + (rowtok + r0) * DOUT + col) = pack2(oacc[j][0] / Nr[0], oacc[j][1] / Nr[0]);
-    if (r1 < len) *(__global uint*)(OUT + (rowtok + r1) * DOUT + col) = pack2(oacc[j][2] / Nr[1], oacc[j][3] / Nr[1]);
+    if (r0 < qlen) *(__global uint*)(OUT + (qtok + r0) * DOUT + col) = pack2(oacc[j][0] / Nr[0], oacc[j][1] / Nr[0]);
+    if (r1 < qlen) *(__global uint*)(OUT + (qtok + r1) * DOUT + col) = pack2(oacc[j][2] / Nr[1], oacc[j][3] / Nr[1]);
   }
 #else
 #if MODE == 1 || MODE == 2
@@ -425,17 +449,17 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
   #pragma unroll
   for (int j = 0; j < NOB; ++j) {
     int col = o0 + j * 8 + 2 * tq;
-    if (r0 < len) {
-      *(__global uint*)(OUT + (rowtok + r0) * DOUT + col) = pack2(oacc[j][0], oacc[j][1]);
+    if (r0 < qlen) {
+      *(__global uint*)(OUT + (qtok + r0) * DOUT + col) = pack2(oacc[j][0], oacc[j][1]);
 #if MODE == 1 || MODE == 2
-      uint e = *(__global const uint*)(E + (rowtok + r0) * DOUT + col);
+      uint e = *(__global const uint*)(E + (qtok + r0) * DOUT + col);
       d0p += lo2f(e) * oacc[j][0] + hi2f(e) * oacc[j][1];
 #endif
     }
-    if (r1 < len) {
-      *(__global uint*)(OUT + (rowtok + r1) * DOUT + col) = pack2(oacc[j][2], oacc[j][3]);
+    if (r1 < qlen) {
+      *(__global uint*)(OUT + (qtok + r1) * DOUT + col) = pack2(oacc[j][2], oacc[j][3]);
 #if MODE == 1 || MODE == 2
-      uint e = *(__global const uint*)(E + (rowtok + r1) * DOUT + col);
+      uint e = *(__global const uint*)(E + (qtok + r1) * DOUT + col);
       d1p += lo2f(e) * oacc[j][2] + hi2f(e) * oacc[j][3];
 #endif
     }
@@ -444,8 +468,8 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
   red[r0 * 4 + tq] = d0p;
   red[r1 * 4 + tq] = d1p;
   barrier(CLK_LOCAL_MEM_FENCE);
-  if (tid < len)
-    dotp[((size_t)ot * rows + row) * S + cb + tid] =
+  if (tid < qlen)
+    dotp[((size_t)ot * rows + row) * S + cb + q0 + tid] =
         red[tid * 4] + red[tid * 4 + 1] + red[tid * 4 + 2] + red[tid * 4 + 3];
 #endif
 #endif

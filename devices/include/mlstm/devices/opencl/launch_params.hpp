@@ -38,6 +38,10 @@ struct TcLaunchParams {
   // Wider state tiles KT x wide_state_tile_v for chunks of 64 where the problem still gives the state kernels two
   // work-groups per compute unit with them (fewer loads of k per chunk); 0: never. Off under MLSTM_TC_STATE_TILE.
   int wide_state_tile_v = 0;
+  // Rows of a chunk per work-group of the chunk kernels (query sub-tiles, TFLA style: a chunk of 128 keeps its
+  // states every 128 tokens while its L x L work runs in blocks of 64 with the registers of a chunk of 64); the
+  // chunk size where it is smaller. MLSTM_TC_CHUNK_ROWS=16|32|64|128.
+  int chunk_rows = 64;
 };
 
 template <class Params>
