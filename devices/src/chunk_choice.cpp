@@ -36,12 +36,21 @@ constexpr std::array<ChunkRow, 2> kPortableTable{{
     {"", 0, 0, 64, "default: the NVIDIA row (not swept on other devices)"},
 }};
 
-constexpr std::array<ChunkRow, 2> kTensorCoreTable{{
+// Tensor cores: the H100 sweep of session 26 (chunk 128 in query sub-tiles of 64 rows), B*S = 65536, NH = 16,
+// S = 8192 (128 rows) and 65536 (16 rows), and NH = 4 128/128 at 1M tokens (64 rows, and 4 rows split in shards).
+// ms forward / forward+backward, chunk 64 vs 128.
+constexpr std::array<ChunkRow, 5> kTensorCoreTable{{
+    {"NVIDIA", 64, 0, 64,
+     "head dims 64/64: 64 (128 rows 0.677 / 2.32 vs 0.743 / 3.01; 16 rows 0.824 / 2.62 vs 0.971 / 3.45)"},
+    {"NVIDIA", 0, 32, 64,
+     "32 rows and more: 64 (128 rows: 128/128 1.49 / 5.32 vs 1.68 / 5.71, 128/256 2.78 / 8.43 vs 2.91 / 9.32, 256/256 "
+     "4.54 / 14.2 vs 4.44 / 15.4; NH=4 128/128 64 rows 5.77 / 20.1 vs 5.99 / 22.2)"},
+    {"NVIDIA", 0, 8, 128,
+     "8-31 rows: 128 (16 rows: 128/128 3.39 / 8.66 vs 2.71 / 8.28, 128/256 4.16 / 11.1 vs 3.71 / 11.1, 256/256 "
+     "5.35 / 15.9 vs 5.04 / 16.7)"},
     {"NVIDIA", 0, 0, 64,
-     "H100, session 25: 64 faster than 128 at every row of the sweep (head dims 64/64 to 256/256, 16 and 128 rows, "
-     "fw and fwbw: 0.57-0.93 of 128's time); H200, sessions 19-24: TFLA setup fw 2.35-2.62 vs 4.33-4.80 ms, NH=4 "
-     "128/128 64 rows 5.02 vs 9.21 ms, B=1 S=1M 26.5 vs 29.9 ms"},
-    {"", 0, 0, 64, "default: the NVIDIA row (PoCL runs the emulated kernels in tests)"},
+     "fewer than 8 rows (the sequence split): 64 (NH=4 128/128 B=1 S=1M: 7.40 / 23.6 vs 7.65 / 25.8)"},
+    {"", 0, 0, 64, "default: the NVIDIA rows' choice at most shapes (PoCL runs the emulated kernels in tests)"},
 }};
 
 bool matches(const ChunkRow& row, std::string_view vendor, const ProblemShape& p, int units) {

@@ -591,6 +591,28 @@ TEST(AutoChunk, CpuRowsCountRowsPerThread) {
   EXPECT_EQ(chunk_row(ChunkFamily::cpu, "", p, 0).chunk, 64);  // no units: one
 }
 
+// The tensor cores' NVIDIA rows (session 26's sweep): 128 for 8-31 rows of head dims above 64, else 64.
+TEST(AutoChunk, TensorCoreRowsFollowHeadDimsAndRows) {
+  ProblemShape p;
+  p.S = 65536;
+  p.DHQK = 128;
+  p.DHHV = 256;
+  const auto chunk = [&](std::int64_t B, std::int64_t NH) {
+    p.B = B;
+    p.NH = NH;
+    return chunk_row(ChunkFamily::tensor_cores, "NVIDIA Corporation", p).chunk;
+  };
+  EXPECT_EQ(chunk(1, 16), 128);  // the TFLA setup at S = 65536
+  EXPECT_EQ(chunk(8, 16), 64);   // at S = 8192
+  EXPECT_EQ(chunk(1, 8), 128);
+  EXPECT_EQ(chunk(2, 16), 64);  // 32 rows
+  EXPECT_EQ(chunk(1, 4), 64);   // the sequence split's few rows
+  p.DHQK = p.DHHV = 64;
+  EXPECT_EQ(chunk(1, 16), 64);
+  p.DHQK = p.DHHV = 128;
+  EXPECT_EQ(chunk_row(ChunkFamily::tensor_cores, "Portable Computing Language", p).chunk, 64);
+}
+
 // A device that only chooses chunk sizes (nothing else is called).
 class ChoosingDevice final : public ComputeDevice {
  public:
