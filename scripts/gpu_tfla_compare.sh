@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Ours against TFLA (mlstm_kernels' Triton xl_chunk kernels, chunk 128) in one call on the GPU machine (device tool),
 # from the repository root after `source .gpu/setup.sh`. TFLA_SRC=<checkout of NX-AI/mlstm_kernels> (carried to the
-# machine: it has no network). TFLA runs while our benchmark builds; then bench_opencl times the tensor cores at
-# chunk 64 and 128 (and 128 with MLSTM_TC_CHUNK_ROWS=128, the kernels before query sub-tiles) on the same shapes:
-#   the TFLA setup (B*S = 65536, NH = 16, 128/256: S = 8192 and 65536) and NH = 4, 128/128 at 1M tokens
-#   (B = 64, S = 16384 and B = 1, S = 1M); bf16, both gates, forward and forward+backward, device-resident.
-# Outputs: $OUT/tfla_*.json, $OUT/tc_*.json (bench_opencl JSON with each kernel's time).
+# machine: it has no network). TFLA runs while our benchmark builds; then bench_opencl times the tensor cores on the
+# same shapes, device-resident, bf16, both gates, forward and forward+backward, and benchmarks/tfla/compare.py prints
+# one table of both with ours / TFLA.
+#   SHAPES    comma list of B:NH:S:DHQK:DHHV (default: the TFLA setup at S = 8192 and 65536, and NH = 4, 128/128 at
+#             1M tokens as B = 64, S = 16384 and B = 1, S = 1M)
+#   VARIANTS  space list of chunk:rows (MLSTM_BENCH_CHUNK : MLSTM_TC_CHUNK_ROWS; default "64:64 128:64 128:128",
+#             the last being the chunk kernels before query sub-tiles)
+#   REPS      our repetitions (default 5); DEADLINE=<epoch s>: shapes that would start after it are skipped
+# Outputs under $OUT: tfla_*.json, tc_*.json (bench_opencl JSON with each kernel's time), compare.md.
 set -o pipefail
 out=${OUT:-/tmp}
 : "${TFLA_SRC:?TFLA_SRC must name a checkout of NX-AI/mlstm_kernels}"
@@ -13,34 +17,40 @@ export LD_LIBRARY_PATH=/opt/deps/usr/lib/x86_64-linux-gnu/openblas-pthread:$LD_L
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader
 t0=$(date +%s)
 build=${BUILD:-/tmp/build-tfla}
+shapes=${SHAPES:-8:16:8192:128:256,1:16:65536:128:256,64:4:16384:128:128,1:4:1048576:128:128}
+variants=${VARIANTS:-64:64 128:64 128:128}
 ( cmake -S . -B $build -DCMAKE_BUILD_TYPE=Release -DMLSTM_BUILD_PYTHON=OFF -DMLSTM_BUILD_TESTS=OFF >$out/cmake.log 2>&1 &&
   cmake --build $build -j14 --target bench_opencl >$out/build.log 2>&1
   echo "build rc=$? after $(( $(date +%s) - t0 )) s" ) &
 bpid=$!
-shapes="8:16:8192:128:256,1:16:65536:128:256,64:4:16384:128:128,1:4:1048576:128:128"
 echo "== TFLA"
-# xl_chunk compiles on Triton 3.6 only with LLVM's optimiser off (ANCHORS.md); each kernel in its own process.
-TFLA_SHAPES=$shapes TFLA_KERNELS=xl_chunk_siging OUT=$out timeout 150 python3 benchmarks/tfla/tfla_bench.py 2>&1 |
-  grep -v -i warn | tail -8
-mv $out/tfla.json $out/tfla_siging.json 2>/dev/null
-TFLA_SHAPES=$shapes TFLA_KERNELS=xl_chunk DISABLE_LLVM_OPT=1 OUT=$out timeout 150 python3 benchmarks/tfla/tfla_bench.py \
-  2>&1 | grep -v -i warn | tail -8
-mv $out/tfla.json $out/tfla_exp.json 2>/dev/null
+# One process per shape and kernel: a CUDA error poisons its process (session 26: one failing shape left every later
+# one without a result). xl_chunk compiles on Triton 3.6 only with LLVM's optimiser off (ANCHORS.md).
+n=0
+for shape in ${shapes//,/ }; do
+  for kernel in xl_chunk xl_chunk_siging; do
+    n=$((n + 1))
+    if [ $kernel = xl_chunk ]; then llvm=1; else llvm=0; fi
+    DISABLE_LLVM_OPT=$llvm TFLA_SHAPES=$shape TFLA_KERNELS=$kernel OUT=$out timeout 120 \
+      python3 benchmarks/tfla/tfla_bench.py >$out/tfla_$n.log 2>&1
+    mv $out/tfla.json $out/tfla_$n.json 2>/dev/null
+    grep -E "FAILED|Error" $out/tfla_$n.log | head -2 | cut -c1-300 | sed "s/^/TFLA $kernel $shape: /"
+  done
+done
 wait $bpid
-med() { grep -E "median|ERROR|rror" | sed -E 's/iterations:1\/repeats:[0-9]+\/manual_time_//' | awk -v t="$1" '{print t": "$1" "$2" "$3}'; }
-export MLSTM_BENCH_PATHS=tc MLSTM_BENCH_STREAM=0
-echo "== ours, TFLA setup"
-for cfg in "64 64" "128 64" "128 128"; do
-  set -- $cfg
-  MLSTM_BENCH_REPS=10 MLSTM_BENCH_CHUNK=$1 MLSTM_TC_CHUNK_ROWS=$2 timeout 90 $build/benchmarks/bench_opencl \
-    --benchmark_filter='xl_chunk' --benchmark_out=$out/tc_L$1_q$2.json --benchmark_out_format=json 2>&1 | med "L=$1 rows=$2"
+echo "== ours ($(( $(date +%s) - t0 )) s)"
+export MLSTM_BENCH_PATHS=tc MLSTM_BENCH_STREAM=0 MLSTM_PROGRAM_CACHE=${MLSTM_PROGRAM_CACHE:-/tmp/tfla-program-cache}
+for shape in ${shapes//,/ }; do
+  IFS=: read -r B NH S DK DV <<<"$shape"
+  for v in $variants; do
+    IFS=: read -r L rows <<<"$v"
+    if [ -n "${DEADLINE:-}" ] && [ "$(date +%s)" -ge "$DEADLINE" ]; then echo "(skipped: past DEADLINE) $shape $v"; continue; fi
+    MLSTM_BENCH_TOKENS=$((B * S)) MLSTM_BENCH_SEQ=$S MLSTM_BENCH_HEADS=$NH MLSTM_BENCH_DQK=$DK MLSTM_BENCH_DHV=$DV \
+      MLSTM_BENCH_REPS=${REPS:-5} MLSTM_BENCH_CHUNK=$L MLSTM_TC_CHUNK_ROWS=$rows timeout 120 \
+      $build/benchmarks/bench_opencl --benchmark_filter='xl_chunk' \
+      --benchmark_out=$out/tc_${B}x${NH}x${S}_${DK}x${DV}_L${L}_q${rows}.json --benchmark_out_format=json >/dev/null 2>&1 ||
+      echo "bench failed: $shape $v"
+  done
 done
-echo "== ours, NH=4 128/128, 1M tokens"
-for cfg in "64 64" "128 64" "128 128"; do
-  set -- $cfg
-  MLSTM_BENCH_TOKENS=1048576 MLSTM_BENCH_HEADS=4 MLSTM_BENCH_DQK=128 MLSTM_BENCH_DHV=128 MLSTM_BENCH_SEQ=16384,1048576 \
-    MLSTM_BENCH_REPS=5 MLSTM_BENCH_CHUNK=$1 MLSTM_TC_CHUNK_ROWS=$2 timeout 90 $build/benchmarks/bench_opencl \
-    --benchmark_filter='xl_chunk' --benchmark_out=$out/tc4_L$1_q$2.json --benchmark_out_format=json 2>&1 |
-    med "NH4 L=$1 rows=$2"
-done
+python3 benchmarks/tfla/compare.py $out | tee $out/compare.md
 echo "done after $(( $(date +%s) - t0 )) s"

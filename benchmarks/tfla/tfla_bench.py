@@ -41,7 +41,8 @@ for B, NH, S, DK, DV in [tuple(int(x) for x in s) for s in shapes]:
             t_fwbw = triton.testing.do_bench(fwbw, warmup=25, rep=200, grad_to_none=[qs, ks, vs, is_, fs],
                                              return_mode="median")
         except Exception as e:  # noqa: BLE001
-            print(f"{name} B={B} NH={NH} S={S} {DK}/{DV}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            print(f"{name} B={B} NH={NH} S={S} {DK}/{DV}: FAILED {type(e).__name__}: {first}", flush=True)
             continue
         row = dict(kernel=name, B=B, NH=NH, S=S, DHQK=DK, DHHV=DV, fw_ms=round(t_fw, 3), fwbw_ms=round(t_fwbw, 3))
         rows.append(row)
