@@ -84,6 +84,14 @@ TEST(OpenCLLaunchParams, EnvironmentOverridesApplyAndMalformedOnesAreRefused) {
     EXPECT_THROW(tc_launch_params(d), InvalidArgument) << bad;
   }
   ::unsetenv("MLSTM_TC_CHUNK_ROWS");
+  EXPECT_EQ(tc_launch_params(d).key_block, 0);
+  ::setenv("MLSTM_TC_KEY_BLOCK", "64", 1);
+  EXPECT_EQ(tc_launch_params(d).key_block, 64);
+  for (const char* bad : {"48", "0", "256", "x"}) {
+    ::setenv("MLSTM_TC_KEY_BLOCK", bad, 1);
+    EXPECT_THROW(tc_launch_params(d), InvalidArgument) << bad;
+  }
+  ::unsetenv("MLSTM_TC_KEY_BLOCK");
   ::setenv("MLSTM_OPENCL_OUTPUT_COL_BLOCKS", "3", 1);
   EXPECT_EQ(portable_launch_params(d).output_col_blocks, 3);
   ::setenv("MLSTM_OPENCL_OUTPUT_COL_BLOCKS", "5", 1);

@@ -109,12 +109,14 @@ struct TcCase {
   bool last_state_grads = false;
   int shards = 0;      // TensorCoreRunner::Config::shards (0: the device's choice, no split on PoCL's few rows)
   int chunk_rows = 0;  // MLSTM_TC_CHUNK_ROWS (0: the launch row's, 64)
+  int key_block = 0;   // MLSTM_TC_KEY_BLOCK (0: the chunk rows)
 };
 
 void PrintTo(const TcCase& c, std::ostream* os) {
   *os << "L=" << c.chunk << " " << c.spec.describe() << (c.normalize ? "" : " nonorm")
       << (c.last_state_grads ? " dlast" : "") << (c.shards ? " shards=" + std::to_string(c.shards) : "")
-      << (c.chunk_rows ? " rows=" + std::to_string(c.chunk_rows) : "");
+      << (c.chunk_rows ? " rows=" + std::to_string(c.chunk_rows) : "")
+      << (c.key_block ? " keys=" + std::to_string(c.key_block) : "");
 }
 
 class TensorCores : public ::testing::TestWithParam<TcCase> {};
@@ -126,6 +128,8 @@ TEST_P(TensorCores, ForwardAndBackwardMatchReference) {
   const auto dev = first_device();
   std::optional<ScopedEnv> rows;
   if (c.chunk_rows) rows.emplace("MLSTM_TC_CHUNK_ROWS", std::to_string(c.chunk_rows).c_str());
+  std::optional<ScopedEnv> keys;
+  if (c.key_block) keys.emplace("MLSTM_TC_KEY_BLOCK", std::to_string(c.key_block).c_str());
   const auto runner = runner_for(dev, c.shards);
   MlstmOptions o;
   o.gate = c.spec.gate;
@@ -197,13 +201,19 @@ INSTANTIATE_TEST_SUITE_P(
 
 // Query sub-tiles of the chunk kernels (tc_chunk.cl LQ): chunk 128 in rows of 16 (8 key blocks, sub-tiles past the
 // end of the last chunk), 32 and 128 (the whole chunk in one work-group); the default 64 is every other chunk-128
-// case. Last chunks of 74 and 44 tokens.
+// case. Key blocks narrower than the rows (KB): 128 rows in blocks of 64, 64 rows in blocks of 16, and chunk 64 in
+// blocks of 32. Last chunks of 74, 44, 72 and 22 tokens.
 INSTANTIATE_TEST_SUITE_P(
     ChunkRows, TensorCores,
     ::testing::Values(TcCase{spec(1, 1, 330, 32, 32, DType::bf16, GateVariant::exp, true), 128, true, true, 0, 16},
                       TcCase{spec(1, 2, 300, 16, 32, DType::f16, GateVariant::sigmoid, true), 128, true, true, 0, 32},
                       TcCase{spec(1, 1, 200, 32, 16, DType::bf16, GateVariant::exp, true, GateRegime::extreme), 128,
-                             true, false, 0, 128}));
+                             true, false, 0, 128},
+                      TcCase{spec(1, 1, 330, 32, 32, DType::bf16, GateVariant::exp, true), 128, true, true, 0, 128, 64},
+                      TcCase{spec(1, 2, 200, 16, 32, DType::f16, GateVariant::sigmoid, true), 128, true, true, 0, 64,
+                             16},
+                      TcCase{spec(2, 1, 150, 32, 16, DType::bf16, GateVariant::exp, true, GateRegime::extreme), 64,
+                             true, true, 0, 64, 32}));
 
 // The sequence split inside the device (Config::shards, shard_combine.cl): each row runs as shards of
 // whole chunks whose states are chained by the combine kernels; the same bounds against the float64 recurrence.

@@ -74,6 +74,11 @@ TcLaunchParams tc_launch_params(const DeviceInfo& device) {
       throw InvalidArgument("MLSTM_TC_CHUNK_ROWS", "expected 16, 32, 64 or 128 rows (got '" + *rows + "')");
     p.chunk_rows = std::stoi(*rows);
   }
+  if (const auto block = env::get("MLSTM_TC_KEY_BLOCK")) {
+    if (*block != "16" && *block != "32" && *block != "64" && *block != "128")
+      throw InvalidArgument("MLSTM_TC_KEY_BLOCK", "expected 16, 32, 64 or 128 key columns (got '" + *block + "')");
+    p.key_block = std::stoi(*block);
+  }
   return p;
 }
 

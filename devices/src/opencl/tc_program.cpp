@@ -132,10 +132,14 @@ TcConfig make_config(Device& dev, bool emulate, const ProblemShape& p, const Mls
       p.rows() * (p.DHQK / c.KT) * (p.DHHV / wide) >= 2 * static_cast<std::int64_t>(dev.info().compute_units))
     c.VT = wide;
   c.LQ = std::min(c.L, launch.chunk_rows);
-  c.OTf = pick_tile(p.DHHV, c.LQ >= 128 ? 64 : 128);
-  c.DSf = pick_tile(p.DHQK, c.LQ >= 128 ? 32 : 64);
-  c.OTq = pick_tile(p.DHQK, c.LQ >= 128 ? 64 : 128);
-  c.DSq = pick_tile(p.DHHV, c.LQ >= 128 ? 32 : 64);
+  c.KB = launch.key_block > 0 ? std::min(c.LQ, launch.key_block) : c.LQ;
+  // Output tiles of 64 where a block's 16 x KB accumulators take 64 registers; slabs of 32 columns where the rows
+  // and the key block staged together would leave local memory short of 48 KB at slabs of 64.
+  const int ot = c.KB >= 128 ? 64 : 128, ds = c.LQ + c.KB > 128 ? 32 : 64;
+  c.OTf = pick_tile(p.DHHV, ot);
+  c.DSf = pick_tile(p.DHQK, ds);
+  c.OTq = pick_tile(p.DHQK, ot);
+  c.DSq = pick_tile(p.DHHV, ds);
   int group = launch.gate_group;
   while (group > 32 && static_cast<std::size_t>(group) > dev.info().max_work_group) group /= 2;
   c.gate_group = group;

@@ -16,6 +16,7 @@ namespace mlstm::opencl::detail {
 struct TcConfig {
   int L = 64, KT = 0, VT = 0, OTf = 0, DSf = 0, OTq = 0, DSq = 0, gate_group = 512;
   int LQ = 64;       // rows of a chunk per work-group of the chunk kernels (query sub-tiles; divides L)
+  int KB = 64;       // key columns per block of the chunk kernels' L x L work (divides LQ)
   std::string base;  // options shared by every program
 
   // `write_states` false: only the final value (the sequence split's summary pass; tc_states.cl WRITE_STATES).
@@ -25,8 +26,8 @@ struct TcConfig {
   }
   std::string chunk(int mode, std::int64_t DA, std::int64_t DOUT, int OT, int DS) const {
     std::ostringstream o;
-    o << base << " -DMODE=" << mode << " -DLQ=" << LQ << " -DDA=" << DA << " -DDOUT=" << DOUT << " -DOT=" << OT
-      << " -DDS=" << DS;
+    o << base << " -DMODE=" << mode << " -DLQ=" << LQ << " -DKB=" << KB << " -DDA=" << DA << " -DDOUT=" << DOUT
+      << " -DOT=" << OT << " -DDS=" << DS;
     return o.str();
   }
   // The chunk kernels' work-group (2 LQ threads) and global size over `chunks` chunks of a row, output tiles OT of

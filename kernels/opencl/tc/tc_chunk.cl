@@ -10,14 +10,15 @@
 // MODE 2 tc_bw_grads_dk:      X=v,  Y1=dh, Y=q,  Z'=dC_c+1^T (DA=DHHV, DOUT=DHQK)  out = dk
 // MODE 3 tc_bw_grads_dv:      X=k,  Y1=q,  Y=dh, Z=dC_c+1    (DA=DHQK, DOUT=DHHV)  out = dv
 // Query sub-tiles (TFLA style): a work-group takes LQ rows of a chunk (LQ divides L; LQ = L: the whole chunk),
-// and the L x L block is formed in key blocks of LQ columns: the diagonal block first (with Oi, whose scaling must
-// precede the M Y terms), then the blocks the mask keeps (earlier ones for the lower modes 0, 1; later ones for 2, 3).
-// Every key block's weights are absolute (the stabilisers m_t come from the gates), so the blocks simply add: the
-// states are kept every L tokens while the registers and local memory are those of an LQ-token chunk.
+// and the L x L block is formed in key blocks of KB columns (KB divides LQ; default LQ): the block at the sub-tile's
+// diagonal end first (with Oi, whose scaling must precede the M Y terms), then the blocks the mask keeps (earlier
+// ones for the lower modes 0, 1; later ones for 2, 3). Every key block's weights are absolute (the stabilisers m_t
+// come from the gates), so the blocks simply add: the states are kept every L tokens while the registers are those
+// of a KB-column block. A warp skips the 16 x 16 tiles the mask removes (CAUSAL_SKIP), whole blocks included.
 // Work-group: LQ/16 warps; warp w owns rows q0+16w..q0+16w+15 of the chunk. The reduction over DA runs in slabs of
 // DS columns through local memory. Global size (NT * NC * (L/LQ) * (DOUT/OT), rows), local (NT, 1), NT = 2 LQ;
 // group id 0 = (c * (L/LQ) + sub-tile) * (DOUT/OT) + output tile.
-// Build options: -DMODE -DL -DLQ -DDA -DDOUT -DOT -DDS -DDHQK -DDHHV -DGATE_EXP -DNORMALIZE -DEPS
+// Build options: -DMODE -DL -DLQ -DKB -DDA -DDOUT -DOT -DDS -DDHQK -DDHHV -DGATE_EXP -DNORMALIZE -DEPS
 //                -DCAUSAL_SKIP (+ tc_common.cl's).
 
 #ifndef GATE_EXP
@@ -41,8 +42,11 @@
 #endif
 #define NW (LQ / 16)
 #define NT (32 * NW)
-#define NSB (LQ / 8)
-#define NKB (L / LQ)  // query sub-tiles (= key blocks) of a chunk
+#ifndef KB
+#define KB LQ
+#endif
+#define NSB (KB / 8)
+#define NKB (L / LQ)  // query sub-tiles of a chunk
 #define NOB (OT / 8)
 #if MODE == 0 || MODE == 3
 #define Z_TRANS 1
@@ -56,12 +60,15 @@
 #define XSTR (DS + 8)
 #define NZV ((DS * OT / 8 + NT - 1) / NT)  // 16-byte vectors of a Z slab per thread
 #define YSTR (OT + 8)
-#define SLAB_ELEMS (2 * LQ * XSTR + ZROWS * ZSTR)
-#define YT_ELEMS (LQ * YSTR)
+#define SLAB_ELEMS ((LQ + KB) * XSTR + ZROWS * ZSTR)
+#define YT_ELEMS (KB * YSTR)
+#define NY1V ((KB * DS / 8 + NT - 1) / NT)  // 16-byte vectors of a Y1 slab per thread
+#define NYV ((KB * OT / 8 + NT - 1) / NT)   // of a Y tile
 #define REGION_ELEMS (SLAB_ELEMS > YT_ELEMS ? SLAB_ELEMS : YT_ELEMS)
 #define LOWER (MODE == 0 || MODE == 1)  // mask s <= t with rows t (else rows s, columns t >= s)
 
-#if DA % DS != 0 || DOUT % OT != 0 || DS % 16 != 0 || OT % 16 != 0 || LQ % 16 != 0 || L % LQ != 0
+#if DA % DS != 0 || DOUT % OT != 0 || DS % 16 != 0 || OT % 16 != 0 || LQ % 16 != 0 || L % LQ != 0 || \
+    KB % 16 != 0 || LQ % KB != 0
 #error "tc_chunk: unsupported tile configuration"
 #endif
 
@@ -105,7 +112,7 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
   EMU_DECL(NW)
   __local ushort* xs = region;
   __local ushort* y1s = region + LQ * XSTR;
-  __local ushort* zs = region + 2 * LQ * XSTR;
+  __local ushort* zs = region + (LQ + KB) * XSTR;
   __local ushort* ys = region;
 
   const int tid = get_local_id(0), lane = tid & 31, warp = tid >> 5, g = lane >> 2, tq = lane & 3;
@@ -192,9 +199,9 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
 #define P2_ROWSUM(mv)
 #endif
   __global const ushort* Zb = Z + ((size_t)row * NC + c) * DHQK * DHHV;
-  uint pa[LQ / 16][4];
+  uint pa[KB / 16][4];
 #if MSPLIT
-  uint pl[LQ / 16][4];
+  uint pl[KB / 16][4];
 #endif
 #if LOWER
 #define P2_OK(r, cc) ((cc) <= (r) && (r) < len)
@@ -246,11 +253,23 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
     P2_SPLIT(j, mv, p01, p23)                                                       \
   }
 
-  // Key blocks: the diagonal one (kb = qb) first, then away from it in the mask's direction.
-  const int nkb = LOWER ? qb + 1 : NKB - qb;
+  // Key blocks: the one at the sub-tile's diagonal end first, then away from it in the mask's direction. rt: the
+  // warp's 16-row tile in the chunk; a 16-column tile ct of a block is masked out for it where ct > rt (lower) or
+  // ct < rt (upper).
+#if LOWER
+  const int kb_diag = (q0 + LQ) / KB - 1, nkb = kb_diag + 1;
+#else
+  const int kb_diag = q0 / KB, nkb = L / KB - kb_diag;
+#endif
+  const int rt = q0 / 16 + warp;
   for (int step = 0; step < nkb; ++step) {
-    const int kb = LOWER ? qb - step : qb + step, k0 = kb * LQ;
-    const bool diag = step == 0;
+    const int kb = LOWER ? kb_diag - step : kb_diag + step, k0 = kb * KB;
+    const bool diag = step == 0;  // carries Oi = X Z'
+#if LOWER
+#define TILE_MASKED(ct) ((ct) > rt)
+#else
+#define TILE_MASKED(ct) ((ct) < rt)
+#endif
     #pragma unroll
     for (int j = 0; j < NSB; ++j)
       #pragma unroll
@@ -258,12 +277,17 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
 
     // ---- phase 1: Sm = X Y1^T over slabs of DA (and, in the diagonal block, Oi = X Z') ----
     for (int d0 = 0; d0 < DA; d0 += DS) {
-      uint4 xr[DS / 16], y1r[DS / 16], zr[NZV];
+      uint4 xr[DS / 16], y1r[NY1V], zr[NZV];
       #pragma unroll
       for (int i = 0; i < DS / 16; ++i) {
         int v = tid + i * NT, r = v / (DS / 8), cc = (v % (DS / 8)) * 8;
         xr[i] = r < qlen ? *(__global const uint4*)(X + (qtok + r) * DA + d0 + cc) : (uint4)(0u);
-        y1r[i] = k0 + r < len ? *(__global const uint4*)(Y1 + (rowtok + k0 + r) * DA + d0 + cc) : (uint4)(0u);
+      }
+      #pragma unroll
+      for (int i = 0; i < NY1V; ++i) {
+        int v = tid + i * NT, r = v / (DS / 8), cc = (v % (DS / 8)) * 8;
+        y1r[i] = v < KB * DS / 8 && k0 + r < len ? *(__global const uint4*)(Y1 + (rowtok + k0 + r) * DA + d0 + cc)
+                                                  : (uint4)(0u);
       }
       if (diag) {
         #pragma unroll
@@ -285,7 +309,11 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
       for (int i = 0; i < DS / 16; ++i) {
         int v = tid + i * NT, r = v / (DS / 8), cc = (v % (DS / 8)) * 8;
         sts128(xs + r * XSTR + cc, xr[i]);
-        sts128(y1s + r * XSTR + cc, y1r[i]);
+      }
+      #pragma unroll
+      for (int i = 0; i < NY1V; ++i) {
+        int v = tid + i * NT, r = v / (DS / 8), cc = (v % (DS / 8)) * 8;
+        if (v < KB * DS / 8) sts128(y1s + r * XSTR + cc, y1r[i]);
       }
       if (diag) {
         #pragma unroll
@@ -310,11 +338,7 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
         #pragma unroll
         for (int jj = 0; jj < NSB / 2; ++jj) {
 #if CAUSAL_SKIP
-#if LOWER
-          if (diag && jj > warp) continue;
-#else
-          if (diag && jj < warp) continue;
-#endif
+          if (TILE_MASKED(k0 / 16 + jj)) continue;
 #endif
           uint b[4];
           ldB2(y1s, XSTR, jj * 16, ks * 16, b);
@@ -372,28 +396,25 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
 
     // ---- phase 3: out += M Y (Y: the key block's rows) ----
     {
-      uint4 yr[OT / 16];
+      uint4 yr[NYV];
       #pragma unroll
-      for (int i = 0; i < OT / 16; ++i) {
+      for (int i = 0; i < NYV; ++i) {
         int v = tid + i * NT, r = v / (OT / 8), cc = (v % (OT / 8)) * 8;
-        yr[i] = k0 + r < len ? *(__global const uint4*)(Y + (rowtok + k0 + r) * DOUT + o0 + cc) : (uint4)(0u);
+        yr[i] = v < KB * OT / 8 && k0 + r < len ? *(__global const uint4*)(Y + (rowtok + k0 + r) * DOUT + o0 + cc)
+                                                 : (uint4)(0u);
       }
       barrier(CLK_LOCAL_MEM_FENCE);  // slabs consumed (ys aliases them)
       #pragma unroll
-      for (int i = 0; i < OT / 16; ++i) {
+      for (int i = 0; i < NYV; ++i) {
         int v = tid + i * NT, r = v / (OT / 8), cc = (v % (OT / 8)) * 8;
-        sts128(ys + r * YSTR + cc, yr[i]);
+        if (v < KB * OT / 8) sts128(ys + r * YSTR + cc, yr[i]);
       }
     }
     barrier(CLK_LOCAL_MEM_FENCE);
     #pragma unroll
-    for (int ks = 0; ks < LQ / 16; ++ks) {
+    for (int ks = 0; ks < KB / 16; ++ks) {
 #if CAUSAL_SKIP
-#if LOWER
-      if (diag && ks > warp) continue;
-#else
-      if (diag && ks < warp) continue;
-#endif
+      if (TILE_MASKED(k0 / 16 + ks)) continue;
 #endif
       #pragma unroll
       for (int jj = 0; jj < NOB / 2; ++jj) {

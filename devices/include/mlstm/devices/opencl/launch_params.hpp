@@ -42,6 +42,9 @@ struct TcLaunchParams {
   // states every 128 tokens while its L x L work runs in blocks of 64 with the registers of a chunk of 64); the
   // chunk size where it is smaller. MLSTM_TC_CHUNK_ROWS=16|32|64|128.
   int chunk_rows = 64;
+  // Key columns per block of the chunk kernels' L x L work (dividing the chunk rows): 0 = the chunk rows. Smaller
+  // blocks let a work-group take more rows with the same registers. MLSTM_TC_KEY_BLOCK=16|32|64|128.
+  int key_block = 0;
 };
 
 template <class Params>
