@@ -6,8 +6,8 @@
 # one table of both with ours / TFLA.
 #   SHAPES    comma list of B:NH:S:DHQK:DHHV (default: the TFLA setup at S = 8192 and 65536, and NH = 4, 128/128 at
 #             1M tokens as B = 64, S = 16384 and B = 1, S = 1M)
-#   VARIANTS  space list of chunk:rows (MLSTM_BENCH_CHUNK : MLSTM_TC_CHUNK_ROWS; default "64:64 128:64 128:128",
-#             the last being the chunk kernels before query sub-tiles)
+#   VARIANTS  space list of chunk:rows[:keys] (MLSTM_BENCH_CHUNK : MLSTM_TC_CHUNK_ROWS : MLSTM_TC_KEY_BLOCK; default
+#             "64:64 128:64 128:128:64 128:128", the last being the chunk kernels before query sub-tiles)
 #   REPS      our repetitions (default 5); DEADLINE=<epoch s>: shapes that would start after it are skipped
 # Outputs under $OUT: tfla_*.json, tc_*.json (bench_opencl JSON with each kernel's time), compare.md.
 set -o pipefail
@@ -18,7 +18,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv,
 t0=$(date +%s)
 build=${BUILD:-/tmp/build-tfla}
 shapes=${SHAPES:-8:16:8192:128:256,1:16:65536:128:256,64:4:16384:128:128,1:4:1048576:128:128}
-variants=${VARIANTS:-64:64 128:64 128:128}
+variants=${VARIANTS:-64:64 128:64 128:128:64 128:128}
 ( cmake -S . -B $build -DCMAKE_BUILD_TYPE=Release -DMLSTM_BUILD_PYTHON=OFF -DMLSTM_BUILD_TESTS=OFF >$out/cmake.log 2>&1 &&
   cmake --build $build -j14 --target bench_opencl >$out/build.log 2>&1
   echo "build rc=$? after $(( $(date +%s) - t0 )) s" ) &
@@ -43,12 +43,13 @@ export MLSTM_BENCH_PATHS=tc MLSTM_BENCH_STREAM=0 MLSTM_PROGRAM_CACHE=${MLSTM_PRO
 for shape in ${shapes//,/ }; do
   IFS=: read -r B NH S DK DV <<<"$shape"
   for v in $variants; do
-    IFS=: read -r L rows <<<"$v"
+    IFS=: read -r L rows keys <<<"$v"
     if [ -n "${DEADLINE:-}" ] && [ "$(date +%s)" -ge "$DEADLINE" ]; then echo "(skipped: past DEADLINE) $shape $v"; continue; fi
     MLSTM_BENCH_TOKENS=$((B * S)) MLSTM_BENCH_SEQ=$S MLSTM_BENCH_HEADS=$NH MLSTM_BENCH_DQK=$DK MLSTM_BENCH_DHV=$DV \
-      MLSTM_BENCH_REPS=${REPS:-5} MLSTM_BENCH_CHUNK=$L MLSTM_TC_CHUNK_ROWS=$rows timeout 120 \
+      MLSTM_BENCH_REPS=${REPS:-5} MLSTM_BENCH_CHUNK=$L MLSTM_TC_CHUNK_ROWS=$rows MLSTM_TC_KEY_BLOCK=${keys:-} timeout 120 \
       $build/benchmarks/bench_opencl --benchmark_filter='xl_chunk' \
-      --benchmark_out=$out/tc_${B}x${NH}x${S}_${DK}x${DV}_L${L}_q${rows}.json --benchmark_out_format=json >/dev/null 2>&1 ||
+      --benchmark_out=$out/tc_${B}x${NH}x${S}_${DK}x${DV}_L${L}_q${rows}${keys:+_k$keys}.json \
+      --benchmark_out_format=json >/dev/null 2>&1 ||
       echo "bench failed: $shape $v"
   done
 done

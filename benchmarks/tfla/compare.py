@@ -12,11 +12,11 @@ for f in glob.glob(os.path.join(d, "tfla_*.json")):
         tfla[(*key, "fwbw")] = r["fwbw_ms"]
 ours, variants = {}, []
 for f in sorted(glob.glob(os.path.join(d, "tc_*.json"))):
-    m = re.match(r"tc_(\d+)x(\d+)x(\d+)_(\d+)x(\d+)_L(\d+)_q(\d+)\.json", os.path.basename(f))
+    m = re.match(r"tc_(\d+)x(\d+)x(\d+)_(\d+)x(\d+)_L(\d+)_q(\d+)(?:_k(\d+))?\.json", os.path.basename(f))
     if not m:
         continue
-    B, NH, S, DK, DV, L, q = map(int, m.groups())
-    v = f"{L}:{q}"
+    B, NH, S, DK, DV, L, q = map(int, m.groups()[:7])
+    v = f"{L}:{q}" + (f":{m.group(8)}" if m.group(8) else "")
     if v not in variants:
         variants.append(v)
     for b in json.load(open(f)).get("benchmarks", []):
@@ -26,8 +26,8 @@ for f in sorted(glob.glob(os.path.join(d, "tc_*.json"))):
         gate = "sig" if parts[2].endswith("siging") else "exp"
         S, B = int(parts[4][2:]), int(parts[5][2:])  # the run's own S=.. and B=..
         ours[(B, NH, S, DK, DV, gate, parts[3], v)] = b["real_time"]
-variants.sort(key=lambda v: [int(x) for x in v.split(":")])
-print("| B | NH | S | DHQK/DHHV | gate | pass | TFLA ms | " + " | ".join(f"ours {v} (chunk:rows)" for v in variants) +
+variants.sort(key=lambda v: [int(x) for x in v.split(":")] + [0] * (3 - len(v.split(":"))))
+print("| B | NH | S | DHQK/DHHV | gate | pass | TFLA ms | " + " | ".join(f"ours {v} (chunk:rows[:keys])" for v in variants) +
       " | best of ours / TFLA |")
 print("|" + "---|" * (8 + len(variants)))
 keys = sorted({k[:7] for k in ours} | set(tfla))
