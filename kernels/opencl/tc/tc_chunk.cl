@@ -57,6 +57,14 @@
 #define ZSTR (DS + 8)
 #define ZROWS OT
 #endif
+// A Z slab's 16-byte vector v: its row r and column cc in local memory, and its element offset in the state.
+#if Z_TRANS
+#define Z_POS(v, r, cc) const int r = (v) / (OT / 8), cc = ((v) % (OT / 8)) * 8
+#define Z_GLOBAL(r, cc) ((size_t)(d0 + (r)) * DHHV + o0 + (cc))
+#else
+#define Z_POS(v, r, cc) const int r = (v) / (DS / 8), cc = ((v) % (DS / 8)) * 8
+#define Z_GLOBAL(r, cc) ((size_t)(o0 + (r)) * DHHV + d0 + (cc))
+#endif
 #define XSTR (DS + 8)
 #define NZV ((DS * OT / 8 + NT - 1) / NT)  // 16-byte vectors of a Z slab per thread
 #define YSTR (OT + 8)
@@ -294,13 +302,8 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
         for (int i = 0; i < NZV; ++i) {
           int v = tid + i * NT;
           if (v < DS * OT / 8) {
-#if Z_TRANS
-            int r = v / (OT / 8), cc = (v % (OT / 8)) * 8;
-            zr[i] = *(__global const uint4*)(Zb + (size_t)(d0 + r) * DHHV + o0 + cc);
-#else
-            int r = v / (DS / 8), cc = (v % (DS / 8)) * 8;
-            zr[i] = *(__global const uint4*)(Zb + (size_t)(o0 + r) * DHHV + d0 + cc);
-#endif
+            Z_POS(v, r, cc);
+            zr[i] = *(__global const uint4*)(Zb + Z_GLOBAL(r, cc));
           }
         }
       }
@@ -320,11 +323,7 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
         for (int i = 0; i < NZV; ++i) {
           int v = tid + i * NT;
           if (v < DS * OT / 8) {
-#if Z_TRANS
-            int r = v / (OT / 8), cc = (v % (OT / 8)) * 8;
-#else
-            int r = v / (DS / 8), cc = (v % (DS / 8)) * 8;
-#endif
+            Z_POS(v, r, cc);
             sts128(zs + r * ZSTR + cc, zr[i]);
           }
         }
