@@ -164,8 +164,12 @@ RowForward forward_row(const RowInputs& in, const StateBuffer& init, std::int64_
   stages::fw_gates(in.i, in.f, o.gate, s, r.b.data(), r.B.data(), r.cut.data(), r.ig.data(), r.G.data());
   r.boundary = stages::pooled_states(p.DHQK, p.DHHV, s.num_chunks());  // fw_states writes every state
   r.last = StateBuffer(p.DHQK, p.DHHV, 1);
+  // A forward alone leaves a split row's fix-ups to fw_outputs (one pass over the boundary states fewer); a forward
+  // for a backward keeps every boundary state true, as the backward reads them.
+  stages::DeferredFixups fixups;
   stages::fw_states_parts(in.k, in.v, r.decays(), r.ig.data(), r.G.data(), o.gate, s, init.at(0), &r.boundary,
-                          r.last.at(0), stages::SequenceParts::for_rows(s, items), in.rows16());
+                          r.last.at(0), stages::SequenceParts::for_rows(s, items), in.rows16(),
+                          keep_for_backward ? nullptr : &fixups);
   if (!h_out) {
     r.h = stages::pooled_floats(static_cast<std::size_t>(T * p.DHHV));
     h_out = r.h.data();
@@ -178,7 +182,7 @@ RowForward forward_row(const RowInputs& in, const StateBuffer& init, std::int64_
   stages::fw_outputs(in.q, in.k, in.v, r.decays(), r.ig.data(), o.gate, o.normalize, static_cast<float>(o.eps), s,
                      r.boundary, h_out, keep_for_backward ? r.m_tok.data() : nullptr,
                      keep_for_backward ? r.N_tok.data() : nullptr, keep_for_backward ? r.den_tok.data() : nullptr, tile,
-                     in.rows16());
+                     in.rows16(), &fixups);
   return r;
 }
 

@@ -38,6 +38,7 @@ inline float state_m(GateVariant g, float m) { return is_exp(g) ? m : 0.f; }
 // Scratch for one block computation; one per thread.
 struct Scratch {
   std::vector<float> a, b, c, d, e;
+  std::vector<float> state;  // a state fixed up on its way into fw_outputs (DeferredFixups)
   void reserve(std::size_t n) {
     for (auto* v : {&a, &b, &c, &d, &e}) {
       if (v->size() < n) v->resize(n);
@@ -340,8 +341,12 @@ SegmentShape SequenceParts::shape(const SegmentShape& s, std::int64_t p) const {
 
 void fw_states_parts(const float* k, const float* v, Decays b, const float* ig, const float* G, GateVariant gate,
                      const SegmentShape& s, ConstStateRef in, StateBuffer* boundary, StateRef out,
-                     const SequenceParts& parts, const Bf16Rows& rows16) {
+                     const SequenceParts& parts, const Bf16Rows& rows16, DeferredFixups* deferred) {
   const std::int64_t n = parts.count(), DK = s.DHQK, DV = s.DHHV;
+  if (deferred) {
+    deferred->part.clear();
+    deferred->prefix.clear();
+  }
   if (n <= 1) {
     fw_states_at(k, v, b, ig, G, gate, s, in, boundary, 0, out, rows16);
     return;
@@ -371,8 +376,23 @@ void fw_states_parts(const float* k, const float* v, Decays b, const float* ig, 
     combine(entering.at(p), G_part[static_cast<std::size_t>(p)], locals.at(p), gate, DK, DV, entering.at(p + 1));
   }
   copy_state(entering.at(n), out);
-  // Boundary states of parts 1.. were computed from EMPTY: fix them up, in parallel.
+  // Boundary states of parts 1.. were computed from EMPTY: fix them up, in parallel (or leave that to fw_outputs).
   if (!boundary) return;
+  if (deferred) {
+    const std::int64_t nc = s.num_chunks();
+    deferred->part.assign(static_cast<std::size_t>(nc), 0);
+    deferred->prefix.assign(static_cast<std::size_t>(nc), 0.f);
+    for (std::int64_t p = 1; p < n; ++p) {
+      float prefix = 0.f;  // summed as fixup_states_at sums it
+      for (std::int64_t c = parts.begin_chunk(p); c < parts.end_chunk(p); ++c) {
+        deferred->part[static_cast<std::size_t>(c)] = p;
+        deferred->prefix[static_cast<std::size_t>(c)] = prefix;
+        prefix += G[c];
+      }
+    }
+    deferred->entering = std::move(entering);
+    return;
+  }
   tbb::parallel_for(std::int64_t{1}, n, [&](std::int64_t p) {
     const std::int64_t c0 = parts.begin_chunk(p);
     fixup_states_at(G + c0, gate, parts.shape(s, p), entering.at(p), boundary, c0, locals.at(p));
@@ -402,7 +422,8 @@ void token_stabilisers(Decays b, const float* ig, float m, std::int64_t len, Gat
 
 void fw_outputs(const float* q, const float* k, const float* v, Decays b, const float* ig, GateVariant gate,
                 bool normalize, float eps, const SegmentShape& s, const StateBuffer& boundary, float* h, float* m_tok,
-                float* N_tok, float* den_tok, std::int64_t tile, const Bf16Rows& rows16) {
+                float* N_tok, float* den_tok, std::int64_t tile, const Bf16Rows& rows16,
+                const DeferredFixups* deferred) {
   const std::int64_t DK = s.DHQK, DV = s.DHHV, L = s.L;
   const std::int64_t blk = tile > 0 ? std::min(tile, L) : L;
   const std::int64_t nblk = (L + blk - 1) / blk;
@@ -415,10 +436,19 @@ void fw_outputs(const float* q, const float* k, const float* v, Decays b, const 
     const std::int64_t q0 = qb * blk;
     if (q0 >= len) return;
     const std::int64_t qn = std::min(blk, len - q0);
-    const auto st = boundary.at(c);
-    const float m_in = state_m(gate, *st.m);
     auto& sc = scratch().local();
     sc.reserve(static_cast<std::size_t>(std::max({blk * blk, blk * DV, blk * DK, L})));
+    ConstStateRef st = boundary.at(c);
+    if (deferred && deferred->any() && deferred->part[static_cast<std::size_t>(c)] > 0) {
+      // The true state entering the chunk, formed as fixup_states would have stored it.
+      if (sc.state.size() < static_cast<std::size_t>(DK * DV + DK + 1))
+        sc.state.resize(static_cast<std::size_t>(DK * DV + DK + 1));
+      const StateRef fixed{sc.state.data(), sc.state.data() + DK * DV, sc.state.data() + DK * DV + DK};
+      combine(deferred->entering.at(deferred->part[static_cast<std::size_t>(c)]),
+              deferred->prefix[static_cast<std::size_t>(c)], st, gate, DK, DV, fixed);
+      st = fixed;
+    }
+    const float m_in = state_m(gate, *st.m);
     // Each block computes the stabiliser prefix it needs (gates only, cheap).
     std::vector<float> mloc(static_cast<std::size_t>(q0 + qn));
     token_stabilisers(b.from(t0), ig + t0, m_in, q0 + qn, gate, mloc.data());

@@ -411,6 +411,24 @@ TEST(CpuStages, StatesInPartsEqualOnePass) {
         EXPECT_TRUE(matches(t(got_out.m), t(ref_out.m), 1e-5, what, "exit m", s));
         EXPECT_EQ(exit_only.C, got_out.C) << what;
         EXPECT_EQ(exit_only.m, got_out.m) << what;
+        // Fix-ups left to fw_outputs: the same h bit for bit; without them the parts' EMPTY starts show.
+        stages::StateBuffer def_b(K, V, nc), def_out(K, V);
+        stages::DeferredFixups fixups;
+        stages::fw_states_parts(k, v, d, ig.data(), G.data(), gate, seg, init.at(0), &def_b, def_out.at(0), split, {},
+                                &fixups);
+        EXPECT_EQ(fixups.any(), parts > 1) << what;
+        EXPECT_EQ(def_out.C, got_out.C) << what;
+        std::vector<float> h_fixed(h.size()), h_deferred(h.size()), h_unfixed(h.size());
+        stages::fw_outputs(q, k, v, d, ig.data(), gate, true, 1e-6f, seg, got_b, h_fixed.data(), nullptr, nullptr,
+                           nullptr);
+        stages::fw_outputs(q, k, v, d, ig.data(), gate, true, 1e-6f, seg, def_b, h_deferred.data(), nullptr, nullptr,
+                           nullptr, 0, {}, &fixups);
+        EXPECT_EQ(h_deferred, h_fixed) << what;
+        if (parts > 1) {
+          stages::fw_outputs(q, k, v, d, ig.data(), gate, true, 1e-6f, seg, def_b, h_unfixed.data(), nullptr, nullptr,
+                             nullptr);
+          EXPECT_NE(h_unfixed, h_fixed) << what;
+        }
         stages::StateBuffer got_db(K, V, nc), got_din(K, V);
         stages::bw_state_grads_parts(q, dh, h.data(), d, m_tok.data(), N_tok.data(), den.data(), G.data(), gate, true,
                                      seg, ref_b, ref_out.m[0], dlast.at(0), got_db, got_din.at(0), split);

@@ -281,9 +281,11 @@ void combine(ConstStateRef in, float G_seg, ConstStateRef local, GateVariant gat
 // fw_outputs: h (T x DHHV) from the boundary states. Also writes, per token, m_t, N_t and den_t
 // (each T floats; any may be null) for the backward. `tile` > 0 tiles the intra-chunk part in blocks
 // of `tile` query/key rows (TFLA style, so L is not bounded by cache); 0 = whole chunk at once.
+struct DeferredFixups;
 void fw_outputs(const float* q, const float* k, const float* v, Decays b, const float* ig, GateVariant gate,
                 bool normalize, float eps, const SegmentShape& s, const StateBuffer& boundary, float* h, float* m_tok,
-                float* N_tok, float* den_tok, std::int64_t tile = 0, const Bf16Rows& rows16 = {});
+                float* N_tok, float* den_tok, std::int64_t tile = 0, const Bf16Rows& rows16 = {},
+                const DeferredFixups* deferred = nullptr);
 
 // ---- sequence parallelism inside one row -----------------------------------------------------------
 // When B*NH rows cannot keep every core busy, the state recurrences of one row run in parts of whole chunks at
@@ -313,11 +315,23 @@ struct SequenceParts {
   SegmentShape shape(const SegmentShape& s, std::int64_t p) const;  // geometry of part p (T = its tokens)
 };
 
+// The fix-ups of a split forward left to fw_outputs: the boundary states of parts 1.. stay as computed from EMPTY,
+// and fw_outputs combines each with its part's entering state as it reads it (fixup_states' combine with the same
+// prefix, so the same bits), which saves a pass that reads and writes every such state. Only for boundary states
+// that nothing but fw_outputs reads (a forward without a backward).
+struct DeferredFixups {
+  StateBuffer entering;            // entering.at(p): the true state entering part p
+  std::vector<std::int64_t> part;  // part of each chunk (0: its boundary state is already true)
+  std::vector<float> prefix;       // sum of G over the chunks of its part before it
+  bool any() const noexcept { return !part.empty(); }
+};
+
 // fw_states over `parts` at once: the same outputs (boundary, may be null: every chunk's entering state; out: the
-// state leaving the segment). boundary->count >= num_chunks.
+// state leaving the segment). boundary->count >= num_chunks. With `deferred` (and a boundary), the boundary states of
+// parts 1.. are left for fw_outputs to fix up (DeferredFixups; deferred->any() is false for one part).
 void fw_states_parts(const float* k, const float* v, Decays b, const float* ig, const float* G, GateVariant gate,
                      const SegmentShape& s, ConstStateRef in, StateBuffer* boundary, StateRef out,
-                     const SequenceParts& parts, const Bf16Rows& rows16 = {});
+                     const SequenceParts& parts, const Bf16Rows& rows16 = {}, DeferredFixups* deferred = nullptr);
 
 // bw_state_grads over `parts` at once: the same outputs (dboundary of every chunk, dstate_in).
 void bw_state_grads_parts(const float* q, const float* dh, const float* h, Decays b, const float* m_tok,
