@@ -281,6 +281,7 @@ void combine(ConstStateRef in, float G_seg, ConstStateRef local, GateVariant gat
 // fw_outputs: h (T x DHHV) from the boundary states. Also writes, per token, m_t, N_t and den_t
 // (each T floats; any may be null) for the backward. `tile` > 0 tiles the intra-chunk part in blocks
 // of `tile` query/key rows (TFLA style, so L is not bounded by cache); 0 = whole chunk at once.
+// `deferred`: the fix-ups fw_states_parts left (DeferredFixups), applied to each boundary state as it is read.
 struct DeferredFixups;
 void fw_outputs(const float* q, const float* k, const float* v, Decays b, const float* ig, GateVariant gate,
                 bool normalize, float eps, const SegmentShape& s, const StateBuffer& boundary, float* h, float* m_tok,
