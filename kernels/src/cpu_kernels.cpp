@@ -267,9 +267,12 @@ BackwardResult backward_impl(const BackwardArgs& a, const MlstmOptions& o, std::
     StateBuffer dboundary = stages::pooled_states(p.DHQK, p.DHHV, s.num_chunks());  // bw_state_grads writes all
     StateBuffer din(p.DHQK, p.DHHV, 1);
     const float m_exit = f.last.m[0];
+    // A split row's chunk gradients are fixed up as bw_grads reads them (one pass over them fewer).
+    stages::DeferredGradFixups grad_fixups;
     stages::bw_state_grads_parts(in.q, dh.data(), f.h.data(), f.decays(), f.m_tok.data(), f.N_tok.data(),
                                  f.den_tok.data(), f.G.data(), o.gate, o.normalize, s, f.boundary, m_exit, dout.at(0),
-                                 dboundary, din.at(0), stages::SequenceParts::for_rows(s, count));
+                                 dboundary, din.at(0), stages::SequenceParts::for_rows(s, count),
+                                 state_only ? nullptr : &grad_fixups);
     if (!state_only) {
       const auto qk_size = static_cast<std::size_t>(T * p.DHQK), v_size = static_cast<std::size_t>(T * p.DHHV);
       // bw_grads writes every element (its products run with beta = 0)
@@ -279,7 +282,7 @@ BackwardResult backward_impl(const BackwardArgs& a, const MlstmOptions& o, std::
           di(static_cast<std::size_t>(T)), df(static_cast<std::size_t>(T));
       stages::bw_grads(in.q, in.k, in.v, dh.data(), f.h.data(), f.decays(), f.ig.data(), f.m_tok.data(), f.N_tok.data(),
                        f.den_tok.data(), o.gate, o.normalize, s, f.boundary, m_exit, dboundary, dout.at(0), dq.data(),
-                       dk.data(), dv.data(), di_raw.data(), rr.data(), tile);
+                       dk.data(), dv.data(), di_raw.data(), rr.data(), tile, &grad_fixups);
       double tail = 0.0;  // <dC_last, C_last> + <dn_last, n_last>
       for (std::size_t e = 0; e < dout.C.size(); ++e) tail += static_cast<double>(dout.C[e]) * f.last.C[e];
       for (std::size_t e = 0; e < dout.n.size(); ++e) tail += static_cast<double>(dout.n[e]) * f.last.n[e];

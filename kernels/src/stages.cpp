@@ -568,8 +568,13 @@ void bw_state_grads(const float* q, const float* dh, const float* h, Decays b, c
 void bw_state_grads_parts(const float* q, const float* dh, const float* h, Decays b, const float* m_tok,
                           const float* N_tok, const float* den_tok, const float* G, GateVariant gate, bool normalize,
                           const SegmentShape& s, const StateBuffer& boundary, float m_exit, ConstStateRef dstate_out,
-                          StateBuffer& dboundary, StateRef dstate_in, const SequenceParts& parts) {
+                          StateBuffer& dboundary, StateRef dstate_in, const SequenceParts& parts,
+                          DeferredGradFixups* deferred) {
   const std::int64_t n = parts.count(), DK = s.DHQK, DV = s.DHHV;
+  if (deferred) {
+    deferred->part.clear();
+    deferred->weight.clear();
+  }
   if (n <= 1) {
     bw_state_grads_at(q, dh, h, b, m_tok, N_tok, den_tok, G, gate, normalize, s, boundary, 0, m_exit, dstate_out,
                       &dboundary, dstate_in);
@@ -609,7 +614,23 @@ void bw_state_grads_parts(const float* q, const float* dh, const float* h, Decay
   for (std::int64_t p = n - 1; p >= 1; --p) entering_into(p, leaving.at(p - 1));
   entering_into(0, dstate_in);
   if (dstate_in.m) *dstate_in.m = 0.f;
-  // Fix-up of every chunk of parts 0 .. n-2: dboundary(c) += (carry_c ... carry_{end-1}) * leaving(p).
+  // Fix-up of every chunk of parts 0 .. n-2: dboundary(c) += (carry_c ... carry_{end-1}) * leaving(p) (or its
+  // weights, for bw_grads to apply).
+  if (deferred) {
+    const std::int64_t nc = s.num_chunks();
+    deferred->part.assign(static_cast<std::size_t>(nc), -1);
+    deferred->weight.assign(static_cast<std::size_t>(nc), 0.f);
+    for (std::int64_t p = 0; p + 1 < n; ++p) {
+      float w = 1.f;
+      for (std::int64_t c = parts.end_chunk(p) - 1; c >= parts.begin_chunk(p); --c) {
+        w *= carry(c);
+        deferred->part[static_cast<std::size_t>(c)] = p;
+        deferred->weight[static_cast<std::size_t>(c)] = w;
+      }
+    }
+    deferred->leaving = std::move(leaving);
+    return;
+  }
   tbb::parallel_for(std::int64_t{0}, n - 1, [&](std::int64_t p) {
     const auto lv = leaving.at(p);
     float w = 1.f;
@@ -626,7 +647,7 @@ void bw_grads(const float* q, const float* k, const float* v, const float* dh, c
               const float* ig, const float* m_tok, const float* N_tok, const float* den_tok, GateVariant gate,
               bool normalize, const SegmentShape& s, const StateBuffer& boundary, float m_exit,
               const StateBuffer& dboundary, ConstStateRef dstate_out, float* dq, float* dk, float* dv, float* di_raw,
-              float* r, std::int64_t tile) {
+              float* r, std::int64_t tile, const DeferredGradFixups* deferred) {
   const std::int64_t DK = s.DHQK, DV = s.DHHV, L = s.L;
   const std::int64_t blk = tile > 0 ? std::min(tile, L) : L;
   const std::int64_t nblk = (L + blk - 1) / blk;
@@ -698,10 +719,29 @@ void bw_grads(const float* q, const float* k, const float* v, const float* dh, c
     const std::int64_t k0 = kb * blk;
     if (k0 >= len) return;
     const std::int64_t kn = std::min(blk, len - k0);
-    const auto dnext = next_state_grad(c);
+    ConstStateRef dnext = next_state_grad(c);
     const float m_next = next_m(c);
     auto& sc = scratch().local();
     sc.reserve(static_cast<std::size_t>(std::max({blk * blk, blk * DV, blk * DK})));
+    if (deferred && deferred->any() && c + 1 < s.num_chunks() && deferred->part[static_cast<std::size_t>(c + 1)] >= 0) {
+      // The true gradient leaving the chunk, formed as bw_state_grads_parts' fix-up would have stored it.
+      const auto at = static_cast<std::size_t>(c + 1);
+      const auto lv = deferred->leaving.at(deferred->part[at]);
+      const float w = deferred->weight[at];
+      if (sc.state.size() < static_cast<std::size_t>(DK * DV + DK))
+        sc.state.resize(static_cast<std::size_t>(DK * DV + DK));
+      float* C = sc.state.data();
+      float* nn = C + DK * DV;
+      for (std::int64_t e = 0; e < DK * DV; ++e) {
+        C[e] = dnext.C[e];
+        C[e] += w * lv.C[e];
+      }
+      for (std::int64_t e = 0; e < DK; ++e) {
+        nn[e] = dnext.n[e];
+        nn[e] += w * lv.n[e];
+      }
+      dnext = ConstStateRef(C, nn, nullptr);
+    }
     float* dnum = sc.a.data();  // qn x DV
     float* P = sc.b.data();     // qn x kn: exp(D - m_t) * (dnum_t . v_s + dden_t)
     float* Wq = sc.c.data();    // qn x kn: exp(D - m_t) * (q'_t . k_s)

@@ -334,11 +334,23 @@ void fw_states_parts(const float* k, const float* v, Decays b, const float* ig, 
                      const SegmentShape& s, ConstStateRef in, StateBuffer* boundary, StateRef out,
                      const SequenceParts& parts, const Bf16Rows& rows16 = {}, DeferredFixups* deferred = nullptr);
 
-// bw_state_grads over `parts` at once: the same outputs (dboundary of every chunk, dstate_in).
+// The fix-ups of a split backward's state gradients left to bw_grads: the gradient entering chunk c of a part
+// p < n-1 is dboundary(c) + weight(c) * leaving(p), with weight(c) the carry product from c to the part's end;
+// bw_grads forms it as it reads it (bw_state_grads_parts' own arithmetic, so the same bits).
+struct DeferredGradFixups {
+  StateBuffer leaving;             // leaving.at(p): the true gradient leaving part p
+  std::vector<std::int64_t> part;  // part of each chunk; -1: its gradient is already true
+  std::vector<float> weight;       // carry product from the chunk to its part's end
+  bool any() const noexcept { return !part.empty(); }
+};
+
+// bw_state_grads over `parts` at once: the same outputs (dboundary of every chunk, dstate_in). With `deferred`, the
+// chunk gradients of parts 0 .. n-2 are left for bw_grads to fix up (deferred->any() is false for one part).
 void bw_state_grads_parts(const float* q, const float* dh, const float* h, Decays b, const float* m_tok,
                           const float* N_tok, const float* den_tok, const float* G, GateVariant gate, bool normalize,
                           const SegmentShape& s, const StateBuffer& boundary, float m_exit, ConstStateRef dstate_out,
-                          StateBuffer& dboundary, StateRef dstate_in, const SequenceParts& parts);
+                          StateBuffer& dboundary, StateRef dstate_in, const SequenceParts& parts,
+                          DeferredGradFixups* deferred = nullptr);
 
 // ---- backward ------------------------------------------------------------------------------------
 
@@ -358,7 +370,7 @@ void bw_grads(const float* q, const float* k, const float* v, const float* dh, c
               const float* ig, const float* m_tok, const float* N_tok, const float* den_tok, GateVariant gate,
               bool normalize, const SegmentShape& s, const StateBuffer& boundary, float m_exit,
               const StateBuffer& dboundary, ConstStateRef dstate_out, float* dq, float* dk, float* dv, float* di_raw,
-              float* r, std::int64_t tile = 0);
+              float* r, std::int64_t tile = 0, const DeferredGradFixups* deferred = nullptr);
 
 // bw_gate_grads: di = di_raw (exp) or di_raw * sigmoid(-i) (sigmoid); df_t = sigmoid(-f_t) *
 // (sum_{u >= t in segment} r_u + tail), where tail = sum of r over all later segments plus
