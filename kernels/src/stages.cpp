@@ -376,27 +376,41 @@ void fw_states_parts(const float* k, const float* v, Decays b, const float* ig, 
     combine(entering.at(p), G_part[static_cast<std::size_t>(p)], locals.at(p), gate, DK, DV, entering.at(p + 1));
   }
   copy_state(entering.at(n), out);
-  // Boundary states of parts 1.. were computed from EMPTY: fix them up, in parallel (or leave that to fw_outputs).
+  // Boundary states of parts 1.. were computed from EMPTY: their fix-ups (DeferredFixups), applied here in parallel,
+  // or left to fw_outputs.
   if (!boundary) return;
-  if (deferred) {
-    const std::int64_t nc = s.num_chunks();
-    deferred->part.assign(static_cast<std::size_t>(nc), 0);
-    deferred->prefix.assign(static_cast<std::size_t>(nc), 0.f);
-    for (std::int64_t p = 1; p < n; ++p) {
-      float prefix = 0.f;  // summed as fixup_states_at sums it
-      for (std::int64_t c = parts.begin_chunk(p); c < parts.end_chunk(p); ++c) {
-        deferred->part[static_cast<std::size_t>(c)] = p;
-        deferred->prefix[static_cast<std::size_t>(c)] = prefix;
-        prefix += G[c];
-      }
+  DeferredFixups own;
+  DeferredFixups& fix = deferred ? *deferred : own;
+  const std::int64_t nc = s.num_chunks();
+  fix.part.assign(static_cast<std::size_t>(nc), 0);
+  fix.prefix.assign(static_cast<std::size_t>(nc), 0.f);
+  for (std::int64_t p = 1; p < n; ++p) {
+    float prefix = 0.f;  // sum of G over the part's chunks before c
+    for (std::int64_t c = parts.begin_chunk(p); c < parts.end_chunk(p); ++c) {
+      fix.part[static_cast<std::size_t>(c)] = p;
+      fix.prefix[static_cast<std::size_t>(c)] = prefix;
+      prefix += G[c];
     }
-    deferred->entering = std::move(entering);
-    return;
   }
+  fix.entering = std::move(entering);
+  if (deferred) return;
   tbb::parallel_for(std::int64_t{1}, n, [&](std::int64_t p) {
-    const std::int64_t c0 = parts.begin_chunk(p);
-    fixup_states_at(G + c0, gate, parts.shape(s, p), entering.at(p), boundary, c0, locals.at(p));
+    for (std::int64_t c = parts.begin_chunk(p); c < parts.end_chunk(p); ++c)
+      fix.apply(c, boundary->at(c), gate, boundary->at(c));
   });
+}
+
+void DeferredFixups::apply(std::int64_t c, ConstStateRef local, GateVariant gate, StateRef out) const {
+  const auto at = static_cast<std::size_t>(c);
+  combine(entering.at(part[at]), prefix[at], local, gate, entering.DHQK, entering.DHHV, out);
+}
+
+void DeferredGradFixups::apply(std::int64_t c, ConstStateRef local, StateRef out) const {
+  const auto at = static_cast<std::size_t>(c);
+  const auto lv = leaving.at(part[at]);
+  const float w = weight[at];
+  for (std::int64_t e = 0; e < leaving.DHQK * leaving.DHHV; ++e) out.C[e] = local.C[e] + w * lv.C[e];
+  for (std::int64_t e = 0; e < leaving.DHQK; ++e) out.n[e] = local.n[e] + w * lv.n[e];
 }
 
 namespace {
@@ -439,13 +453,11 @@ void fw_outputs(const float* q, const float* k, const float* v, Decays b, const 
     auto& sc = scratch().local();
     sc.reserve(static_cast<std::size_t>(std::max({blk * blk, blk * DV, blk * DK, L})));
     ConstStateRef st = boundary.at(c);
-    if (deferred && deferred->any() && deferred->part[static_cast<std::size_t>(c)] > 0) {
-      // The true state entering the chunk, formed as fixup_states would have stored it.
+    if (deferred && deferred->pending(c)) {  // the true state entering the chunk, in the thread's scratch
       if (sc.state.size() < static_cast<std::size_t>(DK * DV + DK + 1))
         sc.state.resize(static_cast<std::size_t>(DK * DV + DK + 1));
       const StateRef fixed{sc.state.data(), sc.state.data() + DK * DV, sc.state.data() + DK * DV + DK};
-      combine(deferred->entering.at(deferred->part[static_cast<std::size_t>(c)]),
-              deferred->prefix[static_cast<std::size_t>(c)], st, gate, DK, DV, fixed);
+      deferred->apply(c, st, gate, fixed);
       st = fixed;
     }
     const float m_in = state_m(gate, *st.m);
@@ -614,32 +626,26 @@ void bw_state_grads_parts(const float* q, const float* dh, const float* h, Decay
   for (std::int64_t p = n - 1; p >= 1; --p) entering_into(p, leaving.at(p - 1));
   entering_into(0, dstate_in);
   if (dstate_in.m) *dstate_in.m = 0.f;
-  // Fix-up of every chunk of parts 0 .. n-2: dboundary(c) += (carry_c ... carry_{end-1}) * leaving(p) (or its
-  // weights, for bw_grads to apply).
-  if (deferred) {
-    const std::int64_t nc = s.num_chunks();
-    deferred->part.assign(static_cast<std::size_t>(nc), -1);
-    deferred->weight.assign(static_cast<std::size_t>(nc), 0.f);
-    for (std::int64_t p = 0; p + 1 < n; ++p) {
-      float w = 1.f;
-      for (std::int64_t c = parts.end_chunk(p) - 1; c >= parts.begin_chunk(p); --c) {
-        w *= carry(c);
-        deferred->part[static_cast<std::size_t>(c)] = p;
-        deferred->weight[static_cast<std::size_t>(c)] = w;
-      }
-    }
-    deferred->leaving = std::move(leaving);
-    return;
-  }
-  tbb::parallel_for(std::int64_t{0}, n - 1, [&](std::int64_t p) {
-    const auto lv = leaving.at(p);
+  // Fix-up of every chunk of parts 0 .. n-2: dboundary(c) += (carry_c ... carry_{end-1}) * leaving(p)
+  // (DeferredGradFixups), applied here in parallel, or left to bw_grads.
+  DeferredGradFixups own;
+  DeferredGradFixups& fix = deferred ? *deferred : own;
+  const std::int64_t nc = s.num_chunks();
+  fix.part.assign(static_cast<std::size_t>(nc), -1);
+  fix.weight.assign(static_cast<std::size_t>(nc), 0.f);
+  for (std::int64_t p = 0; p + 1 < n; ++p) {
     float w = 1.f;
     for (std::int64_t c = parts.end_chunk(p) - 1; c >= parts.begin_chunk(p); --c) {
       w *= carry(c);
-      auto st = dboundary.at(c);
-      for (std::size_t e = 0; e < nC; ++e) st.C[e] += w * lv.C[e];
-      for (std::size_t e = 0; e < nn; ++e) st.n[e] += w * lv.n[e];
+      fix.part[static_cast<std::size_t>(c)] = p;
+      fix.weight[static_cast<std::size_t>(c)] = w;
     }
+  }
+  fix.leaving = std::move(leaving);
+  if (deferred) return;
+  tbb::parallel_for(std::int64_t{0}, n - 1, [&](std::int64_t p) {
+    for (std::int64_t c = parts.begin_chunk(p); c < parts.end_chunk(p); ++c)
+      fix.apply(c, dboundary.at(c), dboundary.at(c));
   });
 }
 
@@ -723,24 +729,12 @@ void bw_grads(const float* q, const float* k, const float* v, const float* dh, c
     const float m_next = next_m(c);
     auto& sc = scratch().local();
     sc.reserve(static_cast<std::size_t>(std::max({blk * blk, blk * DV, blk * DK})));
-    if (deferred && deferred->any() && c + 1 < s.num_chunks() && deferred->part[static_cast<std::size_t>(c + 1)] >= 0) {
-      // The true gradient leaving the chunk, formed as bw_state_grads_parts' fix-up would have stored it.
-      const auto at = static_cast<std::size_t>(c + 1);
-      const auto lv = deferred->leaving.at(deferred->part[at]);
-      const float w = deferred->weight[at];
+    if (deferred && c + 1 < s.num_chunks() && deferred->pending(c + 1)) {  // the true gradient, in scratch
       if (sc.state.size() < static_cast<std::size_t>(DK * DV + DK))
         sc.state.resize(static_cast<std::size_t>(DK * DV + DK));
-      float* C = sc.state.data();
-      float* nn = C + DK * DV;
-      for (std::int64_t e = 0; e < DK * DV; ++e) {
-        C[e] = dnext.C[e];
-        C[e] += w * lv.C[e];
-      }
-      for (std::int64_t e = 0; e < DK; ++e) {
-        nn[e] = dnext.n[e];
-        nn[e] += w * lv.n[e];
-      }
-      dnext = ConstStateRef(C, nn, nullptr);
+      const StateRef fixed{sc.state.data(), sc.state.data() + DK * DV, nullptr};
+      deferred->apply(c + 1, dnext, fixed);
+      dnext = fixed;
     }
     float* dnum = sc.a.data();  // qn x DV
     float* P = sc.b.data();     // qn x kn: exp(D - m_t) * (dnum_t . v_s + dden_t)

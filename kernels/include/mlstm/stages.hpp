@@ -325,6 +325,10 @@ struct DeferredFixups {
   std::vector<std::int64_t> part;  // part of each chunk (0: its boundary state is already true)
   std::vector<float> prefix;       // sum of G over the chunks of its part before it
   bool any() const noexcept { return !part.empty(); }
+  bool pending(std::int64_t c) const noexcept { return any() && part[static_cast<std::size_t>(c)] > 0; }
+  // The true state entering chunk c from its `local` one, into `out` (which may be `local`): the one fix-up, which
+  // fw_states_parts applies in place where nothing is deferred.
+  void apply(std::int64_t c, ConstStateRef local, GateVariant gate, StateRef out) const;
 };
 
 // fw_states over `parts` at once: the same outputs (boundary, may be null: every chunk's entering state; out: the
@@ -342,6 +346,10 @@ struct DeferredGradFixups {
   std::vector<std::int64_t> part;  // part of each chunk; -1: its gradient is already true
   std::vector<float> weight;       // carry product from the chunk to its part's end
   bool any() const noexcept { return !part.empty(); }
+  bool pending(std::int64_t c) const noexcept { return any() && part[static_cast<std::size_t>(c)] >= 0; }
+  // The true gradient (C, n) entering chunk c from its `local` one, into `out` (which may be `local`; m untouched):
+  // the one fix-up, which bw_state_grads_parts applies in place where nothing is deferred.
+  void apply(std::int64_t c, ConstStateRef local, StateRef out) const;
 };
 
 // bw_state_grads over `parts` at once: the same outputs (dboundary of every chunk, dstate_in). With `deferred`, the
