@@ -35,6 +35,15 @@ int column_blocks(const char* name, int fallback) {
   return (*value)[0] - '0';
 }
 
+// 16, 32, 64 or 128 `what` from `name`, or `fallback` when it is not set.
+int tile_rows(const char* name, const char* what, int fallback) {
+  const auto value = env::get(name);
+  if (!value) return fallback;
+  if (*value != "16" && *value != "32" && *value != "64" && *value != "128")
+    throw InvalidArgument(name, std::string("expected 16, 32, 64 or 128 ") + what + " (got '" + *value + "')");
+  return std::stoi(*value);
+}
+
 }  // namespace
 
 PortableLaunchParams portable_launch_params(const DeviceInfo& device) {
@@ -69,16 +78,8 @@ TcLaunchParams tc_launch_params(const DeviceInfo& device) {
     p.wide_state_tile_v = 0;
   }
   p.msplit = p.msplit || env::is("MLSTM_TC_MSPLIT", "1");
-  if (const auto rows = env::get("MLSTM_TC_CHUNK_ROWS")) {
-    if (*rows != "16" && *rows != "32" && *rows != "64" && *rows != "128")
-      throw InvalidArgument("MLSTM_TC_CHUNK_ROWS", "expected 16, 32, 64 or 128 rows (got '" + *rows + "')");
-    p.chunk_rows = std::stoi(*rows);
-  }
-  if (const auto block = env::get("MLSTM_TC_KEY_BLOCK")) {
-    if (*block != "16" && *block != "32" && *block != "64" && *block != "128")
-      throw InvalidArgument("MLSTM_TC_KEY_BLOCK", "expected 16, 32, 64 or 128 key columns (got '" + *block + "')");
-    p.key_block = std::stoi(*block);
-  }
+  p.chunk_rows = tile_rows("MLSTM_TC_CHUNK_ROWS", "rows", p.chunk_rows);
+  p.key_block = tile_rows("MLSTM_TC_KEY_BLOCK", "key columns", p.key_block);
   return p;
 }
 
