@@ -68,7 +68,7 @@ ForwardResult ComputeDevice::forward_into(const ForwardArgs& segment, const Mlst
   ForwardResult r = forward(segment, options);
   copy_piece_rows(r.h.view(), h);
   r.h = Tensor();
-  keep.leaving(p.S, r);
+  if (!p.packed()) keep.leaving(p.S, r);  // a packed call's last states are its sequences', not the row's
   return r;
 }
 

@@ -220,11 +220,12 @@ class OpenCLComputeDevice final : public ComputeDevice {
     const MlstmOptions o = with_chunk(options, shape_hint(a));
     const ScopedTrace trace([&] { return "forward of " + token_rows(a.q) + " token-rows on " + device_->name(); });
     const ProblemShape p = validate_forward(a, o);
-    if (p.packed() && !(uses_tensor_cores(p, o) && streams(a, o, p))) {
+    if (p.packed() && !uses_tensor_cores(p, o)) {
       return packed::forward_each(a, p, o,
                                   [this](const ForwardArgs& s, const MlstmOptions& so) { return forward(s, so); });
     }
     if (!uses_tensor_cores(p, o)) return portable_.forward(a, o);
+    // Packed sequences within a call: every sequence in the same kernels (tc_states.cl PACKED).
     if (streams(a, o, p)) return streamed_forward(a, o, p, {});
     return tensor_cores_.forward(a, o);
   }
@@ -348,12 +349,11 @@ class OpenCLComputeDevice final : public ComputeDevice {
   // in this device's pinned memory (host_tensor()) are uploaded from where they lie, without the first copy.
   // From host memory, two pieces or more: through pinned staging with transfers and compute overlapped. Inputs
   // the graph keeps resident for a second pass (a segment's local state, then its outputs) go the resident way.
-  // Packed sequences stream whatever their length, one after the other through the same stream (each starts
-  // afresh, its last state downloaded behind its last piece): one call per sequence would upload, compute and
-  // download each in turn.
+  // Packed sequences of two pieces or more stream one after the other through the same stream (each starts
+  // afresh, its last state downloaded behind its last piece); fewer run in one call of the packed kernels.
   bool streams(const ForwardArgs& a, const MlstmOptions& o, const ProblemShape& p) const {
     if (device_->inside_retained_range(a.q.bytes())) return false;
-    return p.packed() || p.S >= 2 * stream_piece_tokens(p, o);
+    return p.S >= 2 * stream_piece_tokens(p, o);
   }
 
   // h goes into `out` when given (forward_into: downloaded straight there when it is this device's page-locked

@@ -114,6 +114,36 @@ TEST(StreamEngine, LongForwardOfAnOpenCLDeviceStreamsItsPieces) {
   EXPECT_EQ(opencl_device0()->streams_opened(), opened);
 }
 
+// Packed sequences under two pieces on a tensor-core device: one call of the packed kernels (tc_states.cl PACKED), no
+// stream; each sequence's h and last state equal the float64 recurrence and the device's call on that sequence alone.
+TEST(StreamEngine, PackedSequencesUnderTwoPiecesRunInOneCall) {
+  if (no_opencl()) GTEST_SKIP() << "no OpenCL device (install pocl-opencl-icd)";
+  const StreamPiece piece("1024");
+  const auto dev = emulated_tc_device();
+  const std::vector<std::int64_t> lengths{1, 64, 65, 200, 3, 130};
+  testing::InputSpec s = small_bf16(1, true);
+  const auto in = testing::make_packed_inputs(lengths, s, testing::fresh_seed());
+  s.S = in.cu_seqlens.back();
+  const MlstmOptions o = chunk64(true);
+  const ForwardResult ref = reference::recurrent_forward(in.args(), o);
+  const auto opened = opencl_device0()->streams_opened();
+  const ForwardResult got = dev->forward(in.args(), o);
+  EXPECT_EQ(opencl_device0()->streams_opened(), opened) << "one call, no stream";
+  EXPECT_TRUE(h_matches(got.h, ref, in, o, s, "packed call"));
+  ASSERT_EQ(got.c.dim(0), static_cast<std::int64_t>(lengths.size()));
+  EXPECT_TRUE(testing::last_state_matches(got.c, got.n, got.m, ref.c, ref.n, ref.m, 2e-2, 1e-3, "packed call", s));
+  for (std::int64_t j = 0; j < static_cast<std::int64_t>(lengths.size()); ++j) {
+    const ForwardResult alone = dev->forward(packed::sequence(in.args(), j), o);
+    const std::int64_t t0 = in.cu_seqlens[static_cast<std::size_t>(j)];
+    EXPECT_TRUE(testing::matches(testing::slice_seq(got.h, t0, t0 + lengths[static_cast<std::size_t>(j)]), alone.h,
+                                 2e-2, "packed call vs alone", "h", s))
+        << "sequence " << j;
+  }
+  Tensor h({1, 2, s.S, 32}, DType::bf16);
+  (void)dev->forward_into(in.args(), o, h.view());
+  EXPECT_TRUE(testing::matches(h, got.h, 0.0, "packed call", "h (forward_into)", s));
+}
+
 // Packed sequences on a tensor-core device stream one after the other through one pinned stream (pieces of 128
 // tokens; a sequence starts afresh, from its own initial state or the zero state, and its last state comes down
 // behind its last piece): each sequence's h and last state equal the float64 recurrence over it alone and the

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "mlstm/core/packed.hpp"
 #include "mlstm/devices/opencl/chunkwise_routine.hpp"
 #include "mlstm/devices/opencl/device.hpp"
 #include "mlstm/devices/opencl/stream.hpp"
@@ -490,6 +491,74 @@ TEST(TensorCoreLastState, EmptyEnteringStateMatchesThePortableKernels) {
   EXPECT_TRUE(testing::matches(tc.n, portable.n, 1e-2, "tensor cores", "n from EMPTY", s));
   EXPECT_TRUE(testing::matches(tc.m, portable.m, 1e-5, "tensor cores", "m from EMPTY", s));
 }
+
+// Packed sequences in the kernels (ForwardArgs::cu_seqlens; tc_common.cl CHUNK_START, tc_states.cl PACKED): one
+// call over the packed row equals each sequence run alone through the same kernels bit for bit (the same chunks,
+// from the same state), h and every last state, and matches the float64 recurrence. Lengths 1, one off and equal to
+// the chunk, several chunks; both gates, with and without initial states, chunk 128 in sub-tiles of 64 and 32.
+struct PackedTcCase {
+  std::vector<std::int64_t> lengths;
+  DType dtype;
+  GateVariant gate;
+  bool init;
+  std::int64_t chunk;
+  int chunk_rows;
+};
+
+void PrintTo(const PackedTcCase& c, std::ostream* os) {
+  *os << "L=" << c.chunk << " rows=" << c.chunk_rows << " " << dtype_name(c.dtype) << " " << gate_name(c.gate)
+      << (c.init ? " init" : "") << " lengths";
+  for (auto x : c.lengths) *os << " " << x;
+}
+
+class TensorCoresPacked : public ::testing::TestWithParam<PackedTcCase> {};
+
+TEST_P(TensorCoresPacked, EqualsEachSequenceAloneAndTheReference) {
+  REQUIRE_OPENCL();
+  const PackedTcCase c = GetParam();
+  const auto dev = first_device();
+  std::optional<ScopedEnv> rows;
+  if (c.chunk_rows) rows.emplace("MLSTM_TC_CHUNK_ROWS", std::to_string(c.chunk_rows).c_str());
+  const auto runner = runner_for(dev, 1);  // each sequence alone unsplit, as the packed kernels run them
+  const auto p = testing::make_packed(c.lengths, c.dtype, c.gate, c.init, testing::fresh_seed(), 2, 32, 16);
+  MlstmOptions o = testing::options_of(c.gate, c.chunk);
+  o.return_last_states = true;
+  const ForwardArgs a = p.in.args();
+  const ForwardResult packed = runner.forward(a, o);
+  const std::int64_t N = static_cast<std::int64_t>(c.lengths.size());
+  ASSERT_EQ(packed.c.shape(), (Shape{N, 2, 32, 16}));
+  ASSERT_EQ(packed.m.shape(), (Shape{N, 2}));
+  auto same_bits = [](const Tensor& x, const Tensor& y) {
+    return x.nbytes() == y.nbytes() && std::memcmp(x.bytes(), y.bytes(), x.nbytes()) == 0;
+  };
+  auto row = [](const Tensor& t, std::int64_t j) {
+    Shape one = t.shape();
+    one[0] = 1;
+    Tensor r(one, t.dtype());
+    std::memcpy(r.bytes(), t.bytes() + static_cast<std::size_t>(j) * r.nbytes(), r.nbytes());
+    return r;
+  };
+  for (std::int64_t j = 0; j < N; ++j) {
+    const std::int64_t t0 = p.in.cu_seqlens[static_cast<std::size_t>(j)];
+    const ForwardResult alone = runner.forward(packed::sequence(a, j), o);
+    EXPECT_TRUE(same_bits(testing::slice_seq(packed.h, t0, t0 + alone.h.dim(2)), alone.h)) << "h of sequence " << j;
+    EXPECT_TRUE(same_bits(row(packed.c, j), alone.c)) << "c of sequence " << j;
+    EXPECT_TRUE(same_bits(row(packed.n, j), alone.n)) << "n of sequence " << j;
+    EXPECT_TRUE(same_bits(row(packed.m, j), alone.m)) << "m of sequence " << j;
+  }
+  const ForwardResult ref = reference::recurrent_forward(a, o);
+  EXPECT_TRUE(close16(packed.h, ref.h, 2e-2, "packed h", p.spec));
+  EXPECT_TRUE(close16(packed.c, ref.c, 2e-2, "packed c", p.spec));
+  EXPECT_TRUE(close16(packed.n, ref.n, 2e-2, "packed n", p.spec));
+  EXPECT_TRUE(close_absolute(packed.m, ref.m, 1e-3, "packed m"));
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Mixes, TensorCoresPacked,
+    ::testing::Values(PackedTcCase{{1, 63, 64, 65, 130, 3}, DType::bf16, GateVariant::exp, false, 64, 0},
+                      PackedTcCase{{70, 1, 129, 128, 2}, DType::f16, GateVariant::sigmoid, true, 128, 32},
+                      PackedTcCase{{200}, DType::bf16, GateVariant::exp, true, 128, 0},
+                      PackedTcCase{{5, 127, 1, 140}, DType::bf16, GateVariant::exp, true, 128, 0}));
 
 TEST(TensorCoreSelection, ProblemFitNamesTheReason) {
   ProblemShape p;

@@ -40,10 +40,11 @@ inline std::vector<float> as_f32(ConstTensorView t) {
 // dtypes are gathered and converted on the way, no host copy of the whole tensor).
 inline PooledBuffer upload_as(Device& dev, ConstTensorView t, DType dtype) { return dev.acquire_upload(t, dtype); }
 
-// Sets the kernel's arguments in order: buffers (Buffer, PooledBuffer) as cl_mem, scalars by value.
+// Sets the kernel's arguments in order from `first`: buffers (Buffer, PooledBuffer) as cl_mem, scalars by value.
+// Returns the index after the last one set.
 template <class... Args>
-void set_args(cl_kernel k, const std::string& device, const Args&... args) {
-  cl_uint index = 0;
+cl_uint set_args_from(cl_kernel k, const std::string& device, cl_uint first, const Args&... args) {
+  cl_uint index = first;
   auto one = [&](const auto& a) {
     using T = std::decay_t<decltype(a)>;
     if constexpr (std::is_same_v<T, Buffer> || std::is_same_v<T, PooledBuffer>) {
@@ -54,6 +55,11 @@ void set_args(cl_kernel k, const std::string& device, const Args&... args) {
     }
   };
   (one(args), ...);
+  return index;
+}
+template <class... Args>
+cl_uint set_args(cl_kernel k, const std::string& device, const Args&... args) {
+  return set_args_from(k, device, 0, args...);
 }
 
 // Owns a cl_kernel.
@@ -73,13 +79,14 @@ struct KernelObject {
   }
 };
 
-// Reads the state leaving the sequence (float32 C, n, m of shape p) into out.c/n/m; m is 0 for the sigmoid
+// Reads the state leaving the sequence (float32 C, n, m of shape p; one per packed sequence) into out.c/n/m; m is 0 for the sigmoid
 // gate (no stabiliser).
 inline void read_last_state(Device& dev, const Buffer& c, const Buffer& n, const Buffer& m, const ProblemShape& p,
                             GateVariant gate, ForwardResult& out) {
-  out.c = Tensor({p.B, p.NH, p.DHQK, p.DHHV}, DType::f32);
-  out.n = Tensor({p.B, p.NH, p.DHQK}, DType::f32);
-  out.m = Tensor({p.B, p.NH}, DType::f32);
+  const std::int64_t batch = p.state_batch();  // rows B, or the packed sequences (N, NH, ...)
+  out.c = Tensor({batch, p.NH, p.DHQK, p.DHHV}, DType::f32);
+  out.n = Tensor({batch, p.NH, p.DHQK}, DType::f32);
+  out.m = Tensor({batch, p.NH}, DType::f32);
   dev.download(c, out.c.bytes(), out.c.nbytes());
   dev.download(n, out.n.bytes(), out.n.nbytes());
   dev.download(m, out.m.bytes(), out.m.nbytes());

@@ -7,6 +7,7 @@
 
 #include "internal.hpp"
 #include "mlstm/core/env.hpp"
+#include "mlstm/core/packed.hpp"
 #include "shards.hpp"
 #include "tc_program.hpp"
 
@@ -18,6 +19,7 @@ namespace mlstm::opencl {
 
 using detail::KernelObject;
 using detail::set_args;
+using detail::set_args_from;
 
 using detail::make_config;
 using detail::tc_source_text;
@@ -43,20 +45,29 @@ class ResidentTensorCore final : public ResidentChunkwise {
       : device_(std::move(device)), options_(o) {
     const bool emulate = config.emulate;
     shape_ = grads ? validate_backward(*grads, o) : validate_forward(a, o);
-    check_not_packed(shape_, "the tensor-core routine");
+    if (grads || config.segment)
+      check_not_packed(shape_, grads ? "the tensor-core routine's backward" : "a segment of a split sequence");
     Device& dev = *device_;
     const std::string& dn = dev.name();
     cfg_ = make_config(dev, emulate, shape_, o);
     rows_ = static_cast<int>(shape_.rows());
     S_ = static_cast<int>(shape_.S);
-    NC_ = (S_ + cfg_.L - 1) / cfg_.L;
-    // The sequence split (shards.hpp) where the state kernels' rows x tiles work-groups leave the device idle.
-    P_ = detail::sequence_shards(dev.info(), S_, cfg_.L, NC_,
-                                 shape_.rows() * (shape_.DHQK / cfg_.KT) * (shape_.DHHV / cfg_.VT), config.shards);
-    // A segment of a split sequence runs a summary pass for the exchange anyway: in two shards or more its own
-    // forward reuses that pass (unless the caller or MLSTM_OPENCL_SHARDS chose the shards).
-    if (config.segment && P_ == 1 && config.shards == 0 && !env::get("MLSTM_OPENCL_SHARDS"))
-      P_ = detail::sequence_shards(dev.info(), S_, cfg_.L, NC_, 1, 2);
+    if (shape_.packed()) {
+      // Chunks restart at every sequence start, and every sequence's states pass is a work-group of its own
+      // (tc_common.cl CHUNK_START, tc_states.cl PACKED): no sequence split, the sequences are the parallel work.
+      cfg_.base += " -DPACKED=1";
+      NC_ = packed_tables(a.cu_seqlens, a.has_initial_state());
+      P_ = 1;
+    } else {
+      NC_ = (S_ + cfg_.L - 1) / cfg_.L;
+      // The sequence split (shards.hpp) where the state kernels' rows x tiles work-groups leave the device idle.
+      P_ = detail::sequence_shards(dev.info(), S_, cfg_.L, NC_,
+                                   shape_.rows() * (shape_.DHQK / cfg_.KT) * (shape_.DHHV / cfg_.VT), config.shards);
+      // A segment of a split sequence runs a summary pass for the exchange anyway: in two shards or more its own
+      // forward reuses that pass (unless the caller or MLSTM_OPENCL_SHARDS chose the shards).
+      if (config.segment && P_ == 1 && config.shards == 0 && !env::get("MLSTM_OPENCL_SHARDS"))
+        P_ = detail::sequence_shards(dev.info(), S_, cfg_.L, NC_, 1, 2);
+    }
     R_ = rows_ * P_;
     Ss_ = S_ / P_;
     NCs_ = NC_ / P_;
@@ -141,13 +152,18 @@ class ResidentTensorCore final : public ResidentChunkwise {
     gaw_ = f32buf(tok);
     gub_ = f32buf(tok);
     // Per-token and per-chunk arrays keep their layout with shards (row r, shard p is row r * P + p of S/P tokens);
-    // mst has NC/P + 1 entries per shard.
-    mst_ = f32buf(static_cast<std::size_t>(R_) * (NCs_ + 1));
+    // mst has NC/P + 1 entries per shard, and packed NC + N per row (a slot leaving every sequence).
+    mst_ = f32buf(static_cast<std::size_t>(R_) * static_cast<std::size_t>(m_slots()));
     Cst_ = dev.acquire(static_cast<std::size_t>(rows_) * NC_ * kv * 2);
     nst_ = f32buf(static_cast<std::size_t>(rows_) * NC_ * K);
-    c_last_ = f32buf(rows_ * kv);
-    n_last_ = f32buf(static_cast<std::size_t>(rows_) * K);
-    m_last_ = f32buf(static_cast<std::size_t>(rows_));
+    const std::size_t last_rows = static_cast<std::size_t>(shape_.state_batch() * shape_.NH);  // (N, NH) packed
+    c_last_ = f32buf(last_rows * kv);
+    n_last_ = f32buf(last_rows * static_cast<std::size_t>(K));
+    m_last_ = f32buf(last_rows);
+    if (shape_.packed()) {
+      ctab_ = dev.acquire_upload(ctab_host_.data(), ctab_host_.size() * sizeof(int));
+      stab_ = dev.acquire_upload(stab_host_.data(), stab_host_.size() * sizeof(int));
+    }
     h_ = dev.acquire(tok * V * 2);
     Nt_ = f32buf(tok);
     sgt_ = f32buf(tok);
@@ -161,7 +177,8 @@ class ResidentTensorCore final : public ResidentChunkwise {
               "clEnqueueFillBuffer", dn);
       check(clFinish(dev.queue()), "clFinish", dn);
     }
-    set_args(k_gates_.k, dn, i_, f_, gb_, gbi_, gpm_, gcut_, gK_, gaw_, gub_, gG_, gA_, Ss_, NCs_);
+    with_tables(k_gates_,
+                set_args(k_gates_.k, dn, i_, f_, gb_, gbi_, gpm_, gcut_, gK_, gaw_, gub_, gG_, gA_, Ss_, NCs_));
     if (summaries) {
       // The summary pass (and with shards the states pass) reads the shards' entering states from sh_.c_in (the
       // EMPTY state, then the combined ones) and writes the states leaving them to sh_.c_last.
@@ -172,10 +189,13 @@ class ResidentTensorCore final : public ResidentChunkwise {
                  sh_.n_last, sh_.m_last, Ss_, NCs_);
       }
     }
-    if (P_ == 1)
-      set_args(k_fw_states_.k, dn, k_, v_, gaw_, gK_, gG_, gA_, c0_, n0_, m0_, has_init_, Cst_, nst_, mst_, c_last_,
-               n_last_, m_last_, S_, NC_);
-    set_args(k_fw_outputs_.k, dn, q_, k_, v_, Cst_, nst_, mst_, gb_, gbi_, gpm_, gcut_, gK_, h_, Nt_, sgt_, Ss_, NCs_);
+    if (P_ == 1) {
+      const cl_uint next = set_args(k_fw_states_.k, dn, k_, v_, gaw_, gK_, gG_, gA_, c0_, n0_, m0_, has_init_, Cst_,
+                                    nst_, mst_, c_last_, n_last_, m_last_, S_, NC_);
+      if (shape_.packed()) set_args_from(k_fw_states_.k, dn, next, ctab_, stab_);
+    }
+    with_tables(k_fw_outputs_, set_args(k_fw_outputs_.k, dn, q_, k_, v_, Cst_, nst_, mst_, gb_, gbi_, gpm_, gcut_, gK_,
+                                        h_, Nt_, sgt_, Ss_, NCs_));
     if (has_grads_) {
       dh_ = up16(grads->dh);
       if (!grads->dc_last.empty()) {
@@ -251,7 +271,8 @@ class ResidentTensorCore final : public ResidentChunkwise {
       launch(k_fw_states_, "tc_fw_states", states, states_group, events);
       sh_.last_state_into(c_last_, n_last_, m_last_);
     } else {
-      launch(k_fw_states_, "tc_fw_states", states, states_group, events);
+      launch(k_fw_states_, "tc_fw_states", states, states_group, events, 0,
+             shape_.packed() ? static_cast<std::size_t>(shape_.N) : 1);
     }
     if (!skip_outputs_)
       launch(k_fw_outputs_, "tc_fw_outputs", cfg_.chunk_global(NCs_, V, cfg_.OTf), cfg_.chunk_group(), events);
@@ -397,24 +418,58 @@ class ResidentTensorCore final : public ResidentChunkwise {
              dn_last_, has_dlast, sh_.dc_last, sh_.dn_last, sh_.dc_end, sh_.dn_end, sh_.G_end, P_, NCs_);
     launch(k_bw_combine_, "shard_bw_combine", sh_.combine_global(), detail::kShardGroup, events, rows_);
   }
-  // A launch over the shard rows (rows x shards), or over `rows` when given.
+  // A launch over the shard rows (rows x shards), or over `rows` when given; `segments` > 1: a third dimension
+  // (the packed states pass: one work-group per sequence).
   void launch(const KernelObject& k, const char* name, std::size_t global0, std::size_t local0,
-              std::vector<KernelEvent>* events, int rows = 0) {
-    const std::size_t global[2] = {global0, static_cast<std::size_t>(rows > 0 ? rows : R_)};
-    const std::size_t local[2] = {local0, 1};
+              std::vector<KernelEvent>* events, int rows = 0, std::size_t segments = 1) {
+    const std::size_t global[3] = {global0, static_cast<std::size_t>(rows > 0 ? rows : R_), segments};
+    const std::size_t local[3] = {local0, 1, 1};
     cl_event e = nullptr;
-    check(clEnqueueNDRangeKernel(device_->profiling_queue(), k.k, 2, nullptr, global, local, 0, nullptr,
-                                 events ? &e : nullptr),
+    check(clEnqueueNDRangeKernel(device_->profiling_queue(), k.k, segments > 1 ? 3 : 2, nullptr, global, local, 0,
+                                 nullptr, events ? &e : nullptr),
           name, device_->name());
     if (events) events->emplace_back(name, e);
   }
   void finish() { check(clFinish(device_->profiling_queue()), "clFinish", device_->name()); }
+
+  // The stabiliser slots per shard row (mst): a slot entering every chunk and one leaving every sequence.
+  int m_slots() const { return shape_.packed() ? NC_ + static_cast<int>(shape_.N) : NCs_ + 1; }
+  // Packed: the chunk table after a kernel's own arguments (from index `next`).
+  void with_tables(const KernelObject& k, cl_uint next) const {
+    if (shape_.packed()) set_args_from(k.k, device_->name(), next, ctab_);
+  }
+  // The chunk and segment tables of packed sequences (tc_common.cl CHUNK_START, tc_states.cl PACKED): chunks of
+  // L tokens restarting at every sequence start, the m slot of chunk c being c + its sequence's index; a segment
+  // per sequence (its chunks, its initial state's row or -1 for the zero state, its last state's row). Returns
+  // the number of chunks.
+  int packed_tables(std::span<const std::int64_t> offsets, bool initial_states) {
+    const std::int64_t L = cfg_.L;
+    const std::int64_t N = static_cast<std::int64_t>(offsets.size()) - 1;
+    ctab_host_.clear();
+    stab_host_.clear();
+    int c = 0;
+    for (std::int64_t j = 0; j < N; ++j) {
+      const int first = c;
+      for (std::int64_t t = offsets[static_cast<std::size_t>(j)]; t < offsets[static_cast<std::size_t>(j) + 1];
+           t += L, ++c) {
+        ctab_host_.push_back(static_cast<int>(t));
+        ctab_host_.push_back(c + static_cast<int>(j));
+      }
+      for (const int x : {first, c, initial_states ? static_cast<int>(j) : -1, static_cast<int>(j)})
+        stab_host_.push_back(x);
+    }
+    ctab_host_.push_back(S_);
+    ctab_host_.push_back(c + static_cast<int>(N));
+    return c;
+  }
 
   std::shared_ptr<Device> device_;
   MlstmOptions options_;
   ProblemShape shape_;
   TcConfig cfg_;
   int rows_ = 0, S_ = 0, NC_ = 0, has_init_ = 0, has_dlast_ = 0;
+  std::vector<int> ctab_host_, stab_host_;  // packed: the chunk and segment tables (packed_tables)
+  PooledBuffer ctab_, stab_;
   int P_ = 1, R_ = 0, Ss_ = 0, NCs_ = 0;  // shards per row, shard rows, tokens and chunks per shard
   bool has_grads_ = false, forward_done_ = false, skip_outputs_ = false, segment_ = false;
   detail::SegmentExchange exchange_;  // as a segment of a split sequence
@@ -500,6 +555,11 @@ ForwardResult TensorCoreRunner::last_state(const ForwardArgs& args, const MlstmO
 }
 
 BackwardResult TensorCoreRunner::backward(const BackwardArgs& args, const MlstmOptions& options) const {
+  if (args.inputs.packed()) {
+    // The packed kernels are the forward's (tc_states.cl PACKED): the backward takes one sequence at a time.
+    return packed::backward_each(args, validate_backward(args, options), options,
+                                 [this](const BackwardArgs& s, const MlstmOptions& so) { return backward(s, so); });
+  }
   ResidentTensorCore r(device_, config_, args.inputs, options, &args);
   r.enqueue_forward(nullptr);
   r.enqueue_backward(nullptr);

@@ -19,7 +19,7 @@
 // DS columns through local memory. Global size (NT * NC * (L/LQ) * (DOUT/OT), rows), local (NT, 1), NT = 2 LQ;
 // group id 0 = (c * (L/LQ) + sub-tile) * (DOUT/OT) + output tile.
 // Build options: -DMODE -DL -DLQ -DKB -DDA -DDOUT -DOT -DDS -DDHQK -DDHHV -DGATE_EXP -DNORMALIZE -DEPS
-//                -DCAUSAL_SKIP (+ tc_common.cl's).
+//                -DCAUSAL_SKIP (+ tc_common.cl's; -DPACKED=1: chunk c starts at CHUNK_START(c), + the chunk table).
 
 #ifndef GATE_EXP
 #define GATE_EXP 1
@@ -85,25 +85,27 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_fw_outputs(
     __global const ushort* X, __global const ushort* Y1, __global const ushort* Y, __global const ushort* Z,
     __global const float* zvec, __global const float* mst, __global const float* gb, __global const float* gbi,
     __global const float* gpm, __global const float* gcut, __global const float* gK, __global ushort* OUT,
-    __global float* Nt, __global float* sgt, int S, int NC)
+    __global float* Nt, __global float* sgt, int S, int NC CTAB_PARAM)
 #elif MODE == 1
 __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dq(
     __global const ushort* X, __global const ushort* Y1, __global const ushort* Y, __global const ushort* Z,
     __global const float* zvec, __global const float* mst, __global const float* gb, __global const float* gbi,
     __global const float* gpm, __global const float* gcut, __global const float* gK, __global const float* Nt,
-    __global const float* dden, __global const ushort* E, __global ushort* OUT, __global float* dotp, int S, int NC)
+    __global const float* dden, __global const ushort* E, __global ushort* OUT, __global float* dotp, int S, int NC
+    CTAB_PARAM)
 #elif MODE == 2
 __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dk(
     __global const ushort* X, __global const ushort* Y1, __global const ushort* Y, __global const ushort* Z,
     __global const float* zvec, __global const float* mst, __global const float* gb, __global const float* gbi,
     __global const float* gpm, __global const float* gcut, __global const float* gK, __global const float* Nt,
-    __global const float* dden, __global const ushort* E, __global ushort* OUT, __global float* dotp, int S, int NC)
+    __global const float* dden, __global const ushort* E, __global ushort* OUT, __global float* dotp, int S, int NC
+    CTAB_PARAM)
 #else
 __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
     __global const ushort* X, __global const ushort* Y1, __global const ushort* Y, __global const ushort* Z,
     __global const float* mst, __global const float* gb, __global const float* gbi, __global const float* gpm,
     __global const float* gcut, __global const float* gK, __global const float* Nt, __global ushort* OUT, int S,
-    int NC)
+    int NC CTAB_PARAM)
 #endif
 {
   __local ushort region[REGION_ELEMS] __attribute__((aligned(16)));
@@ -130,7 +132,7 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
   const int ot = get_group_id(0) % nOT, cq = get_group_id(0) / nOT;
   const int c = cq / NKB, qb = cq % NKB, q0 = qb * LQ;  // chunk, query sub-tile and its first row
   const int o0 = ot * OT;
-  const int cb = c * L, len = min(L, S - cb);
+  const int cb = CHUNK_START(c), len = CHUNK_LEN(c);
   if (q0 >= len) return;  // a sub-tile past the end of the last chunk (the whole work-group)
   const int qlen = min(LQ, len - q0);
   const float isq = 1.0f / sqrt((float)DHQK);
@@ -152,7 +154,7 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
       cut = (int)gcut[idx];
 #if GATE_EXP
       Kt = tc_anchor(gK[idx]);
-      const float mc = mst[(size_t)row * (NC + 1) + c] - Kt;
+      const float mc = mst[(size_t)row * MSLOTS + CHUNK_MSLOT(c)] - Kt;
       // mm = m_t - D_t - K_t; the entering state counts only where no cut lies at or before t
       const float mm = cut >= 0 ? gpm[idx] : fmax(mc, gpm[idx]);
       const float enter = cut >= 0 ? 0.0f : safe_exp(mc - mm);  // 0 for an EMPTY state (-inf - -inf)
@@ -166,7 +168,7 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
       rf = enter;
 #else
       // token s's weight in the state leaving the chunk: 0 before the chunk's last cut
-      const float m_next = mst[(size_t)row * (NC + 1) + c + 1];
+      const float m_next = mst[(size_t)row * MSLOTS + CHUNK_MSLOT(c) + 1];
       const float D_last = gb[rowtok + len - 1];
       P = bi;
       Q = -mm;

@@ -261,3 +261,27 @@ __kernel void tc_probe_frag(__global const ushort* src, __global uint* out) {
 
 // A token's gate anchor (tc_gates.cl tc_fw_gates: gK), -inf (no finite input gate yet) read as 0.
 TC_INLINE float tc_anchor(float k) { return k == -INFINITY ? 0.0f : k; }
+
+// ---- chunks of a row ------------------------------------------------------------------------------
+// Unpacked, chunk c of a row covers tokens [c L, min(c L + L, S)), and the stabiliser entering it is slot c of the
+// row's NC + 1 in mst (slot NC: leaving the row). -DPACKED=1 (packed sequences, ForwardArgs::cu_seqlens): chunks
+// restart at every sequence start, and the kernels take the chunk table `ctab` (int, 2 NC + 2 entries, the same for
+// every row): ctab[2c] = chunk c's first token, ctab[2c + 1] = its stabiliser slot (c + the index of its sequence,
+// so that every sequence has a slot leaving it), ctab[2 NC] = S, ctab[2 NC + 1] = the slots per row (NC + the
+// number of sequences).
+#ifndef PACKED
+#define PACKED 0
+#endif
+#if PACKED
+#define CTAB_PARAM , __global const int* ctab
+#define CHUNK_START(c) ctab[2 * (c)]
+#define CHUNK_LEN(c) (ctab[2 * (c) + 2] - ctab[2 * (c)])
+#define CHUNK_MSLOT(c) ctab[2 * (c) + 1]
+#define MSLOTS ctab[2 * NC + 1]
+#else
+#define CTAB_PARAM
+#define CHUNK_START(c) ((c) * L)
+#define CHUNK_LEN(c) min(L, S - (c) * L)
+#define CHUNK_MSLOT(c) (c)
+#define MSLOTS (NC + 1)
+#endif

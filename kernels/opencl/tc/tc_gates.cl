@@ -10,7 +10,8 @@
 #ifndef NORMALIZE
 #define NORMALIZE 1
 #endif
-// tc_fw_gates: one work-group of L threads per (chunk, row); global (NC*L, rows), local (L, 1).
+// tc_fw_gates: one work-group of L threads per (chunk, row); global (NC*L, rows), local (L, 1). Packed
+// (tc_common.cl CHUNK_START): + the chunk table.
 // The tensor cores keep one decay channel and a cut position per token (stages.hpp "Gates at +-inf"; the CPU and
 // portable forms split the decays into two channels), and every token's input gates and stabilisers relative to an
 // anchor K_t, so that no weight loses the digits of a large input gate: K_t is the largest input gate at or before t
@@ -33,12 +34,12 @@
 __kernel void tc_fw_gates(__global const float* ig_raw, __global const float* fg_raw, __global float* gb,
                           __global float* gbi, __global float* gpm, __global float* gcut, __global float* gK,
                           __global float* gaw, __global float* gub, __global float* gG, __global float* gA, int S,
-                          int NC) {
+                          int NC CTAB_PARAM) {
   __local float sa[L], sk[L];
   __local int sf[L];
   int j = get_local_id(0), c = get_group_id(0), row = get_global_id(1);
-  int t = c * L + j;
-  int len = min(L, S - c * L);
+  int t = CHUNK_START(c) + j;
+  int len = CHUNK_LEN(c);
   size_t idx = (size_t)row * S + t;
   float lf = 0.0f, ig = -INFINITY;
   int is_cut = 0;

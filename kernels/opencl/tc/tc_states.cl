@@ -11,6 +11,10 @@
 // kept by the work-groups of DHHV tile 0 only.
 // Build options: -DMODE -DL -DKT -DVT -DDHQK -DDHHV -DGATE_EXP, -DWRITE_STATES=0 for a pass that only needs the
 // final value (the first pass of the sequence split: Cst, nst and mst are not written) (+ tc_common.cl's).
+// -DPACKED=1 (forward): the chunk table (tc_common.cl CHUNK_START) and the segment table `stab` (int4 per segment:
+// first chunk, end chunk, initial-state row (-1: the zero state), last-state row); global (.., rows, segments), and
+// a work-group walks its segment's chunks only, from that segment's initial state (rows s of c0/n0/m0, laid out
+// (sequences, rows, ...)) to its last state (row s of c_last/n_last/m_last).
 
 #ifndef GATE_EXP
 #define GATE_EXP 1
@@ -42,8 +46,15 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_fw_states(
     __global const ushort* X, __global const ushort* Y, __global const float* gaw, __global const float* gK,
     __global const float* gG, __global const float* gA, __global const float* c0, __global const float* n0,
     __global const float* m0, int has_init, __global ushort* Cst, __global float* nst, __global float* mst,
-    __global float* c_last, __global float* n_last, __global float* m_last, int S, int NC)
+    __global float* c_last, __global float* n_last, __global float* m_last, int S, int NC CTAB_PARAM
+#if PACKED
+    , __global const int* stab
+#endif
+    )
 #else
+#if PACKED
+#error "tc_states: the packed backward is not written (the packed backward streams its sequences)"
+#endif
 __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
     __global const ushort* X, __global const ushort* Y, __global const float* gub, __global const float* gK,
     __global const float* gG, __global const float* mst, __global const float* Nt, __global const float* dden,
@@ -58,6 +69,13 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
   EMU_DECL(NWS)
   const int tid = get_local_id(0), lane = tid & 31, warp = tid >> 5, g = lane >> 2, tq = lane & 3;
   const int row = get_global_id(1);
+#if PACKED
+  const int4 seg = vload4(get_global_id(2), stab);  // first chunk, end chunk, initial-state row, last-state row
+  const int rows_ = get_global_size(1);
+  const int init_row = seg.z * rows_ + row, out_row = seg.w * rows_ + row;
+#else
+  const int init_row = row, out_row = row;
+#endif
   const int nkt = DHQK / KT;
   const int kt = get_group_id(0) % nkt, vt = get_group_id(0) / nkt;
   const int k0 = kt * KT, v0 = vt * VT;
@@ -71,11 +89,15 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
   // ---- initial value ----
   float m_cur;
 #if MODE == 0
-  m_cur = has_init ? m0[row] : 0.0f;
+#if PACKED
+  const int have0 = has_init && seg.z >= 0;
+#else
+  const int have0 = has_init;
+#endif
+  m_cur = have0 ? m0[init_row] : 0.0f;
 #if !GATE_EXP
   m_cur = 0.0f;
 #endif
-  const int have0 = has_init;
   __global const float* init_C = c0;
   __global const float* init_n = n0;
 #else
@@ -88,16 +110,16 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
     #pragma unroll
     for (int i = 0; i < 4; ++i) {
       int r = k0 + warp * 16 + g + (i >> 1) * 8, col = v0 + j * 8 + 2 * tq + (i & 1);
-      acc[j][i] = have0 ? init_C[((size_t)row * DHQK + r) * DHHV + col] : 0.0f;
+      acc[j][i] = have0 ? init_C[((size_t)init_row * DHQK + r) * DHHV + col] : 0.0f;
     }
-  if (have0 && nh == 0) nacc = init_n[(size_t)row * DHQK + k0 + nk];
+  if (have0 && nh == 0) nacc = init_n[(size_t)init_row * DHQK + k0 + nk];
 
   // ---- register prefetch of one chunk ----
   uint4 xr[NXV], yr[NYV];
   float gsx[NXV][3];  // per-row gate scalars of the rows this thread stages
 #define PREFETCH(cc)                                                                                  \
   {                                                                                                   \
-    const int cb_ = (cc) * L, len_ = min(L, S - cb_);                                                \
+    const int cb_ = CHUNK_START(cc), len_ = CHUNK_LEN(cc);                                            \
     _Pragma("unroll")                                                                                 \
     for (int i = 0; i < NXV; ++i) {                                                                   \
       int r = X_ROW(i);                                                                               \
@@ -129,7 +151,10 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
 #define PREFETCH_GATES(i, tok) gsx[i][0] = gub[tok]; gsx[i][1] = Nt[tok]; gsx[i][2] = dden[tok];
 #endif
 
-#if MODE == 0
+#if MODE == 0 && PACKED
+  int c = seg.x;
+  const int c_end = seg.y, c_step = 1;
+#elif MODE == 0
   int c = 0;
   const int c_end = NC, c_step = 1;
 #else
@@ -138,12 +163,12 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
 #endif
   PREFETCH(c)
   for (; c != c_end; c += c_step) {
-    const int len = min(L, S - c * L);
+    const int len = CHUNK_LEN(c);
     const size_t chunk_at = (size_t)row * NC + c;
     const float G = gG[chunk_at];
     float m_c, m_next;
 #if MODE == 0
-    const float K_last = ANCHOR((size_t)row * S + c * L + len - 1);
+    const float K_last = ANCHOR((size_t)row * S + CHUNK_START(c) + len - 1);
     m_c = m_cur;
 #if GATE_EXP
     m_next = fmax(G + m_c, gA[chunk_at] + K_last);
@@ -152,9 +177,9 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
 #endif
     const float Km = K_last - m_next;
 #else
-    m_c = mst[(size_t)row * (NC + 1) + c];
-    m_next = mst[(size_t)row * (NC + 1) + c + 1];
-    const float mK = m_c - ANCHOR((size_t)row * S + c * L);  // m_c - K_first
+    m_c = mst[(size_t)row * MSLOTS + CHUNK_MSLOT(c)];
+    m_next = mst[(size_t)row * MSLOTS + CHUNK_MSLOT(c) + 1];
+    const float mK = m_c - ANCHOR((size_t)row * S + CHUNK_START(c));  // m_c - K_first
 #endif
     // 0 across a cut (G = -inf) and for an EMPTY state (m_c = -inf); m_c - m_next first (stages.hpp)
     const float scale = m_c == -INFINITY ? 0.0f : safe_exp(G + (m_c - m_next));
@@ -178,7 +203,7 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
 #if WRITE_STATES
     if (with_n && nh == 0) nst[((size_t)row * NC + c) * DHQK + k0 + nk] = nacc + npart[nk];
 #if MODE == 0
-    if (kt == 0 && vt == 0 && tid == 0) mst[(size_t)row * (NC + 1) + c] = m_c;
+    if (kt == 0 && vt == 0 && tid == 0) mst[(size_t)row * MSLOTS + CHUNK_MSLOT(c)] = m_c;
 #endif
 #endif
 
@@ -251,9 +276,9 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
   __global float* outn = n_last;
   if (kt == 0 && vt == 0 && tid == 0) {
 #if WRITE_STATES
-    mst[(size_t)row * (NC + 1) + NC] = m_cur;
+    mst[(size_t)row * MSLOTS + CHUNK_MSLOT(c_end - 1) + 1] = m_cur;  // leaving the row (the segment)
 #endif
-    m_last[row] = m_cur;
+    m_last[out_row] = m_cur;
   }
 #else
   __global float* outC = dc0;
@@ -264,7 +289,7 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
     #pragma unroll
     for (int i = 0; i < 4; ++i) {
       int r = k0 + warp * 16 + g + (i >> 1) * 8, col = v0 + j * 8 + 2 * tq + (i & 1);
-      outC[((size_t)row * DHQK + r) * DHHV + col] = acc[j][i];
+      outC[((size_t)out_row * DHQK + r) * DHHV + col] = acc[j][i];
     }
-  if (with_n && nh == 0) outn[(size_t)row * DHQK + k0 + nk] = nacc + npart[nk];
+  if (with_n && nh == 0) outn[(size_t)out_row * DHQK + k0 + nk] = nacc + npart[nk];
 }

@@ -49,13 +49,18 @@ class TensorCoreRunner {
   TensorCoreRunner(std::shared_ptr<Device> device, Config config);
   Device& device() const noexcept { return *device_; }
 
+  // Packed sequences (args.cu_seqlens) run in one call of the packed kernels: chunks restart at every sequence
+  // start and every sequence's states pass is a work-group of its own (no sequence split: `shards` applies to
+  // unpacked rows); the last states are (N, NH, ...).
   ForwardResult forward(const ForwardArgs& args, const MlstmOptions& options) const;
   // The state leaving the sequence only (h left empty).
   ForwardResult last_state(const ForwardArgs& args, const MlstmOptions& options) const;
+  // Packed sequences: one sequence after the other (the packed kernels are the forward's).
   BackwardResult backward(const BackwardArgs& args, const MlstmOptions& options) const;
 
   // Uploads once; the forward and backward can then be enqueued repeatedly (see resident.hpp). With
-  // `grads`, its dh / dc_last / dn_last are uploaded too (its inputs must be `args`).
+  // `grads`, its dh / dc_last / dn_last are uploaded too (its inputs must be `args`). Packed args: the forward only
+  // (with `grads` or as a segment: InvalidArgument naming cu_seqlens).
   std::unique_ptr<ResidentChunkwise> resident(const ForwardArgs& args, const MlstmOptions& options,
                                               const BackwardArgs* grads = nullptr) const;
 
