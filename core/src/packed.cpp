@@ -55,6 +55,26 @@ std::vector<Piece> pieces(const ForwardArgs& args, const ProblemShape& p, std::i
   return out;
 }
 
+std::vector<Piece> spanning_pieces(const ForwardArgs& args, std::int64_t most, std::int64_t most_sequences) {
+  if (most < 1 || most_sequences < 1) throw InvalidArgument("most", "pieces need at least one token and sequence");
+  std::vector<Piece> out;
+  const auto& cu = args.cu_seqlens;
+  const std::int64_t S = cu.back();
+  std::size_t j = 0;  // the sequence at t
+  for (std::int64_t t = 0; t < S;) {
+    const std::int64_t end = std::min(S, t + most);
+    const std::size_t first_sequence = j;
+    std::int64_t pos = t;
+    for (std::int64_t held = 0; pos < end && held < most_sequences; ++held) {
+      pos = std::min(cu[j + 1], end);
+      if (pos == cu[j + 1]) ++j;
+    }
+    out.push_back({t, pos, static_cast<std::int64_t>(first_sequence), t == cu[first_sequence], pos == S});
+    t = pos;
+  }
+  return out;
+}
+
 std::pair<std::int64_t, std::int64_t> range(const ForwardArgs& args, std::int64_t j) {
   return {args.cu_seqlens[static_cast<std::size_t>(j)], args.cu_seqlens[static_cast<std::size_t>(j + 1)]};
 }

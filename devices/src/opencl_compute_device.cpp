@@ -365,9 +365,13 @@ class OpenCLComputeDevice final : public ComputeDevice {
     ProblemShape piece = p;
     piece.N = 0;
     piece.S = stream_piece_tokens(p, o);
-    const std::vector<packed::Piece> plan = packed::pieces(a, p, piece.S);
-    std::unique_ptr<opencl::DeviceStream> held = p.packed() ? reuse_stream(stream_config(piece, o), {}, {}, {})
-                                                            : reuse_stream(stream_config(piece, o), a.c0, a.n0, a.m0);
+    // Packed sequences: pieces cut anywhere, each holding (parts of) up to max_segments sequences (the packed kernels).
+    opencl::DeviceStream::Config config = stream_config(piece, o);
+    if (p.packed()) config.max_segments = packed_piece_sequences(p);
+    const std::vector<packed::Piece> plan =
+        p.packed() ? packed::spanning_pieces(a, piece.S, config.max_segments) : packed::pieces(a, p, piece.S);
+    std::unique_ptr<opencl::DeviceStream> held =
+        p.packed() ? reuse_stream(config, {}, {}, {}) : reuse_stream(config, a.c0, a.n0, a.m0);
     opencl::DeviceStream& stream = *held;
     // The kept states stay on the device (a backward there copies them where it starts its pieces) when they fit an
     // eighth of its memory; beyond that none are kept, and a backward recomputes them.
@@ -416,11 +420,32 @@ class OpenCLComputeDevice final : public ComputeDevice {
         const packed::Piece& sp = plan[static_cast<std::size_t>(j)];
         const ScopedTrace push([&] { return "streamed forward: piece " + std::to_string(j) + " pushed"; });
         // A packed sequence starts afresh (from its own initial state or zero) and its last state comes down behind
-        // its last piece; an unpacked row's stream started from c0 (reuse_stream) and its last state is read below.
-        const std::int64_t seq = sp.sequence;
-        if (p.packed() && sp.first) stream.start_sequence(row(a.c0, seq), row(a.n0, seq), row(a.m0, seq));
-        if (p.packed() && sp.last && o.return_last_states)
-          stream.state_after_next_piece_into(row(r.c.view(), seq), row(r.n.view(), seq), row(r.m.view(), seq));
+        // the piece it ends in; an unpacked row's stream started from c0 (reuse_stream) and its last state is read
+        // below.
+        if (p.packed()) {
+          std::vector<opencl::DeviceStream::Segment> segments;
+          for (std::int64_t seq = sp.sequence, t = sp.t0; t < sp.t1; ++seq) {
+            const auto [s0, s1] = packed::range(a, seq);
+            opencl::DeviceStream::Segment g;
+            g.t0 = t - sp.t0;
+            g.t1 = std::min(s1, sp.t1) - sp.t0;
+            g.starts = s0 == t;
+            if (g.starts) {
+              g.c0 = row(a.c0, seq);
+              g.n0 = row(a.n0, seq);
+              g.m0 = row(a.m0, seq);
+            }
+            g.ends = s1 <= sp.t1;
+            if (g.ends && o.return_last_states) {
+              g.c_out = row(r.c.view(), seq);
+              g.n_out = row(r.n.view(), seq);
+              g.m_out = row(r.m.view(), seq);
+            }
+            segments.push_back(g);
+            t = sp.t0 + g.t1;
+          }
+          stream.set_segments(std::move(segments));
+        }
         (void)stream.push(sequence_slice(rows, sp.t0, sp.t1), /*inputs_outlive_piece=*/true,
                           sequence_slice(out, sp.t0, sp.t1));
         std::lock_guard lock(mutex);
@@ -614,7 +639,14 @@ class OpenCLComputeDevice final : public ComputeDevice {
   }
   static bool same_stream_config(const opencl::DeviceStream::Config& x, const opencl::DeviceStream::Config& y) {
     return x.B == y.B && x.NH == y.NH && x.DHQK == y.DHQK && x.DHHV == y.DHHV && x.max_piece == y.max_piece &&
-           x.dtype == y.dtype && same_options(x.options, y.options) && x.emulate == y.emulate && x.compute == y.compute;
+           x.dtype == y.dtype && same_options(x.options, y.options) && x.emulate == y.emulate &&
+           x.compute == y.compute && x.max_segments == y.max_segments;
+  }
+  // The sequences a piece of a packed stream holds at most: their initial and last states (one buffer of each, and
+  // one per stream slot) within 64 MiB each, 64 at most.
+  static std::int64_t packed_piece_sequences(const ProblemShape& p) {
+    const std::size_t per = std::max<std::size_t>(1, state_bytes(p));
+    return std::clamp<std::int64_t>(static_cast<std::int64_t>((std::size_t{64} << 20) / per), 1, 64);
   }
 
   // MLSTM_RESIDENT_INPUTS=off: every call uploads its inputs (for measuring what residency saves).

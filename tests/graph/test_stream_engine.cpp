@@ -144,10 +144,12 @@ TEST(StreamEngine, PackedSequencesUnderTwoPiecesRunInOneCall) {
   EXPECT_TRUE(testing::matches(h, got.h, 0.0, "packed call", "h (forward_into)", s));
 }
 
-// Packed sequences on a tensor-core device stream one after the other through one pinned stream (pieces of 128
-// tokens; a sequence starts afresh, from its own initial state or the zero state, and its last state comes down
-// behind its last piece): each sequence's h and last state equal the float64 recurrence over it alone and the
-// device's own call on that sequence, for both gates, with and without initial states; forward_into as well.
+// Packed sequences on a tensor-core device stream through one pinned stream in pieces of 128 tokens cut anywhere,
+// each holding several sequences (the packed kernels: a sequence starts afresh inside a piece, from its own initial
+// state or the zero state, goes on across pieces, and its last state comes down behind the piece it ends in): each
+// sequence's h and last state equal the float64 recurrence over it alone and the device's own call on that
+// sequence, for both gates, with and without initial states; forward_into as well. (Reading every continuing
+// segment from the zero state instead of the carried state fails it.)
 TEST(StreamEngine, PackedSequencesStreamThroughOnePinnedStream) {
   if (no_opencl()) GTEST_SKIP() << "no OpenCL device (install pocl-opencl-icd)";
   const StreamPiece piece("128");

@@ -731,6 +731,111 @@ TEST(DeviceStream, PiecesOfAnyLengthEqualOneCall) {
   EXPECT_EQ(transfers.bytes_down(), 4u * 100u * 2u * 32u * 2u);
 }
 
+// A stream of packed sequences (Config::max_segments): pieces cut anywhere, each described by set_segments (a
+// sequence going on from the last piece, sequences starting inside it from their own initial state or zero, one
+// going on into the next piece), equal the float64 recurrence over the packed sequences, last states included, and
+// the stream refuses what does not describe a piece.
+TEST(DeviceStream, PackedSegmentsFollowTheRecurrenceAndAreChecked) {
+  REQUIRE_OPENCL();
+  const auto dev = first_device();
+  const bool emulate = !opencl::tensor_core_support(dev->info()).available;
+  const auto p =
+      testing::make_packed({30, 1, 95, 64, 10}, DType::bf16, GateVariant::exp, true, testing::fresh_seed(), 2, 32, 32);
+  MlstmOptions o;
+  o.return_last_states = true;
+  const ForwardArgs a = p.in.args();
+  const auto ref = reference::recurrent_forward(a, o);
+  opencl::DeviceStream::Config cfg = stream_config(1, emulate);
+  cfg.max_segments = 3;
+  opencl::DeviceStream stream(dev, cfg);
+  const std::int64_t N = 5;
+  Tensor C({N, 2, 32, 32}, DType::f32), n({N, 2, 32}, DType::f32), m({N, 2}, DType::f32);
+  ForwardArgs row = a;
+  row.cu_seqlens = {};
+  std::vector<Tensor> hs;
+  for (const auto& sp : packed::spanning_pieces(a, 100, 3)) {
+    std::vector<opencl::DeviceStream::Segment> segments;
+    for (std::int64_t j = sp.sequence, t = sp.t0; t < sp.t1; ++j) {
+      const auto [s0, s1] = packed::range(a, j);
+      opencl::DeviceStream::Segment g;
+      g.t0 = t - sp.t0;
+      g.t1 = std::min(s1, sp.t1) - sp.t0;
+      g.starts = s0 == t;
+      if (g.starts && j % 2 == 1) {  // odd sequences from their initial states, even ones from zero
+        g.c0 = packed::rows(a.c0, j, j + 1);
+        g.n0 = packed::rows(a.n0, j, j + 1);
+        g.m0 = packed::rows(a.m0, j, j + 1);
+      }
+      g.ends = s1 <= sp.t1;
+      if (g.ends) {
+        g.c_out = packed::rows(C.view(), j, j + 1);
+        g.n_out = packed::rows(n.view(), j, j + 1);
+        g.m_out = packed::rows(m.view(), j, j + 1);
+      }
+      segments.push_back(g);
+      t = sp.t0 + g.t1;
+    }
+    stream.set_segments(std::move(segments));
+    hs.push_back(stream.take(stream.push(sequence_slice(row, sp.t0, sp.t1))));
+  }
+  stream.finish();
+  Tensor h = hs[0];
+  for (std::size_t j = 1; j < hs.size(); ++j) h = testing::concat_seq(h, hs[j]);
+  // The reference with the even sequences' initial states zero (m0 = 0), as the stream ran them.
+  testing::Inputs zeroed = p.in;
+  for (std::int64_t j = 0; j < N; j += 2) {
+    std::memset(zeroed.c0.bytes() + j * zeroed.c0.nbytes() / N, 0, zeroed.c0.nbytes() / N);
+    std::memset(zeroed.n0.bytes() + j * zeroed.n0.nbytes() / N, 0, zeroed.n0.nbytes() / N);
+    std::memset(zeroed.m0.bytes() + j * zeroed.m0.nbytes() / N, 0, zeroed.m0.nbytes() / N);
+  }
+  const auto want = reference::recurrent_forward(zeroed.args(), o);
+  EXPECT_TRUE(close16(h, want.h, 2e-2, "packed stream h", p.spec));
+  EXPECT_TRUE(close16(C, want.c, 2e-2, "packed stream c", p.spec));
+  EXPECT_TRUE(close16(n, want.n, 2e-2, "packed stream n", p.spec));
+  EXPECT_TRUE(close_absolute(m, want.m, 1e-3, "packed stream m"));
+
+  // What does not describe a piece.
+  auto refused = [&](std::vector<opencl::DeviceStream::Segment> segments, const std::string& argument) {
+    try {
+      stream.set_segments(std::move(segments));
+      ADD_FAILURE() << "accepted segments refused by " << argument;
+    } catch (const InvalidArgument& e) {
+      EXPECT_EQ(e.argument(), argument) << e.what();
+    }
+  };
+  auto seg = [](std::int64_t t0, std::int64_t t1) {
+    opencl::DeviceStream::Segment g;
+    g.t0 = t0;
+    g.t1 = t1;
+    return g;
+  };
+  refused({}, "segments");
+  refused({seg(0, 10), seg(10, 20), seg(20, 30), seg(30, 40)}, "segments");  // more than max_segments
+  refused({seg(1, 10)}, "segments");                                         // not from token 0
+  refused({seg(0, 10), seg(12, 20)}, "segments");                            // a gap
+  refused({seg(0, 0)}, "segments");                                          // empty
+  refused({seg(0, 101)}, "segments");                                        // past max_piece
+  auto goes_on = seg(0, 10);
+  goes_on.starts = false;
+  refused({seg(0, 5), goes_on}, "segments");  // only the first goes on from the last piece
+  auto open_end = seg(0, 5);
+  open_end.ends = false;
+  refused({open_end, seg(5, 10)}, "segments");  // only the last goes on into the next piece
+  auto wrong_state = seg(0, 10);
+  wrong_state.c0 = packed::rows(a.c0, 0, 2);
+  wrong_state.n0 = packed::rows(a.n0, 0, 1);
+  wrong_state.m0 = packed::rows(a.m0, 0, 1);
+  refused({wrong_state}, "c0");
+  stream.set_segments({seg(0, 10)});
+  EXPECT_THROW(stream.push(sequence_slice(row, 0, 20)), InvalidArgument);  // the segments cover 10 of 20 tokens
+  EXPECT_THROW(stream.push(sequence_slice(row, 0, 20)), Error);            // and were used up: none set
+  EXPECT_THROW(stream.start_sequence(), Error);
+  EXPECT_THROW(stream.keep_states(true), Error);
+  EXPECT_THROW(stream.state_after_next_piece_into(packed::rows(C.view(), 0, 1), packed::rows(n.view(), 0, 1),
+                                                  packed::rows(m.view(), 0, 1)),
+               Error);
+}
+
 // Inputs in the device's page-locked memory (Device::pinned_tensor) are uploaded where they lie: whole pinned
 // tensors, pieces sliced out of them (rectangular copies over B*NH rows), and a mix with ordinary memory. The h and
 // the state equal a stream fed through its staging bit for bit, and bytes_direct() counts exactly the pinned

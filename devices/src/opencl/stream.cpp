@@ -19,6 +19,7 @@ namespace mlstm::opencl {
 using detail::KernelObject;
 using detail::make_config;
 using detail::set_args;
+using detail::set_args_from;
 using detail::tc_source_text;
 using detail::TcConfig;
 
@@ -40,8 +41,12 @@ struct DeviceStream::Slot {
   Buffer pinned_in, pinned_out;  // page-locked host staging (mapped for the stream's life)
   std::byte* host_in = nullptr;
   std::byte* host_out = nullptr;
-  Buffer q, k, v, i, f, h;              // device copies of one piece
-  Buffer state_copy[3];                 // C, n, m leaving the piece, for state_after_next_piece_into() (lazily)
+  Buffer q, k, v, i, f, h;  // device copies of one piece
+  Buffer state_copy[3];     // C, n, m leaving the piece, for state_after_next_piece_into() (lazily)
+  // Packed streams (Config::max_segments): the piece's chunk and segment tables (their host copies stay until the
+  // slot is reused, the uploads read them) and the states leaving its segments (row k: segment k).
+  Buffer ctab, stab, last[3];
+  std::vector<int> ctab_host, stab_host;
   KernelObject gates, states, outputs;  // bound to this slot's buffers
   cl_event up = nullptr, computed = nullptr, down = nullptr;
   std::uint64_t ticket = 0;
@@ -84,7 +89,14 @@ struct DeviceStream::Impl {
       held.pop_front();
     }
   }
-  std::array<TensorView, 3> state_out;                // state_after_next_piece_into(): C, n, m; empty when none
+  std::array<TensorView, 3> state_out;  // state_after_next_piece_into(): C, n, m; empty when none
+  // Packed streams: the next piece's segments (set_segments) with their initial states' float32 copies, and the
+  // initial states the packed states kernel reads (row k: segment k; the carried state copied in for a segment
+  // that goes on).
+  std::vector<Segment> segments;
+  std::vector<std::array<Tensor, 3>> segment_initial;
+  Buffer in[3];
+  std::int64_t NC_max = 0;
   std::size_t q_bytes = 0, v_bytes = 0, g_bytes = 0;  // per-tensor staging sizes at max_piece
 };
 
@@ -98,6 +110,7 @@ DeviceStream::DeviceStream(std::shared_ptr<Device> device, Config config, ConstT
   const Config& c = config_;
   if (c.B <= 0 || c.NH <= 0) throw InvalidArgument("config", "B and NH must be > 0");
   if (c.max_piece <= 0) throw InvalidArgument("config.max_piece", "must be > 0");
+  if (c.max_segments < 0) throw InvalidArgument("config.max_segments", "must be >= 0 (0: not packed)");
   validate_options(c.options);
   ProblemShape p;
   p.B = c.B;
@@ -108,9 +121,13 @@ DeviceStream::DeviceStream(std::shared_ptr<Device> device, Config config, ConstT
   p.dtype = c.dtype;
   Impl& im = *impl_;
   im.cfg = make_config(dev, c.emulate, p, c.options);
+  const std::size_t M = static_cast<std::size_t>(c.max_segments);
+  if (M > 0) im.cfg.base += " -DPACKED=1";  // chunks restart at every sequence start (tc_common.cl CHUNK_START)
   const std::size_t rows = static_cast<std::size_t>(c.B * c.NH), maxS = static_cast<std::size_t>(c.max_piece);
   const std::size_t es = dtype_size(c.dtype), tok = rows * maxS;
-  const std::size_t NC = (maxS + static_cast<std::size_t>(im.cfg.L) - 1) / static_cast<std::size_t>(im.cfg.L);
+  // Packed, a piece has a short chunk at most at the end of every segment.
+  const std::size_t NC = (maxS + static_cast<std::size_t>(im.cfg.L) - 1) / static_cast<std::size_t>(im.cfg.L) + M;
+  im.NC_max = static_cast<std::int64_t>(NC);
   const std::size_t K = static_cast<std::size_t>(c.DHQK), V = static_cast<std::size_t>(c.DHHV);
   im.q_bytes = tok * K * es;
   im.v_bytes = tok * V * es;
@@ -155,13 +172,18 @@ DeviceStream::DeviceStream(std::shared_ptr<Device> device, Config config, ConstT
   im.gG = f32(rows * NC);
   im.gA = f32(rows * NC);
 
-  im.mst = f32(rows * (NC + 1));
+  im.mst = f32(rows * (NC + std::max<std::size_t>(M, 1)));  // packed: a slot leaving every segment
   im.Cst = dev.alloc(rows * NC * K * V * es);
   im.nst = f32(rows * NC * K);
   for (int j = 0; j < 2; ++j) {
     im.C[j] = f32(rows * K * V);
     im.n[j] = f32(rows * K);
     im.m[j] = f32(rows);
+  }
+  if (M > 0) {
+    im.in[0] = f32(M * rows * K * V);
+    im.in[1] = f32(M * rows * K);
+    im.in[2] = f32(M * rows);
   }
   load_state(c0, n0, m0);
 }
@@ -189,6 +211,16 @@ void DeviceStream::set_up(Slot& s, cl_command_queue map_queue) {
   s.i = dev.alloc(im.g_bytes);
   s.f = dev.alloc(im.g_bytes);
   s.h = dev.alloc(im.v_bytes);
+  if (config_.max_segments > 0) {
+    const std::size_t M = static_cast<std::size_t>(config_.max_segments);
+    const std::size_t rows = static_cast<std::size_t>(config_.B * config_.NH);
+    const std::size_t K = static_cast<std::size_t>(config_.DHQK), V = static_cast<std::size_t>(config_.DHHV);
+    s.ctab = dev.alloc((2 * static_cast<std::size_t>(im.NC_max) + 2) * sizeof(int));
+    s.stab = dev.alloc(4 * M * sizeof(int));
+    s.last[0] = dev.alloc(M * rows * K * V * sizeof(float));
+    s.last[1] = dev.alloc(M * rows * K * sizeof(float));
+    s.last[2] = dev.alloc(M * rows * sizeof(float));
+  }
   s.gates = KernelObject{dev.kernel(im.gates, "tc_fw_gates")};
   s.states = KernelObject{dev.kernel(im.states, "tc_fw_states")};
   s.outputs = KernelObject{dev.kernel(im.outputs, "tc_fw_outputs")};
@@ -330,6 +362,17 @@ std::uint64_t DeviceStream::enqueue_piece(const detail::HostRows* direct, const 
   Impl& im = *impl_;
   const Config& c = config_;
   const std::string& dn = device_->name();
+  if (c.max_segments > 0) {  // before the piece takes a ticket
+    if (im.segments.empty())
+      throw Error("DeviceStream: a stream of packed sequences needs set_segments() before every piece");
+    if (im.segments.back().t1 != pending_len_) {
+      const std::int64_t covered = im.segments.back().t1;
+      im.segments.clear();
+      im.segment_initial.clear();
+      throw InvalidArgument("segments", "the segments cover " + std::to_string(covered) + " tokens, the piece has " +
+                                            std::to_string(pending_len_));
+    }
+  }
   const std::uint64_t ticket = next_ticket_++;
   Slot& s = slot_of(ticket);
   const std::int64_t len = pending_len_;
@@ -340,6 +383,24 @@ std::uint64_t DeviceStream::enqueue_piece(const detail::HostRows* direct, const 
   const std::size_t vb = rows * L * static_cast<std::size_t>(c.DHHV) * es, gbytes = rows * L * sizeof(float);
   cl_event up = nullptr, computed = nullptr, down = nullptr, state_copied = nullptr;
   std::array<TensorView, 3> state_out;  // state_after_next_piece_into()'s views, when this piece fills them
+  const bool packed = c.max_segments > 0;
+  std::vector<Segment> segments;
+  std::vector<std::array<Tensor, 3>> segment_initial;
+  int packed_chunks = 0;
+  if (packed) {
+    segments = std::move(im.segments);
+    segment_initial = std::move(im.segment_initial);
+    im.segments.clear();
+    im.segment_initial.clear();
+    packed_chunks = packed_tables(s, segments, segment_initial);
+    // Before the inputs on the (in-order) upload queue: the kernels wait for the last input's upload.
+    check(clEnqueueWriteBuffer(im.up, s.ctab.get(), CL_FALSE, 0, s.ctab_host.size() * sizeof(int), s.ctab_host.data(),
+                               0, nullptr, nullptr),
+          "clEnqueueWriteBuffer(stream chunk table)", dn);
+    check(clEnqueueWriteBuffer(im.up, s.stab.get(), CL_FALSE, 0, s.stab_host.size() * sizeof(int), s.stab_host.data(),
+                               0, nullptr, nullptr),
+          "clEnqueueWriteBuffer(stream segment table)", dn);
+  }
   // Uploads (non-blocking, from pinned memory: DMA at full PCIe speed).
   const std::pair<const Buffer*, std::pair<std::size_t, std::size_t>> parts[] = {
       {&s.q, {0, qb}},
@@ -365,14 +426,27 @@ std::uint64_t DeviceStream::enqueue_piece(const detail::HostRows* direct, const 
   }
   clFlush(im.up);
   cl_event after_compute = up;
+  std::vector<std::size_t> ended;  // packed: the segments whose last states come down behind h
   if (c.compute) {
-    const int S = static_cast<int>(len), NC = (S + im.cfg.L - 1) / im.cfg.L, has_init = im.has_state ? 1 : 0;
+    const int S = static_cast<int>(len), NC = packed ? packed_chunks : (S + im.cfg.L - 1) / im.cfg.L,
+              has_init = im.has_state || packed ? 1 : 0;
     const int from = im.state, to = 1 - im.state;
-    set_args(s.gates.k, dn, s.i, s.f, im.gb, im.gbi, im.gpm, im.gcut, im.gK, im.gaw, im.gub, im.gG, im.gA, S, NC);
-    set_args(s.states.k, dn, s.k, s.v, im.gaw, im.gK, im.gG, im.gA, im.C[from], im.n[from], im.m[from], has_init,
-             im.Cst, im.nst, im.mst, im.C[to], im.n[to], im.m[to], S, NC);
-    set_args(s.outputs.k, dn, s.q, s.k, s.v, im.Cst, im.nst, im.mst, im.gb, im.gbi, im.gpm, im.gcut, im.gK, s.h, im.Nt,
-             im.sgt, S, NC);
+    const cl_uint after_gates =
+        set_args(s.gates.k, dn, s.i, s.f, im.gb, im.gbi, im.gpm, im.gcut, im.gK, im.gaw, im.gub, im.gG, im.gA, S, NC);
+    const cl_uint after_outputs = set_args(s.outputs.k, dn, s.q, s.k, s.v, im.Cst, im.nst, im.mst, im.gb, im.gbi,
+                                           im.gpm, im.gcut, im.gK, s.h, im.Nt, im.sgt, S, NC);
+    if (packed) {
+      // The chunk table after each kernel's own arguments; the states kernel reads every segment's initial state
+      // from im.in (row k: segment k) and writes its last state to the slot's row k.
+      set_args_from(s.gates.k, dn, after_gates, s.ctab);
+      set_args_from(s.outputs.k, dn, after_outputs, s.ctab);
+      set_args(s.states.k, dn, s.k, s.v, im.gaw, im.gK, im.gG, im.gA, im.in[0], im.in[1], im.in[2], has_init, im.Cst,
+               im.nst, im.mst, s.last[0], s.last[1], s.last[2], S, NC, s.ctab, s.stab);
+      write_segment_initial_states(segments, segment_initial);
+    } else {
+      set_args(s.states.k, dn, s.k, s.v, im.gaw, im.gK, im.gG, im.gA, im.C[from], im.n[from], im.m[from], has_init,
+               im.Cst, im.nst, im.mst, im.C[to], im.n[to], im.m[to], S, NC);
+    }
     const std::size_t rws = rows, KT = static_cast<std::size_t>(im.cfg.KT);
     const std::size_t sg = 2 * KT * static_cast<std::size_t>((c.DHQK / im.cfg.KT) * (c.DHHV / im.cfg.VT));
     const std::size_t g0[3] = {static_cast<std::size_t>(NC) * static_cast<std::size_t>(im.cfg.L), sg,
@@ -380,10 +454,27 @@ std::uint64_t DeviceStream::enqueue_piece(const detail::HostRows* direct, const 
     const std::size_t l0[3] = {static_cast<std::size_t>(im.cfg.L), 2 * KT, im.cfg.chunk_group()};
     const cl_kernel ks[3] = {s.gates.k, s.states.k, s.outputs.k};
     for (int j = 0; j < 3; ++j) {
-      const std::size_t global[2] = {g0[j], rws}, local[2] = {l0[j], 1};
-      check(clEnqueueNDRangeKernel(im.kernels, ks[j], 2, nullptr, global, local, j == 0 ? 1 : 0, j == 0 ? &up : nullptr,
-                                   j == 2 ? &computed : nullptr),
+      // The packed states kernel: a work-group walk per segment (third dimension).
+      const cl_uint dims = packed && j == 1 ? 3 : 2;
+      const std::size_t global[3] = {g0[j], rws, packed ? segments.size() : 1}, local[3] = {l0[j], 1, 1};
+      check(clEnqueueNDRangeKernel(im.kernels, ks[j], dims, nullptr, global, local, j == 0 ? 1 : 0,
+                                   j == 0 ? &up : nullptr, j == 2 ? &computed : nullptr),
             "stream kernels", dn);
+    }
+    if (packed) {
+      // A sequence that goes on carries the last segment's state into the next piece.
+      const Segment& last = segments.back();
+      if (!last.ends) {
+        const std::size_t k = segments.size() - 1;
+        const Buffer* dst[3] = {&im.C[to], &im.n[to], &im.m[to]};
+        for (std::size_t j = 0; j < 3; ++j) {
+          check(clEnqueueCopyBuffer(im.kernels, s.last[j].get(), dst[j]->get(), k * dst[j]->bytes(), 0, dst[j]->bytes(),
+                                    0, nullptr, nullptr),
+                "clEnqueueCopyBuffer(stream carried state)", dn);
+        }
+      }
+      for (std::size_t k = 0; k < segments.size(); ++k)
+        if (segments[k].ends && !segments[k].c_out.empty()) ended.push_back(k);
     }
     if (im.keep_states) {
       // The state leaving this piece, copied before the next piece's kernels write over its buffers (the kernel
@@ -415,7 +506,7 @@ std::uint64_t DeviceStream::enqueue_piece(const detail::HostRows* direct, const 
     clFlush(im.kernels);
     after_compute = computed;
     im.state = to;
-    im.has_state = true;
+    im.has_state = !packed || !segments.back().ends;  // packed: the next piece starts a sequence afresh
   } else {
     clRetainEvent(up);
     computed = up;
@@ -428,6 +519,25 @@ std::uint64_t DeviceStream::enqueue_piece(const detail::HostRows* direct, const 
     detail::enqueue_rows(im.down, /*write=*/false, s.h.get(), *out, &after_compute, &down, dn);
     bytes_direct_down_ += vb;
     device_->note_direct_download(vb);
+  }
+  if (!ended.empty()) {
+    // The last states of the sequences that ended in this piece, behind h on the (in-order) download queue: the
+    // piece is down when they are.
+    cl_event last_down = nullptr;
+    for (std::size_t e = 0; e < ended.size(); ++e) {
+      const std::size_t k = ended[e];
+      const Segment& g = segments[k];
+      const TensorView to[3] = {g.c_out, g.n_out, g.m_out};
+      for (std::size_t j = 0; j < 3; ++j) {
+        const bool final_read = e + 1 == ended.size() && j == 2;
+        const cl_int err = clEnqueueReadBuffer(im.down, s.last[j].get(), CL_FALSE, k * to[j].nbytes(), to[j].nbytes(),
+                                               to[j].bytes(), 1, &after_compute, final_read ? &last_down : nullptr);
+        if (err != CL_SUCCESS) release_event(last_down);
+        check(err, "clEnqueueReadBuffer(stream sequence's last state)", dn);
+      }
+    }
+    release_event(down);
+    down = last_down;
   }
   if (state_copied) {
     // Behind h on the (in-order) download queue: the piece is down when its state is.
@@ -595,9 +705,94 @@ void DeviceStream::finish() {
   impl_->drop_held(true);
 }
 
+void DeviceStream::set_segments(std::vector<Segment> segments) {
+  Impl& im = *impl_;
+  const Config& c = config_;
+  if (c.max_segments <= 0) throw Error("DeviceStream::set_segments: not a stream of packed sequences (max_segments)");
+  if (segments.empty() || static_cast<std::int64_t>(segments.size()) > c.max_segments)
+    throw InvalidArgument("segments", "a piece holds 1.." + std::to_string(c.max_segments) + " segments, got " +
+                                          std::to_string(segments.size()));
+  std::vector<std::array<Tensor, 3>> initial(segments.size());
+  for (std::size_t k = 0; k < segments.size(); ++k) {
+    const Segment& g = segments[k];
+    const std::int64_t begin = k == 0 ? 0 : segments[k - 1].t1;
+    if (g.t0 != begin || g.t1 <= g.t0 || g.t1 > c.max_piece)
+      throw InvalidArgument("segments", "segment " + std::to_string(k) + " covers [" + std::to_string(g.t0) + ", " +
+                                            std::to_string(g.t1) + "): segments follow each other from token 0, " +
+                                            "none empty, within max_piece");
+    if (!g.starts && k != 0) throw InvalidArgument("segments", "only the first segment may go on from the last piece");
+    if (!g.ends && k + 1 != segments.size())
+      throw InvalidArgument("segments", "only the last segment may go on into the next piece");
+    if (g.starts && !(g.c0.empty() && g.n0.empty() && g.m0.empty())) {
+      const std::pair<ConstTensorView, Shape> parts[3] = {
+          {g.c0, {c.B, c.NH, c.DHQK, c.DHHV}}, {g.n0, {c.B, c.NH, c.DHQK}}, {g.m0, {c.B, c.NH}}};
+      const char* names[3] = {"c0", "n0", "m0"};
+      for (std::size_t j = 0; j < 3; ++j) {
+        if (parts[j].first.shape() != parts[j].second)
+          throw InvalidArgument(names[j], "expected shape " + shape_to_string(parts[j].second) + ", got " +
+                                              shape_to_string(parts[j].first.shape()));
+        initial[k][j] = Tensor::copy_of(parts[j].first, DType::f32);
+      }
+    }
+    if (g.ends && !(g.c_out.empty() && g.n_out.empty() && g.m_out.empty()))
+      check_state_views(g.c_out, g.n_out, g.m_out, c.B, c.NH, c.DHQK, c.DHHV);
+  }
+  im.segments = std::move(segments);
+  im.segment_initial = std::move(initial);
+}
+
+int DeviceStream::packed_tables(Slot& s, const std::vector<Segment>& segments,
+                                const std::vector<std::array<Tensor, 3>>& initial) const {
+  const Impl& im = *impl_;
+  const int L = im.cfg.L, nseg = static_cast<int>(segments.size());
+  s.ctab_host.clear();
+  s.stab_host.clear();
+  int chunks = 0;
+  for (int k = 0; k < nseg; ++k) {
+    const Segment& g = segments[static_cast<std::size_t>(k)];
+    const int first = chunks;
+    for (std::int64_t t = g.t0; t < g.t1; t += L, ++chunks) {
+      s.ctab_host.push_back(static_cast<int>(t));
+      s.ctab_host.push_back(chunks + k);  // stabiliser slot: a slot leaving every segment
+    }
+    const bool from_state = g.starts ? !initial[static_cast<std::size_t>(k)][0].empty() : im.has_state;
+    for (const int x : {first, chunks, from_state ? k : -1, k}) s.stab_host.push_back(x);
+  }
+  s.ctab_host.push_back(static_cast<int>(segments.back().t1));
+  s.ctab_host.push_back(chunks + nseg);
+  return chunks;
+}
+
+void DeviceStream::write_segment_initial_states(const std::vector<Segment>& segments,
+                                                std::vector<std::array<Tensor, 3>>& initial) {
+  Impl& im = *impl_;
+  const std::string& dn = device_->name();
+  im.drop_held(false);
+  for (std::size_t k = 0; k < segments.size(); ++k) {
+    for (std::size_t j = 0; j < 3; ++j) {
+      const Buffer* carried[3] = {&im.C[im.state], &im.n[im.state], &im.m[im.state]};
+      const std::size_t row_bytes = carried[j]->bytes();
+      if (!segments[k].starts && im.has_state) {
+        // On the kernel queue: after the kernels of the piece before, which wrote the carried state.
+        check(clEnqueueCopyBuffer(im.kernels, carried[j]->get(), im.in[j].get(), 0, k * row_bytes, row_bytes, 0,
+                                  nullptr, nullptr),
+              "clEnqueueCopyBuffer(stream carried state)", dn);
+      } else if (segments[k].starts && !initial[k][j].empty()) {
+        im.held.push_back({nullptr, std::move(initial[k][j])});
+        Impl::HeldState& x = im.held.back();
+        check(clEnqueueWriteBuffer(im.kernels, im.in[j].get(), CL_FALSE, k * row_bytes, x.host.nbytes(), x.host.bytes(),
+                                   0, nullptr, &x.written),
+              "clEnqueueWriteBuffer(sequence's initial state)", dn);
+      }
+    }
+  }
+}
+
 void DeviceStream::start_sequence(ConstTensorView c0, ConstTensorView n0, ConstTensorView m0) {
   Impl& im = *impl_;
   const Config& c = config_;
+  if (c.max_segments > 0)
+    throw Error("DeviceStream::start_sequence: a stream of packed sequences takes Segment::starts and c0/n0/m0");
   im.drop_held(false);
   im.has_state = false;  // the zero state: the next piece's kernels read no state
   if (c0.empty() && n0.empty() && m0.empty()) return;
@@ -620,11 +815,17 @@ void DeviceStream::start_sequence(ConstTensorView c0, ConstTensorView n0, ConstT
 
 void DeviceStream::state_after_next_piece_into(TensorView C, TensorView n, TensorView m) {
   const Config& c = config_;
+  if (c.max_segments > 0)
+    throw Error("DeviceStream::state_after_next_piece_into: a stream of packed sequences takes Segment::c_out");
   check_state_views(C, n, m, c.B, c.NH, c.DHQK, c.DHHV);
   impl_->state_out = {C, n, m};
 }
 
-void DeviceStream::keep_states(bool keep) { impl_->keep_states = keep; }
+void DeviceStream::keep_states(bool keep) {
+  if (keep && config_.max_segments > 0)
+    throw Error("DeviceStream::keep_states: a stream of packed sequences keeps no states (its pieces end anywhere)");
+  impl_->keep_states = keep;
+}
 
 std::vector<DeviceState> DeviceStream::take_kept_states() {
   Impl& im = *impl_;

@@ -35,6 +35,9 @@ struct Piece {
 // The pieces of at most `most` tokens of problem p's row (args validated as p), in order: of the row, or of every
 // packed sequence in turn (a piece never spans two).
 std::vector<Piece> pieces(const ForwardArgs& args, const ProblemShape& p, std::int64_t most);
+// The pieces of at most `most` tokens of a packed row cut anywhere, each holding (parts of) at most `most_sequences`
+// sequences: `sequence` is the one at t0 and `first` whether it starts there; `last`: the piece ends the row.
+std::vector<Piece> spanning_pieces(const ForwardArgs& args, std::int64_t most, std::int64_t most_sequences);
 
 // Each `from` (rows of sequences j, j+1, ... of a (k,...) result: states or their gradients) into those rows of its
 // `to` ((N,...), made like the first `from` it gets). An empty `from` is skipped.

@@ -21,6 +21,7 @@
 
 #include <CL/cl.h>
 
+#include <array>
 #include <condition_variable>
 #include <cstdint>
 #include <map>
@@ -48,6 +49,23 @@ class DeviceStream {
     MlstmOptions options;            // gate, normalize, eps, chunk size
     bool emulate = false;            // tensor-core kernels without PTX (PoCL tests)
     bool compute = true;             // false: transfers only (measures the transfer bound of a stream)
+    // > 0: a stream of packed sequences whose pieces may hold several sequences (the packed kernels, tc_states.cl
+    // PACKED), at most this many segments per piece; every piece is described by set_segments() before it is
+    // submitted. Its buffers take max_segments states more (the initial states written, the last ones read).
+    std::int64_t max_segments = 0;
+  };
+  // One sequence's tokens in a piece of a packed stream (set_segments).
+  struct Segment {
+    std::int64_t t0 = 0, t1 = 0;  // the piece's tokens [t0, t1)
+    // A sequence starts at t0, from c0/n0/m0 (float32, the stream's (B,NH,...) state shapes) or, empty, the zero
+    // state; false (the first segment only): the sequence of the previous piece goes on, from the stream's state.
+    bool starts = true;
+    ConstTensorView c0, n0, m0;
+    // The sequence ends at t1 (false: the last segment only, its sequence goes on in the next piece); its last state
+    // goes into c_out/n_out/m_out (float32, the stream's state shapes, contiguous) when given, downloaded behind the
+    // piece's h: they stay valid and untouched until finish().
+    bool ends = true;
+    TensorView c_out, n_out, m_out;
   };
   // Pinned host tensors of one piece: q, k (B,NH,len,DHQK), v (B,NH,len,DHHV) in the stream's dtype,
   // i, f (B,NH,len) float32, contiguous.
@@ -108,6 +126,10 @@ class DeviceStream {
   // downloaded without waiting: they stay valid and untouched until finish(). (The sigmoid gate's m is whatever its
   // kernels leave there; the gate has no stabiliser, m = 0.)
   void state_after_next_piece_into(TensorView C, TensorView n, TensorView m);
+  // A stream of packed sequences (Config::max_segments): the sequences of the next submitted piece, in token order,
+  // covering it, at most max_segments (InvalidArgument("segments") otherwise). The initial states are copied
+  // (held until written); the state leaving the piece is the last segment's when its sequence goes on.
+  void set_segments(std::vector<Segment> segments);
   // Begins another sequence on the same staging and device buffers (setting up a stream costs more than a
   // short sequence): waits for everything enqueued, forgets every h not taken, and starts from the zero state
   // or from c0/n0/m0 (as in the constructor). Tickets start again at 0. Not while a take() runs.
@@ -128,6 +150,11 @@ class DeviceStream {
   void set_up(Slot& slot, cl_command_queue map_queue);  // its pinned staging, device buffers and kernels
   void await_slot(int index);                           // slot `index`'s set-up (rethrows its error)
   void load_state(ConstTensorView c0, ConstTensorView n0, ConstTensorView m0);  // the state entering the next piece
+  // Packed: the piece's chunk and segment tables into the slot's host copies (tc_common.cl CHUNK_START, tc_states.cl
+  // PACKED); returns the chunk count. Then the segments' initial states onto the kernel queue.
+  int packed_tables(Slot& slot, const std::vector<Segment>& segments,
+                    const std::vector<std::array<Tensor, 3>>& initial) const;
+  void write_segment_initial_states(const std::vector<Segment>& segments, std::vector<std::array<Tensor, 3>>& initial);
 
   std::shared_ptr<Device> device_;
   Config config_;
