@@ -389,8 +389,6 @@ class OpenCLComputeDevice final : public ComputeDevice {
       r.n = Tensor({p.N, p.NH, p.DHQK}, DType::f32);
       r.m = Tensor({p.N, p.NH}, DType::f32);
     }
-    // Row j of a (N,...) tensor as the stream's (1,...) view.
-    auto row = [](auto t, std::int64_t j) { return packed::rows(t, j, j + 1); };
     std::mutex mutex;
     std::condition_variable changed;
     std::int64_t submitted = 0;
@@ -423,28 +421,9 @@ class OpenCLComputeDevice final : public ComputeDevice {
         // the piece it ends in; an unpacked row's stream started from c0 (reuse_stream) and its last state is read
         // below.
         if (p.packed()) {
-          std::vector<opencl::DeviceStream::Segment> segments;
-          for (std::int64_t seq = sp.sequence, t = sp.t0; t < sp.t1; ++seq) {
-            const auto [s0, s1] = packed::range(a, seq);
-            opencl::DeviceStream::Segment g;
-            g.t0 = t - sp.t0;
-            g.t1 = std::min(s1, sp.t1) - sp.t0;
-            g.starts = s0 == t;
-            if (g.starts) {
-              g.c0 = row(a.c0, seq);
-              g.n0 = row(a.n0, seq);
-              g.m0 = row(a.m0, seq);
-            }
-            g.ends = s1 <= sp.t1;
-            if (g.ends && o.return_last_states) {
-              g.c_out = row(r.c.view(), seq);
-              g.n_out = row(r.n.view(), seq);
-              g.m_out = row(r.m.view(), seq);
-            }
-            segments.push_back(g);
-            t = sp.t0 + g.t1;
-          }
-          stream.set_segments(std::move(segments));
+          stream.set_segments(o.return_last_states
+                                  ? opencl::DeviceStream::segments_of(a, sp, r.c.view(), r.n.view(), r.m.view())
+                                  : opencl::DeviceStream::segments_of(a, sp));
         }
         (void)stream.push(sequence_slice(rows, sp.t0, sp.t1), /*inputs_outlive_piece=*/true,
                           sequence_slice(out, sp.t0, sp.t1));

@@ -30,6 +30,7 @@
 #include <optional>
 #include <vector>
 
+#include "mlstm/core/packed.hpp"
 #include "mlstm/core/problem.hpp"
 #include "mlstm/core/tensor.hpp"
 #include "mlstm/devices/opencl/device.hpp"
@@ -130,6 +131,11 @@ class DeviceStream {
   // covering it, at most max_segments (InvalidArgument("segments") otherwise). The initial states are copied
   // (held until written); the state leaving the piece is the last segment's when its sequence goes on.
   void set_segments(std::vector<Segment> segments);
+  // The segments of `piece` (packed::spanning_pieces) of a packed row: each sequence starting in it from its row of
+  // packed.c0/n0/m0 (the zero state without them), each ending in it into its row of C/n/m ((N, NH, ...) float32;
+  // empty: not wanted).
+  static std::vector<Segment> segments_of(const ForwardArgs& packed, const packed::Piece& piece, TensorView C = {},
+                                          TensorView n = {}, TensorView m = {});
   // Begins another sequence on the same staging and device buffers (setting up a stream costs more than a
   // short sequence): waits for everything enqueued, forgets every h not taken, and starts from the zero state
   // or from c0/n0/m0 (as in the constructor). Tickets start again at 0. Not while a take() runs.
