@@ -553,7 +553,7 @@ class OpenCLComputeDevice final : public ComputeDevice {
   // Packed sequences on the tensor cores: where the stream takes them (streams_backward), every sequence in one run
   // of the parked BackwardStream (its pieces pipelined across the sequences, the state and its gradient reset at
   // their boundaries), the gradients written into `out` (downloaded straight there when `out` is this device's
-  // page-locked memory); else each sequence's backward in turn into its slice of `out`.
+  // page-locked memory); else one call of the packed kernels (with a forward's checkpoints: each sequence in turn).
   // A run keeps every piece's entering state on the device: the sequences go in groups whose pieces' states fit an
   // eighth of its memory (all of them at once unless the documents are many and the states large).
   BackwardResult packed_tensor_core_backward(const BackwardArgs& a, const MlstmOptions& o, const ProblemShape& p,
@@ -578,6 +578,16 @@ class OpenCLComputeDevice final : public ComputeDevice {
         packed::put_rows({{&r.dc0, &states.dc0}, {&r.dn0, &states.dn0}, {&r.dm0, &states.dm0}}, j0, p.N);
         begin = end;
       }
+      return states;
+    }
+    if (!a.checkpoints) {
+      // One call of the packed kernels (tc_states.cl PACKED) for every sequence.
+      BackwardResult r = tensor_cores_.backward(a, o);
+      write_gradients(r, out);
+      BackwardResult states;
+      states.dc0 = std::move(r.dc0);
+      states.dn0 = std::move(r.dn0);
+      states.dm0 = std::move(r.dm0);
       return states;
     }
     return packed::backward_each_into(

@@ -195,8 +195,8 @@ TEST(StreamEngine, PackedBackwardOnTensorCoresEqualsEachSequence) {
   s.S = in.cu_seqlens.back();
   const MlstmOptions o = chunk64(true);
   const BackwardArgs b = in.backward_args();
-  // Per call, streamed in one run, and streamed in runs of at most two pieces (the sequences in groups: 2 + 2 + 1
-  // + 2 pieces for these lengths at 128 tokens a piece).
+  // Per call (one call of the packed kernels), streamed in one run, and streamed in runs of at most two pieces (the
+  // sequences in groups: 2 + 2 + 1 + 2 pieces for these lengths at 128 tokens a piece).
   for (const int mode : {0, 1, 2}) {
     const bool streamed = mode > 0;
     std::optional<StreamPiece> piece;

@@ -494,7 +494,7 @@ TEST(TensorCoreLastState, EmptyEnteringStateMatchesThePortableKernels) {
 
 // Packed sequences in the kernels (ForwardArgs::cu_seqlens; tc_common.cl CHUNK_START, tc_states.cl PACKED): one
 // call over the packed row equals each sequence run alone through the same kernels bit for bit (the same chunks,
-// from the same state), h and every last state, and matches the float64 recurrence. Lengths 1, one off and equal to
+// from the same state), h and every last state, and the gradients, and matches the float64 recurrence. Lengths 1, one off and equal to
 // the chunk, several chunks; both gates, with and without initial states, chunk 128 in sub-tiles of 64 and 32.
 struct PackedTcCase {
   std::vector<std::int64_t> lengths;
@@ -551,6 +551,44 @@ TEST_P(TensorCoresPacked, EqualsEachSequenceAloneAndTheReference) {
   EXPECT_TRUE(close16(packed.c, ref.c, 2e-2, "packed c", p.spec));
   EXPECT_TRUE(close16(packed.n, ref.n, 2e-2, "packed n", p.spec));
   EXPECT_TRUE(close_absolute(packed.m, ref.m, 1e-3, "packed m"));
+
+  // The backward (with and without last-state gradients): every sequence's gradients, its initial state's included,
+  // bit for bit as alone (the same chunks, the same reverse walk, the same split of its tokens for the gate
+  // gradients' reverse cumsum), and the float64 backward.
+  for (const bool dlast : {true, false}) {
+    const BackwardArgs b = p.in.backward_args(dlast);
+    const BackwardResult g = runner.backward(b, o);
+    if (c.init) {
+      ASSERT_EQ(g.dc0.shape(), (Shape{N, 2, 32, 16}));
+      ASSERT_EQ(g.dm0.shape(), (Shape{N, 2}));
+    }
+    for (std::int64_t j = 0; j < N && dlast; ++j) {  // (without dlast: against the float64 backward only)
+      const std::int64_t t0 = p.in.cu_seqlens[static_cast<std::size_t>(j)];
+      const std::int64_t len = c.lengths[static_cast<std::size_t>(j)];
+      const BackwardResult alone = runner.backward(packed::sequence(b, j), o);
+      const std::string where = " of sequence " + std::to_string(j) + (dlast ? " (dlast)" : "");
+      for (auto [x, y, name] : {std::tuple{&g.dq, &alone.dq, "dq"},
+                                {&g.dk, &alone.dk, "dk"},
+                                {&g.dv, &alone.dv, "dv"},
+                                {&g.di, &alone.di, "di"},
+                                {&g.df, &alone.df, "df"}})
+        EXPECT_TRUE(same_bits(testing::slice_seq(*x, t0, t0 + len), *y)) << name << where;
+      if (c.init) {
+        EXPECT_TRUE(same_bits(row(g.dc0, j), alone.dc0)) << "dc0" << where;
+        EXPECT_TRUE(same_bits(row(g.dn0, j), alone.dn0)) << "dn0" << where;
+        EXPECT_TRUE(same_bits(row(g.dm0, j), alone.dm0)) << "dm0" << where;
+      }
+    }
+    const BackwardResult rb = reference::recurrent_backward(b, o, reference::StabilizerGradient::stop);
+    EXPECT_TRUE(close16(g.dq, rb.dq, 5e-2, "packed dq", p.spec)) << dlast;
+    EXPECT_TRUE(close16(g.dk, rb.dk, 5e-2, "packed dk", p.spec)) << dlast;
+    EXPECT_TRUE(close16(g.dv, rb.dv, 5e-2, "packed dv", p.spec)) << dlast;
+    EXPECT_TRUE(close16(g.di, rb.di, 5e-2, "packed di", p.spec)) << dlast;
+    EXPECT_TRUE(close16(g.df, rb.df, 5e-2, "packed df", p.spec)) << dlast;
+    if (c.init) {
+      EXPECT_TRUE(close16(g.dc0, rb.dc0, 5e-2, "packed dc0", p.spec)) << dlast;
+    }
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(

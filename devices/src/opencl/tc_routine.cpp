@@ -7,7 +7,6 @@
 
 #include "internal.hpp"
 #include "mlstm/core/env.hpp"
-#include "mlstm/core/packed.hpp"
 #include "shards.hpp"
 #include "tc_program.hpp"
 
@@ -45,8 +44,7 @@ class ResidentTensorCore final : public ResidentChunkwise {
       : device_(std::move(device)), options_(o) {
     const bool emulate = config.emulate;
     shape_ = grads ? validate_backward(*grads, o) : validate_forward(a, o);
-    if (grads || config.segment)
-      check_not_packed(shape_, grads ? "the tensor-core routine's backward" : "a segment of a split sequence");
+    if (config.segment) check_not_packed(shape_, "a segment of a split sequence");
     Device& dev = *device_;
     const std::string& dn = dev.name();
     cfg_ = make_config(dev, emulate, shape_, o);
@@ -56,7 +54,7 @@ class ResidentTensorCore final : public ResidentChunkwise {
       // Chunks restart at every sequence start, and every sequence's states pass is a work-group of its own
       // (tc_common.cl CHUNK_START, tc_states.cl PACKED): no sequence split, the sequences are the parallel work.
       cfg_.base += " -DPACKED=1";
-      NC_ = packed_tables(a.cu_seqlens, a.has_initial_state());
+      NC_ = packed_tables(a.cu_seqlens, a.has_initial_state(), grads && !grads->dc_last.empty());
       P_ = 1;
     } else {
       NC_ = (S_ + cfg_.L - 1) / cfg_.L;
@@ -163,6 +161,7 @@ class ResidentTensorCore final : public ResidentChunkwise {
     if (shape_.packed()) {
       ctab_ = dev.acquire_upload(ctab_host_.data(), ctab_host_.size() * sizeof(int));
       stab_ = dev.acquire_upload(stab_host_.data(), stab_host_.size() * sizeof(int));
+      stab_bw_ = dev.acquire_upload(stab_bw_host_.data(), stab_bw_host_.size() * sizeof(int));
     }
     h_ = dev.acquire(tok * V * 2);
     Nt_ = f32buf(tok);
@@ -211,9 +210,9 @@ class ResidentTensorCore final : public ResidentChunkwise {
       dden_ = f32buf(tok);
       dCst_ = dev.acquire(static_cast<std::size_t>(rows_) * NC_ * kv * 2);
       dnst_ = f32buf(static_cast<std::size_t>(rows_) * NC_ * K);
-      dc0_ = f32buf(rows_ * kv);
-      dn0_ = f32buf(static_cast<std::size_t>(rows_) * K);
-      dm0_ = f32buf(static_cast<std::size_t>(rows_));
+      dc0_ = f32buf(last_rows * kv);  // (N, NH, ...) packed
+      dn0_ = f32buf(last_rows * static_cast<std::size_t>(K));
+      dm0_ = f32buf(last_rows);
       dq_ = dev.acquire(tok * K * 2);
       dk_ = dev.acquire(tok * K * 2);
       dv_ = dev.acquire(tok * V * 2);
@@ -233,17 +232,22 @@ class ResidentTensorCore final : public ResidentChunkwise {
                    sh_.dc0, sh_.dn0, Ss_, NCs_);
         }
       }
-      if (P_ == 1)
-        set_args(k_bw_states_.k, dn, q_, dh_, gub_, gK_, gG_, mst_, Nt_, dden_, dc_last_, dn_last_, has_dlast_, dCst_,
-                 dnst_, dc0_, dn0_, S_, NC_);
-      set_args(k_bw_dq_.k, dn, dh_, v_, k_, Cst_, nst_, mst_, gb_, gbi_, gpm_, gcut_, gK_, Nt_, dden_, q_, dq_, qdq_,
-               Ss_, NCs_);
-      set_args(k_bw_dk_.k, dn, v_, dh_, q_, dCst_, dnst_, mst_, gb_, gbi_, gpm_, gcut_, gK_, Nt_, dden_, k_, dk_, kdk_,
-               Ss_, NCs_);
-      set_args(k_bw_dv_.k, dn, k_, q_, dh_, dCst_, mst_, gb_, gbi_, gpm_, gcut_, gK_, Nt_, dv_, Ss_, NCs_);
       if (P_ == 1) {
-        set_args(k_bw_gate_grads_.k, dn, i_, f_, qdq_, kdk_, nparts, dc_last_, dn_last_, c_last_, n_last_, has_dlast_,
-                 dc0_, dn0_, c0_, n0_, has_init_, di_, df_, dm0_, S_);
+        const cl_uint next = set_args(k_bw_states_.k, dn, q_, dh_, gub_, gK_, gG_, mst_, Nt_, dden_, dc_last_, dn_last_,
+                                      has_dlast_, dCst_, dnst_, dc0_, dn0_, S_, NC_);
+        if (shape_.packed()) set_args_from(k_bw_states_.k, dn, next, ctab_, stab_bw_);
+      }
+      with_tables(k_bw_dq_, set_args(k_bw_dq_.k, dn, dh_, v_, k_, Cst_, nst_, mst_, gb_, gbi_, gpm_, gcut_, gK_, Nt_,
+                                     dden_, q_, dq_, qdq_, Ss_, NCs_));
+      with_tables(k_bw_dk_, set_args(k_bw_dk_.k, dn, v_, dh_, q_, dCst_, dnst_, mst_, gb_, gbi_, gpm_, gcut_, gK_, Nt_,
+                                     dden_, k_, dk_, kdk_, Ss_, NCs_));
+      with_tables(k_bw_dv_,
+                  set_args(k_bw_dv_.k, dn, k_, q_, dh_, dCst_, mst_, gb_, gbi_, gpm_, gcut_, gK_, Nt_, dv_, Ss_, NCs_));
+      if (P_ == 1) {
+        // Packed: per (row, sequence), its tokens and its rows of the states (the segment table's columns x, y, w).
+        const cl_uint next = set_args(k_bw_gate_grads_.k, dn, i_, f_, qdq_, kdk_, nparts, dc_last_, dn_last_, c_last_,
+                                      n_last_, has_dlast_, dc0_, dn0_, c0_, n0_, has_init_, di_, df_, dm0_, S_);
+        if (shape_.packed()) set_args_from(k_bw_gate_grads_.k, dn, next, ctab_, stab_);
       } else {
         // Shard by shard, as a streamed backward does piece by piece: the reverse cumsum of the tokens after a shard
         // is <dC, C> + <dn, n> of the state leaving it (its gradient: the combined sh_.dc_last). The row's dm0 is its
@@ -271,8 +275,7 @@ class ResidentTensorCore final : public ResidentChunkwise {
       launch(k_fw_states_, "tc_fw_states", states, states_group, events);
       sh_.last_state_into(c_last_, n_last_, m_last_);
     } else {
-      launch(k_fw_states_, "tc_fw_states", states, states_group, events, 0,
-             shape_.packed() ? static_cast<std::size_t>(shape_.N) : 1);
+      launch(k_fw_states_, "tc_fw_states", states, states_group, events, 0, sequences());
     }
     if (!skip_outputs_)
       launch(k_fw_outputs_, "tc_fw_outputs", cfg_.chunk_global(NCs_, V, cfg_.OTf), cfg_.chunk_group(), events);
@@ -294,13 +297,13 @@ class ResidentTensorCore final : public ResidentChunkwise {
       launch(k_bw_states_, "tc_bw_state_grads", states, states_group, events);
       sh_.initial_gradient_into(dc0_, dn0_);
     } else {
-      launch(k_bw_states_, "tc_bw_state_grads", states, states_group, events);
+      launch(k_bw_states_, "tc_bw_state_grads", states, states_group, events, 0, sequences());
     }
     launch(k_bw_dq_, "tc_bw_grads_dq", cfg_.chunk_global(NCs, K, cfg_.OTq), group, events);
     launch(k_bw_dk_, "tc_bw_grads_dk", cfg_.chunk_global(NCs, K, cfg_.OTq), group, events);
     launch(k_bw_dv_, "tc_bw_grads_dv", cfg_.chunk_global(NCs, V, cfg_.OTf), group, events);
     launch(k_bw_gate_grads_, "tc_bw_gate_grads", static_cast<std::size_t>(cfg_.gate_group),
-           static_cast<std::size_t>(cfg_.gate_group), events);
+           static_cast<std::size_t>(cfg_.gate_group), events, 0, sequences());
     if (P_ > 1 && has_init_) sh_.dm0_into(dm0_);
   }
 
@@ -374,12 +377,13 @@ class ResidentTensorCore final : public ResidentChunkwise {
       out.df = out.df.to(p.gate_dtype);
     }
     if (has_init_) {
-      out.dc0 = read32(dc0_, {p.B, p.NH, p.DHQK, p.DHHV});
-      out.dn0 = read32(dn0_, {p.B, p.NH, p.DHQK});
+      const std::int64_t batch = p.state_batch();  // (N, NH, ...) packed
+      out.dc0 = read32(dc0_, {batch, p.NH, p.DHQK, p.DHHV});
+      out.dn0 = read32(dn0_, {batch, p.NH, p.DHQK});
       if (options_.gate == GateVariant::exp)
-        out.dm0 = read32(dm0_, {p.B, p.NH});
+        out.dm0 = read32(dm0_, {batch, p.NH});
       else
-        out.dm0 = Tensor::zeros({p.B, p.NH}, DType::f32);
+        out.dm0 = Tensor::zeros({batch, p.NH}, DType::f32);
     }
     return out;
   }
@@ -432,6 +436,8 @@ class ResidentTensorCore final : public ResidentChunkwise {
   }
   void finish() { check(clFinish(device_->profiling_queue()), "clFinish", device_->name()); }
 
+  // The third dimension of the state and gate-gradient launches: the packed sequences (1 unpacked).
+  std::size_t sequences() const { return shape_.packed() ? static_cast<std::size_t>(shape_.N) : 1; }
   // The stabiliser slots per shard row (mst): a slot entering every chunk and one leaving every sequence.
   int m_slots() const { return shape_.packed() ? NC_ + static_cast<int>(shape_.N) : NCs_ + 1; }
   // Packed: the chunk table after a kernel's own arguments (from index `next`).
@@ -442,11 +448,12 @@ class ResidentTensorCore final : public ResidentChunkwise {
   // L tokens restarting at every sequence start, the m slot of chunk c being c + its sequence's index; a segment
   // per sequence (its chunks, its initial state's row or -1 for the zero state, its last state's row). Returns
   // the number of chunks.
-  int packed_tables(std::span<const std::int64_t> offsets, bool initial_states) {
+  int packed_tables(std::span<const std::int64_t> offsets, bool initial_states, bool last_state_gradients) {
     const std::int64_t L = cfg_.L;
     const std::int64_t N = static_cast<std::int64_t>(offsets.size()) - 1;
     ctab_host_.clear();
     stab_host_.clear();
+    stab_bw_host_.clear();
     int c = 0;
     for (std::int64_t j = 0; j < N; ++j) {
       const int first = c;
@@ -457,6 +464,9 @@ class ResidentTensorCore final : public ResidentChunkwise {
       }
       for (const int x : {first, c, initial_states ? static_cast<int>(j) : -1, static_cast<int>(j)})
         stab_host_.push_back(x);
+      // The backward's: from the sequence's last-state gradient (or zero) to its initial state's.
+      for (const int x : {first, c, last_state_gradients ? static_cast<int>(j) : -1, static_cast<int>(j)})
+        stab_bw_host_.push_back(x);
     }
     ctab_host_.push_back(S_);
     ctab_host_.push_back(c + static_cast<int>(N));
@@ -468,8 +478,8 @@ class ResidentTensorCore final : public ResidentChunkwise {
   ProblemShape shape_;
   TcConfig cfg_;
   int rows_ = 0, S_ = 0, NC_ = 0, has_init_ = 0, has_dlast_ = 0;
-  std::vector<int> ctab_host_, stab_host_;  // packed: the chunk and segment tables (packed_tables)
-  PooledBuffer ctab_, stab_;
+  std::vector<int> ctab_host_, stab_host_, stab_bw_host_;  // packed: the chunk and segment tables (packed_tables)
+  PooledBuffer ctab_, stab_, stab_bw_;
   int P_ = 1, R_ = 0, Ss_ = 0, NCs_ = 0;  // shards per row, shard rows, tokens and chunks per shard
   bool has_grads_ = false, forward_done_ = false, skip_outputs_ = false, segment_ = false;
   detail::SegmentExchange exchange_;  // as a segment of a split sequence
@@ -555,11 +565,6 @@ ForwardResult TensorCoreRunner::last_state(const ForwardArgs& args, const MlstmO
 }
 
 BackwardResult TensorCoreRunner::backward(const BackwardArgs& args, const MlstmOptions& options) const {
-  if (args.inputs.packed()) {
-    // The packed kernels are the forward's (tc_states.cl PACKED): the backward takes one sequence at a time.
-    return packed::backward_each(args, validate_backward(args, options), options,
-                                 [this](const BackwardArgs& s, const MlstmOptions& so) { return backward(s, so); });
-  }
   ResidentTensorCore r(device_, config_, args.inputs, options, &args);
   r.enqueue_forward(nullptr);
   r.enqueue_backward(nullptr);

@@ -154,7 +154,8 @@ __kernel void tc_bw_prep(__global const ushort* dh, __global const ushort* h, __
   }
 }
 
-// tc_bw_gate_grads: one work-group of GG_WG threads per row; global (GG_WG, rows), local (GG_WG, 1).
+// tc_bw_gate_grads: one work-group of GG_WG threads per row; global (GG_WG, rows), local (GG_WG, 1). Packed
+// (-DPACKED=1): per (row, sequence), global (GG_WG, rows, N), + the chunk and segment tables (tc_states.cl).
 //   r_t = sum_p qdq[p][t] - sum_p kdk[p][t]   (p over the nparts DHQK tiles of the dq/dk kernels)
 //   di_t = kdk_t (exp) | kdk_t * sigmoid(-i_t) (sigmoid)
 //   df_t = sigmoid(-f_t) * (sum_{u>=t} r_u + <dc_last, c_last> + <dn_last, n_last>)
@@ -168,18 +169,31 @@ __kernel void tc_bw_gate_grads(__global const float* ig_raw, __global const floa
                                __global const float* c_last, __global const float* n_last, int has_dlast,
                                __global const float* dc0, __global const float* dn0, __global const float* c0,
                                __global const float* n0, int has_init, __global float* di, __global float* df,
-                               __global float* dm0, int S) {
+                               __global float* dm0, int S
+#if PACKED
+                               , __global const int* ctab, __global const int* stab
+#endif
+                               ) {
   __local float red[GG_WG];
   int lid = get_local_id(0), row = get_global_id(1);
   size_t rows = get_global_size(1);
+#if PACKED
+  // One work-group per (row, sequence): the sequence's tokens [tb, te) and its rows of the (N, rows, ...) states.
+  const int4 sq = vload4(get_global_id(2), stab);
+  const int tb = ctab[2 * sq.x], te = ctab[2 * sq.y];
+  const size_t srow = (size_t)sq.w * rows + row;
+#else
+  const int tb = 0, te = S;
+  const size_t srow = row;
+#endif
   // tail = <dc_last, c_last> + <dn_last, n_last>
   float tail = 0.0f, dmv = 0.0f;
   if (has_dlast) {
     float p = 0.0f;
-    __global const float* a = dc_last + (size_t)row * DHQK * DHHV;
-    __global const float* b = c_last + (size_t)row * DHQK * DHHV;
+    __global const float* a = dc_last + srow * DHQK * DHHV;
+    __global const float* b = c_last + srow * DHQK * DHHV;
     for (int e = lid; e < DHQK * DHHV; e += GG_WG) p += a[e] * b[e];
-    for (int e = lid; e < DHQK; e += GG_WG) p += dn_last[(size_t)row * DHQK + e] * n_last[(size_t)row * DHQK + e];
+    for (int e = lid; e < DHQK; e += GG_WG) p += dn_last[srow * DHQK + e] * n_last[srow * DHQK + e];
     red[lid] = p;
     barrier(CLK_LOCAL_MEM_FENCE);
     for (int off = GG_WG / 2; off > 0; off >>= 1) {
@@ -192,10 +206,10 @@ __kernel void tc_bw_gate_grads(__global const float* ig_raw, __global const floa
 #if GATE_EXP
   if (has_init) {
     float p = 0.0f;
-    __global const float* a = dc0 + (size_t)row * DHQK * DHHV;
-    __global const float* b = c0 + (size_t)row * DHQK * DHHV;
+    __global const float* a = dc0 + srow * DHQK * DHHV;
+    __global const float* b = c0 + srow * DHQK * DHHV;
     for (int e = lid; e < DHQK * DHHV; e += GG_WG) p += a[e] * b[e];
-    for (int e = lid; e < DHQK; e += GG_WG) p += dn0[(size_t)row * DHQK + e] * n0[(size_t)row * DHQK + e];
+    for (int e = lid; e < DHQK; e += GG_WG) p += dn0[srow * DHQK + e] * n0[srow * DHQK + e];
     red[lid] = p;
     barrier(CLK_LOCAL_MEM_FENCE);
     for (int off = GG_WG / 2; off > 0; off >>= 1) {
@@ -203,13 +217,13 @@ __kernel void tc_bw_gate_grads(__global const float* ig_raw, __global const floa
       barrier(CLK_LOCAL_MEM_FENCE);
     }
     dmv = red[0];
-    if (lid == 0) dm0[row] = dmv;
+    if (lid == 0) dm0[srow] = dmv;
     barrier(CLK_LOCAL_MEM_FENCE);
   }
 #endif
-  // reverse cumsum of r over the row: thread lid owns tokens [lid*seg, (lid+1)*seg)
-  int seg = (S + GG_WG - 1) / GG_WG;
-  int t0 = lid * seg, t1 = min(S, t0 + seg);
+  // reverse cumsum of r over the row (packed: the sequence): thread lid owns tokens [tb + lid*seg, tb + (lid+1)*seg)
+  int seg = (te - tb + GG_WG - 1) / GG_WG;
+  int t0 = tb + lid * seg, t1 = min(te, t0 + seg);
   float ssum = 0.0f;
   for (int t = t0; t < t1; ++t) {
     size_t idx = (size_t)row * S + t;

@@ -11,10 +11,11 @@
 // kept by the work-groups of DHHV tile 0 only.
 // Build options: -DMODE -DL -DKT -DVT -DDHQK -DDHHV -DGATE_EXP, -DWRITE_STATES=0 for a pass that only needs the
 // final value (the first pass of the sequence split: Cst, nst and mst are not written) (+ tc_common.cl's).
-// -DPACKED=1 (forward): the chunk table (tc_common.cl CHUNK_START) and the segment table `stab` (int4 per segment:
+// -DPACKED=1: the chunk table (tc_common.cl CHUNK_START) and the segment table `stab` (int4 per segment:
 // first chunk, end chunk, initial-state row (-1: the zero state), last-state row); global (.., rows, segments), and
 // a work-group walks its segment's chunks only, from that segment's initial state (rows s of c0/n0/m0, laid out
-// (sequences, rows, ...)) to its last state (row s of c_last/n_last/m_last).
+// (sequences, rows, ...)) to its last state (row s of c_last/n_last/m_last); backward, in reverse from its row of
+// dc_last/dn_last to its row of dc0/dn0.
 
 #ifndef GATE_EXP
 #define GATE_EXP 1
@@ -52,14 +53,15 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_fw_states(
 #endif
     )
 #else
-#if PACKED
-#error "tc_states: the packed backward is not written (the packed backward streams its sequences)"
-#endif
 __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
     __global const ushort* X, __global const ushort* Y, __global const float* gub, __global const float* gK,
     __global const float* gG, __global const float* mst, __global const float* Nt, __global const float* dden,
     __global const float* dc_last, __global const float* dn_last, int has_dlast, __global ushort* Cst,
-    __global float* nst, __global float* dc0, __global float* dn0, int S, int NC)
+    __global float* nst, __global float* dc0, __global float* dn0, int S, int NC CTAB_PARAM
+#if PACKED
+    , __global const int* stab
+#endif
+    )
 #endif
 {
   __local ushort xs[L * XSTR] __attribute__((aligned(16)));
@@ -101,7 +103,11 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
   __global const float* init_C = c0;
   __global const float* init_n = n0;
 #else
+#if PACKED
+  const int have0 = has_dlast && seg.z >= 0;
+#else
   const int have0 = has_dlast;
+#endif
   __global const float* init_C = dc_last;
   __global const float* init_n = dn_last;
 #endif
@@ -157,6 +163,9 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
 #elif MODE == 0
   int c = 0;
   const int c_end = NC, c_step = 1;
+#elif PACKED
+  int c = seg.y - 1;
+  const int c_end = seg.x - 1, c_step = -1;
 #else
   int c = NC - 1;
   const int c_end = -1, c_step = -1;

@@ -55,12 +55,12 @@ class TensorCoreRunner {
   ForwardResult forward(const ForwardArgs& args, const MlstmOptions& options) const;
   // The state leaving the sequence only (h left empty).
   ForwardResult last_state(const ForwardArgs& args, const MlstmOptions& options) const;
-  // Packed sequences: one sequence after the other (the packed kernels are the forward's).
+  // Packed sequences likewise, in one call; dc0/dn0/dm0 are (N, NH, ...).
   BackwardResult backward(const BackwardArgs& args, const MlstmOptions& options) const;
 
   // Uploads once; the forward and backward can then be enqueued repeatedly (see resident.hpp). With
-  // `grads`, its dh / dc_last / dn_last are uploaded too (its inputs must be `args`). Packed args: the forward only
-  // (with `grads` or as a segment: InvalidArgument naming cu_seqlens).
+  // `grads`, its dh / dc_last / dn_last are uploaded too (its inputs must be `args`). Packed args: not as a segment
+  // (InvalidArgument naming cu_seqlens).
   std::unique_ptr<ResidentChunkwise> resident(const ForwardArgs& args, const MlstmOptions& options,
                                               const BackwardArgs* grads = nullptr) const;
 
