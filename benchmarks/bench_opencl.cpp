@@ -14,11 +14,14 @@
 //                        (a smoke test of this benchmark on PoCL; the times mean nothing)
 //   MLSTM_BENCH_REPS     repetitions (default 20 for tc, 5 for portable); MLSTM_BENCH_CHUNK (default 64)
 //   MLSTM_BENCH_STREAM   0: skip the host-streaming benchmarks (Stream/..., see run_stream)
+//   MLSTM_BENCH_PACKED   N: the tensor-core rows of one sequence (B = 1) packed as N sequences of random lengths
+//                        (cuts drawn by std::mt19937_64(7)): the packed kernels against the same tokens unpacked
 // Counters: anchor_ms (mlstm_kernels triton on H100), ratio = ours / anchor, floor_frac = 0.53 ms memory
 // floor / ours (forward floor, also shown for fwbw), mma_frac = matrix FLOPs / time / 651 TFLOP/s.
 #include <benchmark/benchmark.h>
 
 #include <spdlog/spdlog.h>
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -146,6 +149,27 @@ struct Config {
   bool backward;
 };
 
+// MLSTM_BENCH_PACKED's offsets for a row of S tokens: N sequences cut at N - 1 distinct random tokens; empty when
+// unset, for B > 1, or for the portable path (which runs packed rows one sequence at a time).
+const std::vector<std::int64_t>& packed_offsets(std::int64_t S, std::int64_t B) {
+  static std::vector<std::int64_t> offsets;
+  offsets.clear();
+  const std::int64_t N = std::stoll(env("MLSTM_BENCH_PACKED", "0"));
+  if (N <= 1 || B != 1 || N > S) return offsets;
+  std::mt19937_64 rng(7);
+  std::vector<std::int64_t> cuts;
+  std::uniform_int_distribution<std::int64_t> token(1, S - 1);
+  while (static_cast<std::int64_t>(cuts.size()) < N - 1) {
+    const std::int64_t t = token(rng);
+    if (std::find(cuts.begin(), cuts.end(), t) == cuts.end()) cuts.push_back(t);
+  }
+  std::sort(cuts.begin(), cuts.end());
+  offsets.push_back(0);
+  offsets.insert(offsets.end(), cuts.begin(), cuts.end());
+  offsets.push_back(S);
+  return offsets;
+}
+
 // The device problem of one (path, S, gate), kept while consecutive benchmarks use it.
 opencl::ResidentChunkwise* resident_for(const std::shared_ptr<opencl::Device>& dev, const Config& c,
                                         std::int64_t tokens, std::int64_t chunk, std::string* why_not) {
@@ -160,13 +184,15 @@ opencl::ResidentChunkwise* resident_for(const std::shared_ptr<opencl::Device>& d
   MlstmOptions o;
   o.gate = c.gate;
   o.chunk_size = chunk;
+  ForwardArgs a = p.args();
+  if (c.path == "tc") a.cu_seqlens = packed_offsets(c.S, tokens / c.S);
   BackwardArgs grads;
-  grads.inputs = p.args();
+  grads.inputs = a;
   grads.dh = p.dh.view();
   if (c.path == "tc") {
     opencl::TensorCoreRunner::Config config;
     config.emulate = env("MLSTM_BENCH_EMULATE", "0") == "1";
-    held = opencl::TensorCoreRunner(dev, config).resident(p.args(), o, &grads);
+    held = opencl::TensorCoreRunner(dev, config).resident(a, o, &grads);
   } else {
     held = make_resident(opencl::ChunkwiseRunner(dev), p.args(), o, &grads);
     if (!held) *why_not = "this build's portable runner has no device-resident mode";
@@ -213,6 +239,8 @@ void run_config(benchmark::State& state, std::shared_ptr<opencl::Device> dev, Co
     state.counters["mma_frac"] = flops(tokens, chunk, c.backward) / (t.total_ms * 1e-3) / 651e12;
   }
   for (const auto& [name, ms] : per_kernel) state.counters[name + "_ms"] = ms / static_cast<double>(state.iterations());
+  if (c.path == "tc" && !packed_offsets(c.S, tokens / c.S).empty())
+    state.counters["sequences"] = static_cast<double>(packed_offsets(c.S, tokens / c.S).size() - 1);
   state.SetLabel(dev->name());
 }
 
