@@ -512,8 +512,10 @@ class OpenCLComputeDevice final : public ComputeDevice {
     return P;
   }
 
+  // `max_segments` > 0: packed args stream in pieces holding several sequences (BackwardStream::Config).
   BackwardResult tensor_core_backward(const BackwardArgs& a, const MlstmOptions& o, const ProblemShape& p,
-                                      const GradientViews* out, bool packed_sequence = false) {
+                                      const GradientViews* out, bool packed_sequence = false,
+                                      std::int64_t max_segments = 0) {
     const std::int64_t kept = kept_piece(a, o, p);
     if (kept == 0 && !streams_backward(a, o, p, out, packed_sequence)) {
       BackwardResult r = tensor_cores_.backward(a, o);
@@ -532,6 +534,7 @@ class OpenCLComputeDevice final : public ComputeDevice {
     config.dtype = p.dtype;
     config.options = o;
     config.emulate = emulate_;
+    config.max_segments = max_segments;
     std::unique_ptr<opencl::BackwardStream> stream;
     {
       std::lock_guard lock(parked_mutex_);
@@ -559,24 +562,23 @@ class OpenCLComputeDevice final : public ComputeDevice {
   BackwardResult packed_tensor_core_backward(const BackwardArgs& a, const MlstmOptions& o, const ProblemShape& p,
                                              const GradientViews& out) {
     if (!a.checkpoints && streams_backward(a, o, p, &out, /*any_length=*/true)) {
-      // Whole sequences per run, as many as fit; the run cuts them into these same pieces.
-      const std::vector<packed::Piece> all = packed::pieces(a.inputs, p, stream_piece_tokens(p, o));
+      // Whole sequences per run, as many as their pieces' entering states fit (a run cuts them into pieces of
+      // several sequences each: about tokens / piece of them, plus one).
+      const std::int64_t piece = stream_piece_tokens(p, o);
       const std::int64_t most = backward_run_pieces(p, device_->info().global_memory);
       BackwardResult states;
-      for (std::size_t begin = 0; begin < all.size();) {
-        std::size_t end = begin;  // past the group's last piece (at least one sequence)
-        for (std::size_t next = begin; next < all.size(); ++next) {
-          if (!all[next].last) continue;
-          if (end > begin && static_cast<std::int64_t>(next + 1 - begin) > most) break;
-          end = next + 1;
-        }
-        const std::int64_t j0 = all[begin].sequence, j1 = all[end - 1].sequence + 1;
+      for (std::int64_t j0 = 0; j0 < p.N;) {
+        std::int64_t j1 = j0 + 1;  // past the group's last sequence (at least one)
+        while (j1 < p.N &&
+               (packed::range(a.inputs, j1).second - packed::range(a.inputs, j0).first) <= (most - 1) * piece)
+          ++j1;
         std::vector<std::int64_t> offsets;
         const BackwardArgs group = packed::sequences(a, j0, j1, offsets);
-        const GradientViews into = out.slice(all[begin].t0, all[end - 1].t1);
-        BackwardResult r = tensor_core_backward(group, o, validate_backward(group, o), &into, /*packed_sequence=*/true);
+        const GradientViews into = out.slice(packed::range(a.inputs, j0).first, packed::range(a.inputs, j1 - 1).second);
+        BackwardResult r = tensor_core_backward(group, o, validate_backward(group, o), &into, /*packed_sequence=*/true,
+                                                packed_piece_sequences(p));
         packed::put_rows({{&r.dc0, &states.dc0}, {&r.dn0, &states.dn0}, {&r.dm0, &states.dm0}}, j0, p.N);
-        begin = end;
+        j0 = j1;
       }
       return states;
     }
@@ -597,7 +599,8 @@ class OpenCLComputeDevice final : public ComputeDevice {
   }
   static bool same_backward_config(const opencl::BackwardStream::Config& x, const opencl::BackwardStream::Config& y) {
     return x.B == y.B && x.NH == y.NH && x.DHQK == y.DHQK && x.DHHV == y.DHHV && x.max_piece == y.max_piece &&
-           x.dtype == y.dtype && same_options(x.options, y.options) && x.emulate == y.emulate;
+           x.dtype == y.dtype && same_options(x.options, y.options) && x.emulate == y.emulate &&
+           x.max_segments == y.max_segments;
   }
   static bool same_options(const MlstmOptions& x, const MlstmOptions& y) {
     return x.gate == y.gate && x.normalize == y.normalize && x.eps == y.eps && x.chunk_size == y.chunk_size;

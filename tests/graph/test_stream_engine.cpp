@@ -195,8 +195,12 @@ TEST(StreamEngine, PackedBackwardOnTensorCoresEqualsEachSequence) {
   s.S = in.cu_seqlens.back();
   const MlstmOptions o = chunk64(true);
   const BackwardArgs b = in.backward_args();
-  // Per call (one call of the packed kernels), streamed in one run, and streamed in runs of at most two pieces (the
-  // sequences in groups: 2 + 2 + 1 + 2 pieces for these lengths at 128 tokens a piece).
+  // Per call (one call of the packed kernels), streamed in one run, and streamed in runs of sequences whose pieces
+  // fit two (the sequences in groups). Streamed, pieces of 128 tokens cut anywhere hold several sequences, so a
+  // sequence's chunks lie on another grid than alone: within 16-bit rounding of the chunk states, as the unpacked
+  // streamed backward against one call (5e-2; measured: both 7.2e-2 from the float64 backward at an ill-conditioned
+  // sequence, elements 2.0e-2 of max|ref| apart).
+  const auto tol = [](int mode) { return mode == 0 ? 2e-2 : 5e-2; };
   for (const int mode : {0, 1, 2}) {
     const bool streamed = mode > 0;
     std::optional<StreamPiece> piece;
@@ -222,11 +226,11 @@ TEST(StreamEngine, PackedBackwardOnTensorCoresEqualsEachSequence) {
                                 {&g.dv, &alone.dv, "dv"},
                                 {&g.di, &alone.di, "di"},
                                 {&g.df, &alone.df, "df"}})
-        EXPECT_TRUE(testing::matches(testing::slice_seq(*x, t0, t1), *y, 2e-2, what, name, s));
+        EXPECT_TRUE(testing::matches(testing::slice_seq(*x, t0, t1), *y, tol(mode), what, name, s));
       // Row j of the (N, ...) initial-state gradients.
       for (auto [x, y, name] :
            {std::tuple{&g.dc0, &alone.dc0, "dc0"}, {&g.dn0, &alone.dn0, "dn0"}, {&g.dm0, &alone.dm0, "dm0"}}) {
-        EXPECT_TRUE(testing::matches(Tensor::copy_of(packed::rows(x->view(), j, j + 1)), *y, 2e-2, what, name, s));
+        EXPECT_TRUE(testing::matches(Tensor::copy_of(packed::rows(x->view(), j, j + 1)), *y, tol(mode), what, name, s));
       }
     }
     BackwardResult into = packed::allocate_gradients(validate_backward(b, o));

@@ -51,6 +51,10 @@ struct BackwardStream::Slot {
   std::array<Buffer, kInputs> in;
   std::array<Buffer, kOutputs> out;
   cl_event done = nullptr;  // the slot's last command (its kernels in the states pass, its download afterwards)
+  // Pieces spanning sequences: the piece's chunk table and its forward and backward segment tables (host copies kept
+  // until the slot's next piece: the uploads read them).
+  Buffer ctab, stab, stab_bw;
+  std::vector<int> ctab_host, stab_host, stab_bw_host;
 };
 
 struct BackwardStream::Impl {
@@ -76,6 +80,11 @@ struct BackwardStream::Impl {
   // `init` / dc_last, dn_last on the kernel queue before the piece that reads them (the queue is in order).
   std::vector<std::array<Tensor, 3>> seq_init;
   std::vector<std::array<Tensor, 2>> seq_dlast;
+  // Pieces spanning sequences (Config::max_segments), row k for segment k of the piece that computes: initial
+  // states (C, n, m), the forward's last states (C, n, m), the gradients leaving (dC, dn) and entering (dC, dn, dm).
+  std::array<Buffer, 3> seg_in, seg_last, seg_d0;
+  std::array<Buffer, 2> seg_dlast;
+  std::size_t row_bytes[3] = {0, 0, 0};  // one segment's C, n, m (float32)
   // The buffers of the state a piece starts from (its sequence's initial state, or the piece before's leaving
   // state), writing a packed sequence's initial state into `init` first; and whether it has one.
   std::pair<const std::array<Buffer, 3>*, int> enter(const packed::Piece& pc, std::size_t i, bool has_init,
@@ -109,6 +118,9 @@ BackwardStream::BackwardStream(std::shared_ptr<Device> device, Config config)
   p.dtype = c.dtype;
   Impl& im = *impl_;
   im.cfg = make_config(dev, c.emulate, p, c.options);  // an automatic chunk size resolved (cfg.L)
+  if (c.max_segments < 0) throw InvalidArgument("config.max_segments", "must be >= 0 (0: pieces of one sequence)");
+  const std::size_t M = static_cast<std::size_t>(c.max_segments);
+  if (M > 0) im.cfg.base += " -DPACKED=1";  // chunks restart at every sequence start (tc_common.cl CHUNK_START)
   if (c.max_piece % im.cfg.L != 0)
     throw InvalidArgument("config.max_piece",
                           "must be a positive multiple of the chunk size (" + std::to_string(im.cfg.L) + ")");
@@ -139,7 +151,7 @@ BackwardStream::BackwardStream(std::shared_ptr<Device> device, Config config)
 
   const std::size_t rows = static_cast<std::size_t>(c.B * c.NH), tok = rows * static_cast<std::size_t>(c.max_piece);
   const std::size_t es = dtype_size(c.dtype), kv = static_cast<std::size_t>(K * V);
-  const std::size_t NC = static_cast<std::size_t>(c.max_piece / cfg.L);
+  const std::size_t NC = static_cast<std::size_t>(c.max_piece / cfg.L) + M;  // packed: a short chunk per segment
   const std::size_t qb = tok * static_cast<std::size_t>(K) * es, vb = tok * static_cast<std::size_t>(V) * es,
                     gb = tok * sizeof(float);
   im.in_bytes = {qb, qb, vb, vb, gb, gb};
@@ -170,6 +182,11 @@ BackwardStream::BackwardStream(std::shared_ptr<Device> device, Config config)
       s.in[static_cast<std::size_t>(j)] = dev.alloc(im.in_bytes[static_cast<std::size_t>(j)]);
     for (int j = 0; j < kOutputs; ++j)
       s.out[static_cast<std::size_t>(j)] = dev.alloc(im.out_bytes[static_cast<std::size_t>(j)]);
+    if (M > 0) {
+      s.ctab = dev.alloc((2 * NC + 2) * sizeof(int));
+      s.stab = dev.alloc(4 * M * sizeof(int));
+      s.stab_bw = dev.alloc(4 * M * sizeof(int));
+    }
   }
   auto f32 = [&](std::size_t n) { return dev.alloc(std::max<std::size_t>(n, 1) * sizeof(float)); };
   im.gb = f32(tok);
@@ -182,7 +199,7 @@ BackwardStream::BackwardStream(std::shared_ptr<Device> device, Config config)
   im.gG = f32(rows * NC);
   im.gA = f32(rows * NC);
 
-  im.mst = f32(rows * (NC + 1));
+  im.mst = f32(rows * (NC + std::max<std::size_t>(M, 1)));  // packed: a slot leaving every segment
   im.Cst = dev.alloc(rows * NC * kv * 2);
   im.nst = f32(rows * NC * static_cast<std::size_t>(K));
   im.h = dev.alloc(vb);
@@ -203,6 +220,17 @@ BackwardStream::BackwardStream(std::shared_ptr<Device> device, Config config)
   im.dM = f32(rows);
   im.dc_last = f32(rows * kv);
   im.dn_last = f32(rows * static_cast<std::size_t>(K));
+  if (M > 0) {
+    im.row_bytes[0] = rows * kv * sizeof(float);
+    im.row_bytes[1] = rows * static_cast<std::size_t>(K) * sizeof(float);
+    im.row_bytes[2] = rows * sizeof(float);
+    for (std::size_t t = 0; t < 3; ++t) {
+      im.seg_in[t] = dev.alloc(M * im.row_bytes[t]);
+      im.seg_last[t] = dev.alloc(M * im.row_bytes[t]);
+      im.seg_d0[t] = dev.alloc(M * im.row_bytes[t]);
+      if (t < 2) im.seg_dlast[t] = dev.alloc(M * im.row_bytes[t]);
+    }
+  }
 }
 
 BackwardStream::~BackwardStream() {
@@ -265,9 +293,10 @@ struct Launcher {
   std::size_t rows;
   const std::string& device;
   void operator()(const KernelObject& k, const char* name, std::size_t g0, std::size_t l0, cl_event* after = nullptr,
-                  cl_event* done = nullptr) const {
-    const std::size_t global[2] = {g0, rows}, local[2] = {l0, 1};
-    check(clEnqueueNDRangeKernel(queue, k.k, 2, nullptr, global, local, after && *after ? 1 : 0,
+                  cl_event* done = nullptr, std::size_t segments = 0) const {
+    // segments > 0: a third dimension (the packed state and gate-gradient kernels: one work-group per segment).
+    const std::size_t global[3] = {g0, rows, std::max<std::size_t>(segments, 1)}, local[3] = {l0, 1, 1};
+    check(clEnqueueNDRangeKernel(queue, k.k, segments > 0 ? 3 : 2, nullptr, global, local, after && *after ? 1 : 0,
                                  after && *after ? after : nullptr, done),
           name, device);
   }
@@ -275,7 +304,57 @@ struct Launcher {
 
 }  // namespace
 
-void BackwardStream::states_pass(const BackwardArgs& a, const std::vector<packed::Piece>& pieces) {
+int BackwardStream::packed_piece(Slot& s, const std::vector<Part>& parts, std::size_t piece, bool has_init) {
+  Impl& im = *impl_;
+  const std::string& dn = device_->name();
+  const int L = im.cfg.L, nseg = static_cast<int>(parts.size());
+  s.ctab_host.clear();
+  s.stab_host.clear();
+  s.stab_bw_host.clear();
+  int chunks = 0;
+  for (int k = 0; k < nseg; ++k) {
+    const Part& g = parts[static_cast<std::size_t>(k)];
+    const int first = chunks;
+    for (std::int64_t t = g.t0; t < g.t1; t += L, ++chunks) {
+      s.ctab_host.push_back(static_cast<int>(t));
+      s.ctab_host.push_back(chunks + k);  // stabiliser slot: a slot leaving every segment
+    }
+    // Forward: from the piece before's state (a sequence going on), its own initial state, or zero. Backward: from
+    // row k of seg_dlast always (zero where the sequence has no last-state gradient), so that the gate gradients'
+    // tail reads the same row.
+    const bool from_state = !g.starts || has_init;
+    for (const int x : {first, chunks, from_state ? k : -1, k}) s.stab_host.push_back(x);
+    for (const int x : {first, chunks, k, k}) s.stab_bw_host.push_back(x);
+  }
+  s.ctab_host.push_back(static_cast<int>(parts.back().t1));
+  s.ctab_host.push_back(chunks + nseg);
+  const std::pair<const Buffer*, const std::vector<int>*> tables[3] = {
+      {&s.ctab, &s.ctab_host}, {&s.stab, &s.stab_host}, {&s.stab_bw, &s.stab_bw_host}};
+  for (const auto& [buf, host] : tables)
+    check(clEnqueueWriteBuffer(im.up, buf->get(), CL_FALSE, 0, host->size() * sizeof(int), host->data(), 0, nullptr,
+                               nullptr),
+          "clEnqueueWriteBuffer(backward stream tables)", dn);
+  // The segments' initial states on the kernel queue (after the kernels of the piece before: the queue is in order).
+  for (std::size_t k = 0; k < parts.size(); ++k) {
+    const Part& g = parts[k];
+    for (std::size_t t = 0; t < 3; ++t) {
+      if (!g.starts) {
+        check(clEnqueueCopyBuffer(im.kernels, im.entering[piece][t].get(), im.seg_in[t].get(), 0, k * im.row_bytes[t],
+                                  im.row_bytes[t], 0, nullptr, nullptr),
+              "clEnqueueCopyBuffer(backward stream: carried state)", dn);
+      } else if (has_init) {
+        const Tensor& from = im.seq_init[static_cast<std::size_t>(g.sequence)][t];
+        check(clEnqueueWriteBuffer(im.kernels, im.seg_in[t].get(), CL_FALSE, k * im.row_bytes[t], from.nbytes(),
+                                   from.bytes(), 0, nullptr, nullptr),
+              "clEnqueueWriteBuffer(backward stream: initial state)", dn);
+      }
+    }
+  }
+  return chunks;
+}
+
+void BackwardStream::states_pass(const BackwardArgs& a, const std::vector<packed::Piece>& pieces,
+                                 const std::vector<std::vector<Part>>& parts) {
   Impl& im = *impl_;
   const Config& c = config_;
   const std::string& dn = device_->name();
@@ -290,6 +369,38 @@ void BackwardStream::states_pass(const BackwardArgs& a, const std::vector<packed
     Slot& s = im.slots[j % kSlots];
     wait_event(s.done, dn);
     const auto piece = static_cast<std::int64_t>(j);
+    if (!parts.empty()) {
+      // Several sequences a piece: their states from their own initial states (or the piece before's), the state of
+      // a sequence that goes on carried into the next piece's entering state.
+      const std::vector<Part>& ps = parts[j];
+      const int NCp = packed_piece(s, ps, j, in.has_initial_state());  // tables before the inputs on the upload queue
+      cl_event up = upload(s, {{in.k, kK}, {in.v, kV}, {in.i, kI}, {in.f, kF}}, pc.t0, pc.len(), piece);
+      const int Sp = static_cast<int>(pc.len());
+      const cl_mem K = input_buffer(s, kK, piece), V = input_buffer(s, kV, piece), I = input_buffer(s, kI, piece),
+                   F = input_buffer(s, kF, piece);
+      detail::set_args_from(
+          im.gates.k, dn,
+          set_args(im.gates.k, dn, I, F, im.gb, im.gbi, im.gpm, im.gcut, im.gK, im.gaw, im.gub, im.gG, im.gA, Sp, NCp),
+          s.ctab);
+      set_args(im.fw_states.k, dn, K, V, im.gaw, im.gK, im.gG, im.gA, im.seg_in[0], im.seg_in[1], im.seg_in[2], 1,
+               im.Cst, im.nst, im.mst, im.seg_last[0], im.seg_last[1], im.seg_last[2], Sp, NCp, s.ctab, s.stab);
+      try {
+        launch(im.gates, "tc_fw_gates", static_cast<std::size_t>(NCp * cfg.L), static_cast<std::size_t>(cfg.L), &up);
+        launch(im.fw_states, "tc_fw_states", states_global, states_group, nullptr, &s.done, ps.size());
+        if (!ps.back().ends) {
+          for (std::size_t t = 0; t < 3; ++t)
+            check(clEnqueueCopyBuffer(im.kernels, im.seg_last[t].get(), im.entering[j + 1][t].get(),
+                                      (ps.size() - 1) * im.row_bytes[t], 0, im.row_bytes[t], 0, nullptr, nullptr),
+                  "clEnqueueCopyBuffer(backward stream: carried state)", dn);
+        }
+      } catch (...) {
+        release_event(up);
+        throw;
+      }
+      release_event(up);
+      clFlush(im.kernels);
+      continue;
+    }
     cl_event up = upload(s, {{in.k, kK}, {in.v, kV}, {in.i, kI}, {in.f, kF}}, pc.t0, pc.len(), piece);
     const int Sp = static_cast<int>(pc.len()), NC = (Sp + cfg.L - 1) / cfg.L;
     const auto [from, has_init] = im.enter(pc, j, in.has_initial_state(), im.kernels, dn);
@@ -312,7 +423,8 @@ void BackwardStream::states_pass(const BackwardArgs& a, const std::vector<packed
 }
 
 void BackwardStream::gradient_pass(const BackwardArgs& a, const std::vector<packed::Piece>& pieces,
-                                   const GradientViews& dest_views, BackwardResult& states) {
+                                   const std::vector<std::vector<Part>>& parts, const GradientViews& dest_views,
+                                   BackwardResult& states) {
   Impl& im = *impl_;
   const Config& c = config_;
   const std::string& dn = device_->name();
@@ -384,7 +496,11 @@ void BackwardStream::gradient_pass(const BackwardArgs& a, const std::vector<pack
         changed.wait(lock, [&] { return copied >= k - (kSlots - 1) || consumer_error; });
         if (consumer_error) break;
       }
-      wait_event(s.done, dn);  // its states-pass kernels
+      wait_event(s.done, dn);             // its states-pass kernels
+      const bool spans = !parts.empty();  // several sequences a piece
+      const int NCp = spans ? packed_piece(s, parts[static_cast<std::size_t>(j)], static_cast<std::size_t>(j),
+                                           in.has_initial_state())
+                            : 0;
       // k, v, i, f are on the device already when the states pass kept them.
       cl_event up =
           im.kept.empty()
@@ -392,7 +508,7 @@ void BackwardStream::gradient_pass(const BackwardArgs& a, const std::vector<pack
               : upload(s, {{in.q, kQ}, {a.dh, kDh}}, t0, len, j);
       const cl_mem Kb = input_buffer(s, kK, j), Vb = input_buffer(s, kV, j), Ib = input_buffer(s, kI, j),
                    Fb = input_buffer(s, kF, j);
-      const int Sp = static_cast<int>(len), NC = (Sp + cfg.L - 1) / cfg.L;
+      const int Sp = static_cast<int>(len), NC = spans ? NCp : (Sp + cfg.L - 1) / cfg.L;
       const auto [entered, has_init] =
           im.enter(pc, static_cast<std::size_t>(j), in.has_initial_state(), im.kernels, dn);
       const auto& enter = *entered;
@@ -401,7 +517,65 @@ void BackwardStream::gradient_pass(const BackwardArgs& a, const std::vector<pack
       const Buffer& dc_last = !pc.last ? im.dC[(j + 1) % 2] : im.dc_last;
       const Buffer& dn_last = !pc.last ? im.dN[(j + 1) % 2] : im.dn_last;
       const Buffer &dc0 = im.dC[j % 2], &dn0 = im.dN[j % 2];
-      if (pc.last && user_dlast && !im.seq_dlast.empty()) {
+      if (spans) {
+        // Row k of seg_dlast: the gradient leaving segment k (the next piece's carried one for a sequence that goes
+        // on, the sequence's own last-state gradient, or zero).
+        const std::vector<Part>& ps = parts[static_cast<std::size_t>(j)];
+        for (std::size_t k2 = 0; k2 < ps.size(); ++k2) {
+          for (std::size_t t = 0; t < 2; ++t) {
+            const std::size_t off = k2 * im.row_bytes[t];
+            if (!ps[k2].ends) {
+              const Buffer& from = t == 0 ? im.dC[(j + 1) % 2] : im.dN[(j + 1) % 2];
+              check(clEnqueueCopyBuffer(im.kernels, from.get(), im.seg_dlast[t].get(), 0, off, im.row_bytes[t], 0,
+                                        nullptr, nullptr),
+                    "clEnqueueCopyBuffer(backward stream: carried gradient)", dn);
+            } else if (user_dlast) {
+              const Tensor& from = im.seq_dlast[static_cast<std::size_t>(ps[k2].sequence)][t];
+              check(clEnqueueWriteBuffer(im.kernels, im.seg_dlast[t].get(), CL_FALSE, off, from.nbytes(), from.bytes(),
+                                         0, nullptr, nullptr),
+                    "clEnqueueWriteBuffer(backward stream: last-state gradient)", dn);
+            } else {
+              const float zero = 0.0f;
+              check(clEnqueueFillBuffer(im.kernels, im.seg_dlast[t].get(), &zero, sizeof zero, off, im.row_bytes[t], 0,
+                                        nullptr, nullptr),
+                    "clEnqueueFillBuffer(backward stream: zero gradient)", dn);
+            }
+          }
+        }
+        // The packed kernels: the forward recomputed from the segments' initial states (their last states in
+        // seg_last), the backward from seg_dlast into seg_d0 (dC, dn entering each segment, and dm0).
+        const int init = in.has_initial_state() ? 1 : 0;
+        detail::set_args_from(im.gates.k, dn,
+                              set_args(im.gates.k, dn, Ib, Fb, im.gb, im.gbi, im.gpm, im.gcut, im.gK, im.gaw, im.gub,
+                                       im.gG, im.gA, Sp, NC),
+                              s.ctab);
+        set_args(im.fw_states.k, dn, Kb, Vb, im.gaw, im.gK, im.gG, im.gA, im.seg_in[0], im.seg_in[1], im.seg_in[2], 1,
+                 im.Cst, im.nst, im.mst, im.seg_last[0], im.seg_last[1], im.seg_last[2], Sp, NC, s.ctab, s.stab);
+        detail::set_args_from(im.fw_outputs.k, dn,
+                              set_args(im.fw_outputs.k, dn, s.in[kQ], Kb, Vb, im.Cst, im.nst, im.mst, im.gb, im.gbi,
+                                       im.gpm, im.gcut, im.gK, im.h, im.Nt, im.sgt, Sp, NC),
+                              s.ctab);
+        set_args(im.bw_prep.k, dn, s.in[kDh], im.h, im.Nt, im.sgt, im.dden, Sp);
+        set_args(im.bw_states.k, dn, s.in[kQ], s.in[kDh], im.gub, im.gK, im.gG, im.mst, im.Nt, im.dden, im.seg_dlast[0],
+                 im.seg_dlast[1], 1, im.dCst, im.dnst, im.seg_d0[0], im.seg_d0[1], Sp, NC, s.ctab, s.stab_bw);
+        detail::set_args_from(im.bw_dq.k, dn,
+                              set_args(im.bw_dq.k, dn, s.in[kDh], Vb, Kb, im.Cst, im.nst, im.mst, im.gb, im.gbi, im.gpm,
+                                       im.gcut, im.gK, im.Nt, im.dden, s.in[kQ], s.out[kDq], im.qdq, Sp, NC),
+                              s.ctab);
+        detail::set_args_from(im.bw_dk.k, dn,
+                              set_args(im.bw_dk.k, dn, Vb, s.in[kDh], s.in[kQ], im.dCst, im.dnst, im.mst, im.gb, im.gbi,
+                                       im.gpm, im.gcut, im.gK, im.Nt, im.dden, Kb, s.out[kDk], im.kdk, Sp, NC),
+                              s.ctab);
+        detail::set_args_from(im.bw_dv.k, dn,
+                              set_args(im.bw_dv.k, dn, Kb, s.in[kQ], s.in[kDh], im.dCst, im.mst, im.gb, im.gbi, im.gpm,
+                                       im.gcut, im.gK, im.Nt, s.out[kDv], Sp, NC),
+                              s.ctab);
+        detail::set_args_from(im.gate_grads.k, dn,
+                              set_args(im.gate_grads.k, dn, Ib, Fb, im.qdq, im.kdk, im.nparts, im.seg_dlast[0],
+                                       im.seg_dlast[1], im.seg_last[0], im.seg_last[1], 1, im.seg_d0[0], im.seg_d0[1],
+                                       im.seg_in[0], im.seg_in[1], init, s.out[kDi], s.out[kDf], im.seg_d0[2], Sp),
+                              s.ctab, s.stab);
+      } else if (pc.last && user_dlast && !im.seq_dlast.empty()) {
         // A packed sequence's last-state gradient, after the kernels of the pieces before (in order).
         const auto& from = im.seq_dlast[static_cast<std::size_t>(pc.sequence)];
         const Buffer* into[2] = {&im.dc_last, &im.dn_last};
@@ -410,36 +584,61 @@ void BackwardStream::gradient_pass(const BackwardArgs& a, const std::vector<pack
                                      nullptr, nullptr),
                 "clEnqueueWriteBuffer(backward stream: last-state gradient)", dn);
       }
-      set_args(im.gates.k, dn, Ib, Fb, im.gb, im.gbi, im.gpm, im.gcut, im.gK, im.gaw, im.gub, im.gG, im.gA, Sp, NC);
-      set_args(im.fw_states.k, dn, Kb, Vb, im.gaw, im.gK, im.gG, im.gA, enter[0], enter[1], enter[2], has_init, im.Cst,
-               im.nst, im.mst, im.c_scratch, im.n_scratch, im.m_scratch, Sp, NC);
-      set_args(im.fw_outputs.k, dn, s.in[kQ], Kb, Vb, im.Cst, im.nst, im.mst, im.gb, im.gbi, im.gpm, im.gcut, im.gK,
-               im.h, im.Nt, im.sgt, Sp, NC);
-      set_args(im.bw_prep.k, dn, s.in[kDh], im.h, im.Nt, im.sgt, im.dden, Sp);
-      set_args(im.bw_states.k, dn, s.in[kQ], s.in[kDh], im.gub, im.gK, im.gG, im.mst, im.Nt, im.dden, dc_last, dn_last,
-               has_dlast, im.dCst, im.dnst, dc0, dn0, Sp, NC);
-      set_args(im.bw_dq.k, dn, s.in[kDh], Vb, Kb, im.Cst, im.nst, im.mst, im.gb, im.gbi, im.gpm, im.gcut, im.gK, im.Nt,
-               im.dden, s.in[kQ], s.out[kDq], im.qdq, Sp, NC);
-      set_args(im.bw_dk.k, dn, Vb, s.in[kDh], s.in[kQ], im.dCst, im.dnst, im.mst, im.gb, im.gbi, im.gpm, im.gcut, im.gK,
-               im.Nt, im.dden, Kb, s.out[kDk], im.kdk, Sp, NC);
-      set_args(im.bw_dv.k, dn, Kb, s.in[kQ], s.in[kDh], im.dCst, im.mst, im.gb, im.gbi, im.gpm, im.gcut, im.gK, im.Nt,
-               s.out[kDv], Sp, NC);
-      set_args(im.gate_grads.k, dn, Ib, Fb, im.qdq, im.kdk, im.nparts, dc_last, dn_last, leave[0], leave[1], has_dlast,
-               dc0, dn0, enter[0], enter[1], has_init, s.out[kDi], s.out[kDf], im.dM, Sp);
+      if (!spans) {
+        set_args(im.gates.k, dn, Ib, Fb, im.gb, im.gbi, im.gpm, im.gcut, im.gK, im.gaw, im.gub, im.gG, im.gA, Sp, NC);
+        set_args(im.fw_states.k, dn, Kb, Vb, im.gaw, im.gK, im.gG, im.gA, enter[0], enter[1], enter[2], has_init,
+                 im.Cst, im.nst, im.mst, im.c_scratch, im.n_scratch, im.m_scratch, Sp, NC);
+        set_args(im.fw_outputs.k, dn, s.in[kQ], Kb, Vb, im.Cst, im.nst, im.mst, im.gb, im.gbi, im.gpm, im.gcut, im.gK,
+                 im.h, im.Nt, im.sgt, Sp, NC);
+        set_args(im.bw_prep.k, dn, s.in[kDh], im.h, im.Nt, im.sgt, im.dden, Sp);
+        set_args(im.bw_states.k, dn, s.in[kQ], s.in[kDh], im.gub, im.gK, im.gG, im.mst, im.Nt, im.dden, dc_last,
+                 dn_last, has_dlast, im.dCst, im.dnst, dc0, dn0, Sp, NC);
+        set_args(im.bw_dq.k, dn, s.in[kDh], Vb, Kb, im.Cst, im.nst, im.mst, im.gb, im.gbi, im.gpm, im.gcut, im.gK,
+                 im.Nt, im.dden, s.in[kQ], s.out[kDq], im.qdq, Sp, NC);
+        set_args(im.bw_dk.k, dn, Vb, s.in[kDh], s.in[kQ], im.dCst, im.dnst, im.mst, im.gb, im.gbi, im.gpm, im.gcut,
+                 im.gK, im.Nt, im.dden, Kb, s.out[kDk], im.kdk, Sp, NC);
+        set_args(im.bw_dv.k, dn, Kb, s.in[kQ], s.in[kDh], im.dCst, im.mst, im.gb, im.gbi, im.gpm, im.gcut, im.gK, im.Nt,
+                 s.out[kDv], Sp, NC);
+        set_args(im.gate_grads.k, dn, Ib, Fb, im.qdq, im.kdk, im.nparts, dc_last, dn_last, leave[0], leave[1],
+                 has_dlast, dc0, dn0, enter[0], enter[1], has_init, s.out[kDi], s.out[kDf], im.dM, Sp);
+      }
+      const std::size_t segments = spans ? parts[static_cast<std::size_t>(j)].size() : 0;
       cl_event computed = nullptr;
       try {
         const std::size_t nc = static_cast<std::size_t>(NC);
         launch(im.gates, "tc_fw_gates", nc * static_cast<std::size_t>(cfg.L), static_cast<std::size_t>(cfg.L), &up);
-        launch(im.fw_states, "tc_fw_states", states_global, states_group);
+        launch(im.fw_states, "tc_fw_states", states_global, states_group, nullptr, nullptr, segments);
         launch(im.fw_outputs, "tc_fw_outputs", cfg.chunk_global(nc, V, cfg.OTf), group);
         launch(im.bw_prep, "tc_bw_prep", static_cast<std::size_t>((Sp + 7) / 8) * 256, 256);
-        launch(im.bw_states, "tc_bw_state_grads", states_global, states_group);
+        launch(im.bw_states, "tc_bw_state_grads", states_global, states_group, nullptr, nullptr, segments);
         launch(im.bw_dq, "tc_bw_grads_dq", cfg.chunk_global(nc, K, cfg.OTq), group);
         launch(im.bw_dk, "tc_bw_grads_dk", cfg.chunk_global(nc, K, cfg.OTq), group);
         launch(im.bw_dv, "tc_bw_grads_dv", cfg.chunk_global(nc, V, cfg.OTf), group);
         launch(im.gate_grads, "tc_bw_gate_grads", static_cast<std::size_t>(cfg.gate_group),
-               static_cast<std::size_t>(cfg.gate_group), nullptr, &computed);
-        if (pc.first && in.has_initial_state()) {
+               static_cast<std::size_t>(cfg.gate_group), nullptr, &computed, segments);
+        if (spans) {
+          // The gradient entering a sequence that went on from the piece before: carried to that piece. The initial
+          // states' gradients of the sequences that start here: read down (the kernel queue is in order).
+          const std::vector<Part>& ps = parts[static_cast<std::size_t>(j)];
+          if (!ps.front().starts) {
+            for (std::size_t t = 0; t < 2; ++t)
+              check(clEnqueueCopyBuffer(im.kernels, im.seg_d0[t].get(), (t == 0 ? dc0 : dn0).get(), 0, 0,
+                                        im.row_bytes[t], 0, nullptr, nullptr),
+                    "clEnqueueCopyBuffer(backward stream: carried gradient)", dn);
+          }
+          for (std::size_t k2 = 0; k2 < ps.size() && in.has_initial_state(); ++k2) {
+            if (!ps[k2].starts) continue;
+            const std::int64_t row = ps[k2].sequence;
+            Tensor* to[3] = {&states.dc0, &states.dn0, &states.dm0};
+            for (std::size_t t = 0; t < 3; ++t) {
+              if (t == 2 && c.options.gate != GateVariant::exp) continue;  // zeros (the sigmoid gate has no m)
+              check(clEnqueueReadBuffer(im.kernels, im.seg_d0[t].get(), CL_FALSE, k2 * im.row_bytes[t], im.row_bytes[t],
+                                        to[t]->bytes() + static_cast<std::size_t>(row) * im.row_bytes[t], 0, nullptr,
+                                        nullptr),
+                    "clEnqueueReadBuffer(backward stream: initial-state gradient)", dn);
+            }
+          }
+        } else if (pc.first && in.has_initial_state()) {
           // The gradient of the sequence's initial state: in dC, dN and dM until the next piece's kernels (in order).
           const std::int64_t row = pc.sequence;
           const std::pair<const Buffer*, Tensor*> grads[3] = {
@@ -535,7 +734,21 @@ BackwardResult BackwardStream::run_pieces(const BackwardArgs& a, const GradientV
   // The pieces: of the row, or of every packed sequence in turn (a piece never spans two). A sequence's first piece
   // starts from its initial state or zero, its last one from its last-state gradient or zero: packed sequences go
   // through the passes one after the other, their pieces pipelined.
-  const std::vector<packed::Piece> pieces = packed::pieces(a.inputs, p, c.max_piece);
+  // With max_segments, pieces cut anywhere hold several sequences (the packed kernels), each in parts.
+  const bool spans = p.packed() && c.max_segments > 0;
+  const std::vector<packed::Piece> pieces =
+      spans ? packed::spanning_pieces(a.inputs, c.max_piece, c.max_segments) : packed::pieces(a.inputs, p, c.max_piece);
+  std::vector<std::vector<Part>> parts;
+  if (spans) {
+    for (const packed::Piece& pc : pieces) {
+      std::vector<Part>& ps = parts.emplace_back();
+      for (std::int64_t j = pc.sequence, t = pc.t0; t < pc.t1; ++j) {
+        const auto [s0, s1] = packed::range(a.inputs, j);
+        ps.push_back({j, t - pc.t0, std::min(s1, pc.t1) - pc.t0, s0 == t, s1 <= pc.t1});
+        t = std::min(s1, pc.t1);
+      }
+    }
+  }
   const auto n = static_cast<std::int64_t>(pieces.size());
   pieces_ = n;
   // The kept state entering piece j (j = n: leaving the call), on this device or on the host.
@@ -653,9 +866,9 @@ BackwardResult BackwardStream::run_pieces(const BackwardArgs& a, const GradientV
       clFlush(im.up);
       dev.note_backward_from_kept_states();
     } else {
-      states_pass(a, pieces);
+      states_pass(a, pieces, parts);
     }
-    gradient_pass(a, pieces, dest, states);
+    gradient_pass(a, pieces, parts, dest, states);
     if (a.inputs.has_initial_state()) check(clFinish(im.kernels), "clFinish(backward stream)", dn);
     for (Slot& s : im.slots) release_event(s.done);
   } catch (...) {

@@ -14,7 +14,10 @@
 // downloads everything, one after the other.
 //
 // The results equal one backward call over the whole sequence within 16-bit rounding (pieces cut the chunks'
-// 16-bit states at other places), like the flow graph's segments, which chain the same way.
+// 16-bit states at other places), like the flow graph's segments, which chain the same way. Packed sequences with
+// Config::max_segments: pieces cut anywhere, each pass walking a piece's segments with the packed kernels (a
+// sequence's state carried into the next piece in the states pass, its gradient into the piece before in the
+// gradient pass; every other segment from its own initial state and last-state gradient, or zero).
 #pragma once
 
 #include <cstdint>
@@ -35,6 +38,9 @@ class BackwardStream {
     DType dtype = DType::bf16;       // q, k, v, dh and dq, dk, dv
     MlstmOptions options;            // gate, normalize, eps, chunk size
     bool emulate = false;            // tensor-core kernels without PTX (PoCL tests)
+    // > 0: packed args run in pieces cut anywhere, each holding (parts of) at most this many sequences (the packed
+    // kernels, tc_states.cl PACKED); 0: a piece never spans two sequences. Its buffers take 4 x max_segments states.
+    std::int64_t max_segments = 0;
   };
 
   // Sets up the staging, the device buffers and the kernels. InvalidArgument("config...") for a bad
@@ -47,8 +53,8 @@ class BackwardStream {
   // The gradients of `args` (B, NH, head dims and dtype of the config; any S >= 1; tensors anywhere in host
   // memory, any strides), as TensorCoreRunner::backward gives them: dq, dk, dv in q's dtype, di, df in i's,
   // dc0/dn0/dm0 when args has an initial state. Packed args (cu_seqlens) run every sequence in one run, their pieces
-  // pipelined (a piece never spans two sequences; the state and its gradient start afresh at each), dc0/dn0/dm0
-  // (N, ...). Not thread-safe: one call at a time.
+  // pipelined (with max_segments, a piece holds several; else a piece never spans two sequences; the state and its
+  // gradient start afresh at each), dc0/dn0/dm0 (N, ...). Not thread-safe: one call at a time.
   BackwardResult run(const BackwardArgs& args);
   // run() with the token gradients written into `out` (check_gradient_views; the result keeps dc0/dn0/dm0). Inputs
   // and dh that lie in this device's page-locked memory (Device::pinned_tensor) are uploaded from where they lie,
@@ -74,9 +80,18 @@ class BackwardStream {
  private:
   struct Slot;
   struct Impl;
-  void states_pass(const BackwardArgs& a, const std::vector<packed::Piece>& pieces);
-  void gradient_pass(const BackwardArgs& a, const std::vector<packed::Piece>& pieces, const GradientViews& dest,
-                     BackwardResult& states);
+  // One sequence's tokens [t0, t1) in a piece (pieces spanning several sequences, Config::max_segments).
+  struct Part {
+    std::int64_t sequence = 0, t0 = 0, t1 = 0;
+    bool starts = true, ends = true;
+  };
+  void states_pass(const BackwardArgs& a, const std::vector<packed::Piece>& pieces,
+                   const std::vector<std::vector<Part>>& parts);
+  void gradient_pass(const BackwardArgs& a, const std::vector<packed::Piece>& pieces,
+                     const std::vector<std::vector<Part>>& parts, const GradientViews& dest, BackwardResult& states);
+  // Pieces spanning sequences: the piece's chunk and segment tables into `slot` (uploaded on the upload queue), the
+  // segments' initial states into their rows (kernel queue); returns the chunk count.
+  int packed_piece(Slot& slot, const std::vector<Part>& parts, std::size_t piece, bool has_init);
   // Enqueues the uploads of one piece's tensors (their slices [t0, t0+len) copied into slot's staging first, unless
   // they lie in the device's page-locked memory);
   // returns the event of the last one.
