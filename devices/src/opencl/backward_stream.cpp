@@ -307,30 +307,20 @@ struct Launcher {
 int BackwardStream::packed_piece(Slot& s, const std::vector<Part>& parts, std::size_t piece, bool has_init) {
   Impl& im = *impl_;
   const std::string& dn = device_->name();
-  const int L = im.cfg.L, nseg = static_cast<int>(parts.size());
-  s.ctab_host.clear();
-  s.stab_host.clear();
-  s.stab_bw_host.clear();
-  int chunks = 0;
-  for (int k = 0; k < nseg; ++k) {
-    const Part& g = parts[static_cast<std::size_t>(k)];
-    const int first = chunks;
-    for (std::int64_t t = g.t0; t < g.t1; t += L, ++chunks) {
-      s.ctab_host.push_back(static_cast<int>(t));
-      s.ctab_host.push_back(chunks + k);  // stabiliser slot: a slot leaving every segment
-    }
-    // Forward: from the piece before's state (a sequence going on), its own initial state, or zero. Backward: from
-    // row k of seg_dlast always (zero where the sequence has no last-state gradient), so that the gate gradients'
-    // tail reads the same row.
-    const bool from_state = !g.starts || has_init;
-    for (const int x : {first, chunks, from_state ? k : -1, k}) s.stab_host.push_back(x);
-    for (const int x : {first, chunks, k, k}) s.stab_bw_host.push_back(x);
-  }
-  s.ctab_host.push_back(static_cast<int>(parts.back().t1));
-  s.ctab_host.push_back(chunks + nseg);
-  const std::pair<const Buffer*, const std::vector<int>*> tables[3] = {
+  std::vector<std::int64_t> bounds{0};
+  for (const Part& g : parts) bounds.push_back(g.t1);
+  const detail::PackedChunks tables = detail::packed_chunks(bounds, im.cfg.L);
+  s.ctab_host = tables.ctab;
+  // Forward: from the piece before's state (a sequence going on), its own initial state, or zero. Backward: from
+  // row k of seg_dlast always (zero where the sequence has no last-state gradient), so that the gate gradients'
+  // tail reads the same row.
+  s.stab_host =
+      tables.segment_table([&](int k) { return !parts[static_cast<std::size_t>(k)].starts || has_init ? k : -1; });
+  s.stab_bw_host = tables.segment_table([](int k) { return k; });
+  const int chunks = tables.chunks();
+  const std::pair<const Buffer*, const std::vector<int>*> uploads[3] = {
       {&s.ctab, &s.ctab_host}, {&s.stab, &s.stab_host}, {&s.stab_bw, &s.stab_bw_host}};
-  for (const auto& [buf, host] : tables)
+  for (const auto& [buf, host] : uploads)
     check(clEnqueueWriteBuffer(im.up, buf->get(), CL_FALSE, 0, host->size() * sizeof(int), host->data(), 0, nullptr,
                                nullptr),
           "clEnqueueWriteBuffer(backward stream tables)", dn);

@@ -770,23 +770,16 @@ std::vector<DeviceStream::Segment> DeviceStream::segments_of(const ForwardArgs& 
 int DeviceStream::packed_tables(Slot& s, const std::vector<Segment>& segments,
                                 const std::vector<std::array<Tensor, 3>>& initial) const {
   const Impl& im = *impl_;
-  const int L = im.cfg.L, nseg = static_cast<int>(segments.size());
-  s.ctab_host.clear();
-  s.stab_host.clear();
-  int chunks = 0;
-  for (int k = 0; k < nseg; ++k) {
-    const Segment& g = segments[static_cast<std::size_t>(k)];
-    const int first = chunks;
-    for (std::int64_t t = g.t0; t < g.t1; t += L, ++chunks) {
-      s.ctab_host.push_back(static_cast<int>(t));
-      s.ctab_host.push_back(chunks + k);  // stabiliser slot: a slot leaving every segment
-    }
-    const bool from_state = g.starts ? !initial[static_cast<std::size_t>(k)][0].empty() : im.has_state;
-    for (const int x : {first, chunks, from_state ? k : -1, k}) s.stab_host.push_back(x);
-  }
-  s.ctab_host.push_back(static_cast<int>(segments.back().t1));
-  s.ctab_host.push_back(chunks + nseg);
-  return chunks;
+  std::vector<std::int64_t> bounds{0};
+  for (const Segment& g : segments) bounds.push_back(g.t1);
+  const detail::PackedChunks t = detail::packed_chunks(bounds, im.cfg.L);
+  s.ctab_host = t.ctab;
+  // A segment starts from the stream's state (going on), its own initial state, or zero.
+  s.stab_host = t.segment_table([&](int k) {
+    const auto u = static_cast<std::size_t>(k);
+    return (segments[u].starts ? !initial[u][0].empty() : im.has_state) ? k : -1;
+  });
+  return t.chunks();
 }
 
 void DeviceStream::write_segment_initial_states(const std::vector<Segment>& segments,

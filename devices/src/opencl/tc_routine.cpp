@@ -449,28 +449,12 @@ class ResidentTensorCore final : public ResidentChunkwise {
   // per sequence (its chunks, its initial state's row or -1 for the zero state, its last state's row). Returns
   // the number of chunks.
   int packed_tables(std::span<const std::int64_t> offsets, bool initial_states, bool last_state_gradients) {
-    const std::int64_t L = cfg_.L;
-    const std::int64_t N = static_cast<std::int64_t>(offsets.size()) - 1;
-    ctab_host_.clear();
-    stab_host_.clear();
-    stab_bw_host_.clear();
-    int c = 0;
-    for (std::int64_t j = 0; j < N; ++j) {
-      const int first = c;
-      for (std::int64_t t = offsets[static_cast<std::size_t>(j)]; t < offsets[static_cast<std::size_t>(j) + 1];
-           t += L, ++c) {
-        ctab_host_.push_back(static_cast<int>(t));
-        ctab_host_.push_back(c + static_cast<int>(j));
-      }
-      for (const int x : {first, c, initial_states ? static_cast<int>(j) : -1, static_cast<int>(j)})
-        stab_host_.push_back(x);
-      // The backward's: from the sequence's last-state gradient (or zero) to its initial state's.
-      for (const int x : {first, c, last_state_gradients ? static_cast<int>(j) : -1, static_cast<int>(j)})
-        stab_bw_host_.push_back(x);
-    }
-    ctab_host_.push_back(S_);
-    ctab_host_.push_back(c + static_cast<int>(N));
-    return c;
+    const detail::PackedChunks t = detail::packed_chunks(offsets, cfg_.L);
+    ctab_host_ = t.ctab;
+    stab_host_ = t.segment_table([&](int j) { return initial_states ? j : -1; });
+    // The backward's: from the sequence's last-state gradient (or zero) to its initial state's.
+    stab_bw_host_ = t.segment_table([&](int j) { return last_state_gradients ? j : -1; });
+    return t.chunks();
   }
 
   std::shared_ptr<Device> device_;
