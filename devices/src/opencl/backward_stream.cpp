@@ -721,10 +721,9 @@ BackwardResult BackwardStream::run_pieces(const BackwardArgs& a, const GradientV
   Impl& im = *impl_;
   Device& dev = *device_;
   const std::string& dn = dev.name();
-  // The pieces: of the row, or of every packed sequence in turn (a piece never spans two). A sequence's first piece
-  // starts from its initial state or zero, its last one from its last-state gradient or zero: packed sequences go
-  // through the passes one after the other, their pieces pipelined.
-  // With max_segments, pieces cut anywhere hold several sequences (the packed kernels), each in parts.
+  // The pieces: of the row; of a packed row cut anywhere, each holding parts of several sequences (max_segments: the
+  // packed kernels); else of every packed sequence in turn (a piece never spans two). A sequence starts from its
+  // initial state or zero and its backward from its last-state gradient or zero; the pieces are pipelined.
   const bool spans = p.packed() && c.max_segments > 0;
   const std::vector<packed::Piece> pieces =
       spans ? packed::spanning_pieces(a.inputs, c.max_piece, c.max_segments) : packed::pieces(a.inputs, p, c.max_piece);
