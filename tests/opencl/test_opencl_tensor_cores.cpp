@@ -844,6 +844,9 @@ TEST(DeviceStream, PackedSegmentsFollowTheRecurrenceAndAreChecked) {
   stream.set_segments({seg(0, 10)});
   EXPECT_THROW(stream.push(sequence_slice(row, 0, 20)), InvalidArgument);  // the segments cover 10 of 20 tokens
   EXPECT_THROW(stream.push(sequence_slice(row, 0, 20)), Error);            // and were used up: none set
+  stream.set_segments({seg(0, 20)});
+  stream.restart();
+  EXPECT_THROW(stream.push(sequence_slice(row, 0, 20)), Error);  // a restart forgets segments set before it
   EXPECT_THROW(stream.start_sequence(), Error);
   EXPECT_THROW(stream.keep_states(true), Error);
   EXPECT_THROW(stream.state_after_next_piece_into(packed::rows(C.view(), 0, 1), packed::rows(n.view(), 0, 1),

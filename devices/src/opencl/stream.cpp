@@ -272,6 +272,8 @@ void DeviceStream::restart(ConstTensorView c0, ConstTensorView n0, ConstTensorVi
   impl_->keep_states = false;
   impl_->kept.clear();
   impl_->state_out = {};
+  impl_->segments.clear();  // segments set for a piece never submitted describe nothing after a restart
+  impl_->segment_initial.clear();
   load_state(c0, n0, m0);
   device_->note_stream_opened(false);
 }

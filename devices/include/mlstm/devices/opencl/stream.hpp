@@ -138,7 +138,8 @@ class DeviceStream {
                                           TensorView n = {}, TensorView m = {});
   // Begins another sequence on the same staging and device buffers (setting up a stream costs more than a
   // short sequence): waits for everything enqueued, forgets every h not taken, and starts from the zero state
-  // or from c0/n0/m0 (as in the constructor). Tickets start again at 0. Not while a take() runs.
+  // or from c0/n0/m0 (as in the constructor). Tickets start again at 0; segments set for a piece not yet submitted
+  // are forgotten. Not while a take() runs.
   void restart(ConstTensorView c0 = {}, ConstTensorView n0 = {}, ConstTensorView m0 = {});
 
   std::int64_t tokens() const noexcept { return tokens_; }
