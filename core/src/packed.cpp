@@ -75,6 +75,17 @@ std::vector<Piece> spanning_pieces(const ForwardArgs& args, std::int64_t most, s
   return out;
 }
 
+std::vector<Part> parts(const ForwardArgs& args, const Piece& piece) {
+  std::vector<Part> out;
+  for (std::int64_t j = piece.sequence, t = piece.t0; t < piece.t1; ++j) {
+    const auto [s0, s1] = range(args, j);
+    const std::int64_t end = std::min(s1, piece.t1);
+    out.push_back({j, t - piece.t0, end - piece.t0, s0 == t, s1 <= piece.t1});
+    t = end;
+  }
+  return out;
+}
+
 std::pair<std::int64_t, std::int64_t> range(const ForwardArgs& args, std::int64_t j) {
   return {args.cu_seqlens[static_cast<std::size_t>(j)], args.cu_seqlens[static_cast<std::size_t>(j + 1)]};
 }

@@ -499,8 +499,11 @@ void BackwardStream::gradient_pass(const BackwardArgs& a, const std::vector<pack
       const cl_mem Kb = input_buffer(s, kK, j), Vb = input_buffer(s, kV, j), Ib = input_buffer(s, kI, j),
                    Fb = input_buffer(s, kF, j);
       const int Sp = static_cast<int>(len), NC = spans ? NCp : (Sp + cfg.L - 1) / cfg.L;
+      // (Pieces of several sequences take their initial states from packed_piece: enter() would write one for
+      // nothing.)
       const auto [entered, has_init] =
-          im.enter(pc, static_cast<std::size_t>(j), in.has_initial_state(), im.kernels, dn);
+          spans ? std::pair<const std::array<Buffer, 3>*, int>{&im.entering[static_cast<std::size_t>(j)], 0}
+                : im.enter(pc, static_cast<std::size_t>(j), in.has_initial_state(), im.kernels, dn);
       const auto& enter = *entered;
       const int has_dlast = !pc.last || user_dlast ? 1 : 0;
       const auto& leave = im.entering[static_cast<std::size_t>(j + 1)];
@@ -729,14 +732,7 @@ BackwardResult BackwardStream::run_pieces(const BackwardArgs& a, const GradientV
       spans ? packed::spanning_pieces(a.inputs, c.max_piece, c.max_segments) : packed::pieces(a.inputs, p, c.max_piece);
   std::vector<std::vector<Part>> parts;
   if (spans) {
-    for (const packed::Piece& pc : pieces) {
-      std::vector<Part>& ps = parts.emplace_back();
-      for (std::int64_t j = pc.sequence, t = pc.t0; t < pc.t1; ++j) {
-        const auto [s0, s1] = packed::range(a.inputs, j);
-        ps.push_back({j, t - pc.t0, std::min(s1, pc.t1) - pc.t0, s0 == t, s1 <= pc.t1});
-        t = std::min(s1, pc.t1);
-      }
-    }
+    for (const packed::Piece& pc : pieces) parts.push_back(packed::parts(a.inputs, pc));
   }
   const auto n = static_cast<std::int64_t>(pieces.size());
   pieces_ = n;

@@ -746,25 +746,24 @@ void DeviceStream::set_segments(std::vector<Segment> segments) {
 std::vector<DeviceStream::Segment> DeviceStream::segments_of(const ForwardArgs& a, const packed::Piece& piece,
                                                              TensorView C, TensorView n, TensorView m) {
   std::vector<Segment> out;
-  for (std::int64_t j = piece.sequence, t = piece.t0; t < piece.t1; ++j) {
-    const auto [s0, s1] = packed::range(a, j);
+  for (const packed::Part& part : packed::parts(a, piece)) {
+    const std::int64_t j = part.sequence;
     Segment g;
-    g.t0 = t - piece.t0;
-    g.t1 = std::min(s1, piece.t1) - piece.t0;
-    g.starts = s0 == t;
+    g.t0 = part.t0;
+    g.t1 = part.t1;
+    g.starts = part.starts;
     if (g.starts && a.has_initial_state()) {
       g.c0 = packed::rows(a.c0, j, j + 1);
       g.n0 = packed::rows(a.n0, j, j + 1);
       g.m0 = packed::rows(a.m0, j, j + 1);
     }
-    g.ends = s1 <= piece.t1;
+    g.ends = part.ends;
     if (g.ends && !C.empty()) {
       g.c_out = packed::rows(C, j, j + 1);
       g.n_out = packed::rows(n, j, j + 1);
       g.m_out = packed::rows(m, j, j + 1);
     }
     out.push_back(g);
-    t = piece.t0 + g.t1;
   }
   return out;
 }

@@ -38,6 +38,14 @@ std::vector<Piece> pieces(const ForwardArgs& args, const ProblemShape& p, std::i
 // The pieces of at most `most` tokens of a packed row cut anywhere, each holding (parts of) at most `most_sequences`
 // sequences: `sequence` is the one at t0 and `first` whether it starts there; `last`: the piece ends the row.
 std::vector<Piece> spanning_pieces(const ForwardArgs& args, std::int64_t most, std::int64_t most_sequences);
+// One sequence's tokens inside a piece of a packed row: [t0, t1) relative to the piece, whether the sequence starts
+// and ends there.
+struct Part {
+  std::int64_t sequence = 0, t0 = 0, t1 = 0;
+  bool starts = true, ends = true;
+};
+// The parts of the sequences in `piece` (spanning_pieces), in token order.
+std::vector<Part> parts(const ForwardArgs& args, const Piece& piece);
 
 // Each `from` (rows of sequences j, j+1, ... of a (k,...) result: states or their gradients) into those rows of its
 // `to` ((N,...), made like the first `from` it gets). An empty `from` is skipped.

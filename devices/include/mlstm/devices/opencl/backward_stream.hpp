@@ -80,11 +80,8 @@ class BackwardStream {
  private:
   struct Slot;
   struct Impl;
-  // One sequence's tokens [t0, t1) in a piece (pieces spanning several sequences, Config::max_segments).
-  struct Part {
-    std::int64_t sequence = 0, t0 = 0, t1 = 0;
-    bool starts = true, ends = true;
-  };
+  // The parts of the sequences in each piece (pieces spanning several sequences, Config::max_segments).
+  using Part = packed::Part;
   void states_pass(const BackwardArgs& a, const std::vector<packed::Piece>& pieces,
                    const std::vector<std::vector<Part>>& parts);
   void gradient_pass(const BackwardArgs& a, const std::vector<packed::Piece>& pieces,
