@@ -13,6 +13,7 @@
 
 #include "mlstm/core/problem.hpp"
 #include "mlstm/devices/opencl/device.hpp"
+#include "packed_tables.hpp"
 
 namespace mlstm::opencl::detail {
 
@@ -47,18 +48,6 @@ struct TcConfig {
 // tensor-core program is built from. Assembled once
 // per file (the program cache hashes it on every lookup, so it must not be rebuilt per call either).
 const std::string& tc_source_text(const std::string& body);
-
-// The packed kernels' tables (tc_common.cl CHUNK_START, tc_states.cl PACKED) over consecutive segments of a row or
-// piece, segment k covering tokens [bounds[k], bounds[k + 1]) (bounds from 0, increasing): the chunk table (chunks
-// of L tokens restarting at every segment; chunk c's stabiliser slot c + its segment) and each segment's chunks.
-struct PackedChunks {
-  std::vector<int> ctab;                      // 2 NC + 2 entries
-  std::vector<std::pair<int, int>> segments;  // first chunk, end chunk
-  int chunks() const { return static_cast<int>(ctab.size() / 2) - 1; }
-  // The segment table: {first chunk, end chunk, initial-state row init(k) (-1: zero), last-state row k} per segment.
-  std::vector<int> segment_table(const std::function<int(int)>& init) const;
-};
-PackedChunks packed_chunks(std::span<const std::int64_t> bounds, int L);
 
 // Tiles (launch_params.hpp) and options of one problem on one device; InvalidArgument("q") when the tensor
 // cores cannot take the problem (tensor_core_fit).
