@@ -14,8 +14,8 @@
 //                        (a smoke test of this benchmark on PoCL; the times mean nothing)
 //   MLSTM_BENCH_REPS     repetitions (default 20 for tc, 5 for portable); MLSTM_BENCH_CHUNK (default 64)
 //   MLSTM_BENCH_STREAM   0: skip the host-streaming benchmarks (Stream/..., see run_stream)
-//   MLSTM_BENCH_PACKED   N: the tensor-core rows of one sequence (B = 1) packed as N sequences of random lengths
-//                        (cuts drawn by std::mt19937_64(7)): the packed kernels against the same tokens unpacked
+//   MLSTM_BENCH_PACKED   N: the rows of one sequence (B = 1) packed as N sequences of random lengths (cuts drawn
+//                        by std::mt19937_64(7)): the packed kernels (both paths) against the same tokens unpacked
 // Counters: anchor_ms (mlstm_kernels triton on H100), ratio = ours / anchor, floor_frac = 0.53 ms memory
 // floor / ours (forward floor, also shown for fwbw), mma_frac = matrix FLOPs / time / 651 TFLOP/s.
 #include <benchmark/benchmark.h>
@@ -150,7 +150,7 @@ struct Config {
 };
 
 // MLSTM_BENCH_PACKED's offsets for a row of S tokens: N sequences cut at N - 1 distinct random tokens; empty when
-// unset, for B > 1, or for the portable path (which runs packed rows one sequence at a time).
+// unset or for B > 1.
 const std::vector<std::int64_t>& packed_offsets(std::int64_t S, std::int64_t B) {
   static std::vector<std::int64_t> offsets;
   offsets.clear();
@@ -185,7 +185,7 @@ opencl::ResidentChunkwise* resident_for(const std::shared_ptr<opencl::Device>& d
   o.gate = c.gate;
   o.chunk_size = chunk;
   ForwardArgs a = p.args();
-  if (c.path == "tc") a.cu_seqlens = packed_offsets(c.S, tokens / c.S);
+  a.cu_seqlens = packed_offsets(c.S, tokens / c.S);
   BackwardArgs grads;
   grads.inputs = a;
   grads.dh = p.dh.view();
@@ -194,7 +194,7 @@ opencl::ResidentChunkwise* resident_for(const std::shared_ptr<opencl::Device>& d
     config.emulate = env("MLSTM_BENCH_EMULATE", "0") == "1";
     held = opencl::TensorCoreRunner(dev, config).resident(a, o, &grads);
   } else {
-    held = make_resident(opencl::ChunkwiseRunner(dev), p.args(), o, &grads);
+    held = make_resident(opencl::ChunkwiseRunner(dev), a, o, &grads);
     if (!held) *why_not = "this build's portable runner has no device-resident mode";
   }
   if (held) {
@@ -239,7 +239,7 @@ void run_config(benchmark::State& state, std::shared_ptr<opencl::Device> dev, Co
     state.counters["mma_frac"] = flops(tokens, chunk, c.backward) / (t.total_ms * 1e-3) / 651e12;
   }
   for (const auto& [name, ms] : per_kernel) state.counters[name + "_ms"] = ms / static_cast<double>(state.iterations());
-  if (c.path == "tc" && !packed_offsets(c.S, tokens / c.S).empty())
+  if (!packed_offsets(c.S, tokens / c.S).empty())
     state.counters["sequences"] = static_cast<double>(packed_offsets(c.S, tokens / c.S).size() - 1);
   state.SetLabel(dev->name());
 }

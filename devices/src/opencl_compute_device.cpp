@@ -220,12 +220,9 @@ class OpenCLComputeDevice final : public ComputeDevice {
     const MlstmOptions o = with_chunk(options, shape_hint(a));
     const ScopedTrace trace([&] { return "forward of " + token_rows(a.q) + " token-rows on " + device_->name(); });
     const ProblemShape p = validate_forward(a, o);
-    if (p.packed() && !uses_tensor_cores(p, o)) {
-      return packed::forward_each(a, p, o,
-                                  [this](const ForwardArgs& s, const MlstmOptions& so) { return forward(s, so); });
-    }
+    // Packed sequences within a call: every sequence in the same kernels (mlstm_chunkwise.cl and tc_states.cl
+    // PACKED).
     if (!uses_tensor_cores(p, o)) return portable_.forward(a, o);
-    // Packed sequences within a call: every sequence in the same kernels (tc_states.cl PACKED).
     if (streams(a, o, p)) return streamed_forward(a, o, p, {});
     return tensor_cores_.forward(a, o);
   }
@@ -278,9 +275,6 @@ class OpenCLComputeDevice final : public ComputeDevice {
       r.dm0 = std::move(states.dm0);
       return r;
     }
-    if (p.packed())
-      return packed::backward_each(a, p, o,
-                                   [this](const BackwardArgs& s, const MlstmOptions& so) { return backward(s, so); });
     if (uses_tensor_cores(p, o)) return tensor_core_backward(a, o, p, nullptr);
     return portable_.backward(a, o);
   }
@@ -302,10 +296,10 @@ class OpenCLComputeDevice final : public ComputeDevice {
     const ScopedTrace trace(
         [&] { return "state_gradient of " + token_rows(a.dh) + " token-rows on " + device_->name(); });
     const ProblemShape p = validate_backward(a, o);
+    if (!uses_tensor_cores(p, o)) return portable_.state_gradient(a, o);  // packed too: one call
     if (p.packed())
       return packed::backward_each(
           a, p, o, [this](const BackwardArgs& s, const MlstmOptions& so) { return state_gradient(s, so); });
-    if (!uses_tensor_cores(p, o)) return portable_.state_gradient(a, o);
     return state_gradient_through_backward(
         [&](const BackwardArgs& with_state) { return tensor_core_backward(with_state, o, p, nullptr); }, a, p);
   }

@@ -5,7 +5,7 @@
 //   -DDHQK=<int> -DDHHV=<int> -DCHUNK=<int> -DKEY_TILE=<int> -DGATE_EXP=<0|1> -DNORMALIZE=<0|1>
 //   -DIN_DTYPE=<0 float32 | 1 float16 | 2 bfloat16> -DEPS=<float>
 // optional: -DSVW (state tiles), -DOVW (selects fw_outputs_regtiled, else fw_outputs), -DGVW (selects
-//   bw_grads_dq/_dk/_dv_regtiled, else bw_grads).
+//   bw_grads_dq/_dk/_dv_regtiled, else bw_grads), -DPACKED=1 (packed sequences: "Chunks of a row" below).
 // Layouts: q,k (rows, S, DHQK), v (rows, S, DHHV), i,f (rows, S) float32, states float32
 // C (rows, DHQK, DHHV), n (rows, DHQK), m (rows). Boundary states: (rows, nchunks, ...).
 //
@@ -50,6 +50,60 @@ inline void st(__global in_t* p, size_t idx, float x) {
 
 // BIG_DECAY, CUT_DECAY, logsigmoid and safe_exp come from common.cl, which the host puts before this text.
 
+// ---- Chunks of a row ---------------------------------------------------------------------------------------
+// Unpacked, chunk c of a row covers tokens [c CHUNK, min(c CHUNK + CHUNK, S)). -DPACKED=1 (packed sequences,
+// ForwardArgs::cu_seqlens; the tensor-core kernels' tables, tc_common.cl): chunks restart at every sequence start,
+// chunk c covering [ctab[2c], ctab[2c + 2]) (`ctab`: int, 2 nchunks + 2 entries, the same for every row; the odd
+// entries are the tensor cores' stabiliser slots, unused here), so no chunk straddles a boundary. The kernels that
+// walk the chunks in order (fw_state_weights, fw_states, bw_state_grads, bw_gate_grads) also take the segment table
+// `stab` (int4 per sequence: its first chunk, its end chunk, the row of its initial state (backward: of its
+// last-state gradient) or -1 for the zero state, the row of its last state (backward: of its initial state's
+// gradient)) and walk once per (row, sequence), the sequences being the launch's last dimension; a sequence's
+// state rows are sequence * rows + row ((N, NH, ...) for B = 1). The per-token kernels (fw_outputs, bw_grads) take
+// nchunks * CHUNK work-groups, chunk by chunk, instead of one per token.
+#ifndef PACKED
+#define PACKED 0
+#endif
+#if PACKED
+#define CTAB_PARAM , __global const int* ctab
+#define CTAB_ARG , ctab
+#define STAB_PARAM , __global const int* stab
+#define STAB_ARG , stab
+#define CHUNK_T0(c) ctab[2 * (c)]
+#define CHUNK_T1(c) ctab[2 * (c) + 2]
+#else
+#define CTAB_PARAM
+#define CTAB_ARG
+#define STAB_PARAM
+#define STAB_ARG
+#define CHUNK_T0(c) ((c) * CHUNK)
+#define CHUNK_T1(c) min(S, (c) * CHUNK + CHUNK)
+#endif
+
+// The walk of one (row, sequence) over the chunks: its chunks [first, end), whether it starts from a given state
+// (`have_in`: the flag `has_in` and, packed, a row in the table) and the rows of its entering and leaving states.
+typedef struct {
+  int first, end, have_in;
+  size_t in_row, out_row;
+} Walk;
+inline Walk walk_of(const int row, const int rows, const int seq, const int nchunks, const int has_in STAB_PARAM) {
+  Walk w;
+#if PACKED
+  const int4 sg = vload4(seq, stab);
+  w.first = sg.x;
+  w.end = sg.y;
+  w.have_in = has_in && sg.z >= 0;
+  w.in_row = w.have_in ? (size_t)sg.z * rows + row : 0;
+  w.out_row = (size_t)sg.w * rows + row;
+#else
+  w.first = 0;
+  w.end = nchunks;
+  w.have_in = has_in;
+  w.in_row = w.out_row = row;
+#endif
+  return w;
+}
+
 // The log decays of a token in three channels (stages.hpp Decays), each restarting at a cut: .x the cumsum b of
 // the ordinary lf inside the chunk, .y the cumsum B of the large ones, .z the index in the chunk of the last cut at
 // or before the token (-1: none). From the chunk's start to the token, and from token s to token t of one chunk
@@ -62,11 +116,11 @@ inline float dec_between(const float4 s, const float4 t) {
 // One work item per (row, chunk): the decays b (float4 per token), ig, G (the chunk's whole log decay, -inf with a
 // cut in it).
 __kernel void fw_gates(__global const float* i, __global const float* f, __global float4* b, __global float* ig,
-                       __global float* G, int S, int nchunks) {
+                       __global float* G, int S, int nchunks CTAB_PARAM) {
   const int row = get_global_id(1), c = get_global_id(0);
   if (c >= nchunks) return;
   const size_t base = (size_t)row * S;
-  const int t0 = c * CHUNK, t1 = min(S, t0 + CHUNK);
+  const int t0 = CHUNK_T0(c), t1 = CHUNK_T1(c);
   // Three channels (stages.cpp fw_gates; stages.hpp "Gates at +-inf"): the ordinary lf, the large ones
   // (lf <= -BIG_DECAY) and the cuts (lf = -inf or <= -CUT_DECAY), where both sums restart.
   float small = 0.0f, large = 0.0f, last_cut = -1.0f;
@@ -94,21 +148,23 @@ __kernel void fw_gates(__global const float* i, __global const float* f, __globa
 // One work group of 64 per row, sequential over the chunks, parallel over a chunk's tokens: the stabiliser
 // of the state entering every chunk (mb), the carry factor exp(G_c + m_c - m_{c+1}) of every chunk and the
 // weight exp(a_t - m_{c+1}) of every token, so that the state kernels do no exp and no max per element.
+// Launch: global (64 rows, sequences), local (64, 1).
 __kernel __attribute__((reqd_work_group_size(64, 1, 1)))
 void fw_state_weights(__global const float4* b, __global const float* ig, __global const float* G,
                       __global const float* m0, __global float* mb, __global float* carry,
-                      __global float* wtok, __global float* mout, int S, int nchunks) {
+                      __global float* wtok, __global float* mout, int S, int nchunks CTAB_PARAM STAB_PARAM) {
   __local float red[64];
   const int row = get_group_id(0), lid = get_local_id(0);
   const size_t gbase = (size_t)row * S;
+  const Walk wk = walk_of(row, get_num_groups(0), get_group_id(1), nchunks, 1 STAB_ARG);
 #if GATE_EXP
-  float m = m0[row];
+  float m = wk.have_in ? m0[wk.in_row] : 0.0f;
 #else
   float m = 0.0f;
 #endif
-  for (int c = 0; c < nchunks; ++c) {
+  for (int c = wk.first; c < wk.end; ++c) {
     const size_t bidx = (size_t)row * nchunks + c;
-    const int t0 = c * CHUNK, t1 = min(S, t0 + CHUNK);
+    const int t0 = CHUNK_T0(c), t1 = CHUNK_T1(c);
     const float Gc = G[bidx];
     const float4 end = b[gbase + t1 - 1];  // the chunk's last token
 #if GATE_EXP
@@ -133,11 +189,12 @@ void fw_state_weights(__global const float4* b, __global const float* ig, __glob
       wtok[gbase + t] = safe_exp(dec_between(b[gbase + t], end) + (ig[gbase + t] - m_new));
     m = m_new;
   }
-  if (lid == 0) mout[row] = m;
+  if (lid == 0) mout[wk.out_row] = m;
 }
 
 // ---- The state recurrences (fw_states, bw_state_grads) -----------------------------------------------------
-// Launch: global (256 * NTD * NTE, rows), local (256, 1); one work group per (row, SD x SE tile of C).
+// Launch: global (256 * NTD * NTE, rows, sequences), local (256, 1, 1); one work group per (row, SD x SE tile of
+// C, sequence).
 // Work item (ty = lid / 16, tx = lid % 16) keeps rows d = d0 + 4 ty + i (i < 4) and columns
 // e = e0 + 64 w + 4 tx + j (w < SVW, j < 4) of C in registers for the whole sequence; the work groups of the
 // first column tile also carry the n (augmented) column for their rows. The chunks are walked in sub-tiles of
@@ -167,9 +224,9 @@ inline void state_subtile_load(const int backward, const int u, const int lid, c
                                __global const in_t* xsrc, __global const in_t* ysrc, __global const float* wtok,
                                __global const float4* b, __global const float* mb, __global const float* m_tok,
                                __global const float* N_tok, __global const float* dden, float* px, float* py,
-                               float* pa) {
+                               float* pa CTAB_PARAM) {
   const int c = u / TPC;
-  const int t0 = c * CHUNK + (u % TPC) * STT, t1 = min(S, c * CHUNK + CHUNK);
+  const int t0 = CHUNK_T0(c) + (u % TPC) * STT, t1 = CHUNK_T1(c);
 #if GATE_EXP
   const float mc = backward ? mb[(size_t)row * nchunks + c] : 0.0f;
 #else
@@ -225,7 +282,7 @@ inline void state_scan(const int backward, __global const in_t* xsrc, __global c
                        __global const float* dden, __global const float* C_in, __global const float* n_in,
                        const int has_in, __global float* C_chunk, __global float* n_chunk, __global float* C_out,
                        __global float* n_out, const int S, const int nchunks, __local float* xs, __local float* ys,
-                       __local float* ya) {
+                       __local float* ya CTAB_PARAM STAB_PARAM) {
   const int tile = get_group_id(0), row = get_group_id(1), lid = get_local_id(0);
   const int ty = lid / 16, tx = lid % 16;
   const int td = tile / NTE, te = tile % NTE;
@@ -233,22 +290,24 @@ inline void state_scan(const int backward, __global const in_t* xsrc, __global c
   const int d0 = dbase + ty * 4;
   const size_t gbase = (size_t)row * S;
   const bool with_n = te == 0;
+  const Walk wk = walk_of(row, get_num_groups(1), get_group_id(2), nchunks, has_in STAB_ARG);
   float x[4][4 * SVW], xn[4];
   for (int i = 0; i < 4; ++i) {
     const int d = d0 + i;
-    xn[i] = has_in && with_n && d < DHQK ? n_in[(size_t)row * DHQK + d] : 0.0f;
+    xn[i] = wk.have_in && with_n && d < DHQK ? n_in[wk.in_row * DHQK + d] : 0.0f;
     for (int w = 0; w < SVW; ++w)
       for (int j = 0; j < 4; ++j) {
         const int e = ebase + w * 64 + tx * 4 + j;
-        x[i][w * 4 + j] = has_in && d < DHQK && e < DHHV ? C_in[((size_t)row * DHQK + d) * DHHV + e] : 0.0f;
+        x[i][w * 4 + j] = wk.have_in && d < DHQK && e < DHHV ? C_in[(wk.in_row * DHQK + d) * DHHV + e] : 0.0f;
       }
   }
-  const int nsub = nchunks * TPC;
+  // The sub-tiles of the walk's chunks: [u0, u1).
+  const int u0 = wk.first * TPC, u1 = wk.end * TPC, nsub = u1 - u0;
   float px[SLD], py[SLE], pa = 0.0f;
-  state_subtile_load(backward, backward ? nsub - 1 : 0, lid, dbase, ebase, gbase, row, S, nchunks, xsrc, ysrc, wtok,
-                     b, mb, m_tok, N_tok, dden, px, py, &pa);
+  state_subtile_load(backward, backward ? u1 - 1 : u0, lid, dbase, ebase, gbase, row, S, nchunks, xsrc, ysrc, wtok, b,
+                     mb, m_tok, N_tok, dden, px, py, &pa CTAB_ARG);
   for (int step = 0; step < nsub; ++step) {
-    const int u = backward ? nsub - 1 - step : step;
+    const int u = backward ? u1 - 1 - step : u0 + step;
     if (u % TPC == (backward ? TPC - 1 : 0)) {  // first sub-tile visited in chunk u / TPC
       const size_t bidx = (size_t)row * nchunks + u / TPC;
       const float cr = carry[bidx];
@@ -273,7 +332,7 @@ inline void state_scan(const int backward, __global const in_t* xsrc, __global c
     barrier(CLK_LOCAL_MEM_FENCE);
     if (step + 1 < nsub)
       state_subtile_load(backward, backward ? u - 1 : u + 1, lid, dbase, ebase, gbase, row, S, nchunks, xsrc, ysrc,
-                         wtok, b, mb, m_tok, N_tok, dden, px, py, &pa);
+                         wtok, b, mb, m_tok, N_tok, dden, px, py, &pa CTAB_ARG);
     if (with_n) {
       STATE_SUBTILE_FMA(1)
     } else {
@@ -283,11 +342,11 @@ inline void state_scan(const int backward, __global const in_t* xsrc, __global c
   for (int i = 0; i < 4; ++i) {
     const int d = d0 + i;
     if (d >= DHQK) continue;
-    if (with_n && tx == 0) n_out[(size_t)row * DHQK + d] = xn[i];
+    if (with_n && tx == 0) n_out[wk.out_row * DHQK + d] = xn[i];
     for (int w = 0; w < SVW; ++w)
       for (int j = 0; j < 4; ++j) {
         const int e = ebase + w * 64 + tx * 4 + j;
-        if (e < DHHV) C_out[((size_t)row * DHQK + d) * DHHV + e] = x[i][w * 4 + j];
+        if (e < DHHV) C_out[(wk.out_row * DHQK + d) * DHHV + e] = x[i][w * 4 + j];
       }
   }
 }
@@ -296,12 +355,12 @@ __kernel __attribute__((reqd_work_group_size(256, 1, 1)))
 void fw_states(__global const in_t* k, __global const in_t* v, __global const float* carry,
                      __global const float* wtok, __global const float* C0, __global const float* n0,
                      __global float* Cb, __global float* nb, __global float* Cout, __global float* nout, int S,
-                     int nchunks) {
+                     int nchunks CTAB_PARAM STAB_PARAM) {
   __local float xs[STT * SD];
   __local float ys[STT * SE];
   __local float ya[STT];
-  state_scan(0, k, v, carry, wtok, (__global const float4*)carry, carry, carry, carry, carry, C0, n0, 1, Cb, nb, Cout, nout, S, nchunks, xs,
-             ys, ya);
+  state_scan(0, k, v, carry, wtok, (__global const float4*)carry, carry, carry, carry, carry, C0, n0, 1, Cb, nb, Cout,
+             nout, S, nchunks, xs, ys, ya CTAB_ARG STAB_ARG);
 }
 
 #ifndef OVW  // only compiled where the host uses it
@@ -311,13 +370,18 @@ void fw_states(__global const in_t* k, __global const in_t* v, __global const fl
 __kernel void fw_outputs(__global const in_t* q, __global const in_t* k, __global const in_t* v,
                          __global const float4* b, __global const float* ig, __global const float* Cb,
                          __global const float* nb, __global const float* mb, __global in_t* h, __global float* m_tok,
-                         __global float* N_tok, __global float* den_tok, int S, int nchunks) {
+                         __global float* N_tok, __global float* den_tok, int S, int nchunks CTAB_PARAM) {
   __local float qs[DHQK];
   __local float w[KEY_TILE];
   __local float red[256];
-  const int t = get_group_id(0), row = get_group_id(1);
+  const int row = get_group_id(1);
   const int lid = get_local_id(0), lsz = get_local_size(0);
-  const int c = t / CHUNK, t0 = c * CHUNK;
+#if PACKED
+  const int c = get_group_id(0) / CHUNK, t0 = CHUNK_T0(c), t = t0 + get_group_id(0) % CHUNK;
+  if (t >= CHUNK_T1(c)) return;  // past a short chunk: the whole group
+#else
+  const int t = get_group_id(0), c = t / CHUNK, t0 = c * CHUNK;
+#endif
   const size_t gbase = (size_t)row * S;
   const size_t bidx = (size_t)row * nchunks + c;
   const float scale = rsqrt((float)DHQK);
@@ -421,7 +485,8 @@ __kernel __attribute__((reqd_work_group_size(256, 1, 1)))
 void fw_outputs_regtiled(__global const in_t* q, __global const in_t* k, __global const in_t* v,
                          __global const float4* b, __global const float* ig, __global const float* Cb,
                          __global const float* nb, __global const float* mb, __global in_t* h,
-                         __global float* m_tok, __global float* N_tok, __global float* den_tok, int S, int nchunks) {
+                         __global float* m_tok, __global float* N_tok, __global float* den_tok, int S,
+                         int nchunks CTAB_PARAM) {
   __local float qT[OKD * OPAD];   // Q'^T stage: [dd][j]
   __local float stg[OSTAGE];      // C stage [dd][e] | K^T stage [dd][l] | V stage [ll][e]
   __local float sT[OKT * OPAD];   // weighted scores, transposed: [l][j]
@@ -434,7 +499,7 @@ void fw_outputs_regtiled(__global const in_t* q, __global const in_t* k, __globa
   const int grp = get_group_id(0), row = get_group_id(1), lid = get_local_id(0);
   const int vt = grp % NVT, qblk = (grp / NVT) % blocks, c = grp / NVT / blocks;
   const int ty = lid / 16, tx = lid % 16;
-  const int t0c = c * CHUNK, t1c = min(S, t0c + CHUNK);
+  const int t0c = CHUNK_T0(c), t1c = CHUNK_T1(c);
   const int q0 = t0c + qblk * OQB, qn = min(OQB, t1c - q0);
   if (qn <= 0) return;
   const int ebase = vt * OE;
@@ -636,12 +701,12 @@ void bw_state_grads(__global const in_t* q, __global const in_t* dh, __global co
                      __global const float4* b, __global const float* mb, __global const float* carry,
                      __global const float* m_tok, __global const float* N_tok, __global const float* dC_last,
                      __global const float* dn_last, int has_dlast, __global float* dCn, __global float* dnn,
-                     __global float* dC0, __global float* dn0, int S, int nchunks) {
+                     __global float* dC0, __global float* dn0, int S, int nchunks CTAB_PARAM STAB_PARAM) {
   __local float xs[STT * SD];
   __local float ys[STT * SE];
   __local float ya[STT];
   state_scan(1, q, dh, carry, carry, b, mb, m_tok, N_tok, dden, dC_last, dn_last, has_dlast, dCn, dnn, dC0, dn0, S,
-             nchunks, xs, ys, ya);
+             nchunks, xs, ys, ya CTAB_ARG STAB_ARG);
 }
 
 #ifndef GVW  // only compiled where the host uses it
@@ -656,13 +721,18 @@ __kernel void bw_grads(__global const in_t* q, __global const in_t* k, __global 
                        __global const float* Cb, __global const float* nb, __global const float* dCn,
                        __global const float* dnn, __global const float* m_tok, __global const float* N_tok,
                        __global in_t* dq, __global in_t* dk, __global in_t* dv, __global float* qdq,
-                       __global float* kdk, int S, int nchunks) {
+                       __global float* kdk, int S, int nchunks CTAB_PARAM) {
   __local float qs[DHQK], ks[DHQK], vs[DHHV], dns[DHHV];
   __local float ca[KEY_TILE], cb[KEY_TILE];
   __local float red[256];
-  const int tau = get_group_id(0), row = get_group_id(1);
+  const int row = get_group_id(1);
   const int lid = get_local_id(0), lsz = get_local_size(0);
-  const int c = tau / CHUNK, t0 = c * CHUNK, t1 = min(S, t0 + CHUNK);
+#if PACKED
+  const int c = get_group_id(0) / CHUNK, t0 = CHUNK_T0(c), t1 = CHUNK_T1(c), tau = t0 + get_group_id(0) % CHUNK;
+  if (tau >= t1) return;  // past a short chunk: the whole group
+#else
+  const int tau = get_group_id(0), c = tau / CHUNK, t0 = c * CHUNK, t1 = min(S, t0 + CHUNK);
+#endif
   const size_t gbase = (size_t)row * S, g = gbase + tau;
   const size_t bidx = (size_t)row * nchunks + c;
   const float scale = rsqrt((float)DHQK);
@@ -813,14 +883,14 @@ inline void bw_grads_chain(const int mode, __global const in_t* q, __global cons
                            __local float* aT, __local float* stg, __local float* cT, __local float* r_sc,
                            __local float4* o_b, __local float* o_ig, __local float* o_m, __local float* o_dd,
                            __local float4* r_b, __local float* r_ig, __local float* r_m, __local float* r_dd,
-                           __local float* red) {
+                           __local float* red CTAB_PARAM) {
   const int OUTD = GOUT(mode), IND = GIN(mode);
   const int nct = (OUTD + GE - 1) / GE;
   const int blocks = (CHUNK + 63) / 64;
   const int grp = get_group_id(0), row = get_group_id(1), lid = get_local_id(0);
   const int ct = grp % nct, rblk = (grp / nct) % blocks, c = grp / nct / blocks;
   const int ty = lid / 16, tx = lid % 16;
-  const int t0c = c * CHUNK, t1c = min(S, t0c + CHUNK);
+  const int t0c = CHUNK_T0(c), t1c = CHUNK_T1(c);
   const int r0 = t0c + rblk * 64, rn = min(64, t1c - r0);
   if (rn <= 0) return;
   const int cbase = ct * GE;
@@ -1018,37 +1088,49 @@ inline void bw_grads_chain(const int mode, __global const in_t* q, __global cons
       __global const float *dnn, __global const float *m_tok, __global const float *N_tok
 #define BW_CHAIN_CALL(mode, out, dots)                                                                       \
   bw_grads_chain(mode, q, k, v, dh, dden, b, ig, mb, wtok, Cb, nb, dCn, dnn, m_tok, N_tok, out, dots, S,    \
-                 nchunks, aT, stg, cT, r_sc, o_b, o_ig, o_m, o_dd, r_b, r_ig, r_m, r_dd, red)
+                 nchunks, aT, stg, cT, r_sc, o_b, o_ig, o_m, o_dd, r_b, r_ig, r_m, r_dd, red CTAB_ARG)
 
 __kernel __attribute__((reqd_work_group_size(256, 1, 1)))
-void bw_grads_dq_regtiled(BW_CHAIN_PARAMS, __global in_t* dq, __global float* qdq, int S, int nchunks) {
+void bw_grads_dq_regtiled(BW_CHAIN_PARAMS, __global in_t* dq, __global float* qdq, int S,
+                          int nchunks CTAB_PARAM) {
   BW_CHAIN_LOCALS
   BW_CHAIN_CALL(0, dq, qdq);
 }
 __kernel __attribute__((reqd_work_group_size(256, 1, 1)))
-void bw_grads_dk_regtiled(BW_CHAIN_PARAMS, __global in_t* dk, __global float* kdk, int S, int nchunks) {
+void bw_grads_dk_regtiled(BW_CHAIN_PARAMS, __global in_t* dk, __global float* kdk, int S,
+                          int nchunks CTAB_PARAM) {
   BW_CHAIN_LOCALS
   BW_CHAIN_CALL(1, dk, kdk);
 }
 __kernel __attribute__((reqd_work_group_size(256, 1, 1)))
-void bw_grads_dv_regtiled(BW_CHAIN_PARAMS, __global in_t* dv, __global float* unused, int S, int nchunks) {
+void bw_grads_dv_regtiled(BW_CHAIN_PARAMS, __global in_t* dv, __global float* unused, int S,
+                          int nchunks CTAB_PARAM) {
   BW_CHAIN_LOCALS
   BW_CHAIN_CALL(2, dv, unused);
 }
 #endif
 
-// One work group of 256 per row: di, df (reverse cumsum over the whole sequence plus the last-state term,
-// as a blocked suffix scan) and dm0.
+// One work group of 256 per (row, sequence): di, df (reverse cumsum over the sequence plus the last-state term, as a
+// blocked suffix scan) and dm0. Launch: global (256 rows, sequences), local (256, 1). Packed, the sequence's chunks
+// and state rows come from the forward's segment table (its last state, last-state gradient, initial state and its
+// gradient all at row sequence * rows + row).
 __kernel __attribute__((reqd_work_group_size(256, 1, 1)))
 void bw_gate_grads(__global const float* i, __global const float* f, __global const float* qdq,
                    __global const float* kdk, __global const float* dC_last, __global const float* dn_last,
                    __global const float* C_last, __global const float* n_last, int has_dlast,
                    __global const float* dC0, __global const float* dn0, __global const float* C0,
                    __global const float* n0, int has_init, __global float* di, __global float* df,
-                   __global float* dm0, int S) {
+                   __global float* dm0, int S CTAB_PARAM STAB_PARAM) {
   __local float red[256];
   const int row = get_group_id(0), lid = get_local_id(0);
-  const size_t gbase = (size_t)row * S, cbase = (size_t)row * DHQK * DHHV, nbase = (size_t)row * DHQK;
+#if PACKED
+  const int nchunks = 0;  // unused: the walk's chunks come from the table
+#else
+  const int nchunks = (S + CHUNK - 1) / CHUNK;
+#endif
+  const Walk wk = walk_of(row, get_num_groups(0), get_group_id(1), nchunks, 1 STAB_ARG);
+  const int first = CHUNK_T0(wk.first), len = (wk.end > wk.first ? CHUNK_T1(wk.end - 1) : first) - first;
+  const size_t gbase = (size_t)row * S + first, cbase = wk.out_row * DHQK * DHHV, nbase = wk.out_row * DHQK;
   float p = 0.0f;
   if (has_dlast) {
     for (int x = lid; x < DHQK * DHHV; x += 256) p += dC_last[cbase + x] * C_last[cbase + x];
@@ -1062,8 +1144,8 @@ void bw_gate_grads(__global const float* i, __global const float* f, __global co
   }
   const float tail = red[0];
   barrier(CLK_LOCAL_MEM_FENCE);
-  // Work item lid owns tokens [t0, t1); suffix sums of the blocks, then each block backwards.
-  const int seg = (S + 255) / 256, t0 = min(S, lid * seg), t1 = min(S, t0 + seg);
+  // Work item lid owns tokens [t0, t1) of the sequence; suffix sums of the blocks, then each block backwards.
+  const int seg = (len + 255) / 256, t0 = min(len, lid * seg), t1 = min(len, t0 + seg);
   float own = 0.0f;
   for (int t = t0; t < t1; ++t) own += qdq[gbase + t] - kdk[gbase + t];
   red[lid] = own;
@@ -1099,5 +1181,5 @@ void bw_gate_grads(__global const float* i, __global const float* f, __global co
     if (lid < off) red[lid] += red[lid + off];
     barrier(CLK_LOCAL_MEM_FENCE);
   }
-  if (lid == 0) dm0[row] = red[0];
+  if (lid == 0) dm0[wk.out_row] = red[0];
 }

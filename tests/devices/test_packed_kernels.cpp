@@ -3,6 +3,7 @@
 // reference; refusals of bad offsets and states. (The flow graph's packed runs: tests/graph/test_packed.cpp.)
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -11,6 +12,7 @@
 
 #include "mlstm/core/error.hpp"
 #include "mlstm/core/packed.hpp"
+#include "mlstm/devices/compute_device.hpp"
 #include "mlstm/devices/opencl/device.hpp"
 #include "mlstm/devices/registry.hpp"
 #include "mlstm/reference.hpp"
@@ -39,13 +41,19 @@ std::vector<std::vector<std::int64_t>> length_mixes(std::int64_t L, std::uint64_
   return {{1, L - 1, L, L + 1, 1, 2 * L + 3, 5}, {3 * L + 7}, random};
 }
 
-// Token gradients and last states of `got` (packed) equal to sequence j's own results `alone`.
+// Sequence j's tokens of `packed` equal its own results `alone`, within `tol` of the largest value in the packed
+// call (a sequence's own values may all be rounding noise: df of a one-token sequence from the zero state is 0).
 void expect_sequence_equal(const Tensor& packed, const Tensor& alone, std::int64_t t0, double tol,
                            const std::string& kernel, const std::string& what, const InputSpec& spec) {
   if (packed.empty() && alone.empty()) return;
   ASSERT_FALSE(packed.empty()) << what;
   const Tensor got = testing::slice_seq(packed, t0, t0 + alone.dim(2));
-  EXPECT_TRUE(testing::matches(got, alone, tol, kernel, what, spec));
+  const testing::Comparison c = testing::compare(got, alone);
+  const double scale = std::max(testing::compare(packed, packed).max_ref, c.max_ref);
+  EXPECT_TRUE(c.finite) << kernel << " " << what << ": not finite";
+  EXPECT_LE(c.max_abs, tol * std::max(scale, 1e-30))
+      << kernel << " " << what << " [" << spec.describe() << "]: max abs " << c.max_abs
+      << " against the call's largest " << scale;
 }
 
 void expect_row_equal(const Tensor& packed, const Tensor& alone, std::int64_t j, double tol, const std::string& kernel,
@@ -86,28 +94,26 @@ std::vector<KernelCase> kernel_cases() {
   return out;
 }
 
-class PackedKernel : public ::testing::TestWithParam<KernelCase> {};
-
 // Each packed call equals each of its sequences run alone through the same kernel (a row cut at every boundary,
-// its own initial and last state), forward and backward, and the float64 reference's packed call.
-TEST_P(PackedKernel, EqualsEachSequenceAlone) {
-  const KernelCase c = GetParam();
-  const bool opencl = c.kernel.find("opencl") != std::string::npos;
-  if (opencl && opencl::list_devices().empty()) GTEST_SKIP() << "no OpenCL device";
+// its own initial and last state), forward and backward (`with_dlast`: with last-state gradients), and the float64
+// reference's packed call. NH, DHQK, DHHV: make_packed's.
+void expect_packed_equals_alone(const KernelCase& c, std::int64_t L,
+                                const std::vector<std::vector<std::int64_t>>& mixes, bool with_dlast = true,
+                                std::int64_t NH = 2, std::int64_t DHQK = 16, std::int64_t DHHV = 8) {
   const auto kernel = get_kernel(c.kernel);
   const bool has_backward = kernel->info().has_backward;
-  const std::int64_t L = 16;
   const bool wide = c.dtype == DType::f32;
   // Each sequence alone runs the same arithmetic; the CPU kernels' split of a long row into parts depends on the
   // number of rows (sequence x head pairs when packed), which moves the last bits only.
   const double same_tol = wide ? 1e-5 : 1e-2;
-  for (const auto& lengths : length_mixes(L, testing::fresh_seed(), opencl)) {
-    const Packed p = make_packed(lengths, c.dtype, c.gate, c.init, testing::fresh_seed());
+  for (const auto& lengths : mixes) {
+    const Packed p = make_packed(lengths, c.dtype, c.gate, c.init, testing::fresh_seed(), NH, DHQK, DHHV);
     const MlstmOptions o = options_of(c.gate, L);
-    const BackwardArgs b = p.args();
+    BackwardArgs b = p.args();
+    if (!with_dlast) b.dc_last = b.dn_last = {};
     std::ostringstream mix;
     for (auto x : lengths) mix << x << " ";
-    SCOPED_TRACE("lengths " + mix.str());
+    SCOPED_TRACE("lengths " + mix.str() + "chunk " + std::to_string(L));
     const ForwardResult packed = kernel->forward(b.inputs, o);
     ASSERT_EQ(packed.c.dim(0), static_cast<std::int64_t>(lengths.size()));
     BackwardResult grads;
@@ -133,14 +139,79 @@ TEST_P(PackedKernel, EqualsEachSequenceAlone) {
       expect_row_equal(grads.dm0, g.dm0, j, 1e-4, k, "dm0", p.spec);
     }
     // The packed semantics themselves: the float64 recurrence over each sequence (typical gates, so the float32
-    // kernels sit within the tolerances of their own suites).
+    // kernels sit within the tolerances of their own suites). The gradients follow from the equality above: each
+    // sequence alone is an unpacked call, which the kernels' own suites check against the float64 backward.
     const ForwardResult ref = reference::recurrent_forward(b.inputs, o);
     EXPECT_TRUE(testing::matches(packed.h, ref.h, wide ? 1e-4 : 2e-2, c.kernel, "h vs float64", p.spec));
     EXPECT_TRUE(testing::matches(packed.c, ref.c, wide ? 1e-4 : 2e-2, c.kernel, "c vs float64", p.spec));
   }
 }
 
+class PackedKernel : public ::testing::TestWithParam<KernelCase> {};
+
+TEST_P(PackedKernel, EqualsEachSequenceAlone) {
+  const KernelCase c = GetParam();
+  const bool opencl = c.kernel.find("opencl") != std::string::npos;
+  if (opencl && opencl::list_devices().empty()) GTEST_SKIP() << "no OpenCL device";
+  const std::int64_t L = 16;
+  expect_packed_equals_alone(c, L, length_mixes(L, testing::fresh_seed(), opencl));
+}
+
 INSTANTIATE_TEST_SUITE_P(Kernels, PackedKernel, ::testing::ValuesIn(kernel_cases()), case_name);
+
+// The portable OpenCL kernels at chunks of 32 or more (the register-tiled output and gradient kernels; chunk 16
+// above runs the per-token ones) take a packed row in one call (mlstm_chunkwise.cl PACKED: chunks restarting at every
+// sequence start, the state walks per (row, sequence)); DHHV = 80 gives two column tiles, one partial. Mixes: lengths
+// 1 and one off the chunk, one sequence, a random mix; and once without last-state gradients.
+TEST(PackedPortable, RegisterTiledChunksEqualEachSequenceAlone) {
+  if (opencl::list_devices().empty()) GTEST_SKIP() << "no OpenCL device";
+  const std::int64_t L = 64;
+  std::mt19937_64 rng(testing::fresh_seed());
+  std::uniform_int_distribution<std::int64_t> len(1, 3 * L);
+  std::vector<std::int64_t> random(5);
+  for (auto& x : random) x = len(rng);
+  const std::vector<std::vector<std::int64_t>> mixes = {{1, 63, 64, 65, 7, 130}, {150}, random};
+  for (const KernelCase& c : {KernelCase{"chunkwise--opencl_xl_chunk", GateVariant::exp, DType::f32, false},
+                              KernelCase{"chunkwise--opencl_xl_chunk", GateVariant::exp, DType::bf16, true},
+                              KernelCase{"chunkwise--opencl_xl_chunk", GateVariant::sigmoid, DType::f32, true}}) {
+    SCOPED_TRACE(case_name({c, 0}));
+    expect_packed_equals_alone(c, L, mixes, true, 2, 32, 80);
+  }
+  expect_packed_equals_alone({"chunkwise--opencl_xl_chunk", GateVariant::exp, DType::f32, true}, L, {{65, 1, 64}},
+                             /*with_dlast=*/false, 2, 32, 80);
+}
+
+// The portable device's state gradient of a packed row is one call too (ChunkwiseRunner::state_gradient with the
+// packed kernels): every sequence's dc0, dn0, dm0 equal the packed backward's.
+TEST(PackedPortable, StateGradientEqualsTheBackwards) {
+  if (opencl::list_devices().empty()) GTEST_SKIP() << "no OpenCL device";
+  const auto devices = opencl_devices("0", OpenCLKernels::portable);
+  ASSERT_FALSE(devices.empty());
+  for (const bool init : {true, false}) {
+    const Packed p = make_packed({5, 64, 1, 70}, DType::f32, GateVariant::exp, init, testing::fresh_seed(), 2, 32, 80);
+    const MlstmOptions o = options_of(GateVariant::exp, 64);
+    const BackwardArgs b = p.args();
+    const BackwardResult full = devices[0]->backward(b, o), states = devices[0]->state_gradient(b, o);
+    ASSERT_EQ(states.dc0.dim(0), 4);
+    if (init) {  // (without initial states the backward reports none)
+      EXPECT_TRUE(testing::matches(states.dc0, full.dc0, 1e-6, "portable", "dc0", p.spec));
+      EXPECT_TRUE(testing::matches(states.dn0, full.dn0, 1e-6, "portable", "dn0", p.spec));
+      EXPECT_TRUE(testing::matches(states.dm0, full.dm0, 1e-5, "portable", "dm0", p.spec));
+    }
+    // Without initial states, the gradient of the zero state: the float64 backward's from zero initial states.
+    BackwardArgs zero = b;
+    Tensor c0 = Tensor::zeros({4, 2, 32, 80}, DType::f32), n0 = Tensor::zeros({4, 2, 32}, DType::f32),
+           m0 = Tensor::zeros({4, 2}, DType::f32);
+    if (!init) {
+      zero.inputs.c0 = c0.view();
+      zero.inputs.n0 = n0.view();
+      zero.inputs.m0 = m0.view();
+    }
+    const BackwardResult ref = reference::recurrent_backward(zero, o);
+    EXPECT_TRUE(testing::matches(states.dc0, ref.dc0, 1e-4, "portable", "dc0 vs float64", p.spec));
+    EXPECT_TRUE(testing::matches(states.dn0, ref.dn0, 1e-4, "portable", "dn0 vs float64", p.spec));
+  }
+}
 
 // The float64 forms agree on packed rows with each other (recurrent vs parallel), gradients included.
 TEST(PackedReference, RecurrentEqualsParallel) {

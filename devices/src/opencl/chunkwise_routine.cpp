@@ -4,17 +4,21 @@
 #include <algorithm>
 #include <bit>
 #include <cstdlib>
+#include <span>
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include "internal.hpp"
 #include "mlstm/core/env.hpp"
+#include "packed_tables.hpp"
 #include "shards.hpp"
 
 namespace mlstm::opencl {
 
 using detail::KernelObject;
 using detail::set_args;
+using detail::set_args_from;
 
 namespace {
 
@@ -53,23 +57,27 @@ class ResidentPortable final : public ResidentChunkwise {
                    const MlstmOptions& o, const BackwardArgs* grads, bool outputs, bool state_only = false)
       : device_(std::move(device)), options_(o), outputs_(outputs), state_only_(state_only) {
     p_ = grads ? validate_backward(*grads, o) : validate_forward(a, o);
-    check_not_packed(p_, "the portable OpenCL routine");
+    if (config.segment) check_not_packed(p_, "a segment of a split sequence");
+    packed_ = p_.packed();
     Device& dev = *device_;
     const std::string& dn = dev.name();
     S_ = static_cast<int>(p_.S);
     rows_ = static_cast<int>(p_.rows());
     // The chunk: the chunk size, or for a sequence shorter than that the sequence rounded up to a power of two (one
     // chunk either way, partial; never past twice the sequence, and 32-bit safe). The programs are specialised by
-    // the chunk, so a mix of short sequences (packed ones run one call each) builds at most log2(chunk) + 1 of them,
-    // not one per length.
+    // the chunk, so a mix of short sequences builds at most log2(chunk) + 1 of them, not one per length. Packed
+    // sequences run in one call (-DPACKED=1): their chunks restart at every sequence start (packed_tables).
     L_ = static_cast<int>(
         std::min<std::int64_t>(resolved_chunk(dev.info(), p_, o, false),
                                static_cast<std::int64_t>(std::bit_ceil(static_cast<std::uint64_t>(p_.S)))));
-    nchunks_ = (S_ + L_ - 1) / L_;
+    nchunks_ = packed_ ? packed_tables(a.cu_seqlens, a.has_initial_state(), grads && !grads->dc_last.empty())
+                       : (S_ + L_ - 1) / L_;
     // The sequence split (shards.hpp) where the state kernels' work-groups (rows x 64 x 64 tiles) leave the device
-    // idle: row r, shard p is row r * P + p of Ss_ tokens and NCs_ chunks in the same arrays.
-    P_ = detail::sequence_shards(dev.info(), S_, L_, nchunks_,
-                                 p_.rows() * ((p_.DHQK + 63) / 64) * ((p_.DHHV + 63) / 64), config.shards);
+    // idle: row r, shard p is row r * P + p of Ss_ tokens and NCs_ chunks in the same arrays. Packed rows walk
+    // each (row, sequence) apart instead.
+    P_ = packed_ ? 1
+                 : detail::sequence_shards(dev.info(), S_, L_, nchunks_,
+                                           p_.rows() * ((p_.DHQK + 63) / 64) * ((p_.DHHV + 63) / 64), config.shards);
     // A segment of a split sequence runs a summary pass for the exchange anyway: in two shards or more its own
     // forward reuses that pass (unless the caller or MLSTM_OPENCL_SHARDS chose the shards).
     if (config.segment && P_ == 1 && config.shards == 0 && !env::get("MLSTM_OPENCL_SHARDS"))
@@ -84,6 +92,7 @@ class ResidentPortable final : public ResidentChunkwise {
          << " -DKEY_TILE=" << ChunkwiseRunner::kKeyTile << " -DGATE_EXP=" << (o.gate == GateVariant::exp ? 1 : 0)
          << " -DNORMALIZE=" << (o.normalize ? 1 : 0) << " -DIN_DTYPE=" << dtype_code(dev_dtype_)
          << " -DEPS=" << std::hexfloat << static_cast<float>(o.eps) << "f";
+    if (packed_) opts << " -DPACKED=1";
     const PortableLaunchParams launch = portable_launch_params(dev.info());
     const bool untiled = launch.untiled;
     // The register-tiled output kernel (blocks of 64 queries x 64*OVW columns) for chunks of 32 tokens or more
@@ -129,6 +138,8 @@ class ResidentPortable final : public ResidentChunkwise {
     const std::size_t fs = sizeof(float), tok = static_cast<std::size_t>(rows_) * static_cast<std::size_t>(S_);
     const std::size_t K = static_cast<std::size_t>(p_.DHQK), V = static_cast<std::size_t>(p_.DHHV);
     const std::size_t nb = static_cast<std::size_t>(rows_) * static_cast<std::size_t>(nchunks_);
+    // The states entering and leaving the row: (B, NH, ...), packed one per sequence (N, NH, ...).
+    const std::size_t last_rows = static_cast<std::size_t>(p_.state_batch() * p_.NH);
     auto up_dtype = [&](ConstTensorView t) { return detail::upload_as(dev, t, dev_dtype_); };
     auto up_f32 = [&](ConstTensorView t) { return detail::upload_as(dev, t, DType::f32); };
     auto zeros = [&](std::size_t n) {
@@ -149,9 +160,14 @@ class ResidentPortable final : public ResidentChunkwise {
       n0_ = up_f32(a.n0);
       m0_ = up_f32(a.m0);
     } else {
-      C0_ = zeros(static_cast<std::size_t>(rows_) * K * V);
-      n0_ = zeros(static_cast<std::size_t>(rows_) * K);
-      m0_ = zeros(static_cast<std::size_t>(rows_));
+      C0_ = zeros(last_rows * K * V);
+      n0_ = zeros(last_rows * K);
+      m0_ = zeros(last_rows);
+    }
+    if (packed_) {
+      ctab_ = dev.acquire_upload(ctab_host_.data(), ctab_host_.size() * sizeof(int));
+      stab_ = dev.acquire_upload(stab_host_.data(), stab_host_.size() * sizeof(int));
+      stab_bw_ = dev.acquire_upload(stab_bw_host_.data(), stab_bw_host_.size() * sizeof(int));
     }
     b_ = dev.acquire(4 * tok * fs);  // the log decays in three channels (float4 per token: stages.hpp Decays)
     ig_ = dev.acquire(tok * fs);
@@ -159,9 +175,9 @@ class ResidentPortable final : public ResidentChunkwise {
     Cb_ = dev.acquire(nb * K * V * fs);
     nb_ = dev.acquire(nb * K * fs);
     mb_ = dev.acquire(nb * fs);
-    Co_ = dev.acquire(static_cast<std::size_t>(rows_) * K * V * fs);
-    no_ = dev.acquire(static_cast<std::size_t>(rows_) * K * fs);
-    mo_ = dev.acquire(static_cast<std::size_t>(rows_) * fs);
+    Co_ = dev.acquire(last_rows * K * V * fs);
+    no_ = dev.acquire(last_rows * K * fs);
+    mo_ = dev.acquire(last_rows * fs);
     carry_ = dev.acquire(nb * fs);
     wtok_ = dev.acquire(tok * fs);
     if (outputs_) {
@@ -171,7 +187,7 @@ class ResidentPortable final : public ResidentChunkwise {
       dent_ = dev.acquire(tok * fs);
     }
     const int S = Ss_, nc = NCs_;
-    set_args(k_gates_.k, dn, i_, f_, b_, ig_, G_, S, nc);
+    with_tables(k_gates_, set_args(k_gates_.k, dn, i_, f_, b_, ig_, G_, S, nc));
     if (P_ > 1 || segment_) {
       // The summary pass (and with shards the states pass) reads the shards' entering states from sh_.*_in (the
       // EMPTY state, then the combined ones) and writes the states leaving them to sh_.*_last.
@@ -179,7 +195,9 @@ class ResidentPortable final : public ResidentChunkwise {
       k_combine_ = KernelObject{dev.kernel(prog, "shard_fw_combine")};
     }
     bind_states(P_ > 1);
-    if (outputs_) set_args(k_outputs_.k, dn, q_, k_, v_, b_, ig_, Cb_, nb_, mb_, h_, mt_, Nt_, dent_, S, nc);
+    if (outputs_)
+      with_tables(k_outputs_,
+                  set_args(k_outputs_.k, dn, q_, k_, v_, b_, ig_, Cb_, nb_, mb_, h_, mt_, Nt_, dent_, S, nc));
 
     if (grads) {
       if (!outputs_) throw Error("portable backward needs the forward outputs");
@@ -211,8 +229,8 @@ class ResidentPortable final : public ResidentChunkwise {
       dden_ = dev.acquire(tok * fs);
       dCn_ = dev.acquire(nb * K * V * fs);
       dnn_ = dev.acquire(nb * K * fs);
-      dC0_ = dev.acquire(static_cast<std::size_t>(rows_) * K * V * fs);
-      dn0_ = dev.acquire(static_cast<std::size_t>(rows_) * K * fs);
+      dC0_ = dev.acquire(last_rows * K * V * fs);
+      dn0_ = dev.acquire(last_rows * K * fs);
       set_args(k_prep_.k, dn, dh_, h_, mt_, Nt_, dent_, dden_, S);
       if (P_ > 1 || segment_) {
         // The summary pass (and with shards the gradient pass) reads the gradient leaving each shard from
@@ -222,7 +240,7 @@ class ResidentPortable final : public ResidentChunkwise {
       }
       bind_gradient_states(P_ > 1);
       if (state_only_) return;
-      dm0_ = dev.acquire(static_cast<std::size_t>(rows_) * fs);
+      dm0_ = dev.acquire(last_rows * fs);
       dq_ = dev.acquire(tok * K * dtype_size(dev_dtype_));
       dk_ = dev.acquire(tok * K * dtype_size(dev_dtype_));
       dv_ = dev.acquire(tok * V * dtype_size(dev_dtype_));
@@ -231,19 +249,23 @@ class ResidentPortable final : public ResidentChunkwise {
       di_ = dev.acquire(tok * fs);
       df_ = dev.acquire(tok * fs);
       if (regtiled_backward_) {
-        set_args(k_bw_grads_.k, dn, q_, k_, v_, dh_, dden_, b_, ig_, mb_, wtok_, Cb_, nb_, dCn_, dnn_, mt_, Nt_, dq_,
-                 qdq_, S, nc);
-        set_args(k_bw_dk_.k, dn, q_, k_, v_, dh_, dden_, b_, ig_, mb_, wtok_, Cb_, nb_, dCn_, dnn_, mt_, Nt_, dk_, kdk_,
-                 S, nc);
-        set_args(k_bw_dv_.k, dn, q_, k_, v_, dh_, dden_, b_, ig_, mb_, wtok_, Cb_, nb_, dCn_, dnn_, mt_, Nt_, dv_, kdk_,
-                 S, nc);
+        with_tables(k_bw_grads_, set_args(k_bw_grads_.k, dn, q_, k_, v_, dh_, dden_, b_, ig_, mb_, wtok_, Cb_, nb_,
+                                          dCn_, dnn_, mt_, Nt_, dq_, qdq_, S, nc));
+        with_tables(k_bw_dk_, set_args(k_bw_dk_.k, dn, q_, k_, v_, dh_, dden_, b_, ig_, mb_, wtok_, Cb_, nb_, dCn_,
+                                       dnn_, mt_, Nt_, dk_, kdk_, S, nc));
+        with_tables(k_bw_dv_, set_args(k_bw_dv_.k, dn, q_, k_, v_, dh_, dden_, b_, ig_, mb_, wtok_, Cb_, nb_, dCn_,
+                                       dnn_, mt_, Nt_, dv_, kdk_, S, nc));
       } else {
-        set_args(k_bw_grads_.k, dn, q_, k_, v_, dh_, dden_, b_, ig_, mb_, wtok_, Cb_, nb_, dCn_, dnn_, mt_, Nt_, dq_,
-                 dk_, dv_, qdq_, kdk_, S, nc);
+        with_tables(k_bw_grads_, set_args(k_bw_grads_.k, dn, q_, k_, v_, dh_, dden_, b_, ig_, mb_, wtok_, Cb_, nb_,
+                                          dCn_, dnn_, mt_, Nt_, dq_, dk_, dv_, qdq_, kdk_, S, nc));
       }
       if (P_ == 1) {
-        set_args(k_gate_grads_.k, dn, i_, f_, qdq_, kdk_, dCl_, dnl_, Co_, no_, has_dlast_, dC0_, dn0_, C0_, n0_,
-                 has_init_, di_, df_, dm0_, S);
+        // Packed: each sequence's last state, its gradient, initial state and its gradient at the forward table's
+        // rows.
+        with_tables(k_gate_grads_,
+                    set_args(k_gate_grads_.k, dn, i_, f_, qdq_, kdk_, dCl_, dnl_, Co_, no_, has_dlast_, dC0_, dn0_, C0_,
+                             n0_, has_init_, di_, df_, dm0_, S),
+                    &stab_);
       } else {
         // Shard by shard: the tokens after a shard add <dC, C> + <dn, n> of the state leaving it (tc_routine.cpp).
         set_args(k_gate_grads_.k, dn, i_, f_, qdq_, kdk_, sh_.dc_last, sh_.dn_last, sh_.c_last, sh_.n_last, 1, sh_.dc0,
@@ -267,8 +289,7 @@ class ResidentPortable final : public ResidentChunkwise {
     } else if (segment_) {
       bind_states(false);  // a segment's summary pass used the shard buffers
     }
-    launch(k_weights_, "fw_state_weights", 1, {64 * rows}, {64}, events);
-    launch(k_states_, "fw_states", 2, {256 * state_tiles(), rows}, {256, 1}, events);
+    launch_fw_states("fw_state_weights", "fw_states", events);
     if (P_ > 1) sh_.last_state_into(Co_, no_, mo_);
     if (outputs_) {
       if (regtiled_outputs_) {
@@ -277,7 +298,7 @@ class ResidentPortable final : public ResidentChunkwise {
             static_cast<std::size_t>(NCs_) * ((static_cast<std::size_t>(L_) + 63) / 64) * col_tiles;
         launch(k_outputs_, outputs_kernel_name(), 2, {groups * 256, rows}, {256, 1}, events);
       } else {
-        launch(k_outputs_, outputs_kernel_name(), 2, {static_cast<std::size_t>(Ss_) * wg, rows}, {wg, 1}, events);
+        launch(k_outputs_, outputs_kernel_name(), 2, {token_groups() * wg, rows}, {wg, 1}, events);
       }
     }
     forward_done_ = true;
@@ -297,7 +318,7 @@ class ResidentPortable final : public ResidentChunkwise {
     } else if (segment_) {
       bind_gradient_states(false);  // a segment's summary pass used the shard buffers
     }
-    launch(k_bw_states_, "bw_state_grads", 2, {256 * state_tiles(), rows}, {256, 1}, events);
+    launch(k_bw_states_, "bw_state_grads", 3, {256 * state_tiles(), rows, sequences()}, {256, 1, 1}, events);
     if (P_ > 1) sh_.initial_gradient_into(dC0_, dn0_);
   }
 
@@ -305,8 +326,8 @@ class ResidentPortable final : public ResidentChunkwise {
   BackwardResult read_state_gradient() {
     finish();
     BackwardResult out;
-    out.dc0 = Tensor({p_.B, p_.NH, p_.DHQK, p_.DHHV}, DType::f32);
-    out.dn0 = Tensor({p_.B, p_.NH, p_.DHQK}, DType::f32);
+    out.dc0 = Tensor({p_.state_batch(), p_.NH, p_.DHQK, p_.DHHV}, DType::f32);
+    out.dn0 = Tensor({p_.state_batch(), p_.NH, p_.DHQK}, DType::f32);
     device_->download(dC0_, out.dc0.bytes(), out.dc0.nbytes());
     device_->download(dn0_, out.dn0.bytes(), out.dn0.nbytes());
     return out;
@@ -315,7 +336,7 @@ class ResidentPortable final : public ResidentChunkwise {
   void enqueue_backward(std::vector<KernelEvent>* events) override {
     if (state_only_) throw Error("portable resident problem was made for the state gradient only");
     enqueue_state_gradient(events);
-    const std::size_t rows = static_cast<std::size_t>(R_), S = static_cast<std::size_t>(Ss_);
+    const std::size_t rows = static_cast<std::size_t>(R_);
     if (regtiled_backward_) {
       const std::size_t blocks = static_cast<std::size_t>(NCs_) * ((static_cast<std::size_t>(L_) + 63) / 64);
       const std::size_t cols = 64 * static_cast<std::size_t>(gvw_);
@@ -325,9 +346,9 @@ class ResidentPortable final : public ResidentChunkwise {
       launch(k_bw_dk_, "bw_grads_dk_regtiled", 2, {blocks * qk_tiles * 256, rows}, {256, 1}, events);
       launch(k_bw_dv_, "bw_grads_dv_regtiled", 2, {blocks * v_tiles * 256, rows}, {256, 1}, events);
     } else {
-      launch(k_bw_grads_, "bw_grads", 2, {S * 64, rows}, {64, 1}, events);
+      launch(k_bw_grads_, "bw_grads", 2, {token_groups() * 64, rows}, {64, 1}, events);
     }
-    launch(k_gate_grads_, "bw_gate_grads", 1, {256 * rows}, {256}, events);
+    launch(k_gate_grads_, "bw_gate_grads", 2, {256 * rows, sequences()}, {256, 1}, events);
     if (P_ > 1 && has_init_) sh_.dm0_into(dm0_);
   }
 
@@ -392,9 +413,10 @@ class ResidentPortable final : public ResidentChunkwise {
     out.di = read(di_, {p_.B, p_.NH, p_.S}, DType::f32, p_.gate_dtype);
     out.df = read(df_, {p_.B, p_.NH, p_.S}, DType::f32, p_.gate_dtype);
     if (has_init_) {
-      out.dc0 = read(dC0_, {p_.B, p_.NH, p_.DHQK, p_.DHHV}, DType::f32, DType::f32);
-      out.dn0 = read(dn0_, {p_.B, p_.NH, p_.DHQK}, DType::f32, DType::f32);
-      out.dm0 = read(dm0_, {p_.B, p_.NH}, DType::f32, DType::f32);
+      const std::int64_t batch = p_.state_batch();  // (N, NH, ...) packed
+      out.dc0 = read(dC0_, {batch, p_.NH, p_.DHQK, p_.DHHV}, DType::f32, DType::f32);
+      out.dn0 = read(dn0_, {batch, p_.NH, p_.DHQK}, DType::f32, DType::f32);
+      out.dm0 = read(dm0_, {batch, p_.NH}, DType::f32, DType::f32);
     }
     return out;
   }
@@ -409,8 +431,9 @@ class ResidentPortable final : public ResidentChunkwise {
       set_args(k_weights_.k, dn, b_, ig_, G_, sh_.m_in, mb_, carry_, wtok_, sh_.m_last, Ss_, NCs_);
       set_args(k_states_.k, dn, k_, v_, carry_, wtok_, sh_.c_in, sh_.n_in, Cb_, nb_, sh_.c_last, sh_.n_last, Ss_, NCs_);
     } else {
-      set_args(k_weights_.k, dn, b_, ig_, G_, m0_, mb_, carry_, wtok_, mo_, Ss_, NCs_);
-      set_args(k_states_.k, dn, k_, v_, carry_, wtok_, C0_, n0_, Cb_, nb_, Co_, no_, Ss_, NCs_);
+      with_tables(k_weights_, set_args(k_weights_.k, dn, b_, ig_, G_, m0_, mb_, carry_, wtok_, mo_, Ss_, NCs_), &stab_);
+      with_tables(k_states_, set_args(k_states_.k, dn, k_, v_, carry_, wtok_, C0_, n0_, Cb_, nb_, Co_, no_, Ss_, NCs_),
+                  &stab_);
     }
   }
   // The backward's state-gradient kernel likewise (sh_.dc_last in, sh_.dc0 out; or the row's dc_last, dc0).
@@ -420,8 +443,10 @@ class ResidentPortable final : public ResidentChunkwise {
       set_args(k_bw_states_.k, dn, q_, dh_, dden_, b_, mb_, carry_, mt_, Nt_, sh_.dc_last, sh_.dn_last, 1, dCn_, dnn_,
                sh_.dc0, sh_.dn0, Ss_, NCs_);
     else
-      set_args(k_bw_states_.k, dn, q_, dh_, dden_, b_, mb_, carry_, mt_, Nt_, dCl_, dnl_, has_dlast_, dCn_, dnn_, dC0_,
-               dn0_, Ss_, NCs_);
+      with_tables(k_bw_states_,
+                  set_args(k_bw_states_.k, dn, q_, dh_, dden_, b_, mb_, carry_, mt_, Nt_, dCl_, dnl_, has_dlast_, dCn_,
+                           dnn_, dC0_, dn0_, Ss_, NCs_),
+                  &stab_bw_);
   }
   void launch_prep(std::vector<KernelEvent>* events) {
     launch(k_prep_, "bw_prep", 2, {round_up(static_cast<std::size_t>(Ss_), 64), static_cast<std::size_t>(R_)}, {64, 1},
@@ -429,10 +454,14 @@ class ResidentPortable final : public ResidentChunkwise {
   }
   // Every shard (or the whole segment) from the EMPTY state: the local summaries in sh_.*_last.
   void launch_fw_summaries(std::vector<KernelEvent>* events) {
-    const std::size_t rows = static_cast<std::size_t>(R_);
     sh_.enter_empty(options_.gate);
-    launch(k_weights_, "fw_state_weights (summaries)", 1, {64 * rows}, {64}, events);
-    launch(k_states_, "fw_states (summaries)", 2, {256 * state_tiles(), rows}, {256, 1}, events);
+    launch_fw_states("fw_state_weights (summaries)", "fw_states (summaries)", events);
+  }
+  // The forward's state kernels (stabilisers and weights, then the states), each walk a (row, sequence).
+  void launch_fw_states(const char* weights, const char* states, std::vector<KernelEvent>* events) {
+    const std::size_t rows = static_cast<std::size_t>(R_);
+    launch(k_weights_, weights, 2, {64 * rows, sequences()}, {64, 1}, events);
+    launch(k_states_, states, 3, {256 * state_tiles(), rows, sequences()}, {256, 1, 1}, events);
   }
   // The summaries chained from the row's initial state (`init`: has_init_, or detail::kEnterEmpty for a summary).
   void launch_fw_combine(int init, std::vector<KernelEvent>* events) {
@@ -444,8 +473,8 @@ class ResidentPortable final : public ResidentChunkwise {
   // Every shard (or the whole segment) with a zero gradient leaving it: the local gradients in sh_.dc0.
   void launch_bw_summaries(std::vector<KernelEvent>* events) {
     sh_.zero_leaving_gradients();
-    launch(k_bw_states_, "bw_state_grads (summaries)", 2, {256 * state_tiles(), static_cast<std::size_t>(R_)}, {256, 1},
-           events);
+    launch(k_bw_states_, "bw_state_grads (summaries)", 3, {256 * state_tiles(), static_cast<std::size_t>(R_), 1},
+           {256, 1, 1}, events);
   }
   // The reverse chain from the gradient leaving the row (`has_dlast`: has_dlast_, or 0 for a summary). A shard's
   // stabilisers: mb_ at its first chunk, and leaving it sh_.m_last (shards) or the row's mo_ (a whole segment).
@@ -460,6 +489,30 @@ class ResidentPortable final : public ResidentChunkwise {
     const std::size_t cols = 64 * static_cast<std::size_t>(svw_);
     return round_up(static_cast<std::size_t>(p_.DHQK), 64) / 64 *
            (round_up(static_cast<std::size_t>(p_.DHHV), cols) / cols);
+  }
+  // The walks of the state kernels per row: one per packed sequence (1 unpacked).
+  std::size_t sequences() const { return packed_ ? static_cast<std::size_t>(p_.N) : 1; }
+  // Work-groups of the per-token kernels (fw_outputs, bw_grads) per row: one per token, packed CHUNK per chunk
+  // (mlstm_chunkwise.cl "Chunks of a row").
+  std::size_t token_groups() const {
+    return packed_ ? static_cast<std::size_t>(nchunks_) * static_cast<std::size_t>(L_) : static_cast<std::size_t>(Ss_);
+  }
+  // Packed: the chunk table (and the segment table `seg`) after a kernel's own arguments (from index `next`).
+  void with_tables(const KernelObject& k, cl_uint next, const PooledBuffer* seg = nullptr) const {
+    if (!packed_) return;
+    const cl_uint after = set_args_from(k.k, device_->name(), next, ctab_);
+    if (seg) set_args_from(k.k, device_->name(), after, *seg);
+  }
+  // The chunk and segment tables of packed sequences (packed_tables.hpp; mlstm_chunkwise.cl "Chunks of a row"):
+  // chunks of L_ tokens restarting at every sequence start; a segment per sequence (its chunks, its initial state's
+  // row or -1 for the zero state, its last state's row; backward, its last-state gradient's row or -1). Returns the
+  // number of chunks.
+  int packed_tables(std::span<const std::int64_t> offsets, bool initial_states, bool last_state_gradients) {
+    const detail::PackedChunks t = detail::packed_chunks(offsets, L_);
+    ctab_host_ = t.ctab;
+    stab_host_ = t.segment_table([&](int j) { return initial_states ? j : -1; });
+    stab_bw_host_ = t.segment_table([&](int j) { return last_state_gradients ? j : -1; });
+    return t.chunks();
   }
   const char* outputs_kernel_name() const { return regtiled_outputs_ ? "fw_outputs_regtiled" : "fw_outputs"; }
   void launch(const KernelObject& k, const char* name, cl_uint dims, std::initializer_list<std::size_t> global,
@@ -480,7 +533,7 @@ class ResidentPortable final : public ResidentChunkwise {
   ProblemShape p_;
   DType dev_dtype_ = DType::f32;
   bool outputs_ = true, state_only_ = false, has_grads_ = false, forward_done_ = false, regtiled_outputs_ = false,
-       regtiled_backward_ = false, segment_ = false;
+       regtiled_backward_ = false, segment_ = false, packed_ = false;
   detail::SegmentExchange exchange_;  // as a segment of a split sequence
   int ovw_ = 1, svw_ = 1, gvw_ = 1;
   int S_ = 0, rows_ = 0, L_ = 0, nchunks_ = 0, has_init_ = 0, has_dlast_ = 0;
@@ -489,7 +542,9 @@ class ResidentPortable final : public ResidentChunkwise {
       k_gate_grads_, k_combine_, k_bw_combine_;
   PooledBuffer q_, k_, v_, i_, f_, C0_, n0_, m0_, b_, ig_, G_, Cb_, nb_, mb_, Co_, no_, mo_, carry_, wtok_, h_, mt_,
       Nt_, dent_, dh_, dCl_, dnl_, dden_, dCn_, dnn_, dC0_, dn0_, dm0_, dq_, dk_, dv_, qdq_, kdk_, di_, df_;
-  detail::ShardBuffers sh_;  // the sequence split's states (P_ > 1)
+  detail::ShardBuffers sh_;                                // the sequence split's states (P_ > 1)
+  std::vector<int> ctab_host_, stab_host_, stab_bw_host_;  // packed: the chunk and segment tables (packed_tables)
+  PooledBuffer ctab_, stab_, stab_bw_;
 };
 
 }  // namespace
