@@ -221,8 +221,13 @@ class OpenCLComputeDevice final : public ComputeDevice {
     const ScopedTrace trace([&] { return "forward of " + token_rows(a.q) + " token-rows on " + device_->name(); });
     const ProblemShape p = validate_forward(a, o);
     // Packed sequences within a call: every sequence in the same kernels (mlstm_chunkwise.cl and tc_states.cl
-    // PACKED).
-    if (!uses_tensor_cores(p, o)) return portable_.forward(a, o);
+    // PACKED), unless a few long ones would leave the portable kernels' walks too few (portable_each).
+    if (!uses_tensor_cores(p, o)) {
+      if (portable_each(p))
+        return packed::forward_each(a, p, o,
+                                    [this](const ForwardArgs& s, const MlstmOptions& so) { return forward(s, so); });
+      return portable_.forward(a, o);
+    }
     if (streams(a, o, p)) return streamed_forward(a, o, p, {});
     return tensor_cores_.forward(a, o);
   }
@@ -276,6 +281,9 @@ class OpenCLComputeDevice final : public ComputeDevice {
       return r;
     }
     if (uses_tensor_cores(p, o)) return tensor_core_backward(a, o, p, nullptr);
+    if (portable_each(p))
+      return packed::backward_each(a, p, o,
+                                   [this](const BackwardArgs& s, const MlstmOptions& so) { return backward(s, so); });
     return portable_.backward(a, o);
   }
 
@@ -296,7 +304,7 @@ class OpenCLComputeDevice final : public ComputeDevice {
     const ScopedTrace trace(
         [&] { return "state_gradient of " + token_rows(a.dh) + " token-rows on " + device_->name(); });
     const ProblemShape p = validate_backward(a, o);
-    if (!uses_tensor_cores(p, o)) return portable_.state_gradient(a, o);  // packed too: one call
+    if (!uses_tensor_cores(p, o) && !portable_each(p)) return portable_.state_gradient(a, o);  // packed: one call
     if (p.packed())
       return packed::backward_each(
           a, p, o, [this](const BackwardArgs& s, const MlstmOptions& so) { return state_gradient(s, so); });
@@ -643,6 +651,15 @@ class OpenCLComputeDevice final : public ComputeDevice {
 
   // Whether this problem runs on the tensor cores: the device has them, the problem fits them (supports() has
   // refused misfits when only they may run) and their programs build. Builds them on first use.
+  // A packed row on the portable kernels runs one call per sequence where the packed kernels' walks (one per row,
+  // sequence and 64 x 64 tile of the state) would be too few to fill the device (fewer than 4 a compute unit, the
+  // bound under which ChunkwiseRunner splits one sequence: shards.cpp): a handful of long sequences, each of which
+  // alone may then split inside the device. Otherwise (and for unpacked rows) false.
+  bool portable_each(const ProblemShape& p) const {
+    if (!p.packed()) return false;
+    const std::int64_t tiles = ((p.DHQK + 63) / 64) * ((p.DHHV + 63) / 64);
+    return 4 * p.N * p.NH * tiles <= static_cast<std::int64_t>(device_->info().compute_units);
+  }
   bool uses_tensor_cores(const ProblemShape& p, const MlstmOptions& o) const {
     if (!support_.available) return false;
     const bool required = kernels_ == OpenCLKernels::tensor_cores;
