@@ -105,6 +105,7 @@ void StreamSession::start_sequence(State initial) {
   if (stream_) stream_->start_sequence(zero ? State{} : State{s.C, s.n, s.m});
   state_ = std::make_shared<const State>(std::move(s));
   state_stale_ = false;
+  must_start_ = false;
 }
 
 StreamSession::StreamSession(StreamSession&&) noexcept = default;
@@ -139,6 +140,9 @@ ForwardArgs StreamSession::with_state(const ForwardArgs& piece, const State& sta
 }
 
 std::uint64_t StreamSession::submit(const ForwardArgs& piece, bool keep_state) {
+  if (must_start_)
+    throw InvalidArgument("cu_seqlens",
+                          "forward_sequences() ended the stream's sequences; start_sequence() before the next piece");
   (void)with_state(piece, *state_);  // checks the piece (the stream adds the state)
   prepare(piece.q.dim(2), piece.q.dtype());
   if (keep_state) {
@@ -156,6 +160,13 @@ std::uint64_t StreamSession::submit(const ForwardArgs& piece, bool keep_state) {
   return ticket;
 }
 
+// An automatic chunk size is resolved once, for the session's problem (snapshots record the size it took).
+void StreamSession::resolve_chunk(const ProblemShape& shape) {
+  if (config_.options.chunk_size == kAutoChunk)
+    config_.options.chunk_size =
+        runner_ ? runner_->with_chunk(config_.options, shape).chunk_size : kernel_->chunk_for(shape, config_.options);
+}
+
 void StreamSession::prepare(std::int64_t piece_tokens, DType dtype) {
   if (piece_tokens <= 0) throw InvalidArgument("piece_tokens", "a stream's pieces need at least one token");
   if (!stream_) {
@@ -166,10 +177,7 @@ void StreamSession::prepare(std::int64_t piece_tokens, DType dtype) {
     shape.DHQK = config_.DHQK;
     shape.DHHV = config_.DHHV;
     shape.dtype = dtype;
-    // An automatic chunk size is resolved once, for the session's problem (snapshots record the size it took).
-    if (config_.options.chunk_size == kAutoChunk)
-      config_.options.chunk_size =
-          runner_ ? runner_->with_chunk(config_.options, shape).chunk_size : kernel_->chunk_for(shape, config_.options);
+    resolve_chunk(shape);
     if (runner_) {
       stream_ = runner_->open_stream(shape, config_.options, *state_);
     } else {
@@ -194,6 +202,31 @@ Tensor StreamSession::take(std::uint64_t ticket) {
   Tensor h = stream_of(ticket).take(ticket);
   if (auto it = kept_.find(ticket); it != kept_.end()) it->second.taken = true;
   return h;
+}
+
+ForwardResult StreamSession::forward_sequences(const ForwardArgs& a, TensorView h) {
+  if (!a.packed()) throw InvalidArgument("cu_seqlens", "forward_sequences takes packed sequences (B = 1, N >= 1)");
+  check_dims(a.q, 4, "q", "(B,NH,S,DHQK)");
+  check_shape(a.q, {config_.B, config_.NH, a.q.dim(2), config_.DHQK}, "q",
+              "(B,NH,S,DHQK) with the stream's B, NH, DHQK");
+  ProblemShape shape = validate_forward(a, config_.options);
+  shape.N = 0;  // the session's problem: its rows, unpacked
+  resolve_chunk(shape);
+  MlstmOptions o = config_.options;
+  o.return_last_states = true;
+  ForwardResult r;
+  if (runner_) {
+    r = runner_->forward_into(h, a, o);
+  } else {
+    const ProblemShape p = validate_forward(a, o);
+    check_output_rows(h, {p.B, p.NH, p.S, p.DHHV}, p.dtype, "h");
+    r = kernel_->forward(a, o);
+    copy_piece_rows(r.h.view(), h);
+    r.h = Tensor();
+  }
+  tokens_ += a.q.dim(2);
+  must_start_ = true;
+  return r;
 }
 
 void StreamSession::take_into(std::uint64_t ticket, TensorView out) {

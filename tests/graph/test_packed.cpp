@@ -5,11 +5,13 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <vector>
 
 #include "mlstm/core/error.hpp"
+#include "mlstm/core/packed.hpp"
 #include "mlstm/devices/opencl/device.hpp"
 #include "mlstm/mlstm.hpp"
 #include "test_util.hpp"
@@ -209,6 +211,62 @@ TEST(PackedGraph, RefusesWhatItDoesNotTake) {
       EXPECT_EQ(e.argument(), "cu_seqlens") << e.what();
     }
   }
+}
+
+// Rows [a, b) of a tensor's first dimension.
+Tensor rows(const Tensor& t, std::int64_t a, std::int64_t b) {
+  Shape shape = t.shape();
+  const std::size_t row = t.nbytes() / static_cast<std::size_t>(shape[0]);
+  shape[0] = b - a;
+  Tensor out(shape, t.dtype());
+  std::memcpy(out.bytes(), t.bytes() + static_cast<std::size_t>(a) * row, out.nbytes());
+  return out;
+}
+
+// StreamSession::forward_sequences: whole packed sequences in one call next to a streamed sequence (one kernel and
+// the graph over workers): h and the last states equal the packed call's, with and without initial states; the token
+// count goes on, and the next piece must start a sequence (refused naming cu_seqlens otherwise).
+TEST(PackedStream, WholeSequencesBesideTheStreamEqualOnePackedCall) {
+  const MlstmOptions o = options_of(GateVariant::exp, 4);
+  for (const bool init : {false, true})
+    for (const char* devices : {"", "workers"}) {
+      SCOPED_TRACE(std::string("devices '") + devices + "' init " + std::to_string(init));
+      const Packed p = make_packed({3, 1, 9, 4}, DType::f32, GateVariant::exp, init, testing::fresh_seed());
+      const ForwardResult want = get_kernel("chunkwise--cpu_xl_chunk")->forward(p.in.args(), o);
+      StreamConfig config;
+      config.NH = 2;
+      config.DHQK = 16;
+      config.DHHV = 8;
+      config.options = o;
+      config.devices = devices;
+      StreamSession session(config);
+      // A streamed sequence first (its last piece's state kept), then sequences 1-3 in one call.
+      ForwardArgs first = sequence_slice(packed::sequence(p.args(), 0).inputs, 0, 3);
+      if (init) session.start_sequence(State{rows(p.in.c0, 0, 1), rows(p.in.n0, 0, 1), rows(p.in.m0, 0, 1)});
+      const std::uint64_t t = session.submit(first, /*keep_state=*/true);
+      const std::int64_t S = p.in.q.dim(2);
+      Tensor h({1, 2, S, 8}, DType::f32);
+      std::vector<std::int64_t> offsets;
+      const ForwardArgs rest = packed::sequences(p.in.args(), 1, 4, offsets);
+      const ForwardResult r = session.forward_sequences(rest, sequence_slice(h.view(), 3, S));
+      session.take_into(t, sequence_slice(h.view(), 0, 3));
+      const State s0 = session.take_state(t);
+      EXPECT_EQ(session.tokens(), S);
+      EXPECT_TRUE(testing::matches(h, want.h, 1e-5, "forward_sequences", "h", p.spec));
+      ASSERT_EQ(r.c.dim(0), 3);
+      EXPECT_TRUE(testing::matches(r.c, rows(want.c, 1, 4), 1e-5, "forward_sequences", "c", p.spec));
+      EXPECT_TRUE(testing::matches(r.m, rows(want.m, 1, 4), 1e-5, "forward_sequences", "m", p.spec));
+      EXPECT_TRUE(testing::matches(s0.C, rows(want.c, 0, 1), 1e-5, "stream", "c", p.spec));
+      try {
+        (void)session.submit(first);
+        ADD_FAILURE() << "a piece after forward_sequences() without start_sequence()";
+      } catch (const InvalidArgument& e) {
+        EXPECT_EQ(e.argument(), "cu_seqlens") << e.what();
+      }
+      session.start_sequence();
+      EXPECT_NO_THROW((void)session.take(session.submit(first)));
+      EXPECT_THROW(session.forward_sequences(first, sequence_slice(h.view(), 0, 3)), InvalidArgument);  // not packed
+    }
 }
 
 }  // namespace

@@ -203,7 +203,8 @@ TEST_F(CliStream, KilledRunResumesBitForBit) {
 // --stream-tokens with --cu-seqlens (issue 19 item 2): packed sequences streamed from files equal one packed call
 // of the library (h, and the (N,...) last states written as each sequence ends) with and without (N,...) initial
 // states, through one kernel and the flow graph over workers and workers + both PoCL devices. The slices of 10
-// tokens cut sequences, hold several boundaries, and end on two (offsets 50 and 100). A run killed after three
+// tokens cut sequences, hold several boundaries, and end on two (offsets 50 and 100); the sequences inside one slice
+// run as one packed call (StreamSession::forward_sequences), the parts across slices stream. A run killed after three
 // slices (sequences 0-3 finished, the fourth mid-way) resumes to the same bytes. Bad states and offsets are
 // refused naming the option, before the run starts.
 TEST_F(CliStream, PackedSequencesStreamFromFiles) {
@@ -224,6 +225,9 @@ TEST_F(CliStream, PackedSequencesStreamFromFiles) {
       ASSERT_EQ(r.code, 0) << r.err;
       const auto doc = nlohmann::json::parse(r.out);
       EXPECT_EQ(doc["packed_sequences"], 7) << r.out;
+      // Sequences 0 and 1 (tokens 0-8) and 6 (100-103) begin and end inside one slice: one packed call each slice;
+      // the others stream in parts.
+      EXPECT_EQ(doc["sequences_in_packed_calls"], 3) << r.out;
       EXPECT_EQ(doc["slices"], 11) << r.out;
       MlstmOptions o;
       o.chunk_size = 4;

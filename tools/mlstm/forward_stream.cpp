@@ -157,12 +157,13 @@ struct StreamSlice {
   Tensor h;
   std::string snapshot;                    // the session's state after this slice
   std::vector<FinishedSequence> finished;  // packed: the sequences that ended in this slice
+  std::int64_t whole_sequences = 0;        // packed: those of them that began in it too (one packed call)
 };
 
 // --cu-seqlens with --stream-tokens: the sequences' offsets; each sequence's initial state read when it starts
 // (row j of --c0/--n0/--m0, (N,...)), and its last state written when it ends (row j of --out-c/-n/-m, whose
-// partial files a --resume continues like h's). A slice is cut at the boundaries inside it; the session starts
-// each sequence afresh (StreamSession::start_sequence).
+// partial files a --resume continues like h's). A slice's whole sequences run in one packed call, the parts that
+// cross its ends stream (compute_packed_slice).
 struct PackedStreaming {
   std::vector<std::int64_t> offsets;
   std::unique_ptr<npy::SeqSliceReader> c0, n0, m0;
@@ -235,6 +236,24 @@ struct PackedStreaming {
     return s;
   }
 
+  // The states sequences [ja, jb) start from ((jb - ja, NH, ...) rows; empty without state files), checked as
+  // initial() checks each.
+  State initial_rows(std::int64_t ja, std::int64_t jb, bool finite) const {
+    if (!c0) return {};
+    State s{c0->read(ja, jb), n0->read(ja, jb), m0->read(ja, jb)};
+    if (finite) {
+      try {
+        check_finite(s.C.view(), "--c0");
+        check_finite(s.n.view(), "--n0");
+        check_finite(s.m.view(), "--m0");
+      } catch (const InvalidArgument&) {
+        for (std::int64_t j = ja; j < jb; ++j) (void)initial(j, true);  // names the sequence
+        throw;
+      }
+    }
+    return s;
+  }
+
   // The writers of the requested last-state outputs: fresh partial files, or (resume) the ones a killed run left.
   void open_outputs(const ForwardOutputs& out, const InputHeaders& hdr, bool resume) {
     const std::int64_t N = count();
@@ -259,10 +278,12 @@ struct PackedStreaming {
   }
 };
 
-// One slice of packed sequences: cut at the boundaries inside it, each part submitted to the session (a new
-// sequence started where one begins, the state kept where one ends), then every part's h taken into the slice's h
-// and the kept states with them: no part waits for the ones before it, so a GPU's stream keeps uploads, kernels and
-// downloads of consecutive sequences overlapped.
+// One slice of packed sequences. The sequences that begin and end inside it run as one packed call
+// (StreamSession::forward_sequences: their h written into the slice's, their last states kept); only the parts
+// that cross the slice's ends stream: the first going on from the session's state (its last state kept where it
+// ends here), the last starting its sequence afresh. The streamed parts are submitted around the packed call and
+// taken after it, so a GPU's stream overlaps them with it; a slice of many short documents is then one call instead
+// of a piece each.
 void compute_packed_slice(StreamSlice& s, const ForwardArgs& a, StreamSession& session, const PackedStreaming& packed,
                           bool finite) {
   s.h = Tensor({a.q.dim(0), a.q.dim(1), a.q.dim(2), a.v.dim(3)}, a.q.dtype());
@@ -272,14 +293,34 @@ void compute_packed_slice(StreamSlice& s, const ForwardArgs& a, StreamSession& s
     std::int64_t ends = -1;  // the sequence whose last part this is
   };
   std::vector<Part> parts;
-  for (std::int64_t t = s.s0; t < s.s1;) {
-    const std::int64_t j = packed.sequence_of(t), end = std::min(s.s1, packed.end_of(j));
-    const ForwardArgs piece = sequence_slice(a, t - s.s0, end - s.s0);
-    if (t == packed.offsets[static_cast<std::size_t>(j)]) session.start_sequence(packed.initial(j, finite));
-    const bool ends = end == packed.end_of(j);
-    parts.push_back({session.submit(piece, /*keep_state=*/ends), t - s.s0, end - s.s0, ends ? j : -1});
-    t = end;
+  auto stream = [&](std::int64_t t0, std::int64_t t1, std::int64_t j) {  // tokens [t0, t1) of sequence j
+    if (t0 == packed.offsets[static_cast<std::size_t>(j)]) session.start_sequence(packed.initial(j, finite));
+    const bool ends = t1 == packed.end_of(j);
+    parts.push_back({session.submit(sequence_slice(a, t0 - s.s0, t1 - s.s0), /*keep_state=*/ends), t0 - s.s0, t1 - s.s0,
+                     ends ? j : -1});
+  };
+  const std::int64_t j0 = packed.sequence_of(s.s0), j1 = packed.sequence_of(s.s1 - 1);
+  // The whole sequences: [ja, jb).
+  const std::int64_t ja = packed.offsets[static_cast<std::size_t>(j0)] == s.s0 ? j0 : j0 + 1;
+  const std::int64_t jb = packed.end_of(j1) == s.s1 ? j1 + 1 : j1;
+  if (ja > j0) stream(s.s0, std::min(s.s1, packed.end_of(j0)), j0);  // goes on from the slice before
+  if (jb > ja) {
+    const std::int64_t t0 = packed.offsets[static_cast<std::size_t>(ja)], t1 = packed.end_of(jb - 1);
+    ForwardArgs whole = sequence_slice(a, t0 - s.s0, t1 - s.s0);
+    std::vector<std::int64_t> offsets;
+    for (std::int64_t j = ja; j <= jb; ++j) offsets.push_back(packed.offsets[static_cast<std::size_t>(j)] - t0);
+    whole.cu_seqlens = offsets;
+    const State initial = packed.initial_rows(ja, jb, finite);
+    whole.c0 = initial.C.view();
+    whole.n0 = initial.n.view();
+    whole.m0 = initial.m.view();
+    ForwardResult r = session.forward_sequences(whole, sequence_slice(s.h.view(), t0 - s.s0, t1 - s.s0));
+    s.finished.push_back({ja, State{std::move(r.c), std::move(r.n), std::move(r.m)}});
+    s.whole_sequences = jb - ja;
   }
+  // The last sequence goes on into the slice after (unless that is the first part's, streamed above).
+  if (packed.end_of(j1) > s.s1 && !(j1 == j0 && ja > j0))
+    stream(std::max(s.s0, packed.offsets[static_cast<std::size_t>(j1)]), s.s1, j1);
   for (const Part& p : parts) {
     session.take_into(p.ticket, sequence_slice(s.h.view(), p.t0, p.t1));
     if (p.ends >= 0) s.finished.push_back({p.ends, session.take_state(p.ticket)});
@@ -407,7 +448,7 @@ int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const 
   if (packed.on()) packed.open_outputs(out, hdr, st.resume);
   std::int64_t kill_after = -1;  // test hook (env.hpp): SIGKILL to itself after this many slices
   if (const auto k = env::get("MLSTM_TEST_KILL_AFTER_SLICES")) kill_after = std::stoll(*k);
-  std::int64_t next = resumed_from, slices = 0;
+  std::int64_t next = resumed_from, slices = 0, whole_sequences = 0;
   std::vector<std::string> devices;
   const auto t0 = Clock::now();
   std::optional<Clock::time_point> first_token;  // the first slice's h computed
@@ -450,6 +491,7 @@ int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const 
                      writer.write(s->s0, s->h.view());
                      writer.sync();
                      for (const FinishedSequence& f : s->finished) packed.write(f);
+                     whole_sequences += s->whole_sequences;
                      packed.sync();
                      write_progress(record, identity, s->s1, s->snapshot);
                      ++slices;
@@ -487,6 +529,8 @@ int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const 
                                    : json(nullptr)},
                       {"stream_tokens", st.tokens},
                       {"packed_sequences", packed.on() ? packed.count() : 0},
+                      // of those, the ones that began and ended in one slice: one packed call per slice
+                      {"sequences_in_packed_calls", whole_sequences},
                       {"chunk_size", session->config().options.chunk_size},
                       {"slices", slices},
                       {"resumed_from", resumed_from},

@@ -81,6 +81,16 @@ class StreamSession {
   // in progress).
   void start_sequence(State initial = {});
 
+  // Whole packed sequences in one call, next to the pieces streamed: `a` holds N >= 1 sequences (a.cu_seqlens, B = 1,
+  // the stream's NH, DHQK, DHHV; their own (N,NH,...) initial states or none for zero), run on the session's devices
+  // (the flow graph's packed forward) or kernel, their h written into `h` ((1,NH,S,DHHV) of q's dtype, rows
+  // contiguous), their last states (N,NH,...) returned. They are the stream's next tokens (the token count goes on)
+  // but leave the carried state and the pieces in flight alone: the piece submitted next must start a sequence
+  // (start_sequence; InvalidArgument("cu_seqlens") otherwise). For the sequences that begin and end inside a
+  // caller's slice (the CLI's --stream-tokens with --cu-seqlens), which would otherwise stream as a short piece
+  // each.
+  ForwardResult forward_sequences(const ForwardArgs& a, TensorView h);
+
   // The state after every submitted piece (waits for them).
   const State& state() const;
   // The flow graph the session runs (config.devices), or null for a kernel session.
@@ -115,6 +125,7 @@ class StreamSession {
   State checked_state(State s) const;  // shapes of the config (InvalidArgument naming C, n or m), float32
   SequenceStream& stream_of(std::uint64_t ticket) const;  // the open stream; InvalidArgument("ticket") before it
   ForwardArgs with_state(const ForwardArgs& piece, const State& state) const;  // checked piece + entering state
+  void resolve_chunk(const ProblemShape& shape);  // config_.options.chunk_size: kAutoChunk resolved for `shape`
   std::unique_ptr<SequenceKernel> kernel_;
   std::unique_ptr<graph::FlowGraphRunner> runner_;
   // States the stream writes into (submit with keep_state): declared before stream_, so that they outlive it (a
@@ -133,6 +144,7 @@ class StreamSession {
   mutable bool state_stale_ = false;
   StateHandle previous_;  // the state before the last push() (backward_of_last_piece)
   std::int64_t tokens_ = 0;
+  bool must_start_ = false;  // forward_sequences() ended the stream's sequences: start_sequence() comes next
 };
 
 }  // namespace mlstm
