@@ -47,6 +47,11 @@ struct DeviceStream::Slot {
   // slot is reused, the uploads read them) and the states leaving its segments (row k: segment k).
   Buffer ctab, stab, last[3];
   std::vector<int> ctab_host, stab_host;
+  // ... and their page-locked landing place: the ended sequences' states come down there behind h (one read per
+  // part, asynchronous), and go into the caller's views (last_to: offset in host_last, view) once the piece is down.
+  Buffer pinned_last;
+  std::byte* host_last = nullptr;
+  std::vector<std::pair<std::size_t, TensorView>> last_to;
   KernelObject gates, states, outputs;  // bound to this slot's buffers
   cl_event up = nullptr, computed = nullptr, down = nullptr;
   std::uint64_t ticket = 0;
@@ -220,6 +225,7 @@ void DeviceStream::set_up(Slot& s, cl_command_queue map_queue) {
     s.last[0] = dev.alloc(M * rows * K * V * sizeof(float));
     s.last[1] = dev.alloc(M * rows * K * sizeof(float));
     s.last[2] = dev.alloc(M * rows * sizeof(float));
+    pinned(M * rows * (K * V + K + 1) * sizeof(float), s.pinned_last, s.host_last);
   }
   s.gates = KernelObject{dev.kernel(im.gates, "tc_fw_gates")};
   s.states = KernelObject{dev.kernel(im.states, "tc_fw_states")};
@@ -263,6 +269,7 @@ void DeviceStream::restart(ConstTensorView c0, ConstTensorView n0, ConstTensorVi
       release_event(s.down);
       s.busy = false;
       s.taken = true;
+      s.last_to.clear();  // views of a piece never taken
     }
     finished_.clear();
   }
@@ -292,6 +299,7 @@ DeviceStream::~DeviceStream() {
     release_event(s.down);
     if (s.host_in) clEnqueueUnmapMemObject(im.up, s.pinned_in.get(), s.host_in, 0, nullptr, nullptr);
     if (s.host_out) clEnqueueUnmapMemObject(im.up, s.pinned_out.get(), s.host_out, 0, nullptr, nullptr);
+    if (s.host_last) clEnqueueUnmapMemObject(im.up, s.pinned_last.get(), s.host_last, 0, nullptr, nullptr);
   }
   for (cl_command_queue q : {im.up, im.kernels, im.down}) {
     if (!q) continue;
@@ -301,6 +309,13 @@ DeviceStream::~DeviceStream() {
 }
 
 DeviceStream::Slot& DeviceStream::slot_of(std::uint64_t ticket) { return impl_->slots[ticket % kStreamSlots]; }
+
+// The last states of the sequences that ended in slot s's piece, from its page-locked staging into the caller's
+// views (once its download has completed; before take() returns or the slot is reused, whichever comes first).
+void DeviceStream::deliver_last_states(Slot& s) {
+  for (const auto& [offset, to] : s.last_to) std::memcpy(to.bytes(), s.host_last + offset, to.nbytes());
+  s.last_to.clear();
+}
 
 void DeviceStream::retire(Slot& s) {
   std::unique_lock lock(mutex_);
@@ -314,6 +329,7 @@ void DeviceStream::retire(Slot& s) {
   check(waited, "clWaitForEvents(stream download)", device_->name());
   lock.lock();
   slot_free_.wait(lock, [&] { return !s.taking; });  // a take() that started meanwhile finishes first
+  deliver_last_states(s);
   if (!s.taken && !s.direct_out.empty()) {
     finished_.emplace(s.ticket, Finished{Tensor(), s.direct_out});
   } else if (!s.taken) {
@@ -522,21 +538,28 @@ std::uint64_t DeviceStream::enqueue_piece(const detail::HostRows* direct, const 
     bytes_direct_down_ += vb;
     device_->note_direct_download(vb);
   }
+  s.last_to.clear();
   if (!ended.empty()) {
-    // The last states of the sequences that ended in this piece, behind h on the (in-order) download queue: the
-    // piece is down when they are.
+    // The last states of the sequences that ended in this piece, behind h on the (in-order) download queue (the
+    // piece is down when they are): rows ended.front() .. ended.back() of each part in one read into the slot's
+    // page-locked staging ([C rows][n rows][m rows], M rows each), from where deliver_last_states() copies each into
+    // the caller's views. (Read into the caller's ordinary memory, 3 reads a sequence stalled the submitting thread.)
     cl_event last_down = nullptr;
-    for (std::size_t e = 0; e < ended.size(); ++e) {
-      const std::size_t k = ended[e];
-      const Segment& g = segments[k];
-      const TensorView to[3] = {g.c_out, g.n_out, g.m_out};
-      for (std::size_t j = 0; j < 3; ++j) {
-        const bool final_read = e + 1 == ended.size() && j == 2;
-        const cl_int err = clEnqueueReadBuffer(im.down, s.last[j].get(), CL_FALSE, k * to[j].nbytes(), to[j].nbytes(),
-                                               to[j].bytes(), 1, &after_compute, final_read ? &last_down : nullptr);
-        if (err != CL_SUCCESS) release_event(last_down);
-        check(err, "clEnqueueReadBuffer(stream sequence's last state)", dn);
+    const std::size_t M = static_cast<std::size_t>(config_.max_segments), k0 = ended.front(), k1 = ended.back() + 1;
+    std::size_t base = 0;
+    for (std::size_t j = 0; j < 3; ++j) {
+      const TensorView& first = j == 0 ? segments[k0].c_out : j == 1 ? segments[k0].n_out : segments[k0].m_out;
+      const std::size_t bytes = first.nbytes();
+      const cl_int err =
+          clEnqueueReadBuffer(im.down, s.last[j].get(), CL_FALSE, k0 * bytes, (k1 - k0) * bytes,
+                              s.host_last + base + k0 * bytes, 1, &after_compute, j == 2 ? &last_down : nullptr);
+      if (err != CL_SUCCESS) release_event(last_down);
+      check(err, "clEnqueueReadBuffer(stream sequences' last states)", dn);
+      for (const std::size_t k : ended) {
+        const TensorView& to = j == 0 ? segments[k].c_out : j == 1 ? segments[k].n_out : segments[k].m_out;
+        s.last_to.emplace_back(base + k * bytes, to);
       }
+      base += M * bytes;
     }
     release_event(down);
     down = last_down;
@@ -658,6 +681,7 @@ void DeviceStream::take_into(std::uint64_t ticket, TensorView out) {
   std::exception_ptr failed;
   if (waited == CL_SUCCESS) {
     try {
+      deliver_last_states(s);
       if (s.direct_out.empty()) {
         copy_out(s.host_out, s.len);
       } else if (s.direct_out.bytes() != out.bytes() || s.direct_out.strides() != out.strides()) {
@@ -693,7 +717,10 @@ ConstTensorView DeviceStream::view(std::uint64_t ticket) {
   clReleaseEvent(down);
   lock.lock();
   s.taking = false;
-  if (waited == CL_SUCCESS) s.taken = true;
+  if (waited == CL_SUCCESS) {
+    deliver_last_states(s);
+    s.taken = true;
+  }
   lock.unlock();
   slot_free_.notify_all();
   check(waited, "clWaitForEvents(stream download)", device_->name());

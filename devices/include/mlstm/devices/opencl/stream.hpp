@@ -152,6 +152,7 @@ class DeviceStream {
  private:
   struct Slot;
   struct Impl;
+  void deliver_last_states(Slot& s);  // packed: the ended sequences' states into the caller's views
   Slot& slot_of(std::uint64_t ticket);
   void retire(Slot& slot);                              // waits for the slot's piece and keeps its h aside if not taken
   void set_up(Slot& slot, cl_command_queue map_queue);  // its pinned staging, device buffers and kernels
