@@ -40,6 +40,17 @@ void expect_gradients_match(const BackwardResult& got, const BackwardResult& wan
     EXPECT_TRUE(testing::matches(*x, *y, tol, what, name, spec));
 }
 
+// A stream session of make_packed's problem (NH 2, DHQK 16, DHHV 8): one kernel (devices "") or the flow graph.
+StreamConfig packed_stream_config(const MlstmOptions& o, const char* devices) {
+  StreamConfig config;
+  config.NH = 2;
+  config.DHQK = 16;
+  config.DHHV = 8;
+  config.options = o;
+  config.devices = devices;
+  return config;
+}
+
 // The graph cuts a packed row at sequence boundaries into segments of whole sequences, pulled by the devices: the
 // same results as one packed kernel call, whatever the segment length, forward (into the caller's h too) and
 // backward (into the caller's views too), on CPU workers and with two PoCL devices beside them.
@@ -197,13 +208,7 @@ TEST(PackedGraph, RefusesWhatItDoesNotTake) {
   EXPECT_THROW(sequence_slice(p.in.args(), 0, 3), InvalidArgument);
   // A stream carries one sequence: a packed piece is refused by name, one kernel or the graph behind it.
   for (const char* devices : {"", "workers"}) {
-    StreamConfig config;
-    config.NH = 2;
-    config.DHQK = 16;
-    config.DHHV = 8;
-    config.options = o;
-    config.devices = devices;
-    StreamSession session(config);
+    StreamSession session(packed_stream_config(o, devices));
     try {
       (void)session.push(p.in.args());
       ADD_FAILURE() << "a packed piece accepted by a stream (devices '" << devices << "')";
@@ -233,13 +238,7 @@ TEST(PackedStream, WholeSequencesBesideTheStreamEqualOnePackedCall) {
       SCOPED_TRACE(std::string("devices '") + devices + "' init " + std::to_string(init));
       const Packed p = make_packed({3, 1, 9, 4}, DType::f32, GateVariant::exp, init, testing::fresh_seed());
       const ForwardResult want = get_kernel("chunkwise--cpu_xl_chunk")->forward(p.in.args(), o);
-      StreamConfig config;
-      config.NH = 2;
-      config.DHQK = 16;
-      config.DHHV = 8;
-      config.options = o;
-      config.devices = devices;
-      StreamSession session(config);
+      StreamSession session(packed_stream_config(o, devices));
       // A streamed sequence first (its last piece's state kept), then sequences 1-3 in one call.
       ForwardArgs first = sequence_slice(packed::sequence(p.args(), 0).inputs, 0, 3);
       if (init) session.start_sequence(State{rows(p.in.c0, 0, 1), rows(p.in.n0, 0, 1), rows(p.in.m0, 0, 1)});
