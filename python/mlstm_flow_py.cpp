@@ -735,6 +735,9 @@ PYBIND11_MODULE(mlstm_flow, m) {
       "      (from the zero state or c0, n0, m0) instead of continuing; a sequence's last piece submitted with\n"
       "      keep_state=True gives its last state as c, n, m = s.take_state(t) once h = s.take(t), without\n"
       "      waiting for later pieces (s.state() waits for every piece)\n"
+      "  h, (c, n, m) = s.forward_sequences(q, k, v, i, f, cu_seqlens, c0=None, n0=None, m0=None)   whole packed\n"
+      "      sequences (B=1) in one call beside the stream, their (N,...) last states; the next piece must\n"
+      "      start_sequence()\n"
       "devices='gpu:all' | 'workers' | 'workers+gpu:all' | ...: the flow graph's stream (a GPU through\n"
       "page-locked staging, overlapped); else kernel= (default 'chunkwise--cpu_xl_chunk').\n"
       "dtype='bfloat16' reads uint16 pieces as bfloat16; c0, n0, m0 give the initial state.")
@@ -814,6 +817,29 @@ PYBIND11_MODULE(mlstm_flow, m) {
             py::gil_scoped_release release;
             s.session->start_sequence(std::move(init));
           },
+          py::arg("c0") = py::none(), py::arg("n0") = py::none(), py::arg("m0") = py::none())
+      .def(
+          "forward_sequences",
+          [](PySession& s, py::object q, py::object k, py::object v, py::object i, py::object f, py::object cu_seqlens,
+             py::object c0, py::object n0, py::object m0) {
+            if (c0.is_none() != n0.is_none() || c0.is_none() != m0.is_none())
+              throw InvalidArgument("c0", "c0, n0 and m0 must be given together");
+            const Loaded l = load(q, k, v, i, f, c0, n0, m0, s.bf16 ? "bfloat16" : "");
+            const std::vector<std::int64_t> offsets = offsets_arg(cu_seqlens);
+            if (offsets.empty()) throw InvalidArgument("cu_seqlens", "forward_sequences takes packed sequences");
+            ForwardArgs args = l.args();
+            args.cu_seqlens = offsets;
+            const ProblemShape p = validate_forward(args, s.session->config().options);
+            py::array h = empty_array({p.B, p.NH, p.S, p.DHHV}, p.dtype);
+            const TensorView hv = out_view(h, "h", {p.B, p.NH, p.S, p.DHHV}, p.dtype);
+            ForwardResult r;
+            {
+              py::gil_scoped_release release;
+              r = s.session->forward_sequences(args, hv);
+            }
+            return py::make_tuple(h, py::make_tuple(to_numpy(r.c), to_numpy(r.n), to_numpy(r.m)));
+          },
+          py::arg("q"), py::arg("k"), py::arg("v"), py::arg("i"), py::arg("f"), py::arg("cu_seqlens"),
           py::arg("c0") = py::none(), py::arg("n0") = py::none(), py::arg("m0") = py::none())
       .def("state",
            [](PySession& s) {

@@ -317,6 +317,24 @@ def check_packed(rng):
             assert str(err).startswith("ticket:"), str(err)
         else:
             raise AssertionError("take_state twice")
+        # Sequences 1.. in one packed call beside the stream (forward_sequences), after sequence 0 streamed: the same
+        # h and last states; the next piece must start a sequence.
+        s = mlstm_flow.Session(NH, DK, DV, devices=devices, chunk_size=16)
+        o1 = int(offsets[1])
+        s.start_sequence(c0[:1], n0[:1], m0[:1])
+        h0 = s.push(*(x[:, :, :o1] for x in (q, k, v, i, f)))
+        rest = (offsets[1:] - o1).astype(np.int64)
+        h_rest, (c_rest, _, m_rest) = s.forward_sequences(*(x[:, :, o1:] for x in (q, k, v, i, f)), rest, c0[1:],
+                                                           n0[1:], m0[1:])
+        assert rel0(np.concatenate([h0, h_rest], axis=2), h_packed) < 1e-4, devices
+        assert rel0(c_rest, c_packed[1:]) < 1e-4 and rel0(m_rest, m_packed[1:]) < 1e-5, devices
+        assert s.tokens == S
+        try:
+            s.push(*(x[:, :, :1] for x in (q, k, v, i, f)))
+        except ValueError as err:
+            assert str(err).startswith("cu_seqlens:"), str(err)
+        else:
+            raise AssertionError("a piece after forward_sequences without start_sequence")
         s.start_sequence()  # the zero state
         assert not s.state()[0].any()
         try:
