@@ -66,12 +66,13 @@ class ResidentPortable final : public ResidentChunkwise {
     // The chunk: the chunk size, or for a sequence shorter than that the sequence rounded up to a power of two (one
     // chunk either way, partial; never past twice the sequence, and 32-bit safe). The programs are specialised by
     // the chunk, so a mix of short sequences builds at most log2(chunk) + 1 of them, not one per length. Packed
-    // sequences run in one call (-DPACKED=1): their chunks restart at every sequence start (packed_tables).
+    // sequences run in one call (-DPACKED=1): their chunks restart at every sequence start (packed_call_tables).
     L_ = static_cast<int>(
         std::min<std::int64_t>(resolved_chunk(dev.info(), p_, o, false),
                                static_cast<std::int64_t>(std::bit_ceil(static_cast<std::uint64_t>(p_.S)))));
-    nchunks_ = packed_ ? packed_tables(a.cu_seqlens, a.has_initial_state(), grads && !grads->dc_last.empty())
-                       : (S_ + L_ - 1) / L_;
+    if (packed_)
+      tables_ = detail::packed_call_tables(a.cu_seqlens, L_, a.has_initial_state(), grads && !grads->dc_last.empty());
+    nchunks_ = packed_ ? tables_.chunks : (S_ + L_ - 1) / L_;
     // The sequence split (shards.hpp) where the state kernels' work-groups (rows x 64 x 64 tiles) leave the device
     // idle: row r, shard p is row r * P + p of Ss_ tokens and NCs_ chunks in the same arrays. Packed rows walk
     // each (row, sequence) apart instead.
@@ -165,9 +166,9 @@ class ResidentPortable final : public ResidentChunkwise {
       m0_ = zeros(last_rows);
     }
     if (packed_) {
-      ctab_ = dev.acquire_upload(ctab_host_.data(), ctab_host_.size() * sizeof(int));
-      stab_ = dev.acquire_upload(stab_host_.data(), stab_host_.size() * sizeof(int));
-      stab_bw_ = dev.acquire_upload(stab_bw_host_.data(), stab_bw_host_.size() * sizeof(int));
+      ctab_ = dev.acquire_upload(tables_.ctab.data(), tables_.ctab.size() * sizeof(int));
+      stab_ = dev.acquire_upload(tables_.stab.data(), tables_.stab.size() * sizeof(int));
+      stab_bw_ = dev.acquire_upload(tables_.stab_bw.data(), tables_.stab_bw.size() * sizeof(int));
     }
     b_ = dev.acquire(4 * tok * fs);  // the log decays in three channels (float4 per token: stages.hpp Decays)
     ig_ = dev.acquire(tok * fs);
@@ -503,17 +504,6 @@ class ResidentPortable final : public ResidentChunkwise {
     const cl_uint after = set_args_from(k.k, device_->name(), next, ctab_);
     if (seg) set_args_from(k.k, device_->name(), after, *seg);
   }
-  // The chunk and segment tables of packed sequences (packed_tables.hpp; mlstm_chunkwise.cl "Chunks of a row"):
-  // chunks of L_ tokens restarting at every sequence start; a segment per sequence (its chunks, its initial state's
-  // row or -1 for the zero state, its last state's row; backward, its last-state gradient's row or -1). Returns the
-  // number of chunks.
-  int packed_tables(std::span<const std::int64_t> offsets, bool initial_states, bool last_state_gradients) {
-    const detail::PackedChunks t = detail::packed_chunks(offsets, L_);
-    ctab_host_ = t.ctab;
-    stab_host_ = t.segment_table([&](int j) { return initial_states ? j : -1; });
-    stab_bw_host_ = t.segment_table([&](int j) { return last_state_gradients ? j : -1; });
-    return t.chunks();
-  }
   const char* outputs_kernel_name() const { return regtiled_outputs_ ? "fw_outputs_regtiled" : "fw_outputs"; }
   void launch(const KernelObject& k, const char* name, cl_uint dims, std::initializer_list<std::size_t> global,
               std::initializer_list<std::size_t> local, std::vector<KernelEvent>* events) {
@@ -542,8 +532,8 @@ class ResidentPortable final : public ResidentChunkwise {
       k_gate_grads_, k_combine_, k_bw_combine_;
   PooledBuffer q_, k_, v_, i_, f_, C0_, n0_, m0_, b_, ig_, G_, Cb_, nb_, mb_, Co_, no_, mo_, carry_, wtok_, h_, mt_,
       Nt_, dent_, dh_, dCl_, dnl_, dden_, dCn_, dnn_, dC0_, dn0_, dm0_, dq_, dk_, dv_, qdq_, kdk_, di_, df_;
-  detail::ShardBuffers sh_;                                // the sequence split's states (P_ > 1)
-  std::vector<int> ctab_host_, stab_host_, stab_bw_host_;  // packed: the chunk and segment tables (packed_tables)
+  detail::ShardBuffers sh_;          // the sequence split's states (P_ > 1)
+  detail::PackedCallTables tables_;  // packed: the chunk and segment tables (kept while the uploads read them)
   PooledBuffer ctab_, stab_, stab_bw_;
 };
 

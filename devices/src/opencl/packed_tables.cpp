@@ -29,4 +29,15 @@ std::vector<int> PackedChunks::segment_table(const std::function<int(int)>& init
   return out;
 }
 
+PackedCallTables packed_call_tables(std::span<const std::int64_t> offsets, int L, bool initial_states,
+                                    bool last_state_gradients) {
+  const PackedChunks t = packed_chunks(offsets, L);
+  PackedCallTables out;
+  out.ctab = t.ctab;
+  out.stab = t.segment_table([&](int j) { return initial_states ? j : -1; });
+  out.stab_bw = t.segment_table([&](int j) { return last_state_gradients ? j : -1; });
+  out.chunks = t.chunks();
+  return out;
+}
+
 }  // namespace mlstm::opencl::detail

@@ -23,4 +23,15 @@ struct PackedChunks {
 };
 PackedChunks packed_chunks(std::span<const std::int64_t> bounds, int L);
 
+// The tables of one packed call (a row of sequences at `offsets`, chunks of L): the chunk table, the forward's segment
+// table (each sequence's initial-state row, or -1 without initial states) and the backward's (its last-state
+// gradient's row, or -1 without them). Shared by the tensor-core and portable routines, which keep them while their
+// uploads may read them.
+struct PackedCallTables {
+  std::vector<int> ctab, stab, stab_bw;
+  int chunks = 0;
+};
+PackedCallTables packed_call_tables(std::span<const std::int64_t> offsets, int L, bool initial_states,
+                                    bool last_state_gradients);
+
 }  // namespace mlstm::opencl::detail

@@ -54,7 +54,9 @@ class ResidentTensorCore final : public ResidentChunkwise {
       // Chunks restart at every sequence start, and every sequence's states pass is a work-group of its own
       // (tc_common.cl CHUNK_START, tc_states.cl PACKED): no sequence split, the sequences are the parallel work.
       cfg_.base += " -DPACKED=1";
-      NC_ = packed_tables(a.cu_seqlens, a.has_initial_state(), grads && !grads->dc_last.empty());
+      tables_ =
+          detail::packed_call_tables(a.cu_seqlens, cfg_.L, a.has_initial_state(), grads && !grads->dc_last.empty());
+      NC_ = tables_.chunks;
       P_ = 1;
     } else {
       NC_ = (S_ + cfg_.L - 1) / cfg_.L;
@@ -159,9 +161,9 @@ class ResidentTensorCore final : public ResidentChunkwise {
     n_last_ = f32buf(last_rows * static_cast<std::size_t>(K));
     m_last_ = f32buf(last_rows);
     if (shape_.packed()) {
-      ctab_ = dev.acquire_upload(ctab_host_.data(), ctab_host_.size() * sizeof(int));
-      stab_ = dev.acquire_upload(stab_host_.data(), stab_host_.size() * sizeof(int));
-      stab_bw_ = dev.acquire_upload(stab_bw_host_.data(), stab_bw_host_.size() * sizeof(int));
+      ctab_ = dev.acquire_upload(tables_.ctab.data(), tables_.ctab.size() * sizeof(int));
+      stab_ = dev.acquire_upload(tables_.stab.data(), tables_.stab.size() * sizeof(int));
+      stab_bw_ = dev.acquire_upload(tables_.stab_bw.data(), tables_.stab_bw.size() * sizeof(int));
     }
     h_ = dev.acquire(tok * V * 2);
     Nt_ = f32buf(tok);
@@ -444,25 +446,13 @@ class ResidentTensorCore final : public ResidentChunkwise {
   void with_tables(const KernelObject& k, cl_uint next) const {
     if (shape_.packed()) set_args_from(k.k, device_->name(), next, ctab_);
   }
-  // The chunk and segment tables of packed sequences (tc_common.cl CHUNK_START, tc_states.cl PACKED): chunks of
-  // L tokens restarting at every sequence start, the m slot of chunk c being c + its sequence's index; a segment
-  // per sequence (its chunks, its initial state's row or -1 for the zero state, its last state's row). Returns
-  // the number of chunks.
-  int packed_tables(std::span<const std::int64_t> offsets, bool initial_states, bool last_state_gradients) {
-    const detail::PackedChunks t = detail::packed_chunks(offsets, cfg_.L);
-    ctab_host_ = t.ctab;
-    stab_host_ = t.segment_table([&](int j) { return initial_states ? j : -1; });
-    // The backward's: from the sequence's last-state gradient (or zero) to its initial state's.
-    stab_bw_host_ = t.segment_table([&](int j) { return last_state_gradients ? j : -1; });
-    return t.chunks();
-  }
 
   std::shared_ptr<Device> device_;
   MlstmOptions options_;
   ProblemShape shape_;
   TcConfig cfg_;
   int rows_ = 0, S_ = 0, NC_ = 0, has_init_ = 0, has_dlast_ = 0;
-  std::vector<int> ctab_host_, stab_host_, stab_bw_host_;  // packed: the chunk and segment tables (packed_tables)
+  detail::PackedCallTables tables_;  // packed: the chunk and segment tables (kept while the uploads read them)
   PooledBuffer ctab_, stab_, stab_bw_;
   int P_ = 1, R_ = 0, Ss_ = 0, NCs_ = 0;  // shards per row, shard rows, tokens and chunks per shard
   bool has_grads_ = false, forward_done_ = false, skip_outputs_ = false, segment_ = false;
