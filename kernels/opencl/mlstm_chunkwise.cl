@@ -60,7 +60,7 @@ inline void st(__global in_t* p, size_t idx, float x) {
 // last-state gradient) or -1 for the zero state, the row of its last state (backward: of its initial state's
 // gradient)) and walk once per (row, sequence), the sequences being the launch's last dimension; a sequence's
 // state rows are sequence * rows + row ((N, NH, ...) for B = 1). The per-token kernels (fw_outputs, bw_grads) take
-// nchunks * CHUNK work-groups, chunk by chunk, instead of one per token.
+// nchunks * CHUNK work-groups, CHUNK a chunk (those past a short chunk's end return), packed or not.
 #ifndef PACKED
 #define PACKED 0
 #endif
@@ -376,12 +376,8 @@ __kernel void fw_outputs(__global const in_t* q, __global const in_t* k, __globa
   __local float red[256];
   const int row = get_group_id(1);
   const int lid = get_local_id(0), lsz = get_local_size(0);
-#if PACKED
   const int c = get_group_id(0) / CHUNK, t0 = CHUNK_T0(c), t = t0 + get_group_id(0) % CHUNK;
   if (t >= CHUNK_T1(c)) return;  // past a short chunk: the whole group
-#else
-  const int t = get_group_id(0), c = t / CHUNK, t0 = c * CHUNK;
-#endif
   const size_t gbase = (size_t)row * S;
   const size_t bidx = (size_t)row * nchunks + c;
   const float scale = rsqrt((float)DHQK);
@@ -727,12 +723,8 @@ __kernel void bw_grads(__global const in_t* q, __global const in_t* k, __global 
   __local float red[256];
   const int row = get_group_id(1);
   const int lid = get_local_id(0), lsz = get_local_size(0);
-#if PACKED
   const int c = get_group_id(0) / CHUNK, t0 = CHUNK_T0(c), t1 = CHUNK_T1(c), tau = t0 + get_group_id(0) % CHUNK;
   if (tau >= t1) return;  // past a short chunk: the whole group
-#else
-  const int tau = get_group_id(0), c = tau / CHUNK, t0 = c * CHUNK, t1 = min(S, t0 + CHUNK);
-#endif
   const size_t gbase = (size_t)row * S, g = gbase + tau;
   const size_t bidx = (size_t)row * nchunks + c;
   const float scale = rsqrt((float)DHQK);

@@ -493,11 +493,9 @@ class ResidentPortable final : public ResidentChunkwise {
   }
   // The walks of the state kernels per row: one per packed sequence (1 unpacked).
   std::size_t sequences() const { return packed_ ? static_cast<std::size_t>(p_.N) : 1; }
-  // Work-groups of the per-token kernels (fw_outputs, bw_grads) per row: one per token, packed CHUNK per chunk
-  // (mlstm_chunkwise.cl "Chunks of a row").
-  std::size_t token_groups() const {
-    return packed_ ? static_cast<std::size_t>(nchunks_) * static_cast<std::size_t>(L_) : static_cast<std::size_t>(Ss_);
-  }
+  // Work-groups of the per-token kernels (fw_outputs, bw_grads) per (shard) row: CHUNK a chunk (mlstm_chunkwise.cl
+  // "Chunks of a row").
+  std::size_t token_groups() const { return static_cast<std::size_t>(NCs_) * static_cast<std::size_t>(L_); }
   // Packed: the chunk table (and the segment table `seg`) after a kernel's own arguments (from index `next`).
   void with_tables(const KernelObject& k, cl_uint next, const PooledBuffer* seg = nullptr) const {
     if (!packed_) return;
