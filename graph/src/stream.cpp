@@ -125,13 +125,17 @@ const std::string& StreamSession::recorded_kernel() const noexcept {
   return runner_ ? graph : config_.kernel;
 }
 
+void StreamSession::check_rows(const ForwardArgs& a) const {
+  check_dims(a.q, 4, "q", "(B,NH,S,DHQK)");
+  check_shape(a.q, {config_.B, config_.NH, a.q.dim(2), config_.DHQK}, "q",
+              "(B,NH,S,DHQK) with the stream's B, NH, DHQK");
+}
+
 ForwardArgs StreamSession::with_state(const ForwardArgs& piece, const State& state) const {
   if (piece.has_initial_state() || !piece.n0.empty() || !piece.m0.empty()) {
     throw InvalidArgument("c0", "a stream carries its own state; pass pieces without c0/n0/m0");
   }
-  check_dims(piece.q, 4, "q", "(B,NH,S,DHQK)");
-  const Shape want_q{config_.B, config_.NH, piece.q.dim(2), config_.DHQK};
-  check_shape(piece.q, want_q, "q", "(B,NH,S,DHQK) with the stream's B, NH, DHQK");
+  check_rows(piece);
   ForwardArgs a = piece;
   a.c0 = state.C.view();
   a.n0 = state.n.view();
@@ -206,19 +210,17 @@ Tensor StreamSession::take(std::uint64_t ticket) {
 
 ForwardResult StreamSession::forward_sequences(const ForwardArgs& a, TensorView h) {
   if (!a.packed()) throw InvalidArgument("cu_seqlens", "forward_sequences takes packed sequences (B = 1, N >= 1)");
-  check_dims(a.q, 4, "q", "(B,NH,S,DHQK)");
-  check_shape(a.q, {config_.B, config_.NH, a.q.dim(2), config_.DHQK}, "q",
-              "(B,NH,S,DHQK) with the stream's B, NH, DHQK");
-  ProblemShape shape = validate_forward(a, config_.options);
-  shape.N = 0;  // the session's problem: its rows, unpacked
-  resolve_chunk(shape);
+  check_rows(a);
+  const ProblemShape p = validate_forward(a, config_.options);
+  ProblemShape rows = p;
+  rows.N = 0;  // the session's problem: its rows, unpacked
+  resolve_chunk(rows);
   MlstmOptions o = config_.options;
   o.return_last_states = true;
   ForwardResult r;
   if (runner_) {
     r = runner_->forward_into(h, a, o);
   } else {
-    const ProblemShape p = validate_forward(a, o);
     check_output_rows(h, {p.B, p.NH, p.S, p.DHHV}, p.dtype, "h");
     r = kernel_->forward(a, o);
     copy_piece_rows(r.h.view(), h);

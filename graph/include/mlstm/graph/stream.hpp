@@ -124,6 +124,7 @@ class StreamSession {
   const std::string& recorded_kernel() const noexcept;  // the kernel name snapshots record
   State checked_state(State s) const;  // shapes of the config (InvalidArgument naming C, n or m), float32
   SequenceStream& stream_of(std::uint64_t ticket) const;  // the open stream; InvalidArgument("ticket") before it
+  void check_rows(const ForwardArgs& a) const;  // q (B,NH,S,DHQK) of the stream's B, NH, DHQK (InvalidArgument "q")
   ForwardArgs with_state(const ForwardArgs& piece, const State& state) const;  // checked piece + entering state
   void resolve_chunk(const ProblemShape& shape);  // config_.options.chunk_size: kAutoChunk resolved for `shape`
   std::unique_ptr<SequenceKernel> kernel_;
