@@ -546,19 +546,18 @@ std::uint64_t DeviceStream::enqueue_piece(const detail::HostRows* direct, const 
     // the caller's views. (Read into the caller's ordinary memory, 3 reads a sequence stalled the submitting thread.)
     cl_event last_down = nullptr;
     const std::size_t M = static_cast<std::size_t>(config_.max_segments), k0 = ended.front(), k1 = ended.back() + 1;
+    auto state_part = [&](std::size_t k, std::size_t j) -> const TensorView& {  // C, n or m of segment k's state
+      return j == 0 ? segments[k].c_out : j == 1 ? segments[k].n_out : segments[k].m_out;
+    };
     std::size_t base = 0;
     for (std::size_t j = 0; j < 3; ++j) {
-      const TensorView& first = j == 0 ? segments[k0].c_out : j == 1 ? segments[k0].n_out : segments[k0].m_out;
-      const std::size_t bytes = first.nbytes();
+      const std::size_t bytes = state_part(k0, j).nbytes();
       const cl_int err =
           clEnqueueReadBuffer(im.down, s.last[j].get(), CL_FALSE, k0 * bytes, (k1 - k0) * bytes,
                               s.host_last + base + k0 * bytes, 1, &after_compute, j == 2 ? &last_down : nullptr);
       if (err != CL_SUCCESS) release_event(last_down);
       check(err, "clEnqueueReadBuffer(stream sequences' last states)", dn);
-      for (const std::size_t k : ended) {
-        const TensorView& to = j == 0 ? segments[k].c_out : j == 1 ? segments[k].n_out : segments[k].m_out;
-        s.last_to.emplace_back(base + k * bytes, to);
-      }
+      for (const std::size_t k : ended) s.last_to.emplace_back(base + k * bytes, state_part(k, j));
       base += M * bytes;
     }
     release_event(down);
