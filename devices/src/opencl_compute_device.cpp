@@ -52,6 +52,18 @@ std::int64_t backward_run_pieces(const ProblemShape& p, std::uint64_t device_mem
       std::max<std::uint64_t>(1, device_memory / 8 / std::max<std::size_t>(1, state_bytes(p))));
 }
 
+// How a pinned stream's pieces travel before its page-locked staging is ready (DeviceStream::Config::staging):
+// MLSTM_STREAM_STAGING=automatic|page_locked|pageable, automatic by default.
+opencl::DeviceStream::Config::Staging stream_staging() {
+  using Staging = opencl::DeviceStream::Config::Staging;
+  const auto v = env::get("MLSTM_STREAM_STAGING");
+  if (!v || *v == "automatic") return Staging::automatic;
+  if (*v == "page_locked") return Staging::page_locked;
+  if (*v == "pageable") return Staging::pageable;
+  spdlog::warn("mlstm-flow: MLSTM_STREAM_STAGING='{}' is not automatic, page_locked or pageable; ignored", *v);
+  return Staging::automatic;
+}
+
 std::int64_t stream_piece_tokens(const ProblemShape& p, const MlstmOptions& o) {
   const std::int64_t L = chunk_of(o);
   if (const auto v = env::get("MLSTM_STREAM_PIECE")) {
@@ -342,6 +354,7 @@ class OpenCLComputeDevice final : public ComputeDevice {
     c.dtype = piece.dtype;
     c.options = o;
     c.emulate = emulate_;
+    c.staging = stream_staging();
     return c;
   }
 
@@ -634,7 +647,7 @@ class OpenCLComputeDevice final : public ComputeDevice {
   static bool same_stream_config(const opencl::DeviceStream::Config& x, const opencl::DeviceStream::Config& y) {
     return x.B == y.B && x.NH == y.NH && x.DHQK == y.DHQK && x.DHHV == y.DHHV && x.max_piece == y.max_piece &&
            x.dtype == y.dtype && same_options(x.options, y.options) && x.emulate == y.emulate &&
-           x.compute == y.compute && x.max_segments == y.max_segments;
+           x.compute == y.compute && x.max_segments == y.max_segments && x.staging == y.staging;
   }
   // The sequences a piece of a packed stream holds at most: their initial and last states (one buffer of each, and
   // one per stream slot) within 64 MiB each, 64 at most.

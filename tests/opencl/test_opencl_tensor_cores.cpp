@@ -699,6 +699,8 @@ opencl::DeviceStream::Config stream_config(std::int64_t B, bool emulate) {
   return cfg;
 }
 
+// Each way of staging (Config::staging) gives the same bits: page-locked, ordinary memory throughout, and the
+// automatic switch from one to the other (whose pieces take either way, depending on when the page-locking ends).
 TEST(DeviceStream, PiecesOfAnyLengthEqualOneCall) {
   REQUIRE_OPENCL();
   const auto dev = first_device();
@@ -707,66 +709,82 @@ TEST(DeviceStream, PiecesOfAnyLengthEqualOneCall) {
   const auto in = testing::make_inputs(s, testing::fresh_seed());
   MlstmOptions o;
   const auto ref = reference::recurrent_forward(in.args(), o);
-  opencl::DeviceStream::Config cfg = stream_config(1, emulate);
-  opencl::DeviceStream stream(dev, cfg, in.c0.view(), in.n0.view(), in.m0.view());
-  const std::vector<std::int64_t> cuts{0, 37, 100, 164, 165, 230, 300};  // 6 pieces over 3 slots
-  std::vector<std::uint64_t> tickets;
-  auto cut = [&](const Tensor& t, std::int64_t a, std::int64_t b) {
-    if (t.dims() == 3)
-      return testing::slice_seq(t.reshaped({t.dim(0), t.dim(1), t.dim(2), 1}), a, b)
-          .reshaped({t.dim(0), t.dim(1), b - a});
-    return testing::slice_seq(t, a, b);
-  };
-  for (std::size_t j = 0; j + 1 < cuts.size(); ++j) {
-    const std::int64_t a = cuts[j], b = cuts[j + 1];
-    const Tensor q = cut(in.q, a, b), k = cut(in.k, a, b), v = cut(in.v, a, b), i = cut(in.i, a, b),
-                 f = cut(in.f, a, b);
-    if (j % 2 == 0) {
-      ForwardArgs piece;
-      piece.q = q.view();
-      piece.k = k.view();
-      piece.v = v.view();
-      piece.i = i.view();
-      piece.f = f.view();
-      tickets.push_back(stream.push(piece));
-    } else {  // fill the pinned staging in place
-      auto slot = stream.next_piece(b - a);
-      std::memcpy(slot.q.bytes(), q.bytes(), q.nbytes());
-      std::memcpy(slot.k.bytes(), k.bytes(), k.nbytes());
-      std::memcpy(slot.v.bytes(), v.bytes(), v.nbytes());
-      std::memcpy(slot.i.bytes(), i.bytes(), i.nbytes());
-      std::memcpy(slot.f.bytes(), f.bytes(), f.nbytes());
-      tickets.push_back(stream.submit());
+  using Staging = opencl::DeviceStream::Config::Staging;
+  std::optional<Tensor> first_h;
+  for (const Staging staging : {Staging::page_locked, Staging::pageable, Staging::automatic}) {
+    SCOPED_TRACE("staging " + std::to_string(static_cast<int>(staging)));
+    opencl::DeviceStream::Config cfg = stream_config(1, emulate);
+    cfg.staging = staging;
+    opencl::DeviceStream stream(dev, cfg, in.c0.view(), in.n0.view(), in.m0.view());
+    const std::vector<std::int64_t> cuts{0, 37, 100, 164, 165, 230, 300};  // 6 pieces over 3 slots
+    std::vector<std::uint64_t> tickets;
+    auto cut = [&](const Tensor& t, std::int64_t a, std::int64_t b) {
+      if (t.dims() == 3)
+        return testing::slice_seq(t.reshaped({t.dim(0), t.dim(1), t.dim(2), 1}), a, b)
+            .reshaped({t.dim(0), t.dim(1), b - a});
+      return testing::slice_seq(t, a, b);
+    };
+    for (std::size_t j = 0; j + 1 < cuts.size(); ++j) {
+      const std::int64_t a = cuts[j], b = cuts[j + 1];
+      const Tensor q = cut(in.q, a, b), k = cut(in.k, a, b), v = cut(in.v, a, b), i = cut(in.i, a, b),
+                   f = cut(in.f, a, b);
+      if (j % 2 == 0) {
+        ForwardArgs piece;
+        piece.q = q.view();
+        piece.k = k.view();
+        piece.v = v.view();
+        piece.i = i.view();
+        piece.f = f.view();
+        tickets.push_back(stream.push(piece));
+      } else {  // fill the pinned staging in place
+        auto slot = stream.next_piece(b - a);
+        std::memcpy(slot.q.bytes(), q.bytes(), q.nbytes());
+        std::memcpy(slot.k.bytes(), k.bytes(), k.nbytes());
+        std::memcpy(slot.v.bytes(), v.bytes(), v.nbytes());
+        std::memcpy(slot.i.bytes(), i.bytes(), i.nbytes());
+        std::memcpy(slot.f.bytes(), f.bytes(), f.nbytes());
+        tickets.push_back(stream.submit());
+      }
     }
-  }
-  EXPECT_EQ(stream.tokens(), 300);
-  std::vector<Tensor> hs(tickets.size());
-  hs.back() = Tensor::copy_of(stream.view(tickets.back()));    // zero-copy view of the last piece
-  EXPECT_THROW(stream.view(tickets.back()), InvalidArgument);  // once per ticket
-  EXPECT_THROW(stream.view(tickets[0]), InvalidArgument);      // its slot was reused: copied aside, take() it
-  for (std::size_t j = tickets.size() - 1; j-- > 0;) hs[j] = stream.take(tickets[j]);  // reverse order
-  Tensor h = hs[0];
-  for (std::size_t j = 1; j < hs.size(); ++j) h = testing::concat_seq(h, hs[j]);
-  EXPECT_TRUE(testing::matches(h, ref.h, 2e-2, "DeviceStream", "h", s));
-  Tensor C, n, m;
-  stream.read_state(C, n, m);
-  EXPECT_TRUE(testing::matches(C, ref.c, 2e-2, "DeviceStream", "c", s));
-  EXPECT_TRUE(testing::matches(n, ref.n, 2e-2, "DeviceStream", "n", s));
-  EXPECT_TRUE(testing::matches(m, ref.m, 1e-5, "DeviceStream", "m", s));
-  EXPECT_THROW(stream.take(tickets[0]), InvalidArgument);
-  EXPECT_THROW(stream.next_piece(101), InvalidArgument);
-  ForwardArgs wrong = in.args();
-  EXPECT_THROW(stream.push(wrong), InvalidArgument);  // carries c0: refused
+    EXPECT_EQ(stream.tokens(), 300);
+    std::vector<Tensor> hs(tickets.size());
+    hs.back() = Tensor::copy_of(stream.view(tickets.back()));    // zero-copy view of the last piece
+    EXPECT_THROW(stream.view(tickets.back()), InvalidArgument);  // once per ticket
+    EXPECT_THROW(stream.view(tickets[0]), InvalidArgument);      // its slot was reused: copied aside, take() it
+    for (std::size_t j = tickets.size() - 1; j-- > 0;) hs[j] = stream.take(tickets[j]);  // reverse order
+    Tensor h = hs[0];
+    for (std::size_t j = 1; j < hs.size(); ++j) h = testing::concat_seq(h, hs[j]);
+    EXPECT_TRUE(testing::matches(h, ref.h, 2e-2, "DeviceStream", "h", s));
+    if (!first_h) {
+      first_h = h;
+    } else {
+      EXPECT_EQ(std::memcmp(h.bytes(), first_h->bytes(), h.nbytes()), 0) << "staged another way, other bits";
+    }
+    if (staging == Staging::page_locked) {
+      EXPECT_EQ(stream.pageable_pieces(), 0u);
+    } else if (staging == Staging::pageable) {
+      EXPECT_EQ(stream.pageable_pieces(), 6u);
+    }
+    Tensor C, n, m;
+    stream.read_state(C, n, m);
+    EXPECT_TRUE(testing::matches(C, ref.c, 2e-2, "DeviceStream", "c", s));
+    EXPECT_TRUE(testing::matches(n, ref.n, 2e-2, "DeviceStream", "n", s));
+    EXPECT_TRUE(testing::matches(m, ref.m, 1e-5, "DeviceStream", "m", s));
+    EXPECT_THROW(stream.take(tickets[0]), InvalidArgument);
+    EXPECT_THROW(stream.next_piece(101), InvalidArgument);
+    ForwardArgs wrong = in.args();
+    EXPECT_THROW(stream.push(wrong), InvalidArgument);  // carries c0: refused
 
-  cfg.compute = false;
-  opencl::DeviceStream transfers(dev, cfg);
-  for (int j = 0; j < 4; ++j) {
-    transfers.next_piece(100);
-    transfers.submit();
+    cfg.compute = false;
+    opencl::DeviceStream transfers(dev, cfg);
+    for (int j = 0; j < 4; ++j) {
+      transfers.next_piece(100);
+      transfers.submit();
+    }
+    transfers.finish();
+    EXPECT_EQ(transfers.bytes_up(), stream.bytes_up() / 300 * 400);
+    EXPECT_EQ(transfers.bytes_down(), 4u * 100u * 2u * 32u * 2u);
   }
-  transfers.finish();
-  EXPECT_EQ(transfers.bytes_up(), stream.bytes_up() / 300 * 400);
-  EXPECT_EQ(transfers.bytes_down(), 4u * 100u * 2u * 32u * 2u);
 }
 
 // A stream of packed sequences (Config::max_segments): pieces cut anywhere, each described by set_segments (a
@@ -784,9 +802,14 @@ TEST(DeviceStream, PackedSegmentsFollowTheRecurrenceAndAreChecked) {
   opencl::DeviceStream::Config cfg = stream_config(1, emulate);
   cfg.max_segments = 3;
   opencl::DeviceStream stream(dev, cfg);
+  cfg.staging = opencl::DeviceStream::Config::Staging::pageable;  // the last states come down to ordinary memory
+  opencl::DeviceStream ordinary(dev, cfg);
   const std::int64_t N = 5;
   Tensor C({N, 2, 32, 32}, DType::f32), n({N, 2, 32}, DType::f32), m({N, 2}, DType::f32);
-  for (const bool initial : {true, false}) {  // every sequence from its initial state, or from the zero state
+  // Every sequence from its initial state, or from the zero state; page-locked (or automatic), or in ordinary memory.
+  for (const auto& [initial, through] :
+       {std::pair{true, &stream}, std::pair{false, &stream}, std::pair{true, &ordinary}, std::pair{false, &ordinary}}) {
+    opencl::DeviceStream& stream = *through;
     ForwardArgs a = p.in.args();
     if (!initial) a.c0 = a.n0 = a.m0 = {};
     const auto want = reference::recurrent_forward(a, o);
@@ -875,74 +898,81 @@ TEST(DeviceStream, PinnedInputsAreUploadedWhereTheyLie) {
   EXPECT_FALSE(dev->pinned(q.bytes() + 10, q.nbytes())) << "past its end";
   EXPECT_FALSE(dev->pinned(in.q.bytes(), in.q.nbytes()));
   opencl::DeviceStream::Config cfg = stream_config(2, emulate);
-  const std::vector<std::int64_t> cuts{0, 100, 101, 190, 260};
-  // One stream over the pieces of (q, k, v, i, f); h concatenated, then the state.
-  // h goes to `h_dest` (pinned: downloaded there) when given, and is taken there.
-  auto run = [&](const Tensor& q_, const Tensor& k_, const Tensor& v_, const Tensor& i_, const Tensor& f_, bool outlive,
-                 std::uint64_t& direct, Tensor* h_dest = nullptr) {
-    opencl::DeviceStream stream(dev, cfg);
-    Tensor h = h_dest ? std::move(*h_dest) : Tensor({2, 2, 260, 32}, DType::bf16);
-    std::vector<std::uint64_t> tickets;
-    for (std::size_t j = 0; j + 1 < cuts.size(); ++j) {
-      ForwardArgs whole;
-      whole.q = q_.view();
-      whole.k = k_.view();
-      whole.v = v_.view();
-      whole.i = i_.view();
-      whole.f = f_.view();
-      tickets.push_back(stream.push(sequence_slice(whole, cuts[j], cuts[j + 1]), outlive,
-                                    h_dest ? sequence_slice(h.view(), cuts[j], cuts[j + 1]) : TensorView()));
+  // Page-locked staging, and ordinary memory throughout (Config::staging: the inputs then go up from where they
+  // lie wherever that is, and h is read into h_dest when it is taken).
+  using Staging = opencl::DeviceStream::Config::Staging;
+  for (const Staging staging : {Staging::page_locked, Staging::pageable}) {
+    SCOPED_TRACE(staging == Staging::pageable ? "pageable" : "page-locked");
+    cfg.staging = staging;
+    const std::vector<std::int64_t> cuts{0, 100, 101, 190, 260};
+    // One stream over the pieces of (q, k, v, i, f); h concatenated, then the state.
+    // h goes to `h_dest` (pinned: downloaded there) when given, and is taken there.
+    auto run = [&](const Tensor& q_, const Tensor& k_, const Tensor& v_, const Tensor& i_, const Tensor& f_,
+                   bool outlive, std::uint64_t& direct, Tensor* h_dest = nullptr) {
+      opencl::DeviceStream stream(dev, cfg);
+      Tensor h = h_dest ? std::move(*h_dest) : Tensor({2, 2, 260, 32}, DType::bf16);
+      std::vector<std::uint64_t> tickets;
+      for (std::size_t j = 0; j + 1 < cuts.size(); ++j) {
+        ForwardArgs whole;
+        whole.q = q_.view();
+        whole.k = k_.view();
+        whole.v = v_.view();
+        whole.i = i_.view();
+        whole.f = f_.view();
+        tickets.push_back(stream.push(sequence_slice(whole, cuts[j], cuts[j + 1]), outlive,
+                                      h_dest ? sequence_slice(h.view(), cuts[j], cuts[j + 1]) : TensorView()));
+      }
+      // (The first piece's slot turns over before it is taken: its h is set aside, or stays where it went.)
+      for (std::size_t j = 0; j < tickets.size(); ++j)
+        stream.take_into(tickets[j], sequence_slice(h.view(), cuts[j], cuts[j + 1]));
+      EXPECT_EQ(stream.bytes_direct_down(), h_dest && dev->pinned(h.bytes(), h.nbytes()) ? h.nbytes() : 0u);
+      ForwardResult r;
+      r.h = std::move(h);
+      stream.read_state(r.c, r.n, r.m);
+      direct = stream.bytes_direct();
+      EXPECT_EQ(stream.bytes_up(), static_cast<std::uint64_t>(2 * 2 * 260 * (3 * 32 * 2 + 2 * 4)));
+      return r;
+    };
+    auto same = [](const Tensor& a, const Tensor& b) {
+      return a.shape() == b.shape() && std::memcmp(a.bytes(), b.bytes(), a.nbytes()) == 0;
+    };
+    std::uint64_t direct = 0;
+    const ForwardResult staged = run(in.q, in.k, in.v, in.i, in.f, false, direct);
+    EXPECT_EQ(direct, 0u);
+    const MlstmOptions o;
+    EXPECT_TRUE(testing::matches(staged.h, reference::recurrent_forward(in.args(), o).h, 2e-2, "DeviceStream", "h", s));
+    const std::uint64_t before = dev->direct_upload_bytes();
+    for (const bool outlive : {false, true}) {
+      const ForwardResult pinned = run(q, k, v, i, f, outlive, direct);
+      EXPECT_EQ(direct, static_cast<std::uint64_t>(2 * 2 * 260 * (3 * 32 * 2 + 2 * 4)));
+      EXPECT_TRUE(same(pinned.h, staged.h) && same(pinned.c, staged.c) && same(pinned.n, staged.n) &&
+                  same(pinned.m, staged.m))
+          << "pinned inputs (outlive=" << outlive << ") give what the staging gives";
     }
-    // (The first piece's slot turns over before it is taken: its h is set aside, or stays where it went.)
-    for (std::size_t j = 0; j < tickets.size(); ++j)
-      stream.take_into(tickets[j], sequence_slice(h.view(), cuts[j], cuts[j + 1]));
-    EXPECT_EQ(stream.bytes_direct_down(), h_dest && dev->pinned(h.bytes(), h.nbytes()) ? h.nbytes() : 0u);
-    ForwardResult r;
-    r.h = std::move(h);
-    stream.read_state(r.c, r.n, r.m);
-    direct = stream.bytes_direct();
-    EXPECT_EQ(stream.bytes_up(), static_cast<std::uint64_t>(2 * 2 * 260 * (3 * 32 * 2 + 2 * 4)));
-    return r;
-  };
-  auto same = [](const Tensor& a, const Tensor& b) {
-    return a.shape() == b.shape() && std::memcmp(a.bytes(), b.bytes(), a.nbytes()) == 0;
-  };
-  std::uint64_t direct = 0;
-  const ForwardResult staged = run(in.q, in.k, in.v, in.i, in.f, false, direct);
-  EXPECT_EQ(direct, 0u);
-  const MlstmOptions o;
-  EXPECT_TRUE(testing::matches(staged.h, reference::recurrent_forward(in.args(), o).h, 2e-2, "DeviceStream", "h", s));
-  const std::uint64_t before = dev->direct_upload_bytes();
-  for (const bool outlive : {false, true}) {
-    const ForwardResult pinned = run(q, k, v, i, f, outlive, direct);
-    EXPECT_EQ(direct, static_cast<std::uint64_t>(2 * 2 * 260 * (3 * 32 * 2 + 2 * 4)));
-    EXPECT_TRUE(same(pinned.h, staged.h) && same(pinned.c, staged.c) && same(pinned.n, staged.n) &&
-                same(pinned.m, staged.m))
-        << "pinned inputs (outlive=" << outlive << ") give what the staging gives";
-  }
-  EXPECT_EQ(dev->direct_upload_bytes() - before, 2u * static_cast<std::uint64_t>(2 * 2 * 260 * (3 * 32 * 2 + 2 * 4)));
-  {  // h downloaded straight into page-locked memory; an h_dest in ordinary memory goes through the staging
-    Tensor h_pinned = dev->pinned_tensor({2, 2, 260, 32}, DType::bf16), h_plain({2, 2, 260, 32}, DType::bf16);
-    const ForwardResult into_pinned = run(q, k, v, i, f, true, direct, &h_pinned);
-    const ForwardResult into_plain = run(q, k, v, i, f, true, direct, &h_plain);
-    EXPECT_TRUE(dev->pinned(into_pinned.h.bytes(), into_pinned.h.nbytes()));
-    EXPECT_TRUE(same(into_pinned.h, staged.h) && same(into_plain.h, staged.h) && same(into_pinned.c, staged.c));
-  }
-  const ForwardResult mixed = run(q, in.k, v, in.i, f, false, direct);  // k and i in ordinary memory
-  EXPECT_EQ(direct, static_cast<std::uint64_t>(2 * 2 * 260 * (2 * 32 * 2 + 4)));
-  EXPECT_TRUE(same(mixed.h, staged.h));
-  {  // a whole contiguous pinned piece: one plain copy per input
-    const Tensor q1 = pin(testing::slice_seq(in.q, 0, 100)), k1 = pin(testing::slice_seq(in.k, 0, 100)),
-                 v1 = pin(testing::slice_seq(in.v, 0, 100));
-    const ForwardArgs whole = in.args();
-    ForwardArgs first = sequence_slice(whole, 0, 100);
-    first.q = q1.view();
-    first.k = k1.view();
-    first.v = v1.view();
-    opencl::DeviceStream a(dev, cfg), b(dev, cfg);
-    const Tensor ha = a.take(a.push(first)), hb = b.take(b.push(sequence_slice(whole, 0, 100)));
-    EXPECT_EQ(a.bytes_direct(), static_cast<std::uint64_t>(2 * 2 * 100 * 3 * 32 * 2));
-    EXPECT_TRUE(same(ha, hb));
+    EXPECT_EQ(dev->direct_upload_bytes() - before, 2u * static_cast<std::uint64_t>(2 * 2 * 260 * (3 * 32 * 2 + 2 * 4)));
+    {  // h downloaded straight into page-locked memory; an h_dest in ordinary memory goes through the staging
+      Tensor h_pinned = dev->pinned_tensor({2, 2, 260, 32}, DType::bf16), h_plain({2, 2, 260, 32}, DType::bf16);
+      const ForwardResult into_pinned = run(q, k, v, i, f, true, direct, &h_pinned);
+      const ForwardResult into_plain = run(q, k, v, i, f, true, direct, &h_plain);
+      EXPECT_TRUE(dev->pinned(into_pinned.h.bytes(), into_pinned.h.nbytes()));
+      EXPECT_TRUE(same(into_pinned.h, staged.h) && same(into_plain.h, staged.h) && same(into_pinned.c, staged.c));
+    }
+    const ForwardResult mixed = run(q, in.k, v, in.i, f, false, direct);  // k and i in ordinary memory
+    EXPECT_EQ(direct, static_cast<std::uint64_t>(2 * 2 * 260 * (2 * 32 * 2 + 4)));
+    EXPECT_TRUE(same(mixed.h, staged.h));
+    {  // a whole contiguous pinned piece: one plain copy per input
+      const Tensor q1 = pin(testing::slice_seq(in.q, 0, 100)), k1 = pin(testing::slice_seq(in.k, 0, 100)),
+                   v1 = pin(testing::slice_seq(in.v, 0, 100));
+      const ForwardArgs whole = in.args();
+      ForwardArgs first = sequence_slice(whole, 0, 100);
+      first.q = q1.view();
+      first.k = k1.view();
+      first.v = v1.view();
+      opencl::DeviceStream a(dev, cfg), b(dev, cfg);
+      const Tensor ha = a.take(a.push(first)), hb = b.take(b.push(sequence_slice(whole, 0, 100)));
+      EXPECT_EQ(a.bytes_direct(), static_cast<std::uint64_t>(2 * 2 * 100 * 3 * 32 * 2));
+      EXPECT_TRUE(same(ha, hb));
+    }
   }
   const std::byte* gone = nullptr;
   {

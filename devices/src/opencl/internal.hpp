@@ -120,9 +120,9 @@ struct HostRows {
   std::size_t bytes() const noexcept { return row * NH * B; }
 };
 
-// The rows of `t` when it is of `dtype` and lies in `dev`'s page-locked memory with contiguous rows, else nothing
-// (the caller goes through its staging).
-inline std::optional<HostRows> pinned_rows(const Device& dev, ConstTensorView t, DType dtype) {
+// The rows of `t` when it is of `dtype` with contiguous rows that one rectangular copy can take (wherever it lies),
+// else nothing.
+inline std::optional<HostRows> host_rows(ConstTensorView t, DType dtype) {
   if (t.dtype() != dtype || t.empty() || (t.dims() != 3 && t.dims() != 4)) return std::nullopt;
   const int d = t.dims();
   const std::int64_t row_elems = d == 4 ? t.dim(2) * t.dim(3) : t.dim(2);
@@ -141,8 +141,16 @@ inline std::optional<HostRows> pinned_rows(const Device& dev, ConstTensorView t,
   if (r.B > 1 && r.pitch_b < r.pitch_nh * r.NH) return std::nullopt;
   if (r.NH == 1) r.pitch_nh = r.row;
   if (r.B == 1) r.pitch_b = r.pitch_nh * r.NH;
-  const std::size_t extent = r.pitch_b * (r.B - 1) + r.pitch_nh * (r.NH - 1) + r.row;
-  if (!dev.pinned(r.data, extent)) return std::nullopt;
+  return r;
+}
+
+// The rows of `t` when it is of `dtype` and lies in `dev`'s page-locked memory with contiguous rows, else nothing
+// (the caller goes through its staging).
+inline std::optional<HostRows> pinned_rows(const Device& dev, ConstTensorView t, DType dtype) {
+  std::optional<HostRows> r = host_rows(t, dtype);
+  if (!r) return std::nullopt;
+  const std::size_t extent = r->pitch_b * (r->B - 1) + r->pitch_nh * (r->NH - 1) + r->row;
+  if (!dev.pinned(r->data, extent)) return std::nullopt;
   return r;
 }
 

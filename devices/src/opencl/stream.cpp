@@ -38,9 +38,18 @@ void copy_into(ConstTensorView src, TensorView dst) { copy_elements(src, 0, src.
 }  // namespace
 
 struct DeviceStream::Slot {
-  Buffer pinned_in, pinned_out;  // page-locked host staging (mapped for the stream's life)
+  // The host staging the slot's pieces use: host_in (q, k, v, i, f), host_out (h) and host_last (packed last
+  // states) point into `ordinary` until the slot turns page-locked (adopt_staging), then into the page-locked
+  // buffers the staging thread mapped (locked_*, mapped for the stream's life).
+  Buffer pinned_in, pinned_out;
   std::byte* host_in = nullptr;
   std::byte* host_out = nullptr;
+  std::byte *locked_in = nullptr, *locked_out = nullptr, *locked_last = nullptr;
+  std::unique_ptr<std::byte[]> ordinary;  // untouched until used: costs no memory before
+  bool page_locked = false;
+  // An ordinary-memory piece's h stays on the device until it is taken or its slot is reused: reading it into
+  // ordinary memory at submit would hold the submitting thread until the piece is computed (NVIDIA's driver).
+  bool deferred_h = false;
   Buffer q, k, v, i, f, h;  // device copies of one piece
   Buffer state_copy[3];     // C, n, m leaving the piece, for state_after_next_piece_into() (lazily)
   // Packed streams (Config::max_segments): the piece's chunk and segment tables (their host copies stay until the
@@ -65,9 +74,12 @@ struct DeviceStream::Impl {
   TcConfig cfg;
   Slot slots[kStreamSlots];
   cl_program gates = nullptr, states = nullptr, outputs = nullptr;  // the device's (cached there)
-  // Slots 1.. are set up on a thread of their own while the first piece is filled and sent: page-locking the
-  // staging costs about 0.1 s per 256 MiB on the H200 host, which came before the first token otherwise.
-  std::future<void> later_slots[kStreamSlots];  // [j]: slot j's set-up (j >= 1), each on a thread of its own
+  // The slots' page-locked staging, set up on a thread of its own, slot after slot (page-locking does not overlap
+  // with itself on the H200 host): staged[j] is ready when slot j's is, or holds its error.
+  std::future<void> staging_thread;
+  std::promise<void> staging_done[kStreamSlots];
+  std::future<void> staged[kStreamSlots];
+  cl_command_queue reads = nullptr;  // deferred h reads (read_deferred_h), apart from the download queue's order
   Buffer gb, gbi, gpm, gcut, gG, gA, gK, gaw, gub, mst, Cst, nst, Nt,
       sgt;                  // intermediates: one piece computes at a time
   Buffer C[2], n[2], m[2];  // the state, ping-pong between pieces
@@ -103,6 +115,7 @@ struct DeviceStream::Impl {
   Buffer in[3];
   std::int64_t NC_max = 0;
   std::size_t q_bytes = 0, v_bytes = 0, g_bytes = 0;  // per-tensor staging sizes at max_piece
+  std::size_t last_bytes = 0;                         // packed: the last states of max_segments sequences
 };
 
 DeviceStream::DeviceStream(std::shared_ptr<Device> device, Config config, ConstTensorView c0, ConstTensorView n0,
@@ -137,8 +150,9 @@ DeviceStream::DeviceStream(std::shared_ptr<Device> device, Config config, ConstT
   im.q_bytes = tok * K * es;
   im.v_bytes = tok * V * es;
   im.g_bytes = tok * sizeof(float);
+  im.last_bytes = M * rows * (K * V + K + 1) * sizeof(float);
   cl_int err = CL_SUCCESS;
-  for (cl_command_queue* q : {&im.up, &im.kernels, &im.down}) {
+  for (cl_command_queue* q : {&im.up, &im.kernels, &im.down, &im.reads}) {
     *q = clCreateCommandQueue(dev.context(), dev.info().id, CL_QUEUE_PROFILING_ENABLE, &err);
     check(err, "clCreateCommandQueue(stream)", dn);
   }
@@ -147,22 +161,32 @@ DeviceStream::DeviceStream(std::shared_ptr<Device> device, Config config, ConstT
   im.outputs = dev.program_from_text("tc_chunk", tc_source_text("tc_chunk"),
                                      im.cfg.chunk(0, c.DHQK, c.DHHV, im.cfg.OTf, im.cfg.DSf));
   auto f32 = [&](std::size_t n) { return dev.alloc(std::max<std::size_t>(n, 1) * sizeof(float)); };
-  set_up(im.slots[0], im.up);
-  // The later slots in parallel, one thread each: page-locking is most of a slot's set-up, and the first slice's
-  // pieces wait for their slots (the destructor waits for these threads, which use the slots).
-  for (int j = 1; j < kStreamSlots; ++j) {
-    im.later_slots[j] = std::async(std::launch::async, [this, slot = &im.slots[j], j] {
-      const ScopedTrace later([&] { return "stream slot " + std::to_string(j) + " set up"; });
-      cl_int e = CL_SUCCESS;
-      cl_command_queue q = clCreateCommandQueue(device_->context(), device_->info().id, 0, &e);
-      check(e, "clCreateCommandQueue(stream set-up)", device_->name());
+  for (Slot& s : im.slots) set_up(s);
+  if (c.staging != Config::Staging::pageable) {
+    // Page-locking is most of a slot's set-up; the first pieces need not wait for it (Config::staging). The
+    // destructor waits for this thread, which uses the slots.
+    for (int j = 0; j < kStreamSlots; ++j) im.staged[j] = im.staging_done[j].get_future();
+    im.staging_thread = std::async(std::launch::async, [this] {
+      Impl& st = *impl_;
+      int j = 0;
       try {
-        set_up(*slot, q);
-      } catch (...) {
+        cl_int e = CL_SUCCESS;
+        cl_command_queue q = clCreateCommandQueue(device_->context(), device_->info().id, 0, &e);
+        check(e, "clCreateCommandQueue(stream staging)", device_->name());
+        try {
+          for (; j < kStreamSlots; ++j) {
+            const ScopedTrace locked([&] { return "stream slot " + std::to_string(j) + " page-locked"; });
+            page_lock(st.slots[j], q);
+            st.staging_done[j].set_value();
+          }
+        } catch (...) {
+          clReleaseCommandQueue(q);
+          throw;
+        }
         clReleaseCommandQueue(q);
-        throw;
+      } catch (...) {
+        for (; j < kStreamSlots; ++j) st.staging_done[j].set_exception(std::current_exception());
       }
-      clReleaseCommandQueue(q);
     });
   }
   im.gb = f32(tok);
@@ -193,7 +217,7 @@ DeviceStream::DeviceStream(std::shared_ptr<Device> device, Config config, ConstT
   load_state(c0, n0, m0);
 }
 
-void DeviceStream::set_up(Slot& s, cl_command_queue map_queue) {
+void DeviceStream::page_lock(Slot& s, cl_command_queue queue) {
   Device& dev = *device_;
   const std::string& dn = dev.name();
   const Impl& im = *impl_;
@@ -204,12 +228,23 @@ void DeviceStream::set_up(Slot& s, cl_command_queue map_queue) {
     check(err, "clCreateBuffer(pinned staging)", dn);
     buf = Buffer(mem, bytes);
     void* ptr =
-        clEnqueueMapBuffer(map_queue, mem, CL_TRUE, CL_MAP_READ | CL_MAP_WRITE, 0, bytes, 0, nullptr, nullptr, &err);
+        clEnqueueMapBuffer(queue, mem, CL_TRUE, CL_MAP_READ | CL_MAP_WRITE, 0, bytes, 0, nullptr, nullptr, &err);
     check(err, "clEnqueueMapBuffer(pinned staging)", dn);
     host = static_cast<std::byte*>(ptr);
   };
-  pinned(2 * im.q_bytes + im.v_bytes + 2 * im.g_bytes, s.pinned_in, s.host_in);
-  pinned(im.v_bytes, s.pinned_out, s.host_out);
+  pinned(2 * im.q_bytes + im.v_bytes + 2 * im.g_bytes, s.pinned_in, s.locked_in);
+  pinned(im.v_bytes, s.pinned_out, s.locked_out);
+  if (config_.max_segments > 0) pinned(im.last_bytes, s.pinned_last, s.locked_last);
+}
+
+void DeviceStream::set_up(Slot& s) {
+  Device& dev = *device_;
+  const Impl& im = *impl_;
+  const std::size_t in = 2 * im.q_bytes + im.v_bytes + 2 * im.g_bytes;
+  s.ordinary = std::make_unique_for_overwrite<std::byte[]>(in + im.v_bytes + im.last_bytes);
+  s.host_in = s.ordinary.get();
+  s.host_out = s.host_in + in;
+  s.host_last = s.host_out + im.v_bytes;
   s.q = dev.alloc(im.q_bytes);
   s.k = dev.alloc(im.q_bytes);
   s.v = dev.alloc(im.v_bytes);
@@ -225,17 +260,43 @@ void DeviceStream::set_up(Slot& s, cl_command_queue map_queue) {
     s.last[0] = dev.alloc(M * rows * K * V * sizeof(float));
     s.last[1] = dev.alloc(M * rows * K * sizeof(float));
     s.last[2] = dev.alloc(M * rows * sizeof(float));
-    pinned(M * rows * (K * V + K + 1) * sizeof(float), s.pinned_last, s.host_last);
   }
   s.gates = KernelObject{dev.kernel(im.gates, "tc_fw_gates")};
   s.states = KernelObject{dev.kernel(im.states, "tc_fw_states")};
   s.outputs = KernelObject{dev.kernel(im.outputs, "tc_fw_outputs")};
 }
 
-void DeviceStream::await_slot(int j) {
+void DeviceStream::adopt_staging(Slot& s, int j, bool wait) {
   Impl& im = *impl_;
-  // Rethrows the set-up's error (once; then the slot stays unset and next_piece says so).
-  if (im.later_slots[j].valid()) im.later_slots[j].get();
+  if (s.page_locked || !im.staged[j].valid()) return;  // done, or Staging::pageable
+  if (!wait && im.staged[j].wait_for(std::chrono::seconds(0)) != std::future_status::ready) return;
+  try {
+    im.staged[j].get();
+  } catch (const std::exception& e) {
+    // Page-locked memory may run out; ordinary memory still carries the stream (slower), unless it was asked for.
+    if (config_.staging == Config::Staging::page_locked) throw;
+    spdlog::warn("mlstm-flow: {}: the stream's slot {} stays in ordinary memory: {}", device_->name(), j, e.what());
+    return;
+  }
+  s.host_in = s.locked_in;
+  s.host_out = s.locked_out;
+  s.host_last = s.locked_last;
+  s.ordinary.reset();
+  s.page_locked = true;
+}
+
+void DeviceStream::read_deferred_h(Slot& s, TensorView to) {
+  const Config& c = config_;
+  const Shape shape{c.B, c.NH, s.len, c.DHHV};
+  check_output_rows(to, shape, c.dtype, "out");
+  const std::optional<detail::HostRows> rows = detail::host_rows(to, c.dtype);
+  if (!rows) throw InvalidArgument("out", "its rows cannot be read in one copy");  // check_output_rows took them
+  cl_event done = nullptr;
+  detail::enqueue_rows(impl_->reads, /*write=*/false, s.h.get(), *rows, &s.down, &done, device_->name());
+  const cl_int waited = clWaitForEvents(1, &done);
+  release_event(done);
+  check(waited, "clWaitForEvents(stream h read)", device_->name());
+  s.deferred_h = false;
 }
 
 void DeviceStream::load_state(ConstTensorView c0, ConstTensorView n0, ConstTensorView m0) {
@@ -288,20 +349,19 @@ void DeviceStream::restart(ConstTensorView c0, ConstTensorView n0, ConstTensorVi
 DeviceStream::~DeviceStream() {
   if (!impl_) return;
   Impl& im = *impl_;
-  for (auto& f : im.later_slots)
-    if (f.valid()) f.wait();
-  for (cl_command_queue q : {im.up, im.kernels, im.down})
+  if (im.staging_thread.valid()) im.staging_thread.wait();
+  for (cl_command_queue q : {im.up, im.kernels, im.down, im.reads})
     if (q) clFinish(q);
   im.drop_held(true);
   for (Slot& s : im.slots) {
     release_event(s.up);
     release_event(s.computed);
     release_event(s.down);
-    if (s.host_in) clEnqueueUnmapMemObject(im.up, s.pinned_in.get(), s.host_in, 0, nullptr, nullptr);
-    if (s.host_out) clEnqueueUnmapMemObject(im.up, s.pinned_out.get(), s.host_out, 0, nullptr, nullptr);
-    if (s.host_last) clEnqueueUnmapMemObject(im.up, s.pinned_last.get(), s.host_last, 0, nullptr, nullptr);
+    if (s.locked_in) clEnqueueUnmapMemObject(im.up, s.pinned_in.get(), s.locked_in, 0, nullptr, nullptr);
+    if (s.locked_out) clEnqueueUnmapMemObject(im.up, s.pinned_out.get(), s.locked_out, 0, nullptr, nullptr);
+    if (s.locked_last) clEnqueueUnmapMemObject(im.up, s.pinned_last.get(), s.locked_last, 0, nullptr, nullptr);
   }
-  for (cl_command_queue q : {im.up, im.kernels, im.down}) {
+  for (cl_command_queue q : {im.up, im.kernels, im.down, im.reads}) {
     if (!q) continue;
     clFinish(q);
     clReleaseCommandQueue(q);
@@ -331,12 +391,18 @@ void DeviceStream::retire(Slot& s) {
   slot_free_.wait(lock, [&] { return !s.taking; });  // a take() that started meanwhile finishes first
   deliver_last_states(s);
   if (!s.taken && !s.direct_out.empty()) {
+    if (s.deferred_h) read_deferred_h(s, s.direct_out);
     finished_.emplace(s.ticket, Finished{Tensor(), s.direct_out});
   } else if (!s.taken) {
     Tensor h({config_.B, config_.NH, s.len, config_.DHHV}, config_.dtype);
-    copy_rows(h.bytes(), 0, s.host_out, 0, 1, h.nbytes());
+    if (s.deferred_h) {
+      read_deferred_h(s, h.view());
+    } else {
+      copy_rows(h.bytes(), 0, s.host_out, 0, 1, h.nbytes());
+    }
     finished_.emplace(s.ticket, Finished{std::move(h), {}});
   }
+  s.deferred_h = false;
   release_event(s.up);
   release_event(s.computed);
   release_event(s.down);
@@ -349,11 +415,9 @@ DeviceStream::HostPiece DeviceStream::next_piece(std::int64_t len) {
     throw InvalidArgument(
         "len", "a piece must have 1.." + std::to_string(config_.max_piece) + " tokens, got " + std::to_string(len));
   Slot& s = slot_of(next_ticket_);
-  await_slot(static_cast<int>(next_ticket_ % kStreamSlots));
-  if (!s.outputs.k)
-    throw Error("DeviceStream: the staging of slot " + std::to_string(next_ticket_ % kStreamSlots) +
-                " failed to set up earlier");
   retire(s);
+  adopt_staging(s, static_cast<int>(next_ticket_ % kStreamSlots),
+                /*wait=*/config_.staging == Config::Staging::page_locked);
   const Impl& im = *impl_;
   const Config& c = config_;
   const std::size_t es = dtype_size(c.dtype);
@@ -419,7 +483,7 @@ std::uint64_t DeviceStream::enqueue_piece(const detail::HostRows* direct, const 
                                0, nullptr, nullptr),
           "clEnqueueWriteBuffer(stream segment table)", dn);
   }
-  // Uploads (non-blocking, from pinned memory: DMA at full PCIe speed).
+  // Uploads (non-blocking; from page-locked memory a DMA at full PCIe speed).
   const std::pair<const Buffer*, std::pair<std::size_t, std::size_t>> parts[] = {
       {&s.q, {0, qb}},
       {&s.k, {im.q_bytes, qb}},
@@ -437,10 +501,6 @@ std::uint64_t DeviceStream::enqueue_piece(const detail::HostRows* direct, const 
       detail::enqueue_rows(im.up, /*write=*/true, buf->get(), *from, nullptr, ev, dn);
     }
     bytes_up_ += range.second;
-    if (from) {
-      bytes_direct_ += range.second;
-      device_->note_direct_upload(range.second);
-    }
   }
   clFlush(im.up);
   cl_event after_compute = up;
@@ -529,7 +589,12 @@ std::uint64_t DeviceStream::enqueue_piece(const detail::HostRows* direct, const 
     clRetainEvent(up);
     computed = up;
   }
-  if (!out) {
+  const bool deferred = !out && !s.page_locked;
+  if (deferred) {
+    // Ordinary memory: h is read when taken or when its slot is reused (read_deferred_h), not held up here.
+    clRetainEvent(after_compute);
+    down = after_compute;
+  } else if (!out) {
     check(clEnqueueReadBuffer(im.down, s.h.get(), CL_FALSE, 0, vb, s.host_out, 1, &after_compute, &down),
           "clEnqueueReadBuffer(stream download)", dn);
   } else {
@@ -585,10 +650,12 @@ std::uint64_t DeviceStream::enqueue_piece(const detail::HostRows* direct, const 
     s.down = down;
     s.ticket = ticket;
     s.len = len;
-    s.direct_out = out ? out_view : TensorView();
+    s.direct_out = out || deferred ? out_view : TensorView();
+    s.deferred_h = deferred;
     s.busy = true;
     s.taken = false;
   }
+  if (!s.page_locked) ++pageable_pieces_;
   tokens_ += len;
   return ticket;
 }
@@ -602,6 +669,9 @@ std::uint64_t DeviceStream::push(const ForwardArgs& piece, bool inputs_outlive_p
   stream.DHHV = c.DHHV;
   const ProblemShape p = check_stream_piece(piece, stream, c.options);
   HostPiece h = next_piece(p.S);
+  // A slot still in ordinary memory (Config::staging) uploads every input it can from where it lies: a copy into
+  // ordinary staging would only add one.
+  const bool ordinary = !slot_of(next_ticket_).page_locked;
   const std::pair<ConstTensorView, TensorView> inputs[5] = {
       {piece.q, h.q}, {piece.k, h.k}, {piece.v, h.v}, {piece.i, h.i}, {piece.f, h.f}};
   detail::HostRows direct[5];
@@ -610,6 +680,11 @@ std::uint64_t DeviceStream::push(const ForwardArgs& piece, bool inputs_outlive_p
     const auto& [from, staging] = inputs[j];
     if (const auto src = detail::pinned_rows(*device_, from, staging.dtype())) {
       direct[j] = *src;
+      any_direct = true;
+      bytes_direct_ += src->bytes();
+      device_->note_direct_upload(src->bytes());
+    } else if (const auto rows = ordinary ? detail::host_rows(from, staging.dtype()) : std::nullopt) {
+      direct[j] = *rows;
       any_direct = true;
     } else {
       copy_into(from, staging);
@@ -620,7 +695,7 @@ std::uint64_t DeviceStream::push(const ForwardArgs& piece, bool inputs_outlive_p
     check_output_rows(h_dest, {c.B, c.NH, p.S, c.DHHV}, c.dtype, "h_dest");
     out = detail::pinned_rows(*device_, h_dest, c.dtype);
   }
-  const std::uint64_t ticket = enqueue_piece(direct, out ? &*out : nullptr, out ? h_dest : TensorView());
+  const std::uint64_t ticket = enqueue_piece(direct, out ? &*out : nullptr, h_dest);
   if (any_direct && !inputs_outlive_piece) {
     // The caller may change or free its inputs once push returns: their uploads finish first.
     cl_event up = nullptr;
@@ -681,7 +756,9 @@ void DeviceStream::take_into(std::uint64_t ticket, TensorView out) {
   if (waited == CL_SUCCESS) {
     try {
       deliver_last_states(s);
-      if (s.direct_out.empty()) {
+      if (s.deferred_h) {
+        read_deferred_h(s, out);
+      } else if (s.direct_out.empty()) {
         copy_out(s.host_out, s.len);
       } else if (s.direct_out.bytes() != out.bytes() || s.direct_out.strides() != out.strides()) {
         copy_piece_rows(s.direct_out, out);
@@ -714,21 +791,32 @@ ConstTensorView DeviceStream::view(std::uint64_t ticket) {
   lock.unlock();
   const cl_int waited = clWaitForEvents(1, &down);
   clReleaseEvent(down);
+  const TensorView at = !s.direct_out.empty()
+                            ? s.direct_out
+                            : TensorView(s.host_out, config_.dtype, {config_.B, config_.NH, s.len, config_.DHHV});
+  std::exception_ptr failed;
+  if (waited == CL_SUCCESS && s.deferred_h) {
+    try {
+      read_deferred_h(s, at);
+    } catch (...) {
+      failed = std::current_exception();
+    }
+  }
   lock.lock();
   s.taking = false;
-  if (waited == CL_SUCCESS) {
+  if (waited == CL_SUCCESS && !failed) {
     deliver_last_states(s);
     s.taken = true;
   }
   lock.unlock();
   slot_free_.notify_all();
   check(waited, "clWaitForEvents(stream download)", device_->name());
-  if (!s.direct_out.empty()) return s.direct_out;
-  return ConstTensorView(s.host_out, config_.dtype, {config_.B, config_.NH, s.len, config_.DHHV});
+  if (failed) std::rethrow_exception(failed);
+  return at;
 }
 
 void DeviceStream::finish() {
-  for (cl_command_queue q : {impl_->up, impl_->kernels, impl_->down})
+  for (cl_command_queue q : {impl_->up, impl_->kernels, impl_->down, impl_->reads})
     check(clFinish(q), "clFinish(stream)", device_->name());
   impl_->drop_held(true);
 }

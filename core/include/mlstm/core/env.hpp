@@ -21,6 +21,9 @@
 //   MLSTM_RESIDENT_INPUTS=off          devices: upload inputs on every call (to measure residency)
 //   MLSTM_STREAM_PIECE=<tokens>        devices (OpenCL): tokens per piece of a pinned stream (default: about
 //                                      64 MiB of inputs per piece); a forward of 2+ pieces from host memory streams
+//   MLSTM_STREAM_STAGING=automatic|page_locked|pageable
+//                                      devices (OpenCL): how a pinned stream's first pieces travel while its
+//                                      page-locked staging is set up (DeviceStream::Config::staging)
 //   MLSTM_BACKWARD_KEEP=off            devices (OpenCL): a streamed backward uploads k, v, i, f in both of its
 //                                      passes instead of keeping them on the device between them (to measure it)
 //   MLSTM_BACKWARD_RUN_PIECES=<n>      devices (OpenCL): at most n pieces of packed sequences per backward stream

@@ -54,6 +54,14 @@ class DeviceStream {
     // PACKED), at most this many segments per piece; every piece is described by set_segments() before it is
     // submitted. Its buffers take max_segments states more (the initial states written, the last ones read).
     std::int64_t max_segments = 0;
+    // How pieces reach the device. Page-locking a slot's staging takes tens of milliseconds (0.5 s per GiB on the
+    // H200 host), which came before a run's first token. automatic: it happens on a thread of its own while the
+    // first pieces go through ordinary memory (uploaded from the caller's tensors where push() can, h read from the
+    // device when taken); each slot turns page-locked once its staging is ready. page_locked: every piece waits for
+    // its slot's page-locked staging. pageable: nothing is page-locked. Streams of packed sequences always wait
+    // for it (their last states come down into it).
+    enum class Staging { automatic, page_locked, pageable };
+    Staging staging = Staging::automatic;
   };
   // One sequence's tokens in a piece of a packed stream (set_segments).
   struct Segment {
@@ -83,7 +91,8 @@ class DeviceStream {
   DeviceStream& operator=(const DeviceStream&) = delete;
 
   // The staging tensors of the next piece (waits until its slot is free; an h not yet taken from that slot
-  // is copied aside first). 1 <= len <= max_piece, else InvalidArgument("len").
+  // is copied aside first). 1 <= len <= max_piece, else InvalidArgument("len"). Page-locked, or ordinary memory
+  // while the slot's page-locked staging is not ready yet (Config::staging).
   HostPiece next_piece(std::int64_t len);
   // Enqueues the piece filled through next_piece(); returns its ticket (0, 1, 2, ...).
   std::uint64_t submit();
@@ -148,15 +157,22 @@ class DeviceStream {
   std::uint64_t bytes_down() const noexcept { return bytes_down_; }      // device -> host so far
   std::uint64_t bytes_direct() const noexcept { return bytes_direct_; }  // of bytes_up(): read from pinned inputs
   std::uint64_t bytes_direct_down() const noexcept { return bytes_direct_down_; }  // of bytes_down(): into h_dest
+  // Pieces that went through ordinary memory because their slot's page-locked staging was not ready (or
+  // Staging::pageable).
+  std::uint64_t pageable_pieces() const noexcept { return pageable_pieces_; }
 
  private:
   struct Slot;
   struct Impl;
   void deliver_last_states(Slot& s);  // packed: the ended sequences' states into the caller's views
   Slot& slot_of(std::uint64_t ticket);
-  void retire(Slot& slot);                              // waits for the slot's piece and keeps its h aside if not taken
-  void set_up(Slot& slot, cl_command_queue map_queue);  // its pinned staging, device buffers and kernels
-  void await_slot(int index);                           // slot `index`'s set-up (rethrows its error)
+  void retire(Slot& slot);                             // waits for the slot's piece and keeps its h aside if not taken
+  void set_up(Slot& slot);                             // its device buffers, kernels and ordinary-memory staging
+  void page_lock(Slot& slot, cl_command_queue queue);  // its page-locked staging (on the staging thread)
+  // Slot s (of index j) turns to its page-locked staging when that is ready, or waits for it when `wait`
+  // (rethrows the staging thread's error). Only between pieces: after retire(s).
+  void adopt_staging(Slot& s, int j, bool wait);
+  void read_deferred_h(Slot& s, TensorView to);  // an ordinary-memory piece's h, from the device (blocking)
   void load_state(ConstTensorView c0, ConstTensorView n0, ConstTensorView m0);  // the state entering the next piece
   // Packed: the piece's chunk and segment tables into the slot's host copies (tc_common.cl CHUNK_START, tc_states.cl
   // PACKED); returns the chunk count. Then the segments' initial states onto the kernel queue.
@@ -178,7 +194,7 @@ class DeviceStream {
   std::uint64_t next_ticket_ = 0;
   std::int64_t tokens_ = 0, pending_len_ = 0;
   std::uint64_t bytes_up_ = 0, bytes_down_ = 0, bytes_direct_ = 0;
-  std::uint64_t bytes_direct_down_ = 0;
+  std::uint64_t bytes_direct_down_ = 0, pageable_pieces_ = 0;
   // submit(), some inputs uploaded from where they lie (`direct`: 5 or nullptr; push with pinned inputs), h into
   // the caller's page-locked `out` when it is not null.
   std::uint64_t enqueue_piece(const detail::HostRows* direct, const detail::HostRows* out = nullptr,
