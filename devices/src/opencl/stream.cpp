@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstring>
 #include <deque>
 #include <future>
@@ -77,6 +78,7 @@ struct DeviceStream::Impl {
   // The slots' page-locked staging, set up on a thread of its own, slot after slot (page-locking does not overlap
   // with itself on the H200 host): staged[j] is ready when slot j's is, or holds its error.
   std::future<void> staging_thread;
+  std::atomic<bool> stop_staging{false};  // the destructor's: a stream that ends early page-locks no more slots
   std::promise<void> staging_done[kStreamSlots];
   std::future<void> staged[kStreamSlots];
   cl_command_queue reads = nullptr;  // deferred h reads (read_deferred_h), apart from the download queue's order
@@ -174,7 +176,7 @@ DeviceStream::DeviceStream(std::shared_ptr<Device> device, Config config, ConstT
         cl_command_queue q = clCreateCommandQueue(device_->context(), device_->info().id, 0, &e);
         check(e, "clCreateCommandQueue(stream staging)", device_->name());
         try {
-          for (; j < kStreamSlots; ++j) {
+          for (; j < kStreamSlots && !st.stop_staging.load(); ++j) {
             const ScopedTrace locked([&] { return "stream slot " + std::to_string(j) + " page-locked"; });
             page_lock(st.slots[j], q);
             st.staging_done[j].set_value();
@@ -184,6 +186,7 @@ DeviceStream::DeviceStream(std::shared_ptr<Device> device, Config config, ConstT
           throw;
         }
         clReleaseCommandQueue(q);
+        for (; j < kStreamSlots; ++j) st.staging_done[j].set_exception(std::make_exception_ptr(Error("stream ended")));
       } catch (...) {
         for (; j < kStreamSlots; ++j) st.staging_done[j].set_exception(std::current_exception());
       }
@@ -349,6 +352,7 @@ void DeviceStream::restart(ConstTensorView c0, ConstTensorView n0, ConstTensorVi
 DeviceStream::~DeviceStream() {
   if (!impl_) return;
   Impl& im = *impl_;
+  im.stop_staging = true;
   if (im.staging_thread.valid()) im.staging_thread.wait();
   for (cl_command_queue q : {im.up, im.kernels, im.down, im.reads})
     if (q) clFinish(q);
