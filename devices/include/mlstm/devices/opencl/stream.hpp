@@ -111,11 +111,12 @@ class DeviceStream {
   Tensor take(std::uint64_t ticket);
   // take() into `out`, (B,NH,len,DHHV) of the stream's dtype whose rows of len*DHHV elements are contiguous, one
   // every out.strides()[1] elements (a slice of a longer h): one copy, from the pinned staging (or from the copy
-  // a later next_piece() set aside). Like take(), safe from another thread than the producer's.
+  // a later next_piece() set aside; a piece that went through ordinary memory is read from the device into `out`).
+  // Like take(), safe from another thread than the producer's.
   void take_into(std::uint64_t ticket, TensorView out);
-  // Zero-copy: h of a submitted piece as a view of the pinned staging, or of its h_dest (waits for it). Valid until the slot
-  // is reused, i.e. until next_piece() is called for the piece submitted 3 pieces later. Each ticket once
-  // (view or take).
+  // Zero-copy: h of a submitted piece as a view of the pinned staging, or of its h_dest (waits for it; a piece that
+  // went through ordinary memory is read there first). Valid until the slot is reused, i.e. until next_piece() is
+  // called for the piece submitted 3 pieces later. Each ticket once (view or take).
   ConstTensorView view(std::uint64_t ticket);
   // The current state (after every submitted piece), float32; waits for the kernels.
   void read_state(Tensor& C, Tensor& n, Tensor& m);
