@@ -46,7 +46,7 @@ struct DeviceStream::Slot {
   std::byte* host_in = nullptr;
   std::byte* host_out = nullptr;
   std::byte *locked_in = nullptr, *locked_out = nullptr, *locked_last = nullptr;
-  std::unique_ptr<std::byte[]> ordinary;  // untouched until used: costs no memory before
+  std::unique_ptr<std::byte[]> ordinary;  // allocated when a piece first needs it (next_piece)
   bool page_locked = false;
   // An ordinary-memory piece's h stays on the device until it is taken or its slot is reused: reading it into
   // ordinary memory at submit would hold the submitting thread until the piece is computed (NVIDIA's driver).
@@ -243,11 +243,6 @@ void DeviceStream::page_lock(Slot& s, cl_command_queue queue) {
 void DeviceStream::set_up(Slot& s) {
   Device& dev = *device_;
   const Impl& im = *impl_;
-  const std::size_t in = 2 * im.q_bytes + im.v_bytes + 2 * im.g_bytes;
-  s.ordinary = std::make_unique_for_overwrite<std::byte[]>(in + im.v_bytes + im.last_bytes);
-  s.host_in = s.ordinary.get();
-  s.host_out = s.host_in + in;
-  s.host_last = s.host_out + im.v_bytes;
   s.q = dev.alloc(im.q_bytes);
   s.k = dev.alloc(im.q_bytes);
   s.v = dev.alloc(im.v_bytes);
@@ -423,6 +418,14 @@ DeviceStream::HostPiece DeviceStream::next_piece(std::int64_t len) {
   adopt_staging(s, static_cast<int>(next_ticket_ % kStreamSlots),
                 /*wait=*/config_.staging == Config::Staging::page_locked);
   const Impl& im = *impl_;
+  if (!s.page_locked && !s.ordinary) {
+    // Not touched before it is used (push() uploads most inputs from where they lie): it costs address space only.
+    const std::size_t in = 2 * im.q_bytes + im.v_bytes + 2 * im.g_bytes;
+    s.ordinary = std::make_unique_for_overwrite<std::byte[]>(in + im.v_bytes + im.last_bytes);
+    s.host_in = s.ordinary.get();
+    s.host_out = s.host_in + in;
+    s.host_last = s.host_out + im.v_bytes;
+  }
   const Config& c = config_;
   const std::size_t es = dtype_size(c.dtype);
   std::byte* base = s.host_in;
