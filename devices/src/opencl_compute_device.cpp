@@ -53,15 +53,15 @@ std::int64_t backward_run_pieces(const ProblemShape& p, std::uint64_t device_mem
 }
 
 // How a pinned stream's pieces travel before its page-locked staging is ready (DeviceStream::Config::staging):
-// MLSTM_STREAM_STAGING=automatic|page_locked|pageable, automatic by default.
+// MLSTM_STREAM_STAGING=automatic|page_locked|pageable, page_locked by default.
 opencl::DeviceStream::Config::Staging stream_staging() {
   using Staging = opencl::DeviceStream::Config::Staging;
   const auto v = env::get("MLSTM_STREAM_STAGING");
-  if (!v || *v == "automatic") return Staging::automatic;
-  if (*v == "page_locked") return Staging::page_locked;
+  if (!v || *v == "page_locked") return Staging::page_locked;
+  if (*v == "automatic") return Staging::automatic;
   if (*v == "pageable") return Staging::pageable;
   spdlog::warn("mlstm-flow: MLSTM_STREAM_STAGING='{}' is not automatic, page_locked or pageable; ignored", *v);
-  return Staging::automatic;
+  return Staging::page_locked;
 }
 
 std::int64_t stream_piece_tokens(const ProblemShape& p, const MlstmOptions& o) {

@@ -23,7 +23,8 @@
 //                                      64 MiB of inputs per piece); a forward of 2+ pieces from host memory streams
 //   MLSTM_STREAM_STAGING=automatic|page_locked|pageable
 //                                      devices (OpenCL): how a pinned stream's first pieces travel while its
-//                                      page-locked staging is set up (DeviceStream::Config::staging)
+//                                      page-locked staging is set up (DeviceStream::Config::staging; default
+//                                      page_locked)
 //   MLSTM_BACKWARD_KEEP=off            devices (OpenCL): a streamed backward uploads k, v, i, f in both of its
 //                                      passes instead of keeping them on the device between them (to measure it)
 //   MLSTM_BACKWARD_RUN_PIECES=<n>      devices (OpenCL): at most n pieces of packed sequences per backward stream

@@ -58,10 +58,11 @@ class DeviceStream {
     // H200 host), which came before a run's first token. automatic: it happens on a thread of its own while the
     // first pieces go through ordinary memory (uploaded from the caller's tensors where push() can, h read from the
     // device when taken); each slot turns page-locked once its staging is ready. page_locked: every piece waits for
-    // its slot's page-locked staging. pageable: nothing is page-locked. Streams of packed sequences always wait
-    // for it (their last states come down into it).
+    // its slot's page-locked staging (page-locked on the same thread, slot after slot). pageable: nothing is
+    // page-locked.
     enum class Staging { automatic, page_locked, pageable };
-    Staging staging = Staging::automatic;
+    // page_locked by default: automatic has not yet shown a sooner first token on a GPU (docs/PERFORMANCE.md).
+    Staging staging = Staging::page_locked;
   };
   // One sequence's tokens in a piece of a packed stream (set_segments).
   struct Segment {
