@@ -40,6 +40,7 @@
 #include "commands.hpp"
 #include "mlstm/core/atomic_file.hpp"
 #include "mlstm/core/npy.hpp"
+#include "mlstm/core/trace.hpp"
 #include "mlstm/devices/opencl/chunkwise_routine.hpp"
 #include "mlstm/devices/opencl/copy_probe.hpp"
 #include "mlstm/devices/opencl/tc_routine.hpp"
@@ -246,6 +247,16 @@ std::string slurp(const fs::path& p) {
 
 // Runs argv[0] with argv (stdin /dev/null, stdout and stderr to files in `dir`), with `env` set on top of this
 // process's environment; waits for it.
+// The trace lines (trace.hpp) among a run's stderr, in order.
+json trace_lines(const std::string& err) {
+  json lines = json::array();
+  std::istringstream in(err);
+  for (std::string line; std::getline(in, line);) {
+    if (line.rfind("mlstm-flow trace: ", 0) == 0) lines.push_back(line);
+  }
+  return lines;
+}
+
 ChildRun spawn(const std::vector<std::string>& args, const std::map<std::string, std::string>& env,
                const fs::path& dir) {
   std::vector<std::string> env_text;
@@ -1288,12 +1299,15 @@ class SystemBench {
                   "cache: %.3f s); opening the devices alone, in a process of its own, takes %.3f s (%.3f of the run)",
                   first.get<double>(), warm.seconds, cold_first.is_number() ? cold_first.get<double>() : NAN, floor,
                   floor / warm.seconds);
-    report_.ratio(c, kStartup, first.get<double>() / warm.seconds,
-                  {{"first_token_seconds", first},
-                   {"cold_first_token_seconds", cold_first},
-                   {"run_seconds", warm.seconds},
-                   {"devices_open_floor_seconds", std::isfinite(floor) ? json(floor) : json(nullptr)},
-                   {"note", note}});
+    json extra{{"first_token_seconds", first},
+               {"cold_first_token_seconds", cold_first},
+               {"run_seconds", warm.seconds},
+               {"devices_open_floor_seconds", std::isfinite(floor) ? json(floor) : json(nullptr)},
+               {"note", note}};
+    // Under MLSTM_TRACE=1 (inherited by the runs) the second run's trace comes with the row: what its first
+    // token waited for.
+    if (trace_enabled()) extra["trace"] = trace_lines(warm.err);
+    report_.ratio(c, kStartup, first.get<double>() / warm.seconds, extra);
   }
 
   // Python's forward from numpy arrays in ordinary memory, then (forward_python_pinned) from host_array()s with h
