@@ -423,9 +423,9 @@ TransferBound transfer_bound(const Case& c, const std::vector<std::shared_ptr<op
                          {"down_GBps", r.down * 1e-9},
                          {"both_GBps", r.both * 1e-9}});
     char text[160];
-    std::snprintf(text, sizeof text, "%spinned copies of %zu MiB: up %.1f, down %.1f, both %.1f GB/s",
-                  t.note.empty() ? "" : "; ", bytes >> 20, r.up * 1e-9, r.down * 1e-9, r.both * 1e-9);
-    t.note += (gpus.size() > 1 ? dev->name() + ": " : std::string()) + text;
+    std::snprintf(text, sizeof text, "pinned copies of %zu MiB: up %.1f, down %.1f, both %.1f GB/s", bytes >> 20,
+                  r.up * 1e-9, r.down * 1e-9, r.both * 1e-9);
+    t.note += (t.note.empty() ? "" : "; ") + (gpus.size() > 1 ? dev->name() + ": " : std::string()) + text;
   }
   return t;
 }
