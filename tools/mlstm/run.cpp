@@ -7,6 +7,7 @@
 
 #include <CLI/Option.hpp>
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -48,30 +49,40 @@ class Progress {
   Clock::time_point start_;
 };
 
-// Synthetic inputs of one piece of a long sequence, deterministic in (seed, element): a counter-based
-// generator (splitmix64 + Box-Muller), filled in parallel.
+// Synthetic inputs of one piece of a long sequence, deterministic in (seed, element). Each element is the sum
+// of the four 16-bit parts of one counter-based hash (splitmix64) of its index, centred and scaled to unit
+// variance: an Irwin-Hall approximation of a normal (within +-3.46 of the mean), with no transcendental function
+// per element. Written straight into the tensor's dtype, in parallel blocks: the pieces of a run come in
+// milliseconds (Box-Muller through a float32 vector and a serial conversion took 0.6 s of the start-up on a
+// 16-core host, 1.9 s on 2 cores).
 Tensor synthetic_normal(Shape shape, float mean, DType dtype, std::uint64_t seed) {
-  const std::int64_t count = shape_numel(shape);
-  std::vector<float> x(static_cast<std::size_t>(count));
+  Tensor t(std::move(shape), dtype);
+  const std::int64_t count = t.numel();
+  const std::size_t es = dtype_size(dtype);
   auto mix = [](std::uint64_t z) {
     z += 0x9e3779b97f4a7c15ull;
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
     return z ^ (z >> 31);
   };
-  tbb::parallel_for(tbb::blocked_range<std::int64_t>(0, (count + 1) / 2),
-                    [&](const tbb::blocked_range<std::int64_t>& r) {
-                      for (std::int64_t p = r.begin(); p < r.end(); ++p) {
-                        const std::uint64_t z = mix(seed * 0x100000001b3ull + static_cast<std::uint64_t>(p));
-                        const float u1 = (static_cast<float>(z >> 40) + 1.0f) * (1.0f / 16777217.0f);
-                        const float u2 = static_cast<float>((z >> 16) & 0xffffff) * (1.0f / 16777216.0f);
-                        const float rad = std::sqrt(-2.0f * std::log(u1));
-                        x[static_cast<std::size_t>(2 * p)] = mean + rad * std::cos(6.2831853f * u2);
-                        if (2 * p + 1 < count)
-                          x[static_cast<std::size_t>(2 * p + 1)] = mean + rad * std::sin(6.2831853f * u2);
-                      }
-                    });
-  return Tensor::from(x, std::move(shape), dtype);
+  constexpr std::int64_t kBlock = 4096;
+  tbb::parallel_for(
+      tbb::blocked_range<std::int64_t>(0, (count + kBlock - 1) / kBlock),
+      [&](const tbb::blocked_range<std::int64_t>& r) {
+        std::array<float, kBlock> x;
+        for (std::int64_t b = r.begin(); b < r.end(); ++b) {
+          const std::int64_t first = b * kBlock, n = std::min(kBlock, count - first);
+          for (std::int64_t e = 0; e < n; ++e) {
+            const std::uint64_t z = mix(seed * 0x100000001b3ull + static_cast<std::uint64_t>(first + e));
+            const auto sum = static_cast<float>((z & 0xffff) + ((z >> 16) & 0xffff) + ((z >> 32) & 0xffff) + (z >> 48));
+            // four U[0,1) of variance 1/12 each: (sum - 2) * sqrt(3) has unit variance
+            x[static_cast<std::size_t>(e)] = mean + (sum * (1.0f / 65536.0f) - 2.0f) * 1.7320508f;
+          }
+          convert_elements(x.data(), DType::f32, t.bytes() + static_cast<std::size_t>(first) * es, dtype,
+                           static_cast<std::size_t>(n));
+        }
+      });
+  return t;
 }
 
 }  // namespace
@@ -232,18 +243,27 @@ int cmd_run(const RunOptions& ro, bool as_json) {
   double max_rel = 0.0;
   double compute_secs = 0.0;
   const auto start = Clock::now();
-  // A few random pieces generated up front and cycled (generating 1M tokens of fresh normals would cost
-  // more than the mLSTM itself); the carried state makes every piece's output different.
-  constexpr int kDistinctPieces = 4;
+  // A few random pieces, cycled (generating 1M tokens of fresh inputs would cost more than the mLSTM itself); the
+  // carried state makes every piece's output different. Streamed, each is made when first needed: piece 0 goes
+  // to the engine at once, and pieces 1-3 are made while the pieces before them compute.
+  constexpr std::size_t kDistinctPieces = 4;
   std::vector<ForwardInputs> pieces;
-  for (int p = 0; p < kDistinctPieces; ++p) {
-    pieces.push_back(synthetic_piece(ro.batch, ro.heads, std::min(ro.piece, ro.seq_len), ro.dqk, ro.dhv, dtype,
-                                     1234567 + static_cast<std::uint64_t>(p)));
-  }
+  pieces.reserve(kDistinctPieces);
+  auto piece = [&](std::int64_t index) -> const ForwardInputs& {
+    const auto p = static_cast<std::size_t>(index) % kDistinctPieces;
+    while (pieces.size() <= p) {
+      pieces.push_back(synthetic_piece(ro.batch, ro.heads, std::min(ro.piece, ro.seq_len), ro.dqk, ro.dhv, dtype,
+                                       1234567 + static_cast<std::uint64_t>(pieces.size())));
+    }
+    return pieces[p];
+  };
   // resident: the whole sequence in memory (the same pieces, tiled), one pass through the graph.
   const bool resident = ro.mode == "resident";
   ForwardInputs full;
-  if (resident) full = tile_pieces(pieces, ro.seq_len);
+  if (resident) {
+    (void)piece(kDistinctPieces - 1);
+    full = tile_pieces(pieces, ro.seq_len);
+  }
   const std::int64_t step = resident ? ro.seq_len : ro.piece;
   // Pieces in flight: each is submitted two pieces ahead of the one taken (backward: one at a time, push).
   struct InFlight {
@@ -270,7 +290,7 @@ int cmd_run(const RunOptions& ro, bool as_json) {
   std::int64_t piece_index = 0;
   for (std::int64_t t0 = 0; t0 < ro.seq_len; t0 += step, ++piece_index) {
     const std::int64_t len = std::min(step, ro.seq_len - t0);
-    const ForwardInputs& cycled = resident ? full : pieces[static_cast<std::size_t>(piece_index % kDistinctPieces)];
+    const ForwardInputs& cycled = resident ? full : piece(piece_index);
     ForwardInputs tail;
     if (len < cycled.q.dim(2)) tail = synthetic_piece(ro.batch, ro.heads, len, ro.dqk, ro.dhv, dtype, 7654321);
     const ForwardInputs& l = len < cycled.q.dim(2) ? tail : cycled;
