@@ -57,8 +57,10 @@ class CliStream : public ::testing::Test {
   fs::path dir_;
 };
 
-// h of an in-process StreamSession fed the same slices (the CLI's --stream-tokens without a --devices).
-ForwardResult stream_in_process(const testing::Inputs& in, std::int64_t slice, const MlstmOptions& o) {
+// h of an in-process StreamSession fed the same slices (the CLI's --stream-tokens without a --devices): the first
+// `first` tokens long (0: `slice`), the others `slice`.
+ForwardResult stream_in_process(const testing::Inputs& in, std::int64_t slice, const MlstmOptions& o,
+                                std::int64_t first = 0) {
   StreamConfig cfg;
   cfg.B = in.q.dim(0);
   cfg.NH = in.q.dim(1);
@@ -68,8 +70,8 @@ ForwardResult stream_in_process(const testing::Inputs& in, std::int64_t slice, c
   StreamSession s = in.c0.empty() ? StreamSession(cfg) : StreamSession(cfg, State{in.c0, in.n0, in.m0});
   const std::int64_t S = in.q.dim(2);
   Tensor h;
-  for (std::int64_t t0 = 0; t0 < S; t0 += slice) {
-    const std::int64_t t1 = std::min(S, t0 + slice);
+  for (std::int64_t t0 = 0; t0 < S;) {
+    const std::int64_t t1 = std::min(S, t0 + (t0 == 0 && first > 0 ? first : slice));
     testing::Inputs piece;
     piece.q = testing::slice_seq(in.q, t0, t1);
     piece.k = testing::slice_seq(in.k, t0, t1);
@@ -78,6 +80,7 @@ ForwardResult stream_in_process(const testing::Inputs& in, std::int64_t slice, c
     piece.f = testing::slice_seq(in.f, t0, t1);
     Tensor part = s.push(piece.args());
     h = h.empty() ? std::move(part) : testing::concat_seq(h, part);
+    t0 = t1;
   }
   return {std::move(h), s.state().C, s.state().n, s.state().m};
 }
@@ -198,6 +201,40 @@ TEST_F(CliStream, KilledRunResumesBitForBit) {
   ASSERT_EQ(fresh.code, 0) << fresh.err;
   EXPECT_EQ(nlohmann::json::parse(fresh.out)["resumed_from"], 0) << fresh.out;
   EXPECT_EQ(slurp(path("h2")), slurp(path("whole")));
+}
+
+// From --stream-tokens 16384 up, a fresh run's first slice is an eighth of it (a multiple of 1024): 20000 tokens
+// in slices of 16384 are read as 2048 + 16384 + 1568, and h equals a StreamSession fed those slices bit for bit.
+// Below 16384 the first slice is a whole one. A run killed after its first slice resumes at token 2048 on the same
+// boundaries: the same bytes.
+TEST_F(CliStream, LongSlicesBeginWithAShortFirstSlice) {
+  testing::InputSpec spec = testing::spec(1, 2, 20000, 8, 12);
+  const testing::Inputs in = testing::make_inputs(spec, testing::fresh_seed());
+  save_inputs(in);
+  MlstmOptions o;
+  o.chunk_size = 16;
+  const std::string common = "forward " + inputs(false) + " --chunk-size 16 --stream-tokens ";
+  const auto r = run_cli(dir_, "--json " + common + "16384 --out " + path("h"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  const auto doc = nlohmann::json::parse(r.out);
+  EXPECT_EQ(doc["first_slice_tokens"], 2048) << r.out;
+  EXPECT_EQ(doc["slices"], 3) << r.out;
+  const Tensor h = npy::read(path("h"), "h");
+  EXPECT_TRUE(testing::matches(h, stream_in_process(in, 16384, o, 2048).h, 0.0, "first slice 2048", "h", spec));
+  EXPECT_TRUE(testing::matches(h, get_kernel("chunkwise--cpu_xl_chunk")->forward(in.args(), o).h, 1e-4,
+                               "first slice 2048 vs one call", "h", spec));
+  const auto below = run_cli(dir_, "--json " + common + "16383 --out " + path("h_below"));
+  ASSERT_EQ(below.code, 0) << below.err;
+  EXPECT_EQ(nlohmann::json::parse(below.out)["first_slice_tokens"], 16383) << below.out;
+  EXPECT_EQ(nlohmann::json::parse(below.out)["slices"], 2) << below.out;
+  const auto killed =
+      run_cli(dir_, common + "16384 --out " + path("hk"), [] { setenv("MLSTM_TEST_KILL_AFTER_SLICES", "1", 1); });
+  ASSERT_EQ(killed.signal, SIGKILL) << killed.code << " " << killed.err;
+  const auto resumed = run_cli(dir_, "--json " + common + "16384 --out " + path("hk") + " --resume");
+  ASSERT_EQ(resumed.code, 0) << resumed.err;
+  EXPECT_EQ(nlohmann::json::parse(resumed.out)["resumed_from"], 2048) << resumed.out;
+  EXPECT_EQ(nlohmann::json::parse(resumed.out)["slices"], 2) << resumed.out;
+  EXPECT_EQ(slurp(path("hk")), slurp(path("h")));
 }
 
 // --stream-tokens with --cu-seqlens (issue 19 item 2): packed sequences streamed from files equal one packed call

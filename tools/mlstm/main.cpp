@@ -94,8 +94,9 @@ int main(int argc, char** argv) {
   ForwardStreaming fstream;
   forward
       ->add_option("--stream-tokens", fstream.tokens,
-                   "stream the .npy inputs in slices of this many tokens (pread, reads overlapping compute), "
-                   "writing h incrementally: memory stays flat whatever S; resumable with --resume")
+                   "stream the .npy inputs in slices of this many tokens (pread, reads overlapping compute; from "
+                   "16384 up a fresh run's first slice is an eighth of it, for an early first token), writing h "
+                   "incrementally: memory stays flat whatever S; resumable with --resume")
       ->check(CLI::PositiveNumber);
   forward->add_flag("--resume", fstream.resume,
                     "continue a killed --stream-tokens run from its progress record (.<out>.progress) and partial "
