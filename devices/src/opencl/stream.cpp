@@ -9,6 +9,7 @@
 #include <cstring>
 #include <deque>
 #include <future>
+#include <type_traits>
 
 #include "internal.hpp"
 #include "mlstm/core/trace.hpp"
@@ -173,20 +174,15 @@ DeviceStream::DeviceStream(std::shared_ptr<Device> device, Config config, ConstT
       int j = 0;
       try {
         cl_int e = CL_SUCCESS;
-        cl_command_queue q = clCreateCommandQueue(device_->context(), device_->info().id, 0, &e);
+        const std::unique_ptr<std::remove_pointer_t<cl_command_queue>, decltype(&clReleaseCommandQueue)> q(
+            clCreateCommandQueue(device_->context(), device_->info().id, 0, &e), &clReleaseCommandQueue);
         check(e, "clCreateCommandQueue(stream staging)", device_->name());
-        try {
-          for (; j < kStreamSlots && !st.stop_staging.load(); ++j) {
-            const ScopedTrace locked([&] { return "stream slot " + std::to_string(j) + " page-locked"; });
-            page_lock(st.slots[j], q);
-            st.staging_done[j].set_value();
-          }
-        } catch (...) {
-          clReleaseCommandQueue(q);
-          throw;
+        // Stopped early (stop_staging: the destructor), the slots left are never waited for.
+        for (; j < kStreamSlots && !st.stop_staging.load(); ++j) {
+          const ScopedTrace locked([&] { return "stream slot " + std::to_string(j) + " page-locked"; });
+          page_lock(st.slots[j], q.get());
+          st.staging_done[j].set_value();
         }
-        clReleaseCommandQueue(q);
-        for (; j < kStreamSlots; ++j) st.staging_done[j].set_exception(std::make_exception_ptr(Error("stream ended")));
       } catch (...) {
         for (; j < kStreamSlots; ++j) st.staging_done[j].set_exception(std::current_exception());
       }
@@ -675,6 +671,7 @@ std::uint64_t DeviceStream::push(const ForwardArgs& piece, bool inputs_outlive_p
   stream.DHQK = c.DHQK;
   stream.DHHV = c.DHHV;
   const ProblemShape p = check_stream_piece(piece, stream, c.options);
+  const ScopedTrace trace([&] { return "stream piece " + std::to_string(next_ticket_) + " pushed"; });
   HostPiece h = next_piece(p.S);
   // A slot still in ordinary memory (Config::staging) uploads every input it can from where it lies: a copy into
   // ordinary staging would only add one.
@@ -757,6 +754,7 @@ void DeviceStream::take_into(std::uint64_t ticket, TensorView out) {
   cl_event down = s.down;
   clRetainEvent(down);
   lock.unlock();
+  const ScopedTrace trace([&] { return "stream piece " + std::to_string(ticket) + " taken"; });
   cl_int waited = clWaitForEvents(1, &down);
   clReleaseEvent(down);
   std::exception_ptr failed;
