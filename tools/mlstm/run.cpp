@@ -3,6 +3,7 @@
 // spot-checked against the float64 reference; also the synthetic inputs bench uses.
 #include <tbb/blocked_range.h>
 #include <tbb/parallel_for.h>
+#include <tbb/task_group.h>
 #include <unistd.h>
 
 #include <CLI/Option.hpp>
@@ -269,23 +270,29 @@ int cmd_run(const RunOptions& ro, bool as_json) {
   struct InFlight {
     std::uint64_t ticket;
     std::int64_t t0, len;
-    ForwardInputs inputs;  // a shared copy of the piece (Tensor copies share nothing: kept only for piece 0)
+    const ForwardInputs* inputs;  // the piece's inputs (pieces[0] or full: they outlive the run)
   };
   std::deque<InFlight> in_flight;
   double first_token_secs = -1.0;
+  // The spot check of the first piece (a float64 recurrence on the host) runs beside the stream.
+  tbb::task_group checking;
   // A piece's h is back: the first-token time, the spot check of the first piece, progress.
-  auto piece_done = [&](std::int64_t t0, std::int64_t len, const ForwardInputs& inputs, const Tensor& h) {
+  auto piece_done = [&](std::int64_t t0, std::int64_t len, const ForwardInputs* inputs, Tensor h) {
     if (first_token_secs < 0) first_token_secs = std::chrono::duration<double>(Clock::now() - process_start()).count();
-    if (t0 == 0 && ro.check_tokens > 0) max_rel = spot_check(inputs, ro, len, h, session.config().options);
+    if (t0 == 0 && ro.check_tokens > 0) {
+      checking.run([&max_rel, &ro, inputs, len, h = std::move(h), options = session.config().options] {
+        max_rel = spot_check(*inputs, ro, len, h, options);
+      });
+    }
     progress.update(t0 + len);
   };
   auto take_oldest = [&] {
     InFlight f = std::move(in_flight.front());
     in_flight.pop_front();
     const auto c0 = Clock::now();
-    const Tensor h = session.take(f.ticket);
+    Tensor h = session.take(f.ticket);
     compute_secs += std::chrono::duration<double>(Clock::now() - c0).count();
-    piece_done(f.t0, f.len, f.inputs, h);
+    piece_done(f.t0, f.len, f.inputs, std::move(h));
   };
   std::int64_t piece_index = 0;
   for (std::int64_t t0 = 0; t0 < ro.seq_len; t0 += step, ++piece_index) {
@@ -297,13 +304,13 @@ int cmd_run(const RunOptions& ro, bool as_json) {
     const ForwardArgs a = l.args();
     const auto c0 = Clock::now();
     if (ro.backward) {
-      const Tensor h = session.push(a);
+      Tensor h = session.push(a);
       (void)session.backward_of_last_piece(a, h.view());  // dh = h
       compute_secs += std::chrono::duration<double>(Clock::now() - c0).count();
-      piece_done(t0, len, l, h);
+      piece_done(t0, len, &l, std::move(h));
       continue;
     }
-    in_flight.push_back({session.submit(a), t0, len, t0 == 0 && ro.check_tokens > 0 ? l : ForwardInputs{}});
+    in_flight.push_back({session.submit(a), t0, len, &l});
     compute_secs += std::chrono::duration<double>(Clock::now() - c0).count();
     if (piece_index == 0) {  // the engine is chosen at the first piece
       const graph::Plan& plan = session.runner()->last_plan();
@@ -318,6 +325,7 @@ int cmd_run(const RunOptions& ro, bool as_json) {
     if (in_flight.size() > 2) take_oldest();
   }
   while (!in_flight.empty()) take_oldest();
+  checking.wait();
   const double secs = std::chrono::duration<double>(Clock::now() - start).count();
   const double tokens = static_cast<double>(ro.batch * ro.seq_len);
   const bool check_ok = max_rel < (dtype == DType::f32 ? 1e-4 : 2e-2);
