@@ -228,7 +228,20 @@ int cmd_run(const RunOptions& ro, bool as_json) {
   cfg.options = o;
   cfg.devices = spec;
   cfg.balancing = graph::parse_balancing(ro.balancing, "--balancing");  // default: shares by measured device speed
+  // A few random pieces, cycled (generating 1M tokens of fresh inputs would cost more than the mLSTM itself); the
+  // carried state makes every piece's output different. They are made while the devices open (the session's
+  // constructor waits 0.1-0.25 s on the OpenCL driver), so the first piece does not wait for them.
+  constexpr std::size_t kDistinctPieces = 4;
+  std::vector<ForwardInputs> pieces(kDistinctPieces);
+  tbb::task_group making;
+  making.run([&] {
+    for (std::size_t p = 0; p < kDistinctPieces; ++p) {
+      pieces[p] = synthetic_piece(ro.batch, ro.heads, std::min(ro.piece, ro.seq_len), ro.dqk, ro.dhv, dtype,
+                                  1234567 + static_cast<std::uint64_t>(p));
+    }
+  });
   StreamSession session(cfg);
+  making.wait();
   if (!as_json) {
     std::cout << "problem: B=" << ro.batch << " NH=" << ro.heads << " S=" << ro.seq_len << " DHQK=" << ro.dqk
               << " DHHV=" << ro.dhv << " " << dtype_name(dtype) << ", chunk "
@@ -244,27 +257,10 @@ int cmd_run(const RunOptions& ro, bool as_json) {
   double max_rel = 0.0;
   double compute_secs = 0.0;
   const auto start = Clock::now();
-  // A few random pieces, cycled (generating 1M tokens of fresh inputs would cost more than the mLSTM itself); the
-  // carried state makes every piece's output different. Streamed, each is made when first needed: piece 0 goes
-  // to the engine at once, and pieces 1-3 are made while the pieces before them compute.
-  constexpr std::size_t kDistinctPieces = 4;
-  std::vector<ForwardInputs> pieces;
-  pieces.reserve(kDistinctPieces);
-  auto piece = [&](std::int64_t index) -> const ForwardInputs& {
-    const auto p = static_cast<std::size_t>(index) % kDistinctPieces;
-    while (pieces.size() <= p) {
-      pieces.push_back(synthetic_piece(ro.batch, ro.heads, std::min(ro.piece, ro.seq_len), ro.dqk, ro.dhv, dtype,
-                                       1234567 + static_cast<std::uint64_t>(pieces.size())));
-    }
-    return pieces[p];
-  };
   // resident: the whole sequence in memory (the same pieces, tiled), one pass through the graph.
   const bool resident = ro.mode == "resident";
   ForwardInputs full;
-  if (resident) {
-    (void)piece(kDistinctPieces - 1);
-    full = tile_pieces(pieces, ro.seq_len);
-  }
+  if (resident) full = tile_pieces(pieces, ro.seq_len);
   const std::int64_t step = resident ? ro.seq_len : ro.piece;
   // Pieces in flight: each is submitted two pieces ahead of the one taken (backward: one at a time, push).
   struct InFlight {
@@ -297,7 +293,7 @@ int cmd_run(const RunOptions& ro, bool as_json) {
   std::int64_t piece_index = 0;
   for (std::int64_t t0 = 0; t0 < ro.seq_len; t0 += step, ++piece_index) {
     const std::int64_t len = std::min(step, ro.seq_len - t0);
-    const ForwardInputs& cycled = resident ? full : piece(piece_index);
+    const ForwardInputs& cycled = resident ? full : pieces[static_cast<std::size_t>(piece_index) % kDistinctPieces];
     ForwardInputs tail;
     if (len < cycled.q.dim(2)) tail = synthetic_piece(ro.batch, ro.heads, len, ro.dqk, ro.dhv, dtype, 7654321);
     const ForwardInputs& l = len < cycled.q.dim(2) ? tail : cycled;
