@@ -262,7 +262,8 @@ int cmd_run(const RunOptions& ro, bool as_json) {
   ForwardInputs full;
   if (resident) full = tile_pieces(pieces, ro.seq_len);
   const std::int64_t step = resident ? ro.seq_len : ro.piece;
-  // Pieces in flight: each is submitted two pieces ahead of the one taken (backward: one at a time, push).
+  // Pieces in flight: each is submitted two pieces ahead of the one taken, but the first (backward: one at a time,
+  // push).
   struct InFlight {
     std::uint64_t ticket;
     std::int64_t t0, len;
@@ -318,7 +319,9 @@ int cmd_run(const RunOptions& ro, bool as_json) {
                                   plan.engine);
       if (!as_json) std::cout << "engine: " << plan.describe() << "\n";
     }
-    if (in_flight.size() > 2) take_oldest();
+    // The first piece is taken at once (its h is the first token: it should not wait for the pieces after it to
+    // be staged); later ones go three in flight.
+    if (in_flight.size() > 2 || piece_index == 0) take_oldest();
   }
   while (!in_flight.empty()) take_oldest();
   checking.wait();
