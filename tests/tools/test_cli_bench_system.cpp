@@ -21,9 +21,9 @@ using json = nlohmann::json;
 
 // The rows of one problem at one size, and those of one problem.
 const std::set<std::string> kCaseIds{
-    "transfer",     "transfer_fwbw",        "host_copy", "kernel_fw",     "kernel_fwbw",    "file_read",
-    "forward_host", "workers_plus_gpu",     "fwbw_host", "forward_files", "forward_python", "forward_pinned",
-    "fwbw_pinned",  "forward_python_pinned"};
+    "transfer",      "transfer_fwbw",  "host_copy",      "kernel_fw",        "kernel_fwbw",
+    "file_read",     "file_io",        "forward_host",   "workers_plus_gpu", "fwbw_host",
+    "forward_files", "forward_python", "forward_pinned", "fwbw_pinned",      "forward_python_pinned"};
 
 class CliBenchSystem : public ::testing::Test {
  protected:
@@ -102,6 +102,9 @@ TEST_F(CliBenchSystem, EveryRowOnATinyProblem) {
   // The kernel bound ran on the whole sequence, the CLI row reports the child's memory and first token.
   EXPECT_EQ(rows.at({"kernel_fw", 8192})["tokens_measured"], 8192);
   EXPECT_GT(rows.at({"forward_files", 8192})["peak_rss_mib"].get<double>(), 0);
+  // Beside its bound (the reads alone), the CLI row's ratio against file_io: the reads with h's writes beside them.
+  EXPECT_GT(rows.at({"forward_files", 8192})["ratio_vs_file_io"].get<double>(), 0);
+  EXPECT_GT(rows.at({"file_io", 8192})["GBps"].get<double>(), 0);
   EXPECT_GT(rows.at({"startup", 4096})["first_token_seconds"].get<double>(), 0);
   // The workers+GPU row names the devices its plan gave work (fastest may leave the workers out).
   EXPECT_GE(rows.at({"workers_plus_gpu", 4096})["devices_used"].size(), 1u)

@@ -17,6 +17,7 @@
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <sys/wait.h>
+#include <tbb/task_group.h>
 #include <unistd.h>
 
 #include <CLI/Option.hpp>
@@ -389,6 +390,61 @@ double read_back_seconds(const std::vector<std::string>& paths) {
   return std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
+// A directory (or file) removed with everything in it when this goes out of scope.
+struct RemovedAtEnd {
+  fs::path path;
+  ~RemovedAtEnd() {
+    std::error_code ec;
+    fs::remove_all(path, ec);
+  }
+};
+
+// Seconds to write `bytes` into a new file `path` as the CLI writes h: 16 MiB pwrites, fdatasync after every
+// `sync_every` bytes (a slice) and at the end, every call checked.
+void write_synced(const fs::path& path, std::size_t bytes, std::size_t sync_every) {
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  if (fd < 0) throw Error("open '" + path.string() + "': " + std::strerror(errno));
+  const std::vector<char> block(std::size_t{16} << 20, 1);
+  std::string failed;
+  std::size_t since_sync = 0;
+  for (std::size_t at = 0; at < bytes && failed.empty();) {
+    const ssize_t n = ::pwrite(fd, block.data(), std::min(block.size(), bytes - at), static_cast<off_t>(at));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      failed = "pwrite: " + std::string(n < 0 ? std::strerror(errno) : "no progress");
+      break;
+    }
+    at += static_cast<std::size_t>(n);
+    since_sync += static_cast<std::size_t>(n);
+    if ((since_sync >= sync_every || at == bytes) && ::fdatasync(fd) != 0)
+      failed = "fdatasync: " + std::string(std::strerror(errno));
+    if (since_sync >= sync_every) since_sync = 0;
+  }
+  if (::close(fd) != 0 && failed.empty()) failed = "close: " + std::string(std::strerror(errno));
+  if (!failed.empty()) throw Error("'" + path.string() + "': " + failed);
+}
+
+// Seconds to read the files back (read_back_seconds) while `write_bytes` are written and synced beside them
+// (write_synced, into `dir`), until both are done: the CLI forward reads its inputs and writes h on the same disk,
+// and where reads and writes share its bandwidth this, not the reads alone, is what its files allow.
+double read_while_writing_seconds(const std::vector<std::string>& paths, const fs::path& dir, std::size_t write_bytes,
+                                  std::size_t sync_every) {
+  const fs::path probe = dir / "write_probe.bin";
+  const RemovedAtEnd probe_goes{probe};
+  for (const auto& p : paths) drop_cached(p);
+  tbb::task_group writing;
+  const auto t0 = Clock::now();
+  writing.run([&] { write_synced(probe, write_bytes, sync_every); });
+  try {
+    (void)read_back_seconds(paths);
+  } catch (...) {
+    writing.wait();
+    throw;
+  }
+  writing.wait();
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
 // ---- bounds ------------------------------------------------------------------------------------------------
 
 // Tokens/s of the transfer bound over every GPU-side device (measured one after the other, added up): the
@@ -593,6 +649,7 @@ constexpr RowKind kTransferFwbw{"transfer_fwbw", "bound: transfer, forward+backw
 constexpr RowKind kKernelFw{"kernel_fw", "bound: kernel, forward (device-resident)"};
 constexpr RowKind kKernelFwbw{"kernel_fwbw", "bound: kernel, forward+backward"};
 constexpr RowKind kFileRead{"file_read", "bound: reading the .npy inputs back"};
+constexpr RowKind kFileIo{"file_io", "bound: reading the .npy inputs back while h is written beside them"};
 constexpr RowKind kHostCopy{"host_copy", "bound: host copies to/from staging"};
 // Runs and their targets.
 constexpr RowKind kForwardHost{"forward_host", "forward, C++ host memory, graph", 0.80, true};
@@ -605,9 +662,10 @@ constexpr RowKind kForwardPython{"forward_python", "forward, Python numpy arrays
 constexpr RowKind kForwardPythonPinned{"forward_python_pinned", "forward, Python host_array()s, graph", 0.80, true};
 constexpr RowKind kStartup{"startup", "second run: start-up to first token", 0.10, false};
 constexpr RowKind kPeakRss{"peak_rss", "peak RSS, largest vs smallest size", 1.10, false};
-constexpr const RowKind* kCaseRows[] = {
-    &kTransfer,    &kTransferFwbw, &kHostCopy,   &kKernelFw, &kKernelFwbw,   &kForwardHost,   &kForwardPinned,
-    &kWorkersPlus, &kFwbwHost,     &kFwbwPinned, &kFileRead, &kForwardFiles, &kForwardPython, &kForwardPythonPinned};
+constexpr const RowKind* kCaseRows[] = {&kTransfer,     &kTransferFwbw,  &kHostCopy,           &kKernelFw,
+                                        &kKernelFwbw,   &kForwardHost,   &kForwardPinned,      &kWorkersPlus,
+                                        &kFwbwHost,     &kFwbwPinned,    &kFileRead,           &kFileIo,
+                                        &kForwardFiles, &kForwardPython, &kForwardPythonPinned};
 
 std::string rate_text(double tokens_per_s) {
   char text[32];
@@ -769,15 +827,6 @@ class Report {
 };
 
 // ---- the runs ----------------------------------------------------------------------------------------------
-
-// A directory removed with everything in it when this goes out of scope.
-struct RemovedAtEnd {
-  fs::path path;
-  ~RemovedAtEnd() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
 
 // A new directory (mkdtemp) under `base`: the run's work directory.
 fs::path make_work_dir(const std::string& base) {
@@ -1201,7 +1250,7 @@ class SystemBench {
     if (files_bytes > free_bytes) {
       const std::string why = "the .npy inputs and h (" + gib_text(files_bytes) + ") exceed the free disk space of " +
                               gib_text(free_bytes) + " in " + work_.path.string();
-      for (const RowKind* kind : {&kFileRead, &kForwardFiles, &kForwardPython, &kForwardPythonPinned})
+      for (const RowKind* kind : {&kFileRead, &kFileIo, &kForwardFiles, &kForwardPython, &kForwardPythonPinned})
         report_.skipped(c, *kind, why);
       if (smallest) report_.skipped(c, kStartup, why);
       return std::nullopt;
@@ -1222,18 +1271,43 @@ class SystemBench {
       report_.bound(c, kFileRead, file_bound, {{"GBps", bytes / secs * 1e-9}, {"seconds", secs}, {"note", note}});
     } catch (const std::exception& e) {
       report_.failed(c, kFileRead, e.what());
+      report_.skipped(c, kFileIo, "no .npy inputs");
       for (const RowKind* kind : {&kForwardFiles, &kForwardPython, &kForwardPythonPinned})
         report_.skipped(c, *kind, "no .npy inputs");
       if (smallest) report_.skipped(c, kStartup, "no .npy inputs");
       return std::nullopt;
     }
-    std::optional<ChildRun> cli = cli_forward(c, files, dir, std::min(fw_bound, file_bound), smallest);
+    const double file_io_bound = file_io(c, files, dir);
+    std::optional<ChildRun> cli = cli_forward(c, files, dir, std::min(fw_bound, file_bound), file_io_bound, smallest);
     python_forward(c, files, dir, fw_bound, pinned_bound);
     return cli;
   }
 
+  // The file_io bound (tokens/s; NaN when it failed, as its row says): the inputs read back while h's bytes are
+  // written and synced beside them, a slice at a time, as the CLI forward does on the same disk.
+  double file_io(const Case& c, const NpyInputs& files, const fs::path& dir) {
+    try {
+      const auto h_bytes = static_cast<std::size_t>(c.bytes(c.down, c.S));
+      const auto slice = static_cast<std::size_t>(c.bytes(c.down, std::min(plan_.stream_tokens, c.S)));
+      const double secs = read_while_writing_seconds(files.all(), dir, h_bytes, slice);
+      double bytes = static_cast<double>(h_bytes);
+      for (const auto& f : files.all()) bytes += static_cast<double>(fs::file_size(f));
+      char note[160];
+      std::snprintf(note, sizeof note,
+                    "%.2f GB/s of reads and writes together (h's bytes written and fdatasynced a slice at a time "
+                    "beside the reads)",
+                    bytes / secs * 1e-9);
+      report_.bound(c, kFileIo, static_cast<double>(c.S) / secs,
+                    {{"GBps", bytes / secs * 1e-9}, {"seconds", secs}, {"note", note}});
+      return static_cast<double>(c.S) / secs;
+    } catch (const std::exception& e) {
+      report_.failed(c, kFileIo, e.what());
+      return NAN;
+    }
+  }
+
   std::optional<ChildRun> cli_forward(const Case& c, const NpyInputs& files, const fs::path& dir, double bound,
-                                      bool smallest) {
+                                      double file_io_bound, bool smallest) {
     const double budget = static_cast<double>(memory_budget(plan_));
     const double slices = 3 * c.bytes(c.up + c.down, std::min(plan_.stream_tokens, c.S));
     if (slices > budget) {
@@ -1262,12 +1336,18 @@ class SystemBench {
     try {
       if (smallest) cold = run_once();  // fills the (empty) program cache: the first run of the start-up row
       ChildRun r = run_once();
-      report_.run(c, kForwardFiles, static_cast<double>(c.S), r.seconds,
-                  "min(transfer, host copies, kernel_fw, file_read)", bound,
-                  {{"devices", r.result.value("devices", json::array())},
-                   {"stream_tokens", plan_.stream_tokens},
-                   {"peak_rss_mib", r.peak_rss_mib()},
-                   {"first_token_seconds", r.result.value("first_token_seconds", json(nullptr))}});
+      // Against the issue's bound (the reads alone), and, beside it, against min(transfer, host copies,
+      // kernel_fw, file_io): the reads with h's writes.
+      const double io_bound = std::min(bound, file_io_bound);
+      report_.run(
+          c, kForwardFiles, static_cast<double>(c.S), r.seconds, "min(transfer, host copies, kernel_fw, file_read)",
+          bound,
+          {{"ratio_vs_file_io",
+            std::isfinite(file_io_bound) ? json(static_cast<double>(c.S) / r.seconds / io_bound) : json(nullptr)},
+           {"devices", r.result.value("devices", json::array())},
+           {"stream_tokens", plan_.stream_tokens},
+           {"peak_rss_mib", r.peak_rss_mib()},
+           {"first_token_seconds", r.result.value("first_token_seconds", json(nullptr))}});
       if (smallest) startup_row(c, *cold, r, startup_floor(env, dir));
       return r;
     } catch (const std::exception& e) {
