@@ -76,9 +76,9 @@ struct DeviceStream::Impl {
   TcConfig cfg;
   Slot slots[kStreamSlots];
   cl_program gates = nullptr, states = nullptr, outputs = nullptr;  // the device's (cached there)
-  // The slots' page-locked staging, set up on a thread of its own, slot after slot (page-locking does not overlap
-  // with itself on the H200 host): staged[j] is ready when slot j's is, or holds its error.
-  std::future<void> staging_thread;
+  // The slots' page-locked staging, set up on a thread of its own (staging_thread, below), slot after slot
+  // (page-locking does not overlap with itself on the H200 host): staged[j] is ready when slot j's is, or holds its
+  // error.
   std::atomic<bool> stop_staging{false};  // the destructor's: a stream that ends early page-locks no more slots
   std::promise<void> staging_done[kStreamSlots];
   std::future<void> staged[kStreamSlots];
@@ -119,6 +119,8 @@ struct DeviceStream::Impl {
   std::int64_t NC_max = 0;
   std::size_t q_bytes = 0, v_bytes = 0, g_bytes = 0;  // per-tensor staging sizes at max_piece
   std::size_t last_bytes = 0;                         // packed: the last states of max_segments sequences
+  // Last, so destroyed first: its future waits for the thread, which uses the slots and the promises above.
+  std::future<void> staging_thread;
 };
 
 DeviceStream::DeviceStream(std::shared_ptr<Device> device, Config config, ConstTensorView c0, ConstTensorView n0,
@@ -159,15 +161,9 @@ DeviceStream::DeviceStream(std::shared_ptr<Device> device, Config config, ConstT
     *q = clCreateCommandQueue(dev.context(), dev.info().id, CL_QUEUE_PROFILING_ENABLE, &err);
     check(err, "clCreateCommandQueue(stream)", dn);
   }
-  im.gates = dev.program_from_text("tc_gates", tc_source_text("tc_gates"), im.cfg.gates());
-  im.states = dev.program_from_text("tc_states", tc_source_text("tc_states"), im.cfg.states(0));
-  im.outputs = dev.program_from_text("tc_chunk", tc_source_text("tc_chunk"),
-                                     im.cfg.chunk(0, c.DHQK, c.DHHV, im.cfg.OTf, im.cfg.DSf));
-  auto f32 = [&](std::size_t n) { return dev.alloc(std::max<std::size_t>(n, 1) * sizeof(float)); };
-  for (Slot& s : im.slots) set_up(s);
   if (c.staging != Config::Staging::pageable) {
     // Page-locking is most of a slot's set-up; the first pieces need not wait for it (Config::staging). The
-    // destructor waits for this thread, which uses the slots.
+    // destructor (or a failing constructor, below) waits for this thread, which uses the slots.
     for (int j = 0; j < kStreamSlots; ++j) im.staged[j] = im.staging_done[j].get_future();
     im.staging_thread = std::async(std::launch::async, [this] {
       Impl& st = *impl_;
@@ -188,32 +184,47 @@ DeviceStream::DeviceStream(std::shared_ptr<Device> device, Config config, ConstT
       }
     });
   }
-  im.gb = f32(tok);
-  im.gbi = f32(tok);
-  im.gpm = f32(tok);
-  im.gcut = f32(tok);
-  im.gK = f32(tok);
-  im.gaw = f32(tok);
-  im.gub = f32(tok);
-  im.Nt = f32(tok);
-  im.sgt = f32(tok);
-  im.gG = f32(rows * NC);
-  im.gA = f32(rows * NC);
+  // The programs, the slots' device buffers and the intermediates while the staging thread page-locks slot 0 (it
+  // sets up the first piece's staging sooner). A failure stops that thread before the error leaves.
+  try {
+    im.gates = dev.program_from_text("tc_gates", tc_source_text("tc_gates"), im.cfg.gates());
+    im.states = dev.program_from_text("tc_states", tc_source_text("tc_states"), im.cfg.states(0));
+    im.outputs = dev.program_from_text("tc_chunk", tc_source_text("tc_chunk"),
+                                       im.cfg.chunk(0, c.DHQK, c.DHHV, im.cfg.OTf, im.cfg.DSf));
+    auto f32 = [&](std::size_t n) { return dev.alloc(std::max<std::size_t>(n, 1) * sizeof(float)); };
+    for (Slot& s : im.slots) set_up(s);
+    im.gb = f32(tok);
+    im.gbi = f32(tok);
+    im.gpm = f32(tok);
+    im.gcut = f32(tok);
+    im.gK = f32(tok);
+    im.gaw = f32(tok);
+    im.gub = f32(tok);
+    im.Nt = f32(tok);
+    im.sgt = f32(tok);
+    im.gG = f32(rows * NC);
+    im.gA = f32(rows * NC);
 
-  im.mst = f32(rows * (NC + std::max<std::size_t>(M, 1)));  // packed: a slot leaving every segment
-  im.Cst = dev.alloc(rows * NC * K * V * es);
-  im.nst = f32(rows * NC * K);
-  for (int j = 0; j < 2; ++j) {
-    im.C[j] = f32(rows * K * V);
-    im.n[j] = f32(rows * K);
-    im.m[j] = f32(rows);
+    im.mst = f32(rows * (NC + std::max<std::size_t>(M, 1)));  // packed: a slot leaving every segment
+    im.Cst = dev.alloc(rows * NC * K * V * es);
+    im.nst = f32(rows * NC * K);
+    for (int j = 0; j < 2; ++j) {
+      im.C[j] = f32(rows * K * V);
+      im.n[j] = f32(rows * K);
+      im.m[j] = f32(rows);
+    }
+    if (M > 0) {
+      im.in[0] = f32(M * rows * K * V);
+      im.in[1] = f32(M * rows * K);
+      im.in[2] = f32(M * rows);
+    }
+    load_state(c0, n0, m0);
+  } catch (...) {
+    im.stop_staging = true;
+    if (im.staging_thread.valid()) im.staging_thread.wait();
+    for (cl_command_queue q : {im.up, im.kernels, im.down, im.reads}) clReleaseCommandQueue(q);
+    throw;
   }
-  if (M > 0) {
-    im.in[0] = f32(M * rows * K * V);
-    im.in[1] = f32(M * rows * K);
-    im.in[2] = f32(M * rows);
-  }
-  load_state(c0, n0, m0);
 }
 
 void DeviceStream::page_lock(Slot& s, cl_command_queue queue) {
