@@ -205,8 +205,8 @@ TEST_F(CliStream, KilledRunResumesBitForBit) {
 
 // From --stream-tokens 16384 up, a fresh run's first slice is an eighth of it (a multiple of 1024): 20000 tokens
 // in slices of 16384 are read as 2048 + 16384 + 1568, and h equals a StreamSession fed those slices bit for bit.
-// Below 16384 the first slice is a whole one. A run killed after its first slice resumes at token 2048 on the same
-// boundaries: the same bytes.
+// Below 16384 the first slice is a whole one; where the first slice holds the sequence it is the only one. A run
+// killed after its first slice resumes at token 2048 on the same boundaries: the same bytes.
 TEST_F(CliStream, LongSlicesBeginWithAShortFirstSlice) {
   testing::InputSpec spec = testing::spec(1, 2, 20000, 8, 12);
   const testing::Inputs in = testing::make_inputs(spec, testing::fresh_seed());
@@ -227,6 +227,12 @@ TEST_F(CliStream, LongSlicesBeginWithAShortFirstSlice) {
   ASSERT_EQ(below.code, 0) << below.err;
   EXPECT_EQ(nlohmann::json::parse(below.out)["first_slice_tokens"], 16383) << below.out;
   EXPECT_EQ(nlohmann::json::parse(below.out)["slices"], 2) << below.out;
+  // One slice in all (the first, an eighth of 200000 tokens, holds the 20000): the same h as one call.
+  const auto one = run_cli(dir_, "--json " + common + "200000 --out " + path("h_one"));
+  ASSERT_EQ(one.code, 0) << one.err;
+  EXPECT_EQ(nlohmann::json::parse(one.out)["slices"], 1) << one.out;
+  EXPECT_TRUE(
+      testing::matches(npy::read(path("h_one"), "h"), stream_in_process(in, 200000, o).h, 0.0, "one slice", "h", spec));
   const auto killed =
       run_cli(dir_, common + "16384 --out " + path("hk"), [] { setenv("MLSTM_TEST_KILL_AFTER_SLICES", "1", 1); });
   ASSERT_EQ(killed.signal, SIGKILL) << killed.code << " " << killed.err;
