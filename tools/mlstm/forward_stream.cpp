@@ -6,7 +6,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cerrno>
 #include <csignal>
 #include <cstring>
@@ -398,32 +397,27 @@ int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const 
   const json identity = stream_identity(in, out, st, o);
   const std::string record = progress_path_of(out.h);
   std::unique_ptr<StreamSession> session;
-  // A fresh run's first two slices are read while the devices open and the stream is set up (OpenCL start-up, the
-  // engine's choice, programs, staging: 0.15-0.3 s with a warm program cache): the first, short one (for an early
-  // first token), then the next, so that the disk is not idle meanwhile. They are the pipeline's first two of its
-  // three slices in flight. On a TBB worker, not a thread of its own: a new thread gets a malloc arena of its own,
-  // 64 MiB of address space, and under an address-space cap OpenBLAS then spins forever waiting for its buffer.
+  // A fresh run's first slice is read while the devices open and the stream is set up (OpenCL start-up, the
+  // engine's choice, programs, staging: 1.1 s on the H200 before this, the read 0.25 s after it). On a TBB
+  // worker, not a thread of its own: a new thread gets a malloc arena of its own, 64 MiB of address space, and
+  // under an address-space cap OpenBLAS then spins forever waiting for its buffer.
   struct Prefetch {
-    tbb::task_group first, second;  // the second read is started by the first, so that they do not share the disk
-    std::shared_ptr<StreamSlice> slice[2];
-    int count = 0, taken = 0;
-    std::atomic<bool> cancelled{false};
-    bool pending() const { return taken < count; }
+    tbb::task_group group;
+    std::shared_ptr<StreamSlice> slice;
+    bool pending = false;
     std::shared_ptr<StreamSlice> take() {
-      // Runs the read here when no worker has taken it (a process on one CPU has none); rethrows its error.
-      (taken == 0 ? first : second).wait();
-      return std::move(slice[taken++]);
+      group.wait();  // rethrows the read's error
+      pending = false;
+      return std::move(slice);
     }
     ~Prefetch() {
-      cancelled = true;  // the run failed before it used the slices: that error is the one reported
-      for (tbb::task_group* g : {&first, &second}) {
-        try {
-          g->wait();
-        } catch (...) {
-        }
+      if (!pending) return;
+      try {
+        group.wait();
+      } catch (...) {  // the run failed before it used the slice: that error is the one reported
       }
     }
-  } prefetch;
+  } first_slice;
   const std::int64_t first_tokens = first_slice_tokens(st.tokens);
   try {
     validate_forward(first.args(), o);
@@ -433,14 +427,9 @@ int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const 
       check_finite(first.m0.view(), "m0");
     }
     if (!st.resume) {
-      prefetch.count = hdr.S > first_tokens ? 2 : 1;
-      prefetch.first.run([&prefetch, &readers, S = hdr.S, first_tokens, tokens = st.tokens] {
-        if (prefetch.cancelled) return;
-        prefetch.slice[0] = readers.read(0, std::min(S, first_tokens));
-        if (prefetch.count < 2) return;
-        prefetch.second.run([&prefetch, &readers, S, first_tokens, tokens] {
-          if (!prefetch.cancelled) prefetch.slice[1] = readers.read(first_tokens, std::min(S, first_tokens + tokens));
-        });
+      first_slice.pending = true;
+      first_slice.group.run([&first_slice, &readers, S = hdr.S, tokens = first_tokens] {
+        first_slice.slice = readers.read(0, std::min(S, tokens));
       });
     }
     if (st.resume) {
@@ -486,7 +475,8 @@ int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const 
                    fc.stop();
                    return nullptr;
                  }
-                 auto s = prefetch.pending() ? prefetch.take() : readers.read(next, std::min(hdr.S, next + st.tokens));
+                 auto s =
+                     first_slice.pending ? first_slice.take() : readers.read(next, std::min(hdr.S, next + st.tokens));
                  next = s->s1;
                  return s;
                }) &
