@@ -189,17 +189,7 @@ BackwardStream::BackwardStream(std::shared_ptr<Device> device, Config config)
     }
   }
   auto f32 = [&](std::size_t n) { return dev.alloc(std::max<std::size_t>(n, 1) * sizeof(float)); };
-  im.gb = f32(tok);
-  im.gbi = f32(tok);
-  im.gpm = f32(tok);
-  im.gcut = f32(tok);
-  im.gK = f32(tok);
-  im.gaw = f32(tok);
-  im.gub = f32(tok);
-  im.gG = f32(rows * NC);
-  im.gA = f32(rows * NC);
-
-  im.mst = f32(rows * (NC + std::max<std::size_t>(M, 1)));  // packed: a slot leaving every segment
+  detail::alloc_gate_buffers(dev, im, tok, rows, NC, M);
   im.Cst = dev.alloc(rows * NC * kv * 2);
   im.nst = f32(rows * NC * static_cast<std::size_t>(K));
   im.h = dev.alloc(vb);

@@ -193,19 +193,9 @@ DeviceStream::DeviceStream(std::shared_ptr<Device> device, Config config, ConstT
                                        im.cfg.chunk(0, c.DHQK, c.DHHV, im.cfg.OTf, im.cfg.DSf));
     auto f32 = [&](std::size_t n) { return dev.alloc(std::max<std::size_t>(n, 1) * sizeof(float)); };
     for (Slot& s : im.slots) set_up(s);
-    im.gb = f32(tok);
-    im.gbi = f32(tok);
-    im.gpm = f32(tok);
-    im.gcut = f32(tok);
-    im.gK = f32(tok);
-    im.gaw = f32(tok);
-    im.gub = f32(tok);
+    detail::alloc_gate_buffers(dev, im, tok, rows, NC, M);
     im.Nt = f32(tok);
     im.sgt = f32(tok);
-    im.gG = f32(rows * NC);
-    im.gA = f32(rows * NC);
-
-    im.mst = f32(rows * (NC + std::max<std::size_t>(M, 1)));  // packed: a slot leaving every segment
     im.Cst = dev.alloc(rows * NC * K * V * es);
     im.nst = f32(rows * NC * K);
     for (int j = 0; j < 2; ++j) {

@@ -3,6 +3,7 @@
 // DeviceStream.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <span>
@@ -52,5 +53,18 @@ const std::string& tc_source_text(const std::string& body);
 // Tiles (launch_params.hpp) and options of one problem on one device; InvalidArgument("q") when the tensor
 // cores cannot take the problem (tensor_core_fit).
 TcConfig make_config(Device& dev, bool emulate, const ProblemShape& p, const MlstmOptions& o);
+
+// The gate kernel's per-token and per-chunk outputs and the chunk stabilisers, as the streams (DeviceStream,
+// BackwardStream) hold them for one piece of up to `tokens` token-rows in `chunks` chunks per row, `segments`
+// packed sequences (0: not packed; the stabilisers keep one slot per segment end). `Im` is the stream's state.
+template <class Im>
+void alloc_gate_buffers(Device& dev, Im& im, std::size_t tokens, std::size_t rows, std::size_t chunks,
+                        std::size_t segments) {
+  auto f32 = [&](std::size_t n) { return dev.alloc(std::max<std::size_t>(n, 1) * sizeof(float)); };
+  for (Buffer* b : {&im.gb, &im.gbi, &im.gpm, &im.gcut, &im.gK, &im.gaw, &im.gub}) *b = f32(tokens);
+  im.gG = f32(rows * chunks);
+  im.gA = f32(rows * chunks);
+  im.mst = f32(rows * (chunks + std::max<std::size_t>(segments, 1)));
+}
 
 }  // namespace mlstm::opencl::detail
