@@ -267,7 +267,7 @@ int cmd_run(const RunOptions& ro, bool as_json) {
   struct InFlight {
     std::uint64_t ticket;
     std::int64_t t0, len;
-    const ForwardInputs* inputs;  // the piece's inputs (pieces[0] or full: they outlive the run)
+    const ForwardInputs* inputs;  // piece 0's inputs, for its spot check (pieces[0] or full: they outlive the run)
   };
   std::deque<InFlight> in_flight;
   double first_token_secs = -1.0;
@@ -307,7 +307,7 @@ int cmd_run(const RunOptions& ro, bool as_json) {
       piece_done(t0, len, &l, std::move(h));
       continue;
     }
-    in_flight.push_back({session.submit(a), t0, len, &l});
+    in_flight.push_back({session.submit(a), t0, len, t0 == 0 ? &l : nullptr});
     compute_secs += std::chrono::duration<double>(Clock::now() - c0).count();
     if (piece_index == 0) {  // the engine is chosen at the first piece
       const graph::Plan& plan = session.runner()->last_plan();
