@@ -246,8 +246,6 @@ std::string slurp(const fs::path& p) {
   return ss.str();
 }
 
-// Runs argv[0] with argv (stdin /dev/null, stdout and stderr to files in `dir`), with `env` set on top of this
-// process's environment; waits for it.
 // The trace lines (trace.hpp) among a run's stderr, in order.
 json trace_lines(const std::string& err) {
   json lines = json::array();
@@ -258,6 +256,8 @@ json trace_lines(const std::string& err) {
   return lines;
 }
 
+// Runs argv[0] with argv (stdin /dev/null, stdout and stderr to files in `dir`), with `env` set on top of this
+// process's environment; waits for it.
 ChildRun spawn(const std::vector<std::string>& args, const std::map<std::string, std::string>& env,
                const fs::path& dir) {
   std::vector<std::string> env_text;
@@ -399,7 +399,7 @@ struct RemovedAtEnd {
   }
 };
 
-// Seconds to write `bytes` into a new file `path` as the CLI writes h: 16 MiB pwrites, fdatasync after every
+// Writes `bytes` into a new file `path` as the CLI writes h: 16 MiB pwrites, fdatasync after every
 // `sync_every` bytes (a slice) and at the end, every call checked.
 void write_synced(const fs::path& path, std::size_t bytes, std::size_t sync_every) {
   const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
