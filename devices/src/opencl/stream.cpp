@@ -184,8 +184,8 @@ DeviceStream::DeviceStream(std::shared_ptr<Device> device, Config config, ConstT
       }
     });
   }
-  // The programs, the slots' device buffers and the intermediates while the staging thread page-locks slot 0 (it
-  // sets up the first piece's staging sooner). A failure stops that thread before the error leaves.
+  // The programs, the slots' device buffers and the intermediates while the staging thread page-locks slot 0 (no
+  // set-up of ours comes before it). A failure stops that thread before the error leaves.
   try {
     im.gates = dev.program_from_text("tc_gates", tc_source_text("tc_gates"), im.cfg.gates());
     im.states = dev.program_from_text("tc_states", tc_source_text("tc_states"), im.cfg.states(0));
