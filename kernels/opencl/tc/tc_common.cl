@@ -80,11 +80,13 @@ TC_INLINE uint f_to_fp16_sw(float f) {
 #define E2F(x) fp16_to_f(x)
 #define F2E_SW(x) f_to_fp16_sw(x)
 #define MMA_TYPE "f16"
+#define ONES2 0x3c003c00u  // two 16-bit ones, packed
 #define CVT2_PTX "cvt.rn.f16x2.f32 %0, %1, %2;"
 #else
 #define E2F(x) bf16_to_f(x)
 #define F2E_SW(x) f_to_bf16_sw(x)
 #define MMA_TYPE "bf16"
+#define ONES2 0x3f803f80u
 #define CVT2_PTX "cvt.rn.bf16x2.f32 %0, %1, %2;"
 #endif
 

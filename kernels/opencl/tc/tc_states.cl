@@ -8,7 +8,9 @@
 //   backward: X = q, Y = dh, w_t = exp(min(0, (m_c - K_first) - ub_t)) / (sqrt(DHQK) N_t), scale as forward
 // (tc_gates.cl tc_fw_gates: aw, ub and the anchors K; w_t = 0 across a cut, G_c = -inf for a chunk with one)
 // and the n part (vector over the KT tile) with weights w_t (forward) / w_t * dden_t * N_t (backward),
-// kept by the work-groups of DHHV tile 0 only.
+// kept by the work-groups of DHHV tile 0 only: forward, one more mma n-block per step whose B column 0 is all ones
+// (n = Xs^T 1, in accumulators shaped like acc's); backward, a float32 sum over the staged rows.
+// A step's gate scalars are loaded with the chunk's k and v, one chunk ahead (no global load waits at its top).
 // Build options: -DMODE -DL -DKT -DVT -DDHQK -DDHHV -DGATE_EXP, -DWRITE_STATES=0 for a pass that only needs the
 // final value (the first pass of the sequence split: Cst, nst and mst are not written) (+ tc_common.cl's).
 // -DPACKED=1: the chunk table (tc_common.cl CHUNK_START) and the segment table `stab` (int4 per segment:
@@ -66,8 +68,10 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
 {
   __local ushort xs[L * XSTR] __attribute__((aligned(16)));
   __local ushort ys[L * YSTR] __attribute__((aligned(16)));
+#if MODE != 0
   __local float nf[L];
   __local float npart[KT];
+#endif
   EMU_DECL(NWS)
   const int tid = get_local_id(0), lane = tid & 31, warp = tid >> 5, g = lane >> 2, tq = lane & 3;
   const int row = get_global_id(1);
@@ -85,8 +89,12 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
   const float isq = 1.0f / sqrt((float)DHQK);
 
   float acc[NVB][4];
+#if MODE == 0
+  float nacc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // n in an mma n-block: column 0 of rows g, g + 8 of the warp's 16
+#else
   float nacc = 0.0f;  // thread tid: n[k0 + tid % KT], half tid / KT of the tokens
   const int nk = tid % KT, nh = tid / KT;
+#endif
 
   // ---- initial value ----
   float m_cur;
@@ -118,14 +126,26 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
       int r = k0 + warp * 16 + g + (i >> 1) * 8, col = v0 + j * 8 + 2 * tq + (i & 1);
       acc[j][i] = have0 ? init_C[((size_t)init_row * DHQK + r) * DHHV + col] : 0.0f;
     }
+#if MODE == 0
+  if (have0 && tq == 0) {
+    nacc[0] = init_n[(size_t)init_row * DHQK + k0 + warp * 16 + g];
+    nacc[2] = init_n[(size_t)init_row * DHQK + k0 + warp * 16 + g + 8];
+  }
+#else
   if (have0 && nh == 0) nacc = init_n[(size_t)init_row * DHQK + k0 + nk];
+#endif
 
   // ---- register prefetch of one chunk ----
   uint4 xr[NXV], yr[NYV];
   float gsx[NXV][3];  // per-row gate scalars of the rows this thread stages
+  float pG, pA, pK;   // the chunk's G, its max a (forward) or m_c (backward), and its anchor K
+#if MODE == 1
+  float pM;           // m_{c+1} (backward)
+#endif
 #define PREFETCH(cc)                                                                                  \
   {                                                                                                   \
     const int cb_ = CHUNK_START(cc), len_ = CHUNK_LEN(cc);                                            \
+    PREFETCH_CHUNK(cc, cb_, len_)                                                                     \
     _Pragma("unroll")                                                                                 \
     for (int i = 0; i < NXV; ++i) {                                                                   \
       int r = X_ROW(i);                                                                               \
@@ -153,8 +173,17 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
 #endif
 #if MODE == 0
 #define PREFETCH_GATES(i, tok) gsx[i][0] = gaw[tok];
+#define PREFETCH_CHUNK(cc, cb, len)                                  \
+  pG = gG[(size_t)row * NC + (cc)];                                  \
+  pA = gA[(size_t)row * NC + (cc)];                                  \
+  pK = ANCHOR((size_t)row * S + (cb) + (len) - 1);
 #else
 #define PREFETCH_GATES(i, tok) gsx[i][0] = gub[tok]; gsx[i][1] = Nt[tok]; gsx[i][2] = dden[tok];
+#define PREFETCH_CHUNK(cc, cb, len)                                  \
+  pG = gG[(size_t)row * NC + (cc)];                                  \
+  pA = mst[(size_t)row * MSLOTS + CHUNK_MSLOT(cc)];                  \
+  pM = mst[(size_t)row * MSLOTS + CHUNK_MSLOT(cc) + 1];              \
+  pK = ANCHOR((size_t)row * S + (cb));
 #endif
 
 #if MODE == 0 && PACKED
@@ -170,25 +199,24 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
   int c = NC - 1;
   const int c_end = -1, c_step = -1;
 #endif
-  PREFETCH(c)
+  if (c != c_end) PREFETCH(c)
   for (; c != c_end; c += c_step) {
     const int len = CHUNK_LEN(c);
-    const size_t chunk_at = (size_t)row * NC + c;
-    const float G = gG[chunk_at];
+    const float G = pG;
     float m_c, m_next;
 #if MODE == 0
-    const float K_last = ANCHOR((size_t)row * S + CHUNK_START(c) + len - 1);
+    const float K_last = pK;
     m_c = m_cur;
 #if GATE_EXP
-    m_next = fmax(G + m_c, gA[chunk_at] + K_last);
+    m_next = fmax(G + m_c, pA + K_last);
 #else
     m_next = 0.0f;
 #endif
     const float Km = K_last - m_next;
 #else
-    m_c = mst[(size_t)row * MSLOTS + CHUNK_MSLOT(c)];
-    m_next = mst[(size_t)row * MSLOTS + CHUNK_MSLOT(c) + 1];
-    const float mK = m_c - ANCHOR((size_t)row * S + CHUNK_START(c));  // m_c - K_first
+    m_c = pA;
+    m_next = pM;
+    const float mK = m_c - pK;  // m_c - K_first
 #endif
     // 0 across a cut (G = -inf) and for an EMPTY state (m_c = -inf); m_c - m_next first (stages.hpp)
     const float scale = m_c == -INFINITY ? 0.0f : safe_exp(G + (m_c - m_next));
@@ -204,13 +232,23 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
         *(__global uint*)(dst + (size_t)(g + 8) * DHHV + j * 8 + 2 * tq) = pack2(acc[j][2], acc[j][3]);
       }
     }
+#if MODE == 0
+    if (with_n && tq == 0) {
+      __global float* nd = nst + ((size_t)row * NC + c) * DHQK + k0 + warp * 16 + g;
+      nd[0] = nacc[0] + nacc[1];
+      nd[8] = nacc[2] + nacc[3];
+    }
+#else
     if (with_n) {
       if (nh == 1) npart[nk] = nacc;
     }
 #endif
+#endif
     barrier(CLK_LOCAL_MEM_FENCE);  // npart visible; previous chunk's mma done with xs/ys
-#if WRITE_STATES
+#if WRITE_STATES && MODE != 0
     if (with_n && nh == 0) nst[((size_t)row * NC + c) * DHQK + k0 + nk] = nacc + npart[nk];
+#endif
+#if WRITE_STATES
 #if MODE == 0
     if (kt == 0 && vt == 0 && tid == 0) mst[(size_t)row * MSLOTS + CHUNK_MSLOT(c)] = m_c;
 #endif
@@ -220,7 +258,12 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
     for (int j = 0; j < NVB; ++j)
       #pragma unroll
       for (int i = 0; i < 4; ++i) acc[j][i] *= scale;
+#if MODE == 0
+    #pragma unroll
+    for (int i = 0; i < 4; ++i) nacc[i] *= scale;
+#else
     nacc *= scale;
+#endif
 
     // stage chunk c: X rows scaled by w_t, Y rows as they are
     #pragma unroll
@@ -230,7 +273,6 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
       if (r < len) {
 #if MODE == 0
         w = safe_exp(gsx[i][0] + Km);  // 0 before the last cut (aw = -inf) and into an EMPTY state
-        nfac = 1.0f;
 #else
         const float x = mK - gsx[i][0];  // ub = +inf from the first cut on; NaN: an EMPTY state (0)
         float e = isnan(x) ? 0.0f : exp(fmin(0.0f, x));
@@ -244,7 +286,11 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
       v.z = scale2(v.z, w);
       v.w = scale2(v.w, w);
       sts128(xs + r * XSTR + X_COL(i), v);
+#if MODE != 0
       if (X_COL(i) == 0) nf[r] = nfac;
+#else
+      (void)nfac;
+#endif
     }
     #pragma unroll
     for (int i = 0; i < NYV; ++i) sts128(ys + Y_ROW(i) * YSTR + Y_COL(i), yr[i]);
@@ -265,12 +311,23 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
         mma16816(acc[2 * jj], a, b EMU_ARG);
         mma16816(acc[2 * jj + 1], a, b + 2 EMU_ARG);
       }
+#if MODE == 0
+      if (with_n) {  // n += Xs^T 1: B's column 0 all ones (rows of Xs past the chunk's end are 0)
+        const uint one = g == 0 ? ONES2 : 0u;
+        const uint b[2] = {one, one};
+        mma16816(nacc, a, b EMU_ARG);
+      }
+#endif
     }
-    if (with_n) {
-      float s = 0.0f;
-      for (int r = nh * (L / 2); r < (nh + 1) * (L / 2); ++r) s += E2F(xs[r * XSTR + nk]) * nf[r];
-      nacc += s;
+#if MODE != 0
+    if (with_n) {  // four partial sums: no chain of L/2 dependent additions
+      float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      const int r0 = nh * (L / 2);
+      #pragma unroll
+      for (int r = 0; r < L / 2; ++r) s[r & 3] += E2F(xs[(r0 + r) * XSTR + nk]) * nf[r0 + r];
+      nacc += (s[0] + s[1]) + (s[2] + s[3]);
     }
+#endif
 #if MODE == 0
     m_cur = m_next;
 #endif
@@ -278,8 +335,10 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
   }
 
   // ---- final value ----
+#if MODE != 0
   if (with_n && nh == 1) npart[nk] = nacc;
   barrier(CLK_LOCAL_MEM_FENCE);
+#endif
 #if MODE == 0
   __global float* outC = c_last;
   __global float* outn = n_last;
@@ -300,5 +359,12 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
       int r = k0 + warp * 16 + g + (i >> 1) * 8, col = v0 + j * 8 + 2 * tq + (i & 1);
       outC[((size_t)out_row * DHQK + r) * DHHV + col] = acc[j][i];
     }
+#if MODE == 0
+  if (with_n && tq == 0) {
+    outn[(size_t)out_row * DHQK + k0 + warp * 16 + g] = nacc[0] + nacc[1];
+    outn[(size_t)out_row * DHQK + k0 + warp * 16 + g + 8] = nacc[2] + nacc[3];
+  }
+#else
   if (with_n && nh == 0) outn[(size_t)out_row * DHQK + k0 + nk] = nacc + npart[nk];
+#endif
 }
