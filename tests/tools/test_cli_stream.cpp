@@ -231,6 +231,7 @@ TEST_F(CliStream, LongSlicesBeginWithAShortFirstSlice) {
   const auto one = run_cli(dir_, "--json " + common + "200000 --out " + path("h_one"));
   ASSERT_EQ(one.code, 0) << one.err;
   EXPECT_EQ(nlohmann::json::parse(one.out)["slices"], 1) << one.out;
+  EXPECT_EQ(nlohmann::json::parse(one.out)["first_slice_tokens"], 20000) << one.out;  // what was read, not 24576
   EXPECT_TRUE(
       testing::matches(npy::read(path("h_one"), "h"), stream_in_process(in, 200000, o).h, 0.0, "one slice", "h", spec));
   const auto killed =

@@ -418,7 +418,8 @@ int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const 
       }
     }
   } first_slice;
-  const std::int64_t first_tokens = first_slice_tokens(st.tokens);
+  // The first slice as it is read and reported: never past the sequence's end.
+  const std::int64_t first_tokens = std::min(hdr.S, first_slice_tokens(st.tokens));
   try {
     validate_forward(first.args(), o);
     if (in.check_finite) {
@@ -428,9 +429,8 @@ int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const 
     }
     if (!st.resume) {
       first_slice.pending = true;
-      first_slice.group.run([&first_slice, &readers, S = hdr.S, tokens = first_tokens] {
-        first_slice.slice = readers.read(0, std::min(S, tokens));
-      });
+      first_slice.group.run(
+          [&first_slice, &readers, tokens = first_tokens] { first_slice.slice = readers.read(0, tokens); });
     }
     if (st.resume) {
       remove_stale_temporaries(record);
@@ -554,7 +554,7 @@ int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const 
     std::cout << "forward: " << (runs_one_kernel(in) ? in.kernel : "flow graph over " + in.devices) << ", h "
               << shape_to_string(shape_h) << " " << dtype_name(hdr.dtype) << " -> " << out.h << " in " << slices
               << " slices of " << st.tokens << " tokens"
-              << (resumed_from == 0 && first_tokens < st.tokens
+              << (resumed_from == 0 && first_tokens < std::min(hdr.S, st.tokens)
                       ? " (the first " + std::to_string(first_tokens) + ", for an early first token)"
                       : std::string())
               << (resumed_from > 0 ? " (resumed at token " + std::to_string(resumed_from) + ")" : std::string()) << " ("
