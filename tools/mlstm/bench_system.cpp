@@ -431,8 +431,7 @@ double read_while_writing_seconds(const std::vector<std::string>& paths, const f
                                   std::size_t sync_every) {
   const fs::path probe = dir / "write_probe.bin";
   const RemovedAtEnd probe_goes{probe};
-  for (const auto& p : paths) drop_cached(p);
-  tbb::task_group writing;
+  tbb::task_group writing;  // (read_back_seconds drops the inputs' cached pages first)
   const auto t0 = Clock::now();
   writing.run([&] { write_synced(probe, write_bytes, sync_every); });
   try {
