@@ -86,7 +86,12 @@
 //             The next token with finite i starts afresh: m = i, C = b k v^T with b = 1.
 //   i = +inf: NOT in the domain yet (m_t = +inf, b = exp(inf - inf)); with the exp gate every entry point refuses
 //             it (validate_forward / validate_step: InvalidArgument naming i and the element), so no form returns
-//             NaN for it. The limit would need all +inf input gates taken as one X -> inf.
+//             NaN for it. The limit would need all +inf input gates taken as one X -> inf. Worked out (not built):
+//             with m = lambda X + mu (lambda in {0, 1}), a row's first +inf after a cut is itself a cut (what came
+//             before weighs exp(-X) -> 0); from there to the next cut, tokens with i = +inf weigh as i = 0 and
+//             finite ones as i = -inf, and h's floor exp(-m_t) is 0 (not exp(-mu_t): the stabilised state keeps its
+//             scale while X -> inf). So every form would need the level lambda per token (a scan of the gates) for
+//             its floor, and the state (C, n, m) would carry lambda between segments, streams and ranks.
 // Gradients w.r.t. an infinite pre-activation are these limits (finite, mostly 0); gradients of the other
 // inputs are the limits of their float64 backward, which the reference computes directly.
 // Finite gates across the float range (f = -1e30, i = 1e6 or 1e30) are ordinary values of the recurrence; no
