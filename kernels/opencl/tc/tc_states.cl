@@ -91,6 +91,7 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
   float acc[NVB][4];
 #if MODE == 0
   float nacc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // n in an mma n-block: column 0 of rows g, g + 8 of the warp's 16
+  const int n_row = k0 + warp * 16 + g;      // so lanes tq == 0 hold n[n_row] and n[n_row + 8]
 #else
   float nacc = 0.0f;  // thread tid: n[k0 + tid % KT], half tid / KT of the tokens
   const int nk = tid % KT, nh = tid / KT;
@@ -128,8 +129,8 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
     }
 #if MODE == 0
   if (have0 && tq == 0) {
-    nacc[0] = init_n[(size_t)init_row * DHQK + k0 + warp * 16 + g];
-    nacc[2] = init_n[(size_t)init_row * DHQK + k0 + warp * 16 + g + 8];
+    nacc[0] = init_n[(size_t)init_row * DHQK + n_row];
+    nacc[2] = init_n[(size_t)init_row * DHQK + n_row + 8];
   }
 #else
   if (have0 && nh == 0) nacc = init_n[(size_t)init_row * DHQK + k0 + nk];
@@ -234,7 +235,7 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
     }
 #if MODE == 0
     if (with_n && tq == 0) {
-      __global float* nd = nst + ((size_t)row * NC + c) * DHQK + k0 + warp * 16 + g;
+      __global float* nd = nst + ((size_t)row * NC + c) * DHQK + n_row;
       nd[0] = nacc[0] + nacc[1];
       nd[8] = nacc[2] + nacc[3];
     }
@@ -245,13 +246,10 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
 #endif
 #endif
     barrier(CLK_LOCAL_MEM_FENCE);  // npart visible; previous chunk's mma done with xs/ys
-#if WRITE_STATES && MODE != 0
-    if (with_n && nh == 0) nst[((size_t)row * NC + c) * DHQK + k0 + nk] = nacc + npart[nk];
-#endif
-#if WRITE_STATES
-#if MODE == 0
+#if WRITE_STATES && MODE == 0
     if (kt == 0 && vt == 0 && tid == 0) mst[(size_t)row * MSLOTS + CHUNK_MSLOT(c)] = m_c;
-#endif
+#elif WRITE_STATES
+    if (with_n && nh == 0) nst[((size_t)row * NC + c) * DHQK + k0 + nk] = nacc + npart[nk];
 #endif
 
     #pragma unroll
@@ -269,7 +267,10 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
     #pragma unroll
     for (int i = 0; i < NXV; ++i) {
       int r = X_ROW(i);
-      float w = 0.0f, nfac = 0.0f;
+      float w = 0.0f;
+#if MODE != 0
+      float nfac = 0.0f;
+#endif
       if (r < len) {
 #if MODE == 0
         w = safe_exp(gsx[i][0] + Km);  // 0 before the last cut (aw = -inf) and into an EMPTY state
@@ -288,8 +289,6 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
       sts128(xs + r * XSTR + X_COL(i), v);
 #if MODE != 0
       if (X_COL(i) == 0) nf[r] = nfac;
-#else
-      (void)nfac;
 #endif
     }
     #pragma unroll
@@ -361,8 +360,8 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_state_grads(
     }
 #if MODE == 0
   if (with_n && tq == 0) {
-    outn[(size_t)out_row * DHQK + k0 + warp * 16 + g] = nacc[0] + nacc[1];
-    outn[(size_t)out_row * DHQK + k0 + warp * 16 + g + 8] = nacc[2] + nacc[3];
+    outn[(size_t)out_row * DHQK + n_row] = nacc[0] + nacc[1];
+    outn[(size_t)out_row * DHQK + n_row + 8] = nacc[2] + nacc[3];
   }
 #else
   if (with_n && nh == 0) outn[(size_t)out_row * DHQK + k0 + nk] = nacc + npart[nk];
