@@ -18,7 +18,8 @@
 //                       state values per work item in registers:     k, v, carry, wtok, C0, n0 -> Cb, nb, C/n_last
 //   fw_outputs_regtiled one group per (row, chunk, 64 queries, 64*OVW columns of h); 4 x 4*OVW outputs per
 //                       work item; Q'C and the 64 x 64 score blocks (key tiles of 64, so any chunk size)
-//                       register-tiled over local-memory stages:     q, k, v, b, ig, Cb, nb, mb -> h, m_t, N_t, den_t
+//                       register-tiled over local-memory stages (each stage loaded into registers one stage
+//                       ahead):                                      q, k, v, b, ig, Cb, nb, mb -> h, m_t, N_t, den_t
 //   fw_outputs          (fallback: chunks shorter than 32, too little local memory) one group per token.
 //   bw_prep             one item per token:                              dh, h, m_t, N_t, den_t -> dden
 //   bw_state_grads      as fw_states, reverse over the chunks:           q, dh, dden, b, mb, carry, m_t, N_t,
@@ -223,10 +224,12 @@ inline void state_subtile_load(const int backward, const int u, const int lid, c
                                const size_t gbase, const int row, const int S, const int nchunks,
                                __global const in_t* xsrc, __global const in_t* ysrc, __global const float* wtok,
                                __global const float4* b, __global const float* mb, __global const float* m_tok,
-                               __global const float* N_tok, __global const float* dden, float* px, float* py,
-                               float* pa CTAB_PARAM) {
+                               __global const float* N_tok, __global const float* dden,
+                               __global const float* carry, float* px, float* py, float* pa,
+                               float* pcr CTAB_PARAM) {
   const int c = u / TPC;
   const int t0 = CHUNK_T0(c) + (u % TPC) * STT, t1 = CHUNK_T1(c);
+  *pcr = carry[(size_t)row * nchunks + c];  // the chunk's carry, a step ahead of its use
 #if GATE_EXP
   const float mc = backward ? mb[(size_t)row * nchunks + c] : 0.0f;
 #else
@@ -303,14 +306,14 @@ inline void state_scan(const int backward, __global const in_t* xsrc, __global c
   }
   // The sub-tiles of the walk's chunks: [u0, u1).
   const int u0 = wk.first * TPC, u1 = wk.end * TPC, nsub = u1 - u0;
-  float px[SLD], py[SLE], pa = 0.0f;
+  float px[SLD], py[SLE], pa = 0.0f, pcr = 0.0f;
   state_subtile_load(backward, backward ? u1 - 1 : u0, lid, dbase, ebase, gbase, row, S, nchunks, xsrc, ysrc, wtok, b,
-                     mb, m_tok, N_tok, dden, px, py, &pa CTAB_ARG);
+                     mb, m_tok, N_tok, dden, carry, px, py, &pa, &pcr CTAB_ARG);
   for (int step = 0; step < nsub; ++step) {
     const int u = backward ? u1 - 1 - step : u0 + step;
     if (u % TPC == (backward ? TPC - 1 : 0)) {  // first sub-tile visited in chunk u / TPC
       const size_t bidx = (size_t)row * nchunks + u / TPC;
-      const float cr = carry[bidx];
+      const float cr = pcr;
       for (int i = 0; i < 4; ++i) {
         const int d = d0 + i;
         if (d < DHQK) {
@@ -332,7 +335,7 @@ inline void state_scan(const int backward, __global const in_t* xsrc, __global c
     barrier(CLK_LOCAL_MEM_FENCE);
     if (step + 1 < nsub)
       state_subtile_load(backward, backward ? u - 1 : u + 1, lid, dbase, ebase, gbase, row, S, nchunks, xsrc, ysrc,
-                         wtok, b, mb, m_tok, N_tok, dden, px, py, &pa CTAB_ARG);
+                         wtok, b, mb, m_tok, N_tok, dden, carry, px, py, &pa, &pcr CTAB_ARG);
     if (with_n) {
       STATE_SUBTILE_FMA(1)
     } else {
@@ -462,11 +465,12 @@ __kernel void fw_outputs(__global const in_t* q, __global const in_t* k, __globa
 //   1. gates: m_t of the block's queries (prefix max of ig_s - b_s over the chunk, a work-group reduction for
 //      the part before the block), the inter-chunk factor exp(b_t + m_c - m_t).
 //   2. inter-chunk: num = Q' C over DHQK in stages of OKD (Q'^T and C staged in local memory, coalesced
-//      loads), den = Q' . n.
+//      loads), den = Q' . n; the same stages of Q'^T also give the first key tile's scores (K^T staged beside).
 //   3. intra-chunk, key tiles of 64 up to the block's last query (TFLA-style: the chunk size is not limited
 //      by local memory): the 64 x 64 score block Q' K^T register-tiled (4 x 4 per work item, over DHQK in
-//      stages of OKD), weighted by exp(b_t - b_s + ig_s - m_t) (s <= t), stored transposed in local memory
-//      (row sums give den), then num += W V over the tile's keys in stages of OKD.
+//      stages of OKD; the first tile's from step 2), weighted by exp(b_t - b_s + ig_s - m_t) (s <= t), stored
+//      transposed in local memory (row sums give den), then num += W V over the tile's keys in stages of OKD.
+//   Every stage's global loads are issued into registers one stage ahead and stored after the next barrier.
 //   4. h = num / N_t in the input dtype; the first column tile writes m_t, N_t, den_t.
 // Reads q, k, v, b, ig, Cb, nb, mb; writes h, m_tok, N_tok, den_tok. Build option -DOVW=<1..4>.
 #ifdef OVW
@@ -477,6 +481,36 @@ __kernel void fw_outputs(__global const in_t* q, __global const in_t* k, __globa
 #define OPAD 68
 #define NVT ((DHHV + OE - 1) / OE)
 #define OSTAGE (OKD * (OE > OPAD ? OE : OPAD))
+#define OSQ (OQB * OKD / 256)  // q (or k) values per work item in one stage: [dd][j] with j = idx / OKD
+#define OSE (OKD * OE / 256)   // C (or v) values per work item in one stage: [dd][e] with dd = idx / OE
+// The stage loads into registers (the stores to local memory follow the next barrier): Q' (OUT_LOAD_Q), K of the
+// key tile (OUT_LOAD_K), C and n (OUT_LOAD_C), V of the key tile (OUT_LOAD_V).
+#define OUT_LOAD_Q(P, SRC, DB, N)                                                                      \
+  for (int r = 0; r < OSQ; ++r) {                                                                      \
+    const int idx = lid + 256 * r, j = idx / OKD, d = (DB) + idx % OKD;                                \
+    P[r] = j < (N) && d < DHQK ? ld(SRC, (gbase + q0 + j) * DHQK + d) * scale : 0.0f;                 \
+  }
+#define OUT_LOAD_K(DB)                                                                                 \
+  for (int r = 0; r < OSQ; ++r) {                                                                      \
+    const int idx = lid + 256 * r, j = idx / OKD, d = (DB) + idx % OKD;                                \
+    pk[r] = j < sn && d < DHQK ? ld(k, (gbase + s0 + j) * DHQK + d) : 0.0f;                            \
+  }
+#define OUT_STORE_QK(DST, P)                                                                           \
+  for (int r = 0; r < OSQ; ++r) {                                                                      \
+    const int idx = lid + 256 * r;                                                                     \
+    DST[(idx % OKD) * OPAD + idx / OKD] = P[r];                                                        \
+  }
+#define OUT_LOAD_C(DB)                                                                                 \
+  for (int r = 0; r < OSE; ++r) {                                                                      \
+    const int idx = lid + 256 * r, d = (DB) + idx / OE, e = ebase + idx % OE;                          \
+    pe[r] = d < DHQK && e < DHHV ? Cb[(bidx * DHQK + d) * DHHV + e] : 0.0f;                            \
+  }                                                                                                    \
+  if (lid < OKD) pn = (DB) + lid < DHQK ? nb[bidx * DHQK + (DB) + lid] : 0.0f;
+#define OUT_LOAD_V(L0)                                                                                 \
+  for (int r = 0; r < OSE; ++r) {                                                                      \
+    const int idx = lid + 256 * r, l = (L0) + idx / OE, e = ebase + idx % OE;                          \
+    pe[r] = l < sn && e < DHHV ? ld(v, (gbase + s0 + l) * DHHV + e) : 0.0f;                            \
+  }
 __kernel __attribute__((reqd_work_group_size(256, 1, 1)))
 void fw_outputs_regtiled(__global const in_t* q, __global const in_t* k, __global const in_t* v,
                          __global const float4* b, __global const float* ig, __global const float* Cb,
@@ -484,7 +518,8 @@ void fw_outputs_regtiled(__global const in_t* q, __global const in_t* k, __globa
                          __global float* m_tok, __global float* N_tok, __global float* den_tok, int S,
                          int nchunks CTAB_PARAM) {
   __local float qT[OKD * OPAD];   // Q'^T stage: [dd][j]
-  __local float stg[OSTAGE];      // C stage [dd][e] | K^T stage [dd][l] | V stage [ll][e]
+  __local float kT[OKD * OPAD];   // K^T stage: [dd][l]
+  __local float stg[OSTAGE];      // C stage [dd][e] | V stage [ll][e]
   __local float sT[OKT * OPAD];   // weighted scores, transposed: [l][j]
   __local float ns[OKD];
   __local float4 qb_l[OQB], kb_l[OKT];
@@ -532,26 +567,43 @@ void fw_outputs_regtiled(__global const in_t* q, __global const in_t* k, __globa
   }
 #endif
 
-  // 2. Inter-chunk part.
-  float acc[4][4 * OVW];
-  for (int i = 0; i < 4; ++i)
+  // 2. Inter-chunk part, fused with the scores of the chunk's first key tile: one pass over DHQK in stages of OKD
+  // stages Q'^T once for Q' C and Q' K^T. Each stage's global loads go to registers one stage ahead (q, k: OSQ
+  // values, C: OSE, n: one per work item), so their latency overlaps the previous stage's FMAs.
+  float acc[4][4 * OVW], sc[4][4];
+  for (int i = 0; i < 4; ++i) {
     for (int j = 0; j < 4 * OVW; ++j) acc[i][j] = 0.0f;
+    for (int j = 0; j < 4; ++j) sc[i][j] = 0.0f;
+  }
   float qn_dot = 0.0f;  // work item lid < 64: q'_lid . n
+  const int s_end = q0 + qn;
+  int s0 = t0c, sn = min(OKT, s_end - s0);
+  float pq[OSQ], pk[OSQ], pe[OSE], pn = 0.0f;
+  OUT_LOAD_Q(pq, q, 0, qn)
+  OUT_LOAD_K(0)
+  OUT_LOAD_C(0)
+  if (lid < OKT) {  // read after the loop's barriers
+    kb_l[lid] = lid < sn ? b[gbase + s0 + lid] : (float4)(0.0f, 0.0f, 0.0f, 0.0f);
+    kig_l[lid] = lid < sn ? ig[gbase + s0 + lid] : 0.0f;
+  }
   for (int dbase = 0; dbase < DHQK; dbase += OKD) {
     barrier(CLK_LOCAL_MEM_FENCE);
-    for (int idx = lid; idx < OQB * OKD; idx += 256) {
-      const int j = idx / OKD, dd = idx % OKD, d = dbase + dd;
-      qT[dd * OPAD + j] = j < qn && d < DHQK ? ld(q, (gbase + q0 + j) * DHQK + d) * scale : 0.0f;
-    }
-    for (int idx = lid; idx < OKD * OE; idx += 256) {
-      const int dd = idx / OE, e = ebase + idx % OE, d = dbase + dd;
-      stg[dd * OE + idx % OE] = d < DHQK && e < DHHV ? Cb[(bidx * DHQK + d) * DHHV + e] : 0.0f;
-    }
-    if (lid < OKD) ns[lid] = dbase + lid < DHQK ? nb[bidx * DHQK + dbase + lid] : 0.0f;
+    OUT_STORE_QK(qT, pq)
+    OUT_STORE_QK(kT, pk)
+    for (int r = 0; r < OSE; ++r) stg[lid + 256 * r] = pe[r];
+    if (lid < OKD) ns[lid] = pn;
     barrier(CLK_LOCAL_MEM_FENCE);
+    if (dbase + OKD < DHQK) {
+      OUT_LOAD_Q(pq, q, dbase + OKD, qn)
+      OUT_LOAD_K(dbase + OKD)
+      OUT_LOAD_C(dbase + OKD)
+    }
     for (int dd = 0; dd < OKD; ++dd) {
       const float4 a4 = vload4(0, qT + dd * OPAD + ty * 4);
-      const float av[4] = {a4.x, a4.y, a4.z, a4.w};
+      const float4 k4 = vload4(0, kT + dd * OPAD + tx * 4);
+      const float av[4] = {a4.x, a4.y, a4.z, a4.w}, kv[4] = {k4.x, k4.y, k4.z, k4.w};
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) sc[i][j] += av[i] * kv[j];
       for (int w = 0; w < OVW; ++w) {
         const float4 c4 = vload4(0, stg + dd * OE + w * 64 + tx * 4);
         const float cv[4] = {c4.x, c4.y, c4.z, c4.w};
@@ -568,33 +620,37 @@ void fw_outputs_regtiled(__global const in_t* q, __global const in_t* k, __globa
   }
   if (lid < OQB) den_l[lid] = qu_l[lid] * qn_dot;
 
-  // 3. Intra-chunk part over key tiles up to the block's last query.
-  const int s_end = q0 + qn;
-  for (int s0 = t0c; s0 < s_end; s0 += OKT) {
-    const int sn = min(OKT, s_end - s0);
-    float sc[4][4];
-    for (int i = 0; i < 4; ++i)
-      for (int j = 0; j < 4; ++j) sc[i][j] = 0.0f;
-    for (int dbase = 0; dbase < DHQK; dbase += OKD) {
-      barrier(CLK_LOCAL_MEM_FENCE);
-      for (int idx = lid; idx < OQB * OKD; idx += 256) {
-        const int j = idx / OKD, dd = idx % OKD, d = dbase + dd;
-        qT[dd * OPAD + j] = j < qn && d < DHQK ? ld(q, (gbase + q0 + j) * DHQK + d) * scale : 0.0f;
-        stg[dd * OPAD + j] = j < sn && d < DHQK ? ld(k, (gbase + s0 + j) * DHQK + d) : 0.0f;
-      }
-      if (dbase == 0 && lid < OKT) {
-        kb_l[lid] = lid < sn ? b[gbase + s0 + lid] : (float4)(0.0f, 0.0f, 0.0f, 0.0f);
-        kig_l[lid] = lid < sn ? ig[gbase + s0 + lid] : 0.0f;
-      }
-      barrier(CLK_LOCAL_MEM_FENCE);
-      for (int dd = 0; dd < OKD; ++dd) {
-        const float4 a4 = vload4(0, qT + dd * OPAD + ty * 4);
-        const float4 k4 = vload4(0, stg + dd * OPAD + tx * 4);
-        const float av[4] = {a4.x, a4.y, a4.z, a4.w}, kv[4] = {k4.x, k4.y, k4.z, k4.w};
-        for (int i = 0; i < 4; ++i)
-          for (int j = 0; j < 4; ++j) sc[i][j] += av[i] * kv[j];
+  // 3. Intra-chunk part over key tiles up to the block's last query (the first tile's scores are in sc).
+  for (; s0 < s_end; s0 += OKT) {
+    sn = min(OKT, s_end - s0);
+    if (s0 != t0c) {
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) sc[i][j] = 0.0f;
+      OUT_LOAD_Q(pq, q, 0, qn)
+      OUT_LOAD_K(0)
+      for (int dbase = 0; dbase < DHQK; dbase += OKD) {
+        barrier(CLK_LOCAL_MEM_FENCE);
+        OUT_STORE_QK(qT, pq)
+        OUT_STORE_QK(kT, pk)
+        if (dbase == 0 && lid < OKT) {
+          kb_l[lid] = lid < sn ? b[gbase + s0 + lid] : (float4)(0.0f, 0.0f, 0.0f, 0.0f);
+          kig_l[lid] = lid < sn ? ig[gbase + s0 + lid] : 0.0f;
+        }
+        barrier(CLK_LOCAL_MEM_FENCE);
+        if (dbase + OKD < DHQK) {
+          OUT_LOAD_Q(pq, q, dbase + OKD, qn)
+          OUT_LOAD_K(dbase + OKD)
+        }
+        for (int dd = 0; dd < OKD; ++dd) {
+          const float4 a4 = vload4(0, qT + dd * OPAD + ty * 4);
+          const float4 k4 = vload4(0, kT + dd * OPAD + tx * 4);
+          const float av[4] = {a4.x, a4.y, a4.z, a4.w}, kv[4] = {k4.x, k4.y, k4.z, k4.w};
+          for (int i = 0; i < 4; ++i)
+            for (int j = 0; j < 4; ++j) sc[i][j] += av[i] * kv[j];
+        }
       }
     }
+    OUT_LOAD_V(0)  // the first value stage, in flight while the scores are weighted
     for (int i = 0; i < 4; ++i) {
       const int j = ty * 4 + i, t = q0 + j;
       const float4 bt = qb_l[j];
@@ -613,11 +669,9 @@ void fw_outputs_regtiled(__global const in_t* q, __global const in_t* k, __globa
     }
     for (int l0 = 0; l0 < sn; l0 += OKD) {
       barrier(CLK_LOCAL_MEM_FENCE);
-      for (int idx = lid; idx < OKD * OE; idx += 256) {
-        const int ll = idx / OE, e = ebase + idx % OE, l = l0 + ll;
-        stg[ll * OE + idx % OE] = l < sn && e < DHHV ? ld(v, (gbase + s0 + l) * DHHV + e) : 0.0f;
-      }
+      for (int r = 0; r < OSE; ++r) stg[lid + 256 * r] = pe[r];
       barrier(CLK_LOCAL_MEM_FENCE);
+      if (l0 + OKD < sn) OUT_LOAD_V(l0 + OKD)
       for (int ll = 0; ll < OKD; ++ll) {
         const float4 a4 = vload4(0, sT + (l0 + ll) * OPAD + ty * 4);
         const float av[4] = {a4.x, a4.y, a4.z, a4.w};

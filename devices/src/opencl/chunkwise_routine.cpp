@@ -99,12 +99,12 @@ class ResidentPortable final : public ResidentChunkwise {
     // The register-tiled output kernel (blocks of 64 queries x 64*OVW columns) for chunks of 32 tokens or more
     // when its stages fit in local memory; else (shorter chunks: a block would be mostly empty; chunk 1 is the
     // recurrent form and the step kernel) the per-token one.
-    ovw_ = launch.output_col_blocks > 0 ? launch.output_col_blocks
-                                        : static_cast<int>(std::min<std::int64_t>(4, (p_.DHHV + 63) / 64));
+    ovw_ = static_cast<int>(
+        std::min<std::int64_t>(launch.output_col_blocks > 0 ? launch.output_col_blocks : 4, (p_.DHHV + 63) / 64));
     {
       const std::uint64_t stage = 16ull * std::max<std::uint64_t>(64ull * static_cast<std::uint64_t>(ovw_), 68);
       // The per-token rows: 4 of one float, 2 of the float4 decays (stages.hpp Decays).
-      const std::uint64_t bytes = 4ull * (16 * 68 + stage + 64 * 68 + 16 + 12 * 64 + 256);
+      const std::uint64_t bytes = 4ull * (2 * 16 * 68 + stage + 64 * 68 + 16 + 12 * 64 + 256);
       regtiled_outputs_ =
           !untiled && L_ >= 32 && bytes + 1024 <= dev.info().local_memory && dev.info().max_work_group >= 256;
     }
