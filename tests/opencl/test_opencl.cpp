@@ -97,7 +97,10 @@ TEST(OpenCLLaunchParams, EnvironmentOverridesApplyAndMalformedOnesAreRefused) {
   ::setenv("MLSTM_OPENCL_OUTPUT_COL_BLOCKS", "5", 1);
   EXPECT_THROW(portable_launch_params(d), InvalidArgument);
   ::unsetenv("MLSTM_OPENCL_OUTPUT_COL_BLOCKS");
-  EXPECT_EQ(portable_launch_params(d).output_col_blocks, 0);
+  EXPECT_EQ(portable_launch_params(d).output_col_blocks, 2);  // the NVIDIA row
+  d.name = "pthread-skylake";
+  d.vendor = "GenuineIntel";
+  EXPECT_EQ(portable_launch_params(d).output_col_blocks, 0);  // the default: derived from the problem
 }
 
 // Every device's staging placement is decided and said (numa.hpp): a node of this host, or -1 with the reason (PoCL

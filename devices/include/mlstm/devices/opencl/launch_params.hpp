@@ -16,7 +16,8 @@ namespace mlstm::opencl {
 
 // The portable chunkwise kernels (kernels/opencl/mlstm_chunkwise.cl).
 struct PortableLaunchParams {
-  // Register-tiled output kernel: column blocks of 64 per work group (1..4); 0 = ceil(DHHV / 64), at most 4.
+  // Register-tiled output kernel: column blocks of 64 per work group (1..4; never more than ceil(DHHV / 64));
+  // 0 = ceil(DHHV / 64), at most 4.
   int output_col_blocks = 0;
   // State kernels: column blocks of 64 per work group (1..4); 0 = 2 for DHHV > 64 where that still leaves two
   // work groups per compute unit, else 1 (each work group walks the whole sequence).
