@@ -457,6 +457,17 @@ __kernel void fw_outputs(__global const in_t* q, __global const in_t* k, __globa
 }
 #endif
 
+// The 4 x 4 scores of work item (ty, tx) over one stage of N rows: SC[i][j] += A[x][4 ty + i] * B[x][4 tx + j], A and
+// B staged transposed in local memory with rows of PAD floats (the output and the gradient kernels).
+#define SCORE_STAGE(SC, A, B, PAD, N)                                                    \
+  for (int x_ = 0; x_ < (N); ++x_) {                                                     \
+    const float4 a4_ = vload4(0, (A) + x_ * (PAD) + ty * 4);                             \
+    const float4 b4_ = vload4(0, (B) + x_ * (PAD) + tx * 4);                             \
+    const float av_[4] = {a4_.x, a4_.y, a4_.z, a4_.w}, bv_[4] = {b4_.x, b4_.y, b4_.z, b4_.w}; \
+    for (int i_ = 0; i_ < 4; ++i_)                                                       \
+      for (int j_ = 0; j_ < 4; ++j_) SC[i_][j_] += av_[i_] * bv_[j_];                    \
+  }
+
 // ---- Register-tiled output kernel (fw_outputs_regtiled) ----------------------------------------------
 // Launch: global (256 * nchunks * OQB_PER_CHUNK * NVT, rows), local (256, 1); one work group per (row, chunk,
 // block of 64 queries, tile of OE = 64 * OVW output columns), the column tile fastest (groups that share a
@@ -641,13 +652,7 @@ void fw_outputs_regtiled(__global const in_t* q, __global const in_t* k, __globa
           OUT_LOAD_Q(pq, q, dbase + OKD, qn)
           OUT_LOAD_K(dbase + OKD)
         }
-        for (int dd = 0; dd < OKD; ++dd) {
-          const float4 a4 = vload4(0, qT + dd * OPAD + ty * 4);
-          const float4 k4 = vload4(0, kT + dd * OPAD + tx * 4);
-          const float av[4] = {a4.x, a4.y, a4.z, a4.w}, kv[4] = {k4.x, k4.y, k4.z, k4.w};
-          for (int i = 0; i < 4; ++i)
-            for (int j = 0; j < 4; ++j) sc[i][j] += av[i] * kv[j];
-        }
+        SCORE_STAGE(sc, qT, kT, OPAD, OKD)
       }
     }
     OUT_LOAD_V(0)  // the first value stage, in flight while the scores are weighted
@@ -1043,13 +1048,7 @@ inline void bw_grads_chain(const int mode, __global const in_t* q, __global cons
         o_dd[lid] = ok && mode == 1 ? dden[g] : 0.0f;
       }
       barrier(CLK_LOCAL_MEM_FENCE);
-      for (int yy = 0; yy < GKD; ++yy) {
-        const float4 a4 = vload4(0, aT + yy * OPAD_G + ty * 4);
-        const float4 y4 = vload4(0, stg + yy * OPAD_G + tx * 4);
-        const float av[4] = {a4.x, a4.y, a4.z, a4.w}, yv[4] = {y4.x, y4.y, y4.z, y4.w};
-        for (int i = 0; i < 4; ++i)
-          for (int j = 0; j < 4; ++j) sc[i][j] += av[i] * yv[j];
-      }
+      SCORE_STAGE(sc, aT, stg, OPAD_G, GKD)
     }
     // Coefficients, stored transposed: cT[o][r].
     for (int i = 0; i < 4; ++i) {
