@@ -491,7 +491,7 @@ __kernel void fw_outputs(__global const in_t* q, __global const in_t* k, __globa
 #define OE (64 * OVW)
 #define OPAD 68
 #define NVT ((DHHV + OE - 1) / OE)
-#define OSTAGE (OKD * (OE > OPAD ? OE : OPAD))
+#define OSTAGE (OKD * OE)  // the C or V stage (Q'^T and K^T have their own)
 #define OSQ (OQB * OKD / 256)  // q (or k) values per work item in one stage: [dd][j] with j = idx / OKD
 #define OSE (OKD * OE / 256)   // C (or v) values per work item in one stage: [dd][e] with dd = idx / OE
 // The stage loads into registers (the stores to local memory follow the next barrier): Q' (OUT_LOAD_Q), K of the

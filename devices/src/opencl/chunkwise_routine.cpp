@@ -102,8 +102,9 @@ class ResidentPortable final : public ResidentChunkwise {
     ovw_ = static_cast<int>(
         std::min<std::int64_t>(launch.output_col_blocks > 0 ? launch.output_col_blocks : 4, (p_.DHHV + 63) / 64));
     {
-      const std::uint64_t stage = 16ull * std::max<std::uint64_t>(64ull * static_cast<std::uint64_t>(ovw_), 68);
-      // The per-token rows: 4 of one float, 2 of the float4 decays (stages.hpp Decays).
+      // The stages: Q'^T and K^T (16 x 68 each), C or V (16 x 64 OVW), the scores (64 x 68), n (16); the per-token
+      // rows: 4 of one float, 2 of the float4 decays (stages.hpp Decays); the reduction (256).
+      const std::uint64_t stage = 16ull * 64ull * static_cast<std::uint64_t>(ovw_);
       const std::uint64_t bytes = 4ull * (2 * 16 * 68 + stage + 64 * 68 + 16 + 12 * 64 + 256);
       regtiled_outputs_ =
           !untiled && L_ >= 32 && bytes + 1024 <= dev.info().local_memory && dev.info().max_work_group >= 256;
