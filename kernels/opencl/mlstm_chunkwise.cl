@@ -21,6 +21,9 @@
 //                       register-tiled over local-memory stages (each stage loaded into registers one stage
 //                       ahead):                                      q, k, v, b, ig, Cb, nb, mb -> h, m_t, N_t, den_t
 //   fw_outputs          (fallback: chunks shorter than 32, too little local memory) one group per token.
+//   fw_fixup_weights, fw_fixup_states   the sequence split (shards): the summary pass's states fixed up from each
+//                       shard's entering state, instead of a second states pass ("The sequence split's fix-up")
+//   bw_fixup_weights, bw_fixup_states   its backward: the local state gradients plus the one leaving the shard
 //   bw_prep             one item per token:                              dh, h, m_t, N_t, den_t -> dden
 //   bw_state_grads      as fw_states, reverse over the chunks:           q, dh, dden, b, mb, carry, m_t, N_t,
 //                                                                        dC/dn_last -> dCn, dnn (per chunk), dC0, dn0
@@ -192,6 +195,141 @@ void fw_state_weights(__global const float4* b, __global const float* ig, __glob
   }
   if (lid == 0) mout[wk.out_row] = m;
 }
+
+// ---- The sequence split's fix-up (chunkwise_routine.cpp, shards P > 1; not packed) -------------------------------
+// After the summary pass (every shard from the EMPTY state: its chunks' states C_loc, n_loc at stabilisers m_loc)
+// and shard_fw_combine (the state entering every shard: c_in, n_in, m_in), the state entering chunk c of a shard is
+// a_c C_loc(c) + b_c c_in at m(c) = max(m_loc(c), m_in + G_s), G_s the log decay from the shard's start to chunk c:
+// the recurrence is linear in the state and max-plus linear in m (stages.hpp "Combine"). So the states pass, which
+// the arithmetic bounds on this path, runs once; the fix-up reads and writes each boundary state once.
+// The backward mirrors it: the gradient leaving chunk c is its local one (zero leaving the shard) plus
+// g_c dC_leaving, g_c the decay from the state leaving chunk c to the one leaving the shard.
+
+// The stabiliser of a chunk's state from its local part (ml) and the entering state's (mi) decayed by Gs, and the
+// factors of both parts (shard_fw_combine's form: a part at -inf weighs nothing).
+inline float fixup_m(const float ml, const float mi, const float Gs, float* a, float* bb) {
+  const float mn = fmax(Gs + mi, ml);
+  *a = mn == -INFINITY ? 0.0f : safe_exp(ml - mn);
+  *bb = mn == -INFINITY ? 0.0f : safe_exp((mi - mn) + Gs);
+  return mn;
+}
+
+#if !PACKED
+// One group of 64 per shard row q, serial over its chunks: the true stabilisers mb (from the summary pass's mloc),
+// the factors fa, fb of every chunk, and (exp gate) the carries and token weights at the true stabilisers, which
+// the backward reads. The stabiliser leaving the shard is the combine's: m_in of the next shard, the row's m_end
+// after its last. Sigmoid gate: m = 0, a = 1, b = exp(G_s); carries and weights are the summary pass's.
+__kernel __attribute__((reqd_work_group_size(64, 1, 1)))
+void fw_fixup_weights(__global const float4* b, __global const float* ig, __global const float* G,
+                      __global const float* mloc, __global const float* m_in, __global const float* m_end,
+                      __global float* mb, __global float* carry, __global float* wtok, __global float* fa,
+                      __global float* fb, int S, int nchunks, int P) {
+  const int q = get_group_id(0), lid = get_local_id(0);
+  const size_t gbase = (size_t)q * S, cbase = (size_t)q * nchunks;
+#if GATE_EXP
+  const float mi = m_in[q], m_out = q % P + 1 < P ? m_in[q + 1] : m_end[q / P];
+  // Chunk 0 enters with the shard's entering state itself (its local state is EMPTY).
+  float m = mi, a = 0.0f, bb = 1.0f, Gs = 0.0f;
+  for (int c = 0; c < nchunks; ++c) {
+    const float Gc = G[cbase + c];
+    Gs += Gc;
+    float an = 0.0f, bn = 0.0f;
+    const float m_new = c + 1 < nchunks ? fixup_m(mloc[cbase + c + 1], mi, Gs, &an, &bn) : m_out;
+    if (lid == 0) {
+      mb[cbase + c] = m;
+      fa[cbase + c] = a;
+      fb[cbase + c] = bb;
+      carry[cbase + c] = safe_exp((m - m_new) + Gc);
+    }
+    const int t0 = CHUNK_T0(c), t1 = CHUNK_T1(c);
+    const float4 end = b[gbase + t1 - 1];
+    for (int t = t0 + lid; t < t1; t += 64)
+      wtok[gbase + t] = safe_exp(dec_between(b[gbase + t], end) + (ig[gbase + t] - m_new));
+    m = m_new;
+    a = an;
+    bb = bn;
+  }
+#else
+  if (lid == 0) {
+    float Gs = 0.0f;
+    for (int c = 0; c < nchunks; ++c) {
+      mb[cbase + c] = 0.0f;
+      fa[cbase + c] = 1.0f;
+      fb[cbase + c] = exp(Gs);
+      Gs += G[cbase + c];
+    }
+  }
+#endif
+}
+
+// The states: chunk c < nchunks of shard row q becomes fa C_loc + fb c_in (n likewise); the slot c = nchunks makes
+// the state leaving the shard the one the combine chained into the next (c_in, n_in, m_in of q + 1; the row's
+// c_end, n_end, m_end after its last), which the gate gradients and the row's last state read.
+// Global (256 x groups, nchunks + 1, shard rows); each item strides over the DHQK * DHHV + DHQK values.
+__kernel __attribute__((reqd_work_group_size(256, 1, 1)))
+void fw_fixup_states(__global float* Cb, __global float* nb, __global const float* fa, __global const float* fb,
+                     __global const float* c_in, __global const float* n_in, __global const float* m_in,
+                     __global const float* c_end, __global const float* n_end, __global const float* m_end,
+                     __global float* c_last, __global float* n_last, __global float* m_last, int nchunks, int P) {
+  const int c = get_global_id(1), q = get_global_id(2);
+  const size_t KV = (size_t)DHQK * DHHV, step = get_global_size(0);
+  if (c < nchunks) {
+    const size_t bidx = (size_t)q * nchunks + c;
+    const float a = fa[bidx], bb = fb[bidx];
+    for (size_t e = get_global_id(0); e < KV; e += step)
+      Cb[bidx * KV + e] = a * Cb[bidx * KV + e] + bb * c_in[q * KV + e];
+    for (size_t d = get_global_id(0); d < DHQK; d += step)
+      nb[bidx * DHQK + d] = a * nb[bidx * DHQK + d] + bb * n_in[(size_t)q * DHQK + d];
+    return;
+  }
+  const bool last = q % P + 1 == P;
+  const size_t r = q / P;
+  for (size_t e = get_global_id(0); e < KV; e += step)
+    c_last[q * KV + e] = last ? c_end[r * KV + e] : c_in[(q + 1) * KV + e];
+  for (size_t d = get_global_id(0); d < DHQK; d += step)
+    n_last[(size_t)q * DHQK + d] = last ? n_end[r * DHQK + d] : n_in[(size_t)(q + 1) * DHQK + d];
+  if (get_global_id(0) == 0) m_last[q] = last ? m_end[r] : m_in[q + 1];
+}
+
+// The backward's factors, one group per shard row (its first item walks the chunks in reverse): fb[c] the decay
+// from the state leaving chunk c to the one leaving the shard, exp(m_{c+1} - m_out + G_{c+1} + ...), and gin[q]
+// that of the state entering the shard (shard_bw_combine's form). mb: the forward's (true) stabilisers; m_out: the
+// stabiliser leaving each shard (m_last after the forward's fix-up).
+__kernel __attribute__((reqd_work_group_size(64, 1, 1)))
+void bw_fixup_weights(__global const float* G, __global const float* mb, __global const float* m_out,
+                      __global float* fb, __global float* gin, int nchunks) {
+  const int q = get_group_id(0);
+  if (get_local_id(0) != 0) return;
+  const size_t cbase = (size_t)q * nchunks;
+  const float mo = m_out[q];
+  float Gs = 0.0f;
+  for (int c = nchunks - 1; c >= 0; --c) {
+    const float mn = c + 1 < nchunks ? mb[cbase + c + 1] : mo;
+    fb[cbase + c] = mn == -INFINITY ? 0.0f : safe_exp((mn - mo) + Gs);
+    Gs += G[cbase + c];
+  }
+  const float m0 = mb[cbase];
+  gin[q] = m0 == -INFINITY ? 0.0f : safe_exp((m0 - mo) + Gs);
+}
+
+// The gradients: dCn, dnn of chunk c < nchunks of shard row q (leaving it) gain fb[c] times the gradient leaving the
+// shard (dc_last, dn_last: the combine's); the slot c = nchunks does the same for the gradient entering the shard
+// (dc0, dn0) with gin[q]. Global (256 x groups, nchunks + 1, shard rows).
+__kernel __attribute__((reqd_work_group_size(256, 1, 1)))
+void bw_fixup_states(__global float* dCn, __global float* dnn, __global float* dc0, __global float* dn0,
+                     __global const float* fb, __global const float* gin, __global const float* dc_last,
+                     __global const float* dn_last, int nchunks) {
+  const int c = get_global_id(1), q = get_global_id(2);
+  const size_t KV = (size_t)DHQK * DHHV, step = get_global_size(0);
+  const bool in = c == nchunks;
+  const size_t at = in ? (size_t)q : (size_t)q * nchunks + c;
+  __global float* dC = in ? dc0 : dCn;
+  __global float* dn = in ? dn0 : dnn;
+  const float g = in ? gin[q] : fb[at];
+  for (size_t e = get_global_id(0); e < KV; e += step) dC[at * KV + e] += g * dc_last[q * KV + e];
+  for (size_t d = get_global_id(0); d < DHQK; d += step) dn[at * DHQK + d] += g * dn_last[(size_t)q * DHQK + d];
+}
+#endif
 
 // ---- The state recurrences (fw_states, bw_state_grads) -----------------------------------------------------
 // Launch: global (256 * NTD * NTE, rows, sequences), local (256, 1, 1); one work group per (row, SD x SE tile of

@@ -196,6 +196,19 @@ class ResidentPortable final : public ResidentChunkwise {
       sh_.allocate_forward(dev, rows_, P_, p_.DHQK, p_.DHHV);
       k_combine_ = KernelObject{dev.kernel(prog, "shard_fw_combine")};
     }
+    // With shards, the states leave the summary pass fixed up (mlstm_chunkwise.cl "The sequence split's fix-up")
+    // rather than computed a second time; MLSTM_OPENCL_SHARD_FIXUP=0 runs the second pass (for comparisons).
+    fixup_ = P_ > 1 && env::get("MLSTM_OPENCL_SHARD_FIXUP").value_or("1") != "0";
+    if (fixup_) {
+      k_fix_weights_ = KernelObject{dev.kernel(prog, "fw_fixup_weights")};
+      k_fix_states_ = KernelObject{dev.kernel(prog, "fw_fixup_states")};
+      mloc_ = dev.acquire(nb * fs);
+      fa_ = dev.acquire(nb * fs);
+      fb_ = dev.acquire(nb * fs);
+      set_args(k_fix_weights_.k, dn, b_, ig_, G_, mloc_, sh_.m_in, sh_.m_end, mb_, carry_, wtok_, fa_, fb_, S, nc, P_);
+      set_args(k_fix_states_.k, dn, Cb_, nb_, fa_, fb_, sh_.c_in, sh_.n_in, sh_.m_in, sh_.c_end, sh_.n_end, sh_.m_end,
+               sh_.c_last, sh_.n_last, sh_.m_last, nc, P_);
+    }
     bind_states(P_ > 1);
     if (outputs_)
       with_tables(k_outputs_,
@@ -239,6 +252,13 @@ class ResidentPortable final : public ResidentChunkwise {
         // sh_.dc_last (zero, then the combined ones) and writes the gradient entering it to sh_.dc0.
         sh_.allocate_backward();
         k_bw_combine_ = KernelObject{dev.kernel(prog, "shard_bw_combine")};
+      }
+      if (fixup_) {
+        k_bw_fix_weights_ = KernelObject{dev.kernel(prog, "bw_fixup_weights")};
+        k_bw_fix_states_ = KernelObject{dev.kernel(prog, "bw_fixup_states")};
+        gin_ = dev.acquire(static_cast<std::size_t>(R_) * fs);
+        set_args(k_bw_fix_weights_.k, dn, G_, mb_, sh_.m_last, fa_, gin_, nc);
+        set_args(k_bw_fix_states_.k, dn, dCn_, dnn_, sh_.dc0, sh_.dn0, fa_, gin_, sh_.dc_last, sh_.dn_last, nc);
       }
       bind_gradient_states(P_ > 1);
       if (state_only_) return;
@@ -285,13 +305,17 @@ class ResidentPortable final : public ResidentChunkwise {
     const bool reuse = exchange_.take_summary_reuse();
     if (!reuse) launch(k_gates_, "fw_gates", 2, {static_cast<std::size_t>(NCs_), rows}, {}, events);
     if (P_ > 1) {
-      // Every shard from the EMPTY state, the summaries chained, then every shard from its true entering state.
+      // Every shard from the EMPTY state, the summaries chained, then every shard's states fixed up from its true
+      // entering state (fixup_), or computed again from it.
       if (!reuse) launch_fw_summaries(events);
       launch_fw_combine(has_init_, events);
     } else if (segment_) {
       bind_states(false);  // a segment's summary pass used the shard buffers
     }
-    launch_fw_states("fw_state_weights", "fw_states", events);
+    if (fixup_)
+      launch_fw_fixup(events);
+    else
+      launch_fw_states("fw_state_weights", "fw_states", events);
     if (P_ > 1) sh_.last_state_into(Co_, no_, mo_);
     if (outputs_) {
       if (regtiled_outputs_) {
@@ -314,13 +338,20 @@ class ResidentPortable final : public ResidentChunkwise {
     const bool reuse = exchange_.take_gradient_summary_reuse();
     if (!reuse) launch_prep(events);
     if (P_ > 1) {
-      // Every shard with a zero gradient leaving it, the reverse chain, then every shard with its true one.
+      // Every shard with a zero gradient leaving it, the reverse chain, then every shard's gradients fixed up with
+      // its true one (fixup_), or computed again with it.
       if (!reuse) launch_bw_summaries(events);
       launch_bw_combine(has_dlast_, events);
     } else if (segment_) {
       bind_gradient_states(false);  // a segment's summary pass used the shard buffers
     }
-    launch(k_bw_states_, "bw_state_grads", 3, {256 * state_tiles(), rows, sequences()}, {256, 1, 1}, events);
+    if (fixup_) {
+      launch(k_bw_fix_weights_, "bw_fixup_weights", 2, {64 * rows, 1}, {64, 1}, events);
+      launch(k_bw_fix_states_, "bw_fixup_states", 3, {256 * fixup_groups(), static_cast<std::size_t>(NCs_) + 1, rows},
+             {256, 1, 1}, events);
+    } else {
+      launch(k_bw_states_, "bw_state_grads", 3, {256 * state_tiles(), rows, sequences()}, {256, 1, 1}, events);
+    }
     if (P_ > 1) sh_.initial_gradient_into(dC0_, dn0_);
   }
 
@@ -430,7 +461,8 @@ class ResidentPortable final : public ResidentChunkwise {
   void bind_states(bool shard_io) {
     const std::string& dn = device_->name();
     if (shard_io) {
-      set_args(k_weights_.k, dn, b_, ig_, G_, sh_.m_in, mb_, carry_, wtok_, sh_.m_last, Ss_, NCs_);
+      // The fix-up reads the summary pass's stabilisers (mloc_) and writes the true ones to mb_.
+      set_args(k_weights_.k, dn, b_, ig_, G_, sh_.m_in, fixup_ ? mloc_ : mb_, carry_, wtok_, sh_.m_last, Ss_, NCs_);
       set_args(k_states_.k, dn, k_, v_, carry_, wtok_, sh_.c_in, sh_.n_in, Cb_, nb_, sh_.c_last, sh_.n_last, Ss_, NCs_);
     } else {
       with_tables(k_weights_, set_args(k_weights_.k, dn, b_, ig_, G_, m0_, mb_, carry_, wtok_, mo_, Ss_, NCs_), &stab_);
@@ -464,6 +496,18 @@ class ResidentPortable final : public ResidentChunkwise {
     const std::size_t rows = static_cast<std::size_t>(R_);
     launch(k_weights_, weights, 2, {64 * rows, sequences()}, {64, 1}, events);
     launch(k_states_, states, 3, {256 * state_tiles(), rows, sequences()}, {256, 1, 1}, events);
+  }
+  // After the combine: the true stabilisers, carries and weights, then the states from the summary pass's.
+  void launch_fw_fixup(std::vector<KernelEvent>* events) {
+    launch(k_fix_weights_, "fw_fixup_weights", 2, {64 * static_cast<std::size_t>(R_), 1}, {64, 1}, events);
+    launch(k_fix_states_, "fw_fixup_states", 3,
+           {256 * fixup_groups(), static_cast<std::size_t>(NCs_) + 1, static_cast<std::size_t>(R_)}, {256, 1, 1},
+           events);
+  }
+  // Work-groups of the fix-up's states kernels per (chunk, shard row): each item strides over a state's values.
+  std::size_t fixup_groups() const {
+    const std::size_t kv = static_cast<std::size_t>(p_.DHQK) * static_cast<std::size_t>(p_.DHHV);
+    return std::min<std::size_t>((kv + 255) / 256, 16);
   }
   // The summaries chained from the row's initial state (`init`: has_init_, or detail::kEnterEmpty for a summary).
   void launch_fw_combine(int init, std::vector<KernelEvent>* events) {
@@ -522,16 +566,19 @@ class ResidentPortable final : public ResidentChunkwise {
   ProblemShape p_;
   DType dev_dtype_ = DType::f32;
   bool outputs_ = true, state_only_ = false, has_grads_ = false, forward_done_ = false, regtiled_outputs_ = false,
-       regtiled_backward_ = false, segment_ = false, packed_ = false;
+       regtiled_backward_ = false, segment_ = false, packed_ = false, fixup_ = false;
   detail::SegmentExchange exchange_;  // as a segment of a split sequence
   int ovw_ = 1, svw_ = 1, gvw_ = 1;
   int S_ = 0, rows_ = 0, L_ = 0, nchunks_ = 0, has_init_ = 0, has_dlast_ = 0;
   int P_ = 1, R_ = 0, Ss_ = 0, NCs_ = 0;  // shards per row, shard rows, tokens and chunks per shard
   KernelObject k_gates_, k_weights_, k_states_, k_outputs_, k_prep_, k_bw_states_, k_bw_grads_, k_bw_dk_, k_bw_dv_,
-      k_gate_grads_, k_combine_, k_bw_combine_;
+      k_gate_grads_, k_combine_, k_bw_combine_, k_fix_weights_, k_fix_states_, k_bw_fix_weights_, k_bw_fix_states_;
   PooledBuffer q_, k_, v_, i_, f_, C0_, n0_, m0_, b_, ig_, G_, Cb_, nb_, mb_, Co_, no_, mo_, carry_, wtok_, h_, mt_,
       Nt_, dent_, dh_, dCl_, dnl_, dden_, dCn_, dnn_, dC0_, dn0_, dm0_, dq_, dk_, dv_, qdq_, kdk_, di_, df_;
   detail::ShardBuffers sh_;          // the sequence split's states (P_ > 1)
+  // The fix-up's (fixup_): the summary pass's stabilisers, the factors per chunk (fa_ also the backward's), the
+  // backward's factor of the gradient entering each shard.
+  PooledBuffer mloc_, fa_, fb_, gin_;
   detail::PackedCallTables tables_;  // packed: the chunk and segment tables (kept while the uploads read them)
   PooledBuffer ctab_, stab_, stab_bw_;
 };

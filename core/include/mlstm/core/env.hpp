@@ -16,6 +16,8 @@
 //   MLSTM_TC_POISON=1                  devices (OpenCL): tensor-core intermediates start as NaN
 //   MLSTM_OPENCL_SHARDS=<n>            devices (OpenCL): shards per row of the sequence split inside one device
 //                                      (tensor-core and portable routines; default: chosen by compute units)
+//   MLSTM_OPENCL_SHARD_FIXUP=0         devices (OpenCL): the portable split runs its states pass twice instead
+//                                      of fixing up the summary pass's states (comparisons)
 //   MLSTM_PROGRAM_CACHE=<dir>|off      devices (OpenCL): where compiled programs are cached on disk, or no disk
 //                                      cache (default $XDG_CACHE_HOME/mlstm-flow/programs, ~/.cache/...)
 //   MLSTM_RESIDENT_INPUTS=off          devices: upload inputs on every call (to measure residency)
