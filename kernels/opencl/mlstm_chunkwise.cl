@@ -344,13 +344,16 @@ void bw_fixup_states(__global float* dCn, __global float* dnn, __global float* d
 //   fw: x_t = exp(a_t - m_{c+1}) k_t (wtok), y_t = v_t, ya_t = 1; writes the state ENTERING each chunk.
 //   bw: x_t = exp(b_t + m_c - m_t) q'_t, y_t = dh_t / N_t, ya_t = dden_t; writes the gradient of the state
 //       LEAVING each chunk; the final value is the gradient of the initial state.
-// Build option -DSVW=<1..4> (column sub-tiles of 64 per work group; default 1).
+// Build options -DSVW=<1..4> (column sub-tiles of 64 per work group; default 1), -DSTT=<16|32> (tokens per sub-tile;
+// default 16).
 #ifndef SVW
 #define SVW 1
 #endif
 #define SD 64
 #define SE (64 * SVW)
+#ifndef STT
 #define STT 16
+#endif
 #define NTD ((DHQK + SD - 1) / SD)
 #define NTE ((DHHV + SE - 1) / SE)
 #define TPC ((CHUNK + STT - 1) / STT)

@@ -97,6 +97,14 @@ TEST(OpenCLLaunchParams, EnvironmentOverridesApplyAndMalformedOnesAreRefused) {
   ::setenv("MLSTM_OPENCL_OUTPUT_COL_BLOCKS", "5", 1);
   EXPECT_THROW(portable_launch_params(d), InvalidArgument);
   ::unsetenv("MLSTM_OPENCL_OUTPUT_COL_BLOCKS");
+  EXPECT_EQ(portable_launch_params(d).state_subtile, 16);
+  ::setenv("MLSTM_OPENCL_STATE_SUBTILE", "32", 1);
+  EXPECT_EQ(portable_launch_params(d).state_subtile, 32);
+  for (const char* bad : {"8", "64", "x", "016"}) {
+    ::setenv("MLSTM_OPENCL_STATE_SUBTILE", bad, 1);
+    EXPECT_THROW(portable_launch_params(d), InvalidArgument) << bad;
+  }
+  ::unsetenv("MLSTM_OPENCL_STATE_SUBTILE");
   EXPECT_EQ(portable_launch_params(d).output_col_blocks, 2);  // the NVIDIA row
   d.name = "pthread-skylake";
   d.vendor = "GenuineIntel";

@@ -118,7 +118,7 @@ class ResidentPortable final : public ResidentChunkwise {
       const bool wide = p_.DHHV > 64 && wide_groups >= 2 * static_cast<std::int64_t>(dev.info().compute_units);
       svw_ = launch.state_col_blocks > 0 ? launch.state_col_blocks : wide ? 2 : 1;
     }
-    opts << " -DSVW=" << svw_;
+    opts << " -DSVW=" << svw_ << " -DSTT=" << launch.state_subtile;
     // The register-tiled gradient kernels (dq, dk, dv; blocks of 64 tokens x 64*GVW columns) for chunks of 32
     // tokens or more when one column tile covers DHQK (they reduce q.dq and k.dk inside the work group); else the
     // per-token one.

@@ -55,6 +55,11 @@ PortableLaunchParams portable_launch_params(const DeviceInfo& device) {
   PortableLaunchParams p = find_launch_row<PortableLaunchParams>(kPortableTable, device).params;
   p.output_col_blocks = column_blocks("MLSTM_OPENCL_OUTPUT_COL_BLOCKS", p.output_col_blocks);
   p.state_col_blocks = column_blocks("MLSTM_OPENCL_STATE_COL_BLOCKS", p.state_col_blocks);
+  if (const auto sub = env::get("MLSTM_OPENCL_STATE_SUBTILE")) {
+    if (*sub != "16" && *sub != "32")
+      throw InvalidArgument("MLSTM_OPENCL_STATE_SUBTILE", "expected 16 or 32 tokens (got '" + *sub + "')");
+    p.state_subtile = std::stoi(*sub);
+  }
   p.untiled = p.untiled || env::is("MLSTM_OPENCL_UNTILED", "1");
   return p;
 }
