@@ -106,9 +106,11 @@ TEST(OpenCLLaunchParams, EnvironmentOverridesApplyAndMalformedOnesAreRefused) {
   }
   ::unsetenv("MLSTM_OPENCL_STATE_SUBTILE");
   EXPECT_EQ(portable_launch_params(d).output_col_blocks, 2);  // the NVIDIA row
+  EXPECT_EQ(portable_launch_params(d).state_col_blocks, 1);
   d.name = "pthread-skylake";
   d.vendor = "GenuineIntel";
   EXPECT_EQ(portable_launch_params(d).output_col_blocks, 0);  // the default: derived from the problem
+  EXPECT_EQ(portable_launch_params(d).state_col_blocks, 0);
 }
 
 // Every device's staging placement is decided and said (numa.hpp): a node of this host, or -1 with the reason (PoCL

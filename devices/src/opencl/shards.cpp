@@ -11,7 +11,7 @@
 namespace mlstm::opencl::detail {
 
 int sequence_shards(const DeviceInfo& info, std::int64_t S, std::int64_t L, std::int64_t NC, std::int64_t groups,
-                    int requested) {
+                    int requested, SplitCost cost) {
   if (L <= 0 || S % L != 0 || NC < 2) return 1;
   if (requested == 0) {
     if (const auto v = env::get("MLSTM_OPENCL_SHARDS")) {
@@ -30,8 +30,13 @@ int sequence_shards(const DeviceInfo& info, std::int64_t S, std::int64_t L, std:
   if (requested == 0) {
     const std::int64_t units = std::max<std::int64_t>(1, info.compute_units);
     groups = std::max<std::int64_t>(1, groups);
-    if (4 * groups > units) return 1;  // fewer than 4 shards: the second pass costs about what the split gains
-    limit = std::min((8 * units + groups - 1) / groups, NC / 4);
+    if (cost == SplitCost::fixup) {
+      if (groups > units) return 1;  // every unit has a group: the fix-up would cost what the split gains
+      limit = std::min(16 * units / groups, NC / 4);
+    } else {
+      if (4 * groups > units) return 1;  // fewer than 4 shards: the second pass costs about what the split gains
+      limit = std::min((8 * units + groups - 1) / groups, NC / 4);
+    }
   }
   limit = std::min<std::int64_t>(limit, kMaxShards);
   for (std::int64_t d = limit; d > 1; --d)

@@ -27,8 +27,14 @@ namespace mlstm::opencl::detail {
 // shards), else the largest divisor of NC up to 8 x compute units / groups that leaves each shard 4 chunks or
 // more (H200, B=1, NH=4, 128/128, 1M tokens: 64 shards beat 16 by 18% on the portable path and tie on the tensor
 // cores; 32 was slower there). Rows that are not a whole number of chunks (S % L) are never split.
+// With SplitCost::fixup (the portable routine: the states pass runs once and a fix-up pass, bound by memory, makes
+// the true states) a split pays wherever the groups leave a compute unit without one: 1 while groups exceed the
+// compute units, else the largest divisor up to 16 x compute units / groups (H100, TFLA setup S = 65536, 128 groups
+// on 132 units: unsplit 20.4 ms, 4 / 8 / 16 shards 16.6 / 16.2 / 15.8; at S = 8192, 1024 groups, 2 shards were
+// slower, 15.9 against 14.3).
+enum class SplitCost { second_pass, fixup };
 int sequence_shards(const DeviceInfo& info, std::int64_t S, std::int64_t L, std::int64_t NC, std::int64_t groups,
-                    int requested);
+                    int requested, SplitCost cost = SplitCost::second_pass);
 
 // The buffers of the split (rows * P entries each; float32), and what the routines enqueue on them besides the
 // kernels (on the device's profiling queue, in order with the routine's kernels): the states entering and leaving
