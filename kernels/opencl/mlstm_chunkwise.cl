@@ -264,16 +264,14 @@ void fw_fixup_weights(__global const float4* b, __global const float* ig, __glob
 
 // The states: chunk c < nchunks of shard row q becomes fa C_loc + fb c_in (n likewise); the slot c = nchunks makes
 // the state leaving the shard the one the combine chained into the next (c_in, n_in, m_in of q + 1; the row's
-// c_end, n_end, m_end after its last), which the gate gradients and the row's last state read. Slots from `first`
-// (nchunks: the leaving states alone, where fw_outputs_regtiled applies the factors itself).
-// Global (256 x groups, nchunks + 1 - first, shard rows); each item strides over the DHQK * DHHV + DHQK values.
+// c_end, n_end, m_end after its last), which the gate gradients and the row's last state read.
+// Global (256 x groups, nchunks + 1, shard rows); each item strides over the DHQK * DHHV + DHQK values.
 __kernel __attribute__((reqd_work_group_size(256, 1, 1)))
 void fw_fixup_states(__global float* Cb, __global float* nb, __global const float* fa, __global const float* fb,
                      __global const float* c_in, __global const float* n_in, __global const float* m_in,
                      __global const float* c_end, __global const float* n_end, __global const float* m_end,
-                     __global float* c_last, __global float* n_last, __global float* m_last, int nchunks, int P,
-                     int first) {
-  const int c = first + get_global_id(1), q = get_global_id(2);
+                     __global float* c_last, __global float* n_last, __global float* m_last, int nchunks, int P) {
+  const int c = get_global_id(1), q = get_global_id(2);
   const size_t KV = (size_t)DHQK * DHHV, step = get_global_size(0);
   if (c < nchunks) {
     const size_t bidx = (size_t)q * nchunks + c;
@@ -657,14 +655,9 @@ __kernel void fw_outputs(__global const in_t* q, __global const in_t* k, __globa
 #define OUT_LOAD_C(DB)                                                                                 \
   for (int r = 0; r < OSE; ++r) {                                                                      \
     const int idx = lid + 256 * r, d = (DB) + idx / OE, e = ebase + idx % OE;                          \
-    const float x = d < DHQK && e < DHHV ? Cb[(bidx * DHQK + d) * DHHV + e] : 0.0f;                    \
-    pe[r] = fix && d < DHQK && e < DHHV ? fxa * x + fxb * fx_c[((size_t)row * DHQK + d) * DHHV + e] : x; \
+    pe[r] = d < DHQK && e < DHHV ? Cb[(bidx * DHQK + d) * DHHV + e] : 0.0f;                            \
   }                                                                                                    \
-  if (lid < OKD) {                                                                                     \
-    const int d = (DB) + lid;                                                                          \
-    const float x = d < DHQK ? nb[bidx * DHQK + d] : 0.0f;                                             \
-    pn = fix && d < DHQK ? fxa * x + fxb * fx_n[(size_t)row * DHQK + d] : x;                           \
-  }
+  if (lid < OKD) pn = (DB) + lid < DHQK ? nb[bidx * DHQK + (DB) + lid] : 0.0f;
 #define OUT_LOAD_V(L0)                                                                                 \
   for (int r = 0; r < OSE; ++r) {                                                                      \
     const int idx = lid + 256 * r, l = (L0) + idx / OE, e = ebase + idx % OE;                          \
@@ -675,8 +668,7 @@ void fw_outputs_regtiled(__global const in_t* q, __global const in_t* k, __globa
                          __global const float4* b, __global const float* ig, __global const float* Cb,
                          __global const float* nb, __global const float* mb, __global in_t* h,
                          __global float* m_tok, __global float* N_tok, __global float* den_tok, int S,
-                         int nchunks, int fix, __global const float* fx_a, __global const float* fx_b,
-                         __global const float* fx_c, __global const float* fx_n CTAB_PARAM) {
+                         int nchunks CTAB_PARAM) {
   __local float qT[OKD * OPAD];   // Q'^T stage: [dd][j]
   __local float kT[OKD * OPAD];   // K^T stage: [dd][l]
   __local float stg[OSTAGE];      // C stage [dd][e] | V stage [ll][e]
@@ -696,9 +688,6 @@ void fw_outputs_regtiled(__global const in_t* q, __global const in_t* k, __globa
   const int ebase = vt * OE;
   const size_t gbase = (size_t)row * S, bidx = (size_t)row * nchunks + c;
   const float scale = rsqrt((float)DHQK);
-  // fix (the sequence split, forward only): Cb, nb hold the summary pass's states, each chunk's true state is
-  // fx_a C + fx_b c_in with c_in (fx_c, fx_n) the shard's entering state ("The sequence split's fix-up").
-  const float fxa = fix ? fx_a[bidx] : 1.0f, fxb = fix ? fx_b[bidx] : 0.0f;
 
   // 1. Gates of the block's queries: m_t = max(D_t + m, max_{s<=t} (D_st + ig_s)) over the chunk's tokens up to t,
   // each difference of decays formed apart (stages.hpp Decays), so no large decay rounds the ordinary ones.

@@ -209,21 +209,12 @@ class ResidentPortable final : public ResidentChunkwise {
       fb_ = dev.acquire(nb * fs);
       set_args(k_fix_weights_.k, dn, b_, ig_, G_, mloc_, sh_.m_in, sh_.m_end, mb_, carry_, wtok_, fa_, fb_, S, nc, P_);
       set_args(k_fix_states_.k, dn, Cb_, nb_, fa_, fb_, sh_.c_in, sh_.n_in, sh_.m_in, sh_.c_end, sh_.n_end, sh_.m_end,
-               sh_.c_last, sh_.n_last, sh_.m_last, nc, P_, 0);
+               sh_.c_last, sh_.n_last, sh_.m_last, nc, P_);
     }
     bind_states(P_ > 1);
-    // A forward alone leaves the chunks' states to the output kernel to fix up as it loads them (fused_fixup_);
-    // the backward reads them too, so with gradients they are fixed up in place.
-    fused_fixup_ = fixup_ && outputs_ && regtiled_outputs_ && !grads;
-    if (outputs_ && regtiled_outputs_) {
-      const PooledBuffer& any = mb_;  // unread unless fused_fixup_
-      with_tables(k_outputs_, set_args(k_outputs_.k, dn, q_, k_, v_, b_, ig_, Cb_, nb_, mb_, h_, mt_, Nt_, dent_, S,
-                                       nc, fused_fixup_ ? 1 : 0, fused_fixup_ ? fa_ : any, fused_fixup_ ? fb_ : any,
-                                       fused_fixup_ ? sh_.c_in : any, fused_fixup_ ? sh_.n_in : any));
-    } else if (outputs_) {
+    if (outputs_)
       with_tables(k_outputs_,
                   set_args(k_outputs_.k, dn, q_, k_, v_, b_, ig_, Cb_, nb_, mb_, h_, mt_, Nt_, dent_, S, nc));
-    }
 
     if (grads) {
       if (!outputs_) throw Error("portable backward needs the forward outputs");
@@ -511,12 +502,9 @@ class ResidentPortable final : public ResidentChunkwise {
   // After the combine: the true stabilisers, carries and weights, then the states from the summary pass's.
   void launch_fw_fixup(std::vector<KernelEvent>* events) {
     launch(k_fix_weights_, "fw_fixup_weights", 2, {64 * static_cast<std::size_t>(R_), 1}, {64, 1}, events);
-    // Fused into the output kernel: the states leaving the shards alone (slot NCs_).
-    const int first = fused_fixup_ ? NCs_ : 0;
-    set_args_from(k_fix_states_.k, device_->name(), 15, first);
-    launch(k_fix_states_, fused_fixup_ ? "fw_fixup_states (leaving)" : "fw_fixup_states", 3,
-           {256 * fixup_groups(), static_cast<std::size_t>(NCs_ + 1 - first), static_cast<std::size_t>(R_)},
-           {256, 1, 1}, events);
+    launch(k_fix_states_, "fw_fixup_states", 3,
+           {256 * fixup_groups(), static_cast<std::size_t>(NCs_) + 1, static_cast<std::size_t>(R_)}, {256, 1, 1},
+           events);
   }
   // Work-groups of the fix-up's states kernels per (chunk, shard row): each item strides over a state's values.
   std::size_t fixup_groups() const {
@@ -580,7 +568,7 @@ class ResidentPortable final : public ResidentChunkwise {
   ProblemShape p_;
   DType dev_dtype_ = DType::f32;
   bool outputs_ = true, state_only_ = false, has_grads_ = false, forward_done_ = false, regtiled_outputs_ = false,
-       regtiled_backward_ = false, segment_ = false, packed_ = false, fixup_ = false, fused_fixup_ = false;
+       regtiled_backward_ = false, segment_ = false, packed_ = false, fixup_ = false;
   detail::SegmentExchange exchange_;  // as a segment of a split sequence
   int ovw_ = 1, svw_ = 1, gvw_ = 1;
   int S_ = 0, rows_ = 0, L_ = 0, nchunks_ = 0, has_init_ = 0, has_dlast_ = 0;
