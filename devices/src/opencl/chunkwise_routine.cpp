@@ -577,7 +577,7 @@ class ResidentPortable final : public ResidentChunkwise {
       k_gate_grads_, k_combine_, k_bw_combine_, k_fix_weights_, k_fix_states_, k_bw_fix_weights_, k_bw_fix_states_;
   PooledBuffer q_, k_, v_, i_, f_, C0_, n0_, m0_, b_, ig_, G_, Cb_, nb_, mb_, Co_, no_, mo_, carry_, wtok_, h_, mt_,
       Nt_, dent_, dh_, dCl_, dnl_, dden_, dCn_, dnn_, dC0_, dn0_, dm0_, dq_, dk_, dv_, qdq_, kdk_, di_, df_;
-  detail::ShardBuffers sh_;          // the sequence split's states (P_ > 1)
+  detail::ShardBuffers sh_;  // the sequence split's states (P_ > 1)
   // The fix-up's (fixup_): the summary pass's stabilisers, the factors per chunk (fa_ also the backward's), the
   // backward's factor of the gradient entering each shard.
   PooledBuffer mloc_, fa_, fb_, gin_;
