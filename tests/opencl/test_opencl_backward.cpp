@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <map>
 #include <thread>
 #include <vector>
 
@@ -210,6 +211,46 @@ TEST(PortableShardsChoice, RunnerAndEnvironmentDecide) {
   ::setenv("MLSTM_OPENCL_SHARDS", "-3", 1);
   EXPECT_FALSE(splits(opencl::ChunkwiseRunner(dev), in, o));
   ::unsetenv("MLSTM_OPENCL_SHARDS");
+}
+
+// The automatic choice (shards.hpp): with the fix-up a row splits where the state kernels' groups (rows x 64 x 64
+// tiles) leave a compute unit without one, and its states pass runs once; with the second pass
+// (MLSTM_OPENCL_SHARD_FIXUP=0) only where they fill less than a quarter of the units, and it runs twice.
+TEST(PortableShardsChoice, AutomaticWhereUnitsIdle) {
+  REQUIRE_OPENCL();
+  const auto dev = opencl::open_device(opencl::select_devices("0").front());
+  const std::int64_t units = std::max<std::int64_t>(1, dev->info().compute_units);
+  MlstmOptions o;
+  o.chunk_size = 64;
+  auto kernels = [&](std::int64_t rows) {
+    const auto in = testing::make_inputs(spec(rows, 1, 1024, 16, 16), testing::fresh_seed());
+    auto r = opencl::ChunkwiseRunner(dev).resident(in.args(), o, nullptr);
+    std::vector<opencl::KernelEvent> events;
+    r->enqueue_forward(&events);
+    std::map<std::string, int> count;
+    for (const auto& e : events) ++count[e.kernel];
+    opencl::time_events(events, "test");  // waits for them and releases them
+    return count;
+  };
+  auto one = kernels(1);  // one group, 16 chunks: 4 shards of 4 chunks
+  EXPECT_EQ(one["shard_fw_combine"], 1);
+  EXPECT_EQ(one["fw_fixup_states"], 1);
+  EXPECT_EQ(one["fw_states (summaries)"], 1);
+  EXPECT_EQ(one["fw_states"], 0);
+  auto busy = kernels(units + 1);  // every unit has a group
+  EXPECT_EQ(busy["shard_fw_combine"], 0);
+  EXPECT_EQ(busy["fw_states"], 1);
+  ::setenv("MLSTM_OPENCL_SHARD_FIXUP", "0", 1);
+  auto two = kernels(1);
+  if (4 > units) {
+    EXPECT_EQ(two["shard_fw_combine"], 0) << "a quarter of " << units << " units";
+  } else {
+    EXPECT_EQ(two["fw_states (summaries)"], 1);
+    EXPECT_EQ(two["fw_states"], 1);
+    EXPECT_EQ(two["fw_fixup_states"], 0);
+  }
+  EXPECT_EQ(kernels((units + 3) / 4 + 1)["shard_fw_combine"], 0);
+  ::unsetenv("MLSTM_OPENCL_SHARD_FIXUP");
 }
 
 // The per-token output and backward kernels (used where the tiled ones do not fit in local memory).
