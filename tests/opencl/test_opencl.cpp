@@ -107,10 +107,17 @@ TEST(OpenCLLaunchParams, EnvironmentOverridesApplyAndMalformedOnesAreRefused) {
   ::unsetenv("MLSTM_OPENCL_STATE_SUBTILE");
   EXPECT_EQ(portable_launch_params(d).output_col_blocks, 2);  // the NVIDIA row
   EXPECT_EQ(portable_launch_params(d).state_col_blocks, 1);
+  EXPECT_EQ(portable_launch_params(d).state_grad_col_blocks, 2);
+  ::setenv("MLSTM_OPENCL_STATE_GRAD_COL_BLOCKS", "0", 1);
+  EXPECT_THROW(portable_launch_params(d), InvalidArgument);
+  ::setenv("MLSTM_OPENCL_STATE_GRAD_COL_BLOCKS", "4", 1);
+  EXPECT_EQ(portable_launch_params(d).state_grad_col_blocks, 4);
+  ::unsetenv("MLSTM_OPENCL_STATE_GRAD_COL_BLOCKS");
   d.name = "pthread-skylake";
   d.vendor = "GenuineIntel";
   EXPECT_EQ(portable_launch_params(d).output_col_blocks, 0);  // the default: derived from the problem
   EXPECT_EQ(portable_launch_params(d).state_col_blocks, 0);
+  EXPECT_EQ(portable_launch_params(d).state_grad_col_blocks, 0);
 }
 
 // Every device's staging placement is decided and said (numa.hpp): a node of this host, or -1 with the reason (PoCL

@@ -121,6 +121,7 @@ class ResidentPortable final : public ResidentChunkwise {
       const std::int64_t wide_groups = R_ * ((p_.DHQK + 63) / 64) * ((p_.DHHV + 127) / 128);
       const bool wide = p_.DHHV > 64 && wide_groups >= 2 * static_cast<std::int64_t>(dev.info().compute_units);
       svw_ = launch.state_col_blocks > 0 ? launch.state_col_blocks : wide ? 2 : 1;
+      svw_bw_ = launch.state_grad_col_blocks > 0 ? launch.state_grad_col_blocks : svw_;
     }
     opts << " -DSVW=" << svw_ << " -DSTT=" << launch.state_subtile;
     // The register-tiled gradient kernels (dq, dk, dv; blocks of 64 tokens x 64*GVW columns) for chunks of 32
@@ -220,7 +221,13 @@ class ResidentPortable final : public ResidentChunkwise {
       if (!outputs_) throw Error("portable backward needs the forward outputs");
       has_grads_ = true;
       k_prep_ = KernelObject{dev.kernel(prog, "bw_prep")};
-      k_bw_states_ = KernelObject{dev.kernel(prog, "bw_state_grads")};
+      // The state-gradient kernel at its own column blocks: the same text built with them where they differ.
+      std::string bw_opts = opts.str();
+      const std::string svw = " -DSVW=" + std::to_string(svw_);
+      bw_opts.replace(bw_opts.find(svw), svw.size(), " -DSVW=" + std::to_string(svw_bw_));
+      cl_program bw_prog =
+          svw_bw_ == svw_ ? prog : dev.program_from_text("mlstm_chunkwise", portable_source_text(), bw_opts);
+      k_bw_states_ = KernelObject{dev.kernel(bw_prog, "bw_state_grads")};
       if (state_only_) {
         // no token gradients
       } else if (regtiled_backward_) {
@@ -352,7 +359,7 @@ class ResidentPortable final : public ResidentChunkwise {
       launch(k_bw_fix_states_, "bw_fixup_states", 3, {256 * fixup_groups(), static_cast<std::size_t>(NCs_) + 1, rows},
              {256, 1, 1}, events);
     } else {
-      launch(k_bw_states_, "bw_state_grads", 3, {256 * state_tiles(), rows, sequences()}, {256, 1, 1}, events);
+      launch(k_bw_states_, "bw_state_grads", 3, {256 * state_tiles(svw_bw_), rows, sequences()}, {256, 1, 1}, events);
     }
     if (P_ > 1) sh_.initial_gradient_into(dC0_, dn0_);
   }
@@ -497,7 +504,7 @@ class ResidentPortable final : public ResidentChunkwise {
   void launch_fw_states(const char* weights, const char* states, std::vector<KernelEvent>* events) {
     const std::size_t rows = static_cast<std::size_t>(R_);
     launch(k_weights_, weights, 2, {64 * rows, sequences()}, {64, 1}, events);
-    launch(k_states_, states, 3, {256 * state_tiles(), rows, sequences()}, {256, 1, 1}, events);
+    launch(k_states_, states, 3, {256 * state_tiles(svw_), rows, sequences()}, {256, 1, 1}, events);
   }
   // After the combine: the true stabilisers, carries and weights, then the states from the summary pass's.
   void launch_fw_fixup(std::vector<KernelEvent>* events) {
@@ -521,7 +528,7 @@ class ResidentPortable final : public ResidentChunkwise {
   // Every shard (or the whole segment) with a zero gradient leaving it: the local gradients in sh_.dc0.
   void launch_bw_summaries(std::vector<KernelEvent>* events) {
     sh_.zero_leaving_gradients();
-    launch(k_bw_states_, "bw_state_grads (summaries)", 3, {256 * state_tiles(), static_cast<std::size_t>(R_), 1},
+    launch(k_bw_states_, "bw_state_grads (summaries)", 3, {256 * state_tiles(svw_bw_), static_cast<std::size_t>(R_), 1},
            {256, 1, 1}, events);
   }
   // The reverse chain from the gradient leaving the row (`has_dlast`: has_dlast_, or 0 for a summary). A shard's
@@ -533,8 +540,8 @@ class ResidentPortable final : public ResidentChunkwise {
            {detail::kShardGroup, 1}, events);
   }
   // Work groups per row of the state kernels: 64 x (64 * SVW) tiles of C (DHQK x DHHV).
-  std::size_t state_tiles() const {
-    const std::size_t cols = 64 * static_cast<std::size_t>(svw_);
+  std::size_t state_tiles(int svw) const {
+    const std::size_t cols = 64 * static_cast<std::size_t>(svw);
     return round_up(static_cast<std::size_t>(p_.DHQK), 64) / 64 *
            (round_up(static_cast<std::size_t>(p_.DHHV), cols) / cols);
   }
@@ -570,7 +577,7 @@ class ResidentPortable final : public ResidentChunkwise {
   bool outputs_ = true, state_only_ = false, has_grads_ = false, forward_done_ = false, regtiled_outputs_ = false,
        regtiled_backward_ = false, segment_ = false, packed_ = false, fixup_ = false;
   detail::SegmentExchange exchange_;  // as a segment of a split sequence
-  int ovw_ = 1, svw_ = 1, gvw_ = 1;
+  int ovw_ = 1, svw_ = 1, svw_bw_ = 1, gvw_ = 1;
   int S_ = 0, rows_ = 0, L_ = 0, nchunks_ = 0, has_init_ = 0, has_dlast_ = 0;
   int P_ = 1, R_ = 0, Ss_ = 0, NCs_ = 0;  // shards per row, shard rows, tokens and chunks per shard
   KernelObject k_gates_, k_weights_, k_states_, k_outputs_, k_prep_, k_bw_states_, k_bw_grads_, k_bw_dk_, k_bw_dv_,

@@ -14,10 +14,11 @@ namespace {
 constexpr std::array<LaunchRow<PortableLaunchParams>, 2> kPortableTable{{
     {"",
      "NVIDIA",
-     {2, 1},
+     {2, 1, 2},
      "H100 (session 32), TFLA setup S=8192: output tiles of 128 columns take 7.76 ms against 8.77 at 256 (244 "
      "registers: one work group per SM); S=65536 not timed at 2 (the same kernel and work-group count). H100 "
-     "(session 33), same setup: state tiles of 64 columns, fw_states 5.31 ms against 6.42 at 128"},
+     "(session 33), same setup: state tiles of 64 columns, fw_states 5.31 ms against 6.42 at 128, but "
+     "bw_state_grads 9.06 ms against 7.83 at 128"},
     {"", "", {}, "derived from the problem and the device (rules in PortableLaunchParams)"},
 }};
 
@@ -56,6 +57,7 @@ PortableLaunchParams portable_launch_params(const DeviceInfo& device) {
   PortableLaunchParams p = find_launch_row<PortableLaunchParams>(kPortableTable, device).params;
   p.output_col_blocks = column_blocks("MLSTM_OPENCL_OUTPUT_COL_BLOCKS", p.output_col_blocks);
   p.state_col_blocks = column_blocks("MLSTM_OPENCL_STATE_COL_BLOCKS", p.state_col_blocks);
+  p.state_grad_col_blocks = column_blocks("MLSTM_OPENCL_STATE_GRAD_COL_BLOCKS", p.state_grad_col_blocks);
   if (const auto sub = env::get("MLSTM_OPENCL_STATE_SUBTILE")) {
     if (*sub != "16" && *sub != "32")
       throw InvalidArgument("MLSTM_OPENCL_STATE_SUBTILE", "expected 16 or 32 tokens (got '" + *sub + "')");

@@ -8,7 +8,7 @@
 //   MLSTM_OPENCL_POISON=1              devices (OpenCL): fill every handed-out buffer with NaN bytes
 //   MLSTM_OPENCL_STAGING=off|<bytes>   devices (OpenCL): pinned staging slot size (default 32 MiB)
 //   MLSTM_OPENCL_UNTILED=1             devices (OpenCL): per-token output and backward kernels
-//   MLSTM_OPENCL_OUTPUT_COL_BLOCKS, MLSTM_OPENCL_STATE_COL_BLOCKS=1..4
+//   MLSTM_OPENCL_OUTPUT_COL_BLOCKS, MLSTM_OPENCL_STATE_COL_BLOCKS, MLSTM_OPENCL_STATE_GRAD_COL_BLOCKS=1..4
 //                                      devices (OpenCL): column blocks of the register-tiled kernels (tuning)
 //   MLSTM_OPENCL_STATE_SUBTILE=16|32   devices (OpenCL): tokens per staged sub-tile of the portable state kernels
 //   MLSTM_TENSOR_CORES=off             devices (OpenCL): never use the tensor-core kernels

@@ -22,6 +22,9 @@ struct PortableLaunchParams {
   // State kernels: column blocks of 64 per work group (1..4); 0 = 2 for DHHV > 64 where that still leaves two
   // work groups per compute unit, else 1 (each work group walks the whole sequence).
   int state_col_blocks = 0;
+  // The state-gradient kernel's column blocks (1..4; it shares the state kernel's body, built a second time where
+  // they differ); 0 = as the state kernel's. MLSTM_OPENCL_STATE_GRAD_COL_BLOCKS.
+  int state_grad_col_blocks = 0;
   // State kernels: tokens per sub-tile staged in local memory (16 or 32; each sub-tile costs two barriers and its
   // loads are in flight while the one before is multiplied). MLSTM_OPENCL_STATE_SUBTILE.
   int state_subtile = 16;
