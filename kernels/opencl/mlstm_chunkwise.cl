@@ -205,15 +205,6 @@ void fw_state_weights(__global const float4* b, __global const float* ig, __glob
 // The backward mirrors it: the gradient leaving chunk c is its local one (zero leaving the shard) plus
 // g_c dC_leaving, g_c the decay from the state leaving chunk c to the one leaving the shard.
 
-// The stabiliser of a chunk's state from its local part (ml) and the entering state's (mi) decayed by Gs, and the
-// factors of both parts (shard_fw_combine's form: a part at -inf weighs nothing).
-inline float fixup_m(const float ml, const float mi, const float Gs, float* a, float* bb) {
-  const float mn = fmax(Gs + mi, ml);
-  *a = mn == -INFINITY ? 0.0f : safe_exp(ml - mn);
-  *bb = mn == -INFINITY ? 0.0f : safe_exp((mi - mn) + Gs);
-  return mn;
-}
-
 #if !PACKED
 // One group of 64 per shard row q, serial over its chunks: the true stabilisers mb (from the summary pass's mloc),
 // the factors fa, fb of every chunk, and (exp gate) the carries and token weights at the true stabilisers, which
@@ -234,7 +225,7 @@ void fw_fixup_weights(__global const float4* b, __global const float* ig, __glob
     const float Gc = G[cbase + c];
     Gs += Gc;
     float an = 0.0f, bn = 0.0f;
-    const float m_new = c + 1 < nchunks ? fixup_m(mloc[cbase + c + 1], mi, Gs, &an, &bn) : m_out;
+    const float m_new = c + 1 < nchunks ? combine_m(mloc[cbase + c + 1], mi, Gs, &an, &bn) : m_out;
     if (lid == 0) {
       mb[cbase + c] = m;
       fa[cbase + c] = a;
@@ -293,8 +284,8 @@ void fw_fixup_states(__global float* Cb, __global float* nb, __global const floa
 
 // The backward's factors, one group per shard row (its first item walks the chunks in reverse): fb[c] the decay
 // from the state leaving chunk c to the one leaving the shard, exp(m_{c+1} - m_out + G_{c+1} + ...), and gin[q]
-// that of the state entering the shard (shard_bw_combine's form). mb: the forward's (true) stabilisers; m_out: the
-// stabiliser leaving each shard (m_last after the forward's fix-up).
+// that of the state entering the shard (combine_decay, as shard_bw_combine). mb: the forward's (true) stabilisers;
+// m_out: the stabiliser leaving each shard (m_last after the forward's fix-up).
 __kernel __attribute__((reqd_work_group_size(64, 1, 1)))
 void bw_fixup_weights(__global const float* G, __global const float* mb, __global const float* m_out,
                       __global float* fb, __global float* gin, int nchunks) {
@@ -305,11 +296,11 @@ void bw_fixup_weights(__global const float* G, __global const float* mb, __globa
   float Gs = 0.0f;
   for (int c = nchunks - 1; c >= 0; --c) {
     const float mn = c + 1 < nchunks ? mb[cbase + c + 1] : mo;
-    fb[cbase + c] = mn == -INFINITY ? 0.0f : safe_exp((mn - mo) + Gs);
+    fb[cbase + c] = combine_decay(mn, mo, Gs);
     Gs += G[cbase + c];
   }
   const float m0 = mb[cbase];
-  gin[q] = m0 == -INFINITY ? 0.0f : safe_exp((m0 - mo) + Gs);
+  gin[q] = combine_decay(m0, mo, Gs);
 }
 
 // The gradients: dCn, dnn of chunk c < nchunks of shard row q (leaving it) gain fb[c] times the gradient leaving the

@@ -1,6 +1,7 @@
 // The sequence split inside one device (TensorCoreRunner and the portable ChunkwiseRunner with shards P > 1):
 // the combine kernels. Appended to the tensor-core gates program (tc_gates.cl) and to the portable program
-// (mlstm_chunkwise.cl); needs common.cl (safe_exp) and the build options DHQK, DHHV, GATE_EXP.
+// (mlstm_chunkwise.cl); needs common.cl (safe_exp, combine_m, combine_decay) and the build options DHQK, DHHV,
+// GATE_EXP.
 //
 // A row of S tokens runs as P rows ("shards") of S/P tokens each (NCS chunks): row r, shard p is row r*P + p of
 // the same arrays, so every per-token and per-chunk array keeps its layout. The state kernels run twice: first
@@ -58,10 +59,10 @@ __kernel __attribute__((reqd_work_group_size(SHARD_WG, 1, 1))) void shard_fw_com
       G += Gp[p];
       if (e == 0) m_in[(size_t)row * P + p] = m;
 #if GATE_EXP
-      const float ml = m_loc[(size_t)row * P + p], mn = fmax(Gp[p] + m, ml);
-      ap[p] = mn == -INFINITY ? 0.0f : safe_exp((m - mn) + Gp[p]);
-      bp[p] = mn == -INFINITY ? 0.0f : safe_exp(ml - mn);
-      m = mn;
+      float f_loc, f_in;
+      m = combine_m(m_loc[(size_t)row * P + p], m, Gp[p], &f_loc, &f_in);
+      ap[p] = f_in;
+      bp[p] = f_loc;
 #else
       ap[p] = exp(Gp[p]);
       bp[p] = 1.0f;
@@ -117,7 +118,7 @@ __kernel __attribute__((reqd_work_group_size(SHARD_WG, 1, 1))) void shard_bw_com
 #if GATE_EXP
       const size_t q = (size_t)row * P + p;
       const float mi = m_in[q * in_stride], mo = m_out[q * out_stride + out_off];
-      Gp[p] = mi == -INFINITY ? 0.0f : safe_exp((mi - mo) + Gp[p]);
+      Gp[p] = combine_decay(mi, mo, Gp[p]);
 #else
       Gp[p] = exp(Gp[p]);
 #endif
