@@ -34,17 +34,29 @@
 //   bw_gate_grads       one group per row (blocked suffix scan over the whole sequence):
 //                       i, f, q.dq, k.dk, dC/dn_last, C/n_last, dC0, dn0, C0, n0 -> di, df, dm0
 
+// raw_t / ldr / cvt: a value as stored, loaded without conversion, and its float value. The staged kernels keep
+// what they load a stage ahead in raw_t registers and convert when they store it to local memory, so no instruction
+// waits for a load before the stage's FMAs (a conversion right after the load stalls the work item).
 #if IN_DTYPE == 0
 typedef float in_t;
+typedef float raw_t;
 inline float ld(__global const in_t* p, size_t idx) { return p[idx]; }
 inline void st(__global in_t* p, size_t idx, float x) { p[idx] = x; }
+inline raw_t ldr(__global const in_t* p, size_t idx) { return p[idx]; }
+inline float cvt(const raw_t r) { return r; }
 #elif IN_DTYPE == 1
 typedef half in_t;
+typedef ushort raw_t;
 inline float ld(__global const in_t* p, size_t idx) { return vload_half(idx, p); }
 inline void st(__global in_t* p, size_t idx, float x) { vstore_half_rte(x, idx, p); }
+inline raw_t ldr(__global const in_t* p, size_t idx) { return ((__global const ushort*)p)[idx]; }
+inline float cvt(raw_t r) { return vload_half(0, (const __private half*)&r); }
 #else
 typedef ushort in_t;
+typedef ushort raw_t;
 inline float ld(__global const in_t* p, size_t idx) { return as_float(((uint)p[idx]) << 16); }
+inline raw_t ldr(__global const in_t* p, size_t idx) { return p[idx]; }
+inline float cvt(const raw_t r) { return as_float(((uint)r) << 16); }
 inline void st(__global in_t* p, size_t idx, float x) {
   uint u = as_uint(x);
   if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu) != 0u) { p[idx] = (ushort)((u >> 16) | 0x40u); return; }
@@ -357,8 +369,8 @@ inline void state_subtile_load(const int backward, const int u, const int lid, c
                                __global const in_t* xsrc, __global const in_t* ysrc, __global const float* wtok,
                                __global const float4* b, __global const float* mb, __global const float* m_tok,
                                __global const float* N_tok, __global const float* dden,
-                               __global const float* carry, float* px, float* py, float* pa,
-                               float* pcr CTAB_PARAM) {
+                               __global const float* carry, raw_t* px, float* pw, raw_t* py, float* pny,
+                               float* pa, float* pcr CTAB_PARAM) {
   const int c = u / TPC;
   const int t0 = CHUNK_T0(c) + (u % TPC) * STT, t1 = CHUNK_T1(c);
   *pcr = carry[(size_t)row * nchunks + c];  // the chunk's carry, a step ahead of its use
@@ -370,22 +382,17 @@ inline void state_subtile_load(const int backward, const int u, const int lid, c
   const float scale = rsqrt((float)DHQK);
   for (int r = 0; r < SLD; ++r) {
     const int idx = lid + 256 * r, l = idx / SD, d = dbase + idx % SD, t = t0 + l;
-    float x = 0.0f;
-    if (t < t1 && d < DHQK) {
-      const size_t g = gbase + t;
-      const float w = backward ? safe_exp((mc - m_tok[g]) + dec_upto(b[g])) * scale : wtok[g];
-      x = w * ld(xsrc, g * DHQK + d);
-    }
-    px[r] = x;
+    const bool in = t < t1 && d < DHQK;
+    const size_t g = gbase + (in ? t : 0);
+    px[r] = in ? ldr(xsrc, g * DHQK + d) : (raw_t)0;
+    pw[r] = !in ? 0.0f : backward ? safe_exp((mc - m_tok[g]) + dec_upto(b[g])) * scale : wtok[g];
   }
   for (int r = 0; r < SLE; ++r) {
     const int idx = lid + 256 * r, l = idx / SE, e = ebase + idx % SE, t = t0 + l;
-    float y = 0.0f;
-    if (t < t1 && e < DHHV) {
-      const size_t g = gbase + t;
-      y = backward ? ld(ysrc, g * DHHV + e) / N_tok[g] : ld(ysrc, g * DHHV + e);
-    }
-    py[r] = y;
+    const bool in = t < t1 && e < DHHV;
+    const size_t g = gbase + (in ? t : 0);
+    py[r] = in ? ldr(ysrc, g * DHHV + e) : (raw_t)0;
+    pny[r] = backward && in ? N_tok[g] : 1.0f;
   }
   if (lid < STT) {
     const int t = t0 + lid;
@@ -438,9 +445,10 @@ inline void state_scan(const int backward, __global const in_t* xsrc, __global c
   }
   // The sub-tiles of the walk's chunks: [u0, u1).
   const int u0 = wk.first * TPC, u1 = wk.end * TPC, nsub = u1 - u0;
-  float px[SLD], py[SLE], pa = 0.0f, pcr = 0.0f;
+  raw_t px[SLD], py[SLE];  // the next sub-tile as loaded, with its token weights and (backward) normalisers
+  float pw[SLD], pny[SLE], pa = 0.0f, pcr = 0.0f;
   state_subtile_load(backward, backward ? u1 - 1 : u0, lid, dbase, ebase, gbase, row, S, nchunks, xsrc, ysrc, wtok, b,
-                     mb, m_tok, N_tok, dden, carry, px, py, &pa, &pcr CTAB_ARG);
+                     mb, m_tok, N_tok, dden, carry, px, pw, py, pny, &pa, &pcr CTAB_ARG);
   for (int step = 0; step < nsub; ++step) {
     const int u = backward ? u1 - 1 - step : u0 + step;
     if (u % TPC == (backward ? TPC - 1 : 0)) {  // first sub-tile visited in chunk u / TPC
@@ -461,13 +469,13 @@ inline void state_scan(const int backward, __global const in_t* xsrc, __global c
       }
     }
     barrier(CLK_LOCAL_MEM_FENCE);
-    for (int r = 0; r < SLD; ++r) xs[lid + 256 * r] = px[r];
-    for (int r = 0; r < SLE; ++r) ys[lid + 256 * r] = py[r];
+    for (int r = 0; r < SLD; ++r) xs[lid + 256 * r] = pw[r] * cvt(px[r]);
+    for (int r = 0; r < SLE; ++r) ys[lid + 256 * r] = backward ? cvt(py[r]) / pny[r] : cvt(py[r]);
     if (lid < STT) ya[lid] = pa;
     barrier(CLK_LOCAL_MEM_FENCE);
     if (step + 1 < nsub)
       state_subtile_load(backward, backward ? u - 1 : u + 1, lid, dbase, ebase, gbase, row, S, nchunks, xsrc, ysrc,
-                         wtok, b, mb, m_tok, N_tok, dden, carry, px, py, &pa, &pcr CTAB_ARG);
+                         wtok, b, mb, m_tok, N_tok, dden, carry, px, pw, py, pny, &pa, &pcr CTAB_ARG);
     if (with_n) {
       STATE_SUBTILE_FMA(1)
     } else {
@@ -631,17 +639,17 @@ __kernel void fw_outputs(__global const in_t* q, __global const in_t* k, __globa
 #define OUT_LOAD_Q(P, SRC, DB, N)                                                                      \
   for (int r = 0; r < OSQ; ++r) {                                                                      \
     const int idx = lid + 256 * r, j = idx / OKD, d = (DB) + idx % OKD;                                \
-    P[r] = j < (N) && d < DHQK ? ld(SRC, (gbase + q0 + j) * DHQK + d) * scale : 0.0f;                 \
+    P[r] = j < (N) && d < DHQK ? ldr(SRC, (gbase + q0 + j) * DHQK + d) : (raw_t)0;                    \
   }
 #define OUT_LOAD_K(DB)                                                                                 \
   for (int r = 0; r < OSQ; ++r) {                                                                      \
     const int idx = lid + 256 * r, j = idx / OKD, d = (DB) + idx % OKD;                                \
-    pk[r] = j < sn && d < DHQK ? ld(k, (gbase + s0 + j) * DHQK + d) : 0.0f;                            \
+    pk[r] = j < sn && d < DHQK ? ldr(k, (gbase + s0 + j) * DHQK + d) : (raw_t)0;                       \
   }
-#define OUT_STORE_QK(DST, P)                                                                           \
+#define OUT_STORE_QK(DST, P, SCALE)                                                                    \
   for (int r = 0; r < OSQ; ++r) {                                                                      \
     const int idx = lid + 256 * r;                                                                     \
-    DST[(idx % OKD) * OPAD + idx / OKD] = P[r];                                                        \
+    DST[(idx % OKD) * OPAD + idx / OKD] = cvt(P[r]) * (SCALE);                                         \
   }
 #define OUT_LOAD_C(DB)                                                                                 \
   for (int r = 0; r < OSE; ++r) {                                                                      \
@@ -652,7 +660,7 @@ __kernel void fw_outputs(__global const in_t* q, __global const in_t* k, __globa
 #define OUT_LOAD_V(L0)                                                                                 \
   for (int r = 0; r < OSE; ++r) {                                                                      \
     const int idx = lid + 256 * r, l = (L0) + idx / OE, e = ebase + idx % OE;                          \
-    pe[r] = l < sn && e < DHHV ? ld(v, (gbase + s0 + l) * DHHV + e) : 0.0f;                            \
+    pv[r] = l < sn && e < DHHV ? ldr(v, (gbase + s0 + l) * DHHV + e) : (raw_t)0;                       \
   }
 __kernel __attribute__((reqd_work_group_size(256, 1, 1)))
 void fw_outputs_regtiled(__global const in_t* q, __global const in_t* k, __global const in_t* v,
@@ -721,7 +729,8 @@ void fw_outputs_regtiled(__global const in_t* q, __global const in_t* k, __globa
   float qn_dot = 0.0f;  // work item lid < 64: q'_lid . n
   const int s_end = q0 + qn;
   int s0 = t0c, sn = min(OKT, s_end - s0);
-  float pq[OSQ], pk[OSQ], pe[OSE], pn = 0.0f;
+  raw_t pq[OSQ], pk[OSQ], pv[OSE];  // q, k and v stages as loaded (converted when stored)
+  float pe[OSE], pn = 0.0f;         // the C stage
   OUT_LOAD_Q(pq, q, 0, qn)
   OUT_LOAD_K(0)
   OUT_LOAD_C(0)
@@ -731,8 +740,8 @@ void fw_outputs_regtiled(__global const in_t* q, __global const in_t* k, __globa
   }
   for (int dbase = 0; dbase < DHQK; dbase += OKD) {
     barrier(CLK_LOCAL_MEM_FENCE);
-    OUT_STORE_QK(qT, pq)
-    OUT_STORE_QK(kT, pk)
+    OUT_STORE_QK(qT, pq, scale)
+    OUT_STORE_QK(kT, pk, 1.0f)
     for (int r = 0; r < OSE; ++r) stg[lid + 256 * r] = pe[r];
     if (lid < OKD) ns[lid] = pn;
     barrier(CLK_LOCAL_MEM_FENCE);
@@ -773,8 +782,8 @@ void fw_outputs_regtiled(__global const in_t* q, __global const in_t* k, __globa
       OUT_LOAD_K(0)
       for (int dbase = 0; dbase < DHQK; dbase += OKD) {
         barrier(CLK_LOCAL_MEM_FENCE);
-        OUT_STORE_QK(qT, pq)
-        OUT_STORE_QK(kT, pk)
+        OUT_STORE_QK(qT, pq, scale)
+        OUT_STORE_QK(kT, pk, 1.0f)
         if (dbase == 0 && lid < OKT) {
           kb_l[lid] = lid < sn ? b[gbase + s0 + lid] : (float4)(0.0f, 0.0f, 0.0f, 0.0f);
           kig_l[lid] = lid < sn ? ig[gbase + s0 + lid] : 0.0f;
@@ -806,7 +815,7 @@ void fw_outputs_regtiled(__global const in_t* q, __global const in_t* k, __globa
     }
     for (int l0 = 0; l0 < sn; l0 += OKD) {
       barrier(CLK_LOCAL_MEM_FENCE);
-      for (int r = 0; r < OSE; ++r) stg[lid + 256 * r] = pe[r];
+      for (int r = 0; r < OSE; ++r) stg[lid + 256 * r] = cvt(pv[r]);
       barrier(CLK_LOCAL_MEM_FENCE);
       if (l0 + OKD < sn) OUT_LOAD_V(l0 + OKD)
       for (int ll = 0; ll < OKD; ++ll) {
