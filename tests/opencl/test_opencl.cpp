@@ -104,7 +104,22 @@ TEST(OpenCLLaunchParams, EnvironmentOverridesApplyAndMalformedOnesAreRefused) {
     ::setenv("MLSTM_OPENCL_STATE_SUBTILE", bad, 1);
     EXPECT_THROW(portable_launch_params(d), InvalidArgument) << bad;
   }
+  // The refusal lists what is allowed (one_of).
+  const auto message = [&](auto&& call) -> std::string {
+    try {
+      call();
+    } catch (const InvalidArgument& e) {
+      return e.what();
+    }
+    return "";
+  };
+  EXPECT_NE(message([&] { portable_launch_params(d); }).find("expected 16 or 32 tokens (got '016')"),
+            std::string::npos);
   ::unsetenv("MLSTM_OPENCL_STATE_SUBTILE");
+  ::setenv("MLSTM_TC_CHUNK_ROWS", "48", 1);
+  EXPECT_NE(message([&] { tc_launch_params(d); }).find("expected 16, 32, 64 or 128 rows (got '48')"),
+            std::string::npos);
+  ::unsetenv("MLSTM_TC_CHUNK_ROWS");
   EXPECT_EQ(portable_launch_params(d).output_col_blocks, 2);  // the NVIDIA row
   EXPECT_EQ(portable_launch_params(d).state_col_blocks, 1);
   EXPECT_EQ(portable_launch_params(d).state_grad_col_blocks, 2);

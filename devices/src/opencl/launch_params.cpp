@@ -2,6 +2,7 @@
 
 #include <array>
 #include <cstdio>
+#include <initializer_list>
 #include <string>
 
 #include "mlstm/core/env.hpp"
@@ -42,13 +43,22 @@ int column_blocks(const char* name, int fallback) {
   return (*value)[0] - '0';
 }
 
-// 16, 32, 64 or 128 `what` from `name`, or `fallback` when it is not set.
-int tile_rows(const char* name, const char* what, int fallback) {
+// One of `allowed` (`what`: "rows", "tokens", ...) from `name`, or `fallback` when it is not set.
+int one_of(const char* name, std::initializer_list<int> allowed, const char* what, int fallback) {
   const auto value = env::get(name);
   if (!value) return fallback;
-  if (*value != "16" && *value != "32" && *value != "64" && *value != "128")
-    throw InvalidArgument(name, std::string("expected 16, 32, 64 or 128 ") + what + " (got '" + *value + "')");
-  return std::stoi(*value);
+  std::string list;
+  for (std::size_t i = 0; i < allowed.size(); ++i) {
+    const int a = allowed.begin()[i];
+    if (*value == std::to_string(a)) return a;
+    list += (i == 0 ? "" : i + 1 == allowed.size() ? " or " : ", ") + std::to_string(a);
+  }
+  throw InvalidArgument(name, "expected " + list + " " + what + " (got '" + *value + "')");
+}
+
+// 16, 32, 64 or 128 `what` from `name`, or `fallback` when it is not set.
+int tile_rows(const char* name, const char* what, int fallback) {
+  return one_of(name, {16, 32, 64, 128}, what, fallback);
 }
 
 }  // namespace
@@ -58,11 +68,7 @@ PortableLaunchParams portable_launch_params(const DeviceInfo& device) {
   p.output_col_blocks = column_blocks("MLSTM_OPENCL_OUTPUT_COL_BLOCKS", p.output_col_blocks);
   p.state_col_blocks = column_blocks("MLSTM_OPENCL_STATE_COL_BLOCKS", p.state_col_blocks);
   p.state_grad_col_blocks = column_blocks("MLSTM_OPENCL_STATE_GRAD_COL_BLOCKS", p.state_grad_col_blocks);
-  if (const auto sub = env::get("MLSTM_OPENCL_STATE_SUBTILE")) {
-    if (*sub != "16" && *sub != "32")
-      throw InvalidArgument("MLSTM_OPENCL_STATE_SUBTILE", "expected 16 or 32 tokens (got '" + *sub + "')");
-    p.state_subtile = std::stoi(*sub);
-  }
+  p.state_subtile = one_of("MLSTM_OPENCL_STATE_SUBTILE", {16, 32}, "tokens", p.state_subtile);
   p.untiled = p.untiled || env::is("MLSTM_OPENCL_UNTILED", "1");
   return p;
 }
