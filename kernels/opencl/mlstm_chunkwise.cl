@@ -66,6 +66,11 @@ inline void st(__global in_t* p, size_t idx, float x) {
 
 // BIG_DECAY, CUT_DECAY, logsigmoid and safe_exp come from common.cl, which the host puts before this text.
 
+// Four floats of local memory at p, p 16-byte aligned (the staged kernels' arrays are declared aligned(16) and read at
+// multiples of 4 floats): one 128-bit load. vload4 assumes only a float's alignment, and NVIDIA's compiler splits it
+// into four 32-bit loads, which made the local-memory port, not the FMAs, the limit of the 4 x 4 tiles.
+inline float4 lds4(__local const float* p) { return *(__local const float4*)p; }
+
 // ---- Chunks of a row ---------------------------------------------------------------------------------------
 // Unpacked, chunk c of a row covers tokens [c CHUNK, min(c CHUNK + CHUNK, S)). -DPACKED=1 (packed sequences,
 // ForwardArgs::cu_seqlens; the tensor-core kernels' tables, tc_common.cl): chunks restart at every sequence start,
@@ -403,14 +408,14 @@ inline void state_subtile_load(const int backward, const int u, const int lid, c
 // x[i][c] += xs[l][4 ty + i] * ys[l][c]; with the n column when WITH_N.
 #define STATE_SUBTILE_FMA(WITH_N)                                                \
   for (int l = 0; l < STT; ++l) {                                                \
-    const float4 a4 = vload4(0, xs + l * SD + ty * 4);                           \
+    const float4 a4 = lds4(xs + l * SD + ty * 4);                                \
     const float av[4] = {a4.x, a4.y, a4.z, a4.w};                                \
     if (WITH_N) {                                                                \
       const float yal = ya[l];                                                   \
       for (int i = 0; i < 4; ++i) xn[i] += av[i] * yal;                          \
     }                                                                            \
     for (int w = 0; w < SVW; ++w) {                                              \
-      const float4 y4 = vload4(0, ys + l * SE + w * 64 + tx * 4);                \
+      const float4 y4 = lds4(ys + l * SE + w * 64 + tx * 4);                     \
       const float yv[4] = {y4.x, y4.y, y4.z, y4.w};                              \
       for (int i = 0; i < 4; ++i)                                                \
         for (int j = 0; j < 4; ++j) x[i][w * 4 + j] += av[i] * yv[j];            \
@@ -499,8 +504,8 @@ void fw_states(__global const in_t* k, __global const in_t* v, __global const fl
                      __global const float* wtok, __global const float* C0, __global const float* n0,
                      __global float* Cb, __global float* nb, __global float* Cout, __global float* nout, int S,
                      int nchunks CTAB_PARAM STAB_PARAM) {
-  __local float xs[STT * SD];
-  __local float ys[STT * SE];
+  __local float xs[STT * SD] __attribute__((aligned(16)));
+  __local float ys[STT * SE] __attribute__((aligned(16)));
   __local float ya[STT];
   state_scan(0, k, v, carry, wtok, (__global const float4*)carry, carry, carry, carry, carry, C0, n0, 1, Cb, nb, Cout,
              nout, S, nchunks, xs, ys, ya CTAB_ARG STAB_ARG);
@@ -601,8 +606,8 @@ __kernel void fw_outputs(__global const in_t* q, __global const in_t* k, __globa
 // B staged transposed in local memory with rows of PAD floats (the output and the gradient kernels).
 #define SCORE_STAGE(SC, A, B, PAD, N)                                                    \
   for (int x_ = 0; x_ < (N); ++x_) {                                                     \
-    const float4 a4_ = vload4(0, (A) + x_ * (PAD) + ty * 4);                             \
-    const float4 b4_ = vload4(0, (B) + x_ * (PAD) + tx * 4);                             \
+    const float4 a4_ = lds4((A) + x_ * (PAD) + ty * 4);                                  \
+    const float4 b4_ = lds4((B) + x_ * (PAD) + tx * 4);                                       \
     const float av_[4] = {a4_.x, a4_.y, a4_.z, a4_.w}, bv_[4] = {b4_.x, b4_.y, b4_.z, b4_.w}; \
     for (int i_ = 0; i_ < 4; ++i_)                                                       \
       for (int j_ = 0; j_ < 4; ++j_) SC[i_][j_] += av_[i_] * bv_[j_];                    \
@@ -668,10 +673,10 @@ void fw_outputs_regtiled(__global const in_t* q, __global const in_t* k, __globa
                          __global const float* nb, __global const float* mb, __global in_t* h,
                          __global float* m_tok, __global float* N_tok, __global float* den_tok, int S,
                          int nchunks CTAB_PARAM) {
-  __local float qT[OKD * OPAD];   // Q'^T stage: [dd][j]
-  __local float kT[OKD * OPAD];   // K^T stage: [dd][l]
-  __local float stg[OSTAGE];      // C stage [dd][e] | V stage [ll][e]
-  __local float sT[OKT * OPAD];   // weighted scores, transposed: [l][j]
+  __local float qT[OKD * OPAD] __attribute__((aligned(16)));  // Q'^T stage: [dd][j]
+  __local float kT[OKD * OPAD] __attribute__((aligned(16)));  // K^T stage: [dd][l]
+  __local float stg[OSTAGE] __attribute__((aligned(16)));  // C stage [dd][e] | V stage [ll][e]
+  __local float sT[OKT * OPAD] __attribute__((aligned(16)));  // weighted scores, transposed: [l][j]
   __local float ns[OKD];
   __local float4 qb_l[OQB], kb_l[OKT];
   __local float qm_l[OQB], qu_l[OQB], den_l[OQB];
@@ -751,13 +756,13 @@ void fw_outputs_regtiled(__global const in_t* q, __global const in_t* k, __globa
       OUT_LOAD_C(dbase + OKD)
     }
     for (int dd = 0; dd < OKD; ++dd) {
-      const float4 a4 = vload4(0, qT + dd * OPAD + ty * 4);
-      const float4 k4 = vload4(0, kT + dd * OPAD + tx * 4);
+      const float4 a4 = lds4(qT + dd * OPAD + ty * 4);
+      const float4 k4 = lds4(kT + dd * OPAD + tx * 4);
       const float av[4] = {a4.x, a4.y, a4.z, a4.w}, kv[4] = {k4.x, k4.y, k4.z, k4.w};
       for (int i = 0; i < 4; ++i)
         for (int j = 0; j < 4; ++j) sc[i][j] += av[i] * kv[j];
       for (int w = 0; w < OVW; ++w) {
-        const float4 c4 = vload4(0, stg + dd * OE + w * 64 + tx * 4);
+        const float4 c4 = lds4(stg + dd * OE + w * 64 + tx * 4);
         const float cv[4] = {c4.x, c4.y, c4.z, c4.w};
         for (int i = 0; i < 4; ++i)
           for (int j = 0; j < 4; ++j) acc[i][w * 4 + j] += av[i] * cv[j];
@@ -819,10 +824,10 @@ void fw_outputs_regtiled(__global const in_t* q, __global const in_t* k, __globa
       barrier(CLK_LOCAL_MEM_FENCE);
       if (l0 + OKD < sn) OUT_LOAD_V(l0 + OKD)
       for (int ll = 0; ll < OKD; ++ll) {
-        const float4 a4 = vload4(0, sT + (l0 + ll) * OPAD + ty * 4);
+        const float4 a4 = lds4(sT + (l0 + ll) * OPAD + ty * 4);
         const float av[4] = {a4.x, a4.y, a4.z, a4.w};
         for (int w = 0; w < OVW; ++w) {
-          const float4 v4 = vload4(0, stg + ll * OE + w * 64 + tx * 4);
+          const float4 v4 = lds4(stg + ll * OE + w * 64 + tx * 4);
           const float vv[4] = {v4.x, v4.y, v4.z, v4.w};
           for (int i = 0; i < 4; ++i)
             for (int j = 0; j < 4; ++j) acc[i][w * 4 + j] += av[i] * vv[j];
@@ -898,8 +903,8 @@ void bw_state_grads(__global const in_t* q, __global const in_t* dh, __global co
                      __global const float* m_tok, __global const float* N_tok, __global const float* dC_last,
                      __global const float* dn_last, int has_dlast, __global float* dCn, __global float* dnn,
                      __global float* dC0, __global float* dn0, int S, int nchunks CTAB_PARAM STAB_PARAM) {
-  __local float xs[STT * SD];
-  __local float ys[STT * SE];
+  __local float xs[STT * SD] __attribute__((aligned(16)));
+  __local float ys[STT * SE] __attribute__((aligned(16)));
   __local float ya[STT];
   state_scan(1, q, dh, carry, carry, b, mb, m_tok, N_tok, dden, dC_last, dn_last, has_dlast, dCn, dnn, dC0, dn0, S,
              nchunks, xs, ys, ya CTAB_ARG STAB_ARG);
@@ -1132,10 +1137,10 @@ inline void bw_grads_chain(const int mode, __global const in_t* q, __global cons
     }
     barrier(CLK_LOCAL_MEM_FENCE);
     for (int xx = 0; xx < GKD; ++xx) {
-      const float4 a4 = vload4(0, aT + xx * OPAD_G + ty * 4);
+      const float4 a4 = lds4(aT + xx * OPAD_G + ty * 4);
       const float av[4] = {a4.x, a4.y, a4.z, a4.w};
       for (int w = 0; w < GVW; ++w) {
-        const float4 m4 = vload4(0, stg + xx * GEP + w * 64 + tx * 4);
+        const float4 m4 = lds4(stg + xx * GEP + w * 64 + tx * 4);
         const float mv[4] = {m4.x, m4.y, m4.z, m4.w};
         for (int i = 0; i < 4; ++i)
           for (int j = 0; j < 4; ++j) acc[i][w * 4 + j] += av[i] * mv[j];
@@ -1220,10 +1225,10 @@ inline void bw_grads_chain(const int mode, __global const in_t* q, __global cons
       }
       barrier(CLK_LOCAL_MEM_FENCE);
       for (int ll = 0; ll < GKD; ++ll) {
-        const float4 a4 = vload4(0, cT + (l0 + ll) * OPAD_G + ty * 4);
+        const float4 a4 = lds4(cT + (l0 + ll) * OPAD_G + ty * 4);
         const float av[4] = {a4.x, a4.y, a4.z, a4.w};
         for (int w = 0; w < GVW; ++w) {
-          const float4 z4 = vload4(0, stg + ll * GEP + w * 64 + tx * 4);
+          const float4 z4 = lds4(stg + ll * GEP + w * 64 + tx * 4);
           const float zv[4] = {z4.x, z4.y, z4.z, z4.w};
           for (int i = 0; i < 4; ++i)
             for (int j = 0; j < 4; ++j) acc[i][w * 4 + j] += av[i] * zv[j];
@@ -1261,9 +1266,9 @@ inline void bw_grads_chain(const int mode, __global const in_t* q, __global cons
 }
 
 #define BW_CHAIN_LOCALS                                                                               \
-  __local float aT[GKD * OPAD_G];                                                                     \
-  __local float stg[GSTAGE];                                                                          \
-  __local float cT[64 * OPAD_G];                                                                      \
+  __local float aT[GKD * OPAD_G] __attribute__((aligned(16)));                                        \
+  __local float stg[GSTAGE] __attribute__((aligned(16)));                                             \
+  __local float cT[64 * OPAD_G] __attribute__((aligned(16)));                                         \
   __local float4 o_b[64], r_b[64];                                                                    \
   __local float r_sc[64], o_ig[64], o_m[64], o_dd[64], r_ig[64], r_m[64], r_dd[64];                   \
   __local float red[64 * 16];
