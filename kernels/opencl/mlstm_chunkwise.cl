@@ -1071,6 +1071,47 @@ __kernel void bw_grads(__global const in_t* q, __global const in_t* k, __global 
 #define GEP (GE + 4)  // padded row of the [x][column] stages
 #define GSTAGE (GKD * (GEP > OPAD_G ? GEP : OPAD_G))
 #define OPAD_G 68
+#define GSA (64 * GKD / 256)  // values of a 64 x GKD stage per work item
+#define GSM (GKD * GE / 256)  // values of a GKD x GE stage per work item
+// The stage loads into registers (stored after the next barrier): the inter part's A (the own rows' dh / N, v or k,
+// x = XB..XB+GKD) and M (dC rows for dv, else GKD consecutive x of GE state rows); the scores' own-row (xr) and
+// other-row (yo) stages; the value-side stage z of the other rows (k, q', dh / N). The normaliser goes to its own
+// register (1 where the mode has none; q's scale is applied at the store), so nothing waits for a load before the
+// stage's FMAs.
+#define BW_LOAD_INTER(XB)                                                                              \
+  for (int r = 0; r < GSA; ++r) {                                                                      \
+    const int idx = lid + 256 * r, j = idx / GKD, x = (XB) + idx % GKD;                                \
+    const bool in = j < rn && x < IND;                                                                 \
+    const size_t g = gbase + r0 + (in ? j : 0);                                                        \
+    pa[r] = in ? ldr(asrc, g * (mode == 2 ? DHQK : DHHV) + x) : (raw_t)0;                              \
+    pan[r] = mode == 0 && in ? N_tok[g] : 1.0f;                                                        \
+  }                                                                                                    \
+  for (int r = 0; r < GSM; ++r) {                                                                      \
+    const int idx = lid + 256 * r;                                                                     \
+    const int xx = mode == 2 ? idx / GE : idx % GKD, cc = mode == 2 ? idx % GE : idx / GKD;            \
+    const int x = (XB) + xx, col = cbase + cc;                                                         \
+    pm[r] = x < IND && col < OUTD                                                                      \
+                ? Mst[mode == 2 ? (bidx * DHQK + x) * DHHV + col : (bidx * DHQK + col) * DHHV + x]     \
+                : 0.0f;                                                                                \
+  }
+#define BW_LOAD_SCORES(YB)                                                                             \
+  for (int r = 0; r < GSA; ++r) {                                                                      \
+    const int idx = lid + 256 * r, j = idx / GKD, y = (YB) + idx % GKD;                                \
+    const bool inr = y < IND && j < rn, ino = y < IND && j < on;                                       \
+    const size_t gr = gbase + r0 + (inr ? j : 0), go = gbase + o0 + (ino ? j : 0);                     \
+    pxr[r] = inr ? ldr(xsrc, gr * (mode == 2 ? DHQK : DHHV) + y) : (raw_t)0;                           \
+    pxn[r] = mode == 0 && inr ? N_tok[gr] : 1.0f;                                                      \
+    pyo[r] = ino ? ldr(ysrc, go * (mode == 2 ? DHQK : DHHV) + y) : (raw_t)0;                           \
+    pyn[r] = mode == 1 && ino ? N_tok[go] : 1.0f;                                                      \
+  }
+#define BW_LOAD_Z(L0)                                                                                  \
+  for (int r = 0; r < GSM; ++r) {                                                                      \
+    const int idx = lid + 256 * r, l = (L0) + idx / GE, col = cbase + idx % GE;                        \
+    const bool in = l < on && col < OUTD;                                                              \
+    const size_t g = gbase + o0 + (in ? l : 0);                                                        \
+    pz[r] = in ? ldr(zsrc, g * (mode == 2 ? DHHV : DHQK) + col) : (raw_t)0;                            \
+    pzn[r] = mode == 2 && in ? N_tok[g] : 1.0f;                                                        \
+  }
 inline void bw_grads_chain(const int mode, __global const in_t* q, __global const in_t* k, __global const in_t* v,
                            __global const in_t* dh, __global const float* dden, __global const float4* b,
                            __global const float* ig, __global const float* mb, __global const float* wtok,
@@ -1113,29 +1154,24 @@ inline void bw_grads_chain(const int mode, __global const in_t* q, __global cons
   for (int i = 0; i < 4; ++i)
     for (int j = 0; j < 4 * GVW; ++j) acc[i][j] = 0.0f;
   __global const float* Mst = mode == 0 ? Cb : dCn;
+  // Each stage's global loads go to registers one stage ahead, as loaded (raw_t; the normaliser apart), and are
+  // converted when stored after the next barrier, so their latency overlaps the stage before's FMAs.
+  __global const in_t* asrc = mode == 0 ? dh : mode == 1 ? v : k;
+  raw_t pa[GSA];
+  float pan[GSA], pm[GSM];
+  BW_LOAD_INTER(0)
   for (int xb = 0; xb < IND; xb += GKD) {
     barrier(CLK_LOCAL_MEM_FENCE);
-    for (int idx = lid; idx < 64 * GKD; idx += 256) {
-      const int j = idx / GKD, xx = idx % GKD, x = xb + xx;
-      float a = 0.0f;
-      if (j < rn && x < IND) {
-        const size_t g = gbase + r0 + j;
-        a = mode == 0 ? ld(dh, g * DHHV + x) / N_tok[g] : mode == 1 ? ld(v, g * DHHV + x) : ld(k, g * DHQK + x);
-      }
-      aT[xx * OPAD_G + j] = a;
+    for (int r = 0; r < GSA; ++r) {
+      const int idx = lid + 256 * r;
+      aT[(idx % GKD) * OPAD_G + idx / GKD] = cvt(pa[r]) / pan[r];
     }
-    if (mode == 2) {  // M[x][col] = dC[x][col]: rows of dC
-      for (int idx = lid; idx < GKD * GE; idx += 256) {
-        const int xx = idx / GE, cc = idx % GE, x = xb + xx, col = cbase + cc;
-        stg[xx * GEP + cc] = x < IND && col < OUTD ? Mst[(bidx * DHQK + x) * DHHV + col] : 0.0f;
-      }
-    } else {  // M[x][col] = C[col][x]: 16 consecutive x of each state row
-      for (int idx = lid; idx < GKD * GE; idx += 256) {
-        const int cc = idx / GKD, xx = idx % GKD, x = xb + xx, col = cbase + cc;
-        stg[xx * GEP + cc] = x < IND && col < OUTD ? Mst[(bidx * DHQK + col) * DHHV + x] : 0.0f;
-      }
+    for (int r = 0; r < GSM; ++r) {
+      const int idx = lid + 256 * r;
+      stg[mode == 2 ? (idx / GE) * GEP + idx % GE : (idx % GKD) * GEP + idx / GKD] = pm[r];
     }
     barrier(CLK_LOCAL_MEM_FENCE);
+    if (xb + GKD < IND) BW_LOAD_INTER(xb + GKD)
     for (int xx = 0; xx < GKD; ++xx) {
       const float4 a4 = lds4(aT + xx * OPAD_G + ty * 4);
       const float av[4] = {a4.x, a4.y, a4.z, a4.w};
@@ -1167,23 +1203,17 @@ inline void bw_grads_chain(const int mode, __global const in_t* q, __global cons
     float sc[4][4];
     for (int i = 0; i < 4; ++i)
       for (int j = 0; j < 4; ++j) sc[i][j] = 0.0f;
+    __global const in_t* xsrc = mode == 0 ? dh : mode == 1 ? v : k;
+    __global const in_t* ysrc = mode == 0 ? v : mode == 1 ? dh : q;
+    raw_t pxr[GSA], pyo[GSA];
+    float pxn[GSA], pyn[GSA];
+    BW_LOAD_SCORES(0)
     for (int yb = 0; yb < IND; yb += GKD) {
       barrier(CLK_LOCAL_MEM_FENCE);
-      for (int idx = lid; idx < 64 * GKD; idx += 256) {
-        const int j = idx / GKD, yy = idx % GKD, y = yb + yy;
-        float xr = 0.0f, yo = 0.0f;
-        if (y < IND) {
-          if (j < rn) {
-            const size_t g = gbase + r0 + j;
-            xr = mode == 0 ? ld(dh, g * DHHV + y) / N_tok[g] : mode == 1 ? ld(v, g * DHHV + y) : ld(k, g * DHQK + y);
-          }
-          if (j < on) {
-            const size_t g = gbase + o0 + j;
-            yo = mode == 0 ? ld(v, g * DHHV + y) : mode == 1 ? ld(dh, g * DHHV + y) / N_tok[g] : ld(q, g * DHQK + y) * scale;
-          }
-        }
-        aT[yy * OPAD_G + j] = xr;
-        stg[yy * OPAD_G + j] = yo;
+      for (int r = 0; r < GSA; ++r) {
+        const int idx = lid + 256 * r, at = (idx % GKD) * OPAD_G + idx / GKD;
+        aT[at] = cvt(pxr[r]) / pxn[r];
+        stg[at] = cvt(pyo[r]) * (mode == 2 ? scale : 1.0f) / pyn[r];
       }
       if (yb == 0 && lid < 64) {
         const size_t g = gbase + o0 + min(lid, on - 1);
@@ -1194,6 +1224,7 @@ inline void bw_grads_chain(const int mode, __global const in_t* q, __global cons
         o_dd[lid] = ok && mode == 1 ? dden[g] : 0.0f;
       }
       barrier(CLK_LOCAL_MEM_FENCE);
+      if (yb + GKD < IND) BW_LOAD_SCORES(yb + GKD)
       SCORE_STAGE(sc, aT, stg, OPAD_G, GKD)
     }
     // Coefficients, stored transposed: cT[o][r].
@@ -1212,18 +1243,18 @@ inline void bw_grads_chain(const int mode, __global const in_t* q, __global cons
         cT[l * OPAD_G + j] = cf;
       }
     }
+    __global const in_t* zsrc = mode == 0 ? k : mode == 1 ? q : dh;
+    raw_t pz[GSM];
+    float pzn[GSM];
+    BW_LOAD_Z(0)
     for (int l0 = 0; l0 < on; l0 += GKD) {
       barrier(CLK_LOCAL_MEM_FENCE);
-      for (int idx = lid; idx < GKD * GE; idx += 256) {
-        const int ll = idx / GE, cc = idx % GE, l = l0 + ll, col = cbase + cc;
-        float z = 0.0f;
-        if (l < on && col < OUTD) {
-          const size_t g = gbase + o0 + l;
-          z = mode == 0 ? ld(k, g * DHQK + col) : mode == 1 ? ld(q, g * DHQK + col) * scale : ld(dh, g * DHHV + col) / N_tok[g];
-        }
-        stg[ll * GEP + cc] = z;
+      for (int r = 0; r < GSM; ++r) {
+        const int idx = lid + 256 * r;
+        stg[(idx / GE) * GEP + idx % GE] = cvt(pz[r]) * (mode == 1 ? scale : 1.0f) / pzn[r];
       }
       barrier(CLK_LOCAL_MEM_FENCE);
+      if (l0 + GKD < on) BW_LOAD_Z(l0 + GKD)
       for (int ll = 0; ll < GKD; ++ll) {
         const float4 a4 = lds4(cT + (l0 + ll) * OPAD_G + ty * 4);
         const float av[4] = {a4.x, a4.y, a4.z, a4.w};
