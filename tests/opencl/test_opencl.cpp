@@ -97,9 +97,15 @@ TEST(OpenCLLaunchParams, EnvironmentOverridesApplyAndMalformedOnesAreRefused) {
   ::setenv("MLSTM_OPENCL_OUTPUT_COL_BLOCKS", "5", 1);
   EXPECT_THROW(portable_launch_params(d), InvalidArgument);
   ::unsetenv("MLSTM_OPENCL_OUTPUT_COL_BLOCKS");
+  EXPECT_EQ(portable_launch_params(d).state_subtile, 32);  // the NVIDIA row
+  EXPECT_EQ(portable_launch_params(d).state_grad_subtile, 16);
+  ::setenv("MLSTM_OPENCL_STATE_SUBTILE", "16", 1);
   EXPECT_EQ(portable_launch_params(d).state_subtile, 16);
-  ::setenv("MLSTM_OPENCL_STATE_SUBTILE", "32", 1);
-  EXPECT_EQ(portable_launch_params(d).state_subtile, 32);
+  ::setenv("MLSTM_OPENCL_STATE_GRAD_SUBTILE", "32", 1);
+  EXPECT_EQ(portable_launch_params(d).state_grad_subtile, 32);
+  ::setenv("MLSTM_OPENCL_STATE_GRAD_SUBTILE", "64", 1);
+  EXPECT_THROW(portable_launch_params(d), InvalidArgument);
+  ::unsetenv("MLSTM_OPENCL_STATE_GRAD_SUBTILE");
   for (const char* bad : {"8", "64", "x", "016"}) {
     ::setenv("MLSTM_OPENCL_STATE_SUBTILE", bad, 1);
     EXPECT_THROW(portable_launch_params(d), InvalidArgument) << bad;

@@ -123,7 +123,8 @@ class ResidentPortable final : public ResidentChunkwise {
       svw_ = launch.state_col_blocks > 0 ? launch.state_col_blocks : wide ? 2 : 1;
       svw_bw_ = launch.state_grad_col_blocks > 0 ? launch.state_grad_col_blocks : svw_;
     }
-    opts << " -DSTT=" << launch.state_subtile;  // -DSVW: last, per program (the state-gradient kernel's may differ)
+    // -DSVW and -DSTT: last, per program (the state-gradient kernel's may differ).
+    const int stt = launch.state_subtile, stt_bw = launch.state_grad_subtile > 0 ? launch.state_grad_subtile : stt;
     // The register-tiled gradient kernels (dq, dk, dv; blocks of 64 tokens x 64*GVW columns) for chunks of 32
     // tokens or more when one column tile covers DHQK (they reduce q.dq and k.dk inside the work group); else the
     // per-token one.
@@ -136,11 +137,11 @@ class ResidentPortable final : public ResidentChunkwise {
                            dev.info().max_work_group >= 256;
     }
     if (regtiled_backward_) opts << " -DGVW=" << gvw_;
-    auto program = [&](int svw) {
+    auto program = [&](int svw, int sub) {
       return dev.program_from_text("mlstm_chunkwise", portable_source_text(),
-                                   opts.str() + " -DSVW=" + std::to_string(svw));
+                                   opts.str() + " -DSTT=" + std::to_string(sub) + " -DSVW=" + std::to_string(svw));
     };
-    cl_program prog = program(svw_);
+    cl_program prog = program(svw_, stt);
     k_gates_ = KernelObject{dev.kernel(prog, "fw_gates")};
     k_weights_ = KernelObject{dev.kernel(prog, "fw_state_weights")};
     k_states_ = KernelObject{dev.kernel(prog, "fw_states")};
@@ -226,7 +227,7 @@ class ResidentPortable final : public ResidentChunkwise {
       has_grads_ = true;
       k_prep_ = KernelObject{dev.kernel(prog, "bw_prep")};
       // The state-gradient kernel at its own column blocks: the same text built with them where they differ.
-      cl_program bw_prog = svw_bw_ == svw_ ? prog : program(svw_bw_);
+      cl_program bw_prog = svw_bw_ == svw_ && stt_bw == stt ? prog : program(svw_bw_, stt_bw);
       k_bw_states_ = KernelObject{dev.kernel(bw_prog, "bw_state_grads")};
       if (state_only_) {
         // no token gradients

@@ -15,11 +15,13 @@ namespace {
 constexpr std::array<LaunchRow<PortableLaunchParams>, 2> kPortableTable{{
     {"",
      "NVIDIA",
-     {2, 1, 2},
+     {2, 1, 2, 32, 16},
      "H100 (session 32), TFLA setup S=8192: output tiles of 128 columns take 7.76 ms against 8.77 at 256 (244 "
      "registers: one work group per SM); S=65536 not timed at 2 (the same kernel and work-group count). H100 "
      "(session 33), same setup: state tiles of 64 columns, fw_states 5.31 ms against 6.42 at 128, but "
-     "bw_state_grads 9.06 ms against 7.83 at 128"},
+     "bw_state_grads 9.06 ms against 7.83 at 128 (H200, session 34, after the raw stage loads: bw_state_grads "
+     "5.11 ms at 128 against 6.72 at 64). H200 (session 34), same setup: sub-tiles of 32 tokens for fw_states, "
+     "3.43 ms against 3.86 at 16 (forward 10.78 against 11.20 ms); the state-gradient kernel's at 32 not timed"},
     {"", "", {}, "derived from the problem and the device (rules in PortableLaunchParams)"},
 }};
 
@@ -69,6 +71,7 @@ PortableLaunchParams portable_launch_params(const DeviceInfo& device) {
   p.state_col_blocks = column_blocks("MLSTM_OPENCL_STATE_COL_BLOCKS", p.state_col_blocks);
   p.state_grad_col_blocks = column_blocks("MLSTM_OPENCL_STATE_GRAD_COL_BLOCKS", p.state_grad_col_blocks);
   p.state_subtile = one_of("MLSTM_OPENCL_STATE_SUBTILE", {16, 32}, "tokens", p.state_subtile);
+  p.state_grad_subtile = one_of("MLSTM_OPENCL_STATE_GRAD_SUBTILE", {16, 32}, "tokens", p.state_grad_subtile);
   p.untiled = p.untiled || env::is("MLSTM_OPENCL_UNTILED", "1");
   return p;
 }

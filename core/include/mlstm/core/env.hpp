@@ -11,6 +11,8 @@
 //   MLSTM_OPENCL_OUTPUT_COL_BLOCKS, MLSTM_OPENCL_STATE_COL_BLOCKS, MLSTM_OPENCL_STATE_GRAD_COL_BLOCKS=1..4
 //                                      devices (OpenCL): column blocks of the register-tiled kernels (tuning)
 //   MLSTM_OPENCL_STATE_SUBTILE=16|32   devices (OpenCL): tokens per staged sub-tile of the portable state kernels
+//   MLSTM_OPENCL_STATE_GRAD_SUBTILE=16|32
+//                                      devices (OpenCL): the same for the state-gradient kernel (default: as above)
 //   MLSTM_TENSOR_CORES=off             devices (OpenCL): never use the tensor-core kernels
 //   MLSTM_TC_STATE_TILE=KTxVT          devices (OpenCL): tensor-core state tile (tuning)
 //   MLSTM_TC_MSPLIT=1                  devices (OpenCL): tensor-core chunk kernels with M split hi + lo (tuning)

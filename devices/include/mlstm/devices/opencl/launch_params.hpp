@@ -28,6 +28,9 @@ struct PortableLaunchParams {
   // State kernels: tokens per sub-tile staged in local memory (16 or 32; each sub-tile costs two barriers and its
   // loads are in flight while the one before is multiplied). MLSTM_OPENCL_STATE_SUBTILE.
   int state_subtile = 16;
+  // The state-gradient kernel's sub-tile (16 or 32; built a second time where it differs, as its column blocks);
+  // 0 = as the state kernel's. MLSTM_OPENCL_STATE_GRAD_SUBTILE.
+  int state_grad_subtile = 0;
   // Only the per-token output and backward kernels (to test the fallback). MLSTM_OPENCL_UNTILED=1.
   bool untiled = false;
 };
