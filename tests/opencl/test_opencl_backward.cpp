@@ -75,6 +75,34 @@ TEST_P(PortableBackward, MatchesReference) {
   expect_gradients_match(got, ref, tol, "opencl portable backward", c.spec, in);
 }
 
+// The state kernels built apart (chunkwise_routine.cpp: the state-gradient kernel in a second program where its
+// column blocks or sub-tiles differ from the state kernel's, as on NVIDIA's launch row): both combinations of 16- and
+// 32-token sub-tiles, with column blocks 1 / 2, against the reference.
+TEST(PortableBackwardPrograms, StateKernelsWithTheirOwnSubTilesAndColumnBlocks) {
+  REQUIRE_OPENCL();
+  const auto dev = opencl::open_device(opencl::select_devices("0").front());
+  const opencl::ChunkwiseRunner runner(dev);
+  for (const char* fw_sub : {"32", "16"}) {
+    const char* bw_sub = fw_sub[0] == '3' ? "16" : "32";
+    SCOPED_TRACE(std::string("fw_states sub-tiles ") + fw_sub + ", bw_state_grads " + bw_sub);
+    const testing::ScopedEnv a("MLSTM_OPENCL_STATE_SUBTILE", fw_sub), b("MLSTM_OPENCL_STATE_GRAD_SUBTILE", bw_sub);
+    const testing::ScopedEnv c("MLSTM_OPENCL_STATE_COL_BLOCKS", "1"), d("MLSTM_OPENCL_STATE_GRAD_COL_BLOCKS", "2");
+    const InputSpec sp = spec(1, 2, 200, 80, 136, DType::bf16, GateVariant::exp, true);
+    auto in = testing::make_inputs(sp, testing::fresh_seed());
+    MlstmOptions o;
+    o.gate = sp.gate;
+    o.chunk_size = 64;
+    const auto args = in.backward_args(true);
+    const auto got = runner.backward(args, o);
+    const auto ref = reference::recurrent_backward(args, o, reference::StabilizerGradient::stop);
+    expect_gradients_match(got, ref, 3e-2, "opencl portable backward", sp, in);
+    const auto fw = runner.forward(in.args(), o);
+    const auto fref = reference::recurrent_forward(in.args(), o);
+    EXPECT_TRUE(testing::matches_well_conditioned(fw.h, fref.h, in, o, 2e-2, "opencl portable forward", "h", sp));
+    EXPECT_TRUE(testing::matches(fw.c, fref.c, 2e-2, "opencl portable forward", "c_last", sp));
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(
     Shapes, PortableBackward,
     ::testing::Values(BwCase{spec(3, 5, 130, 48, 96, DType::f32, GateVariant::exp, true), 64},

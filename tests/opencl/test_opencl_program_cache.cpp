@@ -22,6 +22,7 @@ namespace mlstm {
 namespace {
 
 namespace fs = std::filesystem;
+using testing::ScopedEnv;
 
 const std::string kSource =
     "__kernel void axpb(__global float* x) { const size_t i = get_global_id(0); x[i] = x[i] * A + B; }";
@@ -41,30 +42,6 @@ struct TempDir {
   }
   TempDir(const TempDir&) = delete;
   TempDir& operator=(const TempDir&) = delete;
-};
-
-// Sets an environment variable for one scope and restores the old value (ctest sets MLSTM_PROGRAM_CACHE).
-class ScopedEnv {
- public:
-  ScopedEnv(const char* name, const char* value) : name_(name) {
-    if (const char* old = std::getenv(name)) old_ = old;
-    if (value)
-      ::setenv(name, value, 1);
-    else
-      ::unsetenv(name);
-  }
-  ~ScopedEnv() {
-    if (old_)
-      ::setenv(name_, old_->c_str(), 1);
-    else
-      ::unsetenv(name_);
-  }
-  ScopedEnv(const ScopedEnv&) = delete;
-  ScopedEnv& operator=(const ScopedEnv&) = delete;
-
- private:
-  const char* name_;
-  std::optional<std::string> old_;
 };
 
 opencl::DeviceInfo first_info() { return opencl::select_devices("0").front(); }

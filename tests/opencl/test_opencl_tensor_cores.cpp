@@ -30,6 +30,7 @@ namespace {
 using testing::first_device;
 using testing::GateRegime;
 using testing::InputSpec;
+using testing::ScopedEnv;
 using testing::spec;
 
 // Real tensor cores where the device has them, the emulation elsewhere.
@@ -93,15 +94,6 @@ double gate_scale(const InputSpec& s) { return s.regime == GateRegime::extreme ?
   }
   return ::testing::AssertionSuccess();
 }
-
-// Sets an environment variable for its scope.
-struct ScopedEnv {
-  const char* name;
-  ScopedEnv(const char* n, const char* value) : name(n) { ::setenv(n, value, 1); }
-  ~ScopedEnv() { ::unsetenv(name); }
-  ScopedEnv(const ScopedEnv&) = delete;
-  ScopedEnv& operator=(const ScopedEnv&) = delete;
-};
 
 struct TcCase {
   InputSpec spec;
