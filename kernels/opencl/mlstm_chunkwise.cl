@@ -4,8 +4,8 @@
 // float32 accumulation, float32 gate cumsums and states. Build options (required):
 //   -DDHQK=<int> -DDHHV=<int> -DCHUNK=<int> -DKEY_TILE=<int> -DGATE_EXP=<0|1> -DNORMALIZE=<0|1>
 //   -DIN_DTYPE=<0 float32 | 1 float16 | 2 bfloat16> -DEPS=<float>
-// optional: -DSVW (state tiles), -DOVW (selects fw_outputs_regtiled, else fw_outputs), -DGVW (selects
-//   bw_grads_dq/_dk/_dv_regtiled, else bw_grads), -DPACKED=1 (packed sequences: "Chunks of a row" below).
+// optional: -DSVW, -DSTT (state tiles, state sub-tiles), -DOVW (selects fw_outputs_regtiled, else fw_outputs), -DGVW
+//   (selects bw_grads_dq/_dk/_dv_regtiled, else bw_grads), -DPACKED=1 (packed sequences: "Chunks of a row" below).
 // Layouts: q,k (rows, S, DHQK), v (rows, S, DHHV), i,f (rows, S) float32, states float32
 // C (rows, DHQK, DHHV), n (rows, DHQK), m (rows). Boundary states: (rows, nchunks, ...).
 //
@@ -13,7 +13,7 @@
 // unless said otherwise:
 //   fw_gates            (nc, rows) items, one per (row, chunk):         i, f -> b, ig, G
 //   fw_state_weights    one group of 64 per row, serial over chunks:     b, ig, G, m0 -> mb, carry, wtok, m_last
-//   fw_states           one group per (row, 64 x 64*SVW tile of C), serial over the chunks in sub-tiles of 16
+//   fw_states           one group per (row, 64 x 64*SVW tile of C), serial over the chunks in sub-tiles of STT
 //                       tokens staged in local memory (next sub-tile prefetched into registers), 4 x 4*SVW
 //                       state values per work item in registers:     k, v, carry, wtok, C0, n0 -> Cb, nb, C/n_last
 //   fw_outputs_regtiled one group per (row, chunk, 64 queries, 64*OVW columns of h); 4 x 4*OVW outputs per
@@ -348,7 +348,9 @@ void bw_fixup_states(__global float* dCn, __global float* dnn, __global float* d
 // STT tokens (flat over the sequence: forward for fw_states, reverse for bw_states); each sub-tile is staged in
 // local memory (xs: STT x SD left factor with the token weight folded in, ys: STT x SE right factor, ya: the
 // augmented column) with coalesced loads, and the NEXT sub-tile is loaded into registers while the current one
-// is multiplied (4 + 4 SVW values per work item), so global latency overlaps the FMAs.
+// is multiplied (STT / 4 x (1 + SVW) values per work item, as loaded, beside their token weights and, backward, the
+// normalisers; converted and weighted at the store), so global latency overlaps the FMAs. The backward's token
+// weight exp(b_t + m_c - m_t) is formed from its gate loads when they arrive (a wait the forward's wtok avoids).
 //   fw: x_t = exp(a_t - m_{c+1}) k_t (wtok), y_t = v_t, ya_t = 1; writes the state ENTERING each chunk.
 //   bw: x_t = exp(b_t + m_c - m_t) q'_t, y_t = dh_t / N_t, ya_t = dden_t; writes the gradient of the state
 //       LEAVING each chunk; the final value is the gradient of the initial state.
