@@ -609,7 +609,7 @@ __kernel void fw_outputs(__global const in_t* q, __global const in_t* k, __globa
 #define SCORE_STAGE(SC, A, B, PAD, N)                                                    \
   for (int x_ = 0; x_ < (N); ++x_) {                                                     \
     const float4 a4_ = lds4((A) + x_ * (PAD) + ty * 4);                                  \
-    const float4 b4_ = lds4((B) + x_ * (PAD) + tx * 4);                                       \
+    const float4 b4_ = lds4((B) + x_ * (PAD) + tx * 4);                                  \
     const float av_[4] = {a4_.x, a4_.y, a4_.z, a4_.w}, bv_[4] = {b4_.x, b4_.y, b4_.z, b4_.w}; \
     for (int i_ = 0; i_ < 4; ++i_)                                                       \
       for (int j_ = 0; j_ < 4; ++j_) SC[i_][j_] += av_[i_] * bv_[j_];                    \
@@ -1085,7 +1085,7 @@ __kernel void bw_grads(__global const in_t* q, __global const in_t* k, __global 
     const int idx = lid + 256 * r, j = idx / GKD, x = (XB) + idx % GKD;                                \
     const bool in = j < rn && x < IND;                                                                 \
     const size_t g = gbase + r0 + (in ? j : 0);                                                        \
-    pa[r] = in ? ldr(asrc, g * (mode == 2 ? DHQK : DHHV) + x) : (raw_t)0;                              \
+    pa[r] = in ? ldr(asrc, g * IND + x) : (raw_t)0;                                                    \
     pan[r] = mode == 0 && in ? N_tok[g] : 1.0f;                                                        \
   }                                                                                                    \
   for (int r = 0; r < GSM; ++r) {                                                                      \
@@ -1101,9 +1101,9 @@ __kernel void bw_grads(__global const in_t* q, __global const in_t* k, __global 
     const int idx = lid + 256 * r, j = idx / GKD, y = (YB) + idx % GKD;                                \
     const bool inr = y < IND && j < rn, ino = y < IND && j < on;                                       \
     const size_t gr = gbase + r0 + (inr ? j : 0), go = gbase + o0 + (ino ? j : 0);                     \
-    pxr[r] = inr ? ldr(xsrc, gr * (mode == 2 ? DHQK : DHHV) + y) : (raw_t)0;                           \
+    pxr[r] = inr ? ldr(asrc, gr * IND + y) : (raw_t)0;                                                 \
     pxn[r] = mode == 0 && inr ? N_tok[gr] : 1.0f;                                                      \
-    pyo[r] = ino ? ldr(ysrc, go * (mode == 2 ? DHQK : DHHV) + y) : (raw_t)0;                           \
+    pyo[r] = ino ? ldr(ysrc, go * IND + y) : (raw_t)0;                                                 \
     pyn[r] = mode == 1 && ino ? N_tok[go] : 1.0f;                                                      \
   }
 #define BW_LOAD_Z(L0)                                                                                  \
@@ -1111,7 +1111,7 @@ __kernel void bw_grads(__global const in_t* q, __global const in_t* k, __global 
     const int idx = lid + 256 * r, l = (L0) + idx / GE, col = cbase + idx % GE;                        \
     const bool in = l < on && col < OUTD;                                                              \
     const size_t g = gbase + o0 + (in ? l : 0);                                                        \
-    pz[r] = in ? ldr(zsrc, g * (mode == 2 ? DHHV : DHQK) + col) : (raw_t)0;                            \
+    pz[r] = in ? ldr(zsrc, g * OUTD + col) : (raw_t)0;                                                 \
     pzn[r] = mode == 2 && in ? N_tok[g] : 1.0f;                                                        \
   }
 inline void bw_grads_chain(const int mode, __global const in_t* q, __global const in_t* k, __global const in_t* v,
@@ -1157,7 +1157,8 @@ inline void bw_grads_chain(const int mode, __global const in_t* q, __global cons
     for (int j = 0; j < 4 * GVW; ++j) acc[i][j] = 0.0f;
   __global const float* Mst = mode == 0 ? Cb : dCn;
   // Each stage's global loads go to registers one stage ahead, as loaded (raw_t; the normaliser apart), and are
-  // converted when stored after the next barrier, so their latency overlaps the stage before's FMAs.
+  // converted when stored after the next barrier, so their latency overlaps the stage before's FMAs. asrc: the own
+  // rows' side (dh / N, v or k), read by the inter part and the scores alike.
   __global const in_t* asrc = mode == 0 ? dh : mode == 1 ? v : k;
   raw_t pa[GSA];
   float pan[GSA], pm[GSM];
@@ -1205,7 +1206,6 @@ inline void bw_grads_chain(const int mode, __global const in_t* q, __global cons
     float sc[4][4];
     for (int i = 0; i < 4; ++i)
       for (int j = 0; j < 4; ++j) sc[i][j] = 0.0f;
-    __global const in_t* xsrc = mode == 0 ? dh : mode == 1 ? v : k;
     __global const in_t* ysrc = mode == 0 ? v : mode == 1 ? dh : q;
     raw_t pxr[GSA], pyo[GSA];
     float pxn[GSA], pyn[GSA];
