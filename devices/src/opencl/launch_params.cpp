@@ -36,15 +36,6 @@ constexpr std::array<LaunchRow<TcLaunchParams>, 2> kTcTable{{
     {"", "", {64, 64, 512}, "default (PoCL runs the emulated kernels in tests)"},
 }};
 
-// 1..4 column blocks of 64 from `name`, or `fallback` when it is not set.
-int column_blocks(const char* name, int fallback) {
-  const auto value = env::get(name);
-  if (!value) return fallback;
-  if (value->size() != 1 || (*value)[0] < '1' || (*value)[0] > '4')
-    throw InvalidArgument(name, "expected 1, 2, 3 or 4 column blocks of 64 per work group (got '" + *value + "')");
-  return (*value)[0] - '0';
-}
-
 // One of `allowed` (`what`: "rows", "tokens", ...) from `name`, or `fallback` when it is not set.
 int one_of(const char* name, std::initializer_list<int> allowed, const char* what, int fallback) {
   const auto value = env::get(name);
@@ -56,6 +47,11 @@ int one_of(const char* name, std::initializer_list<int> allowed, const char* wha
     list += (i == 0 ? "" : i + 1 == allowed.size() ? " or " : ", ") + std::to_string(a);
   }
   throw InvalidArgument(name, "expected " + list + " " + what + " (got '" + *value + "')");
+}
+
+// 1..4 column blocks of 64 from `name`, or `fallback` when it is not set.
+int column_blocks(const char* name, int fallback) {
+  return one_of(name, {1, 2, 3, 4}, "column blocks of 64 per work group", fallback);
 }
 
 // 16, 32, 64 or 128 `what` from `name`, or `fallback` when it is not set.
