@@ -26,14 +26,18 @@ class ScopedEnv {
  public:
   ScopedEnv(const char* name, const char* value) : name_(name) {
     if (const char* old = std::getenv(name)) old_ = old;
-    if (value)
-      ::setenv(name, value, 1);
-    else
-      ::unsetenv(name);
+    set(value);
   }
   ~ScopedEnv() {
     if (old_)
       ::setenv(name_, old_->c_str(), 1);
+    else
+      ::unsetenv(name_);
+  }
+  // Another value (nullptr: unset) for the rest of the scope; the destructor still restores the one before it.
+  void set(const char* value) const {
+    if (value)
+      ::setenv(name_, value, 1);
     else
       ::unsetenv(name_);
   }

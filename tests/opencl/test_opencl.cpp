@@ -68,46 +68,46 @@ TEST(OpenCLLaunchParams, EnvironmentOverridesApplyAndMalformedOnesAreRefused) {
   d.name = "NVIDIA H200";
   d.vendor = "NVIDIA Corporation";
   EXPECT_EQ(tc_launch_params(d).state_tile_k, 64);
-  ::setenv("MLSTM_TC_STATE_TILE", "32x16", 1);
+  const testing::ScopedEnv tc_state_tile("MLSTM_TC_STATE_TILE", "32x16");
   EXPECT_EQ(tc_launch_params(d).state_tile_k, 32);
   EXPECT_EQ(tc_launch_params(d).state_tile_v, 16);
   for (const char* bad : {"bad", "24x32", "32x", "32x32x", "8x8"}) {
-    ::setenv("MLSTM_TC_STATE_TILE", bad, 1);
+    tc_state_tile.set(bad);
     EXPECT_THROW(tc_launch_params(d), InvalidArgument) << bad;
   }
-  ::unsetenv("MLSTM_TC_STATE_TILE");
+  tc_state_tile.set(nullptr);
   EXPECT_EQ(tc_launch_params(d).chunk_rows, 64);
-  ::setenv("MLSTM_TC_CHUNK_ROWS", "32", 1);
+  const testing::ScopedEnv tc_chunk_rows("MLSTM_TC_CHUNK_ROWS", "32");
   EXPECT_EQ(tc_launch_params(d).chunk_rows, 32);
   for (const char* bad : {"48", "0", "256", "64x", "-64"}) {
-    ::setenv("MLSTM_TC_CHUNK_ROWS", bad, 1);
+    tc_chunk_rows.set(bad);
     EXPECT_THROW(tc_launch_params(d), InvalidArgument) << bad;
   }
-  ::unsetenv("MLSTM_TC_CHUNK_ROWS");
+  tc_chunk_rows.set(nullptr);
   EXPECT_EQ(tc_launch_params(d).key_block, 0);
-  ::setenv("MLSTM_TC_KEY_BLOCK", "64", 1);
+  const testing::ScopedEnv tc_key_block("MLSTM_TC_KEY_BLOCK", "64");
   EXPECT_EQ(tc_launch_params(d).key_block, 64);
   for (const char* bad : {"48", "0", "256", "x"}) {
-    ::setenv("MLSTM_TC_KEY_BLOCK", bad, 1);
+    tc_key_block.set(bad);
     EXPECT_THROW(tc_launch_params(d), InvalidArgument) << bad;
   }
-  ::unsetenv("MLSTM_TC_KEY_BLOCK");
-  ::setenv("MLSTM_OPENCL_OUTPUT_COL_BLOCKS", "3", 1);
+  tc_key_block.set(nullptr);
+  const testing::ScopedEnv opencl_output_col_blocks("MLSTM_OPENCL_OUTPUT_COL_BLOCKS", "3");
   EXPECT_EQ(portable_launch_params(d).output_col_blocks, 3);
-  ::setenv("MLSTM_OPENCL_OUTPUT_COL_BLOCKS", "5", 1);
+  opencl_output_col_blocks.set("5");
   EXPECT_THROW(portable_launch_params(d), InvalidArgument);
-  ::unsetenv("MLSTM_OPENCL_OUTPUT_COL_BLOCKS");
+  opencl_output_col_blocks.set(nullptr);
   EXPECT_EQ(portable_launch_params(d).state_subtile, 32);  // the NVIDIA row
   EXPECT_EQ(portable_launch_params(d).state_grad_subtile, 16);
-  ::setenv("MLSTM_OPENCL_STATE_SUBTILE", "16", 1);
+  const testing::ScopedEnv opencl_state_subtile("MLSTM_OPENCL_STATE_SUBTILE", "16");
   EXPECT_EQ(portable_launch_params(d).state_subtile, 16);
-  ::setenv("MLSTM_OPENCL_STATE_GRAD_SUBTILE", "32", 1);
+  const testing::ScopedEnv opencl_state_grad_subtile("MLSTM_OPENCL_STATE_GRAD_SUBTILE", "32");
   EXPECT_EQ(portable_launch_params(d).state_grad_subtile, 32);
-  ::setenv("MLSTM_OPENCL_STATE_GRAD_SUBTILE", "64", 1);
+  opencl_state_grad_subtile.set("64");
   EXPECT_THROW(portable_launch_params(d), InvalidArgument);
-  ::unsetenv("MLSTM_OPENCL_STATE_GRAD_SUBTILE");
+  opencl_state_grad_subtile.set(nullptr);
   for (const char* bad : {"8", "64", "x", "016"}) {
-    ::setenv("MLSTM_OPENCL_STATE_SUBTILE", bad, 1);
+    opencl_state_subtile.set(bad);
     EXPECT_THROW(portable_launch_params(d), InvalidArgument) << bad;
   }
   // The refusal lists what is allowed (one_of).
@@ -121,19 +121,19 @@ TEST(OpenCLLaunchParams, EnvironmentOverridesApplyAndMalformedOnesAreRefused) {
   };
   EXPECT_NE(message([&] { portable_launch_params(d); }).find("expected 16 or 32 tokens (got '016')"),
             std::string::npos);
-  ::unsetenv("MLSTM_OPENCL_STATE_SUBTILE");
-  ::setenv("MLSTM_TC_CHUNK_ROWS", "48", 1);
+  opencl_state_subtile.set(nullptr);
+  tc_chunk_rows.set("48");
   EXPECT_NE(message([&] { tc_launch_params(d); }).find("expected 16, 32, 64 or 128 rows (got '48')"),
             std::string::npos);
-  ::unsetenv("MLSTM_TC_CHUNK_ROWS");
+  tc_chunk_rows.set(nullptr);
   EXPECT_EQ(portable_launch_params(d).output_col_blocks, 2);  // the NVIDIA row
   EXPECT_EQ(portable_launch_params(d).state_col_blocks, 1);
   EXPECT_EQ(portable_launch_params(d).state_grad_col_blocks, 2);
-  ::setenv("MLSTM_OPENCL_STATE_GRAD_COL_BLOCKS", "0", 1);
+  const testing::ScopedEnv opencl_state_grad_col_blocks("MLSTM_OPENCL_STATE_GRAD_COL_BLOCKS", "0");
   EXPECT_THROW(portable_launch_params(d), InvalidArgument);
-  ::setenv("MLSTM_OPENCL_STATE_GRAD_COL_BLOCKS", "4", 1);
+  opencl_state_grad_col_blocks.set("4");
   EXPECT_EQ(portable_launch_params(d).state_grad_col_blocks, 4);
-  ::unsetenv("MLSTM_OPENCL_STATE_GRAD_COL_BLOCKS");
+  opencl_state_grad_col_blocks.set(nullptr);
   d.name = "pthread-skylake";
   d.vendor = "GenuineIntel";
   EXPECT_EQ(portable_launch_params(d).output_col_blocks, 0);  // the default: derived from the problem
@@ -164,7 +164,7 @@ TEST(OpenCLDevices, StagingNumaNodeIsDecidedAndSaid) {
 
 TEST(OpenCLDevices, ProgramCacheBuildsOncePerOptionSetAndBuildErrorsNameDeviceAndSource) {
   REQUIRE_OPENCL();
-  auto dev = opencl::open_device(opencl::select_devices("0").front());
+  auto dev = testing::first_device();
   const std::string src = "__kernel void twice(__global float* x) { x[get_global_id(0)] *= FACTOR; }";
   // Programs made: built from source, or loaded from the disk cache (an earlier run of this test wrote it).
   auto made = [&] { return dev->builds() + dev->binary_loads(); };

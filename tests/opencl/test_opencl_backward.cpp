@@ -58,7 +58,7 @@ class PortableBackward : public ::testing::TestWithParam<BwCase> {};
 TEST_P(PortableBackward, MatchesReference) {
   REQUIRE_OPENCL();
   const BwCase c = GetParam();
-  const auto dev = opencl::open_device(opencl::select_devices("0").front());
+  const auto dev = testing::first_device();
   const opencl::ChunkwiseRunner runner(dev);
   auto in = testing::make_inputs(c.spec, testing::fresh_seed());
   MlstmOptions o;
@@ -80,7 +80,7 @@ TEST_P(PortableBackward, MatchesReference) {
 // 32-token sub-tiles, with column blocks 1 / 2, against the reference.
 TEST(PortableBackwardPrograms, StateKernelsWithTheirOwnSubTilesAndColumnBlocks) {
   REQUIRE_OPENCL();
-  const auto dev = opencl::open_device(opencl::select_devices("0").front());
+  const auto dev = testing::first_device();
   const opencl::ChunkwiseRunner runner(dev);
   for (const char* fw_sub : {"32", "16"}) {
     const char* bw_sub = fw_sub[0] == '3' ? "16" : "32";
@@ -141,7 +141,7 @@ class PortableShards : public ::testing::TestWithParam<ShardCase> {};
 TEST_P(PortableShards, ForwardAndBackwardMatchReference) {
   REQUIRE_OPENCL();
   const ShardCase c = GetParam();
-  const auto dev = opencl::open_device(opencl::select_devices("0").front());
+  const auto dev = testing::first_device();
   const opencl::ChunkwiseRunner runner(dev, opencl::ChunkwiseRunner::Config{c.shards});
   auto in = testing::make_inputs(c.spec, testing::fresh_seed());
   if (c.dominated) {
@@ -217,7 +217,7 @@ bool splits(const opencl::ChunkwiseRunner& runner, const testing::Inputs& in, co
 
 TEST(PortableShardsChoice, RunnerAndEnvironmentDecide) {
   REQUIRE_OPENCL();
-  const auto dev = opencl::open_device(opencl::select_devices("0").front());
+  const auto dev = testing::first_device();
   const InputSpec s = spec(1, 1, 256, 16, 16, DType::f32, GateVariant::exp, true);
   const auto in = testing::make_inputs(s, testing::fresh_seed());
   const auto ragged =
@@ -233,12 +233,11 @@ TEST(PortableShardsChoice, RunnerAndEnvironmentDecide) {
   EXPECT_TRUE(testing::matches(split4.dc0, whole.dc0, 1e-4, "portable, shards", "state_gradient dc0", s));
   EXPECT_TRUE(testing::matches(split4.dn0, whole.dn0, 1e-4, "portable, shards", "state_gradient dn0", s));
   EXPECT_TRUE(testing::matches(split4.dm0, whole.dm0, 1e-4, "portable, shards", "state_gradient dm0", s));
-  ::setenv("MLSTM_OPENCL_SHARDS", "2", 1);
+  const testing::ScopedEnv shards("MLSTM_OPENCL_SHARDS", "2");
   EXPECT_TRUE(splits(opencl::ChunkwiseRunner(dev), in, o));
   EXPECT_FALSE(splits(opencl::ChunkwiseRunner(dev, {1}), in, o)) << "the runner's own choice wins";
-  ::setenv("MLSTM_OPENCL_SHARDS", "-3", 1);
+  shards.set("-3");
   EXPECT_FALSE(splits(opencl::ChunkwiseRunner(dev), in, o));
-  ::unsetenv("MLSTM_OPENCL_SHARDS");
 }
 
 // The automatic choice (shards.hpp): with the fix-up a row splits where the state kernels' groups (rows x 64 x 64
@@ -246,7 +245,7 @@ TEST(PortableShardsChoice, RunnerAndEnvironmentDecide) {
 // (MLSTM_OPENCL_SHARD_FIXUP=0) only where they fill less than a quarter of the units, and it runs twice.
 TEST(PortableShardsChoice, AutomaticWhereUnitsIdle) {
   REQUIRE_OPENCL();
-  const auto dev = opencl::open_device(opencl::select_devices("0").front());
+  const auto dev = testing::first_device();
   const std::int64_t units = std::max<std::int64_t>(1, dev->info().compute_units);
   MlstmOptions o;
   o.chunk_size = 64;
@@ -268,7 +267,7 @@ TEST(PortableShardsChoice, AutomaticWhereUnitsIdle) {
   auto busy = kernels(units + 1);  // every unit has a group
   EXPECT_EQ(busy["shard_fw_combine"], 0);
   EXPECT_EQ(busy["fw_states"], 1);
-  ::setenv("MLSTM_OPENCL_SHARD_FIXUP", "0", 1);
+  const testing::ScopedEnv second_pass("MLSTM_OPENCL_SHARD_FIXUP", "0");
   auto two = kernels(1);
   if (4 > units) {
     EXPECT_EQ(two["shard_fw_combine"], 0) << "a quarter of " << units << " units";
@@ -278,22 +277,21 @@ TEST(PortableShardsChoice, AutomaticWhereUnitsIdle) {
     EXPECT_EQ(two["fw_fixup_states"], 0);
   }
   EXPECT_EQ(kernels((units + 3) / 4 + 1)["shard_fw_combine"], 0);
-  ::unsetenv("MLSTM_OPENCL_SHARD_FIXUP");
 }
 
 // The per-token output and backward kernels (used where the tiled ones do not fit in local memory).
 TEST(PortableBackwardFallback, PerTokenKernelsMatchReference) {
   REQUIRE_OPENCL();
-  ::setenv("MLSTM_OPENCL_UNTILED", "1", 1);
-  const auto dev = opencl::open_device(opencl::select_devices("0").front());
+  const auto dev = testing::first_device();
   const InputSpec s = spec(2, 2, 150, 48, 24, DType::f32, GateVariant::exp, true);
   const auto in = testing::make_inputs(s, testing::fresh_seed());
   MlstmOptions o;
   o.chunk_size = 48;
   const auto args = in.backward_args(true);
+  const testing::ScopedEnv untiled("MLSTM_OPENCL_UNTILED", "1");
   const auto got = opencl::ChunkwiseRunner(dev).backward(args, o);
   const auto fw = opencl::ChunkwiseRunner(dev).forward(in.args(), o);
-  ::unsetenv("MLSTM_OPENCL_UNTILED");
+  untiled.set(nullptr);
   const auto ref = reference::recurrent_backward(args, o, reference::StabilizerGradient::stop);
   const auto rf = reference::recurrent_forward(in.args(), o);
   EXPECT_TRUE(testing::matches(fw.h, rf.h, 1e-4, "portable per-token", "h", s));
@@ -306,7 +304,7 @@ TEST(PortableBackwardFallback, PerTokenKernelsMatchReference) {
 
 TEST(PortableResident, RepeatedPassesAreIdenticalAndTimed) {
   REQUIRE_OPENCL();
-  const auto dev = opencl::open_device(opencl::select_devices("0").front());
+  const auto dev = testing::first_device();
   const opencl::ChunkwiseRunner runner(dev);
   // Same build options as the extreme-gate f32 case above (PoCL compiles each option set once: keeps CI short).
   const InputSpec s = spec(1, 2, 100, 16, 16, DType::f32, GateVariant::exp, true);
@@ -341,7 +339,7 @@ TEST(PortableResident, RepeatedPassesAreIdenticalAndTimed) {
 // several threads on one device (one in-order queue, one buffer pool) must equal lone calls bit for bit.
 TEST(PortableConcurrency, ThreadsOnOneDeviceEqualLoneCalls) {
   REQUIRE_OPENCL();
-  const auto dev = opencl::open_device(opencl::select_devices("0").front());
+  const auto dev = testing::first_device();
   const opencl::ChunkwiseRunner runner(dev);
   // Same build options as the resident test above (PoCL compiles each option set once).
   const InputSpec s1 = spec(1, 2, 100, 16, 16, DType::f32, GateVariant::exp, true);

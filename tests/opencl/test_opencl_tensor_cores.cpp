@@ -623,9 +623,9 @@ TEST(TensorCoreSelection, DeviceSupportAndTheSwitch) {
     } else {
       EXPECT_EQ(s.available, s.compute_major >= 8) << info.describe() << " " << s.reason;
     }
-    ::setenv("MLSTM_TENSOR_CORES", "off", 1);
+    const testing::ScopedEnv tc_off("MLSTM_TENSOR_CORES", "off");
     const auto off = opencl::tensor_core_support(info);
-    ::unsetenv("MLSTM_TENSOR_CORES");
+    tc_off.set(nullptr);
     EXPECT_FALSE(off.available);
     if (nvidia) {
       EXPECT_NE(off.reason.find("MLSTM_TENSOR_CORES"), std::string::npos) << off.reason;

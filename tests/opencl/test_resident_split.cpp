@@ -274,9 +274,9 @@ TEST(ResidentSplit, FailedDeviceIsTakenOutAndResultsStayCorrect) {
   so.kernels = opencl::SplitKernels::portable;
   {  // the forward loses device 1 (the middle part)
     opencl::ResidentSplit split(devices(3), in.args(), o, &args, so);
-    ::setenv("MLSTM_SPLIT_FAULT", "1", 1);
+    const testing::ScopedEnv fault("MLSTM_SPLIT_FAULT", "1");
     split.forward();
-    ::unsetenv("MLSTM_SPLIT_FAULT");
+    fault.set(nullptr);
     EXPECT_EQ(split.lost(), std::vector<std::size_t>{1});
     ASSERT_EQ(split.parts().size(), 2u) << split.describe();
     split.backward();
@@ -285,28 +285,28 @@ TEST(ResidentSplit, FailedDeviceIsTakenOutAndResultsStayCorrect) {
   {  // the backward loses device 2 (the last part, whose backward starts first)
     opencl::ResidentSplit split(devices(3), in.args(), o, &args, so);
     split.forward();
-    ::setenv("MLSTM_SPLIT_FAULT", "2", 1);
+    const testing::ScopedEnv fault("MLSTM_SPLIT_FAULT", "2");
     split.backward();
-    ::unsetenv("MLSTM_SPLIT_FAULT");
+    fault.set(nullptr);
     EXPECT_EQ(split.lost(), std::vector<std::size_t>{2});
     check(split, true);
   }
   {  // the head split loses device 0
     so.split = opencl::SplitBy::heads;
     opencl::ResidentSplit split(devices(3), in.args(), o, &args, so);
-    ::setenv("MLSTM_SPLIT_FAULT", "0", 1);
+    const testing::ScopedEnv fault("MLSTM_SPLIT_FAULT", "0");
     split.forward();
     split.backward();
-    ::unsetenv("MLSTM_SPLIT_FAULT");
+    fault.set(nullptr);
     EXPECT_EQ(split.lost(), std::vector<std::size_t>{0});
     check(split, true);
   }
   {  // one device, and it fails: nothing left
     so.split = opencl::SplitBy::sequence;
     opencl::ResidentSplit split(devices(1), in.args(), o, nullptr, so);
-    ::setenv("MLSTM_SPLIT_FAULT", "0", 1);
+    const testing::ScopedEnv fault("MLSTM_SPLIT_FAULT", "0");
     EXPECT_THROW(split.forward(), DeviceError);
-    ::unsetenv("MLSTM_SPLIT_FAULT");
+    fault.set(nullptr);
   }
 }
 
