@@ -349,10 +349,10 @@ void bw_fixup_states(__global float* dCn, __global float* dnn, __global float* d
 // local memory (xs: STT x SD left factor with the token weight folded in, ys: STT x SE right factor, ya: the
 // augmented column) with coalesced loads, and the NEXT sub-tile is loaded into registers while the current one
 // is multiplied (STT / 4 x (1 + SVW) values per work item, as loaded, beside their token weights and, backward, the
-// normalisers; converted and weighted at the store), so global latency overlaps the FMAs. The backward's token
-// weight exp(b_t + m_c - m_t) is formed from its gate loads when they arrive (a wait the forward's wtok avoids).
+// normalisers; converted and weighted at the store), so global latency overlaps the FMAs. Both directions read
+// their token weights from a per-token array (fw: wtok from fw_state_weights; bw: qw_tok from the output kernel).
 //   fw: x_t = exp(a_t - m_{c+1}) k_t (wtok), y_t = v_t, ya_t = 1; writes the state ENTERING each chunk.
-//   bw: x_t = exp(b_t + m_c - m_t) q'_t, y_t = dh_t / N_t, ya_t = dden_t; writes the gradient of the state
+//   bw: x_t = exp(b_t + m_c - m_t) q'_t (qw_tok), y_t = dh_t / N_t, ya_t = dden_t; writes the gradient of the state
 //       LEAVING each chunk; the final value is the gradient of the initial state.
 // Build options -DSVW=<1..4> (column sub-tiles of 64 per work group; default 1), -DSTT=<16|32> (tokens per sub-tile;
 // default 16).
@@ -374,25 +374,18 @@ void bw_fixup_states(__global float* dCn, __global float* dnn, __global float* d
 inline void state_subtile_load(const int backward, const int u, const int lid, const int dbase, const int ebase,
                                const size_t gbase, const int row, const int S, const int nchunks,
                                __global const in_t* xsrc, __global const in_t* ysrc, __global const float* wtok,
-                               __global const float4* b, __global const float* mb, __global const float* m_tok,
                                __global const float* N_tok, __global const float* dden,
                                __global const float* carry, raw_t* px, float* pw, raw_t* py, float* pny,
                                float* pa, float* pcr CTAB_PARAM) {
   const int c = u / TPC;
   const int t0 = CHUNK_T0(c) + (u % TPC) * STT, t1 = CHUNK_T1(c);
   *pcr = carry[(size_t)row * nchunks + c];  // the chunk's carry, a step ahead of its use
-#if GATE_EXP
-  const float mc = backward ? mb[(size_t)row * nchunks + c] : 0.0f;
-#else
-  const float mc = 0.0f;
-#endif
-  const float scale = rsqrt((float)DHQK);
   for (int r = 0; r < SLD; ++r) {
     const int idx = lid + 256 * r, l = idx / SD, d = dbase + idx % SD, t = t0 + l;
     const bool in = t < t1 && d < DHQK;
     const size_t g = gbase + (in ? t : 0);
     px[r] = in ? ldr(xsrc, g * DHQK + d) : (raw_t)0;
-    pw[r] = !in ? 0.0f : backward ? safe_exp((mc - m_tok[g]) + dec_upto(b[g])) * scale : wtok[g];
+    pw[r] = in ? wtok[g] : 0.0f;
   }
   for (int r = 0; r < SLE; ++r) {
     const int idx = lid + 256 * r, l = idx / SE, e = ebase + idx % SE, t = t0 + l;
@@ -426,8 +419,7 @@ inline void state_subtile_load(const int backward, const int u, const int lid, c
 
 // The shared body of both state kernels (backward: reverse direction and the gradient loads).
 inline void state_scan(const int backward, __global const in_t* xsrc, __global const in_t* ysrc,
-                       __global const float* carry, __global const float* wtok, __global const float4* b,
-                       __global const float* mb, __global const float* m_tok, __global const float* N_tok,
+                       __global const float* carry, __global const float* wtok, __global const float* N_tok,
                        __global const float* dden, __global const float* C_in, __global const float* n_in,
                        const int has_in, __global float* C_chunk, __global float* n_chunk, __global float* C_out,
                        __global float* n_out, const int S, const int nchunks, __local float* xs, __local float* ys,
@@ -439,6 +431,7 @@ inline void state_scan(const int backward, __global const in_t* xsrc, __global c
   const int d0 = dbase + ty * 4;
   const size_t gbase = (size_t)row * S;
   const bool with_n = te == 0;
+  const float scale = rsqrt((float)DHQK);  // backward: x_t = w_t q_t / sqrt(DHQK)
   const Walk wk = walk_of(row, get_num_groups(1), get_group_id(2), nchunks, has_in STAB_ARG);
   float x[4][4 * SVW], xn[4];
   for (int i = 0; i < 4; ++i) {
@@ -454,8 +447,8 @@ inline void state_scan(const int backward, __global const in_t* xsrc, __global c
   const int u0 = wk.first * TPC, u1 = wk.end * TPC, nsub = u1 - u0;
   raw_t px[SLD], py[SLE];  // the next sub-tile as loaded, with its token weights and (backward) normalisers
   float pw[SLD], pny[SLE], pa = 0.0f, pcr = 0.0f;
-  state_subtile_load(backward, backward ? u1 - 1 : u0, lid, dbase, ebase, gbase, row, S, nchunks, xsrc, ysrc, wtok, b,
-                     mb, m_tok, N_tok, dden, carry, px, pw, py, pny, &pa, &pcr CTAB_ARG);
+  state_subtile_load(backward, backward ? u1 - 1 : u0, lid, dbase, ebase, gbase, row, S, nchunks, xsrc, ysrc, wtok,
+                     N_tok, dden, carry, px, pw, py, pny, &pa, &pcr CTAB_ARG);
   for (int step = 0; step < nsub; ++step) {
     const int u = backward ? u1 - 1 - step : u0 + step;
     if (u % TPC == (backward ? TPC - 1 : 0)) {  // first sub-tile visited in chunk u / TPC
@@ -476,13 +469,13 @@ inline void state_scan(const int backward, __global const in_t* xsrc, __global c
       }
     }
     barrier(CLK_LOCAL_MEM_FENCE);
-    for (int r = 0; r < SLD; ++r) xs[lid + 256 * r] = pw[r] * cvt(px[r]);
+    for (int r = 0; r < SLD; ++r) xs[lid + 256 * r] = (backward ? pw[r] * scale : pw[r]) * cvt(px[r]);
     for (int r = 0; r < SLE; ++r) ys[lid + 256 * r] = backward ? cvt(py[r]) / pny[r] : cvt(py[r]);
     if (lid < STT) ya[lid] = pa;
     barrier(CLK_LOCAL_MEM_FENCE);
     if (step + 1 < nsub)
       state_subtile_load(backward, backward ? u - 1 : u + 1, lid, dbase, ebase, gbase, row, S, nchunks, xsrc, ysrc,
-                         wtok, b, mb, m_tok, N_tok, dden, carry, px, pw, py, pny, &pa, &pcr CTAB_ARG);
+                         wtok, N_tok, dden, carry, px, pw, py, pny, &pa, &pcr CTAB_ARG);
     if (with_n) {
       STATE_SUBTILE_FMA(1)
     } else {
@@ -509,18 +502,20 @@ void fw_states(__global const in_t* k, __global const in_t* v, __global const fl
   __local float xs[STT * SD] __attribute__((aligned(16)));
   __local float ys[STT * SE] __attribute__((aligned(16)));
   __local float ya[STT];
-  state_scan(0, k, v, carry, wtok, (__global const float4*)carry, carry, carry, carry, carry, C0, n0, 1, Cb, nb, Cout,
+  state_scan(0, k, v, carry, wtok, carry, carry, C0, n0, 1, Cb, nb, Cout,
              nout, S, nchunks, xs, ys, ya CTAB_ARG STAB_ARG);
 }
 
 #ifndef OVW  // only compiled where the host uses it
 // One work group per (row, token): scores q'_t . k_s over key tiles of KEY_TILE in local memory, then each
 // work item accumulates num_t[e] for its e. The stabiliser m_t comes from the gates alone (prefix max), so
-// no rescaling is needed across tiles. Writes h in the input dtype and, per token, m_t, N_t and den_t.
+// no rescaling is needed across tiles. Writes h in the input dtype and, per token, m_t, N_t, den_t and the weight
+// exp((m_c - m_t) + b_t) of the entering state (qw_tok, which the backward's state-gradient kernel reads).
 __kernel void fw_outputs(__global const in_t* q, __global const in_t* k, __global const in_t* v,
                          __global const float4* b, __global const float* ig, __global const float* Cb,
                          __global const float* nb, __global const float* mb, __global in_t* h, __global float* m_tok,
-                         __global float* N_tok, __global float* den_tok, int S, int nchunks CTAB_PARAM) {
+                         __global float* N_tok, __global float* den_tok, __global float* qw_tok, int S,
+                         int nchunks CTAB_PARAM) {
   __local float qs[DHQK];
   __local float w[KEY_TILE];
   __local float red[256];
@@ -600,6 +595,7 @@ __kernel void fw_outputs(__global const in_t* q, __global const in_t* k, __globa
     m_tok[gbase + t] = mt;
     N_tok[gbase + t] = N;
     den_tok[gbase + t] = den;
+    qw_tok[gbase + t] = inter;
   }
 }
 #endif
@@ -630,7 +626,7 @@ __kernel void fw_outputs(__global const in_t* q, __global const in_t* k, __globa
 //      transposed in local memory (row sums give den), then num += W V over the tile's keys in stages of OKD.
 //   Every stage's global loads are issued into registers one stage ahead and stored after the next barrier.
 //   4. h = num / N_t in the input dtype; the first column tile writes m_t, N_t, den_t.
-// Reads q, k, v, b, ig, Cb, nb, mb; writes h, m_tok, N_tok, den_tok. Build option -DOVW=<1..4>.
+// Reads q, k, v, b, ig, Cb, nb, mb; writes h, m_tok, N_tok, den_tok, qw_tok. Build option -DOVW=<1..4>.
 #ifdef OVW
 #define OQB 64
 #define OKT 64
@@ -673,8 +669,8 @@ __kernel __attribute__((reqd_work_group_size(256, 1, 1)))
 void fw_outputs_regtiled(__global const in_t* q, __global const in_t* k, __global const in_t* v,
                          __global const float4* b, __global const float* ig, __global const float* Cb,
                          __global const float* nb, __global const float* mb, __global in_t* h,
-                         __global float* m_tok, __global float* N_tok, __global float* den_tok, int S,
-                         int nchunks CTAB_PARAM) {
+                         __global float* m_tok, __global float* N_tok, __global float* den_tok,
+                         __global float* qw_tok, int S, int nchunks CTAB_PARAM) {
   __local float qT[OKD * OPAD] __attribute__((aligned(16)));  // Q'^T stage: [dd][j]
   __local float kT[OKD * OPAD] __attribute__((aligned(16)));  // K^T stage: [dd][l]
   __local float stg[OSTAGE] __attribute__((aligned(16)));  // C stage [dd][e] | V stage [ll][e]
@@ -862,6 +858,7 @@ void fw_outputs_regtiled(__global const in_t* q, __global const in_t* k, __globa
       m_tok[t] = mt;
       N_tok[t] = N;
       den_tok[t] = den;
+      qw_tok[t] = qu_l[j];
     }
   }
 }
@@ -901,14 +898,13 @@ __kernel void bw_prep(__global const in_t* dh, __global const in_t* h, __global 
 // and finally that of the initial state (dC0, dn0). Same launch geometry as fw_states.
 __kernel __attribute__((reqd_work_group_size(256, 1, 1)))
 void bw_state_grads(__global const in_t* q, __global const in_t* dh, __global const float* dden,
-                     __global const float4* b, __global const float* mb, __global const float* carry,
-                     __global const float* m_tok, __global const float* N_tok, __global const float* dC_last,
+                     __global const float* carry, __global const float* qw_tok, __global const float* N_tok, __global const float* dC_last,
                      __global const float* dn_last, int has_dlast, __global float* dCn, __global float* dnn,
                      __global float* dC0, __global float* dn0, int S, int nchunks CTAB_PARAM STAB_PARAM) {
   __local float xs[STT * SD] __attribute__((aligned(16)));
   __local float ys[STT * SE] __attribute__((aligned(16)));
   __local float ya[STT];
-  state_scan(1, q, dh, carry, carry, b, mb, m_tok, N_tok, dden, dC_last, dn_last, has_dlast, dCn, dnn, dC0, dn0, S,
+  state_scan(1, q, dh, carry, qw_tok, N_tok, dden, dC_last, dn_last, has_dlast, dCn, dnn, dC0, dn0, S,
              nchunks, xs, ys, ya CTAB_ARG STAB_ARG);
 }
 

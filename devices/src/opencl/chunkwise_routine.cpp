@@ -197,6 +197,7 @@ class ResidentPortable final : public ResidentChunkwise {
       mt_ = dev.acquire(tok * fs);
       Nt_ = dev.acquire(tok * fs);
       dent_ = dev.acquire(tok * fs);
+      qw_ = dev.acquire(tok * fs);
     }
     const int S = Ss_, nc = NCs_;
     with_tables(k_gates_, set_args(k_gates_.k, dn, i_, f_, b_, ig_, G_, S, nc));
@@ -220,7 +221,7 @@ class ResidentPortable final : public ResidentChunkwise {
     bind_states(P_ > 1);
     if (outputs_)
       with_tables(k_outputs_,
-                  set_args(k_outputs_.k, dn, q_, k_, v_, b_, ig_, Cb_, nb_, mb_, h_, mt_, Nt_, dent_, S, nc));
+                  set_args(k_outputs_.k, dn, q_, k_, v_, b_, ig_, Cb_, nb_, mb_, h_, mt_, Nt_, dent_, qw_, S, nc));
 
     if (grads) {
       if (!outputs_) throw Error("portable backward needs the forward outputs");
@@ -484,12 +485,12 @@ class ResidentPortable final : public ResidentChunkwise {
   void bind_gradient_states(bool shard_io) {
     const std::string& dn = device_->name();
     if (shard_io)
-      set_args(k_bw_states_.k, dn, q_, dh_, dden_, b_, mb_, carry_, mt_, Nt_, sh_.dc_last, sh_.dn_last, 1, dCn_, dnn_,
-               sh_.dc0, sh_.dn0, Ss_, NCs_);
+      set_args(k_bw_states_.k, dn, q_, dh_, dden_, carry_, qw_, Nt_, sh_.dc_last, sh_.dn_last, 1, dCn_, dnn_, sh_.dc0,
+               sh_.dn0, Ss_, NCs_);
     else
       with_tables(k_bw_states_,
-                  set_args(k_bw_states_.k, dn, q_, dh_, dden_, b_, mb_, carry_, mt_, Nt_, dCl_, dnl_, has_dlast_, dCn_,
-                           dnn_, dC0_, dn0_, Ss_, NCs_),
+                  set_args(k_bw_states_.k, dn, q_, dh_, dden_, carry_, qw_, Nt_, dCl_, dnl_, has_dlast_, dCn_, dnn_,
+                           dC0_, dn0_, Ss_, NCs_),
                   &stab_bw_);
   }
   void launch_prep(std::vector<KernelEvent>* events) {
@@ -584,7 +585,7 @@ class ResidentPortable final : public ResidentChunkwise {
   KernelObject k_gates_, k_weights_, k_states_, k_outputs_, k_prep_, k_bw_states_, k_bw_grads_, k_bw_dk_, k_bw_dv_,
       k_gate_grads_, k_combine_, k_bw_combine_, k_fix_weights_, k_fix_states_, k_bw_fix_weights_, k_bw_fix_states_;
   PooledBuffer q_, k_, v_, i_, f_, C0_, n0_, m0_, b_, ig_, G_, Cb_, nb_, mb_, Co_, no_, mo_, carry_, wtok_, h_, mt_,
-      Nt_, dent_, dh_, dCl_, dnl_, dden_, dCn_, dnn_, dC0_, dn0_, dm0_, dq_, dk_, dv_, qdq_, kdk_, di_, df_;
+      Nt_, dent_, qw_, dh_, dCl_, dnl_, dden_, dCn_, dnn_, dC0_, dn0_, dm0_, dq_, dk_, dv_, qdq_, kdk_, di_, df_;
   detail::ShardBuffers sh_;  // the sequence split's states (P_ > 1)
   // The fix-up's (fixup_): the summary pass's stabilisers, the factors per chunk (fa_ also the backward's), the
   // backward's factor of the gradient entering each shard.
