@@ -70,6 +70,10 @@ inline void st(__global in_t* p, size_t idx, float x) {
 // multiples of 4 floats): one 128-bit load. vload4 assumes only a float's alignment, and NVIDIA's compiler splits it
 // into four 32-bit loads, which made the local-memory port, not the FMAs, the limit of the 4 x 4 tiles.
 inline float4 lds4(__local const float* p) { return *(__local const float4*)p; }
+// The same four floats in four 32-bit loads, for the register-tiled output kernel: with 128-bit loads NVIDIA's
+// compiler gave it 129-130 registers, one 256-item work group per SM; with these 128, two, and on an H200 at the
+// TFLA setup it took 5.45 ms instead of 7.17 (session 35, .gpujob/run35a.sh). Its neighbours keep lds4.
+inline float4 lds4_32(__local const float* p) { return (float4)(p[0], p[1], p[2], p[3]); }
 
 // ---- Chunks of a row ---------------------------------------------------------------------------------------
 // Unpacked, chunk c of a row covers tokens [c CHUNK, min(c CHUNK + CHUNK, S)). -DPACKED=1 (packed sequences,
@@ -602,10 +606,10 @@ __kernel void fw_outputs(__global const in_t* q, __global const in_t* k, __globa
 
 // The 4 x 4 scores of work item (ty, tx) over one stage of N rows: SC[i][j] += A[x][4 ty + i] * B[x][4 tx + j], A and
 // B staged transposed in local memory with rows of PAD floats (the output and the gradient kernels).
-#define SCORE_STAGE(SC, A, B, PAD, N)                                                    \
+#define SCORE_STAGE(SC, A, B, PAD, N, LD)                                                \
   for (int x_ = 0; x_ < (N); ++x_) {                                                     \
-    const float4 a4_ = lds4((A) + x_ * (PAD) + ty * 4);                                  \
-    const float4 b4_ = lds4((B) + x_ * (PAD) + tx * 4);                                  \
+    const float4 a4_ = LD((A) + x_ * (PAD) + ty * 4);                                    \
+    const float4 b4_ = LD((B) + x_ * (PAD) + tx * 4);                                    \
     const float av_[4] = {a4_.x, a4_.y, a4_.z, a4_.w}, bv_[4] = {b4_.x, b4_.y, b4_.z, b4_.w}; \
     for (int i_ = 0; i_ < 4; ++i_)                                                       \
       for (int j_ = 0; j_ < 4; ++j_) SC[i_][j_] += av_[i_] * bv_[j_];                    \
@@ -754,13 +758,13 @@ void fw_outputs_regtiled(__global const in_t* q, __global const in_t* k, __globa
       OUT_LOAD_C(dbase + OKD)
     }
     for (int dd = 0; dd < OKD; ++dd) {
-      const float4 a4 = lds4(qT + dd * OPAD + ty * 4);
-      const float4 k4 = lds4(kT + dd * OPAD + tx * 4);
+      const float4 a4 = lds4_32(qT + dd * OPAD + ty * 4);
+      const float4 k4 = lds4_32(kT + dd * OPAD + tx * 4);
       const float av[4] = {a4.x, a4.y, a4.z, a4.w}, kv[4] = {k4.x, k4.y, k4.z, k4.w};
       for (int i = 0; i < 4; ++i)
         for (int j = 0; j < 4; ++j) sc[i][j] += av[i] * kv[j];
       for (int w = 0; w < OVW; ++w) {
-        const float4 c4 = lds4(stg + dd * OE + w * 64 + tx * 4);
+        const float4 c4 = lds4_32(stg + dd * OE + w * 64 + tx * 4);
         const float cv[4] = {c4.x, c4.y, c4.z, c4.w};
         for (int i = 0; i < 4; ++i)
           for (int j = 0; j < 4; ++j) acc[i][w * 4 + j] += av[i] * cv[j];
@@ -796,7 +800,7 @@ void fw_outputs_regtiled(__global const in_t* q, __global const in_t* k, __globa
           OUT_LOAD_Q(pq, q, dbase + OKD, qn)
           OUT_LOAD_K(dbase + OKD)
         }
-        SCORE_STAGE(sc, qT, kT, OPAD, OKD)
+        SCORE_STAGE(sc, qT, kT, OPAD, OKD, lds4_32)
       }
     }
     OUT_LOAD_V(0)  // the first value stage, in flight while the scores are weighted
@@ -822,10 +826,10 @@ void fw_outputs_regtiled(__global const in_t* q, __global const in_t* k, __globa
       barrier(CLK_LOCAL_MEM_FENCE);
       if (l0 + OKD < sn) OUT_LOAD_V(l0 + OKD)
       for (int ll = 0; ll < OKD; ++ll) {
-        const float4 a4 = lds4(sT + (l0 + ll) * OPAD + ty * 4);
+        const float4 a4 = lds4_32(sT + (l0 + ll) * OPAD + ty * 4);
         const float av[4] = {a4.x, a4.y, a4.z, a4.w};
         for (int w = 0; w < OVW; ++w) {
-          const float4 v4 = lds4(stg + ll * OE + w * 64 + tx * 4);
+          const float4 v4 = lds4_32(stg + ll * OE + w * 64 + tx * 4);
           const float vv[4] = {v4.x, v4.y, v4.z, v4.w};
           for (int i = 0; i < 4; ++i)
             for (int j = 0; j < 4; ++j) acc[i][w * 4 + j] += av[i] * vv[j];
@@ -1223,7 +1227,7 @@ inline void bw_grads_chain(const int mode, __global const in_t* q, __global cons
       }
       barrier(CLK_LOCAL_MEM_FENCE);
       if (yb + GKD < IND) BW_LOAD_SCORES(yb + GKD)
-      SCORE_STAGE(sc, aT, stg, OPAD_G, GKD)
+      SCORE_STAGE(sc, aT, stg, OPAD_G, GKD, lds4)
     }
     // Coefficients, stored transposed: cT[o][r].
     for (int i = 0; i < 4; ++i) {
