@@ -3,11 +3,14 @@
 #include <tbb/parallel_for.h>
 
 #include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <cstddef>
 #include <limits>
 #include <vector>
 
+#include "mlstm/core/env.hpp"
+#include "mlstm/core/error.hpp"
 #include "mlstm/core/packed.hpp"
 #include "mlstm/gates.hpp"
 #include "mlstm/gemm.hpp"
@@ -149,8 +152,30 @@ gemm::Operands operands(const ProblemShape& p, bool backward) {
   return backward ? gemm::Operands::f32 : gemm::operands_for(p.dtype);
 }
 
+// The chunks of a forward alone taken at once (forward_row): the boundary states of a window of chunks are held,
+// not the whole row's, so a row of a million tokens at D = 128 needs 32 MiB of them instead of 1 GiB. The buffer
+// pool (cap 512 MiB) keeps such windows between calls, where a whole row's states were fresh pages every call:
+// on a 2-core machine, 4 rows of 256K tokens took 4.9 s a forward with those pages reused, 6.9 s without.
+// At least 8 chunks for each part of the row's split (SequenceParts::for_rows), so a window splits as a row would.
+// MLSTM_CPU_WINDOW_CHUNKS overrides it (env.hpp).
+std::int64_t window_chunks(const stages::SegmentShape& s, std::int64_t items) {
+  if (const auto v = env::get("MLSTM_CPU_WINDOW_CHUNKS")) {
+    std::int64_t n = 0;
+    const auto [end, ec] = std::from_chars(v->data(), v->data() + v->size(), n);
+    if (ec != std::errc() || end != v->data() + v->size() || n <= 0)
+      throw InvalidArgument("MLSTM_CPU_WINDOW_CHUNKS", "expected a positive count of chunks (got '" + *v + "')");
+    return n;
+  }
+  constexpr std::int64_t kWindowBytes = std::int64_t{32} << 20, kMinChunksPerPart = 8;
+  const std::int64_t state_bytes = (s.DHQK * s.DHHV + s.DHQK + 1) * static_cast<std::int64_t>(sizeof(float));
+  const std::int64_t parts = stages::SequenceParts::for_rows(items, std::numeric_limits<std::int64_t>::max() / 16);
+  return std::max(kMinChunksPerPart * parts, std::max<std::int64_t>(1, kWindowBytes / state_bytes));
+}
+
 // One item of T tokens: the rows' geometry, their state split (parts for `items` items in all).
-// h_out: where h goes (T x DHHV float32), or null for RowForward::h.
+// h_out: where h goes (T x DHHV float32), or null for RowForward::h. A forward alone (!keep_for_backward) runs in
+// windows of whole chunks (window_chunks), each from the state the one before left; its boundary states and the
+// split's fix-ups are the window's.
 RowForward forward_row(const RowInputs& in, const StateBuffer& init, std::int64_t T, const ProblemShape& p,
                        const MlstmOptions& o, std::int64_t L, std::int64_t tile, bool keep_for_backward,
                        std::int64_t items, float* h_out = nullptr) {
@@ -162,27 +187,44 @@ RowForward forward_row(const RowInputs& in, const StateBuffer& init, std::int64_
   r.ig.resize(static_cast<std::size_t>(T));
   r.G.resize(static_cast<std::size_t>(s.num_chunks()));
   stages::fw_gates(in.i, in.f, o.gate, s, r.b.data(), r.B.data(), r.cut.data(), r.ig.data(), r.G.data());
-  r.boundary = stages::pooled_states(p.DHQK, p.DHHV, s.num_chunks());  // fw_states writes every state
   r.last = StateBuffer(p.DHQK, p.DHHV, 1);
-  // A forward alone leaves a split row's fix-ups to fw_outputs (one pass over the boundary states fewer); a forward
-  // for a backward keeps every boundary state true, as the backward reads them.
-  stages::DeferredFixups fixups;
-  stages::fw_states_parts(in.k, in.v, r.decays(), r.ig.data(), r.G.data(), o.gate, s, init.at(0), &r.boundary,
-                          r.last.at(0), stages::SequenceParts::for_rows(s, items), in.rows16(),
-                          keep_for_backward ? nullptr : &fixups);
   if (!h_out) {
     r.h = stages::pooled_floats(static_cast<std::size_t>(T * p.DHHV));
     h_out = r.h.data();
   }
   if (keep_for_backward) {
+    // Every boundary state stays true: the backward reads them.
+    r.boundary = stages::pooled_states(p.DHQK, p.DHHV, s.num_chunks());  // fw_states writes every state
+    stages::fw_states_parts(in.k, in.v, r.decays(), r.ig.data(), r.G.data(), o.gate, s, init.at(0), &r.boundary,
+                            r.last.at(0), stages::SequenceParts::for_rows(s, items), in.rows16(), nullptr);
     r.m_tok.resize(static_cast<std::size_t>(T));
     r.N_tok.resize(static_cast<std::size_t>(T));
     r.den_tok.resize(static_cast<std::size_t>(T));
+    stages::fw_outputs(in.q, in.k, in.v, r.decays(), r.ig.data(), o.gate, o.normalize, static_cast<float>(o.eps), s,
+                       r.boundary, h_out, r.m_tok.data(), r.N_tok.data(), r.den_tok.data(), tile, in.rows16());
+    return r;
   }
-  stages::fw_outputs(in.q, in.k, in.v, r.decays(), r.ig.data(), o.gate, o.normalize, static_cast<float>(o.eps), s,
-                     r.boundary, h_out, keep_for_backward ? r.m_tok.data() : nullptr,
-                     keep_for_backward ? r.N_tok.data() : nullptr, keep_for_backward ? r.den_tok.data() : nullptr, tile,
-                     in.rows16(), &fixups);
+  // A forward alone leaves a split window's fix-ups to fw_outputs (one pass over the boundary states fewer).
+  const std::int64_t nc = s.num_chunks(), window = std::min(nc, window_chunks(s, items));
+  const std::int64_t DK = p.DHQK, DV = p.DHHV;
+  r.boundary = stages::pooled_states(DK, DV, window);
+  StateBuffer entering = init;
+  if (nc == 0) r.last = init;
+  for (std::int64_t c0 = 0; c0 < nc; c0 += window) {
+    const std::int64_t c1 = std::min(nc, c0 + window), t0 = s.chunk_begin(c0);
+    const std::int64_t t1 = c1 < nc ? s.chunk_begin(c1) : T;
+    const SegmentShape sw{t1 - t0, L, DK, DV, s.operands};
+    const stages::Decays dw = r.decays().from(t0);
+    const stages::Bf16Rows rows16 = in.rows16().from(t0, DK, DV);
+    stages::DeferredFixups fixups;
+    stages::fw_states_parts(in.k + t0 * DK, in.v + t0 * DV, dw, r.ig.data() + t0, r.G.data() + c0, o.gate, sw,
+                            entering.at(0), &r.boundary, r.last.at(0), stages::SequenceParts::for_rows(sw, items),
+                            rows16, &fixups);
+    stages::fw_outputs(in.q + t0 * DK, in.k + t0 * DK, in.v + t0 * DV, dw, r.ig.data() + t0, o.gate, o.normalize,
+                       static_cast<float>(o.eps), sw, r.boundary, h_out + t0 * DV, nullptr, nullptr, nullptr, tile,
+                       rows16, &fixups);
+    if (c1 < nc) entering = r.last;
+  }
   return r;
 }
 

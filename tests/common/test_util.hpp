@@ -8,8 +8,10 @@
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <filesystem>
 #include <functional>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -153,5 +155,34 @@ void expect_refused(const CommandRun& r, int code, const std::string& argument);
 // Concatenate along the sequence axis (axis 2) / slice [s0, s1) along it. For state-carry tests.
 Tensor slice_seq(const Tensor& t, std::int64_t s0, std::int64_t s1);
 Tensor concat_seq(const Tensor& a, const Tensor& b);
+
+// Sets (or, with nullptr, unsets) an environment variable for one scope and restores the old value (ctest sets
+// MLSTM_PROGRAM_CACHE).
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    if (const char* old = std::getenv(name)) old_ = old;
+    set(value);
+  }
+  ~ScopedEnv() {
+    if (old_)
+      ::setenv(name_, old_->c_str(), 1);
+    else
+      ::unsetenv(name_);
+  }
+  // Another value (nullptr: unset) for the rest of the scope; the destructor still restores the one before it.
+  void set(const char* value) const {
+    if (value)
+      ::setenv(name_, value, 1);
+    else
+      ::unsetenv(name_);
+  }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  const char* name_;
+  std::optional<std::string> old_;
+};
 
 }  // namespace mlstm::testing

@@ -203,6 +203,42 @@ INSTANTIATE_TEST_SUITE_P(
         KernelCase{kLimit, spec(1, 1, 1100, 24, 16, DType::f32, GateVariant::exp, true, GateRegime::mixed), 16}),
     name_of);
 
+// A forward alone holds the boundary states of a window of a row's chunks at once (cpu_kernels.cpp window_chunks;
+// by default 32 MiB of them, so only rows of ~100K tokens at D = 128 have several). Windows of 1, 7 and 64 chunks
+// (the last with the row's split into parts inside it), initial states, spread gates (stabilisers far above the
+// gates after them, then cuts) and mixed ones across window boundaries: the float64 recurrence, and the one-window
+// forward to rounding. A malformed override is refused.
+TEST(CpuForwardWindows, WindowsOfChunksMatchReferenceAndOneWindow) {
+  const auto kernel = registry().make_sequence(kXl);
+  for (const testing::InfGates gates : {testing::InfGates::spread, testing::InfGates::mixed}) {
+    InputSpec sp = spec(1, 2, 1500, 16, 24, DType::f32, GateVariant::exp, true);
+    sp.inf = gates;
+    SCOPED_TRACE(sp.describe() + " " + testing::inf_gates_name(gates));
+    const auto in = make_inputs(sp, testing::fresh_seed());
+    MlstmOptions o;
+    o.chunk_size = 16;
+    const auto ref = reference::recurrent_forward(in.args(), o);
+    ForwardResult whole;
+    {
+      const testing::ScopedEnv one("MLSTM_CPU_WINDOW_CHUNKS", "1000000");
+      whole = kernel->forward(in.args(), o);
+    }
+    for (const char* chunks : {"1", "7", "64"}) {
+      SCOPED_TRACE(std::string("windows of ") + chunks + " chunks");
+      const testing::ScopedEnv w("MLSTM_CPU_WINDOW_CHUNKS", chunks);
+      const auto got = kernel->forward(in.args(), o);
+      EXPECT_TRUE(testing::matches_well_conditioned(got.h, ref.h, in, o, h_tol(sp), kXl, "h", sp));
+      EXPECT_TRUE(testing::last_state_matches(got.c, got.n, got.m, ref.c, ref.n, ref.m, h_tol(sp), 1e-3, kXl, sp));
+      EXPECT_TRUE(matches(got.h, whole.h, 1e-4, kXl, "h against one window", sp));
+    }
+  }
+  const auto in = make_inputs(spec(1, 1, 40, 16, 16), testing::fresh_seed());
+  for (const char* bad : {"0", "-3", "x", "7x"}) {
+    const testing::ScopedEnv w("MLSTM_CPU_WINDOW_CHUNKS", bad);
+    EXPECT_THROW(kernel->forward(in.args(), MlstmOptions{}), InvalidArgument) << bad;
+  }
+}
+
 // Gate pre-activations of +-inf (stages.hpp "Gates at +-inf"): every CPU form against the float64 recurrence,
 // forward (h, last state) and backward, with the tolerances above. NaN or inf never passes (matches()).
 class CpuKernelInf : public ::testing::TestWithParam<KernelCase> {};
