@@ -39,6 +39,14 @@ FloatBuffer pack_view(ConstTensorView row) {
   return out;
 }
 
+// A row as float32: where it lies when it is contiguous float32, else packed into `store`.
+const float* float_row(ConstTensorView r, FloatBuffer& store) {
+  if (r.dtype() == DType::f32 && r.is_contiguous())
+    return static_cast<const float*>(static_cast<const void*>(r.bytes()));
+  store = pack_view(r);
+  return store.data();
+}
+
 // Writes `count` float32 values into a contiguous tensor of any dtype, from element `at` on.
 void store_at(Tensor& t, std::int64_t at, const float* values, std::int64_t count) {
   const ConstTensorView src(reinterpret_cast<const std::byte*>(values), DType::f32, {count});
@@ -100,12 +108,7 @@ class RowInputs {
  private:
   FloatBuffer q_, k_, v_, i_, f_;  // conversions (declared first: the pointers below may point into them)
 
-  static const float* row(ConstTensorView r, FloatBuffer& store) {
-    if (r.dtype() == DType::f32 && r.is_contiguous())
-      return static_cast<const float*>(static_cast<const void*>(r.bytes()));
-    store = pack_view(r);
-    return store.data();
-  }
+  static const float* row(ConstTensorView r, FloatBuffer& store) { return float_row(r, store); }
   static const std::uint16_t* row16(ConstTensorView r) {
     if (r.dtype() != DType::bf16 || !r.is_contiguous()) return nullptr;
     return static_cast<const std::uint16_t*>(static_cast<const void*>(r.bytes()));
@@ -301,7 +304,8 @@ BackwardResult backward_impl(const BackwardArgs& a, const MlstmOptions& o, std::
     const RowInputs in(fa, w);
     const StateBuffer init_state = initial_state(fa, p, w.state, w.h);
     RowForward f = forward_row(in, init_state, T, p, o, L, tile, true, count);
-    FloatBuffer dh = pack_view(item_row(a.dh, w));
+    FloatBuffer dh_store;
+    const float* dh = float_row(item_row(a.dh, w), dh_store);
     StateBuffer dout(p.DHQK, p.DHHV, 1);
     dout.set_zero();
     if (!a.dc_last.empty()) pack_row_into(a.dc_last, w.state, w.h, dout.C.data());
@@ -311,31 +315,42 @@ BackwardResult backward_impl(const BackwardArgs& a, const MlstmOptions& o, std::
     const float m_exit = f.last.m[0];
     // A split row's chunk gradients are fixed up as bw_grads reads them (one pass over them fewer).
     stages::DeferredGradFixups grad_fixups;
-    stages::bw_state_grads_parts(in.q, dh.data(), f.h.data(), f.decays(), f.m_tok.data(), f.N_tok.data(),
-                                 f.den_tok.data(), f.G.data(), o.gate, o.normalize, s, f.boundary, m_exit, dout.at(0),
-                                 dboundary, din.at(0), stages::SequenceParts::for_rows(s, count),
+    stages::bw_state_grads_parts(in.q, dh, f.h.data(), f.decays(), f.m_tok.data(), f.N_tok.data(), f.den_tok.data(),
+                                 f.G.data(), o.gate, o.normalize, s, f.boundary, m_exit, dout.at(0), dboundary,
+                                 din.at(0), stages::SequenceParts::for_rows(s, count),
                                  state_only ? nullptr : &grad_fixups);
     if (!state_only) {
       const auto qk_size = static_cast<std::size_t>(T * p.DHQK), v_size = static_cast<std::size_t>(T * p.DHHV);
-      // bw_grads writes every element (its products run with beta = 0)
-      FloatBuffer dq = stages::pooled_floats(qk_size), dk = stages::pooled_floats(qk_size),
-                  dv = stages::pooled_floats(v_size);
+      // bw_grads writes every element (its products run with beta = 0): float32 gradients straight into the
+      // results, others through pooled rows.
+      const bool direct = p.dtype == DType::f32;
+      FloatBuffer dq_store, dk_store, dv_store;
+      auto into = [&](Tensor& t, std::int64_t D, FloatBuffer& store, std::size_t n) {
+        if (direct) return t.data<float>() + token_offset(p, w, D);
+        store = stages::pooled_floats(n);
+        return store.data();
+      };
+      float* dq = into(out.dq, p.DHQK, dq_store, qk_size);
+      float* dk = into(out.dk, p.DHQK, dk_store, qk_size);
+      float* dv = into(out.dv, p.DHHV, dv_store, v_size);
       std::vector<float> di_raw(static_cast<std::size_t>(T)), rr(static_cast<std::size_t>(T)),
           di(static_cast<std::size_t>(T)), df(static_cast<std::size_t>(T));
-      stages::bw_grads(in.q, in.k, in.v, dh.data(), f.h.data(), f.decays(), f.ig.data(), f.m_tok.data(), f.N_tok.data(),
-                       f.den_tok.data(), o.gate, o.normalize, s, f.boundary, m_exit, dboundary, dout.at(0), dq.data(),
-                       dk.data(), dv.data(), di_raw.data(), rr.data(), tile, &grad_fixups);
+      stages::bw_grads(in.q, in.k, in.v, dh, f.h.data(), f.decays(), f.ig.data(), f.m_tok.data(), f.N_tok.data(),
+                       f.den_tok.data(), o.gate, o.normalize, s, f.boundary, m_exit, dboundary, dout.at(0), dq, dk, dv,
+                       di_raw.data(), rr.data(), tile, &grad_fixups);
       double tail = 0.0;  // <dC_last, C_last> + <dn_last, n_last>
       for (std::size_t e = 0; e < dout.C.size(); ++e) tail += static_cast<double>(dout.C[e]) * f.last.C[e];
       for (std::size_t e = 0; e < dout.n.size(); ++e) tail += static_cast<double>(dout.n[e]) * f.last.n[e];
       stages::bw_gate_grads(in.i, in.f, di_raw.data(), rr.data(), static_cast<float>(tail), o.gate, s, di.data(),
                             df.data());
-      store_at(out.dq, token_offset(p, w, p.DHQK), dq.data(), T * p.DHQK);
-      store_at(out.dk, token_offset(p, w, p.DHQK), dk.data(), T * p.DHQK);
-      store_at(out.dv, token_offset(p, w, p.DHHV), dv.data(), T * p.DHHV);
+      if (!direct) {
+        store_at(out.dq, token_offset(p, w, p.DHQK), dq, T * p.DHQK);
+        store_at(out.dk, token_offset(p, w, p.DHQK), dk, T * p.DHQK);
+        store_at(out.dv, token_offset(p, w, p.DHHV), dv, T * p.DHHV);
+      }
       store_at(out.di, token_offset(p, w, 1), di.data(), T);
       store_at(out.df, token_offset(p, w, 1), df.data(), T);
-      for (FloatBuffer* g : {&dq, &dk, &dv}) stages::recycle(std::move(*g));
+      for (FloatBuffer* g : {&dq_store, &dk_store, &dv_store}) stages::recycle(std::move(*g));
     }
     if (init) {
       const std::int64_t r = w.state_row(p.NH);
@@ -351,7 +366,7 @@ BackwardResult backward_impl(const BackwardArgs& a, const MlstmOptions& o, std::
     stages::recycle(std::move(f.boundary));
     stages::recycle(std::move(dboundary));
     stages::recycle(std::move(f.h));
-    stages::recycle(std::move(dh));
+    stages::recycle(std::move(dh_store));
   });
   return out;
 }
