@@ -3,10 +3,7 @@
 
 #include <gtest/gtest.h>
 
-#include <cstdlib>
 #include <memory>
-#include <optional>
-#include <string>
 
 #include "mlstm/devices/opencl/device.hpp"
 #include "test_util.hpp"
@@ -19,6 +16,5 @@ namespace mlstm::testing {
 inline std::shared_ptr<opencl::Device> first_device() {
   return opencl::open_device(opencl::select_devices("0").front());
 }
-
 
 }  // namespace mlstm::testing
