@@ -159,7 +159,7 @@ gemm::Operands operands(const ProblemShape& p, bool backward) {
 // not the whole row's, so a row of a million tokens at D = 128 needs 32 MiB of them instead of 1 GiB. The buffer
 // pool (cap 512 MiB) keeps such windows between calls, where a whole row's states were fresh pages every call:
 // on a 2-core machine, 4 rows of 256K tokens took 4.9 s a forward with those pages reused, 6.9 s without.
-// At least 8 chunks for each part of the row's split (SequenceParts::for_rows), so a window splits as a row would.
+// At least kMinChunks chunks for each part of the row's split (SequenceParts::for_rows), so a window splits as a row would.
 // MLSTM_CPU_WINDOW_CHUNKS overrides it (env.hpp).
 std::int64_t window_chunks(const stages::SegmentShape& s, std::int64_t items) {
   if (const auto v = env::get("MLSTM_CPU_WINDOW_CHUNKS")) {
@@ -169,10 +169,10 @@ std::int64_t window_chunks(const stages::SegmentShape& s, std::int64_t items) {
       throw InvalidArgument("MLSTM_CPU_WINDOW_CHUNKS", "expected a positive count of chunks (got '" + *v + "')");
     return n;
   }
-  constexpr std::int64_t kWindowBytes = std::int64_t{32} << 20, kMinChunksPerPart = 8;
+  constexpr std::int64_t kWindowBytes = std::int64_t{32} << 20;
+  using Parts = stages::SequenceParts;
   const std::int64_t state_bytes = (s.DHQK * s.DHHV + s.DHQK + 1) * static_cast<std::int64_t>(sizeof(float));
-  const std::int64_t parts = stages::SequenceParts::for_rows(items, std::numeric_limits<std::int64_t>::max() / 16);
-  return std::max(kMinChunksPerPart * parts, std::max<std::int64_t>(1, kWindowBytes / state_bytes));
+  return std::max(Parts::kMinChunks * Parts::wanted(items), std::max<std::int64_t>(1, kWindowBytes / state_bytes));
 }
 
 // One item of T tokens: the rows' geometry, their state split (parts for `items` items in all).

@@ -303,13 +303,14 @@ struct SequenceParts {
   std::vector<std::int64_t> first_chunk;  // part p covers chunks [first_chunk[p], first_chunk[p + 1])
   // `parts` (clamped to 1 .. num_chunks) runs of nearly equal chunk counts.
   SequenceParts(const SegmentShape& s, std::int64_t parts);
-  // The split the CPU kernels use for a problem of `rows` rows: enough parts for ~64 work items over all rows,
-  // at least 8 chunks each (1 part when the rows alone are enough).
+  // The split the CPU kernels use for a problem of `rows` rows: enough parts for ~64 work items over all rows
+  // (`wanted`), at least kMinChunks chunks each (1 part when the rows alone are enough).
+  static constexpr std::int64_t kWorkItems = 64, kMinChunks = 8;
+  static std::int64_t wanted(std::int64_t rows) noexcept {
+    return (kWorkItems + rows - 1) / std::max<std::int64_t>(rows, 1);
+  }
   static std::int64_t for_rows(std::int64_t rows, std::int64_t chunks) noexcept {
-    constexpr std::int64_t kWorkItems = 64, kMinChunks = 8;
-    const std::int64_t want = (kWorkItems + rows - 1) / std::max<std::int64_t>(rows, 1);
-    const std::int64_t most = chunks / kMinChunks;
-    return std::max<std::int64_t>(1, std::min(want, most));
+    return std::max<std::int64_t>(1, std::min(wanted(rows), chunks / kMinChunks));
   }
   // That split of a segment of a problem of `rows` rows.
   static SequenceParts for_rows(const SegmentShape& s, std::int64_t rows) {
