@@ -1,6 +1,9 @@
 #include "mlstm/core/env.hpp"
 
+#include <charconv>
 #include <cstdlib>
+
+#include "mlstm/core/error.hpp"
 
 namespace mlstm::env {
 
@@ -10,9 +13,31 @@ std::optional<std::string> get(const char* name) {
   return std::string(v);
 }
 
-bool is(const char* name, const char* value) {
+bool flag(const char* name) { return one_of(name, {"0", "1"}).value_or("0") == "1"; }
+
+std::optional<std::int64_t> positive_count(const char* name, const char* what, std::int64_t max) {
   const auto v = get(name);
-  return v && *v == value;
+  if (!v) return std::nullopt;
+  std::int64_t n = 0;
+  const char* const end = v->data() + v->size();
+  const auto [stop, ec] = std::from_chars(v->data(), end, n);
+  if (ec != std::errc() || stop != end || n <= 0 || n > max)
+    throw InvalidArgument(name, "expected a positive count of " + std::string(what) + " up to " + std::to_string(max) +
+                                    " (got '" + *v + "')");
+  return n;
+}
+
+std::optional<std::string> one_of(const char* name, std::initializer_list<const char*> values) {
+  const auto v = get(name);
+  if (!v) return std::nullopt;
+  std::string list;
+  std::size_t i = 0;
+  for (const char* value : values) {
+    if (*v == value) return v;
+    list += (i == 0 ? "" : i + 1 == values.size() ? " or " : ", ") + std::string(value);
+    ++i;
+  }
+  throw InvalidArgument(name, "expected " + list + " (got '" + *v + "')");
 }
 
 }  // namespace mlstm::env

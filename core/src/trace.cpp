@@ -12,8 +12,8 @@ namespace {
 const std::chrono::steady_clock::time_point loaded = std::chrono::steady_clock::now();
 }  // namespace
 
-bool trace_enabled() noexcept {
-  static const bool on = [] { return env::is("MLSTM_TRACE", "1"); }();
+bool trace_enabled() {
+  static const bool on = env::flag("MLSTM_TRACE");
   return on;
 }
 

@@ -228,7 +228,7 @@ std::vector<std::shared_ptr<ComputeDevice>> cpu_workers() {
   std::vector<std::shared_ptr<ComputeDevice>> out;
   // MLSTM_NUMA=off: one worker, no NUMA query. TBB's topology query loads libtbbbind with RTLD_DEEPBIND,
   // which AddressSanitizer refuses (google/sanitizers#611); the sanitizer runs set it.
-  if (env::is("MLSTM_NUMA", "off")) {
+  if (env::one_of("MLSTM_NUMA", {"on", "off"}) == "off") {
     out.push_back(std::make_shared<CpuDevice>(CpuAlgorithm::chunkwise_tiled, -1, tbb::info::default_concurrency()));
     spdlog::info("mlstm-flow: 1 CPU worker (MLSTM_NUMA=off)");
     return out;

@@ -40,14 +40,7 @@ const std::string kTensorCoreBuildFailed = "tensor-core programs failed to build
 // The most pieces of packed sequences one BackwardStream run takes: their entering states within an eighth of the
 // device's memory, or MLSTM_BACKWARD_RUN_PIECES (a positive count; tests cut runs short with it).
 std::int64_t backward_run_pieces(const ProblemShape& p, std::uint64_t device_memory) {
-  if (const auto v = env::get("MLSTM_BACKWARD_RUN_PIECES")) {
-    try {
-      const std::int64_t n = std::stoll(*v);
-      if (n > 0) return n;
-    } catch (const std::exception&) {
-    }
-    spdlog::warn("mlstm-flow: MLSTM_BACKWARD_RUN_PIECES='{}' is not a positive count; ignored", *v);
-  }
+  if (const auto n = env::positive_count("MLSTM_BACKWARD_RUN_PIECES", "pieces")) return *n;
   return static_cast<std::int64_t>(
       std::max<std::uint64_t>(1, device_memory / 8 / std::max<std::size_t>(1, state_bytes(p))));
 }
@@ -56,24 +49,15 @@ std::int64_t backward_run_pieces(const ProblemShape& p, std::uint64_t device_mem
 // MLSTM_STREAM_STAGING=automatic|page_locked|pageable, page_locked by default.
 opencl::DeviceStream::Config::Staging stream_staging() {
   using Staging = opencl::DeviceStream::Config::Staging;
-  const auto v = env::get("MLSTM_STREAM_STAGING");
-  if (!v || *v == "page_locked") return Staging::page_locked;
-  if (*v == "automatic") return Staging::automatic;
-  if (*v == "pageable") return Staging::pageable;
-  spdlog::warn("mlstm-flow: MLSTM_STREAM_STAGING='{}' is not automatic, page_locked or pageable; ignored", *v);
+  const auto v = env::one_of("MLSTM_STREAM_STAGING", {"automatic", "page_locked", "pageable"});
+  if (v == "automatic") return Staging::automatic;
+  if (v == "pageable") return Staging::pageable;
   return Staging::page_locked;
 }
 
 std::int64_t stream_piece_tokens(const ProblemShape& p, const MlstmOptions& o) {
   const std::int64_t L = chunk_of(o);
-  if (const auto v = env::get("MLSTM_STREAM_PIECE")) {
-    try {
-      const std::int64_t t = std::stoll(*v);
-      if (t > 0) return std::max<std::int64_t>(L, t / L * L);
-    } catch (const std::exception&) {
-    }
-    spdlog::warn("mlstm-flow: MLSTM_STREAM_PIECE='{}' is not a positive token count; ignored", *v);
-  }
+  if (const auto t = env::positive_count("MLSTM_STREAM_PIECE", "tokens")) return std::max<std::int64_t>(L, *t / L * L);
   const std::int64_t per_token =
       p.B * p.NH * ((2 * p.DHQK + p.DHHV) * static_cast<std::int64_t>(dtype_size(p.dtype)) + 8);
   const std::int64_t t =
@@ -658,7 +642,7 @@ class OpenCLComputeDevice final : public ComputeDevice {
 
   // MLSTM_RESIDENT_INPUTS=off: every call uploads its inputs (for measuring what residency saves).
   static bool resident_inputs_off() {
-    static const bool off = env::is("MLSTM_RESIDENT_INPUTS", "off");
+    static const bool off = env::one_of("MLSTM_RESIDENT_INPUTS", {"on", "off"}) == "off";
     return off;
   }
 

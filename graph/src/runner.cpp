@@ -492,7 +492,7 @@ std::vector<std::unique_ptr<ComputeDevice::InputResidency>> keep_inputs_resident
 
 // Test hook: MLSTM_FAULT_INJECT_ORDER=entries makes the state recurrence's entries leave in swapped pairs
 // (1, 0, 3, 2, ...), the order oneTBB is free to give them (see EnteringStateStage).
-bool entries_reordered() { return env::is("MLSTM_FAULT_INJECT_ORDER", "entries"); }
+bool entries_reordered() { return env::one_of("MLSTM_FAULT_INJECT_ORDER", {"entries"}).has_value(); }
 
 // The device a segment's message goes to: the plan's, or the one that computed its local state (set by the
 // state recurrence). Every segment has one by then; -1 is left only by a custom graph without a pool.

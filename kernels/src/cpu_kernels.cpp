@@ -3,7 +3,6 @@
 #include <tbb/parallel_for.h>
 
 #include <algorithm>
-#include <charconv>
 #include <cmath>
 #include <cstddef>
 #include <limits>
@@ -162,13 +161,7 @@ gemm::Operands operands(const ProblemShape& p, bool backward) {
 // At least kMinChunks chunks for each part of the row's split (SequenceParts::for_rows), so a window splits as a row would.
 // MLSTM_CPU_WINDOW_CHUNKS overrides it (env.hpp).
 std::int64_t window_chunks(const stages::SegmentShape& s, std::int64_t items) {
-  if (const auto v = env::get("MLSTM_CPU_WINDOW_CHUNKS")) {
-    std::int64_t n = 0;
-    const auto [end, ec] = std::from_chars(v->data(), v->data() + v->size(), n);
-    if (ec != std::errc() || end != v->data() + v->size() || n <= 0)
-      throw InvalidArgument("MLSTM_CPU_WINDOW_CHUNKS", "expected a positive count of chunks (got '" + *v + "')");
-    return n;
-  }
+  if (const auto n = env::positive_count("MLSTM_CPU_WINDOW_CHUNKS", "chunks")) return *n;
   constexpr std::int64_t kWindowBytes = std::int64_t{32} << 20;
   using Parts = stages::SequenceParts;
   const std::int64_t state_bytes = (s.DHQK * s.DHHV + s.DHQK + 1) * static_cast<std::int64_t>(sizeof(float));

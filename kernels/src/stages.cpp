@@ -23,10 +23,13 @@ namespace {
 
 // MLSTM_CPU_POISON=1 (the test script sets it): every buffer handed out uninitialised is first filled with NaN, so a
 // stage that reads an element nobody wrote fails a test instead of reusing a stale value (as MLSTM_OPENCL_POISON).
-const bool kPoison = env::is("MLSTM_CPU_POISON", "1");
+bool poisoned() {
+  static const bool on = env::flag("MLSTM_CPU_POISON");
+  return on;
+}
 
 void poison(FloatBuffer& b) {
-  if (kPoison) std::fill(b.begin(), b.end(), std::numeric_limits<float>::quiet_NaN());
+  if (poisoned()) std::fill(b.begin(), b.end(), std::numeric_limits<float>::quiet_NaN());
 }
 
 using gates::logsigmoid;

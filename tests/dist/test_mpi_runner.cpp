@@ -693,6 +693,7 @@ TEST_F(Mpi, CollectivelyReportsOneRanksFailureEverywhere) {
 // makes every rank's forward and backward throw RankFailed naming it, and the runner runs again afterwards. On one
 // rank, rank 0 fails itself.
 TEST_F(Mpi, OneRanksRunFailsOnEveryRank) {
+  const testing::ScopedEnv fail_rank("MLSTM_MPI_FAIL_RANK", nullptr);
   dist::MpiRunner runner(MPI_COMM_WORLD, "workers");
   graph::FlowGraphRunner reference("workers");
   const int rank = runner.rank(), ranks = runner.size();
@@ -703,10 +704,10 @@ TEST_F(Mpi, OneRanksRunFailsOnEveryRank) {
   const ForwardArgs mine = shard_args(in, t0, t1, rank == 0);
   const BackwardArgs mine_bw = shard_bargs(in, t0, t1, rank == 0, rank == ranks - 1);
   const int failing = ranks >= 2 ? 1 : 0;  // rank 1 (the brief's case); on one rank, rank 0 itself
-  ::setenv("MLSTM_MPI_FAIL_RANK", std::to_string(failing).c_str(), 1);
+  fail_rank.set(std::to_string(failing).c_str());
   expect_rank_failed(rank_failure([&] { (void)runner.forward(mine, o); }), failing, 1, "", "injected, forward");
   expect_rank_failed(rank_failure([&] { (void)runner.backward(mine_bw, o); }), failing, 1, "", "injected, backward");
-  ::unsetenv("MLSTM_MPI_FAIL_RANK");
+  fail_rank.set(nullptr);
   const ForwardResult whole = reference.forward(in.args(), o);
   ForwardResult after;
   EXPECT_NO_THROW(after = runner.forward(mine, o)) << label("the forward after the injected failures");

@@ -411,6 +411,7 @@ TEST(GraphForward, CalibratedBalancingEqualsOneCall) {
 
 // A device that fails mid-run is taken out; its segments rerun on the others from the same entering state.
 TEST(GraphFaults, FailedDeviceIsTakenOutAndResultsStayCorrect) {
+  const testing::ScopedEnv fault("MLSTM_FAULT_INJECT", nullptr);
   if (opencl::list_devices().size() < 2) GTEST_SKIP() << "needs two OpenCL devices (POCL_DEVICES=\"pthread pthread\")";
   const std::string spec = "workers+0,1";
   const std::string victim = "opencl:1";
@@ -425,9 +426,9 @@ TEST(GraphFaults, FailedDeviceIsTakenOutAndResultsStayCorrect) {
   MlstmOptions o;
   const auto one_call = get_kernel("chunkwise--cpu_xl_chunk")->forward(in.args(), o);
   for (const char* seg : {"*"}) {
-    ::setenv("MLSTM_FAULT_INJECT", (victim + ":" + seg).c_str(), 1);
+    fault.set((victim + ":" + seg).c_str());
     const auto got = runner.forward(in.args(), o, 64);
-    ::unsetenv("MLSTM_FAULT_INJECT");
+    fault.set(nullptr);
     EXPECT_TRUE(testing::matches(got.h, one_call.h, 2e-5, "graph with fault at segment " + std::string(seg), "h", s));
     EXPECT_TRUE(testing::matches(got.c, one_call.c, 2e-5, "graph with fault at segment " + std::string(seg), "c", s));
     bool logged = false;
@@ -439,6 +440,7 @@ TEST(GraphFaults, FailedDeviceIsTakenOutAndResultsStayCorrect) {
 // Three OpenCL devices and the CPU workers (the graph_three_devices run): the middle device fails in the forward and
 // in the backward; the results stay the one call's.
 TEST(GraphFaults, ThreeDevicesLoseOneForwardAndBackward) {
+  const testing::ScopedEnv fault("MLSTM_FAULT_INJECT", nullptr);
   if (opencl::list_devices().size() < 3)
     GTEST_SKIP() << "needs three OpenCL devices (POCL_DEVICES=\"pthread pthread pthread\")";
   graph::FlowGraphRunner runner("workers+0,1,2");
@@ -449,10 +451,10 @@ TEST(GraphFaults, ThreeDevicesLoseOneForwardAndBackward) {
   const auto kernel = get_kernel("chunkwise--cpu_xl_chunk");
   const auto one_fw = kernel->forward(in.args(), o);
   const auto one_bw = kernel->backward(in.backward_args(true), o);
-  ::setenv("MLSTM_FAULT_INJECT", "opencl:1:*", 1);
+  fault.set("opencl:1:*");
   const auto fw = runner.forward(in.args(), o, 64);
   const auto bw = runner.backward(in.backward_args(true), o, 64);
-  ::unsetenv("MLSTM_FAULT_INJECT");
+  fault.set(nullptr);
   const std::string name = "graph over three devices, one failing";
   EXPECT_TRUE(testing::matches(fw.h, one_fw.h, 2e-5, name, "h", s));
   EXPECT_TRUE(testing::matches(fw.c, one_fw.c, 2e-5, name, "c", s));
@@ -469,24 +471,26 @@ TEST(GraphFaults, ThreeDevicesLoseOneForwardAndBackward) {
 }
 
 TEST(GraphFaults, NoDeviceLeftIsAClearError) {
+  const testing::ScopedEnv fault("MLSTM_FAULT_INJECT", nullptr);
   graph::FlowGraphRunner runner("workers");
   InputSpec s;
   s.S = 256;
   const auto in = testing::make_inputs(s, testing::fresh_seed());
-  ::setenv("MLSTM_FAULT_INJECT", "cpu:numa0:1", 1);
+  fault.set("cpu:numa0:1");
   try {
     runner.forward(in.args(), MlstmOptions{}, 64);
     ADD_FAILURE() << "expected an error";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("no device left"), std::string::npos) << e.what();
   }
-  ::unsetenv("MLSTM_FAULT_INJECT");
+  fault.set(nullptr);
 }
 
 // Out of memory on a device: its segments are split (whole chunks) and rerun on the same device with the
 // state carried; the results equal the fault-free run, the split is logged. When even one chunk does not
 // fit, the device is given up and, with no device left, the error names the out-of-memory failure.
 TEST(GraphFaults, OutOfMemoryShrinksSegmentsAndResultsStayCorrect) {
+  const testing::ScopedEnv fault("MLSTM_FAULT_INJECT", nullptr);
   graph::FlowGraphRunner runner("workers");
   InputSpec s;
   s.B = 2;
@@ -499,16 +503,16 @@ TEST(GraphFaults, OutOfMemoryShrinksSegmentsAndResultsStayCorrect) {
   MlstmOptions o;
   o.chunk_size = 32;
   const auto one_call = get_kernel("chunkwise--cpu_xl_chunk")->forward(in.args(), o);
-  ::setenv("MLSTM_FAULT_INJECT", "cpu:*:oom>64", 1);  // runs of more than 64 tokens "do not fit"
+  fault.set("cpu:*:oom>64");  // runs of more than 64 tokens "do not fit"
   const auto got = runner.forward(in.args(), o, 256);
-  ::unsetenv("MLSTM_FAULT_INJECT");
+  fault.set(nullptr);
   EXPECT_TRUE(testing::matches(got.h, one_call.h, 2e-5, "graph with OOM shrinking", "h", s));
   EXPECT_TRUE(testing::matches(got.c, one_call.c, 2e-5, "graph with OOM shrinking", "c", s));
   EXPECT_TRUE(testing::matches(got.m, one_call.m, 1e-6, "graph with OOM shrinking", "m", s));
   int splits = 0;
   for (const auto& line : runner.last_log()) splits += line.find("out of memory") != std::string::npos;
   EXPECT_GE(splits, 3) << "segments of 256 tokens split down to 64";
-  ::setenv("MLSTM_FAULT_INJECT", "cpu:*:oom", 1);  // not even one chunk fits
+  fault.set("cpu:*:oom");  // not even one chunk fits
   try {
     runner.forward(in.args(), o, 256);
     ADD_FAILURE() << "expected an error";
@@ -516,7 +520,7 @@ TEST(GraphFaults, OutOfMemoryShrinksSegmentsAndResultsStayCorrect) {
     EXPECT_NE(std::string(e.what()).find("no device left"), std::string::npos) << e.what();
     EXPECT_NE(std::string(e.what()).find("out of memory"), std::string::npos) << e.what();
   }
-  ::unsetenv("MLSTM_FAULT_INJECT");
+  fault.set(nullptr);
 }
 
 // Calibrated shares (per-device queues) in the backward: the same gradients.
@@ -536,6 +540,7 @@ TEST(GraphForward, CalibratedBackwardEqualsOneCall) {
 // Faults in the backward: a device that fails is taken out and its segments rerun elsewhere; out of memory
 // splits a segment's backward (state at the cut, second half, first half) on the same device.
 TEST(GraphFaults, BackwardSurvivesAFailedDeviceAndOutOfMemory) {
+  const testing::ScopedEnv fault("MLSTM_FAULT_INJECT", nullptr);
   InputSpec s = testing::spec(1, 3, 700, 16, 24, DType::f32, GateVariant::exp, true);
   const auto in = testing::make_inputs(s, testing::fresh_seed());
   MlstmOptions o;
@@ -543,9 +548,9 @@ TEST(GraphFaults, BackwardSurvivesAFailedDeviceAndOutOfMemory) {
   const auto one_call = get_kernel("chunkwise--cpu_xl_chunk")->backward(in.backward_args(true), o);
   {
     graph::FlowGraphRunner runner("workers");
-    ::setenv("MLSTM_FAULT_INJECT", "cpu:*:oom>64", 1);
+    fault.set("cpu:*:oom>64");
     const auto got = runner.backward(in.backward_args(true), o, 256);
-    ::unsetenv("MLSTM_FAULT_INJECT");
+    fault.set(nullptr);
     expect_same_gradients(got, one_call, 1e-4, "graph backward with OOM shrinking", s, in);
     int state_splits = 0, backward_splits = 0;
     for (const auto& line : runner.last_log()) {
@@ -559,9 +564,9 @@ TEST(GraphFaults, BackwardSurvivesAFailedDeviceAndOutOfMemory) {
   }
   if (opencl::list_devices().size() >= 2) {
     graph::FlowGraphRunner runner("workers+0,1");
-    ::setenv("MLSTM_FAULT_INJECT", "opencl:1:*", 1);
+    fault.set("opencl:1:*");
     const auto got = runner.backward(in.backward_args(true), o, 64);
-    ::unsetenv("MLSTM_FAULT_INJECT");
+    fault.set(nullptr);
     SCOPED_TRACE(graph_log(runner));  // which device ran what, printed with any failure below
     expect_same_gradients(got, one_call, 1e-4, "graph backward with a failed device", s, in);
     bool logged = false;
@@ -576,6 +581,7 @@ TEST(GraphFaults, BackwardSurvivesAFailedDeviceAndOutOfMemory) {
 // swaps every pair of the state recurrence's entries (1, 0, 3, 2, ...) before the runner puts them back in
 // order; without that, the first swapped pair stops the backward with the SegmentGradientProblem's error.
 TEST(GraphFaults, EnteringStatesOutOfOrderGiveTheSameResults) {
+  const testing::ScopedEnv order("MLSTM_FAULT_INJECT_ORDER", nullptr);
   const bool two = opencl::list_devices().size() >= 2;
   InputSpec s = testing::spec(1, 3, 700, 16, 24, DType::f32, GateVariant::exp, true);
   const auto in = testing::make_inputs(s, testing::fresh_seed());
@@ -590,7 +596,7 @@ TEST(GraphFaults, EnteringStatesOutOfOrderGiveTheSameResults) {
     // 11 segments (an odd count: the last one passes alone) and 6 (even: the last pair swapped).
     for (const std::int64_t segment : {64, 128}) {
       const std::string what = "graph " + spec + " with entries swapped, segments of " + std::to_string(segment);
-      ::setenv("MLSTM_FAULT_INJECT_ORDER", "entries", 1);
+      order.set("entries");
       ForwardResult fw;
       BackwardResult bw;
       try {
@@ -599,7 +605,7 @@ TEST(GraphFaults, EnteringStatesOutOfOrderGiveTheSameResults) {
       } catch (const Error& e) {
         ADD_FAILURE() << what << ": " << e.what();
       }
-      ::unsetenv("MLSTM_FAULT_INJECT_ORDER");
+      order.set(nullptr);
       SCOPED_TRACE(graph_log(runner));
       EXPECT_TRUE(testing::matches(fw.h, fw_one_call.h, 2e-5, what, "h", s));
       EXPECT_TRUE(testing::matches(fw.c, fw_one_call.c, 2e-5, what, "c_last", s));
@@ -648,6 +654,7 @@ TEST(GraphFaults, GradientProblemRefusesEntriesOutOfOrder) {
 // Out of memory on one OpenCL device next to others: it shrinks its segments and keeps running them (it is
 // not taken out); when even one chunk does not fit there, it is taken out and the others finish the run.
 TEST(GraphFaults, OutOfMemoryOnOneDeviceShrinksThereThenFailsOver) {
+  const testing::ScopedEnv fault("MLSTM_FAULT_INJECT", nullptr);
   if (opencl::list_devices().size() < 2) GTEST_SKIP() << "needs two OpenCL devices (POCL_DEVICES=\"pthread pthread\")";
   graph::FlowGraphRunner runner("workers+0,1");
   InputSpec s;
@@ -665,9 +672,9 @@ TEST(GraphFaults, OutOfMemoryOnOneDeviceShrinksThereThenFailsOver) {
     for (const auto& line : runner.last_log()) n += line.find(what) != std::string::npos;
     return n;
   };
-  ::setenv("MLSTM_FAULT_INJECT", "opencl:1:*:oom>32", 1);  // only single chunks fit on opencl:1
+  fault.set("opencl:1:*:oom>32");  // only single chunks fit on opencl:1
   const auto shrunk = runner.forward(in.args(), o, 128);
-  ::unsetenv("MLSTM_FAULT_INJECT");
+  fault.set(nullptr);
   EXPECT_TRUE(testing::matches(shrunk.h, one_call.h, 2e-5, "graph with OOM on opencl:1", "h", s));
   EXPECT_TRUE(testing::matches(shrunk.c, one_call.c, 2e-5, "graph with OOM on opencl:1", "c", s));
   EXPECT_EQ(count("device failure"), 0) << "a device that fits one chunk is not taken out";
@@ -676,9 +683,9 @@ TEST(GraphFaults, OutOfMemoryOnOneDeviceShrinksThereThenFailsOver) {
     EXPECT_GE(splits, 1);  // opencl:1 got work: it split rather than failed
   }
   EXPECT_EQ(count("out of memory on cpu"), 0);
-  ::setenv("MLSTM_FAULT_INJECT", "opencl:1:*:oom", 1);  // nothing fits on opencl:1
+  fault.set("opencl:1:*:oom");  // nothing fits on opencl:1
   const auto failed_over = runner.forward(in.args(), o, 128);
-  ::unsetenv("MLSTM_FAULT_INJECT");
+  fault.set(nullptr);
   EXPECT_TRUE(testing::matches(failed_over.h, one_call.h, 2e-5, "graph with opencl:1 out of memory", "h", s));
   EXPECT_TRUE(testing::matches(failed_over.c, one_call.c, 2e-5, "graph with opencl:1 out of memory", "c", s));
   EXPECT_EQ(count("device failure"), count("device failure: opencl:1")) << "only opencl:1 may be taken out";
@@ -849,6 +856,7 @@ TEST(GraphDot, DotDumpNamesEveryNode) {
 // MLSTM_GRAPH_DOT=<path>: every run writes the graph it built there; a path that cannot be written is reported
 // in the log and the run's results are unchanged.
 TEST(GraphDot, EnvironmentWritesTheDumpAndReportsFailures) {
+  const testing::ScopedEnv dot("MLSTM_GRAPH_DOT", nullptr);
   graph::FlowGraphRunner runner("workers");
   InputSpec s = testing::spec(1, 2, 256, 16, 16, DType::f32, GateVariant::exp, false);
   const auto in = testing::make_inputs(s, testing::fresh_seed());
@@ -857,17 +865,17 @@ TEST(GraphDot, EnvironmentWritesTheDumpAndReportsFailures) {
   const auto dir = std::filesystem::temp_directory_path() / ("mlstm_graph_dot_" + std::to_string(::getpid()));
   std::filesystem::create_directories(dir);
   const auto path = dir / "graph.dot";
-  ::setenv("MLSTM_GRAPH_DOT", path.c_str(), 1);
+  dot.set(path.c_str());
   const auto got = runner.forward(in.args(), o, 64);
-  ::unsetenv("MLSTM_GRAPH_DOT");
+  dot.set(nullptr);
   std::ifstream file(path);
   const std::string written((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
   EXPECT_EQ(written, runner.dot());
   for (const auto& line : runner.last_log()) EXPECT_EQ(line.find("DOT"), std::string::npos) << line;
 
-  ::setenv("MLSTM_GRAPH_DOT", (dir / "missing" / "graph.dot").c_str(), 1);
+  dot.set((dir / "missing" / "graph.dot").c_str());
   const auto again = runner.forward(in.args(), o, 64);
-  ::unsetenv("MLSTM_GRAPH_DOT");
+  dot.set(nullptr);
   bool reported = false;
   for (const auto& line : runner.last_log())
     reported = reported || line.find("graph DOT not written") != std::string::npos;
@@ -1081,14 +1089,11 @@ TEST(GraphPlan, FastestMeasuresPiecesNoLongerThanTheProblem) {
   // A measurement cache of this test's own, so that the measurement runs (and the user's cache stays clean).
   const std::filesystem::path cache =
       std::filesystem::temp_directory_path() / ("mlstm_fastest_cache_" + std::to_string(::getpid()));
-  const char* old_cache = std::getenv("XDG_CACHE_HOME");
-  const std::string restore = old_cache ? old_cache : "";
-  ::setenv("XDG_CACHE_HOME", cache.c_str(), 1);
-  const auto got = runner.forward(in.args(), o);
-  if (old_cache)
-    ::setenv("XDG_CACHE_HOME", restore.c_str(), 1);
-  else
-    ::unsetenv("XDG_CACHE_HOME");
+  ForwardResult got;
+  {
+    const testing::ScopedEnv xdg("XDG_CACHE_HOME", cache.c_str());
+    got = runner.forward(in.args(), o);
+  }
   std::filesystem::remove_all(cache);
   EXPECT_EQ(runner.last_plan().measured.size(), 3u) << runner.last_plan().describe();
   EXPECT_LE(a->longest.load(), 100);

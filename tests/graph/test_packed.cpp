@@ -165,14 +165,15 @@ TEST(PackedGraph, HugeSegmentLengthsAreTheRow) {
 
 // A device that fails is taken out; its segments of whole sequences run on the others.
 TEST(PackedGraph, FailedDeviceIsTakenOut) {
+  const testing::ScopedEnv fault("MLSTM_FAULT_INJECT", nullptr);
   if (opencl::list_devices().size() < 2) GTEST_SKIP() << "needs two OpenCL devices (POCL_DEVICES=\"pthread pthread\")";
   graph::FlowGraphRunner runner("workers+0,1");
   const Packed p = make_packed({40, 1, 64, 65, 1, 20}, DType::f32, GateVariant::exp, false, testing::fresh_seed());
   const MlstmOptions o = options_of(GateVariant::exp, 16);
   const ForwardResult one = get_kernel("chunkwise--cpu_xl_chunk")->forward(p.in.args(), o);
-  ::setenv("MLSTM_FAULT_INJECT", "opencl:1:*", 1);
+  fault.set("opencl:1:*");
   const ForwardResult got = runner.forward(p.in.args(), o, 1);
-  ::unsetenv("MLSTM_FAULT_INJECT");
+  fault.set(nullptr);
   EXPECT_TRUE(testing::matches(got.h, one.h, 2e-5, "graph with a failed device", "h", p.spec));
   EXPECT_TRUE(testing::matches(got.c, one.c, 2e-5, "graph with a failed device", "c", p.spec));
   bool logged = false;

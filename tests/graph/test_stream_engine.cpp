@@ -3,12 +3,12 @@
 // an OpenCL device that streams itself, FlowGraphRunner::open_stream's measured choice, and StreamSession's
 // submit/take. Every result against the float64 reference or one kernel call.
 #include <gtest/gtest.h>
-#include <stdlib.h>
 
 #include <algorithm>
 #include <array>
 #include <cstring>
 #include <deque>
+#include <functional>
 #include <optional>
 #include <tuple>
 
@@ -63,17 +63,7 @@ Tensor pinned_copy(const graph::FlowGraphRunner& runner, const Tensor& t) {
   return p;
 }
 
-// Sets an environment knob for one scope.
-class Knob {
- public:
-  Knob(const char* name, const char* value) : name_(name) { setenv(name, value, 1); }
-  ~Knob() { unsetenv(name_); }
-  Knob(const Knob&) = delete;
-  Knob& operator=(const Knob&) = delete;
-
- private:
-  const char* name_;
-};
+using Knob = testing::ScopedEnv;
 
 // Sets MLSTM_STREAM_PIECE for one test.
 class StreamPiece : public Knob {
@@ -112,6 +102,35 @@ TEST(StreamEngine, LongForwardOfAnOpenCLDeviceStreamsItsPieces) {
   const auto opened = opencl_device0()->streams_opened();
   (void)dev->forward(in.args(), chunk64(false));
   EXPECT_EQ(opencl_device0()->streams_opened(), opened);
+}
+
+// The streams' knobs set to something that is not a value of theirs (env.hpp): the call is refused with
+// InvalidArgument naming the variable, where it once warned and ran with the knob ignored.
+TEST(StreamEngine, BadKnobValuesAreRefusedNamingTheVariable) {
+  if (no_opencl()) GTEST_SKIP() << "no OpenCL device (install pocl-opencl-icd)";
+  const auto dev = emulated_tc_device();
+  const auto in = testing::make_inputs(small_bf16(333, true), testing::fresh_seed());
+  const auto packed = testing::make_packed_inputs({70, 200, 63}, small_bf16(1, true), testing::fresh_seed());
+  const MlstmOptions o = chunk64(true);
+  const auto refused = [](const char* name, const char* value, const std::function<void()>& call) {
+    const Knob knob(name, value);
+    try {
+      call();
+      ADD_FAILURE() << name << "=" << value << " was not refused";
+    } catch (const InvalidArgument& e) {
+      EXPECT_EQ(e.argument(), name) << e.what();
+      EXPECT_NE(std::string(e.what()).find(value), std::string::npos) << "the message quotes the value: " << e.what();
+    }
+  };
+  for (const char* bad : {"0", "-128", "x", "128x", " 128", "99999999999999999999"})
+    refused("MLSTM_STREAM_PIECE", bad, [&] { (void)dev->forward(in.args(), o); });
+  const StreamPiece piece("128");
+  refused("MLSTM_STREAM_STAGING", "pinned", [&] { (void)dev->forward(in.args(), o); });
+  refused("MLSTM_BACKWARD_KEEP", "no", [&] { (void)dev->backward(in.backward_args(true), o); });
+  for (const char* bad : {"0", "two"})
+    refused("MLSTM_BACKWARD_RUN_PIECES", bad, [&] { (void)dev->backward(packed.backward_args(), o); });
+  // The same calls run with the knobs unset.
+  EXPECT_NO_THROW((void)dev->backward(packed.backward_args(), o));
 }
 
 // Packed sequences under two pieces on a tensor-core device: one call of the packed kernels (tc_states.cl PACKED), no
@@ -350,9 +369,8 @@ TEST(StreamEngine, BackwardStreamKeepsKVAndGatesBetweenItsPasses) {
   const std::uint64_t up_kept = stream.bytes_up();
   BackwardResult again;
   {
-    setenv("MLSTM_BACKWARD_KEEP", "off", 1);
+    const Knob keep("MLSTM_BACKWARD_KEEP", "off");
     again = stream.run(a);
-    unsetenv("MLSTM_BACKWARD_KEEP");
   }
   EXPECT_EQ(stream.kept_pieces(), 0);
   const std::uint64_t kv_gates = static_cast<std::uint64_t>(2 * 333 * (16 + 32) * 2 + 2 * 2 * 333 * 4);

@@ -198,8 +198,8 @@ INSTANTIATE_TEST_SUITE_P(
         // two state tiles (DHQK > 64)
         ShardCase{spec(1, 2, 256, 96, 40, DType::f32, GateVariant::exp, true), 64, 2}));
 
-// The split happens (its combine kernels run) where the runner asks for it or MLSTM_OPENCL_SHARDS does, and never
-// for a row that is not a whole number of chunks.
+// The split happens (its combine kernels run) where the runner asks for it or MLSTM_OPENCL_SHARDS does (a value that is
+// not a positive count is refused), and never for a row that is not a whole number of chunks.
 bool splits(const opencl::ChunkwiseRunner& runner, const testing::Inputs& in, const MlstmOptions& o) {
   const auto args = in.backward_args(true);
   auto r = runner.resident(in.args(), o, &args);
@@ -236,8 +236,10 @@ TEST(PortableShardsChoice, RunnerAndEnvironmentDecide) {
   const testing::ScopedEnv shards("MLSTM_OPENCL_SHARDS", "2");
   EXPECT_TRUE(splits(opencl::ChunkwiseRunner(dev), in, o));
   EXPECT_FALSE(splits(opencl::ChunkwiseRunner(dev, {1}), in, o)) << "the runner's own choice wins";
-  shards.set("-3");
-  EXPECT_FALSE(splits(opencl::ChunkwiseRunner(dev), in, o));
+  for (const char* bad : {"-3", "0", "two"}) {  // refused, naming the variable, where it once was ignored
+    shards.set(bad);
+    EXPECT_THROW(splits(opencl::ChunkwiseRunner(dev), in, o), InvalidArgument) << bad;
+  }
 }
 
 // The automatic choice (shards.hpp): with the fix-up a row splits where the state kernels' groups (rows x 64 x 64

@@ -364,7 +364,8 @@ TEST(TensorCoreResident, RepeatedPassesAreIdenticalAndTimed) {
 
 // The sequence split runs its combine kernels (so the Shards cases above do split), gives what one shard per row
 // gives within the 16-bit rounding of the boundary states, and follows MLSTM_OPENCL_SHARDS when the runner leaves the
-// choice to the device; a row that is not a whole number of chunks is never split.
+// choice to the device (refusing a value that is not a positive count); a row that is not a whole number of chunks
+// is never split.
 std::vector<std::string> launched(opencl::ResidentChunkwise& r) {
   std::vector<opencl::KernelEvent> events;
   r.enqueue_forward(&events);
@@ -433,8 +434,10 @@ TEST(TensorCoreShards, SplitChainsTheShardsAndFollowsTheOverride) {
   const auto rin = testing::make_inputs(ragged, testing::fresh_seed());
   const auto rargs = rin.backward_args(true);
   EXPECT_FALSE(has(launched(*runner_for(dev, 3).resident(rin.args(), o, &rargs)), "shard_fw_combine"));
-  ScopedEnv bad("MLSTM_OPENCL_SHARDS", "many");
-  EXPECT_FALSE(has(launched(*runner_for(dev).resident(in.args(), o, &bargs)), "shard_fw_combine"));
+  for (const char* bad : {"many", "0", "-2"}) {
+    split.set(bad);
+    EXPECT_THROW((void)runner_for(dev).resident(in.args(), o, &bargs), InvalidArgument) << bad;
+  }
 }
 
 // Wide state tiles (64 x 128, which the NVIDIA launch row takes at chunk 64 for problems with enough rows;

@@ -286,6 +286,7 @@ TEST_F(Cli, PackedSequences) {
 // over the two PoCL devices gives the h of one kernel call, and --json records it beside the devices; where no
 // flow graph runs (one kernel call: no --devices, or --kernel) it is refused, never ignored.
 TEST_F(Cli, BalancingOfTheFlowGraph) {
+  const testing::ScopedEnv kill_after("MLSTM_TEST_KILL_AFTER_SLICES", nullptr);
   const std::string state = " --c0 " + path("c0") + " --n0 " + path("n0") + " --m0 " + path("m0");
   for (const char* bad : {"fast", "Pull", "''"}) {
     expect_bad_input(run_cli("forward " + inputs() + " --devices 0,1 --balancing " + bad + " --out " + path("x")),
@@ -321,9 +322,9 @@ TEST_F(Cli, BalancingOfTheFlowGraph) {
 
   // A streamed run's progress record holds its balancing: a resume with another is refused naming it, the same
   // one resumes.
-  ::setenv("MLSTM_TEST_KILL_AFTER_SLICES", "1", 1);
+  kill_after.set("1");
   (void)run_cli("forward " + inputs() + " --devices workers --stream-tokens 16 --out " + path("sh"));
-  ::unsetenv("MLSTM_TEST_KILL_AFTER_SLICES");
+  kill_after.set(nullptr);
   ASSERT_TRUE(fs::exists(dir_ / ".sh.npy.progress"));
   expect_bad_input(run_cli("forward " + inputs() + " --devices workers --balancing calibrated --stream-tokens 16 " +
                            "--resume --out " + path("sh")),

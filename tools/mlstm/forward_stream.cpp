@@ -458,7 +458,7 @@ int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const 
   npy::SeqSliceWriter writer(out.h, {hdr.B, hdr.NH, hdr.S, hdr.DV}, hdr.dtype, st.resume);
   if (packed.on()) packed.open_outputs(out, hdr, st.resume);
   std::int64_t kill_after = -1;  // test hook (env.hpp): SIGKILL to itself after this many slices
-  if (const auto k = env::get("MLSTM_TEST_KILL_AFTER_SLICES")) kill_after = std::stoll(*k);
+  if (const auto k = env::positive_count("MLSTM_TEST_KILL_AFTER_SLICES", "slices")) kill_after = *k;
   std::int64_t next = resumed_from, slices = 0, whole_sequences = 0;
   std::vector<std::string> devices;
   const auto t0 = Clock::now();

@@ -749,7 +749,8 @@ BackwardResult BackwardStream::run_pieces(const BackwardArgs& a, const GradientV
   const std::size_t keep_bytes =
       static_cast<std::size_t>(n) * (im.in_bytes[kK] + im.in_bytes[kV] + im.in_bytes[kI] + im.in_bytes[kF]);
   im.kept.clear();
-  if (!given.kept && !env::is("MLSTM_BACKWARD_KEEP", "off") && keep_bytes <= dev.info().global_memory / 4) {
+  if (!given.kept && env::one_of("MLSTM_BACKWARD_KEEP", {"on", "off"}) != "off" &&
+      keep_bytes <= dev.info().global_memory / 4) {
     im.kept.resize(static_cast<std::size_t>(n));
     for (auto& piece : im.kept) {
       for (const int index : {kK, kV, kI, kF}) {

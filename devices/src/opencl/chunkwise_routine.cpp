@@ -78,7 +78,7 @@ class ResidentPortable final : public ResidentChunkwise {
     // each (row, sequence) apart instead.
     // With shards, the states leave the summary pass fixed up (mlstm_chunkwise.cl "The sequence split's fix-up")
     // rather than computed a second time; MLSTM_OPENCL_SHARD_FIXUP=0 runs the second pass (for comparisons).
-    const bool fixup = env::get("MLSTM_OPENCL_SHARD_FIXUP").value_or("1") != "0";
+    const bool fixup = env::one_of("MLSTM_OPENCL_SHARD_FIXUP", {"0", "1"}).value_or("1") == "1";
     P_ = packed_ ? 1
                  : detail::sequence_shards(dev.info(), S_, L_, nchunks_,
                                            p_.rows() * ((p_.DHQK + 63) / 64) * ((p_.DHHV + 63) / 64), config.shards,

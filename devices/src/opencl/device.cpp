@@ -274,15 +274,8 @@ constexpr std::size_t kStagingThreshold = std::size_t{4} << 20;
 std::size_t default_staging_slot() {
   const auto env = env::get("MLSTM_OPENCL_STAGING");
   if (!env) return kDefaultStagingSlot;
-  const std::string& v = *env;
-  if (v == "off") return 0;
-  char* end = nullptr;
-  const unsigned long long bytes = std::strtoull(v.c_str(), &end, 10);
-  if (end == v.c_str() || *end != '\0') {
-    spdlog::warn("mlstm-flow: MLSTM_OPENCL_STAGING='{}' is neither 'off' nor a byte count; using {} MiB slots", v,
-                 kDefaultStagingSlot >> 20);
-    return kDefaultStagingSlot;
-  }
+  if (*env == "off" || *env == "0") return 0;
+  const std::int64_t bytes = *env::positive_count("MLSTM_OPENCL_STAGING", "bytes (or off)", std::int64_t{1} << 34);
   return (static_cast<std::size_t>(bytes) + 4095) / 4096 * 4096;
 }
 
@@ -465,7 +458,7 @@ void warn_cache_write(const std::string& what) {
 // (-cl-nv-verbose: registers, spills and local memory per kernel), which decides how many work-groups share a
 // compute unit.
 bool build_log_wanted() {
-  static const bool on = env::is("MLSTM_OPENCL_BUILD_LOG", "1");
+  static const bool on = env::flag("MLSTM_OPENCL_BUILD_LOG");
   return on;
 }
 
@@ -611,7 +604,7 @@ std::size_t size_class(std::size_t bytes) {
 // it is handed out, so a kernel that reads what nobody wrote gives NaN instead of a stale value from an earlier
 // run (a debugging aid; tests run with it).
 bool poison_buffers() {
-  static const bool on = env::is("MLSTM_OPENCL_POISON", "1");
+  static const bool on = env::flag("MLSTM_OPENCL_POISON");
   return on;
 }
 }  // namespace

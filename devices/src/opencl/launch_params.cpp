@@ -68,7 +68,7 @@ PortableLaunchParams portable_launch_params(const DeviceInfo& device) {
   p.state_grad_col_blocks = column_blocks("MLSTM_OPENCL_STATE_GRAD_COL_BLOCKS", p.state_grad_col_blocks);
   p.state_subtile = one_of("MLSTM_OPENCL_STATE_SUBTILE", {16, 32}, "tokens", p.state_subtile);
   p.state_grad_subtile = one_of("MLSTM_OPENCL_STATE_GRAD_SUBTILE", {16, 32}, "tokens", p.state_grad_subtile);
-  p.untiled = p.untiled || env::is("MLSTM_OPENCL_UNTILED", "1");
+  p.untiled = p.untiled || env::flag("MLSTM_OPENCL_UNTILED");
   return p;
 }
 
@@ -95,7 +95,7 @@ TcLaunchParams tc_launch_params(const DeviceInfo& device) {
     p.state_tile_v = vt;
     p.wide_state_tile_v = 0;
   }
-  p.msplit = p.msplit || env::is("MLSTM_TC_MSPLIT", "1");
+  p.msplit = p.msplit || env::flag("MLSTM_TC_MSPLIT");
   p.chunk_rows = tile_rows("MLSTM_TC_CHUNK_ROWS", "rows", p.chunk_rows);
   p.key_block = tile_rows("MLSTM_TC_KEY_BLOCK", "key columns", p.key_block);
   return p;

@@ -1,6 +1,5 @@
 #include "shards.hpp"
 
-#include <spdlog/spdlog.h>
 
 #include <algorithm>
 #include <string>
@@ -14,17 +13,7 @@ int sequence_shards(const DeviceInfo& info, std::int64_t S, std::int64_t L, std:
                     int requested, SplitCost cost) {
   if (L <= 0 || S % L != 0 || NC < 2) return 1;
   if (requested == 0) {
-    if (const auto v = env::get("MLSTM_OPENCL_SHARDS")) {
-      try {
-        requested = std::stoi(*v);
-      } catch (const std::exception&) {
-        requested = -1;
-      }
-      if (requested <= 0) {
-        spdlog::warn("mlstm-flow: MLSTM_OPENCL_SHARDS='{}' is not a positive count; ignored", *v);
-        requested = 0;
-      }
-    }
+    if (const auto n = env::positive_count("MLSTM_OPENCL_SHARDS", "shards", 1 << 20)) requested = static_cast<int>(*n);
   }
   std::int64_t limit = std::min<std::int64_t>(requested, NC);
   if (requested == 0) {

@@ -30,10 +30,8 @@ constexpr cl_device_info kComputeCapabilityMajorNV = 0x4000;  // cl_nv_device_at
 constexpr cl_device_info kComputeCapabilityMinorNV = 0x4001;
 
 bool switched_off_by_environment() {
-  const auto v = env::get("MLSTM_TENSOR_CORES");
-  if (!v) return false;
-  const std::string& s = *v;
-  return s == "off" || s == "0" || s == "false" || s == "no";
+  const auto v = env::one_of("MLSTM_TENSOR_CORES", {"on", "off", "1", "0", "true", "false", "yes", "no"});
+  return v && (*v == "off" || *v == "0" || *v == "false" || *v == "no");
 }
 
 // One problem on one device with every buffer of the forward and the backward.
@@ -168,7 +166,7 @@ class ResidentTensorCore final : public ResidentChunkwise {
     h_ = dev.acquire(tok * V * 2);
     Nt_ = f32buf(tok);
     sgt_ = f32buf(tok);
-    if (env::is("MLSTM_TC_POISON", "1")) {
+    if (env::flag("MLSTM_TC_POISON")) {
       // Debugging aid: every intermediate and output buffer starts as NaN (0xFF bytes), so a read of a value
       // no kernel wrote shows up as NaN in the results.
       const std::uint8_t pattern = 0xff;

@@ -1,5 +1,6 @@
 // Environment knobs: the one place the library reads the environment. Every knob is listed here with the
-// module that uses it; code asks `env::get` (or `env::is`) instead of calling getenv itself.
+// module that uses it; code asks `env::get` instead of calling getenv itself, and a knob with a set of values reads
+// through `positive_count`, `one_of` or `flag`, which refuse (InvalidArgument naming it) what is not one of them.
 //
 //   MLSTM_TRACE=1                      core: time every device call, transfer, program lookup and node body
 //   MLSTM_NUMA=off                     devices (CPU workers): one worker, no NUMA query (sanitizer runs)
@@ -46,6 +47,8 @@
 //   XDG_CACHE_HOME, HOME               graph, devices (OpenCL): where the calibration and program caches live
 #pragma once
 
+#include <cstdint>
+#include <initializer_list>
 #include <optional>
 #include <string>
 
@@ -54,7 +57,17 @@ namespace mlstm::env {
 // The variable's value; nullopt when it is unset or empty.
 std::optional<std::string> get(const char* name);
 
-// True when the variable is set to exactly `value`.
-bool is(const char* name, const char* value);
+// A switch: false when unset or "0", true when "1"; anything else throws InvalidArgument naming the variable.
+bool flag(const char* name);
+
+// A knob that takes a count: nullopt when unset, else its value in [1, max]. Anything else ("0", "-3", "x", "7x",
+// beyond max) throws InvalidArgument naming the variable and `what` is counted ("chunks", "tokens", ...): a knob the
+// user set is never ignored.
+std::optional<std::int64_t> positive_count(const char* name, const char* what,
+                                           std::int64_t max = std::int64_t{1} << 40);
+
+// A knob that takes one of `values`: nullopt when unset, else the value; anything else throws InvalidArgument
+// naming the variable and listing the values.
+std::optional<std::string> one_of(const char* name, std::initializer_list<const char*> values);
 
 }  // namespace mlstm::env

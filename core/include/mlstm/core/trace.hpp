@@ -11,7 +11,7 @@
 
 namespace mlstm {
 
-bool trace_enabled() noexcept;
+bool trace_enabled();
 
 class ScopedTrace {
  public:
