@@ -1,6 +1,5 @@
 #include "shards.hpp"
 
-
 #include <algorithm>
 #include <string>
 #include <vector>
