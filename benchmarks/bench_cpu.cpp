@@ -5,6 +5,7 @@
 #include <benchmark/benchmark.h>
 #include <tbb/global_control.h>
 #include <tbb/info.h>
+#include <sys/resource.h>
 #include <tbb/parallel_for.h>
 
 #include <algorithm>
@@ -78,12 +79,20 @@ struct WorkerProducts {
 
 // The timed loop of the CPU benchmarks: the chunkwise forward of `a` (tile as in cpu::chunkwise_forward) and, with
 // `backward`, the backward with upstream gradient `dh` after it, each iteration; sets the tokens/s counter for
-// `tokens` (B*S) per iteration and returns the tokens timed.
+// `tokens` (B*S) per iteration and returns the tokens timed. The counter faults is the minor page faults per
+// iteration (fresh pages the calls touched: what the buffer pool did not keep).
+long minor_faults() {
+  rusage u{};
+  ::getrusage(RUSAGE_SELF, &u);
+  return u.ru_minflt;
+}
+
 double time_chunkwise(benchmark::State& state, const ForwardArgs& a, ConstTensorView dh, const MlstmOptions& o,
                       std::int64_t tile, bool backward, std::int64_t tokens) {
   BackwardArgs b;
   b.inputs = a;
   b.dh = dh;
+  const long faults0 = minor_faults();
   for (auto _ : state) {
     auto r = cpu::chunkwise_forward(a, o, tile);
     benchmark::DoNotOptimize(r.h.data<float>());
@@ -94,6 +103,8 @@ double time_chunkwise(benchmark::State& state, const ForwardArgs& a, ConstTensor
   }
   const double timed = static_cast<double>(tokens) * static_cast<double>(state.iterations());
   state.counters["tokens/s"] = benchmark::Counter(timed, benchmark::Counter::kIsRate);
+  state.counters["faults"] = benchmark::Counter(static_cast<double>(minor_faults() - faults0),
+                                                benchmark::Counter::kAvgIterations);
   return timed;
 }
 
