@@ -134,6 +134,8 @@ StateBuffer initial_state(const ForwardArgs& a, const ProblemShape& p, std::int6
   return s;
 }
 
+// A row's (or a window's) forward: gate channels, h and the per-token stabiliser, normaliser and denominator the
+// backward reads, boundary states and the state leaving it.
 struct RowForward {
   FloatBuffer b, B, cut, ig, G, h, m_tok, N_tok, den_tok;
   stages::Decays decays() const { return {b.data(), B.data(), cut.data()}; }
@@ -154,8 +156,9 @@ gemm::Operands operands(const ProblemShape& p, bool backward) {
   return backward ? gemm::Operands::f32 : gemm::operands_for(p.dtype);
 }
 
-// The chunks of a forward alone taken at once (forward_row): the boundary states of a window of chunks are held,
-// not the whole row's, so a row of a million tokens at D = 128 needs 32 MiB of them instead of 1 GiB. The buffer
+// The chunks of a row taken at once (forward_row, backward_row): the boundary states of a window of chunks are held,
+// not the whole row's, so a row of a million tokens at D = 128 needs 32 MiB of them instead of 1 GiB (and as much
+// again for their gradients in the backward). The buffer
 // pool (cap 512 MiB) keeps such windows between calls, where a whole row's states were fresh pages every call:
 // on a 2-core machine, 4 rows of 256K tokens took 4.9 s a forward with those pages reused, 6.9 s without.
 // At least kMinChunks chunks for each part of the row's split (SequenceParts::for_rows), so a window splits as a row would.
@@ -168,37 +171,50 @@ std::int64_t window_chunks(const stages::SegmentShape& s, std::int64_t items) {
   return std::max(Parts::kMinChunks * Parts::wanted(items), std::max<std::int64_t>(1, kWindowBytes / state_bytes));
 }
 
-// One item of T tokens: the rows' geometry, their state split (parts for `items` items in all).
-// h_out: where h goes (T x DHHV float32), or null for RowForward::h. A forward alone (!keep_for_backward) runs in
-// windows of whole chunks (window_chunks), each from the state the one before left; its boundary states and the
-// split's fix-ups are the window's.
-RowForward forward_row(const RowInputs& in, const StateBuffer& init, std::int64_t T, const ProblemShape& p,
-                       const MlstmOptions& o, std::int64_t L, std::int64_t tile, bool keep_for_backward,
-                       std::int64_t items, float* h_out = nullptr) {
-  const SegmentShape s{T, L, p.DHQK, p.DHHV, operands(p, keep_for_backward)};
+// A row's gate channels (fw_gates: b, B, cut, ig per token, G per chunk), the first part of its RowForward.
+RowForward row_gates(const RowInputs& in, const SegmentShape& s, GateVariant gate) {
   RowForward r;
-  r.b.resize(static_cast<std::size_t>(T));
-  r.B.resize(static_cast<std::size_t>(T));
-  r.cut.resize(static_cast<std::size_t>(T));
-  r.ig.resize(static_cast<std::size_t>(T));
+  const auto T = static_cast<std::size_t>(s.T);
+  r.b.resize(T);
+  r.B.resize(T);
+  r.cut.resize(T);
+  r.ig.resize(T);
   r.G.resize(static_cast<std::size_t>(s.num_chunks()));
-  stages::fw_gates(in.i, in.f, o.gate, s, r.b.data(), r.B.data(), r.cut.data(), r.ig.data(), r.G.data());
+  stages::fw_gates(in.i, in.f, gate, s, r.b.data(), r.B.data(), r.cut.data(), r.ig.data(), r.G.data());
+  return r;
+}
+
+// Chunks [c0, c1) of a row: its tokens, its shape, its slices of the gate channels and the bf16 rows.
+struct Window {
+  std::int64_t c0, c1, t0;
+  SegmentShape shape;
+  stages::Decays decays;
+  const float *ig, *G;
+  stages::Bf16Rows rows16;
+  Window(const RowForward& r, const RowInputs& in, const SegmentShape& s, std::int64_t c0_, std::int64_t c1_)
+      : c0(c0_),
+        c1(c1_),
+        t0(s.chunk_begin(c0_)),
+        shape{(c1_ < s.num_chunks() ? s.chunk_begin(c1_) : s.T) - t0, s.L, s.DHQK, s.DHHV, s.operands},
+        decays(r.decays().from(t0)),
+        ig(r.ig.data() + t0),
+        G(r.G.data() + c0_),
+        rows16(in.rows16().from(t0, s.DHQK, s.DHHV)) {}
+};
+
+// One item of T tokens: the rows' geometry, their state split (parts for `items` items in all).
+// h_out: where h goes (T x DHHV float32), or null for RowForward::h. The forward runs in windows of whole chunks
+// (window_chunks), each from the state the one before left; its boundary states and the split's fix-ups are the
+// window's.
+RowForward forward_row(const RowInputs& in, const StateBuffer& init, std::int64_t T, const ProblemShape& p,
+                       const MlstmOptions& o, std::int64_t L, std::int64_t tile, std::int64_t items,
+                       float* h_out = nullptr) {
+  const SegmentShape s{T, L, p.DHQK, p.DHHV, operands(p, false)};
+  RowForward r = row_gates(in, s, o.gate);
   r.last = StateBuffer(p.DHQK, p.DHHV, 1);
   if (!h_out) {
     r.h = stages::pooled_floats(static_cast<std::size_t>(T * p.DHHV));
     h_out = r.h.data();
-  }
-  if (keep_for_backward) {
-    // Every boundary state stays true: the backward reads them.
-    r.boundary = stages::pooled_states(p.DHQK, p.DHHV, s.num_chunks());  // fw_states writes every state
-    stages::fw_states_parts(in.k, in.v, r.decays(), r.ig.data(), r.G.data(), o.gate, s, init.at(0), &r.boundary,
-                            r.last.at(0), stages::SequenceParts::for_rows(s, items), in.rows16(), nullptr);
-    r.m_tok.resize(static_cast<std::size_t>(T));
-    r.N_tok.resize(static_cast<std::size_t>(T));
-    r.den_tok.resize(static_cast<std::size_t>(T));
-    stages::fw_outputs(in.q, in.k, in.v, r.decays(), r.ig.data(), o.gate, o.normalize, static_cast<float>(o.eps), s,
-                       r.boundary, h_out, r.m_tok.data(), r.N_tok.data(), r.den_tok.data(), tile, in.rows16());
-    return r;
   }
   // A forward alone leaves a split window's fix-ups to fw_outputs (one pass over the boundary states fewer).
   const std::int64_t nc = s.num_chunks(), window = std::min(nc, window_chunks(s, items));
@@ -207,21 +223,96 @@ RowForward forward_row(const RowInputs& in, const StateBuffer& init, std::int64_
   StateBuffer entering = init;
   if (nc == 0) r.last = init;
   for (std::int64_t c0 = 0; c0 < nc; c0 += window) {
-    const std::int64_t c1 = std::min(nc, c0 + window), t0 = s.chunk_begin(c0);
-    const std::int64_t t1 = c1 < nc ? s.chunk_begin(c1) : T;
-    const SegmentShape sw{t1 - t0, L, DK, DV, s.operands};
-    const stages::Decays dw = r.decays().from(t0);
-    const stages::Bf16Rows rows16 = in.rows16().from(t0, DK, DV);
+    const Window w(r, in, s, c0, std::min(nc, c0 + window));
+    const std::int64_t t0 = w.t0;
     stages::DeferredFixups fixups;
-    stages::fw_states_parts(in.k + t0 * DK, in.v + t0 * DV, dw, r.ig.data() + t0, r.G.data() + c0, o.gate, sw,
-                            entering.at(0), &r.boundary, r.last.at(0), stages::SequenceParts::for_rows(sw, items),
-                            rows16, &fixups);
-    stages::fw_outputs(in.q + t0 * DK, in.k + t0 * DK, in.v + t0 * DV, dw, r.ig.data() + t0, o.gate, o.normalize,
-                       static_cast<float>(o.eps), sw, r.boundary, h_out + t0 * DV, nullptr, nullptr, nullptr, tile,
-                       rows16, &fixups);
-    if (c1 < nc) entering = r.last;
+    stages::fw_states_parts(in.k + t0 * DK, in.v + t0 * DV, w.decays, w.ig, w.G, o.gate, w.shape, entering.at(0),
+                            &r.boundary, r.last.at(0), stages::SequenceParts::for_rows(w.shape, items), w.rows16,
+                            &fixups);
+    stages::fw_outputs(in.q + t0 * DK, in.k + t0 * DK, in.v + t0 * DV, w.decays, w.ig, o.gate, o.normalize,
+                       static_cast<float>(o.eps), w.shape, r.boundary, h_out + t0 * DV, nullptr, nullptr, nullptr, tile,
+                       w.rows16, &fixups);
+    if (w.c1 < nc) entering = r.last;
   }
   return r;
+}
+
+// Where one item's backward writes: its gradient rows (dq, dk, dv: null for the state gradient alone), the raw
+// gate gradients (T each) and the gradient of the state entering it.
+struct RowGradients {
+  float *dq = nullptr, *dk = nullptr, *dv = nullptr, *di_raw = nullptr, *r = nullptr;
+  StateBuffer din;
+  float tail = 0.f;  // <dC_last, C_last> + <dn_last, n_last>, for bw_gate_grads
+};
+
+// The backward of one item, in windows of whole chunks as the forward runs (window_chunks), from the last window to
+// the first: a row's boundary states and their gradients are held for one window at a time (2 GiB for a row of a
+// million tokens at D = 128 in one window, fresh pages every call; 64 MiB in windows, kept by the buffer pool). A
+// first pass of the state recurrence alone keeps each window's entering state; each window then recomputes its
+// boundary states and outputs from there, and its state gradients start from the gradient the later window left
+// at its start (the graph's segments do the same across devices). One window (a row of up to 32 MiB of boundary
+// states) is the unwindowed backward. dout: the gradient of the state leaving the item.
+void backward_row(const RowInputs& in, const float* dh, const StateBuffer& init, const StateBuffer& dout_last,
+                  std::int64_t T, const ProblemShape& p, const MlstmOptions& o, std::int64_t L, std::int64_t tile,
+                  std::int64_t items, RowGradients& g) {
+  const SegmentShape s{T, L, p.DHQK, p.DHHV, operands(p, true)};
+  RowForward f = row_gates(in, s, o.gate);
+  const std::int64_t nc = s.num_chunks(), window = std::min(nc, window_chunks(s, items));
+  const std::int64_t DK = p.DHQK, DV = p.DHHV;
+  const std::int64_t windows = nc == 0 ? 0 : (nc + window - 1) / window;
+  auto window_at = [&](std::int64_t w) { return Window(f, in, s, w * window, std::min(nc, (w + 1) * window)); };
+  // The state entering each window: the first pass (states only, no boundary states kept).
+  std::vector<StateBuffer> entering(static_cast<std::size_t>(std::max<std::int64_t>(1, windows)));
+  entering[0] = init;
+  for (std::int64_t w = 0; w + 1 < windows; ++w) {
+    const Window x = window_at(w);
+    entering[static_cast<std::size_t>(w + 1)] = StateBuffer(DK, DV, 1);
+    stages::fw_states_parts(in.k + x.t0 * DK, in.v + x.t0 * DV, x.decays, x.ig, x.G, o.gate, x.shape,
+                            entering[static_cast<std::size_t>(w)].at(0), nullptr,
+                            entering[static_cast<std::size_t>(w + 1)].at(0),
+                            stages::SequenceParts::for_rows(x.shape, items), x.rows16, nullptr);
+  }
+  const std::int64_t window_tokens = std::min(T, window * L);
+  f.boundary = stages::pooled_states(DK, DV, window);  // fw_states writes every state
+  f.h = stages::pooled_floats(static_cast<std::size_t>(window_tokens * DV));
+  f.m_tok = stages::pooled_floats(static_cast<std::size_t>(window_tokens));
+  f.N_tok = stages::pooled_floats(static_cast<std::size_t>(window_tokens));
+  f.den_tok = stages::pooled_floats(static_cast<std::size_t>(window_tokens));
+  StateBuffer dboundary = stages::pooled_states(DK, DV, window);  // bw_state_grads writes all
+  StateBuffer leaving(DK, DV, 1), dout = dout_last;
+  g.din = StateBuffer(DK, DV, 1);
+  if (windows == 0) g.din = dout_last;
+  for (std::int64_t w = windows - 1; w >= 0; --w) {
+    const Window x = window_at(w);
+    const std::int64_t t0 = x.t0;
+    const float *q = in.q + t0 * DK, *k = in.k + t0 * DK, *v = in.v + t0 * DV, *dh_w = dh + t0 * DV;
+    const stages::SequenceParts parts = stages::SequenceParts::for_rows(x.shape, items);
+    // Every boundary state stays true: the state gradients read them.
+    stages::fw_states_parts(k, v, x.decays, x.ig, x.G, o.gate, x.shape, entering[static_cast<std::size_t>(w)].at(0),
+                            &f.boundary, leaving.at(0), parts, x.rows16, nullptr);
+    stages::fw_outputs(q, k, v, x.decays, x.ig, o.gate, o.normalize, static_cast<float>(o.eps), x.shape, f.boundary,
+                       f.h.data(), f.m_tok.data(), f.N_tok.data(), f.den_tok.data(), tile, x.rows16);
+    if (w == windows - 1) {
+      double tail = 0.0;
+      for (std::size_t e = 0; e < dout.C.size(); ++e) tail += static_cast<double>(dout.C[e]) * leaving.C[e];
+      for (std::size_t e = 0; e < dout.n.size(); ++e) tail += static_cast<double>(dout.n[e]) * leaving.n[e];
+      g.tail = static_cast<float>(tail);
+    }
+    const float m_exit = leaving.m[0];
+    // A split window's chunk gradients are fixed up as bw_grads reads them (one pass over them fewer).
+    stages::DeferredGradFixups grad_fixups;
+    stages::bw_state_grads_parts(q, dh_w, f.h.data(), x.decays, f.m_tok.data(), f.N_tok.data(), f.den_tok.data(), x.G,
+                                 o.gate, o.normalize, x.shape, f.boundary, m_exit, dout.at(0), dboundary, g.din.at(0),
+                                 parts, g.dq ? &grad_fixups : nullptr);
+    if (g.dq)
+      stages::bw_grads(q, k, v, dh_w, f.h.data(), x.decays, x.ig, f.m_tok.data(), f.N_tok.data(), f.den_tok.data(),
+                       o.gate, o.normalize, x.shape, f.boundary, m_exit, dboundary, dout.at(0), g.dq + t0 * DK,
+                       g.dk + t0 * DK, g.dv + t0 * DV, g.di_raw + t0, g.r + t0, tile, &grad_fixups);
+    if (w > 0) std::swap(dout, g.din);
+  }
+  for (FloatBuffer* b : {&f.h, &f.m_tok, &f.N_tok, &f.den_tok}) stages::recycle(std::move(*b));
+  stages::recycle(std::move(f.boundary));
+  stages::recycle(std::move(dboundary));
 }
 
 // h in q's dtype and, when asked for, float32 last states.
@@ -254,7 +345,7 @@ ForwardResult forward_impl(const ForwardArgs& a, const MlstmOptions& o, std::int
     // float32 h is written in place; other dtypes through a float32 row.
     const std::int64_t h_at = token_offset(p, w, p.DHHV);
     float* h_direct = out.h.dtype() == DType::f32 ? out.h.data<float>() + h_at : nullptr;
-    RowForward f = forward_row(in, init, w.T(), p, o, item_chunk(chunk, w.T()), tile, false, count, h_direct);
+    RowForward f = forward_row(in, init, w.T(), p, o, item_chunk(chunk, w.T()), tile, count, h_direct);
     if (!h_direct) store_at(out.h, h_at, f.h.data(), w.T() * p.DHHV);
     if (o.return_last_states) {
       const std::int64_t r = w.state_row(p.NH);
@@ -296,55 +387,47 @@ BackwardResult backward_impl(const BackwardArgs& a, const MlstmOptions& o, std::
     const SegmentShape s{T, L, p.DHQK, p.DHHV, operands(p, true)};
     const RowInputs in(fa, w);
     const StateBuffer init_state = initial_state(fa, p, w.state, w.h);
-    RowForward f = forward_row(in, init_state, T, p, o, L, tile, true, count);
     FloatBuffer dh_store;
     const float* dh = float_row(item_row(a.dh, w), dh_store);
     StateBuffer dout(p.DHQK, p.DHHV, 1);
     dout.set_zero();
     if (!a.dc_last.empty()) pack_row_into(a.dc_last, w.state, w.h, dout.C.data());
     if (!a.dn_last.empty()) pack_row_into(a.dn_last, w.state, w.h, dout.n.data());
-    StateBuffer dboundary = stages::pooled_states(p.DHQK, p.DHHV, s.num_chunks());  // bw_state_grads writes all
-    StateBuffer din(p.DHQK, p.DHHV, 1);
-    const float m_exit = f.last.m[0];
-    // A split row's chunk gradients are fixed up as bw_grads reads them (one pass over them fewer).
-    stages::DeferredGradFixups grad_fixups;
-    stages::bw_state_grads_parts(in.q, dh, f.h.data(), f.decays(), f.m_tok.data(), f.N_tok.data(), f.den_tok.data(),
-                                 f.G.data(), o.gate, o.normalize, s, f.boundary, m_exit, dout.at(0), dboundary,
-                                 din.at(0), stages::SequenceParts::for_rows(s, count),
-                                 state_only ? nullptr : &grad_fixups);
+    RowGradients g;
+    // bw_grads writes every element (its products run with beta = 0): float32 gradients straight into the
+    // results, others through pooled rows.
+    const bool direct = p.dtype == DType::f32;
+    FloatBuffer dq_store, dk_store, dv_store;
+    std::vector<float> di_raw, rr;
     if (!state_only) {
       const auto qk_size = static_cast<std::size_t>(T * p.DHQK), v_size = static_cast<std::size_t>(T * p.DHHV);
-      // bw_grads writes every element (its products run with beta = 0): float32 gradients straight into the
-      // results, others through pooled rows.
-      const bool direct = p.dtype == DType::f32;
-      FloatBuffer dq_store, dk_store, dv_store;
       auto into = [&](Tensor& t, std::int64_t D, FloatBuffer& store, std::size_t n) {
         if (direct) return t.data<float>() + token_offset(p, w, D);
         store = stages::pooled_floats(n);
         return store.data();
       };
-      float* dq = into(out.dq, p.DHQK, dq_store, qk_size);
-      float* dk = into(out.dk, p.DHQK, dk_store, qk_size);
-      float* dv = into(out.dv, p.DHHV, dv_store, v_size);
-      std::vector<float> di_raw(static_cast<std::size_t>(T)), rr(static_cast<std::size_t>(T)),
-          di(static_cast<std::size_t>(T)), df(static_cast<std::size_t>(T));
-      stages::bw_grads(in.q, in.k, in.v, dh, f.h.data(), f.decays(), f.ig.data(), f.m_tok.data(), f.N_tok.data(),
-                       f.den_tok.data(), o.gate, o.normalize, s, f.boundary, m_exit, dboundary, dout.at(0), dq, dk, dv,
-                       di_raw.data(), rr.data(), tile, &grad_fixups);
-      double tail = 0.0;  // <dC_last, C_last> + <dn_last, n_last>
-      for (std::size_t e = 0; e < dout.C.size(); ++e) tail += static_cast<double>(dout.C[e]) * f.last.C[e];
-      for (std::size_t e = 0; e < dout.n.size(); ++e) tail += static_cast<double>(dout.n[e]) * f.last.n[e];
-      stages::bw_gate_grads(in.i, in.f, di_raw.data(), rr.data(), static_cast<float>(tail), o.gate, s, di.data(),
-                            df.data());
+      g.dq = into(out.dq, p.DHQK, dq_store, qk_size);
+      g.dk = into(out.dk, p.DHQK, dk_store, qk_size);
+      g.dv = into(out.dv, p.DHHV, dv_store, v_size);
+      di_raw.resize(static_cast<std::size_t>(T));
+      rr.resize(static_cast<std::size_t>(T));
+      g.di_raw = di_raw.data();
+      g.r = rr.data();
+    }
+    backward_row(in, dh, init_state, dout, T, p, o, L, tile, count, g);
+    if (!state_only) {
+      std::vector<float> di(static_cast<std::size_t>(T)), df(static_cast<std::size_t>(T));
+      stages::bw_gate_grads(in.i, in.f, di_raw.data(), rr.data(), g.tail, o.gate, s, di.data(), df.data());
       if (!direct) {
-        store_at(out.dq, token_offset(p, w, p.DHQK), dq, T * p.DHQK);
-        store_at(out.dk, token_offset(p, w, p.DHQK), dk, T * p.DHQK);
-        store_at(out.dv, token_offset(p, w, p.DHHV), dv, T * p.DHHV);
+        store_at(out.dq, token_offset(p, w, p.DHQK), g.dq, T * p.DHQK);
+        store_at(out.dk, token_offset(p, w, p.DHQK), g.dk, T * p.DHQK);
+        store_at(out.dv, token_offset(p, w, p.DHHV), g.dv, T * p.DHHV);
       }
       store_at(out.di, token_offset(p, w, 1), di.data(), T);
       store_at(out.df, token_offset(p, w, 1), df.data(), T);
-      for (FloatBuffer* g : {&dq_store, &dk_store, &dv_store}) stages::recycle(std::move(*g));
+      for (FloatBuffer* b : {&dq_store, &dk_store, &dv_store}) stages::recycle(std::move(*b));
     }
+    const StateBuffer& din = g.din;
     if (init) {
       const std::int64_t r = w.state_row(p.NH);
       store_row(out.dc0, r, din.C.data(), p.DHQK * p.DHHV);
@@ -356,9 +439,6 @@ BackwardResult backward_impl(const BackwardArgs& a, const MlstmOptions& o, std::
       }
       out.dm0.data<float>()[r] = static_cast<float>(dm0);
     }
-    stages::recycle(std::move(f.boundary));
-    stages::recycle(std::move(dboundary));
-    stages::recycle(std::move(f.h));
     stages::recycle(std::move(dh_store));
   });
   return out;

@@ -239,6 +239,57 @@ TEST(CpuForwardWindows, WindowsOfChunksMatchReferenceAndOneWindow) {
   }
 }
 
+// The backward runs in the same windows, last to first (cpu_kernels.cpp backward_row): each window recomputes its
+// boundary states from the state a first pass kept at its start, and its state gradients start from the gradient the
+// later window left. Windows of 1, 7 and 64 chunks of a split row, initial states and last-state gradients, spread
+// and mixed gates across window boundaries, both gates: the float64 backward, and the one-window backward to
+// rounding (the state gradient alone too). A gradient not carried between windows, or a window's states not
+// recomputed from its own entering state, puts dq, dk and dc0 far off both.
+TEST(CpuBackwardWindows, WindowsOfChunksMatchReferenceAndOneWindow) {
+  for (const auto& [gate, gates] :
+       {std::pair{GateVariant::exp, testing::InfGates::spread}, std::pair{GateVariant::exp, testing::InfGates::mixed},
+        std::pair{GateVariant::sigmoid, testing::InfGates::none}}) {
+    const std::string name = gate == GateVariant::exp ? kXl : kXlSig;
+    const auto kernel = registry().make_sequence(name);
+    InputSpec sp = spec(1, 2, 1500, 16, 24, DType::f32, gate, true);
+    sp.inf = gates;
+    SCOPED_TRACE(sp.describe() + " " + testing::inf_gates_name(gates));
+    auto in = make_inputs(sp, testing::fresh_seed());
+    MlstmOptions o;
+    o.chunk_size = 16;
+    o.gate = gate;
+    ASSERT_GE(testing::quiet_normaliser_kinks(in, o, sp), 0) << "most tokens near the normaliser's kink";
+    const BackwardArgs args = in.backward_args(true);
+    const auto ref = reference::recurrent_backward(args, o, reference::StabilizerGradient::stop);
+    BackwardResult whole, whole_state;
+    {
+      const testing::ScopedEnv one("MLSTM_CPU_WINDOW_CHUNKS", "1000000");
+      whole = kernel->backward(args, o);
+      whole_state = cpu::chunkwise_state_gradient(args, o, 0);
+    }
+    const double tol = grad_tol(sp);
+    for (const char* chunks : {"1", "7", "64"}) {
+      SCOPED_TRACE(std::string("windows of ") + chunks + " chunks");
+      const testing::ScopedEnv w("MLSTM_CPU_WINDOW_CHUNKS", chunks);
+      const auto got = kernel->backward(args, o);
+      for (const auto& [x, r, y, what] : {std::tuple{&got.dq, &ref.dq, &whole.dq, "dq"},
+                                          {&got.dk, &ref.dk, &whole.dk, "dk"},
+                                          {&got.dv, &ref.dv, &whole.dv, "dv"},
+                                          {&got.di, &ref.di, &whole.di, "di"},
+                                          {&got.df, &ref.df, &whole.df, "df"},
+                                          {&got.dc0, &ref.dc0, &whole.dc0, "dc0"},
+                                          {&got.dn0, &ref.dn0, &whole.dn0, "dn0"}}) {
+        EXPECT_TRUE(matches(*x, *r, tol, name, what, sp));
+        EXPECT_TRUE(matches(*x, *y, 1e-4, name, std::string(what) + " against one window", sp));
+      }
+      EXPECT_TRUE(testing::dm0_matches(got.dm0, ref.dm0, ref.dc0, ref.dn0, in, tol, name, sp));
+      const auto state = cpu::chunkwise_state_gradient(args, o, 0);
+      EXPECT_TRUE(matches(state.dc0, whole_state.dc0, 1e-4, name, "state gradient dc0 against one window", sp));
+      EXPECT_TRUE(matches(state.dn0, whole_state.dn0, 1e-4, name, "state gradient dn0 against one window", sp));
+    }
+  }
+}
+
 // Gate pre-activations of +-inf (stages.hpp "Gates at +-inf"): every CPU form against the float64 recurrence,
 // forward (h, last state) and backward, with the tolerances above. NaN or inf never passes (matches()).
 class CpuKernelInf : public ::testing::TestWithParam<KernelCase> {};
