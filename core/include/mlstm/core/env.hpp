@@ -5,8 +5,9 @@
 //   MLSTM_TRACE=1                      core: time every device call, transfer, program lookup and node body
 //   MLSTM_NUMA=off                     devices (CPU workers): one worker, no NUMA query (sanitizer runs)
 //   MLSTM_CPU_GEMM=openblas|onednn     kernels: the CPU GEMM library (default: oneDNN where built in; gemm.hpp)
-//   MLSTM_CPU_WINDOW_CHUNKS=<n>        kernels: chunks of a row a CPU forward alone holds boundary states for at
-//                                      once (default: 32 MiB of them, at least 8 chunks a part; tests, tuning)
+//   MLSTM_CPU_WINDOW_CHUNKS=<n>        kernels: chunks of a row a CPU forward or backward holds boundary states
+//                                      (and their gradients) for at once (default: 32 MiB of states, at least 8
+//                                      chunks a part; tests, tuning)
 //   MLSTM_CPU_POISON=1                 kernels: fill every uninitialised or pooled CPU stage buffer with NaN
 //   MLSTM_OPENCL_POISON=1              devices (OpenCL): fill every handed-out buffer with NaN bytes
 //   MLSTM_OPENCL_STAGING=off|<bytes>   devices (OpenCL): pinned staging slot size (default 32 MiB)
