@@ -8,7 +8,8 @@
 #             1M tokens as B = 64, S = 16384 and B = 1, S = 1M)
 #   VARIANTS  space list of chunk:rows[:keys] (MLSTM_BENCH_CHUNK : MLSTM_TC_CHUNK_ROWS : MLSTM_TC_KEY_BLOCK; default
 #             "64:64 128:64 128:128:64 128:128", the last being the chunk kernels before query sub-tiles)
-#   REPS      our repetitions (default 5); DEADLINE=<epoch s>: shapes that would start after it are skipped
+#   REPS      our repetitions (default 5); DEADLINE=<epoch s>: shapes of ours that would start after it are skipped;
+#             TFLA_DEADLINE=<epoch s>: the same for TFLA's processes (leave time for ours on the shapes TFLA ran)
 # Outputs under $OUT: tfla_*.json, tc_*.json (bench_opencl JSON with each kernel's time), compare.md.
 set -o pipefail
 out=${OUT:-/tmp}
@@ -30,6 +31,9 @@ n=0
 for shape in ${shapes//,/ }; do
   for kernel in xl_chunk xl_chunk_siging; do
     n=$((n + 1))
+    if [ -n "${TFLA_DEADLINE:-}" ] && [ "$(date +%s)" -ge "$TFLA_DEADLINE" ]; then
+      echo "(skipped: past TFLA_DEADLINE) TFLA $kernel $shape"; continue
+    fi
     if [ $kernel = xl_chunk ]; then llvm=1; else llvm=0; fi
     DISABLE_LLVM_OPT=$llvm TFLA_SHAPES=$shape TFLA_KERNELS=$kernel OUT=$out timeout 120 \
       python3 benchmarks/tfla/tfla_bench.py >$out/tfla_$n.log 2>&1
