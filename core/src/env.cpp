@@ -15,16 +15,28 @@ std::optional<std::string> get(const char* name) {
 
 bool flag(const char* name) { return one_of(name, {"0", "1"}).value_or("0") == "1"; }
 
-std::optional<std::int64_t> positive_count(const char* name, const char* what, std::int64_t max) {
+namespace {
+
+// The variable as an integer in [min, max]; nullopt when unset; `expected` opens the refusal's message.
+std::optional<std::int64_t> integer(const char* name, const std::string& expected, std::int64_t min, std::int64_t max) {
   const auto v = get(name);
   if (!v) return std::nullopt;
   std::int64_t n = 0;
   const char* const end = v->data() + v->size();
   const auto [stop, ec] = std::from_chars(v->data(), end, n);
-  if (ec != std::errc() || stop != end || n <= 0 || n > max)
-    throw InvalidArgument(name, "expected a positive count of " + std::string(what) + " up to " + std::to_string(max) +
-                                    " (got '" + *v + "')");
+  if (ec != std::errc() || stop != end || n < min || n > max)
+    throw InvalidArgument(name, expected + " up to " + std::to_string(max) + " (got '" + *v + "')");
   return n;
+}
+
+}  // namespace
+
+std::optional<std::int64_t> positive_count(const char* name, const char* what, std::int64_t max) {
+  return integer(name, "expected a positive count of " + std::string(what), 1, max);
+}
+
+std::optional<std::int64_t> index(const char* name, const char* what, std::int64_t max) {
+  return integer(name, "expected " + std::string(what) + " from 0", 0, max);
 }
 
 std::optional<std::string> one_of(const char* name, std::initializer_list<const char*> values) {

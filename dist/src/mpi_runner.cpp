@@ -392,8 +392,7 @@ namespace {
 
 // Test hook: MLSTM_MPI_FAIL_RANK=<rank> makes that rank's runs fail as a device would (before its graph).
 void check_injected_rank_failure(int rank) {
-  const auto v = env::get("MLSTM_MPI_FAIL_RANK");
-  if (v && *v == std::to_string(rank))
+  if (env::index("MLSTM_MPI_FAIL_RANK", "a rank") == rank)
     throw DeviceError(DeviceError::Kind::lost, "MLSTM_MPI_FAIL_RANK", "injected device failure");
 }
 

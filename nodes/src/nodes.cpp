@@ -3,6 +3,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -98,25 +99,35 @@ struct FaultSpec {
   std::int64_t oom_above = 0;  // OOM when a run has more tokens than this
 };
 
-// MLSTM_FAULT_INJECT="<device name substring>:<segment|*>[:oom[>N]]" (the name may itself contain ':').
+// MLSTM_FAULT_INJECT="<device name substring>:<segment|*>[:oom[>N]]" (the name may itself contain ':'). A spec
+// of another form is refused (InvalidArgument naming the variable), never taken as no fault.
 FaultSpec parse_fault_spec() {
   FaultSpec f;
   const auto spec = env::get("MLSTM_FAULT_INJECT");
   if (!spec) return f;
+  const auto refuse = [&] {
+    return InvalidArgument("MLSTM_FAULT_INJECT", "expected <device name>:<segment|*>[:oom[>N]] (got '" + *spec + "')");
+  };
+  const auto whole_number = [](const std::string& x, std::int64_t& n) {
+    const auto [stop, ec] = std::from_chars(x.data(), x.data() + x.size(), n);
+    return !x.empty() && ec == std::errc() && stop == x.data() + x.size() && n >= 0;
+  };
   std::string s = *spec;
   auto colon = s.rfind(':');
-  if (colon == std::string::npos) return f;
+  if (colon == std::string::npos) throw refuse();
   std::string last = s.substr(colon + 1);
   if (last.rfind("oom", 0) == 0) {
     f.oom = true;
-    if (last.size() > 4 && last[3] == '>') f.oom_above = std::stoll(last.substr(4));
+    if (last != "oom" && (last[3] != '>' || !whole_number(last.substr(4), f.oom_above))) throw refuse();
     s = s.substr(0, colon);
     colon = s.rfind(':');
-    if (colon == std::string::npos) return FaultSpec{};
+    if (colon == std::string::npos) throw refuse();
     last = s.substr(colon + 1);
   }
   f.name = s.substr(0, colon);
   f.which = last;
+  std::int64_t segment = 0;
+  if (f.name.empty() || (f.which != "*" && !whole_number(f.which, segment))) throw refuse();
   return f;
 }
 

@@ -486,6 +486,28 @@ TEST(GraphFaults, NoDeviceLeftIsAClearError) {
   fault.set(nullptr);
 }
 
+// A fault-injection spec of another form than <device>:<segment|*>[:oom[>N]] is refused naming the variable (it
+// once meant no fault at all, so a test with a typo in it tested nothing).
+TEST(GraphFaults, MalformedFaultSpecIsRefused) {
+  const testing::ScopedEnv fault("MLSTM_FAULT_INJECT", nullptr);
+  graph::FlowGraphRunner runner("workers");
+  InputSpec s;
+  s.S = 128;
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  for (const char* bad :
+       {"cpu", ":1", "cpu:x", "cpu:-1", "cpu:*:oom>", "cpu:*:oom>-1", "cpu:*:oomph", "cpu:1:oom>7x"}) {
+    fault.set(bad);
+    try {
+      (void)runner.forward(in.args(), MlstmOptions{}, 64);
+      ADD_FAILURE() << bad << " was taken";
+    } catch (const InvalidArgument& e) {
+      EXPECT_EQ(e.argument(), "MLSTM_FAULT_INJECT") << e.what();
+    }
+  }
+  fault.set("cpu:7:oom>1000000");  // well formed, and no run is that long: the forward runs
+  EXPECT_NO_THROW((void)runner.forward(in.args(), MlstmOptions{}, 64));
+}
+
 // Out of memory on a device: its segments are split (whole chunks) and rerun on the same device with the
 // state carried; the results equal the fault-free run, the split is logged. When even one chunk does not
 // fit, the device is given up and, with no device left, the error names the out-of-memory failure.

@@ -42,6 +42,17 @@ TEST(Env, PositiveCounts) {
   EXPECT_TRUE(refused("4097", [] { (void)env::positive_count(kKnob, "things", 4096); })) << "beyond the maximum";
 }
 
+TEST(Env, Indices) {
+  const testing::ScopedEnv knob(kKnob, nullptr);
+  EXPECT_FALSE(env::index(kKnob, "a rank").has_value());
+  knob.set("0");
+  EXPECT_EQ(env::index(kKnob, "a rank"), 0);
+  knob.set("3");
+  EXPECT_EQ(env::index(kKnob, "a rank", 3), 3);
+  for (const char* bad : {"-1", "x", "1x", " 1", "4"})
+    EXPECT_TRUE(refused(bad, [] { (void)env::index(kKnob, "a rank", 3); })) << bad;
+}
+
 TEST(Env, OneOfAndFlags) {
   const testing::ScopedEnv knob(kKnob, nullptr);
   EXPECT_FALSE(env::one_of(kKnob, {"on", "off"}).has_value());

@@ -261,9 +261,10 @@ std::vector<std::size_t> ResidentSplit::lost() const {
 
 void ResidentSplit::on_part(std::size_t j, const std::function<void()>& fn) {
   try {
-    if (const auto v = env::get("MLSTM_SPLIT_FAULT"); v && *v == std::to_string(parts_[j].device))
+    if (const auto v = env::index("MLSTM_SPLIT_FAULT", "a device index");
+        v && *v == static_cast<std::int64_t>(parts_[j].device))
       throw DeviceError(DeviceError::Kind::lost, devices_[parts_[j].device]->name(),
-                        "injected fault (MLSTM_SPLIT_FAULT=" + *v + ")");
+                        "injected fault (MLSTM_SPLIT_FAULT=" + std::to_string(*v) + ")");
     fn();
   } catch (const DeviceError&) {
     failed_part_ = static_cast<int>(j);

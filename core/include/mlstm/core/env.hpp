@@ -67,6 +67,10 @@ bool flag(const char* name);
 std::optional<std::int64_t> positive_count(const char* name, const char* what,
                                            std::int64_t max = std::int64_t{1} << 40);
 
+// A knob that takes an index (a rank, a device): nullopt when unset, else its value in [0, max]; anything else
+// throws as positive_count does.
+std::optional<std::int64_t> index(const char* name, const char* what, std::int64_t max = std::int64_t{1} << 40);
+
 // A knob that takes one of `values`: nullopt when unset, else the value; anything else throws InvalidArgument
 // naming the variable and listing the values.
 std::optional<std::string> one_of(const char* name, std::initializer_list<const char*> values);
