@@ -476,7 +476,7 @@ std::unique_ptr<SequenceStream> FlowGraphRunner::open_stream(const ProblemShape&
   }
   plan.left_out = std::move(left_out);
   last_plan_ = plan;
-  if (env::get("MLSTM_PLAN_DEBUG")) spdlog::warn("{}", plan.describe());
+  if (env::flag("MLSTM_PLAN_DEBUG")) spdlog::warn("{}", plan.describe());
   return stream;
 }
 
@@ -846,7 +846,7 @@ ForwardResult FlowGraphRunner::run_forward(const ForwardArgs& args, const MlstmO
   const auto& devices = planned.devices;
   const Plan& p = planned.plan;
   last_plan_ = p;
-  if (env::get("MLSTM_PLAN_DEBUG")) spdlog::warn("{}", p.describe());
+  if (env::flag("MLSTM_PLAN_DEBUG")) spdlog::warn("{}", p.describe());
   auto segments = std::make_shared<std::vector<nodes::Segment>>(p.segments);
   // A shard of a longer sequence (exchange_) always computes its summary: its entering state comes from the
   // exchange.
@@ -1163,7 +1163,7 @@ BackwardResult FlowGraphRunner::run_backward(const BackwardArgs& args, const Mls
   const auto& capable = planned.devices;
   const Plan& p = planned.plan;
   last_plan_ = p;
-  if (env::get("MLSTM_PLAN_DEBUG")) spdlog::warn("{}", p.describe());
+  if (env::flag("MLSTM_PLAN_DEBUG")) spdlog::warn("{}", p.describe());
   auto problem = std::make_shared<nodes::SegmentGradientProblem>(args, options, p.segments, out);
   const auto fw = problem->forward();
   const bool one_segment = p.segments.size() == 1 && !exchange_;  // a shard always exchanges (run_forward)

@@ -74,7 +74,7 @@ FlowGraphRunner::PlannedRun FlowGraphRunner::plan_packed(Pass pass, const Forwar
   run.plan = make_packed_plan(shape, options, names, args.cu_seqlens, segment_tokens);
   run.plan.pass = pass;
   run.plan.left_out = std::move(left_out);
-  if (env::get("MLSTM_PLAN_DEBUG")) spdlog::warn("{}", run.plan.describe());
+  if (env::flag("MLSTM_PLAN_DEBUG")) spdlog::warn("{}", run.plan.describe());
   return run;
 }
 

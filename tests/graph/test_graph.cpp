@@ -470,12 +470,17 @@ TEST(GraphFaults, ThreeDevicesLoseOneForwardAndBackward) {
   EXPECT_TRUE(logged);
 }
 
+// Inputs of S tokens (the default spec otherwise) for the fault tests that run on the CPU workers alone.
+testing::Inputs worker_inputs(std::int64_t S) {
+  InputSpec s;
+  s.S = S;
+  return testing::make_inputs(s, testing::fresh_seed());
+}
+
 TEST(GraphFaults, NoDeviceLeftIsAClearError) {
   const testing::ScopedEnv fault("MLSTM_FAULT_INJECT", nullptr);
   graph::FlowGraphRunner runner("workers");
-  InputSpec s;
-  s.S = 256;
-  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  const auto in = worker_inputs(256);
   fault.set("cpu:numa0:1");
   try {
     runner.forward(in.args(), MlstmOptions{}, 64);
@@ -491,9 +496,7 @@ TEST(GraphFaults, NoDeviceLeftIsAClearError) {
 TEST(GraphFaults, MalformedFaultSpecIsRefused) {
   const testing::ScopedEnv fault("MLSTM_FAULT_INJECT", nullptr);
   graph::FlowGraphRunner runner("workers");
-  InputSpec s;
-  s.S = 128;
-  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  const auto in = worker_inputs(128);
   for (const char* bad :
        {"cpu", ":1", "cpu:x", "cpu:-1", "cpu:*:oom>", "cpu:*:oom>-1", "cpu:*:oomph", "cpu:1:oom>7x"}) {
     fault.set(bad);

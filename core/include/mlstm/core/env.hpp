@@ -43,7 +43,7 @@
 //   MLSTM_MPI_FAIL_RANK=<rank>         dist (MPI): test hook, that rank's runs fail as a lost device would
 //   MLSTM_TEST_KILL_AFTER_SLICES=<k>  tools (mlstm forward --stream-tokens): test hook, SIGKILL to itself once k
 //                                      slices are written and recorded (the --resume test: a kill at a known point)
-//   MLSTM_PLAN_DEBUG                   graph: log every plan
+//   MLSTM_PLAN_DEBUG=1                 graph: log every plan
 //   MLSTM_GRAPH_DOT=<path>             graph: write every run's flow graph as Graphviz DOT (named nodes)
 //   XDG_CACHE_HOME, HOME               graph, devices (OpenCL): where the calibration and program caches live
 #pragma once
