@@ -39,7 +39,7 @@ std::optional<std::int64_t> index(const char* name, const char* what, std::int64
   return integer(name, "expected " + std::string(what) + " from 0", 0, max);
 }
 
-std::optional<std::string> one_of(const char* name, std::initializer_list<const char*> values) {
+std::optional<std::string> one_of(const char* name, std::initializer_list<const char*> values, const char* what) {
   const auto v = get(name);
   if (!v) return std::nullopt;
   std::string list;
@@ -49,6 +49,7 @@ std::optional<std::string> one_of(const char* name, std::initializer_list<const 
     list += (i == 0 ? "" : i + 1 == values.size() ? " or " : ", ") + std::string(value);
     ++i;
   }
+  if (what) list.append(" ").append(what);
   throw InvalidArgument(name, "expected " + list + " (got '" + *v + "')");
 }
 

@@ -237,6 +237,14 @@ RowForward forward_row(const RowInputs& in, const StateBuffer& init, std::int64_
   return r;
 }
 
+// <a.C, b.C> + <a.n, b.n> of two single states, summed in double.
+double state_dot(const StateBuffer& a, const StateBuffer& b) {
+  double sum = 0.0;
+  for (std::size_t e = 0; e < a.C.size(); ++e) sum += static_cast<double>(a.C[e]) * b.C[e];
+  for (std::size_t e = 0; e < a.n.size(); ++e) sum += static_cast<double>(a.n[e]) * b.n[e];
+  return sum;
+}
+
 // Where one item's backward writes: its gradient rows (dq, dk, dv: null for the state gradient alone), the raw
 // gate gradients (T each) and the gradient of the state entering it.
 struct RowGradients {
@@ -292,12 +300,7 @@ void backward_row(const RowInputs& in, const float* dh, const StateBuffer& init,
                             &f.boundary, leaving.at(0), parts, x.rows16, nullptr);
     stages::fw_outputs(q, k, v, x.decays, x.ig, o.gate, o.normalize, static_cast<float>(o.eps), x.shape, f.boundary,
                        f.h.data(), f.m_tok.data(), f.N_tok.data(), f.den_tok.data(), tile, x.rows16);
-    if (w == windows - 1) {
-      double tail = 0.0;
-      for (std::size_t e = 0; e < dout.C.size(); ++e) tail += static_cast<double>(dout.C[e]) * leaving.C[e];
-      for (std::size_t e = 0; e < dout.n.size(); ++e) tail += static_cast<double>(dout.n[e]) * leaving.n[e];
-      g.tail = static_cast<float>(tail);
-    }
+    if (w == windows - 1) g.tail = static_cast<float>(state_dot(dout, leaving));
     const float m_exit = leaving.m[0];
     // A split window's chunk gradients are fixed up as bw_grads reads them (one pass over them fewer).
     stages::DeferredGradFixups grad_fixups;
@@ -432,12 +435,8 @@ BackwardResult backward_impl(const BackwardArgs& a, const MlstmOptions& o, std::
       const std::int64_t r = w.state_row(p.NH);
       store_row(out.dc0, r, din.C.data(), p.DHQK * p.DHHV);
       store_row(out.dn0, r, din.n.data(), p.DHQK);
-      double dm0 = 0.0;  // <dC0, C0> + <dn0, n0>
-      if (o.gate == GateVariant::exp) {
-        for (std::size_t e = 0; e < din.C.size(); ++e) dm0 += static_cast<double>(din.C[e]) * init_state.C[e];
-        for (std::size_t e = 0; e < din.n.size(); ++e) dm0 += static_cast<double>(din.n[e]) * init_state.n[e];
-      }
-      out.dm0.data<float>()[r] = static_cast<float>(dm0);
+      // <dC0, C0> + <dn0, n0>
+      out.dm0.data<float>()[r] = o.gate == GateVariant::exp ? static_cast<float>(state_dot(din, init_state)) : 0.f;
     }
     stages::recycle(std::move(dh_store));
   });

@@ -36,27 +36,21 @@ constexpr std::array<LaunchRow<TcLaunchParams>, 2> kTcTable{{
     {"", "", {64, 64, 512}, "default (PoCL runs the emulated kernels in tests)"},
 }};
 
-// One of `allowed` (`what`: "rows", "tokens", ...) from `name`, or `fallback` when it is not set.
-int one_of(const char* name, std::initializer_list<int> allowed, const char* what, int fallback) {
-  const auto value = env::get(name);
-  if (!value) return fallback;
-  std::string list;
-  for (std::size_t i = 0; i < allowed.size(); ++i) {
-    const int a = allowed.begin()[i];
-    if (*value == std::to_string(a)) return a;
-    list += (i == 0 ? "" : i + 1 == allowed.size() ? " or " : ", ") + std::to_string(a);
-  }
-  throw InvalidArgument(name, "expected " + list + " " + what + " (got '" + *value + "')");
+// One of the numbers `allowed` (`what`: "rows", "tokens", ...) from `name` (env::one_of), or `fallback` when it is
+// not set.
+int number_of(const char* name, std::initializer_list<const char*> allowed, const char* what, int fallback) {
+  const auto value = env::one_of(name, allowed, what);
+  return value ? std::stoi(*value) : fallback;
 }
 
 // 1..4 column blocks of 64 from `name`, or `fallback` when it is not set.
 int column_blocks(const char* name, int fallback) {
-  return one_of(name, {1, 2, 3, 4}, "column blocks of 64 per work group", fallback);
+  return number_of(name, {"1", "2", "3", "4"}, "column blocks of 64 per work group", fallback);
 }
 
 // 16, 32, 64 or 128 `what` from `name`, or `fallback` when it is not set.
 int tile_rows(const char* name, const char* what, int fallback) {
-  return one_of(name, {16, 32, 64, 128}, what, fallback);
+  return number_of(name, {"16", "32", "64", "128"}, what, fallback);
 }
 
 }  // namespace
@@ -66,8 +60,8 @@ PortableLaunchParams portable_launch_params(const DeviceInfo& device) {
   p.output_col_blocks = column_blocks("MLSTM_OPENCL_OUTPUT_COL_BLOCKS", p.output_col_blocks);
   p.state_col_blocks = column_blocks("MLSTM_OPENCL_STATE_COL_BLOCKS", p.state_col_blocks);
   p.state_grad_col_blocks = column_blocks("MLSTM_OPENCL_STATE_GRAD_COL_BLOCKS", p.state_grad_col_blocks);
-  p.state_subtile = one_of("MLSTM_OPENCL_STATE_SUBTILE", {16, 32}, "tokens", p.state_subtile);
-  p.state_grad_subtile = one_of("MLSTM_OPENCL_STATE_GRAD_SUBTILE", {16, 32}, "tokens", p.state_grad_subtile);
+  p.state_subtile = number_of("MLSTM_OPENCL_STATE_SUBTILE", {"16", "32"}, "tokens", p.state_subtile);
+  p.state_grad_subtile = number_of("MLSTM_OPENCL_STATE_GRAD_SUBTILE", {"16", "32"}, "tokens", p.state_grad_subtile);
   p.untiled = p.untiled || env::flag("MLSTM_OPENCL_UNTILED");
   return p;
 }

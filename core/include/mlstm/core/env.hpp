@@ -72,7 +72,8 @@ std::optional<std::int64_t> positive_count(const char* name, const char* what,
 std::optional<std::int64_t> index(const char* name, const char* what, std::int64_t max = std::int64_t{1} << 40);
 
 // A knob that takes one of `values`: nullopt when unset, else the value; anything else throws InvalidArgument
-// naming the variable and listing the values.
-std::optional<std::string> one_of(const char* name, std::initializer_list<const char*> values);
+// naming the variable and listing the values (followed by `what` they are, when given: "tokens", ...).
+std::optional<std::string> one_of(const char* name, std::initializer_list<const char*> values,
+                                  const char* what = nullptr);
 
 }  // namespace mlstm::env
