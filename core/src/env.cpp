@@ -13,6 +13,15 @@ std::optional<std::string> get(const char* name) {
   return std::string(v);
 }
 
+std::optional<std::int64_t> whole_number(std::string_view text) {
+  std::int64_t n = 0;
+  const char* const end = text.data() + text.size();
+  if (text.empty() || text.front() == '-') return std::nullopt;
+  const auto [stop, ec] = std::from_chars(text.data(), end, n);
+  if (ec != std::errc() || stop != end) return std::nullopt;
+  return n;
+}
+
 bool flag(const char* name) { return one_of(name, {"0", "1"}).value_or("0") == "1"; }
 
 namespace {
@@ -21,12 +30,10 @@ namespace {
 std::optional<std::int64_t> integer(const char* name, const std::string& expected, std::int64_t min, std::int64_t max) {
   const auto v = get(name);
   if (!v) return std::nullopt;
-  std::int64_t n = 0;
-  const char* const end = v->data() + v->size();
-  const auto [stop, ec] = std::from_chars(v->data(), end, n);
-  if (ec != std::errc() || stop != end || n < min || n > max)
+  const auto n = whole_number(*v);
+  if (!n || *n < min || *n > max)
     throw InvalidArgument(name, expected + " up to " + std::to_string(max) + " (got '" + *v + "')");
-  return n;
+  return *n;
 }
 
 }  // namespace

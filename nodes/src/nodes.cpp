@@ -3,7 +3,6 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
-#include <charconv>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -108,17 +107,17 @@ FaultSpec parse_fault_spec() {
   const auto refuse = [&] {
     return InvalidArgument("MLSTM_FAULT_INJECT", "expected <device name>:<segment|*>[:oom[>N]] (got '" + *spec + "')");
   };
-  const auto whole_number = [](const std::string& x, std::int64_t& n) {
-    const auto [stop, ec] = std::from_chars(x.data(), x.data() + x.size(), n);
-    return !x.empty() && ec == std::errc() && stop == x.data() + x.size() && n >= 0;
-  };
   std::string s = *spec;
   auto colon = s.rfind(':');
   if (colon == std::string::npos) throw refuse();
   std::string last = s.substr(colon + 1);
   if (last.rfind("oom", 0) == 0) {
     f.oom = true;
-    if (last != "oom" && (last[3] != '>' || !whole_number(last.substr(4), f.oom_above))) throw refuse();
+    if (last != "oom") {
+      const auto above = last[3] == '>' ? env::whole_number(std::string_view(last).substr(4)) : std::nullopt;
+      if (!above) throw refuse();
+      f.oom_above = *above;
+    }
     s = s.substr(0, colon);
     colon = s.rfind(':');
     if (colon == std::string::npos) throw refuse();
@@ -126,8 +125,7 @@ FaultSpec parse_fault_spec() {
   }
   f.name = s.substr(0, colon);
   f.which = last;
-  std::int64_t segment = 0;
-  if (f.name.empty() || (f.which != "*" && !whole_number(f.which, segment))) throw refuse();
+  if (f.name.empty() || (f.which != "*" && !env::whole_number(f.which))) throw refuse();
   return f;
 }
 

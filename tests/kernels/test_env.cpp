@@ -2,6 +2,7 @@
 // InvalidArgument naming the variable, never ignored.
 #include <gtest/gtest.h>
 
+#include <cstdint>
 #include <string>
 
 #include "mlstm/core/env.hpp"
@@ -26,6 +27,14 @@ template <class Call>
     return ::testing::AssertionSuccess();
   }
   return ::testing::AssertionFailure() << "'" << value << "' was taken";
+}
+
+TEST(Env, WholeNumbers) {
+  EXPECT_EQ(env::whole_number("0"), 0);
+  EXPECT_EQ(env::whole_number("17"), 17);
+  EXPECT_EQ(env::whole_number("9223372036854775807"), INT64_MAX);
+  for (const char* bad : {"", "-1", "-0", "+3", " 3", "3 ", "3x", "x3", "0x10", "1e3", "9223372036854775808"})
+    EXPECT_FALSE(env::whole_number(bad).has_value()) << "'" << bad << "'";
 }
 
 TEST(Env, PositiveCounts) {

@@ -52,11 +52,17 @@
 #include <initializer_list>
 #include <optional>
 #include <string>
+#include <string_view>
 
 namespace mlstm::env {
 
 // The variable's value; nullopt when it is unset or empty.
 std::optional<std::string> get(const char* name);
+
+// `text` as a whole number (decimal digits only, nothing before or after them, at most 2^63 - 1); nullopt for
+// anything else. The knobs below and the test hooks that take a number inside a longer value (MLSTM_FAULT_INJECT)
+// parse with it.
+std::optional<std::int64_t> whole_number(std::string_view text);
 
 // A switch: false when unset or "0", true when "1"; anything else throws InvalidArgument naming the variable.
 bool flag(const char* name);
