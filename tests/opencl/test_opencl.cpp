@@ -92,6 +92,20 @@ TEST(OpenCLLaunchParams, EnvironmentOverridesApplyAndMalformedOnesAreRefused) {
     EXPECT_THROW(tc_launch_params(d), InvalidArgument) << bad;
   }
   tc_key_block.set(nullptr);
+  EXPECT_EQ(tc_launch_params(d).out_tiles, 1);
+  const testing::ScopedEnv tc_out_tiles("MLSTM_TC_OUT_TILES", "4");
+  EXPECT_EQ(tc_launch_params(d).out_tiles, 4);
+  for (const char* bad : {"3", "0", "16", "2x"}) {
+    tc_out_tiles.set(bad);
+    EXPECT_THROW(tc_launch_params(d), InvalidArgument) << bad;
+  }
+  tc_out_tiles.set(nullptr);
+  EXPECT_EQ(tc_launch_params(d).out_tile, 0);
+  const testing::ScopedEnv tc_out_tile("MLSTM_TC_OUT_TILE", "64");
+  EXPECT_EQ(tc_launch_params(d).out_tile, 64);
+  tc_out_tile.set("48");
+  EXPECT_THROW(tc_launch_params(d), InvalidArgument);
+  tc_out_tile.set(nullptr);
   const testing::ScopedEnv opencl_output_col_blocks("MLSTM_OPENCL_OUTPUT_COL_BLOCKS", "3");
   EXPECT_EQ(portable_launch_params(d).output_col_blocks, 3);
   opencl_output_col_blocks.set("5");

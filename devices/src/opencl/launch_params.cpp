@@ -92,6 +92,8 @@ TcLaunchParams tc_launch_params(const DeviceInfo& device) {
   p.msplit = p.msplit || env::flag("MLSTM_TC_MSPLIT");
   p.chunk_rows = tile_rows("MLSTM_TC_CHUNK_ROWS", "rows", p.chunk_rows);
   p.key_block = tile_rows("MLSTM_TC_KEY_BLOCK", "key columns", p.key_block);
+  p.out_tiles = number_of("MLSTM_TC_OUT_TILES", {"1", "2", "4", "8"}, "output tiles per work group", p.out_tiles);
+  p.out_tile = tile_rows("MLSTM_TC_OUT_TILE", "output columns", p.out_tile);
   return p;
 }
 

@@ -133,9 +133,11 @@ TcConfig make_config(Device& dev, bool emulate, const ProblemShape& p, const Mls
     c.VT = wide;
   c.LQ = std::min(c.L, launch.chunk_rows);
   c.KB = launch.key_block > 0 ? std::min(c.LQ, launch.key_block) : c.LQ;
+  c.out_tiles = launch.out_tiles;
   // Output tiles of 64 where a block's 16 x KB accumulators take 64 registers; slabs of 32 columns where the rows
   // and the key block staged together would leave local memory short of 48 KB at slabs of 64.
-  const int ot = c.KB >= 128 ? 64 : 128, ds = c.LQ + c.KB > 128 ? 32 : 64;
+  const int ot = std::min(c.KB >= 128 ? 64 : 128, launch.out_tile > 0 ? launch.out_tile : 128),
+            ds = c.LQ + c.KB > 128 ? 32 : 64;
   c.OTf = pick_tile(p.DHHV, ot);
   c.DSf = pick_tile(p.DHQK, ds);
   c.OTq = pick_tile(p.DHQK, ot);

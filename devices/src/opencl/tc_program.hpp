@@ -21,9 +21,10 @@ namespace mlstm::opencl::detail {
 // Tiles and program options of one problem configuration (see kernels/opencl/tc/README.md).
 struct TcConfig {
   int L = 64, KT = 0, VT = 0, OTf = 0, DSf = 0, OTq = 0, DSq = 0, gate_group = 512;
-  int LQ = 64;       // rows of a chunk per work-group of the chunk kernels (query sub-tiles; divides L)
-  int KB = 64;       // key columns per block of the chunk kernels' L x L work (divides LQ)
-  std::string base;  // options shared by every program
+  int LQ = 64;        // rows of a chunk per work-group of the chunk kernels (query sub-tiles; divides L)
+  int KB = 64;        // key columns per block of the chunk kernels' L x L work (divides LQ)
+  int out_tiles = 1;  // output tiles per work-group of the chunk kernels, at most (TcLaunchParams::out_tiles)
+  std::string base;   // options shared by every program
 
   // `write_states` false: only the final value (the sequence split's summary pass; tc_states.cl WRITE_STATES).
   std::string states(int mode, bool write_states = true) const {
@@ -33,14 +34,23 @@ struct TcConfig {
   std::string chunk(int mode, std::int64_t DA, std::int64_t DOUT, int OT, int DS) const {
     std::ostringstream o;
     o << base << " -DMODE=" << mode << " -DLQ=" << LQ << " -DKB=" << KB << " -DDA=" << DA << " -DDOUT=" << DOUT
-      << " -DOT=" << OT << " -DDS=" << DS;
+      << " -DOT=" << OT << " -DDS=" << DS << " -DOTL=" << tiles_per_group(DOUT, OT);
     return o.str();
+  }
+  // Output tiles OT of DOUT that one work-group of a chunk kernel takes (OTL): the largest divisor of their count up
+  // to out_tiles.
+  int tiles_per_group(std::int64_t DOUT, int OT) const {
+    const int tiles = static_cast<int>(DOUT / OT);
+    int t = std::clamp(out_tiles, 1, tiles);
+    while (tiles % t != 0) --t;
+    return t;
   }
   // The chunk kernels' work-group (2 LQ threads) and global size over `chunks` chunks of a row, output tiles OT of
   // DOUT (tc_chunk.cl).
   std::size_t chunk_group() const { return static_cast<std::size_t>(2 * LQ); }
   std::size_t chunk_global(std::size_t chunks, std::int64_t DOUT, int OT) const {
-    return chunk_group() * chunks * static_cast<std::size_t>(L / LQ) * static_cast<std::size_t>(DOUT / OT);
+    return chunk_group() * chunks * static_cast<std::size_t>(L / LQ) *
+           static_cast<std::size_t>(DOUT / OT / tiles_per_group(DOUT, OT));
   }
   std::string gates() const { return base + " -DGG_WG=" + std::to_string(gate_group); }
 };

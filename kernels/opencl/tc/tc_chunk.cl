@@ -48,6 +48,19 @@
 #define NSB (KB / 8)
 #define NKB (L / LQ)  // query sub-tiles of a chunk
 #define NOB (OT / 8)
+#ifndef OTL
+#define OTL 1  // output tiles of a work-group, one after the other (divides DOUT / OT)
+#endif
+// Key blocks whose 16-bit weights M a work-group keeps in registers for its later output tiles: with OTL > 1 the
+// L x L block (Sm, its weights and row sums) is formed once, for the first tile, and every later tile runs only its
+// Oi = X Z' and M Y. NPK indexes the kept blocks by the (unrolled) key-block step.
+#if OTL > 1
+#define NPK (L / KB)
+#define PK(x) x[step]
+#else
+#define NPK 1
+#define PK(x) x[0]
+#endif
 #if MODE == 0 || MODE == 3
 #define Z_TRANS 1
 #define ZSTR (OT + 8)
@@ -76,7 +89,7 @@
 #define LOWER (MODE == 0 || MODE == 1)  // mask s <= t with rows t (else rows s, columns t >= s)
 
 #if DA % DS != 0 || DOUT % OT != 0 || DS % 16 != 0 || OT % 16 != 0 || LQ % 16 != 0 || L % LQ != 0 || \
-    KB % 16 != 0 || LQ % KB != 0
+    KB % 16 != 0 || LQ % KB != 0 || (DOUT / OT) % OTL != 0
 #error "tc_chunk: unsupported tile configuration"
 #endif
 
@@ -128,10 +141,9 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
   const int tid = get_local_id(0), lane = tid & 31, warp = tid >> 5, g = lane >> 2, tq = lane & 3;
   const int row = get_global_id(1);
   const int rows = get_global_size(1);
-  const int nOT = DOUT / OT;
-  const int ot = get_group_id(0) % nOT, cq = get_group_id(0) / nOT;
+  const int nOTG = DOUT / OT / OTL;  // groups of output tiles, one per work-group
+  const int otg = get_group_id(0) % nOTG, cq = get_group_id(0) / nOTG;
   const int c = cq / NKB, qb = cq % NKB, q0 = qb * LQ;  // chunk, query sub-tile and its first row
-  const int o0 = ot * OT;
   const int cb = CHUNK_START(c), len = CHUNK_LEN(c);
   if (q0 >= len) return;  // a sub-tile past the end of the last chunk (the whole work-group)
   const int qlen = min(LQ, len - q0);
@@ -196,23 +208,28 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
   for (int i = tid; i < DHQK; i += NT) zv[i] = zvec[((size_t)row * NC + c) * DHQK + i];
 #endif
 
-  float sacc[NSB][4], oacc[NOB][4];
-  #pragma unroll
-  for (int j = 0; j < NOB; ++j)
-    #pragma unroll
-    for (int i = 0; i < 4; ++i) oacc[j][i] = 0.0f;
 #if MODE == 0
   float qn_acc = 0.0f;
   float rs0 = 0.0f, rs1 = 0.0f;  // row sums of M for rows g, g+8
+  float Nr[2];                   // the rows' normalisers (formed with the first output tile)
 #define P2_ROWSUM(mv) rs0 += mv[0] + mv[1]; rs1 += mv[2] + mv[3];
 #else
 #define P2_ROWSUM(mv)
 #endif
   __global const ushort* Zb = Z + ((size_t)row * NC + c) * DHQK * DHHV;
-  uint pa[KB / 16][4];
+  uint pa[NPK][KB / 16][4];
 #if MSPLIT
-  uint pl[KB / 16][4];
+  uint pl[NPK][KB / 16][4];
 #endif
+  const int r0 = warp * 16 + g, r1 = r0 + 8;  // rows of the sub-tile (chunk positions q0 + r)
+  for (int oti = 0; oti < OTL; ++oti) {
+  const int ot = otg * OTL + oti, o0 = ot * OT;
+  const bool first = oti == 0;  // forms the L x L block's weights (and MODE 0's normalisers)
+  float sacc[NSB][4], oacc[NOB][4];
+  #pragma unroll
+  for (int j = 0; j < NOB; ++j)
+    #pragma unroll
+    for (int i = 0; i < 4; ++i) oacc[j][i] = 0.0f;
 #if LOWER
 #define P2_OK(r, cc) ((cc) <= (r) && (r) < len)
 #define P2_KDIFF(r, cc) (vK[cc] - vK[r])  // K_s - K_t
@@ -231,8 +248,8 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
 #endif
 #if MSPLIT
 #define P2_SPLIT(j, mv, p01, p23)                                                  \
-  pl[j >> 1][(j & 1) * 2 + 0] = pack2(mv[0] - lo2f(p01), mv[1] - hi2f(p01));      \
-  pl[j >> 1][(j & 1) * 2 + 1] = pack2(mv[2] - lo2f(p23), mv[3] - hi2f(p23));
+  PK(pl)[j >> 1][(j & 1) * 2 + 0] = pack2(mv[0] - lo2f(p01), mv[1] - hi2f(p01));  \
+  PK(pl)[j >> 1][(j & 1) * 2 + 1] = pack2(mv[2] - lo2f(p23), mv[3] - hi2f(p23));
 #else
 #define P2_SPLIT(j, mv, p01, p23)
 #endif
@@ -258,8 +275,8 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
     }                                                                               \
     P2_ROWSUM(mv)                                                                   \
     const uint p01 = pack2(mv[0], mv[1]), p23 = pack2(mv[2], mv[3]);                \
-    pa[j >> 1][(j & 1) * 2 + 0] = p01;                                              \
-    pa[j >> 1][(j & 1) * 2 + 1] = p23;                                              \
+    PK(pa)[j >> 1][(j & 1) * 2 + 0] = p01;                                          \
+    PK(pa)[j >> 1][(j & 1) * 2 + 1] = p23;                                          \
     P2_SPLIT(j, mv, p01, p23)                                                       \
   }
 
@@ -272,7 +289,13 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
   const int kb_diag = q0 / KB, nkb = L / KB - kb_diag;
 #endif
   const int rt = q0 / 16 + warp;
+#if NPK > 1
+  #pragma unroll
+  for (int step = 0; step < NPK; ++step) {
+    if (step >= nkb) break;
+#else
   for (int step = 0; step < nkb; ++step) {
+#endif
     const int kb = LOWER ? kb_diag - step : kb_diag + step, k0 = kb * KB;
     const bool diag = step == 0;  // carries Oi = X Z'
 #if LOWER
@@ -285,8 +308,8 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
       #pragma unroll
       for (int i = 0; i < 4; ++i) sacc[j][i] = 0.0f;
 
-    // ---- phase 1: Sm = X Y1^T over slabs of DA (and, in the diagonal block, Oi = X Z') ----
-    for (int d0 = 0; d0 < DA; d0 += DS) {
+    // ---- phase 1: Sm = X Y1^T over slabs of DA (first tile) and, in the diagonal block, Oi = X Z' ----
+    for (int d0 = 0; d0 < DA && (first || diag); d0 += DS) {
       uint4 xr[DS / 16], y1r[NY1V], zr[NZV];
       #pragma unroll
       for (int i = 0; i < DS / 16; ++i) {
@@ -296,7 +319,7 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
       #pragma unroll
       for (int i = 0; i < NY1V; ++i) {
         int v = tid + i * NT, r = v / (DS / 8), cc = (v % (DS / 8)) * 8;
-        y1r[i] = v < KB * DS / 8 && k0 + r < len ? *(__global const uint4*)(Y1 + (rowtok + k0 + r) * DA + d0 + cc)
+        y1r[i] = first && v < KB * DS / 8 && k0 + r < len ? *(__global const uint4*)(Y1 + (rowtok + k0 + r) * DA + d0 + cc)
                                                   : (uint4)(0u);
       }
       if (diag) {
@@ -318,7 +341,7 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
       #pragma unroll
       for (int i = 0; i < NY1V; ++i) {
         int v = tid + i * NT, r = v / (DS / 8), cc = (v % (DS / 8)) * 8;
-        if (v < KB * DS / 8) sts128(y1s + r * XSTR + cc, y1r[i]);
+        if (first && v < KB * DS / 8) sts128(y1s + r * XSTR + cc, y1r[i]);
       }
       if (diag) {
         #pragma unroll
@@ -338,6 +361,7 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
         ldA(xs, XSTR, warp * 16, ks * 16, a);
         #pragma unroll
         for (int jj = 0; jj < NSB / 2; ++jj) {
+          if (!first) break;
 #if CAUSAL_SKIP
           if (TILE_MASKED(k0 / 16 + jj)) continue;
 #endif
@@ -361,7 +385,7 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
         }
       }
 #if MODE == 0
-      if (diag) {  // q_t . n for the denominator: 2 threads per row
+      if (diag && first) {  // q_t . n for the denominator: 2 threads per row
         int r = tid >> 1, h0 = (tid & 1) * (DS / 2);
         #pragma unroll
         for (int j = 0; j < DS / 2; ++j) qn_acc += E2F(xs[r * XSTR + h0 + j]) * zv[d0 + h0 + j];
@@ -370,10 +394,12 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
     }
 
     // ---- phase 2: M from Sm (weights, mask, scalings); in the diagonal block, Oi's scaling ----
-    if (exact) {
-      PHASE2(1)
-    } else {
-      PHASE2(0)
+    if (first) {
+      if (exact) {
+        PHASE2(1)
+      } else {
+        PHASE2(0)
+      }
     }
     if (diag) {
       #pragma unroll
@@ -421,25 +447,22 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
       for (int jj = 0; jj < NOB / 2; ++jj) {
         uint b[4];
         ldB2_T(ys, YSTR, jj * 16, ks * 16, b);
-        mma16816(oacc[2 * jj], pa[ks], b EMU_ARG);
-        mma16816(oacc[2 * jj + 1], pa[ks], b + 2 EMU_ARG);
+        mma16816(oacc[2 * jj], PK(pa)[ks], b EMU_ARG);
+        mma16816(oacc[2 * jj + 1], PK(pa)[ks], b + 2 EMU_ARG);
 #if MSPLIT
-        mma16816(oacc[2 * jj], pl[ks], b EMU_ARG);
-        mma16816(oacc[2 * jj + 1], pl[ks], b + 2 EMU_ARG);
+        mma16816(oacc[2 * jj], PK(pl)[ks], b EMU_ARG);
+        mma16816(oacc[2 * jj + 1], PK(pl)[ks], b + 2 EMU_ARG);
 #endif
       }
     }
   }
-#if MODE == 0
-  qn2[tid] = qn_acc;
-#endif
   // ---- epilogue ----
-  const int r0 = warp * 16 + g, r1 = r0 + 8;  // rows of the sub-tile (chunk positions q0 + r)
 #if MODE == 0
+  if (first) {
+  qn2[tid] = qn_acc;
   red[r0 * 4 + tq] = rs0;
   red[r1 * 4 + tq] = rs1;
   barrier(CLK_LOCAL_MEM_FENCE);
-  float Nr[2];
   #pragma unroll
   for (int h = 0; h < 2; ++h) {
     int r = h ? r1 : r0;
@@ -457,6 +480,7 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
       Nt[qtok + r] = N;
       sgt[qtok + r] = sg;
     }
+  }
   }
   #pragma unroll
   for (int j = 0; j < NOB; ++j) {
@@ -495,4 +519,5 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
         red[tid * 4] + red[tid * 4 + 1] + red[tid * 4 + 2] + red[tid * 4 + 3];
 #endif
 #endif
+  }  // output tiles
 }

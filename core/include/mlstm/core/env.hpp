@@ -19,6 +19,8 @@
 //                                      devices (OpenCL): the same for the state-gradient kernel (default: as above)
 //   MLSTM_TENSOR_CORES=off             devices (OpenCL): never use the tensor-core kernels
 //   MLSTM_TC_STATE_TILE=KTxVT          devices (OpenCL): tensor-core state tile (tuning)
+//   MLSTM_TC_OUT_TILES=1|2|4|8         devices (OpenCL): output tiles per work-group of the tensor-core chunk kernels
+//   MLSTM_TC_OUT_TILE=16|32|64|128     devices (OpenCL): and their columns (tuning)
 //   MLSTM_TC_MSPLIT=1                  devices (OpenCL): tensor-core chunk kernels with M split hi + lo (tuning)
 //   MLSTM_TC_POISON=1                  devices (OpenCL): tensor-core intermediates start as NaN
 //   MLSTM_OPENCL_SHARDS=<n>            devices (OpenCL): shards per row of the sequence split inside one device

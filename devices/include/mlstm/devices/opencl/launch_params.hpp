@@ -55,6 +55,13 @@ struct TcLaunchParams {
   // Key columns per block of the chunk kernels' L x L work (dividing the chunk rows): 0 = the chunk rows. Smaller
   // blocks let a work-group take more rows with the same registers. MLSTM_TC_KEY_BLOCK=16|32|64|128.
   int key_block = 0;
+  // Output tiles a work-group of the chunk kernels takes one after the other (the largest divisor of the kernel's
+  // tile count up to this): their L x L weights are formed once and kept in registers for the later tiles
+  // (tc_chunk.cl OTL). MLSTM_TC_OUT_TILES=1|2|4|8.
+  int out_tiles = 1;
+  // Columns of those output tiles (OT; at most the rule's: 128, or 64 where the key block is 128): 0 = the rule's.
+  // MLSTM_TC_OUT_TILE=16|32|64|128.
+  int out_tile = 0;
 };
 
 template <class Params>
