@@ -142,12 +142,22 @@ Arg dh_arg(const py::object& dh, const std::string& dtype) {
 }
 
 // mlstm_flow.Resident: the arrays (kept while the split lives: it reads them again after a device fault) and the
-// split.
+// split. A ResidentSplit is not thread-safe and its calls run without the GIL, so every call on it takes `mutex`
+// (several Python threads sharing one Resident used to abort inside the OpenCL runtime).
 struct PyResident {
   Loaded inputs;
   std::optional<Arg> dh, dc_last, dn_last;
   std::unique_ptr<opencl::ResidentSplit> split;
+  std::mutex mutex;
 };
+
+// fn(split) with the Resident's mutex held and the GIL released (released first, as with_session).
+template <class Fn>
+auto with_split(PyResident& r, Fn&& fn) {
+  py::gil_scoped_release release;
+  std::lock_guard lock(r.mutex);
+  return fn(*r.split);
+}
 
 // A numpy array of `shape` holding `dtype` (uint16 for bfloat16), uninitialised.
 py::array empty_array(const Shape& shape, DType dtype) {
@@ -441,11 +451,24 @@ std::vector<std::int64_t> offsets_arg(const py::object& o) {
   return out;
 }
 
-// A streaming session (StreamSession) over pieces of one sequence, from Python.
+// A streaming session (StreamSession) over pieces of one sequence, from Python. A StreamSession is not thread-safe
+// and its calls run without the GIL, so every call on it takes `mutex` (several Python threads sharing one Session
+// used to crash or lose pieces).
 struct PySession {
   std::unique_ptr<StreamSession> session;
   bool bf16 = false;
+  std::mutex mutex;
 };
+
+// fn(session) with the session's mutex held and the GIL released. The GIL is released before the mutex is taken,
+// so no thread ever waits for the mutex while holding the GIL (no deadlock with a thread that holds the mutex and
+// waits for the GIL).
+template <class Fn>
+auto with_session(PySession& s, Fn&& fn) {
+  py::gil_scoped_release release;
+  std::lock_guard lock(s.mutex);
+  return fn(*s.session);
+}
 
 StreamConfig session_config(const py::object& NH, const py::object& DHQK, const py::object& DHHV, const py::object& B,
                             const py::object& devices, const py::object& kernel, const py::object& chunk_size,
@@ -766,11 +789,7 @@ PYBIND11_MODULE(mlstm_flow, m) {
           "push",
           [](PySession& s, py::object q, py::object k, py::object v, py::object i, py::object f) {
             const Loaded l = load(q, k, v, i, f, py::none(), py::none(), py::none(), s.bf16 ? "bfloat16" : "");
-            Tensor h;
-            {
-              py::gil_scoped_release release;
-              h = s.session->push(l.args());
-            }
+            const Tensor h = with_session(s, [&](StreamSession& ss) { return ss.push(l.args()); });
             return to_numpy(h);
           },
           py::arg("q"), py::arg("k"), py::arg("v"), py::arg("i"), py::arg("f"))
@@ -780,8 +799,7 @@ PYBIND11_MODULE(mlstm_flow, m) {
              py::object keep_state) {
             const bool keep = bool_arg(keep_state, "keep_state");
             const Loaded l = load(q, k, v, i, f, py::none(), py::none(), py::none(), s.bf16 ? "bfloat16" : "");
-            py::gil_scoped_release release;
-            return s.session->submit(l.args(), keep);
+            return with_session(s, [&](StreamSession& ss) { return ss.submit(l.args(), keep); });
           },
           py::arg("q"), py::arg("k"), py::arg("v"), py::arg("i"), py::arg("f"), py::arg("keep_state") = false)
       .def(
@@ -789,7 +807,8 @@ PYBIND11_MODULE(mlstm_flow, m) {
           [](PySession& s, py::object ticket) {
             const std::int64_t t = int_arg(ticket, "ticket");
             if (t < 0) throw InvalidArgument("ticket", "must be >= 0");
-            const State st = s.session->take_state(static_cast<std::uint64_t>(t));
+            const State st =
+                with_session(s, [&](StreamSession& ss) { return ss.take_state(static_cast<std::uint64_t>(t)); });
             return py::make_tuple(to_numpy(st.C), to_numpy(st.n), to_numpy(st.m));
           },
           py::arg("ticket"))
@@ -798,11 +817,7 @@ PYBIND11_MODULE(mlstm_flow, m) {
           [](PySession& s, py::object ticket) {
             const std::int64_t t = int_arg(ticket, "ticket");
             if (t < 0) throw InvalidArgument("ticket", "must be >= 0");
-            Tensor h;
-            {
-              py::gil_scoped_release release;
-              h = s.session->take(static_cast<std::uint64_t>(t));
-            }
+            const Tensor h = with_session(s, [&](StreamSession& ss) { return ss.take(static_cast<std::uint64_t>(t)); });
             return to_numpy(h);
           },
           py::arg("ticket"))
@@ -814,8 +829,7 @@ PYBIND11_MODULE(mlstm_flow, m) {
             State init;
             if (!c0.is_none())
               init = {to_tensor(c0, "c0", false), to_tensor(n0, "n0", false), to_tensor(m0, "m0", false)};
-            py::gil_scoped_release release;
-            s.session->start_sequence(std::move(init));
+            with_session(s, [&](StreamSession& ss) { ss.start_sequence(std::move(init)); });
           },
           py::arg("c0") = py::none(), py::arg("n0") = py::none(), py::arg("m0") = py::none())
       .def(
@@ -829,30 +843,26 @@ PYBIND11_MODULE(mlstm_flow, m) {
             if (offsets.empty()) throw InvalidArgument("cu_seqlens", "forward_sequences takes packed sequences");
             ForwardArgs args = l.args();
             args.cu_seqlens = offsets;
-            const ProblemShape p = validate_forward(args, s.session->config().options);
+            const MlstmOptions opts = with_session(s, [](StreamSession& ss) { return ss.config().options; });
+            const ProblemShape p = validate_forward(args, opts);
             py::array h = empty_array({p.B, p.NH, p.S, p.DHHV}, p.dtype);
             const TensorView hv = out_view(h, "h", {p.B, p.NH, p.S, p.DHHV}, p.dtype);
-            ForwardResult r;
-            {
-              py::gil_scoped_release release;
-              r = s.session->forward_sequences(args, hv);
-            }
+            const ForwardResult r = with_session(s, [&](StreamSession& ss) { return ss.forward_sequences(args, hv); });
             return py::make_tuple(h, py::make_tuple(to_numpy(r.c), to_numpy(r.n), to_numpy(r.m)));
           },
           py::arg("q"), py::arg("k"), py::arg("v"), py::arg("i"), py::arg("f"), py::arg("cu_seqlens"),
           py::arg("c0") = py::none(), py::arg("n0") = py::none(), py::arg("m0") = py::none())
       .def("state",
            [](PySession& s) {
-             const State* st = nullptr;
-             {
-               py::gil_scoped_release release;
-               st = &s.session->state();
-             }
-             return py::make_tuple(to_numpy(st->C), to_numpy(st->n), to_numpy(st->m));
+             const State st = with_session(s, [](StreamSession& ss) { return ss.state(); });
+             return py::make_tuple(to_numpy(st.C), to_numpy(st.n), to_numpy(st.m));
            })
-      .def_property_readonly("tokens", [](const PySession& s) { return s.session->tokens(); })
+      .def_property_readonly(
+          "tokens", [](PySession& s) { return with_session(s, [](StreamSession& ss) { return ss.tokens(); }); })
       .def(
-          "snapshot", [](const PySession& s, const std::string& path) { s.session->snapshot(path); }, py::arg("path"))
+          "snapshot",
+          [](PySession& s, const std::string& path) { with_session(s, [&](StreamSession& ss) { ss.snapshot(path); }); },
+          py::arg("path"))
       .def_static(
           "restore",
           [](const std::string& path, py::object NH, py::object DHQK, py::object DHHV, py::object B, py::object devices,
@@ -960,23 +970,11 @@ del _stream
            py::arg("m0") = py::none(), py::arg("dc_last") = py::none(), py::arg("dn_last") = py::none(),
            py::arg("chunk_size") = "auto", py::arg("gate") = "exp", py::arg("normalize") = true, py::arg("eps") = 1e-6,
            py::arg("dtype") = "", py::arg("split") = "sequence", py::arg("weights") = py::none())
-      .def("forward",
-           [](PyResident& r) {
-             py::gil_scoped_release release;
-             r.split->forward();
-           })
-      .def("backward",
-           [](PyResident& r) {
-             py::gil_scoped_release release;
-             r.split->backward();
-           })
+      .def("forward", [](PyResident& r) { with_split(r, [](opencl::ResidentSplit& s) { s.forward(); }); })
+      .def("backward", [](PyResident& r) { with_split(r, [](opencl::ResidentSplit& s) { s.backward(); }); })
       .def("read_forward",
            [](PyResident& r) {
-             ForwardResult fw;
-             {
-               py::gil_scoped_release release;
-               fw = r.split->read_forward();
-             }
+             const ForwardResult fw = with_split(r, [](opencl::ResidentSplit& s) { return s.read_forward(); });
              py::dict out;
              out["h"] = to_numpy(fw.h);
              out["c"] = to_numpy(fw.c);
@@ -986,11 +984,7 @@ del _stream
            })
       .def("read_backward",
            [](PyResident& r) {
-             BackwardResult g;
-             {
-               py::gil_scoped_release release;
-               g = r.split->read_backward();
-             }
+             const BackwardResult g = with_split(r, [](opencl::ResidentSplit& s) { return s.read_backward(); });
              py::dict out;
              const std::pair<const char*, const Tensor*> fields[] = {{"dq", &g.dq},   {"dk", &g.dk},  {"dv", &g.dv},
                                                                      {"di", &g.di},   {"df", &g.df},  {"dc0", &g.dc0},
@@ -1000,9 +994,10 @@ del _stream
              return out;
            })
       .def_property_readonly("parts",
-                             [](const PyResident& r) {
+                             [](PyResident& r) {
+                               const auto parts = with_split(r, [](opencl::ResidentSplit& s) { return s.parts(); });
                                py::list out;
-                               for (const auto& p : r.split->parts()) {
+                               for (const auto& p : parts) {
                                  py::dict d;
                                  d["device"] = p.device;
                                  d["first"] = p.first;
@@ -1012,5 +1007,6 @@ del _stream
                                }
                                return out;
                              })
-      .def_property_readonly("lost", [](const PyResident& r) { return r.split->lost(); });
+      .def_property_readonly(
+          "lost", [](PyResident& r) { return with_split(r, [](opencl::ResidentSplit& s) { return s.lost(); }); });
 }

@@ -2,6 +2,7 @@
 import os
 import sys
 import tempfile
+import threading
 
 import numpy as np
 
@@ -545,6 +546,79 @@ def check_streaming_and_memory(rng):
         raise AssertionError("host_array took int32")
 
 
+def run_threads(work, count):
+    """work(t) on `count` threads at once (started together); the exceptions they raised, as strings."""
+    errors = []
+    barrier = threading.Barrier(count)
+
+    def body(t):
+        try:
+            barrier.wait()
+            work(t)
+        except Exception as err:  # noqa: BLE001 -- reported by the caller
+            errors.append("thread %d: %s: %s" % (t, type(err).__name__, err))
+
+    threads = [threading.Thread(target=body, args=(t,)) for t in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors
+
+
+def check_threads(rng):
+    """One Session or Resident shared by several Python threads: the calls take turns (each object has a lock; the
+    GIL is released while they wait). They used to run at once without the GIL: crashes (double free, an abort in
+    the OpenCL runtime) or pieces silently lost."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        B, NH, DK, DV = 1, 2, 4, 3
+        piece = [rng.standard_normal(s).astype(np.float32) for s in [(B, NH, 1, DK), (B, NH, 1, DK), (B, NH, 1, DV),
+                                                                      (B, NH, 1), (B, NH, 1)]]
+        threads, pushes = 6, 40
+        for devices in [None, "workers"] + (["0,1"] if len(mlstm_flow.devices()) >= 2 else []):
+            what = "Session devices=%r" % (devices,)
+            serial = mlstm_flow.Session(NH, DK, DV, devices=devices, chunk_size=2)
+            for _ in range(threads * pushes):
+                serial.push(*piece)
+            s = mlstm_flow.Session(NH, DK, DV, devices=devices, chunk_size=2)
+
+            def work(t):
+                for _ in range(pushes):
+                    if t % 2:
+                        assert s.push(*piece).shape == (B, NH, 1, DV)
+                    else:
+                        assert s.take(s.submit(*piece)).shape == (B, NH, 1, DV)
+                    s.tokens
+
+            errors = run_threads(work, threads)
+            assert not errors, (what, errors)
+            assert s.tokens == threads * pushes, (what, s.tokens)
+            # the pieces are all the same: whatever order they ran in, the state is the serial one
+            for a, b in zip(s.state(), serial.state()):
+                assert np.allclose(a, b, rtol=1e-5, atol=1e-6), what
+        if len(mlstm_flow.devices()) >= 2:
+            S = 9
+            q, k, v, i, f = [rng.standard_normal(s).astype(np.float32) for s in [(B, NH, S, DK), (B, NH, S, DK),
+                                                                                 (B, NH, S, DV), (B, NH, S), (B, NH, S)]]
+            h_ref, _ = mlstm_flow.forward(q, k, v, i, f, chunk_size=2)
+            r = mlstm_flow.Resident(q, k, v, i, f, devices="0,1", chunk_size=2)
+            results = []
+
+            def run_resident(t):
+                for _ in range(6):
+                    r.forward()
+                    results.append(r.read_forward()["h"])
+                    r.parts, r.lost
+
+            errors = run_threads(run_resident, 4)
+            assert not errors, errors
+            assert len(results) == 24 and all(rel0(h, h_ref.astype(np.float64)) < 1e-4 for h in results)
+    finally:
+        sys.setswitchinterval(old)
+
+
 def main():
     seed = seed_from_env()
     print(f"seed: MLSTM_TEST_SEED={seed}")
@@ -672,6 +746,7 @@ def main():
     check_resident(rng)
     check_packed(rng)
     check_streaming_and_memory(rng)
+    check_threads(rng)
     print("python bindings: all checks passed")
     return 0
 
