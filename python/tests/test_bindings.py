@@ -1,5 +1,6 @@
 """The mlstm_flow Python module against a numpy float64 recurrent reference (written here)."""
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -566,6 +567,42 @@ def run_threads(work, count):
     return errors
 
 
+FIRST_USE_CHILD = """
+import sys, threading
+import numpy as np
+import mlstm_flow
+rng = np.random.default_rng(0)
+x = [rng.standard_normal(s).astype(np.float32) for s in [(1, 2, 9, 4), (1, 2, 9, 4), (1, 2, 9, 3), (1, 2, 9), (1, 2, 9)]]
+errors = []
+def work(spec):
+    try:
+        if spec == "list":
+            mlstm_flow.devices()
+        else:
+            mlstm_flow.forward(*x, devices=spec, chunk_size=2)
+    except Exception as err:
+        errors.append("%s: %s: %s" % (spec, type(err).__name__, err))
+threads = [threading.Thread(target=work, args=(s,)) for s in sys.argv[1:]]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(errors)
+sys.exit(1 if errors else 0)
+"""
+
+
+def check_first_use_from_threads():
+    """The first use of OpenCL in a process from several threads at once (a child process each time, so that it is the
+    first): the devices used to be enumerated in every thread at once, crashing inside PoCL or finding too few."""
+    count = len(mlstm_flow.devices())
+    if count < 2:
+        return
+    specs = ["0", "1", "0,1", "workers+0", "list", "1", "0"]
+    for attempt in range(4):
+        child = subprocess.run([sys.executable, "-c", FIRST_USE_CHILD] + specs, capture_output=True, text=True,
+                               timeout=300)
+        assert child.returncode == 0, (attempt, child.returncode, child.stdout[-2000:], child.stderr[-2000:])
+
+
 def check_threads(rng):
     """One Session or Resident shared by several Python threads: the calls take turns (each object has a lock; the
     GIL is released while they wait). They used to run at once without the GIL: crashes (double free, an abort in
@@ -747,6 +784,7 @@ def main():
     check_packed(rng)
     check_streaming_and_memory(rng)
     check_threads(rng)
+    check_first_use_from_threads()
     print("python bindings: all checks passed")
     return 0
 

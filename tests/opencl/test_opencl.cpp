@@ -6,7 +6,9 @@
 
 #include <array>
 #include <cstdlib>
+#include <latch>
 #include <thread>
+#include <vector>
 
 #include "mlstm/devices/opencl/chunkwise_routine.hpp"
 #include "mlstm/devices/opencl/device.hpp"
@@ -39,6 +41,36 @@ TEST(OpenCLDevices, SpecsSelectDevicesAndBadSpecsNameTheArgument) {
       EXPECT_NE(std::string(e.what()).find("accepted"), std::string::npos) << e.what();
     }
   }
+}
+
+// The first use of OpenCL in a process from several threads at once (ctest runs each test in its own process: this
+// one enumerates first): some threads list the devices, others select and open each one. The enumeration used to
+// run in every thread at once: a crash in strlen inside PoCL, or a thread finding fewer devices ("device index 1
+// out of range (1 found)").
+TEST(OpenCLDevices, FirstEnumerationFromSeveralThreadsFindsEveryDevice) {
+  constexpr int kThreads = 8;
+  std::array<std::size_t, kThreads> found{};
+  std::latch start(kThreads);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      start.arrive_and_wait();
+      if (t % 2 == 0) {
+        found[t] = opencl::list_devices().size();
+        return;
+      }
+      try {
+        const auto all = opencl::select_devices("all");
+        for (const auto& info : all) opencl::open_device(info);
+        found[t] = all.size();
+      } catch (const std::exception& e) {  // none found: 0, compared below
+        ADD_FAILURE() << "thread " << t << ": " << e.what();
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  REQUIRE_OPENCL();
+  for (int t = 0; t < kThreads; ++t) EXPECT_EQ(found[t], opencl::list_devices().size()) << "thread " << t;
 }
 
 TEST(OpenCLLaunchParams, RowsAreSearchedDeviceThenVendorThenDefault) {

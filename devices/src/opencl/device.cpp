@@ -149,7 +149,10 @@ std::string DeviceInfo::describe() const {
   return os.str();
 }
 
-std::vector<DeviceInfo> list_devices() {
+namespace {
+
+// The platforms' devices as the OpenCL runtime lists them (list_devices: once per process).
+std::vector<DeviceInfo> enumerate_devices() {
   const ScopedTrace trace("OpenCL devices listed");
   std::vector<DeviceInfo> out;
   cl_uint np = 0;
@@ -185,6 +188,17 @@ std::vector<DeviceInfo> list_devices() {
     }
   }
   return out;
+}
+
+}  // namespace
+
+std::vector<DeviceInfo> list_devices() {
+  // Enumerated once, by the first caller, while any other caller waits (a function-local static): the ICD loader and
+  // PoCL initialise themselves on the first clGetPlatformIDs and are not safe to enter from several threads then
+  // (a crash in strlen inside libpocl, or a thread finding no device while another one was initialising them).
+  // The indices of DeviceInfo and open_device() assume the list does not change within a process anyway.
+  static const std::vector<DeviceInfo> devices = enumerate_devices();
+  return devices;
 }
 
 std::vector<DeviceInfo> select_devices(const std::string& spec) {

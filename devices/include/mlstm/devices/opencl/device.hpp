@@ -36,7 +36,8 @@ struct DeviceInfo {
   std::string describe() const;  // "[0] gpu NVIDIA H100 (NVIDIA CUDA, OpenCL 3.0)"
 };
 
-// Every device of every platform, in platform order. Empty when no OpenCL platform is installed.
+// Every device of every platform, in platform order. Empty when no OpenCL platform is installed. Enumerated once
+// per process (thread-safe: the first call from several threads at once enumerates once, the others wait).
 std::vector<DeviceInfo> list_devices();
 
 // Device spec: "all", "gpu", "gpu:all", "gpu:0,1" (indices among GPUs), "cpu", "cpu:0", "accelerator",
