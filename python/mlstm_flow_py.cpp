@@ -253,21 +253,40 @@ void refuse_unknown(const py::kwargs& extra, const char* function) {
   throw py::type_error(std::string(function) + "() got unexpected keyword argument(s) " + names);
 }
 
-// Options that would have no effect are refused: normalize=False needs the sigmoid gate (given, or fixed by a
-// *_siging kernel; `kernel` empty: the flow graph, whose gate is options.gate).
-MlstmOptions options(std::int64_t chunk_size, const std::string& gate, bool normalize, double eps, bool last,
-                     const std::string& kernel) {
+// gate=: None (the default: the kernel's own gate, else 'exp') or a gate name.
+std::optional<std::string> gate_arg(const py::handle& o) {
+  if (o.is_none()) return std::nullopt;
+  return str_arg(o, "gate");
+}
+
+// Options that would have no effect are refused, as on the command line: a gate= other than the one a *_siging
+// kernel always uses (gate=None takes the kernel's), a chunk_size= other than 'auto' for a kernel with no chunks
+// (parallel and sequence forms), and normalize=False without the sigmoid gate (given, or fixed by a *_siging
+// kernel). `kernel` empty: the flow graph, whose gate is options.gate.
+MlstmOptions options(std::int64_t chunk_size, const std::optional<std::string>& gate, bool normalize, double eps,
+                     bool last, const std::string& kernel) {
   MlstmOptions o;
   o.chunk_size = chunk_size;
-  o.gate = parse_gate(gate, "gate");
+  o.gate = parse_gate(gate.value_or("exp"), "gate");
   bool known = kernel.empty();  // an unknown kernel is refused by get_kernel, naming kernel
   std::optional<GateVariant> forced;
   for (const auto& info : available_kernels()) {
     if (info.name != kernel) continue;
     known = true;
     forced = info.forced_gate;
+    if (forced && gate && o.gate != *forced) {
+      throw InvalidArgument("gate", "kernel '" + info.name + "' always uses the " + std::string(gate_name(*forced)) +
+                                        " input gate; leave gate unset (None) or pass gate='" +
+                                        std::string(gate_name(*forced)) + "'");
+    }
+    if (forced) o.gate = *forced;
+    if (chunk_size != kAutoChunk && (info.form == KernelForm::parallel || info.form == KernelForm::sequence)) {
+      throw InvalidArgument("chunk_size", "kernel '" + info.name + "' is a " + std::string(form_name(info.form)) +
+                                              " kernel and has no chunks; leave chunk_size unset ('auto') or pick a "
+                                              "chunkwise kernel");
+    }
   }
-  if (known && !normalize && forced.value_or(o.gate) != GateVariant::sigmoid) {
+  if (known && !normalize && o.gate != GateVariant::sigmoid) {
     throw InvalidArgument("normalize", "only the sigmoid input gate (gate='sig') can skip the normaliser");
   }
   o.normalize = normalize;
@@ -489,8 +508,8 @@ StreamConfig session_config(const py::object& NH, const py::object& DHQK, const 
     if (c.devices.empty()) throw InvalidArgument("balancing", "has an effect only with devices=");
     c.balancing = graph::parse_balancing(str_arg(balancing, "balancing"), "balancing");
   }
-  c.options = options(chunk_arg(chunk_size), str_arg(gate, "gate"), bool_arg(normalize, "normalize"),
-                      float_arg(eps, "eps"), true, c.devices.empty() ? c.kernel : std::string());
+  c.options = options(chunk_arg(chunk_size), gate_arg(gate), bool_arg(normalize, "normalize"), float_arg(eps, "eps"),
+                      true, c.devices.empty() ? c.kernel : std::string());
   return c;
 }
 
@@ -524,7 +543,7 @@ PYBIND11_MODULE(mlstm_flow, m) {
         refuse_unknown(extra, "forward");
         const Route how = route(kernel_o, devices_o, segment_tokens_o, balancing_o, return_info_o);
         const bool return_last_states = bool_arg(return_last_states_o, "return_last_states");
-        const MlstmOptions o = options(chunk_arg(chunk_size), str_arg(gate, "gate"), bool_arg(normalize, "normalize"),
+        const MlstmOptions o = options(chunk_arg(chunk_size), gate_arg(gate), bool_arg(normalize, "normalize"),
                                        float_arg(eps, "eps"), return_last_states, how.kernel);
         const Loaded l = load(q, k, v, i, f, c0, n0, m0, str_arg(dtype, "dtype"));
         const std::vector<std::int64_t> offsets = offsets_arg(cu_seqlens_o);
@@ -560,7 +579,7 @@ PYBIND11_MODULE(mlstm_flow, m) {
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("i"), py::arg("f"), py::arg("c0") = py::none(),
       py::arg("n0") = py::none(), py::arg("m0") = py::none(), py::arg("kernel") = py::none(),
-      py::arg("chunk_size") = "auto", py::arg("gate") = "exp", py::arg("normalize") = true, py::arg("eps") = 1e-6,
+      py::arg("chunk_size") = "auto", py::arg("gate") = py::none(), py::arg("normalize") = true, py::arg("eps") = 1e-6,
       py::arg("return_last_states") = true, py::arg("dtype") = "", py::arg("devices") = py::none(),
       py::arg("segment_tokens") = py::none(), py::arg("balancing") = py::none(), py::arg("return_info") = false,
       py::arg("out") = py::none(), py::arg("keep") = py::none(), py::arg("cu_seqlens") = py::none(),
@@ -571,6 +590,9 @@ PYBIND11_MODULE(mlstm_flow, m) {
       "(N,NH,...): the results of each sequence run alone.\n"
       "\n"
       "kernel=None: one call of 'chunkwise--cpu_xl_chunk' (kernels() lists the others).\n"
+      "gate=None: the kernel's own input gate (a *_siging kernel's 'sig'), else 'exp'; another gate than a *_siging\n"
+      "kernel's is refused. chunk_size: 'auto' or an int, refused for parallel--* and sequence--* kernels (no "
+      "chunks).\n"
       "devices='workers' | 'gpu:all' | '0,1' | 'all' | 'workers+gpu:all' | ...: instead of one kernel call, the\n"
       "sequence-parallel flow graph over every device the spec names (kernel= is then refused: the graph picks\n"
       "each device's chunkwise kernel; gate='sig' for the sigmoid input gate). With devices only:\n"
@@ -596,7 +618,7 @@ PYBIND11_MODULE(mlstm_flow, m) {
          py::object out_o, py::object checkpoints_o, py::object cu_seqlens_o, const py::kwargs& extra) {
         refuse_unknown(extra, "backward");
         const Route how = route(kernel_o, devices_o, segment_tokens_o, balancing_o, return_info_o);
-        const std::string gate = str_arg(gate_o, "gate");
+        const std::optional<std::string> gate = gate_arg(gate_o);
         const std::int64_t chunk_size = chunk_arg(chunk_size_o);
         const bool normalize = bool_arg(normalize_o, "normalize");
         const double eps = float_arg(eps_o, "eps");
@@ -679,7 +701,7 @@ PYBIND11_MODULE(mlstm_flow, m) {
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("i"), py::arg("f"), py::arg("dh"), py::arg("c0") = py::none(),
       py::arg("n0") = py::none(), py::arg("m0") = py::none(), py::arg("dc_last") = py::none(),
       py::arg("dn_last") = py::none(), py::arg("kernel") = py::none(), py::arg("chunk_size") = "auto",
-      py::arg("gate") = "exp", py::arg("normalize") = true, py::arg("eps") = 1e-6, py::arg("dtype") = "",
+      py::arg("gate") = py::none(), py::arg("normalize") = true, py::arg("eps") = 1e-6, py::arg("dtype") = "",
       py::arg("devices") = py::none(), py::arg("segment_tokens") = py::none(), py::arg("balancing") = py::none(),
       py::arg("return_info") = false, py::arg("out") = py::none(), py::arg("checkpoints") = py::none(),
       py::arg("cu_seqlens") = py::none(),
@@ -704,7 +726,8 @@ PYBIND11_MODULE(mlstm_flow, m) {
          py::object mm, py::object kernel_o, py::object gate_o, py::object normalize_o, py::object eps_o,
          py::object dtype, const py::kwargs& extra) {
         refuse_unknown(extra, "step");
-        const std::string kernel = str_arg(kernel_o, "kernel"), gate = str_arg(gate_o, "gate");
+        const std::string kernel = str_arg(kernel_o, "kernel");
+        const std::optional<std::string> gate = gate_arg(gate_o);
         const bool normalize = bool_arg(normalize_o, "normalize");
         const double eps = float_arg(eps_o, "eps");
         const Loaded l = load(q, k, v, i, f, c, n, mm, str_arg(dtype, "dtype"));
@@ -721,7 +744,7 @@ PYBIND11_MODULE(mlstm_flow, m) {
         return py::make_tuple(to_numpy(r.h), py::make_tuple(to_numpy(r.c), to_numpy(r.n), to_numpy(r.m)));
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("i"), py::arg("f"), py::arg("c") = py::none(),
-      py::arg("n") = py::none(), py::arg("m") = py::none(), py::arg("kernel") = "cpu", py::arg("gate") = "exp",
+      py::arg("n") = py::none(), py::arg("m") = py::none(), py::arg("kernel") = "cpu", py::arg("gate") = py::none(),
       py::arg("normalize") = true, py::arg("eps") = 1e-6, py::arg("dtype") = "",
       "h, (c, n, m) = step(q, k, v, i, f, c, n, m): one recurrent step; q,k (B,NH,DHQK), i,f (B,NH)");
   m.def(
@@ -782,7 +805,7 @@ PYBIND11_MODULE(mlstm_flow, m) {
              return s;
            }),
            py::arg("NH"), py::arg("DHQK"), py::arg("DHHV"), py::arg("B") = 1, py::arg("devices") = py::none(),
-           py::arg("kernel") = py::none(), py::arg("chunk_size") = "auto", py::arg("gate") = "exp",
+           py::arg("kernel") = py::none(), py::arg("chunk_size") = "auto", py::arg("gate") = py::none(),
            py::arg("normalize") = true, py::arg("eps") = 1e-6, py::arg("balancing") = py::none(), py::arg("dtype") = "",
            py::arg("c0") = py::none(), py::arg("n0") = py::none(), py::arg("m0") = py::none())
       .def(
@@ -877,7 +900,7 @@ PYBIND11_MODULE(mlstm_flow, m) {
           },
           py::arg("path"), py::arg("NH"), py::arg("DHQK"), py::arg("DHHV"), py::arg("B") = 1,
           py::arg("devices") = py::none(), py::arg("kernel") = py::none(), py::arg("chunk_size") = "auto",
-          py::arg("gate") = "exp", py::arg("normalize") = true, py::arg("eps") = 1e-6,
+          py::arg("gate") = py::none(), py::arg("normalize") = true, py::arg("eps") = 1e-6,
           py::arg("balancing") = py::none(), py::arg("dtype") = "");
   // Session.stream: a generator over pieces with `in_flight` submitted ahead of the one taken.
   py::exec(R"(
@@ -933,8 +956,8 @@ del _stream
              auto r = std::make_unique<PyResident>();
              const std::string dtype_s = str_arg(dtype, "dtype");
              r->inputs = load(q, k, v, i, f, c0, n0, m0, dtype_s);
-             const MlstmOptions o = options(chunk_arg(chunk_size), str_arg(gate, "gate"),
-                                            bool_arg(normalize, "normalize"), float_arg(eps, "eps"), true, "");
+             const MlstmOptions o = options(chunk_arg(chunk_size), gate_arg(gate), bool_arg(normalize, "normalize"),
+                                            float_arg(eps, "eps"), true, "");
              opencl::SplitOptions so;
              const std::string split_s = str_arg(split, "split");
              if (split_s == "heads")
@@ -968,8 +991,8 @@ del _stream
            py::arg("q"), py::arg("k"), py::arg("v"), py::arg("i"), py::arg("f"), py::arg("devices") = "gpu:all",
            py::arg("dh") = py::none(), py::arg("c0") = py::none(), py::arg("n0") = py::none(),
            py::arg("m0") = py::none(), py::arg("dc_last") = py::none(), py::arg("dn_last") = py::none(),
-           py::arg("chunk_size") = "auto", py::arg("gate") = "exp", py::arg("normalize") = true, py::arg("eps") = 1e-6,
-           py::arg("dtype") = "", py::arg("split") = "sequence", py::arg("weights") = py::none())
+           py::arg("chunk_size") = "auto", py::arg("gate") = py::none(), py::arg("normalize") = true,
+           py::arg("eps") = 1e-6, py::arg("dtype") = "", py::arg("split") = "sequence", py::arg("weights") = py::none())
       .def("forward", [](PyResident& r) { with_split(r, [](opencl::ResidentSplit& s) { s.forward(); }); })
       .def("backward", [](PyResident& r) { with_split(r, [](opencl::ResidentSplit& s) { s.backward(); }); })
       .def("read_forward",

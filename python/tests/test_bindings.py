@@ -547,6 +547,45 @@ def check_streaming_and_memory(rng):
         raise AssertionError("host_array took int32")
 
 
+def expect_error(exc, arg, fn, *args, **kwargs):
+    """fn(*args, **kwargs) raises exc with a one-line message starting with 'arg:'."""
+    try:
+        fn(*args, **kwargs)
+    except exc as err:
+        assert str(err).startswith(arg + ":"), (arg, str(err))
+        assert "\n" not in str(err), ("a message of several lines", str(err))
+    else:
+        raise AssertionError("no %s naming %s from %s(%s)" % (exc.__name__, arg, getattr(fn, "__name__", fn),
+                                                               ", ".join(sorted(kwargs))))
+
+
+def check_options_without_effect(rng):
+    """gate= and chunk_size= the kernel would ignore are refused naming them, as the command line does: a *_siging
+    kernel always uses the sigmoid gate (gate=None, the default, takes it), parallel--* and sequence--* kernels have
+    no chunks (chunk_size='auto', the default, is accepted)."""
+    B, NH, S, DK, DV = 1, 2, 19, 8, 4
+    q, k, v, i, f, dh = float32_inputs(rng, B, NH, S, DK, DV)
+    siging = "chunkwise--cpu_xl_chunk_siging"
+    expect_error(ValueError, "gate", mlstm_flow.forward, q, k, v, i, f, kernel=siging, gate="exp")
+    expect_error(ValueError, "gate", mlstm_flow.backward, q, k, v, i, f, dh, kernel=siging, gate="exp")
+    expect_error(ValueError, "gate", mlstm_flow.Session, NH, DK, DV, kernel=siging, gate="exp")
+    h_sig = mlstm_flow.forward(q, k, v, i, f, gate="sig", chunk_size=8)[0]
+    for gate in (None, "sig"):
+        assert np.array_equal(mlstm_flow.forward(q, k, v, i, f, kernel=siging, gate=gate, chunk_size=8)[0], h_sig)
+        s = mlstm_flow.Session(NH, DK, DV, kernel=siging, gate=gate, chunk_size=8)
+        assert rel0(s.push(q, k, v, i, f), h_sig.astype(np.float64)) < 1e-5
+    h_exp = mlstm_flow.forward(q, k, v, i, f, chunk_size=8)[0]
+    assert not np.array_equal(h_exp, h_sig)
+    assert np.array_equal(mlstm_flow.forward(q, k, v, i, f, gate=None, chunk_size=8)[0], h_exp)  # no kernel: exp
+    for kernel in ("parallel--cpu", "sequence--cpu", "parallel--reference_f64", "sequence--reference_f64"):
+        expect_error(ValueError, "chunk_size", mlstm_flow.forward, q, k, v, i, f, kernel=kernel, chunk_size=4)
+        expect_error(ValueError, "chunk_size", mlstm_flow.backward, q, k, v, i, f, dh, kernel=kernel, chunk_size=4)
+        assert mlstm_flow.forward(q, k, v, i, f, kernel=kernel)[0].shape == (B, NH, S, DV)
+        assert mlstm_flow.forward(q, k, v, i, f, kernel=kernel, chunk_size="auto")[0].shape == (B, NH, S, DV)
+    expect_error(ValueError, "chunk_size", mlstm_flow.Session, NH, DK, DV, kernel="sequence--cpu", chunk_size=4)
+    assert mlstm_flow.Session(NH, DK, DV, kernel="sequence--cpu").push(q, k, v, i, f).shape == (B, NH, S, DV)
+
+
 def run_threads(work, count):
     """work(t) on `count` threads at once (started together); the exceptions they raised, as strings."""
     errors = []
@@ -784,6 +823,7 @@ def main():
     check_packed(rng)
     check_streaming_and_memory(rng)
     check_threads(rng)
+    check_options_without_effect(rng)
     check_first_use_from_threads()
     print("python bindings: all checks passed")
     return 0
