@@ -902,21 +902,73 @@ PYBIND11_MODULE(mlstm_flow, m) {
           py::arg("devices") = py::none(), py::arg("kernel") = py::none(), py::arg("chunk_size") = "auto",
           py::arg("gate") = py::none(), py::arg("normalize") = true, py::arg("eps") = 1e-6,
           py::arg("balancing") = py::none(), py::arg("dtype") = "");
-  // Session.stream: a generator over pieces with `in_flight` submitted ahead of the one taken.
+  // Session.stream: a generator over pieces with `in_flight` submitted ahead of the one taken. No submitted piece's
+  // h is lost: a failure (the source iterator raising, a bad piece) is raised after the h of every piece submitted
+  // before it (as with in_flight=0); a generator closed early takes the pieces still in flight.
   py::exec(R"(
 def _stream(self, pieces, in_flight=2):
     """for h in session.stream(pieces, in_flight=2): h of each (q, k, v, i, f) piece, in order, with up to
-    in_flight pieces submitted ahead of the one taken (transfers and compute of consecutive pieces overlap)."""
-    if not isinstance(in_flight, int) or isinstance(in_flight, bool) or in_flight < 0:
-        raise ValueError("in_flight: expected an int >= 0, got %r" % (in_flight,))
-    from collections import deque
-    pending = deque()
-    for piece in pieces:
-        pending.append(self.submit(*piece))
-        if len(pending) > in_flight:
+    in_flight pieces submitted ahead of the one taken (transfers and compute of consecutive pieces overlap).
+
+    Every piece submitted has its h yielded, whatever happens next: when the iterator raises or a piece is
+    refused (ValueError/TypeError naming it), the h of the pieces submitted before it are yielded first and the
+    error is raised after them, where in_flight=0 would raise it; s.tokens and s.state() then count exactly the
+    pieces yielded. A generator closed early (break out of the loop, or del) takes the pieces it had submitted
+    ahead and drops their h: s.tokens and s.state() include those up to in_flight pieces (in_flight=0 submits
+    none ahead)."""
+    if isinstance(in_flight, (bool, _numpy.bool_)) or not hasattr(type(in_flight), "__index__"):
+        raise TypeError("in_flight: expected an int, got %s" % type(in_flight).__name__)
+    in_flight = _operator.index(in_flight)
+    if in_flight < 0:
+        raise ValueError("in_flight: must be >= 0, got %d" % in_flight)
+    try:
+        source = iter(pieces)
+    except TypeError:
+        raise TypeError("pieces: expected an iterable of (q, k, v, i, f) pieces, got %s"
+                        % type(pieces).__name__) from None
+    return _stream_pieces(self, source, in_flight)
+
+
+def _stream_pieces(self, source, in_flight):
+    pending = _collections.deque()
+    failure = None
+    count = 0
+    try:
+        while True:
+            try:
+                piece = next(source)
+            except StopIteration:
+                break
+            except Exception as err:  # raised after the h of the pieces submitted before it
+                failure = err
+                break
+            try:
+                if isinstance(piece, (str, bytes)) or not hasattr(piece, "__len__") or len(piece) != 5:
+                    raise TypeError("pieces: piece %d: expected a (q, k, v, i, f) tuple, got %s" % (
+                        count, "%d items" % len(piece) if hasattr(piece, "__len__") else type(piece).__name__))
+                pending.append(self.submit(*piece))
+            except Exception as err:
+                failure = err
+                break
+            count += 1
+            if len(pending) > in_flight:
+                yield self.take(pending.popleft())
+        while pending:
             yield self.take(pending.popleft())
-    while pending:
-        yield self.take(pending.popleft())
+    finally:
+        # Closed early (break, del) or a take() failed: the pieces still in flight are taken, their h dropped.
+        while pending:
+            try:
+                self.take(pending.popleft())
+            except Exception:
+                pass
+    if failure is not None:
+        raise failure
+
+
+import collections as _collections
+import operator as _operator
+import numpy as _numpy
 Session.stream = _stream
 del _stream
 )",

@@ -586,6 +586,59 @@ def check_options_without_effect(rng):
     assert mlstm_flow.Session(NH, DK, DV, kernel="sequence--cpu").push(q, k, v, i, f).shape == (B, NH, S, DV)
 
 
+def check_stream_keeps_every_piece(rng):
+    """Session.stream(pieces, in_flight=2) loses no submitted piece: when the iterator raises or a piece is bad, the
+    h of the pieces submitted before it are yielded, then the error is raised (as with in_flight=0), and s.tokens
+    counts the pieces yielded; a generator closed early takes its pieces in flight (none is left waiting). It used
+    to drop them: s.tokens advanced past the last h yielded."""
+    B, NH, DK, DV, P = 1, 2, 8, 4, 5
+    q, k, v, i, f, _ = float32_inputs(rng, B, NH, 6 * P, DK, DV)
+    pieces = [tuple(x[:, :, j * P:(j + 1) * P] for x in (q, k, v, i, f)) for j in range(6)]
+    serial = mlstm_flow.Session(NH, DK, DV, chunk_size=4)
+    h_all = np.concatenate([serial.push(*p) for p in pieces], axis=2)
+
+    def failing(after, error):
+        yield from pieces[:after]
+        raise error
+
+    bad = tuple(x[..., :3] if j == 0 else x for j, x in enumerate(pieces[3]))  # q of DHQK 3
+    for in_flight in (0, 2, np.int64(3)):
+        for source, exc, arg in [(failing(3, KeyError("source")), KeyError, None),
+                                 (pieces[:3] + [bad] + pieces[4:], ValueError, "q"),
+                                 (pieces[:3] + [pieces[3][:4]], TypeError, "pieces")]:
+            s = mlstm_flow.Session(NH, DK, DV, chunk_size=4)
+            got = []
+            try:
+                for h in s.stream(source, in_flight=in_flight):
+                    got.append(h)
+            except exc as err:
+                assert arg is None or str(err).startswith(arg + ":"), str(err)
+            else:
+                raise AssertionError("no %s from a stream" % exc.__name__)
+            assert len(got) == 3 and s.tokens == 3 * P, (in_flight, exc, len(got), s.tokens)
+            assert np.array_equal(np.concatenate(got, axis=2), h_all[:, :, :3 * P]), in_flight
+            # the session goes on from the last piece yielded
+            assert np.array_equal(s.push(*pieces[3]), h_all[:, :, 3 * P:4 * P])
+    # closed early: the pieces submitted ahead are taken (their tickets are gone), counted by s.tokens
+    s = mlstm_flow.Session(NH, DK, DV, chunk_size=4)
+    stream = s.stream(pieces, in_flight=2)
+    assert np.array_equal(next(stream), h_all[:, :, :P])
+    stream.close()
+    assert s.tokens == 3 * P
+    for ticket in (1, 2):  # submitted ahead of the piece yielded (tickets count from 0)
+        expect_error(ValueError, "ticket", s.take, ticket)
+    assert np.array_equal(s.push(*pieces[3]), h_all[:, :, 3 * P:4 * P])
+    s = mlstm_flow.Session(NH, DK, DV, chunk_size=4)
+    for h in s.stream(pieces, in_flight=1):
+        break
+    expect_error(ValueError, "ticket", s.take, 1)
+    assert s.tokens == 2 * P
+    expect_error(ValueError, "in_flight", s.stream, pieces, in_flight=-1)
+    expect_error(TypeError, "in_flight", s.stream, pieces, in_flight=2.0)
+    expect_error(TypeError, "in_flight", s.stream, pieces, in_flight=True)
+    expect_error(TypeError, "pieces", s.stream, 5)
+
+
 def run_threads(work, count):
     """work(t) on `count` threads at once (started together); the exceptions they raised, as strings."""
     errors = []
@@ -824,6 +877,7 @@ def main():
     check_streaming_and_memory(rng)
     check_threads(rng)
     check_options_without_effect(rng)
+    check_stream_keeps_every_piece(rng)
     check_first_use_from_threads()
     print("python bindings: all checks passed")
     return 0
