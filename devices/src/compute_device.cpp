@@ -1,8 +1,11 @@
 // The device-spec grammar shared by the graph, the CLI and Python, and the stage names.
 #include "mlstm/devices/compute_device.hpp"
 
+#include <set>
+
 #include "mlstm/core/error.hpp"
 #include "mlstm/core/trace.hpp"
+#include "mlstm/devices/opencl/device.hpp"
 
 namespace mlstm {
 
@@ -116,15 +119,27 @@ StepResult ComputeDevice::step(const StepArgs& a, const MlstmOptions& options) {
 std::vector<std::shared_ptr<ComputeDevice>> devices_from_spec(const std::string& spec) {
   const ScopedTrace trace([&] { return "devices opened for '" + spec + "'"; });
   std::vector<std::shared_ptr<ComputeDevice>> out;
+  // Each device once: a spec naming one twice ('workers+workers', 'all+0', '0,0') is refused, never run with the
+  // same device taking two shares.
+  bool workers = false;
+  std::set<int> opencl_indices;
   std::size_t start = 0;
   while (start <= spec.size()) {
     const auto plus = spec.find('+', start);
     const std::string part = spec.substr(start, plus == std::string::npos ? std::string::npos : plus - start);
     if (part == "cpu-workers" || part == "workers") {
+      if (workers) throw InvalidArgument("devices", "the CPU workers are named twice in '" + spec + "'");
+      workers = true;
       for (auto& d : cpu_workers()) out.push_back(d);
     } else if (part.empty()) {
       throw InvalidArgument("devices", "empty part in device spec '" + spec + "'");
     } else {
+      for (const auto& info : opencl::select_devices(part)) {
+        if (!opencl_indices.insert(info.index).second) {
+          throw InvalidArgument("devices",
+                                "OpenCL device [" + std::to_string(info.index) + "] is named twice in '" + spec + "'");
+        }
+      }
       for (auto& d : opencl_devices(part)) out.push_back(d);
     }
     if (plus == std::string::npos) break;

@@ -45,11 +45,12 @@ KERNELS = CPU_KERNELS + OPENCL_KERNELS
 STEP_KERNELS = ["cpu", "reference_f64", "opencl"]
 # Flow-graph device specs. Those with OpenCL devices are drawn rarely (1 in 20): each new
 # problem shape builds programs (seconds on PoCL, once per shape and program cache).
-WORKER_SPECS = ["workers", "workers+workers"]
+WORKER_SPECS = ["workers", "cpu-workers"]
 OPENCL_SPECS = ["0", "1", "0,1", "all", "cpu", "workers+all", "workers+0"]
-# Invalid or odd specs (some may be accepted: "0,0"); each must give a result or ValueError/TypeError.
-ODD_SPECS = ["", "gpu:7", "999", "-1", "0,0", "opencl:0", ",", "a,b", "+", "workers+", "+workers", "worker",
-             "99999999999999999999", "gpu:all", "cpu:9"]
+# Invalid or odd specs (empty parts and devices named twice are refused); each must give a result or
+# ValueError/TypeError.
+ODD_SPECS = ["", "gpu:7", "999", "-1", "0,0", "0,", ",0", "opencl:0", ",", "a,b", "+", "workers+", "+workers",
+             "worker", "workers+workers", "all+all", "0+all", "99999999999999999999", "gpu:all", "cpu:9"]
 BAD_NAMES = ["", "nope", "chunkwise--", "cpu\0x", "chunkwise--cpu_xl_chunk ", "x" * 300, "\u00e9\u00e8"]
 
 

@@ -10,6 +10,7 @@
 #include <thread>
 #include <vector>
 
+#include "mlstm/devices/compute_device.hpp"
 #include "mlstm/devices/opencl/chunkwise_routine.hpp"
 #include "mlstm/devices/opencl/device.hpp"
 #include "mlstm/devices/opencl/launch_params.hpp"
@@ -40,6 +41,36 @@ TEST(OpenCLDevices, SpecsSelectDevicesAndBadSpecsNameTheArgument) {
       EXPECT_EQ(e.argument(), "devices");
       EXPECT_NE(std::string(e.what()).find("accepted"), std::string::npos) << e.what();
     }
+  }
+}
+
+// Every empty part and every device named twice is refused, naming devices: '0,' used to be taken as '0' (while
+// ',0' was refused), and '0,0', 'all+all' or 'workers+workers' gave one device two shares of the work.
+TEST(OpenCLDevices, SpecsRefuseEmptyPartsAndDevicesNamedTwice) {
+  REQUIRE_OPENCL();
+  for (const char* bad : {"0,", ",0", "0,,1", ",", "0,0", "cpu:0,0", "cpu:0,", "00,0"}) {
+    try {
+      opencl::select_devices(bad);
+      ADD_FAILURE() << "no error for spec '" << bad << "'";
+    } catch (const InvalidArgument& e) {
+      EXPECT_EQ(e.argument(), "devices") << bad;
+    }
+  }
+  for (const char* bad :
+       {"workers+workers", "cpu-workers+workers", "all+all", "0+0", "0+all", "workers+", "+0", "0,0+workers"}) {
+    try {
+      devices_from_spec(bad);
+      ADD_FAILURE() << "no error for spec '" << bad << "'";
+    } catch (const InvalidArgument& e) {
+      EXPECT_EQ(e.argument(), "devices") << bad;
+      const std::string what = e.what();
+      EXPECT_TRUE(what.find("twice") != std::string::npos || what.find("empty") != std::string::npos) << what;
+    }
+  }
+  EXPECT_EQ(devices_from_spec("workers+0").size(), cpu_workers().size() + 1);
+  if (opencl::list_devices().size() >= 2) {
+    EXPECT_EQ(opencl::select_devices("1,0").size(), 2u);
+    EXPECT_EQ(devices_from_spec("0+1").size(), 2u);
   }
 }
 

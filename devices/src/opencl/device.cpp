@@ -220,12 +220,14 @@ std::vector<DeviceInfo> select_devices(const std::string& spec) {
     }
     return v;
   };
+  // Every item between commas (an empty one too: '0,' and ',0' are refused like '0,,1'), each device once.
   auto parse_indices = [&](const std::string& list, const std::vector<DeviceInfo>& pool, const std::string& what) {
     std::vector<DeviceInfo> v;
-    std::stringstream ss(list);
-    std::string item;
-    while (std::getline(ss, item, ',')) {
-      if (item.empty() || item.find_first_not_of("0123456789") != std::string::npos) {
+    for (std::size_t start = 0;;) {
+      const auto comma = list.find(',', start);
+      const std::string item = list.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+      if (item.empty()) fail("empty index in '" + spec + "'");
+      if (item.find_first_not_of("0123456789") != std::string::npos) {
         fail("bad index '" + item + "' in '" + spec + "'");
       }
       // Compared as digits, not converted first: an index past unsigned long (std::stoul: out_of_range) is
@@ -235,9 +237,13 @@ std::vector<DeviceInfo> select_devices(const std::string& spec) {
       if (digits.size() > count.size() || (digits.size() == count.size() && digits >= count))
         fail(what + " index " + item + " out of range (" + count + " found)");
       const auto i = static_cast<std::size_t>(std::stoul(digits));
+      for (const auto& d : v) {
+        if (d.index == pool[i].index) fail(what + " index " + digits + " named twice in '" + spec + "'");
+      }
       v.push_back(pool[i]);
+      if (comma == std::string::npos) break;
+      start = comma + 1;
     }
-    if (v.empty()) fail("empty device list in '" + spec + "'");
     return v;
   };
   if (spec.empty()) {

@@ -209,7 +209,8 @@ enum class OpenCLKernels {
 std::vector<std::shared_ptr<ComputeDevice>> opencl_devices(const std::string& spec,
                                                            OpenCLKernels kernels = OpenCLKernels::automatic);
 // The device-spec grammar: "workers" (the CPU workers), an OpenCL spec ("gpu:all", "0,1", "cpu" = OpenCL CPU
-// devices, ...; opencl.hpp), or several joined with '+' ("workers+gpu:all").
+// devices, ...; opencl.hpp), or several joined with '+' ("workers+gpu:all"). An empty part or a device named twice
+// ("workers+workers", "all+0") is refused: InvalidArgument("devices").
 std::vector<std::shared_ptr<ComputeDevice>> devices_from_spec(const std::string& spec);
 
 // The automatic chunk size of a run over `devices`: `options` with kAutoChunk replaced by the chunk_choice of the

@@ -42,7 +42,8 @@ std::vector<DeviceInfo> list_devices();
 
 // Device spec: "all", "gpu", "gpu:all", "gpu:0,1" (indices among GPUs), "cpu", "cpu:0", "accelerator",
 // or "N[,M...]" (indices into list_devices()). Empty means "default": all GPUs, else every device.
-// Throws InvalidArgument("devices", ...) naming the accepted forms and the devices that exist.
+// Throws InvalidArgument("devices", ...) naming the accepted forms and the devices that exist; an empty index
+// ("0,", ",0", "0,,1") and an index named twice ("0,0") are refused too.
 std::vector<DeviceInfo> select_devices(const std::string& spec);
 
 // Checks a cl_int; throws DeviceError(kind from the code, device, "<call> failed: <code name> (<code>)").
