@@ -186,6 +186,14 @@ TensorView out_view(const py::object& obj, const std::string& name, const Shape&
   return TensorView(static_cast<std::byte*>(a.mutable_data()), dtype, shape);
 }
 
+// `text` on one line: trailing line breaks dropped, the others made spaces (as the CLI's one_line).
+std::string one_line(std::string text) {
+  while (!text.empty() && (text.back() == '\n' || text.back() == '\r')) text.pop_back();
+  std::replace(text.begin(), text.end(), '\n', ' ');
+  std::replace(text.begin(), text.end(), '\r', ' ');
+  return text;
+}
+
 // Scalar keyword arguments, converted here rather than by pybind11 so that a wrong type or an out-of-range
 // value raises TypeError/ValueError naming the argument (pybind11's own "incompatible function arguments"
 // names none).
@@ -517,13 +525,15 @@ StreamConfig session_config(const py::object& NH, const py::object& DHQK, const 
 
 PYBIND11_MODULE(mlstm_flow, m) {
   m.doc() = "mlstm-flow: the mLSTM cell over very long sequences (CPU, OpenCL, flow graph)";
+  // Messages are one line, as on the command line (tools/mlstm/main.cpp): a library message may hold line breaks
+  // (the OpenCL devices a bad spec lists, an OpenCL build log), folded into spaces.
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
     } catch (const InvalidArgument& e) {
-      PyErr_SetString(PyExc_ValueError, e.what());
+      PyErr_SetString(PyExc_ValueError, one_line(e.what()).c_str());
     } catch (const Error& e) {
-      PyErr_SetString(PyExc_RuntimeError, e.what());
+      PyErr_SetString(PyExc_RuntimeError, one_line(e.what()).c_str());
     }
   });
   py::class_<StateCheckpoints, std::shared_ptr<StateCheckpoints>>(

@@ -639,6 +639,27 @@ def check_stream_keeps_every_piece(rng):
     expect_error(TypeError, "pieces", s.stream, 5)
 
 
+def check_device_spec_errors(rng):
+    """A bad device spec raises a one-line ValueError naming devices (the OpenCL devices found, which the message
+    lists, used to follow on lines of their own), from every entry point; empty parts and devices named twice are
+    refused ('0,' used to be taken as '0', '0,0' or 'all+all' gave one device two shares)."""
+    q, k, v, i, f, _ = float32_inputs(rng, 1, 2, 9, 4, 4)
+    found = mlstm_flow.devices()
+    bad = ["bogus", "workers:3", "0,", ",0", "0,,1", "workers+", "+0", "workers+workers", "cpu-workers+workers"]
+    if found:
+        bad += ["%d" % len(found), "0,0", "all+all", "0+all", "workers+0+0"]
+    if not any(" gpu " in d for d in found):
+        bad += ["gpu:all"]
+    for spec in bad:
+        expect_error(ValueError, "devices", mlstm_flow.forward, q, k, v, i, f, devices=spec)
+        expect_error(ValueError, "devices", mlstm_flow.Session, 2, 4, 4, devices=spec)
+        expect_error(ValueError, "devices", mlstm_flow.host_array, (2, 3), devices=spec)
+        if "workers" not in spec:
+            expect_error(ValueError, "devices", mlstm_flow.Resident, q, k, v, i, f, devices=spec)
+    if len(found) >= 2:
+        assert mlstm_flow.forward(q, k, v, i, f, devices="1,0", chunk_size=4)[0].shape == v.shape
+
+
 def run_threads(work, count):
     """work(t) on `count` threads at once (started together); the exceptions they raised, as strings."""
     errors = []
@@ -878,6 +899,7 @@ def main():
     check_threads(rng)
     check_options_without_effect(rng)
     check_stream_keeps_every_piece(rng)
+    check_device_spec_errors(rng)
     check_first_use_from_threads()
     print("python bindings: all checks passed")
     return 0
