@@ -39,6 +39,13 @@ std::int64_t shape_numel(const Shape& shape) {
   return n;
 }
 
+std::size_t shape_nbytes(const Shape& shape, DType dtype) {
+  std::int64_t bytes = 0;
+  if (__builtin_mul_overflow(shape_numel(shape), static_cast<std::int64_t>(dtype_size(dtype)), &bytes))
+    throw InvalidArgument("shape", "shape " + shape_to_string(shape) + " has too many bytes");
+  return static_cast<std::size_t>(bytes);
+}
+
 Shape contiguous_strides(const Shape& shape) {
   Shape strides(shape.size());
   std::int64_t s = 1;

@@ -16,6 +16,8 @@ using Shape = std::vector<std::int64_t>;
 
 std::string shape_to_string(const Shape& shape);  // "(2,3,4)"
 std::int64_t shape_numel(const Shape& shape);
+// Bytes of an array of `shape` and `dtype`; InvalidArgument("shape") where they do not fit 63 bits.
+std::size_t shape_nbytes(const Shape& shape, DType dtype);
 Shape contiguous_strides(const Shape& shape);
 
 // Non-owning view. `Byte` is std::byte (mutable) or const std::byte (read-only).
@@ -45,8 +47,9 @@ class BasicTensorView {
   const Shape& strides() const noexcept { return strides_; }
   int dims() const noexcept { return static_cast<int>(shape_.size()); }
   std::int64_t dim(int i) const { return shape_.at(static_cast<std::size_t>(i < 0 ? dims() + i : i)); }
-  std::int64_t numel() const noexcept { return shape_numel(shape_); }
-  std::size_t nbytes() const noexcept { return static_cast<std::size_t>(numel()) * dtype_size(dtype_); }
+  // InvalidArgument("shape") when the count or the bytes overflow (a shape is checked before it is allocated).
+  std::int64_t numel() const { return shape_numel(shape_); }
+  std::size_t nbytes() const { return shape_nbytes(shape_, dtype_); }
   bool is_contiguous() const noexcept { return strides_ == contiguous_strides(shape_); }
 
   // Element offset of a multi-index (no bounds check beyond the index count).
@@ -103,8 +106,9 @@ class Tensor {
   const Shape& shape() const noexcept { return shape_; }
   int dims() const noexcept { return static_cast<int>(shape_.size()); }
   std::int64_t dim(int i) const { return shape_.at(static_cast<std::size_t>(i < 0 ? dims() + i : i)); }
-  std::int64_t numel() const noexcept { return shape_numel(shape_); }
-  std::size_t nbytes() const noexcept { return static_cast<std::size_t>(numel()) * dtype_size(dtype_); }
+  // InvalidArgument("shape") when the count or the bytes overflow (a shape is checked before it is allocated).
+  std::int64_t numel() const { return shape_numel(shape_); }
+  std::size_t nbytes() const { return shape_nbytes(shape_, dtype_); }
 
   template <class T>
   T* data() noexcept {
