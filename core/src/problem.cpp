@@ -145,19 +145,22 @@ std::int64_t check_cu_seqlens(std::span<const std::int64_t> o, const ProblemShap
 }
 
 namespace {
-// An input-gate pre-activation of +inf with the exponential gate (also a finite value beyond float32's range,
-// which the float32 kernels read as +inf) has no value the kernels compute yet (stages.hpp, "Gates at +-inf":
-// m_t = +inf, b = exp(inf - inf)); it is refused here instead of coming out as NaN. Scanned through float32, the
-// kernels' precision, in blocks in parallel (TBB), in place when i is contiguous float32: every layer of a call
-// validates its arguments, and a serial scan of a million-token gate took milliseconds each time (bench_graph
-// BM_HostBackward's trace on an H200: about 30 ms of a 170 ms backward).
-void check_input_gate_domain(ConstTensorView i, GateVariant gate) {
-  if (gate != GateVariant::exp || i.empty()) return;
+// Gate pre-activations the recurrence has no value for, refused instead of coming out as NaN or as a silent
+// number: NaN in i or f (the forms disagreed: the chunkwise and parallel ones took a NaN gate as -inf and returned
+// finite h, the sequence forms and the references NaN), and an input gate of +inf with the exponential gate (also a
+// finite value beyond float32's range, which the float32 kernels read as +inf; stages.hpp, "Gates at +-inf":
+// m_t = +inf, b = exp(inf - inf)). Scanned through float32, the kernels' precision, in blocks in parallel (TBB), in
+// place when the gate is contiguous float32: every layer of a call validates its arguments, and a serial scan of a
+// million-token gate took milliseconds each time (bench_graph BM_HostBackward's trace on an H200: about 30 ms of a
+// 170 ms backward).
+void check_gate_domain(ConstTensorView g, const char* name, bool refuse_plus_inf) {
+  if (g.empty()) return;
   constexpr std::int64_t kBlock = std::int64_t{1} << 16;
-  const std::int64_t total = i.numel();
-  const bool in_place = i.dtype() == DType::f32 && i.is_contiguous();
+  const std::int64_t total = g.numel();
+  const bool in_place = g.dtype() == DType::f32 && g.is_contiguous();
   constexpr float kInf = std::numeric_limits<float>::infinity();
-  // The first element that is +inf, or `total`.
+  const auto bad = [&](float x) { return std::isnan(x) || (refuse_plus_inf && x == kInf); };
+  // The first element that is refused, or `total`.
   const std::int64_t first_bad = tbb::parallel_reduce(
       tbb::blocked_range<std::int64_t>(0, (total + kBlock - 1) / kBlock), total,
       [&](const tbb::blocked_range<std::int64_t>& blocks, std::int64_t found) {
@@ -166,26 +169,36 @@ void check_input_gate_domain(ConstTensorView i, GateVariant gate) {
           const std::int64_t first = b * kBlock, count = std::min(kBlock, total - first);
           const float* x = nullptr;
           if (in_place) {
-            x = reinterpret_cast<const float*>(i.bytes()) + first;
+            x = reinterpret_cast<const float*>(g.bytes()) + first;
           } else {
             copy.resize(static_cast<std::size_t>(count));
-            copy_elements(i, first, count, DType::f32, reinterpret_cast<std::byte*>(copy.data()));
+            copy_elements(g, first, count, DType::f32, reinterpret_cast<std::byte*>(copy.data()));
             x = copy.data();
           }
           bool any = false;
-          for (std::int64_t e = 0; e < count; ++e) any |= x[e] == kInf;
+          for (std::int64_t e = 0; e < count; ++e) any |= bad(x[e]);
           if (!any) continue;
           for (std::int64_t e = 0; e < count; ++e)
-            if (x[e] == kInf) return first + e;
+            if (bad(x[e])) return first + e;
         }
         return found;
       },
       [](std::int64_t a, std::int64_t b) { return std::min(a, b); });
-  if (first_bad < total) {
-    throw InvalidArgument("i", "element " + std::to_string(first_bad) +
-                                   " is +inf in float32: an input gate of +inf is not supported with the "
-                                   "exponential gate yet (-inf, and +-inf forget gates, are)");
+  if (first_bad == total) return;
+  float x = 0;
+  copy_elements(g, first_bad, 1, DType::f32, reinterpret_cast<std::byte*>(&x));
+  if (std::isnan(x)) {
+    throw InvalidArgument(name, "element " + std::to_string(first_bad) +
+                                    " is NaN: a gate pre-activation must be a number (-inf and +inf included)");
   }
+  throw InvalidArgument(name, "element " + std::to_string(first_bad) +
+                                  " is +inf in float32: an input gate of +inf is not supported with the "
+                                  "exponential gate yet (-inf, and +-inf forget gates, are)");
+}
+
+void check_gates(ConstTensorView i, ConstTensorView f, GateVariant gate) {
+  check_gate_domain(i, "i", gate == GateVariant::exp);
+  check_gate_domain(f, "f", false);
 }
 }  // namespace
 
@@ -214,7 +227,7 @@ ProblemShape validate_forward(const ForwardArgs& a, const MlstmOptions& options)
   check_same_dtype(a.f, p.gate_dtype, "f", "i");
   if (a.packed()) p.N = check_cu_seqlens(a.cu_seqlens, p);
   check_state(a.c0, a.n0, a.m0, p.state_batch(), p.NH, p.DHQK, p.DHHV, options, "c0", "n0", "m0", p.packed());
-  check_input_gate_domain(a.i, options.gate);
+  check_gates(a.i, a.f, options.gate);
   return p;
 }
 
@@ -251,7 +264,7 @@ ProblemShape validate_step(const StepArgs& a, const MlstmOptions& options) {
   p.gate_dtype = a.i.dtype();
   check_same_dtype(a.f, p.gate_dtype, "f", "i");
   check_state(a.c, a.n, a.m, p.B, p.NH, p.DHQK, p.DHHV, options, "c", "n", "m");
-  check_input_gate_domain(a.i, options.gate);
+  check_gates(a.i, a.f, options.gate);
   return p;
 }
 

@@ -1146,6 +1146,52 @@ TEST(ReferenceValidation, InputGatePlusInfinityIsRefusedNotNaN) {
   EXPECT_NO_THROW((void)validate_forward(a, MlstmOptions{}));
 }
 
+// A NaN gate pre-activation has no value in the recurrence: refused naming the gate and the element, in every dtype
+// and for both gates (the chunkwise and parallel forms took it as -inf and returned finite h, the sequence forms
+// and the references NaN), in a forward and a step.
+TEST(ReferenceValidation, NaNGatesAreRefusedNamingTheGate) {
+  for (const DType gate_dtype : {DType::f64, DType::f32, DType::bf16, DType::f16}) {
+    auto s = testing::spec(2, 3, 40, 8, 8, DType::f32);
+    s.gate_dtype = gate_dtype;
+    const auto in = testing::make_inputs(s, testing::fresh_seed());
+    for (const char* gate : {"i", "f"}) {
+      for (const GateVariant variant : {GateVariant::exp, GateVariant::sigmoid}) {
+        Tensor g = std::string(gate) == "i" ? in.i : in.f;
+        g.set({1, 0, 17}, std::numeric_limits<double>::quiet_NaN());
+        ForwardArgs a = in.args();
+        (std::string(gate) == "i" ? a.i : a.f) = g.view();
+        MlstmOptions o;
+        o.gate = variant;
+        try {
+          (void)validate_forward(a, o);
+          ADD_FAILURE() << gate << " = NaN was accepted (" << dtype_name(gate_dtype) << ")";
+        } catch (const InvalidArgument& e) {
+          EXPECT_EQ(e.argument(), gate);
+          EXPECT_NE(std::string(e.what()).find("element " + std::to_string((1 * 3 + 0) * 40 + 17) + " is NaN"),
+                    std::string::npos)
+              << e.what();
+        }
+      }
+    }
+  }
+  const Tensor q = Tensor::zeros({2, 3, 4}, DType::f32), v = Tensor::zeros({2, 3, 5}, DType::f32),
+               i = Tensor::zeros({2, 3}, DType::f32);
+  Tensor f = Tensor::zeros({2, 3}, DType::f32);
+  f.set({1, 2}, std::numeric_limits<double>::quiet_NaN());
+  StepArgs a;
+  a.q = q.view();
+  a.k = q.view();
+  a.v = v.view();
+  a.i = i.view();
+  a.f = f.view();
+  try {
+    (void)validate_step(a, MlstmOptions{});
+    ADD_FAILURE() << "a step's f = NaN was accepted";
+  } catch (const InvalidArgument& e) {
+    EXPECT_EQ(e.argument(), "f");
+  }
+}
+
 TEST(ReferenceValidation, StepNamesTheArgument) {
   const Tensor q = Tensor::zeros({2, 3, 4}, DType::f32), k = Tensor::zeros({2, 3, 4}, DType::f32),
                v = Tensor::zeros({2, 3, 5}, DType::f32), i = Tensor::zeros({2, 3}, DType::f32),
