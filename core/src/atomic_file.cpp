@@ -1,6 +1,7 @@
 #include "mlstm/core/atomic_file.hpp"
 
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -9,6 +10,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 
 #include "mlstm/core/error.hpp"
 
@@ -28,9 +30,46 @@ mode_t current_umask() {
   return 022;
 }
 
+// A temporary file's name for `path` (a bare name, as in a directory listing) is ".<name>.tmp.<pid>.XXXXXX", <pid> the
+// writer's process id (none in files of older versions), XXXXXX six letters or digits from mkstemp. The writer's
+// pid when `candidate` is one (0 for an older file without one); nullopt when it is not.
+std::optional<long> temporary_writer(const std::string& path, const std::string& candidate) {
+  const std::string base = std::filesystem::path(path).filename().string();
+  if (base.empty()) return std::nullopt;
+  const std::string prefix = "." + base + ".tmp.";
+  if (candidate.size() < prefix.size() + 6 || candidate.compare(0, prefix.size(), prefix) != 0) return std::nullopt;
+  const std::string rest = candidate.substr(prefix.size());
+  const std::size_t dot = rest.find('.');
+  const std::string pid = dot == std::string::npos ? std::string() : rest.substr(0, dot);
+  const std::string letters = dot == std::string::npos ? rest : rest.substr(dot + 1);
+  if (letters.size() != 6 || (dot != std::string::npos && (pid.empty() || pid.size() > 10))) return std::nullopt;
+  for (const char ch : letters) {
+    const bool alnum = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9');
+    if (!alnum) return std::nullopt;
+  }
+  long writer = 0;
+  for (const char ch : pid) {
+    if (ch < '0' || ch > '9') return std::nullopt;
+    writer = writer * 10 + (ch - '0');
+  }
+  return writer;
+}
+
+// Whether process `pid` runs on this host (a kill(pid, 0) that finds it, also one we may not signal).
+bool process_alive(long pid) { return pid > 0 && (::kill(static_cast<pid_t>(pid), 0) == 0 || errno == EPERM); }
+
+// Where an output named `path` goes: the file a symbolic link there points to (the link stays a link), else `path`.
+std::string write_target(const std::string& path) {
+  std::error_code ec;
+  const auto status = std::filesystem::symlink_status(path, ec);
+  if (ec || !std::filesystem::is_symlink(status)) return path;
+  const std::filesystem::path target = std::filesystem::weakly_canonical(path, ec);
+  return ec || target.empty() ? path : target.string();
+}
+
 }  // namespace
 
-AtomicFile::AtomicFile(std::string path) : path_(std::move(path)) {
+AtomicFile::AtomicFile(std::string path) : path_(write_target(path)) {
   const std::filesystem::path p(path_);
   if (p.filename().empty()) throw Error("cannot write '" + path_ + "': not a file name");
   // Renaming over a device or a FIFO (/dev/null, as root) would replace it with a regular file.
@@ -39,8 +78,10 @@ AtomicFile::AtomicFile(std::string path) : path_(std::move(path)) {
     throw Error("cannot write '" + path_ + "': it exists and is not a regular file");
   }
   const std::filesystem::path dir = p.parent_path().empty() ? std::filesystem::path(".") : p.parent_path();
-  std::string name(1, '.');  // hidden: ".<name>.tmp.XXXXXX" (appends; "." + string trips GCC 12's -Wrestrict)
-  name.append(p.filename().string()).append(".tmp.XXXXXX");
+  // Debris of a writer of this path that was killed (SIGKILL, power loss) goes first; a live writer's file stays.
+  remove_stale_temporaries(path_);
+  std::string name(1, '.');  // hidden: ".<name>.tmp.<pid>.XXXXXX" (appends; "." + string trips GCC 12's -Wrestrict)
+  name.append(p.filename().string()).append(".tmp.").append(std::to_string(::getpid())).append(".XXXXXX");
   std::string tmpl = (dir / name).string();
   fd_ = ::mkstemp(tmpl.data());
   if (fd_ < 0) throw Error("cannot write '" + path_ + "': " + reason());
@@ -162,7 +203,8 @@ void AtomicFile::write(const void* data, std::size_t size) {
   }
 }
 
-void AtomicFile::commit() {
+void AtomicFile::finish() {
+  if (finished_) return;
   if (fd_ < 0) throw Error("cannot write '" + path_ + "': file already closed");
   auto fail = [&](const char* what) {
     const std::string why = reason();
@@ -173,7 +215,17 @@ void AtomicFile::commit() {
   const int fd = fd_;
   fd_ = -1;
   if (::close(fd) != 0) fail("close of");
-  if (::rename(tmp_.c_str(), path_.c_str()) != 0) fail("rename onto");
+  finished_ = true;
+}
+
+void AtomicFile::commit() {
+  if (committed_) throw Error("cannot write '" + path_ + "': already committed");
+  finish();
+  if (::rename(tmp_.c_str(), path_.c_str()) != 0) {
+    const std::string why = reason();
+    discard();
+    throw Error("rename onto '" + path_ + "' failed: " + why);
+  }
   committed_ = true;
   tmp_.clear();
   // The rename is durable once the directory is synced; best effort (some filesystems refuse fsync on a directory).
@@ -186,16 +238,7 @@ void AtomicFile::commit() {
 }
 
 bool is_atomic_temporary_of(const std::string& path, const std::string& candidate) {
-  const std::string base = std::filesystem::path(path).filename().string();
-  if (base.empty()) return false;
-  const std::string prefix = "." + base + ".tmp.";
-  if (candidate.size() != prefix.size() + 6 || candidate.compare(0, prefix.size(), prefix) != 0) return false;
-  for (std::size_t c = prefix.size(); c < candidate.size(); ++c) {
-    const char ch = candidate[c];
-    const bool alnum = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || (ch >= '0' && ch <= '9');
-    if (!alnum) return false;
-  }
-  return true;
+  return temporary_writer(path, candidate).has_value();
 }
 
 std::size_t remove_stale_temporaries(const std::string& path) {
@@ -207,12 +250,29 @@ std::size_t remove_stale_temporaries(const std::string& path) {
   std::filesystem::directory_iterator it(dir, ec), end;
   for (; !ec && it != end; it.increment(ec)) {
     const std::string name = it->path().filename().string();
-    if (!is_atomic_temporary_of(path, name)) continue;
+    const auto writer = temporary_writer(path, name);
+    if (!writer || process_alive(*writer)) continue;
     std::error_code sec;
     if (!std::filesystem::is_regular_file(std::filesystem::symlink_status(it->path(), sec))) continue;
     if (::unlink(it->path().c_str()) == 0) ++removed;
   }
   return removed;
+}
+
+AtomicFileGroup::AtomicFileGroup() = default;
+AtomicFileGroup::~AtomicFileGroup() = default;
+
+AtomicFile& AtomicFileGroup::add(const std::string& path) {
+  if (committed_) throw Error("cannot write '" + path + "': the group is already committed");
+  files_.push_back(std::make_unique<AtomicFile>(path));
+  return *files_.back();
+}
+
+void AtomicFileGroup::commit() {
+  if (committed_) throw Error("the group of output files is already committed");
+  for (auto& f : files_) f->finish();  // every file complete and on the disk before the first rename
+  committed_ = true;
+  for (auto& f : files_) f->commit();
 }
 
 void write_file_atomically(const std::string& path, const std::function<void(AtomicFile&)>& writer) {

@@ -127,7 +127,9 @@ RawHeader decode_raw_header(const std::string& bytes, const std::string& argumen
 }
 
 // Decodes and checks the header at the start of `bytes` (a prefix of the file is enough).
-HeaderInfo decode_header(const std::string& bytes, const std::string& argument, std::optional<DType> as_dtype) {
+// `exact`: the file must hold `as_dtype` (where given); otherwise as_dtype only says how to read a <u2 array.
+HeaderInfo decode_header(const std::string& bytes, const std::string& argument, std::optional<DType> as_dtype,
+                         bool exact = true) {
   const RawHeader raw = decode_raw_header(bytes, argument);
   const std::string& descr = raw.descr;
   const Shape& shape = raw.shape;
@@ -152,7 +154,7 @@ HeaderInfo decode_header(const std::string& bytes, const std::string& argument, 
                                         "'; expected float64, float32, float16 or "
                                         "bfloat16 as uint16");
   }
-  if (as_dtype && *as_dtype != dtype) {
+  if (exact && as_dtype && *as_dtype != dtype) {
     throw InvalidArgument(argument, "expected dtype " + std::string(dtype_name(*as_dtype)) + ", file holds " +
                                         std::string(dtype_name(dtype)));
   }
@@ -187,11 +189,11 @@ std::string read_prefix(std::ifstream& in, std::size_t n) {
 
 }  // namespace
 
-std::pair<Shape, DType> read_header(const std::string& path, const std::string& argument,
-                                    std::optional<DType> as_dtype) {
+std::pair<Shape, DType> read_header(const std::string& path, const std::string& argument, std::optional<DType> as_dtype,
+                                    bool exact) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw InvalidArgument(argument, "cannot open '" + path + "'");
-  const auto h = decode_header(read_prefix(in, 1 << 16), argument + " ('" + path + "')", as_dtype);
+  const auto h = decode_header(read_prefix(in, 1 << 16), argument + " ('" + path + "')", as_dtype, exact);
   return {h.shape, h.dtype};
 }
 
@@ -215,7 +217,7 @@ void check_axis(int axis) {
 }  // namespace
 
 SeqSliceReader::SeqSliceReader(const std::string& path, const std::string& argument, std::optional<DType> as_dtype,
-                               int axis)
+                               int axis, bool exact)
     : path_(path), argument_(argument), axis_(axis) {
   check_axis(axis);
   fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
@@ -235,7 +237,7 @@ SeqSliceReader::SeqSliceReader(const std::string& path, const std::string& argum
       got += static_cast<std::size_t>(n);
     }
     prefix.resize(got);
-    const auto h = decode_header(prefix, where, as_dtype);
+    const auto h = decode_header(prefix, where, as_dtype, exact);
     if (axis_ == 2 && h.shape.size() < 3)
       throw InvalidArgument(argument, "expected (B,NH,S,...), got " + shape_to_string(h.shape));
     if (h.shape.empty()) throw InvalidArgument(argument, "expected an array of (N,...), got a scalar");
@@ -361,13 +363,15 @@ void SeqSliceWriter::sync() { file_->file.sync(); }
 
 void SeqSliceWriter::commit() { file_->file.commit(); }
 
-Tensor read(const std::string& path, const std::string& argument, std::optional<DType> as_dtype) {
+namespace {
+
+Tensor read_file(const std::string& path, const std::string& argument, std::optional<DType> as_dtype, bool exact) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw InvalidArgument(argument, "cannot open '" + path + "'");
   const std::string where = argument + " ('" + path + "')";
   // The header is checked first, then the file's size against it; only then is the tensor allocated and the
   // data read straight into it (memory: about the file's size, whatever the header claims).
-  const auto h = decode_header(read_prefix(in, 1 << 16), where, as_dtype);
+  const auto h = decode_header(read_prefix(in, 1 << 16), where, as_dtype, exact);
   in.seekg(0, std::ios::end);
   const auto end = in.tellg();
   if (end < 0) throw InvalidArgument(where, "cannot read the file (not a regular file?)");
@@ -380,9 +384,20 @@ Tensor read(const std::string& path, const std::string& argument, std::optional<
   }
   Tensor t(h.shape, h.dtype);
   in.seekg(static_cast<std::streamoff>(h.data_offset));
-  if (need) in.read(reinterpret_cast<char*>(t.bytes()), static_cast<std::streamsize>(need));
+  if (need == 0) return t;  // an empty array (a zero extent): nothing to read; the caller checks its shape
+  in.read(reinterpret_cast<char*>(t.bytes()), static_cast<std::streamsize>(need));
   if (!in || static_cast<std::size_t>(in.gcount()) != need) throw InvalidArgument(where, "read error in .npy data");
   return t;
+}
+
+}  // namespace
+
+Tensor read(const std::string& path, const std::string& argument, std::optional<DType> as_dtype) {
+  return read_file(path, argument, as_dtype, true);
+}
+
+Tensor read_any(const std::string& path, const std::string& argument, std::optional<DType> uint16_as) {
+  return read_file(path, argument, uint16_as, false);
 }
 
 std::vector<std::int64_t> parse_offsets(const std::string& bytes, const std::string& argument) {
@@ -491,8 +506,19 @@ std::string serialize(ConstTensorView view) {
   return out;
 }
 
+void write_to(AtomicFile& file, ConstTensorView t) {
+  file.write(header_bytes(t.shape(), t.dtype()));
+  if (t.is_contiguous()) {
+    file.write(t.bytes(), t.nbytes());  // no copy of the array
+  } else {
+    const Tensor copy = Tensor::copy_of(t);
+    file.write(copy.bytes(), copy.nbytes());
+  }
+}
+
 void write(const std::string& path, ConstTensorView t) {
-  write_file_atomically(path, serialize(t));  // a failed write leaves the old file and no debris
+  // A failed write leaves the old file and no debris.
+  write_file_atomically(path, [&](AtomicFile& f) { write_to(f, t); });
 }
 
 }  // namespace mlstm::npy

@@ -386,13 +386,21 @@ TEST(StreamSnapshot, StaleTemporariesOfThePathAreRemovedOnTheNextStart) {
   fs::create_directories(dir);
   const std::string path = (dir / "state.snap").string();
   StreamSession(cfg).snapshot(path);
-  const std::vector<std::string> ours = {".state.snap.tmp.Ab3xYz", ".state.snap.tmp.000000"};
-  const std::vector<std::string> not_ours = {".state.snap.tmp.Ab3xY",    // five characters
-                                             ".state.snap.tmp.Ab3xYz1",  // seven
-                                             ".state.snap.tmp.Ab-xYz",   // not a letter or digit
-                                             "state.snap.tmp.Ab3xYz",    // not hidden
-                                             ".other.snap.tmp.Ab3xYz",   // another target's
-                                             ".state.snapx.tmp.Ab3xYz",  // another target's
+  // Older names without the writer's pid, and names with the pid of a process that is gone (a child that exited).
+  const pid_t gone = fork();
+  if (gone == 0) _exit(0);
+  ASSERT_GT(gone, 0);
+  waitpid(gone, nullptr, 0);
+  const std::vector<std::string> ours = {".state.snap.tmp.Ab3xYz", ".state.snap.tmp.000000",
+                                         ".state.snap.tmp." + std::to_string(gone) + ".Ab3xYz"};
+  const std::vector<std::string> not_ours = {".state.snap.tmp.Ab3xY",       // five characters
+                                             ".state.snap.tmp.Ab3xYz1",     // seven
+                                             ".state.snap.tmp.Ab-xYz",      // not a letter or digit
+                                             ".state.snap.tmp..Ab3xYz",     // an empty pid
+                                             ".state.snap.tmp.12a.Ab3xYz",  // not a pid
+                                             "state.snap.tmp.Ab3xYz",       // not hidden
+                                             ".other.snap.tmp.Ab3xYz",      // another target's
+                                             ".state.snapx.tmp.Ab3xYz",     // another target's
                                              "notes.txt"};
   auto make = [&](const std::vector<std::string>& names) {
     for (const auto& n : names) std::ofstream(dir / n) << "debris";
@@ -407,6 +415,11 @@ TEST(StreamSnapshot, StaleTemporariesOfThePathAreRemovedOnTheNextStart) {
   fs::create_directories(dir / ".state.snap.tmp.dir123");  // our pattern, but a directory: left alone
   expected.insert(std::upper_bound(expected.begin(), expected.end(), ".state.snap.tmp.dir123"),
                   ".state.snap.tmp.dir123");
+  // A live writer's temporary file (this process's pid): ours, and left alone.
+  const std::string live = ".state.snap.tmp." + std::to_string(getpid()) + ".Zz9zZz";
+  EXPECT_TRUE(is_atomic_temporary_of(path, live));
+  make({live});
+  expected.insert(std::upper_bound(expected.begin(), expected.end(), live), live);
   EXPECT_EQ(StreamSession::restore(path, cfg).tokens(), 0);  // a restart: restore cleans up
   EXPECT_EQ(dir_entries(dir), expected);
   make(ours);

@@ -1,9 +1,11 @@
 // The mlstm command line: every subcommand, .npy round trips against the library, and bad input
 // (exit code 2 with one line naming the argument).
 #include <gtest/gtest.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 
 #include <array>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -568,6 +570,140 @@ TEST_F(Cli, NumbersAreCheckedAndNamed) {
                            " --i " + path("si") + " --f " + path("sf") + " --c " + path("sc_nan") + " --n " +
                            path("sn") + " --m " + path("sm") + " --out " + path("sh")),
                    "--c");
+}
+
+// Found by probing the CLI as a new user (session 37): options that had no effect are refused naming them. step
+// listed --c0/--n0/--m0 (the forward's initial state) and ignored them, even of the wrong shape: its state is --c,
+// --n, --m. --chunk-size with a kernel that has no chunks, an empty --devices, a backward that writes nothing.
+TEST_F(Cli, MoreOptionsWithoutEffectAreRefused) {
+  const std::string step_in =
+      "--q " + path("sq") + " --k " + path("sk") + " --v " + path("sv") + " --i " + path("si") + " --f " + path("sf");
+  save("sq", testing::slice_seq(in_.q, 0, 1).reshaped({2, 3, 8}));
+  save("sk", testing::slice_seq(in_.k, 0, 1).reshaped({2, 3, 8}));
+  save("sv", testing::slice_seq(in_.v, 0, 1).reshaped({2, 3, 12}));
+  save("si", Tensor::full({2, 3}, DType::f32, 0.5));
+  save("sf", Tensor::full({2, 3}, DType::f32, 2.0));
+  for (const char* opt : {"--c0", "--n0", "--m0"})
+    expect_bad_input(run_cli("step " + step_in + " " + opt + " " + path("c0") + " --out " + path("sh")), opt);
+  for (const char* kernel : {"sequence--cpu", "parallel--cpu", "sequence--reference_f64"}) {
+    expect_bad_input(run_cli("forward " + inputs() + " --kernel " + kernel + " --chunk-size 3 --out " + path("h")),
+                     "--chunk-size");
+  }
+  expect_bad_input(run_cli("backward " + inputs() + " --kernel parallel--cpu --chunk-size 16 --dh " + path("dh") +
+                           " --out-dq " + path("dq")),
+                   "--chunk-size");
+  ASSERT_EQ(run_cli("forward " + inputs() + " --kernel sequence--cpu --chunk-size auto --out " + path("h")).code, 0);
+  expect_bad_input(run_cli("forward " + inputs() + " --devices '' --out " + path("h")), "--devices");
+  expect_bad_input(run_cli("step " + step_in + " --devices '' --out " + path("sh")), "--devices");
+  expect_bad_input(run_cli("backward " + inputs() + " --dh " + path("dh")), "--out-dq");
+  EXPECT_FALSE(fs::exists(path("sh")));
+}
+
+// Log lines go to stderr: --json's stdout is one JSON document whatever is logged (it began with a warning when
+// the program cache could not be written, and with every info line at --log-level info).
+TEST_F(Cli, JsonStdoutIsOnlyJsonWhateverIsLogged) {
+  const auto r = run_cli("--json --log-level debug forward " + inputs() + " --devices 0 --out " + path("h"));
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_FALSE(r.err.empty()) << "nothing was logged at --log-level debug";
+  const auto doc = nlohmann::json::parse(r.out, nullptr, false);
+  EXPECT_FALSE(doc.is_discarded()) << r.out;
+}
+
+// A NaN gate has no value in the recurrence; the chunkwise and parallel forms took it as -inf and returned finite
+// h (exit 0), the sequence forms and the references NaN. Every path refuses it naming the gate.
+TEST_F(Cli, NaNGatesAreRefusedNamingTheGate) {
+  for (const char* gate : {"i", "f"}) {
+    Tensor g = (std::string(gate) == "i" ? in_.i : in_.f).to(DType::f32);
+    g.data<float>()[37] = std::numeric_limits<float>::quiet_NaN();
+    save(std::string(gate) + "_nan", g);
+    const std::string args = "--q " + path("q") + " --k " + path("k") + " --v " + path("v") + " --i " +
+                             path(std::string(gate) == "i" ? "i_nan" : "i") + " --f " +
+                             path(std::string(gate) == "f" ? "f_nan" : "f");
+    for (const char* how :
+         {"", " --kernel sequence--reference_f64", " --kernel parallel--cpu", " --devices 0,1", " --gate sig"}) {
+      expect_bad_input(run_cli("forward " + args + how + " --out " + path("h")), "--" + std::string(gate));
+    }
+    expect_bad_input(run_cli("backward " + args + " --dh " + path("dh") + " --out-dq " + path("dq")),
+                     "--" + std::string(gate));
+  }
+  EXPECT_FALSE(fs::exists(path("h")));
+}
+
+// With --dtype bfloat16, uint16 gates, states and gradients are bfloat16 bits as q, k, v are (the gates were
+// refused with "pass the dtype bfloat16" although it was passed); float32 ones stay float32.
+TEST_F(Cli, Bfloat16GatesAndGradients) {
+  // npy::write stores bfloat16 as uint16 ('<u2'), as numpy has no bfloat16.
+  save("bq", in_.q.to(DType::bf16));
+  save("bk", in_.k.to(DType::bf16));
+  save("bv", in_.v.to(DType::bf16));
+  save("bi", in_.i.to(DType::bf16));
+  save("bf", in_.f.to(DType::bf16));
+  save("bdh", in_.dh.to(DType::bf16));
+  const std::string bf = "--q " + path("bq") + " --k " + path("bk") + " --v " + path("bv") + " --dtype bfloat16";
+  const auto r1 = run_cli("forward " + bf + " --i " + path("bi") + " --f " + path("bf") + " --out " + path("h1"));
+  ASSERT_EQ(r1.code, 0) << r1.err;
+  // The same gates as float32 files: the same h (bfloat16 gates hold values float32 holds exactly).
+  save("fi", in_.i.to(DType::bf16).to(DType::f32));
+  save("ff", in_.f.to(DType::bf16).to(DType::f32));
+  const auto r2 = run_cli("forward " + bf + " --i " + path("fi") + " --f " + path("ff") + " --out " + path("h2"));
+  ASSERT_EQ(r2.code, 0) << r2.err;
+  EXPECT_TRUE(testing::matches(npy::read(path("h1"), "h", DType::bf16), npy::read(path("h2"), "h", DType::bf16), 1e-2,
+                               "bf16 gates", "h", spec_));
+  const auto b = run_cli("backward " + bf + " --i " + path("bi") + " --f " + path("bf") + " --dh " + path("bdh") +
+                         " --out-dq " + path("dq"));
+  EXPECT_EQ(b.code, 0) << b.err;
+}
+
+// The outputs of one command are all or none: a write that fails (a full disk; the file size limit as its stand-in,
+// SIGXFSZ ignored) leaves every output as it was, the ones written before it too, and no temporary file. A killed
+// writer's temporary file is removed by the next write of the same output.
+TEST_F(Cli, FailedWriteLeavesEveryOutputAsItWas) {
+  // step's outputs: h (2 x 3 x 12 floats) is written first and fits the limit, C (2 x 3 x 8 x 12) does not.
+  save("sq", testing::slice_seq(in_.q, 0, 1).reshaped({2, 3, 8}));
+  save("sk", testing::slice_seq(in_.k, 0, 1).reshaped({2, 3, 8}));
+  save("sv", testing::slice_seq(in_.v, 0, 1).reshaped({2, 3, 12}));
+  save("si", Tensor::full({2, 3}, DType::f32, 0.5));
+  save("sf", Tensor::full({2, 3}, DType::f32, 2.0));
+  for (const char* name : {"h", "c", "n"}) save(std::string("old_") + name, Tensor::full({1}, DType::f32, 7.0));
+  const std::string step = " step --q " + path("sq") + " --k " + path("sk") + " --v " + path("sv") + " --i " +
+                           path("si") + " --f " + path("sf") + " --out " + path("old_h") + " --out-c " + path("old_c") +
+                           " --out-n " + path("old_n");
+  const auto full = testing::run_command(dir_, "exec " + std::string(MLSTM_CLI_PATH) + step, [] {
+    std::signal(SIGXFSZ, SIG_IGN);
+    const rlimit limit{1024, 1024};  // h's 416 bytes fit, C's 2432 do not
+    setrlimit(RLIMIT_FSIZE, &limit);
+  });
+  EXPECT_EQ(full.code, 1) << full.err;
+  for (const char* name : {"h", "c", "n"}) {
+    EXPECT_EQ(npy::read(path(std::string("old_") + name), name).numel(), 1) << name << " was replaced";
+  }
+  const std::string outs = " --out " + path("old_h");
+  // A temporary file of a writer that was killed (its pid no longer runs) goes with the next write; another live
+  // writer's stays.
+  const pid_t gone = fork();
+  if (gone == 0) _exit(0);
+  ASSERT_GT(gone, 0);
+  waitpid(gone, nullptr, 0);
+  const std::string stale = (dir_ / (".old_h.npy.tmp." + std::to_string(gone) + ".Ab3xYz")).string();
+  const std::string live = (dir_ / (".old_h.npy.tmp." + std::to_string(getpid()) + ".Ab3xYz")).string();
+  for (const auto& f : {stale, live}) std::fclose(std::fopen(f.c_str(), "w"));
+  ASSERT_EQ(run_cli("forward " + inputs() + outs).code, 0);
+  EXPECT_EQ(npy::read(path("old_h"), "h").shape(), in_.dh.shape());
+  EXPECT_FALSE(fs::exists(stale));
+  EXPECT_TRUE(fs::exists(live));
+  fs::remove(live);
+  for (const auto& e : fs::directory_iterator(dir_)) {
+    EXPECT_EQ(e.path().filename().string().find(".tmp"), std::string::npos) << e.path();
+  }
+}
+
+// An output path that is a symbolic link writes the file it points to; the link stays a link.
+TEST_F(Cli, OutputThroughASymlinkWritesItsTarget) {
+  save("target", Tensor::full({1}, DType::f32, 7.0));
+  fs::create_symlink(path("target"), path("link"));
+  ASSERT_EQ(run_cli("forward " + inputs() + " --out " + path("link")).code, 0);
+  EXPECT_TRUE(fs::is_symlink(path("link")));
+  EXPECT_EQ(npy::read(path("target"), "h").shape(), in_.dh.shape());
 }
 
 }  // namespace

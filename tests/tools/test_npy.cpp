@@ -293,6 +293,51 @@ TEST(AtomicFile, FailureLeavesTheOldFileAndNoDebris) {
   fs::remove_all(dir);
 }
 
+// Several outputs of one command, all or none: a failure in a later file (its writer throws) leaves the earlier
+// ones as they were and no temporary file; commit() replaces them all.
+TEST(AtomicFile, AGroupIsAllOrNone) {
+  const fs::path dir = fs::temp_directory_path() / ("mlstm_atomic_group_" + std::to_string(getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  const std::string a = (dir / "a.npy").string(), b = (dir / "b.npy").string();
+  const Tensor old_t = Tensor::from(std::vector<float>{1, 2, 3}, {3}), new_t = Tensor::from(std::vector<float>{4}, {1});
+  npy::write(a, old_t.view());
+  npy::write(b, old_t.view());
+  const std::string old_bytes = contents(a);
+  {
+    AtomicFileGroup group;
+    npy::write_to(group.add(a), new_t.view());
+    group.add(b).write("partial");
+    // No commit (the second output failed): the group goes, both files stay as they were.
+  }
+  EXPECT_EQ(contents(a), old_bytes);
+  EXPECT_EQ(contents(b), old_bytes);
+  EXPECT_EQ(entries(dir), (std::vector<std::string>{"a.npy", "b.npy"}));
+  {
+    AtomicFileGroup group;
+    npy::write_to(group.add(a), new_t.view());
+    npy::write_to(group.add(b), new_t.view());
+    EXPECT_EQ(contents(a), old_bytes);  // nothing replaced before commit
+    group.commit();
+    EXPECT_THROW(group.commit(), Error);
+  }
+  EXPECT_EQ(npy::read(a, "a").shape(), (Shape{1}));
+  EXPECT_EQ(npy::read(b, "b").shape(), (Shape{1}));
+  EXPECT_EQ(entries(dir), (std::vector<std::string>{"a.npy", "b.npy"}));
+  fs::remove_all(dir);
+}
+
+// An array with a zero extent is a valid file: it reads as an empty tensor of its shape (it was "read error in
+// .npy data"); the library then refuses the shape naming the argument.
+TEST(Npy, ZeroExtentArraysRead) {
+  const auto path = (fs::temp_directory_path() / ("mlstm_npy_empty_" + std::to_string(getpid()) + ".npy")).string();
+  npy::write(path, Tensor::zeros({1, 2, 0, 8}, DType::f32).view());
+  const Tensor t = npy::read(path, "--q");
+  EXPECT_EQ(t.shape(), (Shape{1, 2, 0, 8}));
+  EXPECT_EQ(t.numel(), 0);
+  fs::remove(path);
+}
+
 // read() checks the header and the file's size before allocating: a header promising 2^40 floats in a
 // small file is refused as truncated (it used to be loaded whole into memory first, then copied).
 TEST(Npy, ReadRefusesAHeaderPromisingMoreThanTheFile) {

@@ -200,6 +200,13 @@ const CLI::Validator& path_check() {
   return check;
 }
 
+// A value option given an empty string is refused (--devices '' ran the one-kernel path as if it were not given).
+const CLI::Validator& nonempty_check() {
+  static const CLI::Validator check(
+      [](std::string& value) { return value.empty() ? std::string("empty value") : std::string(); }, "TEXT");
+  return check;
+}
+
 void add_input_options(CLI::App* app, InputFiles& in, bool sequence) {
   const std::string qk = sequence ? "(B,NH,S,DHQK)" : "(B,NH,DHQK)";
   const std::string v = sequence ? "(B,NH,S,DHHV)" : "(B,NH,DHHV)";
@@ -209,11 +216,10 @@ void add_input_options(CLI::App* app, InputFiles& in, bool sequence) {
   app->add_option("--v", in.v, "values .npy " + v)->required()->check(path_check());
   app->add_option("--i", in.i, "input gate pre-activations .npy " + g)->required()->check(path_check());
   app->add_option("--f", in.f, "forget gate pre-activations .npy " + g)->required()->check(path_check());
-  const std::string b = sequence ? "B or N" : "B";
-  app->add_option("--c0", in.c0, "initial C .npy (" + b + ",NH,DHQK,DHHV)")->check(path_check());
-  app->add_option("--n0", in.n0, "initial n .npy (" + b + ",NH,DHQK)")->check(path_check());
-  app->add_option("--m0", in.m0, "initial m .npy (" + b + ",NH)")->check(path_check());
-  if (sequence) {
+  if (sequence) {  // a step's state is --c, --n, --m (its own options)
+    app->add_option("--c0", in.c0, "initial C .npy (B or N,NH,DHQK,DHHV)")->check(path_check());
+    app->add_option("--n0", in.n0, "initial n .npy (B or N,NH,DHQK)")->check(path_check());
+    app->add_option("--m0", in.m0, "initial m .npy (B or N,NH)")->check(path_check());
     app->add_option("--cu-seqlens", in.cu_seqlens,
                     "packed sequences: .npy of N+1 int64 offsets 0 < ... < S; the N sequences lie one after the "
                     "other in one row (B = 1), each starts from its own initial state (--c0 etc. are then "
@@ -233,7 +239,8 @@ void add_input_options(CLI::App* app, InputFiles& in, bool sequence) {
     app->add_option("--devices", in.devices,
                     "run the flow graph over these devices, sequence parallel: workers (CPU workers), all, gpu:all, "
                     "0,1, cpu, or several joined by + (workers+gpu:all); with --kernel, the one OpenCL device that "
-                    "kernel runs on");
+                    "kernel runs on")
+        ->check(nonempty_check());
     in.balancing_option =
         app->add_option("--balancing", in.balancing,
                         "with --devices (the flow graph): pull (free devices pull segments; the default), calibrated "
@@ -244,7 +251,8 @@ void add_input_options(CLI::App* app, InputFiles& in, bool sequence) {
     in.step = true;
     in.kernel = "cpu";
     in.kernel_option = app->add_option("--kernel", in.kernel, "step kernel name (see `mlstm kernels`)");
-    app->add_option("--devices", in.devices, "the one OpenCL device of an OpenCL step kernel: 0, gpu:0, cpu, ...");
+    app->add_option("--devices", in.devices, "the one OpenCL device of an OpenCL step kernel: 0, gpu:0, cpu, ...")
+        ->check(nonempty_check());
   }
 }
 
@@ -255,7 +263,7 @@ std::optional<DType> as_dtype(const InputFiles& in) {
 
 Tensor read_optional(const std::string& path, const std::string& name, std::optional<DType> dt) {
   if (path.empty()) return Tensor();
-  return npy::read(path, name, dt);
+  return npy::read_any(path, name, dt);
 }
 
 ForwardInputs load_inputs(const InputFiles& in) {
@@ -264,11 +272,12 @@ ForwardInputs load_inputs(const InputFiles& in) {
   l.q = npy::read(in.q, "--q", dt);
   l.k = npy::read(in.k, "--k", dt);
   l.v = npy::read(in.v, "--v", dt);
-  l.i = npy::read(in.i, "--i");
-  l.f = npy::read(in.f, "--f");
-  l.c0 = read_optional(in.c0, "--c0", std::nullopt);
-  l.n0 = read_optional(in.n0, "--n0", std::nullopt);
-  l.m0 = read_optional(in.m0, "--m0", std::nullopt);
+  // Gates and states keep their own dtype; with --dtype bfloat16 a uint16 one is bfloat16 bits too.
+  l.i = npy::read_any(in.i, "--i", dt);
+  l.f = npy::read_any(in.f, "--f", dt);
+  l.c0 = read_optional(in.c0, "--c0", dt);
+  l.n0 = read_optional(in.n0, "--n0", dt);
+  l.m0 = read_optional(in.m0, "--m0", dt);
   if (!in.cu_seqlens.empty()) l.cu_seqlens = npy::read_offsets(in.cu_seqlens, "--cu-seqlens");
   return l;
 }
@@ -360,6 +369,10 @@ MlstmOptions options_of(const InputFiles& in, const KernelInfo& info) {
                                              std::string(in.devices.empty() ? "without --devices" : "with --kernel") +
                                              " this is one kernel call (give --devices without --kernel)");
   }
+  if (in.chunk_size != kAutoChunk && runs_one_kernel(in) && info.form != KernelForm::chunkwise) {
+    throw InvalidArgument("--chunk-size", "kernel '" + info.name + "' is a " + std::string(form_name(info.form)) +
+                                              " kernel and has no chunks (a chunkwise kernel or --devices takes one)");
+  }
   o.normalize = !in.no_normalize;
   o.eps = in.eps;
   o.chunk_size = in.chunk_size;
@@ -377,11 +390,11 @@ std::vector<NamedPath> input_paths(const InputFiles& in) {
           {"--n0", in.n0}, {"--m0", in.m0}, {"--cu-seqlens", in.cu_seqlens}};
 }
 
-void write_out(const std::string& option, const std::string& path, const Tensor& t) {
+void OutputFiles::add(const std::string& option, const std::string& path, const Tensor& t) {
   if (path.empty()) return;
   // Refused up front when it could not be computed; an empty result here is a bug, never a skipped file.
   if (t.empty()) throw Error(option + ": the kernel returned no such output");
-  npy::write(path, t.view());
+  npy::write_to(group_.add(path), t.view());
 }
 
 }  // namespace mlstm::cli

@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "mlstm/core/atomic_file.hpp"
 #include "mlstm/devices/opencl/device.hpp"
 #include "mlstm/mlstm.hpp"
 
@@ -83,6 +84,7 @@ struct InputFiles {
 };
 
 const CLI::Validator& path_check();
+const CLI::Validator& nonempty_check();
 void add_input_options(CLI::App* app, InputFiles& in, bool sequence);
 std::optional<DType> as_dtype(const InputFiles& in);
 Tensor read_optional(const std::string& path, const std::string& name, std::optional<DType> dt);
@@ -96,7 +98,17 @@ bool runs_one_kernel(const InputFiles& in);
 graph::Balancing balancing_of(const InputFiles& in);  // --balancing (checked by the parser)
 MlstmOptions options_of(const InputFiles& in, const KernelInfo& info);
 std::vector<NamedPath> input_paths(const InputFiles& in);
-void write_out(const std::string& option, const std::string& path, const Tensor& t);
+// The .npy outputs of one command, all or none (AtomicFileGroup): add() writes each to its temporary file now (an
+// empty path: not asked for), commit() renames them once every one is complete, so a failed write leaves every
+// output file as it was. A requested output the run did not produce is an Error (refused up front, never skipped).
+class OutputFiles {
+ public:
+  void add(const std::string& option, const std::string& path, const Tensor& t);
+  void commit() { group_.commit(); }
+
+ private:
+  AtomicFileGroup group_;
+};
 
 // Where a forward or backward runs: one registry kernel (on one device), or the flow graph over --devices. A
 // spec that names several devices is never cut to one: with --kernel it is refused.

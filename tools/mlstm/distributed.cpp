@@ -66,18 +66,18 @@ Shard read_shard(const InputFiles& in, const InputHeaders& hdr, const MlstmOptio
                                                 ", more than the limit of " + mib_text(limit) + "; use more ranks");
   }
   const auto dt = as_dtype(in);
-  auto slice = [&](const std::string& path, const char* option, std::optional<DType> as) {
-    return npy::SeqSliceReader(path, option, as).read(s.t0, s.t1);
+  auto slice = [&](const std::string& path, const char* option, std::optional<DType> as, bool exact = true) {
+    return npy::SeqSliceReader(path, option, as, 2, exact).read(s.t0, s.t1);
   };
   s.inputs.q = slice(in.q, "--q", dt);
   s.inputs.k = slice(in.k, "--k", dt);
   s.inputs.v = slice(in.v, "--v", dt);
-  s.inputs.i = slice(in.i, "--i", std::nullopt);
-  s.inputs.f = slice(in.f, "--f", std::nullopt);
+  s.inputs.i = slice(in.i, "--i", dt, false);  // gates keep their dtype (uint16: bfloat16 bits with --dtype)
+  s.inputs.f = slice(in.f, "--f", dt, false);
   if (rank == 0) {  // the initial state enters the first shard only
-    s.inputs.c0 = read_optional(in.c0, "--c0", std::nullopt);
-    s.inputs.n0 = read_optional(in.n0, "--n0", std::nullopt);
-    s.inputs.m0 = read_optional(in.m0, "--m0", std::nullopt);
+    s.inputs.c0 = read_optional(in.c0, "--c0", dt);
+    s.inputs.n0 = read_optional(in.n0, "--n0", dt);
+    s.inputs.m0 = read_optional(in.m0, "--m0", dt);
   }
   return s;
 }
@@ -229,9 +229,11 @@ int cmd_forward_mpi(const InputFiles& given, const ForwardOutputs& out, const Fo
   h.write(shard.t0, r.h);
   runner->collectively([&] {
     if (rank != size - 1) return;  // the last rank holds the sequence's last state
-    write_out("--out-c", out.c, r.c);
-    write_out("--out-n", out.n, r.n);
-    write_out("--out-m", out.m, r.m);
+    OutputFiles files;
+    files.add("--out-c", out.c, r.c);
+    files.add("--out-n", out.n, r.n);
+    files.add("--out-m", out.m, r.m);
+    files.commit();
   });
   h.commit();
   const std::vector<std::string> devices = devices_of_ranks(*runner);
@@ -269,7 +271,7 @@ int cmd_backward_mpi(const InputFiles& given, const BackwardFiles& bf, bool as_j
     o = options_of(in, kernel_info(in.kernel, false));
     check_backward_files(in, bf);
     hdr = read_input_headers(in);
-    const auto dh = npy::read_header(bf.dh, "--dh");
+    const auto dh = npy::read_header(bf.dh, "--dh", as_dtype(in), false);
     if (dh.first != Shape{hdr.B, hdr.NH, hdr.S, hdr.DV}) {
       throw InvalidArgument("--dh", "expected (B,NH,S,DHHV) = " + shape_to_string({hdr.B, hdr.NH, hdr.S, hdr.DV}) +
                                         " as h, got " + shape_to_string(dh.first));
@@ -285,10 +287,10 @@ int cmd_backward_mpi(const InputFiles& given, const BackwardFiles& bf, bool as_j
       ForwardStreaming none;
       shard = read_shard(in, hdr, o, rank, size, memory_limit_of(none));
       static_cast<ForwardInputs&>(l) = std::move(shard.inputs);
-      l.dh = npy::SeqSliceReader(bf.dh, "--dh").read(shard.t0, shard.t1);
+      l.dh = npy::SeqSliceReader(bf.dh, "--dh", as_dtype(in), 2, false).read(shard.t0, shard.t1);
       if (rank == size - 1) {  // the gradient of the last state enters the last shard only
-        l.dc_last = read_optional(bf.dc, "--dc", std::nullopt);
-        l.dn_last = read_optional(bf.dn, "--dn", std::nullopt);
+        l.dc_last = read_optional(bf.dc, "--dc", as_dtype(in));
+        l.dn_last = read_optional(bf.dn, "--dn", as_dtype(in));
       }
       if (in.check_finite) {
         check_finite(l.args());
@@ -322,9 +324,11 @@ int cmd_backward_mpi(const InputFiles& given, const BackwardFiles& bf, bool as_j
   df.write(shard.t0, g.df);
   runner->collectively([&] {
     if (rank != 0) return;  // the initial state's gradients come out of the first shard
-    write_out("--out-dc0", bf.out_dc0, g.dc0);
-    write_out("--out-dn0", bf.out_dn0, g.dn0);
-    write_out("--out-dm0", bf.out_dm0, g.dm0);
+    OutputFiles files;
+    files.add("--out-dc0", bf.out_dc0, g.dc0);
+    files.add("--out-dn0", bf.out_dn0, g.dn0);
+    files.add("--out-dm0", bf.out_dm0, g.dm0);
+    files.commit();
   });
   for (SharedOutput* o2 : {&dq, &dk, &dv, &di, &df}) o2->commit();
   const std::vector<std::string> devices = devices_of_ranks(*runner);

@@ -15,8 +15,8 @@ InputHeaders read_input_headers(const InputFiles& in) {
   const auto dt = as_dtype(in);
   InputHeaders h;
   std::pair<Shape, DType> q = npy::read_header(in.q, "--q", dt), k = npy::read_header(in.k, "--k", dt),
-                          v = npy::read_header(in.v, "--v", dt), i = npy::read_header(in.i, "--i"),
-                          f = npy::read_header(in.f, "--f");
+                          v = npy::read_header(in.v, "--v", dt), i = npy::read_header(in.i, "--i", dt, false),
+                          f = npy::read_header(in.f, "--f", dt, false);
   if (q.first.size() != 4) throw InvalidArgument("--q", "expected (B,NH,S,DHQK), got " + shape_to_string(q.first));
   h.q = q.first;
   h.dtype = q.second;
@@ -111,10 +111,12 @@ int cmd_forward(const InputFiles& in, const ForwardOutputs& out, const ForwardSt
     const auto t0 = Clock::now();
     r = engine.forward(l.args(), o);
     const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
-    write_out("--out", out.h, r.h);
-    write_out("--out-c", out.c, r.c);
-    write_out("--out-n", out.n, r.n);
-    write_out("--out-m", out.m, r.m);
+    OutputFiles files;
+    files.add("--out", out.h, r.h);
+    files.add("--out-c", out.c, r.c);
+    files.add("--out-n", out.n, r.n);
+    files.add("--out-m", out.m, r.m);
+    files.commit();
     if (as_json) {
       std::cout << json{{"command", "forward"},
                         {"kernel", runs_one_kernel(in) ? in.kernel : "flow-graph"},
@@ -148,6 +150,13 @@ void check_backward_files(const InputFiles& in, const BackwardFiles& bf) {
                             "needs the initial state (--c0, --n0, --m0): without one there is no gradient of it");
     }
   }
+  // A backward that writes nothing computes for nothing: refused, as every option without effect is.
+  if (bf.out_dq.empty() && bf.out_dk.empty() && bf.out_dv.empty() && bf.out_di.empty() && bf.out_df.empty() &&
+      bf.out_dc0.empty() && bf.out_dn0.empty() && bf.out_dm0.empty()) {
+    throw InvalidArgument("--out-dq",
+                          "backward writes nothing: give one or more of --out-dq, --out-dk, --out-dv, "
+                          "--out-di, --out-df, --out-dc0, --out-dn0, --out-dm0");
+  }
   std::vector<NamedPath> inputs = input_paths(in);
   inputs.insert(inputs.end(), {{"--dh", bf.dh}, {"--dc", bf.dc}, {"--dn", bf.dn}});
   check_outputs(inputs, {{"--out-dq", bf.out_dq},
@@ -167,9 +176,9 @@ int cmd_backward(const InputFiles& in, const BackwardFiles& bf, bool as_json) {
   check_backward_files(in, bf);
   BackwardInputs l;
   static_cast<ForwardInputs&>(l) = load_inputs(in);
-  l.dh = npy::read(bf.dh, "--dh");
-  l.dc_last = read_optional(bf.dc, "--dc", std::nullopt);
-  l.dn_last = read_optional(bf.dn, "--dn", std::nullopt);
+  l.dh = npy::read_any(bf.dh, "--dh", as_dtype(in));
+  l.dc_last = read_optional(bf.dc, "--dc", as_dtype(in));
+  l.dn_last = read_optional(bf.dn, "--dn", as_dtype(in));
   try {
     if (in.check_finite) {
       check_finite(l.args());
@@ -182,14 +191,16 @@ int cmd_backward(const InputFiles& in, const BackwardFiles& bf, bool as_json) {
     const auto t0 = Clock::now();
     const BackwardResult g = engine.backward(b, o);
     const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
-    write_out("--out-dq", bf.out_dq, g.dq);
-    write_out("--out-dk", bf.out_dk, g.dk);
-    write_out("--out-dv", bf.out_dv, g.dv);
-    write_out("--out-di", bf.out_di, g.di);
-    write_out("--out-df", bf.out_df, g.df);
-    write_out("--out-dc0", bf.out_dc0, g.dc0);
-    write_out("--out-dn0", bf.out_dn0, g.dn0);
-    write_out("--out-dm0", bf.out_dm0, g.dm0);
+    OutputFiles files;
+    files.add("--out-dq", bf.out_dq, g.dq);
+    files.add("--out-dk", bf.out_dk, g.dk);
+    files.add("--out-dv", bf.out_dv, g.dv);
+    files.add("--out-di", bf.out_di, g.di);
+    files.add("--out-df", bf.out_df, g.df);
+    files.add("--out-dc0", bf.out_dc0, g.dc0);
+    files.add("--out-dn0", bf.out_dn0, g.dn0);
+    files.add("--out-dm0", bf.out_dm0, g.dm0);
+    files.commit();
     if (as_json) {
       std::cout << json{{"command", "backward"},
                         {"kernel", runs_one_kernel(in) ? in.kernel : "flow-graph"},
@@ -224,9 +235,9 @@ int cmd_step(const InputFiles& in, const StepFiles& sf, bool as_json) {
                 {{"--out", sf.out_h}, {"--out-c", sf.out_c}, {"--out-n", sf.out_n}, {"--out-m", sf.out_m}});
   const auto dt = as_dtype(in);
   const Tensor q = npy::read(in.q, "--q", dt), k = npy::read(in.k, "--k", dt), v = npy::read(in.v, "--v", dt);
-  const Tensor i = npy::read(in.i, "--i"), f = npy::read(in.f, "--f");
-  const Tensor c = read_optional(sf.c, "--c", std::nullopt), n = read_optional(sf.n, "--n", std::nullopt),
-               m = read_optional(sf.m, "--m", std::nullopt);
+  const Tensor i = npy::read_any(in.i, "--i", dt), f = npy::read_any(in.f, "--f", dt);
+  const Tensor c = read_optional(sf.c, "--c", dt), n = read_optional(sf.n, "--n", dt),
+               m = read_optional(sf.m, "--m", dt);
   try {
     StepArgs a;
     a.q = q.view();
@@ -247,10 +258,12 @@ int cmd_step(const InputFiles& in, const StepFiles& sf, bool as_json) {
       throw InvalidArgument("--devices", "a step runs on one device; '" + in.devices + "' names several");
     }
     const StepResult r = get_step_kernel(in.kernel, KernelTarget{in.devices})->step(a, o);
-    write_out("--out", sf.out_h, r.h);
-    write_out("--out-c", sf.out_c, r.c);
-    write_out("--out-n", sf.out_n, r.n);
-    write_out("--out-m", sf.out_m, r.m);
+    OutputFiles files;
+    files.add("--out", sf.out_h, r.h);
+    files.add("--out-c", sf.out_c, r.c);
+    files.add("--out-n", sf.out_n, r.n);
+    files.add("--out-m", sf.out_m, r.m);
+    files.commit();
     if (as_json) {
       std::cout << json{{"command", "step"}, {"kernel", in.kernel}, {"shape_h", r.h.shape()}}.dump() << "\n";
     } else {

@@ -341,7 +341,11 @@ std::int64_t first_slice_tokens(std::int64_t tokens) {
 struct SliceReaders {
   npy::SeqSliceReader q, k, v, i, f;
   SliceReaders(const InputFiles& in, std::optional<DType> dt)
-      : q(in.q, "--q", dt), k(in.k, "--k", dt), v(in.v, "--v", dt), i(in.i, "--i"), f(in.f, "--f") {}
+      : q(in.q, "--q", dt),
+        k(in.k, "--k", dt),
+        v(in.v, "--v", dt),
+        i(in.i, "--i", dt, 2, false),  // gates keep their dtype; uint16 ones are bfloat16 bits with --dtype
+        f(in.f, "--f", dt, 2, false) {}
   std::shared_ptr<StreamSlice> read(std::int64_t s0, std::int64_t s1) const {
     const ScopedTrace trace([&] { return "slice read at token " + std::to_string(s0); });
     auto s = std::make_shared<StreamSlice>();
@@ -518,9 +522,11 @@ int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const 
     packed.commit();
   } else {
     const State& last = session->state();
-    write_out("--out-c", out.c, last.C);
-    write_out("--out-n", out.n, last.n);
-    write_out("--out-m", out.m, last.m);
+    OutputFiles files;
+    files.add("--out-c", out.c, last.C);
+    files.add("--out-n", out.n, last.n);
+    files.add("--out-m", out.m, last.m);
+    files.commit();
   }
   writer.commit();
   ::unlink(record.c_str());

@@ -2,6 +2,7 @@
 //   mlstm run | forward | backward | step | kernels | devices | bench   (--help on each)
 // Bad input: one line on stderr naming the argument, exit code 2. Other failures: exit code 1.
 // This file: the CLI11 setup and the exit codes; the subcommands are in commands.hpp, the conventions in cli.hpp.
+#include <spdlog/sinks/stdout_sinks.h>
 #include <spdlog/spdlog.h>
 
 #include <CLI/CLI.hpp>
@@ -27,6 +28,8 @@ static std::string one_line(std::string text) {
 }
 
 int main(int argc, char** argv) {
+  // Log lines go to stderr: stdout carries only the command's output (--json's one object).
+  spdlog::set_default_logger(spdlog::stderr_logger_mt("mlstm"));
   // Under mpirun with several ranks, forward and backward are distributed (distributed.cpp); messages come from
   // rank 0 only, every rank exits with the same code.
 #ifdef MLSTM_HAVE_MPI

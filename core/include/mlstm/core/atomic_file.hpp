@@ -6,14 +6,18 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace mlstm {
 
 // An output file being written. Bytes go to a hidden temporary file next to `path`; commit() makes them
 // `path`; the destructor (no commit, or after an exception) removes the temporary file.
 // Every failure throws mlstm::Error naming `path` and the system's reason (errno).
+// A `path` that is a symbolic link writes the file it points to (the link stays). The constructor first removes
+// the temporary files of earlier writers of `path` that were killed (remove_stale_temporaries).
 //
 // A resumable output (Partial::fresh / Partial::resume) is written at offsets into a fixed temporary file,
 // partial_path_of(path) (".<name>.partial" next to `path`), instead of a mkstemp name: it survives a failure
@@ -38,6 +42,8 @@ class AtomicFile {
   std::uint64_t size() const;
   void reserve(std::uint64_t size);
   void sync();
+  // fsync and close (checked): the bytes are complete and on the disk, not yet at `path`. commit() does it first.
+  void finish();
   // fsync, close (checked), rename over the destination, fsync the directory. Once only.
   void commit();
   const std::string& path() const noexcept { return path_; }
@@ -49,7 +55,26 @@ class AtomicFile {
   std::string path_, tmp_;
   int fd_ = -1;
   bool committed_ = false;
+  bool finished_ = false;
   bool partial_ = false;
+};
+
+// The output files of one command, all or none: each is written to its temporary file (add(), then the caller's
+// writes), and commit() finishes every one (fsync, close) before it renames the first, so a failed write or a
+// full disk leaves every destination as it was and no debris. (Once the renames begin, only a rename itself could
+// fail, which on one filesystem it does not for want of space.) The destructor without commit() removes them all.
+class AtomicFileGroup {
+ public:
+  AtomicFileGroup();
+  ~AtomicFileGroup();
+  AtomicFileGroup(const AtomicFileGroup&) = delete;
+  AtomicFileGroup& operator=(const AtomicFileGroup&) = delete;
+  AtomicFile& add(const std::string& path);
+  void commit();
+
+ private:
+  std::vector<std::unique_ptr<AtomicFile>> files_;
+  bool committed_ = false;
 };
 
 // The fixed temporary file of a resumable output: ".<name>.partial" in `path`'s directory.
@@ -59,13 +84,15 @@ std::string partial_path_of(const std::string& path);
 void write_file_atomically(const std::string& path, const std::function<void(AtomicFile&)>& writer);
 void write_file_atomically(const std::string& path, std::string_view bytes);
 
-// The name of the temporary files AtomicFile uses for `path`: ".<name>.tmp.XXXXXX" in the same directory,
-// XXXXXX the six letters or digits mkstemp puts there. True when `candidate` (a bare file name) is one.
+// The name of the temporary files AtomicFile uses for `path`: ".<name>.tmp.<pid>.XXXXXX" in the same directory,
+// <pid> the writer's process id, XXXXXX the six letters or digits mkstemp puts there (older versions wrote
+// ".<name>.tmp.XXXXXX"). True when `candidate` (a bare file name) is one.
 bool is_atomic_temporary_of(const std::string& path, const std::string& candidate);
 // Removes the temporary files a killed writer (SIGKILL, power loss) left for `path`: only regular files
-// whose name matches that pattern exactly, nothing else. Best effort (a file that cannot be removed is
-// skipped); returns how many were removed. A writer of the same `path` running at the same time would
-// lose its temporary file, so call it where this process owns `path` (before its first write).
+// whose name matches that pattern exactly and whose writer is no longer a process on this host (older names
+// without a pid always), nothing else. Best effort (a file that cannot be removed is skipped); returns how many
+// were removed. A live writer of the same `path` keeps its file (a writer on another host sharing the
+// directory is not seen).
 std::size_t remove_stale_temporaries(const std::string& path);
 
 }  // namespace mlstm

@@ -12,6 +12,10 @@
 
 #include "mlstm/core/tensor.hpp"
 
+namespace mlstm {
+class AtomicFile;
+}
+
 namespace mlstm::npy {
 
 // Reads `path`. `argument` names the file in errors (e.g. "--q"). `as_dtype` = DType::bf16 reads a <u2
@@ -19,15 +23,18 @@ namespace mlstm::npy {
 // `argument`): missing/unreadable file, bad magic or header, Fortran order, big-endian or unsupported
 // dtype (named), truncated data.
 Tensor read(const std::string& path, const std::string& argument, std::optional<DType> as_dtype = std::nullopt);
+// The same for arrays whose dtype is their own (gates, states, gradients beside bfloat16 inputs): any supported
+// dtype as it is, a <u2 array as `uint16_as` (bfloat16 bits) where given, else refused as read() refuses it.
+Tensor read_any(const std::string& path, const std::string& argument, std::optional<DType> uint16_as);
 
 // Reads only tokens [s0, s1) along axis 2 of a (B,NH,S,...) or (B,NH,S) array, without loading the rest
 // of the file (B*NH reads): streaming long sequences from disk with flat memory. Same errors as read(),
 // plus InvalidArgument when the range is outside [0, S] or the array has fewer than 3 dimensions.
 Tensor read_seq_slice(const std::string& path, const std::string& argument, std::int64_t s0, std::int64_t s1,
                       std::optional<DType> as_dtype = std::nullopt);
-// The shape and dtype stored in a .npy file's header (reads the header only).
+// The shape and dtype stored in a .npy file's header (reads the header only). `exact` false: as read_any.
 std::pair<Shape, DType> read_header(const std::string& path, const std::string& argument,
-                                    std::optional<DType> as_dtype = std::nullopt);
+                                    std::optional<DType> as_dtype = std::nullopt, bool exact = true);
 
 // Parses a whole .npy image held in memory (what read() does after loading the file); the fuzz target.
 Tensor parse(const std::string& bytes, const std::string& argument, std::optional<DType> as_dtype = std::nullopt);
@@ -43,6 +50,8 @@ void write_offsets(const std::string& path, std::span<const std::int64_t> offset
 // Writes a contiguous copy of `t`; bfloat16 is written as <u2. Atomic (write_file_atomically): a failure
 // throws mlstm::Error and leaves the old file, if any, and no temporary file.
 void write(const std::string& path, ConstTensorView t);
+// The same into an output file being written (one of an AtomicFileGroup's: several outputs, all or none).
+void write_to(AtomicFile& file, ConstTensorView t);
 std::string serialize(ConstTensorView t);
 // The header serialize() writes for an array of `shape` and `dtype` (magic, version, dict, padding to 64 bytes).
 std::string header_bytes(const Shape& shape, DType dtype);
@@ -56,8 +65,9 @@ std::string header_bytes(const Shape& shape, DType dtype);
 // read each); the array then needs at least one dimension.
 class SeqSliceReader {
  public:
+  // `exact` false: any supported dtype, `as_dtype` only says how to read a <u2 array (as read_any).
   SeqSliceReader(const std::string& path, const std::string& argument, std::optional<DType> as_dtype = std::nullopt,
-                 int axis = 2);
+                 int axis = 2, bool exact = true);
   ~SeqSliceReader();
   SeqSliceReader(const SeqSliceReader&) = delete;
   SeqSliceReader& operator=(const SeqSliceReader&) = delete;
