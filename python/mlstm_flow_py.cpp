@@ -28,6 +28,14 @@ using namespace mlstm;
 
 namespace {
 
+// `text` on one line: trailing line breaks dropped, the others made spaces (as the CLI's one_line).
+std::string one_line(std::string text) {
+  while (!text.empty() && (text.back() == '\n' || text.back() == '\r')) text.pop_back();
+  std::replace(text.begin(), text.end(), '\n', ' ');
+  std::replace(text.begin(), text.end(), '\r', ' ');
+  return text;
+}
+
 // A numpy argument as the C-contiguous native array the call reads (the caller's own array when it already is one:
 // no copy) and the dtype it is read as (any float dtype, or uint16 as bfloat16 when `bf16`). Bad input raises
 // ValueError naming the argument.
@@ -61,12 +69,35 @@ DType dtype_of(const py::array& arr, const std::string& name, bool bf16) {
                                   "; expected float64, float32, float16, or uint16 with dtype='bfloat16'");
 }
 
+// A C-contiguous aligned copy of numpy array `a` (argument `name`); a copy that fails (a broadcast view too large to
+// copy) raises naming the argument and saying why: MemoryError when out of memory, ValueError otherwise.
+py::array contiguous_copy(const py::array& a, const std::string& name) {
+  try {
+    return py::module_::import("numpy").attr("array")(a, py::arg("copy") = true, py::arg("order") = "C");
+  } catch (py::error_already_set& e) {
+    const std::string why = "the C-contiguous copy this call reads could not be made (" +
+                            shape_to_string(Shape(a.shape(), a.shape() + a.ndim())) + " " +
+                            std::string(py::str(a.dtype())) + ", " + std::to_string(a.nbytes()) +
+                            " bytes): " + one_line(e.what());
+    if (e.matches(PyExc_MemoryError)) {
+      PyErr_SetString(PyExc_MemoryError, (name + ": " + why).c_str());
+      throw py::error_already_set();
+    }
+    throw InvalidArgument(name, why);
+  }
+}
+
 Arg arg_of(const py::object& obj, const std::string& name, bool bf16) {
   Arg a;
-  a.array = py::array::ensure(obj, py::array::c_style);
-  if (!a.array) throw InvalidArgument(name, "expected a numpy array");
-  if (!(a.array.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_)) {  // a view at an odd offset: an aligned copy
-    a.array = py::module_::import("numpy").attr("array")(a.array, py::arg("copy") = true);
+  if (py::isinstance<py::array>(obj)) {  // a copy only where the array is not C-contiguous and aligned
+    a.array = py::reinterpret_borrow<py::array>(obj);
+    const auto flags = a.array.flags();
+    if (!(flags & py::array::c_style) || !(flags & py::detail::npy_api::NPY_ARRAY_ALIGNED_))
+      a.array = contiguous_copy(a.array, name);
+  } else {
+    a.array = py::array::ensure(obj, py::array::c_style);
+    if (!a.array) throw InvalidArgument(name, "expected a numpy array");
+    if (!(a.array.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_)) a.array = contiguous_copy(a.array, name);
   }
   a.dtype = dtype_of(a.array, name, bf16);
   return a;
@@ -186,14 +217,6 @@ TensorView out_view(const py::object& obj, const std::string& name, const Shape&
   return TensorView(static_cast<std::byte*>(a.mutable_data()), dtype, shape);
 }
 
-// `text` on one line: trailing line breaks dropped, the others made spaces (as the CLI's one_line).
-std::string one_line(std::string text) {
-  while (!text.empty() && (text.back() == '\n' || text.back() == '\r')) text.pop_back();
-  std::replace(text.begin(), text.end(), '\n', ' ');
-  std::replace(text.begin(), text.end(), '\r', ' ');
-  return text;
-}
-
 // Scalar keyword arguments, converted here rather than by pybind11 so that a wrong type or an out-of-range
 // value raises TypeError/ValueError naming the argument (pybind11's own "incompatible function arguments"
 // names none).
@@ -265,6 +288,68 @@ void refuse_unknown(const py::kwargs& extra, const char* function) {
 std::optional<std::string> gate_arg(const py::handle& o) {
   if (o.is_none()) return std::nullopt;
   return str_arg(o, "gate");
+}
+
+// An iterable argument (`what`: "a tuple of ints", ...); TypeError naming it otherwise.
+py::iterator iter_arg(const py::handle& o, const char* name, const char* what) {
+  if (PyUnicode_Check(o.ptr()) || PyBytes_Check(o.ptr()) || !py::isinstance<py::iterable>(o))
+    throw py::type_error(std::string(name) + ": expected " + what + ", got " + type_name(o));
+  return py::iter(o);
+}
+
+// shape= of host_array(): a sequence of ints (TypeError naming shape for another type; a negative size is refused
+// by host_tensor, naming shape).
+Shape shape_arg(const py::handle& o) {
+  Shape shape;
+  for (const auto& d : iter_arg(o, "shape", "a tuple of ints")) shape.push_back(int_arg(d, "shape"));
+  return shape;
+}
+
+// path= of snapshot/restore: a str or an os.PathLike giving one (pathlib.Path); TypeError naming path otherwise.
+std::string path_arg(const py::handle& o) {
+  if (!PyUnicode_Check(o.ptr())) {
+    const py::object fs = py::reinterpret_steal<py::object>(PyOS_FSPath(o.ptr()));
+    if (!fs) PyErr_Clear();
+    if (!fs || !PyUnicode_Check(fs.ptr()))
+      throw py::type_error("path: expected a str or os.PathLike of str, got " + type_name(o));
+    return fs.cast<std::string>();
+  }
+  return o.cast<std::string>();
+}
+
+// c0, n0, m0 of a Session (given together, or none: nullopt), as float tensors.
+std::optional<State> state_arg(const py::object& c0, const py::object& n0, const py::object& m0) {
+  if (c0.is_none() != n0.is_none() || c0.is_none() != m0.is_none())
+    throw InvalidArgument("c0", "c0, n0 and m0 must be given together");
+  if (c0.is_none()) return std::nullopt;
+  return State{to_tensor(c0, "c0", false), to_tensor(n0, "n0", false), to_tensor(m0, "m0", false)};
+}
+
+// fn(), its InvalidArgument naming the state's C, n or m (StreamSession's names) renamed c0, n0 or m0 (the
+// keywords of a Session).
+template <class Fn>
+void naming_initial_state(Fn&& fn) {
+  try {
+    fn();
+  } catch (const InvalidArgument& e) {
+    static const std::map<std::string, std::string> names{{"C", "c0"}, {"n", "n0"}, {"m", "m0"}};
+    const auto it = names.find(e.argument());
+    if (it == names.end()) throw;
+    const std::string what = e.what();
+    throw InvalidArgument(it->second, what.substr(std::min(what.size(), e.argument().size() + 2)));
+  }
+}
+
+// kernel= of step(): a step kernel of the registry (the registry's own error names "step_kernel" and lists the
+// sequence kernels).
+std::unique_ptr<StepKernel> step_kernel_arg(const std::string& name) {
+  std::string known;
+  for (const auto& info : available_kernels()) {
+    if (info.form != KernelForm::step) continue;
+    if (info.name == name) return get_step_kernel(name);
+    known += (known.empty() ? "" : ", ") + info.name;
+  }
+  throw InvalidArgument("kernel", "unknown step kernel '" + name + "'; step kernels: " + known);
 }
 
 // Options that would have no effect are refused, as on the command line: a gate= other than the one a *_siging
@@ -434,7 +519,14 @@ DType host_dtype(const py::object& o) {
     const std::string name = o.cast<std::string>();
     if (name == "bfloat16" || name == "bf16") return DType::bf16;
   }
-  const py::dtype dt = py::dtype::from_args(o);
+  py::dtype dt;
+  try {
+    dt = py::dtype::from_args(o);
+  } catch (py::error_already_set& e) {  // numpy's own message named no argument
+    const std::string why = "expected 'float32', 'float64', 'float16' or 'bfloat16', got " + std::string(py::repr(o));
+    if (PyUnicode_Check(o.ptr())) throw InvalidArgument("dtype", why);
+    throw py::type_error("dtype: " + why + " (" + type_name(o) + ")");
+  }
   if (dt.kind() == 'f' && dt.itemsize() == 8) return DType::f64;
   if (dt.kind() == 'f' && dt.itemsize() == 4) return DType::f32;
   if (dt.kind() == 'f' && dt.itemsize() == 2) return DType::f16;
@@ -750,7 +842,7 @@ PYBIND11_MODULE(mlstm_flow, m) {
         if (l.c0) a.c = l.c0->view();
         if (l.n0) a.n = l.n0->view();
         if (l.m0) a.m = l.m0->view();
-        const StepResult r = get_step_kernel(kernel)->step(a, options(1, gate, normalize, eps, true, kernel));
+        const StepResult r = step_kernel_arg(kernel)->step(a, options(1, gate, normalize, eps, true, kernel));
         return py::make_tuple(to_numpy(r.h), py::make_tuple(to_numpy(r.c), to_numpy(r.n), to_numpy(r.m)));
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("i"), py::arg("f"), py::arg("c") = py::none(),
@@ -759,9 +851,9 @@ PYBIND11_MODULE(mlstm_flow, m) {
       "h, (c, n, m) = step(q, k, v, i, f, c, n, m): one recurrent step; q,k (B,NH,DHQK), i,f (B,NH)");
   m.def(
       "host_array",
-      [](py::object shape_o, py::object dtype_o, py::object devices_o) {
-        Shape shape;
-        for (const auto& d : py::iter(shape_o)) shape.push_back(int_arg(d, "shape"));
+      [](py::object shape_o, py::object dtype_o, py::object devices_o, const py::kwargs& extra) {
+        refuse_unknown(extra, "host_array");
+        const Shape shape = shape_arg(shape_o);
         const DType dt = host_dtype(dtype_o);
         const auto shared = shared_runner(str_arg(devices_o, "devices"));
         auto* t = new Tensor();
@@ -799,19 +891,18 @@ PYBIND11_MODULE(mlstm_flow, m) {
       "dtype='bfloat16' reads uint16 pieces as bfloat16; c0, n0, m0 give the initial state.")
       .def(py::init([](py::object NH, py::object DHQK, py::object DHHV, py::object B, py::object devices,
                        py::object kernel, py::object chunk_size, py::object gate, py::object normalize, py::object eps,
-                       py::object balancing, py::object dtype, py::object c0, py::object n0, py::object m0) {
+                       py::object balancing, py::object dtype, py::object c0, py::object n0, py::object m0,
+                       const py::kwargs& extra) {
+             refuse_unknown(extra, "Session");
              const StreamConfig c =
                  session_config(NH, DHQK, DHHV, B, devices, kernel, chunk_size, gate, normalize, eps, balancing);
              auto s = std::make_unique<PySession>();
              s->bf16 = bf16_of(str_arg(dtype, "dtype"));
-             if (c0.is_none() != n0.is_none() || c0.is_none() != m0.is_none())
-               throw InvalidArgument("c0", "c0, n0 and m0 must be given together");
-             if (c0.is_none()) {
-               s->session = std::make_unique<StreamSession>(c);
-             } else {
-               State init{to_tensor(c0, "c0", false), to_tensor(n0, "n0", false), to_tensor(m0, "m0", false)};
-               s->session = std::make_unique<StreamSession>(c, std::move(init));
-             }
+             std::optional<State> init = state_arg(c0, n0, m0);
+             naming_initial_state([&] {
+               s->session =
+                   init ? std::make_unique<StreamSession>(c, std::move(*init)) : std::make_unique<StreamSession>(c);
+             });
              return s;
            }),
            py::arg("NH"), py::arg("DHQK"), py::arg("DHHV"), py::arg("B") = 1, py::arg("devices") = py::none(),
@@ -820,7 +911,9 @@ PYBIND11_MODULE(mlstm_flow, m) {
            py::arg("c0") = py::none(), py::arg("n0") = py::none(), py::arg("m0") = py::none())
       .def(
           "push",
-          [](PySession& s, py::object q, py::object k, py::object v, py::object i, py::object f) {
+          [](PySession& s, py::object q, py::object k, py::object v, py::object i, py::object f,
+             const py::kwargs& extra) {
+            refuse_unknown(extra, "Session.push");
             const Loaded l = load(q, k, v, i, f, py::none(), py::none(), py::none(), s.bf16 ? "bfloat16" : "");
             const Tensor h = with_session(s, [&](StreamSession& ss) { return ss.push(l.args()); });
             return to_numpy(h);
@@ -828,8 +921,9 @@ PYBIND11_MODULE(mlstm_flow, m) {
           py::arg("q"), py::arg("k"), py::arg("v"), py::arg("i"), py::arg("f"))
       .def(
           "submit",
-          [](PySession& s, py::object q, py::object k, py::object v, py::object i, py::object f,
-             py::object keep_state) {
+          [](PySession& s, py::object q, py::object k, py::object v, py::object i, py::object f, py::object keep_state,
+             const py::kwargs& extra) {
+            refuse_unknown(extra, "Session.submit");
             const bool keep = bool_arg(keep_state, "keep_state");
             const Loaded l = load(q, k, v, i, f, py::none(), py::none(), py::none(), s.bf16 ? "bfloat16" : "");
             return with_session(s, [&](StreamSession& ss) { return ss.submit(l.args(), keep); });
@@ -837,7 +931,8 @@ PYBIND11_MODULE(mlstm_flow, m) {
           py::arg("q"), py::arg("k"), py::arg("v"), py::arg("i"), py::arg("f"), py::arg("keep_state") = false)
       .def(
           "take_state",
-          [](PySession& s, py::object ticket) {
+          [](PySession& s, py::object ticket, const py::kwargs& extra) {
+            refuse_unknown(extra, "Session.take_state");
             const std::int64_t t = int_arg(ticket, "ticket");
             if (t < 0) throw InvalidArgument("ticket", "must be >= 0");
             const State st =
@@ -847,7 +942,8 @@ PYBIND11_MODULE(mlstm_flow, m) {
           py::arg("ticket"))
       .def(
           "take",
-          [](PySession& s, py::object ticket) {
+          [](PySession& s, py::object ticket, const py::kwargs& extra) {
+            refuse_unknown(extra, "Session.take");
             const std::int64_t t = int_arg(ticket, "ticket");
             if (t < 0) throw InvalidArgument("ticket", "must be >= 0");
             const Tensor h = with_session(s, [&](StreamSession& ss) { return ss.take(static_cast<std::uint64_t>(t)); });
@@ -856,19 +952,18 @@ PYBIND11_MODULE(mlstm_flow, m) {
           py::arg("ticket"))
       .def(
           "start_sequence",
-          [](PySession& s, py::object c0, py::object n0, py::object m0) {
-            if (c0.is_none() != n0.is_none() || c0.is_none() != m0.is_none())
-              throw InvalidArgument("c0", "c0, n0 and m0 must be given together");
-            State init;
-            if (!c0.is_none())
-              init = {to_tensor(c0, "c0", false), to_tensor(n0, "n0", false), to_tensor(m0, "m0", false)};
-            with_session(s, [&](StreamSession& ss) { ss.start_sequence(std::move(init)); });
+          [](PySession& s, py::object c0, py::object n0, py::object m0, const py::kwargs& extra) {
+            refuse_unknown(extra, "Session.start_sequence");
+            State init = state_arg(c0, n0, m0).value_or(State{});
+            naming_initial_state(
+                [&] { with_session(s, [&](StreamSession& ss) { ss.start_sequence(std::move(init)); }); });
           },
           py::arg("c0") = py::none(), py::arg("n0") = py::none(), py::arg("m0") = py::none())
       .def(
           "forward_sequences",
           [](PySession& s, py::object q, py::object k, py::object v, py::object i, py::object f, py::object cu_seqlens,
-             py::object c0, py::object n0, py::object m0) {
+             py::object c0, py::object n0, py::object m0, const py::kwargs& extra) {
+            refuse_unknown(extra, "Session.forward_sequences");
             if (c0.is_none() != n0.is_none() || c0.is_none() != m0.is_none())
               throw InvalidArgument("c0", "c0, n0 and m0 must be given together");
             const Loaded l = load(q, k, v, i, f, c0, n0, m0, s.bf16 ? "bfloat16" : "");
@@ -886,7 +981,8 @@ PYBIND11_MODULE(mlstm_flow, m) {
           py::arg("q"), py::arg("k"), py::arg("v"), py::arg("i"), py::arg("f"), py::arg("cu_seqlens"),
           py::arg("c0") = py::none(), py::arg("n0") = py::none(), py::arg("m0") = py::none())
       .def("state",
-           [](PySession& s) {
+           [](PySession& s, const py::kwargs& extra) {
+             refuse_unknown(extra, "Session.state");
              const State st = with_session(s, [](StreamSession& ss) { return ss.state(); });
              return py::make_tuple(to_numpy(st.C), to_numpy(st.n), to_numpy(st.m));
            })
@@ -894,13 +990,19 @@ PYBIND11_MODULE(mlstm_flow, m) {
           "tokens", [](PySession& s) { return with_session(s, [](StreamSession& ss) { return ss.tokens(); }); })
       .def(
           "snapshot",
-          [](PySession& s, const std::string& path) { with_session(s, [&](StreamSession& ss) { ss.snapshot(path); }); },
+          [](PySession& s, py::object path_o, const py::kwargs& extra) {
+            refuse_unknown(extra, "Session.snapshot");
+            const std::string path = path_arg(path_o);
+            with_session(s, [&](StreamSession& ss) { ss.snapshot(path); });
+          },
           py::arg("path"))
       .def_static(
           "restore",
-          [](const std::string& path, py::object NH, py::object DHQK, py::object DHHV, py::object B, py::object devices,
+          [](py::object path_o, py::object NH, py::object DHQK, py::object DHHV, py::object B, py::object devices,
              py::object kernel, py::object chunk_size, py::object gate, py::object normalize, py::object eps,
-             py::object balancing, py::object dtype) {
+             py::object balancing, py::object dtype, const py::kwargs& extra) {
+            refuse_unknown(extra, "Session.restore");
+            const std::string path = path_arg(path_o);
             const StreamConfig c =
                 session_config(NH, DHQK, DHHV, B, devices, kernel, chunk_size, gate, normalize, eps, balancing);
             auto s = std::make_unique<PySession>();
@@ -1014,7 +1116,8 @@ del _stream
       .def(py::init([](py::object q, py::object k, py::object v, py::object i, py::object f, py::object devices,
                        py::object dh, py::object c0, py::object n0, py::object m0, py::object dc_last,
                        py::object dn_last, py::object chunk_size, py::object gate, py::object normalize, py::object eps,
-                       py::object dtype, py::object split, py::object weights) {
+                       py::object dtype, py::object split, py::object weights, const py::kwargs& extra) {
+             refuse_unknown(extra, "Resident");
              auto r = std::make_unique<PyResident>();
              const std::string dtype_s = str_arg(dtype, "dtype");
              r->inputs = load(q, k, v, i, f, c0, n0, m0, dtype_s);
@@ -1027,7 +1130,8 @@ del _stream
              else if (split_s != "sequence")
                throw InvalidArgument("split", "'" + split_s + "'; expected 'sequence' or 'heads'");
              if (!weights.is_none()) {
-               for (const auto& w : py::iter(weights)) so.weights.push_back(float_arg(w, "weights"));
+               for (const auto& w : iter_arg(weights, "weights", "a sequence of floats"))
+                 so.weights.push_back(float_arg(w, "weights"));
              }
              std::vector<std::shared_ptr<opencl::Device>> devs;
              for (const auto& info : opencl::select_devices(str_arg(devices, "devices")))
@@ -1043,7 +1147,7 @@ del _stream
                if (r->dc_last) b->dc_last = r->dc_last->view();
                if (r->dn_last) b->dn_last = r->dn_last->view();
              } else if (!dc_last.is_none() || !dn_last.is_none()) {
-               throw InvalidArgument("dc_last", "has no effect without dh");
+               throw InvalidArgument(dc_last.is_none() ? "dn_last" : "dc_last", "has no effect without dh");
              }
              const ForwardArgs a = r->inputs.args();
              py::gil_scoped_release release;
@@ -1055,10 +1159,19 @@ del _stream
            py::arg("m0") = py::none(), py::arg("dc_last") = py::none(), py::arg("dn_last") = py::none(),
            py::arg("chunk_size") = "auto", py::arg("gate") = py::none(), py::arg("normalize") = true,
            py::arg("eps") = 1e-6, py::arg("dtype") = "", py::arg("split") = "sequence", py::arg("weights") = py::none())
-      .def("forward", [](PyResident& r) { with_split(r, [](opencl::ResidentSplit& s) { s.forward(); }); })
-      .def("backward", [](PyResident& r) { with_split(r, [](opencl::ResidentSplit& s) { s.backward(); }); })
+      .def("forward",
+           [](PyResident& r, const py::kwargs& extra) {
+             refuse_unknown(extra, "Resident.forward");
+             with_split(r, [](opencl::ResidentSplit& s) { s.forward(); });
+           })
+      .def("backward",
+           [](PyResident& r, const py::kwargs& extra) {
+             refuse_unknown(extra, "Resident.backward");
+             with_split(r, [](opencl::ResidentSplit& s) { s.backward(); });
+           })
       .def("read_forward",
-           [](PyResident& r) {
+           [](PyResident& r, const py::kwargs& extra) {
+             refuse_unknown(extra, "Resident.read_forward");
              const ForwardResult fw = with_split(r, [](opencl::ResidentSplit& s) { return s.read_forward(); });
              py::dict out;
              out["h"] = to_numpy(fw.h);
@@ -1068,7 +1181,8 @@ del _stream
              return out;
            })
       .def("read_backward",
-           [](PyResident& r) {
+           [](PyResident& r, const py::kwargs& extra) {
+             refuse_unknown(extra, "Resident.read_backward");
              const BackwardResult g = with_split(r, [](opencl::ResidentSplit& s) { return s.read_backward(); });
              py::dict out;
              const std::pair<const char*, const Tensor*> fields[] = {{"dq", &g.dq},   {"dk", &g.dk},  {"dv", &g.dv},

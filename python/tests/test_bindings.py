@@ -1,5 +1,6 @@
 """The mlstm_flow Python module against a numpy float64 recurrent reference (written here)."""
 import os
+import pathlib
 import subprocess
 import sys
 import tempfile
@@ -660,6 +661,73 @@ def check_device_spec_errors(rng):
         assert mlstm_flow.forward(q, k, v, i, f, devices="1,0", chunk_size=4)[0].shape == v.shape
 
 
+def check_arguments_named(rng, tmp):
+    """Every entry point turns an unknown keyword or an argument of the wrong type into a one-line TypeError naming
+    it (pybind11's own "incompatible function arguments" named none, over several lines), names the user's argument
+    rather than an internal one, and takes os.PathLike paths."""
+    B, NH, S, DK, DV = 1, 2, 9, 4, 3
+    q, k, v, i, f, dh = float32_inputs(rng, B, NH, S, DK, DV)
+    piece = (q, k, v, i, f)
+    s = mlstm_flow.Session(NH, DK, DV)
+
+    def unknown(fn, *args, known=None, **kwargs):
+        try:
+            fn(*args, **(known or {}), **kwargs)
+        except TypeError as err:
+            assert "\n" not in str(err) and all("'%s'" % key in str(err) for key in kwargs), str(err)
+        else:
+            raise AssertionError("an unknown keyword was taken: %s" % list(kwargs))
+
+    unknown(mlstm_flow.Session, NH, DK, DV, foo=1)
+    unknown(mlstm_flow.Session.restore, os.path.join(tmp, "none"), NH, DK, DV, foo=1)
+    unknown(s.push, *piece, keep=True)
+    unknown(s.submit, *piece, keep=True)
+    unknown(s.take, 0, wait=True)
+    unknown(s.take_state, 0, wait=True)
+    unknown(s.start_sequence, c=None)
+    unknown(s.forward_sequences, *piece, np.array([0, S]), keep=None)
+    unknown(s.state, wait=True)
+    unknown(s.snapshot, os.path.join(tmp, "x"), sync=True)
+    unknown(mlstm_flow.host_array, (2, 3), known=dict(devices="workers"), pinned=True)
+    expect_error(TypeError, "ticket", s.take, "0")
+    expect_error(TypeError, "path", s.snapshot, 3)
+    expect_error(TypeError, "path", mlstm_flow.Session.restore, b"x", NH, DK, DV)
+    expect_error(TypeError, "pieces", lambda: list(s.stream([piece[:4]])))
+    # os.PathLike paths
+    path = pathlib.Path(tmp) / "state.mlstm"
+    s.push(*piece)
+    s.snapshot(path)
+    assert mlstm_flow.Session.restore(path, NH, DK, DV).tokens == S
+    # the user's names: kernel (not the registry's step_kernel), c0/n0/m0 (not the session's C/n/m), dn_last
+    try:
+        mlstm_flow.step(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0], kernel="bogus")
+    except ValueError as err:
+        assert str(err).startswith("kernel:") and "reference_f64" in str(err) and "chunkwise" not in str(err), str(err)
+    else:
+        raise AssertionError("step took kernel='bogus'")
+    c0, n0, m0 = (np.zeros(shape, np.float32) for shape in [(B, NH, DK, DV), (B, NH, DK), (B, NH)])
+    for bad, arg in [(dict(c0=c0[..., :2]), "c0"), (dict(n0=n0[..., :2]), "n0"), (dict(m0=m0[:, :1]), "m0")]:
+        state = dict(c0=c0, n0=n0, m0=m0)
+        state.update(bad)
+        expect_error(ValueError, arg, s.start_sequence, **state)
+        expect_error(ValueError, arg, mlstm_flow.Session, NH, DK, DV, **state)
+    expect_error(TypeError, "shape", mlstm_flow.host_array, 10, devices="workers")
+    expect_error(ValueError, "shape", mlstm_flow.host_array, (2, -3), devices="workers")
+    expect_error(ValueError, "dtype", mlstm_flow.host_array, (2, 3), "bogus", devices="workers")
+    expect_error(TypeError, "dtype", mlstm_flow.host_array, (2, 3), 5, devices="workers")
+    # a copy that cannot be made (a broadcast view of 256 GiB) is said to be one, naming q
+    big = np.broadcast_to(q[:, :, :1], (B, NH, 2**33, DK))
+    expect_error(MemoryError, "q", mlstm_flow.forward, big, k, v, i, f)
+    if mlstm_flow.devices():
+        unknown(mlstm_flow.Resident, *piece, known=dict(devices="0"), cu_seqlens=np.array([0, S]))
+        expect_error(ValueError, "dn_last", mlstm_flow.Resident, *piece, devices="0", dn_last=n0)
+        expect_error(ValueError, "dc_last", mlstm_flow.Resident, *piece, devices="0", dc_last=c0)
+        expect_error(TypeError, "weights", mlstm_flow.Resident, *piece, devices="0", weights=3)
+        r = mlstm_flow.Resident(*piece, devices="0")
+        for method in (r.forward, r.backward, r.read_forward, r.read_backward):
+            unknown(method, now=True)
+
+
 def run_threads(work, count):
     """work(t) on `count` threads at once (started together); the exceptions they raised, as strings."""
     errors = []
@@ -900,6 +968,8 @@ def main():
     check_options_without_effect(rng)
     check_stream_keeps_every_piece(rng)
     check_device_spec_errors(rng)
+    with tempfile.TemporaryDirectory() as tmp:
+        check_arguments_named(rng, tmp)
     check_first_use_from_threads()
     print("python bindings: all checks passed")
     return 0
