@@ -36,6 +36,11 @@ std::string header_value(const std::string& header, const std::string& key, cons
     if (end == std::string::npos) throw InvalidArgument(argument, "bad .npy header: unterminated string");
     return header.substr(pos + 1, end - pos - 1);
   }
+  if (header[pos] == '[') {  // a structured dtype (a list of fields); its text would be cut at the first comma
+    throw InvalidArgument(argument, "structured .npy dtypes (a list of fields in " + quoted +
+                                        ") are not supported; expected float64, float32, float16 or bfloat16 as "
+                                        "uint16");
+  }
   if (header[pos] == '(') {
     end = header.find(')', pos);
     if (end == std::string::npos) throw InvalidArgument(argument, "bad .npy header: unterminated shape");
@@ -400,13 +405,19 @@ Tensor read_any(const std::string& path, const std::string& argument, std::optio
   return read_file(path, argument, uint16_as, false);
 }
 
-std::vector<std::int64_t> parse_offsets(const std::string& bytes, const std::string& argument) {
-  const RawHeader h = decode_raw_header(bytes, argument);
+namespace {
+void check_offsets_dtype(const RawHeader& h, const std::string& argument) {
   if (h.descr == ">i8") throw InvalidArgument(argument, "big-endian .npy arrays ('>i8') are not supported");
   if (h.descr != "<i8") {
     throw InvalidArgument(argument, "offsets must be int64 ('<i8'), the file holds '" + h.descr +
                                         "'; save with np.asarray(offsets, dtype=np.int64)");
   }
+}
+}  // namespace
+
+std::vector<std::int64_t> parse_offsets(const std::string& bytes, const std::string& argument) {
+  const RawHeader h = decode_raw_header(bytes, argument);
+  check_offsets_dtype(h, argument);
   if (h.shape.size() != 1) {
     throw InvalidArgument(argument, "offsets must be one-dimensional (N+1,), got shape " + shape_to_string(h.shape));
   }
@@ -435,6 +446,8 @@ std::vector<std::int64_t> read_offsets(const std::string& path, const std::strin
   const auto end = in.tellg();
   if (end < 0) throw InvalidArgument(where, "cannot read the file (not a regular file?)");
   const auto size = static_cast<std::size_t>(end);
+  // The dtype first: an int32 file of the same count is half the size, and its error is the dtype, not truncation.
+  check_offsets_dtype(h, where);
   if (h.shape.size() == 1 && size >= h.data_offset &&
       (size - h.data_offset) / sizeof(std::int64_t) < static_cast<std::size_t>(h.shape[0])) {
     throw InvalidArgument(where, "truncated .npy data: shape " + shape_to_string(h.shape) + " needs " +

@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 
 #include <nlohmann/json.hpp>
 
@@ -704,6 +705,58 @@ TEST_F(Cli, OutputThroughASymlinkWritesItsTarget) {
   ASSERT_EQ(run_cli("forward " + inputs() + " --out " + path("link")).code, 0);
   EXPECT_TRUE(fs::is_symlink(path("link")));
   EXPECT_EQ(npy::read(path("target"), "h").shape(), in_.dh.shape());
+}
+
+// Refused before anything runs (the probe saw bench measure and write its kernel rows, and run open and measure the
+// devices and print its problem line, before the exit-2 line), and messages that read as the user wrote things.
+TEST_F(Cli, RefusedUpFrontWithReadableMessages) {
+  const std::string bench =
+      "bench --tokens 128 --heads 1 --dqk 8 --dhv 8 --seq-lens 64 --chunk-sizes 16 --kernels "
+      "chunkwise--cpu_xl_chunk --repeats 1 --csv " +
+      path("b") + " --graph-devices ";
+  for (const char* spec : {"''", "bogus", "0,0"}) {
+    expect_bad_input(run_cli(bench + spec), "--graph-devices");
+    EXPECT_FALSE(fs::exists(path("b"))) << spec;
+  }
+  auto r = run_cli("run --seq-len 256 --heads 1 --dqk 8 --dhv 8 --dtype float32 --devices workers --mode pipeline");
+  expect_bad_input(r, "--mode");
+  EXPECT_EQ(r.out, "");
+  r = run_cli("run --seq-len 256 --heads 1 --dqk 16 --dhv 16 --devices workers --mode pipeline");
+  expect_bad_input(r, "--mode");
+  EXPECT_EQ(r.out, "");
+  // A tensor-core kernel where there are none (PoCL's CPU devices): the user's --kernel, exit 2 (was exit 1).
+  expect_bad_input(run_cli("forward " + inputs() + " --kernel chunkwise--opencl_tc_xl_chunk --out " + path("h")),
+                   "--kernel");
+  r = run_cli("forward " + inputs() + " --stream-tokens 0 --out " + path("h"));
+  expect_bad_input(r, "--stream-tokens");
+  EXPECT_LT(r.err.size(), 120u) << r.err;  // CLI::PositiveNumber printed its range in 300 digits
+  r = run_cli("forward " + inputs() + " --memory-limit 100 --out " + path("h"));
+  expect_bad_input(r, "--memory-limit");
+  EXPECT_NE(r.err.find("100 bytes"), std::string::npos) << r.err;  // was "0.0 MiB"
+  // int32 offsets: the dtype, not "truncated" (the same count of int32 is half the bytes).
+  npy::write(path("cu"), Tensor::from(std::vector<float>{0, 10, 50}, {3}).to(DType::f64).view());
+  {
+    std::string bytes = testing::slurp(path("cu"));
+    const auto at = bytes.find("<f8");
+    bytes.replace(at, 3, "<i4");
+    bytes.resize(bytes.size() - 12);  // 3 int32
+    std::ofstream(path("cu32"), std::ios::binary) << bytes;
+  }
+  r = run_cli("forward " + inputs() + " --cu-seqlens " + path("cu32") + " --out " + path("h"));
+  expect_bad_input(r, "--cu-seqlens");
+  EXPECT_NE(r.err.find("int64"), std::string::npos) << r.err;
+  // A structured dtype: named as such (the message was cut at the list's first quote).
+  {
+    std::string bytes = testing::slurp(path("q"));
+    const auto at = bytes.find("'<f4'");
+    bytes.replace(at, 5, "[('a', '<f4')]");
+    std::ofstream(path("qs"), std::ios::binary) << bytes;
+  }
+  r = run_cli("forward --q " + path("qs") + " --k " + path("k") + " --v " + path("v") + " --i " + path("i") + " --f " +
+              path("f") + " --out " + path("h"));
+  expect_bad_input(r, "--q");
+  EXPECT_NE(r.err.find("structured"), std::string::npos) << r.err;
+  EXPECT_FALSE(fs::exists(path("h")));
 }
 
 }  // namespace

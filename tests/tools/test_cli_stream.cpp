@@ -10,6 +10,7 @@
 
 #include <csignal>
 #include <filesystem>
+#include <fstream>
 #include <functional>
 #include <nlohmann/json.hpp>
 
@@ -364,6 +365,21 @@ TEST_F(CliStream, BadStreamsAreRefusedNamingTheOption) {
   expect_refused(run_cli(dir_, common + " --chunk-size 32 --resume --out " + path("h")), 2, "--chunk-size");
   expect_refused(run_cli(dir_, common + " --gate sig --resume --out " + path("h")), 2, "--gate");
   expect_refused(run_cli(dir_, common + " --devices workers --resume --out " + path("h")), 2, "--devices");
+  // --eps is recorded as its float32 bits and shown as the number (it read "897988541 there, 925353388 here").
+  const auto eps = run_cli(dir_, common + " --eps 1e-5 --resume --out " + path("h"));
+  expect_refused(eps, 2, "--eps");
+  EXPECT_NE(eps.err.find("1e-06 there, 1e-05 here"), std::string::npos) << eps.err;
+  // An input edited in place with its modification time set back: its change time (and the record) tell.
+  {
+    const auto mtime = fs::last_write_time(path("i"));
+    Tensor i = in.i.to(DType::f32);
+    i.data<float>()[5] += 1.0f;
+    std::string bytes = npy::serialize(i.view());
+    std::fstream(path("i"), std::ios::in | std::ios::out | std::ios::binary).write(bytes.data(), bytes.size());
+    fs::last_write_time(path("i"), mtime);
+    expect_refused(run_cli(dir_, common + " --resume --out " + path("h")), 2, "--i");
+    npy::write(path("i"), in.i.view());  // a new file: the record's other checks below see only --v's change
+  }
   fs::last_write_time(path("v"), fs::last_write_time(path("v")) + std::chrono::seconds(5));
   expect_refused(run_cli(dir_, common + " --resume --out " + path("h")), 2, "--v");
   EXPECT_FALSE(fs::exists(path("h")));

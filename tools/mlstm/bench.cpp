@@ -45,6 +45,14 @@ void check_bench(const BenchOptions& bo, DType dtype) {
   if (bo.weak_seq_len > 0 && bo.graph_devices.empty()) {
     throw InvalidArgument("--weak-seq-len", "has no effect without --graph-devices");
   }
+  for (const auto& spec : bo.graph_devices) {  // every spec resolved before the sweep measures anything
+    if (spec.empty()) throw InvalidArgument("--graph-devices", "an empty device spec");
+    try {
+      (void)devices_from_spec(spec);
+    } catch (const InvalidArgument& e) {
+      rethrow_as_cli(e, {{"devices", "--graph-devices"}, {"device_spec", "--graph-devices"}});
+    }
+  }
   for (const auto& name : bo.kernels) {
     const KernelInfo info = [&] {
       try {

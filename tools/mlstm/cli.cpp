@@ -8,13 +8,17 @@
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <cerrno>
 #include <charconv>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 
+#include "mlstm/core/env.hpp"
 #include "mlstm/core/npy.hpp"
+#include "mlstm/devices/opencl/tc_routine.hpp"
 
 namespace mlstm::cli {
 
@@ -129,6 +133,16 @@ void check_outputs(const std::vector<NamedPath>& inputs, const std::vector<Named
     if (::access(dir.c_str(), W_OK | X_OK) != 0) {
       throw InvalidArgument(out.option, "directory '" + dir.string() + "' is not writable");
     }
+    // access() says yes to root everywhere (/sys, a read-only mount): a file made and removed there says for sure.
+    {
+      std::string probe = (dir / ".mlstm-write-probe.XXXXXX").string();
+      const int fd = ::mkstemp(probe.data());
+      if (fd < 0) {
+        throw InvalidArgument(out.option, "cannot create a file in '" + dir.string() + "': " + std::strerror(errno));
+      }
+      ::close(fd);
+      ::unlink(probe.c_str());
+    }
     if (fs::exists(p, ec) && !fs::is_regular_file(p, ec)) {
       throw InvalidArgument(out.option, "'" + out.path + "' exists and is not a regular file");
     }
@@ -197,6 +211,17 @@ double median_of(std::vector<double> times) {
 const CLI::Validator& path_check() {
   static const CLI::Validator check(
       [](std::string& path) { return path.empty() ? std::string("empty path") : std::string(); }, "PATH");
+  return check;
+}
+
+// A whole number from 1 (CLI::PositiveNumber's refusal printed its range up to 1.8e308 in 300 digits).
+const CLI::Validator& positive_count_check() {
+  static const CLI::Validator check(
+      [](std::string& value) {
+        const auto n = env::whole_number(value);
+        return n && *n > 0 ? std::string() : "expected a whole number from 1, got '" + value + "'";
+      },
+      "N");
   return check;
 }
 
@@ -363,6 +388,23 @@ MlstmOptions options_of(const InputFiles& in, const KernelInfo& info) {
     throw InvalidArgument("--devices", "kernel '" + info.name +
                                            "' runs on the CPU; leave --kernel out to run the flow graph over '" +
                                            in.devices + "'");
+  }
+  // A tensor-core kernel on a device without them was a DeviceError at run time (exit 1): the user's choice of
+  // --kernel (and --devices) is what cannot run, so it is refused naming --kernel.
+  if (runs_one_kernel(in) && info.name.find("opencl_tc_") != std::string::npos) {
+    std::vector<opencl::DeviceInfo> devices;
+    try {
+      devices = opencl::select_devices(in.devices);
+    } catch (const InvalidArgument& e) {
+      rethrow_as_cli(e, {{"devices", "--devices"}});
+    }
+    if (!devices.empty()) {
+      const auto support = opencl::tensor_core_support(devices.front());
+      if (!support.available) {
+        throw InvalidArgument("--kernel", "'" + info.name + "' runs on tensor cores, which " + devices.front().name +
+                                              " has not (" + support.reason + "); name a chunkwise--opencl kernel");
+      }
+    }
   }
   if (in.balancing_option && in.balancing_option->count() > 0 && runs_one_kernel(in)) {
     throw InvalidArgument("--balancing", "shares a flow-graph run among its devices; " +

@@ -85,6 +85,7 @@ struct InputFiles {
 
 const CLI::Validator& path_check();
 const CLI::Validator& nonempty_check();
+const CLI::Validator& positive_count_check();
 void add_input_options(CLI::App* app, InputFiles& in, bool sequence);
 std::optional<DType> as_dtype(const InputFiles& in);
 Tensor read_optional(const std::string& path, const std::string& name, std::optional<DType> dt);

@@ -65,8 +65,12 @@ std::uint64_t memory_limit_of(const ForwardStreaming& st) {
 }
 
 std::string mib_text(std::uint64_t bytes) {
-  char text[32];
-  std::snprintf(text, sizeof text, "%.1f MiB", static_cast<double>(bytes) / static_cast<double>(1 << 20));
+  char text[48];
+  if (bytes < (std::uint64_t{1} << 20)) {  // below a MiB in bytes (a limit of 100 read "0.0 MiB")
+    std::snprintf(text, sizeof text, "%llu bytes", static_cast<unsigned long long>(bytes));
+  } else {
+    std::snprintf(text, sizeof text, "%.1f MiB", static_cast<double>(bytes) / static_cast<double>(1 << 20));
+  }
   return text;
 }
 

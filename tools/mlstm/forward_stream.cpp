@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <csignal>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -36,7 +37,8 @@ std::string progress_path_of(const std::string& out) {
 
 // What a resumed run must share with the run that wrote the record, so that the final h is bit for bit the
 // one an uninterrupted run writes: the slice size, every option that changes results, where it runs, and the
-// input files (path, size, modification time, shape).
+// input files (path, size, modification time, and the inode and its change time: a file edited in place with its
+// modification time set back still changes its ctime, which no user can set).
 json stream_identity(const InputFiles& in, const ForwardOutputs& out, const ForwardStreaming& st,
                      const MlstmOptions& o) {
   json files = json::array();
@@ -48,7 +50,9 @@ json stream_identity(const InputFiles& in, const ForwardOutputs& out, const Forw
     files.push_back({{"option", option},
                      {"path", fs::absolute(path, ec).string()},
                      {"size", static_cast<std::uint64_t>(s.st_size)},
-                     {"mtime_ns", static_cast<std::int64_t>(s.st_mtim.tv_sec) * 1000000000 + s.st_mtim.tv_nsec}});
+                     {"mtime_ns", static_cast<std::int64_t>(s.st_mtim.tv_sec) * 1000000000 + s.st_mtim.tv_nsec},
+                     {"ctime_ns", static_cast<std::int64_t>(s.st_ctim.tv_sec) * 1000000000 + s.st_ctim.tv_nsec},
+                     {"inode", static_cast<std::uint64_t>(s.st_ino)}});
   }
   const float eps = static_cast<float>(o.eps);
   std::uint32_t eps_bits;
@@ -117,11 +121,22 @@ StreamSession read_progress(const std::string& path, const json& identity, const
   json doc = json::parse(bytes.substr(at, len), nullptr, false);
   if (doc.is_discarded() || !doc.is_object()) throw refuse("unreadable");
   if (!doc.contains("--balancing")) doc["--balancing"] = "pull";  // a record from before --balancing: the graph pulled
+  // A value as the user wrote it: --eps is kept as its float32 bits (exact), shown as the number.
+  const auto shown = [](const std::string& key, const json& v) {
+    if (key != "--eps" || !v.is_number_unsigned()) return v.dump();
+    const auto bits = v.get<std::uint32_t>();
+    float eps = 0;
+    std::memcpy(&eps, &bits, sizeof eps);
+    char text[32];
+    std::snprintf(text, sizeof text, "%g", static_cast<double>(eps));
+    return std::string(text);
+  };
   for (const auto& [key, value] : identity.items()) {
     if (key == "inputs") continue;
     if (!doc.contains(key) || doc[key] != value) {
       throw InvalidArgument(key, "differs from the run that wrote the progress record '" + path + "' (" +
-                                     (doc.contains(key) ? doc[key].dump() : "absent") + " there, " + value.dump() +
+                                     (doc.contains(key) ? shown(key, doc[key]) : "absent") + " there, " +
+                                     shown(key, value) +
                                      " here); resume with the same options, or run without --resume");
     }
   }
@@ -132,7 +147,8 @@ StreamSession read_progress(const std::string& path, const json& identity, const
     if (it == have.end() || *it != want) {
       throw InvalidArgument(want["option"].get<std::string>(),
                             "'" + want["path"].get<std::string>() + "' is not the file the progress record '" + path +
-                                "' was made from (path, size or modification time differ); run without --resume");
+                                "' was made from (its path, size, modification or change time differ); run "
+                                "without --resume");
     }
   }
   if (have.size() != identity["inputs"].size()) {

@@ -100,7 +100,7 @@ int main(int argc, char** argv) {
                    "stream the .npy inputs in slices of this many tokens (pread, reads overlapping compute; from "
                    "16384 up a fresh run's first slice is an eighth of it, for an early first token), writing h "
                    "incrementally: memory stays flat whatever S; resumable with --resume")
-      ->check(CLI::PositiveNumber);
+      ->check(positive_count_check());
   forward->add_flag("--resume", fstream.resume,
                     "continue a killed --stream-tokens run from its progress record (.<out>.progress) and partial "
                     "h (.<out>.partial): same options and inputs, h bit for bit that of an uninterrupted run");
@@ -108,7 +108,7 @@ int main(int argc, char** argv) {
       ->add_option("--memory-limit", fstream.memory_limit,
                    "bytes a forward may hold (default: this machine's memory): whole arrays above it are "
                    "refused (use --stream-tokens), and so is a --stream-tokens whose slices exceed it")
-      ->check(CLI::PositiveNumber);
+      ->check(positive_count_check());
 
   InputFiles bin;
   BackwardFiles bfiles;

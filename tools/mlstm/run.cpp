@@ -18,6 +18,7 @@
 
 #include "commands.hpp"
 #include "mlstm/devices/opencl/device.hpp"
+#include "mlstm/devices/opencl/tc_routine.hpp"
 #include "mlstm/reference.hpp"
 
 namespace mlstm::cli {
@@ -206,6 +207,36 @@ int cmd_run(const RunOptions& ro, bool as_json) {
   MlstmOptions o;
   o.chunk_size = ro.chunk_size;
   validate_options(o);
+  if (ro.mode == "pipeline") {  // refused before any device opens, not at the first piece
+    ProblemShape shape;
+    shape.B = ro.batch;
+    shape.NH = ro.heads;
+    shape.S = std::min(ro.piece, ro.seq_len);
+    shape.DHQK = ro.dqk;
+    shape.DHHV = ro.dhv;
+    shape.dtype = dtype;
+    if (const std::string why = opencl::tensor_core_fit(shape, o); !why.empty()) {
+      throw InvalidArgument("--mode", "pipeline runs the tensor-core kernels, which cannot take this problem: " + why);
+    }
+    if (ro.devices != "auto") {
+      bool gpu = false;
+      std::size_t from = 0;
+      while (from <= ro.devices.size()) {  // the spec's parts joined by '+'; "workers" has no GPU
+        const std::size_t plus = std::min(ro.devices.find('+', from), ro.devices.size());
+        const std::string part = ro.devices.substr(from, plus - from);
+        if (!part.empty() && part != "workers") {
+          try {
+            for (const auto& d : opencl::select_devices(part)) gpu = gpu || d.type == opencl::DeviceType::gpu;
+          } catch (const InvalidArgument& e) {
+            rethrow_as_cli(e, {{"devices", "--devices"}});
+          }
+        }
+        from = plus + 1;
+      }
+      if (!gpu)
+        throw InvalidArgument("--mode", "pipeline needs an OpenCL GPU; --devices '" + ro.devices + "' names none");
+    }
+  }
   // Every usable device: the CPU workers, plus the OpenCL GPUs when there are any (pipeline: the GPUs).
   std::string spec = ro.devices;
   if (spec.empty()) {  // an empty spec would make the session one kernel call, and the engine below its runner's
