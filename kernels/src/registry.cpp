@@ -93,7 +93,10 @@ std::unique_ptr<StepKernel> KernelRegistry::make_step(const std::string& name, c
     std::lock_guard lock(mutex_);
     auto it = step_.find(name);
     if (it == step_.end()) {
-      throw InvalidArgument("step_kernel", "unknown step kernel '" + name + "'; known kernels: " + known_names());
+      std::string steps;  // the step kernels only (the sequence kernels are no answer here)
+      for (const auto& [step_name, e] : step_) steps += (steps.empty() ? "" : ", ") + step_name;
+      const std::string hint = sequence_.count(name) ? " ('" + name + "' is a sequence kernel)" : "";
+      throw InvalidArgument("step_kernel", "unknown step kernel '" + name + "'" + hint + "; step kernels: " + steps);
     }
     factory = it->second.factory;
   }
