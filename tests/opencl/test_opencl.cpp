@@ -155,7 +155,7 @@ TEST(OpenCLLaunchParams, EnvironmentOverridesApplyAndMalformedOnesAreRefused) {
     EXPECT_THROW(tc_launch_params(d), InvalidArgument) << bad;
   }
   tc_key_block.set(nullptr);
-  EXPECT_EQ(tc_launch_params(d).out_tiles, 1);
+  EXPECT_EQ(tc_launch_params(d).out_tiles, 2);  // the NVIDIA row
   const testing::ScopedEnv tc_out_tiles("MLSTM_TC_OUT_TILES", "4");
   EXPECT_EQ(tc_launch_params(d).out_tiles, 4);
   for (const char* bad : {"3", "0", "16", "2x"}) {

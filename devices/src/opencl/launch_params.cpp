@@ -28,11 +28,13 @@ constexpr std::array<LaunchRow<PortableLaunchParams>, 2> kPortableTable{{
 constexpr std::array<LaunchRow<TcLaunchParams>, 2> kTcTable{{
     {"",
      "NVIDIA",
-     {64, 64, 512, false, 128, 64},
+     {64, 64, 512, false, 128, 64, 0, 2},
      "H100, B=1, NH=16, S=65536: 64x64 state tiles as fast as smaller ones; H200 (session 19): 64x128 where they "
      "still give 2 work-groups per SM, TFLA setup S=8192 fw 2.52 -> 2.43 ms, NH=4 128/128 64 rows 5.04 -> 4.82 ms; "
      "H100 (session 26): chunk rows 64 at chunk 128, TFLA setup S=8192 fw / fwbw 2.89 / 9.24 ms against 3.18 / 10.2 "
-     "at rows 32 and 4.70 / 14.8 at 128"},
+     "at rows 32 and 4.70 / 14.8 at 128; H200 (session 37): two output tiles per work-group, TFLA setup S=8192 "
+     "chunk 64 fw / fwbw 2.66 / 7.97 -> 2.30 / 7.25 ms, chunk 128 2.81 / 8.96 -> 2.60 / 8.37 (tiles of 64, four "
+     "a group: fw 2.51 but dq, dk 1.49 -> 1.66 ms)"},
     {"", "", {64, 64, 512}, "default (PoCL runs the emulated kernels in tests)"},
 }};
 

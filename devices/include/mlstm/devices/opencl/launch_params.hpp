@@ -58,7 +58,7 @@ struct TcLaunchParams {
   // Output tiles a work-group of the chunk kernels takes one after the other (the largest divisor of the kernel's
   // tile count up to this): their L x L weights are formed once and kept in registers for the later tiles
   // (tc_chunk.cl OTL). MLSTM_TC_OUT_TILES=1|2|4|8.
-  int out_tiles = 1;
+  int out_tiles = 2;
   // Columns of those output tiles (OT; at most the rule's: 128, or 64 where the key block is 128): 0 = the rule's.
   // MLSTM_TC_OUT_TILE=16|32|64|128.
   int out_tile = 0;
