@@ -38,18 +38,27 @@ constexpr std::array<ChunkRow, 2> kPortableTable{{
 
 // Tensor cores: the H100 sweep of session 26 (chunk 128 in query sub-tiles of 64 rows), B*S = 65536, NH = 16,
 // S = 8192 (128 rows) and 65536 (16 rows), and NH = 4 128/128 at 1M tokens (64 rows, and 4 rows split in shards).
-// ms forward / forward+backward, chunk 64 vs 128.
-constexpr std::array<ChunkRow, 5> kTensorCoreTable{{
-    {"NVIDIA", 64, 0, 64,
-     "head dims 64/64: 64 (128 rows 0.677 / 2.32 vs 0.743 / 3.01; 16 rows 0.824 / 2.62 vs 0.971 / 3.45)"},
+// ms forward / forward+backward, chunk 64 vs 128. Session 37 (H200, two output tiles a work-group): 4 and 64 rows at
+// 64/64 and 256/256, 1024 rows at 128/128.
+constexpr std::array<ChunkRow, 7> kTensorCoreTable{{
+    {"NVIDIA", 64, 8, 64,
+     "head dims 64/64, 8 rows and more: 64 (128 rows 0.677 / 2.32 vs 0.743 / 3.01; 16 rows 0.824 / 2.62 vs 0.971 / "
+     "3.45; H200 session 37, 64 rows 0.862 / 2.772 vs 1.049 / 3.534)"},
     {"NVIDIA", 0, 32, 64,
      "32 rows and more: 64 (128 rows: 128/128 1.49 / 5.32 vs 1.68 / 5.71, 128/256 2.78 / 8.43 vs 2.91 / 9.32, 256/256 "
      "4.54 / 14.2 vs 4.44 / 15.4; NH=4 128/128 64 rows 5.77 / 20.1 vs 5.99 / 22.2)"},
     {"NVIDIA", 0, 8, 128,
      "8-31 rows: 128 (16 rows: 128/128 3.39 / 8.66 vs 2.71 / 8.28, 128/256 4.16 / 11.1 vs 3.71 / 11.1, 256/256 "
      "5.35 / 15.9 vs 5.04 / 16.7)"},
-    {"NVIDIA", 0, 0, 64,
-     "fewer than 8 rows (the sequence split): 64 (NH=4 128/128 B=1 S=1M: 7.40 / 23.6 vs 7.65 / 25.8)"},
+    {"NVIDIA", 64, 0, 128,
+     "fewer than 8 rows (the sequence split), head dims 64/64: 128 (H200 session 37, 4 rows of 65536: 0.425 / 1.224 "
+     "vs 0.513 / 1.307)"},
+    {"NVIDIA", 128, 0, 64,
+     "fewer than 8 rows, head dims up to 128: 64 (NH=4 128/128 B=1 S=1M: 7.40 / 23.6 vs 7.65 / 25.8; H100 session "
+     "36, 4 rows of 65536: 0.631 / 1.853 vs 0.632 / 1.959)"},
+    {"NVIDIA", 0, 0, 128,
+     "fewer than 8 rows, head dims above 128: 128 (H200 session 37, 256/256 4 rows of 65536: 2.026 / 5.869 vs 2.163 / "
+     "6.448; 128/256 not measured at 4 rows, 128 at 16: H100 session 31, 3.236 / 10.356 vs 3.430 / 10.583)"},
     {"", 0, 0, 64, "default: the NVIDIA rows' choice at most shapes (PoCL runs the emulated kernels in tests)"},
 }};
 

@@ -720,7 +720,8 @@ TEST(AutoChunk, CpuRowsCountRowsPerThread) {
   EXPECT_EQ(chunk_row(ChunkFamily::cpu, "", p, 0).chunk, 64);  // no units: one
 }
 
-// The tensor cores' NVIDIA rows (session 26's sweep): 128 for 8-31 rows of head dims above 64, else 64.
+// The tensor cores' NVIDIA rows (session 26's sweep, session 37's few rows): 128 for 8-31 rows of head dims above 64;
+// below 8 rows 128 for head dims of 64 and above 128, 64 for 128; else 64.
 TEST(AutoChunk, TensorCoreRowsFollowHeadDimsAndRows) {
   ProblemShape p;
   p.S = 65536;
@@ -735,10 +736,12 @@ TEST(AutoChunk, TensorCoreRowsFollowHeadDimsAndRows) {
   EXPECT_EQ(chunk(8, 16), 64);   // at S = 8192
   EXPECT_EQ(chunk(1, 8), 128);
   EXPECT_EQ(chunk(2, 16), 64);  // 32 rows
-  EXPECT_EQ(chunk(1, 4), 64);   // the sequence split's few rows
+  EXPECT_EQ(chunk(1, 4), 128);  // the sequence split's few rows, a head dim above 128
   p.DHQK = p.DHHV = 64;
   EXPECT_EQ(chunk(1, 16), 64);
+  EXPECT_EQ(chunk(1, 4), 128);
   p.DHQK = p.DHHV = 128;
+  EXPECT_EQ(chunk(1, 4), 64);
   EXPECT_EQ(chunk_row(ChunkFamily::tensor_cores, "Portable Computing Language", p).chunk, 64);
 }
 
