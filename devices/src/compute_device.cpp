@@ -116,9 +116,8 @@ StepResult ComputeDevice::step(const StepArgs& a, const MlstmOptions& options) {
   return out;
 }
 
-std::vector<std::shared_ptr<ComputeDevice>> devices_from_spec(const std::string& spec) {
-  const ScopedTrace trace([&] { return "devices opened for '" + spec + "'"; });
-  std::vector<std::shared_ptr<ComputeDevice>> out;
+std::vector<NamedDevice> named_devices(const std::string& spec) {
+  std::vector<NamedDevice> out;
   // Each device once: a spec naming one twice ('workers+workers', 'all+0', '0,0') is refused, never run with the
   // same device taking two shares.
   bool workers = false;
@@ -130,7 +129,7 @@ std::vector<std::shared_ptr<ComputeDevice>> devices_from_spec(const std::string&
     if (part == "cpu-workers" || part == "workers") {
       if (workers) throw InvalidArgument("devices", "the CPU workers are named twice in '" + spec + "'");
       workers = true;
-      for (auto& d : cpu_workers()) out.push_back(d);
+      out.push_back({true, {}});
     } else if (part.empty()) {
       throw InvalidArgument("devices", "empty part in device spec '" + spec + "'");
     } else {
@@ -139,11 +138,24 @@ std::vector<std::shared_ptr<ComputeDevice>> devices_from_spec(const std::string&
           throw InvalidArgument("devices",
                                 "OpenCL device [" + std::to_string(info.index) + "] is named twice in '" + spec + "'");
         }
+        out.push_back({false, info});
       }
-      for (auto& d : opencl_devices(part)) out.push_back(d);
     }
     if (plus == std::string::npos) break;
     start = plus + 1;
+  }
+  return out;
+}
+
+std::vector<std::shared_ptr<ComputeDevice>> devices_from_spec(const std::string& spec) {
+  const ScopedTrace trace([&] { return "devices opened for '" + spec + "'"; });
+  std::vector<std::shared_ptr<ComputeDevice>> out;
+  for (const NamedDevice& d : named_devices(spec)) {
+    if (d.workers) {
+      for (auto& w : cpu_workers()) out.push_back(w);
+    } else {
+      out.push_back(opencl_device(d.opencl_device));
+    }
   }
   return out;
 }

@@ -704,11 +704,13 @@ class OpenCLComputeDevice final : public ComputeDevice {
 
 }  // namespace
 
+std::shared_ptr<ComputeDevice> opencl_device(const opencl::DeviceInfo& info, OpenCLKernels kernels) {
+  return std::make_shared<OpenCLComputeDevice>(opencl::open_device(info), kernels);
+}
+
 std::vector<std::shared_ptr<ComputeDevice>> opencl_devices(const std::string& spec, OpenCLKernels kernels) {
   std::vector<std::shared_ptr<ComputeDevice>> out;
-  for (const auto& info : opencl::select_devices(spec)) {
-    out.push_back(std::make_shared<OpenCLComputeDevice>(opencl::open_device(info), kernels));
-  }
+  for (const auto& info : opencl::select_devices(spec)) out.push_back(opencl_device(info, kernels));
   return out;
 }
 

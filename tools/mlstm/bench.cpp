@@ -45,10 +45,10 @@ void check_bench(const BenchOptions& bo, DType dtype) {
   if (bo.weak_seq_len > 0 && bo.graph_devices.empty()) {
     throw InvalidArgument("--weak-seq-len", "has no effect without --graph-devices");
   }
-  for (const auto& spec : bo.graph_devices) {  // every spec resolved before the sweep measures anything
+  for (const auto& spec : bo.graph_devices) {  // every spec resolved (nothing opened) before the sweep measures
     if (spec.empty()) throw InvalidArgument("--graph-devices", "an empty device spec");
     try {
-      (void)devices_from_spec(spec);
+      (void)named_devices(spec);
     } catch (const InvalidArgument& e) {
       rethrow_as_cli(e, {{"devices", "--graph-devices"}, {"device_spec", "--graph-devices"}});
     }

@@ -220,18 +220,11 @@ int cmd_run(const RunOptions& ro, bool as_json) {
     }
     if (ro.devices != "auto") {
       bool gpu = false;
-      std::size_t from = 0;
-      while (from <= ro.devices.size()) {  // the spec's parts joined by '+'; "workers" has no GPU
-        const std::size_t plus = std::min(ro.devices.find('+', from), ro.devices.size());
-        const std::string part = ro.devices.substr(from, plus - from);
-        if (!part.empty() && part != "workers") {
-          try {
-            for (const auto& d : opencl::select_devices(part)) gpu = gpu || d.type == opencl::DeviceType::gpu;
-          } catch (const InvalidArgument& e) {
-            rethrow_as_cli(e, {{"devices", "--devices"}});
-          }
-        }
-        from = plus + 1;
+      try {
+        for (const NamedDevice& d : named_devices(ro.devices))
+          gpu = gpu || (!d.workers && d.opencl_device.type == opencl::DeviceType::gpu);
+      } catch (const InvalidArgument& e) {
+        rethrow_as_cli(e, {{"devices", "--devices"}});
       }
       if (!gpu)
         throw InvalidArgument("--mode", "pipeline needs an OpenCL GPU; --devices '" + ro.devices + "' names none");

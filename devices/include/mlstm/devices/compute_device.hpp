@@ -24,6 +24,7 @@
 
 #include "mlstm/core/problem.hpp"
 #include "mlstm/devices/chunk_choice.hpp"
+#include "mlstm/devices/opencl/device.hpp"
 
 namespace mlstm {
 
@@ -205,13 +206,23 @@ enum class OpenCLKernels {
   emulated_tensor_cores,  // tests: the tensor-core kernels without PTX on any OpenCL device (PoCL), as
                           // tensor_cores otherwise; slow
 };
-// The OpenCL devices of an OpenCL device spec (opencl::select_devices).
+// The OpenCL devices of an OpenCL device spec (opencl::select_devices), and one of them.
 std::vector<std::shared_ptr<ComputeDevice>> opencl_devices(const std::string& spec,
                                                            OpenCLKernels kernels = OpenCLKernels::automatic);
+std::shared_ptr<ComputeDevice> opencl_device(const opencl::DeviceInfo& info,
+                                             OpenCLKernels kernels = OpenCLKernels::automatic);
 // The device-spec grammar: "workers" (the CPU workers), an OpenCL spec ("gpu:all", "0,1", "cpu" = OpenCL CPU
 // devices, ...; opencl.hpp), or several joined with '+' ("workers+gpu:all"). An empty part or a device named twice
 // ("workers+workers", "all+0") is refused: InvalidArgument("devices").
 std::vector<std::shared_ptr<ComputeDevice>> devices_from_spec(const std::string& spec);
+// What a spec names, in its order, with the same grammar and refusals, opening nothing: the CPU workers (one entry
+// for all of them) or one OpenCL device per entry. devices_from_spec opens these; callers that only check a spec or
+// ask what kind of devices it names (a GPU among them?) read them.
+struct NamedDevice {
+  bool workers = false;              // the CPU workers
+  opencl::DeviceInfo opencl_device;  // else this OpenCL device
+};
+std::vector<NamedDevice> named_devices(const std::string& spec);
 
 // The automatic chunk size of a run over `devices`: `options` with kAutoChunk replaced by the chunk_choice of the
 // device of the highest rank (the first of them); options unchanged when their chunk size is set or `devices` is
