@@ -18,6 +18,7 @@
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "mlstm/devices/opencl/device.hpp"
 #include "mlstm/devices/opencl/resident_split.hpp"
@@ -182,12 +183,19 @@ struct PyResident {
   std::mutex mutex;
 };
 
-// fn(split) with the Resident's mutex held and the GIL released (released first, as with_session).
+// fn(object) with `mutex` held and the GIL released: every call on a Resident's split or a Session's stream. The GIL
+// is released before the mutex is taken, so no thread ever waits for the mutex while holding the GIL (no deadlock
+// with a thread that holds the mutex and waits for the GIL).
+template <class T, class Fn>
+auto locked(std::mutex& mutex, T& object, Fn&& fn) {
+  py::gil_scoped_release release;
+  std::lock_guard lock(mutex);
+  return fn(object);
+}
+
 template <class Fn>
 auto with_split(PyResident& r, Fn&& fn) {
-  py::gil_scoped_release release;
-  std::lock_guard lock(r.mutex);
-  return fn(*r.split);
+  return locked(r.mutex, *r.split, std::forward<Fn>(fn));
 }
 
 // A numpy array of `shape` holding `dtype` (uint16 for bfloat16), uninitialised.
@@ -579,14 +587,9 @@ struct PySession {
   std::mutex mutex;
 };
 
-// fn(session) with the session's mutex held and the GIL released. The GIL is released before the mutex is taken,
-// so no thread ever waits for the mutex while holding the GIL (no deadlock with a thread that holds the mutex and
-// waits for the GIL).
 template <class Fn>
 auto with_session(PySession& s, Fn&& fn) {
-  py::gil_scoped_release release;
-  std::lock_guard lock(s.mutex);
-  return fn(*s.session);
+  return locked(s.mutex, *s.session, std::forward<Fn>(fn));
 }
 
 StreamConfig session_config(const py::object& NH, const py::object& DHQK, const py::object& DHHV, const py::object& B,
