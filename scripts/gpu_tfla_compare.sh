@@ -8,6 +8,7 @@
 #             1M tokens as B = 64, S = 16384 and B = 1, S = 1M)
 #   VARIANTS  space list of chunk:rows[:keys] (MLSTM_BENCH_CHUNK : MLSTM_TC_CHUNK_ROWS : MLSTM_TC_KEY_BLOCK; default
 #             "64:64 128:64 128:128:64 128:128", the last being the chunk kernels before query sub-tiles)
+#   TFLA_KERNELS  space list of TFLA's kernels to run (default "xl_chunk xl_chunk_siging")
 #   REPS      our repetitions (default 5); DEADLINE=<epoch s>: shapes of ours that would start after it are skipped;
 #             TFLA_DEADLINE=<epoch s>: the same for TFLA's processes (leave time for ours on the shapes TFLA ran)
 # Outputs under $OUT: tfla_*.json, tc_*.json (bench_opencl JSON with each kernel's time), compare.md.
@@ -29,7 +30,7 @@ echo "== TFLA"
 # one without a result). xl_chunk compiles on Triton 3.6 only with LLVM's optimiser off (ANCHORS.md).
 n=0
 for shape in ${shapes//,/ }; do
-  for kernel in xl_chunk xl_chunk_siging; do
+  for kernel in ${TFLA_KERNELS:-xl_chunk xl_chunk_siging}; do
     n=$((n + 1))
     if [ -n "${TFLA_DEADLINE:-}" ] && [ "$(date +%s)" -ge "$TFLA_DEADLINE" ]; then
       echo "(skipped: past TFLA_DEADLINE) TFLA $kernel $shape"; continue
