@@ -39,8 +39,8 @@ constexpr std::array<ChunkRow, 2> kPortableTable{{
 // Tensor cores: the H100 sweep of session 26 (chunk 128 in query sub-tiles of 64 rows), B*S = 65536, NH = 16,
 // S = 8192 (128 rows) and 65536 (16 rows), and NH = 4 128/128 at 1M tokens (64 rows, and 4 rows split in shards).
 // ms forward / forward+backward, chunk 64 vs 128. Session 37 (H200, two output tiles a work-group): 4 and 64 rows at
-// 64/64 and 256/256, 1024 rows at 128/128.
-constexpr std::array<ChunkRow, 7> kTensorCoreTable{{
+// 64/64 and 256/256, 1024 rows at 128/128. Session 38 (H100): 4 rows at 128/256.
+constexpr std::array<ChunkRow, 8> kTensorCoreTable{{
     {"NVIDIA", 64, 8, 64,
      "head dims 64/64, 8 rows and more: 64 (128 rows 0.677 / 2.32 vs 0.743 / 3.01; 16 rows 0.824 / 2.62 vs 0.971 / "
      "3.45; H200 session 37, 64 rows 0.862 / 2.772 vs 1.049 / 3.534)"},
@@ -56,16 +56,21 @@ constexpr std::array<ChunkRow, 7> kTensorCoreTable{{
     {"NVIDIA", 128, 0, 64,
      "fewer than 8 rows, head dims up to 128: 64 (NH=4 128/128 B=1 S=1M: 7.40 / 23.6 vs 7.65 / 25.8; H100 session "
      "36, 4 rows of 65536: 0.631 / 1.853 vs 0.632 / 1.959)"},
+    {"NVIDIA", 0, 0, 64,
+     "fewer than 8 rows, DHQK up to 128 (128/256): 64 (H100 session 38, 4 rows of 65536: 0.906 / 2.648 vs 0.952 / "
+     "2.810; TFLA 2.753 / 7.956)",
+     128},
     {"NVIDIA", 0, 0, 128,
-     "fewer than 8 rows, head dims above 128: 128 (H200 session 37, 256/256 4 rows of 65536: 2.026 / 5.869 vs 2.163 / "
-     "6.448; 128/256 not measured at 4 rows, 128 at 16: H100 session 31, 3.236 / 10.356 vs 3.430 / 10.583)"},
+     "fewer than 8 rows, head dims above 128 (256/256): 128 (H200 session 37, 4 rows of 65536: 2.026 / 5.869 vs "
+     "2.163 / 6.448)"},
     {"", 0, 0, 64, "default: the NVIDIA rows' choice at most shapes (PoCL runs the emulated kernels in tests)"},
 }};
 
 bool matches(const ChunkRow& row, std::string_view vendor, const ProblemShape& p, int units) {
   const double rows_per_unit = static_cast<double>(p.state_batch() * p.NH) / std::max(units, 1);
   return (row.vendor.empty() || vendor.find(row.vendor) != std::string_view::npos) &&
-         (row.max_head_dim == 0 || std::max(p.DHQK, p.DHHV) <= row.max_head_dim) && rows_per_unit >= row.min_rows;
+         (row.max_head_dim == 0 || std::max(p.DHQK, p.DHHV) <= row.max_head_dim) &&
+         (row.max_qk_dim == 0 || p.DHQK <= row.max_qk_dim) && rows_per_unit >= row.min_rows;
 }
 
 }  // namespace

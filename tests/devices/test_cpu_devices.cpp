@@ -691,7 +691,8 @@ TEST(AutoChunk, TheFirstMatchingRowWins) {
           const auto table = chunk_table(f);
           for (const ChunkRow& row : table) {
             const bool fits = (row.vendor.empty() || vendor.find(row.vendor) != std::string_view::npos) &&
-                              (row.max_head_dim == 0 || d <= row.max_head_dim) && nh >= row.min_rows;
+                              (row.max_head_dim == 0 || d <= row.max_head_dim) &&
+                              (row.max_qk_dim == 0 || d <= row.max_qk_dim) && nh >= row.min_rows;
             if (&row == &got) {
               EXPECT_TRUE(fits) << row.source;
               break;
@@ -720,8 +721,8 @@ TEST(AutoChunk, CpuRowsCountRowsPerThread) {
   EXPECT_EQ(chunk_row(ChunkFamily::cpu, "", p, 0).chunk, 64);  // no units: one
 }
 
-// The tensor cores' NVIDIA rows (session 26's sweep, session 37's few rows): 128 for 8-31 rows of head dims above 64;
-// below 8 rows 128 for head dims of 64 and above 128, 64 for 128; else 64.
+// The tensor cores' NVIDIA rows (session 26's sweep, sessions 37-38's few rows): 128 for 8-31 rows of head dims above
+// 64; below 8 rows 128 for head dims of 64 and for 256/256, 64 for 128/128 and 128/256; else 64.
 TEST(AutoChunk, TensorCoreRowsFollowHeadDimsAndRows) {
   ProblemShape p;
   p.S = 65536;
@@ -736,7 +737,12 @@ TEST(AutoChunk, TensorCoreRowsFollowHeadDimsAndRows) {
   EXPECT_EQ(chunk(8, 16), 64);   // at S = 8192
   EXPECT_EQ(chunk(1, 8), 128);
   EXPECT_EQ(chunk(2, 16), 64);  // 32 rows
-  EXPECT_EQ(chunk(1, 4), 128);  // the sequence split's few rows, a head dim above 128
+  EXPECT_EQ(chunk(1, 4), 64);  // the sequence split's few rows, DHQK 128
+  p.DHQK = 256;
+  EXPECT_EQ(chunk(1, 4), 128);  // and DHQK 256
+  p.DHQK = 128;
+  p.DHHV = 64;
+  EXPECT_EQ(chunk(1, 4), 64);
   p.DHQK = p.DHHV = 64;
   EXPECT_EQ(chunk(1, 16), 64);
   EXPECT_EQ(chunk(1, 4), 128);

@@ -23,6 +23,7 @@ struct ChunkRow {
                             // per worker thread; an OpenCL device is one unit)
   std::int64_t chunk;       // the fastest chunk measured there
   std::string_view source;  // the measurement
+  std::int64_t max_qk_dim = 0;  // and DHQK <= this; 0 = any
 };
 
 // A device's automatic chunk size for a problem, and `rank`: how much of a run shared with other devices it carries
