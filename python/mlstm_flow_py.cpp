@@ -1,6 +1,7 @@
 // Python bindings: mlstm_flow.forward / backward / step / kernels / devices on numpy arrays.
 // bfloat16 arrays are passed as uint16 with dtype='bfloat16'. Bad input raises ValueError (TypeError for a wrong type
-// or an unknown keyword) naming the argument.
+// or an unknown keyword) naming the argument; arguments that fit no signature, a one-line TypeError naming the
+// function and the argument (refuse_mismatches_everywhere).
 // forward/backward make one kernel call (kernel=), or with devices= (a device spec: "workers", "gpu:all", "0,1",
 // "workers+gpu:all", ...) run through the flow graph on every device the spec names (graph::FlowGraphRunner).
 // Resident keeps one problem on several OpenCL devices (opencl::ResidentSplit).
@@ -10,6 +11,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <map>
@@ -19,6 +21,7 @@
 #include <stdexcept>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "mlstm/devices/opencl/device.hpp"
 #include "mlstm/devices/opencl/resident_split.hpp"
@@ -616,6 +619,202 @@ StreamConfig session_config(const py::object& NH, const py::object& DHQK, const 
   return c;
 }
 
+// Issue 21 item 5: a call whose arguments fit no signature raises a one-line TypeError in Python's own words,
+// naming the function and the argument ("forward(): missing required argument 'k' (pass q, k, v, i, f)"), instead
+// of pybind11's "incompatible function arguments" listing the signature over several lines. Every parameter is an
+// object (values are checked inside), so only the count and the names of the arguments can fail to match: a
+// required argument missing, too many positional ones, one given both by position and by keyword, or an unknown
+// keyword where the function takes no **kwargs (those that do refuse unknown keywords themselves). Each function
+// and method gets a last overload taking (*args, **kwargs) that finds which, from the parameters of its signature.
+struct Signature {
+  std::string function;                 // as the user calls it: "forward", "Session.push", "Session" (constructor)
+  std::vector<std::string> positional;  // the parameters that may be given by position, in order (not self)
+  std::vector<std::string> keyword_only;
+  std::vector<std::string> required;  // those without a default
+  bool var_positional = false;        // *args
+  bool var_keyword = false;           // **kwargs
+  py::object self_type;               // a method's class (None for functions and static methods)
+};
+
+// The parameters of pybind11's signature line `name(a: object, b: object = 'x', **kwargs) -> T` (the first line
+// of the function's __doc__), split at the commas outside quotes and brackets; nullopt for another line.
+std::optional<std::vector<std::string>> signature_parameters(const std::string& doc, const std::string& name) {
+  if (doc.compare(0, name.size() + 1, name + "(") != 0) return std::nullopt;
+  std::vector<std::string> params;
+  std::string current;
+  const auto finish = [&] {
+    const auto begin = current.find_first_not_of(' ');
+    if (begin != std::string::npos) params.push_back(current.substr(begin, current.find_last_not_of(' ') + 1 - begin));
+    current.clear();
+  };
+  int depth = 0;
+  char quote = 0;
+  for (std::size_t j = name.size() + 1; j < doc.size() && doc[j] != '\n'; ++j) {
+    const char c = doc[j];
+    current += c;
+    if (quote != 0) {
+      if (c == '\\' && j + 1 < doc.size())
+        current += doc[++j];
+      else if (c == quote)
+        quote = 0;
+    } else if (c == '\'' || c == '"') {
+      quote = c;
+    } else if (c == '(' || c == '[' || c == '{') {
+      ++depth;
+    } else if ((c == ')' || c == ']' || c == '}') && depth > 0) {
+      --depth;
+    } else if (c == ')' || (c == ',' && depth == 0)) {
+      current.pop_back();
+      finish();
+      if (c == ')') return params;
+    }
+  }
+  return std::nullopt;
+}
+
+std::optional<Signature> signature_of(const std::string& doc, const std::string& name, bool method) {
+  auto params = signature_parameters(doc, name);
+  if (!params || (method && (params->empty() || params->front().compare(0, 4, "self") != 0))) return std::nullopt;
+  Signature s;
+  bool keyword_only = false;
+  for (std::size_t j = method ? 1 : 0; j < params->size(); ++j) {
+    const std::string& p = (*params)[j];
+    if (p == "/") continue;  // positional-only marker
+    if (p == "*") {
+      keyword_only = true;
+    } else if (p.compare(0, 2, "**") == 0) {
+      s.var_keyword = true;
+    } else if (p.compare(0, 1, "*") == 0) {
+      s.var_positional = true;
+      keyword_only = true;
+    } else {
+      const std::string arg = p.substr(0, p.find_first_of(":= "));
+      (keyword_only ? s.keyword_only : s.positional).push_back(arg);
+      if (p.find('=') == std::string::npos) s.required.push_back(arg);
+    }
+  }
+  return s;
+}
+
+std::string joined(const std::vector<std::string>& names) {
+  std::string out;
+  for (const auto& n : names) out += (out.empty() ? "" : ", ") + n;
+  return out;
+}
+
+// What is wrong with a call of `s` that matched no signature, in one line.
+std::string mismatch(const Signature& s, const py::args& args, const py::kwargs& kwargs) {
+  const std::string head = s.function + "(): ";
+  std::size_t first = 0;
+  if (!s.self_type.is_none()) {  // an unbound call: Session.push(x, ...)
+    const std::string cls = py::str(s.self_type.attr("__name__"));
+    if (args.empty()) return head + "missing self (a " + cls + ")";
+    if (!py::isinstance(args[0], s.self_type)) return head + "self must be a " + cls + ", got " + type_name(args[0]);
+    first = 1;
+  }
+  const std::size_t given = args.size() - first;
+  const auto position = [&](const std::string& name) {
+    return static_cast<std::size_t>(std::find(s.positional.begin(), s.positional.end(), name) - s.positional.begin());
+  };
+  for (const auto& item : kwargs) {
+    const std::string key = py::str(item.first);
+    const std::size_t at = position(key);
+    if (at < given) return head + "got multiple values for argument '" + key + "'";
+    const bool known = at < s.positional.size() ||
+                       std::find(s.keyword_only.begin(), s.keyword_only.end(), key) != s.keyword_only.end();
+    if (!known && !s.var_keyword) return head + "got an unexpected keyword argument '" + key + "'";
+  }
+  if (!s.var_positional && given > s.positional.size()) {
+    const std::size_t most = s.positional.size();
+    if (most == 0) {
+      return head + "takes no " + (s.keyword_only.empty() ? "" : "positional ") + "arguments (" +
+             std::to_string(given) + " given)";
+    }
+    const bool all_required = std::all_of(s.positional.begin(), s.positional.end(), [&](const std::string& p) {
+      return std::find(s.required.begin(), s.required.end(), p) != s.required.end();
+    });
+    return head + "takes " + (all_required ? "" : "at most ") + std::to_string(most) + " positional argument" +
+           (most == 1 ? "" : "s") + " (" + std::to_string(given) + " given)";
+  }
+  for (const auto& name : s.required) {
+    if (position(name) < given || kwargs.contains(name)) continue;
+    return head + "missing required argument '" + name + "' (pass " + joined(s.required) + ")";
+  }
+  // The count and the names fit: for a method, pybind11 could not take self as its C++ object (a Session.__new__
+  // never initialised).
+  if (!s.self_type.is_none())
+    return head + "self is a " + std::string(py::str(s.self_type.attr("__name__"))) + " whose __init__ never ran";
+  std::vector<std::string> all = s.positional;
+  all.insert(all.end(), s.keyword_only.begin(), s.keyword_only.end());
+  return head + "these arguments match no signature of " + s.function + "(" + joined(all) + ")";
+}
+
+// Adds the last overload to pybind11 function `function` (its attribute `name`; `method`: of class `scope`, which
+// passes self), keeping its __doc__ as it was: one signature, not pybind11's "Overloaded function" list.
+void refuse_mismatches(py::handle function, const std::string& name, const std::string& shown, py::handle scope,
+                       bool method) {
+  const py::object doc_o = function.attr("__doc__");
+  if (!py::isinstance<py::str>(doc_o)) return;
+  const std::string doc = doc_o.cast<std::string>();
+  std::optional<Signature> s = signature_of(doc, name, method);
+  if (!s) return;  // not a single pybind11 signature: left to pybind11's message
+  s->function = shown;
+  s->self_type = method ? py::reinterpret_borrow<py::object>(scope) : py::none();
+  auto refuse = [sig = std::make_shared<const Signature>(std::move(*s))](const py::args& args,
+                                                                         const py::kwargs& kwargs) {
+    throw py::type_error(mismatch(*sig, args, kwargs));
+  };
+  if (method)
+    py::cpp_function(refuse, py::name(name.c_str()), py::is_method(scope), py::sibling(function));
+  else
+    py::cpp_function(refuse, py::name(name.c_str()), py::scope(scope), py::sibling(function));
+  // pybind11 rewrote the function's doc to list both overloads; the one signature and text it had are put back
+  // (the doc is its PyMethodDef's, malloc'd, which pybind11 frees with the function).
+  auto* f = reinterpret_cast<PyCFunctionObject*>(function.ptr());
+  char* copy = static_cast<char*>(std::malloc(doc.size() + 1));
+  if (copy == nullptr) throw std::bad_alloc();
+  std::memcpy(copy, doc.c_str(), doc.size() + 1);
+  std::free(const_cast<char*>(f->m_ml->ml_doc));
+  f->m_ml->ml_doc = copy;
+}
+
+bool is_pybind_function(py::handle h) {
+  return h && PyCFunction_Check(h.ptr()) && py::isinstance<py::capsule>(PyCFunction_GET_SELF(h.ptr()));
+}
+
+// refuse_mismatches for every function of module `m` and every method (constructors and static methods included)
+// of its classes.
+void refuse_mismatches_everywhere(py::module_& m) {
+  const std::string module_name = py::str(m.attr("__name__"));
+  std::vector<std::pair<std::string, py::object>> entries;
+  for (const auto& item : py::reinterpret_borrow<py::dict>(m.attr("__dict__")))
+    entries.emplace_back(py::str(item.first), py::reinterpret_borrow<py::object>(item.second));
+  for (const auto& [name, value] : entries) {
+    if (name.empty() || name[0] == '_') continue;
+    if (is_pybind_function(value)) {
+      refuse_mismatches(value, name, name, m, false);
+      continue;
+    }
+    if (!py::isinstance<py::type>(value) || !py::hasattr(value, "__module__") ||
+        std::string(py::str(value.attr("__module__"))) != module_name)
+      continue;
+    std::vector<std::pair<std::string, py::object>> members;
+    for (const auto& item : py::dict(value.attr("__dict__")))
+      members.emplace_back(py::str(item.first), py::reinterpret_borrow<py::object>(item.second));
+    for (const auto& [member, attr] : members) {
+      if (member != "__init__" && (member.empty() || member[0] == '_')) continue;
+      const std::string shown = member == "__init__" ? name : name + "." + member;
+      if (PyInstanceMethod_Check(attr.ptr())) {
+        const py::handle function = PyInstanceMethod_GET_FUNCTION(attr.ptr());
+        if (is_pybind_function(function)) refuse_mismatches(function, member, shown, value, true);
+      } else if (Py_TYPE(attr.ptr()) == &PyStaticMethod_Type) {
+        const py::object function = attr.attr("__func__");
+        if (is_pybind_function(function)) refuse_mismatches(function, member, shown, value, false);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(mlstm_flow, m) {
@@ -1084,6 +1283,7 @@ def _stream_pieces(self, source, in_flight):
 import collections as _collections
 import operator as _operator
 import numpy as _numpy
+_stream.__name__, _stream.__qualname__ = "stream", "Session.stream"  # Python's own messages name Session.stream
 Session.stream = _stream
 del _stream
 )",
@@ -1211,4 +1411,6 @@ del _stream
                              })
       .def_property_readonly(
           "lost", [](PyResident& r) { return with_split(r, [](opencl::ResidentSplit& s) { return s.lost(); }); });
+  // Last, once every function and method is defined: calls that fit no signature get one line naming the argument.
+  refuse_mismatches_everywhere(m);
 }

@@ -728,6 +728,101 @@ def check_arguments_named(rng, tmp):
             unknown(method, now=True)
 
 
+def check_argument_mismatches(rng):
+    """Issue 21 item 5: a call whose arguments fit no signature -- a required argument missing, too many positional
+    arguments, one given both by position and by keyword, an unknown keyword where a function takes none -- raises a
+    one-line TypeError naming the function and the argument (pybind11's own "incompatible function arguments" listed
+    the signature over several lines and named none), from every public function, method and constructor; the
+    table below must list every one the module has. Each call fails before the function runs."""
+    q, k, v, i, f, _ = float32_inputs(rng, 1, 2, 9, 4, 3)
+    s = mlstm_flow.Session(2, 4, 3)
+    kept = mlstm_flow.StateCheckpoints()
+    r = mlstm_flow.Resident(q, k, v, i, f, devices="0") if mlstm_flow.devices() else None
+    # name: (callable, required arguments, first parameter, count of positional parameters)
+    calls = {
+        "forward": (mlstm_flow.forward, "q k v i f", "q", 22),
+        "backward": (mlstm_flow.backward, "q k v i f dh", "q", 24),
+        "step": (mlstm_flow.step, "q k v i f", "q", 13),
+        "host_array": (mlstm_flow.host_array, "shape", "shape", 3),
+        "kernels": (mlstm_flow.kernels, "", None, 0),
+        "devices": (mlstm_flow.devices, "", None, 0),
+        "StateCheckpoints": (mlstm_flow.StateCheckpoints, "", None, 0),
+        "StateCheckpoints.tokens": (kept.tokens, "", None, 0),
+        "Session": (mlstm_flow.Session, "NH DHQK DHHV", "NH", 15),
+        "Session.restore": (mlstm_flow.Session.restore, "path NH DHQK DHHV", "path", 13),
+        "Session.push": (s.push, "q k v i f", "q", 5),
+        "Session.submit": (s.submit, "q k v i f", "q", 6),
+        "Session.take": (s.take, "ticket", "ticket", 1),
+        "Session.take_state": (s.take_state, "ticket", "ticket", 1),
+        "Session.start_sequence": (s.start_sequence, "", "c0", 3),
+        "Session.forward_sequences": (s.forward_sequences, "q k v i f cu_seqlens", "q", 9),
+        "Session.state": (s.state, "", None, 0),
+        "Session.snapshot": (s.snapshot, "path", "path", 1),
+        "Session.stream": (s.stream, "pieces", "pieces", 2),  # Python's own messages
+        "Resident": (mlstm_flow.Resident, "q k v i f", "q", 19),
+    }
+    for method in ("forward", "backward", "read_forward", "read_backward"):
+        calls["Resident." + method] = (getattr(r, method, None), "", None, 0)
+    public = set()
+    for name, value in vars(mlstm_flow).items():
+        if name.startswith("_") or not callable(value):
+            continue
+        public.add(name)
+        if isinstance(value, type):
+            public.update(name + "." + member for member, attr in vars(value).items()
+                          if not member.startswith("_") and not isinstance(attr, property))
+    assert public == set(calls), ("functions without a case here", sorted(public ^ set(calls)))
+
+    def refused(name, fn, args, kwargs, *parts):
+        try:
+            fn(*args, **kwargs)
+        except TypeError as err:
+            msg = str(err)
+            assert "\n" not in msg and msg.startswith(name + "()"), (name, msg)
+            assert all(part in msg for part in parts), (name, parts, msg)
+        else:
+            raise AssertionError("%s took %d positional arguments and %s" % (name, len(args), sorted(kwargs)))
+
+    x = object()  # no value is looked at: the call is refused before
+    for name, (fn, required, first, count) in calls.items():
+        if fn is None:  # Resident's methods without an OpenCL device
+            continue
+        required = required.split()
+        if required:  # missing: the last by position, the first by keyword
+            refused(name, fn, [x] * (len(required) - 1), {}, "missing", "'%s'" % required[-1])
+            refused(name, fn, [], {n: x for n in required[1:]}, "missing", "'%s'" % required[0])
+        refused(name, fn, [x] * (count + 1), {}, "given")
+        if first:
+            refused(name, fn, [x], {first: x}, "multiple values for argument '%s'" % first)
+        else:
+            refused(name, fn, [], {"bogus": x}, "unexpected keyword argument", "'bogus'")
+    expect = {
+        "forward": ("forward(q=q)", "forward(): missing required argument 'k' (pass q, k, v, i, f)"),
+        "too many": ("forward(*range(23))", "forward(): takes at most 22 positional arguments (23 given)"),
+        "twice": ("forward(q, k, v, i, f, q=q)", "forward(): got multiple values for argument 'q'"),
+        "take": ("s.take(0, 1)", "Session.take(): takes 1 positional argument (2 given)"),
+        "kernels": ("mlstm_flow.kernels(1)", "kernels(): takes no arguments (1 given)"),
+        "unbound": ("mlstm_flow.Session.push(3)", "Session.push(): self must be a Session, got int"),
+    }
+    for code, message in expect.values():
+        try:
+            eval(code, {"mlstm_flow": mlstm_flow, "forward": mlstm_flow.forward, "s": s, "q": q, "k": k, "v": v,
+                        "i": i, "f": f})
+        except TypeError as err:
+            assert str(err) == message, (code, str(err))
+        else:
+            raise AssertionError(code + " was taken")
+    assert s.tokens == 0, s.tokens
+    # The docs still show the one signature each function has (not pybind11's "Overloaded function" list).
+    for fn in (mlstm_flow.forward, mlstm_flow.Session.push, mlstm_flow.Session.__init__, mlstm_flow.Session.restore):
+        assert "Overloaded" not in fn.__doc__ and "*args" not in fn.__doc__, fn.__doc__
+    assert mlstm_flow.forward.__doc__.startswith("forward(q: object, k: object"), mlstm_flow.forward.__doc__
+    # valid calls are as before
+    assert mlstm_flow.forward(q, k, v, i, f, return_last_states=False).shape == v.shape
+    assert s.push(q, k, v, i, f).shape == v.shape and s.tokens == q.shape[2]
+    print("argument mismatches: one line naming the function and the argument, from every entry point")
+
+
 def run_threads(work, count):
     """work(t) on `count` threads at once (started together); the exceptions they raised, as strings."""
     errors = []
@@ -970,6 +1065,7 @@ def main():
     check_device_spec_errors(rng)
     with tempfile.TemporaryDirectory() as tmp:
         check_arguments_named(rng, tmp)
+    check_argument_mismatches(rng)
     check_first_use_from_threads()
     print("python bindings: all checks passed")
     return 0
