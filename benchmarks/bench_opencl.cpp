@@ -170,13 +170,15 @@ const std::vector<std::int64_t>& packed_offsets(std::int64_t S, std::int64_t B) 
   return offsets;
 }
 
-// The device problem of one (path, S, gate), kept while consecutive benchmarks use it.
+// The device problem of one (path, S, gate, pass), kept while consecutive benchmarks use it. A forward is timed as a
+// user's forward runs: a problem without dh, which takes the fused forward on the tensor cores (tc_fused.cl) where it
+// fits; forward + backward keeps the states for the backward (two passes). MLSTM_TC_FUSED_TILE=0: the two passes.
 opencl::ResidentChunkwise* resident_for(const std::shared_ptr<opencl::Device>& dev, const Config& c,
                                         std::int64_t tokens, std::int64_t chunk, std::string* why_not) {
   static std::string key;
   static std::unique_ptr<opencl::ResidentChunkwise> held;
   std::ostringstream k;
-  k << c.path << "/" << c.S << "/" << gate_name(c.gate);
+  k << c.path << "/" << c.S << "/" << gate_name(c.gate) << "/" << (c.backward ? "fwbw" : "fw");
   if (key == k.str() && held) return held.get();
   held.reset();
   key.clear();
@@ -192,16 +194,20 @@ opencl::ResidentChunkwise* resident_for(const std::shared_ptr<opencl::Device>& d
   if (c.path == "tc") {
     opencl::TensorCoreRunner::Config config;
     config.emulate = env("MLSTM_BENCH_EMULATE", "0") == "1";
-    held = opencl::TensorCoreRunner(dev, config).resident(a, o, &grads);
+    held = opencl::TensorCoreRunner(dev, config).resident(a, o, c.backward ? &grads : nullptr);
   } else {
-    held = make_resident(opencl::ChunkwiseRunner(dev), a, o, &grads);
+    held = make_resident(opencl::ChunkwiseRunner(dev), a, o, c.backward ? &grads : nullptr);
     if (!held) *why_not = "this build's portable runner has no device-resident mode";
   }
   if (held) {
     key = k.str();
     held->enqueue_forward();  // warm-up (and program builds)
-    held->enqueue_backward();
-    held->read_backward();
+    if (c.backward) {
+      held->enqueue_backward();
+      held->read_backward();
+    } else {
+      held->read_forward();
+    }
   }
   return held.get();
 }

@@ -169,6 +169,23 @@ TEST(OpenCLLaunchParams, EnvironmentOverridesApplyAndMalformedOnesAreRefused) {
   tc_out_tile.set("48");
   EXPECT_THROW(tc_launch_params(d), InvalidArgument);
   tc_out_tile.set(nullptr);
+  // The fused forward: tiles of 64 where its groups are at most a quarter of the units (the NVIDIA row); a tile set
+  // in the environment runs it wherever it fits, 0 never.
+  EXPECT_EQ(tc_launch_params(d).fused_tile, 64);
+  EXPECT_EQ(tc_launch_params(d).fused_groups, 0.25);
+  const testing::ScopedEnv tc_fused_tile("MLSTM_TC_FUSED_TILE", "32");
+  EXPECT_EQ(tc_launch_params(d).fused_tile, 32);
+  EXPECT_EQ(tc_launch_params(d).fused_groups, 0);
+  tc_fused_tile.set("0");
+  EXPECT_EQ(tc_launch_params(d).fused_tile, 0);
+  for (const char* bad : {"48", "256", "-64", "x"}) {
+    tc_fused_tile.set(bad);
+    EXPECT_THROW(tc_launch_params(d), InvalidArgument) << bad;
+  }
+  tc_fused_tile.set(nullptr);
+  d.vendor = "The pocl project";
+  EXPECT_EQ(tc_launch_params(d).fused_groups, 0);  // the default row: wherever it fits (the tests' PoCL devices)
+  d.vendor = "NVIDIA Corporation";
   const testing::ScopedEnv opencl_output_col_blocks("MLSTM_OPENCL_OUTPUT_COL_BLOCKS", "3");
   EXPECT_EQ(portable_launch_params(d).output_col_blocks, 3);
   opencl_output_col_blocks.set("5");

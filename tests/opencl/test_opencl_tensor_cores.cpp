@@ -100,10 +100,11 @@ struct TcCase {
   std::int64_t chunk = 64;
   bool normalize = true;
   bool last_state_grads = false;
-  int shards = 0;      // TensorCoreRunner::Config::shards (0: the device's choice, no split on PoCL's few rows)
-  int chunk_rows = 0;  // MLSTM_TC_CHUNK_ROWS (0: the launch row's, 64)
-  int key_block = 0;   // MLSTM_TC_KEY_BLOCK (0: the chunk rows)
-  int out_tiles = 0;   // MLSTM_TC_OUT_TILES (0: the launch row's, 2)
+  int shards = 0;       // TensorCoreRunner::Config::shards (0: the device's choice, no split on PoCL's few rows)
+  int chunk_rows = 0;   // MLSTM_TC_CHUNK_ROWS (0: the launch row's, 64)
+  int key_block = 0;    // MLSTM_TC_KEY_BLOCK (0: the chunk rows)
+  int out_tiles = 0;    // MLSTM_TC_OUT_TILES (0: the launch row's, 2)
+  int fused_tile = -1;  // MLSTM_TC_FUSED_TILE (-1: the launch row's, 64; 0: the forward in two passes)
 };
 
 void PrintTo(const TcCase& c, std::ostream* os) {
@@ -111,7 +112,8 @@ void PrintTo(const TcCase& c, std::ostream* os) {
       << (c.last_state_grads ? " dlast" : "") << (c.shards ? " shards=" + std::to_string(c.shards) : "")
       << (c.chunk_rows ? " rows=" + std::to_string(c.chunk_rows) : "")
       << (c.key_block ? " keys=" + std::to_string(c.key_block) : "")
-      << (c.out_tiles ? " out_tiles=" + std::to_string(c.out_tiles) : "");
+      << (c.out_tiles ? " out_tiles=" + std::to_string(c.out_tiles) : "")
+      << (c.fused_tile >= 0 ? " fused_tile=" + std::to_string(c.fused_tile) : "");
 }
 
 class TensorCores : public ::testing::TestWithParam<TcCase> {};
@@ -127,6 +129,8 @@ TEST_P(TensorCores, ForwardAndBackwardMatchReference) {
   if (c.key_block) keys.emplace("MLSTM_TC_KEY_BLOCK", std::to_string(c.key_block).c_str());
   std::optional<ScopedEnv> tiles;
   if (c.out_tiles) tiles.emplace("MLSTM_TC_OUT_TILES", std::to_string(c.out_tiles).c_str());
+  std::optional<ScopedEnv> fused;
+  if (c.fused_tile >= 0) fused.emplace("MLSTM_TC_FUSED_TILE", std::to_string(c.fused_tile).c_str());
   const auto runner = runner_for(dev, c.shards);
   MlstmOptions o;
   o.gate = c.spec.gate;
@@ -224,6 +228,21 @@ INSTANTIATE_TEST_SUITE_P(
         TcCase{spec(1, 1, 172, 16, 48, DType::bf16, GateVariant::exp, true, GateRegime::extreme), 128, true, true, 0,
                128, 32, 8},
         TcCase{spec(1, 2, 150, 48, 48, DType::bf16, GateVariant::exp, true), 128, true, true, 0, 0, 0, 1}));
+
+// The forward without a backward runs fused (tc_fused.cl: the states pass and the outputs pass in one kernel) wherever
+// it fits, so every other case's forward is the fused one: here the two passes (MLSTM_TC_FUSED_TILE=0), as the
+// backward's problems run them, against the same bounds (chunk 64 and 128, both gates, extreme gates, a split), and
+// the fused kernel with tiles narrower than its default (several work-groups a row of one and two warps). The shapes
+// are those of other cases: PoCL builds each new set of options at -O0 for many seconds.
+INSTANTIATE_TEST_SUITE_P(
+    FusedTiles, TensorCores,
+    ::testing::Values(
+        TcCase{spec(1, 2, 150, 64, 64, DType::bf16, GateVariant::exp, true), 64, true, true, 0, 0, 0, 0, 0},
+        TcCase{spec(1, 1, 200, 32, 16, DType::bf16, GateVariant::exp, true, GateRegime::extreme), 128, true, false, 0,
+               0, 0, 0, 0},
+        TcCase{spec(1, 1, 384, 16, 32, DType::f16, GateVariant::sigmoid, true), 64, true, true, 2, 0, 0, 0, 0},
+        TcCase{spec(1, 2, 150, 64, 64, DType::bf16, GateVariant::exp, true), 64, true, true, 0, 0, 0, 0, 16},
+        TcCase{spec(1, 1, 100, 64, 64, DType::bf16, GateVariant::exp, false), 64, true, false, 0, 0, 0, 0, 32}));
 
 // The sequence split inside the device (Config::shards, shard_combine.cl): each row runs as shards of
 // whole chunks whose states are chained by the combine kernels; the same bounds against the float64 recurrence.
@@ -402,6 +421,7 @@ TEST(TensorCoreShards, SplitChainsTheShardsAndFollowsTheOverride) {
   const auto in = testing::make_inputs(s, testing::fresh_seed());
   const auto bargs = in.backward_args(true);
   MlstmOptions o;
+  o.chunk_size = 64;  // three chunks a row (the automatic chunk of 2 rows of 16/16 on NVIDIA is 128: no split)
   auto one = runner_for(dev, 1).resident(in.args(), o, &bargs);
   auto three = runner_for(dev, 3).resident(in.args(), o, &bargs);
   const auto names1 = launched(*one), names3 = launched(*three);
@@ -532,6 +552,8 @@ TEST_P(TensorCoresPacked, EqualsEachSequenceAloneAndTheReference) {
   std::optional<ScopedEnv> rows;
   if (c.chunk_rows) rows.emplace("MLSTM_TC_CHUNK_ROWS", std::to_string(c.chunk_rows).c_str());
   const auto runner = runner_for(dev, 1);  // each sequence alone unsplit, as the packed kernels run them
+  // and in two passes: a packed forward never runs fused (tc_fused.cl), a sequence alone would
+  const ScopedEnv two_passes("MLSTM_TC_FUSED_TILE", "0");
   const auto p = testing::make_packed(c.lengths, c.dtype, c.gate, c.init, testing::fresh_seed(), 2, 32, 16);
   MlstmOptions o = testing::options_of(c.gate, c.chunk);
   o.return_last_states = true;

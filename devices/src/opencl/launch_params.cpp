@@ -28,13 +28,15 @@ constexpr std::array<LaunchRow<PortableLaunchParams>, 2> kPortableTable{{
 constexpr std::array<LaunchRow<TcLaunchParams>, 2> kTcTable{{
     {"",
      "NVIDIA",
-     {64, 64, 512, false, 128, 64, 0, 2},
+     {64, 64, 512, false, 128, 64, 0, 2, 0, 64, 0.25},
      "H100, B=1, NH=16, S=65536: 64x64 state tiles as fast as smaller ones; H200 (session 19): 64x128 where they "
      "still give 2 work-groups per SM, TFLA setup S=8192 fw 2.52 -> 2.43 ms, NH=4 128/128 64 rows 5.04 -> 4.82 ms; "
      "H100 (session 26): chunk rows 64 at chunk 128, TFLA setup S=8192 fw / fwbw 2.89 / 9.24 ms against 3.18 / 10.2 "
      "at rows 32 and 4.70 / 14.8 at 128; H200 (session 37): two output tiles per work-group, TFLA setup S=8192 "
      "chunk 64 fw / fwbw 2.66 / 7.97 -> 2.30 / 7.25 ms, chunk 128 2.81 / 8.96 -> 2.60 / 8.37 (tiles of 64, four "
-     "a group: fw 2.51 but dq, dk 1.49 -> 1.66 ms)"},
+     "a group: fw 2.51 but dq, dk 1.49 -> 1.66 ms); H100 (session 38): the fused forward where its groups are at "
+     "most a quarter of the compute units, NH=4 128/128 B=1 S=1M fw 7.02 -> 6.57 ms; at the TFLA setup (512 and 64 "
+     "groups) it was slower, S=8192 2.55 against 2.51, S=65536 3.16 against 3.11"},
     {"", "", {64, 64, 512}, "default (PoCL runs the emulated kernels in tests)"},
 }};
 
@@ -96,6 +98,11 @@ TcLaunchParams tc_launch_params(const DeviceInfo& device) {
   p.key_block = tile_rows("MLSTM_TC_KEY_BLOCK", "key columns", p.key_block);
   p.out_tiles = number_of("MLSTM_TC_OUT_TILES", {"1", "2", "4", "8"}, "output tiles per work group", p.out_tiles);
   p.out_tile = tile_rows("MLSTM_TC_OUT_TILE", "output columns", p.out_tile);
+  if (env::get("MLSTM_TC_FUSED_TILE")) {
+    p.fused_tile = number_of("MLSTM_TC_FUSED_TILE", {"0", "16", "32", "64", "128"},
+                             "columns of the fused forward's tile", p.fused_tile);
+    p.fused_groups = 0;
+  }
   return p;
 }
 

@@ -32,7 +32,11 @@ namespace mlstm::opencl::detail {
 // compute units, else the largest divisor up to 16 x compute units / groups (H100, TFLA setup S = 65536, 128 groups
 // on 132 units: unsplit 20.4 ms, 4 / 8 / 16 shards 16.6 / 16.2 / 15.8; at S = 8192, 1024 groups, 2 shards were
 // slower, 15.9 against 14.3).
-enum class SplitCost { second_pass, fixup };
+// With SplitCost::fused (the fused forward, tc_fused.cl: its groups walk their shard's chunks with all of a chunk's
+// work, so a summary pass that reads k and v once costs little against it) a split pays while the groups leave half
+// the compute units without one: 1 while 2 x groups exceed them, else the largest divisor up to 4 x compute units /
+// groups.
+enum class SplitCost { second_pass, fixup, fused };
 int sequence_shards(const DeviceInfo& info, std::int64_t S, std::int64_t L, std::int64_t NC, std::int64_t groups,
                     int requested, SplitCost cost = SplitCost::second_pass);
 

@@ -100,6 +100,23 @@ int fragment_mode(Device& dev, bool emulate) {
   return dev.fact("tensor-core fragment loads (LDSM)", [&] { return probe_fragment_modes(dev); });
 }
 
+// The fused forward's tile of DHHV (tc_fused.cl), at most `max` columns, where the problem and the chunk fit it: not
+// packed, the tile's warps no more than the chunk's 16-row tiles, and its local memory (q and k of a chunk, v's tile
+// and the per-token vectors) within the device's. 0: the two passes.
+int fused_tile(const Device& dev, bool emulate, const ProblemShape& p, int L, int max) {
+  if (max <= 0 || p.packed()) return 0;
+  for (int vt = std::min(pick_tile(p.DHHV, max), L); vt >= 16; vt /= 2) {
+    if (p.DHHV % vt != 0 || L % vt != 0) continue;
+    // q and k; v's tile; M (L x L) over q's rows unless the head dim is below the chunk
+    const std::int64_t nt = 2 * vt, words = std::int64_t{L} * (p.DHQK + 8) * 2 + std::int64_t{L} * (vt + 8) +
+                                            (p.DHQK < L ? std::int64_t{L} * (L + 8) : 0);
+    const std::int64_t bytes = 2 * words + 4 * (14 * std::int64_t{L} + p.DHQK) + (emulate ? (vt / 16) * 32 * 6 * 4 : 0);
+    if ((std::int64_t{L} * p.DHQK / 8) % nt != 0 || static_cast<std::size_t>(nt) > dev.info().max_work_group) continue;
+    if (static_cast<std::uint64_t>(bytes) + 256 <= dev.info().local_memory) return vt;
+  }
+  return 0;
+}
+
 }  // namespace
 
 const std::string& tc_source_text(const std::string& body) {
@@ -142,6 +159,8 @@ TcConfig make_config(Device& dev, bool emulate, const ProblemShape& p, const Mls
   c.DSf = pick_tile(p.DHQK, ds);
   c.OTq = pick_tile(p.DHQK, ot);
   c.DSq = pick_tile(p.DHHV, ds);
+  c.VTf = fused_tile(dev, emulate, p, c.L, launch.fused_tile);
+  c.fused_groups = launch.fused_groups;
   int group = launch.gate_group;
   while (group > 32 && static_cast<std::size_t>(group) > dev.info().max_work_group) group /= 2;
   c.gate_group = group;

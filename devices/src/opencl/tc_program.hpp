@@ -21,10 +21,12 @@ namespace mlstm::opencl::detail {
 // Tiles and program options of one problem configuration (see kernels/opencl/tc/README.md).
 struct TcConfig {
   int L = 64, KT = 0, VT = 0, OTf = 0, DSf = 0, OTq = 0, DSq = 0, gate_group = 512;
-  int LQ = 64;        // rows of a chunk per work-group of the chunk kernels (query sub-tiles; divides L)
-  int KB = 64;        // key columns per block of the chunk kernels' L x L work (divides LQ)
-  int out_tiles = 1;  // output tiles per work-group of the chunk kernels, at most (TcLaunchParams::out_tiles)
-  std::string base;   // options shared by every program
+  int LQ = 64;              // rows of a chunk per work-group of the chunk kernels (query sub-tiles; divides L)
+  int KB = 64;              // key columns per block of the chunk kernels' L x L work (divides LQ)
+  int out_tiles = 1;        // output tiles per work-group of the chunk kernels, at most (TcLaunchParams::out_tiles)
+  int VTf = 0;              // columns of DHHV per work-group of the fused forward (tc_fused.cl); 0: it cannot run
+  double fused_groups = 0;  // TcLaunchParams::fused_groups
+  std::string base;         // options shared by every program
 
   // `write_states` false: only the final value (the sequence split's summary pass; tc_states.cl WRITE_STATES).
   std::string states(int mode, bool write_states = true) const {
@@ -52,6 +54,15 @@ struct TcConfig {
     return chunk_group() * chunks * static_cast<std::size_t>(L / LQ) *
            static_cast<std::size_t>(DOUT / OT / tiles_per_group(DOUT, OT));
   }
+  std::string fused() const { return base + " -DVT=" + std::to_string(VTf); }
+  // Whether a forward of `rows` rows without a backward takes the fused kernel on a device of `units` compute units.
+  bool use_fused(std::int64_t rows, std::int64_t DHHV, std::int64_t units) const {
+    return VTf > 0 && (fused_groups <= 0 || static_cast<double>(rows * (DHHV / VTf)) <=
+                                                fused_groups * static_cast<double>(std::max<std::int64_t>(units, 1)));
+  }
+  // The fused forward's work-group (VTf / 16 warps) and global size.
+  std::size_t fused_group() const { return static_cast<std::size_t>(2 * VTf); }
+  std::size_t fused_global(std::int64_t DHHV) const { return fused_group() * static_cast<std::size_t>(DHHV / VTf); }
   std::string gates() const { return base + " -DGG_WG=" + std::to_string(gate_group); }
 };
 

@@ -48,6 +48,8 @@ class ResidentTensorCore final : public ResidentChunkwise {
     cfg_ = make_config(dev, emulate, shape_, o);
     rows_ = static_cast<int>(shape_.rows());
     S_ = static_cast<int>(shape_.S);
+    // The fused forward (tc_fused.cl) where no backward needs the states entering the chunks.
+    fused_ = grads == nullptr && cfg_.use_fused(shape_.rows(), shape_.DHHV, dev.info().compute_units);
     if (shape_.packed()) {
       // Chunks restart at every sequence start, and every sequence's states pass is a work-group of its own
       // (tc_common.cl CHUNK_START, tc_states.cl PACKED): no sequence split, the sequences are the parallel work.
@@ -59,8 +61,11 @@ class ResidentTensorCore final : public ResidentChunkwise {
     } else {
       NC_ = (S_ + cfg_.L - 1) / cfg_.L;
       // The sequence split (shards.hpp) where the state kernels' rows x tiles work-groups leave the device idle.
-      P_ = detail::sequence_shards(dev.info(), S_, cfg_.L, NC_,
-                                   shape_.rows() * (shape_.DHQK / cfg_.KT) * (shape_.DHHV / cfg_.VT), config.shards);
+      P_ = fused_ ? detail::sequence_shards(dev.info(), S_, cfg_.L, NC_, shape_.rows() * (shape_.DHHV / cfg_.VTf),
+                                            config.shards, detail::SplitCost::fused)
+                  : detail::sequence_shards(dev.info(), S_, cfg_.L, NC_,
+                                            shape_.rows() * (shape_.DHQK / cfg_.KT) * (shape_.DHHV / cfg_.VT),
+                                            config.shards);
       // A segment of a split sequence runs a summary pass for the exchange anyway: in two shards or more its own
       // forward reuses that pass (unless the caller or MLSTM_OPENCL_SHARDS chose the shards).
       if (config.segment && P_ == 1 && config.shards == 0 && !env::get("MLSTM_OPENCL_SHARDS"))
@@ -78,13 +83,18 @@ class ResidentTensorCore final : public ResidentChunkwise {
     const bool summaries = P_ > 1 || segment_;
 
     cl_program gates = dev.program_from_text("tc_gates", tc_source_text("tc_gates"), cfg_.gates());
-    cl_program fw_states = dev.program_from_text("tc_states", tc_source_text("tc_states"), cfg_.states(0));
+    // With the fused forward the states pass runs only for last_state() (skip_outputs), and keeps no states.
+    cl_program fw_states = dev.program_from_text("tc_states", tc_source_text("tc_states"), cfg_.states(0, !fused_));
     const std::int64_t K = shape_.DHQK, V = shape_.DHHV;
-    cl_program fw_out =
-        dev.program_from_text("tc_chunk", tc_source_text("tc_chunk"), cfg_.chunk(0, K, V, cfg_.OTf, cfg_.DSf));
     k_gates_ = KernelObject{dev.kernel(gates, "tc_fw_gates")};
     k_fw_states_ = KernelObject{dev.kernel(fw_states, "tc_fw_states")};
-    k_fw_outputs_ = KernelObject{dev.kernel(fw_out, "tc_fw_outputs")};
+    if (fused_)
+      k_fw_fused_ = KernelObject{
+          dev.kernel(dev.program_from_text("tc_fused", tc_source_text("tc_fused"), cfg_.fused()), "tc_fw_fused")};
+    else
+      k_fw_outputs_ = KernelObject{dev.kernel(
+          dev.program_from_text("tc_chunk", tc_source_text("tc_chunk"), cfg_.chunk(0, K, V, cfg_.OTf, cfg_.DSf)),
+          "tc_fw_outputs")};
     if (summaries) {
       k_fw_combine_ = KernelObject{dev.kernel(gates, "shard_fw_combine")};
       k_fw_summary_ = KernelObject{dev.kernel(
@@ -152,8 +162,8 @@ class ResidentTensorCore final : public ResidentChunkwise {
     // Per-token and per-chunk arrays keep their layout with shards (row r, shard p is row r * P + p of S/P tokens);
     // mst has NC/P + 1 entries per shard, and packed NC + N per row (a slot leaving every sequence).
     mst_ = f32buf(static_cast<std::size_t>(R_) * static_cast<std::size_t>(m_slots()));
-    Cst_ = dev.acquire(static_cast<std::size_t>(rows_) * NC_ * kv * 2);
-    nst_ = f32buf(static_cast<std::size_t>(rows_) * NC_ * K);
+    Cst_ = dev.acquire(fused_ ? 4 : static_cast<std::size_t>(rows_) * NC_ * kv * 2);
+    nst_ = f32buf(fused_ ? 1 : static_cast<std::size_t>(rows_) * NC_ * K);
     const std::size_t last_rows = static_cast<std::size_t>(shape_.state_batch() * shape_.NH);  // (N, NH) packed
     c_last_ = f32buf(last_rows * kv);
     n_last_ = f32buf(last_rows * static_cast<std::size_t>(K));
@@ -193,8 +203,15 @@ class ResidentTensorCore final : public ResidentChunkwise {
                                     nst_, mst_, c_last_, n_last_, m_last_, S_, NC_);
       if (shape_.packed()) set_args_from(k_fw_states_.k, dn, next, ctab_, stab_);
     }
-    with_tables(k_fw_outputs_, set_args(k_fw_outputs_.k, dn, q_, k_, v_, Cst_, nst_, mst_, gb_, gbi_, gpm_, gcut_, gK_,
-                                        h_, Nt_, sgt_, Ss_, NCs_));
+    if (fused_ && P_ > 1)
+      set_args(k_fw_fused_.k, dn, q_, k_, v_, gb_, gbi_, gpm_, gcut_, gK_, gaw_, gG_, gA_, sh_.c_in, sh_.n_in, sh_.m_in,
+               1, h_, sh_.c_last, sh_.n_last, sh_.m_last, Ss_, NCs_);
+    else if (fused_)
+      set_args(k_fw_fused_.k, dn, q_, k_, v_, gb_, gbi_, gpm_, gcut_, gK_, gaw_, gG_, gA_, c0_, n0_, m0_, has_init_, h_,
+               c_last_, n_last_, m_last_, S_, NC_);
+    else
+      with_tables(k_fw_outputs_, set_args(k_fw_outputs_.k, dn, q_, k_, v_, Cst_, nst_, mst_, gb_, gbi_, gpm_, gcut_,
+                                          gK_, h_, Nt_, sgt_, Ss_, NCs_));
     if (has_grads_) {
       dh_ = up16(grads->dh);
       if (!grads->dc_last.empty()) {
@@ -272,12 +289,17 @@ class ResidentTensorCore final : public ResidentChunkwise {
       // of -inf forms no inf - inf), the summaries chained, then every shard from its true entering state.
       if (!reuse) launch_fw_summaries(events);
       launch_fw_combine(has_init_, events);
-      launch(k_fw_states_, "tc_fw_states", states, states_group, events);
+      if (fused_ && !skip_outputs_)
+        launch(k_fw_fused_, "tc_fw_fused", cfg_.fused_global(V), cfg_.fused_group(), events);
+      else
+        launch(k_fw_states_, "tc_fw_states", states, states_group, events);
       sh_.last_state_into(c_last_, n_last_, m_last_);
+    } else if (fused_ && !skip_outputs_) {
+      launch(k_fw_fused_, "tc_fw_fused", cfg_.fused_global(V), cfg_.fused_group(), events);
     } else {
       launch(k_fw_states_, "tc_fw_states", states, states_group, events, 0, sequences());
     }
-    if (!skip_outputs_)
+    if (!skip_outputs_ && !fused_)
       launch(k_fw_outputs_, "tc_fw_outputs", cfg_.chunk_global(NCs_, V, cfg_.OTf), cfg_.chunk_group(), events);
     forward_done_ = true;
   }
@@ -453,10 +475,10 @@ class ResidentTensorCore final : public ResidentChunkwise {
   detail::PackedCallTables tables_;  // packed: the chunk and segment tables (kept while the uploads read them)
   PooledBuffer ctab_, stab_, stab_bw_;
   int P_ = 1, R_ = 0, Ss_ = 0, NCs_ = 0;  // shards per row, shard rows, tokens and chunks per shard
-  bool has_grads_ = false, forward_done_ = false, skip_outputs_ = false, segment_ = false;
+  bool has_grads_ = false, forward_done_ = false, skip_outputs_ = false, segment_ = false, fused_ = false;
   detail::SegmentExchange exchange_;  // as a segment of a split sequence
-  KernelObject k_gates_, k_fw_states_, k_fw_outputs_, k_bw_prep_, k_bw_states_, k_bw_dq_, k_bw_dk_, k_bw_dv_,
-      k_bw_gate_grads_, k_fw_combine_, k_bw_combine_, k_fw_summary_, k_bw_summary_;
+  KernelObject k_gates_, k_fw_states_, k_fw_outputs_, k_fw_fused_, k_bw_prep_, k_bw_states_, k_bw_dq_, k_bw_dk_,
+      k_bw_dv_, k_bw_gate_grads_, k_fw_combine_, k_bw_combine_, k_fw_summary_, k_bw_summary_;
   PooledBuffer q_, k_, v_, i_, f_, c0_, n0_, m0_, gb_, gbi_, gpm_, gcut_, gG_, gA_, gK_, gaw_, gub_, mst_, Cst_, nst_,
       c_last_, n_last_, m_last_, h_, Nt_, sgt_, dh_, dc_last_, dn_last_, dden_, dCst_, dnst_, dc0_, dn0_, dm0_, dq_,
       dk_, dv_, qdq_, kdk_, di_, df_;

@@ -62,6 +62,14 @@ struct TcLaunchParams {
   // Columns of those output tiles (OT; at most the rule's: 128, or 64 where the key block is 128): 0 = the rule's.
   // MLSTM_TC_OUT_TILE=16|32|64|128.
   int out_tile = 0;
+  // Columns of DHHV per work-group of the fused forward (tc_fused.cl: the states pass and the outputs pass in one
+  // kernel, the states entering the chunks kept on chip), taken by a forward that keeps no states for a backward
+  // where the tile and the chunk fit its local memory; 0: the two passes always. MLSTM_TC_FUSED_TILE=0|16|32|64|128.
+  int fused_tile = 64;
+  // The fused forward runs where its work-groups (rows x DHHV / fused_tile) are at most this many per compute unit
+  // (it walks a row's chunks with all of a chunk's work, so it needs the sequence split's shards where the rows are
+  // few); 0: wherever it fits. MLSTM_TC_FUSED_TILE set: wherever it fits.
+  double fused_groups = 0;
 };
 
 template <class Params>
