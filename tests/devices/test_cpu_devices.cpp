@@ -737,7 +737,7 @@ TEST(AutoChunk, TensorCoreRowsFollowHeadDimsAndRows) {
   EXPECT_EQ(chunk(8, 16), 64);   // at S = 8192
   EXPECT_EQ(chunk(1, 8), 128);
   EXPECT_EQ(chunk(2, 16), 64);  // 32 rows
-  EXPECT_EQ(chunk(1, 4), 64);  // the sequence split's few rows, DHQK 128
+  EXPECT_EQ(chunk(1, 4), 64);   // the sequence split's few rows, DHQK 128
   p.DHQK = 256;
   EXPECT_EQ(chunk(1, 4), 128);  // and DHQK 256
   p.DHQK = 128;
