@@ -21,20 +21,8 @@
 // Build options: -DMODE -DL -DLQ -DKB -DDA -DDOUT -DOT -DDS -DDHQK -DDHHV -DGATE_EXP -DNORMALIZE -DEPS
 //                -DCAUSAL_SKIP (+ tc_common.cl's; -DPACKED=1: chunk c starts at CHUNK_START(c), + the chunk table).
 
-#ifndef GATE_EXP
-#define GATE_EXP 1
-#endif
-#ifndef NORMALIZE
-#define NORMALIZE 1
-#endif
-#ifndef EPS
-#define EPS 1e-6f
-#endif
 #ifndef MSPLIT
 #define MSPLIT 0  // 1: M = hi + lo (two 16-bit parts, two mma): removes M's rounding error
-#endif
-#ifndef CAUSAL_SKIP
-#define CAUSAL_SKIP (!TC_EMU)
 #endif
 
 #ifndef LQ

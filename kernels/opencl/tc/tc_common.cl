@@ -6,6 +6,7 @@
 //   -DDT_F16=0|1   16-bit element type of q,k,v,h and of the boundary states: 0 bf16, 1 fp16
 //   -DTC_EMU=0|1   1: no PTX at all; mma.sync is emulated through local memory and work-group
 //                  barriers (for PoCL/CPU logic checks only; every mma call site is work-group uniform)
+//   -DGATE_EXP -DNORMALIZE -DEPS -DCAUSAL_SKIP   defaults below (1, 1, 1e-6f, !TC_EMU)
 //   -DLDSM=0|1|2   fragments from local memory: 1 ldmatrix with the local pointer's integer value as
 //                  the shared address (default), 2 ldmatrix after cvta.to.shared, 0 plain loads
 //
@@ -23,6 +24,21 @@
 #endif
 #ifndef LDSM
 #define LDSM 1
+#endif
+// The kernels' common options (tc_gates.cl, tc_states.cl, tc_chunk.cl, tc_fused.cl): the exp input gate, the
+// normaliser and its epsilon, and the causal mask's skipped mma tiles (never under the emulation, whose mma calls
+// must be work-group uniform).
+#ifndef GATE_EXP
+#define GATE_EXP 1
+#endif
+#ifndef NORMALIZE
+#define NORMALIZE 1
+#endif
+#ifndef EPS
+#define EPS 1e-6f
+#endif
+#ifndef CAUSAL_SKIP
+#define CAUSAL_SKIP (!TC_EMU)
 #endif
 
 #if TC_EMU

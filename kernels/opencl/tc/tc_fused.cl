@@ -15,19 +15,6 @@
 // Build options: -DL -DVT -DDHQK -DDHHV -DGATE_EXP -DNORMALIZE -DEPS (+ tc_common.cl's); not PACKED.
 // Global (NT * DHHV / VT, rows), local (NT, 1).
 
-#ifndef GATE_EXP
-#define GATE_EXP 1
-#endif
-#ifndef NORMALIZE
-#define NORMALIZE 1
-#endif
-#ifndef EPS
-#define EPS 1e-6f
-#endif
-#ifndef CAUSAL_SKIP
-#define CAUSAL_SKIP (!TC_EMU)
-#endif
-
 #define NW (VT / 16)
 #define NT (32 * NW)
 #define QSTR (DHQK + 8)

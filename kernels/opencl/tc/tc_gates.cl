@@ -4,12 +4,6 @@
 // Build options: -DL=<chunk> -DGATE_EXP=1|0 -DNORMALIZE=1|0 -DDHQK -DDHHV (+ tc_common.cl's).
 // Rows: row = b*NH + h; token arrays are (rows, S) float32, per-chunk arrays (rows, NC).
 
-#ifndef GATE_EXP
-#define GATE_EXP 1
-#endif
-#ifndef NORMALIZE
-#define NORMALIZE 1
-#endif
 // tc_fw_gates: one work-group of L threads per (chunk, row); global (NC*L, rows), local (L, 1). Packed
 // (tc_common.cl CHUNK_START): + the chunk table.
 // The tensor cores keep one decay channel and a cut position per token (stages.hpp "Gates at +-inf"; the CPU and

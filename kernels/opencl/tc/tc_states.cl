@@ -19,9 +19,6 @@
 // (sequences, rows, ...)) to its last state (row s of c_last/n_last/m_last); backward, in reverse from its row of
 // dc_last/dn_last to its row of dc0/dn0.
 
-#ifndef GATE_EXP
-#define GATE_EXP 1
-#endif
 #ifndef WRITE_STATES
 #define WRITE_STATES 1
 #endif
