@@ -21,6 +21,8 @@
 //   MLSTM_TC_STATE_TILE=KTxVT          devices (OpenCL): tensor-core state tile (tuning)
 //   MLSTM_TC_OUT_TILES=1|2|4|8         devices (OpenCL): output tiles per work-group of the tensor-core chunk kernels
 //   MLSTM_TC_OUT_TILE=16|32|64|128     devices (OpenCL): and their columns (tuning)
+//   MLSTM_TC_FUSED_TILE=0|16|32|64|128 devices (OpenCL): the tensor cores' fused forward on (its tile) or off (0)
+//                                      wherever it fits (default: the launch row's rule)
 //   MLSTM_TC_MSPLIT=1                  devices (OpenCL): tensor-core chunk kernels with M split hi + lo (tuning)
 //   MLSTM_TC_POISON=1                  devices (OpenCL): tensor-core intermediates start as NaN
 //   MLSTM_OPENCL_SHARDS=<n>            devices (OpenCL): shards per row of the sequence split inside one device
