@@ -35,7 +35,9 @@ namespace mlstm::opencl::detail {
 // With SplitCost::fused (the fused forward, tc_fused.cl: its groups walk their shard's chunks with all of a chunk's
 // work, so a summary pass that reads k and v once costs little against it) a split pays while the groups leave half
 // the compute units without one: 1 while 2 x groups exceed them, else the largest divisor up to 4 x compute units /
-// groups.
+// groups and up to kMaxFusedShards, since the combine's chain grows with the shards (H100, 4 rows of 64/64, S =
+// 65536, chunk 64: 128 / 64 / 32 / 16 shards 0.332 / 0.265 / 0.326 / 0.548 ms, the combine 0.128 / 0.068 / 0.035 /
+// 0.020 of them; TFLA setup S = 65536, 64 groups: 8 shards 3.15, 4 shards 3.31 ms).
 enum class SplitCost { second_pass, fixup, fused };
 int sequence_shards(const DeviceInfo& info, std::int64_t S, std::int64_t L, std::int64_t NC, std::int64_t groups,
                     int requested, SplitCost cost = SplitCost::second_pass);
@@ -119,6 +121,7 @@ inline constexpr float kShardEmptyM = -1e30f;
 // SHARD_WG and MAX_SHARDS of shard_combine.cl.
 inline constexpr std::size_t kShardGroup = 256;
 inline constexpr int kMaxShards = 256;
+inline constexpr int kMaxFusedShards = 64;  // SplitCost::fused
 // shard_fw_combine's has_init for a row entering the EMPTY state (0: the zero state, 1: the given one).
 inline constexpr int kEnterEmpty = 2;
 
