@@ -152,15 +152,11 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_bw_grads_dv(
       size_t idx = rowtok + pos;
       float b = gb[idx], bi = gbi[idx];
       cut = (int)gcut[idx];
+      float mm, enter;  // mm = m_t - D_t - K_t; the entering state's weight
 #if GATE_EXP
-      Kt = tc_anchor(gK[idx]);
-      const float mc = mst[(size_t)row * MSLOTS + CHUNK_MSLOT(c)] - Kt;
-      // mm = m_t - D_t - K_t; the entering state counts only where no cut lies at or before t
-      const float mm = cut >= 0 ? gpm[idx] : fmax(mc, gpm[idx]);
-      const float enter = cut >= 0 ? 0.0f : safe_exp(mc - mm);  // 0 for an EMPTY state (-inf - -inf)
+      tc_token_stabiliser(b, gpm[idx], cut, mst[(size_t)row * MSLOTS + CHUNK_MSLOT(c)], gK[idx], &Kt, &mm, &enter);
 #else
-      const float mm = -b;  // m = 0, K = 0
-      const float enter = cut >= 0 ? 0.0f : exp(b);
+      tc_token_stabiliser(b, 0.0f, cut, 0.0f, 0.0f, &Kt, &mm, &enter);
 #endif
 #if LOWER
       P = -mm;

@@ -280,6 +280,25 @@ __kernel void tc_probe_frag(__global const ushort* src, __global uint* out) {
 // A token's gate anchor (tc_gates.cl tc_fw_gates: gK), -inf (no finite input gate yet) read as 0.
 TC_INLINE float tc_anchor(float k) { return k == -INFINITY ? 0.0f : k; }
 
+// A token's stabiliser for the outputs of its chunk (tc_chunk.cl MODE 0, tc_fused.cl), from its gate vectors b (D_t
+// with the exponential gate, log f_t's sum with the sigmoid one), pm (tc_fw_gates' gpm) and cut, the stabiliser m_c
+// stored for the state entering the chunk and the token's raw anchor K (gK): *Kt the anchor as read (tc_anchor),
+// *mm = m_t - D_t - K_t, *enter the entering state's weight, 0 where a cut lies at or before t and for an EMPTY
+// entering state (-inf - -inf). The sigmoid gate has m = 0 and K = 0.
+TC_INLINE void tc_token_stabiliser(float b, float pm, int cut, float m_c, float K, float* Kt, float* mm,
+                                   float* enter) {
+#if GATE_EXP
+  *Kt = tc_anchor(K);
+  const float mc = m_c - *Kt;
+  *mm = cut >= 0 ? pm : fmax(mc, pm);
+  *enter = cut >= 0 ? 0.0f : safe_exp(mc - *mm);
+#else
+  *Kt = 0.0f;
+  *mm = -b;
+  *enter = cut >= 0 ? 0.0f : exp(b);
+#endif
+}
+
 // ---- chunks of a row ------------------------------------------------------------------------------
 // Unpacked, chunk c of a row covers tokens [c L, min(c L + L, S)), and the stabiliser entering it is slot c of the
 // row's NC + 1 in mst (slot NC: leaving the row). -DPACKED=1 (packed sequences, ForwardArgs::cu_seqlens): chunks

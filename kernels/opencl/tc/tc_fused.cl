@@ -153,15 +153,8 @@ __kernel __attribute__((reqd_work_group_size(NT, 1, 1))) void tc_fw_fused(
         if (pos < len) {
           const float b = tg[i][0], bi = tg[i][1];
           cut = (int)tg[i][3];
-#if GATE_EXP
-          Kt = tc_anchor(tg[i][4]);
-          const float mc = m_c - Kt;
-          const float mm = cut >= 0 ? tg[i][2] : fmax(mc, tg[i][2]);
-          const float enter = cut >= 0 ? 0.0f : safe_exp(mc - mm);  // 0 for an EMPTY state (-inf - -inf)
-#else
-          const float mm = -b;
-          const float enter = cut >= 0 ? 0.0f : exp(b);
-#endif
+          float mm, enter;
+          tc_token_stabiliser(b, tg[i][2], cut, m_c, tg[i][4], &Kt, &mm, &enter);
           P = -mm;
           Qv = bi;
           rf = enter;
