@@ -196,7 +196,13 @@ INSTANTIATE_TEST_SUITE_P(
         ShardCase{spec(1, 2, 256, 16, 16, DType::f32, GateVariant::sigmoid, true), 64, 4, true, true, true},
         ShardCase{spec(1, 2, 320, 16, 16, DType::bf16, GateVariant::sigmoid, true), 64, 5},
         // two state tiles (DHQK > 64)
-        ShardCase{spec(1, 2, 256, 96, 40, DType::f32, GateVariant::exp, true), 64, 2}));
+        ShardCase{spec(1, 2, 256, 96, 40, DType::f32, GateVariant::exp, true), 64, 2},
+        // more shards than the combine's batch of loads (8), and not a multiple of it; several chunks a shard
+        ShardCase{spec(1, 2, 704, 16, 16, DType::f32, GateVariant::exp, true), 16, 11},
+        shard_inf(spec(1, 1, 608, 16, 16, DType::f32, GateVariant::exp, true), testing::InfGates::forget_neg, 16, 19),
+        ShardCase{spec(1, 2, 608, 16, 16, DType::bf16, GateVariant::sigmoid, true), 16, 19},
+        // more chunks a shard (70) than the combine's threads a shard (64 at 3 shards); dominated: the shards' decays show
+        ShardCase{spec(1, 1, 3360, 16, 16, DType::f32, GateVariant::exp, true), 16, 3, true, true, true}));
 
 // The split happens (its combine kernels run) where the runner asks for it or MLSTM_OPENCL_SHARDS does (a value that is
 // not a positive count is refused), and never for a row that is not a whole number of chunks.

@@ -364,7 +364,10 @@ INSTANTIATE_TEST_SUITE_P(
         tc_inf(spec(1, 1, 256, 16, 16, DType::f16, GateVariant::exp, true), testing::InfGates::input_neg, 64, true, 4),
         tc_inf(spec(1, 2, 256, 16, 32, DType::bf16, GateVariant::exp, true), testing::InfGates::spread, 64, true, 4),
         tc_inf(spec(1, 1, 256, 16, 16, DType::bf16, GateVariant::exp, false), testing::InfGates::forget_finite, 64,
-               true, 2)));
+               true, 2),
+        // more shards than the combine's batch of loads (8), not a multiple of it, two chunks a shard
+        tc_inf(spec(1, 2, 1280, 16, 16, DType::bf16, GateVariant::exp, true), testing::InfGates::forget_neg, 64, true,
+               10)));
 
 // The resident problem: repeated passes give identical results, and every launch reports an event.
 TEST(TensorCoreResident, RepeatedPassesAreIdenticalAndTimed) {
