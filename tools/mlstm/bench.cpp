@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "commands.hpp"
+#include "default_outputs.hpp"
 #include "mlstm/core/atomic_file.hpp"
 #include "mlstm/devices/opencl/device.hpp"
 #include "mlstm/devices/opencl/resident_split.hpp"
@@ -18,6 +19,10 @@ namespace mlstm::cli {
 namespace {
 
 int bench(const BenchOptions& bo, DType dtype, bool as_json);
+
+// How bench's files begin (the JSON's keys are sorted: "machine" first); refuse_foreign_default_outputs reads them.
+constexpr std::string_view kCsvHeader = "kernel,B,NH,S,DHQK,DHHV,dtype,chunk,pass,median_ms,tokens_per_s\n";
+constexpr std::string_view kJsonStart = "{\n  \"machine\": {";
 
 // Every option of bench in range, and every value used (a sequence length that does not divide --tokens
 // would be skipped: refused instead), before anything is allocated or measured.
@@ -53,6 +58,7 @@ void check_bench(const BenchOptions& bo, DType dtype) {
       rethrow_as_cli(e, {{"devices", "--graph-devices"}, {"device_spec", "--graph-devices"}});
     }
   }
+  bool any_chunked = false;
   for (const auto& name : bo.kernels) {
     const KernelInfo info = [&] {
       try {
@@ -61,11 +67,16 @@ void check_bench(const BenchOptions& bo, DType dtype) {
         rethrow_as_cli(e, {{"--kernel", "--kernels"}});
       }
     }();
+    any_chunked = any_chunked || info.form == KernelForm::chunkwise;
     if (bo.backward && !info.has_backward)
       throw InvalidArgument("--kernels", "'" + name + "' has no backward (--backward)");
     if (!info.dtypes.empty() && std::find(info.dtypes.begin(), info.dtypes.end(), dtype) == info.dtypes.end()) {
       throw InvalidArgument("--dtype", "kernel '" + name + "' does not take " + std::string(dtype_name(dtype)));
     }
+  }
+  if (!any_chunked && option_given(bo, "--chunk-sizes") && bo.graph_devices.empty()) {
+    throw InvalidArgument(
+        "--chunk-sizes", "none of --kernels is a chunkwise kernel and there is no --graph-devices: nothing has chunks");
   }
   const std::int64_t S_max = *std::max_element(bo.seq_lens.begin(), bo.seq_lens.end());
   require_fits_memory({bo.tokens, bo.heads, token_bytes(bo.dqk, bo.dhv, dtype)}, "--tokens/--heads/--dqk/--dhv");
@@ -76,6 +87,7 @@ void check_bench(const BenchOptions& bo, DType dtype) {
     require_fits_memory({bo.heads, d, d, 4}, "--head-dims/--heads");
   }
   check_outputs({}, {{"--csv", bo.csv}, {"--json-out", bo.json_out}});
+  refuse_foreign_default_outputs(bo, bo.csv, kCsvHeader, bo.json_out, kJsonStart);
 }
 
 }  // namespace
@@ -101,7 +113,7 @@ namespace {
 int bench(const BenchOptions& bo, DType dtype, bool as_json) {
   json results = json::array();
   std::ostringstream csv;
-  csv << "kernel,B,NH,S,DHQK,DHHV,dtype,chunk,pass,median_ms,tokens_per_s\n";
+  csv << kCsvHeader;
   char host[256] = {0};
   gethostname(host, sizeof host - 1);
   auto document = [&] {
@@ -120,13 +132,21 @@ int bench(const BenchOptions& bo, DType dtype, bool as_json) {
   };
   for (const auto& kname : bo.kernels) {
     auto kernel = get_kernel(kname);
+    const bool chunked = kernel_info(kname, false).form == KernelForm::chunkwise;
     for (auto S : bo.seq_lens) {
       if (S > bo.tokens || bo.tokens % S != 0) continue;
       const std::int64_t B = bo.tokens / S;
       const ForwardInputs l = synthetic_piece(B, bo.heads, S, bo.dqk, bo.dhv, dtype, 99);
-      for (auto L : bo.chunk_sizes) {
+      // The chunks the kernel runs: min(chunk, S) (problem.hpp kMaxChunkSize), each once; a kernel of another form
+      // has none (one row, chunk 0 in the files, "-" on the screen).
+      std::vector<std::int64_t> chunks;
+      for (const auto L : bo.chunk_sizes) {
+        const std::int64_t used = chunked ? std::min(L, S) : 0;
+        if (std::find(chunks.begin(), chunks.end(), used) == chunks.end()) chunks.push_back(used);
+      }
+      for (auto L : chunks) {
         MlstmOptions o;
-        o.chunk_size = L;
+        o.chunk_size = chunked ? L : kAutoChunk;
         for (int pass = 0; pass < (bo.backward ? 2 : 1); ++pass) {
           std::vector<double> times;
           for (std::int64_t rep = 0; rep <= bo.repeats; ++rep) {
@@ -158,9 +178,9 @@ int bench(const BenchOptions& bo, DType dtype, bool as_json) {
                              {"median_ms", med * 1e3},
                              {"tokens_per_s", static_cast<double>(bo.tokens) / med}});
           if (!as_json) {
-            std::printf("%-30s S=%6lld B=%4lld chunk=%4lld %-4s %9.2f ms %10.0f tokens/s\n", kname.c_str(),
-                        static_cast<long long>(S), static_cast<long long>(B), static_cast<long long>(L), pass_name,
-                        med * 1e3, static_cast<double>(bo.tokens) / med);
+            std::printf("%-30s S=%6lld B=%4lld chunk=%4s %-4s %9.2f ms %10.0f tokens/s\n", kname.c_str(),
+                        static_cast<long long>(S), static_cast<long long>(B), chunked ? std::to_string(L).c_str() : "-",
+                        pass_name, med * 1e3, static_cast<double>(bo.tokens) / med);
             std::fflush(stdout);
           }
           save();
@@ -186,10 +206,10 @@ int bench(const BenchOptions& bo, DType dtype, bool as_json) {
                        {"tokens_per_s", tokens / med},
                        {"sweep", extra}});
     if (!as_json) {
-      std::printf("%-30s S=%6lld B=%4lld D=%4lld/%-4lld chunk=%4lld %-6s %9.2f ms %10.0f tokens/s  %s\n",
-                  kernel.c_str(), static_cast<long long>(S), static_cast<long long>(B), static_cast<long long>(dqk),
-                  static_cast<long long>(dhv), static_cast<long long>(L), pass.c_str(), med * 1e3, tokens / med,
-                  extra.c_str());
+      std::printf("%-30s S=%6lld B=%4lld D=%4lld/%-4lld chunk=%4s %-6s %9.2f ms %10.0f tokens/s  %s\n", kernel.c_str(),
+                  static_cast<long long>(S), static_cast<long long>(B), static_cast<long long>(dqk),
+                  static_cast<long long>(dhv), L > 0 ? std::to_string(L).c_str() : "-", pass.c_str(), med * 1e3,
+                  tokens / med, extra.c_str());
       std::fflush(stdout);  // rows show up as they are measured (a long sweep cut short keeps them)
     }
     save();
@@ -200,11 +220,12 @@ int bench(const BenchOptions& bo, DType dtype, bool as_json) {
   for (auto d : bo.head_dims) {
     const std::int64_t B = std::max<std::int64_t>(1, bo.tokens / S_max);
     const ForwardInputs l = synthetic_piece(B, bo.heads, S_max, d, d, dtype, 98);
+    const bool chunked = kernel_info(bo.kernels.front(), false).form == KernelForm::chunkwise;
     MlstmOptions o;
-    o.chunk_size = L0;
+    o.chunk_size = chunked ? std::min(L0, S_max) : kAutoChunk;
     auto kernel = get_kernel(bo.kernels.front());
     const double med = median_of([&] { (void)kernel->forward(l.args(), o); });
-    record(bo.kernels.front(), B, S_max, d, d, L0, "fw", med, static_cast<double>(B * S_max), "head_dim");
+    record(bo.kernels.front(), B, S_max, d, d, o.chunk_size, "fw", med, static_cast<double>(B * S_max), "head_dim");
   }
   // Strong scaling (the same S_max tokens on every device set) and weak scaling (--weak-seq-len, else S_max, tokens per
   // device): fn(S, inputs of S tokens, the row's "sweep" text).

@@ -39,6 +39,7 @@
 #include <sstream>
 
 #include "commands.hpp"
+#include "default_outputs.hpp"
 #include "mlstm/core/atomic_file.hpp"
 #include "mlstm/core/npy.hpp"
 #include "mlstm/core/trace.hpp"
@@ -60,9 +61,17 @@ constexpr const char* kSweepOnly[] = {"--tokens",  "--heads",    "--dqk",       
 constexpr const char* kSystemOnly[] = {"--system-problems", "--system-tokens", "--system-stream-tokens",
                                        "--devices",         "--workdir",       "--memory-limit"};
 
-bool given(const BenchOptions& bo, const std::string& name) {
-  const auto it = bo.options.find(name);
-  return it != bo.options.end() && it->second && it->second->count() > 0;
+bool given(const BenchOptions& bo, const std::string& name) { return option_given(bo, name); }
+
+// The columns of bench_system.csv, and its first line.
+constexpr const char* kCsvColumns[] = {"kind",   "id",     "problem",      "NH",      "DHQK",    "DHHV",
+                                       "tokens", "what",   "tokens_per_s", "seconds", "bound",   "bound_tokens_per_s",
+                                       "ratio",  "target", "compare",      "pass",    "skipped", "error",
+                                       "note"};
+std::string csv_header() {
+  std::string h;
+  for (std::size_t j = 0; j < std::size(kCsvColumns); ++j) h += std::string(j ? "," : "") + kCsvColumns[j];
+  return h + "\n";
 }
 
 struct Problem {
@@ -160,6 +169,7 @@ SystemPlan check_system(const BenchOptions& bo) {
   p.csv = given(bo, "--csv") ? bo.csv : "bench_system.csv";
   p.json_out = given(bo, "--json-out") ? bo.json_out : "bench_system.json";
   check_outputs({}, {{"--csv", p.csv}, {"--json-out", p.json_out}});
+  refuse_foreign_default_outputs(bo, p.csv, csv_header(), p.json_out, "{\n  \"command\": \"bench --system\"");
   return p;
 }
 
@@ -804,16 +814,11 @@ class Report {
   }
   // Both files replaced atomically after every row: a run cut short keeps the rows measured so far.
   void save() const {
-    static const char* columns[] = {"kind",   "id",     "problem",      "NH",      "DHQK",    "DHHV",
-                                    "tokens", "what",   "tokens_per_s", "seconds", "bound",   "bound_tokens_per_s",
-                                    "ratio",  "target", "compare",      "pass",    "skipped", "error",
-                                    "note"};
     std::ostringstream csv;
-    for (std::size_t j = 0; j < std::size(columns); ++j) csv << (j ? "," : "") << columns[j];
-    csv << "\n";
+    csv << csv_header();
     for (const auto& row : rows_) {
-      for (std::size_t j = 0; j < std::size(columns); ++j) {
-        csv << (j ? "," : "") << (row.contains(columns[j]) ? csv_field(row[columns[j]]) : std::string());
+      for (std::size_t j = 0; j < std::size(kCsvColumns); ++j) {
+        csv << (j ? "," : "") << (row.contains(kCsvColumns[j]) ? csv_field(row[kCsvColumns[j]]) : std::string());
       }
       csv << "\n";
     }
