@@ -27,6 +27,44 @@ static std::string one_line(std::string text) {
   return text;
 }
 
+// What a parse error was about, in the command line's own order (CLI11 lists extras last first, and says "A
+// subcommand is required" for a word that is not one): the first unknown subcommand, unknown option or stray
+// argument; "" when none is found (then CLI11's message stands).
+static std::string parse_culprit(const CLI::App& app, int argc, char** argv) {
+  const CLI::App* at = &app;  // the command whose options the next tokens are
+  std::string command = "mlstm";
+  for (int j = 1; j < argc; ++j) {
+    const std::string token = argv[j];
+    if (token == "--") break;
+    if (token.size() > 1 && token[0] == '-') {
+      const std::string name = token.substr(0, token.find('='));
+      const CLI::Option* option = at->get_option_no_throw(name);  // mlstm's own options only before the subcommand
+      if (option == nullptr) return "unknown option '" + name + "'" + (at == &app ? "" : " of " + command);
+      if (token.find('=') == std::string::npos && option->get_expected_min() > 0) {
+        j += std::max(1, option->get_expected_max() > 1 ? 1 : option->get_expected_min());
+        // a list option takes the words up to the next option
+        if (option->get_expected_max() > 1)
+          while (j + 1 < argc && argv[j + 1][0] != '-') ++j;
+      }
+      continue;
+    }
+    if (at == &app) {
+      const CLI::App* sub = nullptr;
+      std::string names;
+      for (const CLI::App* c : app.get_subcommands({})) {
+        if (c->get_name() == token) sub = c;
+        names += (names.empty() ? "" : ", ") + c->get_name();
+      }
+      if (sub == nullptr) return "unknown subcommand '" + token + "' (one of " + names + ")";
+      at = sub;
+      command = "mlstm " + token;
+      continue;
+    }
+    return "unexpected argument '" + token + "' to " + command;
+  }
+  return "";
+}
+
 int main(int argc, char** argv) {
   // Log lines go to stderr: stdout carries only the command's output (--json's one object).
   spdlog::set_default_logger(spdlog::stderr_logger_mt("mlstm"));
@@ -198,7 +236,15 @@ int main(int argc, char** argv) {
   } catch (const CLI::CallForAllHelp& e) {
     return speaks ? app.exit(e) : e.get_exit_code();
   } catch (const CLI::ParseError& e) {
-    if (speaks) std::fprintf(stderr, "mlstm: error: %s (see --help)\n", one_line(e.what()).c_str());
+    // An unknown word is named as the user wrote it (also where CLI11 first saw a required option missing: the word
+    // is the likelier slip); other parse errors (a value out of its set, a missing option) in CLI11's words.
+    const bool about_words =
+        dynamic_cast<const CLI::ExtrasError*>(&e) != nullptr || dynamic_cast<const CLI::RequiredError*>(&e) != nullptr;
+    const std::string culprit = about_words ? parse_culprit(app, argc, argv) : std::string();
+    if (speaks) {
+      std::fprintf(stderr, "mlstm: error: %s (see --help)\n",
+                   culprit.empty() ? one_line(e.what()).c_str() : culprit.c_str());
+    }
     return 2;
   }
   spdlog::set_level(spdlog::level::from_str(log_level));
