@@ -105,18 +105,34 @@ void check_state(ConstTensorView c, ConstTensorView n, ConstTensorView m, std::i
   check_shape(c, {B, NH, DHQK, DHHV}, cn, "(" + b + ",NH,DHQK,DHHV)");
   check_shape(n, {B, NH, DHQK}, nn, "(" + b + ",NH,DHQK)");
   check_shape(m, {B, NH}, mn, "(" + b + ",NH)");
-  check_sigmoid_m_zero(m, options, mn);
+  check_stabiliser(m, options, mn);
 }
 
 }  // namespace
 
-void check_sigmoid_m_zero(ConstTensorView m, const MlstmOptions& options, const std::string& argument) {
-  if (options.gate != GateVariant::sigmoid || m.empty()) return;
-  Tensor c = Tensor::copy_of(m, DType::f64);
+void check_stabiliser(ConstTensorView m, const MlstmOptions& options, const std::string& argument) {
+  if (m.empty()) return;
+  if (options.gate == GateVariant::sigmoid) {
+    Tensor c = Tensor::copy_of(m, DType::f64);
+    for (std::int64_t e = 0; e < c.numel(); ++e) {
+      if (c.data<double>()[e] != 0.0) {
+        throw InvalidArgument(argument,
+                              "the sigmoid input gate has no stabiliser state; m must be all zeros (element " +
+                                  std::to_string(e) + " is " + std::to_string(c.data<double>()[e]) + ")");
+      }
+    }
+    return;
+  }
+  // Exponential gate: m = +inf is outside the recurrence's domain (stages.hpp, "Gates at +-inf": m_t = +inf,
+  // a = exp(inf - inf)); the forms disagreed on it (chunkwise, parallel and graph h = 0, the sequence forms and the
+  // references NaN). Read through float32, the kernels' precision: a finite float64 beyond float32's range is +inf
+  // there. -inf (the EMPTY state) is valid; NaN is left to check_finite (--check-finite), as for c0 and n0.
+  const Tensor c = Tensor::copy_of(m, DType::f32);
   for (std::int64_t e = 0; e < c.numel(); ++e) {
-    if (c.data<double>()[e] != 0.0) {
-      throw InvalidArgument(argument, "the sigmoid input gate has no stabiliser state; m must be all zeros (element " +
-                                          std::to_string(e) + " is " + std::to_string(c.data<double>()[e]) + ")");
+    if (c.data<float>()[e] == std::numeric_limits<float>::infinity()) {
+      throw InvalidArgument(argument, "element " + std::to_string(e) +
+                                          " is +inf in float32: a stabiliser of +inf is not in the domain of the "
+                                          "exponential gate (-inf, the empty state, is)");
     }
   }
 }

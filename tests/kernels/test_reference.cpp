@@ -1146,6 +1146,76 @@ TEST(ReferenceValidation, InputGatePlusInfinityIsRefusedNotNaN) {
   EXPECT_NO_THROW((void)validate_forward(a, MlstmOptions{}));
 }
 
+// An initial stabiliser m0 = +inf (exp gate) is outside the recurrence's domain as i = +inf is (m_t = +inf,
+// a = exp(inf - inf)): the chunkwise, parallel and graph forms gave h = 0 and the sequence forms and references NaN.
+// validate_forward / validate_backward / validate_step (every kernel's, the graph's, the CLI's and Python's check)
+// refuse it naming m0 (a step's m) and the element, also a finite float64 beyond float32's range; -inf (the
+// EMPTY state) stays valid, NaN is left to check_finite, and the sigmoid gate's m must be all zeros as before.
+TEST(ReferenceValidation, StabiliserPlusInfinityIsRefusedNotNaN) {
+  auto s = testing::spec(2, 3, 40, 8, 8, DType::f64);
+  s.initial_state = true;
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  for (const double bad : {std::numeric_limits<double>::infinity(), 1e300}) {
+    Tensor m0 = in.m0;
+    m0.set({1, 2}, bad);
+    ForwardArgs a = in.args();
+    a.m0 = m0.view();
+    BackwardArgs b = in.backward_args(false);
+    b.inputs.m0 = m0.view();
+    const std::string element = "element " + std::to_string(1 * 3 + 2) + " is +inf";
+    const auto expect_refused = [&](const std::function<void()>& call, const char* what) {
+      try {
+        call();
+        ADD_FAILURE() << what << ": m0 = " << bad << " was accepted";
+      } catch (const InvalidArgument& e) {
+        EXPECT_EQ(e.argument(), "m0") << what;
+        EXPECT_NE(std::string(e.what()).find(element), std::string::npos) << what << ": " << e.what();
+      }
+    };
+    const MlstmOptions o;
+    expect_refused([&] { (void)validate_forward(a, o); }, "validate_forward");
+    expect_refused([&] { (void)validate_backward(b, o); }, "validate_backward");
+    expect_refused([&] { (void)reference::recurrent_forward(a, o); }, "recurrent_forward");
+    expect_refused([&] { (void)reference::parallel_forward(a, o); }, "parallel_forward");
+    expect_refused([&] { (void)reference::recurrent_backward(b, o); }, "recurrent_backward");
+    // The sigmoid gate has no stabiliser: any m other than 0 is refused, +inf too (naming m0 as before).
+    MlstmOptions sig;
+    sig.gate = GateVariant::sigmoid;
+    EXPECT_EQ(thrown_argument([&] { (void)validate_forward(a, sig); }), "m0");
+    // A step's m.
+    const Tensor q = Tensor::zeros({2, 3, 4}, DType::f32), v = Tensor::zeros({2, 3, 5}, DType::f32),
+                 g = Tensor::zeros({2, 3}, DType::f32), c = Tensor::zeros({2, 3, 4, 5}, DType::f32),
+                 n = Tensor::zeros({2, 3, 4}, DType::f32);
+    Tensor m = Tensor::zeros({2, 3}, DType::f64);
+    m.set({0, 1}, bad);
+    StepArgs st;
+    st.q = q.view();
+    st.k = q.view();
+    st.v = v.view();
+    st.i = g.view();
+    st.f = g.view();
+    st.c = c.view();
+    st.n = n.view();
+    st.m = m.view();
+    try {
+      (void)validate_step(st, MlstmOptions{});
+      ADD_FAILURE() << "a step's m = " << bad << " was accepted";
+    } catch (const InvalidArgument& e) {
+      EXPECT_EQ(e.argument(), "m");
+      EXPECT_NE(std::string(e.what()).find("element 1 is +inf"), std::string::npos) << e.what();
+    }
+  }
+  // -inf (the EMPTY state) and a large finite m0 are valid; NaN is check_finite's (as c0's and n0's).
+  for (const double fine :
+       {-std::numeric_limits<double>::infinity(), -1e300, 1e30, std::numeric_limits<double>::quiet_NaN()}) {
+    Tensor m0 = in.m0;
+    m0.set({0, 1}, fine);
+    ForwardArgs a = in.args();
+    a.m0 = m0.view();
+    EXPECT_NO_THROW((void)validate_forward(a, MlstmOptions{})) << fine;
+  }
+}
+
 // A NaN gate pre-activation has no value in the recurrence: refused naming the gate and the element, in every dtype
 // and for both gates (the chunkwise and parallel forms took it as -inf and returned finite h, the sequence forms
 // and the references NaN), in a forward and a step.
