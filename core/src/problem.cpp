@@ -124,12 +124,17 @@ void check_stabiliser(ConstTensorView m, const MlstmOptions& options, const std:
     return;
   }
   // Exponential gate: m = +inf is outside the recurrence's domain (stages.hpp, "Gates at +-inf": m_t = +inf,
-  // a = exp(inf - inf)); the forms disagreed on it (chunkwise, parallel and graph h = 0, the sequence forms and the
-  // references NaN). Read through float32, the kernels' precision: a finite float64 beyond float32's range is +inf
-  // there. -inf (the EMPTY state) is valid; NaN is left to check_finite (--check-finite), as for c0 and n0.
+  // a = exp(inf - inf)), and so is NaN; the forms disagreed on both (chunkwise, parallel and graph h = 0, the sequence
+  // forms and the references NaN), as they did on NaN gates, which are refused the same way. Read through float32,
+  // the kernels' precision: a finite float64 beyond float32's range is +inf there. -inf (the EMPTY state) is valid.
   const Tensor c = Tensor::copy_of(m, DType::f32);
   for (std::int64_t e = 0; e < c.numel(); ++e) {
-    if (c.data<float>()[e] == std::numeric_limits<float>::infinity()) {
+    const float x = c.data<float>()[e];
+    if (std::isnan(x)) {
+      throw InvalidArgument(argument, "element " + std::to_string(e) +
+                                          " is NaN: a stabiliser must be a number (-inf, the empty state, included)");
+    }
+    if (x == std::numeric_limits<float>::infinity()) {
       throw InvalidArgument(argument, "element " + std::to_string(e) +
                                           " is +inf in float32: a stabiliser of +inf is not in the domain of the "
                                           "exponential gate (-inf, the empty state, is)");

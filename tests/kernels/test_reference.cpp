@@ -1149,8 +1149,9 @@ TEST(ReferenceValidation, InputGatePlusInfinityIsRefusedNotNaN) {
 // An initial stabiliser m0 = +inf (exp gate) is outside the recurrence's domain as i = +inf is (m_t = +inf,
 // a = exp(inf - inf)): the chunkwise, parallel and graph forms gave h = 0 and the sequence forms and references NaN.
 // validate_forward / validate_backward / validate_step (every kernel's, the graph's, the CLI's and Python's check)
-// refuse it naming m0 (a step's m) and the element, also a finite float64 beyond float32's range; -inf (the
-// EMPTY state) stays valid, NaN is left to check_finite, and the sigmoid gate's m must be all zeros as before.
+// refuse it naming m0 (a step's m) and the element, also a finite float64 beyond float32's range and NaN (on
+// which the forms disagreed the same way); -inf (the EMPTY state) stays valid; the sigmoid gate's m must be all
+// zeros as before.
 TEST(ReferenceValidation, StabiliserPlusInfinityIsRefusedNotNaN) {
   auto s = testing::spec(2, 3, 40, 8, 8, DType::f64);
   s.initial_state = true;
@@ -1205,9 +1206,22 @@ TEST(ReferenceValidation, StabiliserPlusInfinityIsRefusedNotNaN) {
       EXPECT_NE(std::string(e.what()).find("element 1 is +inf"), std::string::npos) << e.what();
     }
   }
-  // -inf (the EMPTY state) and a large finite m0 are valid; NaN is check_finite's (as c0's and n0's).
-  for (const double fine :
-       {-std::numeric_limits<double>::infinity(), -1e300, 1e30, std::numeric_limits<double>::quiet_NaN()}) {
+  // NaN is no stabiliser either (the forms disagreed the same way): refused naming m0 and the element.
+  {
+    Tensor m0 = in.m0;
+    m0.set({1, 0}, std::numeric_limits<double>::quiet_NaN());
+    ForwardArgs a = in.args();
+    a.m0 = m0.view();
+    try {
+      (void)validate_forward(a, MlstmOptions{});
+      ADD_FAILURE() << "m0 = NaN was accepted";
+    } catch (const InvalidArgument& e) {
+      EXPECT_EQ(e.argument(), "m0");
+      EXPECT_NE(std::string(e.what()).find("element 3 is NaN"), std::string::npos) << e.what();
+    }
+  }
+  // -inf (the EMPTY state) and large finite values are valid.
+  for (const double fine : {-std::numeric_limits<double>::infinity(), -1e300, 1e30}) {
     Tensor m0 = in.m0;
     m0.set({0, 1}, fine);
     ForwardArgs a = in.args();

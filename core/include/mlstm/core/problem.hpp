@@ -239,7 +239,7 @@ struct StepResult {
 
 // Validation: every check throws InvalidArgument naming the argument and the expected shape or range.
 // Also checks options (eps > 0 and finite, chunk_size > 0) and m0's domain (check_stabiliser: all zeros for the
-// sigmoid gate, never +inf in float32 for the exponential gate).
+// sigmoid gate, neither NaN nor +inf in float32 for the exponential gate).
 // Packed (cu_seqlens): B must be 1, the offsets start at 0, increase strictly (no empty sequence) and end at S
 // (InvalidArgument("cu_seqlens")); the initial states and last-state gradients are (N,NH,...).
 ProblemShape validate_forward(const ForwardArgs& args, const MlstmOptions& options);
@@ -248,9 +248,9 @@ ProblemShape validate_forward(const ForwardArgs& args, const MlstmOptions& optio
 std::int64_t check_cu_seqlens(std::span<const std::int64_t> offsets, const ProblemShape& p);
 // The domain of a given stabiliser m (initial states, any shape; InvalidArgument(argument) naming the first element
 // outside it): the sigmoid input gate has no stabiliser, so m must be all zeros; with the exponential gate m must
-// not be +inf in float32 (+inf, or a finite value beyond float32's range; -inf, the empty state, is valid; NaN is
-// check_finite's). validate_forward, validate_backward and validate_step check c0/m0 and m with it, and so does a
-// StreamSession's initial or restored state.
+// not be NaN or +inf in float32 (+inf, or a finite value beyond float32's range; -inf, the empty state, is valid).
+// validate_forward, validate_backward and validate_step check m0 and m with it, and so does a StreamSession's
+// initial or restored state.
 void check_stabiliser(ConstTensorView m, const MlstmOptions& options, const std::string& argument);
 // The former name of check_stabiliser (it checked the sigmoid gate's zeros only), kept for its callers.
 inline void check_sigmoid_m_zero(ConstTensorView m, const MlstmOptions& options, const std::string& argument) {
