@@ -1,5 +1,6 @@
 // Python bindings: mlstm_flow.forward / backward / step / kernels / devices on numpy arrays.
-// bfloat16 arrays are passed as uint16 with dtype='bfloat16'. Bad input raises ValueError (TypeError for a wrong type
+// bfloat16 arrays are passed as uint16 with dtype='bfloat16' (q, k, v all uint16; gates, states and gradients in any
+// float dtype or uint16, as the command line's --dtype bfloat16 reads them). Bad input raises ValueError (TypeError for a wrong type
 // or an unknown keyword) naming the argument; arguments that fit no signature, a one-line TypeError naming the
 // function and the argument (refuse_mismatches_everywhere).
 // forward/backward make one kernel call (kernel=), or with devices= (a device spec: "workers", "gpu:all", "0,1",
@@ -9,11 +10,13 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -52,7 +55,12 @@ struct Arg {
   }
 };
 
-DType dtype_of(const py::array& arr, const std::string& name, bool bf16) {
+// How an argument's dtype is read: q, k, v (`inputs`: all uint16 bfloat16 bits with dtype='bfloat16', else floats)
+// or gates, states and gradients (`own`: their own float dtype; with dtype='bfloat16' a uint16 one is bfloat16 bits
+// too, as the command line's --dtype bfloat16 reads them, npy::read_any).
+enum class Read { inputs, own };
+
+DType dtype_of(const py::array& arr, const std::string& name, bool bf16, Read read = Read::inputs) {
   // Non-native byte order would be read as garbage (silently wrong answers): refused, naming the argument.
   if (!arr.dtype().attr("isnative").cast<bool>()) {
     throw InvalidArgument(name, "byte order of dtype " + std::string(py::str(arr.dtype())) +
@@ -60,7 +68,8 @@ DType dtype_of(const py::array& arr, const std::string& name, bool bf16) {
   }
   const auto kind = arr.dtype().kind();
   const auto size = arr.dtype().itemsize();
-  if (bf16 && !(kind == 'u' && size == 2)) {
+  const bool u16 = kind == 'u' && size == 2;
+  if (bf16 && read == Read::inputs && !u16) {
     // dtype='bfloat16' used to be ignored for float arrays (a float result where bfloat16 was asked for).
     throw InvalidArgument(name, "dtype='bfloat16' reads uint16 arrays as bfloat16, got dtype " +
                                     std::string(py::str(arr.dtype())) + "; pass uint16 bit patterns or drop dtype");
@@ -68,9 +77,15 @@ DType dtype_of(const py::array& arr, const std::string& name, bool bf16) {
   if (kind == 'f' && size == 8) return DType::f64;
   if (kind == 'f' && size == 4) return DType::f32;
   if (kind == 'f' && size == 2) return DType::f16;
-  if (kind == 'u' && size == 2 && bf16) return DType::bf16;
-  throw InvalidArgument(name, "unsupported dtype " + std::string(py::str(arr.dtype())) +
-                                  "; expected float64, float32, float16, or uint16 with dtype='bfloat16'");
+  if (u16 && bf16) return DType::bf16;
+  if (u16) {
+    throw InvalidArgument(name,
+                          "dtype uint16 is read as bfloat16 bit patterns only with dtype='bfloat16'; pass it, "
+                          "or a float array");
+  }
+  throw InvalidArgument(name, "unsupported dtype " + std::string(py::str(arr.dtype())) + "; expected float64, " +
+                                  (bf16 ? "float32, float16 or uint16 (bfloat16 bit patterns)"
+                                        : "float32, float16, or uint16 with dtype='bfloat16'"));
 }
 
 // A C-contiguous aligned copy of numpy array `a` (argument `name`); a copy that fails (a broadcast view too large to
@@ -91,7 +106,7 @@ py::array contiguous_copy(const py::array& a, const std::string& name) {
   }
 }
 
-Arg arg_of(const py::object& obj, const std::string& name, bool bf16) {
+Arg arg_of(const py::object& obj, const std::string& name, bool bf16, Read read = Read::inputs) {
   Arg a;
   if (py::isinstance<py::array>(obj)) {  // a copy only where the array is not C-contiguous and aligned
     a.array = py::reinterpret_borrow<py::array>(obj);
@@ -103,13 +118,16 @@ Arg arg_of(const py::object& obj, const std::string& name, bool bf16) {
     if (!a.array) throw InvalidArgument(name, "expected a numpy array");
     if (!(a.array.flags() & py::detail::npy_api::NPY_ARRAY_ALIGNED_)) a.array = contiguous_copy(a.array, name);
   }
-  a.dtype = dtype_of(a.array, name, bf16);
+  a.dtype = dtype_of(a.array, name, bf16, read);
   return a;
 }
 
+// A gate, state or gradient argument: its own float dtype, or (dtype='bfloat16') uint16 bfloat16 bit patterns.
+Arg own_arg(const py::object& obj, const std::string& name, bool bf16) { return arg_of(obj, name, bf16, Read::own); }
+
 // A contiguous Tensor copy of a numpy argument (for calls that keep what they are given).
-Tensor to_tensor(const py::object& obj, const std::string& name, bool bf16) {
-  return Tensor::copy_of(arg_of(obj, name, bf16).view());
+Tensor to_tensor(const py::object& obj, const std::string& name, bool bf16, Read read = Read::inputs) {
+  return Tensor::copy_of(arg_of(obj, name, bf16, read).view());
 }
 
 py::array to_numpy(const Tensor& t) {
@@ -160,21 +178,18 @@ Loaded load(const py::object& q, const py::object& k, const py::object& v, const
   l.q = arg_of(q, "q", bf16);
   l.k = arg_of(k, "k", bf16);
   l.v = arg_of(v, "v", bf16);
-  l.i = arg_of(i, "i", false);
-  l.f = arg_of(f, "f", false);
-  if (!c0.is_none()) l.c0 = arg_of(c0, "c0", false);
-  if (!n0.is_none()) l.n0 = arg_of(n0, "n0", false);
-  if (!m0.is_none()) l.m0 = arg_of(m0, "m0", false);
+  // Gates and states in their own dtype, uint16 ones as bfloat16 with dtype='bfloat16' (as the command line).
+  l.i = own_arg(i, "i", bf16);
+  l.f = own_arg(f, "f", bf16);
+  if (!c0.is_none()) l.c0 = own_arg(c0, "c0", bf16);
+  if (!n0.is_none()) l.n0 = own_arg(n0, "n0", bf16);
+  if (!m0.is_none()) l.m0 = own_arg(m0, "m0", bf16);
   return l;
 }
 
 // dh in any float dtype, or (dtype='bfloat16') as uint16 bfloat16 patterns like h: then a host_array() dh reaches
 // the GPU as it lies.
-Arg dh_arg(const py::object& dh, const std::string& dtype) {
-  const py::array a = py::array::ensure(dh);
-  const bool bf16 = bf16_of(dtype) && a && a.dtype().kind() == 'u' && a.dtype().itemsize() == 2;
-  return arg_of(dh, "dh", bf16);
-}
+Arg dh_arg(const py::object& dh, const std::string& dtype) { return own_arg(dh, "dh", bf16_of(dtype)); }
 
 // mlstm_flow.Resident: the arrays (kept while the split lives: it reads them again after a device fault) and the
 // split. A ResidentSplit is not thread-safe and its calls run without the GIL, so every call on it takes `mutex`
@@ -199,6 +214,16 @@ auto locked(std::mutex& mutex, T& object, Fn&& fn) {
 template <class Fn>
 auto with_split(PyResident& r, Fn&& fn) {
   return locked(r.mutex, *r.split, std::forward<Fn>(fn));
+}
+
+// Resident.backward / read_backward on a Resident made without dh: ValueError naming dh (the split's own error was a
+// RuntimeError naming its class, ResidentSplit).
+void refuse_without_dh(const PyResident& r, const char* method) {
+  if (!r.dh) {
+    throw InvalidArgument("dh", std::string("Resident.") + method +
+                                    "() needs the gradients: this Resident was made without dh; pass "
+                                    "Resident(..., dh=...)");
+  }
 }
 
 // A numpy array of `shape` holding `dtype` (uint16 for bfloat16), uninitialised.
@@ -329,11 +354,12 @@ std::string path_arg(const py::handle& o) {
 }
 
 // c0, n0, m0 of a Session (given together, or none: nullopt), as float tensors.
-std::optional<State> state_arg(const py::object& c0, const py::object& n0, const py::object& m0) {
+std::optional<State> state_arg(const py::object& c0, const py::object& n0, const py::object& m0, bool bf16) {
   if (c0.is_none() != n0.is_none() || c0.is_none() != m0.is_none())
     throw InvalidArgument("c0", "c0, n0 and m0 must be given together");
   if (c0.is_none()) return std::nullopt;
-  return State{to_tensor(c0, "c0", false), to_tensor(n0, "n0", false), to_tensor(m0, "m0", false)};
+  return State{to_tensor(c0, "c0", bf16, Read::own), to_tensor(n0, "n0", bf16, Read::own),
+               to_tensor(m0, "m0", bf16, Read::own)};
 }
 
 // fn(), its InvalidArgument naming the state's C, n or m (StreamSession's names) renamed c0, n0 or m0 (the
@@ -543,6 +569,47 @@ DType host_dtype(const py::object& o) {
   if (dt.kind() == 'f' && dt.itemsize() == 2) return DType::f16;
   throw InvalidArgument("dtype",
                         "expected 'float32', 'float64', 'float16' or 'bfloat16', got " + std::string(py::str(o)));
+}
+
+// "(2,3) float32 (24 bytes)": an array's shape, dtype and size for messages.
+std::string array_size(const Shape& shape, DType dtype, std::uint64_t bytes) {
+  return shape_to_string(shape) + " " + std::string(dtype_name(dtype)) + " (" + std::to_string(bytes) + " bytes)";
+}
+
+// The bytes of host_array(shape, dtype, devices=spec), checked before anything is allocated (overflow-safe): a
+// negative dimension, a size past 2^63 bytes, past this host's memory, or past the largest buffer the OpenCL device
+// that allocates it can make (page-locked memory of the spec's first OpenCL device) is refused naming shape and the
+// size (a huge shape raised MemoryError std::bad_alloc, or clCreateBuffer's CL_INVALID_BUFFER_SIZE, naming neither).
+std::uint64_t host_array_bytes(const Shape& shape, DType dtype, const std::string& spec) {
+  for (const auto d : shape) {
+    if (d < 0) throw InvalidArgument("shape", "negative dimension in " + shape_to_string(shape));
+  }
+  std::uint64_t bytes = dtype_size(dtype);
+  for (const auto d : shape) {
+    if (__builtin_mul_overflow(bytes, static_cast<std::uint64_t>(d), &bytes) ||
+        bytes > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max())) {
+      throw InvalidArgument("shape",
+                            shape_to_string(shape) + " " + std::string(dtype_name(dtype)) + " is more than 2^63 bytes");
+    }
+  }
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+  if (pages > 0 && page > 0 && bytes / static_cast<std::uint64_t>(page) >= static_cast<std::uint64_t>(pages)) {
+    throw InvalidArgument("shape", array_size(shape, dtype, bytes) + " is more than this host's memory (" +
+                                       std::to_string(static_cast<std::uint64_t>(pages) * page) + " bytes)");
+  }
+  for (const auto& named : named_devices(spec)) {
+    if (named.workers) continue;
+    cl_ulong most = 0;
+    if (clGetDeviceInfo(named.opencl_device.id, CL_DEVICE_MAX_MEM_ALLOC_SIZE, sizeof most, &most, nullptr) ==
+            CL_SUCCESS &&
+        most > 0 && bytes > most) {
+      throw InvalidArgument("shape", array_size(shape, dtype, bytes) + " is more than the largest buffer " +
+                                         named.opencl_device.name + " allocates (" + std::to_string(most) +
+                                         " bytes), whose page-locked memory host_array gives");
+    }
+    break;  // the first OpenCL device of the spec allocates it (FlowGraphRunner::host_tensor)
+  }
+  return bytes;
 }
 
 // keep= / checkpoints=: None or a StateCheckpoints object.
@@ -889,6 +956,9 @@ PYBIND11_MODULE(mlstm_flow, m) {
       py::arg("out") = py::none(), py::arg("keep") = py::none(), py::arg("cu_seqlens") = py::none(),
       "h, (c, n, m) = forward(q, k, v, i, f, ...): q,k (B,NH,S,DHQK), v (B,NH,S,DHHV), i,f (B,NH,S)\n"
       "\n"
+      "dtype='bfloat16': q, k, v (and h) are uint16 bfloat16 bit patterns; i, f, c0, n0, m0 any float dtype or\n"
+      "uint16 bfloat16 patterns (as the command line's --dtype bfloat16).\n"
+      "\n"
       "cu_seqlens=offsets (int64, N+1): N packed sequences in one row (B=1), tokens [offsets[j], offsets[j+1]) each;\n"
       "each starts from its own initial state (c0 (N,NH,DHQK,DHHV), n0, m0) or the zero state, and c, n, m are\n"
       "(N,NH,...): the results of each sequence run alone.\n"
@@ -931,8 +1001,8 @@ PYBIND11_MODULE(mlstm_flow, m) {
         const Loaded l = load(q, k, v, i, f, c0, n0, m0, dtype_name_s);
         const Arg dht = dh_arg(dh, dtype_name_s);
         std::optional<Arg> dct, dnt;
-        if (!dc_last.is_none()) dct = arg_of(dc_last, "dc_last", false);
-        if (!dn_last.is_none()) dnt = arg_of(dn_last, "dn_last", false);
+        if (!dc_last.is_none()) dct = own_arg(dc_last, "dc_last", bf16_of(dtype_name_s));
+        if (!dn_last.is_none()) dnt = own_arg(dn_last, "dn_last", bf16_of(dtype_name_s));
         const std::vector<std::int64_t> offsets = offsets_arg(cu_seqlens_o);
         BackwardArgs b;
         b.inputs = l.args();
@@ -1011,8 +1081,8 @@ PYBIND11_MODULE(mlstm_flow, m) {
       py::arg("cu_seqlens") = py::none(),
       "dict of gradients dq, dk, dv, di, df (and dc0, dn0, dm0 when an initial state is given); dq, dk, dv in\n"
       "q's dtype (uint16 holding bfloat16 for dtype='bfloat16'). cu_seqlens= as in forward(): dc_last, dn_last and\n"
-      "dc0, dn0, dm0 are then (N,NH,...). dh: any float dtype, or uint16 bfloat16 patterns\n"
-      "with dtype='bfloat16'\n"
+      "dc0, dn0, dm0 are then (N,NH,...). dh, dc_last, dn_last (like i, f and the states): any float dtype, or\n"
+      "uint16 bfloat16 patterns with dtype='bfloat16' (di, df are in the gates' dtype)\n"
       "\n"
       "kernel, devices, segment_tokens, balancing and return_info as in forward(): devices= runs the gradients\n"
       "sequence parallel through the flow graph over every device the spec names; return_info=True returns\n"
@@ -1057,12 +1127,26 @@ PYBIND11_MODULE(mlstm_flow, m) {
         refuse_unknown(extra, "host_array");
         const Shape shape = shape_arg(shape_o);
         const DType dt = host_dtype(dtype_o);
-        const auto shared = shared_runner(str_arg(devices_o, "devices"));
+        const std::string spec = str_arg(devices_o, "devices");
+        const std::uint64_t bytes = host_array_bytes(shape, dt, spec);
+        const auto shared = shared_runner(spec);
         auto* t = new Tensor();
-        {
+        try {
           py::gil_scoped_release release;
           std::lock_guard lock(shared->mutex);
           *t = shared->runner->host_tensor(shape, dt);
+        } catch (const InvalidArgument&) {
+          delete t;
+          throw;
+        } catch (const std::bad_alloc&) {
+          delete t;
+          PyErr_SetString(
+              PyExc_MemoryError,
+              ("shape: " + array_size(shape, dt, bytes) + " could not be allocated (out of memory)").c_str());
+          throw py::error_already_set();
+        } catch (const Error& e) {
+          delete t;
+          throw Error("shape: " + array_size(shape, dt, bytes) + " could not be allocated: " + one_line(e.what()));
         }
         py::capsule owner(t, [](void* p) { delete static_cast<Tensor*>(p); });
         const py::array like = empty_array({0}, dt);
@@ -1100,7 +1184,7 @@ PYBIND11_MODULE(mlstm_flow, m) {
                  session_config(NH, DHQK, DHHV, B, devices, kernel, chunk_size, gate, normalize, eps, balancing);
              auto s = std::make_unique<PySession>();
              s->bf16 = bf16_of(str_arg(dtype, "dtype"));
-             std::optional<State> init = state_arg(c0, n0, m0);
+             std::optional<State> init = state_arg(c0, n0, m0, s->bf16);
              naming_initial_state([&] {
                s->session =
                    init ? std::make_unique<StreamSession>(c, std::move(*init)) : std::make_unique<StreamSession>(c);
@@ -1156,7 +1240,7 @@ PYBIND11_MODULE(mlstm_flow, m) {
           "start_sequence",
           [](PySession& s, py::object c0, py::object n0, py::object m0, const py::kwargs& extra) {
             refuse_unknown(extra, "Session.start_sequence");
-            State init = state_arg(c0, n0, m0).value_or(State{});
+            State init = state_arg(c0, n0, m0, s.bf16).value_or(State{});
             naming_initial_state(
                 [&] { with_session(s, [&](StreamSession& ss) { ss.start_sequence(std::move(init)); }); });
           },
@@ -1342,8 +1426,8 @@ del _stream
              std::optional<BackwardArgs> b;
              if (!dh.is_none()) {
                r->dh = dh_arg(dh, dtype_s);
-               if (!dc_last.is_none()) r->dc_last = arg_of(dc_last, "dc_last", false);
-               if (!dn_last.is_none()) r->dn_last = arg_of(dn_last, "dn_last", false);
+               if (!dc_last.is_none()) r->dc_last = own_arg(dc_last, "dc_last", bf16_of(dtype_s));
+               if (!dn_last.is_none()) r->dn_last = own_arg(dn_last, "dn_last", bf16_of(dtype_s));
                b.emplace();
                b->inputs = r->inputs.args();
                b->dh = r->dh->view();
@@ -1370,6 +1454,7 @@ del _stream
       .def("backward",
            [](PyResident& r, const py::kwargs& extra) {
              refuse_unknown(extra, "Resident.backward");
+             refuse_without_dh(r, "backward");
              with_split(r, [](opencl::ResidentSplit& s) { s.backward(); });
            })
       .def("read_forward",
@@ -1386,6 +1471,7 @@ del _stream
       .def("read_backward",
            [](PyResident& r, const py::kwargs& extra) {
              refuse_unknown(extra, "Resident.read_backward");
+             refuse_without_dh(r, "read_backward");
              const BackwardResult g = with_split(r, [](opencl::ResidentSplit& s) { return s.read_backward(); });
              py::dict out;
              const std::pair<const char*, const Tensor*> fields[] = {{"dq", &g.dq},   {"dk", &g.dk},  {"dv", &g.dv},

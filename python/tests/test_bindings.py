@@ -932,6 +932,167 @@ def check_threads(rng):
         sys.setswitchinterval(old)
 
 
+def cli_path():
+    """The mlstm command line: $MLSTM_CLI (ctest sets it), else the one beside this build's module (build/python ->
+    build/tools/mlstm), or None."""
+    if os.environ.get("MLSTM_CLI"):
+        return os.environ["MLSTM_CLI"]
+    for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        exe = pathlib.Path(entry or ".").resolve().parent / "tools" / "mlstm"
+        if exe.is_file() and os.access(exe, os.X_OK):
+            return str(exe)
+    return None
+
+
+def check_stabiliser_plus_inf(rng):
+    """Probe 39: an initial stabiliser m0 = +inf (exp gate) is outside the recurrence's domain, as i = +inf is (the
+    chunkwise and graph forms gave h = 0, the sequence forms and references NaN): every entry point refuses it with a
+    ValueError naming m0 (step: m), also a float64 m0 beyond float32's range, and NaN (which the forms disagreed on
+    the same way); -inf (the empty state) stays valid."""
+    B, NH, S, DK, DV = 1, 2, 37, 8, 8
+    q, k, v, i, f, dh = float32_inputs(rng, B, NH, S, DK, DV)
+    c0 = rng.standard_normal((B, NH, DK, DV)).astype(np.float32)
+    n0 = rng.standard_normal((B, NH, DK)).astype(np.float32)
+    for bad in (np.full((B, NH), np.inf, np.float32), np.array([[0.5, 1e300]]), np.array([[np.nan, 0.5]])):
+        for kw in ({}, {"kernel": "sequence--reference_f64"}, {"kernel": "sequence--cpu"},
+                   {"kernel": "parallel--reference_f64"}, {"devices": "workers"}, {"devices": "0"}):
+            expect_error(ValueError, "m0", mlstm_flow.forward, q, k, v, i, f, c0, n0, bad, **kw)
+        expect_error(ValueError, "m0", mlstm_flow.backward, q, k, v, i, f, dh, c0, n0, bad)
+        expect_error(ValueError, "m0", mlstm_flow.backward, q, k, v, i, f, dh, c0, n0, bad, devices="workers")
+        expect_error(ValueError, "m", mlstm_flow.step, q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0],
+                     c0, n0, bad)
+        expect_error(ValueError, "m0", mlstm_flow.Session, NH, DK, DV, c0=c0, n0=n0, m0=bad)
+        s = mlstm_flow.Session(NH, DK, DV)
+        expect_error(ValueError, "m0", s.start_sequence, c0, n0, bad)
+        expect_error(ValueError, "m0", s.forward_sequences, q, k, v, i, f, np.array([0, S], np.int64), c0, n0, bad)
+        expect_error(ValueError, "m0", mlstm_flow.Resident, q, k, v, i, f, devices="0", c0=c0, n0=n0, m0=bad)
+    # The sigmoid gate has no stabiliser: m0 other than 0 is refused (as before), naming m0.
+    expect_error(ValueError, "m0", mlstm_flow.forward, q, k, v, i, f, c0, n0, np.full((B, NH), np.inf), gate="sig")
+    # -inf: the empty state (C = n = 0 carry nothing), h as from the zero state with m0 = -inf.
+    empty = np.full((B, NH), -np.inf, np.float32)
+    h, _ = mlstm_flow.forward(q, k, v, i, f, np.zeros_like(c0), np.zeros_like(n0), empty,
+                              kernel="sequence--reference_f64")
+    assert np.isfinite(h).all()
+    h2, _ = mlstm_flow.step(q[:, :, 0], k[:, :, 0], v[:, :, 0], i[:, :, 0], f[:, :, 0], c0, n0, empty)
+    assert np.isfinite(h2).all()
+
+
+def check_bfloat16_gates_and_states(rng, tmp):
+    """Probe 39: with dtype='bfloat16', uint16 gates (i, f), states (c0, n0, m0; a step's c, n, m) and gradients
+    (dh, dc_last, dn_last) are bfloat16 bit patterns in every entry point, as the command line's --dtype bfloat16
+    reads them (they were refused with "unsupported dtype uint16; expected ... or uint16 with dtype='bfloat16'"):
+    the same bits give bitwise the results the command line writes."""
+    B, NH, S, DK, DV = 1, 2, 37, 8, 8
+    to_bf16 = lambda x: (np.asarray(x, np.float32).view(np.uint32) >> 16).astype(np.uint16)
+    from_bf16 = lambda x: (x.astype(np.uint32) << 16).view(np.float32)
+    q, k, v, i, f, dh = (to_bf16(x) for x in float32_inputs(rng, B, NH, S, DK, DV))
+    c0 = to_bf16(rng.standard_normal((B, NH, DK, DV)))
+    n0 = to_bf16(rng.standard_normal((B, NH, DK)))
+    m0 = to_bf16(rng.standard_normal((B, NH)))
+    dc, dn = to_bf16(rng.standard_normal((B, NH, DK, DV))), to_bf16(rng.standard_normal((B, NH, DK)))
+    bf = {"dtype": "bfloat16"}
+    h, (c, n, m) = mlstm_flow.forward(q, k, v, i, f, c0, n0, m0, **bf)
+    assert h.dtype == np.uint16 and h.shape == (B, NH, S, DV)
+    g = mlstm_flow.backward(q, k, v, i, f, dh, c0, n0, m0, dc_last=dc, dn_last=dn, **bf)
+    assert g["di"].dtype == np.uint16 and g["dq"].dtype == np.uint16  # di, df in the gates' dtype, as the CLI's
+    t = lambda x: x[:, :, 0]
+    hs, (cs, ns, ms) = mlstm_flow.step(t(q), t(k), t(v), t(i), t(f), c0, n0, m0, **bf)
+    exe = cli_path()
+    assert exe is not None, "the mlstm command line was not found beside the module (PYTHONPATH)"
+    files = {}
+    for name, x in dict(q=q, k=k, v=v, i=i, f=f, c0=c0, n0=n0, m0=m0, dh=dh, dc=dc, dn=dn, sq=t(q), sk=t(k), sv=t(v),
+                        si=t(i), sf=t(f)).items():
+        files[name] = os.path.join(tmp, "bf_%s.npy" % name)
+        np.save(files[name], x)
+    out = lambda name: os.path.join(tmp, "bf_out_%s.npy" % name)
+    ins = ["--q", files["q"], "--k", files["k"], "--v", files["v"], "--i", files["i"], "--f", files["f"],
+           "--c0", files["c0"], "--n0", files["n0"], "--m0", files["m0"], "--dtype", "bfloat16"]
+    env = dict(os.environ, POCL_DEVICES=os.environ.get("POCL_DEVICES", "pthread pthread"))
+    for argv in (["forward"] + ins + ["--out", out("h"), "--out-c", out("c")],
+                 ["backward"] + ins + ["--dh", files["dh"], "--dc", files["dc"], "--dn", files["dn"], "--out-dq",
+                                       out("dq"), "--out-di", out("di"), "--out-df", out("df"), "--out-dm0",
+                                       out("dm0")],
+                 ["step", "--q", files["sq"], "--k", files["sk"], "--v", files["sv"], "--i", files["si"], "--f",
+                  files["sf"], "--c", files["c0"], "--n", files["n0"], "--m", files["m0"], "--dtype", "bfloat16",
+                  "--out", out("sh"), "--out-c", out("sc")]):
+        r = subprocess.run([exe] + argv, capture_output=True, text=True, env=env)
+        assert r.returncode == 0, (argv[0], r.stderr)
+    for got, name in ((h, "h"), (c, "c"), (g["dq"], "dq"), (g["di"], "di"), (g["df"], "df"), (g["dm0"], "dm0"),
+                      (hs, "sh"), (cs, "sc")):
+        want = np.load(out(name))
+        assert got.dtype == want.dtype and np.array_equal(got.view(np.uint8), want.view(np.uint8)), name
+    # Every other entry point takes them too, bitwise as forward() (a Session, its stream, forward_sequences, the
+    # flow graph, host_array memory, a Resident).
+    hg, _ = mlstm_flow.forward(q, k, v, i, f, c0, n0, m0, devices="workers", **bf)
+    assert hg.dtype == np.uint16
+    assert rel0(from_bf16(hg), from_bf16(h).astype(np.float64)) < 2e-2
+    ig = mlstm_flow.host_array(i.shape, "bfloat16", devices="workers")
+    ig[...] = i
+    hh, _ = mlstm_flow.forward(q, k, v, ig, f, c0, n0, m0, devices="workers", **bf)
+    assert np.array_equal(hh, hg)
+    s = mlstm_flow.Session(NH, DK, DV, c0=c0, n0=n0, m0=m0, **bf)
+    hp = np.concatenate([s.push(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], i[:, :, a:b], f[:, :, a:b])
+                         for a, b in ((0, 20), (20, S))], axis=2)
+    assert hp.dtype == np.uint16 and rel0(from_bf16(hp), from_bf16(h).astype(np.float64)) < 2e-2
+    s.start_sequence(c0, n0, m0)
+    hst = np.concatenate(list(s.stream([(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], i[:, :, a:b], f[:, :, a:b])
+                                        for a, b in ((0, 20), (20, S))])), axis=2)
+    assert np.array_equal(hst, hp)
+    s.start_sequence()
+    hq, _ = s.forward_sequences(q, k, v, i, f, np.array([0, S], np.int64), c0, n0, m0)
+    assert rel0(from_bf16(hq), from_bf16(h).astype(np.float64)) < 2e-2
+    r = mlstm_flow.Resident(q, k, v, i, f, devices="0", dh=dh, c0=c0, n0=n0, m0=m0, dc_last=dc, dn_last=dn, **bf)
+    r.forward()
+    r.backward()
+    assert rel0(from_bf16(r.read_forward()["h"]), from_bf16(h).astype(np.float64)) < 2e-2
+    assert r.read_backward()["di"].dtype == np.uint16
+    # uint16 without dtype='bfloat16', and a truly unsupported dtype: messages that do not contradict themselves.
+    for fn, args in ((mlstm_flow.forward, (from_bf16(q), from_bf16(k), from_bf16(v), i, from_bf16(f))),):
+        try:
+            fn(*args)
+        except ValueError as err:
+            assert str(err).startswith("i:") and "only with dtype='bfloat16'" in str(err), str(err)
+        else:
+            raise AssertionError("uint16 i without dtype='bfloat16' was accepted")
+    try:
+        mlstm_flow.forward(q, k, v, i.astype(np.int32), f, **bf)
+    except ValueError as err:
+        assert str(err).startswith("i:") and "with dtype='bfloat16'" not in str(err), str(err)
+    else:
+        raise AssertionError("int32 i was accepted")
+
+
+def check_resident_and_host_array_messages(rng):
+    """Probe 39: Resident.backward()/read_backward() without dh raise a one-line ValueError naming dh (was a
+    RuntimeError naming ResidentSplit); host_array of a shape no memory holds names shape and the size, before
+    allocating (was MemoryError std::bad_alloc, or clCreateBuffer's CL_INVALID_BUFFER_SIZE)."""
+    q, k, v, i, f, _ = float32_inputs(rng, 1, 2, 40, 8, 8)
+    r = mlstm_flow.Resident(q, k, v, i, f, devices="0")
+    r.forward()
+    expect_error(ValueError, "dh", r.backward)
+    expect_error(ValueError, "dh", r.read_backward)
+    for devices in ("workers", "0", "workers+0"):
+        for shape in ((2**40, 2**20), (2**62, 4), (2**31, 2**31, 2**31)):
+            try:
+                mlstm_flow.host_array(shape, devices=devices)
+            except ValueError as err:
+                assert str(err).startswith("shape:") and "\n" not in str(err), str(err)
+                assert "bytes" in str(err), str(err)
+            else:
+                raise AssertionError("host_array%s on %s was accepted" % (shape, devices))
+    # Within the host's memory but past the largest buffer of PoCL's CPU device (its page-locked memory): refused
+    # before clCreateBuffer (was CL_INVALID_BUFFER_SIZE). Only where device 0 is PoCL's: a GPU may hold it.
+    if "pthread" in mlstm_flow.devices()[0]:
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        try:
+            mlstm_flow.host_array((int(memory * 0.9) // 4,), devices="0")
+        except ValueError as err:
+            assert str(err).startswith("shape:") and "largest buffer" in str(err), str(err)
+        else:
+            raise AssertionError("host_array of 90% of the host's memory on PoCL's device 0 was accepted")
+    assert mlstm_flow.host_array((3, 5), devices="0").shape == (3, 5)
+
+
 def main():
     seed = seed_from_env()
     print(f"seed: MLSTM_TEST_SEED={seed}")
@@ -1066,6 +1227,10 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         check_arguments_named(rng, tmp)
     check_argument_mismatches(rng)
+    check_stabiliser_plus_inf(rng)
+    with tempfile.TemporaryDirectory() as tmp:
+        check_bfloat16_gates_and_states(rng, tmp)
+    check_resident_and_host_array_messages(rng)
     check_first_use_from_threads()
     print("python bindings: all checks passed")
     return 0
