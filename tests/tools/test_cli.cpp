@@ -761,3 +761,65 @@ TEST_F(Cli, RefusedUpFrontWithReadableMessages) {
 
 }  // namespace
 }  // namespace mlstm
+
+// Initial stabiliser m0 = +inf (exp gate): the chunkwise, parallel and graph forms gave h = 0 (exit 0), the sequence
+// forms and the references NaN. Every path refuses it as i = +inf is, exit 2 naming --m0 (a step's --m) and the
+// element; so is a float64 m0 that is +inf in float32, and NaN. -inf (the empty state) stays valid.
+namespace mlstm {
+namespace {
+
+TEST_F(Cli, StabiliserPlusInfinityIsRefusedNamingM0) {
+  Tensor m0_inf = in_.m0.to(DType::f32), m0_big = in_.m0.to(DType::f64), m0_empty = in_.m0.to(DType::f32);
+  m0_inf.data<float>()[4] = std::numeric_limits<float>::infinity();
+  m0_big.data<double>()[4] = 1e300;
+  m0_empty.data<float>()[4] = -std::numeric_limits<float>::infinity();
+  save("m0_inf", m0_inf);
+  save("m0_big", m0_big);
+  save("m0_empty", m0_empty);
+  const std::string state = " --c0 " + path("c0") + " --n0 " + path("n0") + " --m0 ";
+  for (const char* m0 : {"m0_inf", "m0_big"}) {
+    for (const char* how :
+         {"", " --kernel sequence--reference_f64", " --kernel sequence--cpu", " --kernel parallel--reference_f64",
+          " --kernel parallel--cpu", " --devices workers", " --devices 0,1", " --stream-tokens 16"}) {
+      const auto r = run_cli("forward " + inputs() + state + path(m0) + how + " --out " + path("h"));
+      expect_bad_input(r, "--m0");
+      EXPECT_NE(r.err.find("element 4 is +inf"), std::string::npos) << how << ": " << r.err;
+    }
+    expect_bad_input(run_cli("backward " + inputs() + state + path(m0) + " --dh " + path("dh") + " --out-dq " +
+                             path("dq") + " --out-dm0 " + path("dm0")),
+                     "--m0");
+    expect_bad_input(run_cli("forward " + inputs() + state + path(m0) + " --gate sig --out " + path("h")), "--m0");
+  }
+  // NaN: no stabiliser either (the forms disagreed the same way), refused without --check-finite.
+  Tensor m0_nan = in_.m0.to(DType::f32);
+  m0_nan.data<float>()[4] = std::numeric_limits<float>::quiet_NaN();
+  save("m0_nan", m0_nan);
+  for (const char* how : {"", " --kernel sequence--reference_f64", " --devices workers"}) {
+    const auto r = run_cli("forward " + inputs() + state + path("m0_nan") + how + " --out " + path("h"));
+    expect_bad_input(r, "--m0");
+    EXPECT_NE(r.err.find("element 4 is NaN"), std::string::npos) << how << ": " << r.err;
+  }
+  EXPECT_FALSE(fs::exists(path("h")));
+  EXPECT_FALSE(fs::exists(path("dq")));
+  const auto empty = run_cli("forward " + inputs() + state + path("m0_empty") + " --out " + path("h"));
+  EXPECT_EQ(empty.code, 0) << empty.err;
+  // A step's m.
+  save("sq", testing::slice_seq(in_.q, 0, 1).reshaped({2, 3, 8}));
+  save("sk", testing::slice_seq(in_.k, 0, 1).reshaped({2, 3, 8}));
+  save("sv", testing::slice_seq(in_.v, 0, 1).reshaped({2, 3, 12}));
+  save("si", Tensor::full({2, 3}, DType::f32, 0.5));
+  save("sf", Tensor::full({2, 3}, DType::f32, 2.0));
+  const std::string step = "step --q " + path("sq") + " --k " + path("sk") + " --v " + path("sv") + " --i " +
+                           path("si") + " --f " + path("sf") + " --c " + path("c0") + " --n " + path("n0") + " --out " +
+                           path("sh") + " --m ";
+  for (const char* m : {"m0_inf", "m0_big"}) {
+    const auto r = run_cli(step + path(m));
+    expect_bad_input(r, "--m:");
+    EXPECT_NE(r.err.find("element 4 is +inf"), std::string::npos) << r.err;
+  }
+  EXPECT_FALSE(fs::exists(path("sh")));
+  EXPECT_EQ(run_cli(step + path("m0_empty")).code, 0);
+}
+
+}  // namespace
+}  // namespace mlstm
