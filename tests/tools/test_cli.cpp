@@ -819,6 +819,31 @@ TEST_F(Cli, StabiliserPlusInfinityIsRefusedNamingM0) {
   }
   EXPECT_FALSE(fs::exists(path("sh")));
   EXPECT_EQ(run_cli(step + path("m0_empty")).code, 0);
+  // Packed sequences' (N,NH) m0, read per sequence when streamed (their own check before the run).
+  testing::InputSpec ps = spec_;
+  ps.initial_state = true;
+  const testing::Inputs in = testing::make_packed_inputs({20, 30}, ps, testing::fresh_seed());
+  Tensor pm0 = in.m0.to(DType::f32);
+  pm0.data<float>()[3] = std::numeric_limits<float>::infinity();
+  for (auto [name, t] : {std::pair{"pq", &in.q},
+                         {"pk", &in.k},
+                         {"pv", &in.v},
+                         {"pi", &in.i},
+                         {"pf", &in.f},
+                         {"pc0", &in.c0},
+                         {"pn0", &in.n0},
+                         {"pm0", &pm0}})
+    save(name, *t);
+  npy::write_offsets(path("offsets"), in.cu_seqlens);
+  const std::string packed = "forward --q " + path("pq") + " --k " + path("pk") + " --v " + path("pv") + " --i " +
+                             path("pi") + " --f " + path("pf") + " --c0 " + path("pc0") + " --n0 " + path("pn0") +
+                             " --m0 " + path("pm0") + " --cu-seqlens " + path("offsets") + " --out " + path("ph");
+  for (const char* how : {"", " --stream-tokens 16", " --devices workers"}) {
+    const auto r = run_cli(packed + how);
+    expect_bad_input(r, "--m0");
+    EXPECT_NE(r.err.find("element 3 is +inf"), std::string::npos) << how << ": " << r.err;
+  }
+  EXPECT_FALSE(fs::exists(path("ph")));
 }
 
 }  // namespace
