@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
@@ -171,8 +172,10 @@ bool bf16_of(const std::string& dtype) {
   return bf16;
 }
 
+// `state`: the keywords of the state (a step's c, n, m), named in errors.
 Loaded load(const py::object& q, const py::object& k, const py::object& v, const py::object& i, const py::object& f,
-            const py::object& c0, const py::object& n0, const py::object& m0, const std::string& dtype) {
+            const py::object& c0, const py::object& n0, const py::object& m0, const std::string& dtype,
+            const std::array<const char*, 3>& state = {"c0", "n0", "m0"}) {
   const bool bf16 = bf16_of(dtype);
   Loaded l;
   l.q = arg_of(q, "q", bf16);
@@ -181,9 +184,9 @@ Loaded load(const py::object& q, const py::object& k, const py::object& v, const
   // Gates and states in their own dtype, uint16 ones as bfloat16 with dtype='bfloat16' (as the command line).
   l.i = own_arg(i, "i", bf16);
   l.f = own_arg(f, "f", bf16);
-  if (!c0.is_none()) l.c0 = own_arg(c0, "c0", bf16);
-  if (!n0.is_none()) l.n0 = own_arg(n0, "n0", bf16);
-  if (!m0.is_none()) l.m0 = own_arg(m0, "m0", bf16);
+  if (!c0.is_none()) l.c0 = own_arg(c0, state[0], bf16);
+  if (!n0.is_none()) l.n0 = own_arg(n0, state[1], bf16);
+  if (!m0.is_none()) l.m0 = own_arg(m0, state[2], bf16);
   return l;
 }
 
@@ -1104,7 +1107,7 @@ PYBIND11_MODULE(mlstm_flow, m) {
         const std::optional<std::string> gate = gate_arg(gate_o);
         const bool normalize = bool_arg(normalize_o, "normalize");
         const double eps = float_arg(eps_o, "eps");
-        const Loaded l = load(q, k, v, i, f, c, n, mm, str_arg(dtype, "dtype"));
+        const Loaded l = load(q, k, v, i, f, c, n, mm, str_arg(dtype, "dtype"), {"c", "n", "m"});
         StepArgs a;
         a.q = l.q->view();
         a.k = l.k->view();

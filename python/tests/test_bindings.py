@@ -1054,6 +1054,9 @@ def check_bfloat16_gates_and_states(rng, tmp):
             assert str(err).startswith("i:") and "only with dtype='bfloat16'" in str(err), str(err)
         else:
             raise AssertionError("uint16 i without dtype='bfloat16' was accepted")
+    # A step's state keywords are c, n, m (were named c0, n0, m0 in dtype errors).
+    expect_error(ValueError, "m", mlstm_flow.step, t(q), t(k), t(v), t(i), t(f), c0, n0, m0.astype(np.int32), **bf)
+    expect_error(ValueError, "c", mlstm_flow.step, t(q), t(k), t(v), t(i), t(f), c0.astype(np.int8), n0, m0, **bf)
     try:
         mlstm_flow.forward(q, k, v, i.astype(np.int32), f, **bf)
     except ValueError as err:
