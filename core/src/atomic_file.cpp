@@ -58,7 +58,8 @@ std::optional<long> temporary_writer(const std::string& path, const std::string&
 // Whether process `pid` runs on this host (a kill(pid, 0) that finds it, also one we may not signal).
 bool process_alive(long pid) { return pid > 0 && (::kill(static_cast<pid_t>(pid), 0) == 0 || errno == EPERM); }
 
-// Where an output named `path` goes: the file a symbolic link there points to (the link stays a link), else `path`.
+}  // namespace
+
 std::string write_target(const std::string& path) {
   std::error_code ec;
   const auto status = std::filesystem::symlink_status(path, ec);
@@ -66,8 +67,6 @@ std::string write_target(const std::string& path) {
   const std::filesystem::path target = std::filesystem::weakly_canonical(path, ec);
   return ec || target.empty() ? path : target.string();
 }
-
-}  // namespace
 
 AtomicFile::AtomicFile(std::string path) : path_(write_target(path)) {
   const std::filesystem::path p(path_);

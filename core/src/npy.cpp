@@ -182,6 +182,18 @@ Tensor parse(const std::string& bytes, const std::string& argument, std::optiona
   return t;
 }
 
+void require_regular_file(const std::string& path, const std::string& argument) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0 || S_ISREG(st.st_mode)) return;  // missing: the open that follows names it
+  const char* what = S_ISDIR(st.st_mode)    ? "a directory"
+                     : S_ISFIFO(st.st_mode) ? "a FIFO or pipe"
+                     : S_ISCHR(st.st_mode)  ? "a character device"
+                     : S_ISBLK(st.st_mode)  ? "a block device"
+                     : S_ISSOCK(st.st_mode) ? "a socket"
+                                            : "not a file";
+  throw InvalidArgument(argument, "'" + path + "' is not a regular file (" + what + "); give a .npy file");
+}
+
 namespace {
 
 std::string read_prefix(std::ifstream& in, std::size_t n) {
@@ -196,6 +208,7 @@ std::string read_prefix(std::ifstream& in, std::size_t n) {
 
 std::pair<Shape, DType> read_header(const std::string& path, const std::string& argument, std::optional<DType> as_dtype,
                                     bool exact) {
+  require_regular_file(path, argument);
   std::ifstream in(path, std::ios::binary);
   if (!in) throw InvalidArgument(argument, "cannot open '" + path + "'");
   const auto h = decode_header(read_prefix(in, 1 << 16), argument + " ('" + path + "')", as_dtype, exact);
@@ -225,13 +238,17 @@ SeqSliceReader::SeqSliceReader(const std::string& path, const std::string& argum
                                int axis, bool exact)
     : path_(path), argument_(argument), axis_(axis) {
   check_axis(axis);
+  require_regular_file(path, argument);
   fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd_ < 0) throw InvalidArgument(argument, "cannot open '" + path + "'");
   try {
     const std::string where = argument + " ('" + path + "')";
     struct stat st {};
-    if (::fstat(fd_, &st) != 0 || !S_ISREG(st.st_mode)) {
-      throw InvalidArgument(where, "cannot read the file (not a regular file?)");
+    if (::fstat(fd_, &st) != 0)
+      throw InvalidArgument(where, std::string("cannot read the file: ") + std::strerror(errno));
+    if (!S_ISREG(st.st_mode)) {  // replaced since the check above
+      require_regular_file(path, argument);
+      throw InvalidArgument(argument, "'" + path + "' is not a regular file; give a .npy file");
     }
     std::string prefix(std::min<std::size_t>(1 << 16, static_cast<std::size_t>(st.st_size)), '\0');
     std::size_t got = 0;
@@ -371,6 +388,7 @@ void SeqSliceWriter::commit() { file_->file.commit(); }
 namespace {
 
 Tensor read_file(const std::string& path, const std::string& argument, std::optional<DType> as_dtype, bool exact) {
+  require_regular_file(path, argument);
   std::ifstream in(path, std::ios::binary);
   if (!in) throw InvalidArgument(argument, "cannot open '" + path + "'");
   const std::string where = argument + " ('" + path + "')";
@@ -436,6 +454,7 @@ std::vector<std::int64_t> parse_offsets(const std::string& bytes, const std::str
 }
 
 std::vector<std::int64_t> read_offsets(const std::string& path, const std::string& argument) {
+  require_regular_file(path, argument);
   std::ifstream in(path, std::ios::binary);
   if (!in) throw InvalidArgument(argument, "cannot open '" + path + "'");
   const std::string where = argument + " ('" + path + "')";

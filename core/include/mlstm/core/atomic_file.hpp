@@ -79,6 +79,10 @@ class AtomicFileGroup {
 
 // The fixed temporary file of a resumable output: ".<name>.partial" in `path`'s directory.
 std::string partial_path_of(const std::string& path);
+// Where an AtomicFile(path) writes: the file a symbolic link at `path` points to (the link stays a link), else
+// `path`. Its temporary files, and the stale ones it removes, are next to that file (callers that must keep their
+// own files apart from them look there).
+std::string write_target(const std::string& path);
 
 // Writes `path` atomically with what `writer` passes to the AtomicFile.
 void write_file_atomically(const std::string& path, const std::function<void(AtomicFile&)>& writer);

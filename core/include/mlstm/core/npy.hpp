@@ -18,6 +18,12 @@ class AtomicFile;
 
 namespace mlstm::npy {
 
+// Refuses (mlstm::InvalidArgument naming `argument`) a `path` that exists and is not a regular file: a directory,
+// a FIFO or pipe (`<(cat q.npy)`), a character or block device, a socket. Opening a FIFO blocks until a writer
+// comes, and its bytes can be read only once, while a .npy file is read twice (its header, then its data). A
+// missing file is left to the open that follows. Every reader below calls it before it opens `path`.
+void require_regular_file(const std::string& path, const std::string& argument);
+
 // Reads `path`. `argument` names the file in errors (e.g. "--q"). `as_dtype` = DType::bf16 reads a <u2
 // array as bfloat16 bits; otherwise a <u2 array is refused. Errors (mlstm::InvalidArgument naming
 // `argument`): missing/unreadable file, bad magic or header, Fortran order, big-endian or unsupported
