@@ -2,8 +2,10 @@
 // (exit code 2 with one line naming the argument).
 #include <gtest/gtest.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 
+#include <algorithm>
 #include <array>
 #include <csignal>
 #include <cstdio>
@@ -27,11 +29,12 @@ struct Run {
   std::string out, err;
 };
 
-Run run_cli(const std::string& args) {
+// `shell` goes before the command (a pipe into it, `timeout 60 `).
+Run run_cli(const std::string& args, const std::string& shell = "") {
   static int counter = 0;
   const fs::path err_file =
       fs::temp_directory_path() / ("mlstm_cli_err_" + std::to_string(getpid()) + "_" + std::to_string(counter++));
-  const std::string cmd = std::string(MLSTM_CLI_PATH) + " " + args + " 2>" + err_file.string();
+  const std::string cmd = shell + std::string(MLSTM_CLI_PATH) + " " + args + " 2>" + err_file.string();
   Run r;
   FILE* p = popen(cmd.c_str(), "r");
   std::array<char, 4096> buf{};
@@ -417,6 +420,162 @@ TEST_F(Cli, OutputsThatCannotBeProducedAreRefusedUpFront) {
   for (const auto& e : fs::directory_iterator(dir_)) {
     EXPECT_EQ(e.path().filename().string().find(".tmp"), std::string::npos) << e.path();
   }
+}
+
+std::string bytes_of(const fs::path& file) {
+  std::ifstream in(file, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+// The files a run makes or removes next to an output (a stream's partial file `.<out>.partial` and progress record
+// `.<out>.progress`, temporary files `.<out>.tmp.<pid>.XXXXXX` and the stale ones the next writer removes) are
+// never an input or another output: refused up front naming the user's option, every file left as it was. Before
+// (probe 39): --out-c onto the partial file wrote C into h.npy, onto the progress record lost C, and an input so
+// named was deleted, all with exit 0.
+TEST_F(Cli, WorkingFilesOfAnOutputAreNeverTheUsers) {
+  auto sub = [&](const std::string& name) {
+    fs::create_directories(dir_ / name);
+    return dir_ / name;
+  };
+  auto expect_only = [](const fs::path& d, std::vector<std::string> names) {
+    std::vector<std::string> got;
+    for (const auto& e : fs::directory_iterator(d)) got.push_back(e.path().filename().string());
+    std::sort(got.begin(), got.end());
+    std::sort(names.begin(), names.end());
+    EXPECT_EQ(got, names) << d;
+  };
+  const std::string q_bytes = bytes_of(path("q"));
+  // 1a, 1b: an output onto --out's partial file or progress record.
+  const fs::path d1 = sub("d1"), d2 = sub("d2");
+  expect_bad_input(run_cli("forward " + inputs() + " --out " + (d1 / "h.npy").string() + " --out-c " +
+                           (d1 / ".h.npy.partial").string() + " --stream-tokens 8"),
+                   "--out-c");
+  expect_only(d1, {});
+  expect_bad_input(run_cli("forward " + inputs() + " --out " + (d2 / "h.npy").string() + " --out-c " +
+                           (d2 / ".h.npy.progress").string() + " --stream-tokens 8"),
+                   "--out-c");
+  expect_only(d2, {});
+  // Through another spelling of the directory too.
+  expect_bad_input(run_cli("forward " + inputs() + " --out " + (d2 / "h.npy").string() + " --out-n " +
+                           (d2 / ".." / "d2" / ".h.npy.partial").string() + " --stream-tokens 8"),
+                   "--out-n");
+  // 1c: an input named like the partial file (deleted before), 1d: like a dead writer's temporary file of --out
+  // (removed by the stale-temporary cleanup before).
+  const fs::path d3 = sub("d3"), d4 = sub("d4");
+  fs::copy_file(path("q"), d3 / ".h.npy.partial");
+  const auto r3 =
+      run_cli("forward --q " + (d3 / ".h.npy.partial").string() + " --k " + path("k") + " --v " + path("v") + " --i " +
+              path("i") + " --f " + path("f") + " --out " + (d3 / "h.npy").string() + " --stream-tokens 8");
+  expect_bad_input(r3, "--q");
+  EXPECT_NE(r3.err.find("partial file of --out"), std::string::npos) << r3.err;
+  expect_only(d3, {".h.npy.partial"});
+  EXPECT_TRUE(bytes_of(d3 / ".h.npy.partial") == q_bytes);
+  fs::copy_file(path("q"), d4 / ".h.npy.tmp.abcdef");
+  const auto r4 = run_cli("forward --q " + (d4 / ".h.npy.tmp.abcdef").string() + " --k " + path("k") + " --v " +
+                          path("v") + " --i " + path("i") + " --f " + path("f") + " --out " + (d4 / "h.npy").string());
+  expect_bad_input(r4, "--q");
+  EXPECT_NE(r4.err.find("temporary file of --out"), std::string::npos) << r4.err;
+  expect_only(d4, {".h.npy.tmp.abcdef"});
+  // A symbolic link to such a file: the cleanup would remove its target.
+  fs::create_symlink(d4 / ".h.npy.tmp.abcdef", dir_ / "q_link.npy");
+  expect_bad_input(run_cli("forward --q " + (dir_ / "q_link.npy").string() + " --k " + path("k") + " --v " + path("v") +
+                           " --i " + path("i") + " --f " + path("f") + " --out " + (d4 / "h.npy").string()),
+                   "--q");
+  EXPECT_TRUE(bytes_of(d4 / ".h.npy.tmp.abcdef") == q_bytes);
+  // Every subcommand that writes: an output onto another's temporary file (the current name, with a pid), the
+  // progress record's temporary file, backward's and step's inputs, bench's outputs.
+  const fs::path d5 = sub("d5");
+  expect_bad_input(run_cli("forward " + inputs() + " --out " + (d5 / "h.npy").string() + " --out-m " +
+                           (d5 / ".h.npy.tmp.4242.Ab12Cd").string()),
+                   "--out-m");
+  expect_bad_input(run_cli("forward " + inputs() + " --out " + (d5 / "h.npy").string() + " --out-c " +
+                           (d5 / "..h.npy.progress.tmp.7.abcdef").string() + " --stream-tokens 8"),
+                   "--out-c");
+  fs::copy_file(path("dh"), d5 / ".dq.npy.tmp.1.zzzzzz");
+  expect_bad_input(run_cli("backward " + inputs() + " --dh " + (d5 / ".dq.npy.tmp.1.zzzzzz").string() + " --out-dq " +
+                           (d5 / "dq.npy").string()),
+                   "--dh");
+  fs::copy_file(path("c0"), d5 / ".sh.npy.partial");
+  expect_bad_input(
+      run_cli("step --q " + path("q") + " --k " + path("k") + " --v " + path("v") + " --i " + path("i") + " --f " +
+              path("f") + " --c " + (d5 / ".sh.npy.partial").string() + " --out " + (d5 / "sh.npy").string()),
+      "--c");
+  expect_bad_input(run_cli("bench --tokens 64 --seq-lens 32 --chunk-sizes 16 --dqk 8 --dhv 8 --repeats 1 --kernels "
+                           "chunkwise--cpu_xl_chunk --csv " +
+                           (d5 / "b.csv").string() + " --json-out " + (d5 / ".b.csv.progress").string()),
+                   "--json-out");
+  expect_only(d5, {".dq.npy.tmp.1.zzzzzz", ".sh.npy.partial"});
+  EXPECT_TRUE(bytes_of(d5 / ".dq.npy.tmp.1.zzzzzz") == bytes_of(path("dh")));
+  // Names that are not working files are outputs like any other.
+  const fs::path d6 = sub("d6");
+  const auto ok = run_cli("forward " + inputs() + " --out " + (d6 / "h.npy").string() + " --out-c " +
+                          (d6 / "h.npy.partial").string() + " --out-n " + (d6 / ".h.npy.tmp.abcde").string() +
+                          " --stream-tokens 8");
+  EXPECT_EQ(ok.code, 0) << ok.err;
+  expect_only(d6, {"h.npy", "h.npy.partial", ".h.npy.tmp.abcde"});
+}
+
+// An input that is not a regular file is refused up front naming its option, in every subcommand: a FIFO (read
+// whole for its header, then opened again: the run hung), a pipe (`<(cat q.npy)`, /dev/stdin: "bad magic" about a
+// valid stream), a directory ("bad magic"), a character device. --stream-tokens had a check of its own; one now.
+TEST_F(Cli, InputsThatAreNotRegularFilesAreRefusedNamingTheOption) {
+  const fs::path fifo = dir_ / "fifo";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  const std::string rest = " --k " + path("k") + " --v " + path("v") + " --i " + path("i") + " --f " + path("f");
+  auto expect_not_regular = [](const mlstm::Run& r, const std::string& option, const std::string& what) {
+    expect_bad_input(r, option + ": ");
+    EXPECT_NE(r.err.find("is not a regular file (" + what), std::string::npos) << r.err;
+  };
+  // A FIFO fed by a writer (the probe's reproducer), and one without (the streamed reader's open blocked).
+  const std::string writer = "(timeout 10 cat " + path("q") + " > " + fifo.string() + " &) >/dev/null 2>&1; ";
+  expect_not_regular(run_cli("forward --q " + fifo.string() + rest + " --out " + path("h"), writer + "timeout 60 "),
+                     "--q", "a FIFO");
+  expect_not_regular(run_cli("forward " + inputs() + " --out " + path("h") + " --stream-tokens 8 --c0 " +
+                                 fifo.string() + " --n0 " + path("n0") + " --m0 " + path("m0"),
+                             "timeout 60 "),
+                     "--c0", "a FIFO");
+  expect_not_regular(run_cli("forward --q /dev/stdin" + rest + " --out " + path("h"), "cat " + path("q") + " | "),
+                     "--q", "a FIFO");
+  expect_not_regular(run_cli("forward --q " + dir_.string() + rest + " --out " + path("h")), "--q", "a directory");
+  expect_not_regular(
+      run_cli("forward " + inputs() + " --out " + path("h") + " --stream-tokens 8 --cu-seqlens /dev/null"),
+      "--cu-seqlens", "a character device");
+  expect_not_regular(run_cli("backward " + inputs() + " --dh /dev/null --out-dq " + path("dq")), "--dh",
+                     "a character device");
+  expect_not_regular(run_cli("step --q " + path("q") + " --k " + path("k") + " --v " + path("v") + " --i " + path("i") +
+                             " --f " + path("f") + " --c " + dir_.string() + " --out " + path("sh")),
+                     "--c", "a directory");
+  EXPECT_FALSE(fs::exists(path("h")));
+  EXPECT_FALSE(fs::exists(path("dq")));
+  EXPECT_FALSE(fs::exists(path("sh")));
+}
+
+// MLSTM_GRAPH_DOT (the flow graph's DOT dump) is an output of the CLI: checked up front with the others, so that
+// it never overwrites an input (the probe: q replaced by the DOT text, exit 0) or another output, and a path that
+// cannot be written is exit 2 naming it (it was a warning, exit 0).
+TEST_F(Cli, GraphDotIsCheckedLikeAnOutput) {
+  const testing::ScopedEnv dot("MLSTM_GRAPH_DOT", nullptr);
+  fs::copy_file(path("q"), path("qcopy"));
+  const std::string q_bytes = bytes_of(path("qcopy"));
+  const std::string graph_run = "forward --q " + path("qcopy") + " --k " + path("k") + " --v " + path("v") + " --i " +
+                                path("i") + " --f " + path("f") + " --devices workers --out " + path("h");
+  auto refused = [&](const std::string& value, const std::string& args) {
+    dot.set(value.c_str());
+    expect_bad_input(run_cli(args), "MLSTM_GRAPH_DOT: ");
+  };
+  refused(path("qcopy"), graph_run);
+  EXPECT_TRUE(bytes_of(path("qcopy")) == q_bytes);
+  refused((dir_ / "." / "h.npy").string(), graph_run);
+  refused(dir_.string(), graph_run);
+  refused((dir_ / "missing" / "g.dot").string(), graph_run);
+  refused((dir_ / ".h.npy.partial").string(), graph_run + " --stream-tokens 8");
+  refused((dir_ / "missing" / "g.dot").string(), "run --seq-len 64 --heads 1 --dqk 8 --dhv 8 --devices workers");
+  EXPECT_FALSE(fs::exists(path("h")));
+  dot.set((dir_ / "g.dot").c_str());
+  const auto r = run_cli(graph_run);
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_EQ(bytes_of(dir_ / "g.dot").rfind("digraph", 0), 0u);
+  EXPECT_TRUE(bytes_of(path("qcopy")) == q_bytes);
 }
 
 // A huge --chunk-size used to segfault (2^62) or throw bad_alloc (2^31): a chunk longer than the sequence

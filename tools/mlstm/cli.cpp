@@ -15,6 +15,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 
 #include "mlstm/core/env.hpp"
 #include "mlstm/core/npy.hpp"
@@ -110,14 +111,61 @@ PathIdentity identity_of(const std::string& path) {
   return id;
 }
 
+// The spellings of a path whose name a working-file pattern is matched against: as given, and the file it
+// resolves to (a symbolic link's target: the file a stale-temporary cleanup would remove).
+std::vector<fs::path> spellings_of(const std::string& path) {
+  std::vector<fs::path> out{fs::path(path)};
+  std::error_code ec;
+  const fs::path resolved = fs::weakly_canonical(fs::absolute(path, ec), ec);
+  if (!ec && !resolved.empty()) out.push_back(resolved);
+  return out;
+}
+
+fs::path directory_of(const fs::path& p) { return p.parent_path().empty() ? fs::path(".") : p.parent_path(); }
+
+// Whether `path` is (or is named like) one of `output`'s working files: "the partial file", "named like a temporary
+// file", ...
+std::optional<std::string> working_file_match(const std::string& path, const std::string& output) {
+  const WorkingFiles w = working_files_of(output);
+  const PathIdentity id = identity_of(path);
+  for (const auto& [file, what] : w.exact) {
+    if (identity_of(file) == id) return "the " + what;
+  }
+  for (const auto& [base, what] : w.temporaries_of) {
+    const PathIdentity dir = identity_of(directory_of(fs::path(base)).string());
+    for (const fs::path& p : spellings_of(path)) {
+      if (is_atomic_temporary_of(base, p.filename().string()) && identity_of(directory_of(p).string()) == dir)
+        return "named like a " + what;
+    }
+  }
+  return std::nullopt;
+}
+
 }  // namespace
 
-// Every requested output can be produced: a file name in an existing, writable directory, not a directory
-// itself, not the same file as another output or any input. Checked before anything is read or computed.
-void check_outputs(const std::vector<NamedPath>& inputs, const std::vector<NamedPath>& outputs) {
+std::string progress_path_of(const std::string& out) {
+  const fs::path p(out);
+  // native() (the same text as string()): "." + a temporary string draws a false -Wrestrict from GCC 12 at -O3.
+  return (p.parent_path() / ("." + p.filename().native() + ".progress")).string();
+}
+
+// One list for every output of every subcommand (whether this run streams or not): a name the run could use for
+// its own files is never the user's.
+WorkingFiles working_files_of(const std::string& output) {
+  const std::string record = progress_path_of(output);
+  return {{{partial_path_of(output), "partial file"}, {record, "progress record"}},
+          {{write_target(output), "temporary file"}, {record, "progress record's temporary file"}}};
+}
+
+void check_outputs(const std::vector<NamedPath>& inputs, const std::vector<NamedPath>& given_outputs) {
+  std::vector<NamedPath> outputs = given_outputs;
+  // The flow graph writes its DOT dump there (graph/runner.cpp): an output like the others, checked up front.
+  if (const auto dot = env::get("MLSTM_GRAPH_DOT")) outputs.push_back({"MLSTM_GRAPH_DOT", *dot});
   std::vector<std::pair<NamedPath, PathIdentity>> seen;
   for (const auto& in : inputs) {
-    if (!in.path.empty()) seen.push_back({in, identity_of(in.path)});
+    if (in.path.empty()) continue;
+    npy::require_regular_file(in.path, in.option);  // a FIFO read as a header and then again would block
+    seen.push_back({in, identity_of(in.path)});
   }
   const std::size_t n_inputs = seen.size();
   for (const auto& out : outputs) {
@@ -155,6 +203,18 @@ void check_outputs(const std::vector<NamedPath>& inputs, const std::vector<Named
       }
     }
     seen.push_back({out, id});
+  }
+  // No input or output is a file the run makes or removes for an output: a stream's partial file or progress
+  // record, a temporary file (or one named like it: the stale-temporary cleanup would remove it).
+  for (const auto& entry : seen) {
+    const NamedPath& user = entry.first;
+    for (const auto& out : outputs) {
+      if (out.path.empty()) continue;
+      if (const auto what = working_file_match(user.path, out.path)) {
+        throw InvalidArgument(user.option, "'" + user.path + "' is " + *what + " of " + out.option + " ('" + out.path +
+                                               "'), which the run makes and removes; give another name");
+      }
+    }
   }
 }
 

@@ -47,7 +47,22 @@ struct NamedPath {
   std::string option, path;
 };
 
+// Every file a command reads or writes, checked before anything is read or computed (one line naming the user's
+// option, exit code 2): each input, where it exists, is a regular file (not a directory, FIFO, device or socket);
+// each output can be produced (a file name in an existing, writable directory); no output is the same file as
+// another output or an input; and no input or output is one of the working files the run makes or removes next
+// to an output (working_files_of). MLSTM_GRAPH_DOT, where set, is one more output (the flow graph writes it).
 void check_outputs(const std::vector<NamedPath>& inputs, const std::vector<NamedPath>& outputs);
+// The progress record of a streamed output (forward --stream-tokens): ".<name>.progress" next to it.
+std::string progress_path_of(const std::string& out);
+// The files a run makes, replaces or removes next to `output` besides `output` itself: its partial file
+// (resumable writes), its progress record, and the temporary files (".<name>.tmp.<pid>.XXXXXX", where a stale
+// one is removed) of the output and of the record. `exact`: paths; `temporaries_of`: paths whose temporary
+// files' names (is_atomic_temporary_of) are working files too. Each with what it is, for messages.
+struct WorkingFiles {
+  std::vector<std::pair<std::string, std::string>> exact, temporaries_of;
+};
+WorkingFiles working_files_of(const std::string& output);
 double peak_rss_mib();  // this process image's peak resident memory (VmHWM), MiB
 // The median wall time of up to `repeats` calls of fn (at least one), after one untimed call when `warm_up`; no
 // further call once the timed ones have taken `budget_seconds` together (a long run is its own average). `runs`,

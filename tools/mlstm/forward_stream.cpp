@@ -28,13 +28,6 @@ namespace {
 
 namespace fs = std::filesystem;
 
-// The hidden files of a streamed h output next to it: ".<name>.progress" (the record).
-std::string progress_path_of(const std::string& out) {
-  const fs::path p(out);
-  // native() (the same text as string()): "." + a temporary string draws a false -Wrestrict from GCC 12 at -O3.
-  return (p.parent_path() / ("." + p.filename().native() + ".progress")).string();
-}
-
 // What a resumed run must share with the run that wrote the record, so that the final h is bit for bit the
 // one an uninterrupted run writes: the slice size, every option that changes results, where it runs, and the
 // input files (path, size, modification time, and the inode and its change time: a file edited in place with its

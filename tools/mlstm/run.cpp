@@ -188,6 +188,7 @@ int cmd_run(const RunOptions& ro, bool as_json) {
   require_range(ro.dhv, 1, kMaxDim, "--dhv");
   require_range(ro.piece, 1, kMaxDim, "--piece");
   require_range(ro.check_tokens, 0, std::numeric_limits<std::int64_t>::max(), "--check-tokens");
+  check_outputs({}, {});  // run writes no file of its own; MLSTM_GRAPH_DOT (the flow graph's dump) is checked there
   const bool resident_mode = ro.mode == "resident";
   if (resident_mode && ro.piece_option && ro.piece_option->count() > 0) {
     throw InvalidArgument("--piece", "has no effect with --mode resident (the whole sequence is one piece)");
