@@ -93,7 +93,7 @@ State StreamSession::checked_state(State s) const {
   check_shape(s.C, {config_.B, config_.NH, config_.DHQK, config_.DHHV}, "C", "(B,NH,DHQK,DHHV)");
   check_shape(s.n, {config_.B, config_.NH, config_.DHQK}, "n", "(B,NH,DHQK)");
   check_shape(s.m, {config_.B, config_.NH}, "m", "(B,NH)");
-  check_sigmoid_m_zero(s.m.view(), config_.options, "m");
+  check_stabiliser(s.m.view(), config_.options, "m");
   return State{s.C.to(DType::f32), s.n.to(DType::f32), s.m.to(DType::f32)};
 }
 

@@ -252,10 +252,6 @@ std::int64_t check_cu_seqlens(std::span<const std::int64_t> offsets, const Probl
 // validate_forward, validate_backward and validate_step check m0 and m with it, and so does a StreamSession's
 // initial or restored state.
 void check_stabiliser(ConstTensorView m, const MlstmOptions& options, const std::string& argument);
-// The former name of check_stabiliser (it checked the sigmoid gate's zeros only), kept for its callers.
-inline void check_sigmoid_m_zero(ConstTensorView m, const MlstmOptions& options, const std::string& argument) {
-  check_stabiliser(m, options, argument);
-}
 // Tokens [t0, t1) of a (B,NH,S,...) tensor (views, no copy), and of a problem's inputs q, k, v, i, f (its
 // c0/n0/m0 are left out: the state entering t0 is the caller's). Packed args are refused (InvalidArgument
 // "cu_seqlens"): their sequences are packed::sequence().
