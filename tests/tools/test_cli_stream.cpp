@@ -365,6 +365,20 @@ TEST_F(CliStream, BadStreamsAreRefusedNamingTheOption) {
   expect_refused(run_cli(dir_, common + " --chunk-size 32 --resume --out " + path("h")), 2, "--chunk-size");
   expect_refused(run_cli(dir_, common + " --gate sig --resume --out " + path("h")), 2, "--gate");
   expect_refused(run_cli(dir_, common + " --devices workers --resume --out " + path("h")), 2, "--devices");
+  // Inputs given in one run and not the other are named as the user gave them (probe 39: adding --cu-seqlens was
+  // reported as '--out-c/--out-n/--out-m: ... (null there, [false,false,false] here)', and an initial state as a
+  // changed file).
+  npy::write(path("c0"), Tensor::zeros({1, 2, 8, 8}, DType::f32).view());
+  npy::write(path("n0"), Tensor::zeros({1, 2, 8}, DType::f32).view());
+  npy::write(path("m0"), Tensor::zeros({1, 2}, DType::f32).view());
+  const auto with_state = run_cli(dir_, "forward " + inputs(true) + " --stream-tokens 40 --resume --out " + path("h"));
+  expect_refused(with_state, 2, "--c0");
+  EXPECT_NE(with_state.err.find("given here but not in the run that wrote the progress record"), std::string::npos)
+      << with_state.err;
+  npy::write_offsets(path("offsets"), std::vector<std::int64_t>{0, 100, 333});
+  const auto packed = run_cli(dir_, common + " --cu-seqlens " + path("offsets") + " --resume --out " + path("h"));
+  expect_refused(packed, 2, "--cu-seqlens");
+  EXPECT_EQ(packed.err.find("null there"), std::string::npos) << packed.err;
   // --eps is recorded as its float32 bits and shown as the number (it read "897988541 there, 925353388 here").
   const auto eps = run_cli(dir_, common + " --eps 1e-5 --resume --out " + path("h"));
   expect_refused(eps, 2, "--eps");

@@ -116,6 +116,13 @@ StreamSession read_progress(const std::string& path, const json& identity, const
   if (!doc.contains("--balancing")) doc["--balancing"] = "pull";  // a record from before --balancing: the graph pulled
   // A value as the user wrote it: --eps is kept as its float32 bits (exact), shown as the number.
   const auto shown = [](const std::string& key, const json& v) {
+    if (key == "--out-c/--out-n/--out-m" && v.is_array() && v.size() == 3) {  // which state outputs were given
+      std::string named;
+      const char* options[] = {"--out-c", "--out-n", "--out-m"};
+      for (std::size_t j = 0; j < 3; ++j)
+        if (v[j] == true) named += (named.empty() ? "" : " ") + std::string(options[j]);
+      return named.empty() ? std::string("none") : named;
+    }
     if (key != "--eps" || !v.is_number_unsigned()) return v.dump();
     const auto bits = v.get<std::uint32_t>();
     float eps = 0;
@@ -124,6 +131,26 @@ StreamSession read_progress(const std::string& path, const json& identity, const
     std::snprintf(text, sizeof text, "%g", static_cast<double>(eps));
     return std::string(text);
   };
+  // Inputs given in one run and not in the other first (--cu-seqlens, --c0/--n0/--m0): they explain the options
+  // that follow from them (the packed state outputs), and are named as the user gave them.
+  const json& have = doc["inputs"];
+  const auto has_option = [](const json& files, const json& option) {
+    return std::any_of(files.begin(), files.end(), [&](const json& f) { return f["option"] == option; });
+  };
+  for (const auto& want : identity["inputs"]) {
+    if (!has_option(have, want["option"])) {
+      throw InvalidArgument(want["option"].get<std::string>(),
+                            "given here but not in the run that wrote the progress record '" + path +
+                                "'; resume with the same inputs, or run without --resume");
+    }
+  }
+  for (const auto& had : have) {
+    if (!has_option(identity["inputs"], had["option"])) {
+      throw InvalidArgument(had["option"].get<std::string>(),
+                            "given in the run that wrote the progress record '" + path +
+                                "' but not here; resume with the same inputs, or run without --resume");
+    }
+  }
   for (const auto& [key, value] : identity.items()) {
     if (key == "inputs") continue;
     if (!doc.contains(key) || doc[key] != value) {
@@ -133,7 +160,6 @@ StreamSession read_progress(const std::string& path, const json& identity, const
                                      " here); resume with the same options, or run without --resume");
     }
   }
-  const json& have = doc["inputs"];
   for (const auto& want : identity["inputs"]) {
     const auto it =
         std::find_if(have.begin(), have.end(), [&](const json& h) { return h["option"] == want["option"]; });
@@ -143,10 +169,6 @@ StreamSession read_progress(const std::string& path, const json& identity, const
                                 "' was made from (its path, size, modification or change time differ); run "
                                 "without --resume");
     }
-  }
-  if (have.size() != identity["inputs"].size()) {
-    throw InvalidArgument(
-        "--resume", "the progress record '" + path + "' was made with other inputs (an initial state given or not)");
   }
   StreamSession session = StreamSession::restore_bytes(bytes.substr(at + len, bytes.size() - at - len - 8), cfg, path);
   if (!doc.contains("tokens_done") || doc["tokens_done"] != session.tokens()) throw refuse("token counts disagree");
@@ -219,7 +241,7 @@ struct PackedStreaming {
   void check_sigmoid_states(const MlstmOptions& o) const {
     if (!m0) return;
     try {
-      check_sigmoid_m_zero(m0->read(0, count()).view(), o, "m0");
+      check_stabiliser(m0->read(0, count()).view(), o, "m0");
     } catch (const InvalidArgument& e) {
       rethrow_as_cli(e);
     }
