@@ -102,7 +102,8 @@ struct RunOptions {
   std::string balancing = "calibrated";  // --balancing: the graph's shares when the stream runs it (graph::Balancing)
   bool backward = false, progress = false;
   std::int64_t check_tokens = 2048;
-  CLI::Option* piece_option = nullptr;  // to tell an explicit --piece from the default
+  CLI::Option* piece_option = nullptr;         // to tell an explicit --piece from the default
+  CLI::Option* check_tokens_option = nullptr;  // and --check-tokens (its default 2048 may exceed --seq-len)
 };
 
 int cmd_run(const RunOptions& ro, bool as_json);

@@ -121,7 +121,8 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"auto", "pipeline", "stream", "resident"}));
   run->add_flag("--backward", ro.backward, "forward + backward");
   run->add_flag("--progress", ro.progress, "progress bar even when stderr is not a terminal");
-  run->add_option("--check-tokens", ro.check_tokens, "tokens spot-checked against the float64 reference (0: none)");
+  ro.check_tokens_option =
+      run->add_option("--check-tokens", ro.check_tokens, "tokens spot-checked against the float64 reference (0: none)");
 
   InputFiles fin;
   ForwardOutputs fout;
