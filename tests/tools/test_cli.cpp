@@ -1005,5 +1005,73 @@ TEST_F(Cli, StabiliserPlusInfinityIsRefusedNamingM0) {
   EXPECT_FALSE(fs::exists(path("ph")));
 }
 
+// Probe 39: bench without --csv / --json-out replaced a user's ./bench.csv (exit 0). A file at a default path is
+// replaced only when bench wrote it (it begins as bench's output begins); the rows run each chunk as the kernels do
+// (min(chunk, S), once), a kernel of another form once without a chunk, and --chunk-sizes with no chunkwise kernel
+// is refused (it had no effect).
+TEST_F(Cli, BenchNeverReplacesAUsersFileAtADefaultPath) {
+  const fs::path work = dir_ / "bench_defaults";
+  fs::create_directories(work);
+  const std::string in = "cd " + work.string() + " && ";
+  const std::string bench = "bench --tokens 64 --heads 1 --dqk 8 --dhv 8 --seq-lens 64 --repeats 1 ";
+  { std::ofstream(work / "bench.csv") << "the user's table\n"; }
+  expect_bad_input(run_cli(bench + "--chunk-sizes 16 --kernels chunkwise--cpu_xl_chunk", in), "--csv");
+  {
+    std::ifstream f(work / "bench.csv");
+    std::string line;
+    std::getline(f, line);
+    EXPECT_EQ(line, "the user's table");
+  }
+  fs::remove(work / "bench.csv");
+  { std::ofstream(work / "bench.json") << "{}\n"; }
+  expect_bad_input(run_cli(bench + "--chunk-sizes 16 --kernels chunkwise--cpu_xl_chunk", in), "--json-out");
+  fs::remove(work / "bench.json");
+  // Its own files are replaced; chunks 16, 1000 and 128 at S = 64 run as 16 and 64; sequence--cpu once, chunk 0.
+  ASSERT_EQ(run_cli(bench + "--chunk-sizes 16 --kernels chunkwise--cpu_xl_chunk", in).code, 0);
+  const auto r = run_cli(bench + "--chunk-sizes 16 1000 128 --kernels chunkwise--cpu_xl_chunk sequence--cpu", in);
+  ASSERT_EQ(r.code, 0) << r.err;
+  std::ifstream csv(work / "bench.csv");
+  std::vector<std::string> rows;
+  for (std::string line; std::getline(csv, line);) rows.push_back(line);
+  ASSERT_EQ(rows.size(), 4u) << r.out;
+  EXPECT_NE(rows[1].find(",float32,16,fw,"), std::string::npos) << rows[1];
+  EXPECT_NE(rows[2].find(",float32,64,fw,"), std::string::npos) << rows[2];
+  EXPECT_EQ(rows[3].rfind("sequence--cpu,", 0), 0u) << rows[3];
+  EXPECT_NE(rows[3].find(",float32,0,fw,"), std::string::npos) << rows[3];
+  expect_bad_input(run_cli(bench + "--chunk-sizes 16 --kernels sequence--cpu", in), "--chunk-sizes");
+  // Named paths are the user's request: replaced whatever they held.
+  { std::ofstream(work / "mine.csv") << "old\n"; }
+  EXPECT_EQ(run_cli(bench + "--kernels sequence--cpu --csv mine.csv --json-out mine.json", in).code, 0);
+}
+
+// Probe 39: an unknown word was reported as "A subcommand is required", extras last first ("3 --heads"), or as a
+// missing --q; now the first unknown word, as written, with its subcommand.
+TEST_F(Cli, ParseErrorsNameTheUnknownWord) {
+  const auto sub = run_cli("frobnicate");
+  expect_bad_input(sub, "unknown subcommand 'frobnicate'");
+  const auto option = run_cli("kernels --heads 3");
+  expect_bad_input(option, "unknown option '--heads' of mlstm kernels");
+  expect_bad_input(run_cli("forward --heads 3"), "unknown option '--heads' of mlstm forward");
+  expect_bad_input(run_cli("kernels x y"), "unexpected argument 'x' to mlstm kernels");
+  expect_bad_input(run_cli("--bogus kernels"), "unknown option '--bogus'");
+  expect_bad_input(run_cli("forward --q a.npy"), "--k is required");  // CLI11's words where no word is unknown
+}
+
+// Probe 39: run --check-tokens above --seq-len was cut quietly, and --check-tokens 0 reported a passed check of 0
+// tokens. Now the first is refused, the second says there was no check, and the JSON gives the tokens checked.
+TEST_F(Cli, RunSpotCheckSaysWhatItChecked) {
+  const std::string run = "--json run --devices workers --seq-len 256 --heads 1 --dqk 8 --dhv 8 --piece 64 ";
+  expect_bad_input(run_cli(run + "--check-tokens 1000"), "--check-tokens");
+  const auto none = run_cli(run + "--check-tokens 0");
+  ASSERT_EQ(none.code, 0) << none.err;
+  const auto doc = nlohmann::json::parse(none.out);
+  EXPECT_TRUE(doc["spot_check_ok"].is_null()) << none.out;
+  EXPECT_EQ(doc["spot_check_tokens"], 0) << none.out;
+  const auto some = run_cli(run);  // the default 2048: the first piece's 64 tokens
+  ASSERT_EQ(some.code, 0) << some.err;
+  EXPECT_EQ(nlohmann::json::parse(some.out)["spot_check_tokens"], 64) << some.out;
+  EXPECT_EQ(nlohmann::json::parse(some.out)["spot_check_ok"], true) << some.out;
+}
+
 }  // namespace
 }  // namespace mlstm
