@@ -1119,6 +1119,15 @@ void FlowGraphRunner::built(const GraphDescription& graph) {
   const auto path = env::get("MLSTM_GRAPH_DOT");
   if (!path) return;
   try {
+    // A file there that is not a graph dump (an input, a result) is never replaced: the CLI refuses such a path up
+    // front, a library caller gets the report below.
+    if (std::ifstream existing(*path, std::ios::binary); existing) {
+      std::string head(7, '\0');
+      existing.read(head.data(), static_cast<std::streamsize>(head.size()));
+      if (existing.gcount() > 0 && head != "digraph") {
+        throw Error("'" + *path + "' exists and is not a graph dump (it does not begin with 'digraph'); not replaced");
+      }
+    }
     write_file_atomically(*path, graph.dot());
   } catch (const Error& e) {  // a debugging aid: the run goes on, the failure is reported
     dot_error_ = std::string("graph DOT not written (MLSTM_GRAPH_DOT): ") + e.what();

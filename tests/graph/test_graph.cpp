@@ -879,7 +879,7 @@ TEST(GraphDot, DotDumpNamesEveryNode) {
 }
 
 // MLSTM_GRAPH_DOT=<path>: every run writes the graph it built there; a path that cannot be written is reported
-// in the log and the run's results are unchanged.
+// in the log and the run's results are unchanged; a file there that is not a dump is not replaced.
 TEST(GraphDot, EnvironmentWritesTheDumpAndReportsFailures) {
   const testing::ScopedEnv dot("MLSTM_GRAPH_DOT", nullptr);
   graph::FlowGraphRunner runner("workers");
@@ -906,6 +906,21 @@ TEST(GraphDot, EnvironmentWritesTheDumpAndReportsFailures) {
     reported = reported || line.find("graph DOT not written") != std::string::npos;
   EXPECT_TRUE(reported) << graph_log(runner);
   EXPECT_TRUE(testing::matches(again.h, got.h, 0, "graph with a failed DOT write", "h", s));
+  // A file there that is not a graph dump (probe 39: an input .npy) is never replaced; an earlier dump is.
+  const auto other = dir / "q.npy";
+  { std::ofstream(other) << "\x93NUMPY data"; }
+  dot.set(other.c_str());
+  (void)runner.forward(in.args(), o, 64);
+  dot.set(nullptr);
+  std::ifstream kept(other);
+  EXPECT_EQ(std::string((std::istreambuf_iterator<char>(kept)), std::istreambuf_iterator<char>()), "\x93NUMPY data");
+  reported = false;
+  for (const auto& line : runner.last_log()) reported = reported || line.find("not a graph dump") != std::string::npos;
+  EXPECT_TRUE(reported) << graph_log(runner);
+  dot.set(path.c_str());
+  (void)runner.forward(in.args(), o, 64);
+  dot.set(nullptr);
+  for (const auto& line : runner.last_log()) EXPECT_EQ(line.find("DOT"), std::string::npos) << line;
   std::filesystem::remove_all(dir);
 }
 
