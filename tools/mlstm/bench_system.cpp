@@ -61,8 +61,6 @@ constexpr const char* kSweepOnly[] = {"--tokens",  "--heads",    "--dqk",       
 constexpr const char* kSystemOnly[] = {"--system-problems", "--system-tokens", "--system-stream-tokens",
                                        "--devices",         "--workdir",       "--memory-limit"};
 
-bool given(const BenchOptions& bo, const std::string& name) { return option_given(bo, name); }
-
 // The columns of bench_system.csv, and its first line.
 constexpr const char* kCsvColumns[] = {"kind",   "id",     "problem",      "NH",      "DHQK",    "DHHV",
                                        "tokens", "what",   "tokens_per_s", "seconds", "bound",   "bound_tokens_per_s",
@@ -114,9 +112,9 @@ struct SystemPlan {
 SystemPlan check_system(const BenchOptions& bo) {
   const BenchSystemOptions& so = bo.system;
   SystemPlan p;
-  p.dtype = parse_dtype(given(bo, "--dtype") ? bo.dtype : "bfloat16", "--dtype");
+  p.dtype = parse_dtype(option_given(bo, "--dtype") ? bo.dtype : "bfloat16", "--dtype");
   if (p.dtype == DType::f64) throw InvalidArgument("--dtype", "takes bfloat16, float16 or float32 with --system");
-  if (given(bo, "--chunk-sizes")) {
+  if (option_given(bo, "--chunk-sizes")) {
     if (bo.chunk_sizes.size() != 1) throw InvalidArgument("--chunk-sizes", "takes one value with --system");
     p.chunk = bo.chunk_sizes.front();
   }
@@ -132,11 +130,11 @@ SystemPlan check_system(const BenchOptions& bo) {
   p.tokens.erase(std::unique(p.tokens.begin(), p.tokens.end()), p.tokens.end());
   require_range(so.stream_tokens, 1, kMaxTokens, "--system-stream-tokens");
   p.stream_tokens = so.stream_tokens;
-  if (given(bo, "--memory-limit"))
+  if (option_given(bo, "--memory-limit"))
     require_range(so.memory_limit, 1, std::numeric_limits<std::int64_t>::max(), "--memory-limit");
   p.memory_limit = static_cast<std::uint64_t>(so.memory_limit);
   for (const char* name : kSweepOnly) {
-    if (given(bo, name)) {
+    if (option_given(bo, name)) {
       throw InvalidArgument(name,
                             "has no effect with --system (its problems are --system-problems at "
                             "--system-tokens)");
@@ -155,7 +153,7 @@ SystemPlan check_system(const BenchOptions& bo) {
   }
   if (p.gpus.empty()) throw InvalidArgument("--devices", "'" + so.devices + "' names no OpenCL device");
   p.devices = so.devices;
-  if (given(bo, "--workdir")) {
+  if (option_given(bo, "--workdir")) {
     p.workdir_base = so.workdir;
   } else {
     const char* tmp = std::getenv("TMPDIR");
@@ -164,10 +162,10 @@ SystemPlan check_system(const BenchOptions& bo) {
   std::error_code ec;
   if (!fs::is_directory(p.workdir_base, ec) || ::access(p.workdir_base.c_str(), W_OK | X_OK) != 0) {
     throw InvalidArgument("--workdir", "'" + p.workdir_base + "' is not a writable directory" +
-                                           (given(bo, "--workdir") ? "" : " (the default: $TMPDIR, else /tmp)"));
+                                           (option_given(bo, "--workdir") ? "" : " (the default: $TMPDIR, else /tmp)"));
   }
-  p.csv = given(bo, "--csv") ? bo.csv : "bench_system.csv";
-  p.json_out = given(bo, "--json-out") ? bo.json_out : "bench_system.json";
+  p.csv = option_given(bo, "--csv") ? bo.csv : "bench_system.csv";
+  p.json_out = option_given(bo, "--json-out") ? bo.json_out : "bench_system.json";
   check_outputs({}, {{"--csv", p.csv}, {"--json-out", p.json_out}});
   refuse_foreign_default_outputs(bo, p.csv, csv_header(), p.json_out, "{\n  \"command\": \"bench --system\"");
   return p;
@@ -1533,7 +1531,7 @@ class SystemBench {
 
 void refuse_system_options(const BenchOptions& bo) {
   for (const char* name : kSystemOnly) {
-    if (given(bo, name)) throw InvalidArgument(name, "has an effect only with --system");
+    if (option_given(bo, name)) throw InvalidArgument(name, "has an effect only with --system");
   }
 }
 
