@@ -73,6 +73,24 @@ class Cli : public ::testing::Test {
   void TearDown() override { fs::remove_all(dir_); }
   std::string path(const std::string& name) const { return (dir_ / (name + ".npy")).string(); }
   void save(const std::string& name, const Tensor& t) { npy::write(path(name), t.view()); }
+  // Packed inputs (initial states given) as pq ... pm0 (m0 as `m0`), pdh where there is a dh, and their offsets;
+  // returns the options that name them.
+  std::string save_packed(const testing::Inputs& in, const Tensor& m0) {
+    for (auto [name, t] : {std::pair{"pq", &in.q},
+                           {"pk", &in.k},
+                           {"pv", &in.v},
+                           {"pi", &in.i},
+                           {"pf", &in.f},
+                           {"pc0", &in.c0},
+                           {"pn0", &in.n0},
+                           {"pm0", &m0},
+                           {"pdh", &in.dh}})
+      if (!t->empty()) save(name, *t);
+    npy::write_offsets(path("offsets"), in.cu_seqlens);
+    return "--q " + path("pq") + " --k " + path("pk") + " --v " + path("pv") + " --i " + path("pi") + " --f " +
+           path("pf") + " --c0 " + path("pc0") + " --n0 " + path("pn0") + " --m0 " + path("pm0") + " --cu-seqlens " +
+           path("offsets");
+  }
   std::string inputs() const {
     return "--q " + path("q") + " --k " + path("k") + " --v " + path("v") + " --i " + path("i") + " --f " + path("f");
   }
@@ -228,20 +246,7 @@ TEST_F(Cli, PackedSequences) {
   testing::InputSpec s = spec_;
   s.initial_state = true;
   const testing::Inputs in = testing::make_packed_inputs(lengths, s, testing::fresh_seed());
-  for (auto [name, t] : {std::pair{"pq", &in.q},
-                         {"pk", &in.k},
-                         {"pv", &in.v},
-                         {"pi", &in.i},
-                         {"pf", &in.f},
-                         {"pc0", &in.c0},
-                         {"pn0", &in.n0},
-                         {"pm0", &in.m0},
-                         {"pdh", &in.dh}})
-    save(name, *t);
-  npy::write_offsets(path("offsets"), in.cu_seqlens);
-  const std::string packed = "--q " + path("pq") + " --k " + path("pk") + " --v " + path("pv") + " --i " + path("pi") +
-                             " --f " + path("pf") + " --c0 " + path("pc0") + " --n0 " + path("pn0") + " --m0 " +
-                             path("pm0") + " --chunk-size 8 --cu-seqlens " + path("offsets");
+  const std::string packed = save_packed(in, in.m0) + " --chunk-size 8";
   MlstmOptions o;
   o.chunk_size = 8;
   const auto kernel = get_kernel("chunkwise--cpu_xl_chunk");
@@ -984,19 +989,7 @@ TEST_F(Cli, StabiliserPlusInfinityIsRefusedNamingM0) {
   const testing::Inputs in = testing::make_packed_inputs({20, 30}, ps, testing::fresh_seed());
   Tensor pm0 = in.m0.to(DType::f32);
   pm0.data<float>()[3] = std::numeric_limits<float>::infinity();
-  for (auto [name, t] : {std::pair{"pq", &in.q},
-                         {"pk", &in.k},
-                         {"pv", &in.v},
-                         {"pi", &in.i},
-                         {"pf", &in.f},
-                         {"pc0", &in.c0},
-                         {"pn0", &in.n0},
-                         {"pm0", &pm0}})
-    save(name, *t);
-  npy::write_offsets(path("offsets"), in.cu_seqlens);
-  const std::string packed = "forward --q " + path("pq") + " --k " + path("pk") + " --v " + path("pv") + " --i " +
-                             path("pi") + " --f " + path("pf") + " --c0 " + path("pc0") + " --n0 " + path("pn0") +
-                             " --m0 " + path("pm0") + " --cu-seqlens " + path("offsets") + " --out " + path("ph");
+  const std::string packed = "forward " + save_packed(in, pm0) + " --out " + path("ph");
   for (const char* how : {"", " --stream-tokens 16", " --devices workers"}) {
     const auto r = run_cli(packed + how);
     expect_bad_input(r, "--m0");
