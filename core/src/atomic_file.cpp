@@ -100,7 +100,9 @@ std::string partial_path_of(const std::string& path) {
   return (p.parent_path() / name).string();
 }
 
-AtomicFile::AtomicFile(std::string path, Partial mode) : path_(std::move(path)), partial_(true) {
+// A symbolic link is followed here too: the rename at the end lands on its target and the link stays (the partial
+// file lies beside the target, so a resume through the same link finds it).
+AtomicFile::AtomicFile(std::string path, Partial mode) : path_(write_target(path)), partial_(true) {
   const std::filesystem::path p(path_);
   if (p.filename().empty()) throw Error("cannot write '" + path_ + "': not a file name");
   struct stat st {};
@@ -249,10 +251,13 @@ std::size_t remove_stale_temporaries(const std::string& path) {
   std::filesystem::directory_iterator it(dir, ec), end;
   for (; !ec && it != end; it.increment(ec)) {
     const std::string name = it->path().filename().string();
+    // Only what a writer of this version leaves: a name with its pid (older names without one may be a user's file;
+    // they stay), a process that no longer runs, a regular file of this user with no other link to it.
     const auto writer = temporary_writer(path, name);
-    if (!writer || process_alive(*writer)) continue;
-    std::error_code sec;
-    if (!std::filesystem::is_regular_file(std::filesystem::symlink_status(it->path(), sec))) continue;
+    if (!writer || *writer == 0 || process_alive(*writer)) continue;
+    struct stat st {};
+    if (::lstat(it->path().c_str(), &st) != 0 || !S_ISREG(st.st_mode) || st.st_nlink != 1 || st.st_uid != ::geteuid())
+      continue;
     if (::unlink(it->path().c_str()) == 0) ++removed;
   }
   return removed;

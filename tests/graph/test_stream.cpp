@@ -386,13 +386,18 @@ TEST(StreamSnapshot, StaleTemporariesOfThePathAreRemovedOnTheNextStart) {
   fs::create_directories(dir);
   const std::string path = (dir / "state.snap").string();
   StreamSession(cfg).snapshot(path);
-  // Older names without the writer's pid, and names with the pid of a process that is gone (a child that exited).
+  // Names with the pid of a process that is gone (a child that exited) are removed.
   const pid_t gone = fork();
   if (gone == 0) _exit(0);
   ASSERT_GT(gone, 0);
   waitpid(gone, nullptr, 0);
-  const std::vector<std::string> ours = {".state.snap.tmp.Ab3xYz", ".state.snap.tmp.000000",
-                                         ".state.snap.tmp." + std::to_string(gone) + ".Ab3xYz"};
+  const std::string gone_pid = std::to_string(gone);
+  const std::vector<std::string> ours = {".state.snap.tmp." + gone_pid + ".Ab3xYz",
+                                         ".state.snap.tmp." + gone_pid + ".000000"};
+  // Older names without a pid are named like temporaries (the CLI refuses them as its files) but may be a user's
+  // own file: never removed. Nor is a dead writer's name that is a second link to some file.
+  const std::vector<std::string> legacy = {".state.snap.tmp.Ab3xYz", ".state.snap.tmp.000000"};
+  const std::string linked = ".state.snap.tmp." + gone_pid + ".Lnk123";
   const std::vector<std::string> not_ours = {".state.snap.tmp.Ab3xY",       // five characters
                                              ".state.snap.tmp.Ab3xYz1",     // seven
                                              ".state.snap.tmp.Ab-xYz",      // not a letter or digit
@@ -407,11 +412,19 @@ TEST(StreamSnapshot, StaleTemporariesOfThePathAreRemovedOnTheNextStart) {
   };
   auto expected = not_ours;
   expected.push_back("state.snap");
+  expected.insert(expected.end(), legacy.begin(), legacy.end());
+  expected.push_back(linked);
+  expected.push_back("notes_link.txt");
   std::sort(expected.begin(), expected.end());
   for (const auto& n : ours) EXPECT_TRUE(is_atomic_temporary_of(path, n)) << n;
+  for (const auto& n : legacy) EXPECT_TRUE(is_atomic_temporary_of(path, n)) << n;
+  EXPECT_TRUE(is_atomic_temporary_of(path, linked));
   for (const auto& n : not_ours) EXPECT_FALSE(is_atomic_temporary_of(path, n)) << n;
   make(ours);
+  make(legacy);
   make(not_ours);
+  make({linked});
+  fs::create_hard_link(dir / linked, dir / "notes_link.txt");
   fs::create_directories(dir / ".state.snap.tmp.dir123");  // our pattern, but a directory: left alone
   expected.insert(std::upper_bound(expected.begin(), expected.end(), ".state.snap.tmp.dir123"),
                   ".state.snap.tmp.dir123");

@@ -869,6 +869,14 @@ TEST_F(Cli, OutputThroughASymlinkWritesItsTarget) {
   ASSERT_EQ(run_cli("forward " + inputs() + " --out " + path("link")).code, 0);
   EXPECT_TRUE(fs::is_symlink(path("link")));
   EXPECT_EQ(npy::read(path("target"), "h").shape(), in_.dh.shape());
+  // Streamed (the partial file, then a rename): the link stays too, and its target gets the same h.
+  const Tensor whole = npy::read(path("target"), "h");
+  fs::remove(path("target"));
+  save("target", Tensor::full({1}, DType::f32, 7.0));
+  ASSERT_EQ(run_cli("forward " + inputs() + " --devices workers --stream-tokens 16 --out " + path("link")).code, 0);
+  EXPECT_TRUE(fs::is_symlink(path("link")));
+  EXPECT_TRUE(testing::slurp(path("target")) == testing::slurp(path("link")));
+  EXPECT_LE(testing::compare(npy::read(path("target"), "h"), whole).rel, 1e-4);
 }
 
 // Refused before anything runs (the probe saw bench measure and write its kernel rows, and run open and measure the

@@ -153,7 +153,7 @@ std::string progress_path_of(const std::string& out) {
 // its own files is never the user's.
 WorkingFiles working_files_of(const std::string& output) {
   const std::string record = progress_path_of(output);
-  return {{{partial_path_of(output), "partial file"}, {record, "progress record"}},
+  return {{{partial_path_of(write_target(output)), "partial file"}, {record, "progress record"}},
           {{write_target(output), "temporary file"}, {record, "progress record's temporary file"}}};
 }
 

@@ -16,7 +16,7 @@ namespace mlstm {
 // An output file being written. Bytes go to a hidden temporary file next to `path`; commit() makes them
 // `path`; the destructor (no commit, or after an exception) removes the temporary file.
 // Every failure throws mlstm::Error naming `path` and the system's reason (errno).
-// A `path` that is a symbolic link writes the file it points to (the link stays). The constructor first removes
+// A `path` that is a symbolic link writes the file it points to (the link stays; also for the partial files below). The constructor first removes
 // the temporary files of earlier writers of `path` that were killed (remove_stale_temporaries).
 //
 // A resumable output (Partial::fresh / Partial::resume) is written at offsets into a fixed temporary file,
@@ -92,9 +92,9 @@ void write_file_atomically(const std::string& path, std::string_view bytes);
 // <pid> the writer's process id, XXXXXX the six letters or digits mkstemp puts there (older versions wrote
 // ".<name>.tmp.XXXXXX"). True when `candidate` (a bare file name) is one.
 bool is_atomic_temporary_of(const std::string& path, const std::string& candidate);
-// Removes the temporary files a killed writer (SIGKILL, power loss) left for `path`: only regular files
-// whose name matches that pattern exactly and whose writer is no longer a process on this host (older names
-// without a pid always), nothing else. Best effort (a file that cannot be removed is skipped); returns how many
+// Removes the temporary files a killed writer (SIGKILL, power loss) left for `path`: only regular files of this
+// user with one link, whose name matches the pattern with a pid exactly and whose writer is no longer a process on
+// this host; nothing else (older names without a pid may be a user's own file and stay). Best effort (a file that cannot be removed is skipped); returns how many
 // were removed. A live writer of the same `path` keeps its file (a writer on another host sharing the
 // directory is not seen).
 std::size_t remove_stale_temporaries(const std::string& path);
