@@ -263,6 +263,29 @@ std::size_t remove_stale_temporaries(const std::string& path) {
   return removed;
 }
 
+std::optional<std::string> why_not_replaceable(const std::string& path, std::string_view signature) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) {
+    if (errno == ENOENT) return std::nullopt;  // nothing there to lose
+    return "cannot be read: " + reason();
+  }
+  if (!S_ISREG(st.st_mode)) return std::string("exists and is not a regular file");
+  if (st.st_size == 0) return std::nullopt;
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return "cannot be read: " + reason();
+  std::string head(signature.size(), '\0');
+  std::size_t got = 0;
+  while (got < head.size()) {
+    const ssize_t n = ::read(fd, head.data() + got, head.size() - got);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    got += static_cast<std::size_t>(n);
+  }
+  ::close(fd);
+  if (got == signature.size() && head == signature) return std::nullopt;
+  return "exists and does not begin with '" + std::string(signature) + "' (not an output of this kind)";
+}
+
 AtomicFileGroup::AtomicFileGroup() = default;
 AtomicFileGroup::~AtomicFileGroup() = default;
 

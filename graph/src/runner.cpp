@@ -1121,12 +1121,8 @@ void FlowGraphRunner::built(const GraphDescription& graph) {
   try {
     // A file there that is not a graph dump (an input, a result) is never replaced: the CLI refuses such a path up
     // front, a library caller gets the report below.
-    if (std::ifstream existing(*path, std::ios::binary); existing) {
-      std::string head(7, '\0');
-      existing.read(head.data(), static_cast<std::streamsize>(head.size()));
-      if (existing.gcount() > 0 && head != "digraph") {
-        throw Error("'" + *path + "' exists and is not a graph dump (it does not begin with 'digraph'); not replaced");
-      }
+    if (const auto why = why_not_replaceable(*path, "digraph")) {
+      throw Error("'" + *path + "' " + *why + ": not a graph dump, not replaced");
     }
     write_file_atomically(*path, graph.dot());
   } catch (const Error& e) {  // a debugging aid: the run goes on, the failure is reported

@@ -293,6 +293,30 @@ TEST(AtomicFile, FailureLeavesTheOldFileAndNoDebris) {
   fs::remove_all(dir);
 }
 
+// A writer replaces only what it may lose nothing by: nothing there, an empty regular file, or a file that begins as
+// its own outputs do; anything else is named with the reason (the graph's DOT dump and bench's default paths ask).
+TEST(AtomicFile, WhyNotReplaceableKeepsTheUsersFiles) {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / ("mlstm_replaceable_" + std::to_string(getpid()));
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  auto put = [&](const char* name, const std::string& bytes) {
+    std::ofstream(dir / name, std::ios::binary) << bytes;
+    return (dir / name).string();
+  };
+  EXPECT_EQ(why_not_replaceable((dir / "absent").string(), "digraph"), std::nullopt);
+  EXPECT_EQ(why_not_replaceable(put("empty", ""), "digraph"), std::nullopt);
+  EXPECT_EQ(why_not_replaceable(put("dump", "digraph \"g\" {}\n"), "digraph"), std::nullopt);
+  const auto shorter = why_not_replaceable(put("short", "digr"), "digraph");
+  ASSERT_TRUE(shorter.has_value());
+  EXPECT_NE(shorter->find("does not begin with 'digraph'"), std::string::npos) << *shorter;
+  EXPECT_TRUE(why_not_replaceable(put("npy", "\x93NUMPY"), "digraph").has_value());
+  const auto directory = why_not_replaceable(dir.string(), "digraph");
+  ASSERT_TRUE(directory.has_value());
+  EXPECT_NE(directory->find("not a regular file"), std::string::npos) << *directory;
+  fs::remove_all(dir);
+}
+
 // Several outputs of one command, all or none: a failure in a later file (its writer throws) leaves the earlier
 // ones as they were and no temporary file; commit() replaces them all.
 TEST(AtomicFile, AGroupIsAllOrNone) {

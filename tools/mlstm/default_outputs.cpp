@@ -1,15 +1,10 @@
 #include "default_outputs.hpp"
 
-#include <fcntl.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
-#include <cerrno>
-#include <cstring>
 #include <string>
 
 #include <CLI/Option.hpp>
 
+#include "mlstm/core/atomic_file.hpp"
 #include "mlstm/core/error.hpp"
 
 namespace mlstm::cli {
@@ -20,27 +15,9 @@ bool option_given(const BenchOptions& bo, const std::string& name) {
 }
 
 void refuse_foreign_default_output(const std::string& path, const std::string& option, std::string_view signature) {
-  const std::string name = "'" + path + "' (the default of " + option + ")";
-  struct stat st {};
-  if (::stat(path.c_str(), &st) != 0) {
-    if (errno == ENOENT) return;  // nothing there to lose
-    throw InvalidArgument(option, "cannot inspect " + name + ": " + std::strerror(errno));
-  }
-  if (!S_ISREG(st.st_mode)) throw InvalidArgument(option, name + " exists and is not a regular file");
-  std::string head(signature.size(), '\0');
-  std::size_t got = 0;
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw InvalidArgument(option, "cannot read " + name + ": " + std::strerror(errno));
-  while (got < head.size()) {
-    const ssize_t n = ::read(fd, head.data() + got, head.size() - got);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) break;
-    got += static_cast<std::size_t>(n);
-  }
-  ::close(fd);
-  if (got < signature.size() || head != signature) {
-    throw InvalidArgument(option, name + " exists and was not written by this subcommand; name the output with " +
-                                      option + " (or move the file)");
+  if (const auto why = why_not_replaceable(path, signature)) {
+    throw InvalidArgument(option, "'" + path + "' (the default of " + option + ") " + *why +
+                                      "; name the output with " + option + " (or move the file)");
   }
 }
 

@@ -14,7 +14,8 @@ namespace mlstm::cli {
 // Whether the user gave bench's option `name` (e.g. "--csv") on the command line.
 bool option_given(const BenchOptions& bo, const std::string& name);
 
-// InvalidArgument(option) when `path` exists and does not begin with `signature` (or is not a regular file).
+// InvalidArgument(option) when `path` holds something bench did not write (why_not_replaceable: an empty file or
+// one that begins with `signature` is replaced).
 void refuse_foreign_default_output(const std::string& path, const std::string& option, std::string_view signature);
 // The same for bench's --csv and --json-out, each where the user left it at its default.
 void refuse_foreign_default_outputs(const BenchOptions& bo, const std::string& csv, std::string_view csv_signature,

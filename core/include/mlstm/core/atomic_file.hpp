@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -76,6 +77,12 @@ class AtomicFileGroup {
   std::vector<std::unique_ptr<AtomicFile>> files_;
   bool committed_ = false;
 };
+
+// Whether a writer whose files begin with `signature` may replace `path` without losing anything of the user's:
+// nothing is there, or a regular file that is empty or begins with `signature` (an earlier output of the same
+// writer). Otherwise the reason, to follow the path in a message: "exists and is not a regular file", "cannot be
+// read: <errno text>", "exists and does not begin with '<signature>' (not an output of this kind)".
+std::optional<std::string> why_not_replaceable(const std::string& path, std::string_view signature);
 
 // The fixed temporary file of a resumable output: ".<name>.partial" in `path`'s directory.
 std::string partial_path_of(const std::string& path);
