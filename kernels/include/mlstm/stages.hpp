@@ -91,7 +91,12 @@
 //             before weighs exp(-X) -> 0); from there to the next cut, tokens with i = +inf weigh as i = 0 and
 //             finite ones as i = -inf, and h's floor exp(-m_t) is 0 (not exp(-mu_t): the stabilised state keeps its
 //             scale while X -> inf). So every form would need the level lambda per token (a scan of the gates) for
-//             its floor, and the state (C, n, m) would carry lambda between segments, streams and ranks.
+//             its floor, and the state (C, n, m) would carry lambda between segments, streams and ranks. Two
+//             more things block it (session 40): (1) a state at level 1 cannot be handed out as (C, n, m): h keeps
+//             mu through eps (unstabilised, h_t = q'C_u / (|q'n_u| + eps exp(X + mu_t)) with C_u, n_u ~ exp(X)),
+//             so m = +inf would lose mu and a run split there would differ from one run; the public state needs a
+//             level beside m. (2) At level 1 a finite lf <= -kCutDecay is no cut: the floor is 0, so the state
+//             stays in h until the next +inf or f = -inf; the forms' cut rule would change there.
 // Gradients w.r.t. an infinite pre-activation are these limits (finite, mostly 0); gradients of the other
 // inputs are the limits of their float64 backward, which the reference computes directly.
 // Finite gates across the float range (f = -1e30, i = 1e6 or 1e30) are ordinary values of the recurrence; no
