@@ -584,17 +584,7 @@ std::string array_size(const Shape& shape, DType dtype, std::uint64_t bytes) {
 // that allocates it can make (page-locked memory of the spec's first OpenCL device) is refused naming shape and the
 // size (a huge shape raised MemoryError std::bad_alloc, or clCreateBuffer's CL_INVALID_BUFFER_SIZE, naming neither).
 std::uint64_t host_array_bytes(const Shape& shape, DType dtype, const std::string& spec) {
-  for (const auto d : shape) {
-    if (d < 0) throw InvalidArgument("shape", "negative dimension in " + shape_to_string(shape));
-  }
-  std::uint64_t bytes = dtype_size(dtype);
-  for (const auto d : shape) {
-    if (__builtin_mul_overflow(bytes, static_cast<std::uint64_t>(d), &bytes) ||
-        bytes > static_cast<std::uint64_t>(std::numeric_limits<std::int64_t>::max())) {
-      throw InvalidArgument("shape",
-                            shape_to_string(shape) + " " + std::string(dtype_name(dtype)) + " is more than 2^63 bytes");
-    }
-  }
+  const std::uint64_t bytes = shape_nbytes(shape, dtype);  // InvalidArgument("shape"): a negative dimension, 2^63 bytes
   const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
   if (pages > 0 && page > 0 && bytes / static_cast<std::uint64_t>(page) >= static_cast<std::uint64_t>(pages)) {
     throw InvalidArgument("shape", array_size(shape, dtype, bytes) + " is more than this host's memory (" +

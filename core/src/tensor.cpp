@@ -40,9 +40,17 @@ std::int64_t shape_numel(const Shape& shape) {
 }
 
 std::size_t shape_nbytes(const Shape& shape, DType dtype) {
-  std::int64_t bytes = 0;
-  if (__builtin_mul_overflow(shape_numel(shape), static_cast<std::int64_t>(dtype_size(dtype)), &bytes))
-    throw InvalidArgument("shape", "shape " + shape_to_string(shape) + " has too many bytes");
+  for (auto d : shape)
+    if (d < 0) throw InvalidArgument("shape", "negative dimension in " + shape_to_string(shape));
+  for (auto d : shape)
+    if (d == 0) return 0;
+  std::int64_t bytes = static_cast<std::int64_t>(dtype_size(dtype));
+  for (auto d : shape) {
+    if (__builtin_mul_overflow(bytes, d, &bytes)) {
+      throw InvalidArgument("shape", "shape " + shape_to_string(shape) + " " + std::string(dtype_name(dtype)) +
+                                         " is more than 2^63 bytes");
+    }
+  }
   return static_cast<std::size_t>(bytes);
 }
 

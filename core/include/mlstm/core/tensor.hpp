@@ -16,7 +16,8 @@ using Shape = std::vector<std::int64_t>;
 
 std::string shape_to_string(const Shape& shape);  // "(2,3,4)"
 std::int64_t shape_numel(const Shape& shape);
-// Bytes of an array of `shape` and `dtype`; InvalidArgument("shape") where they do not fit 63 bits.
+// Bytes of an array of `shape` and `dtype`; InvalidArgument("shape") for a negative dimension or where they do not
+// fit 63 bits (a zero extent gives 0 whatever the others are).
 std::size_t shape_nbytes(const Shape& shape, DType dtype);
 Shape contiguous_strides(const Shape& shape);
 
