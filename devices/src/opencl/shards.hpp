@@ -22,11 +22,15 @@
 namespace mlstm::opencl::detail {
 
 // Shards per row. `requested` > 0 (a runner's Config::shards, else MLSTM_OPENCL_SHARDS) takes the largest divisor
-// of NC up to it; 0 chooses: 1 while `groups` (the state kernels' work-groups, rows x tiles) fill a quarter of the
+// of NC up to it; 0 chooses: 1 while `groups` (the state kernels' work-groups, rows x tiles) fill half of the
 // device's compute units (measured on the H200: 128 work-groups on 132 units ran 3.0 ms unsplit, 3.6 ms as 2
-// shards), else the largest divisor of NC up to 8 x compute units / groups that leaves each shard 4 chunks or
-// more (H200, B=1, NH=4, 128/128, 1M tokens: 64 shards beat 16 by 18% on the portable path and tie on the tensor
-// cores; 32 was slower there). Rows that are not a whole number of chunks (S % L) are never split.
+// shards), else the largest divisor of NC up to 8 x compute units / groups and up to kMaxAutoShards that leaves each
+// shard 4 chunks or more. H100 session 40 (tensor cores, 4 rows, S = 65536, after session 39's combine; fw / fwbw
+// ms at 16 / 32 / 64 / 128 shards): 64/64 chunk 64, 4 groups, fwbw 1.058 / 0.840 / 0.772 / 0.826 (256 shards, the
+// earlier choice, 0.892); chunk 128 0.403 / 0.336 / 0.322 / 0.347 and 1.189 / 1.031 / 0.996 / 1.045; 128/256, 32
+// groups, fwbw 2.789 / 2.579 / 2.665 / 2.822; 256/256 chunk 128, 64 groups (unsplit before: 2.052 / 6.03), 1.472 /
+// 1.495 / 1.573 / 1.763 and 4.396 / 4.445 / 4.634 / 5.01. Rows that are not a whole number of chunks (S % L) are
+// never split.
 // With SplitCost::fixup (the portable routine: the states pass runs once and a fix-up pass, bound by memory, makes
 // the true states) a split pays wherever the groups leave a compute unit without one: 1 while groups exceed the
 // compute units, else the largest divisor up to 16 x compute units / groups (H100, TFLA setup S = 65536, 128 groups
@@ -35,7 +39,7 @@ namespace mlstm::opencl::detail {
 // With SplitCost::fused (the fused forward, tc_fused.cl: its groups walk their shard's chunks with all of a chunk's
 // work, so a summary pass that reads k and v once costs little against it) a split pays while the groups leave half
 // the compute units without one: 1 while 2 x groups exceed them, else the largest divisor up to 4 x compute units /
-// groups and up to kMaxFusedShards, since the combine's chain grows with the shards (H100, 4 rows of 64/64, S =
+// groups and up to kMaxAutoShards, since the combine's chain grows with the shards (H100, 4 rows of 64/64, S =
 // 65536, chunk 64: 128 / 64 / 32 / 16 shards 0.332 / 0.265 / 0.326 / 0.548 ms, the combine 0.128 / 0.068 / 0.035 /
 // 0.020 of them; TFLA setup S = 65536, 64 groups: 8 shards 3.15, 4 shards 3.31 ms).
 enum class SplitCost { second_pass, fixup, fused };
@@ -121,7 +125,7 @@ inline constexpr float kShardEmptyM = -1e30f;
 // SHARD_WG and MAX_SHARDS of shard_combine.cl.
 inline constexpr std::size_t kShardGroup = 256;
 inline constexpr int kMaxShards = 256;
-inline constexpr int kMaxFusedShards = 64;  // SplitCost::fused
+inline constexpr int kMaxAutoShards = 64;  // the most shards sequence_shards chooses (SplitCost::fused, second_pass)
 // shard_fw_combine's has_init for a row entering the EMPTY state (0: the zero state, 1: the given one).
 inline constexpr int kEnterEmpty = 2;
 
