@@ -29,8 +29,10 @@ namespace mlstm::opencl::detail {
 // ms at 16 / 32 / 64 / 128 shards): 64/64 chunk 64, 4 groups, fwbw 1.058 / 0.840 / 0.772 / 0.826 (256 shards, the
 // earlier choice, 0.892); chunk 128 0.403 / 0.336 / 0.322 / 0.347 and 1.189 / 1.031 / 0.996 / 1.045; 128/256, 32
 // groups, fwbw 2.789 / 2.579 / 2.665 / 2.822; 256/256 chunk 128, 64 groups (unsplit before: 2.052 / 6.03), 1.472 /
-// 1.495 / 1.573 / 1.763 and 4.396 / 4.445 / 4.634 / 5.01. Rows that are not a whole number of chunks (S % L) are
-// never split.
+// 1.495 / 1.573 / 1.763 and 4.396 / 4.445 / 4.634 / 5.01; 64 rows of 64/64 (64 groups, NH=16 B=4 S=16384) unsplit
+// 0.875 / 2.85, 16 shards 0.74 / 2.46. At 128 groups neither way wins: NH=8 B=4 128/128 unsplit 0.92 / 3.08 and 8
+// shards 0.99 / 3.11; 16 rows of 128/256 (S = 65536) unsplit 3.12 / 9.91 and 8 shards 3.07 / 9.32, 2 and 4 slower.
+// Rows that are not a whole number of chunks (S % L) are never split.
 // With SplitCost::fixup (the portable routine: the states pass runs once and a fix-up pass, bound by memory, makes
 // the true states) a split pays wherever the groups leave a compute unit without one: 1 while groups exceed the
 // compute units, else the largest divisor up to 16 x compute units / groups (H100, TFLA setup S = 65536, 128 groups
