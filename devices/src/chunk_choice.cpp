@@ -39,8 +39,9 @@ constexpr std::array<ChunkRow, 2> kPortableTable{{
 // Tensor cores: the H100 sweep of session 26 (chunk 128 in query sub-tiles of 64 rows), B*S = 65536, NH = 16,
 // S = 8192 (128 rows) and 65536 (16 rows), and NH = 4 128/128 at 1M tokens (64 rows, and 4 rows split in shards).
 // ms forward / forward+backward, chunk 64 vs 128. Session 37 (H200, two output tiles a work-group): 4 and 64 rows at
-// 64/64 and 256/256, 1024 rows at 128/128. Session 38 (H100): 4 rows at 128/256.
-constexpr std::array<ChunkRow, 8> kTensorCoreTable{{
+// 64/64 and 256/256, 1024 rows at 128/128. Session 38 (H100): 4 rows at 128/256. Session 40 (H100): 4 rows again, after
+// the shard count changed.
+constexpr std::array<ChunkRow, 5> kTensorCoreTable{{
     {"NVIDIA", 64, 8, 64,
      "head dims 64/64, 8 rows and more: 64 (128 rows 0.677 / 2.32 vs 0.743 / 3.01; 16 rows 0.824 / 2.62 vs 0.971 / "
      "3.45; H200 session 37, 64 rows 0.862 / 2.772 vs 1.049 / 3.534)"},
@@ -50,19 +51,12 @@ constexpr std::array<ChunkRow, 8> kTensorCoreTable{{
     {"NVIDIA", 0, 8, 128,
      "8-31 rows: 128 (16 rows: 128/128 3.39 / 8.66 vs 2.71 / 8.28, 128/256 4.16 / 11.1 vs 3.71 / 11.1, 256/256 "
      "5.35 / 15.9 vs 5.04 / 16.7)"},
-    {"NVIDIA", 64, 0, 128,
-     "fewer than 8 rows (the sequence split), head dims 64/64: 128 (H200 session 37, 4 rows of 65536: 0.425 / 1.224 "
-     "vs 0.513 / 1.307)"},
-    {"NVIDIA", 128, 0, 64,
-     "fewer than 8 rows, head dims up to 128: 64 (NH=4 128/128 B=1 S=1M: 7.40 / 23.6 vs 7.65 / 25.8; H100 session "
-     "36, 4 rows of 65536: 0.631 / 1.853 vs 0.632 / 1.959)"},
     {"NVIDIA", 0, 0, 64,
-     "fewer than 8 rows, DHQK up to 128 (128/256): 64 (H100 session 38, 4 rows of 65536: 0.906 / 2.648 vs 0.952 / "
-     "2.810; TFLA 2.753 / 7.956)",
-     128},
-    {"NVIDIA", 0, 0, 128,
-     "fewer than 8 rows, head dims above 128 (256/256): 128 (H200 session 37, 4 rows of 65536: 2.026 / 5.869 vs "
-     "2.163 / 6.448)"},
+     "fewer than 8 rows (the sequence split): 64. H100 session 40, 4 rows of 65536 at the shard counts chosen since "
+     "(shards.hpp), chunk 64 vs 128: 64/64 0.218 / 0.787 vs 0.331 / 1.045, 256/256 1.425 / 4.169 vs 1.500 / 4.386; "
+     "NH=4 128/128 B=1 S=1M 7.40 / 23.6 vs 7.65 / 25.8 (H100 session 36); 128/256 0.906 / 2.648 vs 0.952 / 2.810 "
+     "(H100 session 38; TFLA 2.753 / 7.956). Sessions 37-38 took 128 for 64/64 and 256/256, when 64/64 fw+bw ran 256 "
+     "shards and 256/256 none"},
     {"", 0, 0, 64, "default: the NVIDIA rows' choice at most shapes (PoCL runs the emulated kernels in tests)"},
 }};
 

@@ -721,8 +721,8 @@ TEST(AutoChunk, CpuRowsCountRowsPerThread) {
   EXPECT_EQ(chunk_row(ChunkFamily::cpu, "", p, 0).chunk, 64);  // no units: one
 }
 
-// The tensor cores' NVIDIA rows (session 26's sweep, sessions 37-38's few rows): 128 for 8-31 rows of head dims above
-// 64; below 8 rows 128 for head dims of 64 and for 256/256, 64 for 128/128 and 128/256; else 64.
+// The tensor cores' NVIDIA rows (session 26's sweep, session 40's few rows): 128 for 8-31 rows of head dims above 64;
+// else 64 (below 8 rows too, every head dim).
 TEST(AutoChunk, TensorCoreRowsFollowHeadDimsAndRows) {
   ProblemShape p;
   p.S = 65536;
@@ -739,13 +739,14 @@ TEST(AutoChunk, TensorCoreRowsFollowHeadDimsAndRows) {
   EXPECT_EQ(chunk(2, 16), 64);  // 32 rows
   EXPECT_EQ(chunk(1, 4), 64);   // the sequence split's few rows, DHQK 128
   p.DHQK = 256;
-  EXPECT_EQ(chunk(1, 4), 128);  // and DHQK 256
+  EXPECT_EQ(chunk(1, 4), 64);  // and DHQK 256
+  EXPECT_EQ(chunk(1, 8), 128);
   p.DHQK = 128;
   p.DHHV = 64;
   EXPECT_EQ(chunk(1, 4), 64);
   p.DHQK = p.DHHV = 64;
   EXPECT_EQ(chunk(1, 16), 64);
-  EXPECT_EQ(chunk(1, 4), 128);
+  EXPECT_EQ(chunk(1, 4), 64);
   p.DHQK = p.DHHV = 128;
   EXPECT_EQ(chunk(1, 4), 64);
   EXPECT_EQ(chunk_row(ChunkFamily::tensor_cores, "Portable Computing Language", p).chunk, 64);
