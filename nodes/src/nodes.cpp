@@ -28,11 +28,85 @@ SegmentProblem::SegmentProblem(const ForwardArgs& args, const MlstmOptions& opti
   }
 }
 
-TensorView SegmentProblem::h_out(const Segment& s) const {
-  return h_out_.empty() ? TensorView() : sequence_slice(h_out_, s.t0, s.t1);
+namespace {
+
+std::string tokens(std::int64_t t0, std::int64_t t1) {
+  return "[" + std::to_string(t0) + ", " + std::to_string(t1) + ")";
 }
 
-ForwardArgs SegmentProblem::segment_args(const Segment& s) const { return sequence_slice(args_, s.t0, s.t1); }
+InvalidArgument segment_error(int index, const std::string& what) {
+  return InvalidArgument("segment " + std::to_string(index), what);
+}
+
+}  // namespace
+
+void SegmentProblem::check_segment(const Segment& s) const {
+  const std::int64_t S = shape_.S;
+  if (s.index < 0 || s.index >= S)
+    throw segment_error(s.index, "the index is outside [0, " + std::to_string(S) + ") (at most one segment a token)");
+  if (s.t0 >= s.t1)
+    throw segment_error(s.index, "tokens " + tokens(s.t0, s.t1) + " are " + (s.t0 == s.t1 ? "empty" : "reversed") +
+                                     " (t0 < t1 needed)");
+  if (s.t0 < 0 || s.t1 > S)
+    throw segment_error(s.index, "tokens " + tokens(s.t0, s.t1) + " are outside the sequence's " + tokens(0, S));
+}
+
+void SegmentProblem::take(std::vector<Segment>& taken, const Segment& s, const char* what) {
+  check_segment(s);
+  const std::lock_guard lock(taken_mutex_);
+  for (const Segment& t : taken) {
+    if (t.index == s.index)
+      throw segment_error(s.index, std::string("given twice (its ") + what + " for tokens " + tokens(t.t0, t.t1) +
+                                       ", then for " + tokens(s.t0, s.t1) + ")");
+    if (s.t0 < t.t1 && t.t0 < s.t1)
+      throw segment_error(s.index, "tokens " + tokens(s.t0, s.t1) + " overlap segment " + std::to_string(t.index) +
+                                       "'s " + tokens(t.t0, t.t1) + " (" + what + ")");
+  }
+  taken.push_back(s);
+}
+
+void SegmentProblem::check_complete() const {
+  if (h_.empty() && h_out_.empty()) return;
+  std::vector<Segment> written;
+  {
+    const std::lock_guard lock(taken_mutex_);
+    written = outputs_taken_;
+  }
+  std::sort(written.begin(), written.end(), [](const Segment& a, const Segment& b) { return a.t0 < b.t0; });
+  std::string missing;
+  std::int64_t at = 0;
+  for (const Segment& w : written) {  // disjoint (take refuses overlaps)
+    if (w.t0 > at) missing += (missing.empty() ? "" : ", ") + tokens(at, w.t0);
+    at = std::max(at, w.t1);
+  }
+  if (at < shape_.S) missing += (missing.empty() ? "" : ", ") + tokens(at, shape_.S);
+  if (!missing.empty()) {
+    throw Error("SegmentProblem: no segment's outputs wrote h of tokens " + missing + " (the segments must cover " +
+                tokens(0, shape_.S) + ")");
+  }
+}
+
+Tensor& SegmentProblem::h() {
+  check_complete();
+  return h_;
+}
+
+TensorView SegmentProblem::h_out(const Segment& s) const {
+  if (h_out_.empty()) return TensorView();
+  check_segment(s);
+  return sequence_slice(h_out_, s.t0, s.t1);
+}
+
+TensorView SegmentProblem::own_h(const Segment& s) {
+  if (h_.empty()) throw Error("SegmentProblem: made without outputs (with_outputs = false)");
+  check_segment(s);
+  return sequence_slice(h_.view(), s.t0, s.t1);
+}
+
+ForwardArgs SegmentProblem::segment_args(const Segment& s) const {
+  check_segment(s);
+  return sequence_slice(args_, s.t0, s.t1);
+}
 
 State SegmentProblem::make_empty_state() const {
   State e;
@@ -66,6 +140,7 @@ SegmentEntry SegmentProblem::initial_entry() const {
 }
 
 Tensor SegmentProblem::log_decay(const Segment& s) const {
+  check_segment(s);
   Tensor G({shape_.B, shape_.NH}, DType::f32);
   const Tensor f = Tensor::copy_of(sequence_slice(args_.f, s.t0, s.t1), DType::f32);
   const std::int64_t len = s.t1 - s.t0;
@@ -79,12 +154,16 @@ Tensor SegmentProblem::log_decay(const Segment& s) const {
 
 void SegmentProblem::write_h(const Segment& s, Tensor&& h) {
   if (h_.empty()) throw Error("SegmentProblem: made without outputs (with_outputs = false)");
+  check_segment(s);
   if (s.t0 == 0 && s.t1 == shape_.S && h.dtype() == h_.dtype() && h.shape() == h_.shape()) {
     h_ = std::move(h);
     return;
   }
   const std::size_t es = dtype_size(h_.dtype());
   const std::int64_t len = s.t1 - s.t0, DV = shape_.DHHV;
+  if (h.dtype() != h_.dtype() || h.shape() != Shape{shape_.B, shape_.NH, len, DV})
+    throw Error("SegmentProblem: h of segment " + std::to_string(s.index) + " has shape " + shape_to_string(h.shape()) +
+                ", not (B,NH,t1-t0,DHHV) of h's dtype");
   copy_rows(h_.bytes() + static_cast<std::size_t>(s.t0 * DV) * es, static_cast<std::size_t>(shape_.S * DV) * es,
             h.bytes(), static_cast<std::size_t>(len * DV) * es, static_cast<std::size_t>(shape_.rows()),
             static_cast<std::size_t>(len * DV) * es);
@@ -233,7 +312,7 @@ ForwardResult run_range(ComputeDevice& d, SegmentProblem& problem, int index, st
       if (outputs && !problem.h_out(sub).empty())
         return d.forward_into(a, o, problem.h_out(sub), {problem.kept_states(), t0});
       if (outputs && problem.kept_states())
-        return d.forward_into(a, o, sequence_slice(problem.h().view(), t0, t1), {problem.kept_states(), t0});
+        return d.forward_into(a, o, problem.own_h(sub), {problem.kept_states(), t0});
       ForwardResult r = outputs ? d.forward(a, o) : d.last_state(a, o);
       if (outputs) problem.write_h(sub, std::move(r.h));
       return r;
@@ -260,6 +339,7 @@ ForwardResult run_range(ComputeDevice& d, SegmentProblem& problem, int index, st
 
 SegmentSummary LocalStateBody::operator()(const Segment& s) const {
   const ScopedTrace trace([&] { return "node local state, segment " + std::to_string(s.index); });
+  problem->take_local(s);  // checks it first: nothing is read for a segment outside the sequence
   ForwardArgs a = problem->segment_args(s);
   const SegmentEntry empty = problem->empty_entry();
   a.c0 = empty.state->C.view();
@@ -271,6 +351,7 @@ SegmentSummary LocalStateBody::operator()(const Segment& s) const {
   });
   SegmentSummary out;
   out.index = s.index;
+  out.segment = s;
   out.local = std::make_shared<const State>(State{std::move(r.c), std::move(r.n), std::move(r.m)});
   out.device = used->name();
   // The device that really ran it, also after a failover: the segment's later passes go there, where its
@@ -303,9 +384,33 @@ StateHandle combine(const SegmentProblem& problem, const State& in_state, const 
 
 SegmentEntry StateRecurrenceBody::operator()(const SegmentSummary& summary) const {
   const ScopedTrace trace([&] { return "node state recurrence, segment " + std::to_string(summary.index); });
+  // The states chain only over segments that follow one another from 0 to S: a gap or an overlap in the list, or a
+  // summary of other tokens than the list's, would make every later state (and h) silently wrong.
+  const int i = summary.index;
+  const std::int64_t S = problem->shape().S;
+  if (i < 0 || static_cast<std::size_t>(i) >= segments->size())
+    throw segment_error(i, "the index is outside the recurrence's " + std::to_string(segments->size()) + " segments");
+  const Segment& sg = (*segments)[static_cast<std::size_t>(i)];
+  if (sg.index != i)
+    throw segment_error(i, "the recurrence's list has segment " + std::to_string(sg.index) + " at position " +
+                               std::to_string(i) + " (list the segments by index)");
+  problem->check_segment(sg);
+  if (sg.t0 != summary.segment.t0 || sg.t1 != summary.segment.t1)
+    throw segment_error(i, "its local state is of tokens " + tokens(summary.segment.t0, summary.segment.t1) +
+                               ", the recurrence's list has " + tokens(sg.t0, sg.t1));
+  const std::int64_t starts_at = i == 0 ? 0 : (*segments)[static_cast<std::size_t>(i) - 1].t1;
+  if (sg.t0 > starts_at)
+    throw segment_error(i,
+                        "tokens " + tokens(sg.t0, sg.t1) + " leave a gap: no segment has " + tokens(starts_at, sg.t0));
+  if (sg.t0 < starts_at)
+    throw segment_error(i, "tokens " + tokens(sg.t0, sg.t1) + " overlap the previous segment's, which ends at " +
+                               std::to_string(starts_at));
+  if (static_cast<std::size_t>(i) + 1 == segments->size() && sg.t1 != S)
+    throw segment_error(i,
+                        "the last segment ends at " + std::to_string(sg.t1) + ": no segment has " + tokens(sg.t1, S));
   SegmentEntry entering;
-  entering.index = summary.index;
-  entering.segment = (*segments)[static_cast<std::size_t>(summary.index)];
+  entering.index = i;
+  entering.segment = sg;
   if (entering.segment.device < 0) entering.segment.device = summary.device_index;
   entering.state = running->state;  // a handle: the state is shared, not copied
   running->state = combine(*problem, *running->state, summary);
@@ -316,6 +421,9 @@ SegmentEntry StateRecurrenceBody::operator()(const SegmentSummary& summary) cons
 
 SegmentOutput SegmentOutputBody::run(const SegmentEntry& entry) const {
   const ScopedTrace trace([&] { return "node outputs, segment " + std::to_string(entry.index); });
+  if (entry.index != entry.segment.index)
+    throw segment_error(entry.index, "the entry carries segment " + std::to_string(entry.segment.index));
+  problem->take_outputs(entry.segment);  // checks it first: nothing is written for a segment outside the sequence
   ForwardArgs a = problem->segment_args(entry.segment);
   a.c0 = entry.state->C.view();
   a.n0 = entry.state->n.view();
@@ -360,6 +468,16 @@ SegmentGradientProblem::SegmentGradientProblem(const BackwardArgs& args, const M
   result_.dv = Tensor({p.B, p.NH, p.S, p.DHHV}, p.dtype);
   result_.di = Tensor({p.B, p.NH, p.S}, p.gate_dtype);
   result_.df = Tensor({p.B, p.NH, p.S}, p.gate_dtype);
+}
+
+void SegmentGradientProblem::check_segment(int index, const Segment& s) const {
+  if (index < 0 || static_cast<std::size_t>(index) >= segments_.size())
+    throw segment_error(index, "the index is outside the backward's " + std::to_string(segments_.size()) + " segments");
+  const Segment& known = segments_[static_cast<std::size_t>(index)];
+  if (s.index != index || s.t0 != known.t0 || s.t1 != known.t1)
+    throw segment_error(index, "got segment " + std::to_string(s.index) + " of tokens " + tokens(s.t0, s.t1) +
+                                   ", the backward's segment " + std::to_string(index) + " is " +
+                                   tokens(known.t0, known.t1));
 }
 
 void SegmentGradientProblem::record_entry(const SegmentEntry& e) {
@@ -530,6 +648,7 @@ BackwardResult run_backward_range(ComputeDevice& d, SegmentGradientProblem& prob
 
 SegmentStateGradient LocalStateGradientBody::operator()(const SegmentEntry& entry) const {
   const ScopedTrace trace([&] { return "node local state gradient, segment " + std::to_string(entry.index); });
+  problem->check_segment(entry.index, entry.segment);
   const Segment& sg = entry.segment;
   BackwardResult r;
   auto work = [&](ComputeDevice& d) {
@@ -565,6 +684,9 @@ SegmentGradientEntry StateGradientRecurrenceBody::operator()(const SegmentStateG
   const ScopedTrace trace([&] { return "node state-gradient recurrence, segment " + std::to_string(local.index); });
   const int s = local.index;
   if (s < 1) throw Error("StateGradientRecurrenceBody: segment 0 has no earlier segment");
+  if (static_cast<std::size_t>(s) >= problem->segments().size())
+    throw segment_error(
+        s, "the index is outside the backward's " + std::to_string(problem->segments().size()) + " segments");
   // running (the gradient leaving s) -> the gradient entering s = decay * running + local
   decay_and_add(running->dC, running->dn, problem->decay(s), local.dC, local.dn);
   SegmentGradientEntry prev;
@@ -580,6 +702,7 @@ SegmentGradientEntry StateGradientRecurrenceBody::operator()(const SegmentStateG
 
 int SegmentBackwardBody::operator()(const SegmentGradientEntry& entry) const {
   const ScopedTrace trace([&] { return "node backward, segment " + std::to_string(entry.index); });
+  problem->check_segment(entry.index, entry.segment);
   const Segment& sg = entry.segment;
   auto work = [&](ComputeDevice& d) {
     const BackwardResult r =

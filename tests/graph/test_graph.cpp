@@ -9,12 +9,15 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <limits>
 #include <map>
 #include <regex>
 #include <set>
 #include <sstream>
 #include <tuple>
+
+#include <tbb/flow_graph.h>
 
 #include "mlstm/devices/opencl/device.hpp"
 #include "mlstm/mlstm.hpp"
@@ -1140,6 +1143,176 @@ TEST(GraphPlan, FastestMeasuresPiecesNoLongerThanTheProblem) {
   EXPECT_LE(b->longest.load(), 100);
   const auto one_call = get_kernel("chunkwise--cpu_xl_chunk")->forward(in.args(), o);
   EXPECT_TRUE(testing::matches(got.h, one_call.h, 2e-5, "fastest, chunk past the sequence", "h", s));
+}
+
+// ---- The public node bodies in a graph of the user's own (examples/custom_flow_graph.cpp) -----------------
+
+// The example's graph over the user's segments: source -> LocalStateBody -> sequencer -> StateRecurrenceBody ->
+// SegmentOutputBody -> sink. Returns h; throws what the graph threw.
+Tensor custom_graph_h(const ForwardArgs& args, const MlstmOptions& o, const std::vector<nodes::Segment>& given,
+                      int* done = nullptr) {
+  using namespace tbb::flow;
+  auto problem = std::make_shared<nodes::SegmentProblem>(args, o);
+  auto device = cpu_workers().front();
+  auto segments = std::make_shared<std::vector<nodes::Segment>>(given);
+  auto running = std::make_shared<nodes::SegmentEntry>(problem->initial_entry());
+  tbb::flow::graph g;
+  std::size_t next = 0;
+  input_node<nodes::Segment> source(g, [&](tbb::flow_control& fc) -> nodes::Segment {
+    if (next == segments->size()) {
+      fc.stop();
+      return {};
+    }
+    return (*segments)[next++];
+  });
+  function_node<nodes::Segment, nodes::SegmentSummary> local(g, unlimited, nodes::LocalStateBody{problem, device});
+  sequencer_node<nodes::SegmentSummary> in_order(
+      g, [](const nodes::SegmentSummary& s) { return static_cast<std::size_t>(s.index); });
+  function_node<nodes::SegmentSummary, nodes::SegmentEntry> recurrence(
+      g, serial, nodes::StateRecurrenceBody{problem, segments, running});
+  function_node<nodes::SegmentEntry, int> outputs(g, unlimited, nodes::SegmentOutputBody{problem, device});
+  int count = 0;
+  function_node<int> sink(g, serial, [&](int) {
+    ++count;
+    return continue_msg();
+  });
+  make_edge(source, local);
+  make_edge(local, in_order);
+  make_edge(in_order, recurrence);
+  make_edge(recurrence, outputs);
+  make_edge(outputs, sink);
+  source.activate();
+  g.wait_for_all();
+  if (done) *done = count;
+  return problem->h();
+}
+
+// What a call threw: "<InvalidArgument|Error>: <message>", or "no error".
+template <class F>
+std::string thrown(F&& f) {
+  try {
+    f();
+  } catch (const InvalidArgument& e) {
+    return std::string("InvalidArgument: ") + e.what();
+  } catch (const Error& e) {
+    return std::string("Error: ") + e.what();
+  }
+  return "no error";
+}
+
+// Expects `call` to throw an mlstm::Error whose message contains `expected`.
+void expect_refused(const std::function<void()>& call, const std::string& expected) {
+  const std::string got = thrown(call);
+  EXPECT_NE(got.find(expected), std::string::npos) << "expected \"" << expected << "\", got: " << got;
+}
+
+// Segments of the user's choosing are checked by every node body before anything is read or written: tokens
+// past S once wrote past the end of h (heap corruption), a gap or an overlap ran to the end with h wrong, a
+// segment index given twice lost a segment in the sequencer (h wrong, no error), and a reversed or empty
+// segment was refused naming q. Each is now an InvalidArgument naming the segment and its tokens.
+TEST(GraphNodes, CustomGraphRefusesSegmentsThatDoNotTileTheSequence) {
+  const InputSpec s = testing::spec(1, 2, 200, 16, 16, DType::f32, GateVariant::exp, false);
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  MlstmOptions o;
+  o.chunk_size = 16;
+  const std::vector<std::tuple<std::string, std::vector<nodes::Segment>, std::string>> cases{
+      {"beyond S", {{0, 0, 100}, {1, 100, 300}}, "segment 1: tokens [100, 300) are outside the sequence's [0, 200)"},
+      {"reversed", {{0, 0, 100}, {1, 150, 100}, {2, 100, 200}}, "segment 1: tokens [150, 100) are reversed"},
+      {"empty", {{0, 0, 100}, {1, 100, 100}, {2, 100, 200}}, "segment 1: tokens [100, 100) are empty"},
+      {"negative t0", {{0, -8, 100}, {1, 100, 200}}, "segment 0: tokens [-8, 100) are outside the sequence's"},
+      {"gap", {{0, 0, 64}, {1, 100, 200}}, "segment 1: tokens [100, 200) leave a gap: no segment has [64, 100)"},
+      {"overlap", {{0, 0, 100}, {1, 64, 200}}, "overlap segment "},
+      {"duplicate index", {{0, 0, 100}, {0, 100, 200}}, "segment 0: given twice"},
+      // The sequencer holds segment 2 for a segment 1 that never comes: h() names the tokens no segment wrote.
+      {"index past the list",
+       {{0, 0, 100}, {2, 100, 200}},
+       "SegmentProblem: no segment's outputs wrote h of tokens [100, 200)"},
+      {"ends early", {{0, 0, 64}, {1, 64, 150}}, "segment 1: the last segment ends at 150: no segment has [150, 200)"},
+  };
+  for (const auto& [what, segments, expected] : cases) {
+    const std::string got = thrown([&] { (void)custom_graph_h(in.args(), o, segments); });
+    const std::string kind = expected.rfind("SegmentProblem:", 0) == 0 ? "Error: " : "InvalidArgument: ";
+    EXPECT_EQ(got.rfind(kind, 0), 0u) << what << ": " << got;
+    EXPECT_NE(got.find(expected), std::string::npos) << what << ": " << got;
+    EXPECT_EQ(got.find('\n'), std::string::npos) << what << ": " << got;
+  }
+}
+
+// A correct graph of the user's (chunk-aligned or not) still equals one call.
+TEST(GraphNodes, CustomGraphOfTilingSegmentsEqualsOneCall) {
+  const InputSpec s = testing::spec(1, 2, 200, 16, 16, DType::f32, GateVariant::exp, true);
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  MlstmOptions o;
+  o.chunk_size = 16;
+  const auto one_call = get_kernel("chunkwise--cpu_xl_chunk")->forward(in.args(), o);
+  for (const auto& segments : {std::vector<nodes::Segment>{{0, 0, 64}, {1, 64, 128}, {2, 128, 200}},
+                               std::vector<nodes::Segment>{{0, 0, 50}, {1, 50, 133}, {2, 133, 200}},
+                               std::vector<nodes::Segment>{{0, 0, 200}}}) {
+    int done = 0;
+    const Tensor h = custom_graph_h(in.args(), o, segments, &done);
+    EXPECT_EQ(done, static_cast<int>(segments.size()));
+    EXPECT_TRUE(testing::matches(h, one_call.h, 2e-5, "custom graph of " + std::to_string(segments.size()), "h", s));
+  }
+}
+
+// The problem itself, for users who call the bodies without our recurrence: h() refuses outputs that leave tokens
+// out (naming them), an output run refuses a segment index or tokens taken already, and write_h / segment_args
+// refuse tokens outside the sequence (write_h once copied rows past the end of h).
+TEST(GraphNodes, ProblemRefusesOutputsThatDoNotCoverTheSequence) {
+  const InputSpec s = testing::spec(1, 2, 200, 16, 16, DType::f32, GateVariant::exp, false);
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  MlstmOptions o;
+  o.chunk_size = 16;
+  auto problem = std::make_shared<nodes::SegmentProblem>(in.args(), o);
+  const nodes::SegmentOutputBody outputs{problem, cpu_workers().front()};
+  auto entry = [&](nodes::Segment sg) {
+    nodes::SegmentEntry e = problem->initial_entry();  // not the true entering state: only coverage is tested
+    e.index = sg.index;
+    e.segment = sg;
+    return e;
+  };
+  EXPECT_EQ(thrown([&] { outputs(entry({0, 0, 64})); }), "no error");
+  EXPECT_EQ(thrown([&] { outputs(entry({2, 128, 200})); }), "no error");
+  EXPECT_EQ(
+      thrown([&] { (void)problem->h(); }),
+      "Error: SegmentProblem: no segment's outputs wrote h of tokens [64, 128) (the segments must cover [0, 200))");
+  expect_refused([&] { outputs(entry({2, 64, 128})); }, "segment 2: given twice");
+  expect_refused([&] { outputs(entry({1, 32, 128})); }, "segment 1: tokens [32, 128) overlap segment 0's [0, 64)");
+  expect_refused([&] { outputs(entry({1, 128, 300})); }, "segment 1: tokens [128, 300) are outside");
+  expect_refused(
+      [&] {
+        problem->write_h({1, 150, 300}, Tensor({1, 2, 150, 16}, DType::f32));
+      },
+      "segment 1: tokens [150, 300) are outside the sequence's [0, 200)");
+  expect_refused([&] { (void)problem->segment_args({7, 0, 201}); }, "segment 7: tokens [0, 201) are outside");
+  expect_refused([&] { (void)problem->segment_args({-1, 0, 10}); }, "segment -1: the index is outside [0, 200)");
+  EXPECT_EQ(thrown([&] { outputs(entry({1, 64, 128})); }), "no error");
+  EXPECT_EQ(thrown([&] { (void)problem->h(); }), "no error");
+}
+
+// The backward bodies check their segment against the problem's: a segment of other tokens than the problem's for
+// that index, or an index past its segments, is refused before anything is read.
+TEST(GraphNodes, BackwardBodiesRefuseSegmentsNotTheProblems) {
+  InputSpec s = testing::spec(1, 2, 96, 16, 16, DType::f32, GateVariant::exp, false);
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  MlstmOptions o;
+  o.chunk_size = 32;
+  const std::vector<nodes::Segment> segments{{0, 0, 32}, {1, 32, 64}, {2, 64, 96}};
+  auto problem = std::make_shared<nodes::SegmentGradientProblem>(in.backward_args(false), o, segments);
+  const nodes::LocalStateGradientBody local{problem, cpu_workers().front()};
+  nodes::SegmentEntry e = problem->forward()->initial_entry();
+  e.index = 1;
+  e.segment = {1, 32, 200};
+  expect_refused([&] { (void)local(e); }, "segment 1: got segment 1 of tokens [32, 200)");
+  e.index = 3;
+  e.segment = {3, 96, 128};
+  expect_refused([&] { (void)local(e); }, "segment 3: the index is outside the backward's 3 segments");
+  const nodes::SegmentBackwardBody backward{problem, cpu_workers().front()};
+  nodes::SegmentGradientEntry g;
+  g.index = 0;
+  g.segment = {0, 0, 300};
+  g.state = e.state;
+  expect_refused([&] { (void)backward(g); }, "segment 0: got segment 0 of tokens [0, 300)");
 }
 
 }  // namespace

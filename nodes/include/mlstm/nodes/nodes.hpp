@@ -57,7 +57,8 @@
 
 namespace mlstm::nodes {
 
-// A run of tokens [t0, t1) of every row.
+// A run of tokens [t0, t1) of every row. Every node body refuses (InvalidArgument naming the segment) one outside
+// the sequence (0 <= t0 < t1 <= S needed) before it reads or writes anything (SegmentProblem::check_segment).
 struct Segment {
   int index = 0;
   std::int64_t t0 = 0, t1 = 0;
@@ -67,6 +68,7 @@ struct Segment {
 // A segment's local state (from the EMPTY state) and its total log forget decay per row.
 struct SegmentSummary {
   int index = 0;
+  Segment segment;    // its tokens: StateRecurrenceBody refuses a summary whose tokens are not its list's
   StateHandle local;  // the state leaving the segment when it is entered in the EMPTY state
   Tensor G;           // (B,NH) float32: sum of logsigmoid(f) over the segment
   std::string device;
@@ -92,6 +94,11 @@ struct SegmentOutput {
 
 // The problem the nodes work on: inputs (the caller keeps them alive), options, the output h (written by
 // segment, disjoint slices) and the state entering the first segment.
+// It keeps which segments had their local state and their outputs computed (a short list under a mutex): a
+// segment index given twice, or tokens that overlap a segment's already taken, are refused (InvalidArgument naming
+// both segments), and h() refuses to hand out an h whose segments left tokens out. A user who wires the nodes
+// gets an error, never a silently wrong h (a gap or an overlap once ran to the end with h wrong; tokens past S
+// wrote past the end of h).
 class SegmentProblem {
  public:
   // with_outputs = false: no h is allocated (the backward only needs the entering states). `h_out` (optional): the
@@ -100,6 +107,11 @@ class SegmentProblem {
   SegmentProblem(const ForwardArgs& args, const MlstmOptions& options, bool with_outputs = true, TensorView h_out = {});
   const ProblemShape& shape() const noexcept { return shape_; }
   const MlstmOptions& options() const noexcept { return options_; }
+  // Refuses (InvalidArgument naming "segment <index>" and the numbers, e.g. "segment 1: tokens [100, 300) are
+  // outside the sequence's [0, 200)") a segment with an index outside [0, S) (a sequence of S tokens has at most S
+  // segments) or tokens not within the sequence: 0 <= t0 < t1 <= S. segment_args, h_out, log_decay and write_h
+  // check their segment with it, and so does every node body first.
+  void check_segment(const Segment& s) const;
   // Views of the inputs restricted to a segment (no copies).
   ForwardArgs segment_args(const Segment& s) const;
   // The EMPTY state (C = n = 0, m = -inf; m = 0 for the sigmoid gate; one shared handle) and the problem's
@@ -111,9 +123,21 @@ class SegmentProblem {
   // Writes h of segment s (shaped (B,NH,t1-t0,DHHV)); thread-safe for disjoint segments. A segment covering
   // the whole sequence hands its tensor over instead of copying it.
   void write_h(const Segment& s, Tensor&& h);
-  Tensor& h() noexcept { return h_; }
+  // h of the whole sequence, once the segments' outputs are computed: an mlstm::Error naming the tokens no segment
+  // wrote unless their outputs cover [0, S) (check_complete). Empty when the problem has no h (with_outputs =
+  // false, or h_out: the caller's h, which check_complete checks the same way).
+  Tensor& h();
+  // Refuses (mlstm::Error naming the missing tokens) outputs that do not cover [0, S): segments left out, a gap
+  // between two, a segment whose index came twice (a sequencer_node drops the second). No-op without outputs.
+  void check_complete() const;
   // The caller's h of segment s when the problem has one (h_out), else an empty view.
   TensorView h_out(const Segment& s) const;
+  // The slice of this problem's own h of segment s (an output run's forward_into writes it in place).
+  TensorView own_h(const Segment& s);
+  // Takes segment s for its local state / its outputs (the node bodies do, once per segment): refuses
+  // (InvalidArgument) an index taken already or tokens that overlap a taken segment's.
+  void take_local(const Segment& s) { take(local_taken_, s, "local state"); }
+  void take_outputs(const Segment& s) { take(outputs_taken_, s, "outputs"); }
   // With keep_final_state(true), the output run of the segment that ends the sequence also computes the state
   // leaving it and hands it on in its SegmentOutput (a one-segment plan needs no local-state pass: its
   // entering state is known).
@@ -128,6 +152,7 @@ class SegmentProblem {
 
  private:
   State make_empty_state() const;
+  void take(std::vector<Segment>& taken, const Segment& s, const char* what);
   ForwardArgs args_;
   MlstmOptions options_;
   ProblemShape shape_;
@@ -136,6 +161,8 @@ class SegmentProblem {
   TensorView h_out_;
   bool keep_final_state_ = false;
   StateCheckpoints* keep_ = nullptr;
+  mutable std::mutex taken_mutex_;
+  std::vector<Segment> local_taken_, outputs_taken_;  // the segments whose local state / outputs were computed
 };
 
 // The devices of a graph with failover: work given to a device that fails (DeviceError: kernel error,
@@ -248,6 +275,9 @@ class SegmentGradientProblem {
   const MlstmOptions& options() const noexcept { return forward_->options(); }
   const std::shared_ptr<SegmentProblem>& forward() const noexcept { return forward_; }
   const std::vector<Segment>& segments() const noexcept { return segments_; }
+  // Refuses (InvalidArgument naming the segment) an index outside the problem's segments, or a segment whose tokens
+  // are not those the problem has for that index. The backward node bodies check their segment with it first.
+  void check_segment(int index, const Segment& s) const;
   // Records the state entering segment e.index. Entries must come in segment order (0, 1, ...; an
   // mlstm::Error otherwise): the reverse recurrence reads segment s-1's entry once segment s's local
   // gradient is done, which the graph queues when it records entry s. `leaving` is the state leaving the
