@@ -635,13 +635,25 @@ ProblemShape check_stream_piece(const ForwardArgs& piece, const ProblemShape& st
   if (piece.packed()) throw InvalidArgument("cu_seqlens", "a stream carries one sequence; its pieces are not packed");
   MlstmOptions o = options;
   const ProblemShape p = validate_forward(piece, o);
-  if (p.B != stream.B || p.NH != stream.NH || p.DHQK != stream.DHQK || p.DHHV != stream.DHHV)
-    throw InvalidArgument("q", "piece is (B,NH,S,DHQK,DHHV) = (" + std::to_string(p.B) + "," + std::to_string(p.NH) +
-                                   "," + std::to_string(p.S) + "," + std::to_string(p.DHQK) + "," +
-                                   std::to_string(p.DHHV) + "), the stream expects B=" + std::to_string(stream.B) +
-                                   " NH=" + std::to_string(stream.NH) + " DHQK=" + std::to_string(stream.DHQK) +
-                                   " DHHV=" + std::to_string(stream.DHHV));
-  return p;
+  if (p.B == stream.B && p.NH == stream.NH && p.DHQK == stream.DHQK && p.DHHV == stream.DHHV) return p;
+  // The input whose dimensions differ from the stream's, expected against got (validate_forward has matched the
+  // inputs to q: B, NH and DHQK are q's, DHHV is v's).
+  const Shape rows{stream.B, stream.NH, p.S};
+  const std::pair<ConstTensorView, Shape> want[5] = {{piece.q, {stream.B, stream.NH, p.S, stream.DHQK}},
+                                                     {piece.k, {stream.B, stream.NH, p.S, stream.DHQK}},
+                                                     {piece.v, {stream.B, stream.NH, p.S, stream.DHHV}},
+                                                     {piece.i, rows},
+                                                     {piece.f, rows}};
+  static constexpr const char* kNames[5] = {"q", "k", "v", "i", "f"};
+  static constexpr const char* kLayouts[5] = {"(B,NH,S,DHQK)", "(B,NH,S,DHQK)", "(B,NH,S,DHHV)", "(B,NH,S)",
+                                              "(B,NH,S)"};
+  int j = 0;
+  while (j < 4 && want[j].first.shape() == want[j].second) ++j;
+  throw InvalidArgument(kNames[j], "the stream expects " + std::string(kLayouts[j]) + " = " +
+                                       shape_to_string(want[j].second) + " (B=" + std::to_string(stream.B) +
+                                       " NH=" + std::to_string(stream.NH) + " DHQK=" + std::to_string(stream.DHQK) +
+                                       " DHHV=" + std::to_string(stream.DHHV) + "), got " +
+                                       shape_to_string(want[j].first.shape()));
 }
 
 }  // namespace mlstm

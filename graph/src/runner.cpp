@@ -448,7 +448,9 @@ std::unique_ptr<SequenceStream> FlowGraphRunner::open_stream(const ProblemShape&
   const MlstmOptions options = with_chunk(given, piece);
   const ScopedTrace trace("stream engine chosen");
   refuse_exchange("a stream (open_stream)");
-  if (piece.S <= 0) throw InvalidArgument("S", "a stream's pieces need at least one token");
+  if (piece.S <= 0)
+    throw InvalidArgument(
+        "q", "a stream's piece needs at least one token; the piece's q has S = " + std::to_string(piece.S));
   std::vector<std::string> left_out;
   const auto devices = capable_devices({DeviceStage::last_state, DeviceStage::forward}, piece, options, left_out);
   Plan plan;

@@ -4,6 +4,7 @@
 #include <fstream>
 #include <new>
 #include <sstream>
+#include <utility>
 
 #include "mlstm/core/atomic_file.hpp"
 #include "mlstm/devices/compute_device.hpp"
@@ -97,7 +98,17 @@ State StreamSession::checked_state(State s) const {
   return State{s.C.to(DType::f32), s.n.to(DType::f32), s.m.to(DType::f32)};
 }
 
+void StreamSession::check_live() const {
+  // Only a move empties state_ (every constructor sets it).
+  if (!state_)
+    throw Error(
+        "StreamSession: this session was moved from (its stream and state went to the session it was moved "
+        "into); use that one, or assign a new session to this one");
+}
+
 void StreamSession::start_sequence(State initial) {
+  std::lock_guard lock(mutex_);
+  check_live();
   const bool zero = initial.C.empty() && initial.n.empty() && initial.m.empty();
   State s = zero ? State::zeros(config_.B, config_.NH, config_.DHQK, config_.DHHV) : checked_state(std::move(initial));
   // The stream gets an empty state for the zero state (its kernels then read none); a copy otherwise (a stream may
@@ -108,7 +119,26 @@ void StreamSession::start_sequence(State initial) {
   must_start_ = false;
 }
 
-StreamSession::StreamSession(StreamSession&&) noexcept = default;
+// Member by member, with `other`'s mutex held (each session has its own mutex). `other` is left moved-from: no
+// state, stream, kernel or runner (check_live()).
+StreamSession::StreamSession(StreamSession&& other) noexcept {
+  std::lock_guard lock(other.mutex_);
+  config_ = std::move(other.config_);
+  kernel_ = std::move(other.kernel_);
+  runner_ = std::move(other.runner_);
+  kept_ = std::move(other.kept_);
+  pending_kept_ = std::move(other.pending_kept_);
+  stream_ = std::move(other.stream_);
+  state_ = std::move(other.state_);
+  state_stale_ = std::exchange(other.state_stale_, false);
+  previous_ = std::move(other.previous_);
+  last_piece_ = std::move(other.last_piece_);
+  last_shape_ = other.last_shape_;
+  tokens_ = other.tokens_.exchange(0);
+  must_start_ = std::exchange(other.must_start_, false);
+  other.kept_.clear();
+  other.pending_kept_ = State{};
+}
 // Destroy, then move-construct: the stream goes before the states it may still write into (kept_, pending_kept_),
 // which member-wise assignment would free first.
 StreamSession& StreamSession::operator=(StreamSession&& other) noexcept {
@@ -144,11 +174,20 @@ ForwardArgs StreamSession::with_state(const ForwardArgs& piece, const State& sta
 }
 
 std::uint64_t StreamSession::submit(const ForwardArgs& piece, bool keep_state) {
+  std::lock_guard lock(mutex_);
+  check_live();
+  return submit_locked(piece, keep_state);
+}
+
+std::uint64_t StreamSession::submit_locked(const ForwardArgs& piece, bool keep_state) {
   if (must_start_)
     throw InvalidArgument("cu_seqlens",
                           "forward_sequences() ended the stream's sequences; start_sequence() before the next piece");
   (void)with_state(piece, *state_);  // checks the piece (the stream adds the state)
-  prepare(piece.q.dim(2), piece.q.dtype());
+  if (piece.q.dim(2) <= 0)
+    throw InvalidArgument(
+        "q", "a stream's piece needs at least one token; got q of shape " + shape_to_string(piece.q.shape()));
+  prepare_locked(piece.q.dim(2), piece.q.dtype());
   if (keep_state) {
     // (A submit that failed may have left the stream holding pending_kept_'s views: they stay valid.)
     if (pending_kept_.empty()) pending_kept_ = State::zeros(config_.B, config_.NH, config_.DHQK, config_.DHHV);
@@ -172,6 +211,12 @@ void StreamSession::resolve_chunk(const ProblemShape& shape) {
 }
 
 void StreamSession::prepare(std::int64_t piece_tokens, DType dtype) {
+  std::lock_guard lock(mutex_);
+  check_live();
+  prepare_locked(piece_tokens, dtype);
+}
+
+void StreamSession::prepare_locked(std::int64_t piece_tokens, DType dtype) {
   if (piece_tokens <= 0) throw InvalidArgument("piece_tokens", "a stream's pieces need at least one token");
   if (!stream_) {
     ProblemShape shape;
@@ -202,13 +247,21 @@ SequenceStream& StreamSession::stream_of(std::uint64_t ticket) const {
   return *stream_;
 }
 
-Tensor StreamSession::take(std::uint64_t ticket) {
-  Tensor h = stream_of(ticket).take(ticket);
+void StreamSession::taken(std::uint64_t ticket) {
   if (auto it = kept_.find(ticket); it != kept_.end()) it->second.taken = true;
+}
+
+Tensor StreamSession::take(std::uint64_t ticket) {
+  std::lock_guard lock(mutex_);
+  check_live();
+  Tensor h = stream_of(ticket).take(ticket);
+  taken(ticket);
   return h;
 }
 
 ForwardResult StreamSession::forward_sequences(const ForwardArgs& a, TensorView h) {
+  std::lock_guard lock(mutex_);
+  check_live();
   if (!a.packed()) throw InvalidArgument("cu_seqlens", "forward_sequences takes packed sequences (B = 1, N >= 1)");
   check_rows(a);
   const ProblemShape p = validate_forward(a, config_.options);
@@ -232,11 +285,15 @@ ForwardResult StreamSession::forward_sequences(const ForwardArgs& a, TensorView 
 }
 
 void StreamSession::take_into(std::uint64_t ticket, TensorView out) {
+  std::lock_guard lock(mutex_);
+  check_live();
   stream_of(ticket).take_into(ticket, out);
-  if (auto it = kept_.find(ticket); it != kept_.end()) it->second.taken = true;
+  taken(ticket);
 }
 
 State StreamSession::take_state(std::uint64_t ticket) {
+  std::lock_guard lock(mutex_);
+  check_live();
   const auto it = kept_.find(ticket);
   if (it == kept_.end())
     throw InvalidArgument("ticket", "piece " + std::to_string(ticket) +
@@ -248,34 +305,78 @@ State StreamSession::take_state(std::uint64_t ticket) {
   return s;
 }
 
-const State& StreamSession::state() const {
+const StateHandle& StreamSession::current_state() const {
   if (state_stale_) {
     State s = stream_->state();
     state_ = std::make_shared<const State>(State{std::move(s.C), std::move(s.n), std::move(s.m)});
     state_stale_ = false;
   }
-  return *state_;
+  return state_;
+}
+
+const State& StreamSession::state() const {
+  std::lock_guard lock(mutex_);
+  check_live();
+  return *current_state();
+}
+
+StateHandle StreamSession::state_handle() const {
+  std::lock_guard lock(mutex_);
+  check_live();
+  return current_state();
+}
+
+StreamConfig StreamSession::config() const {
+  std::lock_guard lock(mutex_);
+  check_live();
+  return config_;
 }
 
 Tensor StreamSession::push(const ForwardArgs& piece) {
-  StateHandle before = (state(), state_);
-  Tensor h = take(submit(piece));
+  std::lock_guard lock(mutex_);
+  check_live();
+  StateHandle before = current_state();
+  const std::uint64_t ticket = submit_locked(piece, false);
+  Tensor h = stream_of(ticket).take(ticket);
+  // What backward_of_last_piece() checks its `piece` against: this piece from the state it started from.
+  const ForwardArgs a = with_state(piece, *before);
+  const ProblemShape p = validate_forward(a, config_.options);
+  if (!last_piece_) last_piece_ = std::make_unique<StateCheckpoints>();
+  last_piece_->bind(a, p, config_.options);
+  last_shape_ = p;
   previous_ = std::move(before);
   return h;
 }
 
 BackwardResult StreamSession::backward_of_last_piece(const ForwardArgs& piece, ConstTensorView dh) {
-  if (!previous_) throw InvalidArgument("piece", "no piece has been pushed yet");
+  std::lock_guard lock(mutex_);
+  check_live();
+  if (!previous_ || !last_piece_) throw InvalidArgument("piece", "no piece has been pushed yet");
   BackwardArgs b;
   b.inputs = with_state(piece, *previous_);
   b.dh = dh;
+  // The piece pushed last, not another one of the right width: its token count, then its dtypes, memory and
+  // sampled contents (the fingerprint StateCheckpoints keeps for a forward's states).
+  const ProblemShape p = validate_forward(b.inputs, config_.options);
+  const ProblemShape& last = last_shape_;
+  if (p.S != last.S)
+    throw InvalidArgument("piece", "has " + std::to_string(p.S) + " tokens, the piece pushed last " +
+                                       std::to_string(last.S) +
+                                       "; backward_of_last_piece takes the arguments of "
+                                       "the last push()");
+  try {
+    last_piece_->check_fits(b.inputs, p, config_.options);
+  } catch (const InvalidArgument& e) {
+    const std::string why = std::string(e.what()).substr(e.argument().size() + 2);  // without "checkpoints: "
+    throw InvalidArgument("piece", "not the arguments of the last push() (" + why + ")");
+  }
   if (runner_) return runner_->backward(b, config_.options);
   if (!kernel_->info().has_backward) throw InvalidArgument("kernel", "'" + config_.kernel + "' has no backward");
   return kernel_->backward(b, config_.options);
 }
 
 void StreamSession::snapshot(const std::string& path) const {
-  const std::string body = snapshot_bytes();
+  const std::string body = snapshot_bytes();  // under the lock; the file is written without it
   // Temporary file, fsync, rename (write_file_atomically): a crash or full disk leaves the previous snapshot.
   // What a killed earlier writer of this path left behind goes first (only its exact temporary names).
   remove_stale_temporaries(path);
@@ -287,14 +388,20 @@ void StreamSession::snapshot(const std::string& path) const {
 }
 
 std::string StreamSession::snapshot_bytes() const {
+  std::lock_guard lock(mutex_);
+  check_live();
+  return snapshot_bytes_locked();
+}
+
+std::string StreamSession::snapshot_bytes_locked() const {
   std::string body(kMagic, sizeof kMagic);
   put<std::uint32_t>(body, kVersion);
-  for (auto v : {config_.B, config_.NH, config_.DHQK, config_.DHHV, tokens_}) put<std::int64_t>(body, v);
+  for (auto v : {config_.B, config_.NH, config_.DHQK, config_.DHHV, tokens_.load()}) put<std::int64_t>(body, v);
   put<std::uint32_t>(body, config_.options.gate == GateVariant::exp ? 0u : 1u);
   put<std::uint32_t>(body, config_.options.normalize ? 1u : 0u);
   put<std::uint32_t>(body, eps_bits(config_.options.eps));
   put<std::int64_t>(body, config_.options.chunk_size);
-  const State& st = state();
+  const State& st = *current_state();
   put<std::uint32_t>(body, dtype_code(st.C.dtype()));
   put<std::uint32_t>(body, static_cast<std::uint32_t>(recorded_kernel().size()));
   body.append(recorded_kernel());

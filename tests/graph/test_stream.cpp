@@ -13,6 +13,9 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <latch>
+#include <mutex>
 #include <random>
 #include <thread>
 
@@ -646,6 +649,199 @@ TEST(StreamSession, ThroughTheFlowGraphEqualsOneKernel) {
     ADD_FAILURE() << "a backward before any push";
   } catch (const InvalidArgument& e) {
     EXPECT_EQ(e.argument(), "piece");
+  }
+}
+
+// `t` (B,NH,S[,D]) n times one after the other along the sequence.
+Tensor repeated(const Tensor& t, int n) {
+  const bool gate = t.dims() == 3;
+  const Tensor t4 = gate ? t.reshaped({t.dim(0), t.dim(1), t.dim(2), 1}) : t;
+  Tensor all = t4;
+  for (int j = 1; j < n; ++j) all = testing::concat_seq(all, t4);
+  return gate ? all.reshaped({t.dim(0), t.dim(1), t.dim(2) * n}) : all;
+}
+
+// Several threads pushing, submitting and taking on one session (probe 40: "corrupted size vs. prev_size", SIGSEGV):
+// every piece is the same, so whatever order the threads' calls take, the session streams one sequence of that
+// piece repeated; each h returned must be one of that sequence's pieces (each once), the token count and the state
+// those of one call over it. The forget gate is ~1, so no two pieces' h agree and a lost piece shows in the state.
+TEST(StreamSession, SeveralThreadsShareOneSession) {
+  const InputSpec s = testing::spec(1, 2, 32, 16, 8);
+  testing::Inputs in = testing::make_inputs(s, testing::fresh_seed());
+  in.f = Tensor::full({1, 2, 32}, DType::f32, 8.0);
+  constexpr int kThreads = 4, kSteps = 8, kPieces = kThreads * kSteps;
+  ForwardInputs whole_in;
+  whole_in.q = repeated(in.q, kPieces);
+  whole_in.k = repeated(in.k, kPieces);
+  whole_in.v = repeated(in.v, kPieces);
+  whole_in.i = repeated(in.i, kPieces);
+  whole_in.f = repeated(in.f, kPieces);
+  const ForwardInputs one = piece(in, 0, s.S);
+  for (const std::string devices : {"", "workers"}) {
+    SCOPED_TRACE("devices '" + devices + "'");
+    StreamConfig cfg = config_for(s);
+    cfg.devices = devices;
+    MlstmOptions o = cfg.options;
+    o.return_last_states = true;
+    const ForwardResult whole = get_kernel("chunkwise--cpu_xl_chunk")->forward(whole_in.args(), o);
+    StreamSession session(cfg);
+    std::mutex got_mutex;
+    std::vector<Tensor> got;
+    std::vector<std::string> errors;
+    std::vector<std::thread> threads;
+    std::latch start(kThreads);  // the threads' calls begin together
+    for (int j = 0; j < kThreads; ++j)
+      threads.emplace_back([&, j] {
+        start.arrive_and_wait();
+        for (int z = 0; z < kSteps; ++z) {
+          try {
+            Tensor h = (j + z) % 2 ? session.push(one.args()) : session.take(session.submit(one.args()));
+            (void)session.tokens();
+            std::lock_guard lock(got_mutex);
+            got.push_back(std::move(h));
+          } catch (const std::exception& e) {
+            std::lock_guard lock(got_mutex);
+            errors.push_back(e.what());
+          }
+        }
+      });
+    for (auto& t : threads) t.join();
+    EXPECT_TRUE(errors.empty()) << errors.front();
+    EXPECT_EQ(session.tokens(), kPieces * s.S);
+    ASSERT_EQ(got.size(), static_cast<std::size_t>(kPieces));
+    std::vector<int> used(kPieces, 0);
+    for (const Tensor& h : got) {
+      int best = 0;
+      double best_rel = 1e30;
+      for (int k = 0; k < kPieces; ++k) {
+        const double rel = testing::compare(h, testing::slice_seq(whole.h, k * s.S, (k + 1) * s.S)).rel;
+        if (rel < best_rel) best_rel = rel, best = k;
+      }
+      // (Pieces of a growing state differ from one call by up to ~1e-4; neighbouring pieces' h by percents.)
+      EXPECT_LT(best_rel, 1e-3) << "an h that is no piece of the sequence";
+      ++used[best];
+    }
+    EXPECT_EQ(used, std::vector<int>(kPieces, 1)) << "pieces lost or doubled";
+    EXPECT_TRUE(testing::matches(session.state().C, whole.c, 2e-4, "threads", "C", s));
+    EXPECT_TRUE(testing::matches(session.state_handle()->n, whole.n, 2e-4, "threads", "n", s));
+  }
+}
+
+// A moved-from session refuses every call by name (probe 40: push segfaulted in with_state); assigning a new session
+// to it makes it usable again.
+TEST(StreamSession, AMovedFromSessionRefusesEveryCall) {
+  const InputSpec s = testing::spec(1, 2, 10, 16, 8);
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  const ForwardInputs p = piece(in, 0, 5);
+  StreamSession a(config_for(s));
+  a.push(p.args());
+  StreamSession b(std::move(a));
+  auto refused = [&](const char* what, const std::function<void()>& call) {
+    try {
+      call();
+      ADD_FAILURE() << what << " on a moved-from session";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("moved from"), std::string::npos) << what << ": " << e.what();
+    }
+  };
+  refused("push", [&] { a.push(p.args()); });
+  refused("submit", [&] { a.submit(p.args()); });
+  refused("take", [&] { a.take(0); });
+  Tensor out({1, 2, 5, 8}, DType::f32);
+  refused("take_into", [&] { a.take_into(0, out.view()); });
+  refused("take_state", [&] { a.take_state(0); });
+  refused("prepare", [&] { a.prepare(5, DType::f32); });
+  refused("backward_of_last_piece", [&] { a.backward_of_last_piece(p.args(), out.view()); });
+  refused("start_sequence", [&] { a.start_sequence(); });
+  refused("state", [&] { (void)a.state(); });
+  refused("state_handle", [&] { (void)a.state_handle(); });
+  refused("config", [&] { (void)a.config(); });
+  refused("snapshot_bytes", [&] { (void)a.snapshot_bytes(); });
+  refused("snapshot", [&] { a.snapshot((fs::temp_directory_path() / "mlstm_moved_from.snap").string()); });
+  EXPECT_EQ(a.runner(), nullptr);
+  EXPECT_EQ(b.tokens(), 5);
+  EXPECT_EQ(b.push(piece(in, 5, 10).args()).shape(), (Shape{1, 2, 5, 8}));
+  a = StreamSession(config_for(s));
+  EXPECT_EQ(a.push(p.args()).shape(), (Shape{1, 2, 5, 8}));
+  EXPECT_EQ(a.tokens(), 5);
+}
+
+// backward_of_last_piece takes the piece pushed last only (probe 40: another piece of other tokens was
+// differentiated from the wrong state): another token count, other memory or refilled contents are refused naming
+// "piece".
+TEST(StreamSession, BackwardOfLastPieceRefusesAnotherPiece) {
+  const InputSpec s = testing::spec(1, 2, 20, 16, 8);
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  StreamSession stream(config_for(s));
+  ForwardInputs last = piece(in, 0, 6);
+  const Tensor h = stream.push(last.args());
+  auto refused = [&](const char* what, const ForwardArgs& a, ConstTensorView dh) {
+    try {
+      (void)stream.backward_of_last_piece(a, dh);
+      ADD_FAILURE() << what << " was taken for the last piece";
+    } catch (const InvalidArgument& e) {
+      EXPECT_EQ(e.argument(), "piece") << what << ": " << e.what();
+    }
+  };
+  const Tensor dh7 = Tensor::full({1, 2, 7, 8}, DType::f32, 1.0);
+  refused("a piece of 7 tokens", piece(in, 10, 17).args(), dh7.view());
+  const ForwardInputs other = piece(in, 10, 16);  // as many tokens, other memory
+  refused("another piece of 6 tokens", other.args(), h.view());
+  ForwardInputs copy = piece(in, 0, 6);  // the same values elsewhere: not the memory pushed
+  refused("a copy of the piece", copy.args(), h.view());
+  const BackwardResult g = stream.backward_of_last_piece(last.args(), h.view());
+  EXPECT_EQ(g.dq.shape(), (Shape{1, 2, 6, 16}));
+  std::memset(last.v.bytes(), 0, last.v.nbytes());  // refilled in place: the memory pushed, other contents
+  refused("a piece refilled in place", last.args(), h.view());
+}
+
+// A piece whose dimensions differ from the stream's names the input that differs, expected against got (probe 40:
+// v of 13 columns was blamed on q); a piece of no tokens names q and says a piece needs one (it named
+// "piece_tokens").
+TEST(StreamSession, ABadPieceNamesTheInputThatDiffers) {
+  const InputSpec s = testing::spec(1, 2, 10, 20, 12);
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  for (const std::string devices : {"", "workers"}) {
+    SCOPED_TRACE("devices '" + devices + "'");
+    StreamConfig cfg = config_for(s);
+    cfg.devices = devices;
+    StreamSession stream(cfg);
+    stream.push(piece(in, 0, 4).args());
+    ForwardInputs wide = piece(in, 4, 10);
+    wide.v = Tensor::full({1, 2, 6, 13}, DType::f32, 0.25);
+    try {
+      stream.push(wide.args());
+      ADD_FAILURE() << "a piece of DHHV 13 was taken by a stream of 12";
+    } catch (const InvalidArgument& e) {
+      const std::string m = e.what();
+      EXPECT_EQ(e.argument(), "v") << m;
+      EXPECT_NE(m.find("(1,2,6,12)"), std::string::npos) << m;
+      EXPECT_NE(m.find("got (1,2,6,13)"), std::string::npos) << m;
+    }
+    try {
+      stream.push(piece(in, 4, 4).args());
+      ADD_FAILURE() << "a piece of no tokens was taken";
+    } catch (const InvalidArgument& e) {
+      EXPECT_EQ(e.argument(), "q") << e.what();
+      EXPECT_NE(std::string(e.what()).find("at least one token"), std::string::npos) << e.what();
+    }
+    EXPECT_EQ(stream.tokens(), 4);
+    const Tensor h = stream.push(piece(in, 4, 10).args());  // the stream goes on
+    EXPECT_EQ(h.shape(), (Shape{1, 2, 6, 12}));
+  }
+  graph::FlowGraphRunner runner("workers");
+  ProblemShape empty;
+  empty.B = 1;
+  empty.NH = 2;
+  empty.S = 0;
+  empty.DHQK = 20;
+  empty.DHHV = 12;
+  try {
+    (void)runner.open_stream(empty, MlstmOptions{});
+    ADD_FAILURE() << "a stream of pieces of no tokens was opened";
+  } catch (const InvalidArgument& e) {
+    EXPECT_EQ(e.argument(), "q") << e.what();
+    EXPECT_NE(std::string(e.what()).find("at least one token"), std::string::npos) << e.what();
   }
 }
 

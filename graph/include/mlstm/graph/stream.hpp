@@ -14,11 +14,23 @@
 // the state on the device), another device alone, or every piece sequence parallel across all of them.
 // submit()/take() keep pieces in flight (two or three ahead of the one taken); push() is one of each.
 // start_sequence() begins the next of several packed sequences (the CLI's --stream-tokens with --cu-seqlens).
+//
+// Threads: every member function may be called from several threads on one session. A mutex per session
+// serialises the calls (a push() is one step: no other thread's piece comes between its submit and its take, and
+// tickets are the session's, so one thread may take what another submitted). The calls that wait (take(),
+// take_into(), push(), state(), snapshot(), snapshot_bytes(), backward_of_last_piece(), and submit() of a kernel
+// session, which computes there) wait holding it, but only for the devices' work on pieces already submitted,
+// which no other call has to complete: threads wait their turn and cannot deadlock on it. tokens() and runner()
+// never wait. state()'s reference outlives only calls that do not move the stream on; threads sharing a session
+// read the state with state_handle(). Moving a session is not such a call: move it while no other thread uses it.
+// Every call on a moved-from session (other than tokens(), runner() and assignment to it) throws mlstm::Error.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 
 #include "mlstm/core/problem.hpp"
@@ -71,7 +83,9 @@ class StreamSession {
 
   // The gradients of the piece pushed last, from dh (its h's gradient): dq, dk, dv, di, df for its tokens and
   // dc0, dn0, dm0 for the state it started from (truncated backpropagation: nothing flows into earlier
-  // pieces). `piece` must be the arguments of that push. The state is not changed.
+  // pieces). `piece` must be the arguments of that push: the same views of the same, unchanged memory
+  // (InvalidArgument("piece") for another token count, shape, dtype or memory, or inputs whose sampled
+  // fingerprint changed, as StateCheckpoints::check_fits sees them). The state is not changed.
   BackwardResult backward_of_last_piece(const ForwardArgs& piece, ConstTensorView dh);
 
   // Packed sequences (several sequences one after another, each from its own state): the piece submitted next
@@ -91,12 +105,17 @@ class StreamSession {
   // each.
   ForwardResult forward_sequences(const ForwardArgs& a, TensorView h);
 
-  // The state after every submitted piece (waits for them).
+  // The state after every submitted piece (waits for them). The reference is valid until the session's next
+  // submit(), push(), start_sequence() or forward_sequences() (or its move or end); from several threads, use
+  // state_handle().
   const State& state() const;
-  // The flow graph the session runs (config.devices), or null for a kernel session.
+  // The same state as a shared, immutable handle, valid as long as it is held (whatever other threads do).
+  StateHandle state_handle() const;
+  // The flow graph the session runs (config.devices), or null for a kernel session (or a moved-from one).
   graph::FlowGraphRunner* runner() noexcept { return runner_.get(); }
-  std::int64_t tokens() const noexcept { return tokens_; }  // tokens per row consumed so far
-  const StreamConfig& config() const noexcept { return config_; }
+  std::int64_t tokens() const noexcept { return tokens_.load(); }  // tokens per row consumed so far
+  // A copy: an automatic chunk size (kAutoChunk) becomes the one the session resolved at its first piece.
+  StreamConfig config() const;
 
   // Writes the state to `path` atomically (hidden temporary file ".<name>.tmp.XXXXXX", fsync, rename; a
   // failure leaves the previous snapshot and no temporary file). Temporary files of `path` that a killed
@@ -120,7 +139,16 @@ class StreamSession {
                                      const std::string& name = "<memory>");
 
  private:
+  // Every member below is read and written with mutex_ held (tokens_ is also read without it). The helpers
+  // expect it held.
+  mutable std::mutex mutex_;
   StreamConfig config_;
+  void check_live() const;  // mlstm::Error on a moved-from session
+  std::uint64_t submit_locked(const ForwardArgs& piece, bool keep_state);
+  void prepare_locked(std::int64_t piece_tokens, DType dtype);
+  void taken(std::uint64_t ticket);          // kept_'s entry for `ticket`: its state is there
+  const StateHandle& current_state() const;  // state_, brought up to date
+  std::string snapshot_bytes_locked() const;
   const std::string& recorded_kernel() const noexcept;  // the kernel name snapshots record
   State checked_state(State s) const;  // shapes of the config (InvalidArgument naming C, n or m), float32
   SequenceStream& stream_of(std::uint64_t ticket) const;  // the open stream; InvalidArgument("ticket") before it
@@ -143,8 +171,12 @@ class StreamSession {
   mutable std::unique_ptr<SequenceStream> stream_;
   mutable StateHandle state_;  // the state after the last piece (stale while stream_ runs)
   mutable bool state_stale_ = false;
-  StateHandle previous_;  // the state before the last push() (backward_of_last_piece)
-  std::int64_t tokens_ = 0;
+  StateHandle previous_;  // the state before the last push() (backward_of_last_piece); null before the first
+  // The last push()'s piece (with previous_ as its initial state), bound for backward_of_last_piece() to check
+  // its `piece` against: shape, dtypes, memory and sampled fingerprints (StateCheckpoints::check_fits).
+  std::unique_ptr<StateCheckpoints> last_piece_;
+  ProblemShape last_shape_;
+  std::atomic<std::int64_t> tokens_{0};
   bool must_start_ = false;  // forward_sequences() ended the stream's sequences: start_sequence() comes next
 };
 
