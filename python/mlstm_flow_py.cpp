@@ -641,9 +641,10 @@ std::vector<std::int64_t> offsets_arg(const py::object& o) {
   return out;
 }
 
-// A streaming session (StreamSession) over pieces of one sequence, from Python. A StreamSession is not thread-safe
-// and its calls run without the GIL, so every call on it takes `mutex` (several Python threads sharing one Session
-// used to crash or lose pieces).
+// A streaming session (StreamSession) over pieces of one sequence, from Python. Its calls run without the GIL; a
+// StreamSession serialises its own calls (since probe 40), and every call here also takes `mutex`, which guards
+// `session` itself (restore replaces it) and keeps a call's conversions with its call (several Python threads
+// sharing one Session used to crash or lose pieces).
 struct PySession {
   std::unique_ptr<StreamSession> session;
   bool bf16 = false;
