@@ -1,9 +1,10 @@
 // mlstm forward / backward under mpirun (issue 17), run as children: this test is no MPI program. Every rank
 // count, an empty rank and a rank shorter than a chunk, and mixed ranks (CPU workers on one, a PoCL device on the
 // other, by mpirun's MPMD syntax) write what one process writes (`mlstm forward --devices workers`), to float32
-// rounding; a failing rank (the test hook MLSTM_MPI_FAIL_RANK) and bad input on one rank end every rank with one
-// line from rank 0 and leave no output, no partial file and an older file unchanged; the options and
-// subcommands of one process are refused; a run that succeeds replaces an older file whole (renamed into place).
+// rounding; a failing rank (the test hooks MLSTM_MPI_FAIL_RANK, MLSTM_MPI_FAIL_WRITE) and bad input on one rank end
+// every rank with one line from rank 0 and leave no output, no partial file and an older file unchanged; ranks
+// given different options (MPMD) are refused before anything is read or written; the options and subcommands of
+// one process are refused; a run that succeeds replaces an older file whole (renamed into place).
 // Every child runs under `timeout`, so that a hung rank fails the test instead of blocking ctest.
 #include <gtest/gtest.h>
 
@@ -331,42 +332,41 @@ TEST_F(CliMpi, AFailingRankLeavesNoOutputAndOneLine) {
   for (const auto& name : listing(out)) ADD_FAILURE() << "debris after backward: " << name;
 }
 
-// 5a'. A rank that fails after rank 0 made the shared partial file (MPMD: rank 1 is given another --out, whose
-// partial file does not exist): exit code 1, one line, and rank 0's partial file is removed; an older file at
-// rank 0's output path is unchanged. Backward too, where earlier outputs' partial files were already written.
+// 5a'. A rank that fails after rank 0 made the shared partial file (the test hook MLSTM_MPI_FAIL_WRITE=1:--out:
+// rank 1 cannot write its slice of h): exit code 1, one line, and rank 0's partial file is removed; an older file at
+// the output path is unchanged. Backward too, where earlier outputs' partial files were already written.
 TEST_F(CliMpi, ARankFailingAfterThePartialFileWasMadeLeavesNoDebris) {
   testing::InputSpec spec = testing::spec(2, 3, 150, 8, 12);
   spec.initial_state = true;
   write_inputs(spec);
   const fs::path out = dir_ / "out";
   fs::create_directories(out);
-  const std::string h = (out / "h.npy").string(), other = (out / "other.npy").string();
+  const std::string h = (out / "h.npy").string();
+  const std::string fail_h = "-x MLSTM_MPI_FAIL_WRITE=1:--out";
 
-  const ChildRun f =
-      mpirun(dir_, {{1, "forward " + inputs(16) + " --out " + h}, {1, "forward " + inputs(16) + " --out " + other}});
-  expect_one_line(f, 1, "mlstm: failed: rank 1:", "rank 1");
+  const ChildRun f = mpirun(dir_, {{2, "forward " + inputs(16) + " --out " + h}}, fail_h);
+  expect_one_line(f, 1, "mlstm: failed: rank 1:", "--out");
   for (const auto& name : listing(out)) ADD_FAILURE() << "debris after forward: " << name;
 
   const std::string older = "an older h.npy, not to be touched\n";
   put_bytes(h, older);
-  const ChildRun g =
-      mpirun(dir_, {{1, "forward " + inputs(16) + " --out " + h}, {1, "forward " + inputs(16) + " --out " + other}});
-  expect_one_line(g, 1, "mlstm: failed: rank 1:", "rank 1");
+  const ChildRun g = mpirun(dir_, {{2, "forward " + inputs(16) + " --out " + h}}, fail_h);
+  expect_one_line(g, 1, "mlstm: failed: rank 1:", "--out");
   EXPECT_EQ(listing(out), std::set<std::string>{"h.npy"});
   EXPECT_EQ(bytes_of(h), older);
   fs::remove(h);
 
-  // backward: dq and dk are the same on both ranks (their partial files written), dv differs on rank 1
+  // backward: dq and dk written first (their partial files made and written), rank 1 fails on dv
   const std::string grads = " --dh " + path("dh") + " --out-dq " + (out / "dq.npy").string() + " --out-dk " +
-                            (out / "dk.npy").string() + " --out-df " + (out / "df.npy").string() + " --out-dv ";
-  const ChildRun b = mpirun(dir_, {{1, "backward " + inputs(16) + grads + (out / "dv.npy").string()},
-                                   {1, "backward " + inputs(16) + grads + (out / "dv_other.npy").string()}});
-  expect_one_line(b, 1, "mlstm: failed: rank 1:", "rank 1");
+                            (out / "dk.npy").string() + " --out-df " + (out / "df.npy").string() + " --out-dv " +
+                            (out / "dv.npy").string();
+  const ChildRun b = mpirun(dir_, {{2, "backward " + inputs(16) + grads}}, "-x MLSTM_MPI_FAIL_WRITE=1:--out-dv");
+  expect_one_line(b, 1, "mlstm: failed: rank 1:", "--out-dv");
   for (const auto& name : listing(out)) ADD_FAILURE() << "debris after backward: " << name;
 }
 
 // 5b. Bad input on one rank only (MPMD: rank 1's --q does not exist): exit code 2 from every rank, one line
-// naming rank 1 and --q, and no output.
+// naming rank 1 and --q (the ranks' options disagree), and no output.
 TEST_F(CliMpi, BadInputOnOneRankIsNamedOnce) {
   testing::InputSpec spec = testing::spec(2, 3, 150, 8, 12);
   spec.initial_state = true;
@@ -376,7 +376,7 @@ TEST_F(CliMpi, BadInputOnOneRankIsNamedOnce) {
   const std::string h = " --out " + (out / "h.npy").string();
   const ChildRun r = mpirun(dir_, {{1, "forward " + inputs(16) + h},
                                    {1, "forward " + inputs(16, "exp", (dir_ / "missing.npy").string()) + h}});
-  expect_one_line(r, 2, "mlstm: error: rank 1: --q:", "--q");
+  expect_one_line(r, 2, "mlstm: error: rank 1: --q differs between ranks: ", "missing.npy (no such file) on rank 1");
   for (const auto& name : listing(out)) ADD_FAILURE() << "debris: " << name;
 }
 
@@ -409,6 +409,77 @@ TEST_F(CliMpi, OneProcessOptionsAndSubcommandsAreRefused) {
     EXPECT_TRUE(r.out.empty()) << r.out;
   }
   for (const auto& name : listing(out)) ADD_FAILURE() << "debris: " << name;
+}
+
+// 5d. Ranks given different options (MPMD) are refused before anything is read or written: exit code 2 from every
+// rank, one line naming the option and the ranks, and no output, whatever the option: one that changes the numbers
+// (--eps, --gate, --chunk-size, an input of other content, --dtype), the files (--out, --out-c on the last rank
+// only, a gradient of backward) or the subcommand.
+TEST_F(CliMpi, RanksGivenDifferentOptionsAreRefused) {
+  testing::InputSpec spec = testing::spec(2, 3, 150, 8, 12);
+  spec.initial_state = true;
+  write_inputs(spec);
+  const fs::path out = dir_ / "out";
+  fs::create_directories(out);
+  const std::string h = " --out " + (out / "h.npy").string();
+  const std::string fwd = "forward " + inputs(16) + h;
+  const std::string grads = " --dh " + path("dh") + " --out-dq " + (out / "dq.npy").string();
+  std::string auto_chunk = "forward " + inputs(16);  // --chunk-size auto (inputs() gives a number)
+  auto_chunk.replace(auto_chunk.find("--chunk-size 16"), 15, "--chunk-size auto");
+  struct Case {
+    std::vector<std::pair<int, std::string>> contexts;
+    std::string option, line;  // the option named; what the line says besides
+  };
+  const std::vector<Case> cases = {
+      {{{1, fwd + " --eps 1e-6"}, {1, fwd + " --eps 1e-2"}}, "--eps", "1e-06 on rank 0, 0.01 on rank 1"},
+      {{{2, fwd}, {1, fwd + " --eps 1e-2"}}, "--eps", "1e-06 on ranks 0, 1; 0.01 on rank 2"},
+      {{{1, fwd}, {1, "forward " + inputs(16, "sig") + h}}, "--gate", "exp on rank 0, sig on rank 1"},
+      {{{1, fwd}, {1, "forward " + inputs(32) + h}}, "--chunk-size", "16 on rank 0, 32 on rank 1"},
+      {{{1, fwd}, {1, auto_chunk + h}}, "--chunk-size", "16 on rank 0, auto on rank 1"},
+      {{{1, fwd}, {1, "forward " + inputs(16) + " --out " + (out / "other.npy").string()}}, "--out", "other.npy"},
+      {{{1, fwd}, {1, fwd + " --out-c " + (out / "c.npy").string()}}, "--out-c", "(not given) on rank 0"},
+      {{{1, fwd}, {1, "forward " + inputs(16, "exp", path("k")) + h}}, "--q", "k.npy"},
+      {{{1, fwd}, {1, fwd + " --no-normalize"}}, "--no-normalize", "on rank 1"},
+      {{{1, fwd}, {1, "backward " + inputs(16) + grads}}, "the subcommand", "forward on rank 0, backward on rank 1"},
+      {{{1, "backward " + inputs(16) + grads}, {1, "backward " + inputs(16) + grads + "_other.npy"}},
+       "--out-dq",
+       "dq.npy_other.npy on rank 1"},
+      {{{1, "backward " + inputs(16) + grads}, {1, "backward " + inputs(16) + grads + " --dc " + path("dc")}},
+       "--dc",
+       "(not given) on rank 0"},
+  };
+  for (const auto& c : cases) {
+    std::string what;
+    for (const auto& [np, args] : c.contexts) what += " : -np " + std::to_string(np) + " " + args;
+    SCOPED_TRACE(what);
+    const ChildRun r = mpirun(dir_, c.contexts);
+    expect_one_line(r, 2, "mlstm: error: rank ", c.option + " differs between ranks: ");
+    const auto lines = mlstm_lines(r.err);
+    if (!lines.empty()) {
+      EXPECT_NE(lines[0].find(c.line), std::string::npos) << lines[0];
+    }
+    EXPECT_TRUE(r.out.empty()) << r.out;
+    for (const auto& name : listing(out)) ADD_FAILURE() << "debris: " << name;
+  }
+}
+
+// 5e. What the ranks may give differently: --devices (test 4), --memory-limit, --json (rank 0 prints), another
+// spelling of one output path, another path to an input of the same content.
+TEST_F(CliMpi, RanksMayDifferInSpellingAndPerRankOptions) {
+  testing::InputSpec spec = testing::spec(2, 3, 150, 8, 12);
+  spec.initial_state = true;
+  write_inputs(spec);
+  const ChildRun one = cli(dir_, "forward " + inputs(16) + " --devices workers" + forward_outputs("one"));
+  ASSERT_EQ(one.code, 0) << one.err;
+  fs::copy_file(path("q"), path("q_copy"));
+  const std::string respelt = (dir_ / "." / "spelt_h.npy").string();  // dir/./spelt_h.npy
+  const ChildRun r = mpirun(dir_, {{1, "--json forward " + inputs(16) + " --out " + path("spelt_h")},
+                                   {1, "forward " + inputs(16, "exp", path("q_copy")) + " --out " + respelt +
+                                           " --memory-limit 1000000000 --devices workers"}});
+  ASSERT_EQ(r.code, 0) << r.err;
+  EXPECT_TRUE(mlstm_lines(r.err).empty()) << r.err;
+  expect_distributed_doc(doc_of(r), 2, 150, 16);
+  expect_equal({"h"}, "spelt", "one", "mpirun, rank 1 given other spellings and per-rank options");
 }
 
 // 6. A forward that succeeds over an older file replaces it whole: the new file has exactly the new array's

@@ -5,12 +5,19 @@
 // writes once; rank 0 renames it into place when every rank's slice is durable). Nothing is gathered to one rank.
 // Every step is collective (dist::collectively): a rank that fails makes every rank exit with the first failing
 // rank's message, printed once (by rank 0), and its exit code; no partial output is left behind.
+// Before anything else the ranks agree on their options (agree_on_options): mpirun's MPMD syntax gives each rank its
+// own command line, and a rank computing with another --eps, or writing another --out, must be refused, not run.
 #ifdef MLSTM_HAVE_MPI
 
 #include <mpi.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
+#include <array>
+#include <charconv>
+#include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <iostream>
 #include <memory>
 
@@ -102,6 +109,7 @@ class SharedOutput {
       if (runner_.rank() == 0) writer_ = std::make_unique<npy::SeqSliceWriter>(path_, shape_, dtype_, false);
     });
     runner_.collectively([&] {
+      fail_if_injected();
       if (runner_.rank() != 0) writer_ = std::make_unique<npy::SeqSliceWriter>(path_, shape_, dtype_, true);
       if (slice.empty()) throw Error(option_ + ": the run returned no such output");
       writer_->write(t0, slice.view());
@@ -119,6 +127,13 @@ class SharedOutput {
   }
 
  private:
+  // Test hook: MLSTM_MPI_FAIL_WRITE=<rank>:<option> makes that rank fail to write that output's slice, after rank 0
+  // made its partial file (the ranks agree on their options, so the tests have no other way to fail there).
+  void fail_if_injected() const {
+    const char* hook = std::getenv("MLSTM_MPI_FAIL_WRITE");
+    if (hook != nullptr && std::string(hook) == std::to_string(runner_.rank()) + ":" + option_)
+      throw Error(option_ + ": cannot write this rank's slice (MLSTM_MPI_FAIL_WRITE)");
+  }
   dist::MpiRunner& runner_;
   std::string option_, path_;
   Shape shape_;
@@ -126,6 +141,188 @@ class SharedOutput {
   std::unique_ptr<npy::SeqSliceWriter> writer_;
   bool committed_ = false;
 };
+
+// ---- the ranks' agreement on their options ---------------------------------------------------------------------
+//
+// Every rank describes, in one string, each option that changes the numbers or the files: the subcommand, the
+// gate, --eps, --no-normalize, --check-finite, --dtype, --kernel, --chunk-size as given (before an automatic one is
+// resolved), the stream options, every input and every output. Per-rank options are left out: --devices and
+// --balancing (where a rank's shard runs: mixed ranks are the point of MPMD), --memory-limit (that rank's machine),
+// --json and --log-level (what rank 0 prints). One all_gather; every rank compares the same descriptions, so every
+// rank refuses the same first difference (exit code 2) before any input is read beyond its fingerprint and before
+// any output is touched.
+//
+// Each entry is [option, key, shown]: the ranks must agree on the key; shown is what a refusal prints.
+//   inputs:  size and a fingerprint of the content (the .npy header with the first and last 64 KiB), not the path:
+//            ranks on other hosts may read their own copy of a file at another path, and what matters is that they
+//            read the same array. Only a regular file is opened (a FIFO would block; the checks later refuse it).
+//   outputs: the absolute, lexically normal path: the ranks write one shared file through it.
+using OptionList = std::vector<std::array<std::string, 3>>;
+
+constexpr std::size_t kFingerprintBytes = 64 * 1024;
+
+std::string hex64(std::uint64_t x) {
+  static const char* digits = "0123456789abcdef";
+  std::string s(16, '0');
+  for (int d = 15; d >= 0; --d, x >>= 4) s[static_cast<std::size_t>(d)] = digits[x & 15];
+  return s;
+}
+
+// An input's identity: {key, shown}. "" when not given.
+std::pair<std::string, std::string> input_identity(const std::string& path) {
+  if (path.empty()) return {"", "(not given)"};
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::file_status st = fs::status(path, ec);
+  if (ec || !fs::exists(st)) return {"missing", path + " (no such file)"};
+  if (!fs::is_regular_file(st)) return {"not a regular file", path + " (not a regular file)"};
+  const std::uint64_t size = fs::file_size(path, ec);
+  std::ifstream file(path, std::ios::binary);
+  if (ec || !file) return {"unreadable", path + " (cannot be read)"};
+  std::uint64_t hash = 14695981039346656037ull;  // FNV-1a, 64 bits
+  auto take = [&](std::uint64_t from, std::uint64_t n) {
+    std::string bytes(static_cast<std::size_t>(n), '\0');
+    file.seekg(static_cast<std::streamoff>(from));
+    file.read(bytes.data(), static_cast<std::streamsize>(n));
+    for (const char c : bytes.substr(0, static_cast<std::size_t>(file.gcount()))) {
+      hash = (hash ^ static_cast<unsigned char>(c)) * 1099511628211ull;
+    }
+    file.clear();
+  };
+  take(0, std::min<std::uint64_t>(size, kFingerprintBytes));
+  if (size > kFingerprintBytes)
+    take(std::max<std::uint64_t>(size - kFingerprintBytes, kFingerprintBytes),
+         std::min<std::uint64_t>(size - kFingerprintBytes, kFingerprintBytes));
+  const std::string id = std::to_string(size) + " bytes, fingerprint " + hex64(hash);
+  return {id, path + " (" + id + ")"};
+}
+
+std::string output_key(const std::string& path) {
+  if (path.empty()) return "";
+  std::error_code ec;
+  const std::filesystem::path abs = std::filesystem::absolute(path, ec);
+  return (ec ? std::filesystem::path(path) : abs).lexically_normal().string();
+}
+
+std::string shortest(double x) {
+  char buf[64];
+  const auto r = std::to_chars(buf, buf + sizeof buf, x);
+  return std::string(buf, r.ptr);
+}
+
+void add_value(OptionList& l, const std::string& option, const std::string& value) {
+  l.push_back({option, value, value});
+}
+void add_input(OptionList& l, const std::string& option, const std::string& path) {
+  auto [key, shown] = input_identity(path);
+  l.push_back({option, key, shown});
+}
+void add_output(OptionList& l, const std::string& option, const std::string& path) {
+  l.push_back({option, output_key(path), path.empty() ? "(not given)" : path});
+}
+
+// The options of forward and backward alike (InputFiles), per-rank ones left out.
+OptionList common_options(const std::string& subcommand, const InputFiles& in) {
+  OptionList l;
+  add_value(l, "the subcommand", subcommand);
+  add_value(l, "--gate", std::string(gate_name(parse_gate(in.gate, "--gate"))));
+  add_value(l, "--eps", shortest(in.eps));
+  add_value(l, "--no-normalize", in.no_normalize ? "given" : "not given");
+  add_value(l, "--check-finite", in.check_finite ? "given" : "not given");
+  const auto dt = as_dtype(in);
+  add_value(l, "--dtype", dt ? std::string(dtype_name(*dt)) : "(not given)");
+  add_value(l, "--kernel", in.kernel_option && in.kernel_option->count() > 0 ? in.kernel : "(not given)");
+  add_value(l, "--chunk-size", in.chunk_size == kAutoChunk ? "auto" : std::to_string(in.chunk_size));
+  for (const auto& [option, path] : {std::pair<const char*, const std::string&>{"--q", in.q},
+                                     {"--k", in.k},
+                                     {"--v", in.v},
+                                     {"--i", in.i},
+                                     {"--f", in.f},
+                                     {"--c0", in.c0},
+                                     {"--n0", in.n0},
+                                     {"--m0", in.m0},
+                                     {"--cu-seqlens", in.cu_seqlens}}) {
+    add_input(l, option, path);
+  }
+  return l;
+}
+
+// "1e-06 on rank 0, 0.01 on rank 1" (ranks with one value together: "... on ranks 0, 2; ... on rank 1").
+std::string values_by_rank(const std::vector<OptionList>& all, std::size_t at) {
+  std::vector<std::pair<std::string, std::vector<int>>> groups;  // key's shown value, its ranks
+  std::vector<std::string> keys;
+  for (std::size_t r = 0; r < all.size(); ++r) {
+    if (at >= all[r].size()) continue;
+    const auto& e = all[r][at];
+    std::size_t g = 0;
+    while (g < keys.size() && keys[g] != e[1]) ++g;
+    if (g == keys.size()) {
+      keys.push_back(e[1]);
+      groups.push_back({e[2], {}});
+    }
+    groups[g].second.push_back(static_cast<int>(r));
+  }
+  bool plural = false;
+  for (const auto& g : groups) plural = plural || g.second.size() > 1;
+  std::string text;
+  for (const auto& [shown, ranks] : groups) {
+    if (!text.empty()) text += plural ? "; " : ", ";
+    text += shown + (ranks.size() > 1 ? " on ranks " : " on rank ");
+    for (std::size_t j = 0; j < ranks.size(); ++j) text += (j > 0 ? ", " : "") + std::to_string(ranks[j]);
+  }
+  return text;
+}
+
+// Strings in one string and back (length-prefixed: any bytes, a path's included).
+std::string packed(const std::vector<std::string>& fields) {
+  std::string s;
+  for (const auto& f : fields) s += std::to_string(f.size()) + ":" + f;
+  return s;
+}
+std::vector<std::string> unpacked(const std::string& s) {
+  std::vector<std::string> fields;
+  for (std::size_t at = 0; at < s.size();) {
+    const std::size_t colon = s.find(':', at);
+    const std::size_t n = std::stoull(s.substr(at, colon - at));
+    fields.push_back(s.substr(colon + 1, n));
+    at = colon + 1 + n;
+  }
+  return fields;
+}
+
+// One collective round (all_gather of every rank's description); RankFailed (exit code 2, naming the option and
+// the ranks) on every rank at the first option they do not agree on. A rank that could not describe its options
+// (an exception) is the failure every rank reports instead.
+void agree_on_options(const std::function<OptionList()>& describe) {
+  std::vector<std::string> mine;  // "0", then option, key, shown of each; or the exit code, argument and message
+  try {
+    mine = {"0"};
+    for (const auto& e : describe()) mine.insert(mine.end(), e.begin(), e.end());
+  } catch (const InvalidArgument& e) {  // its options are parsed and checked already: named as the user's (--gate)
+    mine = {"2", e.argument(), e.what()};
+  } catch (const std::exception& e) {
+    mine = {"1", "", e.what()};
+  }
+  const std::vector<std::string> gathered = dist::all_gather(MPI_COMM_WORLD, packed(mine));
+  std::vector<OptionList> all;
+  for (std::size_t r = 0; r < gathered.size(); ++r) {
+    const std::vector<std::string> f = unpacked(gathered[r]);
+    if (f.at(0) != "0") throw dist::RankFailed(static_cast<int>(r), std::stoi(f.at(0)), f.at(1), f.at(2));
+    OptionList l;
+    for (std::size_t j = 1; j + 2 < f.size(); j += 3) l.push_back({f[j], f[j + 1], f[j + 2]});
+    all.push_back(std::move(l));
+  }
+  const OptionList& first = all.front();
+  for (std::size_t at = 0; at < first.size(); ++at) {
+    for (std::size_t r = 1; r < all.size(); ++r) {
+      // forward's and backward's lists differ in length: they differ at the subcommand, the first entry, already
+      if (at < all[r].size() && all[r][at][0] == first[at][0] && all[r][at][1] == first[at][1]) continue;
+      const std::string option = first[at][0];
+      throw dist::RankFailed(static_cast<int>(r), 2, option,
+                             option + " differs between ranks: " + values_by_rank(all, at));
+    }
+  }
+}
 
 // A rank's refusal of the user's input names the option (--c0), not the library's argument (c0).
 [[noreturn]] void rethrow_with_options(const dist::RankFailed& e) {
@@ -190,6 +387,16 @@ void agree_on_chunk(dist::MpiRunner& runner, MlstmOptions& o, const InputHeaders
 }  // namespace
 
 int cmd_forward_mpi(const InputFiles& given, const ForwardOutputs& out, const ForwardStreaming& st, bool as_json) {
+  agree_on_options([&] {
+    OptionList l = common_options("forward", given);
+    add_value(l, "--stream-tokens", std::to_string(st.tokens));
+    add_value(l, "--resume", st.resume ? "given" : "not given");
+    add_output(l, "--out", out.h);
+    add_output(l, "--out-c", out.c);
+    add_output(l, "--out-n", out.n);
+    add_output(l, "--out-m", out.m);
+    return l;
+  });
   MlstmOptions o;
   InputFiles in;
   InputHeaders hdr;
@@ -263,6 +470,23 @@ int cmd_forward_mpi(const InputFiles& given, const ForwardOutputs& out, const Fo
 }
 
 int cmd_backward_mpi(const InputFiles& given, const BackwardFiles& bf, bool as_json) {
+  agree_on_options([&] {
+    OptionList l = common_options("backward", given);
+    add_input(l, "--dh", bf.dh);
+    add_input(l, "--dc", bf.dc);
+    add_input(l, "--dn", bf.dn);
+    for (const auto& [option, path] : {std::pair<const char*, const std::string&>{"--out-dq", bf.out_dq},
+                                       {"--out-dk", bf.out_dk},
+                                       {"--out-dv", bf.out_dv},
+                                       {"--out-di", bf.out_di},
+                                       {"--out-df", bf.out_df},
+                                       {"--out-dc0", bf.out_dc0},
+                                       {"--out-dn0", bf.out_dn0},
+                                       {"--out-dm0", bf.out_dm0}}) {
+      add_output(l, option, path);
+    }
+    return l;
+  });
   MlstmOptions o;
   InputFiles in;
   InputHeaders hdr;
