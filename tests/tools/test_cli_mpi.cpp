@@ -463,6 +463,26 @@ TEST_F(CliMpi, RanksGivenDifferentOptionsAreRefused) {
   }
 }
 
+// 5f. A rank that stops before running (a parse error) or runs a subcommand that is not distributed while the others
+// run forward: every rank ends with exit code 2 and one line (before, the others waited in their first collective
+// step for good).
+TEST_F(CliMpi, ARankThatStopsBeforeRunningStopsEveryRank) {
+  testing::InputSpec spec = testing::spec(2, 3, 150, 8, 12);
+  write_inputs(spec);
+  const fs::path out = dir_ / "out";
+  fs::create_directories(out);
+  const std::string fwd = "forward " + inputs(16) + " --out " + (out / "h.npy").string();
+  ChildRun r = mpirun(dir_, {{1, fwd}, {1, fwd + " --bogus"}});
+  expect_one_line(r, 2, "mlstm: error: rank 1: ", "unknown option '--bogus' of mlstm forward");
+  r = mpirun(dir_, {{1, fwd + " --bogus"}, {2, fwd}});
+  expect_one_line(r, 2, "mlstm: error: ", "unknown option '--bogus' of mlstm forward");
+  r = mpirun(dir_, {{1, fwd}, {1, "kernels"}});
+  expect_one_line(r, 2, "mlstm: error: ", "the ranks run different subcommands");
+  r = mpirun(dir_, {{2, fwd + " --bogus"}});  // the same error everywhere: said once
+  expect_one_line(r, 2, "mlstm: error: ", "unknown option '--bogus' of mlstm forward");
+  for (const auto& name : listing(out)) ADD_FAILURE() << "debris: " << name;
+}
+
 // 5e. What the ranks may give differently: --devices (test 4), --memory-limit, --json (rank 0 prints), another
 // spelling of one output path, another path to an input of the same content.
 TEST_F(CliMpi, RanksMayDifferInSpellingAndPerRankOptions) {

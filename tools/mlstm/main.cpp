@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "commands.hpp"
@@ -230,23 +231,52 @@ int main(int argc, char** argv) {
                     "streamed or skipped, as its row says");
   for (CLI::Option* option : bench->get_options()) bo.options[option->get_name()] = option;  // given or default
 
+  // A parse that ends the run (--help, a parse error) gives its exit code and, for an error, its message.
+  std::optional<int> stop;
+  std::string parse_message;
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
-    return speaks ? app.exit(e) : e.get_exit_code();
+    stop = speaks ? app.exit(e) : e.get_exit_code();
   } catch (const CLI::CallForAllHelp& e) {
-    return speaks ? app.exit(e) : e.get_exit_code();
+    stop = speaks ? app.exit(e) : e.get_exit_code();
   } catch (const CLI::ParseError& e) {
     // An unknown word is named as the user wrote it (also where CLI11 first saw a required option missing: the word
     // is the likelier slip); other parse errors (a value out of its set, a missing option) in CLI11's words.
     const bool about_words =
         dynamic_cast<const CLI::ExtrasError*>(&e) != nullptr || dynamic_cast<const CLI::RequiredError*>(&e) != nullptr;
     const std::string culprit = about_words ? parse_culprit(app, argc, argv) : std::string();
-    if (speaks) {
-      std::fprintf(stderr, "mlstm: error: %s (see --help)\n",
-                   culprit.empty() ? one_line(e.what()).c_str() : culprit.c_str());
+    parse_message = (culprit.empty() ? one_line(e.what()) : culprit) + " (see --help)";
+    stop = 2;
+  }
+#ifdef MLSTM_HAVE_MPI
+  if (world_size > 1) {
+    // One collective before any other: a rank that stops here, or runs a subcommand that is not distributed while
+    // the others run forward or backward, would leave them waiting in their first collective step for good. Each
+    // rank says what it does (0 forward or backward, 1 another subcommand, 2 it stops); rank 0's word goes to all.
+    const int mine = stop ? 2 : (*forward || *backward) ? 0 : 1;
+    int words[2] = {mine, -mine}, most[2] = {0, 0}, first = mine;
+    MPI_Allreduce(words, most, 2, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+    MPI_Bcast(&first, 1, MPI_INT, 0, MPI_COMM_WORLD);
+    if (most[0] != -most[1] || stop) {
+      // Rank 0 speaks for itself when it stopped, else each rank that stopped names itself (one line each; the
+      // others stop without a word), and rank 0 names a mismatch of subcommands.
+      if (!parse_message.empty() && (speaks || first != 2)) {
+        const std::string who = speaks ? "" : "rank " + std::to_string(world_rank) + ": ";
+        std::fprintf(stderr, "mlstm: error: %s%s\n", who.c_str(), parse_message.c_str());
+      }
+      if (speaks && most[0] == 1) {  // nobody stopped: some ranks run another subcommand
+        std::fprintf(stderr,
+                     "mlstm: error: the ranks run different subcommands; under mpirun every rank runs the same "
+                     "forward or backward\n");
+      }
+      return stop.value_or(2);
     }
-    return 2;
+  }
+#endif
+  if (stop) {
+    if (!parse_message.empty() && speaks) std::fprintf(stderr, "mlstm: error: %s\n", parse_message.c_str());
+    return *stop;
   }
   spdlog::set_level(spdlog::level::from_str(log_level));
   try {
