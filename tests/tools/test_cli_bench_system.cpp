@@ -1,15 +1,24 @@
 // mlstm bench --system (issue 14 item 6) on PoCL devices at tiny problems: every row is there with a positive rate
 // and a finite ratio, or says why it was skipped; the CSV and JSON files are written and the work directory is
 // removed; a size that cannot fit the memory given is a skipped row; bad options exit with code 2 and one line
-// naming the option. No timing is asserted (speed lives in the benchmarks and docs/PERFORMANCE.md).
+// naming the option; SIGTERM or SIGINT mid-run removes the work directory and ends the run with that signal; a work
+// directory a killed run left is removed at the next start once its owner is gone, and only then. No timing is asserted (speed lives in the benchmarks and docs/PERFORMANCE.md).
+#include <fcntl.h>
 #include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
+#include <chrono>
 #include <cmath>
+#include <csignal>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <sstream>
 #include <string>
+#include <thread>
 
 #include "test_util.hpp"
 
@@ -53,8 +62,115 @@ class CliBenchSystem : public ::testing::Test {
     }
     return rows;
   }
+  // Starts `mlstm --json bench --system <args>` (its files and work directory in the test's directory) in a child of
+  // its own, SIGINT, SIGTERM and SIGHUP at their default actions and unblocked whatever the test runner set; its pid.
+  pid_t start_system_run(const std::string& args) {
+    std::vector<std::string> words{MLSTM_CLI_PATH, "--json", "bench", "--system"};
+    std::istringstream in(args);
+    for (std::string w; in >> w;) words.push_back(w);
+    for (const std::string& w : {std::string("--csv"), (dir_ / "s.csv").string(), std::string("--json-out"),
+                                 (dir_ / "s.json").string(), std::string("--workdir"), (dir_ / "work").string()})
+      words.push_back(w);
+    std::vector<char*> argv;
+    for (auto& w : words) argv.push_back(w.data());
+    argv.push_back(nullptr);
+    const std::string out = (dir_ / "run.out").string(), err = (dir_ / "run.err").string();
+    const pid_t pid = ::fork();
+    if (pid == 0) {
+      ::dup2(::open(out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644), 1);
+      ::dup2(::open(err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644), 2);
+      for (const int sig : {SIGINT, SIGTERM, SIGHUP}) ::signal(sig, SIG_DFL);
+      sigset_t none;
+      sigemptyset(&none);
+      ::sigprocmask(SIG_SETMASK, &none, nullptr);
+      ::execv(argv[0], argv.data());
+      ::_exit(127);
+    }
+    return pid;
+  }
+  // The first path under the work directory named `name`, polled every 2 ms while `pid` runs (at most 5 minutes);
+  // empty when the run ended first.
+  fs::path wait_for_file(pid_t pid, const std::string& name) {
+    const auto end = std::chrono::steady_clock::now() + std::chrono::minutes(5);
+    while (std::chrono::steady_clock::now() < end) {
+      std::error_code ec;
+      for (fs::recursive_directory_iterator it(dir_ / "work", ec), stop; !ec && it != stop; it.increment(ec)) {
+        if (it->path().filename() == name) return it->path();
+      }
+      int status = 0;
+      if (::waitpid(pid, &status, WNOHANG) == pid) return {};
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+    return {};
+  }
+  // SIGTERM or SIGINT once `name` exists under the work directory: the run ends by that signal (exit status 128 + it
+  // in a shell), its work directory removed, the CSV and JSON complete (the rows measured so far) with no temporary
+  // file beside them, a line on stderr saying so.
+  void stopped_by(int sig, const std::string& name) {
+    const pid_t pid = start_system_run("--system-problems 2x16x16 --system-tokens 8192 --devices 0 --repeats 1");
+    ASSERT_GT(pid, 0);
+    const fs::path seen = wait_for_file(pid, name);
+    if (seen.empty()) {
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, nullptr, 0);
+      FAIL() << "the run ended before " << name << " appeared: " << testing::slurp(dir_ / "run.err");
+    }
+    ASSERT_EQ(::kill(pid, sig), 0);
+    // Promptly: neither the measurement under way nor the child waits for its end (a minute is far more than enough).
+    int status = 0;
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::minutes(1);
+    while (::waitpid(pid, &status, WNOHANG) != pid) {
+      if (std::chrono::steady_clock::now() > deadline) {
+        ::kill(pid, SIGKILL);
+        ::waitpid(pid, nullptr, 0);
+        FAIL() << "still running a minute after the signal: " << testing::slurp(dir_ / "run.err");
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    const std::string err = testing::slurp(dir_ / "run.err");
+    ASSERT_TRUE(WIFSIGNALED(status)) << "exit code " << (WIFEXITED(status) ? WEXITSTATUS(status) : -1) << ": " << err;
+    EXPECT_EQ(WTERMSIG(status), sig) << err;
+    EXPECT_FALSE(fs::exists(seen));
+    EXPECT_TRUE(fs::is_empty(dir_ / "work")) << "left: " << (*fs::directory_iterator(dir_ / "work")).path();
+    EXPECT_NE(err.find(std::string("stopped by ") + (sig == SIGINT ? "SIGINT" : "SIGTERM")), std::string::npos) << err;
+    for (const auto& entry : fs::directory_iterator(dir_)) {
+      const std::string file = entry.path().filename().string();
+      EXPECT_EQ(file.find(".tmp."), std::string::npos) << file;
+    }
+    if (fs::exists(dir_ / "s.json")) {
+      const json saved = json::parse(testing::slurp(dir_ / "s.json"), nullptr, false);
+      EXPECT_TRUE(saved.is_object() && saved["rows"].is_array());
+    }
+  }
   fs::path dir_;
 };
+
+// The owner record of a work directory (bench_system.cpp's .owner).
+std::string first_line(const fs::path& p) {
+  std::ifstream in(p);
+  std::string line;
+  std::getline(in, line);
+  return line;
+}
+std::string own_start_time() {
+  const std::string stat = first_line("/proc/self/stat");
+  std::istringstream fields(stat.substr(stat.rfind(')') + 1));
+  std::string field;
+  for (int j = 3; j <= 22; ++j) fields >> field;
+  return field;
+}
+std::string this_host() {
+  char host[256] = {0};
+  ::gethostname(host, sizeof host - 1);
+  return host;
+}
+void write_owner(const fs::path& dir, long long pid, const std::string& start_time,
+                 const std::string& host = this_host()) {
+  std::ofstream(dir / ".owner") << "mlstm bench --system work directory\npid " << pid << "\nstart_time " << start_time
+                                << "\nboot_id " << first_line("/proc/sys/kernel/random/boot_id") << "\nhost " << host
+                                << "\n";
+}
+void touch(const fs::path& p) { std::ofstream(p) << "x"; }
 
 TEST_F(CliBenchSystem, EveryRowOnATinyProblem) {
   const json doc = system_run("--system-problems 2x16x16 --system-tokens 4096,8192 --devices 0 --repeats 1");
@@ -184,6 +300,68 @@ TEST_F(CliBenchSystem, BadOptionsAreRefusedNamingThem) {
   }
   EXPECT_FALSE(fs::exists(dir_ / "s.csv"));
   EXPECT_FALSE(fs::exists(dir_ / "s.json"));
+}
+
+// SIGTERM while a child (the CLI forward) runs, SIGINT while the .npy inputs are there: the work directory goes.
+TEST_F(CliBenchSystem, SigtermRemovesTheWorkDirectory) { stopped_by(SIGTERM, "child.out"); }
+TEST_F(CliBenchSystem, SigintRemovesTheWorkDirectory) { stopped_by(SIGINT, "f.npy"); }
+
+// Work directories a killed run left: removed at the next start when the owner record names a process that is gone
+// (a pid no longer running; a pid running again but started at another time), and there only the files bench makes
+// (a foreign file stays, and a symbolic link, never followed); one whose owner runs, one of another host, and one
+// without a record stay as they are.
+TEST_F(CliBenchSystem, StaleWorkDirectoriesOfGoneRunsAreRemoved) {
+  const fs::path work = dir_ / "work";
+  const pid_t gone = ::fork();
+  if (gone == 0) ::_exit(0);
+  ASSERT_GT(gone, 0);
+  ASSERT_EQ(::waitpid(gone, nullptr, 0), gone);
+  auto make = [&](const std::string& suffix) {
+    const fs::path d = work / ("mlstm-bench-system." + suffix);
+    fs::create_directories(d / "2x16x16_4096");
+    for (const char* f : {"q.npy", "k.npy", "v.npy", "i.npy", "f.npy"}) touch(d / "2x16x16_4096" / f);
+    return d;
+  };
+  const fs::path dead = make("dead01"), reused = make("dead02"), live = make("live01"), other = make("other1"),
+                 unmarked = make("nomark");
+  write_owner(dead, gone, "1");
+  touch(dead / "2x16x16_4096" / ".h.npy.partial");
+  touch(dead / "child.out");
+  fs::create_directories(dead / "programs");
+  touch(dead / "programs" / "0123456789abcdef.clbin");
+  write_owner(reused, ::getpid(), own_start_time() + "0");
+  touch(reused / "notes.txt");
+  fs::remove(reused / "2x16x16_4096" / "k.npy");
+  touch(dir_ / "outside.npy");
+  fs::create_symlink(dir_ / "outside.npy", reused / "2x16x16_4096" / "k.npy");
+  write_owner(live, ::getpid(), own_start_time());
+  write_owner(other, gone, "1", "elsewhere.invalid");
+
+  const auto r = bench(
+      "--json bench --system --system-problems 2x16x16 --system-tokens 65536 --devices 0 "
+      "--memory-limit 40000000 --csv " +
+      (dir_ / "s.csv").string() + " --json-out " + (dir_ / "s.json").string() + " --workdir " + work.string());
+  EXPECT_EQ(r.code, 0) << r.err;
+  EXPECT_FALSE(fs::exists(dead)) << r.err;
+  EXPECT_NE(r.err.find("removed the work directory " + dead.string()), std::string::npos) << r.err;
+  // Of the reused pid's: bench's files gone, the foreign file and the link (and what it points to) left, and said.
+  EXPECT_TRUE(fs::exists(reused / "notes.txt"));
+  EXPECT_TRUE(fs::is_symlink(reused / "2x16x16_4096" / "k.npy"));
+  EXPECT_TRUE(fs::exists(dir_ / "outside.npy"));
+  for (const char* f : {"q.npy", "v.npy", "i.npy", "f.npy"}) EXPECT_FALSE(fs::exists(reused / "2x16x16_4096" / f)) << f;
+  EXPECT_NE(r.err.find((reused / "notes.txt").string()), std::string::npos) << r.err;
+  // Untouched: the live owner's, the other host's, the one without a record.
+  for (const fs::path& d : {live, other, unmarked}) {
+    SCOPED_TRACE(d.string());
+    for (const char* f : {"q.npy", "k.npy", "v.npy", "i.npy", "f.npy"}) EXPECT_TRUE(fs::exists(d / "2x16x16_4096" / f));
+  }
+  EXPECT_TRUE(fs::exists(live / ".owner"));
+  EXPECT_TRUE(fs::exists(other / ".owner"));
+  // And the run's own is gone: no other directory there.
+  std::set<std::string> names;
+  for (const auto& e : fs::directory_iterator(work)) names.insert(e.path().filename().string());
+  EXPECT_EQ(names, (std::set<std::string>{"mlstm-bench-system.dead02", "mlstm-bench-system.live01",
+                                          "mlstm-bench-system.other1", "mlstm-bench-system.nomark"}));
 }
 
 }  // namespace

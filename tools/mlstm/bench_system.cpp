@@ -12,8 +12,13 @@
 //           size, and a second run's start-up to its first token on the program cache the first one filled.
 // What cannot fit this machine's memory or disk is a row with "skipped" and the reason, never left out; a
 // measurement that fails is a row with "error" (exit code 1 at the end, after the files are written).
+#include <dirent.h>
 #include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
 #include <spawn.h>
+#include <spdlog/spdlog.h>
+#include <sys/signalfd.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <sys/wait.h>
@@ -26,6 +31,7 @@
 #include <cerrno>
 #include <charconv>
 #include <cmath>
+#include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <deque>
@@ -35,8 +41,11 @@
 #include <iterator>
 #include <limits>
 #include <map>
+#include <mutex>
 #include <optional>
+#include <set>
 #include <sstream>
+#include <thread>
 
 #include "commands.hpp"
 #include "default_outputs.hpp"
@@ -221,6 +230,494 @@ json machine_of(const SystemPlan& plan) {
           {"gpus", gpus}};
 }
 
+// ---- stopping: signals, the work directory, and those killed runs left ---------------------------------------
+
+// The work directory of a run: <base>/mlstm-bench-system.XXXXXX (mkdtemp), its first file the owner record .owner,
+// which says who made it (pid, that process's start time, the boot, the host). A run stopped by SIGINT, SIGTERM or
+// SIGHUP removes it before it dies (StopOnSignal); one killed outright (SIGKILL, a crash, power loss) leaves it, and
+// the next run in the same base removes the files bench makes there once the owner is gone (sweep_stale_work_dirs).
+constexpr char kWorkDirPrefix[] = "mlstm-bench-system.";
+constexpr char kOwnerFile[] = ".owner";
+constexpr char kOwnerMagic[] = "mlstm bench --system work directory";
+
+// A small text file read whole through a directory descriptor, never through a symbolic link; nullopt when it is not
+// a regular file of at most 4 KiB.
+std::optional<std::string> read_small_file_at(int dir_fd, const char* name) {
+  const int fd = ::openat(dir_fd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+  if (fd < 0) return std::nullopt;
+  struct stat st {};
+  std::optional<std::string> text;
+  if (::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size <= 4096) {
+    std::string buf(static_cast<std::size_t>(st.st_size), '\0');
+    std::size_t got = 0;
+    while (got < buf.size()) {
+      const ssize_t n = ::read(fd, buf.data() + got, buf.size() - got);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) break;
+      got += static_cast<std::size_t>(n);
+    }
+    if (got == buf.size()) text = std::move(buf);
+  }
+  ::close(fd);
+  return text;
+}
+
+std::string first_line_of(const std::string& path) {
+  std::ifstream in(path);
+  std::string line;
+  std::getline(in, line);
+  return line;
+}
+
+// A process's start time in clock ticks after the boot (/proc/<pid>/stat field 22), "" when it cannot be read.
+std::string start_time_of(pid_t pid) {
+  const std::string stat = first_line_of("/proc/" + std::to_string(pid) + "/stat");
+  const auto close = stat.rfind(')');  // the command name (field 2) may hold spaces and parentheses
+  if (close == std::string::npos) return {};
+  std::istringstream fields(stat.substr(close + 1));
+  std::string field;
+  for (int j = 3; j <= 22 && (fields >> field); ++j) {
+    if (j == 22) return field;
+  }
+  return {};
+}
+
+std::string boot_id() { return first_line_of("/proc/sys/kernel/random/boot_id"); }
+
+std::string host_name() {
+  char host[256] = {0};
+  ::gethostname(host, sizeof host - 1);
+  return host;
+}
+
+struct OwnerRecord {
+  long long pid = 0;
+  std::string start_time, boot_id, host;
+};
+
+std::string owner_text(const OwnerRecord& o) {
+  return std::string(kOwnerMagic) + "\npid " + std::to_string(o.pid) + "\nstart_time " + o.start_time + "\nboot_id " +
+         o.boot_id + "\nhost " + o.host + "\n";
+}
+
+// The record, when `text` is one in full (a record being written, or anything else, is not).
+std::optional<OwnerRecord> parse_owner(const std::string& text) {
+  std::istringstream in(text);
+  std::string line;
+  if (!std::getline(in, line) || line != kOwnerMagic) return std::nullopt;
+  OwnerRecord o;
+  bool pid = false, start = false, boot = false, host = false;
+  while (std::getline(in, line)) {
+    const auto space = line.find(' ');
+    if (space == std::string::npos) return std::nullopt;
+    const std::string key = line.substr(0, space), value = line.substr(space + 1);
+    if (key == "pid") {
+      const auto [end, ec] = std::from_chars(value.data(), value.data() + value.size(), o.pid);
+      pid = ec == std::errc() && end == value.data() + value.size() && o.pid > 0;
+    } else if (key == "start_time") {
+      o.start_time = value, start = true;
+    } else if (key == "boot_id") {
+      o.boot_id = value, boot = true;
+    } else if (key == "host") {
+      o.host = value, host = true;
+    }
+  }
+  if (!pid || !start || !boot || !host) return std::nullopt;
+  return o;
+}
+
+// Whether the process that wrote `o` is gone for sure: same host (another one sharing the directory is never
+// judged), and another boot, or no process with that pid, or one that started at another time (the pid reused).
+bool owner_gone(const OwnerRecord& o) {
+  if (o.host != host_name()) return false;
+  const std::string boot = boot_id();
+  if (!boot.empty() && !o.boot_id.empty() && boot != o.boot_id) return true;
+  const auto pid = static_cast<pid_t>(o.pid);
+  if (static_cast<long long>(pid) != o.pid) return false;
+  if (::kill(pid, 0) != 0 && errno == ESRCH) return true;
+  const std::string start = start_time_of(pid);
+  return !start.empty() && !o.start_time.empty() && start != o.start_time;
+}
+
+bool all_digits(std::string_view s) {
+  return !s.empty() && std::all_of(s.begin(), s.end(), [](char ch) { return ch >= '0' && ch <= '9'; });
+}
+
+// A problem's directory: <NH>x<DHQK>x<DHHV>_<tokens>.
+bool is_case_dir_name(std::string_view name) {
+  const auto x1 = name.find('x'), x2 = name.find('x', x1 == std::string_view::npos ? x1 : x1 + 1), us = name.find('_');
+  if (x1 == std::string_view::npos || x2 == std::string_view::npos || us == std::string_view::npos || us < x2)
+    return false;
+  return all_digits(name.substr(0, x1)) && all_digits(name.substr(x1 + 1, x2 - x1 - 1)) &&
+         all_digits(name.substr(x2 + 1, us - x2 - 1)) && all_digits(name.substr(us + 1));
+}
+
+// The files bench and its children make in a problem's directory: the .npy inputs, h (the CLI forward's output, its
+// partial file, progress record and the record's temporaries), the write probe, a child's stdout and stderr.
+bool is_case_file_name(const std::string& name) {
+  static const std::set<std::string> known = [] {
+    std::set<std::string> k{"write_probe.bin", "child.out", "child.err", ".h.npy.progress"};
+    for (const char* n : {"q", "k", "v", "i", "f", "h"}) {
+      k.insert(std::string(n) + ".npy");
+      k.insert(partial_path_of(std::string(n) + ".npy"));
+    }
+    return k;
+  }();
+  return known.count(name) || is_atomic_temporary_of(".h.npy.progress", name);
+}
+
+// The files the children's program cache (<work>/programs) holds: <16 hex digits>.clbin and their temporaries.
+bool is_cache_entry_name(std::string_view name) {
+  return name.size() == 22 && name.substr(16) == ".clbin" && std::all_of(name.begin(), name.begin() + 16, [](char ch) {
+           return (ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'f');
+         });
+}
+bool is_cache_file_name(const std::string& name) {
+  if (is_cache_entry_name(name)) return true;
+  const auto tmp = name.find(".tmp.");
+  return name.size() > 1 && name[0] == '.' && tmp != std::string::npos &&
+         is_cache_entry_name(std::string_view(name).substr(1, tmp - 1)) &&
+         is_atomic_temporary_of(name.substr(1, tmp - 1), name);
+}
+
+// Removes the entries of the directory open at `dir_fd` that `ours` names (regular files, never a symbolic link)
+// and, through `subdir`, the directories it accepts (removed when that left them empty). What stays, as paths
+// under `shown`, goes to `left`; false when something of ours could not be removed. `keep`: a name passed over.
+bool remove_ours_at(int dir_fd, const std::string& shown, const std::function<bool(const std::string&)>& ours,
+                    const std::function<std::function<bool(const std::string&)>(const std::string&)>& subdir,
+                    std::vector<std::string>& left, const std::string& keep = {}) {
+  const int list_fd = ::dup(dir_fd);
+  DIR* d = list_fd < 0 ? nullptr : ::fdopendir(list_fd);
+  if (!d) {
+    if (list_fd >= 0) ::close(list_fd);
+    left.push_back(shown + " (cannot be listed: " + std::strerror(errno) + ")");
+    return false;
+  }
+  std::vector<std::string> names;
+  while (const dirent* e = ::readdir(d)) {
+    const std::string name = e->d_name;
+    if (name != "." && name != ".." && name != keep) names.push_back(name);
+  }
+  ::closedir(d);
+  bool all = true;
+  for (const auto& name : names) {
+    const std::string at = shown + "/" + name;
+    struct stat st {};
+    if (::fstatat(dir_fd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) continue;  // gone meanwhile
+    if (S_ISREG(st.st_mode) && ours(name)) {
+      if (::unlinkat(dir_fd, name.c_str(), 0) != 0 && errno != ENOENT) {
+        left.push_back(at + " (" + std::strerror(errno) + ")");
+        all = false;
+      }
+      continue;
+    }
+    const auto inner = S_ISDIR(st.st_mode) && st.st_uid == ::geteuid() ? subdir(name) : nullptr;
+    if (!inner) {
+      left.push_back(at);
+      continue;
+    }
+    const int fd = ::openat(dir_fd, name.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) {
+      left.push_back(at + " (" + std::strerror(errno) + ")");
+      all = false;
+      continue;
+    }
+    const std::size_t before = left.size();
+    all = remove_ours_at(
+              fd, at, inner, [](const std::string&) { return nullptr; }, left) &&
+          all;
+    ::close(fd);
+    if (left.size() == before && ::unlinkat(dir_fd, name.c_str(), AT_REMOVEDIR) != 0 && errno != ENOENT) {
+      left.push_back(at + " (" + std::strerror(errno) + ")");
+      all = false;
+    }
+  }
+  return all;
+}
+
+// Removes, in `base`, the work directories of earlier runs whose owner is gone (owner_gone), and in them only what
+// bench makes there; anything else stays (a warning names it). A directory without a complete owner record (a
+// foreign one, one being made, one of a version before the record), one of another user, a symbolic link, or one
+// whose owner may still run is not touched.
+void sweep_stale_work_dirs(const std::string& base) {
+  const int base_fd = ::open(base.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (base_fd < 0) return;
+  const int list_fd = ::dup(base_fd);
+  DIR* d = list_fd < 0 ? nullptr : ::fdopendir(list_fd);
+  if (!d) {
+    if (list_fd >= 0) ::close(list_fd);
+    ::close(base_fd);
+    return;
+  }
+  std::vector<std::string> names;
+  while (const dirent* e = ::readdir(d)) {
+    const std::string name = e->d_name;
+    if (name.size() == std::size(kWorkDirPrefix) - 1 + 6 && name.rfind(kWorkDirPrefix, 0) == 0) names.push_back(name);
+  }
+  ::closedir(d);
+  for (const auto& name : names) {
+    struct stat st {};
+    if (::fstatat(base_fd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISDIR(st.st_mode) ||
+        st.st_uid != ::geteuid())
+      continue;
+    const int fd = ::openat(base_fd, name.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) continue;
+    const auto text = read_small_file_at(fd, kOwnerFile);
+    const auto owner = text ? parse_owner(*text) : std::nullopt;
+    if (!owner || !owner_gone(*owner)) {
+      ::close(fd);
+      continue;
+    }
+    const std::string shown = (fs::path(base) / name).string();
+    std::vector<std::string> left;
+    auto case_files = [](const std::string& n) { return is_case_file_name(n); };
+    auto cache_files = [](const std::string& n) { return is_cache_file_name(n); };
+    const bool all = remove_ours_at(
+        fd, shown, [](const std::string& n) { return n == "child.out" || n == "child.err"; },
+        [&](const std::string& n) -> std::function<bool(const std::string&)> {
+          if (n == "programs") return cache_files;
+          if (is_case_dir_name(n)) return case_files;
+          return nullptr;
+        },
+        left, kOwnerFile);
+    // The record last, once everything of ours is gone (else a later run tries again).
+    if (all) ::unlinkat(fd, kOwnerFile, 0);
+    ::close(fd);
+    const std::string who = "an earlier bench --system run (pid " + std::to_string(owner->pid) + ", no longer running)";
+    if (left.empty() && all && ::unlinkat(base_fd, name.c_str(), AT_REMOVEDIR) == 0) {
+      spdlog::warn("removed the work directory {} of {}", shown, who);
+    } else {
+      std::string list;
+      for (const auto& l : left) list += (list.empty() ? "" : ", ") + l;
+      spdlog::warn("removed the files bench makes in the work directory {} of {}; left what it does not make: {}",
+                   shown, who, list.empty() ? std::string("(nothing listed)") : list);
+    }
+  }
+  ::close(base_fd);
+}
+
+// The write end of StopOnSignal's pipe, for its handler (async-signal-safe: one write(2), errno kept).
+volatile int g_stop_pipe = -1;
+extern "C" void on_stop_signal(int sig) {
+  const int saved = errno;
+  const auto byte = static_cast<unsigned char>(sig);
+  if (g_stop_pipe >= 0) (void)!::write(g_stop_pipe, &byte, 1);
+  errno = saved;
+}
+
+// SIGINT, SIGTERM and SIGHUP while bench --system runs: blocked in every thread this process starts (the constructor
+// blocks them in the calling thread before any other starts, and threads inherit the mask), and waited for by a
+// thread of their own (signalfd), which then stops the running child (SIGTERM, SIGKILL after 3 s), lets a save of
+// the CSV and JSON finish (they are replaced atomically; none starts after), removes the work directory, and dies of
+// the same signal with its default action (exit status 128 + the signal, as without this). A thread that a library
+// started before main (OpenBLAS's) does not block them: there a handler passes the signal on through a pipe, with
+// SA_RESTART. A signal ignored when the run started stays ignored. Children start with the mask this process had
+// (spawn) and the default actions (exec resets handlers).
+class StopOnSignal {
+ public:
+  StopOnSignal() {
+    sigemptyset(&caught_);
+    for (const int sig : {SIGINT, SIGTERM, SIGHUP}) {
+      struct sigaction now {};
+      if (::sigaction(sig, nullptr, &now) == 0 && now.sa_handler == SIG_IGN) continue;
+      sigaddset(&caught_, sig);
+    }
+    if (::pthread_sigmask(SIG_BLOCK, &caught_, &original_) != 0) throw Error("pthread_sigmask failed");
+    int fds[2] = {-1, -1};
+    signal_fd_ = ::signalfd(-1, &caught_, SFD_CLOEXEC | SFD_NONBLOCK);
+    if (signal_fd_ < 0 || ::pipe2(fds, O_CLOEXEC | O_NONBLOCK) != 0) {
+      const std::string why = std::strerror(errno);
+      if (signal_fd_ >= 0) ::close(signal_fd_);
+      ::pthread_sigmask(SIG_SETMASK, &original_, nullptr);
+      throw Error("cannot wait for signals: " + why);
+    }
+    pipe_read_ = fds[0];
+    pipe_write_ = fds[1];
+    g_stop_pipe = pipe_write_;
+    waiter_ = std::thread([this] { wait_for_signals(); });
+    active_ = this;
+    for (int sig = 1; sig < NSIG; ++sig) {
+      if (!sigismember(&caught_, sig)) continue;
+      struct sigaction sa {};
+      sa.sa_handler = on_stop_signal;
+      sa.sa_flags = SA_RESTART;
+      sigfillset(&sa.sa_mask);
+      ::sigaction(sig, &sa, &actions_[sig]);
+    }
+  }
+  ~StopOnSignal() {
+    // The default actions back first: a signal from here on ends the process as without this (the work directory
+    // is gone by now); one the thread already took still removes nothing twice.
+    for (int sig = 1; sig < NSIG; ++sig) {
+      if (sigismember(&caught_, sig)) ::sigaction(sig, &actions_[sig], nullptr);
+    }
+    const unsigned char quit = 0;
+    while (::write(pipe_write_, &quit, 1) < 0 && errno == EINTR) {
+    }
+    waiter_.join();
+    active_ = nullptr;
+    g_stop_pipe = -1;
+    ::close(signal_fd_);
+    ::close(pipe_read_);
+    ::close(pipe_write_);
+    // A signal that came after the thread stopped is delivered here, with its default action.
+    ::pthread_sigmask(SIG_SETMASK, &original_, nullptr);
+  }
+  StopOnSignal(const StopOnSignal&) = delete;
+  StopOnSignal& operator=(const StopOnSignal&) = delete;
+
+  static StopOnSignal* active() { return active_; }
+  const sigset_t& original_mask() const { return original_; }
+
+  // A new work directory (make_work_dir) under `base`, after the sweep of stale ones: known to the signal thread from
+  // the moment it exists (a signal meanwhile waits for it).
+  fs::path make_work_dir(const std::string& base) {
+    sweep_stale_work_dirs(base);
+    std::lock_guard<std::mutex> lock(dir_mutex_);
+    std::string name = (fs::path(base) / (std::string(kWorkDirPrefix) + "XXXXXX")).string();
+    if (!::mkdtemp(name.data())) throw Error("cannot make a directory in '" + base + "': " + std::strerror(errno));
+    work_dir_ = name;
+    removed_ = false;
+    try {
+      write_owner(name);
+    } catch (...) {
+      remove_locked();
+      throw;
+    }
+    return name;
+  }
+  // Removes the work directory, once (normal end, error or signal, whichever comes first).
+  void remove_work_dir() {
+    std::lock_guard<std::mutex> lock(dir_mutex_);
+    remove_locked();
+  }
+
+  // Held while the CSV and JSON are replaced.
+  std::mutex& outputs_mutex() { return outputs_; }
+  // Held while a child starts and while it is registered: the signal thread stops only a child not yet reaped (its
+  // pid not reused), and no child starts once it holds it.
+  std::mutex& children_mutex() { return children_; }
+  void set_child(pid_t pid) { child_ = pid; }  // under children_mutex(); 0: none
+
+ private:
+  static void write_owner(const std::string& dir) {
+    const OwnerRecord o{static_cast<long long>(::getpid()), start_time_of(::getpid()), boot_id(), host_name()};
+    const std::string text = owner_text(o);
+    const std::string path = (fs::path(dir) / kOwnerFile).string();
+    const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
+    if (fd < 0) throw Error("cannot write '" + path + "': " + std::strerror(errno));
+    const ssize_t n = ::write(fd, text.data(), text.size());  // one write: a record is complete or refused
+    const int err = errno;
+    ::close(fd);
+    if (n != static_cast<ssize_t>(text.size()))
+      throw Error("cannot write '" + path + "': " + std::string(n < 0 ? std::strerror(err) : "short write"));
+  }
+
+  void remove_locked() {
+    if (removed_ || work_dir_.empty()) return;
+    removed_ = true;
+    // Our own mkdtemp directory (mode 0700): remove_all does not follow symbolic links. A thread of this process may
+    // still make a file in it meanwhile (then the next round takes it); none remakes the directory (create_directory
+    // of a problem's directory needs it, a child starts only through spawn).
+    for (int round = 0; round < 100; ++round) {
+      std::error_code ec;
+      fs::remove_all(work_dir_, ec);
+      struct stat st {};
+      if (::lstat(work_dir_.c_str(), &st) != 0 && errno == ENOENT) return;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+  }
+
+  // Signals pending for the process (every thread of ours blocks them) through the signalfd; those a thread that
+  // does not block them caught through the pipe, where a 0 says stop waiting. Both do not block: a signal poll saw
+  // on the signalfd may have gone to the handler (then it is in the pipe) before the read.
+  void wait_for_signals() {
+    for (;;) {
+      pollfd fds[2] = {{signal_fd_, POLLIN, 0}, {pipe_read_, POLLIN, 0}};
+      if (::poll(fds, 2, -1) < 0) {
+        if (errno == EINTR) continue;
+        return;
+      }
+      if (fds[1].revents != 0) {
+        unsigned char byte = 0;
+        if (::read(pipe_read_, &byte, 1) == 1) {
+          if (byte == 0) return;
+          stop(byte);
+        }
+      }
+      signalfd_siginfo info{};
+      if (fds[0].revents != 0 && ::read(signal_fd_, &info, sizeof info) == static_cast<ssize_t>(sizeof info))
+        stop(static_cast<int>(info.ssi_signo));
+    }
+  }
+
+  [[noreturn]] void stop(int sig) {
+    std::lock_guard<std::mutex> children(children_);  // kept until the end: no child starts after this
+    if (child_ > 0) stop_child(child_);
+    std::lock_guard<std::mutex> outputs(outputs_);  // a save under way ends first; none starts after
+    std::string dir;
+    {
+      std::lock_guard<std::mutex> lock(dir_mutex_);
+      dir = removed_ ? std::string() : work_dir_.string();
+      remove_locked();
+    }
+    const std::string name = sig == SIGINT    ? "SIGINT"
+                             : sig == SIGTERM ? "SIGTERM"
+                             : sig == SIGHUP  ? "SIGHUP"
+                                              : "a signal";
+    const std::string line = "mlstm: bench --system stopped by " + name +
+                             (dir.empty() ? std::string() : "; removed its work directory " + dir) + "\n";
+    (void)!::write(2, line.data(), line.size());
+    // Dies of the signal, default action: pending on this thread (blocked), then unblocked here.
+    struct sigaction dfl {};
+    dfl.sa_handler = SIG_DFL;
+    sigemptyset(&dfl.sa_mask);
+    ::sigaction(sig, &dfl, nullptr);
+    ::raise(sig);
+    sigset_t one;
+    sigemptyset(&one);
+    sigaddset(&one, sig);
+    ::pthread_sigmask(SIG_UNBLOCK, &one, nullptr);
+    ::_exit(128 + sig);  // not reached
+  }
+
+  // SIGTERM to the running child, SIGKILL after 3 s; waits until it has ended, without reaping it (its spawn does).
+  static void stop_child(pid_t pid) {
+    ::kill(pid, SIGTERM);
+    for (int waited_ms = 0;; waited_ms += 10) {
+      siginfo_t info{};
+      const int rc = ::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED | WNOHANG | WNOWAIT);
+      if (rc != 0 && errno != EINTR) return;
+      if (rc == 0 && info.si_pid == pid) return;
+      if (waited_ms >= 3000) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    ::kill(pid, SIGKILL);
+    siginfo_t info{};
+    while (::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED | WNOWAIT) != 0 && errno == EINTR) {
+    }
+  }
+
+  inline static StopOnSignal* active_ = nullptr;
+  sigset_t caught_{}, original_{};
+  struct sigaction actions_[NSIG] {};  // the actions before, of the signals in caught_
+  int signal_fd_ = -1, pipe_read_ = -1, pipe_write_ = -1;
+  std::thread waiter_;
+  std::mutex dir_mutex_, outputs_, children_;
+  fs::path work_dir_;
+  bool removed_ = false;
+  pid_t child_ = 0;
+};
+
+// The run's work directory, removed (once) when this goes out of scope.
+struct WorkDir {
+  fs::path path;
+  explicit WorkDir(const std::string& base) : path(StopOnSignal::active()->make_work_dir(base)) {}
+  ~WorkDir() { StopOnSignal::active()->remove_work_dir(); }
+  WorkDir(const WorkDir&) = delete;
+  WorkDir& operator=(const WorkDir&) = delete;
+};
+
 // ---- child processes ---------------------------------------------------------------------------------------
 
 struct ChildRun {
@@ -285,11 +782,34 @@ ChildRun spawn(const std::vector<std::string>& args, const std::map<std::string,
   int rc = posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
   if (rc == 0) rc = posix_spawn_file_actions_addopen(&actions, 1, out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
   if (rc == 0) rc = posix_spawn_file_actions_addopen(&actions, 2, err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  // The child starts with the signal mask this process had before StopOnSignal blocked SIGINT, SIGTERM and SIGHUP,
+  // and is registered with it until it has ended (then reaped): a signal stops it first.
+  StopOnSignal* stopper = StopOnSignal::active();
+  posix_spawnattr_t attr;
+  if (posix_spawnattr_init(&attr) != 0) {
+    posix_spawn_file_actions_destroy(&actions);
+    throw Error("posix_spawnattr_init failed");
+  }
+  if (rc == 0 && stopper) rc = posix_spawnattr_setsigmask(&attr, &stopper->original_mask());
+  if (rc == 0 && stopper) rc = posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK);
   pid_t pid = 0;
   const auto t0 = Clock::now();
-  if (rc == 0) rc = posix_spawn(&pid, argv[0], &actions, nullptr, argv.data(), envp.data());
+  {
+    std::unique_lock<std::mutex> children;
+    if (stopper) children = std::unique_lock<std::mutex>(stopper->children_mutex());
+    if (rc == 0) rc = posix_spawn(&pid, argv[0], &actions, &attr, argv.data(), envp.data());
+    if (rc == 0 && stopper) stopper->set_child(pid);
+  }
+  posix_spawnattr_destroy(&attr);
   posix_spawn_file_actions_destroy(&actions);
   if (rc != 0) throw Error("cannot start '" + args[0] + "': " + std::strerror(rc));
+  if (stopper) {
+    siginfo_t info{};
+    while (::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED | WNOWAIT) != 0 && errno == EINTR) {
+    }
+    const std::lock_guard<std::mutex> children(stopper->children_mutex());
+    stopper->set_child(0);
+  }
   int status = 0;
   while (::waitpid(pid, &status, 0) < 0) {
     if (errno != EINTR) throw Error("waitpid for '" + args[0] + "': " + std::strerror(errno));
@@ -820,6 +1340,9 @@ class Report {
       }
       csv << "\n";
     }
+    // Not while a signal stops the run (StopOnSignal): it waits for this save, and none starts after it.
+    std::unique_lock<std::mutex> saving;
+    if (StopOnSignal* stopper = StopOnSignal::active()) saving = std::unique_lock<std::mutex>(stopper->outputs_mutex());
     write_file_atomically(plan_.csv, csv.str());
     write_file_atomically(plan_.json_out, document().dump(2) + "\n");
   }
@@ -832,13 +1355,6 @@ class Report {
 };
 
 // ---- the runs ----------------------------------------------------------------------------------------------
-
-// A new directory (mkdtemp) under `base`: the run's work directory.
-fs::path make_work_dir(const std::string& base) {
-  std::string name = (fs::path(base) / "mlstm-bench-system.XXXXXX").string();
-  if (!::mkdtemp(name.data())) throw Error("cannot make a directory in '" + base + "': " + std::strerror(errno));
-  return name;
-}
 
 // The Python side: the interpreter in MLSTM_PYTHON (the one the module was built for, where that is not the system's),
 // else /usr/bin/python3, with numpy and the mlstm_flow module (PYTHONPATH as given, then the build tree's python/
@@ -902,8 +1418,7 @@ print(json.dumps(out))
 
 class SystemBench {
  public:
-  SystemBench(const SystemPlan& plan, Report& report)
-      : plan_(plan), report_(report), work_{make_work_dir(plan.workdir_base)} {
+  SystemBench(const SystemPlan& plan, Report& report) : plan_(plan), report_(report), work_(plan.workdir_base) {
     for (const auto& d : plan.gpus) gpus_.push_back(opencl::open_device(d));
     options_.chunk_size = plan.chunk;
     exe_ = fs::read_symlink("/proc/self/exe");
@@ -1261,7 +1776,7 @@ class SystemBench {
       return std::nullopt;
     }
     const fs::path dir = work_.path / (c.p.name + "_" + std::to_string(c.S));
-    fs::create_directories(dir);
+    fs::create_directory(dir);  // not create_directories: a work directory a signal removed is not made again
     const RemovedAtEnd files_go{dir};
     NpyInputs files;
     double file_bound = INFINITY;
@@ -1520,7 +2035,7 @@ class SystemBench {
 
   const SystemPlan& plan_;
   Report& report_;
-  RemovedAtEnd work_;
+  WorkDir work_;
   std::vector<std::shared_ptr<opencl::Device>> gpus_;
   MlstmOptions options_;
   fs::path exe_, cache_;
@@ -1536,6 +2051,8 @@ void refuse_system_options(const BenchOptions& bo) {
 }
 
 int cmd_bench_system(const BenchOptions& bo, bool as_json) {
+  // First, before any other thread starts (the devices' own among them): they inherit the blocked signals.
+  StopOnSignal stopper;
   const SystemPlan plan = check_system(bo);
   Report report(plan, as_json);
   {
