@@ -18,6 +18,8 @@ namespace mlstm::cli {
 struct ForwardOutputs {
   std::string h, c, n, m;
 };
+// --out, --out-c, --out-n, --out-m with their paths ("" where not given).
+std::vector<NamedPath> output_paths(const ForwardOutputs& out);
 
 // forward's streaming options (README "Streaming a file larger than memory").
 struct ForwardStreaming {
@@ -39,6 +41,9 @@ struct BackwardFiles {
   std::string dh, dc, dn;
   std::string out_dq, out_dk, out_dv, out_di, out_df, out_dc0, out_dn0, out_dm0;
 };
+// backward's own inputs (--dh, --dc, --dn) and its outputs (--out-dq ... --out-dm0) with their paths.
+std::vector<NamedPath> gradient_input_paths(const BackwardFiles& bf);
+std::vector<NamedPath> gradient_output_paths(const BackwardFiles& bf);
 
 struct StepFiles {
   std::string c, n, m, out_h, out_c, out_n, out_m;

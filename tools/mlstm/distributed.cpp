@@ -233,17 +233,7 @@ OptionList common_options(const std::string& subcommand, const InputFiles& in) {
   add_value(l, "--dtype", dt ? std::string(dtype_name(*dt)) : "(not given)");
   add_value(l, "--kernel", in.kernel_option && in.kernel_option->count() > 0 ? in.kernel : "(not given)");
   add_value(l, "--chunk-size", in.chunk_size == kAutoChunk ? "auto" : std::to_string(in.chunk_size));
-  for (const auto& [option, path] : {std::pair<const char*, const std::string&>{"--q", in.q},
-                                     {"--k", in.k},
-                                     {"--v", in.v},
-                                     {"--i", in.i},
-                                     {"--f", in.f},
-                                     {"--c0", in.c0},
-                                     {"--n0", in.n0},
-                                     {"--m0", in.m0},
-                                     {"--cu-seqlens", in.cu_seqlens}}) {
-    add_input(l, option, path);
-  }
+  for (const NamedPath& input : input_paths(in)) add_input(l, input.option, input.path);
   return l;
 }
 
@@ -391,10 +381,7 @@ int cmd_forward_mpi(const InputFiles& given, const ForwardOutputs& out, const Fo
     OptionList l = common_options("forward", given);
     add_value(l, "--stream-tokens", std::to_string(st.tokens));
     add_value(l, "--resume", st.resume ? "given" : "not given");
-    add_output(l, "--out", out.h);
-    add_output(l, "--out-c", out.c);
-    add_output(l, "--out-n", out.n);
-    add_output(l, "--out-m", out.m);
+    for (const NamedPath& output : output_paths(out)) add_output(l, output.option, output.path);
     return l;
   });
   MlstmOptions o;
@@ -472,19 +459,8 @@ int cmd_forward_mpi(const InputFiles& given, const ForwardOutputs& out, const Fo
 int cmd_backward_mpi(const InputFiles& given, const BackwardFiles& bf, bool as_json) {
   agree_on_options([&] {
     OptionList l = common_options("backward", given);
-    add_input(l, "--dh", bf.dh);
-    add_input(l, "--dc", bf.dc);
-    add_input(l, "--dn", bf.dn);
-    for (const auto& [option, path] : {std::pair<const char*, const std::string&>{"--out-dq", bf.out_dq},
-                                       {"--out-dk", bf.out_dk},
-                                       {"--out-dv", bf.out_dv},
-                                       {"--out-di", bf.out_di},
-                                       {"--out-df", bf.out_df},
-                                       {"--out-dc0", bf.out_dc0},
-                                       {"--out-dn0", bf.out_dn0},
-                                       {"--out-dm0", bf.out_dm0}}) {
-      add_output(l, option, path);
-    }
+    for (const NamedPath& input : gradient_input_paths(bf)) add_input(l, input.option, input.path);
+    for (const NamedPath& output : gradient_output_paths(bf)) add_output(l, output.option, output.path);
     return l;
   });
   MlstmOptions o;

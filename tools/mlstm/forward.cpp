@@ -77,7 +77,7 @@ std::string mib_text(std::uint64_t bytes) {
 int cmd_forward(const InputFiles& in, const ForwardOutputs& out, const ForwardStreaming& st, bool as_json) {
   const KernelInfo info = kernel_info(in.kernel, false);
   const MlstmOptions o = options_of(in, info);
-  check_outputs(input_paths(in), {{"--out", out.h}, {"--out-c", out.c}, {"--out-n", out.n}, {"--out-m", out.m}});
+  check_outputs(input_paths(in), output_paths(out));
   if (st.resume && st.tokens == 0) {
     throw InvalidArgument("--resume", "continues a --stream-tokens run; give the same --stream-tokens");
   }
@@ -162,15 +162,22 @@ void check_backward_files(const InputFiles& in, const BackwardFiles& bf) {
                           "--out-di, --out-df, --out-dc0, --out-dn0, --out-dm0");
   }
   std::vector<NamedPath> inputs = input_paths(in);
-  inputs.insert(inputs.end(), {{"--dh", bf.dh}, {"--dc", bf.dc}, {"--dn", bf.dn}});
-  check_outputs(inputs, {{"--out-dq", bf.out_dq},
-                         {"--out-dk", bf.out_dk},
-                         {"--out-dv", bf.out_dv},
-                         {"--out-di", bf.out_di},
-                         {"--out-df", bf.out_df},
-                         {"--out-dc0", bf.out_dc0},
-                         {"--out-dn0", bf.out_dn0},
-                         {"--out-dm0", bf.out_dm0}});
+  const std::vector<NamedPath> gradients = gradient_input_paths(bf);
+  inputs.insert(inputs.end(), gradients.begin(), gradients.end());
+  check_outputs(inputs, gradient_output_paths(bf));
+}
+
+std::vector<NamedPath> output_paths(const ForwardOutputs& out) {
+  return {{"--out", out.h}, {"--out-c", out.c}, {"--out-n", out.n}, {"--out-m", out.m}};
+}
+
+std::vector<NamedPath> gradient_input_paths(const BackwardFiles& bf) {
+  return {{"--dh", bf.dh}, {"--dc", bf.dc}, {"--dn", bf.dn}};
+}
+
+std::vector<NamedPath> gradient_output_paths(const BackwardFiles& bf) {
+  return {{"--out-dq", bf.out_dq}, {"--out-dk", bf.out_dk},   {"--out-dv", bf.out_dv},   {"--out-di", bf.out_di},
+          {"--out-df", bf.out_df}, {"--out-dc0", bf.out_dc0}, {"--out-dn0", bf.out_dn0}, {"--out-dm0", bf.out_dm0}};
 }
 
 int cmd_backward(const InputFiles& in, const BackwardFiles& bf, bool as_json) {
