@@ -151,17 +151,9 @@ void AtomicFile::fail(const std::string& what) {
 
 void AtomicFile::write_at(std::uint64_t offset, const void* data, std::size_t size) {
   if (fd_ < 0) throw Error("cannot write '" + path_ + "': file already closed");
-  const char* p = static_cast<const char*>(data);
-  while (size > 0) {
-    const ssize_t n = ::pwrite(fd_, p, size, static_cast<off_t>(offset));
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      if (n == 0) errno = EIO;
-      fail("write to");
-    }
-    p += n;
-    offset += static_cast<std::uint64_t>(n);
-    size -= static_cast<std::size_t>(n);
+  if (const FdTransfer t = write_fully(fd_, data, size, offset); t.bytes < size) {
+    errno = t.error != 0 ? t.error : EIO;
+    fail("write to");
   }
 }
 
@@ -190,17 +182,10 @@ void AtomicFile::sync() {
 
 void AtomicFile::write(const void* data, std::size_t size) {
   if (fd_ < 0) throw Error("cannot write '" + path_ + "': file already closed");
-  const char* p = static_cast<const char*>(data);
-  while (size > 0) {
-    const ssize_t n = ::write(fd_, p, size);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      const std::string why = n < 0 ? reason() : "no progress";
-      discard();
-      throw Error("write to '" + path_ + "' failed: " + why);
-    }
-    p += n;
-    size -= static_cast<std::size_t>(n);
+  if (const FdTransfer t = write_fully(fd_, data, size); t.bytes < size) {
+    const std::string why = t.error != 0 ? std::strerror(t.error) : "no progress";
+    discard();
+    throw Error("write to '" + path_ + "' failed: " + why);
   }
 }
 
@@ -263,6 +248,39 @@ std::size_t remove_stale_temporaries(const std::string& path) {
   return removed;
 }
 
+namespace {
+
+template <typename Call>
+FdTransfer transfer_fully(std::size_t n, Call call) {
+  FdTransfer t;
+  while (t.bytes < n) {
+    const ssize_t k = call(t.bytes);
+    if (k < 0 && errno == EINTR) continue;
+    if (k < 0) t.error = errno;
+    if (k <= 0) break;
+    t.bytes += static_cast<std::size_t>(k);
+  }
+  return t;
+}
+
+}  // namespace
+
+FdTransfer read_fully(int fd, void* dst, std::size_t n, std::optional<std::uint64_t> offset) {
+  char* p = static_cast<char*>(dst);
+  return transfer_fully(n, [&](std::size_t done) {
+    return offset ? ::pread(fd, p + done, n - done, static_cast<off_t>(*offset + done))
+                  : ::read(fd, p + done, n - done);
+  });
+}
+
+FdTransfer write_fully(int fd, const void* src, std::size_t n, std::optional<std::uint64_t> offset) {
+  const char* p = static_cast<const char*>(src);
+  return transfer_fully(n, [&](std::size_t done) {
+    return offset ? ::pwrite(fd, p + done, n - done, static_cast<off_t>(*offset + done))
+                  : ::write(fd, p + done, n - done);
+  });
+}
+
 std::optional<std::string> why_not_replaceable(const std::string& path, std::string_view signature) {
   struct stat st {};
   if (::stat(path.c_str(), &st) != 0) {
@@ -274,13 +292,7 @@ std::optional<std::string> why_not_replaceable(const std::string& path, std::str
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) return "cannot be read: " + reason();
   std::string head(signature.size(), '\0');
-  std::size_t got = 0;
-  while (got < head.size()) {
-    const ssize_t n = ::read(fd, head.data() + got, head.size() - got);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) break;
-    got += static_cast<std::size_t>(n);
-  }
+  const std::size_t got = read_fully(fd, head.data(), head.size()).bytes;
   ::close(fd);
   if (got == signature.size() && head == signature) return std::nullopt;
   return "exists and does not begin with '" + std::string(signature) + "' (not an output of this kind)";

@@ -251,14 +251,7 @@ SeqSliceReader::SeqSliceReader(const std::string& path, const std::string& argum
       throw InvalidArgument(argument, "'" + path + "' is not a regular file; give a .npy file");
     }
     std::string prefix(std::min<std::size_t>(1 << 16, static_cast<std::size_t>(st.st_size)), '\0');
-    std::size_t got = 0;
-    while (got < prefix.size()) {
-      const ssize_t n = ::pread(fd_, prefix.data() + got, prefix.size() - got, static_cast<off_t>(got));
-      if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) break;
-      got += static_cast<std::size_t>(n);
-    }
-    prefix.resize(got);
+    prefix.resize(read_fully(fd_, prefix.data(), prefix.size(), 0).bytes);
     const auto h = decode_header(prefix, where, as_dtype, exact);
     if (axis_ == 2 && h.shape.size() < 3)
       throw InvalidArgument(argument, "expected (B,NH,S,...), got " + shape_to_string(h.shape));
@@ -297,16 +290,11 @@ Tensor SeqSliceReader::read(std::int64_t s0, std::int64_t s1) const {
   const std::size_t row_bytes = static_cast<std::size_t>((s1 - s0) * inner) * es;
   for (std::int64_t r = 0; r < rows; ++r) {
     auto* dst = reinterpret_cast<char*>(out.bytes()) + static_cast<std::size_t>(r) * row_bytes;
-    std::size_t at = data_offset_ + static_cast<std::size_t>((r * S + s0) * inner) * es, left = row_bytes;
-    while (left > 0) {
-      const ssize_t n = ::pread(fd_, dst, left, static_cast<off_t>(at));
-      if (n < 0 && errno == EINTR) continue;
-      if (n < 0) throw Error(argument_ + ": reading '" + path_ + "' failed: " + std::strerror(errno));
-      if (n == 0) throw InvalidArgument(argument_, "truncated .npy data in '" + path_ + "' (the file shrank)");
-      dst += n;
-      at += static_cast<std::size_t>(n);
-      left -= static_cast<std::size_t>(n);
-    }
+    const std::size_t at = data_offset_ + static_cast<std::size_t>((r * S + s0) * inner) * es;
+    const FdTransfer t = read_fully(fd_, dst, row_bytes, at);
+    if (t.error != 0) throw Error(argument_ + ": reading '" + path_ + "' failed: " + std::strerror(t.error));
+    if (t.bytes < row_bytes)
+      throw InvalidArgument(argument_, "truncated .npy data in '" + path_ + "' (the file shrank)");
   }
   return out;
 }

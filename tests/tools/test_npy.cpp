@@ -1,14 +1,18 @@
 // .npy reader/writer: round trips for every dtype, v1/v2 headers, and the refusals.
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <chrono>
 #include <csignal>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <thread>
 #include <vector>
 
 #include "mlstm/core/atomic_file.hpp"
@@ -319,6 +323,47 @@ TEST(AtomicFile, WhyNotReplaceableKeepsTheUsersFiles) {
 
 // Several outputs of one command, all or none: a failure in a later file (its writer throws) leaves the earlier
 // ones as they were and no temporary file; commit() replaces them all.
+// read_fully / write_fully move the whole count through short transfers (a pipe hands out what its writer has
+// written so far), stop at the end of a file with error 0, and name a failed call's errno.
+TEST(FdTransfer, WholeCountsThroughShortTransfersEndOfFileAndErrors) {
+  int fds[2];
+  ASSERT_EQ(::pipe(fds), 0);
+  std::string sent(200000, '\0');
+  for (std::size_t i = 0; i < sent.size(); ++i) sent[i] = static_cast<char>(i * 7 + 3);
+  std::thread writer([&] {
+    for (std::size_t at = 0; at < sent.size(); at += 30000) {
+      const std::size_t n = std::min<std::size_t>(30000, sent.size() - at);
+      EXPECT_EQ(write_fully(fds[1], sent.data() + at, n).bytes, n);
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+    ::close(fds[1]);
+  });
+  std::string got(sent.size() + 10, '\0');
+  const FdTransfer r = read_fully(fds[0], got.data(), got.size());
+  writer.join();
+  ::close(fds[0]);
+  EXPECT_EQ(r.bytes, sent.size());  // all of it, then the end (the writer closed)
+  EXPECT_EQ(r.error, 0);
+  EXPECT_EQ(got.substr(0, sent.size()), sent);
+
+  const fs::path path = fs::temp_directory_path() / ("mlstm_fd_transfer_" + std::to_string(getpid()) + ".bin");
+  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC, 0600);
+  ASSERT_GE(fd, 0);
+  fs::remove(path);                                                                 // the descriptor keeps it
+  EXPECT_EQ(write_fully(fd, sent.data(), 1000, std::uint64_t{5000}).bytes, 1000u);  // at an offset
+  std::string back(1000, '\0');
+  EXPECT_EQ(read_fully(fd, back.data(), back.size(), std::uint64_t{5000}).bytes, 1000u);
+  EXPECT_EQ(back, sent.substr(0, 1000));
+  const FdTransfer past = read_fully(fd, back.data(), back.size(), std::uint64_t{5500});
+  EXPECT_EQ(past.bytes, 500u);  // the file ends there
+  EXPECT_EQ(past.error, 0);
+  ::close(fd);
+  const FdTransfer bad = read_fully(fd, back.data(), back.size());
+  EXPECT_EQ(bad.bytes, 0u);
+  EXPECT_EQ(bad.error, EBADF);
+  EXPECT_EQ(write_fully(fd, back.data(), back.size(), std::uint64_t{0}).error, EBADF);
+}
+
 TEST(AtomicFile, AGroupIsAllOrNone) {
   const fs::path dir = fs::temp_directory_path() / ("mlstm_atomic_group_" + std::to_string(getpid()));
   fs::remove_all(dir);

@@ -249,14 +249,7 @@ std::optional<std::string> read_small_file_at(int dir_fd, const char* name) {
   std::optional<std::string> text;
   if (::fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_size <= 4096) {
     std::string buf(static_cast<std::size_t>(st.st_size), '\0');
-    std::size_t got = 0;
-    while (got < buf.size()) {
-      const ssize_t n = ::read(fd, buf.data() + got, buf.size() - got);
-      if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) break;
-      got += static_cast<std::size_t>(n);
-    }
-    if (got == buf.size()) text = std::move(buf);
+    if (read_fully(fd, buf.data(), buf.size()).bytes == buf.size()) text = std::move(buf);
   }
   ::close(fd);
   return text;
@@ -903,15 +896,13 @@ double read_back_seconds(const std::vector<std::string>& paths) {
       ::close(fd);
       throw Error("fstat '" + path + "': " + std::strerror(errno));
     }
-    for (off_t at = 0; at < st.st_size;) {
-      const ssize_t n = ::pread(fd, buffer.data(), buffer.size(), at);
-      if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) {
-        const std::string why = n < 0 ? std::strerror(errno) : "unexpected end of file";
+    for (std::uint64_t at = 0; at < static_cast<std::uint64_t>(st.st_size);) {
+      const std::size_t want = std::min<std::uint64_t>(buffer.size(), static_cast<std::uint64_t>(st.st_size) - at);
+      if (const FdTransfer t = read_fully(fd, buffer.data(), want, at); t.bytes < want) {
         ::close(fd);
-        throw Error("pread '" + path + "': " + why);
+        throw Error("pread '" + path + "': " + (t.error != 0 ? std::strerror(t.error) : "unexpected end of file"));
       }
-      at += n;
+      at += want;
     }
     ::close(fd);
   }
@@ -936,14 +927,13 @@ void write_synced(const fs::path& path, std::size_t bytes, std::size_t sync_ever
   std::string failed;
   std::size_t since_sync = 0;
   for (std::size_t at = 0; at < bytes && failed.empty();) {
-    const ssize_t n = ::pwrite(fd, block.data(), std::min(block.size(), bytes - at), static_cast<off_t>(at));
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      failed = "pwrite: " + std::string(n < 0 ? std::strerror(errno) : "no progress");
+    const std::size_t n = std::min(block.size(), bytes - at);
+    if (const FdTransfer t = write_fully(fd, block.data(), n, at); t.bytes < n) {
+      failed = "pwrite: " + std::string(t.error != 0 ? std::strerror(t.error) : "no progress");
       break;
     }
-    at += static_cast<std::size_t>(n);
-    since_sync += static_cast<std::size_t>(n);
+    at += n;
+    since_sync += n;
     if ((since_sync >= sync_every || at == bytes) && ::fdatasync(fd) != 0)
       failed = "fdatasync: " + std::string(std::strerror(errno));
     if (since_sync >= sync_every) since_sync = 0;

@@ -84,6 +84,16 @@ class AtomicFileGroup {
 // read: <errno text>", "exists and does not begin with '<signature>' (not an output of this kind)".
 std::optional<std::string> why_not_replaceable(const std::string& path, std::string_view signature);
 
+// Whole transfers over a file descriptor: short counts and EINTR retried until n bytes are moved, at `offset`
+// (pread / pwrite) or at the descriptor's position when there is none. `bytes` < n says why it stopped: `error` is
+// the failed call's errno, or 0 at the end of the file (read) or a write that made no progress.
+struct FdTransfer {
+  std::size_t bytes = 0;
+  int error = 0;
+};
+FdTransfer read_fully(int fd, void* dst, std::size_t n, std::optional<std::uint64_t> offset = std::nullopt);
+FdTransfer write_fully(int fd, const void* src, std::size_t n, std::optional<std::uint64_t> offset = std::nullopt);
+
 // The fixed temporary file of a resumable output: ".<name>.partial" in `path`'s directory.
 std::string partial_path_of(const std::string& path);
 // Where an AtomicFile(path) writes: the file a symbolic link at `path` points to (the link stays a link), else
