@@ -41,23 +41,17 @@ constexpr std::array<ChunkRow, 2> kPortableTable{{
 // ms forward / forward+backward, chunk 64 vs 128. Session 37 (H200, two output tiles a work-group): 4 and 64 rows at
 // 64/64 and 256/256, 1024 rows at 128/128. Session 38 (H100): 4 rows at 128/256. Session 40 (H100): 4 rows again, after
 // the shard count changed.
-constexpr std::array<ChunkRow, 5> kTensorCoreTable{{
-    {"NVIDIA", 64, 8, 64,
-     "head dims 64/64, 8 rows and more: 64 (128 rows 0.677 / 2.32 vs 0.743 / 3.01; 16 rows 0.824 / 2.62 vs 0.971 / "
-     "3.45; H200 session 37, 64 rows 0.862 / 2.772 vs 1.049 / 3.534)"},
-    {"NVIDIA", 0, 32, 64,
-     "32 rows and more: 64 (128 rows: 128/128 1.49 / 5.32 vs 1.68 / 5.71, 128/256 2.78 / 8.43 vs 2.91 / 9.32, 256/256 "
-     "4.54 / 14.2 vs 4.44 / 15.4; NH=4 128/128 64 rows 5.77 / 20.1 vs 5.99 / 22.2)"},
-    {"NVIDIA", 0, 8, 128,
-     "8-31 rows: 128 (16 rows: 128/128 3.39 / 8.66 vs 2.71 / 8.28, 128/256 4.16 / 11.1 vs 3.71 / 11.1, 256/256 "
-     "5.35 / 15.9 vs 5.04 / 16.7)"},
+constexpr std::array<ChunkRow, 2> kTensorCoreTable{{
     {"NVIDIA", 0, 0, 64,
-     "fewer than 8 rows (the sequence split): 64. H100 session 40, 4 rows of 65536 at the shard counts chosen since "
-     "(shards.hpp), chunk 64 vs 128: 64/64 0.218 / 0.787 vs 0.331 / 1.045, 256/256 1.425 / 4.169 vs 1.500 / 4.386; "
-     "NH=4 128/128 B=1 S=1M 7.40 / 23.6 vs 7.65 / 25.8 (H100 session 36); 128/256 0.906 / 2.648 vs 0.952 / 2.810 "
-     "(H100 session 38; TFLA 2.753 / 7.956). Sessions 37-38 took 128 for 64/64 and 256/256, when 64/64 fw+bw ran 256 "
-     "shards and 256/256 none"},
-    {"", 0, 0, 64, "default: the NVIDIA rows' choice at most shapes (PoCL runs the emulated kernels in tests)"},
+     "64 at every head dim and row count measured. H100 session 41, 16 rows (S = 65536, NH = 16), chunk 64 vs 128 "
+     "fw / fwbw ms: 64/64 0.656 / 2.49 vs 1.03 / 3.43, 128/128 1.59 / 5.82 vs 1.85 / 6.30, 128/256 3.04 / 9.09 vs "
+     "3.22 / 9.98, 256/256 4.31 / 14.0 vs 4.46 / 14.6 (with the sequence split and the state tiles of that session; "
+     "sessions 25-26 had found 128 faster at 8-31 rows without them); 128 rows: 128/128 1.48 / 5.04 vs 1.54 / 5.50, "
+     "128/256 2.52 / 7.86 vs 2.64 / 8.64, 256/256 4.23 / 12.8 vs 4.23 / 13.7; sessions 37-38 (H200, H100): 64/64 "
+     "64 rows 0.862 / 2.772 vs 1.049 / 3.534, NH=4 128/128 64 rows 5.77 / 20.1 vs 5.99 / 22.2, 1024 rows 128/128 "
+     "sig 5.559 / 19.515 vs 5.601 / 20.886; fewer than 8 rows (H100 session 40, the sequence split): 64/64 0.218 / "
+     "0.787 vs 0.331 / 1.045, 256/256 1.425 / 4.169 vs 1.500 / 4.386, 128/256 0.906 / 2.648 vs 0.952 / 2.810"},
+    {"", 0, 0, 64, "default: the NVIDIA row's choice (PoCL runs the emulated kernels in tests)"},
 }};
 
 bool matches(const ChunkRow& row, std::string_view vendor, const ProblemShape& p, int units) {

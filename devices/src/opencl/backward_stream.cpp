@@ -117,7 +117,7 @@ BackwardStream::BackwardStream(std::shared_ptr<Device> device, Config config)
   p.DHHV = c.DHHV;
   p.dtype = c.dtype;
   Impl& im = *impl_;
-  im.cfg = make_config(dev, c.emulate, p, c.options);  // an automatic chunk size resolved (cfg.L)
+  im.cfg = make_config(dev, c.emulate, p, c.options, false);  // an automatic chunk size resolved (cfg.L)
   if (c.max_segments < 0) throw InvalidArgument("config.max_segments", "must be >= 0 (0: pieces of one sequence)");
   const std::size_t M = static_cast<std::size_t>(c.max_segments);
   if (M > 0) im.cfg.base += " -DPACKED=1";  // chunks restart at every sequence start (tc_common.cl CHUNK_START)

@@ -36,7 +36,10 @@ constexpr std::array<LaunchRow<TcLaunchParams>, 2> kTcTable{{
      "chunk 64 fw / fwbw 2.66 / 7.97 -> 2.30 / 7.25 ms, chunk 128 2.81 / 8.96 -> 2.60 / 8.37 (tiles of 64, four "
      "a group: fw 2.51 but dq, dk 1.49 -> 1.66 ms); H100 (session 38): the fused forward where its groups are at "
      "most a quarter of the compute units, NH=4 128/128 B=1 S=1M fw 7.02 -> 6.57 ms; at the TFLA setup (512 and 64 "
-     "groups) it was slower, S=8192 2.55 against 2.51, S=65536 3.16 against 3.11"},
+     "groups) it was slower, S=8192 2.55 against 2.51, S=65536 3.16 against 3.11; H100 (session 41): the 64x128 tiles "
+     "also where their groups are more than the units (128/128 128 rows fw / fwbw 1.65 / 5.45 -> 1.48 / 5.04 ms) or "
+     "at most half of them with the split (128/256 16 rows 3.12 / 10.0 -> 3.04 / 9.09), not between (128/128 64 rows "
+     "1.50 / 5.28 against 1.57 / 5.36, 256/256 16 rows 4.31 / 14.0 against 4.52 / 14.4)"},
     {"", "", {64, 64, 512}, "default (PoCL runs the emulated kernels in tests)"},
 }};
 

@@ -143,7 +143,7 @@ DeviceStream::DeviceStream(std::shared_ptr<Device> device, Config config, ConstT
   p.DHHV = c.DHHV;
   p.dtype = c.dtype;
   Impl& im = *impl_;
-  im.cfg = make_config(dev, c.emulate, p, c.options);
+  im.cfg = make_config(dev, c.emulate, p, c.options, false);
   const std::size_t M = static_cast<std::size_t>(c.max_segments);
   if (M > 0) im.cfg.base += " -DPACKED=1";  // chunks restart at every sequence start (tc_common.cl CHUNK_START)
   const std::size_t rows = static_cast<std::size_t>(c.B * c.NH), maxS = static_cast<std::size_t>(c.max_piece);

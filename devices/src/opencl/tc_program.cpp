@@ -134,7 +134,7 @@ const std::string& tc_source_text(const std::string& body) {
   return it->second;
 }
 
-TcConfig make_config(Device& dev, bool emulate, const ProblemShape& p, const MlstmOptions& o) {
+TcConfig make_config(Device& dev, bool emulate, const ProblemShape& p, const MlstmOptions& o, bool sequence_split) {
   const std::string why = tensor_core_fit(p, o);
   if (!why.empty()) throw InvalidArgument("q", "the tensor-core kernels cannot run this problem: " + why);
   TcConfig c;
@@ -142,12 +142,14 @@ TcConfig make_config(Device& dev, bool emulate, const ProblemShape& p, const Mls
   const TcLaunchParams launch = tc_launch_params(dev.info());
   c.KT = p.DHQK % launch.state_tile_k == 0 ? launch.state_tile_k : pick_tile(p.DHQK, 64);
   c.VT = p.DHHV % launch.state_tile_v == 0 ? launch.state_tile_v : pick_tile(p.DHHV, 64);
-  // Wider tiles (launch_params.hpp) at chunk 64 (at 128 their stages exceed 48 KB of local memory) where they still
-  // give two work-groups per compute unit.
-  if (const int wide = launch.wide_state_tile_v;
-      wide > c.VT && c.L == 64 && p.DHHV % wide == 0 &&
-      p.rows() * (p.DHQK / c.KT) * (p.DHHV / wide) >= 2 * static_cast<std::int64_t>(dev.info().compute_units))
-    c.VT = wide;
+  // Wider tiles (launch_params.hpp) at chunk 64 (at 128 their stages exceed 48 KB of local memory), except where
+  // their work-groups would be at most one per compute unit, unless they are few enough for the sequence split to
+  // take over (at most half the units: shards.hpp) where the caller splits.
+  if (const int wide = launch.wide_state_tile_v; wide > c.VT && c.L == 64 && p.DHHV % wide == 0) {
+    const std::int64_t groups = p.rows() * (p.DHQK / c.KT) * (p.DHHV / wide),
+                       units = static_cast<std::int64_t>(dev.info().compute_units);
+    if (groups > units || (sequence_split && 2 * groups <= units)) c.VT = wide;
+  }
   c.LQ = std::min(c.L, launch.chunk_rows);
   c.KB = launch.key_block > 0 ? std::min(c.LQ, launch.key_block) : c.LQ;
   c.out_tiles = launch.out_tiles;

@@ -72,8 +72,9 @@ struct TcConfig {
 const std::string& tc_source_text(const std::string& body);
 
 // Tiles (launch_params.hpp) and options of one problem on one device; InvalidArgument("q") when the tensor
-// cores cannot take the problem (tensor_core_fit).
-TcConfig make_config(Device& dev, bool emulate, const ProblemShape& p, const MlstmOptions& o);
+// cores cannot take the problem (tensor_core_fit). `sequence_split`: whether the caller may split the sequence into
+// shards (the resident routine, unpacked; a stream's pieces never are), which the state tiles take into account.
+TcConfig make_config(Device& dev, bool emulate, const ProblemShape& p, const MlstmOptions& o, bool sequence_split);
 
 // The gate kernel's per-token and per-chunk outputs and the chunk stabilisers, as the streams (DeviceStream,
 // BackwardStream) hold them for one piece of up to `tokens` token-rows in `chunks` chunks per row, `segments`

@@ -45,7 +45,7 @@ class ResidentTensorCore final : public ResidentChunkwise {
     if (config.segment) check_not_packed(shape_, "a segment of a split sequence");
     Device& dev = *device_;
     const std::string& dn = dev.name();
-    cfg_ = make_config(dev, emulate, shape_, o);
+    cfg_ = make_config(dev, emulate, shape_, o, !shape_.packed());
     rows_ = static_cast<int>(shape_.rows());
     S_ = static_cast<int>(shape_.S);
     // The fused forward (tc_fused.cl) where no backward needs the states entering the chunks.
@@ -528,7 +528,7 @@ TensorCoreRunner::TensorCoreRunner(std::shared_ptr<Device> device, Config config
 
 void TensorCoreRunner::prepare(const ProblemShape& p, const MlstmOptions& o) const {
   Device& dev = *device_;
-  const TcConfig c = make_config(dev, config_.emulate, p, o);
+  const TcConfig c = make_config(dev, config_.emulate, p, o, !p.packed());
   dev.program_from_text("tc_gates", tc_source_text("tc_gates"), c.gates());
   dev.program_from_text("tc_states", tc_source_text("tc_states"), c.states(0));
   dev.program_from_text("tc_states", tc_source_text("tc_states"), c.states(1));

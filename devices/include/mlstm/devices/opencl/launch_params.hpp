@@ -45,8 +45,9 @@ struct TcLaunchParams {
   // The chunk kernels' inter-chunk product with M split into two 16-bit parts (hi + lo, two mma): less rounding
   // in h and dq for ~1% more time (docs/notes/tensor-cores.md); off by default. MLSTM_TC_MSPLIT=1.
   bool msplit = false;
-  // Wider state tiles KT x wide_state_tile_v for chunks of 64 where the problem still gives the state kernels two
-  // work-groups per compute unit with them (fewer loads of k per chunk); 0: never. Off under MLSTM_TC_STATE_TILE.
+  // Wider state tiles KT x wide_state_tile_v for chunks of 64 (fewer loads of k per chunk), except where the state
+  // kernels' work-groups with them would be at most one per compute unit and more than the sequence split takes
+  // (tc_program.cpp make_config); 0: never. Off under MLSTM_TC_STATE_TILE.
   int wide_state_tile_v = 0;
   // Rows of a chunk per work-group of the chunk kernels (query sub-tiles, TFLA style: a chunk of 128 keeps its
   // states every 128 tokens while its L x L work runs in blocks of 64 with the registers of a chunk of 64); the
