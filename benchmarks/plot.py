@@ -12,23 +12,108 @@ Writes:
 """
 import argparse
 import json
+import math
 import os
 import sys
+import tempfile
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+EXPECTED = "expected the JSON that `mlstm bench --json-out` writes"
+# What every result row needs, for the charts to be drawn: name -> (the types allowed, what the text calls it).
+ROW_FIELDS = {
+    "pass": (str, "a string"),
+    "kernel": (str, "a string"),
+    "S": (int, "an integer"),
+    "chunk": (int, "an integer"),
+    "DHQK": (int, "an integer"),
+    "median_ms": ((int, float), "a finite number"),
+    "tokens_per_s": ((int, float), "a finite number"),
+}
+
+
+class BadInput(Exception):
+    """An input the plots cannot be made from: one line naming the file (exit 2)."""
+
+
+def check_row(path, i, r):
+    where = f"{path}: results[{i}]"
+    if not isinstance(r, dict):
+        raise BadInput(f"{where} is not an object; {EXPECTED}")
+    for name, (types, what) in ROW_FIELDS.items():
+        v = r.get(name)
+        if isinstance(v, bool) or not isinstance(v, types) or (isinstance(v, float) and not math.isfinite(v)):
+            raise BadInput(f"{where}: '{name}' is {'missing' if name not in r else repr(v)}, not {what}; {EXPECTED}")
+    if "sweep" in r and not isinstance(r["sweep"], str):
+        raise BadInput(f"{where}: 'sweep' is {r['sweep']!r}, not a string; {EXPECTED}")
+
+
+def load_one(path):
+    """The rows and machine of one bench JSON file; BadInput (naming it) when it is missing, unreadable, not JSON
+    or not shaped like `mlstm bench --json-out` output."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise BadInput(f"{path}: cannot be read ({e.strerror or e})") from None
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise BadInput(f"{path}: not JSON ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                       f"{EXPECTED}") from None
+    if not isinstance(doc, dict):
+        raise BadInput(f"{path}: the top level is a {type(doc).__name__}, not an object; {EXPECTED}")
+    rows = doc.get("results")
+    if not isinstance(rows, list):
+        raise BadInput(f"{path}: no 'results' list; {EXPECTED}")
+    machine = doc.get("machine", {})
+    if not isinstance(machine, dict):
+        raise BadInput(f"{path}: 'machine' is not an object; {EXPECTED}")
+    for i, r in enumerate(rows):
+        check_row(path, i, r)
+    return rows, machine
+
 
 def load(paths):
     rows, machines = [], []
     for p in paths:
-        with open(p) as f:
-            doc = json.load(f)
-        machines.append(doc.get("machine", {}))
-        rows.extend(doc.get("results", []))
+        r, m = load_one(p)
+        machines.append(m)
+        rows.extend(r)
     return rows, machines
+
+
+def save(fig, path):
+    """fig as a PNG at path, replaced atomically: written to a temporary file in the same folder, flushed and
+    synced, then renamed over path; the temporary file is removed when anything fails."""
+    folder = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.tight_layout()
+            fig.savefig(f, format="png", dpi=120)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    finally:
+        plt.close(fig)
+    try:  # the rename itself durable
+        dfd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
 
 
 def title(machines, what):
@@ -53,9 +138,7 @@ def sequence_sweep(rows, machines, out):
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
         path = os.path.join(out, f"sequence_sweep_{pass_name}.png")
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        save(fig, path)
         written.append(path)
     return written
 
@@ -71,9 +154,7 @@ def head_dim_sweep(rows, machines, out):
     ax.set_title(title(machines, "head dimension sweep"))
     ax.grid(True, alpha=0.3)
     path = os.path.join(out, "head_dim_sweep.png")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
     return [path]
 
 
@@ -94,9 +175,7 @@ def device_scaling(rows, machines, out):
         ax.set_xlabel("tokens/s")
         ax.set_title(title(machines, f"flow graph per device set, {pass_name} (blue strong, orange weak, green streaming)"))
         path = os.path.join(out, f"device_scaling_{pass_name}.png")
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        save(fig, path)
         written.append(path)
     written += scaling_efficiency(sel, machines, out)
     return written
@@ -137,9 +216,7 @@ def scaling_efficiency(sel, machines, out):
     ax.set_title(title(machines, "scaling efficiency (graph and device-resident)"))
     ax.legend(fontsize=7)
     path = os.path.join(out, "scaling_efficiency.png")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path)
     return [path]
 
 
@@ -148,13 +225,25 @@ def main(argv):
     ap.add_argument("json", nargs="+", help="bench JSON files written by `mlstm bench --json-out`")
     ap.add_argument("--out", default="plots", help="output folder")
     args = ap.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
-    rows, machines = load(args.json)
-    if not rows:
-        print("no results in " + ", ".join(args.json), file=sys.stderr)
+    try:  # every input read and checked before anything is created
+        rows, machines = load(args.json)
+    except BadInput as e:
+        print(f"plot.py: {e}", file=sys.stderr)
         return 2
-    written = sequence_sweep(rows, machines, args.out) + head_dim_sweep(rows, machines, args.out) + \
-        device_scaling(rows, machines, args.out)
+    if not rows:
+        print("plot.py: no results in " + ", ".join(args.json), file=sys.stderr)
+        return 2
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        print(f"plot.py: --out {args.out}: the folder cannot be made ({e.strerror or e})", file=sys.stderr)
+        return 2
+    try:
+        written = sequence_sweep(rows, machines, args.out) + head_dim_sweep(rows, machines, args.out) + \
+            device_scaling(rows, machines, args.out)
+    except OSError as e:
+        print(f"plot.py: --out {args.out}: a plot cannot be written ({e.strerror or e})", file=sys.stderr)
+        return 1
     for w in written:
         print(w)
     return 0
