@@ -43,6 +43,14 @@ static void check_eps(double eps) {
 
 void validate_options(const MlstmOptions& options) {
   check_eps(options.eps);
+  // eps is read by the normaliser only: without it (the sigmoid gate's normalize = false) another value would be
+  // ignored.
+  if (!options.normalize && options.gate == GateVariant::sigmoid && options.eps != MlstmOptions{}.eps) {
+    std::ostringstream got;
+    got << options.eps;
+    throw InvalidArgument("eps", "has no effect without the normaliser (the sigmoid gate with normalize off), got " +
+                                     got.str() + "; leave it at its default");
+  }
   if (options.chunk_size < 0 || options.chunk_size > kMaxChunkSize) {
     throw InvalidArgument("chunk_size", "must be in [1, " + std::to_string(kMaxChunkSize) + "] or 0 (automatic), got " +
                                             std::to_string(options.chunk_size));

@@ -585,6 +585,13 @@ def check_options_without_effect(rng):
         assert mlstm_flow.forward(q, k, v, i, f, kernel=kernel, chunk_size="auto")[0].shape == (B, NH, S, DV)
     expect_error(ValueError, "chunk_size", mlstm_flow.Session, NH, DK, DV, kernel="sequence--cpu", chunk_size=4)
     assert mlstm_flow.Session(NH, DK, DV, kernel="sequence--cpu").push(q, k, v, i, f).shape == (B, NH, S, DV)
+    # eps is read by the normaliser only: with the sigmoid gate and normalize=False another value is refused.
+    expect_error(ValueError, "eps", mlstm_flow.forward, q, k, v, i, f, gate="sig", normalize=False, eps=1e-3)
+    expect_error(ValueError, "eps", mlstm_flow.backward, q, k, v, i, f, dh, gate="sig", normalize=False, eps=100.0)
+    expect_error(ValueError, "eps", mlstm_flow.Session, NH, DK, DV, gate="sig", normalize=False, eps=1e-3)
+    h_off = mlstm_flow.forward(q, k, v, i, f, gate="sig", normalize=False, chunk_size=8)[0]
+    assert not np.array_equal(h_off, h_sig)
+    assert np.array_equal(mlstm_flow.forward(q, k, v, i, f, gate="sig", normalize=False, eps=1e-6, chunk_size=8)[0], h_off)
 
 
 def check_stream_keeps_every_piece(rng):

@@ -1070,6 +1070,12 @@ TEST(ReferenceValidation, BadInputsNameTheArgument) {
       {[&](ForwardArgs&, MlstmOptions& opt) { opt.eps = -1e-6; }, "eps"},
       {[&](ForwardArgs&, MlstmOptions& opt) { opt.eps = std::numeric_limits<double>::quiet_NaN(); }, "eps"},
       {[&](ForwardArgs&, MlstmOptions& opt) { opt.chunk_size = -64; }, "chunk_size"},
+      {[&](ForwardArgs&, MlstmOptions& opt) {  // eps without the normaliser would be ignored
+         opt.gate = GateVariant::sigmoid;
+         opt.normalize = false;
+         opt.eps = 1e-3;
+       },
+       "eps"},
       {[&](ForwardArgs& a, MlstmOptions& opt) {
          opt.gate = GateVariant::sigmoid;
          a.m0 = m_half.view();

@@ -50,7 +50,7 @@ inline constexpr std::int64_t kAutoChunk = 0;
 struct MlstmOptions {
   GateVariant gate = GateVariant::exp;
   bool normalize = true;  // sigmoid variant only: false skips the normaliser
-  double eps = 1e-6;      // > 0
+  double eps = 1e-6;      // > 0; only this default without the normaliser (sigmoid, normalize = false)
   // chunkwise kernels: 1..kMaxChunkSize (any size; S need not be a multiple), or kAutoChunk
   std::int64_t chunk_size = kAutoChunk;
   bool return_last_states = true;
