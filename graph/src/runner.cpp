@@ -3,7 +3,9 @@
 #include <spdlog/spdlog.h>
 #include <tbb/flow_graph.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
@@ -312,6 +314,17 @@ void write_calibration(const nlohmann::json& cache) {
   }
 }
 
+// A tokens/s rate read back from the cache, trusted only when it could have been measured: a number, finite,
+// positive and under kMostTokensPerSecond (no device streams a quadrillion tokens a second). An entry that fails
+// (negated, zeroed, overflowed by hand or by a damaged disk) is treated as absent: measured again and rewritten.
+constexpr double kMostTokensPerSecond = 1e15;
+
+bool plausible_rate(const nlohmann::json& value) {
+  if (!value.is_number()) return false;
+  const double rate = value.get<double>();
+  return std::isfinite(rate) && rate > 0 && rate < kMostTokensPerSecond;
+}
+
 // Inputs of a calibration run: (B, NH, S) with q = k = 0.1, v = 0.2, i = 0, f = 3.
 ForwardInputs calibration_inputs(const ProblemShape& shape, std::int64_t B, std::int64_t NH, std::int64_t S) {
   ForwardInputs in;
@@ -341,9 +354,12 @@ std::vector<double> FlowGraphRunner::calibrate(const std::vector<std::shared_ptr
   bool dirty = false;
   for (const auto& d : devices) {
     const std::string key = d->name() + "|" + problem_key(shape, options);
-    if (cache.contains(key) && cache[key].is_number()) {
-      speeds.push_back(cache[key].get<double>());
-      continue;
+    if (cache.contains(key)) {
+      if (plausible_rate(cache[key])) {
+        speeds.push_back(cache[key].get<double>());
+        continue;
+      }
+      spdlog::info("mlstm-flow: calibration cache entry {} is damaged ({}): measured again", key, cache[key].dump());
     }
     const ForwardInputs in = calibration_inputs(shape, 1, rows, S);
     const ForwardArgs a = in.args();
@@ -416,8 +432,13 @@ std::size_t fastest_candidate(const std::vector<std::shared_ptr<ComputeDevice>>&
     nlohmann::json cache = read_calibration();
     if (cache.contains(key)) entry = cache[key];
   }
-  if (entry.is_array() && entry.size() == rates.size()) {
-    for (std::size_t c = 0; c < rates.size(); ++c) rates[c] = entry[c].is_number() ? entry[c].get<double>() : 0.0;
+  const bool trusted =
+      entry.is_array() && entry.size() == rates.size() &&
+      std::all_of(entry.begin(), entry.end(), [](const nlohmann::json& r) { return plausible_rate(r); });
+  if (!entry.is_null() && !trusted)
+    spdlog::info("mlstm-flow: calibration cache entry {} is damaged ({}): measured again", key, entry.dump());
+  if (trusted) {
+    for (std::size_t c = 0; c < rates.size(); ++c) rates[c] = entry[c].get<double>();
   } else {  // measured without the lock: the graph's run may calibrate its shares (which takes it)
     const ForwardInputs in = calibration_inputs(piece, piece.B, piece.NH, piece.S);
     const ForwardArgs full = in.args();

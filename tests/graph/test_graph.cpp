@@ -1315,5 +1315,79 @@ TEST(GraphNodes, BackwardBodiesRefuseSegmentsNotTheProblems) {
   expect_refused([&] { (void)backward(g); }, "segment 0: got segment 0 of tokens [0, 300)");
 }
 
+// ---- The calibration cache: only rates that could have been measured are trusted ----------------------------
+
+// Every number of the cache file (nlohmann's dump(2): `  "key": 123.4,` or an array's `    123.4,` on a line of
+// its own), each line's replaced by what `change` makes of its text.
+std::vector<std::string> rewrite_cache_numbers(const std::filesystem::path& file,
+                                               const std::function<std::string(const std::string&)>& change) {
+  static const std::regex number_line(R"(^(\s*(?:"[^"]*": )?)(-?[0-9][0-9.eE+-]*)(,?)$)");
+  std::istringstream in(testing::slurp(file));
+  std::string out, line;
+  std::vector<std::string> numbers;
+  while (std::getline(in, line)) {
+    std::smatch m;
+    if (std::regex_match(line, m, number_line)) {
+      numbers.push_back(m[2].str());
+      line = m[1].str() + change(m[2].str()) + m[3].str();
+    }
+    out += line + "\n";
+  }
+  std::ofstream(file, std::ios::trunc) << out;
+  return numbers;
+}
+
+bool plausible_rate(double r) { return std::isfinite(r) && r > 0 && r < 1e15; }
+
+// A cache negated, zeroed, nulled (what nlohmann writes for NaN), NaN, overflowed to inf or huge: each entry is
+// damaged, so the devices are measured again (calibrated shares and the stream measurement of fastest alike),
+// nothing impossible reaches a plan, and the rewritten cache holds measured rates only.
+TEST(GraphCalibration, ImpossibleCachedRatesAreMeasuredAgain) {
+  const std::filesystem::path dir =
+      std::filesystem::temp_directory_path() / ("mlstm_calibration_cache_" + std::to_string(::getpid()));
+  std::filesystem::remove_all(dir);
+  const testing::ScopedEnv xdg("XDG_CACHE_HOME", dir.c_str());
+  const std::filesystem::path file = dir / "mlstm-flow" / "calibration.json";
+  auto a = std::make_shared<PickyDevice>("calibration:a", cpu_device(CpuAlgorithm::chunkwise_tiled),
+                                         std::set<DeviceStage>{});
+  auto b = std::make_shared<PickyDevice>("calibration:b", cpu_device(CpuAlgorithm::chunkwise_tiled),
+                                         std::set<DeviceStage>{});
+  graph::FlowGraphRunner runner(std::vector<std::shared_ptr<ComputeDevice>>{a, b});
+  runner.set_balancing(graph::Balancing::fastest);
+  const InputSpec s = testing::spec(1, 2, 64, 8, 8, DType::f32);
+  const auto in = testing::make_inputs(s, testing::fresh_seed());
+  MlstmOptions o;
+  o.chunk_size = 16;
+  const ProblemShape shape = validate_forward(in.args(), o);
+  // Each measured line "<candidate>: <rate> tokens/s" of the last plan, its rate.
+  const auto measured_rates = [&] {
+    std::vector<double> rates;
+    for (const auto& line : runner.last_plan().measured) {
+      const auto colon = line.rfind(": ");
+      rates.push_back(colon == std::string::npos ? -1.0 : std::strtod(line.c_str() + colon + 2, nullptr));
+    }
+    return rates;
+  };
+  // The first run measures and writes both kinds of entry.
+  for (double r : runner.calibrate(shape, o)) EXPECT_TRUE(plausible_rate(r)) << r;
+  (void)runner.forward(in.args(), o);
+  ASSERT_EQ(rewrite_cache_numbers(file, [](const std::string& n) { return n; }).size(), 2u + 3u)
+      << testing::slurp(file);
+  for (const std::string bad : {"-", "0", "null", "NaN", "1e400", "1e300", "-1e-300"}) {
+    const auto written = rewrite_cache_numbers(file, [&](const std::string& n) { return bad == "-" ? "-" + n : bad; });
+    SCOPED_TRACE("cached rates made " + bad + ":\n" + testing::slurp(file));
+    EXPECT_EQ(written.size(), 5u);
+    for (double r : runner.calibrate(shape, o)) EXPECT_TRUE(plausible_rate(r)) << r;
+    (void)runner.forward(in.args(), o);
+    const auto rates = measured_rates();
+    EXPECT_EQ(rates.size(), 3u) << runner.last_plan().describe();
+    for (double r : rates) EXPECT_TRUE(plausible_rate(r)) << runner.last_plan().describe();
+    const auto now = rewrite_cache_numbers(file, [](const std::string& n) { return n; });
+    EXPECT_EQ(now.size(), 5u);
+    for (const auto& n : now) EXPECT_TRUE(plausible_rate(std::strtod(n.c_str(), nullptr))) << n;
+  }
+  std::filesystem::remove_all(dir);
+}
+
 }  // namespace
 }  // namespace mlstm
