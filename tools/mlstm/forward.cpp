@@ -74,6 +74,22 @@ std::string mib_text(std::uint64_t bytes) {
   return text;
 }
 
+std::int64_t longest_sequence(std::int64_t S, const std::vector<std::int64_t>& cu_seqlens) {
+  if (cu_seqlens.size() < 2) return S;
+  std::int64_t longest = 0;
+  for (std::size_t j = 1; j < cu_seqlens.size(); ++j) longest = std::max(longest, cu_seqlens[j] - cu_seqlens[j - 1]);
+  return longest;
+}
+
+std::vector<std::string> kernel_devices(const InputFiles& in) {
+  if (!in.devices.empty()) {
+    const auto named = opencl::select_devices(in.devices);
+    if (named.size() == 1) return {"opencl:" + std::to_string(named[0].index) + " " + named[0].name};
+    return {in.devices};  // refused before any run (a kernel runs on one device)
+  }
+  return {kernel_info(in.kernel, false).device_kind == "opencl" ? "opencl (default device)" : "cpu"};
+}
+
 int cmd_forward(const InputFiles& in, const ForwardOutputs& out, const ForwardStreaming& st, bool as_json) {
   const KernelInfo info = kernel_info(in.kernel, false);
   const MlstmOptions o = options_of(in, info);
@@ -115,6 +131,8 @@ int cmd_forward(const InputFiles& in, const ForwardOutputs& out, const ForwardSt
     const auto t0 = Clock::now();
     r = engine.forward(l.args(), o);
     const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+    // The size the calls took: no chunk spans more tokens than a row (or packed sequence) has.
+    const std::int64_t chunk = effective_chunk(engine.chunk_for(l.args(), o), longest_sequence(hdr.S, l.cu_seqlens));
     OutputFiles files;
     files.add("--out", out.h, r.h);
     files.add("--out-c", out.c, r.c);
@@ -128,7 +146,7 @@ int cmd_forward(const InputFiles& in, const ForwardOutputs& out, const ForwardSt
                         {"balancing", engine.balancing()},
                         {"shape_h", r.h.shape()},
                         {"packed_sequences", l.cu_seqlens.empty() ? 0 : l.cu_seqlens.size() - 1},
-                        {"chunk_size", engine.chunk_for(l.args(), o)},
+                        {"chunk_size", chunk},
                         {"dtype", dtype_name(r.h.dtype())},
                         {"seconds", secs},
                         {"input_mib", static_cast<double>(hdr.bytes) / static_cast<double>(1 << 20)},
@@ -136,8 +154,8 @@ int cmd_forward(const InputFiles& in, const ForwardOutputs& out, const ForwardSt
                        .dump()
                 << "\n";
     } else {
-      std::cout << "forward: " << engine.what(in) << ", h " << shape_to_string(r.h.shape()) << " "
-                << dtype_name(r.h.dtype()) << " -> " << out.h << " (" << secs * 1e3 << " ms)\n";
+      std::cout << "forward: " << engine.what(in) << ", chunk " << chunk << ", h " << shape_to_string(r.h.shape())
+                << " " << dtype_name(r.h.dtype()) << " -> " << out.h << " (" << secs * 1e3 << " ms)\n";
     }
   } catch (const InvalidArgument& e) {
     rethrow_as_cli(e);
@@ -202,6 +220,9 @@ int cmd_backward(const InputFiles& in, const BackwardFiles& bf, bool as_json) {
     const auto t0 = Clock::now();
     const BackwardResult g = engine.backward(b, o);
     const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
+    // The size the calls took: no chunk spans more tokens than a row (or packed sequence) has.
+    const std::int64_t chunk =
+        effective_chunk(engine.chunk_for(b.inputs, o), longest_sequence(l.q.dim(2), l.cu_seqlens));
     OutputFiles files;
     files.add("--out-dq", bf.out_dq, g.dq);
     files.add("--out-dk", bf.out_dk, g.dk);
@@ -219,12 +240,12 @@ int cmd_backward(const InputFiles& in, const BackwardFiles& bf, bool as_json) {
                         {"balancing", engine.balancing()},
                         {"seconds", secs},
                         {"initial_state_gradients", !g.dc0.empty()},
-                        {"chunk_size", engine.chunk_for(b.inputs, o)},
+                        {"chunk_size", chunk},
                         {"packed_sequences", l.cu_seqlens.empty() ? 0 : l.cu_seqlens.size() - 1}}
                        .dump()
                 << "\n";
     } else {
-      std::cout << "backward: " << engine.what(in) << " (" << secs * 1e3 << " ms)\n";
+      std::cout << "backward: " << engine.what(in) << ", chunk " << chunk << " (" << secs * 1e3 << " ms)\n";
     }
   } catch (const InvalidArgument& e) {
     rethrow_as_cli(e);

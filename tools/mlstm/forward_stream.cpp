@@ -561,7 +561,13 @@ int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const 
   }
   writer.commit();
   ::unlink(record.c_str());
-  if (devices.empty()) devices = {runs_one_kernel(in) ? in.kernel : in.devices};
+  // Listed as forward without --stream-tokens lists them: the kernel's device, or the graph's that took part.
+  if (runs_one_kernel(in)) devices = kernel_devices(in);
+  if (devices.empty()) devices = {in.devices};
+  // The size the slices' calls took: no chunk spans more tokens than a slice or a packed sequence has.
+  const std::int64_t chunk = effective_chunk(
+      session->config().options.chunk_size,
+      std::min(std::min(st.tokens, hdr.S), packed.on() ? longest_sequence(hdr.S, packed.offsets) : hdr.S));
   const Shape shape_h{hdr.B, hdr.NH, hdr.S, hdr.DV};
   if (as_json) {
     std::cout << json{{"command", "forward"},
@@ -580,7 +586,7 @@ int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const 
                       {"packed_sequences", packed.on() ? packed.count() : 0},
                       // of those, the ones that began and ended in one slice: one packed call per slice
                       {"sequences_in_packed_calls", whole_sequences},
-                      {"chunk_size", session->config().options.chunk_size},
+                      {"chunk_size", chunk},
                       {"slices", slices},
                       {"resumed_from", resumed_from},
                       {"input_mib", static_cast<double>(hdr.bytes) / static_cast<double>(1 << 20)},
@@ -588,9 +594,9 @@ int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const 
                      .dump()
               << "\n";
   } else {
-    std::cout << "forward: " << (runs_one_kernel(in) ? in.kernel : "flow graph over " + in.devices) << ", h "
-              << shape_to_string(shape_h) << " " << dtype_name(hdr.dtype) << " -> " << out.h << " in " << slices
-              << " slices of " << st.tokens << " tokens"
+    std::cout << "forward: " << (runs_one_kernel(in) ? in.kernel : "flow graph over " + in.devices) << ", chunk "
+              << chunk << ", h " << shape_to_string(shape_h) << " " << dtype_name(hdr.dtype) << " -> " << out.h
+              << " in " << slices << " slices of " << st.tokens << " tokens"
               << (resumed_from == 0 && first_tokens < std::min(hdr.S, st.tokens)
                       ? " (the first " + std::to_string(first_tokens) + ", for an early first token)"
                       : std::string())
