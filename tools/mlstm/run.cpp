@@ -135,42 +135,44 @@ ForwardInputs tile_pieces(const std::vector<ForwardInputs>& pieces, std::int64_t
 
 namespace {
 
-// Max relative error of h over the first `check_tokens` tokens of a piece of `len` tokens, against the
-// float64 reference (recurrent form) from the zero state.
-double spot_check(const ForwardInputs& l, const RunOptions& ro, std::int64_t len, const Tensor& h,
-                  const MlstmOptions& o) {
-  double max_rel = 0.0;
-  const ForwardResult r{h, {}, {}, {}};
-  const std::int64_t ct = std::min(ro.check_tokens, len);
-  const ForwardInputs& s = l;
-  ForwardArgs sa = s.args();
-  Tensor q = Tensor::copy_of(ConstTensorView(s.q.bytes(), s.q.dtype(), {ro.batch, ro.heads, ct, ro.dqk},
-                                             {ro.heads * len * ro.dqk, len * ro.dqk, ro.dqk, 1}));
-  Tensor k = Tensor::copy_of(ConstTensorView(s.k.bytes(), s.k.dtype(), {ro.batch, ro.heads, ct, ro.dqk},
-                                             {ro.heads * len * ro.dqk, len * ro.dqk, ro.dqk, 1}));
-  Tensor v = Tensor::copy_of(ConstTensorView(s.v.bytes(), s.v.dtype(), {ro.batch, ro.heads, ct, ro.dhv},
-                                             {ro.heads * len * ro.dhv, len * ro.dhv, ro.dhv, 1}));
-  Tensor i =
-      Tensor::copy_of(ConstTensorView(s.i.bytes(), DType::f32, {ro.batch, ro.heads, ct}, {ro.heads * len, len, 1}));
-  Tensor f =
-      Tensor::copy_of(ConstTensorView(s.f.bytes(), DType::f32, {ro.batch, ro.heads, ct}, {ro.heads * len, len, 1}));
-  sa.q = q.view();
-  sa.k = k.view();
-  sa.v = v.view();
-  sa.i = i.view();
-  sa.f = f.view();
-  const ForwardResult ref = reference::recurrent_forward(sa, o);
-  const Tensor got = Tensor::copy_of(ConstTensorView(r.h.bytes(), r.h.dtype(), {ro.batch, ro.heads, ct, ro.dhv},
-                                                     {ro.heads * len * ro.dhv, len * ro.dhv, ro.dhv, 1}),
-                                     DType::f64);
+// Tokens [0, n) of every (batch, head) row of `src` into `dst` from token `t0` on (axis 2: tokens; both contiguous,
+// of one dtype and one width per token).
+void copy_tokens(const Tensor& src, std::int64_t n, Tensor& dst, std::int64_t t0) {
+  const std::int64_t rows = src.dim(0) * src.dim(1), len = src.dim(2), dst_len = dst.dim(2);
+  const std::size_t inner =
+      static_cast<std::size_t>(src.numel() / std::max<std::int64_t>(rows * len, 1)) * dtype_size(src.dtype());
+  for (std::int64_t row = 0; row < rows; ++row) {
+    std::memcpy(dst.bytes() + static_cast<std::size_t>(row * dst_len + t0) * inner,
+                src.bytes() + static_cast<std::size_t>(row * len) * inner, static_cast<std::size_t>(n) * inner);
+  }
+}
+
+// The spot check: the first `tokens` tokens of the sequence, gathered from the pieces that hold them (inputs as
+// each piece is submitted, h as it comes back), then compared with the float64 reference from the zero state.
+struct SpotCheck {
+  std::int64_t tokens = 0;  // 0: none
+  std::int64_t pieces = 0;  // the pieces they came from
+  ForwardInputs inputs;
+  Tensor h;
+};
+
+// Max relative error of the gathered h against the float64 reference (recurrent form) from the zero state.
+double spot_check(const SpotCheck& check, const MlstmOptions& o) {
+  const ForwardResult ref = reference::recurrent_forward(check.inputs.args(), o);
+  const Tensor got = Tensor::copy_of(check.h.view(), DType::f64);
   double max_abs = 0, max_ref = 0;
   const auto gv = got.to_vector(), rv = ref.h.to_vector();
   for (std::size_t e = 0; e < gv.size(); ++e) {
     max_abs = std::max(max_abs, std::fabs(gv[e] - rv[e]));
     max_ref = std::max(max_ref, std::fabs(rv[e]));
   }
-  max_rel = max_abs / std::max(max_ref, 1e-30);
-  return max_rel;
+  return max_abs / std::max(max_ref, 1e-30);
+}
+
+// A plan as the text output shows it: its chunk the size the calls took (no chunk spans more than a call's tokens).
+graph::Plan shown_plan(graph::Plan plan, std::int64_t call_tokens) {
+  plan.chunk_size = effective_chunk(plan.chunk_size, call_tokens);
+  return plan;
 }
 
 }  // namespace
@@ -195,6 +197,16 @@ int cmd_run(const RunOptions& ro, bool as_json) {
                 "--check-tokens");
   check_outputs({}, {});  // run writes no file of its own; MLSTM_GRAPH_DOT (the flow graph's dump) is checked there
   const bool resident_mode = ro.mode == "resident";
+  // The tokens each call of the stream takes per row: a piece, or (resident) the whole sequence.
+  const std::int64_t piece_tokens = resident_mode ? ro.seq_len : std::min(ro.piece, ro.seq_len);
+  // The spot check covers the first tokens of the sequence, across as many pieces as hold them: the given
+  // --check-tokens, or the default 2048 cut to the first piece (a check of the first piece is cheap beside it).
+  const std::int64_t check_tokens = ro.check_tokens_option && ro.check_tokens_option->count() > 0
+                                        ? ro.check_tokens
+                                        : std::min(ro.check_tokens, piece_tokens);
+  // The checked tokens' inputs, h and their float64 reference are held at once.
+  require_fits_memory({ro.batch, ro.heads, check_tokens, token_bytes(ro.dqk, 2 * ro.dhv, DType::f64), 2},
+                      "--check-tokens");
   if (resident_mode && ro.piece_option && ro.piece_option->count() > 0) {
     throw InvalidArgument("--piece", "has no effect with --mode resident (the whole sequence is one piece)");
   }
@@ -279,13 +291,21 @@ int cmd_run(const RunOptions& ro, bool as_json) {
               << (ro.mode == "auto" ? "stream" : ro.mode)
               << (ro.mode == "resident"
                       ? std::string(", resident: the whole sequence in one piece")
-                      : ", streamed in pieces of " + std::to_string(ro.piece) + " tokens carrying (C,n,m)")
+                      : ", streamed in pieces of " + std::to_string(piece_tokens) + " tokens carrying (C,n,m)")
               << (ro.backward ? ", forward+backward per piece (the backward sequence parallel through the graph)" : "")
               << "\n";
   }
   Progress progress(ro.seq_len, ro.progress || isatty(2));
   double max_rel = 0.0;
-  std::int64_t checked = 0;  // tokens the spot check covered (the first piece's first --check-tokens)
+  SpotCheck check;  // the first check_tokens tokens of the sequence, gathered piece by piece
+  check.tokens = check_tokens;
+  if (check.tokens > 0) {
+    check.inputs.q = Tensor({ro.batch, ro.heads, check.tokens, ro.dqk}, dtype);
+    check.inputs.k = Tensor({ro.batch, ro.heads, check.tokens, ro.dqk}, dtype);
+    check.inputs.v = Tensor({ro.batch, ro.heads, check.tokens, ro.dhv}, dtype);
+    check.inputs.i = Tensor({ro.batch, ro.heads, check.tokens}, DType::f32);
+    check.inputs.f = Tensor({ro.batch, ro.heads, check.tokens}, DType::f32);
+  }
   double compute_secs = 0.0;
   const auto start = Clock::now();
   // resident: the whole sequence in memory (the same pieces, tiled), one pass through the graph.
@@ -298,20 +318,31 @@ int cmd_run(const RunOptions& ro, bool as_json) {
   struct InFlight {
     std::uint64_t ticket;
     std::int64_t t0, len;
-    const ForwardInputs* inputs;  // piece 0's inputs, for its spot check (pieces[0] or full: they outlive the run)
   };
   std::deque<InFlight> in_flight;
   double first_token_secs = -1.0;
-  // The spot check of the first piece (a float64 recurrence on the host) runs beside the stream.
+  // The spot check (a float64 recurrence on the host) runs beside the stream once the last piece it covers is back.
   tbb::task_group checking;
-  // A piece's h is back: the first-token time, the spot check of the first piece, progress.
-  auto piece_done = [&](std::int64_t t0, std::int64_t len, const ForwardInputs* inputs, Tensor h) {
+  // A piece goes in: the inputs of its tokens the spot check covers.
+  auto piece_submitted = [&](std::int64_t t0, const ForwardInputs& l) {
+    if (t0 >= check.tokens) return;
+    const std::int64_t n = std::min(l.q.dim(2), check.tokens - t0);
+    copy_tokens(l.q, n, check.inputs.q, t0);
+    copy_tokens(l.k, n, check.inputs.k, t0);
+    copy_tokens(l.v, n, check.inputs.v, t0);
+    copy_tokens(l.i, n, check.inputs.i, t0);
+    copy_tokens(l.f, n, check.inputs.f, t0);
+    ++check.pieces;
+  };
+  // A piece's h is back (pieces come back in order): the first-token time, its checked tokens' h, progress.
+  auto piece_done = [&](std::int64_t t0, std::int64_t len, const Tensor& h) {
     if (first_token_secs < 0) first_token_secs = std::chrono::duration<double>(Clock::now() - process_start()).count();
-    if (t0 == 0 && ro.check_tokens > 0) {
-      checked = std::min(ro.check_tokens, len);
-      checking.run([&max_rel, &ro, inputs, len, h = std::move(h), options = session.config().options] {
-        max_rel = spot_check(*inputs, ro, len, h, options);
-      });
+    if (t0 < check.tokens) {
+      if (check.h.empty()) check.h = Tensor({ro.batch, ro.heads, check.tokens, ro.dhv}, h.dtype());
+      copy_tokens(h, std::min(len, check.tokens - t0), check.h, t0);
+      if (t0 + len >= check.tokens) {
+        checking.run([&max_rel, &check, options = session.config().options] { max_rel = spot_check(check, options); });
+      }
     }
     progress.update(t0 + len);
   };
@@ -321,8 +352,11 @@ int cmd_run(const RunOptions& ro, bool as_json) {
     const auto c0 = Clock::now();
     Tensor h = session.take(f.ticket);
     compute_secs += std::chrono::duration<double>(Clock::now() - c0).count();
-    piece_done(f.t0, f.len, f.inputs, std::move(h));
+    piece_done(f.t0, f.len, h);
   };
+  // The stream's plan, taken at the first piece (backward: the backward's graph plans after it, last_plan() then
+  // holds that one).
+  graph::Plan stream_plan;
   std::int64_t piece_index = 0;
   for (std::int64_t t0 = 0; t0 < ro.seq_len; t0 += step, ++piece_index) {
     const std::int64_t len = std::min(step, ro.seq_len - t0);
@@ -331,25 +365,31 @@ int cmd_run(const RunOptions& ro, bool as_json) {
     if (len < cycled.q.dim(2)) tail = synthetic_piece(ro.batch, ro.heads, len, ro.dqk, ro.dhv, dtype, 7654321);
     const ForwardInputs& l = len < cycled.q.dim(2) ? tail : cycled;
     const ForwardArgs a = l.args();
+    piece_submitted(t0, l);
     const auto c0 = Clock::now();
     if (ro.backward) {
       Tensor h = session.push(a);
-      (void)session.backward_of_last_piece(a, h.view());  // dh = h
+      if (piece_index == 0) stream_plan = session.runner()->last_plan();  // before the backward's plan
+      (void)session.backward_of_last_piece(a, h.view());                  // dh = h
       compute_secs += std::chrono::duration<double>(Clock::now() - c0).count();
-      piece_done(t0, len, &l, std::move(h));
+      if (piece_index == 0 && !as_json) {
+        std::cout << "engine: " << shown_plan(stream_plan, piece_tokens).describe() << "\n"
+                  << "backward: " << shown_plan(session.runner()->last_plan(), piece_tokens).describe() << "\n";
+      }
+      piece_done(t0, len, h);
       continue;
     }
-    in_flight.push_back({session.submit(a), t0, len, t0 == 0 ? &l : nullptr});
+    in_flight.push_back({session.submit(a), t0, len});
     compute_secs += std::chrono::duration<double>(Clock::now() - c0).count();
     if (piece_index == 0) {  // the engine is chosen at the first piece
-      const graph::Plan& plan = session.runner()->last_plan();
-      if (ro.mode == "pipeline" && !plan.overlapped)
+      stream_plan = session.runner()->last_plan();
+      if (ro.mode == "pipeline" && !stream_plan.overlapped)
         throw InvalidArgument("--mode",
                               "pipeline needs a GPU whose tensor-core kernels take this problem "
                               "(bfloat16/float16, head dims multiples of 16, chunk 64 or 128); the stream "
                               "chose " +
-                                  plan.engine);
-      if (!as_json) std::cout << "engine: " << plan.describe() << "\n";
+                                  stream_plan.engine);
+      if (!as_json) std::cout << "engine: " << shown_plan(stream_plan, piece_tokens).describe() << "\n";
     }
     // The first piece is taken at once (its h is the first token: it should not wait for the pieces after it to
     // be staged); later ones go three in flight.
@@ -358,36 +398,51 @@ int cmd_run(const RunOptions& ro, bool as_json) {
   while (!in_flight.empty()) take_oldest();
   checking.wait();
   const double secs = std::chrono::duration<double>(Clock::now() - start).count();
-  const double tokens = static_cast<double>(ro.batch * ro.seq_len);
+  const std::int64_t tokens = ro.batch * ro.seq_len;  // at most 2^50 (checked above)
+  const double rate = static_cast<double>(tokens) / secs;
+  const std::int64_t checked = check.tokens;
   const bool check_ok = max_rel < (dtype == DType::f32 ? 1e-4 : 2e-2);
-  const graph::Plan& plan = session.runner()->last_plan();
+  // The engine that ran the forward (the stream's), and with --backward the graph that ran each piece's backward.
+  std::string engine = stream_plan.engine;
+  std::vector<std::string> devices = stream_plan.devices;
+  if (ro.backward) {
+    const graph::Plan& back = session.runner()->last_plan();
+    std::string over;
+    for (const std::string& d : back.devices) {
+      over += (over.empty() ? "" : ", ") + d;
+      if (std::find(devices.begin(), devices.end(), d) == devices.end()) devices.push_back(d);
+    }
+    engine += "; each piece's backward sequence parallel through the graph over " + over;
+  }
   if (as_json) {
     std::cout << json{{"command", "run"},
                       {"mode", ro.mode == "auto" ? "stream" : ro.mode},
-                      {"engine", plan.engine},
-                      {"overlapped", plan.overlapped},
+                      {"engine", engine},
+                      {"overlapped", stream_plan.overlapped},
                       {"first_token_seconds", first_token_secs},
                       {"tokens", tokens},
                       {"seconds", secs},
                       {"compute_seconds", compute_secs},
-                      {"tokens_per_second", tokens / secs},
+                      {"tokens_per_second", rate},
                       {"peak_rss_mib", peak_rss_mib()},
                       {"spot_check_tokens", checked},
+                      {"spot_check_pieces", check.pieces},
                       {"spot_check_rel_error", checked > 0 ? json(max_rel) : json(nullptr)},
                       {"spot_check_ok", checked > 0 ? json(check_ok) : json(nullptr)},
-                      {"devices", plan.devices},
-                      {"chunk_size", plan.chunk_size},
+                      {"devices", devices},
+                      {"chunk_size", effective_chunk(stream_plan.chunk_size, piece_tokens)},
                       {"balancing", ro.balancing},
                       {"revision", git_revision()}}
                      .dump()
               << "\n";
   } else {
-    std::printf("throughput: %.0f tokens/s (%.0f tokens in %.2f s; kernels %.2f s)\n", tokens / secs, tokens, secs,
-                compute_secs);
+    std::printf("throughput: %.0f tokens/s (%lld tokens in %.2f s; kernels %.2f s)\n", rate,
+                static_cast<long long>(tokens), secs, compute_secs);
     std::printf("peak memory: %.1f MiB\n", peak_rss_mib());
     if (checked > 0) {
-      std::printf("spot check vs float64 reference (first %lld tokens): max rel error %.3g  %s\n",
-                  static_cast<long long>(checked), max_rel, check_ok ? "OK" : "FAILED");
+      std::printf("spot check vs float64 reference (first %lld tokens, %lld piece%s): max rel error %.3g  %s\n",
+                  static_cast<long long>(checked), static_cast<long long>(check.pieces), check.pieces == 1 ? "" : "s",
+                  max_rel, check_ok ? "OK" : "FAILED");
     } else {
       std::printf("spot check: none (--check-tokens 0)\n");
     }
