@@ -408,5 +408,116 @@ TEST_F(CliStream, BadStreamsAreRefusedNamingTheOption) {
   EXPECT_FALSE(fs::exists(path("hfull")));
 }
 
+// Probe 40, defect 4: run --check-tokens above the first piece was cut quietly to it ("spot_check_tokens":7 for
+// --piece 7 --check-tokens 100). The tokens asked for are checked across the pieces that hold them, a short last
+// piece included; the default (2048) stays the first piece's.
+TEST_F(CliStream, RunSpotChecksTheTokensAskedForAcrossPieces) {
+  const std::string run =
+      "run --devices workers --heads 2 --dqk 16 --dhv 16 --seq-len 300 --piece 7 --dtype float32 --check-tokens ";
+  for (const std::int64_t tokens : {100, 300}) {
+    const auto r = run_cli(dir_, "--json " + run + std::to_string(tokens));
+    ASSERT_EQ(r.code, 0) << r.err;
+    const auto doc = nlohmann::json::parse(r.out);
+    EXPECT_EQ(doc["spot_check_tokens"], tokens) << r.out;
+    EXPECT_EQ(doc["spot_check_pieces"], (tokens + 6) / 7) << r.out;
+    EXPECT_EQ(doc["spot_check_ok"], true) << r.out;
+  }
+  const auto text = run_cli(dir_, run + "100");
+  ASSERT_EQ(text.code, 0) << text.err;
+  EXPECT_NE(text.out.find("(first 100 tokens, 15 pieces)"), std::string::npos) << text.out;
+  const auto dflt = run_cli(dir_, "--json run --devices workers --heads 2 --dqk 16 --dhv 16 --seq-len 300 --piece 7");
+  ASSERT_EQ(dflt.code, 0) << dflt.err;
+  EXPECT_EQ(nlohmann::json::parse(dflt.out)["spot_check_tokens"], 7) << dflt.out;
+  // Above --seq-len is still refused.
+  expect_refused(run_cli(dir_, run + "301"), 2, "--check-tokens");
+}
+
+// Probe 40, defect 5: --json reported the chunk size asked for where the run took a smaller one ("chunk_size":300
+// for run --seq-len 100 --chunk-size 300, 100000 for forward --chunk-size 100000 on S=37, 64 for run --seq-len 1).
+// No chunk spans more tokens than a call's row: run reports min(chunk, piece), forward and backward min(chunk, S),
+// forward --stream-tokens min(chunk, slice); the text output says the same.
+TEST_F(CliStream, ReportedChunkIsTheSizeTheRunTook) {
+  const std::string run = "run --devices workers --heads 2 --dqk 16 --dhv 16 --dtype float32 ";
+  for (const auto& [args, chunk] :
+       std::vector<std::pair<std::string, std::int64_t>>{{"--seq-len 100 --chunk-size 300", 100},
+                                                         {"--seq-len 1", 1},
+                                                         {"--seq-len 300 --piece 7", 7},
+                                                         {"--seq-len 300 --chunk-size 16", 16},
+                                                         {"--mode resident --seq-len 50", 50}}) {
+    const auto r = run_cli(dir_, "--json " + run + args);
+    ASSERT_EQ(r.code, 0) << args << ": " << r.err;
+    EXPECT_EQ(nlohmann::json::parse(r.out)["chunk_size"], chunk) << args << ": " << r.out;
+  }
+  const auto text = run_cli(dir_, run + "--seq-len 100 --chunk-size 300");
+  ASSERT_EQ(text.code, 0) << text.err;
+  EXPECT_NE(text.out.find("chunk=100"), std::string::npos) << text.out;
+  EXPECT_EQ(text.out.find("chunk=300"), std::string::npos) << text.out;
+
+  const testing::Inputs in = testing::make_inputs(testing::spec(1, 2, 37, 8, 8), testing::fresh_seed());
+  save_inputs(in);
+  npy::write(path("dh"), in.v.view());
+  for (const std::string engine : {"", " --devices workers"}) {
+    SCOPED_TRACE("engine '" + engine + "'");
+    const std::string fwd = "forward " + inputs() + engine + " --chunk-size 100000 --out " + path("h");
+    const auto f = run_cli(dir_, "--json " + fwd);
+    ASSERT_EQ(f.code, 0) << f.err;
+    EXPECT_EQ(nlohmann::json::parse(f.out)["chunk_size"], 37) << f.out;
+    const auto ft = run_cli(dir_, fwd);
+    ASSERT_EQ(ft.code, 0) << ft.err;
+    EXPECT_NE(ft.out.find("chunk 37"), std::string::npos) << ft.out;
+    const auto s = run_cli(dir_, "--json " + fwd + " --stream-tokens 10");
+    ASSERT_EQ(s.code, 0) << s.err;
+    EXPECT_EQ(nlohmann::json::parse(s.out)["chunk_size"], 10) << s.out;
+    const auto b = run_cli(dir_, "--json backward " + inputs() + engine + " --chunk-size 100000 --dh " + path("dh") +
+                                     " --out-dq " + path("dq"));
+    ASSERT_EQ(b.code, 0) << b.err;
+    EXPECT_EQ(nlohmann::json::parse(b.out)["chunk_size"], 37) << b.out;
+  }
+}
+
+// Probe 40, defect 6: run --backward --json said "engine":"" (the backward's graph plan has none) and its text no
+// engine line; "tokens" was a float (4096.0); the problem line said "pieces of 16384 tokens" where the run took
+// pieces of the whole 300; forward --stream-tokens listed the kernel's name as its device where forward without it
+// lists "cpu".
+TEST_F(CliStream, RunAndStreamReportWhatRan) {
+  const std::string run = "run --devices workers --batch 2 --heads 2 --dqk 16 --dhv 16 --seq-len 300 --dtype float32";
+  const auto fwd = run_cli(dir_, "--json " + run);
+  ASSERT_EQ(fwd.code, 0) << fwd.err;
+  const auto f = nlohmann::json::parse(fwd.out);
+  EXPECT_TRUE(f["tokens"].is_number_integer()) << fwd.out;
+  EXPECT_EQ(f["tokens"], 600) << fwd.out;
+  const auto bwd = run_cli(dir_, "--json " + run + " --backward --piece 100");
+  ASSERT_EQ(bwd.code, 0) << bwd.err;
+  const auto b = nlohmann::json::parse(bwd.out);
+  const std::string engine = b["engine"];
+  EXPECT_EQ(engine.rfind(f["engine"].get<std::string>(), 0), 0u) << "the forward's engine first: " << bwd.out;
+  EXPECT_NE(engine.find("backward"), std::string::npos) << bwd.out;
+  EXPECT_FALSE(b["devices"].empty()) << bwd.out;
+  EXPECT_TRUE(b["tokens"].is_number_integer()) << bwd.out;
+  const auto text = run_cli(dir_, run + " --backward --piece 100");
+  ASSERT_EQ(text.code, 0) << text.err;
+  EXPECT_NE(text.out.find("\nengine: "), std::string::npos) << text.out;
+  EXPECT_NE(text.out.find("\nbackward: "), std::string::npos) << text.out;
+  EXPECT_NE(text.out.find("(600 tokens in"), std::string::npos) << text.out;
+  const auto whole = run_cli(dir_, run);  // the default --piece 16384 is cut to the sequence
+  ASSERT_EQ(whole.code, 0) << whole.err;
+  EXPECT_NE(whole.out.find("pieces of 300 tokens"), std::string::npos) << whole.out;
+  EXPECT_EQ(whole.out.find("16384"), std::string::npos) << whole.out;
+
+  const testing::Inputs in = testing::make_inputs(testing::spec(1, 2, 37, 8, 8), testing::fresh_seed());
+  save_inputs(in);
+  for (const std::string engine : {"", " --devices workers"}) {
+    SCOPED_TRACE("engine '" + engine + "'");
+    const auto one = run_cli(dir_, "--json forward " + inputs() + engine + " --out " + path("h1"));
+    ASSERT_EQ(one.code, 0) << one.err;
+    const auto streamed =
+        run_cli(dir_, "--json forward " + inputs() + engine + " --stream-tokens 10 --out " + path("h2"));
+    ASSERT_EQ(streamed.code, 0) << streamed.err;
+    EXPECT_EQ(nlohmann::json::parse(streamed.out)["devices"], nlohmann::json::parse(one.out)["devices"])
+        << one.out << "\n"
+        << streamed.out;
+  }
+}
+
 }  // namespace
 }  // namespace mlstm
