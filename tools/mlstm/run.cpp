@@ -204,9 +204,6 @@ int cmd_run(const RunOptions& ro, bool as_json) {
   const std::int64_t check_tokens = ro.check_tokens_option && ro.check_tokens_option->count() > 0
                                         ? ro.check_tokens
                                         : std::min(ro.check_tokens, piece_tokens);
-  // The checked tokens' inputs, h and their float64 reference are held at once.
-  require_fits_memory({ro.batch, ro.heads, check_tokens, token_bytes(ro.dqk, 2 * ro.dhv, DType::f64), 2},
-                      "--check-tokens");
   if (resident_mode && ro.piece_option && ro.piece_option->count() > 0) {
     throw InvalidArgument("--piece", "has no effect with --mode resident (the whole sequence is one piece)");
   }
@@ -221,6 +218,9 @@ int cmd_run(const RunOptions& ro, bool as_json) {
                              (ro.piece < ro.seq_len && !resident_mode ? "--piece" : "--seq-len") + "/--dqk/--dhv";
     require_fits_memory({ro.batch, ro.heads, len, token_bytes(ro.dqk, ro.dhv, dtype), copies}, what);
     require_fits_memory({ro.batch, ro.heads, ro.dqk, ro.dhv, 4}, "--batch/--heads/--dqk/--dhv");
+    // The checked tokens' inputs, h and their float64 reference are held at once.
+    require_fits_memory({ro.batch, ro.heads, check_tokens, token_bytes(ro.dqk, 2 * ro.dhv, DType::f64), 2},
+                        "--check-tokens");
   }
   MlstmOptions o;
   o.chunk_size = ro.chunk_size;
