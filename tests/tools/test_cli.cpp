@@ -1076,3 +1076,55 @@ TEST_F(Cli, RunSpotCheckSaysWhatItChecked) {
 
 }  // namespace
 }  // namespace mlstm
+
+namespace mlstm {
+namespace {
+
+// Probe 41: CLI11 read integers with strtoll's base 0, so a leading zero made a number octal ("--seq-len 010" ran 8
+// tokens, exit 0), "0x10" was 16 and "09" no number. Every integer option of every subcommand is decimal now.
+TEST_F(Cli, IntegerOptionsAreDecimal) {
+  const std::string run = "--json run --devices workers --heads 1 --dqk 8 --dhv 8 ";
+  const auto r = run_cli(run + "--seq-len 030 --piece 010 --check-tokens 020");
+  ASSERT_EQ(r.code, 0) << r.err;
+  const auto doc = nlohmann::json::parse(r.out);
+  // Read as octal these were 24, 16 and 8 (the automatic chunk is the piece).
+  EXPECT_EQ(doc["tokens"].get<double>(), 30.0) << r.out;
+  EXPECT_EQ(doc["spot_check_tokens"], 20) << r.out;
+  EXPECT_EQ(doc["chunk_size"], 10) << r.out;
+  // "09" was no number; --chunk-size has its own parser (auto or a number).
+  const auto nine = run_cli(run + "--seq-len 64 --check-tokens 09 --chunk-size 016");
+  ASSERT_EQ(nine.code, 0) << nine.err;
+  EXPECT_EQ(nlohmann::json::parse(nine.out)["spot_check_tokens"], 9) << nine.out;
+  EXPECT_EQ(nlohmann::json::parse(nine.out)["chunk_size"], 16) << nine.out;
+  // List options too (--seq-lens, --chunk-sizes); path options keep their text: --csv 010 is the file "010".
+  const auto bench = run_cli(
+      "bench --tokens 064 --seq-lens 032 --chunk-sizes 016 --dqk 8 --dhv 8 --repeats 1 "
+      "--kernels chunkwise--cpu_xl_chunk --csv 010 --json-out 011",
+      "cd " + dir_.string() + " && ");
+  ASSERT_EQ(bench.code, 0) << bench.err;
+  ASSERT_TRUE(fs::exists(dir_ / "010")) << bench.out;
+  ASSERT_TRUE(fs::exists(dir_ / "011")) << bench.out;
+  std::ifstream csv(dir_ / "010");
+  std::string header, row;
+  std::getline(csv, header);
+  std::getline(csv, row);
+  EXPECT_EQ(row.rfind("chunkwise--cpu_xl_chunk,2,4,32,8,8,float32,16,", 0), 0u) << row;  // B = 64 / 32
+  // Anything but [+-]?[0-9]+ is refused naming the option (exit 2, one line).
+  expect_bad_input(run_cli(run + "--seq-len 0x10"), "--seq-len: '0x10' is not a decimal integer");
+  expect_bad_input(run_cli(run + "--seq-len 1e3"), "--seq-len: '1e3' is not a decimal integer");
+  expect_bad_input(run_cli(run + "--seq-len 99999999999999999999"),
+                   "--seq-len: '99999999999999999999' is out of range");
+  expect_bad_input(run_cli("bench --seq-lens 64 0x40"), "--seq-lens: '0x40' is not a decimal integer");
+  expect_bad_input(run_cli("bench --system --system-tokens 64,0b1"), "--system-tokens: '0b1' is not a decimal integer");
+  expect_bad_input(run_cli("forward " + inputs() + " --out " + path("h") + " --stream-tokens 0x100"),
+                   "--stream-tokens: '0x100' is not a decimal integer");
+  // forward --stream-tokens 010: slices of 10 tokens (checked by positive_count_check, then read), h as a whole run.
+  const auto sliced = run_cli("forward " + inputs() + " --out " + path("h") + " --stream-tokens 010");
+  ASSERT_EQ(sliced.code, 0) << sliced.err;
+  const auto negative = run_cli(run + "--seq-len -010");  // a sign is fine; the range check refuses it
+  expect_bad_input(negative, "--seq-len: must be in [1,");
+  EXPECT_NE(negative.err.find("got -10"), std::string::npos) << negative.err;
+}
+
+}  // namespace
+}  // namespace mlstm

@@ -16,6 +16,7 @@
 #include <filesystem>
 #include <fstream>
 #include <optional>
+#include <type_traits>
 
 #include "mlstm/core/env.hpp"
 #include "mlstm/core/npy.hpp"
@@ -52,6 +53,49 @@ CLI::Option* add_chunk_size_option(CLI::App* app, std::int64_t& chunk) {
       },
       "tokens per chunk of the chunkwise kernels, or auto (the default): the fastest that the devices' tables of "
       "measured rows give for the problem");
+}
+
+namespace {
+
+// How CLI11 converts the values of `option`: its type name is INT or UINT for integers (a list option's names its
+// elements' type), followed by the descriptions of its checks (":N"). Flags take no value.
+enum class IntegerType { none, int_, uint_ };
+IntegerType integer_type(const CLI::Option& option) {
+  if (option.get_expected_max() == 0) return IntegerType::none;
+  const std::string type = option.get_type_name();
+  const std::string base = type.substr(0, type.find(':'));
+  return base == "INT" ? IntegerType::int_ : base == "UINT" ? IntegerType::uint_ : IntegerType::none;
+}
+
+// [+-]?[0-9]+ rewritten with no leading zeros ("010" -> "10", "-0" -> "0"), which strtoll's base 0 reads as decimal;
+// a value past 64 bits is refused here (strtoll would saturate it quietly).
+template <typename T>
+std::string as_decimal(std::string& value) {
+  const bool negative = !value.empty() && value.front() == '-';
+  const std::size_t start = !value.empty() && (value.front() == '-' || value.front() == '+') ? 1 : 0;
+  if (start == value.size() || value.find_first_not_of("0123456789", start) != std::string::npos)
+    return "'" + value + "' is not a decimal integer";
+  const std::size_t first = value.find_first_not_of('0', start);
+  const std::string decimal = first == std::string::npos ? "0" : (negative ? "-" : "") + value.substr(first);
+  if (std::is_unsigned_v<T> && decimal.front() == '-') return "'" + value + "' is not a decimal integer from 0";
+  T n{};
+  const auto [end, ec] = std::from_chars(decimal.data(), decimal.data() + decimal.size(), n);
+  if (ec != std::errc() || end != decimal.data() + decimal.size()) return "'" + value + "' is out of range";
+  value = decimal;
+  return {};
+}
+
+}  // namespace
+
+void decimal_integers_only(CLI::App* app) {
+  for (CLI::Option* option : app->get_options()) {
+    // A transform runs before the option's checks (positive_count_check sees "10" too) and its result is what
+    // CLI11 converts; no description, so --help's INT stays as it was.
+    const IntegerType type = integer_type(*option);
+    if (type == IntegerType::int_) option->transform(CLI::Validator(as_decimal<std::int64_t>, "", "decimal"));
+    if (type == IntegerType::uint_) option->transform(CLI::Validator(as_decimal<std::uint64_t>, "", "decimal"));
+  }
+  for (CLI::App* sub : app->get_subcommands([](CLI::App*) { return true; })) decimal_integers_only(sub);
 }
 
 // Bytes of a problem's buffers, overflow-safe; refused when more than the machine's memory (an allocation

@@ -35,6 +35,11 @@ void require_range(std::int64_t value, std::int64_t lo, std::int64_t hi, const s
 // --chunk-size auto|N into `chunk` (kAutoChunk for auto, the default): anything but auto or 1..kMaxChunkSize is a
 // parse error naming the option (exit 2).
 CLI::Option* add_chunk_size_option(CLI::App* app, std::int64_t& chunk);
+// Every integer option (CLI11's type INT or UINT, list options included) of `app` and of its subcommands, all the
+// way down, reads its values as decimal: CLI11 converts with strtoll's base 0, so "010" was octal 8, "0x10" 16 and
+// "09" no number. Now "010" is 10, and anything but [+-]?[0-9]+ ("0x10", "0b1", "1e3") is a parse error naming the
+// option (exit 2). Call once, after every option is defined.
+void decimal_integers_only(CLI::App* app);
 
 // The largest dimension of a synthetic problem (sums like 2 * dqk + dhv stay far from overflow).
 constexpr std::int64_t kMaxDim = std::int64_t{1} << 40;

@@ -230,6 +230,7 @@ int main(int argc, char** argv) {
                     "with --system: bytes the runs may hold (default: the memory available); a size above it is "
                     "streamed or skipped, as its row says");
   for (CLI::Option* option : bench->get_options()) bo.options[option->get_name()] = option;  // given or default
+  decimal_integers_only(&app);  // every integer option of every subcommand: "010" is 10, "0x10" refused
 
   // A parse that ends the run (--help, a parse error) gives its exit code and, for an error, its message.
   std::optional<int> stop;
