@@ -1077,6 +1077,14 @@ TEST_F(Cli, RunSpotCheckSaysWhatItChecked) {
 }  // namespace
 }  // namespace mlstm
 
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <functional>
+#include <vector>
+
 namespace mlstm {
 namespace {
 
@@ -1124,6 +1132,56 @@ TEST_F(Cli, IntegerOptionsAreDecimal) {
   const auto negative = run_cli(run + "--seq-len -010");  // a sign is fine; the range check refuses it
   expect_bad_input(negative, "--seq-len: must be in [1,");
   EXPECT_NE(negative.err.find("got -10"), std::string::npos) << negative.err;
+}
+
+// Probe 41: the report on stdout was not checked: `--json run > /dev/full` exited 0 with the JSON lost, and a
+// reader that closed its pipe killed mlstm with SIGPIPE. A lost report is exit code 1 with one line naming stdout.
+TEST_F(Cli, ALostReportOnStdoutIsAFailure) {
+  if (!fs::exists("/dev/full")) GTEST_SKIP() << "no /dev/full";
+  const auto to_full = [] {
+    const int fd = ::open("/dev/full", O_WRONLY);
+    ::dup2(fd, 1);
+    ::close(fd);
+    std::signal(SIGPIPE, SIG_DFL);
+  };
+  const auto to_closed_pipe = [] {  // a pipe whose reader is gone before the first write: no timing
+    int ends[2];
+    if (::pipe(ends) != 0) ::_exit(126);
+    ::close(ends[0]);
+    ::dup2(ends[1], 1);
+    ::close(ends[1]);
+    std::signal(SIGPIPE, SIG_DFL);  // as a shell starts it; mlstm must not die of it
+  };
+  const std::string cli = "exec " + std::string(MLSTM_CLI_PATH) + " ";
+  const std::vector<std::string> commands{
+      "kernels",
+      "--json kernels",
+      "devices",
+      "--json run --devices workers --seq-len 256 --heads 1 --dqk 8 --dhv 8 --check-tokens 0",
+      "run --devices workers --seq-len 256 --heads 1 --dqk 8 --dhv 8 --check-tokens 0",
+      "--json forward " + inputs() + " --out " + path("h"),
+      "--help"};
+  for (const auto& command : commands) {
+    for (const auto& [where, setup] :
+         {std::pair<const char*, std::function<void()>>{"/dev/full", to_full},
+          std::pair<const char*, std::function<void()>>{"a closed pipe", to_closed_pipe}}) {
+      fs::remove(path("h"));
+      const auto r = testing::run_command(dir_, cli + command, setup);
+      EXPECT_EQ(r.signal, 0) << command << " to " << where;
+      testing::expect_refused(r, 1, "mlstm: error: writing the output to stdout failed");
+      if (command.find("forward") != std::string::npos) {  // the .npy output is written all the same
+        EXPECT_TRUE(fs::exists(path("h"))) << command << " to " << where;
+      }
+    }
+  }
+  // A failure of its own keeps its exit code and its one line.
+  const auto bad = testing::run_command(dir_, cli + "run --seq-len 0", to_full);
+  testing::expect_refused(bad, 2, "--seq-len");
+  // The message names why where the last write said so.
+  const auto full = testing::run_command(dir_, cli + "kernels", to_full);
+  EXPECT_NE(full.err.find(std::strerror(ENOSPC)), std::string::npos) << full.err;
+  const auto pipe = testing::run_command(dir_, cli + "--json kernels", to_closed_pipe);
+  EXPECT_NE(pipe.err.find(std::strerror(EPIPE)), std::string::npos) << pipe.err;
 }
 
 }  // namespace

@@ -2,12 +2,19 @@
 //   mlstm run | forward | backward | step | kernels | devices | bench   (--help on each)
 // Bad input: one line on stderr naming the argument, exit code 2. Other failures: exit code 1.
 // This file: the CLI11 setup and the exit codes; the subcommands are in commands.hpp, the conventions in cli.hpp.
+#include <poll.h>
 #include <spdlog/sinks/stdout_sinks.h>
 #include <spdlog/spdlog.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <cerrno>
+#include <csignal>
 #include <cstdio>
+#include <cstring>
+#include <iostream>
 #include <memory>
 #include <optional>
 #include <string>
@@ -66,7 +73,8 @@ static std::string parse_culprit(const CLI::App& app, int argc, char** argv) {
   return "";
 }
 
-int main(int argc, char** argv) {
+// The command line parsed and the subcommand run; its exit code (main checks stdout after it).
+static int run_mlstm(int argc, char** argv) {
   // Log lines go to stderr: stdout carries only the command's output (--json's one object).
   spdlog::set_default_logger(spdlog::stderr_logger_mt("mlstm"));
   // Under mpirun with several ranks, forward and backward are distributed (distributed.cpp); messages come from
@@ -332,4 +340,41 @@ int main(int argc, char** argv) {
     return 1;
   }
   return 0;
+}
+
+// Why a write to stdout failed before the final flush (its errno is long gone): a pipe or socket whose reader is
+// gone says so (POLLERR, POLLHUP on the writing end): EPIPE; otherwise 0 (unknown).
+static int earlier_stdout_failure() {
+  struct stat st {};
+  if (::fstat(STDOUT_FILENO, &st) != 0 || !(S_ISFIFO(st.st_mode) || S_ISSOCK(st.st_mode))) return 0;
+  pollfd out{STDOUT_FILENO, POLLOUT, 0};
+  return ::poll(&out, 1, 0) == 1 && (out.revents & (POLLERR | POLLHUP)) != 0 ? EPIPE : 0;
+}
+
+// stdout carries the command's report (--json's object, a listing, bench's rows): a report lost on the way (a full
+// disk, a reader that closed its end of the pipe) is a failure, never exit code 0. Output goes through std::cout
+// (nlohmann's dump too) and printf; with sync_with_stdio (never turned off) both go through C's stdout buffer, so
+// flushing both and asking each stream whether a write failed covers every write of the run. The .npy outputs are
+// written and committed by then; only the report is at stake. An earlier nonzero exit code stands.
+static int stdout_checked(int code) {
+  errno = 0;
+  int reason = std::fflush(stdout) != 0 ? errno : 0;  // C's buffer, which std::cout writes through (sync_with_stdio)
+  errno = 0;
+  std::cout.flush();
+  if (reason == 0 && std::cout.bad()) reason = errno;
+  if (std::ferror(stdout) == 0 && !std::cout.fail()) return code;
+  if (code != 0) return code;
+  if (reason == 0) reason = earlier_stdout_failure();
+  // Only rank 0 of an MPI run writes to stdout: another rank never gets here with a failed write.
+  std::fprintf(stderr, "mlstm: error: writing the output to stdout failed%s%s\n", reason != 0 ? ": " : "",
+               reason != 0 ? std::strerror(reason) : "");
+  return 1;
+}
+
+int main(int argc, char** argv) {
+  // A write to a pipe whose reader is gone fails with EPIPE (reported by stdout_checked, exit code 1) instead of
+  // killing the process with SIGPIPE. Children (bench --system's) inherit the disposition: the mlstm CLI ignores it
+  // anyway, and their stdout is a file.
+  std::signal(SIGPIPE, SIG_IGN);
+  return stdout_checked(run_mlstm(argc, argv));
 }
