@@ -1184,5 +1184,34 @@ TEST_F(Cli, ALostReportOnStdoutIsAFailure) {
   EXPECT_NE(pipe.err.find(std::strerror(EPIPE)), std::string::npos) << pipe.err;
 }
 
+// Probe 41: step --devices 0 without --kernel said "kernel 'cpu' runs on the CPU; leave --kernel out to run the flow
+// graph over '0'": a step has no flow graph, and --kernel was left out. It runs on a device with --kernel opencl.
+TEST_F(Cli, StepDevicesNeedTheOpenclStepKernel) {
+  save("sq", testing::slice_seq(in_.q, 0, 1).reshaped({2, 3, 8}));
+  save("sk", testing::slice_seq(in_.k, 0, 1).reshaped({2, 3, 8}));
+  save("sv", testing::slice_seq(in_.v, 0, 1).reshaped({2, 3, 12}));
+  save("si", Tensor::full({2, 3}, DType::f32, 0.5));
+  save("sf", Tensor::full({2, 3}, DType::f32, 2.0));
+  const std::string step = "step --q " + path("sq") + " --k " + path("sk") + " --v " + path("sv") + " --i " +
+                           path("si") + " --f " + path("sf") + " --out " + path("sh") + " --devices 0";
+  const auto r = run_cli(step);
+  expect_bad_input(r,
+                   "--devices: a step runs on one OpenCL device only with --kernel opencl (the default kernel "
+                   "'cpu' runs on the CPU)");
+  EXPECT_EQ(r.err.find("flow graph"), std::string::npos) << r.err;
+  const auto named = run_cli(step + " --kernel reference_f64");
+  expect_bad_input(named,
+                   "--devices: a step runs on one OpenCL device only with --kernel opencl (kernel "
+                   "'reference_f64' runs on the CPU)");
+  EXPECT_FALSE(fs::exists(path("sh")));
+  // forward's message stands: there, leaving --kernel out runs the flow graph over the devices.
+  expect_bad_input(run_cli("forward " + inputs() + " --out " + path("h") +
+                           " --kernel chunkwise--cpu_xl_chunk "
+                           "--devices 0"),
+                   "leave --kernel out to run the flow graph over '0'");
+  ASSERT_EQ(run_cli(step + " --kernel opencl").code, 0);  // PoCL's device 0
+  EXPECT_TRUE(fs::exists(path("sh")));
+}
+
 }  // namespace
 }  // namespace mlstm

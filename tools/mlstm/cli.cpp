@@ -488,6 +488,13 @@ MlstmOptions options_of(const InputFiles& in, const KernelInfo& info) {
   if (in.no_normalize && o.gate != GateVariant::sigmoid) {
     throw InvalidArgument("--no-normalize", "only the sigmoid input gate (--gate sig) can skip the normaliser");
   }
+  if (in.step && !in.devices.empty() && info.device_kind != "opencl") {
+    // A step has no flow graph: --devices is the one device of an OpenCL step kernel.
+    const bool named = in.kernel_option && in.kernel_option->count() > 0;
+    throw InvalidArgument("--devices", "a step runs on one OpenCL device only with --kernel opencl (" +
+                                           std::string(named ? "kernel '" : "the default kernel '") + info.name +
+                                           "' runs on the CPU)");
+  }
   if (!in.devices.empty() && runs_one_kernel(in) && info.device_kind != "opencl") {
     throw InvalidArgument("--devices", "kernel '" + info.name +
                                            "' runs on the CPU; leave --kernel out to run the flow graph over '" +
