@@ -546,8 +546,10 @@ py::dict run_info(const graph::FlowGraphRunner& runner) {
   info["left_out"] = plan.left_out;
   info["balancing"] = std::string(graph::balancing_name(runner.balancing()));
   info["measured"] = plan.measured;
-  info["segment_tokens"] = plan.segment_tokens;
-  info["chunk_size"] = plan.chunk_size;
+  // The sizes the run took: no chunk or segment spans more tokens than a row has (the plan keeps what it was asked).
+  const auto took = [&](std::int64_t size) { return plan.S > 0 && size > plan.S ? plan.S : size; };
+  info["segment_tokens"] = took(plan.segment_tokens);
+  info["chunk_size"] = took(plan.chunk_size);
   info["segments"] = plan.segments.size();
   info["log"] = runner.last_log();
   return info;

@@ -171,6 +171,10 @@ def check_graph(rng):
     h_kernel = mlstm_flow.forward(q, k, v, i, f, chunk_size="auto")[0]
     assert np.array_equal(h_kernel, mlstm_flow.forward(q, k, v, i, f)[0])
     print("chunk_size='auto': the workers chose %d" % info_auto["chunk_size"])
+    # A chunk longer than the sequence: the run takes chunks (and segments) of the S tokens there are, as reported.
+    h_long, info_long = mlstm_flow.forward(q, k, v, i, f, devices="workers", chunk_size=100000, return_info=True)
+    assert info_long["chunk_size"] == S and info_long["segment_tokens"] <= S, info_long
+    assert rel(h_long[0], h_kernel) < 1e-5
 
     # return_last_states=False: (h, info); bfloat16 inputs; calibrated balancing (its cache in a temporary dir).
     h1 = mlstm_flow.forward(q, k, v, i, f, chunk_size=L, return_last_states=False)
