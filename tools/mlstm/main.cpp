@@ -130,8 +130,10 @@ static int run_mlstm(int argc, char** argv) {
       ->check(CLI::IsMember({"auto", "pipeline", "stream", "resident"}));
   run->add_flag("--backward", ro.backward, "forward + backward");
   run->add_flag("--progress", ro.progress, "progress bar even when stderr is not a terminal");
-  ro.check_tokens_option =
-      run->add_option("--check-tokens", ro.check_tokens, "tokens spot-checked against the float64 reference (0: none)");
+  ro.check_tokens_option = run->add_option(
+      "--check-tokens", ro.check_tokens,
+      "the first tokens of the sequence spot-checked against the float64 reference, gathered across pieces (0: none; "
+      "at most --seq-len; default 2048, or the first piece where that is shorter)");
 
   InputFiles fin;
   ForwardOutputs fout;
