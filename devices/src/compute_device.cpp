@@ -117,6 +117,12 @@ StepResult ComputeDevice::step(const StepArgs& a, const MlstmOptions& options) {
 }
 
 std::vector<NamedDevice> named_devices(const std::string& spec) {
+  // "auto": every usable device, as `mlstm run` takes by default: the CPU workers, and the OpenCL GPUs if any.
+  if (spec == "auto") {
+    bool gpu = false;
+    for (const auto& d : opencl::list_devices()) gpu = gpu || d.type == opencl::DeviceType::gpu;
+    return named_devices(gpu ? "workers+gpu:all" : "workers");
+  }
   std::vector<NamedDevice> out;
   // Each device once: a spec naming one twice ('workers+workers', 'all+0', '0,0') is refused, never run with the
   // same device taking two shares.
@@ -132,6 +138,8 @@ std::vector<NamedDevice> named_devices(const std::string& spec) {
       out.push_back({true, {}});
     } else if (part.empty()) {
       throw InvalidArgument("devices", "empty part in device spec '" + spec + "'");
+    } else if (part == "auto") {
+      throw InvalidArgument("devices", "'auto' (every usable device) stands alone, not in '" + spec + "'");
     } else {
       for (const auto& info : opencl::select_devices(part)) {
         if (!opencl_indices.insert(info.index).second) {

@@ -68,6 +68,19 @@ TEST(OpenCLDevices, SpecsRefuseEmptyPartsAndDevicesNamedTwice) {
     }
   }
   EXPECT_EQ(devices_from_spec("workers+0").size(), cpu_workers().size() + 1);
+  // "auto" (mlstm run's default, and the library's): the CPU workers and every GPU; here (no GPU) the workers.
+  bool gpu = false;
+  for (const auto& d : opencl::list_devices()) gpu = gpu || d.type == opencl::DeviceType::gpu;
+  EXPECT_EQ(devices_from_spec("auto").size(), devices_from_spec(gpu ? "workers+gpu:all" : "workers").size());
+  for (const char* bad : {"auto+0", "workers+auto", "auto+auto"}) {
+    try {
+      devices_from_spec(bad);
+      ADD_FAILURE() << "no error for spec '" << bad << "'";
+    } catch (const InvalidArgument& e) {
+      EXPECT_EQ(e.argument(), "devices") << bad;
+      EXPECT_NE(std::string(e.what()).find("stands alone"), std::string::npos) << e.what();
+    }
+  }
   if (opencl::list_devices().size() >= 2) {
     EXPECT_EQ(opencl::select_devices("1,0").size(), 2u);
     EXPECT_EQ(devices_from_spec("0+1").size(), 2u);
