@@ -73,6 +73,17 @@ class Cli : public ::testing::Test {
   void TearDown() override { fs::remove_all(dir_); }
   std::string path(const std::string& name) const { return (dir_ / (name + ".npy")).string(); }
   void save(const std::string& name, const Tensor& t) { npy::write(path(name), t.view()); }
+  // One step's inputs (the first token of the fixture's q, k, v; gates 0.5 and 2) as sq ... sf; returns the options
+  // that name them.
+  std::string save_step_inputs() {
+    save("sq", testing::slice_seq(in_.q, 0, 1).reshaped({2, 3, 8}));
+    save("sk", testing::slice_seq(in_.k, 0, 1).reshaped({2, 3, 8}));
+    save("sv", testing::slice_seq(in_.v, 0, 1).reshaped({2, 3, 12}));
+    save("si", Tensor::full({2, 3}, DType::f32, 0.5));
+    save("sf", Tensor::full({2, 3}, DType::f32, 2.0));
+    return "--q " + path("sq") + " --k " + path("sk") + " --v " + path("sv") + " --i " + path("si") + " --f " +
+           path("sf");
+  }
   // Packed inputs (initial states given) as pq ... pm0 (m0 as `m0`), pdh where there is a dh, and their offsets;
   // returns the options that name them.
   std::string save_packed(const testing::Inputs& in, const Tensor& m0) {
@@ -741,13 +752,7 @@ TEST_F(Cli, NumbersAreCheckedAndNamed) {
 // listed --c0/--n0/--m0 (the forward's initial state) and ignored them, even of the wrong shape: its state is --c,
 // --n, --m. --chunk-size with a kernel that has no chunks, an empty --devices, a backward that writes nothing.
 TEST_F(Cli, MoreOptionsWithoutEffectAreRefused) {
-  const std::string step_in =
-      "--q " + path("sq") + " --k " + path("sk") + " --v " + path("sv") + " --i " + path("si") + " --f " + path("sf");
-  save("sq", testing::slice_seq(in_.q, 0, 1).reshaped({2, 3, 8}));
-  save("sk", testing::slice_seq(in_.k, 0, 1).reshaped({2, 3, 8}));
-  save("sv", testing::slice_seq(in_.v, 0, 1).reshaped({2, 3, 12}));
-  save("si", Tensor::full({2, 3}, DType::f32, 0.5));
-  save("sf", Tensor::full({2, 3}, DType::f32, 2.0));
+  const std::string step_in = save_step_inputs();
   for (const char* opt : {"--c0", "--n0", "--m0"})
     expect_bad_input(run_cli("step " + step_in + " " + opt + " " + path("c0") + " --out " + path("sh")), opt);
   for (const char* kernel : {"sequence--cpu", "parallel--cpu", "sequence--reference_f64"}) {
@@ -824,15 +829,10 @@ TEST_F(Cli, Bfloat16GatesAndGradients) {
 // writer's temporary file is removed by the next write of the same output.
 TEST_F(Cli, FailedWriteLeavesEveryOutputAsItWas) {
   // step's outputs: h (2 x 3 x 12 floats) is written first and fits the limit, C (2 x 3 x 8 x 12) does not.
-  save("sq", testing::slice_seq(in_.q, 0, 1).reshaped({2, 3, 8}));
-  save("sk", testing::slice_seq(in_.k, 0, 1).reshaped({2, 3, 8}));
-  save("sv", testing::slice_seq(in_.v, 0, 1).reshaped({2, 3, 12}));
-  save("si", Tensor::full({2, 3}, DType::f32, 0.5));
-  save("sf", Tensor::full({2, 3}, DType::f32, 2.0));
+  const std::string step_in = save_step_inputs();
   for (const char* name : {"h", "c", "n"}) save(std::string("old_") + name, Tensor::full({1}, DType::f32, 7.0));
-  const std::string step = " step --q " + path("sq") + " --k " + path("sk") + " --v " + path("sv") + " --i " +
-                           path("si") + " --f " + path("sf") + " --out " + path("old_h") + " --out-c " + path("old_c") +
-                           " --out-n " + path("old_n");
+  const std::string step =
+      " step " + step_in + " --out " + path("old_h") + " --out-c " + path("old_c") + " --out-n " + path("old_n");
   const auto full = testing::run_command(dir_, "exec " + std::string(MLSTM_CLI_PATH) + step, [] {
     std::signal(SIGXFSZ, SIG_IGN);
     const rlimit limit{1024, 1024};  // h's 416 bytes fit, C's 2432 do not
@@ -976,14 +976,8 @@ TEST_F(Cli, StabiliserPlusInfinityIsRefusedNamingM0) {
   const auto empty = run_cli("forward " + inputs() + state + path("m0_empty") + " --out " + path("h"));
   EXPECT_EQ(empty.code, 0) << empty.err;
   // A step's m.
-  save("sq", testing::slice_seq(in_.q, 0, 1).reshaped({2, 3, 8}));
-  save("sk", testing::slice_seq(in_.k, 0, 1).reshaped({2, 3, 8}));
-  save("sv", testing::slice_seq(in_.v, 0, 1).reshaped({2, 3, 12}));
-  save("si", Tensor::full({2, 3}, DType::f32, 0.5));
-  save("sf", Tensor::full({2, 3}, DType::f32, 2.0));
-  const std::string step = "step --q " + path("sq") + " --k " + path("sk") + " --v " + path("sv") + " --i " +
-                           path("si") + " --f " + path("sf") + " --c " + path("c0") + " --n " + path("n0") + " --out " +
-                           path("sh") + " --m ";
+  const std::string step =
+      "step " + save_step_inputs() + " --c " + path("c0") + " --n " + path("n0") + " --out " + path("sh") + " --m ";
   for (const char* m : {"m0_inf", "m0_big"}) {
     const auto r = run_cli(step + path(m));
     expect_bad_input(r, "--m:");
@@ -1187,13 +1181,7 @@ TEST_F(Cli, ALostReportOnStdoutIsAFailure) {
 // Probe 41: step --devices 0 without --kernel said "kernel 'cpu' runs on the CPU; leave --kernel out to run the flow
 // graph over '0'": a step has no flow graph, and --kernel was left out. It runs on a device with --kernel opencl.
 TEST_F(Cli, StepDevicesNeedTheOpenclStepKernel) {
-  save("sq", testing::slice_seq(in_.q, 0, 1).reshaped({2, 3, 8}));
-  save("sk", testing::slice_seq(in_.k, 0, 1).reshaped({2, 3, 8}));
-  save("sv", testing::slice_seq(in_.v, 0, 1).reshaped({2, 3, 12}));
-  save("si", Tensor::full({2, 3}, DType::f32, 0.5));
-  save("sf", Tensor::full({2, 3}, DType::f32, 2.0));
-  const std::string step = "step --q " + path("sq") + " --k " + path("sk") + " --v " + path("sv") + " --i " +
-                           path("si") + " --f " + path("sf") + " --out " + path("sh") + " --devices 0";
+  const std::string step = "step " + save_step_inputs() + " --out " + path("sh") + " --devices 0";
   const auto r = run_cli(step);
   expect_bad_input(r,
                    "--devices: a step runs on one OpenCL device only with --kernel opencl (the default kernel "
