@@ -547,9 +547,8 @@ py::dict run_info(const graph::FlowGraphRunner& runner) {
   info["balancing"] = std::string(graph::balancing_name(runner.balancing()));
   info["measured"] = plan.measured;
   // The sizes the run took: no chunk or segment spans more tokens than a row has (the plan keeps what it was asked).
-  const auto took = [&](std::int64_t size) { return plan.S > 0 && size > plan.S ? plan.S : size; };
-  info["segment_tokens"] = took(plan.segment_tokens);
-  info["chunk_size"] = took(plan.chunk_size);
+  info["segment_tokens"] = size_taken(plan.segment_tokens, plan.S);
+  info["chunk_size"] = size_taken(plan.chunk_size, plan.S);
   info["segments"] = plan.segments.size();
   info["log"] = runner.last_log();
   return info;

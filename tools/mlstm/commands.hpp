@@ -58,12 +58,6 @@ std::uint64_t input_and_h_bytes_per_token(const InputHeaders& hdr);
 std::uint64_t memory_limit_of(const ForwardStreaming& st);
 std::string mib_text(std::uint64_t bytes);  // "12.5 MiB"
 
-// The chunk size a call of `tokens` tokens per row runs at: `chunk`, or the whole call where that is shorter (no
-// chunk spans more tokens than the call has); kAutoChunk (none resolved) as it is. What --json's "chunk_size" and
-// the text output report: the size a run took.
-inline std::int64_t effective_chunk(std::int64_t chunk, std::int64_t tokens) {
-  return chunk == kAutoChunk || tokens <= 0 ? chunk : std::min(chunk, tokens);
-}
 // The longest row a call on these inputs runs: S, or with --cu-seqlens the longest packed sequence.
 std::int64_t longest_sequence(std::int64_t S, const std::vector<std::int64_t>& cu_seqlens);
 // The device of one registry kernel's calls (--kernel), named as forward's --json lists it with and without

@@ -132,7 +132,7 @@ int cmd_forward(const InputFiles& in, const ForwardOutputs& out, const ForwardSt
     r = engine.forward(l.args(), o);
     const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
     // The size the calls took: no chunk spans more tokens than a row (or packed sequence) has.
-    const std::int64_t chunk = effective_chunk(engine.chunk_for(l.args(), o), longest_sequence(hdr.S, l.cu_seqlens));
+    const std::int64_t chunk = size_taken(engine.chunk_for(l.args(), o), longest_sequence(hdr.S, l.cu_seqlens));
     OutputFiles files;
     files.add("--out", out.h, r.h);
     files.add("--out-c", out.c, r.c);
@@ -221,8 +221,7 @@ int cmd_backward(const InputFiles& in, const BackwardFiles& bf, bool as_json) {
     const BackwardResult g = engine.backward(b, o);
     const double secs = std::chrono::duration<double>(Clock::now() - t0).count();
     // The size the calls took: no chunk spans more tokens than a row (or packed sequence) has.
-    const std::int64_t chunk =
-        effective_chunk(engine.chunk_for(b.inputs, o), longest_sequence(l.q.dim(2), l.cu_seqlens));
+    const std::int64_t chunk = size_taken(engine.chunk_for(b.inputs, o), longest_sequence(l.q.dim(2), l.cu_seqlens));
     OutputFiles files;
     files.add("--out-dq", bf.out_dq, g.dq);
     files.add("--out-dk", bf.out_dk, g.dk);

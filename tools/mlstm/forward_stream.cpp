@@ -565,9 +565,9 @@ int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const 
   if (runs_one_kernel(in)) devices = kernel_devices(in);
   if (devices.empty()) devices = {in.devices};
   // The size the slices' calls took: no chunk spans more tokens than a slice or a packed sequence has.
-  const std::int64_t chunk = effective_chunk(
-      session->config().options.chunk_size,
-      std::min(std::min(st.tokens, hdr.S), packed.on() ? longest_sequence(hdr.S, packed.offsets) : hdr.S));
+  const std::int64_t chunk =
+      size_taken(session->config().options.chunk_size,
+                 std::min(std::min(st.tokens, hdr.S), packed.on() ? longest_sequence(hdr.S, packed.offsets) : hdr.S));
   const Shape shape_h{hdr.B, hdr.NH, hdr.S, hdr.DV};
   if (as_json) {
     std::cout << json{{"command", "forward"},

@@ -171,7 +171,7 @@ double spot_check(const SpotCheck& check, const MlstmOptions& o) {
 
 // A plan as the text output shows it: its chunk the size the calls took (no chunk spans more than a call's tokens).
 graph::Plan shown_plan(graph::Plan plan, std::int64_t call_tokens) {
-  plan.chunk_size = effective_chunk(plan.chunk_size, call_tokens);
+  plan.chunk_size = size_taken(plan.chunk_size, call_tokens);
   return plan;
 }
 
@@ -430,7 +430,7 @@ int cmd_run(const RunOptions& ro, bool as_json) {
                       {"spot_check_rel_error", checked > 0 ? json(max_rel) : json(nullptr)},
                       {"spot_check_ok", checked > 0 ? json(check_ok) : json(nullptr)},
                       {"devices", devices},
-                      {"chunk_size", effective_chunk(stream_plan.chunk_size, piece_tokens)},
+                      {"chunk_size", size_taken(stream_plan.chunk_size, piece_tokens)},
                       {"balancing", ro.balancing},
                       {"revision", git_revision()}}
                      .dump()

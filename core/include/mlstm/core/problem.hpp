@@ -56,6 +56,12 @@ struct MlstmOptions {
   bool return_last_states = true;
 };
 
+// The size a run takes for a chunk (or segment) asked as `size` on rows of `tokens`: at most the tokens a row has;
+// kAutoChunk, and any size where the tokens are not known (<= 0), unchanged. What --json and return_info report.
+inline std::int64_t size_taken(std::int64_t size, std::int64_t tokens) {
+  return size == kAutoChunk || tokens <= 0 || size <= tokens ? size : tokens;
+}
+
 // The chunk size of resolved options: InvalidArgument("chunk_size") for kAutoChunk (a kernel called directly with
 // it: pass a size, or call through a device, the registry or the graph, which choose one).
 std::int64_t chunk_of(const MlstmOptions& options);
