@@ -335,11 +335,7 @@ int main(int argc, char** argv) {
   benchmark::Initialize(&argc, argv);
   spdlog::set_level(spdlog::level::warn);
   std::string spec = env("MLSTM_BENCH_DEVICE", "");
-  if (spec.empty()) {
-    bool gpu = false;
-    for (const auto& d : opencl::list_devices()) gpu = gpu || d.type == opencl::DeviceType::gpu;
-    spec = gpu ? "gpu" : "0";
-  }
+  if (spec.empty()) spec = opencl::has_gpu() ? "gpu" : "0";
   const auto devices = opencl::select_devices(spec);
   auto dev = opencl::open_device(devices.front());
   const std::int64_t tokens = std::stoll(env("MLSTM_BENCH_TOKENS", "65536"));

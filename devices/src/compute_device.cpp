@@ -118,11 +118,7 @@ StepResult ComputeDevice::step(const StepArgs& a, const MlstmOptions& options) {
 
 std::vector<NamedDevice> named_devices(const std::string& spec) {
   // "auto": every usable device, as `mlstm run` takes by default: the CPU workers, and the OpenCL GPUs if any.
-  if (spec == "auto") {
-    bool gpu = false;
-    for (const auto& d : opencl::list_devices()) gpu = gpu || d.type == opencl::DeviceType::gpu;
-    return named_devices(gpu ? "workers+gpu:all" : "workers");
-  }
+  if (spec == "auto") return named_devices(opencl::has_gpu() ? "workers+gpu:all" : "workers");
   std::vector<NamedDevice> out;
   // Each device once: a spec naming one twice ('workers+workers', 'all+0', '0,0') is refused, never run with the
   // same device taking two shares.

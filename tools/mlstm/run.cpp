@@ -253,11 +253,10 @@ int cmd_run(const RunOptions& ro, bool as_json) {
   if (spec.empty()) {  // an empty spec would make the session one kernel call, and the engine below its runner's
     throw InvalidArgument("--devices", "is empty: give auto, workers, an OpenCL spec (gpu:all, 0,1, cpu) or a+b");
   }
-  if (spec == "auto") {
-    bool gpu = false;
-    for (const auto& d : opencl::list_devices()) gpu = gpu || d.type == opencl::DeviceType::gpu;
-    if (ro.mode == "pipeline" && !gpu) throw InvalidArgument("--mode", "pipeline needs an OpenCL GPU; none was found");
-    spec = ro.mode == "pipeline" ? "gpu:all" : gpu ? "workers+gpu:all" : "workers";
+  // "auto" is the library's (the workers and every GPU), except in pipeline mode, which runs the GPUs only.
+  if (spec == "auto" && ro.mode == "pipeline") {
+    if (!opencl::has_gpu()) throw InvalidArgument("--mode", "pipeline needs an OpenCL GPU; none was found");
+    spec = "gpu:all";
   }
   // One engine for every mode: the session's stream over `spec` (FlowGraphRunner::open_stream), which measures
   // once which devices take part: a GPU alone through pinned staging (transfers and compute overlapped), or

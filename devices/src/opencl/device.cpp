@@ -201,6 +201,12 @@ std::vector<DeviceInfo> list_devices() {
   return devices;
 }
 
+bool has_gpu() {
+  for (const auto& d : list_devices())
+    if (d.type == DeviceType::gpu) return true;
+  return false;
+}
+
 std::vector<DeviceInfo> select_devices(const std::string& spec) {
   const auto all = list_devices();
   auto fail = [&](const std::string& why) -> std::vector<DeviceInfo> {

@@ -40,6 +40,9 @@ struct DeviceInfo {
 // per process (thread-safe: the first call from several threads at once enumerates once, the others wait).
 std::vector<DeviceInfo> list_devices();
 
+// Whether list_devices() holds a GPU (what "auto" and the benchmarks' defaults decide on).
+bool has_gpu();
+
 // Device spec: "all", "gpu", "gpu:all", "gpu:0,1" (indices among GPUs), "cpu", "cpu:0", "accelerator",
 // or "N[,M...]" (indices into list_devices()). Empty means "default": all GPUs, else every device.
 // Throws InvalidArgument("devices", ...) naming the accepted forms and the devices that exist; an empty index
