@@ -19,13 +19,13 @@ int sequence_shards(const DeviceInfo& info, std::int64_t S, std::int64_t L, std:
     const std::int64_t units = std::max<std::int64_t>(1, info.compute_units);
     groups = std::max<std::int64_t>(1, groups);
     if (cost == SplitCost::fused) {
-      if (2 * groups > units) return 1;
+      if (!split_pays(units, groups)) return 1;
       limit = std::min({(4 * units + groups - 1) / groups, NC / 4, std::int64_t{kMaxAutoShards}});
     } else if (cost == SplitCost::fixup) {
       if (groups > units) return 1;  // every unit has a group: the fix-up would cost what the split gains
       limit = std::min(16 * units / groups, NC / 4);
     } else {
-      if (2 * groups > units) return 1;  // the second pass costs about what the split gains (shards.hpp)
+      if (!split_pays(units, groups)) return 1;  // the second pass costs about what the split gains
       limit = std::min({(8 * units + groups - 1) / groups, NC / 4, std::int64_t{kMaxAutoShards}});
     }
   }

@@ -45,6 +45,9 @@ namespace mlstm::opencl::detail {
 // 65536, chunk 64: 128 / 64 / 32 / 16 shards 0.332 / 0.265 / 0.326 / 0.548 ms, the combine 0.128 / 0.068 / 0.035 /
 // 0.020 of them; TFLA setup S = 65536, 64 groups: 8 shards 3.15, 4 shards 3.31 ms).
 enum class SplitCost { second_pass, fixup, fused };
+// Whether a split with a second pass (SplitCost::second_pass, fused) pays for state kernels of `groups` work-groups
+// on `units` compute units: while the groups leave at least half of the units without one.
+inline bool split_pays(std::int64_t units, std::int64_t groups) { return 2 * groups <= units; }
 int sequence_shards(const DeviceInfo& info, std::int64_t S, std::int64_t L, std::int64_t NC, std::int64_t groups,
                     int requested, SplitCost cost = SplitCost::second_pass);
 

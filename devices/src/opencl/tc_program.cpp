@@ -11,6 +11,7 @@
 #include "internal.hpp"
 #include "mlstm/devices/opencl/launch_params.hpp"
 #include "mlstm/devices/opencl/tc_routine.hpp"
+#include "shards.hpp"
 
 namespace mlstm::opencl::detail {
 
@@ -148,7 +149,7 @@ TcConfig make_config(Device& dev, bool emulate, const ProblemShape& p, const Mls
   if (const int wide = launch.wide_state_tile_v; wide > c.VT && c.L == 64 && p.DHHV % wide == 0) {
     const std::int64_t groups = p.rows() * (p.DHQK / c.KT) * (p.DHHV / wide),
                        units = static_cast<std::int64_t>(dev.info().compute_units);
-    if (groups > units || (sequence_split && 2 * groups <= units)) c.VT = wide;
+    if (groups > units || (sequence_split && split_pays(units, groups))) c.VT = wide;
   }
   c.LQ = std::min(c.L, launch.chunk_rows);
   c.KB = launch.key_block > 0 ? std::min(c.LQ, launch.key_block) : c.LQ;
