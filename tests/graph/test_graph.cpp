@@ -756,6 +756,21 @@ class PickyDevice : public ComputeDevice {
   std::set<DeviceStage> refused_;
 };
 
+// Two test doubles of type D (PickyDevice or one derived from it) over the tiled CPU kernel, refusing nothing,
+// named "<prefix>:a" and "<prefix>:b", and a runner balancing over them by measuring (Balancing::fastest).
+template <class D>
+struct MeasuredPair {
+  explicit MeasuredPair(const std::string& prefix)
+      : a(make(prefix + ":a")), b(make(prefix + ":b")), runner(std::vector<std::shared_ptr<ComputeDevice>>{a, b}) {
+    runner.set_balancing(graph::Balancing::fastest);
+  }
+  static std::shared_ptr<D> make(const std::string& name) {
+    return std::make_shared<D>(name, cpu_device(CpuAlgorithm::chunkwise_tiled), std::set<DeviceStage>{});
+  }
+  std::shared_ptr<D> a, b;
+  graph::FlowGraphRunner runner;
+};
+
 // A DOT dump read back: node id -> label (unescaped), edges as (from, to) ids.
 struct ParsedDot {
   std::map<std::string, std::string> labels;
@@ -1119,12 +1134,8 @@ TEST(GraphPlan, FastestMeasuresPiecesNoLongerThanTheProblem) {
     }
     std::atomic<std::int64_t> longest{0};
   };
-  auto a =
-      std::make_shared<Recording>("recording:a", cpu_device(CpuAlgorithm::chunkwise_tiled), std::set<DeviceStage>{});
-  auto b =
-      std::make_shared<Recording>("recording:b", cpu_device(CpuAlgorithm::chunkwise_tiled), std::set<DeviceStage>{});
-  graph::FlowGraphRunner runner(std::vector<std::shared_ptr<ComputeDevice>>{a, b});
-  runner.set_balancing(graph::Balancing::fastest);
+  MeasuredPair<Recording> pair("recording");
+  graph::FlowGraphRunner& runner = pair.runner;
   const InputSpec s = testing::spec(1, 2, 100, 8, 8, DType::f32);
   const auto in = testing::make_inputs(s, testing::fresh_seed());
   MlstmOptions o;
@@ -1139,8 +1150,8 @@ TEST(GraphPlan, FastestMeasuresPiecesNoLongerThanTheProblem) {
   }
   std::filesystem::remove_all(cache);
   EXPECT_EQ(runner.last_plan().measured.size(), 3u) << runner.last_plan().describe();
-  EXPECT_LE(a->longest.load(), 100);
-  EXPECT_LE(b->longest.load(), 100);
+  EXPECT_LE(pair.a->longest.load(), 100);
+  EXPECT_LE(pair.b->longest.load(), 100);
   const auto one_call = get_kernel("chunkwise--cpu_xl_chunk")->forward(in.args(), o);
   EXPECT_TRUE(testing::matches(got.h, one_call.h, 2e-5, "fastest, chunk past the sequence", "h", s));
 }
@@ -1348,12 +1359,7 @@ TEST(GraphCalibration, ImpossibleCachedRatesAreMeasuredAgain) {
   std::filesystem::remove_all(dir);
   const testing::ScopedEnv xdg("XDG_CACHE_HOME", dir.c_str());
   const std::filesystem::path file = dir / "mlstm-flow" / "calibration.json";
-  auto a = std::make_shared<PickyDevice>("calibration:a", cpu_device(CpuAlgorithm::chunkwise_tiled),
-                                         std::set<DeviceStage>{});
-  auto b = std::make_shared<PickyDevice>("calibration:b", cpu_device(CpuAlgorithm::chunkwise_tiled),
-                                         std::set<DeviceStage>{});
-  graph::FlowGraphRunner runner(std::vector<std::shared_ptr<ComputeDevice>>{a, b});
-  runner.set_balancing(graph::Balancing::fastest);
+  MeasuredPair<PickyDevice> pair("calibration");
   const InputSpec s = testing::spec(1, 2, 64, 8, 8, DType::f32);
   const auto in = testing::make_inputs(s, testing::fresh_seed());
   MlstmOptions o;
@@ -1362,26 +1368,26 @@ TEST(GraphCalibration, ImpossibleCachedRatesAreMeasuredAgain) {
   // Each measured line "<candidate>: <rate> tokens/s" of the last plan, its rate.
   const auto measured_rates = [&] {
     std::vector<double> rates;
-    for (const auto& line : runner.last_plan().measured) {
+    for (const auto& line : pair.runner.last_plan().measured) {
       const auto colon = line.rfind(": ");
       rates.push_back(colon == std::string::npos ? -1.0 : std::strtod(line.c_str() + colon + 2, nullptr));
     }
     return rates;
   };
   // The first run measures and writes both kinds of entry.
-  for (double r : runner.calibrate(shape, o)) EXPECT_TRUE(plausible_rate(r)) << r;
-  (void)runner.forward(in.args(), o);
+  for (double r : pair.runner.calibrate(shape, o)) EXPECT_TRUE(plausible_rate(r)) << r;
+  (void)pair.runner.forward(in.args(), o);
   ASSERT_EQ(rewrite_cache_numbers(file, [](const std::string& n) { return n; }).size(), 2u + 3u)
       << testing::slurp(file);
   for (const std::string bad : {"-", "0", "null", "NaN", "1e400", "1e300", "-1e-300"}) {
     const auto written = rewrite_cache_numbers(file, [&](const std::string& n) { return bad == "-" ? "-" + n : bad; });
     SCOPED_TRACE("cached rates made " + bad + ":\n" + testing::slurp(file));
     EXPECT_EQ(written.size(), 5u);
-    for (double r : runner.calibrate(shape, o)) EXPECT_TRUE(plausible_rate(r)) << r;
-    (void)runner.forward(in.args(), o);
+    for (double r : pair.runner.calibrate(shape, o)) EXPECT_TRUE(plausible_rate(r)) << r;
+    (void)pair.runner.forward(in.args(), o);
     const auto rates = measured_rates();
-    EXPECT_EQ(rates.size(), 3u) << runner.last_plan().describe();
-    for (double r : rates) EXPECT_TRUE(plausible_rate(r)) << runner.last_plan().describe();
+    EXPECT_EQ(rates.size(), 3u) << pair.runner.last_plan().describe();
+    for (double r : rates) EXPECT_TRUE(plausible_rate(r)) << pair.runner.last_plan().describe();
     const auto now = rewrite_cache_numbers(file, [](const std::string& n) { return n; });
     EXPECT_EQ(now.size(), 5u);
     for (const auto& n : now) EXPECT_TRUE(plausible_rate(std::strtod(n.c_str(), nullptr))) << n;
