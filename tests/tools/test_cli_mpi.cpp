@@ -50,17 +50,17 @@ ChildRun cli(const fs::path& logs, const std::string& args) {
 }
 
 // mpirun with one app context per entry of `contexts` ({np, mlstm arguments}: MPMD when several); `options` go to
-// mpirun (e.g. -x MLSTM_MPI_FAIL_RANK=1). Every rank gets the PoCL devices and the tests' OpenCL program cache.
+// mpirun (e.g. -x MLSTM_MPI_FAIL_RANK=1); `wrapper`, when given, starts each rank's mlstm (its command line after it). Every rank gets the PoCL devices and the tests' OpenCL program cache.
 ChildRun mpirun(const fs::path& logs, const std::vector<std::pair<int, std::string>>& contexts,
-                const std::string& options = "") {
+                const std::string& options = "", const std::string& wrapper = "") {
   std::string cmd = std::string(MLSTM_MPIRUN_PATH) + " --allow-run-as-root --oversubscribe";
   for (const char* name : {"POCL_DEVICES", "MLSTM_PROGRAM_CACHE"}) {
     if (const char* v = std::getenv(name)) cmd += " -x " + quoted(std::string(name) + "=" + v);
   }
   cmd += " " + options;
   for (std::size_t c = 0; c < contexts.size(); ++c) {
-    cmd += (c == 0 ? " -np " : " : -np ") + std::to_string(contexts[c].first) + " " + MLSTM_CLI_PATH + " " +
-           contexts[c].second;
+    cmd += (c == 0 ? " -np " : " : -np ") + std::to_string(contexts[c].first) + " " + wrapper + " " + MLSTM_CLI_PATH +
+           " " + contexts[c].second;
   }
   return guarded(logs, cmd);
 }
@@ -529,6 +529,34 @@ TEST_F(CliMpi, ASucceedingRunReplacesAnOlderFileWhole) {
   EXPECT_TRUE(testing::matches(got, npy::read(path("one_h"), "h"), kTol,
                                "mpirun -np 3 mlstm forward over an older file", "h", spec_));
   EXPECT_EQ(bytes_of(link), older) << "the older file was written in place, not replaced";
+}
+
+// 7. A report lost on rank 0's stdout (the only rank that writes there; here /dev/full) fails every rank with exit
+// code 1, not rank 0 alone: the ranks exit with one code. The .npy output is written all the same. Each rank's own
+// exit code is recorded by a wrapper (mpirun reports only one).
+TEST_F(CliMpi, AReportLostOnRankZerosStdoutFailsEveryRank) {
+  if (!fs::exists("/dev/full")) GTEST_SKIP() << "no /dev/full";
+  testing::InputSpec spec = testing::spec(1, 2, 64, 8, 8);
+  spec.initial_state = true;
+  write_inputs(spec);
+  const fs::path wrapper = dir_ / "rank.sh";
+  put_bytes(wrapper,
+            "rank=${OMPI_COMM_WORLD_RANK:-x}\n"
+            "if [ \"$rank\" = 0 ]; then \"$@\" > /dev/full; else \"$@\"; fi\n"
+            "code=$?\n"
+            "echo $code > " +
+                quoted((dir_ / "code.").string()) +
+                "$rank\n"
+                "exit $code\n");
+  const std::string h = path("h");
+  const ChildRun r = mpirun(dir_, {{2, "--json forward " + inputs(16) + " --out " + h}}, "", "sh " + wrapper.string());
+  expect_one_line(r, 1, "mlstm: error: writing the output to stdout failed", "stdout");
+  for (const char* rank : {"0", "1"}) {
+    const fs::path code = dir_ / (std::string("code.") + rank);
+    ASSERT_TRUE(fs::exists(code)) << "rank " << rank << " recorded no exit code";
+    EXPECT_EQ(bytes_of(code), "1\n") << "rank " << rank << "'s exit code";
+  }
+  EXPECT_TRUE(fs::exists(h));
 }
 
 }  // namespace

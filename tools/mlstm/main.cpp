@@ -73,7 +73,10 @@ static std::string parse_culprit(const CLI::App& app, int argc, char** argv) {
   return "";
 }
 
-// The command line parsed and the subcommand run; its exit code (main checks stdout after it).
+static int stdout_checked(int code);
+
+// The command line parsed and the subcommand run; its exit code (main checks stdout after it; under mpirun, rank 0
+// checks it here, before the ranks agree on one exit code).
 static int run_mlstm(int argc, char** argv) {
   // Log lines go to stderr: stdout carries only the command's output (--json's one object).
   spdlog::set_default_logger(spdlog::stderr_logger_mt("mlstm"));
@@ -293,26 +296,33 @@ static int run_mlstm(int argc, char** argv) {
   try {
 #ifdef MLSTM_HAVE_MPI
     if (world_size > 1) {
+      int code = 2;
       try {
-        if (*forward) return cmd_forward_mpi(fin, fout, fstream, as_json);
-        if (*backward) return cmd_backward_mpi(bin, bfiles, as_json);
+        if (*forward) {
+          code = cmd_forward_mpi(fin, fout, fstream, as_json);
+        } else if (*backward) {
+          code = cmd_backward_mpi(bin, bfiles, as_json);
+        } else if (speaks) {
+          std::fprintf(stderr,
+                       "mlstm: error: %s runs in one process; under mpirun only forward and backward are "
+                       "distributed\n",
+                       app.get_subcommands().front()->get_name().c_str());
+        }
       } catch (const dist::RankFailed& e) {
         if (speaks) {
           std::fprintf(stderr, "mlstm: %s: %s\n", e.exit_code() == 2 ? "error" : "failed", one_line(e.what()).c_str());
         }
-        return e.exit_code();
+        code = e.exit_code();
       } catch (const std::exception& e) {
         // Outside the collective steps: this rank alone knows; ending every rank is the only way not to hang one.
         std::fprintf(stderr, "mlstm: failed: rank %d: %s\n", world_rank, one_line(e.what()).c_str());
         MPI_Abort(MPI_COMM_WORLD, 1);
       }
-      if (speaks) {
-        std::fprintf(stderr,
-                     "mlstm: error: %s runs in one process; under mpirun only forward and backward are "
-                     "distributed\n",
-                     app.get_subcommands().front()->get_name().c_str());
-      }
-      return 2;
+      // Every rank exits with one code: a report lost on rank 0's stdout (the only rank that writes there) fails
+      // them all, not rank 0 alone.
+      if (speaks) code = stdout_checked(code);
+      MPI_Bcast(&code, 1, MPI_INT, 0, MPI_COMM_WORLD);
+      return code;
     }
 #endif
     if (*run) {
@@ -367,7 +377,8 @@ static int stdout_checked(int code) {
   if (std::ferror(stdout) == 0 && !std::cout.fail()) return code;
   if (code != 0) return code;
   if (reason == 0) reason = earlier_stdout_failure();
-  // Only rank 0 of an MPI run writes to stdout: another rank never gets here with a failed write.
+  // Only rank 0 of an MPI run writes to stdout (run_mlstm calls this there before MPI ends): another rank never gets
+  // here with a failed write.
   std::fprintf(stderr, "mlstm: error: writing the output to stdout failed%s%s\n", reason != 0 ? ": " : "",
                reason != 0 ? std::strerror(reason) : "");
   return 1;
