@@ -435,7 +435,7 @@ TEST_F(CliStream, RunSpotChecksTheTokensAskedForAcrossPieces) {
 // Probe 40, defect 5: --json reported the chunk size asked for where the run took a smaller one ("chunk_size":300
 // for run --seq-len 100 --chunk-size 300, 100000 for forward --chunk-size 100000 on S=37, 64 for run --seq-len 1).
 // No chunk spans more tokens than a call's row: run reports min(chunk, piece), forward and backward min(chunk, S),
-// forward --stream-tokens min(chunk, slice); the text output says the same.
+// forward --stream-tokens min(chunk, slice); the text output says the same, and names the slices taken.
 TEST_F(CliStream, ReportedChunkIsTheSizeTheRunTook) {
   const std::string run = "run --devices workers --heads 2 --dqk 16 --dhv 16 --dtype float32 ";
   for (const auto& [args, chunk] :
@@ -468,6 +468,10 @@ TEST_F(CliStream, ReportedChunkIsTheSizeTheRunTook) {
     const auto s = run_cli(dir_, "--json " + fwd + " --stream-tokens 10");
     ASSERT_EQ(s.code, 0) << s.err;
     EXPECT_EQ(nlohmann::json::parse(s.out)["chunk_size"], 10) << s.out;
+    // The text names the slices the run took: one of the whole 37 tokens for --stream-tokens 4096, not "of 4096".
+    const auto whole = run_cli(dir_, fwd + " --stream-tokens 4096");
+    ASSERT_EQ(whole.code, 0) << whole.err;
+    EXPECT_NE(whole.out.find("in 1 slice of 37 tokens"), std::string::npos) << whole.out;
     const auto b = run_cli(dir_, "--json backward " + inputs() + engine + " --chunk-size 100000 --dh " + path("dh") +
                                      " --out-dq " + path("dq"));
     ASSERT_EQ(b.code, 0) << b.err;

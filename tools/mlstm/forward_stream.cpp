@@ -596,7 +596,8 @@ int cmd_forward_streamed(const InputFiles& in, const ForwardOutputs& out, const 
   } else {
     std::cout << "forward: " << (runs_one_kernel(in) ? in.kernel : "flow graph over " + in.devices) << ", chunk "
               << chunk << ", h " << shape_to_string(shape_h) << " " << dtype_name(hdr.dtype) << " -> " << out.h
-              << " in " << slices << " slices of " << st.tokens << " tokens"
+              << " in " << slices << (slices == 1 ? " slice of " : " slices of ") << size_taken(st.tokens, hdr.S)
+              << " tokens"
               << (resumed_from == 0 && first_tokens < std::min(hdr.S, st.tokens)
                       ? " (the first " + std::to_string(first_tokens) + ", for an early first token)"
                       : std::string())
