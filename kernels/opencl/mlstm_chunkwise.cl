@@ -161,7 +161,7 @@ __kernel void fw_gates(__global const float* i, __global const float* f, __globa
     }
     b[base + t] = (float4)(small, large, last_cut, 0.0f);
 #if GATE_EXP
-    const float igt = i[base + t];
+    const float igt = fmin(i[base + t], FLT_MAX);  // +inf as the largest float (stages.hpp "Gates at +-inf")
 #else
     const float igt = logsigmoid(i[base + t]);
 #endif

@@ -452,6 +452,7 @@ void step_row(const float* q, const float* k, const float* v, float i, float f, 
   const float lf = logsigmoid(f);
   float a, bw, m_new;
   if (o.gate == GateVariant::exp) {
+    i = gates::exp_input_gate(i);
     // As the float64 reference: lf = -inf forgets whatever m is; a log weight of -inf weighs 0 (also into an
     // empty state, m_new = -inf).
     constexpr float ninf = -std::numeric_limits<float>::infinity();

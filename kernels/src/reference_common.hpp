@@ -13,6 +13,7 @@
 
 namespace mlstm::reference::detail {
 
+using gates::exp_input_gate;
 using gates::logsigmoid;
 using gates::sigmoid;
 using gates::weight;

@@ -11,6 +11,7 @@
 
 namespace mlstm::reference {
 
+using detail::exp_input_gate;
 using detail::logsigmoid;
 using detail::normaliser;
 using detail::sigmoid;
@@ -84,7 +85,7 @@ RowGates row_gates(const double* i, const double* f, std::int64_t S, double m0, 
     }
     g.cut[t] = cut;
     g.b[t] = acc;
-    g.ig[t] = g.exp_gate ? i[t] : logsigmoid(i[t]);
+    g.ig[t] = g.exp_gate ? exp_input_gate(i[t]) : logsigmoid(i[t]);
   }
   for (std::int64_t t = 0; t < S; ++t) {
     if (!g.exp_gate) {

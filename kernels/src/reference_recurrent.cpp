@@ -13,6 +13,7 @@
 
 namespace mlstm::reference {
 
+using detail::exp_input_gate;
 using detail::logsigmoid;
 using detail::normaliser;
 using detail::sigmoid;
@@ -34,6 +35,7 @@ StepRecord step_row(const double* q, const double* k, const double* v, double i,
   rec.lf = logsigmoid(f);
   rec.m_prev = m;
   if (o.gate == GateVariant::exp) {
+    i = exp_input_gate(i);
     // lf = -inf forgets the state whatever m is (the limit f -> -inf); with i = -inf too, m_t = -inf and the
     // state is empty (C = n = 0): a = b = 0, never exp(-inf - -inf).
     const double cand = rec.lf == detail::kNegInf ? detail::kNegInf : rec.lf + m;

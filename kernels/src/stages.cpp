@@ -219,7 +219,7 @@ void fw_gates(const float* i, const float* f, GateVariant gate, const SegmentSha
       b[t] = small;
       B[t] = large;
       cut[t] = last_cut;
-      ig[t] = is_exp(gate) ? i[t] : logsigmoid(i[t]);
+      ig[t] = is_exp(gate) ? gates::exp_input_gate(i[t]) : logsigmoid(i[t]);
     }
     G[c] = last_cut >= 0.f ? -std::numeric_limits<float>::infinity() : small + large;
   }

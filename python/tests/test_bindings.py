@@ -955,8 +955,42 @@ def cli_path():
     return None
 
 
+def check_input_gate_plus_inf(rng):
+    """An input gate of +inf (exp gate) is taken as the largest float32 (stages.hpp "Gates at +-inf"): every entry
+    point runs it, equal to the same call at i = 3.4028235e38, and the state leaves at m = that value; a float64
+    1e300 reads as +inf in float32 and runs the same. Backward and step too; NaN stays refused."""
+    B, NH, S, DK, DV = 1, 2, 37, 8, 8
+    q, k, v, i, f, dh = float32_inputs(rng, B, NH, S, DK, DV)
+    top = np.finfo(np.float32).max
+    i_inf, i_max = i.copy(), i.copy()
+    i_inf[..., [1, 20, S - 2]] = np.inf
+    i_max[..., [1, 20, S - 2]] = top
+    i_big = i_inf.astype(np.float64)
+    i_big[np.isinf(i_big)] = 1e300
+    for kw in ({}, {"kernel": "sequence--reference_f64"}, {"kernel": "parallel--cpu"}, {"devices": "workers"},
+               {"devices": "0,1"}):
+        want, (_, _, m_want) = mlstm_flow.forward(q, k, v, i_max, f, **kw)
+        assert (m_want == top).all(), (kw, m_want)
+        for gates, ff in ((i_inf, f), (i_big, f.astype(np.float64))):
+            got, (_, _, m_got) = mlstm_flow.forward(q, k, v, gates, ff, **kw)
+            assert np.array_equal(got, want), kw
+            assert np.array_equal(m_got, m_want), kw
+    g_inf = mlstm_flow.backward(q, k, v, i_inf, f, dh)
+    g_max = mlstm_flow.backward(q, k, v, i_max, f, dh)
+    for name in ("dq", "dk", "dv", "di", "df"):
+        assert np.array_equal(g_inf[name], g_max[name]), name
+    c = np.zeros((B, NH, DK, DV), np.float32)
+    n = np.zeros((B, NH, DK), np.float32)
+    m = np.zeros((B, NH), np.float32)
+    h1, (_, _, m1) = mlstm_flow.step(q[:, :, 1], k[:, :, 1], v[:, :, 1], i_inf[:, :, 1], f[:, :, 1], c, n, m)
+    assert np.isfinite(h1).all() and (m1 == top).all()
+    bad = i.copy()
+    bad[0, 1, 3] = np.nan
+    expect_error(ValueError, "i", mlstm_flow.forward, q, k, v, bad, f)
+
+
 def check_stabiliser_plus_inf(rng):
-    """Probe 39: an initial stabiliser m0 = +inf (exp gate) is outside the recurrence's domain, as i = +inf is (the
+    """Probe 39: an initial stabiliser m0 = +inf (exp gate) is outside the recurrence's domain (the
     chunkwise and graph forms gave h = 0, the sequence forms and references NaN): every entry point refuses it with a
     ValueError naming m0 (step: m), also a float64 m0 beyond float32's range, and NaN (which the forms disagreed on
     the same way); -inf (the empty state) stays valid."""
@@ -1242,6 +1276,7 @@ def main():
         check_arguments_named(rng, tmp)
     check_argument_mismatches(rng)
     check_stabiliser_plus_inf(rng)
+    check_input_gate_plus_inf(rng)
     with tempfile.TemporaryDirectory() as tmp:
         check_bfloat16_gates_and_states(rng, tmp)
     check_resident_and_host_array_messages(rng)

@@ -47,6 +47,8 @@ const char* inf_gates_name(InfGates g) {
       return "forget_finite";
     case InfGates::spread:
       return "spread";
+    case InfGates::input_pos:
+      return "input_pos";
   }
   return "?";
 }
@@ -109,6 +111,13 @@ void apply_inf_gates(InfGates g, Tensor& i, Tensor& f) {
           if (u == 4) ii = std::min(big[(t / 23) % 3], most);
           if (u == 9) ff = -inf;
           if (u >= 15 && u <= 17) ii = ff = -inf;
+          break;
+        }
+        case InfGates::input_pos: {
+          const std::int64_t u = (t - r % 23 + 23) % 23;
+          if (u == 4 || t == 1 || t == S - 2) ii = inf;
+          if (u == 9 && t != S - 1) ff = -inf;
+          if (u >= 15 && u <= 17 && t < S - 2) ii = ff = -inf;
           break;
         }
         case InfGates::none:
@@ -372,12 +381,14 @@ void for_each_normaliser(const Inputs& in, const MlstmOptions& o, Visit&& visit)
       m = o.gate == GateVariant::exp ? m0.data<double>()[r] : 0.0;
     }
     for (std::int64_t t = 0; t < S; ++t) {
-      const double lf = logsig(fg.data<double>()[r * S + t]), iv = ig.data<double>()[r * S + t];
+      const double lf = logsig(fg.data<double>()[r * S + t]);
+      double iv = ig.data<double>()[r * S + t];
       double a = 0.0, b = 0.0, mt = 0.0;
       if (o.gate == GateVariant::exp) {  // with the limits at +-inf (reference_recurrent.cpp)
+        iv = std::min(iv, static_cast<double>(std::numeric_limits<float>::max()));  // i = +inf (gates.hpp)
         const double cand = lf == -INFINITY ? -INFINITY : lf + m;
         mt = std::max(cand, iv);
-        a = cand == -INFINITY ? 0.0 : std::exp(cand - mt);
+        a = cand == -INFINITY ? 0.0 : std::exp(lf + (m - mt));
         b = iv == -INFINITY ? 0.0 : std::exp(iv - mt);
       } else {
         a = std::exp(lf);

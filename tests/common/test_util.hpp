@@ -42,6 +42,8 @@ enum class InfGates {
   spread,         // input gates far above the rest (i = 300, 1e6, 1e29: at most the gate dtype's largest finite)
                   // at t % 23 == 4 + r, then f = -inf at t % 23 == 9 + r and f = i = -inf on t % 23 in [15, 17]:
                   // the cuts must forget states whose stabiliser lies far above the gates after them
+  input_pos,      // i = +inf (taken as the largest float32) where spread puts its large gates, and at t = 1 and
+                  // t = S - 2, with spread's cuts (f = -inf) and emptied tokens: the state leaves at m = 3.4e38
 };
 const char* inf_gates_name(InfGates g);
 

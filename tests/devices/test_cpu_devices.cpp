@@ -339,8 +339,9 @@ TEST_P(CpuKernelInf, BackwardMatchesReference) {
 
 std::vector<KernelCase> inf_cases() {
   using testing::InfGates;
-  const InfGates all[] = {InfGates::forget_neg,  InfGates::forget_pos, InfGates::input_neg,     InfGates::all_neg,
-                          InfGates::all_neg_end, InfGates::mixed,      InfGates::forget_finite, InfGates::spread};
+  const InfGates all[] = {InfGates::forget_neg,    InfGates::forget_pos,  InfGates::input_neg,
+                          InfGates::all_neg,       InfGates::all_neg_end, InfGates::mixed,
+                          InfGates::forget_finite, InfGates::spread,      InfGates::input_pos};
   std::vector<KernelCase> cases;
   auto add = [&](const std::string& kernel, InputSpec s, std::int64_t L, InfGates g, bool normalize = true) {
     s.inf = g;
@@ -373,6 +374,7 @@ std::vector<KernelCase> inf_cases() {
   half_gates.gate_dtype = DType::f16;
   add(kLimit, half_gates, 16, InfGates::forget_neg);
   add(kXl, half_gates, 32, InfGates::spread);  // 16-bit gates: the spread clamped to 65504
+  add(kXl, half_gates, 16, InfGates::input_pos);
   half_gates.gate_dtype = DType::bf16;
   add(kXl, half_gates, 16, InfGates::forget_finite);
   add(kXl, spec(1, 2, 200, 32, 32, DType::bf16, GateVariant::exp, true), 64, InfGates::spread);

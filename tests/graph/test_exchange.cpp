@@ -238,7 +238,8 @@ INSTANTIATE_TEST_SUITE_P(Gates, ShardExchange,
                                            Case{GateVariant::exp, testing::InfGates::none, false},
                                            Case{GateVariant::sigmoid, testing::InfGates::none, true},
                                            Case{GateVariant::exp, testing::InfGates::mixed, true},
-                                           Case{GateVariant::exp, testing::InfGates::forget_neg, false}));
+                                           Case{GateVariant::exp, testing::InfGates::forget_neg, false},
+                                           Case{GateVariant::exp, testing::InfGates::input_pos, true}));
 
 // An exchange that fails ends every shard's run with an error, none waits forever, and the runners work again.
 TEST(ShardExchangeFaults, FailedExchangeEndsEveryShardAndTheRunnersRecover) {

@@ -811,14 +811,16 @@ TEST(ReferenceInputs, EmptyInitialStateWithMinusInfinityM) {
 // f = i = -inf gives h = 0 exactly. The parallel form and the steps must equal the recurrence there too.
 std::vector<testing::InfGates> all_inf_patterns() {
   using testing::InfGates;
-  return {InfGates::forget_neg,  InfGates::forget_pos, InfGates::input_neg,     InfGates::all_neg,
-          InfGates::all_neg_end, InfGates::mixed,      InfGates::forget_finite, InfGates::spread};
+  return {InfGates::forget_neg, InfGates::forget_pos,    InfGates::input_neg, InfGates::all_neg,  InfGates::all_neg_end,
+          InfGates::mixed,      InfGates::forget_finite, InfGates::spread,    InfGates::input_pos};
 }
 
-Tensor inf_to_huge(const Tensor& t) {
+// +-inf as +-1e30; `plus` for +inf where given (an input gate of +inf is the largest float32, whose state leaves at
+// m = 3.4e38: compared at that value, which InputGatePlusInfinityIsTheLargestFloat relates to 1e30).
+Tensor inf_to_huge(const Tensor& t, double plus = 1e30) {
   auto v = t.to_vector();
   for (auto& x : v) {
-    if (std::isinf(x)) x = x > 0 ? 1e30 : -1e30;
+    if (std::isinf(x)) x = x > 0 ? plus : -1e30;
   }
   return Tensor::from(v, t.shape(), t.dtype());
 }
@@ -841,8 +843,10 @@ TEST(ReferenceInfGates, FormsAgreeAndEqualHugeFiniteGates) {
         EXPECT_TRUE(testing::last_state_matches(steps.c, steps.n, steps.m, rec.c, rec.n, rec.m, 1e-13, 1e-13,
                                                 "step reference_f64", s));
         Inputs huge = in;
-        huge.i = inf_to_huge(in.i);
-        huge.f = inf_to_huge(in.f);
+        huge.i = inf_to_huge(in.i, std::numeric_limits<float>::max());
+        // At m = 3.4e38 (after an input gate of +inf) a forget gate of -1e30 is no cut (stages.hpp): input_pos
+        // keeps its forget gates of -inf.
+        if (pattern != testing::InfGates::input_pos) huge.f = inf_to_huge(in.f);
         const auto lim = reference::recurrent_forward(huge.args(), o);
         EXPECT_TRUE(matches(rec.h, lim.h, 1e-13, "recurrent at +-inf vs +-1e30", "h", s));
         EXPECT_TRUE(testing::last_state_matches(rec.c, rec.n, rec.m, lim.c, lim.n, lim.m, 1e-13, 1e-13,
@@ -1120,27 +1124,54 @@ TEST(ReferenceValidation, BadInputsNameTheArgument) {
   }
 }
 
-// An input gate of +inf (exp gate) has no value the kernels compute yet (stages.hpp, "Gates at +-inf"): every
-// entry point refuses it, naming i and the element, instead of returning NaN; so does a finite float64 value
-// beyond float32's range. The sigmoid gate and the other infinities stay valid.
-TEST(ReferenceValidation, InputGatePlusInfinityIsRefusedNotNaN) {
+// An input gate of +inf (exp gate) is taken as the largest float32 X (stages.hpp "Gates at +-inf"), and so is a
+// float64 value beyond float32's range: validation accepts them, and both references give exactly what they give
+// at i = X, with the state leaving at m = X; a gate of X - 1e30 after it adds nothing (weighs exp(-1e30)). NaN stays
+// refused (ReferenceValidation.NaNGatesAreRefusedNamingTheGate).
+TEST(ReferenceValidation, InputGatePlusInfinityIsTheLargestFloat) {
   const auto in = testing::make_inputs(testing::spec(2, 3, 40, 8, 8, DType::f64), testing::fresh_seed());
-  for (const double bad : {std::numeric_limits<double>::infinity(), 1e300}) {
-    Tensor i = in.i;
-    i.set({1, 2, 33}, bad);
+  const double X = std::numeric_limits<float>::max();
+  Tensor at_x = in.i;
+  at_x.set({1, 2, 33}, X);
+  at_x.set({0, 1, 38}, X);
+  const auto run = [&](const Tensor& i, bool parallel) {
     ForwardArgs a = in.args();
     a.i = i.view();
-    MlstmOptions o;
-    try {
-      (void)validate_forward(a, o);
-      ADD_FAILURE() << "i = " << bad << " was accepted";
-    } catch (const InvalidArgument& e) {
-      EXPECT_EQ(e.argument(), "i");
-      EXPECT_NE(std::string(e.what()).find("element " + std::to_string((1 * 3 + 2) * 40 + 33)), std::string::npos)
-          << e.what();
+    return parallel ? reference::parallel_forward(a, MlstmOptions{}) : reference::recurrent_forward(a, MlstmOptions{});
+  };
+  for (const bool parallel : {false, true}) {
+    SCOPED_TRACE(parallel ? "parallel" : "recurrent");
+    const ForwardResult want = run(at_x, parallel);
+    EXPECT_EQ(want.m.get({1, 2}), X);
+    EXPECT_EQ(want.m.get({0, 1}), X);
+    for (const double big : {std::numeric_limits<double>::infinity(), 1e300}) {
+      Tensor i = at_x;
+      i.set({1, 2, 33}, big);
+      i.set({0, 1, 38}, big);
+      ForwardArgs a = in.args();
+      a.i = i.view();
+      EXPECT_NO_THROW((void)validate_forward(a, MlstmOptions{})) << big;
+      const ForwardResult got = run(i, parallel);
+      EXPECT_EQ(got.h.to_vector(), want.h.to_vector()) << big;
+      EXPECT_EQ(got.c.to_vector(), want.c.to_vector()) << big;
+      EXPECT_EQ(got.n.to_vector(), want.n.to_vector()) << big;
+      EXPECT_EQ(got.m.to_vector(), want.m.to_vector()) << big;
     }
-    o.gate = GateVariant::sigmoid;
-    EXPECT_NO_THROW((void)validate_forward(a, o));
+    // The value the recurrence settles at as i grows: i = 1e30 gives the same h, C and n (m leaves at 1e30).
+    Tensor at_1e30 = at_x;
+    at_1e30.set({1, 2, 33}, 1e30);
+    at_1e30.set({0, 1, 38}, 1e30);
+    const ForwardResult settled = run(at_1e30, parallel);
+    EXPECT_TRUE(testing::matches(settled.h, want.h, 1e-13, "i = 1e30 against +inf", "h", testing::InputSpec{}));
+    EXPECT_TRUE(testing::matches(settled.c, want.c, 1e-13, "i = 1e30 against +inf", "c", testing::InputSpec{}));
+    EXPECT_FLOAT_EQ(static_cast<float>(settled.m.get({1, 2})), 1e30f);
+    // After the +inf token, a finite gate far below it weighs nothing, and the state stays at m = X.
+    Tensor i = at_x;
+    i.set({1, 2, 33}, std::numeric_limits<double>::infinity());
+    i.set({1, 2, 34}, 1e30);
+    const ForwardResult got = run(i, parallel);
+    EXPECT_EQ(got.m.get({1, 2}), X);
+    for (double x : got.h.to_vector()) EXPECT_TRUE(std::isfinite(x));
   }
   Tensor i = in.i, f = in.f;
   i.set({0, 0, 5}, -std::numeric_limits<double>::infinity());
@@ -1152,8 +1183,8 @@ TEST(ReferenceValidation, InputGatePlusInfinityIsRefusedNotNaN) {
   EXPECT_NO_THROW((void)validate_forward(a, MlstmOptions{}));
 }
 
-// An initial stabiliser m0 = +inf (exp gate) is outside the recurrence's domain as i = +inf is (m_t = +inf,
-// a = exp(inf - inf)): the chunkwise, parallel and graph forms gave h = 0 and the sequence forms and references NaN.
+// An initial stabiliser m0 = +inf (exp gate) is outside the recurrence's domain (m_t = +inf,
+// a = exp(inf - inf); it is no state the recurrence produces): the chunkwise, parallel and graph forms gave h = 0 and the sequence forms and references NaN.
 // validate_forward / validate_backward / validate_step (every kernel's, the graph's, the CLI's and Python's check)
 // refuse it naming m0 (a step's m) and the element, also a finite float64 beyond float32's range and NaN (on
 // which the forms disagreed the same way); -inf (the EMPTY state) stays valid; the sigmoid gate's m must be all

@@ -193,6 +193,7 @@ INSTANTIATE_TEST_SUITE_P(
         shard_inf(spec(1, 2, 256, 16, 16, DType::f32, GateVariant::exp, true), testing::InfGates::forget_neg, 64, 4),
         shard_inf(spec(1, 2, 256, 16, 16, DType::f32, GateVariant::exp, false), testing::InfGates::all_neg, 64, 2),
         shard_inf(spec(1, 1, 256, 16, 16, DType::f32, GateVariant::exp, true), testing::InfGates::input_neg, 64, 4),
+        shard_inf(spec(1, 2, 256, 16, 16, DType::f32, GateVariant::exp, true), testing::InfGates::input_pos, 64, 4),
         ShardCase{spec(1, 2, 256, 16, 16, DType::f32, GateVariant::sigmoid, true), 64, 4, true, true, true},
         ShardCase{spec(1, 2, 320, 16, 16, DType::bf16, GateVariant::sigmoid, true), 64, 5},
         // two state tiles (DHQK > 64)

@@ -142,8 +142,9 @@ std::vector<InfCase> opencl_inf_cases() {
     s.inf = g;
     cases.push_back(InfCase{kernel, s, L});
   };
-  for (InfGates g : {InfGates::forget_neg, InfGates::forget_pos, InfGates::input_neg, InfGates::all_neg,
-                     InfGates::all_neg_end, InfGates::mixed, InfGates::forget_finite, InfGates::spread}) {
+  for (InfGates g :
+       {InfGates::forget_neg, InfGates::forget_pos, InfGates::input_neg, InfGates::all_neg, InfGates::all_neg_end,
+        InfGates::mixed, InfGates::forget_finite, InfGates::spread, InfGates::input_pos}) {
     add("chunkwise--opencl_xl_chunk", spec(2, 1, 150, 16, 32, DType::f32, GateVariant::exp, true), 16, g);
     add("parallel--opencl", spec(1, 2, 100, 16, 16, DType::f32, GateVariant::exp, true), 64, g);
     add("sequence--opencl", spec(1, 2, 70, 16, 16, DType::f32, GateVariant::exp, false), 64, g);
@@ -157,6 +158,7 @@ std::vector<InfCase> opencl_inf_cases() {
   half_gates.gate_dtype = DType::bf16;
   add("chunkwise--opencl_xl_chunk", half_gates, 64, InfGates::all_neg);
   add("chunkwise--opencl_xl_chunk", half_gates, 16, InfGates::spread);
+  add("chunkwise--opencl_xl_chunk", half_gates, 32, InfGates::input_pos);
   add("chunkwise--opencl_xl_chunk", spec(1, 2, 200, 32, 32, DType::bf16, GateVariant::exp, true), 64,
       InfGates::forget_finite);
   return cases;

@@ -326,7 +326,11 @@ TEST_P(TensorCoresInf, ForwardAndBackwardMatchReference) {
   EXPECT_TRUE(close16(bw.dk, rb.dk, gtol, "dk", c.spec));
   EXPECT_TRUE(close16(bw.dv, rb.dv, gtol, "dv", c.spec));
   EXPECT_TRUE(close16(bw.di, rb.di, gtol, "di", c.spec));
-  EXPECT_TRUE(close16(bw.df, rb.df, gtol, "df", c.spec));
+  // After an input gate of +inf, h does not change with the scale of C and n (the normaliser's floor is 0), so df
+  // sums q.dq - k.dk terms that cancel to what eps leaves: its 16-bit error reached 0.092 (bf16, 41 seeds on PoCL,
+  // most below 0.05). Checked at 0.15 there, which a wrong term (errors of order 1) still fails.
+  const double df_tol = c.spec.inf == testing::InfGates::input_pos ? 0.15 : gtol;
+  EXPECT_TRUE(close16(bw.df, rb.df, df_tol, "df", c.spec));
   if (c.spec.initial_state) {
     EXPECT_TRUE(close16(bw.dc0, rb.dc0, gtol, "dc0", c.spec));
     EXPECT_TRUE(dn0_matches(bw.dn0, rb.dn0, in, ref.h, gtol, c.spec));
@@ -356,6 +360,10 @@ INSTANTIATE_TEST_SUITE_P(
         tc_inf(spec(1, 1, 200, 16, 16, DType::f16, GateVariant::exp, true), testing::InfGates::spread, 128, true),
         tc_inf(spec(1, 2, 150, 16, 16, DType::bf16, GateVariant::sigmoid, true), testing::InfGates::forget_finite, 64,
                true),
+        // Input gates of +inf (the largest float32), both chunk sizes, and in shards.
+        tc_inf(spec(1, 2, 150, 16, 32, DType::bf16, GateVariant::exp, true), testing::InfGates::input_pos, 64, true),
+        tc_inf(spec(1, 1, 200, 16, 16, DType::f16, GateVariant::exp, false), testing::InfGates::input_pos, 128, true),
+        tc_inf(spec(1, 2, 256, 16, 32, DType::bf16, GateVariant::exp, true), testing::InfGates::input_pos, 64, true, 4),
         // Shards of the sequence split: cuts at and next to shard boundaries (64, 128, ...), an all -inf block
         // across one, input gates of -inf opening shards.
         tc_inf(spec(1, 2, 256, 32, 32, DType::bf16, GateVariant::exp, true), testing::InfGates::forget_neg, 64, true,

@@ -125,6 +125,7 @@ INSTANTIATE_TEST_SUITE_P(
         with_inf(SplitCase{spec(1, 2, 256, 16, 16, DType::f32, GateVariant::exp, true), 64, 2}, InfGates::forget_neg),
         with_inf(SplitCase{spec(1, 2, 256, 16, 16, DType::f32, GateVariant::exp, false), 64, 3}, InfGates::all_neg),
         with_inf(SplitCase{spec(1, 1, 256, 16, 16, DType::f32, GateVariant::exp, true), 64, 2}, InfGates::input_neg),
+        with_inf(SplitCase{spec(1, 2, 256, 16, 16, DType::f32, GateVariant::exp, true), 64, 2}, InfGates::input_pos),
         SplitCase{spec(1, 2, 200, 16, 16, DType::bf16, GateVariant::sigmoid, true), 32, 3},
         // two state tiles (DHQK > 64), another chunk size
         SplitCase{spec(1, 2, 300, 96, 40, DType::f32, GateVariant::exp, true), 128, 2},

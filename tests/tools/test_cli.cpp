@@ -799,6 +799,47 @@ TEST_F(Cli, NaNGatesAreRefusedNamingTheGate) {
   EXPECT_FALSE(fs::exists(path("h")));
 }
 
+// An input gate of +inf is taken as the largest float32 (stages.hpp "Gates at +-inf"): every path runs it, each
+// equal to the same path at i = 3.4028235e38, and the last stabiliser leaves at that value; --check-finite still
+// refuses it, naming --i. A float64 1e300 reads as +inf in float32 and runs the same.
+TEST_F(Cli, InputGateOfPlusInfinityRunsAsTheLargestFloat) {
+  Tensor i_inf = in_.i.to(DType::f32), i_max = in_.i.to(DType::f32), i_big = in_.i.to(DType::f64);
+  const std::int64_t S = in_.i.dim(2);
+  for (const std::int64_t t : {std::int64_t{1}, S / 2, S - 2}) {
+    i_inf.data<float>()[t] = std::numeric_limits<float>::infinity();
+    i_max.data<float>()[t] = std::numeric_limits<float>::max();
+    i_big.data<double>()[t] = 1e300;
+  }
+  save("i_inf", i_inf);
+  save("i_max", i_max);
+  save("i_big", i_big);
+  save("f_f64", in_.f.to(DType::f64));
+  const std::string qkv = "--q " + path("q") + " --k " + path("k") + " --v " + path("v") + " --f " + path("f");
+  const std::string qkv64 = "--q " + path("q") + " --k " + path("k") + " --v " + path("v") + " --f " + path("f_f64");
+  for (const char* how : {"", " --kernel sequence--reference_f64", " --kernel parallel--cpu", " --devices workers",
+                          " --devices 0,1", " --stream-tokens 16"}) {
+    SCOPED_TRACE(how);
+    const auto want = run_cli("forward " + qkv + " --i " + path("i_max") + how + " --out " + path("h_max") +
+                              " --out-m " + path("m_max"));
+    ASSERT_EQ(want.code, 0) << want.err;
+    for (const char* i : {"i_inf", "i_big"}) {
+      const auto r = run_cli("forward " + (std::string(i) == "i_big" ? qkv64 : qkv) + " --i " + path(i) + how +
+                             " --out " + path("h_inf") + " --out-m " + path("m_inf"));
+      ASSERT_EQ(r.code, 0) << i << ": " << r.err;
+      EXPECT_EQ(testing::slurp(fs::path(path("h_inf"))), testing::slurp(fs::path(path("h_max")))) << i;
+      const Tensor m = npy::read(path("m_inf"), "m");
+      EXPECT_EQ(m.get({0, 0}), static_cast<double>(std::numeric_limits<float>::max())) << i;
+    }
+  }
+  const auto bw = run_cli("backward " + qkv + " --i " + path("i_inf") + " --dh " + path("dh") + " --out-di " +
+                          path("di") + " --out-df " + path("df"));
+  ASSERT_EQ(bw.code, 0) << bw.err;
+  for (const char* out : {"di", "df"}) {
+    for (const double x : npy::read(path(out), out).to_vector()) EXPECT_TRUE(std::isfinite(x)) << out;
+  }
+  expect_bad_input(run_cli("forward " + qkv + " --i " + path("i_inf") + " --check-finite --out " + path("h2")), "--i");
+}
+
 // With --dtype bfloat16, uint16 gates, states and gradients are bfloat16 bits as q, k, v are (the gates were
 // refused with "pass the dtype bfloat16" although it was passed); float32 ones stay float32.
 TEST_F(Cli, Bfloat16GatesAndGradients) {

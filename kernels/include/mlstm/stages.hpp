@@ -84,19 +84,20 @@
 //             a = b = 0 there by definition (a log weight of -inf weighs 0, also against m_t = -inf), the
 //             normaliser is max(|0|, exp(+inf)) = inf and h_t = 0; every gradient reaching such a token is 0.
 //             The next token with finite i starts afresh: m = i, C = b k v^T with b = 1.
-//   i = +inf: NOT in the domain yet (m_t = +inf, b = exp(inf - inf)); with the exp gate every entry point refuses
-//             it (validate_forward / validate_step: InvalidArgument naming i and the element), so no form returns
-//             NaN for it. The limit would need all +inf input gates taken as one X -> inf. Worked out (not built):
-//             with m = lambda X + mu (lambda in {0, 1}), a row's first +inf after a cut is itself a cut (what came
-//             before weighs exp(-X) -> 0); from there to the next cut, tokens with i = +inf weigh as i = 0 and
-//             finite ones as i = -inf, and h's floor exp(-m_t) is 0 (not exp(-mu_t): the stabilised state keeps its
-//             scale while X -> inf). So every form would need the level lambda per token (a scan of the gates) for
-//             its floor, and the state (C, n, m) would carry lambda between segments, streams and ranks. Two
-//             more things block it (session 40): (1) a state at level 1 cannot be handed out as (C, n, m): h keeps
-//             mu through eps (unstabilised, h_t = q'C_u / (|q'n_u| + eps exp(X + mu_t)) with C_u, n_u ~ exp(X)),
-//             so m = +inf would lose mu and a run split there would differ from one run; the public state needs a
-//             level beside m. (2) At level 1 a finite lf <= -kCutDecay is no cut: the floor is 0, so the state
-//             stays in h until the next +inf or f = -inf; the forms' cut rule would change there.
+//   i = +inf: taken as the largest float32, X = 3.4028235e38 (gates::exp_input_gate; every form, the float64
+//             references included). That is the value the float64 recurrence settles at as i grows: from i above
+//             ~1e20 on, m_t = i absorbs every forget gate that is no cut (lf + m_t rounds to m_t), so the state
+//             decays as a = exp(lf) without being rescaled, finite input gates after it weigh exp(i - X) = 0, another
+//             +inf token weighs b = 1 against the decayed state, and the floor exp(-m_t) is 0. m stays X (finite)
+//             until a cut, so a state handed out there (segments, streams, ranks) continues exactly. It differs
+//             from the real-number limit i -> inf only in eps's weight against a decayed state (the limit keeps the
+//             state rescaled by its level mu_t <= 0 and would weigh eps by exp(mu_t); that needs a level beside m in
+//             the public state, session 40's analysis). An input gate of exactly X weighs as +inf does. di at such
+//             a token is the derivative there with m held, as at every token. A stabiliser m0 = +inf stays refused
+//             (check_stabiliser): it is no state the recurrence produces. As for any gate spread above ~4000
+//             (below), a finite lf <= -kCutDecay after such a token is a cut in the float32 chunkwise forms, while
+//             the recurrence keeps m at X - |lf| = X there: the tokens after it differ until the next +inf or
+//             f = -inf (forget gates of -inf cut in every form).
 // Gradients w.r.t. an infinite pre-activation are these limits (finite, mostly 0); gradients of the other
 // inputs are the limits of their float64 backward, which the reference computes directly.
 // Finite gates across the float range (f = -1e30, i = 1e6 or 1e30) are ordinary values of the recurrence; no

@@ -43,7 +43,7 @@ __kernel void tc_fw_gates(__global const float* ig_raw, __global const float* fg
     if (is_cut) lf = 0.0f;
     float iv = ig_raw[idx];
 #if GATE_EXP
-    ig = iv;
+    ig = fmin(iv, FLT_MAX);  // +inf as the largest float (stages.hpp "Gates at +-inf")
 #else
     ig = logsigmoid(iv);
 #endif
