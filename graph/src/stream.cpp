@@ -1,3 +1,6 @@
+#include <sys/stat.h>
+
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -375,7 +378,26 @@ BackwardResult StreamSession::backward_of_last_piece(const ForwardArgs& piece, C
   return kernel_->backward(b, config_.options);
 }
 
+namespace {
+// Why `path` cannot be a snapshot's file, as the caller named it: no file name, something there that is no regular
+// file, no directory to hold it; "" when it can be tried (the write may still fail: a full disk, no permission).
+std::string why_no_snapshot_path(const std::string& path) {
+  const std::filesystem::path p(write_target(path));
+  if (path.empty() || p.filename().empty()) return "'" + path + "' is not a file name";
+  struct stat st {};
+  if (::stat(p.c_str(), &st) == 0 && !S_ISREG(st.st_mode)) return "'" + path + "' exists and is not a regular file";
+  const std::filesystem::path dir = p.parent_path().empty() ? std::filesystem::path(".") : p.parent_path();
+  if (::stat(dir.c_str(), &st) != 0) return "its directory '" + dir.string() + "' does not exist";
+  if (!S_ISDIR(st.st_mode)) return "'" + dir.string() + "' is not a directory";
+  return "";
+}
+}  // namespace
+
 void StreamSession::snapshot(const std::string& path) const {
+  // A path that cannot hold the file is the caller's argument (InvalidArgument naming path; Python ValueError).
+  if (const std::string why = why_no_snapshot_path(path); !why.empty()) {
+    throw InvalidArgument("path", "snapshot: cannot write there: " + why);
+  }
   const std::string body = snapshot_bytes();  // under the lock; the file is written without it
   // Temporary file, fsync, rename (write_file_atomically): a crash or full disk leaves the previous snapshot.
   // What a killed earlier writer of this path left behind goes first (only its exact temporary names).
@@ -414,15 +436,23 @@ std::string StreamSession::snapshot_bytes_locked() const {
 
 StreamSession StreamSession::restore(const std::string& path, StreamConfig config) {
   remove_stale_temporaries(path);  // debris of a snapshot killed mid-write (never the snapshot itself)
+  // The file the caller names: missing, unreadable, not a regular file, or not a snapshot is their argument.
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) {
+    throw InvalidArgument("path", "restore: cannot open snapshot '" + path + "': " + std::strerror(errno));
+  }
+  if (!S_ISREG(st.st_mode)) throw InvalidArgument("path", "restore: '" + path + "' is not a regular file");
   std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error("restore: cannot open snapshot '" + path + "'");
+  if (!in) throw InvalidArgument("path", "restore: cannot open snapshot '" + path + "'");
   std::ostringstream ss;
   ss << in.rdbuf();
   return restore_bytes(ss.str(), std::move(config), path);
 }
 
 StreamSession StreamSession::restore_bytes(const std::string& bytes, StreamConfig config, const std::string& path) {
-  auto refuse = [&](const std::string& why) { return Error("restore: snapshot '" + path + "' refused: " + why); };
+  auto refuse = [&](const std::string& why) {
+    return InvalidArgument("path", "restore: snapshot '" + path + "' refused: " + why);
+  };
   // A field that differs from the session: InvalidArgument naming the field, both values.
   auto mismatch = [&](const std::string& field, const std::string& in_file, const std::string& in_session) {
     return InvalidArgument(

@@ -412,6 +412,14 @@ def check_streaming_and_memory(rng):
             assert "chunk" in str(err), str(err)
         else:
             raise AssertionError("a snapshot of another chunk size was taken")
+        # Probe 42: a path that cannot hold a snapshot, and a file that is none, are ValueErrors naming path.
+        junk = os.path.join(tmp, "junk.mlstm")
+        with open(junk, "w") as out:
+            out.write("junk")
+        for bad in (tmp, os.path.join(tmp, "missing", "x.mlstm"), ""):
+            expect_error(ValueError, "path", s.snapshot, bad)
+        for bad in (os.path.join(tmp, "missing.mlstm"), tmp, junk):
+            expect_error(ValueError, "path", mlstm_flow.Session.restore, bad, NH, DK, DV, chunk_size=L)
     # an initial state, bfloat16 pieces, refusals naming the argument
     c0 = 0.5 * rng.standard_normal((B, NH, DK, DV)).astype(np.float32)
     n0 = 0.5 * rng.standard_normal((B, NH, DK)).astype(np.float32)

@@ -14,6 +14,8 @@
 #include <sstream>
 #include <stdexcept>
 
+#include "mlstm/core/error.hpp"
+
 namespace mlstm::testing {
 
 std::string InputSpec::describe() const {
@@ -620,6 +622,17 @@ InputSpec spec(std::int64_t B, std::int64_t NH, std::int64_t S, std::int64_t DHQ
   s.initial_state = initial_state;
   s.regime = regime;
   return s;
+}
+
+std::string thrown_argument(const std::function<void()>& fn) {
+  try {
+    fn();
+  } catch (const InvalidArgument& e) {
+    return e.argument();
+  } catch (const std::exception& e) {
+    return std::string("<other exception: ") + e.what() + ">";
+  }
+  return "<nothing thrown>";
 }
 
 std::string slurp(const std::filesystem::path& p) {

@@ -149,6 +149,8 @@ struct CommandRun {
 CommandRun run_command(const std::filesystem::path& dir, const std::string& command,
                        const std::function<void()>& setup = {});
 std::string slurp(const std::filesystem::path& p);  // a whole file ("" when it cannot be read)
+// The argument an InvalidArgument thrown by `fn` names; "<nothing thrown>" or "<other exception: ...>" otherwise.
+std::string thrown_argument(const std::function<void()>& fn);
 // An empty directory of the running test: <temp>/<prefix><pid>_<test name>, emptied first.
 std::filesystem::path fresh_test_dir(const std::string& prefix);
 // A refusal: exit code `code`, one line on stderr, naming `argument`.

@@ -1026,16 +1026,7 @@ TEST(ReferenceInputs, ExtremeGatesLongSequenceStayFinite) {
 
 // ---- validation ------------------------------------------------------------------------------------
 
-std::string thrown_argument(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const InvalidArgument& e) {
-    return e.argument();
-  } catch (const std::exception& e) {
-    return std::string("<other exception: ") + e.what() + ">";
-  }
-  return "<nothing thrown>";
-}
+using testing::thrown_argument;
 
 // Every entry point (both forms, forward and backward) names the bad argument.
 TEST(ReferenceValidation, BadInputsNameTheArgument) {

@@ -170,7 +170,15 @@ StreamSession read_progress(const std::string& path, const json& identity, const
                                 "without --resume");
     }
   }
-  StreamSession session = StreamSession::restore_bytes(bytes.substr(at + len, bytes.size() - at - len - 8), cfg, path);
+  // The state inside the record: a damaged one is the record's fault (--resume), not a library path argument.
+  StreamSession session = [&] {
+    try {
+      return StreamSession::restore_bytes(bytes.substr(at + len, bytes.size() - at - len - 8), cfg, path);
+    } catch (const InvalidArgument& e) {
+      if (e.argument() != "path") throw;
+      throw refuse(e.what());
+    }
+  }();
   if (!doc.contains("tokens_done") || doc["tokens_done"] != session.tokens()) throw refuse("token counts disagree");
   return session;
 }

@@ -118,7 +118,9 @@ class StreamSession {
   StreamConfig config() const;
 
   // Writes the state to `path` atomically (hidden temporary file ".<name>.tmp.XXXXXX", fsync, rename; a
-  // failure leaves the previous snapshot and no temporary file). Temporary files of `path` that a killed
+  // failure leaves the previous snapshot and no temporary file). A path that cannot hold the file (no file name,
+  // something there that is no regular file, no such directory) is InvalidArgument("path"); a failed write
+  // (full disk, no permission) mlstm::Error. Temporary files of `path` that a killed
   // earlier snapshot left are removed first (remove_stale_temporaries: only that exact name pattern).
   // Format version 2: magic, version, B, NH, DHQK, DHHV, token count, gate, normalize, eps (the float32 bits
   // the kernels use), chunk size, state dtype, kernel name, C, n, m, FNV-1a 64 checksum.
@@ -126,9 +128,9 @@ class StreamSession {
   // The bytes snapshot() writes (for callers that keep the state inside a record of their own; restore_bytes
   // reads them back).
   std::string snapshot_bytes() const;
-  // Reads a snapshot (removing stale temporary files of `path` first, like snapshot()). A truncated,
-  // corrupted, version-1 or unknown-version file is refused with mlstm::Error naming the file and the
-  // problem; a file whose dims, gate, normalize, eps, chunk size or kernel differ from `config` with
+  // Reads a snapshot (removing stale temporary files of `path` first, like snapshot()). A missing or unreadable
+  // file, one that is no regular file, and a truncated, corrupted, version-1 or unknown-version file are refused
+  // with InvalidArgument("path") naming the file and the problem; a file whose dims, gate, normalize, eps, chunk size or kernel differ from `config` with
   // InvalidArgument naming the field and both values ("eps: snapshot 's' refused: 9.99999997e-07 in the
   // file, 9.99999975e-06 in this session").
   static StreamSession restore(const std::string& path, StreamConfig config);
