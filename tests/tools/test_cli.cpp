@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 
 #include <nlohmann/json.hpp>
 
@@ -189,6 +190,27 @@ TEST_F(Cli, KernelsDevicesRunAndBenchWork) {
   ASSERT_EQ(b.code, 0) << b.err;
   EXPECT_TRUE(fs::exists(csv));
   EXPECT_TRUE(fs::exists(js));
+  // Probe 42: each CSV row says which sweep it belongs to, as the JSON does (the graph's strong, weak and streaming
+  // rows of one spec were identical lines but for their times).
+  auto g = run_cli(
+      "bench --tokens 256 --seq-lens 128 --chunk-sizes 16 --dqk 8 --dhv 8 --repeats 1 --kernels "
+      "chunkwise--cpu_xl_chunk --graph-devices workers --weak-seq-len 128 --csv " +
+      csv + " --json-out " + js);
+  ASSERT_EQ(g.code, 0) << g.err;
+  const auto rows = nlohmann::json::parse(testing::slurp(js))["results"];
+  std::istringstream lines(testing::slurp(csv));
+  std::string line;
+  std::getline(lines, line);
+  EXPECT_EQ(line, "kernel,B,NH,S,DHQK,DHHV,dtype,chunk,pass,median_ms,tokens_per_s,sweep");
+  std::size_t n = 0, swept = 0;
+  for (; std::getline(lines, line); ++n) {
+    ASSERT_LT(n, rows.size()) << line;
+    const std::string sweep = rows[n].value("sweep", "");
+    EXPECT_EQ(line.substr(line.rfind(',') + 1), sweep) << line;
+    swept += sweep.empty() ? 0 : 1;
+  }
+  EXPECT_EQ(n, rows.size());
+  EXPECT_GE(swept, 2u);
 }
 
 TEST_F(Cli, EverySubcommandHasHelp) {
@@ -659,6 +681,19 @@ TEST_F(Cli, BenchRefusesBadSizes) {
   expect_bad_input(run_cli(base + " --seq-lens 32 --head-dims 0"), "--head-dims");
   expect_bad_input(run_cli(base + " --seq-lens 32 --kernels nope"), "--kernels");
   expect_bad_input(run_cli(base + " --seq-lens 32 --kernels cpu"), "--kernels");
+  // Probe 42: a value named twice in a list option was measured twice (or dropped unseen): refused.
+  expect_bad_input(run_cli(base + " --seq-lens 32 --kernels chunkwise--cpu_xl_chunk chunkwise--cpu_xl_chunk"),
+                   "--kernels");
+  expect_bad_input(run_cli(base + " --seq-lens 32 32"), "--seq-lens");
+  expect_bad_input(run_cli(base + " --seq-lens 32 --chunk-sizes 16 16"), "--chunk-sizes");
+  expect_bad_input(run_cli(base + " --seq-lens 32 --head-dims 8 8"), "--head-dims");
+  expect_bad_input(run_cli(base + " --seq-lens 32 --graph-devices workers workers"), "--graph-devices");
+  expect_bad_input(
+      run_cli("bench --system --system-tokens 4096 4096 --csv " + path("b1") + " --json-out " + path("b2")),
+      "--system-tokens");
+  expect_bad_input(
+      run_cli("bench --system --system-problems 2x16x16 02x16x16 --csv " + path("b1") + " --json-out " + path("b2")),
+      "--system-problems");
   expect_bad_input(run_cli("bench --tokens 4611686018427387904 --seq-lens 32"), "--tokens");
   expect_bad_input(run_cli(base + " --seq-lens 32 --dqk 1099511627776 --dhv 1099511627776"), "--dqk");
   EXPECT_FALSE(fs::exists(path("b1")));

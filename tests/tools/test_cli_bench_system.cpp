@@ -235,6 +235,8 @@ TEST_F(CliBenchSystem, EveryRowOnATinyProblem) {
   EXPECT_EQ(saved["rows"], doc["rows"]);
   const std::string csv = testing::slurp(dir_ / "s.csv");
   EXPECT_EQ(csv.rfind("kind,id,problem,", 0), 0u) << csv;
+  // Probe 42: the CLI row's second ratio is a column of the CSV too (it was in the JSON only).
+  EXPECT_NE(csv.find(",ratio,ratio_vs_file_io,target,"), std::string::npos) << csv.substr(0, csv.find('\n'));
   EXPECT_EQ(static_cast<std::size_t>(std::count(csv.begin(), csv.end(), '\n')), doc["rows"].size() + 1);
   EXPECT_TRUE(fs::is_empty(dir_ / "work"));
 }

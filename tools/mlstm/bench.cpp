@@ -20,8 +20,18 @@ namespace {
 
 int bench(const BenchOptions& bo, DType dtype, bool as_json);
 
-// How bench's files begin (the JSON's keys are sorted: "machine" first); refuse_foreign_default_outputs reads them.
-constexpr std::string_view kCsvHeader = "kernel,B,NH,S,DHQK,DHHV,dtype,chunk,pass,median_ms,tokens_per_s\n";
+// How bench's files begin (the JSON's keys are sorted: "machine" first); refuse_foreign_default_outputs reads them,
+// the CSV's up to the column every version has (sweep came in session 42: the rows of the head-dim and flow-graph
+// sweeps, empty for the kernel rows).
+constexpr std::string_view kCsvHeader = "kernel,B,NH,S,DHQK,DHHV,dtype,chunk,pass,median_ms,tokens_per_s,sweep\n";
+constexpr std::string_view kCsvSignature = "kernel,B,NH,S,DHQK,DHHV,dtype,chunk,pass,median_ms,tokens_per_s";
+// A CSV field: as it is, or quoted (quotes doubled) where it holds a comma, a quote or a line break.
+std::string csv_text(const std::string& s) {
+  if (s.find_first_of(",\"\n\r") == std::string::npos) return s;
+  std::string out = "\"";
+  for (const char ch : s) out += ch == '"' ? std::string("\"\"") : std::string(1, ch);
+  return out + "\"";
+}
 constexpr std::string_view kJsonStart = "{\n  \"machine\": {";
 
 // Every option of bench in range, and every value used (a sequence length that does not divide --tokens
@@ -38,6 +48,11 @@ void check_bench(const BenchOptions& bo, DType dtype) {
   nonempty(bo.seq_lens.empty(), "--seq-lens");
   nonempty(bo.chunk_sizes.empty(), "--chunk-sizes");
   nonempty(bo.kernels.empty(), "--kernels");
+  refuse_repeats(bo.kernels, "--kernels");
+  refuse_repeats(bo.seq_lens, "--seq-lens");
+  refuse_repeats(bo.chunk_sizes, "--chunk-sizes");
+  refuse_repeats(bo.head_dims, "--head-dims");
+  refuse_repeats(bo.graph_devices, "--graph-devices");
   for (const auto S : bo.seq_lens) {
     require_range(S, 1, bo.tokens, "--seq-lens");
     if (bo.tokens % S != 0) {
@@ -87,7 +102,7 @@ void check_bench(const BenchOptions& bo, DType dtype) {
     require_fits_memory({bo.heads, d, d, 4}, "--head-dims/--heads");
   }
   check_outputs({}, {{"--csv", bo.csv}, {"--json-out", bo.json_out}});
-  refuse_foreign_default_outputs(bo, bo.csv, kCsvHeader, bo.json_out, kJsonStart);
+  refuse_foreign_default_outputs(bo, bo.csv, kCsvSignature, bo.json_out, kJsonStart);
 }
 
 }  // namespace
@@ -165,7 +180,7 @@ int bench(const BenchOptions& bo, DType dtype, bool as_json) {
           const char* pass_name = pass == 0 ? "fw" : "fwbw";
           csv << kname << ',' << B << ',' << bo.heads << ',' << S << ',' << bo.dqk << ',' << bo.dhv << ','
               << dtype_name(dtype) << ',' << L << ',' << pass_name << ',' << med * 1e3 << ','
-              << static_cast<double>(bo.tokens) / med << '\n';
+              << static_cast<double>(bo.tokens) / med << ",\n";
           results.push_back({{"kernel", kname},
                              {"B", B},
                              {"NH", bo.heads},
@@ -192,7 +207,7 @@ int bench(const BenchOptions& bo, DType dtype, bool as_json) {
   auto record = [&](const std::string& kernel, std::int64_t B, std::int64_t S, std::int64_t dqk, std::int64_t dhv,
                     std::int64_t L, const std::string& pass, double med, double tokens, const std::string& extra) {
     csv << kernel << ',' << B << ',' << bo.heads << ',' << S << ',' << dqk << ',' << dhv << ',' << dtype_name(dtype)
-        << ',' << L << ',' << pass << ',' << med * 1e3 << ',' << tokens / med << '\n';
+        << ',' << L << ',' << pass << ',' << med * 1e3 << ',' << tokens / med << ',' << csv_text(extra) << '\n';
     results.push_back({{"kernel", kernel},
                        {"B", B},
                        {"NH", bo.heads},

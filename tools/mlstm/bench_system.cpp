@@ -71,10 +71,19 @@ constexpr const char* kSystemOnly[] = {"--system-problems", "--system-tokens", "
                                        "--devices",         "--workdir",       "--memory-limit"};
 
 // The columns of bench_system.csv, and its first line.
-constexpr const char* kCsvColumns[] = {"kind",   "id",     "problem",      "NH",      "DHQK",    "DHHV",
-                                       "tokens", "what",   "tokens_per_s", "seconds", "bound",   "bound_tokens_per_s",
-                                       "ratio",  "target", "compare",      "pass",    "skipped", "error",
-                                       "note"};
+constexpr const char* kCsvColumns[] = {"kind",         "id",
+                                       "problem",      "NH",
+                                       "DHQK",         "DHHV",
+                                       "tokens",       "what",
+                                       "tokens_per_s", "seconds",
+                                       "bound",        "bound_tokens_per_s",
+                                       "ratio",        "ratio_vs_file_io",
+                                       "target",       "compare",
+                                       "pass",         "skipped",
+                                       "error",        "note"};
+// How bench's CSV begins in every version (ratio_vs_file_io came after "ratio" in session 42): what a file at the
+// default path must begin with to be replaced.
+constexpr std::string_view kCsvSignature = "kind,id,problem,NH,DHQK,DHHV,tokens,what,";
 std::string csv_header() {
   std::string h;
   for (std::size_t j = 0; j < std::size(kCsvColumns); ++j) h += std::string(j ? "," : "") + kCsvColumns[j];
@@ -132,11 +141,16 @@ SystemPlan check_system(const BenchOptions& bo) {
   p.repeats = bo.repeats;
   if (so.problems.empty()) throw InvalidArgument("--system-problems", "needs at least one value");
   for (const auto& text : so.problems) p.problems.push_back(parse_problem(text));
+  {
+    std::vector<std::string> names;  // as parsed ("04x128x128" is 4x128x128)
+    for (const Problem& pr : p.problems) names.push_back(pr.name);
+    refuse_repeats(names, "--system-problems");
+  }
   if (so.tokens.empty()) throw InvalidArgument("--system-tokens", "needs at least one value");
   for (const auto t : so.tokens) require_range(t, 1, kMaxTokens, "--system-tokens");
+  refuse_repeats(so.tokens, "--system-tokens");
   p.tokens = so.tokens;
   std::sort(p.tokens.begin(), p.tokens.end());
-  p.tokens.erase(std::unique(p.tokens.begin(), p.tokens.end()), p.tokens.end());
   require_range(so.stream_tokens, 1, kMaxTokens, "--system-stream-tokens");
   p.stream_tokens = so.stream_tokens;
   if (option_given(bo, "--memory-limit"))
@@ -176,7 +190,7 @@ SystemPlan check_system(const BenchOptions& bo) {
   p.csv = option_given(bo, "--csv") ? bo.csv : "bench_system.csv";
   p.json_out = option_given(bo, "--json-out") ? bo.json_out : "bench_system.json";
   check_outputs({}, {{"--csv", p.csv}, {"--json-out", p.json_out}});
-  refuse_foreign_default_outputs(bo, p.csv, csv_header(), p.json_out, "{\n  \"command\": \"bench --system\"");
+  refuse_foreign_default_outputs(bo, p.csv, kCsvSignature, p.json_out, "{\n  \"command\": \"bench --system\"");
   return p;
 }
 

@@ -35,6 +35,21 @@ void require_range(std::int64_t value, std::int64_t lo, std::int64_t hi, const s
   }
 }
 
+void refuse_repeats(const std::vector<std::string>& values, const std::string& option) {
+  for (std::size_t j = 1; j < values.size(); ++j) {
+    if (std::find(values.begin(), values.begin() + static_cast<std::ptrdiff_t>(j), values[j]) !=
+        values.begin() + static_cast<std::ptrdiff_t>(j)) {
+      throw InvalidArgument(option, "'" + values[j] + "' is given twice");
+    }
+  }
+}
+
+void refuse_repeats(const std::vector<std::int64_t>& values, const std::string& option) {
+  std::vector<std::string> text;
+  for (const auto v : values) text.push_back(std::to_string(v));
+  refuse_repeats(text, option);
+}
+
 CLI::Option* add_chunk_size_option(CLI::App* app, std::int64_t& chunk) {
   return app->add_option_function<std::string>(
       "--chunk-size",

@@ -32,6 +32,10 @@ using Clock = std::chrono::steady_clock;
 // ---- checks of the user's options and outputs (cli.cpp) ---------------------------------------------------
 
 void require_range(std::int64_t value, std::int64_t lo, std::int64_t hi, const std::string& option);
+// A list option that names one value twice (`--kernels a a`, `--seq-lens 512 512`) would measure it twice, or drop
+// the repeat unseen: refused naming the option and the value.
+void refuse_repeats(const std::vector<std::string>& values, const std::string& option);
+void refuse_repeats(const std::vector<std::int64_t>& values, const std::string& option);
 // --chunk-size auto|N into `chunk` (kAutoChunk for auto, the default): anything but auto or 1..kMaxChunkSize is a
 // parse error naming the option (exit 2).
 CLI::Option* add_chunk_size_option(CLI::App* app, std::int64_t& chunk);
