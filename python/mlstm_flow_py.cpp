@@ -550,6 +550,10 @@ py::dict run_info(const graph::FlowGraphRunner& runner) {
   info["segment_tokens"] = size_taken(plan.segment_tokens, plan.S);
   info["chunk_size"] = size_taken(plan.chunk_size, plan.S);
   info["segments"] = plan.segments.size();
+  // Packed sequences: how many, and those cut across every device (not among `segments`; probe 42: a reader of
+  // `segments` alone saw 3 where the log listed 25 pieces).
+  info["packed_sequences"] = plan.packed_sequences;
+  info["spread_sequences"] = plan.spread_sequences;
   info["log"] = runner.last_log();
   return info;
 }

@@ -274,6 +274,13 @@ def check_packed(rng):
             for name in ("dq", "dk", "dv", "di", "df"):
                 assert rel0(g[name][:, :, t0:t1], alone[name]) < 1e-5, (devices, j, name)
             assert rel0(g["dc0"][j:j + 1], alone["dc0"]) < 1e-5
+    # Probe 42: return_info tells the packed plan: whole-sequence segments up to segment_tokens, and with several
+    # devices the sequences cut across all of them (the 40 tokens here, more than two segments of 16).
+    for devices, spread in (("workers", []), ("0,1", [4])):
+        _, info = mlstm_flow.forward(q, k, v, i, f, c0, n0, m0, chunk_size=16, cu_seqlens=offsets, devices=devices,
+                                     segment_tokens=16, return_info=True)
+        assert info["packed_sequences"] == N and info["spread_sequences"] == spread, (devices, info)
+        assert info["segments"] >= 1 and info["segment_tokens"] == 16, (devices, info)
     # The same sequences streamed through a Session in pieces of 10 tokens (cut at the boundaries, a new sequence
     # started with start_sequence()), each sequence's last state taken after its last piece: equal to the packed call.
     for devices in (None, "workers"):
