@@ -6,6 +6,7 @@
 #   SKIP_TIMINGS=1   tests only;  TESTS=0  timings only
 #   BENCH_ARGS=...   extra bench_opencl arguments (e.g. --benchmark_filter=tc)
 #   TEST_LIST=...    test binaries to run (default: the OpenCL and graph ones);  RUN_GRAPH=1  graph stream runs
+#   TEST_SHARDS=6    gtest shards of each binary run at once;  TEST_TIMEOUT=300  seconds per shard
 #   CACHE_RUNS=1     `mlstm run` twice on an empty program cache (cold, then warm): what the disk cache saves
 set -o pipefail
 out=${OUT:-/tmp}
@@ -23,9 +24,23 @@ cmake --build $build -j16 --target $targets >$out/build.log 2>&1 || { grep -E "e
 echo "build: $(( $(date +%s) - t0 )) s"
 $build/tools/mlstm devices
 if [ "${TESTS:-1}" != 0 ]; then
+# Each binary in TEST_SHARDS gtest shards at once (default 6; the cold OpenCL program builds, ~1 s each on NVIDIA,
+# run in parallel and share one program cache), each shard under TEST_TIMEOUT seconds (default 300).
+export MLSTM_PROGRAM_CACHE=${MLSTM_PROGRAM_CACHE:-/tmp/mlstm-gpu-check-programs}
+shards=${TEST_SHARDS:-6}
 for t in ${TEST_LIST:-opencl/test_opencl_tensor_cores opencl/test_opencl opencl/test_opencl_backward opencl/test_opencl_forms opencl/test_opencl_program_cache graph/test_device_stream graph/test_stream graph/test_graph}; do
   [ -x $build/tests/$t ] || continue
-  echo "== $t"; timeout 300 $build/tests/$t 2>&1 | tee -a $out/tests.log | grep -E "^\[  (PASSED|FAILED|SKIPPED) |rel error|Failure|tensor-core|LDSM" | head -20
+  echo "== $t ($shards shards)"
+  name=$(basename $t)
+  for ((s = 0; s < shards; ++s)); do
+    GTEST_TOTAL_SHARDS=$shards GTEST_SHARD_INDEX=$s timeout ${TEST_TIMEOUT:-300} $build/tests/$t > /tmp/$name.$s.log 2>&1 &
+  done
+  wait
+  for ((s = 0; s < shards; ++s)); do
+    cat /tmp/$name.$s.log >> $out/tests.log
+    grep -E "^\[  (PASSED|FAILED|SKIPPED) |rel error|Failure|tensor-core|LDSM" /tmp/$name.$s.log | sed "s/^/  shard $s: /" | head -10
+    grep -q "^\[  PASSED" /tmp/$name.$s.log || echo "  shard $s: no PASSED line (timed out or crashed)"
+  done
 done
 fi
 if [ "${SKIP_TIMINGS:-0}" != 1 ]; then
